@@ -1,0 +1,88 @@
+"""Cell2Text configuration: a Geneformer-style gene encoder, a projector and a causal language model."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# Geneformer V2-316M (PAPER.md): the architecture of the encoder used by the paper.
+GENEFORMER_V2_316M = {
+    "hidden_size": 1152,
+    "num_hidden_layers": 18,
+    "num_attention_heads": 18,
+    "intermediate_size": 4608,
+    "max_position_embeddings": 4096,
+    "vocab_size": 20275,
+    "hidden_act": "relu",
+    "pad_token_id": 0,
+}
+
+
+class Cell2TextConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`Cell2TextForConditionalGeneration`].
+
+    Args:
+        gene_encoder_config (`BertConfig` or `dict`, *optional*):
+            The gene encoder (Geneformer's architecture, a BERT). Defaults to Geneformer V2-316M's shape.
+        text_config (`PreTrainedConfig` or `dict`, *optional*):
+            Any causal language model's config (Llama, Qwen2, Gemma, GPT-2, ...). Defaults to `LlamaConfig()`.
+        cell_token_id (`int`, *optional*):
+            Token id of the cell placeholder that is overwritten by projected gene embeddings. Defaults to
+            the last id of the text vocabulary (`text_config.vocab_size - 1`), which is where
+            [`Cell2TextProcessor`] adds `<cell>` to a tokenizer whose vocabulary fills the embedding matrix.
+        num_cell_tokens (`int`, defaults to 256):
+            `top_k`: how many genes (in rank order) become soft tokens of the language model. Cells with fewer
+            expressed genes give fewer tokens.
+        gene_encoder_layer (`int`, defaults to -2):
+            Index into the encoder's hidden states whose output feeds the projector (-2: second-to-last layer).
+        projector_hidden_size (`int`, defaults to 2048):
+            Width of the projector's hidden layer.
+        projector_dropout (`float`, defaults to 0.1):
+            Dropout in the projector.
+        freeze_gene_encoder (`bool`, defaults to `True`):
+            Whether the gene encoder's weights are frozen (no gradients, run under `torch.no_grad`).
+    """
+
+    model_type = "cell2text"
+    sub_configs_defaults = {
+        "gene_encoder_config": SubConfigSpec(config_class=AutoConfig, model_type="bert", init_kwargs=GENEFORMER_V2_316M),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    gene_encoder_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    cell_token_id: int | None = None
+    num_cell_tokens: int = 256
+    gene_encoder_layer: int = -2
+    projector_hidden_size: int = 2048
+    projector_dropout: float = 0.1
+    freeze_gene_encoder: bool = True
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.cell_token_id is None:
+            self.cell_token_id = self.text_config.vocab_size - 1
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+        self.validate_cell2text()
+
+    def validate_cell2text(self) -> None:
+        """Check the Cell2Text-specific fields; raises `ValueError` naming the field to fix."""
+        if self.num_cell_tokens < 1:
+            raise ValueError(f"num_cell_tokens must be >= 1, got {self.num_cell_tokens}.")
+        num_layers = self.gene_encoder_config.num_hidden_layers
+        # hidden_states holds the embeddings plus one entry per layer.
+        if not -(num_layers + 1) <= self.gene_encoder_layer <= num_layers:
+            raise ValueError(
+                f"gene_encoder_layer={self.gene_encoder_layer} is outside the encoder's hidden states "
+                f"(valid: {-(num_layers + 1)}..{num_layers} for {num_layers} layers)."
+            )
+        if not 0 <= self.cell_token_id:
+            raise ValueError(f"cell_token_id must be a non-negative token id, got {self.cell_token_id}.")
+        if not 0.0 <= self.projector_dropout < 1.0:
+            raise ValueError(f"projector_dropout must be in [0, 1), got {self.projector_dropout}.")
+
+
+__all__ = ["Cell2TextConfig"]

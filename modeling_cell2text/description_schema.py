@@ -1,0 +1,182 @@
+"""The description schema: one owner for the text a Cell2Text model writes and for reading it back.
+
+A description is rendered from structured fields by a fixed template (the corpus builder uses
+`render_description`) and parsed back into the same fields (evaluation and the pipeline use
+`parse_description`). ``parse_description(render_description(d)) == d`` for every valid `d`.
+
+Template (sentences whose fields are all missing are left out; the text never says "nan" or
+"unknown")::
+
+    This sample consists of a {cell_type}. Cell Ontology definition: {definition}.
+    It originates from the {tissue} of a {healthy }{sex }donor{ with {disease}}{ during {age}}.
+    This cell is associated with the pathway "{pathway_1}".
+    Additionally, it involves the pathway "{pathway_2}".
+
+``disease == "normal"`` (PATO:0000461, CELLxGENE's label for healthy donors) renders as "healthy".
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+
+# Development-stage buckets (PAPER.md): the only values `age_group` may take, in life order.
+AGE_GROUPS: tuple[str, ...] = (
+    "early embryonic",
+    "late embryonic",
+    "infancy",
+    "early childhood",
+    "childhood",
+    "adolescence",
+    "young adulthood",
+    "adulthood",
+    "middle age",
+    "elderly",
+    "advanced elderly",
+)
+# How each bucket reads after "during".
+_AGE_PHRASES = {
+    "early embryonic": "the early embryonic stage",
+    "late embryonic": "the late embryonic stage",
+    "infancy": "infancy",
+    "early childhood": "early childhood",
+    "childhood": "childhood",
+    "adolescence": "adolescence",
+    "young adulthood": "young adulthood",
+    "adulthood": "adulthood",
+    "middle age": "middle age",
+    "elderly": "the elderly stage",
+    "advanced elderly": "the advanced elderly stage",
+}
+_AGE_BY_PHRASE = {phrase: group for group, phrase in _AGE_PHRASES.items()}
+SEXES: tuple[str, ...] = ("female", "male")
+HEALTHY_DISEASE = "normal"
+# Values that mean "missing" in CELLxGENE-style metadata; they must never reach the text.
+MISSING_VALUES = frozenset({"", "nan", "none", "unknown", "na", "n/a"})
+
+
+class DescriptionParseError(ValueError):
+    """A text does not follow the Cell2Text description template."""
+
+
+@dataclass(frozen=True)
+class CellDescription:
+    """The structured fields of one cell's description (labels, not ontology IDs)."""
+
+    cell_type: str | None = None
+    cell_type_definition: str | None = None
+    tissue: str | None = None
+    sex: str | None = None
+    disease: str | None = None
+    age_group: str | None = None
+    pathways: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            values = value if f.name == "pathways" else (value,)
+            for v in values:
+                if v is not None and (not isinstance(v, str) or v.strip().lower() in MISSING_VALUES):
+                    raise ValueError(
+                        f"CellDescription.{f.name}={v!r} is not a usable label; pass None for a missing field."
+                    )
+        object.__setattr__(self, "pathways", tuple(self.pathways))
+        if self.cell_type_definition is not None:
+            # Stored without its final period; the template adds it back.
+            object.__setattr__(self, "cell_type_definition", self.cell_type_definition.strip().rstrip("."))
+            if self.cell_type is None:
+                raise ValueError("CellDescription has a cell_type_definition but no cell_type.")
+        if self.sex is not None and self.sex not in SEXES:
+            raise ValueError(f"CellDescription.sex={self.sex!r}; expected one of {SEXES} or None.")
+        if self.age_group is not None and self.age_group not in AGE_GROUPS:
+            raise ValueError(f"CellDescription.age_group={self.age_group!r}; expected one of {AGE_GROUPS} or None.")
+        for name in ("cell_type", "tissue", "disease"):
+            value = getattr(self, name)
+            if value is not None and value != value.strip():
+                raise ValueError(f"CellDescription.{name}={value!r} has leading or trailing whitespace.")
+        for p in self.pathways:
+            if '"' in p:
+                raise ValueError(f"Pathway name {p!r} contains a double quote, which the template uses as delimiter.")
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(getattr(self, f.name)) if f.name == "pathways" else getattr(self, f.name)) for f in fields(self)}
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def _origin_sentence(d: CellDescription) -> str | None:
+    if d.tissue is None and d.sex is None and d.disease is None and d.age_group is None:
+        return None
+    donor = "donor"
+    if d.sex is not None:
+        donor = f"{d.sex} {donor}"
+    if d.disease == HEALTHY_DISEASE:
+        donor = f"healthy {donor}"
+    elif d.disease is not None:
+        donor = f"{donor} with {d.disease}"
+    source = f"the {d.tissue} of {_article(donor)} {donor}" if d.tissue is not None else f"{_article(donor)} {donor}"
+    during = f" during {_AGE_PHRASES[d.age_group]}" if d.age_group is not None else ""
+    return f"It originates from {source}{during}."
+
+
+def render_description(description: CellDescription) -> str:
+    """Render the fields of one cell as its description text."""
+    d = description
+    sentences = []
+    if d.cell_type is not None:
+        sentences.append(f"This sample consists of {_article(d.cell_type)} {d.cell_type}.")
+        if d.cell_type_definition:
+            sentences.append(f"Cell Ontology definition: {d.cell_type_definition}.")
+    origin = _origin_sentence(d)
+    if origin is not None:
+        sentences.append(origin)
+    for i, pathway in enumerate(d.pathways):
+        lead = "This cell is associated with" if i == 0 else "Additionally, it involves"
+        sentences.append(f'{lead} the pathway "{pathway}".')
+    if not sentences:
+        raise ValueError("A CellDescription with no fields cannot be rendered.")
+    return " ".join(sentences)
+
+
+_AGE_ALTERNATION = "|".join(re.escape(p) for p in sorted(_AGE_BY_PHRASE, key=len, reverse=True))
+_DESCRIPTION_RE = re.compile(
+    r"^\s*"
+    r"(?:This sample consists of an? (?P<cell_type>[^.]+?)\."
+    r"(?:\s+Cell Ontology definition: (?P<definition>.+?)\.(?=\s+It originates from|\s+This cell is associated|\s*$))?"
+    r")?"
+    r"(?:\s*It originates from (?:the (?P<tissue>.+?) of |)an? (?P<healthy>healthy )?(?:(?P<sex>female|male) )?donor"
+    r"(?: with (?P<disease>.+?))?(?: during (?P<age>" + _AGE_ALTERNATION + r"))?\."
+    r"(?=\s+This cell is associated|\s*$))?"
+    r'(?P<pathways>(?:\s*(?:This cell is associated with|Additionally, it involves) the pathway "[^"]+"\.)*)'
+    r"\s*$",
+    re.DOTALL,
+)
+_PATHWAY_RE = re.compile(r'(This cell is associated with|Additionally, it involves) the pathway "([^"]+)"\.')
+
+
+def parse_description(text: str) -> CellDescription:
+    """Parse a description back into its fields; raises `DescriptionParseError` if it does not follow the template."""
+    match = _DESCRIPTION_RE.match(text)
+    if match is None or not text.strip():
+        raise DescriptionParseError(f"Text does not follow the Cell2Text description template: {text[:200]!r}")
+    groups = match.groupdict()
+    if groups["healthy"] and groups["disease"]:
+        raise DescriptionParseError(f"Description says both healthy and a disease: {text[:200]!r}")
+    pathway_matches = _PATHWAY_RE.findall(groups["pathways"] or "")
+    leads = [lead for lead, _ in pathway_matches]
+    if leads and (leads[0] != "This cell is associated with" or "This cell is associated with" in leads[1:]):
+        raise DescriptionParseError(f"Pathway sentences are out of order: {text[:200]!r}")
+    try:
+        return CellDescription(
+            cell_type=groups["cell_type"],
+            cell_type_definition=groups["definition"],
+            tissue=groups["tissue"],
+            sex=groups["sex"],
+            disease=HEALTHY_DISEASE if groups["healthy"] else groups["disease"],
+            age_group=_AGE_BY_PHRASE[groups["age"]] if groups["age"] else None,
+            pathways=tuple(name for _, name in pathway_matches),
+        )
+    except ValueError as err:
+        raise DescriptionParseError(f"Description holds an invalid field ({err}): {text[:200]!r}") from err

@@ -1,0 +1,357 @@
+"""Cell2Text: a gene encoder whose gene-level embeddings are projected into a causal LM as soft tokens.
+
+Follows transformers' LLaVA layout (v5): `Cell2TextModel` holds `gene_encoder`, `multi_modal_projector` and
+`language_model`; `Cell2TextForConditionalGeneration` adds `lm_head`. The cell placeholder tokens in
+`input_ids` are replaced (masked_scatter) by the projected embeddings of each cell's top-ranked genes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
+
+from .configuration_cell2text import Cell2TextConfig
+
+logger = logging.get_logger(__name__)
+
+# Names of the cell inputs produced by Cell2TextProcessor; used in prefill only during generation.
+CELL_INPUT_NAMES = ("gene_input_ids", "gene_attention_mask", "gene_token_mask")
+
+
+@dataclass
+class Cell2TextModelOutputWithPast(BaseModelOutputWithPast):
+    """Language-model outputs plus the projected cell features that were scattered into the prompt."""
+
+    cell_features: torch.FloatTensor | None = None
+
+
+@dataclass
+class Cell2TextCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """Causal-LM outputs plus the projected cell features."""
+
+    cell_features: torch.FloatTensor | None = None
+
+
+class Cell2TextMultiModalProjector(nn.Module):
+    """Per-gene projector (PAPER.md): Linear -> LayerNorm -> GELU -> Dropout -> Linear -> LayerNorm."""
+
+    def __init__(self, config: Cell2TextConfig):
+        super().__init__()
+        encoder_width = config.gene_encoder_config.hidden_size
+        text_width = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(encoder_width, config.projector_hidden_size)
+        self.norm_1 = nn.LayerNorm(config.projector_hidden_size)
+        self.act = ACT2FN["gelu"]
+        self.dropout = nn.Dropout(config.projector_dropout)
+        self.linear_2 = nn.Linear(config.projector_hidden_size, text_width)
+        self.norm_2 = nn.LayerNorm(text_width)
+
+    def forward(self, gene_features: torch.Tensor) -> torch.Tensor:
+        hidden = self.dropout(self.act(self.norm_1(self.linear_1(gene_features))))
+        return self.norm_2(self.linear_2(hidden))
+
+
+class Cell2TextPreTrainedModel(PreTrainedModel):
+    config_class = Cell2TextConfig
+    config: Cell2TextConfig
+    base_model_prefix = "model"
+    input_modalities = ("text",)
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["Cell2TextMultiModalProjector"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config.text_config, "initializer_range", 0.02)
+        if isinstance(module, Cell2TextMultiModalProjector):
+            for linear in (module.linear_1, module.linear_2):
+                nn.init.normal_(linear.weight, mean=0.0, std=std)
+                nn.init.zeros_(linear.bias)
+            for norm in (module.norm_1, module.norm_2):
+                nn.init.ones_(norm.weight)
+                nn.init.zeros_(norm.bias)
+        else:
+            super()._init_weights(module)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with a clear error for a truncated or corrupt weights file."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as err:  # safetensors raises its own error type; re-raise others untouched
+            if type(err).__name__ not in ("SafetensorError", "HeaderTooLarge", "InvalidHeaderDeserialization") and not (
+                isinstance(err, (OSError, RuntimeError, ValueError)) and "deserializ" in str(err).lower()
+            ):
+                raise
+            raise OSError(
+                f"The weights of {pretrained_model_name_or_path!s} could not be read: the safetensors file is "
+                f"truncated or corrupt ({err}). Download or save the model again."
+            ) from err
+
+
+class Cell2TextModel(Cell2TextPreTrainedModel):
+    """Gene encoder + projector + language model (no LM head)."""
+
+    def __init__(self, config: Cell2TextConfig):
+        super().__init__(config)
+        self.gene_encoder = AutoModel.from_config(config.gene_encoder_config, add_pooling_layer=False)
+        self.multi_modal_projector = Cell2TextMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+        if config.freeze_gene_encoder:
+            self.gene_encoder.requires_grad_(False)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_cell_features(
+        self,
+        gene_input_ids: torch.LongTensor,
+        gene_attention_mask: torch.Tensor | None = None,
+        gene_token_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode cells and project their first `num_cell_tokens` gene embeddings.
+
+        Returns the projected features of all cells concatenated in order, shape (total_cell_tokens, text_width),
+        and the number of cell tokens of each cell, shape (batch,).
+        `gene_token_mask` marks gene positions (1) as opposed to special tokens and padding (0); when omitted,
+        every attended position counts as a gene.
+        """
+        if gene_attention_mask is None:
+            gene_attention_mask = torch.ones_like(gene_input_ids)
+        if gene_token_mask is None:
+            gene_token_mask = gene_attention_mask
+        if gene_token_mask.shape != gene_input_ids.shape or gene_attention_mask.shape != gene_input_ids.shape:
+            raise ValueError(
+                f"gene_input_ids {tuple(gene_input_ids.shape)}, gene_attention_mask {tuple(gene_attention_mask.shape)} "
+                f"and gene_token_mask {tuple(gene_token_mask.shape)} must have the same shape."
+            )
+        frozen = self.config.freeze_gene_encoder
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            encoder_outputs = self.gene_encoder(
+                input_ids=gene_input_ids, attention_mask=gene_attention_mask, output_hidden_states=True, return_dict=True
+            )
+        gene_hidden = encoder_outputs.hidden_states[self.config.gene_encoder_layer]
+        is_gene = gene_token_mask.bool()
+        selected = is_gene & (torch.cumsum(is_gene.long(), dim=1) <= self.config.num_cell_tokens)
+        projector_dtype = self.multi_modal_projector.linear_1.weight.dtype
+        cell_features = self.multi_modal_projector(gene_hidden[selected].to(projector_dtype))
+        return cell_features, selected.sum(dim=1)
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor, cell_token_counts: torch.Tensor) -> torch.Tensor:
+        """Mask of the cell placeholder positions; checks that every prompt has as many as its cell has features."""
+        placeholder_mask = input_ids == self.config.cell_token_id
+        placeholders_per_row = placeholder_mask.sum(dim=1)
+        if placeholders_per_row.shape != cell_token_counts.shape or not torch.equal(
+            placeholders_per_row, cell_token_counts.to(placeholders_per_row.device)
+        ):
+            raise ValueError(
+                "Cell placeholder tokens and cell features do not match: placeholders per prompt "
+                f"{placeholders_per_row.tolist()} (token id {self.config.cell_token_id}), cell tokens per cell "
+                f"{cell_token_counts.tolist()} (config.num_cell_tokens={self.config.num_cell_tokens}). The processor "
+                "must expand each cell to min(num_cell_tokens, genes in the cell) placeholders: build it with "
+                "num_cell_tokens equal to the model's config.num_cell_tokens and the same cell token id."
+            )
+        return placeholder_mask
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        gene_input_ids: torch.LongTensor | None = None,
+        gene_attention_mask: torch.Tensor | None = None,
+        gene_token_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> Cell2TextModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        cell_features = None
+        if gene_input_ids is not None:
+            if input_ids is None:
+                raise ValueError("Cell inputs need input_ids to locate the cell placeholder tokens.")
+            cell_features, counts = self.get_cell_features(gene_input_ids, gene_attention_mask, gene_token_mask)
+            placeholder_mask = self.get_placeholder_mask(input_ids, counts)
+            cell_features = cell_features.to(inputs_embeds.device, inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(placeholder_mask.unsqueeze(-1), cell_features)
+        elif input_ids is not None and (input_ids == self.config.cell_token_id).any():
+            raise ValueError(
+                f"input_ids hold cell placeholder tokens (id {self.config.cell_token_id}) but no gene_input_ids were "
+                "given: pass the processor's gene_input_ids, gene_attention_mask and gene_token_mask."
+            )
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return Cell2TextModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=getattr(outputs, "cache", None),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            cell_features=cell_features,
+        )
+
+
+class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixin):
+    """Cell2Text with a language-modelling head: writes a description of each cell."""
+
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: Cell2TextConfig):
+        super().__init__(config)
+        self.model = Cell2TextModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self._tied_weights_keys = {"lm_head.weight": self._input_embedding_weight_name()}
+        self.post_init()
+
+    def _input_embedding_weight_name(self) -> str:
+        embeddings = self.model.language_model.get_input_embeddings()
+        for name, module in self.model.language_model.named_modules():
+            if module is embeddings:
+                return f"model.language_model.{name}.weight"
+        raise ValueError("The language model's input embeddings are not one of its submodules.")
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        gene_input_ids: torch.LongTensor | None = None,
+        gene_attention_mask: torch.Tensor | None = None,
+        gene_token_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> Cell2TextCausalLMOutputWithPast:
+        """Causal-LM forward. `labels` use -100 for positions without loss (prompt, placeholders, padding)."""
+        outputs = self.model(
+            input_ids=input_ids,
+            gene_input_ids=gene_input_ids,
+            gene_attention_mask=gene_attention_mask,
+            gene_token_mask=gene_token_mask,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:, :]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep, :]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return Cell2TextCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            cell_features=outputs.cell_features,
+        )
+
+    def prepare_inputs_for_generation(self, input_ids, *args, is_first_iteration: bool | None = False, **kwargs):
+        """Pass the cell inputs in the prefill step only; decoding steps read them from the KV cache.
+
+        Without a cache (`use_cache=False`) every step re-reads the whole prompt, so the cells go with it.
+        """
+        cell_inputs = {name: kwargs.pop(name, None) for name in CELL_INPUT_NAMES}
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, *args, is_first_iteration=is_first_iteration, **kwargs
+        )
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            model_inputs.update({k: v for k, v in cell_inputs.items() if v is not None})
+        return model_inputs
+
+    @classmethod
+    def from_pretrained_parts(
+        cls,
+        gene_encoder_path: str | os.PathLike,
+        text_model_path: str | os.PathLike,
+        *,
+        cell_token_id: int,
+        dtype: torch.dtype | str | None = None,
+        **config_kwargs,
+    ) -> "Cell2TextForConditionalGeneration":
+        """Compose a model from a pretrained encoder folder and a pretrained causal LM folder (or Hub ids).
+
+        `gene_encoder_path` is a Geneformer checkpoint (`config.json` + weights of a `BertForMaskedLM` or
+        `BertModel`); `text_model_path` any causal LM. The projector is newly initialised. If `cell_token_id`
+        is past the LM's vocabulary (a `<cell>` token the processor added), the embeddings are resized.
+        `config_kwargs` set the other `Cell2TextConfig` fields (num_cell_tokens, projector_hidden_size, ...).
+        """
+        gene_encoder = AutoModel.from_pretrained(gene_encoder_path, add_pooling_layer=False, dtype=dtype)
+        causal_lm = AutoModelForCausalLM.from_pretrained(text_model_path, dtype=dtype)
+        if causal_lm.get_output_embeddings() is None:
+            raise ValueError(f"{text_model_path} has no output embeddings (lm_head); pass a causal language model.")
+        config = Cell2TextConfig(
+            gene_encoder_config=AutoConfig.from_pretrained(gene_encoder_path),
+            text_config=causal_lm.config,
+            cell_token_id=cell_token_id,
+            **config_kwargs,
+        )
+        with torch.device("meta"):
+            model = cls(config)
+        model.model.gene_encoder = gene_encoder
+        model.model.language_model = causal_lm.base_model
+        model.lm_head = causal_lm.get_output_embeddings()
+        projector = Cell2TextMultiModalProjector(config)
+        model._init_weights(projector)
+        model.model.multi_modal_projector = projector.to(dtype=causal_lm.dtype)
+        if config.freeze_gene_encoder:
+            model.model.gene_encoder.requires_grad_(False)
+        model._tied_weights_keys = {"lm_head.weight": model._input_embedding_weight_name()}
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.get_input_embeddings().weight
+        vocab_size = model.get_input_embeddings().num_embeddings
+        if cell_token_id >= vocab_size:
+            model.resize_token_embeddings(cell_token_id + 1, mean_resizing=False)
+        return model
+
+
+__all__ = ["Cell2TextModel", "Cell2TextForConditionalGeneration", "Cell2TextPreTrainedModel"]

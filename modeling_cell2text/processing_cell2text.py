@@ -1,0 +1,206 @@
+"""Cell2Text processor: expression profiles -> gene tokens, plus a chat prompt with one placeholder per cell token."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from transformers import BatchFeature, ProcessorMixin
+
+from .description_schema import CellDescription, DescriptionParseError, parse_description
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are an expert in single-cell biology. Given the gene expression embeddings of one cell, write a concise, "
+    "professional description of the cell: its type with the Cell Ontology definition, tissue, donor, "
+    "developmental stage and most active pathways."
+)
+DEFAULT_USER_PROMPT = "Gene expression embeddings: "
+CELL_TOKEN = "<cell>"
+# Structured fields whose labels map to ontology term IDs (CELLxGENE column names). The age group is a bucket of
+# many HsapDv stages, so it has no single term ID.
+ONTOLOGY_FIELDS = ("cell_type", "tissue", "disease", "sex")
+
+
+class Cell2TextProcessor(ProcessorMixin):
+    r"""
+    Turns cells into model inputs: gene tokens (by the feature extractor) and a chat prompt (by the tokenizer's
+    chat template) in which one `<cell>` placeholder per cell token is replaced by the model with the projected
+    gene embeddings.
+
+    Args:
+        feature_extractor ([`Cell2TextFeatureExtractor`]): rank-value encoding of expression profiles.
+        tokenizer: the language model's tokenizer. `<cell>` is added to it as a special token if missing.
+        chat_template (`str`, *optional*): defaults to the tokenizer's chat template.
+        num_cell_tokens (`int`, defaults to 256): must equal the model's `config.num_cell_tokens`.
+        system_prompt, user_prompt (`str`): the instruction; the placeholders follow `user_prompt`.
+        ontology_term_ids (`dict`, *optional*): field -> {label: ontology term id}, learnt from the training
+            corpus, so parsed descriptions can be given ontology IDs without the ontologies at hand.
+    """
+
+    def __init__(
+        self,
+        feature_extractor=None,
+        tokenizer=None,
+        chat_template: str | None = None,
+        num_cell_tokens: int = 256,
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        user_prompt: str = DEFAULT_USER_PROMPT,
+        ontology_term_ids: dict[str, dict[str, str]] | None = None,
+        **kwargs,
+    ):
+        if tokenizer is None or feature_extractor is None:
+            raise ValueError("Cell2TextProcessor needs both a feature_extractor and a tokenizer.")
+        if CELL_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [CELL_TOKEN]})
+        if chat_template is None:
+            chat_template = getattr(tokenizer, "chat_template", None)
+        if chat_template is None:
+            raise ValueError(
+                "The tokenizer has no chat template: pass chat_template= (a Jinja template, e.g. the instruct "
+                "model's) to Cell2TextProcessor."
+            )
+        if num_cell_tokens < 1:
+            raise ValueError(f"num_cell_tokens must be >= 1, got {num_cell_tokens}.")
+        self.num_cell_tokens = num_cell_tokens
+        self.system_prompt = system_prompt
+        self.user_prompt = user_prompt
+        self.ontology_term_ids = ontology_term_ids or {}
+        super().__init__(feature_extractor, tokenizer, chat_template=chat_template)
+
+    @property
+    def cell_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(CELL_TOKEN)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", *self.feature_extractor.model_input_names]
+
+    def __call__(
+        self,
+        cells=None,
+        gene_ids: Sequence[str] | None = None,
+        *,
+        gene_input_ids: Sequence[Sequence[int]] | None = None,
+        descriptions: Sequence[str] | None = None,
+        layer: str | None = None,
+        input_values: str = "counts",
+        skip_empty_cells: bool = False,
+        return_tensors: str | None = "pt",
+    ) -> BatchFeature:
+        """Build model inputs for a batch of cells.
+
+        Pass either expression (`cells`: AnnData, sparse or dense cells x genes, with `gene_ids` for matrices) or
+        already tokenized cells (`gene_input_ids`: rank-value token lists, e.g. a corpus column). With
+        `descriptions` (training) each prompt is followed by its description and EOS, `labels` hold the
+        description tokens only (prompt, placeholders and padding are -100) and padding is on the right; without
+        (generation) the prompt ends with the assistant turn's opening and padding is on the left.
+        """
+        if (cells is None) == (gene_input_ids is None):
+            raise ValueError("Pass exactly one of cells (expression) or gene_input_ids (tokenized cells).")
+        if cells is not None:
+            cell_inputs = self.feature_extractor(
+                cells,
+                gene_ids,
+                layer=layer,
+                input_values=input_values,
+                skip_empty_cells=skip_empty_cells,
+                return_tensors="pt",
+            )
+        else:
+            cell_inputs = self.feature_extractor.pad(gene_input_ids, return_tensors="pt")
+        num_genes = cell_inputs["gene_token_mask"].sum(dim=1).tolist()
+        if descriptions is not None and len(descriptions) != len(num_genes):
+            raise ValueError(f"Got {len(descriptions)} descriptions for {len(num_genes)} cells.")
+
+        rows, labels = [], []
+        for i, n_genes in enumerate(num_genes):
+            prompt_ids = self._prompt_ids(min(int(n_genes), self.num_cell_tokens))
+            if descriptions is None:
+                rows.append(prompt_ids)
+                continue
+            target_ids = self._target_ids(descriptions[i])
+            rows.append(prompt_ids + target_ids)
+            labels.append([-100] * len(prompt_ids) + target_ids)
+
+        padding_side = "left" if descriptions is None else "right"
+        text_inputs = self._pad(rows, labels or None, padding_side)
+        data = {**text_inputs, **{k: v for k, v in cell_inputs.items()}}
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _prompt_ids(self, num_placeholders: int) -> list[int]:
+        messages = [
+            {"role": "system", "content": self.system_prompt},
+            {"role": "user", "content": self.user_prompt + CELL_TOKEN * num_placeholders},
+        ]
+        prompt = self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+        )
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        found = sum(1 for t in ids if t == self.cell_token_id)
+        if found != num_placeholders:
+            raise ValueError(
+                f"The prompt holds {found} cell tokens instead of {num_placeholders}: the system or user prompt, or "
+                f"the chat template, must not contain {CELL_TOKEN!r} or split it."
+            )
+        return ids
+
+    def _target_ids(self, description: str) -> list[int]:
+        if CELL_TOKEN in description:
+            raise ValueError(f"A description contains the cell placeholder {CELL_TOKEN!r}: {description[:100]!r}")
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("The tokenizer has no eos_token; set tokenizer.eos_token so descriptions can end.")
+        return self.tokenizer(description, add_special_tokens=False)["input_ids"] + [eos]
+
+    def _pad(self, rows: list[list[int]], labels: list[list[int]] | None, padding_side: str) -> dict:
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id
+        width = max(len(r) for r in rows)
+        out = {"input_ids": [], "attention_mask": []}
+        if labels is not None:
+            out["labels"] = []
+        for i, row in enumerate(rows):
+            pad = width - len(row)
+
+            def place(seq: list[int], fill: int) -> list[int]:
+                return [fill] * pad + seq if padding_side == "left" else seq + [fill] * pad
+
+            out["input_ids"].append(place(row, pad_id))
+            out["attention_mask"].append(place([1] * len(row), 0))
+            if labels is not None:
+                out["labels"].append(place(labels[i], -100))
+        return out
+
+    def batch_decode(self, *args, **kwargs) -> list[str]:
+        """Forwarded to the tokenizer's `batch_decode`."""
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs) -> str:
+        """Forwarded to the tokenizer's `decode`."""
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def post_process_generation(self, generated_ids, prompt_length: int) -> list[str]:
+        """The generated descriptions: the tokens after the (left-padded) prompt, decoded without special tokens."""
+        return [t.strip() for t in self.tokenizer.batch_decode(generated_ids[:, prompt_length:], skip_special_tokens=True)]
+
+    def parse_descriptions(self, texts: Sequence[str]) -> list[dict]:
+        """Parse generated descriptions into fields plus their ontology term IDs (None where unknown).
+
+        Each result has `parsed` (False where the text does not follow the template, all fields None then).
+        """
+        results = []
+        for text in texts:
+            try:
+                fields = parse_description(text).to_dict()
+                parsed = True
+            except DescriptionParseError:
+                fields = CellDescription().to_dict()
+                parsed = False
+            for name in ONTOLOGY_FIELDS:
+                label = fields.get(name)
+                fields[f"{name}_ontology_term_id"] = self.ontology_term_ids.get(name, {}).get(label) if label else None
+            results.append({"description": text, "parsed": parsed, **fields})
+        return results
+
+
+__all__ = ["Cell2TextProcessor"]

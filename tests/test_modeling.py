@@ -1,0 +1,149 @@
+"""Cell2Text model: loss and gradients, generation with and without cache, composition from pretrained parts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_parts import save_tiny_parts, tiny_bert_config, tiny_llama_config
+from transformers import AutoModel, AutoModelForCausalLM, BertConfig, LlamaConfig
+
+from modeling_cell2text import Cell2TextConfig, Cell2TextForConditionalGeneration
+
+CELL = 99  # the default cell token id of a text vocabulary of 100
+
+
+def tiny_model(num_cell_tokens: int = 4, seed: int = 0, initializer_range: float = 0.02):
+    torch.manual_seed(seed)
+    config = Cell2TextConfig(
+        gene_encoder_config=tiny_bert_config(50),
+        text_config=tiny_llama_config(100, initializer_range=initializer_range),
+        num_cell_tokens=num_cell_tokens,
+        projector_hidden_size=16,
+    )
+    return Cell2TextForConditionalGeneration(config)
+
+
+def cell_batch():
+    """Two cells: 5 genes (truncated to 4 cell tokens) and 2 genes, V2 layout (<cls>=2 ... <eos>=3, pad=0)."""
+    genes = torch.tensor([[2, 10, 11, 12, 13, 14, 3], [2, 20, 21, 3, 0, 0, 0]])
+    gene_attention_mask = (genes != 0).long()
+    gene_token_mask = (genes > 3).long()
+    input_ids = torch.tensor([[5, CELL, CELL, CELL, CELL, 6, 7], [1, 1, 1, 5, CELL, CELL, 6]])
+    attention_mask = torch.tensor([[1] * 7, [0, 0, 0, 1, 1, 1, 1]])
+    return dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        gene_input_ids=genes,
+        gene_attention_mask=gene_attention_mask,
+        gene_token_mask=gene_token_mask,
+    )
+
+
+def test_default_config_gives_working_model():
+    config = Cell2TextConfig(gene_encoder_config=tiny_bert_config(50), text_config=tiny_llama_config(100))
+    assert config.num_cell_tokens == 256 and config.gene_encoder_layer == -2
+    assert config.projector_hidden_size == 2048 and config.projector_dropout == 0.1 and config.freeze_gene_encoder
+    assert config.cell_token_id == 99
+    model = Cell2TextForConditionalGeneration(config)
+    batch = cell_batch()
+    batch["input_ids"][0, 5] = CELL  # all 5 genes of the first cell become cell tokens (top_k = 256)
+    out = model(**batch)
+    assert out.logits.shape == (2, 7, 100)
+
+
+def test_loss_is_finite_and_only_projector_and_lm_get_gradients():
+    model = tiny_model()
+    batch = cell_batch()
+    labels = batch["input_ids"].clone()
+    labels[:, :6] = -100
+    out = model(**batch, labels=labels)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    projector_grads = [p.grad for p in model.model.multi_modal_projector.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in projector_grads)
+    assert all(p.grad is None and not p.requires_grad for p in model.model.gene_encoder.parameters())
+
+
+def test_cell_features_follow_rank_order_and_skip_special_tokens():
+    model = tiny_model().eval()
+    batch = cell_batch()
+    features, counts = model.model.get_cell_features(
+        batch["gene_input_ids"], batch["gene_attention_mask"], batch["gene_token_mask"]
+    )
+    assert counts.tolist() == [4, 2]
+    assert features.shape == (6, 32)
+
+
+def test_placeholder_and_feature_count_mismatch_is_a_clear_error():
+    model = tiny_model(num_cell_tokens=3)  # processor expanded to 4 placeholders for the first cell
+    with pytest.raises(ValueError, match="placeholders per prompt \\[4, 2\\].*num_cell_tokens=3"):
+        model(**cell_batch())
+
+
+def test_placeholders_without_cells_is_an_error():
+    model = tiny_model()
+    batch = cell_batch()
+    with pytest.raises(ValueError, match="no gene_input_ids"):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+def test_generate_with_cache_equals_without_and_encodes_once():
+    model = tiny_model(initializer_range=0.5).eval()
+    batch = cell_batch()
+    calls = []
+    model.model.gene_encoder.register_forward_hook(lambda *args: calls.append(1))
+    cached = model.generate(**batch, max_new_tokens=12, do_sample=False)
+    assert len(calls) == 1
+    uncached = model.generate(**batch, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    assert len(set(cached[:, 7:].flatten().tolist())) > 2  # the check compares real, varied token streams
+
+
+def test_save_and_reload_gives_identical_logits(tmp_path):
+    model = tiny_model().eval()
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded, Cell2TextForConditionalGeneration)
+    with torch.no_grad():
+        diff = (model(**cell_batch()).logits - reloaded(**cell_batch()).logits).abs().max()
+    assert diff <= 1e-6
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.get_input_embeddings().weight.data_ptr()
+
+
+def test_truncated_weights_file_is_a_clear_error(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(OSError, match="truncated or corrupt"):
+        Cell2TextForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_parts_loads_the_saved_weights(tmp_path):
+    encoder_dir, lm_dir = save_tiny_parts(tmp_path, gene_vocab_size=64)
+    model = Cell2TextForConditionalGeneration.from_pretrained_parts(
+        encoder_dir, lm_dir, cell_token_id=400, num_cell_tokens=8, projector_hidden_size=16
+    )
+    encoder = AutoModel.from_pretrained(encoder_dir, add_pooling_layer=False)
+    for name, tensor in encoder.state_dict().items():
+        assert torch.equal(model.model.gene_encoder.state_dict()[name], tensor), name
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir)
+    for name, tensor in lm.model.state_dict().items():
+        if name == "embed_tokens.weight":  # resized by one row for <cell>
+            assert torch.equal(model.get_input_embeddings().weight[:400], tensor)
+        else:
+            assert torch.equal(model.model.language_model.state_dict()[name], tensor), name
+    assert model.get_input_embeddings().num_embeddings == 401
+    assert model.config.text_config.vocab_size == 401
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert not any(p.requires_grad for p in model.model.gene_encoder.parameters())
+    assert not any(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize("layer", [3, -4])
+def test_encoder_layer_outside_hidden_states_is_rejected(layer):
+    with pytest.raises(ValueError, match="gene_encoder_layer"):
+        Cell2TextConfig(
+            gene_encoder_config=BertConfig(num_hidden_layers=2, hidden_size=8, num_attention_heads=2),
+            text_config=LlamaConfig(hidden_size=8, num_attention_heads=2, num_hidden_layers=1),
+            gene_encoder_layer=layer,
+        )

@@ -1,0 +1,82 @@
+"""Tiny random parts for tests: a BERT gene encoder, a Llama-architecture LM and a byte-level BPE tokenizer.
+
+Everything is built offline in seconds; the saved folders have the same layout as real checkpoints (a Geneformer
+`BertForMaskedLM` folder and a causal-LM folder with its tokenizer and chat template).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_TRAINING_TEXT = [
+    "This sample consists of a B cell. Cell Ontology definition: A lymphocyte of B lineage.",
+    "It originates from the blood of a healthy female donor during adulthood.",
+    'This cell is associated with the pathway "Cytoplasmic Ribosomal Proteins WP477".',
+    'Additionally, it involves the pathway "Glycolysis and Gluconeogenesis WP534".',
+    "You are an expert in single-cell biology. Gene expression embeddings: system user assistant",
+    "monocyte dendritic natural killer T cell regulatory progenitor hematopoietic CD14-positive",
+]
+
+
+def make_tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with ChatML specials and a chat template, trained on a few sentences."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(_TRAINING_TEXT * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>"
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def tiny_bert_config(vocab_size: int = 64) -> BertConfig:
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        hidden_act="relu",
+        pad_token_id=0,
+    )
+
+
+def tiny_llama_config(vocab_size: int, initializer_range: float = 0.02) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        initializer_range=initializer_range,
+    )
+
+
+def save_tiny_parts(root: Path, gene_vocab_size: int = 64, seed: int = 0) -> tuple[Path, Path]:
+    """Save a tiny Geneformer-layout encoder and a tiny causal LM with tokenizer; returns (encoder_dir, lm_dir)."""
+    torch.manual_seed(seed)
+    encoder_dir, lm_dir = Path(root) / "encoder", Path(root) / "lm"
+    BertForMaskedLM(tiny_bert_config(gene_vocab_size)).save_pretrained(encoder_dir)
+    tokenizer = make_tiny_tokenizer()
+    LlamaForCausalLM(tiny_llama_config(len(tokenizer))).save_pretrained(lm_dir)
+    tokenizer.save_pretrained(lm_dir)
+    return encoder_dir, lm_dir
