@@ -1,0 +1,100 @@
+"""Saved model + processor load with trust_remote_code=True where `modeling_cell2text` cannot be imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from tiny_parts import save_tiny_parts
+
+from modeling_cell2text import Cell2TextFeatureExtractor, Cell2TextForConditionalGeneration, Cell2TextProcessor
+
+GENES = [f"ENSG{i:011d}" for i in range(1, 61)]
+
+# Runs in a fresh interpreter, in an empty directory, with the package made unimportable.
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+    import numpy as np, scipy.sparse as sp, torch
+
+    class BlockPackage(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "modeling_cell2text" or name.startswith("modeling_cell2text."):
+                raise ImportError("modeling_cell2text is blocked in this process")
+            return None
+
+    sys.meta_path.insert(0, BlockPackage())
+    try:
+        import modeling_cell2text  # noqa: F401
+        raise SystemExit("modeling_cell2text is importable; the test would prove nothing")
+    except ImportError:
+        pass
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
+
+    model_dir, data_file, out_file = sys.argv[1:4]
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    data = np.load(data_file, allow_pickle=False)
+    counts = sp.csr_matrix(data["counts"])
+    inputs = processor(counts, [str(g) for g in data["genes"]])
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    np.save(out_file, logits.numpy())
+    print(json.dumps({"model": type(model).__name__, "processor": type(processor).__name__,
+                      "module": type(model).__module__, "config": type(config).__name__}))
+    """
+)
+
+
+def test_saved_model_loads_as_remote_code_with_equal_logits(tmp_path):
+    encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
+    feature_extractor = Cell2TextFeatureExtractor.from_gene_medians({g: 1.0 + (i % 4) for i, g in enumerate(GENES)})
+    from transformers import AutoTokenizer
+
+    processor = Cell2TextProcessor(feature_extractor, AutoTokenizer.from_pretrained(lm_dir), num_cell_tokens=8)
+    model = Cell2TextForConditionalGeneration.from_pretrained_parts(
+        encoder_dir, lm_dir, cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16
+    ).eval()
+    model_dir = tmp_path / "cell2text"
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    saved = json.loads((model_dir / "config.json").read_text())
+    assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_cell2text.Cell2TextForConditionalGeneration"
+    for code_file in ("modeling_cell2text.py", "configuration_cell2text.py", "processing_cell2text.py",
+                      "feature_extraction_cell2text.py", "description_schema.py"):
+        assert (model_dir / code_file).exists(), code_file
+
+    # Cells with different numbers of expressed genes (4 to 24), raw integer counts.
+    rng = np.random.default_rng(0)
+    counts = np.zeros((3, len(GENES)), dtype=np.float32)
+    for row, n in enumerate((4, 11, 24)):
+        counts[row, rng.choice(len(GENES), n, replace=False)] = rng.integers(1, 20, n)
+    data_file = tmp_path / "cells.npz"
+    np.savez(data_file, counts=counts, genes=np.array(GENES))
+    with torch.no_grad():
+        expected = model(**processor(sp.csr_matrix(counts), GENES)).logits.numpy()
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_SCRIPT, str(model_dir), str(data_file), str(tmp_path / "logits.npy")],
+        cwd=outside, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert info["model"] == "Cell2TextForConditionalGeneration"
+    assert info["processor"] == "Cell2TextProcessor"
+    assert info["module"].startswith("transformers_modules.")
+    logits = np.load(tmp_path / "logits.npy")
+    assert logits.shape == expected.shape
+    assert np.abs(logits - expected).max() <= 1e-5
