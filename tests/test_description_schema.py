@@ -1,0 +1,62 @@
+"""The description template: rendering, parsing, round trips, and refusal of missing-value words."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from modeling_cell2text.description_schema import (
+    AGE_GROUPS,
+    CellDescription,
+    DescriptionParseError,
+    parse_description,
+    render_description,
+)
+
+B_CELL_DEFINITION = "A lymphocyte of B lineage that is capable of B cell mediated immunity."
+
+
+def test_full_description_reads_as_the_template():
+    d = CellDescription(
+        cell_type="B cell", cell_type_definition=B_CELL_DEFINITION, tissue="blood", sex="female",
+        disease="normal", age_group="adulthood", pathways=("Glycolysis and Gluconeogenesis WP534", "Apoptosis WP254"),
+    )
+    assert render_description(d) == (
+        "This sample consists of a B cell. Cell Ontology definition: A lymphocyte of B lineage that is capable of "
+        "B cell mediated immunity. It originates from the blood of a healthy female donor during adulthood. "
+        'This cell is associated with the pathway "Glycolysis and Gluconeogenesis WP534". '
+        'Additionally, it involves the pathway "Apoptosis WP254".'
+    )
+
+
+@pytest.mark.parametrize(
+    "tissue,sex,disease,age",
+    itertools.product([None, "wall of a blood vessel"], [None, "male"], [None, "normal", "COVID-19"], [None, *AGE_GROUPS]),
+)
+def test_every_combination_of_missing_fields_round_trips(tissue, sex, disease, age):
+    d = CellDescription(cell_type="erythrocyte", tissue=tissue, sex=sex, disease=disease, age_group=age,
+                        pathways=("Apoptosis WP254",) if age else ())
+    text = render_description(d)
+    assert "nan" not in text.split() and "unknown" not in text
+    assert parse_description(text) == d
+
+
+@pytest.mark.parametrize("bad", ["nan", "unknown", "", "NaN"])
+def test_missing_value_words_are_refused(bad):
+    with pytest.raises(ValueError, match="not a usable label"):
+        CellDescription(cell_type="B cell", tissue=bad)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "A cell.", "This sample consists of a B cell. It originates from the blood of a purple donor.",
+     'This sample consists of a B cell. Additionally, it involves the pathway "x".'],
+)
+def test_text_off_the_template_is_a_parse_error(text):
+    with pytest.raises(DescriptionParseError):
+        parse_description(text)
+
+
+def test_article_follows_the_label():
+    assert render_description(CellDescription(cell_type="erythrocyte")) == "This sample consists of an erythrocyte."

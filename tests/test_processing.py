@@ -1,0 +1,126 @@
+"""Cell2Text processor: prompts, placeholders, labels, padding, and agreement with the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from tiny_parts import make_tiny_tokenizer, tiny_bert_config, tiny_llama_config
+
+from modeling_cell2text import (
+    Cell2TextConfig,
+    Cell2TextFeatureExtractor,
+    Cell2TextForConditionalGeneration,
+    Cell2TextProcessor,
+    CellDescription,
+    render_description,
+)
+
+GENES = [f"ENSG{i:011d}" for i in range(1, 41)]
+
+
+@pytest.fixture()
+def processor():
+    feature_extractor = Cell2TextFeatureExtractor.from_gene_medians({g: 1.0 + (i % 3) for i, g in enumerate(GENES)})
+    return Cell2TextProcessor(feature_extractor, make_tiny_tokenizer(), num_cell_tokens=8)
+
+
+def counts_with_genes(numbers_of_genes, seed=0):
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((len(numbers_of_genes), len(GENES)), dtype=np.float32)
+    for row, n in enumerate(numbers_of_genes):
+        counts[row, rng.choice(len(GENES), n, replace=False)] = rng.integers(1, 30, n)
+    return sp.csr_matrix(counts)
+
+
+def model_for(processor, num_cell_tokens=8, initializer_range=0.02):
+    torch.manual_seed(0)
+    config = Cell2TextConfig(
+        gene_encoder_config=tiny_bert_config(len(GENES) + 4),
+        text_config=tiny_llama_config(len(processor.tokenizer), initializer_range=initializer_range),
+        cell_token_id=processor.cell_token_id,
+        num_cell_tokens=num_cell_tokens,
+        projector_hidden_size=16,
+    )
+    return Cell2TextForConditionalGeneration(config).eval()
+
+
+def test_one_placeholder_per_cell_token_capped_at_top_k(processor):
+    batch = processor(counts_with_genes([3, 8, 20]), GENES)
+    placeholders = (batch["input_ids"] == processor.cell_token_id).sum(dim=1)
+    assert placeholders.tolist() == [3, 8, 8]
+    assert batch["gene_token_mask"].sum(dim=1).tolist() == [3, 8, 20]
+    # generation prompts are left padded and end with the assistant turn
+    assert (batch["attention_mask"][:, -1] == 1).all()
+    text = processor.tokenizer.decode(batch["input_ids"][2])
+    assert text.rstrip().endswith("<|im_start|>assistant")
+
+
+def test_labels_cover_only_the_description_and_eos(processor):
+    description = render_description(CellDescription(cell_type="B cell", tissue="blood", disease="normal"))
+    batch = processor(counts_with_genes([5, 12]), GENES, descriptions=[description, description])
+    labels, ids = batch["labels"], batch["input_ids"]
+    for row in range(2):
+        kept = labels[row][labels[row] != -100]
+        assert processor.tokenizer.decode(kept[:-1]) == description
+        assert kept[-1].item() == processor.tokenizer.eos_token_id
+        assert not (labels[row] == processor.cell_token_id).any()
+    # training batches are right padded; padding carries no loss
+    assert batch["attention_mask"][:, 0].tolist() == [1, 1]
+    assert (labels[batch["attention_mask"] == 0] == -100).all()
+    assert torch.equal(ids[labels != -100], labels[labels != -100])
+
+
+def test_pretokenized_cells_give_the_same_inputs(processor):
+    counts = counts_with_genes([4, 9])
+    tokens = processor.feature_extractor.tokenize(counts, GENES)
+    from_counts = processor(counts, GENES)
+    from_tokens = processor(gene_input_ids=[list(t) for t in tokens])
+    for key in from_counts:
+        assert torch.equal(from_counts[key], from_tokens[key]), key
+
+
+def test_processor_inputs_run_through_the_model_and_generate(processor):
+    model = model_for(processor, initializer_range=0.5)
+    batch = processor(counts_with_genes([3, 8, 20]), GENES)
+    cached = model.generate(**batch, max_new_tokens=10, do_sample=False)
+    uncached = model.generate(**batch, max_new_tokens=10, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    texts = processor.post_process_generation(cached, batch["input_ids"].shape[1])
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+
+
+def test_processor_and_model_disagreeing_on_cell_tokens_is_an_error(processor):
+    model = model_for(processor, num_cell_tokens=4)
+    with pytest.raises(ValueError, match="num_cell_tokens=4"):
+        model(**processor(counts_with_genes([3, 8]), GENES))
+
+
+def test_parse_descriptions_gives_fields_and_ontology_ids(processor):
+    processor.ontology_term_ids = {"cell_type": {"B cell": "CL:0000236"}, "tissue": {"blood": "UBERON:0000178"}}
+    text = render_description(CellDescription(cell_type="B cell", tissue="blood", disease="normal"))
+    good, bad = processor.parse_descriptions([text, "not a description"])
+    assert good["parsed"] and good["cell_type"] == "B cell" and good["cell_type_ontology_term_id"] == "CL:0000236"
+    assert good["tissue_ontology_term_id"] == "UBERON:0000178" and good["disease_ontology_term_id"] is None
+    assert not bad["parsed"] and bad["cell_type"] is None
+
+
+def test_processor_needs_a_chat_template():
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.chat_template = None
+    feature_extractor = Cell2TextFeatureExtractor.from_gene_medians({g: 1.0 for g in GENES})
+    with pytest.raises(ValueError, match="chat template"):
+        Cell2TextProcessor(feature_extractor, tokenizer)
+
+
+def test_processor_round_trips_through_save_pretrained(processor, tmp_path):
+    processor.ontology_term_ids = {"cell_type": {"B cell": "CL:0000236"}}
+    processor.save_pretrained(tmp_path)
+    reloaded = Cell2TextProcessor.from_pretrained(tmp_path)
+    assert reloaded.num_cell_tokens == 8 and reloaded.cell_token_id == processor.cell_token_id
+    assert reloaded.ontology_term_ids == processor.ontology_term_ids
+    assert reloaded.feature_extractor.gene_token_ids == processor.feature_extractor.gene_token_ids
+    counts = counts_with_genes([6, 15])
+    for key, value in processor(counts, GENES).items():
+        assert torch.equal(value, reloaded(counts, GENES)[key]), key
