@@ -1,0 +1,340 @@
+"""Render Cell2Text's model card and dataset card from evaluation results and corpus summaries.
+
+The templates beside this file are Jinja2, as ``huggingface_hub``'s ``ModelCard.from_template``
+and ``DatasetCard.from_template`` use them. Numbers arrive as dicts written by the evaluation
+and corpus-building code; a value that is absent or not finite is left out of the card
+(never written as "nan").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
+
+TEMPLATE_DIR = Path(__file__).parent
+MODEL_CARD_TEMPLATE = TEMPLATE_DIR / "model_card_template.md"
+DATASET_CARD_TEMPLATE = TEMPLATE_DIR / "dataset_card_template.md"
+
+# The Hub has no "cell-to-text" task type; text generation is the closest valid one.
+TASK_TYPE = "text-generation"
+TASK_NAME = "Cell to text"
+FIELDS = ("cell_type", "tissue", "disease", "sex", "development_stage")
+# (key in results, metric type on the Hub, pretty name, metric args)
+FIELD_METRICS = (
+    ("accuracy", "accuracy", "accuracy", None),
+    ("weighted_f1", "f1", "weighted F1", {"average": "weighted"}),
+    ("macro_precision", "precision", "macro precision", {"average": "macro"}),
+    ("macro_recall", "recall", "macro recall", {"average": "macro"}),
+    ("ontology_similarity", "ontology_similarity", "ontology similarity", None),
+)
+PATHWAY_METRICS = (
+    ("subset_accuracy", "accuracy", "subset accuracy"),
+    ("jaccard", "jaccard", "Jaccard"),
+    ("f1", "f1", "F1"),
+)
+TEXT_METRICS = (
+    ("bleu1", "bleu", "BLEU-1", {"max_order": 1}),
+    ("bleu2", "bleu", "BLEU-2", {"max_order": 2}),
+    ("bleu3", "bleu", "BLEU-3", {"max_order": 3}),
+    ("bleu4", "bleu", "BLEU-4", {"max_order": 4}),
+    ("rouge1", "rouge", "ROUGE-1", None),
+    ("rouge2", "rouge", "ROUGE-2", None),
+    ("rougeL", "rouge", "ROUGE-L", None),
+    ("meteor", "meteor", "METEOR", None),
+    ("embedding_similarity", "embedding_similarity", "embedding similarity", None),
+)
+# Metric ids the Hub knows; the project's own (parse_rate, ontology_similarity...) stay in model-index.
+STANDARD_METRICS = {"accuracy", "f1", "precision", "recall", "bleu", "rouge", "meteor"}
+BASELINE_NAMES = {
+    "majority": "Majority class",
+    "logistic_regression": "Logistic regression",
+    "knn": "kNN",
+    "cell2sentence": "Cell2Sentence-style",
+}
+DEFAULT_TAGS = (
+    "cell2text", "cell-to-text", "single-cell", "scRNA-seq", "biology", "geneformer", "trl", "sft", "custom_code",
+)
+MAX_LABEL_ROWS = 40
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None for absent, non-numeric or NaN/inf values."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    """Format a metric for a table cell; '–' where there is no value."""
+    number = _number(value)
+    return "–" if number is None else f"{number:.{digits}f}"
+
+
+def _pretty(field: str) -> str:
+    return field.replace("_", " ").capitalize()
+
+
+def is_repo_id(name: str | None) -> bool:
+    """True for strings shaped like a Hub repository id ("org/name"), not local paths."""
+    return bool(name) and bool(_REPO_ID.match(name)) and not Path(name).expanduser().exists()
+
+
+def _table(header: list[str], rows: list[list[str]]) -> dict | None:
+    """A table for the templates' ``table`` macro, or None when it has no rows."""
+    return {"header": header, "rows": rows} if rows else None
+
+
+# ---------------------------------------------------------------- model card
+
+
+def _eval_results(results: Mapping[str, Any], dataset_id: str) -> list[EvalResult]:
+    """Flatten the results dict into the Hub's model-index entries (finite values only)."""
+    split = results.get("split")
+    entries: list[EvalResult] = []
+
+    def add(metric_type: str, value: Any, name: str, config: str | None = None, args: dict | None = None) -> None:
+        number = _number(value)
+        if number is not None:
+            entries.append(
+                EvalResult(
+                    task_type=TASK_TYPE,
+                    task_name=TASK_NAME,
+                    dataset_type=dataset_id,
+                    dataset_name=results.get("dataset") or dataset_id,
+                    dataset_split=split,
+                    metric_type=metric_type,
+                    metric_value=round(number, 4),
+                    metric_name=name,
+                    metric_config=config,
+                    metric_args=args,
+                )
+            )
+
+    add("parse_rate", results.get("parse_rate"), "parse rate")
+    for field in FIELDS:
+        scores = results.get("fields", {}).get(field, {})
+        for key, metric_type, pretty, args in FIELD_METRICS:
+            add(metric_type, scores.get(key), f"{_pretty(field)} {pretty}", field, args)
+    pathways = results.get("pathways", {})
+    for key, metric_type, pretty in PATHWAY_METRICS:
+        add(metric_type, pathways.get(key), f"Pathway {pretty}", "pathways")
+    text = results.get("text", {})
+    for key, metric_type, pretty, args in TEXT_METRICS:
+        add(metric_type, text.get(key), pretty, key, args)
+    return entries
+
+
+def _field_table(fields: Mapping[str, Mapping[str, Any]]) -> dict | None:
+    header = ["Field", "Accuracy", "Weighted F1", "Macro precision", "Macro recall", "Ontology similarity", "Missing"]
+    rows = []
+    for field in FIELDS:
+        scores = fields.get(field) or {}
+        if all(_number(scores.get(key)) is None for key, *_ in FIELD_METRICS):
+            continue
+        missing = scores.get("num_missing")
+        rows.append(
+            [_pretty(field)]
+            + [_fmt(scores.get(key)) for key, *_ in FIELD_METRICS]
+            + [str(missing) if missing is not None else "–"]
+        )
+    return _table(header, rows)
+
+
+def _baseline_table(results: Mapping[str, Any], model_title: str) -> dict | None:
+    """Compare the model with each baseline, field by field, on accuracy and weighted F1."""
+    baselines = results.get("baselines") or {}
+    if not baselines:
+        return None
+    methods = [(model_title, results.get("fields", {}))]
+    methods += [(BASELINE_NAMES.get(key, key), scores) for key, scores in baselines.items()]
+    rows = []
+    for field in FIELDS:
+        for method, per_field in methods:
+            scores = per_field.get(field) or {}
+            if _number(scores.get("accuracy")) is not None or _number(scores.get("weighted_f1")) is not None:
+                rows.append([_pretty(field), method, _fmt(scores.get("accuracy")), _fmt(scores.get("weighted_f1"))])
+    return _table(["Field", "Method", "Accuracy", "Weighted F1"], rows)
+
+
+def _metric_table(scores: Mapping[str, Any], metrics: tuple) -> dict | None:
+    rows = [[spec[2], _fmt(scores.get(spec[0]))] for spec in metrics if _number(scores.get(spec[0])) is not None]
+    return _table(["Metric", "Value"], rows)
+
+
+def _training_table(training_config: Mapping[str, Any]) -> dict | None:
+    rows = [[f"`{key}`", f"`{value}`"] for key, value in training_config.items() if value is not None]
+    return _table(["Setting", "Value"], rows)
+
+
+def _limitations(results: Mapping[str, Any], encoder: str, extra: list[str]) -> list[str]:
+    """Limits stated from the facts in the arguments, then any the caller adds."""
+    items = []
+    num_cells = results.get("num_cells")
+    if isinstance(num_cells, int) and num_cells < 1000:
+        items.append(f"Demo scale: evaluated on {num_cells} cells only, so the numbers below are noisy.")
+    if not is_repo_id(encoder):
+        items.append(
+            f"The gene encoder ({encoder}) was not initialised from pretrained Geneformer weights; "
+            "it learned from the fine-tuning corpus alone."
+        )
+    items += [
+        "Trained on the cell types, tissues and diseases of its corpus: cells from other tissues, "
+        "species, assays or unseen cell types get the closest known description, stated with confidence.",
+        "Inputs must be raw counts; normalised or log-transformed matrices are refused unless declared.",
+        "A language model can produce fluent but wrong descriptions; check them against marker genes.",
+    ]
+    return items + list(extra)
+
+
+def render_model_card(
+    results: dict,
+    *,
+    repo_id: str,
+    base_model: str,
+    encoder: str,
+    dataset_id: str,
+    training_config: dict,
+    license: str = "apache-2.0",
+    limitations: list[str] | None = None,
+    tags: list[str] | None = None,
+) -> ModelCard:
+    """Fill the model card from an evaluation results dict (see ``training`` evaluation output).
+
+    ``base_model`` and ``encoder`` go into the metadata only when they are Hub repository ids;
+    local paths are named in the text. ``limitations`` adds lines to the card's limits section.
+    """
+    model_name = repo_id.split("/")[-1]
+    eval_results = _eval_results(results, dataset_id)
+    card_data = ModelCardData(
+        license=license,
+        library_name="transformers",
+        pipeline_tag=TASK_TYPE,
+        tags=list(DEFAULT_TAGS) + list(tags or []),
+        base_model=base_model if is_repo_id(base_model) else None,
+        datasets=[dataset_id],
+        language=["en"],
+        metrics=sorted({r.metric_type for r in eval_results} & STANDARD_METRICS) or None,
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results or None,
+    )
+    parse_rate = _number(results.get("parse_rate"))
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(MODEL_CARD_TEMPLATE),
+        model_title=model_name,
+        repo_id=repo_id,
+        base_model=f"`{base_model}`",
+        encoder=f"`{encoder}`",
+        dataset_id=dataset_id,
+        dataset_url=f"https://huggingface.co/datasets/{dataset_id}" if is_repo_id(dataset_id) else dataset_id,
+        license=license,
+        limitations=_limitations(results, encoder, limitations or []),
+        split=results.get("split", "test"),
+        eval_dataset=results.get("dataset") or dataset_id,
+        num_cells=results.get("num_cells", "–"),
+        parse_rate="–" if parse_rate is None else f"{parse_rate:.1%}",
+        num_unparsed=results.get("num_unparsed", "–"),
+        field_table=_field_table(results.get("fields", {})),
+        baseline_table=_baseline_table(results, model_name),
+        pathway_table=_metric_table(results.get("pathways", {}), PATHWAY_METRICS),
+        text_table=_metric_table(results.get("text", {}), TEXT_METRICS),
+        training_table=_training_table(training_config),
+    )
+
+
+# -------------------------------------------------------------- dataset card
+
+
+def size_category(num_examples: int) -> str:
+    """The Hub's ``size_categories`` bucket for a number of examples."""
+    buckets = (
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+        (10_000_000, "1M<n<10M"),
+        (100_000_000, "10M<n<100M"),
+    )
+    for limit, label in buckets:
+        if num_examples < limit:
+            return label
+    return "n>100M"
+
+
+def _split_table(splits: Mapping[str, int]) -> dict | None:
+    total = sum(splits.values())
+    rows = [[name, str(n), f"{n / total:.1%}" if total else "–"] for name, n in splits.items()]
+    if rows:
+        rows.append(["**total**", str(total), "100.0%" if total else "–"])
+    return _table(["Split", "Cells", "Share"], rows)
+
+
+def _label_table(per_split: Mapping[str, Mapping[str, int]], split_order: list[str]) -> dict | None:
+    """Labels by split, most frequent first; the tail beyond MAX_LABEL_ROWS is summed in one row."""
+    splits = [s for s in split_order if s in per_split] + [s for s in per_split if s not in split_order]
+    totals: dict[str, int] = {}
+    for counts in per_split.values():
+        for label, n in counts.items():
+            totals[label] = totals.get(label, 0) + int(n)
+    ordered = sorted(totals, key=lambda label: (-totals[label], label))
+    rows = [
+        [str(label)] + [str(per_split[s].get(label, 0)) for s in splits] + [str(totals[label])]
+        for label in ordered[:MAX_LABEL_ROWS]
+    ]
+    rest = ordered[MAX_LABEL_ROWS:]
+    if rest:
+        rows.append(
+            [f"*{len(rest)} more labels*"]
+            + [str(sum(per_split[s].get(label, 0) for label in rest)) for s in splits]
+            + [str(sum(totals[label] for label in rest))]
+        )
+    return _table(["Label"] + splits + ["Total"], rows)
+
+
+def render_dataset_card(summary: dict, *, repo_id: str, license: str | None = None) -> DatasetCard:
+    """Fill the dataset card from a corpus summary dict (see ``processing``'s corpus builder).
+
+    The license comes from ``license``, else ``summary["license"]``, else "unknown": the
+    source data's terms decide it, and the card must not guess.
+    """
+    splits = {name: int(n) for name, n in (summary.get("splits") or {}).items()}
+    num_kept = sum(splits.values())
+    license = license or summary.get("license") or "unknown"
+    source = summary.get("source")
+    card_data = DatasetCardData(
+        license=license,
+        language=["en"],
+        pretty_name=summary.get("name") or repo_id.split("/")[-1],
+        task_categories=["text-generation", "tabular-to-text"],
+        tags=["biology", "single-cell", "scRNA-seq", "cellxgene", "cell2text"],
+        size_categories=[size_category(num_kept)],
+        source_datasets=[f"extended|{source}"] if is_repo_id(source) else None,
+    )
+    rejected = summary.get("rejected") or {}
+    label_counts = summary.get("label_counts") or {}
+    return DatasetCard.from_template(
+        card_data,
+        template_path=str(DATASET_CARD_TEMPLATE),
+        repo_id=repo_id,
+        source=source or "–",
+        license=license,
+        num_cells_in=summary.get("num_cells_in", "–"),
+        num_cells_kept=num_kept,
+        demo_scale=num_kept < 10_000,
+        gene_vocabulary_size=summary.get("gene_vocabulary_size", "–"),
+        pathway_library=summary.get("pathway_library") or "–",
+        seed=summary.get("seed", "–"),
+        split_table=_split_table(splits) or _table(["Split", "Cells", "Share"], [["–", "0", "–"]]),
+        rejected_table=_table(["Reason", "Cells"], [[reason, str(n)] for reason, n in rejected.items() if n]),
+        label_tables=[
+            (_pretty(field), table)
+            for field, per_split in label_counts.items()
+            if (table := _label_table(per_split, list(splits)))
+        ],
+    )

@@ -1,0 +1,173 @@
+"""Tests for hub_cards: model and dataset cards rendered from real-shaped results, saved and reloaded."""
+
+import math
+
+import pytest
+from huggingface_hub import DatasetCard, ModelCard
+from huggingface_hub.repocard_data import model_index_to_eval_results
+
+from hub_cards import render_dataset_card, render_model_card
+
+REPO = "demo-org/cell2text-smollm2-pbmc"
+DATASET = "demo-org/pbmc68k-cell2text"
+
+
+def _field(acc, f1, prec, rec, missing=0, **extra):
+    return {"accuracy": acc, "weighted_f1": f1, "macro_precision": prec, "macro_recall": rec, "num_missing": missing, **extra}
+
+
+@pytest.fixture
+def results():
+    return {
+        "model": REPO,
+        "dataset": DATASET,
+        "split": "test",
+        "num_cells": 140,
+        "parse_rate": 0.9857,
+        "num_unparsed": 2,
+        "fields": {
+            "cell_type": _field(0.6214, 0.5876, 0.5123, 0.4987, 4, ontology_similarity=0.8123),
+            "tissue": _field(1.0, 1.0, 1.0, 1.0),
+            "disease": _field(1.0, 1.0, 1.0, 1.0),
+            "sex": {"accuracy": float("nan"), "weighted_f1": None},  # unknown sex in the source: left out
+        },
+        "pathways": {"subset_accuracy": 0.2143, "jaccard": 0.5512, "f1": 0.6034},
+        "text": {"bleu1": 0.7101, "bleu4": 0.4213, "rouge1": 0.7511, "rouge2": 0.6012, "rougeL": 0.7034,
+                 "meteor": float("nan"), "embedding_similarity": 0.9132},
+        "baselines": {
+            "majority": {"cell_type": {"accuracy": 0.3429, "weighted_f1": 0.1751}},
+            "logistic_regression": {"cell_type": {"accuracy": 0.8286, "weighted_f1": 0.8207}},
+            "knn": {"cell_type": {"accuracy": 0.7929, "weighted_f1": 0.7811}},
+        },
+    }
+
+
+@pytest.fixture
+def summary():
+    return {
+        "name": "PBMC68k Cell2Text (demo)",
+        "source": "scanpy pbmc68k_reduced (10x Genomics PBMC)",
+        "num_cells_in": 700,
+        "splits": {"train": 560, "validation": 70, "test": 70},
+        "rejected": {"no_known_genes": 0, "missing_cell_type": 0},
+        "label_counts": {
+            "cell_type": {
+                "train": {"dendritic cell": 192, "CD14-positive monocyte": 103, "B cell": 76},
+                "validation": {"dendritic cell": 24, "CD14-positive monocyte": 13, "B cell": 10},
+                "test": {"dendritic cell": 24, "CD14-positive monocyte": 13, "B cell": 9},
+            },
+            "tissue": {"train": {"blood": 560}, "validation": {"blood": 70}, "test": {"blood": 70}},
+        },
+        "gene_vocabulary_size": 700,
+        "pathway_library": "WikiPathway_2023_Human",
+        "seed": 0,
+    }
+
+
+def _model_card(results, tmp_path):
+    card = render_model_card(
+        results,
+        repo_id=REPO,
+        base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        encoder="random-init BertConfig (no pretrained Geneformer offline)",
+        dataset_id=DATASET,
+        training_config={"learning_rate": 2e-4, "lora_r": 16, "num_train_epochs": 3, "max_steps": None},
+    )
+    path = tmp_path / "README.md"
+    card.save(path)
+    return ModelCard.load(path), path.read_text()
+
+
+def test_model_card_metadata_round_trips_with_metric_values(results, tmp_path):
+    card, _ = _model_card(results, tmp_path)
+    data = card.data.to_dict()
+    assert data["license"] == "apache-2.0"
+    assert data["library_name"] == "transformers"
+    assert data["pipeline_tag"] == "text-generation"
+    assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert data["datasets"] == [DATASET]
+    assert {"cell-to-text", "single-cell", "custom_code"} <= set(data["tags"])
+
+    name, evals = model_index_to_eval_results(data["model-index"])  # the Hub's own parser
+    assert name == "cell2text-smollm2-pbmc"
+    values = {(e.metric_type, e.metric_config): e.metric_value for e in evals}
+    assert values[("accuracy", "cell_type")] == 0.6214
+    assert values[("f1", "cell_type")] == 0.5876
+    assert values[("ontology_similarity", "cell_type")] == 0.8123
+    assert values[("accuracy", "tissue")] == 1.0
+    assert values[("parse_rate", None)] == 0.9857
+    assert values[("bleu", "bleu4")] == 0.4213
+    assert values[("rouge", "rougeL")] == 0.7034
+    assert values[("jaccard", "pathways")] == 0.5512
+    assert all(e.task_type == "text-generation" and e.task_name == "Cell to text" for e in evals)
+    assert all(e.dataset_type == DATASET and e.dataset_split == "test" for e in evals)
+    assert all(isinstance(e.metric_value, float) and math.isfinite(e.metric_value) for e in evals)
+    # Absent or NaN metrics are left out, not written as nan.
+    assert ("accuracy", "sex") not in values and ("meteor", "meteor") not in values
+
+
+def test_model_card_body_has_usage_limits_and_tables(results, tmp_path):
+    card, text = _model_card(results, tmp_path)
+    assert "nan" not in text.lower()
+    assert f'pipeline("cell-to-text", model="{REPO}", trust_remote_code=True)' in card.text
+    assert f'AutoModelForCausalLM.from_pretrained("{REPO}", trust_remote_code=True)' in card.text
+    assert f"cell2text describe cells.h5ad --model {REPO}" in card.text
+    assert "Demo scale: evaluated on 140 cells" in card.text
+    assert "not initialised from pretrained Geneformer weights" in card.text
+    assert "| Cell type | 0.621 | 0.588 | 0.512 | 0.499 | 0.812 | 4 |" in card.text
+    assert "| Cell type | Logistic regression | 0.829 | 0.821 |" in card.text
+    assert "| Sex |" not in card.text
+    assert "98.6% of them parsed (2 did not)" in card.text
+    assert "| `lora_r` | `16` |" in card.text and "max_steps" not in card.text
+
+
+def test_model_card_with_local_paths_keeps_them_out_of_metadata(results, tmp_path):
+    card = render_model_card(
+        {"split": "test", "num_cells": 5000, "fields": {"cell_type": {"accuracy": 0.9}}},
+        repo_id=REPO,
+        base_model=str(tmp_path),  # a local checkpoint, not a Hub id
+        encoder="ctheodoris/Geneformer",
+        dataset_id=DATASET,
+        training_config={},
+    )
+    data = card.data.to_dict()
+    assert "base_model" not in data
+    _, evals = model_index_to_eval_results(data["model-index"])
+    assert [(e.metric_type, e.metric_value) for e in evals] == [("accuracy", 0.9)]
+    assert "Demo scale" not in card.text and "not initialised from pretrained" not in card.text
+
+
+def test_dataset_card_round_trips_with_counts_and_label_tables(summary, tmp_path):
+    card = render_dataset_card(summary, repo_id=DATASET, license="cc-by-4.0")
+    path = tmp_path / "README.md"
+    card.save(path)
+    loaded = DatasetCard.load(path)
+    data = loaded.data.to_dict()
+    assert data["license"] == "cc-by-4.0"
+    assert data["pretty_name"] == "PBMC68k Cell2Text (demo)"
+    assert data["size_categories"] == ["n<1K"]
+    assert "text-generation" in data["task_categories"]
+    text = loaded.text
+    assert "| train | 560 | 80.0% |" in text and "| **total** | 700 | 100.0% |" in text
+    assert "| Label | train | validation | test | Total |" in text
+    assert "| dendritic cell | 192 | 24 | 24 | 240 |" in text
+    assert "| B cell | 76 | 10 | 9 | 95 |" in text
+    assert "| blood | 560 | 70 | 70 | 700 |" in text
+    assert "no_known_genes" not in text  # zero-count rejection reasons are not listed
+    assert 'load_dataset("demo-org/pbmc68k-cell2text")' in text
+    assert "WikiPathway_2023_Human" in text and "scanpy pbmc68k_reduced" in text
+
+
+def test_dataset_card_license_defaults_to_unknown_and_long_label_tails_are_summed(tmp_path):
+    counts = {f"type {i:02d}": 100 - i for i in range(45)}
+    summary = {"name": "big", "splits": {"train": sum(counts.values())}, "label_counts": {"cell_type": {"train": counts}}}
+    card = render_dataset_card(summary, repo_id=DATASET)
+    assert card.data.to_dict()["license"] == "unknown"
+    assert "| type 39 | 61 | 61 |" in card.text and "type 40" not in card.text
+    assert "| *5 more labels* | 290 | 290 |" in card.text  # 60 + 59 + 58 + 57 + 56
+
+
+def test_size_categories():
+    from hub_cards.render import size_category
+
+    assert [size_category(n) for n in (0, 999, 1000, 54_321, 2_000_000)] == ["n<1K", "n<1K", "1K<n<10K", "10K<n<100K", "1M<n<10M"]
