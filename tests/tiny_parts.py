@@ -80,3 +80,50 @@ def save_tiny_parts(root: Path, gene_vocab_size: int = 64, seed: int = 0) -> tup
     LlamaForCausalLM(tiny_llama_config(len(tokenizer))).save_pretrained(lm_dir)
     tokenizer.save_pretrained(lm_dir)
     return encoder_dir, lm_dir
+
+
+def save_tiny_corpus(root: Path, n_train: int = 32, seed: int = 0) -> Path:
+    """A small corpus folder in the layout `processing.build_corpus` writes: two separable cell types.
+
+    Used where a test needs a corpus but is not about building one (training, evaluation); the corpus builder has
+    its own tests on real data.
+    """
+    import json
+
+    import numpy as np
+    from datasets import Dataset, DatasetDict
+
+    from modeling_cell2text import Cell2TextFeatureExtractor, CellDescription, render_description
+
+    rng = np.random.default_rng(seed)
+    genes = [f"ENSG{i:011d}" for i in range(1, 61)]
+    feature_extractor = Cell2TextFeatureExtractor.from_gene_medians({g: 1.0 for g in genes})
+    types = {"B cell": ("CL:0000236", 4), "T cell": ("CL:0000084", 34)}
+
+    def split(n: int, name: str) -> Dataset:
+        rows = []
+        for i in range(n):
+            cell_type = list(types)[i % 2]
+            first = types[cell_type][1]
+            genes_expressed = rng.permutation(np.arange(first, first + 26))[: rng.integers(6, 20)]
+            description = render_description(CellDescription(cell_type=cell_type, tissue="blood", disease="normal"))
+            rows.append({
+                "cell_id": f"{name}-{i}", "gene_input_ids": [2, *map(int, genes_expressed), 3],
+                "description": description, "cell_type": cell_type,
+                "cell_type_ontology_term_id": types[cell_type][0], "tissue": "blood",
+                "tissue_ontology_term_id": "UBERON:0000178", "disease": "normal",
+                "disease_ontology_term_id": "PATO:0000461", "pathways": [],
+            })
+        return Dataset.from_list(rows)
+
+    out = Path(root)
+    corpus = DatasetDict(train=split(n_train, "train"), validation=split(8, "validation"), test=split(8, "test"))
+    corpus.save_to_disk(out)
+    feature_extractor.save_pretrained(out / "feature_extractor")
+    ontology_ids = {
+        "cell_type": {label: term for label, (term, _) in types.items()},
+        "tissue": {"blood": "UBERON:0000178"},
+        "disease": {"normal": "PATO:0000461"},
+    }
+    (out / "summary.json").write_text(json.dumps({"name": "tiny", "ontology_term_ids": ontology_ids}))
+    return out

@@ -1,0 +1,34 @@
+"""Batches corpus rows (rank-value gene tokens + description) into Cell2Text training inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from transformers import BatchFeature
+
+
+class Cell2TextDataCollator:
+    """Collates corpus examples with the processor: the loss covers the description and EOS only.
+
+    Prompt, cell placeholders and padding get label -100 (the processor builds the labels, so the prompt format
+    has one owner). Examples need `gene_input_ids` and `description`; other columns are ignored.
+    """
+
+    def __init__(self, processor, gene_column: str = "gene_input_ids", text_column: str = "description"):
+        self.processor = processor
+        self.gene_column = gene_column
+        self.text_column = text_column
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> BatchFeature:
+        missing = {self.gene_column, self.text_column} - set(examples[0])
+        if missing:
+            raise KeyError(
+                f"Corpus examples lack the columns {sorted(missing)} (have {sorted(examples[0])}); build the corpus "
+                "with `python -m processing.build_corpus` and pass remove_unused_columns=False to the trainer."
+            )
+        return self.processor(
+            gene_input_ids=[example[self.gene_column] for example in examples],
+            descriptions=[example[self.text_column] for example in examples],
+            return_tensors="pt",
+        )

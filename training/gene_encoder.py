@@ -1,0 +1,214 @@
+"""A gene encoder prepared on the corpus, for when no pretrained Geneformer is at hand.
+
+Cell2Text reads gene-level hidden states of a pretrained Geneformer. Where none can be had (offline machines,
+new vocabularies), this module gives the encoder a real starting point from the corpus itself:
+
+1. Gene embeddings initialised from the training cells: a truncated SVD of the cells x genes matrix of rank
+   weights (1 / log2(rank + 2), Geneformer's rank order) places genes that rank high in the same cells close
+   together.
+2. Each candidate encoder (a number of BERT layers) is trained on the training split to predict the cell type
+   from the mean of the gene states that will feed the projector (the first `num_cell_tokens` genes at the last
+   layer), and the validation split (never the test split) picks the best candidate.
+
+The result is saved in Geneformer's layout (`config.json` + safetensors of a `BertModel`), so
+`Cell2TextForConditionalGeneration.from_pretrained_parts` loads it like a real Geneformer checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scipy.sparse.linalg import svds
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import BertConfig, BertModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EncoderCandidate:
+    """One encoder shape to try; the validation split picks among them."""
+
+    num_hidden_layers: int
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    intermediate_size: int = 256
+
+
+@dataclass
+class EncoderSelection:
+    """What was tried and what validation chose."""
+
+    candidates: list[dict]
+    validation_accuracy: list[float]
+    best: int
+    path: str
+
+
+def rank_weight_matrix(token_lists: Sequence[Sequence[int]], vocab_size: int, special_ids: Sequence[int]) -> sp.csr_matrix:
+    """Cells x vocabulary matrix with weight 1 / log2(rank + 2) for each expressed gene (rank 0 = top)."""
+    special = set(int(t) for t in special_ids)
+    rows, cols, vals = [], [], []
+    for row, tokens in enumerate(token_lists):
+        genes = [int(t) for t in tokens if int(t) not in special]
+        rows.extend([row] * len(genes))
+        cols.extend(genes)
+        vals.extend(1.0 / np.log2(np.arange(len(genes)) + 2.0))
+    return sp.csr_matrix((vals, (rows, cols)), shape=(len(token_lists), vocab_size), dtype=np.float32)
+
+
+def svd_gene_embeddings(matrix: sp.csr_matrix, dim: int, seed: int = 0) -> np.ndarray:
+    """Gene embeddings (vocab x dim) from a truncated SVD of the cells x genes matrix, scaled to unit std.
+
+
+    Genes never seen in the matrix get small random vectors; dimensions beyond the matrix rank are random too.
+    """
+    rng = np.random.default_rng(seed)
+    k = min(dim, min(matrix.shape) - 1)
+    # Uncentred, so the matrix stays sparse at any corpus size; the first component carries the mean profile.
+    _, singular_values, vt = svds(matrix.astype(np.float64), k=k, random_state=seed)
+    embeddings = rng.normal(0.0, 0.02, size=(matrix.shape[1], dim)).astype(np.float32)
+    loadings = (vt.T * np.sqrt(singular_values)).astype(np.float32)
+    seen = np.asarray(matrix.getnnz(axis=0) > 0)
+    loadings /= loadings[seen].std(axis=0, keepdims=True) + 1e-8
+    embeddings[seen, :k] = loadings[seen]
+    return embeddings
+
+
+class _CellTypeProbe(nn.Module):
+    """BERT encoder + linear head on the mean of the first `num_cell_tokens` gene states (what the projector sees)."""
+
+    def __init__(self, config: BertConfig, num_labels: int, num_cell_tokens: int):
+        super().__init__()
+        self.encoder = BertModel(config, add_pooling_layer=False)
+        self.head = nn.Linear(config.hidden_size, num_labels)
+        self.num_cell_tokens = num_cell_tokens
+
+    def forward(self, input_ids, attention_mask, gene_token_mask):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        is_gene = gene_token_mask.bool()
+        selected = (is_gene & (torch.cumsum(is_gene.long(), dim=1) <= self.num_cell_tokens)).unsqueeze(-1)
+        pooled = (hidden * selected).sum(1) / selected.sum(1).clamp(min=1)
+        return self.head(pooled)
+
+
+def _batches(feature_extractor, token_lists, labels, batch_size, shuffle, rng):
+    order = rng.permutation(len(token_lists)) if shuffle else np.arange(len(token_lists))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        inputs = feature_extractor.pad([token_lists[i] for i in idx], return_tensors="pt")
+        yield inputs, torch.as_tensor(labels[idx])
+
+
+def train_candidate(
+    candidate: EncoderCandidate,
+    feature_extractor,
+    gene_embeddings: np.ndarray,
+    train: tuple[list, np.ndarray],
+    validation: tuple[list, np.ndarray],
+    num_labels: int,
+    num_cell_tokens: int,
+    epochs: int = 30,
+    learning_rate: float = 1e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> tuple[BertModel, float]:
+    """Train one candidate on the training cells; returns its encoder at the best validation epoch and that accuracy."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    max_len = max(len(t) for t in train[0] + validation[0])
+    config = BertConfig(
+        vocab_size=gene_embeddings.shape[0],
+        hidden_size=candidate.hidden_size,
+        num_hidden_layers=candidate.num_hidden_layers,
+        num_attention_heads=candidate.num_attention_heads,
+        intermediate_size=candidate.intermediate_size,
+        max_position_embeddings=max(512, 2 ** math.ceil(math.log2(max_len))),
+        hidden_act="relu",
+        pad_token_id=feature_extractor.pad_token_id,
+        type_vocab_size=1,
+    )
+    probe = _CellTypeProbe(config, num_labels, num_cell_tokens)
+    with torch.no_grad():
+        probe.encoder.embeddings.word_embeddings.weight.copy_(torch.from_numpy(gene_embeddings))
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=learning_rate, weight_decay=0.01)
+    best_accuracy, best_state = -1.0, None
+    for _ in tqdm(range(epochs), desc=f"encoder with {candidate.num_hidden_layers} layer(s)", leave=False):
+        probe.train()
+        for inputs, y in _batches(feature_extractor, train[0], train[1], batch_size, True, rng):
+            loss = nn.functional.cross_entropy(
+                probe(inputs["gene_input_ids"], inputs["gene_attention_mask"], inputs["gene_token_mask"]), y
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        accuracy = _accuracy(probe, feature_extractor, validation, batch_size)
+        if accuracy > best_accuracy:
+            best_accuracy = accuracy
+            best_state = {k: v.detach().clone() for k, v in probe.encoder.state_dict().items()}
+    probe.encoder.load_state_dict(best_state)
+    return probe.encoder, best_accuracy
+
+
+@torch.no_grad()
+def _accuracy(probe, feature_extractor, data, batch_size) -> float:
+    probe.eval()
+    correct = 0
+    for inputs, y in _batches(feature_extractor, data[0], data[1], batch_size, False, np.random.default_rng(0)):
+        logits = probe(inputs["gene_input_ids"], inputs["gene_attention_mask"], inputs["gene_token_mask"])
+        correct += int((logits.argmax(-1) == y).sum())
+    return correct / max(len(data[1]), 1)
+
+
+def prepare_gene_encoder(
+    corpus,
+    feature_extractor,
+    out_dir: str | Path,
+    candidates: Sequence[EncoderCandidate],
+    num_cell_tokens: int,
+    label_column: str = "cell_type",
+    epochs: int = 30,
+    seed: int = 0,
+) -> EncoderSelection:
+    """Initialise, train and select a gene encoder on the corpus (train picks weights, validation picks the shape)."""
+    if "validation" not in corpus or len(corpus["validation"]) == 0:
+        raise ValueError("Selecting a gene encoder needs a non-empty validation split in the corpus.")
+    train_tokens = [list(t) for t in corpus["train"]["gene_input_ids"]]
+    val_tokens = [list(t) for t in corpus["validation"]["gene_input_ids"]]
+    labels = sorted(set(corpus["train"][label_column]))
+    index = {label: i for i, label in enumerate(labels)}
+    y_train = np.array([index[x] for x in corpus["train"][label_column]])
+    # A validation label never seen in training cannot be predicted; it counts as wrong (-1 never matches).
+    y_val = np.array([index.get(x, -1) for x in corpus["validation"][label_column]])
+    special_ids = [feature_extractor.gene_token_ids[t] for t in ("<pad>", "<mask>", "<cls>", "<eos>")
+                   if t in feature_extractor.gene_token_ids]
+    vocab_size = max(feature_extractor.gene_token_ids.values()) + 1
+
+    accuracies, encoders = [], []
+    for candidate in candidates:
+        weights = rank_weight_matrix(train_tokens, vocab_size, special_ids)
+        embeddings = svd_gene_embeddings(weights, candidate.hidden_size, seed=seed)
+        encoder, accuracy = train_candidate(
+            candidate, feature_extractor, embeddings, (train_tokens, y_train), (val_tokens, y_val),
+            num_labels=len(labels), num_cell_tokens=num_cell_tokens, epochs=epochs, seed=seed,
+        )
+        logger.info("gene encoder %s: validation accuracy %.3f", asdict(candidate), accuracy)
+        accuracies.append(accuracy)
+        encoders.append(encoder)
+    best = int(np.argmax(accuracies))
+    out_dir = Path(out_dir)
+    encoders[best].save_pretrained(out_dir)
+    selection = EncoderSelection(
+        candidates=[asdict(c) for c in candidates], validation_accuracy=accuracies, best=best, path=str(out_dir)
+    )
+    (out_dir / "encoder_selection.json").write_text(json.dumps(asdict(selection), indent=2))
+    return selection

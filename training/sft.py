@@ -1,0 +1,254 @@
+"""Fine-tune Cell2Text with TRL's SFTTrainer: LoRA on the language model, the projector trained fully.
+
+Run from a checkout (one process, or several with accelerate):
+
+```bash
+python -m training.sft --config training/configs/demo.yaml
+accelerate launch --config_file training/configs/accelerate/ddp.yaml -m training.sft --config training/configs/paper.yaml
+```
+
+Every field of `Cell2TextArguments` and of TRL's `SFTConfig` can be set in the YAML file or on the command line.
+The recipe, top to bottom:
+
+1. Load the corpus (`python -m processing.build_corpus`) and the feature extractor it was built with.
+2. Build the processor from the language model's tokenizer (adds `<cell>`).
+3. Get a gene encoder: a pretrained Geneformer folder or Hub id (`gene_encoder_name_or_path`, the paper's
+   choice), or, where none exists, one prepared on the corpus (`training/gene_encoder.py`: SVD-initialised gene
+   embeddings, encoder shape picked on the validation split).
+4. Compose the model from the pretrained parts (or start from a trained Cell2Text with `init_from`).
+5. Train with `SFTTrainer`: LoRA on the language model's linear layers, the projector (and an unfrozen encoder)
+   trained fully through `modules_to_save`, separate learning rates; the best checkpoint by validation loss.
+6. Merge LoRA into the language model and save a Hub-ready folder (weights, processor, remote code).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import DatasetDict, load_from_disk
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+from trl import SFTConfig, SFTTrainer, TrlParser
+
+from modeling_cell2text import Cell2TextFeatureExtractor, Cell2TextForConditionalGeneration, Cell2TextProcessor
+from training.collator import Cell2TextDataCollator
+from training.gene_encoder import EncoderCandidate, prepare_gene_encoder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Cell2TextArguments:
+    """What to train: corpus, parts, model shape and the Cell2Text-specific optimisation settings."""
+
+    corpus_dir: str = field(metadata={"help": "Corpus folder written by `python -m processing.build_corpus`."})
+    text_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Instruction-tuned causal LM (folder or Hub id). Not needed with init_from."}
+    )
+    gene_encoder_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Pretrained Geneformer (folder or Hub id). Unset: prepare an encoder on the corpus."},
+    )
+    init_from: str | None = field(
+        default=None, metadata={"help": "A trained Cell2Text folder to fine-tune further instead of composing parts."}
+    )
+    encoder_candidate_layers: list[int] = field(
+        default_factory=lambda: [1, 2], metadata={"help": "Layer counts of the corpus-prepared encoders to try."}
+    )
+    encoder_hidden_size: int = 128
+    encoder_epochs: int = 30
+    num_cell_tokens: int = 256
+    gene_encoder_layer: int = -2
+    projector_hidden_size: int = 2048
+    projector_dropout: float = 0.1
+    freeze_gene_encoder: bool = True
+    projector_learning_rate: float = 1e-3
+    gene_encoder_learning_rate: float = 1e-5
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    final_model_dir: str | None = field(
+        default=None, metadata={"help": "Where to save the merged, Hub-ready model. Default: <output_dir>/final."}
+    )
+
+
+class Cell2TextSFTTrainer(SFTTrainer):
+    """`SFTTrainer` with one learning rate per part: projector, gene encoder, LoRA adapters."""
+
+    def __init__(self, *args, projector_learning_rate: float, gene_encoder_learning_rate: float, **kwargs):
+        self.part_learning_rates = {"projector": projector_learning_rate, "gene_encoder": gene_encoder_learning_rate}
+        super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def part_of(parameter_name: str) -> str:
+        if "multi_modal_projector" in parameter_name:
+            return "projector"
+        if "gene_encoder" in parameter_name:
+            return "gene_encoder"
+        return "language_model"
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple[str, bool], list] = {}
+        for name, parameter in opt_model.named_parameters():
+            if parameter.requires_grad:
+                groups.setdefault((self.part_of(name), name in decay), []).append(parameter)
+        param_groups = [
+            {
+                "params": params,
+                "lr": self.part_learning_rates.get(part, self.args.learning_rate),
+                "weight_decay": self.args.weight_decay if decays else 0.0,
+            }
+            for (part, decays), params in sorted(groups.items())
+        ]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+
+def language_model_lora_targets(model: Cell2TextForConditionalGeneration) -> str:
+    """A PEFT regex matching every linear layer of the language model, and nothing in the encoder or projector."""
+    leaf_names = sorted(
+        {name.rsplit(".", 1)[-1] for name, module in model.model.language_model.named_modules()
+         if isinstance(module, torch.nn.Linear)}
+    )
+    if not leaf_names:
+        raise ValueError("The language model has no nn.Linear layers for LoRA.")
+    return r"model\.language_model\..*\.(" + "|".join(map(re.escape, leaf_names)) + r")"
+
+
+def load_corpus(corpus_dir: str | Path, args: Cell2TextArguments) -> tuple[DatasetDict, dict]:
+    corpus_dir = Path(corpus_dir)
+    if not (corpus_dir / "dataset_dict.json").exists():
+        raise FileNotFoundError(
+            f"{corpus_dir} is not a corpus folder (no dataset_dict.json); build one with "
+            "`python -m processing.build_corpus --preset pbmc68k_reduced --out DIR`."
+        )
+    corpus = load_from_disk(str(corpus_dir))
+    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
+        if limit is not None and split in corpus and len(corpus[split]) > limit:
+            corpus[split] = corpus[split].select(range(limit))
+    summary_file = corpus_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    return corpus, summary
+
+
+def build_processor(args: Cell2TextArguments, corpus_dir: Path, summary: dict) -> Cell2TextProcessor:
+    if args.init_from is not None:
+        return AutoProcessor.from_pretrained(args.init_from, trust_remote_code=True)
+    if args.text_model_name_or_path is None:
+        raise ValueError("Set text_model_name_or_path (an instruct LLM), or init_from (a trained Cell2Text).")
+    feature_extractor = Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor")
+    tokenizer = AutoTokenizer.from_pretrained(args.text_model_name_or_path)
+    return Cell2TextProcessor(
+        feature_extractor,
+        tokenizer,
+        num_cell_tokens=args.num_cell_tokens,
+        ontology_term_ids=summary.get("ontology_term_ids", {}),
+    )
+
+
+def gene_encoder_path(args: Cell2TextArguments, training_args: SFTConfig, corpus, processor) -> str:
+    """The pretrained encoder, or one prepared on the corpus (reused when an earlier run already chose it)."""
+    if args.gene_encoder_name_or_path is not None:
+        return args.gene_encoder_name_or_path
+    out_dir = Path(training_args.output_dir) / "gene_encoder"
+    with training_args.main_process_first(desc="preparing the gene encoder on the corpus"):
+        if not (out_dir / "encoder_selection.json").exists():
+            candidates = [
+                EncoderCandidate(num_hidden_layers=n, hidden_size=args.encoder_hidden_size)
+                for n in args.encoder_candidate_layers
+            ]
+            selection = prepare_gene_encoder(
+                corpus, processor.feature_extractor, out_dir, candidates, num_cell_tokens=args.num_cell_tokens,
+                epochs=args.encoder_epochs, seed=training_args.seed,
+            )
+            logger.info("gene encoder chosen on validation: %s", selection)
+    return str(out_dir)
+
+
+def build_model(args: Cell2TextArguments, encoder_path: str | None, processor) -> Cell2TextForConditionalGeneration:
+    if args.init_from is not None:
+        return AutoModelForCausalLM.from_pretrained(args.init_from, trust_remote_code=True)
+    return Cell2TextForConditionalGeneration.from_pretrained_parts(
+        encoder_path,
+        args.text_model_name_or_path,
+        cell_token_id=processor.cell_token_id,
+        num_cell_tokens=args.num_cell_tokens,
+        gene_encoder_layer=args.gene_encoder_layer,
+        projector_hidden_size=args.projector_hidden_size,
+        projector_dropout=args.projector_dropout,
+        freeze_gene_encoder=args.freeze_gene_encoder,
+    )
+
+
+def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
+    """Train and save; returns the folder of the merged, Hub-ready model."""
+    # The collator reads the corpus columns itself: keep them, and skip TRL's text preparation.
+    training_args.remove_unused_columns = False
+    training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+
+    corpus, summary = load_corpus(args.corpus_dir, args)
+    processor = build_processor(args, Path(args.corpus_dir), summary)
+    encoder_path = None if args.init_from else gene_encoder_path(args, training_args, corpus, processor)
+    model = build_model(args, encoder_path, processor)
+    if model.config.num_cell_tokens != processor.num_cell_tokens:
+        raise ValueError(
+            f"The model takes {model.config.num_cell_tokens} cell tokens but the processor expands "
+            f"{processor.num_cell_tokens}; they must agree."
+        )
+    modules_to_save = ["multi_modal_projector"] + ([] if model.config.freeze_gene_encoder else ["gene_encoder"])
+    peft_config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=language_model_lora_targets(model),
+        modules_to_save=modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+    eval_dataset = corpus["validation"] if training_args.eval_strategy != "no" else None
+    trainer = Cell2TextSFTTrainer(
+        model=model,
+        args=training_args,
+        data_collator=Cell2TextDataCollator(processor),
+        train_dataset=corpus["train"],
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        peft_config=peft_config,
+        projector_learning_rate=args.projector_learning_rate,
+        gene_encoder_learning_rate=args.gene_encoder_learning_rate,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    final_dir = Path(args.final_model_dir or Path(training_args.output_dir) / "final")
+    if trainer.accelerator.is_main_process:
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        merged.save_pretrained(final_dir)
+        processor.save_pretrained(final_dir)
+        (final_dir / "training_state.json").write_text(
+            json.dumps({"global_step": trainer.state.global_step, "best_model_checkpoint":
+                        trainer.state.best_model_checkpoint, "best_metric": trainer.state.best_metric}, indent=2)
+        )
+    trainer.accelerator.wait_for_everyone()
+    return final_dir
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((Cell2TextArguments, SFTConfig))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cell2text_args, sft_config = make_parser().parse_args_and_config()
+    main(cell2text_args, sft_config)
