@@ -1,0 +1,1 @@
+"""Corpus building for Cell2Text: ontologies, pathway scoring, descriptions, splits."""

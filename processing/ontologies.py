@@ -1,0 +1,285 @@
+"""Ontology facts (labels, definitions, graphs, age buckets) from one owner.
+
+Everything reads the ontologies bundled offline with ``cellxgene-ontology-guide`` (the
+versions the CELLxGENE schema uses), so corpus text and evaluation graphs agree.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+from cellxgene_ontology_guide.ontology_parser import OntologyParser
+
+logger = logging.getLogger(__name__)
+
+#: Ontologies whose terms can be looked up.
+SUPPORTED_ONTOLOGIES = ("CL", "UBERON", "MONDO", "HsapDv", "PATO")
+#: Ontologies for which :func:`ontology_graph` builds a graph.
+GRAPH_ONTOLOGIES = ("CL", "UBERON", "MONDO")
+#: CELLxGENE placeholder values that are not ontology terms.
+NON_TERMS = ("unknown", "na")
+#: Hand-checked map of scanpy's pbmc68k_reduced ``bulk_labels`` to Cell Ontology terms.
+PBMC68K_BULK_LABELS_CSV = Path(__file__).parent / "data" / "pbmc68k_bulk_labels.csv"
+
+
+class UnknownTermError(KeyError):
+    """An ontology term id is not defined in the bundled ontology."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes
+        return str(self.args[0]) if self.args else ""
+
+
+@lru_cache(maxsize=1)
+def parser() -> OntologyParser:
+    """The shared, lazily created OntologyParser (bundled data, no network)."""
+    return OntologyParser()
+
+
+def ontology_name(term_id: str) -> str:
+    """Ontology prefix of a term id, e.g. ``"CL"`` for ``"CL:0000236"``."""
+    prefix = term_id.split(":", 1)[0] if ":" in term_id else ""
+    for name in SUPPORTED_ONTOLOGIES:
+        if prefix.lower() == name.lower():
+            return name
+    raise UnknownTermError(
+        f"{term_id!r} is not a term id of a supported ontology {SUPPORTED_ONTOLOGIES}; "
+        "expected the form 'CL:0000236'."
+    )
+
+
+@lru_cache(maxsize=None)
+def _terms(name: str) -> dict[str, dict[str, Any]]:
+    """All term records of one ontology (id -> label, description, ancestors, ...)."""
+    return parser().cxg_schema.ontology(name)
+
+
+def _record(term_id: str) -> dict[str, Any]:
+    """The raw record of a term; raises UnknownTermError when it is not defined."""
+    record = _terms(ontology_name(term_id)).get(term_id)
+    if record is None:
+        raise UnknownTermError(
+            f"{term_id!r} is not defined in the bundled {ontology_name(term_id)} ontology; "
+            "check the id (CELLxGENE schema versions) or map it to a current term."
+        )
+    return record
+
+
+def is_known_term(term_id: str) -> bool:
+    """Whether ``term_id`` is defined (deprecated or not) in a supported ontology."""
+    try:
+        _record(term_id)
+    except UnknownTermError:
+        return False
+    return True
+
+
+def is_deprecated(term_id: str) -> bool:
+    """Whether a defined term is marked obsolete."""
+    return bool(_record(term_id).get("deprecated", False))
+
+
+def resolve_term(term_id: str) -> str:
+    """The current id for ``term_id``: its ``replaced_by`` target when deprecated, else itself.
+
+    A deprecated term without a replacement is returned unchanged (it keeps its label).
+    """
+    seen = {term_id}
+    record = _record(term_id)
+    while record.get("deprecated") and record.get("replaced_by"):
+        replacement = record["replaced_by"]
+        if replacement in seen or not is_known_term(replacement):
+            break
+        seen.add(replacement)
+        term_id, record = replacement, _record(replacement)
+    return term_id
+
+
+def term_label(term_id: str, follow_replacement: bool = True) -> str:
+    """Human-readable label of a term, e.g. ``"B cell"`` for CL:0000236."""
+    if follow_replacement:
+        term_id = resolve_term(term_id)
+    return str(_record(term_id)["label"])
+
+
+def term_definition(term_id: str, follow_replacement: bool = True) -> str | None:
+    """Textual definition of a term, or None when the ontology gives none."""
+    if follow_replacement:
+        term_id = resolve_term(term_id)
+    return _record(term_id).get("description")
+
+
+def term_parents(term_id: str) -> list[str]:
+    """Direct parents (distance-1 ancestors; is_a and part_of alike) of a term."""
+    return [a for a, distance in _record(term_id)["ancestors"].items() if distance == 1]
+
+
+def term_ancestors(term_id: str) -> dict[str, int]:
+    """All ancestors of a term with their distance (1 = direct parent)."""
+    return dict(_record(term_id)["ancestors"])
+
+
+@lru_cache(maxsize=None)
+def ontology_graph(name: str) -> nx.DiGraph:
+    """Graph of one ontology: a node per current term (attribute ``label``), edges child -> parent.
+
+    Deprecated terms are left out (they have no parents and would be isolated nodes). The
+    graph is cached: do not mutate it; copy it first.
+    """
+    if name not in GRAPH_ONTOLOGIES:
+        raise ValueError(f"No ontology graph for {name!r}; choose one of {GRAPH_ONTOLOGIES}.")
+    terms = _terms(name)
+    graph = nx.DiGraph(name=name)
+    for term_id, record in terms.items():
+        if record.get("deprecated"):
+            continue
+        graph.add_node(term_id, label=record["label"])
+    for term_id in list(graph.nodes):
+        for parent, distance in terms[term_id]["ancestors"].items():
+            if distance == 1 and parent in graph:
+                graph.add_edge(term_id, parent)
+    logger.debug("Built %s graph: %d terms, %d edges", name, graph.number_of_nodes(), graph.number_of_edges())
+    return graph
+
+
+def pbmc68k_cell_type_ids() -> dict[str, str]:
+    """pbmc68k_reduced ``bulk_labels`` value -> Cell Ontology term id (see the CSV's rationale)."""
+    with open(PBMC68K_BULK_LABELS_CSV, newline="", encoding="utf-8") as handle:
+        return {row["bulk_label"]: row["cell_type_ontology_term_id"] for row in csv.DictReader(handle)}
+
+
+# --- Development stage -> age bucket -------------------------------------------------
+
+#: The paper's age buckets, youngest first.
+AGE_BUCKETS = (
+    "early embryonic",
+    "late embryonic",
+    "infancy",
+    "early childhood",
+    "childhood",
+    "adolescence",
+    "young adulthood",
+    "adulthood",
+    "middle age",
+    "elderly",
+    "advanced elderly",
+)
+
+#: Lower age bound in years (inclusive) of each postnatal bucket. A stage's age is the
+#: midpoint of the range its label names ("60-79 year-old" -> 69.5, "third decade" -> 24.5).
+#:   infancy          0  <= age < 2   (newborn, months, the 1-year-old stage)
+#:   early childhood  2  <= age < 6
+#:   childhood        6  <= age < 13
+#:   adolescence      13 <= age < 20
+#:   young adulthood  20 <= age < 30
+#:   adulthood        30 <= age < 45
+#:   middle age       45 <= age < 65
+#:   elderly          65 <= age < 80
+#:   advanced elderly 80 <= age
+#: Prenatal: HsapDv "embryonic stage" (Carnegie stages, weeks 1-8 post-fertilization) ->
+#: "early embryonic"; "fetal stage" (week 9 to birth) -> "late embryonic".
+POSTNATAL_BUCKET_STARTS = (
+    (80.0, "advanced elderly"),
+    (65.0, "elderly"),
+    (45.0, "middle age"),
+    (30.0, "adulthood"),
+    (20.0, "young adulthood"),
+    (13.0, "adolescence"),
+    (6.0, "childhood"),
+    (2.0, "early childhood"),
+    (0.0, "infancy"),
+)
+
+#: Stages whose label gives no single age: bucket by label (current and deprecated labels).
+#: Stages spanning the whole life ("life cycle", "postnatal stage", "prenatal stage") are
+#: deliberately absent and give None.
+_STAGE_LABEL_BUCKETS = {
+    "embryonic stage": "early embryonic",
+    "fetal stage": "late embryonic",
+    "newborn stage": "infancy",
+    "newborn stage (0-28 days)": "infancy",
+    "nursing stage (0-11 months)": "infancy",
+    "infant stage": "infancy",
+    "under-1-year-old stage": "infancy",
+    "child stage (1-4 yo)": "early childhood",
+    "child stage": "childhood",
+    "pediatric stage": "childhood",
+    "juvenile stage (5-14 yo)": "childhood",
+    "immature stage": "childhood",
+    "adolescent stage": "adolescence",
+    "young adult stage": "young adulthood",
+    "early adulthood stage": "young adulthood",
+    "adult stage": "adulthood",
+    "prime adult stage": "adulthood",
+    "mature stage": "adulthood",
+    "middle aged stage": "middle age",
+    "late adult stage": "elderly",
+    "late adulthood stage": "elderly",
+    "aged stage": "elderly",
+    "centenarian stage": "advanced elderly",
+}
+
+_ORDINALS = {
+    "first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6,
+    "seventh": 7, "eighth": 8, "ninth": 9, "tenth": 10, "eleventh": 11,
+}
+
+
+def _age_in_years(label: str) -> float | None:
+    """Age (years) a postnatal HsapDv label names, or None when it names none."""
+    if m := re.fullmatch(r"(\d+)-month-old stage", label):
+        return int(m.group(1)) / 12.0
+    if m := re.fullmatch(r"(\d+)-(\d+) year-old(?: child)?(?: stage)?", label):
+        return (int(m.group(1)) + int(m.group(2))) / 2.0
+    if m := re.fullmatch(r"(\d+)[- ]year-old(?: and over)? stage", label):
+        return float(m.group(1))
+    if m := re.fullmatch(r"(\w+) decade stage", label):
+        if m.group(1) in _ORDINALS:
+            return 10.0 * (_ORDINALS[m.group(1)] - 1) + 4.5
+    return None
+
+
+def age_to_bucket(age_years: float) -> str:
+    """Postnatal age bucket for an age in years (see POSTNATAL_BUCKET_STARTS)."""
+    if age_years < 0:
+        raise ValueError(f"Age must be >= 0 years, got {age_years}.")
+    return next(bucket for start, bucket in POSTNATAL_BUCKET_STARTS if age_years >= start)
+
+
+def _bucket_of_label(label: str) -> str | None:
+    """Bucket named by one stage label, by age or by the coarse-stage table."""
+    age = _age_in_years(label)
+    if age is not None:
+        return age_to_bucket(age)
+    return _STAGE_LABEL_BUCKETS.get(label)
+
+
+def development_stage_to_age_bucket(hsapdv_term_id: str) -> str | None:
+    """The paper's age bucket (one of AGE_BUCKETS) for a human development stage term.
+
+    Returns None for "unknown"/"na" and for stages too coarse to name one bucket
+    (life cycle, prenatal, postnatal). Deprecated terms follow ``replaced_by``; without a
+    replacement their label is still used. A stage without an age in its own label takes
+    the bucket of its nearest ancestor that has one (e.g. Carnegie stage 12 -> embryonic).
+    """
+    if hsapdv_term_id in NON_TERMS:
+        return None
+    if ontology_name(hsapdv_term_id) != "HsapDv":
+        raise ValueError(
+            f"{hsapdv_term_id!r} is not a human development stage (HsapDv) term; "
+            "age buckets are defined for HsapDv only."
+        )
+    term_id = resolve_term(hsapdv_term_id)
+    bucket = _bucket_of_label(term_label(term_id, follow_replacement=False))
+    if bucket is not None:
+        return bucket
+    for ancestor, _ in sorted(term_ancestors(term_id).items(), key=lambda item: item[1]):
+        bucket = _bucket_of_label(term_label(ancestor, follow_replacement=False))
+        if bucket is not None:
+            return bucket
+    return None

@@ -1,0 +1,100 @@
+"""PageRank ontology similarity on the real Cell Ontology and a hand-checked toy graph."""
+
+import math
+
+import networkx as nx
+import numpy as np
+import pytest
+
+from training.ontology_similarity import OntologySimilarity
+
+CD14_MONOCYTE = "CL:0001054"
+MONOCYTE = "CL:0000576"
+CLASSICAL_MONOCYTE = "CL:0000860"
+CD14_CD16_NEG_CLASSICAL = "CL:0002057"  # child of CD14-positive monocyte
+NEURON = "CL:0000540"
+
+
+@pytest.fixture(scope="module")
+def cl():
+    return OntologySimilarity("CL")
+
+
+def test_exact_match_is_one(cl):
+    assert cl.score(CD14_MONOCYTE, CD14_MONOCYTE) == 1.0
+    assert cl.score(NEURON, NEURON) == 1.0
+
+
+def test_near_misses_beat_unrelated_types(cl):
+    parent = cl.score(CD14_MONOCYTE, MONOCYTE)
+    child = cl.score(CD14_MONOCYTE, CD14_CD16_NEG_CLASSICAL)
+    sibling = cl.score(CD14_MONOCYTE, CLASSICAL_MONOCYTE)
+    unrelated = cl.score(CD14_MONOCYTE, NEURON)
+    assert 1.0 > parent > unrelated > 0.0
+    assert 1.0 > child > unrelated
+    assert 1.0 > sibling > unrelated
+    assert cl.score("CL:0000236", "CL:0000945") > cl.score("CL:0000236", NEURON)  # B cell: parent vs neuron
+
+
+@pytest.mark.parametrize("predicted", [None, "CL:9999999", "not a cell type", "UBERON:0000178"])
+def test_unknown_prediction_scores_zero(cl, predicted):
+    assert cl.score(CD14_MONOCYTE, predicted) == 0.0
+
+
+@pytest.mark.parametrize("true_id", ["CL:9999999", "B cell", "UBERON:0000178"])
+def test_unknown_true_term_is_a_value_error(cl, true_id):
+    with pytest.raises(ValueError, match="not in the CL graph"):
+        cl.score(true_id, CD14_MONOCYTE)
+
+
+def test_deprecated_prediction_is_replaced(cl):
+    assert cl.score("CL:0000236", "CL:0000003") == cl.score("CL:0000236", "CL:0000000")
+
+
+def test_pagerank_matches_networkx(cl):
+    undirected = cl._graph.to_undirected()
+    expected = nx.pagerank(undirected, alpha=0.9, personalization={CD14_MONOCYTE: 1.0}, tol=1e-12, max_iter=5000)
+    got = cl.pagerank(CD14_MONOCYTE)
+    assert got.sum() == pytest.approx(1.0)
+    assert np.abs(got - np.array([expected[n] for n in cl.nodes])).max() < 1e-9
+
+
+def test_scores_are_cached_per_true_term(cl):
+    cl.score("CL:0000084", "CL:0000236")
+    hits = cl.normalized_scores.cache_info().hits
+    cl.score("CL:0000084", NEURON)
+    assert cl.normalized_scores.cache_info().hits == hits + 1
+
+
+def test_mean_over_pairs(cl):
+    assert cl.mean([(CD14_MONOCYTE, CD14_MONOCYTE), (CD14_MONOCYTE, None)]) == 0.5
+    with pytest.raises(ValueError, match="at least one"):
+        cl.mean([])
+
+
+def test_hand_checked_toy_graph():
+    # child -> parent: a1 -> a -> root <- b ; "island" is not connected.
+    graph = nx.DiGraph([("a1", "a"), ("a", "root"), ("b", "root")])
+    graph.add_node("island")
+    sim = OntologySimilarity(graph, alpha=0.9)
+    # Undirected walk from "a": x = 0.1 e_a + 0.9 P^T x, solved by hand:
+    # x_a1 = 0.45 x_a, x_root = 0.45 x_a + 0.9 x_b, x_b = 0.45 x_root, x_a = 0.1 + 0.9 x_a1 + 0.45 x_root.
+    x_root_over_a = 0.45 / (1 - 0.9 * 0.45)
+    x_a = 0.1 / (1 - 0.9 * 0.45 - 0.45 * x_root_over_a)
+    pagerank = {"a": x_a, "a1": 0.45 * x_a, "root": x_root_over_a * x_a, "b": 0.45 * x_root_over_a * x_a}
+    got = sim.pagerank("a")
+    for node, value in pagerank.items():
+        assert got[sim.index[node]] == pytest.approx(value)
+    low, high = math.log(pagerank["b"]), math.log(pagerank["a"])
+    assert sim.score("a", "root") == pytest.approx((math.log(pagerank["root"]) - low) / (high - low))
+    assert sim.score("a", "b") == 0.0  # the farthest reachable term is the bottom of the scale
+    assert sim.score("a", "island") == 0.0  # unreachable
+    assert sim.score("island", "island") == 1.0
+    assert sim.score("island", "a") == 0.0
+
+
+def test_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="alpha"):
+        OntologySimilarity("CL", alpha=1.0)
+    with pytest.raises(TypeError):
+        OntologySimilarity(42)

@@ -1,0 +1,168 @@
+"""AUCell pathway scoring against a direct per-cell computation of its definition."""
+
+import gzip
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from processing.pathways import DEFAULT_GMT, aucell, default_max_rank, read_gmt, top_pathways
+
+
+def reference_aucell(dense, gene_names, gene_sets, max_rank):
+    """AUCell for one cell at a time: rank genes (highest first), credit max(c - rank, 0) with
+    c = max_rank - 1; a tied block gets the mean credit of the ranks it occupies (the expected
+    value of pySCENIC's random tie breaking); divide by (c + 1) * genes present."""
+    c = max_rank - 1
+    out = np.zeros((dense.shape[0], len(gene_sets)))
+    for i, x in enumerate(dense):
+        order = np.argsort(-x, kind="stable")
+        sorted_x = x[order]
+        credit = np.empty(len(x))
+        for value in np.unique(x):
+            ranks = np.flatnonzero(sorted_x == value)
+            credit[order[ranks]] = np.maximum(c - ranks, 0).mean()
+        for j, genes in enumerate(gene_sets.values()):
+            present = sorted({gene_names.index(g) for g in genes if g in gene_names})
+            if present:
+                out[i, j] = credit[present].sum() / ((c + 1) * len(present))
+    return out
+
+
+def recovery_curve_auc(x, positions, max_rank):
+    """pySCENIC's recovery-curve AUC of one cell (no ties): area up to rank max_rank - 1."""
+    c = max_rank - 1
+    ranking = np.empty(len(x), dtype=int)
+    ranking[np.argsort(-x)] = np.arange(len(x))
+    hits = np.sort(ranking[positions][ranking[positions] < c])
+    steps = np.concatenate([hits, [c]])
+    return np.sum(np.diff(steps) * np.arange(1, len(steps))) / ((c + 1) * len(positions))
+
+
+def random_problem(seed, n_cells=60, n_genes=300, density=0.3, n_sets=25, integer=True):
+    rng = np.random.default_rng(seed)
+    genes = [f"G{i}" for i in range(n_genes)]
+    counts = rng.poisson(2.0, size=(n_cells, n_genes)) if integer else rng.gamma(1.0, size=(n_cells, n_genes))
+    counts = counts * (rng.random((n_cells, n_genes)) < density)
+    dense = np.log1p(counts).astype(np.float32)
+    dense[0] = 0.0  # an empty cell
+    gene_sets = {
+        f"set{j}": [genes[k] for k in rng.choice(n_genes, rng.integers(1, 40), replace=False)] + ["NOT_A_GENE"]
+        for j in range(n_sets)
+    }
+    return dense, genes, gene_sets
+
+
+@pytest.mark.parametrize("max_rank", [None, 1, 40, 300])
+@pytest.mark.parametrize("chunk_size", [7, 1000])
+def test_aucell_equals_per_cell_definition_with_ties(max_rank, chunk_size):
+    dense, genes, gene_sets = random_problem(seed=0)
+    expected = reference_aucell(dense.astype(np.float64), genes, gene_sets, max_rank or default_max_rank(len(genes)))
+    got = aucell(sp.csr_matrix(dense), genes, gene_sets, max_rank=max_rank, chunk_size=chunk_size)
+    assert got.shape == (60, 25)
+    assert np.abs(got - expected).max() <= 1e-6
+    assert got.min() >= 0.0 and got.max() < 1.0
+
+
+def test_aucell_dense_input_equals_sparse():
+    dense, genes, gene_sets = random_problem(seed=1, integer=False)
+    assert np.abs(aucell(dense, genes, gene_sets) - aucell(sp.csc_matrix(dense), genes, gene_sets)).max() == 0
+
+
+def test_aucell_without_ties_equals_recovery_curve_area():
+    rng = np.random.default_rng(2)
+    dense = rng.random((20, 200)) + 0.1  # every gene expressed, no ties
+    genes = [f"G{i}" for i in range(200)]
+    gene_sets = {f"s{j}": [genes[k] for k in rng.choice(200, 15, replace=False)] for j in range(10)}
+    got = aucell(dense, genes, gene_sets, max_rank=50)
+    for j, members in enumerate(gene_sets.values()):
+        positions = np.array([genes.index(g) for g in members])
+        for i in range(len(dense)):
+            assert got[i, j] == pytest.approx(recovery_curve_auc(dense[i], positions, 50), abs=1e-6)
+
+
+def test_tie_handling_is_the_mean_of_random_tie_breaking():
+    rng = np.random.default_rng(3)
+    x = np.array([5.0, 3.0, 3.0, 3.0, 1.0, 0, 0, 0, 0, 0, 0, 0])
+    genes = [f"G{i}" for i in range(len(x))]
+    gene_sets = {"tied": ["G2", "G6"], "top": ["G0", "G3"]}
+    got = aucell(x[None, :], genes, gene_sets, max_rank=6)[0]
+    noisy = x + rng.random((20000, len(x))) * 1e-3  # random order inside each tie block
+    samples = aucell(noisy, genes, gene_sets, max_rank=6)
+    assert np.allclose(got, samples.mean(axis=0), atol=0.005)
+    assert got[0] == pytest.approx((4 + 3 + 2) / 3 / (6 * 2))  # G2 shares ranks 1-3, G6 is past the cutoff
+
+
+def test_all_tied_cells_give_every_gene_the_mean_credit():
+    genes = [f"G{i}" for i in range(100)]
+    gene_sets = {"a": genes[:10], "b": genes[50:]}
+    expected = (19 * 20 / 2) / 100 / 20  # mean of max(19 - r, 0) over 100 ranks, over (c + 1)
+    for matrix in (sp.csr_matrix((3, 100)), np.ones((2, 100))):
+        assert np.allclose(aucell(matrix, genes, gene_sets, max_rank=20), expected)
+
+
+def test_aucell_rejects_bad_input():
+    dense, genes, gene_sets = random_problem(seed=4)
+    with pytest.raises(ValueError, match="non-negative"):
+        aucell(dense - 1.0, genes, gene_sets)
+    with pytest.raises(ValueError, match="gene_names"):
+        aucell(dense, genes[:-1], gene_sets)
+    with pytest.raises(ValueError, match="max_rank"):
+        aucell(dense, genes, gene_sets, max_rank=0)
+
+
+def test_sets_below_min_genes_score_zero():
+    dense, genes, gene_sets = random_problem(seed=5)
+    gene_sets = {"small": genes[:2], "big": genes[:30]}
+    scores = aucell(dense, genes, gene_sets, min_genes=5)
+    assert np.all(scores[:, 0] == 0) and scores[:, 1].max() > 0
+
+
+def test_top_pathways_orders_best_first():
+    scores = np.array([[0.1, 0.5, 0.3], [0.9, 0.0, 0.9]])
+    assert top_pathways(scores, ["a", "b", "c"], k=2) == [["b", "c"], ["a", "c"]]
+    assert top_pathways(scores, ["a", "b", "c"], k=5)[0] == ["b", "c", "a"]
+    with pytest.raises(ValueError, match="cells x 2 sets"):
+        top_pathways(scores, ["a", "b"])
+
+
+def test_read_gmt(tmp_path):
+    text = "SET_A\tdesc\tTP53\tEGFR\tTP53\t\nSET_B\t\tCD19\r\n\nSET_C\thttp://x\tMS4A1\n"
+    path = tmp_path / "lib.gmt"
+    path.write_text(text)
+    expected = {"SET_A": ["TP53", "EGFR"], "SET_B": ["CD19"], "SET_C": ["MS4A1"]}
+    assert read_gmt(path) == expected
+    gz = tmp_path / "lib.gmt.gz"
+    gz.write_bytes(gzip.compress(text.encode()))
+    assert read_gmt(gz) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("SET_A\tdesc\n", ":1: a GMT line needs"),
+    ("SET_A\tdesc\tTP53\nSET_A\tdesc\tEGFR\n", ":2: gene set 'SET_A' appears twice"),
+    ("\n\n", "no gene sets"),
+])
+def test_read_gmt_rejects_malformed(tmp_path, text, message):
+    path = tmp_path / "bad.gmt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_gmt(path)
+
+
+def test_default_library_is_wikipathways():
+    gene_sets = read_gmt(DEFAULT_GMT)
+    assert len(gene_sets) == 801
+    assert gene_sets["Glutathione Metabolism WP100"][:3] == ["GPX1", "GGT5", "IDH1"]
+    assert "CD19" in gene_sets["B Cell Receptor Signaling Pathway WP23"]
+
+
+def test_b_cells_score_highest_for_b_cell_receptor_signaling():
+    scanpy = pytest.importorskip("scanpy")
+    adata = scanpy.datasets.pbmc68k_reduced()
+    gene_sets = read_gmt(DEFAULT_GMT)
+    scores = aucell(adata.raw.X, list(adata.raw.var_names), gene_sets, min_genes=5)
+    column = list(gene_sets).index("B Cell Receptor Signaling Pathway WP23")
+    labels = adata.obs["bulk_labels"].astype(str).to_numpy()
+    means = {label: scores[labels == label, column].mean() for label in set(labels)}
+    b_cells = means.pop("CD19+ B")
+    assert b_cells > 3 * max(means.values())
