@@ -16,6 +16,8 @@ from typing import Any
 import networkx as nx
 from cellxgene_ontology_guide.ontology_parser import OntologyParser
 
+from modeling_cell2text.description_schema import AGE_GROUPS
+
 logger = logging.getLogger(__name__)
 
 #: Ontologies whose terms can be looked up.
@@ -155,20 +157,8 @@ def pbmc68k_cell_type_ids() -> dict[str, str]:
 
 # --- Development stage -> age bucket -------------------------------------------------
 
-#: The paper's age buckets, youngest first.
-AGE_BUCKETS = (
-    "early embryonic",
-    "late embryonic",
-    "infancy",
-    "early childhood",
-    "childhood",
-    "adolescence",
-    "young adulthood",
-    "adulthood",
-    "middle age",
-    "elderly",
-    "advanced elderly",
-)
+#: The paper's age buckets, youngest first; the description schema owns the list.
+AGE_BUCKETS = AGE_GROUPS
 
 #: Lower age bound in years (inclusive) of each postnatal bucket. A stage's age is the
 #: midpoint of the range its label names ("60-79 year-old" -> 69.5, "third decade" -> 24.5).
