@@ -1,0 +1,163 @@
+"""The SFT recipe with tiny random parts: in process, under accelerate with 2 CPU processes, and kill + resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tiny_parts import save_tiny_corpus, save_tiny_parts
+from transformers import AutoModelForCausalLM, AutoProcessor
+from trl import SFTConfig
+
+from training.sft import Cell2TextArguments, Cell2TextSFTTrainer, language_model_lora_targets, main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_ARGS = [
+    "--num_cell_tokens", "8", "--projector_hidden_size", "16", "--encoder_hidden_size", "16",
+    "--encoder_epochs", "2", "--encoder_candidate_layers", "1", "--per_device_train_batch_size", "4",
+    "--bf16", "false", "--gradient_checkpointing", "false", "--report_to", "none", "--logging_steps", "1",
+    "--use_cpu", "true", "--seed", "0",
+]
+
+
+@pytest.fixture(scope="module")
+def parts_and_corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    encoder_dir, lm_dir = save_tiny_parts(root / "parts")
+    return lm_dir, save_tiny_corpus(root / "corpus")
+
+
+def sft_command(lm_dir, corpus_dir, out_dir, *extra):
+    return ["-m", "training.sft", "--corpus_dir", str(corpus_dir), "--text_model_name_or_path", str(lm_dir),
+            "--output_dir", str(out_dir), *TINY_ARGS, *extra]
+
+
+def run_env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def logged_losses(output: str) -> list[float]:
+    return [float(x) for x in re.findall(r"\{'loss': '([0-9.]+)'", output)]
+
+
+def test_recipe_trains_lora_and_projector_and_saves_a_loadable_model(parts_and_corpus, tmp_path):
+    lm_dir, corpus_dir = parts_and_corpus
+    args = Cell2TextArguments(
+        corpus_dir=str(corpus_dir), text_model_name_or_path=str(lm_dir), num_cell_tokens=8,
+        projector_hidden_size=16, encoder_hidden_size=16, encoder_epochs=2, encoder_candidate_layers=[1, 2],
+        projector_learning_rate=1e-2,
+    )
+    config = SFTConfig(
+        output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3,
+        eval_strategy="steps", eval_steps=3, save_steps=3, load_best_model_at_end=True,
+        metric_for_best_model="eval_loss", bf16=False, gradient_checkpointing=False, report_to="none",
+        use_cpu=True, logging_steps=1,
+    )
+    final_dir = main(args, config)
+
+    selection = json.loads((tmp_path / "out" / "gene_encoder" / "encoder_selection.json").read_text())
+    assert len(selection["validation_accuracy"]) == 2 and selection["best"] in (0, 1)
+    state = json.loads((final_dir / "training_state.json").read_text())
+    assert state["global_step"] == 6 and state["best_model_checkpoint"] is not None
+
+    model = AutoModelForCausalLM.from_pretrained(final_dir, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(final_dir, trust_remote_code=True)
+    assert not any("lora" in name for name, _ in model.named_parameters())  # merged
+    from datasets import load_from_disk
+
+    test = load_from_disk(str(corpus_dir))["test"]
+    inputs = processor(gene_input_ids=test["gene_input_ids"][:2])
+    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert generated.shape[0] == 2
+    assert processor.ontology_term_ids["cell_type"]["B cell"] == "CL:0000236"
+
+
+def test_optimizer_has_one_learning_rate_per_part(parts_and_corpus, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from training.sft import build_model, build_processor, load_corpus
+
+    lm_dir, corpus_dir = parts_and_corpus
+    args = Cell2TextArguments(corpus_dir=str(corpus_dir), text_model_name_or_path=str(lm_dir), num_cell_tokens=8,
+                              projector_hidden_size=16, freeze_gene_encoder=False)
+    corpus, summary = load_corpus(corpus_dir, args)
+    processor = build_processor(args, Path(corpus_dir), summary)
+    encoder_dir = Path(lm_dir).parent / "encoder"
+    model = build_model(args, str(encoder_dir), processor)
+    targets = language_model_lora_targets(model)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=targets,
+                                                  modules_to_save=["multi_modal_projector", "gene_encoder"]))
+    lora_names = [n for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n]
+    assert lora_names and all("language_model" in n for n in lora_names)
+    trainer = Cell2TextSFTTrainer(
+        model=peft_model, args=SFTConfig(output_dir=str(tmp_path), learning_rate=1e-4, bf16=False, use_cpu=True,
+                                         report_to="none", remove_unused_columns=False,
+                                         dataset_kwargs={"skip_prepare_dataset": True}),
+        train_dataset=corpus["train"], processing_class=processor, projector_learning_rate=1e-3,
+        gene_encoder_learning_rate=1e-5, data_collator=lambda x: x,
+    )
+    optimizer = trainer.create_optimizer()
+    rates = {}
+    for group in optimizer.param_groups:
+        ids = {id(p) for p in group["params"]}
+        for name, p in peft_model.named_parameters():
+            if id(p) in ids:
+                rates.setdefault(Cell2TextSFTTrainer.part_of(name), set()).add(group["lr"])
+    assert rates == {"projector": {1e-3}, "gene_encoder": {1e-5}, "language_model": {1e-4}}
+
+
+def test_training_under_accelerate_with_two_cpu_processes(parts_and_corpus, tmp_path):
+    lm_dir, corpus_dir = parts_and_corpus
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "training/configs/accelerate/cpu_2proc.yaml"), "--main_process_port", "29531",
+               *sft_command(lm_dir, corpus_dir, tmp_path / "out", "--max_steps", "4", "--save_steps", "4",
+                            "--eval_strategy", "no")]
+    result = subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((tmp_path / "out" / "checkpoint-4" / "trainer_state.json").read_text())
+    # 32 training cells, 4 per process and step: two processes cover one epoch in 4 steps (one would need 8).
+    assert state["global_step"] == 4 and state["epoch"] == pytest.approx(1.0)
+    assert (tmp_path / "out" / "final" / "model.safetensors").exists()
+
+
+def test_killed_training_resumes_from_its_checkpoint(parts_and_corpus, tmp_path):
+    lm_dir, corpus_dir = parts_and_corpus
+    steps = ["--max_steps", "24", "--save_steps", "2", "--eval_strategy", "no", "--learning_rate", "1e-3"]
+    full = subprocess.run([sys.executable, *sft_command(lm_dir, corpus_dir, tmp_path / "full", *steps)],
+                          cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    full_losses = logged_losses(full.stderr + full.stdout)
+    assert len(full_losses) == 24
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, *sft_command(lm_dir, corpus_dir, out, *steps)], cwd=REPO,
+                               env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-4" / "trainer_state.json").exists():
+        assert process.poll() is None and time.time() < deadline, "training ended before its first checkpoints"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
+                         if (p / "trainer_state.json").exists())
+    resumed_from = checkpoints[-1]
+    assert 4 <= resumed_from < 24
+
+    resumed = subprocess.run(
+        [sys.executable, *sft_command(lm_dir, corpus_dir, out, *steps, "--resume_from_checkpoint",
+                                      str(out / f"checkpoint-{resumed_from}"))],
+        cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed_losses = logged_losses(resumed.stderr + resumed.stdout)
+    assert len(resumed_losses) == 24 - resumed_from  # it went on from the checkpoint, not from step 0
+    assert json.loads((out / "final" / "training_state.json").read_text())["global_step"] == 24
+    # and along the same trajectory as the uninterrupted run
+    assert resumed_losses == pytest.approx(full_losses[resumed_from:], abs=2e-3)
