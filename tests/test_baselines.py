@@ -1,0 +1,59 @@
+"""Expression baselines on scanpy's bundled pbmc68k_reduced (offline) and toy inputs."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from training.baselines import (
+    baseline_reports,
+    knn_baseline,
+    majority_baseline,
+    run_expression_baselines,
+)
+
+
+@pytest.fixture(scope="module")
+def pbmc_split():
+    sc = pytest.importorskip("scanpy")
+    from sklearn.model_selection import train_test_split
+
+    adata = sc.datasets.pbmc68k_reduced()
+    X = sp.csr_matrix(adata.raw.X)  # log1p of normalised counts
+    y = adata.obs["bulk_labels"].astype(str).to_numpy()
+    train, test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=0)
+    return X[train], list(y[train]), X[test], list(y[test])
+
+
+def test_baselines_on_pbmc68k_reduced(pbmc_split):
+    X_train, y_train, X_test, y_test = pbmc_split
+    preds = run_expression_baselines(X_train, y_train, X_test)
+    assert set(preds) == {"majority", "logistic_regression", "knn"}
+    assert all(len(p) == len(y_test) for p in preds.values())
+    acc = {name: r["cell_type"]["accuracy"] for name, r in baseline_reports(y_test, preds).items()}
+    assert acc["majority"] == pytest.approx(48 / 140)  # Dendritic, 240 of 700 cells
+    assert 0.75 <= acc["logistic_regression"] <= 0.95  # 5-fold reference: 0.83
+    assert 0.70 <= acc["knn"] <= 0.95  # 5-fold reference on X_pca: 0.79
+
+
+def test_knn_predictions_do_not_depend_on_other_test_cells(pbmc_split):
+    """PCA and neighbours come from the training cells only: no transductive leakage."""
+    X_train, y_train, X_test, _ = pbmc_split
+    full = knn_baseline(X_train, y_train, X_test)
+    part = knn_baseline(X_train, y_train, X_test[:10])
+    assert part == full[:10]
+
+
+def test_majority_and_single_class_training():
+    assert majority_baseline(["b", "a", "b"], 2) == ["b", "b"]
+    X = np.random.default_rng(0).random((6, 4))
+    preds = run_expression_baselines(X[:4], ["x"] * 4, X[4:])
+    assert preds["logistic_regression"] == ["x", "x"]
+    assert preds["knn"] == ["x", "x"]
+
+
+def test_inputs_are_checked():
+    X = np.zeros((3, 4))
+    with pytest.raises(ValueError, match="one label per training cell"):
+        run_expression_baselines(X, ["a", "b"], X)
+    with pytest.raises(ValueError, match="same genes"):
+        run_expression_baselines(X, ["a", "b", "c"], np.zeros((2, 5)))

@@ -1,0 +1,85 @@
+"""The evaluation report writer: tables, JSON and plots from a results dict."""
+
+import json
+
+from training.report import _collapse_labels, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _results():
+    return {
+        "model": "cell2text-test",
+        "dataset": "pbmc68k_reduced",
+        "split": "test",
+        "num_cells": 4,
+        "parse_rate": 0.75,
+        "num_unparsed": 1,
+        "fields": {
+            "cell_type": {"accuracy": 0.5, "weighted_f1": 0.4, "macro_precision": 0.3,
+                          "macro_recall": 0.35, "num_missing": 1, "ontology_similarity": 0.8},
+            "sex": {"accuracy": 1.0, "weighted_f1": 1.0, "macro_precision": float("nan"),
+                    "macro_recall": 1.0, "num_missing": 0},
+        },
+        "text": {"bleu1": 0.61, "rougeL": 0.7, "meteor": float("nan")},
+        "baselines": {
+            "majority": {"cell_type": {"accuracy": 0.25, "weighted_f1": 0.1}},
+            "knn": {"cell_type": {"accuracy": 0.75, "weighted_f1": 0.7}},
+        },
+    }
+
+
+def _per_cell():
+    return {
+        "cell_type_true": ["T cell", "T cell", "B cell", "monocyte"],
+        "cell_type_pred": ["T cell", "B cell", None, "platelet"],
+        "ontology_similarity": [1.0, 0.6, 0.0, 0.3],
+    }
+
+
+def test_write_report_tables_leave_out_absent_and_nan(tmp_path):
+    report = write_report(_results(), _per_cell(), tmp_path / "out")
+    text = report.read_text()
+    assert report.name == "report.md"
+    assert "nan" not in text.lower()
+    assert "| cell_type | 0.500 | 0.400 | 0.300 | 0.350 | 0.800 | 1 |" in text
+    assert "| sex | 1.000 | 1.000 | — | 1.000 | — | 0 |" in text
+    for absent in ("tissue", "Pathways", "METEOR", "BLEU-2"):
+        assert absent not in text
+    assert "| BLEU-1 | ROUGE-L |" in text
+    assert "- Parse rate: 0.750" in text
+    # Cell2Text and baselines side by side on the same field, only shared-or-present columns
+    assert "| Method | Accuracy | Weighted F1 | Macro precision | Macro recall |" in text
+    assert "| Cell2Text | 0.500 | 0.400 | 0.300 | 0.350 |" in text
+    assert "| majority | 0.250 | 0.100 | — | — |" in text
+    assert "| knn | 0.750 | 0.700 | — | — |" in text
+
+
+def test_write_report_json_and_plots(tmp_path):
+    write_report(_results(), _per_cell(), tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["fields"]["sex"]["macro_precision"] is None  # strict JSON: nan -> null
+    assert saved["baselines"]["knn"]["cell_type"]["accuracy"] == 0.75
+    assert json.loads((tmp_path / "per_cell.json").read_text())["cell_type_pred"][2] is None
+    text = (tmp_path / "report.md").read_text()
+    for name in ("confusion_matrix.png", "per_class_accuracy.png", "ontology_similarity.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+        assert f"]({name})" in text
+
+
+def test_write_report_without_per_cell_has_no_plots(tmp_path):
+    write_report({"model": "m", "pathways": {"subset_accuracy": 0.5, "jaccard": 0.6, "f1": 0.7}},
+                 {}, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "| 0.500 | 0.600 | 0.700 |" in text
+    assert "Plots" not in text
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_confusion_labels_collapse_rare_classes_and_missing():
+    true = ["a", "a", "a", "b", "b", "c"]
+    pred = ["a", None, "c", "b", "z", "a"]
+    t, p, rows = _collapse_labels(true, pred, max_classes=2)
+    assert rows == ["a", "b", "(other)"]
+    assert t == ["a", "a", "a", "b", "b", "(other)"]
+    assert p == ["a", "(unparsed)", "(other)", "b", "(other)", "a"]

@@ -1,0 +1,128 @@
+"""Classification metrics for fields parsed back out of generated cell descriptions.
+
+A generated description may not parse, or may lack a field: its prediction is then ``None``.
+``None`` always counts as a wrong prediction (never as a crash) and the number of them is
+reported as ``num_missing``, so a model that writes unparseable text cannot look better by
+being evaluated on fewer cells.
+
+Labels are compared as exact strings: the parser that turns text back into fields is the
+place to canonicalise them (the same schema that wrote the descriptions reads them).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+# Stands in for a missing prediction; it never equals a true label.
+_MISSING = "\x00<missing>"
+
+
+class _Similarity(Protocol):
+    def score(self, true_id: str, predicted_id: str) -> float: ...
+
+
+def _check_lengths(true: Sequence, pred: Sequence) -> None:
+    if len(true) != len(pred):
+        raise ValueError(
+            f"true and pred must have one entry per cell: got {len(true)} true and "
+            f"{len(pred)} predicted; pass None for a cell whose prediction is missing."
+        )
+    if len(true) == 0:
+        raise ValueError("No cells to evaluate: pass at least one (true, pred) pair.")
+
+
+def _fill_missing(pred: Sequence[str | None]) -> tuple[list[str], int]:
+    """Replace None by a sentinel that matches no true label; count the Nones."""
+    filled = [_MISSING if p is None else p for p in pred]
+    return filled, sum(p is None for p in pred)
+
+
+def classification_report(true: Sequence[str], pred: Sequence[str | None]) -> dict:
+    """Accuracy, weighted F1 and macro precision/recall of one field over cells.
+
+    Per-class scores are taken over the classes present in ``true`` (the test set's classes):
+    a prediction outside them (a hallucinated label, or None) is simply wrong. A class that is
+    never predicted gets precision 0.
+    """
+    _check_lengths(true, pred)
+    if any(t is None for t in true):
+        raise ValueError("true labels contain None: drop cells without a ground-truth label first.")
+    filled, num_missing = _fill_missing(pred)
+    labels = sorted(set(true))
+    return {
+        "accuracy": float(accuracy_score(true, filled)),
+        "weighted_f1": float(
+            f1_score(true, filled, labels=labels, average="weighted", zero_division=0)
+        ),
+        "macro_precision": float(
+            precision_score(true, filled, labels=labels, average="macro", zero_division=0)
+        ),
+        "macro_recall": float(
+            recall_score(true, filled, labels=labels, average="macro", zero_division=0)
+        ),
+        "num_missing": int(num_missing),
+        "num_cells": len(true),
+        "num_classes": len(labels),
+    }
+
+
+def per_class_accuracy(true: Sequence[str], pred: Sequence[str | None]) -> dict[str, dict]:
+    """For each true class: its support and the fraction of its cells predicted right (recall)."""
+    _check_lengths(true, pred)
+    support = Counter(true)
+    correct = Counter(t for t, p in zip(true, pred) if p is not None and t == p)
+    return {
+        label: {"support": n, "accuracy": correct[label] / n}
+        for label, n in sorted(support.items(), key=lambda kv: (-kv[1], kv[0]))
+    }
+
+
+def ontology_similarity_scores(
+    true_ids: Sequence[str], pred_ids: Sequence[str | None], similarity: _Similarity
+) -> list[float]:
+    """Per-cell ontology similarity (e.g. ``OntologySimilarity.score``); a missing prediction scores 0."""
+    _check_lengths(true_ids, pred_ids)
+    return [0.0 if p is None else float(similarity.score(t, p)) for t, p in zip(true_ids, pred_ids)]
+
+
+def _as_set(items: Iterable[str] | None) -> set[str]:
+    return set() if items is None else set(items)
+
+
+def _set_f1(true: set[str], pred: set[str]) -> float:
+    if not true and not pred:
+        return 1.0
+    return 2 * len(true & pred) / (len(true) + len(pred))
+
+
+def pathway_report(
+    true_sets: Sequence[Iterable[str]], pred_sets: Sequence[Iterable[str] | None]
+) -> dict:
+    """Multi-label metrics for the pathway names of each cell.
+
+    - ``subset_accuracy``: fraction of cells whose predicted set equals the true set.
+    - ``jaccard``: mean |T & P| / |T | P| over cells (1 when both are empty).
+    - ``f1``: micro F1 (true positives, false positives and false negatives pooled over cells);
+      ``f1_samples``: mean of the per-cell F1.
+    A missing prediction (None) is an empty set and is counted in ``num_missing``.
+    """
+    _check_lengths(true_sets, pred_sets)
+    trues = [_as_set(t) for t in true_sets]
+    preds = [_as_set(p) for p in pred_sets]
+    tp = sum(len(t & p) for t, p in zip(trues, preds))
+    fp = sum(len(p - t) for t, p in zip(trues, preds))
+    fn = sum(len(t - p) for t, p in zip(trues, preds))
+    jaccard = [1.0 if not (t | p) else len(t & p) / len(t | p) for t, p in zip(trues, preds)]
+    return {
+        "subset_accuracy": float(np.mean([t == p for t, p in zip(trues, preds)])),
+        "jaccard": float(np.mean(jaccard)),
+        "f1": 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn),
+        "f1_samples": float(np.mean([_set_f1(t, p) for t, p in zip(trues, preds)])),
+        "num_missing": sum(p is None for p in pred_sets),
+        "num_cells": len(trues),
+    }

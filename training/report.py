@@ -1,0 +1,266 @@
+"""Evaluation report writer: Markdown tables, results.json and PNG plots.
+
+Results contract (written by the evaluation code, read here and by the model-card filler).
+Every key other than ``model`` may be absent; absent entries are left out of the tables,
+never printed as nan::
+
+    {"model": str, "dataset": str, "split": str, "num_cells": int,
+     "parse_rate": float,            # fraction of generated descriptions that parsed
+     "num_unparsed": int,
+     "fields": {                     # one entry per parsed field
+         "cell_type": {"accuracy", "weighted_f1", "macro_precision", "macro_recall",
+                       "num_missing", "ontology_similarity" (optional)},
+         "tissue": {...}, "disease": {...}, "sex": {...}, "development_stage": {...}},
+     "pathways": {"subset_accuracy", "jaccard", "f1"},
+     "text": {"bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL", "meteor",
+              "embedding_similarity"},
+     "baselines": {                  # any subset, evaluated on the same cells
+         "majority": {"cell_type": {"accuracy", "weighted_f1", ...}},
+         "logistic_regression": {...}, "knn": {...}, "cell2sentence": {...}}}
+
+``training.metrics.classification_report``, ``pathway_report``,
+``training.text_metrics.text_report`` and ``training.baselines.baseline_reports`` return
+these inner dicts.
+
+Per-cell arrays (all optional, one entry per evaluated cell) for the plots::
+
+    {"cell_type_true": list[str], "cell_type_pred": list[str | None],
+     "ontology_similarity": list[float]}
+
+``write_report`` writes ``report.md``, ``results.json`` (the results dict as given),
+``per_cell.json`` and, when their per-cell arrays are present, ``confusion_matrix.png``,
+``per_class_accuracy.png`` and ``ontology_similarity.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from training.metrics import per_class_accuracy
+
+FIELD_ORDER = ["cell_type", "tissue", "disease", "sex", "development_stage"]
+FIELD_METRICS = {
+    "accuracy": "Accuracy",
+    "weighted_f1": "Weighted F1",
+    "macro_precision": "Macro precision",
+    "macro_recall": "Macro recall",
+    "ontology_similarity": "Ontology similarity",
+    "num_missing": "Missing",
+}
+PATHWAY_METRICS = {"subset_accuracy": "Subset accuracy", "jaccard": "Jaccard", "f1": "F1 (micro)"}
+TEXT_METRICS = {
+    "bleu1": "BLEU-1",
+    "bleu2": "BLEU-2",
+    "bleu3": "BLEU-3",
+    "bleu4": "BLEU-4",
+    "rouge1": "ROUGE-1",
+    "rouge2": "ROUGE-2",
+    "rougeL": "ROUGE-L",
+    "meteor": "METEOR",
+    "embedding_similarity": "Embedding similarity",
+}
+MAX_CONFUSION_CLASSES = 30
+UNPARSED = "(unparsed)"
+OTHER = "(other)"
+
+
+def _present(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _fmt(value) -> str:
+    if not _present(value):
+        return "—"
+    if isinstance(value, bool) or isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return f"{float(value):.3f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _ordered_fields(names) -> list[str]:
+    names = list(names)
+    return [f for f in FIELD_ORDER if f in names] + sorted(f for f in names if f not in FIELD_ORDER)
+
+
+def _metric_columns(entries: Sequence[dict], metrics: dict[str, str]) -> list[str]:
+    """Metrics present (not nan) in at least one entry, in the canonical order."""
+    return [m for m in metrics if any(_present(e.get(m)) for e in entries)]
+
+
+def _fields_section(fields: dict) -> list[str]:
+    names = [f for f in _ordered_fields(fields) if fields[f]]
+    columns = _metric_columns([fields[f] for f in names], FIELD_METRICS)
+    if not names or not columns:
+        return []
+    rows = [[f] + [_fmt(fields[f].get(m)) for m in columns] for f in names]
+    return ["## Per-field metrics", ""] + _table(["Field"] + [FIELD_METRICS[m] for m in columns], rows)
+
+
+def _baselines_section(results: dict) -> list[str]:
+    baselines = results.get("baselines") or {}
+    if not baselines:
+        return []
+    methods = {"Cell2Text": results.get("fields") or {}, **baselines}
+    lines = ["## Cell2Text vs baselines (same cells)", ""]
+    for field in _ordered_fields({f for b in baselines.values() for f in b}):
+        entries = {name: m[field] for name, m in methods.items() if m.get(field)}
+        columns = _metric_columns(list(entries.values()), FIELD_METRICS)
+        if not columns:
+            continue
+        rows = [[name] + [_fmt(e.get(m)) for m in columns] for name, e in entries.items()]
+        lines += [f"### {field}", ""]
+        lines += _table(["Method"] + [FIELD_METRICS[m] for m in columns], rows)
+    return lines
+
+
+def _flat_section(title: str, values: dict | None, metrics: dict[str, str]) -> list[str]:
+    columns = _metric_columns([values or {}], metrics)
+    if not columns:
+        return []
+    return [f"## {title}", ""] + _table(
+        [metrics[m] for m in columns], [[_fmt(values[m]) for m in columns]]
+    )
+
+
+def _header(results: dict) -> list[str]:
+    lines = [f"# Evaluation report: {results.get('model', 'model')}", ""]
+    facts = [
+        ("Dataset", results.get("dataset")),
+        ("Split", results.get("split")),
+        ("Cells", results.get("num_cells")),
+        ("Parse rate", results.get("parse_rate")),
+        ("Unparsed descriptions", results.get("num_unparsed")),
+    ]
+    for name, value in facts:
+        if _present(value):
+            lines.append(f"- {name}: {value if isinstance(value, str) else _fmt(value)}")
+    return lines + [""]
+
+
+def _collapse_labels(
+    true: Sequence[str], pred: Sequence[str | None], max_classes: int
+) -> tuple[list[str], list[str], list[str]]:
+    """Keep the ``max_classes`` most frequent true classes; others become OTHER, None UNPARSED."""
+    keep = [label for label, _ in Counter(true).most_common(max_classes)]
+    kept = set(keep)
+    t = [x if x in kept else OTHER for x in true]
+    p = [UNPARSED if x is None else (x if x in kept else OTHER) for x in pred]
+    rows = keep + ([OTHER] if OTHER in t else [])
+    return t, p, rows
+
+
+def plot_confusion_matrix(
+    true: Sequence[str], pred: Sequence[str | None], path: Path, max_classes: int = MAX_CONFUSION_CLASSES
+) -> Path:
+    """Row-normalised confusion matrix of the most frequent classes (+ other / unparsed)."""
+    t, p, rows = _collapse_labels(true, pred, max_classes)
+    cols = rows + [c for c in (OTHER, UNPARSED) if c in p and c not in rows]
+    index = {label: i for i, label in enumerate(cols)}
+    counts = np.zeros((len(rows), len(cols)))
+    for a, b in zip(t, p):
+        counts[index[a], index[b]] += 1
+    frac = counts / counts.sum(axis=1, keepdims=True)
+    size = 2 + 0.35 * len(cols)
+    fig = Figure(figsize=(size + 2, size))
+    ax = fig.add_subplot()
+    image = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_xlabel("Predicted")
+    ax.set_ylabel("True")
+    ax.set_title("Cell type confusion matrix (row-normalised)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def plot_per_class_accuracy(true: Sequence[str], pred: Sequence[str | None], path: Path) -> Path:
+    """Horizontal bars of each true class's accuracy (recall), most frequent class on top."""
+    stats = list(per_class_accuracy(true, pred).items())[:MAX_CONFUSION_CLASSES]
+    fig = Figure(figsize=(7, 1 + 0.3 * len(stats)))
+    ax = fig.add_subplot()
+    ax.barh(range(len(stats)), [s["accuracy"] for _, s in stats], color="tab:blue")
+    ax.set_yticks(range(len(stats)), [f"{label} (n={s['support']})" for label, s in stats], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("Accuracy")
+    ax.set_title("Per-class accuracy (cell type)")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def plot_similarity_histogram(scores: Sequence[float], path: Path) -> Path:
+    """Histogram of per-cell ontology similarity in [0, 1]."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    ax.hist(np.asarray(scores, dtype=float), bins=20, range=(0, 1), color="tab:green")
+    ax.axvline(float(np.mean(scores)), color="black", linestyle="--", label="mean")
+    ax.set_xlabel("Ontology similarity (1 = exact match)")
+    ax.set_ylabel("Cells")
+    ax.set_title("Cell type ontology similarity")
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def _plots(per_cell: dict, out_dir: Path) -> list[tuple[str, Path]]:
+    plots = []
+    true, pred = per_cell.get("cell_type_true"), per_cell.get("cell_type_pred")
+    if true and pred is not None:
+        if len(true) != len(pred):
+            raise ValueError(
+                f"per_cell cell_type_true has {len(true)} entries but cell_type_pred has "
+                f"{len(pred)}: pass one prediction (or None) per cell."
+            )
+        plots.append(("Confusion matrix", plot_confusion_matrix(true, pred, out_dir / "confusion_matrix.png")))
+        plots.append(("Per-class accuracy", plot_per_class_accuracy(true, pred, out_dir / "per_class_accuracy.png")))
+    scores = per_cell.get("ontology_similarity")
+    if scores is not None and len(scores) > 0:
+        plots.append(("Ontology similarity", plot_similarity_histogram(scores, out_dir / "ontology_similarity.png")))
+    return plots
+
+
+def _json_safe(value):
+    """NaN/inf become null and numpy scalars plain numbers, so the JSON is strict."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_report(results: dict, per_cell: dict, out_dir) -> Path:
+    """Write report.md, results.json, per_cell.json and the plots into ``out_dir``; return report.md."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_cell = per_cell or {}
+    lines = _header(results)
+    lines += _fields_section(results.get("fields") or {})
+    lines += _baselines_section(results)
+    lines += _flat_section("Pathways", results.get("pathways"), PATHWAY_METRICS)
+    lines += _flat_section("Text metrics", results.get("text"), TEXT_METRICS)
+    plots = _plots(per_cell, out_dir)
+    if plots:
+        lines += ["## Plots", ""]
+        lines += [f"![{title}]({path.name})\n" for title, path in plots]
+    (out_dir / "results.json").write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False))
+    (out_dir / "per_cell.json").write_text(json.dumps(_json_safe(per_cell), allow_nan=False))
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines))
+    return report
