@@ -1,0 +1,745 @@
+"""Cell2Text feature extractor: Geneformer's rank-value encoding of single-cell expression.
+
+Per cell, every expressed gene of the vocabulary gets the value ``count / median`` where
+``median`` is the gene's non-zero median of normalised counts in the pretraining corpus.
+Geneformer computes ``(count / total_counts * 10_000) / median``; the per-cell factor
+``10_000 / total_counts`` is the same for all genes of a cell, so the order is the same.
+Genes are sorted by value, descending, mapped to token ids and truncated to the model input
+size; Geneformer V2 adds ``<cls>`` first and ``<eos>`` last.
+
+Documented choices (where Geneformer's own tokenizer is platform-dependent or silent):
+
+* Values are computed and compared in float32: ``float32(count) / float32(median)``.
+* Ties (common in count data) are broken by ascending token id, so the output is the same on
+  every machine (Geneformer's unstable ``argsort`` orders ties differently across CPUs/builds).
+* Explicitly stored zeros are not expressed genes. Genes outside the vocabulary are dropped,
+  but counted and reported; a cell without any expressed vocabulary gene is an error unless
+  ``skip_empty_cells=True``.
+
+The ranking is vectorised over row chunks of a CSR matrix: each entry becomes one uint64 key
+``(~float32_bits(value)) << 32 | token_id``, keys are scattered into a padded 2-D array and
+sorted along rows (one C loop over rows), and the low 32 bits are the token ids in rank order.
+
+This file travels as remote code: it imports only numpy, scipy, torch (via transformers) and
+transformers; anndata objects are recognised without importing anndata.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import pickle
+import re
+import sys
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from transformers import BatchFeature, FeatureExtractionMixin
+
+logger = logging.getLogger(__name__)
+
+PAD, MASK, CLS, EOS = "<pad>", "<mask>", "<cls>", "<eos>"
+SPECIAL_TOKENS = (PAD, MASK, CLS, EOS)
+INPUT_VALUES = ("counts", "normalized", "log1p")
+ENSEMBL_PATTERN = re.compile(r"^(ENS[A-Z]*G\d+)(\.\d+)?$")
+ENSEMBL_VAR_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_ids", "ensembl_gene_id", "feature_id")
+SYMBOL_VAR_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "symbol", "gene_name")
+_PAD_KEY = np.uint64(np.iinfo(np.uint64).max)
+_LOW_BITS = np.uint64(0xFFFFFFFF)
+_EXAMPLES = 5
+
+
+@dataclass
+class RankedCells:
+    """Ragged per-cell token ids: cell ``i`` is ``tokens[offsets[i]:offsets[i + 1]]``.
+
+    ``cell_indices`` are the input rows these cells come from; ``skipped_cells`` the input rows
+    dropped because no vocabulary gene is expressed (only with ``skip_empty_cells=True``).
+    """
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+    cell_indices: np.ndarray
+    skipped_cells: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Number of tokens of each cell (special tokens included)."""
+        return np.diff(self.offsets)
+
+    def to_list(self) -> list[np.ndarray]:
+        """Per-cell token arrays (views into ``tokens``)."""
+        return list(self)
+
+
+@dataclass
+class _GeneMatch:
+    """How the input genes map to the vocabulary: token id per input column (-1: unused)."""
+
+    column_tokens: np.ndarray
+    column_medians: np.ndarray
+    n_input: int
+    n_matched: int
+    unmatched_examples: list[str]
+
+
+# ----------------------------------------------------------------------------- restricted pickle
+
+
+class _NumericDictUnpickler(pickle.Unpickler):
+    """Unpickler for Geneformer's dictionaries: plain dicts of str -> int/float only.
+
+    No class or function can be loaded, except numpy's numeric scalar reconstruction (a median
+    dictionary written with numpy float values pickles them that way); those are restricted to
+    numeric dtypes and checked again after loading.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "scalar":
+            return _numeric_scalar
+        if module == "numpy" and name == "dtype":
+            return _numeric_dtype
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name}: a Geneformer dictionary must hold only a plain dict of "
+            "str -> int/float (no classes or functions)"
+        )
+
+
+def _numeric_dtype(spec: Any, *args: Any) -> np.dtype:
+    """np.dtype restricted to integer/float dtypes (no object dtype, which could read pointers)."""
+    if not isinstance(spec, str):
+        raise pickle.UnpicklingError(f"refusing numpy dtype spec {spec!r}")
+    dtype = np.dtype(spec)
+    if dtype.kind not in "iuf":
+        raise pickle.UnpicklingError(f"refusing non-numeric numpy dtype {dtype}")
+    return dtype
+
+
+def _numeric_scalar(dtype: Any, data: Any) -> float | int:
+    """Rebuild a numpy numeric scalar from its bytes, as a plain Python number."""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "iuf" or not isinstance(data, bytes):
+        raise pickle.UnpicklingError("refusing a numpy scalar that is not a plain number")
+    if len(data) != dtype.itemsize:
+        raise pickle.UnpicklingError("malformed numpy scalar in pickle")
+    return np.frombuffer(data, dtype=dtype)[0].item()
+
+
+def load_numeric_dict(path: str, value_type: type) -> dict[str, Any]:
+    """Load a pickled dict of str -> int (``value_type=int``) or str -> float safely."""
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        obj = _NumericDictUnpickler(io.BytesIO(raw)).load()
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path}: {error}") from error
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a pickled dict of str -> {value_type.__name__}, got {type(obj).__name__}")
+    allowed = (int,) if value_type is int else (int, float)
+    for key, value in obj.items():
+        if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, allowed):
+            raise ValueError(
+                f"{path}: expected a dict of str -> {value_type.__name__}, found entry {key!r}: {value!r} "
+                f"({type(key).__name__} -> {type(value).__name__})"
+            )
+    return {key: value_type(value) for key, value in obj.items()}
+
+
+# ----------------------------------------------------------------------------- input handling
+
+
+def _is_anndata(obj: Any) -> bool:
+    anndata = sys.modules.get("anndata")
+    return anndata is not None and isinstance(obj, anndata.AnnData)
+
+
+def _strip_version(gene_id: str) -> str | None:
+    """Unversioned Ensembl gene ID, or None when ``gene_id`` is not an Ensembl gene ID."""
+    match = ENSEMBL_PATTERN.match(gene_id)
+    return match.group(1) if match else None
+
+
+def _looks_ensembl(values: Sequence[Any]) -> bool:
+    sample = [str(v) for v in list(values[:2000])]
+    return bool(sample) and sum(_strip_version(v) is not None for v in sample) > 0.5 * len(sample)
+
+
+def _string_columns(var: Any) -> list[str]:
+    return [c for c in var.columns if var[c].dtype == object or str(var[c].dtype) in ("category", "string", "str")]
+
+
+def _format_cells(indices: np.ndarray, obs_names: Sequence[str] | None) -> str:
+    shown = [
+        f"{i} ({str(obs_names[i])!r})" if obs_names is not None else str(i) for i in indices[:10].tolist()
+    ]
+    more = f" and {len(indices) - 10} more" if len(indices) > 10 else ""
+    return ", ".join(shown) + more
+
+
+def _csr_parts(matrix: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indptr, indices, data) of a canonical CSR version of a scipy sparse matrix or array."""
+    if matrix.format != "csr":
+        matrix = matrix.tocsr()
+    if not matrix.has_canonical_format:
+        matrix = matrix.copy()
+        matrix.sum_duplicates()
+    return matrix.indptr, matrix.indices, matrix.data
+
+
+def _iter_csr_chunks(matrix: Any, chunk_size: int) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield ``(first_row, indptr, indices, data)`` row chunks; indptr starts at 0."""
+    n_rows = matrix.shape[0]
+    if sp.issparse(matrix):
+        indptr, indices, data = _csr_parts(matrix)
+        for start in range(0, n_rows, chunk_size):
+            stop = min(start + chunk_size, n_rows)
+            lo, hi = indptr[start], indptr[stop]
+            yield start, indptr[start : stop + 1] - lo, indices[lo:hi], data[lo:hi]
+        return
+    for start in range(0, n_rows, chunk_size):
+        stop = min(start + chunk_size, n_rows)
+        block = matrix[start:stop]  # numpy array, h5py dataset or anndata backed sparse dataset
+        block = block if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+        yield (start, *_csr_parts(block))
+
+
+# ----------------------------------------------------------------------------- the extractor
+
+
+class Cell2TextFeatureExtractor(FeatureExtractionMixin):
+    """Turns expression matrices into Geneformer gene-token inputs (rank-value encoding).
+
+    Args:
+        gene_token_ids: Ensembl ID (unversioned) -> token id, plus the special tokens
+            ``<pad>``, ``<mask>``, ``<cls>``, ``<eos>`` (Geneformer V2 uses 0, 1, 2, 3).
+        gene_medians: Ensembl ID -> non-zero median of normalised counts in the pretraining
+            corpus. Only genes with both a token id and a median are ranked.
+        gene_symbols: Ensembl ID -> symbol for vocabulary genes, so symbol input can be mapped.
+        model_input_size: maximum number of tokens per cell, special tokens included.
+        special_tokens: True for Geneformer V2 (``<cls>`` first, ``<eos>`` last), False for V1.
+        min_gene_match_rate: below this fraction of input genes found in the vocabulary a
+            warning is logged.
+    """
+
+    model_input_names = ["gene_input_ids", "gene_attention_mask", "gene_token_mask"]
+
+    def __init__(
+        self,
+        gene_token_ids: dict[str, int] | None = None,
+        gene_medians: dict[str, float] | None = None,
+        gene_symbols: dict[str, str] | None = None,
+        model_input_size: int = 4096,
+        special_tokens: bool = True,
+        min_gene_match_rate: float = 0.5,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.pop("feature_extractor_type", None)
+        super().__init__(**kwargs)
+        if gene_token_ids is None:
+            gene_token_ids = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+        self.gene_token_ids = {str(k): int(v) for k, v in gene_token_ids.items()}
+        self.gene_medians = {str(k): float(v) for k, v in (gene_medians or {}).items()}
+        self.gene_symbols = {str(k): str(v) for k, v in (gene_symbols or {}).items()}
+        self.model_input_size = int(model_input_size)
+        self.special_tokens = bool(special_tokens)
+        self.min_gene_match_rate = float(min_gene_match_rate)
+        self._validate_config()
+        self._build_lookups()
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _validate_config(self) -> None:
+        required = (PAD, CLS, EOS) if self.special_tokens else (PAD,)
+        missing = [t for t in required if t not in self.gene_token_ids]
+        if missing:
+            raise ValueError(
+                f"gene_token_ids lacks the special tokens {missing}; add them (Geneformer V2: <pad>=0, <mask>=1, "
+                "<cls>=2, <eos>=3) or pass special_tokens=False for a V1 vocabulary"
+            )
+        ids = list(self.gene_token_ids.values())
+        if len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= 2**31:
+            raise ValueError("gene_token_ids must map to distinct token ids in [0, 2**31)")
+        bad = [(g, m) for g, m in self.gene_medians.items() if not (math.isfinite(m) and m > 0)]
+        if bad:
+            raise ValueError(f"gene medians must be finite and > 0; {len(bad)} are not, e.g. {bad[:_EXAMPLES]}")
+        minimum = 3 if self.special_tokens else 1
+        if self.model_input_size < minimum:
+            raise ValueError(f"model_input_size must be >= {minimum}, got {self.model_input_size}")
+
+    def _build_lookups(self) -> None:
+        """Private lookup tables (not saved): gene -> token, token -> median, symbol -> gene."""
+        self._gene_to_token = {
+            gene: token
+            for gene, token in self.gene_token_ids.items()
+            if gene not in SPECIAL_TOKENS and gene in self.gene_medians
+        }
+        size = max(self.gene_token_ids.values()) + 1
+        self._token_medians = np.ones(size, dtype=np.float32)
+        for gene, token in self._gene_to_token.items():
+            self._token_medians[token] = self.gene_medians[gene]
+        by_symbol: dict[str, list[str]] = {}
+        for gene, symbol in self.gene_symbols.items():
+            if gene in self._gene_to_token:
+                by_symbol.setdefault(symbol, []).append(gene)
+        self._symbol_to_gene = {s: genes[0] for s, genes in by_symbol.items() if len(genes) == 1}
+        self._ambiguous_symbols = {s for s, genes in by_symbol.items() if len(genes) > 1}
+        self._is_special = np.zeros(size, dtype=bool)
+        special_ids = [self.gene_token_ids[t] for t in SPECIAL_TOKENS if t in self.gene_token_ids]
+        self._is_special[special_ids] = True
+        self._max_special_id = max(special_ids)
+        unranked = sum(1 for g in self.gene_token_ids if g not in SPECIAL_TOKENS and g not in self.gene_medians)
+        if unranked:
+            logger.info("%d vocabulary genes have no median and are never ranked", unranked)
+
+    @classmethod
+    def from_gene_medians(cls, gene_medians: dict[str, float], **kwargs: Any) -> Cell2TextFeatureExtractor:
+        """Build a vocabulary from medians: special tokens 0..3, then the genes in sorted order.
+
+        Symbols come from the packaged gene table unless ``gene_symbols`` is given.
+        """
+        genes = sorted({_strip_version(g) or g for g in gene_medians})
+        if len(genes) != len(gene_medians):
+            raise ValueError("gene_medians holds the same Ensembl ID twice (after stripping version suffixes)")
+        medians = {(_strip_version(g) or g): float(m) for g, m in gene_medians.items()}
+        token_ids = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+        token_ids.update({gene: i + len(SPECIAL_TOKENS) for i, gene in enumerate(genes)})
+        if "gene_symbols" not in kwargs:
+            kwargs["gene_symbols"] = _packaged_symbols(genes)
+        return cls(gene_token_ids=token_ids, gene_medians=medians, **kwargs)
+
+    @classmethod
+    def from_geneformer_dictionaries(
+        cls, token_dictionary_file: str, gene_median_file: str, **kwargs: Any
+    ) -> Cell2TextFeatureExtractor:
+        """Build from Geneformer's pickled token and gene-median dictionaries (restricted unpickler).
+
+        V1 dictionaries have no ``<cls>``/``<eos>``: pass ``special_tokens=False`` and
+        ``model_input_size=2048`` for them.
+        """
+        token_ids = load_numeric_dict(str(token_dictionary_file), int)
+        medians = load_numeric_dict(str(gene_median_file), float)
+        genes = [g for g in token_ids if g not in SPECIAL_TOKENS]
+        if "gene_symbols" not in kwargs:
+            kwargs["gene_symbols"] = _packaged_symbols(genes)
+        return cls(gene_token_ids=token_ids, gene_medians=medians, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Saved configuration: vocabulary, medians, symbols and options (no lookup caches)."""
+        output = {k: v for k, v in super().to_dict().items() if not k.startswith("_")}
+        return output
+
+    def __deepcopy__(self, memo: dict) -> Cell2TextFeatureExtractor:
+        return type(self).from_dict(self.to_dict())
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.gene_token_ids[PAD]
+
+    @property
+    def cls_token_id(self) -> int | None:
+        return self.gene_token_ids.get(CLS)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.gene_token_ids.get(EOS)
+
+    @property
+    def mask_token_id(self) -> int | None:
+        return self.gene_token_ids.get(MASK)
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the token embedding the vocabulary needs (max token id + 1)."""
+        return max(self.gene_token_ids.values()) + 1
+
+    @property
+    def max_genes(self) -> int:
+        """Gene tokens kept per cell: the input size minus the two special tokens in V2."""
+        return self.model_input_size - (2 if self.special_tokens else 0)
+
+    # -- gene matching ------------------------------------------------------------------------
+
+    def match_genes(self, gene_ids: Sequence[Any]) -> _GeneMatch:
+        """Map input genes (Ensembl IDs, versioned or not, or symbols) to token ids.
+
+        Raises ValueError when no gene matches or when two input genes map to the same gene;
+        logs a warning when fewer than ``min_gene_match_rate`` of them match.
+        """
+        if not self._gene_to_token:
+            raise ValueError(
+                "the vocabulary holds no gene with a median; build the extractor with from_gene_medians(...) or "
+                "from_geneformer_dictionaries(...)"
+            )
+        tokens = np.full(len(gene_ids), -1, dtype=np.int32)
+        first_seen: dict[str, int] = {}
+        duplicates: list[str] = []
+        unmatched: list[str] = []
+        n_ambiguous = 0
+        for column, raw in enumerate(gene_ids):
+            name = str(raw).strip()
+            token = self._gene_to_token.get(name)  # fast path: an unversioned vocabulary ID
+            if token is not None:
+                gene = name
+            else:
+                gene = _strip_version(name)
+                if gene is None:
+                    n_ambiguous += name in self._ambiguous_symbols
+                    gene = self._symbol_to_gene.get(name)
+                token = self._gene_to_token.get(gene) if gene is not None else None
+            if token is None:
+                unmatched.append(name)
+                continue
+            if gene in first_seen:
+                duplicates.append(f"{name!r} (column {column}) = {gene} (column {first_seen[gene]})")
+                continue
+            first_seen[gene] = column
+            tokens[column] = token
+        if duplicates:
+            raise ValueError(
+                f"{len(duplicates)} input genes duplicate another input gene after ID mapping: "
+                f"{'; '.join(duplicates[:_EXAMPLES])}. Remove or sum the duplicated columns first."
+            )
+        n_input, n_matched = len(gene_ids), len(first_seen)
+        summary = (
+            f"{n_matched} of {n_input} input genes are in the vocabulary of {len(self._gene_to_token)} genes "
+            f"({n_ambiguous} ambiguous symbols); unmatched examples: {unmatched[:_EXAMPLES]}"
+        )
+        if n_matched == 0:
+            raise ValueError(
+                f"None of the input genes is in the vocabulary: {summary}. Pass Ensembl gene IDs (e.g. "
+                "ENSG00000141510) or gene symbols of the vocabulary's species as gene_ids / var."
+            )
+        if n_matched < self.min_gene_match_rate * n_input:
+            logger.warning("Low gene match rate: %s", summary)
+        else:
+            logger.info(summary)
+        medians = np.ones(len(gene_ids), dtype=np.float32)
+        medians[tokens >= 0] = self._token_medians[tokens[tokens >= 0]]
+        return _GeneMatch(tokens, medians, n_input, n_matched, unmatched[:_EXAMPLES])
+
+    def _var_gene_ids(self, var: Any) -> list[str]:
+        """Pick the var index or column to read gene IDs from (Ensembl preferred, then symbols)."""
+        if _looks_ensembl(var.index):
+            return [str(v) for v in var.index]
+        columns = _string_columns(var)
+        ordered = [c for c in ENSEMBL_VAR_COLUMNS if c in columns] + [c for c in columns if c not in ENSEMBL_VAR_COLUMNS]
+        for column in ordered:
+            if _looks_ensembl(var[column].astype(str).values):
+                logger.info("Reading Ensembl gene IDs from var[%r]", column)
+                return [str(v) for v in var[column].values]
+        candidates = {"index": [str(v) for v in var.index]}
+        for column in [c for c in SYMBOL_VAR_COLUMNS if c in columns]:
+            candidates[column] = [str(v) for v in var[column].values]
+        hits = {name: sum(v in self._symbol_to_gene for v in values) for name, values in candidates.items()}
+        best = max(hits, key=lambda name: hits[name])  # first best wins: the index on ties
+        logger.info("Reading gene symbols from var %s (%d map to the vocabulary)", best, hits[best])
+        return candidates[best]
+
+    # -- ranking ------------------------------------------------------------------------------
+
+    def tokenize(
+        self,
+        cells: Any,
+        gene_ids: Sequence[str] | None = None,
+        *,
+        layer: str | None = None,
+        input_values: str = "counts",
+        skip_empty_cells: bool = False,
+        chunk_size: int = 512,
+        num_threads: int | None = None,
+    ) -> RankedCells:
+        """Rank-value encode each cell; returns ragged token ids (special tokens included).
+
+        ``cells``: AnnData (``.X`` or ``layer``; in memory or backed, read in row chunks),
+        a scipy sparse matrix/array or a 2-D numpy array (then ``gene_ids`` is required).
+        ``input_values``: "counts" (raw integer counts, checked), "normalized" (non-negative,
+        e.g. CP10k) or "log1p" (log1p of normalised values; expm1 is applied).
+        Chunks of ``chunk_size`` rows are ranked in ``num_threads`` threads (numpy releases the
+        GIL in its sorts; default: the available cores, at most 4).
+        """
+        if input_values not in INPUT_VALUES:
+            raise ValueError(f"input_values must be one of {INPUT_VALUES}, got {input_values!r}")
+        matrix, gene_ids, obs_names = self._resolve_input(cells, gene_ids, layer)
+        match = self.match_genes(gene_ids)
+
+        def rank(chunk: tuple[int, np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+            start, indptr, indices, data = chunk
+            _check_values(data, input_values, start)
+            values = _to_float32(data, input_values) / match.column_medians[indices]
+            return self._rank_chunk(indptr, match.column_tokens[indices], values)
+
+        chunks = _iter_csr_chunks(matrix, chunk_size)
+        results = list(_ordered_map(rank, chunks, num_threads or _default_threads()))
+        token_chunks = [tokens for tokens, _ in results]
+        length_chunks = [lengths for _, lengths in results]
+        return self._collect(token_chunks, length_chunks, matrix.shape[0], obs_names, skip_empty_cells)
+
+    def _rank_chunk(
+        self, indptr: np.ndarray, tokens: np.ndarray, values: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rank one CSR chunk. Returns flat token ids (specials added) and genes kept per cell."""
+        n_cells = len(indptr) - 1
+        keep = tokens >= 0
+        keep &= values > 0  # explicit zeros are not expressed genes
+        if keep.all():
+            counts = np.diff(indptr)
+        else:
+            kept_before = np.zeros(len(keep) + 1, dtype=np.int64)
+            np.cumsum(keep, out=kept_before[1:])
+            counts = np.diff(kept_before[indptr])
+            tokens, values = tokens[keep], values[keep]
+        width = int(counts.max()) if n_cells else 0
+        keys = _sort_keys(values, tokens)
+        padded = np.full((n_cells, width), _PAD_KEY, dtype=np.uint64)
+        starts = np.cumsum(counts) - counts
+        shift = np.arange(n_cells, dtype=np.int64) * width - starts
+        padded.reshape(-1)[np.arange(len(keys), dtype=np.int64) + np.repeat(shift, counts)] = keys
+        padded.sort(axis=1)
+        n_genes = np.minimum(counts, self.max_genes)
+        width = min(width, self.max_genes)
+        extra = 2 if self.special_tokens else 0
+        ranked = np.empty((n_cells, width + extra), dtype=np.int32)
+        if self.special_tokens:
+            ranked[:, 0] = self.cls_token_id
+            ranked[:, 1 : width + 1] = _low_words(padded[:, :width])
+            ranked[:, width + 1] = 0
+            ranked[np.arange(n_cells), n_genes + 1] = self.eos_token_id
+        else:
+            ranked[:] = _low_words(padded[:, :width])
+        lengths = np.where(n_genes > 0, n_genes + extra, 0)
+        flat = ranked[np.arange(width + extra) < lengths[:, None]]
+        return flat, n_genes
+
+    def _collect(
+        self,
+        token_chunks: list[np.ndarray],
+        gene_counts: list[np.ndarray],
+        n_cells: int,
+        obs_names: Sequence[str] | None,
+        skip_empty_cells: bool,
+    ) -> RankedCells:
+        """Join chunk results; raise on (or skip and report) cells without vocabulary genes."""
+        n_genes = np.concatenate(gene_counts) if gene_counts else np.zeros(0, dtype=np.int64)
+        empty = np.flatnonzero(n_genes == 0)
+        if len(empty) and not skip_empty_cells:
+            raise ValueError(
+                f"{len(empty)} of {n_cells} cells express no vocabulary gene (zero counts in the matched genes): "
+                f"cells {_format_cells(empty, obs_names)}. Filter them out (e.g. sc.pp.filter_cells(adata, "
+                "min_genes=...)) or pass skip_empty_cells=True."
+            )
+        if len(empty):
+            logger.warning(
+                "Skipped %d of %d cells that express no vocabulary gene: %s",
+                len(empty),
+                n_cells,
+                _format_cells(empty, obs_names),
+            )
+        kept = np.flatnonzero(n_genes > 0)
+        lengths = n_genes[kept] + (2 if self.special_tokens else 0)
+        offsets = np.zeros(len(kept) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        tokens = np.concatenate(token_chunks) if token_chunks else np.zeros(0, dtype=np.int32)
+        return RankedCells(tokens=tokens, offsets=offsets, cell_indices=kept, skipped_cells=empty)
+
+    def _resolve_input(
+        self, cells: Any, gene_ids: Sequence[str] | None, layer: str | None
+    ) -> tuple[Any, Sequence[Any], Sequence[str] | None]:
+        """Return (row-chunkable matrix, gene IDs, obs names or None) for any accepted input."""
+        obs_names = None
+        if _is_anndata(cells):
+            if layer is not None:
+                if layer not in cells.layers:
+                    raise KeyError(f"layer {layer!r} not in adata.layers (available: {list(cells.layers.keys())})")
+                matrix = cells.layers[layer]
+            else:
+                matrix = cells.X
+            if matrix is None:
+                raise ValueError("adata.X is None; pass layer=... naming the layer that holds the counts")
+            if gene_ids is None:
+                gene_ids = self._var_gene_ids(cells.var)
+            obs_names = cells.obs_names  # indexed only to name cells in messages
+        elif layer is not None:
+            raise ValueError("layer= applies to AnnData input only")
+        else:
+            matrix = cells
+            if gene_ids is None:
+                raise ValueError("gene_ids is required for matrix input (one Ensembl ID or symbol per column)")
+        if isinstance(matrix, (np.ndarray, np.matrix)) or (not sp.issparse(matrix) and not hasattr(matrix, "shape")):
+            matrix = np.asarray(matrix)
+            if matrix.ndim != 2:
+                raise ValueError(f"expected a 2-D cells x genes matrix, got shape {matrix.shape}")
+        elif sp.issparse(matrix) and matrix.format == "csc":
+            matrix = matrix.tocsr()  # one conversion instead of slow CSC row slicing per chunk
+        if len(gene_ids) != matrix.shape[1]:
+            raise ValueError(f"got {len(gene_ids)} gene IDs for a matrix with {matrix.shape[1]} columns (genes)")
+        return matrix, gene_ids, obs_names
+
+    # -- model inputs -------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        cells: Any,
+        gene_ids: Sequence[str] | None = None,
+        *,
+        layer: str | None = None,
+        input_values: str = "counts",
+        skip_empty_cells: bool = False,
+        return_tensors: str | None = None,
+    ) -> BatchFeature:
+        """Rank-value encode cells into padded model inputs.
+
+        Returns ``gene_input_ids`` (padded with the pad id to the longest cell),
+        ``gene_attention_mask`` (1 on real tokens, special tokens included) and
+        ``gene_token_mask`` (1 on gene tokens only). With ``skip_empty_cells=True`` also
+        ``cell_indices`` (input rows kept) and ``skipped_cell_indices`` (input rows dropped).
+        """
+        ranked = self.tokenize(
+            cells, gene_ids, layer=layer, input_values=input_values, skip_empty_cells=skip_empty_cells
+        )
+        batch = self.pad(ranked)
+        if skip_empty_cells:
+            batch["cell_indices"] = ranked.cell_indices
+            batch["skipped_cell_indices"] = ranked.skipped_cells
+        return BatchFeature(dict(batch), tensor_type=return_tensors)
+
+    def pad(self, token_lists: Sequence[Sequence[int]] | RankedCells, return_tensors: str | None = None) -> BatchFeature:
+        """Pad per-cell token lists (e.g. stored in a corpus) into the three model inputs."""
+        if isinstance(token_lists, RankedCells):  # made by tokenize: ids already valid
+            lengths, flat = token_lists.lengths, token_lists.tokens
+        else:
+            arrays = [np.asarray(t, dtype=np.int64).reshape(-1) for t in token_lists]
+            lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+            flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+            if len(flat) and (flat.min() < 0 or flat.max() >= self.vocab_size):
+                raise ValueError(f"token ids must lie in [0, {self.vocab_size}) (this extractor's vocabulary)")
+        width = int(lengths.max()) if len(lengths) else 0
+        if width > self.model_input_size:
+            raise ValueError(f"a cell has {width} tokens, more than model_input_size={self.model_input_size}")
+        real = np.arange(width) < lengths[:, None]
+        if self.pad_token_id == 0:  # np.zeros is lazily zeroed by the OS: cheaper than np.full
+            input_ids = np.zeros((len(lengths), width), dtype=np.int64)
+        else:
+            input_ids = np.full((len(lengths), width), self.pad_token_id, dtype=np.int64)
+        input_ids[real] = flat
+        attention = real.astype(np.int64)
+        gene_mask = attention.copy()
+        # special tokens are few (2 per cell): find them in the flat list, clear them in the mask
+        special = np.flatnonzero(flat <= self._max_special_id)  # specials usually have the lowest ids
+        special = special[self._is_special[flat[special]]]
+        ends = np.cumsum(lengths)
+        rows = np.searchsorted(ends, special, side="right")
+        gene_mask[rows, special - (ends - lengths)[rows]] = 0
+        data = {"gene_input_ids": input_ids, "gene_attention_mask": attention, "gene_token_mask": gene_mask}
+        return BatchFeature(data, tensor_type=return_tensors)
+
+
+# ----------------------------------------------------------------------------- value checks
+
+
+def _check_values(data: np.ndarray, input_values: str, first_row: int) -> None:
+    """Refuse values that cannot be expression of the stated kind (on stored entries only)."""
+    if data.dtype.kind not in "biuf":
+        raise TypeError(f"expression values must be numeric, got dtype {data.dtype}")
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        if not finite.all():
+            n_nan = int(np.isnan(data).sum())
+            raise ValueError(
+                f"input holds {n_nan} NaN and {int((~finite).sum()) - n_nan} infinite values (in the chunk starting "
+                f"at cell {first_row}); rank-value encoding needs finite, non-negative expression values"
+            )
+    if data.dtype.kind in "if" and len(data) and data.min() < 0:
+        raise ValueError(
+            f"input holds negative values (minimum {data.min()}, chunk starting at cell {first_row}); pass raw "
+            "counts or non-negative normalised values, not scaled/centred data (e.g. adata.raw or a counts layer)"
+        )
+    if input_values == "counts" and data.dtype.kind == "f":
+        fractional = np.rint(data) != data
+        if fractional.any():
+            example = data[np.flatnonzero(fractional)[0]]
+            raise ValueError(
+                f"input_values='counts' but the values are not integer counts (e.g. {example}, chunk starting at "
+                f"cell {first_row}); pass input_values='normalized' for normalised data or 'log1p' for log1p of "
+                "normalised data (e.g. scanpy's normalize_total + log1p), or round counts with float noise"
+            )
+
+
+def _to_float32(data: np.ndarray, input_values: str) -> np.ndarray:
+    """Expression values as float32 (expm1 undone for log1p input)."""
+    if input_values == "log1p":
+        return np.expm1(data, dtype=np.float64).astype(np.float32)
+    return data.astype(np.float32, copy=False)
+
+
+def _sort_keys(values: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """uint64 keys ``(~float32_bits(value)) << 32 | token``: ascending key = descending value, then
+    ascending token id. Bits of positive float32 values order like the values themselves."""
+    if sys.byteorder == "little":  # write the two 32-bit halves in place: one pass each
+        keys = np.empty(len(values), dtype=np.uint64)
+        halves = keys.view(np.uint32)
+        halves[0::2] = tokens
+        np.invert(values.view(np.uint32), out=halves[1::2])
+        return keys
+    keys = (~values.view(np.uint32)).astype(np.uint64)
+    keys <<= np.uint64(32)
+    keys |= tokens.astype(np.uint64)
+    return keys
+
+
+def _low_words(keys: np.ndarray) -> np.ndarray:
+    """Low 32 bits (the token ids) of a 2-D uint64 key array."""
+    if sys.byteorder == "little" and keys.strides[1] == 8:
+        return keys.view(np.uint32)[:, 0::2]
+    return (keys & _LOW_BITS).astype(np.uint32)
+
+
+def _default_threads() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores))
+
+
+def _ordered_map(function: Any, items: Iterator[Any], workers: int) -> Iterator[Any]:
+    """``map`` in a thread pool, in order, holding at most ``2 * workers`` items in flight
+    (so a backed file is never read into memory at once)."""
+    if workers <= 1:
+        yield from map(function, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _packaged_symbols(genes: Sequence[str]) -> dict[str, str]:
+    """Symbols of ``genes`` from the packaged gene table ({} when it is not available)."""
+    try:
+        from .gene_table import ensembl_to_symbol
+    except ImportError:
+        logger.warning("gene_table module not available: symbol input will not be mapped")
+        return {}
+    try:
+        return ensembl_to_symbol(genes)
+    except FileNotFoundError as error:
+        logger.warning("%s Symbol input will not be mapped.", error)
+        return {}

@@ -1,0 +1,78 @@
+"""The packaged human gene table: Ensembl gene ID <-> gene symbol (GENCODE v48).
+
+The table ``data/gene_table.tsv.gz`` is built by ``scripts/make_gene_table.py`` from the
+CELLxGENE schema's GENCODE file. It is read lazily (first use) with ``importlib.resources``.
+This module uses only the standard library so that it can travel with the model's remote code;
+there the data file may be absent, and :func:`load_gene_table` then raises ``FileNotFoundError``.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.resources
+from collections.abc import Iterable
+
+TABLE_FILE = "gene_table.tsv.gz"
+
+
+@functools.lru_cache(maxsize=1)
+def load_gene_table() -> tuple[tuple[str, str, bool], ...]:
+    """Return the packaged rows ``(ensembl_id, symbol, is_protein_coding)``, sorted by ID."""
+    package = __package__ or "modeling_cell2text"
+    try:
+        resource = importlib.resources.files(package).joinpath("data").joinpath(TABLE_FILE)
+        raw = resource.read_bytes()
+    except (FileNotFoundError, ModuleNotFoundError, TypeError) as error:
+        raise FileNotFoundError(
+            f"The packaged gene table {package}/data/{TABLE_FILE} is not available ({error}). "
+            "Install the cell2text package (pip install cell2text) or pass gene_symbols explicitly."
+        ) from error
+    rows = []
+    for line in gzip.decompress(raw).decode("utf-8").splitlines():
+        gene_id, symbol, coding = line.split("\t")
+        rows.append((gene_id, symbol, coding == "1"))
+    return tuple(rows)
+
+
+def ensembl_to_symbol(gene_ids: Iterable[str] | None = None) -> dict[str, str]:
+    """Map Ensembl gene IDs (unversioned) to symbols; IDs without a symbol are left out.
+
+    With ``gene_ids=None`` the whole table is returned.
+    """
+    table = {gene_id: symbol for gene_id, symbol, _ in load_gene_table()}
+    if gene_ids is None:
+        return table
+    return {gene_id: table[gene_id] for gene_id in gene_ids if gene_id in table}
+
+
+@functools.lru_cache(maxsize=1)
+def _symbol_index() -> dict[str, str]:
+    """Symbol -> Ensembl ID for symbols that resolve to one gene.
+
+    A symbol held by several genes resolves to its only protein-coding gene if there is exactly
+    one; otherwise it is ambiguous and left out.
+    """
+    candidates: dict[str, list[tuple[str, bool]]] = {}
+    for gene_id, symbol, coding in load_gene_table():
+        candidates.setdefault(symbol, []).append((gene_id, coding))
+    index = {}
+    for symbol, genes in candidates.items():
+        if len(genes) == 1:
+            index[symbol] = genes[0][0]
+            continue
+        coding_ids = [gene_id for gene_id, coding in genes if coding]
+        if len(coding_ids) == 1:
+            index[symbol] = coding_ids[0]
+    return index
+
+
+def symbol_to_ensembl(symbols: Iterable[str]) -> dict[str, str]:
+    """Map gene symbols to Ensembl gene IDs with the packaged GENCODE v48 table.
+
+    Returns a dict holding only the symbols that map (unknown and ambiguous symbols are left
+    out, so ``len(result)`` counts the matches). Matching is exact (case-sensitive), as HGNC
+    symbols are.
+    """
+    index = _symbol_index()
+    return {symbol: index[symbol] for symbol in symbols if symbol in index}

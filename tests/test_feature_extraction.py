@@ -1,0 +1,337 @@
+"""Tests for the Geneformer rank-value feature extractor and the packaged gene table."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor, RankedCells
+from modeling_cell2text.gene_table import ensembl_to_symbol, symbol_to_ensembl
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+N_VOCAB = 40
+VOCAB_GENES = [f"ENSG{i:011d}" for i in range(1, N_VOCAB + 1)]
+SYMBOLS = {gene: f"GENE{i}" for i, gene in enumerate(VOCAB_GENES)}
+INPUT_GENES = [f"{g}.{i % 3 + 1}" if i % 2 else g for i, g in enumerate(VOCAB_GENES[:30])] + [
+    f"ENSG9{i:010d}" for i in range(6)  # not in the vocabulary
+]
+
+
+def make_extractor(**kwargs) -> Cell2TextFeatureExtractor:
+    """Vocabulary with shuffled token ids (so the tie rule differs from column order) and medians
+    from a small set (so many values tie)."""
+    rng = np.random.default_rng(0)
+    token_ids = {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3}
+    token_ids.update({g: int(t) for g, t in zip(VOCAB_GENES, rng.permutation(N_VOCAB) + 4)})
+    medians = {g: float(rng.choice([0.5, 1.0, 2.0, 3.0])) for g in VOCAB_GENES}
+    return Cell2TextFeatureExtractor(token_ids, medians, SYMBOLS, **kwargs)
+
+
+def random_counts(n_cells: int = 37, seed: int = 1) -> sp.csr_matrix:
+    """Small-integer counts (many ties), every cell with at least one vocabulary gene, plus
+    explicitly stored zeros."""
+    rng = np.random.default_rng(seed)
+    dense = rng.integers(1, 4, size=(n_cells, len(INPUT_GENES))) * (rng.random((n_cells, len(INPUT_GENES))) < 0.4)
+    dense[:, 0] = np.maximum(dense[:, 0], 1)
+    matrix = sp.csr_matrix(dense.astype(np.float32))
+    matrix.data[::7] = 0.0  # explicit zeros: stored but not expressed
+    return matrix
+
+
+def reference_tokens(
+    extractor: Cell2TextFeatureExtractor, dense: np.ndarray, genes: list[str], transform=lambda x: x
+) -> list[list[int]]:
+    """Plain per-cell rank-value encoding: float32 count/median, descending, ties by token id."""
+    vocab, medians = extractor.gene_token_ids, extractor.gene_medians
+    out = []
+    for row in dense:
+        entries = []
+        for gene, value in zip(genes, row):
+            gene = gene.split(".")[0]
+            if value != 0 and gene in medians:
+                ranked_value = float(np.float32(transform(float(value))) / np.float32(medians[gene]))
+                entries.append((ranked_value, vocab[gene]))
+        entries.sort(key=lambda e: (-e[0], e[1]))
+        tokens = [token for _, token in entries]
+        if extractor.special_tokens:
+            out.append([vocab["<cls>"]] + tokens[: extractor.model_input_size - 2] + [vocab["<eos>"]])
+        else:
+            out.append(tokens[: extractor.model_input_size])
+    return out
+
+
+def as_lists(ranked: RankedCells) -> list[list[int]]:
+    return [cell.tolist() for cell in ranked]
+
+
+def dense_of(matrix: sp.csr_matrix) -> np.ndarray:
+    return matrix.toarray()
+
+
+@pytest.fixture
+def extractor() -> Cell2TextFeatureExtractor:
+    return make_extractor()
+
+
+@pytest.fixture
+def counts() -> sp.csr_matrix:
+    return random_counts()
+
+
+# ----------------------------------------------------------------------------- equality with the reference
+
+
+@pytest.mark.parametrize("kind", ["csr", "csc", "dense", "csr_array", "coo"])
+def test_matches_reference_for_matrix_inputs(extractor, counts, kind):
+    converted = {
+        "csr": counts,
+        "csc": counts.tocsc(),
+        "dense": counts.toarray(),
+        "csr_array": sp.csr_array(counts),
+        "coo": counts.tocoo(),
+    }[kind]
+    expected = reference_tokens(extractor, dense_of(counts), INPUT_GENES)
+    ranked = extractor.tokenize(converted, INPUT_GENES, chunk_size=5, num_threads=2)
+    assert as_lists(ranked) == expected
+    assert ranked.cell_indices.tolist() == list(range(counts.shape[0]))
+
+
+def test_many_ties_broken_by_ascending_token_id(extractor):
+    # all genes with count 1 and median 1.0 tie: the order is ascending token id
+    tied = [g for g in VOCAB_GENES if extractor.gene_medians[g] == 1.0]
+    ranked = extractor.tokenize(np.ones((1, len(tied))), tied)
+    assert ranked[0][1:-1].tolist() == sorted(extractor.gene_token_ids[g] for g in tied)
+
+
+def test_matches_reference_for_anndata_in_memory_backed_and_layer(extractor, counts, tmp_path):
+    expected = reference_tokens(extractor, dense_of(counts), INPUT_GENES)
+    obs = pd.DataFrame(index=[f"cell{i}" for i in range(counts.shape[0])])
+    adata = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=INPUT_GENES))
+    assert as_lists(extractor.tokenize(adata, chunk_size=8)) == expected
+
+    layered = ad.AnnData(X=sp.csr_matrix(counts.shape, dtype=np.float32), obs=obs, var=adata.var)
+    layered.layers["counts"] = counts
+    assert as_lists(extractor.tokenize(layered, layer="counts", chunk_size=8)) == expected
+
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        assert as_lists(extractor.tokenize(backed, chunk_size=8)) == expected
+    finally:
+        backed.file.close()
+
+
+def test_normalized_and_log1p_inputs_match_reference(extractor, counts):
+    normalized = counts.multiply(1e4 / counts.sum(axis=1)).tocsr().astype(np.float64)
+    expected = reference_tokens(extractor, normalized.toarray(), INPUT_GENES)
+    assert as_lists(extractor.tokenize(normalized, INPUT_GENES, input_values="normalized")) == expected
+    logged = normalized.copy()
+    logged.data = np.log1p(logged.data)
+    expected_log = reference_tokens(extractor, logged.toarray(), INPUT_GENES, transform=np.expm1)
+    assert as_lists(extractor.tokenize(logged, INPUT_GENES, input_values="log1p")) == expected_log
+
+
+def test_truncation_with_v2_special_tokens(counts):
+    extractor = make_extractor(model_input_size=6)
+    ranked = extractor.tokenize(counts, INPUT_GENES)
+    assert as_lists(ranked) == reference_tokens(extractor, dense_of(counts), INPUT_GENES)
+    assert ranked.lengths.max() == 6
+    assert all(cell[0] == 2 and cell[-1] == 3 for cell in ranked)
+
+
+def test_v1_mode_has_no_special_tokens(counts):
+    extractor = make_extractor(model_input_size=5, special_tokens=False)
+    ranked = extractor.tokenize(counts, INPUT_GENES)
+    assert as_lists(ranked) == reference_tokens(extractor, dense_of(counts), INPUT_GENES)
+    assert not any(set(cell.tolist()) & {0, 1, 2, 3} for cell in ranked)
+
+
+def test_call_returns_padded_inputs_and_masks(extractor, counts):
+    batch = extractor(counts, INPUT_GENES, return_tensors="pt")
+    expected = reference_tokens(extractor, dense_of(counts), INPUT_GENES)
+    ids, attention, gene_mask = batch["gene_input_ids"], batch["gene_attention_mask"], batch["gene_token_mask"]
+    assert ids.shape == (len(expected), max(map(len, expected)))
+    for i, tokens in enumerate(expected):
+        n = len(tokens)
+        assert ids[i, :n].tolist() == tokens and (ids[i, n:] == 0).all()
+        assert attention[i].tolist() == [1] * n + [0] * (ids.shape[1] - n)
+        assert gene_mask[i].tolist() == [0] + [1] * (n - 2) + [0] * (ids.shape[1] - n + 1)
+    assert (extractor.pad([list(t) for t in expected])["gene_input_ids"] == ids.numpy()).all()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "bad_value, kind, message",
+    [(-1.0, "counts", "negative"), (np.nan, "counts", "NaN"), (np.inf, "normalized", "infinite"),
+     (2.5, "counts", "not integer counts")],
+)
+def test_bad_values_raise(extractor, counts, bad_value, kind, message):
+    counts = counts.copy()
+    counts.data[3] = bad_value
+    with pytest.raises(ValueError, match=message):
+        extractor.tokenize(counts, INPUT_GENES, input_values=kind)
+
+
+def test_log_normalised_data_refused_as_counts_accepted_when_stated(extractor, counts):
+    logged = counts.copy()
+    logged.data = np.log1p(logged.data)
+    with pytest.raises(ValueError, match="input_values='normalized'"):
+        extractor(logged, INPUT_GENES)
+    assert extractor(logged, INPUT_GENES, input_values="log1p")["gene_input_ids"].shape[0] == counts.shape[0]
+
+
+def test_no_gene_in_vocabulary_raises_with_numbers_and_examples(extractor):
+    with pytest.raises(ValueError, match=r"0 of 3 input genes.*'foo'"):
+        extractor(np.ones((2, 3)), ["foo", "bar", "ENSG99999999999"])
+
+
+def test_low_match_rate_warns_with_numbers(extractor, caplog):
+    genes = VOCAB_GENES[:2] + [f"unknown{i}" for i in range(8)]
+    with caplog.at_level(logging.WARNING):
+        extractor(np.ones((1, 10)), genes)
+    assert "2 of 10 input genes" in caplog.text
+
+
+def test_empty_cells_raise_naming_them_or_are_skipped_and_reported(extractor, counts, caplog):
+    counts = counts.tolil()
+    counts[[4, 9], :] = 0
+    counts[9, 35] = 5  # gene outside the vocabulary only
+    counts = counts.tocsr()
+    obs = pd.DataFrame(index=[f"cell{i}" for i in range(counts.shape[0])])
+    adata = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=INPUT_GENES))
+    with pytest.raises(ValueError, match=r"2 of 37 cells.*4 \('cell4'\), 9 \('cell9'\).*skip_empty_cells"):
+        extractor(adata)
+    with caplog.at_level(logging.WARNING):
+        batch = extractor(adata, skip_empty_cells=True)
+    assert "cell4" in caplog.text and "cell9" in caplog.text
+    kept = [i for i in range(37) if i not in (4, 9)]
+    assert batch["cell_indices"].tolist() == kept
+    assert batch["skipped_cell_indices"].tolist() == [4, 9]
+    expected = reference_tokens(extractor, counts.toarray()[kept], INPUT_GENES)
+    assert as_lists(extractor.tokenize(adata, skip_empty_cells=True)) == expected
+
+
+@pytest.mark.parametrize(
+    "genes",
+    [
+        [VOCAB_GENES[0], VOCAB_GENES[1], VOCAB_GENES[0]],
+        [VOCAB_GENES[0] + ".3", VOCAB_GENES[1], VOCAB_GENES[0]],
+        [SYMBOLS[VOCAB_GENES[0]], VOCAB_GENES[1], VOCAB_GENES[0]],
+    ],
+    ids=["same-id", "version", "symbol"],
+)
+def test_duplicated_genes_raise(extractor, genes):
+    with pytest.raises(ValueError, match="duplicate"):
+        extractor(np.ones((1, 3)), genes)
+
+
+def test_wrong_gene_count_and_missing_layer(extractor, counts):
+    with pytest.raises(ValueError, match="gene IDs for a matrix with"):
+        extractor(counts, INPUT_GENES[:-1])
+    adata = ad.AnnData(X=counts, var=pd.DataFrame(index=INPUT_GENES))
+    with pytest.raises(KeyError, match="counts"):
+        extractor(adata, layer="counts")
+
+
+# ----------------------------------------------------------------------------- gene identifiers
+
+
+def test_symbols_in_var_index_or_feature_name_and_ensembl_column(extractor, counts):
+    expected = reference_tokens(extractor, dense_of(counts), INPUT_GENES)
+    symbols = [SYMBOLS.get(g.split(".")[0], f"NOTAGENE{i}") for i, g in enumerate(INPUT_GENES)]
+    by_index = ad.AnnData(X=counts, var=pd.DataFrame(index=symbols))
+    assert as_lists(extractor.tokenize(by_index)) == expected
+    by_column = ad.AnnData(X=counts, var=pd.DataFrame({"feature_name": symbols}, index=[str(i) for i in range(36)]))
+    assert as_lists(extractor.tokenize(by_column)) == expected
+    with_ids = ad.AnnData(X=counts, var=pd.DataFrame({"gene_ids": INPUT_GENES}, index=symbols))
+    assert as_lists(extractor.tokenize(with_ids)) == expected
+    assert as_lists(extractor.tokenize(counts, symbols)) == expected
+
+
+def test_packaged_gene_table_maps_symbols():
+    assert symbol_to_ensembl(["TP53", "CD3E", "not-a-gene"]) == {"TP53": "ENSG00000141510", "CD3E": "ENSG00000198851"}
+    assert ensembl_to_symbol(["ENSG00000141510"]) == {"ENSG00000141510": "TP53"}
+
+
+def test_pbmc68k_symbols_map():
+    scanpy = pytest.importorskip("scanpy")
+    adata = scanpy.datasets.pbmc68k_reduced()
+    assert len(symbol_to_ensembl(adata.var_names)) == 700
+
+
+def test_from_gene_medians_builds_sorted_vocabulary_with_packaged_symbols():
+    extractor = Cell2TextFeatureExtractor.from_gene_medians({"ENSG00000198851.10": 2.0, "ENSG00000141510": 1.5})
+    assert extractor.gene_token_ids == {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3,
+                                        "ENSG00000141510": 4, "ENSG00000198851": 5}
+    assert extractor.gene_symbols == {"ENSG00000141510": "TP53", "ENSG00000198851": "CD3E"}
+    assert extractor.vocab_size == 6 and extractor.cls_token_id == 2 and extractor.eos_token_id == 3
+    assert extractor(np.array([[1, 5]]), ["TP53", "CD3E"])["gene_input_ids"].tolist() == [[2, 5, 4, 3]]
+
+
+# ----------------------------------------------------------------------------- restricted unpickler
+
+
+def write_pickle(path, obj) -> str:
+    with open(path, "wb") as handle:
+        pickle.dump(obj, handle)
+    return str(path)
+
+
+def test_geneformer_dictionaries_load_plain_dicts(tmp_path):
+    tokens = write_pickle(tmp_path / "tokens.pkl", {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3,
+                                                    "ENSG00000141510": 4})
+    medians = write_pickle(tmp_path / "medians.pkl", {"ENSG00000141510": np.float64(1.25)})
+    extractor = Cell2TextFeatureExtractor.from_geneformer_dictionaries(tokens, medians)
+    assert extractor.gene_medians == {"ENSG00000141510": 1.25}
+    assert type(extractor.gene_medians["ENSG00000141510"]) is float
+    assert extractor.gene_symbols == {"ENSG00000141510": "TP53"}
+
+
+class Sneaky:
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{"ENSG00000141510": Sneaky()}, {"ENSG00000141510": os.getcwd}, {"ENSG00000141510": "1.0"},
+     {1: 1.0}, [("ENSG00000141510", 1.0)], {"ENSG00000141510": np.array([1.0])}],
+    ids=["reduce", "function", "str-value", "int-key", "list", "ndarray"],
+)
+def test_geneformer_dictionaries_reject_anything_else(tmp_path, payload):
+    tokens = write_pickle(tmp_path / "tokens.pkl", {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3})
+    medians = write_pickle(tmp_path / "medians.pkl", payload)
+    with pytest.raises(ValueError, match="medians.pkl"):
+        Cell2TextFeatureExtractor.from_geneformer_dictionaries(tokens, medians)
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def test_save_and_reload_round_trip(extractor, counts, tmp_path):
+    extractor.save_pretrained(tmp_path)
+    reloaded = Cell2TextFeatureExtractor.from_pretrained(tmp_path)
+    for name in ("gene_token_ids", "gene_medians", "gene_symbols", "model_input_size", "special_tokens"):
+        assert getattr(reloaded, name) == getattr(extractor, name)
+    assert as_lists(reloaded.tokenize(counts, INPUT_GENES)) == as_lists(extractor.tokenize(counts, INPUT_GENES))
+    assert not any(key.startswith("_") for key in reloaded.to_dict())
+
+
+def test_pad_v1_lists_and_rejects_unknown_ids():
+    extractor = make_extractor(special_tokens=False)
+    batch = extractor.pad([[7, 5, 9], [6]])
+    assert batch["gene_input_ids"].tolist() == [[7, 5, 9], [6, 0, 0]]
+    assert batch["gene_token_mask"].tolist() == batch["gene_attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        extractor.pad([[5, 10_000]])

