@@ -1,0 +1,400 @@
+"""Build a Cell2Text corpus: cells -> rank-value gene tokens + template descriptions, split by donor.
+
+    python -m processing.build_corpus --preset pbmc68k_reduced --out corpus/
+    python -m processing.build_corpus --h5ad cells.h5ad --backed --out corpus/
+    python -m processing.build_corpus --soma path/or/uri --out corpus/
+
+Two streaming passes over the source, chunk by chunk (memory does not grow with the corpus):
+
+1. labels from obs (reject reasons), cell totals, the gene medians (non-zero medians of
+   ``count / total * 10,000``; see processing.gene_medians) and AUCell pathway scores on
+   log-normalised expression (top two gene sets per cell);
+2. rank-value tokens with the corpus feature extractor, descriptions, rows streamed into one
+   Arrow file per split.
+
+Every input cell ends in exactly one split or in ``rejects.csv`` with its reason. The output
+directory holds the ``datasets.DatasetDict`` (``load_from_disk``), ``feature_extractor/``,
+``rejects.csv``, ``unmapped_genes.txt``, ``summary.json`` and the dataset card ``README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
+from processing.corpus import LABEL_FIELDS, SplitWriter, describe, resolve_labels
+from processing.gene_medians import ExactGeneMedians, HistogramGeneMedians, normalize_total
+from processing.pathways import DEFAULT_GMT, aucell, read_gmt
+from processing.splits import DEFAULT_FRACTIONS, SPLITS, assign_splits
+
+logger = logging.getLogger(__name__)
+
+EXACT_MEDIANS_MAX_CELLS = 20_000
+SUMMARY_LABEL_FIELDS = ("cell_type", "tissue", "disease", "sex", "age_group")
+
+
+@dataclass
+class BuildOptions:
+    """Settings of one corpus build (the CLI flags)."""
+
+    seed: int = 0
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
+    chunk_size: int = 2048
+    gmt: str | Path | None = DEFAULT_GMT
+    n_pathways: int = 2
+    # Gene sets with fewer of their genes in the data score 0: on small panels (pbmc68k has 765 genes) sets with
+    # one or two genes present otherwise dominate AUCell's top ranks.
+    min_pathway_genes: int = 5
+    medians: str = "auto"  # "exact", "histogram" or "auto" (exact up to EXACT_MEDIANS_MAX_CELLS cells)
+    bins_per_decade: int = 100
+    model_input_size: int = 4096
+    feature_extractor: Cell2TextFeatureExtractor | None = None  # given vocabulary (e.g. Geneformer's)
+    required_fields: tuple[str, ...] = ("cell_type",)
+    name: str | None = None
+    repo_id: str | None = None
+    progress: bool = True
+    extra_summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Genes:
+    """Per-column gene facts: Ensembl ID for tokens (or a never-matching placeholder), symbols."""
+
+    token_ids: list[str]
+    usable: np.ndarray  # column may give tokens (mapped, first of duplicates, in a given vocabulary)
+    symbols: list[str]
+    unmapped: list[str]
+
+
+def _genes(source: Any, extractor: Cell2TextFeatureExtractor | None) -> _Genes:
+    """Map columns to Ensembl IDs; duplicates and unmapped genes are reported, not silently lost."""
+    seen: set[str] = set()
+    token_ids, usable, unmapped = [], [], []
+    for i, (gene, symbol) in enumerate(zip(source.gene_ids, source.gene_symbols)):
+        if gene is None or gene in seen:
+            unmapped.append(f"{symbol or i}\t{'duplicate of ' + gene if gene else 'no Ensembl ID'}")
+            token_ids.append(f"unmapped:{i}")
+            usable.append(False)
+        else:
+            seen.add(gene)
+            token_ids.append(gene)
+            usable.append(True)
+    usable = np.array(usable, dtype=bool)
+    if extractor is not None:
+        usable &= extractor.match_genes(token_ids).column_tokens >= 0
+    symbols = [s if s else f"unmapped:{i}" for i, s in enumerate(source.gene_symbols)]
+    if unmapped:
+        logger.warning("%d of %d genes have no usable Ensembl ID and give no tokens (see unmapped_genes.txt)",
+                       len(unmapped), len(token_ids))
+    return _Genes(token_ids, usable, symbols, unmapped)
+
+
+def _median_accumulator(options: BuildOptions, n_cells: int, n_genes: int) -> ExactGeneMedians | HistogramGeneMedians:
+    method = options.medians
+    if method == "auto":
+        method = "exact" if n_cells <= EXACT_MEDIANS_MAX_CELLS else "histogram"
+    if method == "exact":
+        return ExactGeneMedians(n_genes)
+    if method == "histogram":
+        return HistogramGeneMedians(n_genes, bins_per_decade=options.bins_per_decade)
+    raise ValueError(f"medians must be 'exact', 'histogram' or 'auto', got {options.medians!r}")
+
+
+def _top_sets(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k best gene sets per cell (ties: earlier set first); -1 where the score is 0."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    best = np.take_along_axis(scores, order, axis=1)
+    return np.where(best > 0, order, -1).astype(np.int32)
+
+
+def _first_pass(source, reasons, genes, medians, gene_sets, options):
+    """Pass 1: reject cells without counts / vocabulary genes, accumulate medians, score pathways."""
+    n_sets = options.n_pathways
+    top = np.full((source.n_cells, n_sets), -1, dtype=np.int32)
+    set_names = list(gene_sets) if gene_sets else []
+    bar = tqdm(total=source.n_cells, unit="cells", desc="pass 1/2: medians, pathways", disable=not options.progress)
+    for start, chunk in source.iter_chunks(options.chunk_size):
+        rows = np.arange(start, start + chunk.shape[0])
+        normalized, totals = normalize_total(chunk, source.input_values)
+        pending = pd.isna(reasons[rows])
+        no_counts = pending & (totals <= 0)
+        reasons[rows[no_counts]] = "no_counts"
+        expressed = (normalized.data > 0) & genes.usable[normalized.indices]
+        cell_of_entry = np.repeat(np.arange(len(rows)), np.diff(normalized.indptr))
+        n_vocab = np.bincount(cell_of_entry, weights=expressed, minlength=len(rows))
+        no_vocab = pending & ~no_counts & (n_vocab == 0)
+        reasons[rows[no_vocab]] = "no_vocabulary_gene"
+        kept = np.flatnonzero(pending & ~no_counts & ~no_vocab)
+        sub = normalized[kept]
+        use = genes.usable[sub.indices]
+        medians.update(sub.indices[use], sub.data[use])
+        if set_names and len(kept):
+            sub.data = np.log1p(sub.data)
+            scores = aucell(sub, genes.symbols, gene_sets, chunk_size=512, min_genes=options.min_pathway_genes)
+            top[rows[kept]] = _top_sets(scores, n_sets)
+        bar.update(chunk.shape[0])
+    bar.close()
+    return top, set_names
+
+
+def _build_extractor(genes: _Genes, medians, options: BuildOptions) -> Cell2TextFeatureExtractor:
+    values = medians.medians()
+    found = {genes.token_ids[i]: float(values[i]) for i in np.flatnonzero(genes.usable & np.isfinite(values))}
+    if not found:
+        raise ValueError("no gene is expressed in any kept cell; nothing to build a vocabulary from")
+    return Cell2TextFeatureExtractor.from_gene_medians(found, model_input_size=options.model_input_size)
+
+
+def _second_pass(source, labels, kept, split_of, top, set_names, genes, extractor, writer, options):
+    """Pass 2: tokens, descriptions and rows of kept cells, streamed to their split's file."""
+    lab = {c: labels[c].to_numpy(dtype=object) for c in labels.columns}
+    ids = source.obs.index.to_numpy(dtype=object)
+    names = np.array(set_names + [""], dtype=object)
+    bar = tqdm(total=source.n_cells, unit="cells", desc="pass 2/2: tokens, descriptions", disable=not options.progress)
+    for start, chunk in source.iter_chunks(options.chunk_size):
+        local = np.flatnonzero(kept[start : start + chunk.shape[0]])
+        bar.update(chunk.shape[0])
+        if not len(local):
+            continue
+        rows = start + local
+        ranked = extractor.tokenize(chunk[local], genes.token_ids, input_values=source.input_values,
+                                    skip_empty_cells=True, chunk_size=options.chunk_size)
+        if len(ranked.skipped_cells):
+            raise RuntimeError(f"internal error: {len(ranked.skipped_cells)} kept cells have no tokens")
+        pathways = [tuple(p for p in names[t] if p) for t in top[rows]]
+        columns = {c: v[rows] for c, v in lab.items()}
+        columns["cell_id"], columns["pathways"] = ids[rows], pathways
+        columns["description"] = [
+            describe(ct, ct_id, ti, sx, di, ag, pw)
+            for ct, ct_id, ti, sx, di, ag, pw in zip(
+                columns["cell_type"], columns["cell_type_ontology_term_id"], columns["tissue"], columns["sex"],
+                columns["disease"], columns["age_group"], pathways)
+        ]
+        for s, split in enumerate(SPLITS):
+            members = np.flatnonzero(split_of[rows] == s)
+            if len(members):
+                starts = ranked.offsets[members]
+                lengths = ranked.offsets[members + 1] - starts
+                offsets = np.concatenate([[0], np.cumsum(lengths)])
+                take = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+                writer.write(split, {c: [v[m] for m in members] if isinstance(v, list) else v[members]
+                                     for c, v in columns.items()}, ranked.tokens[take], offsets)
+    bar.close()
+
+
+def _label_counts(labels: pd.DataFrame, kept: np.ndarray, split_of: np.ndarray) -> dict:
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    for column in SUMMARY_LABEL_FIELDS:
+        counts[column] = {}
+        for s, split in enumerate(SPLITS):
+            values = labels[column].to_numpy(dtype=object)[kept & (split_of == s)]
+            counted = Counter(v for v in values if v is not None and v == v)
+            counts[column][split] = dict(sorted(counted.items(), key=lambda kv: (-kv[1], kv[0])))
+    return counts
+
+
+def _ontology_ids(labels: pd.DataFrame, kept: np.ndarray) -> dict:
+    result = {}
+    for field in ("cell_type", "tissue", "disease", "sex"):
+        pairs = labels.loc[kept, [field, f"{field}_ontology_term_id"]].dropna().drop_duplicates()
+        result[field] = dict(sorted(zip(pairs[field], pairs[f"{field}_ontology_term_id"])))
+    return result
+
+
+def _write_card(summary: dict, out: Path, repo_id: str) -> Any:
+    try:
+        from hub_cards.render import render_dataset_card
+    except ImportError:
+        logger.warning("hub_cards.render is not available; no dataset card written")
+        return None
+    card = render_dataset_card(summary, repo_id=repo_id)
+    card.save(str(out / "README.md"))
+    return card
+
+
+def build_corpus(source: Any, out_dir: str | Path, options: BuildOptions | None = None) -> dict:
+    """Build the corpus of ``source`` into ``out_dir``; returns the summary (also in summary.json)."""
+    options = options or BuildOptions()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    labels, reasons = resolve_labels(source.obs, options.required_fields)
+    genes = _genes(source, options.feature_extractor)
+    gene_sets = read_gmt(options.gmt) if options.gmt else None
+    medians = _median_accumulator(options, source.n_cells, len(genes.token_ids))
+    top, set_names = _first_pass(source, reasons, genes, medians, gene_sets, options)
+    extractor = options.feature_extractor or _build_extractor(genes, medians, options)
+    if isinstance(medians, HistogramGeneMedians):
+        medians.save(out / "median_histogram.npz", genes.token_ids)
+    kept = pd.isna(reasons)
+    split_of = np.full(source.n_cells, -1, dtype=np.int8)
+    cell_ids = source.obs.index.astype(str)
+    split_of[kept] = assign_splits(labels["cell_type"].to_numpy(dtype=object)[kept],
+                                   labels["donor_id"].to_numpy(dtype=object)[kept],
+                                   options.fractions, options.seed, cell_ids[kept])
+    with tempfile.TemporaryDirectory(dir=out, prefix=".build-") as tmp:
+        writer = SplitWriter(Path(tmp), SPLITS)
+        _second_pass(source, labels, kept, split_of, top, set_names, genes, extractor, writer, options)
+        fingerprints = writer.close()
+        writer.save(out, fingerprints)
+    extractor.save_pretrained(str(out / "feature_extractor"))
+    rejects = pd.DataFrame({"cell_id": cell_ids[~kept], "reason": reasons[~kept]})
+    rejects.to_csv(out / "rejects.csv", index=False)
+    (out / "unmapped_genes.txt").write_text("".join(f"{line}\n" for line in genes.unmapped))
+    summary = {
+        "name": options.name or source.name,
+        "source": source.name,
+        "num_cells_in": int(source.n_cells),
+        "splits": dict(writer.counts),
+        "rejected": dict(sorted(Counter(rejects["reason"]).items())),
+        "label_counts": _label_counts(labels, kept, split_of),
+        "gene_vocabulary_size": len(extractor.gene_medians),
+        "pathway_library": Path(options.gmt).name if options.gmt else None,
+        "seed": options.seed,
+        "ontology_term_ids": _ontology_ids(labels, kept),
+        "input_values": source.input_values,
+        "unmapped_genes": len(genes.unmapped),
+        "median_method": type(medians).__name__,
+        "median_relative_error_bound": medians.relative_error_bound,
+        "fingerprints": fingerprints,
+        **options.extra_summary,
+    }
+    if sum(summary["splits"].values()) + len(rejects) != source.n_cells:
+        raise RuntimeError("internal error: kept + rejected cells do not add up to the input")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_card(summary, out, options.repo_id or f"cell2text/{Path(str(summary['name'])).stem}")
+    logger.info("corpus %s: %d cells in, splits %s, rejected %s", summary["name"], summary["num_cells_in"],
+                summary["splits"], summary["rejected"])
+    return summary
+
+
+def push_to_hub(out_dir: str | Path, repo_id: str) -> None:
+    """Push a built corpus (DatasetDict, card, feature extractor, summary) to a Hub dataset repo."""
+    import datasets
+    from huggingface_hub import HfApi
+
+    out = Path(out_dir)
+    datasets.load_from_disk(str(out)).push_to_hub(repo_id)
+    summary = json.loads((out / "summary.json").read_text())
+    card = _write_card(summary, out, repo_id)
+    if card is not None:
+        card.push_to_hub(repo_id, repo_type="dataset")
+    api = HfApi()
+    api.upload_folder(folder_path=str(out / "feature_extractor"), path_in_repo="feature_extractor",
+                      repo_id=repo_id, repo_type="dataset")
+    for name in ("summary.json", "rejects.csv", "unmapped_genes.txt"):
+        api.upload_file(path_or_fileobj=str(out / name), path_in_repo=name, repo_id=repo_id, repo_type="dataset")
+
+
+# ----------------------------------------------------------------------------------- CLI
+
+
+def _parse_obs_map(items: Sequence[str]) -> dict[str, str]:
+    mapping = {}
+    for item in items:
+        old, sep, new = item.partition("=")
+        if not sep or not old or not new:
+            raise SystemExit(f"--obs-map expects old=new, got {item!r}")
+        mapping[old] = new
+    return mapping
+
+
+def make_source(args: argparse.Namespace) -> Any:
+    """The source named on the command line (preset, h5ad file or SOMA experiment)."""
+    from processing import presets, sources
+
+    obs_map = _parse_obs_map(args.obs_map or [])
+    if args.preset:
+        return presets.PRESETS[args.preset]()
+    if args.h5ad:
+        return sources.h5ad_source(args.h5ad, backed=args.backed, layer=args.layer,
+                                   input_values=args.input_values, obs_map=obs_map)
+    experiment = None
+    if args.soma == "census":
+        import cellxgene_census
+
+        experiment = cellxgene_census.open_soma()["census_data"]["homo_sapiens"]
+    return sources.SomaSource(None if experiment is not None else args.soma, experiment=experiment,
+                              measurement=args.soma_measurement, x_name=args.soma_x, input_values=args.input_values,
+                              obs_value_filter=args.obs_filter, obs_map=obs_map, name=args.soma)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from processing import presets, sources
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--preset", choices=sorted(presets.PRESETS))
+    what.add_argument("--h5ad", help="h5ad file (CELLxGENE schema obs; raw counts in X or --layer)")
+    what.add_argument("--soma", help="TileDB-SOMA experiment URI, or 'census' (needs cellxgene-census)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--backed", action="store_true", help="open the h5ad backed and read it in row chunks")
+    parser.add_argument("--layer", help="AnnData layer holding the expression (default X)")
+    parser.add_argument("--input-values", choices=("counts", "normalized", "log1p"), default="counts")
+    parser.add_argument("--obs-map", nargs="*", metavar="OLD=NEW", help="rename obs columns to CELLxGENE names")
+    parser.add_argument("--soma-measurement", default="RNA")
+    parser.add_argument("--soma-x", default="raw", help="X layer of the SOMA measurement")
+    parser.add_argument("--obs-filter", default=sources.DEFAULT_SOMA_FILTER, help="SOMA obs value filter")
+    parser.add_argument("--gmt", default=str(DEFAULT_GMT), help="gene-set library (GMT); 'none' to skip pathways")
+    parser.add_argument("--min-pathway-genes", type=int, default=5, help="gene sets with fewer genes present score 0")
+    parser.add_argument("--token-dictionary", help="Geneformer token dictionary (.pkl), with --gene-median-file")
+    parser.add_argument("--gene-median-file", help="Geneformer gene median dictionary (.pkl)")
+    parser.add_argument("--feature-extractor", help="directory of a saved Cell2TextFeatureExtractor to use as given")
+    parser.add_argument("--medians", choices=("auto", "exact", "histogram"), default="auto")
+    parser.add_argument("--model-input-size", type=int, default=4096)
+    parser.add_argument("--required-fields", nargs="*", default=["cell_type"], choices=LABEL_FIELDS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunk-size", type=int, default=2048)
+    parser.add_argument("--shard", metavar="I/N", help="build only shard I (0-based) of N contiguous cell ranges")
+    parser.add_argument("--name", help="corpus name (summary, card)")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="push the corpus and its card to this dataset repo")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if bool(args.token_dictionary) != bool(args.gene_median_file):
+        parser.error("--token-dictionary and --gene-median-file go together")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("modeling_cell2text").setLevel(logging.WARNING)
+    args = parse_args(argv)
+    extractor = None
+    if args.token_dictionary:
+        extractor = Cell2TextFeatureExtractor.from_geneformer_dictionaries(args.token_dictionary, args.gene_median_file)
+    elif args.feature_extractor:
+        extractor = Cell2TextFeatureExtractor.from_pretrained(args.feature_extractor)
+    options = BuildOptions(
+        seed=args.seed, chunk_size=args.chunk_size, gmt=None if args.gmt == "none" else args.gmt,
+        min_pathway_genes=args.min_pathway_genes,
+        medians=args.medians, model_input_size=args.model_input_size, feature_extractor=extractor,
+        required_fields=tuple(args.required_fields), name=args.name, repo_id=args.push_to_hub,
+        progress=not args.no_progress,
+    )
+    source = make_source(args)
+    if args.shard:
+        index, _, count = args.shard.partition("/")
+        source.select_shard(int(index), int(count))
+        options.extra_summary["shard"] = args.shard
+    summary = build_corpus(source, args.out, options)
+    if args.push_to_hub:
+        push_to_hub(args.out, args.push_to_hub)
+    kept = sum(summary["splits"].values())
+    print(f"cells in: {summary['num_cells_in']}; kept: {kept} {summary['splits']}; "
+          f"rejected: {sum(summary['rejected'].values())} {summary['rejected']}; out: {args.out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

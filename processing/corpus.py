@@ -1,0 +1,207 @@
+"""Cell labels from CELLxGENE obs, their descriptions, and the corpus rows written per split.
+
+Labels come from the ontology term ids (the real ontologies bundled with
+cellxgene-ontology-guide): the label is the ontology's label of the (current) term, the cell
+type's definition is its Cell Ontology definition, the age group is the HsapDv stage's bucket.
+A value CELLxGENE marks as missing ("unknown", "na", NaN, ...) is None and leaves its phrase
+out of the description. Cells that cannot be described get a reject reason instead:
+
+* ``missing_cell_type``: no cell type id and no label;
+* ``unmapped_cell_type``: a cell type label without a Cell Ontology id (e.g. a preset label
+  missing from its mapping table);
+* ``unknown_cell_type_term``: an id that is not a term of the bundled Cell Ontology;
+* ``missing_<field>``: a field listed as required (``required_fields``) is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from modeling_cell2text.description_schema import AGE_GROUPS, MISSING_VALUES, SEXES, CellDescription, render_description
+from processing import ontologies
+
+logger = logging.getLogger(__name__)
+
+LABEL_FIELDS = ("cell_type", "tissue", "disease", "sex", "development_stage")
+_string = datasets.Value("string")
+FEATURES = datasets.Features(
+    {
+        "cell_id": _string,
+        "gene_input_ids": datasets.List(datasets.Value("int32")),
+        "description": _string,
+        **{name: _string for field in LABEL_FIELDS for name in (field, f"{field}_ontology_term_id")},
+        "age_group": _string,
+        "pathways": datasets.List(_string),
+        "donor_id": _string,
+        "dataset_id": _string,
+    }
+)
+_STRING_COLUMNS = [name for name, feature in FEATURES.items() if feature == _string]
+
+
+def clean(value: object) -> str | None:
+    """A metadata value as a stripped string, or None when CELLxGENE would call it missing."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    text = str(value).strip()
+    return None if text.lower() in MISSING_VALUES else text
+
+
+@lru_cache(maxsize=None)
+def resolve_term(term_id: str | None, label: str | None) -> tuple[str | None, str | None, bool]:
+    """(term id, label, known) for one obs value pair; known terms take the ontology's label."""
+    if term_id is not None and ontologies.is_known_term(term_id):
+        current = ontologies.resolve_term(term_id)
+        return current, ontologies.term_label(current), True
+    return term_id, label, False
+
+
+@lru_cache(maxsize=None)
+def age_group_of(stage_id: str | None) -> str | None:
+    """Age bucket of a known HsapDv stage; None for other ontologies and coarse stages."""
+    if stage_id is None or not stage_id.startswith("HsapDv:"):
+        return None
+    bucket = ontologies.development_stage_to_age_bucket(stage_id)
+    return bucket if bucket in AGE_GROUPS else None
+
+
+def _cell_type_reason(term_id: str | None, label: str | None, known: bool) -> str | None:
+    if term_id is None:
+        return "missing_cell_type" if label is None else "unmapped_cell_type"
+    if not known or not term_id.startswith("CL:"):
+        return "unknown_cell_type_term"
+    return None
+
+
+def _distinct_pairs(ids: pd.Series, labels: pd.Series) -> tuple[np.ndarray, list[tuple[str | None, str | None]]]:
+    """(code per cell, distinct cleaned (id, label) pairs): per-pair work instead of per-cell."""
+    id_codes, id_values = pd.factorize(ids.map(clean))  # code -1: missing
+    label_codes, label_values = pd.factorize(labels.map(clean))
+    width = len(label_values) + 1
+    combined, distinct = pd.factorize((id_codes.astype(np.int64) + 1) * width + (label_codes + 1))
+    pairs = []
+    for key in distinct.tolist():
+        i, j = divmod(key, width)
+        pairs.append((str(id_values[i - 1]) if i else None, str(label_values[j - 1]) if j else None))
+    return combined, pairs
+
+
+def resolve_labels(obs: pd.DataFrame, required_fields: Sequence[str] = ("cell_type",)) -> tuple[pd.DataFrame, np.ndarray]:
+    """Labels per cell (output column names) and a reject reason per cell (None: kept).
+
+    Work is done once per distinct (id, label) pair, so it is cheap for millions of cells.
+    """
+    unknown = [f for f in required_fields if f not in LABEL_FIELDS]
+    if unknown:
+        raise ValueError(f"required_fields must be among {LABEL_FIELDS}, got {unknown}")
+    labels = pd.DataFrame(index=obs.index)
+    reasons = np.full(len(obs), None, dtype=object)
+    for field in LABEL_FIELDS:
+        codes, pairs = _distinct_pairs(obs[f"{field}_ontology_term_id"], obs[field])
+        resolved = [resolve_term(*pair) for pair in pairs]
+        labels[f"{field}_ontology_term_id"] = np.array([r[0] for r in resolved], dtype=object)[codes]
+        labels[field] = np.array([r[1] for r in resolved], dtype=object)[codes]
+        if field == "cell_type":
+            reason = np.array([_cell_type_reason(*r) for r in resolved], dtype=object)[codes]
+        elif field in required_fields:
+            reason = np.where(labels[field].isna().to_numpy(), f"missing_{field}", None)
+        else:
+            continue
+        reasons = np.where(pd.isna(reasons), reason, reasons)
+    labels["age_group"] = labels["development_stage_ontology_term_id"].map(age_group_of)
+    labels["donor_id"] = obs["donor_id"].map(clean)
+    labels["dataset_id"] = obs["dataset_id"].map(clean)
+    return labels, np.where(pd.isna(reasons), None, reasons).astype(object)
+
+
+@lru_cache(maxsize=100_000)
+def describe(
+    cell_type: str, cell_type_id: str, tissue: str | None, sex: str | None, disease: str | None,
+    age_group: str | None, pathways: tuple[str, ...],
+) -> str:
+    """The description text of one cell (rendered by the model's description schema)."""
+    return render_description(description_fields(cell_type, cell_type_id, tissue, sex, disease, age_group, pathways))
+
+
+def description_fields(
+    cell_type: str, cell_type_id: str, tissue: str | None, sex: str | None, disease: str | None,
+    age_group: str | None, pathways: tuple[str, ...],
+) -> CellDescription:
+    """The schema fields a cell's description is rendered from (sex only when female/male)."""
+    definition = ontologies.term_definition(cell_type_id)
+    return CellDescription(
+        cell_type=cell_type,
+        cell_type_definition=clean(definition),
+        tissue=tissue,
+        sex=sex if sex in SEXES else None,
+        disease=disease,
+        age_group=age_group,
+        pathways=pathways,
+    )
+
+
+def _nullable(values: np.ndarray) -> list[str | None]:
+    return [None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in values]
+
+
+class SplitWriter:
+    """Streams corpus rows into one Arrow file per split and hashes their content (fingerprints)."""
+
+    def __init__(self, directory: Path, splits: Sequence[str]) -> None:
+        self.schema = FEATURES.arrow_schema
+        self.paths = {s: Path(directory) / f"{s}.arrow" for s in splits}
+        self._writers = {s: pa.ipc.new_stream(str(p), self.schema) for s, p in self.paths.items()}
+        self._hashes = {s: hashlib.sha256(str(FEATURES).encode()) for s in splits}
+        self.counts = dict.fromkeys(splits, 0)
+
+    def write(self, split: str, columns: dict[str, object], tokens: np.ndarray, offsets: np.ndarray) -> None:
+        """Write one batch: string columns (lists), pathways (list of tuples), ragged tokens."""
+        offsets = np.asarray(offsets, dtype=np.int32) - np.int32(offsets[0])
+        tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+        arrays = {name: pa.array(_nullable(np.asarray(columns[name], dtype=object)), type=pa.string()) for name in _STRING_COLUMNS}
+        arrays["gene_input_ids"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(tokens))
+        arrays["pathways"] = pa.array([list(p) for p in columns["pathways"]], type=pa.list_(pa.string()))
+        batch = pa.RecordBatch.from_arrays([arrays[name] for name in FEATURES], schema=self.schema)
+        self._writers[split].write_batch(batch)
+        digest = self._hashes[split]
+        digest.update(tokens.tobytes())
+        digest.update(offsets.tobytes())
+        for name in _STRING_COLUMNS:
+            digest.update("\x1f".join("\x00" if v is None else v for v in arrays[name].to_pylist()).encode())
+        digest.update(repr([list(p) for p in columns["pathways"]]).encode())
+        self.counts[split] += batch.num_rows
+
+    def close(self) -> dict[str, str]:
+        """Close the files; returns the content fingerprint of each split."""
+        for writer in self._writers.values():
+            writer.close()
+        return {s: h.hexdigest()[:16] for s, h in self._hashes.items()}
+
+    def save(self, out: Path, fingerprints: dict[str, str]) -> None:
+        """Move the written files into a ``DatasetDict.save_to_disk`` layout at ``out`` (no copy).
+
+        ``datasets`` writes the metadata (empty splits with FEATURES); each split's Arrow stream
+        file then becomes its data file and its state records the content fingerprint. Copying
+        with ``save_to_disk`` instead would page the whole corpus through memory.
+        """
+        import json
+        import os
+
+        empty = datasets.Dataset.from_dict({name: [] for name in FEATURES}, features=FEATURES)
+        datasets.DatasetDict({s: empty for s in self.paths}).save_to_disk(str(out))
+        for split, path in self.paths.items():
+            data_file = "data-00000-of-00001.arrow"
+            os.replace(path, Path(out) / split / data_file)
+            state_path = Path(out) / split / "state.json"
+            state = json.loads(state_path.read_text())
+            state.update({"_data_files": [{"filename": data_file}], "_fingerprint": fingerprints[split], "_split": split})
+            state_path.write_text(json.dumps(state, indent=2, sort_keys=True))

@@ -1,0 +1,191 @@
+"""Per-gene non-zero medians of normalised counts, computed in one streaming pass.
+
+Geneformer divides each gene's normalised count (``count / cell total * 10,000``) by the gene's
+non-zero median over the pretraining corpus. Two accumulators compute those medians chunk by
+chunk:
+
+* :class:`ExactGeneMedians` keeps every non-zero value: exact (numpy's median, the mean of the
+  two middle values for an even count); memory grows with the number of non-zeros, so it is for
+  small corpora.
+* :class:`HistogramGeneMedians` keeps one histogram per gene over log-spaced bins
+  (``bins_per_decade`` per factor of 10 between ``min_value`` and ``max_value``). Memory is fixed
+  (genes x bins counters), histograms of shards add up (:meth:`merge`), and the estimate (each
+  middle value replaced by the geometric centre of its bin) has a relative error of at most
+  half a bin width in log space: ``|estimate / median - 1| <= 10 ** (1 / (2 * bins_per_decade)) - 1``
+  (1.16% for 100 bins per decade), for values inside ``[min_value, max_value]``. Values outside
+  are clamped to the edge bins (normalised counts lie in (0, 10,000]; the default range is wider).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+logger = logging.getLogger(__name__)
+
+TARGET_SUM = 10_000.0
+INPUT_VALUES = ("counts", "normalized", "log1p")
+
+
+def expression_values(data: np.ndarray, input_values: str) -> np.ndarray:
+    """Stored values as linear-scale expression (float64): expm1 undoes log1p input."""
+    if input_values not in INPUT_VALUES:
+        raise ValueError(f"input_values must be one of {INPUT_VALUES}, got {input_values!r}")
+    data = np.asarray(data, dtype=np.float64)
+    return np.expm1(data) if input_values == "log1p" else data
+
+
+def normalize_total(matrix: sp.csr_matrix, input_values: str) -> tuple[sp.csr_matrix, np.ndarray]:
+    """(cells x genes CSR of ``value / cell total * 10,000``, cell totals) for one chunk.
+
+    Cells with a zero total keep all-zero rows (the caller rejects them).
+    """
+    matrix = sp.csr_matrix(matrix)
+    values = expression_values(matrix.data, input_values)
+    lengths = np.diff(matrix.indptr)
+    totals = np.bincount(np.repeat(np.arange(matrix.shape[0]), lengths), weights=values, minlength=matrix.shape[0])
+    scale = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
+    normalized = sp.csr_matrix((values * np.repeat(scale, lengths), matrix.indices, matrix.indptr), shape=matrix.shape)
+    return normalized, totals
+
+
+class ExactGeneMedians:
+    """Exact non-zero medians: keeps every (gene, value) pair it is given."""
+
+    def __init__(self, n_genes: int) -> None:
+        self.n_genes = int(n_genes)
+        self._genes: list[np.ndarray] = []
+        self._values: list[np.ndarray] = []
+
+    relative_error_bound = 0.0
+
+    def update(self, genes: np.ndarray, values: np.ndarray) -> None:
+        """Add values (> 0) of the given gene columns; zeros and negatives are ignored."""
+        keep = values > 0
+        self._genes.append(np.asarray(genes, dtype=np.int32)[keep])
+        self._values.append(np.asarray(values, dtype=np.float64)[keep])
+
+    def medians(self) -> np.ndarray:
+        """Median per gene (NaN for genes never seen non-zero)."""
+        genes = np.concatenate(self._genes) if self._genes else np.zeros(0, np.int32)
+        values = np.concatenate(self._values) if self._values else np.zeros(0)
+        order = np.lexsort((values, genes))
+        genes, values = genes[order], values[order]
+        counts = np.bincount(genes, minlength=self.n_genes)
+        starts = np.cumsum(counts) - counts
+        result = np.full(self.n_genes, np.nan)
+        seen = counts > 0
+        low = values[(starts + (counts - 1) // 2)[seen]]
+        high = values[(starts + counts // 2)[seen]]
+        result[seen] = (low + high) / 2.0
+        return result
+
+
+class HistogramGeneMedians:
+    """Approximate non-zero medians from per-gene log-spaced histograms (fixed memory, mergeable)."""
+
+    def __init__(
+        self, n_genes: int, bins_per_decade: int = 100, min_value: float = 1e-6, max_value: float = 1e5
+    ) -> None:
+        if not 0 < min_value < max_value or bins_per_decade < 1:
+            raise ValueError("need 0 < min_value < max_value and bins_per_decade >= 1")
+        self.n_genes = int(n_genes)
+        self.bins_per_decade = int(bins_per_decade)
+        self.min_value, self.max_value = float(min_value), float(max_value)
+        self.n_bins = int(math.ceil(math.log10(max_value / min_value) * bins_per_decade))
+        self.counts = np.zeros((self.n_genes, self.n_bins), dtype=np.int64)
+
+    @property
+    def relative_error_bound(self) -> float:
+        """Largest ``|estimate / median - 1|`` for values inside the histogram range."""
+        return 10 ** (1 / (2 * self.bins_per_decade)) - 1
+
+    def _bins(self, values: np.ndarray) -> np.ndarray:
+        position = (np.log10(values) - math.log10(self.min_value)) * self.bins_per_decade
+        return np.clip(np.floor(position), 0, self.n_bins - 1).astype(np.int64)
+
+    def bin_centres(self) -> np.ndarray:
+        """Geometric centre of each bin."""
+        return self.min_value * 10 ** ((np.arange(self.n_bins) + 0.5) / self.bins_per_decade)
+
+    def update(self, genes: np.ndarray, values: np.ndarray) -> None:
+        """Add values (> 0) of the given gene columns; zeros and negatives are ignored."""
+        keep = values > 0
+        keys = np.asarray(genes, dtype=np.int64)[keep] * self.n_bins + self._bins(values[keep])
+        np.add.at(self.counts.reshape(-1), keys, 1)  # a view: counts is C-contiguous
+
+    def merge(self, other: HistogramGeneMedians) -> None:
+        """Add another accumulator's counts (e.g. from another shard); same binning required."""
+        same = (other.n_genes, other.bins_per_decade, other.min_value, other.max_value) == (
+            self.n_genes, self.bins_per_decade, self.min_value, self.max_value)
+        if not same:
+            raise ValueError("cannot merge histograms with different genes or binning; build shards with the same settings")
+        self.counts += other.counts
+
+    def medians(self) -> np.ndarray:
+        """Estimated median per gene (NaN for genes never seen non-zero)."""
+        n = self.counts.sum(axis=1)
+        cumulative = np.cumsum(self.counts, axis=1)
+        centres = self.bin_centres()
+
+        def value_at(rank: np.ndarray) -> np.ndarray:
+            return centres[np.minimum((cumulative <= rank[:, None]).sum(axis=1), self.n_bins - 1)]
+
+        result = (value_at((n - 1) // 2) + value_at(n // 2)) / 2.0
+        result[n == 0] = np.nan
+        return result
+
+    def save(self, path: str | Path, gene_ids: list[str]) -> None:
+        """Write the histogram and its gene IDs (``.npz``) so shards can be merged later."""
+        np.savez_compressed(
+            path, counts=self.counts, gene_ids=np.asarray(gene_ids, dtype=str),
+            binning=np.array([self.bins_per_decade, self.min_value, self.max_value], dtype=np.float64),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple[HistogramGeneMedians, list[str]]:
+        """Read a histogram written by :meth:`save`; returns it and its gene IDs."""
+        with np.load(path, allow_pickle=False) as data:
+            bins_per_decade, min_value, max_value = data["binning"].tolist()
+            hist = cls(len(data["gene_ids"]), int(bins_per_decade), min_value, max_value)
+            hist.counts[:] = data["counts"]
+            return hist, data["gene_ids"].tolist()
+
+
+def merge_histogram_files(paths: list[str | Path]) -> dict[str, float]:
+    """Merge shard histograms (genes aligned by ID) into gene -> median for genes seen non-zero."""
+    loaded = [HistogramGeneMedians.load(p) for p in paths]
+    genes = sorted(set().union(*(ids for _, ids in loaded)))
+    position = {g: i for i, g in enumerate(genes)}
+    first = loaded[0][0]
+    total = HistogramGeneMedians(len(genes), first.bins_per_decade, first.min_value, first.max_value)
+    for hist, ids in loaded:
+        aligned = HistogramGeneMedians(len(genes), hist.bins_per_decade, hist.min_value, hist.max_value)
+        aligned.counts[[position[g] for g in ids]] = hist.counts
+        total.merge(aligned)
+    medians = total.medians()
+    return {g: float(m) for g, m in zip(genes, medians) if np.isfinite(m)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: merge shard histograms into the corpus feature extractor."""
+    parser = argparse.ArgumentParser(description="Merge per-shard gene-median histograms into a feature extractor.")
+    parser.add_argument("histograms", nargs="+", help="median_histogram.npz files written by build_corpus shards")
+    parser.add_argument("--out", required=True, help="directory for the merged feature extractor")
+    parser.add_argument("--model-input-size", type=int, default=4096)
+    args = parser.parse_args(argv)
+    from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
+
+    medians = merge_histogram_files(args.histograms)
+    extractor = Cell2TextFeatureExtractor.from_gene_medians(medians, model_input_size=args.model_input_size)
+    extractor.save_pretrained(args.out)
+    print(f"merged {len(args.histograms)} histograms: {len(medians)} genes -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

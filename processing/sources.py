@@ -1,0 +1,207 @@
+"""Cell sources for the corpus builder: AnnData (in memory or backed h5ad) and TileDB-SOMA / Census.
+
+A source exposes the same four things whatever it reads:
+
+* ``obs``: a DataFrame in CELLxGENE schema column names (renamed with ``obs_map``), one row per
+  cell in source order, index = cell ids;
+* ``gene_ids`` (unversioned Ensembl ID per column, None where a gene has none) and
+  ``gene_symbols`` (symbol per column, for gene-set scoring);
+* ``input_values``: what the matrix holds ("counts", "normalized" or "log1p");
+* ``iter_chunks(chunk_size)``: ``(first_row, CSR chunk)`` pairs covering every row once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from modeling_cell2text.gene_table import ensembl_to_symbol, symbol_to_ensembl
+
+logger = logging.getLogger(__name__)
+
+#: CELLxGENE schema obs columns the builder reads (label and ontology term id pairs, ids).
+SCHEMA_COLUMNS = (
+    "cell_type", "cell_type_ontology_term_id", "tissue", "tissue_ontology_term_id",
+    "disease", "disease_ontology_term_id", "sex", "sex_ontology_term_id",
+    "development_stage", "development_stage_ontology_term_id", "donor_id", "dataset_id", "assay",
+)
+#: The paper's Census filter: primary data with a known cell type, tissue and disease.
+DEFAULT_SOMA_FILTER = (
+    "is_primary_data == True and cell_type_ontology_term_id != 'unknown' "
+    "and tissue_ontology_term_id != 'unknown' and disease_ontology_term_id != 'unknown'"
+)
+_ENSEMBL_COLUMNS = ("feature_id", "gene_ids", "gene_id", "ensembl_id", "ensembl_ids", "ensembl_gene_id")
+_SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "symbol", "gene_name")
+
+
+def _ensembl(value: Any) -> str | None:
+    text = str(value)
+    return text.split(".", 1)[0] if text.startswith("ENS") and "G0" in text else None
+
+
+def resolve_genes(var: pd.DataFrame) -> tuple[list[str | None], list[str | None]]:
+    """(Ensembl ID or None, symbol or None) per var row; symbols map through the GENCODE table.
+
+    Ensembl IDs come from the index or a ``feature_id``-like column; otherwise symbols (index or
+    ``feature_name``-like column) are mapped with ``symbol_to_ensembl``. Unmapped genes stay None
+    and are reported by the caller.
+    """
+    index = [str(v) for v in var.index]
+    columns = {c: [str(v) for v in var[c]] for c in var.columns if c in _ENSEMBL_COLUMNS + _SYMBOL_COLUMNS}
+    ensembl_source = next((vals for vals in [index] + [columns[c] for c in _ENSEMBL_COLUMNS if c in columns]
+                           if vals and sum(_ensembl(v) is not None for v in vals) > 0.5 * len(vals)), None)
+    symbol_source = next((columns[c] for c in _SYMBOL_COLUMNS if c in columns), None)
+    if ensembl_source is not None:
+        ids = [_ensembl(v) for v in ensembl_source]
+        if symbol_source is None:
+            table = ensembl_to_symbol([i for i in ids if i])
+            symbol_source = [table.get(i) if i else None for i in ids]
+        return ids, list(symbol_source)
+    symbols = symbol_source if symbol_source is not None else index
+    mapping = symbol_to_ensembl(symbols)
+    return [mapping.get(s) for s in symbols], list(symbols)
+
+
+def standardize_obs(obs: pd.DataFrame, obs_map: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Rename columns to CELLxGENE names (``obs_map``: old -> new) and add missing schema columns as None."""
+    obs_map = dict(obs_map or {})
+    missing = [old for old in obs_map if old not in obs.columns]
+    if missing:
+        raise KeyError(f"obs_map names columns not in obs: {missing}; available: {list(obs.columns)}")
+    obs = obs.rename(columns=obs_map)
+    out = pd.DataFrame(index=obs.index.astype(str))
+    for column in SCHEMA_COLUMNS:
+        out[column] = obs[column].astype(object).to_numpy() if column in obs.columns else None
+    return out
+
+
+def shard_range(n_rows: int, index: int, count: int) -> range:
+    """Rows of shard ``index`` (0-based) of ``count`` near-equal contiguous ranges."""
+    if not 0 <= index < count:
+        raise ValueError(f"shard index must be in [0, {count}), got {index}")
+    return range(n_rows * index // count, n_rows * (index + 1) // count)
+
+
+class AnnDataSource:
+    """An AnnData object (in memory or backed) read in row chunks from ``X`` or a layer."""
+
+    def __init__(
+        self,
+        adata: Any,
+        *,
+        name: str = "anndata",
+        layer: str | None = None,
+        input_values: str = "counts",
+        obs_map: Mapping[str, str] | None = None,
+        dataset_id: str | None = None,
+    ) -> None:
+        if layer is not None and layer not in adata.layers:
+            raise KeyError(f"layer {layer!r} not in adata.layers (available: {list(adata.layers.keys())})")
+        self.adata, self.layer, self.name, self.input_values = adata, layer, name, input_values
+        self.obs = standardize_obs(adata.obs, obs_map)
+        if dataset_id is not None:
+            self.obs["dataset_id"] = self.obs["dataset_id"].where(self.obs["dataset_id"].notna(), dataset_id)
+        self.gene_ids, self.gene_symbols = resolve_genes(adata.var)
+        self.rows = range(adata.n_obs)
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.rows)
+
+    def select_shard(self, index: int, count: int) -> None:
+        """Keep only shard ``index`` of ``count`` contiguous, near-equal row ranges (``--shard i/n``)."""
+        self.rows = shard_range(self.adata.n_obs, index, count)
+        self.obs = self.obs.iloc[self.rows.start : self.rows.stop]
+
+    def iter_chunks(self, chunk_size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
+        """Yield ``(first_row, CSR rows)`` over the cells (backed files are read chunk by chunk)."""
+        matrix = self.adata.layers[self.layer] if self.layer else self.adata.X
+        for start in range(0, self.n_cells, chunk_size):
+            first = self.rows.start + start
+            block = matrix[first : min(first + chunk_size, self.rows.stop)]
+            yield start, sp.csr_matrix(block) if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+
+
+def h5ad_source(path: str | Path, *, backed: bool = False, **kwargs: Any) -> AnnDataSource:
+    """An h5ad file, read into memory or opened backed (``backed=True``: read in row chunks)."""
+    import anndata
+
+    adata = anndata.read_h5ad(path, backed="r" if backed else None)
+    kwargs.setdefault("name", Path(path).name)
+    kwargs.setdefault("dataset_id", Path(path).stem)
+    return AnnDataSource(adata, **kwargs)
+
+
+class SomaSource:
+    """A TileDB-SOMA experiment (e.g. CELLxGENE Census), filtered on obs, read in row chunks.
+
+    ``uri`` is a local or remote SOMA experiment; ``experiment`` may be passed instead (e.g.
+    ``cellxgene_census.open_soma()["census_data"]["homo_sapiens"]``).
+    """
+
+    def __init__(
+        self,
+        uri: str | None = None,
+        *,
+        experiment: Any = None,
+        measurement: str = "RNA",
+        x_name: str = "raw",
+        obs_value_filter: str | None = DEFAULT_SOMA_FILTER,
+        input_values: str = "counts",
+        obs_map: Mapping[str, str] | None = None,
+        name: str | None = None,
+    ) -> None:
+        import tiledbsoma
+
+        if experiment is None:
+            if uri is None:
+                raise ValueError("pass a SOMA experiment uri or an opened experiment")
+            experiment = tiledbsoma.Experiment.open(uri)
+        self.experiment, self.measurement, self.x_name = experiment, measurement, x_name
+        self.name = name or str(uri)
+        self.input_values = input_values
+        self.obs_value_filter = obs_value_filter
+        obs = experiment.obs.read(value_filter=obs_value_filter).concat().to_pandas()
+        obs = obs.sort_values("soma_joinid", kind="stable")
+        self.joinids = obs["soma_joinid"].to_numpy(np.int64)
+        ids = obs["obs_id"] if "obs_id" in obs.columns else obs["soma_joinid"]
+        obs.index = pd.Index(ids.astype(str).to_numpy(), name=None)
+        self.obs = standardize_obs(obs, obs_map)
+        var = experiment.ms[measurement].var.read().concat().to_pandas()
+        var_joinids = var["soma_joinid"].to_numpy(np.int64)
+        self._column_of = np.full(int(var_joinids.max()) + 1 if len(var) else 0, -1, dtype=np.int64)
+        self._column_of[var_joinids] = np.arange(len(var))
+        if "var_id" in var.columns and "feature_id" not in var.columns:
+            var = var.rename(columns={"var_id": "feature_id"})
+        self.n_genes = len(var)
+        self.gene_ids, self.gene_symbols = resolve_genes(var)
+        logger.info("SOMA source %s: %d cells pass the obs filter %r", self.name, len(self.joinids), obs_value_filter)
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.joinids)
+
+    def select_shard(self, index: int, count: int) -> None:
+        """Keep only shard ``index`` of ``count`` contiguous ranges of the filtered cells."""
+        rows = shard_range(len(self.joinids), index, count)
+        self.joinids = self.joinids[rows.start : rows.stop]
+        self.obs = self.obs.iloc[rows.start : rows.stop]
+
+    def iter_chunks(self, chunk_size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
+        """Yield ``(first_row, CSR rows)`` over the filtered cells, in soma_joinid order."""
+        X = self.experiment.ms[self.measurement].X[self.x_name]
+        for start in range(0, self.n_cells, chunk_size):
+            ids = self.joinids[start : start + chunk_size]
+            table = X.read(coords=(ids, slice(None))).tables().concat()
+            rows = np.searchsorted(ids, table.column("soma_dim_0").to_numpy())
+            cols = self._column_of[table.column("soma_dim_1").to_numpy()]
+            data = table.column("soma_data").to_numpy()
+            chunk = sp.csr_matrix((data, (rows, cols)), shape=(len(ids), self.n_genes))
+            chunk.sum_duplicates()
+            yield start, chunk

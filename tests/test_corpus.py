@@ -1,0 +1,172 @@
+"""Corpus builder on real cells (scanpy's pbmc68k_reduced, offline): layout, accounting, text, determinism."""
+
+import json
+import os
+import subprocess
+from collections import Counter
+import sys
+from pathlib import Path
+
+import anndata
+import datasets
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from modeling_cell2text.description_schema import parse_description
+from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
+from processing import ontologies
+from processing.build_corpus import BuildOptions, build_corpus
+from processing.corpus import FEATURES, description_fields
+from processing.presets import pbmc68k_reduced
+from processing.sources import AnnDataSource
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+ROOT = Path(__file__).resolve().parents[1]
+SUMMARY_KEYS = {"name", "source", "num_cells_in", "splits", "rejected", "label_counts", "gene_vocabulary_size",
+                "pathway_library", "seed", "ontology_term_ids"}
+
+
+@pytest.fixture(scope="module")
+def pbmc_corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pbmc")
+    summary = build_corpus(pbmc68k_reduced(), out, BuildOptions(progress=False))
+    return out, summary, datasets.load_from_disk(str(out))
+
+
+def test_pbmc68k_corpus_layout_and_split_sizes(pbmc_corpus):
+    out, summary, corpus = pbmc_corpus
+    assert list(corpus) == ["train", "validation", "test"]
+    for split in corpus.values():
+        assert split.features == FEATURES
+    rejects = pd.read_csv(out / "rejects.csv")
+    sizes = {name: len(split) for name, split in corpus.items()}
+    assert sizes == summary["splits"]
+    assert sum(sizes.values()) == 700 - len(rejects)
+    assert sizes["train"] == pytest.approx(0.8 * 700, abs=10)
+    ids = [cid for split in corpus.values() for cid in split["cell_id"]]
+    assert len(ids) == len(set(ids))  # no cell in two splits
+    assert all(d is None for split in corpus.values() for d in split["donor_id"])  # pbmc68k has no donors
+    # every cell type is in train (stratified split)
+    assert set(summary["label_counts"]["cell_type"]["train"]) == set(summary["ontology_term_ids"]["cell_type"])
+    assert SUMMARY_KEYS <= set(json.loads((out / "summary.json").read_text()))
+    assert summary["gene_vocabulary_size"] == 700 and summary["input_values"] == "log1p"
+    assert len((out / "unmapped_genes.txt").read_text().splitlines()) == 65
+    assert (out / "README.md").read_text().count("560") >= 1
+
+
+def test_tokens_match_the_saved_feature_extractor(pbmc_corpus):
+    out, _, corpus = pbmc_corpus
+    extractor = Cell2TextFeatureExtractor.from_pretrained(str(out / "feature_extractor"))
+    source = pbmc68k_reduced()
+    ranked = extractor.tokenize(source.adata, source.gene_ids, input_values="log1p")
+    by_id = dict(zip(source.obs.index, ranked.to_list()))
+    row = corpus["test"][0]
+    assert row["gene_input_ids"] == by_id[row["cell_id"]].tolist()
+    assert row["gene_input_ids"][0] == extractor.cls_token_id and row["gene_input_ids"][-1] == extractor.eos_token_id
+
+
+def test_descriptions_name_real_cl_terms_and_round_trip(pbmc_corpus):
+    _, _, corpus = pbmc_corpus
+    n = 0
+    for split in corpus.values():
+        for row in split:
+            term = row["cell_type_ontology_term_id"]
+            assert term.startswith("CL:") and ontologies.term_label(term) == row["cell_type"]
+            definition = ontologies.term_definition(term)
+            assert definition and definition.rstrip(".") in row["description"]
+            text = row["description"]
+            assert "nan" not in text.split() and "unknown" not in text.lower()
+            fields = description_fields(row["cell_type"], term, row["tissue"], row["sex"], row["disease"],
+                                        row["age_group"], tuple(row["pathways"]))
+            assert parse_description(text) == fields
+            assert fields.tissue == "blood" and fields.disease == "normal" and len(fields.pathways) == 2
+            n += 1
+    assert n == 700
+
+
+def _broken_pbmc_source() -> AnnDataSource:
+    """60 real cells with injected problems, one per reject reason."""
+    base = pbmc68k_reduced().adata[:60].copy()
+    X = base.X.toarray()
+    obs = base.obs.copy()
+    X[0] = X[59] = 0  # no counts at all (also as the last row of a chunk)
+    unmapped = np.array([g is None for g in pbmc68k_reduced().gene_ids])
+    X[1] = 0
+    X[1, np.flatnonzero(unmapped)[:3]] = 1.0  # counts only in genes without an Ensembl ID
+    obs.iloc[2, obs.columns.get_loc("cell_type_ontology_term_id")] = np.nan  # label without a CL id
+    obs.iloc[3, obs.columns.get_loc("cell_type_ontology_term_id")] = "unknown"
+    obs.iloc[3, obs.columns.get_loc("cell_type")] = "unknown"
+    obs.iloc[4, obs.columns.get_loc("cell_type_ontology_term_id")] = "CL:9999999"
+    obs.iloc[5, obs.columns.get_loc("tissue_ontology_term_id")] = "unknown"  # tissue missing: required below
+    obs.iloc[5, obs.columns.get_loc("tissue")] = "unknown"
+    adata = anndata.AnnData(X=sp.csr_matrix(X), obs=obs, var=base.var)
+    return AnnDataSource(adata, name="broken", input_values="log1p")
+
+
+def test_every_cell_is_kept_or_rejected_with_its_reason(tmp_path):
+    options = BuildOptions(progress=False, required_fields=("cell_type", "tissue"), gmt=None)
+    summary = build_corpus(_broken_pbmc_source(), tmp_path, options)
+    rejects = pd.read_csv(tmp_path / "rejects.csv")
+    source = _broken_pbmc_source()
+    expected = {0: "no_counts", 1: "no_vocabulary_gene", 2: "unmapped_cell_type", 3: "missing_cell_type",
+                4: "unknown_cell_type_term", 5: "missing_tissue", 59: "no_counts"}
+    assert dict(zip(rejects["cell_id"], rejects["reason"])) == {source.obs.index[i]: r for i, r in expected.items()}
+    assert summary["rejected"] == dict(Counter(expected.values()))
+    corpus = datasets.load_from_disk(str(tmp_path))
+    kept = {cid for split in corpus.values() for cid in split["cell_id"]}
+    assert len(kept) + len(rejects) == summary["num_cells_in"] == 60
+    assert kept.isdisjoint(rejects["cell_id"])
+    assert all(row["pathways"] == [] for row in corpus["train"])  # gmt=None: no pathway phrases
+    assert "pathway" not in corpus["train"][0]["description"]
+
+
+def test_same_inputs_and_seed_give_same_fingerprints(tmp_path, pbmc_corpus):
+    _, summary, corpus = pbmc_corpus
+    again = build_corpus(pbmc68k_reduced(), tmp_path / "a", BuildOptions(progress=False))
+    reloaded = datasets.load_from_disk(str(tmp_path / "a"))
+    assert {k: v._fingerprint for k, v in reloaded.items()} == {k: v._fingerprint for k, v in corpus.items()}
+    assert again["fingerprints"] == summary["fingerprints"]
+    other = build_corpus(pbmc68k_reduced(), tmp_path / "b", BuildOptions(progress=False, seed=1))
+    assert other["fingerprints"]["train"] != summary["fingerprints"]["train"]
+
+
+def test_given_vocabulary_is_used_as_is(tmp_path, pbmc_corpus):
+    out, _, corpus = pbmc_corpus
+    extractor = Cell2TextFeatureExtractor.from_pretrained(str(out / "feature_extractor"))
+    summary = build_corpus(pbmc68k_reduced(), tmp_path, BuildOptions(progress=False, feature_extractor=extractor))
+    rebuilt = datasets.load_from_disk(str(tmp_path))
+    assert rebuilt["validation"]["gene_input_ids"] == corpus["validation"]["gene_input_ids"]
+    assert summary["gene_vocabulary_size"] == len(extractor.gene_medians)
+
+
+def test_cli_builds_pbmc68k_offline(tmp_path):
+    out = tmp_path / "cli"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "processing.build_corpus", "--preset", "pbmc68k_reduced",
+                           "--out", str(out), "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "cells in: 700" in proc.stdout
+    corpus = datasets.load_from_disk(str(out))
+    assert sum(len(s) for s in corpus.values()) + len(pd.read_csv(out / "rejects.csv")) == 700
+    assert (out / "feature_extractor" / "preprocessor_config.json").exists()
+
+
+def test_shards_cover_the_input_and_their_histograms_merge(tmp_path):
+    from processing.gene_medians import HistogramGeneMedians, merge_histogram_files
+
+    options = BuildOptions(progress=False, medians="histogram", gmt=None)
+    cells = []
+    for i in range(2):
+        source = pbmc68k_reduced()
+        source.select_shard(i, 2)
+        summary = build_corpus(source, tmp_path / f"shard{i}", options)
+        assert summary["num_cells_in"] == 350
+        cells += [c for s in datasets.load_from_disk(str(tmp_path / f"shard{i}")).values() for c in s["cell_id"]]
+    assert sorted(cells) == sorted(pbmc68k_reduced().obs.index)
+    merged = merge_histogram_files([tmp_path / f"shard{i}" / "median_histogram.npz" for i in range(2)])
+    build_corpus(pbmc68k_reduced(), tmp_path / "full", options)
+    full, ids = HistogramGeneMedians.load(tmp_path / "full" / "median_histogram.npz")
+    expected = {g: float(m) for g, m in zip(ids, full.medians()) if np.isfinite(m)}
+    assert merged == expected and len(merged) == 700

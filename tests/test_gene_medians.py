@@ -1,0 +1,69 @@
+"""Gene medians: exact accumulator vs numpy, histogram within its stated bound, shard merging."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from processing.gene_medians import ExactGeneMedians, HistogramGeneMedians, merge_histogram_files, normalize_total
+
+
+def _random_entries(seed: int, n_genes: int = 40, n: int = 5000):
+    rng = np.random.default_rng(seed)
+    genes = rng.integers(0, n_genes - 1, n)  # the last gene is never seen
+    values = rng.lognormal(mean=0.0, sigma=2.0, size=n) * rng.choice([1e-3, 1.0, 1e3], size=n)
+    return genes, values
+
+
+def _numpy_medians(genes, values, n_genes):
+    return np.array([np.median(values[genes == g]) if (genes == g).any() else np.nan for g in range(n_genes)])
+
+
+def test_exact_medians_match_numpy_over_chunks():
+    genes, values = _random_entries(0)
+    acc = ExactGeneMedians(40)
+    for part in np.array_split(np.arange(len(genes)), 7):
+        acc.update(genes[part], values[part])
+    acc.update(np.array([0, 1]), np.array([0.0, -1.0]))  # zeros and negatives are not expression
+    np.testing.assert_allclose(acc.medians(), _numpy_medians(genes, values, 40), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("bins_per_decade", [10, 100])
+def test_histogram_medians_within_stated_bound(bins_per_decade):
+    genes, values = _random_entries(1)
+    acc = HistogramGeneMedians(40, bins_per_decade=bins_per_decade)
+    acc.update(genes, values)
+    exact = _numpy_medians(genes, values, 40)
+    estimate = acc.medians()
+    assert np.isnan(estimate[-1]) and np.isnan(exact[-1])
+    error = np.abs(estimate[:-1] / exact[:-1] - 1)
+    assert acc.relative_error_bound == pytest.approx(10 ** (1 / (2 * bins_per_decade)) - 1)
+    assert error.max() <= acc.relative_error_bound + 1e-12
+    assert error.max() > acc.relative_error_bound / 20  # the bound is not vacuous
+
+
+def test_histogram_shards_merge_to_the_full_histogram(tmp_path):
+    genes, values = _random_entries(2)
+    full = HistogramGeneMedians(40)
+    full.update(genes, values)
+    ids = [f"ENSG{i:011d}" for i in range(40)]
+    for k, part in enumerate(np.array_split(np.arange(len(genes)), 2)):
+        shard = HistogramGeneMedians(40)
+        shard.update(genes[part], values[part])
+        # shards may hold different gene orders; merging aligns them by ID
+        order = np.arange(40)[::-1] if k else np.arange(40)
+        permuted = HistogramGeneMedians(40)
+        permuted.counts[:] = shard.counts[order]
+        permuted.save(tmp_path / f"s{k}.npz", [ids[i] for i in order])
+    merged = merge_histogram_files([tmp_path / "s0.npz", tmp_path / "s1.npz"])
+    expected = full.medians()
+    assert merged == {ids[g]: float(expected[g]) for g in range(39)}
+
+
+def test_normalize_total_scales_cells_to_10k_and_undoes_log1p():
+    counts = sp.csr_matrix(np.array([[1.0, 3.0, 0.0], [0.0, 0.0, 0.0], [2.0, 2.0, 4.0]]))
+    normalized, totals = normalize_total(counts, "counts")
+    np.testing.assert_allclose(totals, [4, 0, 8])
+    np.testing.assert_allclose(normalized.toarray(), [[2500, 7500, 0], [0, 0, 0], [2500, 2500, 5000]])
+    logged = counts.copy()
+    logged.data = np.log1p(logged.data)
+    np.testing.assert_allclose(normalize_total(logged, "log1p")[0].toarray(), normalized.toarray())
