@@ -116,6 +116,13 @@ class Cell2TextModel(Cell2TextPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
+    def train(self, mode: bool = True) -> "Cell2TextModel":
+        """Like `nn.Module.train`, but a frozen gene encoder stays in eval mode (no dropout on fixed features)."""
+        super().train(mode)
+        if self.config.freeze_gene_encoder:
+            self.gene_encoder.eval()
+        return self
+
     def get_cell_features(
         self,
         gene_input_ids: torch.LongTensor,

@@ -147,3 +147,16 @@ def test_encoder_layer_outside_hidden_states_is_rejected(layer):
             text_config=LlamaConfig(hidden_size=8, num_attention_heads=2, num_hidden_layers=1),
             gene_encoder_layer=layer,
         )
+
+
+def test_frozen_encoder_stays_in_eval_mode_while_training():
+    model = tiny_model()
+    model.train()
+    assert model.training and model.model.multi_modal_projector.training
+    assert not model.model.gene_encoder.training
+    unfrozen = Cell2TextForConditionalGeneration(
+        Cell2TextConfig(gene_encoder_config=tiny_bert_config(50), text_config=tiny_llama_config(100),
+                        freeze_gene_encoder=False)
+    ).train()
+    assert unfrozen.model.gene_encoder.training
+    assert all(p.requires_grad for p in unfrozen.model.gene_encoder.parameters())
