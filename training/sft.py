@@ -146,7 +146,14 @@ def load_corpus(corpus_dir: str | Path, args: Cell2TextArguments) -> tuple[Datas
 
 def build_processor(args: Cell2TextArguments, corpus_dir: Path, summary: dict) -> Cell2TextProcessor:
     if args.init_from is not None:
-        return AutoProcessor.from_pretrained(args.init_from, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(args.init_from, trust_remote_code=True)
+        corpus_vocabulary = Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor").gene_token_ids
+        if corpus_vocabulary != processor.feature_extractor.gene_token_ids:
+            raise ValueError(
+                f"The corpus {corpus_dir} was tokenized with another gene vocabulary than the model {args.init_from}. "
+                f"Rebuild it with the model's: python -m processing.build_corpus ... --feature-extractor {args.init_from}"
+            )
+        return processor
     if args.text_model_name_or_path is None:
         raise ValueError("Set text_model_name_or_path (an instruct LLM), or init_from (a trained Cell2Text).")
     feature_extractor = Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor")

@@ -1,0 +1,42 @@
+"""The examples run as a newcomer runs them (`python examples/X.py`), here on tiny random models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tiny_parts import save_tiny_parts
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_example(name: str, *args: str, cwd: Path) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run([sys.executable, str(REPO / "examples" / f"{name}.py"), *args], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
+    return result.stdout
+
+
+def test_examples_build_finetune_and_describe(tmp_path):
+    corpus = tmp_path / "corpus"
+    out = run_example("build_corpus_from_h5ad", "--out", str(corpus), cwd=tmp_path)
+    assert '"num_cells_in": 700' in out and (corpus / "dataset_dict.json").exists()
+
+    # pbmc68k's 700 mapped genes + 4 special tokens fit a tiny encoder with 720 token embeddings
+    encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts", gene_vocab_size=720)
+    out = run_example("finetune_cell2text", "--corpus", str(corpus), "--gene-encoder", str(encoder_dir),
+                      "--text-model", str(lm_dir), "--out", str(tmp_path / "from_parts"), "--max-steps", "2",
+                      "--num-cell-tokens", "8", cwd=tmp_path)
+    assert "fine-tuned model saved" in out
+    model_dir = tmp_path / "from_parts" / "final"
+    out = run_example("finetune_cell2text", "--corpus", str(corpus), "--init-from", str(model_dir),
+                      "--out", str(tmp_path / "again"), "--max-steps", "2", cwd=tmp_path)
+    assert "fine-tuned model saved" in out
+
+    out = run_example("describe_cells", "--model", str(tmp_path / "again" / "final"), "--cells", "3",
+                      "--max-new-tokens", "8", cwd=tmp_path)
+    assert len([line for line in out.splitlines() if line.startswith(("AAA", "AAC", "AAG", "AAT", "AC", "AG", "AT", "C", "G", "T"))]) == 3
