@@ -1,0 +1,200 @@
+"""The `cell-to-text` pipeline: describe single cells (AnnData or expression rows) in natural language.
+
+    from transformers import pipeline
+    describe = pipeline("cell-to-text", model="path/or/repo", trust_remote_code=True)
+    results = describe(adata, batch_size=16)  # one dict per cell: description, parsed fields, ontology IDs
+
+This file travels as remote code with a saved model (its `config.json` names it in `custom_pipelines`), so it
+imports only numpy and transformers (tqdm comes with transformers).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, GenerationConfig, Pipeline
+from transformers.dynamic_module_utils import custom_object_save
+
+logger = logging.getLogger(__name__)
+
+TASK = "cell-to-text"
+# Cells ranked together: gene matching runs once per block, and a block of tokens stays small in memory.
+MIN_BLOCK_CELLS = 512
+MISSING_PROCESSOR = (
+    "The cell-to-text pipeline needs the Cell2Text processor (gene vocabulary, tokenizer and prompt), but none was "
+    "found with the model. Save it with the model: processor.save_pretrained(model_dir) next to "
+    "model.save_pretrained(model_dir), or pass processor= to pipeline()."
+)
+
+
+class Cell2TextPipeline(Pipeline):
+    """Generate a description per cell and parse it into fields with ontology term IDs.
+
+    Call with an AnnData (all cells or a slice; in memory or backed) or a cells x genes matrix (scipy sparse or
+    numpy) with `gene_ids`. Returns one dict per input cell, in order: `description`, `parsed` (whether the text
+    follows the description template), `cell_type`, `cell_type_definition`, `tissue`, `sex`, `disease`,
+    `age_group`, `pathways` and `<field>_ontology_term_id` for cell_type, tissue, disease and sex. With
+    `skip_empty_cells=True` cells that express no vocabulary gene give `None` instead of raising.
+
+    Cells are rank-value encoded a block at a time (vectorised) and generated `batch_size` cells at a time.
+    Generation is greedy with `max_new_tokens=160` unless the model's generation config, the pipeline's or the
+    call's keyword arguments (or `generate_kwargs={...}`) say otherwise.
+    """
+
+    _load_processor = None  # optional for transformers, so that a missing processor gets the error above
+    _load_tokenizer = False
+    _load_feature_extractor = False
+    _load_image_processor = False
+    _load_video_processor = False
+    _pipeline_calls_generate = True
+    _default_generation_config = GenerationConfig(max_new_tokens=160, do_sample=False)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        if kwargs.get("processor") is None:
+            raise ValueError(MISSING_PROCESSOR)
+        super().__init__(*args, **kwargs)
+        pad_id = self.processor.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.processor.tokenizer.eos_token_id
+        self._generation_defaults.setdefault("pad_token_id", pad_id)
+        # A generated `<cell>` would be read as a placeholder on the next step (and has no gene inputs): never emit it.
+        self._generation_defaults.setdefault("suppress_tokens", [self.processor.cell_token_id])
+
+    def _sanitize_parameters(
+        self,
+        layer: str | None = None,
+        input_values: str | None = None,
+        skip_empty_cells: bool | None = None,
+        generate_kwargs: dict | None = None,
+        **generation_params: Any,
+    ) -> tuple[dict, dict, dict]:
+        preprocess_params = {}
+        if layer is not None:
+            preprocess_params["layer"] = layer
+        if input_values is not None:
+            preprocess_params["input_values"] = input_values
+        if skip_empty_cells is not None:
+            preprocess_params["skip_empty_cells"] = skip_empty_cells
+        forward_params = {}
+        if generate_kwargs or generation_params:
+            forward_params["generate_kwargs"] = {**(generate_kwargs or {}), **generation_params}
+        return preprocess_params, forward_params, {}
+
+    def __call__(
+        self,
+        cells: Any,
+        gene_ids: Sequence[str] | None = None,
+        *,
+        batch_size: int | None = None,
+        progress: bool = False,
+        **kwargs: Any,
+    ) -> list[dict | None]:
+        """Describe every cell of `cells`; see the class docstring. `progress=True` shows a tqdm bar."""
+        batch_size = batch_size or self._batch_size or 8
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        preprocess_params, forward_params, _ = self._sanitize_parameters(**kwargs)
+        preprocess_params = {**self._preprocess_params, **preprocess_params}
+        forward_params = {**self._forward_params, **forward_params}
+        layer = preprocess_params.pop("layer", None)
+        skip_empty = preprocess_params.pop("skip_empty_cells", False)
+        matrix, gene_ids, obs_names = self.processor.feature_extractor._resolve_input(cells, gene_ids, layer)
+        n_cells = matrix.shape[0]
+        results: list[dict | None] = [None] * n_cells
+        block_cells = max(MIN_BLOCK_CELLS, batch_size)
+        with tqdm(total=n_cells, unit="cell", disable=not progress, desc="Describing cells") as bar:
+            for start in range(0, n_cells, block_cells):
+                stop = min(start + block_cells, n_cells)
+                ranked = self._rank_block(matrix, gene_ids, start, stop, obs_names, skip_empty, preprocess_params)
+                bar.update(len(ranked.skipped_cells))
+                for first in range(0, len(ranked), batch_size):
+                    positions = range(first, min(first + batch_size, len(ranked)))
+                    model_inputs = self.preprocess([ranked[p] for p in positions])
+                    outputs = self.postprocess(self.forward(model_inputs, **forward_params))
+                    for position, output in zip(positions, outputs):
+                        results[start + int(ranked.cell_indices[position])] = output
+                    bar.update(len(positions))
+        return results
+
+    def _rank_block(
+        self,
+        matrix: Any,
+        gene_ids: Sequence[str],
+        start: int,
+        stop: int,
+        obs_names: Sequence[str] | None,
+        skip_empty: bool,
+        params: dict,
+    ) -> Any:
+        """Rank-value encode rows [start, stop); cells without vocabulary genes raise unless skip_empty."""
+        block = matrix[start:stop]
+        ranked = self.processor.feature_extractor.tokenize(block, gene_ids, skip_empty_cells=True, **params)
+        if len(ranked.skipped_cells) and not skip_empty:
+            rows = [start + int(i) for i in ranked.skipped_cells[:10]]
+            names = [f"{r} ({obs_names[r]!r})" if obs_names is not None else str(r) for r in rows]
+            raise ValueError(
+                f"{len(ranked.skipped_cells)} cells express no gene of the model's vocabulary: cells "
+                f"{', '.join(names)}{' and more' if len(ranked.skipped_cells) > 10 else ''}. Filter them out "
+                "(e.g. sc.pp.filter_cells(adata, min_genes=...)) or pass skip_empty_cells=True."
+            )
+        return ranked
+
+    def preprocess(self, cell_tokens: Sequence[np.ndarray], **kwargs: Any) -> dict:
+        """Model inputs (left-padded prompts and gene tokens) for a batch of rank-value encoded cells."""
+        return dict(self.processor(gene_input_ids=[np.asarray(t) for t in cell_tokens], return_tensors="pt"))
+
+    def _forward(self, model_inputs: dict, generate_kwargs: dict | None = None) -> dict:
+        prompt_length = model_inputs["input_ids"].shape[1]
+        generate_kwargs = self._prepare_generate_kwargs(dict(generate_kwargs or {}))
+        generated = self.model.generate(**model_inputs, **generate_kwargs)
+        return {"generated_ids": generated, "prompt_length": prompt_length}
+
+    def postprocess(self, model_outputs: dict, **kwargs: Any) -> list[dict]:
+        texts = self.processor.post_process_generation(model_outputs["generated_ids"], model_outputs["prompt_length"])
+        return self.processor.parse_descriptions(texts)
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Save model, pipeline code and processor, ready for `pipeline("cell-to-text", trust_remote_code=True)`."""
+        super().save_pretrained(save_directory, **kwargs)
+        self.processor.save_pretrained(save_directory)
+
+
+def custom_pipelines_entry() -> dict:
+    """What `config.json` needs under `custom_pipelines` for transformers to find this pipeline as remote code."""
+    return {TASK: {"impl": f"{__name__.split('.')[-1]}.{Cell2TextPipeline.__name__}", "pt": ["AutoModelForCausalLM"]}}
+
+
+def register_cell2text_pipeline(model_class: type) -> None:
+    """Register the `cell-to-text` task, and make `model_class.save_pretrained` save this pipeline with the model.
+
+    transformers only writes `custom_pipelines` when a pipeline object is saved; a model saved on its own (as
+    training does) would otherwise not carry the pipeline where this package is not installed.
+    """
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    if TASK not in PIPELINE_REGISTRY.get_supported_tasks():
+        PIPELINE_REGISTRY.register_pipeline(
+            TASK, pipeline_class=Cell2TextPipeline, pt_model=AutoModelForCausalLM, type="multimodal"
+        )
+    original = model_class.save_pretrained
+    if getattr(original, "_saves_cell2text_pipeline", False):
+        return
+
+    @functools.wraps(original)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        self.config.custom_pipelines = custom_pipelines_entry()
+        result = original(self, save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            custom_object_save(Cell2TextPipeline, save_directory)
+        return result
+
+    save_pretrained._saves_cell2text_pipeline = True
+    model_class.save_pretrained = save_pretrained
+
+
+__all__ = ["Cell2TextPipeline", "register_cell2text_pipeline", "custom_pipelines_entry"]

@@ -1,0 +1,192 @@
+"""The cell-to-text pipeline on a saved tiny model folder: AnnData and matrix input, batching, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from tiny_parts import save_tiny_parts
+from transformers import AutoTokenizer, pipeline
+
+from modeling_cell2text import (
+    Cell2TextConfig,
+    Cell2TextFeatureExtractor,
+    Cell2TextForConditionalGeneration,
+    Cell2TextProcessor,
+    CellDescription,
+    render_description,
+)
+
+GENES = [f"ENSG{i:011d}" for i in range(1, 61)]
+ONTOLOGY_IDS = {
+    "cell_type": {"B cell": "CL:0000236"},
+    "tissue": {"blood": "UBERON:0000178"},
+    "disease": {"normal": "PATO:0000461"},
+}
+DESCRIPTION = render_description(CellDescription(cell_type="B cell", tissue="blood", disease="normal"))
+FIELDS = ("description", "parsed", "cell_type", "tissue", "disease", "sex", "age_group", "pathways",
+          "cell_type_ontology_term_id", "tissue_ontology_term_id", "disease_ontology_term_id")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def random_counts(n_cells: int, seed: int = 0, max_genes: int = 20) -> np.ndarray:
+    """Integer counts; cells express 3 to max_genes genes, so prompts differ in length (padding is exercised)."""
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((n_cells, len(GENES)), dtype=np.float32)
+    for row in range(n_cells):
+        n = int(rng.integers(3, max_genes + 1))
+        counts[row, rng.choice(len(GENES), n, replace=False)] = rng.integers(1, 20, n)
+    return counts
+
+
+def make_adata(n_cells: int, seed: int = 0) -> ad.AnnData:
+    obs = pd.DataFrame({"cell_type": ["unknown"] * n_cells}, index=[f"cell{i}" for i in range(n_cells)])
+    return ad.AnnData(X=sp.csr_matrix(random_counts(n_cells, seed)), obs=obs, var=pd.DataFrame(index=GENES))
+
+
+def tiny_processor(lm_dir: Path) -> Cell2TextProcessor:
+    feature_extractor = Cell2TextFeatureExtractor.from_gene_medians({g: 1.0 + (i % 4) for i, g in enumerate(GENES)})
+    return Cell2TextProcessor(
+        feature_extractor, AutoTokenizer.from_pretrained(lm_dir), num_cell_tokens=8,
+        system_prompt="Describe the cell.", user_prompt="Cell: ", ontology_term_ids=ONTOLOGY_IDS,
+    )
+
+
+def save_tiny_model_folder(root: Path, trained: bool = True, seed: int = 0) -> Path:
+    """Save a tiny Cell2Text model + processor folder, as training does (model and processor saved separately).
+
+    trained=True: a few optimizer steps teach it one description, so generations parse into fields with ontology
+    IDs. trained=False: random weights with a large init, so generations differ from cell to cell.
+    """
+    root = Path(root)
+    encoder_dir, lm_dir = save_tiny_parts(root / "parts", seed=seed)
+    processor = tiny_processor(lm_dir)
+    torch.manual_seed(seed)
+    if trained:
+        model = Cell2TextForConditionalGeneration.from_pretrained_parts(
+            encoder_dir, lm_dir, cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16
+        )
+        teach_one_description(model, processor)
+    else:
+        from tiny_parts import tiny_bert_config, tiny_llama_config
+
+        config = Cell2TextConfig(
+            gene_encoder_config=tiny_bert_config(len(GENES) + 4),
+            text_config=tiny_llama_config(len(processor.tokenizer), initializer_range=0.5),
+            cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16,
+        )
+        model = Cell2TextForConditionalGeneration(config)
+    model_dir = root / ("trained" if trained else "random")
+    model.eval().save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    return model_dir
+
+
+def teach_one_description(model, processor, steps: int = 60) -> None:
+    batch = processor(sp.csr_matrix(random_counts(8, seed=1)), GENES, descriptions=[DESCRIPTION] * 8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead (10x on a busy 2-core machine)
+    try:
+        model.train()
+        for _ in range(steps):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory) -> Path:
+    return save_tiny_model_folder(tmp_path_factory.mktemp("cell2text"), trained=True)
+
+
+@pytest.fixture(scope="session")
+def random_dir(tmp_path_factory) -> Path:
+    return save_tiny_model_folder(tmp_path_factory.mktemp("cell2text"), trained=False)
+
+
+def test_saved_folder_carries_the_pipeline(trained_dir):
+    config = json.loads((trained_dir / "config.json").read_text())
+    assert config["custom_pipelines"]["cell-to-text"]["impl"] == "pipeline_cell2text.Cell2TextPipeline"
+    assert (trained_dir / "pipeline_cell2text.py").exists()
+    assert (trained_dir / "processor_config.json").exists()
+
+
+def test_pipeline_describes_an_anndata_with_fields_and_ontology_ids(trained_dir):
+    describe = pipeline("cell-to-text", model=str(trained_dir), trust_remote_code=True, device="cpu")
+    assert type(describe).__module__.startswith("transformers_modules.")  # loaded from the folder, as remote code
+    adata = make_adata(6)
+    results = describe(adata, batch_size=4, max_new_tokens=40)
+    assert len(results) == 6
+    for result in results:
+        assert set(FIELDS) <= set(result)
+        assert result["description"] == DESCRIPTION
+        assert result["parsed"] and result["cell_type"] == "B cell" and result["tissue"] == "blood"
+        assert result["cell_type_ontology_term_id"] == "CL:0000236"
+        assert result["tissue_ontology_term_id"] == "UBERON:0000178"
+    # a slice of an AnnData describes only those cells
+    assert len(describe(adata[2:5], max_new_tokens=40)) == 3
+
+
+def reference_descriptions(model_dir: Path, counts: np.ndarray, max_new_tokens: int) -> list[str]:
+    """One cell at a time, straight through processor + model.generate: what the pipeline must reproduce."""
+    processor = Cell2TextProcessor.from_pretrained(model_dir)
+    model = Cell2TextForConditionalGeneration.from_pretrained(model_dir).eval()
+    texts = []
+    for row in counts:
+        inputs = processor(sp.csr_matrix(row[None]), GENES)
+        with torch.no_grad():
+            ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=processor.tokenizer.pad_token_id)
+        texts += processor.post_process_generation(ids, inputs["input_ids"].shape[1])
+    return texts
+
+
+def test_batch_sizes_agree_with_one_cell_at_a_time_on_matrix_input(random_dir):
+    counts = random_counts(7, seed=3)
+    expected = reference_descriptions(random_dir, counts, max_new_tokens=8)
+    assert len(set(expected)) > 1, "the random model should describe cells differently"
+    describe = pipeline("cell-to-text", model=str(random_dir), trust_remote_code=True, device="cpu")
+    # sparse and dense rows with their gene ids; batches of 4 mix prompt lengths (left padding)
+    for batch_size, matrix in ((1, sp.csr_matrix(counts)), (4, sp.csr_matrix(counts)), (4, counts)):
+        results = describe(matrix, gene_ids=GENES, batch_size=batch_size, max_new_tokens=8)
+        assert [r["description"] for r in results] == expected, (batch_size, type(matrix))
+        assert all(set(FIELDS) <= set(r) for r in results)
+
+
+def test_generate_kwargs_pass_through(random_dir):
+    describe = pipeline("cell-to-text", model=str(random_dir), trust_remote_code=True, device="cpu")
+    counts = random_counts(2, seed=4)
+    short = describe(counts, gene_ids=GENES, generate_kwargs={"max_new_tokens": 2})
+    longer = describe(counts, gene_ids=GENES, max_new_tokens=10, min_new_tokens=10)
+    tokenizer = describe.processor.tokenizer
+    assert all(len(tokenizer(r["description"])["input_ids"]) <= 3 for r in short)
+    assert all(len(tokenizer(r["description"])["input_ids"]) > 3 for r in longer)
+
+
+def test_empty_cells_raise_or_are_skipped(random_dir):
+    describe = pipeline("cell-to-text", model=str(random_dir), trust_remote_code=True, device="cpu")
+    adata = make_adata(3)
+    adata.X = adata.X.toarray()
+    adata.X[1] = 0
+    with pytest.raises(ValueError, match=r"1 cells express no gene.*'cell1'.*skip_empty_cells=True"):
+        describe(adata, max_new_tokens=4)
+    results = describe(adata, max_new_tokens=4, skip_empty_cells=True)
+    assert results[1] is None and results[0] is not None and results[2] is not None
+
+
+def test_model_folder_without_processor_is_a_clear_error(tmp_path, random_dir):
+    model = Cell2TextForConditionalGeneration.from_pretrained(random_dir)
+    model.save_pretrained(tmp_path / "no-processor")
+    with pytest.raises(ValueError, match="processor.save_pretrained"):
+        pipeline("cell-to-text", model=str(tmp_path / "no-processor"), trust_remote_code=True, device="cpu")

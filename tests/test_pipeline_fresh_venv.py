@@ -1,0 +1,93 @@
+"""A new user's environment: only torch, transformers and anndata installed, not this project.
+
+A saved tiny model folder is loaded with `pipeline("cell-to-text", model=dir, trust_remote_code=True)` in a fresh
+virtual environment and describes an AnnData read from an h5ad file. The venv is built once per set of package
+versions (those of the running environment, installed from the local wheel folder / pip cache, about 90 s) and
+cached under ~/.cache/cell2text/test-venvs/; later runs take seconds. Skipped with the reason when pip cannot
+install the packages (e.g. offline without a cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+from test_pipeline import DESCRIPTION, FIELDS, make_adata, save_tiny_model_folder
+
+PACKAGES = ("torch", "transformers", "anndata")
+VENV_ROOT = Path(os.environ.get("CELL2TEXT_TEST_VENVS", Path.home() / ".cache" / "cell2text" / "test-venvs"))
+
+USER_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    try:
+        import modeling_cell2text  # noqa: F401
+        raise SystemExit("modeling_cell2text is importable: the venv is not fresh")
+    except ImportError:
+        pass
+    import anndata as ad
+    from transformers import pipeline
+
+    model_dir, h5ad = sys.argv[1:3]
+    describe = pipeline("cell-to-text", model=model_dir, trust_remote_code=True, device="cpu")
+    results = describe(ad.read_h5ad(h5ad), batch_size=2, max_new_tokens=40)
+    print(json.dumps({"pipeline": type(describe).__module__, "results": results}))
+    """
+)
+
+
+def fresh_venv() -> Path:
+    """Python of a cached venv holding only PACKAGES (and their dependencies), pinned to this env's versions."""
+    pins = [f"{name}=={version(name)}" for name in PACKAGES]
+    key = f"py{sys.version_info.major}.{sys.version_info.minor}-" + "-".join(p.replace("==", "") for p in pins)
+    venv = VENV_ROOT / key
+    python = venv / "bin" / "python"
+    if (venv / "complete").exists():
+        return python
+    building = VENV_ROOT / f"{key}.building-{os.getpid()}"
+    shutil.rmtree(building, ignore_errors=True)
+    building.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(building)], check=True, capture_output=True, timeout=120)
+        install = subprocess.run(
+            [str(building / "bin" / "python"), "-m", "pip", "install", "--quiet", *pins],
+            capture_output=True, text=True, timeout=900,
+        )
+        if install.returncode != 0:
+            pytest.skip(f"pip could not install {' '.join(pins)} into a fresh venv: {install.stderr.strip()[-500:]}")
+        (building / "complete").write_text(" ".join(pins))
+        shutil.rmtree(venv, ignore_errors=True)
+        building.rename(venv)  # venvs are not relocatable in general, but bin/python -m ... works from any path
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return python
+
+
+def test_pipeline_works_in_a_fresh_venv_without_this_project(tmp_path):
+    python = fresh_venv()
+    model_dir = save_tiny_model_folder(tmp_path / "model", trained=True)
+    h5ad = tmp_path / "cells.h5ad"
+    make_adata(3).write_h5ad(h5ad)
+    elsewhere = tmp_path / "user"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run(
+        [str(python), "-c", USER_SCRIPT, str(model_dir), str(h5ad)],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = json.loads(result.stdout.strip().splitlines()[-1])
+    assert output["pipeline"].startswith("transformers_modules.")
+    assert len(output["results"]) == 3
+    for cell in output["results"]:
+        assert set(FIELDS) <= set(cell)
+        assert cell["description"] == DESCRIPTION and cell["parsed"]
+        assert cell["cell_type"] == "B cell" and cell["cell_type_ontology_term_id"] == "CL:0000236"
