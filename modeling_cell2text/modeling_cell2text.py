@@ -302,6 +302,13 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
             cell_features=outputs.cell_features,
         )
 
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, never emitting the cell placeholder: it only has meaning in the prompt."""
+        suppress = list(kwargs.pop("suppress_tokens", None) or getattr(self.generation_config, "suppress_tokens", None) or [])
+        if self.config.cell_token_id not in suppress:
+            suppress.append(self.config.cell_token_id)
+        return super().generate(*args, suppress_tokens=suppress, **kwargs)
+
     def prepare_inputs_for_generation(self, input_ids, *args, is_first_iteration: bool | None = False, **kwargs):
         """Pass the cell inputs in the prefill step only; decoding steps read them from the KV cache.
 

@@ -62,8 +62,6 @@ class Cell2TextPipeline(Pipeline):
         if pad_id is None:
             pad_id = self.processor.tokenizer.eos_token_id
         self._generation_defaults.setdefault("pad_token_id", pad_id)
-        # A generated `<cell>` would be read as a placeholder on the next step (and has no gene inputs): never emit it.
-        self._generation_defaults.setdefault("suppress_tokens", [self.processor.cell_token_id])
 
     def _sanitize_parameters(
         self,

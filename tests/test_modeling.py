@@ -160,3 +160,12 @@ def test_frozen_encoder_stays_in_eval_mode_while_training():
     ).train()
     assert unfrozen.model.gene_encoder.training
     assert all(p.requires_grad for p in unfrozen.model.gene_encoder.parameters())
+
+
+def test_generation_never_emits_the_cell_placeholder():
+    model = tiny_model().eval()
+    model.lm_head = torch.nn.Linear(32, 100, bias=True)  # a head that always prefers the placeholder
+    with torch.no_grad():
+        model.lm_head.bias[CELL] = 1e4
+    generated = model.generate(**cell_batch(), max_new_tokens=5, do_sample=False)
+    assert not (generated[:, 7:] == CELL).any()
