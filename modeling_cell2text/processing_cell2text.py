@@ -8,11 +8,7 @@ from transformers import BatchFeature, ProcessorMixin
 
 from .description_schema import CellDescription, DescriptionParseError, parse_description
 
-DEFAULT_SYSTEM_PROMPT = (
-    "You are an expert in single-cell biology. Given the gene expression embeddings of one cell, write a concise, "
-    "professional description of the cell: its type with the Cell Ontology definition, tissue, donor, "
-    "developmental stage and most active pathways."
-)
+DEFAULT_SYSTEM_PROMPT = "You are a single-cell biologist. Describe the cell concisely and professionally."
 DEFAULT_USER_PROMPT = "Gene expression embeddings: "
 CELL_TOKEN = "<cell>"
 # Structured fields whose labels map to ontology term IDs (CELLxGENE column names). The age group is a bucket of

@@ -1,0 +1,51 @@
+"""Publishing checks a model folder before upload and uploads it whole (the Hub client is faked: no network)."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_parts import save_tiny_parts
+from transformers import AutoTokenizer
+
+from modeling_cell2text import Cell2TextFeatureExtractor, Cell2TextForConditionalGeneration, Cell2TextProcessor
+from training.publish import check_model_folder, publish_model
+
+
+class FakeHub:
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+
+
+@pytest.fixture()
+def model_dir(tmp_path):
+    encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
+    genes = {f"ENSG{i:011d}": 1.0 for i in range(1, 41)}
+    processor = Cell2TextProcessor(Cell2TextFeatureExtractor.from_gene_medians(genes),
+                                   AutoTokenizer.from_pretrained(lm_dir), num_cell_tokens=8)
+    model = Cell2TextForConditionalGeneration.from_pretrained_parts(
+        encoder_dir, lm_dir, cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16)
+    out = tmp_path / "model"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def test_a_saved_model_folder_is_hub_ready_and_uploads_whole(model_dir):
+    check_model_folder(model_dir)
+    hub = FakeHub()
+    url = publish_model(model_dir, "org/cell2text-tiny", api=hub)
+    assert url.endswith("org/cell2text-tiny")
+    (_, _, create), (_, repo, upload) = hub.calls
+    assert repo == "org/cell2text-tiny" and upload["folder_path"] == str(model_dir)
+
+
+def test_a_folder_without_the_processor_is_refused(model_dir):
+    (model_dir / "processor_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="processor_config.json"):
+        publish_model(model_dir, "org/x", api=FakeHub())

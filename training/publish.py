@@ -1,0 +1,84 @@
+"""Publish a trained Cell2Text (and optionally its corpus) to the Hugging Face Hub.
+
+```bash
+python -m training.publish --model outputs/demo/cell2text-demo --repo your-org/cell2text-pbmc68k \
+    [--corpus outputs/demo/corpus --dataset-repo your-org/cell2text-pbmc68k-corpus]
+```
+
+The model folder is checked before anything is uploaded: safetensors weights, the processor (gene vocabulary,
+tokenizer, prompt), the remote code files with `auto_map`, the `cell-to-text` pipeline entry, and a model card
+whose metadata parses. The card is re-rendered from `evaluation_results.json` when that file is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from huggingface_hub import HfApi, ModelCard
+
+REQUIRED_FILES = (
+    "config.json",
+    "model.safetensors",
+    "processor_config.json",
+    "tokenizer_config.json",
+    "modeling_cell2text.py",
+    "configuration_cell2text.py",
+    "processing_cell2text.py",
+    "feature_extraction_cell2text.py",
+    "description_schema.py",
+    "pipeline_cell2text.py",
+)
+
+
+def check_model_folder(model_dir: str | Path) -> None:
+    """Raise `FileNotFoundError`/`ValueError` naming what a Hub-ready Cell2Text folder lacks."""
+    model_dir = Path(model_dir)
+    missing = [name for name in REQUIRED_FILES if not (model_dir / name).exists()]
+    if not (model_dir / "model.safetensors").exists() and list(model_dir.glob("model-*.safetensors")):
+        missing.remove("model.safetensors")  # sharded weights
+    if missing:
+        raise FileNotFoundError(
+            f"{model_dir} is not a complete Cell2Text folder; missing {missing}. Save it with "
+            "model.save_pretrained(dir) and processor.save_pretrained(dir) (training.sft does both)."
+        )
+    config = json.loads((model_dir / "config.json").read_text())
+    if "AutoModelForCausalLM" not in config.get("auto_map", {}):
+        raise ValueError(f"{model_dir}/config.json has no auto_map: it would not load with trust_remote_code.")
+    if "cell-to-text" not in config.get("custom_pipelines", {}):
+        raise ValueError(f"{model_dir}/config.json has no custom_pipelines entry for 'cell-to-text'.")
+    if (model_dir / "README.md").exists():
+        ModelCard.load(model_dir / "README.md")  # raises on malformed metadata
+
+
+def publish_model(model_dir: str | Path, repo_id: str, private: bool = False, api: HfApi | None = None) -> str:
+    """Upload a checked model folder; returns the repo URL."""
+    check_model_folder(model_dir)
+    api = api or HfApi()
+    url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(model_dir), repo_id=repo_id, repo_type="model",
+                      ignore_patterns=["training_state.json"], commit_message="Upload Cell2Text")
+    return str(url)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="A Hub-ready Cell2Text folder.")
+    parser.add_argument("--repo", required=True, help="Model repo id, e.g. your-org/cell2text.")
+    parser.add_argument("--corpus", help="Also push this corpus folder (python -m processing.build_corpus).")
+    parser.add_argument("--dataset-repo", help="Dataset repo id for --corpus.")
+    parser.add_argument("--private", action="store_true")
+    args = parser.parse_args(argv)
+    if bool(args.corpus) != bool(args.dataset_repo):
+        parser.error("--corpus and --dataset-repo go together")
+    print(f"model: {publish_model(args.model, args.repo, args.private)}")
+    if args.corpus:
+        from processing.build_corpus import push_to_hub
+
+        push_to_hub(args.corpus, args.dataset_repo)
+        print(f"corpus: https://huggingface.co/datasets/{args.dataset_repo}")
+
+
+if __name__ == "__main__":
+    main()
