@@ -1,0 +1,113 @@
+"""The Cell2Sentence-style baseline with the tiny parts: cell sentences, the completion-only loss mask, train + generate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from datasets import load_from_disk
+from tiny_parts import save_tiny_corpus, save_tiny_parts
+from transformers import AutoModelForCausalLM
+from trl import SFTConfig
+
+from modeling_cell2text import Cell2TextFeatureExtractor
+from training.cell2sentence import (
+    SYSTEM_PROMPT,
+    USER_PREFIX,
+    build_trainer,
+    cell_sentence,
+    generate_cell2sentence,
+    make_parser,
+    train_cell2sentence,
+)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def parts_and_corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("c2s")
+    _, lm_dir = save_tiny_parts(root / "parts")
+    return lm_dir, save_tiny_corpus(root / "corpus")
+
+
+def tiny_config(out_dir, **overrides) -> SFTConfig:
+    settings = dict(
+        output_dir=str(out_dir), max_steps=4, per_device_train_batch_size=4, per_device_eval_batch_size=4,
+        learning_rate=1e-3, bf16=False, gradient_checkpointing=False, report_to="none", use_cpu=True,
+        logging_steps=1, seed=0,
+    )
+    return SFTConfig(**{**settings, **overrides})
+
+
+def test_cell_sentence_lists_symbols_in_rank_order_and_skips_specials():
+    genes = ["ENSG00000000001", "ENSG00000000002", "ENSG00000000003"]
+    feature_extractor = Cell2TextFeatureExtractor.from_gene_medians(
+        {g: 1.0 for g in genes}, gene_symbols={genes[0]: "CD14", genes[2]: "LYZ"}
+    )
+    ids = {g: feature_extractor.gene_token_ids[g] for g in genes}
+    cls, eos, pad = feature_extractor.cls_token_id, feature_extractor.eos_token_id, feature_extractor.pad_token_id
+    tokens = [cls, ids[genes[2]], ids[genes[1]], ids[genes[0]], eos, pad]
+
+    assert cell_sentence(tokens, feature_extractor, num_genes=10) == "LYZ ENSG00000000002 CD14"
+    assert cell_sentence(tokens, feature_extractor, num_genes=2) == "LYZ ENSG00000000002"
+    with pytest.raises(ValueError, match="not in the feature extractor's vocabulary"):
+        cell_sentence([cls, 999], feature_extractor, num_genes=2)
+
+
+def test_loss_mask_covers_only_the_completion(parts_and_corpus, tmp_path):
+    lm_dir, corpus_dir = parts_and_corpus
+    trainer = build_trainer(corpus_dir, lm_dir, tmp_path / "out", num_genes=8, training_args=tiny_config(tmp_path))
+    tokenizer = trainer.processing_class
+    corpus = load_from_disk(str(corpus_dir))
+    example = trainer.train_dataset[0]
+    ids, labels = torch.tensor(example["input_ids"]), torch.tensor(example["labels"])
+    in_loss = labels != -100  # TRL folds the completion mask into the labels
+    prompt_end = int((~in_loss).sum())
+    assert prompt_end > 0 and not in_loss[:prompt_end].any() and in_loss[prompt_end:].all()
+    assert labels[prompt_end:].equal(ids[prompt_end:])
+
+    prompt_text = tokenizer.decode(ids[:prompt_end])
+    assert SYSTEM_PROMPT in prompt_text and USER_PREFIX in prompt_text and prompt_text.endswith("<|im_start|>assistant\n")
+    assert corpus["train"][0]["description"] not in prompt_text
+    assert tokenizer.decode(ids[prompt_end:]) == corpus["train"][0]["description"] + "<|im_end|>\n"
+
+    rows = [trainer.train_dataset[i] for i in range(3)]
+    batch = trainer.data_collator(rows)
+    for i, row in enumerate(rows):
+        kept = batch["attention_mask"][i].bool()
+        assert batch["labels"][i][kept].equal(torch.tensor(row["labels"]))
+        assert batch["labels"][i][~kept].eq(-100).all()
+
+def test_train_merge_and_generate_one_text_per_cell(parts_and_corpus, tmp_path):
+    lm_dir, corpus_dir = parts_and_corpus
+    config = tiny_config(
+        tmp_path / "ignored", eval_strategy="steps", eval_steps=2, save_steps=2, load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+    )
+    final_dir = train_cell2sentence(corpus_dir, lm_dir, tmp_path / "c2s", num_genes=8, training_args=config)
+
+    assert final_dir == tmp_path / "c2s" / "final"
+    saved = json.loads((final_dir / "cell2sentence.json").read_text())
+    assert saved["num_genes"] == 8 and saved["global_step"] == 4 and saved["best_model_checkpoint"] is not None
+    model = AutoModelForCausalLM.from_pretrained(final_dir)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+    test = load_from_disk(str(corpus_dir))["test"]
+    feature_extractor = Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor")
+    texts = generate_cell2sentence(final_dir, test, feature_extractor, 8, batch_size=3, max_new_tokens=4)
+    assert len(texts) == len(test) == 8 and all(isinstance(t, str) for t in texts)
+    with pytest.raises(ValueError, match="num_genes=8"):
+        generate_cell2sentence(final_dir, test, feature_extractor, 16)
+
+
+def test_cli_parser_reads_sft_config_fields():
+    args, config = make_parser().parse_args_and_config(
+        ["--corpus_dir", "c", "--text_model_name_or_path", "m", "--output_dir", "o", "--num_genes", "12",
+         "--per_device_train_batch_size", "8", "--max_steps", "3", "--bf16", "false"]
+    )
+    assert (args.num_genes, config.per_device_train_batch_size, config.max_steps, config.output_dir) == (12, 8, 3, "o")

@@ -1,0 +1,253 @@
+"""The Cell2Sentence-style baseline: the same LLM fine-tuned on a cell's top genes written as text.
+
+Cell2Sentence (Levine et al., 2024) writes a cell as a "cell sentence", its most expressed genes in rank order as
+gene symbols, and fine-tunes a causal LM on it. Here the genes are the cell's first ``num_genes`` rank-value tokens
+from the corpus (the same ranking Cell2Text's encoder reads), the target is the same description, and the
+optimisation budget is the same ``SFTConfig`` as the Cell2Text run; only the way the cell reaches the LLM differs.
+
+```bash
+python -m training.cell2sentence --corpus_dir outputs/demo/corpus \
+    --text_model_name_or_path ~/.cache/cell2text/SmolLM2-135M-Instruct --output_dir outputs/demo/c2s \
+    --num_genes 32 --per_device_train_batch_size 8 --num_train_epochs 1
+```
+
+Each cell becomes a conversational prompt-completion example (system prompt, user message with the cell sentence;
+assistant message with the description), so TRL computes the loss on the completion only. LoRA adapts every
+linear layer of the LM, is merged at the end, and the plain causal LM is saved with its tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset, DatasetDict, load_from_disk
+from peft import LoraConfig
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer, TrlParser
+
+from modeling_cell2text import Cell2TextFeatureExtractor
+from modeling_cell2text.feature_extraction_cell2text import SPECIAL_TOKENS
+from modeling_cell2text.processing_cell2text import DEFAULT_SYSTEM_PROMPT
+
+logger = logging.getLogger(__name__)
+
+# Cell2Text's system prompt, told that the cell comes as ranked genes instead of embeddings.
+SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT.replace(
+    "the gene expression embeddings of one cell", "the genes of one cell ranked by expression"
+)
+USER_PREFIX = "Genes ranked by expression: "
+CONFIG_FILENAME = "cell2sentence.json"
+
+_WORDS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _token_words(feature_extractor: Cell2TextFeatureExtractor) -> dict[int, str | None]:
+    """Token id -> gene symbol (Ensembl ID where no symbol); None for special tokens. Cached per extractor."""
+    words = _WORDS_CACHE.get(feature_extractor)
+    if words is None:
+        words = {
+            token: None if gene in SPECIAL_TOKENS else feature_extractor.gene_symbols.get(gene) or gene
+            for gene, token in feature_extractor.gene_token_ids.items()
+        }
+        _WORDS_CACHE[feature_extractor] = words
+    return words
+
+
+def cell_sentence(token_ids: Sequence[int], feature_extractor: Cell2TextFeatureExtractor, num_genes: int) -> str:
+    """The cell's top ``num_genes`` genes in rank order as space-separated symbols; special tokens skipped."""
+    if num_genes < 1:
+        raise ValueError(f"num_genes={num_genes}; a cell sentence needs at least one gene.")
+    words = _token_words(feature_extractor)
+    genes: list[str] = []
+    for token in token_ids:
+        token = int(token)
+        if token not in words:
+            raise ValueError(
+                f"Token id {token} is not in the feature extractor's vocabulary; use the feature extractor the "
+                "corpus was built with (<corpus_dir>/feature_extractor)."
+            )
+        if words[token] is not None:
+            genes.append(words[token])
+            if len(genes) == num_genes:
+                break
+    return " ".join(genes)
+
+
+def cell_prompt(token_ids: Sequence[int], feature_extractor: Cell2TextFeatureExtractor, num_genes: int) -> list[dict]:
+    """The chat messages that ask the LLM to describe one cell from its cell sentence."""
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": USER_PREFIX + cell_sentence(token_ids, feature_extractor, num_genes)},
+    ]
+
+
+def prompt_completion_dataset(
+    corpus_split: Dataset, feature_extractor: Cell2TextFeatureExtractor, num_genes: int
+) -> Dataset:
+    """A conversational prompt-completion dataset for TRL: prompt = system + cell sentence, completion = description."""
+    missing = {"gene_input_ids", "description"} - set(corpus_split.column_names)
+    if missing:
+        raise ValueError(f"The corpus split lacks the columns {sorted(missing)}; build it with processing.build_corpus.")
+    return Dataset.from_dict({
+        "prompt": [cell_prompt(ids, feature_extractor, num_genes) for ids in corpus_split["gene_input_ids"]],
+        "completion": [[{"role": "assistant", "content": text}] for text in corpus_split["description"]],
+    })
+
+
+def load_corpus(corpus_dir: str | Path) -> tuple[DatasetDict, Cell2TextFeatureExtractor]:
+    """The corpus and the feature extractor it was built with."""
+    corpus_dir = Path(corpus_dir)
+    if not (corpus_dir / "dataset_dict.json").exists():
+        raise FileNotFoundError(
+            f"{corpus_dir} is not a corpus folder (no dataset_dict.json); build one with "
+            "`python -m processing.build_corpus --preset pbmc68k_reduced --out DIR`."
+        )
+    return load_from_disk(str(corpus_dir)), Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor")
+
+
+def build_trainer(
+    corpus_dir: str | Path,
+    text_model_name_or_path: str | Path,
+    output_dir: str | Path,
+    *,
+    num_genes: int,
+    training_args: SFTConfig,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.1,
+) -> SFTTrainer:
+    """The `SFTTrainer` for the baseline: LoRA on every linear layer of the LM, prompt-completion data."""
+    corpus, feature_extractor = load_corpus(corpus_dir)
+    training_args.output_dir = str(output_dir)
+    # A config shared with the Cell2Text run may skip TRL's dataset preparation; here TRL must tokenize the chats.
+    training_args.dataset_kwargs = {
+        k: v for k, v in (training_args.dataset_kwargs or {}).items() if k != "skip_prepare_dataset"
+    } or None
+    tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{text_model_name_or_path} has no chat template; use an instruction-tuned LLM.")
+    model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, dtype=torch.float32)
+    peft_config = LoraConfig(
+        r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        eval_dataset = prompt_completion_dataset(corpus["validation"], feature_extractor, num_genes)
+    return SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=prompt_completion_dataset(corpus["train"], feature_extractor, num_genes),
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+
+def train_cell2sentence(
+    corpus_dir: str | Path,
+    text_model_name_or_path: str | Path,
+    output_dir: str | Path,
+    *,
+    num_genes: int,
+    training_args: SFTConfig,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.1,
+) -> Path:
+    """Fine-tune the LLM on cell sentences, merge LoRA, save model + tokenizer to ``output_dir/final``; return it."""
+    trainer = build_trainer(
+        corpus_dir, text_model_name_or_path, output_dir, num_genes=num_genes, training_args=training_args,
+        lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    final_dir = Path(output_dir) / "final"
+    if trainer.accelerator.is_main_process:
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        merged.save_pretrained(final_dir)
+        trainer.processing_class.save_pretrained(final_dir)
+        (final_dir / CONFIG_FILENAME).write_text(json.dumps({
+            "num_genes": num_genes, "system_prompt": SYSTEM_PROMPT, "user_prefix": USER_PREFIX,
+            "global_step": trainer.state.global_step, "best_model_checkpoint": trainer.state.best_model_checkpoint,
+            "best_metric": trainer.state.best_metric,
+        }, indent=2))
+    trainer.accelerator.wait_for_everyone()
+    return final_dir
+
+
+def _check_num_genes(model_dir: Path, num_genes: int) -> None:
+    config_file = model_dir / CONFIG_FILENAME
+    if config_file.exists():
+        trained = json.loads(config_file.read_text())["num_genes"]
+        if trained != num_genes:
+            raise ValueError(f"{model_dir} was trained on {trained} genes per cell; pass num_genes={trained}.")
+
+
+@torch.no_grad()
+def generate_cell2sentence(
+    model_dir: str | Path,
+    corpus_split: Dataset,
+    feature_extractor: Cell2TextFeatureExtractor,
+    num_genes: int,
+    batch_size: int = 16,
+    max_new_tokens: int = 160,
+) -> list[str]:
+    """Greedy descriptions, one per cell of ``corpus_split``, from a model saved by `train_cell2sentence`."""
+    model_dir = Path(model_dir)
+    _check_num_genes(model_dir, num_genes)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    eos_ids = model.generation_config.eos_token_id
+    eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    eos_ids = sorted({*eos_ids, tokenizer.eos_token_id})
+    token_lists = corpus_split["gene_input_ids"]
+    texts: list[str] = []
+    for start in tqdm(range(0, len(token_lists), batch_size), desc="generating cell2sentence descriptions"):
+        chats = [cell_prompt(ids, feature_extractor, num_genes) for ids in token_lists[start : start + batch_size]]
+        inputs = tokenizer.apply_chat_template(
+            chats, add_generation_prompt=True, tokenize=True, padding=True, return_dict=True, return_tensors="pt"
+        ).to(model.device)
+        generated = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new_tokens = generated[:, inputs["input_ids"].shape[1] :]
+        texts.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return texts
+
+
+@dataclass
+class Cell2SentenceArguments:
+    """What to train: the corpus, the LLM, the cell-sentence length and LoRA's shape."""
+
+    corpus_dir: str = field(metadata={"help": "Corpus folder written by `python -m processing.build_corpus`."})
+    text_model_name_or_path: str = field(metadata={"help": "Instruction-tuned causal LM (folder or Hub id)."})
+    num_genes: int = field(default=32, metadata={"help": "Top genes per cell sentence (match num_cell_tokens)."})
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((Cell2SentenceArguments, SFTConfig))
+
+
+def main(args: Cell2SentenceArguments, training_args: SFTConfig) -> Path:
+    """Train the baseline from parsed arguments; returns the merged model's folder."""
+    return train_cell2sentence(
+        args.corpus_dir, args.text_model_name_or_path, training_args.output_dir, num_genes=args.num_genes,
+        training_args=training_args, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+    )
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main(*make_parser().parse_args_and_config())
