@@ -1,0 +1,40 @@
+"""The main job in a CI-sized form: build the real pbmc68k corpus, train tiny parts, save, reload, evaluate."""
+
+from __future__ import annotations
+
+import json
+
+from tiny_parts import save_tiny_parts
+from trl import SFTConfig
+
+from processing.build_corpus import BuildOptions, build_corpus
+from processing.presets import pbmc68k_reduced
+from training.evaluate import evaluate_model
+from training.report import write_report
+from training.sft import Cell2TextArguments, main
+
+
+def test_build_train_reload_evaluate(tmp_path):
+    summary = build_corpus(pbmc68k_reduced(), tmp_path / "corpus", BuildOptions(seed=0, model_input_size=34,
+                                                                                 progress=False))
+    assert summary["splits"] == {"train": 560, "validation": 70, "test": 70}
+    encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts", gene_vocab_size=720)
+    args = Cell2TextArguments(corpus_dir=str(tmp_path / "corpus"), text_model_name_or_path=str(lm_dir),
+                              gene_encoder_name_or_path=str(encoder_dir), num_cell_tokens=8, projector_hidden_size=16,
+                              max_train_samples=64, max_eval_samples=16)
+    config = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=8,
+                       eval_strategy="steps", eval_steps=3, save_steps=3, load_best_model_at_end=True,
+                       metric_for_best_model="eval_loss", bf16=False, gradient_checkpointing=False,
+                       report_to="none", use_cpu=True)
+    model_dir = main(args, config)
+
+    results, per_cell, texts = evaluate_model(model_dir, tmp_path / "corpus", "test", batch_size=16,
+                                              max_new_tokens=6, max_cells=20)
+    assert results["num_cells"] == 20 and len(texts) == 20
+    assert 0.0 <= results["parse_rate"] <= 1.0
+    assert set(results["fields"]) >= {"cell_type", "tissue", "disease"}
+    assert "ontology_similarity" in results["fields"]["cell_type"]
+    report = write_report(results, per_cell, tmp_path / "report")
+    assert report.exists() and "cell_type" in report.read_text()
+    saved = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert saved["num_cells"] == 20
