@@ -207,9 +207,9 @@ def _label_counts(labels: pd.DataFrame, kept: np.ndarray, split_of: np.ndarray) 
 
 def _ontology_ids(labels: pd.DataFrame, kept: np.ndarray) -> dict:
     result = {}
-    for field in ("cell_type", "tissue", "disease", "sex"):
-        pairs = labels.loc[kept, [field, f"{field}_ontology_term_id"]].dropna().drop_duplicates()
-        result[field] = dict(sorted(zip(pairs[field], pairs[f"{field}_ontology_term_id"])))
+    for name in ("cell_type", "tissue", "disease", "sex"):
+        pairs = labels.loc[kept, [name, f"{name}_ontology_term_id"]].dropna().drop_duplicates()
+        result[name] = dict(sorted(zip(pairs[name], pairs[f"{name}_ontology_term_id"])))
     return result
 
 

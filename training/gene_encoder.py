@@ -69,7 +69,6 @@ def rank_weight_matrix(token_lists: Sequence[Sequence[int]], vocab_size: int, sp
 def svd_gene_embeddings(matrix: sp.csr_matrix, dim: int, seed: int = 0) -> np.ndarray:
     """Gene embeddings (vocab x dim) from a truncated SVD of the cells x genes matrix, scaled to unit std.
 
-
     Genes never seen in the matrix get small random vectors; dimensions beyond the matrix rank are random too.
     """
     rng = np.random.default_rng(seed)
