@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from datasets import Dataset, DatasetDict, load_from_disk
+from datasets import Dataset, DatasetDict
 from peft import LoraConfig
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -103,13 +103,10 @@ def prompt_completion_dataset(
 
 def load_corpus(corpus_dir: str | Path) -> tuple[DatasetDict, Cell2TextFeatureExtractor]:
     """The corpus and the feature extractor it was built with."""
+    from training.sft import open_corpus
+
     corpus_dir = Path(corpus_dir)
-    if not (corpus_dir / "dataset_dict.json").exists():
-        raise FileNotFoundError(
-            f"{corpus_dir} is not a corpus folder (no dataset_dict.json); build one with "
-            "`python -m processing.build_corpus --preset pbmc68k_reduced --out DIR`."
-        )
-    return load_from_disk(str(corpus_dir)), Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor")
+    return open_corpus(corpus_dir), Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor")
 
 
 def build_trainer(

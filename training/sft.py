@@ -128,14 +128,20 @@ def language_model_lora_targets(model: Cell2TextForConditionalGeneration) -> str
     return r"model\.language_model\..*\.(" + "|".join(map(re.escape, leaf_names)) + r")"
 
 
-def load_corpus(corpus_dir: str | Path, args: Cell2TextArguments) -> tuple[DatasetDict, dict]:
+def open_corpus(corpus_dir: str | Path) -> DatasetDict:
+    """The corpus DatasetDict, with a clear error where the folder is not one."""
     corpus_dir = Path(corpus_dir)
     if not (corpus_dir / "dataset_dict.json").exists():
         raise FileNotFoundError(
             f"{corpus_dir} is not a corpus folder (no dataset_dict.json); build one with "
             "`python -m processing.build_corpus --preset pbmc68k_reduced --out DIR`."
         )
-    corpus = load_from_disk(str(corpus_dir))
+    return load_from_disk(str(corpus_dir))
+
+
+def load_corpus(corpus_dir: str | Path, args: Cell2TextArguments) -> tuple[DatasetDict, dict]:
+    corpus_dir = Path(corpus_dir)
+    corpus = open_corpus(corpus_dir)
     for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
         if limit is not None and split in corpus and len(corpus[split]) > limit:
             corpus[split] = corpus[split].select(range(limit))
