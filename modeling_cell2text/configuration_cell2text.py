@@ -42,6 +42,11 @@ class Cell2TextConfig(PreTrainedConfig):
             Dropout in the projector.
         freeze_gene_encoder (`bool`, defaults to `True`):
             Whether the gene encoder's weights are frozen (no gradients, run under `torch.no_grad`).
+        num_expression_bins (`int`, defaults to 0):
+            The encoder's input: 0 for Geneformer's rank-value tokens (the paper's); B > 0 for value-aware tokens,
+            each gene's per-cell expression bin (`gene_value_ids`, 1..B) entering the encoder as its BERT token
+            type. Needs an encoder trained that way (`type_vocab_size` >= B + 1) and a feature extractor with the
+            same `num_expression_bins`.
     """
 
     model_type = "cell2text"
@@ -58,6 +63,7 @@ class Cell2TextConfig(PreTrainedConfig):
     projector_hidden_size: int = 2048
     projector_dropout: float = 0.1
     freeze_gene_encoder: bool = True
+    num_expression_bins: int = 0
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -83,6 +89,13 @@ class Cell2TextConfig(PreTrainedConfig):
             raise ValueError(f"cell_token_id must be a non-negative token id, got {self.cell_token_id}.")
         if not 0.0 <= self.projector_dropout < 1.0:
             raise ValueError(f"projector_dropout must be in [0, 1), got {self.projector_dropout}.")
+        type_vocab_size = getattr(self.gene_encoder_config, "type_vocab_size", 0)
+        if self.num_expression_bins < 0 or (self.num_expression_bins and type_vocab_size < self.num_expression_bins + 1):
+            raise ValueError(
+                f"num_expression_bins={self.num_expression_bins} needs a gene encoder with type_vocab_size >= "
+                f"{self.num_expression_bins + 1} (bins enter as token types); this encoder has {type_vocab_size}. "
+                "Use num_expression_bins=0 (rank-value tokens) with a pretrained Geneformer."
+            )
 
 
 __all__ = ["Cell2TextConfig"]

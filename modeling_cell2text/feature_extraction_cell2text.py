@@ -20,6 +20,12 @@ The ranking is vectorised over row chunks of a CSR matrix: each entry becomes on
 ``(~float32_bits(value)) << 32 | token_id``, keys are scattered into a padded 2-D array and
 sorted along rows (one C loop over rows), and the low 32 bits are the token ids in rank order.
 
+Value-aware tokens (optional, ``num_expression_bins > 0``): beside its token, each gene gets an expression bin,
+scGPT's per-cell value binning: with B bins and n expressed vocabulary genes in the cell, a gene whose expression
+exceeds that of k of them gets bin ``1 + floor(B * k / n)`` (equal values share a bin; 0 marks special tokens and
+padding). Quantiles within the cell make bins independent of sequencing depth and normalisation, and they carry
+what rank order alone hides: a gene can rank high against its corpus median while being weakly expressed.
+
 This file travels as remote code: it imports only numpy, scipy, torch (via transformers) and
 transformers; anndata objects are recognised without importing anndata.
 """
@@ -62,18 +68,26 @@ class RankedCells:
 
     ``cell_indices`` are the input rows these cells come from; ``skipped_cells`` the input rows
     dropped because no vocabulary gene is expressed (only with ``skip_empty_cells=True``).
+    ``value_bins`` (value-aware extractors only) holds each token's expression bin, aligned with ``tokens``.
     """
 
     tokens: np.ndarray
     offsets: np.ndarray
     cell_indices: np.ndarray
     skipped_cells: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    value_bins: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+    def bins_of(self, i: int) -> np.ndarray:
+        """Expression bins of cell ``i`` (value-aware extractors only)."""
+        if self.value_bins is None:
+            raise ValueError("These cells have no expression bins: the feature extractor has num_expression_bins=0.")
+        return self.value_bins[self.offsets[i] : self.offsets[i + 1]]
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return (self[i] for i in range(len(self)))
@@ -234,9 +248,9 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         special_tokens: True for Geneformer V2 (``<cls>`` first, ``<eos>`` last), False for V1.
         min_gene_match_rate: below this fraction of input genes found in the vocabulary a
             warning is logged.
+        num_expression_bins: 0 (default) for Geneformer's rank-value tokens only; B > 0 adds
+            value-aware inputs, ``gene_value_ids``: each gene's per-cell expression bin in 1..B.
     """
-
-    model_input_names = ["gene_input_ids", "gene_attention_mask", "gene_token_mask"]
 
     def __init__(
         self,
@@ -246,6 +260,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         model_input_size: int = 4096,
         special_tokens: bool = True,
         min_gene_match_rate: float = 0.5,
+        num_expression_bins: int = 0,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("feature_extractor_type", None)
@@ -258,6 +273,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         self.model_input_size = int(model_input_size)
         self.special_tokens = bool(special_tokens)
         self.min_gene_match_rate = float(min_gene_match_rate)
+        self.num_expression_bins = int(num_expression_bins)
         self._validate_config()
         self._build_lookups()
 
@@ -280,6 +296,10 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         minimum = 3 if self.special_tokens else 1
         if self.model_input_size < minimum:
             raise ValueError(f"model_input_size must be >= {minimum}, got {self.model_input_size}")
+        if not 0 <= self.num_expression_bins <= 255:
+            raise ValueError(
+                f"num_expression_bins must be in 0..255 (0: rank-value tokens only), got {self.num_expression_bins}"
+            )
 
     def _build_lookups(self) -> None:
         """Private lookup tables (not saved): gene -> token, token -> median, symbol -> gene."""
@@ -347,6 +367,11 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         return type(self).from_dict(self.to_dict())
 
     # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def model_input_names(self) -> list[str]:
+        names = ["gene_input_ids", "gene_attention_mask", "gene_token_mask"]
+        return names + (["gene_value_ids"] if self.num_expression_bins else [])
 
     @property
     def pad_token_id(self) -> int:
@@ -479,22 +504,24 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         matrix, gene_ids, obs_names = self._resolve_input(cells, gene_ids, layer)
         match = self.match_genes(gene_ids)
 
-        def rank(chunk: tuple[int, np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        def rank(chunk: tuple[int, np.ndarray, np.ndarray, np.ndarray]) -> tuple:
             start, indptr, indices, data = chunk
             _check_values(data, input_values, start)
-            values = _to_float32(data, input_values) / match.column_medians[indices]
-            return self._rank_chunk(indptr, match.column_tokens[indices], values)
+            expression = _to_float32(data, input_values)
+            values = expression / match.column_medians[indices]
+            return self._rank_chunk(
+                indptr, match.column_tokens[indices], values, expression if self.num_expression_bins else None
+            )
 
         chunks = _iter_csr_chunks(matrix, chunk_size)
         results = list(_ordered_map(rank, chunks, num_threads or _default_threads()))
-        token_chunks = [tokens for tokens, _ in results]
-        length_chunks = [lengths for _, lengths in results]
-        return self._collect(token_chunks, length_chunks, matrix.shape[0], obs_names, skip_empty_cells)
+        return self._collect(results, matrix.shape[0], obs_names, skip_empty_cells)
 
     def _rank_chunk(
-        self, indptr: np.ndarray, tokens: np.ndarray, values: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Rank one CSR chunk. Returns flat token ids (specials added) and genes kept per cell."""
+        self, indptr: np.ndarray, tokens: np.ndarray, values: np.ndarray, expression: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Rank one CSR chunk. Returns flat token ids (specials added), genes kept per cell, and the flat
+        expression bins aligned with the tokens when ``expression`` is given (value-aware extractors)."""
         n_cells = len(indptr) - 1
         keep = tokens >= 0
         keep &= values > 0  # explicit zeros are not expressed genes
@@ -505,13 +532,21 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
             np.cumsum(keep, out=kept_before[1:])
             counts = np.diff(kept_before[indptr])
             tokens, values = tokens[keep], values[keep]
+            expression = None if expression is None else expression[keep]
         width = int(counts.max()) if n_cells else 0
         keys = _sort_keys(values, tokens)
         padded = np.full((n_cells, width), _PAD_KEY, dtype=np.uint64)
         starts = np.cumsum(counts) - counts
         shift = np.arange(n_cells, dtype=np.int64) * width - starts
-        padded.reshape(-1)[np.arange(len(keys), dtype=np.int64) + np.repeat(shift, counts)] = keys
-        padded.sort(axis=1)
+        positions = np.arange(len(keys), dtype=np.int64) + np.repeat(shift, counts)
+        padded.reshape(-1)[positions] = keys
+        if expression is None:
+            padded.sort(axis=1)
+            bins = None
+        else:  # the same rank order, carrying each gene's expression bin along
+            order = np.argsort(padded, axis=1)
+            padded = np.take_along_axis(padded, order, axis=1)
+            bins = np.take_along_axis(self._expression_bins(expression, positions, counts, width), order, axis=1)
         n_genes = np.minimum(counts, self.max_genes)
         width = min(width, self.max_genes)
         extra = 2 if self.special_tokens else 0
@@ -524,19 +559,48 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         else:
             ranked[:] = _low_words(padded[:, :width])
         lengths = np.where(n_genes > 0, n_genes + extra, 0)
-        flat = ranked[np.arange(width + extra) < lengths[:, None]]
-        return flat, n_genes
+        real = np.arange(width + extra) < lengths[:, None]
+        flat = ranked[real]
+        if bins is None:
+            return flat, n_genes, None
+        ranked_bins = np.zeros((n_cells, width + extra), dtype=np.uint8)
+        offset = 1 if self.special_tokens else 0
+        ranked_bins[:, offset : width + offset] = bins[:, :width]
+        if self.special_tokens:
+            ranked_bins[np.arange(n_cells), n_genes + 1] = 0  # <eos> where a cell has fewer genes than width
+        return flat, n_genes, ranked_bins[real]
+
+    def _expression_bins(
+        self, expression: np.ndarray, positions: np.ndarray, counts: np.ndarray, width: int
+    ) -> np.ndarray:
+        """Per-cell quantile bins (1..B) of the expressed genes, laid out like the padded key array (0: padding).
+
+        A gene's bin is 1 + floor(B * k / n), k = genes of the cell with lower expression, n = expressed genes.
+        """
+        n_cells = len(counts)
+        padded = np.full((n_cells, width), np.inf, dtype=np.float32)
+        padded.reshape(-1)[positions] = expression
+        order = np.argsort(padded, axis=1, kind="stable")
+        ascending = np.take_along_axis(padded, order, axis=1)
+        column = np.broadcast_to(np.arange(width), ascending.shape)
+        starts_run = np.ones(ascending.shape, dtype=bool)
+        starts_run[:, 1:] = ascending[:, 1:] != ascending[:, :-1]
+        lower = np.maximum.accumulate(np.where(starts_run, column, 0), axis=1)  # genes with lower expression
+        sorted_bins = 1 + (lower * self.num_expression_bins) // np.maximum(counts, 1)[:, None]
+        sorted_bins[column >= counts[:, None]] = 0
+        bins = np.empty((n_cells, width), dtype=np.uint8)
+        np.put_along_axis(bins, order, sorted_bins.astype(np.uint8), axis=1)
+        return bins
 
     def _collect(
         self,
-        token_chunks: list[np.ndarray],
-        gene_counts: list[np.ndarray],
+        chunk_results: list[tuple],
         n_cells: int,
         obs_names: Sequence[str] | None,
         skip_empty_cells: bool,
     ) -> RankedCells:
         """Join chunk results; raise on (or skip and report) cells without vocabulary genes."""
-        n_genes = np.concatenate(gene_counts) if gene_counts else np.zeros(0, dtype=np.int64)
+        n_genes = np.concatenate([r[1] for r in chunk_results]) if chunk_results else np.zeros(0, dtype=np.int64)
         empty = np.flatnonzero(n_genes == 0)
         if len(empty) and not skip_empty_cells:
             raise ValueError(
@@ -555,8 +619,13 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         lengths = n_genes[kept] + (2 if self.special_tokens else 0)
         offsets = np.zeros(len(kept) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        tokens = np.concatenate(token_chunks) if token_chunks else np.zeros(0, dtype=np.int32)
-        return RankedCells(tokens=tokens, offsets=offsets, cell_indices=kept, skipped_cells=empty)
+        tokens = np.concatenate([r[0] for r in chunk_results]) if chunk_results else np.zeros(0, dtype=np.int32)
+        value_bins = None
+        if self.num_expression_bins:
+            value_bins = np.concatenate([r[2] for r in chunk_results]) if chunk_results else np.zeros(0, np.uint8)
+        return RankedCells(
+            tokens=tokens, offsets=offsets, cell_indices=kept, skipped_cells=empty, value_bins=value_bins
+        )
 
     def _resolve_input(
         self, cells: Any, gene_ids: Sequence[str] | None, layer: str | None
@@ -606,8 +675,9 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         """Rank-value encode cells into padded model inputs.
 
         Returns ``gene_input_ids`` (padded with the pad id to the longest cell),
-        ``gene_attention_mask`` (1 on real tokens, special tokens included) and
-        ``gene_token_mask`` (1 on gene tokens only). With ``skip_empty_cells=True`` also
+        ``gene_attention_mask`` (1 on real tokens, special tokens included),
+        ``gene_token_mask`` (1 on gene tokens only) and, for value-aware extractors,
+        ``gene_value_ids`` (expression bins, 0 on special tokens and padding). With ``skip_empty_cells=True`` also
         ``cell_indices`` (input rows kept) and ``skipped_cell_indices`` (input rows dropped).
         """
         ranked = self.tokenize(
@@ -619,16 +689,34 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
             batch["skipped_cell_indices"] = ranked.skipped_cells
         return BatchFeature(dict(batch), tensor_type=return_tensors)
 
-    def pad(self, token_lists: Sequence[Sequence[int]] | RankedCells, return_tensors: str | None = None) -> BatchFeature:
-        """Pad per-cell token lists (e.g. stored in a corpus) into the three model inputs."""
+    def pad(
+        self,
+        token_lists: Sequence[Sequence[int]] | RankedCells,
+        value_lists: Sequence[Sequence[int]] | None = None,
+        return_tensors: str | None = None,
+    ) -> BatchFeature:
+        """Pad per-cell token lists (e.g. stored in a corpus) into the model inputs.
+
+        Value-aware extractors also need each cell's expression bins: in ``token_lists`` (cells from
+        ``tokenize``) or as ``value_lists`` (e.g. the corpus column ``gene_value_ids``).
+        """
+        flat_bins = None
         if isinstance(token_lists, RankedCells):  # made by tokenize: ids already valid
             lengths, flat = token_lists.lengths, token_lists.tokens
+            flat_bins = token_lists.value_bins if value_lists is None else None
         else:
             arrays = [np.asarray(t, dtype=np.int64).reshape(-1) for t in token_lists]
             lengths = np.array([len(a) for a in arrays], dtype=np.int64)
             flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
             if len(flat) and (flat.min() < 0 or flat.max() >= self.vocab_size):
                 raise ValueError(f"token ids must lie in [0, {self.vocab_size}) (this extractor's vocabulary)")
+        if value_lists is not None:
+            flat_bins = self._check_value_lists(value_lists, lengths)
+        if self.num_expression_bins and flat_bins is None:
+            raise ValueError(
+                f"This feature extractor is value-aware (num_expression_bins={self.num_expression_bins}): pass each "
+                "cell's expression bins (value_lists=, e.g. the corpus column gene_value_ids), or expression values."
+            )
         width = int(lengths.max()) if len(lengths) else 0
         if width > self.model_input_size:
             raise ValueError(f"a cell has {width} tokens, more than model_input_size={self.model_input_size}")
@@ -647,7 +735,30 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         rows = np.searchsorted(ends, special, side="right")
         gene_mask[rows, special - (ends - lengths)[rows]] = 0
         data = {"gene_input_ids": input_ids, "gene_attention_mask": attention, "gene_token_mask": gene_mask}
+        if self.num_expression_bins:
+            value_ids = np.zeros((len(lengths), width), dtype=np.int64)
+            value_ids[real] = flat_bins
+            data["gene_value_ids"] = value_ids
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def _check_value_lists(self, value_lists: Sequence[Sequence[int]], lengths: np.ndarray) -> np.ndarray:
+        """Flat expression bins, checked against this extractor and the cells' token counts."""
+        if not self.num_expression_bins:
+            raise ValueError(
+                "Expression bins were given but this feature extractor uses rank-value tokens only "
+                "(num_expression_bins=0); leave value_lists out or use the value-aware extractor they were made with."
+            )
+        arrays = [np.asarray(v, dtype=np.int64).reshape(-1) for v in value_lists]
+        value_lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+        if len(arrays) != len(lengths) or not np.array_equal(value_lengths, lengths):
+            raise ValueError(
+                f"Expression bins and tokens differ in length (bins per cell {value_lengths.tolist()[:_EXAMPLES]}, "
+                f"tokens per cell {lengths.tolist()[:_EXAMPLES]}): pass one bin per token, cell by cell."
+            )
+        flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+        if len(flat) and (flat.min() < 0 or flat.max() > self.num_expression_bins):
+            raise ValueError(f"expression bins must lie in [0, {self.num_expression_bins}] (num_expression_bins)")
+        return flat
 
 
 # ----------------------------------------------------------------------------- value checks

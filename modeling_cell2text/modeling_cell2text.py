@@ -22,7 +22,7 @@ from .configuration_cell2text import Cell2TextConfig
 logger = logging.get_logger(__name__)
 
 # Names of the cell inputs produced by Cell2TextProcessor; used in prefill only during generation.
-CELL_INPUT_NAMES = ("gene_input_ids", "gene_attention_mask", "gene_token_mask")
+CELL_INPUT_NAMES = ("gene_input_ids", "gene_attention_mask", "gene_token_mask", "gene_value_ids")
 
 
 @dataclass
@@ -128,27 +128,45 @@ class Cell2TextModel(Cell2TextPreTrainedModel):
         gene_input_ids: torch.LongTensor,
         gene_attention_mask: torch.Tensor | None = None,
         gene_token_mask: torch.Tensor | None = None,
+        gene_value_ids: torch.LongTensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode cells and project their first `num_cell_tokens` gene embeddings.
 
         Returns the projected features of all cells concatenated in order, shape (total_cell_tokens, text_width),
         and the number of cell tokens of each cell, shape (batch,).
         `gene_token_mask` marks gene positions (1) as opposed to special tokens and padding (0); when omitted,
-        every attended position counts as a gene.
+        every attended position counts as a gene. `gene_value_ids` (value-aware models only) are the genes'
+        expression bins, given to the encoder as token types.
         """
+        bins = self.config.num_expression_bins
+        if bins and gene_value_ids is None:
+            raise ValueError(
+                f"This model reads value-aware gene tokens (num_expression_bins={bins}): pass gene_value_ids, as its "
+                "processor's feature extractor (num_expression_bins > 0) returns them."
+            )
+        if not bins and gene_value_ids is not None:
+            raise ValueError(
+                "gene_value_ids were given but this model reads rank-value tokens only (num_expression_bins=0): use "
+                "a feature extractor with num_expression_bins=0, e.g. the model's own processor."
+            )
         if gene_attention_mask is None:
             gene_attention_mask = torch.ones_like(gene_input_ids)
         if gene_token_mask is None:
             gene_token_mask = gene_attention_mask
-        if gene_token_mask.shape != gene_input_ids.shape or gene_attention_mask.shape != gene_input_ids.shape:
+        shapes = [t.shape for t in (gene_attention_mask, gene_token_mask, gene_value_ids) if t is not None]
+        if any(shape != gene_input_ids.shape for shape in shapes):
             raise ValueError(
-                f"gene_input_ids {tuple(gene_input_ids.shape)}, gene_attention_mask {tuple(gene_attention_mask.shape)} "
-                f"and gene_token_mask {tuple(gene_token_mask.shape)} must have the same shape."
+                f"gene_input_ids {tuple(gene_input_ids.shape)}, gene_attention_mask {tuple(gene_attention_mask.shape)}, "
+                f"gene_token_mask {tuple(gene_token_mask.shape)} (and gene_value_ids) must have the same shape."
             )
         frozen = self.config.freeze_gene_encoder
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             encoder_outputs = self.gene_encoder(
-                input_ids=gene_input_ids, attention_mask=gene_attention_mask, output_hidden_states=True, return_dict=True
+                input_ids=gene_input_ids,
+                attention_mask=gene_attention_mask,
+                token_type_ids=gene_value_ids,
+                output_hidden_states=True,
+                return_dict=True,
             )
         gene_hidden = encoder_outputs.hidden_states[self.config.gene_encoder_layer]
         is_gene = gene_token_mask.bool()
@@ -179,6 +197,7 @@ class Cell2TextModel(Cell2TextPreTrainedModel):
         gene_input_ids: torch.LongTensor | None = None,
         gene_attention_mask: torch.Tensor | None = None,
         gene_token_mask: torch.Tensor | None = None,
+        gene_value_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache=None,
@@ -195,7 +214,9 @@ class Cell2TextModel(Cell2TextPreTrainedModel):
         if gene_input_ids is not None:
             if input_ids is None:
                 raise ValueError("Cell inputs need input_ids to locate the cell placeholder tokens.")
-            cell_features, counts = self.get_cell_features(gene_input_ids, gene_attention_mask, gene_token_mask)
+            cell_features, counts = self.get_cell_features(
+                gene_input_ids, gene_attention_mask, gene_token_mask, gene_value_ids
+            )
             placeholder_mask = self.get_placeholder_mask(input_ids, counts)
             cell_features = cell_features.to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(placeholder_mask.unsqueeze(-1), cell_features)
@@ -259,6 +280,7 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
         gene_input_ids: torch.LongTensor | None = None,
         gene_attention_mask: torch.Tensor | None = None,
         gene_token_mask: torch.Tensor | None = None,
+        gene_value_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache=None,
@@ -274,6 +296,7 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
             gene_input_ids=gene_input_ids,
             gene_attention_mask=gene_attention_mask,
             gene_token_mask=gene_token_mask,
+            gene_value_ids=gene_value_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
@@ -335,7 +358,8 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
         """Compose a model from a pretrained encoder folder and a pretrained causal LM folder (or Hub ids).
 
         `gene_encoder_path` is a Geneformer checkpoint (`config.json` + weights of a `BertForMaskedLM` or
-        `BertModel`); `text_model_path` any causal LM. The projector is newly initialised. If `cell_token_id`
+        `BertModel`); `text_model_path` any causal LM. The projector is newly initialised, its output scaled to the
+        RMS of the LM's token embeddings. If `cell_token_id`
         is past the LM's vocabulary (a `<cell>` token the processor added), the embeddings are resized.
         `config_kwargs` set the other `Cell2TextConfig` fields (num_cell_tokens, projector_hidden_size, ...).
         """
@@ -362,6 +386,11 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
         model._tied_weights_keys = {"lm_head.weight": model._input_embedding_weight_name()}
         if config.tie_word_embeddings:
             model.lm_head.weight = model.get_input_embeddings().weight
+        # The projector ends in a LayerNorm (unit RMS per soft token). Its gain starts at the RMS of the LM's token
+        # embeddings, so soft tokens enter the LM at the scale of text tokens (SmolLM2: 0.13; Llama-3.2: 0.02).
+        with torch.no_grad():
+            text_embedding_rms = model.get_input_embeddings().weight.float().pow(2).mean().sqrt()
+            model.model.multi_modal_projector.norm_2.weight.fill_(text_embedding_rms.item())
         vocab_size = model.get_input_embeddings().num_embeddings
         if cell_token_id >= vocab_size:
             model.resize_token_embeddings(cell_token_id + 1, mean_resizing=False)

@@ -112,7 +112,8 @@ class Cell2TextPipeline(Pipeline):
                 bar.update(len(ranked.skipped_cells))
                 for first in range(0, len(ranked), batch_size):
                     positions = range(first, min(first + batch_size, len(ranked)))
-                    model_inputs = self.preprocess([ranked[p] for p in positions])
+                    bins = None if ranked.value_bins is None else [ranked.bins_of(p) for p in positions]
+                    model_inputs = self.preprocess([ranked[p] for p in positions], bins)
                     outputs = self.postprocess(self.forward(model_inputs, **forward_params))
                     for position, output in zip(positions, outputs):
                         results[start + int(ranked.cell_indices[position])] = output
@@ -142,9 +143,16 @@ class Cell2TextPipeline(Pipeline):
             )
         return ranked
 
-    def preprocess(self, cell_tokens: Sequence[np.ndarray], **kwargs: Any) -> dict:
-        """Model inputs (left-padded prompts and gene tokens) for a batch of rank-value encoded cells."""
-        return dict(self.processor(gene_input_ids=[np.asarray(t) for t in cell_tokens], return_tensors="pt"))
+    def preprocess(
+        self, cell_tokens: Sequence[np.ndarray], cell_bins: Sequence[np.ndarray] | None = None, **kwargs: Any
+    ) -> dict:
+        """Model inputs (left-padded prompts and gene tokens) for a batch of rank-value encoded cells
+        (with their expression bins for a value-aware model)."""
+        return dict(self.processor(
+            gene_input_ids=[np.asarray(t) for t in cell_tokens],
+            gene_value_ids=None if cell_bins is None else [np.asarray(b) for b in cell_bins],
+            return_tensors="pt",
+        ))
 
     def _forward(self, model_inputs: dict, generate_kwargs: dict | None = None) -> dict:
         prompt_length = model_inputs["input_ids"].shape[1]

@@ -76,6 +76,7 @@ class Cell2TextProcessor(ProcessorMixin):
         gene_ids: Sequence[str] | None = None,
         *,
         gene_input_ids: Sequence[Sequence[int]] | None = None,
+        gene_value_ids: Sequence[Sequence[int]] | None = None,
         descriptions: Sequence[str] | None = None,
         layer: str | None = None,
         input_values: str = "counts",
@@ -85,13 +86,16 @@ class Cell2TextProcessor(ProcessorMixin):
         """Build model inputs for a batch of cells.
 
         Pass either expression (`cells`: AnnData, sparse or dense cells x genes, with `gene_ids` for matrices) or
-        already tokenized cells (`gene_input_ids`: rank-value token lists, e.g. a corpus column). With
+        already tokenized cells (`gene_input_ids`: rank-value token lists, e.g. a corpus column, with their
+        expression bins `gene_value_ids` for a value-aware feature extractor). With
         `descriptions` (training) each prompt is followed by its description and EOS, `labels` hold the
         description tokens only (prompt, placeholders and padding are -100) and padding is on the right; without
         (generation) the prompt ends with the assistant turn's opening and padding is on the left.
         """
         if (cells is None) == (gene_input_ids is None):
             raise ValueError("Pass exactly one of cells (expression) or gene_input_ids (tokenized cells).")
+        if gene_value_ids is not None and gene_input_ids is None:
+            raise ValueError("gene_value_ids go with gene_input_ids (tokenized cells); expression gives its own.")
         if cells is not None:
             cell_inputs = self.feature_extractor(
                 cells,
@@ -102,7 +106,7 @@ class Cell2TextProcessor(ProcessorMixin):
                 return_tensors="pt",
             )
         else:
-            cell_inputs = self.feature_extractor.pad(gene_input_ids, return_tensors="pt")
+            cell_inputs = self.feature_extractor.pad(gene_input_ids, gene_value_ids, return_tensors="pt")
         num_genes = cell_inputs["gene_token_mask"].sum(dim=1).tolist()
         if descriptions is not None and len(descriptions) != len(num_genes):
             raise ValueError(f"Got {len(descriptions)} descriptions for {len(num_genes)} cells.")

@@ -60,6 +60,8 @@ class BuildOptions:
     medians: str = "auto"  # "exact", "histogram" or "auto" (exact up to EXACT_MEDIANS_MAX_CELLS cells)
     bins_per_decade: int = 100
     model_input_size: int = 4096
+    # > 0: value-aware corpus, each token also gets its per-cell expression bin (column gene_value_ids)
+    expression_bins: int = 0
     feature_extractor: Cell2TextFeatureExtractor | None = None  # given vocabulary (e.g. Geneformer's)
     required_fields: tuple[str, ...] = ("cell_type",)
     name: str | None = None
@@ -154,7 +156,9 @@ def _build_extractor(genes: _Genes, medians, options: BuildOptions) -> Cell2Text
     found = {genes.token_ids[i]: float(values[i]) for i in np.flatnonzero(genes.usable & np.isfinite(values))}
     if not found:
         raise ValueError("no gene is expressed in any kept cell; nothing to build a vocabulary from")
-    return Cell2TextFeatureExtractor.from_gene_medians(found, model_input_size=options.model_input_size)
+    return Cell2TextFeatureExtractor.from_gene_medians(
+        found, model_input_size=options.model_input_size, num_expression_bins=options.expression_bins
+    )
 
 
 def _second_pass(source, labels, kept, split_of, top, set_names, genes, extractor, writer, options):
@@ -189,8 +193,9 @@ def _second_pass(source, labels, kept, split_of, top, set_names, genes, extracto
                 lengths = ranked.offsets[members + 1] - starts
                 offsets = np.concatenate([[0], np.cumsum(lengths)])
                 take = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+                bins = None if ranked.value_bins is None else ranked.value_bins[take]
                 writer.write(split, {c: [v[m] for m in members] if isinstance(v, list) else v[members]
-                                     for c, v in columns.items()}, ranked.tokens[take], offsets)
+                                     for c, v in columns.items()}, ranked.tokens[take], offsets, bins)
     bar.close()
 
 
@@ -227,6 +232,12 @@ def _write_card(summary: dict, out: Path, repo_id: str) -> Any:
 def build_corpus(source: Any, out_dir: str | Path, options: BuildOptions | None = None) -> dict:
     """Build the corpus of ``source`` into ``out_dir``; returns the summary (also in summary.json)."""
     options = options or BuildOptions()
+    given = options.feature_extractor
+    if given is not None and options.expression_bins and options.expression_bins != given.num_expression_bins:
+        raise ValueError(
+            f"expression_bins={options.expression_bins} but the given feature extractor has num_expression_bins="
+            f"{given.num_expression_bins}; a given extractor decides the bins, so leave expression_bins at 0."
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels, reasons = resolve_labels(source.obs, options.required_fields)
@@ -244,7 +255,7 @@ def build_corpus(source: Any, out_dir: str | Path, options: BuildOptions | None 
                                    labels["donor_id"].to_numpy(dtype=object)[kept],
                                    options.fractions, options.seed, cell_ids[kept])
     with tempfile.TemporaryDirectory(dir=out, prefix=".build-") as tmp:
-        writer = SplitWriter(Path(tmp), SPLITS)
+        writer = SplitWriter(Path(tmp), SPLITS, value_aware=extractor.num_expression_bins > 0)
         _second_pass(source, labels, kept, split_of, top, set_names, genes, extractor, writer, options)
         fingerprints = writer.close()
         writer.save(out, fingerprints)
@@ -264,6 +275,7 @@ def build_corpus(source: Any, out_dir: str | Path, options: BuildOptions | None 
         "seed": options.seed,
         "ontology_term_ids": _ontology_ids(labels, kept),
         "input_values": source.input_values,
+        "expression_bins": extractor.num_expression_bins,
         "unmapped_genes": len(genes.unmapped),
         "median_method": type(medians).__name__,
         "median_relative_error_bound": medians.relative_error_bound,
@@ -353,6 +365,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--feature-extractor", help="directory of a saved Cell2TextFeatureExtractor to use as given")
     parser.add_argument("--medians", choices=("auto", "exact", "histogram"), default="auto")
     parser.add_argument("--model-input-size", type=int, default=4096)
+    parser.add_argument("--expression-bins", type=int, default=0, metavar="B",
+                        help="value-aware corpus: also store each gene's per-cell expression bin (1..B); 0: rank only")
     parser.add_argument("--required-fields", nargs="*", default=["cell_type"], choices=LABEL_FIELDS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk-size", type=int, default=2048)
@@ -378,7 +392,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     options = BuildOptions(
         seed=args.seed, chunk_size=args.chunk_size, gmt=None if args.gmt == "none" else args.gmt,
         min_pathway_genes=args.min_pathway_genes,
-        medians=args.medians, model_input_size=args.model_input_size, feature_extractor=extractor,
+        medians=args.medians, model_input_size=args.model_input_size, expression_bins=args.expression_bins,
+        feature_extractor=extractor,
         required_fields=tuple(args.required_fields), name=args.name, repo_id=args.push_to_hub,
         progress=not args.no_progress,
     )

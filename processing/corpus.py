@@ -46,6 +46,13 @@ FEATURES = datasets.Features(
     }
 )
 _STRING_COLUMNS = [name for name, feature in FEATURES.items() if feature == _string]
+# Value-aware corpora (feature extractor with num_expression_bins > 0) add each token's expression bin.
+VALUE_FEATURES = datasets.Features({**FEATURES, "gene_value_ids": datasets.List(datasets.Value("uint8"))})
+
+
+def corpus_features(value_aware: bool) -> datasets.Features:
+    """The corpus columns: FEATURES, plus gene_value_ids for a value-aware feature extractor."""
+    return VALUE_FEATURES if value_aware else FEATURES
 
 
 def clean(value: object) -> str | None:
@@ -156,25 +163,36 @@ def _nullable(values: np.ndarray) -> list[str | None]:
 class SplitWriter:
     """Streams corpus rows into one Arrow file per split and hashes their content (fingerprints)."""
 
-    def __init__(self, directory: Path, splits: Sequence[str]) -> None:
-        self.schema = FEATURES.arrow_schema
+    def __init__(self, directory: Path, splits: Sequence[str], value_aware: bool = False) -> None:
+        self.features = corpus_features(value_aware)
+        self.schema = self.features.arrow_schema
         self.paths = {s: Path(directory) / f"{s}.arrow" for s in splits}
         self._writers = {s: pa.ipc.new_stream(str(p), self.schema) for s, p in self.paths.items()}
-        self._hashes = {s: hashlib.sha256(str(FEATURES).encode()) for s in splits}
+        self._hashes = {s: hashlib.sha256(str(self.features).encode()) for s in splits}
         self.counts = dict.fromkeys(splits, 0)
 
-    def write(self, split: str, columns: dict[str, object], tokens: np.ndarray, offsets: np.ndarray) -> None:
-        """Write one batch: string columns (lists), pathways (list of tuples), ragged tokens."""
+    def write(
+        self, split: str, columns: dict[str, object], tokens: np.ndarray, offsets: np.ndarray,
+        value_bins: np.ndarray | None = None,
+    ) -> None:
+        """Write one batch: string columns (lists), pathways (list of tuples), ragged tokens (and their bins)."""
+        if (value_bins is None) != ("gene_value_ids" not in self.features):
+            raise ValueError("Expression bins must be given exactly when the corpus is value-aware.")
         offsets = np.asarray(offsets, dtype=np.int32) - np.int32(offsets[0])
         tokens = np.ascontiguousarray(tokens, dtype=np.int32)
         arrays = {name: pa.array(_nullable(np.asarray(columns[name], dtype=object)), type=pa.string()) for name in _STRING_COLUMNS}
         arrays["gene_input_ids"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(tokens))
         arrays["pathways"] = pa.array([list(p) for p in columns["pathways"]], type=pa.list_(pa.string()))
-        batch = pa.RecordBatch.from_arrays([arrays[name] for name in FEATURES], schema=self.schema)
+        if value_bins is not None:
+            value_bins = np.ascontiguousarray(value_bins, dtype=np.uint8)
+            arrays["gene_value_ids"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(value_bins))
+        batch = pa.RecordBatch.from_arrays([arrays[name] for name in self.features], schema=self.schema)
         self._writers[split].write_batch(batch)
         digest = self._hashes[split]
         digest.update(tokens.tobytes())
         digest.update(offsets.tobytes())
+        if value_bins is not None:
+            digest.update(value_bins.tobytes())
         for name in _STRING_COLUMNS:
             digest.update("\x1f".join("\x00" if v is None else v for v in arrays[name].to_pylist()).encode())
         digest.update(repr([list(p) for p in columns["pathways"]]).encode())
@@ -196,7 +214,7 @@ class SplitWriter:
         import json
         import os
 
-        empty = datasets.Dataset.from_dict({name: [] for name in FEATURES}, features=FEATURES)
+        empty = datasets.Dataset.from_dict({name: [] for name in self.features}, features=self.features)
         datasets.DatasetDict({s: empty for s in self.paths}).save_to_disk(str(out))
         for split, path in self.paths.items():
             data_file = "data-00000-of-00001.arrow"

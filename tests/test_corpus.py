@@ -18,7 +18,7 @@ from modeling_cell2text.description_schema import parse_description
 from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
 from processing import ontologies
 from processing.build_corpus import BuildOptions, build_corpus
-from processing.corpus import FEATURES, description_fields
+from processing.corpus import FEATURES, VALUE_FEATURES, description_fields
 from processing.presets import pbmc68k_reduced
 from processing.sources import AnnDataSource
 
@@ -139,6 +139,28 @@ def test_given_vocabulary_is_used_as_is(tmp_path, pbmc_corpus):
     rebuilt = datasets.load_from_disk(str(tmp_path))
     assert rebuilt["validation"]["gene_input_ids"] == corpus["validation"]["gene_input_ids"]
     assert summary["gene_vocabulary_size"] == len(extractor.gene_medians)
+
+
+def test_value_aware_corpus_stores_the_bins_its_feature_extractor_gives(tmp_path, pbmc_corpus):
+    _, _, rank_corpus = pbmc_corpus
+    summary = build_corpus(pbmc68k_reduced(), tmp_path, BuildOptions(progress=False, expression_bins=8,
+                                                                      model_input_size=40))
+    corpus = datasets.load_from_disk(str(tmp_path))
+    assert summary["expression_bins"] == 8 and corpus["train"].features == VALUE_FEATURES
+    extractor = Cell2TextFeatureExtractor.from_pretrained(str(tmp_path / "feature_extractor"))
+    assert extractor.num_expression_bins == 8
+    source = pbmc68k_reduced()
+    ranked = extractor.tokenize(source.adata, source.gene_ids, input_values="log1p")
+    by_id = {cell_id: i for i, cell_id in enumerate(source.obs.index)}
+    for row in corpus["test"].select(range(5)):
+        i = by_id[row["cell_id"]]
+        assert row["gene_input_ids"] == ranked[i].tolist() and row["gene_value_ids"] == ranked.bins_of(i).tolist()
+        assert row["gene_value_ids"][0] == row["gene_value_ids"][-1] == 0 and set(row["gene_value_ids"][1:-1]) <= set(range(1, 9))
+    # the same cells and tokens as the rank-only corpus (truncated to 40): the bins are an addition
+    assert [t[:39] for t in corpus["test"]["gene_input_ids"]] == [t[:39] for t in rank_corpus["test"]["gene_input_ids"]]
+    with pytest.raises(ValueError, match="leave expression_bins at 0"):
+        build_corpus(pbmc68k_reduced(), tmp_path / "again", BuildOptions(progress=False, expression_bins=4,
+                                                                         feature_extractor=extractor))
 
 
 def test_cli_builds_pbmc68k_offline(tmp_path):

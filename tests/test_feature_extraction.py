@@ -335,3 +335,77 @@ def test_pad_v1_lists_and_rejects_unknown_ids():
     assert batch["gene_token_mask"].tolist() == batch["gene_attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     with pytest.raises(ValueError, match="token ids must lie in"):
         extractor.pad([[5, 10_000]])
+
+
+# ----------------------------------------------------------------------------- value-aware tokens
+
+
+def reference_bins(extractor: Cell2TextFeatureExtractor, dense: np.ndarray, genes: list[str]) -> list[list[int]]:
+    """Per-cell expression bins in token order: 1 + floor(B * genes with lower expression / expressed genes)."""
+    n_bins, vocab = extractor.num_expression_bins, extractor.gene_token_ids
+    token_of = {g.split(".")[0]: vocab[g.split(".")[0]] for g in genes if g.split(".")[0] in extractor.gene_medians}
+    out = []
+    for row, tokens in zip(dense, reference_tokens(extractor, dense, genes)):
+        expression = {token_of[g.split(".")[0]]: v for g, v in zip(genes, row) if v != 0 and g.split(".")[0] in token_of}
+        n = len(expression)
+        bins = []
+        for token in tokens:
+            if token not in expression:  # <cls>, <eos>
+                bins.append(0)
+                continue
+            lower = sum(1 for v in expression.values() if v < expression[token])
+            bins.append(1 + n_bins * lower // n)
+        out.append(bins)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["csr", "dense"])
+def test_value_aware_bins_match_reference_and_leave_the_ranking_unchanged(counts, kind):
+    extractor = make_extractor(num_expression_bins=4, model_input_size=12)  # truncation: bins use every gene
+    cells = counts if kind == "csr" else counts.toarray()
+    ranked = extractor.tokenize(cells, INPUT_GENES, chunk_size=5, num_threads=2)
+    rank_only = make_extractor(model_input_size=12).tokenize(cells, INPUT_GENES)
+    assert as_lists(ranked) == as_lists(rank_only)
+    expected = reference_bins(extractor, dense_of(counts), INPUT_GENES)
+    assert [ranked.bins_of(i).tolist() for i in range(len(ranked))] == expected
+    # equal counts share a bin (counts here are 1..3, so at most 3 distinct bins per cell)
+    assert all(len(set(b) - {0}) <= 3 for b in expected)
+
+    batch = extractor(cells, INPUT_GENES)
+    assert extractor.model_input_names[-1] == "gene_value_ids"
+    for i, bins in enumerate(expected):
+        assert batch["gene_value_ids"][i].tolist() == bins + [0] * (batch["gene_value_ids"].shape[1] - len(bins))
+    # the same inputs from stored token and bin lists (a corpus's columns)
+    stored = extractor.pad(as_lists(ranked), expected)
+    assert all(np.array_equal(stored[k], batch[k]) for k in batch)
+
+
+def test_value_aware_bins_do_not_depend_on_normalisation(counts):
+    extractor = make_extractor(num_expression_bins=8)
+    normalised = sp.csr_matrix(counts.multiply(1e4 / np.asarray(counts.sum(axis=1))))
+    from_counts = extractor(counts, INPUT_GENES)
+    from_log1p = extractor(normalised.log1p(), INPUT_GENES, input_values="log1p")
+
+    def bin_of_each_gene(batch):  # float rounding may reorder tied genes; each gene's bin must not change
+        return [dict(zip(ids.tolist(), bins.tolist())) for ids, bins in zip(batch["gene_input_ids"], batch["gene_value_ids"])]
+
+    assert bin_of_each_gene(from_counts) == bin_of_each_gene(from_log1p)
+
+
+def test_value_aware_options_are_saved_and_checked(counts, tmp_path):
+    extractor = make_extractor(num_expression_bins=5)
+    extractor.save_pretrained(tmp_path)
+    reloaded = Cell2TextFeatureExtractor.from_pretrained(tmp_path)
+    assert reloaded.num_expression_bins == 5 and "gene_value_ids" in reloaded.model_input_names
+    assert np.array_equal(reloaded(counts, INPUT_GENES)["gene_value_ids"], extractor(counts, INPUT_GENES)["gene_value_ids"])
+    with pytest.raises(ValueError, match="num_expression_bins must be in 0..255"):
+        make_extractor(num_expression_bins=300)
+    with pytest.raises(ValueError, match="pass each cell's expression bins"):
+        extractor.pad([[2, 5, 3]])
+    with pytest.raises(ValueError, match="differ in length"):
+        extractor.pad([[2, 5, 3]], [[0, 1]])
+    with pytest.raises(ValueError, match=r"must lie in \[0, 5\]"):
+        extractor.pad([[2, 5, 3]], [[0, 6, 0]])
+    with pytest.raises(ValueError, match="rank-value tokens only"):
+        make_extractor().pad([[2, 5, 3]], [[0, 1, 0]])
+    assert "gene_value_ids" not in make_extractor()(counts, INPUT_GENES)

@@ -133,6 +133,12 @@ def test_from_pretrained_parts_loads_the_saved_weights(tmp_path):
         else:
             assert torch.equal(model.model.language_model.state_dict()[name], tensor), name
     assert model.get_input_embeddings().num_embeddings == 401
+    # the projector's output starts at the scale of the LM's token embeddings (before <cell> was added)
+    text_rms = lm.get_input_embeddings().weight.pow(2).mean().sqrt()
+    assert torch.allclose(model.model.multi_modal_projector.norm_2.weight, text_rms.expand(32))
+    with torch.no_grad():
+        features, _ = model.model.get_cell_features(**{k: v for k, v in cell_batch().items() if k.startswith("gene")})
+    assert torch.allclose(features.pow(2).mean().sqrt(), text_rms, rtol=0.05)
     assert model.config.text_config.vocab_size == 401
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     assert not any(p.requires_grad for p in model.model.gene_encoder.parameters())
@@ -169,3 +175,49 @@ def test_generation_never_emits_the_cell_placeholder():
         model.lm_head.bias[CELL] = 1e4
     generated = model.generate(**cell_batch(), max_new_tokens=5, do_sample=False)
     assert not (generated[:, 7:] == CELL).any()
+
+
+def value_aware_model(num_expression_bins: int = 3):
+    torch.manual_seed(0)
+    config = Cell2TextConfig(
+        gene_encoder_config=BertConfig(**{**tiny_bert_config(50).to_dict(), "type_vocab_size": num_expression_bins + 1}),
+        text_config=tiny_llama_config(100),
+        num_cell_tokens=4,
+        projector_hidden_size=16,
+        num_expression_bins=num_expression_bins,
+    )
+    return Cell2TextForConditionalGeneration(config).eval()
+
+
+def test_value_aware_model_reads_expression_bins_as_token_types():
+    model = value_aware_model()
+    batch = cell_batch()
+    low = (batch["gene_token_mask"] * 1).long()
+    high = (batch["gene_token_mask"] * 3).long()
+    with torch.no_grad():
+        logits_low = model(**batch, gene_value_ids=low).logits
+        logits_high = model(**batch, gene_value_ids=high).logits
+        # the bins reach the encoder exactly as BERT token types
+        manual = model.model.gene_encoder(
+            input_ids=batch["gene_input_ids"], attention_mask=batch["gene_attention_mask"], token_type_ids=high,
+            output_hidden_states=True,
+        ).hidden_states[-2]
+        features, _ = model.model.get_cell_features(
+            batch["gene_input_ids"], batch["gene_attention_mask"], batch["gene_token_mask"], high
+        )
+    assert not torch.allclose(logits_low, logits_high)
+    selected = batch["gene_token_mask"].bool() & (batch["gene_token_mask"].cumsum(1) <= 4)
+    assert torch.allclose(features, model.model.multi_modal_projector(manual[selected]))
+    generated = model.generate(**batch, gene_value_ids=high, max_new_tokens=3, do_sample=False)
+    assert generated.shape == (2, 10)
+
+
+def test_expression_bins_must_match_the_model():
+    batch = cell_batch()
+    with pytest.raises(ValueError, match="pass gene_value_ids"):
+        value_aware_model()(**batch)
+    with pytest.raises(ValueError, match="rank-value tokens only"):
+        tiny_model()(**batch, gene_value_ids=batch["gene_token_mask"])
+    with pytest.raises(ValueError, match="type_vocab_size >= 9"):
+        Cell2TextConfig(gene_encoder_config=tiny_bert_config(50), text_config=tiny_llama_config(100),
+                        num_expression_bins=8)

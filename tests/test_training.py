@@ -79,6 +79,59 @@ def test_recipe_trains_lora_and_projector_and_saves_a_loadable_model(parts_and_c
     assert processor.ontology_term_ids["cell_type"]["B cell"] == "CL:0000236"
 
 
+@pytest.mark.parametrize("favour", ["rank", "value_aware"])
+def test_validation_chooses_the_encoder_input_and_the_model_reads_what_it_chose(tmp_path, monkeypatch, favour):
+    import training.gene_encoder as gene_encoder
+
+    _, lm_dir = save_tiny_parts(tmp_path / "parts")
+    corpus_dir = save_tiny_corpus(tmp_path / "corpus", expression_bins=4)
+    real_train = gene_encoder.train_candidate
+
+    def train_and_favour(candidate, *args, **kwargs):  # make validation prefer one input, to test both outcomes
+        encoder, _ = real_train(candidate, *args, **kwargs)
+        return encoder, float(candidate.value_aware == (favour == "value_aware"))
+
+    monkeypatch.setattr(gene_encoder, "train_candidate", train_and_favour)
+    args = Cell2TextArguments(
+        corpus_dir=str(corpus_dir), text_model_name_or_path=str(lm_dir), num_cell_tokens=8, projector_hidden_size=16,
+        encoder_hidden_size=16, encoder_epochs=1, encoder_candidate_layers=[1],
+        encoder_candidate_inputs=["rank", "value_aware"],
+    )
+    config = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                       eval_strategy="no", save_strategy="no", bf16=False, report_to="none", use_cpu=True)
+    final_dir = main(args, config)
+
+    selection = json.loads((tmp_path / "out" / "gene_encoder" / "encoder_selection.json").read_text())
+    assert [c["value_aware"] for c in selection["candidates"]] == [False, True]
+    bins = 4 if favour == "value_aware" else 0
+    assert selection["num_expression_bins"] == bins
+    model = AutoModelForCausalLM.from_pretrained(final_dir, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(final_dir, trust_remote_code=True)
+    assert model.config.num_expression_bins == processor.feature_extractor.num_expression_bins == bins
+    assert model.config.gene_encoder_config.type_vocab_size == bins + 1
+    from datasets import load_from_disk
+
+    from training.evaluate import generate_descriptions
+
+    test = load_from_disk(str(corpus_dir))["test"]
+    values = test["gene_value_ids"][:3] if bins else None
+    assert len(generate_descriptions(model, processor, test["gene_input_ids"][:3], 2, 4, values)) == 3
+
+
+def test_value_aware_encoder_needs_a_value_aware_corpus(parts_and_corpus, tmp_path):
+    lm_dir, corpus_dir = parts_and_corpus
+    args = Cell2TextArguments(
+        corpus_dir=str(corpus_dir), text_model_name_or_path=str(lm_dir), num_cell_tokens=8, projector_hidden_size=16,
+        encoder_hidden_size=16, encoder_epochs=1, encoder_candidate_layers=[1], encoder_candidate_inputs=["value_aware"],
+    )
+    config = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, eval_strategy="no", report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match="--expression-bins"):
+        main(args, config)
+    args.encoder_candidate_inputs = ["binned"]
+    with pytest.raises(ValueError, match="encoder_candidate_inputs"):
+        main(args, config)
+
+
 def test_optimizer_has_one_learning_rate_per_part(parts_and_corpus, tmp_path):
     from peft import LoraConfig, get_peft_model
 

@@ -82,8 +82,10 @@ def save_tiny_parts(root: Path, gene_vocab_size: int = 64, seed: int = 0) -> tup
     return encoder_dir, lm_dir
 
 
-def save_tiny_corpus(root: Path, n_train: int = 32, seed: int = 0) -> Path:
+def save_tiny_corpus(root: Path, n_train: int = 32, seed: int = 0, expression_bins: int = 0) -> Path:
     """A small corpus folder in the layout `processing.build_corpus` writes: two separable cell types.
+
+    With `expression_bins` > 0 it is value-aware: a gene_value_ids column and a feature extractor with those bins.
 
     Used where a test needs a corpus but is not about building one (training, evaluation); the corpus builder has
     its own tests on real data.
@@ -97,7 +99,9 @@ def save_tiny_corpus(root: Path, n_train: int = 32, seed: int = 0) -> Path:
 
     rng = np.random.default_rng(seed)
     genes = [f"ENSG{i:011d}" for i in range(1, 61)]
-    feature_extractor = Cell2TextFeatureExtractor.from_gene_medians({g: 1.0 for g in genes})
+    feature_extractor = Cell2TextFeatureExtractor.from_gene_medians(
+        {g: 1.0 for g in genes}, num_expression_bins=expression_bins
+    )
     types = {"B cell": ("CL:0000236", 4), "T cell": ("CL:0000084", 34)}
 
     def split(n: int, name: str) -> Dataset:
@@ -107,7 +111,12 @@ def save_tiny_corpus(root: Path, n_train: int = 32, seed: int = 0) -> Path:
             first = types[cell_type][1]
             genes_expressed = rng.permutation(np.arange(first, first + 26))[: rng.integers(6, 20)]
             description = render_description(CellDescription(cell_type=cell_type, tissue="blood", disease="normal"))
+            extra = {}
+            if expression_bins:
+                bins = rng.integers(1, expression_bins + 1, size=len(genes_expressed))
+                extra["gene_value_ids"] = [0, *map(int, bins), 0]
             rows.append({
+                **extra,
                 "cell_id": f"{name}-{i}", "gene_input_ids": [2, *map(int, genes_expressed), 3],
                 "description": description, "cell_type": cell_type,
                 "cell_type_ontology_term_id": types[cell_type][0], "tissue": "blood",

@@ -12,23 +12,33 @@ class Cell2TextDataCollator:
     """Collates corpus examples with the processor: the loss covers the description and EOS only.
 
     Prompt, cell placeholders and padding get label -100 (the processor builds the labels, so the prompt format
-    has one owner). Examples need `gene_input_ids` and `description`; other columns are ignored.
+    has one owner). Examples need `gene_input_ids` and `description` (and `gene_value_ids` when the processor's
+    feature extractor is value-aware); other columns are ignored.
     """
 
-    def __init__(self, processor, gene_column: str = "gene_input_ids", text_column: str = "description"):
+    def __init__(
+        self,
+        processor,
+        gene_column: str = "gene_input_ids",
+        text_column: str = "description",
+        value_column: str = "gene_value_ids",
+    ):
         self.processor = processor
         self.gene_column = gene_column
         self.text_column = text_column
+        self.value_column = value_column if processor.feature_extractor.num_expression_bins else None
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> BatchFeature:
-        missing = {self.gene_column, self.text_column} - set(examples[0])
+        missing = {self.gene_column, self.text_column, self.value_column} - set(examples[0]) - {None}
         if missing:
             raise KeyError(
                 f"Corpus examples lack the columns {sorted(missing)} (have {sorted(examples[0])}); build the corpus "
-                "with `python -m processing.build_corpus` and pass remove_unused_columns=False to the trainer."
+                "with `python -m processing.build_corpus` (with --expression-bins for a value-aware feature "
+                "extractor) and pass remove_unused_columns=False to the trainer."
             )
         return self.processor(
             gene_input_ids=[example[self.gene_column] for example in examples],
+            gene_value_ids=[example[self.value_column] for example in examples] if self.value_column else None,
             descriptions=[example[self.text_column] for example in examples],
             return_tensors="pt",
         )

@@ -42,13 +42,21 @@ CORPUS_COLUMN = {"development_stage": "age_group"}
 
 @torch.no_grad()
 def generate_descriptions(
-    model, processor, token_lists: Sequence[Sequence[int]], batch_size: int = 16, max_new_tokens: int = 160
+    model,
+    processor,
+    token_lists: Sequence[Sequence[int]],
+    batch_size: int = 16,
+    max_new_tokens: int = 160,
+    value_lists: Sequence[Sequence[int]] | None = None,
 ) -> list[str]:
-    """Greedy descriptions for tokenized cells, in batches (left padded; the encoder runs once per batch)."""
+    """Greedy descriptions for tokenized cells (and their expression bins for a value-aware model), in batches
+    (left padded; the encoder runs once per batch)."""
     model.eval()
     texts: list[str] = []
     for start in tqdm(range(0, len(token_lists), batch_size), desc="generating descriptions"):
-        inputs = processor(gene_input_ids=token_lists[start : start + batch_size]).to(model.device)
+        batch = slice(start, start + batch_size)
+        values = None if value_lists is None else value_lists[batch]
+        inputs = processor(gene_input_ids=token_lists[batch], gene_value_ids=values).to(model.device)
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         texts.extend(processor.post_process_generation(generated, inputs["input_ids"].shape[1]))
     return texts
@@ -132,7 +140,8 @@ def evaluate_model(
     cells = load_from_disk(str(corpus_dir))[split]
     if max_cells is not None:
         cells = cells.select(range(min(max_cells, len(cells))))
-    texts = generate_descriptions(model, processor, cells["gene_input_ids"], batch_size, max_new_tokens)
+    values = cells["gene_value_ids"] if processor.feature_extractor.num_expression_bins else None
+    texts = generate_descriptions(model, processor, cells["gene_input_ids"], batch_size, max_new_tokens, values)
     results, per_cell = score_descriptions(cells, texts, processor.ontology_term_ids)
     results.update(model=str(model_dir), dataset=str(corpus_dir), split=split)
     per_cell["generated"] = texts

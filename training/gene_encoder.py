@@ -6,9 +6,10 @@ new vocabularies), this module gives the encoder a real starting point from the 
 1. Gene embeddings initialised from the training cells: a truncated SVD of the cells x genes matrix of rank
    weights (1 / log2(rank + 2), Geneformer's rank order) places genes that rank high in the same cells close
    together.
-2. Each candidate encoder (a number of BERT layers) is trained on the training split to predict the cell type
-   from the mean of the gene states that will feed the projector (the first `num_cell_tokens` genes at the last
-   layer), and the validation split (never the test split) picks the best candidate.
+2. Each candidate encoder (a number of BERT layers, and its input: Geneformer's rank-value tokens, or value-aware
+   tokens that add each gene's per-cell expression bin as the BERT token type) is trained on the training split to
+   predict the cell type from the mean of the gene states that will feed the projector (the first
+   `num_cell_tokens` genes at the last layer), and the validation split (never the test split) picks the best.
 
 The result is saved in Geneformer's layout (`config.json` + safetensors of a `BertModel`), so
 `Cell2TextForConditionalGeneration.from_pretrained_parts` loads it like a real Geneformer checkpoint.
@@ -36,22 +37,31 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EncoderCandidate:
-    """One encoder shape to try; the validation split picks among them."""
+    """One encoder to try; the validation split picks among them.
+
+    `value_aware`: read each gene's expression bin too (the corpus's gene_value_ids, as token types).
+    """
 
     num_hidden_layers: int
     hidden_size: int = 128
     num_attention_heads: int = 4
     intermediate_size: int = 256
+    value_aware: bool = False
 
 
 @dataclass
 class EncoderSelection:
-    """What was tried and what validation chose."""
+    """What was tried and what validation chose; `num_expression_bins` is the chosen encoder's input (0: rank)."""
 
     candidates: list[dict]
     validation_accuracy: list[float]
     best: int
     path: str
+    num_expression_bins: int = 0
+
+    @classmethod
+    def load(cls, encoder_dir: str | Path) -> "EncoderSelection":
+        return cls(**json.loads((Path(encoder_dir) / "encoder_selection.json").read_text()))
 
 
 def rank_weight_matrix(token_lists: Sequence[Sequence[int]], vocab_size: int, special_ids: Sequence[int]) -> sp.csr_matrix:
@@ -92,28 +102,48 @@ class _CellTypeProbe(nn.Module):
         self.head = nn.Linear(config.hidden_size, num_labels)
         self.num_cell_tokens = num_cell_tokens
 
-    def forward(self, input_ids, attention_mask, gene_token_mask):
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids, attention_mask, gene_token_mask, token_type_ids=None):
+        hidden = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
         is_gene = gene_token_mask.bool()
         selected = (is_gene & (torch.cumsum(is_gene.long(), dim=1) <= self.num_cell_tokens)).unsqueeze(-1)
         pooled = (hidden * selected).sum(1) / selected.sum(1).clamp(min=1)
         return self.head(pooled)
 
 
-def _batches(feature_extractor, token_lists, labels, batch_size, shuffle, rng):
-    order = rng.permutation(len(token_lists)) if shuffle else np.arange(len(token_lists))
+@dataclass
+class _Cells:
+    """Tokenized cells of one split (with their expression bins for value-aware candidates) and labels."""
+
+    tokens: list
+    bins: list | None
+    labels: np.ndarray
+
+
+def _batches(feature_extractor, cells: _Cells, batch_size, shuffle, rng, value_aware: bool):
+    """Padded inputs + labels; bins become token types for value-aware candidates (all 0 otherwise)."""
+    order = rng.permutation(len(cells.tokens)) if shuffle else np.arange(len(cells.tokens))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        inputs = feature_extractor.pad([token_lists[i] for i in idx], return_tensors="pt")
-        yield inputs, torch.as_tensor(labels[idx])
+        bins = [cells.bins[i] for i in idx] if feature_extractor.num_expression_bins else None
+        inputs = feature_extractor.pad([cells.tokens[i] for i in idx], bins, return_tensors="pt")
+        value_ids = inputs.pop("gene_value_ids", None)
+        inputs["token_type_ids"] = value_ids if value_aware else None
+        yield inputs, torch.as_tensor(cells.labels[idx])
+
+
+def _logits(probe, inputs):
+    return probe(inputs["gene_input_ids"], inputs["gene_attention_mask"], inputs["gene_token_mask"],
+                 inputs["token_type_ids"])
 
 
 def train_candidate(
     candidate: EncoderCandidate,
     feature_extractor,
     gene_embeddings: np.ndarray,
-    train: tuple[list, np.ndarray],
-    validation: tuple[list, np.ndarray],
+    train: _Cells,
+    validation: _Cells,
     num_labels: int,
     num_cell_tokens: int,
     epochs: int = 30,
@@ -124,7 +154,12 @@ def train_candidate(
     """Train one candidate on the training cells; returns its encoder at the best validation epoch and that accuracy."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    max_len = max(len(t) for t in train[0] + validation[0])
+    max_len = max(len(t) for t in train.tokens + validation.tokens)
+    bins = feature_extractor.num_expression_bins
+    if candidate.value_aware and not bins:
+        raise ValueError(
+            "A value-aware encoder candidate needs a value-aware corpus: build it with --expression-bins B."
+        )
     config = BertConfig(
         vocab_size=gene_embeddings.shape[0],
         hidden_size=candidate.hidden_size,
@@ -134,7 +169,7 @@ def train_candidate(
         max_position_embeddings=max(512, 2 ** math.ceil(math.log2(max_len))),
         hidden_act="relu",
         pad_token_id=feature_extractor.pad_token_id,
-        type_vocab_size=1,
+        type_vocab_size=bins + 1 if candidate.value_aware else 1,
         # No attention dropout: it forces PyTorch's slow "math" attention on CPU (measured 2x per step).
         attention_probs_dropout_prob=0.0,
         hidden_dropout_prob=0.1,
@@ -146,14 +181,12 @@ def train_candidate(
     best_accuracy, best_state = -1.0, None
     for _ in tqdm(range(epochs), desc=f"encoder with {candidate.num_hidden_layers} layer(s)", leave=False):
         probe.train()
-        for inputs, y in _batches(feature_extractor, train[0], train[1], batch_size, True, rng):
-            loss = nn.functional.cross_entropy(
-                probe(inputs["gene_input_ids"], inputs["gene_attention_mask"], inputs["gene_token_mask"]), y
-            )
+        for inputs, y in _batches(feature_extractor, train, batch_size, True, rng, candidate.value_aware):
+            loss = nn.functional.cross_entropy(_logits(probe, inputs), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        accuracy = _accuracy(probe, feature_extractor, validation, batch_size)
+        accuracy = _accuracy(probe, feature_extractor, validation, batch_size, candidate.value_aware)
         if accuracy > best_accuracy:
             best_accuracy = accuracy
             best_state = {k: v.detach().clone() for k, v in probe.encoder.state_dict().items()}
@@ -162,13 +195,13 @@ def train_candidate(
 
 
 @torch.no_grad()
-def _accuracy(probe, feature_extractor, data, batch_size) -> float:
+def _accuracy(probe, feature_extractor, cells: _Cells, batch_size, value_aware: bool) -> float:
     probe.eval()
     correct = 0
-    for inputs, y in _batches(feature_extractor, data[0], data[1], batch_size, False, np.random.default_rng(0)):
-        logits = probe(inputs["gene_input_ids"], inputs["gene_attention_mask"], inputs["gene_token_mask"])
-        correct += int((logits.argmax(-1) == y).sum())
-    return correct / max(len(data[1]), 1)
+    rng = np.random.default_rng(0)
+    for inputs, y in _batches(feature_extractor, cells, batch_size, False, rng, value_aware):
+        correct += int((_logits(probe, inputs).argmax(-1) == y).sum())
+    return correct / max(len(cells.labels), 1)
 
 
 def prepare_gene_encoder(
@@ -184,23 +217,32 @@ def prepare_gene_encoder(
     """Initialise, train and select a gene encoder on the corpus (train picks weights, validation picks the shape)."""
     if "validation" not in corpus or len(corpus["validation"]) == 0:
         raise ValueError("Selecting a gene encoder needs a non-empty validation split in the corpus.")
-    train_tokens = [list(t) for t in corpus["train"]["gene_input_ids"]]
-    val_tokens = [list(t) for t in corpus["validation"]["gene_input_ids"]]
     labels = sorted(set(corpus["train"][label_column]))
     index = {label: i for i, label in enumerate(labels)}
-    y_train = np.array([index[x] for x in corpus["train"][label_column]])
-    # A validation label never seen in training cannot be predicted; it counts as wrong (-1 never matches).
-    y_val = np.array([index.get(x, -1) for x in corpus["validation"][label_column]])
+
+    def cells_of(split: str) -> _Cells:
+        value_aware = feature_extractor.num_expression_bins > 0
+        if value_aware and "gene_value_ids" not in corpus[split].column_names:
+            raise ValueError(f"The feature extractor is value-aware but the corpus split {split!r} has no "
+                             "gene_value_ids column; build the corpus with the same --expression-bins.")
+        return _Cells(
+            tokens=[list(t) for t in corpus[split]["gene_input_ids"]],
+            bins=[list(b) for b in corpus[split]["gene_value_ids"]] if value_aware else None,
+            # A validation label never seen in training cannot be predicted; it counts as wrong (-1 never matches).
+            labels=np.array([index.get(x, -1) for x in corpus[split][label_column]]),
+        )
+
+    train, validation = cells_of("train"), cells_of("validation")
     special_ids = [feature_extractor.gene_token_ids[t] for t in ("<pad>", "<mask>", "<cls>", "<eos>")
                    if t in feature_extractor.gene_token_ids]
     vocab_size = max(feature_extractor.gene_token_ids.values()) + 1
 
     accuracies, encoders = [], []
     for candidate in candidates:
-        weights = rank_weight_matrix(train_tokens, vocab_size, special_ids)
+        weights = rank_weight_matrix(train.tokens, vocab_size, special_ids)
         embeddings = svd_gene_embeddings(weights, candidate.hidden_size, seed=seed)
         encoder, accuracy = train_candidate(
-            candidate, feature_extractor, embeddings, (train_tokens, y_train), (val_tokens, y_val),
+            candidate, feature_extractor, embeddings, train, validation,
             num_labels=len(labels), num_cell_tokens=num_cell_tokens, epochs=epochs, seed=seed,
         )
         logger.info("gene encoder %s: validation accuracy %.3f", asdict(candidate), accuracy)
@@ -210,7 +252,8 @@ def prepare_gene_encoder(
     out_dir = Path(out_dir)
     encoders[best].save_pretrained(out_dir)
     selection = EncoderSelection(
-        candidates=[asdict(c) for c in candidates], validation_accuracy=accuracies, best=best, path=str(out_dir)
+        candidates=[asdict(c) for c in candidates], validation_accuracy=accuracies, best=best, path=str(out_dir),
+        num_expression_bins=feature_extractor.num_expression_bins if candidates[best].value_aware else 0,
     )
     (out_dir / "encoder_selection.json").write_text(json.dumps(asdict(selection), indent=2))
     return selection

@@ -14,7 +14,7 @@ The recipe, top to bottom:
 2. Build the processor from the language model's tokenizer (adds `<cell>`).
 3. Get a gene encoder: a pretrained Geneformer folder or Hub id (`gene_encoder_name_or_path`, the paper's
    choice), or, where none exists, one prepared on the corpus (`training/gene_encoder.py`: SVD-initialised gene
-   embeddings, encoder shape picked on the validation split).
+   embeddings; depth and input, rank-value or value-aware tokens, picked on the validation split).
 4. Compose the model from the pretrained parts (or start from a trained Cell2Text with `init_from`).
 5. Train with `SFTTrainer`: LoRA on the language model's linear layers, the projector (and an unfrozen encoder)
    trained fully through `modules_to_save`, separate learning rates; the best checkpoint by validation loss.
@@ -37,7 +37,7 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 
 from modeling_cell2text import Cell2TextFeatureExtractor, Cell2TextForConditionalGeneration, Cell2TextProcessor
 from training.collator import Cell2TextDataCollator
-from training.gene_encoder import EncoderCandidate, prepare_gene_encoder
+from training.gene_encoder import EncoderCandidate, EncoderSelection, prepare_gene_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,11 @@ class Cell2TextArguments:
     )
     encoder_candidate_layers: list[int] = field(
         default_factory=lambda: [1, 2], metadata={"help": "Layer counts of the corpus-prepared encoders to try."}
+    )
+    encoder_candidate_inputs: list[str] = field(
+        default_factory=lambda: ["rank"],
+        metadata={"help": "Inputs of the corpus-prepared encoders to try: 'rank' (Geneformer's rank-value tokens) "
+                  "and/or 'value_aware' (plus each gene's expression bin; needs a corpus built with --expression-bins)."},
     )
     encoder_hidden_size: int = 128
     encoder_epochs: int = 30
@@ -150,14 +155,22 @@ def load_corpus(corpus_dir: str | Path, args: Cell2TextArguments) -> tuple[Datas
     return corpus, summary
 
 
+ENCODER_INPUTS = ("rank", "value_aware")
+
+
 def build_processor(args: Cell2TextArguments, corpus_dir: Path, summary: dict) -> Cell2TextProcessor:
     if args.init_from is not None:
         processor = AutoProcessor.from_pretrained(args.init_from, trust_remote_code=True)
-        corpus_vocabulary = Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor").gene_token_ids
-        if corpus_vocabulary != processor.feature_extractor.gene_token_ids:
+        corpus_extractor = Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor")
+        model_extractor = processor.feature_extractor
+        if corpus_extractor.gene_token_ids != model_extractor.gene_token_ids or (
+            model_extractor.num_expression_bins
+            and corpus_extractor.num_expression_bins != model_extractor.num_expression_bins
+        ):
             raise ValueError(
-                f"The corpus {corpus_dir} was tokenized with another gene vocabulary than the model {args.init_from}. "
-                f"Rebuild it with the model's: python -m processing.build_corpus ... --feature-extractor {args.init_from}"
+                f"The corpus {corpus_dir} was tokenized with another gene vocabulary (or expression bins) than the "
+                f"model {args.init_from}. Rebuild it with the model's: "
+                f"python -m processing.build_corpus ... --feature-extractor {args.init_from}"
             )
         return processor
     if args.text_model_name_or_path is None:
@@ -177,10 +190,15 @@ def gene_encoder_path(args: Cell2TextArguments, training_args: SFTConfig, corpus
     if args.gene_encoder_name_or_path is not None:
         return args.gene_encoder_name_or_path
     out_dir = Path(training_args.output_dir) / "gene_encoder"
+    unknown = set(args.encoder_candidate_inputs) - set(ENCODER_INPUTS)
+    if unknown or not args.encoder_candidate_inputs:
+        raise ValueError(f"encoder_candidate_inputs must be a non-empty list of {ENCODER_INPUTS}, got "
+                         f"{args.encoder_candidate_inputs}.")
     with training_args.main_process_first(desc="preparing the gene encoder on the corpus"):
         if not (out_dir / "encoder_selection.json").exists():
             candidates = [
-                EncoderCandidate(num_hidden_layers=n, hidden_size=args.encoder_hidden_size)
+                EncoderCandidate(num_hidden_layers=n, hidden_size=args.encoder_hidden_size, value_aware=kind != "rank")
+                for kind in args.encoder_candidate_inputs
                 for n in args.encoder_candidate_layers
             ]
             selection = prepare_gene_encoder(
@@ -189,6 +207,13 @@ def gene_encoder_path(args: Cell2TextArguments, training_args: SFTConfig, corpus
             )
             logger.info("gene encoder chosen on validation: %s", selection)
     return str(out_dir)
+
+
+def encoder_expression_bins(args: Cell2TextArguments, encoder_path: str) -> int:
+    """The encoder's input: 0 for rank-value tokens (a pretrained Geneformer), else the bins it was chosen with."""
+    if args.gene_encoder_name_or_path is not None:
+        return 0
+    return EncoderSelection.load(encoder_path).num_expression_bins
 
 
 def build_model(args: Cell2TextArguments, encoder_path: str | None, processor) -> Cell2TextForConditionalGeneration:
@@ -203,6 +228,7 @@ def build_model(args: Cell2TextArguments, encoder_path: str | None, processor) -
         projector_hidden_size=args.projector_hidden_size,
         projector_dropout=args.projector_dropout,
         freeze_gene_encoder=args.freeze_gene_encoder,
+        num_expression_bins=processor.feature_extractor.num_expression_bins,
     )
 
 
@@ -215,6 +241,9 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     corpus, summary = load_corpus(args.corpus_dir, args)
     processor = build_processor(args, Path(args.corpus_dir), summary)
     encoder_path = None if args.init_from else gene_encoder_path(args, training_args, corpus, processor)
+    if encoder_path is not None:
+        # The processor gives the model what its encoder reads: expression bins only for a value-aware encoder.
+        processor.feature_extractor.num_expression_bins = encoder_expression_bins(args, encoder_path)
     model = build_model(args, encoder_path, processor)
     if model.config.num_cell_tokens != processor.num_cell_tokens:
         raise ValueError(
