@@ -35,6 +35,7 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from modeling_cell2text import Cell2TextFeatureExtractor
 from modeling_cell2text.feature_extraction_cell2text import SPECIAL_TOKENS
 from modeling_cell2text.processing_cell2text import DEFAULT_SYSTEM_PROMPT
+from training.loss import LabelledPositionsLossMixin
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,10 @@ def load_corpus(corpus_dir: str | Path) -> tuple[DatasetDict, Cell2TextFeatureEx
     return open_corpus(corpus_dir), Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor")
 
 
+class Cell2SentenceSFTTrainer(LabelledPositionsLossMixin, SFTTrainer):
+    """`SFTTrainer` with the same loss computation as Cell2Text's (`training/loss.py`), so budgets compare."""
+
+
 def build_trainer(
     corpus_dir: str | Path,
     text_model_name_or_path: str | Path,
@@ -137,7 +142,7 @@ def build_trainer(
     eval_dataset = None
     if training_args.eval_strategy != "no":
         eval_dataset = prompt_completion_dataset(corpus["validation"], feature_extractor, num_genes)
-    return SFTTrainer(
+    return Cell2SentenceSFTTrainer(
         model=model,
         args=training_args,
         train_dataset=prompt_completion_dataset(corpus["train"], feature_extractor, num_genes),

@@ -38,6 +38,7 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from modeling_cell2text import Cell2TextFeatureExtractor, Cell2TextForConditionalGeneration, Cell2TextProcessor
 from training.collator import Cell2TextDataCollator
 from training.gene_encoder import EncoderCandidate, EncoderSelection, prepare_gene_encoder
+from training.loss import LabelledPositionsLossMixin
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +85,9 @@ class Cell2TextArguments:
     )
 
 
-class Cell2TextSFTTrainer(SFTTrainer):
-    """`SFTTrainer` with one learning rate per part: projector, gene encoder, LoRA adapters."""
+class Cell2TextSFTTrainer(LabelledPositionsLossMixin, SFTTrainer):
+    """`SFTTrainer` with one learning rate per part (projector, gene encoder, LoRA adapters) and the LM head run
+    at labelled positions only (`training/loss.py`)."""
 
     def __init__(self, *args, projector_learning_rate: float, gene_encoder_learning_rate: float, **kwargs):
         self.part_learning_rates = {"projector": projector_learning_rate, "gene_encoder": gene_encoder_learning_rate}

@@ -1,0 +1,71 @@
+"""The labelled-positions loss equals TRL's fused-head loss, in value and in gradients, at a fraction of the head's work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig
+from tiny_parts import save_tiny_corpus, save_tiny_parts
+from trl import SFTConfig, SFTTrainer
+
+from training import sft
+from training.collator import Cell2TextDataCollator
+from training.loss import LabelledPositionsLossMixin
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loss")
+    encoder_dir, lm_dir = save_tiny_parts(root / "parts")
+    corpus_dir = save_tiny_corpus(root / "corpus")
+    args = sft.Cell2TextArguments(corpus_dir=str(corpus_dir), text_model_name_or_path=str(lm_dir),
+                                  gene_encoder_name_or_path=str(encoder_dir), num_cell_tokens=8,
+                                  projector_hidden_size=16, lora_dropout=0.0, projector_dropout=0.0)
+    corpus, summary = sft.load_corpus(corpus_dir, args)
+    processor = sft.build_processor(args, corpus_dir, summary)
+    model = sft.build_model(args, str(encoder_dir), processor)
+    config = SFTConfig(output_dir=str(root / "out"), report_to="none", use_cpu=True, bf16=False,
+                       remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=sft.language_model_lora_targets(model),
+                      modules_to_save=["multi_modal_projector"], task_type="CAUSAL_LM")
+    trainer = sft.Cell2TextSFTTrainer(
+        model=model, args=config, data_collator=Cell2TextDataCollator(processor), train_dataset=corpus["train"],
+        processing_class=processor, peft_config=lora, projector_learning_rate=1e-3, gene_encoder_learning_rate=1e-5,
+    )
+    return trainer, Cell2TextDataCollator(processor)([corpus["train"][i] for i in range(5)])
+
+
+def loss_and_grads(loss_fn, model, batch):
+    model.zero_grad()
+    loss = loss_fn(model, dict(batch))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, 150])
+def test_labelled_positions_loss_equals_trl_loss_and_gradients(trainer, num_items_in_batch):
+    trainer, batch = trainer
+    model = trainer.model.train()
+    assert (batch["labels"] == -100).float().mean() > 0.3  # prompts and padding: positions the head may skip
+
+    def ours(m, b):
+        return trainer.compute_loss(m, b, num_items_in_batch=num_items_in_batch)
+
+    def trls(m, b):
+        return SFTTrainer.compute_loss(trainer, m, b, num_items_in_batch=num_items_in_batch)
+
+    loss, grads = loss_and_grads(ours, model, batch)
+    reference, reference_grads = loss_and_grads(trls, model, batch)
+    assert torch.allclose(loss, reference, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == reference_grads.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        assert torch.allclose(grad, reference_grads[name], rtol=1e-4, atol=1e-7), name
+    assert trainer._metrics["train"]["mean_token_accuracy"][-1] >= 0.0
+
+
+def test_mixin_keeps_trl_path_when_outputs_are_asked_for(trainer):
+    trainer, batch = trainer
+    loss, outputs = trainer.compute_loss(trainer.model, dict(batch), return_outputs=True)
+    assert outputs is not None and torch.isfinite(loss)
+    assert issubclass(sft.Cell2TextSFTTrainer, LabelledPositionsLossMixin)

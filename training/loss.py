@@ -1,0 +1,56 @@
+"""The SFT loss with the LM head run only where a labelled token is predicted.
+
+TRL's `SFTTrainer` computes the loss with a fused, chunked LM head. On devices without Triton (the CPU) that head
+scores every position of the batch, recomputes the logits in the backward pass and also computes the entropy over
+the whole vocabulary. For small LMs with large vocabularies the head is a large share of a step (SmolLM2-135M:
+49,152 x 576, about a quarter of the multiply-adds), and most positions (system prompt, cell placeholders,
+padding) carry no label. `LabelledPositionsLossMixin` asks the model for logits only at the columns where some
+sequence of the batch predicts a labelled token (transformers' `logits_to_keep`, which goes through the model's
+forward, so DDP/FSDP wrappers see a normal call) and computes the same token-mean cross-entropy as TRL.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+
+class LabelledPositionsLossMixin:
+    """For `SFTTrainer` subclasses: the training loss from logits at labelled positions only.
+
+    The loss equals TRL's (negative log-likelihood summed over labelled tokens, divided by `num_items_in_batch`
+    or by the batch's labelled tokens). TRL's own path is kept for evaluation (`return_outputs=True`) and for the
+    settings this mixin does not cover (label smoothing, custom loss functions, DFT, MoE auxiliary losses).
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if (
+            return_outputs
+            or "labels" not in inputs
+            or self.compute_loss_func is not None
+            or self.label_smoother is not None
+            or self.args.loss_type != "nll"
+            or getattr(self, "aux_loss_enabled", False)
+        ):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        next_labels = inputs["labels"][:, 1:]
+        labelled = next_labels != -100
+        columns = labelled.any(dim=0).nonzero().squeeze(-1)  # positions whose next token is scored in some row
+        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        outputs = model(**model_inputs, use_cache=False, logits_to_keep=columns)
+        targets = next_labels[:, columns]
+        logits = outputs.logits.float()
+        loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        num_tokens = labelled.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = loss_sum / torch.as_tensor(num_tokens, device=loss_sum.device).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks; the count spans them
+
+        with torch.no_grad():  # the token accuracy TRL logs (its entropy metric is left out: it costs a vocab pass)
+            mask = targets != -100
+            correct = ((logits.argmax(dim=-1) == targets) & mask).sum()
+            counts = self.accelerator.gather_for_metrics(torch.stack([correct, mask.sum()])).view(-1, 2).sum(0)
+        mode = "train" if model.training else "eval"
+        self._metrics[mode]["mean_token_accuracy"].append((counts[0] / counts[1].clamp(min=1)).item())
+        return loss
