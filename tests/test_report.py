@@ -83,3 +83,14 @@ def test_confusion_labels_collapse_rare_classes_and_missing():
     assert rows == ["a", "b", "(other)"]
     assert t == ["a", "a", "a", "b", "b", "(other)"]
     assert p == ["a", "(unparsed)", "(other)", "b", "(other)", "a"]
+
+
+def test_report_lists_the_encoder_candidates_and_the_chosen_one(tmp_path):
+    selection = {
+        "candidates": [{"num_hidden_layers": 2, "hidden_size": 128, "value_aware": False},
+                       {"num_hidden_layers": 2, "hidden_size": 128, "value_aware": True}],
+        "validation_accuracy": [0.8, 0.9], "best": 1, "path": "x", "num_expression_bins": 8,
+    }
+    text = write_report({"num_cells": 3, "gene_encoder_selection": selection}, {}, tmp_path).read_text()
+    assert "| 2 | 128 | rank-value | 0.800 |  |" in text
+    assert "| 2 | 128 | value-aware (rank + expression bin) | 0.900 | chosen |" in text

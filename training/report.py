@@ -134,6 +134,21 @@ def _flat_section(title: str, values: dict | None, metrics: dict[str, str]) -> l
     )
 
 
+def _encoder_section(results: dict) -> list[str]:
+    """The corpus-prepared encoder candidates and their validation accuracy (the chosen one marked)."""
+    selection = results.get("gene_encoder_selection")
+    if not selection:
+        return []
+    rows = []
+    for i, (candidate, accuracy) in enumerate(zip(selection["candidates"], selection["validation_accuracy"])):
+        inputs = "value-aware (rank + expression bin)" if candidate.get("value_aware") else "rank-value"
+        rows.append([str(candidate["num_hidden_layers"]), str(candidate["hidden_size"]), inputs, _fmt(accuracy),
+                     "chosen" if i == selection["best"] else ""])
+    return ["## Gene encoder chosen on the validation split", ""] + _table(
+        ["Layers", "Width", "Input", "Validation cell-type accuracy (probe)", ""], rows
+    )
+
+
 def _header(results: dict) -> list[str]:
     lines = [f"# Evaluation report: {results.get('model', 'model')}", ""]
     facts = [
@@ -253,6 +268,7 @@ def write_report(results: dict, per_cell: dict, out_dir) -> Path:
     lines = _header(results)
     lines += _fields_section(results.get("fields") or {})
     lines += _baselines_section(results)
+    lines += _encoder_section(results)
     lines += _flat_section("Pathways", results.get("pathways"), PATHWAY_METRICS)
     lines += _flat_section("Text metrics", results.get("text"), TEXT_METRICS)
     plots = _plots(per_cell, out_dir)
