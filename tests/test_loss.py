@@ -69,3 +69,40 @@ def test_mixin_keeps_trl_path_when_outputs_are_asked_for(trainer):
     loss, outputs = trainer.compute_loss(trainer.model, dict(batch), return_outputs=True)
     assert outputs is not None and torch.isfinite(loss)
     assert issubclass(sft.Cell2TextSFTTrainer, LabelledPositionsLossMixin)
+
+
+def test_first_sentence_weights_cover_the_cell_type_sentence(trainer):
+    trainer, batch = trainer
+    tokenizer = trainer.processing_class.tokenizer
+    targets = batch["labels"][:, 1:]
+    trainer.cell_type_loss_weight = 4.0
+    try:
+        weights = trainer.target_weights(targets)
+    finally:
+        trainer.cell_type_loss_weight = 1.0
+    for row, row_weights in zip(targets, weights):
+        labelled = row != -100
+        heavy = tokenizer.decode(row[row_weights == 4.0])
+        assert heavy.startswith("This sample consists of a ") and heavy.endswith(".") and heavy.count(".") == 1
+        assert set(row_weights[labelled].tolist()) == {1.0, 4.0} and (row_weights[~labelled] == 0).all()
+        assert tokenizer.decode(row[labelled]).startswith(heavy)  # the heavy tokens lead the target
+
+
+def test_weighted_loss_is_the_weighted_token_mean(trainer):
+    trainer, batch = trainer
+    model = trainer.model.eval()  # no dropout: the two passes see the same model
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                                reduction="none").view_as(targets)
+        trainer.cell_type_loss_weight = 3.0
+        try:
+            loss = trainer.compute_loss(model, dict(batch))
+            weights = trainer.target_weights(targets)
+        finally:
+            trainer.cell_type_loss_weight = 1.0
+    assert torch.allclose(loss, (nll * weights).sum() / (targets != -100).sum(), rtol=1e-5)
+    with pytest.raises(ValueError, match="cell_type_loss_weight must be > 0"):
+        sft.Cell2TextSFTTrainer(model=None, cell_type_loss_weight=0, projector_learning_rate=1e-3,
+                                gene_encoder_learning_rate=1e-5)

@@ -124,6 +124,7 @@ def build_trainer(
     lora_r: int = 16,
     lora_alpha: int = 32,
     lora_dropout: float = 0.1,
+    cell_type_loss_weight: float = 1.0,
 ) -> SFTTrainer:
     """The `SFTTrainer` for the baseline: LoRA on every linear layer of the LM, prompt-completion data."""
     corpus, feature_extractor = load_corpus(corpus_dir)
@@ -149,6 +150,7 @@ def build_trainer(
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
+        cell_type_loss_weight=cell_type_loss_weight,
     )
 
 
@@ -162,11 +164,12 @@ def train_cell2sentence(
     lora_r: int = 16,
     lora_alpha: int = 32,
     lora_dropout: float = 0.1,
+    cell_type_loss_weight: float = 1.0,
 ) -> Path:
     """Fine-tune the LLM on cell sentences, merge LoRA, save model + tokenizer to ``output_dir/final``; return it."""
     trainer = build_trainer(
         corpus_dir, text_model_name_or_path, output_dir, num_genes=num_genes, training_args=training_args,
-        lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, cell_type_loss_weight=cell_type_loss_weight,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     final_dir = Path(output_dir) / "final"
@@ -236,6 +239,9 @@ class Cell2SentenceArguments:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.1
+    cell_type_loss_weight: float = field(
+        default=1.0, metadata={"help": "Loss weight of the description's first sentence (the cell type); see training/loss.py."}
+    )
 
 
 def make_parser() -> TrlParser:
@@ -247,6 +253,7 @@ def main(args: Cell2SentenceArguments, training_args: SFTConfig) -> Path:
     return train_cell2sentence(
         args.corpus_dir, args.text_model_name_or_path, training_args.output_dir, num_genes=args.num_genes,
         training_args=training_args, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        cell_type_loss_weight=args.cell_type_loss_weight,
     )
 
 

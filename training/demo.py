@@ -124,7 +124,10 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
         c2s_dir = out_dir / "c2s" / "final"
         if not (reuse_models and (c2s_dir / "model.safetensors").exists()):
             c2s_dir = train_cell2sentence(corpus_dir, llm_dir, out_dir / "c2s",
-                                          num_genes=cell2text_args.num_cell_tokens, training_args=c2s_config)
+                                          num_genes=cell2text_args.num_cell_tokens, training_args=c2s_config,
+                                          lora_r=cell2text_args.lora_r, lora_alpha=cell2text_args.lora_alpha,
+                                          lora_dropout=cell2text_args.lora_dropout,
+                                          cell_type_loss_weight=cell2text_args.cell_type_loss_weight)
         lap("train_cell2sentence")
         feature_extractor = Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor")
         texts = generate_cell2sentence(c2s_dir, corpus["test"], feature_extractor, cell2text_args.num_cell_tokens,

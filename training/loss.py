@@ -7,6 +7,12 @@ the whole vocabulary. For small LMs with large vocabularies the head is a large 
 padding) carry no label. `LabelledPositionsLossMixin` asks the model for logits only at the columns where some
 sequence of the batch predicts a labelled token (transformers' `logits_to_keep`, which goes through the model's
 forward, so DDP/FSDP wrappers see a normal call) and computes the same token-mean cross-entropy as TRL.
+
+`cell_type_loss_weight` (default 1: TRL's loss) weighs the tokens of each target's first sentence, up to its first
+period: "This sample consists of a {cell type}." in the description schema (cell type labels hold no period; the
+schema's parser relies on that too). Under teacher forcing almost every later token is predictable from the text
+before it (the definition follows from the name, tissue and disease are nearly constant), so the few tokens that
+must be read from the cell are a small share of the loss; weighting them puts the gradient where the cell matters.
 """
 
 from __future__ import annotations
@@ -22,6 +28,24 @@ class LabelledPositionsLossMixin:
     or by the batch's labelled tokens). TRL's own path is kept for evaluation (`return_outputs=True`) and for the
     settings this mixin does not cover (label smoothing, custom loss functions, DFT, MoE auxiliary losses).
     """
+
+    def __init__(self, *args, cell_type_loss_weight: float = 1.0, **kwargs):
+        if cell_type_loss_weight <= 0:
+            raise ValueError(f"cell_type_loss_weight must be > 0, got {cell_type_loss_weight}.")
+        self.cell_type_loss_weight = float(cell_type_loss_weight)
+        super().__init__(*args, **kwargs)
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        vocabulary = tokenizer.get_vocab()
+        self._period_token_ids = torch.tensor(sorted(i for token, i in vocabulary.items() if "." in token))
+
+    def target_weights(self, targets: torch.Tensor) -> torch.Tensor:
+        """Per-target-token loss weights: `cell_type_loss_weight` up to each row's first period, then 1."""
+        labelled = targets != -100
+        if self.cell_type_loss_weight == 1.0:
+            return labelled.float()
+        is_period = torch.isin(targets, self._period_token_ids.to(targets.device)) & labelled
+        in_first_sentence = labelled & (is_period.cumsum(dim=1) - is_period.long() == 0)
+        return labelled.float() + in_first_sentence.float() * (self.cell_type_loss_weight - 1.0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if (
@@ -41,7 +65,8 @@ class LabelledPositionsLossMixin:
         outputs = model(**model_inputs, use_cache=False, logits_to_keep=columns)
         targets = next_labels[:, columns]
         logits = outputs.logits.float()
-        loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        token_losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+        loss_sum = (token_losses * self.target_weights(targets).flatten()).sum()
         num_tokens = labelled.sum() if num_items_in_batch is None else num_items_in_batch
         loss = loss_sum / torch.as_tensor(num_tokens, device=loss_sum.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:

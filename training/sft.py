@@ -78,6 +78,11 @@ class Cell2TextArguments:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.1
+    cell_type_loss_weight: float = field(
+        default=1.0,
+        metadata={"help": "Loss weight of the description's first sentence, which names the cell type (1: TRL's "
+                  "loss). See training/loss.py."},
+    )
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     final_model_dir: str | None = field(
@@ -272,6 +277,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         peft_config=peft_config,
         projector_learning_rate=args.projector_learning_rate,
         gene_encoder_learning_rate=args.gene_encoder_learning_rate,
+        cell_type_loss_weight=args.cell_type_loss_weight,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
