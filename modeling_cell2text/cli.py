@@ -165,7 +165,7 @@ def load_pipeline(model: str, processor: Any, device: str, dtype: str) -> Any:
 
 def report_genes_matched(feature_extractor: Any, adata: Any) -> None:
     """Print how many of the file's genes the model knows; none at all is an error (raised by match_genes)."""
-    gene_ids = feature_extractor._var_gene_ids(adata.var)
+    gene_ids = feature_extractor.var_gene_ids(adata.var)
     try:
         match = feature_extractor.match_genes(gene_ids)
     except ValueError as error:

@@ -459,7 +459,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         medians[tokens >= 0] = self._token_medians[tokens[tokens >= 0]]
         return _GeneMatch(tokens, medians, n_input, n_matched, unmatched[:_EXAMPLES])
 
-    def _var_gene_ids(self, var: Any) -> list[str]:
+    def var_gene_ids(self, var: Any) -> list[str]:
         """Pick the var index or column to read gene IDs from (Ensembl preferred, then symbols)."""
         if _looks_ensembl(var.index):
             return [str(v) for v in var.index]
@@ -501,7 +501,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         """
         if input_values not in INPUT_VALUES:
             raise ValueError(f"input_values must be one of {INPUT_VALUES}, got {input_values!r}")
-        matrix, gene_ids, obs_names = self._resolve_input(cells, gene_ids, layer)
+        matrix, gene_ids, obs_names = self.resolve_input(cells, gene_ids, layer)
         match = self.match_genes(gene_ids)
 
         def rank(chunk: tuple[int, np.ndarray, np.ndarray, np.ndarray]) -> tuple:
@@ -627,10 +627,13 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
             tokens=tokens, offsets=offsets, cell_indices=kept, skipped_cells=empty, value_bins=value_bins
         )
 
-    def _resolve_input(
+    def resolve_input(
         self, cells: Any, gene_ids: Sequence[str] | None, layer: str | None
     ) -> tuple[Any, Sequence[Any], Sequence[str] | None]:
-        """Return (row-chunkable matrix, gene IDs, obs names or None) for any accepted input."""
+        """Return (row-chunkable matrix, gene IDs, obs names or None) for any accepted input.
+
+        Public so that callers reading cells in blocks (the pipeline, the CLI) resolve inputs like `tokenize`.
+        """
         obs_names = None
         if _is_anndata(cells):
             if layer is not None:
@@ -642,7 +645,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
             if matrix is None:
                 raise ValueError("adata.X is None; pass layer=... naming the layer that holds the counts")
             if gene_ids is None:
-                gene_ids = self._var_gene_ids(cells.var)
+                gene_ids = self.var_gene_ids(cells.var)
             obs_names = cells.obs_names  # indexed only to name cells in messages
         elif layer is not None:
             raise ValueError("layer= applies to AnnData input only")

@@ -101,7 +101,7 @@ class Cell2TextPipeline(Pipeline):
         forward_params = {**self._forward_params, **forward_params}
         layer = preprocess_params.pop("layer", None)
         skip_empty = preprocess_params.pop("skip_empty_cells", False)
-        matrix, gene_ids, obs_names = self.processor.feature_extractor._resolve_input(cells, gene_ids, layer)
+        matrix, gene_ids, obs_names = self.processor.feature_extractor.resolve_input(cells, gene_ids, layer)
         n_cells = matrix.shape[0]
         results: list[dict | None] = [None] * n_cells
         block_cells = max(MIN_BLOCK_CELLS, batch_size)
