@@ -116,6 +116,22 @@ def term_definition(term_id: str, follow_replacement: bool = True) -> str | None
     return _record(term_id).get("description")
 
 
+@lru_cache(maxsize=None)
+def _label_index(name: str) -> dict[str, str]:
+    """Label -> term id of one ontology; current terms win over deprecated ones with the same label."""
+    index: dict[str, str] = {}
+    for term_id, record in sorted(_terms(name).items(), key=lambda item: bool(item[1].get("deprecated"))):
+        index.setdefault(str(record["label"]), term_id)
+    return index
+
+
+def term_id_of_label(name: str, label: str) -> str | None:
+    """The id of the term of ontology ``name`` (e.g. "CL") whose label is exactly ``label``, or None."""
+    if name not in SUPPORTED_ONTOLOGIES:
+        raise UnknownTermError(f"{name!r} is not a supported ontology {SUPPORTED_ONTOLOGIES}.")
+    return _label_index(name).get(label)
+
+
 def term_parents(term_id: str) -> list[str]:
     """Direct parents (distance-1 ancestors; is_a and part_of alike) of a term."""
     return [a for a, distance in _record(term_id)["ancestors"].items() if distance == 1]

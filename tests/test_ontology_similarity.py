@@ -98,3 +98,17 @@ def test_rejects_bad_arguments():
         OntologySimilarity("CL", alpha=1.0)
     with pytest.raises(TypeError):
         OntologySimilarity(42)
+
+
+def test_predicted_labels_outside_the_training_vocabulary_are_scored_as_their_ontology_term(cl):
+    from training.evaluate import predicted_term_id
+
+    training_ids = {"CD4-positive, alpha-beta memory T cell, CD45RO-positive": "CL:0001204"}
+    # a real CL label the model was not trained on (the parent of the true type): scored as that term
+    parent = predicted_term_id("CD4-positive, alpha-beta memory T cell", training_ids, "CL")
+    assert parent == "CL:0000897"
+    assert 0 < cl.score("CL:0001204", parent) < 1
+    assert predicted_term_id("CD4-positive, alpha-beta memory T cell, CD45RO-positive", training_ids, "CL") == "CL:0001204"
+    # an invented label names no term: None, which scores 0
+    invented = predicted_term_id("CD14-positive, alpha-beta T cell", training_ids, "CL")
+    assert invented is None and cl.score("CL:0001204", invented) == 0.0

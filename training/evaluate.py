@@ -77,6 +77,16 @@ class _ExactOrOntology:
         return self.similarity.score(true_id, predicted_id)
 
 
+def predicted_term_id(label: str | None, training_ids: dict[str, str], ontology: str) -> str | None:
+    """The term a predicted label names: from the training corpus's label -> id table, else the ontology term
+    with exactly that label (a real term the model was not trained on, e.g. a parent), else None (scores 0)."""
+    from processing.ontologies import term_id_of_label
+
+    if label is None:
+        return None
+    return training_ids.get(label) or term_id_of_label(ontology, label)
+
+
 def score_descriptions(split, texts: Sequence[str], ontology_term_ids: dict[str, dict[str, str]]) -> tuple[dict, dict]:
     """Metrics of generated `texts` against a corpus split; returns the results dict and per-cell arrays."""
     from modeling_cell2text.description_schema import DescriptionParseError, parse_description
@@ -107,7 +117,7 @@ def score_descriptions(split, texts: Sequence[str], ontology_term_ids: dict[str,
         if ontology is not None and id_column in split.column_names:
             true_ids = [split[id_column][i] for i in known]
             table = ontology_term_ids.get(field, {})
-            pred_ids = [table.get(label) if label is not None else None for label in pred]
+            pred_ids = [predicted_term_id(label, table, ontology) for label in pred]
             scores = ontology_similarity_scores(true_ids, pred_ids, _ExactOrOntology(ontology))
             report["ontology_similarity"] = sum(scores) / len(scores)
             if field == "cell_type":
