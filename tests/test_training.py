@@ -214,3 +214,28 @@ def test_killed_training_resumes_from_its_checkpoint(parts_and_corpus, tmp_path)
     assert json.loads((out / "final" / "training_state.json").read_text())["global_step"] == 24
     # and along the same trajectory as the uninterrupted run
     assert resumed_losses == pytest.approx(full_losses[resumed_from:], abs=2e-3)
+
+
+def test_prepared_encoder_is_reused_only_for_the_same_corpus_and_settings(parts_and_corpus, tmp_path, monkeypatch):
+    import training.sft as sft_module
+
+    lm_dir, corpus_dir = parts_and_corpus
+    args = Cell2TextArguments(corpus_dir=str(corpus_dir), text_model_name_or_path=str(lm_dir), num_cell_tokens=8,
+                              encoder_hidden_size=16, encoder_epochs=1, encoder_candidate_layers=[1])
+    config = SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    corpus, summary = sft_module.load_corpus(corpus_dir, args)
+    processor = sft_module.build_processor(args, corpus_dir, summary)
+    calls = []
+    real_prepare = sft_module.prepare_gene_encoder
+    monkeypatch.setattr(sft_module, "prepare_gene_encoder", lambda *a, **k: calls.append(1) or real_prepare(*a, **k))
+
+    def prepare(summary_, **changes):
+        for name, value in changes.items():
+            setattr(args, name, value)
+        sft_module.gene_encoder_path(args, config, corpus, processor, summary_)
+        return len(calls)
+
+    assert prepare({"fingerprints": {"train": "a"}}) == 1
+    assert prepare({"fingerprints": {"train": "a"}}) == 1  # same corpus and settings (a resumed run): reused
+    assert prepare({"fingerprints": {"train": "b"}}) == 2  # the corpus changed
+    assert prepare({"fingerprints": {"train": "b"}}, encoder_epochs=2) == 3  # the settings changed

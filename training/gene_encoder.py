@@ -58,6 +58,7 @@ class EncoderSelection:
     best: int
     path: str
     num_expression_bins: int = 0
+    prepared_for: dict | None = None  # corpus fingerprints and settings, so a stale encoder is never reused
 
     @classmethod
     def load(cls, encoder_dir: str | Path) -> "EncoderSelection":
@@ -213,6 +214,7 @@ def prepare_gene_encoder(
     label_column: str = "cell_type",
     epochs: int = 30,
     seed: int = 0,
+    prepared_for: dict | None = None,
 ) -> EncoderSelection:
     """Initialise, train and select a gene encoder on the corpus (train picks weights, validation picks the shape)."""
     if "validation" not in corpus or len(corpus["validation"]) == 0:
@@ -254,6 +256,7 @@ def prepare_gene_encoder(
     selection = EncoderSelection(
         candidates=[asdict(c) for c in candidates], validation_accuracy=accuracies, best=best, path=str(out_dir),
         num_expression_bins=feature_extractor.num_expression_bins if candidates[best].value_aware else 0,
+        prepared_for=prepared_for,
     )
     (out_dir / "encoder_selection.json").write_text(json.dumps(asdict(selection), indent=2))
     return selection

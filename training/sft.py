@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -192,8 +192,12 @@ def build_processor(args: Cell2TextArguments, corpus_dir: Path, summary: dict) -
     )
 
 
-def gene_encoder_path(args: Cell2TextArguments, training_args: SFTConfig, corpus, processor) -> str:
-    """The pretrained encoder, or one prepared on the corpus (reused when an earlier run already chose it)."""
+def gene_encoder_path(args: Cell2TextArguments, training_args: SFTConfig, corpus, processor, summary: dict) -> str:
+    """The pretrained encoder, or one prepared on the corpus.
+
+    A prepared encoder is reused (e.g. when resuming) only if it was prepared on the same corpus content (its
+    fingerprints) with the same settings; otherwise it is prepared again.
+    """
     if args.gene_encoder_name_or_path is not None:
         return args.gene_encoder_name_or_path
     out_dir = Path(training_args.output_dir) / "gene_encoder"
@@ -201,16 +205,23 @@ def gene_encoder_path(args: Cell2TextArguments, training_args: SFTConfig, corpus
     if unknown or not args.encoder_candidate_inputs:
         raise ValueError(f"encoder_candidate_inputs must be a non-empty list of {ENCODER_INPUTS}, got "
                          f"{args.encoder_candidate_inputs}.")
+    candidates = [
+        EncoderCandidate(num_hidden_layers=n, hidden_size=args.encoder_hidden_size, value_aware=kind != "rank")
+        for kind in args.encoder_candidate_inputs
+        for n in args.encoder_candidate_layers
+    ]
+    prepared_for = {
+        "corpus_fingerprints": summary.get("fingerprints"), "candidates": [asdict(c) for c in candidates],
+        "epochs": args.encoder_epochs, "num_cell_tokens": args.num_cell_tokens, "seed": training_args.seed,
+    }
     with training_args.main_process_first(desc="preparing the gene encoder on the corpus"):
-        if not (out_dir / "encoder_selection.json").exists():
-            candidates = [
-                EncoderCandidate(num_hidden_layers=n, hidden_size=args.encoder_hidden_size, value_aware=kind != "rank")
-                for kind in args.encoder_candidate_inputs
-                for n in args.encoder_candidate_layers
-            ]
+        selection_file = out_dir / "encoder_selection.json"
+        if selection_file.exists() and EncoderSelection.load(out_dir).prepared_for == prepared_for:
+            logger.info("reusing the gene encoder prepared in %s", out_dir)
+        else:
             selection = prepare_gene_encoder(
                 corpus, processor.feature_extractor, out_dir, candidates, num_cell_tokens=args.num_cell_tokens,
-                epochs=args.encoder_epochs, seed=training_args.seed,
+                epochs=args.encoder_epochs, seed=training_args.seed, prepared_for=prepared_for,
             )
             logger.info("gene encoder chosen on validation: %s", selection)
     return str(out_dir)
@@ -247,7 +258,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
 
     corpus, summary = load_corpus(args.corpus_dir, args)
     processor = build_processor(args, Path(args.corpus_dir), summary)
-    encoder_path = None if args.init_from else gene_encoder_path(args, training_args, corpus, processor)
+    encoder_path = None if args.init_from else gene_encoder_path(args, training_args, corpus, processor, summary)
     if encoder_path is not None:
         # The processor gives the model what its encoder reads: expression bins only for a value-aware encoder.
         processor.feature_extractor.num_expression_bins = encoder_expression_bins(args, encoder_path)

@@ -1,0 +1,108 @@
+"""Seconds per training step: TRL's fused LM head vs the labelled-positions loss (`training/loss.py`).
+
+    python benchmarks/training_step.py [--corpus outputs/demo/corpus] [--llm ~/.cache/cell2text/SmolLM2-135M-Instruct]
+
+Builds the demo's Cell2Text (a freshly initialised 2-layer encoder, the real SmolLM2-135M-Instruct with LoRA as in
+`training/configs/demo.yaml`) and times forward + backward of the same corpus batches under bf16 autocast with
+both loss computations, alternating, so machine noise hits both alike. Prints each path's median step time and
+the ratio, and checks the two losses agree. Needs the demo corpus and the converted LLM (the main job makes both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", type=Path, default=REPO / "outputs" / "demo" / "corpus")
+    parser.add_argument("--llm", type=Path, default=Path.home() / ".cache" / "cell2text" / "SmolLM2-135M-Instruct")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
+    return parser.parse_args()
+
+
+def build_trainer(args: argparse.Namespace, out_dir: Path):
+    from peft import LoraConfig
+    from transformers import BertConfig, BertModel
+
+    from training import sft
+    from training.collator import Cell2TextDataCollator
+    from training.demo import sft_arguments
+
+    cell2text_args, config = sft_arguments([
+        "--corpus_dir", str(args.corpus), "--text_model_name_or_path", str(args.llm), "--output_dir", str(out_dir),
+        "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
+        "--projector_dropout", "0",  # no dropout anywhere, so both paths compute the same loss
+    ])
+    config.remove_unused_columns = False
+    config.dataset_kwargs = {"skip_prepare_dataset": True}
+    corpus, summary = sft.load_corpus(args.corpus, cell2text_args)
+    processor = sft.build_processor(cell2text_args, args.corpus, summary)
+    processor.feature_extractor.num_expression_bins = 0
+    encoder_dir = out_dir / "encoder"
+    BertModel(BertConfig(vocab_size=processor.feature_extractor.vocab_size, hidden_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=256, type_vocab_size=1),
+              add_pooling_layer=False).save_pretrained(encoder_dir)
+    model = sft.build_model(cell2text_args, str(encoder_dir), processor)
+    lora = LoraConfig(r=cell2text_args.lora_r, lora_alpha=cell2text_args.lora_alpha, lora_dropout=0.0,
+                      target_modules=sft.language_model_lora_targets(model),
+                      modules_to_save=["multi_modal_projector"], task_type="CAUSAL_LM")
+    collator = Cell2TextDataCollator(processor)
+    trainer = sft.Cell2TextSFTTrainer(
+        model=model, args=config, data_collator=collator, train_dataset=corpus["train"], processing_class=processor,
+        peft_config=lora, projector_learning_rate=1e-3, gene_encoder_learning_rate=1e-5,
+    )
+    batches = [collator([corpus["train"][i] for i in range(b * args.batch_size, (b + 1) * args.batch_size)])
+               for b in range(args.batches)]
+    return trainer, batches
+
+
+def main() -> None:
+    args = parse_args()
+    for path, what in ((args.corpus, "demo corpus"), (args.llm, "converted LLM")):
+        if not path.exists():
+            sys.exit(f"{path} not found: run the main job (bash scripts/main.sh) first to make the {what}.")
+    from trl import SFTTrainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, batches = build_trainer(args, Path(tmp))
+        model = trainer.model.train()
+        paths = {"TRL fused LM head": lambda b: SFTTrainer.compute_loss(trainer, model, b),
+                 "labelled positions": lambda b: trainer.compute_loss(model, b)}
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        losses: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(args.rounds):
+            for batch in batches:
+                for name, loss_of in paths.items():
+                    model.zero_grad()
+                    start = time.perf_counter()
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        loss = loss_of(dict(batch))
+                    loss.backward()
+                    times[name].append(time.perf_counter() - start)
+                    losses[name].append(loss.item())
+    shape = tuple(batches[0]["input_ids"].shape)
+    labelled = float((batches[0]["labels"] != -100).float().mean())
+    print(f"batch {shape} (input_ids), {labelled:.0%} of positions labelled, {torch.get_num_threads()} threads")
+    for name in paths:
+        print(f"{name:>20}: median {statistics.median(times[name]):.2f} s/step over {len(times[name])} steps")
+    ratio = statistics.median(times["TRL fused LM head"]) / statistics.median(times["labelled positions"])
+    print(f"speed-up: {ratio:.2f}x")
+    worst = max(abs(a - b) for a, b in zip(*losses.values()))
+    print(f"largest loss difference between the paths (bf16 autocast): {worst:.2e}")
+
+
+if __name__ == "__main__":
+    main()
