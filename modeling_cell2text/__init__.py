@@ -26,7 +26,7 @@ Cell2TextForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM"
 Cell2TextFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
 Cell2TextProcessor.register_for_auto_class("AutoProcessor")
 # `pipeline("cell-to-text", ...)`; the model's `save_pretrained` also saves the pipeline (code + custom_pipelines).
-register_cell2text_pipeline(Cell2TextForConditionalGeneration)
+register_cell2text_pipeline()
 
 __all__ = [
     "Cell2TextConfig",

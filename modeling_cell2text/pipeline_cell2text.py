@@ -10,7 +10,6 @@ imports only numpy and transformers (tqdm comes with transformers).
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +17,6 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, Pipeline
-from transformers.dynamic_module_utils import custom_object_save
 
 logger = logging.getLogger(__name__)
 
@@ -175,11 +173,11 @@ def custom_pipelines_entry() -> dict:
     return {TASK: {"impl": f"{__name__.split('.')[-1]}.{Cell2TextPipeline.__name__}", "pt": ["AutoModelForCausalLM"]}}
 
 
-def register_cell2text_pipeline(model_class: type) -> None:
-    """Register the `cell-to-text` task, and make `model_class.save_pretrained` save this pipeline with the model.
+def register_cell2text_pipeline() -> None:
+    """Register the `cell-to-text` task with transformers' pipeline registry (done on importing the package).
 
-    transformers only writes `custom_pipelines` when a pipeline object is saved; a model saved on its own (as
-    training does) would otherwise not carry the pipeline where this package is not installed.
+    The model's `save_pretrained` saves this pipeline with it (code and `custom_pipelines`), so a saved model finds
+    it as remote code where this package is not installed.
     """
     from transformers.pipelines import PIPELINE_REGISTRY
 
@@ -187,20 +185,6 @@ def register_cell2text_pipeline(model_class: type) -> None:
         PIPELINE_REGISTRY.register_pipeline(
             TASK, pipeline_class=Cell2TextPipeline, pt_model=AutoModelForCausalLM, type="multimodal"
         )
-    original = model_class.save_pretrained
-    if getattr(original, "_saves_cell2text_pipeline", False):
-        return
-
-    @functools.wraps(original)
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        self.config.custom_pipelines = custom_pipelines_entry()
-        result = original(self, save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            custom_object_save(Cell2TextPipeline, save_directory)
-        return result
-
-    save_pretrained._saves_cell2text_pipeline = True
-    model_class.save_pretrained = save_pretrained
 
 
 __all__ = ["Cell2TextPipeline", "register_cell2text_pipeline", "custom_pipelines_entry"]

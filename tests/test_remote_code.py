@@ -48,6 +48,14 @@ REMOTE_SCRIPT = textwrap.dedent(
     with torch.no_grad():
         logits = model(**inputs).logits
     np.save(out_file, logits.numpy())
+    # Re-saved from the remote-code classes: the copy must carry the code, the pipeline included.
+    from pathlib import Path
+    from transformers import pipeline
+    resaved = str(Path(out_file).parent / "resaved")
+    model.save_pretrained(resaved)
+    processor.save_pretrained(resaved)
+    described = pipeline("cell-to-text", model=resaved, trust_remote_code=True)(counts, gene_ids=[str(g) for g in data["genes"]], max_new_tokens=3)
+    assert len(described) == 3 and all("description" in d for d in described), described
     print(json.dumps({"model": type(model).__name__, "processor": type(processor).__name__,
                       "module": type(model).__module__, "config": type(config).__name__}))
     """
