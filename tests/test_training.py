@@ -239,3 +239,18 @@ def test_prepared_encoder_is_reused_only_for_the_same_corpus_and_settings(parts_
     assert prepare({"fingerprints": {"train": "a"}}) == 1  # same corpus and settings (a resumed run): reused
     assert prepare({"fingerprints": {"train": "b"}}) == 2  # the corpus changed
     assert prepare({"fingerprints": {"train": "b"}}, encoder_epochs=2) == 3  # the settings changed
+
+
+def test_value_aware_extractor_needs_the_corpus_bins_column(parts_and_corpus):
+    from datasets import load_from_disk
+
+    from modeling_cell2text import Cell2TextFeatureExtractor
+    from training.collator import split_value_lists
+
+    _, corpus_dir = parts_and_corpus  # a rank-only corpus
+    split = load_from_disk(str(corpus_dir))["test"]
+    extractor = Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor")
+    assert split_value_lists(split, extractor) is None
+    extractor.num_expression_bins = 4
+    with pytest.raises(ValueError, match="no gene_value_ids column; build the corpus with the same --expression-bins"):
+        split_value_lists(split, extractor)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from training.collator import split_value_lists
 from training.metrics import classification_report, ontology_similarity_scores, pathway_report
 from training.text_metrics import text_report
 
@@ -150,7 +151,7 @@ def evaluate_model(
     cells = load_from_disk(str(corpus_dir))[split]
     if max_cells is not None:
         cells = cells.select(range(min(max_cells, len(cells))))
-    values = cells["gene_value_ids"] if processor.feature_extractor.num_expression_bins else None
+    values = split_value_lists(cells, processor.feature_extractor)
     texts = generate_descriptions(model, processor, cells["gene_input_ids"], batch_size, max_new_tokens, values)
     results, per_cell = score_descriptions(cells, texts, processor.ontology_term_ids)
     results.update(model=str(model_dir), dataset=str(corpus_dir), split=split)

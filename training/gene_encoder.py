@@ -32,6 +32,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import BertConfig, BertModel
 
+from training.collator import split_value_lists
+
 logger = logging.getLogger(__name__)
 
 
@@ -223,13 +225,10 @@ def prepare_gene_encoder(
     index = {label: i for i, label in enumerate(labels)}
 
     def cells_of(split: str) -> _Cells:
-        value_aware = feature_extractor.num_expression_bins > 0
-        if value_aware and "gene_value_ids" not in corpus[split].column_names:
-            raise ValueError(f"The feature extractor is value-aware but the corpus split {split!r} has no "
-                             "gene_value_ids column; build the corpus with the same --expression-bins.")
+        bins = split_value_lists(corpus[split], feature_extractor)
         return _Cells(
             tokens=[list(t) for t in corpus[split]["gene_input_ids"]],
-            bins=[list(b) for b in corpus[split]["gene_value_ids"]] if value_aware else None,
+            bins=None if bins is None else [list(b) for b in bins],
             # A validation label never seen in training cannot be predicted; it counts as wrong (-1 never matches).
             labels=np.array([index.get(x, -1) for x in corpus[split][label_column]]),
         )
