@@ -1,0 +1,235 @@
+"""Cell-type label scoring and constrained descriptions: every predicted cell type is a known label.
+
+A description's first sentence names the cell type ("This sample consists of a {cell_type}.", rendered by
+`description_schema`, the one owner of the template). `score_cell_types` scores every candidate label by the
+log-likelihood the model gives that sentence after the prompt; `generate_with_cell_type` writes the chosen
+sentence and lets the model write the rest of the description after it. The candidates are the cell-type labels
+the processor learnt from its training corpus (`processor.ontology_term_ids["cell_type"]`), so every predicted
+cell type has its Cell Ontology id.
+
+This file travels as remote code with a saved model: it imports only torch and its sibling modules.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .description_schema import CellDescription, DescriptionParseError, parse_description, render_description
+
+# Rows (cells x candidates) of one scoring forward pass: bounds the logits held at once (rows x span x vocabulary).
+DEFAULT_MAX_ROWS = 64
+CELL_INPUT_NAMES = ("gene_input_ids", "gene_attention_mask", "gene_token_mask", "gene_value_ids")
+
+
+def cell_type_sentence(label: str) -> str:
+    """The first sentence of a description naming `label` (with its terminating period), as the template renders it."""
+    return render_description(CellDescription(cell_type=label))
+
+
+def cell_type_candidates(processor) -> list[str]:
+    """The cell-type labels the processor knows (learnt from the training corpus, each with its ontology id)."""
+    labels = sorted((getattr(processor, "ontology_term_ids", None) or {}).get("cell_type", {}))
+    if not labels:
+        raise ValueError(
+            "The processor knows no cell-type labels (processor.ontology_term_ids['cell_type'] is empty), so the cell "
+            "type cannot be constrained: pass candidates=[...] or turn the constraint off (constrain_cell_type=False)."
+        )
+    return labels
+
+
+def _check_candidates(candidates: Sequence[str]) -> list[str]:
+    candidates = list(candidates)
+    if not candidates:
+        raise ValueError("No candidate labels: pass at least one cell-type label.")
+    if len(set(candidates)) != len(candidates):
+        raise ValueError("Candidate labels repeat; pass each label once.")
+    for label in candidates:
+        try:
+            parsed = parse_description(cell_type_sentence(label)).cell_type
+        except (ValueError, DescriptionParseError):
+            parsed = None
+        if parsed != label:
+            raise ValueError(
+                f"Candidate label {label!r} does not read back from its sentence {cell_type_sentence(label)!r} (a "
+                "period inside a label ends the sentence early); remove it from the candidates."
+            )
+    return candidates
+
+
+@dataclass
+class CellTypeScores:
+    """Scores of the candidate labels for a batch of cells.
+
+    `log_likelihoods[i, j]` is the total log-likelihood (natural log) of candidate j's tokens for cell i, from the
+    first token where candidates' sentences differ through the terminating period; the tokens all candidates
+    share ("This sample consists of") have the same likelihood for every candidate and cancel in the softmax.
+    """
+
+    candidates: list[str]
+    log_likelihoods: torch.Tensor  # (cells, candidates), float32, on the CPU
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        """(cells, candidates): softmax over the candidates' total log-likelihoods; each row sums to 1."""
+        return self.log_likelihoods.softmax(dim=-1)
+
+    @property
+    def labels(self) -> list[str]:
+        """The most likely candidate of each cell."""
+        return [self.candidates[j] for j in self.log_likelihoods.argmax(dim=-1).tolist()]
+
+    @property
+    def scores(self) -> list[float]:
+        """The probability of each cell's chosen label among the candidates."""
+        return self.probabilities.max(dim=-1).values.tolist()
+
+    def score_of(self, labels: Sequence[str | None]) -> list[float | None]:
+        """The probability of each given label among the candidates (None for a label that is not a candidate)."""
+        index = {label: j for j, label in enumerate(self.candidates)}
+        probabilities = self.probabilities
+        return [None if label not in index else float(probabilities[i, index[label]]) for i, label in enumerate(labels)]
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions of left-padded rows, as `generate` computes them (padding at position 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def score_cell_types(
+    model,
+    processor,
+    inputs: Mapping[str, torch.Tensor],
+    candidates: Sequence[str] | None = None,
+    max_rows: int = DEFAULT_MAX_ROWS,
+) -> CellTypeScores:
+    """Score every candidate cell-type label for each cell of `inputs` (a generation batch from the processor).
+
+    The prompt (with each cell's soft tokens, so the gene encoder runs once per cell) and the sentence start that
+    all candidates share are run once per cell; the language model's KV cache of them is then reused for every
+    candidate, and each candidate's remaining tokens (label and terminating period) are run in batches of at
+    most `max_rows` (cell, candidate) pairs.
+
+    No length normalisation: a candidate's score is the total log-likelihood of its tokens, so the softmax over
+    candidates is the model's own probability of each label's sentence given that the sentence is one of the
+    candidates' (a distribution that calibration can be measured on). The terminating period keeps a short
+    label from winning merely by being the prefix of a longer one ("B cell." must be followed by the period).
+    """
+    candidates = _check_candidates(cell_type_candidates(processor) if candidates is None else candidates)
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}.")
+    model.eval()
+    device = inputs["input_ids"].device
+    sentences = [processor.tokenizer(cell_type_sentence(c), add_special_tokens=False)["input_ids"] for c in candidates]
+    shared = 0  # tokens all candidates share, leaving every candidate at least one token of its own
+    while shared < min(map(len, sentences)) - 1 and len({s[shared] for s in sentences}) == 1:
+        shared += 1
+    n_cells = inputs["input_ids"].shape[0]
+    prefix = torch.tensor(sentences[0][:shared], dtype=inputs["input_ids"].dtype, device=device).expand(n_cells, -1)
+    input_ids = torch.cat([inputs["input_ids"], prefix], dim=1)
+    attention_mask = torch.cat([inputs["attention_mask"], torch.ones_like(prefix)], dim=1)
+    cell_inputs = {k: inputs[k] for k in CELL_INPUT_NAMES if inputs.get(k) is not None}
+    prefill = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask),
+                    use_cache=True, logits_to_keep=1, **cell_inputs)
+    first_log_probs = prefill.logits[:, -1].float().log_softmax(dim=-1)  # (cells, vocabulary)
+
+    suffixes = [s[shared:] for s in sentences]
+    width = max(map(len, suffixes))
+    pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else suffixes[0][0]
+    suffix_ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in suffixes], device=device)
+    suffix_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in suffixes], device=device)
+    log_likelihoods = torch.empty(n_cells, len(candidates), dtype=torch.float32)
+    per_chunk = min(len(candidates), max_rows)
+    cells_per_chunk = max(1, max_rows // per_chunk)
+    next_positions = attention_mask.sum(dim=1)
+    for cell_start in range(0, n_cells, cells_per_chunk):
+        cells = torch.arange(cell_start, min(cell_start + cells_per_chunk, n_cells), device=device)
+        for start in range(0, len(candidates), per_chunk):
+            stop = min(start + per_chunk, len(candidates))
+            ids, mask = suffix_ids[start:stop], suffix_mask[start:stop]
+            n, m = len(cells), stop - start
+            cache = copy.deepcopy(prefill.cache)
+            cache.batch_select_indices(cells)
+            cache.batch_repeat_interleave(m)
+            rows_mask = torch.cat([attention_mask[cells].repeat_interleave(m, dim=0), mask.repeat(n, 1)], dim=1)
+            positions = next_positions[cells].repeat_interleave(m)[:, None] + torch.arange(width, device=device)
+            logits = model(input_ids=ids.repeat(n, 1), attention_mask=rows_mask, position_ids=positions,
+                           cache=cache, use_cache=True).logits
+            log_probs = logits[:, :-1].float().log_softmax(dim=-1).gather(-1, ids.repeat(n, 1)[:, 1:, None])[..., 0]
+            rest = (log_probs * mask[:, 1:].repeat(n, 1)).sum(dim=1).view(n, m)
+            first = first_log_probs[cells][:, ids[:, 0]]  # (n, m): each candidate's first own token
+            log_likelihoods[cells.cpu(), start:stop] = (first + rest).cpu()
+    return CellTypeScores(candidates, log_likelihoods)
+
+
+@dataclass
+class ConstrainedGeneration:
+    """Descriptions whose first sentence is the chosen candidate label, with the scores behind the choice."""
+
+    texts: list[str]
+    scores: CellTypeScores
+
+
+@torch.no_grad()
+def generate_with_cell_type(
+    model,
+    processor,
+    inputs: Mapping[str, torch.Tensor],
+    candidates: Sequence[str] | None = None,
+    max_rows: int = DEFAULT_MAX_ROWS,
+    **generate_kwargs,
+) -> ConstrainedGeneration:
+    """Describe each cell of `inputs` with its cell type restricted to `candidates` (default: the processor's labels).
+
+    The most likely candidate (`score_cell_types`) is written as the first sentence; the model then writes the
+    rest of the description after it (`model.generate`, greedy unless `generate_kwargs` say otherwise;
+    `max_new_tokens` counts the tokens after the first sentence). The gene encoder runs once for scoring and once
+    in generation's prefill.
+    """
+    scores = score_cell_types(model, processor, inputs, candidates, max_rows)
+    tokenizer = processor.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = []
+    forced = []
+    for i, label in enumerate(scores.labels):
+        prompt = inputs["input_ids"][i][inputs["attention_mask"][i].bool()].tolist()
+        forced.append(tokenizer(cell_type_sentence(label), add_special_tokens=False)["input_ids"])
+        rows.append(prompt + forced[-1])
+    width = max(map(len, rows))
+    device = inputs["input_ids"].device
+    input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    cell_inputs = {k: inputs[k] for k in CELL_INPUT_NAMES if inputs.get(k) is not None}
+    generate_kwargs.setdefault("pad_token_id", pad_id)
+    generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, **cell_inputs, **generate_kwargs)
+    texts = [
+        tokenizer.decode(first + generated[i, width:].tolist(), skip_special_tokens=True).strip()
+        for i, first in enumerate(forced)
+    ]
+    return ConstrainedGeneration(texts, scores)
+
+
+def constrained_results(processor, generation: ConstrainedGeneration) -> list[dict]:
+    """The processor's parsed fields of each description, with the cell type (and its ontology id) from the scoring
+    and its probability as `cell_type_score`. The cell type is the chosen label even where the rest of the text
+    does not parse (`parsed` is then False)."""
+    results = processor.parse_descriptions(generation.texts)
+    term_ids = (getattr(processor, "ontology_term_ids", None) or {}).get("cell_type", {})
+    for result, label, score in zip(results, generation.scores.labels, generation.scores.scores):
+        result.update(cell_type=label, cell_type_ontology_term_id=term_ids.get(label), cell_type_score=score)
+    return results
+
+
+__all__ = [
+    "CellTypeScores",
+    "ConstrainedGeneration",
+    "cell_type_candidates",
+    "cell_type_sentence",
+    "constrained_results",
+    "generate_with_cell_type",
+    "score_cell_types",
+]

@@ -1,0 +1,132 @@
+"""Cell-type label scoring and constrained descriptions on a tiny random model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from tiny_parts import make_tiny_tokenizer, tiny_bert_config, tiny_llama_config
+
+from modeling_cell2text import (
+    Cell2TextConfig,
+    Cell2TextFeatureExtractor,
+    Cell2TextForConditionalGeneration,
+    Cell2TextProcessor,
+)
+from modeling_cell2text.label_scoring import (
+    cell_type_candidates,
+    cell_type_sentence,
+    constrained_results,
+    generate_with_cell_type,
+    score_cell_types,
+)
+
+GENES = [f"ENSG{i:011d}" for i in range(1, 61)]
+CELL_TYPES = {
+    "B cell": "CL:0000236",
+    "T cell": "CL:0000084",
+    "monocyte": "CL:0000576",
+    "erythrocyte": "CL:0000232",
+    "CD14-positive monocyte": "CL:0001054",
+}
+
+
+def counts(n_cells: int, seed: int = 0) -> sp.csr_matrix:
+    """Cells expressing 3-20 genes, so prompts differ in length and batches are left padded."""
+    rng = np.random.default_rng(seed)
+    matrix = np.zeros((n_cells, len(GENES)), dtype=np.float32)
+    for row in range(n_cells):
+        n = int(rng.integers(3, 21))
+        matrix[row, rng.choice(len(GENES), n, replace=False)] = rng.integers(1, 20, n)
+    return sp.csr_matrix(matrix)
+
+
+@pytest.fixture(scope="module")
+def model_and_processor():
+    feature_extractor = Cell2TextFeatureExtractor.from_gene_medians({g: 1.0 + (i % 4) for i, g in enumerate(GENES)})
+    processor = Cell2TextProcessor(
+        feature_extractor, make_tiny_tokenizer(), num_cell_tokens=8, system_prompt="Describe the cell.",
+        user_prompt="Cell: ", ontology_term_ids={"cell_type": CELL_TYPES},
+    )
+    torch.manual_seed(0)
+    config = Cell2TextConfig(
+        gene_encoder_config=tiny_bert_config(len(GENES) + 4),
+        text_config=tiny_llama_config(len(processor.tokenizer), initializer_range=0.5),
+        cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16,
+    )
+    return Cell2TextForConditionalGeneration(config).eval(), processor
+
+
+def sentence_log_likelihood(model, processor, cell: sp.csr_matrix, label: str) -> float:
+    """Log-likelihood of the whole first sentence after one cell's prompt: one plain forward pass, no cache."""
+    inputs = processor(cell, GENES)
+    sentence = processor.tokenizer(cell_type_sentence(label), add_special_tokens=False)["input_ids"]
+    input_ids = torch.cat([inputs["input_ids"], torch.tensor([sentence])], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, gene_input_ids=inputs["gene_input_ids"],
+                       gene_attention_mask=inputs["gene_attention_mask"],
+                       gene_token_mask=inputs["gene_token_mask"]).logits[0]
+    log_probs = logits.log_softmax(-1)
+    start = inputs["input_ids"].shape[1]
+    return sum(float(log_probs[start - 1 + t, token]) for t, token in enumerate(sentence))
+
+
+def test_confidence_equals_a_direct_log_likelihood_and_sums_to_one(model_and_processor):
+    model, processor = model_and_processor
+    cells = counts(3, seed=1)
+    inputs = processor(cells, GENES)
+    assert (inputs["attention_mask"] == 0).any(), "the batch should be left padded"
+    # max_rows=3 with 5 candidates: candidates in two chunks, one cell per chunk (the cache copied and repeated)
+    scores = score_cell_types(model, processor, inputs, max_rows=3)
+    assert scores.candidates == sorted(CELL_TYPES)
+    probabilities = scores.probabilities
+    torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(3))
+    for i in range(3):
+        direct = torch.tensor([sentence_log_likelihood(model, processor, cells[i], c) for c in scores.candidates])
+        torch.testing.assert_close(probabilities[i], direct.softmax(0), atol=1e-5, rtol=1e-4)
+        # the span scores differ from whole-sentence log-likelihoods only by the shared start, the same for all
+        torch.testing.assert_close(scores.log_likelihoods[i] - scores.log_likelihoods[i, 0], direct - direct[0],
+                                   atol=1e-4, rtol=1e-4)
+        assert scores.labels[i] == scores.candidates[int(direct.argmax())]
+        assert scores.scores[i] == pytest.approx(float(direct.softmax(0).max()), abs=1e-5)
+    # one forward for all rows gives the same figures as the chunked one
+    torch.testing.assert_close(score_cell_types(model, processor, inputs, max_rows=64).log_likelihoods,
+                               scores.log_likelihoods, atol=1e-4, rtol=1e-4)
+
+
+def test_constrained_descriptions_name_only_known_labels(model_and_processor):
+    model, processor = model_and_processor
+    inputs = processor(counts(6, seed=2), GENES)
+    free = processor.parse_descriptions(processor.post_process_generation(
+        model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id),
+        inputs["input_ids"].shape[1]))
+    assert not any(r["cell_type"] in CELL_TYPES for r in free), "a random model writes no known label freely"
+    generation = generate_with_cell_type(model, processor, inputs, max_new_tokens=6, do_sample=False)
+    results = constrained_results(processor, generation)
+    assert len(results) == 6
+    for text, label, result in zip(generation.texts, generation.scores.labels, results):
+        assert label in CELL_TYPES
+        assert text.startswith(cell_type_sentence(label))
+        assert len(text) > len(cell_type_sentence(label)), "the model writes on after the forced sentence"
+        assert result["cell_type"] == label and result["cell_type_ontology_term_id"] == CELL_TYPES[label]
+        assert 0 < result["cell_type_score"] <= 1
+    assert [r["cell_type_score"] for r in results] == pytest.approx(generation.scores.scores)
+
+
+def test_score_of_labels_outside_the_candidates_is_none(model_and_processor):
+    model, processor = model_and_processor
+    scores = score_cell_types(model, processor, processor(counts(2), GENES), candidates=["B cell", "T cell"])
+    values = scores.score_of(["T cell", "platelet"])
+    assert values[0] == pytest.approx(float(scores.probabilities[0, 1])) and values[1] is None
+
+
+def test_candidates_need_known_labels(model_and_processor):
+    _, processor = model_and_processor
+    assert cell_type_candidates(processor) == sorted(CELL_TYPES)
+    bare = Cell2TextProcessor(processor.feature_extractor, processor.tokenizer, num_cell_tokens=8)
+    with pytest.raises(ValueError, match="constrain_cell_type=False"):
+        cell_type_candidates(bare)
+    model, _ = model_and_processor
+    with pytest.raises(ValueError, match="remove it from the candidates"):
+        score_cell_types(model, processor, processor(counts(1), GENES), candidates=["B cell", "cell type 2.0"])
