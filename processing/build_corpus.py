@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
@@ -31,11 +33,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
+from processing import ontologies
 from processing.corpus import LABEL_FIELDS, SplitWriter, describe, resolve_labels
-from processing.gene_medians import ExactGeneMedians, HistogramGeneMedians, normalize_total
+from processing.gene_medians import ExactGeneMedians, HistogramGeneMedians, expression_values, normalize_total
 from processing.pathways import DEFAULT_GMT, aucell, read_gmt
 from processing.splits import DEFAULT_FRACTIONS, SPLITS, assign_splits
 
@@ -67,6 +71,7 @@ class BuildOptions:
     name: str | None = None
     repo_id: str | None = None
     progress: bool = True
+    overwrite: bool = False  # replace an existing, non-empty corpus folder at out_dir
     extra_summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -121,16 +126,46 @@ def _top_sets(scores: np.ndarray, k: int) -> np.ndarray:
     return np.where(best > 0, order, -1).astype(np.int32)
 
 
+def _invalid_cells(chunk: sp.csr_matrix, input_values: str) -> np.ndarray:
+    """Per cell of a chunk: holds a NaN, infinite or negative value (also after undoing log1p)."""
+    data = np.asarray(chunk.data)
+    with np.errstate(over="ignore"):
+        bad = ~np.isfinite(data) | (data < 0) | ~np.isfinite(expression_values(data, input_values))
+    cell_of_entry = np.repeat(np.arange(chunk.shape[0]), np.diff(chunk.indptr))
+    return np.bincount(cell_of_entry[bad], minlength=chunk.shape[0]) > 0
+
+
+def _check_integer_counts(chunk: sp.csr_matrix, valid: np.ndarray, cell_ids: np.ndarray) -> None:
+    """Refuse non-integer values in valid cells of a source declared as raw counts, naming the cells."""
+    rows = np.repeat(np.arange(chunk.shape[0]), np.diff(chunk.indptr))
+    fractional = (np.rint(chunk.data) != chunk.data) & valid[rows]
+    if fractional.any():
+        cells = list(dict.fromkeys(cell_ids[rows[fractional]]))
+        raise ValueError(
+            f"input_values='counts' but {len(cells)} cells hold non-integer values (e.g. {cells[:5]}); pass "
+            "--input-values normalized (or log1p) for normalised data, or --layer with the raw counts."
+        )
+
+
 def _first_pass(source, reasons, genes, medians, gene_sets, options):
-    """Pass 1: reject cells without counts / vocabulary genes, accumulate medians, score pathways."""
+    """Pass 1: reject cells with invalid values / without counts / vocabulary genes, medians, pathways."""
     n_sets = options.n_pathways
     top = np.full((source.n_cells, n_sets), -1, dtype=np.int32)
     set_names = list(gene_sets) if gene_sets else []
+    cell_ids = source.obs.index.to_numpy(dtype=object)
     bar = tqdm(total=source.n_cells, unit="cells", desc="pass 1/2: medians, pathways", disable=not options.progress)
     for start, chunk in source.iter_chunks(options.chunk_size):
         rows = np.arange(start, start + chunk.shape[0])
-        normalized, totals = normalize_total(chunk, source.input_values)
         pending = pd.isna(reasons[rows])
+        invalid = pending & _invalid_cells(chunk, source.input_values)
+        reasons[rows[invalid]] = "invalid_values"
+        pending &= ~invalid
+        if invalid.any():  # zero the invalid cells' rows so that totals and medians never see their values
+            chunk = sp.csr_matrix(sp.diags((~invalid).astype(chunk.dtype)) @ chunk)
+            chunk.eliminate_zeros()
+        if source.input_values == "counts":
+            _check_integer_counts(chunk, pending, cell_ids[rows])
+        normalized, totals = normalize_total(chunk, source.input_values)
         no_counts = pending & (totals <= 0)
         reasons[rows[no_counts]] = "no_counts"
         expressed = (normalized.data > 0) & genes.usable[normalized.indices]
@@ -210,12 +245,34 @@ def _label_counts(labels: pd.DataFrame, kept: np.ndarray, split_of: np.ndarray) 
     return counts
 
 
-def _ontology_ids(labels: pd.DataFrame, kept: np.ndarray) -> dict:
-    result = {}
+def _ontology_ids(labels: pd.DataFrame, kept: np.ndarray) -> tuple[dict, dict]:
+    """(field -> {label: id} of known ontology terms, field -> {unknown id: cells}) over the kept cells.
+
+    Unknown ids never enter the label -> id table (one bad id must not relabel a whole corpus).
+    A label naming two known terms is ambiguous (the text could not be mapped back to one id):
+    a ValueError names the terms and example cells.
+    """
+    table, unknown = {}, {}
     for name in ("cell_type", "tissue", "disease", "sex"):
-        pairs = labels.loc[kept, [name, f"{name}_ontology_term_id"]].dropna().drop_duplicates()
-        result[name] = dict(sorted(zip(pairs[name], pairs[f"{name}_ontology_term_id"])))
-    return result
+        pairs = labels.loc[kept, [name, f"{name}_ontology_term_id"]].dropna()
+        ids = pairs[f"{name}_ontology_term_id"]
+        known = ids.map(ontologies.is_known_term).astype(bool)
+        unknown[name] = {str(k): int(v) for k, v in ids[~known].value_counts().sort_index().items()}
+        distinct = pairs[known].drop_duplicates()
+        clashes = distinct[distinct[name].duplicated(keep=False)]
+        if len(clashes):
+            label = clashes[name].iloc[0]
+            terms = sorted(clashes.loc[clashes[name] == label, f"{name}_ontology_term_id"])
+            examples = {t: pairs.index[pairs[f"{name}_ontology_term_id"] == t][:3].tolist() for t in terms}
+            raise ValueError(
+                f"{name} label {label!r} names {len(terms)} known terms {terms} (cells e.g. {examples}); one label "
+                f"must name one term: correct the {name}_ontology_term_id of those cells or drop them."
+            )
+        table[name] = dict(sorted(zip(distinct[name], distinct[f"{name}_ontology_term_id"])))
+        if unknown[name]:
+            logger.warning("%d cells have %s ids unknown to the bundled ontologies %s; they are left out of the "
+                           "label -> id table", sum(unknown[name].values()), name, list(unknown[name])[:5])
+    return table, {k: v for k, v in unknown.items() if v}
 
 
 def _write_card(summary: dict, out: Path, repo_id: str) -> Any:
@@ -229,8 +286,50 @@ def _write_card(summary: dict, out: Path, repo_id: str) -> Any:
     return card
 
 
+def _check_source(source: Any) -> None:
+    """Refuse a source without cells or genes, or with repeated cell ids, naming the fix."""
+    if source.n_cells == 0:
+        raise ValueError(f"source {source.name!r} has no cells (after the obs filter and shard); nothing to build.")
+    if len(source.gene_ids) == 0:
+        raise ValueError(f"source {source.name!r} has no genes (var is empty); pass a matrix with gene columns.")
+    duplicated = source.obs.index[source.obs.index.duplicated()]
+    if len(duplicated):
+        raise ValueError(
+            f"{len(duplicated)} cell ids appear more than once (e.g. {list(dict.fromkeys(duplicated))[:5]}); each "
+            "cell needs a unique id: make them unique first (AnnData.obs_names_make_unique())."
+        )
+
+
+def _is_corpus_folder(path: Path) -> bool:
+    return (path / "summary.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _staging_dir(out: Path, overwrite: bool) -> Path:
+    """A fresh folder next to ``out`` to build into; refuses a non-empty ``out`` unless it may be replaced."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; pass a folder path.")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"--out {out} is not empty; pass --overwrite (BuildOptions(overwrite=True)) to replace the corpus "
+                "there, or choose a new folder."
+            )
+        if not _is_corpus_folder(out):
+            raise FileExistsError(
+                f"--out {out} holds files but no corpus (no summary.json or dataset_dict.json); refusing to replace "
+                "it even with --overwrite: choose a new or empty folder."
+            )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+
+
 def build_corpus(source: Any, out_dir: str | Path, options: BuildOptions | None = None) -> dict:
-    """Build the corpus of ``source`` into ``out_dir``; returns the summary (also in summary.json)."""
+    """Build the corpus of ``source`` into ``out_dir``; returns the summary (also in summary.json).
+
+    The corpus is written to a staging folder next to ``out_dir`` and moved into place only
+    when complete: a failed build leaves nothing behind, and an existing non-empty ``out_dir``
+    is replaced only with ``options.overwrite`` (and only when it holds a corpus).
+    """
     options = options or BuildOptions()
     given = options.feature_extractor
     if given is not None and options.expression_bins and options.expression_bins != given.num_expression_bins:
@@ -238,10 +337,35 @@ def build_corpus(source: Any, out_dir: str | Path, options: BuildOptions | None 
             f"expression_bins={options.expression_bins} but the given feature extractor has num_expression_bins="
             f"{given.num_expression_bins}; a given extractor decides the bins, so leave expression_bins at 0."
         )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_source(source)
+    out = Path(out_dir).absolute()
+    created = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # removed again on failure
+    staging = _staging_dir(out, options.overwrite)
+    try:
+        summary = _build(source, staging, options)
+        if out.is_dir():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+            for folder in created:  # deepest first; only folders this build made and left empty
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+    logger.info("corpus %s: %d cells in, splits %s, rejected %s", summary["name"], summary["num_cells_in"],
+                summary["splits"], summary["rejected"])
+    return summary
+
+
+def _build(source: Any, out: Path, options: BuildOptions) -> dict:
+    """Both passes into the (staging) folder ``out``; returns the summary."""
     labels, reasons = resolve_labels(source.obs, options.required_fields)
     genes = _genes(source, options.feature_extractor)
+    if not genes.usable.any():
+        raise ValueError(
+            f"none of the {len(genes.token_ids)} genes has an Ensembl ID{' in the given vocabulary' if options.feature_extractor else ''} "
+            "(see the gene names in var); pass Ensembl IDs or HGNC symbols (var index or feature_id / feature_name)."
+        )
     gene_sets = read_gmt(options.gmt) if options.gmt else None
     medians = _median_accumulator(options, source.n_cells, len(genes.token_ids))
     top, set_names = _first_pass(source, reasons, genes, medians, gene_sets, options)
@@ -254,6 +378,7 @@ def build_corpus(source: Any, out_dir: str | Path, options: BuildOptions | None 
     split_of[kept] = assign_splits(labels["cell_type"].to_numpy(dtype=object)[kept],
                                    labels["donor_id"].to_numpy(dtype=object)[kept],
                                    options.fractions, options.seed, cell_ids[kept])
+    ontology_term_ids, unknown_terms = _ontology_ids(labels, kept)
     with tempfile.TemporaryDirectory(dir=out, prefix=".build-") as tmp:
         writer = SplitWriter(Path(tmp), SPLITS, value_aware=extractor.num_expression_bins > 0)
         _second_pass(source, labels, kept, split_of, top, set_names, genes, extractor, writer, options)
@@ -273,7 +398,8 @@ def build_corpus(source: Any, out_dir: str | Path, options: BuildOptions | None 
         "gene_vocabulary_size": len(extractor.gene_medians),
         "pathway_library": Path(options.gmt).name if options.gmt else None,
         "seed": options.seed,
-        "ontology_term_ids": _ontology_ids(labels, kept),
+        "ontology_term_ids": ontology_term_ids,
+        "unknown_ontology_term_ids": unknown_terms,
         "input_values": source.input_values,
         "expression_bins": extractor.num_expression_bins,
         "unmapped_genes": len(genes.unmapped),
@@ -286,8 +412,6 @@ def build_corpus(source: Any, out_dir: str | Path, options: BuildOptions | None 
         raise RuntimeError("internal error: kept + rejected cells do not add up to the input")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _write_card(summary, out, options.repo_id or f"cell2text/{Path(str(summary['name'])).stem}")
-    logger.info("corpus %s: %d cells in, splits %s, rejected %s", summary["name"], summary["num_cells_in"],
-                summary["splits"], summary["rejected"])
     return summary
 
 
@@ -320,6 +444,24 @@ def _parse_obs_map(items: Sequence[str]) -> dict[str, str]:
             raise SystemExit(f"--obs-map expects old=new, got {item!r}")
         mapping[old] = new
     return mapping
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """``I/N`` -> (I, N) with 0 <= I < N."""
+    index, sep, count = text.partition("/")
+    if not (sep and index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+    return int(index), int(count)
 
 
 def make_source(args: argparse.Namespace) -> Any:
@@ -369,8 +511,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="value-aware corpus: also store each gene's per-cell expression bin (1..B); 0: rank only")
     parser.add_argument("--required-fields", nargs="*", default=["cell_type"], choices=LABEL_FIELDS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--chunk-size", type=int, default=2048)
-    parser.add_argument("--shard", metavar="I/N", help="build only shard I (0-based) of N contiguous cell ranges")
+    parser.add_argument("--chunk-size", type=_positive_int, default=2048)
+    parser.add_argument("--shard", metavar="I/N", type=_shard, help="build only shard I (0-based) of N contiguous cell ranges")
+    parser.add_argument("--overwrite", action="store_true", help="replace the corpus already in --out")
     parser.add_argument("--name", help="corpus name (summary, card)")
     parser.add_argument("--push-to-hub", metavar="REPO", help="push the corpus and its card to this dataset repo")
     parser.add_argument("--no-progress", action="store_true")
@@ -395,13 +538,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         medians=args.medians, model_input_size=args.model_input_size, expression_bins=args.expression_bins,
         feature_extractor=extractor,
         required_fields=tuple(args.required_fields), name=args.name, repo_id=args.push_to_hub,
-        progress=not args.no_progress,
+        progress=not args.no_progress, overwrite=args.overwrite,
     )
     source = make_source(args)
     if args.shard:
-        index, _, count = args.shard.partition("/")
-        source.select_shard(int(index), int(count))
-        options.extra_summary["shard"] = args.shard
+        source.select_shard(*args.shard)
+        options.extra_summary["shard"] = "/".join(map(str, args.shard))
     summary = build_corpus(source, args.out, options)
     if args.push_to_hub:
         push_to_hub(args.out, args.push_to_hub)

@@ -1,0 +1,177 @@
+"""Corpus builder on bad or unusual inputs (issue 9): ontology ids, invalid values, output folder, ids, CLI."""
+
+import json
+import os
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from processing.build_corpus import BuildOptions, _ontology_ids, build_corpus, parse_args
+from processing.presets import pbmc68k_reduced
+from processing.sources import AnnDataSource
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+N_CELLS, N_GENES = 24, 40
+OPTIONS = dict(progress=False, gmt=None)
+
+
+def _gene_ids() -> list[str]:
+    return [g for g in pbmc68k_reduced().gene_ids if g is not None][:N_GENES]
+
+
+def _tiny_adata(seed: int = 0) -> anndata.AnnData:
+    """24 cells x 40 Ensembl genes of integer counts, CELLxGENE obs: B cells and T cells from blood."""
+    rng = np.random.default_rng(seed)
+    X = rng.poisson(2.0, size=(N_CELLS, N_GENES)).astype(np.float32)
+    X[:, 0] += 1  # every cell has counts
+    b_cell = np.arange(N_CELLS) % 2 == 0
+    obs = pd.DataFrame(
+        {
+            "cell_type_ontology_term_id": np.where(b_cell, "CL:0000236", "CL:0000084"),
+            "cell_type": np.where(b_cell, "B cell", "T cell"),
+            "tissue_ontology_term_id": "UBERON:0000178",
+            "tissue": "blood",
+            "disease_ontology_term_id": "PATO:0000461",
+            "disease": "normal",
+        },
+        index=[f"cell{i:02d}" for i in range(N_CELLS)],
+    )
+    ids = _gene_ids()
+    return anndata.AnnData(X=sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=ids))
+
+
+def _source(adata: anndata.AnnData, **kwargs) -> AnnDataSource:
+    return AnnDataSource(adata, name="tiny", **kwargs)
+
+
+# ------------------------------------------------------------------ ontology ids (issue 9, item 3)
+
+
+def test_one_unknown_tissue_id_does_not_relabel_the_corpus(tmp_path):
+    adata = _tiny_adata()
+    adata.obs.loc["cell23", "tissue_ontology_term_id"] = "UBERON:9999999"  # unknown term, label "blood"
+    summary = build_corpus(_source(adata), tmp_path / "out", BuildOptions(**OPTIONS))
+    assert summary["ontology_term_ids"]["tissue"] == {"blood": "UBERON:0000178"}
+    assert summary["unknown_ontology_term_ids"] == {"tissue": {"UBERON:9999999": 1}}
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved["ontology_term_ids"]["tissue"] == {"blood": "UBERON:0000178"}
+
+
+def test_a_label_naming_two_known_terms_is_an_error_naming_the_cells():
+    labels = pd.DataFrame(
+        {
+            "cell_type": ["B cell"] * 3, "cell_type_ontology_term_id": ["CL:0000236"] * 3,
+            "tissue": ["blood", "blood", "blood"],
+            "tissue_ontology_term_id": ["UBERON:0000178", "UBERON:0000178", "UBERON:0002371"],
+            **{c: [None] * 3 for c in ("disease", "disease_ontology_term_id", "sex", "sex_ontology_term_id")},
+        },
+        index=["a", "b", "c"],
+    )
+    with pytest.raises(ValueError, match=r"'blood' names 2 known terms .*UBERON:0002371.*\['c'\]"):
+        _ontology_ids(labels, np.ones(3, dtype=bool))
+
+
+# ------------------------------------------------------------------ invalid values (issue 9, item 5)
+
+
+def test_invalid_values_get_their_own_reject_reason(tmp_path):
+    adata = _tiny_adata()
+    X = adata.X.toarray()
+    X[1, 3] = np.nan  # was rejected as no_vocabulary_gene
+    X[2] = -X[2] - 1  # all negative: was rejected as no_counts
+    X[3, 5] = -1.0  # partly negative: stopped the build
+    X[4, 7] = np.inf
+    X[5] = 0  # no counts at all: still no_counts
+    adata.X = sp.csr_matrix(X)
+    summary = build_corpus(_source(adata), tmp_path / "out", BuildOptions(**OPTIONS, chunk_size=4))
+    rejects = pd.read_csv(tmp_path / "out" / "rejects.csv")
+    assert dict(zip(rejects["cell_id"], rejects["reason"])) == {
+        "cell01": "invalid_values", "cell02": "invalid_values", "cell03": "invalid_values",
+        "cell04": "invalid_values", "cell05": "no_counts",
+    }
+    assert summary["rejected"] == {"invalid_values": 4, "no_counts": 1}
+    assert sum(summary["splits"].values()) == N_CELLS - 5
+
+
+def test_log1p_values_that_overflow_are_invalid(tmp_path):
+    adata = _tiny_adata()
+    X = np.log1p(adata.X.toarray())
+    X[6, 2] = 800.0  # expm1 overflows to inf
+    adata.X = sp.csr_matrix(X)
+    summary = build_corpus(_source(adata, input_values="log1p"), tmp_path / "out", BuildOptions(**OPTIONS))
+    assert summary["rejected"] == {"invalid_values": 1}
+
+
+def test_non_integer_counts_stop_the_build_naming_cells_and_the_fix(tmp_path):
+    adata = _tiny_adata()
+    X = adata.X.toarray()
+    X[7, 1] = 0.5
+    adata.X = sp.csr_matrix(X)
+    with pytest.raises(ValueError, match=r"cell07.*--input-values normalized"):
+        build_corpus(_source(adata), tmp_path / "new" / "out", BuildOptions(**OPTIONS))
+    assert not (tmp_path / "new").exists()  # a failed build leaves nothing behind
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ output folder and ids (issue 9, item 6)
+
+
+def test_non_empty_out_is_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        build_corpus(_source(_tiny_adata()), out, BuildOptions(**OPTIONS))
+    with pytest.raises(FileExistsError, match="no corpus"):  # not a corpus: never replaced
+        build_corpus(_source(_tiny_adata()), out, BuildOptions(**OPTIONS, overwrite=True))
+    assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    corpus = tmp_path / "corpus"
+    build_corpus(_source(_tiny_adata()), corpus, BuildOptions(**OPTIONS))
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        build_corpus(_source(_tiny_adata(seed=1)), corpus, BuildOptions(**OPTIONS))
+    (corpus / "stale.txt").write_text("old")
+    summary = build_corpus(_source(_tiny_adata(seed=1)), corpus, BuildOptions(**OPTIONS, overwrite=True))
+    assert not (corpus / "stale.txt").exists()
+    assert json.loads((corpus / "summary.json").read_text())["fingerprints"] == summary["fingerprints"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_an_existing_empty_out_is_used(tmp_path):
+    (tmp_path / "out").mkdir()
+    build_corpus(_source(_tiny_adata()), tmp_path / "out", BuildOptions(**OPTIONS))
+    assert (tmp_path / "out" / "summary.json").is_file()
+
+
+def test_duplicated_cell_ids_are_refused(tmp_path):
+    adata = _tiny_adata()
+    adata.obs_names = ["same"] * 2 + list(adata.obs_names[2:])
+    with pytest.raises(ValueError, match=r"1 cell ids appear more than once \(e.g. \['same'\]\).*obs_names_make_unique"):
+        build_corpus(_source(adata), tmp_path / "out", BuildOptions(**OPTIONS))
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_genes_or_no_usable_genes_is_a_clear_error(tmp_path):
+    adata = _tiny_adata()
+    with pytest.raises(ValueError, match="has no genes"):
+        build_corpus(_source(adata[:, []].copy()), tmp_path / "a", BuildOptions(**OPTIONS))
+    renamed = adata.copy()
+    renamed.var_names = [f"not_a_gene_{i}" for i in range(N_GENES)]
+    with pytest.raises(ValueError, match=r"none of the 40 genes has an Ensembl ID"):
+        build_corpus(_source(renamed), tmp_path / "b", BuildOptions(**OPTIONS))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags", [["--chunk-size", "0"], ["--chunk-size", "-3"], ["--shard", "2/2"],
+                                   ["--shard", "1"], ["--shard", "a/b"], ["--shard", "-1/2"]])
+def test_bad_chunk_size_and_shard_are_argparse_errors(flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--preset", "pbmc68k_reduced", "--out", "x", *flags])
+    assert exit_info.value.code == 2 and "expected" in capsys.readouterr().err
+
+
+def test_good_shard_parses():
+    assert parse_args(["--preset", "pbmc68k_reduced", "--out", "x", "--shard", "1/4"]).shard == (1, 4)
