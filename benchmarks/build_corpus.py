@@ -113,7 +113,7 @@ def run_one(path: Path, out: Path) -> dict:
 
     start = time.perf_counter()
     source = h5ad_source(path, backed=True)
-    summary = build_corpus(source, out, BuildOptions(medians="histogram", progress=False))
+    summary = build_corpus(source, out, BuildOptions(medians="histogram", progress=False, overwrite=True))
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cells = summary["num_cells_in"]

@@ -45,7 +45,7 @@ def build_demo_corpus(out_dir: Path, seed: int) -> dict:
     from processing.presets import pbmc68k_reduced
 
     options = BuildOptions(seed=seed, name="pbmc68k_reduced", model_input_size=DEMO_MODEL_INPUT_SIZE,
-                           expression_bins=DEMO_EXPRESSION_BINS)
+                           expression_bins=DEMO_EXPRESSION_BINS, overwrite=True)
     return build_corpus(pbmc68k_reduced(), out_dir, options)
 
 
