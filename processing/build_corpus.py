@@ -71,6 +71,7 @@ class BuildOptions:
     name: str | None = None
     repo_id: str | None = None
     progress: bool = True
+    max_shard_size: str | int = "500MB"  # Arrow shards of each split (datasets' save_to_disk)
     overwrite: bool = False  # replace an existing, non-empty corpus folder at out_dir
     extra_summary: dict[str, Any] = field(default_factory=dict)
 
@@ -383,7 +384,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
         writer = SplitWriter(Path(tmp), SPLITS, value_aware=extractor.num_expression_bins > 0)
         _second_pass(source, labels, kept, split_of, top, set_names, genes, extractor, writer, options)
         fingerprints = writer.close()
-        writer.save(out, fingerprints)
+        writer.save(out, options.max_shard_size)
     extractor.save_pretrained(str(out / "feature_extractor"))
     rejects = pd.DataFrame({"cell_id": cell_ids[~kept], "reason": reasons[~kept]})
     rejects.to_csv(out / "rejects.csv", index=False)
@@ -513,6 +514,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk-size", type=_positive_int, default=2048)
     parser.add_argument("--shard", metavar="I/N", type=_shard, help="build only shard I (0-based) of N contiguous cell ranges")
+    parser.add_argument("--max-shard-size", default="500MB", help="largest Arrow shard per split (e.g. 500MB)")
     parser.add_argument("--overwrite", action="store_true", help="replace the corpus already in --out")
     parser.add_argument("--name", help="corpus name (summary, card)")
     parser.add_argument("--push-to-hub", metavar="REPO", help="push the corpus and its card to this dataset repo")
@@ -538,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         medians=args.medians, model_input_size=args.model_input_size, expression_bins=args.expression_bins,
         feature_extractor=extractor,
         required_fields=tuple(args.required_fields), name=args.name, repo_id=args.push_to_hub,
-        progress=not args.no_progress, overwrite=args.overwrite,
+        progress=not args.no_progress, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
     )
     source = make_source(args)
     if args.shard:

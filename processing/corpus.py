@@ -204,22 +204,12 @@ class SplitWriter:
             writer.close()
         return {s: h.hexdigest()[:16] for s, h in self._hashes.items()}
 
-    def save(self, out: Path, fingerprints: dict[str, str]) -> None:
-        """Move the written files into a ``DatasetDict.save_to_disk`` layout at ``out`` (no copy).
+    def save(self, out: Path, max_shard_size: str | int = "500MB") -> None:
+        """Save the closed splits at ``out`` with ``DatasetDict.save_to_disk`` (shards of at most ``max_shard_size``).
 
-        ``datasets`` writes the metadata (empty splits with FEATURES); each split's Arrow stream
-        file then becomes its data file and its state records the content fingerprint. Copying
-        with ``save_to_disk`` instead would page the whole corpus through memory.
+        Each split's Arrow stream file is opened memory-mapped (``Dataset.from_file``), so the copy
+        into shards streams through file-backed pages rather than holding the corpus in memory.
+        The content fingerprints are recorded in ``summary.json`` (``close``'s return value).
         """
-        import json
-        import os
-
-        empty = datasets.Dataset.from_dict({name: [] for name in self.features}, features=self.features)
-        datasets.DatasetDict({s: empty for s in self.paths}).save_to_disk(str(out))
-        for split, path in self.paths.items():
-            data_file = "data-00000-of-00001.arrow"
-            os.replace(path, Path(out) / split / data_file)
-            state_path = Path(out) / split / "state.json"
-            state = json.loads(state_path.read_text())
-            state.update({"_data_files": [{"filename": data_file}], "_fingerprint": fingerprints[split], "_split": split})
-            state_path.write_text(json.dumps(state, indent=2, sort_keys=True))
+        splits = {s: datasets.Dataset.from_file(str(path), split=s) for s, path in self.paths.items()}
+        datasets.DatasetDict(splits).save_to_disk(str(out), max_shard_size=max_shard_size)

@@ -126,7 +126,7 @@ def test_same_inputs_and_seed_give_same_fingerprints(tmp_path, pbmc_corpus):
     _, summary, corpus = pbmc_corpus
     again = build_corpus(pbmc68k_reduced(), tmp_path / "a", BuildOptions(progress=False))
     reloaded = datasets.load_from_disk(str(tmp_path / "a"))
-    assert {k: v._fingerprint for k, v in reloaded.items()} == {k: v._fingerprint for k, v in corpus.items()}
+    assert all(reloaded[s].to_pandas().equals(corpus[s].to_pandas()) for s in corpus)
     assert again["fingerprints"] == summary["fingerprints"]
     other = build_corpus(pbmc68k_reduced(), tmp_path / "b", BuildOptions(progress=False, seed=1))
     assert other["fingerprints"]["train"] != summary["fingerprints"]["train"]
@@ -192,3 +192,29 @@ def test_shards_cover_the_input_and_their_histograms_merge(tmp_path):
     full, ids = HistogramGeneMedians.load(tmp_path / "full" / "median_histogram.npz")
     expected = {g: float(m) for g, m in zip(ids, full.medians()) if np.isfinite(m)}
     assert merged == expected and len(merged) == 700
+
+
+def _rows(split) -> list[dict]:
+    return [dict(row) for row in split]
+
+
+def test_corpus_streams_with_load_dataset_every_split_every_row(pbmc_corpus):
+    out, summary, corpus = pbmc_corpus
+    streamed = datasets.load_dataset(str(out), streaming=True)
+    assert list(streamed) == list(corpus)
+    for split in corpus:
+        assert _rows(streamed[split]) == _rows(corpus[split])
+        assert len(_rows(streamed[split])) == summary["splits"][split]
+
+
+def test_splits_are_saved_through_datasets_in_bounded_shards(tmp_path, pbmc_corpus):
+    _, summary, corpus = pbmc_corpus
+    build_corpus(pbmc68k_reduced(), tmp_path / "c", BuildOptions(progress=False, max_shard_size="100KB"))
+    files = sorted((tmp_path / "c" / "train").glob("data-*.arrow"))
+    assert len(files) > 1 and all(f.stat().st_size < 300_000 for f in files)
+    state = json.loads((tmp_path / "c" / "train" / "state.json").read_text())
+    assert [f["filename"] for f in state["_data_files"]] == [f.name for f in files]  # written by datasets itself
+    sharded = datasets.load_from_disk(str(tmp_path / "c"))
+    streamed = datasets.load_dataset(str(tmp_path / "c"), streaming=True)
+    for split in corpus:
+        assert _rows(sharded[split]) == _rows(corpus[split]) == _rows(streamed[split])
