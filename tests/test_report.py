@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from training.report import _collapse_labels, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -94,3 +96,48 @@ def test_report_lists_the_encoder_candidates_and_the_chosen_one(tmp_path):
     text = write_report({"num_cells": 3, "gene_encoder_selection": selection}, {}, tmp_path).read_text()
     assert "| 2 | 128 | rank-value | 0.800 |  |" in text
     assert "| 2 | 128 | value-aware (rank + expression bin) | 0.900 | chosen |" in text
+
+
+def test_report_shows_the_benchmark_mean_beside_this_split(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from quality import format_table, summarise
+
+    from training.report import method_figures
+
+    results = _results()
+    results["split_seed"] = 0
+    splits = [{"seed": 0, "methods": method_figures(results)},
+              {"seed": 1, "methods": {"cell2text": {"accuracy": 0.7, "parse_rate": 1.0}, "knn": {"accuracy": 0.65}}}]
+    summary = summarise(splits)
+    assert summary["cell2text"]["accuracy"] == {"mean": 0.6, "sd": pytest.approx(0.1 * 2 ** 0.5), "n": 2}
+    assert summary["majority"]["accuracy"] == {"mean": 0.25, "sd": 0.0, "n": 1}
+    table = format_table(splits, summary)
+    assert "| Cell2Text | Cell-type accuracy | 0.500 | 0.700 | 0.600 +- 0.141 |" in table
+    results["quality_benchmark"] = {"date": "2026-11-30", "commit": "0123456789abcdef", "device": "GPU: H200",
+                                    "seeds": [0, 1], "summary": summary}
+    text = write_report(results, {}, tmp_path).read_text()
+    assert "measured 2026-11-30 at commit 0123456789 (GPU: H200)" in text
+    assert "| Method | Metric | This run (split seed 0) | Benchmark mean +- sd |" in text
+    assert "| Cell2Text | Cell-type accuracy | 0.500 | 0.600 +- 0.141 |" in text
+    assert "| Cell2Text | Parse rate | 0.750 | 0.875 +- 0.177 |" in text
+    assert "| kNN | Cell-type accuracy | 0.750 | 0.700 +- 0.071 |" in text
+
+
+def test_report_constraint_section_and_reliability_diagram(tmp_path):
+    from training.metrics import calibration_report
+
+    results = _results()
+    results["cell_type_constraint"] = {
+        "num_candidates": 11, "num_invented": 2, "invented_labels": {"CD14-positive, alpha-beta T cell": 2},
+        "num_free_unparsed": 0, "free_accuracy": 0.25, "constrained_accuracy": 0.5,
+        "calibration": calibration_report([0.9, 0.6, 0.55, 0.95], [True, False, True, False]),
+    }
+    text = write_report(results, _per_cell(), tmp_path).read_text()
+    assert "most likely of the 11 cell-type labels" in text
+    assert "| Free generation (same model, greedy) | 0.250 |" in text
+    assert '- "CD14-positive, alpha-beta T cell": 2' in text
+    assert "expected calibration error 0.475" in text
+    assert (tmp_path / "reliability_diagram.png").read_bytes()[:8] == PNG_MAGIC

@@ -34,6 +34,8 @@ DEMO_MODEL_INPUT_SIZE = 130
 # The corpus is value-aware (each gene's expression bin within its cell, 8 bins), so validation can choose between
 # encoders reading Geneformer's rank-value tokens and value-aware tokens.
 DEMO_EXPRESSION_BINS = 8
+# benchmarks/quality.py's figures over several split seeds, checked in; the report shows them beside this split.
+QUALITY_BENCHMARK = REPO / "docs" / "quality_benchmark.json"
 # The 70 test cells in two generation batches: on CPU a bigger batch costs little more per decoding step.
 GENERATION_BATCH_SIZE = 35
 logger = logging.getLogger("training.demo")
@@ -77,7 +79,7 @@ def expression_baselines(corpus, seed: int) -> dict:
 
 
 def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, skip_cell2sentence: bool,
-        reuse_models: bool = False) -> Path:
+        reuse_models: bool = False, trust_remote_code: bool = False) -> Path:
     from datasets import load_from_disk
 
     from hub_cards.render import render_model_card
@@ -111,7 +113,8 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     lap("train_cell2text")
 
     results, per_cell, _ = evaluate_model(model_dir, corpus_dir, "test", batch_size=GENERATION_BATCH_SIZE,
-                                          max_new_tokens=max_new_tokens)
+                                          max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code)
+    results["split_seed"] = seed
     lap("evaluate_cell2text")
 
     baselines = expression_baselines(corpus, seed)
@@ -138,6 +141,8 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
         lap("evaluate_cell2sentence")
     results["baselines"] = baselines
     results["timings_s"] = timings
+    if QUALITY_BENCHMARK.exists():
+        results["quality_benchmark"] = json.loads(QUALITY_BENCHMARK.read_text())
     selection_file = out_dir / "sft" / "gene_encoder" / "encoder_selection.json"
     if selection_file.exists():
         results["gene_encoder_selection"] = json.loads(selection_file.read_text())
@@ -171,11 +176,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--skip-cell2sentence", action="store_true", help="Leave the Cell2Sentence baseline out.")
     parser.add_argument("--reuse-models", action="store_true",
                         help="Evaluate the models an earlier run trained in --out instead of training again.")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="Load the trained model with the code saved in its folder (default: this project's classes).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     np.random.seed(args.seed)
     report = run(Path(args.out), args.seed, args.max_steps, args.max_new_tokens, args.skip_cell2sentence,
-                 args.reuse_models)
+                 args.reuse_models, args.trust_remote_code)
     print(f"\nReport: {report}\nModel (Hub-ready): {Path(args.out) / 'cell2text-demo'}")
     return report
 

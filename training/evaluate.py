@@ -9,8 +9,18 @@ Every generated description is parsed with the schema that wrote the training ta
 parse counts as wrong for every field (never dropped). Ontology similarity (personalized PageRank, see
 `training/ontology_similarity.py`) scores cell types on the Cell Ontology, tissues on UBERON and diseases on
 MONDO. A predicted label is mapped to its ontology term through the label -> term table the model's processor
-carries from its training corpus; a label outside that table scores 0 (documented, never a crash). The healthy
-state ("normal", PATO:0000461) is not a MONDO term: for it, similarity is 1 on an exact match and 0 otherwise.
+carries from its training corpus, else to the ontology term of exactly that label; any other label scores 0
+(documented, never a crash). The healthy state ("normal", PATO:0000461) is not a MONDO term: for it, similarity
+is 1 on an exact match and 0 otherwise.
+
+By default the cell type is constrained (`modeling_cell2text.label_scoring`): each known cell-type label is
+scored by its log-likelihood, the most likely one is written as the first sentence, and its probability among the
+known labels is the cell's confidence (reliability diagram and expected calibration error in the report). The
+labels free generation would have invented are counted from the same model's free greedy first sentence (decoded
+alone: greedy decoding writes the first sentence before anything else, so it is exactly free generation's, at a
+tenth of the tokens). `--free` evaluates free generation as it is.
+
+The model folder is loaded with this project's classes; `--trust-remote-code` runs the folder's own code instead.
 """
 
 from __future__ import annotations
@@ -23,8 +33,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from modeling_cell2text.label_scoring import (
+    cell_type_candidates,
+    cell_type_sentence,
+    generate_with_cell_type,
+)
 from training.collator import split_value_lists
-from training.metrics import classification_report, ontology_similarity_scores, pathway_report
+from training.metrics import (
+    calibration_report,
+    classification_report,
+    ontology_similarity_scores,
+    pathway_report,
+)
 from training.text_metrics import text_report
 
 logger = logging.getLogger(__name__)
@@ -63,6 +83,70 @@ def generate_descriptions(
     return texts
 
 
+def free_cell_type(text: str) -> str | None:
+    """The cell type a description's first sentence names, or None where that sentence does not parse."""
+    from modeling_cell2text.description_schema import DescriptionParseError, parse_description
+
+    first = text.strip().split(".", 1)[0] + "."
+    try:
+        return parse_description(first).cell_type
+    except DescriptionParseError:
+        return None
+
+
+@torch.no_grad()
+def describe_constrained(
+    model,
+    processor,
+    token_lists: Sequence[Sequence[int]],
+    batch_size: int = 16,
+    max_new_tokens: int = 160,
+    value_lists: Sequence[Sequence[int]] | None = None,
+) -> dict:
+    """Constrained descriptions of tokenized cells, with each cell's chosen label, its probability among the known
+    labels, and the label free greedy decoding writes in the first sentence (None where that does not parse)."""
+    model.eval()
+    candidates = cell_type_candidates(processor)
+    first_sentence_tokens = max(
+        len(processor.tokenizer(cell_type_sentence(c), add_special_tokens=False)["input_ids"]) for c in candidates
+    ) + 8  # room for a longer invented label
+    pad_id = processor.tokenizer.pad_token_id
+    pad_id = processor.tokenizer.eos_token_id if pad_id is None else pad_id
+    out: dict = {"texts": [], "labels": [], "scores": [], "free_labels": [], "candidates": candidates}
+    for start in tqdm(range(0, len(token_lists), batch_size), desc="generating constrained descriptions"):
+        batch = slice(start, start + batch_size)
+        values = None if value_lists is None else value_lists[batch]
+        inputs = processor(gene_input_ids=token_lists[batch], gene_value_ids=values).to(model.device)
+        generation = generate_with_cell_type(model, processor, inputs, candidates, max_new_tokens=max_new_tokens,
+                                             do_sample=False)
+        out["texts"] += generation.texts
+        out["labels"] += generation.scores.labels
+        out["scores"] += generation.scores.scores
+        free = model.generate(**inputs, max_new_tokens=first_sentence_tokens, do_sample=False, pad_token_id=pad_id)
+        out["free_labels"] += [free_cell_type(t) for t in
+                               processor.post_process_generation(free, inputs["input_ids"].shape[1])]
+    return out
+
+
+def constraint_report(true: Sequence[str], described: dict) -> dict:
+    """What the constraint changed: labels free generation would have invented, free vs constrained cell-type
+    accuracy, and the calibration of the chosen labels' probabilities."""
+    from collections import Counter
+
+    known = set(described["candidates"])
+    free = described["free_labels"]
+    invented = Counter(label for label in free if label is not None and label not in known)
+    return {
+        "num_candidates": len(known),
+        "num_invented": sum(invented.values()),
+        "invented_labels": dict(invented.most_common()),
+        "num_free_unparsed": sum(label is None for label in free),
+        "free_accuracy": sum(t == p for t, p in zip(true, free)) / max(len(true), 1),
+        "constrained_accuracy": sum(t == p for t, p in zip(true, described["labels"])) / max(len(true), 1),
+        "calibration": calibration_report(described["scores"], [t == p for t, p in zip(true, described["labels"])]),
+    }
+
+
 class _ExactOrOntology:
     """Ontology similarity, with exact match for true terms outside the ontology (e.g. PATO 'normal')."""
 
@@ -88,12 +172,20 @@ def predicted_term_id(label: str | None, training_ids: dict[str, str], ontology:
     return training_ids.get(label) or term_id_of_label(ontology, label)
 
 
-def score_descriptions(split, texts: Sequence[str], ontology_term_ids: dict[str, dict[str, str]]) -> tuple[dict, dict]:
-    """Metrics of generated `texts` against a corpus split; returns the results dict and per-cell arrays."""
+def score_descriptions(
+    split,
+    texts: Sequence[str],
+    ontology_term_ids: dict[str, dict[str, str]],
+    cell_types: Sequence[str | None] | None = None,
+) -> tuple[dict, dict]:
+    """Metrics of generated `texts` against a corpus split; returns the results dict and per-cell arrays.
+
+    `cell_types` (constrained decoding) are the predicted cell types, used instead of the parsed ones (they are
+    the texts' first sentences, and stay the prediction where the rest of a text does not parse)."""
     from modeling_cell2text.description_schema import DescriptionParseError, parse_description
 
-    if len(texts) != len(split):
-        raise ValueError(f"{len(texts)} descriptions for {len(split)} cells.")
+    if len(texts) != len(split) or (cell_types is not None and len(cell_types) != len(split)):
+        raise ValueError(f"{len(texts)} descriptions (and cell types) for {len(split)} cells: pass one per cell.")
     parsed = []
     for text in texts:
         try:
@@ -114,6 +206,8 @@ def score_descriptions(split, texts: Sequence[str], ontology_term_ids: dict[str,
             continue
         true = [true[i] for i in known]
         pred = [getattr(parsed[i], attribute) if parsed[i] is not None else None for i in known]
+        if field == "cell_type" and cell_types is not None:
+            pred = [cell_types[i] for i in known]
         report = classification_report(true, pred)
         if ontology is not None and id_column in split.column_names:
             true_ids = [split[id_column][i] for i in known]
@@ -134,6 +228,21 @@ def score_descriptions(split, texts: Sequence[str], ontology_term_ids: dict[str,
     return results, per_cell
 
 
+def load_model(model_dir: str | Path, trust_remote_code: bool = False, device: str = "auto"):
+    """The model (in eval mode, on `device`: "auto" is the GPU when there is one) and its processor.
+
+    With `trust_remote_code=False` (default) the folder is loaded with this project's classes and none of its
+    own code runs; `True` runs the code saved in the folder (a model trained with another version of this code)."""
+    import modeling_cell2text  # noqa: F401  (registers the Cell2Text classes with the Auto classes)
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    return model.to(device).eval(), processor
+
+
 def evaluate_model(
     model_dir: str | Path,
     corpus_dir: str | Path,
@@ -141,20 +250,37 @@ def evaluate_model(
     batch_size: int = 16,
     max_new_tokens: int = 160,
     max_cells: int | None = None,
+    constrain_cell_type: bool = True,
+    trust_remote_code: bool = False,
+    device: str = "auto",
 ) -> tuple[dict, dict, list[str]]:
-    """Generate for every cell of a split and score; returns (results, per_cell, generated texts)."""
-    from datasets import load_from_disk
-    from transformers import AutoModelForCausalLM, AutoProcessor
+    """Generate for every cell of a split and score; returns (results, per_cell, generated texts).
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
-    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    With `constrain_cell_type` the cell type is one of the processor's known labels, with its probability
+    (`per_cell["cell_type_score"]`) and `results["cell_type_constraint"]` (invented labels, calibration)."""
+    from datasets import load_from_disk
+
+    model, processor = load_model(model_dir, trust_remote_code, device)
     cells = load_from_disk(str(corpus_dir))[split]
     if max_cells is not None:
         cells = cells.select(range(min(max_cells, len(cells))))
     values = split_value_lists(cells, processor.feature_extractor)
-    texts = generate_descriptions(model, processor, cells["gene_input_ids"], batch_size, max_new_tokens, values)
-    results, per_cell = score_descriptions(cells, texts, processor.ontology_term_ids)
-    results.update(model=str(model_dir), dataset=str(corpus_dir), split=split)
+    if not constrain_cell_type:
+        texts = generate_descriptions(model, processor, cells["gene_input_ids"], batch_size, max_new_tokens, values)
+        results, per_cell = score_descriptions(cells, texts, processor.ontology_term_ids)
+    else:
+        described = describe_constrained(model, processor, cells["gene_input_ids"], batch_size, max_new_tokens,
+                                         values)
+        texts = described["texts"]
+        results, per_cell = score_descriptions(cells, texts, processor.ontology_term_ids, described["labels"])
+        known = [i for i, label in enumerate(cells["cell_type"]) if label is not None]  # as in score_descriptions
+        described_known = {**described, **{k: [described[k][i] for i in known]
+                                            for k in ("labels", "scores", "free_labels")}}
+        results["cell_type_constraint"] = constraint_report(per_cell["cell_type_true"], described_known)
+        per_cell["cell_type_score"] = described_known["scores"]
+        per_cell["cell_type_free"] = described_known["free_labels"]
+    results.update(model=str(model_dir), dataset=str(corpus_dir), split=split,
+                   constrain_cell_type=constrain_cell_type)
     per_cell["generated"] = texts
     return results, per_cell, texts
 
@@ -170,9 +296,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--max-cells", type=int, default=None)
+    parser.add_argument("--free", action="store_true",
+                        help="Free generation: the cell type as the model writes it (default: one of the known labels).")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="Run the code saved in the model folder (default: this project's classes).")
+    parser.add_argument("--device", default="auto", help='"auto" (the GPU when there is one), "cpu", "cuda", ...')
     args = parser.parse_args(argv)
     results, per_cell, _ = evaluate_model(
-        args.model, args.corpus, args.split, args.batch_size, args.max_new_tokens, args.max_cells
+        args.model, args.corpus, args.split, args.batch_size, args.max_new_tokens, args.max_cells,
+        constrain_cell_type=not args.free, trust_remote_code=args.trust_remote_code, device=args.device,
     )
     report = write_report(results, per_cell, args.out)
     print(f"Report: {report}")

@@ -126,3 +126,33 @@ def pathway_report(
         "num_missing": sum(p is None for p in pred_sets),
         "num_cells": len(trues),
     }
+
+
+def calibration_report(confidences: Sequence[float], correct: Sequence[bool], num_bins: int = 10) -> dict:
+    """Expected calibration error and the reliability-diagram bins of per-cell confidences.
+
+    Confidences in [0, 1] fall into ``num_bins`` equal-width bins (the last one closed: 1.0 is in it). ECE is
+    ``sum over bins of (n_bin / n) * |accuracy_bin - mean confidence_bin|``. Bins without cells are listed with
+    count 0 and no accuracy or confidence.
+    """
+    _check_lengths(confidences, correct)
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be >= 1, got {num_bins}.")
+    conf = np.asarray(confidences, dtype=np.float64)
+    hits = np.asarray(correct, dtype=np.float64)
+    if ((conf < 0) | (conf > 1) | np.isnan(conf)).any():
+        raise ValueError("Confidences must be probabilities in [0, 1].")
+    index = np.minimum((conf * num_bins).astype(int), num_bins - 1)
+    bins, ece = [], 0.0
+    for b in range(num_bins):
+        members = index == b
+        n = int(members.sum())
+        entry = {"lower": b / num_bins, "upper": (b + 1) / num_bins, "count": n,
+                 "mean_confidence": None, "accuracy": None}
+        if n:
+            entry["mean_confidence"] = float(conf[members].mean())
+            entry["accuracy"] = float(hits[members].mean())
+            ece += n / len(conf) * abs(entry["accuracy"] - entry["mean_confidence"])
+        bins.append(entry)
+    return {"ece": float(ece), "mean_confidence": float(conf.mean()), "accuracy": float(hits.mean()),
+            "num_cells": len(conf), "bins": bins}

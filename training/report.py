@@ -16,7 +16,14 @@ never printed as nan::
               "embedding_similarity"},
      "baselines": {                  # any subset, evaluated on the same cells
          "majority": {"cell_type": {"accuracy", "weighted_f1", ...}},
-         "logistic_regression": {...}, "knn": {...}, "cell2sentence": {...}}}
+         "logistic_regression": {...}, "knn": {...}, "cell2sentence": {...}},
+     "cell_type_constraint": {       # constrained decoding (training.evaluate.constraint_report)
+         "num_candidates", "num_invented", "invented_labels": {label: cells}, "num_free_unparsed",
+         "free_accuracy", "constrained_accuracy",
+         "calibration": {"ece", "mean_confidence", "accuracy", "bins": [{"lower", "upper", "count",
+                                                                          "mean_confidence", "accuracy"}]}},
+     "split_seed": int,              # the corpus split this run evaluated
+     "quality_benchmark": {...}}     # benchmarks/quality.py's JSON (docs/quality_benchmark.json), shown beside
 
 ``training.metrics.classification_report``, ``pathway_report``,
 ``training.text_metrics.text_report`` and ``training.baselines.baseline_reports`` return
@@ -29,7 +36,8 @@ Per-cell arrays (all optional, one entry per evaluated cell) for the plots::
 
 ``write_report`` writes ``report.md``, ``results.json`` (the results dict as given),
 ``per_cell.json`` and, when their per-cell arrays are present, ``confusion_matrix.png``,
-``per_class_accuracy.png`` and ``ontology_similarity.png``.
+``per_class_accuracy.png`` and ``ontology_similarity.png``; ``reliability_diagram.png`` when the
+results hold a calibration.
 """
 
 from __future__ import annotations
@@ -149,6 +157,118 @@ def _encoder_section(results: dict) -> list[str]:
     )
 
 
+def _constraint_section(results: dict) -> list[str]:
+    """Constrained cell types: what free generation would have invented, and the calibration of the confidences."""
+    c = results.get("cell_type_constraint")
+    if not c:
+        return []
+    lines = [
+        "## Cell type constrained to the known labels", "",
+        f"Each cell's type is the most likely of the {c['num_candidates']} cell-type labels of the training corpus "
+        "(each a Cell Ontology term), scored by the log-likelihood of its sentence; its probability among them is "
+        "the cell's confidence (`cell_type_score`).", "",
+    ]
+    lines += _table(["", "Cell-type accuracy"], [["Constrained (reported above)", _fmt(c["constrained_accuracy"])],
+                                                  ["Free generation (same model, greedy)", _fmt(c["free_accuracy"])]])
+    invented = c.get("invented_labels") or {}
+    lines.append(f"Labels free generation would have invented (not among the known labels): {c['num_invented']} "
+                 f"cells; first sentence unparsed: {c['num_free_unparsed']} cells.")
+    if invented:
+        lines += [""] + [f"- \"{label}\": {n}" for label, n in invented.items()]
+    lines.append("")
+    calibration = c.get("calibration")
+    if calibration:
+        lines += [f"Calibration: expected calibration error {_fmt(calibration['ece'])} (10 equal-width bins); mean "
+                  f"confidence {_fmt(calibration['mean_confidence'])}, accuracy {_fmt(calibration['accuracy'])}.", ""]
+    return lines
+
+
+BENCHMARK_METHODS = {
+    "cell2text": "Cell2Text",
+    "cell2sentence": "Cell2Sentence-style",
+    "logistic_regression": "Logistic regression",
+    "knn": "kNN",
+    "majority": "Majority class",
+}
+BENCHMARK_METRICS = {
+    "accuracy": "Cell-type accuracy",
+    "weighted_f1": "Weighted F1",
+    "ontology_similarity": "Ontology similarity (CL)",
+    "parse_rate": "Parse rate",
+}
+
+
+def method_figures(results: dict) -> dict[str, dict[str, float]]:
+    """Per method, the cell-type figures of one evaluated split (a results dict of the main job)."""
+    figures: dict[str, dict[str, float]] = {}
+    cell_type = (results.get("fields") or {}).get("cell_type") or {}
+    if cell_type:
+        figures["cell2text"] = {**{m: cell_type[m] for m in ("accuracy", "weighted_f1", "ontology_similarity")
+                                   if _present(cell_type.get(m))}, "parse_rate": results.get("parse_rate")}
+        constraint = results.get("cell_type_constraint") or {}
+        if constraint:
+            figures["cell2text"].update(free_accuracy=constraint["free_accuracy"],
+                                        ece=constraint["calibration"]["ece"], num_invented=constraint["num_invented"])
+    for name, fields in (results.get("baselines") or {}).items():
+        baseline = (fields or {}).get("cell_type") or {}
+        if baseline:
+            figures[name] = {m: baseline[m] for m in ("accuracy", "weighted_f1", "ontology_similarity")
+                             if _present(baseline.get(m))}
+    if "cell2sentence" in figures and _present(results.get("cell2sentence_parse_rate")):
+        figures["cell2sentence"]["parse_rate"] = results["cell2sentence_parse_rate"]
+    return {name: {m: v for m, v in f.items() if _present(v)} for name, f in figures.items()}
+
+
+def _benchmark_section(results: dict) -> list[str]:
+    """This run's split beside the mean +- sd over split seeds of benchmarks/quality.py (checked into docs/)."""
+    benchmark = results.get("quality_benchmark")
+    if not benchmark:
+        return []
+    this_run = method_figures(results)
+    summary = benchmark["summary"]
+    seed = results.get("split_seed")
+    lines = [
+        "## This split beside the benchmark over split seeds", "",
+        f"`benchmarks/quality.py`: the same recipe on {len(benchmark['seeds'])} corpus splits (seeds "
+        f"{', '.join(map(str, benchmark['seeds']))}), measured {benchmark['date']} at commit "
+        f"{benchmark['commit'][:10]} ({benchmark.get('device', 'device not recorded')}). Mean +- sd over the splits.", "",
+    ]
+    run_label = "This run" + (f" (split seed {seed})" if seed is not None else "")
+    rows = []
+    for name, title in BENCHMARK_METHODS.items():
+        for metric, metric_title in BENCHMARK_METRICS.items():
+            stats = summary.get(name, {}).get(metric)
+            if stats is None:
+                continue
+            rows.append([title, metric_title, _fmt(this_run.get(name, {}).get(metric)),
+                         f"{stats['mean']:.3f} +- {stats['sd']:.3f}"])
+    return lines + _table(["Method", "Metric", run_label, "Benchmark mean +- sd"], rows)
+
+
+def plot_reliability_diagram(calibration: dict, path: Path) -> Path:
+    """Accuracy against mean confidence per confidence bin (bar width = bin), the diagonal, and cell counts."""
+    bins = [b for b in calibration["bins"] if b["count"]]
+    fig = Figure(figsize=(5, 5))
+    ax = fig.add_subplot()
+    width = calibration["bins"][0]["upper"] - calibration["bins"][0]["lower"]
+    ax.bar([b["lower"] for b in bins], [b["accuracy"] for b in bins], width=width, align="edge",
+           color="tab:blue", edgecolor="white", label="accuracy")
+    ax.plot([b["mean_confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="black",
+            label="mean confidence")
+    for b in bins:
+        ax.annotate(str(b["count"]), (b["lower"] + width / 2, b["accuracy"]), xytext=(0, 6), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=7)
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("Confidence (probability of the chosen cell type)")
+    ax.set_ylabel("Accuracy")
+    ax.set_title(f"Reliability diagram (ECE {calibration['ece']:.3f}; numbers: cells)")
+    ax.legend(loc="upper left", fontsize=7)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
 def _header(results: dict) -> list[str]:
     lines = [f"# Evaluation report: {results.get('model', 'model')}", ""]
     facts = [
@@ -230,8 +350,11 @@ def plot_similarity_histogram(scores: Sequence[float], path: Path) -> Path:
     return path
 
 
-def _plots(per_cell: dict, out_dir: Path) -> list[tuple[str, Path]]:
+def _plots(per_cell: dict, out_dir: Path, results: dict | None = None) -> list[tuple[str, Path]]:
     plots = []
+    calibration = ((results or {}).get("cell_type_constraint") or {}).get("calibration")
+    if calibration and calibration.get("num_cells"):
+        plots.append(("Reliability diagram", plot_reliability_diagram(calibration, out_dir / "reliability_diagram.png")))
     true, pred = per_cell.get("cell_type_true"), per_cell.get("cell_type_pred")
     if true and pred is not None:
         if len(true) != len(pred):
@@ -268,10 +391,12 @@ def write_report(results: dict, per_cell: dict, out_dir) -> Path:
     lines = _header(results)
     lines += _fields_section(results.get("fields") or {})
     lines += _baselines_section(results)
+    lines += _constraint_section(results)
+    lines += _benchmark_section(results)
     lines += _encoder_section(results)
     lines += _flat_section("Pathways", results.get("pathways"), PATHWAY_METRICS)
     lines += _flat_section("Text metrics", results.get("text"), TEXT_METRICS)
-    plots = _plots(per_cell, out_dir)
+    plots = _plots(per_cell, out_dir, results)
     if plots:
         lines += ["## Plots", ""]
         lines += [f"![{title}]({path.name})\n" for title, path in plots]

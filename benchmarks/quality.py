@@ -1,0 +1,133 @@
+"""Cell-type quality over several corpus splits: the main job's recipe per split seed, then mean +- sd.
+
+```bash
+python benchmarks/quality.py                          # seeds 0 1 2, out outputs/quality
+python benchmarks/quality.py --seeds 0 1 2 3 4 --out outputs/quality --skip-cell2sentence
+cp outputs/quality/quality_benchmark.json docs/       # the main job's report then shows it beside its split
+```
+
+For each seed, `training.demo.run` builds the pbmc68k_reduced corpus with that seed (the seed picks the
+train/validation/test split, `processing/splits.py`, and seeds training), trains Cell2Text with
+`training/configs/demo.yaml` (same budget), trains the Cell2Sentence-style baseline on the same budget and
+evaluates both beside majority, logistic regression and kNN on the same test cells. Printed per split and as
+mean +- sd (sample standard deviation): cell-type accuracy, weighted F1, Cell Ontology similarity and parse rate.
+Written: `<out>/quality_benchmark.json` (per-split figures, summary, date, commit, device). It uses the GPU when
+there is one. About 25 minutes per split on 2 CPU cores; not part of CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from training.report import BENCHMARK_METHODS, BENCHMARK_METRICS, method_figures  # noqa: E402
+
+EXTRA_METRICS = ("free_accuracy", "ece", "num_invented")
+
+
+def summarise(splits: Sequence[dict]) -> dict[str, dict[str, dict]]:
+    """Per method and metric: mean, sample sd (0 for one split) and the number of splits it was measured on."""
+    summary: dict[str, dict[str, dict]] = {}
+    for split in splits:
+        for method, figures in split["methods"].items():
+            for metric, value in figures.items():
+                summary.setdefault(method, {}).setdefault(metric, {"values": []})["values"].append(float(value))
+    for metrics in summary.values():
+        for stats in metrics.values():
+            values = stats.pop("values")
+            mean = sum(values) / len(values)
+            sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+            stats.update(mean=mean, sd=sd, n=len(values))
+    return summary
+
+
+def format_table(splits: Sequence[dict], summary: dict) -> str:
+    """A Markdown table: one row per method and metric, one column per split seed, then mean +- sd."""
+    seeds = [s["seed"] for s in splits]
+    header = ["Method", "Metric", *[f"seed {s}" for s in seeds], "Mean +- sd"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    metrics = {**BENCHMARK_METRICS, **{m: m for m in EXTRA_METRICS}}
+    for method, title in BENCHMARK_METHODS.items():
+        for metric, metric_title in metrics.items():
+            stats = summary.get(method, {}).get(metric)
+            if stats is None:
+                continue
+            cells = [f"{s['methods'].get(method, {}).get(metric, float('nan')):.3f}" for s in splits]
+            lines.append(f"| {title} | {metric_title} | " + " | ".join(cells) + f" | {stats['mean']:.3f} +- "
+                         f"{stats['sd']:.3f} |")
+    return "\n".join(lines)
+
+
+def git_commit() -> str:
+    """The checkout's commit (with "+dirty" when tracked files differ from it)."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO).returncode != 0
+    return commit.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"GPU: {torch.cuda.get_device_name(0)}"
+    return f"CPU only ({torch.get_num_threads()} threads)"
+
+
+def run_split(out_dir: Path, seed: int, skip_cell2sentence: bool, max_steps: int | None) -> dict:
+    """The main job's recipe on the split of `seed`; its per-method figures."""
+    from training.demo import run
+
+    report = run(out_dir, seed, max_steps, 160, skip_cell2sentence)
+    results = json.loads((report.parent / "results.json").read_text())
+    return {"seed": seed, "methods": method_figures(results), "timings_s": results.get("timings_s")}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    import logging
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Corpus split (and training) seeds.")
+    parser.add_argument("--out", default=str(REPO / "outputs" / "quality"), help="One folder per seed, and the JSON.")
+    parser.add_argument("--skip-cell2sentence", action="store_true", help="Leave the Cell2Sentence baseline out.")
+    parser.add_argument("--max-steps", type=int, default=None, help="Cap training steps (a smoke run, not the recipe).")
+    args = parser.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error("--seeds repeat; pass each seed once.")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = Path(args.out)
+    started = datetime.now(timezone.utc)
+    splits = []
+    for seed in args.seeds:
+        splits.append(run_split(out / f"seed-{seed}", seed, args.skip_cell2sentence, args.max_steps))
+        print(f"\nSplit seed {seed}:\n{format_table(splits[-1:], summarise(splits[-1:]))}", flush=True)
+    summary = summarise(splits)
+    benchmark = {
+        "benchmark": "benchmarks/quality.py",
+        "date": started.strftime("%Y-%m-%d"),
+        "commit": git_commit(),
+        "device": device_name(),
+        "config": "training/configs/demo.yaml",
+        "max_steps": args.max_steps,
+        "seeds": list(args.seeds),
+        "splits": splits,
+        "summary": summary,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "quality_benchmark.json"
+    path.write_text(json.dumps(benchmark, indent=2))
+    print(f"\nAll splits (mean +- sd over {len(splits)}):\n{format_table(splits, summary)}\n\nWritten: {path}")
+    return benchmark
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""Expected calibration error and reliability bins of per-cell confidences."""
+
+import pytest
+
+from training.metrics import calibration_report
+
+
+def test_calibration_report_hand_computed():
+    # bin [0.2, 0.3): 0.25 (right) -> |1 - 0.25|; bin [0.9, 1.0]: 0.9 right, 1.0 wrong -> |0.5 - 0.95|
+    r = calibration_report([0.25, 0.9, 1.0], [True, True, False], num_bins=10)
+    assert r["ece"] == pytest.approx(1 / 3 * 0.75 + 2 / 3 * 0.45)
+    assert [b["count"] for b in r["bins"]] == [0, 0, 1, 0, 0, 0, 0, 0, 0, 2]
+    assert r["bins"][9]["mean_confidence"] == pytest.approx(0.95) and r["bins"][9]["accuracy"] == 0.5
+    assert r["bins"][0]["accuracy"] is None
+    assert r["accuracy"] == pytest.approx(2 / 3) and r["mean_confidence"] == pytest.approx(2.15 / 3)
+    assert calibration_report([0.5, 0.5], [True, False], num_bins=2)["ece"] == 0.0
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        calibration_report([1.5], [True])

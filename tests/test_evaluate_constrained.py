@@ -1,0 +1,76 @@
+"""Evaluation with the cell type constrained to the known labels, on a tiny random model and a tiny corpus."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_parts import make_tiny_tokenizer, save_tiny_corpus, tiny_bert_config, tiny_llama_config
+
+from modeling_cell2text import (
+    Cell2TextConfig,
+    Cell2TextFeatureExtractor,
+    Cell2TextForConditionalGeneration,
+    Cell2TextProcessor,
+)
+from training.evaluate import evaluate_model, free_cell_type, load_model
+from training.report import write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def model_and_corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("constrained")
+    corpus_dir = save_tiny_corpus(root / "corpus")
+    ontology_ids = json.loads((corpus_dir / "summary.json").read_text())["ontology_term_ids"]
+    feature_extractor = Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor")
+    processor = Cell2TextProcessor(feature_extractor, make_tiny_tokenizer(), num_cell_tokens=8,
+                                   system_prompt="Describe the cell.", user_prompt="Cell: ",
+                                   ontology_term_ids=ontology_ids)
+    torch.manual_seed(0)
+    config = Cell2TextConfig(
+        gene_encoder_config=tiny_bert_config(100),
+        text_config=tiny_llama_config(len(processor.tokenizer), initializer_range=0.5),
+        cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16,
+    )
+    model_dir = root / "model"
+    Cell2TextForConditionalGeneration(config).eval().save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    return model_dir, corpus_dir
+
+
+def test_load_model_runs_no_folder_code_by_default(model_and_corpus):
+    model_dir, _ = model_and_corpus
+    model, processor = load_model(model_dir, device="cpu")
+    assert type(model).__module__ == "modeling_cell2text.modeling_cell2text"
+    assert type(processor).__module__ == "modeling_cell2text.processing_cell2text"
+
+
+def test_constrained_evaluation_predicts_known_labels_with_confidence(model_and_corpus, tmp_path):
+    model_dir, corpus_dir = model_and_corpus
+    results, per_cell, texts = evaluate_model(model_dir, corpus_dir, "test", batch_size=3, max_new_tokens=4,
+                                              device="cpu")
+    known = {"B cell", "T cell"}
+    assert len(texts) == 8 and set(per_cell["cell_type_pred"]) <= known
+    assert all(0.5 <= s <= 1 for s in per_cell["cell_type_score"])  # the chosen one of two labels
+    constraint = results["cell_type_constraint"]
+    assert constraint["num_candidates"] == 2
+    # a random model writes no known label freely: every parsed free label is invented
+    assert constraint["num_invented"] + constraint["num_free_unparsed"] == 8
+    assert sum(constraint["invented_labels"].values()) == constraint["num_invented"]
+    assert constraint["constrained_accuracy"] == results["fields"]["cell_type"]["accuracy"]
+    assert constraint["calibration"]["num_cells"] == 8
+    assert results["fields"]["cell_type"]["ontology_similarity"] > 0  # known labels have CL ids
+    report = write_report(results, per_cell, tmp_path)
+    text = report.read_text()
+    assert "## Cell type constrained to the known labels" in text and "expected calibration error" in text
+    assert (tmp_path / "reliability_diagram.png").read_bytes()[:8] == PNG_MAGIC
+    assert "](reliability_diagram.png)" in text
+
+
+def test_free_cell_type_reads_the_first_sentence_only():
+    assert free_cell_type("This sample consists of a B cell. It orig") == "B cell"
+    assert free_cell_type("This sample consists of an erythroid cell") == "erythroid cell"
+    assert free_cell_type("A B cell.") is None
