@@ -332,6 +332,7 @@ def render_dataset_card(summary: dict, *, repo_id: str, license: str | None = No
         seed=summary.get("seed", "–"),
         split_table=_split_table(splits) or _table(["Split", "Cells", "Share"], [["–", "0", "–"]]),
         rejected_table=_table(["Reason", "Cells"], [[reason, str(n)] for reason, n in rejected.items() if n]),
+        summary=summary,  # the corpus builder's summary, for fields the template shows when present
         label_tables=[
             (_pretty(field), table)
             for field, per_split in label_counts.items()

@@ -20,6 +20,7 @@ directory holds the ``datasets.DatasetDict`` (``load_from_disk``), ``feature_ext
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -402,6 +403,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
         "ontology_term_ids": ontology_term_ids,
         "unknown_ontology_term_ids": unknown_terms,
         "input_values": source.input_values,
+        **({"census_version": source.census_version} if getattr(source, "census_version", None) else {}),
         "expression_bins": extractor.num_expression_bins,
         "unmapped_genes": len(genes.unmapped),
         "median_method": type(medians).__name__,
@@ -465,8 +467,12 @@ def _shard(text: str) -> tuple[int, int]:
     return int(index), int(count)
 
 
-def make_source(args: argparse.Namespace) -> Any:
-    """The source named on the command line (preset, h5ad file or SOMA experiment)."""
+def make_source(args: argparse.Namespace, stack: contextlib.ExitStack) -> Any:
+    """The source named on the command line (preset, h5ad file or SOMA experiment).
+
+    A SOMA experiment (and the Census) is opened as a context manager on ``stack``: it stays
+    open for both passes and is closed when the caller's ``with`` block ends.
+    """
     from processing import presets, sources
 
     obs_map = _parse_obs_map(args.obs_map or [])
@@ -475,14 +481,24 @@ def make_source(args: argparse.Namespace) -> Any:
     if args.h5ad:
         return sources.h5ad_source(args.h5ad, backed=args.backed, layer=args.layer,
                                    input_values=args.input_values, obs_map=obs_map)
-    experiment = None
+    census_version = None
     if args.soma == "census":
-        import cellxgene_census
+        try:
+            import cellxgene_census
+        except ImportError:
+            raise SystemExit("--soma census needs the cellxgene-census package: pip install cellxgene-census") from None
+        census_version = args.census_version
+        census = stack.enter_context(cellxgene_census.open_soma(census_version=census_version))
+        experiment = census["census_data"][args.census_organism]
+        name = f"CELLxGENE Census {census_version} ({args.census_organism})"
+    else:
+        import tiledbsoma
 
-        experiment = cellxgene_census.open_soma()["census_data"]["homo_sapiens"]
-    return sources.SomaSource(None if experiment is not None else args.soma, experiment=experiment,
-                              measurement=args.soma_measurement, x_name=args.soma_x, input_values=args.input_values,
-                              obs_value_filter=args.obs_filter, obs_map=obs_map, name=args.soma)
+        experiment = stack.enter_context(tiledbsoma.Experiment.open(args.soma))
+        name = args.soma
+    return sources.SomaSource(experiment=experiment, measurement=args.soma_measurement, x_name=args.soma_x,
+                              input_values=args.input_values, obs_value_filter=args.obs_filter, obs_map=obs_map,
+                              name=name, census_version=census_version)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -498,6 +514,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layer", help="AnnData layer holding the expression (default X)")
     parser.add_argument("--input-values", choices=("counts", "normalized", "log1p"), default="counts")
     parser.add_argument("--obs-map", nargs="*", metavar="OLD=NEW", help="rename obs columns to CELLxGENE names")
+    parser.add_argument("--census-version", default=sources.DEFAULT_CENSUS_VERSION,
+                        help="Census release to build from with --soma census (recorded in the summary and card)")
+    parser.add_argument("--census-organism", default="homo_sapiens", help="Census organism with --soma census")
     parser.add_argument("--soma-measurement", default="RNA")
     parser.add_argument("--soma-x", default="raw", help="X layer of the SOMA measurement")
     parser.add_argument("--obs-filter", default=sources.DEFAULT_SOMA_FILTER, help="SOMA obs value filter")
@@ -542,11 +561,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         required_fields=tuple(args.required_fields), name=args.name, repo_id=args.push_to_hub,
         progress=not args.no_progress, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
     )
-    source = make_source(args)
-    if args.shard:
-        source.select_shard(*args.shard)
-        options.extra_summary["shard"] = "/".join(map(str, args.shard))
-    summary = build_corpus(source, args.out, options)
+    with contextlib.ExitStack() as stack:
+        source = make_source(args, stack)
+        if args.shard:
+            source.select_shard(*args.shard)
+            options.extra_summary["shard"] = "/".join(map(str, args.shard))
+        summary = build_corpus(source, args.out, options)
     if args.push_to_hub:
         push_to_hub(args.out, args.push_to_hub)
     kept = sum(summary["splits"].values())

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from modeling_cell2text.gene_ids import ensembl_gene_id, looks_ensembl
 from modeling_cell2text.gene_table import ensembl_to_symbol, symbol_to_ensembl
 
 logger = logging.getLogger(__name__)
@@ -40,32 +41,28 @@ _ENSEMBL_COLUMNS = ("feature_id", "gene_ids", "gene_id", "ensembl_id", "ensembl_
 _SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "symbol", "gene_name")
 
 
-def _ensembl(value: Any) -> str | None:
-    text = str(value)
-    return text.split(".", 1)[0] if text.startswith("ENS") and "G0" in text else None
-
-
 def resolve_genes(var: pd.DataFrame) -> tuple[list[str | None], list[str | None]]:
     """(Ensembl ID or None, symbol or None) per var row; symbols map through the GENCODE table.
 
     Ensembl IDs come from the index or a ``feature_id``-like column; otherwise symbols (index or
-    ``feature_name``-like column) are mapped with ``symbol_to_ensembl``. Unmapped genes stay None
-    and are reported by the caller.
+    ``feature_name``-like column) are mapped with ``symbol_to_ensembl``. Both follow the rules of
+    ``modeling_cell2text.gene_ids``, the feature extractor's too. Unmapped genes stay None and are
+    reported by the caller.
     """
     index = [str(v) for v in var.index]
     columns = {c: [str(v) for v in var[c]] for c in var.columns if c in _ENSEMBL_COLUMNS + _SYMBOL_COLUMNS}
     ensembl_source = next((vals for vals in [index] + [columns[c] for c in _ENSEMBL_COLUMNS if c in columns]
-                           if vals and sum(_ensembl(v) is not None for v in vals) > 0.5 * len(vals)), None)
+                           if looks_ensembl(vals)), None)
     symbol_source = next((columns[c] for c in _SYMBOL_COLUMNS if c in columns), None)
     if ensembl_source is not None:
-        ids = [_ensembl(v) for v in ensembl_source]
+        ids = [ensembl_gene_id(v) for v in ensembl_source]
         if symbol_source is None:
             table = ensembl_to_symbol([i for i in ids if i])
             symbol_source = [table.get(i) if i else None for i in ids]
         return ids, list(symbol_source)
     symbols = symbol_source if symbol_source is not None else index
-    mapping = symbol_to_ensembl(symbols)
-    return [mapping.get(s) for s in symbols], list(symbols)
+    mapping = symbol_to_ensembl(s.strip() for s in symbols)
+    return [mapping.get(s.strip()) for s in symbols], list(symbols)
 
 
 def standardize_obs(obs: pd.DataFrame, obs_map: Mapping[str, str] | None = None) -> pd.DataFrame:
@@ -138,11 +135,21 @@ def h5ad_source(path: str | Path, *, backed: bool = False, **kwargs: Any) -> Ann
     return AnnDataSource(adata, **kwargs)
 
 
+#: The Census release built from by default (``--census-version``): a long-term-support release, so
+#: a build can be repeated; recorded in the corpus summary and card.
+DEFAULT_CENSUS_VERSION = "2025-01-30"
+#: Cell id columns, best first: Census's stable ``observation_joinid`` (it has no ``obs_id``), then
+#: the ``obs_id`` that ``tiledbsoma.io.from_anndata`` writes; else ``soma_joinid``.
+SOMA_CELL_ID_COLUMNS = ("observation_joinid", "obs_id")
+
+
 class SomaSource:
     """A TileDB-SOMA experiment (e.g. CELLxGENE Census), filtered on obs, read in row chunks.
 
-    ``uri`` is a local or remote SOMA experiment; ``experiment`` may be passed instead (e.g.
-    ``cellxgene_census.open_soma()["census_data"]["homo_sapiens"]``).
+    Pass an opened ``experiment`` (e.g. ``census["census_data"]["homo_sapiens"]`` inside
+    ``with cellxgene_census.open_soma(census_version=...) as census``), or a ``uri`` to open. Only
+    the obs and var columns the builder uses are read; X is read in blocks of cells through an
+    axis query. ``census_version`` is recorded in the corpus summary and card.
     """
 
     def __init__(
@@ -156,6 +163,7 @@ class SomaSource:
         input_values: str = "counts",
         obs_map: Mapping[str, str] | None = None,
         name: str | None = None,
+        census_version: str | None = None,
     ) -> None:
         import tiledbsoma
 
@@ -167,18 +175,29 @@ class SomaSource:
         self.name = name or str(uri)
         self.input_values = input_values
         self.obs_value_filter = obs_value_filter
-        obs = experiment.obs.read(value_filter=obs_value_filter).concat().to_pandas()
+        self.census_version = census_version
+        obs_columns = set(experiment.obs.schema.names)
+        id_column = next((c for c in SOMA_CELL_ID_COLUMNS if c in obs_columns), None)
+        used = ["soma_joinid", *([id_column] if id_column else []),
+                *(c for c in dict.fromkeys([*SCHEMA_COLUMNS, *(obs_map or {})]) if c in obs_columns)]
+        self.obs_columns_read = used
+        obs = experiment.obs.read(value_filter=obs_value_filter, column_names=used).concat().to_pandas()
         obs = obs.sort_values("soma_joinid", kind="stable")
         self.joinids = obs["soma_joinid"].to_numpy(np.int64)
-        ids = obs["obs_id"] if "obs_id" in obs.columns else obs["soma_joinid"]
-        obs.index = pd.Index(ids.astype(str).to_numpy(), name=None)
+        ids = obs[id_column or "soma_joinid"].astype(str)
+        if id_column == "observation_joinid" and ids.duplicated().any() and "dataset_id" in obs.columns:
+            ids = obs["dataset_id"].astype(str) + "/" + ids  # unique within a dataset, not across datasets
+        obs.index = pd.Index(ids.to_numpy(), name=None)
         self.obs = standardize_obs(obs, obs_map)
-        var = experiment.ms[measurement].var.read().concat().to_pandas()
+        var_schema = set(experiment.ms[measurement].var.schema.names)
+        var_used = [c for c in ("soma_joinid", "var_id", *_ENSEMBL_COLUMNS, *_SYMBOL_COLUMNS) if c in var_schema]
+        var = experiment.ms[measurement].var.read(column_names=var_used).concat().to_pandas()
         var_joinids = var["soma_joinid"].to_numpy(np.int64)
         self._column_of = np.full(int(var_joinids.max()) + 1 if len(var) else 0, -1, dtype=np.int64)
         self._column_of[var_joinids] = np.arange(len(var))
         if "var_id" in var.columns and "feature_id" not in var.columns:
             var = var.rename(columns={"var_id": "feature_id"})
+        var = var.drop(columns="soma_joinid")
         self.n_genes = len(var)
         self.gene_ids, self.gene_symbols = resolve_genes(var)
         logger.info("SOMA source %s: %d cells pass the obs filter %r", self.name, len(self.joinids), obs_value_filter)
@@ -194,11 +213,14 @@ class SomaSource:
         self.obs = self.obs.iloc[rows.start : rows.stop]
 
     def iter_chunks(self, chunk_size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
-        """Yield ``(first_row, CSR rows)`` over the filtered cells, in soma_joinid order."""
-        X = self.experiment.ms[self.measurement].X[self.x_name]
+        """Yield ``(first_row, CSR rows)`` over the filtered cells in soma_joinid order, one axis query per block."""
+        import tiledbsoma
+
         for start in range(0, self.n_cells, chunk_size):
             ids = self.joinids[start : start + chunk_size]
-            table = X.read(coords=(ids, slice(None))).tables().concat()
+            query = self.experiment.axis_query(self.measurement, obs_query=tiledbsoma.AxisQuery(coords=(ids,)))
+            with query:
+                table = query.X(self.x_name).tables().concat()
             rows = np.searchsorted(ids, table.column("soma_dim_0").to_numpy())
             cols = self._column_of[table.column("soma_dim_1").to_numpy()]
             data = table.column("soma_data").to_numpy()

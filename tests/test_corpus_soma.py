@@ -71,3 +71,80 @@ def test_soma_experiment_gives_the_same_corpus_as_h5ad(tmp_path):
     row = next(r for r in a["train"] if r["development_stage_ontology_term_id"])
     assert row["development_stage"] == "third decade stage" and row["age_group"] == "young adulthood"
     assert f"{row['sex']} donor" in row["description"] and "during" in row["description"]
+
+
+def _census_like_experiment(tmp_path) -> tuple[str, anndata.AnnData]:
+    """A local SOMA experiment shaped like the Census: cell ids in observation_joinid (no obs_id column),
+    extra obs columns the builder must not read."""
+    adata = _census_like_pbmc()
+    adata.obs_names = [f"joinid-{i:04d}" for i in range(adata.n_obs)]
+    adata.obs["unused_annotation"] = "never read"
+    uri = str(tmp_path / "census_like")
+    tiledbsoma_io.from_anndata(uri, adata, measurement_name="RNA", X_layer_name="raw",
+                               obs_id_name="observation_joinid", var_id_name="feature_id")
+    return uri, adata
+
+
+@pytest.fixture
+def obs_reads(monkeypatch):
+    """Records the column_names of every SOMA DataFrame read."""
+    import tiledbsoma
+
+    calls = []
+    original = tiledbsoma.DataFrame.read
+
+    def read(self, *args, **kwargs):
+        calls.append((self.uri, kwargs.get("column_names")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tiledbsoma.DataFrame, "read", read)
+    return calls
+
+
+def test_census_like_experiment_ids_version_and_only_used_columns(tmp_path, obs_reads):
+    import json
+
+    from processing.sources import SCHEMA_COLUMNS
+
+    uri, adata = _census_like_experiment(tmp_path)
+    source = SomaSource(uri, input_values="normalized", census_version="2025-01-30", name="census-like")
+    obs_calls = [cols for u, cols in obs_reads if u.rstrip("/").endswith("obs")]
+    assert len(obs_calls) == 1 and all(cols is not None for _, cols in obs_reads)  # never "all columns"
+    assert set(obs_calls[0]) <= {"soma_joinid", "observation_joinid", *SCHEMA_COLUMNS}
+    assert "unused_annotation" not in obs_calls[0] and "bulk_labels" not in obs_calls[0]
+    primary = adata.obs_names[adata.obs["is_primary_data"].to_numpy()]
+    assert list(source.obs.index) == list(primary)  # observation_joinid is the cell id
+
+    summary = build_corpus(source, tmp_path / "corpus", BuildOptions(progress=False, gmt=None))
+    assert summary["census_version"] == "2025-01-30"
+    assert json.loads((tmp_path / "corpus" / "summary.json").read_text())["census_version"] == "2025-01-30"
+    assert "2025-01-30" in (tmp_path / "corpus" / "README.md").read_text()
+    corpus = datasets.load_from_disk(str(tmp_path / "corpus"))
+    ids = [c for s in corpus.values() for c in s["cell_id"]] + list(pd.read_csv(tmp_path / "corpus" / "rejects.csv")["cell_id"])
+    assert sorted(ids) == sorted(primary)
+
+
+def test_cli_opens_the_census_as_a_context_manager_at_the_pinned_version(tmp_path, monkeypatch):
+    import contextlib
+    import sys
+    import types
+
+    import tiledbsoma
+
+    from processing.build_corpus import main
+
+    uri, _ = _census_like_experiment(tmp_path)
+    events = []
+
+    @contextlib.contextmanager
+    def open_soma(census_version=None):
+        events.append(("open", census_version))
+        with tiledbsoma.Experiment.open(uri) as experiment:
+            yield {"census_data": {"homo_sapiens": experiment}}
+        events.append(("closed", census_version))
+
+    monkeypatch.setitem(sys.modules, "cellxgene_census", types.SimpleNamespace(open_soma=open_soma))
+    summary = main(["--soma", "census", "--census-version", "2024-07-01", "--input-values", "normalized",
+                    "--gmt", "none", "--out", str(tmp_path / "out"), "--no-progress"])
+    assert events == [("open", "2024-07-01"), ("closed", "2024-07-01")]
+    assert summary["census_version"] == "2024-07-01" and "2024-07-01" in summary["source"]
