@@ -94,6 +94,15 @@ class CellTypeScores:
         return [None if label not in index else float(probabilities[i, index[label]]) for i, label in enumerate(labels)]
 
 
+def _cache_rows(cache, rows: torch.Tensor):
+    """A cache holding the batch rows `rows` of `cache` (rows may repeat); `cache` itself is left untouched, and
+    only the selected rows are copied."""
+    selected = copy.copy(cache)
+    selected.layers = [copy.copy(layer) for layer in cache.layers]
+    selected.batch_select_indices(rows)  # indexing makes new tensors: the shared layers' tensors are not changed
+    return selected
+
+
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions of left-padded rows, as `generate` computes them (padding at position 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -152,9 +161,7 @@ def score_cell_types(
             stop = min(start + per_chunk, len(candidates))
             ids, mask = suffix_ids[start:stop], suffix_mask[start:stop]
             n, m = len(cells), stop - start
-            cache = copy.deepcopy(prefill.cache)
-            cache.batch_select_indices(cells)
-            cache.batch_repeat_interleave(m)
+            cache = _cache_rows(prefill.cache, cells.repeat_interleave(m))
             rows_mask = torch.cat([attention_mask[cells].repeat_interleave(m, dim=0), mask.repeat(n, 1)], dim=1)
             positions = next_positions[cells].repeat_interleave(m)[:, None] + torch.arange(width, device=device)
             logits = model(input_ids=ids.repeat(n, 1), attention_mask=rows_mask, position_ids=positions,
