@@ -8,6 +8,7 @@ and corpus-building code; a value that is absent or not finite is left out of th
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -19,7 +20,8 @@ TEMPLATE_DIR = Path(__file__).parent
 MODEL_CARD_TEMPLATE = TEMPLATE_DIR / "model_card_template.md"
 DATASET_CARD_TEMPLATE = TEMPLATE_DIR / "dataset_card_template.md"
 
-# The Hub has no "cell-to-text" task type; text generation is the closest valid one.
+# The Hub has no "cell-to-text" task type; model-index entries name text generation, the closest valid one. The
+# card sets no pipeline_tag and `inference: false`: a text-prompt widget cannot feed a cell to the model.
 TASK_TYPE = "text-generation"
 TASK_NAME = "Cell to text"
 FIELDS = ("cell_type", "tissue", "disease", "sex", "development_stage")
@@ -36,6 +38,8 @@ PATHWAY_METRICS = (
     ("jaccard", "jaccard", "Jaccard"),
     ("f1", "f1", "F1"),
 )
+#: METEOR as training.text_metrics computes it: exact and stem matching; WordNet synonyms cannot be had offline.
+METEOR_NAME = "METEOR (exact + stem, no synonyms)"
 TEXT_METRICS = (
     ("bleu1", "bleu", "BLEU-1", {"max_order": 1}),
     ("bleu2", "bleu", "BLEU-2", {"max_order": 2}),
@@ -44,7 +48,7 @@ TEXT_METRICS = (
     ("rouge1", "rouge", "ROUGE-1", None),
     ("rouge2", "rouge", "ROUGE-2", None),
     ("rougeL", "rouge", "ROUGE-L", None),
-    ("meteor", "meteor", "METEOR", None),
+    ("meteor", "meteor", METEOR_NAME, None),
     ("embedding_similarity", "embedding_similarity", "embedding similarity", None),
 )
 # Metric ids the Hub knows; the project's own (parse_rate, ontology_similarity...) stay in model-index.
@@ -85,6 +89,29 @@ def is_repo_id(name: str | None) -> bool:
     return bool(name) and bool(_REPO_ID.match(name)) and not Path(name).expanduser().exists()
 
 
+def is_local_path(name: str) -> bool:
+    """True for strings that name a file or folder on some machine rather than a Hub id or a plain name."""
+    text = str(name)
+    if is_repo_id(text):
+        return False
+    if text.startswith(("/", "~", "./", "../", "\\")) or re.match(r"^[A-Za-z]:[\\/]", text):
+        return True
+    has_separator = "/" in text or "\\" in text
+    return (has_separator and not any(c.isspace() for c in text)) or (has_separator and Path(text).exists())
+
+
+def public_name(name: Any) -> Any:
+    """``name`` as it may appear on a card: a local path becomes its last component (never the path)."""
+    if isinstance(name, (str, Path)) and is_local_path(str(name)):
+        return Path(str(name).rstrip("/\\")).name.rsplit("\\", 1)[-1] or "local"
+    return name
+
+
+def _slug(name: str) -> str:
+    """A dataset type for model-index entries where the data has no Hub id."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-").lower() or "local-corpus"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> dict | None:
     """A table for the templates' ``table`` macro, or None when it has no rows."""
     return {"header": header, "rows": rows} if rows else None
@@ -94,8 +121,13 @@ def _table(header: list[str], rows: list[list[str]]) -> dict | None:
 
 
 def _eval_results(results: Mapping[str, Any], dataset_id: str) -> list[EvalResult]:
-    """Flatten the results dict into the Hub's model-index entries (finite values only)."""
+    """Flatten the results dict into the Hub's model-index entries (finite values only).
+
+    The dataset is named by its Hub id, else by the public name of what was evaluated (never a local path).
+    """
     split = results.get("split")
+    dataset_name = str(public_name(results.get("dataset") or dataset_id))
+    dataset_type = dataset_id if is_repo_id(dataset_id) else _slug(dataset_name)
     entries: list[EvalResult] = []
 
     def add(metric_type: str, value: Any, name: str, config: str | None = None, args: dict | None = None) -> None:
@@ -105,8 +137,8 @@ def _eval_results(results: Mapping[str, Any], dataset_id: str) -> list[EvalResul
                 EvalResult(
                     task_type=TASK_TYPE,
                     task_name=TASK_NAME,
-                    dataset_type=dataset_id,
-                    dataset_name=results.get("dataset") or dataset_id,
+                    dataset_type=dataset_type,
+                    dataset_name=dataset_name,
                     dataset_split=split,
                     metric_type=metric_type,
                     metric_value=round(number, 4),
@@ -168,8 +200,16 @@ def _metric_table(scores: Mapping[str, Any], metrics: tuple) -> dict | None:
 
 
 def _training_table(training_config: Mapping[str, Any]) -> dict | None:
-    rows = [[f"`{key}`", f"`{value}`"] for key, value in training_config.items() if value is not None]
+    """Settings as a table; local paths among the values are shown by their last component only."""
+    rows = [[f"`{key}`", f"`{public_name(value)}`"] for key, value in training_config.items() if value is not None]
     return _table(["Setting", "Value"], rows)
+
+
+def _ontology_table(versions: Mapping[str, str]) -> dict | None:
+    """Ontology releases the labels and definitions come from (``processing.ontology_versions``)."""
+    rows = [["CELLxGENE schema" if name == "cellxgene_schema" else name, f"`{version}`"]
+            for name, version in versions.items()]
+    return _table(["Ontology", "Version"], rows)
 
 
 def _limitations(results: Mapping[str, Any], encoder: str, extra: list[str]) -> list[str]:
@@ -180,7 +220,7 @@ def _limitations(results: Mapping[str, Any], encoder: str, extra: list[str]) -> 
         items.append(f"Demo scale: evaluated on {num_cells} cells only, so the numbers below are noisy.")
     if not is_repo_id(encoder):
         items.append(
-            f"The gene encoder ({encoder}) was not initialised from pretrained Geneformer weights; "
+            f"The gene encoder ({public_name(encoder)}) was not initialised from pretrained Geneformer weights; "
             "it learned from the fine-tuning corpus alone."
         )
     items += [
@@ -203,21 +243,30 @@ def render_model_card(
     license: str = "apache-2.0",
     limitations: list[str] | None = None,
     tags: list[str] | None = None,
+    ontology_versions: Mapping[str, str] | None = None,
+    code_url: str | None = None,
 ) -> ModelCard:
     """Fill the model card from an evaluation results dict (see ``training`` evaluation output).
 
-    ``base_model`` and ``encoder`` go into the metadata only when they are Hub repository ids;
-    local paths are named in the text. ``limitations`` adds lines to the card's limits section.
+    ``base_model``, ``encoder`` and ``dataset_id`` go into the metadata only when they are Hub repository ids;
+    local paths are named in the text by their last component only, so no path of the training machine reaches
+    the card. ``limitations`` adds lines to the card's limits section. ``ontology_versions`` (the corpus summary's,
+    see ``processing.ontology_versions``; else ``results["ontology_versions"]``) lists the ontology releases the
+    labels come from. ``code_url`` is the project's repository, for the install line.
     """
+    if not is_repo_id(repo_id):
+        raise ValueError(f"repo_id must be a Hub repository id of the form 'org/name', got {repo_id!r}.")
     model_name = repo_id.split("/")[-1]
     eval_results = _eval_results(results, dataset_id)
+    ontology_versions = ontology_versions or results.get("ontology_versions") or {}
+    text_scores = results.get("text", {})
     card_data = ModelCardData(
         license=license,
         library_name="transformers",
-        pipeline_tag=TASK_TYPE,
+        inference=False,
         tags=list(DEFAULT_TAGS) + list(tags or []),
         base_model=base_model if is_repo_id(base_model) else None,
-        datasets=[dataset_id],
+        datasets=[dataset_id] if is_repo_id(dataset_id) else None,
         language=["en"],
         metrics=sorted({r.metric_type for r in eval_results} & STANDARD_METRICS) or None,
         model_name=model_name if eval_results else None,
@@ -229,23 +278,72 @@ def render_model_card(
         template_path=str(MODEL_CARD_TEMPLATE),
         model_title=model_name,
         repo_id=repo_id,
-        base_model=f"`{base_model}`",
-        encoder=f"`{encoder}`",
-        dataset_id=dataset_id,
-        dataset_url=f"https://huggingface.co/datasets/{dataset_id}" if is_repo_id(dataset_id) else dataset_id,
+        code_url=code_url,
+        base_model=f"`{public_name(base_model)}`",
+        encoder=f"`{public_name(encoder)}`",
+        dataset_id=public_name(dataset_id),
+        dataset_url=f"https://huggingface.co/datasets/{dataset_id}" if is_repo_id(dataset_id) else None,
         license=license,
         limitations=_limitations(results, encoder, limitations or []),
         split=results.get("split", "test"),
-        eval_dataset=results.get("dataset") or dataset_id,
+        eval_dataset=public_name(results.get("dataset") or dataset_id),
         num_cells=results.get("num_cells", "–"),
         parse_rate="–" if parse_rate is None else f"{parse_rate:.1%}",
         num_unparsed=results.get("num_unparsed", "–"),
         field_table=_field_table(results.get("fields", {})),
         baseline_table=_baseline_table(results, model_name),
         pathway_table=_metric_table(results.get("pathways", {}), PATHWAY_METRICS),
-        text_table=_metric_table(results.get("text", {}), TEXT_METRICS),
+        text_table=_metric_table(text_scores, TEXT_METRICS),
+        bleu_signature=text_scores.get("bleu_signature"),
         training_table=_training_table(training_config),
+        ontology_table=_ontology_table(ontology_versions),
     )
+
+
+#: The arguments of `render_model_card` other than the results and the repo id, saved beside the card so that
+#: `training.publish` can re-render it for the repo it publishes to.
+MODEL_CARD_INPUTS = "model_card_inputs.json"
+#: The evaluation results a saved card was rendered from.
+EVALUATION_RESULTS = "evaluation_results.json"
+
+
+def save_model_card(model_dir: str | Path, results: dict, *, repo_id: str, **inputs: Any) -> ModelCard:
+    """Render the model card into ``model_dir/README.md`` and keep what it was rendered from.
+
+    Writes ``evaluation_results.json`` (``results``) and ``model_card_inputs.json`` (``inputs``, the other
+    arguments of :func:`render_model_card`, with local paths reduced to their last component) beside it.
+    """
+    model_dir = Path(model_dir)
+    public = {key: value if key == "limitations" else _public_value(value) for key, value in inputs.items()}
+    card = render_model_card(results, repo_id=repo_id, **public)
+    card.save(model_dir / "README.md")
+    (model_dir / EVALUATION_RESULTS).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (model_dir / MODEL_CARD_INPUTS).write_text(json.dumps(public, indent=2, default=str) + "\n")
+    return card
+
+
+def rerender_model_card(model_dir: str | Path, repo_id: str) -> ModelCard | None:
+    """Re-render ``model_dir/README.md`` for ``repo_id`` from the files :func:`save_model_card` wrote.
+
+    Returns the card, or None (card left as it is) where the folder lacks either file.
+    """
+    model_dir = Path(model_dir)
+    results_file, inputs_file = model_dir / EVALUATION_RESULTS, model_dir / MODEL_CARD_INPUTS
+    if not (results_file.is_file() and inputs_file.is_file()):
+        return None
+    card = render_model_card(json.loads(results_file.read_text()), repo_id=repo_id,
+                             **json.loads(inputs_file.read_text()))
+    card.save(model_dir / "README.md")
+    return card
+
+
+def _public_value(value: Any) -> Any:
+    """``value`` with every local path in it (also inside dicts and lists) reduced by :func:`public_name`."""
+    if isinstance(value, Mapping):
+        return {key: _public_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_public_value(item) for item in value]
+    return public_name(value)
 
 
 # -------------------------------------------------------------- dataset card
@@ -306,11 +404,11 @@ def render_dataset_card(summary: dict, *, repo_id: str, license: str | None = No
     splits = {name: int(n) for name, n in (summary.get("splits") or {}).items()}
     num_kept = sum(splits.values())
     license = license or summary.get("license") or "unknown"
-    source = summary.get("source")
+    source = public_name(summary.get("source"))
     card_data = DatasetCardData(
         license=license,
         language=["en"],
-        pretty_name=summary.get("name") or repo_id.split("/")[-1],
+        pretty_name=public_name(summary.get("name")) or repo_id.split("/")[-1],
         task_categories=["text-generation", "tabular-to-text"],
         tags=["biology", "single-cell", "scRNA-seq", "cellxgene", "cell2text"],
         size_categories=[size_category(num_kept)],
@@ -330,6 +428,7 @@ def render_dataset_card(summary: dict, *, repo_id: str, license: str | None = No
         gene_vocabulary_size=summary.get("gene_vocabulary_size", "–"),
         pathway_library=summary.get("pathway_library") or "–",
         seed=summary.get("seed", "–"),
+        ontology_table=_ontology_table(summary.get("ontology_versions") or {}),
         split_table=_split_table(splits) or _table(["Split", "Cells", "Share"], [["–", "0", "–"]]),
         rejected_table=_table(["Reason", "Cells"], [[reason, str(n)] for reason, n in rejected.items() if n]),
         summary=summary,  # the corpus builder's summary, for fields the template shows when present
@@ -339,3 +438,38 @@ def render_dataset_card(summary: dict, *, repo_id: str, license: str | None = No
             if (table := _label_table(per_split, list(splits)))
         ],
     )
+
+
+#: Metadata keys that ``datasets``' ``push_to_hub`` writes into the dataset card (features, splits, data files).
+DATASETS_METADATA_KEYS = ("dataset_info", "configs")
+
+
+def merge_dataset_card(card: DatasetCard, pushed: DatasetCard | None) -> DatasetCard:
+    """``card`` (text and metadata) plus the metadata ``datasets`` wrote when it pushed the data (``pushed``).
+
+    ``datasets.DatasetDict.push_to_hub`` writes a card whose metadata describes the uploaded files
+    (``dataset_info``, ``configs``); pushing a rendered card over it would drop them. The merged card keeps those
+    keys from ``pushed`` and everything else from ``card``.
+    """
+    if pushed is None:
+        return card
+    data = card.data.to_dict()
+    theirs = pushed.data.to_dict()
+    data.update({key: theirs[key] for key in DATASETS_METADATA_KEYS if key in theirs})
+    return DatasetCard(f"---\n{DatasetCardData(**data).to_yaml()}\n---\n{card.text}")
+
+
+def push_dataset_card(card: DatasetCard, repo_id: str, token: str | None = None) -> DatasetCard:
+    """Push ``card`` to the dataset repo after the data, keeping the metadata ``datasets`` wrote; returns it.
+
+    Call it after ``DatasetDict.push_to_hub(repo_id)``.
+    """
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        pushed = DatasetCard.load(repo_id, repo_type="dataset", token=token)
+    except (EntryNotFoundError, RepositoryNotFoundError):
+        pushed = None
+    merged = merge_dataset_card(card, pushed)
+    merged.push_to_hub(repo_id, repo_type="dataset", token=token)
+    return merged

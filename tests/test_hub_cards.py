@@ -32,7 +32,7 @@ def results():
             "sex": {"accuracy": float("nan"), "weighted_f1": None},  # unknown sex in the source: left out
         },
         "pathways": {"subset_accuracy": 0.2143, "jaccard": 0.5512, "f1": 0.6034},
-        "text": {"bleu1": 0.7101, "bleu4": 0.4213, "rouge1": 0.7511, "rouge2": 0.6012, "rougeL": 0.7034,
+        "text": {"bleu_signature": "nrefs:1|case:lc|eff:no|tok:13a|smooth:none|version:2.6.0", "bleu1": 0.7101, "bleu4": 0.4213, "rouge1": 0.7511, "rouge2": 0.6012, "rougeL": 0.7034,
                  "meteor": float("nan"), "embedding_similarity": 0.9132},
         "baselines": {
             "majority": {"cell_type": {"accuracy": 0.3429, "weighted_f1": 0.1751}},
@@ -83,7 +83,7 @@ def test_model_card_metadata_round_trips_with_metric_values(results, tmp_path):
     data = card.data.to_dict()
     assert data["license"] == "apache-2.0"
     assert data["library_name"] == "transformers"
-    assert data["pipeline_tag"] == "text-generation"
+    assert "pipeline_tag" not in data and data["inference"] is False  # no widget: it cannot feed a cell
     assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert data["datasets"] == [DATASET]
     assert {"cell-to-text", "single-cell", "custom_code"} <= set(data["tags"])
@@ -111,7 +111,10 @@ def test_model_card_body_has_usage_limits_and_tables(results, tmp_path):
     assert "nan" not in text.lower()
     assert f'pipeline("cell-to-text", model="{REPO}", trust_remote_code=True)' in card.text
     assert f'AutoModelForCausalLM.from_pretrained("{REPO}", trust_remote_code=True)' in card.text
-    assert f"cell2text describe cells.h5ad --model {REPO}" in card.text
+    assert f"cell2text describe cells.h5ad --model {REPO} --out cells_described.h5ad" in card.text
+    assert "pip install cell2text" not in card.text and "pip install ./cell2text" in card.text
+    assert "METEOR (exact + stem, no synonyms)" not in card.text  # NaN: left out, but the note stays
+    assert "Porter stems only" in card.text
     assert "Demo scale: evaluated on 140 cells" in card.text
     assert "not initialised from pretrained Geneformer weights" in card.text
     assert "| Cell type | 0.621 | 0.588 | 0.512 | 0.499 | 0.812 | 4 |" in card.text
@@ -119,6 +122,7 @@ def test_model_card_body_has_usage_limits_and_tables(results, tmp_path):
     assert "| Sex |" not in card.text
     assert "98.6% of them parsed (2 did not)" in card.text
     assert "| `lora_r` | `16` |" in card.text and "max_steps" not in card.text
+    assert "BLEU by sacrebleu (`nrefs:1|case:lc|eff:no|tok:13a|smooth:none|version:2.6.0`)" in card.text
 
 
 def test_model_card_with_local_paths_keeps_them_out_of_metadata(results, tmp_path):
@@ -171,3 +175,59 @@ def test_size_categories():
     from hub_cards.render import size_category
 
     assert [size_category(n) for n in (0, 999, 1000, 54_321, 2_000_000)] == ["n<1K", "n<1K", "1K<n<10K", "10K<n<100K", "1M<n<10M"]
+
+
+def test_no_local_path_reaches_the_model_card(tmp_path):
+    """The demo passes its corpus folder, encoder folder and argument values: the card names none of them."""
+    corpus, encoder = tmp_path / "outputs" / "corpus", tmp_path / "outputs" / "sft" / "gene_encoder"
+    results = {"dataset": str(corpus), "split": "test", "num_cells": 70,
+               "fields": {"cell_type": {"accuracy": 0.6}}, "text": {"meteor": 0.8}}
+    card = render_model_card(
+        results, repo_id=REPO, base_model=str(tmp_path / "SmolLM2"), encoder=str(encoder),
+        dataset_id="pbmc68k_reduced (scanpy)",
+        training_config={"corpus_dir": str(corpus), "output_dir": "outputs/demo/sft", "lora_r": 16},
+        ontology_versions={"cellxgene_schema": "7.1.0", "CL": "v2026-03-26"},
+    )
+    path = tmp_path / "README.md"
+    card.save(path)
+    text = path.read_text()
+    assert str(tmp_path) not in text and "/tmp" not in text and "outputs/" not in text
+    data = ModelCard.load(path).data.to_dict()
+    assert "datasets" not in data  # "pbmc68k_reduced (scanpy)" is no Hub dataset id
+    _, evals = model_index_to_eval_results(data["model-index"])
+    assert {(e.dataset_type, e.dataset_name) for e in evals} == {("corpus", "corpus")}
+    assert "| METEOR (exact + stem, no synonyms) | 0.800 |" in text
+    assert "| `corpus_dir` | `corpus` |" in text and "The gene encoder (gene_encoder)" in text
+    assert "| CELLxGENE schema | `7.1.0` |" in text and "| CL | `v2026-03-26` |" in text
+
+
+def test_saved_card_inputs_rerender_for_another_repo(results, tmp_path):
+    from hub_cards.render import rerender_model_card, save_model_card
+
+    save_model_card(tmp_path, results, repo_id=REPO, base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+                    encoder=str(tmp_path / "enc"), dataset_id=DATASET, training_config={"output_dir": str(tmp_path)})
+    assert str(tmp_path) not in (tmp_path / "model_card_inputs.json").read_text()
+    card = rerender_model_card(tmp_path, "another-org/cell2text")
+    assert 'model="another-org/cell2text"' in card.text and REPO not in (tmp_path / "README.md").read_text()
+    assert rerender_model_card(tmp_path / "missing", "another-org/cell2text") is None
+
+
+def test_dataset_card_pushed_after_the_data_keeps_the_datasets_metadata(summary, monkeypatch):
+    from hub_cards import render
+
+    written_by_datasets = DatasetCard(
+        "---\ndataset_info:\n  features:\n  - name: cell_id\n    dtype: string\n  splits:\n  - name: train\n"
+        "    num_examples: 560\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+        "    path: data/train-*\n---\n"
+    )
+    pushed = []
+    monkeypatch.setattr(DatasetCard, "load", classmethod(lambda cls, repo_id, **kw: written_by_datasets))
+    monkeypatch.setattr(DatasetCard, "push_to_hub", lambda self, repo_id, **kw: pushed.append((repo_id, self)))
+    summary = {**summary, "ontology_versions": {"cellxgene_schema": "7.1.0", "CL": "v2026-03-26"}}
+    render.push_dataset_card(render_dataset_card(summary, repo_id=DATASET, license="cc-by-4.0"), DATASET)
+    (repo_id, card), = pushed
+    data = card.data.to_dict()
+    assert repo_id == DATASET and data["license"] == "cc-by-4.0" and data["pretty_name"] == "PBMC68k Cell2Text (demo)"
+    assert data["configs"][0]["data_files"][0]["path"] == "data/train-*"
+    assert data["dataset_info"]["splits"][0]["num_examples"] == 560
+    assert "| dendritic cell | 192 | 24 | 24 | 240 |" in card.text and "| CL | `v2026-03-26` |" in card.text

@@ -124,6 +124,7 @@ def test_text_report_without_embedding_model_path_falls_back_or_omits(monkeypatc
     assert "embedding_similarity" not in r
     assert r["bleu4"] == pytest.approx(1.0)
     assert r["rougeL"] == pytest.approx(1.0)
+    assert r["bleu_signature"].startswith("nrefs:1|case:lc|eff:no|tok:13a|smooth:none|version:")
     with pytest.raises(ValueError, match="pair up"):
         text_report(["a"], [])
 

@@ -7,7 +7,10 @@ python -m training.publish --model outputs/demo/cell2text-demo --repo your-org/c
 
 The model folder is checked before anything is uploaded: safetensors weights, the processor (gene vocabulary,
 tokenizer, prompt), the remote code files with `auto_map`, the `cell-to-text` pipeline entry, and a model card
-whose metadata parses. The card is re-rendered from `evaluation_results.json` when that file is present.
+whose metadata parses. Where the folder holds the files `hub_cards.render.save_model_card` writes beside the card
+(`evaluation_results.json`, `model_card_inputs.json`; the demo writes both), the card is re-rendered from them
+for the repo it is published to, so its usage lines name that repo. The corpus card is pushed after the data and
+keeps the metadata `datasets` writes (`hub_cards.render.push_dataset_card`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import json
 from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard
+
+from hub_cards.render import MODEL_CARD_INPUTS, rerender_model_card
 
 REQUIRED_FILES = (
     "config.json",
@@ -53,12 +58,13 @@ def check_model_folder(model_dir: str | Path) -> None:
 
 
 def publish_model(model_dir: str | Path, repo_id: str, private: bool = False, api: HfApi | None = None) -> str:
-    """Upload a checked model folder; returns the repo URL."""
+    """Re-render the card for ``repo_id`` (where its inputs are saved), check and upload the folder; returns the URL."""
+    rerender_model_card(model_dir, repo_id)
     check_model_folder(model_dir)
     api = api or HfApi()
     url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     api.upload_folder(folder_path=str(model_dir), repo_id=repo_id, repo_type="model",
-                      ignore_patterns=["training_state.json"], commit_message="Upload Cell2Text")
+                      ignore_patterns=["training_state.json", MODEL_CARD_INPUTS], commit_message="Upload Cell2Text")
     return str(url)
 
 

