@@ -5,7 +5,7 @@
     results = describe(adata, batch_size=16)  # one dict per cell: description, parsed fields, ontology IDs
 
 This file travels as remote code with a saved model (its `config.json` names it in `custom_pipelines`), so it
-imports only numpy and transformers (tqdm comes with transformers).
+imports only numpy, scipy and transformers (tqdm comes with transformers).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, Pipeline
 
@@ -33,15 +34,18 @@ MISSING_PROCESSOR = (
 class Cell2TextPipeline(Pipeline):
     """Generate a description per cell and parse it into fields with ontology term IDs.
 
-    Call with an AnnData (all cells or a slice; in memory or backed) or a cells x genes matrix (scipy sparse or
-    numpy) with `gene_ids`. Returns one dict per input cell, in order: `description`, `parsed` (whether the text
+    Call with an AnnData (all cells or a slice; in memory or backed; `X`, a `layer=` or `use_raw=True` for
+    `adata.raw`) or a cells x genes matrix (scipy sparse in any format, or numpy) with `gene_ids`. Returns one dict
+    per input cell, in order: `description`, `parsed` (whether the text
     follows the description template), `cell_type`, `cell_type_definition`, `tissue`, `sex`, `disease`,
     `age_group`, `pathways` and `<field>_ontology_term_id` for cell_type, tissue, disease and sex. With
     `skip_empty_cells=True` cells that express no vocabulary gene give `None` instead of raising.
 
     Cells are rank-value encoded a block at a time (vectorised) and generated `batch_size` cells at a time.
     Generation is greedy with `max_new_tokens=160` unless the model's generation config, the pipeline's or the
-    call's keyword arguments (or `generate_kwargs={...}`) say otherwise.
+    call's keyword arguments (or `generate_kwargs={...}`) say otherwise. One description per cell: a
+    `num_return_sequences` other than 1 (from any of those) is refused, and every generated batch is checked to
+    hold one sequence per cell, each starting with its own cell's prompt, before any text is returned.
     """
 
     _load_processor = None  # optional for transformers, so that a missing processor gets the error above
@@ -64,6 +68,7 @@ class Cell2TextPipeline(Pipeline):
     def _sanitize_parameters(
         self,
         layer: str | None = None,
+        use_raw: bool | None = None,
         input_values: str | None = None,
         skip_empty_cells: bool | None = None,
         generate_kwargs: dict | None = None,
@@ -72,6 +77,8 @@ class Cell2TextPipeline(Pipeline):
         preprocess_params = {}
         if layer is not None:
             preprocess_params["layer"] = layer
+        if use_raw is not None:
+            preprocess_params["use_raw"] = use_raw
         if input_values is not None:
             preprocess_params["input_values"] = input_values
         if skip_empty_cells is not None:
@@ -91,55 +98,50 @@ class Cell2TextPipeline(Pipeline):
         **kwargs: Any,
     ) -> list[dict | None]:
         """Describe every cell of `cells`; see the class docstring. `progress=True` shows a tqdm bar."""
-        batch_size = batch_size or self._batch_size or 8
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size is None:
+            batch_size = 8 if self._batch_size is None else self._batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1 (cells generated together), got {batch_size!r}")
         preprocess_params, forward_params, _ = self._sanitize_parameters(**kwargs)
         preprocess_params = {**self._preprocess_params, **preprocess_params}
         forward_params = {**self._forward_params, **forward_params}
+        self._check_one_sequence_per_cell(forward_params.get("generate_kwargs"))
         layer = preprocess_params.pop("layer", None)
+        use_raw = preprocess_params.pop("use_raw", False)
         skip_empty = preprocess_params.pop("skip_empty_cells", False)
-        matrix, gene_ids, obs_names = self.processor.feature_extractor.resolve_input(cells, gene_ids, layer)
+        matrix, gene_ids, obs_names = resolve_cells(self.processor.feature_extractor, cells, gene_ids, layer, use_raw)
         n_cells = matrix.shape[0]
         results: list[dict | None] = [None] * n_cells
         block_cells = max(MIN_BLOCK_CELLS, batch_size)
         with tqdm(total=n_cells, unit="cell", disable=not progress, desc="Describing cells") as bar:
             for start in range(0, n_cells, block_cells):
                 stop = min(start + block_cells, n_cells)
-                ranked = self._rank_block(matrix, gene_ids, start, stop, obs_names, skip_empty, preprocess_params)
+                ranked = rank_block(
+                    self.processor.feature_extractor, matrix, gene_ids, start, stop, obs_names, skip_empty,
+                    preprocess_params,
+                )
                 bar.update(len(ranked.skipped_cells))
                 for first in range(0, len(ranked), batch_size):
                     positions = range(first, min(first + batch_size, len(ranked)))
                     bins = None if ranked.value_bins is None else [ranked.bins_of(p) for p in positions]
                     model_inputs = self.preprocess([ranked[p] for p in positions], bins)
                     outputs = self.postprocess(self.forward(model_inputs, **forward_params))
-                    for position, output in zip(positions, outputs):
+                    for position, output in zip(positions, outputs, strict=True):
                         results[start + int(ranked.cell_indices[position])] = output
                     bar.update(len(positions))
         return results
 
-    def _rank_block(
-        self,
-        matrix: Any,
-        gene_ids: Sequence[str],
-        start: int,
-        stop: int,
-        obs_names: Sequence[str] | None,
-        skip_empty: bool,
-        params: dict,
-    ) -> Any:
-        """Rank-value encode rows [start, stop); cells without vocabulary genes raise unless skip_empty."""
-        block = matrix[start:stop]
-        ranked = self.processor.feature_extractor.tokenize(block, gene_ids, skip_empty_cells=True, **params)
-        if len(ranked.skipped_cells) and not skip_empty:
-            rows = [start + int(i) for i in ranked.skipped_cells[:10]]
-            names = [f"{r} ({obs_names[r]!r})" if obs_names is not None else str(r) for r in rows]
+    def _check_one_sequence_per_cell(self, generate_kwargs: dict | None) -> None:
+        """Refuse generation settings that return several sequences per cell (they would be zipped onto other
+        cells), whether they come from the call, the pipeline or the model's generation_config.json."""
+        settings = self._get_set_generation_params(self._prepare_generate_kwargs(dict(generate_kwargs or {})))
+        sequences = settings.get("num_return_sequences")
+        if sequences not in (None, 1):
             raise ValueError(
-                f"{len(ranked.skipped_cells)} cells express no gene of the model's vocabulary: cells "
-                f"{', '.join(names)}{' and more' if len(ranked.skipped_cells) > 10 else ''}. Filter them out "
-                "(e.g. sc.pp.filter_cells(adata, min_genes=...)) or pass skip_empty_cells=True."
+                f"num_return_sequences={sequences} (from the call or the model's generation_config.json): the "
+                "cell-to-text pipeline returns one description per cell. Pass num_return_sequences=1; for several "
+                "descriptions of the same cells, call the pipeline several times with do_sample=True."
             )
-        return ranked
 
     def preprocess(
         self, cell_tokens: Sequence[np.ndarray], cell_bins: Sequence[np.ndarray] | None = None, **kwargs: Any
@@ -156,6 +158,7 @@ class Cell2TextPipeline(Pipeline):
         prompt_length = model_inputs["input_ids"].shape[1]
         generate_kwargs = self._prepare_generate_kwargs(dict(generate_kwargs or {}))
         generated = self.model.generate(**model_inputs, **generate_kwargs)
+        check_outputs_line_up(model_inputs["input_ids"], generated)
         return {"generated_ids": generated, "prompt_length": prompt_length}
 
     def postprocess(self, model_outputs: dict, **kwargs: Any) -> list[dict]:
@@ -166,6 +169,72 @@ class Cell2TextPipeline(Pipeline):
         """Save model, pipeline code and processor, ready for `pipeline("cell-to-text", trust_remote_code=True)`."""
         super().save_pretrained(save_directory, **kwargs)
         self.processor.save_pretrained(save_directory)
+
+
+def resolve_cells(
+    feature_extractor: Any, cells: Any, gene_ids: Sequence[str] | None, layer: str | None, use_raw: bool = False
+) -> tuple[Any, Sequence[str], Sequence[str] | None]:
+    """(row-sliceable matrix, gene IDs, obs names or None): the feature extractor's `resolve_input`, plus
+    `adata.raw` (use_raw=True, genes from `adata.raw.var`) and sparse formats without row slicing (COO, DIA, ...)
+    converted to CSR."""
+    if use_raw:
+        if layer is not None:
+            raise ValueError(f"use_raw=True reads adata.raw.X; it cannot be combined with layer={layer!r}")
+        if not hasattr(cells, "raw") or not hasattr(cells, "obs_names"):
+            raise ValueError("use_raw=True applies to AnnData input only (it reads adata.raw.X)")
+        if cells.raw is None:
+            raise ValueError("use_raw=True but adata.raw is None; read X (leave use_raw out) or pass layer=...")
+        if gene_ids is None:
+            gene_ids = feature_extractor.var_gene_ids(cells.raw.var)
+        matrix, gene_ids, _ = feature_extractor.resolve_input(cells.raw.X, gene_ids, None)
+        obs_names = cells.obs_names
+    else:
+        matrix, gene_ids, obs_names = feature_extractor.resolve_input(cells, gene_ids, layer)
+    if sp.issparse(matrix) and matrix.format != "csr":
+        matrix = matrix.tocsr()
+    return matrix, gene_ids, obs_names
+
+
+def rank_block(
+    feature_extractor: Any,
+    matrix: Any,
+    gene_ids: Sequence[str],
+    start: int,
+    stop: int,
+    obs_names: Sequence[str] | None,
+    skip_empty: bool,
+    params: dict,
+) -> Any:
+    """Rank-value encode rows [start, stop); cells without vocabulary genes raise unless skip_empty."""
+    ranked = feature_extractor.tokenize(matrix[start:stop], gene_ids, skip_empty_cells=True, **params)
+    if len(ranked.skipped_cells) and not skip_empty:
+        rows = [start + int(i) for i in ranked.skipped_cells[:10]]
+        names = [f"{r} ({obs_names[r]!r})" if obs_names is not None else str(r) for r in rows]
+        raise ValueError(
+            f"{len(ranked.skipped_cells)} cells express no gene of the model's vocabulary: cells "
+            f"{', '.join(names)}{' and more' if len(ranked.skipped_cells) > 10 else ''}. Filter them out "
+            "(e.g. sc.pp.filter_cells(adata, min_genes=...)) or pass skip_empty_cells=True."
+        )
+    return ranked
+
+
+def check_outputs_line_up(input_ids: Any, generated: Any) -> None:
+    """The one check that generated sequences and cells line up: one sequence per cell (count), each starting with
+    that cell's own prompt (order). Raises RuntimeError before a description could be given to the wrong cell."""
+    n_cells, n_outputs = input_ids.shape[0], generated.shape[0]
+    if n_outputs != n_cells:
+        raise RuntimeError(
+            f"generate returned {n_outputs} sequences for {n_cells} cells; descriptions would land on the wrong "
+            "cells. Generate one sequence per cell (num_return_sequences=1)."
+        )
+    prompt_length = input_ids.shape[1]
+    if generated.shape[1] < prompt_length or not bool(
+        (generated[:, :prompt_length].to(input_ids.device) == input_ids).all()
+    ):
+        raise RuntimeError(
+            "generated sequences do not start with their cells' prompts (count or order changed inside generate); "
+            "descriptions would land on the wrong cells, so none is returned."
+        )
 
 
 def custom_pipelines_entry() -> dict:
@@ -187,4 +256,4 @@ def register_cell2text_pipeline() -> None:
         )
 
 
-__all__ = ["Cell2TextPipeline", "register_cell2text_pipeline", "custom_pipelines_entry"]
+__all__ = ["Cell2TextPipeline", "check_outputs_line_up", "rank_block", "resolve_cells", "register_cell2text_pipeline", "custom_pipelines_entry"]

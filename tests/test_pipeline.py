@@ -13,12 +13,13 @@ import pytest
 import scipy.sparse as sp
 import torch
 from tiny_parts import save_tiny_parts
-from transformers import AutoTokenizer, pipeline
+from transformers import AutoTokenizer, GenerationConfig, pipeline
 
 from modeling_cell2text import (
     Cell2TextConfig,
     Cell2TextFeatureExtractor,
     Cell2TextForConditionalGeneration,
+    Cell2TextPipeline,
     Cell2TextProcessor,
     CellDescription,
     render_description,
@@ -190,3 +191,92 @@ def test_model_folder_without_processor_is_a_clear_error(tmp_path, random_dir):
     model.save_pretrained(tmp_path / "no-processor")
     with pytest.raises(ValueError, match="processor.save_pretrained"):
         pipeline("cell-to-text", model=str(tmp_path / "no-processor"), trust_remote_code=True, device="cpu")
+
+
+# -- no silent wrong results (issue 9) -----------------------------------------------------------------------------
+
+
+def local_pipeline(model_dir: Path) -> Cell2TextPipeline:
+    """The installed package's pipeline on the package's classes (no code from the folder runs)."""
+    return Cell2TextPipeline(
+        model=Cell2TextForConditionalGeneration.from_pretrained(model_dir).eval(),
+        processor=Cell2TextProcessor.from_pretrained(model_dir), device="cpu",
+    )
+
+
+def counts_of_varied_prompts() -> np.ndarray:
+    """Cells expressing 3, 20, 5 and 12 genes: with 8 cell tokens their prompts differ, so order is visible."""
+    counts = np.zeros((4, len(GENES)), dtype=np.float32)
+    for row, n in enumerate((3, 20, 5, 12)):
+        counts[row, (np.arange(n) * 3 + row) % len(GENES)] = np.arange(1, n + 1)
+    return counts
+
+
+@pytest.fixture(scope="module")
+def random_pipeline(random_dir) -> Cell2TextPipeline:
+    return local_pipeline(random_dir)
+
+
+def test_several_sequences_per_cell_are_refused(random_pipeline, random_dir):
+    counts = counts_of_varied_prompts()
+    with pytest.raises(ValueError, match=r"num_return_sequences=2 .*one description per cell"):
+        random_pipeline(counts, gene_ids=GENES, max_new_tokens=2, num_return_sequences=2, do_sample=True)
+    with pytest.raises(ValueError, match=r"num_return_sequences=3"):
+        random_pipeline(counts, gene_ids=GENES, generate_kwargs={"num_return_sequences": 3, "num_beams": 3})
+    # a model whose generation_config.json asks for 2 sequences: refused too, unless the call says 1
+    model = random_pipeline.model
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(do_sample=True, num_return_sequences=2)
+    try:
+        with pytest.raises(ValueError, match=r"generation_config.json"):
+            random_pipeline(counts, gene_ids=GENES, max_new_tokens=2)
+        assert len(random_pipeline(counts, gene_ids=GENES, max_new_tokens=2, num_return_sequences=1)) == 4
+    finally:
+        model.generation_config = saved
+
+
+@pytest.mark.parametrize("tamper", ["reversed", "doubled", "dropped"])
+def test_outputs_that_do_not_line_up_with_the_cells_are_never_returned(random_pipeline, monkeypatch, tamper):
+    generate = random_pipeline.model.generate
+
+    def tampered(*args, **kwargs):
+        ids = generate(*args, **kwargs)
+        return {"reversed": ids.flip(0), "doubled": ids.repeat_interleave(2, dim=0), "dropped": ids[1:]}[tamper]
+
+    monkeypatch.setattr(random_pipeline.model, "generate", tampered)
+    with pytest.raises(RuntimeError, match="wrong cells"):
+        random_pipeline(counts_of_varied_prompts(), gene_ids=GENES, batch_size=4, max_new_tokens=2)
+
+
+def test_batch_size_zero_is_an_error(random_pipeline):
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            random_pipeline(random_counts(2), gene_ids=GENES, batch_size=bad, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("fmt", ["coo", "csc", "lil"])
+def test_any_scipy_sparse_format_gives_the_csr_results(random_pipeline, fmt):
+    counts = counts_of_varied_prompts()
+    expected = [r["description"] for r in random_pipeline(sp.csr_matrix(counts), gene_ids=GENES, max_new_tokens=4)]
+    results = random_pipeline(sp.csr_matrix(counts).asformat(fmt), gene_ids=GENES, max_new_tokens=4)
+    assert [r["description"] for r in results] == expected
+
+
+def test_counts_in_adata_raw(random_pipeline, tmp_path):
+    adata = make_adata(4)
+    expected = [r["description"] for r in random_pipeline(adata, max_new_tokens=4)]
+    with_raw = adata.copy()
+    with_raw.raw = adata  # CELLxGENE's layout: counts in raw, normalised values (of fewer genes) in X
+    with_raw = with_raw[:, 10:].copy()
+    with_raw.X = with_raw.X.log1p()
+    results = random_pipeline(with_raw, use_raw=True, max_new_tokens=4)
+    assert [r["description"] for r in results] == expected
+    # backed, and a slice of it
+    with_raw.write_h5ad(tmp_path / "raw.h5ad")
+    backed = ad.read_h5ad(tmp_path / "raw.h5ad", backed="r")
+    assert [r["description"] for r in random_pipeline(backed, use_raw=True, max_new_tokens=4)] == expected
+    assert [r["description"] for r in random_pipeline(backed[1:3], use_raw=True, max_new_tokens=4)] == expected[1:3]
+    with pytest.raises(ValueError, match="adata.raw is None"):
+        random_pipeline(adata, use_raw=True)
+    with pytest.raises(ValueError, match="cannot be combined with layer"):
+        random_pipeline(with_raw, use_raw=True, layer="counts")
