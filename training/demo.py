@@ -11,8 +11,12 @@ bash scripts/main.sh            # installs, then runs: python -m training.demo
    the recipe prepares the encoder on the corpus and the validation split picks its depth and its input
    (rank-value or value-aware tokens).
 4. Train the Cell2Sentence-style baseline on the same LLM with the same budget.
-5. On the test split: Cell2Text, Cell2Sentence, and expression baselines (majority, logistic regression, kNN
-   on the same cells' log expression), then the report (Markdown, PNG, JSON) and the model card.
+5. On the test split: Cell2Text (cell type constrained to the corpus's labels, with its confidence and the
+   labels free generation would have invented), Cell2Sentence, and expression baselines (majority, logistic
+   regression, kNN on the same cells' log expression), then the report (Markdown, PNG, JSON; beside it the mean
+   over split seeds of `benchmarks/quality.py` when `docs/quality_benchmark.json` is checked in) and the model card.
+
+The trained model is loaded back with this project's classes (`--trust-remote-code` runs its saved code instead).
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -82,7 +85,7 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
         reuse_models: bool = False, trust_remote_code: bool = False) -> Path:
     from datasets import load_from_disk
 
-    from hub_cards.render import render_model_card
+    from hub_cards.render import save_model_card
     from training.evaluate import evaluate_model, score_descriptions
     from training.prepare_demo_llm import prepare_demo_llm
     from training.report import write_report
@@ -148,16 +151,16 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
         results["gene_encoder_selection"] = json.loads(selection_file.read_text())
 
     report = write_report(results, per_cell, out_dir / "report")
-    card = render_model_card(
+    save_model_card(  # README.md + what it was rendered from, so training.publish re-renders it for its repo
+        model_dir,
         results,
         repo_id="cell2text/cell2text-demo-pbmc68k",
         base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
         encoder=str(selection_file.parent),
         dataset_id="pbmc68k_reduced (scanpy)",
         training_config={k: v for k, v in vars(cell2text_args).items() if v is not None},
+        ontology_versions=json.loads((corpus_dir / "summary.json").read_text()).get("ontology_versions"),
     )
-    card.save(model_dir / "README.md")
-    shutil.copy(out_dir / "report" / "results.json", model_dir / "evaluation_results.json")
     lap("report")
     return report
 
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--reuse-models", action="store_true",
                         help="Evaluate the models an earlier run trained in --out instead of training again.")
     parser.add_argument("--trust-remote-code", action="store_true",
-                        help="Load the trained model with the code saved in its folder (default: this project's classes).")
+                        help="Load the trained model with its folder's saved code (default: this project's classes).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     np.random.seed(args.seed)

@@ -297,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--max-cells", type=int, default=None)
     parser.add_argument("--free", action="store_true",
-                        help="Free generation: the cell type as the model writes it (default: one of the known labels).")
+                        help="Free generation: the cell type as the model writes it (default: a known label).")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="Run the code saved in the model folder (default: this project's classes).")
     parser.add_argument("--device", default="auto", help='"auto" (the GPU when there is one), "cpu", "cuda", ...')

@@ -231,7 +231,8 @@ def _benchmark_section(results: dict) -> list[str]:
         "## This split beside the benchmark over split seeds", "",
         f"`benchmarks/quality.py`: the same recipe on {len(benchmark['seeds'])} corpus splits (seeds "
         f"{', '.join(map(str, benchmark['seeds']))}), measured {benchmark['date']} at commit "
-        f"{benchmark['commit'][:10]} ({benchmark.get('device', 'device not recorded')}). Mean +- sd over the splits.", "",
+        f"{benchmark['commit'][:10]} ({benchmark.get('device', 'device not recorded')}). Mean +- sd over the splits.",
+        "",
     ]
     run_label = "This run" + (f" (split seed {seed})" if seed is not None else "")
     rows = []
@@ -354,7 +355,8 @@ def _plots(per_cell: dict, out_dir: Path, results: dict | None = None) -> list[t
     plots = []
     calibration = ((results or {}).get("cell_type_constraint") or {}).get("calibration")
     if calibration and calibration.get("num_cells"):
-        plots.append(("Reliability diagram", plot_reliability_diagram(calibration, out_dir / "reliability_diagram.png")))
+        path = plot_reliability_diagram(calibration, out_dir / "reliability_diagram.png")
+        plots.append(("Reliability diagram", path))
     true, pred = per_cell.get("cell_type_true"), per_cell.get("cell_type_pred")
     if true and pred is not None:
         if len(true) != len(pred):
