@@ -213,6 +213,11 @@ def generate_with_cell_type(
     cell_inputs = {k: inputs[k] for k in CELL_INPUT_NAMES if inputs.get(k) is not None}
     generate_kwargs.setdefault("pad_token_id", pad_id)
     generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, **cell_inputs, **generate_kwargs)
+    if generated.shape[0] != len(rows) or not torch.equal(generated[:, :width], input_ids):
+        raise ValueError(
+            f"generate returned {generated.shape[0]} sequences for {len(rows)} cells, or not in the cells' order: one "
+            "description per cell is written after its chosen first sentence; pass num_return_sequences=1."
+        )
     texts = [
         tokenizer.decode(first + generated[i, width:].tolist(), skip_special_tokens=True).strip()
         for i, first in enumerate(forced)

@@ -130,3 +130,10 @@ def test_candidates_need_known_labels(model_and_processor):
     model, _ = model_and_processor
     with pytest.raises(ValueError, match="remove it from the candidates"):
         score_cell_types(model, processor, processor(counts(1), GENES), candidates=["B cell", "cell type 2.0"])
+
+
+def test_several_sequences_per_cell_are_refused(model_and_processor):
+    model, processor = model_and_processor
+    inputs = processor(counts(2), GENES)
+    with pytest.raises(ValueError, match="num_return_sequences=1"):
+        generate_with_cell_type(model, processor, inputs, max_new_tokens=2, num_beams=2, num_return_sequences=2)
