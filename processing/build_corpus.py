@@ -39,9 +39,10 @@ from tqdm.auto import tqdm
 
 from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
 from processing import ontologies
+from processing.ontology_versions import ontology_versions
 from processing.corpus import LABEL_FIELDS, SplitWriter, describe, resolve_labels
 from processing.gene_medians import ExactGeneMedians, HistogramGeneMedians, expression_values, normalize_total
-from processing.pathways import DEFAULT_GMT, aucell, read_gmt
+from processing.pathways import DEFAULT_GMT, DEFAULT_SET_SIZES, aucell, display_names, filter_set_sizes, read_gmt
 from processing.splits import DEFAULT_FRACTIONS, SPLITS, assign_splits
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,11 @@ class BuildOptions:
     chunk_size: int = 2048
     gmt: str | Path | None = DEFAULT_GMT
     n_pathways: int = 2
+    # "normalized": rank a cell's sets by AUC / the set's best possible AUC (R AUCell, decoupler); "raw": by
+    # ctxcore's AUC (the paper's choice), which favours small sets.
+    pathway_ranking: str = "normalized"
+    # Library sets kept: min to max genes (GSEA's usual 15-500); None keeps every set.
+    pathway_set_sizes: tuple[int, int] | None = DEFAULT_SET_SIZES
     # Gene sets with fewer of their genes in the data score 0: on small panels (pbmc68k has 765 genes) sets with
     # one or two genes present otherwise dominate AUCell's top ranks.
     min_pathway_genes: int = 5
@@ -153,7 +159,7 @@ def _first_pass(source, reasons, genes, medians, gene_sets, options):
     """Pass 1: reject cells with invalid values / without counts / vocabulary genes, medians, pathways."""
     n_sets = options.n_pathways
     top = np.full((source.n_cells, n_sets), -1, dtype=np.int32)
-    set_names = list(gene_sets) if gene_sets else []
+    set_names = display_names(list(gene_sets)) if gene_sets else []
     cell_ids = source.obs.index.to_numpy(dtype=object)
     bar = tqdm(total=source.n_cells, unit="cells", desc="pass 1/2: medians, pathways", disable=not options.progress)
     for start, chunk in source.iter_chunks(options.chunk_size):
@@ -181,7 +187,8 @@ def _first_pass(source, reasons, genes, medians, gene_sets, options):
         medians.update(sub.indices[use], sub.data[use])
         if set_names and len(kept):
             sub.data = np.log1p(sub.data)
-            scores = aucell(sub, genes.symbols, gene_sets, chunk_size=512, min_genes=options.min_pathway_genes)
+            scores = aucell(sub, genes.symbols, gene_sets, chunk_size=512, min_genes=options.min_pathway_genes,
+                            normalize=options.pathway_ranking == "normalized")
             top[rows[kept]] = _top_sets(scores, n_sets)
         bar.update(chunk.shape[0])
     bar.close()
@@ -277,6 +284,22 @@ def _ontology_ids(labels: pd.DataFrame, kept: np.ndarray) -> tuple[dict, dict]:
     return table, {k: v for k, v in unknown.items() if v}
 
 
+def _top_pathways_by_cell_type(labels: pd.DataFrame, kept: np.ndarray, top: np.ndarray, set_names: list[str],
+                               n: int = 3) -> dict:
+    """Per cell type: its kept cells and the ``n`` sets most often among their top pathways (share of cells)."""
+    result = {}
+    cell_types = labels["cell_type"].to_numpy(dtype=object)
+    for cell_type in sorted({c for c in cell_types[kept]}):
+        rows = kept & (cell_types == cell_type)
+        chosen = top[rows]
+        counts = np.bincount(chosen[chosen >= 0], minlength=len(set_names))
+        best = [int(i) for i in np.argsort(-counts, kind="stable")[:n] if counts[i] > 0]
+        result[cell_type] = {"cells": int(rows.sum()),
+                             "pathways": [{"name": set_names[i], "share": round(float(counts[i] / rows.sum()), 4)}
+                                          for i in best]}
+    return result
+
+
 def _write_card(summary: dict, out: Path, repo_id: str) -> Any:
     try:
         from hub_cards.render import render_dataset_card
@@ -368,7 +391,11 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
             f"none of the {len(genes.token_ids)} genes has an Ensembl ID{' in the given vocabulary' if options.feature_extractor else ''} "
             "(see the gene names in var); pass Ensembl IDs or HGNC symbols (var index or feature_id / feature_name)."
         )
+    if options.pathway_ranking not in ("normalized", "raw"):
+        raise ValueError(f"pathway_ranking must be 'normalized' or 'raw', got {options.pathway_ranking!r}")
     gene_sets = read_gmt(options.gmt) if options.gmt else None
+    if gene_sets and options.pathway_set_sizes:
+        gene_sets = filter_set_sizes(gene_sets, *options.pathway_set_sizes)
     medians = _median_accumulator(options, source.n_cells, len(genes.token_ids))
     top, set_names = _first_pass(source, reasons, genes, medians, gene_sets, options)
     extractor = options.feature_extractor or _build_extractor(genes, medians, options)
@@ -399,6 +426,9 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
         "label_counts": _label_counts(labels, kept, split_of),
         "gene_vocabulary_size": len(extractor.gene_medians),
         "pathway_library": Path(options.gmt).name if options.gmt else None,
+        **({"pathway_ranking": f"AUCell, {options.pathway_ranking}", "pathway_set_sizes": options.pathway_set_sizes,
+            "pathway_sets": len(set_names),
+            "top_pathways_by_cell_type": _top_pathways_by_cell_type(labels, kept, top, set_names)} if set_names else {}),
         "seed": options.seed,
         "ontology_term_ids": ontology_term_ids,
         "unknown_ontology_term_ids": unknown_terms,
@@ -409,6 +439,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
         "median_method": type(medians).__name__,
         "median_relative_error_bound": medians.relative_error_bound,
         "fingerprints": fingerprints,
+        "ontology_versions": ontology_versions(),
         **options.extra_summary,
     }
     if sum(summary["splits"].values()) + len(rejects) != source.n_cells:
@@ -428,7 +459,9 @@ def push_to_hub(out_dir: str | Path, repo_id: str) -> None:
     summary = json.loads((out / "summary.json").read_text())
     card = _write_card(summary, out, repo_id)
     if card is not None:
-        card.push_to_hub(repo_id, repo_type="dataset")
+        from hub_cards.render import push_dataset_card
+
+        push_dataset_card(card, repo_id)  # after the data, keeping the metadata datasets wrote
     api = HfApi()
     api.upload_folder(folder_path=str(out / "feature_extractor"), path_in_repo="feature_extractor",
                       repo_id=repo_id, repo_type="dataset")
@@ -521,6 +554,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--soma-x", default="raw", help="X layer of the SOMA measurement")
     parser.add_argument("--obs-filter", default=sources.DEFAULT_SOMA_FILTER, help="SOMA obs value filter")
     parser.add_argument("--gmt", default=str(DEFAULT_GMT), help="gene-set library (GMT); 'none' to skip pathways")
+    parser.add_argument("--pathway-ranking", choices=("normalized", "raw"), default="normalized",
+                        help="rank sets by AUC / best possible AUC (default) or by raw AUCell AUC (the paper's)")
+    parser.add_argument("--pathway-set-sizes", type=_positive_int, nargs=2, metavar=("MIN", "MAX"),
+                        default=list(DEFAULT_SET_SIZES), help="keep library sets of MIN to MAX genes")
     parser.add_argument("--min-pathway-genes", type=int, default=5, help="gene sets with fewer genes present score 0")
     parser.add_argument("--token-dictionary", help="Geneformer token dictionary (.pkl), with --gene-median-file")
     parser.add_argument("--gene-median-file", help="Geneformer gene median dictionary (.pkl)")
@@ -555,7 +592,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         extractor = Cell2TextFeatureExtractor.from_pretrained(args.feature_extractor)
     options = BuildOptions(
         seed=args.seed, chunk_size=args.chunk_size, gmt=None if args.gmt == "none" else args.gmt,
-        min_pathway_genes=args.min_pathway_genes,
+        min_pathway_genes=args.min_pathway_genes, pathway_ranking=args.pathway_ranking,
+        pathway_set_sizes=tuple(args.pathway_set_sizes),
         medians=args.medians, model_input_size=args.model_input_size, expression_bins=args.expression_bins,
         feature_extractor=extractor,
         required_fields=tuple(args.required_fields), name=args.name, repo_id=args.push_to_hub,

@@ -5,7 +5,13 @@ expression, highest first (rank 0); keep the top ``max_rank`` genes (default: 5%
 genes, rounded); the AUC of a gene set is the area under its recovery curve up to rank
 ``max_rank - 1``, which equals ``sum over set genes g with rank r_g < c of (c - r_g)`` with
 ``c = max_rank - 1``; it is divided by ``(c + 1) * n`` where ``n`` is the number of the set's
-genes present in the data (pySCENIC's normalisation, inherited from R AUCell).
+genes present in the data (ctxcore/pySCENIC's ``maxauc``).
+
+That raw score favours small sets: its best possible value, reached when the set's genes take
+the top ranks, is ``S(min(n, c)) / ((c + 1) * n)`` with ``S(m) = sum_{r < m} (c - r)``, which is
+higher for smaller ``n``. ``aucell(..., normalize=True)`` divides the area by that best possible
+area ``S(min(n, c))`` instead (R AUCell's ``normAUC``, decoupler's ``aucell``), so every set's
+scores span [0, 1] and sets of different sizes can be ranked against each other.
 
 Ties: pySCENIC breaks ties at random. Here a gene in a block of tied values (in particular
 the block of all zero-expressed genes at the bottom) gets the mean of ``max(c - r, 0)``
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -30,8 +37,16 @@ import scipy.sparse as sp
 
 logger = logging.getLogger(__name__)
 
-#: The default gene-set library shipped with the repository (gene symbols).
-DEFAULT_GMT = Path(__file__).parent / "data" / "WikiPathway_2023_Human.gmt.gz"
+#: Gene Ontology biological processes (Enrichr's GO_Biological_Process_2023, gene symbols): the default
+#: library, process-level terms rather than disease pathways.
+GO_BIOLOGICAL_PROCESS_GMT = Path(__file__).parent / "data" / "GO_Biological_Process_2023.gmt.gz"
+#: WikiPathways 2023 human (801 sets, many disease-level): the library of earlier corpora.
+WIKIPATHWAYS_GMT = Path(__file__).parent / "data" / "WikiPathway_2023_Human.gmt.gz"
+DEFAULT_GMT = GO_BIOLOGICAL_PROCESS_GMT
+#: Gene sets kept by default: 15 to 500 genes in the library (the usual GSEA bounds).
+DEFAULT_SET_SIZES = (15, 500)
+#: Term ids that libraries append to set names, left out of the text: "(GO:0050863)", "WP23".
+_TERM_ID_SUFFIX = re.compile(r"\s+(\(GO:\d+\)|WP\d+)$")
 
 
 def read_gmt(path: str | Path) -> dict[str, list[str]]:
@@ -62,6 +77,34 @@ def read_gmt(path: str | Path) -> dict[str, list[str]]:
     if not gene_sets:
         raise ValueError(f"{path} holds no gene sets.")
     return gene_sets
+
+
+def filter_set_sizes(gene_sets: Mapping[str, Sequence[str]], min_size: int, max_size: int) -> dict[str, list[str]]:
+    """The sets with ``min_size`` to ``max_size`` genes (in the library); ValueError when none is left."""
+    if not 1 <= min_size <= max_size:
+        raise ValueError(f"set sizes need 1 <= min <= max, got ({min_size}, {max_size}).")
+    kept = {name: list(genes) for name, genes in gene_sets.items() if min_size <= len(genes) <= max_size}
+    if not kept:
+        raise ValueError(f"no gene set has {min_size} to {max_size} genes; widen the bounds (--pathway-set-sizes).")
+    return kept
+
+
+def display_names(set_names: Sequence[str]) -> list[str]:
+    """Set names as they appear in descriptions: the trailing term id ("(GO:0050863)", "WP23") left out,
+    except where two sets would then read the same (both keep their full names), so names stay unique."""
+    short = [_TERM_ID_SUFFIX.sub("", name) for name in set_names]
+    counts: dict[str, int] = {}
+    for name in short:
+        counts[name] = counts.get(name, 0) + 1
+    names = [s if counts[s] == 1 else full for s, full in zip(short, set_names)]
+    if len(set(names)) != len(names):
+        raise ValueError("gene set names are not unique; read the library with read_gmt, which refuses repeats.")
+    return names
+
+
+def max_auc(sizes: np.ndarray, max_rank: int) -> np.ndarray:
+    """Best possible AUC area of sets with ``sizes`` genes present (their genes on the top ranks), per set."""
+    return _prefix_credit(np.asarray(sizes, dtype=np.int64), max_rank - 1)
 
 
 def default_max_rank(n_genes: int, fraction: float = 0.05) -> int:
@@ -143,8 +186,9 @@ def aucell(
     max_rank: int | None = None,
     chunk_size: int = 1024,
     min_genes: int = 1,
+    normalize: bool = False,
 ) -> np.ndarray:
-    """AUCell scores (cells x sets, float32, in [0, 1)) of every gene set in every cell.
+    """AUCell scores (cells x sets, float32, in [0, 1]) of every gene set in every cell.
 
     Args:
         X: cells x genes expression, non-negative (e.g. log-normalised counts), dense or
@@ -155,6 +199,8 @@ def aucell(
         max_rank: number of top-ranked genes the AUC looks at; default 5% of the genes.
         chunk_size: cells processed at once (bounds memory).
         min_genes: sets with fewer genes present score 0 (and are logged).
+        normalize: divide by each set's best possible AUC (R AUCell's ``normAUC``, decoupler) instead
+            of ctxcore's ``(max_rank) * genes present``, so that sets of any size can reach 1.
     """
     n_cells, n_genes = X.shape
     if len(gene_names) != n_genes:
@@ -172,7 +218,8 @@ def aucell(
             "%d of %d gene sets have fewer than %d genes in the data and score 0.",
             int(too_small.sum()), len(sizes), max(min_genes, 1),
         )
-    denominator = np.where(too_small, np.inf, (cutoff + 1.0) * sizes)
+    best = max_auc(sizes, max_rank) if normalize else (cutoff + 1.0) * sizes
+    denominator = np.where(too_small | (best <= 0), np.inf, best)
     scores = np.empty((n_cells, len(gene_sets)), dtype=np.float32)
     matrix = X if sp.issparse(X) else sp.csr_matrix(np.asarray(X))
     matrix = sp.csr_matrix(matrix)

@@ -218,3 +218,43 @@ def test_splits_are_saved_through_datasets_in_bounded_shards(tmp_path, pbmc_corp
     streamed = datasets.load_dataset(str(tmp_path / "c"), streaming=True)
     for split in corpus:
         assert _rows(sharded[split]) == _rows(corpus[split]) == _rows(streamed[split])
+
+
+def test_pathways_are_the_normalised_top_two_never_repeated_and_tabled_per_cell_type(pbmc_corpus):
+    from processing.gene_medians import normalize_total
+    from processing.pathways import DEFAULT_GMT, aucell, display_names, filter_set_sizes, read_gmt, top_pathways
+
+    out, summary, corpus = pbmc_corpus
+    assert summary["pathway_library"] == DEFAULT_GMT.name and summary["pathway_ranking"] == "AUCell, normalized"
+    assert summary["pathway_set_sizes"] == [15, 500] or summary["pathway_set_sizes"] == (15, 500)
+    # the corpus's pathways are the two best sets by AUC / best possible AUC, computed directly
+    source = pbmc68k_reduced()
+    gene_sets = filter_set_sizes(read_gmt(DEFAULT_GMT), 15, 500)
+    normalized, _ = normalize_total(sp.csr_matrix(source.adata.X), "log1p")
+    normalized.data = np.log1p(normalized.data)
+    scores = aucell(normalized, source.gene_symbols, gene_sets, min_genes=5, normalize=True)
+    expected = dict(zip(source.obs.index, top_pathways(scores, display_names(list(gene_sets)), k=2)))
+    rows = [row for split in corpus.values() for row in split]
+    assert all(row["pathways"] == expected[row["cell_id"]] for row in rows)
+    assert all(len(set(row["pathways"])) == len(row["pathways"]) for row in rows)  # never one set twice
+    assert all(row["description"].count(f'"{p}"') == 1 for row in rows for p in row["pathways"])
+    assert not any("(GO:" in p for row in rows for p in row["pathways"])
+    # the card lists the top three pathways per cell type, from the summary
+    table = summary["top_pathways_by_cell_type"]
+    assert set(table) == set(summary["ontology_term_ids"]["cell_type"])
+    nk = table["natural killer cell"]
+    assert nk["cells"] == sum(summary["label_counts"]["cell_type"][s].get("natural killer cell", 0) for s in corpus)
+    assert len(nk["pathways"]) == 3 and nk["pathways"][0]["name"] == "Natural Killer Cell Mediated Immunity"
+    counted = Counter(p for row in rows if row["cell_type"] == "natural killer cell" for p in row["pathways"])
+    listed = {p["name"]: p["share"] for p in nk["pathways"]}
+    assert all(share == pytest.approx(counted[name] / 31, abs=1e-4) for name, share in listed.items())
+    assert min(counted[n] for n in listed) >= max(c for n, c in counted.items() if n not in listed)  # a top three
+    card = (out / "README.md").read_text()
+    assert "## Top pathways per cell type" in card and "| natural killer cell | 31 | Natural Killer Cell Mediated Immunity" in card
+
+
+def test_raw_pathway_ranking_is_the_papers_option(tmp_path):
+    summary = build_corpus(pbmc68k_reduced(), tmp_path / "raw", BuildOptions(progress=False, pathway_ranking="raw"))
+    assert summary["pathway_ranking"] == "AUCell, raw"
+    with pytest.raises(ValueError, match="pathway_ranking"):
+        build_corpus(pbmc68k_reduced(), tmp_path / "bad", BuildOptions(progress=False, pathway_ranking="zscore"))

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from processing.pathways import DEFAULT_GMT, aucell, default_max_rank, read_gmt, top_pathways
+from processing.pathways import (
+    DEFAULT_GMT, DEFAULT_SET_SIZES, GO_BIOLOGICAL_PROCESS_GMT, WIKIPATHWAYS_GMT, aucell, default_max_rank,
+    display_names, filter_set_sizes, max_auc, read_gmt, top_pathways,
+)
 
 
 def reference_aucell(dense, gene_names, gene_sets, max_rank):
@@ -149,8 +152,8 @@ def test_read_gmt_rejects_malformed(tmp_path, text, message):
         read_gmt(path)
 
 
-def test_default_library_is_wikipathways():
-    gene_sets = read_gmt(DEFAULT_GMT)
+def test_wikipathways_library_ships():
+    gene_sets = read_gmt(WIKIPATHWAYS_GMT)
     assert len(gene_sets) == 801
     assert gene_sets["Glutathione Metabolism WP100"][:3] == ["GPX1", "GGT5", "IDH1"]
     assert "CD19" in gene_sets["B Cell Receptor Signaling Pathway WP23"]
@@ -159,10 +162,92 @@ def test_default_library_is_wikipathways():
 def test_b_cells_score_highest_for_b_cell_receptor_signaling():
     scanpy = pytest.importorskip("scanpy")
     adata = scanpy.datasets.pbmc68k_reduced()
-    gene_sets = read_gmt(DEFAULT_GMT)
+    gene_sets = read_gmt(WIKIPATHWAYS_GMT)
     scores = aucell(adata.raw.X, list(adata.raw.var_names), gene_sets, min_genes=5)
     column = list(gene_sets).index("B Cell Receptor Signaling Pathway WP23")
     labels = adata.obs["bulk_labels"].astype(str).to_numpy()
     means = {label: scores[labels == label, column].mean() for label in set(labels)}
     b_cells = means.pop("CD19+ B")
     assert b_cells > 3 * max(means.values())
+
+
+# ------------------------------------------------------------- ctxcore's AUC and the normalisation (issue 12)
+
+
+def ctxcore_auc(x, positions, auc_threshold=0.05):
+    """ctxcore.recovery: rank_cutoff = round(threshold * n_genes) - 1; the area of the set's recovery curve
+    (weights 1) up to rank_cutoff, over maxauc = (rank_cutoff + 1) * n (ctxcore's aucs / weighted_auc1d)."""
+    rank_cutoff = int(round(auc_threshold * len(x))) - 1
+    ranking = np.empty(len(x), dtype=int)
+    ranking[np.argsort(-x, kind="stable")] = np.arange(len(x))
+    ranks = ranking[positions]
+    hits = np.sort(ranks[ranks < rank_cutoff])
+    steps = np.concatenate([hits, [rank_cutoff]])
+    area = np.sum(np.diff(steps) * np.cumsum(np.ones(len(hits))))
+    return area / ((rank_cutoff + 1) * len(positions)), area
+
+
+def r_aucell_max_auc(n_set_genes, auc_max_rank):
+    """R AUCell's .AUC.geneSet_norm / decoupler: x_th = 1..n (1-based ranks) below aucMaxRank,
+    maxAUC = sum(diff(c(x_th, aucMaxRank)) * seq_along(x_th))."""
+    x_th = np.arange(1, n_set_genes + 1)
+    x_th = x_th[x_th < auc_max_rank]
+    return np.sum(np.diff(np.concatenate([x_th, [auc_max_rank]])) * np.arange(1, len(x_th) + 1))
+
+
+def test_aucell_equals_ctxcore_formula_and_normalisation_equals_r_aucell():
+    rng = np.random.default_rng(3)
+    n_genes = 400
+    genes = [f"G{i}" for i in range(n_genes)]
+    dense = rng.permutation(np.arange(1, n_genes + 1))[None, :].repeat(6, axis=0).astype(np.float64)
+    for row in dense:
+        rng.shuffle(row)  # distinct values: no ties, as ctxcore assumes after its random tie breaking
+    gene_sets = {f"s{j}": [genes[k] for k in rng.choice(n_genes, size, replace=False)]
+                 for j, size in enumerate([1, 3, 10, 19, 20, 60, 200])}
+    raw = aucell(dense, genes, gene_sets)
+    normalized = aucell(dense, genes, gene_sets, normalize=True)
+    max_rank = default_max_rank(n_genes)  # 20 = ctxcore's rank_cutoff + 1 = R's aucMaxRank
+    for i, x in enumerate(dense):
+        for j, members in enumerate(gene_sets.values()):
+            positions = np.array([genes.index(g) for g in members])
+            expected, area = ctxcore_auc(x, positions)
+            assert raw[i, j] == pytest.approx(expected, rel=1e-6, abs=1e-7)
+            best = r_aucell_max_auc(len(positions), max_rank)
+            assert max_auc(np.array([len(positions)]), max_rank)[0] == best
+            assert normalized[i, j] == pytest.approx(area / best, rel=1e-6, abs=1e-7)
+
+
+def test_normalised_ranking_stops_favouring_small_sets():
+    """Raw AUC ranks a 2-gene set half-way up over a 30-gene set with a third of its genes on top; per best
+    possible AUC the large set wins. A set entirely on the top ranks scores 1 whatever its size."""
+    n_genes = 400
+    genes = [f"G{i}" for i in range(n_genes)]
+    x = np.zeros((1, n_genes))
+    x[0, :50] = np.arange(50, 0, -1)  # G0 highest ... G49, then zeros
+    gene_sets = {"large": genes[:10] + genes[300:320], "small": genes[10:12], "top5": genes[:5], "top19": genes[:19]}
+    raw = aucell(x, genes, gene_sets, max_rank=20)[0]
+    normalized = aucell(x, genes, gene_sets, max_rank=20, normalize=True)[0]
+    assert raw[1] > raw[0] and normalized[0] > normalized[1]
+    assert normalized[2] == pytest.approx(1.0) and normalized[3] == pytest.approx(1.0) and raw[2] > raw[3]
+    assert top_pathways(normalized[None, :2], ["large", "small"], k=1) == [["large"]]
+
+
+def test_default_library_is_go_biological_process_15_to_500_genes():
+    assert DEFAULT_GMT == GO_BIOLOGICAL_PROCESS_GMT and DEFAULT_SET_SIZES == (15, 500)
+    library = read_gmt(DEFAULT_GMT)
+    kept = filter_set_sizes(library, *DEFAULT_SET_SIZES)
+    assert len(library) == 5407 and len(kept) == 2720
+    assert all(15 <= len(g) <= 500 for g in kept.values())
+    assert "CD19" in kept["B Cell Receptor Signaling Pathway (GO:0050853)"]
+    with pytest.raises(ValueError, match="widen the bounds"):
+        filter_set_sizes(library, 5000, 6000)
+
+
+def test_display_names_drop_term_ids_but_stay_unique():
+    names = ["Macrophage Activation (GO:0042116)", "Hedgehog Signaling Pathway WP47",
+             "Hedgehog Signaling Pathway WP4249", "Glutathione Metabolism WP100", "Plain"]
+    assert display_names(names) == ["Macrophage Activation", "Hedgehog Signaling Pathway WP47",
+                                    "Hedgehog Signaling Pathway WP4249", "Glutathione Metabolism", "Plain"]
+    for path in (GO_BIOLOGICAL_PROCESS_GMT, WIKIPATHWAYS_GMT):
+        shown = display_names(list(read_gmt(path)))
+        assert len(set(shown)) == len(shown)
