@@ -1,0 +1,60 @@
+"""benchmarks/quality.py: per-split figures, mean +- sd and the JSON, with the main job's run stubbed (hours)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import quality  # noqa: E402
+
+
+def fake_results(seed: int) -> dict:
+    """What the main job's results.json holds, reduced to what the benchmark reads."""
+    return {
+        "parse_rate": 1.0,
+        "fields": {"cell_type": {"accuracy": 0.8 + seed / 100, "weighted_f1": 0.78, "ontology_similarity": 0.95}},
+        "cell_type_constraint": {"free_accuracy": 0.7, "num_invented": seed, "calibration": {"ece": 0.05}},
+        "cell2sentence_parse_rate": 0.9,
+        "baselines": {
+            "logistic_regression": {"cell_type": {"accuracy": 0.83, "weighted_f1": 0.82}},
+            "knn": {"cell_type": {"accuracy": 0.71, "weighted_f1": 0.7}},
+            "majority": {"cell_type": {"accuracy": 0.34, "weighted_f1": 0.17}},
+            "cell2sentence": {"cell_type": {"accuracy": 0.5, "weighted_f1": 0.45, "ontology_similarity": 0.8}},
+        },
+    }
+
+
+def test_quality_benchmark_runs_each_seed_and_writes_the_summary(tmp_path, monkeypatch, capsys):
+    import training.demo
+
+    calls = []
+
+    def fake_run(out_dir, seed, max_steps, max_new_tokens, skip_cell2sentence):
+        calls.append((Path(out_dir).name, seed, max_steps, skip_cell2sentence))
+        report = Path(out_dir) / "report" / "report.md"
+        report.parent.mkdir(parents=True)
+        (report.parent / "results.json").write_text(json.dumps(fake_results(seed)))
+        return report
+
+    monkeypatch.setattr(training.demo, "run", fake_run)
+    benchmark = quality.main(["--seeds", "0", "1", "2", "--out", str(tmp_path), "--skip-cell2sentence"])
+    assert calls == [("seed-0", 0, None, True), ("seed-1", 1, None, True), ("seed-2", 2, None, True)]
+    saved = json.loads((tmp_path / "quality_benchmark.json").read_text())
+    assert saved == json.loads(json.dumps(benchmark))
+    assert saved["seeds"] == [0, 1, 2] and len(saved["commit"].split("+")[0]) == 40
+    accuracy = saved["summary"]["cell2text"]["accuracy"]
+    assert accuracy["mean"] == pytest.approx(0.81) and accuracy["sd"] == pytest.approx(0.01) and accuracy["n"] == 3
+    assert saved["summary"]["cell2sentence"]["parse_rate"]["mean"] == 0.9
+    assert saved["summary"]["cell2text"]["num_invented"]["mean"] == 1.0
+    printed = capsys.readouterr().out
+    assert "| Cell2Text | Cell-type accuracy | 0.800 | 0.810 | 0.820 | 0.810 +- 0.010 |" in printed
+    assert "| Logistic regression | Cell-type accuracy | 0.830 | 0.830 | 0.830 | 0.830 +- 0.000 |" in printed
+
+
+def test_repeated_seeds_are_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        quality.main(["--seeds", "0", "0", "--out", str(tmp_path)])
