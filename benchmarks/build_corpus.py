@@ -1,7 +1,7 @@
 """Benchmark the corpus builder end to end on synthetic backed h5ad files.
 
 Each file: N cells x 20,000 real human genes (Ensembl IDs in var, symbols in
-var["feature_name"], the WikiPathways genes included), about 2,000 non-zero integer counts per
+var["feature_name"], the default gene-set library's genes first), about 2,000 non-zero integer counts per
 cell, CELLxGENE obs columns with 8 donors and real CL / UBERON / MONDO / HsapDv ids. Files are
 written chunk by chunk (200k cells take about 3 GB) and kept in --workdir for reruns. Each size
 is built in its own subprocess (``--backed``, pathway scoring on, histogram medians) so peak

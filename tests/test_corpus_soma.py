@@ -148,3 +148,13 @@ def test_cli_opens_the_census_as_a_context_manager_at_the_pinned_version(tmp_pat
                     "--gmt", "none", "--out", str(tmp_path / "out"), "--no-progress"])
     assert events == [("open", "2024-07-01"), ("closed", "2024-07-01")]
     assert summary["census_version"] == "2024-07-01" and "2024-07-01" in summary["source"]
+
+
+def test_cli_builds_from_a_soma_uri(tmp_path):
+    from processing.build_corpus import main
+
+    uri, adata = _census_like_experiment(tmp_path)
+    summary = main(["--soma", uri, "--input-values", "normalized", "--gmt", "none", "--obs-filter",
+                    "is_primary_data == True", "--out", str(tmp_path / "out"), "--no-progress"])
+    assert summary["num_cells_in"] == int(adata.obs["is_primary_data"].sum())
+    assert "census_version" not in summary  # not the Census: nothing to pin
