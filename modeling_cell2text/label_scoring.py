@@ -41,6 +41,11 @@ def cell_type_candidates(processor) -> list[str]:
     return labels
 
 
+def constrains_by_default(processor) -> bool:
+    """Whether the processor knows cell-type labels to constrain to: the pipeline's and CLI's default."""
+    return bool((getattr(processor, "ontology_term_ids", None) or {}).get("cell_type"))
+
+
 def _check_candidates(candidates: Sequence[str]) -> list[str]:
     candidates = list(candidates)
     if not candidates:
@@ -214,9 +219,10 @@ def generate_with_cell_type(
     generate_kwargs.setdefault("pad_token_id", pad_id)
     generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, **cell_inputs, **generate_kwargs)
     if generated.shape[0] != len(rows) or not torch.equal(generated[:, :width], input_ids):
-        raise ValueError(
-            f"generate returned {generated.shape[0]} sequences for {len(rows)} cells, or not in the cells' order: one "
-            "description per cell is written after its chosen first sentence; pass num_return_sequences=1."
+        raise RuntimeError(
+            f"generate returned {generated.shape[0]} sequences for {len(rows)} cells, or not in the cells' order; "
+            "descriptions would land on the wrong cells, so none is returned. Generate one sequence per cell "
+            "(num_return_sequences=1)."
         )
     texts = [
         tokenizer.decode(first + generated[i, width:].tolist(), skip_special_tokens=True).strip()
@@ -242,6 +248,7 @@ __all__ = [
     "cell_type_candidates",
     "cell_type_sentence",
     "constrained_results",
+    "constrains_by_default",
     "generate_with_cell_type",
     "score_cell_types",
 ]

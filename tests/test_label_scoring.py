@@ -135,5 +135,5 @@ def test_candidates_need_known_labels(model_and_processor):
 def test_several_sequences_per_cell_are_refused(model_and_processor):
     model, processor = model_and_processor
     inputs = processor(counts(2), GENES)
-    with pytest.raises(ValueError, match="num_return_sequences=1"):
+    with pytest.raises(RuntimeError, match="wrong cells.*num_return_sequences=1"):
         generate_with_cell_type(model, processor, inputs, max_new_tokens=2, num_beams=2, num_return_sequences=2)
