@@ -35,7 +35,9 @@ class Cell2TextConfig(PreTrainedConfig):
             `top_k`: how many genes (in rank order) become soft tokens of the language model. Cells with fewer
             expressed genes give fewer tokens.
         gene_encoder_layer (`int`, defaults to -2):
-            Index into the encoder's hidden states whose output feeds the projector (-2: second-to-last layer).
+            Index into the encoder's hidden states whose output feeds the projector (-2: second-to-last layer, for a
+            pretrained Geneformer). `Cell2TextForConditionalGeneration.from_pretrained_parts` sets it to the layer an
+            encoder prepared on a corpus was trained at.
         projector_hidden_size (`int`, defaults to 2048):
             Width of the projector's hidden layer.
         projector_dropout (`float`, defaults to 0.1):

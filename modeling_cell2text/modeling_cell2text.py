@@ -7,8 +7,12 @@ Follows transformers' LLaVA layout (v5): `Cell2TextModel` holds `gene_encoder`, 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +27,71 @@ logger = logging.get_logger(__name__)
 
 # Names of the cell inputs produced by Cell2TextProcessor; used in prefill only during generation.
 CELL_INPUT_NAMES = ("gene_input_ids", "gene_attention_mask", "gene_token_mask", "gene_value_ids")
+
+# Key in the config of an encoder prepared on a corpus (`training/gene_encoder.py`): the gene vocabulary it was
+# trained with (`gene_vocabulary_sha256`, its `vocabulary_source`, the corpus fingerprints), the hidden state the
+# cell-type probe read (`feature_layer`) and its input (`num_expression_bins`). A pretrained Geneformer has none.
+PREPARED_ENCODER_KEY = "cell2text_prepared_encoder"
+
+GENEFORMER_DICTIONARIES_FIX = (
+    "build the corpus with the encoder's own Geneformer dictionaries: `python -m processing.build_corpus ... "
+    "--token-dictionary token_dictionary.pkl --gene-median-file gene_median_dictionary.pkl` (in Python: "
+    "Cell2TextFeatureExtractor.from_geneformer_dictionaries)"
+)
+
+
+def gene_vocabulary_sha256(gene_token_ids: Mapping[str, int]) -> str:
+    """Checksum of a gene vocabulary (gene -> token id), independent of the mapping's order."""
+    canonical = json.dumps(sorted((str(k), int(v)) for k, v in gene_token_ids.items()))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def check_gene_vocabulary(feature_extractor: Any, gene_encoder_config: Any, gene_encoder_name: str) -> None:
+    """Refuse a feature extractor whose token ids would index the wrong rows of the encoder's gene embeddings.
+
+    Checks the vocabulary size, and the vocabulary's origin (`feature_extractor.vocabulary_source`) against the
+    encoder: an encoder prepared on a corpus must have been prepared with this very vocabulary; a pretrained
+    encoder (no record) cannot read a vocabulary derived from a corpus's own genes.
+    """
+    source = getattr(feature_extractor, "vocabulary_source", None) or {"kind": "unknown"}
+    kind = source.get("kind", "unknown")
+    prepared = getattr(gene_encoder_config, PREPARED_ENCODER_KEY, None)
+    if prepared is not None:
+        if prepared.get("gene_vocabulary_sha256") != gene_vocabulary_sha256(feature_extractor.gene_token_ids):
+            raise ValueError(
+                f"The gene encoder {gene_encoder_name} was prepared on another gene vocabulary (corpus "
+                f"{prepared.get('corpus_fingerprints')}, vocabulary {prepared.get('vocabulary_source')}) than this "
+                f"feature extractor's ({source}): its token ids would index the wrong embeddings. Prepare the encoder "
+                "on this corpus (leave gene_encoder_name_or_path unset in training/sft.py), or use the corpus it was "
+                "prepared on."
+            )
+    elif kind == "corpus":
+        raise ValueError(
+            f"The feature extractor's gene vocabulary was derived from a corpus ({source}), but the gene encoder "
+            f"{gene_encoder_name} is a pretrained encoder with its own vocabulary: its token ids would index the wrong "
+            f"embeddings. To use this encoder, {GENEFORMER_DICTIONARIES_FIX}. Or leave gene_encoder_name_or_path "
+            "unset in training/sft.py to prepare an encoder on this corpus."
+        )
+    encoder_vocab_size = gene_encoder_config.vocab_size
+    if feature_extractor.vocab_size != encoder_vocab_size:
+        raise ValueError(
+            f"The feature extractor's gene vocabulary has token ids 0..{feature_extractor.vocab_size - 1} "
+            f"(vocab_size {feature_extractor.vocab_size}) but the gene encoder {gene_encoder_name} embeds "
+            f"{encoder_vocab_size} tokens: its token ids would index the wrong embeddings. "
+            f"{GENEFORMER_DICTIONARIES_FIX[0].upper()}{GENEFORMER_DICTIONARIES_FIX[1:]}."
+        )
+    if prepared is None and kind == "unknown":
+        logger.warning(
+            "The feature extractor does not record where its gene vocabulary came from (saved before "
+            "vocabulary_source existed); only its size (%d) was checked against the gene encoder %s. "
+            "If the encoder is a pretrained Geneformer, %s.",
+            encoder_vocab_size, gene_encoder_name, GENEFORMER_DICTIONARIES_FIX,
+        )
+
+
+def _hidden_state_index(layer: int, num_layers: int) -> int:
+    """A `gene_encoder_layer` as a non-negative index into hidden_states (embeddings + one entry per layer)."""
+    return layer % (num_layers + 1)
 
 
 @dataclass
@@ -366,23 +435,43 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
         text_model_path: str | os.PathLike,
         *,
         cell_token_id: int,
+        feature_extractor: Any | None = None,
         dtype: torch.dtype | str | None = None,
+        trust_remote_code: bool = False,
         **config_kwargs,
     ) -> "Cell2TextForConditionalGeneration":
         """Compose a model from a pretrained encoder folder and a pretrained causal LM folder (or Hub ids).
 
         `gene_encoder_path` is a Geneformer checkpoint (`config.json` + weights of a `BertForMaskedLM` or
-        `BertModel`); `text_model_path` any causal LM. The projector is newly initialised, its output scaled to the
-        RMS of the LM's token embeddings. If `cell_token_id`
-        is past the LM's vocabulary (a `<cell>` token the processor added), the embeddings are resized.
-        `config_kwargs` set the other `Cell2TextConfig` fields (num_cell_tokens, projector_hidden_size, ...).
+        `BertModel`), or an encoder prepared on a corpus by `training/gene_encoder.py`; `text_model_path` any causal
+        LM. The projector is newly initialised, its output scaled to the RMS of the LM's token embeddings. If
+        `cell_token_id` is past the LM's vocabulary (a `<cell>` token the processor added), the embeddings are resized.
+
+        `feature_extractor` (the processor's): its gene vocabulary is checked against the encoder's (size, and where
+        it came from); a mismatch that would index the wrong gene embeddings raises `ValueError` naming the fix.
+        An encoder prepared on a corpus is read at the hidden state it was trained at (`gene_encoder_layer` left
+        unset); another layer raises `ValueError`. `trust_remote_code` is passed to the parts' Auto classes (off:
+        no code from the folders runs). `config_kwargs` set the other `Cell2TextConfig` fields (num_cell_tokens,
+        projector_hidden_size, ...).
         """
-        gene_encoder = AutoModel.from_pretrained(gene_encoder_path, add_pooling_layer=False, dtype=dtype)
-        causal_lm = AutoModelForCausalLM.from_pretrained(text_model_path, dtype=dtype)
+        encoder_config = AutoConfig.from_pretrained(gene_encoder_path, trust_remote_code=trust_remote_code)
+        if feature_extractor is not None:
+            check_gene_vocabulary(feature_extractor, encoder_config, str(gene_encoder_path))
+        else:
+            logger.warning(
+                "from_pretrained_parts without feature_extractor: the gene vocabulary is not checked against the gene "
+                "encoder %s; pass the processor's feature extractor.", gene_encoder_path
+            )
+        config_kwargs = cls._layer_of_prepared_encoder(encoder_config, str(gene_encoder_path), config_kwargs)
+        gene_encoder = AutoModel.from_pretrained(
+            gene_encoder_path, add_pooling_layer=False, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+        causal_lm = AutoModelForCausalLM.from_pretrained(text_model_path, dtype=dtype,
+                                                         trust_remote_code=trust_remote_code)
         if causal_lm.get_output_embeddings() is None:
             raise ValueError(f"{text_model_path} has no output embeddings (lm_head); pass a causal language model.")
         config = Cell2TextConfig(
-            gene_encoder_config=AutoConfig.from_pretrained(gene_encoder_path),
+            gene_encoder_config=encoder_config,
             text_config=causal_lm.config,
             cell_token_id=cell_token_id,
             **config_kwargs,
@@ -410,5 +499,37 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
             model.resize_token_embeddings(cell_token_id + 1, mean_resizing=False)
         return model
 
+    @staticmethod
+    def _layer_of_prepared_encoder(encoder_config: Any, encoder_name: str, config_kwargs: dict) -> dict:
+        """`config_kwargs` with `gene_encoder_layer` set to the layer a corpus-prepared encoder was trained at.
 
-__all__ = ["Cell2TextModel", "Cell2TextForConditionalGeneration", "Cell2TextPreTrainedModel"]
+        `gene_encoder_layer=None` means unset (the config's default for a pretrained encoder).
+        """
+        config_kwargs = dict(config_kwargs)
+        requested = config_kwargs.pop("gene_encoder_layer", None)
+        prepared = getattr(encoder_config, PREPARED_ENCODER_KEY, None)
+        if prepared is None or prepared.get("feature_layer") is None:
+            if requested is not None:
+                config_kwargs["gene_encoder_layer"] = requested
+            return config_kwargs
+        trained = prepared["feature_layer"]
+        num_layers = encoder_config.num_hidden_layers
+        if requested is not None and _hidden_state_index(requested, num_layers) != _hidden_state_index(
+            trained, num_layers
+        ):
+            raise ValueError(
+                f"The gene encoder {encoder_name} was prepared on a corpus and trained to be read at hidden state "
+                f"{trained} (of {num_layers} layer(s)); gene_encoder_layer={requested} would feed the projector "
+                "states it was not trained for. Leave gene_encoder_layer unset."
+            )
+        config_kwargs["gene_encoder_layer"] = trained
+        return config_kwargs
+
+
+__all__ = [
+    "Cell2TextModel",
+    "Cell2TextForConditionalGeneration",
+    "Cell2TextPreTrainedModel",
+    "check_gene_vocabulary",
+    "gene_vocabulary_sha256",
+]

@@ -6,10 +6,12 @@ import pytest
 import torch
 from peft import LoraConfig
 from tiny_parts import save_tiny_corpus, save_tiny_parts
+from transformers import AutoConfig
 from trl import SFTConfig, SFTTrainer
 
 from training import sft
 from training.collator import Cell2TextDataCollator
+from training.gene_encoder import record_preparation
 from training.loss import LabelledPositionsLossMixin
 
 
@@ -23,6 +25,10 @@ def trainer(tmp_path_factory):
                                   projector_hidden_size=16, lora_dropout=0.0, projector_dropout=0.0)
     corpus, summary = sft.load_corpus(corpus_dir, args)
     processor = sft.build_processor(args, corpus_dir, summary)
+    # the tiny random encoder, recorded as built for the corpus's gene vocabulary (as a corpus-prepared one is)
+    record_preparation(encoder_config := AutoConfig.from_pretrained(encoder_dir), processor.feature_extractor,
+                       feature_layer=None)
+    encoder_config.save_pretrained(encoder_dir)
     model = sft.build_model(args, str(encoder_dir), processor)
     config = SFTConfig(output_dir=str(root / "out"), report_to="none", use_cpu=True, bf16=False,
                        remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})

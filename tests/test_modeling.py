@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_parts import save_tiny_parts, tiny_bert_config, tiny_llama_config
-from transformers import AutoModel, AutoModelForCausalLM, BertConfig, LlamaConfig
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, BertConfig, LlamaConfig
 
 from modeling_cell2text import Cell2TextConfig, Cell2TextForConditionalGeneration
 
@@ -221,3 +221,63 @@ def test_expression_bins_must_match_the_model():
     with pytest.raises(ValueError, match="type_vocab_size >= 9"):
         Cell2TextConfig(gene_encoder_config=tiny_bert_config(50), text_config=tiny_llama_config(100),
                         num_expression_bins=8)
+
+
+def tiny_vocabulary(num_genes: int = 60, **source):
+    """A feature extractor whose vocabulary has token ids 0..num_genes + 3, recording `source` as its origin."""
+    from modeling_cell2text import Cell2TextFeatureExtractor
+
+    extractor = Cell2TextFeatureExtractor.from_gene_medians({f"ENSG{i:011d}": 1.0 for i in range(1, num_genes + 1)})
+    if source:
+        extractor.vocabulary_source = source
+    return extractor
+
+
+def compose(encoder_dir, lm_dir, feature_extractor, **kwargs):
+    return Cell2TextForConditionalGeneration.from_pretrained_parts(
+        encoder_dir, lm_dir, cell_token_id=400, num_cell_tokens=8, projector_hidden_size=16,
+        feature_extractor=feature_extractor, **kwargs
+    )
+
+
+def test_composing_refuses_a_vocabulary_the_encoder_does_not_embed(tmp_path):
+    encoder_dir, lm_dir = save_tiny_parts(tmp_path)  # an encoder embedding 64 gene tokens
+    geneformer = {"kind": "geneformer", "token_dictionary_sha256": "a" * 64, "gene_median_sha256": "b" * 64}
+    # token ids past the encoder's embeddings (68 > 64), or a smaller vocabulary (another Geneformer version)
+    for num_genes in (64, 40):
+        with pytest.raises(ValueError, match=r"embeds 64 tokens.*--token-dictionary .* --gene-median-file"):
+            compose(encoder_dir, lm_dir, tiny_vocabulary(num_genes, **geneformer))
+    # a vocabulary from a corpus's own genes, with a pretrained encoder: refused even where the sizes agree
+    with pytest.raises(ValueError, match=r"derived from a corpus.*--token-dictionary .* --gene-median-file"):
+        compose(encoder_dir, lm_dir, tiny_vocabulary(60, kind="corpus", genes=60))
+    # the encoder's own dictionaries of the right size compose; so does an extractor saved before sources were kept
+    assert compose(encoder_dir, lm_dir, tiny_vocabulary(60, **geneformer)).config.gene_encoder_layer == -2
+    compose(encoder_dir, lm_dir, tiny_vocabulary(60, kind="unknown"))
+
+
+def test_an_encoder_prepared_on_a_corpus_takes_that_vocabulary_only_and_is_read_at_its_trained_layer(tmp_path):
+    from training.gene_encoder import record_preparation
+
+    encoder_dir, lm_dir = save_tiny_parts(tmp_path)
+    corpus_vocabulary = tiny_vocabulary(60, kind="corpus", corpus="tiny")
+    config = AutoConfig.from_pretrained(encoder_dir)
+    record_preparation(config, corpus_vocabulary, corpus_fingerprints={"train": "abc"})
+    config.save_pretrained(encoder_dir)
+
+    model = compose(encoder_dir, lm_dir, corpus_vocabulary).eval()
+    assert model.config.gene_encoder_layer == -1  # the layer it was trained at, not the default -2
+    batch = {k: v for k, v in cell_batch().items() if k.startswith("gene")}
+    with torch.no_grad():
+        features, _ = model.model.get_cell_features(**batch)
+        last = model.model.gene_encoder(input_ids=batch["gene_input_ids"],
+                                        attention_mask=batch["gene_attention_mask"]).last_hidden_state
+    selected = batch["gene_token_mask"].bool() & (batch["gene_token_mask"].cumsum(1) <= 8)
+    assert torch.allclose(features, model.model.multi_modal_projector(last[selected]))
+    assert compose(encoder_dir, lm_dir, corpus_vocabulary, gene_encoder_layer=2).config.gene_encoder_layer == -1
+    with pytest.raises(ValueError, match="trained to be read at hidden state -1.*Leave gene_encoder_layer unset"):
+        compose(encoder_dir, lm_dir, corpus_vocabulary, gene_encoder_layer=-2)
+    # another corpus's vocabulary of the same size, or a Geneformer one, would index the wrong embeddings
+    other = tiny_vocabulary(60, kind="corpus", corpus="other")
+    other.gene_token_ids = {**other.gene_token_ids, "ENSG00000000001": 5, "ENSG00000000002": 4}
+    with pytest.raises(ValueError, match="prepared on another gene vocabulary"):
+        compose(encoder_dir, lm_dir, other)

@@ -18,10 +18,12 @@ def test_build_train_reload_evaluate(tmp_path):
     summary = build_corpus(pbmc68k_reduced(), tmp_path / "corpus", BuildOptions(seed=0, model_input_size=34,
                                                                                  progress=False))
     assert summary["splits"] == {"train": 560, "validation": 70, "test": 70}
-    encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts", gene_vocab_size=720)
+    _, lm_dir = save_tiny_parts(tmp_path / "parts")
+    # The corpus's vocabulary comes from its own genes: no pretrained Geneformer reads it, so the recipe prepares an
+    # encoder on the corpus.
     args = Cell2TextArguments(corpus_dir=str(tmp_path / "corpus"), text_model_name_or_path=str(lm_dir),
-                              gene_encoder_name_or_path=str(encoder_dir), num_cell_tokens=8, projector_hidden_size=16,
-                              max_train_samples=64, max_eval_samples=16)
+                              num_cell_tokens=8, projector_hidden_size=16, encoder_hidden_size=16, encoder_epochs=1,
+                              encoder_candidate_layers=[1], max_train_samples=64, max_eval_samples=16)
     config = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=8,
                        eval_strategy="steps", eval_steps=3, save_steps=3, load_best_model_at_end=True,
                        metric_for_best_model="eval_loss", bf16=False, gradient_checkpointing=False,

@@ -34,6 +34,18 @@ def parts_and_corpus(tmp_path_factory):
     return lm_dir, save_tiny_corpus(root / "corpus")
 
 
+def encoder_for_vocabulary(encoder_dir: Path, feature_extractor, out_dir: Path) -> Path:
+    """A copy of the tiny random encoder recorded as built for this gene vocabulary (as a corpus-prepared one is)."""
+    from transformers import AutoModel
+
+    from training.gene_encoder import record_preparation
+
+    encoder = AutoModel.from_pretrained(encoder_dir, add_pooling_layer=False)
+    record_preparation(encoder.config, feature_extractor, feature_layer=None)
+    encoder.save_pretrained(out_dir)
+    return out_dir
+
+
 def sft_command(lm_dir, corpus_dir, out_dir, *extra):
     return ["-m", "training.sft", "--corpus_dir", str(corpus_dir), "--text_model_name_or_path", str(lm_dir),
             "--output_dir", str(out_dir), *TINY_ARGS, *extra]
@@ -142,7 +154,7 @@ def test_optimizer_has_one_learning_rate_per_part(parts_and_corpus, tmp_path):
                               projector_hidden_size=16, freeze_gene_encoder=False)
     corpus, summary = load_corpus(corpus_dir, args)
     processor = build_processor(args, Path(corpus_dir), summary)
-    encoder_dir = Path(lm_dir).parent / "encoder"
+    encoder_dir = encoder_for_vocabulary(Path(lm_dir).parent / "encoder", processor.feature_extractor, tmp_path / "enc")
     model = build_model(args, str(encoder_dir), processor)
     targets = language_model_lora_targets(model)
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=targets,
@@ -254,3 +266,100 @@ def test_value_aware_extractor_needs_the_corpus_bins_column(parts_and_corpus):
     extractor.num_expression_bins = 4
     with pytest.raises(ValueError, match="no gene_value_ids column; build the corpus with the same --expression-bins"):
         split_value_lists(split, extractor)
+
+
+def test_recipe_refuses_a_pretrained_encoder_with_a_corpus_vocabulary(parts_and_corpus, tmp_path):
+    import shutil
+
+    from modeling_cell2text import Cell2TextFeatureExtractor
+
+    lm_dir, corpus_dir = parts_and_corpus
+    corpus_copy = tmp_path / "corpus"
+    shutil.copytree(corpus_dir, corpus_copy)
+    extractor = Cell2TextFeatureExtractor.from_pretrained(corpus_copy / "feature_extractor")
+    extractor.vocabulary_source = {"kind": "corpus", "genes": 60}  # what the corpus builder records for its own genes
+    extractor.save_pretrained(corpus_copy / "feature_extractor")
+    args = Cell2TextArguments(corpus_dir=str(corpus_copy), text_model_name_or_path=str(lm_dir),
+                              gene_encoder_name_or_path=str(Path(lm_dir).parent / "encoder"), num_cell_tokens=8,
+                              projector_hidden_size=16)
+    config = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, eval_strategy="no", report_to="none",
+                       use_cpu=True)
+    with pytest.raises(ValueError, match=r"derived from a corpus.*--token-dictionary .* --gene-median-file"):
+        main(args, config)
+
+
+def tiny_recipe(lm_dir, corpus_dir, out_dir, final_dir, **overrides):
+    args = Cell2TextArguments(
+        corpus_dir=str(corpus_dir), text_model_name_or_path=str(lm_dir), num_cell_tokens=8, projector_hidden_size=16,
+        encoder_hidden_size=16, encoder_epochs=2, encoder_candidate_layers=[1], final_model_dir=str(final_dir),
+    )
+    config = SFTConfig(output_dir=str(out_dir), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
+                       eval_strategy="no", save_strategy="no", bf16=False, report_to="none", use_cpu=True, seed=0)
+    for name, value in overrides.items():
+        setattr(args if hasattr(args, name) else config, name, value)
+    return main(args, config)
+
+
+def test_recipe_reads_a_prepared_one_layer_encoder_at_its_trained_layer(parts_and_corpus, tmp_path):
+    lm_dir, corpus_dir = parts_and_corpus  # gene_encoder_layer unset: -2 would be the embeddings of a 1-layer encoder
+    final_dir = tiny_recipe(lm_dir, corpus_dir, tmp_path / "out", tmp_path / "final", max_steps=1)
+    config = json.loads((final_dir / "config.json").read_text())
+    assert config["gene_encoder_config"]["num_hidden_layers"] == 1
+    assert config["gene_encoder_layer"] == -1
+    assert config["gene_encoder_config"]["cell2text_prepared_encoder"]["feature_layer"] == -1
+
+
+def test_same_seed_gives_the_same_weights(parts_and_corpus, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    lm_dir, corpus_dir = parts_and_corpus
+    finals = []
+    for run in (1, 2):  # the second run reuses the prepared encoder, as a rerun of the same command does
+        torch.manual_seed(run)  # whatever ran before (other code, another process) must not matter
+        finals.append(tiny_recipe(lm_dir, corpus_dir, tmp_path / "out", tmp_path / f"final-{run}",
+                                  full_determinism=True))
+    first, second = (load_file(final / "model.safetensors") for final in finals)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first), "weights differ between runs"
+
+
+def test_init_from_runs_no_code_from_the_folder_unless_asked(parts_and_corpus, tmp_path, monkeypatch):
+    import training.sft as sft_module
+    from modeling_cell2text import Cell2TextFeatureExtractor, Cell2TextForConditionalGeneration, Cell2TextProcessor
+    from transformers import AutoTokenizer
+
+    lm_dir, corpus_dir = parts_and_corpus
+    processor = Cell2TextProcessor(Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor"),
+                                   AutoTokenizer.from_pretrained(lm_dir), num_cell_tokens=8)
+    model = Cell2TextForConditionalGeneration.from_pretrained_parts(
+        Path(lm_dir).parent / "encoder", lm_dir, cell_token_id=processor.cell_token_id, num_cell_tokens=8,
+        projector_hidden_size=16)
+    model_dir, marker = tmp_path / "trained", tmp_path / "code-ran"
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    planted = list(model_dir.glob("*.py"))
+    assert planted
+    for code_file in planted:  # code planted in the folder: it leaves a marker when run
+        code_file.write_text(code_file.read_text() + f"\nimport pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    trusted = []  # every load the recipe asks to trust the folder's code
+
+    class Spy:
+        def __init__(self, auto_class):
+            self.auto_class = auto_class
+
+        def from_pretrained(self, *args, **kwargs):
+            trusted.append(kwargs.get("trust_remote_code", False))
+            return self.auto_class.from_pretrained(*args, **kwargs)
+
+    for name in ("AutoModelForCausalLM", "AutoProcessor", "AutoConfig", "AutoTokenizer"):
+        if hasattr(sft_module, name):
+            monkeypatch.setattr(sft_module, name, Spy(getattr(sft_module, name)))
+
+    args = Cell2TextArguments(corpus_dir=str(corpus_dir), init_from=str(model_dir))
+    assert isinstance(sft_module.build_processor(args, Path(corpus_dir), {}), Cell2TextProcessor)
+    assert isinstance(sft_module.build_model(args, None, processor), Cell2TextForConditionalGeneration)
+    assert not any(trusted) and not marker.exists()
+    # the opt-in (SFTConfig's --trust_remote_code): the loaders may run the folder's code, as transformers decides
+    sft_module.build_model(args, None, processor, trust_remote_code=True)
+    assert trusted == [True]

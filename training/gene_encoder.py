@@ -12,7 +12,12 @@ new vocabularies), this module gives the encoder a real starting point from the 
    `num_cell_tokens` genes at the last layer), and the validation split (never the test split) picks the best.
 
 The result is saved in Geneformer's layout (`config.json` + safetensors of a `BertModel`), so
-`Cell2TextForConditionalGeneration.from_pretrained_parts` loads it like a real Geneformer checkpoint.
+`Cell2TextForConditionalGeneration.from_pretrained_parts` loads it like a real Geneformer checkpoint. Its config
+records what it was prepared with (`PREPARED_ENCODER_KEY`): the gene vocabulary's checksum and source, the corpus
+fingerprints, its input, and the hidden state the probe read (the last layer, `FEATURE_LAYER`), which is the one a
+composed model feeds its projector.
+
+Preparation is seeded: the same seed and corpus on the same machine give the same encoder.
 """
 
 from __future__ import annotations
@@ -32,9 +37,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import BertConfig, BertModel
 
+from modeling_cell2text.modeling_cell2text import PREPARED_ENCODER_KEY, gene_vocabulary_sha256
 from training.collator import split_value_lists
 
 logger = logging.getLogger(__name__)
+
+# The hidden state the probe reads and the projector must read: the encoder's last layer.
+FEATURE_LAYER = -1
 
 
 @dataclass
@@ -61,10 +70,33 @@ class EncoderSelection:
     path: str
     num_expression_bins: int = 0
     prepared_for: dict | None = None  # corpus fingerprints and settings, so a stale encoder is never reused
+    feature_layer: int = FEATURE_LAYER  # the hidden state the probe read
 
     @classmethod
     def load(cls, encoder_dir: str | Path) -> "EncoderSelection":
         return cls(**json.loads((Path(encoder_dir) / "encoder_selection.json").read_text()))
+
+
+def record_preparation(
+    encoder_config: BertConfig,
+    feature_extractor,
+    *,
+    num_expression_bins: int = 0,
+    corpus_fingerprints: dict | None = None,
+    feature_layer: int | None = FEATURE_LAYER,
+) -> None:
+    """Record in an encoder's config the gene vocabulary it was built for, its input and the layer to read.
+
+    `Cell2TextForConditionalGeneration.from_pretrained_parts` checks a feature extractor against this record and
+    reads the encoder at `feature_layer` (None: no layer was trained for; the model's `gene_encoder_layer` applies).
+    """
+    setattr(encoder_config, PREPARED_ENCODER_KEY, {
+        "gene_vocabulary_sha256": gene_vocabulary_sha256(feature_extractor.gene_token_ids),
+        "vocabulary_source": getattr(feature_extractor, "vocabulary_source", None) or {"kind": "unknown"},
+        "corpus_fingerprints": corpus_fingerprints,
+        "feature_layer": feature_layer,
+        "num_expression_bins": num_expression_bins,
+    })
 
 
 def rank_weight_matrix(token_lists: Sequence[Sequence[int]], vocab_size: int, special_ids: Sequence[int]) -> sp.csr_matrix:
@@ -107,8 +139,9 @@ class _CellTypeProbe(nn.Module):
 
     def forward(self, input_ids, attention_mask, gene_token_mask, token_type_ids=None):
         hidden = self.encoder(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).last_hidden_state
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            output_hidden_states=True,
+        ).hidden_states[FEATURE_LAYER]
         is_gene = gene_token_mask.bool()
         selected = (is_gene & (torch.cumsum(is_gene.long(), dim=1) <= self.num_cell_tokens)).unsqueeze(-1)
         pooled = (hidden * selected).sum(1) / selected.sum(1).clamp(min=1)
@@ -251,11 +284,13 @@ def prepare_gene_encoder(
         encoders.append(encoder)
     best = int(np.argmax(accuracies))
     out_dir = Path(out_dir)
+    num_expression_bins = feature_extractor.num_expression_bins if candidates[best].value_aware else 0
+    record_preparation(encoders[best].config, feature_extractor, num_expression_bins=num_expression_bins,
+                       corpus_fingerprints=(prepared_for or {}).get("corpus_fingerprints"))
     encoders[best].save_pretrained(out_dir)
     selection = EncoderSelection(
         candidates=[asdict(c) for c in candidates], validation_accuracy=accuracies, best=best, path=str(out_dir),
-        num_expression_bins=feature_extractor.num_expression_bins if candidates[best].value_aware else 0,
-        prepared_for=prepared_for,
+        num_expression_bins=num_expression_bins, prepared_for=prepared_for,
     )
     (out_dir / "encoder_selection.json").write_text(json.dumps(asdict(selection), indent=2))
     return selection

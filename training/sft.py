@@ -32,12 +32,14 @@ from pathlib import Path
 import torch
 from datasets import DatasetDict, load_from_disk
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, set_seed
+from transformers.trainer_utils import enable_full_determinism
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from modeling_cell2text import Cell2TextFeatureExtractor, Cell2TextForConditionalGeneration, Cell2TextProcessor
 from training.collator import Cell2TextDataCollator
-from training.gene_encoder import EncoderCandidate, EncoderSelection, prepare_gene_encoder
+from modeling_cell2text.modeling_cell2text import PREPARED_ENCODER_KEY
+from training.gene_encoder import FEATURE_LAYER, EncoderCandidate, EncoderSelection, prepare_gene_encoder
 from training.loss import LabelledPositionsLossMixin
 
 logger = logging.getLogger(__name__)
@@ -69,7 +71,11 @@ class Cell2TextArguments:
     encoder_hidden_size: int = 128
     encoder_epochs: int = 30
     num_cell_tokens: int = 256
-    gene_encoder_layer: int = -2
+    gene_encoder_layer: int | None = field(
+        default=None,
+        metadata={"help": "Encoder hidden state that feeds the projector. Unset: the layer a corpus-prepared encoder "
+                  "was trained at (its last), or -2 (second-to-last) for a pretrained Geneformer."},
+    )
     projector_hidden_size: int = 2048
     projector_dropout: float = 0.1
     freeze_gene_encoder: bool = True
@@ -165,9 +171,19 @@ def load_corpus(corpus_dir: str | Path, args: Cell2TextArguments) -> tuple[Datas
 ENCODER_INPUTS = ("rank", "value_aware")
 
 
-def build_processor(args: Cell2TextArguments, corpus_dir: Path, summary: dict) -> Cell2TextProcessor:
+def build_processor(
+    args: Cell2TextArguments, corpus_dir: Path, summary: dict, trust_remote_code: bool = False
+) -> Cell2TextProcessor:
+    """The processor of `init_from`, or one built from the corpus's feature extractor and the LLM's tokenizer.
+
+    Loads with this package's classes; `trust_remote_code` (SFTConfig's `--trust_remote_code`) lets the Auto classes
+    run code shipped in the folders instead.
+    """
     if args.init_from is not None:
-        processor = AutoProcessor.from_pretrained(args.init_from, trust_remote_code=True)
+        if trust_remote_code:
+            processor = AutoProcessor.from_pretrained(args.init_from, trust_remote_code=True)
+        else:
+            processor = Cell2TextProcessor.from_pretrained(args.init_from)
         corpus_extractor = Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor")
         model_extractor = processor.feature_extractor
         if corpus_extractor.gene_token_ids != model_extractor.gene_token_ids or (
@@ -183,7 +199,7 @@ def build_processor(args: Cell2TextArguments, corpus_dir: Path, summary: dict) -
     if args.text_model_name_or_path is None:
         raise ValueError("Set text_model_name_or_path (an instruct LLM), or init_from (a trained Cell2Text).")
     feature_extractor = Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor")
-    tokenizer = AutoTokenizer.from_pretrained(args.text_model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(args.text_model_name_or_path, trust_remote_code=trust_remote_code)
     return Cell2TextProcessor(
         feature_extractor,
         tokenizer,
@@ -213,6 +229,7 @@ def gene_encoder_path(args: Cell2TextArguments, training_args: SFTConfig, corpus
     prepared_for = {
         "corpus_fingerprints": summary.get("fingerprints"), "candidates": [asdict(c) for c in candidates],
         "epochs": args.encoder_epochs, "num_cell_tokens": args.num_cell_tokens, "seed": training_args.seed,
+        "feature_layer": FEATURE_LAYER,  # an encoder prepared before its config recorded this is prepared again
     }
     with training_args.main_process_first(desc="preparing the gene encoder on the corpus"):
         selection_file = out_dir / "encoder_selection.json"
@@ -227,20 +244,27 @@ def gene_encoder_path(args: Cell2TextArguments, training_args: SFTConfig, corpus
     return str(out_dir)
 
 
-def encoder_expression_bins(args: Cell2TextArguments, encoder_path: str) -> int:
-    """The encoder's input: 0 for rank-value tokens (a pretrained Geneformer), else the bins it was chosen with."""
-    if args.gene_encoder_name_or_path is not None:
-        return 0
-    return EncoderSelection.load(encoder_path).num_expression_bins
+def encoder_expression_bins(encoder_path: str, trust_remote_code: bool = False) -> int:
+    """The encoder's input: 0 for rank-value tokens (a pretrained Geneformer), else the bins it was prepared with."""
+    config = AutoConfig.from_pretrained(encoder_path, trust_remote_code=trust_remote_code)
+    return (getattr(config, PREPARED_ENCODER_KEY, None) or {}).get("num_expression_bins", 0)
 
 
-def build_model(args: Cell2TextArguments, encoder_path: str | None, processor) -> Cell2TextForConditionalGeneration:
+def build_model(
+    args: Cell2TextArguments, encoder_path: str | None, processor, trust_remote_code: bool = False
+) -> Cell2TextForConditionalGeneration:
+    """The model of `init_from` (this package's class unless `trust_remote_code`), or one composed from parts."""
     if args.init_from is not None:
-        return AutoModelForCausalLM.from_pretrained(args.init_from, trust_remote_code=True)
+        if trust_remote_code:
+            return AutoModelForCausalLM.from_pretrained(args.init_from, trust_remote_code=True)
+        return Cell2TextForConditionalGeneration.from_pretrained(args.init_from)
+    # The vocabulary is checked against the encoder; a corpus-prepared encoder is read at the layer it was trained at.
     return Cell2TextForConditionalGeneration.from_pretrained_parts(
         encoder_path,
         args.text_model_name_or_path,
         cell_token_id=processor.cell_token_id,
+        feature_extractor=processor.feature_extractor,
+        trust_remote_code=trust_remote_code,
         num_cell_tokens=args.num_cell_tokens,
         gene_encoder_layer=args.gene_encoder_layer,
         projector_hidden_size=args.projector_hidden_size,
@@ -256,13 +280,20 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     training_args.remove_unused_columns = False
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
 
+    # Same seed, same machine: same model. `full_determinism` also makes torch use deterministic algorithms only.
+    enable_full_determinism(training_args.seed) if training_args.full_determinism else set_seed(training_args.seed)
+
     corpus, summary = load_corpus(args.corpus_dir, args)
-    processor = build_processor(args, Path(args.corpus_dir), summary)
+    trust_remote_code = training_args.trust_remote_code  # off: no code shipped in a model folder runs
+    processor = build_processor(args, Path(args.corpus_dir), summary, trust_remote_code)
     encoder_path = None if args.init_from else gene_encoder_path(args, training_args, corpus, processor, summary)
     if encoder_path is not None:
         # The processor gives the model what its encoder reads: expression bins only for a value-aware encoder.
-        processor.feature_extractor.num_expression_bins = encoder_expression_bins(args, encoder_path)
-    model = build_model(args, encoder_path, processor)
+        processor.feature_extractor.num_expression_bins = encoder_expression_bins(encoder_path, trust_remote_code)
+    # The new weights (projector, then LoRA in the trainer) start from the seed whether the encoder was prepared
+    # now or reused.
+    set_seed(training_args.seed)
+    model = build_model(args, encoder_path, processor, trust_remote_code)
     if model.config.num_cell_tokens != processor.num_cell_tokens:
         raise ValueError(
             f"The model takes {model.config.num_cell_tokens} cell tokens but the processor expands "
