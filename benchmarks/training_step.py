@@ -39,6 +39,7 @@ def build_trainer(args: argparse.Namespace, out_dir: Path):
 
     from training import sft
     from training.collator import Cell2TextDataCollator
+    from training.gene_encoder import record_preparation
     from training.demo import sft_arguments
 
     cell2text_args, config = sft_arguments([
@@ -52,9 +53,12 @@ def build_trainer(args: argparse.Namespace, out_dir: Path):
     processor = sft.build_processor(cell2text_args, args.corpus, summary)
     processor.feature_extractor.num_expression_bins = 0
     encoder_dir = out_dir / "encoder"
-    BertModel(BertConfig(vocab_size=processor.feature_extractor.vocab_size, hidden_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, intermediate_size=256, type_vocab_size=1),
-              add_pooling_layer=False).save_pretrained(encoder_dir)
+    encoder = BertModel(BertConfig(vocab_size=processor.feature_extractor.vocab_size, hidden_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, type_vocab_size=1),
+                        add_pooling_layer=False)
+    # A random encoder built for the corpus's vocabulary, read at its last layer as a prepared one is.
+    record_preparation(encoder.config, processor.feature_extractor)
+    encoder.save_pretrained(encoder_dir)
     model = sft.build_model(cell2text_args, str(encoder_dir), processor)
     lora = LoraConfig(r=cell2text_args.lora_r, lora_alpha=cell2text_args.lora_alpha, lora_dropout=0.0,
                       target_modules=sft.language_model_lora_targets(model),
