@@ -265,7 +265,7 @@ def _ontology_ids(labels: pd.DataFrame, kept: np.ndarray) -> tuple[dict, dict]:
     for name in ("cell_type", "tissue", "disease", "sex"):
         pairs = labels.loc[kept, [name, f"{name}_ontology_term_id"]].dropna()
         ids = pairs[f"{name}_ontology_term_id"]
-        known = ids.map(ontologies.is_known_term).astype(bool)
+        known = ids.isin([i for i in ids.unique() if ontologies.is_known_term(i)])  # per distinct id
         unknown[name] = {str(k): int(v) for k, v in ids[~known].value_counts().sort_index().items()}
         distinct = pairs[known].drop_duplicates()
         clashes = distinct[distinct[name].duplicated(keep=False)]
