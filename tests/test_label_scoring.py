@@ -137,3 +137,16 @@ def test_several_sequences_per_cell_are_refused(model_and_processor):
     inputs = processor(counts(2), GENES)
     with pytest.raises(RuntimeError, match="wrong cells.*num_return_sequences=1"):
         generate_with_cell_type(model, processor, inputs, max_new_tokens=2, num_beams=2, num_return_sequences=2)
+
+
+def test_a_label_sentence_tokenizes_as_it_starts_a_training_description(model_and_processor):
+    """Scoring reads the tokens training put the loss on: the sentence's tokens begin the description's."""
+    from modeling_cell2text import CellDescription, render_description
+
+    _, processor = model_and_processor
+    tokenize = processor.tokenizer
+    for label in [*CELL_TYPES, "CD4-positive, alpha-beta memory T cell", "T cell (CD4+)"]:
+        sentence = tokenize(cell_type_sentence(label), add_special_tokens=False)["input_ids"]
+        description = render_description(CellDescription(cell_type=label, cell_type_definition="A blood cell",
+                                                         tissue="blood", disease="normal"))
+        assert tokenize(description, add_special_tokens=False)["input_ids"][: len(sentence)] == sentence, label
