@@ -17,6 +17,7 @@ import networkx as nx
 from cellxgene_ontology_guide.ontology_parser import OntologyParser
 
 from modeling_cell2text.description_schema import AGE_GROUPS
+from processing.ontology_versions import ontology_parser
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +40,9 @@ class UnknownTermError(KeyError):
 
 @lru_cache(maxsize=1)
 def parser() -> OntologyParser:
-    """The shared, lazily created OntologyParser (bundled data, no network)."""
-    return OntologyParser()
+    """The shared, lazily created OntologyParser (bundled data, no network), pinned to the releases that
+    `processing.ontology_versions` chooses."""
+    return ontology_parser()
 
 
 def ontology_name(term_id: str) -> str:

@@ -49,3 +49,16 @@ def test_a_folder_without_the_processor_is_refused(model_dir):
     (model_dir / "processor_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="processor_config.json"):
         publish_model(model_dir, "org/x", api=FakeHub())
+
+
+def test_publishing_re_renders_the_card_for_the_target_repo(model_dir):
+    from hub_cards.render import save_model_card
+
+    save_model_card(model_dir, {"split": "test", "num_cells": 8, "fields": {"cell_type": {"accuracy": 0.5}}},
+                    repo_id="demo-org/cell2text-demo", base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+                    encoder=str(model_dir / "encoder"), dataset_id="demo-org/corpus", training_config={})
+    hub = FakeHub()
+    publish_model(model_dir, "org/cell2text-tiny", api=hub)
+    card = (model_dir / "README.md").read_text()
+    assert 'model="org/cell2text-tiny"' in card and "demo-org/cell2text-demo" not in card
+    assert "model_card_inputs.json" in hub.calls[1][2]["ignore_patterns"]
