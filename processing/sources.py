@@ -138,7 +138,7 @@ def h5ad_source(path: str | Path, *, backed: bool = False, **kwargs: Any) -> Ann
 #: The Census release built from by default (``--census-version``): a long-term-support release, so
 #: a build can be repeated; recorded in the corpus summary and card.
 DEFAULT_CENSUS_VERSION = "2025-01-30"
-#: Cell id columns, best first: Census's stable ``observation_joinid`` (it has no ``obs_id``), then
+#: Cell id columns, best first: Census's ``observation_joinid`` (it has no ``obs_id``), then
 #: the ``obs_id`` that ``tiledbsoma.io.from_anndata`` writes; else ``soma_joinid``.
 SOMA_CELL_ID_COLUMNS = ("observation_joinid", "obs_id")
 
@@ -172,7 +172,7 @@ class SomaSource:
                 raise ValueError("pass a SOMA experiment uri or an opened experiment")
             experiment = tiledbsoma.Experiment.open(uri)
         self.experiment, self.measurement, self.x_name = experiment, measurement, x_name
-        self.name = name or str(uri)
+        self.name = name or str(uri or "SOMA experiment")
         self.input_values = input_values
         self.obs_value_filter = obs_value_filter
         self.census_version = census_version
