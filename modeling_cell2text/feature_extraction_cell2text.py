@@ -1,24 +1,33 @@
 """Cell2Text feature extractor: Geneformer's rank-value encoding of single-cell expression.
 
-Per cell, every expressed gene of the vocabulary gets the value ``count / median`` where
-``median`` is the gene's non-zero median of normalised counts in the pretraining corpus.
-Geneformer computes ``(count / total_counts * 10_000) / median``; the per-cell factor
-``10_000 / total_counts`` is the same for all genes of a cell, so the order is the same.
-Genes are sorted by value, descending, mapped to token ids and truncated to the model input
-size; Geneformer V2 adds ``<cls>`` first and ``<eos>`` last.
+Per cell, every expressed gene of the vocabulary gets Geneformer's value
+``count / n_counts * 10_000 / median``, with Geneformer's arithmetic: ``n_counts`` is the cell's total over all
+input genes; ``count / n_counts`` and ``* 10_000`` are computed in the input's float precision (float32 for
+float32 or float16 data, AnnData's usual; float64 for integer or float64 data, as numpy promotes them), and the
+division by the float64 median (the gene's non-zero median of normalised counts in the pretraining corpus) and
+the comparison are in float64. Genes are sorted by value, descending, mapped to token ids and truncated to the
+model input size; Geneformer V2 adds ``<cls>`` first and ``<eos>`` last. Normalised input skips the first step;
+log1p input is undone with float64 ``expm1``.
 
 Documented choices (where Geneformer's own tokenizer is platform-dependent or silent):
 
-* Values are computed and compared in float32: ``float32(count) / float32(median)``.
-* Ties (common in count data) are broken by ascending token id, so the output is the same on
-  every machine (Geneformer's unstable ``argsort`` orders ties differently across CPUs/builds).
+* Exact ties (equal float64 values, common in count data) are broken by ascending token id, so the output is the
+  same on every machine (Geneformer's unstable ``argsort`` orders ties differently across CPUs/builds). Outside
+  exact ties the order is Geneformer's.
+* Geneformer divides with numpy's true division (dense input; SciPy before its sparse/dense broadcasting rewrite).
+  Recent SciPy computes ``sparse / dense`` as a multiplication by the reciprocal, which rounds differently in the
+  last bit: on sparse input Geneformer's own output then depends on the SciPy version. We follow the divisions.
 * Explicitly stored zeros are not expressed genes. Genes outside the vocabulary are dropped,
   but counted and reported; a cell without any expressed vocabulary gene is an error unless
   ``skip_empty_cells=True``.
+* Values are checked before and after every conversion (see ``_check_values``): non-numeric, NaN, infinite or
+  negative values, non-integer "counts", counts of 2**31 or more, "log1p" values above 20 or all integer (raw
+  counts), "normalized" values that are raw counts or log1p-scaled, and any value that over- or underflows on the
+  way are refused with the fix.
 
-The ranking is vectorised over row chunks of a CSR matrix: each entry becomes one uint64 key
-``(~float32_bits(value)) << 32 | token_id``, keys are scattered into a padded 2-D array and
-sorted along rows (one C loop over rows), and the low 32 bits are the token ids in rank order.
+The ranking is vectorised over row chunks of a CSR matrix: each entry's value becomes a uint64 key (the float64
+bits, inverted: ascending key = descending value), keys are scattered into a padded 2-D array and argsorted along
+rows; runs of equal keys (exact ties) are then put in ascending token order with one 1-D sort.
 
 Value-aware tokens (optional, ``num_expression_bins > 0``): beside its token, each gene gets an expression bin,
 scGPT's per-cell value binning: with B bins and n expressed vocabulary genes in the cell, a gene whose expression
@@ -32,12 +41,13 @@ transformers; anndata objects are recognised without importing anndata.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import math
 import os
 import pickle
-import re
 import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -49,17 +59,26 @@ import numpy as np
 import scipy.sparse as sp
 from transformers import BatchFeature, FeatureExtractionMixin
 
+from .gene_ids import ensembl_gene_id, looks_ensembl, resolve_symbols
+
 logger = logging.getLogger(__name__)
 
 PAD, MASK, CLS, EOS = "<pad>", "<mask>", "<cls>", "<eos>"
 SPECIAL_TOKENS = (PAD, MASK, CLS, EOS)
 INPUT_VALUES = ("counts", "normalized", "log1p")
-ENSEMBL_PATTERN = re.compile(r"^(ENS[A-Z]*G\d+)(\.\d+)?$")
 ENSEMBL_VAR_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_ids", "ensembl_gene_id", "feature_id")
 SYMBOL_VAR_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "symbol", "gene_name")
 _PAD_KEY = np.uint64(np.iinfo(np.uint64).max)
 _LOW_BITS = np.uint64(0xFFFFFFFF)
 _EXAMPLES = 5
+#: Token ids must lie in [0, MAX_VOCAB_SIZE): lookup arrays are sized by the largest id (Geneformer: ~20,000-25,000).
+MAX_VOCAB_SIZE = 2**22
+#: Geneformer's per-cell normalisation target (``count / n_counts * TARGET_SUM``).
+TARGET_SUM = 10_000
+#: The largest plausible log1p value: log1p of 10,000 (CP10k) is 9.2, of 10**6 (CPM) 13.8; expm1(20) is 4.9e8.
+MAX_LOG1P = 20.0
+#: Counts of one gene in one cell at or above this are not counts.
+MAX_COUNT = 2**31
 
 
 @dataclass
@@ -182,27 +201,27 @@ def _is_anndata(obj: Any) -> bool:
     return anndata is not None and isinstance(obj, anndata.AnnData)
 
 
-def _strip_version(gene_id: str) -> str | None:
-    """Unversioned Ensembl gene ID, or None when ``gene_id`` is not an Ensembl gene ID."""
-    match = ENSEMBL_PATTERN.match(gene_id)
-    return match.group(1) if match else None
-
-
-def _looks_ensembl(values: Sequence[Any]) -> bool:
-    sample = [str(v) for v in list(values[:2000])]
-    return bool(sample) and sum(_strip_version(v) is not None for v in sample) > 0.5 * len(sample)
-
-
 def _string_columns(var: Any) -> list[str]:
     return [c for c in var.columns if var[c].dtype == object or str(var[c].dtype) in ("category", "string", "str")]
 
 
-def _format_cells(indices: np.ndarray, obs_names: Sequence[str] | None) -> str:
-    shown = [
-        f"{i} ({str(obs_names[i])!r})" if obs_names is not None else str(i) for i in indices[:10].tolist()
-    ]
+def _format_cells(indices: np.ndarray, obs_names: Sequence[str] | None, first_row: int = 0) -> str:
+    rows = [first_row + i for i in np.asarray(indices)[:10].tolist()]
+    shown = [f"{r} ({str(obs_names[r])!r})" if obs_names is not None else str(r) for r in rows]
     more = f" and {len(indices) - 10} more" if len(indices) > 10 else ""
     return ", ".join(shown) + more
+
+
+def empty_cells_error(
+    empty: np.ndarray, n_cells: int, obs_names: Sequence[str] | None = None, first_row: int = 0
+) -> ValueError:
+    """The one error for cells that express no vocabulary gene (``empty``: their rows, relative to ``first_row``;
+    ``obs_names`` indexed by absolute row). Callers that rank in blocks (the pipeline) raise it too."""
+    return ValueError(
+        f"{len(empty)} of {n_cells} cells express no gene of the model's vocabulary (zero counts in every matched "
+        f"gene): cells {_format_cells(empty, obs_names, first_row)}. Filter them out (e.g. "
+        "sc.pp.filter_cells(adata, min_genes=...)) or pass skip_empty_cells=True."
+    )
 
 
 def _csr_parts(matrix: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -243,13 +262,20 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
             ``<pad>``, ``<mask>``, ``<cls>``, ``<eos>`` (Geneformer V2 uses 0, 1, 2, 3).
         gene_medians: Ensembl ID -> non-zero median of normalised counts in the pretraining
             corpus. Only genes with both a token id and a median are ranked.
-        gene_symbols: Ensembl ID -> symbol for vocabulary genes, so symbol input can be mapped.
+        gene_symbols: Ensembl ID -> symbol for vocabulary genes (display; and symbol input when
+            ``symbol_to_gene`` is not given).
         model_input_size: maximum number of tokens per cell, special tokens included.
         special_tokens: True for Geneformer V2 (``<cls>`` first, ``<eos>`` last), False for V1.
         min_gene_match_rate: below this fraction of input genes found in the vocabulary a
             warning is logged.
         num_expression_bins: 0 (default) for Geneformer's rank-value tokens only; B > 0 adds
             value-aware inputs, ``gene_value_ids``: each gene's per-cell expression bin in 1..B.
+        symbol_to_gene: symbol -> Ensembl ID used to map symbol input, resolved by ``gene_ids.resolve_symbols``
+            over the whole packaged gene table (as the corpus builder does); by default derived from
+            ``gene_symbols`` with the same rule (a symbol several vocabulary genes carry maps to none).
+        vocabulary_source: where the vocabulary came from (JSON-serialisable dict with a ``"kind"``):
+            ``{"kind": "geneformer", "token_dictionary_sha256": ..., "gene_median_sha256": ...}``,
+            ``{"kind": "corpus", ...}`` or ``{"kind": "unknown"}`` (the default, e.g. older configs).
     """
 
     def __init__(
@@ -261,6 +287,8 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         special_tokens: bool = True,
         min_gene_match_rate: float = 0.5,
         num_expression_bins: int = 0,
+        symbol_to_gene: dict[str, str] | None = None,
+        vocabulary_source: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("feature_extractor_type", None)
@@ -274,6 +302,10 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         self.special_tokens = bool(special_tokens)
         self.min_gene_match_rate = float(min_gene_match_rate)
         self.num_expression_bins = int(num_expression_bins)
+        self.vocabulary_source = _checked_source(vocabulary_source)
+        if symbol_to_gene is None:
+            symbol_to_gene = resolve_symbols((gene, symbol, False) for gene, symbol in self.gene_symbols.items())
+        self.symbol_to_gene = {str(k): str(v) for k, v in symbol_to_gene.items()}
         self._validate_config()
         self._build_lookups()
 
@@ -288,8 +320,14 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
                 "<cls>=2, <eos>=3) or pass special_tokens=False for a V1 vocabulary"
             )
         ids = list(self.gene_token_ids.values())
-        if len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= 2**31:
-            raise ValueError("gene_token_ids must map to distinct token ids in [0, 2**31)")
+        if min(ids) < 0 or max(ids) >= MAX_VOCAB_SIZE:
+            worst = next((t, i) for t, i in self.gene_token_ids.items() if not 0 <= i < MAX_VOCAB_SIZE)
+            raise ValueError(
+                f"token ids must lie in [0, {MAX_VOCAB_SIZE}) (MAX_VOCAB_SIZE; Geneformer's are 0..~25,000), found "
+                f"{worst[0]!r}: {worst[1]}; fix the token dictionary or the gene_token_ids of the preprocessor config"
+            )
+        if len(set(ids)) != len(ids):
+            raise ValueError("gene_token_ids must map each token to a distinct id; fix the token dictionary")
         bad = [(g, m) for g, m in self.gene_medians.items() if not (math.isfinite(m) and m > 0)]
         if bad:
             raise ValueError(f"gene medians must be finite and > 0; {len(bad)} are not, e.g. {bad[:_EXAMPLES]}")
@@ -308,16 +346,13 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
             for gene, token in self.gene_token_ids.items()
             if gene not in SPECIAL_TOKENS and gene in self.gene_medians
         }
-        size = max(self.gene_token_ids.values()) + 1
-        self._token_medians = np.ones(size, dtype=np.float32)
+        size = self.vocab_size
+        self._token_medians = np.ones(size, dtype=np.float64)  # float64, as Geneformer's norm_factor_vector
         for gene, token in self._gene_to_token.items():
             self._token_medians[token] = self.gene_medians[gene]
-        by_symbol: dict[str, list[str]] = {}
-        for gene, symbol in self.gene_symbols.items():
-            if gene in self._gene_to_token:
-                by_symbol.setdefault(symbol, []).append(gene)
-        self._symbol_to_gene = {s: genes[0] for s, genes in by_symbol.items() if len(genes) == 1}
-        self._ambiguous_symbols = {s for s, genes in by_symbol.items() if len(genes) > 1}
+        self._symbol_to_gene = {s: g for s, g in self.symbol_to_gene.items() if g in self._gene_to_token}
+        vocabulary_symbols = {self.gene_symbols[g] for g in self._gene_to_token if g in self.gene_symbols}
+        self._unresolved_symbols = vocabulary_symbols - self._symbol_to_gene.keys()
         self._is_special = np.zeros(size, dtype=bool)
         special_ids = [self.gene_token_ids[t] for t in SPECIAL_TOKENS if t in self.gene_token_ids]
         self._is_special[special_ids] = True
@@ -327,20 +362,27 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
             logger.info("%d vocabulary genes have no median and are never ranked", unranked)
 
     @classmethod
-    def from_gene_medians(cls, gene_medians: dict[str, float], **kwargs: Any) -> Cell2TextFeatureExtractor:
-        """Build a vocabulary from medians: special tokens 0..3, then the genes in sorted order.
+    def from_gene_medians(
+        cls, gene_medians: dict[str, float], *, source_details: dict[str, Any] | None = None, **kwargs: Any
+    ) -> Cell2TextFeatureExtractor:
+        """Build a vocabulary from corpus medians: special tokens 0..3, then the genes in sorted order.
 
-        Symbols come from the packaged gene table unless ``gene_symbols`` is given.
+        Symbols come from the packaged gene table unless ``gene_symbols`` is given. ``vocabulary_source`` records
+        ``{"kind": "corpus", "n_genes": ..., "gene_medians_sha256": ...}`` plus ``source_details`` (e.g. the
+        corpus builder's dataset names).
         """
-        genes = sorted({_strip_version(g) or g for g in gene_medians})
+        genes = sorted({ensembl_gene_id(g) or g for g in gene_medians})
         if len(genes) != len(gene_medians):
             raise ValueError("gene_medians holds the same Ensembl ID twice (after stripping version suffixes)")
-        medians = {(_strip_version(g) or g): float(m) for g, m in gene_medians.items()}
+        medians = {(ensembl_gene_id(g) or g): float(m) for g, m in gene_medians.items()}
         token_ids = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
         token_ids.update({gene: i + len(SPECIAL_TOKENS) for i, gene in enumerate(genes)})
         if "gene_symbols" not in kwargs:
-            kwargs["gene_symbols"] = _packaged_symbols(genes)
-        return cls(gene_token_ids=token_ids, gene_medians=medians, **kwargs)
+            kwargs["gene_symbols"], kwargs["symbol_to_gene"] = _packaged_symbols(genes)
+        canonical = json.dumps(sorted(medians.items()), separators=(",", ":")).encode()
+        source = {**(source_details or {}), "kind": "corpus", "n_genes": len(genes),
+                  "gene_medians_sha256": hashlib.sha256(canonical).hexdigest()}
+        return cls(gene_token_ids=token_ids, gene_medians=medians, vocabulary_source=source, **kwargs)
 
     @classmethod
     def from_geneformer_dictionaries(
@@ -355,8 +397,15 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         medians = load_numeric_dict(str(gene_median_file), float)
         genes = [g for g in token_ids if g not in SPECIAL_TOKENS]
         if "gene_symbols" not in kwargs:
-            kwargs["gene_symbols"] = _packaged_symbols(genes)
-        return cls(gene_token_ids=token_ids, gene_medians=medians, **kwargs)
+            kwargs["gene_symbols"], kwargs["symbol_to_gene"] = _packaged_symbols(genes)
+        source = {
+            "kind": "geneformer",
+            "token_dictionary_sha256": _sha256_of(token_dictionary_file),
+            "gene_median_sha256": _sha256_of(gene_median_file),
+            "token_dictionary_file": os.path.basename(str(token_dictionary_file)),
+            "gene_median_file": os.path.basename(str(gene_median_file)),
+        }
+        return cls(gene_token_ids=token_ids, gene_medians=medians, vocabulary_source=source, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         """Saved configuration: vocabulary, medians, symbols and options (no lookup caches)."""
@@ -391,7 +440,8 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
 
     @property
     def vocab_size(self) -> int:
-        """Size of the token embedding the vocabulary needs (max token id + 1)."""
+        """Size of the token embedding the vocabulary needs (max token id + 1, special tokens included;
+        at most MAX_VOCAB_SIZE)."""
         return max(self.gene_token_ids.values()) + 1
 
     @property
@@ -423,10 +473,10 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
             if token is not None:
                 gene = name
             else:
-                gene = _strip_version(name)
+                gene = ensembl_gene_id(name)
                 if gene is None:
-                    n_ambiguous += name in self._ambiguous_symbols
                     gene = self._symbol_to_gene.get(name)
+                    n_ambiguous += gene is None and name in self._unresolved_symbols
                 token = self._gene_to_token.get(gene) if gene is not None else None
             if token is None:
                 unmatched.append(name)
@@ -444,7 +494,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         n_input, n_matched = len(gene_ids), len(first_seen)
         summary = (
             f"{n_matched} of {n_input} input genes are in the vocabulary of {len(self._gene_to_token)} genes "
-            f"({n_ambiguous} ambiguous symbols); unmatched examples: {unmatched[:_EXAMPLES]}"
+            f"({n_ambiguous} ambiguous symbols, see gene_ids.resolve_symbols); unmatched examples: {unmatched[:_EXAMPLES]}"
         )
         if n_matched == 0:
             raise ValueError(
@@ -455,18 +505,18 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
             logger.warning("Low gene match rate: %s", summary)
         else:
             logger.info(summary)
-        medians = np.ones(len(gene_ids), dtype=np.float32)
+        medians = np.ones(len(gene_ids), dtype=np.float64)
         medians[tokens >= 0] = self._token_medians[tokens[tokens >= 0]]
         return _GeneMatch(tokens, medians, n_input, n_matched, unmatched[:_EXAMPLES])
 
     def var_gene_ids(self, var: Any) -> list[str]:
         """Pick the var index or column to read gene IDs from (Ensembl preferred, then symbols)."""
-        if _looks_ensembl(var.index):
+        if looks_ensembl([str(v) for v in var.index[:2000]]):
             return [str(v) for v in var.index]
         columns = _string_columns(var)
         ordered = [c for c in ENSEMBL_VAR_COLUMNS if c in columns] + [c for c in columns if c not in ENSEMBL_VAR_COLUMNS]
         for column in ordered:
-            if _looks_ensembl(var[column].astype(str).values):
+            if looks_ensembl(var[column].astype(str).values[:2000]):
                 logger.info("Reading Ensembl gene IDs from var[%r]", column)
                 return [str(v) for v in var[column].values]
         candidates = {"index": [str(v) for v in var.index]}
@@ -494,8 +544,9 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
 
         ``cells``: AnnData (``.X`` or ``layer``; in memory or backed, read in row chunks),
         a scipy sparse matrix/array or a 2-D numpy array (then ``gene_ids`` is required).
-        ``input_values``: "counts" (raw integer counts, checked), "normalized" (non-negative,
-        e.g. CP10k) or "log1p" (log1p of normalised values; expm1 is applied).
+        ``input_values``: "counts" (raw integer counts: Geneformer's ``count / n_counts * 10,000``),
+        "normalized" (non-negative, e.g. CP10k, taken as the normalised value) or "log1p" (log1p of normalised
+        values; float64 expm1 is applied). Values are checked against what is declared (see ``_check_values``).
         Chunks of ``chunk_size`` rows are ranked in ``num_threads`` threads (numpy releases the
         GIL in its sorts; default: the available cores, at most 4).
         """
@@ -506,11 +557,10 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
 
         def rank(chunk: tuple[int, np.ndarray, np.ndarray, np.ndarray]) -> tuple:
             start, indptr, indices, data = chunk
-            _check_values(data, input_values, start)
-            expression = _to_float32(data, input_values)
-            values = expression / match.column_medians[indices]
+            _check_values(data, indptr, input_values, start)
+            values = _rank_values(data, indptr, match.column_medians[indices], input_values, start)
             return self._rank_chunk(
-                indptr, match.column_tokens[indices], values, expression if self.num_expression_bins else None
+                indptr, match.column_tokens[indices], values, data if self.num_expression_bins else None
             )
 
         chunks = _iter_csr_chunks(matrix, chunk_size)
@@ -534,30 +584,37 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
             tokens, values = tokens[keep], values[keep]
             expression = None if expression is None else expression[keep]
         width = int(counts.max()) if n_cells else 0
-        keys = _sort_keys(values, tokens)
-        padded = np.full((n_cells, width), _PAD_KEY, dtype=np.uint64)
+        # key: the float64 bits inverted (ascending key = descending value; positive float bits order like the
+        # values), the low `low_bits` of them replaced by the entry's index in its row (to find it after the sort)
+        low_bits = max(width - 1, 1).bit_length()
+        low_mask = np.uint64((1 << low_bits) - 1)
         starts = np.cumsum(counts) - counts
-        shift = np.arange(n_cells, dtype=np.int64) * width - starts
-        positions = np.arange(len(keys), dtype=np.int64) + np.repeat(shift, counts)
-        padded.reshape(-1)[positions] = keys
-        if expression is None:
-            padded.sort(axis=1)
-            bins = None
-        else:  # the same rank order, carrying each gene's expression bin along
-            order = np.argsort(padded, axis=1)
-            padded = np.take_along_axis(padded, order, axis=1)
-            bins = np.take_along_axis(self._expression_bins(expression, positions, counts, width), order, axis=1)
+        positions = np.arange(len(values), dtype=np.int64) + np.repeat(np.arange(n_cells) * width - starts, counts)
+        padded = np.full((n_cells, width), _PAD_KEY, dtype=np.uint64)
+        padded.reshape(-1)[positions] = np.invert(values.view(np.uint64))
+        padded &= ~low_mask
+        padded |= np.arange(width, dtype=np.uint64)  # padding keys stay all ones: last
+        padded.sort(axis=1)
+        # index in values/tokens of the entry at each rank (out of range on padding: clipped, never read)
+        source = np.bitwise_and(_low_words(padded), np.uint32(low_mask)).astype(np.int64)
+        source += starts[:, None]
+        sorted_tokens = tokens.take(source, mode="clip")
+        bins = None
+        if expression is not None:  # the same rank order, carrying each gene's expression bin along
+            padded_bins = self._expression_bins(expression, positions, counts, width).reshape(-1)
+            bins = padded_bins.take(positions.take(source, mode="clip"))
+        _order_near_ties(padded, counts, source, values, tokens, low_bits, sorted_tokens, bins)
         n_genes = np.minimum(counts, self.max_genes)
         width = min(width, self.max_genes)
         extra = 2 if self.special_tokens else 0
         ranked = np.empty((n_cells, width + extra), dtype=np.int32)
         if self.special_tokens:
             ranked[:, 0] = self.cls_token_id
-            ranked[:, 1 : width + 1] = _low_words(padded[:, :width])
+            ranked[:, 1 : width + 1] = sorted_tokens[:, :width]
             ranked[:, width + 1] = 0
             ranked[np.arange(n_cells), n_genes + 1] = self.eos_token_id
         else:
-            ranked[:] = _low_words(padded[:, :width])
+            ranked[:] = sorted_tokens[:, :width]
         lengths = np.where(n_genes > 0, n_genes + extra, 0)
         real = np.arange(width + extra) < lengths[:, None]
         flat = ranked[real]
@@ -578,7 +635,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         A gene's bin is 1 + floor(B * k / n), k = genes of the cell with lower expression, n = expressed genes.
         """
         n_cells = len(counts)
-        padded = np.full((n_cells, width), np.inf, dtype=np.float32)
+        padded = np.full((n_cells, width), np.inf, dtype=np.float64)
         padded.reshape(-1)[positions] = expression
         order = np.argsort(padded, axis=1, kind="stable")
         ascending = np.take_along_axis(padded, order, axis=1)
@@ -603,11 +660,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         n_genes = np.concatenate([r[1] for r in chunk_results]) if chunk_results else np.zeros(0, dtype=np.int64)
         empty = np.flatnonzero(n_genes == 0)
         if len(empty) and not skip_empty_cells:
-            raise ValueError(
-                f"{len(empty)} of {n_cells} cells express no vocabulary gene (zero counts in the matched genes): "
-                f"cells {_format_cells(empty, obs_names)}. Filter them out (e.g. sc.pp.filter_cells(adata, "
-                "min_genes=...)) or pass skip_empty_cells=True."
-            )
+            raise empty_cells_error(empty, n_cells, obs_names)
         if len(empty):
             logger.warning(
                 "Skipped %d of %d cells that express no vocabulary gene: %s",
@@ -767,8 +820,30 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
 # ----------------------------------------------------------------------------- value checks
 
 
-def _check_values(data: np.ndarray, input_values: str, first_row: int) -> None:
-    """Refuse values that cannot be expression of the stated kind (on stored entries only)."""
+def _row_sums(data: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+    """Per-cell totals of a CSR chunk, in float64 (exact for integer counts)."""
+    if not len(data):
+        return np.zeros(len(indptr) - 1, dtype=np.float64)
+    sums = np.add.reduceat(data, np.minimum(indptr[:-1], len(data) - 1), dtype=np.float64)
+    sums[indptr[1:] == indptr[:-1]] = 0.0  # reduceat gives an empty row the next entry
+    return sums
+
+
+def _spread(totals: np.ndarray) -> float:
+    """Relative spread (max - min) / max of positive totals."""
+    return float((totals.max() - totals.min()) / totals.max())
+
+
+def _check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_row: int) -> None:
+    """Refuse values that cannot be expression of the declared kind (on stored entries, per chunk of cells).
+
+    Always: numeric, finite, non-negative. "counts": integers below 2**31. "normalized": below 2**31, not raw
+    counts (all values integers while the cells' totals differ), not log1p-scaled (all values <= 20 and the cells'
+    totals of expm1(values) agree within 0.1% while their totals of the values differ by more than 1%: log1p of
+    normalised data). "log1p": at most 20 (log1p of CP10k is at most 9.2), not all integers (raw counts).
+    The totals rules need two cells with values in the chunk.
+    """
+    where = f"chunk starting at cell {first_row}"
     if data.dtype.kind not in "biuf":
         raise TypeError(f"expression values must be numeric, got dtype {data.dtype}")
     if data.dtype.kind == "f":
@@ -776,49 +851,151 @@ def _check_values(data: np.ndarray, input_values: str, first_row: int) -> None:
         if not finite.all():
             n_nan = int(np.isnan(data).sum())
             raise ValueError(
-                f"input holds {n_nan} NaN and {int((~finite).sum()) - n_nan} infinite values (in the chunk starting "
-                f"at cell {first_row}); rank-value encoding needs finite, non-negative expression values"
+                f"input holds {n_nan} NaN and {int((~finite).sum()) - n_nan} infinite values ({where}); rank-value "
+                "encoding needs finite, non-negative expression values"
             )
     if data.dtype.kind in "if" and len(data) and data.min() < 0:
         raise ValueError(
-            f"input holds negative values (minimum {data.min()}, chunk starting at cell {first_row}); pass raw "
+            f"input holds negative values (minimum {data.min()}, {where}); pass raw "
             "counts or non-negative normalised values, not scaled/centred data (e.g. adata.raw or a counts layer)"
         )
-    if input_values == "counts" and data.dtype.kind == "f":
-        fractional = np.rint(data) != data
-        if fractional.any():
-            example = data[np.flatnonzero(fractional)[0]]
+    if not len(data) or data.dtype.kind == "b":
+        return
+    largest = data.max()
+    integral = data.dtype.kind in "iu" or bool((np.rint(data) == data).all())
+    if input_values == "counts":
+        if not integral:
+            example = data[np.flatnonzero(np.rint(data) != data)[0]]
             raise ValueError(
-                f"input_values='counts' but the values are not integer counts (e.g. {example}, chunk starting at "
-                f"cell {first_row}); pass input_values='normalized' for normalised data or 'log1p' for log1p of "
-                "normalised data (e.g. scanpy's normalize_total + log1p), or round counts with float noise"
+                f"input_values='counts' but the values are not integer counts (e.g. {example}, {where}); pass "
+                "input_values='normalized' for normalised data or 'log1p' for log1p of normalised data (e.g. "
+                "scanpy's normalize_total + log1p), or round counts with float noise"
+            )
+        if largest >= MAX_COUNT:
+            raise ValueError(
+                f"input_values='counts' but a value is {float(largest):.6g} ({where}): no gene has 2**31 or more counts "
+                "in one cell; pass the raw count matrix (e.g. adata.raw or a counts layer)"
+            )
+        return
+    if input_values == "log1p":
+        if largest > MAX_LOG1P:
+            raise ValueError(
+                f"input_values='log1p' but values reach {float(largest):.6g} ({where}), above {MAX_LOG1P:g} (log1p "
+                "of CP10k data is at most 9.2): these are not log1p of normalised values; pass "
+                "input_values='counts' for raw counts or 'normalized' for normalised values"
+            )
+        if integral and largest > 0:
+            raise ValueError(
+                f"input_values='log1p' but every value is an integer ({where}): these look like raw counts; pass "
+                "input_values='counts'"
+            )
+        return
+    if largest >= MAX_COUNT:
+        raise ValueError(
+            f"input_values='normalized' but a value is {float(largest):.6g} ({where}): normalised expression is far "
+            "below 2**31 (CPM is at most 10**6); pass the normalised matrix, or input_values='counts' for raw counts"
+        )
+    totals = _row_sums(data, indptr)
+    totals = totals[totals > 0]
+    if len(totals) < 2:
+        return
+    if integral and _spread(totals) > 0:
+        raise ValueError(
+            f"input_values='normalized' but every value is an integer and the cells' totals differ ({where}): "
+            "these look like raw counts; pass input_values='counts'"
+        )
+    if largest <= MAX_LOG1P and not integral and _spread(totals) > 0.01:
+        unlogged = _row_sums(np.expm1(data, dtype=np.float64), indptr)
+        if _spread(unlogged[unlogged > 0]) < 0.001:
+            raise ValueError(
+                f"input_values='normalized' but the values look log1p-scaled ({where}): the cells' totals of "
+                f"expm1(values) agree ({float(unlogged.max()):.6g}) while their totals differ; pass "
+                "input_values='log1p'"
             )
 
 
-def _to_float32(data: np.ndarray, input_values: str) -> np.ndarray:
-    """Expression values as float32 (expm1 undone for log1p input)."""
-    if input_values == "log1p":
-        return np.expm1(data, dtype=np.float64).astype(np.float32)
-    return data.astype(np.float32, copy=False)
+def _rank_values(
+    data: np.ndarray, indptr: np.ndarray, medians: np.ndarray, input_values: str, first_row: int
+) -> np.ndarray:
+    """Geneformer's float64 ranking values of a CSR chunk's entries (see the module docstring), checked.
+
+    "counts": ``count / n_counts * 10_000`` in float32 for float32/float16 data (float64 for integer or float64
+    data), then ``/ median`` in float64. "normalized": ``value / median``. "log1p": ``expm1(value) / median``.
+    """
+    if input_values == "counts":
+        dtype = np.float32 if data.dtype in (np.float16, np.float32) else np.float64
+        n_counts = np.repeat(_row_sums(data, indptr).astype(dtype), np.diff(indptr))
+        with np.errstate(divide="ignore", invalid="ignore"):  # cells with only stored zeros: never ranked
+            normalised = np.divide(data, n_counts, dtype=dtype)
+        normalised *= dtype(TARGET_SUM)
+    elif input_values == "log1p":
+        normalised = np.expm1(data, dtype=np.float64)
+    else:
+        normalised = data
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        values = np.divide(normalised, medians, dtype=np.float64)
+    if len(values) == 0 or (values.min() > 0 and values.max() < np.inf):  # no stored zero, no over/underflow
+        return values
+    bad = (data != 0) & ~((values > 0) & (values < np.inf))
+    if bad.any():
+        example = np.flatnonzero(bad)[0]
+        raise ValueError(
+            f"{int(bad.sum())} values over- or underflow when normalised (e.g. {data[example]!r} gives "
+            f"{values[example]!r}, chunk starting at cell {first_row}); check that input_values={input_values!r} "
+            "is what the matrix holds"
+        )
+    return values
 
 
-def _sort_keys(values: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """uint64 keys ``(~float32_bits(value)) << 32 | token``: ascending key = descending value, then
-    ascending token id. Bits of positive float32 values order like the values themselves."""
-    if sys.byteorder == "little":  # write the two 32-bit halves in place: one pass each
-        keys = np.empty(len(values), dtype=np.uint64)
-        halves = keys.view(np.uint32)
-        halves[0::2] = tokens
-        np.invert(values.view(np.uint32), out=halves[1::2])
-        return keys
-    keys = (~values.view(np.uint32)).astype(np.uint64)
-    keys <<= np.uint64(32)
-    keys |= tokens.astype(np.uint64)
-    return keys
+def _order_near_ties(
+    keys: np.ndarray,
+    counts: np.ndarray,
+    source: np.ndarray,
+    values: np.ndarray,
+    tokens: np.ndarray,
+    low_bits: int,
+    sorted_tokens: np.ndarray,
+    bins: np.ndarray | None,
+) -> None:
+    """In place: order each run of entries whose keys agree above the low bits by exact value (descending), then
+    token id (ascending).
+
+    ``keys``: the sorted keys (their low bits hold no value bits); ``source``: each rank's entry in
+    ``values``/``tokens``.
+    Runs hold exact ties (common in count data) and values that differ only in their last ``low_bits`` bits.
+    One 1-D sort of ``run << (low_bits + T) | low bits of the inverted value << T | token`` (T: token id bits).
+    """
+    width = keys.shape[1]
+    if width < 2:
+        return
+    same = np.bitwise_xor(keys[:, 1:], keys[:, :-1]) < np.uint64(1 << low_bits)  # equal but for the low bits
+    same &= np.arange(1, width) < counts[:, None]  # not padding
+    if not same.any():
+        return
+    tied = np.zeros(keys.shape, dtype=bool)
+    tied[:, 1:] = same
+    tied[:, :-1] |= same
+    starts_run = np.ones(keys.shape, dtype=bool)
+    starts_run[:, 1:] = ~same
+    where = np.flatnonzero(tied)
+    entries = source.reshape(-1)[where]
+    run = np.cumsum(starts_run.reshape(-1)[where], dtype=np.uint64)  # runs are contiguous in `where`
+    low = np.invert(values[entries].view(np.uint64)) & np.uint64((1 << low_bits) - 1)
+    run_tokens = tokens[entries].astype(np.uint64)
+    token_bits = max(int(run_tokens.max()).bit_length(), 1)
+    if int(run[-1]).bit_length() + low_bits + token_bits <= 64:
+        keys = (run << np.uint64(low_bits + token_bits)) | (low << np.uint64(token_bits)) | run_tokens
+        order = np.argsort(keys)
+    else:  # too many runs for one 64-bit key
+        order = np.lexsort((run_tokens, low, run))
+    sorted_tokens.reshape(-1)[where] = run_tokens[order]
+    if bins is not None:
+        flat_bins = bins.reshape(-1)
+        flat_bins[where] = flat_bins[where][order]
 
 
 def _low_words(keys: np.ndarray) -> np.ndarray:
-    """Low 32 bits (the token ids) of a 2-D uint64 key array."""
+    """Low 32 bits of a C-contiguous 2-D uint64 key array (a strided view where possible)."""
     if sys.byteorder == "little" and keys.strides[1] == 8:
         return keys.view(np.uint32)[:, 0::2]
     return (keys & _LOW_BITS).astype(np.uint32)
@@ -845,15 +1022,42 @@ def _ordered_map(function: Any, items: Iterator[Any], workers: int) -> Iterator[
             yield pending.popleft().result()
 
 
-def _packaged_symbols(genes: Sequence[str]) -> dict[str, str]:
-    """Symbols of ``genes`` from the packaged gene table ({} when it is not available)."""
+def _packaged_symbols(genes: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(gene -> symbol, symbol -> gene) for the vocabulary ``genes`` from the packaged gene table.
+
+    Symbols resolve over the whole table (``gene_ids.resolve_symbols``), as the corpus builder resolves them, then
+    are kept where they name a vocabulary gene. ({}, {}) when the table is not available.
+    """
     try:
-        from .gene_table import ensembl_to_symbol
+        from .gene_table import ensembl_to_symbol, symbol_to_ensembl
     except ImportError:
         logger.warning("gene_table module not available: symbol input will not be mapped")
-        return {}
+        return {}, {}
     try:
-        return ensembl_to_symbol(genes)
+        symbols = ensembl_to_symbol(genes)
+        vocabulary = set(genes)
+        resolved = symbol_to_ensembl(set(symbols.values()))
     except FileNotFoundError as error:
         logger.warning("%s Symbol input will not be mapped.", error)
-        return {}
+        return {}, {}
+    return symbols, {symbol: gene for symbol, gene in resolved.items() if gene in vocabulary}
+
+
+def _sha256_of(path: Any) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def _checked_source(source: dict[str, Any] | None) -> dict[str, Any]:
+    """``vocabulary_source`` as a JSON-serialisable dict with a string ``kind`` ({"kind": "unknown"} for None)."""
+    if source is None:
+        return {"kind": "unknown"}
+    if not isinstance(source, dict) or not isinstance(source.get("kind"), str):
+        raise ValueError(
+            f"vocabulary_source must be a dict with a string 'kind' (geneformer, corpus or unknown), got {source!r}"
+        )
+    try:
+        return json.loads(json.dumps(source))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"vocabulary_source must be JSON-serialisable (str, numbers, lists, dicts): {error}") from error

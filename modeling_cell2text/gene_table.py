@@ -13,6 +13,8 @@ import gzip
 import importlib.resources
 from collections.abc import Iterable
 
+from .gene_ids import resolve_symbols
+
 TABLE_FILE = "gene_table.tsv.gz"
 
 
@@ -48,31 +50,16 @@ def ensembl_to_symbol(gene_ids: Iterable[str] | None = None) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def _symbol_index() -> dict[str, str]:
-    """Symbol -> Ensembl ID for symbols that resolve to one gene.
-
-    A symbol held by several genes resolves to its only protein-coding gene if there is exactly
-    one; otherwise it is ambiguous and left out.
-    """
-    candidates: dict[str, list[tuple[str, bool]]] = {}
-    for gene_id, symbol, coding in load_gene_table():
-        candidates.setdefault(symbol, []).append((gene_id, coding))
-    index = {}
-    for symbol, genes in candidates.items():
-        if len(genes) == 1:
-            index[symbol] = genes[0][0]
-            continue
-        coding_ids = [gene_id for gene_id, coding in genes if coding]
-        if len(coding_ids) == 1:
-            index[symbol] = coding_ids[0]
-    return index
+    """Symbol -> Ensembl ID over the whole table, by the one rule of :func:`gene_ids.resolve_symbols`."""
+    return resolve_symbols(load_gene_table())
 
 
 def symbol_to_ensembl(symbols: Iterable[str]) -> dict[str, str]:
     """Map gene symbols to Ensembl gene IDs with the packaged GENCODE v48 table.
 
     Returns a dict holding only the symbols that map (unknown and ambiguous symbols are left
-    out, so ``len(result)`` counts the matches). Matching is exact (case-sensitive), as HGNC
-    symbols are.
+    out, so ``len(result)`` counts the matches); the rule for a symbol several genes carry is
+    :func:`gene_ids.resolve_symbols`'s (the only protein-coding one, else none).
     """
     index = _symbol_index()
     return {symbol: index[symbol] for symbol in symbols if symbol in index}

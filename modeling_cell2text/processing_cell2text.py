@@ -108,6 +108,14 @@ class Cell2TextProcessor(ProcessorMixin):
         else:
             cell_inputs = self.feature_extractor.pad(gene_input_ids, gene_value_ids, return_tensors="pt")
         num_genes = cell_inputs["gene_token_mask"].sum(dim=1).tolist()
+        if not num_genes:
+            skipped = len(cell_inputs.get("skipped_cell_indices", []))
+            raise ValueError(
+                f"All {skipped} cells were skipped: none expresses a gene of the model's vocabulary; pass cells "
+                "with counts in the vocabulary's genes." if skipped else
+                "Got 0 cells: pass at least one cell (an AnnData or cells x genes matrix with one row or more, "
+                "or one tokenized cell in gene_input_ids)."
+            )
         if descriptions is not None and len(descriptions) != len(num_genes):
             raise ValueError(f"Got {len(descriptions)} descriptions for {len(num_genes)} cells.")
 

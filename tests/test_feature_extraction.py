@@ -46,19 +46,33 @@ def random_counts(n_cells: int = 37, seed: int = 1) -> sp.csr_matrix:
     return matrix
 
 
+def geneformer_value(count: float, n_counts: float, median: float, input_values: str = "counts") -> float:
+    """Geneformer's ranking value of one gene, scalar by scalar: ``count / n_counts * 10_000`` in float32 (the
+    matrix's and n_counts' dtype, AnnData's float32), then divided by the float64 median (its norm_factor_vector)."""
+    if input_values == "counts":
+        normalised = np.float32(count) / np.float32(n_counts) * np.float32(10_000)
+        assert type(normalised) is np.float32
+    elif input_values == "log1p":
+        normalised = np.expm1(np.float64(count))
+    else:
+        normalised = count
+    return float(normalised) / float(median)
+
+
 def reference_tokens(
-    extractor: Cell2TextFeatureExtractor, dense: np.ndarray, genes: list[str], transform=lambda x: x
+    extractor: Cell2TextFeatureExtractor, dense: np.ndarray, genes: list[str], input_values: str = "counts"
 ) -> list[list[int]]:
-    """Plain per-cell rank-value encoding: float32 count/median, descending, ties by token id."""
+    """Plain per-cell rank-value encoding with Geneformer's formula: float64 values, descending; exact ties by
+    ascending token id. ``n_counts`` is the cell's total over all input genes."""
     vocab, medians = extractor.gene_token_ids, extractor.gene_medians
     out = []
     for row in dense:
+        n_counts = float(np.sum(row, dtype=np.float64))
         entries = []
         for gene, value in zip(genes, row):
             gene = gene.split(".")[0]
             if value != 0 and gene in medians:
-                ranked_value = float(np.float32(transform(float(value))) / np.float32(medians[gene]))
-                entries.append((ranked_value, vocab[gene]))
+                entries.append((geneformer_value(value, n_counts, medians[gene], input_values), vocab[gene]))
         entries.sort(key=lambda e: (-e[0], e[1]))
         tokens = [token for _, token in entries]
         if extractor.special_tokens:
@@ -132,11 +146,11 @@ def test_matches_reference_for_anndata_in_memory_backed_and_layer(extractor, cou
 
 def test_normalized_and_log1p_inputs_match_reference(extractor, counts):
     normalized = counts.multiply(1e4 / counts.sum(axis=1)).tocsr().astype(np.float64)
-    expected = reference_tokens(extractor, normalized.toarray(), INPUT_GENES)
+    expected = reference_tokens(extractor, normalized.toarray(), INPUT_GENES, "normalized")
     assert as_lists(extractor.tokenize(normalized, INPUT_GENES, input_values="normalized")) == expected
     logged = normalized.copy()
     logged.data = np.log1p(logged.data)
-    expected_log = reference_tokens(extractor, logged.toarray(), INPUT_GENES, transform=np.expm1)
+    expected_log = reference_tokens(extractor, logged.toarray(), INPUT_GENES, "log1p")
     assert as_lists(extractor.tokenize(logged, INPUT_GENES, input_values="log1p")) == expected_log
 
 
@@ -409,3 +423,169 @@ def test_value_aware_options_are_saved_and_checked(counts, tmp_path):
     with pytest.raises(ValueError, match="rank-value tokens only"):
         make_extractor().pad([[2, 5, 3]], [[0, 1, 0]])
     assert "gene_value_ids" not in make_extractor()(counts, INPUT_GENES)
+
+
+# ----------------------------------------------------------------------------- Geneformer's arithmetic (issue 9.10)
+
+
+def geneformer_medians(corpus: np.ndarray, genes: list[str]) -> dict[str, float]:
+    """Gene medians the way Geneformer's are made: per gene, the median of its non-zero normalised values
+    (count / n_counts * 10,000) over the corpus cells, in float64. Cells share totals, so many genes share a
+    median, some only up to float64 rounding (e.g. 2 / 400 vs 1 / 200)."""
+    normalised = corpus / corpus.sum(axis=1, keepdims=True) * 10_000
+    return {g: float(np.median(column[column > 0])) for g, column in zip(genes, normalised.T) if (column > 0).any()}
+
+
+def test_tokens_equal_geneformers_formula_with_geneformer_style_medians():
+    rng = np.random.default_rng(7)
+    n_genes = 60
+    genes = [f"ENSG{i:011d}" for i in range(1, n_genes + 1)]
+    corpus = rng.integers(0, 4, size=(300, n_genes)) * (rng.random((300, n_genes)) < 0.3)
+    corpus[:, 0] += 1
+    medians = geneformer_medians(corpus.astype(np.float64), genes)
+    token_ids = {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3}
+    token_ids.update({g: int(t) for g, t in zip(genes, rng.permutation(n_genes) + 4)})
+    extractor = Cell2TextFeatureExtractor(token_ids, medians, {})
+    cells = (rng.integers(0, 6, size=(200, n_genes)) * (rng.random((200, n_genes)) < 0.5)).astype(np.float32)
+    cells[:, 0] += 1
+    expected = reference_tokens(extractor, cells, genes)
+    assert as_lists(extractor.tokenize(sp.csr_matrix(cells), genes, chunk_size=64)) == expected
+    # the data holds what made the float32 rule wrong: genes whose values tie in float32 but not in float64
+    near_ties = 0
+    for row in cells:
+        n_counts = float(row.sum())
+        values = [geneformer_value(c, n_counts, medians[g]) for g, c in zip(genes, row) if c]
+        near_ties += len({np.float32(v) for v in values}) < len(set(values))
+    assert near_ties > 0
+
+
+def test_integer_and_float64_counts_use_float64_like_numpy():
+    extractor = make_extractor()
+    counts = random_counts()
+    dense = counts.toarray()
+    for matrix in (sp.csr_matrix(dense.astype(np.int64)), dense.astype(np.float64)):
+        expected = []
+        for row in dense.astype(np.float64):
+            total = float(row.sum())
+            entries = sorted(
+                ((-(c / total * 10_000) / extractor.gene_medians[g.split(".")[0]], extractor.gene_token_ids[g.split(".")[0]])
+                 for g, c in zip(INPUT_GENES, row) if c and g.split(".")[0] in extractor.gene_medians)
+            )
+            expected.append([2] + [t for _, t in entries] + [3])
+        assert as_lists(extractor.tokenize(matrix, INPUT_GENES)) == expected
+
+
+# ----------------------------------------------------------------------------- values checked (issue 9.4)
+
+
+@pytest.mark.parametrize(
+    "make, input_values, message",
+    [
+        (lambda c: c * 30, "log1p", "not log1p of normalised values.*input_values='counts'"),  # raw counts, up to 90
+        (lambda c: c, "log1p", "every value is an integer.*look like raw counts"),  # small raw counts
+        (lambda c: c.astype(np.float64) * 1e39, "counts", "2\\*\\*31 or more counts"),  # beyond float32's range
+        (lambda c: c.astype(np.float64) * 1e39, "normalized", "far below 2\\*\\*31"),
+        (lambda c: c, "normalized", "look like raw counts.*input_values='counts'"),
+        (lambda c: sp.csr_matrix(c.multiply(1e4 / c.sum(axis=1))).log1p(), "normalized",
+         "look log1p-scaled.*input_values='log1p'"),
+    ],
+    ids=["counts-as-log1p", "small-counts-as-log1p", "huge-counts", "huge-normalized", "counts-as-normalized",
+         "log1p-as-normalized"],
+)
+def test_values_implausible_for_what_was_declared_are_refused(extractor, counts, make, input_values, message):
+    with pytest.raises(ValueError, match=message):
+        extractor.tokenize(sp.csr_matrix(make(counts)), INPUT_GENES, input_values=input_values)
+
+
+def test_plausible_values_of_each_kind_are_accepted(extractor, counts):
+    normalised = sp.csr_matrix(counts.multiply(1e4 / counts.sum(axis=1)))
+    assert len(extractor.tokenize(normalised, INPUT_GENES, input_values="normalized")) == counts.shape[0]
+    assert len(extractor.tokenize(normalised.log1p(), INPUT_GENES, input_values="log1p")) == counts.shape[0]
+    fractions = sp.csr_matrix(counts.multiply(1 / counts.sum(axis=1)))  # normalize_total(target_sum=1)
+    assert len(extractor.tokenize(fractions, INPUT_GENES, input_values="normalized")) == counts.shape[0]
+
+
+def test_overflow_after_conversion_is_refused():
+    genes = VOCAB_GENES[:3]
+    extractor = Cell2TextFeatureExtractor(
+        {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3, **{g: i + 4 for i, g in enumerate(genes)}},
+        {genes[0]: 1e-310, genes[1]: 1.0, genes[2]: 1.0},  # a denormal median: value / median overflows
+    )
+    with pytest.raises(ValueError, match="over- or underflow when normalised"):
+        extractor.tokenize(np.array([[1.0, 2.0, 3.0]], dtype=np.float32), genes)
+
+
+# ----------------------------------------------------------------------------- vocabulary source and bounds (9.7)
+
+
+def test_vocabulary_source_recorded_saved_and_restored(tmp_path):
+    import hashlib
+    import json
+
+    tokens = write_pickle(tmp_path / "tokens.pkl", {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3,
+                                                    "ENSG00000141510": 4})
+    medians = write_pickle(tmp_path / "medians.pkl", {"ENSG00000141510": 1.25})
+    extractor = Cell2TextFeatureExtractor.from_geneformer_dictionaries(tokens, medians)
+    digest = {path: hashlib.sha256(open(path, "rb").read()).hexdigest() for path in (tokens, medians)}
+    assert extractor.vocabulary_source == {
+        "kind": "geneformer", "token_dictionary_sha256": digest[tokens], "gene_median_sha256": digest[medians],
+        "token_dictionary_file": "tokens.pkl", "gene_median_file": "medians.pkl",
+    }
+    extractor.save_pretrained(tmp_path / "saved")
+    assert Cell2TextFeatureExtractor.from_pretrained(tmp_path / "saved").vocabulary_source == extractor.vocabulary_source
+
+    corpus = Cell2TextFeatureExtractor.from_gene_medians({"ENSG00000141510": 1.5}, source_details={"datasets": ["a"]})
+    assert corpus.vocabulary_source["kind"] == "corpus" and corpus.vocabulary_source["datasets"] == ["a"]
+    assert corpus.vocabulary_source["n_genes"] == 1 and len(corpus.vocabulary_source["gene_medians_sha256"]) == 64
+    assert corpus.vocab_size == 5
+
+    config_file = tmp_path / "saved" / "preprocessor_config.json"
+    config = json.loads(config_file.read_text())
+    del config["vocabulary_source"]  # a config saved before the attribute existed
+    config_file.write_text(json.dumps(config))
+    assert Cell2TextFeatureExtractor.from_pretrained(tmp_path / "saved").vocabulary_source == {"kind": "unknown"}
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        make_extractor(vocabulary_source={"kind": "corpus", "when": object()})
+    with pytest.raises(ValueError, match="string 'kind'"):
+        make_extractor(vocabulary_source={"sha": "x"})
+
+
+def test_a_huge_token_id_in_a_geneformer_dictionary_is_refused(tmp_path):
+    tokens = write_pickle(tmp_path / "tokens.pkl", {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3,
+                                                    "ENSG00000141510": 2**31})
+    medians = write_pickle(tmp_path / "medians.pkl", {"ENSG00000141510": 1.25})
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 4194304\).*'ENSG00000141510': 2147483648"):
+        Cell2TextFeatureExtractor.from_geneformer_dictionaries(tokens, medians)
+
+
+# ----------------------------------------------------------------------------- one gene-ID resolver (9.9)
+
+
+def test_corpus_and_inference_map_the_same_symbols_to_the_same_genes_ambiguous_ones_included():
+    from processing.sources import resolve_genes
+
+    vocabulary = {
+        "ENSG00000105501": 1.0,  # SIGLEC5's non-coding gene only: the symbol names the coding one, not in here
+        "ENSG00000144063": 1.0, "ENSG00000282304": 2.0,  # MALL: coding + non-coding, both in the vocabulary
+        "ENSG00000002586": 1.0, "ENSG00000292348": 2.0,  # CD99: two protein-coding genes: ambiguous
+        "ENSG00000141510": 1.0, "ENSG00000198851": 3.0,  # TP53, CD3E
+    }
+    extractor = Cell2TextFeatureExtractor.from_gene_medians(vocabulary)
+    names = ["SIGLEC5", "MALL", "CD99", "TP53", "CD3E", "ENSG00000141510.7", "ENSG00000182378_PAR_Y",
+             "ENST00000269305", "ENSG0foo", " CD3E "]
+    corpus_ids, _ = resolve_genes(pd.DataFrame(index=names[:5]))
+    corpus_tokens = extractor.match_genes([g or "unmapped" for g in corpus_ids]).column_tokens
+    inference_tokens = extractor.match_genes(names[:5]).column_tokens
+    assert corpus_tokens.tolist() == inference_tokens.tolist()
+    token = extractor.gene_token_ids
+    assert inference_tokens.tolist() == [-1, token["ENSG00000144063"], -1, token["ENSG00000141510"],
+                                         token["ENSG00000198851"]]
+    # Ensembl IDs: the corpus's rule is the extractor's
+    from modeling_cell2text.gene_ids import ensembl_gene_id
+
+    ids = ["ENSG00000141510.7", "ENSG00000182378_PAR_Y", "ENST00000269305", "ENSG0foo", "ENSG00000198851",
+           "ENSG00000105501", "ENSMUSG00000000001.4"]
+    ids_as_corpus, _ = resolve_genes(pd.DataFrame(index=ids))
+    assert ids_as_corpus == [ensembl_gene_id(n) for n in ids]
+    assert ids_as_corpus[:4] == ["ENSG00000141510", None, None, None]
+    assert extractor.match_genes(ids).column_tokens.tolist()[:4] == [token["ENSG00000141510"], -1, -1, -1]

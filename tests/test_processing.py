@@ -124,3 +124,25 @@ def test_processor_round_trips_through_save_pretrained(processor, tmp_path):
     counts = counts_with_genes([6, 15])
     for key, value in processor(counts, GENES).items():
         assert torch.equal(value, reloaded(counts, GENES)[key]), key
+
+
+def test_zero_cells_are_a_clear_error(processor):
+    with pytest.raises(ValueError, match="Got 0 cells"):
+        processor(sp.csr_matrix((0, len(GENES)), dtype=np.float32), GENES)
+    with pytest.raises(ValueError, match="Got 0 cells"):
+        processor(gene_input_ids=[])
+    empty = sp.csr_matrix((2, len(GENES)), dtype=np.float32)
+    with pytest.raises(ValueError, match="All 2 cells were skipped"):
+        processor(empty, GENES, skip_empty_cells=True)
+
+
+def test_a_huge_token_id_in_a_processor_config_is_refused_before_any_allocation(processor, tmp_path):
+    import json
+
+    processor.save_pretrained(tmp_path)
+    config_file = tmp_path / "processor_config.json"
+    config = json.loads(config_file.read_text())
+    config["feature_extractor"]["gene_token_ids"][GENES[0]] = 2**31
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 4194304\).*2147483648"):
+        Cell2TextProcessor.from_pretrained(tmp_path)
