@@ -604,7 +604,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if args.shard:
             source.select_shard(*args.shard)
             options.extra_summary["shard"] = "/".join(map(str, args.shard))
-        summary = build_corpus(source, args.out, options)
+        try:
+            summary = build_corpus(source, args.out, options)
+        except (FileExistsError, NotADirectoryError, ValueError) as error:  # refused input: one line, no traceback
+            raise SystemExit(f"build_corpus: error: {error}") from None
     if args.push_to_hub:
         push_to_hub(args.out, args.push_to_hub)
     kept = sum(summary["splits"].values())

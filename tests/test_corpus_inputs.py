@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from processing.build_corpus import BuildOptions, _ontology_ids, build_corpus, parse_args
+from processing.build_corpus import BuildOptions, _ontology_ids, build_corpus, main, parse_args
 from processing.presets import pbmc68k_reduced
 from processing.sources import AnnDataSource
 
@@ -175,3 +175,10 @@ def test_bad_chunk_size_and_shard_are_argparse_errors(flags, capsys):
 
 def test_good_shard_parses():
     assert parse_args(["--preset", "pbmc68k_reduced", "--out", "x", "--shard", "1/4"]).shard == (1, 4)
+
+
+def test_cli_refusals_are_one_line_errors(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match=r"^build_corpus: error: --out .* is not empty; pass --overwrite"):
+        main(["--preset", "pbmc68k_reduced", "--gmt", "none", "--out", str(tmp_path / "out"), "--no-progress"])
