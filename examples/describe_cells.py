@@ -1,16 +1,18 @@
-"""Describe single cells with a trained Cell2Text model through the `cell-to-text` pipeline.
+"""Describe single cells with a trained Cell2Text model, scanpy-style: `tl.describe` writes into `adata.obs`.
 
     python examples/describe_cells.py                                  # the demo model on 8 pbmc68k cells
     python examples/describe_cells.py --model DIR_OR_REPO --h5ad cells.h5ad --input-values counts
 
-Run `bash scripts/main.sh` first to train the demo model (outputs/demo/cell2text-demo).
+Run `bash scripts/main.sh` first to train the demo model (outputs/demo/cell2text-demo). The same through the
+pipeline: `pipeline("cell-to-text", model=..., trust_remote_code=True)(adata)`, one dict per cell.
 """
 
 import argparse
 
 import anndata as ad
 import scanpy as sc
-from transformers import pipeline
+
+from modeling_cell2text import tl
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default="outputs/demo/cell2text-demo")
@@ -21,14 +23,16 @@ parser.add_argument("--max-new-tokens", type=int, default=160)
 args = parser.parse_args()
 
 if args.h5ad:
-    adata = ad.read_h5ad(args.h5ad)
+    adata, use_raw = ad.read_h5ad(args.h5ad), False
     input_values = args.input_values or "counts"
 else:
-    adata = sc.datasets.pbmc68k_reduced().raw.to_adata()  # log1p of normalised counts, gene symbols
+    adata, use_raw = sc.datasets.pbmc68k_reduced(), True  # .raw: log1p of normalised counts, gene symbols
     input_values = args.input_values or "log1p"
 
-describe = pipeline("cell-to-text", model=args.model, trust_remote_code=True)
-results = describe(adata[: args.cells], batch_size=8, input_values=input_values, max_new_tokens=args.max_new_tokens)
-for name, result in zip(adata.obs_names[: args.cells], results):
-    print(f"{name}: {result['cell_type']} ({result['cell_type_ontology_term_id']})")
-    print(f"    {result['description']}")
+adata = adata[: args.cells].copy()
+tl.describe(adata, args.model, use_raw=use_raw, input_values=input_values, batch_size=8,
+            max_new_tokens=args.max_new_tokens)
+for name, row in adata.obs.iterrows():
+    print(f"{name}: {row['cell2text_cell_type']} ({row['cell2text_cell_type_ontology_term_id']})")
+    print(f"    {row['cell2text_description']}")
+print(f"model and parameters: adata.uns['cell2text'] = {adata.uns['cell2text']}")

@@ -1,8 +1,15 @@
-"""`cell2text describe cells.h5ad --model PATH --out annotated.h5ad`: describe every cell of an h5ad file.
+"""`cell2text describe|embed cells.h5ad --model PATH --out annotated.h5ad`: a thin wrapper over `tl.describe`/`tl.embed`.
 
 The input file is only read (opened backed, read-only); the output is a copy of it whose `obs` gains
-`cell2text_description`, `cell2text_parsed` and one `cell2text_<field>` column per parsed field (plus
-`cell2text_<field>_ontology_term_id`), so existing CELLxGENE columns such as `cell_type` are left as they are.
+`<key>_description`, `<key>_parsed` and one `<key>_<field>` column per parsed field (plus
+`<key>_<field>_ontology_term_id`), key `cell2text` by default (`describe`), or whose `obsm[<key>]` holds the cell
+embeddings, key `X_cell2text` (`embed`); `uns[<key>]` records the model and the parameters. Existing CELLxGENE
+columns such as `cell_type` are left as they are.
+
+Safe by default: the model folder's code is not run (the installed package's classes load it) unless
+`--trust-remote-code`; an existing `--out` is replaced only with `--overwrite`; every path is checked before any
+generation, and the output is written under a temporary name in its folder and renamed at the end (removed on any
+failure, SIGTERM included).
 """
 
 from __future__ import annotations
@@ -11,15 +18,15 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-PREFIX = "cell2text_"
-DTYPES = ("float32", "bfloat16", "float16")
-PROCESSOR_FILES = ("processor_config.json",)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 logger = logging.getLogger("cell2text")
 
 
@@ -27,26 +34,67 @@ class CLIError(Exception):
     """A problem with the command's input: reported as one line, without a traceback."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cell2text", description="Describe single cells with a Cell2Text model.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    describe = commands.add_parser("describe", help="Write a description and parsed fields per cell into obs.")
-    describe.add_argument("input", type=Path, help="input .h5ad (never modified)")
-    describe.add_argument("--model", required=True, help="model folder or Hub repo (model + processor)")
-    describe.add_argument("--out", required=True, type=Path, help="output .h5ad (a new file, not the input)")
-    describe.add_argument("--batch-size", type=int, default=16, help="cells generated together (default 16)")
-    describe.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
-    describe.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights' dtype")
-    describe.add_argument("--layer", default=None, help="AnnData layer holding the expression (default: X)")
-    describe.add_argument(
+class Terminated(Exception):
+    """SIGTERM received: raised in the main thread so that temporary files are cleaned up on the way out."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cell2text")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _add_common_arguments(command: argparse.ArgumentParser, key: str, batch_size: int) -> None:
+    command.add_argument("input", type=Path, help="input .h5ad (never modified)")
+    command.add_argument("--model", required=True, help="model folder or Hub repo (model + processor)")
+    command.add_argument("--out", required=True, type=Path, help="output .h5ad (a new file, not the input)")
+    command.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    command.add_argument("--key-added", default=key, help=f"name of the new annotations (default {key})")
+    command.add_argument("--batch-size", type=positive_int, default=batch_size,
+                         help=f"cells processed together (default {batch_size})")
+    command.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N or mps")
+    command.add_argument("--dtype", choices=DTYPES, default="auto",
+                         help="model weights' dtype (auto: bfloat16 on a GPU that supports it, else float32)")
+    source = command.add_mutually_exclusive_group()
+    source.add_argument("--layer", default=None, help="AnnData layer holding the expression (default: X)")
+    source.add_argument("--use-raw", action="store_true", help="read the counts in adata.raw (CELLxGENE's layout)")
+    command.add_argument(
         "--input-values", choices=("counts", "normalized", "log1p"), default="counts",
         help="what the expression values are (default: raw counts)",
     )
-    describe.add_argument("--max-new-tokens", type=int, default=160, help="longest description in tokens")
-    describe.add_argument(
+    command.add_argument(
         "--skip-empty-cells", action="store_true",
-        help="leave cells that express none of the model's genes undescribed instead of stopping",
+        help="leave cells that express none of the model's genes out instead of stopping",
     )
+    command.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="run the Python code in the model folder or repo (off: the installed package's classes load it)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cell2text", description="Describe single cells with a Cell2Text model.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    describe = commands.add_parser("describe", help="Write a description and parsed fields per cell into obs.")
+    _add_common_arguments(describe, "cell2text", 16)
+    describe.add_argument("--max-new-tokens", type=positive_int, default=160, help="longest description in tokens")
+    embed = commands.add_parser("embed", help="Write per-cell embeddings (the gene encoder's) into obsm.")
+    _add_common_arguments(embed, "X_cell2text", 64)
     return parser
 
 
@@ -55,7 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="cell2text: %(levelname)s: %(message)s")
     try:
-        describe_file(args)
+        with sigterm_as_exception():
+            run(args)
+    except Terminated:
+        print("cell2text: stopped by SIGTERM; nothing was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except (CLIError, ValueError, KeyError, OSError, RuntimeError, TypeError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
         print(f"cell2text: error: {' '.join(str(message).split())}", file=sys.stderr)
@@ -63,109 +115,124 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def describe_file(args: argparse.Namespace) -> None:
-    """Check every input first (cheap), then describe the cells and write the annotated copy."""
-    import anndata as ad
+@contextmanager
+def sigterm_as_exception() -> Iterator[None]:
+    """Turn SIGTERM into `Terminated` while the command runs, so that `finally` blocks remove temporary files."""
 
-    check_paths(args.input, args.out)
-    device = check_device(args.device)
-    check_model_folder(args.model)
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    adata = ad.read_h5ad(args.input, backed="r")
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
-        check_layer(adata, args.layer)
-        processor = load_processor(args.model)
-        report_genes_matched(processor.feature_extractor, adata)  # before loading the weights: fail fast
-        describe = load_pipeline(args.model, processor, device, args.dtype)
-        results = describe(
-            adata, batch_size=args.batch_size, layer=args.layer, input_values=args.input_values,
-            skip_empty_cells=args.skip_empty_cells, max_new_tokens=args.max_new_tokens, progress=True,
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Check every input first (cheap), then describe or embed the cells and write the annotated copy."""
+    from . import tl
+
+    check_paths(args.input, args.out, args.overwrite)
+    try:  # their messages start with "device ..." / "model ...": the options' names
+        device = tl.resolve_device(args.device)
+        tl.check_model_folder(args.model)
+    except ValueError as error:
+        raise CLIError(f"--{error}") from error
+    adata = open_h5ad(args.input)
+    try:
+        check_counts_source(adata, args.layer, args.use_raw, has_x=h5ad_has_x(args.input))
+        processor = load_processor(args.model, args.trust_remote_code)
+        report_genes_matched(processor.feature_extractor, adata.raw.var if args.use_raw else adata.var)
+        model, processor = tl.load(
+            args.model, processor, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
         )
+        common = dict(
+            key_added=args.key_added, layer=args.layer, use_raw=args.use_raw, input_values=args.input_values,
+            batch_size=args.batch_size, skip_empty_cells=args.skip_empty_cells, processor=processor,
+            trust_remote_code=args.trust_remote_code, progress=True,
+        )
+        if args.command == "describe":
+            tl.describe(adata, model, max_new_tokens=args.max_new_tokens, **common)
+            new_obs = [c for c in adata.obs.columns if c.startswith(f"{args.key_added}_")]
+            write_annotated_copy(args.input, args.out, obs=adata.obs, uns={args.key_added: adata.uns[args.key_added]})
+            described = int(adata.obs[f"{args.key_added}_description"].astype(bool).sum()) if new_obs else 0
+            print(f"Described {described} of {adata.n_obs} cells; wrote {args.out}")
+        else:
+            tl.embed(adata, model, **common)
+            embeddings = adata.obsm[args.key_added]
+            write_annotated_copy(
+                args.input, args.out, obsm={args.key_added: embeddings}, uns={args.key_added: adata.uns[args.key_added]}
+            )
+            print(f"Embedded {adata.n_obs} cells ({embeddings.shape[1]} dimensions) into obsm[{args.key_added!r}]; "
+                  f"wrote {args.out}")
     finally:
         adata.file.close()
-    write_annotated_copy(args.input, args.out, results)
-    described = sum(r is not None for r in results)
-    print(f"Described {described} of {len(results)} cells; wrote {args.out}")
 
 
-def check_paths(input_path: Path, out_path: Path) -> None:
+def check_paths(input_path: Path, out_path: Path, overwrite: bool = False) -> None:
+    """Every path problem is found before any model is loaded or any cell described."""
     if not input_path.is_file():
         raise CLIError(f"input file {input_path} does not exist")
     same = out_path.resolve() == input_path.resolve() or (out_path.exists() and os.path.samefile(out_path, input_path))
     if same:
         raise CLIError(f"--out {out_path} is the input file; choose a new path (the input is never modified)")
+    if out_path.is_dir():
+        raise CLIError(f"--out {out_path} is a folder; give the path of the .h5ad file to write")
     if not out_path.parent.resolve().is_dir():
         raise CLIError(f"the folder of --out {out_path} does not exist")
+    if not os.access(out_path.parent.resolve(), os.W_OK):
+        raise CLIError(f"the folder of --out {out_path} is not writable")
+    if out_path.exists() and not overwrite:
+        raise CLIError(f"--out {out_path} exists; pass --overwrite to replace it, or choose a new path")
 
 
-def check_device(name: str) -> str:
-    """The device if it is present here, else CLIError naming what is available."""
-    import torch
+def open_h5ad(path: Path) -> Any:
+    """The input opened backed read-only; a file that is not a readable h5ad is an error naming it."""
+    import anndata as ad
 
     try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise CLIError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or mps") from error
-    if device.type == "cpu":
-        return name
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise CLIError(f"--device {name}: no CUDA GPU is available here (this torch build or machine); use cpu")
-        if device.index is not None and device.index >= count:
-            raise CLIError(f"--device {name}: only {count} CUDA GPU(s) here (cuda:0 to cuda:{count - 1})")
-        return name
-    if device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise CLIError(f"--device {name}: Apple MPS is not available on this machine; use cpu")
-        return name
-    raise CLIError(f"--device {name}: unsupported device type {device.type!r}; use cpu, cuda, cuda:N or mps")
+        return ad.read_h5ad(path, backed="r")
+    except (OSError, KeyError, ValueError, TypeError) as error:
+        raise CLIError(f"cannot read {path} as an .h5ad file (truncated, or another format?): {error}") from error
 
 
-def check_model_folder(model: str) -> None:
-    """A local model folder must hold the processor as well as the model (Hub repos are checked on loading)."""
-    folder = Path(model)
-    if not folder.exists():
-        if model.startswith((".", "/", "~")) or model.count("/") != 1:
-            raise CLIError(f"--model {model}: no such folder (nor a Hub repo id of the form owner/name)")
-        return
-    if not (folder / "config.json").is_file():
-        raise CLIError(f"--model {model}: no config.json; point --model at a saved Cell2Text model folder")
-    if not any((folder / name).is_file() for name in PROCESSOR_FILES):
-        raise CLIError(
-            f"--model {model}: the folder holds no processor (processor_config.json); save it with the model: "
-            "processor.save_pretrained(model_dir)"
-        )
+def h5ad_has_x(path: Path) -> bool:
+    """Whether the file stores X (anndata's backed mode fails on reading a missing X with h5py's message)."""
+    import h5py
+
+    with h5py.File(path, "r") as file:
+        return "X" in file
 
 
-def check_layer(adata: Any, layer: str | None) -> None:
-    if layer is not None and layer not in adata.layers:
-        available = ", ".join(adata.layers.keys()) or "none"
-        raise CLIError(f"--layer {layer!r} is not in the file; its layers: {available} (or leave --layer out for X)")
+def check_counts_source(adata: Any, layer: str | None, use_raw: bool, has_x: bool = True) -> None:
+    """The matrix to read exists: the layer, adata.raw or X, with the option that reads the others."""
+    layers = ", ".join(adata.layers.keys()) or "none"
+    raw_hint = "; the file has adata.raw: --use-raw reads it" if adata.raw is not None else ""
+    if use_raw:
+        if adata.raw is None:
+            raise CLIError(f"--use-raw: the file has no adata.raw; its layers: {layers} (or leave it out for X)")
+    elif layer is not None:
+        if layer not in adata.layers:
+            raise CLIError(
+                f"--layer {layer!r} is not in the file; its layers: {layers} (or leave --layer out for X){raw_hint}"
+            )
+    elif not has_x or adata.X is None:
+        raise CLIError(f"the file has no X; pass --layer NAME naming the counts (its layers: {layers}){raw_hint}")
 
 
-def load_processor(model: str) -> Any:
-    from transformers import AutoProcessor
+def load_processor(model: str, trust_remote_code: bool) -> Any:
     from transformers.utils import logging as transformers_logging
 
+    from . import tl
+
     transformers_logging.disable_progress_bar()  # one bar (the cells'), not one per loaded file
-    return AutoProcessor.from_pretrained(model, trust_remote_code=True)
+    return tl.load_processor(model, trust_remote_code)
 
 
-def load_pipeline(model: str, processor: Any, device: str, dtype: str) -> Any:
-    import torch
-    from transformers import pipeline
-
-    return pipeline(
-        "cell-to-text", model=model, processor=processor, trust_remote_code=True, device=device,
-        dtype=getattr(torch, dtype),
-    )
-
-
-def report_genes_matched(feature_extractor: Any, adata: Any) -> None:
+def report_genes_matched(feature_extractor: Any, var: Any) -> None:
     """Print how many of the file's genes the model knows; none at all is an error (raised by match_genes)."""
-    gene_ids = feature_extractor.var_gene_ids(adata.var)
+    gene_ids = feature_extractor.var_gene_ids(var)
     try:
         match = feature_extractor.match_genes(gene_ids)
     except ValueError as error:
@@ -181,50 +248,37 @@ def report_genes_matched(feature_extractor: Any, adata: Any) -> None:
           "model's gene vocabulary")
 
 
-def annotation_columns(results: Sequence[dict | None]) -> dict[str, list]:
-    """obs columns from pipeline results: strings (lists joined by '; '), None where a cell was not described."""
-    keys = next((list(r) for r in results if r is not None), [])
-    columns: dict[str, list] = {}
-    for key in keys:
-        values = []
-        for result in results:
-            value = None if result is None else result[key]
-            if isinstance(value, list):  # pathways
-                value = "; ".join(value) or None
-            values.append(value)
-        columns[PREFIX + key] = values
-    return columns
+def write_annotated_copy(
+    input_path: Path,
+    out_path: Path,
+    *,
+    obs: Any = None,
+    obsm: dict[str, Any] | None = None,
+    uns: dict[str, Any] | None = None,
+) -> None:
+    """Copy the input file byte for byte, then replace the copy's obs and set obsm/uns entries.
 
-
-def write_annotated_copy(input_path: Path, out_path: Path, results: Sequence[dict | None]) -> None:
-    """Copy the input file byte for byte, then replace the copy's obs with obs plus the new columns.
-
-    Only the copy is opened for writing; everything else in the file (X, layers, uns, ...) stays as it was. The copy
-    is made under a temporary name and renamed at the end, so a failure never leaves a half-written output.
+    Only the copy is opened for writing; everything else in the file (X, layers, ...) stays as it was. The copy is
+    made under a temporary name in the output's folder and renamed at the end; any failure (SIGTERM included, see
+    `sigterm_as_exception`) removes it, so no half-written output or stray temporary file is left.
     """
-    import anndata as ad
     import h5py
-    import pandas as pd
     from anndata.io import write_elem
 
-    with h5py.File(input_path, "r") as source:
-        obs = ad.io.read_elem(source["obs"])
-    if len(obs) != len(results):
-        raise CLIError(f"{len(results)} results for {len(obs)} cells")
-    for name, values in annotation_columns(results).items():
-        if name == PREFIX + "parsed":
-            obs[name] = [bool(v) for v in values]
-        elif name == PREFIX + "description":
-            obs[name] = ["" if v is None else v for v in values]
-        else:
-            obs[name] = pd.Categorical(values)  # None -> missing; repeated labels stored once
-    handle, temporary = tempfile.mkstemp(suffix=".h5ad", dir=out_path.parent.resolve())
+    handle, temporary = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent.resolve())
     os.close(handle)
     try:
         shutil.copyfile(input_path, temporary)
         with h5py.File(temporary, "r+") as target:
-            del target["obs"]
-            write_elem(target, "obs", obs)
+            if obs is not None:
+                del target["obs"]
+                write_elem(target, "obs", obs)
+            for group, entries in (("obsm", obsm), ("uns", uns)):
+                for key, value in (entries or {}).items():
+                    path = f"{group}/{key}"
+                    if path in target:
+                        del target[path]
+                    write_elem(target, path, value)
         os.replace(temporary, out_path)
     finally:
         if os.path.exists(temporary):

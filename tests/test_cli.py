@@ -147,3 +147,216 @@ def test_file_with_none_of_the_models_genes(model_dir, tmp_path, capsys):
     adata.write_h5ad(path)
     code, err = run_cli(["describe", str(path), "--model", str(model_dir), "--out", str(tmp_path / "o.h5ad")], capsys)
     assert_one_line_error(code, err, "none of the 60 genes", "vocabulary")
+
+
+# -- no silent wrong results, nothing run or overwritten unasked (issues 9 and 11) --------------------------------
+
+
+def cli_command() -> list[str]:
+    script = Path(sys.executable).with_name("cell2text")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "modeling_cell2text.cli"]
+
+
+def describe_args(h5ad: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    return ["describe", str(h5ad), "--model", str(model), "--out", str(out), "--layer", "counts",
+            "--max-new-tokens", "40", "--device", "cpu", *extra]
+
+
+def plant_code(model_dir: Path, folder: Path, marker: Path) -> Path:
+    """A copy of the model whose code files (named in auto_map) write `marker` when imported."""
+    shutil.copytree(model_dir, folder)
+    for code in folder.glob("*.py"):
+        code.write_text(code.read_text() + f"\nopen({str(marker)!r}, 'w').close()\n")
+    return folder
+
+
+def test_model_folder_code_runs_only_with_trust_remote_code(model_dir, h5ad, tmp_path):
+    marker = tmp_path / "marker"
+    planted = plant_code(model_dir, tmp_path / "planted", marker)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    out = tmp_path / "annotated.h5ad"
+    result = subprocess.run([*cli_command(), *describe_args(h5ad, planted, out)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not marker.exists(), "the model folder's code ran without --trust-remote-code"
+    assert (ad.read_h5ad(out).obs["cell2text_description"] == DESCRIPTION).all()
+    result = subprocess.run([*cli_command(), *describe_args(h5ad, planted, out, "--overwrite", "--trust-remote-code")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert marker.exists()  # the opt-in does run it
+
+
+def test_existing_out_needs_overwrite(model_dir, h5ad, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "annotated.h5ad"
+    out.write_bytes(b"precious")
+    monkeypatch.setattr("modeling_cell2text.tl.load", fail_if_called)
+    code, err = run_cli(describe_args(h5ad, model_dir, out), capsys)
+    assert_one_line_error(code, err, "exists", "--overwrite")
+    assert out.read_bytes() == b"precious"
+    monkeypatch.undo()
+    assert main(describe_args(h5ad, model_dir, out, "--overwrite")) == 0
+    assert (ad.read_h5ad(out).obs["cell2text_description"] == DESCRIPTION).all()
+
+
+def fail_if_called(*args, **kwargs):
+    raise AssertionError("the model was loaded before the paths were checked")
+
+
+def test_out_folder_or_missing_parent_is_refused_before_loading(model_dir, h5ad, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("modeling_cell2text.tl.load", fail_if_called)
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    code, err = run_cli(describe_args(h5ad, model_dir, folder, "--overwrite"), capsys)
+    assert_one_line_error(code, err, "is a folder")
+    code, err = run_cli(describe_args(h5ad, model_dir, tmp_path / "missing" / "out.h5ad"), capsys)
+    assert_one_line_error(code, err, "does not exist")
+
+
+def leftovers(folder: Path, *keep: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p not in keep)
+
+
+def test_a_failed_write_leaves_no_temporary_file(model_dir, h5ad, tmp_path, capsys, monkeypatch):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("anndata.io.write_elem", fail)
+    code, err = run_cli(describe_args(h5ad, model_dir, out_dir / "annotated.h5ad"), capsys)
+    assert code == 1 and err.splitlines()[-1] == "cell2text: error: disk full"  # after the progress bar
+    assert leftovers(out_dir) == []
+
+
+SIGTERM_SCRIPT = """
+import sys, time
+from pathlib import Path
+import anndata.io
+from modeling_cell2text import cli
+
+def slow_write(*args, **kwargs):
+    Path(sys.argv[1]).write_text("writing")
+    time.sleep(60)
+
+anndata.io.write_elem = slow_write
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_while_writing_leaves_no_temporary_file(model_dir, h5ad, tmp_path):
+    import signal
+    import time
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    ready = tmp_path / "ready"
+    process = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_SCRIPT, str(ready), *describe_args(h5ad, model_dir, out_dir / "a.h5ad")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    deadline = time.monotonic() + 240
+    while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ready.exists(), process.communicate()[1][-3000:]
+    assert len(leftovers(out_dir)) == 1  # the temporary copy, in the destination folder
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "SIGTERM" in err
+    assert leftovers(out_dir) == []
+
+
+def test_several_sequences_per_cell_from_generation_config_are_refused(model_dir, h5ad, tmp_path, capsys):
+    import json
+
+    sampling = tmp_path / "sampling"
+    shutil.copytree(model_dir, sampling)
+    config = json.loads((sampling / "generation_config.json").read_text())
+    config.update(do_sample=True, num_return_sequences=2)
+    (sampling / "generation_config.json").write_text(json.dumps(config))
+    out = tmp_path / "out.h5ad"
+    code, err = run_cli(describe_args(h5ad, sampling, out), capsys)
+    assert_one_line_error(code, err, "num_return_sequences=2", "one description per cell")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option", [["--batch-size", "0"], ["--max-new-tokens", "0"], ["--batch-size", "x"]])
+def test_non_positive_numbers_are_argparse_errors(model_dir, h5ad, tmp_path, capsys, option):
+    with pytest.raises(SystemExit) as caught:
+        main(["describe", str(h5ad), "--model", str(model_dir), "--out", str(tmp_path / "o.h5ad"), *option])
+    assert caught.value.code == 2
+    assert "expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_counts_in_raw(model_dir, tmp_path, capsys):
+    adata = make_adata(4)
+    adata.raw = adata.copy()
+    adata.X = adata.X.log1p()
+    path = tmp_path / "cellxgene.h5ad"
+    adata.write_h5ad(path)
+    out = tmp_path / "out.h5ad"
+    code, err = run_cli(["describe", str(path), "--model", str(model_dir), "--out", str(out), "--layer", "raw"],
+                        capsys)
+    assert_one_line_error(code, err, "'raw'", "--use-raw")
+    assert main(["describe", str(path), "--model", str(model_dir), "--out", str(out), "--use-raw",
+                 "--max-new-tokens", "40"]) == 0
+    annotated = ad.read_h5ad(out)
+    assert (annotated.obs["cell2text_description"] == DESCRIPTION).all()
+    assert annotated.uns["cell2text"]["params"]["layer"] == "raw"
+
+
+def test_file_without_x_points_to_layer(model_dir, tmp_path, capsys):
+    adata = make_adata(3)
+    adata.layers["counts"] = adata.X
+    adata.X = None
+    path = tmp_path / "no-x.h5ad"
+    adata.write_h5ad(path)
+    code, err = run_cli(["describe", str(path), "--model", str(model_dir), "--out", str(tmp_path / "o.h5ad")], capsys)
+    assert_one_line_error(code, err, "no X", "--layer", "counts")
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text"])
+def test_unreadable_input_names_the_path(model_dir, h5ad, tmp_path, capsys, kind):
+    bad = tmp_path / f"{kind}.h5ad"
+    if kind == "truncated":
+        bad.write_bytes(h5ad.read_bytes()[: h5ad.stat().st_size // 2])
+    else:
+        bad.write_text("gene,cell\nA,1\n")
+    code, err = run_cli(["describe", str(bad), "--model", str(model_dir), "--out", str(tmp_path / "o.h5ad")], capsys)
+    assert_one_line_error(code, err, str(bad), "h5ad")
+
+
+def test_corrupted_weights_are_one_short_line(model_dir, h5ad, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code, err = run_cli(describe_args(h5ad, broken, tmp_path / "o.h5ad"), capsys)
+    assert_one_line_error(code, err, str(broken), "safetensors")
+    assert len(err) < 500
+
+
+def test_embed_and_key_added(model_dir, h5ad, tmp_path, capsys):
+    out = tmp_path / "embedded.h5ad"
+    assert main(["embed", str(h5ad), "--model", str(model_dir), "--out", str(out), "--layer", "counts",
+                 "--key-added", "X_c2t", "--batch-size", "2"]) == 0
+    assert "Embedded 5 cells (32 dimensions)" in capsys.readouterr().out
+    embedded = ad.read_h5ad(out)
+    assert embedded.obsm["X_c2t"].shape == (5, 32) and np.isfinite(embedded.obsm["X_c2t"]).all()
+    assert embedded.uns["X_c2t"]["params"]["pooling"] == "mean over gene positions"
+    assert list(embedded.obs.columns) == ["cell_type"]
+    out = tmp_path / "described.h5ad"
+    assert main([*describe_args(h5ad, model_dir, out), "--key-added", "mine"]) == 0
+    described = ad.read_h5ad(out)
+    assert (described.obs["mine_description"] == DESCRIPTION).all()
+    assert described.uns["mine"]["model"] == str(model_dir)
+
+
+def test_version(capsys):
+    from modeling_cell2text.tl import package_version
+
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out.strip() == f"cell2text {package_version()}"

@@ -1,0 +1,348 @@
+"""Scanpy-style functions: describe and embed the cells of an AnnData in place with a Cell2Text model.
+
+    from modeling_cell2text import tl
+    tl.describe(adata, "org/cell2text")   # adata.obs["cell2text_cell_type"], ..., adata.uns["cell2text"]
+    tl.embed(adata, "org/cell2text")      # adata.obsm["X_cell2text"]; sc.pp.neighbors(adata, use_rep="X_cell2text")
+
+`model` is a model folder, a Hub repo id or an already loaded model. By default the installed package's own
+classes load it and no code from the model folder runs; `trust_remote_code=True` runs the folder's code instead.
+
+This module (like the CLI) does not travel to the Hub with a saved model: no module of the model imports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as distribution_version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .modeling_cell2text import Cell2TextForConditionalGeneration
+from .pipeline_cell2text import MIN_BLOCK_CELLS, MISSING_PROCESSOR, Cell2TextPipeline, rank_block, resolve_cells
+from .processing_cell2text import Cell2TextProcessor
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROCESSOR_FILE = "processor_config.json"
+MODEL_TYPE = "cell2text"
+
+
+def package_version() -> str:
+    """The installed `cell2text` distribution's version ("unknown" when the package runs from a plain folder)."""
+    try:
+        return distribution_version("cell2text")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------- device, dtype, loading
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto": the first CUDA GPU, else Apple MPS, else the CPU. A named device must be present here."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device {device!r} is not a device name; use auto, cpu, cuda, cuda:N or mps") from error
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device}: no CUDA GPU is available here (this torch build or machine); use cpu")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {device}: only {count} CUDA GPU(s) here (cuda:0 to cuda:{count - 1})")
+    elif resolved.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {device}: Apple MPS is not available on this machine; use cpu")
+    elif resolved.type != "cpu":
+        raise ValueError(f"device {device}: unsupported device type {resolved.type!r}; use cpu, cuda, cuda:N or mps")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """"auto": bfloat16 on a CUDA GPU that supports it, else float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def check_model_folder(model: str | os.PathLike) -> None:
+    """A local folder must be a saved Cell2Text model with its processor (Hub repo ids are checked on loading)."""
+    folder = Path(model)
+    if not folder.exists():
+        if str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
+            raise ValueError(f"model {model}: no such folder (nor a Hub repo id of the form owner/name)")
+        return
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"model {model}: no config.json; point it at a saved Cell2Text model folder")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type != MODEL_TYPE:
+        raise ValueError(f"model {model}: config.json says model_type {model_type!r}, not a Cell2Text model")
+    if not (folder / PROCESSOR_FILE).is_file():
+        raise ValueError(f"model {model}: the folder holds no processor ({PROCESSOR_FILE}). {MISSING_PROCESSOR}")
+
+
+def load(
+    model: str | os.PathLike | torch.nn.Module,
+    processor: Cell2TextProcessor | None = None,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    trust_remote_code: bool = False,
+) -> tuple[torch.nn.Module, Cell2TextProcessor]:
+    """(model on its device in eval mode, processor).
+
+    A path or repo id is loaded with this package's classes, so no code from the folder runs, unless
+    `trust_remote_code=True` (then the folder's `auto_map` code is used, as in transformers). An already loaded
+    model stays on its device and dtype when `device`/`dtype` are "auto", and is moved when they are named; its
+    processor is loaded from `model.name_or_path` unless given.
+    """
+    target = resolve_device(device)
+    if isinstance(model, torch.nn.Module):
+        if processor is None:
+            source = getattr(model, "name_or_path", "")
+            if not source:
+                raise ValueError("the model was not loaded from a folder or repo: pass processor=...")
+            processor = load_processor(source, trust_remote_code)
+        if device != "auto":
+            model = model.to(target)
+        if dtype != "auto":
+            model = model.to(resolve_dtype(dtype, target))
+        return model.eval(), processor
+    check_model_folder(model)
+    if processor is None:
+        processor = load_processor(model, trust_remote_code)
+    model_class = remote_class(model, "config.json", "AutoModelForCausalLM") if trust_remote_code else None
+    loaded = (model_class or Cell2TextForConditionalGeneration).from_pretrained(
+        model, dtype=resolve_dtype(dtype, target)
+    )
+    return loaded.to(target).eval(), processor
+
+
+def load_processor(model: str | os.PathLike, trust_remote_code: bool = False) -> Cell2TextProcessor:
+    """The processor saved with a model, with this package's class unless `trust_remote_code=True`."""
+    processor_class = remote_class(model, PROCESSOR_FILE, "AutoProcessor") if trust_remote_code else None
+    return (processor_class or Cell2TextProcessor).from_pretrained(model)
+
+
+def remote_class(model: str | os.PathLike, config_file: str, auto_class: str) -> type:
+    """The class that the model folder's own code defines for `auto_class` (its `auto_map` in `config_file`).
+
+    This imports and runs that code: only for `trust_remote_code=True`. (transformers' Auto classes would prefer this
+    package's registered classes even then, so the folder's code is looked up here.)
+    """
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    from transformers.utils import cached_file
+
+    auto_map = json.loads(Path(cached_file(str(model), config_file)).read_text()).get("auto_map", {})
+    if auto_class not in auto_map:
+        raise ValueError(
+            f"model {model}: {config_file} names no code of its own for {auto_class} (no auto_map entry); "
+            "load it without trust_remote_code"
+        )
+    return get_class_from_dynamic_module(auto_map[auto_class], str(model))
+
+
+def model_provenance(model: torch.nn.Module) -> dict[str, str]:
+    """Where the model came from: its path or repo id and a revision (the Hub commit, or the sha256 of a local
+    folder's safetensors files)."""
+    source = str(getattr(model, "name_or_path", "") or "")
+    revision = getattr(model.config, "_commit_hash", None)
+    folder = Path(source) if source else None
+    if revision is None and folder is not None and folder.is_dir():
+        digest = hashlib.sha256()
+        for weights in sorted(folder.glob("*.safetensors")):
+            digest.update(weights.name.encode())
+            with weights.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(chunk)
+        revision = "sha256:" + digest.hexdigest()
+    return {"model": source or "unsaved model", "revision": revision or "unknown"}
+
+
+def _check_writable(adata: Any, attribute: str) -> None:
+    import anndata as ad
+
+    if not isinstance(adata, ad.AnnData):
+        raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}; use the pipeline for matrices")
+    if adata.is_view and adata.isbacked:
+        raise ValueError(
+            f"adata is a view of a backed AnnData, whose .{attribute} anndata cannot write: pass "
+            "adata_view.to_memory(), or the whole backed AnnData"
+        )
+
+
+def _record(adata: Any, key_added: str, model: torch.nn.Module, params: dict[str, Any]) -> None:
+    adata.uns[key_added] = {
+        **model_provenance(model),
+        "package_version": package_version(),
+        "params": {name: value for name, value in params.items() if value is not None},
+    }
+
+
+# ----------------------------------------------------------------------------- describe
+
+
+def describe(
+    adata: Any,
+    model: str | os.PathLike | torch.nn.Module,
+    *,
+    key_added: str = "cell2text",
+    layer: str | None = None,
+    use_raw: bool = False,
+    input_values: str = "counts",
+    batch_size: int = 16,
+    max_new_tokens: int = 160,
+    skip_empty_cells: bool = False,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    trust_remote_code: bool = False,
+    processor: Cell2TextProcessor | None = None,
+    generate_kwargs: dict | None = None,
+    progress: bool = True,
+) -> None:
+    """Describe every cell of `adata` and write the results into `adata.obs`, in place.
+
+    Columns, by position (so duplicated obs_names are fine): `{key_added}_description` (str), `{key_added}_parsed`
+    (bool), `{key_added}_<field>` for cell_type, cell_type_definition, tissue, sex, disease, age_group and pathways
+    ("; "-joined) and `{key_added}_<field>_ontology_term_id`, as categoricals (missing where a field is absent or a
+    cell was skipped), plus `{key_added}_cell_type_score` (float) when the model gives a confidence.
+    `adata.uns[key_added]` records the model (path or repo id), its revision (Hub commit or sha256 of the weights),
+    the package version and the parameters.
+
+    Counts are read from `X`, `layers[layer]` or `adata.raw` (`use_raw=True`). A backed AnnData works (only obs
+    changes, in memory: write it with `adata.write_h5ad(...)`). A view is made an actual AnnData by anndata when
+    obs is written, as in scanpy (the parent is not modified); a view of a backed AnnData is refused.
+    Generation is greedy, one description per cell; `generate_kwargs` go to `generate`.
+    """
+    _check_writable(adata, "obs")
+    model, processor = load(model, processor, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    pipe = Cell2TextPipeline(model=model, processor=processor, device=model.device)
+    results = pipe(
+        adata, batch_size=batch_size, layer=layer, use_raw=use_raw, input_values=input_values,
+        skip_empty_cells=skip_empty_cells, progress=progress,
+        generate_kwargs={"max_new_tokens": max_new_tokens, **(generate_kwargs or {})},
+    )
+    if len(results) != adata.n_obs:
+        raise RuntimeError(f"the pipeline returned {len(results)} results for {adata.n_obs} cells")
+    for name, values in annotation_columns(results, key_added).items():
+        adata.obs[name] = values
+    _record(adata, key_added, model, {
+        "layer": layer or ("raw" if use_raw else "X"), "input_values": input_values, "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens, "skip_empty_cells": skip_empty_cells, "dtype": str(model.dtype),
+        "trust_remote_code": trust_remote_code, "generate_kwargs": json.dumps(generate_kwargs or {}, default=str),
+    })
+
+
+def annotation_columns(results: Sequence[dict | None], key_added: str) -> dict[str, Any]:
+    """obs columns (one value per cell, in the cells' order) from pipeline results; None marks a skipped cell."""
+    import pandas as pd
+
+    keys: list[str] = []
+    for result in results:
+        keys += [key for key in (result or {}) if key not in keys]
+    columns: dict[str, Any] = {}
+    for key in keys:
+        values = [None if result is None else result.get(key) for result in results]
+        if key == "description":
+            columns[f"{key_added}_{key}"] = np.array(["" if v is None else v for v in values], dtype=object)
+        elif key == "parsed":
+            columns[f"{key_added}_{key}"] = np.array([bool(v) for v in values])
+        elif key.endswith("_score"):
+            columns[f"{key_added}_{key}"] = np.array([np.nan if v is None else float(v) for v in values])
+        else:
+            joined = ["; ".join(v) or None if isinstance(v, list) else v for v in values]
+            columns[f"{key_added}_{key}"] = pd.Categorical(joined)  # None -> missing; labels stored once
+    return columns
+
+
+# ----------------------------------------------------------------------------- embed
+
+
+@torch.no_grad()
+def embed(
+    adata: Any,
+    model: str | os.PathLike | torch.nn.Module,
+    *,
+    key_added: str = "X_cell2text",
+    layer: str | None = None,
+    use_raw: bool = False,
+    input_values: str = "counts",
+    batch_size: int = 64,
+    skip_empty_cells: bool = False,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    trust_remote_code: bool = False,
+    processor: Cell2TextProcessor | None = None,
+    progress: bool = True,
+) -> None:
+    """Per-cell embeddings from the model's gene encoder, written to `adata.obsm[key_added]`, in place.
+
+    The embedding of a cell is the mean, over its gene positions (the `<cls>` and `<eos>` tokens and padding
+    excluded), of the encoder's hidden states at layer `model.config.gene_encoder_layer`: the layer whose states the
+    projector reads. Shape (n_cells, encoder hidden size), float32, rows in obs order; NaN rows for cells skipped
+    with `skip_empty_cells=True`. Use it as `sc.pp.neighbors(adata, use_rep=key_added)`.
+    `adata.uns[key_added]` records the model, its revision, the package version and the parameters.
+    Views and backed AnnData behave as in `describe`.
+    """
+    _check_writable(adata, "obsm")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1 (cells encoded together), got {batch_size!r}")
+    model, processor = load(model, processor, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    feature_extractor = processor.feature_extractor
+    encoder = getattr(model, "model", model).gene_encoder
+    layer_index = model.config.gene_encoder_layer
+    matrix, gene_ids, obs_names = resolve_cells(feature_extractor, adata, None, layer, use_raw)
+    n_cells = matrix.shape[0]
+    embeddings = np.full((n_cells, encoder.config.hidden_size), np.nan, dtype=np.float32)
+    block_cells = max(MIN_BLOCK_CELLS, batch_size)
+    with tqdm(total=n_cells, unit="cell", disable=not progress, desc="Embedding cells") as bar:
+        for start in range(0, n_cells, block_cells):
+            stop = min(start + block_cells, n_cells)
+            ranked = rank_block(
+                feature_extractor, matrix, gene_ids, start, stop, obs_names, skip_empty_cells,
+                {"input_values": input_values},
+            )
+            bar.update(len(ranked.skipped_cells))
+            for first in range(0, len(ranked), batch_size):
+                positions = range(first, min(first + batch_size, len(ranked)))
+                bins = None if ranked.value_bins is None else [ranked.bins_of(p) for p in positions]
+                inputs = feature_extractor.pad([ranked[p] for p in positions], bins, return_tensors="pt")
+                inputs = {name: tensor.to(model.device) for name, tensor in inputs.items()}
+                hidden = encoder(
+                    input_ids=inputs["gene_input_ids"], attention_mask=inputs["gene_attention_mask"],
+                    token_type_ids=inputs.get("gene_value_ids"), output_hidden_states=True, return_dict=True,
+                ).hidden_states[layer_index]
+                genes = inputs["gene_token_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * genes).sum(dim=1) / genes.sum(dim=1).clamp(min=1)
+                rows = start + ranked.cell_indices[first : first + len(positions)]
+                embeddings[rows] = pooled.float().cpu().numpy()
+                bar.update(len(positions))
+    adata.obsm[key_added] = embeddings
+    _record(adata, key_added, model, {
+        "layer": layer or ("raw" if use_raw else "X"), "input_values": input_values, "batch_size": batch_size,
+        "skip_empty_cells": skip_empty_cells, "dtype": str(model.dtype), "trust_remote_code": trust_remote_code,
+        "encoder_layer": int(layer_index), "pooling": "mean over gene positions",
+    })
+
+
+__all__ = ["describe", "embed", "load", "resolve_device", "resolve_dtype", "model_provenance", "package_version"]

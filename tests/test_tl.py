@@ -1,0 +1,182 @@
+"""`tl.describe` / `tl.embed`: annotate and embed an AnnData in place (in memory, backed, views, duplicated names)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from test_pipeline import DESCRIPTION, GENES, local_pipeline, make_adata, save_tiny_model_folder
+
+from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor, tl
+
+DUPLICATED = ["a", "b", "a", "a", "c", "b"]
+FIELD_COLUMNS = ("description", "parsed", "cell_type", "cell_type_ontology_term_id", "tissue",
+                 "tissue_ontology_term_id", "disease", "disease_ontology_term_id")
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tl-model")
+    return {"trained": save_tiny_model_folder(root, trained=True), "random": save_tiny_model_folder(root, trained=False)}
+
+
+@pytest.fixture(scope="module")
+def expected(model_dirs) -> list[str]:
+    """The random model's description of each of the 6 cells, one cell at a time (what obs must hold, in order)."""
+    pipe = local_pipeline(model_dirs["random"])
+    adata = make_adata(6, seed=7)
+    texts = [pipe(adata[i : i + 1], max_new_tokens=6)[0]["description"] for i in range(6)]
+    assert len(set(texts)) > 2, "the random model should describe cells differently"
+    return texts
+
+
+def describe(adata, model, **kwargs):
+    tl.describe(adata, model, max_new_tokens=6, batch_size=4, progress=False, **kwargs)
+
+
+def test_describe_writes_fields_with_ontology_ids_for_every_cell(model_dirs):
+    adata = make_adata(5)
+    tl.describe(adata, model_dirs["trained"], max_new_tokens=40, progress=False)
+    for column in FIELD_COLUMNS:
+        assert f"cell2text_{column}" in adata.obs, column
+    assert (adata.obs["cell2text_description"] == DESCRIPTION).all()
+    assert adata.obs["cell2text_parsed"].all()
+    assert (adata.obs["cell2text_cell_type"] == "B cell").all()
+    assert (adata.obs["cell2text_cell_type_ontology_term_id"] == "CL:0000236").all()
+    assert list(adata.obs["cell_type"]) == ["unknown"] * 5  # existing columns untouched
+    record = adata.uns["cell2text"]
+    assert record["model"] == str(model_dirs["trained"])
+    assert record["revision"].startswith("sha256:") and len(record["revision"]) == 7 + 64
+    assert record["package_version"] == tl.package_version()
+    assert record["params"]["max_new_tokens"] == 40 and record["params"]["layer"] == "X"
+    assert record["params"]["trust_remote_code"] is False
+
+
+def test_describe_aligns_by_position_with_duplicated_obs_names(model_dirs, expected):
+    adata = make_adata(6, seed=7)
+    adata.obs_names = DUPLICATED
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # anndata: obs_names not unique
+        describe(adata, model_dirs["random"], key_added="c2t")
+    assert list(adata.obs["c2t_description"]) == expected
+    assert list(adata.obs_names) == DUPLICATED
+    assert "c2t" in adata.uns and "cell2text" not in adata.uns
+
+
+def test_describe_and_embed_a_backed_anndata(model_dirs, expected, tmp_path):
+    make_adata(6, seed=7).write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    describe(backed, model_dirs["random"])
+    assert list(backed.obs["cell2text_description"]) == expected
+    tl.embed(backed, model_dirs["random"], progress=False)
+    in_memory = make_adata(6, seed=7)
+    tl.embed(in_memory, model_dirs["random"], progress=False)
+    assert np.allclose(backed.obsm["X_cell2text"], in_memory.obsm["X_cell2text"], atol=1e-6)
+    # a view of a backed AnnData cannot take new obs columns (anndata): refused before any work
+    with pytest.raises(ValueError, match="view of a backed AnnData.*to_memory"):
+        describe(backed[1:3], model_dirs["random"])
+    backed.file.close()
+
+
+def test_describe_and_embed_a_view_makes_it_an_actual_anndata(model_dirs, expected):
+    parent = make_adata(6, seed=7)
+    view = parent[2:5]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's ImplicitModificationWarning, as in scanpy
+        describe(view, model_dirs["random"])
+        tl.embed(view, model_dirs["random"], progress=False)
+    assert not view.is_view
+    assert list(view.obs["cell2text_description"]) == expected[2:5]
+    assert view.obsm["X_cell2text"].shape == (3, 32)
+    assert "cell2text_description" not in parent.obs and "X_cell2text" not in parent.obsm  # parent untouched
+
+
+def test_embed_is_the_mean_of_the_encoder_layer_over_gene_positions(model_dirs):
+    adata = make_adata(5, seed=2)
+    adata.obs_names = ["x", "y", "x", "y", "x"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        tl.embed(adata, model_dirs["random"], batch_size=2, progress=False)
+    embeddings = adata.obsm["X_cell2text"]
+    model = Cell2TextForConditionalGeneration.from_pretrained(model_dirs["random"]).eval()
+    processor = Cell2TextProcessor.from_pretrained(model_dirs["random"])
+    assert embeddings.shape == (5, model.config.gene_encoder_config.hidden_size)
+    for row in range(5):  # each cell alone, by hand
+        inputs = processor.feature_extractor(adata[row : row + 1], return_tensors="pt")
+        with torch.no_grad():
+            states = model.model.gene_encoder(
+                input_ids=inputs["gene_input_ids"], attention_mask=inputs["gene_attention_mask"],
+                output_hidden_states=True,
+            ).hidden_states[model.config.gene_encoder_layer][0]
+        genes = inputs["gene_token_mask"][0].bool()
+        assert np.allclose(embeddings[row], states[genes].mean(dim=0).numpy(), atol=1e-5), row
+    record = adata.uns["X_cell2text"]
+    assert record["params"]["encoder_layer"] == model.config.gene_encoder_layer
+    assert record["params"]["pooling"] == "mean over gene positions"
+
+
+def test_an_already_loaded_model(model_dirs):
+    model = Cell2TextForConditionalGeneration.from_pretrained(model_dirs["trained"])
+    adata = make_adata(3)
+    tl.describe(adata, model, max_new_tokens=40, progress=False)
+    assert (adata.obs["cell2text_description"] == DESCRIPTION).all()
+    assert adata.uns["cell2text"]["model"] == str(model_dirs["trained"])
+
+
+def test_device_and_dtype_auto(monkeypatch):
+    assert tl.resolve_device("auto").type in ("cpu", "cuda", "mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert tl.resolve_device("auto") == torch.device("cpu")
+    assert tl.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert tl.resolve_device("auto") == torch.device("cuda")
+    assert tl.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(ValueError, match="not one of auto"):
+        tl.resolve_dtype("float8", torch.device("cpu"))
+
+
+def test_folder_code_runs_only_with_trust_remote_code(model_dirs, tmp_path, monkeypatch):
+    planted = tmp_path / "planted"
+    shutil.copytree(model_dirs["trained"], planted)
+    marker = tmp_path / "marker"
+    for code in ("modeling_cell2text.py", "configuration_cell2text.py", "processing_cell2text.py"):
+        path = planted / code
+        path.write_text(path.read_text() + f"\nopen({str(marker)!r}, 'w').close()\n")
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    adata = make_adata(2)
+    tl.describe(adata, planted, max_new_tokens=40, progress=False)
+    assert not marker.exists()
+    assert (adata.obs["cell2text_description"] == DESCRIPTION).all()
+
+
+def test_corrupted_weights_are_one_short_line(model_dirs, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dirs["random"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(OSError) as caught:
+        tl.describe(make_adata(2), broken, progress=False)
+    message = str(caught.value)
+    assert str(broken) in message and "\n" not in message and "Traceback" not in message and len(message) < 400
+
+
+def test_not_an_anndata(model_dirs):
+    with pytest.raises(TypeError, match="must be an AnnData"):
+        tl.describe(np.zeros((2, len(GENES))), model_dirs["random"])
+
+
+def test_tl_and_cli_do_not_travel_with_a_saved_model(model_dirs):
+    saved = {path.name for path in model_dirs["trained"].glob("*.py")}
+    assert "modeling_cell2text.py" in saved and "pipeline_cell2text.py" in saved
+    assert not saved & {"tl.py", "cli.py", "__init__.py"}
+    for name in saved:  # nothing that travels imports them
+        code = (model_dirs["trained"] / name).read_text()
+        assert not re.search(r"^\s*(from|import)\s.*\b(tl|cli)\b", code, re.MULTILINE), name
