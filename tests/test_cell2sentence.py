@@ -111,3 +111,15 @@ def test_cli_parser_reads_sft_config_fields():
          "--per_device_train_batch_size", "8", "--max_steps", "3", "--bf16", "false"]
     )
     assert (args.num_genes, config.per_device_train_batch_size, config.max_steps, config.output_dir) == (12, 8, 3, "o")
+
+
+def test_same_seed_gives_the_same_weights(parts_and_corpus, tmp_path):
+    """A guard: TRL seeds before drawing the LoRA adapters and the Trainer before training."""
+    lm_dir, corpus_dir = parts_and_corpus
+    weights = []
+    for run in (1, 2):
+        torch.manual_seed(run)  # whatever ran before (other code, another process) must not matter
+        final_dir = train_cell2sentence(corpus_dir, lm_dir, tmp_path / f"run-{run}", num_genes=8,
+                                        training_args=tiny_config(tmp_path / f"run-{run}", max_steps=1))
+        weights.append(AutoModelForCausalLM.from_pretrained(final_dir).state_dict())
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0]), "weights differ between runs"

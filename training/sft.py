@@ -135,6 +135,18 @@ class Cell2TextSFTTrainer(LabelledPositionsLossMixin, SFTTrainer):
         return self.optimizer
 
 
+def set_training_seed(training_args: SFTConfig) -> None:
+    """Seed Python, NumPy and torch; with `full_determinism`, also make torch use deterministic algorithms only.
+
+    Called before the recipe draws new weights (the projector, composed before the trainer exists; TRL seeds again
+    before it draws the LoRA adapters).
+    """
+    if training_args.full_determinism:
+        enable_full_determinism(training_args.seed)
+    else:
+        set_seed(training_args.seed)
+
+
 def language_model_lora_targets(model: Cell2TextForConditionalGeneration) -> str:
     """A PEFT regex matching every linear layer of the language model, and nothing in the encoder or projector."""
     leaf_names = sorted(
@@ -280,8 +292,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     training_args.remove_unused_columns = False
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
 
-    # Same seed, same machine: same model. `full_determinism` also makes torch use deterministic algorithms only.
-    enable_full_determinism(training_args.seed) if training_args.full_determinism else set_seed(training_args.seed)
+    set_training_seed(training_args)  # same seed, same machine: same model
 
     corpus, summary = load_corpus(args.corpus_dir, args)
     trust_remote_code = training_args.trust_remote_code  # off: no code shipped in a model folder runs
@@ -292,7 +303,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         processor.feature_extractor.num_expression_bins = encoder_expression_bins(encoder_path, trust_remote_code)
     # The new weights (projector, then LoRA in the trainer) start from the seed whether the encoder was prepared
     # now or reused.
-    set_seed(training_args.seed)
+    set_training_seed(training_args)
     model = build_model(args, encoder_path, processor, trust_remote_code)
     if model.config.num_cell_tokens != processor.num_cell_tokens:
         raise ValueError(
