@@ -68,7 +68,8 @@ SPECIAL_TOKENS = (PAD, MASK, CLS, EOS)
 INPUT_VALUES = ("counts", "normalized", "log1p")
 ENSEMBL_VAR_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_ids", "ensembl_gene_id", "feature_id")
 SYMBOL_VAR_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "symbol", "gene_name")
-_PAD_KEY = np.uint64(np.iinfo(np.uint64).max)
+_PAD_BASE = np.uint64(0xFFF0 << 48)  # padding keys start here: above the key of any normal positive float64
+_TINY = np.finfo(np.float64).tiny
 _LOW_BITS = np.uint64(0xFFFFFFFF)
 _EXAMPLES = 5
 #: Token ids must lie in [0, MAX_VOCAB_SIZE): lookup arrays are sized by the largest id (Geneformer: ~20,000-25,000).
@@ -537,7 +538,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         layer: str | None = None,
         input_values: str = "counts",
         skip_empty_cells: bool = False,
-        chunk_size: int = 512,
+        chunk_size: int = 256,
         num_threads: int | None = None,
     ) -> RankedCells:
         """Rank-value encode each cell; returns ragged token ids (special tokens included).
@@ -590,20 +591,22 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         low_mask = np.uint64((1 << low_bits) - 1)
         starts = np.cumsum(counts) - counts
         positions = np.arange(len(values), dtype=np.int64) + np.repeat(np.arange(n_cells) * width - starts, counts)
-        padded = np.full((n_cells, width), _PAD_KEY, dtype=np.uint64)
+        # padding: above every real key (normal positive values: top 12 key bits <= 0xFFE), distinct high parts
+        padded = np.empty((n_cells, width), dtype=np.uint64)
+        padded[:] = _PAD_BASE + (np.arange(width, dtype=np.uint64) << np.uint64(low_bits))
         padded.reshape(-1)[positions] = np.invert(values.view(np.uint64))
         padded &= ~low_mask
-        padded |= np.arange(width, dtype=np.uint64)  # padding keys stay all ones: last
+        padded |= np.arange(width, dtype=np.uint64)
         padded.sort(axis=1)
         # index in values/tokens of the entry at each rank (out of range on padding: clipped, never read)
-        source = np.bitwise_and(_low_words(padded), np.uint32(low_mask)).astype(np.int64)
-        source += starts[:, None]
+        source = np.add(np.bitwise_and(_low_words(padded), np.uint32(low_mask)), starts[:, None], dtype=np.int64)
         sorted_tokens = tokens.take(source, mode="clip")
         bins = None
         if expression is not None:  # the same rank order, carrying each gene's expression bin along
             padded_bins = self._expression_bins(expression, positions, counts, width).reshape(-1)
             bins = padded_bins.take(positions.take(source, mode="clip"))
-        _order_near_ties(padded, counts, source, values, tokens, low_bits, sorted_tokens, bins)
+        np.right_shift(padded, np.uint64(low_bits), out=padded)  # the value bits above the low bits
+        _order_near_ties(padded, source, values, tokens, low_bits, sorted_tokens, bins)
         n_genes = np.minimum(counts, self.max_genes)
         width = min(width, self.max_genes)
         extra = 2 if self.special_tokens else 0
@@ -934,9 +937,9 @@ def _rank_values(
         normalised = data
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         values = np.divide(normalised, medians, dtype=np.float64)
-    if len(values) == 0 or (values.min() > 0 and values.max() < np.inf):  # no stored zero, no over/underflow
+    if len(values) == 0 or (values.min() >= _TINY and values.max() < np.inf):  # no stored zero, no over/underflow
         return values
-    bad = (data != 0) & ~((values > 0) & (values < np.inf))
+    bad = (data != 0) & ~((values >= _TINY) & (values < np.inf))
     if bad.any():
         example = np.flatnonzero(bad)[0]
         raise ValueError(
@@ -948,8 +951,7 @@ def _rank_values(
 
 
 def _order_near_ties(
-    keys: np.ndarray,
-    counts: np.ndarray,
+    high: np.ndarray,
     source: np.ndarray,
     values: np.ndarray,
     tokens: np.ndarray,
@@ -960,22 +962,20 @@ def _order_near_ties(
     """In place: order each run of entries whose keys agree above the low bits by exact value (descending), then
     token id (ascending).
 
-    ``keys``: the sorted keys (their low bits hold no value bits); ``source``: each rank's entry in
-    ``values``/``tokens``.
+    ``high``: the sorted keys shifted right by ``low_bits`` (padding: all distinct); ``source``: each rank's entry
+    in ``values``/``tokens``.
     Runs hold exact ties (common in count data) and values that differ only in their last ``low_bits`` bits.
     One 1-D sort of ``run << (low_bits + T) | low bits of the inverted value << T | token`` (T: token id bits).
     """
-    width = keys.shape[1]
-    if width < 2:
+    if high.shape[1] < 2:
         return
-    same = np.bitwise_xor(keys[:, 1:], keys[:, :-1]) < np.uint64(1 << low_bits)  # equal but for the low bits
-    same &= np.arange(1, width) < counts[:, None]  # not padding
+    same = high[:, 1:] == high[:, :-1]
     if not same.any():
         return
-    tied = np.zeros(keys.shape, dtype=bool)
+    tied = np.zeros(high.shape, dtype=bool)
     tied[:, 1:] = same
     tied[:, :-1] |= same
-    starts_run = np.ones(keys.shape, dtype=bool)
+    starts_run = np.ones(high.shape, dtype=bool)
     starts_run[:, 1:] = ~same
     where = np.flatnonzero(tied)
     entries = source.reshape(-1)[where]

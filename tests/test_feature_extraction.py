@@ -513,6 +513,8 @@ def test_overflow_after_conversion_is_refused():
     )
     with pytest.raises(ValueError, match="over- or underflow when normalised"):
         extractor.tokenize(np.array([[1.0, 2.0, 3.0]], dtype=np.float32), genes)
+    with pytest.raises(ValueError, match="over- or underflow when normalised"):  # a subnormal value
+        extractor.tokenize(np.array([[0.0, 1e-310, 3.0]]), genes, input_values="normalized")
 
 
 # ----------------------------------------------------------------------------- vocabulary source and bounds (9.7)
