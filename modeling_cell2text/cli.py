@@ -21,6 +21,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,6 +123,9 @@ def sigterm_as_exception() -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         raise Terminated()
 
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield

@@ -345,4 +345,7 @@ def embed(
     })
 
 
-__all__ = ["describe", "embed", "load", "resolve_device", "resolve_dtype", "model_provenance", "package_version"]
+__all__ = [
+    "annotation_columns", "describe", "embed", "load", "load_processor", "model_provenance", "package_version",
+    "remote_class", "resolve_device", "resolve_dtype",
+]

@@ -180,3 +180,18 @@ def test_tl_and_cli_do_not_travel_with_a_saved_model(model_dirs):
     for name in saved:  # nothing that travels imports them
         code = (model_dirs["trained"] / name).read_text()
         assert not re.search(r"^\s*(from|import)\s.*\b(tl|cli)\b", code, re.MULTILINE), name
+
+
+def test_annotation_columns_types_and_skipped_cells():
+    results = [
+        {"description": "d0", "parsed": True, "cell_type": "B cell", "cell_type_score": 0.9, "pathways": ["P1", "P2"]},
+        None,  # a skipped cell
+        {"description": "d2", "parsed": False, "cell_type": None, "cell_type_score": None, "pathways": []},
+    ]
+    columns = tl.annotation_columns(results, "k")
+    assert list(columns["k_description"]) == ["d0", "", "d2"]
+    assert list(columns["k_parsed"]) == [True, False, False]
+    assert np.allclose(columns["k_cell_type_score"], [0.9, np.nan, np.nan], equal_nan=True)
+    assert columns["k_cell_type_score"].dtype == np.float64
+    assert list(columns["k_pathways"].astype(object)) == ["P1; P2", np.nan, np.nan]
+    assert list(columns["k_cell_type"].astype(object)) == ["B cell", np.nan, np.nan]
