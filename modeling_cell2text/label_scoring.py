@@ -152,29 +152,32 @@ def score_cell_types(
     first_log_probs = prefill.logits[:, -1].float().log_softmax(dim=-1)  # (cells, vocabulary)
 
     suffixes = [s[shared:] for s in sentences]
-    width = max(map(len, suffixes))
-    pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else suffixes[0][0]
-    suffix_ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in suffixes], device=device)
-    suffix_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in suffixes], device=device)
-    log_likelihoods = torch.empty(n_cells, len(candidates), dtype=torch.float32)
-    per_chunk = min(len(candidates), max_rows)
-    cells_per_chunk = max(1, max_rows // per_chunk)
+    # Each candidate's first own token is scored by the prefill; the rest by running all but its last token on the
+    # cached prefix. Candidates of one length go together, so no row is padded.
+    log_likelihoods = first_log_probs[:, [s[0] for s in suffixes]].cpu()
     next_positions = attention_mask.sum(dim=1)
-    for cell_start in range(0, n_cells, cells_per_chunk):
-        cells = torch.arange(cell_start, min(cell_start + cells_per_chunk, n_cells), device=device)
-        for start in range(0, len(candidates), per_chunk):
-            stop = min(start + per_chunk, len(candidates))
-            ids, mask = suffix_ids[start:stop], suffix_mask[start:stop]
-            n, m = len(cells), stop - start
-            cache = _cache_rows(prefill.cache, cells.repeat_interleave(m))
-            rows_mask = torch.cat([attention_mask[cells].repeat_interleave(m, dim=0), mask.repeat(n, 1)], dim=1)
-            positions = next_positions[cells].repeat_interleave(m)[:, None] + torch.arange(width, device=device)
-            logits = model(input_ids=ids.repeat(n, 1), attention_mask=rows_mask, position_ids=positions,
-                           cache=cache, use_cache=True).logits
-            log_probs = logits[:, :-1].float().log_softmax(dim=-1).gather(-1, ids.repeat(n, 1)[:, 1:, None])[..., 0]
-            rest = (log_probs * mask[:, 1:].repeat(n, 1)).sum(dim=1).view(n, m)
-            first = first_log_probs[cells][:, ids[:, 0]]  # (n, m): each candidate's first own token
-            log_likelihoods[cells.cpu(), start:stop] = (first + rest).cpu()
+    by_length: dict[int, list[int]] = {}
+    for j, suffix in enumerate(suffixes):
+        by_length.setdefault(len(suffix), []).append(j)
+    for length, members in sorted(by_length.items()):
+        if length == 1:
+            continue
+        per_chunk = min(len(members), max_rows)
+        cells_per_chunk = max(1, max_rows // per_chunk)
+        for cell_start in range(0, n_cells, cells_per_chunk):
+            cells = torch.arange(cell_start, min(cell_start + cells_per_chunk, n_cells), device=device)
+            for start in range(0, len(members), per_chunk):
+                chunk = members[start : start + per_chunk]
+                n, m = len(cells), len(chunk)
+                ids = torch.tensor([suffixes[j] for j in chunk], device=device).repeat(n, 1)  # (n * m, length)
+                rows_mask = torch.cat([attention_mask[cells].repeat_interleave(m, dim=0),
+                                       torch.ones_like(ids[:, :-1])], dim=1)
+                positions = next_positions[cells].repeat_interleave(m)[:, None] + torch.arange(length - 1).to(device)
+                logits = model(input_ids=ids[:, :-1], attention_mask=rows_mask, position_ids=positions,
+                               cache=_cache_rows(prefill.cache, cells.repeat_interleave(m)), use_cache=True).logits
+                log_probs = logits.float().log_softmax(dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+                rest = log_probs.sum(dim=1).view(n, m).cpu()
+                log_likelihoods[cells.cpu()[:, None], torch.tensor(chunk)[None, :]] += rest
     return CellTypeScores(candidates, log_likelihoods)
 
 
