@@ -1,4 +1,4 @@
-"""`cell2text describe|embed cells.h5ad --model PATH --out annotated.h5ad`: a thin wrapper over `tl.describe`/`tl.embed`.
+"""`cell2text describe|embed cells.h5ad --model PATH --out out.h5ad`: a thin wrapper over `tl.describe`/`tl.embed`.
 
 The input file is only read (opened backed, read-only); the output is a copy of it whose `obs` gains
 `<key>_description`, `<key>_parsed` and one `<key>_<field>` column per parsed field (plus

@@ -256,4 +256,7 @@ def register_cell2text_pipeline() -> None:
         )
 
 
-__all__ = ["Cell2TextPipeline", "check_outputs_line_up", "rank_block", "resolve_cells", "register_cell2text_pipeline", "custom_pipelines_entry"]
+__all__ = [
+    "Cell2TextPipeline", "check_outputs_line_up", "rank_block", "resolve_cells", "register_cell2text_pipeline",
+    "custom_pipelines_entry",
+]

@@ -23,7 +23,9 @@ FIELD_COLUMNS = ("description", "parsed", "cell_type", "cell_type_ontology_term_
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tl-model")
-    return {"trained": save_tiny_model_folder(root, trained=True), "random": save_tiny_model_folder(root, trained=False)}
+    return {
+        "trained": save_tiny_model_folder(root, trained=True), "random": save_tiny_model_folder(root, trained=False)
+    }
 
 
 @pytest.fixture(scope="module")
