@@ -538,7 +538,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         layer: str | None = None,
         input_values: str = "counts",
         skip_empty_cells: bool = False,
-        chunk_size: int = 256,
+        chunk_size: int = 128,
         num_threads: int | None = None,
     ) -> RankedCells:
         """Rank-value encode each cell; returns ragged token ids (special tokens included).
