@@ -450,6 +450,10 @@ def test_tokens_equal_geneformers_formula_with_geneformer_style_medians():
     cells[:, 0] += 1
     expected = reference_tokens(extractor, cells, genes)
     assert as_lists(extractor.tokenize(sp.csr_matrix(cells), genes, chunk_size=64)) == expected
+    value_aware = Cell2TextFeatureExtractor(token_ids, medians, {}, num_expression_bins=4)
+    ranked = value_aware.tokenize(sp.csr_matrix(cells), genes, chunk_size=64)  # bins follow the reordered ties
+    assert as_lists(ranked) == expected
+    assert [ranked.bins_of(i).tolist() for i in range(len(ranked))] == reference_bins(value_aware, cells, genes)
     # the data holds what made the float32 rule wrong: genes whose values tie in float32 but not in float64
     near_ties = 0
     for row in cells:
