@@ -214,14 +214,15 @@ def _format_cells(indices: np.ndarray, obs_names: Sequence[str] | None, first_ro
 
 
 def empty_cells_error(
-    empty: np.ndarray, n_cells: int, obs_names: Sequence[str] | None = None, first_row: int = 0
+    empty: np.ndarray, n_cells: int | None = None, obs_names: Sequence[str] | None = None, first_row: int = 0
 ) -> ValueError:
     """The one error for cells that express no vocabulary gene (``empty``: their rows, relative to ``first_row``;
-    ``obs_names`` indexed by absolute row). Callers that rank in blocks (the pipeline) raise it too."""
+    ``obs_names`` indexed by absolute row; ``n_cells``: how many were ranked, when that is all the input)."""
+    of = f" (of {n_cells})" if n_cells is not None else ""
     return ValueError(
-        f"{len(empty)} of {n_cells} cells express no gene of the model's vocabulary (zero counts in every matched "
-        f"gene): cells {_format_cells(empty, obs_names, first_row)}. Filter them out (e.g. "
-        "sc.pp.filter_cells(adata, min_genes=...)) or pass skip_empty_cells=True."
+        f"{len(empty)} cells express no gene of the model's vocabulary{of}: cells "
+        f"{_format_cells(empty, obs_names, first_row)}. Filter them out (e.g. sc.pp.filter_cells(adata, "
+        "min_genes=...)) or pass skip_empty_cells=True."
     )
 
 
@@ -412,6 +413,14 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         """Saved configuration: vocabulary, medians, symbols and options (no lookup caches)."""
         output = {k: v for k, v in super().to_dict().items() if not k.startswith("_")}
         return output
+
+    @staticmethod
+    def empty_cells_error(
+        empty: np.ndarray, n_cells: int | None = None, obs_names: Sequence[str] | None = None, first_row: int = 0
+    ) -> ValueError:
+        """The one error for cells without an expressed vocabulary gene, for callers that rank in blocks (the
+        pipeline): see the module function ``empty_cells_error``."""
+        return empty_cells_error(empty, n_cells, obs_names, first_row)
 
     def __deepcopy__(self, memo: dict) -> Cell2TextFeatureExtractor:
         return type(self).from_dict(self.to_dict())

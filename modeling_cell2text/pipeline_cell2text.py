@@ -207,14 +207,8 @@ def rank_block(
 ) -> Any:
     """Rank-value encode rows [start, stop); cells without vocabulary genes raise unless skip_empty."""
     ranked = feature_extractor.tokenize(matrix[start:stop], gene_ids, skip_empty_cells=True, **params)
-    if len(ranked.skipped_cells) and not skip_empty:
-        rows = [start + int(i) for i in ranked.skipped_cells[:10]]
-        names = [f"{r} ({obs_names[r]!r})" if obs_names is not None else str(r) for r in rows]
-        raise ValueError(
-            f"{len(ranked.skipped_cells)} cells express no gene of the model's vocabulary: cells "
-            f"{', '.join(names)}{' and more' if len(ranked.skipped_cells) > 10 else ''}. Filter them out "
-            "(e.g. sc.pp.filter_cells(adata, min_genes=...)) or pass skip_empty_cells=True."
-        )
+    if len(ranked.skipped_cells) and not skip_empty:  # the feature extractor's one message for empty cells
+        raise feature_extractor.empty_cells_error(ranked.skipped_cells, obs_names=obs_names, first_row=start)
     return ranked
 
 

@@ -224,7 +224,8 @@ def test_empty_cells_raise_naming_them_or_are_skipped_and_reported(extractor, co
     counts = counts.tocsr()
     obs = pd.DataFrame(index=[f"cell{i}" for i in range(counts.shape[0])])
     adata = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=INPUT_GENES))
-    with pytest.raises(ValueError, match=r"2 of 37 cells.*4 \('cell4'\), 9 \('cell9'\).*skip_empty_cells"):
+    with pytest.raises(ValueError, match=r"2 cells express no gene of the model's vocabulary \(of 37\): cells 4 "
+                       r"\('cell4'\), 9 \('cell9'\)\. Filter them out .* or pass skip_empty_cells=True\."):
         extractor(adata)
     with caplog.at_level(logging.WARNING):
         batch = extractor(adata, skip_empty_cells=True)
@@ -234,6 +235,20 @@ def test_empty_cells_raise_naming_them_or_are_skipped_and_reported(extractor, co
     assert batch["skipped_cell_indices"].tolist() == [4, 9]
     expected = reference_tokens(extractor, counts.toarray()[kept], INPUT_GENES)
     assert as_lists(extractor.tokenize(adata, skip_empty_cells=True)) == expected
+
+
+def test_the_pipeline_raises_the_feature_extractors_empty_cell_message(extractor, counts):
+    from modeling_cell2text.pipeline_cell2text import rank_block
+
+    counts = counts.tolil()
+    counts[[4, 9], :] = 0
+    counts = counts.tocsr()
+    names = [f"cell{i}" for i in range(counts.shape[0])]
+    with pytest.raises(ValueError) as from_extractor:
+        extractor.tokenize(ad.AnnData(X=counts, obs=pd.DataFrame(index=names), var=pd.DataFrame(index=INPUT_GENES)))
+    with pytest.raises(ValueError) as from_pipeline:  # a block of rows 3..11, as the pipeline ranks them
+        rank_block(extractor, counts, INPUT_GENES, 3, 12, names, False, {})
+    assert str(from_pipeline.value) == str(from_extractor.value).replace(" (of 37)", "")
 
 
 @pytest.mark.parametrize(
