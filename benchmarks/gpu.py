@@ -4,15 +4,17 @@
     python benchmarks/gpu.py --dry-run                                 # same code path, tiny shapes, CPU, seconds
 
 Parts shaped as Geneformer V2-316M (BERT: hidden 1152, 18 layers, 18 heads, intermediate 4608, 4096 positions) and
-Llama-3.2-3B (hidden 3072, 28 layers, 24 heads, 8 KV heads, intermediate 8192), random weights in bf16, saved and
-composed like real checkpoints (`from_pretrained_parts`). The corpus is synthetic and census-like: raw counts of
-~2,000 expressed genes a cell out of 20,000, per-cell-type signatures, ranked by the project's feature extractor
-into 4,096-token inputs, descriptions rendered by the project's schema, written in the corpus builder's layout.
+Llama-3.2-3B (hidden 3072, 28 layers, 24 heads, 8 KV heads, intermediate 8192; the tokenizer's vocabulary unless
+--lm-vocab-size), random weights in bf16, saved and composed like real checkpoints (`from_pretrained_parts`). The
+corpus is synthetic and census-like: raw counts of ~2,000 expressed genes a cell out of 20,000, per-cell-type
+signatures, ranked by the project's feature extractor (Geneformer-style dictionaries) into 4,096-token inputs,
+descriptions rendered by the project's schema, written in the corpus builder's layout.
 
 Training (the recipe's own trainer, LoRA, collator and `training/configs/*.yaml`), the same 32 cells a step:
 `paper.yaml` (4 x 8, activation checkpointing), `paper_large_gpu.yaml` (16 x 2, checkpointing) and 32 x 1 without
 checkpointing. Printed per setting: s/step (median of the timed steps, the first step not timed), cells/s,
-tokens/s, peak GPU memory, the collator's share of a step, and the loss.
+tokens/s, peak GPU memory, the collator's share of a step (timed in the main process; in training it runs in the
+dataloader's workers) and the loss.
 Generation (`pipeline("cell-to-text")` with the installed package's classes, bf16, 100 new tokens a cell): batch
 256 with the dynamic cache, the static cache, and the static cache compiled (transformers compiles the decoding
 step of a static-cache `generate` on a GPU by itself: its `CompileConfig`, `disable_compile=False`). Printed per
@@ -32,6 +34,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -95,10 +98,11 @@ PAPER_SETTINGS = (
     ("paper.yaml: 4 x 8, checkpointing on", "paper.yaml", []),
     ("paper_large_gpu.yaml: 16 x 2, checkpointing on", "paper_large_gpu.yaml", []),
     ("32 x 1, checkpointing off", "paper.yaml",
-     ["--per_device_train_batch_size", "32", "--gradient_accumulation_steps", "1", "--gradient_checkpointing", "false"]),
+     ["--per_device_train_batch_size", "32", "--gradient_accumulation_steps", "1",
+      "--gradient_checkpointing", "false"]),
 )
 SIZES = {
-    "paper": Size(PAPER_ENCODER, LLAMA_3B, 20_000, 2_000, 4096, 256, 2048, timed_steps=4, settings=PAPER_SETTINGS),
+    "paper": Size(PAPER_ENCODER, LLAMA_3B, 20_000, 2_000, 4096, 256, 2048, timed_steps=3, settings=PAPER_SETTINGS),
     "smoke": Size(PAPER_ENCODER, LLAMA_3B, 20_000, 2_000, 4096, 256, 2048, timed_steps=1, settings=PAPER_SETTINGS[:2],
                   generation_batch=32, new_tokens=20, generation_modes=("dynamic", "static")),
     "tiny": Size(
@@ -216,8 +220,11 @@ def load_tokenizer(path: Path | None, corpus: Path):
     return tokenizer
 
 
-def make_parts(out: Path, size: Size, gene_vocab_size: int, tokenizer, device: str, dtype: torch.dtype) -> tuple:
-    """Random-weight encoder and LM saved like real checkpoints; returns (encoder_dir, lm_dir)."""
+def make_parts(out: Path, size: Size, gene_vocab_size: int, tokenizer, device: str, dtype: torch.dtype,
+               lm_vocab_size: int | None = None) -> tuple:
+    """Random-weight encoder and LM saved like real checkpoints; returns (encoder_dir, lm_dir).
+
+    The LM's vocabulary is the tokenizer's unless ``lm_vocab_size`` (at least as large) is given."""
     from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -227,8 +234,11 @@ def make_parts(out: Path, size: Size, gene_vocab_size: int, tokenizer, device: s
         encoder = BertForMaskedLM(encoder_config).to(dtype)
     encoder.save_pretrained(encoder_dir)
     del encoder
-    lm_config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **size.lm)
+    if lm_vocab_size is not None and lm_vocab_size < len(tokenizer):
+        raise ValueError(f"--lm-vocab-size {lm_vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens.")
+    lm_config = LlamaConfig(vocab_size=lm_vocab_size or len(tokenizer), tie_word_embeddings=True,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, **size.lm)
     with torch.device(device):
         lm = LlamaForCausalLM(lm_config).to(dtype)
     lm.save_pretrained(lm_dir)
@@ -265,33 +275,27 @@ def train_setting(name: str, config: str, overrides: list[str], size: Size, corp
     from training import sft
     from training.collator import Cell2TextDataCollator
 
-    class TimedCollator(Cell2TextDataCollator):
-        """The recipe's collator, timing itself and counting the tokens it batches."""
+    class CountingTrainer(sft.Cell2TextSFTTrainer):
+        """The recipe's trainer, counting the tokens (prompt, cell tokens, description) it trains on."""
 
-        seconds = 0.0
         tokens = 0
 
-        def __call__(self, examples):
-            start = time.perf_counter()
-            batch = super().__call__(examples)
-            TimedCollator.seconds += time.perf_counter() - start
-            TimedCollator.tokens += int(batch["attention_mask"].sum())
-            return batch
+        def training_step(self, model, inputs, *args, **kwargs):
+            CountingTrainer.tokens += int(inputs["attention_mask"].sum())  # a CPU tensor still: no GPU sync
+            return super().training_step(model, inputs, *args, **kwargs)
 
     class StepTimer(TrainerCallback):
         """Wall time between the ends of consecutive optimizer steps (data loading and collation included)."""
 
         def __init__(self):
             self.ends: list[float] = []
-            self.collator_seconds: list[float] = []
             self.tokens: list[int] = []
             self.losses: list[float] = []
 
         def on_step_end(self, args, state, control, **kwargs):
             sync(device)
             self.ends.append(time.perf_counter())
-            self.collator_seconds.append(TimedCollator.seconds)
-            self.tokens.append(TimedCollator.tokens)
+            self.tokens.append(CountingTrainer.tokens)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -315,10 +319,11 @@ def train_setting(name: str, config: str, overrides: list[str], size: Size, corp
     lora = LoraConfig(r=cell2text_args.lora_r, lora_alpha=cell2text_args.lora_alpha,
                       lora_dropout=cell2text_args.lora_dropout, target_modules=sft.language_model_lora_targets(model),
                       modules_to_save=["multi_modal_projector"], task_type="CAUSAL_LM")
-    TimedCollator.seconds, TimedCollator.tokens = 0.0, 0
+    CountingTrainer.tokens = 0
     timer = StepTimer()
-    trainer = sft.Cell2TextSFTTrainer(
-        model=model, args=training_args, data_collator=TimedCollator(processor), train_dataset=corpus_splits["train"],
+    collator = Cell2TextDataCollator(processor)
+    trainer = CountingTrainer(
+        model=model, args=training_args, data_collator=collator, train_dataset=corpus_splits["train"],
         processing_class=processor, peft_config=lora, callbacks=[timer],
         projector_learning_rate=cell2text_args.projector_learning_rate,
         gene_encoder_learning_rate=cell2text_args.gene_encoder_learning_rate,
@@ -327,8 +332,14 @@ def train_setting(name: str, config: str, overrides: list[str], size: Size, corp
     peak = peak_gib(device)
     cells_per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
     steps = np.diff(timer.ends)
-    collated = np.diff(timer.collator_seconds)
     tokens = np.diff(timer.tokens)
+    # The collator runs in the dataloader's workers where there are any (paper.yaml: 4), off the critical path; its
+    # share is timed here in this process, for one step's micro-batches, as if it ran on the critical path.
+    micro = training_args.per_device_train_batch_size
+    start = time.perf_counter()
+    for first in range(0, cells_per_step, micro):
+        collator([corpus_splits["train"][i] for i in range(first, first + micro)])
+    collate_seconds = time.perf_counter() - start
     s_per_step = statistics.median(steps)
     result = {
         "setting": name, "micro_batch": training_args.per_device_train_batch_size,
@@ -336,7 +347,8 @@ def train_setting(name: str, config: str, overrides: list[str], size: Size, corp
         "checkpointing": bool(training_args.gradient_checkpointing), "cells_per_step": cells_per_step,
         "s_per_step": s_per_step, "cells_per_s": cells_per_step / s_per_step,
         "tokens_per_s": float(tokens.sum() / steps.sum()), "peak_gib": peak,
-        "collator_share": float(collated.sum() / steps.sum()), "losses": timer.losses,
+        "collator_share": collate_seconds / s_per_step, "dataloader_workers": training_args.dataloader_num_workers,
+        "losses": timer.losses,
     }
     trainer.accelerator.free_memory()
     del trainer, model
@@ -357,8 +369,10 @@ def generation_modes(size: Size, device: str) -> list[tuple[str, dict]]:
 
 
 def measure_generation(size: Size, corpus: Path, encoder_dir: Path, lm_dir: Path, counts: sp.csr_matrix,
-                       genes: list[str], device: str, dtype: torch.dtype, deadline: float) -> list[dict]:
-    """cells/s of `pipeline("cell-to-text")` at one batch of `generation_batch` cells, per cache mode."""
+                       genes: list[str], device: str, dtype: torch.dtype, deadline: float,
+                       on_result: Callable[[dict], None]) -> None:
+    """cells/s of `pipeline("cell-to-text")` at one batch of `generation_batch` cells, per cache mode; each mode's
+    figures go to `on_result` as soon as they are measured."""
     from transformers import AutoTokenizer, pipeline
 
     from modeling_cell2text import Cell2TextFeatureExtractor, Cell2TextForConditionalGeneration, Cell2TextPipeline
@@ -376,7 +390,6 @@ def measure_generation(size: Size, corpus: Path, encoder_dir: Path, lm_dir: Path
                         device=device)
     n = size.generation_batch
     cells = counts[:n]
-    results = []
     for name, kwargs in generation_modes(size, device):
         if time.perf_counter() > deadline:
             log(f"generation {name}: skipped (past --time-budget)")
@@ -391,15 +404,14 @@ def measure_generation(size: Size, corpus: Path, encoder_dir: Path, lm_dir: Path
         out = describe(cells, genes, **call)
         sync(device)
         seconds = time.perf_counter() - start
-        results.append({"mode": name, "batch": n, "cells_per_s": n / seconds,
-                        "new_tokens_per_s": n * size.new_tokens / seconds, "peak_gib": peak_gib(device),
-                        "warmup_s": warm, "described": sum(r is not None for r in out)})
+        on_result({"mode": name, "batch": n, "cells_per_s": n / seconds,
+                   "new_tokens_per_s": n * size.new_tokens / seconds, "peak_gib": peak_gib(device),
+                   "warmup_s": warm, "described": sum(r is not None for r in out)})
         log(f"generation {name:>16}, batch {n}: {n / seconds:7.1f} cells/s, "
             f"{n * size.new_tokens / seconds:8.0f} new tokens/s, peak {peak_gib(device):5.1f} GiB, "
             f"warm-up {warm:5.1f} s")
     del describe, model
     reset_memory(device)
-    return results
 
 
 # --------------------------------------------------------------------------------------------------- main
@@ -413,6 +425,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer folder with a chat template (e.g. SmolLM2's); default: a small BPE trained "
                              "on the corpus descriptions (its token counts are not a real LLM's)")
+    parser.add_argument("--lm-vocab-size", type=int, default=None,
+                        help="the LM's vocabulary (default: the tokenizer's, 49,152 for SmolLM2's, as in the "
+                             "2026-11-29 measurements; Llama-3.2 has 128,256)")
     parser.add_argument("--cells", type=int, default=None,
                         help="synthetic cells, train + validation (default 320; 48 in a dry run)")
     parser.add_argument("--skip-training", action="store_true")
@@ -451,12 +466,19 @@ def run(args: argparse.Namespace) -> dict:
         props = torch.cuda.get_device_properties(0)
         log(f"{props.name}, {props.total_memory / 2**30:.0f} GiB; torch {torch.__version__}")
     figures: dict = {"size": "tiny (dry run)" if args.dry_run else args.size, "training": [], "generation": []}
+
+    def save() -> None:  # after every measurement, so a later failure loses nothing measured
+        figures["seconds"] = time.perf_counter() - started
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2))
+
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         work = Path(tmp)
         counts, genes, cell_types = synthetic_counts(size, n_cells)
         gene_vocab = write_corpus(work / "corpus", size, counts, genes, cell_types)
         tokenizer = load_tokenizer(args.tokenizer, work / "corpus")
-        encoder_dir, lm_dir = make_parts(work / "parts", size, gene_vocab, tokenizer, device, dtype)
+        encoder_dir, lm_dir = make_parts(work / "parts", size, gene_vocab, tokenizer, device, dtype,
+                                         args.lm_vocab_size)
         log(f"corpus ({n_cells} cells, {counts.nnz / n_cells:.0f} genes a cell) and parts ready in "
             f"{time.perf_counter() - started:.0f} s")
         if not args.skip_training:
@@ -466,19 +488,22 @@ def run(args: argparse.Namespace) -> dict:
                     continue
                 r = train_setting(name, config, overrides, size, work / "corpus", encoder_dir, lm_dir, work, device)
                 figures["training"].append(r)
+                save()
                 base = figures["training"][0]["cells_per_s"]
                 log(f"train {name:>46}: {r['s_per_step']:6.2f} s/step, {r['cells_per_s']:6.1f} cells/s "
                     f"({r['cells_per_s'] / base:.2f}x), {r['tokens_per_s']:7.0f} tokens/s, peak {r['peak_gib']:5.1f}"
-                    f" GiB, collator {r['collator_share']:.1%} of a step, loss "
+                    f" GiB, collator {r['collator_share']:.1%} of a step ({r['dataloader_workers']} workers), loss "
                     f"{r['losses'][0] if r['losses'] else float('nan'):.3f} -> "
                     f"{r['losses'][-1] if r['losses'] else float('nan'):.3f}")
         if not args.skip_generation:
-            figures["generation"] = measure_generation(size, work / "corpus", encoder_dir, lm_dir, counts, genes,
-                                                       device, dtype, deadline)
-    figures["seconds"] = time.perf_counter() - started
+            def add_generation(result: dict) -> None:
+                figures["generation"].append(result)
+                save()
+
+            measure_generation(size, work / "corpus", encoder_dir, lm_dir, counts, genes, device, dtype, deadline,
+                               add_generation)
+    save()
     log(f"done in {figures['seconds']:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
     return figures
 
 

@@ -32,7 +32,8 @@ def results():
             "sex": {"accuracy": float("nan"), "weighted_f1": None},  # unknown sex in the source: left out
         },
         "pathways": {"subset_accuracy": 0.2143, "jaccard": 0.5512, "f1": 0.6034},
-        "text": {"bleu_signature": "nrefs:1|case:lc|eff:no|tok:13a|smooth:none|version:2.6.0", "bleu1": 0.7101, "bleu4": 0.4213, "rouge1": 0.7511, "rouge2": 0.6012, "rougeL": 0.7034,
+        "text": {"bleu_signature": "nrefs:1|case:lc|eff:no|tok:13a|smooth:none|version:2.6.0",
+                 "bleu1": 0.7101, "bleu4": 0.4213, "rouge1": 0.7511, "rouge2": 0.6012, "rougeL": 0.7034,
                  "meteor": float("nan"), "embedding_similarity": 0.9132},
         "baselines": {
             "majority": {"cell_type": {"accuracy": 0.3429, "weighted_f1": 0.1751}},
