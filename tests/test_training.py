@@ -371,3 +371,44 @@ def test_init_from_runs_no_code_from_the_folder_unless_asked(parts_and_corpus, t
     # the opt-in (SFTConfig's --trust_remote_code): the loaders may run the folder's code, as transformers decides
     sft_module.build_model(args, None, processor, trust_remote_code=True)
     assert trusted == [True]
+
+
+def test_cell_type_stage_trains_on_the_first_sentence_then_on_full_descriptions(parts_and_corpus, tmp_path,
+                                                                                 monkeypatch):
+    import training.sft as sft_module
+    from training.collator import Cell2TextDataCollator
+
+    targets = []  # (stage, target text) of every collated batch
+
+    class RecordingCollator(Cell2TextDataCollator):
+        def __call__(self, examples):
+            batch = super().__call__(examples)
+            tokenizer = self.processor.tokenizer
+            for ids, labels in zip(batch["input_ids"], batch["labels"]):
+                targets.append((self.cell_type_only, tokenizer.decode(ids[labels != -100])))
+            return batch
+
+    trainers = []
+
+    class RecordingTrainer(sft_module.Cell2TextSFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            trainers.append((self, kwargs["peft_config"]))
+
+    monkeypatch.setattr(sft_module, "Cell2TextDataCollator", RecordingCollator)
+    monkeypatch.setattr(sft_module, "Cell2TextSFTTrainer", RecordingTrainer)
+    lm_dir, corpus_dir = parts_and_corpus
+    final_dir = tiny_recipe(lm_dir, corpus_dir, tmp_path / "out", tmp_path / "final", max_steps=1,
+                            cell_type_stage_steps=2)
+
+    state = json.loads((final_dir / "training_state.json").read_text())
+    assert state["cell_type_stage_steps"] == 2 and state["global_step"] == 1
+    stage_one = [text for cell_type_only, text in targets if cell_type_only]
+    stage_two = [text for cell_type_only, text in targets if not cell_type_only]
+    assert len(stage_one) >= 2 * 4 and len(stage_two) >= 4  # two steps of 4 cells, then one (the loader reads ahead)
+    assert targets[: len(stage_one)] == [(True, text) for text in stage_one]  # stage 1 comes first
+    assert set(stage_one) <= {"This sample consists of a B cell.<|im_end|>", "This sample consists of a T cell.<|im_end|>"}
+    assert all(text.startswith("This sample consists of a ") and "It originates from" in text for text in stage_two)
+    (stage, stage_lora), (full, full_lora) = trainers
+    assert stage_lora is not None and full_lora is None
+    assert full.model is stage.model  # stage 2 goes on with the adapters and projector stage 1 trained

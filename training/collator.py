@@ -7,6 +7,8 @@ from typing import Any
 
 from transformers import BatchFeature
 
+from modeling_cell2text import CellDescription, parse_description, render_description
+
 
 def split_value_lists(split, feature_extractor) -> list | None:
     """A corpus split's expression bins (column gene_value_ids) for a value-aware feature extractor, else None."""
@@ -20,12 +22,24 @@ def split_value_lists(split, feature_extractor) -> list | None:
     return split["gene_value_ids"]
 
 
+def cell_type_sentence(description: str) -> str:
+    """A description's first sentence, the one naming the cell type ("This sample consists of a B cell.").
+
+    Parsed and re-rendered with the description schema, which owns the template.
+    """
+    cell_type = parse_description(description).cell_type
+    if cell_type is None:
+        raise ValueError(f"The description names no cell type, so it has no cell-type sentence: {description[:200]!r}")
+    return render_description(CellDescription(cell_type=cell_type))
+
+
 class Cell2TextDataCollator:
     """Collates corpus examples with the processor: the loss covers the description and EOS only.
 
     Prompt, cell placeholders and padding get label -100 (the processor builds the labels, so the prompt format
     has one owner). Examples need `gene_input_ids` and `description` (and `gene_value_ids` when the processor's
-    feature extractor is value-aware); other columns are ignored.
+    feature extractor is value-aware); other columns are ignored. With `cell_type_only`, the target is the
+    description's first sentence alone (`cell_type_sentence`): the recipe's LLaVA-style first stage.
     """
 
     def __init__(
@@ -34,8 +48,10 @@ class Cell2TextDataCollator:
         gene_column: str = "gene_input_ids",
         text_column: str = "description",
         value_column: str = "gene_value_ids",
+        cell_type_only: bool = False,
     ):
         self.processor = processor
+        self.cell_type_only = cell_type_only
         self.gene_column = gene_column
         self.text_column = text_column
         self.value_column = value_column if processor.feature_extractor.num_expression_bins else None
@@ -51,6 +67,9 @@ class Cell2TextDataCollator:
         return self.processor(
             gene_input_ids=[example[self.gene_column] for example in examples],
             gene_value_ids=[example[self.value_column] for example in examples] if self.value_column else None,
-            descriptions=[example[self.text_column] for example in examples],
+            descriptions=[
+                cell_type_sentence(example[self.text_column]) if self.cell_type_only else example[self.text_column]
+                for example in examples
+            ],
             return_tensors="pt",
         )

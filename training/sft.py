@@ -18,11 +18,13 @@ The recipe, top to bottom:
 4. Compose the model from the pretrained parts (or start from a trained Cell2Text with `init_from`).
 5. Train with `SFTTrainer`: LoRA on the language model's linear layers, the projector (and an unfrozen encoder)
    trained fully through `modules_to_save`, separate learning rates; the best checkpoint by validation loss.
+   Optionally first a LLaVA-style stage on the cell-type sentence alone (`cell_type_stage_steps`).
 6. Merge LoRA into the language model and save a Hub-ready folder (weights, processor, remote code).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -84,6 +86,12 @@ class Cell2TextArguments:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.1
+    cell_type_stage_steps: int = field(
+        default=0,
+        metadata={"help": "LLaVA-style first stage: this many optimizer steps on the cell-type sentence alone (the "
+                  "description's first sentence), training the projector and LoRA, before the full descriptions. "
+                  "Its targets are a few tokens, so many more steps fit in the same minutes. 0: off."},
+    )
     cell_type_loss_weight: float = field(
         default=1.0,
         metadata={"help": "Loss weight of the description's first sentence, which names the cell type (1: TRL's "
@@ -319,6 +327,29 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         modules_to_save=modules_to_save,
         task_type="CAUSAL_LM",
     )
+    part_settings = {
+        "projector_learning_rate": args.projector_learning_rate,
+        "gene_encoder_learning_rate": args.gene_encoder_learning_rate,
+        "cell_type_loss_weight": args.cell_type_loss_weight,
+    }
+    cell_type_stage_steps = 0
+    if args.cell_type_stage_steps > 0 and not training_args.resume_from_checkpoint:
+        # Stage 1 (LLaVA-style): the projector and LoRA learn to name the cell type from the cell tokens, on the
+        # description's first sentence alone. Stage 2 goes on with the same adapters (checkpoints are of stage 2, so
+        # a resumed run skips stage 1).
+        stage_args = dataclasses.replace(
+            training_args, output_dir=str(Path(training_args.output_dir) / "cell_type_stage"),
+            max_steps=args.cell_type_stage_steps, eval_strategy="no", save_strategy="no",
+            load_best_model_at_end=False, resume_from_checkpoint=None,
+        )
+        stage = Cell2TextSFTTrainer(
+            model=model, args=stage_args, data_collator=Cell2TextDataCollator(processor, cell_type_only=True),
+            train_dataset=corpus["train"], processing_class=processor, peft_config=peft_config, **part_settings,
+        )
+        stage.train()
+        cell_type_stage_steps = stage.state.global_step
+        model, peft_config = stage.model, None
+
     eval_dataset = corpus["validation"] if training_args.eval_strategy != "no" else None
     trainer = Cell2TextSFTTrainer(
         model=model,
@@ -328,9 +359,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         eval_dataset=eval_dataset,
         processing_class=processor,
         peft_config=peft_config,
-        projector_learning_rate=args.projector_learning_rate,
-        gene_encoder_learning_rate=args.gene_encoder_learning_rate,
-        cell_type_loss_weight=args.cell_type_loss_weight,
+        **part_settings,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
@@ -340,8 +369,9 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         merged.save_pretrained(final_dir)
         processor.save_pretrained(final_dir)
         (final_dir / "training_state.json").write_text(
-            json.dumps({"global_step": trainer.state.global_step, "best_model_checkpoint":
-                        trainer.state.best_model_checkpoint, "best_metric": trainer.state.best_metric}, indent=2)
+            json.dumps({"global_step": trainer.state.global_step, "cell_type_stage_steps": cell_type_stage_steps,
+                        "best_model_checkpoint": trainer.state.best_model_checkpoint,
+                        "best_metric": trainer.state.best_metric}, indent=2)
         )
     trainer.accelerator.wait_for_everyone()
     return final_dir
