@@ -930,22 +930,23 @@ def _rank_values(
     data: np.ndarray, indptr: np.ndarray, medians: np.ndarray, input_values: str, first_row: int
 ) -> np.ndarray:
     """Geneformer's float64 ranking values of a CSR chunk's entries (see the module docstring), checked.
+    ``medians`` (each entry's gene median, float64) is overwritten with the values.
 
     "counts": ``count / n_counts * 10_000`` in float32 for float32/float16 data (float64 for integer or float64
     data), then ``/ median`` in float64. "normalized": ``value / median``. "log1p": ``expm1(value) / median``.
     """
     if input_values == "counts":
         dtype = np.float32 if data.dtype in (np.float16, np.float32) else np.float64
-        n_counts = np.repeat(_row_sums(data, indptr).astype(dtype), np.diff(indptr))
+        normalised = np.repeat(_row_sums(data, indptr).astype(dtype), np.diff(indptr))  # n_counts per entry
         with np.errstate(divide="ignore", invalid="ignore"):  # cells with only stored zeros: never ranked
-            normalised = np.divide(data, n_counts, dtype=dtype)
+            np.divide(data, normalised, out=normalised, dtype=dtype)
         normalised *= dtype(TARGET_SUM)
     elif input_values == "log1p":
         normalised = np.expm1(data, dtype=np.float64)
     else:
         normalised = data
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        values = np.divide(normalised, medians, dtype=np.float64)
+        values = np.divide(normalised, medians, dtype=np.float64, out=medians if medians.dtype == np.float64 else None)
     if len(values) == 0 or (values.min() >= _TINY and values.max() < np.inf):  # no stored zero, no over/underflow
         return values
     bad = (data != 0) & ~((values >= _TINY) & (values < np.inf))
