@@ -407,7 +407,7 @@ def test_cell_type_stage_trains_on_the_first_sentence_then_on_full_descriptions(
     stage_two = [text for cell_type_only, text in targets if not cell_type_only]
     assert len(stage_one) >= 2 * 4 and len(stage_two) >= 4  # two steps of 4 cells, then one (the loader reads ahead)
     assert targets[: len(stage_one)] == [(True, text) for text in stage_one]  # stage 1 comes first
-    assert set(stage_one) <= {"This sample consists of a B cell.<|im_end|>", "This sample consists of a T cell.<|im_end|>"}
+    assert set(stage_one) <= {f"This sample consists of a {t} cell.<|im_end|>" for t in ("B", "T")}
     assert all(text.startswith("This sample consists of a ") and "It originates from" in text for text in stage_two)
     (stage, stage_lora), (full, full_lora) = trainers
     assert stage_lora is not None and full_lora is None
