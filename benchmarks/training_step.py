@@ -5,7 +5,8 @@
 Builds the demo's Cell2Text (a freshly initialised 2-layer encoder, the real SmolLM2-135M-Instruct with LoRA as in
 `training/configs/demo.yaml`) and times forward + backward of the same corpus batches under bf16 autocast with
 both loss computations, alternating, so machine noise hits both alike. Prints each path's median step time and
-the ratio, and checks the two losses agree. Needs the demo corpus and the converted LLM (the main job makes both).
+the ratio, checks the two losses agree, and times the collator on the same rows (corpus examples -> padded tensors
+with labels) to print its share of a step (target < 5%; `benchmarks/gpu.py` measures it on a GPU). Needs the demo corpus and the converted LLM (the main job makes both).
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ def build_trainer(args: argparse.Namespace, out_dir: Path):
         model=model, args=config, data_collator=collator, train_dataset=corpus["train"], processing_class=processor,
         peft_config=lora, projector_learning_rate=1e-3, gene_encoder_learning_rate=1e-5,
     )
-    batches = [collator([corpus["train"][i] for i in range(b * args.batch_size, (b + 1) * args.batch_size)])
-               for b in range(args.batches)]
-    return trainer, batches
+    examples = [[corpus["train"][i] for i in range(b * args.batch_size, (b + 1) * args.batch_size)]
+                for b in range(args.batches)]
+    return trainer, [collator(batch) for batch in examples], collator, examples
 
 
 def main() -> None:
@@ -81,11 +82,12 @@ def main() -> None:
     from trl import SFTTrainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, batches = build_trainer(args, Path(tmp))
+        trainer, batches, collator, examples = build_trainer(args, Path(tmp))
         model = trainer.model.train()
         paths = {"TRL fused LM head": lambda b: SFTTrainer.compute_loss(trainer, model, b),
                  "labelled positions": lambda b: trainer.compute_loss(model, b)}
         times: dict[str, list[float]] = {name: [] for name in paths}
+        collate_times: list[float] = []
         losses: dict[str, list[float]] = {name: [] for name in paths}
         for _ in range(args.rounds):
             for batch in batches:
@@ -97,6 +99,10 @@ def main() -> None:
                     loss.backward()
                     times[name].append(time.perf_counter() - start)
                     losses[name].append(loss.item())
+            for batch_examples in examples:  # the data path: corpus rows -> padded tensors with labels
+                start = time.perf_counter()
+                collator(batch_examples)
+                collate_times.append(time.perf_counter() - start)
     shape = tuple(batches[0]["input_ids"].shape)
     labelled = float((batches[0]["labels"] != -100).float().mean())
     print(f"batch {shape} (input_ids), {labelled:.0%} of positions labelled, {torch.get_num_threads()} threads")
@@ -104,6 +110,9 @@ def main() -> None:
         print(f"{name:>20}: median {statistics.median(times[name]):.2f} s/step over {len(times[name])} steps")
     ratio = statistics.median(times["TRL fused LM head"]) / statistics.median(times["labelled positions"])
     print(f"speed-up: {ratio:.2f}x")
+    collate = statistics.median(collate_times)
+    share = collate / (collate + statistics.median(times["labelled positions"]))
+    print(f"{'collator':>20}: median {collate:.3f} s/batch = {share:.2%} of a step with it (target < 5%)")
     worst = max(abs(a - b) for a, b in zip(*losses.values()))
     print(f"largest loss difference between the paths (bf16 autocast): {worst:.2e}")
 
