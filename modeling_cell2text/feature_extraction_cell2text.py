@@ -26,8 +26,10 @@ Documented choices (where Geneformer's own tokenizer is platform-dependent or si
   way are refused with the fix.
 
 The ranking is vectorised over row chunks of a CSR matrix: each entry's value becomes a uint64 key (the float64
-bits, inverted: ascending key = descending value), keys are scattered into a padded 2-D array and argsorted along
-rows; runs of equal keys (exact ties) are then put in ascending token order with one 1-D sort.
+bits inverted, so ascending key = descending value, with the lowest bits replaced by the entry's index in its
+row), keys are scattered into a padded 2-D array and sorted along rows (one C loop over rows); the low bits then
+find each rank's token. Runs of keys equal above the low bits (exact ties, and values differing only in their last
+bits) are put in exact-value, then ascending-token order with one 1-D sort over their entries.
 
 Value-aware tokens (optional, ``num_expression_bins > 0``): beside its token, each gene gets an expression bin,
 scGPT's per-cell value binning: with B bins and n expressed vocabulary genes in the cell, a gene whose expression
