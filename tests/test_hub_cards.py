@@ -232,3 +232,13 @@ def test_dataset_card_pushed_after_the_data_keeps_the_datasets_metadata(summary,
     assert data["configs"][0]["data_files"][0]["path"] == "data/train-*"
     assert data["dataset_info"]["splits"][0]["num_examples"] == 560
     assert "| dendritic cell | 192 | 24 | 24 | 240 |" in card.text and "| CL | `v2026-03-26` |" in card.text
+
+
+def test_no_local_path_reaches_the_dataset_card(summary, tmp_path):
+    source = tmp_path / "data" / "cells.h5ad"
+    card = render_dataset_card({**summary, "source": str(source), "name": str(tmp_path / "corpus")}, repo_id=DATASET)
+    path = tmp_path / "README.md"
+    card.save(path)
+    text = path.read_text()
+    assert str(tmp_path) not in text and "/tmp" not in text
+    assert "cells.h5ad" in text and DatasetCard.load(path).data.to_dict()["pretty_name"] == "corpus"
