@@ -432,7 +432,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="synthetic cells, train + validation (default 320; 48 in a dry run)")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-generation", action="store_true")
-    parser.add_argument("--time-budget", type=float, default=330.0,
+    parser.add_argument("--time-budget", type=float, default=300.0,
                         help="seconds; stages that would start later are skipped")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--work-dir", type=Path, default=None, help="where parts and corpus go (default: a temp dir)")
