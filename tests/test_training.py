@@ -403,6 +403,7 @@ def test_cell_type_stage_trains_on_the_first_sentence_then_on_full_descriptions(
 
     state = json.loads((final_dir / "training_state.json").read_text())
     assert state["cell_type_stage_steps"] == 2 and state["global_step"] == 1
+    assert state["cell_type_stage_runtime"] > 0 and state["train_runtime"] > 0
     stage_one = [text for cell_type_only, text in targets if cell_type_only]
     stage_two = [text for cell_type_only, text in targets if not cell_type_only]
     assert len(stage_one) >= 2 * 4 and len(stage_two) >= 4  # two steps of 4 cells, then one (the loader reads ahead)

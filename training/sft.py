@@ -332,7 +332,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         "gene_encoder_learning_rate": args.gene_encoder_learning_rate,
         "cell_type_loss_weight": args.cell_type_loss_weight,
     }
-    cell_type_stage_steps = 0
+    cell_type_stage_steps, cell_type_stage_runtime = 0, None
     if args.cell_type_stage_steps > 0 and not training_args.resume_from_checkpoint:
         # Stage 1 (LLaVA-style): the projector and LoRA learn to name the cell type from the cell tokens, on the
         # description's first sentence alone. Stage 2 goes on with the same adapters (checkpoints are of stage 2, so
@@ -346,7 +346,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
             model=model, args=stage_args, data_collator=Cell2TextDataCollator(processor, cell_type_only=True),
             train_dataset=corpus["train"], processing_class=processor, peft_config=peft_config, **part_settings,
         )
-        stage.train()
+        cell_type_stage_runtime = stage.train().metrics.get("train_runtime")
         cell_type_stage_steps = stage.state.global_step
         model, peft_config = stage.model, None
 
@@ -361,7 +361,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         peft_config=peft_config,
         **part_settings,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     final_dir = Path(args.final_model_dir or Path(training_args.output_dir) / "final")
     if trainer.accelerator.is_main_process:
@@ -371,7 +371,9 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         (final_dir / "training_state.json").write_text(
             json.dumps({"global_step": trainer.state.global_step, "cell_type_stage_steps": cell_type_stage_steps,
                         "best_model_checkpoint": trainer.state.best_model_checkpoint,
-                        "best_metric": trainer.state.best_metric}, indent=2)
+                        "best_metric": trainer.state.best_metric,
+                        "train_runtime": train_output.metrics.get("train_runtime"),
+                        "cell_type_stage_runtime": cell_type_stage_runtime}, indent=2)
         )
     trainer.accelerator.wait_for_everyone()
     return final_dir
