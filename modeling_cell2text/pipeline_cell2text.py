@@ -19,6 +19,8 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, Pipeline
 
+from .label_scoring import constrained_results, constrains_by_default, generate_with_cell_type
+
 logger = logging.getLogger(__name__)
 
 TASK = "cell-to-text"
@@ -40,6 +42,11 @@ class Cell2TextPipeline(Pipeline):
     follows the description template), `cell_type`, `cell_type_definition`, `tissue`, `sex`, `disease`,
     `age_group`, `pathways` and `<field>_ontology_term_id` for cell_type, tissue, disease and sex. With
     `skip_empty_cells=True` cells that express no vocabulary gene give `None` instead of raising.
+
+    The cell type is one of the labels the processor learnt from the training corpus (each with its ontology id)
+    where it knows any (`constrain_cell_type=True`, the default then; `label_scoring.py`): each label is scored by
+    its log-likelihood, the most likely written as the first sentence, and `cell_type_score` is its probability
+    among the labels. `constrain_cell_type=False` lets the model write the cell type freely (`cell_type_score` None).
 
     Cells are rank-value encoded a block at a time (vectorised) and generated `batch_size` cells at a time.
     Generation is greedy with `max_new_tokens=160` unless the model's generation config, the pipeline's or the
@@ -71,6 +78,7 @@ class Cell2TextPipeline(Pipeline):
         use_raw: bool | None = None,
         input_values: str | None = None,
         skip_empty_cells: bool | None = None,
+        constrain_cell_type: bool | None = None,
         generate_kwargs: dict | None = None,
         **generation_params: Any,
     ) -> tuple[dict, dict, dict]:
@@ -83,7 +91,7 @@ class Cell2TextPipeline(Pipeline):
             preprocess_params["input_values"] = input_values
         if skip_empty_cells is not None:
             preprocess_params["skip_empty_cells"] = skip_empty_cells
-        forward_params = {}
+        forward_params = {} if constrain_cell_type is None else {"constrain_cell_type": constrain_cell_type}
         if generate_kwargs or generation_params:
             forward_params["generate_kwargs"] = {**(generate_kwargs or {}), **generation_params}
         return preprocess_params, forward_params, {}
@@ -154,16 +162,21 @@ class Cell2TextPipeline(Pipeline):
             return_tensors="pt",
         ))
 
-    def _forward(self, model_inputs: dict, generate_kwargs: dict | None = None) -> dict:
+    def _forward(self, model_inputs: dict, generate_kwargs: dict | None = None,
+                 constrain_cell_type: bool | None = None) -> dict:
         prompt_length = model_inputs["input_ids"].shape[1]
         generate_kwargs = self._prepare_generate_kwargs(dict(generate_kwargs or {}))
+        if constrains_by_default(self.processor) if constrain_cell_type is None else constrain_cell_type:
+            return {"constrained": generate_with_cell_type(self.model, self.processor, model_inputs, **generate_kwargs)}
         generated = self.model.generate(**model_inputs, **generate_kwargs)
         check_outputs_line_up(model_inputs["input_ids"], generated)
         return {"generated_ids": generated, "prompt_length": prompt_length}
 
     def postprocess(self, model_outputs: dict, **kwargs: Any) -> list[dict]:
+        if "constrained" in model_outputs:
+            return constrained_results(self.processor, model_outputs["constrained"])
         texts = self.processor.post_process_generation(model_outputs["generated_ids"], model_outputs["prompt_length"])
-        return self.processor.parse_descriptions(texts)
+        return [{**result, "cell_type_score": None} for result in self.processor.parse_descriptions(texts)]
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Save model, pipeline code and processor, ready for `pipeline("cell-to-text", trust_remote_code=True)`."""

@@ -1,0 +1,49 @@
+"""The cell-to-text pipeline with the cell type constrained to the processor's known labels (the default)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from test_pipeline import GENES, ONTOLOGY_IDS, random_counts, save_tiny_model_folder
+from transformers import pipeline
+
+from modeling_cell2text.label_scoring import cell_type_sentence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+CELL_TYPES = {**ONTOLOGY_IDS["cell_type"], "T cell": "CL:0000084", "monocyte": "CL:0000576"}
+
+
+@pytest.fixture(scope="module")
+def random_dir(tmp_path_factory):
+    """A random model whose processor knows three cell types."""
+    model_dir = save_tiny_model_folder(tmp_path_factory.mktemp("constrained"), trained=False)
+    config_file = model_dir / "processor_config.json"
+    config = json.loads(config_file.read_text())
+    config["ontology_term_ids"]["cell_type"] = CELL_TYPES
+    config_file.write_text(json.dumps(config))
+    return model_dir
+
+
+def test_pipeline_constrains_the_cell_type_by_default_with_a_score(random_dir):
+    describe = pipeline("cell-to-text", model=str(random_dir), trust_remote_code=True, device="cpu")
+    assert type(describe).__module__.startswith("transformers_modules.")  # label_scoring travelled with it
+    assert (random_dir / "label_scoring.py").exists()
+    counts = random_counts(5, seed=3)
+    results = describe(counts, gene_ids=GENES, batch_size=2, max_new_tokens=4)
+    for result in results:
+        assert result["cell_type"] in CELL_TYPES
+        assert result["cell_type_ontology_term_id"] == CELL_TYPES[result["cell_type"]]
+        assert result["description"].startswith(cell_type_sentence(result["cell_type"]))
+        assert 1 / 3 <= result["cell_type_score"] <= 1
+    # batching does not change labels or scores (left padding is handled)
+    one_by_one = describe(sp.csr_matrix(counts), gene_ids=GENES, batch_size=1, max_new_tokens=4)
+    assert [r["cell_type"] for r in one_by_one] == [r["cell_type"] for r in results]
+    np.testing.assert_allclose([r["cell_type_score"] for r in one_by_one], [r["cell_type_score"] for r in results],
+                               rtol=1e-4)
+    free = describe(counts, gene_ids=GENES, max_new_tokens=4, constrain_cell_type=False)
+    assert all(r["cell_type_score"] is None for r in free)
+    assert [r["description"] for r in free] != [r["description"] for r in results]
