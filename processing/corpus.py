@@ -213,3 +213,7 @@ class SplitWriter:
         """
         splits = {s: datasets.Dataset.from_file(str(path), split=s) for s, path in self.paths.items()}
         datasets.DatasetDict(splits).save_to_disk(str(out), max_shard_size=max_shard_size)
+        # datasets writes no shard for an empty split (load_from_disk then fails on it): save it again as one shard.
+        for name, split in splits.items():
+            if split.num_rows == 0:
+                split.save_to_disk(str(out / name), num_shards=1)

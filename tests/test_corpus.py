@@ -18,7 +18,7 @@ from modeling_cell2text.description_schema import parse_description
 from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
 from processing import ontologies
 from processing.build_corpus import BuildOptions, build_corpus
-from processing.corpus import FEATURES, VALUE_FEATURES, description_fields
+from processing.corpus import _STRING_COLUMNS, FEATURES, VALUE_FEATURES, SplitWriter, description_fields
 from processing.presets import pbmc68k_reduced
 from processing.sources import AnnDataSource
 
@@ -258,3 +258,16 @@ def test_raw_pathway_ranking_is_the_papers_option(tmp_path):
     assert summary["pathway_ranking"] == "AUCell, raw"
     with pytest.raises(ValueError, match="pathway_ranking"):
         build_corpus(pbmc68k_reduced(), tmp_path / "bad", BuildOptions(progress=False, pathway_ranking="zscore"))
+
+
+def test_an_empty_split_is_saved_so_that_the_corpus_loads(tmp_path):
+    """Too few donors leave a split empty; datasets writes no shard for it and load_from_disk failed (IndexError)."""
+    (tmp_path / "staging").mkdir()
+    writer = SplitWriter(tmp_path / "staging", ["train", "test"])
+    writer.write("train", {**{name: ["x"] for name in _STRING_COLUMNS}, "pathways": [()]},
+                 np.array([5, 6], dtype=np.int32), np.array([0, 2]))
+    writer.close()
+    writer.save(tmp_path / "corpus")
+    loaded = datasets.load_from_disk(str(tmp_path / "corpus"))
+    assert loaded["train"].num_rows == 1 and loaded["test"].num_rows == 0
+    assert loaded["train"][0]["gene_input_ids"] == [5, 6]
