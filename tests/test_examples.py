@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tiny_parts import save_tiny_parts
+from modeling_cell2text import Cell2TextFeatureExtractor
+from tiny_parts import encoder_for_vocabulary, save_tiny_parts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,8 +27,11 @@ def test_examples_build_finetune_and_describe(tmp_path):
     out = run_example("build_corpus_from_h5ad", "--out", str(corpus), cwd=tmp_path)
     assert '"num_cells_in": 700' in out and (corpus / "dataset_dict.json").exists()
 
-    # pbmc68k's 700 mapped genes + 4 special tokens fit a tiny encoder with 720 token embeddings
-    encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts", gene_vocab_size=720)
+    # A tiny random encoder standing in for one prepared on this corpus: its vocabulary, recorded as such (composing
+    # refuses a corpus vocabulary with an encoder that was not built for it).
+    feature_extractor = Cell2TextFeatureExtractor.from_pretrained(corpus / "feature_extractor")
+    random_encoder, lm_dir = save_tiny_parts(tmp_path / "parts", gene_vocab_size=feature_extractor.vocab_size)
+    encoder_dir = encoder_for_vocabulary(random_encoder, feature_extractor, tmp_path / "parts" / "prepared_encoder")
     out = run_example("finetune_cell2text", "--corpus", str(corpus), "--gene-encoder", str(encoder_dir),
                       "--text-model", str(lm_dir), "--out", str(tmp_path / "from_parts"), "--max-steps", "2",
                       "--num-cell-tokens", "8", cwd=tmp_path)

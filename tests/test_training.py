@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_parts import save_tiny_corpus, save_tiny_parts
+from tiny_parts import encoder_for_vocabulary, save_tiny_corpus, save_tiny_parts
 from transformers import AutoModelForCausalLM, AutoProcessor
 from trl import SFTConfig
 
@@ -32,18 +32,6 @@ def parts_and_corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe")
     encoder_dir, lm_dir = save_tiny_parts(root / "parts")
     return lm_dir, save_tiny_corpus(root / "corpus")
-
-
-def encoder_for_vocabulary(encoder_dir: Path, feature_extractor, out_dir: Path) -> Path:
-    """A copy of the tiny random encoder recorded as built for this gene vocabulary (as a corpus-prepared one is)."""
-    from transformers import AutoModel
-
-    from training.gene_encoder import record_preparation
-
-    encoder = AutoModel.from_pretrained(encoder_dir, add_pooling_layer=False)
-    record_preparation(encoder.config, feature_extractor, feature_layer=None)
-    encoder.save_pretrained(out_dir)
-    return out_dir
 
 
 def sft_command(lm_dir, corpus_dir, out_dir, *extra):

@@ -136,3 +136,15 @@ def save_tiny_corpus(root: Path, n_train: int = 32, seed: int = 0, expression_bi
     }
     (out / "summary.json").write_text(json.dumps({"name": "tiny", "ontology_term_ids": ontology_ids}))
     return out
+
+
+def encoder_for_vocabulary(encoder_dir: Path, feature_extractor, out_dir: Path) -> Path:
+    """A copy of the tiny random encoder recorded as built for this gene vocabulary (as a corpus-prepared one is)."""
+    from transformers import AutoModel
+
+    from training.gene_encoder import record_preparation
+
+    encoder = AutoModel.from_pretrained(encoder_dir, add_pooling_layer=False)
+    record_preparation(encoder.config, feature_extractor, feature_layer=None)
+    encoder.save_pretrained(out_dir)
+    return out_dir
