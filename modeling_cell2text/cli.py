@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     describe = commands.add_parser("describe", help="Write a description and parsed fields per cell into obs.")
     _add_common_arguments(describe, "cell2text", 16)
     describe.add_argument("--max-new-tokens", type=positive_int, default=160, help="longest description in tokens")
+    describe.add_argument("--free-cell-type", action="store_true",
+                          help="let the model write the cell type freely (default: chosen among the training "
+                               "corpus's labels, with its probability in <key>_cell_type_score)")
     embed = commands.add_parser("embed", help="Write per-cell embeddings (the gene encoder's) into obsm.")
     _add_common_arguments(embed, "X_cell2text", 64)
     return parser
@@ -157,7 +160,8 @@ def run(args: argparse.Namespace) -> None:
             trust_remote_code=args.trust_remote_code, progress=True,
         )
         if args.command == "describe":
-            tl.describe(adata, model, max_new_tokens=args.max_new_tokens, **common)
+            tl.describe(adata, model, max_new_tokens=args.max_new_tokens,
+                        constrain_cell_type=False if args.free_cell_type else None, **common)
             new_obs = [c for c in adata.obs.columns if c.startswith(f"{args.key_added}_")]
             write_annotated_copy(args.input, args.out, obs=adata.obs, uns={args.key_added: adata.uns[args.key_added]})
             described = int(adata.obs[f"{args.key_added}_description"].astype(bool).sum()) if new_obs else 0

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .label_scoring import constrains_by_default
 from .modeling_cell2text import Cell2TextForConditionalGeneration
 from .pipeline_cell2text import MIN_BLOCK_CELLS, MISSING_PROCESSOR, Cell2TextPipeline, rank_block, resolve_cells
 from .processing_cell2text import Cell2TextProcessor
@@ -212,6 +213,7 @@ def describe(
     input_values: str = "counts",
     batch_size: int = 16,
     max_new_tokens: int = 160,
+    constrain_cell_type: bool | None = None,
     skip_empty_cells: bool = False,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
@@ -232,14 +234,18 @@ def describe(
     Counts are read from `X`, `layers[layer]` or `adata.raw` (`use_raw=True`). A backed AnnData works (only obs
     changes, in memory: write it with `adata.write_h5ad(...)`). A view is made an actual AnnData by anndata when
     obs is written, as in scanpy (the parent is not modified); a view of a backed AnnData is refused.
-    Generation is greedy, one description per cell; `generate_kwargs` go to `generate`.
+    Generation is greedy, one description per cell; `generate_kwargs` go to `generate`. `constrain_cell_type`
+    (default: on where the processor knows the training corpus's cell-type labels) chooses the cell type among
+    those labels by log-likelihood, with its probability as the score; False lets the model write it freely.
     """
     _check_writable(adata, "obs")
     model, processor = load(model, processor, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     pipe = Cell2TextPipeline(model=model, processor=processor, device=model.device)
+    if constrain_cell_type is None:
+        constrain_cell_type = constrains_by_default(processor)
     results = pipe(
         adata, batch_size=batch_size, layer=layer, use_raw=use_raw, input_values=input_values,
-        skip_empty_cells=skip_empty_cells, progress=progress,
+        skip_empty_cells=skip_empty_cells, progress=progress, constrain_cell_type=constrain_cell_type,
         generate_kwargs={"max_new_tokens": max_new_tokens, **(generate_kwargs or {})},
     )
     if len(results) != adata.n_obs:
@@ -248,7 +254,8 @@ def describe(
         adata.obs[name] = values
     _record(adata, key_added, model, {
         "layer": layer or ("raw" if use_raw else "X"), "input_values": input_values, "batch_size": batch_size,
-        "max_new_tokens": max_new_tokens, "skip_empty_cells": skip_empty_cells, "dtype": str(model.dtype),
+        "max_new_tokens": max_new_tokens, "constrain_cell_type": constrain_cell_type,
+        "skip_empty_cells": skip_empty_cells, "dtype": str(model.dtype),
         "trust_remote_code": trust_remote_code, "generate_kwargs": json.dumps(generate_kwargs or {}, default=str),
     })
 

@@ -360,3 +360,15 @@ def test_version(capsys):
         main(["--version"])
     assert caught.value.code == 0
     assert capsys.readouterr().out.strip() == f"cell2text {package_version()}"
+
+
+def test_cell_type_score_and_free_cell_type(model_dir, h5ad, tmp_path, capsys):
+    out = tmp_path / "constrained.h5ad"
+    assert main(describe_args(h5ad, model_dir, out)) == 0
+    scores = ad.read_h5ad(out).obs["cell2text_cell_type_score"]
+    assert ((scores > 0) & (scores <= 1)).all()
+    out = tmp_path / "free.h5ad"
+    assert main([*describe_args(h5ad, model_dir, out), "--free-cell-type"]) == 0
+    free = ad.read_h5ad(out)
+    assert free.uns["cell2text"]["params"]["constrain_cell_type"] is False
+    assert "cell2text_cell_type_score" not in free.obs or free.obs["cell2text_cell_type_score"].isna().all()

@@ -58,6 +58,17 @@ def test_describe_writes_fields_with_ontology_ids_for_every_cell(model_dirs):
     assert record["package_version"] == tl.package_version()
     assert record["params"]["max_new_tokens"] == 40 and record["params"]["layer"] == "X"
     assert record["params"]["trust_remote_code"] is False
+    assert record["params"]["constrain_cell_type"] is True  # the processor knows the corpus's cell-type labels
+    scores = adata.obs["cell2text_cell_type_score"]
+    assert scores.dtype == float and ((scores > 0) & (scores <= 1)).all()
+
+
+def test_describe_free_cell_type_has_no_score_and_says_so(model_dirs, tmp_path):
+    adata = make_adata(3)
+    describe(adata, model_dirs["trained"], constrain_cell_type=False)
+    assert adata.uns["cell2text"]["params"]["constrain_cell_type"] is False
+    assert "cell2text_cell_type_score" not in adata.obs or adata.obs["cell2text_cell_type_score"].isna().all()
+    adata.write_h5ad(tmp_path / "free.h5ad")  # the record is writable (no None in uns)
 
 
 def test_describe_aligns_by_position_with_duplicated_obs_names(model_dirs, expected):
