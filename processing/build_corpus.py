@@ -37,6 +37,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from modeling_cell2text.cli import positive_int
 from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
 from processing import ontologies
 from processing.ontology_versions import ontology_versions
@@ -482,16 +483,6 @@ def _parse_obs_map(items: Sequence[str]) -> dict[str, str]:
     return mapping
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _shard(text: str) -> tuple[int, int]:
     """``I/N`` -> (I, N) with 0 <= I < N."""
     index, sep, count = text.partition("/")
@@ -556,7 +547,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gmt", default=str(DEFAULT_GMT), help="gene-set library (GMT); 'none' to skip pathways")
     parser.add_argument("--pathway-ranking", choices=("normalized", "raw"), default="normalized",
                         help="rank sets by AUC / best possible AUC (default) or by raw AUCell AUC (the paper's)")
-    parser.add_argument("--pathway-set-sizes", type=_positive_int, nargs=2, metavar=("MIN", "MAX"),
+    parser.add_argument("--pathway-set-sizes", type=positive_int, nargs=2, metavar=("MIN", "MAX"),
                         default=list(DEFAULT_SET_SIZES), help="keep library sets of MIN to MAX genes")
     parser.add_argument("--min-pathway-genes", type=int, default=5, help="gene sets with fewer genes present score 0")
     parser.add_argument("--token-dictionary", help="Geneformer token dictionary (.pkl), with --gene-median-file")
@@ -568,7 +559,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="value-aware corpus: also store each gene's per-cell expression bin (1..B); 0: rank only")
     parser.add_argument("--required-fields", nargs="*", default=["cell_type"], choices=LABEL_FIELDS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--chunk-size", type=_positive_int, default=2048)
+    parser.add_argument("--chunk-size", type=positive_int, default=2048)
     parser.add_argument("--shard", metavar="I/N", type=_shard, help="build only shard I (0-based) of N contiguous cell ranges")
     parser.add_argument("--max-shard-size", default="500MB", help="largest Arrow shard per split (e.g. 500MB)")
     parser.add_argument("--overwrite", action="store_true", help="replace the corpus already in --out")
