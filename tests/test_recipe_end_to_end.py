@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+from datasets import load_from_disk
 from tiny_parts import save_tiny_parts
 from trl import SFTConfig
 
+from modeling_cell2text.description_schema import DescriptionParseError, parse_description
 from processing.build_corpus import BuildOptions, build_corpus
 from processing.presets import pbmc68k_reduced
 from training.evaluate import evaluate_model
@@ -33,10 +35,24 @@ def test_build_train_reload_evaluate(tmp_path):
     results, per_cell, texts = evaluate_model(model_dir, tmp_path / "corpus", "test", batch_size=16,
                                               max_new_tokens=6, max_cells=20)
     assert results["num_cells"] == 20 and len(texts) == 20
-    assert 0.0 <= results["parse_rate"] <= 1.0
+    parsed = sum(1 for text in texts if _parses(text))
+    assert results["parse_rate"] == parsed / 20 and results["num_unparsed"] == 20 - parsed
+    # The cell type is constrained to the training labels by default: every prediction is one, with a probability.
+    labels = set(load_from_disk(str(tmp_path / "corpus"))["train"]["cell_type"])
+    assert len(per_cell["cell_type_pred"]) == 20 and set(per_cell["cell_type_pred"]) <= labels
+    assert all(0.0 < score <= 1.0 for score in per_cell["cell_type_score"])
+    assert all(text.startswith("This sample consists of ") for text in texts)
     assert set(results["fields"]) >= {"cell_type", "tissue", "disease"}
     assert "ontology_similarity" in results["fields"]["cell_type"]
     report = write_report(results, per_cell, tmp_path / "report")
     assert report.exists() and "cell_type" in report.read_text()
     saved = json.loads((tmp_path / "report" / "results.json").read_text())
     assert saved["num_cells"] == 20
+
+
+def _parses(text: str) -> bool:
+    try:
+        parse_description(text)
+    except DescriptionParseError:
+        return False
+    return True

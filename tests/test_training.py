@@ -75,7 +75,9 @@ def test_recipe_trains_lora_and_projector_and_saves_a_loadable_model(parts_and_c
     test = load_from_disk(str(corpus_dir))["test"]
     inputs = processor(gene_input_ids=test["gene_input_ids"][:2])
     generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    assert generated.shape[0] == 2
+    prompt_length = inputs["input_ids"].shape[1]
+    assert generated.shape == (2, prompt_length + 5)  # one row per cell, 5 new tokens each
+    assert (generated[:, :prompt_length] == inputs["input_ids"]).all()  # each row continues its own cell's prompt
     assert processor.ontology_term_ids["cell_type"]["B cell"] == "CL:0000236"
 
 
