@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-# Geneformer V2-316M (PAPER.md): the architecture of the encoder used by the paper.
+# Geneformer V2-316M (arXiv 2509.24840): the architecture of the encoder used by the paper.
 GENEFORMER_V2_316M = {
     "hidden_size": 1152,
     "num_hidden_layers": 18,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 
-# Development-stage buckets (PAPER.md): the only values `age_group` may take, in life order.
+# Development-stage buckets (arXiv 2509.24840): the only values `age_group` may take, in life order.
 AGE_GROUPS: tuple[str, ...] = (
     "early embryonic",
     "late embryonic",

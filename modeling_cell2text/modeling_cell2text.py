@@ -109,7 +109,7 @@ class Cell2TextCausalLMOutputWithPast(CausalLMOutputWithPast):
 
 
 class Cell2TextMultiModalProjector(nn.Module):
-    """Per-gene projector (PAPER.md): Linear -> LayerNorm -> GELU -> Dropout -> Linear -> LayerNorm."""
+    """Per-gene projector (arXiv 2509.24840): Linear -> LayerNorm -> GELU -> Dropout -> Linear -> LayerNorm."""
 
     def __init__(self, config: Cell2TextConfig):
         super().__init__()
