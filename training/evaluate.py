@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -61,6 +61,14 @@ FIELDS = {
 CORPUS_COLUMN = {"development_stage": "age_group"}
 
 
+def batched_inputs(model, processor, token_lists, value_lists, batch_size: int, desc: str) -> Iterator:
+    """Model inputs for consecutive batches of tokenized cells (and their expression bins), on the model's device."""
+    for start in tqdm(range(0, len(token_lists), batch_size), desc=desc):
+        batch = slice(start, start + batch_size)
+        values = None if value_lists is None else value_lists[batch]
+        yield processor(gene_input_ids=token_lists[batch], gene_value_ids=values).to(model.device)
+
+
 @torch.no_grad()
 def generate_descriptions(
     model,
@@ -74,10 +82,7 @@ def generate_descriptions(
     (left padded; the encoder runs once per batch)."""
     model.eval()
     texts: list[str] = []
-    for start in tqdm(range(0, len(token_lists), batch_size), desc="generating descriptions"):
-        batch = slice(start, start + batch_size)
-        values = None if value_lists is None else value_lists[batch]
-        inputs = processor(gene_input_ids=token_lists[batch], gene_value_ids=values).to(model.device)
+    for inputs in batched_inputs(model, processor, token_lists, value_lists, batch_size, "generating descriptions"):
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         texts.extend(processor.post_process_generation(generated, inputs["input_ids"].shape[1]))
     return texts
@@ -113,10 +118,8 @@ def describe_constrained(
     pad_id = processor.tokenizer.pad_token_id
     pad_id = processor.tokenizer.eos_token_id if pad_id is None else pad_id
     out: dict = {"texts": [], "labels": [], "scores": [], "free_labels": [], "candidates": candidates}
-    for start in tqdm(range(0, len(token_lists), batch_size), desc="generating constrained descriptions"):
-        batch = slice(start, start + batch_size)
-        values = None if value_lists is None else value_lists[batch]
-        inputs = processor(gene_input_ids=token_lists[batch], gene_value_ids=values).to(model.device)
+    for inputs in batched_inputs(model, processor, token_lists, value_lists, batch_size,
+                                 "generating constrained descriptions"):
         generation = generate_with_cell_type(model, processor, inputs, candidates, max_new_tokens=max_new_tokens,
                                              do_sample=False)
         out["texts"] += generation.texts
