@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from training.report import BENCHMARK_METHODS, BENCHMARK_METRICS, method_figures  # noqa: E402
+from training.evaluation.names import METHOD_NAMES  # noqa: E402
+from training.evaluation.report import BENCHMARK_METRICS, method_figures  # noqa: E402
 
 EXTRA_METRICS = ("free_accuracy", "ece", "num_invented")
 
@@ -57,7 +58,7 @@ def format_table(splits: Sequence[dict], summary: dict) -> str:
     header = ["Method", "Metric", *[f"seed {s}" for s in seeds], "Mean +- sd"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     metrics = {**BENCHMARK_METRICS, **{m: m for m in EXTRA_METRICS}}
-    for method, title in BENCHMARK_METHODS.items():
+    for method, title in METHOD_NAMES.items():
         for metric, metric_title in metrics.items():
             stats = summary.get(method, {}).get(metric)
             if stats is None:

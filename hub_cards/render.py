@@ -16,6 +16,19 @@ from typing import Any, Mapping
 
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
 
+from modeling_cell2text.description_schema import LABEL_FIELD_NAMES
+from training.evaluation.names import (
+    FIELD_METRICS,
+    METHOD_NAMES,
+    NO_VALUE,
+    PATHWAY_METRICS,
+    TEXT_METRICS,
+    MetricName,
+    field_title,
+    finite_number,
+    format_value,
+)
+
 TEMPLATE_DIR = Path(__file__).parent
 MODEL_CARD_TEMPLATE = TEMPLATE_DIR / "model_card_template.md"
 DATASET_CARD_TEMPLATE = TEMPLATE_DIR / "dataset_card_template.md"
@@ -24,64 +37,13 @@ DATASET_CARD_TEMPLATE = TEMPLATE_DIR / "dataset_card_template.md"
 # card sets no pipeline_tag and `inference: false`: a text-prompt widget cannot feed a cell to the model.
 TASK_TYPE = "text-generation"
 TASK_NAME = "Cell to text"
-FIELDS = ("cell_type", "tissue", "disease", "sex", "development_stage")
-# (key in results, metric type on the Hub, pretty name, metric args)
-FIELD_METRICS = (
-    ("accuracy", "accuracy", "accuracy", None),
-    ("weighted_f1", "f1", "weighted F1", {"average": "weighted"}),
-    ("macro_precision", "precision", "macro precision", {"average": "macro"}),
-    ("macro_recall", "recall", "macro recall", {"average": "macro"}),
-    ("ontology_similarity", "ontology_similarity", "ontology similarity", None),
-)
-PATHWAY_METRICS = (
-    ("subset_accuracy", "accuracy", "subset accuracy"),
-    ("jaccard", "jaccard", "Jaccard"),
-    ("f1", "f1", "F1"),
-)
-#: METEOR as training.text_metrics computes it: exact and stem matching; WordNet synonyms cannot be had offline.
-METEOR_NAME = "METEOR (exact + stem, no synonyms)"
-TEXT_METRICS = (
-    ("bleu1", "bleu", "BLEU-1", {"max_order": 1}),
-    ("bleu2", "bleu", "BLEU-2", {"max_order": 2}),
-    ("bleu3", "bleu", "BLEU-3", {"max_order": 3}),
-    ("bleu4", "bleu", "BLEU-4", {"max_order": 4}),
-    ("rouge1", "rouge", "ROUGE-1", None),
-    ("rouge2", "rouge", "ROUGE-2", None),
-    ("rougeL", "rouge", "ROUGE-L", None),
-    ("meteor", "meteor", METEOR_NAME, None),
-    ("embedding_similarity", "embedding_similarity", "embedding similarity", None),
-)
 # Metric ids the Hub knows; the project's own (parse_rate, ontology_similarity...) stay in model-index.
 STANDARD_METRICS = {"accuracy", "f1", "precision", "recall", "bleu", "rouge", "meteor"}
-BASELINE_NAMES = {
-    "majority": "Majority class",
-    "logistic_regression": "Logistic regression",
-    "knn": "kNN",
-    "cell2sentence": "Cell2Sentence-style",
-}
 DEFAULT_TAGS = (
     "cell2text", "cell-to-text", "single-cell", "scRNA-seq", "biology", "geneformer", "trl", "sft", "custom_code",
 )
 MAX_LABEL_ROWS = 40
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def _number(value: Any) -> float | None:
-    """A finite float, or None for absent, non-numeric or NaN/inf values."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    """Format a metric for a table cell; '–' where there is no value."""
-    number = _number(value)
-    return "–" if number is None else f"{number:.{digits}f}"
-
-
-def _pretty(field: str) -> str:
-    return field.replace("_", " ").capitalize()
 
 
 def is_repo_id(name: str | None) -> bool:
@@ -131,7 +93,7 @@ def _eval_results(results: Mapping[str, Any], dataset_id: str) -> list[EvalResul
     entries: list[EvalResult] = []
 
     def add(metric_type: str, value: Any, name: str, config: str | None = None, args: dict | None = None) -> None:
-        number = _number(value)
+        number = finite_number(value)
         if number is not None:
             entries.append(
                 EvalResult(
@@ -148,34 +110,30 @@ def _eval_results(results: Mapping[str, Any], dataset_id: str) -> list[EvalResul
                 )
             )
 
-    add("parse_rate", results.get("parse_rate"), "parse rate")
-    for field in FIELDS:
+    add("parse_rate", results.get("parse_rate"), "Parse rate")
+    for field in LABEL_FIELD_NAMES:
         scores = results.get("fields", {}).get(field, {})
-        for key, metric_type, pretty, args in FIELD_METRICS:
-            add(metric_type, scores.get(key), f"{_pretty(field)} {pretty}", field, args)
+        for metric in FIELD_METRICS:
+            if metric.hub_type:
+                add(metric.hub_type, scores.get(metric.key), f"{field_title(field)}: {metric.title}", field,
+                    metric.hub_args)
     pathways = results.get("pathways", {})
-    for key, metric_type, pretty in PATHWAY_METRICS:
-        add(metric_type, pathways.get(key), f"Pathway {pretty}", "pathways")
+    for metric in PATHWAY_METRICS:
+        add(metric.hub_type, pathways.get(metric.key), f"Pathways: {metric.title}", "pathways", metric.hub_args)
     text = results.get("text", {})
-    for key, metric_type, pretty, args in TEXT_METRICS:
-        add(metric_type, text.get(key), pretty, key, args)
+    for metric in TEXT_METRICS:
+        add(metric.hub_type, text.get(metric.key), metric.title, metric.key, metric.hub_args)
     return entries
 
 
 def _field_table(fields: Mapping[str, Mapping[str, Any]]) -> dict | None:
-    header = ["Field", "Accuracy", "Weighted F1", "Macro precision", "Macro recall", "Ontology similarity", "Missing"]
     rows = []
-    for field in FIELDS:
+    for field in LABEL_FIELD_NAMES:
         scores = fields.get(field) or {}
-        if all(_number(scores.get(key)) is None for key, *_ in FIELD_METRICS):
+        if all(finite_number(scores.get(m.key)) is None for m in FIELD_METRICS if m.hub_type):
             continue
-        missing = scores.get("num_missing")
-        rows.append(
-            [_pretty(field)]
-            + [_fmt(scores.get(key)) for key, *_ in FIELD_METRICS]
-            + [str(missing) if missing is not None else "–"]
-        )
-    return _table(header, rows)
+        rows.append([field_title(field)] + [format_value(scores.get(m.key)) for m in FIELD_METRICS])
+    return _table(["Field"] + [m.title for m in FIELD_METRICS], rows)
 
 
 def _baseline_table(results: Mapping[str, Any], model_title: str) -> dict | None:
@@ -184,18 +142,19 @@ def _baseline_table(results: Mapping[str, Any], model_title: str) -> dict | None
     if not baselines:
         return None
     methods = [(model_title, results.get("fields", {}))]
-    methods += [(BASELINE_NAMES.get(key, key), scores) for key, scores in baselines.items()]
+    methods += [(METHOD_NAMES.get(key, key), scores) for key, scores in baselines.items()]
     rows = []
-    for field in FIELDS:
+    for field in LABEL_FIELD_NAMES:
         for method, per_field in methods:
             scores = per_field.get(field) or {}
-            if _number(scores.get("accuracy")) is not None or _number(scores.get("weighted_f1")) is not None:
-                rows.append([_pretty(field), method, _fmt(scores.get("accuracy")), _fmt(scores.get("weighted_f1"))])
+            if any(finite_number(scores.get(key)) is not None for key in ("accuracy", "weighted_f1")):
+                rows.append([field_title(field), method, format_value(scores.get("accuracy")),
+                             format_value(scores.get("weighted_f1"))])
     return _table(["Field", "Method", "Accuracy", "Weighted F1"], rows)
 
 
-def _metric_table(scores: Mapping[str, Any], metrics: tuple) -> dict | None:
-    rows = [[spec[2], _fmt(scores.get(spec[0]))] for spec in metrics if _number(scores.get(spec[0])) is not None]
+def _metric_table(scores: Mapping[str, Any], metrics: tuple[MetricName, ...]) -> dict | None:
+    rows = [[m.title, format_value(scores.get(m.key))] for m in metrics if finite_number(scores.get(m.key)) is not None]
     return _table(["Metric", "Value"], rows)
 
 
@@ -272,7 +231,7 @@ def render_model_card(
         model_name=model_name if eval_results else None,
         eval_results=eval_results or None,
     )
-    parse_rate = _number(results.get("parse_rate"))
+    parse_rate = finite_number(results.get("parse_rate"))
     return ModelCard.from_template(
         card_data,
         template_path=str(MODEL_CARD_TEMPLATE),
@@ -287,9 +246,9 @@ def render_model_card(
         limitations=_limitations(results, encoder, limitations or []),
         split=results.get("split", "test"),
         eval_dataset=public_name(results.get("dataset") or dataset_id),
-        num_cells=results.get("num_cells", "–"),
-        parse_rate="–" if parse_rate is None else f"{parse_rate:.1%}",
-        num_unparsed=results.get("num_unparsed", "–"),
+        num_cells=results.get("num_cells", NO_VALUE),
+        parse_rate=NO_VALUE if parse_rate is None else f"{parse_rate:.1%}",
+        num_unparsed=results.get("num_unparsed", NO_VALUE),
         field_table=_field_table(results.get("fields", {})),
         baseline_table=_baseline_table(results, model_name),
         pathway_table=_metric_table(results.get("pathways", {}), PATHWAY_METRICS),
@@ -367,9 +326,9 @@ def size_category(num_examples: int) -> str:
 
 def _split_table(splits: Mapping[str, int]) -> dict | None:
     total = sum(splits.values())
-    rows = [[name, str(n), f"{n / total:.1%}" if total else "–"] for name, n in splits.items()]
+    rows = [[name, str(n), f"{n / total:.1%}" if total else NO_VALUE] for name, n in splits.items()]
     if rows:
-        rows.append(["**total**", str(total), "100.0%" if total else "–"])
+        rows.append(["**total**", str(total), "100.0%" if total else NO_VALUE])
     return _table(["Split", "Cells", "Share"], rows)
 
 
@@ -420,20 +379,20 @@ def render_dataset_card(summary: dict, *, repo_id: str, license: str | None = No
         card_data,
         template_path=str(DATASET_CARD_TEMPLATE),
         repo_id=repo_id,
-        source=source or "–",
+        source=source or NO_VALUE,
         license=license,
-        num_cells_in=summary.get("num_cells_in", "–"),
+        num_cells_in=summary.get("num_cells_in", NO_VALUE),
         num_cells_kept=num_kept,
         demo_scale=num_kept < 10_000,
-        gene_vocabulary_size=summary.get("gene_vocabulary_size", "–"),
-        pathway_library=summary.get("pathway_library") or "–",
-        seed=summary.get("seed", "–"),
+        gene_vocabulary_size=summary.get("gene_vocabulary_size", NO_VALUE),
+        pathway_library=summary.get("pathway_library") or NO_VALUE,
+        seed=summary.get("seed", NO_VALUE),
         ontology_table=_ontology_table(summary.get("ontology_versions") or {}),
-        split_table=_split_table(splits) or _table(["Split", "Cells", "Share"], [["–", "0", "–"]]),
+        split_table=_split_table(splits) or _table(["Split", "Cells", "Share"], [[NO_VALUE, "0", NO_VALUE]]),
         rejected_table=_table(["Reason", "Cells"], [[reason, str(n)] for reason, n in rejected.items() if n]),
         summary=summary,  # the corpus builder's summary, for fields the template shows when present
         label_tables=[
-            (_pretty(field), table)
+            (field_title(field), table)
             for field, per_split in label_counts.items()
             if (table := _label_table(per_split, list(splits)))
         ],

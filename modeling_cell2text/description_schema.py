@@ -55,6 +55,35 @@ HEALTHY_DISEASE = "normal"
 MISSING_VALUES = frozenset({"", "nan", "none", "unknown", "na", "n/a"})
 
 
+@dataclass(frozen=True)
+class LabelField:
+    """A labelled field of the description.
+
+    `name` is its `CellDescription` attribute and the corpus column holding its label; `term_id_column` the
+    CELLxGENE column of its ontology term id (None: no single term); `similarity_ontology` the ontology in which
+    evaluation scores a wrong label's closeness (None: exact match only).
+    """
+
+    name: str
+    term_id_column: str | None = None
+    similarity_ontology: str | None = None
+
+
+# The labelled fields a description states, in its order. The corpus stores each under its name; the processor,
+# evaluation, report and model card read this list. The age group is a bucket of many HsapDv stages, so it has no
+# single term id (the corpus keeps the donor's CELLxGENE `development_stage` beside it).
+LABEL_FIELDS: tuple[LabelField, ...] = (
+    LabelField("cell_type", "cell_type_ontology_term_id", "CL"),
+    LabelField("tissue", "tissue_ontology_term_id", "UBERON"),
+    LabelField("disease", "disease_ontology_term_id", "MONDO"),
+    LabelField("sex", "sex_ontology_term_id"),
+    LabelField("age_group"),
+)
+LABEL_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in LABEL_FIELDS)
+# Fields whose labels map to ontology term ids (the processor's `ontology_term_ids` tables).
+ONTOLOGY_FIELDS: tuple[str, ...] = tuple(f.name for f in LABEL_FIELDS if f.term_id_column)
+
+
 class DescriptionParseError(ValueError):
     """A text does not follow the Cell2Text description template."""
 
@@ -90,7 +119,7 @@ class CellDescription:
             raise ValueError(f"CellDescription.sex={self.sex!r}; expected one of {SEXES} or None.")
         if self.age_group is not None and self.age_group not in AGE_GROUPS:
             raise ValueError(f"CellDescription.age_group={self.age_group!r}; expected one of {AGE_GROUPS} or None.")
-        for name in ("cell_type", "tissue", "disease"):
+        for name in ("cell_type", "tissue", "disease"):  # free-text labels (sex and age group are checked above)
             value = getattr(self, name)
             if value is not None and value != value.strip():
                 raise ValueError(f"CellDescription.{name}={value!r} has leading or trailing whitespace.")

@@ -6,14 +6,11 @@ from collections.abc import Sequence
 
 from transformers import BatchFeature, ProcessorMixin
 
-from .description_schema import CellDescription, DescriptionParseError, parse_description
+from .description_schema import ONTOLOGY_FIELDS, CellDescription, DescriptionParseError, parse_description
 
 DEFAULT_SYSTEM_PROMPT = "You are a single-cell biologist. Describe the cell concisely and professionally."
 DEFAULT_USER_PROMPT = "Gene expression embeddings: "
 CELL_TOKEN = "<cell>"
-# Structured fields whose labels map to ontology term IDs (CELLxGENE column names). The age group is a bucket of
-# many HsapDv stages, so it has no single term ID.
-ONTOLOGY_FIELDS = ("cell_type", "tissue", "disease", "sex")
 
 
 class Cell2TextProcessor(ProcessorMixin):

@@ -38,10 +38,11 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from modeling_cell2text.cli import positive_int
+from modeling_cell2text.description_schema import LABEL_FIELD_NAMES, ONTOLOGY_FIELDS
 from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
 from processing import ontologies
 from processing.ontology_versions import ontology_versions
-from processing.corpus import LABEL_FIELDS, SplitWriter, describe, resolve_labels
+from processing.corpus import METADATA_FIELDS, SplitWriter, describe, resolve_labels
 from processing.gene_medians import ExactGeneMedians, HistogramGeneMedians, expression_values, normalize_total
 from processing.pathways import DEFAULT_GMT, DEFAULT_SET_SIZES, aucell, display_names, filter_set_sizes, read_gmt
 from processing.splits import DEFAULT_FRACTIONS, SPLITS, assign_splits
@@ -49,7 +50,6 @@ from processing.splits import DEFAULT_FRACTIONS, SPLITS, assign_splits
 logger = logging.getLogger(__name__)
 
 EXACT_MEDIANS_MAX_CELLS = 20_000
-SUMMARY_LABEL_FIELDS = ("cell_type", "tissue", "disease", "sex", "age_group")
 
 
 @dataclass
@@ -246,7 +246,7 @@ def _second_pass(source, labels, kept, split_of, top, set_names, genes, extracto
 
 def _label_counts(labels: pd.DataFrame, kept: np.ndarray, split_of: np.ndarray) -> dict:
     counts: dict[str, dict[str, dict[str, int]]] = {}
-    for column in SUMMARY_LABEL_FIELDS:
+    for column in LABEL_FIELD_NAMES:
         counts[column] = {}
         for s, split in enumerate(SPLITS):
             values = labels[column].to_numpy(dtype=object)[kept & (split_of == s)]
@@ -263,7 +263,7 @@ def _ontology_ids(labels: pd.DataFrame, kept: np.ndarray) -> tuple[dict, dict]:
     a ValueError names the terms and example cells.
     """
     table, unknown = {}, {}
-    for name in ("cell_type", "tissue", "disease", "sex"):
+    for name in ONTOLOGY_FIELDS:
         pairs = labels.loc[kept, [name, f"{name}_ontology_term_id"]].dropna()
         ids = pairs[f"{name}_ontology_term_id"]
         known = ids.isin([i for i in ids.unique() if ontologies.is_known_term(i)])  # per distinct id
@@ -557,7 +557,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-input-size", type=int, default=4096)
     parser.add_argument("--expression-bins", type=int, default=0, metavar="B",
                         help="value-aware corpus: also store each gene's per-cell expression bin (1..B); 0: rank only")
-    parser.add_argument("--required-fields", nargs="*", default=["cell_type"], choices=LABEL_FIELDS)
+    parser.add_argument("--required-fields", nargs="*", default=["cell_type"], choices=METADATA_FIELDS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk-size", type=positive_int, default=2048)
     parser.add_argument("--shard", metavar="I/N", type=_shard, help="build only shard I (0-based) of N contiguous cell ranges")

@@ -26,19 +26,28 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from modeling_cell2text.description_schema import AGE_GROUPS, MISSING_VALUES, SEXES, CellDescription, render_description
+from modeling_cell2text.description_schema import (
+    AGE_GROUPS,
+    MISSING_VALUES,
+    ONTOLOGY_FIELDS,
+    SEXES,
+    CellDescription,
+    render_description,
+)
 from processing import ontologies
 
 logger = logging.getLogger(__name__)
 
-LABEL_FIELDS = ("cell_type", "tissue", "disease", "sex", "development_stage")
+# CELLxGENE metadata read with their ontology term ids: the description's ontology fields, plus the donor's
+# development stage, from which `age_group` is bucketed.
+METADATA_FIELDS = (*ONTOLOGY_FIELDS, "development_stage")
 _string = datasets.Value("string")
 FEATURES = datasets.Features(
     {
         "cell_id": _string,
         "gene_input_ids": datasets.List(datasets.Value("int32")),
         "description": _string,
-        **{name: _string for field in LABEL_FIELDS for name in (field, f"{field}_ontology_term_id")},
+        **{name: _string for field in METADATA_FIELDS for name in (field, f"{field}_ontology_term_id")},
         "age_group": _string,
         "pathways": datasets.List(_string),
         "donor_id": _string,
@@ -107,12 +116,12 @@ def resolve_labels(obs: pd.DataFrame, required_fields: Sequence[str] = ("cell_ty
 
     Work is done once per distinct (id, label) pair, so it is cheap for millions of cells.
     """
-    unknown = [f for f in required_fields if f not in LABEL_FIELDS]
+    unknown = [f for f in required_fields if f not in METADATA_FIELDS]
     if unknown:
-        raise ValueError(f"required_fields must be among {LABEL_FIELDS}, got {unknown}")
+        raise ValueError(f"required_fields must be among {METADATA_FIELDS}, got {unknown}")
     labels = pd.DataFrame(index=obs.index)
     reasons = np.full(len(obs), None, dtype=object)
-    for field in LABEL_FIELDS:
+    for field in METADATA_FIELDS:
         codes, pairs = _distinct_pairs(obs[f"{field}_ontology_term_id"], obs[field])
         resolved = [resolve_term(*pair) for pair in pairs]
         labels[f"{field}_ontology_term_id"] = np.array([r[0] for r in resolved], dtype=object)[codes]

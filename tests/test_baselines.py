@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from training.baselines import (
+from training.baselines.expression import (
     baseline_reports,
     knn_baseline,
     majority_baseline,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from training.metrics import calibration_report
+from training.evaluation.metrics import calibration_report
 
 
 def test_calibration_report_hand_computed():

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from trl import SFTConfig
 
 from modeling_cell2text import Cell2TextFeatureExtractor
-from training.cell2sentence import (
+from training.baselines.cell2sentence import (
     SYSTEM_PROMPT,
     USER_PREFIX,
     build_trainer,

@@ -14,8 +14,8 @@ from modeling_cell2text import (
     Cell2TextForConditionalGeneration,
     Cell2TextProcessor,
 )
-from training.evaluate import evaluate_model, free_cell_type, load_model
-from training.report import write_report
+from training.evaluation.evaluate import evaluate_model, free_cell_type, load_model
+from training.evaluation.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,13 +7,13 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from training.metrics import (  # noqa: E402
+from training.evaluation.metrics import (  # noqa: E402
     classification_report,
     ontology_similarity_scores,
     pathway_report,
     per_class_accuracy,
 )
-from training.text_metrics import (  # noqa: E402
+from training.evaluation.text_metrics import (  # noqa: E402
     bleu_scores,
     default_embedding_model_path,
     embedding_similarities,
@@ -117,7 +117,7 @@ def test_meteor_exact_and_stem_matching_without_wordnet():
 
 
 def test_text_report_without_embedding_model_path_falls_back_or_omits(monkeypatch):
-    import training.text_metrics as tm
+    import training.evaluation.text_metrics as tm
 
     monkeypatch.setattr(tm, "default_embedding_model_path", lambda: None)
     r = text_report(["a b c d"], ["a b c d"])

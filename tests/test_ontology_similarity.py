@@ -6,7 +6,7 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from training.ontology_similarity import OntologySimilarity
+from training.evaluation.ontology_similarity import OntologySimilarity
 
 CD14_MONOCYTE = "CL:0001054"
 MONOCYTE = "CL:0000576"
@@ -101,7 +101,7 @@ def test_rejects_bad_arguments():
 
 
 def test_predicted_labels_outside_the_training_vocabulary_are_scored_as_their_ontology_term(cl):
-    from training.evaluate import predicted_term_id
+    from training.evaluation.evaluate import predicted_term_id
 
     training_ids = {"CD4-positive, alpha-beta memory T cell, CD45RO-positive": "CL:0001204"}
     # a real CL label the model was not trained on (the parent of the true type): scored as that term

@@ -11,8 +11,8 @@ from trl import SFTConfig
 from modeling_cell2text.description_schema import DescriptionParseError, parse_description
 from processing.build_corpus import BuildOptions, build_corpus
 from processing.presets import pbmc68k_reduced
-from training.evaluate import evaluate_model
-from training.report import write_report
+from training.evaluation.evaluate import evaluate_model
+from training.evaluation.report import write_report
 from training.sft import Cell2TextArguments, main
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from training.report import _collapse_labels, write_report
+from training.evaluation.report import _collapse_labels, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -45,7 +45,7 @@ def test_write_report_tables_leave_out_absent_and_nan(tmp_path):
     assert report.name == "report.md"
     assert "nan" not in text.lower()
     assert "| cell_type | 0.500 | 0.400 | 0.300 | 0.350 | 0.800 | 1 |" in text
-    assert "| sex | 1.000 | 1.000 | — | 1.000 | — | 0 |" in text
+    assert "| sex | 1.000 | 1.000 | – | 1.000 | – | 0 |" in text
     for absent in ("tissue", "Pathways", "METEOR", "BLEU-2"):
         assert absent not in text
     assert "| BLEU-1 | ROUGE-L |" in text
@@ -53,8 +53,8 @@ def test_write_report_tables_leave_out_absent_and_nan(tmp_path):
     # Cell2Text and baselines side by side on the same field, only shared-or-present columns
     assert "| Method | Accuracy | Weighted F1 | Macro precision | Macro recall |" in text
     assert "| Cell2Text | 0.500 | 0.400 | 0.300 | 0.350 |" in text
-    assert "| majority | 0.250 | 0.100 | — | — |" in text
-    assert "| knn | 0.750 | 0.700 | — | — |" in text
+    assert "| majority | 0.250 | 0.100 | – | – |" in text
+    assert "| knn | 0.750 | 0.700 | – | – |" in text
 
 
 def test_write_report_json_and_plots(tmp_path):
@@ -105,7 +105,7 @@ def test_report_shows_the_benchmark_mean_beside_this_split(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from quality import format_table, summarise
 
-    from training.report import method_figures
+    from training.evaluation.report import method_figures
 
     results = _results()
     results["split_seed"] = 0
@@ -127,7 +127,7 @@ def test_report_shows_the_benchmark_mean_beside_this_split(tmp_path):
 
 
 def test_report_constraint_section_and_reliability_diagram(tmp_path):
-    from training.metrics import calibration_report
+    from training.evaluation.metrics import calibration_report
 
     results = _results()
     results["cell_type_constraint"] = {

@@ -113,7 +113,7 @@ def test_validation_chooses_the_encoder_input_and_the_model_reads_what_it_chose(
     assert model.config.gene_encoder_config.type_vocab_size == bins + 1
     from datasets import load_from_disk
 
-    from training.evaluate import generate_descriptions
+    from training.evaluation.evaluate import generate_descriptions
 
     test = load_from_disk(str(corpus_dir))["test"]
     values = test["gene_value_ids"][:3] if bins else None

@@ -68,7 +68,7 @@ def expression_baselines(corpus, seed: int) -> dict:
     """Majority, logistic regression and kNN on pbmc68k's log expression, for the corpus's own train/test cells."""
     import scanpy as sc
 
-    from training.baselines import baseline_reports, run_expression_baselines
+    from training.baselines.expression import baseline_reports, run_expression_baselines
 
     adata = sc.datasets.pbmc68k_reduced()
     expression = adata.raw.to_adata()  # log1p of normalised counts: what these baselines read
@@ -86,9 +86,9 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     from datasets import load_from_disk
 
     from hub_cards.render import save_model_card
-    from training.evaluate import evaluate_model, score_descriptions
+    from training.evaluation.evaluate import evaluate_model, score_descriptions
     from training.prepare_demo_llm import prepare_demo_llm
-    from training.report import write_report
+    from training.evaluation.report import write_report
     from training.sft import main as train_cell2text
 
     started = time.perf_counter()
@@ -122,7 +122,7 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
 
     baselines = expression_baselines(corpus, seed)
     if not skip_cell2sentence:
-        from training.cell2sentence import generate_cell2sentence, train_cell2sentence
+        from training.baselines.cell2sentence import generate_cell2sentence, train_cell2sentence
         from modeling_cell2text import Cell2TextFeatureExtractor
 
         _, c2s_config = sft_arguments(["--corpus_dir", str(corpus_dir), "--output_dir", str(out_dir / "c2s"),

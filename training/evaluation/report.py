@@ -10,14 +10,14 @@ never printed as nan::
      "fields": {                     # one entry per parsed field
          "cell_type": {"accuracy", "weighted_f1", "macro_precision", "macro_recall",
                        "num_missing", "ontology_similarity" (optional)},
-         "tissue": {...}, "disease": {...}, "sex": {...}, "development_stage": {...}},
+         "tissue": {...}, "disease": {...}, "sex": {...}, "age_group": {...}},  # in LABEL_FIELDS order
      "pathways": {"subset_accuracy", "jaccard", "f1"},
      "text": {"bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL", "meteor",
               "embedding_similarity"},
      "baselines": {                  # any subset, evaluated on the same cells
          "majority": {"cell_type": {"accuracy", "weighted_f1", ...}},
          "logistic_regression": {...}, "knn": {...}, "cell2sentence": {...}},
-     "cell_type_constraint": {       # constrained decoding (training.evaluate.constraint_report)
+     "cell_type_constraint": {       # constrained decoding (training.evaluation.evaluate.constraint_report)
          "num_candidates", "num_invented", "invented_labels": {label: cells}, "num_free_unparsed",
          "free_accuracy", "constrained_accuracy",
          "calibration": {"ece", "mean_confidence", "accuracy", "bins": [{"lower", "upper", "count",
@@ -25,8 +25,8 @@ never printed as nan::
      "split_seed": int,              # the corpus split this run evaluated
      "quality_benchmark": {...}}     # benchmarks/quality.py's JSON (docs/quality_benchmark.json), shown beside
 
-``training.metrics.classification_report``, ``pathway_report``,
-``training.text_metrics.text_report`` and ``training.baselines.baseline_reports`` return
+``training.evaluation.metrics.classification_report``, ``pathway_report``,
+``training.evaluation.text_metrics.text_report`` and ``training.baselines.expression.baseline_reports`` return
 these inner dicts.
 
 Per-cell arrays (all optional, one entry per evaluated cell) for the plots::
@@ -51,44 +51,21 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from training.metrics import per_class_accuracy
+from modeling_cell2text.description_schema import LABEL_FIELD_NAMES
+from training.evaluation.metrics import per_class_accuracy
+from training.evaluation.names import (
+    FIELD_METRICS,
+    METHOD_NAMES,
+    PATHWAY_METRICS,
+    TEXT_METRICS,
+    MetricName,
+    finite_number,
+    format_value,
+)
 
-FIELD_ORDER = ["cell_type", "tissue", "disease", "sex", "development_stage"]
-FIELD_METRICS = {
-    "accuracy": "Accuracy",
-    "weighted_f1": "Weighted F1",
-    "macro_precision": "Macro precision",
-    "macro_recall": "Macro recall",
-    "ontology_similarity": "Ontology similarity",
-    "num_missing": "Missing",
-}
-PATHWAY_METRICS = {"subset_accuracy": "Subset accuracy", "jaccard": "Jaccard", "f1": "F1 (micro)"}
-TEXT_METRICS = {
-    "bleu1": "BLEU-1",
-    "bleu2": "BLEU-2",
-    "bleu3": "BLEU-3",
-    "bleu4": "BLEU-4",
-    "rouge1": "ROUGE-1",
-    "rouge2": "ROUGE-2",
-    "rougeL": "ROUGE-L",
-    "meteor": "METEOR (exact + stem, no synonyms)",
-    "embedding_similarity": "Embedding similarity",
-}
 MAX_CONFUSION_CLASSES = 30
 UNPARSED = "(unparsed)"
 OTHER = "(other)"
-
-
-def _present(value) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
-
-
-def _fmt(value) -> str:
-    if not _present(value):
-        return "—"
-    if isinstance(value, bool) or isinstance(value, (int, np.integer)):
-        return str(int(value))
-    return f"{float(value):.3f}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -99,12 +76,16 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def _ordered_fields(names) -> list[str]:
     names = list(names)
-    return [f for f in FIELD_ORDER if f in names] + sorted(f for f in names if f not in FIELD_ORDER)
+    return [f for f in LABEL_FIELD_NAMES if f in names] + sorted(f for f in names if f not in LABEL_FIELD_NAMES)
 
 
-def _metric_columns(entries: Sequence[dict], metrics: dict[str, str]) -> list[str]:
-    """Metrics present (not nan) in at least one entry, in the canonical order."""
-    return [m for m in metrics if any(_present(e.get(m)) for e in entries)]
+def _present(value) -> bool:
+    return finite_number(value) is not None
+
+
+def _metric_columns(entries: Sequence[dict], metrics: Sequence[MetricName]) -> list[MetricName]:
+    """Metrics present (finite) in at least one entry, in the canonical order."""
+    return [m for m in metrics if any(_present(e.get(m.key)) for e in entries)]
 
 
 def _fields_section(fields: dict) -> list[str]:
@@ -112,8 +93,8 @@ def _fields_section(fields: dict) -> list[str]:
     columns = _metric_columns([fields[f] for f in names], FIELD_METRICS)
     if not names or not columns:
         return []
-    rows = [[f] + [_fmt(fields[f].get(m)) for m in columns] for f in names]
-    return ["## Per-field metrics", ""] + _table(["Field"] + [FIELD_METRICS[m] for m in columns], rows)
+    rows = [[f] + [format_value(fields[f].get(m.key)) for m in columns] for f in names]
+    return ["## Per-field metrics", ""] + _table(["Field"] + [m.title for m in columns], rows)
 
 
 def _baselines_section(results: dict) -> list[str]:
@@ -127,19 +108,17 @@ def _baselines_section(results: dict) -> list[str]:
         columns = _metric_columns(list(entries.values()), FIELD_METRICS)
         if not columns:
             continue
-        rows = [[name] + [_fmt(e.get(m)) for m in columns] for name, e in entries.items()]
+        rows = [[name] + [format_value(e.get(m.key)) for m in columns] for name, e in entries.items()]
         lines += [f"### {field}", ""]
-        lines += _table(["Method"] + [FIELD_METRICS[m] for m in columns], rows)
+        lines += _table(["Method"] + [m.title for m in columns], rows)
     return lines
 
 
-def _flat_section(title: str, values: dict | None, metrics: dict[str, str]) -> list[str]:
+def _flat_section(title: str, values: dict | None, metrics: Sequence[MetricName]) -> list[str]:
     columns = _metric_columns([values or {}], metrics)
     if not columns:
         return []
-    return [f"## {title}", ""] + _table(
-        [metrics[m] for m in columns], [[_fmt(values[m]) for m in columns]]
-    )
+    return [f"## {title}", ""] + _table([m.title for m in columns], [[format_value(values[m.key]) for m in columns]])
 
 
 def _encoder_section(results: dict) -> list[str]:
@@ -150,7 +129,7 @@ def _encoder_section(results: dict) -> list[str]:
     rows = []
     for i, (candidate, accuracy) in enumerate(zip(selection["candidates"], selection["validation_accuracy"])):
         inputs = "value-aware (rank + expression bin)" if candidate.get("value_aware") else "rank-value"
-        rows.append([str(candidate["num_hidden_layers"]), str(candidate["hidden_size"]), inputs, _fmt(accuracy),
+        rows.append([str(candidate["num_hidden_layers"]), str(candidate["hidden_size"]), inputs, format_value(accuracy),
                      "chosen" if i == selection["best"] else ""])
     return ["## Gene encoder chosen on the validation split", ""] + _table(
         ["Layers", "Width", "Input", "Validation cell-type accuracy (probe)", ""], rows
@@ -168,8 +147,9 @@ def _constraint_section(results: dict) -> list[str]:
         "(each a Cell Ontology term), scored by the log-likelihood of its sentence; its probability among them is "
         "the cell's confidence (`cell_type_score`).", "",
     ]
-    lines += _table(["", "Cell-type accuracy"], [["Constrained (reported above)", _fmt(c["constrained_accuracy"])],
-                                                  ["Free generation (same model, greedy)", _fmt(c["free_accuracy"])]])
+    lines += _table(["", "Cell-type accuracy"],
+                    [["Constrained (reported above)", format_value(c["constrained_accuracy"])],
+                     ["Free generation (same model, greedy)", format_value(c["free_accuracy"])]])
     invented = c.get("invented_labels") or {}
     lines.append(f"Labels free generation would have invented (not among the known labels): {c['num_invented']} "
                  f"cells; first sentence unparsed: {c['num_free_unparsed']} cells.")
@@ -178,18 +158,12 @@ def _constraint_section(results: dict) -> list[str]:
     lines.append("")
     calibration = c.get("calibration")
     if calibration:
-        lines += [f"Calibration: expected calibration error {_fmt(calibration['ece'])} (10 equal-width bins); mean "
-                  f"confidence {_fmt(calibration['mean_confidence'])}, accuracy {_fmt(calibration['accuracy'])}.", ""]
+        lines += [f"Calibration: expected calibration error {format_value(calibration['ece'])} (10 equal-width "
+                  f"bins); mean confidence {format_value(calibration['mean_confidence'])}, accuracy "
+                  f"{format_value(calibration['accuracy'])}.", ""]
     return lines
 
 
-BENCHMARK_METHODS = {
-    "cell2text": "Cell2Text",
-    "cell2sentence": "Cell2Sentence-style",
-    "logistic_regression": "Logistic regression",
-    "knn": "kNN",
-    "majority": "Majority class",
-}
 BENCHMARK_METRICS = {
     "accuracy": "Cell-type accuracy",
     "weighted_f1": "Weighted F1",
@@ -236,12 +210,12 @@ def _benchmark_section(results: dict) -> list[str]:
     ]
     run_label = "This run" + (f" (split seed {seed})" if seed is not None else "")
     rows = []
-    for name, title in BENCHMARK_METHODS.items():
+    for name, title in METHOD_NAMES.items():
         for metric, metric_title in BENCHMARK_METRICS.items():
             stats = summary.get(name, {}).get(metric)
             if stats is None:
                 continue
-            rows.append([title, metric_title, _fmt(this_run.get(name, {}).get(metric)),
+            rows.append([title, metric_title, format_value(this_run.get(name, {}).get(metric)),
                          f"{stats['mean']:.3f} +- {stats['sd']:.3f}"])
     return lines + _table(["Method", "Metric", run_label, "Benchmark mean +- sd"], rows)
 
@@ -281,7 +255,7 @@ def _header(results: dict) -> list[str]:
     ]
     for name, value in facts:
         if _present(value):
-            lines.append(f"- {name}: {value if isinstance(value, str) else _fmt(value)}")
+            lines.append(f"- {name}: {value if isinstance(value, str) else format_value(value)}")
     return lines + [""]
 
 

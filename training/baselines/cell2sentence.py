@@ -6,7 +6,7 @@ from the corpus (the same ranking Cell2Text's encoder reads), the target is the 
 optimisation budget is the same ``SFTConfig`` as the Cell2Text run; only the way the cell reaches the LLM differs.
 
 ```bash
-python -m training.cell2sentence --corpus_dir outputs/demo/corpus \
+python -m training.baselines.cell2sentence --corpus_dir outputs/demo/corpus \
     --text_model_name_or_path ~/.cache/cell2text/SmolLM2-135M-Instruct --output_dir outputs/demo/c2s \
     --num_genes 32 --per_device_train_batch_size 8 --num_train_epochs 1
 ```

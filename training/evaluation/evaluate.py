@@ -1,13 +1,13 @@
 """Evaluate generated descriptions on a corpus split: parse, score per field, ontology similarity, pathways, text.
 
 ```bash
-python -m training.evaluate --model outputs/demo/sft/final --corpus outputs/demo/corpus --split test \
+python -m training.evaluation.evaluate --model outputs/demo/sft/final --corpus outputs/demo/corpus --split test \
     --out outputs/demo/report
 ```
 
 Every generated description is parsed with the schema that wrote the training targets; text that does not
 parse counts as wrong for every field (never dropped). Ontology similarity (personalized PageRank, see
-`training/ontology_similarity.py`) scores cell types on the Cell Ontology, tissues on UBERON and diseases on
+`training/evaluation/ontology_similarity.py`) scores cell types on the Cell Ontology, tissues on UBERON and diseases on
 MONDO. A predicted label is mapped to its ontology term through the label -> term table the model's processor
 carries from its training corpus, else to the ontology term of exactly that label; any other label scores 0
 (documented, never a crash). The healthy state ("normal", PATO:0000461) is not a MONDO term: for it, similarity
@@ -33,32 +33,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from modeling_cell2text.description_schema import LABEL_FIELDS, DescriptionParseError, parse_description
 from modeling_cell2text.label_scoring import (
     cell_type_candidates,
     cell_type_sentence,
     generate_with_cell_type,
 )
 from training.collator import split_value_lists
-from training.metrics import (
+from training.evaluation.metrics import (
     calibration_report,
     classification_report,
     ontology_similarity_scores,
     pathway_report,
 )
-from training.text_metrics import text_report
+from training.evaluation.text_metrics import text_report
 
 logger = logging.getLogger(__name__)
 
-# corpus label column -> (field of the parsed description, ontology scored on, corpus term-id column)
-FIELDS = {
-    "cell_type": ("cell_type", "CL", "cell_type_ontology_term_id"),
-    "tissue": ("tissue", "UBERON", "tissue_ontology_term_id"),
-    "disease": ("disease", "MONDO", "disease_ontology_term_id"),
-    "sex": ("sex", None, None),
-    "development_stage": ("age_group", None, None),
-}
-# The report calls the age bucket "development_stage"; the corpus column holding the bucket is `age_group`.
-CORPUS_COLUMN = {"development_stage": "age_group"}
 
 
 def batched_inputs(model, processor, token_lists, value_lists, batch_size: int, desc: str) -> Iterator:
@@ -90,7 +81,6 @@ def generate_descriptions(
 
 def free_cell_type(text: str) -> str | None:
     """The cell type a description's first sentence names, or None where that sentence does not parse."""
-    from modeling_cell2text.description_schema import DescriptionParseError, parse_description
 
     first = text.strip().split(".", 1)[0] + "."
     try:
@@ -154,7 +144,7 @@ class _ExactOrOntology:
     """Ontology similarity, with exact match for true terms outside the ontology (e.g. PATO 'normal')."""
 
     def __init__(self, ontology: str):
-        from training.ontology_similarity import OntologySimilarity
+        from training.evaluation.ontology_similarity import OntologySimilarity
 
         self.similarity = OntologySimilarity(ontology)
         self.prefix = ontology + ":"
@@ -185,7 +175,6 @@ def score_descriptions(
 
     `cell_types` (constrained decoding) are the predicted cell types, used instead of the parsed ones (they are
     the texts' first sentences, and stay the prediction where the rest of a text does not parse)."""
-    from modeling_cell2text.description_schema import DescriptionParseError, parse_description
 
     if len(texts) != len(split) or (cell_types is not None and len(cell_types) != len(split)):
         raise ValueError(f"{len(texts)} descriptions (and cell types) for {len(split)} cells: pass one per cell.")
@@ -199,16 +188,16 @@ def score_descriptions(
     results: dict = {"num_cells": len(texts), "parse_rate": 1 - num_unparsed / max(len(texts), 1),
                      "num_unparsed": num_unparsed, "fields": {}}
     per_cell: dict = {}
-    for field, (attribute, ontology, id_column) in FIELDS.items():
-        column = CORPUS_COLUMN.get(field, field)
-        if column not in split.column_names:
+    for label_field in LABEL_FIELDS:
+        field, ontology, id_column = label_field.name, label_field.similarity_ontology, label_field.term_id_column
+        if field not in split.column_names:
             continue
-        true = list(split[column])
+        true = list(split[field])
         known = [i for i, label in enumerate(true) if label is not None]
         if not known:
             continue
         true = [true[i] for i in known]
-        pred = [getattr(parsed[i], attribute) if parsed[i] is not None else None for i in known]
+        pred = [getattr(parsed[i], field) if parsed[i] is not None else None for i in known]
         if field == "cell_type" and cell_types is not None:
             pred = [cell_types[i] for i in known]
         report = classification_report(true, pred)
@@ -289,7 +278,7 @@ def evaluate_model(
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    from training.report import write_report
+    from training.evaluation.report import write_report
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="A trained Cell2Text folder.")

@@ -9,7 +9,7 @@
 
 Inputs are cells x genes matrices (numpy or scipy sparse) of log1p-normalised expression
 with the same gene columns for train and test. ``baseline_reports`` turns the predictions
-into the ``"baselines"`` section of the evaluation results (see ``training.report``).
+into the ``"baselines"`` section of the evaluation results (see ``training.evaluation.report``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 from threadpoolctl import threadpool_limits
 
-from training.metrics import classification_report
+from training.evaluation.metrics import classification_report
 
 logger = logging.getLogger(__name__)
 
