@@ -21,7 +21,7 @@ import numpy as np
 import scanpy as sc
 
 from processing.build_corpus import BuildOptions, build_corpus
-from processing.ontologies import pbmc68k_cell_type_ids
+from processing.presets import pbmc68k_cell_type_ids
 from processing.sources import h5ad_source
 
 parser = argparse.ArgumentParser()

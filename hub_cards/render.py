@@ -9,7 +9,6 @@ and corpus-building code; a value that is absent or not finite is left out of th
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any, Mapping

@@ -6,11 +6,9 @@ versions the CELLxGENE schema uses), so corpus text and evaluation graphs agree.
 
 from __future__ import annotations
 
-import csv
 import logging
 import re
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import networkx as nx
@@ -27,8 +25,6 @@ SUPPORTED_ONTOLOGIES = ("CL", "UBERON", "MONDO", "HsapDv", "PATO")
 GRAPH_ONTOLOGIES = ("CL", "UBERON", "MONDO")
 #: CELLxGENE placeholder values that are not ontology terms.
 NON_TERMS = ("unknown", "na")
-#: Hand-checked map of scanpy's pbmc68k_reduced ``bulk_labels`` to Cell Ontology terms.
-PBMC68K_BULK_LABELS_CSV = Path(__file__).parent / "data" / "pbmc68k_bulk_labels.csv"
 
 
 class UnknownTermError(KeyError):
@@ -165,12 +161,6 @@ def ontology_graph(name: str) -> nx.DiGraph:
                 graph.add_edge(term_id, parent)
     logger.debug("Built %s graph: %d terms, %d edges", name, graph.number_of_nodes(), graph.number_of_edges())
     return graph
-
-
-def pbmc68k_cell_type_ids() -> dict[str, str]:
-    """pbmc68k_reduced ``bulk_labels`` value -> Cell Ontology term id (see the CSV's rationale)."""
-    with open(PBMC68K_BULK_LABELS_CSV, newline="", encoding="utf-8") as handle:
-        return {row["bulk_label"]: row["cell_type_ontology_term_id"] for row in csv.DictReader(handle)}
 
 
 # --- Development stage -> age bucket -------------------------------------------------

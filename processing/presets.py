@@ -23,9 +23,15 @@ import pandas as pd
 
 from processing.sources import AnnDataSource
 
-DATA_DIR = Path(__file__).parent / "data"
-PBMC68K_MAPPING = DATA_DIR / "pbmc68k_bulk_labels.csv"
+#: Hand-checked map of scanpy's pbmc68k_reduced ``bulk_labels`` to Cell Ontology terms, with a rationale per row.
+PBMC68K_BULK_LABELS_CSV = Path(__file__).parent / "data" / "pbmc68k_bulk_labels.csv"
 BLOOD, NORMAL = ("UBERON:0000178", "blood"), ("PATO:0000461", "normal")
+
+
+def pbmc68k_cell_type_ids() -> dict[str, str]:
+    """pbmc68k_reduced ``bulk_labels`` value -> Cell Ontology term id, in the table's order."""
+    table = pd.read_csv(PBMC68K_BULK_LABELS_CSV, dtype=str)
+    return dict(zip(table["bulk_label"], table["cell_type_ontology_term_id"]))
 
 
 def pbmc68k_reduced() -> AnnDataSource:
@@ -34,11 +40,10 @@ def pbmc68k_reduced() -> AnnDataSource:
     import scanpy as sc
 
     adata = sc.datasets.pbmc68k_reduced()
-    mapping = pd.read_csv(PBMC68K_MAPPING).set_index("bulk_label")
     bulk = adata.obs["bulk_labels"].astype(str)
     obs = pd.DataFrame(index=adata.obs_names.astype(str))
     obs["cell_type"] = bulk.to_numpy()
-    obs["cell_type_ontology_term_id"] = bulk.map(mapping["cell_type_ontology_term_id"]).to_numpy()
+    obs["cell_type_ontology_term_id"] = bulk.map(pbmc68k_cell_type_ids()).to_numpy()
     obs["tissue_ontology_term_id"], obs["tissue"] = BLOOD
     obs["disease_ontology_term_id"], obs["disease"] = NORMAL
     obs["dataset_id"] = "pbmc68k_reduced"

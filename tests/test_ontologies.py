@@ -6,6 +6,7 @@ import networkx as nx
 import pytest
 
 from processing import ontologies as onto
+from processing import presets
 
 
 def test_b_cell_label_definition_and_parent():
@@ -117,9 +118,9 @@ def test_age_bucket_boundaries(age, bucket):
 
 
 def test_pbmc68k_mapping_terms_are_current_cell_ontology_terms():
-    with open(onto.PBMC68K_BULK_LABELS_CSV, newline="", encoding="utf-8") as handle:
+    with open(presets.PBMC68K_BULK_LABELS_CSV, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    assert [r["bulk_label"] for r in rows] == list(onto.pbmc68k_cell_type_ids())
+    assert [r["bulk_label"] for r in rows] == list(presets.pbmc68k_cell_type_ids())
     assert {r["bulk_label"] for r in rows} == {
         "Dendritic", "CD14+ Monocyte", "CD19+ B", "CD4+/CD25 T Reg", "CD8+ Cytotoxic T",
         "CD8+/CD45RA+ Naive Cytotoxic", "CD56+ NK", "CD4+/CD45RO+ Memory", "CD34+",
@@ -133,7 +134,7 @@ def test_pbmc68k_mapping_terms_are_current_cell_ontology_terms():
         assert term_id in graph
         assert onto.term_label(term_id) == row["cell_type"]
         assert row["rationale"].strip()
-    ids = onto.pbmc68k_cell_type_ids()
+    ids = presets.pbmc68k_cell_type_ids()
     assert ids["CD14+ Monocyte"] == "CL:0001054"
     # every T cell label sits below "T cell", the B label below "B cell"
     for label in ("CD4+/CD25 T Reg", "CD8+ Cytotoxic T", "CD4+/CD45RO+ Memory", "CD4+/CD45RA+/CD25- Naive T"):
