@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from training.evaluation.names import METHOD_NAMES  # noqa: E402
+from hub_cards.names import METHOD_NAMES  # noqa: E402
 from training.evaluation.report import BENCHMARK_METRICS, method_figures  # noqa: E402
 
 EXTRA_METRICS = ("free_accuracy", "ece", "num_invented")

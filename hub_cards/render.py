@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
 
 from modeling_cell2text.description_schema import LABEL_FIELD_NAMES
-from training.evaluation.names import (
+from .names import (
     FIELD_METRICS,
     METHOD_NAMES,
     NO_VALUE,
@@ -259,7 +259,7 @@ def render_model_card(
 
 
 #: The arguments of `render_model_card` other than the results and the repo id, saved beside the card so that
-#: `training.publish` can re-render it for the repo it publishes to.
+#: `hub_cards.publish` can re-render it for the repo it publishes to.
 MODEL_CARD_INPUTS = "model_card_inputs.json"
 #: The evaluation results a saved card was rendered from.
 EVALUATION_RESULTS = "evaluation_results.json"
@@ -400,6 +400,14 @@ def render_dataset_card(summary: dict, *, repo_id: str, license: str | None = No
 
 #: Metadata keys that ``datasets``' ``push_to_hub`` writes into the dataset card (features, splits, data files).
 DATASETS_METADATA_KEYS = ("dataset_info", "configs")
+
+
+def write_dataset_card(corpus_dir: str | Path, repo_id: str) -> DatasetCard:
+    """Render the card of a built corpus (from its summary.json) for `repo_id` and save it as its README.md."""
+    corpus_dir = Path(corpus_dir)
+    card = render_dataset_card(json.loads((corpus_dir / "summary.json").read_text()), repo_id=repo_id)
+    card.save(str(corpus_dir / "README.md"))
+    return card
 
 
 def merge_dataset_card(card: DatasetCard, pushed: DatasetCard | None) -> DatasetCard:

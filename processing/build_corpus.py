@@ -37,6 +37,8 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from hub_cards.publish import publish_corpus
+from hub_cards.render import write_dataset_card
 from modeling_cell2text.cli import positive_int
 from modeling_cell2text.description_schema import LABEL_FIELD_NAMES, ONTOLOGY_FIELDS
 from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
@@ -301,17 +303,6 @@ def _top_pathways_by_cell_type(labels: pd.DataFrame, kept: np.ndarray, top: np.n
     return result
 
 
-def _write_card(summary: dict, out: Path, repo_id: str) -> Any:
-    try:
-        from hub_cards.render import render_dataset_card
-    except ImportError:
-        logger.warning("hub_cards.render is not available; no dataset card written")
-        return None
-    card = render_dataset_card(summary, repo_id=repo_id)
-    card.save(str(out / "README.md"))
-    return card
-
-
 def _check_source(source: Any) -> None:
     """Refuse a source without cells or genes, or with repeated cell ids, naming the fix."""
     if source.n_cells == 0:
@@ -446,28 +437,8 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
     if sum(summary["splits"].values()) + len(rejects) != source.n_cells:
         raise RuntimeError("internal error: kept + rejected cells do not add up to the input")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _write_card(summary, out, options.repo_id or f"cell2text/{Path(str(summary['name'])).stem}")
+    write_dataset_card(out, options.repo_id or f"cell2text/{Path(str(summary['name'])).stem}")
     return summary
-
-
-def push_to_hub(out_dir: str | Path, repo_id: str) -> None:
-    """Push a built corpus (DatasetDict, card, feature extractor, summary) to a Hub dataset repo."""
-    import datasets
-    from huggingface_hub import HfApi
-
-    out = Path(out_dir)
-    datasets.load_from_disk(str(out)).push_to_hub(repo_id)
-    summary = json.loads((out / "summary.json").read_text())
-    card = _write_card(summary, out, repo_id)
-    if card is not None:
-        from hub_cards.render import push_dataset_card
-
-        push_dataset_card(card, repo_id)  # after the data, keeping the metadata datasets wrote
-    api = HfApi()
-    api.upload_folder(folder_path=str(out / "feature_extractor"), path_in_repo="feature_extractor",
-                      repo_id=repo_id, repo_type="dataset")
-    for name in ("summary.json", "rejects.csv", "unmapped_genes.txt"):
-        api.upload_file(path_or_fileobj=str(out / name), path_in_repo=name, repo_id=repo_id, repo_type="dataset")
 
 
 # ----------------------------------------------------------------------------------- CLI
@@ -600,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         except (FileExistsError, NotADirectoryError, ValueError) as error:  # refused input: one line, no traceback
             raise SystemExit(f"build_corpus: error: {error}") from None
     if args.push_to_hub:
-        push_to_hub(args.out, args.push_to_hub)
+        publish_corpus(args.out, args.push_to_hub)
     kept = sum(summary["splits"].values())
     print(f"cells in: {summary['num_cells_in']}; kept: {kept} {summary['splits']}; "
           f"rejected: {sum(summary['rejected'].values())} {summary['rejected']}; out: {args.out}")

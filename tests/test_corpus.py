@@ -271,3 +271,29 @@ def test_an_empty_split_is_saved_so_that_the_corpus_loads(tmp_path):
     loaded = datasets.load_from_disk(str(tmp_path / "corpus"))
     assert loaded["train"].num_rows == 1 and loaded["test"].num_rows == 0
     assert loaded["train"][0]["gene_input_ids"] == [5, 6]
+
+
+def test_publish_corpus_pushes_splits_then_its_card_for_the_repo_then_its_files(pbmc_corpus, monkeypatch):
+    from hub_cards import publish
+
+    out, _, _ = pbmc_corpus
+    calls = []
+
+    class FakeHub:
+        def upload_folder(self, **kwargs):
+            calls.append(("folder", kwargs["path_in_repo"], sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())))
+
+        def upload_file(self, **kwargs):
+            calls.append(("file", kwargs["path_in_repo"], Path(kwargs["path_or_fileobj"]).stat().st_size > 0))
+
+    monkeypatch.setattr(datasets.DatasetDict, "push_to_hub", lambda self, repo_id, **kw: calls.append(
+        ("splits", repo_id, {name: len(split) for name, split in self.items()})))
+    monkeypatch.setattr(publish, "push_dataset_card", lambda card, repo_id: calls.append(("card", repo_id, card.text)))
+    url = publish.publish_corpus(out, "your-org/pbmc-corpus", api=FakeHub())
+
+    assert url == "https://huggingface.co/datasets/your-org/pbmc-corpus"
+    assert [c[0] for c in calls] == ["splits", "card", "folder", "file", "file", "file"]
+    assert calls[0][2] == json.loads((out / "summary.json").read_text())["splits"]
+    assert "your-org/pbmc-corpus" in calls[1][2] and "your-org/pbmc-corpus" in (out / "README.md").read_text()
+    assert calls[2][1] == "feature_extractor" and "preprocessor_config.json" in calls[2][2]
+    assert [c[1] for c in calls[3:]] == ["summary.json", "rejects.csv", "unmapped_genes.txt"] and all(c[2] for c in calls[3:])

@@ -7,7 +7,7 @@ from tiny_parts import save_tiny_parts
 from transformers import AutoTokenizer
 
 from modeling_cell2text import Cell2TextFeatureExtractor, Cell2TextForConditionalGeneration, Cell2TextProcessor
-from training.publish import check_model_folder, publish_model
+from hub_cards.publish import check_model_folder, publish_model
 
 
 class FakeHub:

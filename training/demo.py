@@ -151,7 +151,7 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
         results["gene_encoder_selection"] = json.loads(selection_file.read_text())
 
     report = write_report(results, per_cell, out_dir / "report")
-    save_model_card(  # README.md + what it was rendered from, so training.publish re-renders it for its repo
+    save_model_card(  # README.md + what it was rendered from, so hub_cards.publish re-renders it for its repo
         model_dir,
         results,
         repo_id="cell2text/cell2text-demo-pbmc68k",

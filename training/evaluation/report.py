@@ -53,7 +53,7 @@ from matplotlib.figure import Figure
 
 from modeling_cell2text.description_schema import LABEL_FIELD_NAMES
 from training.evaluation.metrics import per_class_accuracy
-from training.evaluation.names import (
+from hub_cards.names import (
     FIELD_METRICS,
     METHOD_NAMES,
     PATHWAY_METRICS,

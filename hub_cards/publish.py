@@ -1,7 +1,7 @@
 """Publish a trained Cell2Text (and optionally its corpus) to the Hugging Face Hub.
 
 ```bash
-python -m training.publish --model outputs/demo/cell2text-demo --repo your-org/cell2text-pbmc68k \
+python -m hub_cards.publish --model outputs/demo/cell2text-demo --repo your-org/cell2text-pbmc68k \
     [--corpus outputs/demo/corpus --dataset-repo your-org/cell2text-pbmc68k-corpus]
 ```
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard
 
-from hub_cards.render import MODEL_CARD_INPUTS, rerender_model_card
+from .render import MODEL_CARD_INPUTS, push_dataset_card, rerender_model_card, write_dataset_card
 
 REQUIRED_FILES = (
     "config.json",
@@ -68,6 +68,26 @@ def publish_model(model_dir: str | Path, repo_id: str, private: bool = False, ap
     return str(url)
 
 
+CORPUS_FILES = ("summary.json", "rejects.csv", "unmapped_genes.txt")
+
+
+def publish_corpus(corpus_dir: str | Path, repo_id: str, api: HfApi | None = None) -> str:
+    """Push a built corpus to a Hub dataset repo: the splits (by `datasets`), then its card re-rendered for
+    `repo_id`, the feature extractor it was tokenized with and the build's summary and rejects; returns the URL."""
+    import datasets
+
+    corpus_dir = Path(corpus_dir)
+    datasets.load_from_disk(str(corpus_dir)).push_to_hub(repo_id)
+    push_dataset_card(write_dataset_card(corpus_dir, repo_id), repo_id)  # after the data: keeps datasets' metadata
+    api = api or HfApi()
+    api.upload_folder(folder_path=str(corpus_dir / "feature_extractor"), path_in_repo="feature_extractor",
+                      repo_id=repo_id, repo_type="dataset")
+    for name in CORPUS_FILES:
+        api.upload_file(path_or_fileobj=str(corpus_dir / name), path_in_repo=name, repo_id=repo_id,
+                        repo_type="dataset")
+    return f"https://huggingface.co/datasets/{repo_id}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="A Hub-ready Cell2Text folder.")
@@ -80,10 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--corpus and --dataset-repo go together")
     print(f"model: {publish_model(args.model, args.repo, args.private)}")
     if args.corpus:
-        from processing.build_corpus import push_to_hub
-
-        push_to_hub(args.corpus, args.dataset_repo)
-        print(f"corpus: https://huggingface.co/datasets/{args.dataset_repo}")
+        print(f"corpus: {publish_corpus(args.corpus, args.dataset_repo)}")
 
 
 if __name__ == "__main__":
