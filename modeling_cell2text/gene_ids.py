@@ -7,17 +7,26 @@
   protein-coding gene among them; with several protein-coding genes, or several genes and none protein-coding,
   it is ambiguous and names no gene (it is reported as unmatched, never guessed). Matching is exact
   (case-sensitive), as HGNC symbols are.
+* An AnnData's gene IDs are read from ``var``: its index or the first column (``ENSEMBL_VAR_COLUMNS`` first) that
+  holds Ensembl IDs, else the symbol source (index or ``SYMBOL_VAR_COLUMNS``) that names the most vocabulary genes.
 
 Standard library only: this module travels with the feature extractor as the model's remote code.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+logger = logging.getLogger(__name__)
+
 ENSEMBL_GENE_PATTERN = re.compile(r"^(ENS[A-Z]*G\d+)(\.\d+)?$")
+#: ``var`` columns that usually hold Ensembl gene IDs, in the order they are tried (before any other column).
+ENSEMBL_VAR_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_ids", "ensembl_gene_id", "feature_id")
+#: ``var`` columns that usually hold gene symbols (CELLxGENE: ``feature_name``).
+SYMBOL_VAR_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "symbol", "gene_name")
 _SAMPLE = 2000
 
 
@@ -50,3 +59,27 @@ def resolve_symbols(genes: Iterable[tuple[str, str, bool]]) -> dict[str, str]:
         if len(coding_ids) == 1:
             resolved[symbol] = coding_ids[0]
     return resolved
+
+
+def var_gene_ids(var: Any, symbol_to_gene: Mapping[str, str]) -> list[str]:
+    """The gene IDs of an AnnData ``var`` (a pandas DataFrame), one per column of the matrix.
+
+    Ensembl IDs are preferred: the index, else the first string column that holds them (``ENSEMBL_VAR_COLUMNS``
+    first). Else symbols: the index or a ``SYMBOL_VAR_COLUMNS`` column, whichever has most keys of
+    ``symbol_to_gene`` (the index on ties).
+    """
+    if looks_ensembl([str(v) for v in var.index[:_SAMPLE]]):
+        return [str(v) for v in var.index]
+    columns = [c for c in var.columns if var[c].dtype == object or str(var[c].dtype) in ("category", "string", "str")]
+    ordered = [c for c in ENSEMBL_VAR_COLUMNS if c in columns] + [c for c in columns if c not in ENSEMBL_VAR_COLUMNS]
+    for column in ordered:
+        if looks_ensembl(var[column].astype(str).values[:_SAMPLE]):
+            logger.info("Reading Ensembl gene IDs from var[%r]", column)
+            return [str(v) for v in var[column].values]
+    candidates = {"index": [str(v) for v in var.index]}
+    for column in [c for c in SYMBOL_VAR_COLUMNS if c in columns]:
+        candidates[column] = [str(v) for v in var[column].values]
+    hits = {name: sum(v in symbol_to_gene for v in values) for name, values in candidates.items()}
+    best = max(hits, key=lambda name: hits[name])  # first best wins: the index on ties
+    logger.info("Reading gene symbols from var %s (%d map to the vocabulary)", best, hits[best])
+    return candidates[best]

@@ -11,9 +11,12 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.resources
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Sequence
 
 from .gene_ids import resolve_symbols
+
+logger = logging.getLogger(__name__)
 
 TABLE_FILE = "gene_table.tsv.gz"
 
@@ -63,3 +66,20 @@ def symbol_to_ensembl(symbols: Iterable[str]) -> dict[str, str]:
     """
     index = _symbol_index()
     return {symbol: index[symbol] for symbol in symbols if symbol in index}
+
+
+def vocabulary_symbols(genes: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(gene -> symbol, symbol -> gene) for the vocabulary ``genes``, for a feature extractor's symbol input.
+
+    Symbols resolve over the whole table (``gene_ids.resolve_symbols``), as the corpus builder resolves them, then
+    are kept where they name a vocabulary gene. ({}, {}) with a logged warning where the table is not available
+    (remote code without the data file): symbol input is then not mapped.
+    """
+    try:
+        symbols = ensembl_to_symbol(genes)
+        resolved = symbol_to_ensembl(set(symbols.values()))
+    except FileNotFoundError as error:
+        logger.warning("%s Symbol input will not be mapped.", error)
+        return {}, {}
+    vocabulary = set(genes)
+    return symbols, {symbol: gene for symbol, gene in resolved.items() if gene in vocabulary}

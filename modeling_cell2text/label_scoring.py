@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .description_schema import CellDescription, DescriptionParseError, parse_description, render_description
+from .text_padding import text_pad_token_id
 
 # Rows (cells x candidates) of one scoring forward pass: bounds the logits held at once (rows x span x vocabulary).
 DEFAULT_MAX_ROWS = 64
@@ -207,7 +208,7 @@ def generate_with_cell_type(
     """
     scores = score_cell_types(model, processor, inputs, candidates, max_rows)
     tokenizer = processor.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = text_pad_token_id(tokenizer)
     rows = []
     forced = []
     for i, label in enumerate(scores.labels):

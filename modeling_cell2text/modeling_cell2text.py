@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
@@ -153,14 +154,11 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, with a clear error for a truncated or corrupt weights file."""
+        """`PreTrainedModel.from_pretrained`, with a one-line error for a truncated or corrupt weights file
+        (safetensors raises `SafetensorError` for a bad header, a short file or invalid JSON)."""
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        except Exception as err:  # safetensors raises its own error type; re-raise others untouched
-            if type(err).__name__ not in ("SafetensorError", "HeaderTooLarge", "InvalidHeaderDeserialization") and not (
-                isinstance(err, (OSError, RuntimeError, ValueError)) and "deserializ" in str(err).lower()
-            ):
-                raise
+        except SafetensorError as err:
             raise OSError(
                 f"The weights of {pretrained_model_name_or_path!s} could not be read: the safetensors file is "
                 f"truncated or corrupt ({err}). Download or save the model again."
@@ -321,8 +319,14 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
         super().__init__(config)
         self.model = Cell2TextModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self._tied_weights_keys = {"lm_head.weight": self._input_embedding_weight_name()}
+        self._tie_lm_head_to_input_embeddings()
         self.post_init()
+
+    def _tie_lm_head_to_input_embeddings(self) -> None:
+        """Declare `lm_head.weight` tied to the language model's input embeddings (whatever its module path), so
+        `tie_word_embeddings` ties them and saving writes the shared tensor once. Called again whenever the
+        language model is replaced."""
+        self._tied_weights_keys = {"lm_head.weight": self._input_embedding_weight_name()}
 
     def _input_embedding_weight_name(self) -> str:
         embeddings = self.model.language_model.get_input_embeddings()
@@ -486,7 +490,7 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
         model.model.multi_modal_projector = projector.to(dtype=causal_lm.dtype)
         if config.freeze_gene_encoder:
             model.model.gene_encoder.requires_grad_(False)
-        model._tied_weights_keys = {"lm_head.weight": model._input_embedding_weight_name()}
+        model._tie_lm_head_to_input_embeddings()
         if config.tie_word_embeddings:
             model.lm_head.weight = model.get_input_embeddings().weight
         # The projector ends in a LayerNorm (unit RMS per soft token). Its gain starts at the RMS of the LM's token

@@ -5,7 +5,7 @@
     results = describe(adata, batch_size=16)  # one dict per cell: description, parsed fields, ontology IDs
 
 This file travels as remote code with a saved model (its `config.json` names it in `custom_pipelines`), so it
-imports only numpy, scipy and transformers (tqdm comes with transformers).
+imports only numpy, scipy, transformers (tqdm comes with transformers) and its sibling modules.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, Pipeline
 
+from .cell_inputs import empty_cells_error
 from .label_scoring import constrained_results, constrains_by_default, generate_with_cell_type
+from .text_padding import text_pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +69,7 @@ class Cell2TextPipeline(Pipeline):
         if kwargs.get("processor") is None:
             raise ValueError(MISSING_PROCESSOR)
         super().__init__(*args, **kwargs)
-        pad_id = self.processor.tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = self.processor.tokenizer.eos_token_id
-        self._generation_defaults.setdefault("pad_token_id", pad_id)
+        self._generation_defaults.setdefault("pad_token_id", text_pad_token_id(self.processor.tokenizer))
 
     def _sanitize_parameters(
         self,
@@ -220,8 +219,8 @@ def rank_block(
 ) -> Any:
     """Rank-value encode rows [start, stop); cells without vocabulary genes raise unless skip_empty."""
     ranked = feature_extractor.tokenize(matrix[start:stop], gene_ids, skip_empty_cells=True, **params)
-    if len(ranked.skipped_cells) and not skip_empty:  # the feature extractor's one message for empty cells
-        raise feature_extractor.empty_cells_error(ranked.skipped_cells, obs_names=obs_names, first_row=start)
+    if len(ranked.skipped_cells) and not skip_empty:
+        raise empty_cells_error(ranked.skipped_cells, obs_names=obs_names, first_row=start)
     return ranked
 
 

@@ -610,3 +610,13 @@ def test_corpus_and_inference_map_the_same_symbols_to_the_same_genes_ambiguous_o
     assert ids_as_corpus == [ensembl_gene_id(n) for n in ids]
     assert ids_as_corpus[:4] == ["ENSG00000141510", None, None, None]
     assert extractor.match_genes(ids).column_tokens.tolist()[:4] == [token["ENSG00000141510"], -1, -1, -1]
+
+
+def test_names_other_code_imports_stay_importable_from_the_feature_extraction_module():
+    """The extractor's parts live in their own modules; the names callers import from here still resolve there."""
+    from modeling_cell2text import cell_inputs, feature_extraction_cell2text, geneformer_dictionaries, rank_value
+
+    assert feature_extraction_cell2text.RankedCells is rank_value.RankedCells
+    assert feature_extraction_cell2text.load_numeric_dict is geneformer_dictionaries.load_numeric_dict
+    assert feature_extraction_cell2text.empty_cells_error is cell_inputs.empty_cells_error
+    assert feature_extraction_cell2text.SPECIAL_TOKENS == ("<pad>", "<mask>", "<cls>", "<eos>")

@@ -110,12 +110,37 @@ def test_save_and_reload_gives_identical_logits(tmp_path):
     assert reloaded.lm_head.weight.data_ptr() == reloaded.get_input_embeddings().weight.data_ptr()
 
 
-def test_truncated_weights_file_is_a_clear_error(tmp_path):
+def header_not_json(good: bytes) -> bytes:
+    """The file with its JSON header (length: the first 8 bytes, little-endian) overwritten by as many `{`."""
+    length = int.from_bytes(good[:8], "little")
+    return good[:8] + b"{" * length + good[8 + length :]
+
+
+CORRUPTIONS = {
+    "truncated": lambda good: good[:1000],
+    "empty": lambda good: b"",
+    "not safetensors": lambda good: b"this is not a safetensors file" * 10,
+    "header not JSON": header_not_json,
+}
+
+
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+def test_corrupt_weights_file_is_a_clear_error(tmp_path, kind):
     tiny_model().save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(OSError, match="truncated or corrupt"):
+    weights.write_bytes(CORRUPTIONS[kind](weights.read_bytes()))
+    with pytest.raises(OSError, match="truncated or corrupt") as caught:
         Cell2TextForConditionalGeneration.from_pretrained(tmp_path)
+    assert str(tmp_path) in str(caught.value) and "\n" not in str(caught.value)
+    assert type(caught.value.__cause__).__name__ == "SafetensorError"
+
+
+def test_other_loading_errors_are_not_called_corrupt_weights(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(OSError) as caught:  # transformers' own message: no weights file
+        Cell2TextForConditionalGeneration.from_pretrained(tmp_path)
+    assert "truncated or corrupt" not in str(caught.value)
 
 
 def test_from_pretrained_parts_loads_the_saved_weights(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -62,6 +63,13 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
+def assert_relative_imports_are_saved(model_dir) -> None:
+    """Every sibling module a saved code file imports (`from .x import ...`) is saved beside it."""
+    for code in model_dir.glob("*.py"):
+        for module in re.findall(r"^\s*from\s+\.(\w+)\s+import", code.read_text(), flags=re.MULTILINE):
+            assert (model_dir / f"{module}.py").exists(), f"{code.name} imports .{module}, which was not saved"
+
+
 def test_saved_model_loads_as_remote_code_with_equal_logits(tmp_path):
     encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
     feature_extractor = Cell2TextFeatureExtractor.from_gene_medians({g: 1.0 + (i % 4) for i, g in enumerate(GENES)})
@@ -77,8 +85,12 @@ def test_saved_model_loads_as_remote_code_with_equal_logits(tmp_path):
     saved = json.loads((model_dir / "config.json").read_text())
     assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_cell2text.Cell2TextForConditionalGeneration"
     for code_file in ("modeling_cell2text.py", "configuration_cell2text.py", "processing_cell2text.py",
-                      "feature_extraction_cell2text.py", "description_schema.py"):
+                      "feature_extraction_cell2text.py", "description_schema.py", "pipeline_cell2text.py",
+                      # the feature extractor's and pipeline's parts, copied because the entry modules import them
+                      "rank_value.py", "geneformer_dictionaries.py", "cell_inputs.py", "gene_ids.py", "gene_table.py",
+                      "label_scoring.py", "text_padding.py"):
         assert (model_dir / code_file).exists(), code_file
+    assert_relative_imports_are_saved(model_dir)
 
     # Cells with different numbers of expressed genes (4 to 24), raw integer counts.
     rng = np.random.default_rng(0)

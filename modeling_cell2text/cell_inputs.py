@@ -1,0 +1,85 @@
+"""The cell inputs a feature extractor accepts, resolved to one row-chunkable matrix and its gene IDs.
+
+AnnData (``X`` or a layer; in memory or backed; gene IDs from ``var`` by ``gene_ids.var_gene_ids``), a scipy
+sparse matrix or array, or a 2-D numpy array (with one gene ID per column). AnnData objects are recognised
+without importing anndata, so this file travels as remote code: it imports only numpy, scipy and its siblings.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from .gene_ids import var_gene_ids
+
+
+def is_anndata(obj: Any) -> bool:
+    """Whether ``obj`` is an AnnData (only when anndata is already imported: an AnnData needs it)."""
+    anndata = sys.modules.get("anndata")
+    return anndata is not None and isinstance(obj, anndata.AnnData)
+
+
+def resolve_input(
+    cells: Any, gene_ids: Sequence[Any] | None, layer: str | None, symbol_to_gene: Mapping[str, str]
+) -> tuple[Any, Sequence[Any], Sequence[str] | None]:
+    """(row-chunkable matrix, gene IDs, obs names or None) for any accepted input.
+
+    ``symbol_to_gene`` (the vocabulary's symbols) picks the ``var`` column of symbol input where an AnnData's
+    ``gene_ids`` are not given. CSC input is converted to CSR once (slicing CSC rows per chunk is slow).
+    """
+    obs_names = None
+    if is_anndata(cells):
+        if layer is not None:
+            if layer not in cells.layers:
+                raise KeyError(f"layer {layer!r} not in adata.layers (available: {list(cells.layers.keys())})")
+            matrix = cells.layers[layer]
+        else:
+            matrix = cells.X
+        if matrix is None:
+            raise ValueError("adata.X is None; pass layer=... naming the layer that holds the counts")
+        if gene_ids is None:
+            gene_ids = var_gene_ids(cells.var, symbol_to_gene)
+        obs_names = cells.obs_names  # indexed only to name cells in messages
+    elif layer is not None:
+        raise ValueError("layer= applies to AnnData input only")
+    else:
+        matrix = cells
+        if gene_ids is None:
+            raise ValueError("gene_ids is required for matrix input (one Ensembl ID or symbol per column)")
+    if isinstance(matrix, (np.ndarray, np.matrix)) or (not sp.issparse(matrix) and not hasattr(matrix, "shape")):
+        matrix = np.asarray(matrix)
+        if matrix.ndim != 2:
+            raise ValueError(f"expected a 2-D cells x genes matrix, got shape {matrix.shape}")
+    elif sp.issparse(matrix) and matrix.format == "csc":
+        matrix = matrix.tocsr()  # one conversion instead of slow CSC row slicing per chunk
+    if len(gene_ids) != matrix.shape[1]:
+        raise ValueError(f"got {len(gene_ids)} gene IDs for a matrix with {matrix.shape[1]} columns (genes)")
+    return matrix, gene_ids, obs_names
+
+
+def format_cells(indices: np.ndarray, obs_names: Sequence[str] | None, first_row: int = 0) -> str:
+    """The first ten of ``indices`` (rows relative to ``first_row``) as row numbers with their obs names."""
+    rows = [first_row + i for i in np.asarray(indices)[:10].tolist()]
+    shown = [f"{r} ({str(obs_names[r])!r})" if obs_names is not None else str(r) for r in rows]
+    more = f" and {len(indices) - 10} more" if len(indices) > 10 else ""
+    return ", ".join(shown) + more
+
+
+def empty_cells_error(
+    empty: np.ndarray, n_cells: int | None = None, obs_names: Sequence[str] | None = None, first_row: int = 0
+) -> ValueError:
+    """The one error for cells that express no vocabulary gene (``empty``: their rows, relative to ``first_row``;
+    ``obs_names`` indexed by absolute row; ``n_cells``: how many were ranked, when that is all the input)."""
+    of = f" (of {n_cells})" if n_cells is not None else ""
+    return ValueError(
+        f"{len(empty)} cells express no gene of the model's vocabulary{of}: cells "
+        f"{format_cells(empty, obs_names, first_row)}. Filter them out (e.g. sc.pp.filter_cells(adata, "
+        "min_genes=...)) or pass skip_empty_cells=True."
+    )
+
+
+__all__ = ["empty_cells_error", "format_cells", "is_anndata", "resolve_input"]

@@ -1,0 +1,508 @@
+"""Geneformer's rank-value encoding of a cells x genes matrix: the arithmetic, vectorised over CSR row chunks.
+
+Per cell, every expressed gene of the vocabulary gets Geneformer's value
+``count / n_counts * 10_000 / median``, with Geneformer's arithmetic: ``n_counts`` is the cell's total over all
+input genes; ``count / n_counts`` and ``* 10_000`` are computed in the input's float precision (float32 for
+float32 or float16 data, AnnData's usual; float64 for integer or float64 data, as numpy promotes them), and the
+division by the float64 median (the gene's non-zero median of normalised counts in the pretraining corpus) and
+the comparison are in float64. Genes are sorted by value, descending, mapped to token ids and truncated to the
+model input size; Geneformer V2 adds ``<cls>`` first and ``<eos>`` last. Normalised input skips the first step;
+log1p input is undone with float64 ``expm1``.
+
+Documented choices (where Geneformer's own tokenizer is platform-dependent or silent):
+
+* Exact ties (equal float64 values, common in count data) are broken by ascending token id, so the output is the
+  same on every machine (Geneformer's unstable ``argsort`` orders ties differently across CPUs/builds). Outside
+  exact ties the order is Geneformer's.
+* Geneformer divides with numpy's true division (dense input; SciPy before its sparse/dense broadcasting rewrite).
+  Recent SciPy computes ``sparse / dense`` as a multiplication by the reciprocal, which rounds differently in the
+  last bit: on sparse input Geneformer's own output then depends on the SciPy version. We follow the divisions.
+* Explicitly stored zeros are not expressed genes; genes outside the vocabulary (token -1) are dropped.
+* Values are checked before and after every conversion (see ``check_values``): non-numeric, NaN, infinite or
+  negative values, non-integer "counts", counts of 2**31 or more, "log1p" values above 20 or all integer (raw
+  counts), "normalized" values that are raw counts or log1p-scaled, and any value that over- or underflows on the
+  way are refused with the fix.
+
+The ranking is vectorised over row chunks of a CSR matrix: each entry's value becomes a uint64 key (the float64
+bits inverted, so ascending key = descending value, with the lowest bits replaced by the entry's index in its
+row), keys are scattered into a padded 2-D array and sorted along rows (one C loop over rows); the low bits then
+find each rank's token. Runs of keys equal above the low bits (exact ties, and values differing only in their last
+bits) are put in exact-value, then ascending-token order with one 1-D sort over their entries.
+
+Value-aware tokens (``num_expression_bins > 0``): beside its token, each gene gets an expression bin,
+scGPT's per-cell value binning: with B bins and n expressed vocabulary genes in the cell, a gene whose expression
+exceeds that of k of them gets bin ``1 + floor(B * k / n)`` (equal values share a bin; 0 marks special tokens and
+padding). Quantiles within the cell make bins independent of sequencing depth and normalisation, and they carry
+what rank order alone hides: a gene can rank high against its corpus median while being weakly expressed.
+
+This file travels as remote code with the feature extractor: it imports only numpy and scipy.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+INPUT_VALUES = ("counts", "normalized", "log1p")
+#: Geneformer's per-cell normalisation target (``count / n_counts * TARGET_SUM``).
+TARGET_SUM = 10_000
+#: The largest plausible log1p value: log1p of 10,000 (CP10k) is 9.2, of 10**6 (CPM) 13.8; expm1(20) is 4.9e8.
+MAX_LOG1P = 20.0
+#: Counts of one gene in one cell at or above this are not counts.
+MAX_COUNT = 2**31
+_PAD_BASE = np.uint64(0xFFF0 << 48)  # padding keys start here: above the key of any normal positive float64
+_TINY = np.finfo(np.float64).tiny
+_LOW_BITS = np.uint64(0xFFFFFFFF)
+
+#: One ranked chunk: flat token ids (specials added), genes kept per cell, flat expression bins or None.
+ChunkResult = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+
+
+@dataclass
+class RankedCells:
+    """Ragged per-cell token ids: cell ``i`` is ``tokens[offsets[i]:offsets[i + 1]]``.
+
+    ``cell_indices`` are the input rows these cells come from; ``skipped_cells`` the input rows
+    dropped because no vocabulary gene is expressed (only with ``skip_empty_cells=True``).
+    ``value_bins`` (value-aware extractors only) holds each token's expression bin, aligned with ``tokens``.
+    """
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+    cell_indices: np.ndarray
+    skipped_cells: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    value_bins: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+    def bins_of(self, i: int) -> np.ndarray:
+        """Expression bins of cell ``i`` (value-aware extractors only)."""
+        if self.value_bins is None:
+            raise ValueError("These cells have no expression bins: the feature extractor has num_expression_bins=0.")
+        return self.value_bins[self.offsets[i] : self.offsets[i + 1]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Number of tokens of each cell (special tokens included)."""
+        return np.diff(self.offsets)
+
+    def to_list(self) -> list[np.ndarray]:
+        """Per-cell token arrays (views into ``tokens``)."""
+        return list(self)
+
+
+# ----------------------------------------------------------------------------- the whole matrix
+
+
+def rank_matrix(
+    matrix: Any,
+    column_tokens: np.ndarray,
+    column_medians: np.ndarray,
+    *,
+    input_values: str,
+    max_genes: int,
+    special_ids: tuple[int, int] | None,
+    num_expression_bins: int = 0,
+    chunk_size: int = 128,
+    num_threads: int | None = None,
+) -> RankedCells:
+    """Rank-value encode every row of ``matrix`` (scipy sparse, numpy, or row-sliceable like an h5py dataset).
+
+    ``column_tokens``/``column_medians``: each input column's token id (-1: not in the vocabulary) and gene
+    median. ``special_ids``: ``(cls, eos)`` ids added around each cell (Geneformer V2), None for V1. Cells without
+    an expressed vocabulary gene are left out and listed in ``skipped_cells``; callers decide whether that is an
+    error. Chunks of ``chunk_size`` rows are ranked in ``num_threads`` threads (default: ``default_threads()``).
+    """
+    if input_values not in INPUT_VALUES:
+        raise ValueError(f"input_values must be one of {INPUT_VALUES}, got {input_values!r}")
+
+    def rank(chunk: tuple[int, np.ndarray, np.ndarray, np.ndarray]) -> ChunkResult:
+        start, indptr, indices, data = chunk
+        check_values(data, indptr, input_values, start)
+        values = rank_values(data, indptr, column_medians[indices], input_values, start)
+        expression = data if num_expression_bins else None
+        return rank_chunk(indptr, column_tokens[indices], values, expression, max_genes=max_genes,
+                          special_ids=special_ids, num_expression_bins=num_expression_bins)
+
+    chunks = iter_csr_chunks(matrix, chunk_size)
+    results = list(ordered_map(rank, chunks, num_threads or default_threads()))
+    return join_chunks(results, special_ids is not None, value_aware=num_expression_bins > 0)
+
+
+def join_chunks(results: list[ChunkResult], special_tokens: bool, value_aware: bool) -> RankedCells:
+    """Join ranked chunks (in row order) into one ``RankedCells``; cells with no gene go to ``skipped_cells``."""
+    n_genes = np.concatenate([r[1] for r in results]) if results else np.zeros(0, dtype=np.int64)
+    kept = np.flatnonzero(n_genes > 0)
+    lengths = n_genes[kept] + (2 if special_tokens else 0)
+    offsets = np.zeros(len(kept) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.concatenate([r[0] for r in results]) if results else np.zeros(0, dtype=np.int32)
+    value_bins = None
+    if value_aware:
+        value_bins = np.concatenate([r[2] for r in results]) if results else np.zeros(0, np.uint8)
+    return RankedCells(tokens=tokens, offsets=offsets, cell_indices=kept,
+                       skipped_cells=np.flatnonzero(n_genes == 0), value_bins=value_bins)
+
+
+# ----------------------------------------------------------------------------- one chunk
+
+
+def rank_chunk(
+    indptr: np.ndarray,
+    tokens: np.ndarray,
+    values: np.ndarray,
+    expression: np.ndarray | None = None,
+    *,
+    max_genes: int,
+    special_ids: tuple[int, int] | None,
+    num_expression_bins: int = 0,
+) -> ChunkResult:
+    """Rank one CSR chunk. Returns flat token ids (specials added), genes kept per cell, and the flat
+    expression bins aligned with the tokens when ``expression`` is given (value-aware extractors)."""
+    n_cells = len(indptr) - 1
+    keep = tokens >= 0
+    keep &= values > 0  # explicit zeros are not expressed genes
+    if keep.all():
+        counts = np.diff(indptr)
+    else:
+        kept_before = np.zeros(len(keep) + 1, dtype=np.int64)
+        np.cumsum(keep, out=kept_before[1:])
+        counts = np.diff(kept_before[indptr])
+        tokens, values = tokens[keep], values[keep]
+        expression = None if expression is None else expression[keep]
+    width = int(counts.max()) if n_cells else 0
+    # key: the float64 bits inverted (ascending key = descending value; positive float bits order like the
+    # values), the low `low_bits` of them replaced by the entry's index in its row (to find it after the sort)
+    low_bits = max(width - 1, 1).bit_length()
+    low_mask = np.uint64((1 << low_bits) - 1)
+    starts = np.cumsum(counts) - counts
+    positions = np.arange(len(values), dtype=np.int64) + np.repeat(np.arange(n_cells) * width - starts, counts)
+    # padding: above every real key (normal positive values: top 12 key bits <= 0xFFE), distinct high parts
+    padded = np.empty((n_cells, width), dtype=np.uint64)
+    padded[:] = _PAD_BASE + (np.arange(width, dtype=np.uint64) << np.uint64(low_bits))
+    padded.reshape(-1)[positions] = np.invert(values.view(np.uint64))
+    padded &= ~low_mask
+    padded |= np.arange(width, dtype=np.uint64)
+    padded.sort(axis=1)
+    # index in values/tokens of the entry at each rank (out of range on padding: clipped, never read)
+    source = np.add(np.bitwise_and(_low_words(padded), np.uint32(low_mask)), starts[:, None], dtype=np.int64)
+    sorted_tokens = tokens.take(source, mode="clip")
+    bins = None
+    if expression is not None:  # the same rank order, carrying each gene's expression bin along
+        padded_bins = expression_bins(expression, positions, counts, width, num_expression_bins).reshape(-1)
+        bins = padded_bins.take(positions.take(source, mode="clip"))
+    np.right_shift(padded, np.uint64(low_bits), out=padded)  # the value bits above the low bits
+    _order_near_ties(padded, source, values, tokens, low_bits, sorted_tokens, bins)
+    n_genes = np.minimum(counts, max_genes)
+    width = min(width, max_genes)
+    extra = 0 if special_ids is None else 2
+    ranked = np.empty((n_cells, width + extra), dtype=np.int32)
+    if special_ids is not None:
+        cls_id, eos_id = special_ids
+        ranked[:, 0] = cls_id
+        ranked[:, 1 : width + 1] = sorted_tokens[:, :width]
+        ranked[:, width + 1] = 0
+        ranked[np.arange(n_cells), n_genes + 1] = eos_id
+    else:
+        ranked[:] = sorted_tokens[:, :width]
+    lengths = np.where(n_genes > 0, n_genes + extra, 0)
+    real = np.arange(width + extra) < lengths[:, None]
+    flat = ranked[real]
+    if bins is None:
+        return flat, n_genes, None
+    ranked_bins = np.zeros((n_cells, width + extra), dtype=np.uint8)
+    offset = 0 if special_ids is None else 1
+    ranked_bins[:, offset : width + offset] = bins[:, :width]
+    if special_ids is not None:
+        ranked_bins[np.arange(n_cells), n_genes + 1] = 0  # <eos> where a cell has fewer genes than width
+    return flat, n_genes, ranked_bins[real]
+
+
+def expression_bins(
+    expression: np.ndarray, positions: np.ndarray, counts: np.ndarray, width: int, num_bins: int
+) -> np.ndarray:
+    """Per-cell quantile bins (1..B) of the expressed genes, laid out like the padded key array (0: padding).
+
+    A gene's bin is 1 + floor(B * k / n), k = genes of the cell with lower expression, n = expressed genes.
+    """
+    n_cells = len(counts)
+    padded = np.full((n_cells, width), np.inf, dtype=np.float64)
+    padded.reshape(-1)[positions] = expression
+    order = np.argsort(padded, axis=1, kind="stable")
+    ascending = np.take_along_axis(padded, order, axis=1)
+    column = np.broadcast_to(np.arange(width), ascending.shape)
+    starts_run = np.ones(ascending.shape, dtype=bool)
+    starts_run[:, 1:] = ascending[:, 1:] != ascending[:, :-1]
+    lower = np.maximum.accumulate(np.where(starts_run, column, 0), axis=1)  # genes with lower expression
+    sorted_bins = 1 + (lower * num_bins) // np.maximum(counts, 1)[:, None]
+    sorted_bins[column >= counts[:, None]] = 0
+    bins = np.empty((n_cells, width), dtype=np.uint8)
+    np.put_along_axis(bins, order, sorted_bins.astype(np.uint8), axis=1)
+    return bins
+
+
+def _order_near_ties(
+    high: np.ndarray,
+    source: np.ndarray,
+    values: np.ndarray,
+    tokens: np.ndarray,
+    low_bits: int,
+    sorted_tokens: np.ndarray,
+    bins: np.ndarray | None,
+) -> None:
+    """In place: order each run of entries whose keys agree above the low bits by exact value (descending), then
+    token id (ascending).
+
+    ``high``: the sorted keys shifted right by ``low_bits`` (padding: all distinct); ``source``: each rank's entry
+    in ``values``/``tokens``.
+    Runs hold exact ties (common in count data) and values that differ only in their last ``low_bits`` bits.
+    One 1-D sort of ``run << (low_bits + T) | low bits of the inverted value << T | token`` (T: token id bits).
+    """
+    if high.shape[1] < 2:
+        return
+    same = high[:, 1:] == high[:, :-1]
+    if not same.any():
+        return
+    tied = np.zeros(high.shape, dtype=bool)
+    tied[:, 1:] = same
+    tied[:, :-1] |= same
+    starts_run = np.ones(high.shape, dtype=bool)
+    starts_run[:, 1:] = ~same
+    where = np.flatnonzero(tied)
+    entries = source.reshape(-1)[where]
+    run = np.cumsum(starts_run.reshape(-1)[where], dtype=np.uint64)  # runs are contiguous in `where`
+    low = np.invert(values[entries].view(np.uint64)) & np.uint64((1 << low_bits) - 1)
+    run_tokens = tokens[entries].astype(np.uint64)
+    token_bits = max(int(run_tokens.max()).bit_length(), 1)
+    if int(run[-1]).bit_length() + low_bits + token_bits <= 64:
+        keys = (run << np.uint64(low_bits + token_bits)) | (low << np.uint64(token_bits)) | run_tokens
+        order = np.argsort(keys)
+    else:  # too many runs for one 64-bit key
+        order = np.lexsort((run_tokens, low, run))
+    sorted_tokens.reshape(-1)[where] = run_tokens[order]
+    if bins is not None:
+        flat_bins = bins.reshape(-1)
+        flat_bins[where] = flat_bins[where][order]
+
+
+def _low_words(keys: np.ndarray) -> np.ndarray:
+    """Low 32 bits of a C-contiguous 2-D uint64 key array (a strided view where possible)."""
+    if sys.byteorder == "little" and keys.strides[1] == 8:
+        return keys.view(np.uint32)[:, 0::2]
+    return (keys & _LOW_BITS).astype(np.uint32)
+
+
+# ----------------------------------------------------------------------------- values
+
+
+def _row_sums(data: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+    """Per-cell totals of a CSR chunk, in float64 (exact for integer counts)."""
+    if not len(data):
+        return np.zeros(len(indptr) - 1, dtype=np.float64)
+    sums = np.add.reduceat(data, np.minimum(indptr[:-1], len(data) - 1), dtype=np.float64)
+    sums[indptr[1:] == indptr[:-1]] = 0.0  # reduceat gives an empty row the next entry
+    return sums
+
+
+def _spread(totals: np.ndarray) -> float:
+    """Relative spread (max - min) / max of positive totals."""
+    return float((totals.max() - totals.min()) / totals.max())
+
+
+def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_row: int) -> None:
+    """Refuse values that cannot be expression of the declared kind (on stored entries, per chunk of cells).
+
+    Always: numeric, finite, non-negative. "counts": integers below 2**31. "normalized": below 2**31, not raw
+    counts (all values integers while the cells' totals differ), not log1p-scaled (all values <= 20 and the cells'
+    totals of expm1(values) agree within 0.1% while their totals of the values differ by more than 1%: log1p of
+    normalised data). "log1p": at most 20 (log1p of CP10k is at most 9.2), not all integers (raw counts).
+    The totals rules need two cells with values in the chunk.
+    """
+    where = f"chunk starting at cell {first_row}"
+    if data.dtype.kind not in "biuf":
+        raise TypeError(f"expression values must be numeric, got dtype {data.dtype}")
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        if not finite.all():
+            n_nan = int(np.isnan(data).sum())
+            raise ValueError(
+                f"input holds {n_nan} NaN and {int((~finite).sum()) - n_nan} infinite values ({where}); rank-value "
+                "encoding needs finite, non-negative expression values"
+            )
+    if data.dtype.kind in "if" and len(data) and data.min() < 0:
+        raise ValueError(
+            f"input holds negative values (minimum {data.min()}, {where}); pass raw "
+            "counts or non-negative normalised values, not scaled/centred data (e.g. adata.raw or a counts layer)"
+        )
+    if not len(data) or data.dtype.kind == "b":
+        return
+    largest = data.max()
+    integral = data.dtype.kind in "iu" or bool((np.rint(data) == data).all())
+    if input_values == "counts":
+        if not integral:
+            example = data[np.flatnonzero(np.rint(data) != data)[0]]
+            raise ValueError(
+                f"input_values='counts' but the values are not integer counts (e.g. {example}, {where}); pass "
+                "input_values='normalized' for normalised data or 'log1p' for log1p of normalised data (e.g. "
+                "scanpy's normalize_total + log1p), or round counts with float noise"
+            )
+        if largest >= MAX_COUNT:
+            raise ValueError(
+                f"input_values='counts' but a value is {float(largest):.6g} ({where}): no gene has 2**31 or more counts "
+                "in one cell; pass the raw count matrix (e.g. adata.raw or a counts layer)"
+            )
+        return
+    if input_values == "log1p":
+        if largest > MAX_LOG1P:
+            raise ValueError(
+                f"input_values='log1p' but values reach {float(largest):.6g} ({where}), above {MAX_LOG1P:g} (log1p "
+                "of CP10k data is at most 9.2): these are not log1p of normalised values; pass "
+                "input_values='counts' for raw counts or 'normalized' for normalised values"
+            )
+        if integral and largest > 0:
+            raise ValueError(
+                f"input_values='log1p' but every value is an integer ({where}): these look like raw counts; pass "
+                "input_values='counts'"
+            )
+        return
+    if largest >= MAX_COUNT:
+        raise ValueError(
+            f"input_values='normalized' but a value is {float(largest):.6g} ({where}): normalised expression is far "
+            "below 2**31 (CPM is at most 10**6); pass the normalised matrix, or input_values='counts' for raw counts"
+        )
+    totals = _row_sums(data, indptr)
+    totals = totals[totals > 0]
+    if len(totals) < 2:
+        return
+    if integral and _spread(totals) > 0:
+        raise ValueError(
+            f"input_values='normalized' but every value is an integer and the cells' totals differ ({where}): "
+            "these look like raw counts; pass input_values='counts'"
+        )
+    if largest <= MAX_LOG1P and not integral and _spread(totals) > 0.01:
+        unlogged = _row_sums(np.expm1(data, dtype=np.float64), indptr)
+        if _spread(unlogged[unlogged > 0]) < 0.001:
+            raise ValueError(
+                f"input_values='normalized' but the values look log1p-scaled ({where}): the cells' totals of "
+                f"expm1(values) agree ({float(unlogged.max()):.6g}) while their totals differ; pass "
+                "input_values='log1p'"
+            )
+
+
+def rank_values(
+    data: np.ndarray, indptr: np.ndarray, medians: np.ndarray, input_values: str, first_row: int
+) -> np.ndarray:
+    """Geneformer's float64 ranking values of a CSR chunk's entries (see the module docstring), checked.
+    ``medians`` (each entry's gene median, float64) is overwritten with the values.
+
+    "counts": ``count / n_counts * 10_000`` in float32 for float32/float16 data (float64 for integer or float64
+    data), then ``/ median`` in float64. "normalized": ``value / median``. "log1p": ``expm1(value) / median``.
+    """
+    if input_values == "counts":
+        dtype = np.float32 if data.dtype in (np.float16, np.float32) else np.float64
+        normalised = np.repeat(_row_sums(data, indptr).astype(dtype), np.diff(indptr))  # n_counts per entry
+        with np.errstate(divide="ignore", invalid="ignore"):  # cells with only stored zeros: never ranked
+            np.divide(data, normalised, out=normalised, dtype=dtype)
+        normalised *= dtype(TARGET_SUM)
+    elif input_values == "log1p":
+        normalised = np.expm1(data, dtype=np.float64)
+    else:
+        normalised = data
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        values = np.divide(normalised, medians, dtype=np.float64, out=medians if medians.dtype == np.float64 else None)
+    if len(values) == 0 or (values.min() >= _TINY and values.max() < np.inf):  # no stored zero, no over/underflow
+        return values
+    bad = (data != 0) & ~((values >= _TINY) & (values < np.inf))
+    if bad.any():
+        example = np.flatnonzero(bad)[0]
+        raise ValueError(
+            f"{int(bad.sum())} values over- or underflow when normalised (e.g. {data[example]!r} gives "
+            f"{values[example]!r}, chunk starting at cell {first_row}); check that input_values={input_values!r} "
+            "is what the matrix holds"
+        )
+    return values
+
+
+# ----------------------------------------------------------------------------- row chunks and threads
+
+
+def _csr_parts(matrix: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indptr, indices, data) of a canonical CSR version of a scipy sparse matrix or array."""
+    if matrix.format != "csr":
+        matrix = matrix.tocsr()
+    if not matrix.has_canonical_format:
+        matrix = matrix.copy()
+        matrix.sum_duplicates()
+    return matrix.indptr, matrix.indices, matrix.data
+
+
+def iter_csr_chunks(matrix: Any, chunk_size: int) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield ``(first_row, indptr, indices, data)`` row chunks; indptr starts at 0."""
+    n_rows = matrix.shape[0]
+    if sp.issparse(matrix):
+        indptr, indices, data = _csr_parts(matrix)
+        for start in range(0, n_rows, chunk_size):
+            stop = min(start + chunk_size, n_rows)
+            lo, hi = indptr[start], indptr[stop]
+            yield start, indptr[start : stop + 1] - lo, indices[lo:hi], data[lo:hi]
+        return
+    for start in range(0, n_rows, chunk_size):
+        stop = min(start + chunk_size, n_rows)
+        block = matrix[start:stop]  # numpy array, h5py dataset or anndata backed sparse dataset
+        block = block if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+        yield (start, *_csr_parts(block))
+
+
+def default_threads() -> int:
+    """Threads for ranking: the cores this process may use, at most 4 (numpy releases the GIL in its sorts)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores))
+
+
+def ordered_map(function: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
+    """``map`` in a thread pool, in order, holding at most ``2 * workers`` items in flight
+    (so a backed file is never read into memory at once)."""
+    if workers <= 1:
+        yield from map(function, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+__all__ = [
+    "INPUT_VALUES",
+    "MAX_COUNT",
+    "MAX_LOG1P",
+    "TARGET_SUM",
+    "RankedCells",
+    "check_values",
+    "default_threads",
+    "expression_bins",
+    "iter_csr_chunks",
+    "join_chunks",
+    "ordered_map",
+    "rank_chunk",
+    "rank_matrix",
+    "rank_values",
+]

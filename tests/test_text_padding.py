@@ -1,0 +1,23 @@
+"""The one rule for the token id that pads text (`text_padding.text_pad_token_id`)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from modeling_cell2text.text_padding import text_pad_token_id
+
+
+def test_pad_token_when_the_tokenizer_has_one():
+    assert text_pad_token_id(SimpleNamespace(pad_token_id=5, eos_token_id=7)) == 5
+    assert text_pad_token_id(SimpleNamespace(pad_token_id=0, eos_token_id=7)) == 0  # 0 is an id, not "missing"
+
+
+def test_eos_token_when_there_is_no_pad_token():
+    assert text_pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=7)) == 7
+
+
+def test_neither_is_an_error_naming_the_fix():
+    with pytest.raises(ValueError, match="neither a pad token nor an eos token.*tokenizer.pad_token"):
+        text_pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None))
