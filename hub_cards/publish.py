@@ -18,23 +18,50 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import HfApi, ModelCard
 
 from .render import MODEL_CARD_INPUTS, push_dataset_card, rerender_model_card, write_dataset_card
 
-REQUIRED_FILES = (
-    "config.json",
-    "model.safetensors",
-    "processor_config.json",
-    "tokenizer_config.json",
-    "modeling_cell2text.py",
-    "configuration_cell2text.py",
-    "processing_cell2text.py",
-    "feature_extraction_cell2text.py",
-    "description_schema.py",
-    "pipeline_cell2text.py",
-)
+REQUIRED_FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer_config.json")
+
+
+def _auto_map_references(settings: Any) -> list[str]:
+    """Every "module.Class" an `auto_map` names, at any depth of a saved config (a processor nests its parts')."""
+    if isinstance(settings, list):
+        return [ref for item in settings for ref in _auto_map_references(item)]
+    if not isinstance(settings, dict):
+        return []
+    found = []
+    for key, value in settings.items():
+        if key == "auto_map" and isinstance(value, dict):
+            found += [ref for refs in value.values() for ref in ([refs] if isinstance(refs, str) else refs or []) if ref]
+        else:
+            found += _auto_map_references(value)
+    return found
+
+
+def _remote_code_files(model_dir: Path, config: dict) -> list[str]:
+    """The code files a trust_remote_code load of this folder reads: the modules the configs' `auto_map`s and the
+    `cell-to-text` pipeline name, and every module they import relatively, recursively."""
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    references = _auto_map_references(config)
+    references += [entry.get("impl") or "" for entry in config.get("custom_pipelines", {}).values()]
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        if (model_dir / name).exists():
+            references += _auto_map_references(json.loads((model_dir / name).read_text()))
+    queue = sorted({f"{ref.split('.')[0]}.py" for ref in references if ref})
+    files: list[str] = []
+    while queue:
+        name = queue.pop(0)
+        if name in files:
+            continue
+        files.append(name)
+        if (model_dir / name).exists():
+            queue += [f"{module}.py" for module in get_relative_imports(model_dir / name)]
+    return files
 
 
 def check_model_folder(model_dir: str | Path) -> None:
@@ -53,6 +80,12 @@ def check_model_folder(model_dir: str | Path) -> None:
         raise ValueError(f"{model_dir}/config.json has no auto_map: it would not load with trust_remote_code.")
     if "cell-to-text" not in config.get("custom_pipelines", {}):
         raise ValueError(f"{model_dir}/config.json has no custom_pipelines entry for 'cell-to-text'.")
+    missing_code = [name for name in _remote_code_files(model_dir, config) if not (model_dir / name).exists()]
+    if missing_code:
+        raise FileNotFoundError(
+            f"{model_dir} lacks the code files {missing_code}, which its auto_map needs (directly or by a relative "
+            "import). Save the folder again with model.save_pretrained(dir), which copies them."
+        )
     if (model_dir / "README.md").exists():
         ModelCard.load(model_dir / "README.md")  # raises on malformed metadata
 

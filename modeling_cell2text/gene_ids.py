@@ -23,8 +23,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 ENSEMBL_GENE_PATTERN = re.compile(r"^(ENS[A-Z]*G\d+)(\.\d+)?$")
-#: ``var`` columns that usually hold Ensembl gene IDs, in the order they are tried (before any other column).
-ENSEMBL_VAR_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_ids", "ensembl_gene_id", "feature_id")
+#: ``var`` columns that usually hold Ensembl gene IDs, in the order they are tried (before any other column);
+#: CELLxGENE's ``feature_id`` first. The corpus builder (processing/sources.py) tries the same columns.
+ENSEMBL_VAR_COLUMNS = ("feature_id", "gene_ids", "gene_id", "ensembl_id", "ensembl_ids", "ensembl_gene_id")
 #: ``var`` columns that usually hold gene symbols (CELLxGENE: ``feature_name``).
 SYMBOL_VAR_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "symbol", "gene_name")
 _SAMPLE = 2000

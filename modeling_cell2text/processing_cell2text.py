@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from transformers import BatchFeature, ProcessorMixin
 
+from .text_padding import text_pad_token_id
 from .description_schema import ONTOLOGY_FIELDS, CellDescription, DescriptionParseError, parse_description
 
 DEFAULT_SYSTEM_PROMPT = "You are a single-cell biologist. Describe the cell concisely and professionally."
@@ -157,9 +158,7 @@ class Cell2TextProcessor(ProcessorMixin):
         return self.tokenizer(description, add_special_tokens=False)["input_ids"] + [eos]
 
     def _pad(self, rows: list[list[int]], labels: list[list[int]] | None, padding_side: str) -> dict:
-        pad_id = self.tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = self.tokenizer.eos_token_id
+        pad_id = text_pad_token_id(self.tokenizer)
         width = max(len(r) for r in rows)
         out = {"input_ids": [], "attention_mask": []}
         if labels is not None:

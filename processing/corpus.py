@@ -1,4 +1,5 @@
-"""Cell labels from CELLxGENE obs, their descriptions, and the corpus rows written per split.
+"""The corpus format: cell labels from CELLxGENE obs, their descriptions, the rows written per split, and reading
+a built corpus folder back (splits, feature extractor, summary).
 
 Labels come from the ontology term ids (the real ontologies bundled with
 cellxgene-ontology-guide): the label is the ontology's label of the (current) term, the cell
@@ -16,6 +17,7 @@ out of the description. Cells that cannot be described get a reject reason inste
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from functools import lru_cache
@@ -34,6 +36,7 @@ from modeling_cell2text.description_schema import (
     CellDescription,
     render_description,
 )
+from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
 from processing import ontologies
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,46 @@ FEATURES = datasets.Features(
 _STRING_COLUMNS = [name for name, feature in FEATURES.items() if feature == _string]
 # Value-aware corpora (feature extractor with num_expression_bins > 0) add each token's expression bin.
 VALUE_FEATURES = datasets.Features({**FEATURES, "gene_value_ids": datasets.List(datasets.Value("uint8"))})
+
+
+# A corpus folder: the DatasetDict (save_to_disk), the feature extractor its tokens were made with and the build's
+# summary (label tables, ontology versions, fingerprints).
+FEATURE_EXTRACTOR_DIR = "feature_extractor"
+SUMMARY_FILE = "summary.json"
+
+
+def open_corpus(corpus_dir: str | Path) -> datasets.DatasetDict:
+    """The corpus splits, with an error naming the fix where the folder is not a built corpus."""
+    corpus_dir = Path(corpus_dir)
+    if not (corpus_dir / "dataset_dict.json").exists():
+        raise FileNotFoundError(
+            f"{corpus_dir} is not a corpus folder (no dataset_dict.json); build one with "
+            "`python -m processing.build_corpus --preset pbmc68k_reduced --out DIR`."
+        )
+    return datasets.load_from_disk(str(corpus_dir))
+
+
+def corpus_feature_extractor(corpus_dir: str | Path) -> Cell2TextFeatureExtractor:
+    """The feature extractor a corpus was tokenized with."""
+    return Cell2TextFeatureExtractor.from_pretrained(str(Path(corpus_dir) / FEATURE_EXTRACTOR_DIR))
+
+
+def corpus_summary(corpus_dir: str | Path) -> dict:
+    """The build's summary.json ({} for a corpus without one)."""
+    path = Path(corpus_dir) / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def split_value_lists(split: datasets.Dataset, feature_extractor: Cell2TextFeatureExtractor) -> list | None:
+    """A split's expression bins (column gene_value_ids) for a value-aware feature extractor, else None."""
+    if not feature_extractor.num_expression_bins:
+        return None
+    if "gene_value_ids" not in split.column_names:
+        raise ValueError(
+            f"The feature extractor is value-aware (num_expression_bins={feature_extractor.num_expression_bins}) "
+            "but the corpus has no gene_value_ids column; build the corpus with the same --expression-bins."
+        )
+    return split["gene_value_ids"]
 
 
 def corpus_features(value_aware: bool) -> datasets.Features:

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from modeling_cell2text.rank_value import INPUT_VALUES, TARGET_SUM
+
 logger = logging.getLogger(__name__)
 
-TARGET_SUM = 10_000.0
-INPUT_VALUES = ("counts", "normalized", "log1p")
 
 
 def expression_values(data: np.ndarray, input_values: str) -> np.ndarray:

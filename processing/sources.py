@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from modeling_cell2text.gene_ids import ensembl_gene_id, looks_ensembl
+from modeling_cell2text.gene_ids import ENSEMBL_VAR_COLUMNS, SYMBOL_VAR_COLUMNS, ensembl_gene_id, looks_ensembl
 from modeling_cell2text.gene_table import ensembl_to_symbol, symbol_to_ensembl
 
 logger = logging.getLogger(__name__)
@@ -37,8 +37,6 @@ DEFAULT_SOMA_FILTER = (
     "is_primary_data == True and cell_type_ontology_term_id != 'unknown' "
     "and tissue_ontology_term_id != 'unknown' and disease_ontology_term_id != 'unknown'"
 )
-_ENSEMBL_COLUMNS = ("feature_id", "gene_ids", "gene_id", "ensembl_id", "ensembl_ids", "ensembl_gene_id")
-_SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "symbol", "gene_name")
 
 
 def resolve_genes(var: pd.DataFrame) -> tuple[list[str | None], list[str | None]]:
@@ -50,10 +48,10 @@ def resolve_genes(var: pd.DataFrame) -> tuple[list[str | None], list[str | None]
     reported by the caller.
     """
     index = [str(v) for v in var.index]
-    columns = {c: [str(v) for v in var[c]] for c in var.columns if c in _ENSEMBL_COLUMNS + _SYMBOL_COLUMNS}
-    ensembl_source = next((vals for vals in [index] + [columns[c] for c in _ENSEMBL_COLUMNS if c in columns]
+    columns = {c: [str(v) for v in var[c]] for c in var.columns if c in ENSEMBL_VAR_COLUMNS + SYMBOL_VAR_COLUMNS}
+    ensembl_source = next((vals for vals in [index] + [columns[c] for c in ENSEMBL_VAR_COLUMNS if c in columns]
                            if looks_ensembl(vals)), None)
-    symbol_source = next((columns[c] for c in _SYMBOL_COLUMNS if c in columns), None)
+    symbol_source = next((columns[c] for c in SYMBOL_VAR_COLUMNS if c in columns), None)
     if ensembl_source is not None:
         ids = [ensembl_gene_id(v) for v in ensembl_source]
         if symbol_source is None:
@@ -190,7 +188,7 @@ class SomaSource:
         obs.index = pd.Index(ids.to_numpy(), name=None)
         self.obs = standardize_obs(obs, obs_map)
         var_schema = set(experiment.ms[measurement].var.schema.names)
-        var_used = [c for c in ("soma_joinid", "var_id", *_ENSEMBL_COLUMNS, *_SYMBOL_COLUMNS) if c in var_schema]
+        var_used = [c for c in ("soma_joinid", "var_id", *ENSEMBL_VAR_COLUMNS, *SYMBOL_VAR_COLUMNS) if c in var_schema]
         var = experiment.ms[measurement].var.read(column_names=var_used).concat().to_pandas()
         var_joinids = var["soma_joinid"].to_numpy(np.int64)
         self._column_of = np.full(int(var_joinids.max()) + 1 if len(var) else 0, -1, dtype=np.int64)

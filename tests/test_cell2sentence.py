@@ -92,8 +92,9 @@ def test_train_merge_and_generate_one_text_per_cell(parts_and_corpus, tmp_path):
     final_dir = train_cell2sentence(corpus_dir, lm_dir, tmp_path / "c2s", num_genes=8, training_args=config)
 
     assert final_dir == tmp_path / "c2s" / "final"
-    saved = json.loads((final_dir / "cell2sentence.json").read_text())
-    assert saved["num_genes"] == 8 and saved["global_step"] == 4 and saved["best_model_checkpoint"] is not None
+    assert json.loads((final_dir / "cell2sentence.json").read_text())["num_genes"] == 8
+    state = json.loads((final_dir / "training_state.json").read_text())
+    assert state["global_step"] == 4 and state["best_model_checkpoint"] is not None
     model = AutoModelForCausalLM.from_pretrained(final_dir)
     assert not any("lora" in name for name, _ in model.named_parameters())
 

@@ -51,6 +51,18 @@ def test_a_folder_without_the_processor_is_refused(model_dir):
         publish_model(model_dir, "org/x", api=FakeHub())
 
 
+@pytest.mark.parametrize("module", ["modeling_cell2text.py", "rank_value.py", "text_padding.py"])
+def test_a_folder_missing_a_code_file_its_auto_map_reaches_is_refused(model_dir, module):
+    from hub_cards.publish import _remote_code_files
+
+    config = __import__("json").loads((model_dir / "config.json").read_text())
+    assert {"modeling_cell2text.py", "processing_cell2text.py", "pipeline_cell2text.py", "rank_value.py",
+            "description_schema.py"} <= set(_remote_code_files(model_dir, config))
+    (model_dir / module).unlink()
+    with pytest.raises(FileNotFoundError, match=module):
+        check_model_folder(model_dir)
+
+
 def test_publishing_re_renders_the_card_for_the_target_repo(model_dir):
     from hub_cards.render import save_model_card
 

@@ -247,7 +247,7 @@ def test_value_aware_extractor_needs_the_corpus_bins_column(parts_and_corpus):
     from datasets import load_from_disk
 
     from modeling_cell2text import Cell2TextFeatureExtractor
-    from training.collator import split_value_lists
+    from processing.corpus import split_value_lists
 
     _, corpus_dir = parts_and_corpus  # a rank-only corpus
     split = load_from_disk(str(corpus_dir))["test"]

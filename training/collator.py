@@ -10,18 +10,6 @@ from transformers import BatchFeature
 from modeling_cell2text import CellDescription, parse_description, render_description
 
 
-def split_value_lists(split, feature_extractor) -> list | None:
-    """A corpus split's expression bins (column gene_value_ids) for a value-aware feature extractor, else None."""
-    if not feature_extractor.num_expression_bins:
-        return None
-    if "gene_value_ids" not in split.column_names:
-        raise ValueError(
-            f"The feature extractor is value-aware (num_expression_bins={feature_extractor.num_expression_bins}) "
-            "but the corpus has no gene_value_ids column; build the corpus with the same --expression-bins."
-        )
-    return split["gene_value_ids"]
-
-
 def cell_type_sentence(description: str) -> str:
     """A description's first sentence, the one naming the cell type ("This sample consists of a B cell.").
 

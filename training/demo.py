@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 import logging
 import time
 from pathlib import Path
@@ -86,9 +87,12 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     from datasets import load_from_disk
 
     from hub_cards.render import save_model_card
+    from processing.corpus import corpus_feature_extractor, corpus_summary
     from training.evaluation.evaluate import evaluate_model, score_descriptions
     from training.prepare_demo_llm import prepare_demo_llm
     from training.evaluation.report import write_report
+    from training.adapters import FINAL_DIR
+    from training.gene_encoder import PREPARED_ENCODER_DIR, EncoderSelection
     from training.sft import main as train_cell2text
 
     started = time.perf_counter()
@@ -122,23 +126,23 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
 
     baselines = expression_baselines(corpus, seed)
     if not skip_cell2sentence:
+        from modeling_cell2text import Cell2TextProcessor
         from training.baselines.cell2sentence import generate_cell2sentence, train_cell2sentence
-        from modeling_cell2text import Cell2TextFeatureExtractor
 
         _, c2s_config = sft_arguments(["--corpus_dir", str(corpus_dir), "--output_dir", str(out_dir / "c2s"),
                                        *common])
-        c2s_dir = out_dir / "c2s" / "final"
+        c2s_dir = out_dir / "c2s" / FINAL_DIR
         if not (reuse_models and (c2s_dir / "model.safetensors").exists()):
             c2s_dir = train_cell2sentence(corpus_dir, llm_dir, out_dir / "c2s",
                                           num_genes=cell2text_args.num_cell_tokens, training_args=c2s_config,
-                                          lora_r=cell2text_args.lora_r, lora_alpha=cell2text_args.lora_alpha,
-                                          lora_dropout=cell2text_args.lora_dropout,
+                                          lora=cell2text_args,  # the same LoRA settings
                                           cell_type_loss_weight=cell2text_args.cell_type_loss_weight)
         lap("train_cell2sentence")
-        feature_extractor = Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor")
+        feature_extractor = corpus_feature_extractor(corpus_dir)
         texts = generate_cell2sentence(c2s_dir, corpus["test"], feature_extractor, cell2text_args.num_cell_tokens,
                                        batch_size=GENERATION_BATCH_SIZE, max_new_tokens=max_new_tokens)
-        c2s_results, _ = score_descriptions(corpus["test"], texts, results_ontology_ids(model_dir))
+        ontology_term_ids = Cell2TextProcessor.from_pretrained(model_dir).ontology_term_ids  # as Cell2Text's
+        c2s_results, _ = score_descriptions(corpus["test"], texts, ontology_term_ids)
         baselines["cell2sentence"] = c2s_results["fields"]  # its unparsed texts show as "Missing"
         results["cell2sentence_parse_rate"] = c2s_results["parse_rate"]
         lap("evaluate_cell2sentence")
@@ -146,9 +150,10 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     results["timings_s"] = timings
     if QUALITY_BENCHMARK.exists():
         results["quality_benchmark"] = json.loads(QUALITY_BENCHMARK.read_text())
-    selection_file = out_dir / "sft" / "gene_encoder" / "encoder_selection.json"
-    if selection_file.exists():
-        results["gene_encoder_selection"] = json.loads(selection_file.read_text())
+    encoder_dir = out_dir / "sft" / PREPARED_ENCODER_DIR
+    selection = EncoderSelection.load(encoder_dir)
+    if selection is not None:
+        results["gene_encoder_selection"] = asdict(selection)
 
     report = write_report(results, per_cell, out_dir / "report")
     save_model_card(  # README.md + what it was rendered from, so hub_cards.publish re-renders it for its repo
@@ -156,18 +161,13 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
         results,
         repo_id="cell2text/cell2text-demo-pbmc68k",
         base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
-        encoder=str(selection_file.parent),
+        encoder=str(encoder_dir),
         dataset_id="pbmc68k_reduced (scanpy)",
         training_config={k: v for k, v in vars(cell2text_args).items() if v is not None},
-        ontology_versions=json.loads((corpus_dir / "summary.json").read_text()).get("ontology_versions"),
+        ontology_versions=corpus_summary(corpus_dir).get("ontology_versions"),
     )
     lap("report")
     return report
-
-
-def results_ontology_ids(model_dir: Path) -> dict:
-    processor_config = json.loads((Path(model_dir) / "processor_config.json").read_text())
-    return processor_config.get("ontology_term_ids", {})
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -38,12 +38,15 @@ from tqdm.auto import tqdm
 from transformers import BertConfig, BertModel
 
 from modeling_cell2text.modeling_cell2text import PREPARED_ENCODER_KEY, gene_vocabulary_sha256
-from training.collator import split_value_lists
+from processing.corpus import split_value_lists
 
 logger = logging.getLogger(__name__)
 
 # The hidden state the probe reads and the projector must read: the encoder's last layer.
 FEATURE_LAYER = -1
+# The prepared encoder's folder under the recipe's output_dir, and the record of its selection inside it.
+PREPARED_ENCODER_DIR = "gene_encoder"
+SELECTION_FILE = "encoder_selection.json"
 
 
 @dataclass
@@ -73,8 +76,10 @@ class EncoderSelection:
     feature_layer: int = FEATURE_LAYER  # the hidden state the probe read
 
     @classmethod
-    def load(cls, encoder_dir: str | Path) -> "EncoderSelection":
-        return cls(**json.loads((Path(encoder_dir) / "encoder_selection.json").read_text()))
+    def load(cls, encoder_dir: str | Path) -> "EncoderSelection | None":
+        """The selection saved in `encoder_dir`, or None where no encoder was prepared there."""
+        path = Path(encoder_dir) / SELECTION_FILE
+        return cls(**json.loads(path.read_text())) if path.exists() else None
 
 
 def record_preparation(
@@ -292,5 +297,5 @@ def prepare_gene_encoder(
         candidates=[asdict(c) for c in candidates], validation_accuracy=accuracies, best=best, path=str(out_dir),
         num_expression_bins=num_expression_bins, prepared_for=prepared_for,
     )
-    (out_dir / "encoder_selection.json").write_text(json.dumps(asdict(selection), indent=2))
+    (out_dir / SELECTION_FILE).write_text(json.dumps(asdict(selection), indent=2))
     return selection

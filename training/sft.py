@@ -25,31 +25,37 @@ The recipe, top to bottom:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from datasets import DatasetDict, load_from_disk
-from peft import LoraConfig
+from datasets import DatasetDict
 from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, set_seed
 from transformers.trainer_utils import enable_full_determinism
 from trl import SFTConfig, SFTTrainer, TrlParser
 
-from modeling_cell2text import Cell2TextFeatureExtractor, Cell2TextForConditionalGeneration, Cell2TextProcessor
+from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor
+from processing.corpus import corpus_feature_extractor, corpus_summary, open_corpus
+from training.adapters import FINAL_DIR, LoraArguments, save_merged
 from training.collator import Cell2TextDataCollator
 from modeling_cell2text.modeling_cell2text import PREPARED_ENCODER_KEY
-from training.gene_encoder import FEATURE_LAYER, EncoderCandidate, EncoderSelection, prepare_gene_encoder
+from training.gene_encoder import (
+    FEATURE_LAYER,
+    PREPARED_ENCODER_DIR,
+    EncoderCandidate,
+    EncoderSelection,
+    prepare_gene_encoder,
+)
 from training.loss import LabelledPositionsLossMixin
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class Cell2TextArguments:
-    """What to train: corpus, parts, model shape and the Cell2Text-specific optimisation settings."""
+@dataclass(kw_only=True)
+class Cell2TextArguments(LoraArguments):
+    """What to train: corpus, parts, model shape, LoRA and the Cell2Text-specific optimisation settings."""
 
     corpus_dir: str = field(metadata={"help": "Corpus folder written by `python -m processing.build_corpus`."})
     text_model_name_or_path: str | None = field(
@@ -83,9 +89,6 @@ class Cell2TextArguments:
     freeze_gene_encoder: bool = True
     projector_learning_rate: float = 1e-3
     gene_encoder_learning_rate: float = 1e-5
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
     cell_type_stage_steps: int = field(
         default=0,
         metadata={"help": "LLaVA-style first stage: this many optimizer steps on the cell-type sentence alone (the "
@@ -166,26 +169,13 @@ def language_model_lora_targets(model: Cell2TextForConditionalGeneration) -> str
     return r"model\.language_model\..*\.(" + "|".join(map(re.escape, leaf_names)) + r")"
 
 
-def open_corpus(corpus_dir: str | Path) -> DatasetDict:
-    """The corpus DatasetDict, with a clear error where the folder is not one."""
-    corpus_dir = Path(corpus_dir)
-    if not (corpus_dir / "dataset_dict.json").exists():
-        raise FileNotFoundError(
-            f"{corpus_dir} is not a corpus folder (no dataset_dict.json); build one with "
-            "`python -m processing.build_corpus --preset pbmc68k_reduced --out DIR`."
-        )
-    return load_from_disk(str(corpus_dir))
-
-
 def load_corpus(corpus_dir: str | Path, args: Cell2TextArguments) -> tuple[DatasetDict, dict]:
     corpus_dir = Path(corpus_dir)
     corpus = open_corpus(corpus_dir)
     for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
         if limit is not None and split in corpus and len(corpus[split]) > limit:
             corpus[split] = corpus[split].select(range(limit))
-    summary_file = corpus_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-    return corpus, summary
+    return corpus, corpus_summary(corpus_dir)
 
 
 ENCODER_INPUTS = ("rank", "value_aware")
@@ -204,7 +194,7 @@ def build_processor(
             processor = AutoProcessor.from_pretrained(args.init_from, trust_remote_code=True)
         else:
             processor = Cell2TextProcessor.from_pretrained(args.init_from)
-        corpus_extractor = Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor")
+        corpus_extractor = corpus_feature_extractor(corpus_dir)
         model_extractor = processor.feature_extractor
         if corpus_extractor.gene_token_ids != model_extractor.gene_token_ids or (
             model_extractor.num_expression_bins
@@ -218,7 +208,7 @@ def build_processor(
         return processor
     if args.text_model_name_or_path is None:
         raise ValueError("Set text_model_name_or_path (an instruct LLM), or init_from (a trained Cell2Text).")
-    feature_extractor = Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor")
+    feature_extractor = corpus_feature_extractor(corpus_dir)
     tokenizer = AutoTokenizer.from_pretrained(args.text_model_name_or_path, trust_remote_code=trust_remote_code)
     return Cell2TextProcessor(
         feature_extractor,
@@ -236,7 +226,7 @@ def gene_encoder_path(args: Cell2TextArguments, training_args: SFTConfig, corpus
     """
     if args.gene_encoder_name_or_path is not None:
         return args.gene_encoder_name_or_path
-    out_dir = Path(training_args.output_dir) / "gene_encoder"
+    out_dir = Path(training_args.output_dir) / PREPARED_ENCODER_DIR
     unknown = set(args.encoder_candidate_inputs) - set(ENCODER_INPUTS)
     if unknown or not args.encoder_candidate_inputs:
         raise ValueError(f"encoder_candidate_inputs must be a non-empty list of {ENCODER_INPUTS}, got "
@@ -252,8 +242,8 @@ def gene_encoder_path(args: Cell2TextArguments, training_args: SFTConfig, corpus
         "feature_layer": FEATURE_LAYER,  # an encoder prepared before its config recorded this is prepared again
     }
     with training_args.main_process_first(desc="preparing the gene encoder on the corpus"):
-        selection_file = out_dir / "encoder_selection.json"
-        if selection_file.exists() and EncoderSelection.load(out_dir).prepared_for == prepared_for:
+        previous = EncoderSelection.load(out_dir)
+        if previous is not None and previous.prepared_for == prepared_for:
             logger.info("reusing the gene encoder prepared in %s", out_dir)
         else:
             selection = prepare_gene_encoder(
@@ -319,14 +309,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
             f"{processor.num_cell_tokens}; they must agree."
         )
     modules_to_save = ["multi_modal_projector"] + ([] if model.config.freeze_gene_encoder else ["gene_encoder"])
-    peft_config = LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=language_model_lora_targets(model),
-        modules_to_save=modules_to_save,
-        task_type="CAUSAL_LM",
-    )
+    peft_config = args.lora_config(language_model_lora_targets(model), modules_to_save)
     part_settings = {
         "projector_learning_rate": args.projector_learning_rate,
         "gene_encoder_learning_rate": args.gene_encoder_learning_rate,
@@ -363,20 +346,11 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     )
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
-    final_dir = Path(args.final_model_dir or Path(training_args.output_dir) / "final")
-    if trainer.accelerator.is_main_process:
-        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-        merged.save_pretrained(final_dir)
-        processor.save_pretrained(final_dir)
-        (final_dir / "training_state.json").write_text(
-            json.dumps({"global_step": trainer.state.global_step, "cell_type_stage_steps": cell_type_stage_steps,
-                        "best_model_checkpoint": trainer.state.best_model_checkpoint,
-                        "best_metric": trainer.state.best_metric,
-                        "train_runtime": train_output.metrics.get("train_runtime"),
-                        "cell_type_stage_runtime": cell_type_stage_runtime}, indent=2)
-        )
-    trainer.accelerator.wait_for_everyone()
-    return final_dir
+    final_dir = Path(args.final_model_dir or Path(training_args.output_dir) / FINAL_DIR)
+    return save_merged(trainer, final_dir, processor, {
+        "cell_type_stage_steps": cell_type_stage_steps, "train_runtime": train_output.metrics.get("train_runtime"),
+        "cell_type_stage_runtime": cell_type_stage_runtime,
+    })
 
 
 def make_parser() -> TrlParser:

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset, DatasetDict
-from peft import LoraConfig
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer, TrlParser
@@ -35,6 +34,8 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from modeling_cell2text import Cell2TextFeatureExtractor
 from modeling_cell2text.feature_extraction_cell2text import SPECIAL_TOKENS
 from modeling_cell2text.processing_cell2text import DEFAULT_SYSTEM_PROMPT
+from processing.corpus import corpus_feature_extractor, open_corpus
+from training.adapters import FINAL_DIR, LoraArguments, save_merged
 from training.loss import LabelledPositionsLossMixin
 
 logger = logging.getLogger(__name__)
@@ -104,10 +105,7 @@ def prompt_completion_dataset(
 
 def load_corpus(corpus_dir: str | Path) -> tuple[DatasetDict, Cell2TextFeatureExtractor]:
     """The corpus and the feature extractor it was built with."""
-    from training.sft import open_corpus
-
-    corpus_dir = Path(corpus_dir)
-    return open_corpus(corpus_dir), Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor")
+    return open_corpus(corpus_dir), corpus_feature_extractor(corpus_dir)
 
 
 class Cell2SentenceSFTTrainer(LabelledPositionsLossMixin, SFTTrainer):
@@ -121,9 +119,7 @@ def build_trainer(
     *,
     num_genes: int,
     training_args: SFTConfig,
-    lora_r: int = 16,
-    lora_alpha: int = 32,
-    lora_dropout: float = 0.1,
+    lora: LoraArguments | None = None,
     cell_type_loss_weight: float = 1.0,
 ) -> SFTTrainer:
     """The `SFTTrainer` for the baseline: LoRA on every linear layer of the LM, prompt-completion data."""
@@ -137,9 +133,7 @@ def build_trainer(
     if tokenizer.chat_template is None:
         raise ValueError(f"{text_model_name_or_path} has no chat template; use an instruction-tuned LLM.")
     model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, dtype=torch.float32)
-    peft_config = LoraConfig(
-        r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules="all-linear", task_type="CAUSAL_LM"
-    )
+    peft_config = (lora or LoraArguments()).lora_config("all-linear")
     eval_dataset = None
     if training_args.eval_strategy != "no":
         eval_dataset = prompt_completion_dataset(corpus["validation"], feature_extractor, num_genes)
@@ -161,27 +155,19 @@ def train_cell2sentence(
     *,
     num_genes: int,
     training_args: SFTConfig,
-    lora_r: int = 16,
-    lora_alpha: int = 32,
-    lora_dropout: float = 0.1,
+    lora: LoraArguments | None = None,
     cell_type_loss_weight: float = 1.0,
 ) -> Path:
     """Fine-tune the LLM on cell sentences, merge LoRA, save model + tokenizer to ``output_dir/final``; return it."""
     trainer = build_trainer(
         corpus_dir, text_model_name_or_path, output_dir, num_genes=num_genes, training_args=training_args,
-        lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, cell_type_loss_weight=cell_type_loss_weight,
+        lora=lora, cell_type_loss_weight=cell_type_loss_weight,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    final_dir = Path(output_dir) / "final"
-    if trainer.accelerator.is_main_process:
-        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-        merged.save_pretrained(final_dir)
-        trainer.processing_class.save_pretrained(final_dir)
-        (final_dir / CONFIG_FILENAME).write_text(json.dumps({
-            "num_genes": num_genes, "system_prompt": SYSTEM_PROMPT, "user_prefix": USER_PREFIX,
-            "global_step": trainer.state.global_step, "best_model_checkpoint": trainer.state.best_model_checkpoint,
-            "best_metric": trainer.state.best_metric,
-        }, indent=2))
+    final_dir = save_merged(trainer, Path(output_dir) / FINAL_DIR, trainer.processing_class, {})
+    if trainer.accelerator.is_main_process:  # what generation needs to write the same prompts
+        (final_dir / CONFIG_FILENAME).write_text(json.dumps(
+            {"num_genes": num_genes, "system_prompt": SYSTEM_PROMPT, "user_prefix": USER_PREFIX}, indent=2))
     trainer.accelerator.wait_for_everyone()
     return final_dir
 
@@ -229,16 +215,13 @@ def generate_cell2sentence(
     return texts
 
 
-@dataclass
-class Cell2SentenceArguments:
+@dataclass(kw_only=True)
+class Cell2SentenceArguments(LoraArguments):
     """What to train: the corpus, the LLM, the cell-sentence length and LoRA's shape."""
 
     corpus_dir: str = field(metadata={"help": "Corpus folder written by `python -m processing.build_corpus`."})
     text_model_name_or_path: str = field(metadata={"help": "Instruction-tuned causal LM (folder or Hub id)."})
     num_genes: int = field(default=32, metadata={"help": "Top genes per cell sentence (match num_cell_tokens)."})
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
     cell_type_loss_weight: float = field(
         default=1.0, metadata={"help": "Loss weight of the description's first sentence (the cell type); see training/loss.py."}
     )
@@ -252,8 +235,7 @@ def main(args: Cell2SentenceArguments, training_args: SFTConfig) -> Path:
     """Train the baseline from parsed arguments; returns the merged model's folder."""
     return train_cell2sentence(
         args.corpus_dir, args.text_model_name_or_path, training_args.output_dir, num_genes=args.num_genes,
-        training_args=training_args, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        cell_type_loss_weight=args.cell_type_loss_weight,
+        training_args=training_args, lora=args, cell_type_loss_weight=args.cell_type_loss_weight,
     )
 
 

@@ -34,12 +34,13 @@ import torch
 from tqdm.auto import tqdm
 
 from modeling_cell2text.description_schema import LABEL_FIELDS, DescriptionParseError, parse_description
+from modeling_cell2text.text_padding import text_pad_token_id
 from modeling_cell2text.label_scoring import (
     cell_type_candidates,
     cell_type_sentence,
     generate_with_cell_type,
 )
-from training.collator import split_value_lists
+from processing.corpus import split_value_lists
 from training.evaluation.metrics import (
     calibration_report,
     classification_report,
@@ -105,8 +106,7 @@ def describe_constrained(
     first_sentence_tokens = max(
         len(processor.tokenizer(cell_type_sentence(c), add_special_tokens=False)["input_ids"]) for c in candidates
     ) + 8  # room for a longer invented label
-    pad_id = processor.tokenizer.pad_token_id
-    pad_id = processor.tokenizer.eos_token_id if pad_id is None else pad_id
+    pad_id = text_pad_token_id(processor.tokenizer)
     out: dict = {"texts": [], "labels": [], "scores": [], "free_labels": [], "candidates": candidates}
     for inputs in batched_inputs(model, processor, token_lists, value_lists, batch_size,
                                  "generating constrained descriptions"):
