@@ -240,17 +240,16 @@ def load_processor(model: str, trust_remote_code: bool) -> Any:
 
 def report_genes_matched(feature_extractor: Any, var: Any) -> None:
     """Print how many of the file's genes the model knows; none at all is an error (raised by match_genes)."""
+    from .feature_extraction_cell2text import NoGeneMatchedError
+
     gene_ids = feature_extractor.var_gene_ids(var)
     try:
         match = feature_extractor.match_genes(gene_ids)
-    except ValueError as error:
-        if "None of the input genes" in str(error):
-            raise CLIError(
-                f"none of the {len(gene_ids)} genes of the file is in the model's vocabulary (e.g. "
-                f"{', '.join(map(str, gene_ids[:3]))}); var must hold Ensembl gene IDs or symbols of the model's "
-                "species"
-            ) from error
-        raise
+    except NoGeneMatchedError as error:
+        raise CLIError(
+            f"none of the {len(gene_ids)} genes of the file is in the model's vocabulary (e.g. "
+            f"{', '.join(map(str, gene_ids[:3]))}); var must hold Ensembl gene IDs or symbols of the model's species"
+        ) from error
     share = match.n_matched / max(match.n_input, 1)
     print(f"Genes matched: {match.n_matched} of {match.n_input} genes in the file ({share:.0%}) are in the "
           "model's gene vocabulary")

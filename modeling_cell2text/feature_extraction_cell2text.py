@@ -39,6 +39,10 @@ _EXAMPLES = 5
 MAX_VOCAB_SIZE = 2**22
 
 
+class NoGeneMatchedError(ValueError):
+    """None of the input genes is in the feature extractor's vocabulary (wrong species or gene-ID column)."""
+
+
 @dataclass
 class _GeneMatch:
     """How the input genes map to the vocabulary: token id per input column (-1: unused)."""
@@ -150,7 +154,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         vocabulary_symbols = {self.gene_symbols[g] for g in self._gene_to_token if g in self.gene_symbols}
         self._unresolved_symbols = vocabulary_symbols - self._symbol_to_gene.keys()
         self._is_special = np.zeros(size, dtype=bool)
-        special_ids = [self.gene_token_ids[t] for t in SPECIAL_TOKENS if t in self.gene_token_ids]
+        special_ids = self.special_token_ids
         self._is_special[special_ids] = True
         self._max_special_id = max(special_ids)
         unranked = sum(1 for g in self.gene_token_ids if g not in SPECIAL_TOKENS and g not in self.gene_medians)
@@ -234,6 +238,11 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         return max(self.gene_token_ids.values()) + 1
 
     @property
+    def special_token_ids(self) -> list[int]:
+        """Ids of the special tokens the vocabulary holds (of pad, mask, cls, eos): tokens that are no gene."""
+        return [self.gene_token_ids[t] for t in SPECIAL_TOKENS if t in self.gene_token_ids]
+
+    @property
     def max_genes(self) -> int:
         """Gene tokens kept per cell: the input size minus the two special tokens in V2."""
         return self.model_input_size - (2 if self.special_tokens else 0)
@@ -286,7 +295,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
             f"({n_ambiguous} ambiguous symbols, see gene_ids.resolve_symbols); unmatched examples: {unmatched[:_EXAMPLES]}"
         )
         if n_matched == 0:
-            raise ValueError(
+            raise NoGeneMatchedError(
                 f"None of the input genes is in the vocabulary: {summary}. Pass Ensembl gene IDs (e.g. "
                 "ENSG00000141510) or gene symbols of the vocabulary's species as gene_ids / var."
             )

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import torch
 
 from .description_schema import CellDescription, DescriptionParseError, parse_description, render_description
+from .modeling_cell2text import CELL_INPUT_NAMES
 from .text_padding import text_pad_token_id
 
 # Rows (cells x candidates) of one scoring forward pass: bounds the logits held at once (rows x span x vocabulary).
 DEFAULT_MAX_ROWS = 64
-CELL_INPUT_NAMES = ("gene_input_ids", "gene_attention_mask", "gene_token_mask", "gene_value_ids")
 
 
 def cell_type_sentence(label: str) -> str:

@@ -101,7 +101,9 @@ def test_train_merge_and_generate_one_text_per_cell(parts_and_corpus, tmp_path):
     test = load_from_disk(str(corpus_dir))["test"]
     feature_extractor = Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor")
     texts = generate_cell2sentence(final_dir, test, feature_extractor, 8, batch_size=3, max_new_tokens=4)
-    assert len(texts) == len(test) == 8 and all(isinstance(t, str) for t in texts)
+    assert len(texts) == len(test) == 8
+    # each text is its own cell's: batches of 3 (left-padded) give what one cell at a time gives
+    assert texts == generate_cell2sentence(final_dir, test, feature_extractor, 8, batch_size=1, max_new_tokens=4)
     with pytest.raises(ValueError, match="num_genes=8"):
         generate_cell2sentence(final_dir, test, feature_extractor, 16)
 

@@ -60,13 +60,19 @@ def test_describe_writes_a_new_annotated_file_and_leaves_the_input_unchanged(mod
     assert sha256(h5ad) == before
 
     annotated, original = ad.read_h5ad(out), ad.read_h5ad(h5ad)
-    for column in NEW_COLUMNS:
-        assert column in annotated.obs, column
-        assert annotated.obs[column].notna().sum() in (0, 5), column  # filled for every cell, or empty field
-    assert (annotated.obs["cell2text_description"] == DESCRIPTION).all()
-    assert annotated.obs["cell2text_parsed"].all()
-    assert (annotated.obs["cell2text_cell_type_ontology_term_id"] == "CL:0000236").all()
-    assert (annotated.obs["cell2text_tissue"] == "blood").all()
+    # every cell gets the fields of its (here: the same) description, and absent fields stay missing
+    expected = {
+        "cell2text_description": DESCRIPTION, "cell2text_parsed": True,
+        "cell2text_cell_type": "B cell", "cell2text_cell_type_ontology_term_id": "CL:0000236",
+        "cell2text_tissue": "blood", "cell2text_tissue_ontology_term_id": "UBERON:0000178",
+        "cell2text_disease": "normal", "cell2text_disease_ontology_term_id": "PATO:0000461",
+        "cell2text_sex": None, "cell2text_sex_ontology_term_id": None, "cell2text_age_group": None,
+        "cell2text_pathways": None,
+    }
+    assert set(expected) == set(NEW_COLUMNS)
+    for column, value in expected.items():
+        values = annotated.obs[column]
+        assert (values.isna().all() if value is None else (values == value).all()), (column, list(values))
     # everything else is as it was: the existing CELLxGENE column, X, layers, names
     assert list(annotated.obs["cell_type"]) == list(original.obs["cell_type"])
     assert list(annotated.obs_names) == list(original.obs_names)

@@ -62,9 +62,18 @@ def test_tokens_match_the_saved_feature_extractor(pbmc_corpus):
     source = pbmc68k_reduced()
     ranked = extractor.tokenize(source.adata, source.gene_ids, input_values="log1p")
     by_id = dict(zip(source.obs.index, ranked.to_list()))
-    row = corpus["test"][0]
-    assert row["gene_input_ids"] == by_id[row["cell_id"]].tolist()
-    assert row["gene_input_ids"][0] == extractor.cls_token_id and row["gene_input_ids"][-1] == extractor.eos_token_id
+    bulk_label = dict(zip(source.obs.index, source.obs["cell_type"]))
+    cell_type_of_bulk = {}
+    rows = 0
+    for split in corpus.values():  # every row: tokens and labels belong to the row's own cell
+        for row in split:
+            assert row["gene_input_ids"] == by_id[row["cell_id"]].tolist(), row["cell_id"]
+            assert row["gene_input_ids"][0] == extractor.cls_token_id
+            assert row["gene_input_ids"][-1] == extractor.eos_token_id
+            # one CL label per pbmc68k bulk label, whichever split the cell went to
+            assert cell_type_of_bulk.setdefault(bulk_label[row["cell_id"]], row["cell_type"]) == row["cell_type"]
+            rows += 1
+    assert rows == sum(len(split) for split in corpus.values()) and len(cell_type_of_bulk) == 10
 
 
 def test_descriptions_name_real_cl_terms_and_round_trip(pbmc_corpus):

@@ -67,7 +67,30 @@ def test_labelled_positions_loss_equals_trl_loss_and_gradients(trainer, num_item
     assert grads.keys() == reference_grads.keys() and len(grads) > 0
     for name, grad in grads.items():
         assert torch.allclose(grad, reference_grads[name], rtol=1e-4, atol=1e-7), name
-    assert trainer._metrics["train"]["mean_token_accuracy"][-1] >= 0.0
+
+
+def test_logged_token_accuracy_is_trls(trainer):
+    trainer, batch = trainer
+    model = trainer.model.eval()
+    batch = dict(batch)
+    with torch.no_grad():  # make every other labelled target the model's own prediction: accuracy near 1/2
+        predicted = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.argmax(-1)[:, :-1]
+    labels = batch["labels"].clone()
+    labelled = (labels[:, 1:] != -100).nonzero()
+    for row, column in labelled[::2].tolist():
+        labels[row, column + 1] = predicted[row, column]
+    batch["labels"] = labels
+    model.train()
+    trainer._token_accuracy["train"].clear()  # the mean since the last log is logged: start from none
+    with torch.no_grad():
+        trainer.compute_loss(model, dict(batch))
+        SFTTrainer.compute_loss(trainer, model, dict(batch))
+    ours, trls = trainer._token_accuracy["train"][-1], trainer._metrics["train"]["mean_token_accuracy"][-1]
+    assert 0.4 < trls < 0.9 and ours == pytest.approx(trls, abs=1e-6)
+    trainer._metrics["train"].clear()
+    trainer.log({"loss": 0.0})
+    assert trainer.state.log_history[-1]["mean_token_accuracy"] == pytest.approx(ours)
+    assert trainer._token_accuracy["train"] == []
 
 
 def test_mixin_keeps_trl_path_when_outputs_are_asked_for(trainer):

@@ -64,10 +64,10 @@ def fresh_venv() -> Path:
             capture_output=True, text=True, timeout=900,
         )
         if install.returncode != 0:
-            reason = f"pip could not install {' '.join(pins)} into a fresh venv: {install.stderr.strip()[-500:]}"
-            if os.environ.get("CI") == "true":
-                pytest.fail(reason)
-            pytest.skip(reason)
+            pytest.fail(  # a skip would hide that the documented install does not work
+                f"pip could not install {' '.join(pins)} into a fresh venv: {install.stderr.strip()[-500:]}. "
+                "Without a package index, deselect this test: -k 'not fresh_venv'."
+            )
         (building / "complete").write_text(" ".join(pins))
         shutil.rmtree(venv, ignore_errors=True)
         building.rename(venv)  # venvs are not relocatable in general, but bin/python -m ... works from any path

@@ -272,9 +272,7 @@ def prepare_gene_encoder(
         )
 
     train, validation = cells_of("train"), cells_of("validation")
-    special_ids = [feature_extractor.gene_token_ids[t] for t in ("<pad>", "<mask>", "<cls>", "<eos>")
-                   if t in feature_extractor.gene_token_ids]
-    vocab_size = max(feature_extractor.gene_token_ids.values()) + 1
+    special_ids, vocab_size = feature_extractor.special_token_ids, feature_extractor.vocab_size
 
     accuracies, encoders = [], []
     for candidate in candidates:

@@ -37,6 +37,7 @@ class LabelledPositionsLossMixin:
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         vocabulary = tokenizer.get_vocab()
         self._period_token_ids = torch.tensor(sorted(i for token, i in vocabulary.items() if "." in token))
+        self._token_accuracy: dict[str, list[float]] = {"train": [], "eval": []}
 
     def target_weights(self, targets: torch.Tensor) -> torch.Tensor:
         """Per-target-token loss weights: `cell_type_loss_weight` up to each row's first period, then 1."""
@@ -76,6 +77,14 @@ class LabelledPositionsLossMixin:
             mask = targets != -100
             correct = ((logits.argmax(dim=-1) == targets) & mask).sum()
             counts = self.accelerator.gather_for_metrics(torch.stack([correct, mask.sum()])).view(-1, 2).sum(0)
-        mode = "train" if model.training else "eval"
-        self._metrics[mode]["mean_token_accuracy"].append((counts[0] / counts[1].clamp(min=1)).item())
+        self._token_accuracy["train" if model.training else "eval"].append((counts[0] / counts[1].clamp(min=1)).item())
         return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the mean token accuracy since the last log (as TRL names it) to the logged values."""
+        mode = "train" if self.model.training else "eval"
+        values = self._token_accuracy[mode]
+        if values:
+            logs[("eval_" if mode == "eval" else "") + "mean_token_accuracy"] = sum(values) / len(values)
+            values.clear()
+        super().log(logs, start_time)

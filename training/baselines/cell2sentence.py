@@ -40,10 +40,8 @@ from training.loss import LabelledPositionsLossMixin
 
 logger = logging.getLogger(__name__)
 
-# Cell2Text's system prompt, told that the cell comes as ranked genes instead of embeddings.
-SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT.replace(
-    "the gene expression embeddings of one cell", "the genes of one cell ranked by expression"
-)
+# Cell2Text's system prompt; the user turn says the cell comes as ranked gene symbols.
+SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT
 USER_PREFIX = "Genes ranked by expression: "
 CONFIG_FILENAME = "cell2sentence.json"
 

