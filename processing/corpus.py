@@ -63,30 +63,51 @@ VALUE_FEATURES = datasets.Features({**FEATURES, "gene_value_ids": datasets.List(
 
 
 # A corpus folder: the DatasetDict (save_to_disk), the feature extractor its tokens were made with and the build's
-# summary (label tables, ontology versions, fingerprints).
+# summary (label tables, ontology versions, fingerprints). A corpus pushed to the Hub (hub_cards.publish) holds the
+# same two beside the splits `datasets` pushed.
 FEATURE_EXTRACTOR_DIR = "feature_extractor"
 SUMMARY_FILE = "summary.json"
 
 
-def open_corpus(corpus_dir: str | Path) -> datasets.DatasetDict:
-    """The corpus splits, with an error naming the fix where the folder is not a built corpus."""
-    corpus_dir = Path(corpus_dir)
+def is_hub_corpus(corpus: str | Path) -> bool:
+    """Whether `corpus` names a Hub dataset ("org/name") rather than a local folder."""
+    from hub_cards.render import is_repo_id
+
+    return is_repo_id(str(corpus))
+
+
+def _corpus_files(corpus: str | Path) -> Path:
+    """The folder holding the corpus's feature extractor and summary: the corpus folder itself, or, for a Hub
+    dataset, those files alone downloaded into the Hub cache (the splits stream or load through `datasets`)."""
+    if not is_hub_corpus(corpus):
+        return Path(corpus)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(corpus), repo_type="dataset",
+                                  allow_patterns=[f"{FEATURE_EXTRACTOR_DIR}/*", SUMMARY_FILE]))
+
+
+def open_corpus(corpus: str | Path) -> datasets.DatasetDict:
+    """The corpus splits: a folder written by processing.build_corpus, or a Hub dataset id it was pushed to."""
+    if is_hub_corpus(corpus):
+        return datasets.load_dataset(str(corpus))
+    corpus_dir = Path(corpus)
     if not (corpus_dir / "dataset_dict.json").exists():
         raise FileNotFoundError(
-            f"{corpus_dir} is not a corpus folder (no dataset_dict.json); build one with "
-            "`python -m processing.build_corpus --preset pbmc68k_reduced --out DIR`."
+            f"{corpus_dir} is not a corpus folder (no dataset_dict.json) nor a Hub dataset id (org/name); build one "
+            "with `python -m processing.build_corpus --preset pbmc68k_reduced --out DIR`."
         )
     return datasets.load_from_disk(str(corpus_dir))
 
 
-def corpus_feature_extractor(corpus_dir: str | Path) -> Cell2TextFeatureExtractor:
-    """The feature extractor a corpus was tokenized with."""
-    return Cell2TextFeatureExtractor.from_pretrained(str(Path(corpus_dir) / FEATURE_EXTRACTOR_DIR))
+def corpus_feature_extractor(corpus: str | Path) -> Cell2TextFeatureExtractor:
+    """The feature extractor a corpus (folder or Hub dataset id) was tokenized with."""
+    return Cell2TextFeatureExtractor.from_pretrained(str(_corpus_files(corpus) / FEATURE_EXTRACTOR_DIR))
 
 
-def corpus_summary(corpus_dir: str | Path) -> dict:
-    """The build's summary.json ({} for a corpus without one)."""
-    path = Path(corpus_dir) / SUMMARY_FILE
+def corpus_summary(corpus: str | Path) -> dict:
+    """The build's summary.json of a corpus (folder or Hub dataset id); {} for a corpus without one."""
+    path = _corpus_files(corpus) / SUMMARY_FILE
     return json.loads(path.read_text()) if path.exists() else {}
 
 

@@ -403,3 +403,46 @@ def test_cell_type_stage_trains_on_the_first_sentence_then_on_full_descriptions(
     (stage, stage_lora), (full, full_lora) = trainers
     assert stage_lora is not None and full_lora is None
     assert full.model is stage.model  # stage 2 goes on with the adapters and projector stage 1 trained
+
+
+def test_recipe_reads_a_corpus_published_to_the_hub(parts_and_corpus, tmp_path, monkeypatch):
+    """corpus_dir may be the Hub dataset id hub_cards.publish pushed to: the splits as `datasets` pushed them
+    (parquet), the feature extractor and summary beside them (the Hub is a local folder here)."""
+    import shutil
+
+    import datasets
+    import huggingface_hub
+
+    lm_dir, corpus_dir = parts_and_corpus
+    repo = tmp_path / "hub" / "your-org" / "tiny-corpus"
+    local = datasets.load_from_disk(str(corpus_dir))
+    for split, rows in local.items():  # what DatasetDict.push_to_hub uploads
+        rows.to_parquet(str(repo / "data" / f"{split}-00000-of-00001.parquet"))
+    shutil.copytree(corpus_dir / "feature_extractor", repo / "feature_extractor")
+    shutil.copy(corpus_dir / "summary.json", repo / "summary.json")
+    requested, load_parquet = [], datasets.load_dataset
+
+    def snapshot_download(repo_id, repo_type, allow_patterns):
+        requested.append((repo_id, repo_type, tuple(allow_patterns)))
+        return str(tmp_path / "hub" / repo_id)
+
+    def load_dataset(path, *args, **kwargs):
+        assert path == "your-org/tiny-corpus" and not args
+        files = {split: str(repo / "data" / f"{split}-00000-of-00001.parquet") for split in local}
+        return load_parquet("parquet", data_files=files)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    args = Cell2TextArguments(corpus_dir="your-org/tiny-corpus", text_model_name_or_path=str(lm_dir),
+                              num_cell_tokens=8, projector_hidden_size=16, encoder_hidden_size=16, encoder_epochs=1,
+                              encoder_candidate_layers=[1])
+    config = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, bf16=False,
+                       gradient_checkpointing=False, report_to="none", use_cpu=True, eval_strategy="no",
+                       save_strategy="no")
+    final_dir = main(args, config)
+
+    assert json.loads((final_dir / "training_state.json").read_text())["global_step"] == 2
+    assert {(r, t) for r, t, _ in requested} == {("your-org/tiny-corpus", "dataset")}
+    processor = AutoProcessor.from_pretrained(final_dir, trust_remote_code=True)
+    summary = json.loads((corpus_dir / "summary.json").read_text())
+    assert processor.ontology_term_ids == summary["ontology_term_ids"]  # the summary came from the Hub folder

@@ -57,7 +57,8 @@ logger = logging.getLogger(__name__)
 class Cell2TextArguments(LoraArguments):
     """What to train: corpus, parts, model shape, LoRA and the Cell2Text-specific optimisation settings."""
 
-    corpus_dir: str = field(metadata={"help": "Corpus folder written by `python -m processing.build_corpus`."})
+    corpus_dir: str = field(metadata={"help": "Corpus folder written by `python -m processing.build_corpus`, or the "
+                                      "Hub dataset id it was published to (python -m hub_cards.publish)."})
     text_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Instruction-tuned causal LM (folder or Hub id). Not needed with init_from."}
     )
@@ -170,7 +171,7 @@ def language_model_lora_targets(model: Cell2TextForConditionalGeneration) -> str
 
 
 def load_corpus(corpus_dir: str | Path, args: Cell2TextArguments) -> tuple[DatasetDict, dict]:
-    corpus_dir = Path(corpus_dir)
+    """The corpus splits (capped by max_train_samples / max_eval_samples) and the build's summary."""
     corpus = open_corpus(corpus_dir)
     for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
         if limit is not None and split in corpus and len(corpus[split]) > limit:
@@ -182,7 +183,7 @@ ENCODER_INPUTS = ("rank", "value_aware")
 
 
 def build_processor(
-    args: Cell2TextArguments, corpus_dir: Path, summary: dict, trust_remote_code: bool = False
+    args: Cell2TextArguments, corpus_dir: str | Path, summary: dict, trust_remote_code: bool = False
 ) -> Cell2TextProcessor:
     """The processor of `init_from`, or one built from the corpus's feature extractor and the LLM's tokenizer.
 
@@ -294,7 +295,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
 
     corpus, summary = load_corpus(args.corpus_dir, args)
     trust_remote_code = training_args.trust_remote_code  # off: no code shipped in a model folder runs
-    processor = build_processor(args, Path(args.corpus_dir), summary, trust_remote_code)
+    processor = build_processor(args, args.corpus_dir, summary, trust_remote_code)
     encoder_path = None if args.init_from else gene_encoder_path(args, training_args, corpus, processor, summary)
     if encoder_path is not None:
         # The processor gives the model what its encoder reads: expression bins only for a value-aware encoder.
