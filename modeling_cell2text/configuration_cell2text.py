@@ -49,6 +49,10 @@ class Cell2TextConfig(PreTrainedConfig):
             each gene's per-cell expression bin (`gene_value_ids`, 1..B) entering the encoder as its BERT token
             type. Needs an encoder trained that way (`type_vocab_size` >= B + 1) and a feature extractor with the
             same `num_expression_bins`.
+        cell_type_temperature (`float`, defaults to 1.0):
+            Divides the candidate labels' log-likelihoods before the softmax that gives each cell's
+            `cell_type_score` (temperature scaling; the chosen label does not change). The recipe fits it on the
+            validation split; 1.0 is the model's own probability.
     """
 
     model_type = "cell2text"
@@ -66,6 +70,7 @@ class Cell2TextConfig(PreTrainedConfig):
     projector_dropout: float = 0.1
     freeze_gene_encoder: bool = True
     num_expression_bins: int = 0
+    cell_type_temperature: float = 1.0
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -89,6 +94,8 @@ class Cell2TextConfig(PreTrainedConfig):
             )
         if not 0 <= self.cell_token_id:
             raise ValueError(f"cell_token_id must be a non-negative token id, got {self.cell_token_id}.")
+        if not self.cell_type_temperature > 0:
+            raise ValueError(f"cell_type_temperature must be > 0, got {self.cell_type_temperature}.")
         if not 0.0 <= self.projector_dropout < 1.0:
             raise ValueError(f"projector_dropout must be in [0, 1), got {self.projector_dropout}.")
         type_vocab_size = getattr(self.gene_encoder_config, "type_vocab_size", 0)

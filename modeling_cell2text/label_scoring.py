@@ -77,11 +77,12 @@ class CellTypeScores:
 
     candidates: list[str]
     log_likelihoods: torch.Tensor  # (cells, candidates), float32, on the CPU
+    temperature: float = 1.0  # the model's cell_type_temperature: divides the log-likelihoods in the softmax
 
     @property
     def probabilities(self) -> torch.Tensor:
-        """(cells, candidates): softmax over the candidates' total log-likelihoods; each row sums to 1."""
-        return self.log_likelihoods.softmax(dim=-1)
+        """(cells, candidates): softmax over the candidates' total log-likelihoods / temperature; rows sum to 1."""
+        return (self.log_likelihoods / self.temperature).softmax(dim=-1)
 
     @property
     def labels(self) -> list[str]:
@@ -179,7 +180,35 @@ def score_cell_types(
                 log_probs = logits.float().log_softmax(dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
                 rest = log_probs.sum(dim=1).view(n, m).cpu()
                 log_likelihoods[cells.cpu()[:, None], torch.tensor(chunk)[None, :]] += rest
-    return CellTypeScores(candidates, log_likelihoods)
+    return CellTypeScores(candidates, log_likelihoods, float(getattr(model.config, "cell_type_temperature", 1.0)))
+
+
+def fit_temperature(log_likelihoods: torch.Tensor, targets: torch.Tensor, bounds: tuple[float, float] = (0.05, 100.0)
+                    ) -> float:
+    """The temperature T minimising the negative log-likelihood of `targets` (candidate index per cell) under
+    softmax(log_likelihoods / T): temperature scaling (Guo et al., 2017), fitted on held-out cells.
+
+    The NLL is convex in 1/T, so a golden-section search over 1/T in 1/bounds finds its minimum.
+    """
+    if log_likelihoods.ndim != 2 or targets.shape != (log_likelihoods.shape[0],) or not len(targets):
+        raise ValueError(f"Pass (cells, candidates) log-likelihoods and one target per cell; got "
+                         f"{tuple(log_likelihoods.shape)} and {tuple(targets.shape)}.")
+    scores, targets = log_likelihoods.double(), targets.long()
+
+    def nll(inverse_temperature: float) -> float:
+        return float(torch.nn.functional.cross_entropy(scores * inverse_temperature, targets))
+
+    low, high = 1.0 / bounds[1], 1.0 / bounds[0]
+    ratio = (5 ** 0.5 - 1) / 2
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    for _ in range(80):  # the bracket shrinks 0.618x a step: far below float precision of 1/T
+        if nll(a) < nll(b):
+            high, b = b, a
+            a = high - ratio * (high - low)
+        else:
+            low, a = a, b
+            b = low + ratio * (high - low)
+    return 2.0 / (low + high)
 
 
 @dataclass
@@ -252,6 +281,7 @@ __all__ = [
     "cell_type_candidates",
     "cell_type_sentence",
     "constrained_results",
+    "fit_temperature",
     "constrains_by_default",
     "generate_with_cell_type",
     "score_cell_types",

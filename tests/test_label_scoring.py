@@ -18,6 +18,7 @@ from modeling_cell2text.label_scoring import (
     cell_type_candidates,
     cell_type_sentence,
     constrained_results,
+    fit_temperature,
     generate_with_cell_type,
     score_cell_types,
 )
@@ -150,3 +151,32 @@ def test_a_label_sentence_tokenizes_as_it_starts_a_training_description(model_an
         description = render_description(CellDescription(cell_type=label, cell_type_definition="A blood cell",
                                                          tissue="blood", disease="normal"))
         assert tokenize(description, add_special_tokens=False)["input_ids"][: len(sentence)] == sentence, label
+
+
+@pytest.mark.parametrize("true_temperature", [0.5, 1.0, 3.0])
+def test_fit_temperature_recovers_the_temperature_labels_were_drawn_at(true_temperature):
+    generator = torch.Generator().manual_seed(0)
+    log_likelihoods = torch.randn(20000, 11, generator=generator) * 4
+    targets = torch.multinomial((log_likelihoods / true_temperature).softmax(-1), 1, generator=generator)[:, 0]
+    assert fit_temperature(log_likelihoods, targets) == pytest.approx(true_temperature, rel=0.03)
+
+
+def test_the_models_temperature_calibrates_scores_without_changing_labels(model_and_processor):
+    model, processor = model_and_processor
+    inputs = processor(counts(4), GENES)
+    plain = score_cell_types(model, processor, inputs)
+    model.config.cell_type_temperature = 4.0
+    try:
+        scaled = score_cell_types(model, processor, inputs)
+    finally:
+        model.config.cell_type_temperature = 1.0
+    assert scaled.labels == plain.labels and torch.equal(scaled.log_likelihoods, plain.log_likelihoods)
+    assert torch.allclose(scaled.probabilities, (plain.log_likelihoods / 4.0).softmax(-1))
+    assert torch.allclose(scaled.probabilities.sum(-1), torch.ones(4))
+    assert max(scaled.scores) < max(plain.scores)  # a higher temperature spreads the probability
+
+
+def test_a_non_positive_temperature_is_refused():
+    with pytest.raises(ValueError, match="cell_type_temperature must be > 0"):
+        Cell2TextConfig(gene_encoder_config=tiny_bert_config(64), text_config=tiny_llama_config(64),
+                        cell_type_temperature=0.0)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from tiny_parts import encoder_for_vocabulary, save_tiny_corpus, save_tiny_parts
 from transformers import AutoModelForCausalLM, AutoProcessor
+from datasets import load_from_disk
 from trl import SFTConfig
 
 from training.sft import Cell2TextArguments, Cell2TextSFTTrainer, language_model_lora_targets, main
@@ -66,12 +67,15 @@ def test_recipe_trains_lora_and_projector_and_saves_a_loadable_model(parts_and_c
     assert len(selection["validation_accuracy"]) == 2 and selection["best"] in (0, 1)
     state = json.loads((final_dir / "training_state.json").read_text())
     assert state["global_step"] == 6 and state["best_model_checkpoint"] is not None
+    calibration = state["cell_type_calibration"]  # fitted on the validation cells, saved in the model's config
+    assert calibration["num_cells"] == len(load_from_disk(str(corpus_dir))["validation"]) > 0
+    assert calibration["nll_after"] <= calibration["nll_before"]
+    saved_config = json.loads((final_dir / "config.json").read_text())
+    assert saved_config["cell_type_temperature"] == calibration["cell_type_temperature"] != 1.0
 
     model = AutoModelForCausalLM.from_pretrained(final_dir, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(final_dir, trust_remote_code=True)
     assert not any("lora" in name for name, _ in model.named_parameters())  # merged
-    from datasets import load_from_disk
-
     test = load_from_disk(str(corpus_dir))["test"]
     inputs = processor(gene_input_ids=test["gene_input_ids"][:2])
     generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)

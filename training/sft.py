@@ -40,6 +40,7 @@ from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProce
 from processing.corpus import corpus_feature_extractor, corpus_summary, open_corpus
 from training.adapters import FINAL_DIR, LoraArguments, save_merged
 from training.collator import Cell2TextDataCollator
+from training.evaluation.evaluate import fit_cell_type_temperature
 from modeling_cell2text.modeling_cell2text import PREPARED_ENCODER_KEY
 from training.gene_encoder import (
     FEATURE_LAYER,
@@ -100,6 +101,11 @@ class Cell2TextArguments(LoraArguments):
         default=1.0,
         metadata={"help": "Loss weight of the description's first sentence, which names the cell type (1: TRL's "
                   "loss). See training/loss.py."},
+    )
+    temperature_fit_cells: int = field(
+        default=1000,
+        metadata={"help": "Fit the model's cell_type_temperature (the calibration of cell_type_score) on up to this "
+                  "many validation cells after training (a seeded sample); 0: keep 1.0."},
     )
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
@@ -347,10 +353,22 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     )
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
+    calibration = None
+    validation = corpus.get("validation")
+    if args.temperature_fit_cells > 0 and validation is not None and trainer.accelerator.is_main_process:
+        # The confidence of the chosen cell type, calibrated on held-out cells (the label choice does not change).
+        cells = validation.shuffle(seed=training_args.seed)
+        cells = cells.select(range(min(len(cells), args.temperature_fit_cells)))
+        calibration = fit_cell_type_temperature(trainer.model, processor, cells,
+                                                training_args.per_device_eval_batch_size)
+        if calibration is not None:
+            trainer.accelerator.unwrap_model(trainer.model).config.cell_type_temperature = calibration[
+                "cell_type_temperature"]
+
     final_dir = Path(args.final_model_dir or Path(training_args.output_dir) / FINAL_DIR)
     return save_merged(trainer, final_dir, processor, {
         "cell_type_stage_steps": cell_type_stage_steps, "train_runtime": train_output.metrics.get("train_runtime"),
-        "cell_type_stage_runtime": cell_type_stage_runtime,
+        "cell_type_stage_runtime": cell_type_stage_runtime, "cell_type_calibration": calibration,
     })
 
 

@@ -37,6 +37,9 @@ from modeling_cell2text.description_schema import LABEL_FIELDS, DescriptionParse
 from modeling_cell2text.text_padding import text_pad_token_id
 from modeling_cell2text.label_scoring import (
     cell_type_candidates,
+    constrains_by_default,
+    fit_temperature,
+    score_cell_types,
     cell_type_sentence,
     generate_with_cell_type,
 )
@@ -119,6 +122,37 @@ def describe_constrained(
         out["free_labels"] += [free_cell_type(t) for t in
                                processor.post_process_generation(free, inputs["input_ids"].shape[1])]
     return out
+
+
+@torch.no_grad()
+def fit_cell_type_temperature(model, processor, split, batch_size: int = 16) -> dict | None:
+    """Fit the model's `cell_type_temperature` on a held-out split (the recipe uses validation): the temperature
+    that makes the candidate labels' probabilities best predict the true labels (`label_scoring.fit_temperature`).
+
+    Returns the temperature, the number of cells it was fitted on and their negative log-likelihood before and
+    after; None where the processor knows no labels or no cell's label is one of them.
+    """
+    if not constrains_by_default(processor) or not len(split):
+        return None
+    candidates = cell_type_candidates(processor)
+    index = {label: j for j, label in enumerate(candidates)}
+    known = [i for i, label in enumerate(split["cell_type"]) if label in index]
+    if not known:
+        return None
+    cells = split.select(known)
+    model.eval()
+    scores = [score_cell_types(model, processor, inputs, candidates).log_likelihoods for inputs in batched_inputs(
+        model, processor, cells["gene_input_ids"], split_value_lists(cells, processor.feature_extractor),
+        batch_size, "fitting the cell-type temperature")]
+    log_likelihoods = torch.cat(scores)
+    targets = torch.tensor([index[label] for label in cells["cell_type"]])
+    temperature = fit_temperature(log_likelihoods, targets)
+
+    def nll(t: float) -> float:
+        return float(torch.nn.functional.cross_entropy(log_likelihoods.double() / t, targets))
+
+    return {"cell_type_temperature": temperature, "num_cells": len(known), "nll_before": nll(1.0),
+            "nll_after": nll(temperature)}
 
 
 def constraint_report(true: Sequence[str], described: dict) -> dict:
