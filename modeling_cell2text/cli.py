@@ -10,6 +10,9 @@ Safe by default: the model folder's code is not run (the installed package's cla
 `--trust-remote-code`; an existing `--out` is replaced only with `--overwrite`; every path is checked before any
 generation, and the output is written under a temporary name in its folder and renamed at the end (removed on any
 failure, SIGTERM included).
+
+Started as several processes (`accelerate launch --multi_gpu --num_processes N -m modeling_cell2text.cli describe
+...`, or torchrun), `describe` shares the cells among them and writes the same file as one process (`distributed`).
 """
 
 from __future__ import annotations
@@ -97,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("--free-cell-type", action="store_true",
                           help="let the model write the cell type freely (default: chosen among the training "
                                "corpus's labels, with its probability in <key>_cell_type_score)")
+    describe.add_argument("--sort-by-length", action="store_true",
+                          help="batch cells of similar gene counts together (less padding, faster; float32 can change "
+                               "the last digits of <key>_cell_type_score)")
+    describe.add_argument("--compile", action="store_true",
+                          help="static KV cache and torch.compile for decoding on a CUDA GPU (no effect elsewhere)")
     embed = commands.add_parser("embed", help="Write per-cell embeddings (the gene encoder's) into obsm.")
     _add_common_arguments(embed, "X_cell2text", 64)
     return parser
@@ -137,8 +145,12 @@ def sigterm_as_exception() -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Check every input first (cheap), then describe or embed the cells and write the annotated copy."""
-    from . import tl
+    """Check every input first (cheap), then describe or embed the cells and write the annotated copy.
+
+    Started as several processes (accelerate launch, torchrun), `describe` gives each process a share of the cells
+    (`distributed.describe_shared`) and the main process writes the output, equal to a single process's.
+    """
+    from . import distributed, tl
 
     check_paths(args.input, args.out, args.overwrite)
     try:  # their messages start with "device ..." / "model ...": the options' names
@@ -146,28 +158,51 @@ def run(args: argparse.Namespace) -> None:
         tl.check_model_folder(args.model)
     except ValueError as error:
         raise CLIError(f"--{error}") from error
+    state = None
+    if distributed.launched_processes() > 1:
+        if args.command != "describe":
+            raise CLIError(f"{args.command} runs in one process: start it without accelerate launch or torchrun")
+        try:
+            state = distributed.process_state(device)
+        except ImportError as error:
+            raise CLIError(str(error)) from error
+        if args.device == "auto":
+            device = state.device  # each process its own GPU
+    main_process = state is None or state.is_main_process
     adata = open_h5ad(args.input)
     try:
         check_counts_source(adata, args.layer, args.use_raw, has_x=h5ad_has_x(args.input))
         processor = load_processor(args.model, args.trust_remote_code)
-        report_genes_matched(processor.feature_extractor, adata.raw.var if args.use_raw else adata.var)
+        report_genes_matched(processor.feature_extractor, adata.raw.var if args.use_raw else adata.var,
+                             show=main_process)
         model, processor = tl.load(
             args.model, processor, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
         )
         common = dict(
-            key_added=args.key_added, layer=args.layer, use_raw=args.use_raw, input_values=args.input_values,
-            batch_size=args.batch_size, skip_empty_cells=args.skip_empty_cells, processor=processor,
-            trust_remote_code=args.trust_remote_code, progress=True,
+            layer=args.layer, use_raw=args.use_raw, input_values=args.input_values, batch_size=args.batch_size,
+            skip_empty_cells=args.skip_empty_cells, progress=main_process,
         )
         if args.command == "describe":
-            tl.describe(adata, model, max_new_tokens=args.max_new_tokens,
-                        constrain_cell_type=False if args.free_cell_type else None, **common)
+            options = dict(
+                max_new_tokens=args.max_new_tokens, constrain_cell_type=False if args.free_cell_type else None,
+                sort_by_length=args.sort_by_length, compile=args.compile, **common,
+            )
+            if state is None:
+                results, params = tl.describe_cells(adata, model, processor, **options)
+            else:
+                results, params = distributed.describe_shared(adata, model, processor, state, args.out, **options)
+                if results is None:
+                    return  # the main process writes every process's results
+            tl.write_descriptions(
+                adata, results, args.key_added, model, {**params, "trust_remote_code": args.trust_remote_code}
+            )
             new_obs = [c for c in adata.obs.columns if c.startswith(f"{args.key_added}_")]
             write_annotated_copy(args.input, args.out, obs=adata.obs, uns={args.key_added: adata.uns[args.key_added]})
             described = int(adata.obs[f"{args.key_added}_description"].astype(bool).sum()) if new_obs else 0
             print(f"Described {described} of {adata.n_obs} cells; wrote {args.out}")
         else:
-            tl.embed(adata, model, **common)
+            tl.embed(adata, model, key_added=args.key_added, processor=processor,
+                     trust_remote_code=args.trust_remote_code, **common)
             embeddings = adata.obsm[args.key_added]
             write_annotated_copy(
                 args.input, args.out, obsm={args.key_added: embeddings}, uns={args.key_added: adata.uns[args.key_added]}
@@ -238,8 +273,8 @@ def load_processor(model: str, trust_remote_code: bool) -> Any:
     return tl.load_processor(model, trust_remote_code)
 
 
-def report_genes_matched(feature_extractor: Any, var: Any) -> None:
-    """Print how many of the file's genes the model knows; none at all is an error (raised by match_genes)."""
+def report_genes_matched(feature_extractor: Any, var: Any, show: bool = True) -> None:
+    """Print (if `show`) how many of the file's genes the model knows; none at all is an error (from match_genes)."""
     from .feature_extraction_cell2text import NoGeneMatchedError
 
     gene_ids = feature_extractor.var_gene_ids(var)
@@ -250,6 +285,8 @@ def report_genes_matched(feature_extractor: Any, var: Any) -> None:
             f"none of the {len(gene_ids)} genes of the file is in the model's vocabulary (e.g. "
             f"{', '.join(map(str, gene_ids[:3]))}); var must hold Ensembl gene IDs or symbols of the model's species"
         ) from error
+    if not show:
+        return
     share = match.n_matched / max(match.n_input, 1)
     print(f"Genes matched: {match.n_matched} of {match.n_input} genes in the file ({share:.0%}) are in the "
           "model's gene vocabulary")

@@ -101,10 +101,17 @@ class Cell2TextPipeline(Pipeline):
         gene_ids: Sequence[str] | None = None,
         *,
         batch_size: int | None = None,
+        sort_by_length: bool = False,
         progress: bool = False,
         **kwargs: Any,
     ) -> list[dict | None]:
-        """Describe every cell of `cells`; see the class docstring. `progress=True` shows a tqdm bar."""
+        """Describe every cell of `cells`; see the class docstring. `progress=True` shows a tqdm bar.
+
+        `sort_by_length=True` generates the cells of each block longest first (by gene tokens, which set the prompt
+        length), so a batch holds cells of similar length and pads little; results come back in the input order.
+        Off by default: other batch neighbours change the padding, which in float32 can change the last digits of
+        `cell_type_score` (and, in principle, a greedy choice between two tokens of equal likelihood).
+        """
         if batch_size is None:
             batch_size = 8 if self._batch_size is None else self._batch_size
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -119,7 +126,7 @@ class Cell2TextPipeline(Pipeline):
         matrix, gene_ids, obs_names = resolve_cells(self.processor.feature_extractor, cells, gene_ids, layer, use_raw)
         n_cells = matrix.shape[0]
         results: list[dict | None] = [None] * n_cells
-        block_cells = max(MIN_BLOCK_CELLS, batch_size)
+        block_cells = cells_per_block(batch_size)
         with tqdm(total=n_cells, unit="cell", disable=not progress, desc="Describing cells") as bar:
             for start in range(0, n_cells, block_cells):
                 stop = min(start + block_cells, n_cells)
@@ -128,8 +135,9 @@ class Cell2TextPipeline(Pipeline):
                     preprocess_params,
                 )
                 bar.update(len(ranked.skipped_cells))
+                order = length_order(ranked.lengths) if sort_by_length else np.arange(len(ranked))
                 for first in range(0, len(ranked), batch_size):
-                    positions = range(first, min(first + batch_size, len(ranked)))
+                    positions = [int(p) for p in order[first : first + batch_size]]
                     bins = None if ranked.value_bins is None else [ranked.bins_of(p) for p in positions]
                     model_inputs = self.preprocess([ranked[p] for p in positions], bins)
                     outputs = self.postprocess(self.forward(model_inputs, **forward_params))
@@ -224,6 +232,17 @@ def rank_block(
     return ranked
 
 
+def cells_per_block(batch_size: int) -> int:
+    """Cells ranked (and, with sort_by_length, ordered) together; batches start at a block's first cell."""
+    return max(MIN_BLOCK_CELLS, batch_size)
+
+
+def length_order(lengths: np.ndarray) -> np.ndarray:
+    """Positions longest first (ties in input order): batches taken in this order pad little, and the first batch
+    is the largest, so running out of memory shows at once."""
+    return np.argsort(-np.asarray(lengths), kind="stable")
+
+
 def check_outputs_line_up(input_ids: Any, generated: Any) -> None:
     """The one check that generated sequences and cells line up: one sequence per cell (count), each starting with
     that cell's own prompt (order). Raises RuntimeError before a description could be given to the wrong cell."""
@@ -263,6 +282,6 @@ def register_cell2text_pipeline() -> None:
 
 
 __all__ = [
-    "Cell2TextPipeline", "check_outputs_line_up", "rank_block", "resolve_cells", "register_cell2text_pipeline",
-    "custom_pipelines_entry",
+    "Cell2TextPipeline", "cells_per_block", "check_outputs_line_up", "length_order", "rank_block", "resolve_cells",
+    "register_cell2text_pipeline", "custom_pipelines_entry",
 ]

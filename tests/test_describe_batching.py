@@ -1,0 +1,114 @@
+"""Describing at scale in one process: batches sorted by length (`sort_by_length`) and compiled static-cache
+decoding (`compile`, CUDA only: on the CPU it must change nothing)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from test_pipeline import GENES, save_tiny_model_folder
+from transformers import CompileConfig, GenerationConfig
+
+from modeling_cell2text import Cell2TextPipeline, Cell2TextProcessor, tl
+
+CELL_TYPES = {"B cell": "CL:0000236", "T cell": "CL:0000084", "monocyte": "CL:0000576",
+              "natural killer cell": "CL:0000623"}
+
+
+def save_scoring_model(root: Path) -> Path:
+    """The random tiny model (descriptions differ from cell to cell) with four cell-type labels, so that
+    `cell_type_score` varies too; the token that decodes to a NUL character is suppressed (h5ad cannot store it)."""
+    model_dir = save_tiny_model_folder(root, trained=False)
+    processor = Cell2TextProcessor.from_pretrained(model_dir)
+    processor.ontology_term_ids = {"cell_type": CELL_TYPES}
+    processor.save_pretrained(model_dir)
+    tokenizer = processor.tokenizer
+    generation_config = GenerationConfig.from_pretrained(model_dir)
+    generation_config.suppress_tokens = [i for i in range(len(tokenizer)) if "\x00" in tokenizer.decode([i])]
+    generation_config.save_pretrained(model_dir)
+    return model_dir
+
+
+def mixed_adata(n_cells: int, seed: int = 3) -> ad.AnnData:
+    """Cells expressing 1, 2, 3, 30 or all 60 genes: prompts and gene tokens of very different lengths."""
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((n_cells, len(GENES)), dtype=np.float32)
+    for row in range(n_cells):
+        n = int(rng.choice([1, 2, 3, 30, 60]))
+        counts[row, rng.choice(len(GENES), n, replace=False)] = rng.integers(1, 20, n)
+    obs = pd.DataFrame({"sample": np.arange(n_cells)}, index=[f"cell{i}" for i in range(n_cells)])
+    return ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=GENES))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_scoring_model(tmp_path_factory.mktemp("scoring-model"))
+
+
+def described(model_dir: Path, adata: ad.AnnData, **kwargs) -> pd.DataFrame:
+    tl.describe(adata, model_dir, device="cpu", max_new_tokens=6, batch_size=4, progress=False, **kwargs)
+    return adata.obs
+
+
+def test_sorted_batches_give_the_same_obs_in_the_same_order(model_dir):
+    # float64: results do not depend on a cell's batch neighbours, so sorting must change nothing at all
+    plain = described(model_dir, mixed_adata(24), dtype=torch.float64)
+    ordered = described(model_dir, mixed_adata(24), dtype=torch.float64, sort_by_length=True)
+    assert plain["cell2text_description"].nunique() > 10  # cells are told apart, so a misplaced result shows
+    pd.testing.assert_frame_equal(plain, ordered, check_exact=True)
+    # float32 (the CPU default): the same texts and labels; other padding moves the scores' last digits only
+    plain = described(model_dir, mixed_adata(24))
+    ordered = described(model_dir, mixed_adata(24), sort_by_length=True)
+    score = "cell2text_cell_type_score"
+    pd.testing.assert_frame_equal(plain.drop(columns=score), ordered.drop(columns=score), check_exact=True)
+    np.testing.assert_allclose(plain[score], ordered[score], rtol=1e-5)
+
+
+def test_sorted_batches_pad_less(model_dir, monkeypatch):
+    widths: list[tuple[int, int]] = []
+    preprocess = Cell2TextPipeline.preprocess
+
+    def recording(self, cell_tokens, cell_bins=None, **kwargs):
+        inputs = preprocess(self, cell_tokens, cell_bins, **kwargs)
+        widths.append(tuple(inputs["gene_input_ids"].shape))
+        return inputs
+
+    monkeypatch.setattr(Cell2TextPipeline, "preprocess", recording)
+    adata = mixed_adata(24)
+    described(model_dir, adata, constrain_cell_type=False)
+    padded_plain = sum(rows * width for rows, width in widths)
+    widths.clear()
+    described(model_dir, adata, constrain_cell_type=False, sort_by_length=True)
+    padded_sorted = sum(rows * width for rows, width in widths)
+    assert [width for _, width in widths] == sorted((width for _, width in widths), reverse=True)  # longest first
+    assert padded_sorted < 0.75 * padded_plain
+    assert adata.uns["cell2text"]["params"]["sort_by_length"] is True
+
+
+def test_compile_on_the_cpu_changes_nothing_and_says_so(model_dir, caplog):
+    plain = described(model_dir, mixed_adata(8))
+    adata = mixed_adata(8)
+    with caplog.at_level(logging.WARNING, logger="modeling_cell2text.tl"):
+        compiled = described(model_dir, adata, compile=True)
+    pd.testing.assert_frame_equal(plain, compiled, check_exact=True)
+    notices = [record.getMessage() for record in caplog.records if "compile" in record.getMessage()]
+    assert len(notices) == 1 and "needs a CUDA GPU" in notices[0] and "cpu" in notices[0]
+    assert adata.uns["cell2text"]["params"]["compile"] is False  # what ran, not what was asked
+
+
+def test_the_gpu_settings_are_a_static_cache_and_compile_config_and_give_the_same_obs(model_dir):
+    settings = tl.compiled_decoding_kwargs(torch.device("cuda"))
+    assert settings["cache_implementation"] == "static"
+    assert isinstance(settings["compile_config"], CompileConfig)
+    # the static cache itself runs on the CPU (transformers compiles only on a GPU): same obs as the dynamic cache,
+    # for the constrained cell type (first sentence forced) and for free generation
+    for constrain in (True, False):
+        plain = described(model_dir, mixed_adata(8), constrain_cell_type=constrain)
+        static = described(model_dir, mixed_adata(8), constrain_cell_type=constrain, generate_kwargs=settings)
+        pd.testing.assert_frame_equal(plain, static, check_exact=True)

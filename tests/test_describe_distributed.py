@@ -1,0 +1,106 @@
+"""`cell2text describe` in two CPU processes (accelerate launch): the same output file as one process, and no
+output or shard left behind when a process fails."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from test_describe_batching import mixed_adata, save_scoring_model
+
+from modeling_cell2text.cli import main
+from modeling_cell2text.distributed import shard_bounds
+
+# More cells than one block of the pipeline (512), so that both processes describe cells.
+N_CELLS = 520
+OPTIONS = ["--device", "cpu", "--max-new-tokens", "3", "--batch-size", "16", "--sort-by-length"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_scoring_model(tmp_path_factory.mktemp("distributed-model"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def describe_in_two_processes(model_dir: Path, cells: Path, out: Path) -> subprocess.CompletedProcess:
+    """The CLI under accelerate launch: two processes joined over gloo (`--multi_gpu` starts them with torchrun;
+    accelerate's `--cpu` starts one process unless MPI is set up)."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port())]
+    return subprocess.run(
+        [*launch, "-m", "modeling_cell2text.cli", "describe", str(cells), "--model", str(model_dir),
+         "--out", str(out), *OPTIONS],
+        check=False, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+def test_shares_are_contiguous_whole_blocks_covering_every_cell():
+    for n_cells, world in ((520, 2), (2000, 3), (30, 2), (0, 2), (1024, 4)):
+        bounds = [shard_bounds(n_cells, rank, world, unit=512) for rank in range(world)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == n_cells
+        assert all(stop == next_start for (_, stop), (next_start, _) in itertools.pairwise(bounds))
+        assert all(start % 512 == 0 or start == n_cells for start, _ in bounds)  # (empty shares at the end)
+    assert [shard_bounds(2000, rank, 3, unit=512) for rank in range(3)] == [(0, 1024), (1024, 1536), (1536, 2000)]
+    with pytest.raises(ValueError, match="rank 2 is not one of the 2 processes"):
+        shard_bounds(10, 2, 2)
+
+
+def test_two_processes_write_the_same_file_as_one(model_dir, tmp_path, capsys):
+    cells = tmp_path / "cells.h5ad"
+    mixed_adata(N_CELLS).write_h5ad(cells)
+    one, two = tmp_path / "one.h5ad", tmp_path / "two.h5ad"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in each launched process (OMP_NUM_THREADS=1); faster on a busy machine
+    try:
+        assert main(["describe", str(cells), "--model", str(model_dir), "--out", str(one), *OPTIONS]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    started = time.monotonic()
+    result = describe_in_two_processes(model_dir, cells, two)
+    print(f"two processes: {time.monotonic() - started:.1f} s")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Described 520 of 520 cells") == 1  # the main process writes and reports
+    single, shared = ad.read_h5ad(one), ad.read_h5ad(two)
+    assert single.obs["cell2text_description"].nunique() > 50  # cells are told apart, so a misplaced one shows
+    pd.testing.assert_frame_equal(single.obs, shared.obs, check_exact=True)  # every column, cell and digit
+    assert single.uns["cell2text"] == shared.uns["cell2text"]
+    assert np.array_equal(single.X.toarray(), shared.X.toarray())
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cells.h5ad", "one.h5ad", "two.h5ad"]  # no shard
+
+
+def test_a_failing_process_leaves_no_output_and_no_shard(model_dir, tmp_path):
+    adata = mixed_adata(N_CELLS)
+    adata.X[0] = 0  # the first process's first cell expresses no gene: it fails; the second one's share is fine
+    adata.X.eliminate_zeros()
+    cells = tmp_path / "cells.h5ad"
+    adata.write_h5ad(cells)
+    result = describe_in_two_processes(model_dir, cells, tmp_path / "out.h5ad")
+    assert result.returncode != 0
+    assert "1 cells express no gene of the model's vocabulary" in result.stderr  # the failed process's own error
+    assert "process(es) [0] of 2 failed" in result.stderr  # the other process stops too, instead of waiting
+    assert [path.name for path in tmp_path.iterdir()] == ["cells.h5ad"]
+
+
+def test_embed_under_a_launcher_is_refused_before_loading(model_dir, tmp_path, monkeypatch, capsys):
+    cells = tmp_path / "cells.h5ad"
+    mixed_adata(4).write_h5ad(cells)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as accelerate launch and torchrun set it
+    monkeypatch.setattr("modeling_cell2text.tl.load", lambda *args, **kwargs: pytest.fail("must not load the model"))
+    assert main(["embed", str(cells), "--model", str(model_dir), "--out", str(tmp_path / "out.h5ad")]) == 1
+    assert "embed runs in one process" in capsys.readouterr().err
