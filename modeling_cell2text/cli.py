@@ -311,6 +311,9 @@ def write_annotated_copy(
 
     handle, temporary = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent.resolve())
     os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would make --out private; give it a new file's mode
     try:
         shutil.copyfile(input_path, temporary)
         with h5py.File(temporary, "r+") as target:

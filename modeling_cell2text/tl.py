@@ -334,7 +334,11 @@ def write_descriptions(
 
 
 def annotation_columns(results: Sequence[dict | None], key_added: str) -> dict[str, Any]:
-    """obs columns (one value per cell, in the cells' order) from pipeline results; None marks a skipped cell."""
+    """obs columns (one value per cell, in the cells' order) from pipeline results; None marks a skipped cell.
+
+    A NUL character (which a model can decode, but HDF5 strings cannot hold) is written as U+FFFD, so one odd
+    generation cannot make the whole h5ad unwritable; such a description does not parse (`parsed` is False).
+    """
     import pandas as pd
 
     keys: list[str] = []
@@ -344,7 +348,8 @@ def annotation_columns(results: Sequence[dict | None], key_added: str) -> dict[s
     for key in keys:
         values = [None if result is None else result.get(key) for result in results]
         if key == "description":
-            columns[f"{key_added}_{key}"] = np.array(["" if v is None else v for v in values], dtype=object)
+            columns[f"{key_added}_{key}"] = np.array(["" if v is None else v.replace("\x00", "\ufffd")
+                                                       for v in values], dtype=object)
         elif key == "parsed":
             columns[f"{key_added}_{key}"] = np.array([bool(v) for v in values])
         elif key.endswith("_score"):

@@ -235,6 +235,29 @@ def test_a_failed_write_leaves_no_temporary_file(model_dir, h5ad, tmp_path, caps
     assert leftovers(out_dir) == []
 
 
+def test_out_file_gets_a_new_files_permissions(model_dir, h5ad, tmp_path, capsys):
+    out = tmp_path / "annotated.h5ad"
+    umask = os.umask(0o022)
+    try:
+        code, _ = run_cli(describe_args(h5ad, model_dir, out), capsys)
+    finally:
+        os.umask(umask)
+    assert code == 0 and out.stat().st_mode & 0o777 == 0o644  # not the temporary file's private 0600
+
+
+def test_a_nul_in_a_description_does_not_make_the_file_unwritable(tmp_path):
+    from modeling_cell2text.tl import annotation_columns
+
+    columns = annotation_columns([{"description": "B\x00 cell", "parsed": False}, {"description": "ok", "parsed": True}],
+                                 "cell2text")
+    assert list(columns["cell2text_description"]) == ["B\ufffd cell", "ok"]
+    adata = ad.AnnData(np.zeros((2, 1), dtype=np.float32))
+    for name, values in columns.items():
+        adata.obs[name] = values
+    adata.write_h5ad(tmp_path / "out.h5ad")
+    assert list(ad.read_h5ad(tmp_path / "out.h5ad").obs["cell2text_description"]) == ["B\ufffd cell", "ok"]
+
+
 SIGTERM_SCRIPT = """
 import sys, time
 from pathlib import Path
