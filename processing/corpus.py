@@ -70,10 +70,11 @@ SUMMARY_FILE = "summary.json"
 
 
 def is_hub_corpus(corpus: str | Path) -> bool:
-    """Whether `corpus` names a Hub dataset ("org/name") rather than a local folder."""
+    """Whether `corpus` names a Hub dataset ("org/name") rather than a local folder: shaped like a repo id, and
+    neither it nor its first component is a local path (so a mistyped "outputs/corpus" gets the local error)."""
     from hub_cards.render import is_repo_id
 
-    return is_repo_id(str(corpus))
+    return is_repo_id(str(corpus)) and not Path(str(corpus).split("/", 1)[0]).exists()
 
 
 def _corpus_files(corpus: str | Path) -> Path:

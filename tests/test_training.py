@@ -450,3 +450,13 @@ def test_recipe_reads_a_corpus_published_to_the_hub(parts_and_corpus, tmp_path, 
     processor = AutoProcessor.from_pretrained(final_dir, trust_remote_code=True)
     summary = json.loads((corpus_dir / "summary.json").read_text())
     assert processor.ontology_term_ids == summary["ontology_term_ids"]  # the summary came from the Hub folder
+
+
+def test_a_missing_local_corpus_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    from processing.corpus import is_hub_corpus, open_corpus
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    assert is_hub_corpus("your-org/tiny-corpus") and not is_hub_corpus("outputs/corpus")
+    with pytest.raises(FileNotFoundError, match="outputs/corpus is not a corpus folder"):
+        open_corpus("outputs/corpus")
