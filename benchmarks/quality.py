@@ -3,6 +3,7 @@
 ```bash
 python benchmarks/quality.py                          # seeds 0 1 2, out outputs/quality
 python benchmarks/quality.py --seeds 0 1 2 3 4 --out outputs/quality --skip-cell2sentence
+python benchmarks/quality.py --resume                 # after an interruption: keeps the splits already measured
 cp outputs/quality/quality_benchmark.json docs/       # the main job's report then shows it beside its split
 ```
 
@@ -11,8 +12,10 @@ train/validation/test split, `processing/splits.py`, and seeds training), trains
 `training/configs/demo.yaml` (same budget), trains the Cell2Sentence-style baseline on the same budget and
 evaluates both beside majority, logistic regression and kNN on the same test cells. Printed per split and as
 mean +- sd (sample standard deviation): cell-type accuracy, weighted F1, Cell Ontology similarity and parse rate.
-Written: `<out>/quality_benchmark.json` (per-split figures, summary, date, commit, device). It uses the GPU when
-there is one. About 25 minutes per split on 2 CPU cores; not part of CI.
+Written: `<out>/quality_benchmark.json` (per-split figures, summary, date, commit, device), rewritten after every
+split with `"complete": false` until the last, so an interrupted run keeps what it measured; `--resume` reuses the
+splits of that file that were measured at the same commit with the same settings. It uses the GPU when there is
+one. About 25 minutes per split on 2 idle CPU cores; not part of CI.
 """
 
 from __future__ import annotations
@@ -93,6 +96,21 @@ def run_split(out_dir: Path, seed: int, skip_cell2sentence: bool, max_steps: int
     return {"seed": seed, "methods": method_figures(results), "timings_s": results.get("timings_s")}
 
 
+def reusable_splits(path: Path, settings: dict) -> dict[int, dict]:
+    """The splits of an earlier (possibly interrupted) run at `path`, by seed, if it ran with the same settings."""
+    if not path.exists():
+        return {}
+    if settings["commit"].endswith("+dirty"):
+        raise SystemExit("The checkout has uncommitted changes, so splits measured before cannot be shown to come from "
+                         "the same code; commit them (or pass another --out) before --resume.")
+    earlier = json.loads(path.read_text())
+    mismatched = {k: (earlier.get(k), v) for k, v in settings.items() if earlier.get(k) != v}
+    if mismatched:
+        raise SystemExit(f"{path} was measured with other settings ({mismatched}: earlier, now); it cannot be "
+                         "resumed. Pass another --out, or remove it to start over.")
+    return {split["seed"]: split for split in earlier["splits"]}
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     import logging
 
@@ -101,32 +119,42 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(REPO / "outputs" / "quality"), help="One folder per seed, and the JSON.")
     parser.add_argument("--skip-cell2sentence", action="store_true", help="Leave the Cell2Sentence baseline out.")
     parser.add_argument("--max-steps", type=int, default=None, help="Cap training steps (a smoke run, not the recipe).")
+    parser.add_argument("--resume", action="store_true",
+                        help="Reuse the splits of <out>/quality_benchmark.json measured at this commit and settings.")
     args = parser.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error("--seeds repeat; pass each seed once.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
+    path = out / "quality_benchmark.json"
     started = datetime.now(timezone.utc)
+    settings = {"commit": git_commit(), "max_steps": args.max_steps, "skip_cell2sentence": args.skip_cell2sentence}
+    done = reusable_splits(path, settings) if args.resume else {}
+    if path.exists() and not args.resume:
+        raise SystemExit(f"{path} exists; pass --resume to reuse its splits, or another --out.")
     splits = []
     for seed in args.seeds:
-        splits.append(run_split(out / f"seed-{seed}", seed, args.skip_cell2sentence, args.max_steps))
-        print(f"\nSplit seed {seed}:\n{format_table(splits[-1:], summarise(splits[-1:]))}", flush=True)
-    summary = summarise(splits)
-    benchmark = {
-        "benchmark": "benchmarks/quality.py",
-        "date": started.strftime("%Y-%m-%d"),
-        "commit": git_commit(),
-        "device": device_name(),
-        "config": "training/configs/demo.yaml",
-        "max_steps": args.max_steps,
-        "seeds": list(args.seeds),
-        "splits": splits,
-        "summary": summary,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "quality_benchmark.json"
-    path.write_text(json.dumps(benchmark, indent=2))
-    print(f"\nAll splits (mean +- sd over {len(splits)}):\n{format_table(splits, summary)}\n\nWritten: {path}")
+        if seed in done:
+            splits.append(done[seed])
+            print(f"\nSplit seed {seed}: reused from {path}", flush=True)
+        else:
+            splits.append(run_split(out / f"seed-{seed}", seed, args.skip_cell2sentence, args.max_steps))
+            print(f"\nSplit seed {seed}:\n{format_table(splits[-1:], summarise(splits[-1:]))}", flush=True)
+        benchmark = {
+            "benchmark": "benchmarks/quality.py",
+            "date": started.strftime("%Y-%m-%d"),
+            **settings,
+            "device": device_name(),
+            "config": "training/configs/demo.yaml",
+            "seeds": list(args.seeds),
+            "complete": len(splits) == len(args.seeds),
+            "splits": splits,
+            "summary": summarise(splits),
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(benchmark, indent=2))
+    print(f"\nAll splits (mean +- sd over {len(splits)}):\n{format_table(splits, benchmark['summary'])}\n\n"
+          f"Written: {path}")
     return benchmark
 
 

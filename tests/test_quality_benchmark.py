@@ -41,11 +41,12 @@ def test_quality_benchmark_runs_each_seed_and_writes_the_summary(tmp_path, monke
         return report
 
     monkeypatch.setattr(training.demo, "run", fake_run)
+    monkeypatch.setattr(quality, "git_commit", lambda: "0" * 40)
     benchmark = quality.main(["--seeds", "0", "1", "2", "--out", str(tmp_path), "--skip-cell2sentence"])
     assert calls == [("seed-0", 0, None, True), ("seed-1", 1, None, True), ("seed-2", 2, None, True)]
     saved = json.loads((tmp_path / "quality_benchmark.json").read_text())
     assert saved == json.loads(json.dumps(benchmark))
-    assert saved["seeds"] == [0, 1, 2] and len(saved["commit"].split("+")[0]) == 40
+    assert saved["seeds"] == [0, 1, 2] and saved["commit"] == "0" * 40 and saved["complete"]
     accuracy = saved["summary"]["cell2text"]["accuracy"]
     assert accuracy["mean"] == pytest.approx(0.81) and accuracy["sd"] == pytest.approx(0.01) and accuracy["n"] == 3
     assert saved["summary"]["cell2sentence"]["parse_rate"]["mean"] == 0.9
@@ -58,3 +59,50 @@ def test_quality_benchmark_runs_each_seed_and_writes_the_summary(tmp_path, monke
 def test_repeated_seeds_are_refused(tmp_path):
     with pytest.raises(SystemExit):
         quality.main(["--seeds", "0", "0", "--out", str(tmp_path)])
+
+
+def fake_main_job(calls: list, fail_at: int | None = None):
+    def run(out_dir, seed, max_steps, max_new_tokens, skip_cell2sentence):
+        if seed == fail_at:
+            raise KeyboardInterrupt  # the session ends mid-split
+        calls.append(seed)
+        report = Path(out_dir) / "report" / "report.md"
+        report.parent.mkdir(parents=True)
+        (report.parent / "results.json").write_text(json.dumps(fake_results(seed)))
+        return report
+
+    return run
+
+
+def test_an_interrupted_benchmark_keeps_its_splits_and_resumes_from_them(tmp_path, monkeypatch):
+    import training.demo
+
+    monkeypatch.setattr(quality, "git_commit", lambda: "a" * 40)
+    calls = []
+    monkeypatch.setattr(training.demo, "run", fake_main_job(calls, fail_at=2))
+    with pytest.raises(KeyboardInterrupt):
+        quality.main(["--seeds", "0", "1", "2", "--out", str(tmp_path)])
+    partial = json.loads((tmp_path / "quality_benchmark.json").read_text())
+    assert [s["seed"] for s in partial["splits"]] == [0, 1] and partial["complete"] is False
+    assert partial["summary"]["cell2text"]["accuracy"]["n"] == 2
+
+    # Without --resume the file is not overwritten.
+    with pytest.raises(SystemExit, match="pass --resume"):
+        quality.main(["--seeds", "0", "1", "2", "--out", str(tmp_path)])
+    # Other settings (here: the Cell2Sentence baseline left out) cannot reuse the splits.
+    with pytest.raises(SystemExit, match="other settings"):
+        quality.main(["--seeds", "0", "1", "2", "--out", str(tmp_path), "--resume", "--skip-cell2sentence"])
+
+    calls.clear()
+    monkeypatch.setattr(training.demo, "run", fake_main_job(calls))
+    benchmark = quality.main(["--seeds", "0", "1", "2", "--out", str(tmp_path), "--resume"])
+    assert calls == [2] and benchmark["complete"]
+    assert benchmark["summary"]["cell2text"]["accuracy"]["mean"] == pytest.approx(0.81)
+
+    # Another commit cannot reuse them either, nor can uncommitted changes.
+    monkeypatch.setattr(quality, "git_commit", lambda: "b" * 40)
+    with pytest.raises(SystemExit, match="other settings"):
+        quality.main(["--seeds", "0", "1", "2", "--out", str(tmp_path), "--resume"])
+    monkeypatch.setattr(quality, "git_commit", lambda: "a" * 40 + "+dirty")
+    with pytest.raises(SystemExit, match="uncommitted changes"):
+        quality.main(["--seeds", "0", "1", "2", "--out", str(tmp_path), "--resume"])

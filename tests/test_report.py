@@ -117,13 +117,17 @@ def test_report_shows_the_benchmark_mean_beside_this_split(tmp_path):
     table = format_table(splits, summary)
     assert "| Cell2Text | Cell-type accuracy | 0.500 | 0.700 | 0.600 +- 0.141 |" in table
     results["quality_benchmark"] = {"date": "2026-11-30", "commit": "0123456789abcdef", "device": "GPU: H200",
-                                    "seeds": [0, 1], "summary": summary}
+                                    "seeds": [0, 1], "splits": splits, "summary": summary}
     text = write_report(results, {}, tmp_path).read_text()
-    assert "measured 2026-11-30 at commit 0123456789 (GPU: H200)" in text
+    assert "on 2 corpus splits (seeds 0, 1), measured 2026-11-30 at commit 0123456789 (GPU: H200)" in text
     assert "| Method | Metric | This run (split seed 0) | Benchmark mean +- sd |" in text
     assert "| Cell2Text | Cell-type accuracy | 0.500 | 0.600 +- 0.141 |" in text
     assert "| Cell2Text | Parse rate | 0.750 | 0.875 +- 0.177 |" in text
     assert "| kNN | Cell-type accuracy | 0.750 | 0.700 +- 0.071 |" in text
+    # An interrupted benchmark says how many of the splits it was asked for it measured.
+    results["quality_benchmark"].update(seeds=[0, 1, 2], complete=False)
+    text = write_report(results, {}, tmp_path).read_text()
+    assert "on 2 corpus splits (seeds 0, 1) (interrupted: 2 of the 3 splits it was asked for)" in text
 
 
 def test_report_constraint_section_and_reliability_diagram(tmp_path):

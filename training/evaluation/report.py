@@ -201,10 +201,13 @@ def _benchmark_section(results: dict) -> list[str]:
     this_run = method_figures(results)
     summary = benchmark["summary"]
     seed = results.get("split_seed")
+    seeds = [split["seed"] for split in benchmark["splits"]]
+    interrupted = (f" (interrupted: {len(seeds)} of the {len(benchmark['seeds'])} splits it was asked for)"
+                   if benchmark.get("complete") is False else "")
     lines = [
         "## This split beside the benchmark over split seeds", "",
-        f"`benchmarks/quality.py`: the same recipe on {len(benchmark['seeds'])} corpus splits (seeds "
-        f"{', '.join(map(str, benchmark['seeds']))}), measured {benchmark['date']} at commit "
+        f"`benchmarks/quality.py`: the same recipe on {len(seeds)} corpus splits (seeds "
+        f"{', '.join(map(str, seeds))}){interrupted}, measured {benchmark['date']} at commit "
         f"{benchmark['commit'][:10]} ({benchmark.get('device', 'device not recorded')}). Mean +- sd over the splits.",
         "",
     ]
