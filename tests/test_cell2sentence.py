@@ -8,7 +8,7 @@ import pytest
 import torch
 from datasets import load_from_disk
 from tiny_parts import save_tiny_corpus, save_tiny_parts
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from trl import SFTConfig
 
 from modeling_cell2text import Cell2TextFeatureExtractor
@@ -100,8 +100,21 @@ def test_train_merge_and_generate_one_text_per_cell(parts_and_corpus, tmp_path):
 
     test = load_from_disk(str(corpus_dir))["test"]
     feature_extractor = Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor")
+    # The tiny random model writes EOS or blank tokens first, whatever the cell: keep it to visible text, and make
+    # its output depend on the prompt (larger weights), so that the texts compared below are each cell's own
+    # (all '' would compare equal whatever cell they came from).
+    tokenizer = AutoTokenizer.from_pretrained(final_dir)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if weight.ndim == 2 and "embed" not in name:
+                weight.mul_(20.0)
+    model.save_pretrained(final_dir)
+    generation_config = GenerationConfig.from_pretrained(final_dir)
+    generation_config.suppress_tokens = [i for i in range(len(tokenizer)) if not tokenizer.decode([i]).strip()]
+    generation_config.save_pretrained(final_dir)
     texts = generate_cell2sentence(final_dir, test, feature_extractor, 8, batch_size=3, max_new_tokens=4)
     assert len(texts) == len(test) == 8
+    assert all(texts) and len(set(texts)) > 1
     # each text is its own cell's: batches of 3 (left-padded) give what one cell at a time gives
     assert texts == generate_cell2sentence(final_dir, test, feature_extractor, 8, batch_size=1, max_new_tokens=4)
     with pytest.raises(ValueError, match="num_genes=8"):
