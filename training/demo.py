@@ -45,12 +45,12 @@ GENERATION_BATCH_SIZE = 35
 logger = logging.getLogger("training.demo")
 
 
-def build_demo_corpus(out_dir: Path, seed: int) -> dict:
+def build_demo_corpus(out_dir: Path, seed: int, model_input_size: int = DEMO_MODEL_INPUT_SIZE) -> dict:
     """The pbmc68k_reduced corpus (about 15 s to build, so always built afresh)."""
     from processing.build_corpus import BuildOptions, build_corpus
     from processing.presets import pbmc68k_reduced
 
-    options = BuildOptions(seed=seed, name="pbmc68k_reduced", model_input_size=DEMO_MODEL_INPUT_SIZE,
+    options = BuildOptions(seed=seed, name="pbmc68k_reduced", model_input_size=model_input_size,
                            expression_bins=DEMO_EXPRESSION_BINS, overwrite=True)
     return build_corpus(pbmc68k_reduced(), out_dir, options)
 
@@ -65,8 +65,9 @@ def sft_arguments(overrides: list[str]):
     return make_parser().parse_args_and_config(["--config", str(DEMO_CONFIG), *device, *overrides])
 
 
-def expression_baselines(corpus, seed: int) -> dict:
-    """Majority, logistic regression and kNN on pbmc68k's log expression, for the corpus's own train/test cells."""
+def expression_baselines(corpus, split: str = "test") -> dict:
+    """Majority, logistic regression and kNN on pbmc68k's log expression: fitted on the corpus's training cells,
+    scored on its `split` cells."""
     import scanpy as sc
 
     from training.baselines.expression import baseline_reports, run_expression_baselines
@@ -75,11 +76,11 @@ def expression_baselines(corpus, seed: int) -> dict:
     expression = adata.raw.to_adata()  # log1p of normalised counts: what these baselines read
     index = {name: i for i, name in enumerate(expression.obs_names.astype(str))}
     train_rows = [index[c] for c in corpus["train"]["cell_id"]]
-    test_rows = [index[c] for c in corpus["test"]["cell_id"]]
+    scored_rows = [index[c] for c in corpus[split]["cell_id"]]
     predictions = run_expression_baselines(
-        expression.X[train_rows], list(corpus["train"]["cell_type"]), expression.X[test_rows]
+        expression.X[train_rows], list(corpus["train"]["cell_type"]), expression.X[scored_rows]
     )
-    return baseline_reports(list(corpus["test"]["cell_type"]), predictions)
+    return baseline_reports(list(corpus[split]["cell_type"]), predictions)
 
 
 def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, skip_cell2sentence: bool,
@@ -124,7 +125,7 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     results["split_seed"] = seed
     lap("evaluate_cell2text")
 
-    baselines = expression_baselines(corpus, seed)
+    baselines = expression_baselines(corpus)
     if not skip_cell2sentence:
         from modeling_cell2text import Cell2TextProcessor
         from training.baselines.cell2sentence import generate_cell2sentence, train_cell2sentence

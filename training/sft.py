@@ -225,6 +225,19 @@ def build_processor(
     )
 
 
+def encoder_candidates(args: Cell2TextArguments) -> list[EncoderCandidate]:
+    """The encoders validation chooses among: each input kind x each depth of the arguments."""
+    unknown = set(args.encoder_candidate_inputs) - set(ENCODER_INPUTS)
+    if unknown or not args.encoder_candidate_inputs:
+        raise ValueError(f"encoder_candidate_inputs must be a non-empty list of {ENCODER_INPUTS}, got "
+                         f"{args.encoder_candidate_inputs}.")
+    return [
+        EncoderCandidate(num_hidden_layers=n, hidden_size=args.encoder_hidden_size, value_aware=kind != "rank")
+        for kind in args.encoder_candidate_inputs
+        for n in args.encoder_candidate_layers
+    ]
+
+
 def gene_encoder_path(args: Cell2TextArguments, training_args: SFTConfig, corpus, processor, summary: dict) -> str:
     """The pretrained encoder, or one prepared on the corpus.
 
@@ -234,15 +247,7 @@ def gene_encoder_path(args: Cell2TextArguments, training_args: SFTConfig, corpus
     if args.gene_encoder_name_or_path is not None:
         return args.gene_encoder_name_or_path
     out_dir = Path(training_args.output_dir) / PREPARED_ENCODER_DIR
-    unknown = set(args.encoder_candidate_inputs) - set(ENCODER_INPUTS)
-    if unknown or not args.encoder_candidate_inputs:
-        raise ValueError(f"encoder_candidate_inputs must be a non-empty list of {ENCODER_INPUTS}, got "
-                         f"{args.encoder_candidate_inputs}.")
-    candidates = [
-        EncoderCandidate(num_hidden_layers=n, hidden_size=args.encoder_hidden_size, value_aware=kind != "rank")
-        for kind in args.encoder_candidate_inputs
-        for n in args.encoder_candidate_layers
-    ]
+    candidates = encoder_candidates(args)
     prepared_for = {
         "corpus_fingerprints": summary.get("fingerprints"), "candidates": [asdict(c) for c in candidates],
         "epochs": args.encoder_epochs, "num_cell_tokens": args.num_cell_tokens, "seed": training_args.seed,

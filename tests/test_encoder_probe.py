@@ -1,0 +1,43 @@
+"""benchmarks/encoder_probe.py: one row per split and input size, the means, the JSON (probe runs stubbed)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import encoder_probe  # noqa: E402
+
+
+def test_encoder_probe_prints_each_split_and_the_means(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_probe_split(out_dir, seed, size):
+        calls.append((out_dir.name, seed, size))
+        return {"seed": seed, "model_input_size": size, "seconds_per_candidate": 1.0,
+                "probes": {"rank-value, 2 layer(s)": 0.8 + seed / 10},
+                "baselines": {"logistic_regression": 0.85, "knn": 0.8, "majority": 0.3}}
+
+    monkeypatch.setattr(encoder_probe, "probe_split", fake_probe_split)
+    rows = encoder_probe.main(["--seeds", "0", "1", "--out", str(tmp_path)])
+    assert calls == [("seed-0-input-130", 0, 130), ("seed-1-input-130", 1, 130)]
+    assert json.loads((tmp_path / "encoder_probe.json").read_text()) == rows
+    printed = capsys.readouterr().out
+    assert "| Split seed | Input | Logistic regression | kNN | Majority class | Probe: rank-value, 2 layer(s) |" in printed
+    assert "| 1 | 130 | 0.850 | 0.800 | 0.300 | 0.900 | 1.0 |" in printed
+    assert "| mean of 2 | 130 | **0.850** | **0.800** | **0.300** | **0.850** | |" in printed
+
+
+def test_candidates_are_each_input_kind_at_each_depth():
+    from training.demo import sft_arguments
+    from training.sft import encoder_candidates
+
+    args, _ = sft_arguments(["--corpus_dir", "c", "--text_model_name_or_path", "m"])
+    candidates = encoder_candidates(args)
+    assert [(c.value_aware, c.num_hidden_layers) for c in candidates] == [(False, 1), (False, 2), (True, 1), (True, 2)]
+    args.encoder_candidate_inputs = ["ranks"]
+    with pytest.raises(ValueError, match=r"encoder_candidate_inputs must be a non-empty list of \('rank'"):
+        encoder_candidates(args)
