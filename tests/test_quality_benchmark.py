@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def test_quality_benchmark_runs_each_seed_and_writes_the_summary(tmp_path, monke
 
     monkeypatch.setattr(training.demo, "run", fake_run)
     monkeypatch.setattr(quality, "git_commit", lambda: "0" * 40)
+    paired = {"logistic_regression": {"both": 50, "cell2text_only": 1, "baseline_only": 5, "neither": 14}}
+    monkeypatch.setattr(quality, "paired_counts", lambda out_dir: paired)
     benchmark = quality.main(["--seeds", "0", "1", "2", "--out", str(tmp_path), "--skip-cell2sentence"])
     assert calls == [("seed-0", 0, None, True), ("seed-1", 1, None, True), ("seed-2", 2, None, True)]
     saved = json.loads((tmp_path / "quality_benchmark.json").read_text())
@@ -54,6 +57,13 @@ def test_quality_benchmark_runs_each_seed_and_writes_the_summary(tmp_path, monke
     printed = capsys.readouterr().out
     assert "| Cell2Text | Cell-type accuracy | 0.800 | 0.810 | 0.820 | 0.810 +- 0.010 |" in printed
     assert "| Logistic regression | Cell-type accuracy | 0.830 | 0.830 | 0.830 | 0.830 +- 0.000 |" in printed
+    # Pooled over the 3 splits: 3 cells Cell2Text alone got right, 15 logistic regression alone, of 210.
+    lr = saved["paired"]["logistic_regression"]
+    assert (lr["num_cells"], lr["cell2text_only"], lr["baseline_only"]) == (210, 3, 15)
+    assert lr["accuracy_difference"] == pytest.approx(-12 / 210)
+    assert lr["mcnemar_p"] == pytest.approx(2 * sum(math.comb(18, k) for k in range(4)) / 2 ** 18)
+    assert ("- Cell2Text - Logistic regression: -0.057 accuracy on 210 cells (Cell2Text alone right on 3, "
+            "Logistic regression alone on 15; exact McNemar p = 0.00754)") in printed
 
 
 def test_repeated_seeds_are_refused(tmp_path):
@@ -78,6 +88,7 @@ def test_an_interrupted_benchmark_keeps_its_splits_and_resumes_from_them(tmp_pat
     import training.demo
 
     monkeypatch.setattr(quality, "git_commit", lambda: "a" * 40)
+    monkeypatch.setattr(quality, "paired_counts", lambda out_dir: {})
     calls = []
     monkeypatch.setattr(training.demo, "run", fake_main_job(calls, fail_at=2))
     with pytest.raises(KeyboardInterrupt):
@@ -106,3 +117,25 @@ def test_an_interrupted_benchmark_keeps_its_splits_and_resumes_from_them(tmp_pat
     monkeypatch.setattr(quality, "git_commit", lambda: "a" * 40 + "+dirty")
     with pytest.raises(SystemExit, match="uncommitted changes"):
         quality.main(["--seeds", "0", "1", "2", "--out", str(tmp_path), "--resume"])
+
+
+def test_paired_counts_compare_each_test_cell_of_the_split(tmp_path, monkeypatch):
+    from datasets import Dataset, DatasetDict
+
+    import training.demo
+
+    truth = ["B cell", "T cell", "B cell", "NK cell"]
+    DatasetDict({"test": Dataset.from_dict({"cell_type": truth, "cell_id": ["a", "b", "c", "d"]})}).save_to_disk(
+        str(tmp_path / "corpus"))
+    (tmp_path / "report").mkdir()
+    per_cell = {"cell_type_true": truth, "cell_type_pred": ["B cell", "T cell", "T cell", "T cell"]}
+    (tmp_path / "report" / "per_cell.json").write_text(json.dumps(per_cell))
+    monkeypatch.setattr(training.demo, "expression_predictions", lambda corpus, split: {
+        "logistic_regression": ["B cell", "B cell", "B cell", "T cell"]})
+    assert quality.paired_counts(tmp_path) == {
+        "logistic_regression": {"both": 1, "cell2text_only": 1, "baseline_only": 1, "neither": 1}}
+    # A report of other cells (or another order) is refused, not compared.
+    per_cell["cell_type_true"] = truth[::-1]
+    (tmp_path / "report" / "per_cell.json").write_text(json.dumps(per_cell))
+    with pytest.raises(ValueError, match="not the corpus's test cells"):
+        quality.paired_counts(tmp_path)

@@ -124,6 +124,13 @@ def test_report_shows_the_benchmark_mean_beside_this_split(tmp_path):
     assert "| Cell2Text | Cell-type accuracy | 0.500 | 0.600 +- 0.141 |" in text
     assert "| Cell2Text | Parse rate | 0.750 | 0.875 +- 0.177 |" in text
     assert "| kNN | Cell-type accuracy | 0.750 | 0.700 +- 0.071 |" in text
+    assert "Paired on the same test cells" not in text
+    results["quality_benchmark"]["paired"] = {"logistic_regression": {
+        "both": 50, "cell2text_only": 3, "baseline_only": 15, "neither": 72, "num_cells": 140,
+        "accuracy_difference": -12 / 140, "mcnemar_p": 0.00754}}
+    text = write_report(results, {}, tmp_path).read_text()
+    assert ("- Cell2Text - Logistic regression: -0.086 accuracy on 140 cells (Cell2Text alone right on 3, Logistic "
+            "regression alone on 15; exact McNemar p = 0.00754)") in text
     # An interrupted benchmark says how many of the splits it was asked for it measured.
     results["quality_benchmark"].update(seeds=[0, 1, 2], complete=False)
     text = write_report(results, {}, tmp_path).read_text()

@@ -65,22 +65,28 @@ def sft_arguments(overrides: list[str]):
     return make_parser().parse_args_and_config(["--config", str(DEMO_CONFIG), *device, *overrides])
 
 
-def expression_baselines(corpus, split: str = "test") -> dict:
+def expression_predictions(corpus, split: str = "test") -> dict[str, list[str]]:
     """Majority, logistic regression and kNN on pbmc68k's log expression: fitted on the corpus's training cells,
-    scored on its `split` cells."""
+    one predicted cell type per cell of its `split`, in the split's order."""
     import scanpy as sc
 
-    from training.baselines.expression import baseline_reports, run_expression_baselines
+    from training.baselines.expression import run_expression_baselines
 
     adata = sc.datasets.pbmc68k_reduced()
     expression = adata.raw.to_adata()  # log1p of normalised counts: what these baselines read
     index = {name: i for i, name in enumerate(expression.obs_names.astype(str))}
     train_rows = [index[c] for c in corpus["train"]["cell_id"]]
     scored_rows = [index[c] for c in corpus[split]["cell_id"]]
-    predictions = run_expression_baselines(
+    return run_expression_baselines(
         expression.X[train_rows], list(corpus["train"]["cell_type"]), expression.X[scored_rows]
     )
-    return baseline_reports(list(corpus[split]["cell_type"]), predictions)
+
+
+def expression_baselines(corpus, split: str = "test") -> dict:
+    """The expression baselines' classification reports on the corpus's `split` cells (`expression_predictions`)."""
+    from training.baselines.expression import baseline_reports
+
+    return baseline_reports(list(corpus[split]["cell_type"]), expression_predictions(corpus, split))
 
 
 def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, skip_cell2sentence: bool,

@@ -220,7 +220,21 @@ def _benchmark_section(results: dict) -> list[str]:
                 continue
             rows.append([title, metric_title, format_value(this_run.get(name, {}).get(metric)),
                          f"{stats['mean']:.3f} +- {stats['sd']:.3f}"])
-    return lines + _table(["Method", "Metric", run_label, "Benchmark mean +- sd"], rows)
+    lines += _table(["Method", "Metric", run_label, "Benchmark mean +- sd"], rows)
+    paired = benchmark.get("paired") or {}
+    if paired:
+        lines += ["", "Paired on the same test cells, pooled over the benchmark's splits:", "", *paired_lines(paired)]
+    return lines
+
+
+def paired_lines(paired: dict[str, dict]) -> list[str]:
+    """One Markdown bullet per baseline of benchmarks/quality.py's paired comparison with Cell2Text."""
+    return [
+        f"- Cell2Text - {METHOD_NAMES[name]}: {s['accuracy_difference']:+.3f} accuracy on {s['num_cells']} cells "
+        f"(Cell2Text alone right on {s['cell2text_only']}, {METHOD_NAMES[name]} alone on {s['baseline_only']}; "
+        f"exact McNemar p = {s['mcnemar_p']:.3g})"
+        for name, s in paired.items()
+    ]
 
 
 def plot_reliability_diagram(calibration: dict, path: Path) -> Path:
