@@ -1,10 +1,13 @@
 """Cells per second of the cell-to-text pipeline at batch size 1 and 16, and the share of time outside `generate`.
 
     python benchmarks/generation.py [--model outputs/demo/cell2text-demo] [--cells 256] [--new-tokens 32]
+    python benchmarks/generation.py --batch-sizes 16 --sort-by-length   # cells of mixed sizes, as given vs sorted
 
 Every cell gets exactly `--new-tokens` new tokens (min_new_tokens = max_new_tokens), so batch sizes do the same
 work. The time outside `generate` is the pipeline's own: feature extraction, prompts, padding, decoding and
 parsing. Targets (issue #5): batch 16 >= 4x the cells/s of batch 1; outside-generate share < 10%.
+`--sort-by-length` gives the cells between a tenth of `--genes-per-cell` and all of it expressed genes and times
+each batch size in the given order and longest first (the pipeline's `sort_by_length`), alternating, twice.
 Without the demo model folder (made by the main job) a tiny random model is built, and the output says so.
 """
 
@@ -34,6 +37,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per cell (fixed)")
     parser.add_argument("--genes-per-cell", type=int, default=1500, help="expressed genes per synthetic cell")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sort-by-length", action="store_true",
+                        help="cells of mixed sizes; compare the given order with sort_by_length=True")
     return parser.parse_args()
 
 
@@ -48,12 +53,15 @@ def model_folder(requested: Path) -> tuple[Path, str]:
     return folder, f"FALLBACK: {requested} not found; a tiny random model (2-layer, hidden 32) at {folder}"
 
 
-def synthetic_cells(gene_ids: list[str], n_cells: int, genes_per_cell: int, seed: int = 0) -> sp.csr_matrix:
-    """Integer counts; each cell expresses `genes_per_cell` random vocabulary genes (or all, if fewer)."""
+def synthetic_cells(gene_ids: list[str], n_cells: int, genes_per_cell: int, seed: int = 0,
+                    mixed_sizes: bool = False) -> sp.csr_matrix:
+    """Integer counts; each cell expresses `genes_per_cell` random vocabulary genes (or all, if fewer); with
+    `mixed_sizes`, a number drawn uniformly between a tenth of that and all of it."""
     rng = np.random.default_rng(seed)
-    per_cell = min(genes_per_cell, len(gene_ids))
+    most = min(genes_per_cell, len(gene_ids))
+    per_cell = rng.integers(max(most // 10, 1), most + 1, size=n_cells) if mixed_sizes else np.full(n_cells, most)
     rows = np.repeat(np.arange(n_cells), per_cell)
-    cols = np.concatenate([rng.choice(len(gene_ids), per_cell, replace=False) for _ in range(n_cells)])
+    cols = np.concatenate([rng.choice(len(gene_ids), k, replace=False) for k in per_cell])
     counts = rng.negative_binomial(2, 0.3, size=len(rows)) + 1
     return sp.csr_matrix((counts.astype(np.float32), (rows, cols)), shape=(n_cells, len(gene_ids)))
 
@@ -84,7 +92,7 @@ def main() -> None:
     folder, label = model_folder(args.model)
     describe = pipeline("cell-to-text", model=str(folder), trust_remote_code=True, device=args.device)
     vocabulary = [g for g in describe.processor.feature_extractor.gene_token_ids if ENSEMBL.match(g)]
-    cells = synthetic_cells(vocabulary, args.cells, args.genes_per_cell)
+    cells = synthetic_cells(vocabulary, args.cells, args.genes_per_cell, mixed_sizes=args.sort_by_length)
     timer = GenerateTimer(describe.model)
     generation = {"min_new_tokens": args.new_tokens, "max_new_tokens": args.new_tokens}
     describe(cells[:2], gene_ids=vocabulary, batch_size=2, **generation)  # warm-up
@@ -92,6 +100,9 @@ def main() -> None:
     print(label)
     print(f"{args.cells} cells, {len(vocabulary)} vocabulary genes, {cells.getnnz(axis=1).mean():.0f} expressed "
           f"per cell, {args.new_tokens} new tokens per cell, device {args.device}")
+    if args.sort_by_length:
+        compare_orders(describe, cells, vocabulary, args.batch_sizes, generation)
+        return
     rates = {}
     for batch_size in args.batch_sizes:
         timer.seconds = 0.0
@@ -106,6 +117,25 @@ def main() -> None:
     if 1 in rates and 16 in rates:
         speedup = rates[16] / rates[1]
         print(f"batch 16 / batch 1: {speedup:.1f}x cells/s (target >= 4x)")
+
+
+def compare_orders(describe, cells, vocabulary, batch_sizes, generation) -> None:
+    """cells/s in the given order and with sort_by_length, alternating (two rounds), and whether texts agree."""
+    for batch_size in batch_sizes:
+        walls = {False: [], True: []}
+        texts = {}
+        for _ in range(2):
+            for sort in (False, True):
+                start = time.perf_counter()
+                results = describe(cells, gene_ids=vocabulary, batch_size=batch_size, sort_by_length=sort,
+                                   **generation)
+                walls[sort].append(time.perf_counter() - start)
+                texts[sort] = [r["description"] for r in results]
+        given, ordered = min(walls[False]), min(walls[True])
+        same = sum(a == b for a, b in zip(texts[False], texts[True]))
+        print(f"batch size {batch_size:>3}: given order {len(texts[False]) / given:8.2f} cells/s, longest first "
+              f"{len(texts[True]) / ordered:8.2f} cells/s ({given / ordered:.2f}x); same text for {same} of "
+              f"{len(texts[False])} cells")
 
 
 if __name__ == "__main__":
