@@ -223,7 +223,7 @@ def _benchmark_section(results: dict) -> list[str]:
     lines += _table(["Method", "Metric", run_label, "Benchmark mean +- sd"], rows)
     paired = benchmark.get("paired") or {}
     if paired:
-        lines += ["", "Paired on the same test cells, pooled over the benchmark's splits:", "", *paired_lines(paired)]
+        lines += ["Paired on the same test cells, pooled over the benchmark's splits:", "", *paired_lines(paired), ""]
     return lines
 
 
