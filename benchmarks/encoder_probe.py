@@ -11,8 +11,9 @@ corpus, prepares the encoder candidates of `training/configs/demo.yaml` exactly 
 linear head on the mean of the gene states the projector reads; best epoch on validation), and fits logistic
 regression, kNN and the majority class on the same training cells. Everything is scored on the **validation**
 split: this is for choosing the recipe, never for reporting it. Prints one row per split and input size and the
-means; writes `<out>/encoder_probe.json`. About 1-2 minutes per split at input 130 on 2 CPU cores (2.7x the
-encoder time at 512); not part of CI.
+means; writes `<out>/encoder_probe.json` (a non-empty `--out` is refused without `--overwrite`). About 1 minute
+per split at input 130 on 2 idle CPU cores (3 min 44 s for seeds 0-2; 2.7x the encoder time at 512); not part of
+CI.
 """
 
 from __future__ import annotations
@@ -94,7 +95,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--input-sizes", type=int, nargs="+", default=[DEMO_MODEL_INPUT_SIZE],
                         help="Corpus model_input_size values (genes + <cls> + <eos>).")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "encoder_probe")
+    parser.add_argument("--overwrite", action="store_true", help="Replace what an earlier run left in --out.")
     args = parser.parse_args(argv)
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        raise SystemExit(f"{args.out} is not empty (an earlier run's corpora, encoders and figures); pass "
+                         "--overwrite to replace them, or another --out.")
     rows = []
     for seed in args.seeds:
         for size in args.input_sizes:

@@ -110,7 +110,9 @@ def paired_counts(split_dir: Path) -> dict[str, dict[str, int]]:
     corpus = load_from_disk(str(split_dir / "corpus"))
     truth = list(corpus["test"]["cell_type"])
     per_cell = json.loads((split_dir / "report" / "per_cell.json").read_text())
-    if per_cell["cell_type_true"] != truth:
+    cell_ids = list(corpus["test"]["cell_id"])
+    # Reports written before per_cell.json carried cell ids are matched by their label sequence alone.
+    if per_cell["cell_type_true"] != truth or per_cell.get("cell_id", cell_ids) != cell_ids:
         raise ValueError(f"{split_dir}: the report's cells are not the corpus's test cells in order; run the split "
                          "again.")
     cell2text = [p == t for p, t in zip(per_cell["cell_type_pred"], truth)]

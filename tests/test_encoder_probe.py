@@ -30,6 +30,12 @@ def test_encoder_probe_prints_each_split_and_the_means(tmp_path, monkeypatch, ca
     assert "| 1 | 130 | 0.850 | 0.800 | 0.300 | 0.900 | 1.0 |" in printed
     assert "| mean of 2 | 130 | **0.850** | **0.800** | **0.300** | **0.850** | |" in printed
 
+    # A second run does not replace the first one's figures unless asked.
+    with pytest.raises(SystemExit, match="pass --overwrite"):
+        encoder_probe.main(["--seeds", "3", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "encoder_probe.json").read_text()) == rows
+    assert encoder_probe.main(["--seeds", "3", "--out", str(tmp_path), "--overwrite"])[0]["seed"] == 3
+
 
 def test_candidates_are_each_input_kind_at_each_depth():
     from training.demo import sft_arguments

@@ -54,6 +54,9 @@ def test_constrained_evaluation_predicts_known_labels_with_confidence(model_and_
                                               device="cpu")
     known = {"B cell", "T cell"}
     assert len(texts) == 8 and set(per_cell["cell_type_pred"]) <= known
+    from datasets import load_from_disk
+
+    assert per_cell["cell_id"] == list(load_from_disk(str(corpus_dir))["test"]["cell_id"])  # which cell is which
     assert all(0.5 <= s <= 1 for s in per_cell["cell_type_score"])  # the chosen one of two labels
     constraint = results["cell_type_constraint"]
     assert constraint["num_candidates"] == 2

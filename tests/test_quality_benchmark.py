@@ -134,7 +134,16 @@ def test_paired_counts_compare_each_test_cell_of_the_split(tmp_path, monkeypatch
         "logistic_regression": ["B cell", "B cell", "B cell", "T cell"]})
     assert quality.paired_counts(tmp_path) == {
         "logistic_regression": {"both": 1, "cell2text_only": 1, "baseline_only": 1, "neither": 1}}
-    # A report of other cells (or another order) is refused, not compared.
+    # A report of other cells (or another order) is refused, not compared: by cell id where the report has them,
+    # by the label sequence otherwise.
+    per_cell["cell_id"] = ["a", "b", "c", "e"]
+    (tmp_path / "report" / "per_cell.json").write_text(json.dumps(per_cell))
+    with pytest.raises(ValueError, match="not the corpus's test cells"):
+        quality.paired_counts(tmp_path)
+    per_cell["cell_id"] = ["a", "b", "c", "d"]
+    (tmp_path / "report" / "per_cell.json").write_text(json.dumps(per_cell))
+    assert quality.paired_counts(tmp_path)["logistic_regression"]["both"] == 1
+    del per_cell["cell_id"]
     per_cell["cell_type_true"] = truth[::-1]
     (tmp_path / "report" / "per_cell.json").write_text(json.dumps(per_cell))
     with pytest.raises(ValueError, match="not the corpus's test cells"):

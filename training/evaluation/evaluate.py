@@ -245,6 +245,8 @@ def score_descriptions(
                 per_cell["ontology_similarity"] = scores
         if field == "cell_type":
             per_cell["cell_type_true"], per_cell["cell_type_pred"] = true, pred
+            if "cell_id" in split.column_names:  # which cell each entry is, for comparisons with other methods
+                per_cell["cell_id"] = [split["cell_id"][i] for i in known]
         results["fields"][field] = report
     if "pathways" in split.column_names and any(split["pathways"]):
         results["pathways"] = pathway_report(
