@@ -9,7 +9,8 @@ columns such as `cell_type` are left as they are.
 Safe by default: the model folder's code is not run (the installed package's classes load it) unless
 `--trust-remote-code`; an existing `--out` is replaced only with `--overwrite`; every path is checked before any
 generation, and the output is written under a temporary name in its folder and renamed at the end (removed on any
-failure, SIGTERM included).
+failure, SIGTERM and SIGINT included); a run that finds --out taken by then (a second run with the same
+--out) fails with the usual error instead of replacing it.
 
 Started as several processes (`accelerate launch --multi_gpu --num_processes N -m modeling_cell2text.cli describe
 ...`, or torchrun), `describe` shares the cells among them and writes the same file as one process (`distributed`).
@@ -24,11 +25,11 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .output_files import Terminated, publish_file, sigterm_as_exception
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 logger = logging.getLogger("cell2text")
@@ -36,10 +37,6 @@ logger = logging.getLogger("cell2text")
 
 class CLIError(Exception):
     """A problem with the command's input: reported as one line, without a traceback."""
-
-
-class Terminated(Exception):
-    """SIGTERM received: raised in the main thread so that temporary files are cleaned up on the way out."""
 
 
 def positive_int(text: str) -> int:
@@ -120,28 +117,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated:
         print("cell2text: stopped by SIGTERM; nothing was written", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print("cell2text: stopped by SIGINT (Ctrl-C); nothing was written", file=sys.stderr)
+        return 128 + signal.SIGINT
     except (CLIError, ValueError, KeyError, OSError, RuntimeError, TypeError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
         print(f"cell2text: error: {' '.join(str(message).split())}", file=sys.stderr)
         return 1
     return 0
-
-
-@contextmanager
-def sigterm_as_exception() -> Iterator[None]:
-    """Turn SIGTERM into `Terminated` while the command runs, so that `finally` blocks remove temporary files."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Terminated()
-
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -153,11 +136,12 @@ def run(args: argparse.Namespace) -> None:
     from . import distributed, tl
 
     check_paths(args.input, args.out, args.overwrite)
-    try:  # their messages start with "device ..." / "model ...": the options' names
+    try:  # their messages start with "device ..." / "model ..." / "key_added ...": the options' names
         device = tl.resolve_device(args.device)
         tl.check_model_folder(args.model)
+        tl.check_key_added(args.key_added)
     except ValueError as error:
-        raise CLIError(f"--{error}") from error
+        raise CLIError(f"--{str(error).replace('key_added', 'key-added', 1)}") from error
     state = None
     if distributed.launched_processes() > 1:
         if args.command != "describe":
@@ -194,10 +178,12 @@ def run(args: argparse.Namespace) -> None:
                 if results is None:
                     return  # the main process writes every process's results
             tl.write_descriptions(
-                adata, results, args.key_added, model, {**params, "trust_remote_code": args.trust_remote_code}
+                adata, results, args.key_added, model, processor,
+                {**params, "trust_remote_code": args.trust_remote_code},
             )
             new_obs = [c for c in adata.obs.columns if c.startswith(f"{args.key_added}_")]
-            write_annotated_copy(args.input, args.out, obs=adata.obs, uns={args.key_added: adata.uns[args.key_added]})
+            write_annotated_copy(args.input, args.out, obs=adata.obs, uns={args.key_added: adata.uns[args.key_added]},
+                                 overwrite=args.overwrite)
             described = int(adata.obs[f"{args.key_added}_description"].astype(bool).sum()) if new_obs else 0
             print(f"Described {described} of {adata.n_obs} cells; wrote {args.out}")
         else:
@@ -205,7 +191,8 @@ def run(args: argparse.Namespace) -> None:
                      trust_remote_code=args.trust_remote_code, **common)
             embeddings = adata.obsm[args.key_added]
             write_annotated_copy(
-                args.input, args.out, obsm={args.key_added: embeddings}, uns={args.key_added: adata.uns[args.key_added]}
+                args.input, args.out, obsm={args.key_added: embeddings}, uns={args.key_added: adata.uns[args.key_added]},
+                overwrite=args.overwrite,
             )
             print(f"Embedded {adata.n_obs} cells ({embeddings.shape[1]} dimensions) into obsm[{args.key_added!r}]; "
                   f"wrote {args.out}")
@@ -215,6 +202,8 @@ def run(args: argparse.Namespace) -> None:
 
 def check_paths(input_path: Path, out_path: Path, overwrite: bool = False) -> None:
     """Every path problem is found before any model is loaded or any cell described."""
+    if input_path.is_dir():
+        raise CLIError(f"input {input_path} is a folder; give the path of an .h5ad file")
     if not input_path.is_file():
         raise CLIError(f"input file {input_path} does not exist")
     same = out_path.resolve() == input_path.resolve() or (out_path.exists() and os.path.samefile(out_path, input_path))
@@ -299,12 +288,15 @@ def write_annotated_copy(
     obs: Any = None,
     obsm: dict[str, Any] | None = None,
     uns: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Copy the input file byte for byte, then replace the copy's obs and set obsm/uns entries.
 
     Only the copy is opened for writing; everything else in the file (X, layers, ...) stays as it was. The copy is
-    made under a temporary name in the output's folder and renamed at the end; any failure (SIGTERM included, see
-    `sigterm_as_exception`) removes it, so no half-written output or stray temporary file is left.
+    made under a temporary name in the output's folder and published at the end (`output_files.publish_file`: an
+    `out_path` that appeared meanwhile, e.g. from a second run, is replaced only with `overwrite`); any failure
+    (SIGTERM and SIGINT included, see `sigterm_as_exception`) removes it, so no half-written output or stray
+    temporary file is left.
     """
     import h5py
     from anndata.io import write_elem
@@ -326,7 +318,7 @@ def write_annotated_copy(
                     if path in target:
                         del target[path]
                     write_elem(target, path, value)
-        os.replace(temporary, out_path)
+        publish_file(Path(temporary), out_path, overwrite)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)

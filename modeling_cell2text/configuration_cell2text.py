@@ -53,6 +53,10 @@ class Cell2TextConfig(PreTrainedConfig):
             Divides the candidate labels' log-likelihoods before the softmax that gives each cell's
             `cell_type_score` (temperature scaling; the chosen label does not change). The recipe fits it on the
             validation split; 1.0 is the model's own probability.
+        gene_vocabulary_sha256 (`str`, *optional*):
+            Checksum of the gene vocabulary (gene -> token id) of the processor the model was composed with
+            (`from_pretrained_parts` records it). A processor with another vocabulary is refused wherever the two
+            meet (`compatibility.check_model_and_processor`).
     """
 
     model_type = "cell2text"
@@ -71,7 +75,21 @@ class Cell2TextConfig(PreTrainedConfig):
     freeze_gene_encoder: bool = True
     num_expression_bins: int = 0
     cell_type_temperature: float = 1.0
+    gene_vocabulary_sha256: str | None = None
     tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "Cell2TextConfig":
+        """`PreTrainedConfig.from_dict`, refusing a saved config without its parts' configs: the defaults would
+        build full-size parts (a 7B Llama, Geneformer V2-316M) with random weights instead of the saved model."""
+        missing = [name for name in cls.sub_configs_defaults if not config_dict.get(name)]
+        if missing:
+            raise ValueError(
+                f"This Cell2Text config.json has no {' or '.join(missing)}: loading it would build default full-size "
+                "parts with random weights instead of the saved model. Restore the field from the model's original "
+                "config.json, or save the model again with save_pretrained."
+            )
+        return super().from_dict(config_dict, **kwargs)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -83,6 +101,17 @@ class Cell2TextConfig(PreTrainedConfig):
 
     def validate_cell2text(self) -> None:
         """Check the Cell2Text-specific fields; raises `ValueError` naming the field to fix."""
+        for name in ("num_cell_tokens", "gene_encoder_layer", "projector_hidden_size", "num_expression_bins",
+                     "cell_token_id"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__}); fix config.json.")
+        for name in ("projector_dropout", "cell_type_temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__}); fix config.json.")
+        if self.projector_hidden_size < 1:
+            raise ValueError(f"projector_hidden_size must be >= 1, got {self.projector_hidden_size}.")
         if self.num_cell_tokens < 1:
             raise ValueError(f"num_cell_tokens must be >= 1, got {self.num_cell_tokens}.")
         num_layers = self.gene_encoder_config.num_hidden_layers

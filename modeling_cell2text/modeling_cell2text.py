@@ -7,10 +7,8 @@ Follows transformers' LLaVA layout (v5): `Cell2TextModel` holds `gene_encoder`, 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from collections.abc import Mapping
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,73 +20,16 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
+from .compatibility import PREPARED_ENCODER_KEY, check_gene_vocabulary, gene_vocabulary_sha256
 from .configuration_cell2text import Cell2TextConfig
 
 logger = logging.get_logger(__name__)
 
+# Weight files a model folder may hold that only pickle can read.
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
 # Names of the cell inputs produced by Cell2TextProcessor; used in prefill only during generation.
 CELL_INPUT_NAMES = ("gene_input_ids", "gene_attention_mask", "gene_token_mask", "gene_value_ids")
-
-# Key in the config of an encoder prepared on a corpus (`training/gene_encoder.py`): the gene vocabulary it was
-# trained with (`gene_vocabulary_sha256`, its `vocabulary_source`, the corpus fingerprints), the hidden state the
-# cell-type probe read (`feature_layer`) and its input (`num_expression_bins`). A pretrained Geneformer has none.
-PREPARED_ENCODER_KEY = "cell2text_prepared_encoder"
-
-GENEFORMER_DICTIONARIES_FIX = (
-    "build the corpus with the encoder's own Geneformer dictionaries: `python -m processing.build_corpus ... "
-    "--token-dictionary token_dictionary.pkl --gene-median-file gene_median_dictionary.pkl` (in Python: "
-    "Cell2TextFeatureExtractor.from_geneformer_dictionaries)"
-)
-
-
-def gene_vocabulary_sha256(gene_token_ids: Mapping[str, int]) -> str:
-    """Checksum of a gene vocabulary (gene -> token id), independent of the mapping's order."""
-    canonical = json.dumps(sorted((str(k), int(v)) for k, v in gene_token_ids.items()))
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def check_gene_vocabulary(feature_extractor: Any, gene_encoder_config: Any, gene_encoder_name: str) -> None:
-    """Refuse a feature extractor whose token ids would index the wrong rows of the encoder's gene embeddings.
-
-    Checks the vocabulary size, and the vocabulary's origin (`feature_extractor.vocabulary_source`) against the
-    encoder: an encoder prepared on a corpus must have been prepared with this very vocabulary; a pretrained
-    encoder (no record) cannot read a vocabulary derived from a corpus's own genes.
-    """
-    source = getattr(feature_extractor, "vocabulary_source", None) or {"kind": "unknown"}
-    kind = source.get("kind", "unknown")
-    prepared = getattr(gene_encoder_config, PREPARED_ENCODER_KEY, None)
-    if prepared is not None:
-        if prepared.get("gene_vocabulary_sha256") != gene_vocabulary_sha256(feature_extractor.gene_token_ids):
-            raise ValueError(
-                f"The gene encoder {gene_encoder_name} was prepared on another gene vocabulary (corpus "
-                f"{prepared.get('corpus_fingerprints')}, vocabulary {prepared.get('vocabulary_source')}) than this "
-                f"feature extractor's ({source}): its token ids would index the wrong embeddings. Prepare the encoder "
-                "on this corpus (leave gene_encoder_name_or_path unset in training/sft.py), or use the corpus it was "
-                "prepared on."
-            )
-    elif kind == "corpus":
-        raise ValueError(
-            f"The feature extractor's gene vocabulary was derived from a corpus ({source}), but the gene encoder "
-            f"{gene_encoder_name} is a pretrained encoder with its own vocabulary: its token ids would index the wrong "
-            f"embeddings. To use this encoder, {GENEFORMER_DICTIONARIES_FIX}. Or leave gene_encoder_name_or_path "
-            "unset in training/sft.py to prepare an encoder on this corpus."
-        )
-    encoder_vocab_size = gene_encoder_config.vocab_size
-    if feature_extractor.vocab_size != encoder_vocab_size:
-        raise ValueError(
-            f"The feature extractor's gene vocabulary has token ids 0..{feature_extractor.vocab_size - 1} "
-            f"(vocab_size {feature_extractor.vocab_size}) but the gene encoder {gene_encoder_name} embeds "
-            f"{encoder_vocab_size} tokens: its token ids would index the wrong embeddings. "
-            f"{GENEFORMER_DICTIONARIES_FIX[0].upper()}{GENEFORMER_DICTIONARIES_FIX[1:]}."
-        )
-    if prepared is None and kind == "unknown":
-        logger.warning(
-            "The feature extractor does not record where its gene vocabulary came from (saved before "
-            "vocabulary_source existed); only its size (%d) was checked against the gene encoder %s. "
-            "If the encoder is a pretrained Geneformer, %s.",
-            encoder_vocab_size, gene_encoder_name, GENEFORMER_DICTIONARIES_FIX,
-        )
-
 
 def _hidden_state_index(layer: int, num_layers: int) -> int:
     """A `gene_encoder_layer` as a non-negative index into hidden_states (embeddings + one entry per layer)."""
@@ -154,14 +95,26 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, with a one-line error for a truncated or corrupt weights file
-        (safetensors raises `SafetensorError` for a bad header, a short file or invalid JSON)."""
+        """`PreTrainedModel.from_pretrained`, reading safetensors weights only unless `use_safetensors=False` is
+        passed (a pickle can run code; the user opts in), with one-line errors for a folder holding only pickled
+        weights and for a truncated or corrupt weights file (`SafetensorError`: a bad header, a short file)."""
+        kwargs.setdefault("use_safetensors", True)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as err:
             raise OSError(
                 f"The weights of {pretrained_model_name_or_path!s} could not be read: the safetensors file is "
                 f"truncated or corrupt ({err}). Download or save the model again."
+            ) from err
+        except OSError as err:
+            pickled = [name for name in PICKLED_WEIGHTS if (Path(pretrained_model_name_or_path) / name).is_file()]
+            if not (kwargs["use_safetensors"] and pickled):
+                raise
+            raise OSError(
+                f"{pretrained_model_name_or_path!s} holds pickled weights ({pickled[0]}) and no model.safetensors: "
+                "Cell2Text loads safetensors only, since unpickling can run code. If you trust the file, convert it "
+                "once: Cell2TextForConditionalGeneration.from_pretrained(folder, use_safetensors=False)"
+                ".save_pretrained(new_folder)."
             ) from err
 
 
@@ -237,6 +190,14 @@ class Cell2TextModel(Cell2TextPreTrainedModel):
             )
         gene_hidden = encoder_outputs.hidden_states[self.config.gene_encoder_layer]
         is_gene = gene_token_mask.bool()
+        genes_per_cell = is_gene.sum(dim=1)
+        if bool((genes_per_cell == 0).any()):
+            empty = (genes_per_cell == 0).nonzero().flatten().tolist()
+            raise ValueError(
+                f"Cells {empty[:10]} of the batch hold no gene token (only special tokens or padding): such a cell "
+                "has nothing to describe. Leave cells without vocabulary genes out (the pipeline's "
+                "skip_empty_cells=True does)."
+            )
         selected = is_gene & (torch.cumsum(is_gene.long(), dim=1) <= self.config.num_cell_tokens)
         projector_dtype = self.multi_modal_projector.linear_1.weight.dtype
         cell_features = self.multi_modal_projector(gene_hidden[selected].to(projector_dtype))
@@ -461,6 +422,7 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
         encoder_config = AutoConfig.from_pretrained(gene_encoder_path, trust_remote_code=trust_remote_code)
         if feature_extractor is not None:
             check_gene_vocabulary(feature_extractor, encoder_config, str(gene_encoder_path))
+            config_kwargs.setdefault("gene_vocabulary_sha256", gene_vocabulary_sha256(feature_extractor.gene_token_ids))
         else:
             logger.warning(
                 "from_pretrained_parts without feature_extractor: the gene vocabulary is not checked against the gene "
@@ -531,6 +493,7 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
 
 
 __all__ = [
+    "PREPARED_ENCODER_KEY",
     "Cell2TextModel",
     "Cell2TextForConditionalGeneration",
     "Cell2TextPreTrainedModel",

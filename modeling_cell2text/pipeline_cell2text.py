@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, Pipeline
 
 from .cell_inputs import empty_cells_error
+from .compatibility import check_model_and_processor
 from .label_scoring import constrained_results, constrains_by_default, generate_with_cell_type
 from .text_padding import text_pad_token_id
 
@@ -69,6 +70,7 @@ class Cell2TextPipeline(Pipeline):
         if kwargs.get("processor") is None:
             raise ValueError(MISSING_PROCESSOR)
         super().__init__(*args, **kwargs)
+        check_model_and_processor(self.model.config, self.processor, getattr(self.model, "name_or_path", "the model"))
         self._generation_defaults.setdefault("pad_token_id", text_pad_token_id(self.processor.tokenizer))
 
     def _sanitize_parameters(

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from transformers import BatchFeature, ProcessorMixin
 
+from .compatibility import check_model_and_processor
 from .text_padding import text_pad_token_id
 from .description_schema import ONTOLOGY_FIELDS, CellDescription, DescriptionParseError, parse_description
 
@@ -59,6 +60,16 @@ class Cell2TextProcessor(ProcessorMixin):
         self.user_prompt = user_prompt
         self.ontology_term_ids = ontology_term_ids or {}
         super().__init__(feature_extractor, tokenizer, chat_template=chat_template)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "Cell2TextProcessor":
+        """`ProcessorMixin.from_pretrained`; where the folder or repo also holds a Cell2Text model's config.json,
+        the processor is checked against that model (`check_model_and_processor`) before it is returned."""
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        model_config = _cell2text_config_beside(pretrained_model_name_or_path, kwargs)
+        if model_config is not None:
+            check_model_and_processor(model_config, processor, f"the model in {pretrained_model_name_or_path}")
+        return processor
 
     @property
     def cell_token_id(self) -> int:
@@ -205,6 +216,23 @@ class Cell2TextProcessor(ProcessorMixin):
                 fields[f"{name}_ontology_term_id"] = self.ontology_term_ids.get(name, {}).get(label) if label else None
             results.append({"description": text, "parsed": parsed, **fields})
         return results
+
+
+def _cell2text_config_beside(source, kwargs: dict):
+    """The Cell2Text model config saved in the same folder or repo as a processor, or None where there is none."""
+    from transformers.utils import cached_file
+
+    from .configuration_cell2text import Cell2TextConfig
+
+    hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
+    config_file = cached_file(str(source), "config.json", _raise_exceptions_for_missing_entries=False,
+                              _raise_exceptions_for_connection_errors=False, **hub_kwargs)
+    if config_file is None:
+        return None
+    config_dict, _ = Cell2TextConfig.get_config_dict(config_file)
+    if config_dict.get("model_type") != Cell2TextConfig.model_type:
+        return None
+    return Cell2TextConfig.from_pretrained(config_file)
 
 
 __all__ = ["Cell2TextProcessor"]

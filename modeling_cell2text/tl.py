@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .compatibility import check_model_and_processor, gene_vocabulary_sha256
 from .label_scoring import constrains_by_default
-from .modeling_cell2text import Cell2TextForConditionalGeneration
+from .modeling_cell2text import PICKLED_WEIGHTS, Cell2TextForConditionalGeneration
 from .pipeline_cell2text import MIN_BLOCK_CELLS, MISSING_PROCESSOR, Cell2TextPipeline, rank_block, resolve_cells
 from .processing_cell2text import Cell2TextProcessor
 
@@ -97,7 +98,17 @@ def check_model_folder(model: str | os.PathLike) -> None:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ValueError(f"model {model}: no config.json; point it at a saved Cell2Text model folder")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise ValueError(f"model {model}: {config_file} is not a valid JSON object ({error}); restore the file from "
+                         "the model's source or save the model again") from error
+    if not any(folder.glob("*.safetensors")) and any((folder / name).is_file() for name in PICKLED_WEIGHTS):
+        raise ValueError(
+            f"model {model}: the folder holds pickled weights (pytorch_model.bin) and no .safetensors file; Cell2Text "
+            "loads safetensors only, since unpickling can run code. If you trust the file, convert it once: "
+            "Cell2TextForConditionalGeneration.from_pretrained(folder, use_safetensors=False).save_pretrained(new_folder)"
+        )
     if model_type != MODEL_TYPE:
         raise ValueError(f"model {model}: config.json says model_type {model_type!r}, not a Cell2Text model")
     if not (folder / PROCESSOR_FILE).is_file():
@@ -130,6 +141,7 @@ def load(
             model = model.to(target)
         if dtype != "auto":
             model = model.to(resolve_dtype(dtype, target))
+        check_model_and_processor(model.config, processor, getattr(model, "name_or_path", "") or "the model")
         return model.eval(), processor
     check_model_folder(model)
     if processor is None:
@@ -138,6 +150,7 @@ def load(
     loaded = (model_class or Cell2TextForConditionalGeneration).from_pretrained(
         model, dtype=resolve_dtype(dtype, target)
     )
+    check_model_and_processor(loaded.config, processor, str(model))
     return loaded.to(target).eval(), processor
 
 
@@ -182,6 +195,13 @@ def model_provenance(model: torch.nn.Module) -> dict[str, str]:
     return {"model": source or "unsaved model", "revision": revision or "unknown"}
 
 
+def check_key_added(key_added: Any) -> None:
+    """`key_added` names obs columns, an obsm entry and a uns entry: a plain, non-empty name without "/" (which h5ad
+    would store as a nested group, so the uns record would not be found under the name again)."""
+    if not isinstance(key_added, str) or not key_added or "/" in key_added:
+        raise ValueError(f"key_added {key_added!r} must be a non-empty name without '/' (e.g. 'cell2text')")
+
+
 def _check_writable(adata: Any, attribute: str) -> None:
     import anndata as ad
 
@@ -194,9 +214,10 @@ def _check_writable(adata: Any, attribute: str) -> None:
         )
 
 
-def _record(adata: Any, key_added: str, model: torch.nn.Module, params: dict[str, Any]) -> None:
+def _record(adata: Any, key_added: str, model: torch.nn.Module, processor: Any, params: dict[str, Any]) -> None:
     adata.uns[key_added] = {
         **model_provenance(model),
+        "gene_vocabulary_sha256": gene_vocabulary_sha256(processor.feature_extractor.gene_token_ids),
         "package_version": package_version(),
         "params": {name: value for name, value in params.items() if value is not None},
     }
@@ -233,7 +254,7 @@ def describe(
     ("; "-joined) and `{key_added}_<field>_ontology_term_id`, as categoricals (missing where a field is absent or a
     cell was skipped), plus `{key_added}_cell_type_score` (float) when the model gives a confidence.
     `adata.uns[key_added]` records the model (path or repo id), its revision (Hub commit or sha256 of the weights),
-    the package version and the parameters.
+    the processor's gene vocabulary checksum (`gene_vocabulary_sha256`), the package version and the parameters.
 
     Counts are read from `X`, `layers[layer]` or `adata.raw` (`use_raw=True`). A backed AnnData works (only obs
     changes, in memory: write it with `adata.write_h5ad(...)`). A view is made an actual AnnData by anndata when
@@ -244,13 +265,15 @@ def describe(
     `sort_by_length` and `compile` (faster at scale) are described in `describe_cells`.
     """
     _check_writable(adata, "obs")
+    check_key_added(key_added)
     model, processor = load(model, processor, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     results, params = describe_cells(
         adata, model, processor, layer=layer, use_raw=use_raw, input_values=input_values, batch_size=batch_size,
         max_new_tokens=max_new_tokens, constrain_cell_type=constrain_cell_type, skip_empty_cells=skip_empty_cells,
         sort_by_length=sort_by_length, compile=compile, generate_kwargs=generate_kwargs, progress=progress,
     )
-    write_descriptions(adata, results, key_added, model, {**params, "trust_remote_code": trust_remote_code})
+    write_descriptions(adata, results, key_added, model, processor,
+                       {**params, "trust_remote_code": trust_remote_code})
 
 
 def describe_cells(
@@ -323,14 +346,16 @@ def compiled_decoding_kwargs(device: torch.device) -> dict[str, Any]:
 
 
 def write_descriptions(
-    adata: Any, results: Sequence[dict | None], key_added: str, model: torch.nn.Module, params: dict[str, Any]
+    adata: Any, results: Sequence[dict | None], key_added: str, model: torch.nn.Module, processor: Any,
+    params: dict[str, Any],
 ) -> None:
     """Write `describe_cells`' results for all cells of `adata` into its obs and the record into its uns."""
+    check_key_added(key_added)
     if len(results) != adata.n_obs:
         raise ValueError(f"{len(results)} results for the {adata.n_obs} cells of adata: pass one per cell, in order")
     for name, values in annotation_columns(results, key_added).items():
         adata.obs[name] = values
-    _record(adata, key_added, model, params)
+    _record(adata, key_added, model, processor, params)
 
 
 def annotation_columns(results: Sequence[dict | None], key_added: str) -> dict[str, Any]:
@@ -386,10 +411,12 @@ def embed(
     excluded), of the encoder's hidden states at layer `model.config.gene_encoder_layer`: the layer whose states the
     projector reads. Shape (n_cells, encoder hidden size), float32, rows in obs order; NaN rows for cells skipped
     with `skip_empty_cells=True`. Use it as `sc.pp.neighbors(adata, use_rep=key_added)`.
-    `adata.uns[key_added]` records the model, its revision, the package version and the parameters.
+    `adata.uns[key_added]` records the model, its revision, the processor's gene vocabulary checksum, the package
+    version and the parameters.
     Views and backed AnnData behave as in `describe`.
     """
     _check_writable(adata, "obsm")
+    check_key_added(key_added)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1 (cells encoded together), got {batch_size!r}")
     model, processor = load(model, processor, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -423,7 +450,7 @@ def embed(
                 embeddings[rows] = pooled.float().cpu().numpy()
                 bar.update(len(positions))
     adata.obsm[key_added] = embeddings
-    _record(adata, key_added, model, {
+    _record(adata, key_added, model, processor, {
         "layer": layer or ("raw" if use_raw else "X"), "input_values": input_values, "batch_size": batch_size,
         "skip_empty_cells": skip_empty_cells, "dtype": str(model.dtype), "trust_remote_code": trust_remote_code,
         "encoder_layer": int(layer_index), "pooling": "mean over gene positions",
@@ -431,6 +458,6 @@ def embed(
 
 
 __all__ = [
-    "annotation_columns", "compiled_decoding_kwargs", "describe", "describe_cells", "embed", "load", "load_processor",
+    "annotation_columns", "check_key_added", "compiled_decoding_kwargs", "describe", "describe_cells", "embed", "load", "load_processor",
     "model_provenance", "package_version", "remote_class", "resolve_device", "resolve_dtype", "write_descriptions",
 ]

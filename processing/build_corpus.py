@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections import Counter
@@ -42,6 +41,7 @@ from hub_cards.render import write_dataset_card
 from modeling_cell2text.cli import positive_int
 from modeling_cell2text.description_schema import LABEL_FIELD_NAMES, ONTOLOGY_FIELDS
 from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
+from modeling_cell2text.output_files import Terminated, publish_folder, sigterm_as_exception
 from processing import ontologies
 from processing.ontology_versions import ontology_versions
 from processing.corpus import METADATA_FIELDS, SplitWriter, describe, resolve_labels
@@ -344,8 +344,9 @@ def build_corpus(source: Any, out_dir: str | Path, options: BuildOptions | None 
     """Build the corpus of ``source`` into ``out_dir``; returns the summary (also in summary.json).
 
     The corpus is written to a staging folder next to ``out_dir`` and moved into place only
-    when complete: a failed build leaves nothing behind, and an existing non-empty ``out_dir``
-    is replaced only with ``options.overwrite`` (and only when it holds a corpus).
+    when complete: a failed or interrupted build leaves nothing behind, and an existing non-empty ``out_dir``
+    is replaced only with ``options.overwrite`` (and only when it holds a corpus), also when another build
+    published there while this one ran (`output_files.publish_folder`).
     """
     options = options or BuildOptions()
     given = options.feature_extractor
@@ -360,9 +361,8 @@ def build_corpus(source: Any, out_dir: str | Path, options: BuildOptions | None 
     staging = _staging_dir(out, options.overwrite)
     try:
         summary = _build(source, staging, options)
-        if out.is_dir():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        publish_folder(staging, out, options.overwrite,
+                       fix="pass --overwrite (BuildOptions(overwrite=True)) to replace the corpus there")
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -567,9 +567,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             source.select_shard(*args.shard)
             options.extra_summary["shard"] = "/".join(map(str, args.shard))
         try:
-            summary = build_corpus(source, args.out, options)
+            with sigterm_as_exception():
+                summary = build_corpus(source, args.out, options)
         except (FileExistsError, NotADirectoryError, ValueError) as error:  # refused input: one line, no traceback
             raise SystemExit(f"build_corpus: error: {error}") from None
+        except (Terminated, KeyboardInterrupt):
+            raise SystemExit(f"build_corpus: stopped; nothing was written to {args.out}") from None
     if args.push_to_hub:
         publish_corpus(args.out, args.push_to_hub)
     kept = sum(summary["splits"].values())

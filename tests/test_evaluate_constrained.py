@@ -31,7 +31,7 @@ def model_and_corpus(tmp_path_factory):
                                    ontology_term_ids=ontology_ids)
     torch.manual_seed(0)
     config = Cell2TextConfig(
-        gene_encoder_config=tiny_bert_config(100),
+        gene_encoder_config=tiny_bert_config(feature_extractor.vocab_size),
         text_config=tiny_llama_config(len(processor.tokenizer), initializer_range=0.5),
         cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16,
     )

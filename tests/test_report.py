@@ -128,12 +128,12 @@ def test_report_shows_the_benchmark_mean_beside_this_split(tmp_path):
     results["quality_benchmark"]["paired"] = {"logistic_regression": {
         "both": 50, "cell2text_only": 3, "baseline_only": 15, "neither": 72, "num_cells": 140,
         "accuracy_difference": -12 / 140, "mcnemar_p": 0.00754}}
-    text = write_report(results, {}, tmp_path).read_text()
+    text = write_report(results, {}, tmp_path, overwrite=True).read_text()
     assert ("- Cell2Text - Logistic regression: -0.086 accuracy on 140 cells (Cell2Text alone right on 3, Logistic "
             "regression alone on 15; exact McNemar p = 0.00754)") in text
     # An interrupted benchmark says how many of the splits it was asked for it measured.
     results["quality_benchmark"].update(seeds=[0, 1, 2], complete=False)
-    text = write_report(results, {}, tmp_path).read_text()
+    text = write_report(results, {}, tmp_path, overwrite=True).read_text()
     assert "on 2 corpus splits (seeds 0, 1) (interrupted: 2 of the 3 splits it was asked for)" in text
 
 

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from tiny_parts import encoder_for_vocabulary, save_tiny_corpus, save_tiny_parts
 from transformers import AutoModelForCausalLM, AutoProcessor
 from datasets import load_from_disk
@@ -186,7 +188,9 @@ def test_training_under_accelerate_with_two_cpu_processes(parts_and_corpus, tmp_
     assert (tmp_path / "out" / "final" / "model.safetensors").exists()
 
 
-def test_killed_training_resumes_from_its_checkpoint(parts_and_corpus, tmp_path):
+def test_stopped_training_leaves_no_model_and_resumes_to_the_same_weights(parts_and_corpus, tmp_path):
+    """SIGTERM mid-training: exit 143, checkpoints kept, no final model and no half-saved folder; resumed from its
+    last checkpoint, the run ends with the uninterrupted run's losses and weights."""
     lm_dir, corpus_dir = parts_and_corpus
     steps = ["--max_steps", "24", "--save_steps", "2", "--eval_strategy", "no", "--learning_rate", "1e-3"]
     full = subprocess.run([sys.executable, *sft_command(lm_dir, corpus_dir, tmp_path / "full", *steps)],
@@ -202,8 +206,9 @@ def test_killed_training_resumes_from_its_checkpoint(parts_and_corpus, tmp_path)
     while not (out / "checkpoint-4" / "trainer_state.json").exists():
         assert process.poll() is None and time.time() < deadline, "training ended before its first checkpoints"
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    assert not (out / "final").exists() and not list(out.glob(".final.partial-*"))
     checkpoints = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
                          if (p / "trainer_state.json").exists())
     resumed_from = checkpoints[-1]
@@ -218,8 +223,26 @@ def test_killed_training_resumes_from_its_checkpoint(parts_and_corpus, tmp_path)
     resumed_losses = logged_losses(resumed.stderr + resumed.stdout)
     assert len(resumed_losses) == 24 - resumed_from  # it went on from the checkpoint, not from step 0
     assert json.loads((out / "final" / "training_state.json").read_text())["global_step"] == 24
-    # and along the same trajectory as the uninterrupted run
+    # and along the same trajectory as the uninterrupted run, to the same weights
     assert resumed_losses == pytest.approx(full_losses[resumed_from:], abs=2e-3)
+    full_weights = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    resumed_weights = load_file(out / "final" / "model.safetensors")
+    assert full_weights.keys() == resumed_weights.keys()
+    for name, tensor in full_weights.items():
+        torch.testing.assert_close(resumed_weights[name], tensor, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_an_existing_final_model_is_refused_before_training(parts_and_corpus, tmp_path):
+    lm_dir, corpus_dir = parts_and_corpus
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "model.safetensors").write_text("an earlier run's model")
+    args = Cell2TextArguments(corpus_dir=str(corpus_dir), text_model_name_or_path=str(lm_dir),
+                              final_model_dir=str(final))
+    with pytest.raises(FileExistsError, match="pass --overwrite_final_model_dir to replace it"):
+        main(args, SFTConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True))
+    assert (final / "model.safetensors").read_text() == "an earlier run's model"
+    assert not (tmp_path / "out").exists()  # refused before anything was prepared or trained
 
 
 def test_prepared_encoder_is_reused_only_for_the_same_corpus_and_settings(parts_and_corpus, tmp_path, monkeypatch):

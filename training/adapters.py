@@ -4,15 +4,25 @@ both train the same adapters on the same language model and save the same way.""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from peft import LoraConfig
 
+from modeling_cell2text.output_files import Terminated, publish_folder, sigterm_as_exception
+
 # The merged model's folder under a run's output_dir, and the run's steps and best checkpoint saved beside it.
 FINAL_DIR = "final"
 TRAINING_STATE_FILE = "training_state.json"
+OVERWRITE_FINAL_FIX = "pass --overwrite_final_model_dir to replace it"
 
 
 @dataclass
@@ -29,17 +39,59 @@ class LoraArguments:
                           target_modules=target_modules, modules_to_save=modules_to_save, task_type="CAUSAL_LM")
 
 
-def save_merged(trainer: Any, final_dir: str | Path, processing_class: Any, state: dict[str, Any]) -> Path:
+def save_merged(
+    trainer: Any,
+    final_dir: str | Path,
+    processing_class: Any,
+    state: dict[str, Any],
+    *,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
     """Merge the trainer's LoRA adapters into the language model and save it with its processor (or tokenizer),
-    plus `state` and the trainer's best checkpoint as training_state.json; the main process writes, all wait."""
-    final_dir = Path(final_dir)
+    plus `state` and the trainer's best checkpoint as training_state.json and `extra_files` (name -> text); the
+    main process writes, all wait.
+
+    Everything is written into a temporary folder beside `final_dir` and published at the end
+    (`output_files.publish_folder`): an interrupted save leaves no half-written model, and a non-empty `final_dir`
+    (also one another run published meanwhile) is replaced only with `overwrite`."""
+    final_dir = Path(final_dir).absolute()
     if trainer.accelerator.is_main_process:
-        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-        merged.save_pretrained(final_dir)
-        processing_class.save_pretrained(final_dir)
-        state = {"global_step": trainer.state.global_step, "best_model_checkpoint": trainer.state.best_model_checkpoint,
-                 "best_metric": trainer.state.best_metric, **state}
-        (final_dir / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2))
+        final_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=final_dir.parent, prefix=f".{final_dir.name}.partial-"))
+        try:
+            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+            merged.save_pretrained(staging)
+            processing_class.save_pretrained(staging)
+            state = {"global_step": trainer.state.global_step,
+                     "best_model_checkpoint": trainer.state.best_model_checkpoint,
+                     "best_metric": trainer.state.best_metric, **state}
+            (staging / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2))
+            for name, text in (extra_files or {}).items():
+                (staging / name).write_text(text)
+            staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the model is a plain folder
+            publish_folder(staging, final_dir, overwrite, fix=OVERWRITE_FINAL_FIX)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return final_dir
 
+
+@contextmanager
+def stopped_cleanly() -> Iterator[None]:
+    """Run a recipe so that SIGTERM (a scheduler's stop) and SIGINT end it like an error: `finally` blocks remove
+    the half-saved model, the checkpoints already written stay, and the exit status says which signal stopped it."""
+    try:
+        with sigterm_as_exception():
+            yield
+    except (Terminated, KeyboardInterrupt) as stop:
+        number = signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT
+        print(f"stopped by {signal.Signals(number).name}; no final model was written. Resume with "
+              "--resume_from_checkpoint <output_dir>/checkpoint-<last step>.", file=sys.stderr)
+        raise SystemExit(128 + number) from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

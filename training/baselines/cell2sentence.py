@@ -35,7 +35,8 @@ from modeling_cell2text import Cell2TextFeatureExtractor
 from modeling_cell2text.feature_extraction_cell2text import SPECIAL_TOKENS
 from modeling_cell2text.processing_cell2text import DEFAULT_SYSTEM_PROMPT
 from processing.corpus import corpus_feature_extractor, open_corpus
-from training.adapters import FINAL_DIR, LoraArguments, save_merged
+from modeling_cell2text.output_files import check_new_output
+from training.adapters import FINAL_DIR, OVERWRITE_FINAL_FIX, LoraArguments, save_merged, stopped_cleanly
 from training.loss import LabelledPositionsLossMixin
 
 logger = logging.getLogger(__name__)
@@ -155,19 +156,20 @@ def train_cell2sentence(
     training_args: SFTConfig,
     lora: LoraArguments | None = None,
     cell_type_loss_weight: float = 1.0,
+    overwrite: bool = False,
 ) -> Path:
-    """Fine-tune the LLM on cell sentences, merge LoRA, save model + tokenizer to ``output_dir/final``; return it."""
+    """Fine-tune the LLM on cell sentences, merge LoRA, save model + tokenizer to ``output_dir/final``; return it.
+    An existing ``output_dir/final`` is refused before training unless ``overwrite``."""
     trainer = build_trainer(
         corpus_dir, text_model_name_or_path, output_dir, num_genes=num_genes, training_args=training_args,
         lora=lora, cell_type_loss_weight=cell_type_loss_weight,
     )
+    final_dir = Path(output_dir) / FINAL_DIR
+    check_new_output(final_dir, overwrite, OVERWRITE_FINAL_FIX)  # before training, not after
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    final_dir = save_merged(trainer, Path(output_dir) / FINAL_DIR, trainer.processing_class, {})
-    if trainer.accelerator.is_main_process:  # what generation needs to write the same prompts
-        (final_dir / CONFIG_FILENAME).write_text(json.dumps(
-            {"num_genes": num_genes, "system_prompt": SYSTEM_PROMPT, "user_prefix": USER_PREFIX}, indent=2))
-    trainer.accelerator.wait_for_everyone()
-    return final_dir
+    generation_config = {"num_genes": num_genes, "system_prompt": SYSTEM_PROMPT, "user_prefix": USER_PREFIX}
+    return save_merged(trainer, final_dir, trainer.processing_class, {}, overwrite=overwrite,
+                       extra_files={CONFIG_FILENAME: json.dumps(generation_config, indent=2)})
 
 
 def _check_num_genes(model_dir: Path, num_genes: int) -> None:
@@ -223,6 +225,10 @@ class Cell2SentenceArguments(LoraArguments):
     cell_type_loss_weight: float = field(
         default=1.0, metadata={"help": "Loss weight of the description's first sentence (the cell type); see training/loss.py."}
     )
+    overwrite_final_model_dir: bool = field(
+        default=False, metadata={"help": "Replace a model already in <output_dir>/final (else the run stops before "
+                                 "training)."}
+    )
 
 
 def make_parser() -> TrlParser:
@@ -234,9 +240,11 @@ def main(args: Cell2SentenceArguments, training_args: SFTConfig) -> Path:
     return train_cell2sentence(
         args.corpus_dir, args.text_model_name_or_path, training_args.output_dir, num_genes=args.num_genes,
         training_args=training_args, lora=args, cell_type_loss_weight=args.cell_type_loss_weight,
+        overwrite=args.overwrite_final_model_dir,
     )
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    main(*make_parser().parse_args_and_config())
+    with stopped_cleanly():
+        main(*make_parser().parse_args_and_config())

@@ -256,6 +256,24 @@ def score_descriptions(
     return results, per_cell
 
 
+def check_corpus_vocabulary(corpus_dir: str | Path, processor) -> str:
+    """The gene vocabulary checksum shared by the corpus's tokens and the model's processor; a corpus tokenized with
+    another vocabulary raises ValueError naming both (its token ids would index the wrong gene embeddings)."""
+    from modeling_cell2text.compatibility import gene_vocabulary_sha256
+    from processing.corpus import corpus_feature_extractor
+
+    corpus_sha256 = gene_vocabulary_sha256(corpus_feature_extractor(corpus_dir).gene_token_ids)
+    model_sha256 = gene_vocabulary_sha256(processor.feature_extractor.gene_token_ids)
+    if corpus_sha256 != model_sha256:
+        raise ValueError(
+            f"The corpus {corpus_dir} was tokenized with another gene vocabulary (sha256 {corpus_sha256}) than the "
+            f"model's processor (sha256 {model_sha256}): its gene token ids would index the wrong embeddings. "
+            "Evaluate on a corpus built with the model's feature extractor (python -m processing.build_corpus ... "
+            "--feature-extractor <model folder>)."
+        )
+    return model_sha256
+
+
 def load_model(model_dir: str | Path, trust_remote_code: bool = False, device: str = "auto"):
     """The model (in eval mode, on `device`: "auto" is the GPU when there is one) and its processor.
 
@@ -289,6 +307,7 @@ def evaluate_model(
     from datasets import load_from_disk
 
     model, processor = load_model(model_dir, trust_remote_code, device)
+    vocabulary_sha256 = check_corpus_vocabulary(corpus_dir, processor)
     cells = load_from_disk(str(corpus_dir))[split]
     if max_cells is not None:
         cells = cells.select(range(min(max_cells, len(cells))))
@@ -308,12 +327,13 @@ def evaluate_model(
         per_cell["cell_type_score"] = described_known["scores"]
         per_cell["cell_type_free"] = described_known["free_labels"]
     results.update(model=str(model_dir), dataset=str(corpus_dir), split=split,
-                   constrain_cell_type=constrain_cell_type)
+                   constrain_cell_type=constrain_cell_type, gene_vocabulary_sha256=vocabulary_sha256)
     per_cell["generated"] = texts
     return results, per_cell, texts
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
+    from modeling_cell2text.output_files import check_new_output
     from training.evaluation.report import write_report
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -329,12 +349,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="Run the code saved in the model folder (default: this project's classes).")
     parser.add_argument("--device", default="auto", help='"auto" (the GPU when there is one), "cpu", "cuda", ...')
+    parser.add_argument("--overwrite", action="store_true", help="Replace the report folder --out if it holds one.")
     args = parser.parse_args(argv)
+    check_new_output(Path(args.out), args.overwrite)  # before the generation, which takes minutes
     results, per_cell, _ = evaluate_model(
         args.model, args.corpus, args.split, args.batch_size, args.max_new_tokens, args.max_cells,
         constrain_cell_type=not args.free, trust_remote_code=args.trust_remote_code, device=args.device,
     )
-    report = write_report(results, per_cell, args.out)
+    report = write_report(results, per_cell, args.out, overwrite=args.overwrite)
     print(f"Report: {report}")
     return report
 

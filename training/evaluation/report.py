@@ -44,6 +44,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +55,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from modeling_cell2text.description_schema import LABEL_FIELD_NAMES
+from modeling_cell2text.output_files import check_new_output, publish_folder
 from training.evaluation.metrics import per_class_accuracy
 from hub_cards.names import (
     FIELD_METRICS,
@@ -266,6 +270,7 @@ def _header(results: dict) -> list[str]:
     facts = [
         ("Dataset", results.get("dataset")),
         ("Split", results.get("split")),
+        ("Gene vocabulary sha256", results.get("gene_vocabulary_sha256")),
         ("Cells", results.get("num_cells")),
         ("Parse rate", results.get("parse_rate")),
         ("Unparsed descriptions", results.get("num_unparsed")),
@@ -376,11 +381,25 @@ def _json_safe(value):
     return value
 
 
-def write_report(results: dict, per_cell: dict, out_dir) -> Path:
-    """Write report.md, results.json, per_cell.json and the plots into ``out_dir``; return report.md."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    per_cell = per_cell or {}
+def write_report(results: dict, per_cell: dict, out_dir, overwrite: bool = False) -> Path:
+    """Write report.md, results.json, per_cell.json and the plots into ``out_dir``; return report.md.
+
+    The files are written into a temporary folder beside ``out_dir`` and published together at the end
+    (`output_files.publish_folder`): a failure leaves nothing, and a non-empty ``out_dir`` (also one another run
+    published meanwhile) is replaced only with ``overwrite``."""
+    out_dir = Path(out_dir).absolute()
+    check_new_output(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    try:
+        _write_report_files(results, per_cell or {}, staging)
+        publish_folder(staging, out_dir, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir / "report.md"
+
+
+def _write_report_files(results: dict, per_cell: dict, out_dir: Path) -> None:
     lines = _header(results)
     lines += _fields_section(results.get("fields") or {})
     lines += _baselines_section(results)
@@ -397,6 +416,11 @@ def write_report(results: dict, per_cell: dict, out_dir) -> Path:
         lines += [f"![{title}]({path.name})\n" for title, path in plots]
     (out_dir / "results.json").write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False))
     (out_dir / "per_cell.json").write_text(json.dumps(_json_safe(per_cell), allow_nan=False))
-    report = out_dir / "report.md"
-    report.write_text("\n".join(lines))
-    return report
+    (out_dir / "report.md").write_text("\n".join(lines))
+    (out_dir).chmod(0o777 & ~_umask())  # mkdtemp makes the folder private; the report is a plain folder
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,127 @@
+"""Where a gene vocabulary, a model and a processor meet: the checks that keep token ids pointing at the right rows.
+
+A processor turns genes into token ids; the model's gene encoder embeds those ids. A processor from another model,
+or one whose vocabulary was edited, gives exit 0 and wrong embeddings, so every place where a model and a
+processor come together (the pipeline, `tl`, the CLI, `Cell2TextProcessor.from_pretrained` of a model folder)
+runs `check_model_and_processor` first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# Key in the config of an encoder prepared on a corpus (`training/gene_encoder.py`): the gene vocabulary it was
+# trained with (`gene_vocabulary_sha256`, its `vocabulary_source`, the corpus fingerprints), the hidden state the
+# cell-type probe read (`feature_layer`) and its input (`num_expression_bins`). A pretrained Geneformer has none.
+PREPARED_ENCODER_KEY = "cell2text_prepared_encoder"
+
+GENEFORMER_DICTIONARIES_FIX = (
+    "build the corpus with the encoder's own Geneformer dictionaries: `python -m processing.build_corpus ... "
+    "--token-dictionary token_dictionary.pkl --gene-median-file gene_median_dictionary.pkl` (in Python: "
+    "Cell2TextFeatureExtractor.from_geneformer_dictionaries)"
+)
+
+
+def gene_vocabulary_sha256(gene_token_ids: Mapping[str, int]) -> str:
+    """Checksum of a gene vocabulary (gene -> token id), independent of the mapping's order."""
+    canonical = json.dumps(sorted((str(k), int(v)) for k, v in gene_token_ids.items()))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def check_gene_vocabulary(feature_extractor: Any, gene_encoder_config: Any, gene_encoder_name: str) -> None:
+    """Refuse a feature extractor whose token ids would index the wrong rows of the encoder's gene embeddings.
+
+    Checks the vocabulary size, and the vocabulary's origin (`feature_extractor.vocabulary_source`) against the
+    encoder: an encoder prepared on a corpus must have been prepared with this very vocabulary; a pretrained
+    encoder (no record) cannot read a vocabulary derived from a corpus's own genes.
+    """
+    source = getattr(feature_extractor, "vocabulary_source", None) or {"kind": "unknown"}
+    kind = source.get("kind", "unknown")
+    prepared = getattr(gene_encoder_config, PREPARED_ENCODER_KEY, None)
+    if prepared is not None:
+        if prepared.get("gene_vocabulary_sha256") != gene_vocabulary_sha256(feature_extractor.gene_token_ids):
+            raise ValueError(
+                f"The gene encoder {gene_encoder_name} was prepared on another gene vocabulary (corpus "
+                f"{prepared.get('corpus_fingerprints')}, vocabulary {prepared.get('vocabulary_source')}) than this "
+                f"feature extractor's ({source}): its token ids would index the wrong embeddings. Prepare the encoder "
+                "on this corpus (leave gene_encoder_name_or_path unset in training/sft.py), or use the corpus it was "
+                "prepared on."
+            )
+    elif kind == "corpus":
+        raise ValueError(
+            f"The feature extractor's gene vocabulary was derived from a corpus ({source}), but the gene encoder "
+            f"{gene_encoder_name} is a pretrained encoder with its own vocabulary: its token ids would index the wrong "
+            f"embeddings. To use this encoder, {GENEFORMER_DICTIONARIES_FIX}. Or leave gene_encoder_name_or_path "
+            "unset in training/sft.py to prepare an encoder on this corpus."
+        )
+    encoder_vocab_size = gene_encoder_config.vocab_size
+    if feature_extractor.vocab_size != encoder_vocab_size:
+        raise ValueError(
+            f"The feature extractor's gene vocabulary has token ids 0..{feature_extractor.vocab_size - 1} "
+            f"(vocab_size {feature_extractor.vocab_size}) but the gene encoder {gene_encoder_name} embeds "
+            f"{encoder_vocab_size} tokens: its token ids would index the wrong embeddings. "
+            f"{GENEFORMER_DICTIONARIES_FIX[0].upper()}{GENEFORMER_DICTIONARIES_FIX[1:]}."
+        )
+    if prepared is None and kind == "unknown":
+        logger.warning(
+            "The feature extractor does not record where its gene vocabulary came from (saved before "
+            "vocabulary_source existed); only its size (%d) was checked against the gene encoder %s. "
+            "If the encoder is a pretrained Geneformer, %s.",
+            encoder_vocab_size, gene_encoder_name, GENEFORMER_DICTIONARIES_FIX,
+        )
+
+
+class ModelProcessorMismatchError(ValueError):
+    """The processor would feed the model token ids or placeholders it was not built for."""
+
+
+def recorded_gene_vocabulary_sha256(config: Any) -> str | None:
+    """The gene vocabulary checksum a model config records: its own (set when the model was composed with its
+    processor's feature extractor), else its corpus-prepared encoder's; None for older models without either."""
+    own = getattr(config, "gene_vocabulary_sha256", None)
+    if own:
+        return own
+    prepared = getattr(getattr(config, "gene_encoder_config", None), PREPARED_ENCODER_KEY, None) or {}
+    return prepared.get("gene_vocabulary_sha256")
+
+
+def check_model_and_processor(config: Any, processor: Any, model_name: str = "the model") -> None:
+    """Raise `ModelProcessorMismatchError` listing every way `processor` does not fit the model of `config`.
+
+    Checked: the gene vocabulary's checksum (where the model records one), the gene vocabulary's size against the
+    encoder's embedding, the expression bins, the cell placeholder's token id, the number of cell tokens per cell,
+    and the tokenizer's size against the language model's embedding.
+    """
+    feature_extractor = processor.feature_extractor
+    problems = []
+    recorded = recorded_gene_vocabulary_sha256(config)
+    actual = gene_vocabulary_sha256(feature_extractor.gene_token_ids)
+    if recorded is not None and recorded != actual:
+        problems.append(f"gene vocabulary checksum: model {recorded}, processor {actual} (same genes under other "
+                        "token ids, or other genes)")
+    encoder_vocab_size = config.gene_encoder_config.vocab_size
+    if feature_extractor.vocab_size != encoder_vocab_size:
+        problems.append(f"gene token ids: the processor's run to {feature_extractor.vocab_size - 1}, the gene "
+                        f"encoder embeds {encoder_vocab_size} tokens")
+    if feature_extractor.num_expression_bins != config.num_expression_bins:
+        problems.append(f"expression bins: processor {feature_extractor.num_expression_bins}, model "
+                        f"{config.num_expression_bins}")
+    if processor.cell_token_id != config.cell_token_id:
+        problems.append(f"cell placeholder token id: processor {processor.cell_token_id}, model {config.cell_token_id}")
+    if processor.num_cell_tokens != config.num_cell_tokens:
+        problems.append(f"cell tokens per cell: processor {processor.num_cell_tokens}, model {config.num_cell_tokens}")
+    text_vocab_size = config.text_config.vocab_size
+    if len(processor.tokenizer) > text_vocab_size:
+        problems.append(f"text tokens: the tokenizer has {len(processor.tokenizer)}, the language model embeds "
+                        f"{text_vocab_size}")
+    if problems:
+        raise ModelProcessorMismatchError(
+            f"The processor does not fit {model_name}: {'; '.join(problems)}. Use the processor saved with this "
+            "model (Cell2TextProcessor.from_pretrained on the model's folder or repo), or the model it was saved with."
+        )

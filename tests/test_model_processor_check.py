@@ -1,0 +1,138 @@
+"""A model meets only the processor it was built with: every place they come together refuses another one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_pipeline import GENES, make_adata, tiny_processor
+from tiny_parts import encoder_for_vocabulary, save_tiny_parts
+from transformers import pipeline
+
+from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor, tl
+from modeling_cell2text.compatibility import ModelProcessorMismatchError, gene_vocabulary_sha256
+from modeling_cell2text.cli import main as cli_main
+
+
+@pytest.fixture(scope="module")
+def composed_dir(tmp_path_factory) -> Path:
+    """A tiny model composed as the recipe does (its encoder prepared for the processor's vocabulary, composed with
+    the feature extractor), saved with its processor."""
+    root = tmp_path_factory.mktemp("composed")
+    encoder_dir, lm_dir = save_tiny_parts(root / "parts")
+    processor = tiny_processor(lm_dir)
+    prepared = encoder_for_vocabulary(encoder_dir, processor.feature_extractor, root / "prepared")
+    torch.manual_seed(0)
+    model = Cell2TextForConditionalGeneration.from_pretrained_parts(
+        prepared, lm_dir, cell_token_id=processor.cell_token_id, feature_extractor=processor.feature_extractor,
+        num_cell_tokens=8, projector_hidden_size=16,
+    )
+    folder = root / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def edited_copy(folder: Path, target: Path, edit_processor=None, edit_config=None) -> Path:
+    shutil.copytree(folder, target)
+    for name, edit in (("processor_config.json", edit_processor), ("config.json", edit_config)):
+        if edit is not None:
+            path = target / name
+            content = json.loads(path.read_text())
+            edit(content)
+            path.write_text(json.dumps(content))
+    return target
+
+
+def gene_token_ids(processor_config: dict) -> dict:
+    return processor_config["feature_extractor"]["gene_token_ids"]
+
+
+def swap_two_genes(processor_config: dict) -> None:
+    ids = gene_token_ids(processor_config)
+    ids[GENES[0]], ids[GENES[1]] = ids[GENES[1]], ids[GENES[0]]
+
+
+def test_the_composed_model_records_its_processors_vocabulary(composed_dir):
+    config = json.loads((composed_dir / "config.json").read_text())
+    processor = Cell2TextProcessor.from_pretrained(composed_dir)
+    assert config["gene_vocabulary_sha256"] == gene_vocabulary_sha256(processor.feature_extractor.gene_token_ids)
+
+
+@pytest.mark.parametrize("record", ["model", "encoder"])
+def test_a_permuted_gene_vocabulary_is_refused_naming_both_checksums(composed_dir, tmp_path, record):
+    """The QA finding: same genes under swapped token ids ran with exit 0 and other embeddings. Refused whether the
+    model's own config records the checksum or only its prepared encoder does (a model saved before the record)."""
+    drop_own = (lambda config: config.pop("gene_vocabulary_sha256")) if record == "encoder" else None
+    folder = edited_copy(composed_dir, tmp_path / "permuted", swap_two_genes, drop_own)
+    original = Cell2TextProcessor.from_pretrained(composed_dir)
+    expected = gene_vocabulary_sha256(original.feature_extractor.gene_token_ids)
+    ids = json.loads((folder / "processor_config.json").read_text())["feature_extractor"]["gene_token_ids"]
+    permuted = gene_vocabulary_sha256(ids)
+    # The processor loaded from the model's folder, the pipeline, tl and the CLI all refuse it.
+    with pytest.raises(ModelProcessorMismatchError, match=f"model {expected}, processor {permuted}"):
+        Cell2TextProcessor.from_pretrained(folder)
+    model = Cell2TextForConditionalGeneration.from_pretrained(composed_dir)
+    foreign = Cell2TextProcessor.from_pretrained(composed_dir)
+    foreign.feature_extractor.gene_token_ids = ids
+    with pytest.raises(ModelProcessorMismatchError, match=permuted):
+        pipeline("cell-to-text", model=model, processor=foreign)
+    with pytest.raises(ModelProcessorMismatchError, match=permuted):
+        tl.embed(make_adata(3), model, processor=foreign, progress=False)
+
+
+def test_the_cli_refuses_a_permuted_vocabulary_in_one_line(composed_dir, tmp_path, capsys):
+    folder = edited_copy(composed_dir, tmp_path / "permuted", swap_two_genes)
+    h5ad = tmp_path / "cells.h5ad"
+    make_adata(3).write_h5ad(h5ad)
+    for command in ("describe", "embed"):
+        code = cli_main([command, str(h5ad), "--model", str(folder), "--out", str(tmp_path / f"{command}.h5ad"),
+                         "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert code == 1 and "gene vocabulary checksum" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / f"{command}.h5ad").exists()
+
+
+def test_token_ids_past_the_encoders_vocabulary_are_refused_not_an_index_error(composed_dir, tmp_path):
+    def add_gene_past_the_end(processor_config: dict) -> None:
+        extractor = processor_config["feature_extractor"]
+        extractor["gene_token_ids"]["ENSG00000999999"] = 500
+        extractor["gene_medians"]["ENSG00000999999"] = 1.0
+
+    folder = edited_copy(composed_dir, tmp_path / "bigger", add_gene_past_the_end)
+    model = Cell2TextForConditionalGeneration.from_pretrained(folder)
+    with pytest.raises(ModelProcessorMismatchError, match="processor's run to 500, the gene encoder embeds 64"):
+        tl.load(model, _processor_without_check(folder))
+
+
+def _processor_without_check(folder: Path) -> Cell2TextProcessor:
+    """The processor of `folder` loaded on its own (no model config beside it)."""
+    alone = folder.parent / f"{folder.name}-processor-only"
+    alone.mkdir()
+    for path in folder.iterdir():
+        if path.name != "config.json" and path.is_file():
+            shutil.copy(path, alone / path.name)
+    return Cell2TextProcessor.from_pretrained(alone)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("cell_token_id", 3, "cell placeholder token id: processor"),
+    ("num_cell_tokens", 4, "cell tokens per cell: processor 8, model 4"),
+])
+def test_placeholder_settings_must_agree(composed_dir, tmp_path, field, value, message):
+    folder = edited_copy(composed_dir, tmp_path / field, edit_config=lambda config: config.update({field: value}))
+    with pytest.raises(ModelProcessorMismatchError, match=message):
+        Cell2TextProcessor.from_pretrained(folder)
+
+
+def test_provenance_records_the_processors_vocabulary(composed_dir):
+    adata = make_adata(2)
+    tl.embed(adata, composed_dir, device="cpu", progress=False)
+    processor = Cell2TextProcessor.from_pretrained(composed_dir)
+    assert adata.uns["X_cell2text"]["gene_vocabulary_sha256"] == gene_vocabulary_sha256(
+        processor.feature_extractor.gene_token_ids)
+    assert np.isfinite(adata.obsm["X_cell2text"]).all()

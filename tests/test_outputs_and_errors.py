@@ -1,0 +1,246 @@
+"""No result lost to a second writer, nothing half-written left by a stop, and bad inputs refused where they enter."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anndata as ad
+import pytest
+import torch
+from test_cli import NEW_COLUMNS, assert_one_line_error, describe_args, run_cli
+from test_pipeline import make_adata, save_tiny_model_folder
+
+from modeling_cell2text import Cell2TextConfig, Cell2TextForConditionalGeneration, Cell2TextProcessor, tl
+from modeling_cell2text.output_files import OutputExistsError, publish_file, publish_folder
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model_folder(tmp_path_factory.mktemp("errors-model"), trained=True)
+
+
+@pytest.fixture()
+def h5ad(tmp_path) -> Path:
+    adata = make_adata(4)
+    adata.layers["counts"] = adata.X.copy()
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- a second writer
+
+RACER = """
+import sys, time
+from pathlib import Path
+from modeling_cell2text.output_files import OutputExistsError, publish_file
+temporary, target, start = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
+temporary.write_text(sys.argv[1])
+while time.time() < start:
+    pass
+try:
+    publish_file(temporary, target, overwrite=False)
+except OutputExistsError as error:
+    temporary.unlink()
+    print(error)
+    sys.exit(1)
+"""
+
+
+def test_two_processes_publishing_one_file_leave_one_result_and_one_error(tmp_path):
+    target = tmp_path / "out.h5ad"
+    start = time.time() + 3  # both processes publish at the same instant
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path / f".tmp-{i}"), str(target), str(start)],
+                               stdout=subprocess.PIPE, text=True, env=ENV) for i in range(2)]
+    codes = sorted(racer.wait(timeout=60) for racer in racers)
+    outputs = [racer.stdout.read() for racer in racers]
+    assert codes == [0, 1], outputs
+    assert any("out.h5ad exists; pass --overwrite to replace it" in output for output in outputs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5ad"]
+    assert target.read_text() in (str(tmp_path / ".tmp-0"), str(tmp_path / ".tmp-1"))
+
+
+def test_a_file_published_meanwhile_is_kept_unless_overwrite(tmp_path):
+    target, temporary = tmp_path / "out.h5ad", tmp_path / ".new"
+    target.write_text("the other run's result")
+    temporary.write_text("this run's result")
+    with pytest.raises(OutputExistsError, match="pass --overwrite"):
+        publish_file(temporary, target, overwrite=False)
+    assert target.read_text() == "the other run's result"
+    publish_file(temporary, target, overwrite=True)
+    assert target.read_text() == "this run's result" and not temporary.exists()
+
+
+def test_a_folder_published_meanwhile_is_kept_unless_overwrite(tmp_path):
+    target = tmp_path / "corpus"
+    target.mkdir()
+    (target / "summary.json").write_text("other")
+    staging = tmp_path / ".staging"
+    staging.mkdir()
+    (staging / "summary.json").write_text("mine")
+    with pytest.raises(OutputExistsError):
+        publish_folder(staging, target, overwrite=False)
+    assert (target / "summary.json").read_text() == "other"
+    publish_folder(staging, target, overwrite=True)
+    assert (target / "summary.json").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
+def test_two_describe_runs_with_one_out_leave_one_result_and_one_clear_error(model_dir, h5ad, tmp_path):
+    """The QA finding: both runs exited 0 and the file held one run's columns. Now the run that finds --out taken
+    (at the start or when publishing) fails with the usual error and leaves no temporary file."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "race.h5ad"
+    command = [sys.executable, "-m", "modeling_cell2text.cli", *describe_args(h5ad, model_dir, out)]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+            for _ in range(2)]
+    results = [(run.wait(timeout=300), run.stderr.read()) for run in runs]
+    assert sorted(code for code, _ in results) == [0, 1], results
+    error = next(err for code, err in results if code == 1)
+    assert "race.h5ad exists; pass --overwrite to replace it" in error and "Traceback" not in error
+    assert sorted(p.name for p in out_dir.iterdir()) == ["race.h5ad"]
+    assert set(NEW_COLUMNS) <= set(ad.read_h5ad(out).obs.columns)
+
+
+def test_a_report_published_meanwhile_is_kept(tmp_path, monkeypatch):
+    from training.evaluation import report
+
+    out = tmp_path / "report"
+
+    def other_run_publishes_first(results, per_cell, staging):
+        out.mkdir()
+        (out / "report.md").write_text("the other run's report")
+        (staging / "report.md").write_text("this run's report")
+
+    monkeypatch.setattr(report, "_write_report_files", other_run_publishes_first)
+    with pytest.raises(OutputExistsError):
+        report.write_report({}, {}, out)
+    assert (out / "report.md").read_text() == "the other run's report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+# ----------------------------------------------------------------------------- stopped writers
+
+SLOW_CORPUS_BUILD = """
+import sys, time
+import processing.build_corpus as build
+
+real_build = build._build
+
+def slow_build(source, staging, options):
+    summary = real_build(source, staging, options)
+    open(sys.argv[1], "w").close()
+    time.sleep(120)
+    return summary
+
+build._build = slow_build
+build.main(sys.argv[2:])
+"""
+
+
+def test_a_corpus_build_stopped_by_sigterm_leaves_nothing(tmp_path):
+    from test_corpus_inputs import _tiny_adata
+
+    h5ad = tmp_path / "cells.h5ad"
+    _tiny_adata().write_h5ad(h5ad)
+    ready, out = tmp_path / "ready", tmp_path / "corpora" / "corpus"
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CORPUS_BUILD, str(ready), "--h5ad", str(h5ad), "--out", str(out), "--gmt", "none",
+         "--no-progress"],
+        cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ready.exists(), process.communicate()[1][-3000:]
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode != 0 and "stopped; nothing was written" in err, err[-2000:]
+    assert not (tmp_path / "corpora").exists()  # neither the corpus, its staging folder nor the folder it made
+
+
+# ----------------------------------------------------------------------------- bad inputs, where they enter
+
+
+def test_a_config_without_text_config_is_refused_not_built_full_size(model_dir, tmp_path, h5ad, capsys):
+    folder = tmp_path / "no-text-config"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["text_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="has no text_config"):
+        Cell2TextForConditionalGeneration.from_pretrained(folder)
+    code, err = run_cli(describe_args(h5ad, folder, tmp_path / "out.h5ad"), capsys)
+    assert_one_line_error(code, err)
+    assert "has no text_config" in err
+
+
+@pytest.mark.parametrize(("field", "value"), [("num_cell_tokens", "8"), ("projector_dropout", "0.1"),
+                                               ("num_cell_tokens", 8.0)])
+def test_config_fields_of_the_wrong_type_are_refused_by_name(model_dir, field, value):
+    config = Cell2TextConfig.from_pretrained(model_dir).to_dict()
+    config[field] = value
+    with pytest.raises(ValueError, match=f"{field} must be"):
+        Cell2TextConfig.from_dict(config)
+
+
+def test_a_malformed_config_json_is_named(model_dir, tmp_path, h5ad, capsys):
+    folder = tmp_path / "bad-json"
+    shutil.copytree(model_dir, folder)
+    (folder / "config.json").write_text('{"model_type": "cell2text", "text_config": {"vocab')
+    code, err = run_cli(describe_args(h5ad, folder, tmp_path / "out.h5ad"), capsys)
+    assert_one_line_error(code, err)
+    assert "config.json is not a valid JSON object" in err and "restore the file" in err
+
+
+def test_pickled_weights_are_refused_with_the_conversion(model_dir, tmp_path, h5ad, capsys):
+    folder = tmp_path / "pickled"
+    shutil.copytree(model_dir, folder)
+    weights = Cell2TextForConditionalGeneration.from_pretrained(model_dir).state_dict()
+    (folder / "model.safetensors").unlink()
+    torch.save(weights, folder / "pytorch_model.bin")
+    with pytest.raises(OSError, match="loads safetensors only.*use_safetensors=False"):
+        Cell2TextForConditionalGeneration.from_pretrained(folder)
+    code, err = run_cli(describe_args(h5ad, folder, tmp_path / "out.h5ad"), capsys)
+    assert_one_line_error(code, err)
+    assert "safetensors only" in err
+    converted = tmp_path / "converted"
+    Cell2TextForConditionalGeneration.from_pretrained(folder, use_safetensors=False).save_pretrained(converted)
+    assert (converted / "model.safetensors").is_file()
+
+
+def test_an_input_folder_is_called_a_folder(model_dir, tmp_path, capsys):
+    code, err = run_cli(describe_args(tmp_path, model_dir, tmp_path / "out.h5ad"), capsys)
+    assert_one_line_error(code, err)
+    assert "is a folder; give the path of an .h5ad file" in err
+
+
+def test_generate_refuses_a_cell_without_gene_tokens(model_dir):
+    model = Cell2TextForConditionalGeneration.from_pretrained(model_dir)
+    processor = Cell2TextProcessor.from_pretrained(model_dir)
+    fe = processor.feature_extractor
+    cells = [[fe.gene_token_ids["<cls>"], 10, 11, fe.eos_token_id], [fe.gene_token_ids["<cls>"], fe.eos_token_id]]
+    inputs = processor(gene_input_ids=cells)
+    with pytest.raises(ValueError, match=r"Cells \[1\] of the batch hold no gene token"):
+        model.generate(**inputs, max_new_tokens=2)
+
+
+def test_key_added_with_a_slash_is_refused(model_dir, tmp_path, h5ad, capsys):
+    with pytest.raises(ValueError, match="without '/'"):
+        tl.embed(make_adata(2), model_dir, key_added="a/b", progress=False)
+    with pytest.raises(ValueError, match="without '/'"):
+        tl.describe(make_adata(2), model_dir, key_added="a/b", progress=False)
+    code, err = run_cli([*describe_args(h5ad, model_dir, tmp_path / "out.h5ad"), "--key-added", "a/b"], capsys)
+    assert_one_line_error(code, err)
+    assert "--key-added 'a/b' must be a non-empty name without '/'" in err
