@@ -94,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     describe = commands.add_parser("describe", help="Write a description and parsed fields per cell into obs.")
     _add_common_arguments(describe, "cell2text", 16)
     describe.add_argument("--max-new-tokens", type=positive_int, default=160, help="longest description in tokens")
-    describe.add_argument("--free-cell-type", action="store_true",
-                          help="let the model write the cell type freely (default: chosen among the training "
-                               "corpus's labels, with its probability in <key>_cell_type_score)")
+    describe.add_argument("--free", "--free-cell-type", action="store_true", dest="free",
+                          help="let the model write the whole description freely (default: every field chosen among "
+                               "the training corpus's labels, with its probability in <key>_<field>_score)")
     describe.add_argument("--sort-by-length", action="store_true",
                           help="batch cells of similar gene counts together (less padding, faster; float32 can change "
                                "the last digits of <key>_cell_type_score)")
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> None:
         )
         if args.command == "describe":
             options = dict(
-                max_new_tokens=args.max_new_tokens, constrain_cell_type=False if args.free_cell_type else None,
+                max_new_tokens=args.max_new_tokens, constrained=False if args.free else None,
                 sort_by_length=args.sort_by_length, compile=args.compile, **common,
             )
             if state is None:

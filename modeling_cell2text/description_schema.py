@@ -209,3 +209,67 @@ def parse_description(text: str) -> CellDescription:
         )
     except ValueError as err:
         raise DescriptionParseError(f"Description holds an invalid field ({err}): {text[:200]!r}") from err
+
+
+# ----------------------------------------------------------------------------- the template as choices
+
+# Fields the schema-constrained decoder chooses, in the text's order. "donor" chooses sex, disease and age group
+# together: they share one clause ("a healthy female donor during adulthood") whose article depends on its first word.
+SCHEMA_CHOICES: tuple[str, ...] = ("cell_type", "tissue", "donor", "pathway_1", "pathway_2")
+
+
+@dataclass(frozen=True)
+class SchemaOption:
+    """One way to fill a choice of the template: the labels it states (field -> label) and the text it adds."""
+
+    labels: tuple[tuple[str, str | None], ...]
+    text: str
+
+
+def cell_type_option(label: str) -> SchemaOption:
+    """The first sentence naming `label` (no leading space: it opens the description)."""
+    return SchemaOption((("cell_type", label),), f"This sample consists of {_article(label)} {label}.")
+
+
+def definition_text(definition: str) -> str:
+    """The definition sentence that follows the cell type, as `render_description` writes it."""
+    return f" Cell Ontology definition: {definition.strip().rstrip('.')}."
+
+
+def tissue_option(tissue: str) -> SchemaOption:
+    return SchemaOption((("tissue", tissue),), f" It originates from the {tissue} of")
+
+
+def donor_option(sex: str | None, disease: str | None, age_group: str | None, after_tissue: bool) -> SchemaOption:
+    """The rest of the origin sentence ("a healthy female donor during adulthood."); `after_tissue`: it follows
+    `tissue_option`'s text, else it starts the sentence."""
+    sentence = _origin_sentence(CellDescription(tissue="x" if after_tissue else None, sex=sex, disease=disease,
+                                                age_group=age_group))
+    lead = "It originates from the x of " if after_tissue else "It originates from "
+    return SchemaOption((("sex", sex), ("disease", disease), ("age_group", age_group)),
+                        " " + sentence[len(lead):] if after_tissue else " " + sentence)
+
+
+def pathway_option(pathway: str, position: int) -> SchemaOption:
+    lead = "This cell is associated with" if position == 0 else "Additionally, it involves"
+    return SchemaOption(((f"pathway_{position + 1}", pathway),), f' {lead} the pathway "{pathway}".')
+
+
+def schema_options(labels: dict[str, list[str]]) -> dict[str, list[SchemaOption]]:
+    """The options of each choice of the template, from each field's known labels (`labels[field]`, "pathways" for
+    pathway names). One rule for every field: a field is stated with one of its known labels, and a field without
+    known labels is left out of the description. A choice whose fields are all unknown is absent from the result."""
+    known = {name: [label for label in labels.get(name) or []] for name in (*LABEL_FIELD_NAMES, "pathways")}
+    options: dict[str, list[SchemaOption]] = {}
+    if known["cell_type"]:
+        options["cell_type"] = [cell_type_option(label) for label in known["cell_type"]]
+    if known["tissue"]:
+        options["tissue"] = [tissue_option(label) for label in known["tissue"]]
+    donor_fields = [known["sex"] or [None], known["disease"] or [None], known["age_group"] or [None]]
+    if known["sex"] or known["disease"] or known["age_group"]:
+        options["donor"] = [donor_option(sex, disease, age, bool(known["tissue"]))
+                            for sex in donor_fields[0] for disease in donor_fields[1] for age in donor_fields[2]]
+    if known["pathways"]:
+        options["pathway_1"] = [pathway_option(p, 0) for p in known["pathways"]]
+        options["pathway_2"] = [pathway_option(p, 1) for p in known["pathways"]]
+    return options

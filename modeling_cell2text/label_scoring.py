@@ -37,7 +37,7 @@ def cell_type_candidates(processor) -> list[str]:
     if not labels:
         raise ValueError(
             "The processor knows no cell-type labels (processor.ontology_term_ids['cell_type'] is empty), so the cell "
-            "type cannot be constrained: pass candidates=[...] or turn the constraint off (constrain_cell_type=False)."
+            "type cannot be constrained: pass candidates=[...] or turn the constraint off (constrained=False)."
         )
     return labels
 

@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM, GenerationConfig, Pipeline
 
 from .cell_inputs import empty_cells_error
 from .compatibility import check_model_and_processor
-from .label_scoring import constrained_results, constrains_by_default, generate_with_cell_type
+from .label_scoring import constrains_by_default
+from .schema_decoding import DEFAULT_NUM_BEAMS, SchemaDecoder, schema_results
 from .text_padding import text_pad_token_id
 
 logger = logging.getLogger(__name__)
@@ -46,10 +47,11 @@ class Cell2TextPipeline(Pipeline):
     `age_group`, `pathways` and `<field>_ontology_term_id` for cell_type, tissue, disease and sex. With
     `skip_empty_cells=True` cells that express no vocabulary gene give `None` instead of raising.
 
-    The cell type is one of the labels the processor learnt from the training corpus (each with its ontology id)
-    where it knows any (`constrain_cell_type=True`, the default then; `label_scoring.py`): each label is scored by
-    its log-likelihood, the most likely written as the first sentence, and `cell_type_score` is its probability
-    among the labels. `constrain_cell_type=False` lets the model write the cell type freely (`cell_type_score` None).
+    Wherever the processor knows the training corpus's cell-type labels (`constrained=True`, the default then;
+    `schema_decoding.py`), every field is chosen among the labels the processor learnt (each with its ontology id),
+    the template words and the cell type's definition are written by the code, and every description parses;
+    `<field>_score` is each chosen label's probability. `constrained=False` lets the model write the whole
+    description freely (scores None); `num_beams` (default 4) sets the constrained search's width.
 
     Cells are rank-value encoded a block at a time (vectorised) and generated `batch_size` cells at a time.
     Generation is greedy with `max_new_tokens=160` unless the model's generation config, the pipeline's or the
@@ -79,6 +81,7 @@ class Cell2TextPipeline(Pipeline):
         use_raw: bool | None = None,
         input_values: str | None = None,
         skip_empty_cells: bool | None = None,
+        constrained: bool | None = None,
         constrain_cell_type: bool | None = None,
         generate_kwargs: dict | None = None,
         **generation_params: Any,
@@ -92,7 +95,10 @@ class Cell2TextPipeline(Pipeline):
             preprocess_params["input_values"] = input_values
         if skip_empty_cells is not None:
             preprocess_params["skip_empty_cells"] = skip_empty_cells
-        forward_params = {} if constrain_cell_type is None else {"constrain_cell_type": constrain_cell_type}
+        if constrained is not None and constrain_cell_type is not None and constrained != constrain_cell_type:
+            raise ValueError("constrain_cell_type is the former name of constrained: pass one of them.")
+        constrained = constrained if constrained is not None else constrain_cell_type
+        forward_params = {} if constrained is None else {"constrained": constrained}
         if generate_kwargs or generation_params:
             forward_params["generate_kwargs"] = {**(generate_kwargs or {}), **generation_params}
         return preprocess_params, forward_params, {}
@@ -172,18 +178,41 @@ class Cell2TextPipeline(Pipeline):
         ))
 
     def _forward(self, model_inputs: dict, generate_kwargs: dict | None = None,
-                 constrain_cell_type: bool | None = None) -> dict:
+                 constrained: bool | None = None) -> dict:
         prompt_length = model_inputs["input_ids"].shape[1]
+        if self._constrains(constrained):
+            # What the caller asked for (the model's generation config is written for free generation).
+            settings = {**(getattr(self, "_generate_kwargs", None) or {}), **(generate_kwargs or {})}
+            if settings.get("do_sample"):
+                raise ValueError("Schema-constrained describing chooses each label by its likelihood and does not "
+                                 "sample: pass do_sample=False, or constrained=False to sample free text.")
+            decoder = self.schema_decoder(int(settings.get("num_beams") or DEFAULT_NUM_BEAMS))
+            return {"schema": decoder.describe(self.model, model_inputs)}
         generate_kwargs = self._prepare_generate_kwargs(dict(generate_kwargs or {}))
-        if constrains_by_default(self.processor) if constrain_cell_type is None else constrain_cell_type:
-            return {"constrained": generate_with_cell_type(self.model, self.processor, model_inputs, **generate_kwargs)}
         generated = self.model.generate(**model_inputs, **generate_kwargs)
         check_outputs_line_up(model_inputs["input_ids"], generated)
         return {"generated_ids": generated, "prompt_length": prompt_length}
 
+    def _constrains(self, constrained: bool | None) -> bool:
+        """Whether to describe with the schema decoder: by default where the processor knows cell-type labels; asked
+        for where it knows none, free generation with a warning (there is nothing to choose among)."""
+        knows_labels = constrains_by_default(self.processor)
+        if constrained and not knows_labels and not getattr(self, "_warned_no_labels", False):
+            logger.warning("constrained=True, but the processor knows no cell-type labels to choose among "
+                           "(processor.ontology_term_ids['cell_type'] is empty): the descriptions are written freely.")
+            self._warned_no_labels = True
+        return knows_labels if constrained is None else bool(constrained) and knows_labels
+
+    def schema_decoder(self, num_beams: int = DEFAULT_NUM_BEAMS) -> SchemaDecoder:
+        """The processor's schema decoder (its options tokenized once per pipeline and search width)."""
+        decoders = self.__dict__.setdefault("_schema_decoders", {})
+        if num_beams not in decoders:
+            decoders[num_beams] = SchemaDecoder(self.processor, num_beams)
+        return decoders[num_beams]
+
     def postprocess(self, model_outputs: dict, **kwargs: Any) -> list[dict]:
-        if "constrained" in model_outputs:
-            return constrained_results(self.processor, model_outputs["constrained"])
+        if "schema" in model_outputs:
+            return schema_results(self.processor, model_outputs["schema"])
         texts = self.processor.post_process_generation(model_outputs["generated_ids"], model_outputs["prompt_length"])
         return [{**result, "cell_type_score": None} for result in self.processor.parse_descriptions(texts)]
 

@@ -29,6 +29,11 @@ class Cell2TextProcessor(ProcessorMixin):
         system_prompt, user_prompt (`str`): the instruction; the placeholders follow `user_prompt`.
         ontology_term_ids (`dict`, *optional*): field -> {label: ontology term id}, learnt from the training
             corpus, so parsed descriptions can be given ontology IDs without the ontologies at hand.
+        cell_type_definitions (`dict`, *optional*): cell-type label -> its Cell Ontology definition, as the training
+            corpus's descriptions state it; the schema-constrained decoder writes it after the chosen cell type.
+        pathway_names (`list`, *optional*): the pathway names of the training corpus, among which the decoder
+            chooses a cell's pathways.
+        age_groups (`list`, *optional*): the age groups of the training corpus.
     """
 
     def __init__(
@@ -40,6 +45,9 @@ class Cell2TextProcessor(ProcessorMixin):
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         user_prompt: str = DEFAULT_USER_PROMPT,
         ontology_term_ids: dict[str, dict[str, str]] | None = None,
+        cell_type_definitions: dict[str, str] | None = None,
+        pathway_names: Sequence[str] | None = None,
+        age_groups: Sequence[str] | None = None,
         **kwargs,
     ):
         if tokenizer is None or feature_extractor is None:
@@ -59,6 +67,9 @@ class Cell2TextProcessor(ProcessorMixin):
         self.system_prompt = system_prompt
         self.user_prompt = user_prompt
         self.ontology_term_ids = ontology_term_ids or {}
+        self.cell_type_definitions = dict(cell_type_definitions or {})
+        self.pathway_names = list(pathway_names or [])
+        self.age_groups = list(age_groups or [])
         super().__init__(feature_extractor, tokenizer, chat_template=chat_template)
 
     @classmethod

@@ -236,7 +236,7 @@ def describe(
     input_values: str = "counts",
     batch_size: int = 16,
     max_new_tokens: int = 160,
-    constrain_cell_type: bool | None = None,
+    constrained: bool | None = None,
     skip_empty_cells: bool = False,
     sort_by_length: bool = False,
     compile: bool = False,
@@ -252,16 +252,17 @@ def describe(
     Columns, by position (so duplicated obs_names are fine): `{key_added}_description` (str), `{key_added}_parsed`
     (bool), `{key_added}_<field>` for cell_type, cell_type_definition, tissue, sex, disease, age_group and pathways
     ("; "-joined) and `{key_added}_<field>_ontology_term_id`, as categoricals (missing where a field is absent or a
-    cell was skipped), plus `{key_added}_cell_type_score` (float) when the model gives a confidence.
+    cell was skipped), plus `{key_added}_<field>_score` (float) for each field the constrained decoder chose.
     `adata.uns[key_added]` records the model (path or repo id), its revision (Hub commit or sha256 of the weights),
     the processor's gene vocabulary checksum (`gene_vocabulary_sha256`), the package version and the parameters.
 
     Counts are read from `X`, `layers[layer]` or `adata.raw` (`use_raw=True`). A backed AnnData works (only obs
     changes, in memory: write it with `adata.write_h5ad(...)`). A view is made an actual AnnData by anndata when
     obs is written, as in scanpy (the parent is not modified); a view of a backed AnnData is refused.
-    Generation is greedy, one description per cell; `generate_kwargs` go to `generate`. `constrain_cell_type`
-    (default: on where the processor knows the training corpus's cell-type labels) chooses the cell type among
-    those labels by log-likelihood, with its probability as the score; False lets the model write it freely.
+    One description per cell. `constrained` (default: on where the processor knows the training corpus's cell-type
+    labels) chooses every field among the corpus's labels (`schema_decoding.py`), with `{key_added}_<field>_score`
+    the probability of each; False lets the model write the description freely (greedy; `max_new_tokens` and
+    `generate_kwargs` apply to free generation).
     `sort_by_length` and `compile` (faster at scale) are described in `describe_cells`.
     """
     _check_writable(adata, "obs")
@@ -269,7 +270,7 @@ def describe(
     model, processor = load(model, processor, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     results, params = describe_cells(
         adata, model, processor, layer=layer, use_raw=use_raw, input_values=input_values, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, constrain_cell_type=constrain_cell_type, skip_empty_cells=skip_empty_cells,
+        max_new_tokens=max_new_tokens, constrained=constrained, skip_empty_cells=skip_empty_cells,
         sort_by_length=sort_by_length, compile=compile, generate_kwargs=generate_kwargs, progress=progress,
     )
     write_descriptions(adata, results, key_added, model, processor,
@@ -286,7 +287,7 @@ def describe_cells(
     input_values: str = "counts",
     batch_size: int = 16,
     max_new_tokens: int = 160,
-    constrain_cell_type: bool | None = None,
+    constrained: bool | None = None,
     skip_empty_cells: bool = False,
     sort_by_length: bool = False,
     compile: bool = False,
@@ -306,21 +307,21 @@ def describe_cells(
     `cache_implementation="static"` and `compile_config`) on a CUDA GPU; elsewhere it has no effect and says so in
     one logged warning.
     """
-    if constrain_cell_type is None:
-        constrain_cell_type = constrains_by_default(processor)
+    if constrained is None:
+        constrained = constrains_by_default(processor)
     compiled = compiled_decoding_kwargs(model.device) if compile else {}
     pipe = Cell2TextPipeline(model=model, processor=processor, device=model.device)
     results = pipe(
         cells, batch_size=batch_size, layer=layer, use_raw=use_raw, input_values=input_values,
         skip_empty_cells=skip_empty_cells, sort_by_length=sort_by_length, progress=progress,
-        constrain_cell_type=constrain_cell_type,
+        constrained=constrained,
         generate_kwargs={"max_new_tokens": max_new_tokens, **compiled, **(generate_kwargs or {})},
     )
     if len(results) != cells.n_obs:
         raise RuntimeError(f"the pipeline returned {len(results)} results for {cells.n_obs} cells")
     params = {
         "layer": layer or ("raw" if use_raw else "X"), "input_values": input_values, "batch_size": batch_size,
-        "max_new_tokens": max_new_tokens, "constrain_cell_type": constrain_cell_type,
+        "max_new_tokens": max_new_tokens, "constrained": constrained,
         "skip_empty_cells": skip_empty_cells, "sort_by_length": sort_by_length, "compile": bool(compiled),
         "dtype": str(model.dtype), "generate_kwargs": json.dumps(generate_kwargs or {}, default=str),
     }

@@ -291,3 +291,26 @@ class SplitWriter:
         for name, split in splits.items():
             if split.num_rows == 0:
                 split.save_to_disk(str(out / name), num_shards=1)
+
+
+def description_vocabulary(split: datasets.Dataset) -> dict:
+    """What the schema-constrained decoder writes besides the ontology labels, learnt from a corpus split (the
+    training split): each cell type's definition as its descriptions state it, the pathway names and the age
+    groups. Keyword arguments of `Cell2TextProcessor`."""
+    from modeling_cell2text.description_schema import parse_description
+
+    first_of_type: dict[str, int] = {}
+    for row, label in enumerate(split["cell_type"]):
+        if label is not None and label not in first_of_type:
+            first_of_type[label] = row
+    definitions = {}
+    for label, row in first_of_type.items():
+        definition = parse_description(split[row]["description"]).cell_type_definition
+        if definition:
+            definitions[label] = definition
+    pathways = sorted({name for names in split["pathways"] for name in names or []})
+    ages = set(split["age_group"]) if "age_group" in split.column_names else set()
+    from modeling_cell2text.description_schema import AGE_GROUPS
+
+    return {"cell_type_definitions": definitions, "pathway_names": pathways,
+            "age_groups": [group for group in AGE_GROUPS if group in ages]}

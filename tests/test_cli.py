@@ -399,5 +399,5 @@ def test_cell_type_score_and_free_cell_type(model_dir, h5ad, tmp_path, capsys):
     out = tmp_path / "free.h5ad"
     assert main([*describe_args(h5ad, model_dir, out), "--free-cell-type"]) == 0
     free = ad.read_h5ad(out)
-    assert free.uns["cell2text"]["params"]["constrain_cell_type"] is False
+    assert free.uns["cell2text"]["params"]["constrained"] is False
     assert "cell2text_cell_type_score" not in free.obs or free.obs["cell2text_cell_type_score"].isna().all()

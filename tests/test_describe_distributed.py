@@ -77,7 +77,7 @@ def test_two_processes_write_the_same_file_as_one(model_dir, tmp_path, capsys):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Described 520 of 520 cells") == 1  # the main process writes and reports
     single, shared = ad.read_h5ad(one), ad.read_h5ad(two)
-    assert single.obs["cell2text_description"].nunique() > 50  # cells are told apart, so a misplaced one shows
+    assert single.obs["cell2text_cell_type_score"].nunique() > 50  # cells are told apart, so a misplaced one shows
     pd.testing.assert_frame_equal(single.obs, shared.obs, check_exact=True)  # every column, cell and digit
     assert single.uns["cell2text"] == shared.uns["cell2text"]
     assert np.array_equal(single.X.toarray(), shared.X.toarray())

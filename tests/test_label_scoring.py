@@ -126,7 +126,7 @@ def test_candidates_need_known_labels(model_and_processor):
     _, processor = model_and_processor
     assert cell_type_candidates(processor) == sorted(CELL_TYPES)
     bare = Cell2TextProcessor(processor.feature_extractor, processor.tokenizer, num_cell_tokens=8)
-    with pytest.raises(ValueError, match="constrain_cell_type=False"):
+    with pytest.raises(ValueError, match="constrained=False"):
         cell_type_candidates(bare)
     model, _ = model_and_processor
     with pytest.raises(ValueError, match="remove it from the candidates"):

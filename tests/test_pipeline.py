@@ -161,7 +161,7 @@ def test_batch_sizes_agree_with_one_cell_at_a_time_on_matrix_input(random_dir):
     # sparse and dense rows with their gene ids; batches of 4 mix prompt lengths (left padding)
     for batch_size, matrix in ((1, sp.csr_matrix(counts)), (4, sp.csr_matrix(counts)), (4, counts)):
         results = describe(matrix, gene_ids=GENES, batch_size=batch_size, max_new_tokens=8,
-                           constrain_cell_type=False)  # free generation, as the reference
+                           constrained=False)  # free generation, as the reference
         assert [r["description"] for r in results] == expected, (batch_size, type(matrix))
         assert all(set(FIELDS) <= set(r) for r in results)
 
@@ -169,8 +169,8 @@ def test_batch_sizes_agree_with_one_cell_at_a_time_on_matrix_input(random_dir):
 def test_generate_kwargs_pass_through(random_dir):
     describe = pipeline("cell-to-text", model=str(random_dir), trust_remote_code=True, device="cpu")
     counts = random_counts(2, seed=4)
-    short = describe(counts, gene_ids=GENES, generate_kwargs={"max_new_tokens": 2}, constrain_cell_type=False)
-    longer = describe(counts, gene_ids=GENES, max_new_tokens=10, min_new_tokens=10, constrain_cell_type=False)
+    short = describe(counts, gene_ids=GENES, generate_kwargs={"max_new_tokens": 2}, constrained=False)
+    longer = describe(counts, gene_ids=GENES, max_new_tokens=10, min_new_tokens=10, constrained=False)
     tokenizer = describe.processor.tokenizer
     assert all(len(tokenizer(r["description"])["input_ids"]) <= 3 for r in short)
     assert all(len(tokenizer(r["description"])["input_ids"]) > 3 for r in longer)
@@ -246,7 +246,8 @@ def test_outputs_that_do_not_line_up_with_the_cells_are_never_returned(random_pi
 
     monkeypatch.setattr(random_pipeline.model, "generate", tampered)
     with pytest.raises(RuntimeError, match="wrong cells"):
-        random_pipeline(counts_of_varied_prompts(), gene_ids=GENES, batch_size=4, max_new_tokens=2)
+        random_pipeline(counts_of_varied_prompts(), gene_ids=GENES, batch_size=4, max_new_tokens=2,
+                        constrained=False)
 
 
 def test_batch_size_zero_is_an_error(random_pipeline):

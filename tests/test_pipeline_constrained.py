@@ -44,6 +44,6 @@ def test_pipeline_constrains_the_cell_type_by_default_with_a_score(random_dir):
     assert [r["cell_type"] for r in one_by_one] == [r["cell_type"] for r in results]
     np.testing.assert_allclose([r["cell_type_score"] for r in one_by_one], [r["cell_type_score"] for r in results],
                                rtol=1e-4)
-    free = describe(counts, gene_ids=GENES, max_new_tokens=4, constrain_cell_type=False)
+    free = describe(counts, gene_ids=GENES, max_new_tokens=4, constrained=False)
     assert all(r["cell_type_score"] is None for r in free)
     assert [r["description"] for r in free] != [r["description"] for r in results]

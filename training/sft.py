@@ -37,7 +37,7 @@ from transformers.trainer_utils import enable_full_determinism
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor
-from processing.corpus import corpus_feature_extractor, corpus_summary, open_corpus
+from processing.corpus import corpus_feature_extractor, corpus_summary, description_vocabulary, open_corpus
 from modeling_cell2text.output_files import check_new_output
 from training.adapters import FINAL_DIR, OVERWRITE_FINAL_FIX, LoraArguments, save_merged, stopped_cleanly
 from training.collator import Cell2TextDataCollator
@@ -194,12 +194,15 @@ ENCODER_INPUTS = ("rank", "value_aware")
 
 
 def build_processor(
-    args: Cell2TextArguments, corpus_dir: str | Path, summary: dict, trust_remote_code: bool = False
+    args: Cell2TextArguments, corpus_dir: str | Path, summary: dict, trust_remote_code: bool = False,
+    train_split=None,
 ) -> Cell2TextProcessor:
     """The processor of `init_from`, or one built from the corpus's feature extractor and the LLM's tokenizer.
 
-    Loads with this package's classes; `trust_remote_code` (SFTConfig's `--trust_remote_code`) lets the Auto classes
-    run code shipped in the folders instead.
+    With `train_split`, a new processor also learns the definitions, pathway names and age groups the
+    schema-constrained decoder writes (`processing.corpus.description_vocabulary`). Loads with this package's
+    classes; `trust_remote_code` (SFTConfig's `--trust_remote_code`) lets the Auto classes run code shipped in the
+    folders instead.
     """
     if args.init_from is not None:
         if trust_remote_code:
@@ -227,6 +230,7 @@ def build_processor(
         tokenizer,
         num_cell_tokens=args.num_cell_tokens,
         ontology_term_ids=summary.get("ontology_term_ids", {}),
+        **(description_vocabulary(train_split) if train_split is not None else {}),
     )
 
 
@@ -313,7 +317,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
 
     corpus, summary = load_corpus(args.corpus_dir, args)
     trust_remote_code = training_args.trust_remote_code  # off: no code shipped in a model folder runs
-    processor = build_processor(args, args.corpus_dir, summary, trust_remote_code)
+    processor = build_processor(args, args.corpus_dir, summary, trust_remote_code, corpus["train"])
     encoder_path = None if args.init_from else gene_encoder_path(args, training_args, corpus, processor, summary)
     if encoder_path is not None:
         # The processor gives the model what its encoder reads: expression bins only for a value-aware encoder.

@@ -13,9 +13,9 @@ carries from its training corpus, else to the ontology term of exactly that labe
 (documented, never a crash). The healthy state ("normal", PATO:0000461) is not a MONDO term: for it, similarity
 is 1 on an exact match and 0 otherwise.
 
-By default the cell type is constrained (`modeling_cell2text.label_scoring`): each known cell-type label is
-scored by its log-likelihood, the most likely one is written as the first sentence, and its probability among the
-known labels is the cell's confidence (reliability diagram and expected calibration error in the report). The
+By default every field is chosen among the labels of the training corpus (`modeling_cell2text.schema_decoding`,
+the pipeline's default): the chosen cell type's probability is the cell's confidence (reliability diagram and
+expected calibration error in the report). The
 labels free generation would have invented are counted from the same model's free greedy first sentence (decoded
 alone: greedy decoding writes the first sentence before anything else, so it is exactly free generation's, at a
 tenth of the tokens). `--free` evaluates free generation as it is.
@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from modeling_cell2text.description_schema import LABEL_FIELDS, DescriptionParseError, parse_description
+from modeling_cell2text.schema_decoding import SchemaDecoder
 from modeling_cell2text.text_padding import text_pad_token_id
 from modeling_cell2text.label_scoring import (
     cell_type_candidates,
@@ -41,7 +42,6 @@ from modeling_cell2text.label_scoring import (
     fit_temperature,
     score_cell_types,
     cell_type_sentence,
-    generate_with_cell_type,
 )
 from processing.corpus import split_value_lists
 from training.evaluation.metrics import (
@@ -111,13 +111,13 @@ def describe_constrained(
     ) + 8  # room for a longer invented label
     pad_id = text_pad_token_id(processor.tokenizer)
     out: dict = {"texts": [], "labels": [], "scores": [], "free_labels": [], "candidates": candidates}
+    decoder = SchemaDecoder(processor)
     for inputs in batched_inputs(model, processor, token_lists, value_lists, batch_size,
                                  "generating constrained descriptions"):
-        generation = generate_with_cell_type(model, processor, inputs, candidates, max_new_tokens=max_new_tokens,
-                                             do_sample=False)
-        out["texts"] += generation.texts
-        out["labels"] += generation.scores.labels
-        out["scores"] += generation.scores.scores
+        described = decoder.describe(model, inputs)
+        out["texts"] += described.texts
+        out["labels"] += [labels["cell_type"] for labels in described.labels]
+        out["scores"] += [scores["cell_type"] for scores in described.scores]
         free = model.generate(**inputs, max_new_tokens=first_sentence_tokens, do_sample=False, pad_token_id=pad_id)
         out["free_labels"] += [free_cell_type(t) for t in
                                processor.post_process_generation(free, inputs["input_ids"].shape[1])]
@@ -296,13 +296,13 @@ def evaluate_model(
     batch_size: int = 16,
     max_new_tokens: int = 160,
     max_cells: int | None = None,
-    constrain_cell_type: bool = True,
+    constrained: bool = True,
     trust_remote_code: bool = False,
     device: str = "auto",
 ) -> tuple[dict, dict, list[str]]:
     """Generate for every cell of a split and score; returns (results, per_cell, generated texts).
 
-    With `constrain_cell_type` the cell type is one of the processor's known labels, with its probability
+    With `constrained` the cell type is one of the processor's known labels, with its probability
     (`per_cell["cell_type_score"]`) and `results["cell_type_constraint"]` (invented labels, calibration)."""
     from datasets import load_from_disk
 
@@ -312,7 +312,7 @@ def evaluate_model(
     if max_cells is not None:
         cells = cells.select(range(min(max_cells, len(cells))))
     values = split_value_lists(cells, processor.feature_extractor)
-    if not constrain_cell_type:
+    if not constrained:
         texts = generate_descriptions(model, processor, cells["gene_input_ids"], batch_size, max_new_tokens, values)
         results, per_cell = score_descriptions(cells, texts, processor.ontology_term_ids)
     else:
@@ -327,7 +327,7 @@ def evaluate_model(
         per_cell["cell_type_score"] = described_known["scores"]
         per_cell["cell_type_free"] = described_known["free_labels"]
     results.update(model=str(model_dir), dataset=str(corpus_dir), split=split,
-                   constrain_cell_type=constrain_cell_type, gene_vocabulary_sha256=vocabulary_sha256)
+                   constrained=constrained, gene_vocabulary_sha256=vocabulary_sha256)
     per_cell["generated"] = texts
     return results, per_cell, texts
 
@@ -354,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     check_new_output(Path(args.out), args.overwrite)  # before the generation, which takes minutes
     results, per_cell, _ = evaluate_model(
         args.model, args.corpus, args.split, args.batch_size, args.max_new_tokens, args.max_cells,
-        constrain_cell_type=not args.free, trust_remote_code=args.trust_remote_code, device=args.device,
+        constrained=not args.free, trust_remote_code=args.trust_remote_code, device=args.device,
     )
     report = write_report(results, per_cell, args.out, overwrite=args.overwrite)
     print(f"Report: {report}")

@@ -1,0 +1,177 @@
+"""Schema-constrained decoding on tiny models: every field a known label, the exhaustive choice, bounded model calls."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import scipy.sparse as sp
+import torch
+from test_pipeline import GENES, random_counts, save_tiny_model_folder
+
+from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor, parse_description, render_description
+from modeling_cell2text.description_schema import CellDescription, schema_options
+from modeling_cell2text.label_scoring import score_cell_types
+from modeling_cell2text.schema_decoding import OptionTree, SchemaDecoder, schema_results, tokens_in_context
+
+CELL_TYPES = {"B cell": "CL:0000236", "T cell": "CL:0000084", "endothelial cell": "CL:0000115",
+              "monocyte": "CL:0000576", "natural killer cell": "CL:0000623", "CD14-positive monocyte": "CL:0001054"}
+PATHWAYS = ["Glycolysis And Gluconeogenesis", "TCA Cycle", "Cytoplasmic Ribosomal Proteins", "Natural Killer Cell"]
+
+
+@pytest.fixture(scope="module")
+def random_model_and_processor(tmp_path_factory):
+    folder = save_tiny_model_folder(tmp_path_factory.mktemp("schema"), trained=False)
+    model = Cell2TextForConditionalGeneration.from_pretrained(folder, dtype=torch.float64).eval()
+    processor = Cell2TextProcessor.from_pretrained(folder)
+    processor.ontology_term_ids = {"cell_type": CELL_TYPES, "tissue": {"blood": "UBERON:0000178", "lung":
+                                   "UBERON:0002048"}, "disease": {"normal": "PATO:0000461", "COVID-19": "MONDO:0100096"},
+                                   "sex": {"female": "PATO:0000383", "male": "PATO:0000384"}}
+    processor.age_groups = ["adulthood", "elderly"]
+    processor.pathway_names = PATHWAYS
+    processor.cell_type_definitions = {"B cell": "A lymphocyte of B lineage", "T cell": "A type of lymphocyte"}
+    return model, processor
+
+
+def cells(processor, n=6, seed=3):
+    return processor(sp.csr_matrix(random_counts(n, seed=seed)), GENES)
+
+
+def test_the_options_render_exactly_the_template():
+    """The decoder's texts are the corpus's: any labels, concatenated, give `render_description`'s text."""
+    options = schema_options({"cell_type": ["endothelial cell"], "tissue": ["lung"], "disease": ["COVID-19"],
+                              "sex": ["male"], "age_group": ["elderly"], "pathways": ["A", "B"]})
+    text = "".join(options[choice][0].text for choice in ("cell_type", "tissue", "donor", "pathway_1"))
+    text += options["pathway_2"][1].text
+    expected = CellDescription(cell_type="endothelial cell", tissue="lung", disease="COVID-19", sex="male",
+                               age_group="elderly", pathways=("A", "B"))
+    assert text == render_description(expected)
+    no_tissue = schema_options({"cell_type": ["B cell"], "disease": ["normal"]})
+    assert no_tissue["cell_type"][0].text + no_tissue["donor"][0].text == render_description(
+        CellDescription(cell_type="B cell", disease="normal"))
+
+
+def test_every_field_is_a_known_label_and_every_description_parses(random_model_and_processor):
+    model, processor = random_model_and_processor
+    decoder = SchemaDecoder(processor)
+    described = decoder.describe(model, cells(processor, 8))
+    results = schema_results(processor, described)
+    assert len(results) == 8
+    for result in results:
+        parsed = parse_description(result["description"])
+        assert result["parsed"] and parsed.cell_type in CELL_TYPES and parsed.tissue in ("blood", "lung")
+        assert parsed.disease in ("normal", "COVID-19") and parsed.sex in ("female", "male")
+        assert parsed.age_group in ("adulthood", "elderly")
+        assert len(parsed.pathways) == 2 and parsed.pathways[0] != parsed.pathways[1]
+        assert set(parsed.pathways) <= set(PATHWAYS)
+        assert result["cell_type_ontology_term_id"] == CELL_TYPES[result["cell_type"]]
+        if result["cell_type"] in processor.cell_type_definitions:
+            assert parsed.cell_type_definition == processor.cell_type_definitions[result["cell_type"]]
+        for name in ("cell_type", "tissue", "sex", "disease", "age_group", "pathways"):
+            assert 0 < result[f"{name}_score"] <= 1, name
+
+
+def test_with_enough_beams_the_choice_is_exhaustive_scorings(random_model_and_processor):
+    """num_beams >= the number of labels: every label is completed, so the chosen cell type, its log-likelihood
+    and its probability are exhaustive scoring's (`label_scoring.score_cell_types`)."""
+    model, processor = random_model_and_processor
+    inputs = cells(processor, 8, seed=5)
+    exhaustive = score_cell_types(model, processor, inputs)
+    assert len(set(exhaustive.labels)) > 1  # the random model tells cells apart
+    described = SchemaDecoder(processor, num_beams=len(CELL_TYPES)).describe(model, inputs)
+    assert [labels["cell_type"] for labels in described.labels] == exhaustive.labels
+    assert [s["cell_type"] for s in described.scores] == pytest.approx(exhaustive.scores, rel=1e-5)
+    for row, likelihoods in enumerate(described.log_likelihoods):
+        completed = {parse_description(text).cell_type: ll for text, ll in likelihoods["cell_type"].items()}
+        assert set(completed) == set(CELL_TYPES)
+        probabilities = torch.tensor(list(completed.values())).softmax(dim=0)
+        assert float(probabilities.sum()) == pytest.approx(1.0)  # a distribution over the field's labels
+        for label, ll in completed.items():
+            j = exhaustive.candidates.index(label)
+            assert ll == pytest.approx(float(exhaustive.log_likelihoods[row, j]), abs=1e-4)  # theirs: float32
+
+
+def test_a_narrow_search_still_gives_probabilities_that_sum_to_one(random_model_and_processor):
+    model, processor = random_model_and_processor
+    described = SchemaDecoder(processor, num_beams=1).describe(model, cells(processor, 4))
+    for labels, scores, likelihoods in zip(described.labels, described.scores, described.log_likelihoods):
+        for choice, completed in likelihoods.items():
+            probabilities = torch.tensor(list(completed.values()), dtype=torch.float64).softmax(dim=0)
+            assert float(probabilities.sum()) == pytest.approx(1.0)
+        assert 0 < scores["cell_type"] <= 1
+
+
+def test_model_calls_do_not_grow_with_the_number_of_labels(random_model_and_processor):
+    model, processor = random_model_and_processor
+    words = ["B", "T", "dendritic", "monocyte", "killer", "natural", "regulatory", "progenitor", "stem", "blood"]
+    many = {f"{a} {b} {c} cell": f"CL:{i:07d}" for i, (a, b, c) in enumerate(
+        (a, b, c) for a in words for b in words for c in words[:3])}  # 300 labels
+    inputs = cells(processor, 4)
+    tokens = {}
+    for name, labels in (("few", dict(list(many.items())[:10])), ("many", many)):
+        processor.ontology_term_ids = {**processor.ontology_term_ids, "cell_type": labels}
+        decoder = SchemaDecoder(processor, num_beams=4)
+        decoder.describe(model, inputs)
+        # the prefill, one write before each choice, at most one call per level of each choice's tree
+        assert decoder.calls <= 1 + sum(1 + tree.max_depth for tree in decoder.trees.values())
+        tokens[name] = decoder.tokens
+    processor.ontology_term_ids = {**processor.ontology_term_ids, "cell_type": CELL_TYPES}
+    assert len(many) == 300
+    assert tokens["many"] <= 1.5 * tokens["few"]  # 30x the labels; exhaustive scoring runs 30x the label tokens
+
+
+def test_a_label_is_tokenized_as_inside_its_sentence(random_model_and_processor):
+    _, processor = random_model_and_processor
+    tokenizer = processor.tokenizer
+    alone = tokenizer("B cell", add_special_tokens=False)["input_ids"]
+    option = "This sample consists of a B cell."
+    inside = tokens_in_context(tokenizer, "", option)
+    assert not any(inside[i : i + len(alone)] == alone for i in range(len(inside)))  # differs inside the sentence
+    decoder = SchemaDecoder(processor)
+    index = [o.text for o in decoder.options["cell_type"]].index(option)
+    assert decoder.shared_tokens["cell_type"] + decoder.option_tokens["cell_type"][index] == inside
+
+
+def test_the_taught_description_is_reachable_and_chosen(tmp_path):
+    """A tiny model taught one description writes it, word for word, through the constrained decoder."""
+    folder = save_tiny_model_folder(tmp_path, trained=True)
+    model = Cell2TextForConditionalGeneration.from_pretrained(folder).eval()
+    processor = Cell2TextProcessor.from_pretrained(folder)
+    processor.ontology_term_ids["cell_type"] = CELL_TYPES
+    described = SchemaDecoder(processor).describe(model, cells(processor, 3))
+    assert described.texts == [render_description(CellDescription(cell_type="B cell", tissue="blood",
+                                                                   disease="normal"))] * 3
+
+
+def test_option_tree_shares_prefixes_and_marks_ends():
+    tree = OptionTree([[1, 2, 3], [1, 2], [1, 4]])
+    assert tree.max_depth == 3 and len(tree.children) == 5
+    node = tree.children[tree.children[0][1]][2]
+    assert tree.ends[node] == [1] and tree.children[node] == {3: 3}
+
+
+def test_a_processor_without_cell_type_labels_describes_freely_with_a_warning(random_model_and_processor, caplog):
+    from transformers import pipeline
+
+    model, processor = random_model_and_processor
+    saved = processor.ontology_term_ids
+    processor.ontology_term_ids = {"tissue": {"blood": "UBERON:0000178"}}
+    try:
+        with pytest.raises(ValueError, match="constrained=False"):
+            SchemaDecoder(processor)
+        pipe = pipeline("cell-to-text", model=model, processor=processor)
+        with caplog.at_level(logging.WARNING):
+            results = pipe(sp.csr_matrix(random_counts(2)), gene_ids=GENES, constrained=True, max_new_tokens=4)
+        assert len(results) == 2 and results[0]["cell_type_score"] is None
+        assert "knows no cell-type labels" in caplog.text
+    finally:
+        processor.ontology_term_ids = saved
+
+
+def test_sampling_is_refused_when_constrained(random_model_and_processor):
+    from transformers import pipeline
+
+    model, processor = random_model_and_processor
+    pipe = pipeline("cell-to-text", model=model, processor=processor)
+    with pytest.raises(ValueError, match="does not sample"):
+        pipe(sp.csr_matrix(random_counts(2)), gene_ids=GENES, do_sample=True)
