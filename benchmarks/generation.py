@@ -2,12 +2,19 @@
 
     python benchmarks/generation.py [--model outputs/demo/cell2text-demo] [--cells 256] [--new-tokens 32]
     python benchmarks/generation.py --batch-sizes 16 --sort-by-length   # cells of mixed sizes, as given vs sorted
+    python benchmarks/generation.py --label-scaling [--cells 32]        # decoders and the number of known labels
 
 Every cell gets exactly `--new-tokens` new tokens (min_new_tokens = max_new_tokens), so batch sizes do the same
 work. The time outside `generate` is the pipeline's own: feature extraction, prompts, padding, decoding and
 parsing. Targets (issue #5): batch 16 >= 4x the cells/s of batch 1; outside-generate share < 10%.
 `--sort-by-length` gives the cells between a tenth of `--genes-per-cell` and all of it expressed genes and times
 each batch size in the given order and longest first (the pipeline's `sort_by_length`), alternating, twice.
+`--label-scaling` times, on the same cells at batch 16: free generation (`--new-tokens` at most), the former
+constrained describe (every cell-type label scored, the rest written freely: `label_scoring.generate_with_cell_type`)
+and the schema-constrained decoder (the default) with the processor's cell-type labels replaced by 10, 100 and 700
+real Cell Ontology labels (the model's own labels first): cells/s, model calls and text tokens run per batch, and
+how many cells get the same cell type as exhaustive scoring. Targets (issue 18): the decoder >= 3x the former
+constrained describe at 10 labels, and within 1.5x of that at 700.
 Without the demo model folder (made by the main job) a tiny random model is built, and the output says so.
 """
 
@@ -39,6 +46,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sort-by-length", action="store_true",
                         help="cells of mixed sizes; compare the given order with sort_by_length=True")
+    parser.add_argument("--label-scaling", action="store_true",
+                        help="free vs former constrained vs schema decoder with 10, 100, 700 cell-type labels")
     return parser.parse_args()
 
 
@@ -103,6 +112,9 @@ def main() -> None:
     if args.sort_by_length:
         compare_orders(describe, cells, vocabulary, args.batch_sizes, generation)
         return
+    if args.label_scaling:
+        label_scaling(describe, cells, vocabulary, args.new_tokens)
+        return
     rates = {}
     for batch_size in args.batch_sizes:
         timer.seconds = 0.0
@@ -136,6 +148,91 @@ def compare_orders(describe, cells, vocabulary, batch_sizes, generation) -> None
         print(f"batch size {batch_size:>3}: given order {len(texts[False]) / given:8.2f} cells/s, longest first "
               f"{len(texts[True]) / ordered:8.2f} cells/s ({given / ordered:.2f}x); same text for {same} of "
               f"{len(texts[False])} cells")
+
+
+def cell_ontology_labels(first: list[str], n: int) -> dict[str, str]:
+    """`n` cell-type labels: `first` (the model's own), then real Cell Ontology labels (label -> CL id)."""
+    sys.path.insert(0, str(REPO))
+    from processing import ontologies
+
+    labels = {label: f"CL:{i:07d}" for i, label in enumerate(first)}
+    for term_id, record in sorted(ontologies._terms("CL").items()):
+        label = record.get("label")
+        if len(labels) >= n:
+            break
+        if label and "." not in label and not record.get("deprecated") and label not in labels:
+            labels[label] = term_id
+    return labels
+
+
+def label_scaling(describe, cells, vocabulary, new_tokens: int, batch_size: int = 16) -> None:
+    """The decoders side by side on the same cells (see the module doc)."""
+    import torch
+
+    from modeling_cell2text.label_scoring import generate_with_cell_type, score_cell_types
+    from modeling_cell2text.schema_decoding import SchemaDecoder
+
+    processor, model = describe.processor, describe.model
+    own = sorted(processor.ontology_term_ids.get("cell_type", {}))
+    batches = [describe.preprocess([describe.processor.feature_extractor.tokenize(cells[i : i + batch_size],
+                                                                                 vocabulary)[j]
+                                    for j in range(min(batch_size, cells.shape[0] - i))])
+               for i in range(0, cells.shape[0], batch_size)]
+    n_cells = cells.shape[0]
+
+    def timed(name: str, run) -> float:
+        start = time.perf_counter()
+        extra = run()
+        rate = n_cells / (time.perf_counter() - start)
+        print(f"{name:<44} {rate:8.2f} cells/s  {extra}")
+        return rate
+
+    calls = {"n": 0}
+    hook = model.register_forward_pre_hook(lambda module, args: calls.__setitem__("n", calls["n"] + 1))
+    pad = describe._generation_defaults.get("pad_token_id")
+    with torch.no_grad():
+        def free():
+            calls["n"] = 0
+            for inputs in batches:
+                model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+            return f"{calls['n'] / len(batches):6.1f} model calls per batch (at most {new_tokens} new tokens)"
+
+        def former():
+            calls["n"] = 0
+            for inputs in batches:
+                generate_with_cell_type(model, processor, inputs, max_new_tokens=new_tokens, do_sample=False,
+                                        pad_token_id=pad)
+            return f"{calls['n'] / len(batches):6.1f} model calls per batch"
+
+        timed("free generation", free)
+        saved = processor.ontology_term_ids
+        rates = {}
+        try:
+            processor.ontology_term_ids = {**saved, "cell_type": cell_ontology_labels(own, 10)}
+            rates["former"] = timed("former constrained describe, 10 labels", former)
+            for n_labels in (10, 100, 700):
+                processor.ontology_term_ids = {**saved, "cell_type": cell_ontology_labels(own, n_labels)}
+                decoder = SchemaDecoder(processor)
+                chosen, calls_per_batch, tokens_per_cell = [], [], []
+
+                def schema():
+                    for inputs in batches:
+                        described = decoder.describe(model, inputs)
+                        chosen.extend(labels["cell_type"] for labels in described.labels)
+                        calls_per_batch.append(decoder.calls)
+                        tokens_per_cell.append(decoder.tokens / inputs["input_ids"].shape[0])
+                    return (f"{np.mean(calls_per_batch):6.1f} model calls per batch, "
+                            f"{np.mean(tokens_per_cell):5.0f} text tokens run per cell")
+
+                rates[n_labels] = timed(f"schema decoder, {n_labels} cell-type labels", schema)
+                exhaustive = [label for inputs in batches for label in score_cell_types(model, processor, inputs).labels]
+                same = sum(a == b for a, b in zip(chosen, exhaustive))
+                print(f"{'':<44} cell type as exhaustive scoring's for {same} of {n_cells} cells")
+        finally:
+            processor.ontology_term_ids = saved
+            hook.remove()
+    print(f"schema decoder at 10 labels / former constrained: {rates[10] / rates['former']:.2f}x (target >= 3x); "
+          f"10 / 700 labels: {rates[10] / rates[700]:.2f}x (target <= 1.5x)")
 
 
 if __name__ == "__main__":

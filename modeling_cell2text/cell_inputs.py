@@ -16,6 +16,10 @@ import scipy.sparse as sp
 
 from .gene_ids import var_gene_ids
 
+# The cell inputs a processor gives the model (gene tokens, their masks, and expression bins for a value-aware
+# model): the feature extractor's model_input_names; the model reads them in generation's prefill only.
+CELL_INPUT_NAMES = ("gene_input_ids", "gene_attention_mask", "gene_token_mask", "gene_value_ids")
+
 
 def is_anndata(obj: Any) -> bool:
     """Whether ``obj`` is an AnnData (only when anndata is already imported: an AnnData needs it)."""

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from transformers import BatchFeature, FeatureExtractionMixin
 
-from .cell_inputs import empty_cells_error, format_cells, resolve_input
+from .cell_inputs import CELL_INPUT_NAMES, empty_cells_error, format_cells, resolve_input
 from .gene_ids import ensembl_gene_id, resolve_symbols, var_gene_ids
 from .gene_table import vocabulary_symbols
 from .geneformer_dictionaries import checked_vocabulary_source, load_geneformer_dictionaries, load_numeric_dict
@@ -212,8 +212,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        names = ["gene_input_ids", "gene_attention_mask", "gene_token_mask"]
-        return names + (["gene_value_ids"] if self.num_expression_bins else [])
+        return list(CELL_INPUT_NAMES if self.num_expression_bins else CELL_INPUT_NAMES[:-1])
 
     @property
     def pad_token_id(self) -> int:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .description_schema import CellDescription, DescriptionParseError, parse_description, render_description
-from .modeling_cell2text import CELL_INPUT_NAMES
+from .cell_inputs import CELL_INPUT_NAMES
 from .text_padding import text_pad_token_id
 
 # Rows (cells x candidates) of one scoring forward pass: bounds the logits held at once (rows x span x vocabulary).

@@ -18,8 +18,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging
 
+from .cell_inputs import CELL_INPUT_NAMES
 from .compatibility import PREPARED_ENCODER_KEY, check_gene_vocabulary, gene_vocabulary_sha256
 from .configuration_cell2text import Cell2TextConfig
 
@@ -28,8 +29,6 @@ logger = logging.get_logger(__name__)
 # Weight files a model folder may hold that only pickle can read.
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
-# Names of the cell inputs produced by Cell2TextProcessor; used in prefill only during generation.
-CELL_INPUT_NAMES = ("gene_input_ids", "gene_attention_mask", "gene_token_mask", "gene_value_ids")
 
 def _hidden_state_index(layer: int, num_layers: int) -> int:
     """A `gene_encoder_layer` as a non-negative index into hidden_states (embeddings + one entry per layer)."""
@@ -203,9 +202,18 @@ class Cell2TextModel(Cell2TextPreTrainedModel):
         cell_features = self.multi_modal_projector(gene_hidden[selected].to(projector_dtype))
         return cell_features, selected.sum(dim=1)
 
-    def get_placeholder_mask(self, input_ids: torch.LongTensor, cell_token_counts: torch.Tensor) -> torch.Tensor:
-        """Mask of the cell placeholder positions; checks that every prompt has as many as its cell has features."""
-        placeholder_mask = input_ids == self.config.cell_token_id
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, cell_token_counts: torch.Tensor
+    ) -> torch.Tensor:
+        """Mask of the cell placeholder positions, found in `input_ids` or, without them, as the placeholder's
+        embedding in `inputs_embeds`; checks that every prompt has as many as its cell has features."""
+        if input_ids is None:
+            placeholder = self.get_input_embeddings()(
+                torch.tensor(self.config.cell_token_id, dtype=torch.long, device=inputs_embeds.device)
+            )
+            placeholder_mask = (inputs_embeds == placeholder).all(dim=-1)
+        else:
+            placeholder_mask = input_ids == self.config.cell_token_id
         placeholders_per_row = placeholder_mask.sum(dim=1)
         if placeholders_per_row.shape != cell_token_counts.shape or not torch.equal(
             placeholders_per_row, cell_token_counts.to(placeholders_per_row.device)
@@ -219,6 +227,7 @@ class Cell2TextModel(Cell2TextPreTrainedModel):
             )
         return placeholder_mask
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -240,12 +249,10 @@ class Cell2TextModel(Cell2TextPreTrainedModel):
 
         cell_features = None
         if gene_input_ids is not None:
-            if input_ids is None:
-                raise ValueError("Cell inputs need input_ids to locate the cell placeholder tokens.")
             cell_features, counts = self.get_cell_features(
                 gene_input_ids, gene_attention_mask, gene_token_mask, gene_value_ids
             )
-            placeholder_mask = self.get_placeholder_mask(input_ids, counts)
+            placeholder_mask = self.get_placeholder_mask(input_ids, inputs_embeds, counts)
             cell_features = cell_features.to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(placeholder_mask.unsqueeze(-1), cell_features)
         elif input_ids is not None and (input_ids == self.config.cell_token_id).any():
@@ -260,6 +267,7 @@ class Cell2TextModel(Cell2TextPreTrainedModel):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         return Cell2TextModelOutputWithPast(
@@ -305,9 +313,19 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, *args, **kwargs) -> nn.Embedding:
+        """`PreTrainedModel.resize_token_embeddings`, refusing a size that would drop the cell placeholder's row."""
+        if new_num_tokens is not None and new_num_tokens <= self.config.cell_token_id:
+            raise ValueError(
+                f"new_num_tokens={new_num_tokens} would drop the cell placeholder (token id "
+                f"{self.config.cell_token_id}): keep at least {self.config.cell_token_id + 1} token embeddings."
+            )
+        return super().resize_token_embeddings(new_num_tokens, *args, **kwargs)
+
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.lm_head = new_embeddings
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -336,6 +354,7 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -374,22 +393,34 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
         return result
 
     def generate(self, *args, **kwargs):
-        """`GenerationMixin.generate`, never emitting the cell placeholder: it only has meaning in the prompt."""
-        suppress = list(kwargs.pop("suppress_tokens", None) or getattr(self.generation_config, "suppress_tokens", None) or [])
+        """`GenerationMixin.generate`, never emitting the cell placeholder: it only has meaning in the prompt. The
+        placeholder is added to the suppressed tokens of the call, of its `generation_config` or of the model's."""
+        config = kwargs.get("generation_config") or self.generation_config
+        suppress = list(kwargs.pop("suppress_tokens", None) or getattr(config, "suppress_tokens", None) or [])
         if self.config.cell_token_id not in suppress:
             suppress.append(self.config.cell_token_id)
         return super().generate(*args, suppress_tokens=suppress, **kwargs)
 
-    def prepare_inputs_for_generation(self, input_ids, *args, is_first_iteration: bool | None = False, **kwargs):
-        """Pass the cell inputs in the prefill step only; decoding steps read them from the KV cache.
-
-        Without a cache (`use_cache=False`) every step re-reads the whole prompt, so the cells go with it.
-        """
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        cache=None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ) -> dict:
+        """Pass the cell inputs while the KV cache holds nothing yet (the prefill, also an assistant model's);
+        later steps read the cells from the cache. Without a cache (`use_cache=False`) every step re-reads the
+        whole prompt, so the cells go with it."""
         cell_inputs = {name: kwargs.pop(name, None) for name in CELL_INPUT_NAMES}
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, *args, is_first_iteration=is_first_iteration, **kwargs
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
         )
-        if is_first_iteration or not kwargs.get("use_cache", True):
+        cache_is_empty = cache is None or cache.get_seq_length() == 0
+        if cache_is_empty or not kwargs.get("use_cache", True):
             model_inputs.update({k: v for k, v in cell_inputs.items() if v is not None})
         return model_inputs
 

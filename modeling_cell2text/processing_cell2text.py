@@ -102,6 +102,11 @@ class Cell2TextProcessor(ProcessorMixin):
         input_values: str = "counts",
         skip_empty_cells: bool = False,
         return_tensors: str | None = "pt",
+        text: str | Sequence[str] | None = None,
+        images=None,
+        videos=None,
+        audio=None,
+        **text_kwargs,
     ) -> BatchFeature:
         """Build model inputs for a batch of cells.
 
@@ -111,7 +116,15 @@ class Cell2TextProcessor(ProcessorMixin):
         `descriptions` (training) each prompt is followed by its description and EOS, `labels` hold the
         description tokens only (prompt, placeholders and padding are -100) and padding is on the right; without
         (generation) the prompt ends with the assistant turn's opening and padding is on the left.
+
+        `text` (what `apply_chat_template(..., tokenize=True)` passes) tokenizes text-only prompts with the tokenizer
+        (`text_kwargs` go to it); text that holds the cell placeholder needs cells, which this processor places
+        itself: build such inputs with `processor(cells, gene_ids)`.
         """
+        if text is not None:
+            return self._text_only(text, cells, gene_input_ids, images, videos, audio, return_tensors, text_kwargs)
+        if images is not None or videos is not None or audio is not None or text_kwargs:
+            raise ValueError(f"Cell2TextProcessor takes cells, not images, videos, audio or {sorted(text_kwargs)}.")
         if (cells is None) == (gene_input_ids is None):
             raise ValueError("Pass exactly one of cells (expression) or gene_input_ids (tokenized cells).")
         if gene_value_ids is not None and gene_input_ids is None:
@@ -153,6 +166,22 @@ class Cell2TextProcessor(ProcessorMixin):
         text_inputs = self._pad(rows, labels or None, padding_side)
         data = {**text_inputs, **{k: v for k, v in cell_inputs.items()}}
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _text_only(self, text, cells, gene_input_ids, images, videos, audio, return_tensors, text_kwargs
+                   ) -> BatchFeature:
+        if cells is not None or gene_input_ids is not None:
+            raise ValueError("Pass either cells (the processor writes their prompt) or text, not both.")
+        if images is not None or videos is not None or audio is not None:
+            raise ValueError("Cell2TextProcessor takes cells and text, not images, videos or audio.")
+        texts = [text] if isinstance(text, str) else list(text)
+        if any(CELL_TOKEN in t for t in texts):
+            raise ValueError(
+                f"The text holds the cell placeholder {CELL_TOKEN!r}, which stands for a cell's genes: build the "
+                "inputs with processor(cells, gene_ids) (AnnData or a cells x genes matrix), which writes the prompt "
+                "with one placeholder per cell token and the cell's gene tokens."
+            )
+        text_kwargs.setdefault("add_special_tokens", False)  # a chat template writes its own special tokens
+        return BatchFeature(data=dict(self.tokenizer(texts, **text_kwargs)), tensor_type=return_tensors)
 
     def _prompt_ids(self, num_placeholders: int) -> list[int]:
         messages = [

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .description_schema import SchemaOption, definition_text, schema_options
-from .modeling_cell2text import CELL_INPUT_NAMES
+from .cell_inputs import CELL_INPUT_NAMES
 
 logger = logging.getLogger(__name__)
 

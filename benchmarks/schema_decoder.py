@@ -1,0 +1,117 @@
+"""The schema-constrained decoder on a corpus split, against exhaustive scoring and free generation (issue 18).
+
+    python benchmarks/schema_decoder.py [--model outputs/demo/cell2text-demo] [--corpus outputs/demo/corpus]
+
+On every cell of the split (the main job's 70 test cells by default) it prints: how many cells get the same cell
+type from the decoder (`num_beams` 1 and 4) as from exhaustive scoring of every label
+(`label_scoring.score_cell_types`), and where they differ whether the decoder's label has the higher
+log-likelihood; cell-type accuracy of each; parse rate, invented labels and repeated pathways of the decoder and
+of free greedy generation (160 new tokens); pathway Jaccard and F1 of both; and the wall time of each.
+Needs the main job's model and corpus (`bash scripts/main.sh`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=REPO / "outputs" / "demo" / "cell2text-demo")
+    parser.add_argument("--corpus", type=Path, default=REPO / "outputs" / "demo" / "corpus")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+    from datasets import load_from_disk
+
+    from modeling_cell2text.description_schema import DescriptionParseError, parse_description
+    from modeling_cell2text.label_scoring import score_cell_types
+    from modeling_cell2text.schema_decoding import SchemaDecoder
+    from processing.corpus import split_value_lists
+    from training.evaluation.evaluate import batched_inputs, check_corpus_vocabulary, load_model
+    from training.evaluation.metrics import pathway_report
+
+    model, processor = load_model(args.model, device="cpu")
+    check_corpus_vocabulary(args.corpus, processor)
+    cells = load_from_disk(str(args.corpus))[args.split]
+    values = split_value_lists(cells, processor.feature_extractor)
+    true_types, true_pathways = list(cells["cell_type"]), list(cells["pathways"])
+    known = {name: set(labels) for name, labels in processor.ontology_term_ids.items()}
+    known["pathways"] = set(processor.pathway_names)
+    batches = list(batched_inputs(model, processor, cells["gene_input_ids"], values, args.batch_size, "batches"))
+    n = len(cells)
+    print(f"{args.model} on {args.corpus} {args.split}: {n} cells, {len(known.get('cell_type', ()))} cell-type labels, "
+          f"{len(known['pathways'])} pathway names")
+
+    with torch.no_grad():
+        start = time.perf_counter()
+        exhaustive = [score_cell_types(model, processor, inputs) for inputs in batches]
+        exhaustive_s = time.perf_counter() - start
+    exhaustive_labels = [label for scores in exhaustive for label in scores.labels]
+    print(f"exhaustive scoring of every cell-type label: {exhaustive_s:.1f} s, accuracy "
+          f"{accuracy(exhaustive_labels, true_types):.3f}")
+
+    def summary(name: str, texts: list[str], seconds: float) -> None:
+        parsed = []
+        for text in texts:
+            try:
+                parsed.append(parse_description(text))
+            except DescriptionParseError:
+                parsed.append(None)
+        invented = sum(
+            1 for d in parsed if d is not None and any(
+                value is not None and value not in known.get(field, {value})
+                for field, value in (("cell_type", d.cell_type), ("tissue", d.tissue), ("disease", d.disease),
+                                     ("sex", d.sex))) or (d is not None and not set(d.pathways) <= known["pathways"]))
+        repeated = sum(1 for d in parsed if d is not None and len(set(d.pathways)) < len(d.pathways))
+        pathways = pathway_report(true_pathways, [None if d is None else d.pathways for d in parsed])
+        predicted = [None if d is None else d.cell_type for d in parsed]
+        print(f"{name}: {seconds:.1f} s, accuracy {accuracy(predicted, true_types):.3f}, parse rate "
+              f"{sum(d is not None for d in parsed) / n:.3f}, descriptions with an invented label {invented}, with a "
+              f"repeated pathway {repeated}, pathway Jaccard {pathways['jaccard']:.3f}, F1 {pathways['f1']:.3f}")
+
+    for beams in (1, 4):
+        decoder = SchemaDecoder(processor, num_beams=beams)
+        texts, labels, calls = [], [], []
+        start = time.perf_counter()
+        for inputs in batches:
+            described = decoder.describe(model, inputs)
+            texts += described.texts
+            labels += [chosen["cell_type"] for chosen in described.labels]
+            calls.append(decoder.calls)
+        seconds = time.perf_counter() - start
+        summary(f"schema decoder, num_beams={beams}", texts, seconds)
+        differ = [i for i, (a, b) in enumerate(zip(labels, exhaustive_labels)) if a != b]
+        better = 0
+        for i in differ:
+            scores = exhaustive[i // args.batch_size]
+            row = i % args.batch_size
+            ll = scores.log_likelihoods[row]
+            better += int(ll[scores.candidates.index(labels[i])] >= ll[scores.candidates.index(exhaustive_labels[i])])
+        print(f"  cell type as exhaustive scoring's for {n - len(differ)} of {n} cells; where they differ, the "
+              f"decoder's label is at least as likely for {better} of {len(differ)}; "
+              f"{sum(calls) / len(calls):.1f} model calls per batch")
+
+    from training.evaluation.evaluate import generate_descriptions
+
+    start = time.perf_counter()
+    free = generate_descriptions(model, processor, cells["gene_input_ids"], args.batch_size, 160, values)
+    summary("free generation (160 new tokens)", free, time.perf_counter() - start)
+
+
+def accuracy(predicted, true) -> float:
+    return sum(p == t for p, t in zip(predicted, true)) / max(len(true), 1)
+
+
+if __name__ == "__main__":
+    main()

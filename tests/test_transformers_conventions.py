@@ -1,0 +1,84 @@
+"""What transformers' common tests ask of every model, held for Cell2Text on a tiny random model: tuple outputs,
+assisted decoding, generation from embeddings, chat templates, embedding resizing."""
+
+from __future__ import annotations
+
+import pytest
+import scipy.sparse as sp
+import torch
+from test_pipeline import GENES, random_counts, save_tiny_model_folder
+
+from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(tmp_path_factory):
+    folder = save_tiny_model_folder(tmp_path_factory.mktemp("conventions"), trained=False)
+    return Cell2TextForConditionalGeneration.from_pretrained(folder).eval(), Cell2TextProcessor.from_pretrained(folder)
+
+
+@pytest.fixture()
+def inputs(model_and_processor):
+    _, processor = model_and_processor
+    return processor(sp.csr_matrix(random_counts(3, seed=2)), GENES)
+
+
+def test_tuple_output_equals_the_dict_outputs_to_tuple(model_and_processor, inputs):
+    model, _ = model_and_processor
+    labels = inputs["input_ids"].clone()
+    with torch.no_grad():
+        as_dict = model(**inputs, labels=labels, output_hidden_states=True)
+        as_tuple = model(**inputs, labels=labels, output_hidden_states=True, return_dict=False)
+        inner = model.model(**inputs, return_dict=False)
+    expected = as_dict.to_tuple()
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(expected)
+    torch.testing.assert_close(as_tuple[0], expected[0])  # the loss
+    torch.testing.assert_close(as_tuple[1], expected[1])  # the logits
+    assert isinstance(inner, tuple)
+    model.config.return_dict = False  # as the common tests set it
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(model(**inputs)[0], as_dict.logits)
+    finally:
+        model.config.return_dict = True
+
+
+def test_assisted_decoding_with_the_model_as_its_own_assistant_equals_greedy(model_and_processor, inputs):
+    model, _ = model_and_processor
+    row = {k: v[:1] for k, v in inputs.items()}  # assisted generation takes one sequence at a time
+    greedy = model.generate(**row, max_new_tokens=8, do_sample=False)
+    assisted = model.generate(**row, max_new_tokens=8, do_sample=False, assistant_model=model)
+    assert torch.equal(greedy, assisted)
+
+
+def test_generation_from_embeddings_equals_generation_from_ids(model_and_processor, inputs):
+    model, _ = model_and_processor
+    text_only = {"input_ids": inputs["input_ids"][:, :5], "attention_mask": inputs["attention_mask"][:, :5]}
+    text_only["attention_mask"] = torch.ones_like(text_only["input_ids"])
+    from_ids = model.generate(**text_only, max_new_tokens=6, do_sample=False)
+    embeds = model.get_input_embeddings()(text_only["input_ids"])
+    from_embeds = model.generate(inputs_embeds=embeds, attention_mask=text_only["attention_mask"], max_new_tokens=6,
+                                 do_sample=False)
+    assert torch.equal(from_ids[:, 5:], from_embeds)  # generate returns only the new tokens for embeddings
+    # with cells: the placeholders are found in the embeddings
+    with_cells = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    cell_embeds = model.get_input_embeddings()(inputs["input_ids"])
+    cell_inputs = {k: v for k, v in inputs.items() if k != "input_ids"}
+    from_cell_embeds = model.generate(inputs_embeds=cell_embeds, **cell_inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(with_cells[:, inputs["input_ids"].shape[1]:], from_cell_embeds)
+
+
+def test_chat_template_tokenizes_text_and_points_cells_to_the_processor(model_and_processor):
+    _, processor = model_and_processor
+    messages = [{"role": "user", "content": "Name a blood cell type."}]
+    ids = processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert ids.shape[0] == 1 and processor.tokenizer.decode(ids[0]) == text
+    with pytest.raises(ValueError, match=r"processor\(cells, gene_ids\)"):
+        processor.apply_chat_template([{"role": "user", "content": "Describe <cell><cell>"}], tokenize=True)
+
+
+def test_resizing_below_the_cell_placeholder_is_refused(model_and_processor):
+    model, _ = model_and_processor
+    with pytest.raises(ValueError, match="would drop the cell placeholder"):
+        model.resize_token_embeddings(model.config.cell_token_id)
