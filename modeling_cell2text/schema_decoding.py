@@ -8,7 +8,7 @@ pathways. Every description parses by construction and every label has its ontol
 
 One choice is a search over a prefix tree of the options' tokens (each option tokenized as it is written after the
 text before it), decoded for all cells of a batch at once. Each step feeds, per cell, the newest token of each of
-the `num_beams` best partial options in one forward pass; the partial options of a cell share the cell's cached
+the `num_beams` best partial options (with the tokens that follow it without a choice) in one forward pass; the partial options of a cell share the cell's cached
 prompt and see only their own ancestors (tree attention: a 4D attention mask over the tree's tokens), so no cache
 is copied per option. The search ranks options by the total log-likelihood of their tokens (as exhaustive scoring
 does; tokens all options share are written, not scored) and ends when every kept partial option is complete; the
@@ -36,6 +36,8 @@ from .cell_inputs import CELL_INPUT_NAMES
 logger = logging.getLogger(__name__)
 
 DEFAULT_NUM_BEAMS = 4
+# A choice whose tree needs at most this many tokens (its nodes with children) is scored whole, in one forward pass.
+DEFAULT_MAX_TREE_TOKENS = 128
 # The fields each choice states, and the result key of its score.
 CHOICE_FIELDS = {
     "cell_type": ("cell_type",),
@@ -66,6 +68,8 @@ class OptionTree:
         self.children: list[dict[int, int]] = [{}]
         self.depth: list[int] = [0]
         self.ends: list[list[int]] = [[]]
+        self.parent: list[int] = [-1]
+        self.token: list[int] = [-1]
         for option, tokens in enumerate(token_lists):
             node = 0
             for token in tokens:
@@ -76,9 +80,39 @@ class OptionTree:
                     self.children.append({})
                     self.depth.append(self.depth[node] + 1)
                     self.ends.append([])
+                    self.parent.append(node)
+                    self.token.append(token)
                 node = nxt
             self.ends[node].append(option)
         self.max_depth = max(self.depth)
+        # For scoring the whole tree in one forward pass: the nodes whose next-token distribution is needed
+        # (non-root nodes with children), each one token of the pass, in creation order (parents first).
+        self.internal = [node for node in range(1, len(self.children)) if self.children[node]]
+
+    def whole_tree_layout(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(tokens of the internal nodes, their depths, which internal nodes each one sees (its ancestors and
+        itself), each node's parent as a row of [the state's distribution, the internal nodes' ones], each node's
+        token, and which nodes each node's path holds (to sum log-probabilities along it))."""
+        slot = {node: i for i, node in enumerate(self.internal)}
+        count = len(self.internal)
+        sees = torch.zeros((count, count), dtype=torch.bool)
+        for i, node in enumerate(self.internal):
+            while node > 0:
+                sees[i, slot[node]] = True
+                node = self.parent[node]
+        n_nodes = len(self.children)
+        parent_row = torch.tensor([0] + [0 if self.parent[n] == 0 else slot[self.parent[n]] + 1
+                                         for n in range(1, n_nodes)])
+        on_path = torch.zeros((n_nodes, n_nodes), dtype=torch.float64)
+        for node in range(1, n_nodes):
+            ancestor = node
+            while ancestor > 0:
+                on_path[node, ancestor] = 1.0
+                ancestor = self.parent[ancestor]
+        return (torch.tensor([self.token[n] for n in self.internal], device=device),
+                torch.tensor([self.depth[n] for n in self.internal], device=device), sees.to(device),
+                parent_row.to(device), torch.tensor([max(t, 0) for t in self.token], device=device),
+                on_path.to(device))
 
 
 @dataclass
@@ -108,6 +142,22 @@ class SchemaDescriptions:
     log_likelihoods: list[dict[str, dict[str, float]]] = field(default_factory=list)
 
 
+class _KeptLogProbs:
+    """Next-token log-probabilities at some (cell, position) pairs of a forward pass: `[row, position]` gives one
+    (vocabulary,) row; `rows` of one cell's positions, `at(rows, positions, tokens)` the values of given tokens."""
+
+    def __init__(self, values: torch.Tensor, keep: torch.Tensor):
+        self.values = values
+        self.index = torch.full(keep.shape, -1, dtype=torch.long, device=keep.device)
+        self.index[keep] = torch.arange(int(keep.sum()), device=keep.device)
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        return self.values[self.index[key]]
+
+    def at(self, row: int, positions: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.values[self.index[row, positions], tokens]
+
+
 class _DecodingState:
     """The batch's language-model state: KV cache, which cached positions each cell's text may see, the next
     position id, and the next-token log-probabilities after the text so far."""
@@ -130,18 +180,26 @@ class _DecodingState:
     def device(self) -> torch.device:
         return self.visible.device
 
-    def _forward(self, ids: torch.Tensor, allowed: torch.Tensor, positions: torch.Tensor, real: torch.Tensor
-                 ) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, allowed: torch.Tensor, positions: torch.Tensor, real: torch.Tensor,
+                 keep: torch.Tensor) -> torch.Tensor:
         """Run `ids` (cells, q) on the cache; `allowed` (cells, q, cached + q) says what each new token sees; `real`
-        marks the tokens that are not padding (counted in `tokens`)."""
+        marks the tokens that are not padding (counted in `tokens`). Returns the next-token log-probabilities at the
+        positions `keep` marks, the only ones computed (the LM head over the vocabulary is most of the cost of a step
+        on a small LM)."""
         dtype = self.model.dtype
         mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        out = self.model(input_ids=ids, attention_mask=mask[:, None], position_ids=positions, cache=self.cache,
-                         use_cache=True)
+        settings = dict(input_ids=ids, attention_mask=mask[:, None], position_ids=positions, cache=self.cache,
+                        use_cache=True)
+        head = self.model.get_output_embeddings()
+        body = getattr(self.model, "model", None)
+        if head is None or body is None:  # not a Cell2TextForConditionalGeneration: every position's logits
+            kept = self.model(**settings).logits[keep]
+        else:
+            kept = head(body(**settings).last_hidden_state[keep])
         self.calls += 1
         self.tokens += int(real.sum())
-        return out.logits.float().log_softmax(dim=-1)
+        return _KeptLogProbs(kept.float().log_softmax(dim=-1), keep)
 
     def write(self, token_lists: Sequence[Sequence[int]], pad_id: int) -> None:
         """Append each cell's tokens (lengths may differ, even 0) to its text, in one forward pass."""
@@ -159,59 +217,116 @@ class _DecodingState:
         new |= torch.eye(width, dtype=torch.bool, device=self.device)[None]  # a padding token sees itself
         allowed = torch.cat([self.visible[:, None, :].expand(n, width, -1), new], dim=2)
         positions = self.next_position[:, None] + torch.arange(width, device=self.device)
-        log_probs = self._forward(ids, allowed, positions, real)
         lengths = real.sum(dim=1)
         written = lengths > 0
         last = (lengths - 1).clamp(min=0)
-        self.log_probs = torch.where(written[:, None], log_probs[torch.arange(n), last], self.log_probs)
+        keep = torch.zeros_like(real)
+        keep[torch.arange(n)[written], last[written]] = True  # only the last token's distribution is read
+        log_probs = self._forward(ids, allowed, positions, real, keep)
+        self.log_probs[written] = log_probs.values  # kept rows come in row order
         self.visible = torch.cat([self.visible, real], dim=1)
         self.next_position = self.next_position + lengths
 
+    def score_tree(self, tree: OptionTree, excluded: Sequence[int | None]) -> ChoiceResult:
+        """Every option of a small `tree` scored in one forward pass: each internal node is one token that sees its
+        ancestors (tree attention), so every option's log-likelihood is exhaustive scoring's."""
+        tokens, depths, sees, parent_row, node_token, on_path = tree.whole_tree_layout(self.device)
+        n, count = len(excluded), len(tree.internal)
+        if count:
+            ids = tokens[None].expand(n, -1)
+            allowed = torch.cat([self.visible[:, None, :].expand(n, count, -1), sees[None].expand(n, -1, -1)], dim=2)
+            positions = self.next_position[:, None] + depths[None] - 1
+            real = torch.ones((n, count), dtype=torch.bool, device=self.device)
+            kept = self._forward(ids, allowed, positions, real, real)
+            self.cache.crop(-count)  # negative: tokens to remove
+        completed = []
+        for row in range(n):
+            rows = self.log_probs[row][None]
+            if count:
+                rows = torch.cat([rows, kept.values[kept.index[row]]], dim=0)
+            node_log_probs = rows[parent_row, node_token].double()
+            node_log_probs[0] = 0.0
+            totals = (on_path @ node_log_probs).tolist()
+            completed.append({option: totals[node] for node, options in enumerate(tree.ends) for option in options
+                              if option != excluded[row]})
+        picks = [max(done, key=done.get) if done else None for done in completed]
+        return ChoiceResult(picks, completed)
+
     def choose(self, tree: OptionTree, num_beams: int, excluded: Sequence[int | None], pad_id: int) -> ChoiceResult:
-        """Search `tree` for each cell (see the module doc); the cache is left as it was."""
+        """Search `tree` for each cell (see the module doc); the cache is left as it was.
+
+        Each step extends the `num_beams` best partial options of every cell by one branching token, plus the tokens
+        that follow it without a choice (a chain in the tree), all in one forward pass."""
         n = len(excluded)
         start = self.cache.get_seq_length()
         beams: list[list[_Beam]] = [[_Beam(0, 0.0)] for _ in range(n)]
         completed: list[dict[int, float]] = [{} for _ in range(n)]
         tree_tokens = 0  # tree tokens appended to the cache since `start`
+
+        def complete(row: int, node: int, ll: float) -> None:
+            for option in tree.ends[node]:
+                if option != excluded[row] and ll > completed[row].get(option, -float("inf")):
+                    completed[row][option] = ll
+
         while True:
-            chosen: list[list[tuple[_Beam, int, int, float]]] = []  # per cell: (parent, token, node, ll)
+            plans: list[list[tuple[_Beam, list[int], list[int], float, int]]] = []  # per cell, per kept expansion
             for row in range(n):
                 expansions = []
                 for beam in beams[row]:
-                    log_probs = self.log_probs[row] if beam.log_probs is None else beam.log_probs
                     children = tree.children[beam.node]
                     if not children:
                         continue
-                    tokens = torch.tensor(list(children), device=self.device)
-                    for token, value in zip(children, log_probs[tokens].tolist()):
-                        expansions.append((beam, token, children[token], beam.log_likelihood + value))
-                for beam, token, node, ll in expansions:
-                    for option in tree.ends[node]:
-                        if option != excluded[row] and ll > completed[row].get(option, -float("inf")):
-                            completed[row][option] = ll
-                open_ = [e for e in expansions if tree.children[e[2]]]
-                open_.sort(key=lambda e: -e[3])
-                chosen.append(open_[:num_beams])
-            width = max(map(len, chosen))
+                    log_probs = self.log_probs[row] if beam.log_probs is None else beam.log_probs
+                    values = log_probs[torch.tensor(list(children), device=self.device)].tolist()
+                    for (token, child), value in zip(children.items(), values):
+                        complete(row, child, beam.log_likelihood + value)
+                        if tree.children[child]:
+                            expansions.append((beam, token, child, beam.log_likelihood + value))
+                expansions.sort(key=lambda e: -e[3])
+                row_plans = []
+                for beam, token, child, ll in expansions[:num_beams]:
+                    tokens, nodes = [token], [child]
+                    while not tree.ends[nodes[-1]] and len(tree.children[nodes[-1]]) == 1:
+                        ((next_token, next_node),) = tree.children[nodes[-1]].items()
+                        tokens.append(next_token)
+                        nodes.append(next_node)
+                    fed = len(tokens) if tree.children[nodes[-1]] else len(tokens) - 1  # a leaf's last: not run
+                    row_plans.append((beam, tokens, nodes, ll, fed))
+                plans.append(row_plans)
+            width = max(sum(plan[4] for plan in row_plans) for row_plans in plans)
             if width == 0:
                 break
             ids = torch.full((n, width), pad_id, dtype=torch.long, device=self.device)
             real = torch.zeros((n, width), dtype=torch.bool, device=self.device)
             sees_tree = torch.zeros((n, width, tree_tokens + width), dtype=torch.bool, device=self.device)
             positions = torch.zeros((n, width), dtype=torch.long, device=self.device)
-            for row, expansions in enumerate(chosen):
-                for slot, (parent, token, node, _) in enumerate(expansions):
-                    ids[row, slot] = token
-                    real[row, slot] = True
-                    sees_tree[row, slot, list(parent.path)] = True
-                    positions[row, slot] = self.next_position[row] + tree.depth[node] - 1
-            sees_tree[:, torch.arange(width), tree_tokens + torch.arange(width)] = True  # itself
+            first_slots: list[list[int]] = []
+            for row, row_plans in enumerate(plans):
+                slot, firsts = 0, []
+                for parent, tokens, nodes, _, fed in row_plans:
+                    firsts.append(slot)
+                    for k in range(fed):
+                        ids[row, slot] = tokens[k]
+                        real[row, slot] = True
+                        positions[row, slot] = self.next_position[row] + tree.depth[nodes[k]] - 1
+                        sees_tree[row, slot, list(parent.path)] = True
+                        sees_tree[row, slot, tree_tokens + firsts[-1] : tree_tokens + slot + 1] = True  # its chain
+                        slot += 1
+                for pad in range(slot, width):
+                    sees_tree[row, pad, tree_tokens + pad] = True  # a padding token sees itself
+                first_slots.append(firsts)
             allowed = torch.cat([self.visible[:, None, :].expand(n, width, -1), sees_tree], dim=2)
-            log_probs = self._forward(ids, allowed, positions, real)
-            beams = [[_Beam(node, ll, parent.path + (tree_tokens + slot,), log_probs[row, slot])
-                      for slot, (parent, token, node, ll) in enumerate(expansions)]
-                     for row, expansions in enumerate(chosen)]
+            log_probs = self._forward(ids, allowed, positions, real, real)
+            beams = [[] for _ in range(n)]
+            for row, row_plans in enumerate(plans):
+                for (parent, tokens, nodes, ll, fed), first in zip(row_plans, first_slots[row]):
+                    if len(tokens) > 1:
+                        chain = log_probs.at(row, first + torch.arange(len(tokens) - 1), torch.tensor(tokens[1:]))
+                        ll += float(chain.sum())
+                        complete(row, nodes[-1], ll)
+                    if tree.children[nodes[-1]]:
+                        path = parent.path + tuple(tree_tokens + first + k for k in range(fed))
+                        beams[row].append(_Beam(nodes[-1], ll, path, log_probs[row, first + fed - 1]))
             tree_tokens += width
         if tree_tokens:
             self.cache.crop(-(self.cache.get_seq_length() - start))  # negative: tokens to remove
@@ -230,11 +345,13 @@ def known_labels(processor) -> dict[str, list[str]]:
 class SchemaDecoder:
     """The options of every choice, tokenized once for a processor; `describe` decodes batches with it."""
 
-    def __init__(self, processor, num_beams: int = DEFAULT_NUM_BEAMS):
-        if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-            raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
+    def __init__(self, processor, num_beams: int = DEFAULT_NUM_BEAMS, max_tree_tokens: int = DEFAULT_MAX_TREE_TOKENS):
+        for name, value in (("num_beams", num_beams), ("max_tree_tokens", max_tree_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "num_beams" else 0):
+                raise ValueError(f"{name} must be a non-negative integer (num_beams >= 1), got {value!r}")
         self.processor = processor
         self.num_beams = num_beams
+        self.max_tree_tokens = max_tree_tokens
         self.options = schema_options(known_labels(processor))
         if "cell_type" not in self.options:
             raise ValueError(
@@ -282,18 +399,27 @@ class SchemaDecoder:
         choice_results: dict[str, ChoiceResult] = {}
         pending: list[list[int]] = [[] for _ in range(n)]  # chosen tokens not yet run, written with the next prefix
         for choice, options in self.options.items():
-            state.write([tokens + self.shared_tokens[choice] for tokens in pending], pad_id)
+            pending = [tokens + self.shared_tokens[choice] for tokens in pending]
             excluded = choice_results["pathway_1"].chosen if choice == "pathway_2" else [None] * n
-            result = state.choose(self.trees[choice], self.num_beams, excluded, pad_id)
+            tree = self.trees[choice]
+            if len(options) == 1:  # nothing to choose (e.g. one tissue): written with the next text, probability 1
+                result = ChoiceResult([None if excluded[row] == 0 else 0 for row in range(n)],
+                                      [{} if excluded[row] == 0 else {0: 0.0} for row in range(n)])
+            else:
+                state.write(pending, pad_id)
+                pending = [[] for _ in range(n)]
+                if len(tree.internal) <= self.max_tree_tokens:
+                    result = state.score_tree(tree, excluded)
+                else:
+                    result = state.choose(tree, self.num_beams, excluded, pad_id)
             choice_results[choice] = result
-            pending = [[] for _ in range(n)]
             for row, pick in enumerate(result.chosen):
                 if pick is None:  # no option left (a single pathway name, taken by the first)
                     continue
                 option: SchemaOption = options[pick]
                 labels[row].update(dict(option.labels))
                 text = option.text
-                pending[row] = list(self.option_tokens[choice][pick])
+                pending[row] = pending[row] + list(self.option_tokens[choice][pick])
                 if choice == "cell_type" and labels[row]["cell_type"] in self.definitions:
                     sentence = definition_text(self.definitions[labels[row]["cell_type"]])
                     pending[row] += tokens_in_context(tokenizer, texts[row] + text, sentence)
@@ -317,13 +443,14 @@ class SchemaDecoder:
                     continue
                 indices = list(done)
                 values = torch.tensor([done[i] for i in indices], dtype=torch.float64)
-                probabilities = (values / temperature).softmax(dim=0).tolist()
+                # the model's cell_type_temperature is fitted for the cell type; the other fields: not yet (1.0)
+                probabilities = (values / (temperature if choice == "cell_type" else 1.0)).softmax(dim=0).tolist()
                 for name in CHOICE_FIELDS[choice]:
                     chosen = labels[row].get(name)
                     if chosen is None:  # a field without known labels, left out of the description
                         continue
-                    scores[row][name] = sum(p for i, p in zip(indices, probabilities)
-                                            if dict(options[i].labels).get(name) == chosen)
+                    scores[row][name] = min(1.0, sum(p for i, p in zip(indices, probabilities)
+                                                      if dict(options[i].labels).get(name) == chosen))
                 likelihoods[row][choice] = {options[i].text: done[i] for i in indices}
         return scores, likelihoods
 

@@ -51,9 +51,13 @@ def test_the_options_render_exactly_the_template():
         CellDescription(cell_type="B cell", disease="normal"))
 
 
-def test_every_field_is_a_known_label_and_every_description_parses(random_model_and_processor):
+SEARCHES = pytest.mark.parametrize("max_tree_tokens", [0, 10_000], ids=["beam search", "whole tree"])
+
+
+@SEARCHES
+def test_every_field_is_a_known_label_and_every_description_parses(random_model_and_processor, max_tree_tokens):
     model, processor = random_model_and_processor
-    decoder = SchemaDecoder(processor)
+    decoder = SchemaDecoder(processor, max_tree_tokens=max_tree_tokens)
     described = decoder.describe(model, cells(processor, 8))
     results = schema_results(processor, described)
     assert len(results) == 8
@@ -71,14 +75,16 @@ def test_every_field_is_a_known_label_and_every_description_parses(random_model_
             assert 0 < result[f"{name}_score"] <= 1, name
 
 
-def test_with_enough_beams_the_choice_is_exhaustive_scorings(random_model_and_processor):
-    """num_beams >= the number of labels: every label is completed, so the chosen cell type, its log-likelihood
-    and its probability are exhaustive scoring's (`label_scoring.score_cell_types`)."""
+@SEARCHES
+def test_with_enough_beams_the_choice_is_exhaustive_scorings(random_model_and_processor, max_tree_tokens):
+    """The whole tree in one pass, or num_beams >= the number of labels: every label is completed, so the chosen
+    cell type, its log-likelihood and its probability are exhaustive scoring's (`label_scoring.score_cell_types`)."""
     model, processor = random_model_and_processor
     inputs = cells(processor, 8, seed=5)
     exhaustive = score_cell_types(model, processor, inputs)
     assert len(set(exhaustive.labels)) > 1  # the random model tells cells apart
-    described = SchemaDecoder(processor, num_beams=len(CELL_TYPES)).describe(model, inputs)
+    described = SchemaDecoder(processor, num_beams=len(CELL_TYPES), max_tree_tokens=max_tree_tokens).describe(
+        model, inputs)
     assert [labels["cell_type"] for labels in described.labels] == exhaustive.labels
     assert [s["cell_type"] for s in described.scores] == pytest.approx(exhaustive.scores, rel=1e-5)
     for row, likelihoods in enumerate(described.log_likelihoods):
@@ -93,7 +99,7 @@ def test_with_enough_beams_the_choice_is_exhaustive_scorings(random_model_and_pr
 
 def test_a_narrow_search_still_gives_probabilities_that_sum_to_one(random_model_and_processor):
     model, processor = random_model_and_processor
-    described = SchemaDecoder(processor, num_beams=1).describe(model, cells(processor, 4))
+    described = SchemaDecoder(processor, num_beams=1, max_tree_tokens=0).describe(model, cells(processor, 4))
     for labels, scores, likelihoods in zip(described.labels, described.scores, described.log_likelihoods):
         for choice, completed in likelihoods.items():
             probabilities = torch.tensor(list(completed.values()), dtype=torch.float64).softmax(dim=0)
@@ -110,7 +116,7 @@ def test_model_calls_do_not_grow_with_the_number_of_labels(random_model_and_proc
     tokens = {}
     for name, labels in (("few", dict(list(many.items())[:10])), ("many", many)):
         processor.ontology_term_ids = {**processor.ontology_term_ids, "cell_type": labels}
-        decoder = SchemaDecoder(processor, num_beams=4)
+        decoder = SchemaDecoder(processor, num_beams=4, max_tree_tokens=0)  # a search, as for a Census label set
         decoder.describe(model, inputs)
         # the prefill, one write before each choice, at most one call per level of each choice's tree
         assert decoder.calls <= 1 + sum(1 + tree.max_depth for tree in decoder.trees.values())
@@ -175,3 +181,14 @@ def test_sampling_is_refused_when_constrained(random_model_and_processor):
     pipe = pipeline("cell-to-text", model=model, processor=processor)
     with pytest.raises(ValueError, match="does not sample"):
         pipe(sp.csr_matrix(random_counts(2)), gene_ids=GENES, do_sample=True)
+
+
+def test_one_pathway_name_is_stated_once(random_model_and_processor):
+    model, processor = random_model_and_processor
+    saved = processor.pathway_names
+    processor.pathway_names = ["TCA Cycle"]
+    try:
+        results = schema_results(processor, SchemaDecoder(processor).describe(model, cells(processor, 2)))
+    finally:
+        processor.pathway_names = saved
+    assert all(result["pathways"] == ["TCA Cycle"] and result["pathways_score"] == 1.0 for result in results)
