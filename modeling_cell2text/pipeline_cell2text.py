@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, Pipeline
 from .cell_inputs import empty_cells_error
 from .compatibility import check_model_and_processor
 from .label_scoring import constrains_by_default
-from .schema_decoding import DEFAULT_NUM_BEAMS, SchemaDecoder, schema_results
+from .schema_decoding import DEFAULT_NUM_BEAMS, SchemaDecoder, known_labels, schema_results
 from .text_padding import text_pad_token_id
 
 logger = logging.getLogger(__name__)
@@ -204,11 +204,13 @@ class Cell2TextPipeline(Pipeline):
         return knows_labels if constrained is None else bool(constrained) and knows_labels
 
     def schema_decoder(self, num_beams: int = DEFAULT_NUM_BEAMS) -> SchemaDecoder:
-        """The processor's schema decoder (its options tokenized once per pipeline and search width)."""
-        decoders = self.__dict__.setdefault("_schema_decoders", {})
-        if num_beams not in decoders:
-            decoders[num_beams] = SchemaDecoder(self.processor, num_beams)
-        return decoders[num_beams]
+        """The processor's schema decoder, its options tokenized once per search width and set of labels (so a
+        processor whose labels were changed gets a new one)."""
+        key = (num_beams, repr(known_labels(self.processor)), repr(getattr(self.processor, "cell_type_definitions", {})))
+        cached = self.__dict__.get("_schema_decoder")
+        if cached is None or cached[0] != key:
+            self._schema_decoder = (key, SchemaDecoder(self.processor, num_beams))
+        return self._schema_decoder[1]
 
     def postprocess(self, model_outputs: dict, **kwargs: Any) -> list[dict]:
         if "schema" in model_outputs:

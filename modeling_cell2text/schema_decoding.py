@@ -6,25 +6,27 @@ forward pass per segment) and lets the model choose only the labels, each among 
 its training corpus: the cell type, the tissue, the donor clause (sex, disease and age group), and two different
 pathways. Every description parses by construction and every label has its ontology id.
 
-One choice is a search over a prefix tree of the options' tokens (each option tokenized as it is written after the
-text before it), decoded for all cells of a batch at once. Each step feeds, per cell, the newest token of each of
-the `num_beams` best partial options (with the tokens that follow it without a choice) in one forward pass; the partial options of a cell share the cell's cached
-prompt and see only their own ancestors (tree attention: a 4D attention mask over the tree's tokens), so no cache
-is copied per option. The search ranks options by the total log-likelihood of their tokens (as exhaustive scoring
+One choice is decoded over a prefix tree of the options' tokens (each option tokenized as it is written after the
+text before it), for all cells of a batch at once. A small tree (`max_tree_tokens`) is scored whole in one forward
+pass: each of its nodes is a token that sees only its ancestors, so every option gets its exact log-likelihood.
+A larger tree is searched: each step feeds, per cell, the next branching token of each of the `num_beams` best
+partial options (with the tokens that follow it without a choice) in one forward pass; the partial options of a
+cell share the cell's cached prompt and see only their own ancestors (tree attention: a 4D attention mask over the
+tree's tokens), so no cache is copied per option. The search ranks options by the total log-likelihood of their tokens (as exhaustive scoring
 does; tokens all options share are written, not scored) and ends when every kept partial option is complete; the
 best complete option is chosen. Model calls per batch: the prefill, one per choice to write the text before it,
 and at most the depth of the choice's tree; none scales with the number of labels.
 
-The score of a field is its chosen label's probability: the softmax of the (temperature-scaled) log-likelihoods of
-the complete options the search reached, others counting as 0, so the scores of a field's labels sum to 1. With
-`num_beams` at least the number of options it is exhaustive scoring.
+The score of a field is its chosen label's probability: the softmax of the log-likelihoods of the options scored
+(all of a small tree's; those a search completed, the others counting as 0), so the scores of a field's labels sum
+to 1; the cell type's with the model's fitted `cell_type_temperature`. A whole tree, or a search with `num_beams`
+at least the number of options, is exhaustive scoring.
 
 This file travels as remote code with a saved model: it imports only torch and its sibling modules.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -32,8 +34,6 @@ import torch
 
 from .description_schema import SchemaOption, definition_text, schema_options
 from .cell_inputs import CELL_INPUT_NAMES
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_NUM_BEAMS = 4
 # A choice whose tree needs at most this many tokens (its nodes with children) is scored whole, in one forward pass.

@@ -192,3 +192,19 @@ def test_one_pathway_name_is_stated_once(random_model_and_processor):
     finally:
         processor.pathway_names = saved
     assert all(result["pathways"] == ["TCA Cycle"] and result["pathways_score"] == 1.0 for result in results)
+
+
+def test_the_pipeline_rebuilds_its_decoder_when_the_labels_change(random_model_and_processor):
+    from transformers import pipeline
+
+    model, processor = random_model_and_processor
+    pipe = pipeline("cell-to-text", model=model, processor=processor)
+    first = pipe.schema_decoder()
+    assert pipe.schema_decoder() is first
+    saved = processor.ontology_term_ids
+    processor.ontology_term_ids = {**saved, "cell_type": {"B cell": "CL:0000236", "T cell": "CL:0000084"}}
+    try:
+        assert pipe.schema_decoder() is not first
+        assert pipe.schema_decoder().options_labels("cell_type") == ["B cell", "T cell"]
+    finally:
+        processor.ontology_term_ids = saved
