@@ -90,6 +90,13 @@ class OptionTree:
         self.internal = [node for node in range(1, len(self.children)) if self.children[node]]
 
     def whole_tree_layout(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """`_whole_tree_layout`, computed once per device."""
+        cached = self.__dict__.setdefault("_layouts", {})
+        if device not in cached:
+            cached[device] = self._whole_tree_layout(device)
+        return cached[device]
+
+    def _whole_tree_layout(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """(tokens of the internal nodes, their depths, which internal nodes each one sees (its ancestors and
         itself), each node's parent as a row of [the state's distribution, the internal nodes' ones], each node's
         token, and which nodes each node's path holds (to sum log-probabilities along it))."""
