@@ -35,6 +35,21 @@ def _hidden_state_index(layer: int, num_layers: int) -> int:
     return layer % (num_layers + 1)
 
 
+def _encoder_states(encoder: nn.Module, read: int, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+    """The encoder's hidden state number `read` (0: the embeddings), running only the layers up to it for a BERT
+    (Geneformer's architecture has nothing after its layers, so the layers above would be computed for nothing:
+    one layer of 18 when the second-to-last is read); other encoders run whole and are indexed."""
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True)
+    stack = getattr(getattr(encoder, "encoder", None), "layer", None)
+    if encoder.config.model_type != "bert" or not isinstance(stack, nn.ModuleList):
+        return encoder(**inputs, output_hidden_states=True).hidden_states[read]
+    encoder.encoder.layer = stack[:read]
+    try:
+        return encoder(**inputs, output_hidden_states=False).last_hidden_state
+    finally:
+        encoder.encoder.layer = stack
+
+
 @dataclass
 class Cell2TextModelOutputWithPast(BaseModelOutputWithPast):
     """Language-model outputs plus the projected cell features that were scattered into the prompt."""
@@ -179,15 +194,9 @@ class Cell2TextModel(Cell2TextPreTrainedModel):
                 f"gene_token_mask {tuple(gene_token_mask.shape)} (and gene_value_ids) must have the same shape."
             )
         frozen = self.config.freeze_gene_encoder
+        read = _hidden_state_index(self.config.gene_encoder_layer, self.config.gene_encoder_config.num_hidden_layers)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            encoder_outputs = self.gene_encoder(
-                input_ids=gene_input_ids,
-                attention_mask=gene_attention_mask,
-                token_type_ids=gene_value_ids,
-                output_hidden_states=True,
-                return_dict=True,
-            )
-        gene_hidden = encoder_outputs.hidden_states[self.config.gene_encoder_layer]
+            gene_hidden = _encoder_states(self.gene_encoder, read, gene_input_ids, gene_attention_mask, gene_value_ids)
         is_gene = gene_token_mask.bool()
         genes_per_cell = is_gene.sum(dim=1)
         if bool((genes_per_cell == 0).any()):

@@ -82,3 +82,28 @@ def test_resizing_below_the_cell_placeholder_is_refused(model_and_processor):
     model, _ = model_and_processor
     with pytest.raises(ValueError, match="would drop the cell placeholder"):
         model.resize_token_embeddings(model.config.cell_token_id)
+
+
+@pytest.mark.parametrize("layer", [1, -1, 0])
+def test_the_encoder_layers_above_the_one_read_are_not_run_and_change_nothing(model_and_processor, inputs, layer):
+    model, _ = model_and_processor
+    encoder = model.model.gene_encoder
+    saved, model.config.gene_encoder_layer = model.config.gene_encoder_layer, layer
+    ran = []
+    hooks = [block.register_forward_hook(lambda *args, i=i: ran.append(i)) for i, block in enumerate(encoder.encoder.layer)]
+    try:
+        with torch.no_grad():
+            features, _ = model.model.get_cell_features(inputs["gene_input_ids"], inputs["gene_attention_mask"],
+                                                         inputs["gene_token_mask"])
+        layers_run = list(ran)
+        with torch.no_grad():  # the reference: every layer run, the state read by index
+            full = encoder(input_ids=inputs["gene_input_ids"], attention_mask=inputs["gene_attention_mask"],
+                           output_hidden_states=True).hidden_states[layer]
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.config.gene_encoder_layer = saved
+    assert layers_run == list(range(layer % 3))  # hidden state k is the output of layer k - 1
+    assert len(encoder.encoder.layer) == 2  # the model keeps every layer
+    mask = inputs["gene_token_mask"].bool() & (inputs["gene_token_mask"].cumsum(1) <= model.config.num_cell_tokens)
+    torch.testing.assert_close(features, model.model.multi_modal_projector(full[mask]), rtol=0, atol=0)
