@@ -7,7 +7,9 @@ Geneformer V2's 20,275-token vocabulary; descriptions rendered by the schema fro
 temporary folder with `datasets` (written batch by batch from a generator, never held in memory), then reads it as
 the recipe does: memory-mapped Arrow, shuffled, through `training.collator.Cell2TextDataCollator` in a
 `torch.utils.data.DataLoader` at `--batch-size`, for `--batches` batches. Prints the corpus's size on disk,
-cells/s, and the process's RSS before, during (every 10% of the batches) and after, so a growth shows. The
+cells/s, and the process's resident heap (RssAnon) before, during (every 10% of the batches) and after, so a growth
+shows, beside its mapped-file pages (RssFile: the memory-mapped corpus, which grows with the pages read and is given
+back under memory pressure). The
 processor's tokenizer is SmolLM2's when the main job has prepared it, else the tests' tiny one (the output says which).
 
 One H200 trains 19.1 cells/s at 16 x 2 (docs/results.md, issue 12): the input pipeline has to stay well above that
@@ -30,10 +32,12 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 VOCAB_SIZE = 20275  # Geneformer V2's
 
 
-def rss_mb() -> float:
+def rss_mb(kind: str = "RssAnon") -> float:
+    """Resident memory of this process in MB: "RssAnon" (the heap: what a leak grows) or "RssFile" (pages of mapped
+    files, here the memory-mapped corpus: clean, given back by the kernel under pressure)."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{kind}:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -111,7 +115,7 @@ def main() -> None:
         corpus = write_corpus(Path(tmp), args.cells, args.genes_per_cell)
         size = sum(p.stat().st_size for p in (Path(tmp) / "train").rglob("*") if p.is_file()) / 2**30
         print(f"corpus: {len(corpus):,} cells x {args.genes_per_cell} gene tokens, {size:.2f} GiB on disk, written in "
-              f"{time.perf_counter() - started:.0f} s; RSS {rss_mb():.0f} MB (at start {start_rss:.0f} MB)")
+              f"{time.perf_counter() - started:.0f} s; heap {rss_mb():.0f} MB (at start {start_rss:.0f} MB)")
         processor, which = processor_for_benchmark(args.num_cell_tokens)
         print(f"processor: {which}, {args.num_cell_tokens} cell tokens")
         loader = torch.utils.data.DataLoader(
@@ -125,13 +129,14 @@ def main() -> None:
             cells += batch["input_ids"].shape[0]
             if step % every == 0:
                 rss.append(rss_mb())
-                print(f"  {step:>6} batches, {cells / (time.perf_counter() - started):8.1f} cells/s, RSS {rss[-1]:.0f} MB")
+                print(f"  {step:>6} batches, {cells / (time.perf_counter() - started):8.1f} cells/s, heap {rss[-1]:.0f} "
+                      f"MB, mapped corpus pages {rss_mb('RssFile'):.0f} MB")
             if step >= args.batches:
                 break
         seconds = time.perf_counter() - started
         print(f"{cells:,} cells in {seconds:.1f} s: {cells / seconds:.1f} cells/s through the collator at batch "
-              f"{args.batch_size} ({args.workers} workers); RSS first {rss[0]:.0f} MB, last {rss[-1]:.0f} MB, peak "
-              f"{max(rss):.0f} MB")
+              f"{args.batch_size} ({args.workers} workers); heap (RssAnon) first {rss[0]:.0f} MB, last {rss[-1]:.0f} MB, "
+              f"peak {max(rss):.0f} MB")
 
 
 if __name__ == "__main__":
