@@ -152,3 +152,11 @@ def test_report_constraint_section_and_reliability_diagram(tmp_path):
     assert '- "CD14-positive, alpha-beta T cell": 2' in text
     assert "expected calibration error 0.475" in text
     assert (tmp_path / "reliability_diagram.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_the_header_names_the_dataset_split_and_gene_vocabulary(tmp_path):
+    results = {"model": "m", "dataset": "outputs/demo/corpus", "split": "test", "num_cells": 3,
+               "gene_vocabulary_sha256": "ab" * 32}
+    text = write_report(results, {}, tmp_path / "report").read_text()
+    assert "- Dataset: outputs/demo/corpus" in text and "- Split: test" in text
+    assert f"- Gene vocabulary sha256: {'ab' * 32}" in text

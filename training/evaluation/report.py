@@ -276,8 +276,10 @@ def _header(results: dict) -> list[str]:
         ("Unparsed descriptions", results.get("num_unparsed")),
     ]
     for name, value in facts:
-        if _present(value):
-            lines.append(f"- {name}: {value if isinstance(value, str) else format_value(value)}")
+        if isinstance(value, str) and value:
+            lines.append(f"- {name}: {value}")
+        elif _present(value):
+            lines.append(f"- {name}: {format_value(value)}")
     return lines + [""]
 
 
