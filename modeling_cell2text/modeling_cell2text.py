@@ -157,20 +157,19 @@ class Cell2TextModel(Cell2TextPreTrainedModel):
             self.gene_encoder.eval()
         return self
 
-    def get_cell_features(
+    def get_gene_states(
         self,
         gene_input_ids: torch.LongTensor,
         gene_attention_mask: torch.Tensor | None = None,
         gene_token_mask: torch.Tensor | None = None,
         gene_value_ids: torch.LongTensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode cells and project their first `num_cell_tokens` gene embeddings.
+        """The encoder's states at `config.gene_encoder_layer` (the ones the projector reads), shape (batch, genes,
+        encoder width), and the mask of gene positions (bool, shape (batch, genes)).
 
-        Returns the projected features of all cells concatenated in order, shape (total_cell_tokens, text_width),
-        and the number of cell tokens of each cell, shape (batch,).
         `gene_token_mask` marks gene positions (1) as opposed to special tokens and padding (0); when omitted,
         every attended position counts as a gene. `gene_value_ids` (value-aware models only) are the genes'
-        expression bins, given to the encoder as token types.
+        expression bins, given to the encoder as token types. A cell without a gene position is refused.
         """
         bins = self.config.num_expression_bins
         if bins and gene_value_ids is None:
@@ -193,10 +192,6 @@ class Cell2TextModel(Cell2TextPreTrainedModel):
                 f"gene_input_ids {tuple(gene_input_ids.shape)}, gene_attention_mask {tuple(gene_attention_mask.shape)}, "
                 f"gene_token_mask {tuple(gene_token_mask.shape)} (and gene_value_ids) must have the same shape."
             )
-        frozen = self.config.freeze_gene_encoder
-        read = _hidden_state_index(self.config.gene_encoder_layer, self.config.gene_encoder_config.num_hidden_layers)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            gene_hidden = _encoder_states(self.gene_encoder, read, gene_input_ids, gene_attention_mask, gene_value_ids)
         is_gene = gene_token_mask.bool()
         genes_per_cell = is_gene.sum(dim=1)
         if bool((genes_per_cell == 0).any()):
@@ -206,10 +201,42 @@ class Cell2TextModel(Cell2TextPreTrainedModel):
                 "has nothing to describe. Leave cells without vocabulary genes out (the pipeline's "
                 "skip_empty_cells=True does)."
             )
+        frozen = self.config.freeze_gene_encoder
+        read = _hidden_state_index(self.config.gene_encoder_layer, self.config.gene_encoder_config.num_hidden_layers)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            gene_states = _encoder_states(self.gene_encoder, read, gene_input_ids, gene_attention_mask, gene_value_ids)
+        return gene_states, is_gene
+
+    def get_cell_features(
+        self,
+        gene_input_ids: torch.LongTensor,
+        gene_attention_mask: torch.Tensor | None = None,
+        gene_token_mask: torch.Tensor | None = None,
+        gene_value_ids: torch.LongTensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode cells and project their first `num_cell_tokens` gene embeddings (`get_gene_states`' arguments).
+
+        Returns the projected features of all cells concatenated in order, shape (total_cell_tokens, text_width),
+        and the number of cell tokens of each cell, shape (batch,).
+        """
+        gene_states, is_gene = self.get_gene_states(gene_input_ids, gene_attention_mask, gene_token_mask, gene_value_ids)
         selected = is_gene & (torch.cumsum(is_gene.long(), dim=1) <= self.config.num_cell_tokens)
         projector_dtype = self.multi_modal_projector.linear_1.weight.dtype
-        cell_features = self.multi_modal_projector(gene_hidden[selected].to(projector_dtype))
+        cell_features = self.multi_modal_projector(gene_states[selected].to(projector_dtype))
         return cell_features, selected.sum(dim=1)
+
+    def get_cell_embeddings(
+        self,
+        gene_input_ids: torch.LongTensor,
+        gene_attention_mask: torch.Tensor | None = None,
+        gene_token_mask: torch.Tensor | None = None,
+        gene_value_ids: torch.LongTensor | None = None,
+    ) -> torch.Tensor:
+        """One embedding per cell, shape (batch, encoder width): the mean over its gene positions of the encoder
+        states the projector reads (`tl.embed` writes them to obsm)."""
+        gene_states, is_gene = self.get_gene_states(gene_input_ids, gene_attention_mask, gene_token_mask, gene_value_ids)
+        genes = is_gene.unsqueeze(-1).to(gene_states.dtype)
+        return (gene_states * genes).sum(dim=1) / genes.sum(dim=1)
 
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, cell_token_counts: torch.Tensor

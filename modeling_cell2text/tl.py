@@ -422,11 +422,11 @@ def embed(
         raise ValueError(f"batch_size must be an integer >= 1 (cells encoded together), got {batch_size!r}")
     model, processor = load(model, processor, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     feature_extractor = processor.feature_extractor
-    encoder = getattr(model, "model", model).gene_encoder
+    base = getattr(model, "model", model)  # Cell2TextModel
     layer_index = model.config.gene_encoder_layer
     matrix, gene_ids, obs_names = resolve_cells(feature_extractor, adata, None, layer, use_raw)
     n_cells = matrix.shape[0]
-    embeddings = np.full((n_cells, encoder.config.hidden_size), np.nan, dtype=np.float32)
+    embeddings = np.full((n_cells, model.config.gene_encoder_config.hidden_size), np.nan, dtype=np.float32)
     block_cells = max(MIN_BLOCK_CELLS, batch_size)
     with tqdm(total=n_cells, unit="cell", disable=not progress, desc="Embedding cells") as bar:
         for start in range(0, n_cells, block_cells):
@@ -441,12 +441,7 @@ def embed(
                 bins = None if ranked.value_bins is None else [ranked.bins_of(p) for p in positions]
                 inputs = feature_extractor.pad([ranked[p] for p in positions], bins, return_tensors="pt")
                 inputs = {name: tensor.to(model.device) for name, tensor in inputs.items()}
-                hidden = encoder(
-                    input_ids=inputs["gene_input_ids"], attention_mask=inputs["gene_attention_mask"],
-                    token_type_ids=inputs.get("gene_value_ids"), output_hidden_states=True, return_dict=True,
-                ).hidden_states[layer_index]
-                genes = inputs["gene_token_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * genes).sum(dim=1) / genes.sum(dim=1).clamp(min=1)
+                pooled = base.get_cell_embeddings(**inputs)
                 rows = start + ranked.cell_indices[first : first + len(positions)]
                 embeddings[rows] = pooled.float().cpu().numpy()
                 bar.update(len(positions))
