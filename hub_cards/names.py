@@ -81,3 +81,13 @@ def format_value(value: Any, digits: int = 3) -> str:
     if isinstance(value, numbers.Integral):
         return str(int(number))
     return f"{number:.{digits}f}"
+
+
+CALIBRATION_HEADER = ["Field", "Known labels", "Expected calibration error", "Mean confidence", "Accuracy"]
+
+
+def calibration_rows(per_field: dict) -> list[list[str]]:
+    """Rows of the per-field calibration table (the evaluation's `field_calibration`; report and model card)."""
+    return [[field_title(name), str(entry["num_labels"]), format_value(entry["ece"]),
+             format_value(entry["mean_confidence"]), format_value(entry["accuracy"])]
+            for name, entry in per_field.items()]

@@ -17,12 +17,14 @@ from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard,
 
 from modeling_cell2text.description_schema import LABEL_FIELD_NAMES
 from .names import (
+    CALIBRATION_HEADER,
     FIELD_METRICS,
     METHOD_NAMES,
     NO_VALUE,
     PATHWAY_METRICS,
     TEXT_METRICS,
     MetricName,
+    calibration_rows,
     field_title,
     finite_number,
     format_value,
@@ -251,6 +253,7 @@ def render_model_card(
         field_table=_field_table(results.get("fields", {})),
         baseline_table=_baseline_table(results, model_name),
         pathway_table=_metric_table(results.get("pathways", {}), PATHWAY_METRICS),
+        calibration_table=_table(CALIBRATION_HEADER, calibration_rows(results.get("field_calibration") or {})),
         text_table=_metric_table(text_scores, TEXT_METRICS),
         bleu_signature=text_scores.get("bleu_signature"),
         training_table=_training_table(training_config),

@@ -65,10 +65,15 @@ def test_constrained_evaluation_predicts_known_labels_with_confidence(model_and_
     assert sum(constraint["invented_labels"].values()) == constraint["num_invented"]
     assert constraint["constrained_accuracy"] == results["fields"]["cell_type"]["accuracy"]
     assert constraint["calibration"]["num_cells"] == 8
+    calibration = results["field_calibration"]  # every chosen field's probability, against the true labels
+    assert set(calibration) == {"cell_type", "tissue", "disease"} and calibration["cell_type"]["num_labels"] == 2
+    assert calibration["cell_type"]["ece"] == pytest.approx(constraint["calibration"]["ece"])
+    assert calibration["tissue"]["accuracy"] == 1.0 and calibration["tissue"]["num_cells"] == 8
     assert results["fields"]["cell_type"]["ontology_similarity"] > 0  # known labels have CL ids
     report = write_report(results, per_cell, tmp_path)
     text = report.read_text()
     assert "## Cell type constrained to the known labels" in text and "expected calibration error" in text
+    assert "| Tissue | 1 |" in text  # the per-field calibration table
     assert (tmp_path / "reliability_diagram.png").read_bytes()[:8] == PNG_MAGIC
     assert "](reliability_diagram.png)" in text
 

@@ -242,3 +242,14 @@ def test_no_local_path_reaches_the_dataset_card(summary, tmp_path):
     text = path.read_text()
     assert str(tmp_path) not in text and "/tmp" not in text
     assert "cells.h5ad" in text and DatasetCard.load(path).data.to_dict()["pretty_name"] == "corpus"
+
+
+def test_model_card_shows_the_confidence_of_each_field(results, tmp_path):
+    calibrated = {**results, "field_calibration": {
+        "cell_type": {"num_labels": 10, "ece": 0.089, "mean_confidence": 0.789, "accuracy": 0.7, "num_cells": 70},
+        "tissue": {"num_labels": 1, "ece": 0.0, "mean_confidence": 1.0, "accuracy": 1.0, "num_cells": 70}}}
+    card, _ = _model_card(calibrated, tmp_path)
+    assert "### Confidence of each field" in card.text
+    assert "| Cell type | 10 | 0.089 | 0.789 | 0.700 |" in card.text and "| Tissue | 1 |" in card.text
+    plain, _ = _model_card(results, tmp_path)
+    assert "### Confidence of each field" not in plain.text  # no table without the evaluation's figures

@@ -110,7 +110,9 @@ def describe_constrained(
         len(processor.tokenizer(cell_type_sentence(c), add_special_tokens=False)["input_ids"]) for c in candidates
     ) + 8  # room for a longer invented label
     pad_id = text_pad_token_id(processor.tokenizer)
-    out: dict = {"texts": [], "labels": [], "scores": [], "free_labels": [], "candidates": candidates}
+    out: dict = {"texts": [], "labels": [], "scores": [], "free_labels": [], "candidates": candidates,
+                 "field_labels": {name: [] for name in CALIBRATED_FIELDS},
+                 "field_scores": {name: [] for name in CALIBRATED_FIELDS}}
     decoder = SchemaDecoder(processor)
     for inputs in batched_inputs(model, processor, token_lists, value_lists, batch_size,
                                  "generating constrained descriptions"):
@@ -118,6 +120,9 @@ def describe_constrained(
         out["texts"] += described.texts
         out["labels"] += [labels["cell_type"] for labels in described.labels]
         out["scores"] += [scores["cell_type"] for scores in described.scores]
+        for name in CALIBRATED_FIELDS:
+            out["field_labels"][name] += [labels.get(name) for labels in described.labels]
+            out["field_scores"][name] += [scores.get(name) for scores in described.scores]
         free = model.generate(**inputs, max_new_tokens=first_sentence_tokens, do_sample=False, pad_token_id=pad_id)
         out["free_labels"] += [free_cell_type(t) for t in
                                processor.post_process_generation(free, inputs["input_ids"].shape[1])]
@@ -153,6 +158,29 @@ def fit_cell_type_temperature(model, processor, split, batch_size: int = 16) -> 
 
     return {"cell_type_temperature": temperature, "num_cells": len(known), "nll_before": nll(1.0),
             "nll_after": nll(temperature)}
+
+
+# The labelled fields whose chosen label comes with a probability (`<field>_score`), calibrated and reported.
+CALIBRATED_FIELDS = ("cell_type", "tissue", "disease", "sex", "age_group")
+
+
+def field_calibration(cells, described: dict, processor) -> dict:
+    """Per field the decoder chose: how many labels it chose among, and the calibration of its probabilities
+    against the corpus's true labels (cells without a true label or without a chosen one left out)."""
+    from modeling_cell2text.schema_decoding import known_labels
+
+    known = known_labels(processor)
+    report = {}
+    for name in CALIBRATED_FIELDS:
+        if name not in cells.column_names or not known.get(name):
+            continue
+        pairs = [(score, label == true) for true, label, score in zip(
+            cells[name], described["field_labels"][name], described["field_scores"][name])
+            if true is not None and score is not None]
+        if pairs:
+            report[name] = {"num_labels": len(known[name]),
+                            **calibration_report([s for s, _ in pairs], [c for _, c in pairs])}
+    return report
 
 
 def constraint_report(true: Sequence[str], described: dict) -> dict:
@@ -324,6 +352,7 @@ def evaluate_model(
         described_known = {**described, **{k: [described[k][i] for i in known]
                                             for k in ("labels", "scores", "free_labels")}}
         results["cell_type_constraint"] = constraint_report(per_cell["cell_type_true"], described_known)
+        results["field_calibration"] = field_calibration(cells, described, processor)
         per_cell["cell_type_score"] = described_known["scores"]
         per_cell["cell_type_free"] = described_known["free_labels"]
     results.update(model=str(model_dir), dataset=str(corpus_dir), split=split,

@@ -58,11 +58,13 @@ from modeling_cell2text.description_schema import LABEL_FIELD_NAMES
 from modeling_cell2text.output_files import check_new_output, publish_folder
 from training.evaluation.metrics import per_class_accuracy
 from hub_cards.names import (
+    CALIBRATION_HEADER,
     FIELD_METRICS,
     METHOD_NAMES,
     PATHWAY_METRICS,
     TEXT_METRICS,
     MetricName,
+    calibration_rows,
     finite_number,
     format_value,
 )
@@ -165,7 +167,13 @@ def _constraint_section(results: dict) -> list[str]:
         lines += [f"Calibration: expected calibration error {format_value(calibration['ece'])} (10 equal-width "
                   f"bins); mean confidence {format_value(calibration['mean_confidence'])}, accuracy "
                   f"{format_value(calibration['accuracy'])}.", ""]
+    per_field = results.get("field_calibration") or {}
+    if per_field:
+        lines += ["Every field is chosen among its known labels; the calibration of each field's probability "
+                  "(`<field>_score`):", ""]
+        lines += _table(CALIBRATION_HEADER, calibration_rows(per_field))
     return lines
+
 
 
 BENCHMARK_METRICS = {
