@@ -150,8 +150,9 @@ class SchemaDescriptions:
 
 
 class _KeptLogProbs:
-    """Next-token log-probabilities at some (cell, position) pairs of a forward pass: `[row, position]` gives one
-    (vocabulary,) row; `rows` of one cell's positions, `at(rows, positions, tokens)` the values of given tokens."""
+    """Next-token log-probabilities at the (cell, position) pairs of a forward pass that were kept: `values` holds
+    them in row-major order, `[row, position]` gives one (vocabulary,) row, `at(row, positions, tokens)` the
+    log-probabilities of given tokens at given positions of one cell."""
 
     def __init__(self, values: torch.Tensor, keep: torch.Tensor):
         self.values = values
