@@ -17,11 +17,13 @@ tokens/s, peak GPU memory, the collator's share of a step (timed in the main pro
 dataloader's workers) and the loss.
 Generation (`pipeline("cell-to-text")` with the installed package's classes, bf16, 100 new tokens a cell): batch
 256 with the dynamic cache, the static cache, and the static cache compiled (transformers compiles the decoding
-step of a static-cache `generate` on a GPU by itself: its `CompileConfig`, `disable_compile=False`). Printed per
-mode: cells/s, new tokens/s, peak memory and the warm-up (compile) time.
+step of a static-cache `generate` on a GPU by itself: its `CompileConfig`, `disable_compile=False`), all three
+writing freely, then the schema-constrained decoder (the pipeline's default: every field chosen among the corpus's
+labels; its "new tokens/s" counts the same 100 tokens a cell for comparison). Printed per mode: cells/s, new
+tokens/s, peak memory and the warm-up (compile) time.
 
 `--size smoke` keeps the paper shapes with fewer steps and a smaller generation batch (a quick check of a GPU
-set-up); `--time-budget` skips the stages that would start after it (the compiled generation comes last).
+set-up); `--time-budget` skips the stages that would start after it (the generation modes come last, in order).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ class Size:
     settings: tuple = ()
     generation_batch: int = 256
     new_tokens: int = 100
-    generation_modes: tuple = ("dynamic", "static", "static, compiled")
+    generation_modes: tuple = ("dynamic", "static", "static, compiled", "schema-constrained")
 
 
 PAPER_ENCODER = dict(hidden_size=1152, num_hidden_layers=18, num_attention_heads=18, intermediate_size=4608,
@@ -104,7 +106,7 @@ PAPER_SETTINGS = (
 SIZES = {
     "paper": Size(PAPER_ENCODER, LLAMA_3B, 20_000, 2_000, 4096, 256, 2048, timed_steps=3, settings=PAPER_SETTINGS),
     "smoke": Size(PAPER_ENCODER, LLAMA_3B, 20_000, 2_000, 4096, 256, 2048, timed_steps=1, settings=PAPER_SETTINGS[:2],
-                  generation_batch=32, new_tokens=20, generation_modes=("dynamic", "static")),
+                  generation_batch=32, new_tokens=20, generation_modes=("dynamic", "static", "schema-constrained")),
     "tiny": Size(
         dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
              max_position_embeddings=256),
@@ -118,7 +120,7 @@ SIZES = {
              ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
               "--gradient_checkpointing", "false"]),
         ),
-        generation_batch=8, new_tokens=8, generation_modes=("dynamic", "static"),
+        generation_batch=8, new_tokens=8, generation_modes=("dynamic", "static", "schema-constrained"),
     ),
 }
 
@@ -185,7 +187,8 @@ def write_corpus(out: Path, size: Size, counts: sp.csr_matrix, genes: list[str],
             cell_type=label, cell_type_definition=definition, tissue=tissue[1], disease=disease[1],
             sex=("female", "male")[i % 2], age_group=AGE_GROUPS[i % len(AGE_GROUPS)], pathways=pathways))
         rows.append({"cell_id": f"cell_{i}", "gene_input_ids": [int(x) for x in cell_tokens],
-                     "description": description, "cell_type": label, "cell_type_ontology_term_id": term})
+                     "description": description, "cell_type": label, "cell_type_ontology_term_id": term,
+                     "pathways": list(pathways), "age_group": AGE_GROUPS[i % len(AGE_GROUPS)]})
     n_validation = max(8, len(rows) // 8)
     DatasetDict(train=Dataset.from_list(rows[n_validation:]),
                 validation=Dataset.from_list(rows[:n_validation])).save_to_disk(str(out))
@@ -360,8 +363,12 @@ def train_setting(name: str, config: str, overrides: list[str], size: Size, corp
 
 
 def generation_modes(size: Size, device: str) -> list[tuple[str, dict]]:
-    modes = {"dynamic": {}, "static": {"cache_implementation": "static", "disable_compile": True},
-             "static, compiled": {"cache_implementation": "static", "disable_compile": False}}
+    """(name, pipeline keywords) of the describe modes timed: free generation with each cache, and the
+    schema-constrained decoder (the pipeline's default wherever the processor knows labels)."""
+    modes = {"dynamic": {"constrained": False},
+             "static": {"constrained": False, "cache_implementation": "static", "disable_compile": True},
+             "static, compiled": {"constrained": False, "cache_implementation": "static", "disable_compile": False},
+             "schema-constrained": {"constrained": True}}
     chosen = [(name, modes[name]) for name in size.generation_modes]
     if device != "cuda":  # transformers compiles static-cache decoding on GPUs only
         chosen = [(name, kwargs) for name, kwargs in chosen if name != "static, compiled"]
@@ -380,8 +387,15 @@ def measure_generation(size: Size, corpus: Path, encoder_dir: Path, lm_dir: Path
 
     reset_memory(device)
     extractor = Cell2TextFeatureExtractor.from_pretrained(str(corpus / "feature_extractor"))
+    from datasets import load_from_disk
+
+    from processing.corpus import description_vocabulary
+
+    summary = json.loads((corpus / "summary.json").read_text())
     processor = Cell2TextProcessor(extractor, AutoTokenizer.from_pretrained(str(lm_dir)),
-                                   num_cell_tokens=size.num_cell_tokens)
+                                   num_cell_tokens=size.num_cell_tokens,
+                                   ontology_term_ids=summary["ontology_term_ids"],
+                                   **description_vocabulary(load_from_disk(str(corpus))["train"]))
     model = Cell2TextForConditionalGeneration.from_pretrained_parts(
         str(encoder_dir), str(lm_dir), cell_token_id=processor.cell_token_id, feature_extractor=extractor,
         num_cell_tokens=size.num_cell_tokens, projector_hidden_size=size.projector_hidden_size,
@@ -394,7 +408,9 @@ def measure_generation(size: Size, corpus: Path, encoder_dir: Path, lm_dir: Path
         if time.perf_counter() > deadline:
             log(f"generation {name}: skipped (past --time-budget)")
             continue
-        call = dict(batch_size=n, max_new_tokens=size.new_tokens, min_new_tokens=size.new_tokens, **kwargs)
+        call = dict(batch_size=n, **kwargs)
+        if not kwargs.get("constrained"):  # free text: a fixed number of new tokens a cell
+            call.update(max_new_tokens=size.new_tokens, min_new_tokens=size.new_tokens)
         reset_memory(device)
         start = time.perf_counter()
         describe(cells, genes, **call)  # warm-up: the same shapes as the timed call (compiles where it applies)
