@@ -167,14 +167,14 @@ def run(args: argparse.Namespace) -> None:
             skip_empty_cells=args.skip_empty_cells, progress=main_process,
         )
         if args.command == "describe":
-            options = dict(
+            options = tl.DescribeOptions(
                 max_new_tokens=args.max_new_tokens, constrained=False if args.free else None,
                 sort_by_length=args.sort_by_length, compile=args.compile, **common,
             )
             if state is None:
-                results, params = tl.describe_cells(adata, model, processor, **options)
+                results, params = tl.describe_cells(adata, model, processor, options)
             else:
-                results, params = distributed.describe_shared(adata, model, processor, state, args.out, **options)
+                results, params = distributed.describe_shared(adata, model, processor, state, args.out, options)
                 if results is None:
                     return  # the main process writes every process's results
             tl.write_descriptions(

@@ -94,25 +94,24 @@ def describe_shared(
     processor: Any,
     state: Any,
     out: Path,
-    *,
-    batch_size: int = 16,
-    **options: Any,
+    options: Any = None,
 ) -> tuple[list[dict | None] | None, dict[str, Any]]:
-    """Describe this process's share of `adata` (`tl.describe_cells` with `batch_size` and `options`).
+    """Describe this process's share of `adata` (`tl.describe_cells` with `options`, a `DescribeOptions`).
 
     Returns (every cell's results in obs order, the parameters) in the main process and (None, the parameters) in
     the others. When any process fails, every process raises (the failed one its own error) and no shard is left.
     Shares are whole blocks of the pipeline (512 cells, or `batch_size` if larger), so every generation batch holds
     the same cells as in one process and the results are identical; fewer cells than that go to one process.
     """
+    options = options or tl.DescribeOptions()
     rank, world = state.process_index, state.num_processes
-    unit = cells_per_block(batch_size)
+    unit = cells_per_block(options.batch_size)
     start, stop = shard_bounds(adata.n_obs, rank, world, unit)
     path = shard_path(Path(out), rank, world)
     error: Exception | None = None
     params: dict[str, Any] = {}
     try:
-        results, params = tl.describe_cells(adata[start:stop], model, processor, batch_size=batch_size, **options)
+        results, params = tl.describe_cells(adata[start:stop], model, processor, options)
         write_shard(path, results)
     except Exception as caught:  # noqa: BLE001 (re-raised below, once the other processes know not to wait for it)
         error = caught

@@ -10,8 +10,10 @@ imports only numpy, scipy, transformers (tqdm comes with transformers) and its s
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -35,6 +37,51 @@ MISSING_PROCESSOR = (
     "found with the model. Save it with the model: processor.save_pretrained(model_dir) next to "
     "model.save_pretrained(model_dir), or pass processor= to pipeline()."
 )
+
+
+@dataclass(frozen=True)
+class DescribeOptions:
+    """How `tl.describe`, `tl.describe_cells`, several-process describing and `cell2text describe` describe cells:
+    the one list of their options (a new option is added here).
+
+    `layer` / `use_raw`: where the counts are (a layer, `adata.raw`; default X); `input_values`: what they are
+    (counts, normalized, log1p); `batch_size`: cells generated together; `constrained`: every field chosen among the
+    corpus's labels (default: wherever the processor knows cell-type labels) or, False, the description written
+    freely (greedy, `max_new_tokens`, `generate_kwargs`); `skip_empty_cells`: leave cells without vocabulary genes
+    out instead of stopping; `sort_by_length`: batch cells of similar length (less padding; float32 scores move in
+    their last digits); `compile`: static KV cache and torch.compile for free decoding on a CUDA GPU (no effect
+    elsewhere); `progress`: a tqdm bar.
+    """
+
+    layer: str | None = None
+    use_raw: bool = False
+    input_values: str = "counts"
+    batch_size: int = 16
+    max_new_tokens: int = 160
+    constrained: bool | None = None
+    skip_empty_cells: bool = False
+    sort_by_length: bool = False
+    compile: bool = False
+    generate_kwargs: dict | None = None
+    progress: bool = True
+
+    @classmethod
+    def from_keywords(cls, **keywords: Any) -> "DescribeOptions":
+        """The options named by `keywords`; an unknown name is a ValueError listing the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(keywords) - known)
+        if unknown:
+            raise ValueError(f"Unknown describe option(s) {unknown}; the options are {sorted(known)}.")
+        return cls(**keywords)
+
+    def record(self, model: Any, constrained: bool, compiled: bool) -> dict[str, Any]:
+        """The parameters recorded in `uns` with the results (what was used, defaults resolved)."""
+        return {
+            "layer": self.layer or ("raw" if self.use_raw else "X"), "input_values": self.input_values,
+            "batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens, "constrained": constrained,
+            "skip_empty_cells": self.skip_empty_cells, "sort_by_length": self.sort_by_length, "compile": compiled,
+            "dtype": str(model.dtype), "generate_kwargs": json.dumps(self.generate_kwargs or {}, default=str),
+        }
 
 
 class Cell2TextPipeline(Pipeline):
@@ -315,6 +362,6 @@ def register_cell2text_pipeline() -> None:
 
 
 __all__ = [
-    "Cell2TextPipeline", "cells_per_block", "check_outputs_line_up", "length_order", "rank_block", "resolve_cells",
+    "Cell2TextPipeline", "DescribeOptions", "cells_per_block", "check_outputs_line_up", "length_order", "rank_block", "resolve_cells",
     "register_cell2text_pipeline", "custom_pipelines_entry",
 ]

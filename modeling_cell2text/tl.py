@@ -29,7 +29,14 @@ from tqdm.auto import tqdm
 from .compatibility import check_model_and_processor, gene_vocabulary_sha256
 from .label_scoring import constrains_by_default
 from .modeling_cell2text import PICKLED_WEIGHTS, Cell2TextForConditionalGeneration
-from .pipeline_cell2text import MIN_BLOCK_CELLS, MISSING_PROCESSOR, Cell2TextPipeline, rank_block, resolve_cells
+from .pipeline_cell2text import (
+    MIN_BLOCK_CELLS,
+    MISSING_PROCESSOR,
+    Cell2TextPipeline,
+    DescribeOptions,
+    rank_block,
+    resolve_cells,
+)
 from .processing_cell2text import Cell2TextProcessor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -231,21 +238,11 @@ def describe(
     model: str | os.PathLike | torch.nn.Module,
     *,
     key_added: str = "cell2text",
-    layer: str | None = None,
-    use_raw: bool = False,
-    input_values: str = "counts",
-    batch_size: int = 16,
-    max_new_tokens: int = 160,
-    constrained: bool | None = None,
-    skip_empty_cells: bool = False,
-    sort_by_length: bool = False,
-    compile: bool = False,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     trust_remote_code: bool = False,
     processor: Cell2TextProcessor | None = None,
-    generate_kwargs: dict | None = None,
-    progress: bool = True,
+    **options: Any,
 ) -> None:
     """Describe every cell of `adata` and write the results into `adata.obs`, in place.
 
@@ -256,23 +253,21 @@ def describe(
     `adata.uns[key_added]` records the model (path or repo id), its revision (Hub commit or sha256 of the weights),
     the processor's gene vocabulary checksum (`gene_vocabulary_sha256`), the package version and the parameters.
 
-    Counts are read from `X`, `layers[layer]` or `adata.raw` (`use_raw=True`). A backed AnnData works (only obs
-    changes, in memory: write it with `adata.write_h5ad(...)`). A view is made an actual AnnData by anndata when
-    obs is written, as in scanpy (the parent is not modified); a view of a backed AnnData is refused.
-    One description per cell. `constrained` (default: on where the processor knows the training corpus's cell-type
-    labels) chooses every field among the corpus's labels (`schema_decoding.py`), with `{key_added}_<field>_score`
-    the probability of each; False lets the model write the description freely (greedy; `max_new_tokens` and
-    `generate_kwargs` apply to free generation).
-    `sort_by_length` and `compile` (faster at scale) are described in `describe_cells`.
+    `options` are `DescribeOptions`' (`layer`, `use_raw`, `input_values`, `batch_size`, `max_new_tokens`,
+    `constrained`, `skip_empty_cells`, `sort_by_length`, `compile`, `generate_kwargs`, `progress`). Counts are read
+    from `X`, `layers[layer]` or `adata.raw` (`use_raw=True`). A backed AnnData works (only obs changes, in memory:
+    write it with `adata.write_h5ad(...)`). A view is made an actual AnnData by anndata when obs is written, as in
+    scanpy (the parent is not modified); a view of a backed AnnData is refused. One description per cell.
+    `constrained` (default: on where the processor knows the training corpus's cell-type labels) chooses every field
+    among the corpus's labels (`schema_decoding.py`), with `{key_added}_<field>_score` the probability of each;
+    False lets the model write the description freely (greedy; `max_new_tokens` and `generate_kwargs` apply to free
+    generation).
     """
     _check_writable(adata, "obs")
     check_key_added(key_added)
+    settings = DescribeOptions.from_keywords(**options)
     model, processor = load(model, processor, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    results, params = describe_cells(
-        adata, model, processor, layer=layer, use_raw=use_raw, input_values=input_values, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, constrained=constrained, skip_empty_cells=skip_empty_cells,
-        sort_by_length=sort_by_length, compile=compile, generate_kwargs=generate_kwargs, progress=progress,
-    )
+    results, params = describe_cells(adata, model, processor, settings)
     write_descriptions(adata, results, key_added, model, processor,
                        {**params, "trust_remote_code": trust_remote_code})
 
@@ -281,24 +276,14 @@ def describe_cells(
     cells: Any,
     model: torch.nn.Module,
     processor: Cell2TextProcessor,
-    *,
-    layer: str | None = None,
-    use_raw: bool = False,
-    input_values: str = "counts",
-    batch_size: int = 16,
-    max_new_tokens: int = 160,
-    constrained: bool | None = None,
-    skip_empty_cells: bool = False,
-    sort_by_length: bool = False,
-    compile: bool = False,
-    generate_kwargs: dict | None = None,
-    progress: bool = True,
+    options: DescribeOptions | None = None,
+    **keywords: Any,
 ) -> tuple[list[dict | None], dict[str, Any]]:
     """(one pipeline result per cell of `cells`, in order, None for a skipped cell; the parameters to record).
 
     `describe` without the writing, so that several processes can each describe a share of the cells
     (`distributed.describe_shared`) and one writes them all. `cells` is an AnnData or a slice of one (backed too);
-    `model` and `processor` are loaded (`load`).
+    `model` and `processor` are loaded (`load`); `options` (or their `keywords`) are `DescribeOptions`.
 
     `sort_by_length=True` generates the cells of each block of 512 longest first, so that a batch pads little (faster
     on cells of mixed gene counts); the results keep the cells' order. Off by default: a cell's batch neighbours
@@ -307,25 +292,22 @@ def describe_cells(
     `cache_implementation="static"` and `compile_config`) on a CUDA GPU; elsewhere it has no effect and says so in
     one logged warning.
     """
-    if constrained is None:
-        constrained = constrains_by_default(processor)
-    compiled = compiled_decoding_kwargs(model.device) if compile else {}
+    if options is None:
+        options = DescribeOptions.from_keywords(**keywords)
+    elif keywords:
+        raise ValueError("Pass describe options either as a DescribeOptions or as keywords, not both.")
+    constrained = constrains_by_default(processor) if options.constrained is None else options.constrained
+    compiled = compiled_decoding_kwargs(model.device) if options.compile else {}
     pipe = Cell2TextPipeline(model=model, processor=processor, device=model.device)
     results = pipe(
-        cells, batch_size=batch_size, layer=layer, use_raw=use_raw, input_values=input_values,
-        skip_empty_cells=skip_empty_cells, sort_by_length=sort_by_length, progress=progress,
-        constrained=constrained,
-        generate_kwargs={"max_new_tokens": max_new_tokens, **compiled, **(generate_kwargs or {})},
+        cells, batch_size=options.batch_size, layer=options.layer, use_raw=options.use_raw,
+        input_values=options.input_values, skip_empty_cells=options.skip_empty_cells,
+        sort_by_length=options.sort_by_length, progress=options.progress, constrained=constrained,
+        generate_kwargs={"max_new_tokens": options.max_new_tokens, **compiled, **(options.generate_kwargs or {})},
     )
     if len(results) != cells.n_obs:
         raise RuntimeError(f"the pipeline returned {len(results)} results for {cells.n_obs} cells")
-    params = {
-        "layer": layer or ("raw" if use_raw else "X"), "input_values": input_values, "batch_size": batch_size,
-        "max_new_tokens": max_new_tokens, "constrained": constrained,
-        "skip_empty_cells": skip_empty_cells, "sort_by_length": sort_by_length, "compile": bool(compiled),
-        "dtype": str(model.dtype), "generate_kwargs": json.dumps(generate_kwargs or {}, default=str),
-    }
-    return results, params
+    return results, options.record(model, constrained, bool(compiled))
 
 
 def compiled_decoding_kwargs(device: torch.device) -> dict[str, Any]:
@@ -454,6 +436,6 @@ def embed(
 
 
 __all__ = [
-    "annotation_columns", "check_key_added", "compiled_decoding_kwargs", "describe", "describe_cells", "embed", "load", "load_processor",
+    "DescribeOptions", "annotation_columns", "check_key_added", "compiled_decoding_kwargs", "describe", "describe_cells", "embed", "load", "load_processor",
     "model_provenance", "package_version", "remote_class", "resolve_device", "resolve_dtype", "write_descriptions",
 ]

@@ -209,3 +209,8 @@ def test_annotation_columns_types_and_skipped_cells():
     assert columns["k_cell_type_score"].dtype == np.float64
     assert list(columns["k_pathways"].astype(object)) == ["P1; P2", np.nan, np.nan]
     assert list(columns["k_cell_type"].astype(object)) == ["B cell", np.nan, np.nan]
+
+
+def test_a_misspelt_option_is_named_with_the_known_ones(model_dirs):
+    with pytest.raises(ValueError, match=r"Unknown describe option\(s\) \['batch_sise'\].*'batch_size'"):
+        tl.describe(make_adata(2), model_dirs["random"], batch_sise=4)
