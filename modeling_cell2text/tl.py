@@ -30,10 +30,10 @@ from .compatibility import check_model_and_processor, gene_vocabulary_sha256
 from .label_scoring import constrains_by_default
 from .modeling_cell2text import PICKLED_WEIGHTS, Cell2TextForConditionalGeneration
 from .pipeline_cell2text import (
-    MIN_BLOCK_CELLS,
     MISSING_PROCESSOR,
     Cell2TextPipeline,
     DescribeOptions,
+    cells_per_block,
     rank_block,
     resolve_cells,
 )
@@ -409,7 +409,7 @@ def embed(
     matrix, gene_ids, obs_names = resolve_cells(feature_extractor, adata, None, layer, use_raw)
     n_cells = matrix.shape[0]
     embeddings = np.full((n_cells, model.config.gene_encoder_config.hidden_size), np.nan, dtype=np.float32)
-    block_cells = max(MIN_BLOCK_CELLS, batch_size)
+    block_cells = cells_per_block(batch_size)
     with tqdm(total=n_cells, unit="cell", disable=not progress, desc="Embedding cells") as bar:
         for start in range(0, n_cells, block_cells):
             stop = min(start + block_cells, n_cells)
