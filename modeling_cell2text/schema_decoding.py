@@ -32,7 +32,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .description_schema import SchemaOption, definition_text, schema_options
+from .description_schema import (
+    ONTOLOGY_FIELDS,
+    CellDescription,
+    DescriptionParseError,
+    SchemaOption,
+    definition_text,
+    parse_description,
+    schema_options,
+)
 from .cell_inputs import CELL_INPUT_NAMES
 
 DEFAULT_NUM_BEAMS = 4
@@ -464,17 +472,36 @@ class SchemaDecoder:
 
 
 def schema_results(processor, described: SchemaDescriptions) -> list[dict]:
-    """Pipeline results: the processor's parsed fields of each description (which parses by construction), the
-    ontology ids, and `<field>_score` for every chosen field."""
-    results = processor.parse_descriptions(described.texts)
-    for result, labels, scores in zip(results, described.labels, described.scores):
-        if not result["parsed"]:
-            raise RuntimeError(f"internal error: a schema-constrained description does not parse: "
-                               f"{result['description']!r}")
+    """Pipeline results: each description with the fields the decoder chose (taken from the choices, not read back
+    from the text), their ontology ids, and `<field>_score` for every chosen field.
+
+    `parsed` says whether the text also reads back into the same fields; it is False only where a label holds the
+    template's own punctuation (a few ontology labels contain a period, e.g. "St. Louis encephalitis"), and the
+    fields are the chosen ones either way."""
+    definitions = getattr(processor, "cell_type_definitions", None) or {}
+    results = []
+    for text, labels, scores in zip(described.texts, described.labels, described.scores):
+        cell_type = labels.get("cell_type")
+        definition = definitions.get(cell_type)
+        chosen = CellDescription(
+            cell_type=cell_type, cell_type_definition=definition, tissue=labels.get("tissue"),
+            sex=labels.get("sex"), disease=labels.get("disease"), age_group=labels.get("age_group"),
+            pathways=tuple(p for p in (labels.get("pathway_1"), labels.get("pathway_2")) if p is not None),
+        )
+        try:
+            parsed = parse_description(text) == chosen
+        except DescriptionParseError:
+            parsed = False
+        fields = chosen.to_dict()
+        for name in ONTOLOGY_FIELDS:
+            label = fields.get(name)
+            fields[f"{name}_ontology_term_id"] = processor.ontology_term_ids.get(name, {}).get(label) if label else None
+        result = {"description": text, "parsed": parsed, **fields}
         for name in ("cell_type", "tissue", "sex", "disease", "age_group"):
             result[f"{name}_score"] = scores.get(name)
         pathway_scores = [scores[k] for k in ("pathway_1", "pathway_2") if k in scores]
         result["pathways_score"] = float(torch.tensor(pathway_scores).prod()) if pathway_scores else None
+        results.append(result)
     return results
 
 

@@ -208,3 +208,18 @@ def test_the_pipeline_rebuilds_its_decoder_when_the_labels_change(random_model_a
         assert pipe.schema_decoder().options_labels("cell_type") == ["B cell", "T cell"]
     finally:
         processor.ontology_term_ids = saved
+
+
+def test_a_label_with_a_period_is_still_given_with_its_ontology_id(random_model_and_processor):
+    """A few ontology labels hold the template's punctuation ("St. Louis encephalitis"): the text cannot be read
+    back, but the chosen fields come from the choices, so nothing is lost or misread."""
+    model, processor = random_model_and_processor
+    saved = processor.ontology_term_ids
+    processor.ontology_term_ids = {**saved, "cell_type": {"cell of St. Mary": "CL:9999999"}}
+    try:
+        results = schema_results(processor, SchemaDecoder(processor).describe(model, cells(processor, 2)))
+    finally:
+        processor.ontology_term_ids = saved
+    assert [r["cell_type"] for r in results] == ["cell of St. Mary"] * 2
+    assert all(r["cell_type_ontology_term_id"] == "CL:9999999" and r["parsed"] is False for r in results)
+    assert all(r["tissue"] in ("blood", "lung") and len(r["pathways"]) == 2 for r in results)
