@@ -18,6 +18,11 @@ GENEFORMER_V2_316M = {
 }
 
 
+# The schema-constrained choices with a temperature of their own in `field_temperatures` (the cell type has
+# `cell_type_temperature`).
+FIELD_TEMPERATURE_CHOICES = ("tissue", "donor", "pathway_1", "pathway_2")
+
+
 class Cell2TextConfig(PreTrainedConfig):
     r"""
     Configuration of a [`Cell2TextForConditionalGeneration`].
@@ -53,6 +58,10 @@ class Cell2TextConfig(PreTrainedConfig):
             Divides the candidate labels' log-likelihoods before the softmax that gives each cell's
             `cell_type_score` (temperature scaling; the chosen label does not change). The recipe fits it on the
             validation split; 1.0 is the model's own probability.
+        field_temperatures (`dict`, *optional*):
+            The temperature of each schema-constrained choice other than the cell type (`tissue`, `donor`,
+            `pathway_1`, `pathway_2`): divides the options' log-likelihoods before the softmax that gives
+            `<field>_score`. The recipe fits them on the validation split; a missing choice uses 1.0.
         gene_vocabulary_sha256 (`str`, *optional*):
             Checksum of the gene vocabulary (gene -> token id) of the processor the model was composed with
             (`from_pretrained_parts` records it). A processor with another vocabulary is refused wherever the two
@@ -75,6 +84,7 @@ class Cell2TextConfig(PreTrainedConfig):
     freeze_gene_encoder: bool = True
     num_expression_bins: int = 0
     cell_type_temperature: float = 1.0
+    field_temperatures: dict | None = None
     gene_vocabulary_sha256: str | None = None
     tie_word_embeddings: bool = False
 
@@ -125,6 +135,11 @@ class Cell2TextConfig(PreTrainedConfig):
             raise ValueError(f"cell_token_id must be a non-negative token id, got {self.cell_token_id}.")
         if not self.cell_type_temperature > 0:
             raise ValueError(f"cell_type_temperature must be > 0, got {self.cell_type_temperature}.")
+        for choice, temperature in (self.field_temperatures or {}).items():
+            if choice not in FIELD_TEMPERATURE_CHOICES or isinstance(temperature, bool) or not isinstance(
+                    temperature, (int, float)) or not temperature > 0:
+                raise ValueError(f"field_temperatures[{choice!r}]={temperature!r}: expected a number > 0 for one of "
+                                 f"{FIELD_TEMPERATURE_CHOICES}.")
         if not 0.0 <= self.projector_dropout < 1.0:
             raise ValueError(f"projector_dropout must be in [0, 1), got {self.projector_dropout}.")
         type_vocab_size = getattr(self.gene_encoder_config, "type_vocab_size", 0)

@@ -405,6 +405,8 @@ class SchemaDecoder:
         """Describe each cell of `inputs` (a generation batch from the processor)."""
         from .text_padding import text_pad_token_id
 
+        if hasattr(model, "get_base_model"):  # a PEFT model (the recipe's, during calibration): its LoRA layers are
+            model = model.get_base_model()    # in place in the base model, which is called directly
         model.eval()
         tokenizer = self.processor.tokenizer
         pad_id = text_pad_token_id(tokenizer)
@@ -442,11 +444,12 @@ class SchemaDecoder:
                     text += sentence
                 texts[row] += text
         self.calls, self.tokens = state.calls, state.tokens
-        temperature = float(getattr(model.config, "cell_type_temperature", 1.0))
-        scores, likelihoods = self._scores(choice_results, labels, temperature)
+        temperatures = {"cell_type": float(getattr(model.config, "cell_type_temperature", 1.0)),
+                        **(getattr(model.config, "field_temperatures", None) or {})}
+        scores, likelihoods = self._scores(choice_results, labels, temperatures)
         return SchemaDescriptions([t.strip() for t in texts], labels, scores, likelihoods)
 
-    def _scores(self, results: Mapping[str, ChoiceResult], labels: list[dict], temperature: float
+    def _scores(self, results: Mapping[str, ChoiceResult], labels: list[dict], temperatures: Mapping[str, float]
                 ) -> tuple[list[dict], list[dict]]:
         """Each field's probability: the chosen label's share of the completed options' softmax (summed over the
         options stating the same label, for the donor clause's three fields)."""
@@ -459,8 +462,8 @@ class SchemaDecoder:
                     continue
                 indices = list(done)
                 values = torch.tensor([done[i] for i in indices], dtype=torch.float64)
-                # the model's cell_type_temperature is fitted for the cell type; the other fields: not yet (1.0)
-                probabilities = (values / (temperature if choice == "cell_type" else 1.0)).softmax(dim=0).tolist()
+                # each choice's temperature, fitted on validation by the recipe (1.0 where none was)
+                probabilities = (values / float(temperatures.get(choice, 1.0))).softmax(dim=0).tolist()
                 for name in CHOICE_FIELDS[choice]:
                     chosen = labels[row].get(name)
                     if chosen is None:  # a field without known labels, left out of the description

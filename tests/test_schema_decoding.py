@@ -223,3 +223,38 @@ def test_a_label_with_a_period_is_still_given_with_its_ontology_id(random_model_
     assert [r["cell_type"] for r in results] == ["cell of St. Mary"] * 2
     assert all(r["cell_type_ontology_term_id"] == "CL:9999999" and r["parsed"] is False for r in results)
     assert all(r["tissue"] in ("blood", "lung") and len(r["pathways"]) == 2 for r in results)
+
+
+def test_each_choice_uses_its_own_temperature(random_model_and_processor):
+    model, processor = random_model_and_processor
+    inputs = cells(processor, 3)
+    plain = SchemaDecoder(processor).describe(model, inputs)
+    model.config.field_temperatures = {"pathway_1": 0.5}
+    try:
+        sharper = SchemaDecoder(processor).describe(model, inputs)
+    finally:
+        model.config.field_temperatures = None
+    for before, after, likelihoods in zip(plain.scores, sharper.scores, sharper.log_likelihoods):
+        values = torch.tensor(list(likelihoods["pathway_1"].values()), dtype=torch.float64)
+        assert after["pathway_1"] == pytest.approx(float((values / 0.5).softmax(0).max()))
+        assert after["tissue"] == pytest.approx(before["tissue"])  # other choices keep theirs
+
+
+def test_field_temperatures_are_fitted_on_cells_with_known_labels(random_model_and_processor):
+    from datasets import Dataset
+
+    from training.evaluation.evaluate import fit_field_temperatures
+
+    model, processor = random_model_and_processor
+    inputs = cells(processor, 6, seed=4)
+    rows = [{"gene_input_ids": [int(t) for t, m in zip(ids, mask) if m], "tissue": tissue,
+             "pathways": ["TCA Cycle", "Natural Killer Cell"], "sex": "female", "disease": "normal",
+             "age_group": "adulthood"}
+            for ids, mask, tissue in zip(inputs["gene_input_ids"].tolist(), inputs["gene_attention_mask"].tolist(),
+                                         ["blood", "lung"] * 3)]
+    fitted = fit_field_temperatures(model, processor, Dataset.from_list(rows), batch_size=3)
+    assert set(fitted) == {"tissue", "donor", "pathway_1", "pathway_2"}
+    for fit in fitted.values():
+        assert fit["num_cells"] >= 1 and 0.05 <= fit["temperature"] <= 100
+        assert fit["nll_after"] <= fit["nll_before"] + 1e-9  # the fit never makes the truth less likely
+    assert fitted["tissue"]["num_cells"] == 6  # both tissues scored whole: every cell counts

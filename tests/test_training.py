@@ -74,6 +74,8 @@ def test_recipe_trains_lora_and_projector_and_saves_a_loadable_model(parts_and_c
     assert calibration["nll_after"] <= calibration["nll_before"]
     saved_config = json.loads((final_dir / "config.json").read_text())
     assert saved_config["cell_type_temperature"] == calibration["cell_type_temperature"] != 1.0
+    # the tiny corpus has one tissue and one disease and no pathways: no other choice to calibrate
+    assert state["field_calibration"] is None and saved_config["field_temperatures"] is None
 
     model = AutoModelForCausalLM.from_pretrained(final_dir, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(final_dir, trust_remote_code=True)

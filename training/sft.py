@@ -41,7 +41,7 @@ from processing.corpus import corpus_feature_extractor, corpus_summary, descript
 from modeling_cell2text.output_files import check_new_output
 from training.adapters import FINAL_DIR, OVERWRITE_FINAL_FIX, LoraArguments, save_merged, stopped_cleanly
 from training.collator import Cell2TextDataCollator
-from training.evaluation.evaluate import fit_cell_type_temperature
+from training.evaluation.evaluate import fit_cell_type_temperature, fit_field_temperatures
 from modeling_cell2text.modeling_cell2text import PREPARED_ENCODER_KEY
 from training.gene_encoder import (
     FEATURE_LAYER,
@@ -369,7 +369,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     )
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
-    calibration = None
+    calibration = field_calibration = None
     validation = corpus.get("validation")
     if args.temperature_fit_cells > 0 and validation is not None and trainer.accelerator.is_main_process:
         # The confidence of the chosen cell type, calibrated on held-out cells (the label choice does not change).
@@ -380,10 +380,16 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         if calibration is not None:
             trainer.accelerator.unwrap_model(trainer.model).config.cell_type_temperature = calibration[
                 "cell_type_temperature"]
+        field_calibration = fit_field_temperatures(trainer.model, processor, cells,
+                                                   training_args.per_device_eval_batch_size)
+        if field_calibration is not None:
+            trainer.accelerator.unwrap_model(trainer.model).config.field_temperatures = {
+                choice: fit["temperature"] for choice, fit in field_calibration.items()}
 
     return save_merged(trainer, final_dir, processor, {
         "cell_type_stage_steps": cell_type_stage_steps, "train_runtime": train_output.metrics.get("train_runtime"),
         "cell_type_stage_runtime": cell_type_stage_runtime, "cell_type_calibration": calibration,
+        "field_calibration": field_calibration,
     }, overwrite=args.overwrite_final_model_dir)
 
 

@@ -183,6 +183,72 @@ def field_calibration(cells, described: dict, processor) -> dict:
     return report
 
 
+def true_option(choice: str, options: Sequence, row: dict) -> int | None:
+    """The index of the option of `choice` a corpus row states (None where it states none of them)."""
+    pathways = list(row.get("pathways") or [])
+    for index, option in enumerate(options):
+        wanted = dict(option.labels)
+        if choice in ("pathway_1", "pathway_2"):
+            position = 0 if choice == "pathway_1" else 1
+            if len(pathways) > position and pathways[position] == wanted[choice]:
+                return index
+        elif all(value is None or row.get(name) == value for name, value in wanted.items()):
+            return index
+    return None
+
+
+@torch.no_grad()
+def fit_field_temperatures(model, processor, split, batch_size: int = 16) -> dict | None:
+    """Fit the temperature of each schema-constrained choice other than the cell type (`config.field_temperatures`)
+    on a held-out split: the temperature that makes the options' probabilities best predict the options the cells'
+    true labels state (`label_scoring.fit_temperature`). Cells whose true option the search did not score are left
+    out; a choice with one option or no such cell gets none. Returns {choice: {temperature, num_cells, nll_before,
+    nll_after}} or None when no choice could be fitted."""
+    from modeling_cell2text.configuration_cell2text import FIELD_TEMPERATURE_CHOICES
+
+    if not constrains_by_default(processor) or not len(split):
+        return None
+    decoder = SchemaDecoder(processor)
+    choices = [c for c in FIELD_TEMPERATURE_CHOICES if len(decoder.options.get(c, [])) > 1]
+    if not choices:
+        return None
+    rows = split.to_list()
+    pools: dict[str, list[tuple[list[float], int]]] = {c: [] for c in choices}
+    model.eval()
+    described_rows = 0
+    for inputs in batched_inputs(model, processor, split["gene_input_ids"],
+                                 split_value_lists(split, processor.feature_extractor), batch_size,
+                                 "fitting the field temperatures"):
+        described = decoder.describe(model, inputs)
+        for likelihoods in described.log_likelihoods:
+            row = rows[described_rows]
+            described_rows += 1
+            for choice in choices:
+                truth = true_option(choice, decoder.options[choice], row)
+                completed = likelihoods.get(choice) or {}
+                texts = list(completed)
+                if truth is not None and decoder.options[choice][truth].text in completed:
+                    pools[choice].append(([completed[t] for t in texts],
+                                          texts.index(decoder.options[choice][truth].text)))
+    fitted = {}
+    for choice, entries in pools.items():
+        if not entries:
+            continue
+        width = max(len(values) for values, _ in entries)
+        scores = torch.full((len(entries), width), -float("inf"), dtype=torch.float64)
+        for i, (values, _) in enumerate(entries):
+            scores[i, : len(values)] = torch.tensor(values, dtype=torch.float64)
+        targets = torch.tensor([target for _, target in entries])
+        temperature = fit_temperature(scores, targets)
+
+        def nll(t: float) -> float:
+            return float(torch.nn.functional.cross_entropy(scores / t, targets))
+
+        fitted[choice] = {"temperature": temperature, "num_cells": len(entries), "nll_before": nll(1.0),
+                          "nll_after": nll(temperature)}
+    return fitted or None
+
+
 def constraint_report(true: Sequence[str], described: dict) -> dict:
     """What the constraint changed: labels free generation would have invented, free vs constrained cell-type
     accuracy, and the calibration of the chosen labels' probabilities."""
