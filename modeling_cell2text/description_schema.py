@@ -211,6 +211,20 @@ def parse_description(text: str) -> CellDescription:
         raise DescriptionParseError(f"Description holds an invalid field ({err}): {text[:200]!r}") from err
 
 
+def label_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans (start, end) of the labels a description states: cell type, tissue, "healthy", sex,
+    disease, age group and pathway names, what a schema-constrained decoder chooses (it writes the template words
+    and the definition itself). Raises `DescriptionParseError` for text that does not follow the template."""
+    match = _DESCRIPTION_RE.match(text)
+    if match is None or not text.strip():
+        raise DescriptionParseError(f"Text does not follow the Cell2Text description template: {text[:200]!r}")
+    spans = [match.span(group) for group in ("cell_type", "tissue", "healthy", "sex", "disease", "age")
+             if match.group(group)]
+    start = match.start("pathways")
+    spans += [(start + m.start(2), start + m.end(2)) for m in _PATHWAY_RE.finditer(match.group("pathways") or "")]
+    return sorted(spans)
+
+
 # ----------------------------------------------------------------------------- the template as choices
 
 # Fields the schema-constrained decoder chooses, in the text's order. "donor" chooses sex, disease and age group

@@ -60,3 +60,15 @@ def test_text_off_the_template_is_a_parse_error(text):
 
 def test_article_follows_the_label():
     assert render_description(CellDescription(cell_type="erythrocyte")) == "This sample consists of an erythrocyte."
+
+
+def test_label_spans_cover_exactly_the_labels():
+    from modeling_cell2text.description_schema import label_spans
+
+    text = render_description(CellDescription(
+        cell_type="B cell", cell_type_definition="A lymphocyte of B lineage", tissue="lung", sex="female",
+        disease="COVID-19", age_group="elderly", pathways=("TCA Cycle", "Glycolysis")))
+    assert [text[a:b] for a, b in label_spans(text)] == [
+        "B cell", "lung", "female", "COVID-19", "the elderly stage", "TCA Cycle", "Glycolysis"]
+    healthy = render_description(CellDescription(cell_type="T cell", tissue="blood", disease="normal"))
+    assert [healthy[a:b] for a, b in label_spans(healthy)] == ["T cell", "blood", "healthy "]

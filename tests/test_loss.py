@@ -135,3 +135,19 @@ def test_weighted_loss_is_the_weighted_token_mean(trainer):
     with pytest.raises(ValueError, match="cell_type_loss_weight must be > 0"):
         sft.Cell2TextSFTTrainer(model=None, cell_type_loss_weight=0, projector_learning_rate=1e-3,
                                 gene_encoder_learning_rate=1e-5)
+
+
+def test_labels_only_keeps_the_loss_on_the_label_tokens(trainer):
+    trainer_, full = trainer
+    processor = trainer_.processing_class
+    examples = [trainer_.train_dataset[i] for i in range(3)]
+    masked = Cell2TextDataCollator(processor, labels_only=True)(examples)
+    assert torch.equal(masked["input_ids"], full["input_ids"][:3])  # the inputs are the same
+    for row, example in enumerate(examples):
+        kept = masked["labels"][row][masked["labels"][row] != -100]
+        every = full["labels"][row][full["labels"][row] != -100]
+        assert 0 < len(kept) < len(every)
+        text = processor.tokenizer.decode(kept)
+        for label in (example["cell_type"], example["tissue"]):  # "normal" is written "healthy"
+            assert label.replace(" ", "") in text.replace(" ", "")
+        assert "sample" not in text and "originates" not in text  # template words carry no loss

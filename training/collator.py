@@ -8,6 +8,7 @@ from typing import Any
 from transformers import BatchFeature
 
 from modeling_cell2text import CellDescription, parse_description, render_description
+from modeling_cell2text.description_schema import label_spans
 
 
 def cell_type_sentence(description: str) -> str:
@@ -27,7 +28,9 @@ class Cell2TextDataCollator:
     Prompt, cell placeholders and padding get label -100 (the processor builds the labels, so the prompt format
     has one owner). Examples need `gene_input_ids` and `description` (and `gene_value_ids` when the processor's
     feature extractor is value-aware); other columns are ignored. With `cell_type_only`, the target is the
-    description's first sentence alone (`cell_type_sentence`): the recipe's LLaVA-style first stage.
+    description's first sentence alone (`cell_type_sentence`): the recipe's LLaVA-style first stage. With
+    `labels_only`, the loss covers only the tokens of the labels the description states (`label_spans`: what the
+    schema-constrained decoder chooses), not the template words, the definition or EOS, which it writes itself.
     """
 
     def __init__(
@@ -37,9 +40,11 @@ class Cell2TextDataCollator:
         text_column: str = "description",
         value_column: str = "gene_value_ids",
         cell_type_only: bool = False,
+        labels_only: bool = False,
     ):
         self.processor = processor
         self.cell_type_only = cell_type_only
+        self.labels_only = labels_only
         self.gene_column = gene_column
         self.text_column = text_column
         self.value_column = value_column if processor.feature_extractor.num_expression_bins else None
@@ -52,12 +57,29 @@ class Cell2TextDataCollator:
                 "with `python -m processing.build_corpus` (with --expression-bins for a value-aware feature "
                 "extractor) and pass remove_unused_columns=False to the trainer."
             )
-        return self.processor(
+        descriptions = [
+            cell_type_sentence(example[self.text_column]) if self.cell_type_only else example[self.text_column]
+            for example in examples
+        ]
+        batch = self.processor(
             gene_input_ids=[example[self.gene_column] for example in examples],
             gene_value_ids=[example[self.value_column] for example in examples] if self.value_column else None,
-            descriptions=[
-                cell_type_sentence(example[self.text_column]) if self.cell_type_only else example[self.text_column]
-                for example in examples
-            ],
+            descriptions=descriptions,
             return_tensors="pt",
         )
+        if self.labels_only:
+            self._keep_label_tokens(batch["labels"], descriptions)
+        return batch
+
+    def _keep_label_tokens(self, labels, descriptions: Sequence[str]) -> None:
+        """Set to -100, in place, every target token that does not overlap a label's characters (and EOS)."""
+        tokenizer = self.processor.tokenizer
+        for row, description in enumerate(descriptions):
+            spans = label_spans(description)
+            offsets = tokenizer(description, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            targets = (labels[row] != -100).nonzero().flatten().tolist()  # the description's tokens, then EOS
+            if len(targets) != len(offsets) + 1:
+                raise RuntimeError(f"{len(targets)} labelled tokens for a description of {len(offsets)} tokens + EOS")
+            for position, (start, end) in zip(targets, [*offsets, (0, 0)]):
+                if not any(start < span_end and span_start < end for span_start, span_end in spans):
+                    labels[row, position] = -100

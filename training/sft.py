@@ -103,6 +103,11 @@ class Cell2TextArguments(LoraArguments):
         metadata={"help": "Loss weight of the description's first sentence, which names the cell type (1: TRL's "
                   "loss). See training/loss.py."},
     )
+    loss_on_labels_only: bool = field(
+        default=False,
+        metadata={"help": "Put the loss on the tokens of the labels a description states only (what the "
+                  "schema-constrained decoder chooses), not on the template words and definition it writes itself."},
+    )
     temperature_fit_cells: int = field(
         default=1000,
         metadata={"help": "Fit the model's cell_type_temperature (the calibration of cell_type_score) on up to this "
@@ -360,7 +365,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     trainer = Cell2TextSFTTrainer(
         model=model,
         args=training_args,
-        data_collator=Cell2TextDataCollator(processor),
+        data_collator=Cell2TextDataCollator(processor, labels_only=args.loss_on_labels_only),
         train_dataset=corpus["train"],
         eval_dataset=eval_dataset,
         processing_class=processor,
