@@ -34,7 +34,7 @@ def main() -> None:
     import torch
     from datasets import load_from_disk
 
-    from modeling_cell2text.description_schema import DescriptionParseError, parse_description
+    from modeling_cell2text.description_schema import parse_or_none
     from modeling_cell2text.label_scoring import score_cell_types
     from modeling_cell2text.schema_decoding import SchemaDecoder
     from processing.corpus import split_value_lists
@@ -62,12 +62,7 @@ def main() -> None:
           f"{accuracy(exhaustive_labels, true_types):.3f}")
 
     def summary(name: str, texts: list[str], seconds: float) -> None:
-        parsed = []
-        for text in texts:
-            try:
-                parsed.append(parse_description(text))
-            except DescriptionParseError:
-                parsed.append(None)
+        parsed = [parse_or_none(text) for text in texts]
         invented = sum(
             1 for d in parsed if d is not None and any(
                 value is not None and value not in known.get(field, {value})

@@ -211,6 +211,14 @@ def parse_description(text: str) -> CellDescription:
         raise DescriptionParseError(f"Description holds an invalid field ({err}): {text[:200]!r}") from err
 
 
+def parse_or_none(text: str) -> CellDescription | None:
+    """`parse_description`, or None for text that does not follow the template (which counts as unparsed)."""
+    try:
+        return parse_description(text)
+    except DescriptionParseError:
+        return None
+
+
 def label_spans(text: str) -> list[tuple[int, int]]:
     """Character spans (start, end) of the labels a description states: cell type, tissue, "healthy", sex,
     disease, age group and pathway names, what a schema-constrained decoder chooses (it writes the template words

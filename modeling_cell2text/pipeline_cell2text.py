@@ -233,7 +233,8 @@ class Cell2TextPipeline(Pipeline):
             if settings.get("do_sample"):
                 raise ValueError("Schema-constrained describing chooses each label by its likelihood and does not "
                                  "sample: pass do_sample=False, or constrained=False to sample free text.")
-            decoder = self.schema_decoder(int(settings.get("num_beams") or DEFAULT_NUM_BEAMS))
+            beams = settings.get("num_beams")  # checked by the decoder: an integer >= 1
+            decoder = self.schema_decoder(DEFAULT_NUM_BEAMS if beams is None else beams)
             return {"schema": decoder.describe(self.model, model_inputs)}
         generate_kwargs = self._prepare_generate_kwargs(dict(generate_kwargs or {}))
         generated = self.model.generate(**model_inputs, **generate_kwargs)

@@ -35,10 +35,9 @@ import torch
 from .description_schema import (
     ONTOLOGY_FIELDS,
     CellDescription,
-    DescriptionParseError,
     SchemaOption,
     definition_text,
-    parse_description,
+    parse_or_none,
     schema_options,
 )
 from .cell_inputs import CELL_INPUT_NAMES
@@ -491,10 +490,7 @@ def schema_results(processor, described: SchemaDescriptions) -> list[dict]:
             sex=labels.get("sex"), disease=labels.get("disease"), age_group=labels.get("age_group"),
             pathways=tuple(p for p in (labels.get("pathway_1"), labels.get("pathway_2")) if p is not None),
         )
-        try:
-            parsed = parse_description(text) == chosen
-        except DescriptionParseError:
-            parsed = False
+        parsed = parse_or_none(text) == chosen
         fields = chosen.to_dict()
         for name in ONTOLOGY_FIELDS:
             label = fields.get(name)

@@ -258,3 +258,13 @@ def test_field_temperatures_are_fitted_on_cells_with_known_labels(random_model_a
         assert fit["num_cells"] >= 1 and 0.05 <= fit["temperature"] <= 100
         assert fit["nll_after"] <= fit["nll_before"] + 1e-9  # the fit never makes the truth less likely
     assert fitted["tissue"]["num_cells"] == 6  # both tissues scored whole: every cell counts
+
+
+@pytest.mark.parametrize("beams", [0, -1, "4", 2.5])
+def test_a_bad_search_width_is_refused_not_replaced(random_model_and_processor, beams):
+    from transformers import pipeline
+
+    model, processor = random_model_and_processor
+    pipe = pipeline("cell-to-text", model=model, processor=processor)
+    with pytest.raises(ValueError, match="num_beams must be"):
+        pipe(sp.csr_matrix(random_counts(2)), gene_ids=GENES, num_beams=beams)

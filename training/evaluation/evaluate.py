@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from modeling_cell2text.description_schema import LABEL_FIELDS, DescriptionParseError, parse_description
+from modeling_cell2text.description_schema import LABEL_FIELDS, DescriptionParseError, parse_description, parse_or_none
 from modeling_cell2text.schema_decoding import SchemaDecoder
 from modeling_cell2text.text_padding import text_pad_token_id
 from modeling_cell2text.label_scoring import (
@@ -306,12 +306,7 @@ def score_descriptions(
 
     if len(texts) != len(split) or (cell_types is not None and len(cell_types) != len(split)):
         raise ValueError(f"{len(texts)} descriptions (and cell types) for {len(split)} cells: pass one per cell.")
-    parsed = []
-    for text in texts:
-        try:
-            parsed.append(parse_description(text))
-        except DescriptionParseError:
-            parsed.append(None)
+    parsed = [parse_or_none(text) for text in texts]
     num_unparsed = sum(p is None for p in parsed)
     results: dict = {"num_cells": len(texts), "parse_rate": 1 - num_unparsed / max(len(texts), 1),
                      "num_unparsed": num_unparsed, "fields": {}}
