@@ -7,6 +7,10 @@ sentence and lets the model write the rest of the description after it. The cand
 the processor learnt from its training corpus (`processor.ontology_term_ids["cell_type"]`), so every predicted
 cell type has its Cell Ontology id.
 
+Describing uses the schema-constrained decoder (`schema_decoding.py`); here `score_cell_types` is the exhaustive
+reference it is tested against and what fits `cell_type_temperature`, and `generate_with_cell_type` the former
+describe path, kept for the benchmarks' comparison.
+
 This file travels as remote code with a saved model: it imports only torch and its sibling modules.
 """
 
