@@ -1,24 +1,27 @@
-"""Cell-type quality over several corpus splits: the main job's recipe per split seed, then mean +- sd.
+"""Cell-type quality by k-fold cross-validation: every labelled cell of pbmc68k_reduced tested once.
 
 ```bash
-python benchmarks/quality.py                          # seeds 0 1 2, out outputs/quality
-python benchmarks/quality.py --seeds 0 1 2 3 4 --out outputs/quality --skip-cell2sentence
-python benchmarks/quality.py --resume                 # after an interruption: keeps the splits already measured
+python benchmarks/quality.py                          # 5 folds, seed 0, out outputs/quality
+python benchmarks/quality.py --with-cell2sentence     # also the Cell2Sentence-style baseline (twice the time)
+python benchmarks/quality.py --resume                 # after an interruption: keeps the folds already measured
 cp outputs/quality/quality_benchmark.json docs/       # the main job's report then shows it beside its split
 ```
 
-For each seed, `training.demo.run` builds the pbmc68k_reduced corpus with that seed (the seed picks the
-train/validation/test split, `processing/splits.py`, and seeds training), trains Cell2Text with
-`training/configs/demo.yaml` (same budget), trains the Cell2Sentence-style baseline on the same budget and
-evaluates both beside majority, logistic regression and kNN on the same test cells. Printed per split and as
-mean +- sd (sample standard deviation): cell-type accuracy, weighted F1, Cell Ontology similarity and parse rate.
-Cell2Text and each expression baseline are also compared cell by cell on the same test cells, pooled over the
-splits: the accuracy difference, the cells only one of them gets right and the exact McNemar p-value (a paired
-test: 70 cells a split move a mean by 1.4 points a cell, and the splits share their difficulty across methods).
-Written: `<out>/quality_benchmark.json` (per-split figures, summary, date, commit, device), rewritten after every
-split with `"complete": false` until the last, so an interrupted run keeps what it measured; `--resume` reuses the
-splits of that file that were measured at the same commit with the same settings. It uses the GPU when there is
-one. About 25 minutes per split on 2 idle CPU cores; not part of CI.
+The cells are dealt into `--folds` folds, stratified by cell type (`processing.splits.assign_fold_splits`, seeded by
+`--seed`). For each fold, `training.demo.run` builds the pbmc68k_reduced corpus with that fold as the test split
+and validation drawn from the other folds (never the test fold: it picks the gene encoder, the best checkpoint and
+the temperatures), trains Cell2Text with `training/configs/demo.yaml` (same budget as the main job) and scores on
+the test fold: Cell2Text (schema-constrained), the discrete heads on its own encoder (the prepared encoder's probe
+head, and logistic regression on the soft tokens the LLM reads), majority, logistic regression and kNN on the
+expression, and with `--with-cell2sentence` the Cell2Sentence-style baseline.
+
+Printed per fold and pooled over all test cells: accuracy with its 95% Wilson interval, weighted F1, Cell Ontology
+similarity and parse rate (the last two as the cell-weighted mean of the folds), and, pooled, Cell2Text against
+every baseline on the same cells: the accuracy difference, the cells only one of them gets right and the exact
+McNemar p-value. Written: `<out>/quality_benchmark.json` (per-fold figures and predictions per cell, pooled
+figures, date, commit, device), rewritten after every fold with `"complete": false` until the last, so an
+interrupted run keeps what it measured; `--resume` reuses the folds measured at the same commit with the same
+settings. Uses the GPU when there is one. About 15 minutes per fold on 2 idle CPU cores; not part of CI.
 """
 
 from __future__ import annotations
@@ -42,11 +45,11 @@ from training.evaluation.report import BENCHMARK_METRICS, method_figures, paired
 EXTRA_METRICS = ("free_accuracy", "ece", "num_invented")
 
 
-def summarise(splits: Sequence[dict]) -> dict[str, dict[str, dict]]:
-    """Per method and metric: mean, sample sd (0 for one split) and the number of splits it was measured on."""
+def summarise(folds: Sequence[dict]) -> dict[str, dict[str, dict]]:
+    """Per method and metric: mean, sample sd (0 for one fold) and the number of folds it was measured on."""
     summary: dict[str, dict[str, dict]] = {}
-    for split in splits:
-        for method, figures in split["methods"].items():
+    for fold in folds:
+        for method, figures in fold["methods"].items():
             for metric, value in figures.items():
                 summary.setdefault(method, {}).setdefault(metric, {"values": []})["values"].append(float(value))
     for metrics in summary.values():
@@ -58,20 +61,51 @@ def summarise(splits: Sequence[dict]) -> dict[str, dict[str, dict]]:
     return summary
 
 
-def format_table(splits: Sequence[dict], summary: dict) -> str:
-    """A Markdown table: one row per method and metric, one column per split seed, then mean +- sd."""
-    seeds = [s["seed"] for s in splits]
-    header = ["Method", "Metric", *[f"seed {s}" for s in seeds], "Mean +- sd"]
+def wilson_interval(correct: int, total: int) -> list[float]:
+    """The 95% Wilson score interval of an accuracy of `correct` out of `total` cells."""
+    from scipy.stats import binomtest
+
+    interval = binomtest(correct, total).proportion_ci(confidence_level=0.95, method="wilson")
+    return [float(interval.low), float(interval.high)]
+
+
+def pooled_figures(folds: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """Per method, over the test cells of all folds: accuracy with its 95% interval and weighted F1 from the
+    predictions per cell (where the fold kept them: not the Cell2Sentence-style baseline's); the other metrics as
+    the mean of the folds weighted by their cells."""
+    from training.evaluation.metrics import classification_report
+
+    truth = [label for fold in folds for label in fold["cells"]["cell_type_true"]]
+    pooled: dict[str, dict[str, float]] = {}
+    for method in dict.fromkeys(m for fold in folds for m in fold["methods"]):
+        figures = {}
+        if method in folds[0]["cells"]["predictions"]:
+            predicted = [p for fold in folds for p in fold["cells"]["predictions"][method]]
+            correct = sum(p == t for p, t in zip(predicted, truth))
+            figures = {"accuracy": correct / len(truth), "accuracy_ci95": wilson_interval(correct, len(truth)),
+                       "weighted_f1": classification_report(truth, predicted)["weighted_f1"], "num_cells": len(truth)}
+        for metric in {m for fold in folds for m in fold["methods"].get(method, {})} - set(figures):
+            measured = [(fold["methods"][method][metric], len(fold["cells"]["cell_id"])) for fold in folds
+                        if metric in fold["methods"].get(method, {})]
+            figures[metric] = sum(v * n for v, n in measured) / sum(n for _, n in measured)
+        pooled[method] = figures
+    return pooled
+
+
+def format_table(folds: Sequence[dict], pooled: dict) -> str:
+    """A Markdown table: one row per method and metric, one column per fold, then pooled over all test cells."""
+    header = ["Method", "Metric", *[f"fold {f['fold']}" for f in folds], "Pooled"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     metrics = {**BENCHMARK_METRICS, **{m: m for m in EXTRA_METRICS}}
     for method, title in METHOD_NAMES.items():
         for metric, metric_title in metrics.items():
-            stats = summary.get(method, {}).get(metric)
-            if stats is None:
+            value = pooled.get(method, {}).get(metric)
+            if value is None:
                 continue
-            cells = [f"{s['methods'].get(method, {}).get(metric, float('nan')):.3f}" for s in splits]
-            lines.append(f"| {title} | {metric_title} | " + " | ".join(cells) + f" | {stats['mean']:.3f} +- "
-                         f"{stats['sd']:.3f} |")
+            cells = [f"{f['methods'].get(method, {}).get(metric, float('nan')):.3f}" for f in folds]
+            interval = pooled[method].get(f"{metric}_ci95")
+            shown = f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+            lines.append(f"| {title} | {metric_title} | " + " | ".join(cells) + f" | {shown} |")
     return "\n".join(lines)
 
 
@@ -90,120 +124,150 @@ def device_name() -> str:
     return f"CPU only ({torch.get_num_threads()} threads)"
 
 
-def run_split(out_dir: Path, seed: int, skip_cell2sentence: bool, max_steps: int | None) -> dict:
-    """The main job's recipe on the split of `seed`; its per-method figures and paired counts."""
+def fold_cells(fold_dir: Path) -> dict:
+    """The test cells of one fold's main-job folder and every method's prediction for each, in the corpus's order;
+    refuses a fold whose test cells also train or validate, or whose report is not on those cells."""
+    from datasets import load_from_disk
+
+    from training.demo import BASELINE_PREDICTIONS
+
+    corpus = load_from_disk(str(fold_dir / "corpus"))
+    test_ids = list(corpus["test"]["cell_id"])
+    seen = set(corpus["train"]["cell_id"]) | set(corpus["validation"]["cell_id"])
+    if seen & set(test_ids):
+        raise ValueError(f"{fold_dir}: {len(seen & set(test_ids))} test cells also train or validate.")
+    truth = list(corpus["test"]["cell_type"])
+    per_cell = json.loads((fold_dir / "report" / "per_cell.json").read_text())
+    baselines = json.loads((fold_dir / BASELINE_PREDICTIONS).read_text())
+    for name, record in (("report", per_cell), ("baseline predictions", baselines)):
+        if record["cell_type_true"] != truth or record["cell_id"] != test_ids:
+            raise ValueError(f"{fold_dir}: the {name}' cells are not the corpus's test cells in order; run the fold "
+                             "again.")
+    return {"cell_id": test_ids, "cell_type_true": truth,
+            "predictions": {"cell2text": per_cell["cell_type_pred"], **baselines["predictions"]}}
+
+
+def run_fold(out_dir: Path, fold: int, num_folds: int, seed: int, with_cell2sentence: bool,
+             max_steps: int | None) -> dict:
+    """The main job's recipe with fold `fold` as its test split; per-method figures and predictions per cell."""
     from training.demo import run
 
-    report = run(out_dir, seed, max_steps, 160, skip_cell2sentence)
+    report = run(out_dir, seed, max_steps, 160, not with_cell2sentence, fold=(fold, num_folds))
     results = json.loads((report.parent / "results.json").read_text())
-    return {"seed": seed, "methods": method_figures(results), "paired": paired_counts(out_dir),
+    return {"fold": fold, "methods": method_figures(results), "cells": fold_cells(out_dir),
             "timings_s": results.get("timings_s")}
 
 
-def paired_counts(split_dir: Path) -> dict[str, dict[str, int]]:
-    """Cell2Text against each expression baseline on the same test cells of one split (the main job's folder):
-    how many cells both get right, Cell2Text alone, the baseline alone, neither."""
-    from datasets import load_from_disk
-
-    from training.demo import expression_predictions
-
-    corpus = load_from_disk(str(split_dir / "corpus"))
-    truth = list(corpus["test"]["cell_type"])
-    per_cell = json.loads((split_dir / "report" / "per_cell.json").read_text())
-    cell_ids = list(corpus["test"]["cell_id"])
-    # Reports written before per_cell.json carried cell ids are matched by their label sequence alone.
-    if per_cell["cell_type_true"] != truth or per_cell.get("cell_id", cell_ids) != cell_ids:
-        raise ValueError(f"{split_dir}: the report's cells are not the corpus's test cells in order; run the split "
-                         "again.")
-    cell2text = [p == t for p, t in zip(per_cell["cell_type_pred"], truth)]
-    counts = {}
-    for name, predicted in expression_predictions(corpus, "test").items():
-        baseline = [p == t for p, t in zip(predicted, truth)]
-        pairs = list(zip(cell2text, baseline))
-        counts[name] = {"both": pairs.count((True, True)), "cell2text_only": pairs.count((True, False)),
-                        "baseline_only": pairs.count((False, True)), "neither": pairs.count((False, False))}
-    return counts
+def check_partition(folds: Sequence[dict]) -> None:
+    """No cell is tested in two folds."""
+    ids = [c for fold in folds for c in fold["cells"]["cell_id"]]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{len(ids) - len(set(ids))} cells are tested in more than one fold; the folds were built "
+                         "with different seeds or settings. Start over in another --out.")
 
 
-def paired_summary(splits: Sequence[dict]) -> dict[str, dict]:
-    """Pooled over the splits, per baseline: Cell2Text's accuracy minus the baseline's on the same cells, the
+def paired_summary(folds: Sequence[dict]) -> dict[str, dict]:
+    """Pooled over the folds, per baseline: Cell2Text's accuracy minus the baseline's on the same cells, the
     discordant cells, and the exact McNemar p-value (two-sided binomial test on the discordant cells)."""
     from scipy.stats import binomtest
 
+    truth = [t for fold in folds for t in fold["cells"]["cell_type_true"]]
+
+    def correct(method: str) -> list[bool]:
+        return [p == t for p, t in zip((p for f in folds for p in f["cells"]["predictions"][method]), truth)]
+
+    cell2text = correct("cell2text")
     summary = {}
-    for name in splits[0].get("paired", {}):
-        pooled = {key: sum(s["paired"][name][key] for s in splits) for key in splits[0]["paired"][name]}
-        discordant = pooled["cell2text_only"] + pooled["baseline_only"]
+    for name in folds[0]["cells"]["predictions"]:
+        if name == "cell2text":
+            continue
+        pairs = list(zip(cell2text, correct(name)))
+        counts = {"both": pairs.count((True, True)), "cell2text_only": pairs.count((True, False)),
+                  "baseline_only": pairs.count((False, True)), "neither": pairs.count((False, False))}
+        discordant = counts["cell2text_only"] + counts["baseline_only"]
         summary[name] = {
-            **pooled,
-            "num_cells": sum(pooled.values()),
-            "accuracy_difference": (pooled["cell2text_only"] - pooled["baseline_only"]) / sum(pooled.values()),
-            "mcnemar_p": binomtest(pooled["cell2text_only"], discordant, 0.5).pvalue if discordant else 1.0,
+            **counts,
+            "num_cells": len(pairs),
+            "accuracy_difference": (counts["cell2text_only"] - counts["baseline_only"]) / len(pairs),
+            "mcnemar_p": binomtest(counts["cell2text_only"], discordant, 0.5).pvalue if discordant else 1.0,
         }
     return summary
 
 
-def reusable_splits(path: Path, settings: dict) -> dict[int, dict]:
-    """The splits of an earlier (possibly interrupted) run at `path`, by seed, if it ran with the same settings."""
+def reusable_folds(path: Path, settings: dict) -> dict[int, dict]:
+    """The folds of an earlier (possibly interrupted) run at `path`, by index, if it ran with the same settings."""
     if not path.exists():
         return {}
     if settings["commit"].endswith("+dirty"):
-        raise SystemExit("The checkout has uncommitted changes, so splits measured before cannot be shown to come from "
+        raise SystemExit("The checkout has uncommitted changes, so folds measured before cannot be shown to come from "
                          "the same code; commit them (or pass another --out) before --resume.")
     earlier = json.loads(path.read_text())
     mismatched = {k: (earlier.get(k), v) for k, v in settings.items() if earlier.get(k) != v}
     if mismatched:
         raise SystemExit(f"{path} was measured with other settings ({mismatched}: earlier, now); it cannot be "
                          "resumed. Pass another --out, or remove it to start over.")
-    return {split["seed"]: split for split in earlier["splits"]}
+    return {fold["fold"]: fold for fold in earlier["folds"]}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     import logging
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Corpus split (and training) seeds.")
-    parser.add_argument("--out", default=str(REPO / "outputs" / "quality"), help="One folder per seed, and the JSON.")
-    parser.add_argument("--skip-cell2sentence", action="store_true", help="Leave the Cell2Sentence baseline out.")
+    parser.add_argument("--folds", type=int, default=5, help="Number of folds (each cell is tested in one).")
+    parser.add_argument("--only-folds", type=int, nargs="+", default=None,
+                        help="Run these folds only (a partial benchmark, marked incomplete).")
+    parser.add_argument("--seed", type=int, default=0, help="Seeds the folds and the training.")
+    parser.add_argument("--out", default=str(REPO / "outputs" / "quality"), help="One folder per fold, and the JSON.")
+    parser.add_argument("--with-cell2sentence", action="store_true",
+                        help="Also train and score the Cell2Sentence-style baseline (about twice the time).")
     parser.add_argument("--max-steps", type=int, default=None, help="Cap training steps (a smoke run, not the recipe).")
     parser.add_argument("--resume", action="store_true",
-                        help="Reuse the splits of <out>/quality_benchmark.json measured at this commit and settings.")
+                        help="Reuse the folds of <out>/quality_benchmark.json measured at this commit and settings.")
     args = parser.parse_args(argv)
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error("--seeds repeat; pass each seed once.")
+    if args.folds < 2:
+        parser.error("--folds must be at least 2.")
+    wanted = args.only_folds if args.only_folds is not None else list(range(args.folds))
+    if len(set(wanted)) != len(wanted) or not all(0 <= f < args.folds for f in wanted):
+        parser.error(f"--only-folds must name distinct folds in 0 .. {args.folds - 1}.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
     path = out / "quality_benchmark.json"
     started = datetime.now(timezone.utc)
-    settings = {"commit": git_commit(), "max_steps": args.max_steps, "skip_cell2sentence": args.skip_cell2sentence}
-    done = reusable_splits(path, settings) if args.resume else {}
+    settings = {"commit": git_commit(), "num_folds": args.folds, "seed": args.seed, "max_steps": args.max_steps,
+                "with_cell2sentence": args.with_cell2sentence}
+    done = reusable_folds(path, settings) if args.resume else {}
     if path.exists() and not args.resume:
-        raise SystemExit(f"{path} exists; pass --resume to reuse its splits, or another --out.")
-    splits = []
-    for seed in args.seeds:
-        if seed in done:
-            splits.append(done[seed])
-            print(f"\nSplit seed {seed}: reused from {path}", flush=True)
+        raise SystemExit(f"{path} exists; pass --resume to reuse its folds, or another --out.")
+    folds = [done[f] for f in sorted(done) if f not in wanted]  # measured earlier, not asked for now: kept
+    for index in wanted:
+        if index in done:
+            folds.append(done[index])
+            print(f"\nFold {index}: reused from {path}", flush=True)
         else:
-            splits.append(run_split(out / f"seed-{seed}", seed, args.skip_cell2sentence, args.max_steps))
-            print(f"\nSplit seed {seed}:\n{format_table(splits[-1:], summarise(splits[-1:]))}", flush=True)
+            folds.append(run_fold(out / f"fold-{index}", index, args.folds, args.seed, args.with_cell2sentence,
+                                  args.max_steps))
+            print(f"\nFold {index}:\n{format_table(folds[-1:], pooled_figures(folds[-1:]))}", flush=True)
+        folds.sort(key=lambda f: f["fold"])
+        check_partition(folds)
         benchmark = {
             "benchmark": "benchmarks/quality.py",
             "date": started.strftime("%Y-%m-%d"),
             **settings,
             "device": device_name(),
             "config": "training/configs/demo.yaml",
-            "seeds": list(args.seeds),
-            "complete": len(splits) == len(args.seeds),
-            "splits": splits,
-            "summary": summarise(splits),
-            "paired": paired_summary(splits),
+            "complete": [f["fold"] for f in folds] == list(range(args.folds)),
+            "pooled": pooled_figures(folds),
+            "summary": summarise(folds),
+            "paired": paired_summary(folds),
+            "folds": folds,
         }
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(benchmark, indent=2))
     paired = "\n".join(paired_lines(benchmark["paired"]))
-    print(f"\nAll splits (mean +- sd over {len(splits)}):\n{format_table(splits, benchmark['summary'])}\n\n"
-          f"Paired on the same test cells, pooled over the splits:\n{paired}\n\nWritten: {path}")
+    print(f"\nAll folds ({len(folds)} of {args.folds}; pooled over "
+          f"{benchmark['paired']['majority']['num_cells']} test cells):\n"
+          f"{format_table(folds, benchmark['pooled'])}\n\nPaired on the same test cells, pooled over the folds:\n"
+          f"{paired}\n\nWritten: {path}")
     return benchmark
 
 

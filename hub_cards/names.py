@@ -53,6 +53,8 @@ TEXT_METRICS: tuple[MetricName, ...] = (
 METHOD_NAMES: dict[str, str] = {
     "cell2text": "Cell2Text",
     "cell2sentence": "Cell2Sentence-style",
+    "encoder_head": "Head on the same encoder (probe)",
+    "projector_head": "Head on the soft tokens",
     "logistic_regression": "Logistic regression",
     "knn": "kNN",
     "majority": "Majority class",

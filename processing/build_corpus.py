@@ -47,7 +47,7 @@ from processing.ontology_versions import ontology_versions
 from processing.corpus import METADATA_FIELDS, SplitWriter, describe, resolve_labels
 from processing.gene_medians import ExactGeneMedians, HistogramGeneMedians, expression_values, normalize_total
 from processing.pathways import DEFAULT_GMT, DEFAULT_SET_SIZES, aucell, display_names, filter_set_sizes, read_gmt
-from processing.splits import DEFAULT_FRACTIONS, SPLITS, assign_splits
+from processing.splits import DEFAULT_FRACTIONS, SPLITS, assign_fold_splits, assign_splits
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ class BuildOptions:
 
     seed: int = 0
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
+    # (fold, num_folds): k-fold cross-validation instead of `fractions` (processing.splits.assign_fold_splits)
+    fold: tuple[int, int] | None = None
     chunk_size: int = 2048
     gmt: str | Path | None = DEFAULT_GMT
     n_pathways: int = 2
@@ -396,9 +398,12 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
     kept = pd.isna(reasons)
     split_of = np.full(source.n_cells, -1, dtype=np.int8)
     cell_ids = source.obs.index.astype(str)
-    split_of[kept] = assign_splits(labels["cell_type"].to_numpy(dtype=object)[kept],
-                                   labels["donor_id"].to_numpy(dtype=object)[kept],
-                                   options.fractions, options.seed, cell_ids[kept])
+    kept_labels = labels["cell_type"].to_numpy(dtype=object)[kept]
+    kept_donors = labels["donor_id"].to_numpy(dtype=object)[kept]
+    if options.fold is None:
+        split_of[kept] = assign_splits(kept_labels, kept_donors, options.fractions, options.seed, cell_ids[kept])
+    else:
+        split_of[kept] = assign_fold_splits(kept_labels, kept_donors, *options.fold, options.seed, cell_ids[kept])
     ontology_term_ids, unknown_terms = _ontology_ids(labels, kept)
     with tempfile.TemporaryDirectory(dir=out, prefix=".build-") as tmp:
         writer = SplitWriter(Path(tmp), SPLITS, value_aware=extractor.num_expression_bins > 0)
@@ -422,6 +427,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
             "pathway_sets": len(set_names),
             "top_pathways_by_cell_type": _top_pathways_by_cell_type(labels, kept, top, set_names)} if set_names else {}),
         "seed": options.seed,
+        **({"fold": {"fold": options.fold[0], "num_folds": options.fold[1]}} if options.fold else {}),
         "ontology_term_ids": ontology_term_ids,
         "unknown_ontology_term_ids": unknown_terms,
         "input_values": source.input_values,
@@ -454,7 +460,7 @@ def _parse_obs_map(items: Sequence[str]) -> dict[str, str]:
     return mapping
 
 
-def _shard(text: str) -> tuple[int, int]:
+def _part(text: str) -> tuple[int, int]:
     """``I/N`` -> (I, N) with 0 <= I < N."""
     index, sep, count = text.partition("/")
     if not (sep and index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
@@ -531,7 +537,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--required-fields", nargs="*", default=["cell_type"], choices=METADATA_FIELDS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk-size", type=positive_int, default=2048)
-    parser.add_argument("--shard", metavar="I/N", type=_shard, help="build only shard I (0-based) of N contiguous cell ranges")
+    parser.add_argument("--shard", metavar="I/N", type=_part, help="build only shard I (0-based) of N contiguous cell ranges")
+    parser.add_argument("--fold", metavar="I/K", type=_part,
+                        help="k-fold cross-validation: fold I (0-based) of K is the test split, validation comes from "
+                             "the other folds (the same --seed gives the same folds for every I)")
     parser.add_argument("--max-shard-size", default="500MB", help="largest Arrow shard per split (e.g. 500MB)")
     parser.add_argument("--overwrite", action="store_true", help="replace the corpus already in --out")
     parser.add_argument("--name", help="corpus name (summary, card)")
@@ -553,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     elif args.feature_extractor:
         extractor = Cell2TextFeatureExtractor.from_pretrained(args.feature_extractor)
     options = BuildOptions(
-        seed=args.seed, chunk_size=args.chunk_size, gmt=None if args.gmt == "none" else args.gmt,
+        seed=args.seed, fold=args.fold, chunk_size=args.chunk_size, gmt=None if args.gmt == "none" else args.gmt,
         min_pathway_genes=args.min_pathway_genes, pathway_ranking=args.pathway_ranking,
         pathway_set_sizes=tuple(args.pathway_set_sizes),
         medians=args.medians, model_input_size=args.model_input_size, expression_bins=args.expression_bins,

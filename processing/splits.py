@@ -11,6 +11,10 @@ order of cells does not matter for which group goes where).
   ``round(n * fraction)`` go to validation and test, the rest (at least one) to train.
 * :func:`assign_splits` picks one: donor_split when any donor is known (cells without a donor
   are then units of their own), stratified_split otherwise.
+* :func:`assign_fold_splits`: k-fold cross-validation, so every cell is tested once over the folds.
+  Cells (or whole donors) are dealt into ``num_folds`` folds, stratified by label; fold ``fold`` is the
+  test split, and validation is drawn from the other folds by the same rule as above (stratified, or
+  by donor), ``KFOLD_VALIDATION_FRACTION`` of them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import numpy as np
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
+# k-fold: the share of the non-test cells that validates (5 folds of 700 cells: 490 train, 70 validation, 140 test)
+KFOLD_VALIDATION_FRACTION = 0.125
 
 
 def _check_fractions(fractions: Sequence[float]) -> np.ndarray:
@@ -90,10 +96,82 @@ def assign_splits(
     cell_ids: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Split index per cell: by donor where donors are known, else stratified by label."""
+    units = _units(donors, cell_ids)
+    if units is None:
+        return stratified_split(labels, fractions, seed)
+    return donor_split(units, labels, fractions, seed)
+
+
+def _units(donors: Sequence[str | None], cell_ids: Sequence[str] | None) -> list[str] | None:
+    """One unit per donor (cells without a donor are units of their own); None when no donor is known."""
     donors = list(donors)
     if all(d is None for d in donors):
-        return stratified_split(labels, fractions, seed)
+        return None
     if cell_ids is None:
         cell_ids = [str(i) for i in range(len(donors))]
-    units = [f"donor:{d}" if d is not None else f"cell:{c}" for d, c in zip(donors, cell_ids)]
-    return donor_split(units, labels, fractions, seed)
+    return [f"donor:{d}" if d is not None else f"cell:{c}" for d, c in zip(donors, cell_ids)]
+
+
+def fold_of_cells(labels: Sequence[str], units: Sequence[str] | None, num_folds: int, seed: int = 0) -> np.ndarray:
+    """Fold index (0 .. num_folds - 1) per cell.
+
+    Without units: within each label (sorted), cells are shuffled and dealt in turn into the folds, the turn
+    carrying over from label to label, so every fold has each label's share (+- 1 cell) and sizes differ by at
+    most one. With units (donors): whole units, largest first (random order among equal sizes), each to the fold
+    with the fewest cells.
+    """
+    labels = np.asarray(labels, dtype=object).astype(str)
+    if num_folds < 2 or num_folds > len(labels):
+        raise ValueError(f"num_folds must be between 2 and the number of cells ({len(labels)}), got {num_folds}.")
+    rng = np.random.default_rng(seed)
+    folds = np.zeros(len(labels), dtype=np.int64)
+    if units is None:
+        turn = 0
+        for label in sorted(set(labels)):
+            members = np.flatnonzero(labels == label)
+            members = members[rng.permutation(len(members))]
+            folds[members] = (turn + np.arange(len(members))) % num_folds
+            turn = (turn + len(members)) % num_folds
+        return folds
+    names, unit_of_cell = np.unique(np.asarray(units, dtype=object).astype(str), return_inverse=True)
+    if len(names) < num_folds:
+        raise ValueError(f"{len(names)} donors cannot fill {num_folds} folds (whole donors go to one fold); pass "
+                         f"at most {len(names)} folds.")
+    sizes = np.bincount(unit_of_cell, minlength=len(names))
+    rank = np.empty(len(names), dtype=np.int64)
+    rank[rng.permutation(len(names))] = np.arange(len(names))
+    filled = np.zeros(num_folds, dtype=np.int64)
+    fold_of_unit = np.empty(len(names), dtype=np.int64)
+    for unit in sorted(range(len(names)), key=lambda u: (-sizes[u], rank[u])):
+        fold_of_unit[unit] = int(np.argmin(filled))
+        filled[fold_of_unit[unit]] += sizes[unit]
+    return fold_of_unit[unit_of_cell]
+
+
+def assign_fold_splits(
+    labels: Sequence[str],
+    donors: Sequence[str | None],
+    fold: int,
+    num_folds: int,
+    seed: int = 0,
+    cell_ids: Sequence[str] | None = None,
+    validation_fraction: float = KFOLD_VALIDATION_FRACTION,
+) -> np.ndarray:
+    """Split index per cell for fold `fold` of `num_folds`: that fold is the test split; validation is
+    `validation_fraction` of the other cells (by donor where donors are known, else stratified); the rest train.
+
+    The same seed gives the same folds for every `fold`, so the test splits of folds 0 .. num_folds - 1
+    partition the cells."""
+    if not 0 <= fold < num_folds:
+        raise ValueError(f"fold must be in 0 .. {num_folds - 1}, got {fold}.")
+    labels = np.asarray(labels, dtype=object).astype(str)
+    units = _units(donors, cell_ids)
+    is_test = fold_of_cells(labels, units, num_folds, seed) == fold
+    rest = np.flatnonzero(~is_test)
+    fractions = (1.0 - validation_fraction, validation_fraction, 0.0)
+    result = np.full(len(labels), 2, dtype=np.int8)
+    if units is None:
+        result[rest] = stratified_split(labels[rest], fractions, seed)
+    else:
+        result[rest] = donor_split([units[i] for i in rest], labels[rest], fractions, seed)
+    return result

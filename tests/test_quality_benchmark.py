@@ -1,4 +1,5 @@
-"""benchmarks/quality.py: per-split figures, mean +- sd and the JSON, with the main job's run stubbed (hours)."""
+"""benchmarks/quality.py: k-fold figures, pooled accuracy with intervals, the paired test and the JSON, with the
+main job's run stubbed (hours)."""
 
 from __future__ import annotations
 
@@ -12,139 +13,169 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import quality  # noqa: E402
 
+# Four test cells per fold; Cell2Text gets fold f's first f + 1 cells right, logistic regression all but the last.
+TRUTH = ["B cell", "T cell", "B cell", "NK cell"]
 
-def fake_results(seed: int) -> dict:
+
+def fake_results(fold: int) -> dict:
     """What the main job's results.json holds, reduced to what the benchmark reads."""
     return {
         "parse_rate": 1.0,
-        "fields": {"cell_type": {"accuracy": 0.8 + seed / 100, "weighted_f1": 0.78, "ontology_similarity": 0.95}},
-        "cell_type_constraint": {"free_accuracy": 0.7, "num_invented": seed, "calibration": {"ece": 0.05}},
-        "cell2sentence_parse_rate": 0.9,
+        "fields": {"cell_type": {"accuracy": (fold + 1) / 4, "weighted_f1": 0.5, "ontology_similarity": 0.9 + fold / 100}},
+        "cell_type_constraint": {"free_accuracy": 0.7, "num_invented": fold, "calibration": {"ece": 0.05}},
         "baselines": {
-            "logistic_regression": {"cell_type": {"accuracy": 0.83, "weighted_f1": 0.82}},
-            "knn": {"cell_type": {"accuracy": 0.71, "weighted_f1": 0.7}},
-            "majority": {"cell_type": {"accuracy": 0.34, "weighted_f1": 0.17}},
-            "cell2sentence": {"cell_type": {"accuracy": 0.5, "weighted_f1": 0.45, "ontology_similarity": 0.8}},
+            "logistic_regression": {"cell_type": {"accuracy": 0.75, "weighted_f1": 0.7}},
+            "encoder_head": {"cell_type": {"accuracy": 0.5, "weighted_f1": 0.4}},
+            "majority": {"cell_type": {"accuracy": 0.5, "weighted_f1": 0.33}},
         },
     }
 
 
-def test_quality_benchmark_runs_each_seed_and_writes_the_summary(tmp_path, monkeypatch, capsys):
-    import training.demo
-
-    calls = []
-
-    def fake_run(out_dir, seed, max_steps, max_new_tokens, skip_cell2sentence):
-        calls.append((Path(out_dir).name, seed, max_steps, skip_cell2sentence))
-        report = Path(out_dir) / "report" / "report.md"
-        report.parent.mkdir(parents=True)
-        (report.parent / "results.json").write_text(json.dumps(fake_results(seed)))
-        return report
-
-    monkeypatch.setattr(training.demo, "run", fake_run)
-    monkeypatch.setattr(quality, "git_commit", lambda: "0" * 40)
-    paired = {"logistic_regression": {"both": 50, "cell2text_only": 1, "baseline_only": 5, "neither": 14}}
-    monkeypatch.setattr(quality, "paired_counts", lambda out_dir: paired)
-    benchmark = quality.main(["--seeds", "0", "1", "2", "--out", str(tmp_path), "--skip-cell2sentence"])
-    assert calls == [("seed-0", 0, None, True), ("seed-1", 1, None, True), ("seed-2", 2, None, True)]
-    saved = json.loads((tmp_path / "quality_benchmark.json").read_text())
-    assert saved == json.loads(json.dumps(benchmark))
-    assert saved["seeds"] == [0, 1, 2] and saved["commit"] == "0" * 40 and saved["complete"]
-    accuracy = saved["summary"]["cell2text"]["accuracy"]
-    assert accuracy["mean"] == pytest.approx(0.81) and accuracy["sd"] == pytest.approx(0.01) and accuracy["n"] == 3
-    assert saved["summary"]["cell2sentence"]["parse_rate"]["mean"] == 0.9
-    assert saved["summary"]["cell2text"]["num_invented"]["mean"] == 1.0
-    printed = capsys.readouterr().out
-    assert "| Cell2Text | Cell-type accuracy | 0.800 | 0.810 | 0.820 | 0.810 +- 0.010 |" in printed
-    assert "| Logistic regression | Cell-type accuracy | 0.830 | 0.830 | 0.830 | 0.830 +- 0.000 |" in printed
-    # Pooled over the 3 splits: 3 cells Cell2Text alone got right, 15 logistic regression alone, of 210.
-    lr = saved["paired"]["logistic_regression"]
-    assert (lr["num_cells"], lr["cell2text_only"], lr["baseline_only"]) == (210, 3, 15)
-    assert lr["accuracy_difference"] == pytest.approx(-12 / 210)
-    assert lr["mcnemar_p"] == pytest.approx(2 * sum(math.comb(18, k) for k in range(4)) / 2 ** 18)
-    assert ("- Cell2Text - Logistic regression: -0.057 accuracy on 210 cells (Cell2Text alone right on 3, "
-            "Logistic regression alone on 15; exact McNemar p = 0.00754)") in printed
-
-
-def test_repeated_seeds_are_refused(tmp_path):
-    with pytest.raises(SystemExit):
-        quality.main(["--seeds", "0", "0", "--out", str(tmp_path)])
+def fake_cells(fold: int) -> dict:
+    wrong = {"B cell": "T cell", "T cell": "B cell", "NK cell": "T cell"}
+    return {
+        "cell_id": [f"f{fold}-c{i}" for i in range(4)],
+        "cell_type_true": TRUTH,
+        "predictions": {
+            "cell2text": [t if i <= fold else wrong[t] for i, t in enumerate(TRUTH)],
+            "logistic_regression": TRUTH[:3] + ["T cell"],
+            "encoder_head": [TRUTH[0], wrong[TRUTH[1]], TRUTH[2], wrong[TRUTH[3]]],
+            "majority": ["B cell"] * 4,
+        },
+    }
 
 
 def fake_main_job(calls: list, fail_at: int | None = None):
-    def run(out_dir, seed, max_steps, max_new_tokens, skip_cell2sentence):
-        if seed == fail_at:
-            raise KeyboardInterrupt  # the session ends mid-split
-        calls.append(seed)
+    def run(out_dir, seed, max_steps, max_new_tokens, skip_cell2sentence, fold):
+        if fold[0] == fail_at:
+            raise KeyboardInterrupt  # the session ends mid-fold
+        calls.append((Path(out_dir).name, seed, fold, max_steps, skip_cell2sentence))
         report = Path(out_dir) / "report" / "report.md"
         report.parent.mkdir(parents=True)
-        (report.parent / "results.json").write_text(json.dumps(fake_results(seed)))
+        (report.parent / "results.json").write_text(json.dumps(fake_results(fold[0])))
         return report
 
     return run
 
 
-def test_an_interrupted_benchmark_keeps_its_splits_and_resumes_from_them(tmp_path, monkeypatch):
+@pytest.fixture
+def stubbed(monkeypatch):
     import training.demo
 
-    monkeypatch.setattr(quality, "git_commit", lambda: "a" * 40)
-    monkeypatch.setattr(quality, "paired_counts", lambda out_dir: {})
+    calls: list = []
+    monkeypatch.setattr(training.demo, "run", fake_main_job(calls))
+    monkeypatch.setattr(quality, "fold_cells", lambda fold_dir: fake_cells(int(Path(fold_dir).name.split("-")[1])))
+    monkeypatch.setattr(quality, "git_commit", lambda: "0" * 40)
+    return calls
+
+
+def test_every_fold_runs_once_and_the_pooled_figures_count_every_cell(tmp_path, stubbed, capsys):
+    benchmark = quality.main(["--folds", "3", "--out", str(tmp_path)])
+    assert stubbed == [(f"fold-{f}", 0, (f, 3), None, True) for f in range(3)]
+    saved = json.loads((tmp_path / "quality_benchmark.json").read_text())
+    assert saved == json.loads(json.dumps(benchmark))
+    assert saved["num_folds"] == 3 and saved["commit"] == "0" * 40 and saved["complete"]
+    # Cell2Text: 1 + 2 + 3 of 12 cells right; its interval is the Wilson interval of 6/12.
+    pooled = saved["pooled"]["cell2text"]
+    assert pooled["accuracy"] == 0.5 and pooled["num_cells"] == 12
+    assert pooled["accuracy_ci95"] == pytest.approx([0.2538, 0.7462], abs=1e-4)
+    assert pooled["ontology_similarity"] == pytest.approx(0.91)  # the folds' mean, weighted by cells
+    assert saved["pooled"]["logistic_regression"]["accuracy"] == 0.75
+    assert saved["summary"]["cell2text"]["accuracy"]["mean"] == pytest.approx(0.5)
+    # Paired over the 12 cells: the head on the same encoder is a baseline like the others.
+    head = saved["paired"]["encoder_head"]
+    assert (head["num_cells"], head["both"], head["cell2text_only"], head["baseline_only"]) == (12, 4, 2, 2)
+    lr = saved["paired"]["logistic_regression"]
+    assert (lr["cell2text_only"], lr["baseline_only"]) == (0, 3)
+    assert lr["accuracy_difference"] == pytest.approx(-3 / 12)
+    assert lr["mcnemar_p"] == pytest.approx(2 * math.comb(3, 0) / 2 ** 3)
+    printed = capsys.readouterr().out
+    assert "| Cell2Text | Cell-type accuracy | 0.250 | 0.500 | 0.750 | 0.500 [0.254, 0.746] |" in printed
+    assert "- Cell2Text - Head on the same encoder (probe): +0.000 accuracy on 12 cells" in printed
+
+
+def test_bad_fold_arguments_are_refused(tmp_path):
+    for argv in (["--folds", "1"], ["--folds", "3", "--only-folds", "3"], ["--only-folds", "0", "0"]):
+        with pytest.raises(SystemExit):
+            quality.main([*argv, "--out", str(tmp_path)])
+
+
+def test_a_cell_tested_in_two_folds_is_refused(tmp_path, stubbed, monkeypatch):
+    monkeypatch.setattr(quality, "fold_cells", lambda fold_dir: fake_cells(0))  # every fold: the same cells
+    with pytest.raises(ValueError, match="tested in more than one fold"):
+        quality.main(["--folds", "2", "--out", str(tmp_path)])
+
+
+def test_an_interrupted_benchmark_keeps_its_folds_and_resumes_from_them(tmp_path, stubbed, monkeypatch):
+    import training.demo
+
     calls = []
     monkeypatch.setattr(training.demo, "run", fake_main_job(calls, fail_at=2))
     with pytest.raises(KeyboardInterrupt):
-        quality.main(["--seeds", "0", "1", "2", "--out", str(tmp_path)])
+        quality.main(["--folds", "3", "--out", str(tmp_path)])
     partial = json.loads((tmp_path / "quality_benchmark.json").read_text())
-    assert [s["seed"] for s in partial["splits"]] == [0, 1] and partial["complete"] is False
-    assert partial["summary"]["cell2text"]["accuracy"]["n"] == 2
+    assert [f["fold"] for f in partial["folds"]] == [0, 1] and partial["complete"] is False
+    assert partial["pooled"]["cell2text"]["num_cells"] == 8
 
     # Without --resume the file is not overwritten.
     with pytest.raises(SystemExit, match="pass --resume"):
-        quality.main(["--seeds", "0", "1", "2", "--out", str(tmp_path)])
-    # Other settings (here: the Cell2Sentence baseline left out) cannot reuse the splits.
+        quality.main(["--folds", "3", "--out", str(tmp_path)])
+    # Other settings (here: with the Cell2Sentence baseline) cannot reuse the folds.
     with pytest.raises(SystemExit, match="other settings"):
-        quality.main(["--seeds", "0", "1", "2", "--out", str(tmp_path), "--resume", "--skip-cell2sentence"])
+        quality.main(["--folds", "3", "--out", str(tmp_path), "--resume", "--with-cell2sentence"])
 
     calls.clear()
     monkeypatch.setattr(training.demo, "run", fake_main_job(calls))
-    benchmark = quality.main(["--seeds", "0", "1", "2", "--out", str(tmp_path), "--resume"])
-    assert calls == [2] and benchmark["complete"]
-    assert benchmark["summary"]["cell2text"]["accuracy"]["mean"] == pytest.approx(0.81)
+    benchmark = quality.main(["--folds", "3", "--out", str(tmp_path), "--resume"])
+    assert [c[2] for c in calls] == [(2, 3)] and benchmark["complete"]
+    assert benchmark["pooled"]["cell2text"]["accuracy"] == 0.5
 
     # Another commit cannot reuse them either, nor can uncommitted changes.
     monkeypatch.setattr(quality, "git_commit", lambda: "b" * 40)
     with pytest.raises(SystemExit, match="other settings"):
-        quality.main(["--seeds", "0", "1", "2", "--out", str(tmp_path), "--resume"])
-    monkeypatch.setattr(quality, "git_commit", lambda: "a" * 40 + "+dirty")
+        quality.main(["--folds", "3", "--out", str(tmp_path), "--resume"])
+    monkeypatch.setattr(quality, "git_commit", lambda: "0" * 40 + "+dirty")
     with pytest.raises(SystemExit, match="uncommitted changes"):
-        quality.main(["--seeds", "0", "1", "2", "--out", str(tmp_path), "--resume"])
+        quality.main(["--folds", "3", "--out", str(tmp_path), "--resume"])
 
 
-def test_paired_counts_compare_each_test_cell_of_the_split(tmp_path, monkeypatch):
+def test_fold_cells_read_each_method_on_the_folds_test_cells_and_refuse_a_mismatch(tmp_path):
     from datasets import Dataset, DatasetDict
 
-    import training.demo
+    from training.demo import BASELINE_PREDICTIONS
 
-    truth = ["B cell", "T cell", "B cell", "NK cell"]
-    DatasetDict({"test": Dataset.from_dict({"cell_type": truth, "cell_id": ["a", "b", "c", "d"]})}).save_to_disk(
-        str(tmp_path / "corpus"))
+    ids = ["a", "b", "c", "d"]
+    DatasetDict({
+        "train": Dataset.from_dict({"cell_type": ["B cell"], "cell_id": ["e"]}),
+        "validation": Dataset.from_dict({"cell_type": ["T cell"], "cell_id": ["f"]}),
+        "test": Dataset.from_dict({"cell_type": TRUTH, "cell_id": ids}),
+    }).save_to_disk(str(tmp_path / "corpus"))
     (tmp_path / "report").mkdir()
-    per_cell = {"cell_type_true": truth, "cell_type_pred": ["B cell", "T cell", "T cell", "T cell"]}
+    per_cell = {"cell_id": ids, "cell_type_true": TRUTH, "cell_type_pred": ["B cell", "T cell", "T cell", None]}
     (tmp_path / "report" / "per_cell.json").write_text(json.dumps(per_cell))
-    monkeypatch.setattr(training.demo, "expression_predictions", lambda corpus, split: {
-        "logistic_regression": ["B cell", "B cell", "B cell", "T cell"]})
-    assert quality.paired_counts(tmp_path) == {
-        "logistic_regression": {"both": 1, "cell2text_only": 1, "baseline_only": 1, "neither": 1}}
-    # A report of other cells (or another order) is refused, not compared: by cell id where the report has them,
-    # by the label sequence otherwise.
-    per_cell["cell_id"] = ["a", "b", "c", "e"]
-    (tmp_path / "report" / "per_cell.json").write_text(json.dumps(per_cell))
-    with pytest.raises(ValueError, match="not the corpus's test cells"):
-        quality.paired_counts(tmp_path)
-    per_cell["cell_id"] = ["a", "b", "c", "d"]
-    (tmp_path / "report" / "per_cell.json").write_text(json.dumps(per_cell))
-    assert quality.paired_counts(tmp_path)["logistic_regression"]["both"] == 1
-    del per_cell["cell_id"]
-    per_cell["cell_type_true"] = truth[::-1]
+    baselines = {"cell_id": ids, "cell_type_true": TRUTH, "predictions": {"knn": ["B cell"] * 4}}
+    (tmp_path / BASELINE_PREDICTIONS).write_text(json.dumps(baselines))
+    cells = quality.fold_cells(tmp_path)
+    assert cells["predictions"] == {"cell2text": per_cell["cell_type_pred"], "knn": ["B cell"] * 4}
+    assert cells["cell_id"] == ids
+    # A report (or baseline file) of other cells, or in another order, is refused, not compared.
+    per_cell["cell_id"] = ["a", "b", "d", "c"]
     (tmp_path / "report" / "per_cell.json").write_text(json.dumps(per_cell))
     with pytest.raises(ValueError, match="not the corpus's test cells"):
-        quality.paired_counts(tmp_path)
+        quality.fold_cells(tmp_path)
+    per_cell["cell_id"] = ids
+    (tmp_path / "report" / "per_cell.json").write_text(json.dumps(per_cell))
+    baselines["cell_type_true"] = TRUTH[::-1]
+    (tmp_path / BASELINE_PREDICTIONS).write_text(json.dumps(baselines))
+    with pytest.raises(ValueError, match="not the corpus's test cells"):
+        quality.fold_cells(tmp_path)
+    # A test cell that also trained is refused.
+    DatasetDict({
+        "train": Dataset.from_dict({"cell_type": ["B cell"], "cell_id": ["a"]}),
+        "validation": Dataset.from_dict({"cell_type": ["T cell"], "cell_id": ["f"]}),
+        "test": Dataset.from_dict({"cell_type": TRUTH, "cell_id": ids}),
+    }).save_to_disk(str(tmp_path / "corpus2"))
+    (tmp_path / "corpus").rename(tmp_path / "old")
+    (tmp_path / "corpus2").rename(tmp_path / "corpus")
+    with pytest.raises(ValueError, match="1 test cells also train or validate"):
+        quality.fold_cells(tmp_path)

@@ -98,43 +98,45 @@ def test_report_lists_the_encoder_candidates_and_the_chosen_one(tmp_path):
     assert "| 2 | 128 | value-aware (rank + expression bin) | 0.900 | chosen |" in text
 
 
-def test_report_shows_the_benchmark_mean_beside_this_split(tmp_path):
+def test_report_shows_the_cross_validated_benchmark_beside_this_split(tmp_path):
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from quality import format_table, summarise
+    from quality import paired_summary, pooled_figures
 
     from training.evaluation.report import method_figures
 
     results = _results()
     results["split_seed"] = 0
-    splits = [{"seed": 0, "methods": method_figures(results)},
-              {"seed": 1, "methods": {"cell2text": {"accuracy": 0.7, "parse_rate": 1.0}, "knn": {"accuracy": 0.65}}}]
-    summary = summarise(splits)
-    assert summary["cell2text"]["accuracy"] == {"mean": 0.6, "sd": pytest.approx(0.1 * 2 ** 0.5), "n": 2}
-    assert summary["majority"]["accuracy"] == {"mean": 0.25, "sd": 0.0, "n": 1}
-    table = format_table(splits, summary)
-    assert "| Cell2Text | Cell-type accuracy | 0.500 | 0.700 | 0.600 +- 0.141 |" in table
+    folds = [
+        {"fold": 0, "methods": method_figures(results),
+         "cells": {"cell_id": ["a", "b"], "cell_type_true": ["T", "B"],
+                   "predictions": {"cell2text": ["T", "T"], "knn": ["T", "B"], "majority": ["T", "T"]}}},
+        {"fold": 1, "methods": {"cell2text": {"accuracy": 1.0, "parse_rate": 1.0}, "knn": {"accuracy": 0.5},
+                                "majority": {"accuracy": 0.5}},
+         "cells": {"cell_id": ["c", "d"], "cell_type_true": ["T", "B"],
+                   "predictions": {"cell2text": ["T", "B"], "knn": ["T", "T"], "majority": ["T", "T"]}}},
+    ]
     results["quality_benchmark"] = {"date": "2026-11-30", "commit": "0123456789abcdef", "device": "GPU: H200",
-                                    "seeds": [0, 1], "splits": splits, "summary": summary}
+                                    "num_folds": 2, "complete": True, "folds": folds, "pooled": pooled_figures(folds)}
     text = write_report(results, {}, tmp_path).read_text()
-    assert "on 2 corpus splits (seeds 0, 1), measured 2026-11-30 at commit 0123456789 (GPU: H200)" in text
-    assert "| Method | Metric | This run (split seed 0) | Benchmark mean +- sd |" in text
-    assert "| Cell2Text | Cell-type accuracy | 0.500 | 0.600 +- 0.141 |" in text
-    assert "| Cell2Text | Parse rate | 0.750 | 0.875 +- 0.177 |" in text
-    assert "| kNN | Cell-type accuracy | 0.750 | 0.700 +- 0.071 |" in text
+    assert ("the same recipe in 2-fold cross-validation, every one of its 4 test cells tested once, measured "
+            "2026-11-30 at commit 0123456789 (GPU: H200)") in text
+    assert "| Method | Metric | This run (one split, seed 0) | Cross-validated (pooled) |" in text
+    # 3 of 4 right: the Wilson interval of 3/4; the parse rate is the folds' mean weighted by their cells.
+    assert "| Cell2Text | Cell-type accuracy | 0.500 | 0.750 [0.301, 0.954] |" in text
+    assert "| Cell2Text | Parse rate | 0.750 | 0.875 |" in text
+    assert "| kNN | Cell-type accuracy | 0.750 | 0.750 [0.301, 0.954] |" in text
     assert "Paired on the same test cells" not in text
-    results["quality_benchmark"]["paired"] = {"logistic_regression": {
-        "both": 50, "cell2text_only": 3, "baseline_only": 15, "neither": 72, "num_cells": 140,
-        "accuracy_difference": -12 / 140, "mcnemar_p": 0.00754}}
+    results["quality_benchmark"]["paired"] = paired_summary(folds)
     text = write_report(results, {}, tmp_path, overwrite=True).read_text()
-    assert ("- Cell2Text - Logistic regression: -0.086 accuracy on 140 cells (Cell2Text alone right on 3, Logistic "
-            "regression alone on 15; exact McNemar p = 0.00754)") in text
-    # An interrupted benchmark says how many of the splits it was asked for it measured.
-    results["quality_benchmark"].update(seeds=[0, 1, 2], complete=False)
+    assert ("- Cell2Text - kNN: +0.000 accuracy on 4 cells (Cell2Text alone right on 1, kNN alone on 1; "
+            "exact McNemar p = 1)") in text
+    # An interrupted benchmark says which folds it measured.
+    results["quality_benchmark"].update(num_folds=5, complete=False)
     text = write_report(results, {}, tmp_path, overwrite=True).read_text()
-    assert "on 2 corpus splits (seeds 0, 1) (interrupted: 2 of the 3 splits it was asked for)" in text
+    assert "5-fold cross-validation (incomplete: folds 0, 1 of 5)" in text
 
 
 def test_report_constraint_section_and_reliability_diagram(tmp_path):

@@ -1,6 +1,7 @@
 """Splits: donor-disjoint with every label in train, stratified without donors, deterministic."""
 
 import numpy as np
+import pytest
 
 from processing.splits import assign_splits, donor_split, stratified_split
 
@@ -47,3 +48,41 @@ def test_assign_splits_chooses_by_donor_presence():
     for donor in set(donors[:400]):
         assert len(set(split[:400][donors[:400] == donor])) == 1
     assert len(set(split[400:])) > 1
+
+
+def test_kfold_test_splits_partition_the_cells_and_never_train_or_validate_on_them():
+    from processing.splits import assign_fold_splits
+
+    rng = np.random.default_rng(3)
+    labels = rng.choice(["B", "T", "NK", "mono", "rare"], size=700, p=[0.2, 0.4, 0.2, 0.19, 0.01]).tolist()
+    donors = [None] * 700
+    splits = [assign_fold_splits(labels, donors, fold, 5, seed=7) for fold in range(5)]
+    tested = np.stack([s == 2 for s in splits])
+    assert (tested.sum(axis=0) == 1).all()  # every cell is tested in exactly one fold
+    assert sorted(tested.sum(axis=1)) == [140] * 5
+    for s in splits:  # the rest trains or validates, 1/8 of it validates, stratified
+        assert ((s == 0) | (s == 1) | (s == 2)).all()
+        assert (s == 1).sum() == pytest.approx(70, abs=3)
+        for label in set(labels):  # each label's share of the test fold differs by at most one cell across folds
+            counts = [int(((np.asarray(labels) == label) & (t == 2)).sum()) for t in splits]
+            assert max(counts) - min(counts) <= 1
+    again = assign_fold_splits(labels, donors, 2, 5, seed=7)
+    assert (again == splits[2]).all()
+    assert not (assign_fold_splits(labels, donors, 2, 5, seed=8) == splits[2]).all()
+
+
+def test_kfold_by_donor_keeps_each_donor_in_one_fold_and_refuses_too_few_donors():
+    from processing.splits import assign_fold_splits
+
+    labels = ["B", "T"] * 30
+    donors = [f"d{i % 6}" for i in range(60)]
+    splits = [assign_fold_splits(labels, donors, fold, 3, seed=0) for fold in range(3)]
+    tested = np.stack([s == 2 for s in splits])
+    assert (tested.sum(axis=0) == 1).all()
+    for s in splits:
+        for donor in set(donors):  # a donor's cells are all in one split of each fold
+            assert len({int(x) for x, d in zip(s, donors) if d == donor}) == 1
+    with pytest.raises(ValueError, match="6 donors cannot fill 7 folds"):
+        assign_fold_splits(labels, donors, 0, 7)
+    with pytest.raises(ValueError, match="fold must be in 0 .. 2"):
+        assign_fold_splits(labels, donors, 3, 3)

@@ -127,6 +127,19 @@ def test_validation_chooses_the_encoder_input_and_the_model_reads_what_it_chose(
     values = test["gene_value_ids"][:3] if bins else None
     assert len(generate_descriptions(model, processor, test["gene_input_ids"][:3], 2, 4, values)) == 3
 
+    # The heads on the same encoder (the evaluation's baselines) read what the model reads: the chosen encoder's
+    # own probe head, and logistic regression on the soft tokens.
+    from processing.corpus import corpus_feature_extractor
+    from training.baselines.heads import projector_head_predictions
+    from training.gene_encoder import probe_predictions
+
+    corpus = load_from_disk(str(corpus_dir))
+    train_labels = set(corpus["train"]["cell_type"])
+    by_probe = probe_predictions(tmp_path / "out" / "gene_encoder", test, corpus_feature_extractor(corpus_dir))
+    by_projector = projector_head_predictions(final_dir, corpus)
+    assert len(by_probe) == len(by_projector) == len(test)
+    assert set(by_probe) <= train_labels and set(by_projector) <= train_labels
+
 
 def test_value_aware_encoder_needs_a_value_aware_corpus(parts_and_corpus, tmp_path):
     lm_dir, corpus_dir = parts_and_corpus

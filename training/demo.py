@@ -40,17 +40,21 @@ DEMO_MODEL_INPUT_SIZE = 130
 DEMO_EXPRESSION_BINS = 8
 # benchmarks/quality.py's figures over several split seeds, checked in; the report shows them beside this split.
 QUALITY_BENCHMARK = REPO / "docs" / "quality_benchmark.json"
+# Each baseline's predicted cell type per test cell, in the main job's --out folder.
+BASELINE_PREDICTIONS = "baseline_predictions.json"
 # The 70 test cells in two generation batches: on CPU a bigger batch costs little more per decoding step.
 GENERATION_BATCH_SIZE = 35
 logger = logging.getLogger("training.demo")
 
 
-def build_demo_corpus(out_dir: Path, seed: int, model_input_size: int = DEMO_MODEL_INPUT_SIZE) -> dict:
-    """The pbmc68k_reduced corpus (about 15 s to build, so always built afresh)."""
+def build_demo_corpus(out_dir: Path, seed: int, model_input_size: int = DEMO_MODEL_INPUT_SIZE,
+                      fold: tuple[int, int] | None = None) -> dict:
+    """The pbmc68k_reduced corpus (about 15 s to build, so always built afresh); `fold` = (fold, num_folds) makes
+    that fold the test split (k-fold cross-validation, `processing.splits.assign_fold_splits`)."""
     from processing.build_corpus import BuildOptions, build_corpus
     from processing.presets import pbmc68k_reduced
 
-    options = BuildOptions(seed=seed, name="pbmc68k_reduced", model_input_size=model_input_size,
+    options = BuildOptions(seed=seed, fold=fold, name="pbmc68k_reduced", model_input_size=model_input_size,
                            expression_bins=DEMO_EXPRESSION_BINS, overwrite=True)
     return build_corpus(pbmc68k_reduced(), out_dir, options)
 
@@ -82,6 +86,22 @@ def expression_predictions(corpus, split: str = "test") -> dict[str, list[str]]:
     )
 
 
+def head_predictions(corpus_dir: Path, encoder_dir: Path, model_dir: Path, split: str = "test") -> dict[str, list[str]]:
+    """The discrete heads on Cell2Text's own encoder (training.baselines.heads): one predicted cell type per cell of
+    the corpus's `split`, in the split's order."""
+    from datasets import load_from_disk
+
+    from processing.corpus import corpus_feature_extractor
+    from training.baselines.heads import projector_head_predictions
+    from training.gene_encoder import probe_predictions
+
+    corpus = load_from_disk(str(corpus_dir))
+    return {
+        "encoder_head": probe_predictions(encoder_dir, corpus[split], corpus_feature_extractor(corpus_dir)),
+        "projector_head": projector_head_predictions(model_dir, corpus, split),
+    }
+
+
 def expression_baselines(corpus, split: str = "test") -> dict:
     """The expression baselines' classification reports on the corpus's `split` cells (`expression_predictions`)."""
     from training.baselines.expression import baseline_reports
@@ -90,7 +110,7 @@ def expression_baselines(corpus, split: str = "test") -> dict:
 
 
 def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, skip_cell2sentence: bool,
-        reuse_models: bool = False, trust_remote_code: bool = False) -> Path:
+        reuse_models: bool = False, trust_remote_code: bool = False, fold: tuple[int, int] | None = None) -> Path:
     from datasets import load_from_disk
 
     from hub_cards.render import save_model_card
@@ -112,7 +132,7 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     llm_dir = prepare_demo_llm()
     lap("prepare_llm")
     corpus_dir = out_dir / "corpus"
-    build_demo_corpus(corpus_dir, seed)
+    build_demo_corpus(corpus_dir, seed, fold=fold)
     corpus = load_from_disk(str(corpus_dir))
     lap("build_corpus")
 
@@ -130,9 +150,20 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     results, per_cell, _ = evaluate_model(model_dir, corpus_dir, "test", batch_size=GENERATION_BATCH_SIZE,
                                           max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code)
     results["split_seed"] = seed
+    if fold is not None:
+        results["fold"] = {"fold": fold[0], "num_folds": fold[1]}
     lap("evaluate_cell2text")
 
-    baselines = expression_baselines(corpus)
+    from training.baselines.expression import baseline_reports
+
+    encoder_dir = out_dir / "sft" / PREPARED_ENCODER_DIR
+    predictions = {**expression_predictions(corpus), **head_predictions(corpus_dir, encoder_dir, model_dir)}
+    truth = list(corpus["test"]["cell_type"])
+    baselines = baseline_reports(truth, predictions)
+    # Every baseline's prediction per test cell, for the paired comparison of benchmarks/quality.py.
+    (out_dir / BASELINE_PREDICTIONS).write_text(json.dumps(
+        {"cell_id": list(corpus["test"]["cell_id"]), "cell_type_true": truth, "predictions": predictions}))
+    lap("baselines")
     if not skip_cell2sentence:
         from modeling_cell2text import Cell2TextProcessor
         from training.baselines.cell2sentence import generate_cell2sentence, train_cell2sentence
@@ -159,7 +190,6 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     results["timings_s"] = timings
     if QUALITY_BENCHMARK.exists():
         results["quality_benchmark"] = json.loads(QUALITY_BENCHMARK.read_text())
-    encoder_dir = out_dir / "sft" / PREPARED_ENCODER_DIR
     selection = EncoderSelection.load(encoder_dir)
     if selection is not None:
         results["gene_encoder_selection"] = asdict(selection)

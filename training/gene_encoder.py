@@ -9,7 +9,11 @@ new vocabularies), this module gives the encoder a real starting point from the 
 2. Each candidate encoder (a number of BERT layers, and its input: Geneformer's rank-value tokens, or value-aware
    tokens that add each gene's per-cell expression bin as the BERT token type) is trained on the training split to
    predict the cell type from the mean of the gene states that will feed the projector (the first
-   `num_cell_tokens` genes at the last layer), and the validation split (never the test split) picks the best.
+   `num_cell_tokens` genes at the last layer), and the validation split (never the test split) picks one by the
+   one-standard-error rule (`select_candidate`): the first candidate (in the configured order, simplest first)
+   whose validation accuracy is within one binomial standard error of the best. Differences smaller than what
+   the validation cells can resolve (floating-point noise between machines moves a 70-cell accuracy by a cell or
+   two) do not change the choice.
 
 The result is saved in Geneformer's layout (`config.json` + safetensors of a `BertModel`), so
 `Cell2TextForConditionalGeneration.from_pretrained_parts` loads it like a real Geneformer checkpoint. Its config
@@ -32,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 import torch
+from safetensors.torch import load_file, save_file
 from scipy.sparse.linalg import svds
 from torch import nn
 from tqdm.auto import tqdm
@@ -44,9 +49,26 @@ logger = logging.getLogger(__name__)
 
 # The hidden state the probe reads and the projector must read: the encoder's last layer.
 FEATURE_LAYER = -1
-# The prepared encoder's folder under the recipe's output_dir, and the record of its selection inside it.
+# The prepared encoder's folder under the recipe's output_dir, the record of its selection inside it, and the
+# chosen probe's linear head (a cell-type classifier on the same encoder: the head baseline of the evaluation).
 PREPARED_ENCODER_DIR = "gene_encoder"
 SELECTION_FILE = "encoder_selection.json"
+SELECTION_RULE = "one standard error: the first candidate within one binomial standard error of the best"
+PROBE_HEAD_FILE = "cell_type_head.safetensors"
+
+
+def select_candidate(accuracies: Sequence[float], num_cells: int) -> int:
+    """The one-standard-error rule: the first candidate whose accuracy is at least the best's minus one binomial
+    standard error of the best on `num_cells` validation cells (at least one cell's worth).
+
+    Candidates come simplest (or preferred) first, so a later one replaces an earlier only when validation can tell
+    them apart. 70 cells at 0.87 give a standard error of 0.040, about 3 cells."""
+    if not accuracies or num_cells < 1:
+        raise ValueError("select_candidate needs at least one accuracy and one validation cell.")
+    best = max(accuracies)
+    margin = max(math.sqrt(best * (1.0 - best) / num_cells), 1.0 / num_cells)
+    # A small tolerance, so an accuracy exactly one margin below the best (k cells of n) is not lost to rounding.
+    return next(i for i, a in enumerate(accuracies) if a >= best - margin - 1e-12)
 
 
 @dataclass
@@ -74,6 +96,9 @@ class EncoderSelection:
     num_expression_bins: int = 0
     prepared_for: dict | None = None  # corpus fingerprints and settings, so a stale encoder is never reused
     feature_layer: int = FEATURE_LAYER  # the hidden state the probe read
+    labels: list[str] | None = None  # the probe head's classes, in its output order
+    num_cell_tokens: int | None = None  # the gene states the probe pooled
+    selection_rule: str | None = None
 
     @classmethod
     def load(cls, encoder_dir: str | Path) -> "EncoderSelection | None":
@@ -191,8 +216,9 @@ def train_candidate(
     learning_rate: float = 1e-3,
     batch_size: int = 32,
     seed: int = 0,
-) -> tuple[BertModel, float]:
-    """Train one candidate on the training cells; returns its encoder at the best validation epoch and that accuracy."""
+) -> tuple[_CellTypeProbe, float]:
+    """Train one candidate on the training cells; returns its probe (encoder + head) at the best validation epoch and
+    that accuracy."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     max_len = max(len(t) for t in train.tokens + validation.tokens)
@@ -230,9 +256,9 @@ def train_candidate(
         accuracy = _accuracy(probe, feature_extractor, validation, batch_size, candidate.value_aware)
         if accuracy > best_accuracy:
             best_accuracy = accuracy
-            best_state = {k: v.detach().clone() for k, v in probe.encoder.state_dict().items()}
-    probe.encoder.load_state_dict(best_state)
-    return probe.encoder, best_accuracy
+            best_state = {k: v.detach().clone() for k, v in probe.state_dict().items()}
+    probe.load_state_dict(best_state)
+    return probe, best_accuracy
 
 
 @torch.no_grad()
@@ -274,26 +300,55 @@ def prepare_gene_encoder(
     train, validation = cells_of("train"), cells_of("validation")
     special_ids, vocab_size = feature_extractor.special_token_ids, feature_extractor.vocab_size
 
-    accuracies, encoders = [], []
+    accuracies, probes = [], []
     for candidate in candidates:
         weights = rank_weight_matrix(train.tokens, vocab_size, special_ids)
         embeddings = svd_gene_embeddings(weights, candidate.hidden_size, seed=seed)
-        encoder, accuracy = train_candidate(
+        probe, accuracy = train_candidate(
             candidate, feature_extractor, embeddings, train, validation,
             num_labels=len(labels), num_cell_tokens=num_cell_tokens, epochs=epochs, seed=seed,
         )
         logger.info("gene encoder %s: validation accuracy %.3f", asdict(candidate), accuracy)
         accuracies.append(accuracy)
-        encoders.append(encoder)
-    best = int(np.argmax(accuracies))
+        probes.append(probe)
+    best = select_candidate(accuracies, len(validation.labels))
     out_dir = Path(out_dir)
     num_expression_bins = feature_extractor.num_expression_bins if candidates[best].value_aware else 0
-    record_preparation(encoders[best].config, feature_extractor, num_expression_bins=num_expression_bins,
+    encoder = probes[best].encoder
+    record_preparation(encoder.config, feature_extractor, num_expression_bins=num_expression_bins,
                        corpus_fingerprints=(prepared_for or {}).get("corpus_fingerprints"))
-    encoders[best].save_pretrained(out_dir)
+    encoder.save_pretrained(out_dir)
+    save_file({k: v.contiguous() for k, v in probes[best].head.state_dict().items()}, out_dir / PROBE_HEAD_FILE)
     selection = EncoderSelection(
         candidates=[asdict(c) for c in candidates], validation_accuracy=accuracies, best=best, path=str(out_dir),
-        num_expression_bins=num_expression_bins, prepared_for=prepared_for,
+        num_expression_bins=num_expression_bins, prepared_for=prepared_for, labels=labels,
+        num_cell_tokens=num_cell_tokens, selection_rule=SELECTION_RULE,
     )
     (out_dir / SELECTION_FILE).write_text(json.dumps(asdict(selection), indent=2))
     return selection
+
+
+@torch.no_grad()
+def probe_predictions(encoder_dir: str | Path, cells, feature_extractor, batch_size: int = 64) -> list[str]:
+    """The cell type the prepared encoder's own probe (encoder + linear head, as chosen on validation) predicts for
+    each of `cells` (a corpus split), in order: a discrete head on the same encoder Cell2Text reads."""
+    encoder_dir = Path(encoder_dir)
+    selection = EncoderSelection.load(encoder_dir)
+    if selection is None or selection.labels is None or not (encoder_dir / PROBE_HEAD_FILE).exists():
+        raise FileNotFoundError(f"{encoder_dir} holds no prepared encoder with its probe head; prepare it with this "
+                                "version of training.gene_encoder (the recipe does so when no encoder is given).")
+    encoder = BertModel.from_pretrained(encoder_dir, add_pooling_layer=False)
+    probe = _CellTypeProbe(encoder.config, len(selection.labels), selection.num_cell_tokens)
+    probe.encoder = encoder
+    probe.head.load_state_dict(load_file(encoder_dir / PROBE_HEAD_FILE))
+    probe.eval()
+    bins = split_value_lists(cells, feature_extractor)
+    tokens = [list(t) for t in cells["gene_input_ids"]]
+    value_aware = selection.num_expression_bins > 0
+    # Labels are not needed to predict; the batches carry placeholders.
+    split = _Cells(tokens=tokens, bins=None if bins is None else [list(b) for b in bins],
+                   labels=np.zeros(len(tokens), dtype=np.int64))
+    predicted: list[str] = []
+    for inputs, _ in _batches(feature_extractor, split, batch_size, False, np.random.default_rng(0), value_aware):
+        predicted += [selection.labels[i] for i in _logits(probe, inputs).argmax(-1).tolist()]
+    return predicted

@@ -47,6 +47,7 @@ from training.gene_encoder import (
     FEATURE_LAYER,
     PREPARED_ENCODER_DIR,
     EncoderCandidate,
+    SELECTION_RULE,
     EncoderSelection,
     prepare_gene_encoder,
 )
@@ -266,6 +267,7 @@ def gene_encoder_path(args: Cell2TextArguments, training_args: SFTConfig, corpus
         "corpus_fingerprints": summary.get("fingerprints"), "candidates": [asdict(c) for c in candidates],
         "epochs": args.encoder_epochs, "num_cell_tokens": args.num_cell_tokens, "seed": training_args.seed,
         "feature_layer": FEATURE_LAYER,  # an encoder prepared before its config recorded this is prepared again
+        "selection_rule": SELECTION_RULE,  # as is one chosen by another rule
     }
     with training_args.main_process_first(desc="preparing the gene encoder on the corpus"):
         previous = EncoderSelection.load(out_dir)

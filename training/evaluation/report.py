@@ -206,36 +206,40 @@ def method_figures(results: dict) -> dict[str, dict[str, float]]:
 
 
 def _benchmark_section(results: dict) -> list[str]:
-    """This run's split beside the mean +- sd over split seeds of benchmarks/quality.py (checked into docs/)."""
+    """This run's split beside benchmarks/quality.py's cross-validation (checked into docs/): pooled over every
+    test cell of its folds, accuracy with its 95% interval."""
     benchmark = results.get("quality_benchmark")
     if not benchmark:
         return []
     this_run = method_figures(results)
-    summary = benchmark["summary"]
-    seed = results.get("split_seed")
-    seeds = [split["seed"] for split in benchmark["splits"]]
-    interrupted = (f" (interrupted: {len(seeds)} of the {len(benchmark['seeds'])} splits it was asked for)"
-                   if benchmark.get("complete") is False else "")
+    pooled = benchmark["pooled"]
+    folds = [fold["fold"] for fold in benchmark["folds"]]
+    interrupted = (f" (incomplete: folds {', '.join(map(str, folds))} of {benchmark['num_folds']})"
+                   if not benchmark.get("complete") else "")
+    num_cells = max(figures.get("num_cells", 0) for figures in pooled.values())
     lines = [
-        "## This split beside the benchmark over split seeds", "",
-        f"`benchmarks/quality.py`: the same recipe on {len(seeds)} corpus splits (seeds "
-        f"{', '.join(map(str, seeds))}){interrupted}, measured {benchmark['date']} at commit "
-        f"{benchmark['commit'][:10]} ({benchmark.get('device', 'device not recorded')}). Mean +- sd over the splits.",
+        "## This split beside the cross-validated benchmark", "",
+        f"`benchmarks/quality.py`: the same recipe in {benchmark['num_folds']}-fold cross-validation{interrupted}, "
+        f"every one of its {num_cells} test cells tested once, measured {benchmark['date']} at commit "
+        f"{benchmark['commit'][:10]} ({benchmark.get('device', 'device not recorded')}). Pooled over the folds' "
+        "test cells; accuracy with its 95% interval. This run is one split.",
         "",
     ]
-    run_label = "This run" + (f" (split seed {seed})" if seed is not None else "")
+    seed = results.get("split_seed")
+    run_label = "This run" + (f" (one split, seed {seed})" if seed is not None else " (one split)")
     rows = []
     for name, title in METHOD_NAMES.items():
         for metric, metric_title in BENCHMARK_METRICS.items():
-            stats = summary.get(name, {}).get(metric)
-            if stats is None:
+            value = pooled.get(name, {}).get(metric)
+            if value is None:
                 continue
-            rows.append([title, metric_title, format_value(this_run.get(name, {}).get(metric)),
-                         f"{stats['mean']:.3f} +- {stats['sd']:.3f}"])
-    lines += _table(["Method", "Metric", run_label, "Benchmark mean +- sd"], rows)
+            interval = pooled[name].get(f"{metric}_ci95")
+            shown = f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+            rows.append([title, metric_title, format_value(this_run.get(name, {}).get(metric)), shown])
+    lines += _table(["Method", "Metric", run_label, "Cross-validated (pooled)"], rows)
     paired = benchmark.get("paired") or {}
     if paired:
-        lines += ["Paired on the same test cells, pooled over the benchmark's splits:", "", *paired_lines(paired), ""]
+        lines += ["Paired on the same test cells, pooled over the folds:", "", *paired_lines(paired), ""]
     return lines
 
 
