@@ -64,7 +64,7 @@ def _remote_code_files(model_dir: Path, config: dict) -> list[str]:
     return files
 
 
-def check_model_folder(model_dir: str | Path) -> None:
+def check_hub_ready(model_dir: str | Path) -> None:
     """Raise `FileNotFoundError`/`ValueError` naming what a Hub-ready Cell2Text folder lacks."""
     model_dir = Path(model_dir)
     missing = [name for name in REQUIRED_FILES if not (model_dir / name).exists()]
@@ -93,7 +93,7 @@ def check_model_folder(model_dir: str | Path) -> None:
 def publish_model(model_dir: str | Path, repo_id: str, private: bool = False, api: HfApi | None = None) -> str:
     """Re-render the card for ``repo_id`` (where its inputs are saved), check and upload the folder; returns the URL."""
     rerender_model_card(model_dir, repo_id)
-    check_model_folder(model_dir)
+    check_hub_ready(model_dir)
     api = api or HfApi()
     url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     api.upload_folder(folder_path=str(model_dir), repo_id=repo_id, repo_type="model",

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .argument_types import positive_int
+from .package_info import package_version
 from .output_files import Terminated, publish_file, sigterm_as_exception
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -37,26 +39,6 @@ logger = logging.getLogger("cell2text")
 
 class CLIError(Exception):
     """A problem with the command's input: reported as one line, without a traceback."""
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("cell2text")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _add_common_arguments(command: argparse.ArgumentParser, key: str, batch_size: int) -> None:
@@ -89,7 +71,7 @@ def _add_common_arguments(command: argparse.ArgumentParser, key: str, batch_size
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cell2text", description="Describe single cells with a Cell2Text model.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     describe = commands.add_parser("describe", help="Write a description and parsed fields per cell into obs.")
     _add_common_arguments(describe, "cell2text", 16)
@@ -120,9 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cell2text: stopped by SIGINT (Ctrl-C); nothing was written", file=sys.stderr)
         return 128 + signal.SIGINT
-    except (CLIError, ValueError, KeyError, OSError, RuntimeError, TypeError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-        print(f"cell2text: error: {' '.join(str(message).split())}", file=sys.stderr)
+    except (CLIError, ValueError, OSError) as error:  # bad input: one line; anything else is a bug: its traceback
+        print(f"cell2text: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     return 0
 
@@ -138,7 +119,7 @@ def run(args: argparse.Namespace) -> None:
     check_paths(args.input, args.out, args.overwrite)
     try:  # their messages start with "device ..." / "model ..." / "key_added ...": the options' names
         device = tl.resolve_device(args.device)
-        tl.check_model_folder(args.model)
+        tl.check_model_path(args.model)
         tl.check_key_added(args.key_added)
     except ValueError as error:
         raise CLIError(f"--{str(error).replace('key_added', 'key-added', 1)}") from error
@@ -156,7 +137,7 @@ def run(args: argparse.Namespace) -> None:
     adata = open_h5ad(args.input)
     try:
         check_counts_source(adata, args.layer, args.use_raw, has_x=h5ad_has_x(args.input))
-        processor = load_processor(args.model, args.trust_remote_code)
+        processor = load_processor_quietly(args.model, args.trust_remote_code)
         report_genes_matched(processor.feature_extractor, adata.raw.var if args.use_raw else adata.var,
                              show=main_process)
         model, processor = tl.load(
@@ -253,7 +234,8 @@ def check_counts_source(adata: Any, layer: str | None, use_raw: bool, has_x: boo
         raise CLIError(f"the file has no X; pass --layer NAME naming the counts (its layers: {layers}){raw_hint}")
 
 
-def load_processor(model: str, trust_remote_code: bool) -> Any:
+def load_processor_quietly(model: str, trust_remote_code: bool) -> Any:
+    """`tl.load_processor` without transformers' per-file progress bars (the command shows one bar: the cells')."""
     from transformers.utils import logging as transformers_logging
 
     from . import tl

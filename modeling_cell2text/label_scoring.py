@@ -37,7 +37,7 @@ def cell_type_sentence(label: str) -> str:
 
 def cell_type_candidates(processor) -> list[str]:
     """The cell-type labels the processor knows (learnt from the training corpus, each with its ontology id)."""
-    labels = sorted((getattr(processor, "ontology_term_ids", None) or {}).get("cell_type", {}))
+    labels = sorted(processor.ontology_term_ids.get("cell_type", {}))
     if not labels:
         raise ValueError(
             "The processor knows no cell-type labels (processor.ontology_term_ids['cell_type'] is empty), so the cell "
@@ -48,7 +48,7 @@ def cell_type_candidates(processor) -> list[str]:
 
 def constrains_by_default(processor) -> bool:
     """Whether the processor knows cell-type labels to constrain to: the pipeline's and CLI's default."""
-    return bool((getattr(processor, "ontology_term_ids", None) or {}).get("cell_type"))
+    return bool(processor.ontology_term_ids.get("cell_type"))
 
 
 def _check_candidates(candidates: Sequence[str]) -> list[str]:
@@ -273,7 +273,7 @@ def constrained_results(processor, generation: ConstrainedGeneration) -> list[di
     and its probability as `cell_type_score`. The cell type is the chosen label even where the rest of the text
     does not parse (`parsed` is then False)."""
     results = processor.parse_descriptions(generation.texts)
-    term_ids = (getattr(processor, "ontology_term_ids", None) or {}).get("cell_type", {})
+    term_ids = processor.ontology_term_ids.get("cell_type", {})
     for result, label, score in zip(results, generation.scores.labels, generation.scores.scores):
         result.update(cell_type=label, cell_type_ontology_term_id=term_ids.get(label), cell_type_score=score)
     return results

@@ -13,6 +13,9 @@ from .description_schema import ONTOLOGY_FIELDS, CellDescription, DescriptionPar
 DEFAULT_SYSTEM_PROMPT = "You are a single-cell biologist. Describe the cell concisely and professionally."
 DEFAULT_USER_PROMPT = "Gene expression embeddings: "
 CELL_TOKEN = "<cell>"
+# The processor's own settings (saved in processor_config.json beside its feature extractor and tokenizer).
+SETTINGS = ("chat_template", "num_cell_tokens", "system_prompt", "user_prompt", "ontology_term_ids",
+            "cell_type_definitions", "pathway_names", "age_groups")
 
 
 class Cell2TextProcessor(ProcessorMixin):
@@ -50,6 +53,9 @@ class Cell2TextProcessor(ProcessorMixin):
         age_groups: Sequence[str] | None = None,
         **kwargs,
     ):
+        if kwargs:
+            raise TypeError(f"Cell2TextProcessor got unknown arguments {sorted(kwargs)}; its settings are "
+                            f"{sorted(SETTINGS)}.")
         if tokenizer is None or feature_extractor is None:
             raise ValueError("Cell2TextProcessor needs both a feature_extractor and a tokenizer.")
         if CELL_TOKEN not in tokenizer.get_vocab():

@@ -351,7 +351,7 @@ class _DecodingState:
 
 def known_labels(processor) -> dict[str, list[str]]:
     """Each field's labels the processor learnt from its training corpus ("pathways": the pathway names)."""
-    labels = {name: sorted(values) for name, values in (getattr(processor, "ontology_term_ids", None) or {}).items()}
+    labels = {name: sorted(values) for name, values in processor.ontology_term_ids.items()}
     labels["age_group"] = list(getattr(processor, "age_groups", None) or [])
     labels["pathways"] = sorted(getattr(processor, "pathway_names", None) or [])
     return labels

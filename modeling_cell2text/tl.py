@@ -17,8 +17,6 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as distribution_version
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from tqdm.auto import tqdm
 from .compatibility import check_model_and_processor, gene_vocabulary_sha256
 from .label_scoring import constrains_by_default
 from .modeling_cell2text import PICKLED_WEIGHTS, Cell2TextForConditionalGeneration
+from .package_info import package_version
 from .pipeline_cell2text import (
     MISSING_PROCESSOR,
     Cell2TextPipeline,
@@ -43,14 +42,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PROCESSOR_FILE = "processor_config.json"
 MODEL_TYPE = "cell2text"
 logger = logging.getLogger(__name__)
-
-
-def package_version() -> str:
-    """The installed `cell2text` distribution's version ("unknown" when the package runs from a plain folder)."""
-    try:
-        return distribution_version("cell2text")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 # ----------------------------------------------------------------------------- device, dtype, loading
@@ -95,7 +86,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return DTYPES[dtype]
 
 
-def check_model_folder(model: str | os.PathLike) -> None:
+def check_model_path(model: str | os.PathLike) -> None:
     """A local folder must be a saved Cell2Text model with its processor (Hub repo ids are checked on loading)."""
     folder = Path(model)
     if not folder.exists():
@@ -150,7 +141,7 @@ def load(
             model = model.to(resolve_dtype(dtype, target))
         check_model_and_processor(model.config, processor, getattr(model, "name_or_path", "") or "the model")
         return model.eval(), processor
-    check_model_folder(model)
+    check_model_path(model)
     if processor is None:
         processor = load_processor(model, trust_remote_code)
     model_class = remote_class(model, "config.json", "AutoModelForCausalLM") if trust_remote_code else None

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from hub_cards.publish import publish_corpus
 from hub_cards.render import write_dataset_card
-from modeling_cell2text.cli import positive_int
+from modeling_cell2text.argument_types import positive_int
 from modeling_cell2text.description_schema import LABEL_FIELD_NAMES, ONTOLOGY_FIELDS
 from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
 from modeling_cell2text.output_files import Terminated, publish_folder, sigterm_as_exception

@@ -401,3 +401,24 @@ def test_cell_type_score_and_free_cell_type(model_dir, h5ad, tmp_path, capsys):
     free = ad.read_h5ad(out)
     assert free.uns["cell2text"]["params"]["constrained"] is False
     assert "cell2text_cell_type_score" not in free.obs or free.obs["cell2text_cell_type_score"].isna().all()
+
+
+def test_bad_input_is_one_line_but_a_bug_keeps_its_traceback(monkeypatch, capsys, tmp_path):
+    import modeling_cell2text.cli as cli
+
+    h5ad_path, out = tmp_path / "in.h5ad", tmp_path / "out.h5ad"
+
+    def bad_input(args):
+        raise ValueError("model x: no config.json;\n point it at a saved Cell2Text model folder")
+
+    monkeypatch.setattr(cli, "run", bad_input)
+    assert main(["describe", str(h5ad_path), "--model", "x", "--out", str(out)]) == 1
+    assert capsys.readouterr().err == ("cell2text: error: model x: no config.json; point it at a saved Cell2Text "
+                                       "model folder\n")
+
+    def bug(args):  # a KeyError, TypeError or RuntimeError inside describing is a bug, not a message
+        raise KeyError("cell_type_score")
+
+    monkeypatch.setattr(cli, "run", bug)
+    with pytest.raises(KeyError, match="cell_type_score"):
+        main(["describe", str(h5ad_path), "--model", "x", "--out", str(out)])

@@ -126,6 +126,12 @@ def test_processor_round_trips_through_save_pretrained(processor, tmp_path):
         assert torch.equal(value, reloaded(counts, GENES)[key]), key
 
 
+def test_unknown_processor_settings_are_refused_not_dropped(processor):
+    # A misspelt setting was silently dropped: the processor then used 256 cell tokens instead of 8.
+    with pytest.raises(TypeError, match=r"unknown arguments \['num_cel_tokens'\]"):
+        Cell2TextProcessor(processor.feature_extractor, processor.tokenizer, num_cel_tokens=8)
+
+
 def test_zero_cells_are_a_clear_error(processor):
     with pytest.raises(ValueError, match="Got 0 cells"):
         processor(sp.csr_matrix((0, len(GENES)), dtype=np.float32), GENES)

@@ -7,7 +7,7 @@ from tiny_parts import save_tiny_parts
 from transformers import AutoTokenizer
 
 from modeling_cell2text import Cell2TextFeatureExtractor, Cell2TextForConditionalGeneration, Cell2TextProcessor
-from hub_cards.publish import check_model_folder, publish_model
+from hub_cards.publish import check_hub_ready, publish_model
 
 
 class FakeHub:
@@ -37,7 +37,7 @@ def model_dir(tmp_path):
 
 
 def test_a_saved_model_folder_is_hub_ready_and_uploads_whole(model_dir):
-    check_model_folder(model_dir)
+    check_hub_ready(model_dir)
     hub = FakeHub()
     url = publish_model(model_dir, "org/cell2text-tiny", api=hub)
     assert url.endswith("org/cell2text-tiny")
@@ -60,7 +60,7 @@ def test_a_folder_missing_a_code_file_its_auto_map_reaches_is_refused(model_dir,
             "description_schema.py"} <= set(_remote_code_files(model_dir, config))
     (model_dir / module).unlink()
     with pytest.raises(FileNotFoundError, match=module):
-        check_model_folder(model_dir)
+        check_hub_ready(model_dir)
 
 
 def test_publishing_re_renders_the_card_for_the_target_repo(model_dir):

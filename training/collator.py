@@ -7,19 +7,18 @@ from typing import Any
 
 from transformers import BatchFeature
 
-from modeling_cell2text import CellDescription, parse_description, render_description
+from modeling_cell2text import parse_description
 from modeling_cell2text.description_schema import label_spans
+from modeling_cell2text.label_scoring import cell_type_sentence
 
 
-def cell_type_sentence(description: str) -> str:
-    """A description's first sentence, the one naming the cell type ("This sample consists of a B cell.").
-
-    Parsed and re-rendered with the description schema, which owns the template.
-    """
+def first_sentence(description: str) -> str:
+    """A description's first sentence, the one naming the cell type ("This sample consists of a B cell."): its
+    label, parsed, in the template's sentence (`label_scoring.cell_type_sentence`)."""
     cell_type = parse_description(description).cell_type
     if cell_type is None:
         raise ValueError(f"The description names no cell type, so it has no cell-type sentence: {description[:200]!r}")
-    return render_description(CellDescription(cell_type=cell_type))
+    return cell_type_sentence(cell_type)
 
 
 class Cell2TextDataCollator:
@@ -28,7 +27,7 @@ class Cell2TextDataCollator:
     Prompt, cell placeholders and padding get label -100 (the processor builds the labels, so the prompt format
     has one owner). Examples need `gene_input_ids` and `description` (and `gene_value_ids` when the processor's
     feature extractor is value-aware); other columns are ignored. With `cell_type_only`, the target is the
-    description's first sentence alone (`cell_type_sentence`): the recipe's LLaVA-style first stage. With
+    description's first sentence alone (`first_sentence`): the recipe's LLaVA-style first stage. With
     `labels_only`, the loss covers only the tokens of the labels the description states (`label_spans`: what the
     schema-constrained decoder chooses), not the template words, the definition or EOS, which it writes itself.
     """
@@ -58,7 +57,7 @@ class Cell2TextDataCollator:
                 "extractor) and pass remove_unused_columns=False to the trainer."
             )
         descriptions = [
-            cell_type_sentence(example[self.text_column]) if self.cell_type_only else example[self.text_column]
+            first_sentence(example[self.text_column]) if self.cell_type_only else example[self.text_column]
             for example in examples
         ]
         batch = self.processor(
