@@ -73,18 +73,20 @@ def check_hub_ready(model_dir: str | Path) -> None:
     if missing:
         raise FileNotFoundError(
             f"{model_dir} is not a complete Cell2Text folder; missing {missing}. Save it with "
-            "model.save_pretrained(dir) and processor.save_pretrained(dir) (training.sft does both)."
+            "modeling_cell2text.save_model_folder(model, processor, dir) (training.sft does)."
         )
     config = json.loads((model_dir / "config.json").read_text())
     if "AutoModelForCausalLM" not in config.get("auto_map", {}):
         raise ValueError(f"{model_dir}/config.json has no auto_map: it would not load with trust_remote_code.")
     if "cell-to-text" not in config.get("custom_pipelines", {}):
-        raise ValueError(f"{model_dir}/config.json has no custom_pipelines entry for 'cell-to-text'.")
+        raise ValueError(f"{model_dir}/config.json has no custom_pipelines entry for 'cell-to-text': save the folder "
+                         "with modeling_cell2text.save_model_folder(model, processor, dir), which saves the pipeline.")
     missing_code = [name for name in _remote_code_files(model_dir, config) if not (model_dir / name).exists()]
     if missing_code:
         raise FileNotFoundError(
             f"{model_dir} lacks the code files {missing_code}, which its auto_map needs (directly or by a relative "
-            "import). Save the folder again with model.save_pretrained(dir), which copies them."
+            "import). Save the folder again with modeling_cell2text.save_model_folder(model, processor, dir), which copies "
+            "them."
         )
     if (model_dir / "README.md").exists():
         ModelCard.load(model_dir / "README.md")  # raises on malformed metadata

@@ -9,7 +9,7 @@ from .configuration_cell2text import Cell2TextConfig
 from .description_schema import CellDescription, DescriptionParseError, parse_description, render_description
 from .feature_extraction_cell2text import Cell2TextFeatureExtractor
 from .modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextModel, Cell2TextPreTrainedModel
-from .pipeline_cell2text import Cell2TextPipeline, register_cell2text_pipeline
+from .pipeline_cell2text import Cell2TextPipeline, register_cell2text_pipeline, save_model_folder
 from .processing_cell2text import Cell2TextProcessor
 
 AutoConfig.register(Cell2TextConfig.model_type, Cell2TextConfig, exist_ok=True)
@@ -25,10 +25,12 @@ Cell2TextModel.register_for_auto_class("AutoModel")
 Cell2TextForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")
 Cell2TextFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
 Cell2TextProcessor.register_for_auto_class("AutoProcessor")
-# `pipeline("cell-to-text", ...)`; the model's `save_pretrained` also saves the pipeline (code + custom_pipelines).
+# `pipeline("cell-to-text", ...)`; `save_model_folder` / the pipeline's `save_pretrained` save it with the model
+# (code + custom_pipelines).
 register_cell2text_pipeline()
 
 __all__ = [
+    "save_model_folder",
     "Cell2TextConfig",
     "Cell2TextModel",
     "Cell2TextForConditionalGeneration",

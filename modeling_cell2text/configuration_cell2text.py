@@ -101,6 +101,14 @@ class Cell2TextConfig(PreTrainedConfig):
             )
         return super().from_dict(config_dict, **kwargs)
 
+    def to_dict(self) -> dict:
+        """`PreTrainedConfig.to_dict` without `custom_pipelines`: only `Cell2TextPipeline.save_pretrained`, which saves
+        the pipeline's code beside it, writes that entry, so a folder never names code it does not hold (a model
+        loaded from a complete folder and saved alone is a plain model folder)."""
+        output = super().to_dict()
+        output.pop("custom_pipelines", None)
+        return output
+
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.cell_token_id is None:

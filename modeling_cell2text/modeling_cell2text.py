@@ -414,20 +414,6 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
             cell_features=outputs.cell_features,
         )
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus the `cell-to-text` pipeline (its code and the `custom_pipelines`
-        entry), so `pipeline("cell-to-text", model=folder, trust_remote_code=True)` works where this package is not
-        installed, also for a model that was itself loaded as remote code."""
-        from transformers.dynamic_module_utils import custom_object_save
-
-        from .pipeline_cell2text import Cell2TextPipeline, custom_pipelines_entry
-
-        self.config.custom_pipelines = custom_pipelines_entry()
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            custom_object_save(Cell2TextPipeline, save_directory)
-        return result
-
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, never emitting the cell placeholder: it only has meaning in the prompt. The
         placeholder is added to the suppressed tokens of the call, of its `generation_config` or of the model's."""

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,8 +36,8 @@ TASK = "cell-to-text"
 MIN_BLOCK_CELLS = 512
 MISSING_PROCESSOR = (
     "The cell-to-text pipeline needs the Cell2Text processor (gene vocabulary, tokenizer and prompt), but none was "
-    "found with the model. Save it with the model: processor.save_pretrained(model_dir) next to "
-    "model.save_pretrained(model_dir), or pass processor= to pipeline()."
+    "found with the model. Save it with the model: save_model_folder(model, processor, model_dir) (or "
+    "processor.save_pretrained(model_dir) next to the model), or pass processor= to pipeline()."
 )
 
 
@@ -266,10 +268,21 @@ class Cell2TextPipeline(Pipeline):
         texts = self.processor.post_process_generation(model_outputs["generated_ids"], model_outputs["prompt_length"])
         return [{**result, "cell_type_score": None} for result in self.processor.parse_descriptions(texts)]
 
-    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Save model, pipeline code and processor, ready for `pipeline("cell-to-text", trust_remote_code=True)`."""
-        super().save_pretrained(save_directory, **kwargs)
-        self.processor.save_pretrained(save_directory)
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Save the model (with its code), its processor and this pipeline's code with its `custom_pipelines` entry:
+        a complete Cell2Text folder, which `pipeline("cell-to-text", model=folder, trust_remote_code=True)` loads
+        where this package is not installed, also when this pipeline itself was loaded as remote code."""
+        from transformers.dynamic_module_utils import custom_object_save
+
+        os.makedirs(save_directory, exist_ok=True)
+        self.model.save_pretrained(save_directory, **kwargs)
+        if kwargs.get("is_main_process", True):
+            custom_object_save(self, save_directory)
+            config_file = Path(save_directory) / "config.json"
+            config = json.loads(config_file.read_text())
+            config_file.write_text(json.dumps({**config, "custom_pipelines": custom_pipelines_entry()}, indent=2,
+                                              sort_keys=True) + "\n")
+            self.processor.save_pretrained(save_directory)
 
 
 def resolve_cells(
@@ -343,6 +356,13 @@ def check_outputs_line_up(input_ids: Any, generated: Any) -> None:
         )
 
 
+def save_model_folder(model: Any, processor: Any, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+    """Save a complete Cell2Text folder (`Cell2TextPipeline.save_pretrained`): model, processor and pipeline.
+
+    `model.save_pretrained` alone saves the model and its code, as for any transformers model."""
+    Cell2TextPipeline(model=model, processor=processor, device=model.device).save_pretrained(save_directory, **kwargs)
+
+
 def custom_pipelines_entry() -> dict:
     """What `config.json` needs under `custom_pipelines` for transformers to find this pipeline as remote code."""
     return {TASK: {"impl": f"{__name__.split('.')[-1]}.{Cell2TextPipeline.__name__}", "pt": ["AutoModelForCausalLM"]}}
@@ -351,8 +371,8 @@ def custom_pipelines_entry() -> dict:
 def register_cell2text_pipeline() -> None:
     """Register the `cell-to-text` task with transformers' pipeline registry (done on importing the package).
 
-    The model's `save_pretrained` saves this pipeline with it (code and `custom_pipelines`), so a saved model finds
-    it as remote code where this package is not installed.
+    `Cell2TextPipeline.save_pretrained` (and `save_model_folder`) save this pipeline with the model (code and
+    `custom_pipelines`), so a saved model finds it as remote code where this package is not installed.
     """
     from transformers.pipelines import PIPELINE_REGISTRY
 
@@ -364,5 +384,5 @@ def register_cell2text_pipeline() -> None:
 
 __all__ = [
     "Cell2TextPipeline", "DescribeOptions", "cells_per_block", "check_outputs_line_up", "length_order", "rank_block", "resolve_cells",
-    "register_cell2text_pipeline", "custom_pipelines_entry",
+    "register_cell2text_pipeline", "custom_pipelines_entry", "save_model_folder",
 ]

@@ -93,6 +93,24 @@ def test_logged_token_accuracy_is_trls(trainer):
     assert trainer._token_accuracy["train"] == []
 
 
+def test_the_last_partial_batch_of_an_epoch_is_trained_on(trainer):
+    # The dataloader's state on the last batch of an epoch whose cells do not fill it (490 cells at 4 a batch: 2
+    # left over): the token-accuracy counts were cut to the leftover size and the step crashed.
+    trainer, batch = trainer
+    class LastBatchOfEpoch:  # what accelerate's dataloader reports there
+        end_of_dataloader = True
+        remainder = 1
+
+    state, dataloader = trainer.accelerator.gradient_state, LastBatchOfEpoch()
+    state._add_dataloader(dataloader)
+    try:
+        loss = trainer.compute_loss(trainer.model.train(), dict(batch))
+    finally:
+        state._remove_dataloader(dataloader)
+    assert torch.isfinite(loss)
+    assert 0.0 <= trainer._token_accuracy["train"][-1] <= 1.0
+
+
 def test_mixin_keeps_trl_path_when_outputs_are_asked_for(trainer):
     trainer, batch = trainer
     loss, outputs = trainer.compute_loss(trainer.model, dict(batch), return_outputs=True)

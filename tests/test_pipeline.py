@@ -23,6 +23,7 @@ from modeling_cell2text import (
     Cell2TextProcessor,
     CellDescription,
     render_description,
+    save_model_folder,
 )
 
 GENES = [f"ENSG{i:011d}" for i in range(1, 61)]
@@ -85,8 +86,7 @@ def save_tiny_model_folder(root: Path, trained: bool = True, seed: int = 0) -> P
         )
         model = Cell2TextForConditionalGeneration(config)
     model_dir = root / ("trained" if trained else "random")
-    model.eval().save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
+    save_model_folder(model.eval(), processor, model_dir)
     return model_dir
 
 
@@ -189,9 +189,9 @@ def test_empty_cells_raise_or_are_skipped(random_dir):
 
 def test_model_folder_without_processor_is_a_clear_error(tmp_path, random_dir):
     model = Cell2TextForConditionalGeneration.from_pretrained(random_dir)
-    model.save_pretrained(tmp_path / "no-processor")
-    with pytest.raises(ValueError, match="processor.save_pretrained"):
-        pipeline("cell-to-text", model=str(tmp_path / "no-processor"), trust_remote_code=True, device="cpu")
+    model.save_pretrained(tmp_path / "no-processor")  # the model alone (save_model_folder saves all three)
+    with pytest.raises(ValueError, match="save_model_folder"):
+        pipeline("cell-to-text", model=str(tmp_path / "no-processor"), device="cpu")
 
 
 # -- no silent wrong results (issue 9) -----------------------------------------------------------------------------

@@ -6,7 +6,12 @@ import pytest
 from tiny_parts import save_tiny_parts
 from transformers import AutoTokenizer
 
-from modeling_cell2text import Cell2TextFeatureExtractor, Cell2TextForConditionalGeneration, Cell2TextProcessor
+from modeling_cell2text import (
+    Cell2TextFeatureExtractor,
+    Cell2TextForConditionalGeneration,
+    Cell2TextProcessor,
+    save_model_folder,
+)
 from hub_cards.publish import check_hub_ready, publish_model
 
 
@@ -25,14 +30,13 @@ class FakeHub:
 @pytest.fixture()
 def model_dir(tmp_path):
     encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
-    genes = {f"ENSG{i:011d}": 1.0 for i in range(1, 41)}
+    genes = {f"ENSG{i:011d}": 1.0 for i in range(1, 61)}  # the tiny encoder embeds 60 genes + 4 special tokens
     processor = Cell2TextProcessor(Cell2TextFeatureExtractor.from_gene_medians(genes),
                                    AutoTokenizer.from_pretrained(lm_dir), num_cell_tokens=8)
     model = Cell2TextForConditionalGeneration.from_pretrained_parts(
         encoder_dir, lm_dir, cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16)
     out = tmp_path / "model"
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    save_model_folder(model, processor, out)
     return out
 
 

@@ -14,7 +14,12 @@ import scipy.sparse as sp
 import torch
 from tiny_parts import save_tiny_parts
 
-from modeling_cell2text import Cell2TextFeatureExtractor, Cell2TextForConditionalGeneration, Cell2TextProcessor
+from modeling_cell2text import (
+    Cell2TextFeatureExtractor,
+    Cell2TextForConditionalGeneration,
+    Cell2TextProcessor,
+    save_model_folder,
+)
 
 GENES = [f"ENSG{i:011d}" for i in range(1, 61)]
 
@@ -49,12 +54,12 @@ REMOTE_SCRIPT = textwrap.dedent(
     with torch.no_grad():
         logits = model(**inputs).logits
     np.save(out_file, logits.numpy())
-    # Re-saved from the remote-code classes: the copy must carry the code, the pipeline included.
+    # Re-saved from the remote-code classes (the pipeline's save_pretrained, as save_model_folder does): the copy
+    # must carry the code, the pipeline included.
     from pathlib import Path
     from transformers import pipeline
     resaved = str(Path(out_file).parent / "resaved")
-    model.save_pretrained(resaved)
-    processor.save_pretrained(resaved)
+    pipeline("cell-to-text", model=model_dir, trust_remote_code=True).save_pretrained(resaved)
     described = pipeline("cell-to-text", model=resaved, trust_remote_code=True)(counts, gene_ids=[str(g) for g in data["genes"]], max_new_tokens=3)
     assert len(described) == 3 and all("description" in d for d in described), described
     print(json.dumps({"model": type(model).__name__, "processor": type(processor).__name__,
@@ -80,8 +85,7 @@ def test_saved_model_loads_as_remote_code_with_equal_logits(tmp_path):
         encoder_dir, lm_dir, cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16
     ).eval()
     model_dir = tmp_path / "cell2text"
-    model.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
+    save_model_folder(model, processor, model_dir)
     saved = json.loads((model_dir / "config.json").read_text())
     assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_cell2text.Cell2TextForConditionalGeneration"
     for code_file in ("modeling_cell2text.py", "configuration_cell2text.py", "processing_cell2text.py",

@@ -3,6 +3,9 @@ assisted decoding, generation from embeddings, chat templates, embedding resizin
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import scipy.sparse as sp
 import torch
@@ -107,3 +110,41 @@ def test_the_encoder_layers_above_the_one_read_are_not_run_and_change_nothing(mo
     assert len(encoder.encoder.layer) == 2  # the model keeps every layer
     mask = inputs["gene_token_mask"].bool() & (inputs["gene_token_mask"].cumsum(1) <= model.config.num_cell_tokens)
     torch.testing.assert_close(features, model.model.multi_modal_projector(full[mask]), rtol=0, atol=0)
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, function-level imports included (read from the source)."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "modeling_cell2text"
+    modules = {path.stem for path in package.glob("*.py")}
+    graph = {}
+    for path in package.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                imported |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("modeling_cell2text."):
+                imported.add(node.module.split(".")[1])
+        graph[path.stem] = imported & modules
+    return graph
+
+
+def test_the_model_knows_neither_pipeline_nor_tl_and_no_module_imports_itself_back():
+    graph = _package_imports()
+    assert not graph["modeling_cell2text"] & {"pipeline_cell2text", "tl", "cli", "distributed"}
+
+    def reaches(start: str, target: str, seen: set) -> bool:
+        return any(m == target or (m not in seen and reaches(m, target, seen | {m})) for m in graph[start])
+
+    cycles = [m for m in graph if reaches(m, m, set())]
+    assert not cycles, f"modules on an import cycle: {cycles}"
+
+
+def test_a_model_saved_alone_names_no_pipeline_code_it_lacks(model_and_processor, tmp_path):
+    model, _ = model_and_processor
+    assert model.config.custom_pipelines  # loaded from a complete folder (save_model_folder)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "custom_pipelines" not in saved and not (tmp_path / "pipeline_cell2text.py").exists()
+    assert isinstance(Cell2TextForConditionalGeneration.from_pretrained(tmp_path), Cell2TextForConditionalGeneration)

@@ -9,7 +9,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +47,10 @@ def save_merged(
     *,
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
+    save_folder: Callable[[Any, Any, Path], None] | None = None,
 ) -> Path:
-    """Merge the trainer's LoRA adapters into the language model and save it with its processor (or tokenizer),
+    """Merge the trainer's LoRA adapters into the language model and save it with its processor (or tokenizer;
+    `save_folder(model, processor, folder)` where a model saves more, as Cell2Text's `save_model_folder`),
     plus `state` and the trainer's best checkpoint as training_state.json and `extra_files` (name -> text); the
     main process writes, all wait.
 
@@ -61,8 +63,11 @@ def save_merged(
         staging = Path(tempfile.mkdtemp(dir=final_dir.parent, prefix=f".{final_dir.name}.partial-"))
         try:
             merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-            merged.save_pretrained(staging)
-            processing_class.save_pretrained(staging)
+            if save_folder is None:
+                merged.save_pretrained(staging)
+                processing_class.save_pretrained(staging)
+            else:
+                save_folder(merged, processing_class, staging)
             state = {"global_step": trainer.state.global_step,
                      "best_model_checkpoint": trainer.state.best_model_checkpoint,
                      "best_metric": trainer.state.best_metric, **state}

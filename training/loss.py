@@ -76,7 +76,9 @@ class LabelledPositionsLossMixin:
         with torch.no_grad():  # the token accuracy TRL logs (its entropy metric is left out: it costs a vocab pass)
             mask = targets != -100
             correct = ((logits.argmax(dim=-1) == targets) & mask).sum()
-            counts = self.accelerator.gather_for_metrics(torch.stack([correct, mask.sum()])).view(-1, 2).sum(0)
+            # `gather`, not `gather_for_metrics`: these are counts, not one row per cell, and the latter cuts the
+            # last batch of an epoch to the cells left over (a 2-vector cut to 1: a crash when 4 did not divide 490).
+            counts = self.accelerator.gather(torch.stack([correct, mask.sum()])).view(-1, 2).sum(0)
         self._token_accuracy["train" if model.training else "eval"].append((counts[0] / counts[1].clamp(min=1)).item())
         return loss
 

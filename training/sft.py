@@ -36,7 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTo
 from transformers.trainer_utils import enable_full_determinism
 from trl import SFTConfig, SFTTrainer, TrlParser
 
-from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor
+from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor, save_model_folder
 from processing.corpus import corpus_feature_extractor, corpus_summary, description_vocabulary, open_corpus
 from modeling_cell2text.output_files import check_new_output
 from training.adapters import FINAL_DIR, OVERWRITE_FINAL_FIX, LoraArguments, save_merged, stopped_cleanly
@@ -397,7 +397,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         "cell_type_stage_steps": cell_type_stage_steps, "train_runtime": train_output.metrics.get("train_runtime"),
         "cell_type_stage_runtime": cell_type_stage_runtime, "cell_type_calibration": calibration,
         "field_calibration": field_calibration,
-    }, overwrite=args.overwrite_final_model_dir)
+    }, overwrite=args.overwrite_final_model_dir, save_folder=save_model_folder)
 
 
 def make_parser() -> TrlParser:
