@@ -24,7 +24,7 @@ import torch
 
 from .description_schema import CellDescription, DescriptionParseError, parse_description, render_description
 from .cell_inputs import CELL_INPUT_NAMES
-from .text_padding import text_pad_token_id
+from .text_padding import check_outputs_line_up, pad_token_rows, text_pad_token_id
 
 # Rows (cells x candidates) of one scoring forward pass: bounds the logits held at once (rows x span x vocabulary).
 DEFAULT_MAX_ROWS = 64
@@ -248,19 +248,13 @@ def generate_with_cell_type(
         prompt = inputs["input_ids"][i][inputs["attention_mask"][i].bool()].tolist()
         forced.append(tokenizer(cell_type_sentence(label), add_special_tokens=False)["input_ids"])
         rows.append(prompt + forced[-1])
-    width = max(map(len, rows))
     device = inputs["input_ids"].device
-    input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    padded = {name: torch.tensor(value, device=device) for name, value in pad_token_rows(rows, pad_id).items()}
     cell_inputs = {k: inputs[k] for k in CELL_INPUT_NAMES if inputs.get(k) is not None}
     generate_kwargs.setdefault("pad_token_id", pad_id)
-    generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, **cell_inputs, **generate_kwargs)
-    if generated.shape[0] != len(rows) or not torch.equal(generated[:, :width], input_ids):
-        raise RuntimeError(
-            f"generate returned {generated.shape[0]} sequences for {len(rows)} cells, or not in the cells' order; "
-            "descriptions would land on the wrong cells, so none is returned. Generate one sequence per cell "
-            "(num_return_sequences=1)."
-        )
+    generated = model.generate(**padded, **cell_inputs, **generate_kwargs)
+    check_outputs_line_up(padded["input_ids"], generated)
+    width = padded["input_ids"].shape[1]
     texts = [
         tokenizer.decode(first + generated[i, width:].tolist(), skip_special_tokens=True).strip()
         for i, first in enumerate(forced)

@@ -27,7 +27,7 @@ from .cell_inputs import empty_cells_error
 from .compatibility import check_model_and_processor
 from .label_scoring import constrains_by_default
 from .schema_decoding import DEFAULT_NUM_BEAMS, SchemaDecoder, known_labels, schema_results
-from .text_padding import text_pad_token_id
+from .text_padding import check_outputs_line_up, text_pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -335,25 +335,6 @@ def length_order(lengths: np.ndarray) -> np.ndarray:
     """Positions longest first (ties in input order): batches taken in this order pad little, and the first batch
     is the largest, so running out of memory shows at once."""
     return np.argsort(-np.asarray(lengths), kind="stable")
-
-
-def check_outputs_line_up(input_ids: Any, generated: Any) -> None:
-    """The one check that generated sequences and cells line up: one sequence per cell (count), each starting with
-    that cell's own prompt (order). Raises RuntimeError before a description could be given to the wrong cell."""
-    n_cells, n_outputs = input_ids.shape[0], generated.shape[0]
-    if n_outputs != n_cells:
-        raise RuntimeError(
-            f"generate returned {n_outputs} sequences for {n_cells} cells; descriptions would land on the wrong "
-            "cells. Generate one sequence per cell (num_return_sequences=1)."
-        )
-    prompt_length = input_ids.shape[1]
-    if generated.shape[1] < prompt_length or not bool(
-        (generated[:, :prompt_length].to(input_ids.device) == input_ids).all()
-    ):
-        raise RuntimeError(
-            "generated sequences do not start with their cells' prompts (count or order changed inside generate); "
-            "descriptions would land on the wrong cells, so none is returned."
-        )
 
 
 def save_model_folder(model: Any, processor: Any, save_directory: str | os.PathLike, **kwargs: Any) -> None:

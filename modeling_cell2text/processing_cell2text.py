@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from transformers import BatchFeature, ProcessorMixin
 
 from .compatibility import check_model_and_processor
-from .text_padding import text_pad_token_id
+from .text_padding import pad_token_rows, text_pad_token_id
 from .description_schema import ONTOLOGY_FIELDS, CellDescription, DescriptionParseError, parse_description
 
 DEFAULT_SYSTEM_PROMPT = "You are a single-cell biologist. Describe the cell concisely and professionally."
@@ -169,7 +169,7 @@ class Cell2TextProcessor(ProcessorMixin):
             labels.append([-100] * len(prompt_ids) + target_ids)
 
         padding_side = "left" if descriptions is None else "right"
-        text_inputs = self._pad(rows, labels or None, padding_side)
+        text_inputs = pad_token_rows(rows, text_pad_token_id(self.tokenizer), padding_side, labels or None)
         data = {**text_inputs, **{k: v for k, v in cell_inputs.items()}}
         return BatchFeature(data=data, tensor_type=return_tensors)
 
@@ -213,24 +213,6 @@ class Cell2TextProcessor(ProcessorMixin):
         if eos is None:
             raise ValueError("The tokenizer has no eos_token; set tokenizer.eos_token so descriptions can end.")
         return self.tokenizer(description, add_special_tokens=False)["input_ids"] + [eos]
-
-    def _pad(self, rows: list[list[int]], labels: list[list[int]] | None, padding_side: str) -> dict:
-        pad_id = text_pad_token_id(self.tokenizer)
-        width = max(len(r) for r in rows)
-        out = {"input_ids": [], "attention_mask": []}
-        if labels is not None:
-            out["labels"] = []
-        for i, row in enumerate(rows):
-            pad = width - len(row)
-
-            def place(seq: list[int], fill: int) -> list[int]:
-                return [fill] * pad + seq if padding_side == "left" else seq + [fill] * pad
-
-            out["input_ids"].append(place(row, pad_id))
-            out["attention_mask"].append(place([1] * len(row), 0))
-            if labels is not None:
-                out["labels"].append(place(labels[i], -100))
-        return out
 
     def batch_decode(self, *args, **kwargs) -> list[str]:
         """Forwarded to the tokenizer's `batch_decode`."""

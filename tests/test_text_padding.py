@@ -21,3 +21,16 @@ def test_eos_token_when_there_is_no_pad_token():
 def test_neither_is_an_error_naming_the_fix():
     with pytest.raises(ValueError, match="neither a pad token nor an eos token.*tokenizer.pad_token"):
         text_pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None))
+
+
+def test_rows_are_padded_on_the_side_asked_for_with_labels_masked():
+    import pytest
+
+    from modeling_cell2text.text_padding import pad_token_rows
+
+    left = pad_token_rows([[5, 6, 7], [8]], pad_id=0)
+    assert left == {"input_ids": [[5, 6, 7], [0, 0, 8]], "attention_mask": [[1, 1, 1], [0, 0, 1]]}
+    right = pad_token_rows([[5, 6, 7], [8]], pad_id=0, padding_side="right", labels=[[-100, 6, 7], [8]])
+    assert right["input_ids"] == [[5, 6, 7], [8, 0, 0]] and right["labels"] == [[-100, 6, 7], [8, -100, -100]]
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right'"):
+        pad_token_rows([[1]], 0, "middle")
