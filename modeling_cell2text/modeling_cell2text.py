@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple, logging
@@ -251,6 +252,8 @@ class Cell2TextModel(Cell2TextPreTrainedModel):
         else:
             placeholder_mask = input_ids == self.config.cell_token_id
         placeholders_per_row = placeholder_mask.sum(dim=1)
+        # One host sync per prefill (never in decoding steps, which carry no cells). Not `torch_compilable_check`:
+        # TRANSFORMERS_DISABLE_TORCH_CHECK=1 turns that off, and this check keeps descriptions off the wrong cells.
         if placeholders_per_row.shape != cell_token_counts.shape or not torch.equal(
             placeholders_per_row, cell_token_counts.to(placeholders_per_row.device)
         ):
@@ -393,12 +396,7 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
             return_dict=True,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:, :]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep, :]
-        logits = self.lm_head(hidden_states)
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
 
         loss = None
         if labels is not None:
@@ -416,7 +414,10 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
 
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, never emitting the cell placeholder: it only has meaning in the prompt. The
-        placeholder is added to the suppressed tokens of the call, of its `generation_config` or of the model's."""
+        placeholder is added to the suppressed tokens of the call, of its `generation_config` or of the model's.
+
+        Not configuration alone: a caller's own `generation_config=` replaces the model's, and with it any
+        suppressed token written there; the caller's config is otherwise used as given."""
         config = kwargs.get("generation_config") or self.generation_config
         suppress = list(kwargs.pop("suppress_tokens", None) or getattr(config, "suppress_tokens", None) or [])
         if self.config.cell_token_id not in suppress:

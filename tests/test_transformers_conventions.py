@@ -148,3 +148,21 @@ def test_a_model_saved_alone_names_no_pipeline_code_it_lacks(model_and_processor
     saved = json.loads((tmp_path / "config.json").read_text())
     assert "custom_pipelines" not in saved and not (tmp_path / "pipeline_cell2text.py").exists()
     assert isinstance(Cell2TextForConditionalGeneration.from_pretrained(tmp_path), Cell2TextForConditionalGeneration)
+
+
+def test_a_callers_generation_config_is_honoured_and_the_placeholder_still_never_generated(model_and_processor, inputs):
+    from transformers import GenerationConfig
+
+    model, processor = model_and_processor
+    with torch.no_grad():  # the token the model would write first: suppressed by the caller's config below
+        first = model(**inputs).logits[:, -1].argmax(-1)
+    banned = int(first[0])
+    config = GenerationConfig(max_new_tokens=5, do_sample=False, suppress_tokens=[banned],
+                              pad_token_id=processor.tokenizer.eos_token_id, eos_token_id=None)
+    with torch.no_grad():
+        generated = model.generate(**inputs, generation_config=config)
+    new_tokens = generated[:, inputs["input_ids"].shape[1]:]
+    assert new_tokens.shape == (3, 5)  # the caller's max_new_tokens, no early stop (eos_token_id None)
+    assert not (new_tokens == banned).any()  # the caller's suppressed token
+    assert not (new_tokens == model.config.cell_token_id).any()  # and the placeholder
+    assert config.suppress_tokens == [banned]  # the caller's object is left as given
