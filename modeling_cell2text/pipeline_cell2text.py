@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -181,26 +181,14 @@ class Cell2TextPipeline(Pipeline):
         use_raw = preprocess_params.pop("use_raw", False)
         skip_empty = preprocess_params.pop("skip_empty_cells", False)
         matrix, gene_ids, obs_names = resolve_cells(self.processor.feature_extractor, cells, gene_ids, layer, use_raw)
-        n_cells = matrix.shape[0]
-        results: list[dict | None] = [None] * n_cells
-        block_cells = cells_per_block(batch_size)
-        with tqdm(total=n_cells, unit="cell", disable=not progress, desc="Describing cells") as bar:
-            for start in range(0, n_cells, block_cells):
-                stop = min(start + block_cells, n_cells)
-                ranked = rank_block(
-                    self.processor.feature_extractor, matrix, gene_ids, start, stop, obs_names, skip_empty,
-                    preprocess_params,
-                )
-                bar.update(len(ranked.skipped_cells))
-                order = length_order(ranked.lengths) if sort_by_length else np.arange(len(ranked))
-                for first in range(0, len(ranked), batch_size):
-                    positions = [int(p) for p in order[first : first + batch_size]]
-                    bins = None if ranked.value_bins is None else [ranked.bins_of(p) for p in positions]
-                    model_inputs = self.preprocess([ranked[p] for p in positions], bins)
-                    outputs = self.postprocess(self.forward(model_inputs, **forward_params))
-                    for position, output in zip(positions, outputs, strict=True):
-                        results[start + int(ranked.cell_indices[position])] = output
-                    bar.update(len(positions))
+        results: list[dict | None] = [None] * matrix.shape[0]
+        with tqdm(total=matrix.shape[0], unit="cell", disable=not progress, desc="Describing cells") as bar:
+            for batch in cell_batches(self.processor.feature_extractor, matrix, gene_ids, obs_names, batch_size,
+                                      skip_empty, preprocess_params, sort_by_length, bar):
+                outputs = self.postprocess(self.forward(self.preprocess(batch.tokens, batch.bins), **forward_params))
+                for row, output in zip(batch.rows, outputs, strict=True):
+                    results[row] = output
+                bar.update(len(batch.rows))
         return results
 
     def _check_one_sequence_per_cell(self, generate_kwargs: dict | None) -> None:
@@ -326,6 +314,48 @@ def rank_block(
     return ranked
 
 
+@dataclass
+class CellBatch:
+    """One batch of rank-value encoded cells: their rows in the input, gene tokens and expression bins (None for a
+    rank-only feature extractor)."""
+
+    rows: list[int]
+    tokens: list[np.ndarray]
+    bins: list[np.ndarray] | None
+
+
+def cell_batches(
+    feature_extractor: Any,
+    matrix: Any,
+    gene_ids: Sequence[str],
+    obs_names: Sequence[str] | None,
+    batch_size: int,
+    skip_empty: bool = False,
+    rank_params: dict | None = None,
+    sort_by_length: bool = False,
+    bar: Any = None,
+) -> Iterator[CellBatch]:
+    """The one loop over an input's cells in batches, for describing (the pipeline, tl, the CLI, the distributed
+    describe) and embedding: rows are rank-value encoded a block at a time (`cells_per_block`), so memory stays
+    bounded at any number of cells; cells without vocabulary genes raise unless `skip_empty` (they are then left out
+    and counted on `bar`). `sort_by_length` takes each block's cells longest first."""
+    n_cells = matrix.shape[0]
+    block_cells = cells_per_block(batch_size)
+    for start in range(0, n_cells, block_cells):
+        ranked = rank_block(feature_extractor, matrix, gene_ids, start, min(start + block_cells, n_cells), obs_names,
+                            skip_empty, rank_params or {})
+        if bar is not None:
+            bar.update(len(ranked.skipped_cells))
+        order = length_order(ranked.lengths) if sort_by_length else np.arange(len(ranked))
+        for first in range(0, len(ranked), batch_size):
+            positions = [int(p) for p in order[first : first + batch_size]]
+            yield CellBatch(
+                rows=[start + int(ranked.cell_indices[p]) for p in positions],
+                tokens=[ranked[p] for p in positions],
+                bins=None if ranked.value_bins is None else [ranked.bins_of(p) for p in positions],
+            )
+
+
 def cells_per_block(batch_size: int) -> int:
     """Cells ranked (and, with sort_by_length, ordered) together; batches start at a block's first cell."""
     return max(MIN_BLOCK_CELLS, batch_size)
@@ -364,6 +394,6 @@ def register_cell2text_pipeline() -> None:
 
 
 __all__ = [
-    "Cell2TextPipeline", "DescribeOptions", "cells_per_block", "check_outputs_line_up", "length_order", "rank_block", "resolve_cells",
+    "Cell2TextPipeline", "CellBatch", "DescribeOptions", "cell_batches", "cells_per_block", "check_outputs_line_up", "length_order", "rank_block", "resolve_cells",
     "register_cell2text_pipeline", "custom_pipelines_entry", "save_model_folder",
 ]

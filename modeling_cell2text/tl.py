@@ -32,8 +32,7 @@ from .pipeline_cell2text import (
     MISSING_PROCESSOR,
     Cell2TextPipeline,
     DescribeOptions,
-    cells_per_block,
-    rank_block,
+    cell_batches,
     resolve_cells,
 )
 from .processing_cell2text import Cell2TextProcessor
@@ -400,24 +399,13 @@ def embed(
     matrix, gene_ids, obs_names = resolve_cells(feature_extractor, adata, None, layer, use_raw)
     n_cells = matrix.shape[0]
     embeddings = np.full((n_cells, model.config.gene_encoder_config.hidden_size), np.nan, dtype=np.float32)
-    block_cells = cells_per_block(batch_size)
     with tqdm(total=n_cells, unit="cell", disable=not progress, desc="Embedding cells") as bar:
-        for start in range(0, n_cells, block_cells):
-            stop = min(start + block_cells, n_cells)
-            ranked = rank_block(
-                feature_extractor, matrix, gene_ids, start, stop, obs_names, skip_empty_cells,
-                {"input_values": input_values},
-            )
-            bar.update(len(ranked.skipped_cells))
-            for first in range(0, len(ranked), batch_size):
-                positions = range(first, min(first + batch_size, len(ranked)))
-                bins = None if ranked.value_bins is None else [ranked.bins_of(p) for p in positions]
-                inputs = feature_extractor.pad([ranked[p] for p in positions], bins, return_tensors="pt")
-                inputs = {name: tensor.to(model.device) for name, tensor in inputs.items()}
-                pooled = base.get_cell_embeddings(**inputs)
-                rows = start + ranked.cell_indices[first : first + len(positions)]
-                embeddings[rows] = pooled.float().cpu().numpy()
-                bar.update(len(positions))
+        for batch in cell_batches(feature_extractor, matrix, gene_ids, obs_names, batch_size, skip_empty_cells,
+                                  {"input_values": input_values}, bar=bar):
+            inputs = feature_extractor.pad(batch.tokens, batch.bins, return_tensors="pt")
+            pooled = base.get_cell_embeddings(**{name: tensor.to(model.device) for name, tensor in inputs.items()})
+            embeddings[batch.rows] = pooled.float().cpu().numpy()
+            bar.update(len(batch.rows))
     adata.obsm[key_added] = embeddings
     _record(adata, key_added, model, processor, {
         "layer": layer or ("raw" if use_raw else "X"), "input_values": input_values, "batch_size": batch_size,
