@@ -98,6 +98,18 @@ class _Genes:
     unmapped: list[str]
 
 
+@dataclass
+class _CellPlan:
+    """What was decided for every input cell before the second pass writes the kept ones: labels, kept or not,
+    split, and top pathways (indices into `pathway_names`; the index len(pathway_names) is no pathway)."""
+
+    labels: pd.DataFrame
+    kept: np.ndarray
+    split_of: np.ndarray
+    top_pathways: np.ndarray
+    pathway_names: list[str]
+
+
 def _genes(source: Any, extractor: Cell2TextFeatureExtractor | None) -> _Genes:
     """Map columns to Ensembl IDs; duplicates and unmapped genes are reported, not silently lost."""
     seen: set[str] = set()
@@ -210,11 +222,12 @@ def _build_extractor(genes: _Genes, medians, options: BuildOptions) -> Cell2Text
     )
 
 
-def _second_pass(source, labels, kept, split_of, top, set_names, genes, extractor, writer, options):
+def _second_pass(source, plan: _CellPlan, genes: _Genes, extractor, writer, options: BuildOptions) -> None:
     """Pass 2: tokens, descriptions and rows of kept cells, streamed to their split's file."""
-    lab = {c: labels[c].to_numpy(dtype=object) for c in labels.columns}
+    lab = {c: plan.labels[c].to_numpy(dtype=object) for c in plan.labels.columns}
+    kept, split_of, top = plan.kept, plan.split_of, plan.top_pathways
     ids = source.obs.index.to_numpy(dtype=object)
-    names = np.array(set_names + [""], dtype=object)
+    names = np.array(plan.pathway_names + [""], dtype=object)
     bar = tqdm(total=source.n_cells, unit="cells", desc="pass 2/2: tokens, descriptions", disable=not options.progress)
     for start, chunk in source.iter_chunks(options.chunk_size):
         local = np.flatnonzero(kept[start : start + chunk.shape[0]])
@@ -407,7 +420,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
     ontology_term_ids, unknown_terms = _ontology_ids(labels, kept)
     with tempfile.TemporaryDirectory(dir=out, prefix=".build-") as tmp:
         writer = SplitWriter(Path(tmp), SPLITS, value_aware=extractor.num_expression_bins > 0)
-        _second_pass(source, labels, kept, split_of, top, set_names, genes, extractor, writer, options)
+        _second_pass(source, _CellPlan(labels, kept, split_of, top, set_names), genes, extractor, writer, options)
         fingerprints = writer.close()
         writer.save(out, options.max_shard_size)
     extractor.save_pretrained(str(out / "feature_extractor"))
