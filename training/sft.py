@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import re
 from dataclasses import asdict, dataclass, field
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -312,16 +313,66 @@ def build_model(
     )
 
 
+@dataclass
+class CellTypeStage:
+    """What the LLaVA-style first stage leaves: the model with its trained adapters, and its steps and runtime."""
+
+    model: Any
+    steps: int = 0
+    runtime: float | None = None
+
+
+def train_cell_type_stage(args: Cell2TextArguments, training_args: SFTConfig, model, processor, train_dataset,
+                          peft_config, part_settings: dict) -> CellTypeStage | None:
+    """Stage 1 (LLaVA-style): the projector and LoRA learn to name the cell type from the cell tokens, on the
+    description's first sentence alone. Stage 2 goes on with the same adapters; checkpoints are of stage 2, so a
+    resumed run skips stage 1 (None: no stage)."""
+    if args.cell_type_stage_steps <= 0 or training_args.resume_from_checkpoint:
+        return None
+    stage_args = dataclasses.replace(
+        training_args, output_dir=str(Path(training_args.output_dir) / "cell_type_stage"),
+        max_steps=args.cell_type_stage_steps, eval_strategy="no", save_strategy="no",
+        load_best_model_at_end=False, resume_from_checkpoint=None,
+    )
+    stage = Cell2TextSFTTrainer(
+        model=model, args=stage_args, data_collator=Cell2TextDataCollator(processor, cell_type_only=True),
+        train_dataset=train_dataset, processing_class=processor, peft_config=peft_config, **part_settings,
+    )
+    runtime = stage.train().metrics.get("train_runtime")
+    return CellTypeStage(stage.model, stage.state.global_step, runtime)
+
+
+def calibrate(trainer, processor, args: Cell2TextArguments, training_args: SFTConfig, validation) -> dict:
+    """Fit the temperatures of the fields' probabilities on held-out cells (the choices do not change) and write
+    them into the trained model's config; what was fitted, for training_state.json."""
+    fitted = {"cell_type_calibration": None, "field_calibration": None}
+    if args.temperature_fit_cells <= 0 or validation is None or not trainer.accelerator.is_main_process:
+        return fitted
+    config = trainer.accelerator.unwrap_model(trainer.model).config
+    cells = validation.shuffle(seed=training_args.seed)
+    cells = cells.select(range(min(len(cells), args.temperature_fit_cells)))
+    batch_size = training_args.per_device_eval_batch_size
+    fitted["cell_type_calibration"] = fit_cell_type_temperature(trainer.model, processor, cells, batch_size)
+    if fitted["cell_type_calibration"] is not None:
+        config.cell_type_temperature = fitted["cell_type_calibration"]["cell_type_temperature"]
+    fitted["field_calibration"] = fit_field_temperatures(trainer.model, processor, cells, batch_size)
+    if fitted["field_calibration"] is not None:
+        config.field_temperatures = {choice: fit["temperature"] for choice, fit in fitted["field_calibration"].items()}
+    return fitted
+
+
 def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     """Train and save; returns the folder of the merged, Hub-ready model."""
     # The collator reads the corpus columns itself: keep them, and skip TRL's text preparation.
-    training_args.remove_unused_columns = False
-    training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-
+    training_args = dataclasses.replace(
+        training_args, remove_unused_columns=False,
+        dataset_kwargs={**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True},
+    )
     final_dir = Path(args.final_model_dir or Path(training_args.output_dir) / FINAL_DIR)
     check_new_output(final_dir, args.overwrite_final_model_dir, OVERWRITE_FINAL_FIX)  # before training, not after
     set_training_seed(training_args)  # same seed, same machine: same model
 
+    # 1. The corpus, the processor it implies, and the gene encoder (given, or prepared on the corpus).
     corpus, summary = load_corpus(args.corpus_dir, args)
     trust_remote_code = training_args.trust_remote_code  # off: no code shipped in a model folder runs
     processor = build_processor(args, args.corpus_dir, summary, trust_remote_code, corpus["train"])
@@ -329,8 +380,9 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     if encoder_path is not None:
         # The processor gives the model what its encoder reads: expression bins only for a value-aware encoder.
         processor.feature_extractor.num_expression_bins = encoder_expression_bins(encoder_path, trust_remote_code)
-    # The new weights (projector, then LoRA in the trainer) start from the seed whether the encoder was prepared
-    # now or reused.
+
+    # 2. The model; the new weights (projector, then LoRA in the trainer) start from the seed whether the encoder
+    # was prepared now or reused.
     set_training_seed(training_args)
     model = build_model(args, encoder_path, processor, trust_remote_code)
     if model.config.num_cell_tokens != processor.num_cell_tokens:
@@ -345,58 +397,28 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         "gene_encoder_learning_rate": args.gene_encoder_learning_rate,
         "cell_type_loss_weight": args.cell_type_loss_weight,
     }
-    cell_type_stage_steps, cell_type_stage_runtime = 0, None
-    if args.cell_type_stage_steps > 0 and not training_args.resume_from_checkpoint:
-        # Stage 1 (LLaVA-style): the projector and LoRA learn to name the cell type from the cell tokens, on the
-        # description's first sentence alone. Stage 2 goes on with the same adapters (checkpoints are of stage 2, so
-        # a resumed run skips stage 1).
-        stage_args = dataclasses.replace(
-            training_args, output_dir=str(Path(training_args.output_dir) / "cell_type_stage"),
-            max_steps=args.cell_type_stage_steps, eval_strategy="no", save_strategy="no",
-            load_best_model_at_end=False, resume_from_checkpoint=None,
-        )
-        stage = Cell2TextSFTTrainer(
-            model=model, args=stage_args, data_collator=Cell2TextDataCollator(processor, cell_type_only=True),
-            train_dataset=corpus["train"], processing_class=processor, peft_config=peft_config, **part_settings,
-        )
-        cell_type_stage_runtime = stage.train().metrics.get("train_runtime")
-        cell_type_stage_steps = stage.state.global_step
-        model, peft_config = stage.model, None
 
-    eval_dataset = corpus["validation"] if training_args.eval_strategy != "no" else None
+    # 3. Training: the optional cell-type stage, then whole descriptions.
+    stage = train_cell_type_stage(args, training_args, model, processor, corpus["train"], peft_config, part_settings)
+    if stage is not None:
+        model, peft_config = stage.model, None  # the stage's adapters go on training
     trainer = Cell2TextSFTTrainer(
         model=model,
         args=training_args,
         data_collator=Cell2TextDataCollator(processor, labels_only=args.loss_on_labels_only),
         train_dataset=corpus["train"],
-        eval_dataset=eval_dataset,
+        eval_dataset=corpus["validation"] if training_args.eval_strategy != "no" else None,
         processing_class=processor,
         peft_config=peft_config,
         **part_settings,
     )
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
-    calibration = field_calibration = None
-    validation = corpus.get("validation")
-    if args.temperature_fit_cells > 0 and validation is not None and trainer.accelerator.is_main_process:
-        # The confidence of the chosen cell type, calibrated on held-out cells (the label choice does not change).
-        cells = validation.shuffle(seed=training_args.seed)
-        cells = cells.select(range(min(len(cells), args.temperature_fit_cells)))
-        calibration = fit_cell_type_temperature(trainer.model, processor, cells,
-                                                training_args.per_device_eval_batch_size)
-        if calibration is not None:
-            trainer.accelerator.unwrap_model(trainer.model).config.cell_type_temperature = calibration[
-                "cell_type_temperature"]
-        field_calibration = fit_field_temperatures(trainer.model, processor, cells,
-                                                   training_args.per_device_eval_batch_size)
-        if field_calibration is not None:
-            trainer.accelerator.unwrap_model(trainer.model).config.field_temperatures = {
-                choice: fit["temperature"] for choice, fit in field_calibration.items()}
-
+    # 4. Calibration on validation cells, then the merged model with its processor and pipeline.
+    fitted = calibrate(trainer, processor, args, training_args, corpus.get("validation"))
     return save_merged(trainer, final_dir, processor, {
-        "cell_type_stage_steps": cell_type_stage_steps, "train_runtime": train_output.metrics.get("train_runtime"),
-        "cell_type_stage_runtime": cell_type_stage_runtime, "cell_type_calibration": calibration,
-        "field_calibration": field_calibration,
+        "cell_type_stage_steps": stage.steps if stage else 0, "train_runtime": train_output.metrics.get("train_runtime"),
+        "cell_type_stage_runtime": stage.runtime if stage else None, **fitted,
     }, overwrite=args.overwrite_final_model_dir, save_folder=save_model_folder)
 
 
