@@ -128,8 +128,8 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
             raise OSError(
                 f"{pretrained_model_name_or_path!s} holds pickled weights ({pickled[0]}) and no model.safetensors: "
                 "Cell2Text loads safetensors only, since unpickling can run code. If you trust the file, convert it "
-                "once: Cell2TextForConditionalGeneration.from_pretrained(folder, use_safetensors=False)"
-                ".save_pretrained(new_folder)."
+                "once: save_model_folder(Cell2TextForConditionalGeneration.from_pretrained(folder, use_safetensors=False), "
+                "Cell2TextProcessor.from_pretrained(folder), new_folder) (from modeling_cell2text)."
             ) from err
 
 

@@ -104,7 +104,8 @@ def check_model_path(model: str | os.PathLike) -> None:
         raise ValueError(
             f"model {model}: the folder holds pickled weights (pytorch_model.bin) and no .safetensors file; Cell2Text "
             "loads safetensors only, since unpickling can run code. If you trust the file, convert it once: "
-            "Cell2TextForConditionalGeneration.from_pretrained(folder, use_safetensors=False).save_pretrained(new_folder)"
+            "save_model_folder(Cell2TextForConditionalGeneration.from_pretrained(folder, use_safetensors=False), "
+            "Cell2TextProcessor.from_pretrained(folder), new_folder) (from modeling_cell2text)"
         )
     if model_type != MODEL_TYPE:
         raise ValueError(f"model {model}: config.json says model_type {model_type!r}, not a Cell2Text model")

@@ -181,6 +181,7 @@ def test_a_config_without_text_config_is_refused_not_built_full_size(model_dir, 
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="has no text_config"):
         Cell2TextForConditionalGeneration.from_pretrained(folder)
+    capsys.readouterr()  # the loading bars above, shown where no earlier command turned them off
     code, err = run_cli(describe_args(h5ad, folder, tmp_path / "out.h5ad"), capsys)
     assert_one_line_error(code, err)
     assert "has no text_config" in err
@@ -212,12 +213,19 @@ def test_pickled_weights_are_refused_with_the_conversion(model_dir, tmp_path, h5
     torch.save(weights, folder / "pytorch_model.bin")
     with pytest.raises(OSError, match="loads safetensors only.*use_safetensors=False"):
         Cell2TextForConditionalGeneration.from_pretrained(folder)
+    capsys.readouterr()  # the loading bars above, shown where no earlier command turned them off
     code, err = run_cli(describe_args(h5ad, folder, tmp_path / "out.h5ad"), capsys)
     assert_one_line_error(code, err)
     assert "safetensors only" in err
+    # The conversion the message gives makes a complete folder that describes.
+    from modeling_cell2text import Cell2TextProcessor, save_model_folder
+
     converted = tmp_path / "converted"
-    Cell2TextForConditionalGeneration.from_pretrained(folder, use_safetensors=False).save_pretrained(converted)
+    save_model_folder(Cell2TextForConditionalGeneration.from_pretrained(folder, use_safetensors=False),
+                      Cell2TextProcessor.from_pretrained(folder), converted)
     assert (converted / "model.safetensors").is_file()
+    code, err = run_cli(describe_args(h5ad, converted, tmp_path / "converted.h5ad"), capsys)
+    assert code == 0, err
 
 
 def test_an_input_folder_is_called_a_folder(model_dir, tmp_path, capsys):
