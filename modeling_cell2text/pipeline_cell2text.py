@@ -164,6 +164,10 @@ class Cell2TextPipeline(Pipeline):
     ) -> list[dict | None]:
         """Describe every cell of `cells`; see the class docstring. `progress=True` shows a tqdm bar.
 
+        This replaces `Pipeline.__call__`, which takes a list of items and batches them itself: here the input is
+        one cells x genes matrix (or AnnData) whose rows are rank-value encoded a block at a time (`cell_batches`);
+        `preprocess`, `forward` (with the base class's device handling) and `postprocess` run per batch as usual.
+
         `sort_by_length=True` generates the cells of each block longest first (by gene tokens, which set the prompt
         length), so a batch holds cells of similar length and pads little; results come back in the input order.
         Off by default: other batch neighbours change the padding, which in float32 can change the last digits of
