@@ -43,6 +43,9 @@ from hub_cards.names import METHOD_NAMES  # noqa: E402
 from training.evaluation.report import BENCHMARK_METRICS, method_figures, paired_lines  # noqa: E402
 
 EXTRA_METRICS = ("free_accuracy", "ece", "num_invented")
+# Figures that count cells: pooled as their total over the folds (the others as the folds' mean weighted by cells;
+# for the expected calibration error, that mean stands in for the ECE of the pooled cells).
+COUNT_METRICS = ("num_invented",)
 
 
 def summarise(folds: Sequence[dict]) -> dict[str, dict[str, dict]]:
@@ -71,8 +74,8 @@ def wilson_interval(correct: int, total: int) -> list[float]:
 
 def pooled_figures(folds: Sequence[dict]) -> dict[str, dict[str, float]]:
     """Per method, over the test cells of all folds: accuracy with its 95% interval and weighted F1 from the
-    predictions per cell (where the fold kept them: not the Cell2Sentence-style baseline's); the other metrics as
-    the mean of the folds weighted by their cells."""
+    predictions per cell (where the fold kept them: not the Cell2Sentence-style baseline's); counts
+    (`COUNT_METRICS`) as their total; the other metrics as the mean of the folds weighted by their cells."""
     from training.evaluation.metrics import classification_report
 
     truth = [label for fold in folds for label in fold["cells"]["cell_type_true"]]
@@ -87,7 +90,10 @@ def pooled_figures(folds: Sequence[dict]) -> dict[str, dict[str, float]]:
         for metric in {m for fold in folds for m in fold["methods"].get(method, {})} - set(figures):
             measured = [(fold["methods"][method][metric], len(fold["cells"]["cell_id"])) for fold in folds
                         if metric in fold["methods"].get(method, {})]
-            figures[metric] = sum(v * n for v, n in measured) / sum(n for _, n in measured)
+            if metric in COUNT_METRICS:  # cells counted per fold: their total
+                figures[metric] = sum(v for v, _ in measured)
+            else:
+                figures[metric] = sum(v * n for v, n in measured) / sum(n for _, n in measured)
         pooled[method] = figures
     return pooled
 

@@ -114,6 +114,8 @@ def run(args: argparse.Namespace) -> None:
     Started as several processes (accelerate launch, torchrun), `describe` gives each process a share of the cells
     (`distributed.describe_shared`) and the main process writes the output, equal to a single process's.
     """
+    import torch
+
     from . import distributed, tl
 
     check_paths(args.input, args.out, args.overwrite)
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace) -> None:
             raise CLIError(f"{args.command} runs in one process: start it without accelerate launch or torchrun")
         try:
             state = distributed.process_state(device)
-        except ImportError as error:
+        except (ImportError, RuntimeError) as error:  # accelerate missing, or it joined other processes
             raise CLIError(str(error)) from error
         if args.device == "auto":
             device = state.device  # each process its own GPU
@@ -152,12 +154,18 @@ def run(args: argparse.Namespace) -> None:
                 max_new_tokens=args.max_new_tokens, constrained=False if args.free else None,
                 sort_by_length=args.sort_by_length, compile=args.compile, **common,
             )
-            if state is None:
-                results, params = tl.describe_cells(adata, model, processor, options)
-            else:
-                results, params = distributed.describe_shared(adata, model, processor, state, args.out, options)
-                if results is None:
-                    return  # the main process writes every process's results
+            try:
+                if state is None:
+                    results, params = tl.describe_cells(adata, model, processor, options)
+                else:
+                    results, params = distributed.describe_shared(adata, model, processor, state, args.out, options)
+            except torch.OutOfMemoryError as error:
+                raise CLIError(f"out of memory describing {args.batch_size} cells at a time on {device}; pass a "
+                               "smaller --batch-size") from error
+            except distributed.ProcessFailed as error:  # another process's error, which that process reported
+                raise CLIError(str(error)) from error
+            if results is None:
+                return  # the main process writes every process's results
             tl.write_descriptions(
                 adata, results, args.key_added, model, processor,
                 {**params, "trust_remote_code": args.trust_remote_code},

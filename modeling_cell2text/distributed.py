@@ -68,6 +68,10 @@ def shard_path(out: Path, rank: int, world: int) -> Path:
     return out.parent / f".{out.name}.shard-{rank}-of-{world}.json"
 
 
+class ProcessFailed(RuntimeError):
+    """Another process of a distributed describe failed (it reports its own error); this one stops too."""
+
+
 def write_shard(path: Path, results: list[dict | None]) -> None:
     """Write results as JSON (floats round-trip exactly) under a temporary name, renamed when complete."""
     handle, temporary = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".partial", dir=path.parent)
@@ -122,7 +126,7 @@ def describe_shared(
         path.unlink(missing_ok=True)
         if error is not None:
             raise error
-        raise RuntimeError(f"process(es) {failed} of {world} failed (see their error); nothing was written")
+        raise ProcessFailed(f"process(es) {failed} of {world} failed (see their error); nothing was written")
     if not state.is_main_process:
         return None, params  # the main process reads this shard and removes it
     try:
@@ -137,6 +141,6 @@ def describe_shared(
 
 
 __all__ = [
-    "describe_shared", "launched_processes", "process_state", "read_shard", "shard_bounds", "shard_path",
+    "ProcessFailed", "describe_shared", "launched_processes", "process_state", "read_shard", "shard_bounds", "shard_path",
     "write_shard",
 ]

@@ -266,6 +266,10 @@ class Cell2TextPipeline(Pipeline):
         where this package is not installed, also when this pipeline itself was loaded as remote code."""
         from transformers.dynamic_module_utils import custom_object_save
 
+        if kwargs.get("push_to_hub"):
+            raise ValueError("save the folder locally, then upload it whole (python -m hub_cards.publish --model "
+                             "FOLDER --repo ID, or huggingface_hub's upload_folder): push_to_hub here would push the "
+                             "model before its processor and pipeline code are written.")
         os.makedirs(save_directory, exist_ok=True)
         self.model.save_pretrained(save_directory, **kwargs)
         if kwargs.get("is_main_process", True):
@@ -375,7 +379,8 @@ def save_model_folder(model: Any, processor: Any, save_directory: str | os.PathL
     """Save a complete Cell2Text folder (`Cell2TextPipeline.save_pretrained`): model, processor and pipeline.
 
     `model.save_pretrained` alone saves the model and its code, as for any transformers model."""
-    Cell2TextPipeline(model=model, processor=processor, device=model.device).save_pretrained(save_directory, **kwargs)
+    device = None if getattr(model, "hf_device_map", None) else model.device  # a device-mapped model stays put
+    Cell2TextPipeline(model=model, processor=processor, device=device).save_pretrained(save_directory, **kwargs)
 
 
 def custom_pipelines_entry() -> dict:

@@ -335,7 +335,7 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
     """
     where = f"chunk starting at cell {first_row}"
     if data.dtype.kind not in "biuf":
-        raise TypeError(f"expression values must be numeric, got dtype {data.dtype}")
+        raise ValueError(f"expression values must be numeric, got dtype {data.dtype}")
     if data.dtype.kind == "f":
         finite = np.isfinite(data)
         if not finite.all():

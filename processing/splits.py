@@ -12,9 +12,9 @@ order of cells does not matter for which group goes where).
 * :func:`assign_splits` picks one: donor_split when any donor is known (cells without a donor
   are then units of their own), stratified_split otherwise.
 * :func:`assign_fold_splits`: k-fold cross-validation, so every cell is tested once over the folds.
-  Cells (or whole donors) are dealt into ``num_folds`` folds, stratified by label; fold ``fold`` is the
-  test split, and validation is drawn from the other folds by the same rule as above (stratified, or
-  by donor), ``KFOLD_VALIDATION_FRACTION`` of them.
+  Cells are dealt into ``num_folds`` folds stratified by label (whole donors, where donors are known,
+  balanced by size only); fold ``fold`` is the test split, and validation is drawn from the other folds
+  by the same rule as above (stratified, or by donor), ``KFOLD_VALIDATION_FRACTION`` of them.
 """
 
 from __future__ import annotations

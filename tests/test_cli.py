@@ -422,3 +422,19 @@ def test_bad_input_is_one_line_but_a_bug_keeps_its_traceback(monkeypatch, capsys
     monkeypatch.setattr(cli, "run", bug)
     with pytest.raises(KeyError, match="cell_type_score"):
         main(["describe", str(h5ad_path), "--model", "x", "--out", str(out)])
+
+
+def test_running_out_of_memory_names_the_batch_size(model_dir, h5ad, tmp_path, capsys, monkeypatch):
+    import torch
+
+    import modeling_cell2text.tl as tl
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(tl, "describe_cells", out_of_memory)
+    out = tmp_path / "out.h5ad"
+    assert main(["describe", str(h5ad), "--model", str(model_dir), "--out", str(out), "--batch-size", "64"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("cell2text: error: out of memory describing 64 cells at a time on cpu; pass a smaller --batch-size")
+    assert not out.exists()

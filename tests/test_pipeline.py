@@ -282,3 +282,11 @@ def test_counts_in_adata_raw(random_pipeline, tmp_path):
         random_pipeline(adata, use_raw=True)
     with pytest.raises(ValueError, match="cannot be combined with layer"):
         random_pipeline(with_raw, use_raw=True, layer="counts")
+
+
+def test_saving_refuses_push_to_hub_which_would_upload_half_a_folder(trained_dir, tmp_path):
+    model = Cell2TextForConditionalGeneration.from_pretrained(trained_dir)
+    describe = Cell2TextPipeline(model=model, processor=Cell2TextProcessor.from_pretrained(trained_dir))
+    with pytest.raises(ValueError, match="upload it whole"):
+        describe.save_pretrained(tmp_path / "folder", push_to_hub=True)
+    assert not (tmp_path / "folder").exists()

@@ -80,6 +80,7 @@ def test_every_fold_runs_once_and_the_pooled_figures_count_every_cell(tmp_path, 
     assert pooled["accuracy"] == 0.5 and pooled["num_cells"] == 12
     assert pooled["accuracy_ci95"] == pytest.approx([0.2538, 0.7462], abs=1e-4)
     assert pooled["ontology_similarity"] == pytest.approx(0.91)  # the folds' mean, weighted by cells
+    assert pooled["num_invented"] == 0 + 1 + 2  # a count: the folds' total
     assert saved["pooled"]["logistic_regression"]["accuracy"] == 0.75
     assert saved["summary"]["cell2text"]["accuracy"]["mean"] == pytest.approx(0.5)
     # Paired over the 12 cells: the head on the same encoder is a baseline like the others.

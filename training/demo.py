@@ -96,10 +96,12 @@ def head_predictions(corpus_dir: Path, encoder_dir: Path, model_dir: Path, split
     from training.gene_encoder import probe_predictions
 
     corpus = load_from_disk(str(corpus_dir))
-    return {
-        "encoder_head": probe_predictions(encoder_dir, corpus[split], corpus_feature_extractor(corpus_dir)),
-        "projector_head": projector_head_predictions(model_dir, corpus, split),
-    }
+    heads = {"projector_head": projector_head_predictions(model_dir, corpus, split)}
+    try:
+        heads["encoder_head"] = probe_predictions(encoder_dir, corpus[split], corpus_feature_extractor(corpus_dir))
+    except FileNotFoundError as error:  # an encoder prepared before its probe head was kept (--reuse-models)
+        logger.warning("the head on the same encoder is left out: %s", error)
+    return heads
 
 
 def expression_baselines(corpus, split: str = "test") -> dict:
