@@ -25,8 +25,10 @@ _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, err
 _TAKEN = {errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR}
 
 
-class Terminated(Exception):
-    """SIGTERM received: raised in the main thread so that `finally` blocks remove temporary outputs."""
+class Terminated(BaseException):
+    """SIGTERM received: raised in the main thread so that `finally` blocks remove temporary outputs. A
+    BaseException, as KeyboardInterrupt is: an `except Exception` in library code (a checkpoint writer's, say) must
+    not catch a stop and turn it into another error."""
 
 
 @contextmanager
