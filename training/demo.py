@@ -11,10 +11,12 @@ bash scripts/main.sh            # installs, then runs: python -m training.demo
    the recipe prepares the encoder on the corpus and the validation split picks its depth and its input
    (rank-value or value-aware tokens).
 4. Train the Cell2Sentence-style baseline on the same LLM with the same budget.
-5. On the test split: Cell2Text (cell type constrained to the corpus's labels, with its confidence and the
-   labels free generation would have invented), Cell2Sentence, and expression baselines (majority, logistic
-   regression, kNN on the same cells' log expression), then the report (Markdown, PNG, JSON; beside it the mean
-   over split seeds of `benchmarks/quality.py` when `docs/quality_benchmark.json` is checked in) and the model card.
+5. On the test split: Cell2Text (every field chosen among the corpus's labels, with its confidence and the
+   cell-type labels free generation would have invented), Cell2Sentence, the heads on Cell2Text's own encoder
+   (its probe head, and logistic regression on the soft tokens) and expression baselines (majority, logistic
+   regression, kNN on the same cells' log expression), then the report (Markdown, PNG, JSON; beside it the pooled
+   cross-validated figures of `benchmarks/quality.py` when `docs/quality_benchmark.json` is checked in) and the
+   model card.
 
 The trained model is loaded back with this project's classes (`--trust-remote-code` runs its saved code instead).
 """
