@@ -96,6 +96,12 @@ def test_report_lists_the_encoder_candidates_and_the_chosen_one(tmp_path):
     text = write_report({"num_cells": 3, "gene_encoder_selection": selection}, {}, tmp_path).read_text()
     assert "| 2 | 128 | rank-value | 0.800 |  |" in text
     assert "| 2 | 128 | value-aware (rank + expression bin) | 0.900 | chosen |" in text
+    assert "Chosen by the" not in text  # a selection recorded before the rule was
+    from training.gene_encoder import SELECTION_RULE
+
+    selection.update(validation_accuracy=[0.87, 0.9], best=0, selection_rule=SELECTION_RULE)
+    text = write_report({"num_cells": 3, "gene_encoder_selection": selection}, {}, tmp_path, overwrite=True).read_text()
+    assert f"Chosen by the {SELECTION_RULE}" in text and "| 2 | 128 | rank-value | 0.870 | chosen |" in text
 
 
 def test_report_shows_the_cross_validated_benchmark_beside_this_split(tmp_path):

@@ -40,7 +40,7 @@ DEMO_MODEL_INPUT_SIZE = 130
 # The corpus is value-aware (each gene's expression bin within its cell, 8 bins), so validation can choose between
 # encoders reading Geneformer's rank-value tokens and value-aware tokens.
 DEMO_EXPRESSION_BINS = 8
-# benchmarks/quality.py's figures over several split seeds, checked in; the report shows them beside this split.
+# benchmarks/quality.py's cross-validated figures, checked in; the report shows them beside this split.
 QUALITY_BENCHMARK = REPO / "docs" / "quality_benchmark.json"
 # Each baseline's predicted cell type per test cell, in the main job's --out folder.
 BASELINE_PREDICTIONS = "baseline_predictions.json"

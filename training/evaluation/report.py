@@ -137,9 +137,12 @@ def _encoder_section(results: dict) -> list[str]:
         inputs = "value-aware (rank + expression bin)" if candidate.get("value_aware") else "rank-value"
         rows.append([str(candidate["num_hidden_layers"]), str(candidate["hidden_size"]), inputs, format_value(accuracy),
                      "chosen" if i == selection["best"] else ""])
-    return ["## Gene encoder chosen on the validation split", ""] + _table(
-        ["Layers", "Width", "Input", "Validation cell-type accuracy (probe)", ""], rows
-    )
+    rule = selection.get("selection_rule")
+    lines = ["## Gene encoder chosen on the validation split", ""]
+    if rule:
+        lines += [f"Chosen by the {rule} (the candidates in the order below; differences validation cannot resolve "
+                  "do not change the choice).", ""]
+    return lines + _table(["Layers", "Width", "Input", "Validation cell-type accuracy (probe)", ""], rows)
 
 
 def _constraint_section(results: dict) -> list[str]:
