@@ -161,6 +161,11 @@ def test_dataset_card_round_trips_with_counts_and_label_tables(summary, tmp_path
     assert "no_known_genes" not in text  # zero-count rejection reasons are not listed
     assert 'load_dataset("demo-org/pbmc68k-cell2text")' in text
     assert "WikiPathway_2023_Human" in text and "scanpy pbmc68k_reduced" in text
+    assert "cross-validation" not in text
+    # A corpus built as one fold of a k-fold cross-validation says so beside its splits.
+    text = render_dataset_card({**summary, "fold": {"fold": 2, "num_folds": 5}, "seed": 7}, repo_id=DATASET).text
+    assert "Fold 2 of 5 of a k-fold cross-validation (seed 7):" in text
+    assert "the test splits of folds 0 to 4 partition the cells" in text
 
 
 def test_dataset_card_license_defaults_to_unknown_and_long_label_tails_are_summed(tmp_path):
