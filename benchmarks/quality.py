@@ -22,7 +22,8 @@ McNemar p-value. Written: `<out>/quality_benchmark.json` (per-fold figures and p
 figures, date, commit, device), rewritten after every fold with `"complete": false` until the last, so an
 interrupted run keeps what it measured; `--resume` reuses the folds measured at the same commit with the same
 settings. Uses the GPU when there is one. About 10 minutes per fold on 2 CPU cores (50 min for the 5 folds,
-measured 2026-12-05); not part of CI.
+measured 2026-12-05); not part of CI. It imports the project's modules as it goes, so run it from a checkout
+nobody edits meanwhile (`git worktree add ../quality-run HEAD`; `--out` may point anywhere).
 """
 
 from __future__ import annotations
