@@ -86,3 +86,12 @@ def test_kfold_by_donor_keeps_each_donor_in_one_fold_and_refuses_too_few_donors(
         assign_fold_splits(labels, donors, 0, 7)
     with pytest.raises(ValueError, match="fold must be in 0 .. 2"):
         assign_fold_splits(labels, donors, 3, 3)
+
+
+def test_kfold_refuses_folds_it_cannot_fill():
+    from processing.splits import assign_fold_splits
+
+    with pytest.raises(ValueError, match="num_folds must be between 2 and the number of cells \\(3\\)"):
+        assign_fold_splits(["B", "T", "B"], [None] * 3, 0, 4)
+    with pytest.raises(ValueError, match="num_folds must be between 2"):
+        assign_fold_splits(["B", "T", "B"], [None] * 3, 0, 1)
