@@ -498,3 +498,47 @@ def test_a_missing_local_corpus_folder_is_not_taken_for_a_hub_id(tmp_path, monke
     assert is_hub_corpus("your-org/tiny-corpus") and not is_hub_corpus("outputs/corpus")
     with pytest.raises(FileNotFoundError, match="outputs/corpus is not a corpus folder"):
         open_corpus("outputs/corpus")
+
+
+def test_the_auxiliary_cell_type_head_adds_its_loss_and_trains_with_the_projector(parts_and_corpus, tmp_path):
+    """cell_type_head_loss_weight: the loss is the text loss plus the weighted cross-entropy of a linear head on each
+    cell's mean projected token; the head is in the optimizer at the projector's learning rate."""
+    from peft import LoraConfig, get_peft_model
+
+    from training.collator import Cell2TextDataCollator
+    from training.sft import build_model, build_processor, load_corpus
+
+    lm_dir, corpus_dir = parts_and_corpus
+    args = Cell2TextArguments(corpus_dir=str(corpus_dir), text_model_name_or_path=str(lm_dir), num_cell_tokens=8,
+                              projector_hidden_size=16)
+    corpus, summary = load_corpus(corpus_dir, args)
+    processor = build_processor(args, Path(corpus_dir), summary)
+    encoder_dir = encoder_for_vocabulary(Path(lm_dir).parent / "encoder", processor.feature_extractor, tmp_path / "enc")
+    model = get_peft_model(build_model(args, str(encoder_dir), processor), LoraConfig(
+        r=2, target_modules=language_model_lora_targets(build_model(args, str(encoder_dir), processor)),
+        modules_to_save=["multi_modal_projector"]))
+    settings = SFTConfig(output_dir=str(tmp_path), learning_rate=1e-4, bf16=False, use_cpu=True, report_to="none",
+                         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})
+    trainer = Cell2TextSFTTrainer(model=model, args=settings, train_dataset=corpus["train"],
+                                  processing_class=processor, projector_learning_rate=1e-3,
+                                  gene_encoder_learning_rate=1e-5, data_collator=lambda x: x,
+                                  cell_type_head_loss_weight=0.5)
+    labels = sorted(processor.ontology_term_ids["cell_type"])
+    assert trainer.cell_type_head.out_features == len(labels) >= 2
+    head_rates = {group["lr"] for group in trainer.create_optimizer().param_groups
+                  if any(p is trainer.cell_type_head.weight for p in group["params"])}
+    assert head_rates == {1e-3}
+
+    rows = [corpus["train"][i] for i in range(4)]
+    batch = Cell2TextDataCollator(processor, cell_type_index=True)(rows)
+    assert batch["cell_type_index"].tolist() == [labels.index(row["cell_type"]) for row in rows]
+    model.train()
+    torch.manual_seed(0)
+    with_head = trainer.compute_loss(model, dict(batch))
+    torch.manual_seed(0)
+    text_only = trainer.compute_loss(model, {k: v for k, v in batch.items() if k != "cell_type_index"})
+    torch.manual_seed(0)
+    outputs = model(**{k: v for k, v in batch.items() if k not in ("labels", "cell_type_index")})
+    head = trainer.cell_type_head_loss(outputs, batch["input_ids"], batch["cell_type_index"])
+    assert head > 0
+    torch.testing.assert_close(with_head, text_only + 0.5 * head)

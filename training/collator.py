@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from transformers import BatchFeature
 
 from modeling_cell2text import parse_description
@@ -30,6 +31,9 @@ class Cell2TextDataCollator:
     description's first sentence alone (`first_sentence`): the recipe's LLaVA-style first stage. With
     `labels_only`, the loss covers only the tokens of the labels the description states (`label_spans`: what the
     schema-constrained decoder chooses), not the template words, the definition or EOS, which it writes itself.
+    With `cell_type_index`, the batch also holds each cell's index among the processor's cell-type labels in
+    sorted order (-100 for a label it does not know), the targets of the trainer's auxiliary head
+    (`training/loss.py`).
     """
 
     def __init__(
@@ -40,10 +44,15 @@ class Cell2TextDataCollator:
         value_column: str = "gene_value_ids",
         cell_type_only: bool = False,
         labels_only: bool = False,
+        cell_type_index: bool = False,
     ):
         self.processor = processor
         self.cell_type_only = cell_type_only
         self.labels_only = labels_only
+        self.cell_type_labels = (
+            {label: i for i, label in enumerate(sorted(processor.ontology_term_ids.get("cell_type") or {}))}
+            if cell_type_index else None
+        )
         self.gene_column = gene_column
         self.text_column = text_column
         self.value_column = value_column if processor.feature_extractor.num_expression_bins else None
@@ -68,6 +77,9 @@ class Cell2TextDataCollator:
         )
         if self.labels_only:
             self._keep_label_tokens(batch["labels"], descriptions)
+        if self.cell_type_labels is not None:
+            batch["cell_type_index"] = torch.tensor(
+                [self.cell_type_labels.get(example.get("cell_type"), -100) for example in examples])
         return batch
 
     def _keep_label_tokens(self, labels, descriptions: Sequence[str]) -> None:

@@ -13,6 +13,11 @@ period: "This sample consists of a {cell type}." in the description schema (cell
 schema's parser relies on that too). Under teacher forcing almost every later token is predictable from the text
 before it (the definition follows from the name, tissue and disease are nearly constant), so the few tokens that
 must be read from the cell are a small share of the loss; weighting them puts the gradient where the cell matters.
+
+`cell_type_head_loss_weight` (default 0: off) adds an auxiliary loss on the projector: a linear classifier of the
+cell type on the mean of each cell's projected tokens (the soft tokens the LLM reads), cross-entropy over the
+processor's known cell-type labels, weighted and added to the text loss. The head is the trainer's, trained with
+the projector's learning rate, and not saved: it only shapes what the projector gives the LLM.
 """
 
 from __future__ import annotations
@@ -29,11 +34,17 @@ class LabelledPositionsLossMixin:
     settings this mixin does not cover (label smoothing, custom loss functions, DFT, MoE auxiliary losses).
     """
 
-    def __init__(self, *args, cell_type_loss_weight: float = 1.0, **kwargs):
+    def __init__(self, *args, cell_type_loss_weight: float = 1.0, cell_type_head_loss_weight: float = 0.0, **kwargs):
         if cell_type_loss_weight <= 0:
             raise ValueError(f"cell_type_loss_weight must be > 0, got {cell_type_loss_weight}.")
+        if cell_type_head_loss_weight < 0:
+            raise ValueError(f"cell_type_head_loss_weight must be >= 0, got {cell_type_head_loss_weight}.")
         self.cell_type_loss_weight = float(cell_type_loss_weight)
+        self.cell_type_head_loss_weight = float(cell_type_head_loss_weight)
+        self.cell_type_head = None
         super().__init__(*args, **kwargs)
+        if self.cell_type_head_loss_weight > 0:
+            self.cell_type_head = self._new_cell_type_head()
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         vocabulary = tokenizer.get_vocab()
         self._period_token_ids = torch.tensor(sorted(i for token, i in vocabulary.items() if "." in token))
@@ -48,7 +59,32 @@ class LabelledPositionsLossMixin:
         in_first_sentence = labelled & (is_period.cumsum(dim=1) - is_period.long() == 0)
         return labelled.float() + in_first_sentence.float() * (self.cell_type_loss_weight - 1.0)
 
+    def _new_cell_type_head(self) -> torch.nn.Linear:
+        """The auxiliary head: text width -> the processor's cell-type labels (the collator's `cell_type_index`)."""
+        if self.args.world_size > 1:
+            raise ValueError("cell_type_head_loss_weight > 0 is implemented for one process only (the head is not "
+                             "part of the model, so DDP would not average its gradients); set it to 0.")
+        labels = (getattr(self.processing_class, "ontology_term_ids", None) or {}).get("cell_type") or {}
+        if len(labels) < 2:
+            raise ValueError("cell_type_head_loss_weight > 0 needs a processor that knows at least two cell-type "
+                             "labels (processor.ontology_term_ids['cell_type']); set it to 0.")
+        model = self.accelerator.unwrap_model(self.model)
+        width = model.config.text_config.hidden_size
+        return torch.nn.Linear(width, len(labels)).to(next(model.parameters()).device)
+
+    def cell_type_head_loss(self, outputs, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the head on each cell's mean projected token (cells are in the batch's row order)."""
+        model = self.accelerator.unwrap_model(self.model)
+        counts = (input_ids == model.config.cell_token_id).sum(dim=1)
+        features = outputs.cell_features.float()
+        owner = torch.repeat_interleave(torch.arange(len(counts), device=features.device), counts.to(features.device))
+        sums = torch.zeros((len(counts), features.shape[-1]), device=features.device).index_add_(0, owner, features)
+        means = sums / counts.clamp(min=1).to(features.device, features.dtype)[:, None]
+        logits = self.cell_type_head(means.to(self.cell_type_head.weight.dtype)).float()
+        return F.cross_entropy(logits, targets.to(logits.device), ignore_index=-100)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        cell_type_index = inputs.pop("cell_type_index", None)  # the collator's, for the auxiliary head only
         if (
             return_outputs
             or "labels" not in inputs
@@ -72,6 +108,9 @@ class LabelledPositionsLossMixin:
         loss = loss_sum / torch.as_tensor(num_tokens, device=loss_sum.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks; the count spans them
+        if self.cell_type_head is not None and cell_type_index is not None and model.training:
+            loss = loss + self.cell_type_head_loss_weight * self.cell_type_head_loss(
+                outputs, model_inputs["input_ids"], cell_type_index)
 
         with torch.no_grad():  # the token accuracy TRL logs (its entropy metric is left out: it costs a vocab pass)
             mask = targets != -100

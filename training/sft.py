@@ -105,6 +105,11 @@ class Cell2TextArguments(LoraArguments):
         metadata={"help": "Loss weight of the description's first sentence, which names the cell type (1: TRL's "
                   "loss). See training/loss.py."},
     )
+    cell_type_head_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of an auxiliary loss on the projector: a linear cell-type classifier on the mean "
+                  "projected cell token, trained with it and not saved (training/loss.py). 0: off."},
+    )
     loss_on_labels_only: bool = field(
         default=False,
         metadata={"help": "Put the loss on the tokens of the labels a description states only (what the "
@@ -151,6 +156,9 @@ class Cell2TextSFTTrainer(LabelledPositionsLossMixin, SFTTrainer):
         for name, parameter in opt_model.named_parameters():
             if parameter.requires_grad:
                 groups.setdefault((self.part_of(name), name in decay), []).append(parameter)
+        if self.cell_type_head is not None:  # the auxiliary head trains with the projector (training/loss.py)
+            groups.setdefault(("projector", True), []).extend([self.cell_type_head.weight])
+            groups.setdefault(("projector", False), []).extend([self.cell_type_head.bias])
         param_groups = [
             {
                 "params": params,
@@ -396,6 +404,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         "projector_learning_rate": args.projector_learning_rate,
         "gene_encoder_learning_rate": args.gene_encoder_learning_rate,
         "cell_type_loss_weight": args.cell_type_loss_weight,
+        "cell_type_head_loss_weight": args.cell_type_head_loss_weight,
     }
 
     # 3. Training: the optional cell-type stage, then whole descriptions.
@@ -405,7 +414,8 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     trainer = Cell2TextSFTTrainer(
         model=model,
         args=training_args,
-        data_collator=Cell2TextDataCollator(processor, labels_only=args.loss_on_labels_only),
+        data_collator=Cell2TextDataCollator(processor, labels_only=args.loss_on_labels_only,
+                                            cell_type_index=args.cell_type_head_loss_weight > 0),
         train_dataset=corpus["train"],
         eval_dataset=corpus["validation"] if training_args.eval_strategy != "no" else None,
         processing_class=processor,
