@@ -3,10 +3,12 @@
     python benchmarks/schema_decoder.py [--model outputs/demo/cell2text-demo] [--corpus outputs/demo/corpus]
 
 On every cell of the split (the main job's 70 test cells by default) it prints: how many cells get the same cell
-type from the decoder (`num_beams` 1 and 4) as from exhaustive scoring of every label
+type from the decoder (each `--searches` setting: search width `num_beams`, and `max_tree_tokens`, the size up to
+which a choice's tree is scored whole) as from exhaustive scoring of every label
 (`label_scoring.score_cell_types`), and where they differ whether the decoder's label has the higher
 log-likelihood; cell-type accuracy of each; parse rate, invented labels and repeated pathways of the decoder and
-of free greedy generation (160 new tokens); pathway Jaccard and F1 of both; and the wall time of each.
+of free greedy generation (160 new tokens, unless `--skip-free`); pathway Jaccard and F1 of both; the wall time of
+each, model calls per batch and text tokens run per cell.
 Needs the main job's model and corpus (`bash scripts/main.sh`).
 """
 
@@ -28,6 +30,9 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=REPO / "outputs" / "demo" / "corpus")
     parser.add_argument("--split", default="test")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--searches", nargs="+", default=["4:128", "2:16"], metavar="WIDTH:MAX_TREE_TOKENS",
+                        help="decoder settings to compare (num_beams:max_tree_tokens)")
+    parser.add_argument("--skip-free", action="store_true", help="leave out free generation")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -75,17 +80,20 @@ def main() -> None:
               f"{sum(d is not None for d in parsed) / n:.3f}, descriptions with an invented label {invented}, with a "
               f"repeated pathway {repeated}, pathway Jaccard {pathways['jaccard']:.3f}, F1 {pathways['f1']:.3f}")
 
-    for beams in (1, 4):
-        decoder = SchemaDecoder(processor, num_beams=beams)
-        texts, labels, calls = [], [], []
+    for setting in args.searches:
+        beams, tree_tokens = (int(part) for part in setting.split(":"))
+        decoder = SchemaDecoder(processor, num_beams=beams, max_tree_tokens=tree_tokens)
+        texts, labels, calls, tokens, not_proven = [], [], [], 0, 0
         start = time.perf_counter()
         for inputs in batches:
             described = decoder.describe(model, inputs)
             texts += described.texts
             labels += [chosen["cell_type"] for chosen in described.labels]
             calls.append(decoder.calls)
+            tokens += decoder.tokens
+            not_proven += sum(bool(choices) for choices in described.not_exact)
         seconds = time.perf_counter() - start
-        summary(f"schema decoder, num_beams={beams}", texts, seconds)
+        summary(f"schema decoder, num_beams={beams}, max_tree_tokens={tree_tokens}", texts, seconds)
         differ = [i for i, (a, b) in enumerate(zip(labels, exhaustive_labels)) if a != b]
         better = 0
         for i in differ:
@@ -95,8 +103,11 @@ def main() -> None:
             better += int(ll[scores.candidates.index(labels[i])] >= ll[scores.candidates.index(exhaustive_labels[i])])
         print(f"  cell type as exhaustive scoring's for {n - len(differ)} of {n} cells; where they differ, the "
               f"decoder's label is at least as likely for {better} of {len(differ)}; "
-              f"{sum(calls) / len(calls):.1f} model calls per batch")
+              f"{sum(calls) / len(calls):.1f} model calls per batch, {tokens / n:.0f} text tokens run per cell; "
+              f"{not_proven} cells with a choice the search did not prove exact")
 
+    if args.skip_free:
+        return
     from training.evaluation.evaluate import generate_descriptions
 
     start = time.perf_counter()

@@ -7,26 +7,33 @@ its training corpus: the cell type, the tissue, the donor clause (sex, disease a
 pathways. Every description parses by construction and every label has its ontology id.
 
 One choice is decoded over a prefix tree of the options' tokens (each option tokenized as it is written after the
-text before it), for all cells of a batch at once. A small tree (`max_tree_tokens`) is scored whole in one forward
-pass: each of its nodes is a token that sees only its ancestors, so every option gets its exact log-likelihood.
-A larger tree is searched: each step feeds, per cell, the next branching token of each of the `num_beams` best
-partial options (with the tokens that follow it without a choice) in one forward pass; the partial options of a
-cell share the cell's cached prompt and see only their own ancestors (tree attention: a 4D attention mask over the
-tree's tokens), so no cache is copied per option. The search ranks options by the total log-likelihood of their tokens (as exhaustive scoring
-does; tokens all options share are written, not scored) and ends when every kept partial option is complete; the
-best complete option is chosen. Model calls per batch: the prefill, one per choice to write the text before it,
-and at most the depth of the choice's tree; none scales with the number of labels.
+text before it), for all cells of a batch at once, by an exact best-first search: each step feeds, per cell, the
+`num_beams` partial options of highest log-likelihood that could still beat the best complete option (each its next
+branching token and the tokens that follow it without a choice) in one forward pass. The partial options of a cell
+share the cell's cached prompt and see only their own ancestors (tree attention: a 4D attention mask over the tree's
+tokens), so no cache is copied per option. Options are ranked by the total log-likelihood of their tokens (as
+exhaustive scoring does; tokens all options share are written, not scored). Log-probabilities are at most 0, so a
+partial option's log-likelihood bounds every option under it, and the search ends when none can beat the best
+complete option: the choice is exhaustive scoring's argmax, having scored a few options instead of all. A model
+that spreads its probability over many options is searched as a beam search after `tree.max_depth` steps, so a
+choice takes at most twice its tree's depth in model calls. A small tree (`max_tree_tokens`) is instead scored whole
+in one forward pass: each of its nodes is a token that sees only its ancestors, so every option gets its exact
+log-likelihood. Model calls per batch: the prefill, one per choice to write the text before it, and the search's
+steps; none scales with the number of labels.
 
-The score of a field is its chosen label's probability: the softmax of the log-likelihoods of the options scored
-(all of a small tree's; those a search completed, the others counting as 0), so the scores of a field's labels sum
-to 1; the cell type's with the model's fitted `cell_type_temperature`. A whole tree, or a search with `num_beams`
-at least the number of options, is exhaustive scoring.
+The score of a field is its chosen label's probability: its share of the softmax over the options scored and the
+partial options the search left unexplored, each standing for the options under it (its log-likelihood is that of
+its prefix, at least theirs), so the probabilities sum to 1 over the field's labels; each choice with its fitted
+temperature (the cell type's `cell_type_temperature`, fitted on exhaustive scoring; the others'
+`field_temperatures`, fitted on this distribution). A whole tree is exhaustive scoring, distribution included.
 
 This file travels as remote code with a saved model: it imports only torch and its sibling modules.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -42,9 +49,10 @@ from .description_schema import (
 )
 from .cell_inputs import CELL_INPUT_NAMES
 
-DEFAULT_NUM_BEAMS = 4
+# The search's width: partial options extended per cell and step (measured on the demo model: docs/results.md).
+DEFAULT_NUM_BEAMS = 2
 # A choice whose tree needs at most this many tokens (its nodes with children) is scored whole, in one forward pass.
-DEFAULT_MAX_TREE_TOKENS = 128
+DEFAULT_MAX_TREE_TOKENS = 16
 # The fields each choice states, and the result key of its score.
 CHOICE_FIELDS = {
     "cell_type": ("cell_type",),
@@ -144,6 +152,10 @@ class ChoiceResult:
 
     chosen: list[int | None]
     completed: list[dict[int, float]]
+    exact: list[bool] | None = None  # per cell: the chosen option is the exact argmax (None: exhaustive scoring)
+    # per cell: the log-likelihoods of the partial options a search left unexplored, each standing for the options
+    # under it (None: every option was scored)
+    unexplored: list[list[float]] | None = None
 
 
 @dataclass
@@ -154,6 +166,11 @@ class SchemaDescriptions:
     labels: list[dict[str, str | None]]
     scores: list[dict[str, float | None]] = field(default_factory=list)
     log_likelihoods: list[dict[str, dict[str, float]]] = field(default_factory=list)
+    # per cell and choice: the log-likelihoods of the partial options the search left unexplored (`ChoiceResult`)
+    unexplored: list[dict[str, list[float]]] = field(default_factory=list)
+    # per cell: the choices whose option is not proven the exact argmax (a search pruned a partial option that could
+    # have beaten it: the model spread its probability too thinly for the search's bound)
+    not_exact: list[list[str]] = field(default_factory=list)
 
 
 class _KeptLogProbs:
@@ -267,15 +284,23 @@ class _DecodingState:
         picks = [max(done, key=done.get) if done else None for done in completed]
         return ChoiceResult(picks, completed)
 
-    def choose(self, tree: OptionTree, num_beams: int, excluded: Sequence[int | None], pad_id: int) -> ChoiceResult:
-        """Search `tree` for each cell (see the module doc); the cache is left as it was.
+    def choose(self, tree: OptionTree, width: int, excluded: Sequence[int | None], pad_id: int) -> ChoiceResult:
+        """Exact best-first search of `tree` for each cell (see the module doc); the cache is left as it was.
 
-        Each step extends the `num_beams` best partial options of every cell by one branching token, plus the tokens
-        that follow it without a choice (a chain in the tree), all in one forward pass."""
+        Each step extends, per cell, the `width` partial options of highest log-likelihood that could still beat
+        the best complete option, each by one branching token and the tokens that follow it without a choice (a
+        chain in the tree), all in one forward pass. Log-probabilities are at most 0, so a partial option's
+        log-likelihood bounds every option under it: the search stops when no partial option can beat the best
+        complete one, which is then the exact argmax. After `tree.max_depth` steps (a model that spreads its
+        probability over many labels) only the `width` best partial options are kept, as in a beam search, so a
+        choice never takes more than twice its tree's depth in model calls; such a cell's choice is `exact` only if
+        nothing that could beat it was dropped."""
         n = len(excluded)
         start = self.cache.get_seq_length()
-        beams: list[list[_Beam]] = [[_Beam(0, 0.0)] for _ in range(n)]
         completed: list[dict[int, float]] = [{} for _ in range(n)]
+        frontier: list[list[tuple]] = [[] for _ in range(n)]  # heaps of (-log-likelihood, order, parent, token, child)
+        dropped: list[list[float]] = [[] for _ in range(n)]  # log-likelihoods of the partial options pruned
+        order = itertools.count()
         tree_tokens = 0  # tree tokens appended to the cache since `start`
 
         def complete(row: int, node: int, ll: float) -> None:
@@ -283,38 +308,45 @@ class _DecodingState:
                 if option != excluded[row] and ll > completed[row].get(option, -float("inf")):
                     completed[row][option] = ll
 
+        def open_children(row: int, beam: _Beam) -> None:
+            children = tree.children[beam.node]
+            log_probs = self.log_probs[row] if beam.log_probs is None else beam.log_probs
+            values = log_probs[torch.tensor(list(children), device=self.device)].tolist()
+            for (token, child), value in zip(children.items(), values):
+                complete(row, child, beam.log_likelihood + value)
+                if tree.children[child]:
+                    heapq.heappush(frontier[row], (-(beam.log_likelihood + value), next(order), beam, token, child))
+
+        def best(row: int) -> float:
+            return max(completed[row].values(), default=-float("inf"))
+
+        for row in range(n):
+            open_children(row, _Beam(0, 0.0))
+        steps = 0
         while True:
-            plans: list[list[tuple[_Beam, list[int], list[int], float, int]]] = []  # per cell, per kept expansion
+            plans: list[list[tuple[_Beam, list[int], list[int], float, int]]] = []  # per cell, per expansion
             for row in range(n):
-                expansions = []
-                for beam in beams[row]:
-                    children = tree.children[beam.node]
-                    if not children:
-                        continue
-                    log_probs = self.log_probs[row] if beam.log_probs is None else beam.log_probs
-                    values = log_probs[torch.tensor(list(children), device=self.device)].tolist()
-                    for (token, child), value in zip(children.items(), values):
-                        complete(row, child, beam.log_likelihood + value)
-                        if tree.children[child]:
-                            expansions.append((beam, token, child, beam.log_likelihood + value))
-                expansions.sort(key=lambda e: -e[3])
-                row_plans = []
-                for beam, token, child, ll in expansions[:num_beams]:
+                row_plans, bound = [], best(row)
+                while frontier[row] and len(row_plans) < width:
+                    negative_ll, _, beam, token, child = heapq.heappop(frontier[row])
+                    if -negative_ll <= bound:  # nothing left can beat the best complete option
+                        heapq.heappush(frontier[row], (negative_ll, _, beam, token, child))  # left unexplored
+                        break
                     tokens, nodes = [token], [child]
                     while not tree.ends[nodes[-1]] and len(tree.children[nodes[-1]]) == 1:
                         ((next_token, next_node),) = tree.children[nodes[-1]].items()
                         tokens.append(next_token)
                         nodes.append(next_node)
                     fed = len(tokens) if tree.children[nodes[-1]] else len(tokens) - 1  # a leaf's last: not run
-                    row_plans.append((beam, tokens, nodes, ll, fed))
+                    row_plans.append((beam, tokens, nodes, -negative_ll, fed))
                 plans.append(row_plans)
-            width = max(sum(plan[4] for plan in row_plans) for row_plans in plans)
-            if width == 0:
+            width_now = max(sum(plan[4] for plan in row_plans) for row_plans in plans)
+            if width_now == 0:
                 break
-            ids = torch.full((n, width), pad_id, dtype=torch.long, device=self.device)
-            real = torch.zeros((n, width), dtype=torch.bool, device=self.device)
-            sees_tree = torch.zeros((n, width, tree_tokens + width), dtype=torch.bool, device=self.device)
-            positions = torch.zeros((n, width), dtype=torch.long, device=self.device)
+            ids = torch.full((n, width_now), pad_id, dtype=torch.long, device=self.device)
+            real = torch.zeros((n, width_now), dtype=torch.bool, device=self.device)
+            sees_tree = torch.zeros((n, width_now, tree_tokens + width_now), dtype=torch.bool, device=self.device)
+            positions = torch.zeros((n, width_now), dtype=torch.long, device=self.device)
             first_slots: list[list[int]] = []
             for row, row_plans in enumerate(plans):
                 slot, firsts = 0, []
@@ -327,12 +359,11 @@ class _DecodingState:
                         sees_tree[row, slot, list(parent.path)] = True
                         sees_tree[row, slot, tree_tokens + firsts[-1] : tree_tokens + slot + 1] = True  # its chain
                         slot += 1
-                for pad in range(slot, width):
+                for pad in range(slot, width_now):
                     sees_tree[row, pad, tree_tokens + pad] = True  # a padding token sees itself
                 first_slots.append(firsts)
-            allowed = torch.cat([self.visible[:, None, :].expand(n, width, -1), sees_tree], dim=2)
+            allowed = torch.cat([self.visible[:, None, :].expand(n, width_now, -1), sees_tree], dim=2)
             log_probs = self._forward(ids, allowed, positions, real, real)
-            beams = [[] for _ in range(n)]
             for row, row_plans in enumerate(plans):
                 for (parent, tokens, nodes, ll, fed), first in zip(row_plans, first_slots[row]):
                     if len(tokens) > 1:
@@ -341,12 +372,20 @@ class _DecodingState:
                         complete(row, nodes[-1], ll)
                     if tree.children[nodes[-1]]:
                         path = parent.path + tuple(tree_tokens + first + k for k in range(fed))
-                        beams[row].append(_Beam(nodes[-1], ll, path, log_probs[row, first + fed - 1]))
-            tree_tokens += width
+                        open_children(row, _Beam(nodes[-1], ll, path, log_probs[row, first + fed - 1]))
+            tree_tokens += width_now
+            steps += 1
+            if steps >= tree.max_depth:  # from here on a beam search: the `width` best partial options kept
+                for row in range(n):
+                    ranked = sorted(frontier[row])
+                    dropped[row] += [-entry[0] for entry in ranked[width:]]
+                    frontier[row] = ranked[:width]  # a sorted list is a heap
         if tree_tokens:
             self.cache.crop(-(self.cache.get_seq_length() - start))  # negative: tokens to remove
         picks = [max(done, key=done.get) if done else None for done in completed]
-        return ChoiceResult(picks, completed)
+        return ChoiceResult(picks, completed, [best(row) >= max(dropped[row], default=-float("inf"))
+                                               for row in range(n)],
+                            [[-entry[0] for entry in frontier[row]] + dropped[row] for row in range(n)])
 
 
 def known_labels(processor) -> dict[str, list[str]]:
@@ -446,12 +485,17 @@ class SchemaDecoder:
         temperatures = {"cell_type": float(getattr(model.config, "cell_type_temperature", 1.0)),
                         **(getattr(model.config, "field_temperatures", None) or {})}
         scores, likelihoods = self._scores(choice_results, labels, temperatures)
-        return SchemaDescriptions([t.strip() for t in texts], labels, scores, likelihoods)
+        unexplored = [{choice: list(result.unexplored[row]) for choice, result in choice_results.items()
+                       if result.unexplored is not None} for row in range(n)]
+        not_exact = [[choice for choice, result in choice_results.items()
+                      if result.exact is not None and not result.exact[row]] for row in range(n)]
+        return SchemaDescriptions([t.strip() for t in texts], labels, scores, likelihoods, unexplored, not_exact)
 
     def _scores(self, results: Mapping[str, ChoiceResult], labels: list[dict], temperatures: Mapping[str, float]
                 ) -> tuple[list[dict], list[dict]]:
-        """Each field's probability: the chosen label's share of the completed options' softmax (summed over the
-        options stating the same label, for the donor clause's three fields)."""
+        """Each field's probability: the chosen label's share of the softmax over the completed options and the
+        partial options a search left unexplored (each standing for the options under it), summed over the options
+        stating the same label, for the donor clause's three fields."""
         scores = [{} for _ in labels]
         likelihoods = [{} for _ in labels]
         for choice, result in results.items():
@@ -460,7 +504,8 @@ class SchemaDecoder:
                 if not done:
                     continue
                 indices = list(done)
-                values = torch.tensor([done[i] for i in indices], dtype=torch.float64)
+                unexplored = result.unexplored[row] if result.unexplored is not None else []
+                values = torch.tensor([done[i] for i in indices] + unexplored, dtype=torch.float64)
                 # each choice's temperature, fitted on validation by the recipe (1.0 where none was)
                 probabilities = (values / float(temperatures.get(choice, 1.0))).softmax(dim=0).tolist()
                 for name in CHOICE_FIELDS[choice]:

@@ -220,7 +220,7 @@ def fit_field_temperatures(model, processor, split, batch_size: int = 16) -> dic
                                  split_value_lists(split, processor.feature_extractor), batch_size,
                                  "fitting the field temperatures"):
         described = decoder.describe(model, inputs)
-        for likelihoods in described.log_likelihoods:
+        for likelihoods, unexplored in zip(described.log_likelihoods, described.unexplored):
             row = rows[described_rows]
             described_rows += 1
             for choice in choices:
@@ -228,7 +228,8 @@ def fit_field_temperatures(model, processor, split, batch_size: int = 16) -> dic
                 completed = likelihoods.get(choice) or {}
                 texts = list(completed)
                 if truth is not None and decoder.options[choice][truth].text in completed:
-                    pools[choice].append(([completed[t] for t in texts],
+                    # the decoder's distribution: completed options and the unexplored partial ones (`_scores`)
+                    pools[choice].append(([completed[t] for t in texts] + list(unexplored.get(choice, [])),
                                           texts.index(decoder.options[choice][truth].text)))
     fitted = {}
     for choice, entries in pools.items():
