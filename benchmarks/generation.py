@@ -213,7 +213,7 @@ def label_scaling(describe, cells, vocabulary, new_tokens: int, batch_size: int 
             for n_labels in (10, 100, 700):
                 processor.ontology_term_ids = {**saved, "cell_type": cell_ontology_labels(own, n_labels)}
                 decoder = SchemaDecoder(processor)
-                chosen, calls_per_batch, tokens_per_cell = [], [], []
+                chosen, calls_per_batch, tokens_per_cell, not_proven = [], [], [], []
 
                 def schema():
                     for inputs in batches:
@@ -221,8 +221,10 @@ def label_scaling(describe, cells, vocabulary, new_tokens: int, batch_size: int 
                         chosen.extend(labels["cell_type"] for labels in described.labels)
                         calls_per_batch.append(decoder.calls)
                         tokens_per_cell.append(decoder.tokens / inputs["input_ids"].shape[0])
+                        not_proven.extend("cell_type" in choices for choices in described.not_exact)
                     return (f"{np.mean(calls_per_batch):6.1f} model calls per batch, "
-                            f"{np.mean(tokens_per_cell):5.0f} text tokens run per cell")
+                            f"{np.mean(tokens_per_cell):5.0f} text tokens run per cell, cell type not proven "
+                            f"exact for {sum(not_proven)} cells")
 
                 rates[n_labels] = timed(f"schema decoder, {n_labels} cell-type labels", schema)
 
