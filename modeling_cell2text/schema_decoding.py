@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -48,6 +49,8 @@ from .description_schema import (
     schema_options,
 )
 from .cell_inputs import CELL_INPUT_NAMES
+
+logger = logging.getLogger(__name__)
 
 # The search's width: partial options extended per cell and step (measured on the demo model: docs/results.md).
 DEFAULT_NUM_BEAMS = 2
@@ -412,6 +415,11 @@ class SchemaDecoder:
                 "The processor knows no cell-type labels (processor.ontology_term_ids['cell_type'] is empty), so the "
                 "description cannot be constrained: describe with constrained=False (free generation)."
             )
+        unknown = [name for name, labels in known_labels(processor).items() if not labels]
+        if unknown:  # one rule for every field: stated with a known label, or left out
+            logger.warning("The processor knows no labels for %s (its training corpus stated none): the schema-"
+                           "constrained descriptions leave these fields out. Describe with constrained=False to let "
+                           "the model write every field freely.", ", ".join(unknown))
         tokenizer = processor.tokenizer
         context = {"cell_type": "", "tissue": "This sample consists of a cell.", "donor": None,
                    "pathway_1": "This sample consists of a cell.", "pathway_2": 'This cell is associated with the '

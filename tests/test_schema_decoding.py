@@ -210,6 +210,22 @@ def test_a_processor_without_cell_type_labels_describes_freely_with_a_warning(ra
         processor.ontology_term_ids = saved
 
 
+def test_a_field_without_known_labels_is_left_out_with_a_warning(random_model_and_processor, caplog):
+    """The rule for every field: stated with a known label or left out; the fields left out are named."""
+    model, processor = random_model_and_processor
+    saved = processor.ontology_term_ids
+    processor.ontology_term_ids = {**saved, "sex": {}, "tissue": {}}
+    try:
+        with caplog.at_level(logging.WARNING):
+            decoder = SchemaDecoder(processor)
+        assert "knows no labels for tissue, sex" in caplog.text
+        for result in schema_results(processor, decoder.describe(model, cells(processor, 3))):
+            assert result["parsed"] and result["sex"] is None and result["tissue"] is None
+            assert result["disease"] in ("normal", "COVID-19") and result["cell_type"] in CELL_TYPES
+    finally:
+        processor.ontology_term_ids = saved
+
+
 def test_sampling_is_refused_when_constrained(random_model_and_processor):
     from transformers import pipeline
 
