@@ -20,7 +20,8 @@ Generation (`pipeline("cell-to-text")` with the installed package's classes, bf1
 step of a static-cache `generate` on a GPU by itself: its `CompileConfig`, `disable_compile=False`), all three
 writing freely, then the schema-constrained decoder (the pipeline's default: every field chosen among the corpus's
 labels; its "new tokens/s" counts the same 100 tokens a cell for comparison). Printed per mode: cells/s, new
-tokens/s, peak memory and the warm-up (compile) time.
+tokens/s, peak memory and the warm-up (compile) time; for the schema decoder its model calls for the batch. The
+JSON gives each mode's start time, to read its GPU busy share from gpu_run.sh's smi.csv.
 
 `--size smoke` keeps the paper shapes with fewer steps and a smaller generation batch (a quick check of a GPU
 set-up); `--time-budget` skips the stages that would start after it (the generation modes come last, in order).
@@ -420,12 +421,15 @@ def measure_generation(size: Size, corpus: Path, encoder_dir: Path, lm_dir: Path
         out = describe(cells, genes, **call)
         sync(device)
         seconds = time.perf_counter() - start
+        # the schema decoder's model calls for the (one) batch: what bounds it on a GPU, where a call's cost is flat
+        calls = describe.schema_decoder().calls if kwargs.get("constrained") else None
         on_result({"mode": name, "batch": n, "cells_per_s": n / seconds,
                    "new_tokens_per_s": n * size.new_tokens / seconds, "peak_gib": peak_gib(device),
-                   "warmup_s": warm, "described": sum(r is not None for r in out)})
+                   "warmup_s": warm, "described": sum(r is not None for r in out), "model_calls": calls,
+                   "started_at": time.strftime("%H:%M:%S", time.localtime(time.time() - seconds))})
         log(f"generation {name:>16}, batch {n}: {n / seconds:7.1f} cells/s, "
             f"{n * size.new_tokens / seconds:8.0f} new tokens/s, peak {peak_gib(device):5.1f} GiB, "
-            f"warm-up {warm:5.1f} s")
+            f"warm-up {warm:5.1f} s" + (f", {calls} model calls" if calls is not None else ""))
     del describe, model
     reset_memory(device)
 

@@ -3,7 +3,8 @@
 # the git-ignored .gpu/ folder that benchmarks/gpu_prepare.sh made here carried along.
 #   bash benchmarks/gpu_run.sh [paper|smoke] [more gpu.py options]
 # paper: the full measurement (under 6 minutes on one H200); smoke: the same shapes, fewer steps (about 2 minutes).
-# Writes gpu_<size>.log, gpu_<size>.json and smi.csv (GPU utilisation and memory every second) into $OUT.
+# Writes gpu_<size>.log, gpu_<size>.json and smi.csv (time, GPU utilisation and memory every second:
+# each generation mode's start time is in the JSON) into $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SIZE=${1:-paper}
@@ -23,7 +24,7 @@ tokenizer=()
 [ -d .gpu/tokenizer ] && tokenizer=(--tokenizer .gpu/tokenizer)
 sampler=""
 if command -v nvidia-smi > /dev/null; then
-    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -l 1 > "$OUT/smi.csv" 2>&1 &
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -l 1 > "$OUT/smi.csv" 2>&1 &
     sampler=$!
 fi
 python3 benchmarks/gpu.py --size "$SIZE" "${tokenizer[@]}" --json "$OUT/gpu_$SIZE.json" "$@" 2>&1 \
@@ -31,6 +32,6 @@ python3 benchmarks/gpu.py --size "$SIZE" "${tokenizer[@]}" --json "$OUT/gpu_$SIZ
 rc=${PIPESTATUS[0]}
 if [ -n "$sampler" ]; then
     kill "$sampler"
-    awk -F', ' '{u += $1; n++; if ($2 > m) m = $2} END {if (n) printf "GPU busy %.0f%% on average over %d s, at most %.1f GiB used\n", u / n, n, m / 1024}' "$OUT/smi.csv"
+    awk -F', ' '{u += $2; n++; if ($3 > m) m = $3} END {if (n) printf "GPU busy %.0f%% on average over %d s, at most %.1f GiB used\n", u / n, n, m / 1024}' "$OUT/smi.csv"
 fi
 exit "$rc"
