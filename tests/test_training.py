@@ -528,6 +528,8 @@ def test_the_auxiliary_cell_type_head_adds_its_loss_and_trains_with_the_projecto
     head_rates = {group["lr"] for group in trainer.create_optimizer().param_groups
                   if any(p is trainer.cell_type_head.weight for p in group["params"])}
     assert head_rates == {1e-3}
+    assert sum(p is trainer.cell_type_head.weight or p is trainer.cell_type_head.bias
+               for group in trainer.create_optimizer().param_groups for p in group["params"]) == 2
 
     rows = [corpus["train"][i] for i in range(4)]
     batch = Cell2TextDataCollator(processor, cell_type_index=True)(rows)
@@ -542,3 +544,18 @@ def test_the_auxiliary_cell_type_head_adds_its_loss_and_trains_with_the_projecto
     head = trainer.cell_type_head_loss(outputs, batch["input_ids"], batch["cell_type_index"])
     assert head > 0
     torch.testing.assert_close(with_head, text_only + 0.5 * head)
+
+    # the label-embedding head: fixed label directions from the LLM's input embeddings, a learnt scale
+    tied = Cell2TextSFTTrainer(model=model, args=settings, train_dataset=corpus["train"], processing_class=processor,
+                               projector_learning_rate=1e-3, gene_encoder_learning_rate=1e-5,
+                               data_collator=lambda x: x, cell_type_head_loss_weight=0.5,
+                               cell_type_head="label_embeddings")
+    assert [p.numel() for p in tied.cell_type_head.parameters()] == [1]
+    first = processor.tokenizer(" " + labels[0], add_special_tokens=False)["input_ids"]
+    expected = model.get_input_embeddings().weight[first].mean(dim=0)
+    torch.testing.assert_close(tied.cell_type_head.labels[0], torch.nn.functional.normalize(expected, dim=0))
+    assert any(p is tied.cell_type_head.scale for group in tied.create_optimizer().param_groups for p in group["params"])
+    with pytest.raises(ValueError, match="'linear' or 'label_embeddings'"):
+        Cell2TextSFTTrainer(model=model, args=settings, train_dataset=corpus["train"], processing_class=processor,
+                            projector_learning_rate=1e-3, gene_encoder_learning_rate=1e-5, data_collator=lambda x: x,
+                            cell_type_head="tied")

@@ -17,13 +17,32 @@ must be read from the cell are a small share of the loss; weighting them puts th
 `cell_type_head_loss_weight` (default 0: off) adds an auxiliary loss on the projector: a linear classifier of the
 cell type on the mean of each cell's projected tokens (the soft tokens the LLM reads), cross-entropy over the
 processor's known cell-type labels, weighted and added to the text loss. The head is the trainer's, trained with
-the projector's learning rate, and not saved: it only shapes what the projector gives the LLM.
+the projector's learning rate, and not saved: it only shapes what the projector gives the LLM. With
+`cell_type_head="label_embeddings"` the head is not learnt: its logits are the cosine similarities (times a learnt
+scale) between the mean projected token and each label name's mean input embedding in the LLM, so the projector is
+pushed to hand the LLM a cell that looks like its label's words, which the LLM then only has to copy.
 """
 
 from __future__ import annotations
 
 import torch
 from torch.nn import functional as F
+
+
+class LabelEmbeddingHead(torch.nn.Module):
+    """Cell-type logits: a learnt scale times the cosine similarity of a feature with each label's fixed embedding."""
+
+    def __init__(self, label_embeddings: torch.Tensor):
+        super().__init__()
+        self.register_buffer("labels", F.normalize(label_embeddings.detach().float(), dim=-1))
+        self.scale = torch.nn.Parameter(torch.tensor(10.0))
+
+    @property
+    def weight(self) -> torch.Tensor:  # the dtype the features are cast to
+        return self.labels
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(features.float(), dim=-1) @ self.labels.T
 
 
 class LabelledPositionsLossMixin:
@@ -34,7 +53,11 @@ class LabelledPositionsLossMixin:
     settings this mixin does not cover (label smoothing, custom loss functions, DFT, MoE auxiliary losses).
     """
 
-    def __init__(self, *args, cell_type_loss_weight: float = 1.0, cell_type_head_loss_weight: float = 0.0, **kwargs):
+    def __init__(self, *args, cell_type_loss_weight: float = 1.0, cell_type_head_loss_weight: float = 0.0,
+                 cell_type_head: str = "linear", **kwargs):
+        if cell_type_head not in ("linear", "label_embeddings"):
+            raise ValueError(f"cell_type_head must be 'linear' or 'label_embeddings', got {cell_type_head!r}.")
+        self.cell_type_head_kind = cell_type_head
         if cell_type_loss_weight <= 0:
             raise ValueError(f"cell_type_loss_weight must be > 0, got {cell_type_loss_weight}.")
         if cell_type_head_loss_weight < 0:
@@ -59,7 +82,7 @@ class LabelledPositionsLossMixin:
         in_first_sentence = labelled & (is_period.cumsum(dim=1) - is_period.long() == 0)
         return labelled.float() + in_first_sentence.float() * (self.cell_type_loss_weight - 1.0)
 
-    def _new_cell_type_head(self) -> torch.nn.Linear:
+    def _new_cell_type_head(self) -> torch.nn.Module:
         """The auxiliary head: text width -> the processor's cell-type labels (the collator's `cell_type_index`)."""
         if self.args.world_size > 1:
             raise ValueError("cell_type_head_loss_weight > 0 is implemented for one process only (the head is not "
@@ -69,8 +92,15 @@ class LabelledPositionsLossMixin:
             raise ValueError("cell_type_head_loss_weight > 0 needs a processor that knows at least two cell-type "
                              "labels (processor.ontology_term_ids['cell_type']); set it to 0.")
         model = self.accelerator.unwrap_model(self.model)
-        width = model.config.text_config.hidden_size
-        return torch.nn.Linear(width, len(labels)).to(next(model.parameters()).device)
+        device = next(model.parameters()).device
+        if self.cell_type_head_kind == "linear":
+            return torch.nn.Linear(model.config.text_config.hidden_size, len(labels)).to(device)
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        embeddings = model.get_input_embeddings()
+        with torch.no_grad():  # each label as it is written in its sentence: " B cell"
+            rows = [embeddings(torch.tensor(tokenizer(" " + label, add_special_tokens=False)["input_ids"],
+                                            device=device)).mean(dim=0) for label in sorted(labels)]
+        return LabelEmbeddingHead(torch.stack(rows)).to(device)
 
     def cell_type_head_loss(self, outputs, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the head on each cell's mean projected token (cells are in the batch's row order)."""

@@ -110,6 +110,11 @@ class Cell2TextArguments(LoraArguments):
         metadata={"help": "Weight of an auxiliary loss on the projector: a linear cell-type classifier on the mean "
                   "projected cell token, trained with it and not saved (training/loss.py). 0: off."},
     )
+    cell_type_head: str = field(
+        default="linear",
+        metadata={"help": "The auxiliary head: 'linear' (learnt) or 'label_embeddings' (cosine similarity with each "
+                  "label name's embedding in the LLM: training/loss.py)."},
+    )
     loss_on_labels_only: bool = field(
         default=False,
         metadata={"help": "Put the loss on the tokens of the labels a description states only (what the "
@@ -157,8 +162,7 @@ class Cell2TextSFTTrainer(LabelledPositionsLossMixin, SFTTrainer):
             if parameter.requires_grad:
                 groups.setdefault((self.part_of(name), name in decay), []).append(parameter)
         if self.cell_type_head is not None:  # the auxiliary head trains with the projector (training/loss.py)
-            groups.setdefault(("projector", True), []).extend([self.cell_type_head.weight])
-            groups.setdefault(("projector", False), []).extend([self.cell_type_head.bias])
+            groups.setdefault(("projector", False), []).extend(self.cell_type_head.parameters())
         param_groups = [
             {
                 "params": params,
@@ -405,6 +409,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         "gene_encoder_learning_rate": args.gene_encoder_learning_rate,
         "cell_type_loss_weight": args.cell_type_loss_weight,
         "cell_type_head_loss_weight": args.cell_type_head_loss_weight,
+        "cell_type_head": args.cell_type_head,
     }
 
     # 3. Training: the optional cell-type stage, then whole descriptions.
