@@ -103,6 +103,17 @@ class OptionTree:
                 node = nxt
             self.ends[node].append(option)
         self.max_depth = max(self.depth)
+        # the nodes on each option's path (root excluded), and how many options lie under each node
+        self.option_nodes: list[frozenset[int]] = []
+        self.options_under = [0] * len(self.children)
+        for tokens in token_lists:
+            node, path = 0, []
+            for token in tokens:
+                node = self.children[node][token]
+                path.append(node)
+            self.option_nodes.append(frozenset(path))
+            for node in path:
+                self.options_under[node] += 1
         # For scoring the whole tree in one forward pass: the nodes whose next-token distribution is needed
         # (non-root nodes with children), each one token of the pass, in creation order (parents first).
         self.internal = [node for node in range(1, len(self.children)) if self.children[node]]
@@ -156,9 +167,9 @@ class ChoiceResult:
     chosen: list[int | None]
     completed: list[dict[int, float]]
     exact: list[bool] | None = None  # per cell: the chosen option is the exact argmax (None: exhaustive scoring)
-    # per cell: the log-likelihoods of the partial options a search left unexplored, each standing for the options
-    # under it (None: every option was scored)
-    unexplored: list[list[float]] | None = None
+    # per cell: the partial options a search left unexplored, as (tree node, log-likelihood), each standing for the
+    # options under it (None: every option was scored)
+    unexplored: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -169,8 +180,8 @@ class SchemaDescriptions:
     labels: list[dict[str, str | None]]
     scores: list[dict[str, float | None]] = field(default_factory=list)
     log_likelihoods: list[dict[str, dict[str, float]]] = field(default_factory=list)
-    # per cell and choice: the log-likelihoods of the partial options the search left unexplored (`ChoiceResult`)
-    unexplored: list[dict[str, list[float]]] = field(default_factory=list)
+    # per cell and choice: the partial options the search left unexplored, (tree node, log-likelihood) (`ChoiceResult`)
+    unexplored: list[dict[str, list[tuple[int, float]]]] = field(default_factory=list)
     # per cell: the choices whose option is not proven the exact argmax (a search pruned a partial option that could
     # have beaten it: the model spread its probability too thinly for the search's bound)
     not_exact: list[list[str]] = field(default_factory=list)
@@ -302,7 +313,7 @@ class _DecodingState:
         start = self.cache.get_seq_length()
         completed: list[dict[int, float]] = [{} for _ in range(n)]
         frontier: list[list[tuple]] = [[] for _ in range(n)]  # heaps of (-log-likelihood, order, parent, token, child)
-        dropped: list[list[float]] = [[] for _ in range(n)]  # log-likelihoods of the partial options pruned
+        dropped: list[list[tuple[int, float]]] = [[] for _ in range(n)]  # the partial options pruned: (node, ll)
         order = itertools.count()
         tree_tokens = 0  # tree tokens appended to the cache since `start`
 
@@ -315,9 +326,12 @@ class _DecodingState:
             children = tree.children[beam.node]
             log_probs = self.log_probs[row] if beam.log_probs is None else beam.log_probs
             values = log_probs[torch.tensor(list(children), device=self.device)].tolist()
+            beam.log_probs = None  # read once: a step's tensor is not kept alive by the partial options it opened
             for (token, child), value in zip(children.items(), values):
                 complete(row, child, beam.log_likelihood + value)
-                if tree.children[child]:
+                only_excluded = tree.options_under[child] == 1 and excluded[row] is not None and \
+                    child in tree.option_nodes[excluded[row]]
+                if tree.children[child] and not only_excluded:  # a subtree holding only the excluded option: none
                     heapq.heappush(frontier[row], (-(beam.log_likelihood + value), next(order), beam, token, child))
 
         def best(row: int) -> float:
@@ -381,14 +395,14 @@ class _DecodingState:
             if steps >= tree.max_depth:  # from here on a beam search: the `width` best partial options kept
                 for row in range(n):
                     ranked = sorted(frontier[row])
-                    dropped[row] += [-entry[0] for entry in ranked[width:]]
+                    dropped[row] += [(entry[4], -entry[0]) for entry in ranked[width:]]
                     frontier[row] = ranked[:width]  # a sorted list is a heap
         if tree_tokens:
             self.cache.crop(-(self.cache.get_seq_length() - start))  # negative: tokens to remove
         picks = [max(done, key=done.get) if done else None for done in completed]
-        return ChoiceResult(picks, completed, [best(row) >= max(dropped[row], default=-float("inf"))
+        return ChoiceResult(picks, completed, [best(row) >= max((ll for _, ll in dropped[row]), default=-float("inf"))
                                                for row in range(n)],
-                            [[-entry[0] for entry in frontier[row]] + dropped[row] for row in range(n)])
+                            [[(entry[4], -entry[0]) for entry in frontier[row]] + dropped[row] for row in range(n)])
 
 
 def known_labels(processor) -> dict[str, list[str]]:
@@ -512,7 +526,7 @@ class SchemaDecoder:
                 if not done:
                     continue
                 indices = list(done)
-                unexplored = result.unexplored[row] if result.unexplored is not None else []
+                unexplored = [ll for _, ll in result.unexplored[row]] if result.unexplored is not None else []
                 values = torch.tensor([done[i] for i in indices] + unexplored, dtype=torch.float64)
                 # each choice's temperature, fitted on validation by the recipe (1.0 where none was)
                 probabilities = (values / float(temperatures.get(choice, 1.0))).softmax(dim=0).tolist()

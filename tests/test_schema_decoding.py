@@ -12,7 +12,8 @@ from test_pipeline import GENES, random_counts, save_tiny_model_folder
 from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor, parse_description, render_description
 from modeling_cell2text.description_schema import CellDescription, schema_options
 from modeling_cell2text.label_scoring import score_cell_types
-from modeling_cell2text.schema_decoding import OptionTree, SchemaDecoder, schema_results, tokens_in_context
+from modeling_cell2text.schema_decoding import (CHOICE_FIELDS, OptionTree, SchemaDecoder, SchemaDescriptions,
+                                                 schema_results, tokens_in_context)
 
 CELL_TYPES = {"B cell": "CL:0000236", "T cell": "CL:0000084", "endothelial cell": "CL:0000115",
               "monocyte": "CL:0000576", "natural killer cell": "CL:0000623", "CD14-positive monocyte": "CL:0001054"}
@@ -112,7 +113,7 @@ def test_the_search_finds_exhaustive_scorings_argmax(random_model_and_processor,
         for label, ll in completed.items():
             j = exhaustive.candidates.index(label)
             assert ll == pytest.approx(float(exhaustive.log_likelihoods[row, j]), abs=1e-4)
-        unexplored = described.unexplored[row]["cell_type"]
+        unexplored = [ll for _, ll in described.unexplored[row]["cell_type"]]
         assert all(u <= max(completed.values()) + 1e-9 for u in unexplored)  # none could beat the choice
         values = torch.tensor([*completed.values(), *unexplored], dtype=torch.float64) / temperature
         probabilities = values.softmax(dim=0)
@@ -312,6 +313,63 @@ def test_field_temperatures_are_fitted_on_cells_with_known_labels(random_model_a
     assert fitted["tissue"]["num_cells"] == 6  # both tissues scored whole: every cell counts
 
 
+def test_field_temperatures_count_cells_whose_truth_the_search_left_unexplored(random_model_and_processor,
+                                                                               monkeypatch):
+    """A narrow search often leaves the true option unexplored: the truth is then the unexplored partial option it
+    lies under, so cells the search got wrong still count (else the fit would see mostly right cells)."""
+    import math
+
+    from datasets import Dataset
+
+    from training.evaluation import evaluate
+
+    model, processor = random_model_and_processor
+    real = SchemaDecoder(processor)
+    options = real.options["pathway_1"]
+    truth = next(i for i, o in enumerate(options) if o.labels[0][1] == PATHWAYS[1])
+    chosen = next(i for i, o in enumerate(options) if o.labels[0][1] == PATHWAYS[0])
+    first_node = min(real.trees["pathway_1"].option_nodes[truth])  # the truth's first token: a partial option
+
+    class SearchThatMissedTheTruth:  # the real options; every cell chose PATHWAYS[0], the truth left unexplored
+        def __init__(self, processor):
+            self.options, self.trees = real.options, real.trees
+
+        def describe(self, model, inputs):
+            n = inputs["input_ids"].shape[0]
+            return SchemaDescriptions([""] * n, [{} for _ in range(n)], [{} for _ in range(n)],
+                                      [{"pathway_1": {options[chosen].text: -1.0}} for _ in range(n)],
+                                      [{"pathway_1": [(first_node, -2.0)]} for _ in range(n)])
+
+    monkeypatch.setattr(evaluate, "SchemaDecoder", SearchThatMissedTheTruth)
+    inputs = cells(processor, 4, seed=4)
+    rows = [{"gene_input_ids": [int(t) for t, m in zip(ids, mask) if m], "tissue": "blood",
+             "pathways": [PATHWAYS[1], PATHWAYS[2]], "sex": "female", "disease": "normal", "age_group": "adulthood"}
+            for ids, mask in zip(inputs["gene_input_ids"].tolist(), inputs["gene_attention_mask"].tolist())]
+    fitted = evaluate.fit_field_temperatures(model, processor, Dataset.from_list(rows), batch_size=2)
+    assert set(fitted) == {"pathway_1"} and fitted["pathway_1"]["num_cells"] == 4
+    assert fitted["pathway_1"]["nll_before"] == pytest.approx(math.log(1 + math.e))  # -log softmax([-1, -2])[1]
+
+
+def test_the_search_agrees_with_the_whole_tree_on_every_choice(random_model_and_processor):
+    """Every choice (the donor clause, both pathways, with the first pathway excluded from the second) is the whole
+    tree's where the search proves it; no unexplored partial option stands only for the excluded pathway."""
+    model, processor = random_model_and_processor
+    inputs = cells(processor, 8, seed=6)
+    whole = SchemaDecoder(processor, max_tree_tokens=10_000).describe(model, inputs)
+    searched_decoder = SchemaDecoder(processor, num_beams=2, max_tree_tokens=0)
+    searched = searched_decoder.describe(model, inputs)
+    pathways = searched_decoder.options["pathway_2"]
+    for row in range(8):
+        for name in ("cell_type", "tissue", "sex", "disease", "age_group", "pathway_1", "pathway_2"):
+            choice = next(c for c, names in CHOICE_FIELDS.items() if name in names)
+            if choice not in searched.not_exact[row]:
+                assert searched.labels[row][name] == whole.labels[row][name], (row, name)
+        tree = searched_decoder.trees["pathway_2"]
+        first = next(i for i, option in enumerate(pathways) if option.labels[0][1] == searched.labels[row]["pathway_1"])
+        for node, _ in searched.unexplored[row].get("pathway_2", []):
+            assert not (tree.options_under[node] == 1 and node in tree.option_nodes[first])
+
+
 @pytest.mark.parametrize("beams", [0, -1, "4", 2.5])
 def test_a_bad_search_width_is_refused_not_replaced(random_model_and_processor, beams):
     from transformers import pipeline
@@ -320,3 +378,62 @@ def test_a_bad_search_width_is_refused_not_replaced(random_model_and_processor, 
     pipe = pipeline("cell-to-text", model=model, processor=processor)
     with pytest.raises(ValueError, match="num_beams must be"):
         pipe(sp.csr_matrix(random_counts(2)), gene_ids=GENES, num_beams=beams)
+
+
+class _ScriptedState:
+    """A `_DecodingState` whose model is a table: the log-probabilities after a token depend on that token only.
+    It records the tokens each call feeds."""
+
+    VOCABULARY = 10
+
+    def __init__(self, after: dict[int, dict[int, float]], first: dict[int, float]):
+        from modeling_cell2text.schema_decoding import _DecodingState
+
+        self.state = object.__new__(_DecodingState)
+        state = self.state
+        state.visible = torch.ones((1, 3), dtype=torch.bool)
+        state.next_position = torch.tensor([3])
+        state.log_probs = self.row(first)[None]
+        state.calls = state.tokens = 0
+        self.fed: list[int] = []
+        length = {"n": 3}
+
+        class Cache:
+            def get_seq_length(self):
+                return length["n"]
+
+            def crop(self, count):
+                length["n"] += count  # negative: tokens removed
+
+        state.cache = Cache()
+
+        def forward(ids, allowed, positions, real, keep):
+            from modeling_cell2text.schema_decoding import _KeptLogProbs
+
+            self.fed += ids[real].tolist()
+            length["n"] += ids.shape[1]
+            rows = [self.row(after.get(int(token), {})) for token in ids[keep]]
+            return _KeptLogProbs(torch.stack(rows), keep)
+
+        state._forward = forward
+
+    def row(self, values: dict[int, float]) -> torch.Tensor:
+        row = torch.full((self.VOCABULARY,), -20.0)
+        for token, value in values.items():
+            row[token] = value
+        return row
+
+
+def test_the_search_never_explores_a_subtree_holding_only_the_excluded_option():
+    """pathway_2 may not repeat pathway_1: a partial option leading only to it is neither fed nor left as
+    unexplored mass; the search proves the best other option."""
+    tree = OptionTree([[1, 2, 3], [1, 4, 5], [6, 7]])  # option 0 (excluded) and 1 share their first token
+    scripted = _ScriptedState(after={1: {2: -0.1, 4: -2.0}, 2: {3: -0.1}, 4: {5: -0.1}, 6: {7: -0.1}},
+                              first={1: -0.1, 6: -3.0})
+    result = scripted.state.choose(tree, 1, [0], pad_id=0)
+    assert result.chosen == [1] and result.exact == [True]
+    assert result.completed[0] == pytest.approx({1: -2.2})
+    assert 2 not in scripted.fed and scripted.fed == [1, 4]
+    node_6 = tree.children[0][6]
+    assert result.unexplored == [[(node_6, -3.0)]]
+    assert scripted.state.cache.get_seq_length() == 3  # the cache is left as it was

@@ -201,8 +201,10 @@ def true_option(choice: str, options: Sequence, row: dict) -> int | None:
 def fit_field_temperatures(model, processor, split, batch_size: int = 16) -> dict | None:
     """Fit the temperature of each schema-constrained choice other than the cell type (`config.field_temperatures`)
     on a held-out split: the temperature that makes the options' probabilities best predict the options the cells'
-    true labels state (`label_scoring.fit_temperature`). Cells whose true option the search did not score are left
-    out; a choice with one option or no such cell gets none. Returns {choice: {temperature, num_cells, nll_before,
+    true labels state (`label_scoring.fit_temperature`), over the decoder's distribution (the options it completed
+    and the partial options it left unexplored, the truth being the one it lies under). Cells whose true option is
+    in neither (pathway_2's true option taken by pathway_1) are left out; a choice with one option or no such cell
+    gets none. Returns {choice: {temperature, num_cells, nll_before,
     nll_after}} or None when no choice could be fitted."""
     from modeling_cell2text.configuration_cell2text import FIELD_TEMPERATURE_CHOICES
 
@@ -225,12 +227,22 @@ def fit_field_temperatures(model, processor, split, batch_size: int = 16) -> dic
             described_rows += 1
             for choice in choices:
                 truth = true_option(choice, decoder.options[choice], row)
+                if truth is None:
+                    continue
+                # the decoder's distribution: completed options and the unexplored partial ones (`_scores`); the
+                # truth is its completed option, or the unexplored partial option it lies under (so that cells the
+                # search got wrong count too)
                 completed = likelihoods.get(choice) or {}
                 texts = list(completed)
-                if truth is not None and decoder.options[choice][truth].text in completed:
-                    # the decoder's distribution: completed options and the unexplored partial ones (`_scores`)
-                    pools[choice].append(([completed[t] for t in texts] + list(unexplored.get(choice, [])),
-                                          texts.index(decoder.options[choice][truth].text)))
+                partial = unexplored.get(choice, [])
+                values = [completed[t] for t in texts] + [ll for _, ll in partial]
+                if decoder.options[choice][truth].text in completed:
+                    pools[choice].append((values, texts.index(decoder.options[choice][truth].text)))
+                else:
+                    path = decoder.trees[choice].option_nodes[truth]
+                    under = [j for j, (node, _) in enumerate(partial) if node in path]
+                    if under:
+                        pools[choice].append((values, len(texts) + under[0]))
     fitted = {}
     for choice, entries in pools.items():
         if not entries:
