@@ -537,13 +537,23 @@ def test_the_auxiliary_cell_type_head_adds_its_loss_and_trains_with_the_projecto
     model.train()
     torch.manual_seed(0)
     with_head = trainer.compute_loss(model, dict(batch))
+    plain = Cell2TextSFTTrainer(model=model, args=settings, train_dataset=corpus["train"], processing_class=processor,
+                                projector_learning_rate=1e-3, gene_encoder_learning_rate=1e-5,
+                                data_collator=lambda x: x)
     torch.manual_seed(0)
-    text_only = trainer.compute_loss(model, {k: v for k, v in batch.items() if k != "cell_type_index"})
+    text_only = plain.compute_loss(model, {k: v for k, v in batch.items() if k != "cell_type_index"})
     torch.manual_seed(0)
     outputs = model(**{k: v for k, v in batch.items() if k not in ("labels", "cell_type_index")})
     head = trainer.cell_type_head_loss(outputs, batch["input_ids"], batch["cell_type_index"])
     assert head > 0
     torch.testing.assert_close(with_head, text_only + 0.5 * head)
+
+    # a batch without the head's targets is refused in training (the head would silently not train), and a batch
+    # whose cells all have unknown labels adds no loss rather than NaN
+    with pytest.raises(ValueError, match="cell_type_index=True"):
+        trainer.compute_loss(model, {k: v for k, v in batch.items() if k != "cell_type_index"})
+    unknown = trainer.cell_type_head_loss(outputs, batch["input_ids"], torch.full_like(batch["cell_type_index"], -100))
+    assert float(unknown) == 0.0
 
     # the label-embedding head: fixed label directions from the LLM's input embeddings, a learnt scale
     tied = Cell2TextSFTTrainer(model=model, args=settings, train_dataset=corpus["train"], processing_class=processor,

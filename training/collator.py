@@ -13,6 +13,11 @@ from modeling_cell2text.description_schema import label_spans
 from modeling_cell2text.label_scoring import cell_type_sentence
 
 
+def cell_type_label_order(processor) -> list[str]:
+    """The processor's cell-type labels in the order the auxiliary head's classes follow (`cell_type_index`)."""
+    return sorted(processor.ontology_term_ids.get("cell_type") or {})
+
+
 def first_sentence(description: str) -> str:
     """A description's first sentence, the one naming the cell type ("This sample consists of a B cell."): its
     label, parsed, in the template's sentence (`label_scoring.cell_type_sentence`)."""
@@ -50,7 +55,7 @@ class Cell2TextDataCollator:
         self.cell_type_only = cell_type_only
         self.labels_only = labels_only
         self.cell_type_labels = (
-            {label: i for i, label in enumerate(sorted(processor.ontology_term_ids.get("cell_type") or {}))}
+            {label: i for i, label in enumerate(cell_type_label_order(processor))}
             if cell_type_index else None
         )
         self.gene_column = gene_column

@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from training.collator import cell_type_label_order
+
 
 class LabelEmbeddingHead(torch.nn.Module):
     """Cell-type logits: a learnt scale times the cosine similarity of a feature with each label's fixed embedding."""
@@ -87,7 +89,8 @@ class LabelledPositionsLossMixin:
         if self.args.world_size > 1:
             raise ValueError("cell_type_head_loss_weight > 0 is implemented for one process only (the head is not "
                              "part of the model, so DDP would not average its gradients); set it to 0.")
-        labels = (getattr(self.processing_class, "ontology_term_ids", None) or {}).get("cell_type") or {}
+        labels = cell_type_label_order(self.processing_class) if hasattr(self.processing_class,
+                                                                          "ontology_term_ids") else []
         if len(labels) < 2:
             raise ValueError("cell_type_head_loss_weight > 0 needs a processor that knows at least two cell-type "
                              "labels (processor.ontology_term_ids['cell_type']); set it to 0.")
@@ -99,7 +102,7 @@ class LabelledPositionsLossMixin:
         embeddings = model.get_input_embeddings()
         with torch.no_grad():  # each label as it is written in its sentence: " B cell"
             rows = [embeddings(torch.tensor(tokenizer(" " + label, add_special_tokens=False)["input_ids"],
-                                            device=device)).mean(dim=0) for label in sorted(labels)]
+                                            device=device)).mean(dim=0) for label in labels]
         return LabelEmbeddingHead(torch.stack(rows)).to(device)
 
     def cell_type_head_loss(self, outputs, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -111,7 +114,10 @@ class LabelledPositionsLossMixin:
         sums = torch.zeros((len(counts), features.shape[-1]), device=features.device).index_add_(0, owner, features)
         means = sums / counts.clamp(min=1).to(features.device, features.dtype)[:, None]
         logits = self.cell_type_head(means.to(self.cell_type_head.weight.dtype)).float()
-        return F.cross_entropy(logits, targets.to(logits.device), ignore_index=-100)
+        targets = targets.to(logits.device)
+        if not (targets != -100).any():  # no cell of the batch has a known label: no loss (not NaN)
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, targets, ignore_index=-100)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cell_type_index = inputs.pop("cell_type_index", None)  # the collator's, for the auxiliary head only
@@ -123,6 +129,9 @@ class LabelledPositionsLossMixin:
             or self.args.loss_type != "nll"
             or getattr(self, "aux_loss_enabled", False)
         ):
+            if self.cell_type_head is not None and model.training and not return_outputs:
+                raise ValueError("cell_type_head_loss_weight > 0 needs this loss (no label smoothing, custom loss "
+                                 "function or other loss_type); set it to 0 or drop those settings.")
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         next_labels = inputs["labels"][:, 1:]
@@ -138,6 +147,9 @@ class LabelledPositionsLossMixin:
         loss = loss_sum / torch.as_tensor(num_tokens, device=loss_sum.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks; the count spans them
+        if self.cell_type_head is not None and model.training and cell_type_index is None:
+            raise ValueError("cell_type_head_loss_weight > 0 but the batch has no cell_type_index: build the collator "
+                             "with Cell2TextDataCollator(processor, cell_type_index=True).")
         if self.cell_type_head is not None and cell_type_index is not None and model.training:
             loss = loss + self.cell_type_head_loss_weight * self.cell_type_head_loss(
                 outputs, model_inputs["input_ids"], cell_type_index)

@@ -347,7 +347,9 @@ def train_cell_type_stage(args: Cell2TextArguments, training_args: SFTConfig, mo
         load_best_model_at_end=False, resume_from_checkpoint=None,
     )
     stage = Cell2TextSFTTrainer(
-        model=model, args=stage_args, data_collator=Cell2TextDataCollator(processor, cell_type_only=True),
+        model=model, args=stage_args,
+        data_collator=Cell2TextDataCollator(processor, cell_type_only=True,
+                                            cell_type_index=part_settings.get("cell_type_head_loss_weight", 0) > 0),
         train_dataset=train_dataset, processing_class=processor, peft_config=peft_config, **part_settings,
     )
     runtime = stage.train().metrics.get("train_runtime")
