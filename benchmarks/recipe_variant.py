@@ -52,6 +52,20 @@ def recipe_overrides(pairs: list[str]) -> list[str]:
     return arguments
 
 
+def check_resumable(result_path: Path, args: argparse.Namespace) -> None:
+    """Refuse an --out that holds a run, unless --resume is asked and that run had the same changes and folds (its
+    trained models are reused: models of another change would be compared silently)."""
+    if not result_path.exists():
+        return
+    if not args.resume:
+        raise SystemExit(f"{result_path} exists: pass --resume to keep its trained folds, or another --out.")
+    earlier = json.loads(result_path.read_text())
+    if earlier.get("overrides") != args.overrides or Path(earlier.get("folds_dir", "")) != args.folds_dir:
+        raise SystemExit(f"{result_path} was run with --set {' '.join(earlier.get('overrides') or [])} on "
+                         f"{earlier.get('folds_dir')}; --resume reuses its models only for the same --set and "
+                         "--folds-dir: pass another --out.")
+
+
 def validation_cell_types(model_dir: Path, corpus, batch_size: int) -> list[str]:
     """The cell type each validation cell gets by exhaustive scoring of the model's known labels."""
     import torch
@@ -95,8 +109,7 @@ def main() -> None:
         raise SystemExit(f"No trained folds in {args.folds_dir}: run `python benchmarks/quality.py --out "
                          f"{args.folds_dir}` first.")
     result_path = args.out / "recipe_variant.json"
-    if result_path.exists() and not args.resume:
-        raise SystemExit(f"{result_path} exists: pass --resume to keep its trained folds, or another --out.")
+    check_resumable(result_path, args)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     overrides = recipe_overrides(args.overrides)
     benchmark = json.loads((args.folds_dir / "quality_benchmark.json").read_text())
