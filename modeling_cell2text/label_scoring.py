@@ -46,6 +46,17 @@ def cell_type_candidates(processor) -> list[str]:
     return labels
 
 
+def candidate_sentence_tokens(tokenizer, candidates: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """The tokens of the candidates' cell-type sentences: those every sentence starts with ("This sample consists
+    of a"), leaving each candidate at least one token of its own, and each candidate's own tokens after them (its
+    label and the terminating period). Scoring a candidate is scoring its own tokens after the shared ones."""
+    sentences = [tokenizer(cell_type_sentence(c), add_special_tokens=False)["input_ids"] for c in candidates]
+    shared = 0
+    while shared < min(map(len, sentences)) - 1 and len({s[shared] for s in sentences}) == 1:
+        shared += 1
+    return sentences[0][:shared], [s[shared:] for s in sentences]
+
+
 def constrains_by_default(processor) -> bool:
     """Whether the processor knows cell-type labels to constrain to: the pipeline's and CLI's default."""
     return bool(processor.ontology_term_ids.get("cell_type"))
@@ -144,12 +155,9 @@ def score_cell_types(
         raise ValueError(f"max_rows must be >= 1, got {max_rows}.")
     model.eval()
     device = inputs["input_ids"].device
-    sentences = [processor.tokenizer(cell_type_sentence(c), add_special_tokens=False)["input_ids"] for c in candidates]
-    shared = 0  # tokens all candidates share, leaving every candidate at least one token of its own
-    while shared < min(map(len, sentences)) - 1 and len({s[shared] for s in sentences}) == 1:
-        shared += 1
+    shared_tokens, suffixes = candidate_sentence_tokens(processor.tokenizer, candidates)
     n_cells = inputs["input_ids"].shape[0]
-    prefix = torch.tensor(sentences[0][:shared], dtype=inputs["input_ids"].dtype, device=device).expand(n_cells, -1)
+    prefix = torch.tensor(shared_tokens, dtype=inputs["input_ids"].dtype, device=device).expand(n_cells, -1)
     input_ids = torch.cat([inputs["input_ids"], prefix], dim=1)
     attention_mask = torch.cat([inputs["attention_mask"], torch.ones_like(prefix)], dim=1)
     cell_inputs = {k: inputs[k] for k in CELL_INPUT_NAMES if inputs.get(k) is not None}
@@ -157,7 +165,6 @@ def score_cell_types(
                     use_cache=True, logits_to_keep=1, **cell_inputs)
     first_log_probs = prefill.logits[:, -1].float().log_softmax(dim=-1)  # (cells, vocabulary)
 
-    suffixes = [s[shared:] for s in sentences]
     # Each candidate's first own token is scored by the prefill; the rest by running all but its last token on the
     # cached prefix. Candidates of one length go together, so no row is padded.
     log_likelihoods = first_log_probs[:, [s[0] for s in suffixes]].cpu()
@@ -282,5 +289,6 @@ __all__ = [
     "fit_temperature",
     "constrains_by_default",
     "generate_with_cell_type",
+    "candidate_sentence_tokens",
     "score_cell_types",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -569,3 +570,71 @@ def test_the_auxiliary_cell_type_head_adds_its_loss_and_trains_with_the_projecto
         Cell2TextSFTTrainer(model=model, args=settings, train_dataset=corpus["train"], processing_class=processor,
                             projector_learning_rate=1e-3, gene_encoder_learning_rate=1e-5, data_collator=lambda x: x,
                             cell_type_head="tied")
+
+
+def test_the_choice_loss_scores_every_known_label_as_the_decoder_does(parts_and_corpus, tmp_path):
+    """cell_type_choice_loss_weight: the loss adds the cross-entropy of the softmax over the known labels' sentence
+    log-likelihoods, which equal `score_cell_types`' (the decoder's exhaustive reference) on the same cells, and its
+    gradient reaches the projector."""
+    from peft import LoraConfig, get_peft_model
+
+    from modeling_cell2text.label_scoring import score_cell_types
+    from training.collator import Cell2TextDataCollator
+    from training.sft import build_model, build_processor, load_corpus
+
+    lm_dir, corpus_dir = parts_and_corpus
+    args = Cell2TextArguments(corpus_dir=str(corpus_dir), text_model_name_or_path=str(lm_dir), num_cell_tokens=8,
+                              projector_hidden_size=16)
+    corpus, summary = load_corpus(corpus_dir, args)
+    processor = build_processor(args, Path(corpus_dir), summary)
+    encoder_dir = encoder_for_vocabulary(Path(lm_dir).parent / "encoder", processor.feature_extractor, tmp_path / "enc")
+    torch.manual_seed(0)
+    base = build_model(args, str(encoder_dir), processor)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=language_model_lora_targets(base),
+                                            modules_to_save=["multi_modal_projector"]))
+    settings = SFTConfig(output_dir=str(tmp_path), learning_rate=1e-4, bf16=False, use_cpu=True, report_to="none",
+                         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
+                         gradient_checkpointing=False)
+    common = dict(model=model, args=settings, train_dataset=corpus["train"], processing_class=processor,
+                  projector_learning_rate=1e-3, gene_encoder_learning_rate=1e-5, data_collator=lambda x: x)
+    trainer = Cell2TextSFTTrainer(**common, cell_type_choice_loss_weight=0.5)
+    plain = Cell2TextSFTTrainer(**common)
+    labels = sorted(processor.ontology_term_ids["cell_type"])
+    assert len(labels) >= 2
+
+    rows = [corpus["train"][i] for i in range(4)]
+    batch = Cell2TextDataCollator(processor, cell_type_index=True)(rows)
+    model.eval()  # no dropout: the two paths must give the same numbers
+    next_labels = batch["labels"][:, 1:]
+    columns = (next_labels != -100).any(dim=0).nonzero().squeeze(-1)
+    model_inputs = {k: v for k, v in batch.items() if k not in ("labels", "cell_type_index")}
+    outputs = model(**model_inputs, use_cache=True, logits_to_keep=columns)
+    log_likelihoods = trainer.cell_type_choice_log_likelihoods(model, outputs, dict(batch), columns)
+    prompts = processor(gene_input_ids=[row["gene_input_ids"] for row in rows], return_tensors="pt")
+    expected = score_cell_types(model, processor, prompts, labels).log_likelihoods
+    torch.testing.assert_close(log_likelihoods.detach(), expected, atol=1e-4, rtol=1e-4)
+    choice = trainer.cell_type_choice_loss(log_likelihoods, batch["cell_type_index"])
+    torch.testing.assert_close(choice, torch.nn.functional.cross_entropy(expected, batch["cell_type_index"]),
+                               atol=1e-4, rtol=1e-4)
+    choice.backward()
+    projector = [p for name, p in model.named_parameters() if "multi_modal_projector" in name and p.requires_grad]
+    assert projector and any(p.grad is not None and p.grad.abs().sum() > 0 for p in projector)
+    model.zero_grad()
+
+    model.train()
+    torch.manual_seed(0)
+    total = trainer.compute_loss(model, dict(batch))
+    torch.manual_seed(0)
+    text_only = plain.compute_loss(model, {k: v for k, v in batch.items() if k != "cell_type_index"})
+    assert total > text_only
+    # the choice loss needs each cell's label, and the cell-type sentence in the targets
+    with pytest.raises(ValueError, match="cell_type_index=True"):
+        trainer.compute_loss(model, {k: v for k, v in batch.items() if k != "cell_type_index"})
+    labels_only = Cell2TextDataCollator(processor, cell_type_index=True, labels_only=True)(rows)
+    with pytest.raises(ValueError, match="loss_on_labels_only"):
+        trainer.compute_loss(model, dict(labels_only))
+    assert float(trainer.cell_type_choice_loss(expected, torch.full((4,), -100))) == 0.0
+    with pytest.raises(ValueError, match="gradient checkpointing"):  # it would turn the cache off
+        Cell2TextSFTTrainer(**{**common, "args": dataclasses.replace(settings, gradient_checkpointing=True,
+                                                                   activation_checkpointing=True)},
+                            cell_type_choice_loss_weight=0.5)

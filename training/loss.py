@@ -21,6 +21,13 @@ the projector's learning rate, and not saved: it only shapes what the projector 
 `cell_type_head="label_embeddings"` the head is not learnt: its logits are the cosine similarities (times a learnt
 scale) between the mean projected token and each label name's mean input embedding in the LLM, so the projector is
 pushed to hand the LLM a cell that looks like its label's words, which the LLM then only has to copy.
+
+`cell_type_choice_loss_weight` (default 0: off) adds the loss of the choice the decoder makes: the cross-entropy of
+the softmax over the known labels' cell-type sentences, each scored by its total log-likelihood after the cell's
+prompt (`label_scoring.score_cell_types`, the exhaustive reference of the schema decoder). The text loss raises the
+true label's likelihood; this one also lowers the other labels' for the same cell (discriminative training of the
+generative choice, as a head's cross-entropy does for a head). The candidates' tokens run on the training forward's
+own KV cache of each prompt, so a step costs (cells x labels) rows of a label's few tokens more.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from modeling_cell2text.label_scoring import _cache_rows, candidate_sentence_tokens
 from training.collator import cell_type_label_order
 
 
@@ -56,7 +64,7 @@ class LabelledPositionsLossMixin:
     """
 
     def __init__(self, *args, cell_type_loss_weight: float = 1.0, cell_type_head_loss_weight: float = 0.0,
-                 cell_type_head: str = "linear", **kwargs):
+                 cell_type_head: str = "linear", cell_type_choice_loss_weight: float = 0.0, **kwargs):
         if cell_type_head not in ("linear", "label_embeddings"):
             raise ValueError(f"cell_type_head must be 'linear' or 'label_embeddings', got {cell_type_head!r}.")
         self.cell_type_head_kind = cell_type_head
@@ -64,12 +72,18 @@ class LabelledPositionsLossMixin:
             raise ValueError(f"cell_type_loss_weight must be > 0, got {cell_type_loss_weight}.")
         if cell_type_head_loss_weight < 0:
             raise ValueError(f"cell_type_head_loss_weight must be >= 0, got {cell_type_head_loss_weight}.")
+        if cell_type_choice_loss_weight < 0:
+            raise ValueError(f"cell_type_choice_loss_weight must be >= 0, got {cell_type_choice_loss_weight}.")
         self.cell_type_loss_weight = float(cell_type_loss_weight)
         self.cell_type_head_loss_weight = float(cell_type_head_loss_weight)
+        self.cell_type_choice_loss_weight = float(cell_type_choice_loss_weight)
         self.cell_type_head = None
+        self._choice_tokens = None
         super().__init__(*args, **kwargs)
         if self.cell_type_head_loss_weight > 0:
             self.cell_type_head = self._new_cell_type_head()
+        if self.cell_type_choice_loss_weight > 0:
+            self._choice_tokens = self._cell_type_choice_tokens()
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         vocabulary = tokenizer.get_vocab()
         self._period_token_ids = torch.tensor(sorted(i for token, i in vocabulary.items() if "." in token))
@@ -105,6 +119,79 @@ class LabelledPositionsLossMixin:
                                             device=device)).mean(dim=0) for label in labels]
         return LabelEmbeddingHead(torch.stack(rows)).to(device)
 
+    def _cell_type_choice_tokens(self) -> dict[str, torch.Tensor]:
+        """The known labels' sentence tokens (in `cell_type_label_order`, the classes of `cell_type_index`): the
+        tokens they share, each label's first own token, and the rest right-padded with their mask."""
+        if self.args.world_size > 1:
+            raise ValueError("cell_type_choice_loss_weight > 0 is implemented for one process only (it runs the model "
+                             "twice a step, which DDP does not allow); set it to 0.")
+        if getattr(self.args, "activation_checkpointing", None) or self.args.gradient_checkpointing:
+            raise ValueError("cell_type_choice_loss_weight > 0 reads the training forward's KV cache, which gradient "
+                             "checkpointing turns off; set gradient_checkpointing=False or the weight to 0.")
+        labels = cell_type_label_order(self.processing_class) if hasattr(self.processing_class,
+                                                                          "ontology_term_ids") else []
+        if len(labels) < 2:
+            raise ValueError("cell_type_choice_loss_weight > 0 needs a processor that knows at least two cell-type "
+                             "labels (processor.ontology_term_ids['cell_type']); set it to 0.")
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        shared, own = candidate_sentence_tokens(tokenizer, labels)
+        width = max(map(len, own))
+        rest = torch.zeros((len(own), width), dtype=torch.long)
+        for j, tokens in enumerate(own):
+            rest[j, : len(tokens)] = torch.tensor(tokens)
+        return {"shared": torch.tensor(shared, dtype=torch.long), "rest": rest,
+                "rest_mask": torch.arange(width)[None, :] < torch.tensor([len(t) for t in own])[:, None]}
+
+    def cell_type_choice_log_likelihoods(self, model, outputs, inputs: dict, columns: torch.Tensor) -> torch.Tensor:
+        """(rows, known labels): each label's cell-type sentence log-likelihood after each row's prompt, as
+        `score_cell_types` scores it, with gradients. Each candidate's first own token is scored by the training
+        forward's logits (`outputs`, kept at `columns`); its other tokens run on that forward's KV cache, cut for each
+        row just before its label (rows are right-padded). The cache is cut in place."""
+        device = inputs["input_ids"].device
+        tokens = {name: value.to(device) for name, value in self._choice_tokens.items()}
+        labels = inputs["labels"]
+        n_rows, n_candidates = labels.shape[0], tokens["rest"].shape[0]
+        shared = tokens["shared"]
+        starts = (labels != -100).int().argmax(dim=1)  # each row's first target token: the description's first
+        spans = starts[:, None] + torch.arange(len(shared), device=device)
+        if len(shared) and (spans.max() >= labels.shape[1]
+                            or not (labels.gather(1, spans.clamp(max=labels.shape[1] - 1)) == shared).all()):
+            raise ValueError("cell_type_choice_loss_weight > 0 needs targets that open with the cell-type sentence "
+                             '("This sample consists of a ...") as the tokenizer writes it alone, which '
+                             "loss_on_labels_only drops from the targets; set one of them off.")
+        label_starts = starts + len(shared)  # the position of each row's first label token
+        at = torch.searchsorted(columns, label_starts - 1)  # the forward's logits column that predicts it
+        first = outputs.logits[torch.arange(n_rows, device=device), at].float().log_softmax(dim=-1)
+        log_likelihoods = first[:, tokens["rest"][:, 0]]  # (rows, candidates)
+        if tokens["rest"].shape[1] > 1:
+            cache = outputs.cache
+            if cache is None:
+                raise ValueError("cell_type_choice_loss_weight > 0 needs the model's KV cache from the training "
+                                 "forward (use_cache); this model returned none.")
+            kept = int(label_starts.max())
+            if cache.get_seq_length() > kept:
+                cache.crop(kept - cache.get_seq_length())  # negative: the tokens to remove
+            rows = torch.arange(n_rows, device=device).repeat_interleave(n_candidates)
+            ids = tokens["rest"].repeat(n_rows, 1)  # (rows x candidates, width)
+            before = (torch.arange(kept, device=device)[None, :] < label_starts[:, None]) & \
+                inputs["attention_mask"][:, :kept].bool()
+            attention_mask = torch.cat([before[rows], torch.ones_like(ids[:, :-1], dtype=torch.bool)], dim=1)
+            positions = label_starts[rows][:, None] + torch.arange(ids.shape[1] - 1, device=device)
+            logits = model(input_ids=ids[:, :-1], attention_mask=attention_mask.long(), position_ids=positions,
+                           cache=_cache_rows(cache, rows), use_cache=True).logits
+            rest = logits.float().log_softmax(dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+            rest = (rest * tokens["rest_mask"][:, 1:].repeat(n_rows, 1)).sum(dim=1)
+            log_likelihoods = log_likelihoods + rest.view(n_rows, n_candidates)
+        return log_likelihoods
+
+    def cell_type_choice_loss(self, log_likelihoods: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the softmax over the known labels' sentence log-likelihoods (`targets`: each row's
+        `cell_type_index`, -100 for a label the processor does not know)."""
+        targets = targets.to(log_likelihoods.device)
+        if not (targets != -100).any():  # no cell of the batch has a known label: no loss (not NaN)
+            return log_likelihoods.sum() * 0.0
+        return F.cross_entropy(log_likelihoods, targets, ignore_index=-100)
+
     def cell_type_head_loss(self, outputs, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the head on each cell's mean projected token (cells are in the batch's row order)."""
         model = self.accelerator.unwrap_model(self.model)
@@ -129,16 +216,19 @@ class LabelledPositionsLossMixin:
             or self.args.loss_type != "nll"
             or getattr(self, "aux_loss_enabled", False)
         ):
-            if self.cell_type_head is not None and model.training and not return_outputs:
-                raise ValueError("cell_type_head_loss_weight > 0 needs this loss (no label smoothing, custom loss "
-                                 "function or other loss_type); set it to 0 or drop those settings.")
+            if (self.cell_type_head is not None or self._choice_tokens is not None) and model.training \
+                    and not return_outputs:
+                raise ValueError("cell_type_head_loss_weight or cell_type_choice_loss_weight > 0 needs this loss (no "
+                                 "label smoothing, custom loss function or other loss_type); set it to 0 or drop those "
+                                 "settings.")
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         next_labels = inputs["labels"][:, 1:]
         labelled = next_labels != -100
         columns = labelled.any(dim=0).nonzero().squeeze(-1)  # positions whose next token is scored in some row
         model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
-        outputs = model(**model_inputs, use_cache=False, logits_to_keep=columns)
+        choice_loss = self._choice_tokens is not None and model.training
+        outputs = model(**model_inputs, use_cache=choice_loss, logits_to_keep=columns)
         targets = next_labels[:, columns]
         logits = outputs.logits.float()
         token_losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
@@ -147,9 +237,14 @@ class LabelledPositionsLossMixin:
         loss = loss_sum / torch.as_tensor(num_tokens, device=loss_sum.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks; the count spans them
-        if self.cell_type_head is not None and model.training and cell_type_index is None:
-            raise ValueError("cell_type_head_loss_weight > 0 but the batch has no cell_type_index: build the collator "
-                             "with Cell2TextDataCollator(processor, cell_type_index=True).")
+        if (self.cell_type_head is not None or choice_loss) and model.training and cell_type_index is None:
+            raise ValueError("cell_type_head_loss_weight or cell_type_choice_loss_weight > 0 but the batch has no "
+                             "cell_type_index: build the collator with Cell2TextDataCollator(processor, "
+                             "cell_type_index=True).")
+        if choice_loss:
+            log_likelihoods = self.cell_type_choice_log_likelihoods(model, outputs, inputs, columns)
+            loss = loss + self.cell_type_choice_loss_weight * self.cell_type_choice_loss(log_likelihoods,
+                                                                                       cell_type_index)
         if self.cell_type_head is not None and cell_type_index is not None and model.training:
             loss = loss + self.cell_type_head_loss_weight * self.cell_type_head_loss(
                 outputs, model_inputs["input_ids"], cell_type_index)

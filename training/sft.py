@@ -115,6 +115,11 @@ class Cell2TextArguments(LoraArguments):
         metadata={"help": "The auxiliary head: 'linear' (learnt) or 'label_embeddings' (cosine similarity with each "
                   "label name's embedding in the LLM: training/loss.py)."},
     )
+    cell_type_choice_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the loss of the decoder's choice: cross-entropy of the softmax over the known "
+                  "labels' cell-type sentences scored by the model (training/loss.py). 0: off."},
+    )
     loss_on_labels_only: bool = field(
         default=False,
         metadata={"help": "Put the loss on the tokens of the labels a description states only (what the "
@@ -334,6 +339,12 @@ class CellTypeStage:
     runtime: float | None = None
 
 
+def needs_cell_type_index(part_settings: dict) -> bool:
+    """Whether the trainer's losses read each cell's `cell_type_index` (the auxiliary head's, the choice's)."""
+    return part_settings.get("cell_type_head_loss_weight", 0) > 0 or part_settings.get("cell_type_choice_loss_weight",
+                                                                                          0) > 0
+
+
 def train_cell_type_stage(args: Cell2TextArguments, training_args: SFTConfig, model, processor, train_dataset,
                           peft_config, part_settings: dict) -> CellTypeStage | None:
     """Stage 1 (LLaVA-style): the projector and LoRA learn to name the cell type from the cell tokens, on the
@@ -349,7 +360,7 @@ def train_cell_type_stage(args: Cell2TextArguments, training_args: SFTConfig, mo
     stage = Cell2TextSFTTrainer(
         model=model, args=stage_args,
         data_collator=Cell2TextDataCollator(processor, cell_type_only=True,
-                                            cell_type_index=part_settings.get("cell_type_head_loss_weight", 0) > 0),
+                                            cell_type_index=needs_cell_type_index(part_settings)),
         train_dataset=train_dataset, processing_class=processor, peft_config=peft_config, **part_settings,
     )
     runtime = stage.train().metrics.get("train_runtime")
@@ -412,6 +423,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         "cell_type_loss_weight": args.cell_type_loss_weight,
         "cell_type_head_loss_weight": args.cell_type_head_loss_weight,
         "cell_type_head": args.cell_type_head,
+        "cell_type_choice_loss_weight": args.cell_type_choice_loss_weight,
     }
 
     # 3. Training: the optional cell-type stage, then whole descriptions.
@@ -422,7 +434,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         model=model,
         args=training_args,
         data_collator=Cell2TextDataCollator(processor, labels_only=args.loss_on_labels_only,
-                                            cell_type_index=args.cell_type_head_loss_weight > 0),
+                                            cell_type_index=needs_cell_type_index(part_settings)),
         train_dataset=corpus["train"],
         eval_dataset=corpus["validation"] if training_args.eval_strategy != "no" else None,
         processing_class=processor,
