@@ -99,7 +99,8 @@ class Cell2TextPipeline(Pipeline):
     Wherever the processor knows the training corpus's cell-type labels (`constrained=True`, the default then;
     `schema_decoding.py`), every field is chosen among the labels the processor learnt (each with its ontology id),
     the template words and the cell type's definition are written by the code, and every description parses;
-    `<field>_score` is each chosen label's probability. `constrained=False` lets the model write the whole
+    `<field>_score` is each chosen label's probability and `exact_choice` whether every label is proven the most
+    likely of its options (False only where a search over a large label set was cut to a beam). `constrained=False` lets the model write the whole
     description freely (scores None); `num_beams` (default 2) sets the constrained search's width (partial
     options extended per cell and model call).
 

@@ -546,10 +546,13 @@ def schema_results(processor, described: SchemaDescriptions) -> list[dict]:
 
     `parsed` says whether the text also reads back into the same fields; it is False only where a label holds the
     template's own punctuation (a few ontology labels contain a period, e.g. "St. Louis encephalitis"), and the
-    fields are the chosen ones either way."""
+    fields are the chosen ones either way. `exact_choice` says whether every field's label is proven the most likely
+    of its options under the model; it is False only where a search over a large label set was cut to a beam
+    (`SchemaDescriptions.not_exact`)."""
     definitions = getattr(processor, "cell_type_definitions", None) or {}
     results = []
-    for text, labels, scores in zip(described.texts, described.labels, described.scores):
+    not_exact = described.not_exact or [[] for _ in described.texts]
+    for text, labels, scores, unproven in zip(described.texts, described.labels, described.scores, not_exact):
         cell_type = labels.get("cell_type")
         definition = definitions.get(cell_type)
         chosen = CellDescription(
@@ -562,7 +565,7 @@ def schema_results(processor, described: SchemaDescriptions) -> list[dict]:
         for name in ONTOLOGY_FIELDS:
             label = fields.get(name)
             fields[f"{name}_ontology_term_id"] = processor.ontology_term_ids.get(name, {}).get(label) if label else None
-        result = {"description": text, "parsed": parsed, **fields}
+        result = {"description": text, "parsed": parsed, "exact_choice": not unproven, **fields}
         for name in ("cell_type", "tissue", "sex", "disease", "age_group"):
             result[f"{name}_score"] = scores.get(name)
         pathway_scores = [scores[k] for k in ("pathway_1", "pathway_2") if k in scores]

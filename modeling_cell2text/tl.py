@@ -240,7 +240,8 @@ def describe(
     Columns, by position (so duplicated obs_names are fine): `{key_added}_description` (str), `{key_added}_parsed`
     (bool), `{key_added}_<field>` for cell_type, cell_type_definition, tissue, sex, disease, age_group and pathways
     ("; "-joined) and `{key_added}_<field>_ontology_term_id`, as categoricals (missing where a field is absent or a
-    cell was skipped), plus `{key_added}_<field>_score` (float) for each field the constrained decoder chose.
+    cell was skipped), plus `{key_added}_<field>_score` (float) for each field the constrained decoder chose and
+    `{key_added}_exact_choice` (bool: every label proven the most likely of its options; `schema_results`).
     `adata.uns[key_added]` records the model (path or repo id), its revision (Hub commit or sha256 of the weights),
     the processor's gene vocabulary checksum (`gene_vocabulary_sha256`), the package version and the parameters.
 
@@ -349,7 +350,7 @@ def annotation_columns(results: Sequence[dict | None], key_added: str) -> dict[s
         if key == "description":
             columns[f"{key_added}_{key}"] = np.array(["" if v is None else v.replace("\x00", "\ufffd")
                                                        for v in values], dtype=object)
-        elif key == "parsed":
+        elif key in ("parsed", "exact_choice"):
             columns[f"{key_added}_{key}"] = np.array([bool(v) for v in values])
         elif key.endswith("_score"):
             columns[f"{key_added}_{key}"] = np.array([np.nan if v is None else float(v) for v in values])

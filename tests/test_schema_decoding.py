@@ -156,6 +156,9 @@ def test_model_calls_do_not_grow_with_the_number_of_labels(random_model_and_proc
     assert any("cell_type" in not_exact for not_exact in narrow.not_exact)
     for chosen, not_exact, best in zip(narrow.labels, narrow.not_exact, exhaustive.labels):
         assert chosen["cell_type"] == best or "cell_type" in not_exact
+    # the pipeline's results (and tl's obs) say which cells' choices are not proven
+    assert [r["exact_choice"] for r in schema_results(processor, narrow)] == [not c for c in narrow.not_exact]
+    assert not all(r["exact_choice"] for r in schema_results(processor, narrow))
     processor.ontology_term_ids = {**processor.ontology_term_ids, "cell_type": CELL_TYPES}
     assert len(many) == 300
     # 30x the labels; exhaustive scoring runs 30x the label tokens. (A trained model's search stops far sooner than
