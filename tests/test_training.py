@@ -501,85 +501,11 @@ def test_a_missing_local_corpus_folder_is_not_taken_for_a_hub_id(tmp_path, monke
         open_corpus("outputs/corpus")
 
 
-def test_the_auxiliary_cell_type_head_adds_its_loss_and_trains_with_the_projector(parts_and_corpus, tmp_path):
-    """cell_type_head_loss_weight: the loss is the text loss plus the weighted cross-entropy of a linear head on each
-    cell's mean projected token; the head is in the optimizer at the projector's learning rate."""
+def peft_model_and_trainer_settings(parts_and_corpus, tmp_path):
+    """A tiny PEFT Cell2Text model on the tiny corpus, its processor and corpus, and the trainer's keyword arguments
+    for it (the losses' tests)."""
     from peft import LoraConfig, get_peft_model
 
-    from training.collator import Cell2TextDataCollator
-    from training.sft import build_model, build_processor, load_corpus
-
-    lm_dir, corpus_dir = parts_and_corpus
-    args = Cell2TextArguments(corpus_dir=str(corpus_dir), text_model_name_or_path=str(lm_dir), num_cell_tokens=8,
-                              projector_hidden_size=16)
-    corpus, summary = load_corpus(corpus_dir, args)
-    processor = build_processor(args, Path(corpus_dir), summary)
-    encoder_dir = encoder_for_vocabulary(Path(lm_dir).parent / "encoder", processor.feature_extractor, tmp_path / "enc")
-    model = get_peft_model(build_model(args, str(encoder_dir), processor), LoraConfig(
-        r=2, target_modules=language_model_lora_targets(build_model(args, str(encoder_dir), processor)),
-        modules_to_save=["multi_modal_projector"]))
-    settings = SFTConfig(output_dir=str(tmp_path), learning_rate=1e-4, bf16=False, use_cpu=True, report_to="none",
-                         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})
-    trainer = Cell2TextSFTTrainer(model=model, args=settings, train_dataset=corpus["train"],
-                                  processing_class=processor, projector_learning_rate=1e-3,
-                                  gene_encoder_learning_rate=1e-5, data_collator=lambda x: x,
-                                  cell_type_head_loss_weight=0.5)
-    labels = sorted(processor.ontology_term_ids["cell_type"])
-    assert trainer.cell_type_head.out_features == len(labels) >= 2
-    head_rates = {group["lr"] for group in trainer.create_optimizer().param_groups
-                  if any(p is trainer.cell_type_head.weight for p in group["params"])}
-    assert head_rates == {1e-3}
-    assert sum(p is trainer.cell_type_head.weight or p is trainer.cell_type_head.bias
-               for group in trainer.create_optimizer().param_groups for p in group["params"]) == 2
-
-    rows = [corpus["train"][i] for i in range(4)]
-    batch = Cell2TextDataCollator(processor, cell_type_index=True)(rows)
-    assert batch["cell_type_index"].tolist() == [labels.index(row["cell_type"]) for row in rows]
-    model.train()
-    torch.manual_seed(0)
-    with_head = trainer.compute_loss(model, dict(batch))
-    plain = Cell2TextSFTTrainer(model=model, args=settings, train_dataset=corpus["train"], processing_class=processor,
-                                projector_learning_rate=1e-3, gene_encoder_learning_rate=1e-5,
-                                data_collator=lambda x: x)
-    torch.manual_seed(0)
-    text_only = plain.compute_loss(model, {k: v for k, v in batch.items() if k != "cell_type_index"})
-    torch.manual_seed(0)
-    outputs = model(**{k: v for k, v in batch.items() if k not in ("labels", "cell_type_index")})
-    head = trainer.cell_type_head_loss(outputs, batch["input_ids"], batch["cell_type_index"])
-    assert head > 0
-    torch.testing.assert_close(with_head, text_only + 0.5 * head)
-
-    # a batch without the head's targets is refused in training (the head would silently not train), and a batch
-    # whose cells all have unknown labels adds no loss rather than NaN
-    with pytest.raises(ValueError, match="cell_type_index=True"):
-        trainer.compute_loss(model, {k: v for k, v in batch.items() if k != "cell_type_index"})
-    unknown = trainer.cell_type_head_loss(outputs, batch["input_ids"], torch.full_like(batch["cell_type_index"], -100))
-    assert float(unknown) == 0.0
-
-    # the label-embedding head: fixed label directions from the LLM's input embeddings, a learnt scale
-    tied = Cell2TextSFTTrainer(model=model, args=settings, train_dataset=corpus["train"], processing_class=processor,
-                               projector_learning_rate=1e-3, gene_encoder_learning_rate=1e-5,
-                               data_collator=lambda x: x, cell_type_head_loss_weight=0.5,
-                               cell_type_head="label_embeddings")
-    assert [p.numel() for p in tied.cell_type_head.parameters()] == [1]
-    first = processor.tokenizer(" " + labels[0], add_special_tokens=False)["input_ids"]
-    expected = model.get_input_embeddings().weight[first].mean(dim=0)
-    torch.testing.assert_close(tied.cell_type_head.labels[0], torch.nn.functional.normalize(expected, dim=0))
-    assert any(p is tied.cell_type_head.scale for group in tied.create_optimizer().param_groups for p in group["params"])
-    with pytest.raises(ValueError, match="'linear' or 'label_embeddings'"):
-        Cell2TextSFTTrainer(model=model, args=settings, train_dataset=corpus["train"], processing_class=processor,
-                            projector_learning_rate=1e-3, gene_encoder_learning_rate=1e-5, data_collator=lambda x: x,
-                            cell_type_head="tied")
-
-
-def test_the_choice_loss_scores_every_known_label_as_the_decoder_does(parts_and_corpus, tmp_path):
-    """cell_type_choice_loss_weight: the loss adds the cross-entropy of the softmax over the known labels' sentence
-    log-likelihoods, which equal `score_cell_types`' (the decoder's exhaustive reference) on the same cells, and its
-    gradient reaches the projector."""
-    from peft import LoraConfig, get_peft_model
-
-    from modeling_cell2text.label_scoring import score_cell_types
-    from training.collator import Cell2TextDataCollator
     from training.sft import build_model, build_processor, load_corpus
 
     lm_dir, corpus_dir = parts_and_corpus
@@ -597,6 +523,66 @@ def test_the_choice_loss_scores_every_known_label_as_the_decoder_does(parts_and_
                          gradient_checkpointing=False)
     common = dict(model=model, args=settings, train_dataset=corpus["train"], processing_class=processor,
                   projector_learning_rate=1e-3, gene_encoder_learning_rate=1e-5, data_collator=lambda x: x)
+    return model, processor, corpus, common
+
+
+def test_the_auxiliary_cell_type_head_adds_its_loss_and_trains_with_the_projector(parts_and_corpus, tmp_path):
+    """cell_type_head_loss_weight: the loss is the text loss plus the weighted cross-entropy of a linear head on each
+    cell's mean projected token; the head is in the optimizer at the projector's learning rate."""
+    from training.collator import Cell2TextDataCollator
+
+    model, processor, corpus, common = peft_model_and_trainer_settings(parts_and_corpus, tmp_path)
+    trainer = Cell2TextSFTTrainer(**common, cell_type_head_loss_weight=0.5)
+    labels = sorted(processor.ontology_term_ids["cell_type"])
+    assert trainer.cell_type_head.out_features == len(labels) >= 2
+    head_rates = {group["lr"] for group in trainer.create_optimizer().param_groups
+                  if any(p is trainer.cell_type_head.weight for p in group["params"])}
+    assert head_rates == {1e-3}
+    assert sum(p is trainer.cell_type_head.weight or p is trainer.cell_type_head.bias
+               for group in trainer.create_optimizer().param_groups for p in group["params"]) == 2
+
+    rows = [corpus["train"][i] for i in range(4)]
+    batch = Cell2TextDataCollator(processor, cell_type_index=True)(rows)
+    assert batch["cell_type_index"].tolist() == [labels.index(row["cell_type"]) for row in rows]
+    model.train()
+    torch.manual_seed(0)
+    with_head = trainer.compute_loss(model, dict(batch))
+    plain = Cell2TextSFTTrainer(**common)
+    torch.manual_seed(0)
+    text_only = plain.compute_loss(model, {k: v for k, v in batch.items() if k != "cell_type_index"})
+    torch.manual_seed(0)
+    outputs = model(**{k: v for k, v in batch.items() if k not in ("labels", "cell_type_index")})
+    head = trainer.cell_type_head_loss(outputs, batch["input_ids"], batch["cell_type_index"])
+    assert head > 0
+    torch.testing.assert_close(with_head, text_only + 0.5 * head)
+
+    # a batch without the head's targets is refused in training (the head would silently not train), and a batch
+    # whose cells all have unknown labels adds no loss rather than NaN
+    with pytest.raises(ValueError, match="cell_type_index=True"):
+        trainer.compute_loss(model, {k: v for k, v in batch.items() if k != "cell_type_index"})
+    unknown = trainer.cell_type_head_loss(outputs, batch["input_ids"], torch.full_like(batch["cell_type_index"], -100))
+    assert float(unknown) == 0.0
+
+    # the label-embedding head: fixed label directions from the LLM's input embeddings, a learnt scale
+    tied = Cell2TextSFTTrainer(**common, cell_type_head_loss_weight=0.5, cell_type_head="label_embeddings")
+    assert [p.numel() for p in tied.cell_type_head.parameters()] == [1]
+    first = processor.tokenizer(" " + labels[0], add_special_tokens=False)["input_ids"]
+    expected = model.get_input_embeddings().weight[first].mean(dim=0)
+    torch.testing.assert_close(tied.cell_type_head.labels[0], torch.nn.functional.normalize(expected, dim=0))
+    assert any(p is tied.cell_type_head.scale for group in tied.create_optimizer().param_groups for p in group["params"])
+    with pytest.raises(ValueError, match="'linear' or 'label_embeddings'"):
+        Cell2TextSFTTrainer(**common, cell_type_head="tied")
+
+
+def test_the_choice_loss_scores_every_known_label_as_the_decoder_does(parts_and_corpus, tmp_path):
+    """cell_type_choice_loss_weight: the loss adds the cross-entropy of the softmax over the known labels' sentence
+    log-likelihoods, which equal `score_cell_types`' (the decoder's exhaustive reference) on the same cells, and its
+    gradient reaches the projector."""
+    from modeling_cell2text.label_scoring import score_cell_types
+    from training.collator import Cell2TextDataCollator
+
+    model, processor, corpus, common = peft_model_and_trainer_settings(parts_and_corpus, tmp_path)
+    settings = common["args"]
     trainer = Cell2TextSFTTrainer(**common, cell_type_choice_loss_weight=0.5)
     plain = Cell2TextSFTTrainer(**common)
     labels = sorted(processor.ontology_term_ids["cell_type"])

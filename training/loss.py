@@ -98,16 +98,22 @@ class LabelledPositionsLossMixin:
         in_first_sentence = labelled & (is_period.cumsum(dim=1) - is_period.long() == 0)
         return labelled.float() + in_first_sentence.float() * (self.cell_type_loss_weight - 1.0)
 
-    def _new_cell_type_head(self) -> torch.nn.Module:
-        """The auxiliary head: text width -> the processor's cell-type labels (the collator's `cell_type_index`)."""
+    def _single_process_cell_type_labels(self, option: str, why_one_process: str) -> list[str]:
+        """The processor's cell-type labels in `cell_type_index` order, for a loss `option` that needs at least two of
+        them and one process."""
         if self.args.world_size > 1:
-            raise ValueError("cell_type_head_loss_weight > 0 is implemented for one process only (the head is not "
-                             "part of the model, so DDP would not average its gradients); set it to 0.")
+            raise ValueError(f"{option} > 0 is implemented for one process only ({why_one_process}); set it to 0.")
         labels = cell_type_label_order(self.processing_class) if hasattr(self.processing_class,
                                                                           "ontology_term_ids") else []
         if len(labels) < 2:
-            raise ValueError("cell_type_head_loss_weight > 0 needs a processor that knows at least two cell-type "
-                             "labels (processor.ontology_term_ids['cell_type']); set it to 0.")
+            raise ValueError(f"{option} > 0 needs a processor that knows at least two cell-type labels "
+                             "(processor.ontology_term_ids['cell_type']); set it to 0.")
+        return labels
+
+    def _new_cell_type_head(self) -> torch.nn.Module:
+        """The auxiliary head: text width -> the processor's cell-type labels (the collator's `cell_type_index`)."""
+        labels = self._single_process_cell_type_labels("cell_type_head_loss_weight", "the head is not part of the "
+                                                       "model, so DDP would not average its gradients")
         model = self.accelerator.unwrap_model(self.model)
         device = next(model.parameters()).device
         if self.cell_type_head_kind == "linear":
@@ -122,17 +128,11 @@ class LabelledPositionsLossMixin:
     def _cell_type_choice_tokens(self) -> dict[str, torch.Tensor]:
         """The known labels' sentence tokens (in `cell_type_label_order`, the classes of `cell_type_index`): the
         tokens they share, each label's first own token, and the rest right-padded with their mask."""
-        if self.args.world_size > 1:
-            raise ValueError("cell_type_choice_loss_weight > 0 is implemented for one process only (it runs the model "
-                             "twice a step, which DDP does not allow); set it to 0.")
         if getattr(self.args, "activation_checkpointing", None) or self.args.gradient_checkpointing:
             raise ValueError("cell_type_choice_loss_weight > 0 reads the training forward's KV cache, which gradient "
                              "checkpointing turns off; set gradient_checkpointing=False or the weight to 0.")
-        labels = cell_type_label_order(self.processing_class) if hasattr(self.processing_class,
-                                                                          "ontology_term_ids") else []
-        if len(labels) < 2:
-            raise ValueError("cell_type_choice_loss_weight > 0 needs a processor that knows at least two cell-type "
-                             "labels (processor.ontology_term_ids['cell_type']); set it to 0.")
+        labels = self._single_process_cell_type_labels("cell_type_choice_loss_weight", "it runs the model twice a "
+                                                       "step, which DDP does not allow")
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         shared, own = candidate_sentence_tokens(tokenizer, labels)
         width = max(map(len, own))
