@@ -26,8 +26,9 @@ pushed to hand the LLM a cell that looks like its label's words, which the LLM t
 the softmax over the known labels' cell-type sentences, each scored by its total log-likelihood after the cell's
 prompt (`label_scoring.score_cell_types`, the exhaustive reference of the schema decoder). The text loss raises the
 true label's likelihood; this one also lowers the other labels' for the same cell (discriminative training of the
-generative choice, as a head's cross-entropy does for a head). The candidates' tokens run on the training forward's
-own KV cache of each prompt, so a step costs (cells x labels) rows of a label's few tokens more.
+generative choice, as a head's cross-entropy does for a head). The labels' tokens run on the training forward's own
+KV cache of each prompt, as one prefix tree per cell (tree attention), so a step costs one row per cell of the
+tree's tokens more (88 tokens for the demo's 10 labels).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from modeling_cell2text.label_scoring import _cache_rows, candidate_sentence_tokens
+from modeling_cell2text.label_scoring import candidate_sentence_tokens
+from modeling_cell2text.schema_decoding import OptionTree
 from training.collator import cell_type_label_order
 
 
@@ -78,12 +80,12 @@ class LabelledPositionsLossMixin:
         self.cell_type_head_loss_weight = float(cell_type_head_loss_weight)
         self.cell_type_choice_loss_weight = float(cell_type_choice_loss_weight)
         self.cell_type_head = None
-        self._choice_tokens = None
+        self._choice_tree = None
         super().__init__(*args, **kwargs)
         if self.cell_type_head_loss_weight > 0:
             self.cell_type_head = self._new_cell_type_head()
         if self.cell_type_choice_loss_weight > 0:
-            self._choice_tokens = self._cell_type_choice_tokens()
+            self._choice_tree = self._cell_type_choice_tree()
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         vocabulary = tokenizer.get_vocab()
         self._period_token_ids = torch.tensor(sorted(i for token, i in vocabulary.items() if "." in token))
@@ -125,9 +127,9 @@ class LabelledPositionsLossMixin:
                                             device=device)).mean(dim=0) for label in labels]
         return LabelEmbeddingHead(torch.stack(rows)).to(device)
 
-    def _cell_type_choice_tokens(self) -> dict[str, torch.Tensor]:
-        """The known labels' sentence tokens (in `cell_type_label_order`, the classes of `cell_type_index`): the
-        tokens they share, each label's first own token, and the rest right-padded with their mask."""
+    def _cell_type_choice_tree(self) -> dict:
+        """The known labels' sentences (in `cell_type_label_order`, the classes of `cell_type_index`): the tokens they
+        share, a prefix tree over each label's own tokens, and the tree node where each label ends."""
         if getattr(self.args, "activation_checkpointing", None) or self.args.gradient_checkpointing:
             raise ValueError("cell_type_choice_loss_weight > 0 reads the training forward's KV cache, which gradient "
                              "checkpointing turns off; set gradient_checkpointing=False or the weight to 0.")
@@ -135,23 +137,25 @@ class LabelledPositionsLossMixin:
                                                        "step, which DDP does not allow")
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         shared, own = candidate_sentence_tokens(tokenizer, labels)
-        width = max(map(len, own))
-        rest = torch.zeros((len(own), width), dtype=torch.long)
-        for j, tokens in enumerate(own):
-            rest[j, : len(tokens)] = torch.tensor(tokens)
-        return {"shared": torch.tensor(shared, dtype=torch.long), "rest": rest,
-                "rest_mask": torch.arange(width)[None, :] < torch.tensor([len(t) for t in own])[:, None]}
+        tree = OptionTree(own)
+        ends = [0] * len(own)
+        for node, options in enumerate(tree.ends):
+            for option in options:
+                ends[option] = node
+        return {"shared": torch.tensor(shared, dtype=torch.long), "tree": tree, "ends": torch.tensor(ends)}
 
     def cell_type_choice_log_likelihoods(self, model, outputs, inputs: dict, columns: torch.Tensor) -> torch.Tensor:
         """(rows, known labels): each label's cell-type sentence log-likelihood after each row's prompt, as
-        `score_cell_types` scores it, with gradients. Each candidate's first own token is scored by the training
-        forward's logits (`outputs`, kept at `columns`); its other tokens run on that forward's KV cache, cut for each
-        row just before its label (rows are right-padded). The cache is cut in place."""
+        `score_cell_types` scores it, with gradients. Each label's first own token is scored by the training forward's
+        logits (`outputs`, kept at `columns`); the labels' other tokens run once per row on that forward's KV cache,
+        cut just before the row's label (rows are right-padded), as a prefix tree in which each token sees its
+        ancestors (tree attention, as the schema decoder scores a small choice), so labels sharing a prefix share
+        its tokens. The cache is cut in place."""
         device = inputs["input_ids"].device
-        tokens = {name: value.to(device) for name, value in self._choice_tokens.items()}
+        shared = self._choice_tree["shared"].to(device)
+        tree: OptionTree = self._choice_tree["tree"]
         labels = inputs["labels"]
-        n_rows, n_candidates = labels.shape[0], tokens["rest"].shape[0]
-        shared = tokens["shared"]
+        n_rows = labels.shape[0]
         starts = (labels != -100).int().argmax(dim=1)  # each row's first target token: the description's first
         spans = starts[:, None] + torch.arange(len(shared), device=device)
         if len(shared) and (spans.max() >= labels.shape[1]
@@ -161,9 +165,10 @@ class LabelledPositionsLossMixin:
                              "loss_on_labels_only drops from the targets; set one of them off.")
         label_starts = starts + len(shared)  # the position of each row's first label token
         at = torch.searchsorted(columns, label_starts - 1)  # the forward's logits column that predicts it
-        first = outputs.logits[torch.arange(n_rows, device=device), at].float().log_softmax(dim=-1)
-        log_likelihoods = first[:, tokens["rest"][:, 0]]  # (rows, candidates)
-        if tokens["rest"].shape[1] > 1:
+        log_probs = outputs.logits[torch.arange(n_rows, device=device), at].float().log_softmax(dim=-1)[:, None]
+        tokens, depths, sees, parent_row, node_token, on_path = tree.whole_tree_layout(device)
+        count = len(tree.internal)
+        if count:
             cache = outputs.cache
             if cache is None:
                 raise ValueError("cell_type_choice_loss_weight > 0 needs the model's KV cache from the training "
@@ -171,18 +176,18 @@ class LabelledPositionsLossMixin:
             kept = int(label_starts.max())
             if cache.get_seq_length() > kept:
                 cache.crop(kept - cache.get_seq_length())  # negative: the tokens to remove
-            rows = torch.arange(n_rows, device=device).repeat_interleave(n_candidates)
-            ids = tokens["rest"].repeat(n_rows, 1)  # (rows x candidates, width)
-            before = (torch.arange(kept, device=device)[None, :] < label_starts[:, None]) & \
+            visible = (torch.arange(kept, device=device)[None, :] < label_starts[:, None]) & \
                 inputs["attention_mask"][:, :kept].bool()
-            attention_mask = torch.cat([before[rows], torch.ones_like(ids[:, :-1], dtype=torch.bool)], dim=1)
-            positions = label_starts[rows][:, None] + torch.arange(ids.shape[1] - 1, device=device)
-            logits = model(input_ids=ids[:, :-1], attention_mask=attention_mask.long(), position_ids=positions,
-                           cache=_cache_rows(cache, rows), use_cache=True).logits
-            rest = logits.float().log_softmax(dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-            rest = (rest * tokens["rest_mask"][:, 1:].repeat(n_rows, 1)).sum(dim=1)
-            log_likelihoods = log_likelihoods + rest.view(n_rows, n_candidates)
-        return log_likelihoods
+            allowed = torch.cat([visible[:, None, :].expand(n_rows, count, kept),
+                                 sees[None].expand(n_rows, -1, -1)], dim=2)
+            mask = torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+            logits = model(input_ids=tokens[None].expand(n_rows, -1), attention_mask=mask[:, None],
+                           position_ids=label_starts[:, None] + depths[None] - 1, cache=cache, use_cache=True).logits
+            log_probs = torch.cat([log_probs, logits.float().log_softmax(dim=-1)], dim=1)
+        # each node's token log-probability given its parent (the root has none), summed along each label's path
+        node_log_probs = log_probs[:, parent_row, node_token] * (torch.arange(len(node_token), device=device) > 0)
+        totals = node_log_probs @ on_path.T.float()
+        return totals[:, self._choice_tree["ends"].to(device)]
 
     def cell_type_choice_loss(self, log_likelihoods: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the softmax over the known labels' sentence log-likelihoods (`targets`: each row's
@@ -216,7 +221,7 @@ class LabelledPositionsLossMixin:
             or self.args.loss_type != "nll"
             or getattr(self, "aux_loss_enabled", False)
         ):
-            if (self.cell_type_head is not None or self._choice_tokens is not None) and model.training \
+            if (self.cell_type_head is not None or self._choice_tree is not None) and model.training \
                     and not return_outputs:
                 raise ValueError("cell_type_head_loss_weight or cell_type_choice_loss_weight > 0 needs this loss (no "
                                  "label smoothing, custom loss function or other loss_type); set it to 0 or drop those "
@@ -227,7 +232,7 @@ class LabelledPositionsLossMixin:
         labelled = next_labels != -100
         columns = labelled.any(dim=0).nonzero().squeeze(-1)  # positions whose next token is scored in some row
         model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
-        choice_loss = self._choice_tokens is not None and model.training
+        choice_loss = self._choice_tree is not None and model.training
         outputs = model(**model_inputs, use_cache=choice_loss, logits_to_keep=columns)
         targets = next_labels[:, columns]
         logits = outputs.logits.float()
