@@ -2,7 +2,8 @@
 
 The input file is only read (opened backed, read-only); the output is a copy of it whose `obs` gains
 `<key>_description`, `<key>_parsed` and one `<key>_<field>` column per parsed field (plus
-`<key>_<field>_ontology_term_id`), key `cell2text` by default (`describe`), or whose `obsm[<key>]` holds the cell
+`<key>_<field>_ontology_term_id`, and `<key>_<field>_score` and `<key>_exact_choice` where the schema decoder chose the
+fields), key `cell2text` by default (`describe`), or whose `obsm[<key>]` holds the cell
 embeddings, key `X_cell2text` (`embed`); `uns[<key>]` records the model and the parameters. Existing CELLxGENE
 columns such as `cell_type` are left as they are.
 

@@ -100,9 +100,9 @@ class Cell2TextPipeline(Pipeline):
     `schema_decoding.py`), every field is chosen among the labels the processor learnt (each with its ontology id),
     the template words and the cell type's definition are written by the code, and every description parses;
     `<field>_score` is each chosen label's probability and `exact_choice` whether every label is proven the most
-    likely of its options (False only where a search over a large label set was cut to a beam). `constrained=False` lets the model write the whole
-    description freely (scores None); `num_beams` (default 2) sets the constrained search's width (partial
-    options extended per cell and model call).
+    likely of its options (False only where a search over a large label set was cut to a beam).
+    `constrained=False` lets the model write the whole description freely (scores None); `num_beams` (default 2)
+    sets the constrained search's width (partial options extended per cell and model call).
 
     Cells are rank-value encoded a block at a time (vectorised) and generated `batch_size` cells at a time.
     Generation is greedy with `max_new_tokens=160` unless the model's generation config, the pipeline's or the

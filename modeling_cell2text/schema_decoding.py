@@ -125,6 +125,23 @@ class OptionTree:
             cached[device] = self._whole_tree_layout(device)
         return cached[device]
 
+    def tree_attention(self, visible: torch.Tensor) -> torch.Tensor:
+        """(rows, internal nodes, cached + internal nodes): what each internal node's token may see when the whole
+        tree runs after a cache whose positions `visible` (rows, cached) marks per row: those positions, its
+        ancestors and itself (tree attention). Position ids: the row's next position + `depths` - 1."""
+        sees = self.whole_tree_layout(visible.device)[2]
+        n, count = visible.shape[0], len(self.internal)
+        return torch.cat([visible[:, None, :].expand(n, count, -1), sees[None].expand(n, -1, -1)], dim=2)
+
+    def path_log_likelihoods(self, step_log_probs: torch.Tensor) -> torch.Tensor:
+        """(rows, nodes): each node's log-likelihood from the root, the sum along its path of `step_log_probs`
+        (rows, nodes: each node's token log-probability after its parent; the root's entry is ignored). Float64."""
+        on_path = self.whole_tree_layout(step_log_probs.device)[5]
+        not_root = torch.arange(step_log_probs.shape[1], device=step_log_probs.device) > 0
+        steps = torch.where(not_root, step_log_probs.double(), torch.zeros((), dtype=torch.float64,
+                                                                           device=step_log_probs.device))
+        return steps @ on_path.T
+
     def _whole_tree_layout(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """(tokens of the internal nodes, their depths, which internal nodes each one sees (its ancestors and
         itself), each node's parent as a row of [the state's distribution, the internal nodes' ones], each node's
@@ -276,11 +293,11 @@ class _DecodingState:
     def score_tree(self, tree: OptionTree, excluded: Sequence[int | None]) -> ChoiceResult:
         """Every option of a small `tree` scored in one forward pass: each internal node is one token that sees its
         ancestors (tree attention), so every option's log-likelihood is exhaustive scoring's."""
-        tokens, depths, sees, parent_row, node_token, on_path = tree.whole_tree_layout(self.device)
+        tokens, depths, _, parent_row, node_token, _ = tree.whole_tree_layout(self.device)
         n, count = len(excluded), len(tree.internal)
         if count:
             ids = tokens[None].expand(n, -1)
-            allowed = torch.cat([self.visible[:, None, :].expand(n, count, -1), sees[None].expand(n, -1, -1)], dim=2)
+            allowed = tree.tree_attention(self.visible)
             positions = self.next_position[:, None] + depths[None] - 1
             real = torch.ones((n, count), dtype=torch.bool, device=self.device)
             kept = self._forward(ids, allowed, positions, real, real)
@@ -290,9 +307,7 @@ class _DecodingState:
             rows = self.log_probs[row][None]
             if count:
                 rows = torch.cat([rows, kept.values[kept.index[row]]], dim=0)
-            node_log_probs = rows[parent_row, node_token].double()
-            node_log_probs[0] = 0.0
-            totals = (on_path @ node_log_probs).tolist()
+            totals = tree.path_log_likelihoods(rows[parent_row, node_token][None])[0].tolist()
             completed.append({option: totals[node] for node, options in enumerate(tree.ends) for option in options
                               if option != excluded[row]})
         picks = [max(done, key=done.get) if done else None for done in completed]

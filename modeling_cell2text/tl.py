@@ -241,7 +241,8 @@ def describe(
     (bool), `{key_added}_<field>` for cell_type, cell_type_definition, tissue, sex, disease, age_group and pathways
     ("; "-joined) and `{key_added}_<field>_ontology_term_id`, as categoricals (missing where a field is absent or a
     cell was skipped), plus `{key_added}_<field>_score` (float) for each field the constrained decoder chose and
-    `{key_added}_exact_choice` (bool: every label proven the most likely of its options; `schema_results`).
+    `{key_added}_exact_choice` (nullable bool: every label proven the most likely of its options, `schema_results`;
+    missing for a skipped cell).
     `adata.uns[key_added]` records the model (path or repo id), its revision (Hub commit or sha256 of the weights),
     the processor's gene vocabulary checksum (`gene_vocabulary_sha256`), the package version and the parameters.
 
@@ -350,8 +351,10 @@ def annotation_columns(results: Sequence[dict | None], key_added: str) -> dict[s
         if key == "description":
             columns[f"{key_added}_{key}"] = np.array(["" if v is None else v.replace("\x00", "\ufffd")
                                                        for v in values], dtype=object)
-        elif key in ("parsed", "exact_choice"):
+        elif key == "parsed":
             columns[f"{key_added}_{key}"] = np.array([bool(v) for v in values])
+        elif key == "exact_choice":  # missing (not False) for a skipped cell
+            columns[f"{key_added}_{key}"] = pd.array([None if v is None else bool(v) for v in values], dtype="boolean")
         elif key.endswith("_score"):
             columns[f"{key_added}_{key}"] = np.array([np.nan if v is None else float(v) for v in values])
         else:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from test_pipeline import DESCRIPTION, GENES, local_pipeline, make_adata, save_tiny_model_folder
@@ -198,13 +199,17 @@ def test_tl_and_cli_do_not_travel_with_a_saved_model(model_dirs):
 
 def test_annotation_columns_types_and_skipped_cells():
     results = [
-        {"description": "d0", "parsed": True, "cell_type": "B cell", "cell_type_score": 0.9, "pathways": ["P1", "P2"]},
+        {"description": "d0", "parsed": True, "cell_type": "B cell", "cell_type_score": 0.9, "pathways": ["P1", "P2"],
+         "exact_choice": True},
         None,  # a skipped cell
-        {"description": "d2", "parsed": False, "cell_type": None, "cell_type_score": None, "pathways": []},
+        {"description": "d2", "parsed": False, "cell_type": None, "cell_type_score": None, "pathways": [],
+         "exact_choice": False},
     ]
     columns = tl.annotation_columns(results, "k")
     assert list(columns["k_description"]) == ["d0", "", "d2"]
     assert list(columns["k_parsed"]) == [True, False, False]
+    assert columns["k_exact_choice"].dtype == "boolean"  # a skipped cell's is missing, not False
+    assert [None if v is pd.NA else bool(v) for v in columns["k_exact_choice"]] == [True, None, False]
     assert np.allclose(columns["k_cell_type_score"], [0.9, np.nan, np.nan], equal_nan=True)
     assert columns["k_cell_type_score"].dtype == np.float64
     assert list(columns["k_pathways"].astype(object)) == ["P1; P2", np.nan, np.nan]

@@ -576,49 +576,75 @@ def test_the_auxiliary_cell_type_head_adds_its_loss_and_trains_with_the_projecto
 
 def test_the_choice_loss_scores_every_known_label_as_the_decoder_does(parts_and_corpus, tmp_path):
     """cell_type_choice_loss_weight: the loss adds the cross-entropy of the softmax over the known labels' sentence
-    log-likelihoods, which equal `score_cell_types`' (the decoder's exhaustive reference) on the same cells, and its
-    gradient reaches the projector."""
-    from modeling_cell2text.label_scoring import score_cell_types
+    log-likelihoods, which equal `score_cell_types`' (the decoder's exhaustive reference) on the same cells, rows of
+    different prompt lengths and labels sharing a prefix included, and its gradient reaches the projector through
+    the labels' later tokens too."""
+    from modeling_cell2text.label_scoring import candidate_sentence_tokens, score_cell_types
     from training.collator import Cell2TextDataCollator
 
     model, processor, corpus, common = peft_model_and_trainer_settings(parts_and_corpus, tmp_path)
     settings = common["args"]
+    # two more labels, sharing their first tokens: the labels' prefix tree branches below its root
+    processor.ontology_term_ids = {**processor.ontology_term_ids, "cell_type": {
+        **processor.ontology_term_ids["cell_type"], "T cell, alpha-beta": "CL:0000789",
+        "T cell, gamma-delta": "CL:0000798"}}
     trainer = Cell2TextSFTTrainer(**common, cell_type_choice_loss_weight=0.5)
     plain = Cell2TextSFTTrainer(**common)
     labels = sorted(processor.ontology_term_ids["cell_type"])
-    assert len(labels) >= 2
+    assert any(len(children) > 1 for children in trainer._choice_tree["tree"].children[1:])
 
-    rows = [corpus["train"][i] for i in range(4)]
+    rows = [corpus["train"][i] for i in (15, 4, 16, 0)]
     batch = Cell2TextDataCollator(processor, cell_type_index=True)(rows)
+    starts = (batch["labels"] != -100).int().argmax(dim=1)
+    assert len(set(starts.tolist())) > 1  # prompts of different lengths: each row's cache is cut at its own label
     model.eval()  # no dropout: the two paths must give the same numbers
-    next_labels = batch["labels"][:, 1:]
-    columns = (next_labels != -100).any(dim=0).nonzero().squeeze(-1)
+    columns = (batch["labels"][:, 1:] != -100).any(dim=0).nonzero().squeeze(-1)
     model_inputs = {k: v for k, v in batch.items() if k not in ("labels", "cell_type_index")}
     outputs = model(**model_inputs, use_cache=True, logits_to_keep=columns)
     log_likelihoods = trainer.cell_type_choice_log_likelihoods(model, outputs, dict(batch), columns)
     prompts = processor(gene_input_ids=[row["gene_input_ids"] for row in rows], return_tensors="pt")
     expected = score_cell_types(model, processor, prompts, labels).log_likelihoods
-    torch.testing.assert_close(log_likelihoods.detach(), expected, atol=1e-5, rtol=0)  # a position off: 5e-5
+    torch.testing.assert_close(log_likelihoods.detach(), expected, atol=1e-5, rtol=0)  # a position off: >= 5e-5
     choice = trainer.cell_type_choice_loss(log_likelihoods, batch["cell_type_index"])
     torch.testing.assert_close(choice, torch.nn.functional.cross_entropy(expected, batch["cell_type_index"]),
                                atol=1e-4, rtol=1e-4)
-    choice.backward()
+    # the gradient of the labels' tokens after their first (run on the cache as the tree) reaches the projector
+    shared, own = candidate_sentence_tokens(processor.tokenizer, labels)
+    at = torch.searchsorted(columns, starts + len(shared) - 1)
+    first = outputs.logits[torch.arange(4), at].float().log_softmax(dim=-1)[:, [tokens[0] for tokens in own]]
+    later = (log_likelihoods - first)[:, [j for j, tokens in enumerate(own) if len(tokens) > 1]]
     projector = [p for name, p in model.named_parameters() if "multi_modal_projector" in name and p.requires_grad]
-    assert projector and any(p.grad is not None and p.grad.abs().sum() > 0 for p in projector)
-    model.zero_grad()
+    def gradient_size(value):
+        gradients = torch.autograd.grad(value.sum(), projector, allow_unused=True, retain_graph=True)
+        return sum(float(g.abs().sum()) for g in gradients if g is not None)
+
+    assert gradient_size(later) > 0.1 * gradient_size(first)  # detached tree tokens: 1e-6 (rounding) against 130
 
     model.train()
     torch.manual_seed(0)
     total = trainer.compute_loss(model, dict(batch))
     torch.manual_seed(0)
     text_only = plain.compute_loss(model, {k: v for k, v in batch.items() if k != "cell_type_index"})
-    assert total > text_only
+    torch.manual_seed(0)  # the same dropout as in compute_loss: its forward, then the tree's
+    outputs = model(**model_inputs, use_cache=True, logits_to_keep=columns)
+    choice = trainer.cell_type_choice_loss(trainer.cell_type_choice_log_likelihoods(model, outputs, dict(batch),
+                                                                                    columns), batch["cell_type_index"])
+    torch.testing.assert_close(total, text_only + 0.5 * choice)
+    # under gradient accumulation (the text loss divided by the accumulated tokens) it is divided by the steps
+    trainer.current_gradient_accumulation_steps = 4
+    torch.manual_seed(0)
+    accumulated = trainer.compute_loss(model, dict(batch), num_items_in_batch=int((batch["labels"] != -100).sum()))
+    torch.testing.assert_close(accumulated, text_only + 0.5 * choice / 4)
     # the choice loss needs each cell's label, and the cell-type sentence in the targets
     with pytest.raises(ValueError, match="cell_type_index=True"):
         trainer.compute_loss(model, {k: v for k, v in batch.items() if k != "cell_type_index"})
     labels_only = Cell2TextDataCollator(processor, cell_type_index=True, labels_only=True)(rows)
     with pytest.raises(ValueError, match="loss_on_labels_only"):
         trainer.compute_loss(model, dict(labels_only))
+    no_target = {**batch, "labels": batch["labels"].clone()}
+    no_target["labels"][1] = -100
+    with pytest.raises(ValueError, match="a row has none"):
+        trainer.compute_loss(model, no_target)
     assert float(trainer.cell_type_choice_loss(expected, torch.full((4,), -100))) == 0.0
     with pytest.raises(ValueError, match="gradient checkpointing"):  # it would turn the cache off
         Cell2TextSFTTrainer(**{**common, "args": dataclasses.replace(settings, gradient_checkpointing=True,

@@ -41,6 +41,11 @@ from modeling_cell2text.schema_decoding import OptionTree
 from training.collator import cell_type_label_order
 
 
+def tokenizer_text(processor, token_ids: torch.Tensor) -> str:
+    """The text of `token_ids` with the processor's tokenizer (for error messages)."""
+    return getattr(processor, "tokenizer", processor).decode(token_ids.tolist())
+
+
 class LabelEmbeddingHead(torch.nn.Module):
     """Cell-type logits: a learnt scale times the cosine similarity of a feature with each label's fixed embedding."""
 
@@ -156,17 +161,24 @@ class LabelledPositionsLossMixin:
         tree: OptionTree = self._choice_tree["tree"]
         labels = inputs["labels"]
         n_rows = labels.shape[0]
+        if not (labels != -100).any(dim=1).all():
+            raise ValueError("cell_type_choice_loss_weight > 0 needs a target description in every row of the batch; "
+                             "a row has none.")
         starts = (labels != -100).int().argmax(dim=1)  # each row's first target token: the description's first
         spans = starts[:, None] + torch.arange(len(shared), device=device)
         if len(shared) and (spans.max() >= labels.shape[1]
                             or not (labels.gather(1, spans.clamp(max=labels.shape[1] - 1)) == shared).all()):
-            raise ValueError("cell_type_choice_loss_weight > 0 needs targets that open with the cell-type sentence "
-                             '("This sample consists of a ...") as the tokenizer writes it alone, which '
-                             "loss_on_labels_only drops from the targets; set one of them off.")
+            raise ValueError("cell_type_choice_loss_weight > 0 needs targets that open with the cell-type sentence's "
+                             f"shared tokens {tokenizer_text(self.processing_class, shared)!r} as the tokenizer writes "
+                             "the sentence alone; these targets do not (loss_on_labels_only drops them; a tokenizer "
+                             "may also merge them with the text around): set one of them off.")
         label_starts = starts + len(shared)  # the position of each row's first label token
         at = torch.searchsorted(columns, label_starts - 1)  # the forward's logits column that predicts it
-        log_probs = outputs.logits[torch.arange(n_rows, device=device), at].float().log_softmax(dim=-1)[:, None]
-        tokens, depths, sees, parent_row, node_token, on_path = tree.whole_tree_layout(device)
+        if not (at < len(columns)).all() or not (columns[at.clamp(max=len(columns) - 1)] == label_starts - 1).all():
+            raise ValueError("cell_type_choice_loss_weight > 0 needs the logits that predict each row's label, which "
+                             "this batch's targets do not ask for; set it to 0.")
+        logits = outputs.logits[torch.arange(n_rows, device=device), at][:, None]  # (rows, 1, vocabulary)
+        tokens, depths, _, parent_row, node_token, _ = tree.whole_tree_layout(device)
         count = len(tree.internal)
         if count:
             cache = outputs.cache
@@ -178,16 +190,18 @@ class LabelledPositionsLossMixin:
                 cache.crop(kept - cache.get_seq_length())  # negative: the tokens to remove
             visible = (torch.arange(kept, device=device)[None, :] < label_starts[:, None]) & \
                 inputs["attention_mask"][:, :kept].bool()
-            allowed = torch.cat([visible[:, None, :].expand(n_rows, count, kept),
-                                 sees[None].expand(n_rows, -1, -1)], dim=2)
-            mask = torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, torch.finfo(torch.float32).min)
-            logits = model(input_ids=tokens[None].expand(n_rows, -1), attention_mask=mask[:, None],
-                           position_ids=label_starts[:, None] + depths[None] - 1, cache=cache, use_cache=True).logits
-            log_probs = torch.cat([log_probs, logits.float().log_softmax(dim=-1)], dim=1)
-        # each node's token log-probability given its parent (the root has none), summed along each label's path
-        node_log_probs = log_probs[:, parent_row, node_token] * (torch.arange(len(node_token), device=device) > 0)
-        totals = node_log_probs @ on_path.T.float()
-        return totals[:, self._choice_tree["ends"].to(device)]
+            allowed = tree.tree_attention(visible)
+            mask = torch.zeros(allowed.shape, dtype=model.dtype, device=device)
+            mask.masked_fill_(~allowed, torch.finfo(model.dtype).min)
+            tree_logits = model(input_ids=tokens[None].expand(n_rows, -1), attention_mask=mask[:, None],
+                                position_ids=label_starts[:, None] + depths[None] - 1, cache=cache,
+                                use_cache=True).logits
+            logits = torch.cat([logits, tree_logits.to(logits.dtype)], dim=1)
+        # each node's token log-probability after its parent (only those tokens: no log-softmax over the vocabulary
+        # is kept), summed along each label's path
+        logits = logits.float()
+        steps = logits[:, parent_row, node_token] - logits.logsumexp(dim=-1)[:, parent_row]
+        return tree.path_log_likelihoods(steps).float()[:, self._choice_tree["ends"].to(device)]
 
     def cell_type_choice_loss(self, log_likelihoods: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the softmax over the known labels' sentence log-likelihoods (`targets`: each row's
@@ -210,6 +224,16 @@ class LabelledPositionsLossMixin:
         if not (targets != -100).any():  # no cell of the batch has a known label: no loss (not NaN)
             return logits.sum() * 0.0
         return F.cross_entropy(logits, targets, ignore_index=-100)
+
+    def per_micro_batch(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        """An auxiliary loss (a mean over one micro-batch) scaled as the trainer scales the text loss: where the text
+        loss is divided by `num_items_in_batch` (the accumulated tokens), the trainer does not divide the sum over the
+        accumulated micro-batches by their number, so the auxiliary loss is divided here (else a weight would act
+        as weight x gradient_accumulation_steps)."""
+        scaled_for_accumulation = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled_for_accumulation is None:
+            scaled_for_accumulation = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        return loss / getattr(self, "current_gradient_accumulation_steps", 1) if scaled_for_accumulation else loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cell_type_index = inputs.pop("cell_type_index", None)  # the collator's, for the auxiliary head only
@@ -248,11 +272,11 @@ class LabelledPositionsLossMixin:
                              "cell_type_index=True).")
         if choice_loss:
             log_likelihoods = self.cell_type_choice_log_likelihoods(model, outputs, inputs, columns)
-            loss = loss + self.cell_type_choice_loss_weight * self.cell_type_choice_loss(log_likelihoods,
-                                                                                       cell_type_index)
+            loss = loss + self.per_micro_batch(self.cell_type_choice_loss_weight * self.cell_type_choice_loss(
+                log_likelihoods, cell_type_index), num_items_in_batch)
         if self.cell_type_head is not None and cell_type_index is not None and model.training:
-            loss = loss + self.cell_type_head_loss_weight * self.cell_type_head_loss(
-                outputs, model_inputs["input_ids"], cell_type_index)
+            loss = loss + self.per_micro_batch(self.cell_type_head_loss_weight * self.cell_type_head_loss(
+                outputs, model_inputs["input_ids"], cell_type_index), num_items_in_batch)
 
         with torch.no_grad():  # the token accuracy TRL logs (its entropy metric is left out: it costs a vocab pass)
             mask = targets != -100
