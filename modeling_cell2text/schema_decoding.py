@@ -49,6 +49,7 @@ from .description_schema import (
     schema_options,
 )
 from .cell_inputs import CELL_INPUT_NAMES
+from .label_scoring import _cache_rows
 
 logger = logging.getLogger(__name__)
 
@@ -221,23 +222,46 @@ class _KeptLogProbs:
         return self.values[self.index[row, positions], tokens]
 
 
+def shared_prompt_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, cell_token_id: int | None) -> int:
+    """How many leading prompt tokens every row of a batch shares (no padding, no cell token), leaving each row at
+    least one token of its own; 0 for a single row."""
+    if len(input_ids) < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(dim=0) & attention_mask.bool().all(dim=0)
+    if cell_token_id is not None:
+        same &= input_ids[0] != cell_token_id
+    differs = (~same).nonzero()
+    shared = int(differs[0]) if len(differs) else input_ids.shape[1]
+    return min(shared, input_ids.shape[1] - 1)
+
+
 class _DecodingState:
     """The batch's language-model state: KV cache, which cached positions each cell's text may see, the next
     position id, and the next-token log-probabilities after the text so far."""
 
     def __init__(self, model, inputs: Mapping[str, torch.Tensor]):
         self.model = model
-        attention_mask = inputs["attention_mask"]
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         cell_inputs = {k: inputs[k] for k in CELL_INPUT_NAMES if inputs.get(k) is not None}
-        out = model(input_ids=inputs["input_ids"], attention_mask=attention_mask, position_ids=positions,
-                    use_cache=True, logits_to_keep=1, **cell_inputs)
+        self.calls = 0  # model calls, and text tokens run after the prompt: what the benchmark reports
+        self.tokens = 0
+        # The prompt's start that every cell shares (system message and the text before the cell tokens) runs once,
+        # for one row, and its cache is copied to every row; the rest of the prompt runs on it.
+        shared = shared_prompt_length(input_ids, attention_mask, getattr(model.config, "cell_token_id", None))
+        cache = None
+        if shared:
+            cache = model(input_ids=input_ids[:1, :shared], position_ids=positions[:1, :shared], use_cache=True,
+                          logits_to_keep=1).cache
+            cache = _cache_rows(cache, torch.zeros(len(input_ids), dtype=torch.long, device=input_ids.device))
+            self.calls += 1
+        out = model(input_ids=input_ids[:, shared:], attention_mask=attention_mask, position_ids=positions[:, shared:],
+                    cache=cache, use_cache=True, logits_to_keep=1, **cell_inputs)
         self.cache = out.cache
         self.visible = attention_mask.bool()
         self.next_position = attention_mask.long().sum(dim=1)
         self.log_probs = out.logits[:, -1].float().log_softmax(dim=-1)
-        self.calls = 1  # model calls, and text tokens run after the prompt: what the benchmark reports
-        self.tokens = 0
+        self.calls += 1
 
     @property
     def device(self) -> torch.device:

@@ -440,3 +440,33 @@ def test_the_search_never_explores_a_subtree_holding_only_the_excluded_option():
     node_6 = tree.children[0][6]
     assert result.unexplored == [[(node_6, -3.0)]]
     assert scripted.state.cache.get_seq_length() == 3  # the cache is left as it was
+
+
+def test_the_prompt_start_every_cell_shares_runs_once_and_changes_nothing(random_model_and_processor, monkeypatch):
+    """The system message and the text before the cell tokens run once for the batch (one row, its cache copied to
+    every row): the descriptions and their log-likelihoods are those of a prefill of every row's whole prompt."""
+    from modeling_cell2text import schema_decoding
+
+    model, processor = random_model_and_processor
+    inputs = cells(processor, 4)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    shared = schema_decoding.shared_prompt_length(ids, mask, model.config.cell_token_id)
+    first_cell = int((ids[0] == model.config.cell_token_id).nonzero()[0])
+    assert 0 < shared <= first_cell and (ids[:, :shared] == ids[:1, :shared]).all()
+    assert schema_decoding.shared_prompt_length(ids[:1], mask[:1], model.config.cell_token_id) == 0  # one row
+    padded = mask.clone()
+    padded[0, 0] = 0  # a left-padded row: nothing is shared from the first column on
+    assert schema_decoding.shared_prompt_length(ids, padded, model.config.cell_token_id) == 0
+
+    decoder = SchemaDecoder(processor)
+    once = decoder.describe(model, inputs)
+    calls_once = decoder.calls
+    monkeypatch.setattr(schema_decoding, "shared_prompt_length", lambda *args: 0)
+    every_row = decoder.describe(model, inputs)
+    assert decoder.calls == calls_once - 1  # the shared start's own call
+    assert once.texts == every_row.texts and once.labels == every_row.labels
+    for a, b in zip(once.log_likelihoods, every_row.log_likelihoods):
+        assert a.keys() == b.keys()
+        for choice in a:
+            assert a[choice].keys() == b[choice].keys()
+            assert all(abs(a[choice][k] - b[choice][k]) < 1e-9 for k in a[choice])  # float64 model
