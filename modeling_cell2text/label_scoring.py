@@ -116,7 +116,7 @@ class CellTypeScores:
         return [None if label not in index else float(probabilities[i, index[label]]) for i, label in enumerate(labels)]
 
 
-def _cache_rows(cache, rows: torch.Tensor):
+def cache_rows(cache, rows: torch.Tensor):
     """A cache holding the batch rows `rows` of `cache` (rows may repeat); `cache` itself is left untouched, and
     only the selected rows are copied."""
     selected = copy.copy(cache)
@@ -187,7 +187,7 @@ def score_cell_types(
                                        torch.ones_like(ids[:, :-1])], dim=1)
                 positions = next_positions[cells].repeat_interleave(m)[:, None] + torch.arange(length - 1).to(device)
                 logits = model(input_ids=ids[:, :-1], attention_mask=rows_mask, position_ids=positions,
-                               cache=_cache_rows(prefill.cache, cells.repeat_interleave(m)), use_cache=True).logits
+                               cache=cache_rows(prefill.cache, cells.repeat_interleave(m)), use_cache=True).logits
                 log_probs = logits.float().log_softmax(dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
                 rest = log_probs.sum(dim=1).view(n, m).cpu()
                 log_likelihoods[cells.cpu()[:, None], torch.tensor(chunk)[None, :]] += rest
@@ -289,6 +289,7 @@ __all__ = [
     "fit_temperature",
     "constrains_by_default",
     "generate_with_cell_type",
+    "cache_rows",
     "candidate_sentence_tokens",
     "score_cell_types",
 ]

@@ -49,7 +49,7 @@ from .description_schema import (
     schema_options,
 )
 from .cell_inputs import CELL_INPUT_NAMES
-from .label_scoring import _cache_rows
+from .label_scoring import cache_rows
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class _DecodingState:
         if shared:
             cache = model(input_ids=input_ids[:1, :shared], position_ids=positions[:1, :shared], use_cache=True,
                           logits_to_keep=1).cache
-            cache = _cache_rows(cache, torch.zeros(len(input_ids), dtype=torch.long, device=input_ids.device))
+            cache = cache_rows(cache, torch.zeros(len(input_ids), dtype=torch.long, device=input_ids.device))
             self.calls += 1
         out = model(input_ids=input_ids[:, shared:], attention_mask=attention_mask, position_ids=positions[:, shared:],
                     cache=cache, use_cache=True, logits_to_keep=1, **cell_inputs)
