@@ -11,8 +11,9 @@ text before it), for all cells of a batch at once, by an exact best-first search
 `num_beams` partial options of highest log-likelihood that could still beat the best complete option (each its next
 branching token and the tokens that follow it without a choice) in one forward pass. The partial options of a cell
 share the cell's cached prompt and see only their own ancestors (tree attention: a 4D attention mask over the tree's
-tokens), so no cache is copied per option. Options are ranked by the total log-likelihood of their tokens (as
-exhaustive scoring does; tokens all options share are written, not scored). Log-probabilities are at most 0, so a
+tokens), so no cache is copied per option; a cell whose choice is settled sits the rest of the search out. Options
+are ranked by the total log-likelihood of their tokens (as exhaustive scoring does; tokens all options share are
+written, not scored). Log-probabilities are at most 0, so a
 partial option's log-likelihood bounds every option under it, and the search ends when none can beat the best
 complete option: the choice is exhaustive scoring's argmax, having scored a few options instead of all. A model
 that spreads its probability over many options is searched as a beam search after `tree.max_depth` steps, so a
@@ -288,6 +289,35 @@ class _DecodingState:
         self.tokens += int(real.sum())
         return _KeptLogProbs(kept.float().log_softmax(dim=-1), keep)
 
+    def _forward_rows(self, ids: torch.Tensor, allowed: torch.Tensor, positions: torch.Tensor, real: torch.Tensor,
+                      keep: torch.Tensor) -> _KeptLogProbs:
+        """`_forward` computed for the cells that have a token to run; the others' cache grows by the same width
+        with zeros they can never see (not `visible`, and no later token of theirs is allowed to see it).
+
+        A search step is as wide as its widest cell, and cells whose choice is settled would otherwise run a full
+        row of padding (44% of the search's token slots on the demo model). The rows run are copied out of the
+        cache and their new keys and values copied back; this needs the plain per-layer tensors of a DynamicCache,
+        so a cache of another layout runs every cell."""
+        active = real.any(dim=1)
+        layers = getattr(self.cache, "layers", None) or []
+        plain = all(type(layer).__name__ == "DynamicLayer" for layer in layers) and len(layers) > 0
+        if bool(active.all()) or not bool(active.any()) or not plain:
+            return self._forward(ids, allowed, positions, real, keep)
+        rows = active.nonzero().flatten()
+        full_cache, width = self.cache, ids.shape[1]
+        self.cache = cache_rows(full_cache, rows)
+        try:
+            kept = self._forward(ids[rows], allowed[rows], positions[rows], real[rows], keep[rows])
+        finally:
+            run_cache, self.cache = self.cache, full_cache
+        for layer, run_layer in zip(full_cache.layers, run_cache.layers):
+            for name in ("keys", "values"):
+                new = getattr(run_layer, name)[..., -width:, :]
+                grown = new.new_zeros((len(real), *new.shape[1:]))
+                grown[rows] = new
+                setattr(layer, name, torch.cat([getattr(layer, name), grown], dim=-2))
+        return _KeptLogProbs(kept.values, keep & active[:, None])
+
     def write(self, token_lists: Sequence[Sequence[int]], pad_id: int) -> None:
         """Append each cell's tokens (lengths may differ, even 0) to its text, in one forward pass."""
         width = max(map(len, token_lists))
@@ -419,7 +449,7 @@ class _DecodingState:
                     sees_tree[row, pad, tree_tokens + pad] = True  # a padding token sees itself
                 first_slots.append(firsts)
             allowed = torch.cat([self.visible[:, None, :].expand(n, width_now, -1), sees_tree], dim=2)
-            log_probs = self._forward(ids, allowed, positions, real, real)
+            log_probs = self._forward_rows(ids, allowed, positions, real, real)
             for row, row_plans in enumerate(plans):
                 for (parent, tokens, nodes, ll, fed), first in zip(row_plans, first_slots[row]):
                     if len(tokens) > 1:

@@ -470,3 +470,68 @@ def test_the_prompt_start_every_cell_shares_runs_once_and_changes_nothing(random
         for choice in a:
             assert a[choice].keys() == b[choice].keys()
             assert all(abs(a[choice][k] - b[choice][k]) < 1e-9 for k in a[choice])  # float64 model
+
+
+def test_cells_whose_choice_is_settled_skip_the_search_steps_and_change_nothing(random_model_and_processor,
+                                                                                monkeypatch):
+    """A search step runs only the cells that still have a partial option to extend (the others' cache grows with
+    keys they never see): descriptions, log-likelihoods and unexplored options are those of running every cell, and
+    fewer token slots run."""
+    from modeling_cell2text import schema_decoding
+
+    model, processor = random_model_and_processor
+    inputs = cells(processor, 8, seed=5)
+    decoder = SchemaDecoder(processor, num_beams=1, max_tree_tokens=0)
+    slots = []
+    forward = schema_decoding._DecodingState._forward
+
+    def counted(self, ids, *args):
+        slots.append(ids.shape[0])
+        return forward(self, ids, *args)
+
+    monkeypatch.setattr(schema_decoding._DecodingState, "_forward", counted)
+    some_rows = decoder.describe(model, inputs)
+    assert min(slots) < 8  # the settled cells were left out of some step
+    runs_of_some = len(slots)
+    slots.clear()
+    monkeypatch.setattr(schema_decoding._DecodingState, "_forward_rows", counted)
+    every_row = decoder.describe(model, inputs)
+    assert min(slots) == 8 and len(slots) == runs_of_some
+    assert some_rows.texts == every_row.texts and some_rows.labels == every_row.labels
+    assert some_rows.not_exact == every_row.not_exact
+    for a, b in zip(some_rows.log_likelihoods, every_row.log_likelihoods):
+        assert a.keys() == b.keys()
+        for choice in a:
+            assert a[choice].keys() == b[choice].keys()
+            assert all(abs(a[choice][k] - b[choice][k]) < 1e-9 for k in a[choice])  # float64 model
+    for a, b in zip(some_rows.unexplored, every_row.unexplored):
+        assert a.keys() == b.keys()
+        for choice in a:
+            assert [node for node, _ in a[choice]] == [node for node, _ in b[choice]]
+            assert all(abs(x - y) < 1e-9 for (_, x), (_, y) in zip(a[choice], b[choice]))
+
+
+def test_a_step_of_some_cells_gives_each_cell_its_own_keys(random_model_and_processor):
+    """`_forward_rows` runs only the cells with tokens: their log-probabilities, and what a later token of theirs
+    reads back from the cache, equal running every cell (a cell's keys put in another cell's row fail it)."""
+    from modeling_cell2text.schema_decoding import _DecodingState
+
+    model, processor = random_model_and_processor
+    inputs = cells(processor, 4)
+    some, every = _DecodingState(model, inputs), _DecodingState(model, inputs)
+    n, width = 4, 3
+    ids = torch.randint(5, 100, (n, width), generator=torch.Generator().manual_seed(0))
+    real = torch.tensor([[True] * 3, [False] * 3, [True, True, False], [False] * 3])
+    new = torch.ones(width, width, dtype=torch.bool).tril()[None] & real[:, None, :]
+    new |= torch.eye(width, dtype=torch.bool)[None]
+    runs = []
+    for state, run in ((some, some._forward_rows), (every, every._forward)):
+        allowed = torch.cat([state.visible[:, None, :].expand(n, width, -1), new], dim=2)
+        positions = state.next_position[:, None] + torch.arange(width)
+        runs.append(run(ids, allowed, positions, real, real))
+        state.visible = torch.cat([state.visible, real], dim=1)
+        state.next_position = state.next_position + real.sum(dim=1)
+        state.write([[7, 8]] * n, pad_id=0)  # every cell, reading what the step left in the cache
+    assert some.calls == every.calls and some.cache.get_seq_length() == every.cache.get_seq_length()
+    assert torch.allclose(runs[0].values, runs[1].values, atol=1e-9)
+    assert torch.allclose(some.log_probs, every.log_probs, atol=1e-9)
