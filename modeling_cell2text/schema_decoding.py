@@ -13,14 +13,13 @@ branching token and the tokens that follow it without a choice) in one forward p
 share the cell's cached prompt and see only their own ancestors (tree attention: a 4D attention mask over the tree's
 tokens), so no cache is copied per option; a cell whose choice is settled sits the rest of the search out. Options
 are ranked by the total log-likelihood of their tokens (as exhaustive scoring does; tokens all options share are
-written, not scored). Log-probabilities are at most 0, so a partial option's log-likelihood bounds every option
-under it, and the search ends when none can beat the best complete option: the choice is exhaustive scoring's
-argmax, having scored a few options instead of all. A model that spreads its probability over many options is
-searched as a beam search after `tree.max_depth` steps, so a choice takes at most twice its tree's depth in model
-calls. A small tree (`max_tree_tokens`) is instead scored whole
-in one forward pass: each of its nodes is a token that sees only its ancestors, so every option gets its exact
-log-likelihood. Model calls per batch: the prefill, one per choice to write the text before it, and the search's
-steps; none scales with the number of labels.
+written, not scored). Log-probabilities are at most 0, so a partial option's log-likelihood bounds every option under
+it, and the search ends when none can beat the best complete option: the choice is exhaustive scoring's argmax,
+having scored a few options instead of all. A model that spreads its probability over many options is searched as a
+beam search after `tree.max_depth` steps, so a choice takes at most twice its tree's depth in model calls. A small
+tree (`max_tree_tokens`) is instead scored whole in one forward pass: each of its nodes is a token that sees only its
+ancestors, so every option gets its exact log-likelihood. Model calls per batch: the prefill, one per choice to write
+the text before it, and the search's steps; none scales with the number of labels.
 
 The score of a field is its chosen label's probability: its share of the softmax over the options scored and the
 partial options the search left unexplored, each standing for the options under it (its log-likelihood is that of
