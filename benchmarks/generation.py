@@ -15,7 +15,9 @@ and the schema-constrained decoder (the default) with the processor's cell-type 
 real Cell Ontology labels (the model's own labels first): cells/s, model calls and text tokens run per batch, and
 how many cells get the same cell type as exhaustive scoring. Targets (issue 18): the decoder >= 3x the former
 constrained describe at 10 labels, and within 1.5x of that at 700.
-Without the demo model folder (made by the main job) a tiny random model is built, and the output says so.
+Without the demo model folder (made by the main job) a tiny random model is built, and the output says so. The
+model is loaded with this checkout's classes (`tl.load`), never with the code saved in its folder, so the figures
+are those of the code at hand.
 """
 
 from __future__ import annotations
@@ -94,12 +96,17 @@ class GenerateTimer:
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import pipeline
     from transformers.utils import logging as transformers_logging
+
+    sys.path.insert(0, str(REPO))
+    from modeling_cell2text import Cell2TextPipeline
+    from modeling_cell2text.tl import load
 
     transformers_logging.disable_progress_bar()
     folder, label = model_folder(args.model)
-    describe = pipeline("cell-to-text", model=str(folder), trust_remote_code=True, device=args.device)
+    # This checkout's classes, not the code saved in the folder (an older commit's): the figures are this commit's.
+    model, processor = load(folder, device=args.device, dtype="float32")
+    describe = Cell2TextPipeline(model=model, processor=processor, device=model.device)
     vocabulary = [g for g in describe.processor.feature_extractor.gene_token_ids if ENSEMBL.match(g)]
     cells = synthetic_cells(vocabulary, args.cells, args.genes_per_cell, mixed_sizes=args.sort_by_length)
     timer = GenerateTimer(describe.model)
