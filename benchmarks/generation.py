@@ -6,7 +6,8 @@
 
 Every cell gets exactly `--new-tokens` new tokens (min_new_tokens = max_new_tokens), so batch sizes do the same
 work. The time outside `generate` is the pipeline's own: feature extraction, prompts, padding, decoding and
-parsing. Targets (issue #5): batch 16 >= 4x the cells/s of batch 1; outside-generate share < 10%.
+parsing. These two modes time free generation (`constrained=False`); `--label-scaling` times the schema decoder.
+Targets (issue #5): batch 16 >= 4x the cells/s of batch 1; outside-generate share < 10%.
 `--sort-by-length` gives the cells between a tenth of `--genes-per-cell` and all of it expressed genes and times
 each batch size in the given order and longest first (the pipeline's `sort_by_length`), alternating, twice.
 `--label-scaling` times, on the same cells at batch 16: free generation (`--new-tokens` at most), the former
@@ -110,7 +111,9 @@ def main() -> None:
     vocabulary = [g for g in describe.processor.feature_extractor.gene_token_ids if ENSEMBL.match(g)]
     cells = synthetic_cells(vocabulary, args.cells, args.genes_per_cell, mixed_sizes=args.sort_by_length)
     timer = GenerateTimer(describe.model)
-    generation = {"min_new_tokens": args.new_tokens, "max_new_tokens": args.new_tokens}
+    # free generation: a fixed number of new tokens per cell (the schema decoder, the pipeline's default, calls no
+    # `generate`; --label-scaling times it)
+    generation = {"min_new_tokens": args.new_tokens, "max_new_tokens": args.new_tokens, "constrained": False}
     describe(cells[:2], gene_ids=vocabulary, batch_size=2, **generation)  # warm-up
 
     print(label)
