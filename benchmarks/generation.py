@@ -35,6 +35,8 @@ import numpy as np
 import scipy.sparse as sp
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 DEFAULT_MODEL = REPO / "outputs" / "demo" / "cell2text-demo"
 ENSEMBL = re.compile(r"^ENS[A-Z]*G\d+$")
 
@@ -99,7 +101,6 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as transformers_logging
 
-    sys.path.insert(0, str(REPO))
     from modeling_cell2text import Cell2TextPipeline
     from modeling_cell2text.tl import load
 
@@ -162,7 +163,6 @@ def compare_orders(describe, cells, vocabulary, batch_sizes, generation) -> None
 
 def cell_ontology_labels(first: list[str], n: int) -> dict[str, str]:
     """`n` cell-type labels: `first` (the model's own), then real Cell Ontology labels (label -> CL id)."""
-    sys.path.insert(0, str(REPO))
     from processing import ontologies
 
     labels = {label: f"CL:{i:07d}" for i, label in enumerate(first)}
