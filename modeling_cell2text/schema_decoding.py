@@ -27,7 +27,8 @@ its prefix, at least theirs), so the probabilities sum to 1 over the field's lab
 temperature (the cell type's `cell_type_temperature`, fitted on exhaustive scoring; the others'
 `field_temperatures`, fitted on this distribution). A whole tree is exhaustive scoring, distribution included.
 
-This file travels as remote code with a saved model: it imports only torch and its sibling modules.
+This file travels as remote code with a saved model: it imports only torch, transformers' cache layer and its sibling
+modules.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from .description_schema import (
     ONTOLOGY_FIELDS,
@@ -235,6 +237,84 @@ def shared_prompt_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     return min(shared, input_ids.shape[1] - 1)
 
 
+class _GrowingLayer(DynamicLayer):
+    """A KV cache layer whose keys and values are views of buffers with room to grow, so that a forward pass writes
+    its new keys and values in place. `DynamicLayer` appends by concatenation, which copies the whole cache on every
+    call (about 30 ms a call for a batch of 16 on the demo model, as much as running a few tokens). The buffers are
+    zeros where nothing was written, so every cached position holds finite values (masked positions must be finite:
+    a zero attention weight times NaN is NaN)."""
+
+    @classmethod
+    def taking_over(cls, layer: DynamicLayer) -> "_GrowingLayer":
+        """A growing layer holding `layer`'s keys and values (copied once, with room for as many more)."""
+        grown = cls()
+        grown.lazy_initialization(layer.keys, layer.values)
+        grown._hold(layer.keys, layer.values, 2 * layer.keys.shape[-2])
+        return grown
+
+    def _hold(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+        """New buffers of `capacity` positions starting with `keys` and `values`."""
+        length = keys.shape[-2]
+        self._key_buffer = keys.new_zeros((*keys.shape[:-2], capacity, keys.shape[-1]))
+        self._value_buffer = values.new_zeros((*values.shape[:-2], capacity, values.shape[-1]))
+        self._key_buffer[..., :length, :] = keys
+        self._value_buffer[..., :length, :] = values
+        self._view(length)
+
+    def _view(self, length: int) -> None:
+        self.keys = self._key_buffer[..., :length, :]
+        self.values = self._value_buffer[..., :length, :]
+
+    def _reserve(self, length: int) -> None:
+        """Room for `length` positions (the buffers double when full)."""
+        if length > self._key_buffer.shape[-2]:
+            self._hold(self.keys, self.values, max(length, 2 * self._key_buffer.shape[-2]))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.keys.shape[-2]
+        end = start + key_states.shape[-2]
+        self._reserve(end)
+        self._key_buffer[..., start:end, :] = key_states
+        self._value_buffer[..., start:end, :] = value_states
+        self._view(end)
+        return self.keys, self.values
+
+    def append_rows(self, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append `keys` and `values` (len(rows), heads, width, dim) to the batch rows `rows`, and zeros to the
+        others."""
+        start = self.keys.shape[-2]
+        end = start + keys.shape[-2]
+        self._reserve(end)
+        for buffer, new in ((self._key_buffer, keys), (self._value_buffer, values)):
+            buffer[..., start:end, :] = 0
+            buffer[rows, :, start:end, :] = new
+        self._view(end)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes the negative number of tokens to remove, got {tokens_to_remove}")
+        self._view(self.keys.shape[-2] - abs(tokens_to_remove))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Only the batch rows `indices`, in buffers of their own (a copy: the layer this one was copied from keeps
+        its buffers)."""
+        self._hold(self.keys[indices], self.values[indices], self._key_buffer.shape[-2])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._hold(self.keys.repeat_interleave(repeats, dim=0), self.values.repeat_interleave(repeats, dim=0),
+                   self._key_buffer.shape[-2])
+
+
+def growing_cache(cache):
+    """`cache` with its plain `DynamicLayer`s replaced by `_GrowingLayer`s (in place); a cache with layers of any
+    other kind is left as it is (and a search step then runs every cell)."""
+    layers = getattr(cache, "layers", None) or []
+    if layers and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers):
+        cache.layers = [_GrowingLayer.taking_over(layer) for layer in layers]
+    return cache
+
+
 class _DecodingState:
     """The batch's language-model state: KV cache, which cached positions each cell's text may see, the next
     position id, and the next-token log-probabilities after the text so far."""
@@ -257,7 +337,7 @@ class _DecodingState:
             self.calls += 1
         out = model(input_ids=input_ids[:, shared:], attention_mask=attention_mask, position_ids=positions[:, shared:],
                     cache=cache, use_cache=True, logits_to_keep=1, **cell_inputs)
-        self.cache = out.cache
+        self.cache = growing_cache(out.cache)
         self.visible = attention_mask.bool()
         self.next_position = attention_mask.long().sum(dim=1)
         self.log_probs = out.logits[:, -1].float().log_softmax(dim=-1)
@@ -295,12 +375,12 @@ class _DecodingState:
 
         A search step is as wide as its widest cell, and cells whose choice is settled would otherwise run a full
         row of padding (44% of the search's token slots on the demo model). The rows run are copied out of the
-        cache and their new keys and values copied back; this needs the plain per-layer tensors of a DynamicCache,
+        cache and their new keys and values copied back; this needs the cache's `_GrowingLayer`s (`growing_cache`),
         so a cache of another layout runs every cell."""
         active = real.any(dim=1)
         layers = getattr(self.cache, "layers", None) or []
-        plain = all(type(layer).__name__ == "DynamicLayer" for layer in layers) and len(layers) > 0
-        if bool(active.all()) or not bool(active.any()) or not plain:
+        growing = all(isinstance(layer, _GrowingLayer) for layer in layers) and len(layers) > 0
+        if bool(active.all()) or not bool(active.any()) or not growing:
             return self._forward(ids, allowed, positions, real, keep)
         rows = active.nonzero().flatten()
         full_cache, width = self.cache, ids.shape[1]
@@ -310,11 +390,7 @@ class _DecodingState:
         finally:
             run_cache, self.cache = self.cache, full_cache
         for layer, run_layer in zip(full_cache.layers, run_cache.layers):
-            for name in ("keys", "values"):
-                new = getattr(run_layer, name)[..., -width:, :]
-                grown = new.new_zeros((len(real), *new.shape[1:]))
-                grown[rows] = new
-                setattr(layer, name, torch.cat([getattr(layer, name), grown], dim=-2))
+            layer.append_rows(rows, run_layer.keys[..., -width:, :], run_layer.values[..., -width:, :])
         return _KeptLogProbs(kept.values, keep & active[:, None])
 
     def write(self, token_lists: Sequence[Sequence[int]], pad_id: int) -> None:

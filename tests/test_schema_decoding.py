@@ -535,3 +535,40 @@ def test_a_step_of_some_cells_gives_each_cell_its_own_keys(random_model_and_proc
     assert some.calls == every.calls and some.cache.get_seq_length() == every.cache.get_seq_length()
     assert torch.allclose(runs[0].values, runs[1].values, atol=1e-9)
     assert torch.allclose(some.log_probs, every.log_probs, atol=1e-9)
+
+
+def test_the_growing_cache_layer_holds_what_a_dynamic_layer_holds():
+    """The decoder's cache layer writes in place instead of concatenating; after appending, cropping, selecting rows
+    and appending to some rows it holds exactly what `DynamicLayer` holds, and a row-selected copy (a search step of
+    some cells) writes into buffers of its own, never into the layer it was copied from."""
+    import copy
+
+    from transformers.cache_utils import DynamicLayer
+
+    from modeling_cell2text.schema_decoding import _GrowingLayer
+
+    generator = torch.Generator().manual_seed(0)
+
+    def states(rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.randn(rows, 2, width, 4, generator=generator), torch.randn(rows, 2, width, 4, generator=generator))
+
+    plain = DynamicLayer()
+    plain.update(*states(3, 5))
+    growing = _GrowingLayer.taking_over(plain)
+    for width in (4, 9, 1):  # the last appends outgrow the first buffers (capacity 10)
+        new = states(3, width)
+        assert [torch.equal(a, b) for a, b in zip(growing.update(*new), plain.update(*new))] == [True, True]
+    growing.crop(-6)
+    plain.crop(-6)
+    assert growing.get_seq_length() == plain.get_seq_length() == 13
+    rows = torch.tensor([2, 0])
+    subset = copy.copy(growing)
+    subset.batch_select_indices(rows)
+    before = growing.keys.clone()
+    new = states(2, 3)
+    subset.update(*new)
+    assert torch.equal(growing.keys, before)  # the copy wrote into its own buffers
+    growing.append_rows(rows, new[0], new[1])
+    assert torch.equal(growing.keys[rows, :, -3:], new[0]) and torch.equal(growing.values[rows, :, -3:], new[1])
+    assert not growing.keys[1, :, -3:].any()  # the cell not run: zeros, finite
+    assert torch.equal(growing.keys[:, :, :13], plain.keys) and torch.equal(growing.values[:, :, :13], plain.values)
