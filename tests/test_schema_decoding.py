@@ -572,3 +572,26 @@ def test_the_growing_cache_layer_holds_what_a_dynamic_layer_holds():
     assert torch.equal(growing.keys[rows, :, -3:], new[0]) and torch.equal(growing.values[rows, :, -3:], new[1])
     assert not growing.keys[1, :, -3:].any()  # the cell not run: zeros, finite
     assert torch.equal(growing.keys[:, :, :13], plain.keys) and torch.equal(growing.values[:, :, :13], plain.values)
+
+
+def test_a_write_of_cells_of_different_lengths_in_two_passes_changes_nothing(random_model_and_processor):
+    """A write whose cells' lengths differ runs the longest cells' ends in a second pass (fewer padding slots); every
+    cell's next-token distribution, and what a later token reads back from the cache, equal one pass."""
+    from modeling_cell2text.schema_decoding import _DecodingState, first_pass_width
+
+    assert first_pass_width([2, 30, 30, 30], pass_cost=32) == 30  # 4 x 2 + 3 x 28 + 32 slots: more than 4 x 30
+    assert first_pass_width([2, 2, 2, 30], pass_cost=4) == 2  # one long cell: 4 x 2 + 28 + 4 slots, not 120
+    assert first_pass_width([], pass_cost=4) == 0
+    model, processor = random_model_and_processor
+    inputs = cells(processor, 4)
+    split, whole = _DecodingState(model, inputs), _DecodingState(model, inputs)
+    token_lists = [[11, 12], [13], [], list(range(20, 60))]  # one long cell: written in two passes
+    calls = split.calls
+    split.write(token_lists, pad_id=0)
+    assert split.calls == calls + 2
+    whole._write_pass(token_lists, pad_id=0)
+    assert torch.allclose(split.log_probs, whole.log_probs, atol=1e-9)
+    assert torch.equal(split.next_position, whole.next_position)
+    for state in (split, whole):
+        state.write([[7, 8]] * 4, pad_id=0)  # every cell, reading what the write left in the cache
+    assert torch.allclose(split.log_probs, whole.log_probs, atol=1e-9)
