@@ -338,13 +338,19 @@ class _DecodingState:
     """The batch's language-model state: KV cache, which cached positions each cell's text may see, the next
     position id, and the next-token log-probabilities after the text so far."""
 
-    def __init__(self, model, inputs: Mapping[str, torch.Tensor]):
+    def __init__(self, model, inputs: Mapping[str, torch.Tensor], opening: Sequence[int] = ()):
+        """Run the prompt of each cell of `inputs`, followed by `opening`: tokens every cell's text starts with."""
         self.model = model
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        if opening:
+            after = torch.tensor(list(opening), dtype=input_ids.dtype, device=input_ids.device)
+            after = after[None].expand(len(input_ids), -1)
+            input_ids = torch.cat([input_ids, after], dim=1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(after, dtype=attention_mask.dtype)], dim=1)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         cell_inputs = {k: inputs[k] for k in CELL_INPUT_NAMES if inputs.get(k) is not None}
         self.calls = 0  # model calls, and text tokens run after the prompt: what the benchmark reports
-        self.tokens = 0
+        self.tokens = len(opening) * len(input_ids)
         # The prompt's start that every cell shares (system message and the text before the cell tokens) runs once,
         # for one row, and its cache is copied to every row; the rest of the prompt runs on it.
         shared = shared_prompt_length(input_ids, attention_mask, getattr(model.config, "cell_token_id", None))
@@ -641,14 +647,16 @@ class SchemaDecoder:
         model.eval()
         tokenizer = self.processor.tokenizer
         pad_id = text_pad_token_id(tokenizer)
-        state = _DecodingState(model, inputs)
+        first_choice = next(iter(self.options))
+        state = _DecodingState(model, inputs, opening=self.shared_tokens[first_choice])  # run with the prompt
         n = inputs["input_ids"].shape[0]
         texts = [""] * n
         labels: list[dict[str, str | None]] = [{} for _ in range(n)]
         choice_results: dict[str, ChoiceResult] = {}
         pending: list[list[int]] = [[] for _ in range(n)]  # chosen tokens not yet run, written with the next prefix
         for choice, options in self.options.items():
-            pending = [tokens + self.shared_tokens[choice] for tokens in pending]
+            if choice != first_choice:
+                pending = [tokens + self.shared_tokens[choice] for tokens in pending]
             excluded = choice_results["pathway_1"].chosen if choice == "pathway_2" else [None] * n
             tree = self.trees[choice]
             if len(options) == 1:  # nothing to choose (e.g. one tissue): written with the next text, probability 1
