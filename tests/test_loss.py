@@ -169,3 +169,26 @@ def test_labels_only_keeps_the_loss_on_the_label_tokens(trainer):
         for label in (example["cell_type"], example["tissue"]):  # "normal" is written "healthy"
             assert label.replace(" ", "") in text.replace(" ", "")
         assert "sample" not in text and "originates" not in text  # template words carry no loss
+
+
+def test_cell_type_balance_draws_rare_cell_types_more_often(trainer):
+    """`cell_type_balance` swaps TRL's sampler (every cell once) for draws weighted by count ** -balance: at 1 every
+    cell type is drawn about equally often; the draws are the seed's."""
+    from torch.utils.data import WeightedRandomSampler
+
+    trainer_, _ = trainer
+    assert not isinstance(trainer_._get_train_sampler(), WeightedRandomSampler)  # 0 (the default): TRL's sampler
+    types = ["common"] * 90 + ["rare"] * 10
+    draws = list(sft.cell_type_balanced_sampler(types, 1.0, seed=0))
+    assert len(draws) == 100 and draws == list(sft.cell_type_balanced_sampler(types, 1.0, seed=0))
+    assert 35 <= sum(types[i] == "rare" for i in draws) <= 65  # a 10% type drawn about half of the time
+    assert sum(types[i] == "rare" for i in sft.cell_type_balanced_sampler(types, 0.0, seed=0)) <= 20
+    trainer_.cell_type_balance = 1.0
+    try:
+        sampler = trainer_._get_train_sampler()
+    finally:
+        trainer_.cell_type_balance = 0.0
+    assert isinstance(sampler, WeightedRandomSampler) and len(list(sampler)) == len(trainer_.train_dataset)
+    with pytest.raises(ValueError, match="cell_type_balance must be >= 0"):
+        sft.Cell2TextSFTTrainer(model=None, cell_type_balance=-1, projector_learning_rate=1e-3,
+                                gene_encoder_learning_rate=1e-5)

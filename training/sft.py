@@ -27,11 +27,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from pathlib import Path
 
 import torch
+from torch.utils.data import WeightedRandomSampler
 from datasets import DatasetDict
 from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, set_seed
 from transformers.trainer_utils import enable_full_determinism
@@ -105,6 +108,12 @@ class Cell2TextArguments(LoraArguments):
         metadata={"help": "Loss weight of the description's first sentence, which names the cell type (1: TRL's "
                   "loss). See training/loss.py."},
     )
+    cell_type_balance: float = field(
+        default=0.0,
+        metadata={"help": "Draw training cells with probability proportional to their cell type's count to the power "
+                  "-cell_type_balance (with replacement, as many draws as cells): 0 draws every cell once (TRL's "
+                  "sampler), 0.5 gives a type 4x rarer twice the draws per cell, 1 draws every type equally often."},
+    )
     cell_type_head_loss_weight: float = field(
         default=0.0,
         metadata={"help": "Weight of an auxiliary loss on the projector: a linear cell-type classifier on the mean "
@@ -141,13 +150,32 @@ class Cell2TextArguments(LoraArguments):
     )
 
 
+def cell_type_balanced_sampler(cell_types: Sequence[str], balance: float, seed: int) -> WeightedRandomSampler:
+    """Draws as many cells as there are, with replacement, each with probability proportional to its cell type's
+    count to the power -`balance` (seeded: the same draws on every process and run)."""
+    counts = Counter(cell_types)
+    weights = torch.tensor([counts[cell_type] ** -balance for cell_type in cell_types], dtype=torch.float64)
+    return WeightedRandomSampler(weights, num_samples=len(cell_types), replacement=True,
+                                 generator=torch.Generator().manual_seed(seed))
+
+
 class Cell2TextSFTTrainer(LabelledPositionsLossMixin, SFTTrainer):
     """`SFTTrainer` with one learning rate per part (projector, gene encoder, LoRA adapters) and the LM head run
     at labelled positions only (`training/loss.py`)."""
 
-    def __init__(self, *args, projector_learning_rate: float, gene_encoder_learning_rate: float, **kwargs):
+    def __init__(self, *args, projector_learning_rate: float, gene_encoder_learning_rate: float,
+                 cell_type_balance: float = 0.0, **kwargs):
         self.part_learning_rates = {"projector": projector_learning_rate, "gene_encoder": gene_encoder_learning_rate}
+        if cell_type_balance < 0:
+            raise ValueError(f"cell_type_balance must be >= 0 (0: every cell once), got {cell_type_balance}")
+        self.cell_type_balance = cell_type_balance
         super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None) -> torch.utils.data.Sampler | None:
+        if not self.cell_type_balance:
+            return super()._get_train_sampler(train_dataset)
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        return cell_type_balanced_sampler(dataset["cell_type"], self.cell_type_balance, self.args.seed)
 
     @staticmethod
     def part_of(parameter_name: str) -> str:
@@ -421,6 +449,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         "projector_learning_rate": args.projector_learning_rate,
         "gene_encoder_learning_rate": args.gene_encoder_learning_rate,
         "cell_type_loss_weight": args.cell_type_loss_weight,
+        "cell_type_balance": args.cell_type_balance,
         "cell_type_head_loss_weight": args.cell_type_head_loss_weight,
         "cell_type_head": args.cell_type_head,
         "cell_type_choice_loss_weight": args.cell_type_choice_loss_weight,
