@@ -19,7 +19,9 @@ Generation (`pipeline("cell-to-text")` with the installed package's classes, bf1
 256 with the dynamic cache, the static cache, and the static cache compiled (transformers compiles the decoding
 step of a static-cache `generate` on a GPU by itself: its `CompileConfig`, `disable_compile=False`), all three
 writing freely, then the schema-constrained decoder (the pipeline's default: every field chosen among the corpus's
-labels; its "new tokens/s" counts the same 100 tokens a cell for comparison). Printed per mode: cells/s, new
+labels; its "new tokens/s" counts the same 100 tokens a cell for comparison), and the decoder again with every
+write in one pass (the decoder splits a write whose cells' lengths differ by a pass cost measured on a CPU; this
+says whether that pays on the GPU). Printed per mode: cells/s, new
 tokens/s, peak memory and the warm-up (compile) time; for the schema decoder its model calls for the batch. The
 JSON gives each mode's start time, to read its GPU busy share from gpu_run.sh's smi.csv.
 
@@ -36,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from collections.abc import Callable
 from pathlib import Path
@@ -90,7 +93,8 @@ class Size:
     settings: tuple = ()
     generation_batch: int = 256
     new_tokens: int = 100
-    generation_modes: tuple = ("dynamic", "static", "static, compiled", "schema-constrained")
+    generation_modes: tuple = ("dynamic", "static", "static, compiled", "schema-constrained",
+                               "schema-constrained, one-pass writes")
 
 
 PAPER_ENCODER = dict(hidden_size=1152, num_hidden_layers=18, num_attention_heads=18, intermediate_size=4608,
@@ -105,9 +109,10 @@ PAPER_SETTINGS = (
       "--gradient_checkpointing", "false"]),
 )
 SIZES = {
-    "paper": Size(PAPER_ENCODER, LLAMA_3B, 20_000, 2_000, 4096, 256, 2048, timed_steps=3, settings=PAPER_SETTINGS),
+    "paper": Size(PAPER_ENCODER, LLAMA_3B, 20_000, 2_000, 4096, 256, 2048, timed_steps=5, settings=PAPER_SETTINGS),
     "smoke": Size(PAPER_ENCODER, LLAMA_3B, 20_000, 2_000, 4096, 256, 2048, timed_steps=1, settings=PAPER_SETTINGS[:2],
-                  generation_batch=32, new_tokens=20, generation_modes=("dynamic", "static", "schema-constrained")),
+                  generation_batch=32, new_tokens=20,
+                  generation_modes=("dynamic", "static", "schema-constrained", "schema-constrained, one-pass writes")),
     "tiny": Size(
         dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
              max_position_embeddings=256),
@@ -121,7 +126,8 @@ SIZES = {
              ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
               "--gradient_checkpointing", "false"]),
         ),
-        generation_batch=8, new_tokens=8, generation_modes=("dynamic", "static", "schema-constrained"),
+        generation_batch=8, new_tokens=8,
+        generation_modes=("dynamic", "static", "schema-constrained", "schema-constrained, one-pass writes"),
     ),
 }
 
@@ -369,11 +375,27 @@ def generation_modes(size: Size, device: str) -> list[tuple[str, dict]]:
     modes = {"dynamic": {"constrained": False},
              "static": {"constrained": False, "cache_implementation": "static", "disable_compile": True},
              "static, compiled": {"constrained": False, "cache_implementation": "static", "disable_compile": False},
-             "schema-constrained": {"constrained": True}}
+             "schema-constrained": {"constrained": True},
+             "schema-constrained, one-pass writes": {"constrained": True}}
     chosen = [(name, modes[name]) for name in size.generation_modes]
     if device != "cuda":  # transformers compiles static-cache decoding on GPUs only
         chosen = [(name, kwargs) for name, kwargs in chosen if name != "static, compiled"]
     return chosen
+
+
+@contextmanager
+def writes_in_one_pass(one_pass: bool):
+    """The schema decoder writes each segment in one pass, never splitting off the longest cells' ends (its pass
+    cost is this CPU's: whether the split pays on a GPU, where a call costs more, is what the two modes measure)."""
+    from modeling_cell2text import schema_decoding
+
+    saved = schema_decoding.PASS_COST_IN_TOKENS
+    if one_pass:
+        schema_decoding.PASS_COST_IN_TOKENS = sys.maxsize
+    try:
+        yield
+    finally:
+        schema_decoding.PASS_COST_IN_TOKENS = saved
 
 
 def measure_generation(size: Size, corpus: Path, encoder_dir: Path, lm_dir: Path, counts: sp.csr_matrix,
@@ -413,14 +435,15 @@ def measure_generation(size: Size, corpus: Path, encoder_dir: Path, lm_dir: Path
         if not kwargs.get("constrained"):  # free text: a fixed number of new tokens a cell
             call.update(max_new_tokens=size.new_tokens, min_new_tokens=size.new_tokens)
         reset_memory(device)
-        start = time.perf_counter()
-        describe(cells, genes, **call)  # warm-up: the same shapes as the timed call (compiles where it applies)
-        sync(device)
-        warm = time.perf_counter() - start
-        start = time.perf_counter()
-        out = describe(cells, genes, **call)
-        sync(device)
-        seconds = time.perf_counter() - start
+        with writes_in_one_pass(name.endswith("one-pass writes")):
+            start = time.perf_counter()
+            describe(cells, genes, **call)  # warm-up: the same shapes as the timed call (compiles where it applies)
+            sync(device)
+            warm = time.perf_counter() - start
+            start = time.perf_counter()
+            out = describe(cells, genes, **call)
+            sync(device)
+            seconds = time.perf_counter() - start
         # the schema decoder's model calls for the (one) batch: what bounds it on a GPU, where a call's cost is flat
         calls = describe.schema_decoder().calls if kwargs.get("constrained") else None
         on_result({"mode": name, "batch": n, "cells_per_s": n / seconds,

@@ -2,7 +2,8 @@
 # Runs benchmarks/gpu.py on one GPU machine (Python 3.12, torch + CUDA, no network), from the repository root, with
 # the git-ignored .gpu/ folder that benchmarks/gpu_prepare.sh made here carried along.
 #   bash benchmarks/gpu_run.sh [paper|smoke] [more gpu.py options]
-# paper: the full measurement (under 6 minutes on one H200); smoke: the same shapes, fewer steps (about 2 minutes).
+# paper: the full measurement (under 6 minutes on one H200 when it timed 3 steps a setting and 4 generation modes; now
+# 5 steps and 5 modes: leave 8 minutes, not measured yet); smoke: the same shapes, fewer steps (about 2 minutes).
 # Writes gpu_<size>.log, gpu_<size>.json and smi.csv (time, GPU utilisation and memory every second:
 # each generation mode's start time is in the JSON) into $OUT.
 set -uo pipefail

@@ -318,7 +318,8 @@ def growing_cache(cache):
 
 
 # What one more forward pass costs, in token slots run (its fixed cost: about 40 ms for a batch of 16 on the demo
-# model on 2 CPU cores, where a token slot costs about 1.2 ms).
+# model on 2 CPU cores, where a token slot costs about 1.2 ms). Read at each write, so that a benchmark can set it
+# (benchmarks/gpu.py times a GPU with writes never split, as a very large value gives).
 PASS_COST_IN_TOKENS = 32
 
 
@@ -424,7 +425,7 @@ class _DecodingState:
         """Append each cell's tokens (lengths may differ, even 0) to its text: in one forward pass, or in two where
         the lengths differ so much that a second pass for the longest cells' ends runs fewer token slots than one
         pass as wide as the longest cell (`first_pass_width`)."""
-        first = first_pass_width([len(tokens) for tokens in token_lists])
+        first = first_pass_width([len(tokens) for tokens in token_lists], PASS_COST_IN_TOKENS)
         self._write_pass([tokens[:first] for tokens in token_lists], pad_id)
         self._write_pass([tokens[first:] for tokens in token_lists], pad_id)
 

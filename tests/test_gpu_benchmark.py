@@ -39,9 +39,13 @@ def test_dry_run_trains_and_generates_through_the_recipe_on_the_cpu(tmp_path, ca
         assert t["cells_per_step"] == 8 and t["s_per_step"] > 0 and t["tokens_per_s"] > 0
         assert 0 < t["collator_share"] < 1
         assert len(t["losses"]) == 3 and all(math.isfinite(loss) for loss in t["losses"])
-    assert [g["mode"] for g in figures["generation"]] == ["dynamic", "static", "schema-constrained"]  # compiled: GPU
+    assert [g["mode"] for g in figures["generation"]] == ["dynamic", "static", "schema-constrained",
+                                                          "schema-constrained, one-pass writes"]  # compiled: GPU
     assert all(g["described"] == g["batch"] == 8 and g["new_tokens_per_s"] > 0 for g in figures["generation"])
     calls = {g["mode"]: g["model_calls"] for g in figures["generation"]}
     assert calls["dynamic"] is None and calls["schema-constrained"] >= 3  # prefill, a write, a choice at least
+    assert calls["schema-constrained, one-pass writes"] <= calls["schema-constrained"]
+    from modeling_cell2text import schema_decoding
+    assert schema_decoding.PASS_COST_IN_TOKENS == 32  # restored after the one-pass mode
     out = capsys.readouterr().out
     assert "s/step" in out and "cells/s" in out and "new tokens/s" in out
