@@ -288,9 +288,10 @@ class _GrowingLayer(DynamicLayer):
         start = self.keys.shape[-2]
         end = start + keys.shape[-2]
         self._reserve(end)
+        rows = rows.to(self._key_buffer.device)  # a model split over devices keeps each layer's cache on its own
         for buffer, new in ((self._key_buffer, keys), (self._value_buffer, values)):
             buffer[..., start:end, :] = 0
-            buffer[rows, :, start:end, :] = new
+            buffer[rows, :, start:end, :] = new.to(buffer.device)
         self._view(end)
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -301,6 +302,7 @@ class _GrowingLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Only the batch rows `indices`, in buffers of their own (a copy: the layer this one was copied from keeps
         its buffers)."""
+        indices = indices.to(self.keys.device)
         self._hold(self.keys[indices], self.values[indices], self._key_buffer.shape[-2])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
