@@ -595,3 +595,32 @@ def test_a_write_of_cells_of_different_lengths_in_two_passes_changes_nothing(ran
     for state in (split, whole):
         state.write([[7, 8]] * 4, pad_id=0)  # every cell, reading what the write left in the cache
     assert torch.allclose(split.log_probs, whole.log_probs, atol=1e-9)
+
+
+def test_one_cell_type_label_is_written_whole_after_the_prompt(random_model_and_processor):
+    """With one known cell type every token of its sentence but the last is shared by "all" options, so it runs with
+    the prompt (the opening) and the last with the next text: the description is whole, and the same as when the
+    whole sentence is written with the next text."""
+    model, processor = random_model_and_processor
+    saved = processor.ontology_term_ids
+    processor.ontology_term_ids = {**saved, "cell_type": {"B cell": "CL:0000236"}}
+    inputs = cells(processor, 3)
+    try:
+        decoder = SchemaDecoder(processor)
+        assert decoder.shared_tokens["cell_type"]  # the sentence's tokens but its last: the opening
+        described = decoder.describe(model, inputs)
+        unopened = SchemaDecoder(processor)  # no opening: the whole sentence is the option's own tokens
+        unopened.option_tokens["cell_type"] = [unopened.shared_tokens["cell_type"] + tokens
+                                               for tokens in unopened.option_tokens["cell_type"]]
+        unopened.shared_tokens["cell_type"] = []
+        reference = unopened.describe(model, inputs)
+    finally:
+        processor.ontology_term_ids = saved
+    results = schema_results(processor, described)
+    assert all(r["cell_type"] == "B cell" and r["cell_type_ontology_term_id"] == "CL:0000236" and r["parsed"]
+               for r in results)
+    assert described.texts == reference.texts and described.labels == reference.labels
+    for a, b in zip(described.log_likelihoods, reference.log_likelihoods):
+        assert a.keys() == b.keys()
+        for choice in a:
+            assert all(abs(a[choice][k] - b[choice][k]) < 1e-9 for k in a[choice])
