@@ -19,7 +19,8 @@ Generation (`pipeline("cell-to-text")` with the installed package's classes, bf1
 256 with the dynamic cache, the static cache, and the static cache compiled (transformers compiles the decoding
 step of a static-cache `generate` on a GPU by itself: its `CompileConfig`, `disable_compile=False`), all three
 writing freely, then the schema-constrained decoder (the pipeline's default: every field chosen among the corpus's
-labels; its "new tokens/s" counts the same 100 tokens a cell for comparison), and the decoder again with every
+labels; its "new tokens/s" counts the same 100 tokens a cell for comparison; the describe path it replaced before
+it: every cell-type label scored, the best written, 100 tokens generated after it), and the decoder again with every
 write in one pass (the decoder splits a write whose cells' lengths differ by a pass cost measured on a CPU; this
 says whether that pays on the GPU). Printed per mode: cells/s, new
 tokens/s, peak memory and the warm-up (compile) time; for the schema decoder its model calls for the batch. The
@@ -93,8 +94,8 @@ class Size:
     settings: tuple = ()
     generation_batch: int = 256
     new_tokens: int = 100
-    generation_modes: tuple = ("dynamic", "static", "static, compiled", "schema-constrained",
-                               "schema-constrained, one-pass writes")
+    generation_modes: tuple = ("dynamic", "static", "static, compiled", "former constrained describe",
+                               "schema-constrained", "schema-constrained, one-pass writes")
 
 
 PAPER_ENCODER = dict(hidden_size=1152, num_hidden_layers=18, num_attention_heads=18, intermediate_size=4608,
@@ -112,7 +113,8 @@ SIZES = {
     "paper": Size(PAPER_ENCODER, LLAMA_3B, 20_000, 2_000, 4096, 256, 2048, timed_steps=5, settings=PAPER_SETTINGS),
     "smoke": Size(PAPER_ENCODER, LLAMA_3B, 20_000, 2_000, 4096, 256, 2048, timed_steps=1, settings=PAPER_SETTINGS[:2],
                   generation_batch=32, new_tokens=20,
-                  generation_modes=("dynamic", "static", "schema-constrained", "schema-constrained, one-pass writes")),
+                  generation_modes=("dynamic", "static", "former constrained describe", "schema-constrained",
+                                    "schema-constrained, one-pass writes")),
     "tiny": Size(
         dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
              max_position_embeddings=256),
@@ -127,7 +129,8 @@ SIZES = {
               "--gradient_checkpointing", "false"]),
         ),
         generation_batch=8, new_tokens=8,
-        generation_modes=("dynamic", "static", "schema-constrained", "schema-constrained, one-pass writes"),
+        generation_modes=("dynamic", "static", "former constrained describe", "schema-constrained",
+                          "schema-constrained, one-pass writes"),
     ),
 }
 
@@ -375,12 +378,28 @@ def generation_modes(size: Size, device: str) -> list[tuple[str, dict]]:
     modes = {"dynamic": {"constrained": False},
              "static": {"constrained": False, "cache_implementation": "static", "disable_compile": True},
              "static, compiled": {"constrained": False, "cache_implementation": "static", "disable_compile": False},
+             "former constrained describe": {"constrained": False},
              "schema-constrained": {"constrained": True},
              "schema-constrained, one-pass writes": {"constrained": True}}
     chosen = [(name, modes[name]) for name in size.generation_modes]
     if device != "cuda":  # transformers compiles static-cache decoding on GPUs only
         chosen = [(name, kwargs) for name, kwargs in chosen if name != "static, compiled"]
     return chosen
+
+
+FORMER = "former constrained describe"
+
+
+def former_describe(describe, cells: sp.csr_matrix, genes: list[str], new_tokens: int) -> list[str]:
+    """The describe path the schema decoder replaced (issue 18's baseline): every known cell-type label scored
+    (`label_scoring.score_cell_types`), the best one's sentence written, the rest generated freely (`new_tokens`)."""
+    from modeling_cell2text.label_scoring import generate_with_cell_type
+
+    tokenized = describe.processor.feature_extractor.tokenize(cells, genes)
+    inputs = {name: value.to(describe.model.device) for name, value in describe.preprocess(tokenized).items()}
+    generated = generate_with_cell_type(describe.model, describe.processor, inputs, max_new_tokens=new_tokens,
+                                        min_new_tokens=new_tokens, do_sample=False)
+    return generated.texts
 
 
 @contextmanager
@@ -435,13 +454,15 @@ def measure_generation(size: Size, corpus: Path, encoder_dir: Path, lm_dir: Path
         if not kwargs.get("constrained"):  # free text: a fixed number of new tokens a cell
             call.update(max_new_tokens=size.new_tokens, min_new_tokens=size.new_tokens)
         reset_memory(device)
+        run = (lambda: former_describe(describe, cells, genes, size.new_tokens)) if name == FORMER else \
+            (lambda: describe(cells, genes, **call))
         with writes_in_one_pass(name.endswith("one-pass writes")):
             start = time.perf_counter()
-            describe(cells, genes, **call)  # warm-up: the same shapes as the timed call (compiles where it applies)
+            run()  # warm-up: the same shapes as the timed call (compiles where it applies)
             sync(device)
             warm = time.perf_counter() - start
             start = time.perf_counter()
-            out = describe(cells, genes, **call)
+            out = run()
             sync(device)
             seconds = time.perf_counter() - start
         # the schema decoder's model calls for the (one) batch: what bounds it on a GPU, where a call's cost is flat

@@ -39,7 +39,8 @@ def test_dry_run_trains_and_generates_through_the_recipe_on_the_cpu(tmp_path, ca
         assert t["cells_per_step"] == 8 and t["s_per_step"] > 0 and t["tokens_per_s"] > 0
         assert 0 < t["collator_share"] < 1
         assert len(t["losses"]) == 3 and all(math.isfinite(loss) for loss in t["losses"])
-    assert [g["mode"] for g in figures["generation"]] == ["dynamic", "static", "schema-constrained",
+    assert [g["mode"] for g in figures["generation"]] == ["dynamic", "static", "former constrained describe",
+                                                          "schema-constrained",
                                                           "schema-constrained, one-pass writes"]  # compiled: GPU
     assert all(g["described"] == g["batch"] == 8 and g["new_tokens_per_s"] > 0 for g in figures["generation"])
     calls = {g["mode"]: g["model_calls"] for g in figures["generation"]}
