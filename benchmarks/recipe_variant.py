@@ -6,7 +6,8 @@
 Needs the folds of `benchmarks/quality.py` (`--folds-dir`, default outputs/quality: one main-job folder per fold with
 its corpus, its prepared gene encoder and its model, and its quality_benchmark.json). For each fold the recipe is trained again on the fold's
 training split with the `--set` overrides (TRL / Cell2Text argument names), from the same seed and the same prepared
-encoder (copied, so nothing is re-selected), without the temperature fit; then the fold's model (the reference) and
+encoder (copied, so nothing is re-selected: a change of what the encoder is prepared for, such as num_cell_tokens,
+is refused before training), without the temperature fit; then the fold's model (the reference) and
 the variant each choose every validation cell's cell type among the known labels (exhaustive scoring, what the
 schema-constrained decoder chooses). The test folds are never read: an idea is kept or dropped on validation only.
 
@@ -64,6 +65,29 @@ def check_resumable(result_path: Path, args: argparse.Namespace) -> None:
         raise SystemExit(f"{result_path} was run with --set {' '.join(earlier.get('overrides') or [])} on "
                          f"{earlier.get('folds_dir')}; --resume reuses its models only for the same --set and "
                          "--folds-dir: pass another --out.")
+
+
+def check_encoder_reused(fold_dir: Path, cell2text_args, sft_config, pairs: list[str]) -> None:
+    """Refuse a change that would make the recipe prepare and select its own gene encoder instead of reusing the
+    fold's (one that changes what the encoder is prepared for, e.g. num_cell_tokens): the variant would then differ
+    from the reference by its encoder too, silently."""
+    from training.gene_encoder import PREPARED_ENCODER_DIR, EncoderSelection
+    from training.sft import encoder_preparation, load_corpus
+
+    if cell2text_args.gene_encoder_name_or_path is not None:
+        return
+    _, summary = load_corpus(cell2text_args.corpus_dir, cell2text_args)
+    wanted = encoder_preparation(cell2text_args, sft_config, summary)
+    selection = EncoderSelection.load(fold_dir / "sft" / PREPARED_ENCODER_DIR)
+    prepared_for = selection.prepared_for if selection is not None else None
+    if prepared_for != wanted:
+        changed = sorted(k for k in wanted if (prepared_for or {}).get(k) != wanted[k])
+        raise SystemExit(
+            f"--set {' '.join(pairs)} changes what the gene encoder is prepared for ({', '.join(changed)}), so the "
+            f"variant would prepare and select an encoder of its own instead of reusing {fold_dir.name}'s, and differ "
+            "from the reference by its encoder too. Compare such a change with benchmarks/quality.py (a full run "
+            "per fold), or leave these settings as the folds had them."
+        )
 
 
 def validation_cell_types(model_dir: Path, corpus, batch_size: int) -> list[str]:
@@ -130,6 +154,7 @@ def main() -> None:
                 "--corpus_dir", str(corpus_dir), "--text_model_name_or_path", str(llm_dir),
                 "--output_dir", str(out / "sft"), "--final_model_dir", str(model_dir),
                 "--overwrite_final_model_dir", "true", "--temperature_fit_cells", "0", "--seed", seed, *overrides])
+            check_encoder_reused(fold_dir, cell2text_args, sft_config, args.overrides)
             train_cell2text(cell2text_args, sft_config)
         corpus = load_from_disk(str(corpus_dir))
         truth = list(corpus["validation"]["cell_type"])

@@ -39,3 +39,34 @@ def test_set_takes_name_value_pairs():
     assert variant.recipe_overrides(["a=1", "b=x=y"]) == ["--a", "1", "--b", "x=y"]
     with pytest.raises(SystemExit, match="NAME=VALUE"):
         variant.recipe_overrides(["num_train_epochs"])
+
+
+def test_a_change_that_would_prepare_another_encoder_is_refused(tmp_path):
+    """The variant must reuse the fold's prepared encoder: a --set that changes what the encoder is prepared for
+    (num_cell_tokens here) would make the recipe prepare and select its own, so it is refused before training, naming
+    the setting; a change of the LLM side passes."""
+    from dataclasses import asdict
+
+    from tiny_parts import save_tiny_corpus
+
+    from training.demo import sft_arguments
+    from training.gene_encoder import PREPARED_ENCODER_DIR, SELECTION_FILE, EncoderSelection
+    from training.sft import encoder_preparation, load_corpus
+
+    variant = _recipe_variant()
+    fold = tmp_path / "fold-0"
+    corpus_dir = save_tiny_corpus(fold / "corpus")
+
+    def arguments(*extra: str):
+        return sft_arguments(["--corpus_dir", str(corpus_dir), "--text_model_name_or_path", "unused",
+                              "--output_dir", str(tmp_path / "out"), "--seed", "0", *extra])
+
+    args, config = arguments()
+    selection = EncoderSelection(candidates=[], validation_accuracy=[], best=0, path="x",
+                                 prepared_for=encoder_preparation(args, config, load_corpus(corpus_dir, args)[1]))
+    (fold / "sft" / PREPARED_ENCODER_DIR).mkdir(parents=True)
+    (fold / "sft" / PREPARED_ENCODER_DIR / SELECTION_FILE).write_text(json.dumps(asdict(selection)))
+    variant.check_encoder_reused(fold, args, config, [])
+    variant.check_encoder_reused(fold, *arguments("--cell_type_balance", "0.5"), ["cell_type_balance=0.5"])
+    with pytest.raises(SystemExit, match=r"prepared for \(num_cell_tokens\)"):
+        variant.check_encoder_reused(fold, *arguments("--num_cell_tokens", "32"), ["num_cell_tokens=32"])

@@ -299,6 +299,18 @@ def encoder_candidates(args: Cell2TextArguments) -> list[EncoderCandidate]:
     ]
 
 
+def encoder_preparation(args: Cell2TextArguments, training_args: SFTConfig, summary: dict) -> dict:
+    """What an encoder prepared on the corpus is prepared for (`EncoderSelection.prepared_for`): the corpus content
+    (its fingerprints) and the settings; an encoder prepared for anything else is prepared again, not reused."""
+    return {
+        "corpus_fingerprints": summary.get("fingerprints"),
+        "candidates": [asdict(c) for c in encoder_candidates(args)],
+        "epochs": args.encoder_epochs, "num_cell_tokens": args.num_cell_tokens, "seed": training_args.seed,
+        "feature_layer": FEATURE_LAYER,  # an encoder prepared before its config recorded this is prepared again
+        "selection_rule": SELECTION_RULE,  # as is one chosen by another rule
+    }
+
+
 def gene_encoder_path(args: Cell2TextArguments, training_args: SFTConfig, corpus, processor, summary: dict) -> str:
     """The pretrained encoder, or one prepared on the corpus.
 
@@ -309,12 +321,7 @@ def gene_encoder_path(args: Cell2TextArguments, training_args: SFTConfig, corpus
         return args.gene_encoder_name_or_path
     out_dir = Path(training_args.output_dir) / PREPARED_ENCODER_DIR
     candidates = encoder_candidates(args)
-    prepared_for = {
-        "corpus_fingerprints": summary.get("fingerprints"), "candidates": [asdict(c) for c in candidates],
-        "epochs": args.encoder_epochs, "num_cell_tokens": args.num_cell_tokens, "seed": training_args.seed,
-        "feature_layer": FEATURE_LAYER,  # an encoder prepared before its config recorded this is prepared again
-        "selection_rule": SELECTION_RULE,  # as is one chosen by another rule
-    }
+    prepared_for = encoder_preparation(args, training_args, summary)
     with training_args.main_process_first(desc="preparing the gene encoder on the corpus"):
         previous = EncoderSelection.load(out_dir)
         if previous is not None and previous.prepared_for == prepared_for:
