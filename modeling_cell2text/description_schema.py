@@ -18,7 +18,7 @@ Template (sentences whose fields are all missing are left out; the text never sa
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 # Development-stage buckets (arXiv 2509.24840): the only values `age_group` may take, in life order.
 AGE_GROUPS: tuple[str, ...] = (
@@ -209,6 +209,17 @@ def parse_description(text: str) -> CellDescription:
         )
     except ValueError as err:
         raise DescriptionParseError(f"Description holds an invalid field ({err}): {text[:200]!r}") from err
+
+
+def set_definition(text: str, definition: str | None) -> str:
+    """`text` with its cell type's definition sentence removed (`definition` None) or set to `definition`: what a
+    model trained without the definitions reads and writes, and its description for the reader. A text without a
+    cell type comes back unchanged. Raises `DescriptionParseError` for text that does not follow the template."""
+    description = parse_description(text)
+    definition = definition.strip().rstrip(".") if definition else None  # as CellDescription stores it
+    if description.cell_type is None or description.cell_type_definition == definition:
+        return text
+    return render_description(replace(description, cell_type_definition=definition))
 
 
 def parse_or_none(text: str) -> CellDescription | None:

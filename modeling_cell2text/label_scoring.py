@@ -262,8 +262,8 @@ def generate_with_cell_type(
     generated = model.generate(**padded, **cell_inputs, **generate_kwargs)
     check_outputs_line_up(padded["input_ids"], generated)
     width = padded["input_ids"].shape[1]
-    texts = [
-        tokenizer.decode(first + generated[i, width:].tolist(), skip_special_tokens=True).strip()
+    texts = [  # with the definition written in where the model does not write it
+        processor.reader_text(tokenizer.decode(first + generated[i, width:].tolist(), skip_special_tokens=True).strip())
         for i, first in enumerate(forced)
     ]
     return ConstrainedGeneration(texts, scores)

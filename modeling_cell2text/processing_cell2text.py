@@ -8,14 +8,15 @@ from transformers import BatchFeature, ProcessorMixin
 
 from .compatibility import check_model_and_processor
 from .text_padding import pad_token_rows, text_pad_token_id
-from .description_schema import ONTOLOGY_FIELDS, CellDescription, DescriptionParseError, parse_description
+from .description_schema import (ONTOLOGY_FIELDS, CellDescription, DescriptionParseError, parse_description,
+                                 parse_or_none, set_definition)
 
 DEFAULT_SYSTEM_PROMPT = "You are a single-cell biologist. Describe the cell concisely and professionally."
 DEFAULT_USER_PROMPT = "Gene expression embeddings: "
 CELL_TOKEN = "<cell>"
 # The processor's own settings (saved in processor_config.json beside its feature extractor and tokenizer).
 SETTINGS = ("chat_template", "num_cell_tokens", "system_prompt", "user_prompt", "ontology_term_ids",
-            "cell_type_definitions", "pathway_names", "age_groups")
+            "cell_type_definitions", "pathway_names", "age_groups", "definitions_in_model_text")
 
 
 class Cell2TextProcessor(ProcessorMixin):
@@ -37,6 +38,10 @@ class Cell2TextProcessor(ProcessorMixin):
         pathway_names (`list`, *optional*): the pathway names of the training corpus, among which the decoder
             chooses a cell's pathways.
         age_groups (`list`, *optional*): the age groups of the training corpus.
+        definitions_in_model_text (`bool`, defaults to True): whether the model reads and writes the cell type's
+            definition sentence. False: the model's text leaves it out (training targets, what the decoder feeds the
+            model, what free generation writes) and the processor writes it into each description from
+            `cell_type_definitions`, so the model reads ~70 fewer tokens a cell; the descriptions read the same.
     """
 
     def __init__(
@@ -51,6 +56,7 @@ class Cell2TextProcessor(ProcessorMixin):
         cell_type_definitions: dict[str, str] | None = None,
         pathway_names: Sequence[str] | None = None,
         age_groups: Sequence[str] | None = None,
+        definitions_in_model_text: bool = True,
         **kwargs,
     ):
         if kwargs:
@@ -76,6 +82,9 @@ class Cell2TextProcessor(ProcessorMixin):
         self.cell_type_definitions = dict(cell_type_definitions or {})
         self.pathway_names = list(pathway_names or [])
         self.age_groups = list(age_groups or [])
+        if not isinstance(definitions_in_model_text, bool):
+            raise TypeError(f"definitions_in_model_text must be True or False, got {definitions_in_model_text!r}.")
+        self.definitions_in_model_text = definitions_in_model_text
         super().__init__(feature_extractor, tokenizer, chat_template=chat_template)
 
     @classmethod
@@ -212,7 +221,31 @@ class Cell2TextProcessor(ProcessorMixin):
         eos = self.tokenizer.eos_token_id
         if eos is None:
             raise ValueError("The tokenizer has no eos_token; set tokenizer.eos_token so descriptions can end.")
-        return self.tokenizer(description, add_special_tokens=False)["input_ids"] + [eos]
+        return self.tokenizer(self.model_text(description), add_special_tokens=False)["input_ids"] + [eos]
+
+    def model_text(self, description: str) -> str:
+        """The text the model is trained on for `description`: the description itself, or without its definition
+        sentence where `definitions_in_model_text` is False."""
+        if self.definitions_in_model_text:
+            return description
+        try:
+            return set_definition(description, None)
+        except DescriptionParseError as err:
+            raise ValueError(
+                "definitions_in_model_text=False needs descriptions that follow the Cell2Text template (its definition "
+                f"sentence is found by parsing): {err}. Build the corpus with `python -m processing.build_corpus`, or "
+                "keep definitions_in_model_text=True."
+            ) from err
+
+    def reader_text(self, text: str) -> str:
+        """A description the model wrote, as the reader gets it: with its cell type's definition written in from
+        `cell_type_definitions` where the model was trained without definitions (text that does not follow the
+        template, or a cell type without a known definition, stays as written)."""
+        if self.definitions_in_model_text:
+            return text
+        parsed = parse_or_none(text)
+        definition = self.cell_type_definitions.get(parsed.cell_type) if parsed is not None and parsed.cell_type else None
+        return set_definition(text, definition) if definition else text
 
     def batch_decode(self, *args, **kwargs) -> list[str]:
         """Forwarded to the tokenizer's `batch_decode`."""
@@ -223,8 +256,10 @@ class Cell2TextProcessor(ProcessorMixin):
         return self.tokenizer.decode(*args, **kwargs)
 
     def post_process_generation(self, generated_ids, prompt_length: int) -> list[str]:
-        """The generated descriptions: the tokens after the (left-padded) prompt, decoded without special tokens."""
-        return [t.strip() for t in self.tokenizer.batch_decode(generated_ids[:, prompt_length:], skip_special_tokens=True)]
+        """The generated descriptions: the tokens after the (left-padded) prompt, decoded without special tokens
+        (`reader_text`: with the definition written in where the model does not write it)."""
+        texts = self.tokenizer.batch_decode(generated_ids[:, prompt_length:], skip_special_tokens=True)
+        return [self.reader_text(t.strip()) for t in texts]
 
     def parse_descriptions(self, texts: Sequence[str]) -> list[dict]:
         """Parse generated descriptions into fields plus their ontology term IDs (None where unknown).

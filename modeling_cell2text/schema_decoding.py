@@ -2,7 +2,8 @@
 
 A description follows a fixed template (`description_schema`): once its labels are chosen, its words are known. So
 the decoder writes the template words and the cell type's Cell Ontology definition itself (fed to the model in one
-forward pass per segment) and lets the model choose only the labels, each among the labels the processor learnt from
+forward pass per segment; a model trained without the definitions, `processor.definitions_in_model_text` False, is
+not fed the definition, which then costs nothing) and lets the model choose only the labels, each among the labels the processor learnt from
 its training corpus: the cell type, the tissue, the donor clause (sex, disease and age group), and two different
 pathways. Every description parses by construction and every label has its ontology id.
 
@@ -684,7 +685,8 @@ class SchemaDecoder:
                 pending[row] = pending[row] + list(self.option_tokens[choice][pick])
                 if choice == "cell_type" and labels[row]["cell_type"] in self.definitions:
                     sentence = definition_text(self.definitions[labels[row]["cell_type"]])
-                    pending[row] += tokens_in_context(tokenizer, texts[row] + text, sentence)
+                    if self.processor.definitions_in_model_text:  # else the model was trained without it: not read
+                        pending[row] += tokens_in_context(tokenizer, texts[row] + text, sentence)
                     text += sentence
                 texts[row] += text
         self.calls, self.tokens = state.calls, state.tokens

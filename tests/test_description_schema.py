@@ -12,6 +12,7 @@ from modeling_cell2text.description_schema import (
     DescriptionParseError,
     parse_description,
     render_description,
+    set_definition,
 )
 
 B_CELL_DEFINITION = "A lymphocyte of B lineage that is capable of B cell mediated immunity."
@@ -72,3 +73,18 @@ def test_label_spans_cover_exactly_the_labels():
         "B cell", "lung", "female", "COVID-19", "the elderly stage", "TCA Cycle", "Glycolysis"]
     healthy = render_description(CellDescription(cell_type="T cell", tissue="blood", disease="normal"))
     assert [healthy[a:b] for a, b in label_spans(healthy)] == ["T cell", "blood", "healthy "]
+
+
+def test_set_definition_removes_or_replaces_only_the_definition_sentence():
+    full = CellDescription(cell_type="B cell", cell_type_definition="A lymphocyte of B lineage", tissue="blood",
+                           disease="normal", pathways=("TCA Cycle",))
+    text = render_description(full)
+    short = set_definition(text, None)
+    assert "definition" not in short and parse_description(short) == CellDescription(
+        cell_type="B cell", tissue="blood", disease="normal", pathways=("TCA Cycle",))
+    assert set_definition(short, "A lymphocyte of B lineage.") == text
+    assert set_definition(text, "A lymphocyte of B lineage") is text  # already so: unchanged
+    no_cell_type = render_description(CellDescription(tissue="blood"))
+    assert set_definition(no_cell_type, "anything") == no_cell_type
+    with pytest.raises(DescriptionParseError):
+        set_definition("free text", None)

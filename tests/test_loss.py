@@ -9,6 +9,7 @@ from tiny_parts import save_tiny_corpus, save_tiny_parts
 from transformers import AutoConfig
 from trl import SFTConfig, SFTTrainer
 
+from modeling_cell2text.description_schema import set_definition
 from training import sft
 from training.collator import Cell2TextDataCollator
 from training.gene_encoder import record_preparation
@@ -169,6 +170,26 @@ def test_labels_only_keeps_the_loss_on_the_label_tokens(trainer):
         for label in (example["cell_type"], example["tissue"]):  # "normal" is written "healthy"
             assert label.replace(" ", "") in text.replace(" ", "")
         assert "sample" not in text and "originates" not in text  # template words carry no loss
+
+
+def test_labels_only_keeps_the_same_label_tokens_when_the_model_text_has_no_definitions(trainer):
+    """Without definitions in the model's text the targets are shorter, and labels_only finds the same labels in
+    them (its spans are the model text's, not the corpus description's)."""
+    trainer_, _ = trainer
+    processor = trainer_.processing_class
+    examples = [{**example, "description": set_definition(example["description"], "A lymphocyte of some lineage")}
+                for example in (trainer_.train_dataset[i] for i in range(3))]
+    with_definitions = Cell2TextDataCollator(processor, labels_only=True)(examples)
+    processor.definitions_in_model_text = False
+    try:
+        without = Cell2TextDataCollator(processor, labels_only=True)(examples)
+        full = Cell2TextDataCollator(processor)(examples)
+    finally:
+        processor.definitions_in_model_text = True
+    for row, example in enumerate(examples):
+        assert "definition" not in processor.tokenizer.decode(full["labels"][row][full["labels"][row] != -100])
+        kept = [batch["labels"][row][batch["labels"][row] != -100] for batch in (with_definitions, without)]
+        assert processor.tokenizer.decode(kept[0]) == processor.tokenizer.decode(kept[1])
 
 
 def test_cell_type_balance_draws_rare_cell_types_more_often(trainer):

@@ -126,6 +126,32 @@ def test_processor_round_trips_through_save_pretrained(processor, tmp_path):
         assert torch.equal(value, reloaded(counts, GENES)[key]), key
 
 
+def test_a_processor_without_definitions_in_the_model_text_trains_without_them_and_writes_them_back(
+        processor, tmp_path):
+    """`definitions_in_model_text=False`: the training targets leave the definition sentence out, free generation's
+    text gets it back from `cell_type_definitions`, and the setting survives save_pretrained."""
+    description = render_description(CellDescription(
+        cell_type="B cell", cell_type_definition="A lymphocyte of B lineage", tissue="blood", disease="normal"))
+    short = render_description(CellDescription(cell_type="B cell", tissue="blood", disease="normal"))
+    processor.cell_type_definitions = {"B cell": "A lymphocyte of B lineage"}
+    processor.definitions_in_model_text = False
+    batch = processor(counts_with_genes([5]), GENES, descriptions=[description])
+    kept = batch["labels"][0][batch["labels"][0] != -100]
+    assert processor.tokenizer.decode(kept[:-1]) == short
+    assert processor.reader_text(short) == description and processor.reader_text("not a description") == \
+        "not a description"
+    generated = processor.tokenizer(" " + short, return_tensors="pt")["input_ids"]
+    assert processor.post_process_generation(torch.cat([torch.zeros_like(generated), generated], 1),
+                                             generated.shape[1]) == [description]
+    processor.save_pretrained(tmp_path)
+    assert Cell2TextProcessor.from_pretrained(tmp_path).definitions_in_model_text is False
+    with pytest.raises(ValueError, match="follow the Cell2Text template"):
+        processor(counts_with_genes([5]), GENES, descriptions=["Some free text."])
+    processor.definitions_in_model_text = True  # the default: the model reads and writes the definition
+    labels = processor(counts_with_genes([5]), GENES, descriptions=[description])["labels"][0]
+    assert processor.tokenizer.decode(labels[labels != -100][:-1]) == description
+
+
 def test_unknown_processor_settings_are_refused_not_dropped(processor):
     # A misspelt setting was silently dropped: the processor then used 256 cell tokens instead of 8.
     with pytest.raises(TypeError, match=r"unknown arguments \['num_cel_tokens'\]"):

@@ -624,3 +624,38 @@ def test_one_cell_type_label_is_written_whole_after_the_prompt(random_model_and_
         assert a.keys() == b.keys()
         for choice in a:
             assert all(abs(a[choice][k] - b[choice][k]) < 1e-9 for k in a[choice])
+
+
+def test_a_model_trained_without_definitions_is_not_fed_them_and_its_descriptions_hold_them(
+        random_model_and_processor):
+    """With `definitions_in_model_text` False the decoder reads what a processor without definitions would have it
+    read (the same choices and log-likelihoods, fewer tokens), and each description still states its cell type's
+    definition, written in by the code."""
+    model, processor = random_model_and_processor
+    definitions = processor.cell_type_definitions
+    inputs = cells(processor, 6)
+    try:
+        processor.cell_type_definitions = {}
+        unfed = SchemaDecoder(processor)
+        reference = unfed.describe(model, inputs)
+        processor.cell_type_definitions = definitions
+        processor.definitions_in_model_text = False
+        decoder = SchemaDecoder(processor)
+        described = decoder.describe(model, inputs)
+        fed = SchemaDecoder(processor)
+        processor.definitions_in_model_text = True
+        fed.describe(model, inputs)
+    finally:
+        processor.cell_type_definitions = definitions
+        processor.definitions_in_model_text = True
+    assert described.labels == reference.labels
+    for a, b in zip(described.log_likelihoods, reference.log_likelihoods):
+        for choice in a:
+            assert all(abs(a[choice][k] - b[choice][k]) < 1e-9 for k in a[choice])
+    assert decoder.tokens == unfed.tokens < fed.tokens
+    with_definition = [labels["cell_type"] in definitions for labels in described.labels]
+    assert any(with_definition)
+    for text, labels, stated in zip(described.texts, described.labels, with_definition):
+        parsed = parse_description(text)
+        assert parsed.cell_type == labels["cell_type"]
+        assert parsed.cell_type_definition == (definitions[labels["cell_type"]] if stated else None)

@@ -406,6 +406,28 @@ def test_init_from_runs_no_code_from_the_folder_unless_asked(parts_and_corpus, t
     assert trusted == [True]
 
 
+def test_definitions_in_model_text_is_the_new_models_choice_and_init_froms_setting(parts_and_corpus, tmp_path):
+    """Unset, a new processor keeps the definitions in the model's text and init_from's folder keeps its own
+    setting; asking init_from for the other one is refused (the model was trained on the other text)."""
+    import training.sft as sft_module
+    from modeling_cell2text import Cell2TextFeatureExtractor, Cell2TextProcessor
+    from transformers import AutoTokenizer
+
+    lm_dir, corpus_dir = parts_and_corpus
+    new = Cell2TextArguments(corpus_dir=str(corpus_dir), text_model_name_or_path=str(lm_dir), num_cell_tokens=8)
+    assert sft_module.build_processor(new, Path(corpus_dir), {}).definitions_in_model_text is True
+    new.definitions_in_model_text = False
+    assert sft_module.build_processor(new, Path(corpus_dir), {}).definitions_in_model_text is False
+    Cell2TextProcessor(Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor"),
+                       AutoTokenizer.from_pretrained(lm_dir), num_cell_tokens=8,
+                       definitions_in_model_text=False).save_pretrained(tmp_path / "trained")
+    args = Cell2TextArguments(corpus_dir=str(corpus_dir), init_from=str(tmp_path / "trained"))
+    assert sft_module.build_processor(args, Path(corpus_dir), {}).definitions_in_model_text is False
+    args.definitions_in_model_text = True
+    with pytest.raises(ValueError, match="leave it unset"):
+        sft_module.build_processor(args, Path(corpus_dir), {})
+
+
 def test_cell_type_stage_trains_on_the_first_sentence_then_on_full_descriptions(parts_and_corpus, tmp_path,
                                                                                  monkeypatch):
     import training.sft as sft_module

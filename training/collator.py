@@ -80,8 +80,8 @@ class Cell2TextDataCollator:
             descriptions=descriptions,
             return_tensors="pt",
         )
-        if self.labels_only:
-            self._keep_label_tokens(batch["labels"], descriptions)
+        if self.labels_only:  # the label spans of the text the model is trained on (without a definition, maybe)
+            self._keep_label_tokens(batch["labels"], [self.processor.model_text(d) for d in descriptions])
         if self.cell_type_labels is not None:
             batch["cell_type_index"] = torch.tensor(
                 [self.cell_type_labels.get(example.get("cell_type"), -100) for example in examples])

@@ -134,6 +134,13 @@ class Cell2TextArguments(LoraArguments):
         metadata={"help": "Put the loss on the tokens of the labels a description states only (what the "
                   "schema-constrained decoder chooses), not on the template words and definition it writes itself."},
     )
+    definitions_in_model_text: bool | None = field(
+        default=None,
+        metadata={"help": "Train the LLM on the descriptions with the cell type's Cell Ontology definition (True), or "
+                  "without it (False: the processor writes the definition into every description, and the decoder "
+                  "does not feed it to the model, ~70 fewer tokens a cell to train on and to read). Unset: True, or "
+                  "init_from's setting."},
+    )
     temperature_fit_cells: int = field(
         default=1000,
         metadata={"help": "Fit the model's cell_type_temperature (the calibration of cell_type_score) on up to this "
@@ -272,6 +279,12 @@ def build_processor(
                 f"model {args.init_from}. Rebuild it with the model's: "
                 f"python -m processing.build_corpus ... --feature-extractor {args.init_from}"
             )
+        if args.definitions_in_model_text not in (None, processor.definitions_in_model_text):
+            raise ValueError(
+                f"definitions_in_model_text={args.definitions_in_model_text}, but the model {args.init_from} was "
+                f"trained with definitions_in_model_text={processor.definitions_in_model_text}: leave it unset to "
+                "fine-tune it as it was trained, or start from the parts (text_model_name_or_path) to change it."
+            )
         return processor
     if args.text_model_name_or_path is None:
         raise ValueError("Set text_model_name_or_path (an instruct LLM), or init_from (a trained Cell2Text).")
@@ -282,6 +295,7 @@ def build_processor(
         tokenizer,
         num_cell_tokens=args.num_cell_tokens,
         ontology_term_ids=summary.get("ontology_term_ids", {}),
+        definitions_in_model_text=args.definitions_in_model_text is not False,
         **(description_vocabulary(train_split) if train_split is not None else {}),
     )
 
