@@ -11,6 +11,12 @@ is refused before training), without the temperature fit; then the fold's model 
 the variant each choose every validation cell's cell type among the known labels (exhaustive scoring, what the
 schema-constrained decoder chooses). The test folds are never read: an idea is kept or dropped on validation only.
 
+With `--variant-folds-dir` instead of `--set`, nothing is trained: the variant is the fold models of a second
+`benchmarks/quality.py` run, e.g. at a commit that changes the recipe's default (its folds must have the same
+validation cells and the same prepared encoder as the reference's, else it is refused):
+
+    python benchmarks/recipe_variant.py --variant-folds-dir outputs/quality-new --out outputs/variant-new
+
 Printed per fold and pooled over the folds' validation cells: both accuracies, the paired difference and the exact
 McNemar p-value. Written: `<out>/recipe_variant.json` (settings, commit, per-cell predictions), after every fold;
 `--resume` keeps the variant models already trained in `<out>`. About 6 minutes per fold on 2 CPU cores.
@@ -34,8 +40,12 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folds-dir", type=Path, default=REPO / "outputs" / "quality",
                         help="the --out folder of benchmarks/quality.py (its fold-* folders)")
-    parser.add_argument("--set", dest="overrides", nargs="+", required=True, metavar="NAME=VALUE",
-                        help="recipe arguments that make the variant, e.g. cell_type_head_loss_weight=1.0")
+    variant = parser.add_mutually_exclusive_group(required=True)
+    variant.add_argument("--set", dest="overrides", nargs="+", metavar="NAME=VALUE",
+                         help="recipe arguments that make the variant, e.g. cell_type_head_loss_weight=1.0")
+    variant.add_argument("--variant-folds-dir", type=Path, default=None,
+                         help="the --out folder of a second benchmarks/quality.py run whose fold models are the "
+                         "variant (nothing is trained)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume", action="store_true", help="keep the variant models already trained in --out")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -61,7 +71,8 @@ def check_resumable(result_path: Path, args: argparse.Namespace) -> None:
     if not args.resume:
         raise SystemExit(f"{result_path} exists: pass --resume to keep its trained folds, or another --out.")
     earlier = json.loads(result_path.read_text())
-    if earlier.get("overrides") != args.overrides or Path(earlier.get("folds_dir", "")) != args.folds_dir:
+    if earlier.get("overrides") != args.overrides or Path(earlier.get("folds_dir", "")) != args.folds_dir or \
+            earlier.get("variant_folds_dir") != (str(args.variant_folds_dir) if args.variant_folds_dir else None):
         raise SystemExit(f"{result_path} was run with --set {' '.join(earlier.get('overrides') or [])} on "
                          f"{earlier.get('folds_dir')}; --resume reuses its models only for the same --set and "
                          "--folds-dir: pass another --out.")
@@ -88,6 +99,27 @@ def check_encoder_reused(fold_dir: Path, cell2text_args, sft_config, pairs: list
             "from the reference by its encoder too. Compare such a change with benchmarks/quality.py (a full run "
             "per fold), or leave these settings as the folds had them."
         )
+
+
+def check_same_folds(reference: Path, variant: Path) -> None:
+    """Refuse a variant fold (of another quality run) that differs from its reference by more than the recipe: other
+    validation cells, or another prepared gene encoder (its weights)."""
+    import hashlib
+
+    from datasets import load_from_disk
+
+    from training.gene_encoder import PREPARED_ENCODER_DIR
+
+    def cells(fold: Path) -> list[str]:
+        return list(load_from_disk(str(fold / "corpus"))["validation"]["cell_id"])
+
+    def encoder(fold: Path) -> str:
+        return hashlib.sha256((fold / "sft" / PREPARED_ENCODER_DIR / "model.safetensors").read_bytes()).hexdigest()
+
+    for what, read in (("validation cells", cells), ("prepared gene encoder", encoder)):
+        if read(reference) != read(variant):
+            raise SystemExit(f"{variant} differs from {reference} in its {what}: the two quality runs differ by more "
+                             "than the recipe (another seed, fold count or encoder), so their models cannot be paired.")
 
 
 def validation_cell_types(model_dir: Path, corpus, batch_size: int) -> list[str]:
@@ -135,7 +167,7 @@ def main() -> None:
     result_path = args.out / "recipe_variant.json"
     check_resumable(result_path, args)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    overrides = recipe_overrides(args.overrides)
+    overrides = recipe_overrides(args.overrides or [])
     benchmark = json.loads((args.folds_dir / "quality_benchmark.json").read_text())
     seed = str(benchmark["seed"])  # the folds' recipe seed, so the variant differs from the reference only by --set
     if benchmark.get("max_steps"):
@@ -147,7 +179,13 @@ def main() -> None:
         corpus_dir = fold_dir / "corpus"
         model_dir = out / "model"
         started = time.perf_counter()
-        if not (args.resume and (model_dir / "model.safetensors").exists()):
+        if args.variant_folds_dir is not None:
+            model_dir = args.variant_folds_dir / fold_dir.name / "cell2text-demo"
+            if not (model_dir / "config.json").exists():
+                raise SystemExit(f"{model_dir} holds no model: run benchmarks/quality.py --out {args.variant_folds_dir}"
+                                 " to the end first.")
+            check_same_folds(fold_dir, args.variant_folds_dir / fold_dir.name)
+        elif not (args.resume and (model_dir / "model.safetensors").exists()):
             shutil.copytree(fold_dir / "sft" / PREPARED_ENCODER_DIR, out / "sft" / PREPARED_ENCODER_DIR,
                             dirs_exist_ok=True)
             cell2text_args, sft_config = sft_arguments([
@@ -174,6 +212,8 @@ def main() -> None:
                                                                                   f["cell_type_true"]))])
         args.out.mkdir(parents=True, exist_ok=True)
         result_path.write_text(json.dumps({"overrides": args.overrides, "commit": commit,
+                                           "variant_folds_dir": str(args.variant_folds_dir) if args.variant_folds_dir
+                                           else None,
                                            "folds_dir": str(args.folds_dir), "complete": len(folds) == len(fold_dirs),
                                            "pooled": pooled, "folds": folds}, indent=1))
     print(f"pooled over {pooled['num_cells']} validation cells: reference {pooled['reference_accuracy']:.3f}, variant "

@@ -23,13 +23,14 @@ def test_resume_reuses_models_only_of_the_same_change_and_folds(tmp_path):
     variant = _recipe_variant()
     result = tmp_path / "recipe_variant.json"
     folds = tmp_path / "folds"
-    args = argparse.Namespace(overrides=["num_train_epochs=2"], folds_dir=folds, resume=False)
+    args = argparse.Namespace(overrides=["num_train_epochs=2"], folds_dir=folds, resume=False, variant_folds_dir=None)
     variant.check_resumable(result, args)  # nothing there yet
     result.write_text(json.dumps({"overrides": ["num_train_epochs=2"], "folds_dir": str(folds)}))
     with pytest.raises(SystemExit, match="pass --resume"):
         variant.check_resumable(result, args)
     variant.check_resumable(result, argparse.Namespace(**{**vars(args), "resume": True}))
-    for other in ({"overrides": ["num_train_epochs=3"]}, {"folds_dir": tmp_path / "other"}):
+    for other in ({"overrides": ["num_train_epochs=3"]}, {"folds_dir": tmp_path / "other"},
+                  {"overrides": None, "variant_folds_dir": tmp_path / "new"}):
         with pytest.raises(SystemExit, match="same --set and --folds-dir"):
             variant.check_resumable(result, argparse.Namespace(**{**vars(args), "resume": True, **other}))
 
@@ -70,3 +71,29 @@ def test_a_change_that_would_prepare_another_encoder_is_refused(tmp_path):
     variant.check_encoder_reused(fold, *arguments("--cell_type_balance", "0.5"), ["cell_type_balance=0.5"])
     with pytest.raises(SystemExit, match=r"prepared for \(num_cell_tokens\)"):
         variant.check_encoder_reused(fold, *arguments("--num_cell_tokens", "32"), ["num_cell_tokens=32"])
+
+
+def test_a_second_quality_run_is_paired_only_on_the_same_cells_and_encoder(tmp_path):
+    """--variant-folds-dir pairs two quality runs' fold models: refused where a fold's validation cells or its
+    prepared encoder's weights differ (the runs would differ by more than the recipe)."""
+    from tiny_parts import save_tiny_corpus
+
+    from training.gene_encoder import PREPARED_ENCODER_DIR
+
+    variant = _recipe_variant()
+    folds = {name: tmp_path / name / "fold-0" for name in ("reference", "variant")}
+    for fold in folds.values():
+        save_tiny_corpus(fold / "corpus")
+        (fold / "sft" / PREPARED_ENCODER_DIR).mkdir(parents=True)
+        (fold / "sft" / PREPARED_ENCODER_DIR / "model.safetensors").write_bytes(b"weights")
+    variant.check_same_folds(folds["reference"], folds["variant"])
+    (folds["variant"] / "sft" / PREPARED_ENCODER_DIR / "model.safetensors").write_bytes(b"other weights")
+    with pytest.raises(SystemExit, match="in its prepared gene encoder"):
+        variant.check_same_folds(folds["reference"], folds["variant"])
+    from datasets import load_from_disk
+
+    corpus = load_from_disk(str(folds["reference"] / "corpus"))
+    corpus["validation"] = corpus["validation"].map(lambda row: {"cell_id": row["cell_id"] + "-other"})
+    corpus.save_to_disk(str(tmp_path / "other" / "corpus"))  # checked before the encoder: none is needed here
+    with pytest.raises(SystemExit, match="in its validation cells"):
+        variant.check_same_folds(folds["reference"], tmp_path / "other")
