@@ -8,6 +8,7 @@ from datasets import load_from_disk
 from tiny_parts import save_tiny_parts
 from trl import SFTConfig
 
+from modeling_cell2text import Cell2TextProcessor
 from modeling_cell2text.description_schema import DescriptionParseError, parse_description
 from processing.build_corpus import BuildOptions, build_corpus
 from processing.presets import pbmc68k_reduced
@@ -25,7 +26,8 @@ def test_build_train_reload_evaluate(tmp_path):
     # encoder on the corpus.
     args = Cell2TextArguments(corpus_dir=str(tmp_path / "corpus"), text_model_name_or_path=str(lm_dir),
                               num_cell_tokens=8, projector_hidden_size=16, encoder_hidden_size=16, encoder_epochs=1,
-                              encoder_candidate_layers=[1], max_train_samples=64, max_eval_samples=16)
+                              encoder_candidate_layers=[1], max_train_samples=64, max_eval_samples=16,
+                              definitions_in_model_text=False)  # as the demo recipe trains
     config = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=8,
                        eval_strategy="steps", eval_steps=3, save_steps=3, load_best_model_at_end=True,
                        metric_for_best_model="eval_loss", bf16=False, gradient_checkpointing=False,
@@ -42,6 +44,11 @@ def test_build_train_reload_evaluate(tmp_path):
     assert len(per_cell["cell_type_pred"]) == 20 and set(per_cell["cell_type_pred"]) <= labels
     assert all(0.0 < score <= 1.0 for score in per_cell["cell_type_score"])
     assert all(text.startswith("This sample consists of ") for text in texts)
+    # the model was trained without the definitions; every description states its cell type's, written in by the code
+    definitions = Cell2TextProcessor.from_pretrained(model_dir).cell_type_definitions
+    assert not Cell2TextProcessor.from_pretrained(model_dir).definitions_in_model_text
+    assert all(parse_description(text).cell_type_definition == definitions[cell_type].rstrip(".")
+               for text, cell_type in zip(texts, per_cell["cell_type_pred"]))
     assert set(results["fields"]) >= {"cell_type", "tissue", "disease"}
     assert "ontology_similarity" in results["fields"]["cell_type"]
     report = write_report(results, per_cell, tmp_path / "report")
