@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -130,6 +131,26 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return f"GPU: {torch.cuda.get_device_name(0)}"
     return f"CPU only ({torch.get_num_threads()} threads)"
+
+
+def environment() -> dict:
+    """The CPU and the package versions the figures came from. The same seed trains other weights on a CPU with
+    other bf16 kernels or with another release of the libraries, and at 490 training cells that moves a fold's
+    accuracy by several cells (docs/results.md), so a figure is its machine's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 platform.processor())
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    packages = {}
+    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "numpy", "scikit-learn"):
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    return {"cpu": model, "cpu_bf16": sorted(set(flags) & {"avx512_bf16", "amx_bf16"}),
+            "python": platform.python_version(), "packages": packages}
 
 
 def fold_cells(fold_dir: Path) -> dict:
@@ -262,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "date": started.strftime("%Y-%m-%d"),
             **settings,
             "device": device_name(),
+            "environment": environment(),
             "config": "training/configs/demo.yaml",
             "complete": [f["fold"] for f in folds] == list(range(args.folds)),
             "pooled": pooled_figures(folds),

@@ -128,7 +128,7 @@ class Cell2TextProcessor(ProcessorMixin):
         Pass either expression (`cells`: AnnData, sparse or dense cells x genes, with `gene_ids` for matrices) or
         already tokenized cells (`gene_input_ids`: rank-value token lists, e.g. a corpus column, with their
         expression bins `gene_value_ids` for a value-aware feature extractor). With
-        `descriptions` (training) each prompt is followed by its description and EOS, `labels` hold the
+        `descriptions` (training) each prompt is followed by its description (`model_text`) and EOS, `labels` hold the
         description tokens only (prompt, placeholders and padding are -100) and padding is on the right; without
         (generation) the prompt ends with the assistant turn's opening and padding is on the left.
 
