@@ -27,7 +27,7 @@ def test_build_train_reload_evaluate(tmp_path):
     args = Cell2TextArguments(corpus_dir=str(tmp_path / "corpus"), text_model_name_or_path=str(lm_dir),
                               num_cell_tokens=8, projector_hidden_size=16, encoder_hidden_size=16, encoder_epochs=1,
                               encoder_candidate_layers=[1], max_train_samples=64, max_eval_samples=16,
-                              definitions_in_model_text=False)  # as the demo recipe trains
+                              definitions_in_model_text=False)  # the option's path, end to end
     config = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=8,
                        eval_strategy="steps", eval_steps=3, save_steps=3, load_best_model_at_end=True,
                        metric_for_best_model="eval_loss", bf16=False, gradient_checkpointing=False,
