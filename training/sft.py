@@ -138,7 +138,7 @@ class Cell2TextArguments(LoraArguments):
         default=None,
         metadata={"help": "Train the LLM on the descriptions with the cell type's Cell Ontology definition (True), or "
                   "without it (False: the processor writes the definition into every description, and the decoder "
-                  "does not feed it to the model, ~70 fewer tokens a cell to train on and to read). Unset: True, or "
+                  "does not feed it to the model: fewer tokens to train on and to read). Unset: True, or "
                   "init_from's setting."},
     )
     temperature_fit_cells: int = field(
