@@ -152,6 +152,21 @@ def test_a_processor_without_definitions_in_the_model_text_trains_without_them_a
     assert processor.tokenizer.decode(labels[labels != -100][:-1]) == description
 
 
+def test_a_definitions_setting_that_is_not_a_bool_is_refused_not_read_as_true(processor, tmp_path):
+    """A processor_config.json saying "definitions_in_model_text": "false" (a string, truthy) would feed the model
+    text it was never trained on: refused on load."""
+    import json
+
+    processor.definitions_in_model_text = False
+    processor.save_pretrained(tmp_path)
+    config_file = next(f for f in tmp_path.glob("*.json") if "definitions_in_model_text" in f.read_text())
+    config = json.loads(config_file.read_text())
+    config["definitions_in_model_text"] = "false"
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(TypeError, match="definitions_in_model_text must be True or False"):
+        Cell2TextProcessor.from_pretrained(tmp_path)
+
+
 def test_unknown_processor_settings_are_refused_not_dropped(processor):
     # A misspelt setting was silently dropped: the processor then used 256 cell tokens instead of 8.
     with pytest.raises(TypeError, match=r"unknown arguments \['num_cel_tokens'\]"):
