@@ -20,9 +20,9 @@ Generation (`pipeline("cell-to-text")` with the installed package's classes, bf1
 step of a static-cache `generate` on a GPU by itself: its `CompileConfig`, `disable_compile=False`), all three
 writing freely, then the schema-constrained decoder (the pipeline's default: every field chosen among the corpus's
 labels; its "new tokens/s" counts the same 100 tokens a cell for comparison; the describe path it replaced before
-it: every cell-type label scored, the best written, 100 tokens generated after it), and the decoder again with every
-write in one pass (the decoder splits a write whose cells' lengths differ by a pass cost measured on a CPU; this
-says whether that pays on the GPU). Printed per mode: cells/s, new
+it: every cell-type label scored, the best written, 100 tokens generated after it), and the decoder again on padded
+rows (`schema_decoding.PACK_TOKENS` False: every step as wide as its widest cell, long writes split at a pass cost
+measured on a CPU; the default packs each step's real tokens into one row: this says what packing gains on the GPU). Printed per mode: cells/s, new
 tokens/s, peak memory and the warm-up (compile) time; for the schema decoder its model calls for the batch. The
 JSON gives each mode's start time, to read its GPU busy share from gpu_run.sh's smi.csv.
 
@@ -95,7 +95,7 @@ class Size:
     generation_batch: int = 256
     new_tokens: int = 100
     generation_modes: tuple = ("dynamic", "static", "static, compiled", "former constrained describe",
-                               "schema-constrained", "schema-constrained, one-pass writes")
+                               "schema-constrained", "schema-constrained, padded rows")
 
 
 PAPER_ENCODER = dict(hidden_size=1152, num_hidden_layers=18, num_attention_heads=18, intermediate_size=4608,
@@ -114,7 +114,7 @@ SIZES = {
     "smoke": Size(PAPER_ENCODER, LLAMA_3B, 20_000, 2_000, 4096, 256, 2048, timed_steps=1, settings=PAPER_SETTINGS[:2],
                   generation_batch=32, new_tokens=20,
                   generation_modes=("dynamic", "static", "former constrained describe", "schema-constrained",
-                                    "schema-constrained, one-pass writes")),
+                                    "schema-constrained, padded rows")),
     "tiny": Size(
         dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
              max_position_embeddings=256),
@@ -130,7 +130,7 @@ SIZES = {
         ),
         generation_batch=8, new_tokens=8,
         generation_modes=("dynamic", "static", "former constrained describe", "schema-constrained",
-                          "schema-constrained, one-pass writes"),
+                          "schema-constrained, padded rows"),
     ),
 }
 
@@ -380,7 +380,7 @@ def generation_modes(size: Size, device: str) -> list[tuple[str, dict]]:
              "static, compiled": {"constrained": False, "cache_implementation": "static", "disable_compile": False},
              "former constrained describe": {"constrained": False},
              "schema-constrained": {"constrained": True},
-             "schema-constrained, one-pass writes": {"constrained": True}}
+             "schema-constrained, padded rows": {"constrained": True}}
     chosen = [(name, modes[name]) for name in size.generation_modes]
     if device != "cuda":  # transformers compiles static-cache decoding on GPUs only
         chosen = [(name, kwargs) for name, kwargs in chosen if name != "static, compiled"]
@@ -403,18 +403,17 @@ def former_describe(describe, cells: sp.csr_matrix, genes: list[str], new_tokens
 
 
 @contextmanager
-def writes_in_one_pass(one_pass: bool):
-    """The schema decoder writes each segment in one pass, never splitting off the longest cells' ends (its pass
-    cost is this CPU's: whether the split pays on a GPU, where a call costs more, is what the two modes measure)."""
+def padded_rows(padded: bool):
+    """The schema decoder runs its steps on padded rows (and splits long writes at this CPU's pass cost) instead of
+    packing each step's real tokens into one row: what packing gains on a GPU is what the two modes measure."""
     from modeling_cell2text import schema_decoding
 
-    saved = schema_decoding.PASS_COST_IN_TOKENS
-    if one_pass:
-        schema_decoding.PASS_COST_IN_TOKENS = sys.maxsize
+    saved = schema_decoding.PACK_TOKENS
+    schema_decoding.PACK_TOKENS = saved and not padded
     try:
         yield
     finally:
-        schema_decoding.PASS_COST_IN_TOKENS = saved
+        schema_decoding.PACK_TOKENS = saved
 
 
 def measure_generation(size: Size, corpus: Path, encoder_dir: Path, lm_dir: Path, counts: sp.csr_matrix,
@@ -456,7 +455,7 @@ def measure_generation(size: Size, corpus: Path, encoder_dir: Path, lm_dir: Path
         reset_memory(device)
         run = (lambda: former_describe(describe, cells, genes, size.new_tokens)) if name == FORMER else \
             (lambda: describe(cells, genes, **call))
-        with writes_in_one_pass(name.endswith("one-pass writes")):
+        with padded_rows(name.endswith("padded rows")):
             start = time.perf_counter()
             run()  # warm-up: the same shapes as the timed call (compiles where it applies)
             sync(device)

@@ -476,9 +476,10 @@ def test_cells_whose_choice_is_settled_skip_the_search_steps_and_change_nothing(
                                                                                 monkeypatch):
     """A search step runs only the cells that still have a partial option to extend (the others' cache grows with
     keys they never see): descriptions, log-likelihoods and unexplored options are those of running every cell, and
-    fewer token slots run."""
+    fewer token slots run (the padded-rows path, which a model that cannot run packed steps takes)."""
     from modeling_cell2text import schema_decoding
 
+    monkeypatch.setattr(schema_decoding, "PACK_TOKENS", False)
     model, processor = random_model_and_processor
     inputs = cells(processor, 8, seed=5)
     decoder = SchemaDecoder(processor, num_beams=1, max_tree_tokens=0)
@@ -537,6 +538,99 @@ def test_a_step_of_some_cells_gives_each_cell_its_own_keys(random_model_and_proc
     assert torch.allclose(some.log_probs, every.log_probs, atol=1e-9)
 
 
+def _same_descriptions(a, b, tolerance: float) -> None:
+    """Two decoders' outputs for the same batch agree: texts, labels, and every log-likelihood within `tolerance`."""
+    assert a.texts == b.texts and a.labels == b.labels and a.not_exact == b.not_exact
+    for x, y in zip(a.log_likelihoods, b.log_likelihoods):
+        assert x.keys() == y.keys()
+        for choice in x:
+            assert x[choice].keys() == y[choice].keys()
+            assert max(abs(x[choice][k] - y[choice][k]) for k in x[choice]) < tolerance, choice
+
+
+def test_a_packed_step_equals_a_padded_step(random_model_and_processor):
+    """`_forward_packed` runs only the real tokens, packed into one row (tiny Llama with grouped-query attention):
+    its log-probabilities, and what a later token of each cell reads back from the cache, equal running every cell
+    with padding (a key scattered into the wrong cell or slot fails it)."""
+    from modeling_cell2text.schema_decoding import _DecodingState
+
+    model, processor = random_model_and_processor
+    inputs = cells(processor, 4)
+    packed, padded = _DecodingState(model, inputs), _DecodingState(model, inputs)
+    assert packed._packable()
+    n, width = 4, 3
+    ids = torch.randint(5, 100, (n, width), generator=torch.Generator().manual_seed(0))
+    real = torch.tensor([[True] * 3, [False] * 3, [True, True, False], [True, False, False]])
+    new = torch.ones(width, width, dtype=torch.bool).tril()[None] & real[:, None, :]
+    new |= torch.eye(width, dtype=torch.bool)[None]
+    runs = []
+    for state, run in ((packed, packed._forward_packed), (padded, padded._forward)):
+        allowed = torch.cat([state.visible[:, None, :].expand(n, width, -1), new], dim=2)
+        positions = state.next_position[:, None] + torch.arange(width)
+        runs.append(run(ids, allowed, positions, real, real))
+        state.visible = torch.cat([state.visible, real], dim=1)
+        state.next_position = state.next_position + real.sum(dim=1)
+        state.write([[7, 8]] * n, pad_id=0)  # every cell, reading what the step left in the cache
+    assert packed.tokens == padded.tokens and packed.cache.get_seq_length() == padded.cache.get_seq_length()
+    assert torch.equal(runs[0].index, runs[1].index)
+    assert torch.allclose(runs[0].values, runs[1].values, atol=1e-9)
+    assert torch.allclose(packed.log_probs, padded.log_probs, atol=1e-9)
+    assert model.model.language_model.config._attn_implementation == "sdpa"  # restored after the packed pass
+
+
+def test_packed_decoding_describes_as_padded_rows_do(random_model_and_processor, monkeypatch):
+    """The decoder's default (packed steps) and padded rows give the same descriptions and log-likelihoods, and a
+    model whose language model does not attend with SDPA decodes with padded rows."""
+    from modeling_cell2text import schema_decoding
+
+    model, processor = random_model_and_processor
+    inputs = cells(processor, 8, seed=5)
+    decoder = SchemaDecoder(processor, num_beams=2, max_tree_tokens=0)
+    packed_steps = []
+    forward_packed = schema_decoding._DecodingState._forward_packed
+
+    def counted(self, *args):
+        packed_steps.append(args[0].shape)
+        return forward_packed(self, *args)
+
+    monkeypatch.setattr(schema_decoding._DecodingState, "_forward_packed", counted)
+    packed = decoder.describe(model, inputs)
+    assert packed_steps  # the writes and the search ran packed
+    monkeypatch.setattr(schema_decoding, "PACK_TOKENS", False)
+    _same_descriptions(packed, decoder.describe(model, inputs), 1e-9)  # float64 model
+    monkeypatch.setattr(schema_decoding, "PACK_TOKENS", True)
+    inputs = cells(processor, 4)  # prompts of one length: a float64 model under eager attention gets NaN at padding
+    packed = decoder.describe(model, inputs)
+    packed_steps.clear()
+    monkeypatch.setattr(model.model.language_model.config, "_attn_implementation", "eager")
+    _same_descriptions(packed, decoder.describe(model, inputs), 1e-4)  # float32 log-softmax of other float64 sums
+    assert not packed_steps
+
+
+def test_nan_logits_stop_the_decoder_instead_of_leaving_a_cell_without_labels(random_model_and_processor):
+    """A NaN log-likelihood never beats another option: before this check a cell whose logits were NaN got an empty
+    description and no labels, silently (seen with a float64 model under eager attention, whose left-padded prompt
+    positions turn NaN). Now the decoder refuses, naming the causes."""
+    import copy
+
+    model, processor = random_model_and_processor
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.model.language_model.norm.weight[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN logits"):
+        SchemaDecoder(processor).describe(broken, cells(processor, 4))
+
+
+def test_packed_attention_without_its_layout_names_the_fix():
+    """An architecture that does not hand its keyword arguments to its attention function would give the packed
+    attention no layout: a clear error naming the setting that turns packing off, not a shape error."""
+    from modeling_cell2text.schema_decoding import packed_attention
+
+    states = torch.zeros(1, 2, 3, 4)
+    with pytest.raises(RuntimeError, match="PACK_TOKENS = False"):
+        packed_attention(torch.nn.Module(), states, states, states, None)
+
+
 def test_the_growing_cache_layer_holds_what_a_dynamic_layer_holds():
     """The decoder's cache layer writes in place instead of concatenating; after appending, cropping, selecting rows
     and appending to some rows it holds exactly what `DynamicLayer` holds, and a row-selected copy (a search step of
@@ -574,9 +668,12 @@ def test_the_growing_cache_layer_holds_what_a_dynamic_layer_holds():
     assert torch.equal(growing.keys[:, :, :13], plain.keys) and torch.equal(growing.values[:, :, :13], plain.values)
 
 
-def test_a_write_of_cells_of_different_lengths_in_two_passes_changes_nothing(random_model_and_processor):
-    """A write whose cells' lengths differ runs the longest cells' ends in a second pass (fewer padding slots); every
-    cell's next-token distribution, and what a later token reads back from the cache, equal one pass."""
+def test_a_write_of_cells_of_different_lengths_in_two_passes_changes_nothing(random_model_and_processor,
+                                                                           monkeypatch):
+    """On padded rows a write whose cells' lengths differ runs the longest cells' ends in a second pass (fewer padding
+    slots); every cell's next-token distribution, and what a later token reads back from the cache, equal one pass.
+    Packed, the same write is one pass."""
+    from modeling_cell2text import schema_decoding
     from modeling_cell2text.schema_decoding import _DecodingState, first_pass_width
 
     assert first_pass_width([2, 30, 30, 30], pass_cost=32) == 30  # 4 x 2 + 3 x 28 + 32 slots: more than 4 x 30
@@ -586,15 +683,21 @@ def test_a_write_of_cells_of_different_lengths_in_two_passes_changes_nothing(ran
     inputs = cells(processor, 4)
     split, whole = _DecodingState(model, inputs), _DecodingState(model, inputs)
     token_lists = [[11, 12], [13], [], list(range(20, 60))]  # one long cell: written in two passes
-    calls = split.calls
+    packed = _DecodingState(model, inputs)
+    calls = packed.calls
+    packed.write(token_lists, pad_id=0)
+    assert packed.calls == calls + 1
+    monkeypatch.setattr(schema_decoding, "PACK_TOKENS", False)
     split.write(token_lists, pad_id=0)
     assert split.calls == calls + 2
     whole._write_pass(token_lists, pad_id=0)
     assert torch.allclose(split.log_probs, whole.log_probs, atol=1e-9)
     assert torch.equal(split.next_position, whole.next_position)
-    for state in (split, whole):
+    assert torch.allclose(packed.log_probs, whole.log_probs, atol=1e-9)
+    for state in (split, whole, packed):
         state.write([[7, 8]] * 4, pad_id=0)  # every cell, reading what the write left in the cache
     assert torch.allclose(split.log_probs, whole.log_probs, atol=1e-9)
+    assert torch.allclose(packed.log_probs, whole.log_probs, atol=1e-9)
 
 
 def test_one_cell_type_label_is_written_whole_after_the_prompt(random_model_and_processor):
