@@ -32,8 +32,8 @@ its prefix, at least theirs), so the probabilities sum to 1 over the field's lab
 temperature (the cell type's `cell_type_temperature`, fitted on exhaustive scoring; the others'
 `field_temperatures`, fitted on this distribution). A whole tree is exhaustive scoring, distribution included.
 
-This file travels as remote code with a saved model: it imports only torch, transformers' cache layer and its sibling
-modules.
+This file travels as remote code with a saved model: it imports only torch, transformers' cache layer and attention
+registry, and its sibling modules.
 """
 
 from __future__ import annotations
@@ -275,7 +275,8 @@ class _Packing:
         return padded
 
 
-# The attention implementation a packed forward pass runs under (registered below): per cell, over its own cache.
+# The attention implementation a packed forward pass runs under (`_forward_packed` registers it): per cell, over its
+# own cache.
 PACKED_ATTENTION = "cell2text_packed_sdpa"
 
 
@@ -302,8 +303,6 @@ def packed_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
         output, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, *args, **kwargs)
     return output[cell2text_packing.rows, cell2text_packing.slots][None], None
 
-
-AttentionInterface.register(PACKED_ATTENTION, packed_attention)
 
 # Whether a decoding step runs only its real tokens (packed, `packed_attention`) where the language model attends
 # with SDPA and the cache's layers grow in place; False: padded rows (`_DecodingState._forward_rows`).
@@ -511,6 +510,8 @@ class _DecodingState:
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         config = self.model.model.language_model.config
         layers, implementation = self.cache.layers, config._attn_implementation
+        # registered here, not on import: a model folder's copy of this file (remote code) registers its own
+        AttentionInterface.register(PACKED_ATTENTION, packed_attention)
         try:
             config._attn_implementation = PACKED_ATTENTION  # this pass only: restored below
             for layer in layers:
