@@ -268,11 +268,21 @@ class _Packing:
     batch: int
     width: int
 
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rows` and `slots` on `device` (a model split over devices keeps each layer on its own)."""
+        return self.rows.to(device), self.slots.to(device)
+
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """(1, heads, tokens, dim) -> (batch, heads, width, dim), zeros where a cell has no token."""
+        rows, slots = self.on(packed.device)
         padded = packed.new_zeros((self.batch, packed.shape[1], self.width, packed.shape[-1]))
-        padded[self.rows, :, self.slots] = packed[0].transpose(0, 1)
+        padded[rows, :, slots] = packed[0].transpose(0, 1)
         return padded
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        """(batch, width, heads, dim) -> (1, tokens, heads, dim): the real tokens' rows, in order."""
+        rows, slots = self.on(padded.device)
+        return padded[rows, slots][None]
 
 
 # The attention implementation a packed forward pass runs under (`_forward_packed` registers it): per cell, over its
@@ -301,7 +311,7 @@ def packed_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
             enable_gqa=query.shape[1] != key.shape[1]).transpose(1, 2)
     else:  # transformers' SDPA path (its own kernel choices on a GPU; it refuses softcapping)
         output, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, *args, **kwargs)
-    return output[cell2text_packing.rows, cell2text_packing.slots][None], None
+    return cell2text_packing.pack(output), None
 
 
 # Whether a decoding step runs only its real tokens (packed, `packed_attention`) where the language model attends
@@ -357,9 +367,9 @@ class _GrowingLayer(DynamicLayer):
         else:
             end = start + self.packing.width
             self._reserve(end)
-            slots = start + self.packing.slots
-            self._key_buffer[self.packing.rows, :, slots] = key_states[0].transpose(0, 1)
-            self._value_buffer[self.packing.rows, :, slots] = value_states[0].transpose(0, 1)
+            rows, slots = self.packing.on(self._key_buffer.device)
+            self._key_buffer[rows, :, start + slots] = key_states[0].transpose(0, 1)
+            self._value_buffer[rows, :, start + slots] = value_states[0].transpose(0, 1)
         self._view(end)
         return self.keys, self.values
 
