@@ -512,32 +512,6 @@ def test_cells_whose_choice_is_settled_skip_the_search_steps_and_change_nothing(
             assert all(abs(x - y) < 1e-9 for (_, x), (_, y) in zip(a[choice], b[choice]))
 
 
-def test_a_step_of_some_cells_gives_each_cell_its_own_keys(random_model_and_processor):
-    """`_forward_rows` runs only the cells with tokens: their log-probabilities, and what a later token of theirs
-    reads back from the cache, equal running every cell (a cell's keys put in another cell's row fail it)."""
-    from modeling_cell2text.schema_decoding import _DecodingState
-
-    model, processor = random_model_and_processor
-    inputs = cells(processor, 4)
-    some, every = _DecodingState(model, inputs), _DecodingState(model, inputs)
-    n, width = 4, 3
-    ids = torch.randint(5, 100, (n, width), generator=torch.Generator().manual_seed(0))
-    real = torch.tensor([[True] * 3, [False] * 3, [True, True, False], [False] * 3])
-    new = torch.ones(width, width, dtype=torch.bool).tril()[None] & real[:, None, :]
-    new |= torch.eye(width, dtype=torch.bool)[None]
-    runs = []
-    for state, run in ((some, some._forward_rows), (every, every._forward)):
-        allowed = torch.cat([state.visible[:, None, :].expand(n, width, -1), new], dim=2)
-        positions = state.next_position[:, None] + torch.arange(width)
-        runs.append(run(ids, allowed, positions, real, real))
-        state.visible = torch.cat([state.visible, real], dim=1)
-        state.next_position = state.next_position + real.sum(dim=1)
-        state.write([[7, 8]] * n, pad_id=0)  # every cell, reading what the step left in the cache
-    assert some.calls == every.calls and some.cache.get_seq_length() == every.cache.get_seq_length()
-    assert torch.allclose(runs[0].values, runs[1].values, atol=1e-9)
-    assert torch.allclose(some.log_probs, every.log_probs, atol=1e-9)
-
-
 def _same_descriptions(a, b, tolerance: float) -> None:
     """Two decoders' outputs for the same batch agree: texts, labels, and every log-likelihood within `tolerance`."""
     assert a.texts == b.texts and a.labels == b.labels and a.not_exact == b.not_exact
@@ -548,34 +522,40 @@ def _same_descriptions(a, b, tolerance: float) -> None:
             assert max(abs(x[choice][k] - y[choice][k]) for k in x[choice]) < tolerance, choice
 
 
-def test_a_packed_step_equals_a_padded_step(random_model_and_processor):
-    """`_forward_packed` runs only the real tokens, packed into one row (tiny Llama with grouped-query attention):
-    its log-probabilities, and what a later token of each cell reads back from the cache, equal running every cell
-    with padding (a key scattered into the wrong cell or slot fails it)."""
+@pytest.mark.parametrize("method, real", [
+    ("_forward_rows", [[1, 1, 1], [0, 0, 0], [1, 1, 0], [0, 0, 0]]),
+    ("_forward_packed", [[1, 1, 1], [0, 0, 0], [1, 1, 0], [1, 0, 0]]),
+])
+def test_a_step_with_padding_gives_each_cell_its_own_keys(random_model_and_processor, method, real):
+    """A step whose rows hold padding, run on the cells with tokens only (`_forward_rows`) or on the real tokens
+    packed into one row (`_forward_packed`; tiny Llama with grouped-query attention): its log-probabilities, and what
+    a later token of each cell reads back from the cache, equal running every cell with padding (`_forward`; a key
+    put in another cell's row or slot fails it)."""
     from modeling_cell2text.schema_decoding import _DecodingState
 
     model, processor = random_model_and_processor
     inputs = cells(processor, 4)
-    packed, padded = _DecodingState(model, inputs), _DecodingState(model, inputs)
-    assert packed._packable()
-    n, width = 4, 3
+    tested, padded = _DecodingState(model, inputs), _DecodingState(model, inputs)
+    assert tested._packable()
+    real = torch.tensor(real, dtype=torch.bool)
+    n, width = real.shape
     ids = torch.randint(5, 100, (n, width), generator=torch.Generator().manual_seed(0))
-    real = torch.tensor([[True] * 3, [False] * 3, [True, True, False], [True, False, False]])
     new = torch.ones(width, width, dtype=torch.bool).tril()[None] & real[:, None, :]
     new |= torch.eye(width, dtype=torch.bool)[None]
     runs = []
-    for state, run in ((packed, packed._forward_packed), (padded, padded._forward)):
+    for state, run in ((tested, getattr(tested, method)), (padded, padded._forward)):
         allowed = torch.cat([state.visible[:, None, :].expand(n, width, -1), new], dim=2)
         positions = state.next_position[:, None] + torch.arange(width)
         runs.append(run(ids, allowed, positions, real, real))
         state.visible = torch.cat([state.visible, real], dim=1)
         state.next_position = state.next_position + real.sum(dim=1)
         state.write([[7, 8]] * n, pad_id=0)  # every cell, reading what the step left in the cache
-    assert packed.tokens == padded.tokens and packed.cache.get_seq_length() == padded.cache.get_seq_length()
+    assert tested.calls == padded.calls and tested.tokens == padded.tokens
+    assert tested.cache.get_seq_length() == padded.cache.get_seq_length()
     assert torch.equal(runs[0].index, runs[1].index)
     assert torch.allclose(runs[0].values, runs[1].values, atol=1e-9)
-    assert torch.allclose(packed.log_probs, padded.log_probs, atol=1e-9)
-    assert model.model.language_model.config._attn_implementation == "sdpa"  # restored after the packed pass
+    assert torch.allclose(tested.log_probs, padded.log_probs, atol=1e-9)
+    assert model.model.language_model.config._attn_implementation == "sdpa"  # restored after a packed pass
 
 
 def test_packed_decoding_describes_as_padded_rows_do(random_model_and_processor, monkeypatch):
