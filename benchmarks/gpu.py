@@ -22,9 +22,10 @@ writing freely, then the schema-constrained decoder (the pipeline's default: eve
 labels; its "new tokens/s" counts the same 100 tokens a cell for comparison; the describe path it replaced before
 it: every cell-type label scored, the best written, 100 tokens generated after it), and the decoder again on padded
 rows (`schema_decoding.PACK_TOKENS` False: every step as wide as its widest cell, long writes split at a pass cost
-measured on a CPU; the default packs each step's real tokens into one row: this says what packing gains on the GPU). Printed per mode: cells/s, new
-tokens/s, peak memory and the warm-up (compile) time; for the schema decoder its model calls for the batch. The
-JSON gives each mode's start time, to read its GPU busy share from gpu_run.sh's smi.csv.
+measured on a CPU; the default packs each step's real tokens into one row: this says what packing gains on the
+GPU). Printed per mode: cells/s, new tokens/s, peak memory and the warm-up (compile) time; for the schema decoder its
+model calls for the batch. The JSON gives each mode's start time, to read its GPU busy share from gpu_run.sh's
+smi.csv.
 
 `--size smoke` keeps the paper shapes with fewer steps and a smaller generation batch (a quick check of a GPU
 set-up); `--time-budget` skips the stages that would start after it (the generation modes come last, in order).

@@ -20,11 +20,12 @@ having scored a few options instead of all. A model that spreads its probability
 beam search after `tree.max_depth` steps, so a choice takes at most twice its tree's depth in model calls. A small
 tree (`max_tree_tokens`) is instead scored whole in one forward pass: each of its nodes is a token that sees only its
 ancestors, so every option gets its exact log-likelihood. Model calls per batch: the prefill (with the words every
-description starts with), one or two per choice to write the text before it (two where the cells' texts differ so
-much in length that the longest cells' ends cost less in a pass of their own than as padding, on padded rows), and the search's
-steps; none scales with the number of labels. The KV cache grows in place (`_GrowingLayer`), not by concatenation,
-and a step whose cells feed different numbers of tokens runs only the real ones, packed into one row of the language
-model with attention per cell (`packed_attention`), so no projection or MLP runs on padding.
+description starts with), one or two per choice to write the text before it (two, on padded rows only, where the
+cells' texts differ so much in length that the longest cells' ends cost less in a pass of their own than as
+padding), and the search's steps; none scales with the number of labels. The KV cache grows in place
+(`_GrowingLayer`), not by concatenation, and a step whose cells feed different numbers of tokens runs only the real
+ones, packed into one row of the language model with attention per cell (`packed_attention`), so no projection or
+MLP runs on padding.
 
 The score of a field is its chosen label's probability: its share of the softmax over the options scored and the
 partial options the search left unexplored, each standing for the options under it (its log-likelihood is that of
