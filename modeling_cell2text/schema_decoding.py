@@ -469,17 +469,21 @@ class _DecodingState:
     def device(self) -> torch.device:
         return self.visible.device
 
+    def _additive_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """(cells, q, cached + q) booleans -> the 4D additive mask the model takes: 0 where allowed, the dtype's
+        minimum elsewhere."""
+        dtype = self.model.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
     def _forward(self, ids: torch.Tensor, allowed: torch.Tensor, positions: torch.Tensor, real: torch.Tensor,
                  keep: torch.Tensor) -> torch.Tensor:
         """Run `ids` (cells, q) on the cache; `allowed` (cells, q, cached + q) says what each new token sees; `real`
         marks the tokens that are not padding (counted in `tokens`). Returns the next-token log-probabilities at the
         positions `keep` marks, the only ones computed (the LM head over the vocabulary is most of the cost of a step
         on a small LM)."""
-        dtype = self.model.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        settings = dict(input_ids=ids, attention_mask=mask[:, None], position_ids=positions, cache=self.cache,
-                        use_cache=True)
+        settings = dict(input_ids=ids, attention_mask=self._additive_mask(allowed), position_ids=positions,
+                        cache=self.cache, use_cache=True)
         head = self.model.get_output_embeddings()
         body = getattr(self.model, "model", None)
         if head is None or body is None:  # not a Cell2TextForConditionalGeneration: every position's logits
@@ -494,15 +498,15 @@ class _DecodingState:
               keep: torch.Tensor) -> _KeptLogProbs:
         """A decoding step whose rows hold padding (`real` False): packed where the model allows it
         (`_forward_packed`), else the cells that have a token (`_forward_rows`)."""
-        if PACK_TOKENS and self._packable():
+        if self._packable():
             return self._forward_packed(ids, allowed, positions, real, keep)
         return self._forward_rows(ids, allowed, positions, real, keep)
 
     def _packable(self) -> bool:
-        """Whether a packed pass can run: the cache's layers grow in place and the language model attends with SDPA
-        (the implementation `packed_attention` runs per cell)."""
+        """Whether steps run packed: `PACK_TOKENS` is on, the cache's layers grow in place and the language model
+        attends with SDPA (the implementation `packed_attention` runs per cell)."""
         layers = getattr(self.cache, "layers", None) or []
-        if not layers or not all(isinstance(layer, _GrowingLayer) for layer in layers):
+        if not PACK_TOKENS or not layers or not all(isinstance(layer, _GrowingLayer) for layer in layers):
             return False
         language_model = getattr(getattr(self.model, "model", None), "language_model", None)
         return (language_model is not None and self.model.get_output_embeddings() is not None
@@ -516,9 +520,6 @@ class _DecodingState:
         the rest never visible). Same log-probabilities as `_forward`, to float rounding (a test)."""
         rows, slots = real.nonzero(as_tuple=True)
         packing = _Packing(rows, slots, ids.shape[0], ids.shape[1])
-        dtype = self.model.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         config = self.model.model.language_model.config
         layers, implementation = self.cache.layers, config._attn_implementation
         # registered here, not on import: a model folder's copy of this file (remote code) registers its own
@@ -527,7 +528,7 @@ class _DecodingState:
             config._attn_implementation = PACKED_ATTENTION  # this pass only: restored below
             for layer in layers:
                 layer.packing = packing
-            hidden = self.model.model(input_ids=ids[rows, slots][None], attention_mask=mask[:, None],
+            hidden = self.model.model(input_ids=ids[rows, slots][None], attention_mask=self._additive_mask(allowed),
                                       position_ids=positions[rows, slots][None], cache=self.cache, use_cache=True,
                                       cell2text_packing=packing).last_hidden_state
         finally:
@@ -570,8 +571,7 @@ class _DecodingState:
         slots than one pass as wide as the longest cell (`first_pass_width`). A packed pass runs no padding but in
         attention, so it is always one (measured on the demo model: one pass 3% faster than two)."""
         lengths = [len(tokens) for tokens in token_lists]
-        packed = PACK_TOKENS and self._packable()
-        first = max(lengths, default=0) if packed else first_pass_width(lengths, PASS_COST_IN_TOKENS)
+        first = max(lengths, default=0) if self._packable() else first_pass_width(lengths, PASS_COST_IN_TOKENS)
         self._write_pass([tokens[:first] for tokens in token_lists], pad_id)
         self._write_pass([tokens[first:] for tokens in token_lists], pad_id)
 

@@ -601,6 +601,27 @@ def test_nan_logits_stop_the_decoder_instead_of_leaving_a_cell_without_labels(ra
         SchemaDecoder(processor).describe(broken, cells(processor, 4))
 
 
+def test_a_packed_pass_that_fails_leaves_the_model_and_cache_as_they_were(random_model_and_processor, monkeypatch):
+    """The packed pass switches the language model's attention implementation and marks the cache's layers for its
+    call only: an error inside it leaves the model attending with SDPA (else every later call of the model would run
+    the packed attention) and the cache unmarked."""
+    from modeling_cell2text.schema_decoding import _DecodingState
+
+    model, processor = random_model_and_processor
+    state = _DecodingState(model, cells(processor, 2))
+    real = torch.ones(2, 1, dtype=torch.bool)
+    allowed = torch.cat([state.visible[:, None, :], real[:, :, None]], dim=2)
+
+    def failing(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model.model.language_model, "forward", failing)
+    with pytest.raises(KeyboardInterrupt):
+        state._forward_packed(torch.full((2, 1), 7), allowed, state.next_position[:, None], real, real)
+    assert model.model.language_model.config._attn_implementation == "sdpa"
+    assert all(layer.packing is None for layer in state.cache.layers)
+
+
 def test_packed_attention_without_its_layout_names_the_fix():
     """An architecture that does not hand its keyword arguments to its attention function would give the packed
     attention no layout: a clear error naming the setting that turns packing off, not a shape error."""
