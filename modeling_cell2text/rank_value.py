@@ -464,7 +464,10 @@ def iter_csr_chunks(matrix: Any, chunk_size: int) -> Iterator[tuple[int, np.ndar
     for start in range(0, n_rows, chunk_size):
         stop = min(start + chunk_size, n_rows)
         block = matrix[start:stop]  # numpy array, h5py dataset or anndata backed sparse dataset
-        block = block if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+        if not sp.issparse(block):
+            block = np.asarray(block)
+            # scipy.sparse holds no float16; float32 holds every float16 value exactly (normalised in float32)
+            block = sp.csr_matrix(block.astype(np.float32) if block.dtype == np.float16 else block)
         yield (start, *_csr_parts(block))
 
 

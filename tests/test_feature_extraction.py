@@ -494,6 +494,20 @@ def test_integer_and_float64_counts_use_float64_like_numpy():
         assert as_lists(extractor.tokenize(matrix, INPUT_GENES)) == expected
 
 
+def test_dense_float16_counts_rank_as_float32(extractor, counts, tmp_path):
+    # scipy.sparse cannot hold float16: a dense float16 matrix (in memory or backed) failed inside scipy
+    half = dense_of(counts).astype(np.float16)
+    expected = as_lists(extractor.tokenize(half.astype(np.float32), INPUT_GENES))
+    assert as_lists(extractor.tokenize(half, INPUT_GENES, chunk_size=8)) == expected
+    path = tmp_path / "half.h5ad"
+    ad.AnnData(X=half, var=pd.DataFrame(index=INPUT_GENES)).write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        assert as_lists(extractor.tokenize(backed, chunk_size=8)) == expected
+    finally:
+        backed.file.close()
+
+
 # ----------------------------------------------------------------------------- values checked (issue 9.4)
 
 
