@@ -464,11 +464,16 @@ def iter_csr_chunks(matrix: Any, chunk_size: int) -> Iterator[tuple[int, np.ndar
     for start in range(0, n_rows, chunk_size):
         stop = min(start + chunk_size, n_rows)
         block = matrix[start:stop]  # numpy array, h5py dataset or anndata backed sparse dataset
-        if not sp.issparse(block):
-            block = np.asarray(block)
-            # scipy.sparse holds no float16; float32 holds every float16 value exactly (normalised in float32)
-            block = sp.csr_matrix(block.astype(np.float32) if block.dtype == np.float16 else block)
-        yield (start, *_csr_parts(block))
+        yield (start, *_csr_parts(as_csr(block)))
+
+
+def as_csr(block: Any) -> sp.csr_matrix:
+    """A CSR matrix of a sparse or dense block of cells (a numpy array, an h5py dataset's rows): float16, which
+    scipy.sparse cannot hold, becomes float32, which holds every float16 value exactly."""
+    if sp.issparse(block):
+        return sp.csr_matrix(block)
+    block = np.asarray(block)
+    return sp.csr_matrix(block.astype(np.float32) if block.dtype == np.float16 else block)
 
 
 def default_threads() -> int:
@@ -499,6 +504,7 @@ __all__ = [
     "MAX_LOG1P",
     "TARGET_SUM",
     "RankedCells",
+    "as_csr",
     "check_values",
     "default_threads",
     "expression_bins",

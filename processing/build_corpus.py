@@ -212,6 +212,30 @@ def _first_pass(source, reasons, genes, medians, gene_sets, options):
     return top, set_names
 
 
+#: What to change when every cell is rejected for one reason (the reasons: processing/corpus.py, docs/corpus.md).
+_REJECT_FIXES = {
+    "missing_cell_type": "give each cell its cell type: obs cell_type_ontology_term_id (CL ids), or --obs-map "
+    "YOUR_COLUMN=cell_type_ontology_term_id",
+    "unmapped_cell_type": "cell type names need their Cell Ontology ids: obs cell_type_ontology_term_id (CL ids), or "
+    "--obs-map YOUR_COLUMN=cell_type_ontology_term_id for a column that holds them",
+    "unknown_cell_type_term": "cell_type_ontology_term_id must hold CL ids of the bundled Cell Ontology (e.g. "
+    "CL:0000236)",
+    "invalid_values": "the matrix holds NaN, infinite or negative values: pass raw counts (a counts layer or "
+    "adata.raw), not scaled data",
+    "no_counts": "every cell's values are zero: check --layer",
+    "no_vocabulary_gene": "no cell expresses a gene of the vocabulary: check the gene ids in var",
+}
+
+
+def _require_kept_cells(reasons: np.ndarray) -> None:
+    """Stop, naming the reasons and their fixes, when every cell is rejected (an empty corpus is no corpus)."""
+    if len(reasons) and not pd.isna(reasons).any():
+        counts = Counter(reasons.tolist())
+        fixes = "; ".join(f"{reason}: {_REJECT_FIXES.get(reason, 'a field listed in --required-fields is missing')}"
+                          for reason in counts)
+        raise ValueError(f"every cell was rejected ({dict(sorted(counts.items()))}), nothing to build; {fixes}")
+
+
 def _build_extractor(genes: _Genes, medians, options: BuildOptions) -> Cell2TextFeatureExtractor:
     values = medians.medians()
     found = {genes.token_ids[i]: float(values[i]) for i in np.flatnonzero(genes.usable & np.isfinite(values))}
@@ -404,7 +428,9 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
     if gene_sets and options.pathway_set_sizes:
         gene_sets = filter_set_sizes(gene_sets, *options.pathway_set_sizes)
     medians = _median_accumulator(options, source.n_cells, len(genes.token_ids))
+    _require_kept_cells(reasons)  # labels: before a pass over the data
     top, set_names = _first_pass(source, reasons, genes, medians, gene_sets, options)
+    _require_kept_cells(reasons)  # values
     extractor = options.feature_extractor or _build_extractor(genes, medians, options)
     if isinstance(medians, HistogramGeneMedians):
         medians.save(out / "median_histogram.npz", genes.token_ids)

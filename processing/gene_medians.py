@@ -49,6 +49,7 @@ def normalize_total(matrix: sp.csr_matrix, input_values: str) -> tuple[sp.csr_ma
     values = expression_values(matrix.data, input_values)
     lengths = np.diff(matrix.indptr)
     totals = np.bincount(np.repeat(np.arange(matrix.shape[0]), lengths), weights=values, minlength=matrix.shape[0])
+    totals = totals.astype(np.float64, copy=False)  # bincount of no values (a chunk of empty cells) is int64
     scale = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
     normalized = sp.csr_matrix((values * np.repeat(scale, lengths), matrix.indices, matrix.indptr), shape=matrix.shape)
     return normalized, totals

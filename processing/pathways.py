@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from modeling_cell2text.rank_value import as_csr
+
 logger = logging.getLogger(__name__)
 
 #: Gene Ontology biological processes (Enrichr's GO_Biological_Process_2023, gene symbols): the default
@@ -221,8 +223,7 @@ def aucell(
     best = max_auc(sizes, max_rank) if normalize else (cutoff + 1.0) * sizes
     denominator = np.where(too_small | (best <= 0), np.inf, best)
     scores = np.empty((n_cells, len(gene_sets)), dtype=np.float32)
-    matrix = X if sp.issparse(X) else sp.csr_matrix(np.asarray(X))
-    matrix = sp.csr_matrix(matrix)
+    matrix = as_csr(X)
     for start in range(0, n_cells, chunk_size):
         chunk = matrix[start : start + chunk_size]
         chunk.sum_duplicates()

@@ -23,6 +23,7 @@ import scipy.sparse as sp
 
 from modeling_cell2text.gene_ids import ENSEMBL_VAR_COLUMNS, SYMBOL_VAR_COLUMNS, ensembl_gene_id, looks_ensembl
 from modeling_cell2text.gene_table import ensembl_to_symbol, symbol_to_ensembl
+from modeling_cell2text.rank_value import as_csr
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class AnnDataSource:
         for start in range(0, self.n_cells, chunk_size):
             first = self.rows.start + start
             block = matrix[first : min(first + chunk_size, self.rows.stop)]
-            yield start, sp.csr_matrix(block) if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+            yield start, as_csr(block)
 
 
 def h5ad_source(path: str | Path, *, backed: bool = False, **kwargs: Any) -> AnnDataSource:

@@ -96,6 +96,44 @@ def test_invalid_values_get_their_own_reject_reason(tmp_path):
     assert sum(summary["splits"].values()) == N_CELLS - 5
 
 
+def test_dense_float16_counts_build_the_float32_corpus(tmp_path):
+    # scipy.sparse holds no float16: the build stopped with scipy's dtype error
+    adata = _tiny_adata()
+    expected = build_corpus(_source(adata), tmp_path / "f32", BuildOptions(**OPTIONS))
+    adata.X = adata.X.toarray().astype(np.float16)
+    summary = build_corpus(_source(adata), tmp_path / "f16", BuildOptions(**OPTIONS))
+    assert summary["fingerprints"] == expected["fingerprints"]
+
+
+def test_a_chunk_of_only_empty_or_invalid_cells_is_rejected_not_fatal(tmp_path):
+    # numpy's bincount of no values is int64: a chunk whose cells had no stored values stopped the build
+    adata = _tiny_adata()
+    X = adata.X.toarray()
+    X[4:8] = 0  # the second chunk of 4: no counts
+    X[8:12] = -1  # the third: invalid values only
+    adata.X = sp.csr_matrix(X)
+    summary = build_corpus(_source(adata), tmp_path / "out", BuildOptions(**OPTIONS, chunk_size=4))
+    assert summary["rejected"] == {"invalid_values": 4, "no_counts": 4}
+    assert sum(summary["splits"].values()) == N_CELLS - 8
+
+
+@pytest.mark.parametrize(
+    "spoil, reason, fix",
+    [
+        (lambda a: a.obs.__setitem__("cell_type_ontology_term_id", None), "unmapped_cell_type",
+         "cell_type_ontology_term_id"),
+        (lambda a: setattr(a, "X", sp.csr_matrix(-a.X.toarray())), "invalid_values", "raw counts"),
+    ],
+)
+def test_every_cell_rejected_stops_naming_the_reason_and_the_fix(tmp_path, spoil, reason, fix):
+    # was: "no gene is expressed in any kept cell" (labels) or an empty corpus
+    adata = _tiny_adata()
+    spoil(adata)
+    with pytest.raises(ValueError, match=f"every cell was rejected .*'{reason}': {N_CELLS}.*{fix}"):
+        build_corpus(_source(adata), tmp_path / "out", BuildOptions(**OPTIONS))
+    assert not (tmp_path / "out").exists()
+
+
 def test_log1p_values_that_overflow_are_invalid(tmp_path):
     adata = _tiny_adata()
     X = np.log1p(adata.X.toarray())
