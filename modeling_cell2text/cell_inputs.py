@@ -1,7 +1,8 @@
 """The cell inputs a feature extractor accepts, resolved to one row-chunkable matrix and its gene IDs.
 
-AnnData (``X`` or a layer; in memory or backed; gene IDs from ``var`` by ``gene_ids.var_gene_ids``), a scipy
-sparse matrix or array, or a 2-D numpy array (with one gene ID per column). AnnData objects are recognised
+AnnData (``X`` or a layer; in memory or backed; gene IDs from ``var`` by ``gene_ids.var_gene_ids``), a pandas
+DataFrame of cells x genes (gene IDs or symbols from its columns, cell names from its index), a scipy sparse matrix
+or array, or a 2-D numpy array (with one gene ID per column). AnnData objects are recognised
 without importing anndata, so this file travels as remote code: it imports only numpy, scipy and its siblings.
 """
 
@@ -27,6 +28,12 @@ def is_anndata(obj: Any) -> bool:
     return anndata is not None and isinstance(obj, anndata.AnnData)
 
 
+def is_dataframe(obj: Any) -> bool:
+    """Whether ``obj`` is a pandas DataFrame (only when pandas is already imported: a DataFrame needs it)."""
+    pandas = sys.modules.get("pandas")
+    return pandas is not None and isinstance(obj, pandas.DataFrame)
+
+
 def resolve_input(
     cells: Any, gene_ids: Sequence[Any] | None, layer: str | None, symbol_to_gene: Mapping[str, str]
 ) -> tuple[Any, Sequence[Any], Sequence[str] | None]:
@@ -50,10 +57,16 @@ def resolve_input(
         obs_names = cells.obs_names  # indexed only to name cells in messages
     elif layer is not None:
         raise ValueError("layer= applies to AnnData input only")
+    elif is_dataframe(cells):  # cells x genes, as scanpy's adata.to_df() gives: genes from the columns
+        matrix = cells.to_numpy()
+        if gene_ids is None:
+            gene_ids = [str(column) for column in cells.columns]
+        obs_names = cells.index.astype(str)
     else:
         matrix = cells
         if gene_ids is None:
-            raise ValueError("gene_ids is required for matrix input (one Ensembl ID or symbol per column)")
+            raise ValueError("gene_ids is required for matrix input (one Ensembl ID or symbol per column); a pandas "
+                             "DataFrame or an AnnData carries its own")
     if isinstance(matrix, (np.ndarray, np.matrix)) or (not sp.issparse(matrix) and not hasattr(matrix, "shape")):
         matrix = np.asarray(matrix)
         if matrix.ndim != 2:

@@ -90,7 +90,8 @@ class Cell2TextPipeline(Pipeline):
     """Generate a description per cell and parse it into fields with ontology term IDs.
 
     Call with an AnnData (all cells or a slice; in memory or backed; `X`, a `layer=` or `use_raw=True` for
-    `adata.raw`) or a cells x genes matrix (scipy sparse in any format, or numpy) with `gene_ids`. Returns one dict
+    `adata.raw`), a pandas DataFrame of cells x genes (genes from its columns, as `adata.to_df()` gives) or a
+    cells x genes matrix (scipy sparse in any format, or numpy) with `gene_ids`. Returns one dict
     per input cell, in order: `description`, `parsed` (whether the text
     follows the description template), `cell_type`, `cell_type_definition`, `tissue`, `sex`, `disease`,
     `age_group`, `pathways` and `<field>_ontology_term_id` for cell_type, tissue, disease and sex. With

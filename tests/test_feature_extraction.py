@@ -494,6 +494,16 @@ def test_integer_and_float64_counts_use_float64_like_numpy():
         assert as_lists(extractor.tokenize(matrix, INPUT_GENES)) == expected
 
 
+def test_dataframe_input_takes_genes_from_its_columns(extractor, counts):
+    # scanpy's adata.to_df() layout; was refused with "gene_ids is required for matrix input"
+    frame = pd.DataFrame(dense_of(counts), columns=INPUT_GENES, index=[f"cell{i}" for i in range(counts.shape[0])])
+    expected = as_lists(extractor.tokenize(counts, INPUT_GENES))
+    assert as_lists(extractor.tokenize(frame)) == expected
+    assert as_lists(extractor.tokenize(frame[INPUT_GENES[::-1]])) == expected  # columns by name, not position
+    with pytest.raises(ValueError, match="gene_ids is required.*DataFrame or an AnnData carries its own"):
+        extractor.tokenize(dense_of(counts))
+
+
 def test_dense_float16_counts_rank_as_float32(extractor, counts, tmp_path):
     # scipy.sparse cannot hold float16: a dense float16 matrix (in memory or backed) failed inside scipy
     half = dense_of(counts).astype(np.float16)

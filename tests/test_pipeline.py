@@ -264,6 +264,15 @@ def test_any_scipy_sparse_format_gives_the_csr_results(random_pipeline, fmt):
     assert [r["description"] for r in results] == expected
 
 
+def test_dataframe_and_float16_inputs_give_the_matrix_results(random_pipeline):
+    counts = counts_of_varied_prompts()  # small integers: exact in float16
+    expected = [r["description"] for r in random_pipeline(counts, gene_ids=GENES, max_new_tokens=4)]
+    frame = pd.DataFrame(counts, columns=GENES)  # scanpy's adata.to_df(): genes from the columns
+    assert [r["description"] for r in random_pipeline(frame, max_new_tokens=4)] == expected
+    half = counts.astype(np.float16)  # scipy.sparse holds no float16: read as float32
+    assert [r["description"] for r in random_pipeline(half, gene_ids=GENES, max_new_tokens=4)] == expected
+
+
 def test_counts_in_adata_raw(random_pipeline, tmp_path):
     adata = make_adata(4)
     expected = [r["description"] for r in random_pipeline(adata, max_new_tokens=4)]
