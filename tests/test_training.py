@@ -672,3 +672,19 @@ def test_the_choice_loss_scores_every_known_label_as_the_decoder_does(parts_and_
         Cell2TextSFTTrainer(**{**common, "args": dataclasses.replace(settings, gradient_checkpointing=True,
                                                                    activation_checkpointing=True)},
                             cell_type_choice_loss_weight=0.5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU default applies where torch sees no accelerator")
+def test_recipe_command_line_runs_on_the_cpu_without_use_cpu(tmp_path):
+    # README's `python -m training.sft --config training/configs/demo.yaml ...` stopped at transformers' check:
+    # "Your setup doesn't support bf16/gpu. You need to assign use_cpu"
+    from training.adapters import parse_training_arguments
+    from training.baselines.cell2sentence import make_parser as cell2sentence_parser
+    from training.sft import make_parser
+
+    config = str(Path(__file__).resolve().parents[1] / "training" / "configs" / "demo.yaml")
+    required = ["--output_dir", str(tmp_path), "--corpus_dir", "corpus", "--text_model_name_or_path", "llm"]
+    args, training_args = parse_training_arguments(make_parser(), ["--config", config, *required])
+    assert training_args.use_cpu and training_args.bf16 and args.num_cell_tokens == 16
+    _, c2s_args = parse_training_arguments(cell2sentence_parser(), required)
+    assert c2s_args.use_cpu

@@ -9,7 +9,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +80,21 @@ def save_merged(
             shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return final_dir
+
+
+def parse_training_arguments(parser: Any, argv: Sequence[str] | None = None) -> tuple:
+    """A TRL parser's dataclasses from `argv` (default: the command line) and its `--config`. Where torch sees no
+    GPU or other accelerator and `--use_cpu` is not given, `--use_cpu true` is added, so a recipe runs where it is
+    (bf16 autocast on the CPU) instead of stopping at transformers' bf16 check (TRL's SFTConfig sets bf16)."""
+    import torch
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    accelerator = (torch.cuda.is_available() or is_torch_bf16_gpu_available() or is_torch_xla_available()
+                   or torch.backends.mps.is_available())
+    if not accelerator and not any(a == "--use_cpu" or a.startswith("--use_cpu=") for a in argv):
+        argv += ["--use_cpu", "true"]
+    return parser.parse_args_and_config(argv)
 
 
 @contextmanager

@@ -62,13 +62,10 @@ def build_demo_corpus(out_dir: Path, seed: int, model_input_size: int = DEMO_MOD
 
 
 def sft_arguments(overrides: list[str]):
-    import torch
-
+    from training.adapters import parse_training_arguments
     from training.sft import make_parser
 
-    # The demo runs where it is: on the CPU (bf16 autocast) when there is no GPU.
-    device = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
-    return make_parser().parse_args_and_config(["--config", str(DEMO_CONFIG), *device, *overrides])
+    return parse_training_arguments(make_parser(), ["--config", str(DEMO_CONFIG), *overrides])
 
 
 def expression_predictions(corpus, split: str = "test") -> dict[str, list[str]]:

@@ -43,7 +43,14 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor, save_model_folder
 from processing.corpus import corpus_feature_extractor, corpus_summary, description_vocabulary, open_corpus
 from modeling_cell2text.output_files import check_new_output
-from training.adapters import FINAL_DIR, OVERWRITE_FINAL_FIX, LoraArguments, save_merged, stopped_cleanly
+from training.adapters import (
+    FINAL_DIR,
+    OVERWRITE_FINAL_FIX,
+    LoraArguments,
+    parse_training_arguments,
+    save_merged,
+    stopped_cleanly,
+)
 from training.collator import Cell2TextDataCollator
 from training.evaluation.evaluate import fit_cell_type_temperature, fit_field_temperatures
 from modeling_cell2text.modeling_cell2text import PREPARED_ENCODER_KEY
@@ -507,6 +514,6 @@ def make_parser() -> TrlParser:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cell2text_args, sft_config = make_parser().parse_args_and_config()
+    cell2text_args, sft_config = parse_training_arguments(make_parser())
     with stopped_cleanly():
         main(cell2text_args, sft_config)

@@ -36,7 +36,14 @@ from modeling_cell2text.feature_extraction_cell2text import SPECIAL_TOKENS
 from modeling_cell2text.processing_cell2text import DEFAULT_SYSTEM_PROMPT
 from processing.corpus import corpus_feature_extractor, open_corpus
 from modeling_cell2text.output_files import check_new_output
-from training.adapters import FINAL_DIR, OVERWRITE_FINAL_FIX, LoraArguments, save_merged, stopped_cleanly
+from training.adapters import (
+    FINAL_DIR,
+    OVERWRITE_FINAL_FIX,
+    LoraArguments,
+    parse_training_arguments,
+    save_merged,
+    stopped_cleanly,
+)
 from training.loss import LabelledPositionsLossMixin
 
 logger = logging.getLogger(__name__)
@@ -247,4 +254,4 @@ def main(args: Cell2SentenceArguments, training_args: SFTConfig) -> Path:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with stopped_cleanly():
-        main(*make_parser().parse_args_and_config())
+        main(*parse_training_arguments(make_parser()))
