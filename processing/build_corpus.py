@@ -443,6 +443,11 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
         split_of[kept] = assign_splits(kept_labels, kept_donors, options.fractions, options.seed, cell_ids[kept])
     else:
         split_of[kept] = assign_fold_splits(kept_labels, kept_donors, *options.fold, options.seed, cell_ids[kept])
+    empty = [name for index, name in enumerate(SPLITS) if not (split_of == index).any()]
+    if empty:  # whole donors go to one split: a few donors cannot fill all three
+        logger.warning("the %s split%s no cells: %d donor(s) cannot fill three donor-disjoint splits; pass --fold "
+                       "I/K for cross-validation over the donors, or add donors", " and ".join(empty),
+                       " has" if len(empty) == 1 else "s have", len({d for d in kept_donors if d is not None}))
     ontology_term_ids, unknown_terms = _ontology_ids(labels, kept)
     with tempfile.TemporaryDirectory(dir=out, prefix=".build-") as tmp:
         writer = SplitWriter(Path(tmp), SPLITS, value_aware=extractor.num_expression_bins > 0)

@@ -105,6 +105,18 @@ def test_dense_float16_counts_build_the_float32_corpus(tmp_path):
     assert summary["fingerprints"] == expected["fingerprints"]
 
 
+def test_an_empty_split_is_named_with_the_fix(tmp_path, caplog):
+    # two donors fill two donor-disjoint splits: the third was empty without a word
+    adata = _tiny_adata()
+    adata.obs["donor_id"] = np.where(np.arange(N_CELLS) < N_CELLS // 2, "donor-a", "donor-b")
+    summary = build_corpus(_source(adata), tmp_path / "out", BuildOptions(**OPTIONS))
+    assert sorted(summary["splits"].values())[0] == 0
+    assert "the validation and test splits have no cells: 2 donor(s) cannot fill three donor-disjoint splits; pass --fold" in caplog.text
+    caplog.clear()
+    build_corpus(_source(_tiny_adata()), tmp_path / "full", BuildOptions(**OPTIONS))
+    assert "no cells" not in caplog.text
+
+
 def test_a_chunk_of_only_empty_or_invalid_cells_is_rejected_not_fatal(tmp_path):
     # numpy's bincount of no values is int64: a chunk whose cells had no stored values stopped the build
     adata = _tiny_adata()
