@@ -268,8 +268,9 @@ def report_genes_matched(feature_extractor: Any, var: Any, show: bool = True) ->
     if not show:
         return
     share = match.n_matched / max(match.n_input, 1)
+    vocabulary = len(feature_extractor.gene_medians)  # a gene panel can match well and still cover little of it
     print(f"Genes matched: {match.n_matched} of {match.n_input} genes in the file ({share:.0%}) are in the "
-          "model's gene vocabulary")
+          f"model's gene vocabulary; they are {match.n_matched / vocabulary:.0%} of its {vocabulary} genes")
 
 
 def write_annotated_copy(

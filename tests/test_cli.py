@@ -55,7 +55,7 @@ def test_describe_writes_a_new_annotated_file_and_leaves_the_input_unchanged(mod
         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Genes matched: 60 of 60 genes" in result.stdout
+    assert "Genes matched: 60 of 60 genes in the file (100%) are in the model's gene vocabulary; they are 100% of its 60 genes" in result.stdout
     assert "Describing cells" in result.stderr  # the progress bar
     assert sha256(h5ad) == before
 
