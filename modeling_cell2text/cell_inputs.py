@@ -58,6 +58,10 @@ def resolve_input(
     elif layer is not None:
         raise ValueError("layer= applies to AnnData input only")
     elif is_dataframe(cells):  # cells x genes, as scanpy's adata.to_df() gives: genes from the columns
+        other = [str(c) for c, kind in zip(cells.columns, (d.kind for d in cells.dtypes)) if kind not in "biuf"]
+        if other:
+            raise ValueError(f"DataFrame columns that are not expression values: {other[:5]}; pass the genes' "
+                             "columns only (e.g. frame.select_dtypes('number'))")
         matrix = cells.to_numpy()
         if gene_ids is None:
             gene_ids = [str(column) for column in cells.columns]

@@ -334,8 +334,7 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
     The totals rules need two cells with values in the chunk.
     """
     where = f"chunk starting at cell {first_row}"
-    if data.dtype.kind not in "biuf":
-        raise ValueError(f"expression values must be numeric, got dtype {data.dtype}")
+    require_numeric(data.dtype)
     if data.dtype.kind == "f":
         finite = np.isfinite(data)
         if not finite.all():
@@ -467,12 +466,19 @@ def iter_csr_chunks(matrix: Any, chunk_size: int) -> Iterator[tuple[int, np.ndar
         yield (start, *_csr_parts(as_csr(block)))
 
 
+def require_numeric(dtype: np.dtype) -> None:
+    """Refuse expression values that are not numbers (strings, objects, complex)."""
+    if dtype.kind not in "biuf":
+        raise ValueError(f"expression values must be numeric, got dtype {dtype}")
+
+
 def as_csr(block: Any) -> sp.csr_matrix:
     """A CSR matrix of a sparse or dense block of cells (a numpy array, an h5py dataset's rows): float16, which
     scipy.sparse cannot hold, becomes float32, which holds every float16 value exactly."""
     if sp.issparse(block):
         return sp.csr_matrix(block)
     block = np.asarray(block)
+    require_numeric(block.dtype)
     return sp.csr_matrix(block.astype(np.float32) if block.dtype == np.float16 else block)
 
 
@@ -514,4 +520,5 @@ __all__ = [
     "rank_chunk",
     "rank_matrix",
     "rank_values",
+    "require_numeric",
 ]

@@ -236,6 +236,20 @@ def _require_kept_cells(reasons: np.ndarray) -> None:
         raise ValueError(f"every cell was rejected ({dict(sorted(counts.items()))}), nothing to build; {fixes}")
 
 
+def _warn_empty_splits(split_of: np.ndarray, kept_donors: np.ndarray, folds: bool) -> None:
+    """Say which split got no cells, and why: whole donors go to one split, and a split's share of each cell type
+    rounds to no cell when a type has few cells."""
+    empty = [name for index, name in enumerate(SPLITS) if not (split_of == index).any()]
+    if not empty:
+        return
+    donors = len({d for d in kept_donors if d is not None})
+    why = (f"{donors} donor(s) cannot fill three donor-disjoint splits" if donors
+           else f"{int((split_of >= 0).sum())} cells give no split a share of any cell type")
+    fix = "use fewer folds" if folds else "pass --fold I/K for cross-validation"
+    logger.warning("the %s split%s no cells: %s; %s, or add %s", " and ".join(empty),
+                   " has" if len(empty) == 1 else "s have", why, fix, "donors" if donors else "cells")
+
+
 def _build_extractor(genes: _Genes, medians, options: BuildOptions) -> Cell2TextFeatureExtractor:
     values = medians.medians()
     found = {genes.token_ids[i]: float(values[i]) for i in np.flatnonzero(genes.usable & np.isfinite(values))}
@@ -443,11 +457,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
         split_of[kept] = assign_splits(kept_labels, kept_donors, options.fractions, options.seed, cell_ids[kept])
     else:
         split_of[kept] = assign_fold_splits(kept_labels, kept_donors, *options.fold, options.seed, cell_ids[kept])
-    empty = [name for index, name in enumerate(SPLITS) if not (split_of == index).any()]
-    if empty:  # whole donors go to one split: a few donors cannot fill all three
-        logger.warning("the %s split%s no cells: %d donor(s) cannot fill three donor-disjoint splits; pass --fold "
-                       "I/K for cross-validation over the donors, or add donors", " and ".join(empty),
-                       " has" if len(empty) == 1 else "s have", len({d for d in kept_donors if d is not None}))
+    _warn_empty_splits(split_of, kept_donors, options.fold is not None)
     ontology_term_ids, unknown_terms = _ontology_ids(labels, kept)
     with tempfile.TemporaryDirectory(dir=out, prefix=".build-") as tmp:
         writer = SplitWriter(Path(tmp), SPLITS, value_aware=extractor.num_expression_bins > 0)

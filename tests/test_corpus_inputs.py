@@ -113,6 +113,9 @@ def test_an_empty_split_is_named_with_the_fix(tmp_path, caplog):
     assert sorted(summary["splits"].values())[0] == 0
     assert "the validation and test splits have no cells: 2 donor(s) cannot fill three donor-disjoint splits; pass --fold" in caplog.text
     caplog.clear()
+    build_corpus(_source(_tiny_adata()[:4].copy()), tmp_path / "few", BuildOptions(**OPTIONS))  # no donors
+    assert "splits have no cells: 4 cells give no split a share of any cell type; pass --fold" in caplog.text
+    caplog.clear()
     build_corpus(_source(_tiny_adata()), tmp_path / "full", BuildOptions(**OPTIONS))
     assert "no cells" not in caplog.text
 

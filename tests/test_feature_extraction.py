@@ -502,6 +502,10 @@ def test_dataframe_input_takes_genes_from_its_columns(extractor, counts):
     assert as_lists(extractor.tokenize(frame[INPUT_GENES[::-1]])) == expected  # columns by name, not position
     with pytest.raises(ValueError, match="gene_ids is required.*DataFrame or an AnnData carries its own"):
         extractor.tokenize(dense_of(counts))
+    with pytest.raises(ValueError, match=r"not expression values: \['cell_type'\].*select_dtypes"):
+        extractor.tokenize(frame.assign(cell_type="B cell"))  # was scipy's "does not support dtype object"
+    with pytest.raises(ValueError, match="expression values must be numeric, got dtype <U1"):
+        extractor.tokenize(np.full((2, len(INPUT_GENES)), "1"), INPUT_GENES)
 
 
 def test_dense_float16_counts_rank_as_float32(extractor, counts, tmp_path):
