@@ -22,6 +22,10 @@ from typing import Any
 
 from huggingface_hub import HfApi, ModelCard
 
+from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor
+from modeling_cell2text.compatibility import check_model_and_processor
+from modeling_cell2text.modeling_cell2text import FOREIGN_WEIGHTS
+
 from .render import MODEL_CARD_INPUTS, push_dataset_card, rerender_model_card, write_dataset_card
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer_config.json")
@@ -65,7 +69,8 @@ def _remote_code_files(model_dir: Path, config: dict) -> list[str]:
 
 
 def check_hub_ready(model_dir: str | Path) -> None:
-    """Raise `FileNotFoundError`/`ValueError` naming what a Hub-ready Cell2Text folder lacks."""
+    """Raise `FileNotFoundError`/`ValueError`/`OSError` naming what a Hub-ready Cell2Text folder lacks or holds
+    wrongly: its files, remote code and card metadata, then the model and processor loaded and checked together."""
     model_dir = Path(model_dir)
     missing = [name for name in REQUIRED_FILES if not (model_dir / name).exists()]
     if not (model_dir / "model.safetensors").exists() and list(model_dir.glob("model-*.safetensors")):
@@ -88,8 +93,16 @@ def check_hub_ready(model_dir: str | Path) -> None:
             "import). Save the folder again with modeling_cell2text.save_model_folder(model, processor, dir), which copies "
             "them."
         )
+    foreign = sorted(path.name for name in FOREIGN_WEIGHTS for path in model_dir.glob(name))
+    if foreign:
+        raise ValueError(f"{model_dir} holds {foreign} beside its merged weights, which would be uploaded with them "
+                         "(and an adapter applied on top of them when loaded): remove them first.")
     if (model_dir / "README.md").exists():
         ModelCard.load(model_dir / "README.md")  # raises on malformed metadata
+    # Loaded as a user would (the installed classes, no remote code): weights that do not match config.json and a
+    # processor that does not fit the model are refused here rather than on the Hub.
+    check_model_and_processor(Cell2TextForConditionalGeneration.from_pretrained(model_dir, dtype="auto").config,
+                              Cell2TextProcessor.from_pretrained(model_dir))
 
 
 def publish_model(model_dir: str | Path, repo_id: str, private: bool = False, api: HfApi | None = None) -> str:

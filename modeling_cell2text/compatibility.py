@@ -95,7 +95,7 @@ def check_model_and_processor(config: Any, processor: Any, model_name: str = "th
     """Raise `ModelProcessorMismatchError` listing every way `processor` does not fit the model of `config`.
 
     Checked: the gene vocabulary's checksum (where the model records one), the gene vocabulary's size against the
-    encoder's embedding, the expression bins, the cell placeholder's token id, the number of cell tokens per cell,
+    encoder's embedding, the tokens per cell against the encoder's positions, the expression bins, the cell placeholder's token id, the number of cell tokens per cell,
     and the tokenizer's size against the language model's embedding.
     """
     feature_extractor = processor.feature_extractor
@@ -109,6 +109,13 @@ def check_model_and_processor(config: Any, processor: Any, model_name: str = "th
     if feature_extractor.vocab_size != encoder_vocab_size:
         problems.append(f"gene token ids: the processor's run to {feature_extractor.vocab_size - 1}, the gene "
                         f"encoder embeds {encoder_vocab_size} tokens")
+    positions = getattr(config.gene_encoder_config, "max_position_embeddings", None)
+    num_genes = len(feature_extractor.gene_token_ids) - len(feature_extractor.special_token_ids)
+    special = feature_extractor.model_input_size - feature_extractor.max_genes  # <cls> and <eos> in V2
+    longest_cell = min(feature_extractor.max_genes, num_genes) + special  # no cell has more genes than the vocabulary
+    if positions is not None and longest_cell > positions:
+        problems.append(f"tokens per cell: up to {longest_cell} (model_input_size {feature_extractor.model_input_size}),"
+                        f" the gene encoder has {positions} positions (a Geneformer V1 needs model_input_size=2048)")
     if feature_extractor.num_expression_bins != config.num_expression_bins:
         problems.append(f"expression bins: processor {feature_extractor.num_expression_bins}, model "
                         f"{config.num_expression_bins}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -64,8 +66,8 @@ class Cell2TextConfig(PreTrainedConfig):
             `<field>_score`. The recipe fits them on the validation split; a missing choice uses 1.0.
         gene_vocabulary_sha256 (`str`, *optional*):
             Checksum of the gene vocabulary (gene -> token id) of the processor the model was composed with
-            (`from_pretrained_parts` records it). A processor with another vocabulary is refused wherever the two
-            meet (`compatibility.check_model_and_processor`).
+            (`from_pretrained_parts` records it, and `save_model_folder` where it is unset). A processor with another
+            vocabulary is refused wherever the two meet (`compatibility.check_model_and_processor`).
     """
 
     model_type = "cell2text"
@@ -141,13 +143,13 @@ class Cell2TextConfig(PreTrainedConfig):
             )
         if not 0 <= self.cell_token_id:
             raise ValueError(f"cell_token_id must be a non-negative token id, got {self.cell_token_id}.")
-        if not self.cell_type_temperature > 0:
-            raise ValueError(f"cell_type_temperature must be > 0, got {self.cell_type_temperature}.")
+        if not 0 < self.cell_type_temperature < math.inf:  # infinity made every score 1 / (number of labels)
+            raise ValueError(f"cell_type_temperature must be a finite number > 0, got {self.cell_type_temperature}.")
         for choice, temperature in (self.field_temperatures or {}).items():
             if choice not in FIELD_TEMPERATURE_CHOICES or isinstance(temperature, bool) or not isinstance(
-                    temperature, (int, float)) or not temperature > 0:
-                raise ValueError(f"field_temperatures[{choice!r}]={temperature!r}: expected a number > 0 for one of "
-                                 f"{FIELD_TEMPERATURE_CHOICES}.")
+                    temperature, (int, float)) or not 0 < temperature < math.inf:
+                raise ValueError(f"field_temperatures[{choice!r}]={temperature!r}: expected a finite number > 0 for "
+                                 f"one of {FIELD_TEMPERATURE_CHOICES}.")
         if not 0.0 <= self.projector_dropout < 1.0:
             raise ValueError(f"projector_dropout must be in [0, 1), got {self.projector_dropout}.")
         type_vocab_size = getattr(self.gene_encoder_config, "type_vocab_size", 0)

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Generation
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import can_return_tuple, logging
+from transformers.utils import can_return_tuple, find_adapter_config_file, logging
 
 from .cell_inputs import CELL_INPUT_NAMES
 from .compatibility import PREPARED_ENCODER_KEY, check_gene_vocabulary, gene_vocabulary_sha256
@@ -29,6 +29,8 @@ logger = logging.get_logger(__name__)
 
 # Weight files a model folder may hold that only pickle can read.
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+# Files (glob patterns) that do not belong in a Cell2Text folder of merged safetensors weights.
+FOREIGN_WEIGHTS = ("adapter_config.json", "adapter_model.*", *PICKLED_WEIGHTS)
 
 
 def _hidden_state_index(layer: int, num_layers: int) -> int:
@@ -49,6 +51,45 @@ def _encoder_states(encoder: nn.Module, read: int, input_ids, attention_mask, to
         return encoder(**inputs, output_hidden_states=False).last_hidden_state
     finally:
         encoder.encoder.layer = stack
+
+
+def _refuse_adapter_files(pretrained_model_name_or_path: Any, kwargs: dict) -> None:
+    """Refuse a model folder (or repo) holding a PEFT adapter: transformers would apply it on top of the merged
+    weights without a word (a stale LoRA left by an earlier save moved every score)."""
+    if pretrained_model_name_or_path is None:
+        return
+    folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+    if folder.is_dir():
+        adapter_config = folder / "adapter_config.json" if (folder / "adapter_config.json").is_file() else None
+    else:  # a Hub repo id (or a path that does not exist, which transformers reports as it does)
+        names = ("cache_dir", "token", "revision", "local_files_only", "subfolder")
+        adapter_config = find_adapter_config_file(
+            str(pretrained_model_name_or_path), **{name: kwargs[name] for name in names if kwargs.get(name) is not None}
+        )
+    if adapter_config is not None:
+        raise OSError(
+            f"{pretrained_model_name_or_path!s} holds a PEFT adapter ({Path(adapter_config).name}) beside the model "
+            "weights, which transformers would apply on top of them silently. A Cell2Text folder holds merged "
+            "weights only (training.sft saves them merged): remove adapter_config.json and adapter_model.* from "
+            "it, or, to apply an adapter on purpose, load a folder without them and call model.load_adapter(...)."
+        )
+
+
+def _refuse_unloaded_weights(pretrained_model_name_or_path: Any, loading_info: dict) -> None:
+    """Refuse weights the checkpoint lacks (they would be random) or holds but the config has no place for (they
+    would be dropped): a renamed tensor, a wrong `num_hidden_layers` or `tie_word_embeddings` in config.json."""
+    problems = {
+        "missing from the weights file (they would be randomly initialised)": loading_info["missing_keys"],
+        "in the weights file but not in the model config.json describes (they would be ignored)":
+            loading_info["unexpected_keys"],
+    }
+    found = [f"{len(keys)} {what}, e.g. {sorted(keys)[:3]}" for what, keys in problems.items() if keys]
+    if found:
+        raise OSError(
+            f"The weights of {pretrained_model_name_or_path!s} do not match its config.json: " + "; ".join(found)
+            + ". Download or save the model again (save_model_folder), or restore the config.json saved with these "
+            "weights. To load it anyway and inspect the keys, pass output_loading_info=True."
+        )
 
 
 @dataclass
@@ -112,10 +153,19 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, reading safetensors weights only unless `use_safetensors=False` is
         passed (a pickle can run code; the user opts in), with one-line errors for a folder holding only pickled
-        weights and for a truncated or corrupt weights file (`SafetensorError`: a bad header, a short file)."""
+        weights and for a truncated or corrupt weights file (`SafetensorError`: a bad header, a short file).
+
+        Stricter than transformers where it would give a silently different model: weights missing from the file
+        or left over by the config (transformers initialises or drops them with a log line) and a PEFT adapter
+        beside the weights (transformers applies it) are refused. `output_loading_info=True` returns the loading
+        info instead of refusing, for whoever wants to inspect a mismatched checkpoint."""
         kwargs.setdefault("use_safetensors", True)
+        _refuse_adapter_files(pretrained_model_name_or_path, kwargs)
+        wants_loading_info = kwargs.pop("output_loading_info", False)
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
         except SafetensorError as err:
             raise OSError(
                 f"The weights of {pretrained_model_name_or_path!s} could not be read: the safetensors file is "
@@ -131,6 +181,10 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
                 "once: save_model_folder(Cell2TextForConditionalGeneration.from_pretrained(folder, use_safetensors=False), "
                 "Cell2TextProcessor.from_pretrained(folder), new_folder) (from modeling_cell2text)."
             ) from err
+        if wants_loading_info:
+            return model, loading_info
+        _refuse_unloaded_weights(pretrained_model_name_or_path, loading_info)
+        return model
 
 
 class Cell2TextModel(Cell2TextPreTrainedModel):

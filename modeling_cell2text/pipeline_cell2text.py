@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, Pipeline
 
 from .cell_inputs import empty_cells_error
-from .compatibility import check_model_and_processor
+from .compatibility import check_model_and_processor, gene_vocabulary_sha256, recorded_gene_vocabulary_sha256
 from .label_scoring import constrains_by_default
+from .modeling_cell2text import FOREIGN_WEIGHTS
 from .schema_decoding import DEFAULT_NUM_BEAMS, SchemaDecoder, known_labels, schema_results
 from .text_padding import check_outputs_line_up, text_pad_token_id
 
@@ -266,13 +267,24 @@ class Cell2TextPipeline(Pipeline):
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """Save the model (with its code), its processor and this pipeline's code with its `custom_pipelines` entry:
         a complete Cell2Text folder, which `pipeline("cell-to-text", model=folder, trust_remote_code=True)` loads
-        where this package is not installed, also when this pipeline itself was loaded as remote code."""
+        where this package is not installed, also when this pipeline itself was loaded as remote code. A model that
+        records no gene vocabulary checksum gets its processor's, so the folder refuses another processor later."""
         from transformers.dynamic_module_utils import custom_object_save
 
         if kwargs.get("push_to_hub"):
             raise ValueError("save the folder locally, then upload it whole (python -m hub_cards.publish --model "
                              "FOLDER --repo ID, or huggingface_hub's upload_folder): push_to_hub here would push the "
                              "model before its processor and pipeline code are written.")
+        leftovers = sorted(path.name for name in FOREIGN_WEIGHTS for path in Path(save_directory).glob(name))
+        if leftovers:
+            raise FileExistsError(
+                f"{save_directory!s} holds {leftovers}, which saving a Cell2Text folder would leave beside the new "
+                "weights (an adapter would be applied on top of them when loaded, a pickle uploaded with them): "
+                "remove those files or save to a new folder."
+            )
+        if recorded_gene_vocabulary_sha256(self.model.config) is None:  # composed without its processor: record it
+            self.model.config.gene_vocabulary_sha256 = gene_vocabulary_sha256(
+                self.processor.feature_extractor.gene_token_ids)
         os.makedirs(save_directory, exist_ok=True)
         self.model.save_pretrained(save_directory, **kwargs)
         if kwargs.get("is_main_process", True):

@@ -176,7 +176,12 @@ def test_the_models_temperature_calibrates_scores_without_changing_labels(model_
     assert max(scaled.scores) < max(plain.scores)  # a higher temperature spreads the probability
 
 
-def test_a_non_positive_temperature_is_refused():
-    with pytest.raises(ValueError, match="cell_type_temperature must be > 0"):
+@pytest.mark.parametrize("temperature", [0.0, float("inf"), float("nan")])
+def test_a_temperature_that_is_not_finite_and_positive_is_refused(temperature):
+    """Infinity made every score 1 / (number of labels), exit 0."""
+    with pytest.raises(ValueError, match="cell_type_temperature must be a finite number > 0"):
         Cell2TextConfig(gene_encoder_config=tiny_bert_config(64), text_config=tiny_llama_config(64),
-                        cell_type_temperature=0.0)
+                        cell_type_temperature=temperature)
+    with pytest.raises(ValueError, match="expected a finite number > 0"):
+        Cell2TextConfig(gene_encoder_config=tiny_bert_config(64), text_config=tiny_llama_config(64),
+                        field_temperatures={"tissue": temperature})

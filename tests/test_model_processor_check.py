@@ -13,7 +13,7 @@ from test_pipeline import GENES, make_adata, tiny_processor
 from tiny_parts import encoder_for_vocabulary, save_tiny_parts
 from transformers import pipeline
 
-from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor, tl
+from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor, save_model_folder, tl
 from modeling_cell2text.compatibility import ModelProcessorMismatchError, gene_vocabulary_sha256
 from modeling_cell2text.cli import main as cli_main
 
@@ -136,3 +136,41 @@ def test_provenance_records_the_processors_vocabulary(composed_dir):
     assert adata.uns["X_cell2text"]["gene_vocabulary_sha256"] == gene_vocabulary_sha256(
         processor.feature_extractor.gene_token_ids)
     assert np.isfinite(adata.obsm["X_cell2text"]).all()
+
+
+def test_more_tokens_per_cell_than_the_encoder_has_positions_is_refused_at_load(composed_dir, tmp_path):
+    """The QA finding: a processor reading 4096 tokens per cell with an encoder of 8 positions failed inside BERT,
+    mid-run, at the first cell with more genes than positions (a Geneformer V1 has 2048)."""
+    folder = edited_copy(composed_dir, tmp_path / "short", edit_config=lambda config: config[
+        "gene_encoder_config"].update(max_position_embeddings=8))
+    with pytest.raises(ModelProcessorMismatchError,
+                       match=r"tokens per cell: up to 62 \(model_input_size 4096\), the gene encoder has 8 positions"):
+        Cell2TextProcessor.from_pretrained(folder)
+
+
+def test_saving_a_model_without_a_recorded_vocabulary_records_its_processors(tmp_path):
+    """The QA finding: a model composed without its feature extractor (Cell2TextConfig(...) or from_pretrained_parts
+    without feature_extractor=) saved no checksum, so a processor with permuted gene ids was accepted later."""
+    encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
+    processor = tiny_processor(lm_dir)
+    model = Cell2TextForConditionalGeneration.from_pretrained_parts(
+        encoder_dir, lm_dir, cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16)
+    assert model.config.gene_vocabulary_sha256 is None
+    save_model_folder(model, processor, tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["gene_vocabulary_sha256"] == gene_vocabulary_sha256(processor.feature_extractor.gene_token_ids)
+    folder = edited_copy(tmp_path / "model", tmp_path / "permuted", swap_two_genes)
+    with pytest.raises(ModelProcessorMismatchError, match="gene vocabulary checksum"):
+        Cell2TextProcessor.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("leftover", ["adapter_config.json", "adapter_model.safetensors", "pytorch_model.bin"])
+def test_saving_into_a_folder_holding_adapter_or_pickle_files_is_refused(composed_dir, tmp_path, leftover):
+    """The QA finding: saving over a folder left an old LoRA adapter beside the new weights, applied on loading."""
+    model = Cell2TextForConditionalGeneration.from_pretrained(composed_dir)
+    processor = Cell2TextProcessor.from_pretrained(composed_dir)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / leftover).write_text("{}")
+    with pytest.raises(FileExistsError, match=f"holds \\['{leftover}'\\]"):
+        save_model_folder(model, processor, tmp_path / "model")
+    assert not (tmp_path / "model" / "config.json").exists()

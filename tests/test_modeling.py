@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tiny_parts import save_tiny_parts, tiny_bert_config, tiny_llama_config
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, BertConfig, LlamaConfig
 
 from modeling_cell2text import Cell2TextConfig, Cell2TextForConditionalGeneration
+from modeling_cell2text.modeling_cell2text import Cell2TextModel
 
 CELL = 99  # the default cell token id of a text vocabulary of 100
 
@@ -141,6 +146,61 @@ def test_other_loading_errors_are_not_called_corrupt_weights(tmp_path):
     with pytest.raises(OSError) as caught:  # transformers' own message: no weights file
         Cell2TextForConditionalGeneration.from_pretrained(tmp_path)
     assert "truncated or corrupt" not in str(caught.value)
+
+
+def _edit(folder, config=None, weights=None):
+    if config is not None:
+        content = json.loads((folder / "config.json").read_text())
+        config(content)
+        (folder / "config.json").write_text(json.dumps(content))
+    if weights is not None:
+        tensors = load_file(folder / "model.safetensors")
+        weights(tensors)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (dict(weights=lambda t: t.pop("model.multi_modal_projector.linear_1.weight")),
+     r"1 missing from the weights file \(they would be randomly initialised\), e.g. \['model.multi_modal_projector"),
+    (dict(weights=lambda t: [t.__setitem__("x" + k, t.pop(k)) for k in list(t)]), "missing from the weights file"),
+    (dict(config=lambda c: [c.update(tie_word_embeddings=False), c["text_config"].update(tie_word_embeddings=False)]),
+     r"\['lm_head.weight'\]"),
+    (dict(config=lambda c: c["text_config"].update(num_hidden_layers=1)),
+     r"in the weights file but not in the model config.json describes \(they would be ignored\)"),
+])
+def test_weights_that_do_not_match_the_config_are_refused_not_random(tmp_path, edit, message):
+    """The QA finding: a tensor missing from the file, renamed keys, an untied head or fewer layers in config.json
+    loaded with random (or dropped) weights and gave other descriptions, exit 0; transformers only logs it."""
+    tiny_model().save_pretrained(tmp_path)
+    _edit(tmp_path, **edit)
+    with pytest.raises(OSError, match=message) as caught:
+        Cell2TextForConditionalGeneration.from_pretrained(tmp_path)
+    assert "output_loading_info=True" in str(caught.value)
+    model, info = Cell2TextForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)  # opt-in
+    assert isinstance(model, Cell2TextForConditionalGeneration) and (info["missing_keys"] or info["unexpected_keys"])
+
+
+def test_a_model_and_its_base_model_load_from_each_others_folders(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "full")
+    model.model.save_pretrained(tmp_path / "base")
+    assert isinstance(Cell2TextModel.from_pretrained(tmp_path / "full"), Cell2TextModel)
+    assert isinstance(Cell2TextForConditionalGeneration.from_pretrained(tmp_path / "base"),
+                      Cell2TextForConditionalGeneration)  # the head is tied to the embeddings: nothing missing
+
+
+def test_a_folder_with_a_peft_adapter_beside_the_weights_is_refused(tmp_path):
+    """The QA finding: adapter files left in a model folder were applied on top of the merged weights (scores
+    moved, one cell changed type), exit 0."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "model")
+    get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
+    for path in (tmp_path / "adapter").iterdir():
+        shutil.copy(path, tmp_path / "model" / path.name)
+    with pytest.raises(OSError, match="holds a PEFT adapter \\(adapter_config.json\\) beside the model weights"):
+        Cell2TextForConditionalGeneration.from_pretrained(tmp_path / "model")
 
 
 def test_from_pretrained_parts_loads_the_saved_weights(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from tiny_parts import save_tiny_parts
 from transformers import AutoTokenizer
@@ -78,3 +80,30 @@ def test_publishing_re_renders_the_card_for_the_target_repo(model_dir):
     card = (model_dir / "README.md").read_text()
     assert 'model="org/cell2text-tiny"' in card and "demo-org/cell2text-demo" not in card
     assert "model_card_inputs.json" in hub.calls[1][2]["ignore_patterns"]
+
+
+def test_a_folder_whose_weights_do_not_match_its_config_is_refused_before_upload(model_dir):
+    """The QA finding: the publish check looked at file names only; a folder missing a tensor passed."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model_dir / "model.safetensors")
+    tensors.pop("model.multi_modal_projector.linear_1.weight")
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    hub = FakeHub()
+    with pytest.raises(OSError, match="missing from the weights file"):
+        publish_model(model_dir, "org/x", api=hub)
+    assert hub.calls == []
+
+
+def test_a_processor_that_does_not_fit_the_model_is_refused_before_upload(model_dir):
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "num_cell_tokens": 4}))
+    with pytest.raises(ValueError, match="cell tokens per cell: processor 8, model 4"):
+        check_hub_ready(model_dir)
+
+
+@pytest.mark.parametrize("name", ["adapter_config.json", "pytorch_model.bin"])
+def test_adapter_or_pickle_files_in_the_folder_are_refused_before_upload(model_dir, name):
+    (model_dir / name).write_text("{}")
+    with pytest.raises(ValueError, match=f"holds \\['{name}'\\] beside its merged weights"):
+        check_hub_ready(model_dir)

@@ -88,6 +88,9 @@ def test_recipe_trains_lora_and_projector_and_saves_a_loadable_model(parts_and_c
     assert generated.shape == (2, prompt_length + 5)  # one row per cell, 5 new tokens each
     assert (generated[:, :prompt_length] == inputs["input_ids"]).all()  # each row continues its own cell's prompt
     assert processor.ontology_term_ids["cell_type"]["B cell"] == "CL:0000236"
+    # A cell longer than the prepared encoder's positions keeps its top-ranked genes instead of failing in BERT.
+    positions = model.config.gene_encoder_config.max_position_embeddings
+    assert processor.feature_extractor.model_input_size == positions < 4096
 
 
 @pytest.mark.parametrize("favour", ["rank", "value_aware"])

@@ -356,10 +356,15 @@ def gene_encoder_path(args: Cell2TextArguments, training_args: SFTConfig, corpus
     return str(out_dir)
 
 
-def encoder_expression_bins(encoder_path: str, trust_remote_code: bool = False) -> int:
-    """The encoder's input: 0 for rank-value tokens (a pretrained Geneformer), else the bins it was prepared with."""
+def fit_processor_to_encoder(processor, encoder_path: str, trust_remote_code: bool = False) -> None:
+    """The processor gives the model what its encoder reads: expression bins only for a value-aware encoder (0 for
+    rank-value tokens, a pretrained Geneformer), and no more tokens per cell than the encoder has positions (an
+    encoder prepared on the corpus is sized to its longest cell; a longer cell keeps its top-ranked genes, as
+    Geneformer truncates)."""
     config = AutoConfig.from_pretrained(encoder_path, trust_remote_code=trust_remote_code)
-    return (getattr(config, PREPARED_ENCODER_KEY, None) or {}).get("num_expression_bins", 0)
+    extractor = processor.feature_extractor
+    extractor.num_expression_bins = (getattr(config, PREPARED_ENCODER_KEY, None) or {}).get("num_expression_bins", 0)
+    extractor.model_input_size = min(extractor.model_input_size, config.max_position_embeddings)
 
 
 def build_model(
@@ -459,8 +464,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     processor = build_processor(args, args.corpus_dir, summary, trust_remote_code, corpus["train"])
     encoder_path = None if args.init_from else gene_encoder_path(args, training_args, corpus, processor, summary)
     if encoder_path is not None:
-        # The processor gives the model what its encoder reads: expression bins only for a value-aware encoder.
-        processor.feature_extractor.num_expression_bins = encoder_expression_bins(encoder_path, trust_remote_code)
+        fit_processor_to_encoder(processor, encoder_path, trust_remote_code)
 
     # 2. The model; the new weights (projector, then LoRA in the trainer) start from the seed whether the encoder
     # was prepared now or reused.
