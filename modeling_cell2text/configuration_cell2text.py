@@ -68,6 +68,10 @@ class Cell2TextConfig(PreTrainedConfig):
             Checksum of the gene vocabulary (gene -> token id) of the processor the model was composed with
             (`from_pretrained_parts` records it, and `save_model_folder` where it is unset). A processor with another
             vocabulary is refused wherever the two meet (`compatibility.check_model_and_processor`).
+        training_corpus_fingerprints (`dict`, *optional*):
+            The fingerprints of the corpus splits the model was trained on (`training.sft` records them): evaluating
+            on another build of a corpus (another seed or fold: its test cells may be training cells) is refused
+            unless asked for (`training.evaluation.evaluate --other-corpus`).
     """
 
     model_type = "cell2text"
@@ -88,6 +92,7 @@ class Cell2TextConfig(PreTrainedConfig):
     cell_type_temperature: float = 1.0
     field_temperatures: dict | None = None
     gene_vocabulary_sha256: str | None = None
+    training_corpus_fingerprints: dict | None = None
     tie_word_embeddings: bool = False
 
     @classmethod

@@ -82,3 +82,51 @@ def test_free_cell_type_reads_the_first_sentence_only():
     assert free_cell_type("This sample consists of a B cell. It orig") == "B cell"
     assert free_cell_type("This sample consists of an erythroid cell") == "erythroid cell"
     assert free_cell_type("A B cell.") is None
+
+
+def _corpus_copy(corpus_dir, target, summary=None, feature_extractor=None):
+    import shutil
+
+    shutil.copytree(corpus_dir, target)
+    for path, edit in ((target / "summary.json", summary),
+                       (target / "feature_extractor" / "preprocessor_config.json", feature_extractor)):
+        if edit is not None:
+            content = json.loads(path.read_text())
+            edit(content)
+            path.write_text(json.dumps(content))
+    return target
+
+
+def test_another_build_of_the_corpus_is_refused_unless_asked_for(model_and_corpus, tmp_path):
+    """The QA finding: a model trained on one build evaluated on the same cells rebuilt with another seed or fold
+    (52 of 70 test cells were training cells) ran with exit 0; the vocabulary check alone could not tell."""
+    from training.evaluation.evaluate import check_corpus_fits_model
+
+    model_dir, corpus_dir = model_and_corpus
+    model, processor = load_model(model_dir, device="cpu")
+    trained_on = {"train": "aaaa", "validation": "bbbb", "test": "cccc"}
+    model.config.training_corpus_fingerprints = trained_on  # as training.sft records it
+    same = _corpus_copy(corpus_dir, tmp_path / "same", summary=lambda s: s.update(fingerprints=trained_on))
+    rebuilt = _corpus_copy(corpus_dir, tmp_path / "rebuilt",
+                           summary=lambda s: s.update(fingerprints={**trained_on, "test": "dddd"}))
+    check_corpus_fits_model(same, model.config, processor)
+    with pytest.raises(ValueError, match="is not the build the model was trained on .* pass --other-corpus"):
+        check_corpus_fits_model(rebuilt, model.config, processor)
+    check_corpus_fits_model(rebuilt, model.config, processor, other_corpus=True)  # the user's word: new cells
+
+
+def test_a_corpus_ranked_with_other_gene_medians_is_refused(model_and_corpus, tmp_path):
+    """The QA finding: the same gene ids with other medians (a corpus built without --feature-extractor) passed,
+    and every test cell's gene order differed from the model's processor's."""
+    from training.evaluation.evaluate import check_corpus_fits_model
+
+    model_dir, corpus_dir = model_and_corpus
+    model, processor = load_model(model_dir, device="cpu")
+
+    def other_medians(config):
+        gene = next(iter(config["gene_medians"]))
+        config["gene_medians"][gene] *= 2
+
+    other = _corpus_copy(corpus_dir, tmp_path / "other", feature_extractor=other_medians)
+    with pytest.raises(ValueError, match="tokenized with other gene_medians than the model's processor"):
+        check_corpus_fits_model(other, model.config, processor, other_corpus=True)

@@ -33,6 +33,8 @@ def test_build_train_reload_evaluate(tmp_path):
                        metric_for_best_model="eval_loss", bf16=False, gradient_checkpointing=False,
                        report_to="none", use_cpu=True)
     model_dir = main(args, config)
+    saved_config = json.loads((model_dir / "config.json").read_text())
+    assert saved_config["training_corpus_fingerprints"] == summary["fingerprints"]  # evaluation checks against it
 
     results, per_cell, texts = evaluate_model(model_dir, tmp_path / "corpus", "test", batch_size=16,
                                               max_new_tokens=6, max_cells=20)

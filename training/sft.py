@@ -470,6 +470,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     # was prepared now or reused.
     set_training_seed(training_args)
     model = build_model(args, encoder_path, processor, trust_remote_code)
+    model.config.training_corpus_fingerprints = summary.get("fingerprints")  # evaluation refuses another build
     if model.config.num_cell_tokens != processor.num_cell_tokens:
         raise ValueError(
             f"The model takes {model.config.num_cell_tokens} cell tokens but the processor expands "
