@@ -328,9 +328,10 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
     """Refuse values that cannot be expression of the declared kind (on stored entries, per chunk of cells).
 
     Always: numeric, finite, non-negative. "counts": integers below 2**31. "normalized": below 2**31, not raw
-    counts (all values integers while the cells' totals differ), not log1p-scaled (all values <= 20 and the cells'
-    totals of expm1(values) agree within 0.1% while their totals of the values differ by more than 1%: log1p of
-    normalised data). "log1p": at most 20 (log1p of CP10k is at most 9.2), not all integers (raw counts).
+    counts (all values integers while the cells' totals differ), not log1p-scaled (the largest value in (1, 20] and
+    not all integers: log1p of normalised data, also on a subset of genes, where the next rule cannot see it; or all
+    values <= 20 and the cells' totals of expm1(values) agree within 0.1% while their totals of the values differ by
+    more than 1%). "log1p": at most 20 (log1p of CP10k is at most 9.2), not all integers (raw counts).
     The totals rules need two cells with values in the chunk.
     """
     where = f"chunk starting at cell {first_row}"
@@ -383,6 +384,13 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
         raise ValueError(
             f"input_values='normalized' but a value is {float(largest):.6g} ({where}): normalised expression is far "
             "below 2**31 (CPM is at most 10**6); pass the normalised matrix, or input_values='counts' for raw counts"
+        )
+    if 1 < largest <= MAX_LOG1P and not integral:
+        raise ValueError(
+            f"input_values='normalized' but every value is at most {float(largest):.4g} and not all are integers "
+            f"({where}): these look log1p-scaled (log1p of CP10k is at most 9.2; normalised values per 10,000 reach "
+            "tens to thousands); pass input_values='log1p'. Values normalised to another total rank the same once "
+            "scaled, e.g. to counts per 10,000 (sc.pp.normalize_total(adata, target_sum=1e4))"
         )
     totals = _row_sums(data, indptr)
     totals = totals[totals > 0]
