@@ -10,6 +10,7 @@ imports only numpy, scipy, transformers (tqdm comes with transformers) and its s
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, GenerationConfig, Pipeline
+from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, Pipeline
 
 from .cell_inputs import empty_cells_error
 from .compatibility import check_model_and_processor, gene_vocabulary_sha256, recorded_gene_vocabulary_sha256
@@ -154,6 +155,7 @@ class Cell2TextPipeline(Pipeline):
         forward_params = {} if constrained is None else {"constrained": constrained}
         if generate_kwargs or generation_params:
             forward_params["generate_kwargs"] = {**(generate_kwargs or {}), **generation_params}
+            _refuse_unknown_generation_options(forward_params["generate_kwargs"])
         return preprocess_params, forward_params, {}
 
     def __call__(
@@ -388,6 +390,20 @@ def length_order(lengths: np.ndarray) -> np.ndarray:
     """Positions longest first (ties in input order): batches taken in this order pad little, and the first batch
     is the largest, so running out of memory shows at once."""
     return np.argsort(-np.asarray(lengths), kind="stable")
+
+
+def _refuse_unknown_generation_options(options: dict) -> None:
+    """Refuse keywords that are neither a pipeline option nor a generation setting: the constrained decoder reads
+    only the settings it uses, so a misspelt option (`layers=`, `raw=`, `constrain=`) was ignored, and the cells
+    described from X, exit 0."""
+    known = set(GenerationConfig().to_dict()) | set(inspect.signature(GenerationMixin.generate).parameters)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) {unknown}: the cell-to-text pipeline takes gene_ids, layer, use_raw, input_values, "
+            "skip_empty_cells, constrained, batch_size, sort_by_length, progress, generate_kwargs and generation "
+            "settings (GenerationConfig's, e.g. max_new_tokens, num_beams, do_sample)"
+        )
 
 
 def save_model_folder(model: Any, processor: Any, save_directory: str | os.PathLike, **kwargs: Any) -> None:

@@ -12,6 +12,7 @@ This module (like the CLI) does not travel to the Hub with a saved model: no mod
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .compatibility import check_model_and_processor, gene_vocabulary_sha256
+from .description_schema import CellDescription
 from .label_scoring import constrains_by_default
 from .modeling_cell2text import PICKLED_WEIGHTS, Cell2TextForConditionalGeneration
 from .package_info import package_version
@@ -195,9 +197,11 @@ def model_provenance(model: torch.nn.Module) -> dict[str, str]:
 
 def check_key_added(key_added: Any) -> None:
     """`key_added` names obs columns, an obsm entry and a uns entry: a plain, non-empty name without "/" (which h5ad
-    would store as a nested group, so the uns record would not be found under the name again)."""
-    if not isinstance(key_added, str) or not key_added or "/" in key_added:
-        raise ValueError(f"key_added {key_added!r} must be a non-empty name without '/' (e.g. 'cell2text')")
+    would store as a nested group, so the uns record would not be found under the name again), and not "." or ".."
+    (HDF5 path components: writing the h5ad failed after every cell was described)."""
+    if not isinstance(key_added, str) or not key_added or "/" in key_added or key_added in (".", ".."):
+        raise ValueError(f"key_added {key_added!r} must be a non-empty name without '/', not '.' or '..' (e.g. "
+                         "'cell2text')")
 
 
 def _check_writable(adata: Any, attribute: str) -> None:
@@ -329,9 +333,20 @@ def write_descriptions(
     check_key_added(key_added)
     if len(results) != adata.n_obs:
         raise ValueError(f"{len(results)} results for the {adata.n_obs} cells of adata: pass one per cell, in order")
+    # A column an earlier run wrote under this key and this one does not (a free run after a constrained one has no
+    # scores) would sit beside the new descriptions as if it were theirs: every column a run can write goes first.
+    adata.obs.drop(columns=[name for name in described_columns(key_added) if name in adata.obs], inplace=True)
     for name, values in annotation_columns(results, key_added).items():
         adata.obs[name] = values
     _record(adata, key_added, model, processor, params)
+
+
+def described_columns(key_added: str) -> list[str]:
+    """Every obs column `write_descriptions` can write under `key_added`."""
+    fields = [field.name for field in dataclasses.fields(CellDescription)]
+    suffixes = ["description", "parsed", "exact_choice",
+                *(f"{field}{end}" for field in fields for end in ("", "_ontology_term_id", "_score"))]
+    return [f"{key_added}_{suffix}" for suffix in suffixes]
 
 
 def annotation_columns(results: Sequence[dict | None], key_added: str) -> dict[str, Any]:
@@ -420,6 +435,7 @@ def embed(
 
 
 __all__ = [
-    "DescribeOptions", "annotation_columns", "check_key_added", "compiled_decoding_kwargs", "describe", "describe_cells", "embed", "load", "load_processor",
+    "DescribeOptions", "annotation_columns", "check_key_added", "compiled_decoding_kwargs", "describe",
+    "described_columns", "describe_cells", "embed", "load", "load_processor",
     "model_provenance", "package_version", "remote_class", "resolve_device", "resolve_dtype", "write_descriptions",
 ]

@@ -244,11 +244,13 @@ def test_generate_refuses_a_cell_without_gene_tokens(model_dir):
         model.generate(**inputs, max_new_tokens=2)
 
 
-def test_key_added_with_a_slash_is_refused(model_dir, tmp_path, h5ad, capsys):
+@pytest.mark.parametrize("key", ["a/b", ".", ".."])
+def test_key_added_with_a_slash_or_a_path_component_is_refused(model_dir, tmp_path, h5ad, capsys, key):
+    """'.' (the QA finding) passed the check, and writing the h5ad failed after every cell was described."""
     with pytest.raises(ValueError, match="without '/'"):
-        tl.embed(make_adata(2), model_dir, key_added="a/b", progress=False)
+        tl.embed(make_adata(2), model_dir, key_added=key, progress=False)
     with pytest.raises(ValueError, match="without '/'"):
-        tl.describe(make_adata(2), model_dir, key_added="a/b", progress=False)
-    code, err = run_cli([*describe_args(h5ad, model_dir, tmp_path / "out.h5ad"), "--key-added", "a/b"], capsys)
+        tl.describe(make_adata(2), model_dir, key_added=key, progress=False)
+    code, err = run_cli([*describe_args(h5ad, model_dir, tmp_path / "out.h5ad"), "--key-added", key], capsys)
     assert_one_line_error(code, err)
-    assert "--key-added 'a/b' must be a non-empty name without '/'" in err
+    assert f"--key-added {key!r} must be a non-empty name without '/'" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import anndata as ad
@@ -299,3 +300,14 @@ def test_saving_refuses_push_to_hub_which_would_upload_half_a_folder(trained_dir
     with pytest.raises(ValueError, match="upload it whole"):
         describe.save_pretrained(tmp_path / "folder", push_to_hub=True)
     assert not (tmp_path / "folder").exists()
+
+
+@pytest.mark.parametrize("typo", [{"layers": "counts"}, {"raw": True}, {"constrain": False}, {"sort_by_len": True}])
+def test_a_misspelt_option_is_refused_not_ignored(random_dir, typo):
+    """The QA finding: the constrained decoder reads only the generation settings it uses, so `layers="counts"`
+    described X instead of the layer, exit 0."""
+    describe = pipeline("cell-to-text", model=str(random_dir), trust_remote_code=True, device="cpu")
+    with pytest.raises(TypeError, match=re.escape(f"unknown option(s) ['{next(iter(typo))}']: the cell-to-text")):
+        describe(make_adata(2), **typo)
+    with pytest.raises(TypeError, match="unknown option"):
+        describe(make_adata(2), generate_kwargs=typo)

@@ -73,6 +73,20 @@ def test_describe_free_cell_type_has_no_score_and_says_so(model_dirs, tmp_path):
     adata.write_h5ad(tmp_path / "free.h5ad")  # the record is writable (no None in uns)
 
 
+def test_describing_again_leaves_no_column_of_the_earlier_run(model_dirs):
+    """The QA finding: a free run after a constrained one kept the constrained run's scores and exact_choice beside
+    the new descriptions (tissue_score 1.0 for a description that states no tissue), exit 0."""
+    adata = make_adata(3)
+    adata.obs["cell2text_notes"] = "mine"  # a user's own column under the same prefix stays
+    describe(adata, model_dirs["trained"], constrained=True)
+    constrained_columns = set(adata.obs.columns)
+    assert {"cell2text_tissue_score", "cell2text_exact_choice"} <= constrained_columns
+    assert constrained_columns - {"cell2text_notes"} <= set(tl.described_columns("cell2text")) | set(make_adata(3).obs)
+    describe(adata, model_dirs["trained"], constrained=False)
+    assert "cell2text_tissue_score" not in adata.obs and "cell2text_exact_choice" not in adata.obs
+    assert (adata.obs["cell2text_notes"] == "mine").all()
+
+
 def test_describe_aligns_by_position_with_duplicated_obs_names(model_dirs, expected):
     adata = make_adata(6, seed=7)
     adata.obs_names = DUPLICATED
