@@ -79,10 +79,14 @@ def publish_file(temporary: Path, target: Path, overwrite: bool, fix: str = "pas
     os.unlink(temporary)
 
 
-def publish_folder(staging: Path, target: Path, overwrite: bool, fix: str = "pass --overwrite to replace it") -> None:
+def publish_folder(staging: Path, target: Path, overwrite: bool, fix: str = "pass --overwrite to replace it",
+                   holds: str | None = None) -> None:
     """Move the finished folder `staging` to `target` (same parent). Without `overwrite` only a missing or empty
     `target` is taken, else `OutputExistsError`; with it, an existing `target` is set aside and removed after the
-    new folder is in place. `staging` is left for the caller to remove when this raises."""
+    new folder is in place, if it is an output of the same kind (it `holds` that file; `_refuse_foreign_folder`).
+    `staging` is left for the caller to remove when this raises."""
+    if overwrite:
+        _refuse_foreign_folder(target, holds)
     if overwrite and target.exists():
         aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.replaced-"))
         os.replace(target, aside / target.name)
@@ -109,8 +113,23 @@ def _rename_no_replace(staging: Path, target: Path, fix: str) -> None:
         raise
 
 
-def check_new_output(target: Path, overwrite: bool, fix: str = "pass --overwrite to replace it") -> None:
-    """The cheap up-front check (before hours of work): `target` is free, an empty folder, or may be replaced."""
+def _refuse_foreign_folder(target: Path, holds: str | None) -> None:
+    """Refuse to replace a non-empty folder without the file `holds` (a report's results.json, a model's config.json):
+    `--overwrite` pointed at the wrong folder (a model, a corpus, a home directory) deleted all of it."""
+    if holds is None or not target.is_dir() or not any(target.iterdir()) or (target / holds).exists():
+        return
+    raise OutputExistsError(
+        f"{target} holds files but no {holds}, so it is not an earlier output of this kind; refusing to replace it "
+        "even with overwrite: choose a new or empty folder"
+    )
+
+
+def check_new_output(target: Path, overwrite: bool, fix: str = "pass --overwrite to replace it",
+                     holds: str | None = None) -> None:
+    """The cheap up-front check (before hours of work): `target` is free, an empty folder, or may be replaced (with
+    `overwrite`, a folder holding the file `holds` where that is given)."""
+    if overwrite:
+        _refuse_foreign_folder(target, holds)
     if overwrite or not target.exists():
         return
     if target.is_dir() and not any(target.iterdir()):

@@ -18,7 +18,7 @@ from test_cli import NEW_COLUMNS, assert_one_line_error, describe_args, run_cli
 from test_pipeline import make_adata, save_tiny_model_folder
 
 from modeling_cell2text import Cell2TextConfig, Cell2TextForConditionalGeneration, Cell2TextProcessor, tl
-from modeling_cell2text.output_files import OutputExistsError, publish_file, publish_folder
+from modeling_cell2text.output_files import OutputExistsError, check_new_output, publish_file, publish_folder
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -94,6 +94,28 @@ def test_a_folder_published_meanwhile_is_kept_unless_overwrite(tmp_path):
     publish_folder(staging, target, overwrite=True)
     assert (target / "summary.json").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
+def test_overwrite_replaces_only_an_output_of_the_same_kind(tmp_path):
+    """The QA finding: the evaluation report with --overwrite pointed at a folder holding a model and a corpus
+    deleted them and left only the report."""
+    from training.evaluation.report import write_report
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_text("weights")
+    with pytest.raises(OutputExistsError, match="holds files but no results.json.*choose a new or empty folder"):
+        write_report({"num_cells": 1}, {}, model, overwrite=True)
+    with pytest.raises(OutputExistsError, match="holds files but no results.json"):
+        check_new_output(model, overwrite=True, holds="results.json")
+    staging = tmp_path / ".staging"
+    staging.mkdir()
+    with pytest.raises(OutputExistsError, match="holds files but no config.json"):
+        publish_folder(staging, model, overwrite=True, holds="config.json")
+    assert (model / "model.safetensors").read_text() == "weights"
+    report = write_report({"num_cells": 1}, {}, tmp_path / "report")
+    assert write_report({"num_cells": 2}, {}, tmp_path / "report", overwrite=True) == report  # an earlier report
+    assert json.loads((tmp_path / "report" / "results.json").read_text())["num_cells"] == 2
 
 
 def test_two_describe_runs_with_one_out_leave_one_result_and_one_clear_error(model_dir, h5ad, tmp_path):

@@ -75,7 +75,7 @@ def save_merged(
             for name, text in (extra_files or {}).items():
                 (staging / name).write_text(text)
             staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the model is a plain folder
-            publish_folder(staging, final_dir, overwrite, fix=OVERWRITE_FINAL_FIX)
+            publish_folder(staging, final_dir, overwrite, fix=OVERWRITE_FINAL_FIX, holds="config.json")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()

@@ -149,7 +149,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, overw
         }
         (tmp / MARKER_FILENAME).write_text(json.dumps(marker, indent=2) + "\n")
         try:
-            publish_folder(tmp, out, overwrite, fix="pass --force to convert again")
+            publish_folder(tmp, out, overwrite, fix="pass --force to convert again", holds="config.json")
         except OutputExistsError:
             if not is_prepared(out):
                 raise

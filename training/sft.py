@@ -455,7 +455,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         dataset_kwargs={**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True},
     )
     final_dir = Path(args.final_model_dir or Path(training_args.output_dir) / FINAL_DIR)
-    check_new_output(final_dir, args.overwrite_final_model_dir, OVERWRITE_FINAL_FIX)  # before training, not after
+    check_new_output(final_dir, args.overwrite_final_model_dir, OVERWRITE_FINAL_FIX, holds="config.json")  # before training, not after
     set_training_seed(training_args)  # same seed, same machine: same model
 
     # 1. The corpus, the processor it implies, and the gene encoder (given, or prepared on the corpus).

@@ -172,7 +172,7 @@ def train_cell2sentence(
         lora=lora, cell_type_loss_weight=cell_type_loss_weight,
     )
     final_dir = Path(output_dir) / FINAL_DIR
-    check_new_output(final_dir, overwrite, OVERWRITE_FINAL_FIX)  # before training, not after
+    check_new_output(final_dir, overwrite, OVERWRITE_FINAL_FIX, holds="config.json")  # before training, not after
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     generation_config = {"num_genes": num_genes, "system_prompt": SYSTEM_PROMPT, "user_prefix": USER_PREFIX}
     return save_merged(trainer, final_dir, trainer.processing_class, {}, overwrite=overwrite,

@@ -474,7 +474,7 @@ def evaluate_model(
 
 def main(argv: Sequence[str] | None = None) -> Path:
     from modeling_cell2text.output_files import check_new_output
-    from training.evaluation.report import write_report
+    from training.evaluation.report import RESULTS_FILE, write_report
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="A trained Cell2Text folder.")
@@ -494,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                         help="Evaluate on a corpus other than the one the model was trained on (its cells must be new "
                              "to the model; another build of the same data would put training cells in the test split).")
     args = parser.parse_args(argv)
-    check_new_output(Path(args.out), args.overwrite)  # before the generation, which takes minutes
+    check_new_output(Path(args.out), args.overwrite, holds=RESULTS_FILE)  # before the generation, which takes minutes
     results, per_cell, _ = evaluate_model(
         args.model, args.corpus, args.split, args.batch_size, args.max_new_tokens, args.max_cells,
         constrained=not args.free, trust_remote_code=args.trust_remote_code, device=args.device,

@@ -72,6 +72,7 @@ from hub_cards.names import (
 MAX_CONFUSION_CLASSES = 30
 UNPARSED = "(unparsed)"
 OTHER = "(other)"
+RESULTS_FILE = "results.json"  # marks a report folder (which --overwrite may replace)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -405,12 +406,12 @@ def write_report(results: dict, per_cell: dict, out_dir, overwrite: bool = False
     (`output_files.publish_folder`): a failure leaves nothing, and a non-empty ``out_dir`` (also one another run
     published meanwhile) is replaced only with ``overwrite``."""
     out_dir = Path(out_dir).absolute()
-    check_new_output(out_dir, overwrite)
+    check_new_output(out_dir, overwrite, holds=RESULTS_FILE)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
     try:
         _write_report_files(results, per_cell or {}, staging)
-        publish_folder(staging, out_dir, overwrite)
+        publish_folder(staging, out_dir, overwrite, holds=RESULTS_FILE)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir / "report.md"
@@ -431,7 +432,7 @@ def _write_report_files(results: dict, per_cell: dict, out_dir: Path) -> None:
     if plots:
         lines += ["## Plots", ""]
         lines += [f"![{title}]({path.name})\n" for title, path in plots]
-    (out_dir / "results.json").write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False))
+    (out_dir / RESULTS_FILE).write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False))
     (out_dir / "per_cell.json").write_text(json.dumps(_json_safe(per_cell), allow_nan=False))
     (out_dir / "report.md").write_text("\n".join(lines))
     (out_dir).chmod(0o777 & ~_umask())  # mkdtemp makes the folder private; the report is a plain folder
