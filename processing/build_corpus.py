@@ -220,6 +220,8 @@ _REJECT_FIXES = {
     "--obs-map YOUR_COLUMN=cell_type_ontology_term_id for a column that holds them",
     "unknown_cell_type_term": "cell_type_ontology_term_id must hold CL ids of the bundled Cell Ontology (e.g. "
     "CL:0000236)",
+    "obsolete_cell_type_term": "these CL ids are obsolete in the bundled Cell Ontology with no replacement: map "
+    "them to current CL terms (e.g. the nearest current parent type)",
     "invalid_values": "the matrix holds NaN, infinite or negative values: pass raw counts (a counts layer or "
     "adata.raw), not scaled data",
     "no_counts": "every cell's values are zero: check --layer",
@@ -458,6 +460,11 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
     else:
         split_of[kept] = assign_fold_splits(kept_labels, kept_donors, *options.fold, options.seed, cell_ids[kept])
     _warn_empty_splits(split_of, kept_donors, options.fold is not None)
+    split_by = "donor" if any(d is not None for d in kept_donors) else "cell"
+    if split_by == "cell":
+        logger.warning("no cell has a donor_id: cells are split one by one (stratified by cell type), so one donor's "
+                       "cells can be in train and test and test figures read optimistic; if a column names the donor, "
+                       "pass --obs-map YOUR_COLUMN=donor_id")
     ontology_term_ids, unknown_terms = _ontology_ids(labels, kept)
     with tempfile.TemporaryDirectory(dir=out, prefix=".build-") as tmp:
         writer = SplitWriter(Path(tmp), SPLITS, value_aware=extractor.num_expression_bins > 0)
@@ -481,6 +488,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
             "pathway_sets": len(set_names),
             "top_pathways_by_cell_type": _top_pathways_by_cell_type(labels, kept, top, set_names)} if set_names else {}),
         "seed": options.seed,
+        "split_by": split_by,
         **({"fold": {"fold": options.fold[0], "num_folds": options.fold[1]}} if options.fold else {}),
         "ontology_term_ids": ontology_term_ids,
         "unknown_ontology_term_ids": unknown_terms,

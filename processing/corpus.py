@@ -11,6 +11,7 @@ out of the description. Cells that cannot be described get a reject reason inste
 * ``unmapped_cell_type``: a cell type label without a Cell Ontology id (e.g. a preset label
   missing from its mapping table);
 * ``unknown_cell_type_term``: an id that is not a term of the bundled Cell Ontology;
+* ``obsolete_cell_type_term``: a CL term marked obsolete without a replacement (its label reads "obsolete ...");
 * ``missing_<field>``: a field listed as required (``required_fields``) is missing.
 """
 
@@ -148,8 +149,12 @@ def resolve_term(term_id: str | None, label: str | None) -> tuple[str | None, st
 
 @lru_cache(maxsize=None)
 def age_group_of(stage_id: str | None) -> str | None:
-    """Age bucket of a known HsapDv stage; None for other ontologies and coarse stages."""
+    """Age bucket of a known HsapDv stage; None for other ontologies, coarse stages and ids the bundled HsapDv does not
+    define (warned about once per id; one such id stopped the whole build)."""
     if stage_id is None or not stage_id.startswith("HsapDv:"):
+        return None
+    if not ontologies.is_known_term(stage_id):
+        logger.warning("development stage %s is not in the bundled HsapDv: its cells get no age group", stage_id)
         return None
     bucket = ontologies.development_stage_to_age_bucket(stage_id)
     return bucket if bucket in AGE_GROUPS else None
@@ -160,6 +165,8 @@ def _cell_type_reason(term_id: str | None, label: str | None, known: bool) -> st
         return "missing_cell_type" if label is None else "unmapped_cell_type"
     if not known or not term_id.startswith("CL:"):
         return "unknown_cell_type_term"
+    if ontologies.is_deprecated(term_id):  # resolve_term followed any replacement: there is none
+        return "obsolete_cell_type_term"
     return None
 
 

@@ -60,6 +60,25 @@ def test_one_unknown_tissue_id_does_not_relabel_the_corpus(tmp_path):
     assert saved["ontology_term_ids"]["tissue"] == {"blood": "UBERON:0000178"}
 
 
+def test_an_obsolete_cell_type_without_replacement_is_rejected_and_an_unknown_stage_is_counted(tmp_path):
+    """The QA findings: CL:0000013 (obsolete, no replacement) was kept, its text reading "an obsolete dentine
+    secreting cell" and the label entering the model's label table; one unknown HsapDv id stopped the whole build
+    with a KeyError (now: that cell gets no age group, with a warning)."""
+    adata = _tiny_adata()
+    adata.obs.loc["cell22", "cell_type_ontology_term_id"] = "CL:0000013"
+    adata.obs["development_stage_ontology_term_id"] = "HsapDv:0000087"
+    adata.obs.loc["cell23", "development_stage_ontology_term_id"] = "HsapDv:9999999"
+    summary = build_corpus(_source(adata), tmp_path / "out", BuildOptions(**OPTIONS))
+    assert summary["rejected"] == {"obsolete_cell_type_term": 1}
+    assert "obsolete" not in json.dumps(summary["ontology_term_ids"])
+    assert sum(summary["splits"].values()) == N_CELLS - 1
+    from datasets import load_from_disk
+
+    corpus = load_from_disk(str(tmp_path / "out"))
+    ages = {cell: age for split in corpus.values() for cell, age in zip(split["cell_id"], split["age_group"])}
+    assert ages["cell23"] is None and ages["cell00"] == "adulthood"
+
+
 def test_a_label_naming_two_known_terms_is_an_error_naming_the_cells():
     labels = pd.DataFrame(
         {
@@ -118,6 +137,24 @@ def test_an_empty_split_is_named_with_the_fix(tmp_path, caplog):
     caplog.clear()
     build_corpus(_source(_tiny_adata()), tmp_path / "full", BuildOptions(**OPTIONS))
     assert "no cells" not in caplog.text
+
+
+def test_a_split_by_cell_is_said_where_no_cell_has_a_donor(tmp_path, caplog):
+    """The QA finding: the donor in a column called `patient` gave a per-cell split (each patient in train,
+    validation and test) without a word, in the log, summary.json or the card."""
+    from hub_cards.render import write_dataset_card
+
+    adata = _tiny_adata()
+    adata.obs["patient"] = np.where(np.arange(N_CELLS) % 4 < 2, "p1", "p2")
+    summary = build_corpus(_source(adata), tmp_path / "by-cell", BuildOptions(**OPTIONS))
+    assert summary["split_by"] == "cell"
+    assert "no cell has a donor_id: cells are split one by one" in caplog.text and "--obs-map" in caplog.text
+    assert "cells are split one by one" in str(write_dataset_card(tmp_path / "by-cell", "org/x"))
+    caplog.clear()
+    adata.obs["donor_id"] = adata.obs.pop("patient")
+    summary = build_corpus(_source(adata), tmp_path / "by-donor", BuildOptions(**OPTIONS))
+    assert summary["split_by"] == "donor" and "no cell has a donor_id" not in caplog.text
+    assert "Whole donors go to one split" in str(write_dataset_card(tmp_path / "by-donor", "org/x"))
 
 
 def test_a_chunk_of_only_empty_or_invalid_cells_is_rejected_not_fatal(tmp_path):
