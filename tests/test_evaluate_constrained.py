@@ -130,3 +130,20 @@ def test_a_corpus_ranked_with_other_gene_medians_is_refused(model_and_corpus, tm
     other = _corpus_copy(corpus_dir, tmp_path / "other", feature_extractor=other_medians)
     with pytest.raises(ValueError, match="tokenized with other gene_medians than the model's processor"):
         check_corpus_fits_model(other, model.config, processor, other_corpus=True)
+
+
+@pytest.mark.parametrize(("split", "max_cells", "message"), [
+    ("tets", None, r"has no split 'tets'; its splits: \['test', 'train', 'validation'\]"),
+    ("test", 0, "max_cells must be an integer >= 1"),
+    ("test", -5, "max_cells must be an integer >= 1"),
+])
+def test_a_misspelt_split_or_no_cells_is_named_before_the_model_loads(model_and_corpus, monkeypatch, split,
+                                                                       max_cells, message):
+    """The QA finding: `--split tets` gave a bare KeyError and `--max-cells 0` "No texts to evaluate" after the
+    model loaded."""
+    import training.evaluation.evaluate as evaluate
+
+    model_dir, corpus_dir = model_and_corpus
+    monkeypatch.setattr(evaluate, "load_model", lambda *args: pytest.fail("the model loaded first"))
+    with pytest.raises(ValueError, match=message):
+        evaluate_model(model_dir, corpus_dir, split, max_cells=max_cells, device="cpu")

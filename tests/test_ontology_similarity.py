@@ -47,6 +47,18 @@ def test_unknown_true_term_is_a_value_error(cl, true_id):
         cl.score(true_id, CD14_MONOCYTE)
 
 
+def test_evaluation_scores_a_true_term_unknown_to_the_graph_by_exact_match(cl):
+    """The QA finding: a corpus keeps cells with unknown ids (counted, by design); evaluation then generated every
+    description and stopped with "True term ... is not in the graph", writing nothing."""
+    from training.evaluation.evaluate import _ExactOrOntology
+
+    scorer = _ExactOrOntology("CL")
+    scorer.similarity = cl
+    assert cl.contains(CD14_MONOCYTE) and not cl.contains("CL:9999999")
+    assert scorer.score("CL:9999999", "CL:9999999") == 1.0 and scorer.score("CL:9999999", CD14_MONOCYTE) == 0.0
+    assert scorer.score(MONOCYTE, CD14_MONOCYTE) == cl.score(MONOCYTE, CD14_MONOCYTE) > 0  # known terms: graded
+
+
 def test_deprecated_prediction_is_replaced(cl):
     assert cl.score("CL:0000236", "CL:0000003") == cl.score("CL:0000236", "CL:0000000")
 

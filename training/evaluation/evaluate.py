@@ -283,7 +283,8 @@ def constraint_report(true: Sequence[str], described: dict) -> dict:
 
 
 class _ExactOrOntology:
-    """Ontology similarity, with exact match for true terms outside the ontology (e.g. PATO 'normal')."""
+    """Ontology similarity, with exact match for true terms outside the ontology (e.g. PATO 'normal') or unknown to
+    its graph (an id the corpus builder kept as unknown: it stopped the evaluation after every cell was generated)."""
 
     def __init__(self, ontology: str):
         from training.evaluation.ontology_similarity import OntologySimilarity
@@ -292,7 +293,7 @@ class _ExactOrOntology:
         self.prefix = ontology + ":"
 
     def score(self, true_id: str, predicted_id: str) -> float:
-        if not true_id.startswith(self.prefix):
+        if not true_id.startswith(self.prefix) or not self.similarity.contains(true_id):
             return float(true_id == predicted_id)
         return self.similarity.score(true_id, predicted_id)
 
@@ -445,11 +446,19 @@ def evaluate_model(
     (`per_cell["cell_type_score"]`) and `results["cell_type_constraint"]` (invented labels, calibration)."""
     from datasets import load_from_disk
 
-    model, processor = load_model(model_dir, trust_remote_code, device)
-    vocabulary_sha256 = check_corpus_fits_model(corpus_dir, model.config, processor, other_corpus)
-    cells = load_from_disk(str(corpus_dir))[split]
+    corpus = load_from_disk(str(corpus_dir))  # the split checked before the model loads and generates
+    if split not in corpus:
+        raise ValueError(f"the corpus {corpus_dir} has no split {split!r}; its splits: {sorted(corpus)}")
+    if max_cells is not None and (isinstance(max_cells, bool) or not isinstance(max_cells, int) or max_cells < 1):
+        raise ValueError(f"max_cells must be an integer >= 1 (or None for every cell), got {max_cells!r}")
+    cells = corpus[split]
     if max_cells is not None:
         cells = cells.select(range(min(max_cells, len(cells))))
+    if not len(cells):
+        raise ValueError(f"the {split!r} split of {corpus_dir} has no cells, nothing to evaluate (the corpus build "
+                         "warned about it: too few donors or cells for three splits; evaluate another split or fold)")
+    model, processor = load_model(model_dir, trust_remote_code, device)
+    vocabulary_sha256 = check_corpus_fits_model(corpus_dir, model.config, processor, other_corpus)
     values = split_value_lists(cells, processor.feature_extractor)
     if not constrained:
         texts = generate_descriptions(model, processor, cells["gene_input_ids"], batch_size, max_new_tokens, values)

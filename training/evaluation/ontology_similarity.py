@@ -110,6 +110,10 @@ class OntologySimilarity:
             )
         return self.index[true_id]
 
+    def contains(self, term_id: str) -> bool:
+        """Whether ``term_id`` (or the term that replaced it) is a node of the graph, as a true term must be."""
+        return self._resolve(term_id) in self.index
+
     def score(self, true_id: str, predicted_id: str | None) -> float:
         """Similarity in [0, 1] of ``predicted_id`` to ``true_id`` (exact match = 1)."""
         true_id = self._resolve(true_id)
