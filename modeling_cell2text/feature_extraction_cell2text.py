@@ -321,6 +321,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         layer: str | None = None,
         input_values: str = "counts",
         skip_empty_cells: bool = False,
+        report_skipped: bool = True,
         chunk_size: int = 128,
         num_threads: int | None = None,
     ) -> RankedCells:
@@ -331,7 +332,8 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         ``input_values``: "counts" (raw integer counts: Geneformer's ``count / n_counts * 10,000``),
         "normalized" (non-negative, e.g. CP10k, taken as the normalised value) or "log1p" (log1p of normalised
         values; float64 expm1 is applied). Values are checked against what is declared
-        (``rank_value.check_values``). Chunks of ``chunk_size`` rows are ranked in ``num_threads`` threads (numpy
+        (``rank_value.check_values``). Skipped cells are logged unless ``report_skipped=False`` (a caller ranking a
+        block of a larger input reports them itself, by their rows in that input). Chunks of ``chunk_size`` rows are ranked in ``num_threads`` threads (numpy
         releases the GIL in its sorts; default: the available cores, at most 4). The arithmetic is ``rank_value``'s.
         """
         matrix, gene_ids, obs_names = self.resolve_input(cells, gene_ids, layer)
@@ -345,7 +347,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         empty, n_cells = ranked.skipped_cells, matrix.shape[0]
         if len(empty) and not skip_empty_cells:
             raise empty_cells_error(empty, n_cells, obs_names)
-        if len(empty):
+        if len(empty) and report_skipped:
             logger.warning("Skipped %d of %d cells that express no vocabulary gene: %s", len(empty), n_cells,
                            format_cells(empty, obs_names))
         return ranked

@@ -24,10 +24,11 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, Pipeline
 
-from .cell_inputs import empty_cells_error
+from .cell_inputs import empty_cells_error, format_cells
 from .compatibility import check_model_and_processor, gene_vocabulary_sha256, recorded_gene_vocabulary_sha256
 from .label_scoring import constrains_by_default
 from .modeling_cell2text import FOREIGN_WEIGHTS
+from .rank_value import as_csr
 from .schema_decoding import DEFAULT_NUM_BEAMS, SchemaDecoder, known_labels, schema_results
 from .text_padding import check_outputs_line_up, text_pad_token_id
 
@@ -333,7 +334,8 @@ def rank_block(
     params: dict,
 ) -> Any:
     """Rank-value encode rows [start, stop); cells without vocabulary genes raise unless skip_empty."""
-    ranked = feature_extractor.tokenize(matrix[start:stop], gene_ids, skip_empty_cells=True, **params)
+    ranked = feature_extractor.tokenize(matrix[start:stop], gene_ids, skip_empty_cells=True, report_skipped=False,
+                                        **params)
     if len(ranked.skipped_cells) and not skip_empty:
         raise empty_cells_error(ranked.skipped_cells, obs_names=obs_names, first_row=start)
     return ranked
@@ -366,6 +368,12 @@ def cell_batches(
     and counted on `bar`). `sort_by_length` takes each block's cells longest first."""
     n_cells = matrix.shape[0]
     block_cells = cells_per_block(batch_size)
+    empty = cells_without_vocabulary_genes(feature_extractor, matrix, gene_ids, block_cells)
+    if len(empty) and not skip_empty:
+        raise empty_cells_error(empty, n_cells, obs_names)
+    if len(empty):
+        logger.warning("Skipping %d of %d cells that express no vocabulary gene: %s", len(empty), n_cells,
+                       format_cells(empty, obs_names))
     for start in range(0, n_cells, block_cells):
         ranked = rank_block(feature_extractor, matrix, gene_ids, start, min(start + block_cells, n_cells), obs_names,
                             skip_empty, rank_params or {})
@@ -379,6 +387,17 @@ def cell_batches(
                 tokens=[ranked[p] for p in positions],
                 bins=None if ranked.value_bins is None else [ranked.bins_of(p) for p in positions],
             )
+
+
+def cells_without_vocabulary_genes(feature_extractor: Any, matrix: Any, gene_ids: Sequence[str],
+                                   block_cells: int) -> np.ndarray:
+    """Rows with no positive value in a gene of the vocabulary, in one cheap pass over the input before any cell is
+    described: the ranking finds them a block at a time, after the blocks before had been generated (hours on an
+    atlas) and, in an error, naming only that block's."""
+    columns = np.flatnonzero(feature_extractor.match_genes(gene_ids).column_tokens >= 0)
+    empty = [start + np.flatnonzero((as_csr(matrix[start:start + block_cells])[:, columns] > 0).getnnz(axis=1) == 0)
+             for start in range(0, matrix.shape[0], block_cells)]
+    return np.concatenate(empty) if empty else np.zeros(0, dtype=np.int64)
 
 
 def cells_per_block(batch_size: int) -> int:

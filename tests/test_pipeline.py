@@ -188,6 +188,27 @@ def test_empty_cells_raise_or_are_skipped(random_dir):
     assert results[1] is None and results[0] is not None and results[2] is not None
 
 
+def test_every_empty_cell_is_found_before_any_is_described(random_dir, monkeypatch, caplog):
+    """The QA findings: a cell without vocabulary genes in the second 512-cell block stopped the run after the first
+    block was generated, naming only the cells of that block; skipped cells were logged by their rows in a block."""
+    describe = pipeline("cell-to-text", model=str(random_dir), trust_remote_code=True, device="cpu")
+    adata = make_adata(600)
+    counts = adata.X.toarray()
+    counts[[10, 560]] = 0
+    adata.X = sp.csr_matrix(counts)
+    generated = []
+    monkeypatch.setattr(describe.model, "generate", lambda *a, **k: generated.append(1) or pytest.fail("generated"))
+    with pytest.raises(ValueError, match=r"2 cells express no gene .*10 \('cell10'\), 560 \('cell560'\).*"
+                                         r"--skip-empty-cells in the CLI"):
+        describe(adata, max_new_tokens=2, constrained=False)
+    assert not generated
+    monkeypatch.undo()
+    results = describe(adata[505:600].copy(), max_new_tokens=2, constrained=False, skip_empty_cells=True)
+    assert [i for i, r in enumerate(results) if r is None] == [55]
+    assert "Skipping 1 of 95 cells that express no vocabulary gene: 55 ('cell560')" in caplog.text
+    assert "Skipped" not in caplog.text  # no second report by rows within a block
+
+
 def test_model_folder_without_processor_is_a_clear_error(tmp_path, random_dir):
     model = Cell2TextForConditionalGeneration.from_pretrained(random_dir)
     model.save_pretrained(tmp_path / "no-processor")  # the model alone (save_model_folder saves all three)
