@@ -3,7 +3,9 @@
     accelerate launch --multi_gpu --num_processes 4 -m modeling_cell2text.cli describe in.h5ad --model M --out out.h5ad
 
 Each process describes its contiguous share of the cells (whole blocks of the pipeline, so that the results
-equal one process's) and writes them to a hidden shard file next to `--out` (`.<out name>.shard-<rank>-of-<n>.json`).
+equal one process's) and writes them to a hidden shard file next to `--out`
+(`.<out name>.shard-<run>-<rank>-of-<n>.json`, `<run>` drawn by the main process for this run, so two runs with one
+`--out` never read each other's shards).
 The processes then exchange whether they succeeded (a collective on all of them, so none waits for a process that
 failed); the main process reads every shard in order and writes the output as a single process would, and the
 shards are removed. Like the CLI, this module does not travel to the Hub with a saved model.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +66,9 @@ def shard_bounds(n_cells: int, rank: int, world: int, unit: int = 1) -> tuple[in
     return min(first * unit, n_cells), min(last * unit, n_cells)
 
 
-def shard_path(out: Path, rank: int, world: int) -> Path:
-    """The hidden file holding process `rank`'s results, next to the output `out`."""
-    return out.parent / f".{out.name}.shard-{rank}-of-{world}.json"
+def shard_path(out: Path, rank: int, world: int, run: str) -> Path:
+    """The hidden file holding process `rank`'s results of the run `run`, next to the output `out`."""
+    return out.parent / f".{out.name}.shard-{run}-{rank}-of-{world}.json"
 
 
 class ProcessFailed(RuntimeError):
@@ -107,11 +110,16 @@ def describe_shared(
     Shares are whole blocks of the pipeline (512 cells, or `batch_size` if larger), so every generation batch holds
     the same cells as in one process and the results are identical; fewer cells than that go to one process.
     """
+    from accelerate.utils import broadcast_object_list, gather_object
+
     options = options or tl.DescribeOptions()
     rank, world = state.process_index, state.num_processes
+    # One id for this run's shards: another run with the same --out (its own processes, ranks and shard names
+    # otherwise the same) had its main process merge this run's shard, exit 0.
+    run = broadcast_object_list([uuid.uuid4().hex[:12] if state.is_main_process else None])[0]
     unit = cells_per_block(options.batch_size)
     start, stop = shard_bounds(adata.n_obs, rank, world, unit)
-    path = shard_path(Path(out), rank, world)
+    path = shard_path(Path(out), rank, world, run)
     error: Exception | None = None
     params: dict[str, Any] = {}
     try:
@@ -119,8 +127,6 @@ def describe_shared(
         write_shard(path, results)
     except Exception as caught:  # noqa: BLE001 (re-raised below, once the other processes know not to wait for it)
         error = caught
-    from accelerate.utils import gather_object
-
     failed = [r for r, ok in enumerate(gather_object([error is None])) if not ok]
     if failed:
         path.unlink(missing_ok=True)
@@ -133,10 +139,10 @@ def describe_shared(
         merged: list[dict | None] = []
         for other in range(world):
             other_start, other_stop = shard_bounds(adata.n_obs, other, world, unit)
-            merged += read_shard(shard_path(Path(out), other, world), other_stop - other_start)
+            merged += read_shard(shard_path(Path(out), other, world, run), other_stop - other_start)
     finally:
         for other in range(world):
-            shard_path(Path(out), other, world).unlink(missing_ok=True)
+            shard_path(Path(out), other, world, run).unlink(missing_ok=True)
     return merged, params
 
 

@@ -84,6 +84,26 @@ def test_two_processes_write_the_same_file_as_one(model_dir, tmp_path, capsys):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cells.h5ad", "one.h5ad", "two.h5ad"]  # no shard
 
 
+def test_another_runs_shards_beside_the_same_out_are_never_read(model_dir, tmp_path):
+    """The QA finding: shards were named after --out and the rank only, so of two runs with one --out the main
+    process of one merged the other's shard (76 cells with another input's results), exit 0."""
+    from accelerate import PartialState
+
+    from modeling_cell2text import tl
+    from modeling_cell2text.distributed import describe_shared
+
+    out = tmp_path / "out.h5ad"
+    other_run = tmp_path / ".out.h5ad.shard-0-of-1.json"  # the name every run used before
+    other_run.write_text("[]")
+    adata = mixed_adata(6)
+    model, processor = tl.load(model_dir, device="cpu")
+    options = tl.DescribeOptions(max_new_tokens=3, batch_size=4)
+    merged, _ = describe_shared(adata, model, processor, PartialState(cpu=True), out, options)
+    expected, _ = tl.describe_cells(adata, model, processor, options)
+    assert merged == expected
+    assert sorted(path.name for path in tmp_path.iterdir()) == [other_run.name]  # its own shard removed, not others
+
+
 def test_a_failing_process_leaves_no_output_and_no_shard(model_dir, tmp_path):
     adata = mixed_adata(N_CELLS)
     adata.X[0] = 0  # the first process's first cell expresses no gene: it fails; the second one's share is fine
