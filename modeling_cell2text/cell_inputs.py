@@ -77,6 +77,9 @@ def resolve_input(
             raise ValueError(f"expected a 2-D cells x genes matrix, got shape {matrix.shape}")
     elif sp.issparse(matrix) and matrix.format == "csc":
         matrix = matrix.tocsr()  # one conversion instead of slow CSC row slicing per chunk
+    if len(matrix.shape) != 2:  # a pandas Series (df.iloc[0]), a 1-D tensor or sparse array: one cell's values
+        raise ValueError(f"expected a 2-D cells x genes matrix, got shape {tuple(matrix.shape)}; one cell's values "
+                         "need a row: values[None, :] (or df.iloc[[0]] for a DataFrame's row)")
     if len(gene_ids) != matrix.shape[1]:
         raise ValueError(f"got {len(gene_ids)} gene IDs for a matrix with {matrix.shape[1]} columns (genes)")
     return matrix, gene_ids, obs_names

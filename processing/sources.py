@@ -70,7 +70,15 @@ def standardize_obs(obs: pd.DataFrame, obs_map: Mapping[str, str] | None = None)
     missing = [old for old in obs_map if old not in obs.columns]
     if missing:
         raise KeyError(f"obs_map names columns not in obs: {missing}; available: {list(obs.columns)}")
-    obs = obs.rename(columns=obs_map)
+    targets = list(obs_map.values())
+    twice = sorted({new for new in targets if targets.count(new) > 1})
+    if twice:
+        raise ValueError(f"obs_map maps several columns onto {twice}; map one column onto each name")
+    # A mapped column takes the place of an obs column of its new name (the rename left both: "ValueError: 2").
+    replaced = [new for old, new in obs_map.items() if new in obs.columns and new not in obs_map]
+    if replaced:
+        logger.warning("obs columns %s are replaced by the columns --obs-map maps onto them", replaced)
+    obs = obs.drop(columns=replaced).rename(columns=obs_map)
     out = pd.DataFrame(index=obs.index.astype(str))
     for column in SCHEMA_COLUMNS:
         out[column] = obs[column].astype(object).to_numpy() if column in obs.columns else None

@@ -157,6 +157,19 @@ def test_a_split_by_cell_is_said_where_no_cell_has_a_donor(tmp_path, caplog):
     assert "Whole donors go to one split" in str(write_dataset_card(tmp_path / "by-donor", "org/x"))
 
 
+def test_obs_map_onto_an_existing_column_uses_the_mapped_one(tmp_path, caplog):
+    """The QA finding: `--obs-map author_ct=cell_type_ontology_term_id` where that column exists stopped with a
+    traceback "ValueError: 2" (the rename left two columns of one name)."""
+    adata = _tiny_adata()
+    adata.obs["author_ct"] = "CL:0000236"  # every cell a B cell by the author's ids
+    summary = build_corpus(_source(adata, obs_map={"author_ct": "cell_type_ontology_term_id"}), tmp_path / "out",
+                           BuildOptions(**OPTIONS))
+    assert summary["ontology_term_ids"]["cell_type"] == {"B cell": "CL:0000236"}
+    assert "['cell_type_ontology_term_id'] are replaced" in caplog.text
+    with pytest.raises(ValueError, match=r"maps several columns onto \['donor_id'\]"):
+        _source(adata.copy(), obs_map={"author_ct": "donor_id", "cell_type": "donor_id"})
+
+
 def test_a_chunk_of_only_empty_or_invalid_cells_is_rejected_not_fatal(tmp_path):
     # numpy's bincount of no values is int64: a chunk whose cells had no stored values stopped the build
     adata = _tiny_adata()

@@ -509,6 +509,18 @@ def test_dataframe_input_takes_genes_from_its_columns(extractor, counts):
         extractor.tokenize(np.full((2, len(INPUT_GENES)), "1"), INPUT_GENES)
 
 
+def test_one_cell_as_a_1d_vector_is_refused_naming_the_fix(extractor, counts):
+    """The QA finding: a pandas Series (df.iloc[0]), a 1-D tensor or sparse array failed with "tuple index out of
+    range"; a numpy vector already had a clear error."""
+    import torch
+
+    row = dense_of(counts)[0]
+    frame = pd.DataFrame(dense_of(counts), columns=INPUT_GENES)
+    for vector in (row, frame.iloc[0], torch.tensor(row), sp.coo_array(row)):
+        with pytest.raises(ValueError, match=r"expected a 2-D cells x genes matrix, got shape \(\d+,\)"):
+            extractor.tokenize(vector, INPUT_GENES)
+
+
 def test_dense_float16_counts_rank_as_float32(extractor, counts, tmp_path):
     # scipy.sparse cannot hold float16: a dense float16 matrix (in memory or backed) failed inside scipy
     half = dense_of(counts).astype(np.float16)
