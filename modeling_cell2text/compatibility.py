@@ -114,8 +114,9 @@ def check_model_and_processor(config: Any, processor: Any, model_name: str = "th
     special = feature_extractor.model_input_size - feature_extractor.max_genes  # <cls> and <eos> in V2
     longest_cell = min(feature_extractor.max_genes, num_genes) + special  # no cell has more genes than the vocabulary
     if positions is not None and longest_cell > positions:
-        problems.append(f"tokens per cell: up to {longest_cell} (model_input_size {feature_extractor.model_input_size}),"
-                        f" the gene encoder has {positions} positions (a Geneformer V1 needs model_input_size=2048)")
+        problems.append(f"tokens per cell: up to {longest_cell} (model_input_size "
+                        f"{feature_extractor.model_input_size}), the gene encoder has {positions} positions (a "
+                        "Geneformer V1 needs model_input_size=2048)")
     if feature_extractor.num_expression_bins != config.num_expression_bins:
         problems.append(f"expression bins: processor {feature_extractor.num_expression_bins}, model "
                         f"{config.num_expression_bins}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from transformers import BatchFeature, ProcessorMixin
 
@@ -17,6 +17,51 @@ CELL_TOKEN = "<cell>"
 # The processor's own settings (saved in processor_config.json beside its feature extractor and tokenizer).
 SETTINGS = ("chat_template", "num_cell_tokens", "system_prompt", "user_prompt", "ontology_term_ids",
             "cell_type_definitions", "pathway_names", "age_groups", "definitions_in_model_text")
+
+
+def check_label_tables(
+    ontology_term_ids: Mapping, cell_type_definitions: Mapping, pathway_names: Sequence, age_groups: Sequence
+) -> None:
+    """Refuse label tables the description schema cannot write, as the processor is built or loaded: a label the
+    schema refuses stopped a run only when the decoder first chose it (after hours, naming no file), a pathway list
+    given as one string was split into characters, and a name listed twice was chosen twice for one cell."""
+    if not isinstance(ontology_term_ids, Mapping) or not isinstance(cell_type_definitions, Mapping):
+        raise TypeError(f"ontology_term_ids and cell_type_definitions must be mappings (label -> id / definition); "
+                        f"{_LABEL_FIX}")
+    for field, table in ontology_term_ids.items():
+        if field not in ONTOLOGY_FIELDS or not isinstance(table, Mapping):
+            raise ValueError(f"ontology_term_ids[{field!r}] must be a mapping label -> term id for one of "
+                             f"{ONTOLOGY_FIELDS}; {_LABEL_FIX}")
+        for label, term_id in table.items():
+            _check_label(f"ontology_term_ids[{field!r}]", field, label)
+            if not isinstance(term_id, str) or not term_id.strip():
+                raise ValueError(f"ontology_term_ids[{field!r}][{label!r}] = {term_id!r} is not a term id; "
+                                 f"{_LABEL_FIX}")
+        terms = list(table.values())
+        shared = sorted({term for term in terms if terms.count(term) > 1})
+        if shared:
+            raise ValueError(f"ontology_term_ids[{field!r}] gives the ids {shared} to several labels; {_LABEL_FIX}")
+    for name, values, field in (("pathway_names", pathway_names, "pathways"), ("age_groups", age_groups, "age_group")):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise TypeError(f"{name} must be a list of names, got {values!r}; {_LABEL_FIX}")
+        for value in values:
+            _check_label(name, field, value)
+        twice = sorted({value for value in values if list(values).count(value) > 1})
+        if twice:
+            raise ValueError(f"{name} lists {twice} more than once; {_LABEL_FIX}")
+
+
+_LABEL_FIX = "fix processor_config.json, or build the processor from the training corpus again"
+
+
+def _check_label(where: str, field: str, label) -> None:
+    """Refuse a label the description schema (`CellDescription`, the one owner of what a field may hold) refuses."""
+    if not isinstance(label, str):
+        raise ValueError(f"{where} label {label!r} is not a string; {_LABEL_FIX}")
+    try:
+        CellDescription(**{field: (label,) if field == "pathways" else label})
+    except ValueError as error:
+        raise ValueError(f"{where} label {label!r}: {error} ({_LABEL_FIX})") from error
 
 
 class Cell2TextProcessor(ProcessorMixin):
@@ -79,6 +124,7 @@ class Cell2TextProcessor(ProcessorMixin):
         self.num_cell_tokens = num_cell_tokens
         self.system_prompt = system_prompt
         self.user_prompt = user_prompt
+        check_label_tables(ontology_term_ids or {}, cell_type_definitions or {}, pathway_names or [], age_groups or [])
         self.ontology_term_ids = ontology_term_ids or {}
         self.cell_type_definitions = dict(cell_type_definitions or {})
         self.pathway_names = list(pathway_names or [])

@@ -173,6 +173,27 @@ def test_unknown_processor_settings_are_refused_not_dropped(processor):
         Cell2TextProcessor(processor.feature_extractor, processor.tokenizer, num_cel_tokens=8)
 
 
+@pytest.mark.parametrize(("tables", "error", "message"), [
+    (dict(pathway_names="TCA Cycle"), TypeError, "pathway_names must be a list of names"),  # was split into letters
+    (dict(pathway_names=["TCA", "TCA"]), ValueError, r"lists \['TCA'\] more than once"),  # was chosen twice
+    (dict(pathway_names=['A "quoted" name']), ValueError, "contains a double quote"),
+    (dict(ontology_term_ids={"cell_type": {" B cell": "CL:0000236"}}), ValueError, "leading or trailing whitespace"),
+    (dict(ontology_term_ids={"cell_type": {"unknown": "CL:0000236"}}), ValueError, "is not a usable label"),
+    (dict(ontology_term_ids={"sex": {"M": "PATO:0000384"}}), ValueError, "expected one of"),
+    (dict(ontology_term_ids={"cell_type": {"B cell": None}}), ValueError, "is not a term id"),
+    (dict(ontology_term_ids={"cell_type": {"B cell": "CL:0000236", "B-cell": "CL:0000236"}}), ValueError,
+     r"gives the ids \['CL:0000236'\] to several labels"),
+    (dict(ontology_term_ids={"cell_type": ["B cell"]}), ValueError, "must be a mapping label -> term id"),
+    (dict(age_groups=["adult"]), ValueError, "expected one of"),
+])
+def test_label_tables_the_schema_cannot_write_are_refused_when_built(processor, tables, error, message):
+    """The QA findings: such labels built a decoder and stopped a run only when first chosen (after hours), with a
+    message naming no file; a pathway string was split into characters and a duplicated name chosen twice."""
+    with pytest.raises(error, match=message) as caught:
+        Cell2TextProcessor(processor.feature_extractor, processor.tokenizer, num_cell_tokens=8, **tables)
+    assert "processor_config.json" in str(caught.value)
+
+
 def test_zero_cells_are_a_clear_error(processor):
     with pytest.raises(ValueError, match="Got 0 cells"):
         processor(sp.csr_matrix((0, len(GENES)), dtype=np.float32), GENES)
