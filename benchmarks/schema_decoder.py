@@ -83,12 +83,13 @@ def main() -> None:
     for setting in args.searches:
         beams, tree_tokens = (int(part) for part in setting.split(":"))
         decoder = SchemaDecoder(processor, num_beams=beams, max_tree_tokens=tree_tokens)
-        texts, labels, calls, tokens, not_proven = [], [], [], 0, 0
+        texts, labels, scores, calls, tokens, not_proven = [], [], [], [], 0, 0
         start = time.perf_counter()
         for inputs in batches:
             described = decoder.describe(model, inputs)
             texts += described.texts
             labels += [chosen["cell_type"] for chosen in described.labels]
+            scores += [score["cell_type"] for score in described.scores]
             calls.append(decoder.calls)
             tokens += decoder.tokens
             not_proven += sum(bool(choices) for choices in described.not_exact)
@@ -101,6 +102,13 @@ def main() -> None:
             row = i % args.batch_size
             ll = scores.log_likelihoods[row]
             better += int(ll[scores.candidates.index(labels[i])] >= ll[scores.candidates.index(exhaustive_labels[i])])
+        # The decoder's cell_type_score counts each unexplored partial option at its prefix's probability (a
+        # bound on the options under it): against exhaustive scoring's probability of the same label.
+        exhaustive_scores = [score for batch in exhaustive for score in batch.scores]
+        gaps = [exhaustive_scores[i] - scores[i] for i in range(n) if i not in set(differ)]
+        if gaps:
+            print(f"  cell_type_score below exhaustive scoring's probability of the same label by {sum(gaps) / len(gaps):.4f} "
+                  f"on average (max {max(gaps):.4f}, min {min(gaps):.4f}) over {len(gaps)} cells")
         print(f"  cell type as exhaustive scoring's for {n - len(differ)} of {n} cells; where they differ, the "
               f"decoder's label is at least as likely for {better} of {len(differ)}; "
               f"{sum(calls) / len(calls):.1f} model calls per batch, {tokens / n:.0f} text tokens run per cell; "

@@ -300,10 +300,11 @@ class SplitWriter:
                 split.save_to_disk(str(out / name), num_shards=1)
 
 
-def description_vocabulary(split: datasets.Dataset) -> dict:
-    """What the schema-constrained decoder writes besides the ontology labels, learnt from a corpus split (the
-    training split): each cell type's definition as its descriptions state it, the pathway names and the age
-    groups. Keyword arguments of `Cell2TextProcessor`."""
+def description_vocabulary(split: datasets.Dataset, ontology_term_ids: dict | None = None) -> dict:
+    """What the schema-constrained decoder writes, learnt from a corpus split (the training split): each cell type's
+    definition as its descriptions state it, the pathway names, the age groups and, given the corpus's label -> id
+    tables (`ontology_term_ids`, over all its cells), those of the labels the split holds: a cell type seen only
+    in the test split is no candidate. Keyword arguments of `Cell2TextProcessor`."""
     from modeling_cell2text.description_schema import parse_description
 
     first_of_type: dict[str, int] = {}
@@ -319,5 +320,10 @@ def description_vocabulary(split: datasets.Dataset) -> dict:
     ages = set(split["age_group"]) if "age_group" in split.column_names else set()
     from modeling_cell2text.description_schema import AGE_GROUPS
 
-    return {"cell_type_definitions": definitions, "pathway_names": pathways,
-            "age_groups": [group for group in AGE_GROUPS if group in ages]}
+    vocabulary = {"cell_type_definitions": definitions, "pathway_names": pathways,
+                  "age_groups": [group for group in AGE_GROUPS if group in ages]}
+    if ontology_term_ids is not None:
+        held = {field: set(split[field]) for field in ontology_term_ids}
+        vocabulary["ontology_term_ids"] = {field: {label: term for label, term in table.items() if label in held[field]}
+                                           for field, table in ontology_term_ids.items()}
+    return vocabulary

@@ -431,6 +431,44 @@ def test_definitions_in_model_text_is_the_new_models_choice_and_init_froms_setti
         sft_module.build_processor(args, Path(corpus_dir), {})
 
 
+def test_candidate_labels_are_the_training_cells_and_init_from_learns_the_new_ones(parts_and_corpus, tmp_path):
+    """The QA findings: a cell type only in the test split (a donor fold) was a candidate label; fine-tuning a
+    model (init_from) on a corpus with new cell types kept its old labels, so every cell was described as an old
+    type (accuracy 0) without a word."""
+    import json
+
+    from datasets import load_from_disk
+
+    import training.sft as sft_module
+    from modeling_cell2text import Cell2TextFeatureExtractor, Cell2TextProcessor
+    from transformers import AutoTokenizer
+
+    lm_dir, corpus_dir = parts_and_corpus
+    train = load_from_disk(str(corpus_dir))["train"]
+    summary = json.loads((Path(corpus_dir) / "summary.json").read_text())
+    trained_types = summary["ontology_term_ids"]["cell_type"]
+    assert set(trained_types) == set(train["cell_type"])
+    summary["ontology_term_ids"]["cell_type"] = {**trained_types, "natural killer cell": "CL:0000623"}  # test only
+    new = Cell2TextArguments(corpus_dir=str(corpus_dir), text_model_name_or_path=str(lm_dir), num_cell_tokens=8)
+    processor = sft_module.build_processor(new, Path(corpus_dir), summary, train_split=train)
+    assert processor.ontology_term_ids["cell_type"] == trained_types
+    Cell2TextProcessor(Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor"),
+                       AutoTokenizer.from_pretrained(lm_dir), num_cell_tokens=8,
+                       ontology_term_ids={"cell_type": {"dendritic cell": "CL:0000451"}},
+                       pathway_names=["Old Pathway"]).save_pretrained(tmp_path / "trained")
+    args = Cell2TextArguments(corpus_dir=str(corpus_dir), init_from=str(tmp_path / "trained"))
+    fine_tuned = sft_module.build_processor(args, Path(corpus_dir), summary, train_split=train)
+    assert fine_tuned.ontology_term_ids["cell_type"] == {"dendritic cell": "CL:0000451", **trained_types}
+    assert fine_tuned.pathway_names == ["Old Pathway"]  # kept (the tiny corpus states no pathway)
+    Cell2TextProcessor(Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor"),
+                       AutoTokenizer.from_pretrained(lm_dir), num_cell_tokens=8,
+                       ontology_term_ids={"cell_type": {next(iter(trained_types)): "CL:0000451"}}
+                       ).save_pretrained(tmp_path / "clash")
+    args.init_from = str(tmp_path / "clash")
+    with pytest.raises(ValueError, match="have other ids in the model's processor than in the corpus"):
+        sft_module.build_processor(args, Path(corpus_dir), summary, train_split=train)
+
+
 def test_cell_type_stage_trains_on_the_first_sentence_then_on_full_descriptions(parts_and_corpus, tmp_path,
                                                                                  monkeypatch):
     import training.sft as sft_module

@@ -53,7 +53,9 @@ from training.adapters import (
 )
 from training.collator import Cell2TextDataCollator
 from training.evaluation.evaluate import fit_cell_type_temperature, fit_field_temperatures
+from modeling_cell2text.description_schema import AGE_GROUPS
 from modeling_cell2text.modeling_cell2text import PREPARED_ENCODER_KEY
+from modeling_cell2text.processing_cell2text import check_label_tables
 from training.gene_encoder import (
     FEATURE_LAYER,
     PREPARED_ENCODER_DIR,
@@ -265,8 +267,9 @@ def build_processor(
 ) -> Cell2TextProcessor:
     """The processor of `init_from`, or one built from the corpus's feature extractor and the LLM's tokenizer.
 
-    With `train_split`, a new processor also learns the definitions, pathway names and age groups the
-    schema-constrained decoder writes (`processing.corpus.description_vocabulary`). Loads with this package's
+    With `train_split`, a new processor learns the labels the schema-constrained decoder chooses among from it (the
+    training cells' labels, definitions, pathway names and age groups: `processing.corpus.description_vocabulary`),
+    and `init_from`'s processor adds the ones new to it (`learn_new_labels`). Loads with this package's
     classes; `trust_remote_code` (SFTConfig's `--trust_remote_code`) lets the Auto classes run code shipped in the
     folders instead.
     """
@@ -292,6 +295,8 @@ def build_processor(
                 f"trained with definitions_in_model_text={processor.definitions_in_model_text}: leave it unset to "
                 "fine-tune it as it was trained, or start from the parts (text_model_name_or_path) to change it."
             )
+        if train_split is not None:
+            learn_new_labels(processor, description_vocabulary(train_split, summary.get("ontology_term_ids", {})))
         return processor
     if args.text_model_name_or_path is None:
         raise ValueError("Set text_model_name_or_path (an instruct LLM), or init_from (a trained Cell2Text).")
@@ -301,10 +306,33 @@ def build_processor(
         feature_extractor,
         tokenizer,
         num_cell_tokens=args.num_cell_tokens,
-        ontology_term_ids=summary.get("ontology_term_ids", {}),
         definitions_in_model_text=args.definitions_in_model_text is not False,
-        **(description_vocabulary(train_split) if train_split is not None else {}),
+        **(description_vocabulary(train_split, summary.get("ontology_term_ids", {})) if train_split is not None
+           else {"ontology_term_ids": summary.get("ontology_term_ids", {})}),
     )
+
+
+def learn_new_labels(processor: Cell2TextProcessor, vocabulary: dict) -> None:
+    """Add to a trained model's processor the labels of the corpus it is fine-tuned on (`init_from`): it kept only
+    its first corpus's, so a new cell type was never a candidate (every cell described as an old type, accuracy
+    0, without a word). A label the two corpora give different ids is refused."""
+    tables = {field: dict(table) for field, table in processor.ontology_term_ids.items()}
+    for field, table in vocabulary["ontology_term_ids"].items():
+        known = tables.setdefault(field, {})
+        clashes = {label: (known[label], term) for label, term in table.items() if known.get(label, term) != term}
+        if clashes:
+            raise ValueError(f"the {field} labels {clashes} have other ids in the model's processor than in the "
+                             "corpus (model, corpus): build the corpus with the same ontology versions")
+        added = sorted(set(table) - set(known))
+        if added:
+            logger.info("%d %s label(s) new to the model, now candidates: %s", len(added), field, added[:10])
+        known.update(table)
+    pathways = processor.pathway_names + [p for p in vocabulary["pathway_names"] if p not in processor.pathway_names]
+    ages = [group for group in AGE_GROUPS if group in {*processor.age_groups, *vocabulary["age_groups"]}]
+    definitions = {**processor.cell_type_definitions, **vocabulary["cell_type_definitions"]}
+    check_label_tables(tables, definitions, pathways, ages)
+    processor.ontology_term_ids, processor.cell_type_definitions = tables, definitions
+    processor.pathway_names, processor.age_groups = pathways, ages
 
 
 def encoder_candidates(args: Cell2TextArguments) -> list[EncoderCandidate]:
