@@ -168,7 +168,8 @@ def _check_integer_counts(chunk: sp.csr_matrix, valid: np.ndarray, cell_ids: np.
         cells = list(dict.fromkeys(cell_ids[rows[fractional]]))
         raise ValueError(
             f"input_values='counts' but {len(cells)} cells hold non-integer values (e.g. {cells[:5]}); pass "
-            "--input-values normalized (or log1p) for normalised data, or --layer with the raw counts."
+            "--input-values normalized (or log1p) for normalised data, or --layer / --use-raw (adata.raw, "
+            "CELLxGENE's layout) with the raw counts."
         )
 
 
@@ -542,7 +543,7 @@ def make_source(args: argparse.Namespace, stack: contextlib.ExitStack) -> Any:
     if args.preset:
         return presets.PRESETS[args.preset]()
     if args.h5ad:
-        return sources.h5ad_source(args.h5ad, backed=args.backed, layer=args.layer,
+        return sources.h5ad_source(args.h5ad, backed=args.backed, layer=args.layer, use_raw=args.use_raw,
                                    input_values=args.input_values, obs_map=obs_map)
     census_version = None
     if args.soma == "census":
@@ -575,6 +576,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--backed", action="store_true", help="open the h5ad backed and read it in row chunks")
     parser.add_argument("--layer", help="AnnData layer holding the expression (default X)")
+    parser.add_argument("--use-raw", action="store_true",
+                        help="read adata.raw.X and its genes (adata.raw.var): CELLxGENE's layout for raw counts")
     parser.add_argument("--input-values", choices=("counts", "normalized", "log1p"), default="counts")
     parser.add_argument("--obs-map", nargs="*", metavar="OLD=NEW", help="rename obs columns to CELLxGENE names")
     parser.add_argument("--census-version", default=sources.DEFAULT_CENSUS_VERSION,

@@ -93,7 +93,8 @@ def shard_range(n_rows: int, index: int, count: int) -> range:
 
 
 class AnnDataSource:
-    """An AnnData object (in memory or backed) read in row chunks from ``X`` or a layer."""
+    """An AnnData object (in memory or backed) read in row chunks from ``X``, a layer, or ``adata.raw``
+    (``use_raw=True``: CELLxGENE's layout, raw counts in ``raw.X`` with their genes in ``raw.var``)."""
 
     def __init__(
         self,
@@ -101,17 +102,24 @@ class AnnDataSource:
         *,
         name: str = "anndata",
         layer: str | None = None,
+        use_raw: bool = False,
         input_values: str = "counts",
         obs_map: Mapping[str, str] | None = None,
         dataset_id: str | None = None,
     ) -> None:
         if layer is not None and layer not in adata.layers:
-            raise KeyError(f"layer {layer!r} not in adata.layers (available: {list(adata.layers.keys())})")
-        self.adata, self.layer, self.name, self.input_values = adata, layer, name, input_values
+            raise KeyError(f"layer {layer!r} not in adata.layers (available: {list(adata.layers.keys())}); the "
+                           "counts of adata.raw are read with --use-raw (use_raw=True)")
+        if use_raw and (layer is not None or adata.raw is None):
+            raise ValueError("--use-raw (use_raw=True) reads adata.raw.X: it cannot be combined with --layer"
+                             if layer is not None else "--use-raw (use_raw=True) but adata.raw is None; read X or a "
+                             "--layer instead")
+        self.adata, self.layer, self.use_raw, self.name = adata, layer, use_raw, name
+        self.input_values = input_values
         self.obs = standardize_obs(adata.obs, obs_map)
         if dataset_id is not None:
             self.obs["dataset_id"] = self.obs["dataset_id"].where(self.obs["dataset_id"].notna(), dataset_id)
-        self.gene_ids, self.gene_symbols = resolve_genes(adata.var)
+        self.gene_ids, self.gene_symbols = resolve_genes(adata.raw.var if use_raw else adata.var)
         self.rows = range(adata.n_obs)
 
     @property
@@ -125,7 +133,7 @@ class AnnDataSource:
 
     def iter_chunks(self, chunk_size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
         """Yield ``(first_row, CSR rows)`` over the cells (backed files are read chunk by chunk)."""
-        matrix = self.adata.layers[self.layer] if self.layer else self.adata.X
+        matrix = self.adata.raw.X if self.use_raw else self.adata.layers[self.layer] if self.layer else self.adata.X
         for start in range(0, self.n_cells, chunk_size):
             first = self.rows.start + start
             block = matrix[first : min(first + chunk_size, self.rows.stop)]

@@ -170,6 +170,24 @@ def test_obs_map_onto_an_existing_column_uses_the_mapped_one(tmp_path, caplog):
         _source(adata.copy(), obs_map={"author_ct": "donor_id", "cell_type": "donor_id"})
 
 
+def test_counts_in_adata_raw_are_read_with_use_raw(tmp_path):
+    """The QA finding: CELLxGENE files hold raw counts in adata.raw; the builder could not read them (--layer raw
+    gave a KeyError traceback)."""
+    counts = _tiny_adata()
+    raw_layout = counts.copy()
+    raw_layout.raw = counts  # counts and their genes in raw
+    raw_layout.X = raw_layout.X.multiply(1.5).tocsr()  # X: something else (not counts)
+    expected = build_corpus(_source(counts), tmp_path / "x", BuildOptions(**OPTIONS))
+    built = build_corpus(_source(raw_layout, use_raw=True), tmp_path / "raw", BuildOptions(**OPTIONS))
+    assert built["fingerprints"] == expected["fingerprints"]  # the same tokens, texts and splits
+    with pytest.raises(ValueError, match="adata.raw is None"):
+        _source(counts, use_raw=True)
+    path = tmp_path / "raw.h5ad"
+    raw_layout.write_h5ad(path)
+    cli = main(["--h5ad", str(path), "--use-raw", "--gmt", "none", "--out", str(tmp_path / "cli"), "--no-progress"])
+    assert cli["splits"] == expected["splits"] and cli["gene_vocabulary_size"] == expected["gene_vocabulary_size"]
+
+
 def test_a_chunk_of_only_empty_or_invalid_cells_is_rejected_not_fatal(tmp_path):
     # numpy's bincount of no values is int64: a chunk whose cells had no stored values stopped the build
     adata = _tiny_adata()
