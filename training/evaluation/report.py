@@ -72,6 +72,7 @@ from hub_cards.names import (
 MAX_CONFUSION_CLASSES = 30
 UNPARSED = "(unparsed)"
 OTHER = "(other)"
+OTHER_WRONG = "(other, not the true type)"
 RESULTS_FILE = "results.json"  # marks a report folder (which --overwrite may replace)
 
 
@@ -302,11 +303,14 @@ def _header(results: dict) -> list[str]:
 def _collapse_labels(
     true: Sequence[str], pred: Sequence[str | None], max_classes: int
 ) -> tuple[list[str], list[str], list[str]]:
-    """Keep the ``max_classes`` most frequent true classes; others become OTHER, None UNPARSED."""
+    """Keep the ``max_classes`` most frequent true classes; others become OTHER, None UNPARSED. A prediction of a
+    class folded into OTHER counts as OTHER only where it is the cell's true class, else as OTHER_WRONG: two rare
+    types always swapped for each other showed as (other) -> (other), all correct."""
     keep = [label for label, _ in Counter(true).most_common(max_classes)]
     kept = set(keep)
     t = [x if x in kept else OTHER for x in true]
-    p = [UNPARSED if x is None else (x if x in kept else OTHER) for x in pred]
+    p = [UNPARSED if x is None else x if x in kept else OTHER if x == truth else OTHER_WRONG
+         for x, truth in zip(pred, true)]
     rows = keep + ([OTHER] if OTHER in t else [])
     return t, p, rows
 
@@ -316,7 +320,7 @@ def plot_confusion_matrix(
 ) -> Path:
     """Row-normalised confusion matrix of the most frequent classes (+ other / unparsed)."""
     t, p, rows = _collapse_labels(true, pred, max_classes)
-    cols = rows + [c for c in (OTHER, UNPARSED) if c in p and c not in rows]
+    cols = rows + [c for c in (OTHER, OTHER_WRONG, UNPARSED) if c in p and c not in rows]
     index = {label: i for i, label in enumerate(cols)}
     counts = np.zeros((len(rows), len(cols)))
     for a, b in zip(t, p):
