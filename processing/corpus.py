@@ -170,6 +170,19 @@ def _cell_type_reason(term_id: str | None, label: str | None, known: bool) -> st
     return None
 
 
+def _warn_relabelled(field: str, codes: np.ndarray, pairs: list, resolved: list) -> None:
+    """Say where a known term's id overrode the label given beside it (the id wins: the ontology's label is used),
+    so that a label and id that disagree ("T cell" with B cell's CL:0000236) are not relabelled without a word."""
+    changed = {i: f"{given!r} ({term}) -> {label!r}" for i, ((term, given), (_, label, known)) in
+               enumerate(zip(pairs, resolved)) if known and given is not None and given != label}
+    if changed:
+        cells = np.bincount(codes[codes >= 0], minlength=len(pairs))
+        examples = sorted(changed, key=lambda i: -cells[i])[:5]
+        logger.info("%d cells' %s labels differ from their ontology term's label, which the corpus uses (the id "
+                    "wins; author labels and ontology renames differ too): %s", sum(cells[i] for i in changed),
+                    field, "; ".join(f"{changed[i]} for {cells[i]} cells" for i in examples))
+
+
 def _distinct_pairs(ids: pd.Series, labels: pd.Series) -> tuple[np.ndarray, list[tuple[str | None, str | None]]]:
     """(code per cell, distinct cleaned (id, label) pairs): per-pair work instead of per-cell."""
     id_codes, id_values = pd.factorize(ids.map(clean))  # code -1: missing
@@ -196,6 +209,7 @@ def resolve_labels(obs: pd.DataFrame, required_fields: Sequence[str] = ("cell_ty
     for field in METADATA_FIELDS:
         codes, pairs = _distinct_pairs(obs[f"{field}_ontology_term_id"], obs[field])
         resolved = [resolve_term(*pair) for pair in pairs]
+        _warn_relabelled(field, codes, pairs, resolved)
         labels[f"{field}_ontology_term_id"] = np.array([r[0] for r in resolved], dtype=object)[codes]
         labels[field] = np.array([r[1] for r in resolved], dtype=object)[codes]
         if field == "cell_type":

@@ -79,6 +79,17 @@ def test_an_obsolete_cell_type_without_replacement_is_rejected_and_an_unknown_st
     assert ages["cell23"] is None and ages["cell00"] == "adulthood"
 
 
+def test_a_label_that_disagrees_with_its_id_is_relabelled_with_a_warning(tmp_path, caplog):
+    """The QA finding: "T cell" beside B cell's CL:0000236 became "B cell" without a word (the id wins, as
+    documented)."""
+    adata = _tiny_adata()
+    adata.obs.loc[["cell01", "cell03"], "cell_type_ontology_term_id"] = "CL:0000236"  # labelled "T cell"
+    caplog.set_level("INFO", logger="processing.corpus")  # the builder's command line shows INFO
+    build_corpus(_source(adata), tmp_path / "out", BuildOptions(**OPTIONS))
+    assert "2 cells' cell_type labels differ from their ontology term's label" in caplog.text
+    assert "'T cell' (CL:0000236) -> 'B cell' for 2 cells" in caplog.text
+
+
 def test_a_label_naming_two_known_terms_is_an_error_naming_the_cells():
     labels = pd.DataFrame(
         {
