@@ -79,7 +79,7 @@ def test_an_obsolete_cell_type_without_replacement_is_rejected_and_an_unknown_st
     assert ages["cell23"] is None and ages["cell00"] == "adulthood"
 
 
-def test_a_label_that_disagrees_with_its_id_is_relabelled_with_a_warning(tmp_path, caplog):
+def test_a_label_that_disagrees_with_its_id_is_relabelled_and_said(tmp_path, caplog):
     """The QA finding: "T cell" beside B cell's CL:0000236 became "B cell" without a word (the id wins, as
     documented)."""
     adata = _tiny_adata()
