@@ -62,7 +62,10 @@ def resolve_input(
         if other:
             raise ValueError(f"DataFrame columns that are not expression values: {other[:5]}; pass the genes' "
                              "columns only (e.g. frame.select_dtypes('number'))")
-        matrix = cells.to_numpy()
+        # pandas' nullable dtypes (Int64, Float64) give an object array with pd.NA: read as floats, NA as NaN,
+        # which the value checks refuse by name
+        extension = any(not isinstance(dtype, np.dtype) for dtype in cells.dtypes)
+        matrix = cells.to_numpy(dtype=np.float64, na_value=np.nan) if extension else cells.to_numpy()
         if gene_ids is None:
             gene_ids = [str(column) for column in cells.columns]
         obs_names = cells.index.astype(str)

@@ -744,8 +744,9 @@ class SchemaDecoder:
 
     def __init__(self, processor, num_beams: int = DEFAULT_NUM_BEAMS, max_tree_tokens: int = DEFAULT_MAX_TREE_TOKENS):
         for name, value in (("num_beams", num_beams), ("max_tree_tokens", max_tree_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "num_beams" else 0):
-                raise ValueError(f"{name} must be a non-negative integer (num_beams >= 1), got {value!r}")
+            least = 1 if name == "num_beams" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         self.processor = processor
         self.num_beams = num_beams
         self.max_tree_tokens = max_tree_tokens

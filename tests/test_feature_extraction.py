@@ -509,6 +509,18 @@ def test_dataframe_input_takes_genes_from_its_columns(extractor, counts):
         extractor.tokenize(np.full((2, len(INPUT_GENES)), "1"), INPUT_GENES)
 
 
+def test_a_dataframe_of_nullable_integers_reads_as_its_values(extractor, counts):
+    """The QA finding: pandas' nullable Int64 columns were refused as "expression values must be numeric, got
+    dtype object"."""
+    frame = pd.DataFrame(dense_of(counts).astype(np.int64), columns=INPUT_GENES)
+    expected = as_lists(extractor.tokenize(frame))
+    assert as_lists(extractor.tokenize(frame.astype("Int64"))) == expected
+    with_missing = frame.astype("Int64")
+    with_missing.iloc[0, 0] = pd.NA
+    with pytest.raises(ValueError, match="NaN"):
+        extractor.tokenize(with_missing)
+
+
 def test_one_cell_as_a_1d_vector_is_refused_naming_the_fix(extractor, counts):
     """The QA finding: a pandas Series (df.iloc[0]), a 1-D tensor or sparse array failed with "tuple index out of
     range"; a numpy vector already had a clear error."""
