@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig, GenerationMixin,
+                          PreTrainedModel)
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import can_return_tuple, find_adapter_config_file, logging
+from transformers.utils import GENERATION_CONFIG_NAME, can_return_tuple, find_adapter_config_file, logging
 
 from .cell_inputs import CELL_INPUT_NAMES
 from .compatibility import PREPARED_ENCODER_KEY, check_gene_vocabulary, gene_vocabulary_sha256
@@ -73,6 +74,15 @@ def _refuse_adapter_files(pretrained_model_name_or_path: Any, kwargs: dict) -> N
             "weights only (training.sft saves them merged): remove adapter_config.json and adapter_model.* from "
             "it, or, to apply an adapter on purpose, load a folder without them and call model.load_adapter(...)."
         )
+
+
+def _refuse_unreadable_generation_config(pretrained_model_name_or_path: Any, subfolder: str) -> None:
+    """Raise transformers' own error for a model folder's generation_config.json that does not read: transformers
+    falls back to a default generation config with only a log line (the folder's settings, e.g. its eos token and
+    max_new_tokens, silently dropped)."""
+    folder = Path(pretrained_model_name_or_path, subfolder) if pretrained_model_name_or_path is not None else None
+    if folder is not None and (folder / GENERATION_CONFIG_NAME).is_file():
+        GenerationConfig.from_pretrained(folder)
 
 
 def _refuse_unloaded_weights(pretrained_model_name_or_path: Any, loading_info: dict) -> None:
@@ -181,6 +191,7 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
                 "once: save_model_folder(Cell2TextForConditionalGeneration.from_pretrained(folder, use_safetensors=False), "
                 "Cell2TextProcessor.from_pretrained(folder), new_folder) (from modeling_cell2text)."
             ) from err
+        _refuse_unreadable_generation_config(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
         if wants_loading_info:
             return model, loading_info
         _refuse_unloaded_weights(pretrained_model_name_or_path, loading_info)

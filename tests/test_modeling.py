@@ -180,6 +180,18 @@ def test_weights_that_do_not_match_the_config_are_refused_not_random(tmp_path, e
     assert isinstance(model, Cell2TextForConditionalGeneration) and (info["missing_keys"] or info["unexpected_keys"])
 
 
+def test_a_generation_config_that_does_not_read_is_refused_not_dropped(tmp_path):
+    """The QA finding: a malformed generation_config.json was replaced by defaults with a log line (the folder's
+    max_new_tokens, eos token and other settings dropped)."""
+    model = tiny_model()
+    model.generation_config.max_new_tokens = 7
+    model.save_pretrained(tmp_path)
+    assert Cell2TextForConditionalGeneration.from_pretrained(tmp_path).generation_config.max_new_tokens == 7
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with pytest.raises(OSError, match="generation_config.json' is not a valid JSON file"):
+        Cell2TextForConditionalGeneration.from_pretrained(tmp_path)
+
+
 def test_a_model_and_its_base_model_load_from_each_others_folders(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path / "full")
