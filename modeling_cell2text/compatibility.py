@@ -77,6 +77,14 @@ def check_gene_vocabulary(feature_extractor: Any, gene_encoder_config: Any, gene
         )
 
 
+def gene_ranking_sha256(feature_extractor: Any) -> str:
+    """Checksum of how a feature extractor ranks a cell's genes besides its vocabulary: the gene medians each count
+    is divided by and whether <cls>/<eos> frame the tokens. Other medians give every cell another gene order."""
+    content = {"gene_medians": sorted(feature_extractor.gene_medians.items()),
+               "special_tokens": feature_extractor.special_tokens}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 class ModelProcessorMismatchError(ValueError):
     """The processor would feed the model token ids or placeholders it was not built for."""
 
@@ -94,7 +102,8 @@ def recorded_gene_vocabulary_sha256(config: Any) -> str | None:
 def check_model_and_processor(config: Any, processor: Any, model_name: str = "the model") -> None:
     """Raise `ModelProcessorMismatchError` listing every way `processor` does not fit the model of `config`.
 
-    Checked: the gene vocabulary's checksum (where the model records one), the gene vocabulary's size against the
+    Checked: the gene vocabulary's checksum and the gene ranking's (`gene_ranking_sha256`: medians and special
+    tokens), where the model records them, the gene vocabulary's size against the
     encoder's embedding, the tokens per cell against the encoder's positions, the expression bins, the cell placeholder's token id, the number of cell tokens per cell,
     and the tokenizer's size against the language model's embedding.
     """
@@ -105,6 +114,11 @@ def check_model_and_processor(config: Any, processor: Any, model_name: str = "th
     if recorded is not None and recorded != actual:
         problems.append(f"gene vocabulary checksum: model {recorded}, processor {actual} (same genes under other "
                         "token ids, or other genes)")
+    saved_with, ranking = getattr(config, "gene_ranking_sha256", None), gene_ranking_sha256(feature_extractor)
+    if saved_with and saved_with != ranking:
+        problems.append(f"gene ranking checksum: model {saved_with}, processor {ranking} (other gene medians or "
+                        "special tokens than the processor saved with the model: every cell's genes would be "
+                        "ranked in another order)")
     encoder_vocab_size = config.gene_encoder_config.vocab_size
     if feature_extractor.vocab_size != encoder_vocab_size:
         problems.append(f"gene token ids: the processor's run to {feature_extractor.vocab_size - 1}, the gene "

@@ -68,6 +68,9 @@ class Cell2TextConfig(PreTrainedConfig):
             Checksum of the gene vocabulary (gene -> token id) of the processor the model was composed with
             (`from_pretrained_parts` records it, and `save_model_folder` where it is unset). A processor with another
             vocabulary is refused wherever the two meet (`compatibility.check_model_and_processor`).
+        gene_ranking_sha256 (`str`, *optional*):
+            Checksum of how the processor the model was saved with ranks genes (`compatibility.gene_ranking_sha256`:
+            gene medians, special tokens; `save_model_folder` records it): a processor ranking otherwise is refused.
         training_corpus_fingerprints (`dict`, *optional*):
             The fingerprints of the corpus splits the model was trained on (`training.sft` records them): evaluating
             on another build of a corpus (another seed or fold: its test cells may be training cells) is refused
@@ -92,6 +95,7 @@ class Cell2TextConfig(PreTrainedConfig):
     cell_type_temperature: float = 1.0
     field_temperatures: dict | None = None
     gene_vocabulary_sha256: str | None = None
+    gene_ranking_sha256: str | None = None
     training_corpus_fingerprints: dict | None = None
     tie_word_embeddings: bool = False
 

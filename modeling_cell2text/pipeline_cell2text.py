@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, Pipeline
 
 from .cell_inputs import empty_cells_error, format_cells
-from .compatibility import check_model_and_processor, gene_vocabulary_sha256, recorded_gene_vocabulary_sha256
+from .compatibility import (check_model_and_processor, gene_ranking_sha256, gene_vocabulary_sha256,
+                            recorded_gene_vocabulary_sha256)
 from .label_scoring import constrains_by_default
 from .modeling_cell2text import FOREIGN_WEIGHTS
 from .rank_value import as_csr
@@ -42,6 +43,17 @@ MISSING_PROCESSOR = (
     "found with the model. Save it with the model: save_model_folder(model, processor, model_dir) (or "
     "processor.save_pretrained(model_dir) next to the model), or pass processor= to pipeline()."
 )
+
+
+def _raise_why_no_processor(model: Any) -> None:
+    """transformers' `pipeline()` loads the processor and, where that fails, passes none: a processor saved with the
+    model that does not fit it (`check_model_and_processor`) read as "none was found". Its own error is raised."""
+    folder = getattr(model, "name_or_path", None)
+    if folder and (Path(folder) / "processor_config.json").is_file():
+        from .processing_cell2text import Cell2TextProcessor
+
+        Cell2TextProcessor.from_pretrained(folder)  # raises what transformers' loader swallowed
+    raise ValueError(MISSING_PROCESSOR)
 
 
 @dataclass(frozen=True)
@@ -125,7 +137,7 @@ class Cell2TextPipeline(Pipeline):
 
     def __init__(self, *args: Any, **kwargs: Any):
         if kwargs.get("processor") is None:
-            raise ValueError(MISSING_PROCESSOR)
+            _raise_why_no_processor(kwargs.get("model"))
         super().__init__(*args, **kwargs)
         check_model_and_processor(self.model.config, self.processor, getattr(self.model, "name_or_path", "the model"))
         self._generation_defaults.setdefault("pad_token_id", text_pad_token_id(self.processor.tokenizer))
@@ -271,7 +283,8 @@ class Cell2TextPipeline(Pipeline):
         """Save the model (with its code), its processor and this pipeline's code with its `custom_pipelines` entry:
         a complete Cell2Text folder, which `pipeline("cell-to-text", model=folder, trust_remote_code=True)` loads
         where this package is not installed, also when this pipeline itself was loaded as remote code. A model that
-        records no gene vocabulary checksum gets its processor's, so the folder refuses another processor later."""
+        records no gene vocabulary or gene ranking checksum gets its processor's, so the folder refuses a processor
+        that ranks genes otherwise later (labels may be changed: a subset of cell types to choose among)."""
         from transformers.dynamic_module_utils import custom_object_save
 
         if kwargs.get("push_to_hub"):
@@ -288,6 +301,8 @@ class Cell2TextPipeline(Pipeline):
         if recorded_gene_vocabulary_sha256(self.model.config) is None:  # composed without its processor: record it
             self.model.config.gene_vocabulary_sha256 = gene_vocabulary_sha256(
                 self.processor.feature_extractor.gene_token_ids)
+        if getattr(self.model.config, "gene_ranking_sha256", None) is None:
+            self.model.config.gene_ranking_sha256 = gene_ranking_sha256(self.processor.feature_extractor)
         os.makedirs(save_directory, exist_ok=True)
         self.model.save_pretrained(save_directory, **kwargs)
         if kwargs.get("is_main_process", True):

@@ -174,3 +174,26 @@ def test_saving_into_a_folder_holding_adapter_or_pickle_files_is_refused(compose
     with pytest.raises(FileExistsError, match=f"holds \\['{leftover}'\\]"):
         save_model_folder(model, processor, tmp_path / "model")
     assert not (tmp_path / "model" / "config.json").exists()
+
+
+def test_a_processor_ranking_genes_otherwise_is_refused_but_other_labels_are_not(tmp_path):
+    """The QA finding: another processor with the same gene vocabulary but other gene medians (or no <cls>/<eos>)
+    was accepted, every cell's genes ranked in another order. Other labels stay allowed: choosing among a subset of
+    the cell types is a use."""
+    encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
+    processor = tiny_processor(lm_dir)
+    model = Cell2TextForConditionalGeneration.from_pretrained_parts(
+        encoder_dir, lm_dir, cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16)
+    save_model_folder(model, processor, tmp_path / "model")
+
+    def double_a_median(processor_config: dict) -> None:
+        medians = processor_config["feature_extractor"]["gene_medians"]
+        medians[GENES[0]] *= 2
+
+    for name, edit in (("medians", double_a_median),
+                       ("specials", lambda config: config["feature_extractor"].update(special_tokens=False))):
+        with pytest.raises(ModelProcessorMismatchError, match="gene ranking checksum: model .* ranked in another"):
+            Cell2TextProcessor.from_pretrained(edited_copy(tmp_path / "model", tmp_path / name, edit))
+    fewer_labels = edited_copy(tmp_path / "model", tmp_path / "labels", lambda config: config["ontology_term_ids"].update(
+        cell_type=dict(list(config["ontology_term_ids"]["cell_type"].items())[:1])))
+    assert len(Cell2TextProcessor.from_pretrained(fewer_labels).ontology_term_ids["cell_type"]) == 1
