@@ -197,3 +197,10 @@ def test_a_processor_ranking_genes_otherwise_is_refused_but_other_labels_are_not
     fewer_labels = edited_copy(tmp_path / "model", tmp_path / "labels", lambda config: config["ontology_term_ids"].update(
         cell_type=dict(list(config["ontology_term_ids"]["cell_type"].items())[:1])))
     assert len(Cell2TextProcessor.from_pretrained(fewer_labels).ontology_term_ids["cell_type"]) == 1
+
+
+def test_pipeline_of_a_folder_names_why_its_processor_does_not_fit(composed_dir, tmp_path):
+    """transformers' pipeline() swallowed the processor's error and passed none: the user read "none was found"."""
+    folder = edited_copy(composed_dir, tmp_path / "permuted", swap_two_genes)
+    with pytest.raises(ModelProcessorMismatchError, match="gene vocabulary checksum"):
+        pipeline("cell-to-text", model=str(folder), device="cpu")
