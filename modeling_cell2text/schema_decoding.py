@@ -29,7 +29,8 @@ MLP runs on padding.
 
 The score of a field is its chosen label's probability: its share of the softmax over the options scored and the
 partial options the search left unexplored, each standing for the options under it (its log-likelihood is that of
-its prefix, at least theirs), so the probabilities sum to 1 over the field's labels; each choice with its fitted
+its prefix, at least theirs; it counts for a label where every option under it states that label), so the
+probabilities sum to 1 over the field's labels; each choice with its fitted
 temperature (the cell type's `cell_type_temperature`, fitted on exhaustive scoring; the others'
 `field_temperatures`, fitted on this distribution). A whole tree is exhaustive scoring, distribution included.
 
@@ -739,6 +740,24 @@ def known_labels(processor) -> dict[str, list[str]]:
     return labels
 
 
+_MIXED = object()  # the options under a node state different labels for a field
+
+
+def _labels_under(tree: OptionTree, options: Sequence[SchemaOption], fields: Sequence[str]) -> list[dict]:
+    """Per node of `tree`: field -> the label every option under the node states for it, or `_MIXED`."""
+    under: list[dict] = [{} for _ in tree.children]
+    for option, nodes in zip(options, tree.option_nodes):
+        labels = dict(option.labels)
+        for node in nodes:
+            for name in fields:
+                value = labels.get(name)
+                if name not in under[node]:
+                    under[node][name] = value
+                elif under[node][name] is not _MIXED and under[node][name] != value:
+                    under[node][name] = _MIXED
+    return under
+
+
 class SchemaDecoder:
     """The options of every choice, tokenized once for a processor; `describe` decodes batches with it."""
 
@@ -780,6 +799,8 @@ class SchemaDecoder:
             self.shared_tokens[choice] = token_lists[0][:shared]
             self.option_tokens[choice] = [tokens[shared:] for tokens in token_lists]
             self.trees[choice] = OptionTree(self.option_tokens[choice])
+        self.labels_under = {choice: _labels_under(self.trees[choice], options, CHOICE_FIELDS[choice])
+                             for choice, options in self.options.items()}
         definitions = getattr(processor, "cell_type_definitions", None) or {}
         self.definitions = {label: definitions[label] for label in self.options_labels("cell_type")
                             if definitions.get(label)}
@@ -847,7 +868,9 @@ class SchemaDecoder:
                 ) -> tuple[list[dict], list[dict]]:
         """Each field's probability: the chosen label's share of the softmax over the completed options and the
         partial options a search left unexplored (each standing for the options under it), summed over the options
-        stating the same label, for the donor clause's three fields."""
+        stating the same label, for the donor clause's three fields, and over the unexplored partial options under
+        which every option states it (one label's options only: a disease shared by every option scored 0.567
+        against the whole tree's 1.0)."""
         scores = [{} for _ in labels]
         likelihoods = [{} for _ in labels]
         for choice, result in results.items():
@@ -856,16 +879,20 @@ class SchemaDecoder:
                 if not done:
                     continue
                 indices = list(done)
-                unexplored = [ll for _, ll in result.unexplored[row]] if result.unexplored is not None else []
-                values = torch.tensor([done[i] for i in indices] + unexplored, dtype=torch.float64)
+                unexplored = result.unexplored[row] if result.unexplored is not None else []
+                values = torch.tensor([done[i] for i in indices] + [ll for _, ll in unexplored], dtype=torch.float64)
                 # each choice's temperature, fitted on validation by the recipe (1.0 where none was)
                 probabilities = (values / float(temperatures.get(choice, 1.0))).softmax(dim=0).tolist()
                 for name in CHOICE_FIELDS[choice]:
                     chosen = labels[row].get(name)
                     if chosen is None:  # a field without known labels, left out of the description
                         continue
+                    # an unexplored partial option counts for the label when every option under it states it
+                    under = self.labels_under[choice]
                     scores[row][name] = min(1.0, sum(p for i, p in zip(indices, probabilities)
-                                                      if dict(options[i].labels).get(name) == chosen))
+                                                      if dict(options[i].labels).get(name) == chosen)
+                                            + sum(p for (node, _), p in zip(unexplored, probabilities[len(indices):])
+                                                  if under[node].get(name, _MIXED) == chosen))
                 likelihoods[row][choice] = {options[i].text: done[i] for i in indices}
         return scores, likelihoods
 

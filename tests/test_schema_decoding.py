@@ -373,6 +373,28 @@ def test_the_search_agrees_with_the_whole_tree_on_every_choice(random_model_and_
             assert not (tree.options_under[node] == 1 and node in tree.option_nodes[first])
 
 
+def test_an_unexplored_option_counts_for_the_label_every_option_under_it_states(random_model_and_processor):
+    """The QA finding: with one sex label, every donor-clause option states it, yet a search left options
+    unexplored scored it below 1 (their mass counted against it); a disease shared by all options scored 0.567
+    where the whole tree gives 1.0."""
+    model, processor = random_model_and_processor
+    saved = processor.ontology_term_ids
+    processor.ontology_term_ids = {**saved, "sex": {"female": "PATO:0000383"}, "disease": {
+        "normal": "PATO:0000461", "COVID-19": "MONDO:0100096", "asthma": "MONDO:0004979",
+        "influenza": "MONDO:0005812", "lung cancer": "MONDO:0008903"}}
+    try:
+        inputs = cells(processor, 4, seed=5)
+        searched = SchemaDecoder(processor, num_beams=1, max_tree_tokens=0).describe(model, inputs)
+        whole = SchemaDecoder(processor, max_tree_tokens=10_000).describe(model, inputs)
+    finally:
+        processor.ontology_term_ids = saved
+    assert all(searched.unexplored[row].get("donor") for row in range(4))  # the search left options unexplored
+    for row in range(4):
+        assert searched.scores[row]["sex"] == pytest.approx(1.0) == whole.scores[row]["sex"]
+        assert searched.scores[row]["disease"] <= whole.scores[row]["disease"] + 1e-9 or \
+            searched.labels[row]["disease"] != whole.labels[row]["disease"]
+
+
 @pytest.mark.parametrize("beams", [0, -1, "4", 2.5])
 def test_a_bad_search_width_is_refused_not_replaced(random_model_and_processor, beams):
     from transformers import pipeline
