@@ -328,10 +328,10 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
     """Refuse values that cannot be expression of the declared kind (on stored entries, per chunk of cells).
 
     Always: numeric, finite, non-negative. "counts": integers below 2**31. "normalized": below 2**31, not raw
-    counts (all values integers while the cells' totals differ), not log1p-scaled (the largest value in (1, 20] and
-    not all integers: log1p of normalised data, also on a subset of genes, where the next rule cannot see it; or all
-    values <= 20 and the cells' totals of expm1(values) agree within 0.1% while their totals of the values differ by
-    more than 1%). "log1p": at most 20 (log1p of CP10k is at most 9.2), not all integers (raw counts).
+    counts (all values integers while the cells' totals differ), not log1p-scaled (in most cells expm1(values), not
+    the values, are whole multiples of the cell's smallest one, as counts times a scale are: log1p of normalised
+    counts, also on a subset of genes or shallow cells; or all values <= 20 and the cells' totals of expm1(values)
+    agree within 0.1% while their totals of the values differ by more than 1%). "log1p": at most 20 (log1p of CP10k is at most 9.2), not all integers (raw counts).
     The totals rules need two cells with values in the chunk.
     """
     where = f"chunk starting at cell {first_row}"
@@ -385,12 +385,12 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
             f"input_values='normalized' but a value is {float(largest):.6g} ({where}): normalised expression is far "
             "below 2**31 (CPM is at most 10**6); pass the normalised matrix, or input_values='counts' for raw counts"
         )
-    if 1 < largest <= MAX_LOG1P and not integral:
+    if not integral and _share_of_count_multiples(data, indptr) < 0.5 and _share_of_count_multiples(
+            np.expm1(np.minimum(data, MAX_LOG1P), dtype=np.float64), indptr) >= 0.5:
         raise ValueError(
-            f"input_values='normalized' but every value is at most {float(largest):.4g} and not all are integers "
-            f"({where}): these look log1p-scaled (log1p of CP10k is at most 9.2; normalised values per 10,000 reach "
-            "tens to thousands); pass input_values='log1p'. Values normalised to another total rank the same once "
-            "scaled, e.g. to counts per 10,000 (sc.pp.normalize_total(adata, target_sum=1e4))"
+            f"input_values='normalized' but the values look log1p-scaled ({where}): in most cells expm1(values) are "
+            "whole multiples of the cell's smallest one (counts times a scale), the values themselves are not; pass "
+            "input_values='log1p'"
         )
     totals = _row_sums(data, indptr)
     totals = totals[totals > 0]
@@ -409,6 +409,24 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
                 f"expm1(values) agree ({float(unlogged.max()):.6g}) while their totals differ; pass "
                 "input_values='log1p'"
             )
+
+
+def _share_of_count_multiples(values: np.ndarray, indptr: np.ndarray, tolerance: float = 1e-3) -> float:
+    """The share of cells whose positive values are all whole multiples (within `tolerance`, relative) of the cell's
+    smallest one: normalised counts are (counts x a per-cell scale), so linear normalised data has it and log1p data
+    has it after expm1, whatever the depth or the genes kept (the totals rule needs whole cells). A value too large
+    for expm1 (infinite) is no multiple."""
+    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    positive = values > 0
+    values, rows = np.asarray(values[positive], dtype=np.float64), rows[positive]
+    if not len(values):
+        return 1.0
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # each cell's first positive value (CSR order)
+    smallest = np.minimum.reduceat(values, starts)
+    with np.errstate(invalid="ignore", over="ignore"):
+        ratios = values / np.repeat(smallest, np.diff(np.r_[starts, len(values)]))
+        off = ~(np.abs(ratios - np.rint(ratios)) <= tolerance * np.maximum(ratios, 1.0))
+    return float(1.0 - (np.add.reduceat(off, starts) > 0).mean())
 
 
 def rank_values(

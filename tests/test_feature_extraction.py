@@ -577,11 +577,26 @@ def test_log1p_values_of_a_gene_subset_declared_normalized_are_refused():
     raw = scanpy.datasets.pbmc68k_reduced().raw
     genes = list(raw.var_names)
     extractor = Cell2TextFeatureExtractor.from_gene_medians({gene: 1.0 for gene in symbol_to_ensembl(genes).values()})
-    with pytest.raises(ValueError, match="every value is at most [0-9.]+ and not all are integers .* look log1p-scaled.*input_values='log1p'"):
+    with pytest.raises(ValueError, match=r"look log1p-scaled .*expm1\(values\) are whole multiples.*'log1p'"):
         extractor.tokenize(raw.X, genes, input_values="normalized")
     assert len(extractor.tokenize(raw.X, genes, input_values="log1p")) == 700
     normalised = sp.csr_matrix(raw.X).expm1() * 10  # the same cells as normalised values
     assert len(extractor.tokenize(normalised, genes, input_values="normalized")) == 700
+
+
+def test_shallow_cells_normalised_to_their_median_total_are_accepted(extractor):
+    """A reviewer's finding on the first rule (largest value at most 20): shallow cells (a panel, low depth)
+    normalised by scanpy's default normalize_total (to the median total) were refused as log1p, and the fix it
+    named (input_values='log1p') would have ranked them wrongly without an error."""
+    rng = np.random.default_rng(0)
+    counts = sp.csr_matrix(rng.poisson(0.3, size=(128, len(INPUT_GENES))).astype(np.float64))
+    counts = counts[np.asarray(counts.sum(axis=1)).ravel() > 0]
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    shallow = sp.csr_matrix(counts.multiply((np.median(totals) / totals)[:, None])).astype(np.float32)
+    assert shallow.max() <= 20 and not np.all(np.rint(shallow.data) == shallow.data)
+    assert len(extractor.tokenize(shallow, INPUT_GENES, input_values="normalized")) == shallow.shape[0]
+    with pytest.raises(ValueError, match="look log1p-scaled"):
+        extractor.tokenize(shallow.log1p(), INPUT_GENES, input_values="normalized")
 
 
 def test_plausible_values_of_each_kind_are_accepted(extractor, counts):
