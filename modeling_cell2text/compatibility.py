@@ -89,6 +89,17 @@ class ModelProcessorMismatchError(ValueError):
     """The processor would feed the model token ids or placeholders it was not built for."""
 
 
+def fit_tokens_to_encoder(gene_encoder_config: Any, feature_extractor: Any) -> None:
+    """Keep at most as many tokens per cell as the gene encoder has positions: a cell with more (its genes beyond
+    the encoder's 512 positions, say, with model_input_size 4096, as processors saved before the recipe fitted
+    them) failed inside BERT mid-run. It keeps its top-ranked genes, as Geneformer truncates to model_input_size."""
+    positions = getattr(gene_encoder_config, "max_position_embeddings", None)
+    if positions is not None and feature_extractor.model_input_size > positions:
+        logger.info("model_input_size %d is above the gene encoder's %d positions: cells keep their top-ranked genes "
+                    "up to %d tokens", feature_extractor.model_input_size, positions, positions)
+        feature_extractor.model_input_size = positions
+
+
 def recorded_gene_vocabulary_sha256(config: Any) -> str | None:
     """The gene vocabulary checksum a model config records: its own (set when the model was composed with its
     processor's feature extractor), else its corpus-prepared encoder's; None for older models without either."""
@@ -102,12 +113,14 @@ def recorded_gene_vocabulary_sha256(config: Any) -> str | None:
 def check_model_and_processor(config: Any, processor: Any, model_name: str = "the model") -> None:
     """Raise `ModelProcessorMismatchError` listing every way `processor` does not fit the model of `config`.
 
-    Checked: the gene vocabulary's checksum and the gene ranking's (`gene_ranking_sha256`: medians and special
+    First fits the processor's tokens per cell to the encoder's positions (`fit_tokens_to_encoder`). Checked: the
+    gene vocabulary's checksum and the gene ranking's (`gene_ranking_sha256`: medians and special
     tokens), where the model records them, the gene vocabulary's size against the
-    encoder's embedding, the tokens per cell against the encoder's positions, the expression bins, the cell placeholder's token id, the number of cell tokens per cell,
+    encoder's embedding, the expression bins, the cell placeholder's token id, the number of cell tokens per cell,
     and the tokenizer's size against the language model's embedding.
     """
     feature_extractor = processor.feature_extractor
+    fit_tokens_to_encoder(config.gene_encoder_config, feature_extractor)  # not a mismatch: cells are truncated
     problems = []
     recorded = recorded_gene_vocabulary_sha256(config)
     actual = gene_vocabulary_sha256(feature_extractor.gene_token_ids)
@@ -123,14 +136,6 @@ def check_model_and_processor(config: Any, processor: Any, model_name: str = "th
     if feature_extractor.vocab_size != encoder_vocab_size:
         problems.append(f"gene token ids: the processor's run to {feature_extractor.vocab_size - 1}, the gene "
                         f"encoder embeds {encoder_vocab_size} tokens")
-    positions = getattr(config.gene_encoder_config, "max_position_embeddings", None)
-    num_genes = len(feature_extractor.gene_token_ids) - len(feature_extractor.special_token_ids)
-    special = feature_extractor.model_input_size - feature_extractor.max_genes  # <cls> and <eos> in V2
-    longest_cell = min(feature_extractor.max_genes, num_genes) + special  # no cell has more genes than the vocabulary
-    if positions is not None and longest_cell > positions:
-        problems.append(f"tokens per cell: up to {longest_cell} (model_input_size "
-                        f"{feature_extractor.model_input_size}), the gene encoder has {positions} positions (a "
-                        "Geneformer V1 needs model_input_size=2048)")
     if feature_extractor.num_expression_bins != config.num_expression_bins:
         problems.append(f"expression bins: processor {feature_extractor.num_expression_bins}, model "
                         f"{config.num_expression_bins}")

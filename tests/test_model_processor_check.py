@@ -138,14 +138,22 @@ def test_provenance_records_the_processors_vocabulary(composed_dir):
     assert np.isfinite(adata.obsm["X_cell2text"]).all()
 
 
-def test_more_tokens_per_cell_than_the_encoder_has_positions_is_refused_at_load(composed_dir, tmp_path):
-    """The QA finding: a processor reading 4096 tokens per cell with an encoder of 8 positions failed inside BERT,
-    mid-run, at the first cell with more genes than positions (a Geneformer V1 has 2048)."""
-    folder = edited_copy(composed_dir, tmp_path / "short", edit_config=lambda config: config[
-        "gene_encoder_config"].update(max_position_embeddings=8))
-    with pytest.raises(ModelProcessorMismatchError,
-                       match=r"tokens per cell: up to 62 \(model_input_size 4096\), the gene encoder has 8 positions"):
-        Cell2TextProcessor.from_pretrained(folder)
+def test_more_tokens_per_cell_than_the_encoder_has_positions_keep_the_top_ranked_genes(composed_dir, tmp_path):
+    """A processor reading 4096 tokens per cell with an encoder of 8 positions failed inside BERT, mid-run, at the
+    first cell with more genes than positions (processors the recipe saved before it fitted them did so). Refusing
+    the folder refused models that worked for every cell that fits (a reviewer's finding): cells keep their
+    top-ranked genes instead, as Geneformer truncates to model_input_size."""
+    model = Cell2TextForConditionalGeneration.from_pretrained(composed_dir)
+    embeddings = model.model.gene_encoder.embeddings
+    embeddings.position_embeddings = torch.nn.Embedding.from_pretrained(embeddings.position_embeddings.weight[:8])
+    model.config.gene_encoder_config.max_position_embeddings = 8  # an encoder of 8 positions
+    model, processor = tl.load(model, Cell2TextProcessor.from_pretrained(composed_dir))
+    assert processor.feature_extractor.model_input_size == 8
+    adata = make_adata(3)
+    tl.embed(adata, model, processor=processor, progress=False)  # cells of up to 60 genes: was an error in BERT
+    assert np.isfinite(adata.obsm["X_cell2text"]).all()
+    full = processor(adata.X, GENES)
+    assert full["gene_input_ids"].shape[1] == 8
 
 
 def test_saving_a_model_without_a_recorded_vocabulary_records_its_processors(tmp_path):

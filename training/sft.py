@@ -54,6 +54,7 @@ from training.adapters import (
 from training.collator import Cell2TextDataCollator
 from training.evaluation.evaluate import fit_cell_type_temperature, fit_field_temperatures
 from modeling_cell2text.description_schema import AGE_GROUPS
+from modeling_cell2text.compatibility import fit_tokens_to_encoder
 from modeling_cell2text.modeling_cell2text import PREPARED_ENCODER_KEY
 from modeling_cell2text.processing_cell2text import check_label_tables
 from training.gene_encoder import (
@@ -392,7 +393,7 @@ def fit_processor_to_encoder(processor, encoder_path: str, trust_remote_code: bo
     config = AutoConfig.from_pretrained(encoder_path, trust_remote_code=trust_remote_code)
     extractor = processor.feature_extractor
     extractor.num_expression_bins = (getattr(config, PREPARED_ENCODER_KEY, None) or {}).get("num_expression_bins", 0)
-    extractor.model_input_size = min(extractor.model_input_size, config.max_position_embeddings)
+    fit_tokens_to_encoder(config, extractor)
 
 
 def build_model(
