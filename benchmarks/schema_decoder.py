@@ -98,10 +98,10 @@ def main() -> None:
         differ = [i for i, (a, b) in enumerate(zip(labels, exhaustive_labels)) if a != b]
         better = 0
         for i in differ:
-            scores = exhaustive[i // args.batch_size]
-            row = i % args.batch_size
-            ll = scores.log_likelihoods[row]
-            better += int(ll[scores.candidates.index(labels[i])] >= ll[scores.candidates.index(exhaustive_labels[i])])
+            batch_scores = exhaustive[i // args.batch_size]
+            ll = batch_scores.log_likelihoods[i % args.batch_size]
+            better += int(ll[batch_scores.candidates.index(labels[i])]
+                          >= ll[batch_scores.candidates.index(exhaustive_labels[i])])
         # The decoder's cell_type_score counts each unexplored partial option at its prefix's probability (a
         # bound on the options under it): against exhaustive scoring's probability of the same label.
         exhaustive_scores = [score for batch in exhaustive for score in batch.scores]

@@ -168,7 +168,7 @@ class Cell2TextPipeline(Pipeline):
         forward_params = {} if constrained is None else {"constrained": constrained}
         if generate_kwargs or generation_params:
             forward_params["generate_kwargs"] = {**(generate_kwargs or {}), **generation_params}
-            _refuse_unknown_generation_options(forward_params["generate_kwargs"])
+            _refuse_unknown_generation_options(forward_params["generate_kwargs"], self.model)
         return preprocess_params, forward_params, {}
 
     def __call__(
@@ -406,12 +406,15 @@ def cell_batches(
 
 def cells_without_vocabulary_genes(feature_extractor: Any, matrix: Any, gene_ids: Sequence[str],
                                    block_cells: int) -> np.ndarray:
-    """Rows with no positive value in a gene of the vocabulary, in one cheap pass over the input before any cell is
+    """Rows with no non-zero value in a gene of the vocabulary, in one cheap pass over the input before any cell is
     described: the ranking finds them a block at a time, after the blocks before had been generated (hours on an
     atlas) and, in an error, naming only that block's."""
     columns = np.flatnonzero(feature_extractor.match_genes(gene_ids).column_tokens >= 0)
-    empty = [start + np.flatnonzero((as_csr(matrix[start:start + block_cells])[:, columns] > 0).getnnz(axis=1) == 0)
-             for start in range(0, matrix.shape[0], block_cells)]
+    empty = []
+    for start in range(0, matrix.shape[0], block_cells):
+        block = as_csr(matrix[start:start + block_cells])[:, columns]  # a copy: zeros may be dropped
+        block.eliminate_zeros()  # any other value (NaN, negative) is left for the value checks to name
+        empty.append(start + np.flatnonzero(block.getnnz(axis=1) == 0))
     return np.concatenate(empty) if empty else np.zeros(0, dtype=np.int64)
 
 
@@ -426,11 +429,13 @@ def length_order(lengths: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(lengths), kind="stable")
 
 
-def _refuse_unknown_generation_options(options: dict) -> None:
-    """Refuse keywords that are neither a pipeline option nor a generation setting: the constrained decoder reads
-    only the settings it uses, so a misspelt option (`layers=`, `raw=`, `constrain=`) was ignored, and the cells
-    described from X, exit 0."""
-    known = set(GenerationConfig().to_dict()) | set(inspect.signature(GenerationMixin.generate).parameters)
+def _refuse_unknown_generation_options(options: dict, model: Any) -> None:
+    """Refuse keywords that are neither a pipeline option nor something `generate` takes (a generation setting, one
+    of its arguments, the tokenizer `stop_strings` needs, a model input): the constrained decoder reads only the
+    settings it uses, so a misspelt option (`layers=`, `raw=`, `constrain=`) was ignored, and the cells described
+    from X, exit 0."""
+    known = (set(GenerationConfig().to_dict()) | set(inspect.signature(GenerationMixin.generate).parameters)
+             | {"tokenizer", "assistant_tokenizer"} | set(inspect.signature(model.forward).parameters))
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 from transformers import BatchFeature, ProcessorMixin
@@ -37,8 +38,7 @@ def check_label_tables(
             if not isinstance(term_id, str) or not term_id.strip():
                 raise ValueError(f"ontology_term_ids[{field!r}][{label!r}] = {term_id!r} is not a term id; "
                                  f"{_LABEL_FIX}")
-        terms = list(table.values())
-        shared = sorted({term for term in terms if terms.count(term) > 1})
+        shared = sorted(term for term, count in Counter(table.values()).items() if count > 1)
         if shared:
             raise ValueError(f"ontology_term_ids[{field!r}] gives the ids {shared} to several labels; {_LABEL_FIX}")
     for name, values, field in (("pathway_names", pathway_names, "pathways"), ("age_groups", age_groups, "age_group")):
@@ -46,7 +46,7 @@ def check_label_tables(
             raise TypeError(f"{name} must be a list of names, got {values!r}; {_LABEL_FIX}")
         for value in values:
             _check_label(name, field, value)
-        twice = sorted({value for value in values if list(values).count(value) > 1})
+        twice = sorted(value for value, count in Counter(values).items() if count > 1)
         if twice:
             raise ValueError(f"{name} lists {twice} more than once; {_LABEL_FIX}")
 

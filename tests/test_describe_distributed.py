@@ -93,15 +93,17 @@ def test_another_runs_shards_beside_the_same_out_are_never_read(model_dir, tmp_p
     from modeling_cell2text.distributed import describe_shared
 
     out = tmp_path / "out.h5ad"
-    other_run = tmp_path / ".out.h5ad.shard-0-of-1.json"  # the name every run used before
-    other_run.write_text("[]")
+    other_runs = [tmp_path / ".out.h5ad.shard-0-of-1.json",  # the name every run used before
+                  tmp_path / ".out.h5ad.shard-0123456789ab-0-of-1.json"]  # another run's now
+    for other_run in other_runs:
+        other_run.write_text("[]")
     adata = mixed_adata(6)
     model, processor = tl.load(model_dir, device="cpu")
     options = tl.DescribeOptions(max_new_tokens=3, batch_size=4)
     merged, _ = describe_shared(adata, model, processor, PartialState(cpu=True), out, options)
     expected, _ = tl.describe_cells(adata, model, processor, options)
     assert merged == expected
-    assert sorted(path.name for path in tmp_path.iterdir()) == [other_run.name]  # its own shard removed, not others
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(path.name for path in other_runs)  # own removed
 
 
 def test_a_failing_process_leaves_no_output_and_no_shard(model_dir, tmp_path):

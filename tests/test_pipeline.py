@@ -332,3 +332,22 @@ def test_a_misspelt_option_is_refused_not_ignored(random_dir, typo):
         describe(make_adata(2), **typo)
     with pytest.raises(TypeError, match="unknown option"):
         describe(make_adata(2), generate_kwargs=typo)
+
+
+def test_generate_arguments_outside_generation_config_pass_the_option_check(random_dir):
+    """A reviewer's finding: `tokenizer=` (which `stop_strings` needs) was refused as an unknown option."""
+    describe = pipeline("cell-to-text", model=str(random_dir), trust_remote_code=True, device="cpu")
+    results = describe(make_adata(2), constrained=False, max_new_tokens=4, stop_strings=["."],
+                       tokenizer=describe.processor.tokenizer)
+    assert len(results) == 2
+
+
+def test_a_row_of_nan_or_negative_values_is_named_as_such_not_as_empty(random_dir):
+    """A reviewer's finding: the empty-cell pass counted only positive values, so a row of NaN (or of scaled,
+    negative values) was called a cell without vocabulary genes, and the fix it named was skip_empty_cells."""
+    describe = pipeline("cell-to-text", model=str(random_dir), trust_remote_code=True, device="cpu")
+    for bad, message in ((np.nan, "NaN"), (-1.0, "negative values")):
+        counts = random_counts(3, seed=1).astype(np.float64)
+        counts[1] = bad
+        with pytest.raises(ValueError, match=message):
+            describe(counts, gene_ids=GENES, max_new_tokens=2)

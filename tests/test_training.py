@@ -465,7 +465,14 @@ def test_candidate_labels_are_the_training_cells_and_init_from_learns_the_new_on
                        ontology_term_ids={"cell_type": {next(iter(trained_types)): "CL:0000451"}}
                        ).save_pretrained(tmp_path / "clash")
     args.init_from = str(tmp_path / "clash")
-    with pytest.raises(ValueError, match="have other ids in the model's processor than in the corpus"):
+    with pytest.raises(ValueError, match="have other ids or labels in the model's processor than in the corpus"):
+        sft_module.build_processor(args, Path(corpus_dir), summary, train_split=train)
+    label, term = next(iter(trained_types.items()))
+    Cell2TextProcessor(Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor"),
+                       AutoTokenizer.from_pretrained(lm_dir), num_cell_tokens=8,
+                       ontology_term_ids={"cell_type": {f"renamed {label}": term}}).save_pretrained(tmp_path / "renamed")
+    args.init_from = str(tmp_path / "renamed")  # the same id under another label: another ontology release
+    with pytest.raises(ValueError, match="build the corpus with the ontology versions the model's corpus was built"):
         sft_module.build_processor(args, Path(corpus_dir), summary, train_split=train)
 
 

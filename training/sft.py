@@ -320,10 +320,14 @@ def learn_new_labels(processor: Cell2TextProcessor, vocabulary: dict) -> None:
     tables = {field: dict(table) for field, table in processor.ontology_term_ids.items()}
     for field, table in vocabulary["ontology_term_ids"].items():
         known = tables.setdefault(field, {})
+        label_of = {term: label for label, term in known.items()}
         clashes = {label: (known[label], term) for label, term in table.items() if known.get(label, term) != term}
+        clashes.update({label: (label_of[term], term) for label, term in table.items()
+                        if label_of.get(term, label) != label})  # one id under another label (a renamed term)
         if clashes:
-            raise ValueError(f"the {field} labels {clashes} have other ids in the model's processor than in the "
-                             "corpus (model, corpus): build the corpus with the same ontology versions")
+            raise ValueError(f"the {field} labels {clashes} have other ids or labels in the model's processor than "
+                             "in the corpus (model's, corpus's id): build the corpus with the ontology versions the "
+                             "model's corpus was built with")
         added = sorted(set(table) - set(known))
         if added:
             logger.info("%d %s label(s) new to the model, now candidates: %s", len(added), field, added[:10])

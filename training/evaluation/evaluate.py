@@ -398,15 +398,18 @@ def check_corpus_fits_model(corpus_dir: str | Path, model_config, processor, oth
             "its cells' gene order is not the one the model reads. Build the evaluation corpus with the model's "
             "feature extractor (python -m processing.build_corpus ... --feature-extractor <model folder>)."
         )
-    trained_on = getattr(model_config, "training_corpus_fingerprints", None) or (
-        getattr(model_config.gene_encoder_config, PREPARED_ENCODER_KEY, None) or {}).get("corpus_fingerprints")
+    trained_on, source = getattr(model_config, "training_corpus_fingerprints", None), "the model records"
+    if not trained_on:  # a model saved before the record: its encoder's, prepared on the corpus it was trained on
+        trained_on = (getattr(model_config.gene_encoder_config, PREPARED_ENCODER_KEY, None) or {}).get(
+            "corpus_fingerprints")
+        source = "its gene encoder was prepared on (for a model fine-tuned since with init_from, the first corpus)"
     fingerprints = corpus_summary(corpus_dir).get("fingerprints")
     if trained_on and fingerprints != trained_on and not other_corpus:
         raise ValueError(
             f"The corpus {corpus_dir} (split fingerprints {fingerprints}) is not the build the model was trained on "
-            f"({trained_on}): rebuilt with another seed or fold, its test cells may be the model's training cells. "
-            "Evaluate on the corpus the model was trained on; if this corpus's cells are known to be new to the model "
-            "(another dataset), pass --other-corpus (other_corpus=True)."
+            f"({trained_on}, the corpus {source}): rebuilt with another seed or fold, its test cells may be the "
+            "model's training cells. Evaluate on the corpus the model was trained on; if this corpus's cells are "
+            "known to be new to the model (another dataset), pass --other-corpus (other_corpus=True)."
         )
     return vocabulary_sha256
 
