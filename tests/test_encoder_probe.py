@@ -47,3 +47,18 @@ def test_candidates_are_each_input_kind_at_each_depth():
     args.encoder_candidate_inputs = ["ranks"]
     with pytest.raises(ValueError, match=r"encoder_candidate_inputs must be a non-empty list of \('rank'"):
         encoder_candidates(args)
+    args.encoder_candidate_inputs = "rank"  # a YAML scalar where a list is meant
+    with pytest.raises(ValueError, match=r"encoder_candidate_inputs must be a list \(YAML: \[rank\]\)"):
+        encoder_candidates(args)
+
+
+@pytest.mark.parametrize("layers", [3, [], [0], ["2"]])
+def test_encoder_candidate_layers_that_are_not_a_list_of_depths_are_refused(layers):
+    """A reviewer's finding: `encoder_candidate_layers: 3` in a training YAML was accepted and failed later."""
+    from training.demo import sft_arguments
+    from training.sft import encoder_candidates
+
+    args, _ = sft_arguments(["--corpus_dir", "c", "--text_model_name_or_path", "m"])
+    args.encoder_candidate_layers = layers
+    with pytest.raises(ValueError, match="encoder_candidate_layers must be a non-empty list of layer counts"):
+        encoder_candidates(args)

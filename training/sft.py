@@ -342,6 +342,14 @@ def learn_new_labels(processor: Cell2TextProcessor, vocabulary: dict) -> None:
 
 def encoder_candidates(args: Cell2TextArguments) -> list[EncoderCandidate]:
     """The encoders validation chooses among: each input kind x each depth of the arguments."""
+    layers = args.encoder_candidate_layers
+    if not isinstance(layers, (list, tuple)) or not layers or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in layers):
+        raise ValueError(f"encoder_candidate_layers must be a non-empty list of layer counts >= 1 (YAML: [1, 2]), got "
+                         f"{layers!r}.")
+    if isinstance(args.encoder_candidate_inputs, str):
+        raise ValueError(f"encoder_candidate_inputs must be a list (YAML: [{args.encoder_candidate_inputs}]), got "
+                         f"{args.encoder_candidate_inputs!r}.")
     unknown = set(args.encoder_candidate_inputs) - set(ENCODER_INPUTS)
     if unknown or not args.encoder_candidate_inputs:
         raise ValueError(f"encoder_candidate_inputs must be a non-empty list of {ENCODER_INPUTS}, got "
