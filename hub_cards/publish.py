@@ -24,7 +24,7 @@ from huggingface_hub import HfApi, ModelCard
 
 from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor
 from modeling_cell2text.compatibility import check_model_and_processor
-from modeling_cell2text.modeling_cell2text import FOREIGN_WEIGHTS
+from modeling_cell2text.modeling_cell2text import foreign_weight_files
 
 from .render import MODEL_CARD_INPUTS, push_dataset_card, rerender_model_card, write_dataset_card
 
@@ -93,7 +93,7 @@ def check_hub_ready(model_dir: str | Path) -> None:
             "import). Save the folder again with modeling_cell2text.save_model_folder(model, processor, dir), which copies "
             "them."
         )
-    foreign = sorted(path.name for name in FOREIGN_WEIGHTS for path in model_dir.glob(name))
+    foreign = foreign_weight_files(model_dir)
     if foreign:
         raise ValueError(f"{model_dir} holds {foreign} beside its merged weights, which would be uploaded with them "
                          "(and an adapter applied on top of them when loaded): remove them first.")

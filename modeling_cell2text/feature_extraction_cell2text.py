@@ -333,7 +333,8 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         "normalized" (non-negative, e.g. CP10k, taken as the normalised value) or "log1p" (log1p of normalised
         values; float64 expm1 is applied). Values are checked against what is declared
         (``rank_value.check_values``). Skipped cells are logged unless ``report_skipped=False`` (a caller ranking a
-        block of a larger input reports them itself, by their rows in that input). Chunks of ``chunk_size`` rows are ranked in ``num_threads`` threads (numpy
+        block of a larger input reports them itself, by their rows in that input). Chunks of ``chunk_size`` rows are
+        ranked in ``num_threads`` threads (numpy
         releases the GIL in its sorts; default: the available cores, at most 4). The arithmetic is ``rank_value``'s.
         """
         matrix, gene_ids, obs_names = self.resolve_input(cells, gene_ids, layer)

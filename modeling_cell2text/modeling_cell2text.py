@@ -34,6 +34,12 @@ PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 FOREIGN_WEIGHTS = ("adapter_config.json", "adapter_model.*", *PICKLED_WEIGHTS)
 
 
+def foreign_weight_files(folder: str | os.PathLike) -> list[str]:
+    """The files of `folder` that do not belong beside merged safetensors weights (`FOREIGN_WEIGHTS`): an adapter
+    would be applied on top of the weights when loaded, a pickle uploaded with them."""
+    return sorted(path.name for name in FOREIGN_WEIGHTS for path in Path(folder).glob(name))
+
+
 def _hidden_state_index(layer: int, num_layers: int) -> int:
     """A `gene_encoder_layer` as a non-negative index into hidden_states (embeddings + one entry per layer)."""
     return layer % (num_layers + 1)

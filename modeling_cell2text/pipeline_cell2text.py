@@ -28,7 +28,7 @@ from .cell_inputs import empty_cells_error, format_cells
 from .compatibility import (check_model_and_processor, gene_ranking_sha256, gene_vocabulary_sha256,
                             recorded_gene_vocabulary_sha256)
 from .label_scoring import constrains_by_default
-from .modeling_cell2text import FOREIGN_WEIGHTS
+from .modeling_cell2text import foreign_weight_files
 from .rank_value import as_csr
 from .schema_decoding import DEFAULT_NUM_BEAMS, SchemaDecoder, known_labels, schema_results
 from .text_padding import check_outputs_line_up, text_pad_token_id
@@ -291,7 +291,7 @@ class Cell2TextPipeline(Pipeline):
             raise ValueError("save the folder locally, then upload it whole (python -m hub_cards.publish --model "
                              "FOLDER --repo ID, or huggingface_hub's upload_folder): push_to_hub here would push the "
                              "model before its processor and pipeline code are written.")
-        leftovers = sorted(path.name for name in FOREIGN_WEIGHTS for path in Path(save_directory).glob(name))
+        leftovers = foreign_weight_files(save_directory)
         if leftovers:
             raise FileExistsError(
                 f"{save_directory!s} holds {leftovers}, which saving a Cell2Text folder would leave beside the new "

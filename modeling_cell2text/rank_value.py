@@ -331,7 +331,8 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
     counts (all values integers while the cells' totals differ), not log1p-scaled (in most cells expm1(values), not
     the values, are whole multiples of the cell's smallest one, as counts times a scale are: log1p of normalised
     counts, also on a subset of genes or shallow cells; or all values <= 20 and the cells' totals of expm1(values)
-    agree within 0.1% while their totals of the values differ by more than 1%). "log1p": at most 20 (log1p of CP10k is at most 9.2), not all integers (raw counts).
+    agree within 0.1% while their totals of the values differ by more than 1%). "log1p": at most 20 (log1p of CP10k
+    is at most 9.2), not all integers (raw counts).
     The totals rules need two cells with values in the chunk.
     """
     where = f"chunk starting at cell {first_row}"

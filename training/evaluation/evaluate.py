@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from modeling_cell2text.compatibility import PREPARED_ENCODER_KEY
+from modeling_cell2text.compatibility import PREPARED_ENCODER_KEY, gene_ranking_sha256
 from modeling_cell2text.description_schema import LABEL_FIELDS, DescriptionParseError, parse_description, parse_or_none
 from modeling_cell2text.schema_decoding import SchemaDecoder
 from modeling_cell2text.text_padding import text_pad_token_id
@@ -389,14 +389,11 @@ def check_corpus_fits_model(corpus_dir: str | Path, model_config, processor, oth
     from processing.corpus import corpus_feature_extractor, corpus_summary
 
     vocabulary_sha256 = check_corpus_vocabulary(corpus_dir, processor)
-    corpus_extractor, model_extractor = corpus_feature_extractor(corpus_dir), processor.feature_extractor
-    differs = [name for name in ("gene_medians", "special_tokens")
-               if getattr(corpus_extractor, name) != getattr(model_extractor, name)]
-    if differs:
+    if gene_ranking_sha256(corpus_feature_extractor(corpus_dir)) != gene_ranking_sha256(processor.feature_extractor):
         raise ValueError(
-            f"The corpus {corpus_dir} was tokenized with other {' and '.join(differs)} than the model's processor: "
-            "its cells' gene order is not the one the model reads. Build the evaluation corpus with the model's "
-            "feature extractor (python -m processing.build_corpus ... --feature-extractor <model folder>)."
+            f"The corpus {corpus_dir} was tokenized with other gene medians or special tokens than the model's "
+            "processor: its cells' gene order is not the one the model reads. Build the evaluation corpus with the "
+            "model's feature extractor (python -m processing.build_corpus ... --feature-extractor <model folder>)."
         )
     trained_on, source = getattr(model_config, "training_corpus_fingerprints", None), "the model records"
     if not trained_on:  # a model saved before the record: its encoder's, prepared on the corpus it was trained on
