@@ -1,59 +1,122 @@
-"""Sharded training (FSDP2) of Cell2Text with LoRA on 2 CPU processes: the step equals one process's.
+"""The SFT recipe under accelerate's FSDP (`training/configs/accelerate/fsdp.yaml`) on 2 CPU processes: it trains,
+saves sharded checkpoints, resumes from one, and saves the merged model a 1-process run of the same steps saves.
 
-accelerate applies FSDP only on accelerator devices: with `--use_cpu true` its FSDP config runs as DDP (checked in
-accelerate 1.x: `AcceleratorState` turns FSDP on for MULTI_GPU/NPU/XPU/... only, never MULTI_CPU). So on this CPU
-machine the recipe under `training/configs/accelerate/fsdp.yaml` cannot be tested end to end; what the config asks
-for is: its layer classes exist in the model, and torch's `fully_shard` over them (gloo, 2 processes) trains LoRA
-and the projector to the same weights as one process on the whole batch.
+accelerate (1.x) runs FSDP only on accelerator devices (on CPUs its FSDP config becomes DDP); `fsdp_recipe.py` lifts
+that one rule, so the recipe, accelerate's FSDP2 wrapping, its sharded checkpoints and the final gathering run as
+on GPUs, over gloo.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from fsdp_reference import FSDP_CONFIG, lora_model, step_batch, wrapped_layer_classes
-from safetensors import safe_open
-from test_pipeline import save_tiny_model_folder
+import yaml
+from safetensors.torch import load_file
+from tiny_parts import save_tiny_corpus, save_tiny_parts
+
+from training.adapters import FINAL_DIR, TRAINING_STATE_FILE
 
 REPO = Path(__file__).resolve().parents[1]
+FSDP_CONFIG = REPO / "training" / "configs" / "accelerate" / "fsdp.yaml"
+# Dropout off, so that 2 processes of 4 cells do the arithmetic of 1 process of 8. The paper configs' choice of the
+# best checkpoint by validation loss, with the higher loss taken as the better: the loss falls, so the best is step 2,
+# not the last, and the final weights show whether it was loaded.
+RECIPE_ARGS = [
+    "--num_cell_tokens", "8", "--projector_hidden_size", "16", "--encoder_hidden_size", "16",
+    "--encoder_epochs", "2", "--encoder_candidate_layers", "1", "--bf16", "false", "--gradient_checkpointing", "false",
+    "--report_to", "none", "--logging_steps", "1", "--use_cpu", "true", "--seed", "0", "--max_steps", "4",
+    "--save_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2", "--load_best_model_at_end", "true",
+    "--metric_for_best_model", "eval_loss", "--greater_is_better", "true", "--lora_dropout", "0",
+    "--projector_dropout", "0", "--learning_rate", "1e-3",
+]
+
+
+def wrapped_layer_classes(config_file: Path) -> set[str]:
+    """The layer classes an accelerate FSDP config wraps."""
+    config = yaml.safe_load(Path(config_file).read_text())
+    return {name.strip() for name in config["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"].split(",")}
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model_folder(tmp_path_factory.mktemp("fsdp"), trained=False)
+def parts_and_corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    _, lm_dir = save_tiny_parts(root / "parts")
+    return lm_dir, save_tiny_corpus(root / "corpus")
 
 
-def test_the_fsdp_config_wraps_layers_the_model_has(model_dir):
-    model, _ = lora_model(str(model_dir))
+def run_recipe(lm_dir: Path, corpus_dir: Path, out_dir: Path, *extra: str, fsdp_config: Path | None = None) -> str:
+    """The recipe's log; under `fsdp_config` (2 processes), else in one process."""
+    recipe = ["--corpus_dir", str(corpus_dir), "--text_model_name_or_path", str(lm_dir), "--output_dir", str(out_dir),
+              *RECIPE_ARGS, *extra]
+    if fsdp_config is None:
+        command = [sys.executable, "-m", "training.sft", *recipe]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(fsdp_config),
+                   str(REPO / "tests" / "fsdp_recipe.py"), *recipe]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr + result.stdout
+
+
+def logged_losses(log: str, key: str = "loss") -> list[float]:
+    return [float(x) for x in re.findall(rf"\{{'{key}': '([0-9.]+)'", log)]
+
+
+def test_the_fsdp_config_wraps_layers_the_model_has(tmp_path):
+    from modeling_cell2text import Cell2TextForConditionalGeneration
+    from test_pipeline import save_tiny_model_folder
+
+    model = Cell2TextForConditionalGeneration.from_pretrained(save_tiny_model_folder(tmp_path, trained=False))
     classes = {type(module).__name__ for module in model.modules()}
     assert wrapped_layer_classes(FSDP_CONFIG) <= classes  # LlamaDecoderLayer, BertLayer
 
 
-def test_one_sharded_step_on_two_processes_equals_one_process(model_dir, tmp_path):
-    out = tmp_path / "fsdp_step.safetensors"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
-         str(REPO / "tests" / "fsdp_step.py"), str(model_dir), str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_fsdp_recipe_trains_resumes_and_saves_the_one_process_model(parts_and_corpus, tmp_path):
+    lm_dir, corpus_dir = parts_and_corpus
+    config = yaml.safe_load(FSDP_CONFIG.read_text())  # the shipped config on 2 CPU processes, full precision
+    config.update(num_processes=2, mixed_precision="no", main_process_port=29563)
+    two_processes = tmp_path / "fsdp_2proc.yaml"
+    two_processes.write_text(yaml.safe_dump(config))
 
-    model, processor = lora_model(str(model_dir))
-    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    model(**step_batch(processor)).loss.backward()
-    optimizer.step()
-    reference = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-    with safe_open(str(out), "pt") as sharded:
-        assert int(sharded.metadata()["wrapped_layers"]) > 0
-        names = set(sharded.keys())
-        assert names == set(reference), (sorted(names ^ set(reference)))[:5]
-        for name in names:
-            torch.testing.assert_close(sharded.get_tensor(name), reference[name], atol=1e-5, rtol=1e-4, msg=name)
-    assert any(not torch.equal(before[name], reference[name]) for name in reference)  # the step changed weights
+    sharded_log = run_recipe(lm_dir, corpus_dir, tmp_path / "fsdp", "--per_device_train_batch_size", "4",
+                             fsdp_config=two_processes)
+    # FSDP's checkpoint: one shard of the weights from each process
+    shards = tmp_path / "fsdp" / "checkpoint-2" / "pytorch_model_fsdp_0"
+    assert sorted(p.name for p in shards.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    resumed_log = run_recipe(lm_dir, corpus_dir, tmp_path / "resumed", "--per_device_train_batch_size", "4",
+                             "--resume_from_checkpoint", str(tmp_path / "fsdp" / "checkpoint-2"),
+                             fsdp_config=two_processes)
+    one_process_log = run_recipe(lm_dir, corpus_dir, tmp_path / "one", "--per_device_train_batch_size", "8")
+
+    one_losses, one_eval_losses = logged_losses(one_process_log), logged_losses(one_process_log, "eval_loss")
+    assert len(one_losses) == 4 and one_eval_losses[0] > one_eval_losses[1]  # the best is step 2, not the last
+    assert logged_losses(sharded_log) == pytest.approx(one_losses, abs=2e-3)
+    assert logged_losses(sharded_log, "eval_loss") == pytest.approx(one_eval_losses, abs=2e-3)
+    assert logged_losses(resumed_log) == pytest.approx(one_losses[2:], abs=2e-3)  # went on from step 2
+
+    reference_dir = tmp_path / "one" / FINAL_DIR
+    reference = load_file(reference_dir / "model.safetensors")
+    reference_config = json.loads((reference_dir / "config.json").read_text())
+    for run in ("fsdp", "resumed"):
+        final_dir = tmp_path / run / FINAL_DIR
+        assert sorted(p.name for p in final_dir.iterdir()) == sorted(p.name for p in reference_dir.iterdir())
+        weights = load_file(final_dir / "model.safetensors")
+        assert weights.keys() == reference.keys()  # one merged model: no LoRA tensors, the tied head not saved twice
+        for name, tensor in reference.items():
+            assert weights[name].dtype == tensor.dtype
+            torch.testing.assert_close(weights[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+        config = json.loads((final_dir / "config.json").read_text())
+        # the calibration ran on the gathered model (a forward on one process of a sharded model waits forever)
+        assert config["cell_type_temperature"] == pytest.approx(reference_config["cell_type_temperature"], rel=1e-3)
+        state = json.loads((final_dir / TRAINING_STATE_FILE).read_text())
+        # the best checkpoint was found and loaded (the weights above are step 2's, as the 1-process run's)
+        assert state["global_step"] == 4 and Path(state["best_model_checkpoint"]).name == "checkpoint-2"

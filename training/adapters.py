@@ -39,8 +39,74 @@ class LoraArguments:
                           target_modules=target_modules, modules_to_save=modules_to_save, task_type="CAUSAL_LM")
 
 
+class ShardedCheckpointsMixin:
+    """For a transformers `Trainer`: find the best checkpoint under FSDP with sharded state dicts.
+
+    transformers (5.x) records a checkpoint as the best (`best_model_checkpoint`, which `load_best_model_at_end`
+    loads) only if its folder exists right after `save_model`; under FSDP with sharded state dicts `save_model`
+    writes nothing (the shards are written later, with the optimizer). So the best model was silently not loaded,
+    or, where the processes saw the folder at different times, some loaded it and the others waited forever. Every
+    process now creates the folder first."""
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if output_dir is not None and self.is_fsdp_enabled:
+            os.makedirs(output_dir, exist_ok=True)
+        super().save_model(output_dir, _internal_call)
+
+
+def merge_adapters(trainer: Any) -> Any | None:
+    """The trained model with its LoRA adapters merged in, on the main process (None on the others); every process
+    must call it. Where training sharded the weights (FSDP, DeepSpeed ZeRO-3) no process holds them whole: they
+    are gathered onto the main process's CPU, loaded into an unsharded copy of the model, merged there and moved
+    to the training device. Otherwise the adapters are merged into the trainer's model in place."""
+    accelerator = trainer.accelerator
+    if not weights_sharded(accelerator):
+        if not accelerator.is_main_process:
+            return None
+        return accelerator.unwrap_model(trainer.model).merge_and_unload()
+    full_state = accelerator.get_state_dict(trainer.model)  # collective: every process takes part
+    if not accelerator.is_main_process:
+        return None
+    return _unsharded_peft_copy(accelerator.unwrap_model(trainer.model), full_state).merge_and_unload().to(
+        accelerator.device)
+
+
+def weights_sharded(accelerator: Any) -> bool:
+    """Whether no process holds the whole model: FSDP, or DeepSpeed ZeRO stage 3."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def _unsharded_peft_copy(peft_model: Any, full_state: dict) -> Any:
+    """A CPU copy of a (sharded) PEFT model with the same adapters, holding `full_state` (its whole state dict) in
+    the dtypes training left each tensor in."""
+    import torch
+    from peft import get_peft_model
+    from torch.distributed.fsdp import FSDPModule
+    from transformers.initialization import no_init_weights
+
+    if len(peft_model.peft_config) != 1:
+        raise ValueError(f"Merging needs one LoRA adapter; the model holds {sorted(peft_model.peft_config)}.")
+    base = peft_model.get_base_model()
+    base_class = type(base).__bases__[1] if isinstance(base, FSDPModule) else type(base)  # FSDP2 subclasses it
+    with torch.device("cpu"), no_init_weights():
+        base_copy = base_class(base.config)
+    base_copy.tie_weights()  # no_init_weights skips the tying too
+    copy = get_peft_model(base_copy, next(iter(peft_model.peft_config.values())))
+    for name, tensor in copy.state_dict(keep_vars=True).items():
+        if name in full_state:
+            tensor.data = tensor.data.to(full_state[name].dtype)
+    copy.load_state_dict(full_state, strict=True)
+    return copy
+
+
 def save_merged(
     trainer: Any,
+    merged: Any | None,
     final_dir: str | Path,
     processing_class: Any,
     state: dict[str, Any],
@@ -49,10 +115,9 @@ def save_merged(
     extra_files: dict[str, str] | None = None,
     save_folder: Callable[[Any, Any, Path], None] | None = None,
 ) -> Path:
-    """Merge the trainer's LoRA adapters into the language model and save it with its processor (or tokenizer;
-    `save_folder(model, processor, folder)` where a model saves more, as Cell2Text's `save_model_folder`),
-    plus `state` and the trainer's best checkpoint as training_state.json and `extra_files` (name -> text); the
-    main process writes, all wait.
+    """Save the merged model (`merge_adapters`) with its processor (or tokenizer; `save_folder(model, processor,
+    folder)` where a model saves more, as Cell2Text's `save_model_folder`), plus `state` and the trainer's best
+    checkpoint as training_state.json and `extra_files` (name -> text); the main process writes, all wait.
 
     Everything is written into a temporary folder beside `final_dir` and published at the end
     (`output_files.publish_folder`): an interrupted save leaves no half-written model, and a non-empty `final_dir`
@@ -62,7 +127,6 @@ def save_merged(
         final_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=final_dir.parent, prefix=f".{final_dir.name}.partial-"))
         try:
-            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
             if save_folder is None:
                 merged.save_pretrained(staging)
                 processing_class.save_pretrained(staging)

@@ -19,7 +19,8 @@ The recipe, top to bottom:
 5. Train with `SFTTrainer`: LoRA on the language model's linear layers, the projector (and an unfrozen encoder)
    trained fully through `modules_to_save`, separate learning rates; the best checkpoint by validation loss.
    Optionally first a LLaVA-style stage on the cell-type sentence alone (`cell_type_stage_steps`).
-6. Merge LoRA into the language model and save a Hub-ready folder (weights, processor, remote code).
+6. Merge LoRA into the language model (weights sharded by FSDP or ZeRO-3 gathered onto the main process first),
+   fit the fields' temperatures on validation cells and save a Hub-ready folder (weights, processor, remote code).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from training.adapters import (
     FINAL_DIR,
     OVERWRITE_FINAL_FIX,
     LoraArguments,
+    ShardedCheckpointsMixin,
+    merge_adapters,
     parse_training_arguments,
     save_merged,
     stopped_cleanly,
@@ -176,7 +179,7 @@ def cell_type_balanced_sampler(cell_types: Sequence[str], balance: float, seed: 
                                  generator=torch.Generator().manual_seed(seed))
 
 
-class Cell2TextSFTTrainer(LabelledPositionsLossMixin, SFTTrainer):
+class Cell2TextSFTTrainer(ShardedCheckpointsMixin, LabelledPositionsLossMixin, SFTTrainer):
     """`SFTTrainer` with one learning rate per part (projector, gene encoder, LoRA adapters) and the LM head run
     at labelled positions only (`training/loss.py`)."""
 
@@ -469,22 +472,23 @@ def train_cell_type_stage(args: Cell2TextArguments, training_args: SFTConfig, mo
     return CellTypeStage(stage.model, stage.state.global_step, runtime)
 
 
-def calibrate(trainer, processor, args: Cell2TextArguments, training_args: SFTConfig, validation) -> dict:
-    """Fit the temperatures of the fields' probabilities on held-out cells (the choices do not change) and write
-    them into the trained model's config; what was fitted, for training_state.json."""
+def calibrate(model, processor, args: Cell2TextArguments, training_args: SFTConfig, validation) -> dict:
+    """Fit the temperatures of the fields' probabilities of the merged model (`merge_adapters`; None on processes
+    other than the main one) on held-out cells (the choices do not change) and write them into its config; what
+    was fitted, for training_state.json."""
     fitted = {"cell_type_calibration": None, "field_calibration": None}
-    if args.temperature_fit_cells <= 0 or validation is None or not trainer.accelerator.is_main_process:
+    if args.temperature_fit_cells <= 0 or validation is None or model is None:
         return fitted
-    config = trainer.accelerator.unwrap_model(trainer.model).config
     cells = validation.shuffle(seed=training_args.seed)
     cells = cells.select(range(min(len(cells), args.temperature_fit_cells)))
     batch_size = training_args.per_device_eval_batch_size
-    fitted["cell_type_calibration"] = fit_cell_type_temperature(trainer.model, processor, cells, batch_size)
+    fitted["cell_type_calibration"] = fit_cell_type_temperature(model, processor, cells, batch_size)
     if fitted["cell_type_calibration"] is not None:
-        config.cell_type_temperature = fitted["cell_type_calibration"]["cell_type_temperature"]
-    fitted["field_calibration"] = fit_field_temperatures(trainer.model, processor, cells, batch_size)
+        model.config.cell_type_temperature = fitted["cell_type_calibration"]["cell_type_temperature"]
+    fitted["field_calibration"] = fit_field_temperatures(model, processor, cells, batch_size)
     if fitted["field_calibration"] is not None:
-        config.field_temperatures = {choice: fit["temperature"] for choice, fit in fitted["field_calibration"].items()}
+        model.config.field_temperatures = {
+            choice: fit["temperature"] for choice, fit in fitted["field_calibration"].items()}
     return fitted
 
 
@@ -546,9 +550,11 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     )
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
-    # 4. Calibration on validation cells, then the merged model with its processor and pipeline.
-    fitted = calibrate(trainer, processor, args, training_args, corpus.get("validation"))
-    return save_merged(trainer, final_dir, processor, {
+    # 4. LoRA merged into the language model (weights sharded by FSDP or ZeRO-3 gathered first), its calibration on
+    # validation cells, then the Hub-ready folder with the processor and pipeline.
+    merged = merge_adapters(trainer)
+    fitted = calibrate(merged, processor, args, training_args, corpus.get("validation"))
+    return save_merged(trainer, merged, final_dir, processor, {
         "cell_type_stage_steps": stage.steps if stage else 0, "train_runtime": train_output.metrics.get("train_runtime"),
         "cell_type_stage_runtime": stage.runtime if stage else None, **fitted,
     }, overwrite=args.overwrite_final_model_dir, save_folder=save_model_folder)

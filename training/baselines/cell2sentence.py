@@ -40,6 +40,8 @@ from training.adapters import (
     FINAL_DIR,
     OVERWRITE_FINAL_FIX,
     LoraArguments,
+    ShardedCheckpointsMixin,
+    merge_adapters,
     parse_training_arguments,
     save_merged,
     stopped_cleanly,
@@ -114,7 +116,7 @@ def load_corpus(corpus_dir: str | Path) -> tuple[DatasetDict, Cell2TextFeatureEx
     return open_corpus(corpus_dir), corpus_feature_extractor(corpus_dir)
 
 
-class Cell2SentenceSFTTrainer(LabelledPositionsLossMixin, SFTTrainer):
+class Cell2SentenceSFTTrainer(ShardedCheckpointsMixin, LabelledPositionsLossMixin, SFTTrainer):
     """`SFTTrainer` with the same loss computation as Cell2Text's (`training/loss.py`), so budgets compare."""
 
 
@@ -175,7 +177,7 @@ def train_cell2sentence(
     check_new_output(final_dir, overwrite, OVERWRITE_FINAL_FIX, holds="config.json")  # before training, not after
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     generation_config = {"num_genes": num_genes, "system_prompt": SYSTEM_PROMPT, "user_prefix": USER_PREFIX}
-    return save_merged(trainer, final_dir, trainer.processing_class, {}, overwrite=overwrite,
+    return save_merged(trainer, merge_adapters(trainer), final_dir, trainer.processing_class, {}, overwrite=overwrite,
                        extra_files={CONFIG_FILENAME: json.dumps(generation_config, indent=2)})
 
 
