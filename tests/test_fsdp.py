@@ -1,5 +1,6 @@
-"""The SFT recipe under accelerate's FSDP (`training/configs/accelerate/fsdp.yaml`) on 2 CPU processes: it trains,
-saves sharded checkpoints, resumes from one, and saves the merged model a 1-process run of the same steps saves.
+"""The SFT recipe under accelerate's FSDP (`training/configs/accelerate/fsdp.yaml`) on 2 CPU processes: it trains
+(the cell-type stage, then whole descriptions), saves sharded checkpoints, loads the best at the end, resumes from
+one, and saves the merged model a 1-process run of the same steps saves.
 
 accelerate (1.x) runs FSDP only on accelerator devices (on CPUs its FSDP config becomes DDP); `fsdp_recipe.py` lifts
 that one rule, so the recipe, accelerate's FSDP2 wrapping, its sharded checkpoints and the final gathering run as
@@ -34,7 +35,7 @@ RECIPE_ARGS = [
     "--report_to", "none", "--logging_steps", "1", "--use_cpu", "true", "--seed", "0", "--max_steps", "4",
     "--save_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2", "--load_best_model_at_end", "true",
     "--metric_for_best_model", "eval_loss", "--greater_is_better", "true", "--lora_dropout", "0",
-    "--projector_dropout", "0", "--learning_rate", "1e-3",
+    "--projector_dropout", "0", "--learning_rate", "1e-3", "--cell_type_stage_steps", "2",
 ]
 
 
@@ -98,10 +99,11 @@ def test_fsdp_recipe_trains_resumes_and_saves_the_one_process_model(parts_and_co
     one_process_log = run_recipe(lm_dir, corpus_dir, tmp_path / "one", "--per_device_train_batch_size", "8")
 
     one_losses, one_eval_losses = logged_losses(one_process_log), logged_losses(one_process_log, "eval_loss")
-    assert len(one_losses) == 4 and one_eval_losses[0] > one_eval_losses[1]  # the best is step 2, not the last
+    assert len(one_losses) == 2 + 4 and one_eval_losses[0] > one_eval_losses[1]  # the best is step 2, not the last
     assert logged_losses(sharded_log) == pytest.approx(one_losses, abs=2e-3)
     assert logged_losses(sharded_log, "eval_loss") == pytest.approx(one_eval_losses, abs=2e-3)
-    assert logged_losses(resumed_log) == pytest.approx(one_losses[2:], abs=2e-3)  # went on from step 2
+    # the cell-type stage's 2 steps, then 4 steps; the resumed run goes on from step 2 (no stage)
+    assert logged_losses(resumed_log) == pytest.approx(one_losses[4:], abs=2e-3)
 
     reference_dir = tmp_path / "one" / FINAL_DIR
     reference = load_file(reference_dir / "model.safetensors")
