@@ -122,3 +122,28 @@ def test_fsdp_recipe_trains_resumes_and_saves_the_one_process_model(parts_and_co
         state = json.loads((final_dir / TRAINING_STATE_FILE).read_text())
         # the best checkpoint was found and loaded (the weights above are step 2's, as the 1-process run's)
         assert state["global_step"] == 4 and Path(state["best_model_checkpoint"]).name == "checkpoint-2"
+
+
+def zero_accelerator(stage: int, gathers: bool | None):
+    """What `check_weights_can_be_gathered` reads of a DeepSpeed accelerator (DeepSpeed does not run here)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    optimization = {"stage": stage} if gathers is None else {
+        "stage": stage, "stage3_gather_16bit_weights_on_model_save": gathers}
+    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                           state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)),
+                           deepspeed_config={"zero_optimization": optimization})
+
+
+def test_a_zero3_config_that_cannot_gather_the_weights_is_refused_before_training():
+    from training.adapters import check_weights_can_be_gathered
+
+    for gathers in (False, None):
+        with pytest.raises(ValueError, match="zero3_save_16bit_model: true"):
+            check_weights_can_be_gathered(zero_accelerator(3, gathers))
+    check_weights_can_be_gathered(zero_accelerator(3, True))
+    check_weights_can_be_gathered(zero_accelerator(2, None))  # ZeRO-2: every process holds the weights
+    config = yaml.safe_load((FSDP_CONFIG.parent / "deepspeed_zero3.yaml").read_text())
+    assert config["deepspeed_config"]["zero3_save_16bit_model"] is True  # the shipped config gathers them

@@ -39,19 +39,41 @@ class LoraArguments:
                           target_modules=target_modules, modules_to_save=modules_to_save, task_type="CAUSAL_LM")
 
 
-class ShardedCheckpointsMixin:
-    """For a transformers `Trainer`: find the best checkpoint under FSDP with sharded state dicts.
+class ShardedTrainingMixin:
+    """For a transformers `Trainer`, where training shards the weights (FSDP, DeepSpeed ZeRO-3).
 
-    transformers (5.x) records a checkpoint as the best (`best_model_checkpoint`, which `load_best_model_at_end`
-    loads) only if its folder exists right after `save_model`; under FSDP with sharded state dicts `save_model`
-    writes nothing (the shards are written later, with the optimizer). So the best model was silently not loaded,
-    or, where the processes saw the folder at different times, some loaded it and the others waited forever. Every
-    process now creates the folder first."""
+    - A ZeRO-3 config that does not let DeepSpeed gather the weights on saving is refused before training (the
+      merged model is built from them at the end).
+    - The best checkpoint is found under FSDP with sharded state dicts. transformers (5.x) records a checkpoint as
+      the best (`best_model_checkpoint`, which `load_best_model_at_end` loads) only if its folder exists right after
+      `save_model`, but with sharded state dicts `save_model` writes nothing (the shards are written later, with the
+      optimizer). So the best model was silently not loaded, or, where the processes saw the folder at different
+      times, some loaded it and the others waited forever. Every process now creates the folder first."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        check_weights_can_be_gathered(self.accelerator)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if output_dir is not None and self.is_fsdp_enabled:
             os.makedirs(output_dir, exist_ok=True)
         super().save_model(output_dir, _internal_call)
+
+
+def check_weights_can_be_gathered(accelerator: Any) -> None:
+    """Refuse a DeepSpeed ZeRO-3 run whose config keeps DeepSpeed from gathering the weights on saving: the merged
+    model is built from them (`merge_adapters`), after training."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED or not weights_sharded(accelerator):
+        return
+    if not accelerator.deepspeed_config.get("zero_optimization", {}).get("stage3_gather_16bit_weights_on_model_save"):
+        raise ValueError(
+            "DeepSpeed ZeRO-3 shards the weights and this config does not gather them on saving, so no merged model "
+            "could be saved after training. Set `zero3_save_16bit_model: true` under `deepspeed_config` in the "
+            "accelerate config (or `stage3_gather_16bit_weights_on_model_save: true` under `zero_optimization` in "
+            "the DeepSpeed JSON), as training/configs/accelerate/deepspeed_zero3.yaml does."
+        )
 
 
 def merge_adapters(trainer: Any) -> Any | None:

@@ -48,7 +48,7 @@ from training.adapters import (
     FINAL_DIR,
     OVERWRITE_FINAL_FIX,
     LoraArguments,
-    ShardedCheckpointsMixin,
+    ShardedTrainingMixin,
     merge_adapters,
     parse_training_arguments,
     save_merged,
@@ -179,7 +179,7 @@ def cell_type_balanced_sampler(cell_types: Sequence[str], balance: float, seed: 
                                  generator=torch.Generator().manual_seed(seed))
 
 
-class Cell2TextSFTTrainer(ShardedCheckpointsMixin, LabelledPositionsLossMixin, SFTTrainer):
+class Cell2TextSFTTrainer(ShardedTrainingMixin, LabelledPositionsLossMixin, SFTTrainer):
     """`SFTTrainer` with one learning rate per part (projector, gene encoder, LoRA adapters) and the LM head run
     at labelled positions only (`training/loss.py`)."""
 
