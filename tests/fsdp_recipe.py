@@ -1,10 +1,12 @@
-"""The SFT recipe under accelerate's FSDP on CPU processes, for `test_fsdp.py`:
+"""A training recipe under accelerate's FSDP on CPU processes, for `test_fsdp.py`:
 
-    accelerate launch --config_file <fsdp.yaml, 2 processes> tests/fsdp_recipe.py <training.sft arguments>
+    accelerate launch --config_file <fsdp.yaml, 2 processes> tests/fsdp_recipe.py MODULE <its arguments>
+
+MODULE: `training.sft` or `training.baselines.cell2sentence`.
 
 accelerate (1.x) turns FSDP on only for accelerator devices: `AcceleratorState` gives CPU processes the MULTI_CPU
 type (DDP) whatever the config asks. This script lifts that one rule (where an FSDP plugin was given to CPU
-processes, the state becomes FSDP with that plugin) and runs `python -m training.sft` unchanged: accelerate then
+processes, the state becomes FSDP with that plugin) and runs `python -m MODULE` unchanged: accelerate then
 shards the model with FSDP2 over gloo, saves sharded checkpoints and gathers the weights as it does on GPUs.
 """
 
@@ -30,5 +32,6 @@ def _fsdp_on_cpu(self, mixed_precision=None, cpu=False, dynamo_plugin=None, deep
 
 
 AcceleratorState.__init__ = _fsdp_on_cpu
-sys.argv = ["training.sft", *sys.argv[1:]]
-runpy.run_module("training.sft", run_name="__main__", alter_sys=True)
+module = sys.argv[1]
+sys.argv = [module, *sys.argv[2:]]
+runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -39,12 +39,6 @@ RECIPE_ARGS = [
 ]
 
 
-def wrapped_layer_classes(config_file: Path) -> set[str]:
-    """The layer classes an accelerate FSDP config wraps."""
-    config = yaml.safe_load(Path(config_file).read_text())
-    return {name.strip() for name in config["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"].split(",")}
-
-
 @pytest.fixture(scope="module")
 def parts_and_corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
@@ -52,15 +46,26 @@ def parts_and_corpus(tmp_path_factory):
     return lm_dir, save_tiny_corpus(root / "corpus")
 
 
-def run_recipe(lm_dir: Path, corpus_dir: Path, out_dir: Path, *extra: str, fsdp_config: Path | None = None) -> str:
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> Path:
+    """The shipped FSDP config on 2 CPU processes, in full precision."""
+    config = yaml.safe_load(FSDP_CONFIG.read_text())
+    config.update(num_processes=2, mixed_precision="no", main_process_port=29563)
+    path = tmp_path_factory.mktemp("accelerate") / "fsdp_2proc.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_recipe(lm_dir: Path, corpus_dir: Path, out_dir: Path, *extra: str, fsdp_config: Path | None = None,
+               module: str = "training.sft", recipe_args: list[str] = RECIPE_ARGS) -> str:
     """The recipe's log; under `fsdp_config` (2 processes), else in one process."""
     recipe = ["--corpus_dir", str(corpus_dir), "--text_model_name_or_path", str(lm_dir), "--output_dir", str(out_dir),
-              *RECIPE_ARGS, *extra]
+              *recipe_args, *extra]
     if fsdp_config is None:
-        command = [sys.executable, "-m", "training.sft", *recipe]
+        command = [sys.executable, "-m", module, *recipe]
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(fsdp_config),
-                   str(REPO / "tests" / "fsdp_recipe.py"), *recipe]
+                   str(REPO / "tests" / "fsdp_recipe.py"), module, *recipe]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -72,21 +77,46 @@ def logged_losses(log: str, key: str = "loss") -> list[float]:
     return [float(x) for x in re.findall(rf"\{{'{key}': '([0-9.]+)'", log)]
 
 
-def test_the_fsdp_config_wraps_layers_the_model_has(tmp_path):
+def test_the_fsdp_config_wraps_the_layers_each_model_names(tmp_path):
+    """accelerate wraps the classes a model names in `_no_split_modules` where the config names none: the LLM's
+    decoder layers and the encoder's layers for Cell2Text, whatever the LLM; the decoder layers for the baseline."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
     from modeling_cell2text import Cell2TextForConditionalGeneration
     from test_pipeline import save_tiny_model_folder
 
+    config = yaml.safe_load(FSDP_CONFIG.read_text())
+    assert config["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert "fsdp_transformer_layer_cls_to_wrap" not in config["fsdp_config"]
     model = Cell2TextForConditionalGeneration.from_pretrained(save_tiny_model_folder(tmp_path, trained=False))
-    classes = {type(module).__name__ for module in model.modules()}
-    assert wrapped_layer_classes(FSDP_CONFIG) <= classes  # LlamaDecoderLayer, BertLayer
+    assert {"LlamaDecoderLayer", "BertLayer"} <= set(model._no_split_modules)
+    assert set(model._no_split_modules) <= {type(module).__name__ for module in model.modules()}
+    qwen = AutoModelForCausalLM.from_config(Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+    assert set(qwen._no_split_modules) == {"Qwen2DecoderLayer"}
 
 
-def test_fsdp_recipe_trains_resumes_and_saves_the_one_process_model(parts_and_corpus, tmp_path):
+def same_saved_model(final_dir: Path, reference_dir: Path) -> None:
+    """The same files, tensors (names, dtypes, values within 1e-5) and settings as the reference folder."""
+    assert sorted(p.name for p in final_dir.iterdir()) == sorted(p.name for p in reference_dir.iterdir())
+    weights, reference = load_file(final_dir / "model.safetensors"), load_file(reference_dir / "model.safetensors")
+    assert weights.keys() == reference.keys()  # one merged model: no LoRA tensors, the tied head not saved twice
+    for name, tensor in reference.items():
+        assert weights[name].dtype == tensor.dtype
+        torch.testing.assert_close(weights[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+    assert json.loads((final_dir / "generation_config.json").read_text()) == json.loads(
+        (reference_dir / "generation_config.json").read_text())  # use_cache among them
+    config, reference_config = (json.loads((d / "config.json").read_text()) for d in (final_dir, reference_dir))
+    differing = {key for key in config.keys() | reference_config.keys() if config.get(key) != reference_config.get(key)}
+    # the prepared encoder's folder (in each run's output_dir) and the fitted temperature, compared in the caller
+    assert differing <= {"gene_encoder_config", "cell_type_temperature"}, differing
+    if "gene_encoder_config" in differing:
+        assert ({**config["gene_encoder_config"], "_name_or_path": None}
+                == {**reference_config["gene_encoder_config"], "_name_or_path": None})
+
+
+def test_fsdp_recipe_trains_resumes_and_saves_the_one_process_model(parts_and_corpus, two_processes, tmp_path):
     lm_dir, corpus_dir = parts_and_corpus
-    config = yaml.safe_load(FSDP_CONFIG.read_text())  # the shipped config on 2 CPU processes, full precision
-    config.update(num_processes=2, mixed_precision="no", main_process_port=29563)
-    two_processes = tmp_path / "fsdp_2proc.yaml"
-    two_processes.write_text(yaml.safe_dump(config))
 
     sharded_log = run_recipe(lm_dir, corpus_dir, tmp_path / "fsdp", "--per_device_train_batch_size", "4",
                              fsdp_config=two_processes)
@@ -106,16 +136,10 @@ def test_fsdp_recipe_trains_resumes_and_saves_the_one_process_model(parts_and_co
     assert logged_losses(resumed_log) == pytest.approx(one_losses[4:], abs=2e-3)
 
     reference_dir = tmp_path / "one" / FINAL_DIR
-    reference = load_file(reference_dir / "model.safetensors")
     reference_config = json.loads((reference_dir / "config.json").read_text())
     for run in ("fsdp", "resumed"):
         final_dir = tmp_path / run / FINAL_DIR
-        assert sorted(p.name for p in final_dir.iterdir()) == sorted(p.name for p in reference_dir.iterdir())
-        weights = load_file(final_dir / "model.safetensors")
-        assert weights.keys() == reference.keys()  # one merged model: no LoRA tensors, the tied head not saved twice
-        for name, tensor in reference.items():
-            assert weights[name].dtype == tensor.dtype
-            torch.testing.assert_close(weights[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+        same_saved_model(final_dir, reference_dir)
         config = json.loads((final_dir / "config.json").read_text())
         # the calibration ran on the gathered model (a forward on one process of a sharded model waits forever)
         assert config["cell_type_temperature"] == pytest.approx(reference_config["cell_type_temperature"], rel=1e-3)
@@ -147,3 +171,90 @@ def test_a_zero3_config_that_cannot_gather_the_weights_is_refused_before_trainin
     check_weights_can_be_gathered(zero_accelerator(2, None))  # ZeRO-2: every process holds the weights
     config = yaml.safe_load((FSDP_CONFIG.parent / "deepspeed_zero3.yaml").read_text())
     assert config["deepspeed_config"]["zero3_save_16bit_model"] is True  # the shipped config gathers them
+
+
+class ZeroEngine:
+    """What accelerate's `get_state_dict` reads of a DeepSpeed ZeRO-3 engine (DeepSpeed does not run here): the
+    engine, not the model, gathers the 16-bit weights, here in float32 as FSDP's mixed precision leaves them."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def zero_gather_16bit_weights_on_model_save(self) -> bool:
+        return True
+
+    def _zero3_consolidated_16bit_state_dict(self) -> dict:
+        return {name: tensor.detach().float().clone() for name, tensor in self.module.state_dict().items()}
+
+
+def zero3_trainer(peft_model):
+    """A trainer as `merge_adapters` sees it under ZeRO-3, with accelerate's own `get_state_dict`."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    accelerator = zero_accelerator(3, True)
+    accelerator.is_main_process, accelerator.device = True, torch.device("cpu")
+    accelerator.get_state_dict = lambda model: Accelerator.get_state_dict(accelerator, model)
+    accelerator.unwrap_model = lambda model: model.module if isinstance(model, ZeroEngine) else model
+    return SimpleNamespace(accelerator=accelerator, model=peft_model, model_wrapped=ZeroEngine(peft_model))
+
+
+def test_zero3_merge_gathers_through_the_engine_and_builds_the_model_whole(tmp_path):
+    """The merged model equals the in-place merge: gathered by the engine, built without `deepspeed.zero.Init`
+    while the ZeRO-3 config is live (DeepSpeed is not installed: building under it would fail to import it), in the
+    dtypes recorded before training (bfloat16, gathered as float32), with the model's generation settings."""
+    from copy import deepcopy
+
+    from accelerate.utils.deepspeed import HfDeepSpeedConfig
+    from peft import LoraConfig, get_peft_model
+    from transformers.integrations import is_deepspeed_zero3_enabled, set_hf_deepspeed_config
+
+    from modeling_cell2text import Cell2TextForConditionalGeneration
+    from test_pipeline import save_tiny_model_folder
+    from training.adapters import merge_adapters, record_dtypes
+    from training.sft import language_model_lora_targets
+
+    torch.manual_seed(0)
+    model = Cell2TextForConditionalGeneration.from_pretrained(save_tiny_model_folder(tmp_path, trained=False))
+    model.generation_config.max_new_tokens = 77  # a setting of the model's own, not derived from its config
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=language_model_lora_targets(model),
+                                                  modules_to_save=["multi_modal_projector"]))
+    for name, parameter in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter)  # B starts at zero: a merge would change nothing
+    peft_model.to(torch.bfloat16)
+    record_dtypes(peft_model)
+    expected = deepcopy(peft_model).merge_and_unload()
+
+    live_config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    set_hf_deepspeed_config(live_config)
+    try:
+        merged = merge_adapters(zero3_trainer(peft_model))
+        assert is_deepspeed_zero3_enabled()  # the live config is back
+    finally:
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    assert merged.generation_config.to_dict() == expected.generation_config.to_dict()
+    assert merged.generation_config.use_cache and merged.generation_config.max_new_tokens == 77
+    merged_state, expected_state = merged.state_dict(), expected.state_dict()
+    assert merged_state.keys() == expected_state.keys()
+    for name, tensor in expected_state.items():
+        assert merged_state[name].dtype == tensor.dtype == torch.bfloat16, name
+        torch.testing.assert_close(merged_state[name], tensor, atol=0, rtol=0, msg=name)
+
+
+def test_the_cell2sentence_baseline_under_fsdp_saves_the_one_process_model(parts_and_corpus, two_processes, tmp_path):
+    lm_dir, corpus_dir = parts_and_corpus
+    baseline_args = ["--num_genes", "8", "--lora_dropout", "0", "--bf16", "false", "--report_to", "none",
+                     "--use_cpu", "true", "--seed", "0", "--max_steps", "2", "--save_strategy", "no",
+                     "--logging_steps", "1", "--learning_rate", "1e-3"]
+    module = "training.baselines.cell2sentence"
+    sharded_log = run_recipe(lm_dir, corpus_dir, tmp_path / "fsdp", "--per_device_train_batch_size", "4",
+                             fsdp_config=two_processes, module=module, recipe_args=baseline_args)
+    one_log = run_recipe(lm_dir, corpus_dir, tmp_path / "one", "--per_device_train_batch_size", "8", module=module,
+                         recipe_args=baseline_args)
+    assert logged_losses(sharded_log) == pytest.approx(logged_losses(one_log), abs=2e-3)
+    assert len(logged_losses(one_log)) == 2
+    same_saved_model(tmp_path / "fsdp" / FINAL_DIR, tmp_path / "one" / FINAL_DIR)

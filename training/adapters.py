@@ -11,6 +11,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,16 +49,30 @@ class ShardedTrainingMixin:
       the best (`best_model_checkpoint`, which `load_best_model_at_end` loads) only if its folder exists right after
       `save_model`, but with sharded state dicts `save_model` writes nothing (the shards are written later, with the
       optimizer). So the best model was silently not loaded, or, where the processes saw the folder at different
-      times, some loaded it and the others waited forever. Every process now creates the folder first."""
+      times, some loaded it and the others waited forever. Every process now creates the folder first.
+    - The dtype of every tensor is recorded before accelerate prepares the model (FSDP's mixed precision keeps
+      trainable tensors in float32), so the merged model is saved in the dtypes a 1-process run saves."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         check_weights_can_be_gathered(self.accelerator)
+        record_dtypes(self.model)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if output_dir is not None and self.is_fsdp_enabled:
             os.makedirs(output_dir, exist_ok=True)
         super().save_model(output_dir, _internal_call)
+
+
+# The attribute of a model that holds the dtypes of its state dict before training sharded it (`record_dtypes`).
+DTYPES_BEFORE_SHARDING = "_cell2text_dtypes_before_sharding"
+
+
+def record_dtypes(model: Any) -> None:
+    """Record the dtype of each tensor of `model`'s state dict on the model, once (a second trainer of the same
+    model, as after the cell-type stage, finds it already prepared)."""
+    if not hasattr(model, DTYPES_BEFORE_SHARDING):
+        setattr(model, DTYPES_BEFORE_SHARDING, {name: tensor.dtype for name, tensor in model.state_dict().items()})
 
 
 def check_weights_can_be_gathered(accelerator: Any) -> None:
@@ -86,7 +101,9 @@ def merge_adapters(trainer: Any) -> Any | None:
         if not accelerator.is_main_process:
             return None
         return accelerator.unwrap_model(trainer.model).merge_and_unload()
-    full_state = accelerator.get_state_dict(trainer.model)  # collective: every process takes part
+    # Collective: every process takes part. Under DeepSpeed the engine (`model_wrapped`) gathers; under FSDP it is
+    # the model itself.
+    full_state = accelerator.get_state_dict(trainer.model_wrapped)
     if not accelerator.is_main_process:
         return None
     return _unsharded_peft_copy(accelerator.unwrap_model(trainer.model), full_state).merge_and_unload().to(
@@ -104,8 +121,8 @@ def weights_sharded(accelerator: Any) -> bool:
 
 
 def _unsharded_peft_copy(peft_model: Any, full_state: dict) -> Any:
-    """A CPU copy of a (sharded) PEFT model with the same adapters, holding `full_state` (its whole state dict) in
-    the dtypes training left each tensor in."""
+    """A CPU copy of a sharded PEFT model with the same adapters and generation settings, holding `full_state` (its
+    whole state dict) in the dtypes recorded before training sharded it (`record_dtypes`; else the gathered ones)."""
     import torch
     from peft import get_peft_model
     from torch.distributed.fsdp import FSDPModule
@@ -115,15 +132,33 @@ def _unsharded_peft_copy(peft_model: Any, full_state: dict) -> Any:
         raise ValueError(f"Merging needs one LoRA adapter; the model holds {sorted(peft_model.peft_config)}.")
     base = peft_model.get_base_model()
     base_class = type(base).__bases__[1] if isinstance(base, FSDPModule) else type(base)  # FSDP2 subclasses it
-    with torch.device("cpu"), no_init_weights():
+    with torch.device("cpu"), no_init_weights(), _without_zero3_init():
         base_copy = base_class(base.config)
     base_copy.tie_weights()  # no_init_weights skips the tying too
+    base_copy.generation_config = deepcopy(base.generation_config)  # a new model derives its own from the config
     copy = get_peft_model(base_copy, next(iter(peft_model.peft_config.values())))
+    dtypes = getattr(peft_model, DTYPES_BEFORE_SHARDING, {})
     for name, tensor in copy.state_dict(keep_vars=True).items():
         if name in full_state:
-            tensor.data = tensor.data.to(full_state[name].dtype)
+            tensor.data = tensor.data.to(dtypes.get(name, full_state[name].dtype))
     copy.load_state_dict(full_state, strict=True)
     return copy
+
+
+@contextmanager
+def _without_zero3_init() -> Iterator[None]:
+    """Build a model whole on one process while a DeepSpeed ZeRO-3 config is live: transformers otherwise
+    partitions every model it constructs (`deepspeed.zero.Init`, which needs every process)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    reference = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers keeps the live config only here
+    live_config = reference() if reference is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if live_config is not None:
+            hf_deepspeed.set_hf_deepspeed_config(live_config)
 
 
 def save_merged(
