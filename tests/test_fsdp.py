@@ -258,3 +258,36 @@ def test_the_cell2sentence_baseline_under_fsdp_saves_the_one_process_model(parts
     assert logged_losses(sharded_log) == pytest.approx(logged_losses(one_log), abs=2e-3)
     assert len(logged_losses(one_log)) == 2
     same_saved_model(tmp_path / "fsdp" / FINAL_DIR, tmp_path / "one" / FINAL_DIR)
+
+
+def test_fsdp_mixed_precision_saves_the_dtypes_of_a_one_process_run(parts_and_corpus, tmp_path):
+    """The shipped config's bf16 mixed precision keeps trainable tensors in float32 while training; the merged model
+    is saved in the dtypes a 1-process run saves (a bf16 LLM and projector, the encoder in float32), also after the
+    cell-type stage (a second trainer of the same model) and with the encoder trained."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    lm_dir, corpus_dir = parts_and_corpus
+    bf16_lm = tmp_path / "lm_bf16"
+    shutil.copytree(lm_dir, bf16_lm)
+    AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.bfloat16).save_pretrained(bf16_lm)
+    config = yaml.safe_load(FSDP_CONFIG.read_text())
+    assert config["mixed_precision"] == "bf16"
+    config.update(num_processes=2, main_process_port=29565)
+    mixed = tmp_path / "fsdp_2proc_bf16.yaml"
+    mixed.write_text(yaml.safe_dump(config))
+    extra = ["--bf16", "true", "--freeze_gene_encoder", "false"]
+    run_recipe(bf16_lm, corpus_dir, tmp_path / "fsdp", "--per_device_train_batch_size", "4", *extra,
+               fsdp_config=mixed)
+    run_recipe(bf16_lm, corpus_dir, tmp_path / "one", "--per_device_train_batch_size", "8", *extra)
+
+    weights = load_file(tmp_path / "fsdp" / FINAL_DIR / "model.safetensors")
+    reference = load_file(tmp_path / "one" / FINAL_DIR / "model.safetensors")
+    assert weights.keys() == reference.keys()
+    dtypes = {name: tensor.dtype for name, tensor in weights.items()}
+    assert dtypes == {name: tensor.dtype for name, tensor in reference.items()}
+    assert {dtypes[name] for name in dtypes if "projector" in name} == {torch.bfloat16}
+    assert {dtypes[name] for name in dtypes if "gene_encoder" in name} == {torch.float32}
+    for name, tensor in reference.items():  # bf16 rounding apart (FSDP trains float32 copies)
+        torch.testing.assert_close(weights[name].float(), tensor.float(), atol=2e-2, rtol=0, msg=name)

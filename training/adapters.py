@@ -106,8 +106,7 @@ def merge_adapters(trainer: Any) -> Any | None:
     full_state = accelerator.get_state_dict(trainer.model_wrapped)
     if not accelerator.is_main_process:
         return None
-    return _unsharded_peft_copy(accelerator.unwrap_model(trainer.model), full_state).merge_and_unload().to(
-        accelerator.device)
+    return _merged_unsharded_copy(accelerator.unwrap_model(trainer.model), full_state).to(accelerator.device)
 
 
 def weights_sharded(accelerator: Any) -> bool:
@@ -120,9 +119,9 @@ def weights_sharded(accelerator: Any) -> bool:
     return plugin is not None and plugin.zero_stage == 3
 
 
-def _unsharded_peft_copy(peft_model: Any, full_state: dict) -> Any:
+def _merged_unsharded_copy(peft_model: Any, full_state: dict) -> Any:
     """A CPU copy of a sharded PEFT model with the same adapters and generation settings, holding `full_state` (its
-    whole state dict) in the dtypes recorded before training sharded it (`record_dtypes`; else the gathered ones)."""
+    whole state dict) in the dtypes recorded before training sharded it (`record_dtypes`), merged."""
     import torch
     from peft import get_peft_model
     from torch.distributed.fsdp import FSDPModule
@@ -130,35 +129,40 @@ def _unsharded_peft_copy(peft_model: Any, full_state: dict) -> Any:
 
     if len(peft_model.peft_config) != 1:
         raise ValueError(f"Merging needs one LoRA adapter; the model holds {sorted(peft_model.peft_config)}.")
+    dtypes = getattr(peft_model, DTYPES_BEFORE_SHARDING, {})
+    if dtypes and full_state.keys() - dtypes.keys():
+        raise ValueError(f"The gathered weights hold tensors the model did not have before training: "
+                         f"{sorted(full_state.keys() - dtypes.keys())[:5]}.")
     base = peft_model.get_base_model()
     base_class = type(base).__bases__[1] if isinstance(base, FSDPModule) else type(base)  # FSDP2 subclasses it
-    with torch.device("cpu"), no_init_weights(), _without_zero3_init():
-        base_copy = base_class(base.config)
-    base_copy.tie_weights()  # no_init_weights skips the tying too
-    base_copy.generation_config = deepcopy(base.generation_config)  # a new model derives its own from the config
-    copy = get_peft_model(base_copy, next(iter(peft_model.peft_config.values())))
-    dtypes = getattr(peft_model, DTYPES_BEFORE_SHARDING, {})
-    for name, tensor in copy.state_dict(keep_vars=True).items():
-        if name in full_state:
-            tensor.data = tensor.data.to(dtypes.get(name, full_state[name].dtype))
-    copy.load_state_dict(full_state, strict=True)
-    return copy
+    with _without_zero3_init():
+        with torch.device("cpu"), no_init_weights():
+            base_copy = base_class(base.config)
+        base_copy.tie_weights()  # no_init_weights skips the tying too
+        base_copy.generation_config = deepcopy(base.generation_config)  # a new model derives its own from the config
+        copy = get_peft_model(base_copy, next(iter(peft_model.peft_config.values())))
+        for name, tensor in copy.state_dict(keep_vars=True).items():
+            if name in full_state:
+                tensor.data = tensor.data.to(dtypes.get(name, full_state[name].dtype))
+        copy.load_state_dict(full_state, strict=True)
+        return copy.merge_and_unload()
 
 
 @contextmanager
 def _without_zero3_init() -> Iterator[None]:
-    """Build a model whole on one process while a DeepSpeed ZeRO-3 config is live: transformers otherwise
-    partitions every model it constructs (`deepspeed.zero.Init`, which needs every process)."""
+    """Build and merge a model whole on one process while a DeepSpeed ZeRO-3 config is live: transformers otherwise
+    partitions every model it constructs (`deepspeed.zero.Init`, which needs every process), and PEFT gathers."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
-    reference = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers keeps the live config only here
-    live_config = reference() if reference is not None else None
+    if not hf_deepspeed.is_deepspeed_zero3_enabled():
+        yield
+        return
+    live_config = hf_deepspeed._hf_deepspeed_config_weak_ref()  # transformers keeps the live config only here
     hf_deepspeed.unset_hf_deepspeed_config()
     try:
         yield
     finally:
-        if live_config is not None:
-            hf_deepspeed.set_hf_deepspeed_config(live_config)
+        hf_deepspeed.set_hf_deepspeed_config(live_config)
 
 
 def save_merged(
