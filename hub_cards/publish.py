@@ -2,12 +2,13 @@
 
 ```bash
 python -m hub_cards.publish --model outputs/demo/cell2text-demo --repo your-org/cell2text-pbmc68k \
-    [--corpus outputs/demo/corpus --dataset-repo your-org/cell2text-pbmc68k-corpus]
+    [--corpus outputs/demo/corpus --dataset-repo your-org/cell2text-pbmc68k-corpus] [--private] [--refresh-code]
 ```
 
 The model folder is checked before anything is uploaded: safetensors weights, the processor (gene vocabulary,
-tokenizer, prompt), the remote code files with `auto_map`, the `cell-to-text` pipeline entry, and a model card
-whose metadata parses. Where the folder holds the files `hub_cards.render.save_model_card` writes beside the card
+tokenizer, prompt), the remote code files with `auto_map` (the installed package's files, byte for byte), the
+`cell-to-text` pipeline entry, a model card whose metadata parses and whose evaluation was of this gene vocabulary;
+a corpus published with it must be the build it was trained on. Where the folder holds the files `hub_cards.render.save_model_card` writes beside the card
 (`evaluation_results.json`, `model_card_inputs.json`; the demo writes both), the card is re-rendered from them
 for the repo it is published to, so its usage lines name that repo. The corpus card is pushed after the data and
 keeps the metadata `datasets` writes (`hub_cards.render.push_dataset_card`).
@@ -17,16 +18,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi, ModelCard
 
+import modeling_cell2text
 from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor
 from modeling_cell2text.compatibility import check_model_and_processor
 from modeling_cell2text.modeling_cell2text import foreign_weight_files
 
-from .render import MODEL_CARD_INPUTS, push_dataset_card, rerender_model_card, write_dataset_card
+from .render import EVALUATION_RESULTS, MODEL_CARD_INPUTS, push_dataset_card, rerender_model_card, write_dataset_card
+
+# Where the installed package's code lives: the code a folder ships must be these files, byte for byte.
+PACKAGE_CODE_DIR = Path(modeling_cell2text.__file__).parent
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer_config.json")
 
@@ -68,9 +74,32 @@ def _remote_code_files(model_dir: Path, config: dict) -> list[str]:
     return files
 
 
+def stale_code_files(model_dir: Path, config: dict) -> list[str]:
+    """The remote code files of a folder that differ from the installed package's files of the same name."""
+    return [name for name in _remote_code_files(model_dir, config)
+            if (model_dir / name).is_file() and (PACKAGE_CODE_DIR / name).is_file()
+            and (model_dir / name).read_bytes() != (PACKAGE_CODE_DIR / name).read_bytes()]
+
+
+def refresh_remote_code(model_dir: str | Path) -> list[str]:
+    """Copy the installed package's files over the folder's remote code files that differ; returns their names."""
+    model_dir = Path(model_dir)
+    stale = stale_code_files(model_dir, json.loads((model_dir / "config.json").read_text()))
+    for name in stale:
+        shutil.copyfile(PACKAGE_CODE_DIR / name, model_dir / name)
+    return stale
+
+
+def _evaluated_vocabulary(model_dir: Path) -> str | None:
+    """The gene vocabulary checksum of the model the folder's saved evaluation (the card's figures) evaluated."""
+    results = model_dir / EVALUATION_RESULTS
+    return json.loads(results.read_text()).get("gene_vocabulary_sha256") if results.is_file() else None
+
+
 def check_hub_ready(model_dir: str | Path) -> None:
     """Raise `FileNotFoundError`/`ValueError`/`OSError` naming what a Hub-ready Cell2Text folder lacks or holds
-    wrongly: its files, remote code and card metadata, then the model and processor loaded and checked together."""
+    wrongly: its files, remote code (present, and the installed package's), the card's evaluation (of a model with
+    this gene vocabulary) and metadata, then the model and processor loaded and checked together."""
     model_dir = Path(model_dir)
     missing = [name for name in REQUIRED_FILES if not (model_dir / name).exists()]
     if not (model_dir / "model.safetensors").exists() and list(model_dir.glob("model-*.safetensors")):
@@ -93,6 +122,21 @@ def check_hub_ready(model_dir: str | Path) -> None:
             "import). Save the folder again with modeling_cell2text.save_model_folder(model, processor, dir), which copies "
             "them."
         )
+    stale = stale_code_files(model_dir, config)
+    if stale:
+        raise ValueError(
+            f"{model_dir}'s code files {stale} differ from the installed Cell2Text's, which this check loads: a user "
+            "without the package would run other code. Pass --refresh-code to copy the installed files into the "
+            "folder (or save it again with modeling_cell2text.save_model_folder)."
+        )
+    evaluated = _evaluated_vocabulary(model_dir)
+    if evaluated is not None and evaluated != config.get("gene_vocabulary_sha256"):
+        raise ValueError(
+            f"{model_dir}/{EVALUATION_RESULTS} (the card's figures) evaluated a model with another gene vocabulary "
+            f"({evaluated[:12]}..., this model's: {str(config.get('gene_vocabulary_sha256'))[:12]}...): evaluate this "
+            f"model (python -m training.evaluation.evaluate), or remove README.md, {EVALUATION_RESULTS} and "
+            f"{MODEL_CARD_INPUTS}."
+        )
     foreign = foreign_weight_files(model_dir)
     if foreign:
         raise ValueError(f"{model_dir} holds {foreign} beside its merged weights, which would be uploaded with them "
@@ -105,29 +149,53 @@ def check_hub_ready(model_dir: str | Path) -> None:
                               Cell2TextProcessor.from_pretrained(model_dir))
 
 
-def publish_model(model_dir: str | Path, repo_id: str, private: bool = False, api: HfApi | None = None) -> str:
-    """Re-render the card for ``repo_id`` (where its inputs are saved), check and upload the folder; returns the URL."""
-    rerender_model_card(model_dir, repo_id)
+def ensure_repo(api: HfApi, repo_id: str, repo_type: str, private: bool) -> str:
+    """Create the repo where it does not exist; refuse a public one where `private` was asked. Returns its URL."""
+    url = api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    if private and not api.repo_info(repo_id, repo_type=repo_type).private:
+        raise ValueError(f"The {repo_type} repo {repo_id} exists and is public, and --private was asked: make it "
+                         "private in its settings on the Hub first, or publish without --private.")
+    return str(url)
+
+
+def publish_model(model_dir: str | Path, repo_id: str, private: bool = False, api: HfApi | None = None, *,
+                  dataset_id: str | None = None, refresh_code: bool = False) -> str:
+    """Re-render the card for ``repo_id`` (where its inputs are saved; naming ``dataset_id``, the corpus published
+    with it, where given), check and upload the folder; returns the URL. ``refresh_code`` first copies the installed
+    package's code over the folder's code files that differ."""
+    if refresh_code:
+        refresh_remote_code(model_dir)
+    rerender_model_card(model_dir, repo_id, dataset_id=dataset_id)
     check_hub_ready(model_dir)
     api = api or HfApi()
-    url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    url = ensure_repo(api, repo_id, "model", private)
     api.upload_folder(folder_path=str(model_dir), repo_id=repo_id, repo_type="model",
                       ignore_patterns=["training_state.json", MODEL_CARD_INPUTS], commit_message="Upload Cell2Text")
-    return str(url)
+    return url
 
 
 CORPUS_FILES = ("summary.json", "rejects.csv", "unmapped_genes.txt")
 
 
-def publish_corpus(corpus_dir: str | Path, repo_id: str, api: HfApi | None = None) -> str:
+def check_corpus_is_the_models(model_dir: str | Path, corpus_dir: str | Path) -> None:
+    """Refuse to publish a corpus with a model that was trained on another build (the card would name it)."""
+    trained_on = json.loads((Path(model_dir) / "config.json").read_text()).get("training_corpus_fingerprints")
+    built = json.loads((Path(corpus_dir) / "summary.json").read_text()).get("fingerprints")
+    if trained_on and built and trained_on != built:
+        raise ValueError(f"{model_dir} was trained on another corpus build than {corpus_dir} (split fingerprints "
+                         f"{trained_on} against {built}): publish the corpus it was trained on, or the model alone.")
+
+
+def publish_corpus(corpus_dir: str | Path, repo_id: str, private: bool = False, api: HfApi | None = None) -> str:
     """Push a built corpus to a Hub dataset repo: the splits (by `datasets`), then its card re-rendered for
     `repo_id`, the feature extractor it was tokenized with and the build's summary and rejects; returns the URL."""
     import datasets
 
     corpus_dir = Path(corpus_dir)
-    datasets.load_from_disk(str(corpus_dir)).push_to_hub(repo_id)
-    push_dataset_card(write_dataset_card(corpus_dir, repo_id), repo_id)  # after the data: keeps datasets' metadata
     api = api or HfApi()
+    ensure_repo(api, repo_id, "dataset", private)
+    datasets.load_from_disk(str(corpus_dir)).push_to_hub(repo_id, private=private)
+    push_dataset_card(write_dataset_card(corpus_dir, repo_id), repo_id)  # after the data: keeps datasets' metadata
     api.upload_folder(folder_path=str(corpus_dir / "feature_extractor"), path_in_repo="feature_extractor",
                       repo_id=repo_id, repo_type="dataset")
     for name in CORPUS_FILES:
@@ -142,13 +210,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repo", required=True, help="Model repo id, e.g. your-org/cell2text.")
     parser.add_argument("--corpus", help="Also push this corpus folder (python -m processing.build_corpus).")
     parser.add_argument("--dataset-repo", help="Dataset repo id for --corpus.")
-    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--private", action="store_true", help="Make the model repo (and the dataset repo) private.")
+    parser.add_argument("--refresh-code", action="store_true",
+                        help="Copy the installed package's code over the folder's code files that differ from it.")
     args = parser.parse_args(argv)
     if bool(args.corpus) != bool(args.dataset_repo):
         parser.error("--corpus and --dataset-repo go together")
-    print(f"model: {publish_model(args.model, args.repo, args.private)}")
+    api = HfApi()
+    if args.corpus:  # checked, and its repo made, before the model is uploaded
+        check_corpus_is_the_models(args.model, args.corpus)
+        ensure_repo(api, args.dataset_repo, "dataset", args.private)
+    print(f"model: {publish_model(args.model, args.repo, args.private, api, dataset_id=args.dataset_repo, refresh_code=args.refresh_code)}")
     if args.corpus:
-        print(f"corpus: {publish_corpus(args.corpus, args.dataset_repo)}")
+        print(f"corpus: {publish_corpus(args.corpus, args.dataset_repo, args.private, api)}")
 
 
 if __name__ == "__main__":

@@ -283,8 +283,9 @@ def save_model_card(model_dir: str | Path, results: dict, *, repo_id: str, **inp
     return card
 
 
-def rerender_model_card(model_dir: str | Path, repo_id: str) -> ModelCard | None:
-    """Re-render ``model_dir/README.md`` for ``repo_id`` from the files :func:`save_model_card` wrote.
+def rerender_model_card(model_dir: str | Path, repo_id: str, dataset_id: str | None = None) -> ModelCard | None:
+    """Re-render ``model_dir/README.md`` for ``repo_id`` from the files :func:`save_model_card` wrote, naming
+    ``dataset_id`` (the corpus's Hub repo, published with it) where given.
 
     Returns the card, or None (card left as it is) where the folder lacks either file.
     """
@@ -292,8 +293,10 @@ def rerender_model_card(model_dir: str | Path, repo_id: str) -> ModelCard | None
     results_file, inputs_file = model_dir / EVALUATION_RESULTS, model_dir / MODEL_CARD_INPUTS
     if not (results_file.is_file() and inputs_file.is_file()):
         return None
-    card = render_model_card(json.loads(results_file.read_text()), repo_id=repo_id,
-                             **json.loads(inputs_file.read_text()))
+    inputs = json.loads(inputs_file.read_text())
+    if dataset_id is not None:
+        inputs["dataset_id"] = dataset_id
+    card = render_model_card(json.loads(results_file.read_text()), repo_id=repo_id, **inputs)
     card.save(model_dir / "README.md")
     return card
 

@@ -6,6 +6,7 @@ import subprocess
 from collections import Counter
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import anndata
 import datasets
@@ -289,6 +290,12 @@ def test_publish_corpus_pushes_splits_then_its_card_for_the_repo_then_its_files(
     calls = []
 
     class FakeHub:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("repo", repo_id, kwargs["private"]))
+
+        def repo_info(self, repo_id, **kwargs):
+            return SimpleNamespace(private=True)
+
         def upload_folder(self, **kwargs):
             calls.append(("folder", kwargs["path_in_repo"], sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())))
 
@@ -296,13 +303,15 @@ def test_publish_corpus_pushes_splits_then_its_card_for_the_repo_then_its_files(
             calls.append(("file", kwargs["path_in_repo"], Path(kwargs["path_or_fileobj"]).stat().st_size > 0))
 
     monkeypatch.setattr(datasets.DatasetDict, "push_to_hub", lambda self, repo_id, **kw: calls.append(
-        ("splits", repo_id, {name: len(split) for name, split in self.items()})))
+        ("splits", repo_id, {name: len(split) for name, split in self.items()}, kw.get("private"))))
     monkeypatch.setattr(publish, "push_dataset_card", lambda card, repo_id: calls.append(("card", repo_id, card.text)))
-    url = publish.publish_corpus(out, "your-org/pbmc-corpus", api=FakeHub())
+    url = publish.publish_corpus(out, "your-org/pbmc-corpus", private=True, api=FakeHub())
 
     assert url == "https://huggingface.co/datasets/your-org/pbmc-corpus"
-    assert [c[0] for c in calls] == ["splits", "card", "folder", "file", "file", "file"]
-    assert calls[0][2] == json.loads((out / "summary.json").read_text())["splits"]
-    assert "your-org/pbmc-corpus" in calls[1][2] and "your-org/pbmc-corpus" in (out / "README.md").read_text()
-    assert calls[2][1] == "feature_extractor" and "preprocessor_config.json" in calls[2][2]
-    assert [c[1] for c in calls[3:]] == ["summary.json", "rejects.csv", "unmapped_genes.txt"] and all(c[2] for c in calls[3:])
+    assert [c[0] for c in calls] == ["repo", "splits", "card", "folder", "file", "file", "file"]
+    assert calls[0] == ("repo", "your-org/pbmc-corpus", True)
+    assert calls[1][2] == json.loads((out / "summary.json").read_text())["splits"]
+    assert calls[1][3] is True  # --private reaches the data too (datasets makes a new repo public otherwise)
+    assert "your-org/pbmc-corpus" in calls[2][2] and "your-org/pbmc-corpus" in (out / "README.md").read_text()
+    assert calls[3][1] == "feature_extractor" and "preprocessor_config.json" in calls[3][2]
+    assert [c[1] for c in calls[4:]] == ["summary.json", "rejects.csv", "unmapped_genes.txt"] and all(c[2] for c in calls[4:])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from tiny_parts import save_tiny_parts
@@ -18,12 +19,16 @@ from hub_cards.publish import check_hub_ready, publish_model
 
 
 class FakeHub:
-    def __init__(self):
+    def __init__(self, existing_public: bool = False):
         self.calls = []
+        self.existing_public = existing_public
 
     def create_repo(self, repo_id, **kwargs):
         self.calls.append(("create_repo", repo_id, kwargs))
         return f"https://huggingface.co/{repo_id}"
+
+    def repo_info(self, repo_id, **kwargs):
+        return SimpleNamespace(private=not self.existing_public)
 
     def upload_folder(self, **kwargs):
         self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
@@ -107,3 +112,62 @@ def test_adapter_or_pickle_files_in_the_folder_are_refused_before_upload(model_d
     (model_dir / name).write_text("{}")
     with pytest.raises(ValueError, match=f"holds \\['{name}'\\] beside its merged weights"):
         check_hub_ready(model_dir)
+
+
+def test_private_is_refused_for_an_existing_public_repo_before_upload(model_dir):
+    hub = FakeHub(existing_public=True)
+    with pytest.raises(ValueError, match="exists and is public"):
+        publish_model(model_dir, "org/x", private=True, api=hub)
+    assert [call[0] for call in hub.calls] == ["create_repo"]
+
+
+def test_code_files_that_differ_from_the_installed_package_are_refused_unless_refreshed(model_dir):
+    """A user without the package runs the folder's code; the check loads the package's: they must be the same."""
+    from hub_cards.publish import PACKAGE_CODE_DIR
+
+    with (model_dir / "rank_value.py").open("a") as code:
+        code.write("\nfrom .gene_ids import a_function_removed_later  # noqa\n")
+    with pytest.raises(ValueError, match=r"rank_value.py.*--refresh-code"):
+        publish_model(model_dir, "org/x", api=FakeHub())
+    publish_model(model_dir, "org/x", api=FakeHub(), refresh_code=True)
+    assert (model_dir / "rank_value.py").read_bytes() == (PACKAGE_CODE_DIR / "rank_value.py").read_bytes()
+
+
+def test_a_card_evaluating_a_model_with_another_gene_vocabulary_is_refused(model_dir):
+    from hub_cards.render import save_model_card
+
+    save_model_card(model_dir, {"split": "test", "num_cells": 8, "gene_vocabulary_sha256": "0" * 64,
+                                "fields": {"cell_type": {"accuracy": 0.97}}},
+                    repo_id="org/old", base_model="b", encoder="e", dataset_id="org/old-corpus", training_config={})
+    with pytest.raises(ValueError, match="another gene vocabulary"):
+        publish_model(model_dir, "org/x", api=FakeHub())
+    config = json.loads((model_dir / "config.json").read_text())
+    results = json.loads((model_dir / "evaluation_results.json").read_text())
+    results["gene_vocabulary_sha256"] = config["gene_vocabulary_sha256"]  # this model's evaluation
+    (model_dir / "evaluation_results.json").write_text(json.dumps(results))
+    publish_model(model_dir, "org/x", api=FakeHub())
+
+
+def test_the_card_names_the_corpus_published_with_the_model(model_dir):
+    from hub_cards.render import save_model_card
+
+    save_model_card(model_dir, {"split": "test", "num_cells": 8, "fields": {"cell_type": {"accuracy": 0.5}}},
+                    repo_id="org/old", base_model="b", encoder="e", dataset_id="pbmc68k_reduced (scanpy)",
+                    training_config={})
+    publish_model(model_dir, "org/x", api=FakeHub(), dataset_id="org/x-corpus")
+    card = (model_dir / "README.md").read_text()
+    assert "datasets:\n- org/x-corpus" in card and "https://huggingface.co/datasets/org/x-corpus" in card
+
+
+def test_a_corpus_of_another_build_is_refused_with_the_model(model_dir, tmp_path):
+    from hub_cards.publish import check_corpus_is_the_models
+
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "training_corpus_fingerprints": {"train": "a"}}))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "summary.json").write_text(json.dumps({"fingerprints": {"train": "b"}}))
+    with pytest.raises(ValueError, match="another corpus build"):
+        check_corpus_is_the_models(model_dir, corpus)
+    (corpus / "summary.json").write_text(json.dumps({"fingerprints": {"train": "a"}}))
+    check_corpus_is_the_models(model_dir, corpus)
