@@ -271,14 +271,15 @@ EVALUATION_RESULTS = "evaluation_results.json"
 def save_model_card(model_dir: str | Path, results: dict, *, repo_id: str, **inputs: Any) -> ModelCard:
     """Render the model card into ``model_dir/README.md`` and keep what it was rendered from.
 
-    Writes ``evaluation_results.json`` (``results``) and ``model_card_inputs.json`` (``inputs``, the other
-    arguments of :func:`render_model_card`, with local paths reduced to their last component) beside it.
+    Writes ``evaluation_results.json`` (``results``, absolute paths reduced to their last component) and
+    ``model_card_inputs.json`` (``inputs``, the other arguments of :func:`render_model_card`, with local paths
+    reduced to their last component) beside it.
     """
     model_dir = Path(model_dir)
     public = {key: value if key == "limitations" else _public_value(value) for key, value in inputs.items()}
     card = render_model_card(results, repo_id=repo_id, **public)
     card.save(model_dir / "README.md")
-    (model_dir / EVALUATION_RESULTS).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (model_dir / EVALUATION_RESULTS).write_text(json.dumps(_without_machine_paths(results), indent=2, default=str) + "\n")
     (model_dir / MODEL_CARD_INPUTS).write_text(json.dumps(public, indent=2, default=str) + "\n")
     return card
 
@@ -299,6 +300,18 @@ def rerender_model_card(model_dir: str | Path, repo_id: str, dataset_id: str | N
     card = render_model_card(json.loads(results_file.read_text()), repo_id=repo_id, **inputs)
     card.save(model_dir / "README.md")
     return card
+
+
+def _without_machine_paths(value: Any) -> Any:
+    """``value`` with every absolute path in it (also inside dicts and lists) reduced to its last component: the
+    saved evaluation is uploaded beside the card. Other strings (labels such as "T/NK cell") stay as they are."""
+    if isinstance(value, Mapping):
+        return {key: _without_machine_paths(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_machine_paths(item) for item in value]
+    if isinstance(value, (str, Path)) and (Path(value).is_absolute() or str(value).startswith("~")):
+        return public_name(str(value))
+    return value
 
 
 def _public_value(value: Any) -> Any:

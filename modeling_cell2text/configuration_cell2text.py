@@ -115,9 +115,14 @@ class Cell2TextConfig(PreTrainedConfig):
     def to_dict(self) -> dict:
         """`PreTrainedConfig.to_dict` without `custom_pipelines`: only `Cell2TextPipeline.save_pretrained`, which saves
         the pipeline's code beside it, writes that entry, so a folder never names code it does not hold (a model
-        loaded from a complete folder and saved alone is a plain model folder)."""
+        loaded from a complete folder and saved alone is a plain model folder). Nor the folders the parts were
+        loaded from (the sub-configs' `_name_or_path`): a saved model carries no path of the machine it was built on
+        to the Hub."""
         output = super().to_dict()
         output.pop("custom_pipelines", None)
+        for name in self.sub_configs_defaults:
+            if isinstance(output.get(name), dict):
+                output[name].pop("_name_or_path", None)
         return output
 
     def __post_init__(self, **kwargs):

@@ -171,3 +171,18 @@ def test_a_corpus_of_another_build_is_refused_with_the_model(model_dir, tmp_path
         check_corpus_is_the_models(model_dir, corpus)
     (corpus / "summary.json").write_text(json.dumps({"fingerprints": {"train": "a"}}))
     check_corpus_is_the_models(model_dir, corpus)
+
+
+def test_no_path_of_the_building_machine_is_uploaded(model_dir):
+    """The sub-configs named the folders the parts were loaded from; the saved evaluation its model and corpus."""
+    from hub_cards.render import save_model_card
+
+    config = json.loads((model_dir / "config.json").read_text())
+    assert "_name_or_path" not in config["text_config"] and "_name_or_path" not in config["gene_encoder_config"]
+    save_model_card(model_dir, {"split": "test", "num_cells": 8, "model": str(model_dir), "dataset": "/data/corpus",
+                                "fields": {"cell_type": {"labels": ["T/NK cell"]}}},
+                    repo_id="org/x", base_model="b", encoder="e", dataset_id="org/x-corpus", training_config={})
+    results = json.loads((model_dir / "evaluation_results.json").read_text())
+    assert (results["model"], results["dataset"]) == ("model", "corpus")
+    assert results["fields"]["cell_type"]["labels"] == ["T/NK cell"]
+    assert str(model_dir.parent) not in (model_dir / "config.json").read_text()
