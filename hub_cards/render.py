@@ -192,6 +192,19 @@ def _limitations(results: Mapping[str, Any], encoder: str, extra: list[str]) -> 
     return items + list(extra)
 
 
+# How the card's introduction names each labelled field (`description_schema.LABEL_FIELDS`).
+FIELD_WORDS = {"cell_type": "cell type", "tissue": "tissue", "disease": "disease state", "sex": "sex",
+               "age_group": "developmental stage"}
+
+
+def _described_fields(results: Mapping[str, Any]) -> str:
+    """What the model writes, for the introduction: the fields it was evaluated on (a model whose corpus had no sex
+    or age group labels writes neither), else every field; and the pathways."""
+    evaluated = [FIELD_WORDS[name] for name in FIELD_WORDS if name in results.get("fields", {})]
+    words = (evaluated or list(FIELD_WORDS.values())) + ["active pathways"]
+    return ", ".join(words[:-1]) + " and " + words[-1]
+
+
 def render_model_card(
     results: dict,
     *,
@@ -237,6 +250,7 @@ def render_model_card(
         card_data,
         template_path=str(MODEL_CARD_TEMPLATE),
         model_title=model_name,
+        described_fields=_described_fields(results),
         repo_id=repo_id,
         code_url=code_url,
         base_model=f"`{public_name(base_model)}`",

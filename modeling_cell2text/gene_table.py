@@ -31,7 +31,7 @@ def load_gene_table() -> tuple[tuple[str, str, bool], ...]:
     except (FileNotFoundError, ModuleNotFoundError, TypeError) as error:
         raise FileNotFoundError(
             f"The packaged gene table {package}/data/{TABLE_FILE} is not available ({error}). "
-            "Install the cell2text package (pip install cell2text) or pass gene_symbols explicitly."
+            "Install Cell2Text from its repository (pip install . in a checkout) or pass gene_symbols explicitly."
         ) from error
     rows = []
     for line in gzip.decompress(raw).decode("utf-8").splitlines():

@@ -186,3 +186,18 @@ def test_no_path_of_the_building_machine_is_uploaded(model_dir):
     assert (results["model"], results["dataset"]) == ("model", "corpus")
     assert results["fields"]["cell_type"]["labels"] == ["T/NK cell"]
     assert str(model_dir.parent) not in (model_dir / "config.json").read_text()
+
+
+def test_the_card_says_which_fields_the_model_writes():
+    """A model evaluated on cell type, tissue and disease (its corpus had no sex or age-group labels) is not
+    introduced as writing sex and developmental stage."""
+    from hub_cards.render import render_model_card
+
+    def introduction(results):
+        card = render_model_card(results, repo_id="org/x", base_model="b", encoder="e", dataset_id="d",
+                                 training_config={}).text
+        return " ".join(card.split("writes a short description")[1].split("The structured")[0].split())
+
+    three = {"fields": {name: {"accuracy": 0.5} for name in ("cell_type", "tissue", "disease")}}
+    assert introduction(three) == "of the cell: its cell type, tissue, disease state and active pathways."
+    assert "sex, developmental stage and active pathways" in introduction({})
