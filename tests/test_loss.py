@@ -194,22 +194,35 @@ def test_labels_only_keeps_the_same_label_tokens_when_the_model_text_has_no_defi
 
 def test_cell_type_balance_draws_rare_cell_types_more_often(trainer):
     """`cell_type_balance` swaps TRL's sampler (every cell once) for draws weighted by count ** -balance: at 1 every
-    cell type is drawn about equally often; the draws are the seed's."""
-    from torch.utils.data import WeightedRandomSampler
-
+    cell type is drawn about equally often; the draws are the seed's and the epoch's."""
     trainer_, _ = trainer
-    assert not isinstance(trainer_._get_train_sampler(), WeightedRandomSampler)  # 0 (the default): TRL's sampler
+    assert not isinstance(trainer_._get_train_sampler(), sft.CellTypeBalancedSampler)  # 0 (the default): TRL's
     types = ["common"] * 90 + ["rare"] * 10
-    draws = list(sft.cell_type_balanced_sampler(types, 1.0, seed=0))
-    assert len(draws) == 100 and draws == list(sft.cell_type_balanced_sampler(types, 1.0, seed=0))
+    draws = list(sft.CellTypeBalancedSampler(types, 1.0, seed=0))
+    assert len(draws) == 100 and draws == list(sft.CellTypeBalancedSampler(types, 1.0, seed=0))
     assert 35 <= sum(types[i] == "rare" for i in draws) <= 65  # a 10% type drawn about half of the time
-    assert sum(types[i] == "rare" for i in sft.cell_type_balanced_sampler(types, 0.0, seed=0)) <= 20
+    assert sum(types[i] == "rare" for i in sft.CellTypeBalancedSampler(types, 0.0, seed=0)) <= 20
     trainer_.cell_type_balance = 1.0
     try:
         sampler = trainer_._get_train_sampler()
     finally:
         trainer_.cell_type_balance = 0.0
-    assert isinstance(sampler, WeightedRandomSampler) and len(list(sampler)) == len(trainer_.train_dataset)
+    assert isinstance(sampler, sft.CellTypeBalancedSampler) and len(list(sampler)) == len(trainer_.train_dataset)
+
+
+def test_cell_type_balance_draws_each_epoch_anew_and_a_fresh_sampler_the_same():
+    """A run resumed in epoch 1 builds a new sampler: it must draw epoch 1's cells, not replay epoch 0's (the
+    sampler used to draw each epoch on from one generator seeded once)."""
+    types = ["common"] * 90 + ["rare"] * 10
+    running = sft.CellTypeBalancedSampler(types, 0.5, seed=0)
+    epoch_0 = list(running)
+    running.set_epoch(1)
+    epoch_1 = list(running)
+    resumed = sft.CellTypeBalancedSampler(types, 0.5, seed=0)
+    resumed.set_epoch(1)
+    assert epoch_1 != epoch_0 and list(resumed) == epoch_1
+
+
     with pytest.raises(ValueError, match="cell_type_balance must be >= 0"):
         sft.Cell2TextSFTTrainer(model=None, cell_type_balance=-1, projector_learning_rate=1e-3,
                                 gene_encoder_learning_rate=1e-5)

@@ -65,6 +65,9 @@ def test_recipe_trains_lora_and_projector_and_saves_a_loadable_model(parts_and_c
         use_cpu=True, logging_steps=1,
     )
     final_dir = main(args, config)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {p.stat().st_mode & 0o777 for p in final_dir.iterdir() if p.is_file()} == {0o666 & ~mask}  # all readable
 
     selection = json.loads((tmp_path / "out" / "gene_encoder" / "encoder_selection.json").read_text())
     assert len(selection["validation_accuracy"]) == 2 and selection["best"] in (0, 1)
@@ -249,6 +252,29 @@ def test_stopped_training_leaves_no_model_and_resumes_to_the_same_weights(parts_
     assert full_weights.keys() == resumed_weights.keys()
     for name, tensor in full_weights.items():
         torch.testing.assert_close(resumed_weights[name], tensor, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_a_run_resumed_in_a_later_epoch_with_cell_type_balance_ends_with_the_same_weights(parts_and_corpus, tmp_path):
+    """32 training cells at 4 a step: epoch 1 starts at step 9. Resumed from step 10, the balanced sampler must draw
+    epoch 1's cells (it replayed epoch 0's draws: other cells, other weights, exit 0)."""
+    lm_dir, corpus_dir = parts_and_corpus
+    steps = ["--max_steps", "12", "--save_steps", "10", "--eval_strategy", "no", "--learning_rate", "1e-3",
+             "--cell_type_balance", "0.5"]
+    full = subprocess.run([sys.executable, *sft_command(lm_dir, corpus_dir, tmp_path / "full", *steps)],
+                          cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    resumed = subprocess.run(
+        [sys.executable, *sft_command(lm_dir, corpus_dir, tmp_path / "resumed", *steps, "--resume_from_checkpoint",
+                                      str(tmp_path / "full" / "checkpoint-10"))],
+        cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full_losses, resumed_losses = (logged_losses(run.stderr + run.stdout) for run in (full, resumed))
+    assert len(resumed_losses) == 2 and resumed_losses == pytest.approx(full_losses[10:], abs=1e-4)
+    full_weights = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    resumed_weights = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    for name, tensor in full_weights.items():
+        torch.testing.assert_close(resumed_weights[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_an_existing_final_model_is_refused_before_training(parts_and_corpus, tmp_path):
@@ -736,3 +762,12 @@ def test_recipe_command_line_runs_on_the_cpu_without_use_cpu(tmp_path):
     assert training_args.use_cpu and training_args.bf16 and args.num_cell_tokens == 16
     _, c2s_args = parse_training_arguments(cell2sentence_parser(), required)
     assert c2s_args.use_cpu
+
+
+def test_cells_repeated_to_fill_the_last_batch_of_several_processes_are_counted():
+    """accelerate fills the last batch of every process with cells from the start (checked under DDP: 30 cells at
+    2 x 4 train 2 cells twice an epoch); the recipe warns with this count."""
+    from training.adapters import repeated_training_cells
+
+    assert repeated_training_cells(30, 4, 2) == 2 and repeated_training_cells(3, 4, 2) == 5
+    assert repeated_training_cells(32, 4, 2) == 0 and repeated_training_cells(30, 4, 1) == 0

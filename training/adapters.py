@@ -200,6 +200,9 @@ def save_merged(
             for name, text in (extra_files or {}).items():
                 (staging / name).write_text(text)
             staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the model is a plain folder
+            for saved in staging.rglob("*"):  # transformers writes model.safetensors readable by its owner only
+                if saved.is_file():
+                    saved.chmod(0o666 & ~_umask())
             publish_folder(staging, final_dir, overwrite, fix=OVERWRITE_FINAL_FIX, holds="config.json")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -220,6 +223,24 @@ def parse_training_arguments(parser: Any, argv: Sequence[str] | None = None) -> 
     if not accelerator and not any(a == "--use_cpu" or a.startswith("--use_cpu=") for a in argv):
         argv += ["--use_cpu", "true"]
     return parser.parse_args_and_config(argv)
+
+
+def repeated_training_cells(num_cells: int, per_device_batch: int, num_processes: int) -> int:
+    """How many cells each epoch trains on twice under several processes: where the training cells do not fill the
+    last batch of every process, accelerate fills it with cells from the start of the split (`even_batches`), so the
+    run is not one process's."""
+    if num_processes <= 1:
+        return 0
+    return -num_cells % (per_device_batch * num_processes)
+
+
+def leave_process_group() -> None:
+    """End a multi-process run's process group once the model is saved: left to the interpreter's exit, a worker
+    could abort (seen about 1 launch in 10 under DDP: the model saved, yet exit status 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @contextmanager

@@ -29,13 +29,12 @@ import dataclasses
 import logging
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from pathlib import Path
 
 import torch
-from torch.utils.data import WeightedRandomSampler
 from datasets import DatasetDict
 from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, set_seed
 from transformers.trainer_utils import enable_full_determinism
@@ -49,8 +48,10 @@ from training.adapters import (
     OVERWRITE_FINAL_FIX,
     LoraArguments,
     ShardedTrainingMixin,
+    leave_process_group,
     merge_adapters,
     parse_training_arguments,
+    repeated_training_cells,
     save_merged,
     stopped_cleanly,
 )
@@ -170,13 +171,25 @@ class Cell2TextArguments(LoraArguments):
     )
 
 
-def cell_type_balanced_sampler(cell_types: Sequence[str], balance: float, seed: int) -> WeightedRandomSampler:
+class CellTypeBalancedSampler(torch.utils.data.Sampler):
     """Draws as many cells as there are, with replacement, each with probability proportional to its cell type's
-    count to the power -`balance` (seeded: the same draws on every process and run)."""
-    counts = Counter(cell_types)
-    weights = torch.tensor([counts[cell_type] ** -balance for cell_type in cell_types], dtype=torch.float64)
-    return WeightedRandomSampler(weights, num_samples=len(cell_types), replacement=True,
-                                 generator=torch.Generator().manual_seed(seed))
+    count to the power -`balance`. Epoch e draws with seed + e (the Trainer calls `set_epoch`), so every process,
+    and a run resumed in any epoch, draws the uninterrupted run's cells."""
+
+    def __init__(self, cell_types: Sequence[str], balance: float, seed: int) -> None:
+        counts = Counter(cell_types)
+        self.weights = torch.tensor([counts[cell_type] ** -balance for cell_type in cell_types], dtype=torch.float64)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.multinomial(self.weights, len(self.weights), replacement=True, generator=generator).tolist()
 
 
 class Cell2TextSFTTrainer(ShardedTrainingMixin, LabelledPositionsLossMixin, SFTTrainer):
@@ -195,7 +208,7 @@ class Cell2TextSFTTrainer(ShardedTrainingMixin, LabelledPositionsLossMixin, SFTT
         if not self.cell_type_balance:
             return super()._get_train_sampler(train_dataset)
         dataset = self.train_dataset if train_dataset is None else train_dataset
-        return cell_type_balanced_sampler(dataset["cell_type"], self.cell_type_balance, self.args.seed)
+        return CellTypeBalancedSampler(dataset["cell_type"], self.cell_type_balance, self.args.seed)
 
     @staticmethod
     def part_of(parameter_name: str) -> str:
@@ -548,6 +561,15 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         peft_config=peft_config,
         **part_settings,
     )
+    repeated = repeated_training_cells(len(corpus["train"]), training_args.per_device_train_batch_size,
+                                       trainer.accelerator.num_processes)
+    if repeated:
+        logger.warning(
+            "%d training cells do not fill the last batch of %d processes x %d: accelerate repeats %d cells from the "
+            "start of the split every epoch, so this run differs from one process's (a per-device batch that "
+            "divides %d / %d, or --dataloader_drop_last true, avoids it).", len(corpus["train"]),
+            trainer.accelerator.num_processes, training_args.per_device_train_batch_size, repeated,
+            len(corpus["train"]), trainer.accelerator.num_processes)
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     # 4. LoRA merged into the language model (weights sharded by FSDP or ZeRO-3 gathered first), its calibration on
@@ -569,3 +591,4 @@ if __name__ == "__main__":
     cell2text_args, sft_config = parse_training_arguments(make_parser())
     with stopped_cleanly():
         main(cell2text_args, sft_config)
+    leave_process_group()

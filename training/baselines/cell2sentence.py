@@ -41,6 +41,7 @@ from training.adapters import (
     OVERWRITE_FINAL_FIX,
     LoraArguments,
     ShardedTrainingMixin,
+    leave_process_group,
     merge_adapters,
     parse_training_arguments,
     save_merged,
@@ -257,3 +258,4 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with stopped_cleanly():
         main(*parse_training_arguments(make_parser()))
+    leave_process_group()
