@@ -84,7 +84,9 @@ def publish_folder(staging: Path, target: Path, overwrite: bool, fix: str = "pas
     """Move the finished folder `staging` to `target` (same parent). Without `overwrite` only a missing or empty
     `target` is taken, else `OutputExistsError`; with it, an existing `target` is set aside and removed after the
     new folder is in place, if it is an output of the same kind (it `holds` that file; `_refuse_foreign_folder`).
-    `staging` is left for the caller to remove when this raises."""
+    `staging` is left for the caller to remove when this raises. The folder and its files get the modes the user's
+    umask gives new ones (`tempfile.mkdtemp` makes the folder private; transformers writes weights that way)."""
+    _as_plain_folder(staging)
     if overwrite:
         _refuse_foreign_folder(target, holds)
     if overwrite and target.exists():
@@ -100,6 +102,16 @@ def publish_folder(staging: Path, target: Path, overwrite: bool, fix: str = "pas
             shutil.rmtree(aside, ignore_errors=True)
         return
     _rename_no_replace(staging, target, fix)
+
+
+def _as_plain_folder(folder: Path) -> None:
+    """Give `folder` and the files in it the modes of a folder and files made under the process's umask."""
+    mask = os.umask(0)  # reading the umask requires setting it: set it straight back
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~mask)
 
 
 def _rename_no_replace(staging: Path, target: Path, fix: str) -> None:

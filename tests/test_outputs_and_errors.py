@@ -276,3 +276,23 @@ def test_key_added_with_a_slash_or_a_path_component_is_refused(model_dir, tmp_pa
     code, err = run_cli([*describe_args(h5ad, model_dir, tmp_path / "out.h5ad"), "--key-added", key], capsys)
     assert_one_line_error(code, err)
     assert f"--key-added {key!r} must be a non-empty name without '/'" in err
+
+
+def test_a_published_folder_and_its_files_are_readable_as_new_files_are(tmp_path):
+    """`tempfile.mkdtemp` makes a staging folder private and transformers writes weights 0600: the corpus folder
+    was published 0700 and the model's weights 0600 (unreadable to the user's group on a shared machine)."""
+    import tempfile
+
+    from modeling_cell2text.output_files import publish_folder
+
+    staging = Path(tempfile.mkdtemp(dir=tmp_path, prefix=".out.partial-"))
+    (staging / "model.safetensors").write_bytes(b"weights")
+    (staging / "model.safetensors").chmod(0o600)
+    (staging / "split").mkdir()
+    (staging / "split" / "data.arrow").write_bytes(b"cells")
+    publish_folder(staging, tmp_path / "out", overwrite=False)
+    mask = os.umask(0)
+    os.umask(mask)
+    out = tmp_path / "out"
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert {p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()} == {0o666 & ~mask}

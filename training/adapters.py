@@ -199,10 +199,6 @@ def save_merged(
             (staging / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2))
             for name, text in (extra_files or {}).items():
                 (staging / name).write_text(text)
-            staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the model is a plain folder
-            for saved in staging.rglob("*"):  # transformers writes model.safetensors readable by its owner only
-                if saved.is_file():
-                    saved.chmod(0o666 & ~_umask())
             publish_folder(staging, final_dir, overwrite, fix=OVERWRITE_FINAL_FIX, holds="config.json")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -256,8 +252,3 @@ def stopped_cleanly() -> Iterator[None]:
               "--resume_from_checkpoint <output_dir>/checkpoint-<last step>.", file=sys.stderr)
         raise SystemExit(128 + number) from None
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

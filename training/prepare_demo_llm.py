@@ -68,13 +68,6 @@ def is_prepared(out_dir: str | os.PathLike) -> bool:
     return (out / MARKER_FILENAME).is_file() and all((out / name).is_file() for name in REQUIRED_FILES)
 
 
-def _current_umask() -> int:
-    """The process umask (reading it requires setting it, so set it straight back)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _load_dequantized(gguf_path: Path):
     """De-quantize the GGUF checkpoint into a float32 LlamaForCausalLM and load its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -131,7 +124,6 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, overw
     gguf_path, out = Path(gguf_path), Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755 & ~_current_umask())  # mkdtemp makes it private; the result is a plain folder
     try:
         logger.info("De-quantizing %s (about 20 s on 2 CPU cores)", gguf_path)
         gguf_model, tokenizer = _load_dequantized(gguf_path)

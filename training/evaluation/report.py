@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 from collections import Counter
@@ -439,10 +438,4 @@ def _write_report_files(results: dict, per_cell: dict, out_dir: Path) -> None:
     (out_dir / RESULTS_FILE).write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False))
     (out_dir / "per_cell.json").write_text(json.dumps(_json_safe(per_cell), allow_nan=False))
     (out_dir / "report.md").write_text("\n".join(lines))
-    (out_dir).chmod(0o777 & ~_umask())  # mkdtemp makes the folder private; the report is a plain folder
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
