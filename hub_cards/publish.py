@@ -29,7 +29,14 @@ from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProce
 from modeling_cell2text.compatibility import check_model_and_processor
 from modeling_cell2text.modeling_cell2text import foreign_weight_files
 
-from .render import EVALUATION_RESULTS, MODEL_CARD_INPUTS, push_dataset_card, rerender_model_card, write_dataset_card
+from .render import (
+    EVALUATION_RESULTS,
+    MODEL_CARD_INPUTS,
+    push_dataset_card,
+    rerender_model_card,
+    weights_sha256,
+    write_dataset_card,
+)
 
 # Where the installed package's code lives: the code a folder ships must be these files, byte for byte.
 PACKAGE_CODE_DIR = Path(modeling_cell2text.__file__).parent
@@ -90,10 +97,23 @@ def refresh_remote_code(model_dir: str | Path) -> list[str]:
     return stale
 
 
-def _evaluated_vocabulary(model_dir: Path) -> str | None:
-    """The gene vocabulary checksum of the model the folder's saved evaluation (the card's figures) evaluated."""
-    results = model_dir / EVALUATION_RESULTS
-    return json.loads(results.read_text()).get("gene_vocabulary_sha256") if results.is_file() else None
+def _check_card_is_of_this_model(model_dir: Path, config: dict) -> None:
+    """Refuse a saved evaluation (the card's figures) of other weights or of another gene vocabulary."""
+    results_file = model_dir / EVALUATION_RESULTS
+    if not results_file.is_file():
+        return
+    results = json.loads(results_file.read_text())
+    fix = (f"evaluate this model (python -m training.evaluation.evaluate), or remove README.md, {EVALUATION_RESULTS} "
+           f"and {MODEL_CARD_INPUTS}.")
+    evaluated = results.get("gene_vocabulary_sha256")
+    if evaluated is not None and evaluated != config.get("gene_vocabulary_sha256"):
+        raise ValueError(
+            f"{model_dir}/{EVALUATION_RESULTS} (the card's figures) evaluated a model with another gene vocabulary "
+            f"({evaluated[:12]}..., this model's: {str(config.get('gene_vocabulary_sha256'))[:12]}...): {fix}")
+    evaluated = results.get("weights_sha256")
+    if evaluated is not None and evaluated != weights_sha256(model_dir):
+        raise ValueError(f"{model_dir}/{EVALUATION_RESULTS} (the card's figures) evaluated other weights than the "
+                         f"folder holds: {fix}")
 
 
 def check_hub_ready(model_dir: str | Path) -> None:
@@ -129,14 +149,7 @@ def check_hub_ready(model_dir: str | Path) -> None:
             "without the package would run other code. Pass --refresh-code to copy the installed files into the "
             "folder (or save it again with modeling_cell2text.save_model_folder)."
         )
-    evaluated = _evaluated_vocabulary(model_dir)
-    if evaluated is not None and evaluated != config.get("gene_vocabulary_sha256"):
-        raise ValueError(
-            f"{model_dir}/{EVALUATION_RESULTS} (the card's figures) evaluated a model with another gene vocabulary "
-            f"({evaluated[:12]}..., this model's: {str(config.get('gene_vocabulary_sha256'))[:12]}...): evaluate this "
-            f"model (python -m training.evaluation.evaluate), or remove README.md, {EVALUATION_RESULTS} and "
-            f"{MODEL_CARD_INPUTS}."
-        )
+    _check_card_is_of_this_model(model_dir, config)
     foreign = foreign_weight_files(model_dir)
     if foreign:
         raise ValueError(f"{model_dir} holds {foreign} beside its merged weights, which would be uploaded with them "

@@ -8,6 +8,7 @@ and corpus-building code; a value that is absent or not finite is left out of th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -280,6 +281,22 @@ def render_model_card(
 MODEL_CARD_INPUTS = "model_card_inputs.json"
 #: The evaluation results a saved card was rendered from.
 EVALUATION_RESULTS = "evaluation_results.json"
+
+
+def weights_sha256(model_dir: str | Path) -> str | None:
+    """A checksum of a model folder's weight files (its safetensors, in name order): which weights an evaluation,
+    and the card's figures, are of. None where `model_dir` is not a local folder holding weights (a Hub id)."""
+    folder = Path(model_dir)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for weights in files:
+        digest.update(weights.name.encode())
+        with weights.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def save_model_card(model_dir: str | Path, results: dict, *, repo_id: str, **inputs: Any) -> ModelCard:

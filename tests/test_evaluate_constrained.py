@@ -54,6 +54,9 @@ def test_constrained_evaluation_predicts_known_labels_with_confidence(model_and_
                                               device="cpu")
     known = {"B cell", "T cell"}
     assert len(texts) == 8 and set(per_cell["cell_type_pred"]) <= known
+    from hub_cards.render import weights_sha256
+
+    assert results["weights_sha256"] == weights_sha256(model_dir) is not None  # which weights the figures are of
     from datasets import load_from_disk
 
     assert per_cell["cell_id"] == list(load_from_disk(str(corpus_dir))["test"]["cell_id"])  # which cell is which

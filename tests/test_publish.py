@@ -201,3 +201,23 @@ def test_the_card_says_which_fields_the_model_writes():
     three = {"fields": {name: {"accuracy": 0.5} for name in ("cell_type", "tissue", "disease")}}
     assert introduction(three) == "of the cell: its cell type, tissue, disease state and active pathways."
     assert "sex, developmental stage and active pathways" in introduction({})
+
+
+def test_a_card_evaluating_other_weights_is_refused(model_dir):
+    """The saved evaluation records a checksum of the weights it evaluated: a folder whose weights were replaced
+    after (same gene vocabulary, so the vocabulary check passes) does not publish the old figures."""
+    from safetensors.torch import load_file, save_file
+
+    from hub_cards.render import save_model_card, weights_sha256
+
+    config = json.loads((model_dir / "config.json").read_text())
+    save_model_card(model_dir, {"split": "test", "num_cells": 8, "gene_vocabulary_sha256": config["gene_vocabulary_sha256"],
+                                "weights_sha256": weights_sha256(model_dir),
+                                "fields": {"cell_type": {"accuracy": 0.97}}},
+                    repo_id="org/old", base_model="b", encoder="e", dataset_id="org/corpus", training_config={})
+    publish_model(model_dir, "org/x", api=FakeHub())
+    tensors = load_file(model_dir / "model.safetensors")
+    tensors["model.multi_modal_projector.linear_1.weight"] += 1.0  # another training run's weights
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="other weights"):
+        publish_model(model_dir, "org/x", api=FakeHub())

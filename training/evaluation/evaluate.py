@@ -44,6 +44,7 @@ from modeling_cell2text.label_scoring import (
     score_cell_types,
     cell_type_sentence,
 )
+from hub_cards.render import weights_sha256
 from processing.corpus import split_value_lists
 from training.evaluation.metrics import (
     calibration_report,
@@ -476,7 +477,8 @@ def evaluate_model(
         per_cell["cell_type_score"] = described_known["scores"]
         per_cell["cell_type_free"] = described_known["free_labels"]
     results.update(model=str(model_dir), dataset=str(corpus_dir), split=split,
-                   constrained=constrained, gene_vocabulary_sha256=vocabulary_sha256)
+                   constrained=constrained, gene_vocabulary_sha256=vocabulary_sha256,
+                   weights_sha256=weights_sha256(model_dir))
     per_cell["generated"] = texts
     return results, per_cell, texts
 
