@@ -7,9 +7,10 @@ python -m hub_cards.publish --model outputs/demo/cell2text-demo --repo your-org/
 
 The model folder is checked before anything is uploaded: safetensors weights, the processor (gene vocabulary,
 tokenizer, prompt), the remote code files with `auto_map` (the installed package's files, byte for byte), the
-`cell-to-text` pipeline entry, a model card whose metadata parses and whose evaluation was of this gene vocabulary;
-a corpus published with it must be the build it was trained on. Where the folder holds the files `hub_cards.render.save_model_card` writes beside the card
-(`evaluation_results.json`, `model_card_inputs.json`; the demo writes both), the card is re-rendered from them
+`cell-to-text` pipeline entry, a model card whose metadata parses and whose evaluation was of these weights and
+gene vocabulary; a corpus published with it must be the build it was trained on. Where the folder holds the files
+`hub_cards.render.save_model_card` writes beside the card (`evaluation_results.json`, `model_card_inputs.json`;
+the demo writes both), the card is re-rendered from them
 for the repo it is published to, so its usage lines name that repo. The corpus card is pushed after the data and
 keeps the metadata `datasets` writes (`hub_cards.render.push_dataset_card`).
 """
@@ -118,8 +119,8 @@ def _check_card_is_of_this_model(model_dir: Path, config: dict) -> None:
 
 def check_hub_ready(model_dir: str | Path) -> None:
     """Raise `FileNotFoundError`/`ValueError`/`OSError` naming what a Hub-ready Cell2Text folder lacks or holds
-    wrongly: its files, remote code (present, and the installed package's), the card's evaluation (of a model with
-    this gene vocabulary) and metadata, then the model and processor loaded and checked together."""
+    wrongly: its files, remote code (present, and the installed package's), the card's evaluation (of these weights
+    and gene vocabulary) and metadata, then the model and processor loaded and checked together."""
     model_dir = Path(model_dir)
     missing = [name for name in REQUIRED_FILES if not (model_dir / name).exists()]
     if not (model_dir / "model.safetensors").exists() and list(model_dir.glob("model-*.safetensors")):
@@ -233,7 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.corpus:  # checked, and its repo made, before the model is uploaded
         check_corpus_is_the_models(args.model, args.corpus)
         ensure_repo(api, args.dataset_repo, "dataset", args.private)
-    print(f"model: {publish_model(args.model, args.repo, args.private, api, dataset_id=args.dataset_repo, refresh_code=args.refresh_code)}")
+    url = publish_model(args.model, args.repo, args.private, api, dataset_id=args.dataset_repo,
+                        refresh_code=args.refresh_code)
+    print(f"model: {url}")
     if args.corpus:
         print(f"corpus: {publish_corpus(args.corpus, args.dataset_repo, args.private, api)}")
 

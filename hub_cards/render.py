@@ -310,7 +310,8 @@ def save_model_card(model_dir: str | Path, results: dict, *, repo_id: str, **inp
     public = {key: value if key == "limitations" else _public_value(value) for key, value in inputs.items()}
     card = render_model_card(results, repo_id=repo_id, **public)
     card.save(model_dir / "README.md")
-    (model_dir / EVALUATION_RESULTS).write_text(json.dumps(_without_machine_paths(results), indent=2, default=str) + "\n")
+    (model_dir / EVALUATION_RESULTS).write_text(
+        json.dumps(_without_machine_paths(results), indent=2, default=str) + "\n")
     (model_dir / MODEL_CARD_INPUTS).write_text(json.dumps(public, indent=2, default=str) + "\n")
     return card
 

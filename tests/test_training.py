@@ -771,3 +771,29 @@ def test_cells_repeated_to_fill_the_last_batch_of_several_processes_are_counted(
 
     assert repeated_training_cells(30, 4, 2) == 2 and repeated_training_cells(3, 4, 2) == 5
     assert repeated_training_cells(32, 4, 2) == 0 and repeated_training_cells(30, 4, 1) == 0
+
+
+def test_the_recipes_trainers_warn_where_several_processes_repeat_training_cells(caplog):
+    """Both recipes' trainers (the mixin): 30 cells on 2 processes x 4 repeat 2 cells each epoch."""
+    import logging
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from training.adapters import MultiProcessTrainingMixin
+
+    class Base:  # what the mixin reads of a transformers Trainer
+        def __init__(self, cells: int, processes: int):
+            self.accelerator = SimpleNamespace(num_processes=processes, distributed_type=DistributedType.MULTI_GPU)
+            self.args = SimpleNamespace(per_device_train_batch_size=4)
+            self.train_dataset, self.model = list(range(cells)), torch.nn.Linear(2, 2)
+
+    class Trainer(MultiProcessTrainingMixin, Base):
+        pass
+
+    with caplog.at_level(logging.WARNING, logger="training.adapters"):
+        Trainer(32, 2)
+        Trainer(30, 1)
+        assert not caplog.records
+        Trainer(30, 2)
+    assert "accelerate repeats 2 cells" in caplog.text

@@ -4,6 +4,7 @@ both train the same adapters on the same language model and save the same way.""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -19,6 +20,8 @@ from typing import Any
 from peft import LoraConfig
 
 from modeling_cell2text.output_files import Terminated, publish_folder, sigterm_as_exception
+
+logger = logging.getLogger(__name__)
 
 # The merged model's folder under a run's output_dir, and the run's steps and best checkpoint saved beside it.
 FINAL_DIR = "final"
@@ -40,9 +43,11 @@ class LoraArguments:
                           target_modules=target_modules, modules_to_save=modules_to_save, task_type="CAUSAL_LM")
 
 
-class ShardedTrainingMixin:
-    """For a transformers `Trainer`, where training shards the weights (FSDP, DeepSpeed ZeRO-3).
+class MultiProcessTrainingMixin:
+    """For a transformers `Trainer` of the recipes, what several processes need, sharding the weights (FSDP,
+    DeepSpeed ZeRO-3) or not.
 
+    - A warning where the training cells do not fill the last batch of every process (`repeated_training_cells`).
     - A ZeRO-3 config that does not let DeepSpeed gather the weights on saving is refused before training (the
       merged model is built from them at the end).
     - The best checkpoint is found under FSDP with sharded state dicts. transformers (5.x) records a checkpoint as
@@ -57,6 +62,15 @@ class ShardedTrainingMixin:
         super().__init__(*args, **kwargs)
         check_weights_can_be_gathered(self.accelerator)
         record_dtypes(self.model)
+        processes, batch = self.accelerator.num_processes, self.args.per_device_train_batch_size
+        cells = len(self.train_dataset) if self.train_dataset is not None else 0
+        repeated = repeated_training_cells(cells, batch, processes)
+        if repeated:
+            logger.warning(
+                "%d training cells do not fill the last batch of %d processes x %d: accelerate repeats %d cells from "
+                "the start of the split every epoch, so this run differs from one process's (a per-device batch "
+                "that divides the cells per process, or --dataloader_drop_last true, avoids it).",
+                cells, processes, batch, repeated)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if output_dir is not None and self.is_fsdp_enabled:

@@ -47,11 +47,10 @@ from training.adapters import (
     FINAL_DIR,
     OVERWRITE_FINAL_FIX,
     LoraArguments,
-    ShardedTrainingMixin,
+    MultiProcessTrainingMixin,
     leave_process_group,
     merge_adapters,
     parse_training_arguments,
-    repeated_training_cells,
     save_merged,
     stopped_cleanly,
 )
@@ -192,7 +191,7 @@ class CellTypeBalancedSampler(torch.utils.data.Sampler):
         yield from torch.multinomial(self.weights, len(self.weights), replacement=True, generator=generator).tolist()
 
 
-class Cell2TextSFTTrainer(ShardedTrainingMixin, LabelledPositionsLossMixin, SFTTrainer):
+class Cell2TextSFTTrainer(MultiProcessTrainingMixin, LabelledPositionsLossMixin, SFTTrainer):
     """`SFTTrainer` with one learning rate per part (projector, gene encoder, LoRA adapters) and the LM head run
     at labelled positions only (`training/loss.py`)."""
 
@@ -561,15 +560,6 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         peft_config=peft_config,
         **part_settings,
     )
-    repeated = repeated_training_cells(len(corpus["train"]), training_args.per_device_train_batch_size,
-                                       trainer.accelerator.num_processes)
-    if repeated:
-        logger.warning(
-            "%d training cells do not fill the last batch of %d processes x %d: accelerate repeats %d cells from the "
-            "start of the split every epoch, so this run differs from one process's (a per-device batch that "
-            "divides %d / %d, or --dataloader_drop_last true, avoids it).", len(corpus["train"]),
-            trainer.accelerator.num_processes, training_args.per_device_train_batch_size, repeated,
-            len(corpus["train"]), trainer.accelerator.num_processes)
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     # 4. LoRA merged into the language model (weights sharded by FSDP or ZeRO-3 gathered first), its calibration on

@@ -40,7 +40,7 @@ from training.adapters import (
     FINAL_DIR,
     OVERWRITE_FINAL_FIX,
     LoraArguments,
-    ShardedTrainingMixin,
+    MultiProcessTrainingMixin,
     leave_process_group,
     merge_adapters,
     parse_training_arguments,
@@ -117,7 +117,7 @@ def load_corpus(corpus_dir: str | Path) -> tuple[DatasetDict, Cell2TextFeatureEx
     return open_corpus(corpus_dir), corpus_feature_extractor(corpus_dir)
 
 
-class Cell2SentenceSFTTrainer(ShardedTrainingMixin, LabelledPositionsLossMixin, SFTTrainer):
+class Cell2SentenceSFTTrainer(MultiProcessTrainingMixin, LabelledPositionsLossMixin, SFTTrainer):
     """`SFTTrainer` with the same loss computation as Cell2Text's (`training/loss.py`), so budgets compare."""
 
 
