@@ -21,6 +21,24 @@ logger = logging.getLogger(__name__)
 # cell-type probe read (`feature_layer`) and its input (`num_expression_bins`). A pretrained Geneformer has none.
 PREPARED_ENCODER_KEY = "cell2text_prepared_encoder"
 
+# The keyword arguments of `from_pretrained` that say where a folder's or repo's files are.
+HUB_KWARGS = ("cache_dir", "token", "revision", "local_files_only", "subfolder")
+
+
+def hub_kwargs(kwargs: Mapping[str, Any]) -> dict:
+    """The `HUB_KWARGS` among a `from_pretrained` call's keyword arguments (those given, not None)."""
+    return {name: kwargs[name] for name in HUB_KWARGS if kwargs.get(name) is not None}
+
+
+def saved_file(source: Any, filename: str, hub: Mapping[str, Any]) -> str | None:
+    """The local path of `filename` in a model folder or Hub repo (`hub`: `hub_kwargs`), or None where it holds
+    none: one lookup for the loaders' checks, so that a repo id is checked as a folder is."""
+    from transformers.utils import cached_file
+
+    return cached_file(str(source), filename, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False, **hub)
+
+
 GENEFORMER_DICTIONARIES_FIX = (
     "build the corpus with the encoder's own Geneformer dictionaries: `python -m processing.build_corpus ... "
     "--token-dictionary token_dictionary.pkl --gene-median-file gene_median_dictionary.pkl` (in Python: "

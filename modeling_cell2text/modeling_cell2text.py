@@ -7,6 +7,7 @@ Follows transformers' LLaVA layout (v5): `Cell2TextModel` holds `gene_encoder`, 
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import GENERATION_CONFIG_NAME, can_return_tuple, find_adapter_config_file, logging
 
 from .cell_inputs import CELL_INPUT_NAMES
-from .compatibility import PREPARED_ENCODER_KEY, check_gene_vocabulary, gene_vocabulary_sha256
+from .compatibility import (PREPARED_ENCODER_KEY, check_gene_vocabulary, gene_vocabulary_sha256, hub_kwargs,
+                            saved_file)
 from .configuration_cell2text import Cell2TextConfig
 
 logger = logging.get_logger(__name__)
@@ -53,26 +55,41 @@ def _encoder_states(encoder: nn.Module, read: int, input_ids, attention_mask, to
     stack = getattr(getattr(encoder, "encoder", None), "layer", None)
     if encoder.config.model_type != "bert" or not isinstance(stack, nn.ModuleList):
         return encoder(**inputs, output_hidden_states=True).hidden_states[read]
-    encoder.encoder.layer = stack[:read]
-    try:
-        return encoder(**inputs, output_hidden_states=False).last_hidden_state
-    finally:
-        encoder.encoder.layer = stack
+    return _first_layers_of(encoder, read)(**inputs, output_hidden_states=False).last_hidden_state
+
+
+def _first_layers_of(bert: nn.Module, count: int) -> nn.Module:
+    """A BERT that runs the first `count` layers of `bert`: new containers holding the same modules and parameters,
+    nothing of `bert` changed (cutting its own layer list for the call gave a call from another thread the wrong
+    layers, and a `save_pretrained` meanwhile a model without them)."""
+    body = copy.copy(bert.encoder)
+    body._modules = {**body._modules, "layer": body.layer[:count]}
+    view = copy.copy(bert)
+    view._modules = {**view._modules, "encoder": body}
+    return view
 
 
 def _refuse_adapter_files(pretrained_model_name_or_path: Any, kwargs: dict) -> None:
     """Refuse a model folder (or repo) holding a PEFT adapter: transformers would apply it on top of the merged
     weights without a word (a stale LoRA left by an earlier save moved every score)."""
+    # transformers' Auto classes, given a repo id holding an adapter, pass the base model the adapter names instead
+    # (its weights plus the adapter, not the repo's own: another model, exit 0) and the repo in adapter_kwargs
+    adapter_repo = (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path")
+    if adapter_repo is not None:
+        raise OSError(
+            f"{adapter_repo!s} holds a PEFT adapter (adapter_config.json) beside the model weights: transformers "
+            f"would load the base model it names ({pretrained_model_name_or_path!s}) with the adapter on top, instead "
+            "of the weights beside it. A Cell2Text repo holds merged weights only (training.sft saves them merged): "
+            "remove adapter_config.json and adapter_model.* from it, or, to apply an adapter on purpose, load its "
+            "base model and call model.load_adapter(...)."
+        )
     if pretrained_model_name_or_path is None:
         return
     folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
     if folder.is_dir():
         adapter_config = folder / "adapter_config.json" if (folder / "adapter_config.json").is_file() else None
     else:  # a Hub repo id (or a path that does not exist, which transformers reports as it does)
-        names = ("cache_dir", "token", "revision", "local_files_only", "subfolder")
-        adapter_config = find_adapter_config_file(
-            str(pretrained_model_name_or_path), **{name: kwargs[name] for name in names if kwargs.get(name) is not None}
-        )
+        adapter_config = find_adapter_config_file(str(pretrained_model_name_or_path), **hub_kwargs(kwargs))
     if adapter_config is not None:
         raise OSError(
             f"{pretrained_model_name_or_path!s} holds a PEFT adapter ({Path(adapter_config).name}) beside the model "
@@ -82,13 +99,15 @@ def _refuse_adapter_files(pretrained_model_name_or_path: Any, kwargs: dict) -> N
         )
 
 
-def _refuse_unreadable_generation_config(pretrained_model_name_or_path: Any, subfolder: str) -> None:
-    """Raise transformers' own error for a model folder's generation_config.json that does not read: transformers
-    falls back to a default generation config with only a log line (the folder's settings, e.g. its eos token and
-    max_new_tokens, silently dropped)."""
-    folder = Path(pretrained_model_name_or_path, subfolder) if pretrained_model_name_or_path is not None else None
-    if folder is not None and (folder / GENERATION_CONFIG_NAME).is_file():
-        GenerationConfig.from_pretrained(folder)
+def _refuse_unreadable_generation_config(pretrained_model_name_or_path: Any, kwargs: dict) -> None:
+    """Raise transformers' own error for a model folder's or repo's generation_config.json that does not read:
+    transformers falls back to a default generation config with only a log line (the folder's settings, e.g. its
+    eos token and max_new_tokens, silently dropped)."""
+    if pretrained_model_name_or_path is None:
+        return
+    hub = hub_kwargs(kwargs)
+    if saved_file(pretrained_model_name_or_path, GENERATION_CONFIG_NAME, hub) is not None:
+        GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub)
 
 
 def _refuse_unloaded_weights(pretrained_model_name_or_path: Any, loading_info: dict) -> None:
@@ -197,7 +216,7 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
                 "once: save_model_folder(Cell2TextForConditionalGeneration.from_pretrained(folder, use_safetensors=False), "
                 "Cell2TextProcessor.from_pretrained(folder), new_folder) (from modeling_cell2text)."
             ) from err
-        _refuse_unreadable_generation_config(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+        _refuse_unreadable_generation_config(pretrained_model_name_or_path, kwargs)
         if wants_loading_info:
             return model, loading_info
         _refuse_unloaded_weights(pretrained_model_name_or_path, loading_info)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, Pipeline
 
 from .cell_inputs import empty_cells_error, format_cells
-from .compatibility import (check_model_and_processor, gene_ranking_sha256, gene_vocabulary_sha256,
+from .compatibility import (check_model_and_processor, saved_file, gene_ranking_sha256, gene_vocabulary_sha256,
                             recorded_gene_vocabulary_sha256)
 from .label_scoring import constrains_by_default
 from .modeling_cell2text import foreign_weight_files
@@ -48,11 +48,13 @@ MISSING_PROCESSOR = (
 def _raise_why_no_processor(model: Any) -> None:
     """transformers' `pipeline()` loads the processor and, where that fails, passes none: a processor saved with the
     model that does not fit it (`check_model_and_processor`) read as "none was found". Its own error is raised."""
-    folder = getattr(model, "name_or_path", None)
-    if folder and (Path(folder) / "processor_config.json").is_file():
+    source = getattr(model, "name_or_path", None)
+    if source and saved_file(source, "processor_config.json", {}) is not None:
         from .processing_cell2text import Cell2TextProcessor
 
-        Cell2TextProcessor.from_pretrained(folder)  # raises what transformers' loader swallowed
+        # this module's own copy runs as a folder's remote code only where the user trusted that code
+        trusted = {"trust_remote_code": True} if __name__.startswith("transformers_modules.") else {}
+        Cell2TextProcessor.from_pretrained(source, **trusted)  # raises what transformers' loader swallowed
     raise ValueError(MISSING_PROCESSOR)
 
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 from transformers import BatchFeature, ProcessorMixin
 
-from .compatibility import check_model_and_processor
+from .compatibility import check_model_and_processor, hub_kwargs, saved_file
 from .text_padding import pad_token_rows, text_pad_token_id
 from .description_schema import (ONTOLOGY_FIELDS, CellDescription, DescriptionParseError, parse_description,
                                  parse_or_none, set_definition)
@@ -331,13 +331,9 @@ class Cell2TextProcessor(ProcessorMixin):
 
 def _cell2text_config_beside(source, kwargs: dict):
     """The Cell2Text model config saved in the same folder or repo as a processor, or None where there is none."""
-    from transformers.utils import cached_file
-
     from .configuration_cell2text import Cell2TextConfig
 
-    hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
-    config_file = cached_file(str(source), "config.json", _raise_exceptions_for_missing_entries=False,
-                              _raise_exceptions_for_connection_errors=False, **hub_kwargs)
+    config_file = saved_file(source, "config.json", hub_kwargs(kwargs))
     if config_file is None:
         return None
     config_dict, _ = Cell2TextConfig.get_config_dict(config_file)

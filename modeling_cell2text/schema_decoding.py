@@ -43,12 +43,14 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import DynamicLayer
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .description_schema import (
@@ -288,8 +290,11 @@ class _Packing:
 
 
 # The attention implementation a packed forward pass runs under (`_forward_packed` registers it): per cell, over its
-# own cache.
+# own cache. The pass sets it in the language model's config, which every thread shares: packed passes take turns
+# (`_PACKED_PASS`), and a forward from another thread meanwhile gets SDPA's mask and attention under this name.
 PACKED_ATTENTION = "cell2text_packed_sdpa"
+_PACKED_PASS = threading.Lock()
+_RUNNING = threading.local()  # `packing`: the layout of the packed pass this thread runs, None between passes
 
 
 def packed_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, *args,
@@ -299,11 +304,14 @@ def packed_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     padding slots), attend over their own cell's cache (`key`, `value`: (cells, kv heads, length, dim), as the
     `_GrowingLayer` returns them) under the 4D mask, and are packed again: (1, tokens, heads, dim)."""
     if cell2text_packing is None:
-        raise RuntimeError(
-            "The language model's attention layers did not pass on the schema decoder's packing layout (an "
-            "architecture that does not hand its forward's keyword arguments to its attention function). Set "
-            "modeling_cell2text.schema_decoding.PACK_TOKENS = False to decode with padded rows."
-        )
+        if getattr(_RUNNING, "packing", None) is not None:
+            raise RuntimeError(
+                "The language model's attention layers did not pass on the schema decoder's packing layout (an "
+                "architecture that does not hand its forward's keyword arguments to its attention function). Set "
+                "modeling_cell2text.schema_decoding.PACK_TOKENS = False to decode with padded rows."
+            )
+        # a forward of this model from another thread while a packed pass holds the implementation
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, *args, **kwargs)
     query = cell2text_packing.unpack(query)
     if query.device.type == "cpu" and kwargs.get("softcap") is None:
         # SDPA's own grouped-query attention under a mask, which transformers' SDPA path leaves out (it copies the
@@ -511,7 +519,7 @@ class _DecodingState:
             return False
         language_model = getattr(getattr(self.model, "model", None), "language_model", None)
         return (language_model is not None and self.model.get_output_embeddings() is not None
-                and language_model.config._attn_implementation == "sdpa")
+                and language_model.config._attn_implementation in ("sdpa", PACKED_ATTENTION))
 
     def _forward_packed(self, ids: torch.Tensor, allowed: torch.Tensor, positions: torch.Tensor, real: torch.Tensor,
                         keep: torch.Tensor) -> _KeptLogProbs:
@@ -521,21 +529,26 @@ class _DecodingState:
         the rest never visible). Same log-probabilities as `_forward`, to float rounding (a test)."""
         rows, slots = real.nonzero(as_tuple=True)
         packing = _Packing(rows, slots, ids.shape[0], ids.shape[1])
-        config = self.model.model.language_model.config
-        layers, implementation = self.cache.layers, config._attn_implementation
+        config, layers = self.model.model.language_model.config, self.cache.layers
         # registered here, not on import: a model folder's copy of this file (remote code) registers its own
         AttentionInterface.register(PACKED_ATTENTION, packed_attention)
-        try:
-            config._attn_implementation = PACKED_ATTENTION  # this pass only: restored below
-            for layer in layers:
-                layer.packing = packing
-            hidden = self.model.model(input_ids=ids[rows, slots][None], attention_mask=self._additive_mask(allowed),
-                                      position_ids=positions[rows, slots][None], cache=self.cache, use_cache=True,
-                                      cell2text_packing=packing).last_hidden_state
-        finally:
-            config._attn_implementation = implementation
-            for layer in layers:
-                layer.packing = None
+        AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+        with _PACKED_PASS:
+            implementation = config._attn_implementation
+            try:
+                config._attn_implementation = PACKED_ATTENTION  # this pass only: restored below
+                _RUNNING.packing = packing
+                for layer in layers:
+                    layer.packing = packing
+                hidden = self.model.model(input_ids=ids[rows, slots][None],
+                                          attention_mask=self._additive_mask(allowed),
+                                          position_ids=positions[rows, slots][None], cache=self.cache,
+                                          use_cache=True, cell2text_packing=packing).last_hidden_state
+            finally:
+                config._attn_implementation = implementation
+                _RUNNING.packing = None
+                for layer in layers:
+                    layer.packing = None
         kept = self.model.get_output_embeddings()(hidden[0, keep[rows, slots]])
         self.calls += 1
         self.tokens += len(rows)

@@ -378,3 +378,26 @@ def test_an_encoder_prepared_on_a_corpus_takes_that_vocabulary_only_and_is_read_
     other.gene_token_ids = {**other.gene_token_ids, "ENSG00000000001": 5, "ENSG00000000002": 4}
     with pytest.raises(ValueError, match="prepared on another gene vocabulary"):
         compose(encoder_dir, lm_dir, other)
+
+
+def test_reading_an_inner_encoder_layer_leaves_the_model_whole():
+    """The encoder runs only up to the layer the projector reads; it used to cut the model's own layer list for the
+    call, so another thread's call meanwhile read the wrong layer and a save meanwhile lost the layers above."""
+    model = tiny_model().eval()
+    layers = model.model.gene_encoder.encoder.layer
+    read = model.config.gene_encoder_layer % (len(layers) + 1)
+    assert 0 < read < len(layers)  # an inner layer: the layers above it are not run
+    seen, ran = [], []
+    layers[0].register_forward_hook(lambda *_: seen.append(len(model.model.gene_encoder.encoder.layer)))
+    for index, layer in enumerate(layers):
+        layer.register_forward_hook(lambda *_, index=index: ran.append(index))
+    batch = cell_batch()
+    with torch.no_grad():
+        states, _ = model.model.get_gene_states(batch["gene_input_ids"], batch["gene_attention_mask"],
+                                                batch["gene_token_mask"])
+        hidden = model.model.gene_encoder(input_ids=batch["gene_input_ids"],
+                                          attention_mask=batch["gene_attention_mask"],
+                                          output_hidden_states=True).hidden_states
+    assert seen[0] == len(layers)  # the model's own list stayed whole during the call
+    assert ran[: read] == list(range(read)) and ran[read] == 0  # the first call ran layers 0..read-1 only
+    torch.testing.assert_close(states, hidden[read], rtol=0, atol=0)

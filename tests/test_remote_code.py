@@ -122,3 +122,36 @@ def test_saved_model_loads_as_remote_code_with_equal_logits(tmp_path):
     logits = np.load(tmp_path / "logits.npy")
     assert logits.shape == expected.shape
     assert np.abs(logits - expected).max() <= 1e-5
+
+
+BLOCK_PACKAGE = REMOTE_SCRIPT.split("from transformers import AutoConfig")[0]
+
+
+def test_remote_pipeline_names_why_the_folders_processor_does_not_fit(tmp_path):
+    """Where the package is not installed, pipeline(..., trust_remote_code=True) of a folder whose processor does not
+    fit its model raised transformers' "pass trust_remote_code=True" (after an interactive prompt): the folder's
+    own code loaded the processor again to name the mismatch, without the trust the user had given."""
+    from test_pipeline import save_tiny_model_folder
+
+    folder = save_tiny_model_folder(tmp_path / "model")
+    config_file = folder / "processor_config.json"
+    processor_config = json.loads(config_file.read_text())
+    tokens = processor_config["feature_extractor"]["gene_token_ids"]
+    first, second = list(tokens)[:2]
+    tokens[first], tokens[second] = tokens[second], tokens[first]
+    config_file.write_text(json.dumps(processor_config))
+    script = BLOCK_PACKAGE + textwrap.dedent(
+        """
+        from transformers import pipeline
+        pipeline("cell-to-text", model=sys.argv[1], trust_remote_code=True)
+        """
+    )
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", script, str(folder)], cwd=outside, env=env, capture_output=True,
+                            text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode != 0
+    assert "ModelProcessorMismatchError" in result.stderr and "gene vocabulary checksum" in result.stderr, \
+        result.stderr[-2000:]

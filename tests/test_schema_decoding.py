@@ -644,14 +644,15 @@ def test_a_packed_pass_that_fails_leaves_the_model_and_cache_as_they_were(random
     assert all(layer.packing is None for layer in state.cache.layers)
 
 
-def test_packed_attention_without_its_layout_names_the_fix():
+def test_packed_attention_without_its_layout_names_the_fix(monkeypatch):
     """An architecture that does not hand its keyword arguments to its attention function would give the packed
     attention no layout: a clear error naming the setting that turns packing off, not a shape error."""
-    from modeling_cell2text.schema_decoding import packed_attention
+    from modeling_cell2text import schema_decoding
 
     states = torch.zeros(1, 2, 3, 4)
+    monkeypatch.setattr(schema_decoding._RUNNING, "packing", object(), raising=False)  # a packed pass runs here
     with pytest.raises(RuntimeError, match="PACK_TOKENS = False"):
-        packed_attention(torch.nn.Module(), states, states, states, None)
+        schema_decoding.packed_attention(torch.nn.Module(), states, states, states, None)
 
 
 def test_the_growing_cache_layer_holds_what_a_dynamic_layer_holds():
@@ -785,3 +786,69 @@ def test_a_model_trained_without_definitions_is_not_fed_them_and_its_description
         parsed = parse_description(text)
         assert parsed.cell_type == labels["cell_type"]
         assert parsed.cell_type_definition == (definitions[labels["cell_type"]] if stated else None)
+
+
+def test_a_forward_from_another_thread_during_a_packed_pass_is_plain_sdpa(random_model_and_processor):
+    """A packed pass sets the packed attention in the language model's config, which every thread shares. The
+    reviewer's finding: a free generate in another thread meanwhile stopped with the packing error (a mask-less
+    forward would have been wrong). Here the config is left as a pass in another thread leaves it: a left-padded
+    forward in this thread gives SDPA's logits."""
+    from modeling_cell2text import schema_decoding
+
+    model, processor = random_model_and_processor
+    inputs = cells(processor, 3, seed=7)
+    assert (inputs["attention_mask"] == 0).any()  # left padding, so a missing mask would show
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    config = model.model.language_model.config
+    SchemaDecoder(processor, max_tree_tokens=0).describe(model, inputs)  # registers what its packed passes run
+    config._attn_implementation = schema_decoding.PACKED_ATTENTION
+    try:
+        with torch.no_grad():
+            during = model(**inputs).logits
+    finally:
+        config._attn_implementation = "sdpa"
+    torch.testing.assert_close(during, expected, rtol=0, atol=1e-10)
+
+
+def test_two_threads_describe_with_one_model_as_one_thread_does(random_model_and_processor):
+    """One model serving two threads (a web server's thread pool): constrained and free describing side by side give
+    each call the results it gives alone (the reviewer's runs failed 4 of 8 constrained calls, 6 of 6 free ones)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, processor = random_model_and_processor
+    decoder = SchemaDecoder(processor, num_beams=2, max_tree_tokens=0)
+    inputs = [cells(processor, 4, seed=seed) for seed in (11, 12)]
+
+    def constrained(batch):
+        described = decoder.describe(model, batch)
+        return described.texts, described.labels, [sorted(score.items()) for score in described.scores]
+
+    def free(batch):
+        with torch.no_grad():
+            return model.generate(**batch, max_new_tokens=6, do_sample=False).tolist()
+
+    jobs = [(constrained, inputs[0]), (free, inputs[1]), (constrained, inputs[1]), (free, inputs[0])] * 3
+    alone = [job(batch) for job, batch in jobs]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        together = list(pool.map(lambda pair: pair[0](pair[1]), jobs))
+    assert together == alone
+
+
+def test_packed_passes_take_turns(random_model_and_processor, monkeypatch):
+    """A packed pass holds the shared config's attention implementation for its whole forward (two at once
+    restored each other's setting mid-pass): the language model runs under the decoder's lock."""
+    from modeling_cell2text import schema_decoding
+
+    model, processor = random_model_and_processor
+    language_model = model.model.language_model
+    forward, held = language_model.forward, []
+
+    def watched(*args, **kwargs):
+        if "cell2text_packing" in kwargs:  # a packed pass (the prefill runs as any forward does)
+            held.append(schema_decoding._PACKED_PASS.locked())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(language_model, "forward", watched)
+    SchemaDecoder(processor, max_tree_tokens=0).describe(model, cells(processor, 3))
+    assert held and all(held)
