@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 import json
 
-import numpy as np
 import scanpy as sc
 
 from processing.build_corpus import BuildOptions, build_corpus
@@ -27,24 +26,27 @@ from processing.sources import h5ad_source
 parser = argparse.ArgumentParser()
 parser.add_argument("--h5ad")
 parser.add_argument("--out", default="outputs/example_corpus")
-parser.add_argument("--layer", default=None)
+parser.add_argument("--layer", default=None, help="the layer holding the counts (default X)")
+parser.add_argument("--use-raw", action="store_true", help="the counts are in adata.raw (CELLxGENE's layout)")
+parser.add_argument("--input-values", default="counts", choices=["counts", "normalized", "log1p"])
 args = parser.parse_args()
 
 h5ad = args.h5ad
-input_values = "counts"
+input_values = args.input_values
 if h5ad is None:
-    # A stand-in for your file: pbmc68k_reduced with CELLxGENE obs columns and two made-up donors.
+    # A stand-in for your file: pbmc68k_reduced with CELLxGENE obs columns and ten made-up donors (the splits are
+    # donor-disjoint: with two donors, validation and test would be empty).
     adata = sc.datasets.pbmc68k_reduced().raw.to_adata()
     adata.obs["cell_type_ontology_term_id"] = adata.obs["bulk_labels"].astype(str).map(pbmc68k_cell_type_ids())
     adata.obs["tissue_ontology_term_id"] = "UBERON:0000178"  # blood
     adata.obs["disease_ontology_term_id"] = "PATO:0000461"  # normal
-    adata.obs["donor_id"] = np.where(np.arange(adata.n_obs) % 2 == 0, "donor_a", "donor_b")
+    adata.obs["donor_id"] = [f"donor_{i % 10}" for i in range(adata.n_obs)]
     h5ad = str(Path(args.out).with_suffix(".h5ad"))
     Path(h5ad).parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(h5ad)
     input_values = "log1p"  # pbmc68k_reduced ships log1p-normalised values, not counts
 
-source = h5ad_source(h5ad, backed=True, layer=args.layer, input_values=input_values)
+source = h5ad_source(h5ad, backed=True, layer=args.layer, use_raw=args.use_raw, input_values=input_values)
 summary = build_corpus(source, args.out, BuildOptions(seed=0))
 print(json.dumps({k: summary[k] for k in ("num_cells_in", "splits", "rejected", "gene_vocabulary_size")}, indent=2))
 print(f"corpus written to {args.out}; load it with datasets.load_from_disk({args.out!r})")

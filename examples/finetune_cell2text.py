@@ -1,6 +1,7 @@
 """Fine-tune Cell2Text with TRL, starting from a trained Cell2Text or from pretrained parts.
 
-    # continue training the demo model (a corpus built with the model's vocabulary: see build_corpus_from_h5ad.py)
+    # continue training the demo model, on a corpus tokenized as the model reads cells (its feature extractor):
+    #   python -m processing.build_corpus --h5ad cells.h5ad --feature-extractor outputs/demo/cell2text-demo --out DIR
     python examples/finetune_cell2text.py --corpus outputs/demo/corpus --init-from outputs/demo/cell2text-demo
     # or compose a new model from a pretrained Geneformer folder and an instruct LLM
     python examples/finetune_cell2text.py --corpus DIR --gene-encoder Geneformer-V2-316M \
@@ -23,7 +24,7 @@ from trl import SFTConfig
 from training.sft import Cell2TextArguments, main
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--corpus", default="outputs/demo/corpus", help="built with the model's vocabulary when --init-from")
+parser.add_argument("--corpus", default="outputs/demo/corpus", help="with --init-from, built with the model's feature extractor")
 parser.add_argument("--init-from", help="a trained Cell2Text folder or Hub id")
 parser.add_argument("--gene-encoder", help="a pretrained Geneformer folder (with --text-model)")
 parser.add_argument("--text-model", help="an instruction-tuned causal LM folder or Hub id")

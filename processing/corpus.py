@@ -107,6 +107,33 @@ def corpus_feature_extractor(corpus: str | Path) -> Cell2TextFeatureExtractor:
     return Cell2TextFeatureExtractor.from_pretrained(str(_corpus_files(corpus) / FEATURE_EXTRACTOR_DIR))
 
 
+def check_corpus_tokenized_as(corpus: str | Path, feature_extractor: Cell2TextFeatureExtractor, model: str) -> str:
+    """Refuse a corpus whose cells were not tokenized as `model`'s feature extractor tokenizes them; returns the
+    shared gene vocabulary checksum. Refused: another gene vocabulary (token ids would index the wrong gene
+    embeddings), other gene medians or special tokens (every cell another gene order) and other expression bins."""
+    from modeling_cell2text.compatibility import gene_ranking_sha256, gene_vocabulary_sha256
+
+    corpus_extractor = corpus_feature_extractor(corpus)
+    corpus_sha256 = gene_vocabulary_sha256(corpus_extractor.gene_token_ids)
+    model_sha256 = gene_vocabulary_sha256(feature_extractor.gene_token_ids)
+    differences = []
+    if corpus_sha256 != model_sha256:
+        differences.append(f"another gene vocabulary (sha256 {corpus_sha256}, the model's {model_sha256})")
+    elif gene_ranking_sha256(corpus_extractor) != gene_ranking_sha256(feature_extractor):
+        differences.append("other gene medians or special tokens (another gene order in every cell)")
+    if feature_extractor.num_expression_bins and corpus_extractor.num_expression_bins != \
+            feature_extractor.num_expression_bins:
+        differences.append(f"{corpus_extractor.num_expression_bins} expression bins (the model reads "
+                           f"{feature_extractor.num_expression_bins})")
+    if differences:
+        raise ValueError(
+            f"The corpus {corpus} was not tokenized as the model {model} reads cells: " + "; ".join(differences)
+            + f". Build it with the model's feature extractor: python -m processing.build_corpus ... "
+            f"--feature-extractor {model}"
+        )
+    return model_sha256
+
+
 def corpus_summary(corpus: str | Path) -> dict:
     """The build's summary.json of a corpus (folder or Hub dataset id); {} for a corpus without one."""
     path = _corpus_files(corpus) / SUMMARY_FILE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +27,8 @@ def test_examples_build_finetune_and_describe(tmp_path):
     corpus = tmp_path / "corpus"
     out = run_example("build_corpus_from_h5ad", "--out", str(corpus), cwd=tmp_path)
     assert '"num_cells_in": 700' in out and (corpus / "dataset_dict.json").exists()
+    splits = json.loads(out[: out.index("corpus written")])["splits"]
+    assert set(splits) == {"train", "validation", "test"} and all(splits.values()), splits  # none left empty
 
     # A tiny random encoder standing in for one prepared on this corpus: its vocabulary, recorded as such (composing
     # refuses a corpus vocabulary with an encoder that was not built for it).

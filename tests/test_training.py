@@ -797,3 +797,23 @@ def test_the_recipes_trainers_warn_where_several_processes_repeat_training_cells
         assert not caplog.records
         Trainer(30, 2)
     assert "accelerate repeats 2 cells" in caplog.text
+
+
+def test_init_from_refuses_a_corpus_ranked_with_other_medians(parts_and_corpus, tmp_path):
+    """The reviewer's finding: fine-tuning a trained model on a corpus ranked with other gene medians (the same
+    genes; the example corpus builder makes one) trained, exit 0, on gene orders the model never sees when
+    describing (evaluating on that corpus was refused)."""
+    import training.sft as sft_module
+    from modeling_cell2text import Cell2TextFeatureExtractor, Cell2TextProcessor
+    from transformers import AutoTokenizer
+
+    lm_dir, corpus_dir = parts_and_corpus
+    extractor = Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor")
+    extractor.gene_medians = {gene: median * 2.0 if i % 2 else median
+                              for i, (gene, median) in enumerate(extractor.gene_medians.items())}
+    Cell2TextProcessor(extractor, AutoTokenizer.from_pretrained(lm_dir), num_cell_tokens=8).save_pretrained(
+        tmp_path / "trained")
+    args = Cell2TextArguments(corpus_dir=str(corpus_dir), init_from=str(tmp_path / "trained"))
+    with pytest.raises(ValueError, match="not tokenized as the model .* reads cells: other gene medians or special "
+                                         "tokens .*--feature-extractor"):
+        sft_module.build_processor(args, Path(corpus_dir), {})

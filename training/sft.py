@@ -41,7 +41,8 @@ from transformers.trainer_utils import enable_full_determinism
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor, save_model_folder
-from processing.corpus import corpus_feature_extractor, corpus_summary, description_vocabulary, open_corpus
+from processing.corpus import (check_corpus_tokenized_as, corpus_feature_extractor, corpus_summary,
+                               description_vocabulary, open_corpus)
 from modeling_cell2text.output_files import check_new_output
 from training.adapters import (
     FINAL_DIR,
@@ -294,17 +295,7 @@ def build_processor(
             processor = AutoProcessor.from_pretrained(args.init_from, trust_remote_code=True)
         else:
             processor = Cell2TextProcessor.from_pretrained(args.init_from)
-        corpus_extractor = corpus_feature_extractor(corpus_dir)
-        model_extractor = processor.feature_extractor
-        if corpus_extractor.gene_token_ids != model_extractor.gene_token_ids or (
-            model_extractor.num_expression_bins
-            and corpus_extractor.num_expression_bins != model_extractor.num_expression_bins
-        ):
-            raise ValueError(
-                f"The corpus {corpus_dir} was tokenized with another gene vocabulary (or expression bins) than the "
-                f"model {args.init_from}. Rebuild it with the model's: "
-                f"python -m processing.build_corpus ... --feature-extractor {args.init_from}"
-            )
+        check_corpus_tokenized_as(corpus_dir, processor.feature_extractor, args.init_from)
         if args.definitions_in_model_text not in (None, processor.definitions_in_model_text):
             raise ValueError(
                 f"definitions_in_model_text={args.definitions_in_model_text}, but the model {args.init_from} was "

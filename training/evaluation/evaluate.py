@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from modeling_cell2text.compatibility import PREPARED_ENCODER_KEY, gene_ranking_sha256
+from modeling_cell2text.compatibility import PREPARED_ENCODER_KEY
 from modeling_cell2text.description_schema import LABEL_FIELDS, DescriptionParseError, parse_description, parse_or_none
 from modeling_cell2text.schema_decoding import SchemaDecoder
 from modeling_cell2text.text_padding import text_pad_token_id
@@ -361,41 +361,18 @@ def score_descriptions(
     return results, per_cell
 
 
-def check_corpus_vocabulary(corpus_dir: str | Path, processor) -> str:
-    """The gene vocabulary checksum shared by the corpus's tokens and the model's processor; a corpus tokenized with
-    another vocabulary raises ValueError naming both (its token ids would index the wrong gene embeddings)."""
-    from modeling_cell2text.compatibility import gene_vocabulary_sha256
-    from processing.corpus import corpus_feature_extractor
-
-    corpus_sha256 = gene_vocabulary_sha256(corpus_feature_extractor(corpus_dir).gene_token_ids)
-    model_sha256 = gene_vocabulary_sha256(processor.feature_extractor.gene_token_ids)
-    if corpus_sha256 != model_sha256:
-        raise ValueError(
-            f"The corpus {corpus_dir} was tokenized with another gene vocabulary (sha256 {corpus_sha256}) than the "
-            f"model's processor (sha256 {model_sha256}): its gene token ids would index the wrong embeddings. "
-            "Evaluate on a corpus built with the model's feature extractor (python -m processing.build_corpus ... "
-            "--feature-extractor <model folder>)."
-        )
-    return model_sha256
-
-
 def check_corpus_fits_model(corpus_dir: str | Path, model_config, processor, other_corpus: bool = False) -> str:
     """Refuse a corpus whose cells the model would not see as its processor gives them, or whose test cells may be
     training cells; returns the shared gene vocabulary checksum.
 
-    Checked: the gene vocabulary (`check_corpus_vocabulary`), the gene medians and special tokens the cells were
-    ranked with (other medians give every cell another gene order), and, unless `other_corpus`, that the corpus is
+    Checked: that its cells were tokenized as the model's processor tokenizes them (`check_corpus_tokenized_as`:
+    vocabulary, gene medians, expression bins, tokens a cell) and, unless `other_corpus`, that the corpus is
     the build the model was trained on (its recorded split fingerprints): the same cells rebuilt with another seed
     or fold put most of the model's training cells in the test split (52 of 70 for seed 1 against seed 0)."""
-    from processing.corpus import corpus_feature_extractor, corpus_summary
+    from processing.corpus import check_corpus_tokenized_as, corpus_summary
 
-    vocabulary_sha256 = check_corpus_vocabulary(corpus_dir, processor)
-    if gene_ranking_sha256(corpus_feature_extractor(corpus_dir)) != gene_ranking_sha256(processor.feature_extractor):
-        raise ValueError(
-            f"The corpus {corpus_dir} was tokenized with other gene medians or special tokens than the model's "
-            "processor: its cells' gene order is not the one the model reads. Build the evaluation corpus with the "
-            "model's feature extractor (python -m processing.build_corpus ... --feature-extractor <model folder>)."
-        )
+    vocabulary_sha256 = check_corpus_tokenized_as(corpus_dir, processor.feature_extractor,
+                                                  getattr(model_config, "_name_or_path", None) or "<model folder>")
     trained_on, source = getattr(model_config, "training_corpus_fingerprints", None), "the model records"
     if not trained_on:  # a model saved before the record: its encoder's, prepared on the corpus it was trained on
         trained_on = (getattr(model_config.gene_encoder_config, PREPARED_ENCODER_KEY, None) or {}).get(
