@@ -21,6 +21,10 @@ from .gene_ids import var_gene_ids
 # model): the feature extractor's model_input_names; the model reads them in generation's prefill only.
 CELL_INPUT_NAMES = ("gene_input_ids", "gene_attention_mask", "gene_token_mask", "gene_value_ids")
 
+# With skip_empty_cells, the feature extractor also returns the input rows kept and the rows dropped (the rows'
+# bookkeeping, not model inputs).
+CELL_ROW_KEYS = ("cell_indices", "skipped_cell_indices")
+
 
 def is_anndata(obj: Any) -> bool:
     """Whether ``obj`` is an AnnData (only when anndata is already imported: an AnnData needs it)."""

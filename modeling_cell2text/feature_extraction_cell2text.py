@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 from transformers import BatchFeature, FeatureExtractionMixin
 
-from .cell_inputs import CELL_INPUT_NAMES, empty_cells_error, format_cells, resolve_input
+from .cell_inputs import (CELL_INPUT_NAMES, CELL_ROW_KEYS, empty_cells_error, format_cells,
+                          resolve_input)
 from .gene_ids import ensembl_gene_id, resolve_symbols, var_gene_ids
 from .gene_table import vocabulary_symbols
 from .geneformer_dictionaries import checked_vocabulary_source, load_geneformer_dictionaries, load_numeric_dict
@@ -387,8 +388,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         )
         batch = self.pad(ranked)
         if skip_empty_cells:
-            batch["cell_indices"] = ranked.cell_indices
-            batch["skipped_cell_indices"] = ranked.skipped_cells
+            batch.update(zip(CELL_ROW_KEYS, (ranked.cell_indices, ranked.skipped_cells)))
         return BatchFeature(dict(batch), tensor_type=return_tensors)
 
     def pad(

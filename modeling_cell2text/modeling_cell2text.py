@@ -23,7 +23,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import GENERATION_CONFIG_NAME, can_return_tuple, find_adapter_config_file, logging
 
-from .cell_inputs import CELL_INPUT_NAMES
+from .cell_inputs import CELL_INPUT_NAMES, CELL_ROW_KEYS
 from .compatibility import (PREPARED_ENCODER_KEY, check_gene_vocabulary, gene_vocabulary_sha256, hub_kwargs,
                             saved_file)
 from .configuration_cell2text import Cell2TextConfig
@@ -504,15 +504,25 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
 
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, never emitting the cell placeholder: it only has meaning in the prompt. The
-        placeholder is added to the suppressed tokens of the call, of its `generation_config` or of the model's.
+        placeholder is added to the suppressed tokens of the call, of its `generation_config` (a copy) or of the
+        model's. The processor's row bookkeeping (`skip_empty_cells=True`: `cell_indices`, `skipped_cell_indices`)
+        is not a model input and is left out, so `generate(**processor(...))` works with it.
 
         Not configuration alone: a caller's own `generation_config=` replaces the model's, and with it any
         suppressed token written there; the caller's config is otherwise used as given."""
-        config = kwargs.get("generation_config") or self.generation_config
+        for key in CELL_ROW_KEYS:
+            kwargs.pop(key, None)
+        given = kwargs.get("generation_config")
+        config = given or self.generation_config
         suppress = list(kwargs.pop("suppress_tokens", None) or getattr(config, "suppress_tokens", None) or [])
         if self.config.cell_token_id not in suppress:
             suppress.append(self.config.cell_token_id)
-        return super().generate(*args, suppress_tokens=suppress, **kwargs)
+        if given is None:
+            kwargs["suppress_tokens"] = suppress
+        else:  # set in the caller's config (a copy): transformers deprecates a config passed with loose settings
+            kwargs["generation_config"] = copy.deepcopy(given)
+            kwargs["generation_config"].suppress_tokens = suppress
+        return super().generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(
         self,

@@ -245,6 +245,9 @@ class Cell2TextPipeline(Pipeline):
         if self._constrains(constrained):
             # What the caller asked for (the model's generation config is written for free generation).
             settings = {**(getattr(self, "_generate_kwargs", None) or {}), **(generate_kwargs or {})}
+            given = settings.pop("generation_config", None)  # its settings count as if passed one by one
+            if given is not None:
+                settings = {**given.to_diff_dict(), **settings}
             if settings.get("do_sample"):
                 raise ValueError("Schema-constrained describing chooses each label by its likelihood and does not "
                                  "sample: pass do_sample=False, or constrained=False to sample free text.")

@@ -7,6 +7,7 @@ import logging
 import pytest
 import scipy.sparse as sp
 import torch
+from transformers import GenerationConfig
 from test_pipeline import GENES, random_counts, save_tiny_model_folder
 
 from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor, parse_description, render_description
@@ -237,6 +238,24 @@ def test_sampling_is_refused_when_constrained(random_model_and_processor):
     pipe = pipeline("cell-to-text", model=model, processor=processor)
     with pytest.raises(ValueError, match="does not sample"):
         pipe(sp.csr_matrix(random_counts(2)), gene_ids=GENES, do_sample=True)
+    # the reviewer's finding: inside a GenerationConfig, sampling was ignored (greedy, without a word)
+    with pytest.raises(ValueError, match="does not sample"):
+        pipe(sp.csr_matrix(random_counts(2)), gene_ids=GENES, generation_config=GenerationConfig(do_sample=True))
+
+
+def test_a_generation_configs_search_width_is_the_decoders(random_model_and_processor, monkeypatch):
+    """num_beams in a GenerationConfig sets the constrained search's width, as num_beams= does (it was ignored)."""
+    from transformers import pipeline
+
+    model, processor = random_model_and_processor
+    pipe = pipeline("cell-to-text", model=model, processor=processor)
+    widths, schema_decoder = [], pipe.schema_decoder
+    monkeypatch.setattr(pipe, "schema_decoder", lambda width: widths.append(width) or schema_decoder(width))
+    cells = sp.csr_matrix(random_counts(2))
+    pipe(cells, gene_ids=GENES, num_beams=1)
+    pipe(cells, gene_ids=GENES, generation_config=GenerationConfig(num_beams=1))
+    pipe(cells, gene_ids=GENES, generation_config=GenerationConfig(num_beams=3), num_beams=1)  # the keyword wins
+    assert widths == [1, 1, 1]
 
 
 def test_one_pathway_name_is_stated_once(random_model_and_processor):

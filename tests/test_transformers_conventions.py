@@ -150,9 +150,13 @@ def test_a_model_saved_alone_names_no_pipeline_code_it_lacks(model_and_processor
     assert isinstance(Cell2TextForConditionalGeneration.from_pretrained(tmp_path), Cell2TextForConditionalGeneration)
 
 
-def test_a_callers_generation_config_is_honoured_and_the_placeholder_still_never_generated(model_and_processor, inputs):
+def test_a_callers_generation_config_is_honoured_and_the_placeholder_still_never_generated(model_and_processor, inputs,
+                                                                                          monkeypatch):
     from transformers import GenerationConfig
+    from transformers.generation import utils as generation_utils
 
+    warned = []  # transformers deprecates a generation_config passed with loose settings (the placeholder's was one)
+    monkeypatch.setattr(generation_utils.logger, "warning_once", lambda message, *args: warned.append(message))
     model, processor = model_and_processor
     with torch.no_grad():  # the token the model would write first: suppressed by the caller's config below
         first = model(**inputs).logits[:, -1].argmax(-1)
@@ -166,3 +170,19 @@ def test_a_callers_generation_config_is_honoured_and_the_placeholder_still_never
     assert not (new_tokens == banned).any()  # the caller's suppressed token
     assert not (new_tokens == model.config.cell_token_id).any()  # and the placeholder
     assert config.suppress_tokens == [banned]  # the caller's object is left as given
+    assert not [message for message in warned if "generation-related" in message], warned
+
+
+def test_generate_takes_the_processors_output_with_skipped_cells(model_and_processor):
+    """processor(..., skip_empty_cells=True) also returns the rows kept and dropped: generate(**inputs) refused
+    them as unused model kwargs."""
+    model, processor = model_and_processor
+    counts = random_counts(3, seed=2)
+    counts[1] = 0  # a cell without genes: skipped
+    inputs = processor(sp.csr_matrix(counts), GENES, skip_empty_cells=True)
+    assert inputs["cell_indices"].tolist() == [0, 2] and inputs["skipped_cell_indices"].tolist() == [1]
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        expected = model.generate(**processor(sp.csr_matrix(counts[[0, 2]]), GENES), max_new_tokens=2,
+                                  do_sample=False)
+    assert torch.equal(generated, expected)
