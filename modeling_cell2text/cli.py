@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     describe = commands.add_parser("describe", help="Write a description and parsed fields per cell into obs.")
     _add_common_arguments(describe, "cell2text", 16)
-    describe.add_argument("--max-new-tokens", type=positive_int, default=160, help="longest description in tokens")
+    describe.add_argument("--max-new-tokens", type=positive_int, default=None,
+                          help="longest free description in tokens (default 160)")
     describe.add_argument("--free", "--free-cell-type", action="store_true", dest="free",
                           help="let the model write the whole description freely (default: every field chosen among "
                                "the training corpus's labels, with its probability in <key>_<field>_score)")
@@ -151,10 +152,10 @@ def run(args: argparse.Namespace) -> None:
             skip_empty_cells=args.skip_empty_cells, progress=main_process,
         )
         if args.command == "describe":
-            options = tl.DescribeOptions(
-                max_new_tokens=args.max_new_tokens, constrained=False if args.free else None,
-                sort_by_length=args.sort_by_length, compile=args.compile, **common,
-            )
+            if args.max_new_tokens is not None:
+                common["max_new_tokens"] = args.max_new_tokens
+            options = tl.DescribeOptions(constrained=False if args.free else None, sort_by_length=args.sort_by_length,
+                                         compile=args.compile, **common)
             try:
                 if state is None:
                     results, params = tl.describe_cells(adata, model, processor, options)

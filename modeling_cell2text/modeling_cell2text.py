@@ -42,6 +42,11 @@ def foreign_weight_files(folder: str | os.PathLike) -> list[str]:
     return sorted(path.name for name in FOREIGN_WEIGHTS for path in Path(folder).glob(name))
 
 
+# New tokens a description may take (the demo's run to about 150): the generation setting a new model is saved
+# with, and the pipeline's default where a model has none (transformers' default of 20 cut descriptions short).
+DESCRIPTION_MAX_NEW_TOKENS = 160
+
+
 def _hidden_state_index(layer: int, num_layers: int) -> int:
     """A `gene_encoder_layer` as a non-negative index into hidden_states (embeddings + one entry per layer)."""
     return layer % (num_layers + 1)
@@ -419,6 +424,8 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self._tie_lm_head_to_input_embeddings()
         self.post_init()
+        if self.generation_config.max_new_tokens is None:  # saved with the model: generate() writes whole ones
+            self.generation_config.max_new_tokens = DESCRIPTION_MAX_NEW_TOKENS
 
     def _tie_lm_head_to_input_embeddings(self) -> None:
         """Declare `lm_head.weight` tied to the language model's input embeddings (whatever its module path), so

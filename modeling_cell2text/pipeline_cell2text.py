@@ -28,7 +28,7 @@ from .cell_inputs import empty_cells_error, format_cells
 from .compatibility import (check_model_and_processor, saved_file, gene_ranking_sha256, gene_vocabulary_sha256,
                             recorded_gene_vocabulary_sha256)
 from .label_scoring import constrains_by_default
-from .modeling_cell2text import foreign_weight_files
+from .modeling_cell2text import DESCRIPTION_MAX_NEW_TOKENS, foreign_weight_files
 from .rank_value import as_csr
 from .schema_decoding import DEFAULT_NUM_BEAMS, SchemaDecoder, known_labels, schema_results
 from .text_padding import check_outputs_line_up, text_pad_token_id
@@ -76,7 +76,7 @@ class DescribeOptions:
     use_raw: bool = False
     input_values: str = "counts"
     batch_size: int = 16
-    max_new_tokens: int = 160
+    max_new_tokens: int = DESCRIPTION_MAX_NEW_TOKENS
     constrained: bool | None = None
     skip_empty_cells: bool = False
     sort_by_length: bool = False
@@ -135,7 +135,7 @@ class Cell2TextPipeline(Pipeline):
     _load_image_processor = False
     _load_video_processor = False
     _pipeline_calls_generate = True
-    _default_generation_config = GenerationConfig(max_new_tokens=160, do_sample=False)
+    _default_generation_config = GenerationConfig(max_new_tokens=DESCRIPTION_MAX_NEW_TOKENS, do_sample=False)
 
     def __init__(self, *args: Any, **kwargs: Any):
         if kwargs.get("processor") is None:

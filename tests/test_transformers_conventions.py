@@ -186,3 +186,19 @@ def test_generate_takes_the_processors_output_with_skipped_cells(model_and_proce
         expected = model.generate(**processor(sp.csr_matrix(counts[[0, 2]]), GENES), max_new_tokens=2,
                                   do_sample=False)
     assert torch.equal(generated, expected)
+
+
+def test_a_new_model_generates_whole_descriptions_by_default(tmp_path):
+    """The reviewer's finding: model.generate(**inputs) without max_new_tokens stopped after transformers' default
+    of 20 new tokens (mid-definition). A new model is saved with the description's length."""
+    from tiny_parts import save_tiny_parts
+
+    from modeling_cell2text.modeling_cell2text import DESCRIPTION_MAX_NEW_TOKENS
+
+    encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
+    model = Cell2TextForConditionalGeneration.from_pretrained_parts(encoder_dir, lm_dir, cell_token_id=400,
+                                                                     num_cell_tokens=8, projector_hidden_size=16)
+    assert model.generation_config.max_new_tokens == DESCRIPTION_MAX_NEW_TOKENS == 160
+    model.save_pretrained(tmp_path / "model")
+    reloaded = Cell2TextForConditionalGeneration.from_pretrained(tmp_path / "model")
+    assert reloaded.generation_config.max_new_tokens == 160
