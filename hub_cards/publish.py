@@ -33,9 +33,11 @@ from modeling_cell2text.modeling_cell2text import foreign_weight_files
 from .render import (
     EVALUATION_RESULTS,
     MODEL_CARD_INPUTS,
+    machine_paths,
     push_dataset_card,
     rerender_model_card,
     weights_sha256,
+    without_machine_paths,
     write_dataset_card,
 )
 
@@ -43,6 +45,8 @@ from .render import (
 PACKAGE_CODE_DIR = Path(modeling_cell2text.__file__).parent
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer_config.json")
+# Files of a model folder that are not uploaded: the trainer's state and what the card is rendered from.
+NOT_UPLOADED = ("training_state.json", MODEL_CARD_INPUTS)
 
 
 def _auto_map_references(settings: Any) -> list[str]:
@@ -89,13 +93,35 @@ def stale_code_files(model_dir: Path, config: dict) -> list[str]:
             and (model_dir / name).read_bytes() != (PACKAGE_CODE_DIR / name).read_bytes()]
 
 
+def _uploaded_json_files(model_dir: Path) -> list[Path]:
+    """The JSON files `publish_model` uploads (not the training state or the card's inputs, which it leaves out)."""
+    return [path for path in sorted(model_dir.glob("*.json")) if path.name not in NOT_UPLOADED]
+
+
 def refresh_remote_code(model_dir: str | Path) -> list[str]:
-    """Copy the installed package's files over the folder's remote code files that differ; returns their names."""
+    """Bring a folder saved by an earlier version to what this one saves: the installed package's code over the
+    folder's code files that differ, and those its code now imports that the folder lacks (until none is left),
+    and the uploaded JSON files without paths of the machine that wrote them (`without_machine_paths`: earlier
+    versions kept the parts' folders in config.json and absolute paths in the saved evaluation). Returns the names
+    of the files changed."""
     model_dir = Path(model_dir)
-    stale = stale_code_files(model_dir, json.loads((model_dir / "config.json").read_text()))
-    for name in stale:
-        shutil.copyfile(PACKAGE_CODE_DIR / name, model_dir / name)
-    return stale
+    config = json.loads((model_dir / "config.json").read_text())
+    changed: list[str] = []
+    while True:
+        outdated = [name for name in _remote_code_files(model_dir, config) if (PACKAGE_CODE_DIR / name).is_file()
+                    and not ((model_dir / name).is_file()
+                             and (model_dir / name).read_bytes() == (PACKAGE_CODE_DIR / name).read_bytes())]
+        if not outdated:
+            break
+        for name in outdated:
+            shutil.copyfile(PACKAGE_CODE_DIR / name, model_dir / name)
+        changed += outdated
+    for path in _uploaded_json_files(model_dir):
+        content = json.loads(path.read_text())
+        if machine_paths(content):
+            path.write_text(json.dumps(without_machine_paths(content), indent=2, sort_keys=False) + "\n")
+            changed.append(path.name)
+    return changed
 
 
 def _check_card_is_of_this_model(model_dir: Path, config: dict) -> None:
@@ -140,8 +166,8 @@ def check_hub_ready(model_dir: str | Path) -> None:
     if missing_code:
         raise FileNotFoundError(
             f"{model_dir} lacks the code files {missing_code}, which its auto_map needs (directly or by a relative "
-            "import). Save the folder again with modeling_cell2text.save_model_folder(model, processor, dir), which copies "
-            "them."
+            "import). Pass --refresh-code to copy them from the installed package, or save the folder again with "
+            "modeling_cell2text.save_model_folder(model, processor, dir)."
         )
     stale = stale_code_files(model_dir, config)
     if stale:
@@ -150,6 +176,11 @@ def check_hub_ready(model_dir: str | Path) -> None:
             "without the package would run other code. Pass --refresh-code to copy the installed files into the "
             "folder (or save it again with modeling_cell2text.save_model_folder)."
         )
+    for path in _uploaded_json_files(model_dir):
+        paths = machine_paths(json.loads(path.read_text()))
+        if paths:
+            raise ValueError(f"{path} holds paths of this machine (e.g. {paths[0]}), which would be uploaded: pass "
+                             "--refresh-code to rewrite it without them (a folder saved by an earlier version).")
     _check_card_is_of_this_model(model_dir, config)
     foreign = foreign_weight_files(model_dir)
     if foreign:
@@ -175,8 +206,8 @@ def ensure_repo(api: HfApi, repo_id: str, repo_type: str, private: bool) -> str:
 def publish_model(model_dir: str | Path, repo_id: str, private: bool = False, api: HfApi | None = None, *,
                   dataset_id: str | None = None, refresh_code: bool = False) -> str:
     """Re-render the card for ``repo_id`` (where its inputs are saved; naming ``dataset_id``, the corpus published
-    with it, where given), check and upload the folder; returns the URL. ``refresh_code`` first copies the installed
-    package's code over the folder's code files that differ."""
+    with it, where given), check and upload the folder; returns the URL. ``refresh_code`` first brings a folder
+    saved by an earlier version up to date (`refresh_remote_code`)."""
     if refresh_code:
         refresh_remote_code(model_dir)
     rerender_model_card(model_dir, repo_id, dataset_id=dataset_id)
@@ -184,7 +215,7 @@ def publish_model(model_dir: str | Path, repo_id: str, private: bool = False, ap
     api = api or HfApi()
     url = ensure_repo(api, repo_id, "model", private)
     api.upload_folder(folder_path=str(model_dir), repo_id=repo_id, repo_type="model",
-                      ignore_patterns=["training_state.json", MODEL_CARD_INPUTS], commit_message="Upload Cell2Text")
+                      ignore_patterns=list(NOT_UPLOADED), commit_message="Upload Cell2Text")
     return url
 
 
@@ -226,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset-repo", help="Dataset repo id for --corpus.")
     parser.add_argument("--private", action="store_true", help="Make the model repo (and the dataset repo) private.")
     parser.add_argument("--refresh-code", action="store_true",
-                        help="Copy the installed package's code over the folder's code files that differ from it.")
+                        help="Bring a folder saved by an earlier version up to date first: the installed package's "
+                             "code files, and its JSON files without paths of this machine.")
     args = parser.parse_args(argv)
     if bool(args.corpus) != bool(args.dataset_repo):
         parser.error("--corpus and --dataset-repo go together")

@@ -311,7 +311,7 @@ def save_model_card(model_dir: str | Path, results: dict, *, repo_id: str, **inp
     card = render_model_card(results, repo_id=repo_id, **public)
     card.save(model_dir / "README.md")
     (model_dir / EVALUATION_RESULTS).write_text(
-        json.dumps(_without_machine_paths(results), indent=2, default=str) + "\n")
+        json.dumps(without_machine_paths(results), indent=2, default=str) + "\n")
     (model_dir / MODEL_CARD_INPUTS).write_text(json.dumps(public, indent=2, default=str) + "\n")
     return card
 
@@ -334,16 +334,28 @@ def rerender_model_card(model_dir: str | Path, repo_id: str, dataset_id: str | N
     return card
 
 
-def _without_machine_paths(value: Any) -> Any:
+def _is_machine_path(value: Any) -> bool:
+    """An absolute or home-relative path (a path of the machine that wrote it); labels such as "T/NK cell" are not."""
+    return isinstance(value, (str, Path)) and (Path(value).is_absolute() or str(value).startswith("~"))
+
+
+def without_machine_paths(value: Any) -> Any:
     """``value`` with every absolute path in it (also inside dicts and lists) reduced to its last component: the
-    saved evaluation is uploaded beside the card. Other strings (labels such as "T/NK cell") stay as they are."""
+    saved evaluation is uploaded beside the card. Other strings stay as they are."""
     if isinstance(value, Mapping):
-        return {key: _without_machine_paths(item) for key, item in value.items()}
+        return {key: without_machine_paths(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_without_machine_paths(item) for item in value]
-    if isinstance(value, (str, Path)) and (Path(value).is_absolute() or str(value).startswith("~")):
-        return public_name(str(value))
-    return value
+        return [without_machine_paths(item) for item in value]
+    return public_name(str(value)) if _is_machine_path(value) else value
+
+
+def machine_paths(value: Any) -> list[str]:
+    """The absolute paths in ``value`` (also inside dicts and lists): what ``without_machine_paths`` reduces."""
+    if isinstance(value, Mapping):
+        return [path for item in value.values() for path in machine_paths(item)]
+    if isinstance(value, (list, tuple)):
+        return [path for item in value for path in machine_paths(item)]
+    return [str(value)] if _is_machine_path(value) else []
 
 
 def _public_value(value: Any) -> Any:

@@ -221,3 +221,36 @@ def test_a_card_evaluating_other_weights_is_refused(model_dir):
     save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="other weights"):
         publish_model(model_dir, "org/x", api=FakeHub())
+
+
+def test_refreshing_an_old_folders_code_copies_the_modules_it_now_imports(model_dir):
+    """The reviewer's finding: --refresh-code copied only files the folder had, so a folder saved before a module
+    existed (text_padding.py) was left needing it: refused, and broken for remote loading."""
+    from hub_cards.publish import PACKAGE_CODE_DIR
+
+    (model_dir / "text_padding.py").unlink()
+    for path in model_dir.glob("*.py"):  # as saved before they imported it
+        path.write_text(path.read_text().replace("from .text_padding import", "from .rank_value import"))
+    with pytest.raises(ValueError, match="--refresh-code"):
+        check_hub_ready(model_dir)
+    publish_model(model_dir, "org/x", api=FakeHub(), refresh_code=True)
+    assert (model_dir / "text_padding.py").read_bytes() == (PACKAGE_CODE_DIR / "text_padding.py").read_bytes()
+
+
+def test_paths_of_this_machine_in_uploaded_files_are_refused_unless_refreshed(model_dir):
+    """The reviewer's finding: a folder saved by an earlier version kept the parts' folders in config.json and
+    absolute paths in its saved evaluation; publishing it (even refreshed) uploaded them."""
+    config = json.loads((model_dir / "config.json").read_text())
+    config["text_config"]["_name_or_path"] = "/home/someone/models/SmolLM2-135M-Instruct"
+    (model_dir / "config.json").write_text(json.dumps(config))
+    (model_dir / "evaluation_results.json").write_text(json.dumps({"model": "/home/someone/run/cell2text-demo",
+                                                                   "fields": {"cell_type": {"T/NK cell": 1}}}))
+    with pytest.raises(ValueError, match="config.json holds paths of this machine .*/home/someone.*--refresh-code"):
+        check_hub_ready(model_dir)
+    hub = FakeHub()
+    publish_model(model_dir, "org/x", api=hub, refresh_code=True)
+    assert json.loads((model_dir / "config.json").read_text())["text_config"]["_name_or_path"] == \
+        "SmolLM2-135M-Instruct"
+    assert json.loads((model_dir / "evaluation_results.json").read_text()) == {
+        "model": "cell2text-demo", "fields": {"cell_type": {"T/NK cell": 1}}}
+    assert not any("/home/someone" in path.read_text() for path in model_dir.glob("*.json"))
