@@ -137,7 +137,13 @@ class Cell2TextProcessor(ProcessorMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "Cell2TextProcessor":
         """`ProcessorMixin.from_pretrained`; where the folder or repo also holds a Cell2Text model's config.json,
-        the processor is checked against that model (`check_model_and_processor`) before it is returned."""
+        the processor is checked against that model (`check_model_and_processor`) before it is returned.
+
+        The model's loading settings that `pipeline(..., dtype=...)` passes on to the processor too (`dtype`,
+        `torch_dtype`, `device_map`) are left out: the tokenizer kept them as settings, and saving it failed on a
+        torch dtype (after the model's weights were written) or wrote `"dtype": "auto"` into tokenizer_config.json."""
+        for name in ("dtype", "torch_dtype", "device_map"):
+            kwargs.pop(name, None)
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         model_config = _cell2text_config_beside(pretrained_model_name_or_path, kwargs)
         if model_config is not None:

@@ -351,3 +351,16 @@ def test_a_row_of_nan_or_negative_values_is_named_as_such_not_as_empty(random_di
         counts[1] = bad
         with pytest.raises(ValueError, match=message):
             describe(counts, gene_ids=GENES, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "auto"])
+def test_a_pipeline_loaded_in_another_dtype_saves_a_complete_folder(tmp_path, dtype):
+    """The reviewer's finding: pipeline(..., dtype=torch.bfloat16).save_pretrained(out) stopped on the tokenizer's
+    copy of the dtype after the weights were written (no processor saved); "auto" was written into
+    tokenizer_config.json."""
+    folder = save_tiny_model_folder(tmp_path / "model")
+    describe = pipeline("cell-to-text", model=str(folder), dtype=dtype, device="cpu", trust_remote_code=True)
+    describe.save_pretrained(tmp_path / "saved")
+    assert "dtype" not in json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+    again = pipeline("cell-to-text", model=str(tmp_path / "saved"), device="cpu", trust_remote_code=True)
+    assert again.processor.to_dict() == Cell2TextProcessor.from_pretrained(folder).to_dict()
