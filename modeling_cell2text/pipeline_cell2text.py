@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, Pipeline
 
@@ -255,7 +256,10 @@ class Cell2TextPipeline(Pipeline):
             decoder = self.schema_decoder(DEFAULT_NUM_BEAMS if beams is None else beams)
             return {"schema": decoder.describe(self.model, model_inputs)}
         generate_kwargs = self._prepare_generate_kwargs(dict(generate_kwargs or {}))
+        generate_kwargs.setdefault("tokenizer", self.processor.tokenizer)  # for stop_strings, as text generation
         generated = self.model.generate(**model_inputs, **generate_kwargs)
+        if not torch.is_tensor(generated):  # return_dict_in_generate: the sequences are the descriptions
+            generated = generated.sequences
         check_outputs_line_up(model_inputs["input_ids"], generated)
         return {"generated_ids": generated, "prompt_length": prompt_length}
 

@@ -364,3 +364,17 @@ def test_a_pipeline_loaded_in_another_dtype_saves_a_complete_folder(tmp_path, dt
     assert "dtype" not in json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
     again = pipeline("cell-to-text", model=str(tmp_path / "saved"), device="cpu", trust_remote_code=True)
     assert again.processor.to_dict() == Cell2TextProcessor.from_pretrained(folder).to_dict()
+
+
+def test_free_describing_takes_generates_stop_strings_and_dict_output(tmp_path):
+    """The reviewer's findings: stop_strings passed the option check but generate found no tokenizer;
+    return_dict_in_generate=True gave an AttributeError. Both now describe as generate does."""
+    folder = save_tiny_model_folder(tmp_path / "model")
+    describe = pipeline("cell-to-text", model=str(folder), device="cpu", trust_remote_code=True)
+    counts = sp.csr_matrix(random_counts(2, seed=4))
+    plain = describe(counts, gene_ids=GENES, constrained=False, max_new_tokens=12)
+    as_dict = describe(counts, gene_ids=GENES, constrained=False, max_new_tokens=12, return_dict_in_generate=True)
+    assert [r["description"] for r in as_dict] == [r["description"] for r in plain]
+    stop = plain[0]["description"].split()[1]  # a word the model writes early: its text ends there
+    stopped = describe(counts, gene_ids=GENES, constrained=False, max_new_tokens=12, stop_strings=[stop])
+    assert stopped[0]["description"].endswith(stop) and len(stopped[0]["description"]) < len(plain[0]["description"])
