@@ -417,7 +417,8 @@ def fit_processor_to_encoder(processor, encoder_path: str, trust_remote_code: bo
 def build_model(
     args: Cell2TextArguments, encoder_path: str | None, processor, trust_remote_code: bool = False
 ) -> Cell2TextForConditionalGeneration:
-    """The model of `init_from` (this package's class unless `trust_remote_code`), or one composed from parts."""
+    """The model of `init_from` (this package's class; with `trust_remote_code` transformers' Auto class decides,
+    and it prefers this package's registered class to a Cell2Text folder's code), or one composed from parts."""
     if args.init_from is not None:
         if trust_remote_code:
             return AutoModelForCausalLM.from_pretrained(args.init_from, trust_remote_code=True)
