@@ -380,19 +380,26 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
                 f"input_values='log1p' but every value is an integer ({where}): these look like raw counts; pass "
                 "input_values='counts'"
             )
+        if _share_of_count_multiples(np.expm1(data, dtype=np.float64), indptr) < 0.5:
+            base = _other_log_base(data, indptr)
+            if base is not None:
+                raise ValueError(_OTHER_BASE_ERROR.format(declared="log1p", base=base, where=where))
         return
     if largest >= MAX_COUNT:
         raise ValueError(
             f"input_values='normalized' but a value is {float(largest):.6g} ({where}): normalised expression is far "
             "below 2**31 (CPM is at most 10**6); pass the normalised matrix, or input_values='counts' for raw counts"
         )
-    if not integral and _share_of_count_multiples(data, indptr) < 0.5 and _share_of_count_multiples(
-            np.expm1(np.minimum(data, MAX_LOG1P), dtype=np.float64), indptr) >= 0.5:
-        raise ValueError(
-            f"input_values='normalized' but the values look log1p-scaled ({where}): in most cells expm1(values) are "
-            "whole multiples of the cell's smallest one (counts times a scale), the values themselves are not; pass "
-            "input_values='log1p'"
-        )
+    if not integral and _share_of_count_multiples(data, indptr) < 0.5:
+        if _share_of_count_multiples(np.expm1(np.minimum(data, MAX_LOG1P), dtype=np.float64), indptr) >= 0.5:
+            raise ValueError(
+                f"input_values='normalized' but the values look log1p-scaled ({where}): in most cells expm1(values) "
+                "are whole multiples of the cell's smallest one (counts times a scale), the values themselves are "
+                "not; pass input_values='log1p'"
+            )
+        base = _other_log_base(data, indptr) if largest <= MAX_LOG1P else None
+        if base is not None:
+            raise ValueError(_OTHER_BASE_ERROR.format(declared="normalized", base=base, where=where))
     totals = _row_sums(data, indptr)
     totals = totals[totals > 0]
     if len(totals) < 2:
@@ -410,6 +417,25 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
                 f"expm1(values) agree ({float(unlogged.max()):.6g}) while their totals differ; pass "
                 "input_values='log1p'"
             )
+
+
+_OTHER_BASE_ERROR = (
+    "input_values='{declared}' but the values look like log{base}(x + 1) ({where}): in most cells {base}**values - 1 "
+    "are whole multiples of the cell's smallest one (counts times a scale), the values and expm1(values) are not. "
+    "Pass log1p values (the natural logarithm: scanpy's default base), e.g. X = np.log1p(np.power({base}.0, X) - 1) "
+    "with input_values='log1p', or the counts"
+)
+
+
+def _other_log_base(data: np.ndarray, indptr: np.ndarray) -> int | None:
+    """2 or 10 where, in most cells, base**values - 1 are whole multiples of the cell's smallest one (log2 or log10
+    of counts times a scale, e.g. scanpy's `log1p(base=2)`), else None. Their ranks read as log1p would differ."""
+    for base in (2, 10):
+        with np.errstate(over="ignore"):
+            unlogged = np.power(float(base), np.minimum(data, MAX_LOG1P), dtype=np.float64) - 1.0
+        if _share_of_count_multiples(unlogged, indptr) >= 0.5:
+            return base
+    return None
 
 
 def _share_of_count_multiples(values: np.ndarray, indptr: np.ndarray, tolerance: float = 1e-3) -> float:

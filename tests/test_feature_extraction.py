@@ -703,3 +703,22 @@ def test_names_other_code_imports_stay_importable_from_the_feature_extraction_mo
     assert feature_extraction_cell2text.load_numeric_dict is geneformer_dictionaries.load_numeric_dict
     assert feature_extraction_cell2text.empty_cells_error is cell_inputs.empty_cells_error
     assert feature_extraction_cell2text.SPECIAL_TOKENS == ("<pad>", "<mask>", "<cls>", "<eos>")
+
+
+@pytest.mark.parametrize("base", [2, 10])
+@pytest.mark.parametrize("declared", ["log1p", "normalized"])
+def test_log_values_of_another_base_are_refused(declared, base):
+    """The reviewer's finding: log2(x + 1) of normalised pbmc68k cells (scanpy's log1p(base=2)) passed as 'log1p'
+    and as 'normalized': 2 of 20 cell types changed, exit 0. Natural-log values still pass as log1p."""
+    scanpy = pytest.importorskip("scanpy")
+    raw = scanpy.datasets.pbmc68k_reduced().raw
+    genes = list(raw.var_names)
+    extractor = Cell2TextFeatureExtractor.from_gene_medians({gene: 1.0 for gene in symbol_to_ensembl(genes).values()})
+    normalised = sp.csr_matrix(raw.X[:64]).expm1()
+    other_base = normalised.log1p() / np.log(base)
+    with pytest.raises(ValueError, match=f"look like log{base}\\(x \\+ 1\\).*np.log1p\\(np.power\\({base}.0, X\\) - 1\\)"):
+        extractor.tokenize(other_base, genes, input_values=declared)
+    converted = sp.csr_matrix(other_base)
+    converted.data = np.log1p(np.power(float(base), converted.data) - 1)  # the fix the message names
+    assert len(extractor.tokenize(converted, genes, input_values="log1p")) == 64
+    assert len(extractor.tokenize(raw.X, genes, input_values="log1p")) == 700
