@@ -27,6 +27,7 @@ from huggingface_hub import HfApi, ModelCard
 
 import modeling_cell2text
 from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor
+from modeling_cell2text.argument_types import refused_input_as_one_line
 from modeling_cell2text.compatibility import check_model_and_processor
 from modeling_cell2text.modeling_cell2text import foreign_weight_files
 
@@ -263,14 +264,15 @@ def main(argv: list[str] | None = None) -> None:
     if bool(args.corpus) != bool(args.dataset_repo):
         parser.error("--corpus and --dataset-repo go together")
     api = HfApi()
-    if args.corpus:  # checked, and its repo made, before the model is uploaded
-        check_corpus_is_the_models(args.model, args.corpus)
-        ensure_repo(api, args.dataset_repo, "dataset", args.private)
-    url = publish_model(args.model, args.repo, args.private, api, dataset_id=args.dataset_repo,
-                        refresh_code=args.refresh_code)
-    print(f"model: {url}")
-    if args.corpus:
-        print(f"corpus: {publish_corpus(args.corpus, args.dataset_repo, args.private, api)}")
+    with refused_input_as_one_line("publish"):
+        if args.corpus:  # checked, and its repo made, before the model is uploaded
+            check_corpus_is_the_models(args.model, args.corpus)
+            ensure_repo(api, args.dataset_repo, "dataset", args.private)
+        url = publish_model(args.model, args.repo, args.private, api, dataset_id=args.dataset_repo,
+                            refresh_code=args.refresh_code)
+        print(f"model: {url}")
+        if args.corpus:
+            print(f"corpus: {publish_corpus(args.corpus, args.dataset_repo, args.private, api)}")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from hub_cards.publish import publish_corpus
 from hub_cards.render import write_dataset_card
-from modeling_cell2text.argument_types import positive_int
+from modeling_cell2text.argument_types import positive_int, refused_input_as_one_line
 from modeling_cell2text.description_schema import LABEL_FIELD_NAMES, ONTOLOGY_FIELDS
 from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
 from modeling_cell2text.output_files import Terminated, publish_folder, sigterm_as_exception
@@ -621,6 +621,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("modeling_cell2text").setLevel(logging.WARNING)
     args = parse_args(argv)
+    with refused_input_as_one_line("build_corpus"):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Build (and push) the corpus the parsed command line asks for; returns its summary."""
     extractor = None
     if args.token_dictionary:
         extractor = Cell2TextFeatureExtractor.from_geneformer_dictionaries(args.token_dictionary, args.gene_median_file)
@@ -643,8 +649,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         try:
             with sigterm_as_exception():
                 summary = build_corpus(source, args.out, options)
-        except (FileExistsError, NotADirectoryError, ValueError) as error:  # refused input: one line, no traceback
-            raise SystemExit(f"build_corpus: error: {error}") from None
         except (Terminated, KeyboardInterrupt):
             raise SystemExit(f"build_corpus: stopped; nothing was written to {args.out}") from None
     if args.push_to_hub:

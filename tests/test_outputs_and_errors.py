@@ -296,3 +296,24 @@ def test_a_published_folder_and_its_files_are_readable_as_new_files_are(tmp_path
     out = tmp_path / "out"
     assert out.stat().st_mode & 0o777 == 0o777 & ~mask
     assert {p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()} == {0o666 & ~mask}
+
+
+@pytest.mark.parametrize("command", [
+    ["-m", "processing.build_corpus", "--h5ad", "missing.h5ad", "--out", "corpus"],
+    ["-m", "training.evaluation.evaluate", "--model", "missing-model", "--corpus", "missing-corpus", "--out", "r"],
+    ["-m", "hub_cards.publish", "--model", "missing-model", "--repo", "org/x"],
+])
+def test_commands_end_refused_input_with_one_line(tmp_path, command):
+    """The reviewer's finding: a missing input file or folder ended these commands with a traceback (the message
+    was there, at its end); the cell2text command already ended with one line."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]  # processing/, training/ and hub_cards/ run from the checkout
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
+    result = subprocess.run([sys.executable, *command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].split(": error: ")[1].strip(), result.stderr

@@ -461,6 +461,7 @@ def evaluate_model(
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
+    from modeling_cell2text.argument_types import refused_input_as_one_line
     from modeling_cell2text.output_files import check_new_output
     from training.evaluation.report import RESULTS_FILE, write_report
 
@@ -482,13 +483,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
                         help="Evaluate on a corpus other than the one the model was trained on (its cells must be new "
                              "to the model; another build of the same data would put training cells in the test split).")
     args = parser.parse_args(argv)
-    check_new_output(Path(args.out), args.overwrite, holds=RESULTS_FILE)  # before the generation, which takes minutes
-    results, per_cell, _ = evaluate_model(
-        args.model, args.corpus, args.split, args.batch_size, args.max_new_tokens, args.max_cells,
-        constrained=not args.free, trust_remote_code=args.trust_remote_code, device=args.device,
-        other_corpus=args.other_corpus,
-    )
-    report = write_report(results, per_cell, args.out, overwrite=args.overwrite)
+    with refused_input_as_one_line("evaluate"):
+        check_new_output(Path(args.out), args.overwrite, holds=RESULTS_FILE)  # before the generation (minutes)
+        results, per_cell, _ = evaluate_model(
+            args.model, args.corpus, args.split, args.batch_size, args.max_new_tokens, args.max_cells,
+            constrained=not args.free, trust_remote_code=args.trust_remote_code, device=args.device,
+            other_corpus=args.other_corpus,
+        )
+        report = write_report(results, per_cell, args.out, overwrite=args.overwrite)
     print(f"Report: {report}")
     return report
 
