@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -91,10 +92,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The library's messages name its Python keywords; a command line's user reads its options.
+_OPTION_NAMES = (
+    (re.compile(r"\binput_values='(counts|normalized|log1p)'"), r"--input-values \1"),
+    (re.compile(r"\bconstrained=False"), "--free"),
+    (re.compile(r"\bskip_empty_cells=True"), "--skip-empty-cells"),
+    (re.compile(r"\buse_raw=True"), "--use-raw"),
+    (re.compile(r"\blayer='([^']*)'"), r"--layer \1"),
+    (re.compile(r"\bbatch_size\b"), "--batch-size"),
+)
+
+
+def as_command_line(message: str) -> str:
+    """`message` with the library's keyword names written as this command's options."""
+    for pattern, option in _OPTION_NAMES:
+        message = pattern.sub(option, message)
+    return message
+
+
+class _CommandLineNames(logging.Filter):
+    """Writes the library's warnings with this command's option names (`as_command_line`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = as_command_line(record.getMessage()), ()
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cell2text` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    existing = set(logging.getLogger().handlers)
     logging.basicConfig(level=logging.WARNING, format="cell2text: %(levelname)s: %(message)s")
+    for handler in set(logging.getLogger().handlers) - existing:  # the command's own (none where one was set up)
+        handler.addFilter(_CommandLineNames())
     try:
         with sigterm_as_exception():
             run(args)
@@ -105,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("cell2text: stopped by SIGINT (Ctrl-C); nothing was written", file=sys.stderr)
         return 128 + signal.SIGINT
     except (CLIError, ValueError, OSError) as error:  # bad input: one line; anything else is a bug: its traceback
-        print(f"cell2text: error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"cell2text: error: {as_command_line(' '.join(str(error).split()))}", file=sys.stderr)
         return 1
     return 0
 

@@ -438,3 +438,21 @@ def test_running_out_of_memory_names_the_batch_size(model_dir, h5ad, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == ("cell2text: error: out of memory describing 64 cells at a time on cpu; pass a smaller --batch-size")
     assert not out.exists()
+
+
+def test_errors_name_the_commands_options(model_dir, tmp_path, capsys):
+    """The reviewer's finding: log-normalised X read as counts was refused naming input_values='log1p', a Python
+    keyword, where the command's option is --input-values log1p."""
+    from modeling_cell2text.cli import as_command_line
+
+    adata = make_adata(4)
+    adata.X = adata.X.log1p()
+    path = tmp_path / "lognorm.h5ad"
+    adata.write_h5ad(path)
+    code, err = run_cli(["describe", str(path), "--model", str(model_dir), "--out", str(tmp_path / "out.h5ad")],
+                        capsys)
+    last = err.strip().splitlines()[-1]  # after the progress bar: the cells' values are checked as they are read
+    assert code == 1 and last.startswith("cell2text: error: --input-values counts but the values are not integer"), err
+    assert "pass --input-values normalized" in last and "input_values=" not in err
+    assert as_command_line("Describe with constrained=False, or pass skip_empty_cells=True; layer='counts'") == \
+        "Describe with --free, or pass --skip-empty-cells; --layer counts"
