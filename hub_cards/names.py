@@ -35,7 +35,10 @@ PATHWAY_METRICS: tuple[MetricName, ...] = (
     MetricName("subset_accuracy", "Subset accuracy", "accuracy"),
     MetricName("jaccard", "Jaccard", "jaccard"),
     MetricName("f1", "F1 (micro)", "f1", {"average": "micro"}),
+    MetricName("num_distinct_predicted", "Distinct sets predicted"),
 )
+# The pathway baseline (results["pathway_baseline"]): the training split's most frequent pathways for every cell.
+PATHWAY_BASELINE_NAME = "Most frequent in training, every cell"
 # METEOR as training.evaluation.text_metrics computes it: exact and stem matching; WordNet synonyms cannot be had
 # offline.
 TEXT_METRICS: tuple[MetricName, ...] = (

@@ -22,6 +22,7 @@ from .names import (
     FIELD_METRICS,
     METHOD_NAMES,
     NO_VALUE,
+    PATHWAY_BASELINE_NAME,
     PATHWAY_METRICS,
     TEXT_METRICS,
     MetricName,
@@ -121,10 +122,12 @@ def _eval_results(results: Mapping[str, Any], dataset_id: str) -> list[EvalResul
                     metric.hub_args)
     pathways = results.get("pathways", {})
     for metric in PATHWAY_METRICS:
-        add(metric.hub_type, pathways.get(metric.key), f"Pathways: {metric.title}", "pathways", metric.hub_args)
+        if metric.hub_type:
+            add(metric.hub_type, pathways.get(metric.key), f"Pathways: {metric.title}", "pathways", metric.hub_args)
     text = results.get("text", {})
     for metric in TEXT_METRICS:
-        add(metric.hub_type, text.get(metric.key), metric.title, metric.key, metric.hub_args)
+        if metric.hub_type:
+            add(metric.hub_type, text.get(metric.key), metric.title, metric.key, metric.hub_args)
     return entries
 
 
@@ -158,6 +161,16 @@ def _baseline_table(results: Mapping[str, Any], model_title: str) -> dict | None
 def _metric_table(scores: Mapping[str, Any], metrics: tuple[MetricName, ...]) -> dict | None:
     rows = [[m.title, format_value(scores.get(m.key))] for m in metrics if finite_number(scores.get(m.key)) is not None]
     return _table(["Metric", "Value"], rows)
+
+
+def _pathway_table(results: Mapping[str, Any]) -> dict | None:
+    """The pathway metrics, beside the baseline's where the evaluation measured it."""
+    pathways, baseline = results.get("pathways") or {}, results.get("pathway_baseline")
+    if not baseline:
+        return _metric_table(pathways, PATHWAY_METRICS)
+    rows = [[m.title, format_value(pathways.get(m.key)), format_value(baseline.get(m.key))] for m in PATHWAY_METRICS
+            if finite_number(pathways.get(m.key)) is not None]
+    return _table(["Metric", "Cell2Text", PATHWAY_BASELINE_NAME], rows)
 
 
 def _training_table(training_config: Mapping[str, Any]) -> dict | None:
@@ -267,7 +280,7 @@ def render_model_card(
         num_unparsed=results.get("num_unparsed", NO_VALUE),
         field_table=_field_table(results.get("fields", {})),
         baseline_table=_baseline_table(results, model_name),
-        pathway_table=_metric_table(results.get("pathways", {}), PATHWAY_METRICS),
+        pathway_table=_pathway_table(results),
         calibration_table=_table(CALIBRATION_HEADER, calibration_rows(results.get("field_calibration") or {})),
         text_table=_metric_table(text_scores, TEXT_METRICS),
         bleu_signature=text_scores.get("bleu_signature"),

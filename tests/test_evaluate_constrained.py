@@ -150,3 +150,17 @@ def test_a_misspelt_split_or_no_cells_is_named_before_the_model_loads(model_and_
     monkeypatch.setattr(evaluate, "load_model", lambda *args: pytest.fail("the model loaded first"))
     with pytest.raises(ValueError, match=message):
         evaluate_model(model_dir, corpus_dir, split, max_cells=max_cells, device="cpu")
+
+
+def test_the_pathway_baseline_names_the_training_splits_most_frequent_pathways_for_every_cell():
+    from datasets import Dataset
+
+    from training.evaluation.evaluate import pathway_baseline
+
+    train = Dataset.from_dict({"pathways": [["TCA Cycle", "Glycolysis"], ["TCA Cycle", "Ribosome"],
+                                            ["Glycolysis", "TCA Cycle"]]})
+    test = Dataset.from_dict({"pathways": [["TCA Cycle", "Glycolysis"], ["Ribosome", "Apoptosis"]]})
+    baseline = pathway_baseline(train, test)
+    assert baseline["pathways"] == ["TCA Cycle", "Glycolysis"]
+    assert baseline["subset_accuracy"] == 0.5 and baseline["jaccard"] == pytest.approx((1 + 0) / 2)
+    assert baseline["num_distinct_predicted"] == 1

@@ -258,3 +258,10 @@ def test_model_card_shows_the_confidence_of_each_field(results, tmp_path):
     assert "| Cell type | 10 | 0.089 | 0.789 | 0.700 |" in card.text and "| Tissue | 1 |" in card.text
     plain, _ = _model_card(results, tmp_path)
     assert "### Confidence of each field" not in plain.text  # no table without the evaluation's figures
+
+
+def test_the_card_shows_the_pathway_baseline_beside_the_model(results, tmp_path):
+    results["pathway_baseline"] = {"pathways": ["TCA Cycle"], "subset_accuracy": 0.1, "jaccard": 0.5512, "f1": 0.6}
+    _, text = _model_card(results, tmp_path)
+    assert "| Metric | Cell2Text | Most frequent in training, every cell |" in text
+    assert "| Jaccard | 0.551 | 0.551 |" in text

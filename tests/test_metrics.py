@@ -75,6 +75,16 @@ def test_pathway_report_hand_computed():
     assert r["f1"] == pytest.approx(2 / 3)
     assert r["f1_samples"] == pytest.approx(5 / 9)
     assert r["num_missing"] == 1
+    assert r["num_distinct_predicted"] == 2
+
+
+def test_the_pathway_baseline_is_the_most_frequent_names_as_many_as_cells_most_often_have():
+    from training.evaluation.metrics import most_frequent_pathways
+
+    train = [["b", "a"], ["a", "c"], ["c", "a"], ["d"], ["b", "c"]]  # a 3, c 3, b 2; two names a cell most often
+    assert most_frequent_pathways(train) == ["a", "c"]  # ties by name
+    assert most_frequent_pathways([["x"], ["y"], ["y", "x", "z"]]) == ["x"]
+    assert most_frequent_pathways([[], []]) == []
 
 
 def test_tokenize_splits_words_and_punctuation():

@@ -78,6 +78,18 @@ def test_write_report_without_per_cell_has_no_plots(tmp_path):
     assert not list(tmp_path.glob("*.png"))
 
 
+def test_the_pathway_table_shows_the_baseline_beside_the_model(tmp_path):
+    """The reviewer's finding: the demo model named the training split's two most frequent pathways for all 140
+    test cells, and its Jaccard (0.257) was that constant's; nothing in the report said so."""
+    pathways = {"subset_accuracy": 0.0, "jaccard": 0.257, "f1": 0.3, "num_distinct_predicted": 1}
+    write_report({"model": "m", "pathways": pathways,
+                  "pathway_baseline": {**pathways, "pathways": ["Ribosome Biogenesis", "TCA Cycle"]}}, {}, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "| Cell2Text | 0.000 | 0.257 | 0.300 | 1 |" in text
+    assert "| Most frequent in training, every cell | 0.000 | 0.257 | 0.300 | 1 |" in text
+    assert "names Ribosome Biogenesis, TCA Cycle for every cell" in text
+
+
 def test_confusion_labels_collapse_rare_classes_and_missing():
     true = ["a", "a", "a", "b", "b", "c"]
     pred = ["a", None, "c", "b", "z", "a"]

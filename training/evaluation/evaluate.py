@@ -49,6 +49,7 @@ from processing.corpus import split_value_lists
 from training.evaluation.metrics import (
     calibration_report,
     classification_report,
+    most_frequent_pathways,
     ontology_similarity_scores,
     pathway_report,
 )
@@ -453,11 +454,21 @@ def evaluate_model(
         results["field_calibration"] = field_calibration(cells, described, processor)
         per_cell["cell_type_score"] = described_known["scores"]
         per_cell["cell_type_free"] = described_known["free_labels"]
+    if "pathways" in results and "train" in corpus and split != "train":
+        results["pathway_baseline"] = pathway_baseline(corpus["train"], cells)
     results.update(model=str(model_dir), dataset=str(corpus_dir), split=split,
                    constrained=constrained, gene_vocabulary_sha256=vocabulary_sha256,
                    weights_sha256=weights_sha256(model_dir))
     per_cell["generated"] = texts
     return results, per_cell, texts
+
+
+def pathway_baseline(train, cells) -> dict:
+    """The pathway metrics of naming the training split's most frequent pathways for every cell
+    (`most_frequent_pathways`), on the same cells: what a model that reads nothing of the cell's pathways scores
+    (the demo model named that pair for every cell)."""
+    names = most_frequent_pathways(train["pathways"])
+    return {"pathways": names, **pathway_report([list(p) for p in cells["pathways"]], [names] * len(cells))}
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

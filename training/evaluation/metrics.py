@@ -109,6 +109,7 @@ def pathway_report(
     - ``jaccard``: mean |T & P| / |T | P| over cells (1 when both are empty).
     - ``f1``: micro F1 (true positives, false positives and false negatives pooled over cells);
       ``f1_samples``: mean of the per-cell F1.
+    - ``num_distinct_predicted``: how many different sets were predicted (1: the same pathways for every cell).
     A missing prediction (None) is an empty set and is counted in ``num_missing``.
     """
     _check_lengths(true_sets, pred_sets)
@@ -124,8 +125,21 @@ def pathway_report(
         "f1": 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn),
         "f1_samples": float(np.mean([_set_f1(t, p) for t, p in zip(trues, preds)])),
         "num_missing": sum(p is None for p in pred_sets),
+        "num_distinct_predicted": len({frozenset(p) for p, given in zip(preds, pred_sets) if given is not None}),
         "num_cells": len(trues),
     }
+
+
+def most_frequent_pathways(pathway_sets: Sequence[Iterable[str]]) -> list[str]:
+    """The baseline a pathway prediction must beat: the names most often among ``pathway_sets`` (a training split's),
+    as many as its cells most often have (ties by name)."""
+    sets = [list(dict.fromkeys(names)) for names in pathway_sets]
+    sizes = Counter(len(names) for names in sets if names)
+    if not sizes:
+        return []
+    size = max(sizes.items(), key=lambda item: (item[1], -item[0]))[0]
+    counts = Counter(name for names in sets for name in names)
+    return [name for name, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:size]]
 
 
 def calibration_report(confidences: Sequence[float], correct: Sequence[bool], num_bins: int = 10) -> dict:

@@ -60,6 +60,7 @@ from hub_cards.names import (
     CALIBRATION_HEADER,
     FIELD_METRICS,
     METHOD_NAMES,
+    PATHWAY_BASELINE_NAME,
     PATHWAY_METRICS,
     TEXT_METRICS,
     MetricName,
@@ -126,6 +127,23 @@ def _flat_section(title: str, values: dict | None, metrics: Sequence[MetricName]
     if not columns:
         return []
     return [f"## {title}", ""] + _table([m.title for m in columns], [[format_value(values[m.key]) for m in columns]])
+
+
+def _pathway_section(results: dict) -> list[str]:
+    """The model's pathway metrics beside the baseline's (the training split's most frequent pathways, every cell)."""
+    rows = [("Cell2Text", results.get("pathways"))]
+    if results.get("pathway_baseline"):
+        rows.append((PATHWAY_BASELINE_NAME, results["pathway_baseline"]))
+    rows = [(name, values) for name, values in rows if values]
+    columns = _metric_columns([values for _, values in rows], PATHWAY_METRICS)
+    if not columns:
+        return []
+    lines = ["## Pathways", ""] + _table(["Method"] + [m.title for m in columns],
+                                          [[name] + [format_value(values.get(m.key)) for m in columns]
+                                           for name, values in rows])
+    if results.get("pathway_baseline"):
+        lines += [f"The baseline names {', '.join(results['pathway_baseline']['pathways'])} for every cell.", ""]
+    return lines
 
 
 def _encoder_section(results: dict) -> list[str]:
@@ -427,7 +445,7 @@ def _write_report_files(results: dict, per_cell: dict, out_dir: Path) -> None:
     lines += _constraint_section(results)
     lines += _benchmark_section(results)
     lines += _encoder_section(results)
-    lines += _flat_section("Pathways", results.get("pathways"), PATHWAY_METRICS)
+    lines += _pathway_section(results)
     lines += _flat_section("Text metrics", results.get("text"), TEXT_METRICS)
     if (results.get("text") or {}).get("bleu_signature"):
         lines += [f"BLEU by sacrebleu: `{results['text']['bleu_signature']}`.", ""]
