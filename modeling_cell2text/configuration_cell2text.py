@@ -117,9 +117,14 @@ class Cell2TextConfig(PreTrainedConfig):
         the pipeline's code beside it, writes that entry, so a folder never names code it does not hold (a model
         loaded from a complete folder and saved alone is a plain model folder). Nor the folders the parts were
         loaded from (the sub-configs' `_name_or_path`): a saved model carries no path of the machine it was built on
-        to the Hub."""
+        to the Hub. Where `auto_map` names the causal LM class, it names the base model for `AutoModel` too (as this
+        package registers both), so `AutoModel.from_pretrained(folder, trust_remote_code=True)` works without it."""
         output = super().to_dict()
         output.pop("custom_pipelines", None)
+        auto_map = output.get("auto_map") or {}
+        if "AutoModelForCausalLM" in auto_map and "AutoModel" not in auto_map:  # the base model too, as registered
+            module = auto_map["AutoModelForCausalLM"].rsplit(".", 1)[0]
+            output["auto_map"] = {**auto_map, "AutoModel": f"{module}.Cell2TextModel"}
         for name in self.sub_configs_defaults:
             if isinstance(output.get(name), dict):
                 output[name].pop("_name_or_path", None)

@@ -42,10 +42,11 @@ REMOTE_SCRIPT = textwrap.dedent(
     except ImportError:
         pass
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
 
     model_dir, data_file, out_file = sys.argv[1:4]
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+    assert type(AutoModel.from_pretrained(model_dir, trust_remote_code=True)).__name__ == "Cell2TextModel"
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     data = np.load(data_file, allow_pickle=False)
