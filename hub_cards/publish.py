@@ -91,33 +91,38 @@ def stale_code_files(model_dir: Path, config: dict) -> list[str]:
     """The remote code files of a folder that differ from the installed package's files of the same name."""
     return [name for name in _remote_code_files(model_dir, config)
             if (model_dir / name).is_file() and (PACKAGE_CODE_DIR / name).is_file()
-            and (model_dir / name).read_bytes() != (PACKAGE_CODE_DIR / name).read_bytes()]
+            and _differs_from_package(model_dir, name)]
 
 
-def _uploaded_json_files(model_dir: Path) -> list[Path]:
-    """The JSON files `publish_model` uploads (not the training state or the card's inputs, which it leaves out)."""
-    return [path for path in sorted(model_dir.glob("*.json")) if path.name not in NOT_UPLOADED]
+def _path_holding_files(model_dir: Path) -> list[Path]:
+    """The uploaded files in which earlier versions wrote paths of the building machine: config.json (the parts'
+    folders) and the saved evaluation. Not the tokenizer's: its merges hold "/" and "~" as text."""
+    return [model_dir / name for name in ("config.json", EVALUATION_RESULTS) if (model_dir / name).is_file()]
+
+
+def _differs_from_package(model_dir: Path, name: str) -> bool:
+    """Whether the folder's code file `name` is missing or not the installed package's file of that name."""
+    return not ((model_dir / name).is_file()
+                and (model_dir / name).read_bytes() == (PACKAGE_CODE_DIR / name).read_bytes())
 
 
 def refresh_remote_code(model_dir: str | Path) -> list[str]:
     """Bring a folder saved by an earlier version to what this one saves: the installed package's code over the
     folder's code files that differ, and those its code now imports that the folder lacks (until none is left),
-    and the uploaded JSON files without paths of the machine that wrote them (`without_machine_paths`: earlier
-    versions kept the parts' folders in config.json and absolute paths in the saved evaluation). Returns the names
-    of the files changed."""
+    and config.json and the saved evaluation without paths of the machine that wrote them (`without_machine_paths`:
+    earlier versions kept the parts' folders and absolute paths there). Returns the names of the files changed."""
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     changed: list[str] = []
     while True:
-        outdated = [name for name in _remote_code_files(model_dir, config) if (PACKAGE_CODE_DIR / name).is_file()
-                    and not ((model_dir / name).is_file()
-                             and (model_dir / name).read_bytes() == (PACKAGE_CODE_DIR / name).read_bytes())]
+        outdated = [name for name in _remote_code_files(model_dir, config)
+                    if (PACKAGE_CODE_DIR / name).is_file() and _differs_from_package(model_dir, name)]
         if not outdated:
             break
         for name in outdated:
             shutil.copyfile(PACKAGE_CODE_DIR / name, model_dir / name)
         changed += outdated
-    for path in _uploaded_json_files(model_dir):
+    for path in _path_holding_files(model_dir):
         content = json.loads(path.read_text())
         if machine_paths(content):
             path.write_text(json.dumps(without_machine_paths(content), indent=2, sort_keys=False) + "\n")
@@ -177,7 +182,7 @@ def check_hub_ready(model_dir: str | Path) -> None:
             "without the package would run other code. Pass --refresh-code to copy the installed files into the "
             "folder (or save it again with modeling_cell2text.save_model_folder)."
         )
-    for path in _uploaded_json_files(model_dir):
+    for path in _path_holding_files(model_dir):
         paths = machine_paths(json.loads(path.read_text()))
         if paths:
             raise ValueError(f"{path} holds paths of this machine (e.g. {paths[0]}), which would be uploaded: pass "

@@ -348,8 +348,10 @@ def rerender_model_card(model_dir: str | Path, repo_id: str, dataset_id: str | N
 
 
 def _is_machine_path(value: Any) -> bool:
-    """An absolute or home-relative path (a path of the machine that wrote it); labels such as "T/NK cell" are not."""
-    return isinstance(value, (str, Path)) and (Path(value).is_absolute() or str(value).startswith("~"))
+    """An absolute path (POSIX, or a Windows drive) or one in the home folder ("~/..."): a path of the machine that
+    wrote it, which `public_name` reduces to its last component. Labels such as "T/NK cell" are not."""
+    text = str(value) if isinstance(value, (str, Path)) else ""
+    return len(text) > 1 and (text.startswith(("/", "~/")) or re.match(r"^[A-Za-z]:[\\/]", text) is not None)
 
 
 def without_machine_paths(value: Any) -> Any:

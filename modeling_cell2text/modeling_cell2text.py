@@ -42,8 +42,8 @@ def foreign_weight_files(folder: str | os.PathLike) -> list[str]:
     return sorted(path.name for name in FOREIGN_WEIGHTS for path in Path(folder).glob(name))
 
 
-# New tokens a description may take (the demo's run to about 150): the generation setting a new model is saved
-# with, and the pipeline's default where a model has none (transformers' default of 20 cut descriptions short).
+# New tokens a description may take (the demo's run to about 150): `generate`'s and the pipeline's default where
+# nothing sets a length (transformers' default of 20 cut descriptions short).
 DESCRIPTION_MAX_NEW_TOKENS = 160
 
 
@@ -53,12 +53,14 @@ def _hidden_state_index(layer: int, num_layers: int) -> int:
 
 
 def _encoder_states(encoder: nn.Module, read: int, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
-    """The encoder's hidden state number `read` (0: the embeddings), running only the layers up to it for a BERT
-    (Geneformer's architecture has nothing after its layers, so the layers above would be computed for nothing:
-    one layer of 18 when the second-to-last is read); other encoders run whole and are indexed."""
+    """The encoder's hidden state number `read` (0: the embeddings), running only the layers up to it for a plain
+    BERT (Geneformer's architecture has nothing after its layers, so the layers above would be computed for nothing:
+    one layer of 18 when the second-to-last is read); other encoders, and a BERT whose forward is replaced (by
+    accelerate's hooks of a device map or offloading, or a wrapper), run whole and are indexed."""
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True)
-    stack = getattr(getattr(encoder, "encoder", None), "layer", None)
-    if encoder.config.model_type != "bert" or not isinstance(stack, nn.ModuleList):
+    body = encoder._modules.get("encoder") if encoder.config.model_type == "bert" else None
+    stack = body._modules.get("layer") if body is not None else None
+    if not isinstance(stack, nn.ModuleList) or "forward" in vars(encoder) or "forward" in vars(body):
         return encoder(**inputs, output_hidden_states=True).hidden_states[read]
     return _first_layers_of(encoder, read)(**inputs, output_hidden_states=False).last_hidden_state
 
@@ -424,8 +426,6 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self._tie_lm_head_to_input_embeddings()
         self.post_init()
-        if self.generation_config.max_new_tokens is None:  # saved with the model: generate() writes whole ones
-            self.generation_config.max_new_tokens = DESCRIPTION_MAX_NEW_TOKENS
 
     def _tie_lm_head_to_input_embeddings(self) -> None:
         """Declare `lm_head.weight` tied to the language model's input embeddings (whatever its module path), so
@@ -512,7 +512,8 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, never emitting the cell placeholder: it only has meaning in the prompt. The
         placeholder is added to the suppressed tokens of the call, of its `generation_config` (a copy) or of the
-        model's. The processor's row bookkeeping (`skip_empty_cells=True`: `cell_indices`, `skipped_cell_indices`)
+        model's. Where neither the call nor the generation config sets a length (`max_new_tokens`, `max_length`), a
+        description may take `DESCRIPTION_MAX_NEW_TOKENS`. The processor's row bookkeeping (`skip_empty_cells=True`: `cell_indices`, `skipped_cell_indices`)
         is not a model input and is left out, so `generate(**processor(...))` works with it.
 
         Not configuration alone: a caller's own `generation_config=` replaces the model's, and with it any
@@ -521,6 +522,9 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
             kwargs.pop(key, None)
         given = kwargs.get("generation_config")
         config = given or self.generation_config
+        if not any(kwargs.get(name) is not None or getattr(config, name, None) is not None
+                   for name in ("max_new_tokens", "max_length")):
+            kwargs["max_new_tokens"] = DESCRIPTION_MAX_NEW_TOKENS  # a whole description, not transformers' 20 tokens
         suppress = list(kwargs.pop("suppress_tokens", None) or getattr(config, "suppress_tokens", None) or [])
         if self.config.cell_token_id not in suppress:
             suppress.append(self.config.cell_token_id)

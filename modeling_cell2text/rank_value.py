@@ -422,18 +422,35 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
 _OTHER_BASE_ERROR = (
     "input_values='{declared}' but the values look like log{base}(x + 1) ({where}): in most cells {base}**values - 1 "
     "are whole multiples of the cell's smallest one (counts times a scale), the values and expm1(values) are not. "
-    "Pass log1p values (the natural logarithm: scanpy's default base), e.g. X = np.log1p(np.power({base}.0, X) - 1) "
-    "with input_values='log1p', or the counts"
+    "Pass the counts, or log1p values (the natural logarithm: scanpy's default base): if these are log{base}(x + 1), "
+    "X = np.log1p(np.power({base}.0, X) - 1) converts them (input_values='log1p')"
 )
 
 
-def _other_log_base(data: np.ndarray, indptr: np.ndarray) -> int | None:
-    """2 or 10 where, in most cells, base**values - 1 are whole multiples of the cell's smallest one (log2 or log10
-    of counts times a scale, e.g. scanpy's `log1p(base=2)`), else None. Their ranks read as log1p would differ."""
+def _other_log_base(data: np.ndarray, indptr: np.ndarray, tolerance: float = 1e-3) -> int | None:
+    """2 or 10 where base**values - 1 are whole multiples of the cell's smallest one (counts times a scale: log2 or
+    log10 of normalised counts, e.g. scanpy's `log1p(base=2)`) in most cells that can tell, else None. A cell can
+    tell with at least 3 different multiples between 1 and 20 of its smallest value: equal values are multiples
+    always, and at a large multiple the relative tolerance (for rounded data) admits any value."""
+    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    positive = data > 0
+    data, rows = np.asarray(data[positive], dtype=np.float64), rows[positive]
+    if not len(data):
+        return None
+    order = np.lexsort((data, rows))  # each cell's values ascending: its smallest first, equal values together
+    data, rows = data[order], rows[order]
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    counts = np.diff(np.r_[starts, len(data)])
+    different = np.r_[True, (rows[1:] != rows[:-1]) | (data[1:] != data[:-1])]
     for base in (2, 10):
         with np.errstate(over="ignore"):
-            unlogged = np.power(float(base), np.minimum(data, MAX_LOG1P), dtype=np.float64) - 1.0
-        if _share_of_count_multiples(unlogged, indptr) >= 0.5:
+            unlogged = np.power(float(base), np.minimum(data, MAX_LOG1P)) - 1.0
+        ratios = unlogged / np.repeat(unlogged[starts], counts)
+        telling = different & (ratios > 1.5) & (ratios <= 20)
+        whole = np.abs(ratios - np.rint(ratios)) <= tolerance * ratios
+        cells_telling = np.add.reduceat(telling, starts) >= 3
+        cells_whole = np.add.reduceat(telling & ~whole, starts) == 0
+        if cells_telling.any() and (cells_whole & cells_telling).sum() >= 0.5 * cells_telling.sum():
             return base
     return None
 

@@ -722,3 +722,20 @@ def test_log_values_of_another_base_are_refused(declared, base):
     converted.data = np.log1p(np.power(float(base), converted.data) - 1)  # the fix the message names
     assert len(extractor.tokenize(converted, genes, input_values="log1p")) == 64
     assert len(extractor.tokenize(raw.X, genes, input_values="log1p")) == 700
+
+
+@pytest.mark.parametrize("genes_per_cell", [1, 2, 3, 5])
+def test_natural_log_values_of_cells_with_few_genes_pass_as_log1p(genes_per_cell):
+    """A reviewer's finding on the base rule: log1p of values that are not counts times a scale (TPM, corrected
+    counts) in cells of 2-5 genes were refused as log2 or log10 by chance (126 of 2,000 two-gene cells)."""
+    rng = np.random.default_rng(1)
+    n = 400
+    values = np.zeros((n, len(INPUT_GENES)))
+    for row in range(n):
+        genes = rng.choice(len(INPUT_GENES), genes_per_cell, replace=False)
+        values[row, genes] = np.log1p(rng.lognormal(2.0, 1.5, genes_per_cell).round(1))  # ties included
+    extractor = Cell2TextFeatureExtractor.from_gene_medians({gene: 1.0 for gene in INPUT_GENES})
+    cells = sp.csr_matrix(values)
+    for start in range(0, n, 20):  # chunks of 20 cells, one at a time too
+        extractor.tokenize(cells[start:start + 20], INPUT_GENES, input_values="log1p")
+        extractor.tokenize(cells[start:start + 1], INPUT_GENES, input_values="log1p")

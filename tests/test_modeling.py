@@ -401,3 +401,24 @@ def test_reading_an_inner_encoder_layer_leaves_the_model_whole():
     assert seen[0] == len(layers)  # the model's own list stayed whole during the call
     assert ran[: read] == list(range(read)) and ran[read] == 0  # the first call ran layers 0..read-1 only
     torch.testing.assert_close(states, hidden[read], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("hooked", ["model", "encoder"])
+def test_an_encoder_with_a_replaced_forward_is_read_at_its_layer(hooked):
+    """A reviewer's finding: accelerate's hooks (a device map spanning devices, offloading) replace a module's
+    forward by one bound to the module itself, so a view of the BERT ran the whole original: the last layer's states
+    instead of config.gene_encoder_layer's, exit 0."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model = tiny_model().eval()
+    encoder = model.model.gene_encoder
+    add_hook_to_module(encoder if hooked == "model" else encoder.encoder, ModelHook())
+    read = model.config.gene_encoder_layer % (len(encoder.encoder.layer) + 1)
+    batch = cell_batch()
+    with torch.no_grad():
+        states, _ = model.model.get_gene_states(batch["gene_input_ids"], batch["gene_attention_mask"],
+                                                batch["gene_token_mask"])
+        hidden = encoder(input_ids=batch["gene_input_ids"], attention_mask=batch["gene_attention_mask"],
+                         output_hidden_states=True).hidden_states
+    assert not torch.equal(hidden[read], hidden[-1])
+    torch.testing.assert_close(states, hidden[read], rtol=0, atol=0)

@@ -244,7 +244,9 @@ def test_paths_of_this_machine_in_uploaded_files_are_refused_unless_refreshed(mo
     config["text_config"]["_name_or_path"] = "/home/someone/models/SmolLM2-135M-Instruct"
     (model_dir / "config.json").write_text(json.dumps(config))
     (model_dir / "evaluation_results.json").write_text(json.dumps({"model": "/home/someone/run/cell2text-demo",
-                                                                   "fields": {"cell_type": {"T/NK cell": 1}}}))
+                                                                   "fields": {"cell_type": {"T/NK cell": 1}},
+                                                                   "tokens": ["/", "~", "//"]}))
+    tokenizer = (model_dir / "tokenizer.json").read_bytes()
     with pytest.raises(ValueError, match="config.json holds paths of this machine .*/home/someone.*--refresh-code"):
         check_hub_ready(model_dir)
     hub = FakeHub()
@@ -252,5 +254,6 @@ def test_paths_of_this_machine_in_uploaded_files_are_refused_unless_refreshed(mo
     assert json.loads((model_dir / "config.json").read_text())["text_config"]["_name_or_path"] == \
         "SmolLM2-135M-Instruct"
     assert json.loads((model_dir / "evaluation_results.json").read_text()) == {
-        "model": "cell2text-demo", "fields": {"cell_type": {"T/NK cell": 1}}}
+        "model": "cell2text-demo", "fields": {"cell_type": {"T/NK cell": 1}}, "tokens": ["/", "~", "local"]}
+    assert (model_dir / "tokenizer.json").read_bytes() == tokenizer  # a tokenizer's merges hold "/" as text
     assert not any("/home/someone" in path.read_text() for path in model_dir.glob("*.json"))

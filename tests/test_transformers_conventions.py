@@ -188,17 +188,20 @@ def test_generate_takes_the_processors_output_with_skipped_cells(model_and_proce
     assert torch.equal(generated, expected)
 
 
-def test_a_new_model_generates_whole_descriptions_by_default(tmp_path):
-    """The reviewer's finding: model.generate(**inputs) without max_new_tokens stopped after transformers' default
-    of 20 new tokens (mid-definition). A new model is saved with the description's length."""
-    from tiny_parts import save_tiny_parts
+def test_generate_writes_whole_descriptions_unless_a_length_is_set(model_and_processor, inputs):
+    """The reviewer's findings: model.generate(**inputs) without a length stopped after transformers' default of 20
+    new tokens (mid-definition); saving 160 into the generation config then overrode a caller's max_length."""
+    from transformers import GenerationConfig
 
     from modeling_cell2text.modeling_cell2text import DESCRIPTION_MAX_NEW_TOKENS
 
-    encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
-    model = Cell2TextForConditionalGeneration.from_pretrained_parts(encoder_dir, lm_dir, cell_token_id=400,
-                                                                     num_cell_tokens=8, projector_hidden_size=16)
-    assert model.generation_config.max_new_tokens == DESCRIPTION_MAX_NEW_TOKENS == 160
-    model.save_pretrained(tmp_path / "model")
-    reloaded = Cell2TextForConditionalGeneration.from_pretrained(tmp_path / "model")
-    assert reloaded.generation_config.max_new_tokens == 160
+    model, processor = model_and_processor
+    prompt = inputs["input_ids"].shape[1]
+    settings = dict(do_sample=False, eos_token_id=None, pad_token_id=processor.tokenizer.eos_token_id)
+    with torch.no_grad():
+        assert model.generate(**inputs, **settings).shape[1] - prompt == DESCRIPTION_MAX_NEW_TOKENS == 160
+        assert model.generate(**inputs, **settings, max_length=prompt + 3).shape[1] == prompt + 3
+        assert model.generate(**inputs, **settings, max_new_tokens=2).shape[1] == prompt + 2
+        config = GenerationConfig(max_length=prompt + 4, **settings)
+        assert model.generate(**inputs, generation_config=config).shape[1] == prompt + 4
+    assert model.generation_config.max_new_tokens is None  # nothing saved with the model
