@@ -109,7 +109,7 @@ def empty_cells_error(
     return ValueError(
         f"{len(empty)} cells express no gene of the model's vocabulary{of}: cells "
         f"{format_cells(empty, obs_names, first_row)}. Filter them out (e.g. sc.pp.filter_cells(adata, "
-        "min_genes=...)) or pass skip_empty_cells=True (--skip-empty-cells in the CLI)."
+        "min_genes=...)) or pass skip_empty_cells=True."
     )
 
 

@@ -98,8 +98,10 @@ _OPTION_NAMES = (
     (re.compile(r"\bconstrained=False"), "--free"),
     (re.compile(r"\bskip_empty_cells=True"), "--skip-empty-cells"),
     (re.compile(r"\buse_raw=True"), "--use-raw"),
+    (re.compile(r"\bleave use_raw out\b"), "leave --use-raw out"),
     (re.compile(r"\blayer='([^']*)'"), r"--layer \1"),
-    (re.compile(r"\bbatch_size\b"), "--batch-size"),
+    (re.compile(r"\blayer=\.\.\."), "--layer NAME"),
+    (re.compile(r"\bbatch_size must\b"), "--batch-size must"),
 )
 
 

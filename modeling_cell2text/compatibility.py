@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 PREPARED_ENCODER_KEY = "cell2text_prepared_encoder"
 
 # The keyword arguments of `from_pretrained` that say where a folder's or repo's files are.
-HUB_KWARGS = ("cache_dir", "token", "revision", "local_files_only", "subfolder")
+HUB_KWARGS = ("cache_dir", "token", "revision", "local_files_only", "subfolder", "proxies")
 
 
 def hub_kwargs(kwargs: Mapping[str, Any]) -> dict:

@@ -82,13 +82,13 @@ def _refuse_adapter_files(pretrained_model_name_or_path: Any, kwargs: dict) -> N
     # transformers' Auto classes, given a repo id holding an adapter, pass the base model the adapter names instead
     # (its weights plus the adapter, not the repo's own: another model, exit 0) and the repo in adapter_kwargs
     adapter_repo = (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path")
-    if adapter_repo is not None:
+    if adapter_repo is not None and str(adapter_repo) != str(pretrained_model_name_or_path):
         raise OSError(
-            f"{adapter_repo!s} holds a PEFT adapter (adapter_config.json) beside the model weights: transformers "
-            f"would load the base model it names ({pretrained_model_name_or_path!s}) with the adapter on top, instead "
-            "of the weights beside it. A Cell2Text repo holds merged weights only (training.sft saves them merged): "
-            "remove adapter_config.json and adapter_model.* from it, or, to apply an adapter on purpose, load its "
-            "base model and call model.load_adapter(...)."
+            f"{adapter_repo!s} holds a PEFT adapter (adapter_config.json) for the base model "
+            f"{pretrained_model_name_or_path!s}: transformers would load that base model with the adapter on top, "
+            f"not weights of {adapter_repo!s} itself. A Cell2Text repo holds merged weights only (training.sft saves "
+            "them merged): where it also holds its own weights, remove adapter_config.json and adapter_model.* from "
+            "it; to apply an adapter on purpose, load its base model and call model.load_adapter(...)."
         )
     if pretrained_model_name_or_path is None:
         return

@@ -456,3 +456,7 @@ def test_errors_name_the_commands_options(model_dir, tmp_path, capsys):
     assert "pass --input-values normalized" in last and "input_values=" not in err
     assert as_command_line("Describe with constrained=False, or pass skip_empty_cells=True; layer='counts'") == \
         "Describe with --free, or pass --skip-empty-cells; --layer counts"
+    assert as_command_line("use_raw=True but adata.raw is None; read X (leave use_raw out) or pass layer=...") == \
+        "--use-raw but adata.raw is None; read X (leave --use-raw out) or pass --layer NAME"
+    message = "Expected input batch_size (4) to match target batch_size (8)"  # torch's words stay as they are
+    assert as_command_line(message) == message

@@ -199,7 +199,7 @@ def test_every_empty_cell_is_found_before_any_is_described(random_dir, monkeypat
     generated = []
     monkeypatch.setattr(describe.model, "generate", lambda *a, **k: generated.append(1) or pytest.fail("generated"))
     with pytest.raises(ValueError, match=r"2 cells express no gene .*10 \('cell10'\), 560 \('cell560'\).*"
-                                         r"--skip-empty-cells in the CLI"):
+                                         r"or pass skip_empty_cells=True\."):
         describe(adata, max_new_tokens=2, constrained=False)
     assert not generated
     monkeypatch.undo()
