@@ -32,6 +32,7 @@ logger = logging.get_logger(__name__)
 
 # Weight files a model folder may hold that only pickle can read.
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 # Files (glob patterns) that do not belong in a Cell2Text folder of merged safetensors weights.
 FOREIGN_WEIGHTS = ("adapter_config.json", "adapter_model.*", *PICKLED_WEIGHTS)
 
@@ -80,15 +81,18 @@ def _refuse_adapter_files(pretrained_model_name_or_path: Any, kwargs: dict) -> N
     """Refuse a model folder (or repo) holding a PEFT adapter: transformers would apply it on top of the merged
     weights without a word (a stale LoRA left by an earlier save moved every score)."""
     # transformers' Auto classes, given a repo id holding an adapter, pass the base model the adapter names instead
-    # (its weights plus the adapter, not the repo's own: another model, exit 0) and the repo in adapter_kwargs
-    adapter_repo = (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path")
-    if adapter_repo is not None and str(adapter_repo) != str(pretrained_model_name_or_path):
+    # and the repo in adapter_kwargs: right for a repo of an adapter alone, another model (exit 0) for a repo whose
+    # own weights sit beside a stray adapter
+    adapter_kwargs = kwargs.get("adapter_kwargs") or {}
+    adapter_repo = adapter_kwargs.get("_adapter_model_path")
+    if adapter_repo is not None and str(adapter_repo) != str(pretrained_model_name_or_path) and any(
+            saved_file(adapter_repo, name, hub_kwargs(adapter_kwargs)) for name in SAFETENSORS_WEIGHTS):
         raise OSError(
-            f"{adapter_repo!s} holds a PEFT adapter (adapter_config.json) for the base model "
+            f"{adapter_repo!s} holds model weights and a PEFT adapter (adapter_config.json) for the base model "
             f"{pretrained_model_name_or_path!s}: transformers would load that base model with the adapter on top, "
-            f"not weights of {adapter_repo!s} itself. A Cell2Text repo holds merged weights only (training.sft saves "
-            "them merged): where it also holds its own weights, remove adapter_config.json and adapter_model.* from "
-            "it; to apply an adapter on purpose, load its base model and call model.load_adapter(...)."
+            f"not the weights of {adapter_repo!s}. A Cell2Text repo holds merged weights only (training.sft saves "
+            "them merged): remove adapter_config.json and adapter_model.* from it, or, to apply an adapter on "
+            "purpose, load its base model and call model.load_adapter(...)."
         )
     if pretrained_model_name_or_path is None:
         return

@@ -53,12 +53,22 @@ def test_a_repo_with_an_adapter_naming_another_base_is_refused(composed_dir, hub
     (v2 / "adapter_config.json").write_text(json.dumps(adapter_config))
     cache_as_repo(v2, hub_cache, "org/cell2text-v2")
 
-    match = "org/cell2text-v2 holds a PEFT adapter \\(adapter_config.json\\) for the base model org/cell2text-v1"
+    match = "org/cell2text-v2 holds model weights and a PEFT adapter \\(adapter_config.json\\) for the base model " \
+            "org/cell2text-v1"
     with pytest.raises(OSError, match=match):
         AutoModelForCausalLM.from_pretrained("org/cell2text-v2")
     with pytest.raises(OSError, match="holds a PEFT adapter"):
         Cell2TextForConditionalGeneration.from_pretrained("org/cell2text-v2")
     assert isinstance(AutoModelForCausalLM.from_pretrained("org/cell2text-v1"), Cell2TextForConditionalGeneration)
+    # a repo of the adapter alone (the usual way to share a LoRA): its base with the adapter on top, as transformers
+    # loads it
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(v2 / name, lora / name)
+    cache_as_repo(lora, hub_cache, "org/cell2text-lora")
+    adapted = AutoModelForCausalLM.from_pretrained("org/cell2text-lora")
+    assert any("lora_" in name for name, _ in adapted.named_parameters())
 
 
 def test_a_repos_generation_config_that_does_not_read_is_refused(composed_dir, hub_cache, tmp_path):  # noqa: F811
