@@ -42,12 +42,12 @@ def main() -> None:
     from modeling_cell2text.description_schema import parse_or_none
     from modeling_cell2text.label_scoring import score_cell_types
     from modeling_cell2text.schema_decoding import SchemaDecoder
-    from processing.corpus import split_value_lists
-    from training.evaluation.evaluate import batched_inputs, check_corpus_vocabulary, load_model
+    from processing.corpus import check_corpus_tokenized_as, split_value_lists
+    from training.evaluation.evaluate import batched_inputs, load_model
     from training.evaluation.metrics import pathway_report
 
     model, processor = load_model(args.model, device="cpu")
-    check_corpus_vocabulary(args.corpus, processor)
+    check_corpus_tokenized_as(args.corpus, processor.feature_extractor, args.model)
     cells = load_from_disk(str(args.corpus))[args.split]
     values = split_value_lists(cells, processor.feature_extractor)
     true_types, true_pathways = list(cells["cell_type"]), list(cells["pathways"])
