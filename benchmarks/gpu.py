@@ -24,7 +24,9 @@ it: every cell-type label scored, the best written, 100 tokens generated after i
 rows (`schema_decoding.PACK_TOKENS` False: every step as wide as its widest cell, long writes split at a pass cost
 measured on a CPU; the default packs each step's real tokens into one row: this says what packing gains on the
 GPU). Printed per mode: cells/s, new tokens/s, peak memory and the warm-up (compile) time; for the schema decoder its
-model calls for the batch. The JSON gives each mode's start time, to read its GPU busy share from gpu_run.sh's
+model calls for the batch. The parts' weights are random, so the decoder's search runs to its bound (twice the
+trees' depths in calls; 25 a batch in the dry run): a trained model needs fewer (15 at batch 256 on the main job's
+model, docs/results.md), so its figure is a worst case. The JSON gives each mode's start time, to read its GPU busy share from gpu_run.sh's
 smi.csv.
 
 `--size smoke` keeps the paper shapes with fewer steps and a smaller generation batch (a quick check of a GPU
