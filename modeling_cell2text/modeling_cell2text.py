@@ -21,7 +21,8 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, Generatio
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import GENERATION_CONFIG_NAME, can_return_tuple, find_adapter_config_file, logging
+from transformers.utils import (CONFIG_NAME, GENERATION_CONFIG_NAME, can_return_tuple, find_adapter_config_file,
+                                logging)
 
 from .cell_inputs import CELL_INPUT_NAMES, CELL_ROW_KEYS
 from .compatibility import (PREPARED_ENCODER_KEY, check_gene_vocabulary, gene_vocabulary_sha256, hub_kwargs,
@@ -32,7 +33,6 @@ logger = logging.get_logger(__name__)
 
 # Weight files a model folder may hold that only pickle can read.
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 # Files (glob patterns) that do not belong in a Cell2Text folder of merged safetensors weights.
 FOREIGN_WEIGHTS = ("adapter_config.json", "adapter_model.*", *PICKLED_WEIGHTS)
 
@@ -78,17 +78,18 @@ def _first_layers_of(bert: nn.Module, count: int) -> nn.Module:
 
 
 def _refuse_adapter_files(pretrained_model_name_or_path: Any, kwargs: dict) -> None:
-    """Refuse a model folder (or repo) holding a PEFT adapter: transformers would apply it on top of the merged
-    weights without a word (a stale LoRA left by an earlier save moved every score)."""
-    # transformers' Auto classes, given a repo id holding an adapter, pass the base model the adapter names instead
-    # and the repo in adapter_kwargs: right for a repo of an adapter alone, another model (exit 0) for a repo whose
-    # own weights sit beside a stray adapter
+    """Refuse a model folder or repo that holds a model (config.json) and a PEFT adapter: transformers would apply
+    the adapter on top of the merged weights without a word (a stale LoRA left by an earlier save moved every
+    score), or, through the Auto classes given a repo id, load the base model the adapter names instead of the
+    repo's own weights (another model, exit 0). An adapter alone loads as transformers loads it: its base model with
+    the adapter on top."""
+    # the Auto classes pass the base model the adapter names, and the adapter's repo in adapter_kwargs
     adapter_kwargs = kwargs.get("adapter_kwargs") or {}
     adapter_repo = adapter_kwargs.get("_adapter_model_path")
-    if adapter_repo is not None and str(adapter_repo) != str(pretrained_model_name_or_path) and any(
-            saved_file(adapter_repo, name, hub_kwargs(adapter_kwargs)) for name in SAFETENSORS_WEIGHTS):
+    if adapter_repo is not None and str(adapter_repo) != str(pretrained_model_name_or_path) and saved_file(
+            adapter_repo, CONFIG_NAME, hub_kwargs(adapter_kwargs)) is not None:
         raise OSError(
-            f"{adapter_repo!s} holds model weights and a PEFT adapter (adapter_config.json) for the base model "
+            f"{adapter_repo!s} holds a model and a PEFT adapter (adapter_config.json) for the base model "
             f"{pretrained_model_name_or_path!s}: transformers would load that base model with the adapter on top, "
             f"not the weights of {adapter_repo!s}. A Cell2Text repo holds merged weights only (training.sft saves "
             "them merged): remove adapter_config.json and adapter_model.* from it, or, to apply an adapter on "
@@ -96,12 +97,13 @@ def _refuse_adapter_files(pretrained_model_name_or_path: Any, kwargs: dict) -> N
         )
     if pretrained_model_name_or_path is None:
         return
+    hub = hub_kwargs(kwargs)
     folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
     if folder.is_dir():
         adapter_config = folder / "adapter_config.json" if (folder / "adapter_config.json").is_file() else None
     else:  # a Hub repo id (or a path that does not exist, which transformers reports as it does)
-        adapter_config = find_adapter_config_file(str(pretrained_model_name_or_path), **hub_kwargs(kwargs))
-    if adapter_config is not None:
+        adapter_config = find_adapter_config_file(str(pretrained_model_name_or_path), **hub)
+    if adapter_config is not None and saved_file(pretrained_model_name_or_path, CONFIG_NAME, hub) is not None:
         raise OSError(
             f"{pretrained_model_name_or_path!s} holds a PEFT adapter ({Path(adapter_config).name}) beside the model "
             "weights, which transformers would apply on top of them silently. A Cell2Text folder holds merged "
@@ -515,28 +517,33 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
 
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, never emitting the cell placeholder: it only has meaning in the prompt. The
-        placeholder is added to the suppressed tokens of the call, of its `generation_config` (a copy) or of the
-        model's. Where neither the call nor the generation config sets a length (`max_new_tokens`, `max_length`), a
-        description may take `DESCRIPTION_MAX_NEW_TOKENS`. The processor's row bookkeeping (`skip_empty_cells=True`: `cell_indices`, `skipped_cell_indices`)
-        is not a model input and is left out, so `generate(**processor(...))` works with it.
-
-        Not configuration alone: a caller's own `generation_config=` replaces the model's, and with it any
-        suppressed token written there; the caller's config is otherwise used as given."""
+        placeholder is added to the suppressed tokens in effect (the call's, else its `generation_config`'s, else
+        the model's). Where none of them sets a length (`max_new_tokens`, `max_length`), a description may take
+        `DESCRIPTION_MAX_NEW_TOKENS`. Both go into a copy of a caller's `generation_config` where one is given
+        (transformers deprecates a config passed with loose settings). The processor's row bookkeeping
+        (`skip_empty_cells=True`: `cell_indices`, `skipped_cell_indices`) is not a model input and is left out, so
+        `generate(**processor(...))` works with it."""
         for key in CELL_ROW_KEYS:
             kwargs.pop(key, None)
         given = kwargs.get("generation_config")
-        config = given or self.generation_config
-        if not any(kwargs.get(name) is not None or getattr(config, name, None) is not None
-                   for name in ("max_new_tokens", "max_length")):
-            kwargs["max_new_tokens"] = DESCRIPTION_MAX_NEW_TOKENS  # a whole description, not transformers' 20 tokens
-        suppress = list(kwargs.pop("suppress_tokens", None) or getattr(config, "suppress_tokens", None) or [])
-        if self.config.cell_token_id not in suppress:
-            suppress.append(self.config.cell_token_id)
+
+        def in_effect(name: str) -> Any:  # as transformers merges them: the call, its config, the model's config
+            for source in (kwargs, vars(given) if given is not None else {}, vars(self.generation_config)):
+                if source.get(name) is not None:
+                    return source[name]
+            return None
+
+        settings = {"suppress_tokens": list(in_effect("suppress_tokens") or [])}
+        if self.config.cell_token_id not in settings["suppress_tokens"]:
+            settings["suppress_tokens"].append(self.config.cell_token_id)
+        if in_effect("max_new_tokens") is None and in_effect("max_length") is None:
+            settings["max_new_tokens"] = DESCRIPTION_MAX_NEW_TOKENS  # a whole description, not transformers' 20
         if given is None:
-            kwargs["suppress_tokens"] = suppress
-        else:  # set in the caller's config (a copy): transformers deprecates a config passed with loose settings
+            kwargs.update(settings)
+        else:
+            kwargs.pop("suppress_tokens", None)
             kwargs["generation_config"] = copy.deepcopy(given)
-            kwargs["generation_config"].suppress_tokens = suppress
+            kwargs["generation_config"].update(**settings)
         return super().generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(

@@ -40,6 +40,7 @@ This file travels as remote code with the feature extractor: it imports only num
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections import deque
@@ -359,8 +360,8 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
             example = data[np.flatnonzero(np.rint(data) != data)[0]]
             raise ValueError(
                 f"input_values='counts' but the values are not integer counts (e.g. {example}, {where}); pass "
-                "input_values='normalized' for normalised data or 'log1p' for log1p of normalised data (e.g. "
-                "scanpy's normalize_total + log1p), or round counts with float noise"
+                "input_values='normalized' for normalised data or input_values='log1p' for log1p of normalised data "
+                "(e.g. scanpy's normalize_total + log1p), or round counts with float noise"
             )
         if largest >= MAX_COUNT:
             raise ValueError(
@@ -373,7 +374,7 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
             raise ValueError(
                 f"input_values='log1p' but values reach {float(largest):.6g} ({where}), above {MAX_LOG1P:g} (log1p "
                 "of CP10k data is at most 9.2): these are not log1p of normalised values; pass "
-                "input_values='counts' for raw counts or 'normalized' for normalised values"
+                "input_values='counts' for raw counts or input_values='normalized' for normalised values"
             )
         if integral and largest > 0:
             raise ValueError(
@@ -429,9 +430,11 @@ _OTHER_BASE_ERROR = (
 
 def _other_log_base(data: np.ndarray, indptr: np.ndarray, tolerance: float = 1e-3) -> int | None:
     """2 or 10 where base**values - 1 are whole multiples of the cell's smallest one (counts times a scale: log2 or
-    log10 of normalised counts, e.g. scanpy's `log1p(base=2)`) in most cells that can tell, else None. A cell can
-    tell with at least 3 different multiples between 1 and 20 of its smallest value: equal values are multiples
-    always, and at a large multiple the relative tolerance (for rounded data) admits any value."""
+    log10 of normalised counts, e.g. scanpy's `log1p(base=2)`) in most cells that can tell, and in more of them than
+    expm1(values) are, else None. A cell can tell with at least 3 different multiples between 1.5 and 20 of its
+    smallest value: equal values are multiples always, and at a large multiple the relative tolerance (for rounded
+    data) admits any value. Values far below 1 (log1p of fractions) look alike in every base: there the natural
+    logarithm is as likely, and nothing is refused."""
     rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
     positive = data > 0
     data, rows = np.asarray(data[positive], dtype=np.float64), rows[positive]
@@ -442,15 +445,22 @@ def _other_log_base(data: np.ndarray, indptr: np.ndarray, tolerance: float = 1e-
     starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
     counts = np.diff(np.r_[starts, len(data)])
     different = np.r_[True, (rows[1:] != rows[:-1]) | (data[1:] != data[:-1])]
-    for base in (2, 10):
+
+    def share_of_multiples(base: float) -> float:
+        """The share of the cells that can tell in which base**values - 1 are whole multiples."""
         with np.errstate(over="ignore"):
-            unlogged = np.power(float(base), np.minimum(data, MAX_LOG1P)) - 1.0
+            unlogged = np.power(base, np.minimum(data, MAX_LOG1P)) - 1.0
         ratios = unlogged / np.repeat(unlogged[starts], counts)
         telling = different & (ratios > 1.5) & (ratios <= 20)
         whole = np.abs(ratios - np.rint(ratios)) <= tolerance * ratios
         cells_telling = np.add.reduceat(telling, starts) >= 3
         cells_whole = np.add.reduceat(telling & ~whole, starts) == 0
-        if cells_telling.any() and (cells_whole & cells_telling).sum() >= 0.5 * cells_telling.sum():
+        return float((cells_whole & cells_telling).sum() / cells_telling.sum()) if cells_telling.any() else 0.0
+
+    natural = share_of_multiples(math.e)
+    for base in (2, 10):
+        share = share_of_multiples(float(base))
+        if share >= 0.5 and share > natural:
             return base
     return None
 

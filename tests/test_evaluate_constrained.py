@@ -164,3 +164,27 @@ def test_the_pathway_baseline_names_the_training_splits_most_frequent_pathways_f
     assert baseline["pathways"] == ["TCA Cycle", "Glycolysis"]
     assert baseline["subset_accuracy"] == 0.5 and baseline["jaccard"] == pytest.approx((1 + 0) / 2)
     assert baseline["num_distinct_predicted"] == 1
+
+
+def test_the_evaluation_reports_the_pathway_baseline_where_the_corpus_has_pathways(model_and_corpus, tmp_path):
+    """The evaluation attaches the baseline (a reviewer: deleting it passed the suite, the tiny corpus has no
+    pathways); a training split without pathways gives none."""
+    import shutil
+
+    from datasets import load_from_disk
+
+    model_dir, corpus_dir = model_and_corpus
+    corpus = load_from_disk(str(corpus_dir))
+    named = ["TCA Cycle", "Glycolysis", "Ribosome"]
+    with_pathways = corpus.map(lambda row, i: {"pathways": [named[i % 3], named[(i + 1) % 3]]}, with_indices=True)
+    with_pathways.save_to_disk(str(tmp_path / "corpus"))
+    for extra in ("feature_extractor", "summary.json"):
+        source = corpus_dir / extra
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / "corpus" / extra)
+    results, _, _ = evaluate_model(model_dir, tmp_path / "corpus", "test", batch_size=4, max_new_tokens=4,
+                                   device="cpu", other_corpus=True)
+    assert results["pathway_baseline"]["num_cells"] == results["pathways"]["num_cells"] == len(corpus["test"])
+    assert results["pathway_baseline"]["num_distinct_predicted"] == 1
+    assert len(results["pathway_baseline"]["pathways"]) == 2
+    results, _, _ = evaluate_model(model_dir, corpus_dir, "test", batch_size=4, max_new_tokens=4, device="cpu")
+    assert "pathway_baseline" not in results

@@ -53,7 +53,7 @@ def test_a_repo_with_an_adapter_naming_another_base_is_refused(composed_dir, hub
     (v2 / "adapter_config.json").write_text(json.dumps(adapter_config))
     cache_as_repo(v2, hub_cache, "org/cell2text-v2")
 
-    match = "org/cell2text-v2 holds model weights and a PEFT adapter \\(adapter_config.json\\) for the base model " \
+    match = "org/cell2text-v2 holds a model and a PEFT adapter \\(adapter_config.json\\) for the base model " \
             "org/cell2text-v1"
     with pytest.raises(OSError, match=match):
         AutoModelForCausalLM.from_pretrained("org/cell2text-v2")
@@ -67,8 +67,10 @@ def test_a_repo_with_an_adapter_naming_another_base_is_refused(composed_dir, hub
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy(v2 / name, lora / name)
     cache_as_repo(lora, hub_cache, "org/cell2text-lora")
-    adapted = AutoModelForCausalLM.from_pretrained("org/cell2text-lora")
-    assert any("lora_" in name for name, _ in adapted.named_parameters())
+    for adapted in (AutoModelForCausalLM.from_pretrained("org/cell2text-lora"),
+                    Cell2TextForConditionalGeneration.from_pretrained("org/cell2text-lora"),
+                    Cell2TextForConditionalGeneration.from_pretrained(lora)):  # the folder too
+        assert any("lora_" in name for name, _ in adapted.named_parameters())
 
 
 def test_a_repos_generation_config_that_does_not_read_is_refused(composed_dir, hub_cache, tmp_path):  # noqa: F811

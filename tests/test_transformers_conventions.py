@@ -204,4 +204,11 @@ def test_generate_writes_whole_descriptions_unless_a_length_is_set(model_and_pro
         assert model.generate(**inputs, **settings, max_new_tokens=2).shape[1] == prompt + 2
         config = GenerationConfig(max_length=prompt + 4, **settings)
         assert model.generate(**inputs, generation_config=config).shape[1] == prompt + 4
-    assert model.generation_config.max_new_tokens is None  # nothing saved with the model
+        assert model.generation_config.max_new_tokens is None  # nothing saved with the model
+        # the model's own length, also where the caller's config sets none (transformers fills it in from the model's)
+        model.generation_config.max_new_tokens = 5
+        try:
+            assert model.generate(**inputs, **settings).shape[1] == prompt + 5
+            assert model.generate(**inputs, generation_config=GenerationConfig(**settings)).shape[1] == prompt + 5
+        finally:
+            model.generation_config.max_new_tokens = None

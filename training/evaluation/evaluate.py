@@ -454,7 +454,7 @@ def evaluate_model(
         results["field_calibration"] = field_calibration(cells, described, processor)
         per_cell["cell_type_score"] = described_known["scores"]
         per_cell["cell_type_free"] = described_known["free_labels"]
-    if "pathways" in results and "train" in corpus and split != "train":
+    if "pathways" in results and "train" in corpus and split != "train" and any(corpus["train"]["pathways"]):
         results["pathway_baseline"] = pathway_baseline(corpus["train"], cells)
     results.update(model=str(model_dir), dataset=str(corpus_dir), split=split,
                    constrained=constrained, gene_vocabulary_sha256=vocabulary_sha256,
