@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--private", action="store_true", help="Make the model repo (and the dataset repo) private.")
     parser.add_argument("--refresh-code", action="store_true",
                         help="Bring a folder saved by an earlier version up to date first: the installed package's "
-                             "code files, and its JSON files without paths of this machine.")
+                             "code files, and config.json and the saved evaluation without paths of this machine.")
     args = parser.parse_args(argv)
     if bool(args.corpus) != bool(args.dataset_repo):
         parser.error("--corpus and --dataset-repo go together")

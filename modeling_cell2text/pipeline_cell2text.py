@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, Pipeline
 
 from .cell_inputs import empty_cells_error, format_cells
-from .compatibility import (check_model_and_processor, saved_file, gene_ranking_sha256, gene_vocabulary_sha256,
-                            recorded_gene_vocabulary_sha256)
+from .compatibility import (check_model_and_processor, gene_ranking_sha256, gene_vocabulary_sha256,
+                            recorded_gene_vocabulary_sha256, saved_file)
 from .label_scoring import constrains_by_default
 from .modeling_cell2text import DESCRIPTION_MAX_NEW_TOKENS, foreign_weight_files
 from .rank_value import as_csr
