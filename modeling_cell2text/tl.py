@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .compatibility import check_model_and_processor, gene_vocabulary_sha256
-from .description_schema import CellDescription
+from .description_schema import ONTOLOGY_FIELDS, CellDescription
 from .label_scoring import constrains_by_default
 from .modeling_cell2text import PICKLED_WEIGHTS, Cell2TextForConditionalGeneration
 from .package_info import package_version
@@ -352,7 +352,8 @@ def described_columns(key_added: str) -> list[str]:
 def annotation_columns(results: Sequence[dict | None], key_added: str) -> dict[str, Any]:
     """obs columns (one value per cell, in the cells' order) from pipeline results; None marks a skipped cell.
 
-    A NUL character (which a model can decode, but HDF5 strings cannot hold) is written as U+FFFD, so one odd
+    With no cell described (an empty AnnData, or every cell skipped) the description, parsed, field and ontology id
+    columns are still written, empty or missing. A NUL character (which a model can decode, but HDF5 strings cannot hold) is written as U+FFFD, so one odd
     generation cannot make the whole h5ad unwritable; such a description does not parse (`parsed` is False).
     """
     import pandas as pd
@@ -360,6 +361,9 @@ def annotation_columns(results: Sequence[dict | None], key_added: str) -> dict[s
     keys: list[str] = []
     for result in results:
         keys += [key for key in (result or {}) if key not in keys]
+    if not keys:  # no cell described (none given, or every one skipped): the columns a reader looks for still exist
+        keys = ["description", "parsed", *CellDescription().to_dict(),
+                *(f"{name}_ontology_term_id" for name in ONTOLOGY_FIELDS)]
     columns: dict[str, Any] = {}
     for key in keys:
         values = [None if result is None else result.get(key) for result in results]

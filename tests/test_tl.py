@@ -233,3 +233,16 @@ def test_annotation_columns_types_and_skipped_cells():
 def test_a_misspelt_option_is_named_with_the_known_ones(model_dirs):
     with pytest.raises(ValueError, match=r"Unknown describe option\(s\) \['batch_sise'\].*'batch_size'"):
         tl.describe(make_adata(2), model_dirs["random"], batch_sise=4)
+
+
+@pytest.mark.parametrize("n_cells", [0, 3])
+def test_no_cell_described_still_writes_the_columns(model_dirs, n_cells):
+    """An empty AnnData (or one whose every cell is skipped) wrote the uns record and no obs column, so a notebook's
+    next `adata.obs["cell2text_cell_type"]` failed with a KeyError."""
+    adata = make_adata(3)[:n_cells].copy()
+    adata.X = np.zeros(adata.shape, dtype=np.float32)
+    describe(adata, model_dirs["trained"], skip_empty_cells=True)
+    for column in FIELD_COLUMNS:
+        assert f"cell2text_{column}" in adata.obs, column
+    assert not adata.obs["cell2text_parsed"].any() and adata.obs["cell2text_cell_type"].isna().all()
+    assert "cell2text" in adata.uns
