@@ -230,10 +230,20 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
                 "Cell2TextProcessor.from_pretrained(folder), new_folder) (from modeling_cell2text)."
             ) from err
         _refuse_unreadable_generation_config(pretrained_model_name_or_path, kwargs)
+        model.config._commit_hash = _loaded_commit(pretrained_model_name_or_path, kwargs)
         if wants_loading_info:
             return model, loading_info
         _refuse_unloaded_weights(pretrained_model_name_or_path, loading_info)
         return model
+
+
+def _loaded_commit(source: Any, kwargs: dict) -> str | None:
+    """The Hub commit a model was loaded from (None for a local folder): transformers 5 resolves the revision but no
+    longer records it, and the processor check and `tl`'s provenance record read it (`config._commit_hash`, which is
+    not saved)."""
+    from transformers.utils.hub import extract_commit_hash
+
+    return extract_commit_hash(saved_file(source, CONFIG_NAME, hub_kwargs(kwargs)), None)
 
 
 class Cell2TextModel(Cell2TextPreTrainedModel):

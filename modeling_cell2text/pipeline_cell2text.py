@@ -50,12 +50,15 @@ def _raise_why_no_processor(model: Any) -> None:
     """transformers' `pipeline()` loads the processor and, where that fails, passes none: a processor saved with the
     model that does not fit it (`check_model_and_processor`) read as "none was found". Its own error is raised."""
     source = getattr(model, "name_or_path", None)
-    if source and saved_file(source, "processor_config.json", {}) is not None:
+    # a repo loaded at another revision: its commit, which transformers records on the config (None for a folder)
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    hub = {"revision": commit} if commit else {}
+    if source and saved_file(source, "processor_config.json", hub) is not None:
         from .processing_cell2text import Cell2TextProcessor
 
         # this module's own copy runs as a folder's remote code only where the user trusted that code
         trusted = {"trust_remote_code": True} if __name__.startswith("transformers_modules.") else {}
-        Cell2TextProcessor.from_pretrained(source, **trusted)  # raises what transformers' loader swallowed
+        Cell2TextProcessor.from_pretrained(source, **hub, **trusted)  # raises what transformers' loader swallowed
     raise ValueError(MISSING_PROCESSOR)
 
 

@@ -92,3 +92,26 @@ def test_pipeline_of_a_repo_names_why_its_processor_does_not_fit(composed_dir, h
     cache_as_repo(edited_copy(composed_dir, tmp_path / "permuted", swap_two_genes), hub_cache, "org/permuted")
     with pytest.raises(ModelProcessorMismatchError, match="gene vocabulary checksum"):
         pipeline("cell-to-text", model="org/permuted", device="cpu")
+
+
+def test_pipeline_of_a_repo_revision_names_why_that_revisions_processor_does_not_fit(
+        composed_dir, hub_cache, tmp_path):  # noqa: F811
+    """The check read the main revision's processor (which fits) and said "none was found" for the revision asked."""
+    cache_as_repo(composed_dir, hub_cache, "org/cell2text")
+    other = "fedcba9876543210fedcba9876543210fedcba98"
+    permuted = edited_copy(composed_dir, tmp_path / "permuted", swap_two_genes)
+    shutil.copytree(permuted, hub_cache / "models--org--cell2text" / "snapshots" / other)
+    with pytest.raises(ModelProcessorMismatchError, match="gene vocabulary checksum"):
+        pipeline("cell-to-text", model="org/cell2text", revision=other, device="cpu")
+    pipeline("cell-to-text", model="org/cell2text", device="cpu")  # main: the model with its own processor
+
+
+def test_a_repos_commit_is_recorded_as_the_models_revision(composed_dir, hub_cache):  # noqa: F811
+    """transformers 5 no longer records it: `tl.describe` wrote revision "unknown" for every Hub model."""
+    from modeling_cell2text import tl
+
+    cache_as_repo(composed_dir, hub_cache, "org/cell2text")
+    assert tl.model_provenance(Cell2TextForConditionalGeneration.from_pretrained("org/cell2text")) == {
+        "model": "org/cell2text", "revision": COMMIT}
+    assert tl.model_provenance(Cell2TextForConditionalGeneration.from_pretrained(composed_dir))["revision"] \
+        .startswith("sha256:")  # a folder: the checksum of its weights
