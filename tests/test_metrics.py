@@ -78,6 +78,15 @@ def test_pathway_report_hand_computed():
     assert r["num_distinct_predicted"] == 2
 
 
+def test_an_unparsed_pathway_prediction_is_wrong_also_where_the_truth_is_empty():
+    """It scored 1 on every pathway metric (an unparsed text read as the right empty set)."""
+    unparsed = pathway_report([set(), set()], [None, None])
+    assert (unparsed["subset_accuracy"], unparsed["jaccard"], unparsed["f1"], unparsed["f1_samples"]) == (0, 0, 0, 0)
+    assert unparsed["num_missing"] == 2
+    right = pathway_report([set(), {"p1"}], [set(), {"p1"}])
+    assert (right["subset_accuracy"], right["jaccard"], right["f1"], right["f1_samples"]) == (1, 1, 1, 1)
+
+
 def test_the_pathway_baseline_is_the_most_frequent_names_as_many_as_cells_most_often_have():
     from training.evaluation.metrics import most_frequent_pathways
 

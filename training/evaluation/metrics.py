@@ -110,21 +110,24 @@ def pathway_report(
     - ``f1``: micro F1 (true positives, false positives and false negatives pooled over cells);
       ``f1_samples``: mean of the per-cell F1.
     - ``num_distinct_predicted``: how many different sets were predicted (1: the same pathways for every cell).
-    A missing prediction (None) is an empty set and is counted in ``num_missing``.
+    A missing prediction (None: the text did not parse) is counted in ``num_missing`` and is wrong: it scores 0 for
+    the cell, also where the true set is empty (an empty prediction then scores 1).
     """
     _check_lengths(true_sets, pred_sets)
     trues = [_as_set(t) for t in true_sets]
     preds = [_as_set(p) for p in pred_sets]
+    given = [p is not None for p in pred_sets]
+    num_missing = given.count(False)
     tp = sum(len(t & p) for t, p in zip(trues, preds))
     fp = sum(len(p - t) for t, p in zip(trues, preds))
     fn = sum(len(t - p) for t, p in zip(trues, preds))
-    jaccard = [1.0 if not (t | p) else len(t & p) / len(t | p) for t, p in zip(trues, preds)]
+    jaccard = [(1.0 if not (t | p) else len(t & p) / len(t | p)) if g else 0.0 for t, p, g in zip(trues, preds, given)]
     return {
-        "subset_accuracy": float(np.mean([t == p for t, p in zip(trues, preds)])),
+        "subset_accuracy": float(np.mean([g and t == p for t, p, g in zip(trues, preds, given)])),
         "jaccard": float(np.mean(jaccard)),
-        "f1": 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn),
-        "f1_samples": float(np.mean([_set_f1(t, p) for t, p in zip(trues, preds)])),
-        "num_missing": sum(p is None for p in pred_sets),
+        "f1": float(not num_missing) if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn),
+        "f1_samples": float(np.mean([_set_f1(t, p) if g else 0.0 for t, p, g in zip(trues, preds, given)])),
+        "num_missing": num_missing,
         "num_distinct_predicted": len({frozenset(p) for p, given in zip(preds, pred_sets) if given is not None}),
         "num_cells": len(trues),
     }
