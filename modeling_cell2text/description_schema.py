@@ -172,7 +172,9 @@ def render_description(description: CellDescription) -> str:
 _AGE_ALTERNATION = "|".join(re.escape(p) for p in sorted(_AGE_BY_PHRASE, key=len, reverse=True))
 _DESCRIPTION_RE = re.compile(
     r"^\s*"
-    r"(?:This sample consists of an? (?P<cell_type>[^.]+?)\."
+    # a period inside a cell-type label is followed by a character, as in every CL label ("NK1.1-positive ..."),
+    # so a sentence's end is a period followed by space or the end
+    r"(?:This sample consists of an? (?P<cell_type>(?:[^.]|\.(?=\S))+?)\."
     r"(?:\s+Cell Ontology definition: (?P<definition>.+?)\.(?=\s+It originates from|\s+This cell is associated|\s*$))?"
     r")?"
     r"(?:\s*It originates from (?:the (?P<tissue>.+?) of |)an? (?P<healthy>healthy )?(?:(?P<sex>female|male) )?donor"

@@ -915,8 +915,9 @@ def schema_results(processor, described: SchemaDescriptions) -> list[dict]:
     from the text), their ontology ids, and `<field>_score` for every chosen field.
 
     `parsed` says whether the text also reads back into the same fields; it is False only where a label holds the
-    template's own punctuation (a few ontology labels contain a period, e.g. "St. Louis encephalitis"), and the
-    fields are the chosen ones either way. `exact_choice` says whether every field's label is proven the most likely
+    template's own sentence boundaries (a cell-type label with a period followed by a space: no CL label has one;
+    labels such as "NK1.1-positive ..." or "st. Louis encephalitis" read back), and the fields are the chosen ones
+    either way. `exact_choice` says whether every field's label is proven the most likely
     of its options under the model; it is False only where a search over a large label set was cut to a beam
     (`SchemaDescriptions.not_exact`)."""
     definitions = getattr(processor, "cell_type_definitions", None) or {}

@@ -83,6 +83,9 @@ def test_constrained_evaluation_predicts_known_labels_with_confidence(model_and_
 
 def test_free_cell_type_reads_the_first_sentence_only():
     assert free_cell_type("This sample consists of a B cell. It orig") == "B cell"
+    label = "Dx5-negative, NK1.1-positive immature natural killer cell, mouse"  # it read "Dx5-negative, NK1"
+    assert free_cell_type(f"This sample consists of a {label}. It orig") == label
+    assert free_cell_type(f"This sample consists of a {label}.") == label
     assert free_cell_type("This sample consists of an erythroid cell") == "erythroid cell"
     assert free_cell_type("A B cell.") is None
 

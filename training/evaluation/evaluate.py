@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def generate_descriptions(
 def free_cell_type(text: str) -> str | None:
     """The cell type a description's first sentence names, or None where that sentence does not parse."""
 
-    first = text.strip().split(".", 1)[0] + "."
+    first = re.split(r"\.(?=\s|$)", text.strip(), maxsplit=1)[0] + "."  # a label's own period ("NK1.1") stays
     try:
         return parse_description(first).cell_type
     except DescriptionParseError:
