@@ -4,6 +4,7 @@
 python benchmarks/quality.py                          # 5 folds, seed 0, out outputs/quality
 python benchmarks/quality.py --with-cell2sentence     # also the Cell2Sentence-style baseline (twice the time)
 python benchmarks/quality.py --resume                 # after an interruption: keeps the folds already measured
+python benchmarks/quality.py --rescore                # pooled figures again from the fold folders (no training)
 cp outputs/quality/quality_benchmark.json docs/       # the main job's report then shows it beside its split
 ```
 
@@ -16,7 +17,8 @@ head, and logistic regression on the soft tokens the LLM reads), majority, logis
 expression, and with `--with-cell2sentence` the Cell2Sentence-style baseline.
 
 Printed per fold and pooled over all test cells: accuracy with its 95% Wilson interval, weighted F1, Cell Ontology
-similarity and parse rate (the last two as the cell-weighted mean of the folds), and, pooled, Cell2Text against
+similarity (every method's), Cell2Text's parse rate (the cell-weighted mean of the folds) and the expected
+calibration error of its `cell_type_score` (of the pooled cells), and, pooled, Cell2Text against
 every baseline on the same cells: the accuracy difference, the cells only one of them gets right and the exact
 McNemar p-value. Written: `<out>/quality_benchmark.json` (per-fold figures and predictions per cell, pooled
 figures, date, commit, device), rewritten after every fold with `"complete": false` until the last, so an
@@ -46,8 +48,8 @@ from hub_cards.names import METHOD_NAMES  # noqa: E402
 from training.evaluation.report import BENCHMARK_METRICS, method_figures, paired_lines  # noqa: E402
 
 EXTRA_METRICS = ("free_accuracy", "ece", "num_invented")
-# Figures that count cells: pooled as their total over the folds (the others as the folds' mean weighted by cells;
-# for the expected calibration error, that mean stands in for the ECE of the pooled cells).
+# Figures that count cells: pooled as their total over the folds (the others, where the folds kept no figure per
+# cell, as the folds' mean weighted by cells).
 COUNT_METRICS = ("num_invented",)
 
 
@@ -76,20 +78,33 @@ def wilson_interval(correct: int, total: int) -> list[float]:
 
 
 def pooled_figures(folds: Sequence[dict]) -> dict[str, dict[str, float]]:
-    """Per method, over the test cells of all folds: accuracy with its 95% interval and weighted F1 from the
-    predictions per cell (where the fold kept them: not the Cell2Sentence-style baseline's); counts
-    (`COUNT_METRICS`) as their total; the other metrics as the mean of the folds weighted by their cells."""
-    from training.evaluation.metrics import classification_report
+    """Per method, over the test cells of all folds, from the figures per cell where the folds kept them (not the
+    Cell2Sentence-style baseline's): accuracy with its 95% interval, weighted F1, ontology similarity, and for
+    Cell2Text the expected calibration error of its `cell_type_score`s (the ECE of the pooled cells: a mean of the
+    folds' ECEs is not one, as few cells per bin bias each upward); counts (`COUNT_METRICS`) as their total; the
+    other metrics as the mean of the folds weighted by their cells."""
+    from training.evaluation.metrics import calibration_report, classification_report
 
     truth = [label for fold in folds for label in fold["cells"]["cell_type_true"]]
-    pooled: dict[str, dict[str, float]] = {}
+
+    def pooled(key: str, method: str) -> list | None:  # a per-cell record of every fold, concatenated
+        kept = [fold["cells"].get(key, {}).get(method) for fold in folds]
+        return None if any(values is None for values in kept) else [v for values in kept for v in values]
+
+    pooled_methods: dict[str, dict[str, float]] = {}
     for method in dict.fromkeys(m for fold in folds for m in fold["methods"]):
         figures = {}
-        if method in folds[0]["cells"]["predictions"]:
-            predicted = [p for fold in folds for p in fold["cells"]["predictions"][method]]
-            correct = sum(p == t for p, t in zip(predicted, truth))
-            figures = {"accuracy": correct / len(truth), "accuracy_ci95": wilson_interval(correct, len(truth)),
+        predicted = pooled("predictions", method)
+        if predicted is not None:
+            correct = [p == t for p, t in zip(predicted, truth)]
+            figures = {"accuracy": sum(correct) / len(truth), "accuracy_ci95": wilson_interval(sum(correct), len(truth)),
                        "weighted_f1": classification_report(truth, predicted)["weighted_f1"], "num_cells": len(truth)}
+            similarity = pooled("ontology_similarity", method)
+            if similarity is not None:
+                figures["ontology_similarity"] = sum(similarity) / len(similarity)
+            scores = pooled("cell_type_score", method)
+            if scores is not None:
+                figures["ece"] = calibration_report(scores, correct)["ece"]
         for metric in {m for fold in folds for m in fold["methods"].get(method, {})} - set(figures):
             measured = [(fold["methods"][method][metric], len(fold["cells"]["cell_id"])) for fold in folds
                         if metric in fold["methods"].get(method, {})]
@@ -97,8 +112,8 @@ def pooled_figures(folds: Sequence[dict]) -> dict[str, dict[str, float]]:
                 figures[metric] = sum(v for v, _ in measured)
             else:
                 figures[metric] = sum(v * n for v, n in measured) / sum(n for _, n in measured)
-        pooled[method] = figures
-    return pooled
+        pooled_methods[method] = figures
+    return pooled_methods
 
 
 def format_table(folds: Sequence[dict], pooled: dict) -> str:
@@ -158,7 +173,9 @@ def fold_cells(fold_dir: Path) -> dict:
     refuses a fold whose test cells also train or validate, or whose report is not on those cells."""
     from datasets import load_from_disk
 
+    from processing.corpus import corpus_summary
     from training.demo import BASELINE_PREDICTIONS
+    from training.evaluation.evaluate import label_similarity_scores
 
     corpus = load_from_disk(str(fold_dir / "corpus"))
     test_ids = list(corpus["test"]["cell_id"])
@@ -172,8 +189,14 @@ def fold_cells(fold_dir: Path) -> dict:
         if record["cell_type_true"] != truth or record["cell_id"] != test_ids:
             raise ValueError(f"{fold_dir}: the {name}' cells are not the corpus's test cells in order; run the fold "
                              "again.")
-    return {"cell_id": test_ids, "cell_type_true": truth,
-            "predictions": {"cell2text": per_cell["cell_type_pred"], **baselines["predictions"]}}
+    predictions = {"cell2text": per_cell["cell_type_pred"], **baselines["predictions"]}
+    # the corpus's label -> term table (the model's is its training labels' part of it)
+    table = corpus_summary(fold_dir / "corpus").get("ontology_term_ids", {}).get("cell_type", {})
+    true_ids = corpus["test"]["cell_type_ontology_term_id"]
+    return {"cell_id": test_ids, "cell_type_true": truth, "predictions": predictions,
+            "ontology_similarity": {name: label_similarity_scores(true_ids, predicted, table)
+                                    for name, predicted in predictions.items()},
+            "cell_type_score": {"cell2text": per_cell["cell_type_score"]}}
 
 
 def run_fold(out_dir: Path, fold: int, num_folds: int, seed: int, with_cell2sentence: bool,
@@ -238,6 +261,24 @@ def reusable_folds(path: Path, settings: dict) -> dict[int, dict]:
     return {fold["fold"]: fold for fold in earlier["folds"]}
 
 
+def rescore(path: Path) -> dict:
+    """The benchmark at `path` with its pooled figures and paired tests computed again from its fold folders beside
+    it (`fold_cells`), e.g. after the pooling changed: nothing is trained or generated again. Refuses a fold folder
+    whose cells or predictions are not those the benchmark recorded."""
+    benchmark = json.loads(path.read_text())
+    for fold in benchmark["folds"]:
+        fold_dir = path.parent / f"fold-{fold['fold']}"
+        cells = fold_cells(fold_dir)
+        for key in ("cell_id", "cell_type_true", "predictions"):
+            if cells[key] != fold["cells"][key]:
+                raise SystemExit(f"{fold_dir}: its {key} are not those {path} recorded; it cannot be rescored.")
+        fold["cells"] = cells
+    benchmark.update(pooled=pooled_figures(benchmark["folds"]), paired=paired_summary(benchmark["folds"]),
+                     rescored={"commit": git_commit(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")})
+    path.write_text(json.dumps(benchmark, indent=2))
+    return benchmark
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     import logging
 
@@ -252,7 +293,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--max-steps", type=int, default=None, help="Cap training steps (a smoke run, not the recipe).")
     parser.add_argument("--resume", action="store_true",
                         help="Reuse the folds of <out>/quality_benchmark.json measured at this commit and settings.")
+    parser.add_argument("--rescore", action="store_true",
+                        help="Compute the pooled figures and paired tests of <out>/quality_benchmark.json again from "
+                             "its fold folders (nothing is trained), e.g. after the pooling changed.")
     args = parser.parse_args(argv)
+    if args.rescore:
+        return rescore(Path(args.out) / "quality_benchmark.json")
     if args.folds < 2:
         parser.error("--folds must be at least 2.")
     wanted = args.only_folds if args.only_folds is not None else list(range(args.folds))

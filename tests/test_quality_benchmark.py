@@ -15,6 +15,7 @@ import quality  # noqa: E402
 
 # Four test cells per fold; Cell2Text gets fold f's first f + 1 cells right, logistic regression all but the last.
 TRUTH = ["B cell", "T cell", "B cell", "NK cell"]
+TRUTH_IDS = ["CL:0000236", "CL:0000084", "CL:0000236", "CL:0000623"]
 
 
 def fake_results(fold: int) -> dict:
@@ -151,16 +152,26 @@ def test_fold_cells_read_each_method_on_the_folds_test_cells_and_refuse_a_mismat
     DatasetDict({
         "train": Dataset.from_dict({"cell_type": ["B cell"], "cell_id": ["e"]}),
         "validation": Dataset.from_dict({"cell_type": ["T cell"], "cell_id": ["f"]}),
-        "test": Dataset.from_dict({"cell_type": TRUTH, "cell_id": ids}),
+        "test": Dataset.from_dict({"cell_type": TRUTH, "cell_id": ids, "cell_type_ontology_term_id": TRUTH_IDS}),
     }).save_to_disk(str(tmp_path / "corpus"))
     (tmp_path / "report").mkdir()
-    per_cell = {"cell_id": ids, "cell_type_true": TRUTH, "cell_type_pred": ["B cell", "T cell", "T cell", None]}
+    per_cell = {"cell_id": ids, "cell_type_true": TRUTH, "cell_type_pred": ["B cell", "T cell", "T cell", None],
+                "cell_type_score": [0.9, 0.8, 0.6, 0.3]}
     (tmp_path / "report" / "per_cell.json").write_text(json.dumps(per_cell))
     baselines = {"cell_id": ids, "cell_type_true": TRUTH, "predictions": {"knn": ["B cell"] * 4}}
     (tmp_path / BASELINE_PREDICTIONS).write_text(json.dumps(baselines))
     cells = quality.fold_cells(tmp_path)
     assert cells["predictions"] == {"cell2text": per_cell["cell_type_pred"], "knn": ["B cell"] * 4}
     assert cells["cell_id"] == ids
+    assert cells["cell_type_score"] == {"cell2text": per_cell["cell_type_score"]}
+    # every method's ontology similarity per cell (the baselines had none), scored as Cell2Text's is
+    from training.evaluation.evaluate import label_similarity_scores
+
+    assert cells["ontology_similarity"]["cell2text"] == label_similarity_scores(TRUTH_IDS, per_cell["cell_type_pred"],
+                                                                                {})
+    assert cells["ontology_similarity"]["cell2text"][:2] == [1.0, 1.0]
+    assert cells["ontology_similarity"]["cell2text"][3] == 0.0  # no prediction
+    assert cells["ontology_similarity"]["knn"][0] == 1.0 and 0 < cells["ontology_similarity"]["knn"][1] < 1
     # A report (or baseline file) of other cells, or in another order, is refused, not compared.
     per_cell["cell_id"] = ["a", "b", "d", "c"]
     (tmp_path / "report" / "per_cell.json").write_text(json.dumps(per_cell))
@@ -182,3 +193,52 @@ def test_fold_cells_read_each_method_on_the_folds_test_cells_and_refuse_a_mismat
     (tmp_path / "corpus2").rename(tmp_path / "corpus")
     with pytest.raises(ValueError, match="1 test cells also train or validate"):
         quality.fold_cells(tmp_path)
+
+
+def test_pooled_ece_and_similarity_are_those_of_the_pooled_cells():
+    """The pooled ECE was the folds' ECEs averaged (0.076 for the checked-in run), not the pooled cells' (0.049);
+    the baselines had no ontology similarity."""
+    from training.evaluation.metrics import calibration_report
+
+    folds = []
+    for fold, scores in enumerate(([0.75, 0.75, 0.25, 0.25], [0.75, 0.75, 0.25, 0.25])):
+        cells = fake_cells(fold)
+        cells["cell_type_score"] = {"cell2text": scores}
+        cells["ontology_similarity"] = {name: [1.0 if p == t else 0.5 for p, t in zip(predicted, TRUTH)]
+                                        for name, predicted in cells["predictions"].items()}
+        results = fake_results(fold)
+        results["cell_type_constraint"]["calibration"]["ece"] = calibration_report(
+            scores, [p == t for p, t in zip(cells["predictions"]["cell2text"], TRUTH)])["ece"]
+        folds.append({"fold": fold, "methods": quality.method_figures(results), "cells": cells})
+    pooled = quality.pooled_figures(folds)
+    correct = [p == t for f in folds for p, t in zip(f["cells"]["predictions"]["cell2text"], TRUTH)]
+    expected = calibration_report([0.75, 0.75, 0.25, 0.25] * 2, correct)["ece"]
+    fold_mean = sum(f["methods"]["cell2text"]["ece"] for f in folds) / 2
+    assert pooled["cell2text"]["ece"] == pytest.approx(expected) == 0.125 and fold_mean == pytest.approx(0.25)
+    assert pooled["majority"]["ontology_similarity"] == pytest.approx((1 + 0.5 + 1 + 0.5) * 2 / 8)
+    assert pooled["logistic_regression"]["ontology_similarity"] == pytest.approx(0.875)
+
+
+def test_rescore_pools_again_from_the_fold_folders_and_refuses_other_predictions(tmp_path, stubbed, monkeypatch):
+    quality.main(["--folds", "2", "--out", str(tmp_path)])
+
+    def cells_with_scores(fold_dir):
+        cells = fake_cells(int(Path(fold_dir).name.split("-")[1]))
+        cells["cell_type_score"] = {"cell2text": [0.75, 0.75, 0.25, 0.25]}
+        return cells
+
+    monkeypatch.setattr(quality, "fold_cells", cells_with_scores)
+    rescored = quality.main(["--out", str(tmp_path), "--rescore"])
+    assert rescored["pooled"]["cell2text"]["ece"] == pytest.approx(0.125)  # the pooled cells', not 0.05
+    assert json.loads((tmp_path / "quality_benchmark.json").read_text())["pooled"] == json.loads(
+        json.dumps(rescored["pooled"]))
+    assert rescored["rescored"]["commit"] == "0" * 40
+
+    def other_predictions(fold_dir):
+        cells = cells_with_scores(fold_dir)
+        cells["predictions"]["cell2text"] = ["B cell"] * 4
+        return cells
+
+    monkeypatch.setattr(quality, "fold_cells", other_predictions)
+    with pytest.raises(SystemExit, match="its predictions are not those"):
+        quality.main(["--out", str(tmp_path), "--rescore"])

@@ -155,18 +155,23 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
         results["fold"] = {"fold": fold[0], "num_folds": fold[1]}
     lap("evaluate_cell2text")
 
+    from modeling_cell2text import Cell2TextProcessor
     from training.baselines.expression import baseline_reports
+    from training.evaluation.evaluate import label_similarity_scores
 
     encoder_dir = out_dir / "sft" / PREPARED_ENCODER_DIR
     predictions = {**expression_predictions(corpus), **head_predictions(corpus_dir, encoder_dir, model_dir)}
     truth = list(corpus["test"]["cell_type"])
-    baselines = baseline_reports(truth, predictions)
+    ontology_term_ids = Cell2TextProcessor.from_pretrained(model_dir).ontology_term_ids  # as Cell2Text's labels
+    similarity = {name: label_similarity_scores(corpus["test"]["cell_type_ontology_term_id"], predicted,
+                                                ontology_term_ids.get("cell_type", {}))
+                  for name, predicted in predictions.items()}
+    baselines = baseline_reports(truth, predictions, similarity_scores=similarity)
     # Every baseline's prediction per test cell, for the paired comparison of benchmarks/quality.py.
     (out_dir / BASELINE_PREDICTIONS).write_text(json.dumps(
         {"cell_id": list(corpus["test"]["cell_id"]), "cell_type_true": truth, "predictions": predictions}))
     lap("baselines")
     if not skip_cell2sentence:
-        from modeling_cell2text import Cell2TextProcessor
         from training.baselines.cell2sentence import generate_cell2sentence, train_cell2sentence
 
         _, c2s_config = sft_arguments(["--corpus_dir", str(corpus_dir), "--output_dir", str(out_dir / "c2s"),
@@ -182,7 +187,6 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
         feature_extractor = corpus_feature_extractor(corpus_dir)
         texts = generate_cell2sentence(c2s_dir, corpus["test"], feature_extractor, cell2text_args.num_cell_tokens,
                                        batch_size=GENERATION_BATCH_SIZE, max_new_tokens=max_new_tokens)
-        ontology_term_ids = Cell2TextProcessor.from_pretrained(model_dir).ontology_term_ids  # as Cell2Text's
         c2s_results, _ = score_descriptions(corpus["test"], texts, ontology_term_ids)
         baselines["cell2sentence"] = c2s_results["fields"]  # its unparsed texts show as "Missing"
         results["cell2sentence_parse_rate"] = c2s_results["parse_rate"]

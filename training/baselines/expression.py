@@ -125,7 +125,13 @@ def run_expression_baselines(X_train, y_train: Sequence[str], X_test) -> dict[st
 
 
 def baseline_reports(
-    y_test: Sequence[str], predictions: dict[str, Sequence[str | None]], field: str = "cell_type"
+    y_test: Sequence[str], predictions: dict[str, Sequence[str | None]], field: str = "cell_type",
+    similarity_scores: dict[str, Sequence[float]] | None = None,
 ) -> dict[str, dict[str, dict]]:
-    """``{baseline: {field: classification_report}}``, the results' ``"baselines"`` section."""
-    return {name: {field: classification_report(y_test, pred)} for name, pred in predictions.items()}
+    """``{baseline: {field: classification_report}}``, the results' ``"baselines"`` section; with
+    `similarity_scores` (per baseline, each cell's ontology similarity: `evaluate.label_similarity_scores`) each
+    report also holds their mean, ``ontology_similarity``, as Cell2Text's does."""
+    reports = {name: {field: classification_report(y_test, pred)} for name, pred in predictions.items()}
+    for name, scores in (similarity_scores or {}).items():
+        reports[name][field]["ontology_similarity"] = float(np.mean(scores))
+    return reports

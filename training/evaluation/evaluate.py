@@ -311,6 +311,15 @@ def predicted_term_id(label: str | None, training_ids: dict[str, str], ontology:
     return training_ids.get(label) or term_id_of_label(ontology, label)
 
 
+def label_similarity_scores(
+    true_ids: Sequence[str], labels: Sequence[str | None], training_ids: dict[str, str], ontology: str = "CL"
+) -> list[float]:
+    """Per cell, the ontology similarity of the predicted `labels` to the true terms (`predicted_term_id`; 0 for a
+    label without a term or no prediction): the one scoring of Cell2Text's and every baseline's labels."""
+    pred_ids = [predicted_term_id(label, training_ids, ontology) for label in labels]
+    return ontology_similarity_scores(list(true_ids), pred_ids, _ExactOrOntology(ontology))
+
+
 def score_descriptions(
     split,
     texts: Sequence[str],
@@ -344,9 +353,7 @@ def score_descriptions(
         report = classification_report(true, pred)
         if ontology is not None and id_column in split.column_names:
             true_ids = [split[id_column][i] for i in known]
-            table = ontology_term_ids.get(field, {})
-            pred_ids = [predicted_term_id(label, table, ontology) for label in pred]
-            scores = ontology_similarity_scores(true_ids, pred_ids, _ExactOrOntology(ontology))
+            scores = label_similarity_scores(true_ids, pred, ontology_term_ids.get(field, {}), ontology)
             report["ontology_similarity"] = sum(scores) / len(scores)
             if field == "cell_type":
                 per_cell["ontology_similarity"] = scores
