@@ -197,6 +197,46 @@ def _cell_type_reason(term_id: str | None, label: str | None, known: bool) -> st
     return None
 
 
+# The ids each field takes in the CELLxGENE schema (7): an id of another ontology means a mis-mapped column, and its
+# label would be stated as the field's ("a donor with female", "sex: COVID-19"). CL tissues are cell cultures;
+# UBERON stages are other organisms'.
+FIELD_TERM_PREFIXES = {
+    "tissue": ("UBERON:", "CL:"),
+    "disease": ("MONDO:", "PATO:0000461"),
+    "sex": ("PATO:0000383", "PATO:0000384"),
+    "development_stage": ("HsapDv:", "MmusDv:", "UBERON:"),
+}
+
+
+def _term_problem(field: str, term_id: str | None, known: bool) -> str | None:
+    """Why a resolved (non-cell-type) term cannot be stated as `field`: "wrong_ontology" or "obsolete" (no
+    replacement: its label reads "obsolete ..."; a stage is stated only as its age group, which an obsolete stage's
+    label still gives), or None."""
+    if term_id is None:
+        return None
+    if not term_id.startswith(FIELD_TERM_PREFIXES[field]):
+        return "wrong_ontology"
+    if known and field != "development_stage" and ontologies.is_deprecated(term_id):  # no replacement (resolve_term)
+        return "obsolete"
+    return None
+
+
+def _leave_out_unstatable(field: str, codes: np.ndarray, pairs: list, resolved: list) -> tuple[list, list]:
+    """`resolved` with the terms `field` cannot state (`_term_problem`) made missing, and each pair's problem; the
+    cells they leave out are warned about with examples, so a mis-mapped column is not silently dropped."""
+    problems = [_term_problem(field, term, known) for term, _, known in resolved]
+    cells = np.bincount(codes[codes >= 0], minlength=len(pairs))
+    for problem, what in (("wrong_ontology", f"ids that are not {' / '.join(FIELD_TERM_PREFIXES[field])}"),
+                          ("obsolete", "obsolete terms without a replacement")):
+        hit = sorted((i for i, p in enumerate(problems) if p == problem), key=lambda i: -cells[i])
+        if hit:
+            logger.warning(
+                "%d cells' %s are %s, so their descriptions leave the %s out (examples: %s); check which obs "
+                "column holds the %s ids (--obs-map) or update the terms", sum(cells[i] for i in hit), field,
+                what, field, "; ".join(f"{resolved[i][0]} {resolved[i][1]!r}" for i in hit[:3]), field)
+    return [(None, None, False) if p else r for p, r in zip(problems, resolved)], problems
+
+
 def _warn_relabelled(field: str, codes: np.ndarray, pairs: list, resolved: list) -> None:
     """Say where a known term's id overrode the label given beside it (the id wins: the ontology's label is used),
     so that a label and id that disagree ("T cell" with B cell's CL:0000236) are not relabelled without a word."""
@@ -237,12 +277,16 @@ def resolve_labels(obs: pd.DataFrame, required_fields: Sequence[str] = ("cell_ty
         codes, pairs = _distinct_pairs(obs[f"{field}_ontology_term_id"], obs[field])
         resolved = [resolve_term(*pair) for pair in pairs]
         _warn_relabelled(field, codes, pairs, resolved)
+        problems = [None] * len(pairs)
+        if field != "cell_type":
+            resolved, problems = _leave_out_unstatable(field, codes, pairs, resolved)
         labels[f"{field}_ontology_term_id"] = np.array([r[0] for r in resolved], dtype=object)[codes]
         labels[field] = np.array([r[1] for r in resolved], dtype=object)[codes]
         if field == "cell_type":
             reason = np.array([_cell_type_reason(*r) for r in resolved], dtype=object)[codes]
         elif field in required_fields:
-            reason = np.where(labels[field].isna().to_numpy(), f"missing_{field}", None)
+            named = np.array([f"{p}_{field}_term" if p else f"missing_{field}" for p in problems], dtype=object)
+            reason = np.where(labels[field].isna().to_numpy(), named[codes], None)
         else:
             continue
         reasons = np.where(pd.isna(reasons), reason, reasons)

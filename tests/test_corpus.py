@@ -315,3 +315,36 @@ def test_publish_corpus_pushes_splits_then_its_card_for_the_repo_then_its_files(
     assert "your-org/pbmc-corpus" in calls[2][2] and "your-org/pbmc-corpus" in (out / "README.md").read_text()
     assert calls[3][1] == "feature_extractor" and "preprocessor_config.json" in calls[3][2]
     assert [c[1] for c in calls[4:]] == ["summary.json", "rejects.csv", "unmapped_genes.txt"] and all(c[2] for c in calls[4:])
+
+
+def test_ids_of_another_ontology_or_obsolete_terms_are_left_out_of_the_text_with_a_warning(caplog):
+    """A mis-mapped column was stated as the field: sex and disease swapped wrote "a donor with female" and a record
+    with sex "COVID-19"; an obsolete tissue wrote "originates from the obsolete cranial structure"."""
+    from processing.corpus import describe, resolve_labels
+
+    obs = pd.DataFrame({
+        "cell_type": ["B cell"] * 4, "cell_type_ontology_term_id": ["CL:0000236"] * 4,
+        "tissue": ["blood", "cranial structure", "blood", "blood"],
+        "tissue_ontology_term_id": ["UBERON:0000178", "UBERON:0000032", "UBERON:0000178", "UBERON:0000178"],
+        "sex": ["female", "male", "COVID-19", "female"],
+        "sex_ontology_term_id": ["PATO:0000383", "PATO:0000384", "MONDO:0100096", "PATO:0000383"],
+        "disease": ["normal", "normal", "female", "deficiency"],
+        "disease_ontology_term_id": ["PATO:0000461", "PATO:0000461", "PATO:0000383", "MONDO:0000003"],
+        "development_stage": ["adult stage"] * 4, "development_stage_ontology_term_id": ["HsapDv:0000258"] * 4,
+        "donor_id": ["d"] * 4, "dataset_id": ["x"] * 4,
+    })
+    with caplog.at_level("WARNING", logger="processing.corpus"):
+        labels, reasons = resolve_labels(obs, required_fields=("cell_type",))
+    assert list(reasons) == [None] * 4
+    assert list(labels["sex"]) == ["female", "male", None, "female"]
+    assert list(labels["disease"]) == ["normal", "normal", None, None]
+    assert list(labels["tissue"]) == ["blood", None, "blood", "blood"]
+    assert labels["tissue_ontology_term_id"][1] is None and labels["disease_ontology_term_id"][3] is None
+    text = describe("B cell", "CL:0000236", labels["tissue"][2], labels["sex"][2], labels["disease"][2], None, ())
+    assert "COVID" not in text and "female" not in text
+    warned = caplog.text
+    assert "1 cells' sex are ids that are not PATO:0000383 / PATO:0000384" in warned and "MONDO:0100096" in warned
+    assert "1 cells' tissue are obsolete terms without a replacement" in warned and "UBERON:0000032" in warned
+    # a required field so left out rejects the cell with the reason
+    _, reasons = resolve_labels(obs, required_fields=("cell_type", "sex", "tissue"))
+    assert list(reasons) == [None, "obsolete_tissue_term", "wrong_ontology_sex_term", None]
