@@ -62,6 +62,9 @@ class BuildOptions:
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
     # (fold, num_folds): k-fold cross-validation instead of `fractions` (processing.splits.assign_fold_splits)
     fold: tuple[int, int] | None = None
+    # each donor's (or donorless cell's) split from a hash of its id and the seed: the same in every shard of a
+    # corpus built on several machines (processing.splits.hashed_split)
+    hashed_splits: bool = False
     chunk_size: int = 2048
     gmt: str | Path | None = DEFAULT_GMT
     n_pathways: int = 2
@@ -456,8 +459,12 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
     cell_ids = source.obs.index.astype(str)
     kept_labels = labels["cell_type"].to_numpy(dtype=object)[kept]
     kept_donors = labels["donor_id"].to_numpy(dtype=object)[kept]
+    if options.fold is not None and options.hashed_splits:
+        raise ValueError("BuildOptions: hashed_splits and fold exclude each other (folds are dealt from the whole "
+                         "input).")
     if options.fold is None:
-        split_of[kept] = assign_splits(kept_labels, kept_donors, options.fractions, options.seed, cell_ids[kept])
+        split_of[kept] = assign_splits(kept_labels, kept_donors, options.fractions, options.seed, cell_ids[kept],
+                                       hashed=options.hashed_splits)
     else:
         split_of[kept] = assign_fold_splits(kept_labels, kept_donors, *options.fold, options.seed, cell_ids[kept])
     _warn_empty_splits(split_of, kept_donors, options.fold is not None)
@@ -490,6 +497,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
             "top_pathways_by_cell_type": _top_pathways_by_cell_type(labels, kept, top, set_names)} if set_names else {}),
         "seed": options.seed,
         "split_by": split_by,
+        "hashed_splits": options.hashed_splits,
         **({"fold": {"fold": options.fold[0], "num_folds": options.fold[1]}} if options.fold else {}),
         "ontology_term_ids": ontology_term_ids,
         "unknown_ontology_term_ids": unknown_terms,
@@ -603,6 +611,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk-size", type=positive_int, default=2048)
     parser.add_argument("--shard", metavar="I/N", type=_part, help="build only shard I (0-based) of N contiguous cell ranges")
+    parser.add_argument("--hashed-splits", action="store_true",
+                        help="each donor's split (each cell's, without donors) from a hash of its id and --seed, the "
+                             "same in every shard: needed where shards share donors (docs/corpus.md); split sizes are "
+                             "then only near 80/10/10 and a rare cell type may miss train")
     parser.add_argument("--fold", metavar="I/K", type=_part,
                         help="k-fold cross-validation: fold I (0-based) of K is the test split, validation comes from "
                              "the other folds (the same --seed gives the same folds for every I)")
@@ -612,6 +624,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--push-to-hub", metavar="REPO", help="push the corpus and its card to this dataset repo")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.hashed_splits and args.fold:
+        parser.error("--hashed-splits and --fold exclude each other (folds are dealt from the whole input)")
     if bool(args.token_dictionary) != bool(args.gene_median_file):
         parser.error("--token-dictionary and --gene-median-file go together")
     return args
@@ -640,7 +654,12 @@ def run(args: argparse.Namespace) -> dict:
         feature_extractor=extractor,
         required_fields=tuple(args.required_fields), name=args.name, repo_id=args.push_to_hub,
         progress=not args.no_progress, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+        hashed_splits=args.hashed_splits,
     )
+    if args.shard and not args.hashed_splits:
+        logger.warning("--shard without --hashed-splits: this shard's splits are decided from its own cells, so a "
+                       "donor whose cells other shards also hold can land in two splits of the joined corpus; build "
+                       "every shard with --hashed-splits")
     with contextlib.ExitStack() as stack:
         source = make_source(args, stack)
         if args.shard:

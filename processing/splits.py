@@ -9,8 +9,12 @@ order of cells does not matter for which group goes where).
   sizes), each go to the split furthest below its target share of cells.
 * :func:`stratified_split`: for data without donors; within each label, cells are shuffled and
   ``round(n * fraction)`` go to validation and test, the rest (at least one) to train.
+* :func:`hashed_split`: each unit's split from a hash of its id and the seed alone, so every shard of a corpus
+  built on several machines puts a donor in the same split (the two above decide from the whole input: the same
+  donor in two shards could land in two splits). Split sizes are then only near the fractions.
 * :func:`assign_splits` picks one: donor_split when any donor is known (cells without a donor
-  are then units of their own), stratified_split otherwise.
+  are then units of their own), stratified_split otherwise; with ``hashed=True``, hashed_split over the same units
+  (donors, else cells).
 * :func:`assign_fold_splits`: k-fold cross-validation, so every cell is tested once over the folds.
   Cells are dealt into ``num_folds`` folds stratified by label (whole donors, where donors are known,
   balanced by size only); fold ``fold`` is the test split, and validation is drawn from the other folds
@@ -19,6 +23,7 @@ order of cells does not matter for which group goes where).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -88,15 +93,33 @@ def donor_split(
     return split_of_unit[unit_of_cell]
 
 
+def hashed_split(units: Sequence[str], fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0) -> np.ndarray:
+    """Split index per cell from a hash of its unit (donor or cell id) and `seed`: the same unit gets the same split
+    in any input (see module doc)."""
+    cumulative = np.cumsum(_check_fractions(fractions))
+    split_of_unit = {}
+    for unit in dict.fromkeys(units):
+        digest = hashlib.sha256(f"{seed}\0{unit}".encode()).digest()
+        split_of_unit[unit] = min(int(np.searchsorted(cumulative, int.from_bytes(digest[:8], "big") / 2**64,
+                                                      side="right")), 2)
+    return np.array([split_of_unit[u] for u in units], dtype=np.int8)
+
+
 def assign_splits(
     labels: Sequence[str],
     donors: Sequence[str | None],
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     seed: int = 0,
     cell_ids: Sequence[str] | None = None,
+    hashed: bool = False,
 ) -> np.ndarray:
-    """Split index per cell: by donor where donors are known, else stratified by label."""
+    """Split index per cell: by donor where donors are known, else stratified by label; `hashed`: `hashed_split`
+    of the donors (cells without one by their id), else of the cells (`cell_ids` needed)."""
     units = _units(donors, cell_ids)
+    if hashed:
+        if units is None and cell_ids is None:
+            raise ValueError("hashed splits of cells without donors need their cell_ids.")
+        return hashed_split(units if units is not None else [f"cell:{c}" for c in cell_ids], fractions, seed)
     if units is None:
         return stratified_split(labels, fractions, seed)
     return donor_split(units, labels, fractions, seed)

@@ -348,3 +348,22 @@ def test_ids_of_another_ontology_or_obsolete_terms_are_left_out_of_the_text_with
     # a required field so left out rejects the cell with the reason
     _, reasons = resolve_labels(obs, required_fields=("cell_type", "sex", "tissue"))
     assert list(reasons) == [None, "obsolete_tissue_term", "wrong_ontology_sex_term", None]
+
+
+def test_shards_built_with_hashed_splits_agree_and_sharding_without_them_warns(tmp_path, caplog):
+    from processing.build_corpus import main as build_main
+    from processing.splits import hashed_split
+
+    with pytest.raises(SystemExit):
+        build_main(["--preset", "pbmc68k_reduced", "--out", str(tmp_path / "x"), "--fold", "0/5", "--hashed-splits"])
+    summary = build_main(["--preset", "pbmc68k_reduced", "--out", str(tmp_path / "s0"), "--no-progress",
+                          "--gmt", "none", "--shard", "0/2", "--hashed-splits", "--seed", "4"])
+    assert summary["hashed_splits"] is True and summary["shard"] == "0/2"
+    corpus = datasets.load_from_disk(str(tmp_path / "s0"))
+    for index, name in enumerate(("train", "validation", "test")):  # pbmc68k has no donors: each cell by its id
+        ids = corpus[name]["cell_id"]
+        assert (hashed_split([f"cell:{c}" for c in ids], seed=4) == index).all()
+    with caplog.at_level("WARNING", logger="processing.build_corpus"):
+        build_main(["--preset", "pbmc68k_reduced", "--out", str(tmp_path / "s1"), "--no-progress", "--gmt", "none",
+                    "--shard", "1/2"])
+    assert "--shard without --hashed-splits" in caplog.text

@@ -95,3 +95,31 @@ def test_kfold_refuses_folds_it_cannot_fill():
         assign_fold_splits(["B", "T", "B"], [None] * 3, 0, 4)
     with pytest.raises(ValueError, match="num_folds must be between 2"):
         assign_fold_splits(["B", "T", "B"], [None] * 3, 0, 1)
+
+
+def test_hashed_splits_put_a_donor_in_the_same_split_in_every_shard():
+    """Shards built apart (the documented way past one machine) split each donor from the shard's own cells: two
+    shards of the same 10 donors put 5 of them in two splits of the joined corpus, silently."""
+    from processing.splits import assign_splits
+
+    rng = np.random.default_rng(0)
+    donors = [f"d{i}" for i in range(200)]
+    shards = []
+    for _ in range(2):  # two datasets of the same donors, other cells and cell types
+        cells = rng.choice(donors, size=600)
+        labels = rng.choice(["B cell", "T cell", "NK cell", "monocyte"], size=600, p=[0.1, 0.5, 0.1, 0.3])
+        ids = [f"c{rng.integers(1e9)}" for _ in cells]
+        shards.append((cells, assign_splits(labels, cells, seed=3, cell_ids=ids, hashed=True)))
+        balanced = assign_splits(labels, cells, seed=3, cell_ids=ids)
+    split_of = {}
+    for cells, splits in shards:
+        for donor, split in zip(cells, splits):
+            assert split_of.setdefault(donor, split) == split, donor
+    shares = np.bincount(list(split_of.values()), minlength=3) / len(split_of)
+    assert np.allclose(shares, [0.8, 0.1, 0.1], atol=0.07)
+    # the order of cells does not matter, nor do cells without a donor (split by their own id)
+    cells, splits = shards[1]
+    assert (assign_splits(["x"] * 600, cells[::-1], seed=3, hashed=True) == splits[::-1]).all()
+    alone = assign_splits(["x"] * 3, [None] * 3, seed=3, cell_ids=["a", "b", "c"], hashed=True)
+    assert (assign_splits(["x"] * 3, [None] * 3, seed=3, cell_ids=["c", "b", "a"], hashed=True) == alone[::-1]).all()
+    assert len(set(map(str, balanced))) == 3  # the default stays the balanced split
