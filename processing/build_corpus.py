@@ -65,6 +65,8 @@ class BuildOptions:
     # each donor's (or donorless cell's) split from a hash of its id and the seed: the same in every shard of a
     # corpus built on several machines (processing.splits.hashed_split)
     hashed_splits: bool = False
+    # keep cells whose obs is_primary_data is False (CELLxGENE: the same cell published again in another dataset)
+    keep_non_primary: bool = False
     chunk_size: int = 2048
     gmt: str | Path | None = DEFAULT_GMT
     n_pathways: int = 2
@@ -230,7 +232,15 @@ _REJECT_FIXES = {
     "adata.raw), not scaled data",
     "no_counts": "every cell's values are zero: check --layer",
     "no_vocabulary_gene": "no cell expresses a gene of the vocabulary: check the gene ids in var",
+    "not_primary_data": "every cell's is_primary_data is False (published first in another dataset): build from "
+    "that dataset, or pass --keep-non-primary",
 }
+
+
+def _not_primary(values: pd.Series) -> np.ndarray:
+    """Cells whose is_primary_data says False (bool, or text "False" / "0"); a missing value counts as primary."""
+    return values.map(lambda v: v is not None and not pd.isna(v) and str(v).strip().lower() in ("false", "0")
+                      ).to_numpy(dtype=bool)
 
 
 def _require_kept_cells(reasons: np.ndarray) -> None:
@@ -436,6 +446,8 @@ def build_corpus(source: Any, out_dir: str | Path, options: BuildOptions | None 
 def _build(source: Any, out: Path, options: BuildOptions) -> dict:
     """Both passes into the (staging) folder ``out``; returns the summary."""
     labels, reasons = resolve_labels(source.obs, options.required_fields)
+    if not options.keep_non_primary:
+        reasons[pd.isna(reasons) & _not_primary(source.obs["is_primary_data"])] = "not_primary_data"
     genes = _genes(source, options.feature_extractor)
     if not genes.usable.any():
         raise ValueError(
@@ -611,6 +623,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk-size", type=positive_int, default=2048)
     parser.add_argument("--shard", metavar="I/N", type=_part, help="build only shard I (0-based) of N contiguous cell ranges")
+    parser.add_argument("--keep-non-primary", action="store_true",
+                        help="keep cells whose is_primary_data is False (by default they are rejected, as the Census "
+                             "filter does: the same cell is published again in another dataset)")
     parser.add_argument("--hashed-splits", action="store_true",
                         help="each donor's split (each cell's, without donors) from a hash of its id and --seed, the "
                              "same in every shard: needed where shards share donors (docs/corpus.md); split sizes are "
@@ -654,7 +669,7 @@ def run(args: argparse.Namespace) -> dict:
         feature_extractor=extractor,
         required_fields=tuple(args.required_fields), name=args.name, repo_id=args.push_to_hub,
         progress=not args.no_progress, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-        hashed_splits=args.hashed_splits,
+        hashed_splits=args.hashed_splits, keep_non_primary=args.keep_non_primary,
     )
     if args.shard and not args.hashed_splits:
         logger.warning("--shard without --hashed-splits: this shard's splits are decided from its own cells, so a "

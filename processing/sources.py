@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 SCHEMA_COLUMNS = (
     "cell_type", "cell_type_ontology_term_id", "tissue", "tissue_ontology_term_id",
     "disease", "disease_ontology_term_id", "sex", "sex_ontology_term_id",
-    "development_stage", "development_stage_ontology_term_id", "donor_id", "dataset_id", "assay",
+    "development_stage", "development_stage_ontology_term_id", "donor_id", "dataset_id", "assay", "is_primary_data",
 )
 #: The paper's Census filter: primary data with a known cell type, tissue and disease.
 DEFAULT_SOMA_FILTER = (
@@ -70,6 +70,10 @@ def standardize_obs(obs: pd.DataFrame, obs_map: Mapping[str, str] | None = None)
     missing = [old for old in obs_map if old not in obs.columns]
     if missing:
         raise KeyError(f"obs_map names columns not in obs: {missing}; available: {list(obs.columns)}")
+    unread = [new for new in obs_map.values() if new not in SCHEMA_COLUMNS]
+    if unread:  # a misspelt target ("tissue_ontology_term") dropped the column it should have filled, silently
+        raise ValueError(f"obs_map maps onto {unread}, which the builder does not read; map onto the CELLxGENE "
+                         f"columns {list(SCHEMA_COLUMNS)}")
     targets = list(obs_map.values())
     twice = sorted({new for new in targets if targets.count(new) > 1})
     if twice:

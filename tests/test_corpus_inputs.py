@@ -315,3 +315,25 @@ def test_cli_refusals_are_one_line_errors(tmp_path):
     (tmp_path / "out" / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit, match=r"^build_corpus: error: --out .* is not empty; pass --overwrite"):
         main(["--preset", "pbmc68k_reduced", "--gmt", "none", "--out", str(tmp_path / "out"), "--no-progress"])
+
+
+def test_non_primary_cells_are_rejected_unless_kept(tmp_path):
+    """The h5ad path kept cells whose is_primary_data is False (published again elsewhere): joined corpora could then
+    hold the same cell in train and test; the Census filter leaves them out."""
+    adata = _tiny_adata()
+    adata.obs["is_primary_data"] = [i % 4 != 0 for i in range(N_CELLS)]
+    summary = build_corpus(_source(adata), tmp_path / "out", BuildOptions(**OPTIONS))
+    assert summary["rejected"] == {"not_primary_data": N_CELLS // 4}
+    kept = build_corpus(_source(adata), tmp_path / "kept", BuildOptions(**OPTIONS, keep_non_primary=True))
+    assert kept["rejected"] == {} and sum(kept["splits"].values()) == N_CELLS
+    adata.obs["is_primary_data"] = "False"  # as text, e.g. from a CSV
+    with pytest.raises(ValueError, match="not_primary_data.*--keep-non-primary"):
+        build_corpus(_source(adata), tmp_path / "none", BuildOptions(**OPTIONS))
+
+
+def test_obs_map_onto_a_column_the_builder_does_not_read_is_refused():
+    """A misspelt target (`organ_id=tissue_ontology_term`) dropped the column and kept the unchecked label, exit 0."""
+    adata = _tiny_adata()
+    adata.obs["organ_id"] = "UBERON:0000178"
+    with pytest.raises(ValueError, match=r"maps onto \['tissue_ontology_term'\], which the builder does not read"):
+        _source(adata, obs_map={"organ_id": "tissue_ontology_term"})
