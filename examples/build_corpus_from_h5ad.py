@@ -41,7 +41,8 @@ if h5ad is None:
     adata.obs["tissue_ontology_term_id"] = "UBERON:0000178"  # blood
     adata.obs["disease_ontology_term_id"] = "PATO:0000461"  # normal
     adata.obs["donor_id"] = [f"donor_{i % 10}" for i in range(adata.n_obs)]
-    h5ad = str(Path(args.out).with_suffix(".h5ad"))
+    # its own name beside --out (with_suffix(".h5ad") replaced a user's "cells.h5ad" next to --out cells)
+    h5ad = str(Path(args.out).with_name(Path(args.out).name + ".stand-in.h5ad"))
     Path(h5ad).parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(h5ad)
     input_values = "log1p"  # pbmc68k_reduced ships log1p-normalised values, not counts

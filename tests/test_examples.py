@@ -25,8 +25,10 @@ def run_example(name: str, *args: str, cwd: Path) -> str:
 
 def test_examples_build_finetune_and_describe(tmp_path):
     corpus = tmp_path / "corpus"
+    (tmp_path / "corpus.h5ad").write_text("the user's own file")  # the stand-in data was written over it
     out = run_example("build_corpus_from_h5ad", "--out", str(corpus), cwd=tmp_path)
     assert '"num_cells_in": 700' in out and (corpus / "dataset_dict.json").exists()
+    assert (tmp_path / "corpus.h5ad").read_text() == "the user's own file"
     splits = json.loads(out[: out.index("corpus written")])["splits"]
     assert set(splits) == {"train", "validation", "test"} and all(splits.values()), splits  # none left empty
 
