@@ -387,7 +387,8 @@ def _check_source(source: Any) -> None:
 
 
 def _is_corpus_folder(path: Path) -> bool:
-    return (path / "summary.json").is_file() or (path / "dataset_dict.json").is_file()
+    """A folder this builder wrote (both files; another tool's summary.json alone let --overwrite delete a thesis)."""
+    return (path / "summary.json").is_file() and (path / "dataset_dict.json").is_file()
 
 
 def _staging_dir(out: Path, overwrite: bool) -> Path:
@@ -402,7 +403,7 @@ def _staging_dir(out: Path, overwrite: bool) -> Path:
             )
         if not _is_corpus_folder(out):
             raise FileExistsError(
-                f"--out {out} holds files but no corpus (no summary.json or dataset_dict.json); refusing to replace "
+                f"--out {out} holds files but no corpus (summary.json and dataset_dict.json); refusing to replace "
                 "it even with --overwrite: choose a new or empty folder."
             )
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -260,6 +260,10 @@ def test_non_empty_out_is_refused_unless_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="no corpus"):  # not a corpus: never replaced
         build_corpus(_source(_tiny_adata()), out, BuildOptions(**OPTIONS, overwrite=True))
     assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (out / "summary.json").write_text("{}")  # another tool's summary beside the user's files: still not a corpus
+    with pytest.raises(FileExistsError, match="no corpus"):
+        build_corpus(_source(_tiny_adata()), out, BuildOptions(**OPTIONS, overwrite=True))
+    assert (out / "notes.txt").read_text() == "mine"
 
     corpus = tmp_path / "corpus"
     build_corpus(_source(_tiny_adata()), corpus, BuildOptions(**OPTIONS))
