@@ -661,6 +661,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.token_dictionary:
         extractor = Cell2TextFeatureExtractor.from_geneformer_dictionaries(args.token_dictionary, args.gene_median_file)
     elif args.feature_extractor:
+        given = Path(args.feature_extractor)
+        if not (given / "preprocessor_config.json").exists() and (given / "feature_extractor").is_dir():
+            raise ValueError(f"--feature-extractor {given} is a corpus folder: pass its feature extractor, "
+                             f"--feature-extractor {given / 'feature_extractor'}")
         extractor = Cell2TextFeatureExtractor.from_pretrained(args.feature_extractor)
     options = BuildOptions(
         seed=args.seed, fold=args.fold, chunk_size=args.chunk_size, gmt=None if args.gmt == "none" else args.gmt,

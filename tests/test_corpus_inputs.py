@@ -319,6 +319,11 @@ def test_cli_refusals_are_one_line_errors(tmp_path):
     (tmp_path / "out" / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit, match=r"^build_corpus: error: --out .* is not empty; pass --overwrite"):
         main(["--preset", "pbmc68k_reduced", "--gmt", "none", "--out", str(tmp_path / "out"), "--no-progress"])
+    (tmp_path / "corpus" / "feature_extractor").mkdir(parents=True)  # the corpus folder, not its feature extractor
+    with pytest.raises(SystemExit, match=r"^build_corpus: error: --feature-extractor .*corpus is a corpus folder: "
+                                         r"pass its feature extractor, --feature-extractor .*corpus/feature_extractor"):
+        main(["--preset", "pbmc68k_reduced", "--gmt", "none", "--out", str(tmp_path / "new"), "--no-progress",
+              "--feature-extractor", str(tmp_path / "corpus")])
 
 
 def test_non_primary_cells_are_rejected_unless_kept(tmp_path):
