@@ -1,7 +1,9 @@
 """Train/validation/test splits: by donor (no donor in two splits), or stratified by label.
 
-Both are deterministic for a seed (numpy's default_rng over sorted unique values, so the input
-order of cells does not matter for which group goes where).
+Both are deterministic for a seed (numpy's default_rng). donor_split draws over the sorted donors, so the input
+order of cells does not matter; stratified_split shuffles each label's cells in their input order, so the same
+cells in another order split differently (hashed_split does not depend on the order; the default is kept because
+the checked-in benchmarks' splits come from it).
 
 * :func:`donor_split`: whole donors go to one split. First, for each label (rarest first) that
   no train donor carries yet, one donor carrying it goes to train, so every label is in train
