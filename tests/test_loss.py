@@ -156,6 +156,32 @@ def test_weighted_loss_is_the_weighted_token_mean(trainer):
                                 gene_encoder_learning_rate=1e-5)
 
 
+def test_labels_only_weighs_the_cell_type_label_alone(trainer):
+    """With loss_on_labels_only the first sentence's period carries no loss: cell_type_loss_weight weighs the cell
+    type's tokens, not every label's (it weighed them all), also in a one-row batch whose logits skip the gaps."""
+    trainer_, _ = trainer
+    processor = trainer_.processing_class
+    examples = [trainer_.train_dataset[i] for i in range(3)]
+    batch = Cell2TextDataCollator(processor, labels_only=True)(examples)
+    targets = batch["labels"][:, 1:]
+    model = trainer_.model.eval()
+    trainer_.cell_type_loss_weight = 5.0
+    try:
+        weights = trainer_.target_weights(targets)
+        one_row = {key: value[:1] for key, value in batch.items()}
+        with torch.no_grad():
+            loss = trainer_.compute_loss(model, dict(one_row))
+            logits = model(**{k: v for k, v in one_row.items() if k != "labels"}).logits[:, :-1].float()
+    finally:
+        trainer_.cell_type_loss_weight = 1.0
+    for row, example in enumerate(examples):
+        heavy = processor.tokenizer.decode(targets[row][weights[row] == 5.0])
+        assert heavy.strip() == example["cell_type"]
+        assert (weights[row][targets[row] != -100] == 1.0).any()  # the other labels weigh 1
+    nll = torch.nn.functional.cross_entropy(logits[0], targets[0], ignore_index=-100, reduction="none")
+    assert torch.allclose(loss, (nll * weights[0]).sum() / (targets[0] != -100).sum(), rtol=1e-5)
+
+
 def test_labels_only_keeps_the_loss_on_the_label_tokens(trainer):
     trainer_, full = trainer
     processor = trainer_.processing_class

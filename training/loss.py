@@ -10,7 +10,8 @@ forward, so DDP/FSDP wrappers see a normal call) and computes the same token-mea
 
 `cell_type_loss_weight` (default 1: TRL's loss) weighs the tokens of each target's first sentence, up to its first
 period: "This sample consists of a {cell type}." in the description schema (cell type labels hold no period; the
-schema's parser relies on that too). Under teacher forcing almost every later token is predictable from the text
+schema's parser relies on that too); with `loss_on_labels_only` that sentence's only labelled tokens are the cell-type
+label's, the first run of labelled tokens. Under teacher forcing almost every later token is predictable from the text
 before it (the definition follows from the name, tissue and disease are nearly constant), so the few tokens that
 must be read from the cell are a small share of the loss; weighting them puts the gradient where the cell matters.
 
@@ -97,12 +98,18 @@ class LabelledPositionsLossMixin:
         self._token_accuracy: dict[str, list[float]] = {"train": [], "eval": []}
 
     def target_weights(self, targets: torch.Tensor) -> torch.Tensor:
-        """Per-target-token loss weights: `cell_type_loss_weight` up to each row's first period, then 1."""
+        """Per-target-token loss weights: `cell_type_loss_weight` on each row's first sentence, then 1.
+
+        `targets` are the labels of consecutive positions. The first sentence ends at the row's first labelled period
+        or at its first unlabelled position after a labelled one, whichever comes first: with `loss_on_labels_only`
+        the period is unlabelled, and the first run of labelled tokens is the cell-type label."""
         labelled = targets != -100
         if self.cell_type_loss_weight == 1.0:
             return labelled.float()
         is_period = torch.isin(targets, self._period_token_ids.to(targets.device)) & labelled
-        in_first_sentence = labelled & (is_period.cumsum(dim=1) - is_period.long() == 0)
+        after_period = is_period.cumsum(dim=1) - is_period.long() > 0
+        after_gap = ((labelled.cumsum(dim=1) > 0) & ~labelled).cumsum(dim=1) > 0
+        in_first_sentence = labelled & ~after_period & ~after_gap
         return labelled.float() + in_first_sentence.float() * (self.cell_type_loss_weight - 1.0)
 
     def _single_process_cell_type_labels(self, option: str, why_one_process: str) -> list[str]:
@@ -261,7 +268,8 @@ class LabelledPositionsLossMixin:
         targets = next_labels[:, columns]
         logits = outputs.logits.float()
         token_losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
-        loss_sum = (token_losses * self.target_weights(targets).flatten()).sum()
+        weights = self.target_weights(next_labels)[:, columns]  # of all positions: `columns` may skip a gap
+        loss_sum = (token_losses * weights.flatten()).sum()
         num_tokens = labelled.sum() if num_items_in_batch is None else num_items_in_batch
         loss = loss_sum / torch.as_tensor(num_tokens, device=loss_sum.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
