@@ -394,6 +394,34 @@ def test_same_seed_gives_the_same_weights(parts_and_corpus, tmp_path, monkeypatc
     assert all(torch.equal(first[name], second[name]) for name in first), "weights differ between runs"
 
 
+def test_a_bf16_llms_projector_trains_in_float32_and_is_saved_in_bf16(parts_and_corpus, tmp_path, monkeypatch):
+    """The projector of a bf16 LLM trained in bf16, where updates below its rounding are lost (its first LayerNorm's
+    gain stayed unchanged): it trains in float32, as LoRA does, and the merged model is saved in bf16."""
+    import shutil
+
+    lm_dir, corpus_dir = parts_and_corpus
+    bf16_dir = tmp_path / "lm_bf16"
+    shutil.copytree(lm_dir, bf16_dir)
+    AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.bfloat16).save_pretrained(bf16_dir)
+    initial = {}
+    create_optimizer = Cell2TextSFTTrainer.create_optimizer
+
+    def recording_initial_projector(self, model=None):
+        initial.update({name.split("multi_modal_projector.")[1].replace("modules_to_save.default.", ""): p.detach().clone()
+                        for name, p in self.model.named_parameters()
+                        if p.requires_grad and "multi_modal_projector" in name})
+        return create_optimizer(self, model)
+
+    monkeypatch.setattr(Cell2TextSFTTrainer, "create_optimizer", recording_initial_projector)
+    final_dir = tiny_recipe(bf16_dir, corpus_dir, tmp_path / "out", tmp_path / "final", max_steps=20, bf16=True,
+                            learning_rate=1e-4, temperature_fit_cells=0)
+    assert initial and {p.dtype for p in initial.values()} == {torch.float32}
+    saved = load_file(final_dir / "model.safetensors")
+    assert {saved[name].dtype for name in saved if ".gene_encoder." not in name} == {torch.bfloat16}  # the LLM's
+    for name, before in initial.items():
+        assert not torch.equal(saved["model.multi_modal_projector." + name].float(), before), f"{name} did not train"
+
+
 def test_init_from_runs_no_code_from_the_folder_unless_asked(parts_and_corpus, tmp_path, monkeypatch):
     import training.sft as sft_module
     from modeling_cell2text import Cell2TextFeatureExtractor, Cell2TextForConditionalGeneration, Cell2TextProcessor

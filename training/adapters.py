@@ -56,12 +56,16 @@ class MultiProcessTrainingMixin:
       optimizer). So the best model was silently not loaded, or, where the processes saw the folder at different
       times, some loaded it and the others waited forever. Every process now creates the folder first.
     - The dtype of every tensor is recorded before accelerate prepares the model (FSDP's mixed precision keeps
-      trainable tensors in float32), so the merged model is saved in the dtypes a 1-process run saves."""
+      trainable tensors in float32), so the merged model is saved in the dtypes a 1-process run saves.
+    - Trainable half-precision tensors (the fully trained modules, PEFT's `modules_to_save`, of a bf16 LLM) train
+      in float32 (`train_in_float32`), as PEFT keeps LoRA's: in bf16, updates below its rounding were lost. The merged
+      model gets the recorded dtypes back (`merge_adapters`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         check_weights_can_be_gathered(self.accelerator)
         record_dtypes(self.model)
+        train_in_float32(self.model)
         processes, batch = self.accelerator.num_processes, self.args.per_device_train_batch_size
         cells = len(self.train_dataset) if self.train_dataset is not None else 0
         repeated = repeated_training_cells(cells, batch, processes)
@@ -78,7 +82,8 @@ class MultiProcessTrainingMixin:
         super().save_model(output_dir, _internal_call)
 
 
-# The attribute of a model that holds the dtypes of its state dict before training sharded it (`record_dtypes`).
+# The attribute of a model that holds the dtypes of its state dict before training (`record_dtypes`): the dtypes the
+# merged model is saved in.
 DTYPES_BEFORE_SHARDING = "_cell2text_dtypes_before_sharding"
 
 
@@ -87,6 +92,24 @@ def record_dtypes(model: Any) -> None:
     model, as after the cell-type stage, finds it already prepared)."""
     if not hasattr(model, DTYPES_BEFORE_SHARDING):
         setattr(model, DTYPES_BEFORE_SHARDING, {name: tensor.dtype for name, tensor in model.state_dict().items()})
+
+
+def train_in_float32(model: Any) -> None:
+    """Cast `model`'s trainable bf16/fp16 parameters to float32, in place: an optimizer step on a half-precision
+    weight rounds away updates smaller than its precision (a LayerNorm's gain stayed unchanged)."""
+    import torch
+
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype in (torch.bfloat16, torch.float16):
+            parameter.data = parameter.data.float()
+
+
+def restore_dtypes(model: Any) -> None:
+    """Cast `model`'s tensors back, in place, to the dtypes `record_dtypes` recorded (see `train_in_float32`)."""
+    dtypes = getattr(model, DTYPES_BEFORE_SHARDING, {})
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name in dtypes and tensor.dtype != dtypes[name]:
+            tensor.data = tensor.data.to(dtypes[name])
 
 
 def check_weights_can_be_gathered(accelerator: Any) -> None:
@@ -109,12 +132,15 @@ def merge_adapters(trainer: Any) -> Any | None:
     """The trained model with its LoRA adapters merged in, on the main process (None on the others); every process
     must call it. Where training sharded the weights (FSDP, DeepSpeed ZeRO-3) no process holds them whole: they
     are gathered onto the main process's CPU, loaded into an unsharded copy of the model, merged there and moved
-    to the training device. Otherwise the adapters are merged into the trainer's model in place."""
+    to the training device. Otherwise the adapters are merged into the trainer's model in place. Either way the
+    merged model has the dtypes recorded before training (`record_dtypes`)."""
     accelerator = trainer.accelerator
     if not weights_sharded(accelerator):
         if not accelerator.is_main_process:
             return None
-        return accelerator.unwrap_model(trainer.model).merge_and_unload()
+        model = accelerator.unwrap_model(trainer.model)
+        restore_dtypes(model)
+        return model.merge_and_unload()
     # Collective: every process takes part. Under DeepSpeed the engine (`model_wrapped`) gathers; under FSDP it is
     # the model itself.
     full_state = accelerator.get_state_dict(trainer.model_wrapped)

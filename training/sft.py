@@ -17,7 +17,8 @@ The recipe, top to bottom:
    embeddings; depth and input, rank-value or value-aware tokens, picked on the validation split).
 4. Compose the model from the pretrained parts (or start from a trained Cell2Text with `init_from`).
 5. Train with `SFTTrainer`: LoRA on the language model's linear layers, the projector (and an unfrozen encoder)
-   trained fully through `modules_to_save`, separate learning rates; the best checkpoint by validation loss.
+   trained fully through `modules_to_save` (in float32, also with a bf16 LLM), separate learning rates; the best
+   checkpoint by validation loss.
    Optionally first a LLaVA-style stage on the cell-type sentence alone (`cell_type_stage_steps`).
 6. Merge LoRA into the language model (weights sharded by FSDP or ZeRO-3 gathered onto the main process first),
    fit the fields' temperatures on validation cells and save a Hub-ready folder (weights, processor, remote code).
