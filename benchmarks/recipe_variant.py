@@ -87,8 +87,8 @@ def check_encoder_reused(fold_dir: Path, cell2text_args, sft_config, pairs: list
 
     if cell2text_args.gene_encoder_name_or_path is not None:
         return
-    _, summary = load_corpus(cell2text_args.corpus_dir, cell2text_args)
-    wanted = encoder_preparation(cell2text_args, sft_config, summary)
+    corpus, summary = load_corpus(cell2text_args.corpus_dir, cell2text_args)
+    wanted = encoder_preparation(cell2text_args, sft_config, corpus, summary)
     selection = EncoderSelection.load(fold_dir / "sft" / PREPARED_ENCODER_DIR)
     prepared_for = selection.prepared_for if selection is not None else None
     if prepared_for != wanted:

@@ -64,7 +64,7 @@ def test_a_change_that_would_prepare_another_encoder_is_refused(tmp_path):
 
     args, config = arguments()
     selection = EncoderSelection(candidates=[], validation_accuracy=[], best=0, path="x",
-                                 prepared_for=encoder_preparation(args, config, load_corpus(corpus_dir, args)[1]))
+                                 prepared_for=encoder_preparation(args, config, *load_corpus(corpus_dir, args)))
     (fold / "sft" / PREPARED_ENCODER_DIR).mkdir(parents=True)
     (fold / "sft" / PREPARED_ENCODER_DIR / SELECTION_FILE).write_text(json.dumps(asdict(selection)))
     variant.check_encoder_reused(fold, args, config, [])

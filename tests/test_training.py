@@ -315,6 +315,38 @@ def test_prepared_encoder_is_reused_only_for_the_same_corpus_and_settings(parts_
     assert prepare({"fingerprints": {"train": "b"}}, encoder_epochs=2) == 3  # the settings changed
 
 
+def test_prepared_encoder_is_prepared_again_for_other_caps_or_another_corpus_without_fingerprints(
+        parts_and_corpus, tmp_path, monkeypatch):
+    """max_train_samples / max_eval_samples change what the encoder is trained and chosen on; a corpus whose build
+    recorded no fingerprints is told apart by datasets' own (both were reused: None == None)."""
+    import training.sft as sft_module
+
+    lm_dir, corpus_dir = parts_and_corpus
+    other_dir = save_tiny_corpus(tmp_path / "other_corpus", seed=1)
+    args = Cell2TextArguments(corpus_dir=str(corpus_dir), text_model_name_or_path=str(lm_dir), num_cell_tokens=8,
+                              encoder_hidden_size=16, encoder_epochs=1, encoder_candidate_layers=[1])
+    config = SFTConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True)
+    processor = sft_module.build_processor(args, corpus_dir, sft_module.load_corpus(corpus_dir, args)[1])
+    calls = []
+    real_prepare = sft_module.prepare_gene_encoder
+    monkeypatch.setattr(sft_module, "prepare_gene_encoder", lambda *a, **k: calls.append(1) or real_prepare(*a, **k))
+
+    def prepare(corpus_dir_, summary, **changes):
+        for name, value in changes.items():
+            setattr(args, name, value)
+        sft_module.gene_encoder_path(args, config, sft_module.load_corpus(corpus_dir_, args)[0], processor, summary)
+        return len(calls)
+
+    fingerprinted = {"fingerprints": {"train": "a"}}
+    assert prepare(corpus_dir, fingerprinted) == 1
+    assert prepare(corpus_dir, fingerprinted, max_train_samples=4) == 2
+    assert prepare(corpus_dir, fingerprinted, max_eval_samples=2) == 3
+    assert prepare(corpus_dir, fingerprinted) == 3  # the same caps: reused
+    assert prepare(corpus_dir, {}, max_train_samples=None, max_eval_samples=None) == 4
+    assert prepare(corpus_dir, {}) == 4  # the same corpus without fingerprints: reused
+    assert prepare(other_dir, {}) == 5  # another corpus without fingerprints
+
+
 def test_value_aware_extractor_needs_the_corpus_bins_column(parts_and_corpus):
     from datasets import load_from_disk
 

@@ -368,11 +368,16 @@ def encoder_candidates(args: Cell2TextArguments) -> list[EncoderCandidate]:
     ]
 
 
-def encoder_preparation(args: Cell2TextArguments, training_args: SFTConfig, summary: dict) -> dict:
+def encoder_preparation(args: Cell2TextArguments, training_args: SFTConfig, corpus: DatasetDict,
+                        summary: dict) -> dict:
     """What an encoder prepared on the corpus is prepared for (`EncoderSelection.prepared_for`): the corpus content
-    (its fingerprints) and the settings; an encoder prepared for anything else is prepared again, not reused."""
+    (the build's fingerprints, else datasets' fingerprints of the splits), the caps on its splits and the settings;
+    an encoder prepared for anything else is prepared again, not reused."""
+    caps = {name: value for name, value in (("max_train_samples", args.max_train_samples),
+                                             ("max_eval_samples", args.max_eval_samples)) if value is not None}
     return {
-        "corpus_fingerprints": summary.get("fingerprints"),
+        "corpus_fingerprints": summary.get("fingerprints") or {split: corpus[split]._fingerprint for split in corpus},
+        **caps,  # only where set: an encoder prepared without caps before they were recorded is still reused
         "candidates": [asdict(c) for c in encoder_candidates(args)],
         "epochs": args.encoder_epochs, "num_cell_tokens": args.num_cell_tokens, "seed": training_args.seed,
         "feature_layer": FEATURE_LAYER,  # an encoder prepared before its config recorded this is prepared again
@@ -383,14 +388,14 @@ def encoder_preparation(args: Cell2TextArguments, training_args: SFTConfig, summ
 def gene_encoder_path(args: Cell2TextArguments, training_args: SFTConfig, corpus, processor, summary: dict) -> str:
     """The pretrained encoder, or one prepared on the corpus.
 
-    A prepared encoder is reused (e.g. when resuming) only if it was prepared on the same corpus content (its
-    fingerprints) with the same settings; otherwise it is prepared again.
+    A prepared encoder is reused (e.g. when resuming) only if it was prepared for the same corpus content, caps and
+    settings (`encoder_preparation`); otherwise it is prepared again.
     """
     if args.gene_encoder_name_or_path is not None:
         return args.gene_encoder_name_or_path
     out_dir = Path(training_args.output_dir) / PREPARED_ENCODER_DIR
     candidates = encoder_candidates(args)
-    prepared_for = encoder_preparation(args, training_args, summary)
+    prepared_for = encoder_preparation(args, training_args, corpus, summary)
     with training_args.main_process_first(desc="preparing the gene encoder on the corpus"):
         previous = EncoderSelection.load(out_dir)
         if previous is not None and previous.prepared_for == prepared_for:
