@@ -347,6 +347,24 @@ def test_prepared_encoder_is_prepared_again_for_other_caps_or_another_corpus_wit
     assert prepare(other_dir, {}) == 5  # another corpus without fingerprints
 
 
+def test_a_resume_with_another_encoder_or_lora_settings_is_refused_and_keeps_the_encoder(parts_and_corpus, tmp_path):
+    """A checkpoint's projector and adapters fit the encoder and LoRA settings it was trained with: a resume with
+    others was silent (another lora_alpha), or trained them on a newly prepared encoder that overwrote theirs."""
+    lm_dir, corpus_dir = parts_and_corpus
+    out = tmp_path / "out"
+    tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final", max_steps=2, save_strategy="steps", save_steps=2,
+                temperature_fit_cells=0)
+    checkpoint = str(out / "checkpoint-2")
+    encoder = (out / "gene_encoder" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"checkpoint-2 was trained with another lora_alpha .*new --output_dir"):
+        tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint, lora_alpha=64)
+    with pytest.raises(ValueError, match=r"prepared in .* for another epochs; .* would overwrite it.*--output_dir"):
+        tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint,
+                    encoder_epochs=3)
+    assert (out / "gene_encoder" / "model.safetensors").read_bytes() == encoder
+    assert not (tmp_path / "final-2").exists()
+
+
 def test_value_aware_extractor_needs_the_corpus_bins_column(parts_and_corpus):
     from datasets import load_from_disk
 

@@ -27,6 +27,8 @@ The recipe, top to bottom:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import re
 from collections import Counter
@@ -37,8 +39,8 @@ from pathlib import Path
 
 import torch
 from datasets import DatasetDict
-from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, set_seed
-from transformers.trainer_utils import enable_full_determinism
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, TrainerCallback, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor, save_model_folder
@@ -401,6 +403,13 @@ def gene_encoder_path(args: Cell2TextArguments, training_args: SFTConfig, corpus
         if previous is not None and previous.prepared_for == prepared_for:
             logger.info("reusing the gene encoder prepared in %s", out_dir)
         else:
+            if previous is not None and any(Path(training_args.output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+                changed = sorted(k for k in {*prepared_for, *(previous.prepared_for or {})}
+                                 if (previous.prepared_for or {}).get(k) != prepared_for.get(k))
+                raise ValueError(
+                    f"The checkpoints in {training_args.output_dir} were trained on the gene encoder prepared in "
+                    f"{out_dir} for another {', '.join(changed)}; preparing one for this run would overwrite it: use "
+                    "the corpus and settings it was prepared for, or a new --output_dir.")
             selection = prepare_gene_encoder(
                 corpus, processor.feature_extractor, out_dir, candidates, num_cell_tokens=args.num_cell_tokens,
                 epochs=args.encoder_epochs, seed=training_args.seed, prepared_for=prepared_for,
@@ -443,6 +452,56 @@ def build_model(
         freeze_gene_encoder=args.freeze_gene_encoder,
         num_expression_bins=processor.feature_extractor.num_expression_bins,
     )
+
+
+TRAINED_WITH_FILE = "cell2text_trained_with.json"
+
+
+def trained_with(model: Cell2TextForConditionalGeneration, lora_config) -> dict:
+    """What a checkpoint's weights fit, written into each checkpoint (`RecordTrainedWith`) and checked on resuming
+    (`check_resume`): the gene encoder they were trained on (its weights' checksum, before training) and the LoRA
+    adapters' settings."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.model.gene_encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    targets = lora_config.target_modules
+    return {
+        "gene_encoder_sha256": digest.hexdigest(),
+        "lora_r": lora_config.r, "lora_alpha": lora_config.lora_alpha,
+        "lora_target_modules": targets if isinstance(targets, str) else sorted(targets),
+        "modules_to_save": sorted(lora_config.modules_to_save or []),
+    }
+
+
+class RecordTrainedWith(TrainerCallback):
+    """Writes `trained_with`'s record into each checkpoint (main process)."""
+
+    def __init__(self, record: dict) -> None:
+        self.record = record
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            (folder / TRAINED_WITH_FILE).write_text(json.dumps(self.record, indent=2))
+
+
+def check_resume(checkpoint: str | None, record: dict) -> None:
+    """Refuse to resume from a checkpoint trained with another gene encoder or LoRA settings (`trained_with`): its
+    projector and adapters fit those, and would silently train on, or fail to load into, others."""
+    if not isinstance(checkpoint, (str, Path)):
+        return
+    path = Path(checkpoint) / TRAINED_WITH_FILE
+    if not path.is_file():
+        logger.warning("%s records no gene encoder or LoRA settings (%s): the resume is not checked.", checkpoint,
+                       TRAINED_WITH_FILE)
+        return
+    saved = json.loads(path.read_text())
+    changed = sorted(k for k in {*saved, *record} if saved.get(k) != record.get(k))
+    if changed:
+        raise ValueError(f"{checkpoint} was trained with another {', '.join(changed)} than this run's; resume with "
+                         "the corpus, encoder and LoRA settings it was trained with, or train anew in a new "
+                         "--output_dir.")
 
 
 @dataclass
@@ -533,6 +592,8 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         )
     modules_to_save = ["multi_modal_projector"] + ([] if model.config.freeze_gene_encoder else ["gene_encoder"])
     peft_config = args.lora_config(language_model_lora_targets(model), modules_to_save)
+    record = trained_with(model, peft_config)
+    check_resume(training_args.resume_from_checkpoint, record)
     part_settings = {
         "projector_learning_rate": args.projector_learning_rate,
         "gene_encoder_learning_rate": args.gene_encoder_learning_rate,
@@ -556,6 +617,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         eval_dataset=corpus["validation"] if training_args.eval_strategy != "no" else None,
         processing_class=processor,
         peft_config=peft_config,
+        callbacks=[RecordTrainedWith(record)],
         **part_settings,
     )
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
