@@ -290,6 +290,18 @@ def test_an_existing_final_model_is_refused_before_training(parts_and_corpus, tm
     assert not (tmp_path / "out").exists()  # refused before anything was prepared or trained
 
 
+@pytest.mark.parametrize("final", ["out", "."])
+def test_a_final_model_dir_that_is_or_holds_the_output_dir_is_refused_before_training(parts_and_corpus, tmp_path,
+                                                                                      final):
+    """It trained, then failed at saving and lost the merged model."""
+    lm_dir, corpus_dir = parts_and_corpus
+    args = Cell2TextArguments(corpus_dir=str(corpus_dir), text_model_name_or_path=str(lm_dir),
+                              final_model_dir=str(tmp_path / final))
+    with pytest.raises(ValueError, match="is --output_dir .* or holds it.*pass another --final_model_dir"):
+        main(args, SFTConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True))
+    assert not (tmp_path / "out").exists()
+
+
 def test_prepared_encoder_is_reused_only_for_the_same_corpus_and_settings(parts_and_corpus, tmp_path, monkeypatch):
     import training.sft as sft_module
 

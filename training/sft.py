@@ -569,6 +569,11 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         dataset_kwargs={**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True},
     )
     final_dir = Path(args.final_model_dir or Path(training_args.output_dir) / FINAL_DIR)
+    output_dir = Path(training_args.output_dir).resolve()
+    if final_dir.resolve() in (output_dir, *output_dir.parents):  # publishing replaces the folder, checkpoints and all
+        raise ValueError(f"--final_model_dir {final_dir} is --output_dir {training_args.output_dir} or holds it, so "
+                         "the merged model could not be saved there after training: pass another --final_model_dir "
+                         f"(default: <output_dir>/{FINAL_DIR}).")
     check_new_output(final_dir, args.overwrite_final_model_dir, OVERWRITE_FINAL_FIX, holds="config.json")  # before training, not after
     set_training_seed(training_args)  # same seed, same machine: same model
 
