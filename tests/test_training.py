@@ -302,6 +302,20 @@ def test_a_final_model_dir_that_is_or_holds_the_output_dir_is_refused_before_tra
     assert not (tmp_path / "out").exists()
 
 
+def test_temperature_fit_cells_0_leaves_temperatures_of_1_also_after_init_from():
+    """init_from's temperatures were kept with temperature_fit_cells=0 (the help says 1.0): they fit the model before
+    this training."""
+    from types import SimpleNamespace
+
+    from training.sft import calibrate
+
+    model = SimpleNamespace(config=SimpleNamespace(cell_type_temperature=2.5, field_temperatures={"tissue": 1.7}))
+    args = Cell2TextArguments(corpus_dir="unused", init_from="parent", temperature_fit_cells=0)
+    assert calibrate(model, None, args, None, validation=[]) == {"cell_type_calibration": None,
+                                                                "field_calibration": None}
+    assert model.config.cell_type_temperature == 1.0 and model.config.field_temperatures is None
+
+
 def test_prepared_encoder_is_reused_only_for_the_same_corpus_and_settings(parts_and_corpus, tmp_path, monkeypatch):
     import training.sft as sft_module
 

@@ -161,7 +161,8 @@ class Cell2TextArguments(LoraArguments):
     temperature_fit_cells: int = field(
         default=1000,
         metadata={"help": "Fit the model's cell_type_temperature (the calibration of cell_type_score) on up to this "
-                  "many validation cells after training (a seeded sample); 0: keep 1.0."},
+                  "many validation cells after training (a seeded sample), and the fields' temperatures; 0: 1.0 and "
+                  "none per field (also with init_from, whose temperatures fit its model before this training)."},
     )
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
@@ -544,8 +545,11 @@ def train_cell_type_stage(args: Cell2TextArguments, training_args: SFTConfig, mo
 def calibrate(model, processor, args: Cell2TextArguments, training_args: SFTConfig, validation) -> dict:
     """Fit the temperatures of the fields' probabilities of the merged model (`merge_adapters`; None on processes
     other than the main one) on held-out cells (the choices do not change) and write them into its config; what
-    was fitted, for training_state.json."""
+    was fitted, for training_state.json. Temperatures not fitted are 1.0 (none per field): init_from's fit its
+    model before this training, not after."""
     fitted = {"cell_type_calibration": None, "field_calibration": None}
+    if model is not None:
+        model.config.cell_type_temperature, model.config.field_temperatures = 1.0, None
     if args.temperature_fit_cells <= 0 or validation is None or model is None:
         return fitted
     cells = validation.shuffle(seed=training_args.seed)
