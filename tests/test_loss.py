@@ -252,3 +252,18 @@ def test_cell_type_balance_draws_each_epoch_anew_and_a_fresh_sampler_the_same():
     with pytest.raises(ValueError, match="cell_type_balance must be >= 0"):
         sft.Cell2TextSFTTrainer(model=None, cell_type_balance=-1, projector_learning_rate=1e-3,
                                 gene_encoder_learning_rate=1e-5)
+
+
+def test_a_period_inside_the_cell_type_label_does_not_end_the_first_sentence(trainer):
+    """18 CL labels hold a period ("NK1.1-positive ..."): the weight stopped at it, leaving the rest of the label at 1."""
+    trainer_, _ = trainer
+    tokenizer = trainer_.processing_class.tokenizer
+    text = "This sample consists of a NK1.1-positive natural killer cell. Cell Ontology definition: A cell."
+    targets = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    trainer_.cell_type_loss_weight = 5.0
+    try:
+        weights = trainer_.target_weights(targets)
+    finally:
+        trainer_.cell_type_loss_weight = 1.0
+    heavy = tokenizer.decode(targets[0][weights[0] == 5.0])
+    assert heavy == "This sample consists of a NK1.1-positive natural killer cell."

@@ -9,8 +9,9 @@ sequence of the batch predicts a labelled token (transformers' `logits_to_keep`,
 forward, so DDP/FSDP wrappers see a normal call) and computes the same token-mean cross-entropy as TRL.
 
 `cell_type_loss_weight` (default 1: TRL's loss) weighs the tokens of each target's first sentence, up to its first
-period: "This sample consists of a {cell type}." in the description schema (cell type labels hold no period; the
-schema's parser relies on that too); with `loss_on_labels_only` that sentence's only labelled tokens are the cell-type
+period followed by a space: "This sample consists of a {cell type}." in the description schema (a period inside a
+cell-type label, as in the 18 CL labels like "NK1.1-positive ...", is followed by a character, as the schema's
+parser reads it too); with `loss_on_labels_only` that sentence's only labelled tokens are the cell-type
 label's, the first run of labelled tokens. Under teacher forcing almost every later token is predictable from the text
 before it (the definition follows from the name, tissue and disease are nearly constant), so the few tokens that
 must be read from the cell are a small share of the loss; weighting them puts the gradient where the cell matters.
@@ -33,6 +34,8 @@ tree's tokens more (88 tokens for the demo's 10 labels).
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from torch.nn import functional as F
@@ -93,20 +96,33 @@ class LabelledPositionsLossMixin:
         if self.cell_type_choice_loss_weight > 0:
             self._choice_tree = self._cell_type_choice_tree()
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        vocabulary = tokenizer.get_vocab()
-        self._period_token_ids = torch.tensor(sorted(i for token, i in vocabulary.items() if "." in token))
+        # decoded, so that byte-level ("Ġ") and SentencePiece ("▁") spaces read alike
+        texts = dict(zip(range(len(tokenizer)), tokenizer.batch_decode([[i] for i in range(len(tokenizer))])))
+        self._period_token_ids = torch.tensor(sorted(i for i, text in texts.items() if "." in text))
+        # a period ends the sentence where a space follows it (in the token or the next one): "NK1.1-positive ..."
+        # holds one that does not
+        self._ending_period_ids = torch.tensor(sorted(i for i, text in texts.items()
+                                                      if re.search(r"\.\s", text)) or [-1])
+        raw = tokenizer.convert_ids_to_tokens(list(texts))  # SentencePiece decodes a lone "▁Cell" without its space
+        self._space_led_ids = torch.tensor(sorted(i for (i, text), token in zip(texts.items(), raw)
+                                                  if text[:1].isspace() or (token or "")[:1] in ("Ġ", "▁", "Ċ", "ĉ"))
+                                           or [-1])
         self._token_accuracy: dict[str, list[float]] = {"train": [], "eval": []}
 
     def target_weights(self, targets: torch.Tensor) -> torch.Tensor:
         """Per-target-token loss weights: `cell_type_loss_weight` on each row's first sentence, then 1.
 
         `targets` are the labels of consecutive positions. The first sentence ends at the row's first labelled period
-        or at its first unlabelled position after a labelled one, whichever comes first: with `loss_on_labels_only`
+        followed by a space (in its token or the next, or by the row's end or an unlabelled position) or at its first unlabelled position after a labelled one, whichever comes first: with `loss_on_labels_only`
         the period is unlabelled, and the first run of labelled tokens is the cell-type label."""
         labelled = targets != -100
         if self.cell_type_loss_weight == 1.0:
             return labelled.float()
-        is_period = torch.isin(targets, self._period_token_ids.to(targets.device)) & labelled
+        ending = torch.isin(targets, self._ending_period_ids.to(targets.device))
+        space_next = torch.zeros_like(labelled)
+        space_next[:, :-1] = torch.isin(targets[:, 1:], self._space_led_ids.to(targets.device)) | ~labelled[:, 1:]
+        space_next[:, -1] = True
+        is_period = torch.isin(targets, self._period_token_ids.to(targets.device)) & labelled & (ending | space_next)
         after_period = is_period.cumsum(dim=1) - is_period.long() > 0
         after_gap = ((labelled.cumsum(dim=1) > 0) & ~labelled).cumsum(dim=1) > 0
         in_first_sentence = labelled & ~after_period & ~after_gap
