@@ -30,7 +30,7 @@ parser.add_argument("--gene-encoder", help="a pretrained Geneformer folder (with
 parser.add_argument("--text-model", help="an instruction-tuned causal LM folder or Hub id")
 parser.add_argument("--out", default="outputs/example_finetune")
 parser.add_argument("--max-steps", type=int, default=20)
-parser.add_argument("--num-cell-tokens", type=int, default=32)
+parser.add_argument("--num-cell-tokens", type=int, default=32, help="with --text-model (init_from keeps its own)")
 args = parser.parse_args()
 if not args.init_from and not args.text_model:
     parser.error("pass --init-from, or --text-model (and optionally --gene-encoder)")
@@ -40,7 +40,8 @@ cell2text_args = Cell2TextArguments(
     init_from=args.init_from,
     text_model_name_or_path=args.text_model,
     gene_encoder_name_or_path=args.gene_encoder,
-    num_cell_tokens=args.num_cell_tokens,
+    # composing only: init_from keeps its model's (a value other than the model's is refused)
+    **({} if args.init_from else {"num_cell_tokens": args.num_cell_tokens}),
 )
 training_args = SFTConfig(
     output_dir=args.out,

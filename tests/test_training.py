@@ -921,3 +921,23 @@ def test_init_from_refuses_a_corpus_ranked_with_other_medians(parts_and_corpus, 
     with pytest.raises(ValueError, match="not tokenized as the model .* reads cells: other gene medians or special "
                                          "tokens .*--feature-extractor"):
         sft_module.build_processor(args, Path(corpus_dir), {})
+
+
+def test_init_from_refuses_composition_settings_it_would_ignore():
+    """freeze_gene_encoder=False, num_cell_tokens=4 or projector_dropout=0.5 with init_from trained the model as it was
+    composed (encoder frozen, 8 tokens, dropout 0.1), exit 0."""
+    from types import SimpleNamespace
+
+    from training.sft import check_init_from_settings
+
+    config = SimpleNamespace(num_cell_tokens=8, gene_encoder_layer=-1, projector_hidden_size=16, projector_dropout=0.1,
+                             freeze_gene_encoder=True)
+    check_init_from_settings(Cell2TextArguments(corpus_dir="c", init_from="m"), config)  # defaults: fine
+    check_init_from_settings(Cell2TextArguments(corpus_dir="c", init_from="m", num_cell_tokens=8), config)  # the same
+    for given, named in (({"freeze_gene_encoder": False}, "freeze_gene_encoder=False (the model's: True)"),
+                         ({"num_cell_tokens": 4}, "num_cell_tokens=4 (the model's: 8)"),
+                         ({"projector_dropout": 0.5}, "projector_dropout=0.5"),
+                         ({"text_model_name_or_path": "other-llm"}, "text_model_name_or_path='other-llm'"),
+                         ({"encoder_epochs": 3}, "encoder_epochs=3")):
+        with pytest.raises(ValueError, match=re.escape(named) + ".*would be ignored: leave them unset"):
+            check_init_from_settings(Cell2TextArguments(corpus_dir="c", init_from="m", **given), config)

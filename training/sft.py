@@ -430,6 +430,29 @@ def fit_processor_to_encoder(processor, encoder_path: str, trust_remote_code: bo
     fit_tokens_to_encoder(config, extractor)
 
 
+# How a model is composed from parts: with init_from the model keeps its own, so a value given for them is not used.
+COMPOSITION_SETTINGS = ("num_cell_tokens", "gene_encoder_layer", "projector_hidden_size", "projector_dropout",
+                        "freeze_gene_encoder")  # the model's config holds each under the same name
+PARTS_SETTINGS = ("text_model_name_or_path", "gene_encoder_name_or_path", "encoder_candidate_layers",
+                  "encoder_candidate_inputs", "encoder_hidden_size", "encoder_epochs")
+
+
+def check_init_from_settings(args: Cell2TextArguments, config: Any) -> None:
+    """Refuse composition settings given with `init_from` (other than their defaults and than the model's own): the
+    recipe fine-tunes the model as it was composed, and they were silently ignored (freeze_gene_encoder=False left
+    the encoder frozen, exit 0). A value equal to its default cannot be told from an unset one and passes."""
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(Cell2TextArguments) if f.name in COMPOSITION_SETTINGS + PARTS_SETTINGS}
+    ignored = [f"{name}={getattr(args, name)!r} (the model's: {getattr(config, name)!r})"
+               for name in COMPOSITION_SETTINGS
+               if getattr(args, name) != defaults[name] and getattr(args, name) != getattr(config, name)]
+    ignored += [f"{name}={getattr(args, name)!r}" for name in PARTS_SETTINGS if getattr(args, name) != defaults[name]]
+    if ignored:
+        raise ValueError(f"init_from {args.init_from} is fine-tuned as it was composed, so {', '.join(ignored)} would "
+                         "be ignored: leave them unset, or compose a new model from parts (text_model_name_or_path) "
+                         "to change them.")
+
+
 def build_model(
     args: Cell2TextArguments, encoder_path: str | None, processor, trust_remote_code: bool = False
 ) -> Cell2TextForConditionalGeneration:
@@ -593,6 +616,8 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     # was prepared now or reused.
     set_training_seed(training_args)
     model = build_model(args, encoder_path, processor, trust_remote_code)
+    if args.init_from is not None:
+        check_init_from_settings(args, model.config)
     model.config.training_corpus_fingerprints = summary.get("fingerprints")  # evaluation refuses another build
     if model.config.num_cell_tokens != processor.num_cell_tokens:
         raise ValueError(
