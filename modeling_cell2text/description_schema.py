@@ -169,12 +169,13 @@ def render_description(description: CellDescription) -> str:
     return " ".join(sentences)
 
 
+# A cell-type label's characters: a period only between digits, as in every CL label that holds one ("NK1.1-positive
+# ...", "Nav1.7"); any other period ends the sentence (off-template text such as "T cell.It ..." is not a label).
+_CELL_TYPE_CHARS = r"(?:[^.]|(?<=\d)\.(?=\d))"
 _AGE_ALTERNATION = "|".join(re.escape(p) for p in sorted(_AGE_BY_PHRASE, key=len, reverse=True))
 _DESCRIPTION_RE = re.compile(
     r"^\s*"
-    # a period inside a cell-type label is followed by a character, as in every CL label ("NK1.1-positive ..."),
-    # so a sentence's end is a period followed by space or the end
-    r"(?:This sample consists of an? (?P<cell_type>(?:[^.]|\.(?=\S))+?)\."
+    r"(?:This sample consists of an? (?P<cell_type>" + _CELL_TYPE_CHARS + r"+?)\."
     r"(?:\s+Cell Ontology definition: (?P<definition>.+?)\.(?=\s+It originates from|\s+This cell is associated|\s*$))?"
     r")?"
     r"(?:\s*It originates from (?:the (?P<tissue>.+?) of |)an? (?P<healthy>healthy )?(?:(?P<sex>female|male) )?donor"
@@ -222,6 +223,12 @@ def set_definition(text: str, definition: str | None) -> str:
     if description.cell_type is None or description.cell_type_definition == definition:
         return text
     return render_description(replace(description, cell_type_definition=definition))
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of a description, through its period (a label's own period, as in "NK1.1", stays inside)."""
+    text = text.strip()
+    return re.match(_CELL_TYPE_CHARS + "*", text).group(0) + "."
 
 
 def parse_or_none(text: str) -> CellDescription | None:

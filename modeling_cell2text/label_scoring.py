@@ -76,7 +76,8 @@ def _check_candidates(candidates: Sequence[str]) -> list[str]:
         if parsed != label:
             raise ValueError(
                 f"Candidate label {label!r} does not read back from its sentence {cell_type_sentence(label)!r} (a "
-                "period followed by a space inside a label ends the sentence early); remove it from the candidates."
+                "period inside a label, other than between digits as in 'NK1.1', ends the sentence early); remove it from the "
+                "candidates."
             )
     return candidates
 

@@ -106,6 +106,24 @@ def test_cell_ontology_labels_with_a_period_round_trip():
     assert _check_candidates(labels) == labels
 
 
-def test_a_sentence_between_the_cell_type_and_the_next_is_still_off_the_template():
+@pytest.mark.parametrize("text", [
+    "This sample consists of a B cell. It is round. It originates from the blood of a donor.",
+    "This sample consists of a B cell.This sample consists of a T cell.",
+    "This sample consists of a T cell.Cell Ontology definition: A cell.",
+    'This sample consists of a B cell."junk".',
+])
+def test_text_after_the_cell_type_sentence_is_still_off_the_template(text):
+    """A period inside a label is read only between digits: "T cell.Cell Ontology definition: A cell" was read as
+    one cell type by a first version."""
     with pytest.raises(DescriptionParseError):
-        parse_description("This sample consists of a B cell. It is round. It originates from the blood of a donor.")
+        parse_description(text)
+
+
+def test_parsing_long_adversarial_text_stays_fast():
+    import time
+
+    text = "This sample consists of a x." + "It originates from the y of a donor with z." * 250 + " !"
+    start = time.perf_counter()
+    with pytest.raises(DescriptionParseError):
+        parse_description(text)
+    assert time.perf_counter() - start < 2.0  # 3.4 s with any period followed by a character allowed in a label

@@ -86,6 +86,7 @@ def test_free_cell_type_reads_the_first_sentence_only():
     label = "Dx5-negative, NK1.1-positive immature natural killer cell, mouse"  # it read "Dx5-negative, NK1"
     assert free_cell_type(f"This sample consists of a {label}. It orig") == label
     assert free_cell_type(f"This sample consists of a {label}.") == label
+    assert free_cell_type("This sample consists of a T cell.It originates from somewhere odd.") == "T cell"
     assert free_cell_type("This sample consists of an erythroid cell") == "erythroid cell"
     assert free_cell_type("A B cell.") is None
 

@@ -130,7 +130,7 @@ def test_candidates_need_known_labels(model_and_processor):
         cell_type_candidates(bare)
     model, _ = model_and_processor
     with pytest.raises(ValueError, match="remove it from the candidates"):
-        score_cell_types(model, processor, processor(counts(1), GENES), candidates=["B cell", "cell type 2.0"])
+        score_cell_types(model, processor, processor(counts(1), GENES), candidates=["B cell", "cell type. 2"])
 
 
 def test_several_sequences_per_cell_are_refused(model_and_processor):

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -35,7 +34,8 @@ import torch
 from tqdm.auto import tqdm
 
 from modeling_cell2text.compatibility import PREPARED_ENCODER_KEY
-from modeling_cell2text.description_schema import LABEL_FIELDS, DescriptionParseError, parse_description, parse_or_none
+from modeling_cell2text.description_schema import (LABEL_FIELDS, DescriptionParseError, first_sentence,
+                                                    parse_description, parse_or_none)
 from modeling_cell2text.schema_decoding import SchemaDecoder
 from modeling_cell2text.text_padding import text_pad_token_id
 from modeling_cell2text.label_scoring import (
@@ -90,9 +90,8 @@ def generate_descriptions(
 def free_cell_type(text: str) -> str | None:
     """The cell type a description's first sentence names, or None where that sentence does not parse."""
 
-    first = re.split(r"\.(?=\s|$)", text.strip(), maxsplit=1)[0] + "."  # a label's own period ("NK1.1") stays
     try:
-        return parse_description(first).cell_type
+        return parse_description(first_sentence(text)).cell_type
     except DescriptionParseError:
         return None
 
