@@ -238,17 +238,35 @@ _REJECT_FIXES = {
 
 
 def _not_primary(values: pd.Series) -> np.ndarray:
-    """Cells whose is_primary_data says False (bool, or text "False" / "0"); a missing value counts as primary."""
-    return values.map(lambda v: v is not None and not pd.isna(v) and str(v).strip().lower() in ("false", "0")
-                      ).to_numpy(dtype=bool)
+    """Cells whose is_primary_data says False (a bool, a number 0, or text "False" / "0" / "no"); a missing value
+    counts as primary."""
+    def says_false(value: Any) -> bool:
+        if value is None or pd.isna(value):
+            return False
+        if isinstance(value, (bool, np.bool_, int, float, np.integer, np.floating)):
+            return value == 0
+        return str(value).strip().lower() in ("false", "0", "0.0", "no", "f")
+
+    return values.map(says_false).to_numpy(dtype=bool)
+
+
+def _reject_fix(reason: str) -> str:
+    """What to change where every cell is rejected for `reason`."""
+    if reason in _REJECT_FIXES:
+        return _REJECT_FIXES[reason]
+    if reason.startswith("wrong_ontology_"):
+        return ("a field listed in --required-fields holds ids of another ontology: check which obs column holds "
+                "them (--obs-map)")
+    if reason.startswith("obsolete_"):
+        return "a field listed in --required-fields holds obsolete terms without a replacement: update them"
+    return "a field listed in --required-fields is missing"
 
 
 def _require_kept_cells(reasons: np.ndarray) -> None:
     """Stop, naming the reasons and their fixes, when every cell is rejected (an empty corpus is no corpus)."""
     if len(reasons) and not pd.isna(reasons).any():
         counts = Counter(reasons.tolist())
-        fixes = "; ".join(f"{reason}: {_REJECT_FIXES.get(reason, 'a field listed in --required-fields is missing')}"
-                          for reason in counts)
+        fixes = "; ".join(f"{reason}: {_reject_fix(reason)}" for reason in counts)
         raise ValueError(f"every cell was rejected ({dict(sorted(counts.items()))}), nothing to build; {fixes}")
 
 

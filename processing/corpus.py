@@ -198,13 +198,14 @@ def _cell_type_reason(term_id: str | None, label: str | None, known: bool) -> st
 
 
 # The ids each field takes in the CELLxGENE schema (7): an id of another ontology means a mis-mapped column, and its
-# label would be stated as the field's ("a donor with female", "sex: COVID-19"). CL tissues are cell cultures;
-# UBERON stages are other organisms'.
+# label would be stated as the field's ("a donor with female", "sex: COVID-19"). Tissues: UBERON, CL (cell culture),
+# Cellosaurus (cell line), and the zebrafish, fly and worm anatomies; stages: human, mouse, those organisms' and
+# UBERON (other organisms); sex: female, male, hermaphrodite.
 FIELD_TERM_PREFIXES = {
-    "tissue": ("UBERON:", "CL:"),
+    "tissue": ("UBERON:", "CL:", "CVCL_", "ZFA:", "FBbt:", "WBbt:"),
     "disease": ("MONDO:", "PATO:0000461"),
-    "sex": ("PATO:0000383", "PATO:0000384"),
-    "development_stage": ("HsapDv:", "MmusDv:", "UBERON:"),
+    "sex": ("PATO:0000383", "PATO:0000384", "PATO:0001340"),
+    "development_stage": ("HsapDv:", "MmusDv:", "ZFS:", "FBdv:", "WBls:", "UBERON:"),
 }
 
 

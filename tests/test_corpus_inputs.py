@@ -335,6 +335,9 @@ def test_non_primary_cells_are_rejected_unless_kept(tmp_path):
     assert summary["rejected"] == {"not_primary_data": N_CELLS // 4}
     kept = build_corpus(_source(adata), tmp_path / "kept", BuildOptions(**OPTIONS, keep_non_primary=True))
     assert kept["rejected"] == {} and sum(kept["splits"].values()) == N_CELLS
+    adata.obs["is_primary_data"] = [1.0, 0.0] * (N_CELLS // 2)  # an int column with a NaN reads as float
+    assert build_corpus(_source(adata), tmp_path / "float", BuildOptions(**OPTIONS))["rejected"] == {
+        "not_primary_data": N_CELLS // 2}
     adata.obs["is_primary_data"] = "False"  # as text, e.g. from a CSV
     with pytest.raises(ValueError, match="not_primary_data.*--keep-non-primary"):
         build_corpus(_source(adata), tmp_path / "none", BuildOptions(**OPTIONS))
