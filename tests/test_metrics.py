@@ -83,6 +83,8 @@ def test_an_unparsed_pathway_prediction_is_wrong_also_where_the_truth_is_empty()
     unparsed = pathway_report([set(), set()], [None, None])
     assert (unparsed["subset_accuracy"], unparsed["jaccard"], unparsed["f1"], unparsed["f1_samples"]) == (0, 0, 0, 0)
     assert unparsed["num_missing"] == 2
+    # micro F1 counts the unparsed cell wherever the other cells' truth lies (it was ignored beside a true positive)
+    assert pathway_report([{"a"}, set(), set()], [{"a"}, set(), None])["f1"] == pytest.approx(2 / 3)
     right = pathway_report([set(), {"p1"}], [set(), {"p1"}])
     assert (right["subset_accuracy"], right["jaccard"], right["f1"], right["f1_samples"]) == (1, 1, 1, 1)
 

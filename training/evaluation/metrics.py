@@ -111,7 +111,8 @@ def pathway_report(
       ``f1_samples``: mean of the per-cell F1.
     - ``num_distinct_predicted``: how many different sets were predicted (1: the same pathways for every cell).
     A missing prediction (None: the text did not parse) is counted in ``num_missing`` and is wrong: it scores 0 for
-    the cell, also where the true set is empty (an empty prediction then scores 1).
+    the cell, also where the true set is empty (an empty prediction then scores 1); in the micro F1 its true names
+    are false negatives, and where there are none it is one false positive.
     """
     _check_lengths(true_sets, pred_sets)
     trues = [_as_set(t) for t in true_sets]
@@ -119,13 +120,14 @@ def pathway_report(
     given = [p is not None for p in pred_sets]
     num_missing = given.count(False)
     tp = sum(len(t & p) for t, p in zip(trues, preds))
-    fp = sum(len(p - t) for t, p in zip(trues, preds))
+    # a missing prediction misses its true names; where there are none, it still states nothing right: one error
+    fp = sum(len(p - t) for t, p in zip(trues, preds)) + sum(not t for t, g in zip(trues, given) if not g)
     fn = sum(len(t - p) for t, p in zip(trues, preds))
     jaccard = [(1.0 if not (t | p) else len(t & p) / len(t | p)) if g else 0.0 for t, p, g in zip(trues, preds, given)]
     return {
         "subset_accuracy": float(np.mean([g and t == p for t, p, g in zip(trues, preds, given)])),
         "jaccard": float(np.mean(jaccard)),
-        "f1": float(not num_missing) if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn),
+        "f1": 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn),
         "f1_samples": float(np.mean([_set_f1(t, p) if g else 0.0 for t, p, g in zip(trues, preds, given)])),
         "num_missing": num_missing,
         "num_distinct_predicted": len({frozenset(p) for p, given in zip(preds, pred_sets) if given is not None}),
