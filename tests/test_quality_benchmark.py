@@ -225,6 +225,7 @@ def test_rescore_pools_again_from_the_fold_folders_and_refuses_other_predictions
     def cells_with_scores(fold_dir):
         cells = fake_cells(int(Path(fold_dir).name.split("-")[1]))
         cells["cell_type_score"] = {"cell2text": [0.75, 0.75, 0.25, 0.25]}
+        cells["ontology_similarity"] = {name: [0.5] * 4 for name in cells["predictions"]}
         return cells
 
     monkeypatch.setattr(quality, "fold_cells", cells_with_scores)
@@ -233,6 +234,9 @@ def test_rescore_pools_again_from_the_fold_folders_and_refuses_other_predictions
     assert json.loads((tmp_path / "quality_benchmark.json").read_text())["pooled"] == json.loads(
         json.dumps(rescored["pooled"]))
     assert rescored["rescored"]["commit"] == "0" * 40
+    # each fold's figure too where its run kept none (the baselines'), from the same cells
+    assert all(fold["methods"]["majority"]["ontology_similarity"] == 0.5 for fold in rescored["folds"])
+    assert rescored["summary"]["majority"]["ontology_similarity"]["mean"] == 0.5
 
     def other_predictions(fold_dir):
         cells = cells_with_scores(fold_dir)
