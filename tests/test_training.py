@@ -384,6 +384,8 @@ def test_a_resume_with_another_encoder_or_lora_settings_is_refused_and_keeps_the
     encoder = (out / "gene_encoder" / "model.safetensors").read_bytes()
     with pytest.raises(ValueError, match=r"checkpoint-2 was trained with another lora_alpha .*new --output_dir"):
         tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint, lora_alpha=64)
+    with pytest.raises(ValueError, match=r"checkpoint-2 was trained with another lora_alpha"):  # True: the last one
+        tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=True, lora_alpha=64)
     with pytest.raises(ValueError, match=r"prepared in .* for another epochs; .* would overwrite it.*--output_dir"):
         tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint,
                     encoder_epochs=3)

@@ -510,9 +510,14 @@ class RecordTrainedWith(TrainerCallback):
             (folder / TRAINED_WITH_FILE).write_text(json.dumps(self.record, indent=2))
 
 
-def check_resume(checkpoint: str | None, record: dict) -> None:
+def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -> None:
     """Refuse to resume from a checkpoint trained with another gene encoder or LoRA settings (`trained_with`): its
-    projector and adapters fit those, and would silently train on, or fail to load into, others."""
+    projector and adapters fit those, and would silently train on, or fail to load into, others. `checkpoint` True
+    is the Trainer's: the last checkpoint in `output_dir`."""
+    if checkpoint is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        checkpoint = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
     if not isinstance(checkpoint, (str, Path)):
         return
     path = Path(checkpoint) / TRAINED_WITH_FILE
@@ -627,7 +632,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     modules_to_save = ["multi_modal_projector"] + ([] if model.config.freeze_gene_encoder else ["gene_encoder"])
     peft_config = args.lora_config(language_model_lora_targets(model), modules_to_save)
     record = trained_with(model, peft_config)
-    check_resume(training_args.resume_from_checkpoint, record)
+    check_resume(training_args.resume_from_checkpoint, record, training_args.output_dir)
     part_settings = {
         "projector_learning_rate": args.projector_learning_rate,
         "gene_encoder_learning_rate": args.gene_encoder_learning_rate,
