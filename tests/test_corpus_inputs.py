@@ -349,3 +349,11 @@ def test_obs_map_onto_a_column_the_builder_does_not_read_is_refused():
     adata.obs["organ_id"] = "UBERON:0000178"
     with pytest.raises(ValueError, match=r"maps onto \['tissue_ontology_term'\], which the builder does not read"):
         _source(adata, obs_map={"organ_id": "tissue_ontology_term"})
+
+
+def test_every_cell_rejected_for_a_wrong_ontology_required_field_names_the_column_fix(tmp_path):
+    adata = _tiny_adata()
+    adata.obs["sex_ontology_term_id"] = "MONDO:0100096"  # the disease column mapped onto sex
+    adata.obs["sex"] = "COVID-19"
+    with pytest.raises(ValueError, match=r"wrong_ontology_sex_term: .*ids of another ontology.*--obs-map"):
+        build_corpus(_source(adata), tmp_path / "out", BuildOptions(**OPTIONS, required_fields=("cell_type", "sex")))
