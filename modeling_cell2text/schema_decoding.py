@@ -910,6 +910,10 @@ class SchemaDecoder:
         return scores, likelihoods
 
 
+SCORED_FIELDS = ("cell_type", "tissue", "sex", "disease", "age_group", "pathways")
+"""The fields whose `<field>_score` a `schema_results` result holds (pathways' is the product of its two labels')."""
+
+
 def schema_results(processor, described: SchemaDescriptions) -> list[dict]:
     """Pipeline results: each description with the fields the decoder chose (taken from the choices, not read back
     from the text), their ontology ids, and `<field>_score` for every chosen field.
@@ -937,7 +941,7 @@ def schema_results(processor, described: SchemaDescriptions) -> list[dict]:
             label = fields.get(name)
             fields[f"{name}_ontology_term_id"] = processor.ontology_term_ids.get(name, {}).get(label) if label else None
         result = {"description": text, "parsed": parsed, "exact_choice": not unproven, **fields}
-        for name in ("cell_type", "tissue", "sex", "disease", "age_group"):
+        for name in SCORED_FIELDS[:-1]:
             result[f"{name}_score"] = scores.get(name)
         pathway_scores = [scores[k] for k in ("pathway_1", "pathway_2") if k in scores]
         result["pathways_score"] = float(torch.tensor(pathway_scores).prod()) if pathway_scores else None
@@ -945,5 +949,5 @@ def schema_results(processor, described: SchemaDescriptions) -> list[dict]:
     return results
 
 
-__all__ = ["OptionTree", "SchemaDecoder", "SchemaDescriptions", "known_labels", "schema_results",
+__all__ = ["SCORED_FIELDS", "OptionTree", "SchemaDecoder", "SchemaDescriptions", "known_labels", "schema_results",
            "tokens_in_context"]

@@ -38,6 +38,7 @@ from .pipeline_cell2text import (
     resolve_cells,
 )
 from .processing_cell2text import Cell2TextProcessor
+from .schema_decoding import SCORED_FIELDS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROCESSOR_FILE = "processor_config.json"
@@ -336,7 +337,7 @@ def write_descriptions(
     # A column an earlier run wrote under this key and this one does not (a free run after a constrained one has no
     # scores) would sit beside the new descriptions as if it were theirs: every column a run can write goes first.
     adata.obs.drop(columns=[name for name in described_columns(key_added) if name in adata.obs], inplace=True)
-    for name, values in annotation_columns(results, key_added).items():
+    for name, values in annotation_columns(results, key_added, constrained=bool(params.get("constrained"))).items():
         adata.obs[name] = values
     _record(adata, key_added, model, processor, params)
 
@@ -349,11 +350,12 @@ def described_columns(key_added: str) -> list[str]:
     return [f"{key_added}_{suffix}" for suffix in suffixes]
 
 
-def annotation_columns(results: Sequence[dict | None], key_added: str) -> dict[str, Any]:
+def annotation_columns(results: Sequence[dict | None], key_added: str, constrained: bool = False) -> dict[str, Any]:
     """obs columns (one value per cell, in the cells' order) from pipeline results; None marks a skipped cell.
 
-    With no cell described (an empty AnnData, or every cell skipped) the description, parsed, field and ontology id
-    columns are still written, empty or missing. A NUL character (which a model can decode, but HDF5 strings cannot hold) is written as U+FFFD, so one odd
+    With no cell described (an empty AnnData, or every cell skipped) the columns a described cell would have had are
+    still written, empty or missing: those of a constrained run's results (`constrained`, with every `_score` and
+    `exact_choice`) or of a free run's. A NUL character (which a model can decode, but HDF5 strings cannot hold) is written as U+FFFD, so one odd
     generation cannot make the whole h5ad unwritable; such a description does not parse (`parsed` is False).
     """
     import pandas as pd
@@ -363,7 +365,9 @@ def annotation_columns(results: Sequence[dict | None], key_added: str) -> dict[s
         keys += [key for key in (result or {}) if key not in keys]
     if not keys:  # no cell described (none given, or every one skipped): the columns a reader looks for still exist
         keys = ["description", "parsed", *CellDescription().to_dict(),
-                *(f"{name}_ontology_term_id" for name in ONTOLOGY_FIELDS)]
+                *(f"{name}_ontology_term_id" for name in ONTOLOGY_FIELDS), "cell_type_score"]
+        if constrained:
+            keys += ["exact_choice", *(f"{name}_score" for name in SCORED_FIELDS[1:])]
     columns: dict[str, Any] = {}
     for key in keys:
         values = [None if result is None else result.get(key) for result in results]

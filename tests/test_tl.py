@@ -246,3 +246,20 @@ def test_no_cell_described_still_writes_the_columns(model_dirs, n_cells):
         assert f"cell2text_{column}" in adata.obs, column
     assert not adata.obs["cell2text_parsed"].any() and adata.obs["cell2text_cell_type"].isna().all()
     assert "cell2text" in adata.uns
+
+
+@pytest.mark.parametrize("constrained", [True, False])
+def test_no_cell_described_writes_the_columns_a_described_cell_would_have(model_dirs, constrained):
+    """With every cell skipped a constrained run wrote no `_score` or `exact_choice` column, so code reading
+    `adata.obs["cell2text_cell_type_score"]` worked on one batch and failed with a KeyError on another."""
+    described = make_adata(2)
+    describe(described, model_dirs["trained"], constrained=constrained)
+    skipped = make_adata(2)
+    skipped.X = np.zeros(skipped.shape, dtype=np.float32)
+    describe(skipped, model_dirs["trained"], constrained=constrained, skip_empty_cells=True)
+    written = sorted(c for c in described.obs if c.startswith("cell2text_"))
+    assert sorted(c for c in skipped.obs if c.startswith("cell2text_")) == written
+    assert ("cell2text_exact_choice" in written) == constrained
+    for column in written:
+        assert skipped.obs[column].dtype == described.obs[column].dtype or column.endswith(
+            ("_description", "_parsed")) or isinstance(skipped.obs[column].dtype, pd.CategoricalDtype), column
