@@ -172,14 +172,17 @@ def render_description(description: CellDescription) -> str:
 # A cell-type label's characters: a period only between digits, as in every CL label that holds one ("NK1.1-positive
 # ...", "Nav1.7"); any other period ends the sentence (off-template text such as "T cell.It ..." is not a label).
 _CELL_TYPE_CHARS = r"(?:[^.]|(?<=\d)\.(?=\d))"
+# A tissue or disease label: any text that does not run into another origin sentence, so that a definition holding
+# one (CL:0011111's says "It originates from the olfactory placode ...") is read as the definition, not as the tissue.
+_ORIGIN_LABEL = r"(?:(?!It originates from ).)+?"
 _AGE_ALTERNATION = "|".join(re.escape(p) for p in sorted(_AGE_BY_PHRASE, key=len, reverse=True))
 _DESCRIPTION_RE = re.compile(
     r"^\s*"
     r"(?:This sample consists of an? (?P<cell_type>" + _CELL_TYPE_CHARS + r"+?)\."
     r"(?:\s+Cell Ontology definition: (?P<definition>.+?)\.(?=\s+It originates from|\s+This cell is associated|\s*$))?"
     r")?"
-    r"(?:\s*It originates from (?:the (?P<tissue>.+?) of |)an? (?P<healthy>healthy )?(?:(?P<sex>female|male) )?donor"
-    r"(?: with (?P<disease>.+?))?(?: during (?P<age>" + _AGE_ALTERNATION + r"))?\."
+    r"(?:\s*It originates from (?:the (?P<tissue>" + _ORIGIN_LABEL + r") of |)an? (?P<healthy>healthy )?"
+    r"(?:(?P<sex>female|male) )?donor(?: with (?P<disease>" + _ORIGIN_LABEL + r"))?(?: during (?P<age>" + _AGE_ALTERNATION + r"))?\."
     r"(?=\s+This cell is associated|\s*$))?"
     r'(?P<pathways>(?:\s*(?:This cell is associated with|Additionally, it involves) the pathway "[^"]+"\.)*)'
     r"\s*$",

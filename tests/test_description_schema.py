@@ -106,6 +106,23 @@ def test_cell_ontology_labels_with_a_period_round_trip():
     assert _check_candidates(labels) == labels
 
 
+@pytest.mark.parametrize("origin", [
+    {"tissue": "hypothalamus", "sex": "male", "disease": "normal", "age_group": "adulthood"},
+    {"tissue": "brain", "disease": "Kallmann syndrome"}, {"sex": "female"}, {},
+])
+def test_a_definition_holding_an_origin_sentence_reads_back(origin):
+    """CL:0011111's definition says "It originates from the olfactory placode ...": its descriptions read back with
+    that text and the next two sentences as the tissue, and the definition cut before it."""
+    from processing.ontologies import _terms
+
+    holding = {term_id: t for term_id, t in _terms("CL").items() if "It originates from" in (t.get("description") or "")}
+    assert "CL:0011111" in holding
+    for term in holding.values():
+        d = CellDescription(cell_type=term["label"], cell_type_definition=term["description"].rstrip("."),
+                            pathways=("Apoptosis WP254", "Glycolysis WP534"), **origin)
+        assert parse_description(render_description(d)) == d
+
+
 @pytest.mark.parametrize("text", [
     "This sample consists of a B cell. It is round. It originates from the blood of a donor.",
     "This sample consists of a B cell.This sample consists of a T cell.",
