@@ -325,6 +325,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         report_skipped: bool = True,
         chunk_size: int = 128,
         num_threads: int | None = None,
+        first_row: int = 0,
     ) -> RankedCells:
         """Rank-value encode each cell; returns ragged token ids (special tokens included).
 
@@ -337,6 +338,8 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         block of a larger input reports them itself, by their rows in that input). Chunks of ``chunk_size`` rows are
         ranked in ``num_threads`` threads (numpy
         releases the GIL in its sorts; default: the available cores, at most 4). The arithmetic is ``rank_value``'s.
+        ``first_row``: the row of the first cell in a larger input that a caller ranks in blocks, so that value errors
+        name the input's rows.
         """
         matrix, gene_ids, obs_names = self.resolve_input(cells, gene_ids, layer)
         match = self.match_genes(gene_ids)
@@ -344,7 +347,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         ranked = rank_matrix(
             matrix, match.column_tokens, match.column_medians, input_values=input_values, max_genes=self.max_genes,
             special_ids=special_ids, num_expression_bins=self.num_expression_bins, chunk_size=chunk_size,
-            num_threads=num_threads,
+            num_threads=num_threads, first_row=first_row,
         )
         empty, n_cells = ranked.skipped_cells, matrix.shape[0]
         if len(empty) and not skip_empty_cells:

@@ -362,7 +362,7 @@ def rank_block(
 ) -> Any:
     """Rank-value encode rows [start, stop); cells without vocabulary genes raise unless skip_empty."""
     ranked = feature_extractor.tokenize(matrix[start:stop], gene_ids, skip_empty_cells=True, report_skipped=False,
-                                        **params)
+                                        first_row=start, **params)
     if len(ranked.skipped_cells) and not skip_empty:
         raise empty_cells_error(ranked.skipped_cells, obs_names=obs_names, first_row=start)
     return ranked

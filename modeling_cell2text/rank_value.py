@@ -121,6 +121,7 @@ def rank_matrix(
     num_expression_bins: int = 0,
     chunk_size: int = 128,
     num_threads: int | None = None,
+    first_row: int = 0,
 ) -> RankedCells:
     """Rank-value encode every row of ``matrix`` (scipy sparse, numpy, or row-sliceable like an h5py dataset).
 
@@ -128,14 +129,15 @@ def rank_matrix(
     median. ``special_ids``: ``(cls, eos)`` ids added around each cell (Geneformer V2), None for V1. Cells without
     an expressed vocabulary gene are left out and listed in ``skipped_cells``; callers decide whether that is an
     error. Chunks of ``chunk_size`` rows are ranked in ``num_threads`` threads (default: ``default_threads()``).
+    ``first_row``: the row of ``matrix``'s first cell in a larger input, so that errors name the input's rows.
     """
     if input_values not in INPUT_VALUES:
         raise ValueError(f"input_values must be one of {INPUT_VALUES}, got {input_values!r}")
 
     def rank(chunk: tuple[int, np.ndarray, np.ndarray, np.ndarray]) -> ChunkResult:
         start, indptr, indices, data = chunk
-        check_values(data, indptr, input_values, start)
-        values = rank_values(data, indptr, column_medians[indices], input_values, start)
+        check_values(data, indptr, input_values, first_row + start)
+        values = rank_values(data, indptr, column_medians[indices], input_values, first_row + start)
         expression = data if num_expression_bins else None
         return rank_chunk(indptr, column_tokens[indices], values, expression, max_genes=max_genes,
                           special_ids=special_ids, num_expression_bins=num_expression_bins)
@@ -313,10 +315,10 @@ def _low_words(keys: np.ndarray) -> np.ndarray:
 
 def _row_sums(data: np.ndarray, indptr: np.ndarray) -> np.ndarray:
     """Per-cell totals of a CSR chunk, in float64 (exact for integer counts)."""
-    if not len(data):
-        return np.zeros(len(indptr) - 1, dtype=np.float64)
-    sums = np.add.reduceat(data, np.minimum(indptr[:-1], len(data) - 1), dtype=np.float64)
-    sums[indptr[1:] == indptr[:-1]] = 0.0  # reduceat gives an empty row the next entry
+    sums = np.zeros(len(indptr) - 1, dtype=np.float64)
+    stored = indptr[1:] > indptr[:-1]
+    if stored.any():  # reduceat over the rows holding entries only: each one's run ends where the next one's starts
+        sums[stored] = np.add.reduceat(data[: indptr[-1]], indptr[:-1][stored], dtype=np.float64)
     return sums
 
 
@@ -547,8 +549,12 @@ def iter_csr_chunks(matrix: Any, chunk_size: int) -> Iterator[tuple[int, np.ndar
 
 
 def require_numeric(dtype: np.dtype) -> None:
-    """Refuse expression values that are not numbers (strings, objects, complex)."""
-    if dtype.kind not in "biuf":
+    """Refuse expression values that are not numbers (strings, objects, complex) or are booleans (a binarised
+    matrix: every expressed gene would count 1, and cells would be ranked by their genes' medians alone)."""
+    if dtype.kind == "b":
+        raise ValueError("expression values are booleans (a binarised matrix?), which cannot be ranked by "
+                         "expression: pass the counts (or normalised or log1p values)")
+    if dtype.kind not in "iuf":
         raise ValueError(f"expression values must be numeric, got dtype {dtype}")
 
 

@@ -755,3 +755,36 @@ def test_log1p_of_fractions_passes(decimals):
     assert len(extractor.tokenize(cells, INPUT_GENES, input_values="log1p")) == 20
     for row in range(20):
         extractor.tokenize(cells[row:row + 1], INPUT_GENES, input_values="log1p")
+
+
+@pytest.mark.parametrize("n_empty_after", [1, 3])
+def test_a_cell_followed_by_empty_cells_keeps_its_total(n_empty_after):
+    """A reviewer's finding: the per-cell totals lost the last stored count of a cell followed by empty cells at the
+    end of a chunk (here 42 + 14 + 1 + 1 read as 57), which changed the float32 rounding of its values and swapped
+    its two tied genes (42 over median 3 and 14 over median 1) in its tokens."""
+    from modeling_cell2text.rank_value import _row_sums
+
+    matrix = sp.csr_matrix(np.array([[1, 2, 0], [0, 0, 0], [0, 5, 0], [0, 0, 0]], np.float32))
+    assert _row_sums(matrix.data, matrix.indptr).tolist() == [3.0, 0.0, 5.0, 0.0]
+    genes = [f"ENSG{i:011d}" for i in range(1, 5)]
+    extractor = Cell2TextFeatureExtractor.from_gene_medians(dict(zip(genes, [3.0, 1.0, 1.0, 1.0])))
+    cell = np.array([[42, 14, 1, 1]], np.float32)
+    alone = extractor.tokenize(cell, genes)[0].tolist()
+    with_empty = extractor.tokenize(np.vstack([cell, np.zeros((n_empty_after, 4), np.float32)]), genes,
+                                    skip_empty_cells=True)
+    assert with_empty[0].tolist() == alone
+
+
+def test_value_errors_name_rows_from_first_row():
+    extractor = make_extractor()
+    counts = random_counts(5).toarray()
+    counts[3, :] = np.nan
+    with pytest.raises(ValueError, match="chunk starting at cell 1002"):
+        extractor.tokenize(counts, INPUT_GENES, chunk_size=2, first_row=1000)
+
+
+@pytest.mark.parametrize("make", [lambda m: m.toarray() > 0, lambda m: sp.csr_matrix(m.toarray() > 0)])
+def test_a_binarised_matrix_is_refused(extractor, counts, make):
+    """Boolean input was ranked as counts of 1: every cell ordered by its genes' medians alone."""
+    with pytest.raises(ValueError, match="booleans .*binarised.*pass the counts"):
+        extractor.tokenize(make(counts), INPUT_GENES)

@@ -378,3 +378,12 @@ def test_free_describing_takes_generates_stop_strings_and_dict_output(tmp_path):
     stop = plain[0]["description"].split()[1]  # a word the model writes early: its text ends there
     stopped = describe(counts, gene_ids=GENES, constrained=False, max_new_tokens=12, stop_strings=[stop])
     assert stopped[0]["description"].endswith(stop) and len(stopped[0]["description"]) < len(plain[0]["description"])
+
+
+def test_a_value_error_names_the_cells_rows_in_the_whole_input(random_dir):
+    """Cells are ranked in blocks of 512: a NaN at row 580 was reported in the "chunk starting at cell 0"."""
+    describe = pipeline("cell-to-text", model=str(random_dir), trust_remote_code=True, device="cpu")
+    counts = random_counts(600, seed=2)
+    counts[580, :] = np.nan
+    with pytest.raises(ValueError, match="NaN.*chunk starting at cell 512"):
+        describe(counts, gene_ids=GENES, max_new_tokens=2)
