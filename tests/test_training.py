@@ -943,3 +943,35 @@ def test_init_from_refuses_composition_settings_it_would_ignore():
                          ({"encoder_epochs": 3}, "encoder_epochs=3")):
         with pytest.raises(ValueError, match=re.escape(named) + ".*would be ignored: leave them unset"):
             check_init_from_settings(Cell2TextArguments(corpus_dir="c", init_from="m", **given), config)
+
+
+@pytest.mark.parametrize("given, named", [
+    (["--packing", "true"], r"packing=True does not apply to this recipe: .*cannot pack"),
+    (["--max_length", "256"], r"max_length=256 does not apply .*nothing is truncated"),
+    (["--completion_only_loss", "false"], r"completion_only_loss=False does not apply .*the description"),
+    (["--dataset_text_field", "sentence"], r"dataset_text_field='sentence' does not apply .*description columns"),
+    (["--config", "settings.yaml"], r"padding_free=True does not apply .*; leave it unset"),
+])
+def test_sft_settings_the_recipe_does_not_use_are_refused(tmp_path, monkeypatch, given, named):
+    """TRL's data-path settings (the recipe pads and masks with its own collator and prepares no dataset) were
+    accepted from the command line or YAML and silently ignored."""
+    from training.adapters import parse_training_arguments
+    from training.sft import make_parser
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "settings.yaml").write_text("padding_free: true\n")
+    args, config = parse_training_arguments(make_parser(), ["--corpus_dir", "corpus", "--output_dir", "out", *given])
+    with pytest.raises(ValueError, match=named):
+        main(args, config)
+    assert not (tmp_path / "out").exists()  # refused before anything was prepared
+
+
+@pytest.mark.parametrize("config_file", sorted((REPO / "training" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_shipped_configs_and_what_the_recipe_does_anyway_pass_the_sft_settings_check(config_file):
+    from training.adapters import parse_training_arguments
+    from training.sft import check_sft_settings, make_parser
+
+    _, config = parse_training_arguments(make_parser(), ["--config", str(config_file), "--corpus_dir", "corpus"])
+    check_sft_settings(config)
+    check_sft_settings(dataclasses.replace(config, max_length=None, completion_only_loss=True,
+                                           dataset_kwargs={"skip_prepare_dataset": True}))

@@ -7,7 +7,9 @@ python -m training.sft --config training/configs/demo.yaml
 accelerate launch --config_file training/configs/accelerate/ddp.yaml -m training.sft --config training/configs/paper.yaml
 ```
 
-Every field of `Cell2TextArguments` and of TRL's `SFTConfig` can be set in the YAML file or on the command line.
+Every field of `Cell2TextArguments` and of TRL's `SFTConfig` can be set in the YAML file or on the command line,
+except the settings of TRL's data path that the recipe's own collator replaces (`packing`, `max_length`,
+`completion_only_loss`, `dataset_text_field`...: `UNUSED_SFT_SETTINGS`), which are refused.
 The recipe, top to bottom:
 
 1. Load the corpus (`python -m processing.build_corpus`) and the feature extractor it was built with.
@@ -245,6 +247,48 @@ class Cell2TextSFTTrainer(MultiProcessTrainingMixin, LabelledPositionsLossMixin,
         optimizer_kwargs.pop("lr", None)
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
+
+
+# SFTConfig's settings of TRL's own data path, which the recipe replaces: its collator builds, pads and masks the
+# soft-token prompts of the corpus's tokenized cells (the processor), and TRL prepares no dataset. A value other than
+# TRL's default or one that says what the recipe does anyway was silently ignored. Name -> (those values, why).
+_PACKING = ("the recipe pads soft-token prompts itself, in Cell2TextDataCollator, and cannot pack or train "
+            "padding-free")
+_TRUNCATION = ("nothing is truncated: the prompt is num_cell_tokens soft tokens and each description is trained "
+               "whole; a cell's genes are capped when the corpus is built, by --model-input-size")
+_LOSS_MASK = "the loss is on the description, the completion, only; --loss_on_labels_only narrows it to the labels"
+UNUSED_SFT_SETTINGS: dict[str, tuple[tuple, str]] = {
+    "dataset_text_field": ((), "the collator reads the corpus's gene_input_ids and description columns"),
+    "dataset_num_proc": ((), "the corpus is tokenized when it is built, by python -m processing.build_corpus"),
+    "dataset_kwargs": (({}, {"skip_prepare_dataset": True}),
+                       "the recipe skips TRL's dataset preparation, skip_prepare_dataset, and reads no other key"),
+    "max_length": ((None,), _TRUNCATION),
+    "truncation_mode": ((), _TRUNCATION),
+    "shuffle_dataset": ((), "the trainer's sampler shuffles the training cells every epoch; --cell_type_balance "
+                            "reweights them"),
+    "packing": ((), _PACKING),
+    "packing_strategy": ((), _PACKING),
+    "eval_packing": ((False,), _PACKING),
+    "padding_free": ((), _PACKING),
+    "pad_to_multiple_of": ((None,), "the collator pads each batch to its longest sequence"),  # "auto": None
+    "pad_token": ((), "the processor pads with the pad token of its tokenizer, text_model_name_or_path's or "
+                      "init_from's"),
+    "completion_only_loss": ((True,), _LOSS_MASK),
+    "assistant_only_loss": ((), _LOSS_MASK),
+    "model_init_kwargs": ((), "the recipe loads the model itself, from its parts or from init_from"),
+}
+
+
+def check_sft_settings(training_args: SFTConfig) -> None:
+    """Refuse SFTConfig settings of TRL's data path that the recipe does not use (`UNUSED_SFT_SETTINGS`): given on
+    the command line or in YAML, they were accepted and silently ignored."""
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(SFTConfig) if f.name in UNUSED_SFT_SETTINGS}
+    unused = [f"{name}={getattr(training_args, name)!r} does not apply to this recipe: {why}; leave it unset."
+              for name, (also_fine, why) in UNUSED_SFT_SETTINGS.items()
+              if name in defaults and getattr(training_args, name) not in (defaults[name], *also_fine)]
+    if unused:
+        raise ValueError(" ".join(unused))
 
 
 def set_training_seed(training_args: SFTConfig) -> None:
@@ -595,6 +639,7 @@ def calibrate(model, processor, args: Cell2TextArguments, training_args: SFTConf
 
 def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     """Train and save; returns the folder of the merged, Hub-ready model."""
+    check_sft_settings(training_args)  # before main replaces dataset_kwargs
     # The collator reads the corpus columns itself: keep them, and skip TRL's text preparation.
     training_args = dataclasses.replace(
         training_args, remove_unused_columns=False,
