@@ -975,3 +975,27 @@ def test_the_shipped_configs_and_what_the_recipe_does_anyway_pass_the_sft_settin
     check_sft_settings(config)
     check_sft_settings(dataclasses.replace(config, max_length=None, completion_only_loss=True,
                                            dataset_kwargs={"skip_prepare_dataset": True}))
+
+
+def test_init_from_a_trainer_checkpoint_or_a_missing_folder_names_the_fix(parts_and_corpus, tmp_path, monkeypatch):
+    """A checkpoint-N folder (adapters and optimizer state, no model) or a mistyped local path gave a 30-55 line
+    Hub lookup traceback."""
+    lm_dir, corpus_dir = parts_and_corpus
+    out = tmp_path / "out"
+    tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final", max_steps=1, save_strategy="steps", save_steps=1,
+                temperature_fit_cells=0)
+    checkpoint = str(out / "checkpoint-1")
+    args = Cell2TextArguments(corpus_dir=str(corpus_dir), init_from=checkpoint)
+    config = SFTConfig(output_dir=str(tmp_path / "again"), report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match=re.escape(checkpoint) + r" is a Trainer checkpoint .*continue its run with "
+                       r"--resume_from_checkpoint .*or set init_from to a saved model folder \(<output_dir>/final\)"):
+        main(args, config)
+    monkeypatch.chdir(tmp_path)
+    for missing in (str(tmp_path / "no" / "model"), "out/final-typo", "model"):  # "out" exists: not an org/name
+        args.init_from = missing
+        with pytest.raises(FileNotFoundError, match=f"init_from {re.escape(missing)} does not exist"):
+            main(args, config)
+    args.init_from = "out"  # the run's folder, not its model
+    with pytest.raises(FileNotFoundError, match=r"init_from out holds no saved model \(no config.json\)"):
+        main(args, config)
+    assert not (tmp_path / "again").exists()

@@ -93,7 +93,9 @@ class Cell2TextArguments(LoraArguments):
         metadata={"help": "Pretrained Geneformer (folder or Hub id). Unset: prepare an encoder on the corpus."},
     )
     init_from: str | None = field(
-        default=None, metadata={"help": "A trained Cell2Text folder to fine-tune further instead of composing parts."}
+        default=None, metadata={"help": "A trained Cell2Text (a saved model folder such as <output_dir>/final, or a "
+                                 "Hub id) to fine-tune further instead of composing parts. A checkpoint-N folder is "
+                                 "no model: resume its run with resume_from_checkpoint."}
     )
     encoder_candidate_layers: list[int] = field(
         default_factory=lambda: [1, 2], metadata={"help": "Layer counts of the corpus-prepared encoders to try."}
@@ -481,6 +483,26 @@ PARTS_SETTINGS = ("text_model_name_or_path", "gene_encoder_name_or_path", "encod
                   "encoder_candidate_inputs", "encoder_hidden_size", "encoder_epochs")
 
 
+def check_init_from(init_from: str) -> None:
+    """Refuse an `init_from` that is no saved model, before anything loads: a Trainer checkpoint (LoRA adapters and
+    optimizer state, not the model they adapt) or a local folder that does not exist gave a Hub lookup's traceback."""
+    from hub_cards.render import is_repo_id
+
+    path = Path(init_from).expanduser()
+    if (path / "config.json").is_file():
+        return
+    if (path / "trainer_state.json").is_file():
+        raise ValueError(f"init_from {init_from} is a Trainer checkpoint (LoRA adapters and optimizer state, not a "
+                         f"model): continue its run with --resume_from_checkpoint {init_from} (and its --output_dir "
+                         f"and settings), or set init_from to a saved model folder (<output_dir>/{FINAL_DIR}).")
+    if path.exists():
+        raise FileNotFoundError(f"init_from {init_from} holds no saved model (no config.json): set it to a saved "
+                                f"Cell2Text folder (<output_dir>/{FINAL_DIR}) or a Hub id (org/name).")
+    if not is_repo_id(init_from) or Path(init_from.split("/", 1)[0]).exists():  # as processing.corpus.is_hub_corpus
+        raise FileNotFoundError(f"init_from {init_from} does not exist (nor is it a Hub id, org/name): set it to a "
+                                f"saved Cell2Text folder (<output_dir>/{FINAL_DIR}).")
+
+
 def check_init_from_settings(args: Cell2TextArguments, config: Any) -> None:
     """Refuse composition settings given with `init_from` (other than their defaults and than the model's own): the
     recipe fine-tunes the model as it was composed, and they were silently ignored (freeze_gene_encoder=False left
@@ -652,6 +674,8 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
                          "the merged model could not be saved there after training: pass another --final_model_dir "
                          f"(default: <output_dir>/{FINAL_DIR}).")
     check_new_output(final_dir, args.overwrite_final_model_dir, OVERWRITE_FINAL_FIX, holds="config.json")  # before training, not after
+    if args.init_from is not None:
+        check_init_from(args.init_from)
     set_training_seed(training_args)  # same seed, same machine: same model
 
     # 1. The corpus, the processor it implies, and the gene encoder (given, or prepared on the corpus).
