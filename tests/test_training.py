@@ -999,3 +999,36 @@ def test_init_from_a_trainer_checkpoint_or_a_missing_folder_names_the_fix(parts_
     with pytest.raises(FileNotFoundError, match=r"init_from out holds no saved model \(no config.json\)"):
         main(args, config)
     assert not (tmp_path / "again").exists()
+
+
+def test_a_corpus_without_validation_cells_is_refused_where_the_run_needs_them(parts_and_corpus, tmp_path):
+    """Evaluation on a corpus without a validation split was a bare KeyError, after the cell-type stage trained."""
+    import shutil
+
+    from datasets import DatasetDict
+
+    from processing.corpus import corpus_feature_extractor
+
+    lm_dir, corpus_dir = parts_and_corpus
+    splits = load_from_disk(str(corpus_dir))
+    no_validation = tmp_path / "corpus"
+    DatasetDict(train=splits["train"], test=splits["test"]).save_to_disk(no_validation)
+    shutil.copytree(corpus_dir / "feature_extractor", no_validation / "feature_extractor")
+    shutil.copy(corpus_dir / "summary.json", no_validation)
+    geneformer = str(encoder_for_vocabulary(Path(lm_dir).parent / "encoder", corpus_feature_extractor(corpus_dir),
+                                            tmp_path / "encoder"))
+    evaluation = r"evaluation \(eval_strategy steps\)"
+    evaluation_fix = "pass --eval_strategy no --load_best_model_at_end false"
+    encoder, encoder_fix = "choosing the gene encoder prepared on the corpus", "pass --gene_encoder_name_or_path"
+    for corpus, settings, named in (
+        (no_validation, {"gene_encoder_name_or_path": geneformer}, f"{evaluation}: {evaluation_fix}"),
+        (no_validation, {}, f"{evaluation} and for {encoder}: {evaluation_fix}; {encoder_fix}"),
+        (no_validation, {"eval_strategy": "no"}, f"{encoder}: {encoder_fix}"),
+        (corpus_dir, {"max_eval_samples": 0, "gene_encoder_name_or_path": geneformer},  # an empty split
+         f"{evaluation}: {evaluation_fix}"),
+    ):
+        with pytest.raises(ValueError, match=rf"The corpus {re.escape(str(corpus))} has no validation cells, needed "
+                                             rf"for {named}.*build the corpus with a validation split"):
+            tiny_recipe(lm_dir, corpus, tmp_path / "out", tmp_path / "final", cell_type_stage_steps=1,
+                        **{"eval_strategy": "steps", "eval_steps": 1, **settings})
+    assert not (tmp_path / "out").exists()  # refused before the stage or the encoder preparation

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from datasets import DatasetDict
 from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, TrainerCallback, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, enable_full_determinism
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor, save_model_folder
@@ -323,6 +323,25 @@ def load_corpus(corpus_dir: str | Path, args: Cell2TextArguments) -> tuple[Datas
         if limit is not None and split in corpus and len(corpus[split]) > limit:
             corpus[split] = corpus[split].select(range(limit))
     return corpus, corpus_summary(corpus_dir)
+
+
+def check_validation_split(corpus: DatasetDict, args: Cell2TextArguments, training_args: SFTConfig) -> None:
+    """Refuse a corpus without validation cells where the run needs them, before anything trains: evaluation was a
+    bare KeyError after the cell-type stage, and preparing an encoder on the corpus chooses it on them."""
+    if len(corpus.get("validation") or []):
+        return
+    needs, fixes = [], []
+    if training_args.eval_strategy != "no":
+        needs.append(f"evaluation (eval_strategy {IntervalStrategy(training_args.eval_strategy).value})")
+        fixes.append("pass --eval_strategy no --load_best_model_at_end false")
+    if args.init_from is None and args.gene_encoder_name_or_path is None:
+        needs.append("choosing the gene encoder prepared on the corpus")
+        fixes.append("pass --gene_encoder_name_or_path (a pretrained Geneformer)")
+    if needs:
+        raise ValueError(
+            f"The corpus {args.corpus_dir} has no validation cells, needed for {' and for '.join(needs)}: "
+            f"{'; '.join(fixes)}; or build the corpus with a validation split (python -m processing.build_corpus "
+            "leaves it empty where too few donors fill three donor-disjoint splits: --fold I/K).")
 
 
 ENCODER_INPUTS = ("rank", "value_aware")
@@ -680,6 +699,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
 
     # 1. The corpus, the processor it implies, and the gene encoder (given, or prepared on the corpus).
     corpus, summary = load_corpus(args.corpus_dir, args)
+    check_validation_split(corpus, args, training_args)
     trust_remote_code = training_args.trust_remote_code  # off: no code shipped in a model folder runs
     processor = build_processor(args, args.corpus_dir, summary, trust_remote_code, corpus["train"])
     encoder_path = None if args.init_from else gene_encoder_path(args, training_args, corpus, processor, summary)
