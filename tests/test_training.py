@@ -1032,3 +1032,21 @@ def test_a_corpus_without_validation_cells_is_refused_where_the_run_needs_them(p
             tiny_recipe(lm_dir, corpus, tmp_path / "out", tmp_path / "final", cell_type_stage_steps=1,
                         **{"eval_strategy": "steps", "eval_steps": 1, **settings})
     assert not (tmp_path / "out").exists()  # refused before the stage or the encoder preparation
+
+
+def test_a_resumed_two_stage_run_records_the_cell_type_stage_before_its_checkpoint(parts_and_corpus, tmp_path):
+    """A resumed run skips the cell-type stage (its checkpoint was trained after it) and recorded 0 stage steps."""
+    lm_dir, corpus_dir = parts_and_corpus
+    out = tmp_path / "out"
+    settings = {"max_steps": 2, "cell_type_stage_steps": 2, "save_strategy": "steps", "save_steps": 1,
+                "temperature_fit_cells": 0}
+    first = json.loads((tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final", **settings)
+                        / "training_state.json").read_text())
+    assert first["cell_type_stage_steps"] == 2 and first["cell_type_stage_runtime"] > 0
+    # from checkpoint-1; then True, with one more step: the last checkpoint, checkpoint-2, the resumed run's
+    for checkpoint, steps, final in ((str(out / "checkpoint-1"), 2, "resumed"), (True, 3, "resumed-again")):
+        state = json.loads((tiny_recipe(lm_dir, corpus_dir, out, tmp_path / final, resume_from_checkpoint=checkpoint,
+                                        **{**settings, "max_steps": steps}) / "training_state.json").read_text())
+        assert state["global_step"] == steps
+        assert (state["cell_type_stage_steps"], state["cell_type_stage_runtime"]) == (
+            2, first["cell_type_stage_runtime"])

@@ -564,6 +564,7 @@ def build_model(
 
 
 TRAINED_WITH_FILE = "cell2text_trained_with.json"
+CELL_TYPE_STAGE_FILE = "cell2text_cell_type_stage.json"  # the stage before a checkpoint's training, for a resume
 
 
 def trained_with(model: Cell2TextForConditionalGeneration, lora_config) -> dict:
@@ -584,28 +585,38 @@ def trained_with(model: Cell2TextForConditionalGeneration, lora_config) -> dict:
 
 
 class RecordTrainedWith(TrainerCallback):
-    """Writes `trained_with`'s record into each checkpoint (main process)."""
+    """Writes `trained_with`'s record, and what the cell-type stage before it did (`cell_type_stage_record`), into
+    each checkpoint (main process)."""
 
-    def __init__(self, record: dict) -> None:
-        self.record = record
+    def __init__(self, record: dict, cell_type_stage: dict | None = None) -> None:
+        self.record, self.cell_type_stage = record, cell_type_stage
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
             (folder / TRAINED_WITH_FILE).write_text(json.dumps(self.record, indent=2))
+            if self.cell_type_stage is not None:
+                (folder / CELL_TYPE_STAGE_FILE).write_text(json.dumps(self.cell_type_stage, indent=2))
+
+
+def resumed_checkpoint(checkpoint: str | bool | None, output_dir: str) -> Path | None:
+    """The checkpoint a run resumes from (None: none): `checkpoint` True is the Trainer's, the last one in
+    `output_dir`."""
+    if checkpoint is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        checkpoint = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    return Path(checkpoint) if isinstance(checkpoint, (str, Path)) else None
 
 
 def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -> None:
     """Refuse to resume from a checkpoint trained with another gene encoder or LoRA settings (`trained_with`): its
     projector and adapters fit those, and would silently train on, or fail to load into, others. `checkpoint` True
     is the Trainer's: the last checkpoint in `output_dir`."""
-    if checkpoint is True:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        checkpoint = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-    if not isinstance(checkpoint, (str, Path)):
+    checkpoint = resumed_checkpoint(checkpoint, output_dir)
+    if checkpoint is None:
         return
-    path = Path(checkpoint) / TRAINED_WITH_FILE
+    path = checkpoint / TRAINED_WITH_FILE
     if not path.is_file():
         logger.warning("%s records no gene encoder or LoRA settings (%s): the resume is not checked.", checkpoint,
                        TRAINED_WITH_FILE)
@@ -625,6 +636,21 @@ class CellTypeStage:
     model: Any
     steps: int = 0
     runtime: float | None = None
+
+
+def cell_type_stage_record(stage: CellTypeStage | None, checkpoint: Path | None) -> dict:
+    """What training_state.json (and each checkpoint) records of the cell-type stage: this run's, or, resuming from
+    `checkpoint`, what the checkpoint records (a resumed run skips the stage; it recorded 0 steps). None where a
+    checkpoint records nothing (saved before this record was kept)."""
+    if checkpoint is None:
+        return {"cell_type_stage_steps": stage.steps if stage else 0,
+                "cell_type_stage_runtime": stage.runtime if stage else None}
+    path = checkpoint / CELL_TYPE_STAGE_FILE
+    if not path.is_file():
+        logger.warning("%s records no cell-type stage (%s): its steps are recorded as unknown.", checkpoint,
+                       CELL_TYPE_STAGE_FILE)
+        return {"cell_type_stage_steps": None, "cell_type_stage_runtime": None}
+    return json.loads(path.read_text())
 
 
 def needs_cell_type_index(part_settings: dict) -> bool:
@@ -736,6 +762,8 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     stage = train_cell_type_stage(args, training_args, model, processor, corpus["train"], peft_config, part_settings)
     if stage is not None:
         model, peft_config = stage.model, None  # the stage's adapters go on training
+    stage_record = cell_type_stage_record(
+        stage, resumed_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir))
     trainer = Cell2TextSFTTrainer(
         model=model,
         args=training_args,
@@ -745,7 +773,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         eval_dataset=corpus["validation"] if training_args.eval_strategy != "no" else None,
         processing_class=processor,
         peft_config=peft_config,
-        callbacks=[RecordTrainedWith(record)],
+        callbacks=[RecordTrainedWith(record, stage_record)],
         **part_settings,
     )
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -755,8 +783,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     merged = merge_adapters(trainer)
     fitted = calibrate(merged, processor, args, training_args, corpus.get("validation"))
     return save_merged(trainer, merged, final_dir, processor, {
-        "cell_type_stage_steps": stage.steps if stage else 0, "train_runtime": train_output.metrics.get("train_runtime"),
-        "cell_type_stage_runtime": stage.runtime if stage else None, **fitted,
+        **stage_record, "train_runtime": train_output.metrics.get("train_runtime"), **fitted,
     }, overwrite=args.overwrite_final_model_dir, save_folder=save_model_folder)
 
 
