@@ -1050,3 +1050,28 @@ def test_a_resumed_two_stage_run_records_the_cell_type_stage_before_its_checkpoi
         assert state["global_step"] == steps
         assert (state["cell_type_stage_steps"], state["cell_type_stage_runtime"]) == (
             2, first["cell_type_stage_runtime"])
+
+
+def test_a_new_run_in_an_output_dir_with_an_earlier_runs_checkpoints_is_refused_unless_overwritten(parts_and_corpus,
+                                                                                                   tmp_path):
+    """A second run in the same output_dir overwrote the first run's checkpoints and its save_total_limit deleted the
+    rest, exit 0."""
+    from modeling_cell2text.output_files import OutputExistsError
+
+    lm_dir, corpus_dir = parts_and_corpus
+    out = tmp_path / "out"
+    tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "first", max_steps=2, save_strategy="steps", save_steps=1,
+                temperature_fit_cells=0)
+    saved = {path: path.read_bytes() for path in out.glob("checkpoint-*/*") if path.is_file()}
+    again = {"max_steps": 1, "save_strategy": "steps", "save_steps": 1, "save_total_limit": 1,
+             "temperature_fit_cells": 0}
+    with pytest.raises(OutputExistsError, match=rf"holds checkpoints of an earlier run \(checkpoint-1, checkpoint-2\)"
+                                                rf".*--resume_from_checkpoint {re.escape(str(out / 'checkpoint-2'))} "
+                                                r".*--overwrite_output_dir true .*another --output_dir"):
+        tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "second", **again)
+    assert {path: path.read_bytes() for path in out.glob("checkpoint-*/*") if path.is_file()} == saved
+    assert not (tmp_path / "second").exists()
+
+    tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "second", overwrite_output_dir=True, **again)
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-1"]  # the new run's only
+    assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["max_steps"] == 1
