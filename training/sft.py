@@ -736,7 +736,7 @@ def calibrate(model, processor, args: Cell2TextArguments, training_args: SFTConf
 
 def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     """Train and save; returns the folder of the merged, Hub-ready model."""
-    check_sft_settings(training_args)  # before main replaces dataset_kwargs
+    check_sft_settings(training_args)  # as given: dataset_kwargs gets skip_prepare_dataset below
     # The collator reads the corpus columns itself: keep them, and skip TRL's text preparation.
     training_args = dataclasses.replace(
         training_args, remove_unused_columns=False,
