@@ -191,7 +191,8 @@ def main() -> None:
             cell2text_args, sft_config = sft_arguments([
                 "--corpus_dir", str(corpus_dir), "--text_model_name_or_path", str(llm_dir),
                 "--output_dir", str(out / "sft"), "--final_model_dir", str(model_dir),
-                "--overwrite_final_model_dir", "true", "--temperature_fit_cells", "0", "--seed", seed, *overrides])
+                "--overwrite_final_model_dir", "true", "--overwrite_output_dir", "true", "--temperature_fit_cells", "0",
+                "--seed", seed, *overrides])
             check_encoder_reused(fold_dir, cell2text_args, sft_config, args.overrides)
             train_cell2text(cell2text_args, sft_config)
         corpus = load_from_disk(str(corpus_dir))

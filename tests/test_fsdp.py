@@ -146,6 +146,7 @@ def test_fsdp_recipe_trains_resumes_and_saves_the_one_process_model(parts_and_co
         state = json.loads((final_dir / TRAINING_STATE_FILE).read_text())
         # the best checkpoint was found and loaded (the weights above are step 2's, as the 1-process run's)
         assert state["global_step"] == 4 and Path(state["best_model_checkpoint"]).name == "checkpoint-2"
+        assert state["cell_type_stage_steps"] == 2  # the resumed run's too: its checkpoint records the stage
 
 
 def zero_accelerator(stage: int, gathers: bool | None):

@@ -943,3 +943,135 @@ def test_init_from_refuses_composition_settings_it_would_ignore():
                          ({"encoder_epochs": 3}, "encoder_epochs=3")):
         with pytest.raises(ValueError, match=re.escape(named) + ".*would be ignored: leave them unset"):
             check_init_from_settings(Cell2TextArguments(corpus_dir="c", init_from="m", **given), config)
+
+
+@pytest.mark.parametrize("given, named", [
+    (["--packing", "true"], r"packing=True does not apply to this recipe: .*cannot pack"),
+    (["--max_length", "256"], r"max_length=256 does not apply .*nothing is truncated"),
+    (["--completion_only_loss", "false"], r"completion_only_loss=False does not apply .*the description"),
+    (["--dataset_text_field", "sentence"], r"dataset_text_field='sentence' does not apply .*description columns"),
+    (["--config", "settings.yaml"], r"padding_free=True does not apply .*; leave it unset"),
+])
+def test_sft_settings_the_recipe_does_not_use_are_refused(tmp_path, monkeypatch, given, named):
+    """TRL's data-path settings (the recipe pads and masks with its own collator and prepares no dataset) were
+    accepted from the command line or YAML and silently ignored."""
+    from training.adapters import parse_training_arguments
+    from training.sft import make_parser
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "settings.yaml").write_text("padding_free: true\n")
+    args, config = parse_training_arguments(make_parser(), ["--corpus_dir", "corpus", "--output_dir", "out", *given])
+    with pytest.raises(ValueError, match=named):
+        main(args, config)
+    assert not (tmp_path / "out").exists()  # refused before anything was prepared
+
+
+@pytest.mark.parametrize("config_file", sorted((REPO / "training" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_shipped_configs_and_what_the_recipe_does_anyway_pass_the_sft_settings_check(config_file):
+    from training.adapters import parse_training_arguments
+    from training.sft import check_sft_settings, make_parser
+
+    _, config = parse_training_arguments(make_parser(), ["--config", str(config_file), "--corpus_dir", "corpus"])
+    check_sft_settings(config)
+    check_sft_settings(dataclasses.replace(config, max_length=None, completion_only_loss=True,
+                                           dataset_kwargs={"skip_prepare_dataset": True}))
+
+
+def test_init_from_a_trainer_checkpoint_or_a_missing_folder_names_the_fix(parts_and_corpus, tmp_path, monkeypatch):
+    """A checkpoint-N folder (adapters and optimizer state, no model) or a mistyped local path gave a 30-55 line
+    Hub lookup traceback."""
+    lm_dir, corpus_dir = parts_and_corpus
+    out = tmp_path / "out"
+    tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final", max_steps=1, save_strategy="steps", save_steps=1,
+                temperature_fit_cells=0)
+    checkpoint = str(out / "checkpoint-1")
+    args = Cell2TextArguments(corpus_dir=str(corpus_dir), init_from=checkpoint)
+    config = SFTConfig(output_dir=str(tmp_path / "again"), report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match=re.escape(checkpoint) + r" is a Trainer checkpoint .*continue its run with "
+                       r"--resume_from_checkpoint .*or set init_from to a saved model folder \(<output_dir>/final\)"):
+        main(args, config)
+    monkeypatch.chdir(tmp_path)
+    for missing in (str(tmp_path / "no" / "model"), "out/final-typo", "model"):  # "out" exists: not an org/name
+        args.init_from = missing
+        with pytest.raises(FileNotFoundError, match=f"init_from {re.escape(missing)} does not exist"):
+            main(args, config)
+    args.init_from = "out"  # the run's folder, not its model
+    with pytest.raises(FileNotFoundError, match=r"init_from out holds no saved model \(no config.json\)"):
+        main(args, config)
+    assert not (tmp_path / "again").exists()
+
+
+def test_a_corpus_without_validation_cells_is_refused_where_the_run_needs_them(parts_and_corpus, tmp_path):
+    """Evaluation on a corpus without a validation split was a bare KeyError, after the cell-type stage trained."""
+    import shutil
+
+    from datasets import DatasetDict
+
+    from processing.corpus import corpus_feature_extractor
+
+    lm_dir, corpus_dir = parts_and_corpus
+    splits = load_from_disk(str(corpus_dir))
+    no_validation = tmp_path / "corpus"
+    DatasetDict(train=splits["train"], test=splits["test"]).save_to_disk(no_validation)
+    shutil.copytree(corpus_dir / "feature_extractor", no_validation / "feature_extractor")
+    shutil.copy(corpus_dir / "summary.json", no_validation)
+    geneformer = str(encoder_for_vocabulary(Path(lm_dir).parent / "encoder", corpus_feature_extractor(corpus_dir),
+                                            tmp_path / "encoder"))
+    evaluation = r"evaluation \(eval_strategy steps\)"
+    evaluation_fix = "pass --eval_strategy no --load_best_model_at_end false"
+    encoder, encoder_fix = "choosing the gene encoder prepared on the corpus", "pass --gene_encoder_name_or_path"
+    for corpus, settings, named in (
+        (no_validation, {"gene_encoder_name_or_path": geneformer}, f"{evaluation}: {evaluation_fix}"),
+        (no_validation, {}, f"{evaluation} and for {encoder}: {evaluation_fix}; {encoder_fix}"),
+        (no_validation, {"eval_strategy": "no"}, f"{encoder}: {encoder_fix}"),
+        (corpus_dir, {"max_eval_samples": 0, "gene_encoder_name_or_path": geneformer},  # an empty split
+         f"{evaluation}: {evaluation_fix}"),
+    ):
+        with pytest.raises(ValueError, match=rf"The corpus {re.escape(str(corpus))} has no validation cells, needed "
+                                             rf"for {named}.*build the corpus with a validation split"):
+            tiny_recipe(lm_dir, corpus, tmp_path / "out", tmp_path / "final", cell_type_stage_steps=1,
+                        **{"eval_strategy": "steps", "eval_steps": 1, **settings})
+    assert not (tmp_path / "out").exists()  # refused before the stage or the encoder preparation
+
+
+def test_a_resumed_two_stage_run_records_the_cell_type_stage_before_its_checkpoint(parts_and_corpus, tmp_path):
+    """A resumed run skips the cell-type stage (its checkpoint was trained after it) and recorded 0 stage steps."""
+    lm_dir, corpus_dir = parts_and_corpus
+    out = tmp_path / "out"
+    settings = {"max_steps": 2, "cell_type_stage_steps": 2, "save_strategy": "steps", "save_steps": 1,
+                "temperature_fit_cells": 0}
+    first = json.loads((tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final", **settings)
+                        / "training_state.json").read_text())
+    assert first["cell_type_stage_steps"] == 2 and first["cell_type_stage_runtime"] > 0
+    # from checkpoint-1; then True, with one more step: the last checkpoint, checkpoint-2, the resumed run's
+    for checkpoint, steps, final in ((str(out / "checkpoint-1"), 2, "resumed"), (True, 3, "resumed-again")):
+        state = json.loads((tiny_recipe(lm_dir, corpus_dir, out, tmp_path / final, resume_from_checkpoint=checkpoint,
+                                        **{**settings, "max_steps": steps}) / "training_state.json").read_text())
+        assert state["global_step"] == steps
+        assert (state["cell_type_stage_steps"], state["cell_type_stage_runtime"]) == (
+            2, first["cell_type_stage_runtime"])
+
+
+def test_a_new_run_in_an_output_dir_with_an_earlier_runs_checkpoints_is_refused_unless_overwritten(parts_and_corpus,
+                                                                                                   tmp_path):
+    """A second run in the same output_dir overwrote the first run's checkpoints and its save_total_limit deleted the
+    rest, exit 0."""
+    from modeling_cell2text.output_files import OutputExistsError
+
+    lm_dir, corpus_dir = parts_and_corpus
+    out = tmp_path / "out"
+    tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "first", max_steps=2, save_strategy="steps", save_steps=1,
+                temperature_fit_cells=0)
+    saved = {path: path.read_bytes() for path in out.glob("checkpoint-*/*") if path.is_file()}
+    again = {"max_steps": 1, "save_strategy": "steps", "save_steps": 1, "save_total_limit": 1,
+             "temperature_fit_cells": 0}
+    with pytest.raises(OutputExistsError, match=rf"holds checkpoints of an earlier run \(checkpoint-1, checkpoint-2\)"
+                                                rf".*--resume_from_checkpoint {re.escape(str(out / 'checkpoint-2'))} "
+                                                r".*--overwrite_output_dir true .*another --output_dir"):
+        tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "second", **again)
+    assert {path: path.read_bytes() for path in out.glob("checkpoint-*/*") if path.is_file()} == saved
+    assert not (tmp_path / "second").exists()
+
+    tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "second", overwrite_output_dir=True, **again)
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-1"]  # the new run's only
+    assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["max_steps"] == 1

@@ -138,10 +138,10 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     lap("build_corpus")
 
     common = ["--seed", str(seed)] + (["--max_steps", str(max_steps)] if max_steps else [])
-    cell2text_args, sft_config = sft_arguments(
+    cell2text_args, sft_config = sft_arguments(  # the demo's own --out folder: a rerun replaces model and checkpoints
         ["--corpus_dir", str(corpus_dir), "--text_model_name_or_path", str(llm_dir),
          "--output_dir", str(out_dir / "sft"), "--final_model_dir", str(out_dir / "cell2text-demo"),
-         "--overwrite_final_model_dir", "true", *common]  # the demo's own --out folder: a rerun replaces its model
+         "--overwrite_final_model_dir", "true", "--overwrite_output_dir", "true", *common]
     )
     model_dir = Path(cell2text_args.final_model_dir)
     if not (reuse_models and (model_dir / "model.safetensors").exists()):

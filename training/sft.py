@@ -7,7 +7,9 @@ python -m training.sft --config training/configs/demo.yaml
 accelerate launch --config_file training/configs/accelerate/ddp.yaml -m training.sft --config training/configs/paper.yaml
 ```
 
-Every field of `Cell2TextArguments` and of TRL's `SFTConfig` can be set in the YAML file or on the command line.
+Every field of `Cell2TextArguments` and of TRL's `SFTConfig` can be set in the YAML file or on the command line,
+except the settings of TRL's data path that the recipe's own collator replaces (`packing`, `max_length`,
+`completion_only_loss`, `dataset_text_field`...: `UNUSED_SFT_SETTINGS`), which are refused.
 The recipe, top to bottom:
 
 1. Load the corpus (`python -m processing.build_corpus`) and the feature extractor it was built with.
@@ -31,6 +33,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,13 +43,13 @@ from pathlib import Path
 import torch
 from datasets import DatasetDict
 from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, TrainerCallback, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, enable_full_determinism
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor, save_model_folder
 from processing.corpus import (check_corpus_tokenized_as, corpus_feature_extractor, corpus_summary,
                                description_vocabulary, open_corpus)
-from modeling_cell2text.output_files import check_new_output
+from modeling_cell2text.output_files import OutputExistsError, check_new_output
 from training.adapters import (
     FINAL_DIR,
     OVERWRITE_FINAL_FIX,
@@ -91,7 +94,9 @@ class Cell2TextArguments(LoraArguments):
         metadata={"help": "Pretrained Geneformer (folder or Hub id). Unset: prepare an encoder on the corpus."},
     )
     init_from: str | None = field(
-        default=None, metadata={"help": "A trained Cell2Text folder to fine-tune further instead of composing parts."}
+        default=None, metadata={"help": "A trained Cell2Text (a saved model folder such as <output_dir>/final, or a "
+                                 "Hub id) to fine-tune further instead of composing parts. A checkpoint-N folder is "
+                                 "no model: resume its run with resume_from_checkpoint."}
     )
     encoder_candidate_layers: list[int] = field(
         default_factory=lambda: [1, 2], metadata={"help": "Layer counts of the corpus-prepared encoders to try."}
@@ -173,6 +178,11 @@ class Cell2TextArguments(LoraArguments):
         default=False, metadata={"help": "Replace a model already in final_model_dir (else the run stops before "
                                  "training)."}
     )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start a new run in an output_dir that holds checkpoints of an earlier run, "
+                                 "deleting them first (else the run stops before training: resume that run with "
+                                 "resume_from_checkpoint, or choose another output_dir)."}
+    )
 
 
 class CellTypeBalancedSampler(torch.utils.data.Sampler):
@@ -247,6 +257,72 @@ class Cell2TextSFTTrainer(MultiProcessTrainingMixin, LabelledPositionsLossMixin,
         return self.optimizer
 
 
+# SFTConfig's settings of TRL's own data path, which the recipe replaces: its collator builds, pads and masks the
+# soft-token prompts of the corpus's tokenized cells (the processor), and TRL prepares no dataset. A value other than
+# TRL's default or one that says what the recipe does anyway was silently ignored. Name -> (those values, why).
+_PACKING = ("the recipe pads soft-token prompts itself, in Cell2TextDataCollator, and cannot pack or train "
+            "padding-free")
+_TRUNCATION = ("nothing is truncated: the prompt is num_cell_tokens soft tokens and each description is trained "
+               "whole; a cell's genes are capped when the corpus is built, by --model-input-size")
+_LOSS_MASK = "the loss is on the description, the completion, only; --loss_on_labels_only narrows it to the labels"
+UNUSED_SFT_SETTINGS: dict[str, tuple[tuple, str]] = {
+    "dataset_text_field": ((), "the collator reads the corpus's gene_input_ids and description columns"),
+    "dataset_num_proc": ((), "the corpus is tokenized when it is built, by python -m processing.build_corpus"),
+    "dataset_kwargs": (({}, {"skip_prepare_dataset": True}),
+                       "the recipe skips TRL's dataset preparation, skip_prepare_dataset, and reads no other key"),
+    "max_length": ((None,), _TRUNCATION),
+    "truncation_mode": ((), _TRUNCATION),
+    "shuffle_dataset": ((), "the trainer's sampler shuffles the training cells every epoch; --cell_type_balance "
+                            "reweights them"),
+    "packing": ((), _PACKING),
+    "packing_strategy": ((), _PACKING),
+    "eval_packing": ((False,), _PACKING),
+    "padding_free": ((), _PACKING),
+    "pad_to_multiple_of": ((None,), "the collator pads each batch to its longest sequence"),  # "auto": None
+    "pad_token": ((), "the processor pads with the pad token of its tokenizer, text_model_name_or_path's or "
+                      "init_from's"),
+    "completion_only_loss": ((True,), _LOSS_MASK),
+    "assistant_only_loss": ((), _LOSS_MASK),
+    "model_init_kwargs": ((), "the recipe loads the model itself, from its parts or from init_from"),
+}
+
+
+def check_sft_settings(training_args: SFTConfig) -> None:
+    """Refuse SFTConfig settings of TRL's data path that the recipe does not use (`UNUSED_SFT_SETTINGS`): given on
+    the command line or in YAML, they were accepted and silently ignored."""
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(SFTConfig) if f.name in UNUSED_SFT_SETTINGS}
+    unused = [f"{name}={getattr(training_args, name)!r} does not apply to this recipe: {why}; leave it unset."
+              for name, (also_fine, why) in UNUSED_SFT_SETTINGS.items()
+              if name in defaults and getattr(training_args, name) not in (defaults[name], *also_fine)]
+    if unused:
+        raise ValueError(" ".join(unused))
+
+
+def check_output_dir(args: Cell2TextArguments, training_args: SFTConfig) -> None:
+    """Refuse a new run (no resume_from_checkpoint) in an output_dir holding checkpoints of an earlier one: the new
+    run overwrote them step by step and its save_total_limit deleted the rest, and resume_from_checkpoint=True took
+    the latest of either run. With `overwrite_output_dir` the saving process deletes them first."""
+    if training_args.resume_from_checkpoint:
+        return
+    earlier = sorted((folder for folder in Path(training_args.output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                      if folder.is_dir() and re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", folder.name)),
+                     key=lambda folder: int(folder.name.rsplit("-", 1)[1]))
+    if not earlier:
+        return
+    names = ", ".join(folder.name for folder in earlier)
+    if not args.overwrite_output_dir:
+        raise OutputExistsError(
+            f"--output_dir {training_args.output_dir} holds checkpoints of an earlier run ({names}), which a new run "
+            f"would overwrite or delete: continue that run with --resume_from_checkpoint {earlier[-1]} (true: the "
+            "last one), pass --overwrite_output_dir true to delete them and start anew there, or choose another "
+            "--output_dir.")
+    if training_args.should_save:  # once, by the process that saves the checkpoints
+        logger.warning("--overwrite_output_dir: deleting the earlier run's %s in %s", names, training_args.output_dir)
+        for folder in earlier:
+            shutil.rmtree(folder)
+
+
 def set_training_seed(training_args: SFTConfig) -> None:
     """Seed Python, NumPy and torch; with `full_determinism`, also make torch use deterministic algorithms only.
 
@@ -277,6 +353,25 @@ def load_corpus(corpus_dir: str | Path, args: Cell2TextArguments) -> tuple[Datas
         if limit is not None and split in corpus and len(corpus[split]) > limit:
             corpus[split] = corpus[split].select(range(limit))
     return corpus, corpus_summary(corpus_dir)
+
+
+def check_validation_split(corpus: DatasetDict, args: Cell2TextArguments, training_args: SFTConfig) -> None:
+    """Refuse a corpus without validation cells where the run needs them, before anything trains: evaluation was a
+    bare KeyError after the cell-type stage, and preparing an encoder on the corpus chooses it on them."""
+    if len(corpus.get("validation") or []):
+        return
+    needs, fixes = [], []
+    if training_args.eval_strategy != "no":
+        needs.append(f"evaluation (eval_strategy {IntervalStrategy(training_args.eval_strategy).value})")
+        fixes.append("pass --eval_strategy no --load_best_model_at_end false")
+    if args.init_from is None and args.gene_encoder_name_or_path is None:
+        needs.append("choosing the gene encoder prepared on the corpus")
+        fixes.append("pass --gene_encoder_name_or_path (a pretrained Geneformer)")
+    if needs:
+        raise ValueError(
+            f"The corpus {args.corpus_dir} has no validation cells, needed for {' and for '.join(needs)}: "
+            f"{'; '.join(fixes)}; or build the corpus with a validation split (python -m processing.build_corpus "
+            "leaves it empty where too few donors fill three donor-disjoint splits: --fold I/K).")
 
 
 ENCODER_INPUTS = ("rank", "value_aware")
@@ -437,6 +532,26 @@ PARTS_SETTINGS = ("text_model_name_or_path", "gene_encoder_name_or_path", "encod
                   "encoder_candidate_inputs", "encoder_hidden_size", "encoder_epochs")
 
 
+def check_init_from(init_from: str) -> None:
+    """Refuse an `init_from` that is no saved model, before anything loads: a Trainer checkpoint (LoRA adapters and
+    optimizer state, not the model they adapt) or a local folder that does not exist gave a Hub lookup's traceback."""
+    from hub_cards.render import is_repo_id
+
+    path = Path(init_from).expanduser()
+    if (path / "config.json").is_file():
+        return
+    if (path / "trainer_state.json").is_file():
+        raise ValueError(f"init_from {init_from} is a Trainer checkpoint (LoRA adapters and optimizer state, not a "
+                         f"model): continue its run with --resume_from_checkpoint {init_from} (and its --output_dir "
+                         f"and settings), or set init_from to a saved model folder (<output_dir>/{FINAL_DIR}).")
+    if path.exists():
+        raise FileNotFoundError(f"init_from {init_from} holds no saved model (no config.json): set it to a saved "
+                                f"Cell2Text folder (<output_dir>/{FINAL_DIR}) or a Hub id (org/name).")
+    if not is_repo_id(init_from) or Path(init_from.split("/", 1)[0]).exists():  # as processing.corpus.is_hub_corpus
+        raise FileNotFoundError(f"init_from {init_from} does not exist (nor is it a Hub id, org/name): set it to a "
+                                f"saved Cell2Text folder (<output_dir>/{FINAL_DIR}).")
+
+
 def check_init_from_settings(args: Cell2TextArguments, config: Any) -> None:
     """Refuse composition settings given with `init_from` (other than their defaults and than the model's own): the
     recipe fine-tunes the model as it was composed, and they were silently ignored (freeze_gene_encoder=False left
@@ -479,6 +594,7 @@ def build_model(
 
 
 TRAINED_WITH_FILE = "cell2text_trained_with.json"
+CELL_TYPE_STAGE_FILE = "cell2text_cell_type_stage.json"  # the stage before a checkpoint's training, for a resume
 
 
 def trained_with(model: Cell2TextForConditionalGeneration, lora_config) -> dict:
@@ -499,28 +615,38 @@ def trained_with(model: Cell2TextForConditionalGeneration, lora_config) -> dict:
 
 
 class RecordTrainedWith(TrainerCallback):
-    """Writes `trained_with`'s record into each checkpoint (main process)."""
+    """Writes `trained_with`'s record, and what the cell-type stage before it did (`cell_type_stage_record`), into
+    each checkpoint (main process)."""
 
-    def __init__(self, record: dict) -> None:
-        self.record = record
+    def __init__(self, record: dict, cell_type_stage: dict | None = None) -> None:
+        self.record, self.cell_type_stage = record, cell_type_stage
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
             (folder / TRAINED_WITH_FILE).write_text(json.dumps(self.record, indent=2))
+            if self.cell_type_stage is not None:
+                (folder / CELL_TYPE_STAGE_FILE).write_text(json.dumps(self.cell_type_stage, indent=2))
+
+
+def resumed_checkpoint(checkpoint: str | bool | None, output_dir: str) -> Path | None:
+    """The checkpoint a run resumes from (None: none): `checkpoint` True is the Trainer's, the last one in
+    `output_dir`."""
+    if checkpoint is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        checkpoint = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    return Path(checkpoint) if isinstance(checkpoint, (str, Path)) else None
 
 
 def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -> None:
     """Refuse to resume from a checkpoint trained with another gene encoder or LoRA settings (`trained_with`): its
     projector and adapters fit those, and would silently train on, or fail to load into, others. `checkpoint` True
     is the Trainer's: the last checkpoint in `output_dir`."""
-    if checkpoint is True:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        checkpoint = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-    if not isinstance(checkpoint, (str, Path)):
+    checkpoint = resumed_checkpoint(checkpoint, output_dir)
+    if checkpoint is None:
         return
-    path = Path(checkpoint) / TRAINED_WITH_FILE
+    path = checkpoint / TRAINED_WITH_FILE
     if not path.is_file():
         logger.warning("%s records no gene encoder or LoRA settings (%s): the resume is not checked.", checkpoint,
                        TRAINED_WITH_FILE)
@@ -540,6 +666,21 @@ class CellTypeStage:
     model: Any
     steps: int = 0
     runtime: float | None = None
+
+
+def cell_type_stage_record(stage: CellTypeStage | None, checkpoint: Path | None) -> dict:
+    """What training_state.json (and each checkpoint) records of the cell-type stage: this run's, or, resuming from
+    `checkpoint`, what the checkpoint records (a resumed run skips the stage; it recorded 0 steps). None where a
+    checkpoint records nothing (saved before this record was kept)."""
+    if checkpoint is None:
+        return {"cell_type_stage_steps": stage.steps if stage else 0,
+                "cell_type_stage_runtime": stage.runtime if stage else None}
+    path = checkpoint / CELL_TYPE_STAGE_FILE
+    if not path.is_file():
+        logger.warning("%s records no cell-type stage (%s): its steps are recorded as unknown.", checkpoint,
+                       CELL_TYPE_STAGE_FILE)
+        return {"cell_type_stage_steps": None, "cell_type_stage_runtime": None}
+    return json.loads(path.read_text())
 
 
 def needs_cell_type_index(part_settings: dict) -> bool:
@@ -595,6 +736,7 @@ def calibrate(model, processor, args: Cell2TextArguments, training_args: SFTConf
 
 def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     """Train and save; returns the folder of the merged, Hub-ready model."""
+    check_sft_settings(training_args)  # as given: dataset_kwargs gets skip_prepare_dataset below
     # The collator reads the corpus columns itself: keep them, and skip TRL's text preparation.
     training_args = dataclasses.replace(
         training_args, remove_unused_columns=False,
@@ -607,10 +749,14 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
                          "the merged model could not be saved there after training: pass another --final_model_dir "
                          f"(default: <output_dir>/{FINAL_DIR}).")
     check_new_output(final_dir, args.overwrite_final_model_dir, OVERWRITE_FINAL_FIX, holds="config.json")  # before training, not after
+    if args.init_from is not None:
+        check_init_from(args.init_from)
+    check_output_dir(args, training_args)
     set_training_seed(training_args)  # same seed, same machine: same model
 
     # 1. The corpus, the processor it implies, and the gene encoder (given, or prepared on the corpus).
     corpus, summary = load_corpus(args.corpus_dir, args)
+    check_validation_split(corpus, args, training_args)
     trust_remote_code = training_args.trust_remote_code  # off: no code shipped in a model folder runs
     processor = build_processor(args, args.corpus_dir, summary, trust_remote_code, corpus["train"])
     encoder_path = None if args.init_from else gene_encoder_path(args, training_args, corpus, processor, summary)
@@ -647,6 +793,8 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     stage = train_cell_type_stage(args, training_args, model, processor, corpus["train"], peft_config, part_settings)
     if stage is not None:
         model, peft_config = stage.model, None  # the stage's adapters go on training
+    stage_record = cell_type_stage_record(
+        stage, resumed_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir))
     trainer = Cell2TextSFTTrainer(
         model=model,
         args=training_args,
@@ -656,7 +804,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         eval_dataset=corpus["validation"] if training_args.eval_strategy != "no" else None,
         processing_class=processor,
         peft_config=peft_config,
-        callbacks=[RecordTrainedWith(record)],
+        callbacks=[RecordTrainedWith(record, stage_record)],
         **part_settings,
     )
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -666,8 +814,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     merged = merge_adapters(trainer)
     fitted = calibrate(merged, processor, args, training_args, corpus.get("validation"))
     return save_merged(trainer, merged, final_dir, processor, {
-        "cell_type_stage_steps": stage.steps if stage else 0, "train_runtime": train_output.metrics.get("train_runtime"),
-        "cell_type_stage_runtime": stage.runtime if stage else None, **fitted,
+        **stage_record, "train_runtime": train_output.metrics.get("train_runtime"), **fitted,
     }, overwrite=args.overwrite_final_model_dir, save_folder=save_model_folder)
 
 
