@@ -1075,3 +1075,22 @@ def test_a_new_run_in_an_output_dir_with_an_earlier_runs_checkpoints_is_refused_
     tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "second", overwrite_output_dir=True, **again)
     assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-1"]  # the new run's only
     assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["max_steps"] == 1
+
+
+def test_the_cell2sentence_baseline_refuses_an_output_dir_with_an_earlier_runs_checkpoints(tmp_path):
+    """The baseline shares the recipe's output_dir rule (`adapters.check_output_dir`): a second run deleted the first
+    run's checkpoints by save_total_limit, exit 0."""
+    from modeling_cell2text.output_files import OutputExistsError
+    from training.baselines.cell2sentence import make_parser, main as train_cell2sentence
+
+    (tmp_path / "out" / "checkpoint-4").mkdir(parents=True)
+    args, training_args = make_parser().parse_args_and_config([
+        "--corpus_dir", str(tmp_path / "no-corpus"), "--text_model_name_or_path", str(tmp_path / "no-llm"),
+        "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"])
+    with pytest.raises(OutputExistsError, match=r"earlier run \(checkpoint-4\).*--overwrite_output_dir true"):
+        train_cell2sentence(args, training_args)
+    assert (tmp_path / "out" / "checkpoint-4").is_dir()
+    args.overwrite_output_dir = True
+    with pytest.raises(FileNotFoundError):  # past the check: the corpus is read next, and there is none
+        train_cell2sentence(args, training_args)
+    assert not (tmp_path / "out" / "checkpoint-4").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -19,7 +20,7 @@ from typing import Any
 
 from peft import LoraConfig
 
-from modeling_cell2text.output_files import Terminated, publish_folder, sigterm_as_exception
+from modeling_cell2text.output_files import OutputExistsError, Terminated, publish_folder, sigterm_as_exception
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,9 @@ logger = logging.getLogger(__name__)
 FINAL_DIR = "final"
 TRAINING_STATE_FILE = "training_state.json"
 OVERWRITE_FINAL_FIX = "pass --overwrite_final_model_dir to replace it"
+OVERWRITE_OUTPUT_DIR_HELP = ("Start a new run in an output_dir that holds checkpoints of an earlier run, deleting them "
+                             "first (else the run stops before training: resume that run with resume_from_checkpoint, "
+                             "or choose another output_dir).")
 
 
 @dataclass
@@ -244,6 +248,32 @@ def save_merged(
             shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return final_dir
+
+
+def check_output_dir(training_args: Any, overwrite: bool) -> None:
+    """Refuse a new run (no resume_from_checkpoint) in an output_dir holding checkpoints of an earlier one: the new
+    run overwrote them step by step and its save_total_limit deleted the rest, and resume_from_checkpoint=True took
+    the latest of either run. With `overwrite` (--overwrite_output_dir) the saving process deletes them first."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if training_args.resume_from_checkpoint:
+        return
+    earlier = sorted((folder for folder in Path(training_args.output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                      if folder.is_dir() and re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", folder.name)),
+                     key=lambda folder: int(folder.name.rsplit("-", 1)[1]))
+    if not earlier:
+        return
+    names = ", ".join(folder.name for folder in earlier)
+    if not overwrite:
+        raise OutputExistsError(
+            f"--output_dir {training_args.output_dir} holds checkpoints of an earlier run ({names}), which a new run "
+            f"would overwrite or delete: continue that run with --resume_from_checkpoint {earlier[-1]} (true: the "
+            "last one), pass --overwrite_output_dir true to delete them and start anew there, or choose another "
+            "--output_dir.")
+    if training_args.should_save:  # once, by the process that saves the checkpoints
+        logger.warning("--overwrite_output_dir: deleting the earlier run's %s in %s", names, training_args.output_dir)
+        for folder in earlier:
+            shutil.rmtree(folder)
 
 
 def parse_training_arguments(parser: Any, argv: Sequence[str] | None = None) -> tuple:

@@ -182,7 +182,7 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
                                           num_genes=cell2text_args.num_cell_tokens, training_args=c2s_config,
                                           lora=cell2text_args,  # the same LoRA settings
                                           cell_type_loss_weight=cell2text_args.cell_type_loss_weight,
-                                          overwrite=True)
+                                          overwrite=True, overwrite_output_dir=True)
         lap("train_cell2sentence")
         feature_extractor = corpus_feature_extractor(corpus_dir)
         texts = generate_cell2sentence(c2s_dir, corpus["test"], feature_extractor, cell2text_args.num_cell_tokens,

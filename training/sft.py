@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import re
-import shutil
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -49,12 +48,14 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor, save_model_folder
 from processing.corpus import (check_corpus_tokenized_as, corpus_feature_extractor, corpus_summary,
                                description_vocabulary, open_corpus)
-from modeling_cell2text.output_files import OutputExistsError, check_new_output
+from modeling_cell2text.output_files import check_new_output
 from training.adapters import (
     FINAL_DIR,
     OVERWRITE_FINAL_FIX,
+    OVERWRITE_OUTPUT_DIR_HELP,
     LoraArguments,
     MultiProcessTrainingMixin,
+    check_output_dir,
     leave_process_group,
     merge_adapters,
     parse_training_arguments,
@@ -179,9 +180,7 @@ class Cell2TextArguments(LoraArguments):
                                  "training)."}
     )
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Start a new run in an output_dir that holds checkpoints of an earlier run, "
-                                 "deleting them first (else the run stops before training: resume that run with "
-                                 "resume_from_checkpoint, or choose another output_dir)."}
+        default=False, metadata={"help": OVERWRITE_OUTPUT_DIR_HELP}
     )
 
 
@@ -297,30 +296,6 @@ def check_sft_settings(training_args: SFTConfig) -> None:
               if name in defaults and getattr(training_args, name) not in (defaults[name], *also_fine)]
     if unused:
         raise ValueError(" ".join(unused))
-
-
-def check_output_dir(args: Cell2TextArguments, training_args: SFTConfig) -> None:
-    """Refuse a new run (no resume_from_checkpoint) in an output_dir holding checkpoints of an earlier one: the new
-    run overwrote them step by step and its save_total_limit deleted the rest, and resume_from_checkpoint=True took
-    the latest of either run. With `overwrite_output_dir` the saving process deletes them first."""
-    if training_args.resume_from_checkpoint:
-        return
-    earlier = sorted((folder for folder in Path(training_args.output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-                      if folder.is_dir() and re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", folder.name)),
-                     key=lambda folder: int(folder.name.rsplit("-", 1)[1]))
-    if not earlier:
-        return
-    names = ", ".join(folder.name for folder in earlier)
-    if not args.overwrite_output_dir:
-        raise OutputExistsError(
-            f"--output_dir {training_args.output_dir} holds checkpoints of an earlier run ({names}), which a new run "
-            f"would overwrite or delete: continue that run with --resume_from_checkpoint {earlier[-1]} (true: the "
-            "last one), pass --overwrite_output_dir true to delete them and start anew there, or choose another "
-            "--output_dir.")
-    if training_args.should_save:  # once, by the process that saves the checkpoints
-        logger.warning("--overwrite_output_dir: deleting the earlier run's %s in %s", names, training_args.output_dir)
-        for folder in earlier:
-            shutil.rmtree(folder)
 
 
 def set_training_seed(training_args: SFTConfig) -> None:
@@ -751,7 +726,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     check_new_output(final_dir, args.overwrite_final_model_dir, OVERWRITE_FINAL_FIX, holds="config.json")  # before training, not after
     if args.init_from is not None:
         check_init_from(args.init_from)
-    check_output_dir(args, training_args)
+    check_output_dir(training_args, args.overwrite_output_dir)
     set_training_seed(training_args)  # same seed, same machine: same model
 
     # 1. The corpus, the processor it implies, and the gene encoder (given, or prepared on the corpus).

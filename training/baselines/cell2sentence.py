@@ -39,8 +39,10 @@ from modeling_cell2text.output_files import check_new_output
 from training.adapters import (
     FINAL_DIR,
     OVERWRITE_FINAL_FIX,
+    OVERWRITE_OUTPUT_DIR_HELP,
     LoraArguments,
     MultiProcessTrainingMixin,
+    check_output_dir,
     leave_process_group,
     merge_adapters,
     parse_training_arguments,
@@ -167,9 +169,13 @@ def train_cell2sentence(
     lora: LoraArguments | None = None,
     cell_type_loss_weight: float = 1.0,
     overwrite: bool = False,
+    overwrite_output_dir: bool = False,
 ) -> Path:
     """Fine-tune the LLM on cell sentences, merge LoRA, save model + tokenizer to ``output_dir/final``; return it.
-    An existing ``output_dir/final`` is refused before training unless ``overwrite``."""
+    An existing ``output_dir/final`` is refused before training unless ``overwrite``, and checkpoints of an earlier
+    run in ``output_dir`` unless the run resumes or ``overwrite_output_dir`` (`adapters.check_output_dir`)."""
+    training_args.output_dir = str(output_dir)
+    check_output_dir(training_args, overwrite_output_dir)
     trainer = build_trainer(
         corpus_dir, text_model_name_or_path, output_dir, num_genes=num_genes, training_args=training_args,
         lora=lora, cell_type_loss_weight=cell_type_loss_weight,
@@ -239,6 +245,9 @@ class Cell2SentenceArguments(LoraArguments):
         default=False, metadata={"help": "Replace a model already in <output_dir>/final (else the run stops before "
                                  "training)."}
     )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": OVERWRITE_OUTPUT_DIR_HELP}
+    )
 
 
 def make_parser() -> TrlParser:
@@ -250,7 +259,7 @@ def main(args: Cell2SentenceArguments, training_args: SFTConfig) -> Path:
     return train_cell2sentence(
         args.corpus_dir, args.text_model_name_or_path, training_args.output_dir, num_genes=args.num_genes,
         training_args=training_args, lora=args, cell_type_loss_weight=args.cell_type_loss_weight,
-        overwrite=args.overwrite_final_model_dir,
+        overwrite=args.overwrite_final_model_dir, overwrite_output_dir=args.overwrite_output_dir,
     )
 
 
