@@ -339,7 +339,8 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         ranked in ``num_threads`` threads (numpy
         releases the GIL in its sorts; default: the available cores, at most 4). The arithmetic is ``rank_value``'s.
         ``first_row``: the row of the first cell in a larger input that a caller ranks in blocks, so that value errors
-        name the input's rows.
+        name the input's rows (cells without vocabulary genes are named by their rows in ``cells``, with their obs
+        names).
         """
         matrix, gene_ids, obs_names = self.resolve_input(cells, gene_ids, layer)
         match = self.match_genes(gene_ids)

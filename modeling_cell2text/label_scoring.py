@@ -62,6 +62,12 @@ def constrains_by_default(processor) -> bool:
     return bool(processor.ontology_term_ids.get("cell_type"))
 
 
+def constrains(processor, constrained: bool | None) -> bool:
+    """Whether describing constrains to the processor's labels: as asked (`constrained`; None: by default) where the
+    processor knows cell-type labels, never where it knows none (there is nothing to choose among)."""
+    return constrains_by_default(processor) and (constrained is None or bool(constrained))
+
+
 def _check_candidates(candidates: Sequence[str]) -> list[str]:
     candidates = list(candidates)
     if not candidates:

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin
 from .cell_inputs import empty_cells_error, format_cells
 from .compatibility import (check_model_and_processor, gene_ranking_sha256, gene_vocabulary_sha256,
                             recorded_gene_vocabulary_sha256, saved_file)
-from .label_scoring import constrains_by_default
+from .label_scoring import constrains, constrains_by_default
 from .modeling_cell2text import DESCRIPTION_MAX_NEW_TOKENS, foreign_weight_files
 from .rank_value import as_csr
 from .schema_decoding import DEFAULT_NUM_BEAMS, SchemaDecoder, known_labels, schema_results
@@ -274,7 +274,7 @@ class Cell2TextPipeline(Pipeline):
             logger.warning("constrained=True, but the processor knows no cell-type labels to choose among "
                            "(processor.ontology_term_ids['cell_type'] is empty): the descriptions are written freely.")
             self._warned_no_labels = True
-        return knows_labels if constrained is None else bool(constrained) and knows_labels
+        return constrains(self.processor, constrained)
 
     def schema_decoder(self, num_beams: int = DEFAULT_NUM_BEAMS) -> SchemaDecoder:
         """The processor's schema decoder, its options tokenized once per search width and set of labels (so a

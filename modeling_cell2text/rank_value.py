@@ -353,7 +353,7 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
             f"input holds negative values (minimum {data.min()}, {where}); pass raw "
             "counts or non-negative normalised values, not scaled/centred data (e.g. adata.raw or a counts layer)"
         )
-    if not len(data) or data.dtype.kind == "b":
+    if not len(data):
         return
     largest = data.max()
     integral = data.dtype.kind in "iu" or bool((np.rint(data) == data).all())

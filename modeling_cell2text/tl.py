@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .compatibility import check_model_and_processor, gene_vocabulary_sha256
 from .description_schema import ONTOLOGY_FIELDS, CellDescription
-from .label_scoring import constrains_by_default
+from .label_scoring import constrains
 from .modeling_cell2text import PICKLED_WEIGHTS, Cell2TextForConditionalGeneration
 from .package_info import package_version
 from .pipeline_cell2text import (
@@ -294,13 +294,13 @@ def describe_cells(
         options = DescribeOptions.from_keywords(**keywords)
     elif keywords:
         raise ValueError("Pass describe options either as a DescribeOptions or as keywords, not both.")
-    constrained = constrains_by_default(processor) if options.constrained is None else options.constrained
+    constrained = constrains(processor, options.constrained)  # as the pipeline decides it (it warns where it differs)
     compiled = compiled_decoding_kwargs(model.device) if options.compile else {}
     pipe = Cell2TextPipeline(model=model, processor=processor, device=model.device)
     results = pipe(
         cells, batch_size=options.batch_size, layer=options.layer, use_raw=options.use_raw,
         input_values=options.input_values, skip_empty_cells=options.skip_empty_cells,
-        sort_by_length=options.sort_by_length, progress=options.progress, constrained=constrained,
+        sort_by_length=options.sort_by_length, progress=options.progress, constrained=options.constrained,
         generate_kwargs={"max_new_tokens": options.max_new_tokens, **compiled, **(options.generate_kwargs or {})},
     )
     if len(results) != cells.n_obs:

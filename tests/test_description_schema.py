@@ -111,8 +111,8 @@ def test_cell_ontology_labels_with_a_period_round_trip():
     {"tissue": "brain", "disease": "Kallmann syndrome"}, {"sex": "female"}, {},
 ])
 def test_a_definition_holding_an_origin_sentence_reads_back(origin):
-    """CL:0011111's definition says "It originates from the olfactory placode ...": its descriptions read back with
-    that text and the next two sentences as the tissue, and the definition cut before it."""
+    """CL:0011111's definition says "It originates from the olfactory placode ...": its descriptions were read back
+    with that text and the next two sentences as the tissue, and the definition cut before it."""
     from processing.ontologies import _terms
 
     holding = {term_id: t for term_id, t in _terms("CL").items() if "It originates from" in (t.get("description") or "")}

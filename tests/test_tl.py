@@ -263,3 +263,20 @@ def test_no_cell_described_writes_the_columns_a_described_cell_would_have(model_
     for column in written:
         assert skipped.obs[column].dtype == described.obs[column].dtype or column.endswith(
             ("_description", "_parsed")) or isinstance(skipped.obs[column].dtype, pd.CategoricalDtype), column
+
+
+def test_constrained_asked_of_a_processor_without_labels_records_and_writes_a_free_run(model_dirs):
+    """constrained=True where the processor knows no cell-type labels runs free (with a warning): uns recorded
+    constrained True, and with every cell skipped the columns of a constrained run were written."""
+    model, processor = tl.load(model_dirs["trained"], None, device="cpu", dtype="auto", trust_remote_code=False)
+    processor.ontology_term_ids["cell_type"] = {}
+    described = make_adata(2)
+    describe(described, model, processor=processor, constrained=True)
+    skipped = make_adata(2)
+    skipped.X = np.zeros(skipped.shape, dtype=np.float32)
+    describe(skipped, model, processor=processor, constrained=True, skip_empty_cells=True)
+    for adata in (described, skipped):
+        assert adata.uns["cell2text"]["params"]["constrained"] is False
+    assert sorted(c for c in skipped.obs if c.startswith("cell2text_")) == sorted(
+        c for c in described.obs if c.startswith("cell2text_"))
+    assert "cell2text_exact_choice" not in described.obs

@@ -1066,7 +1066,7 @@ def test_a_new_run_in_an_output_dir_with_an_earlier_runs_checkpoints_is_refused_
     again = {"max_steps": 1, "save_strategy": "steps", "save_steps": 1, "save_total_limit": 1,
              "temperature_fit_cells": 0}
     with pytest.raises(OutputExistsError, match=rf"holds checkpoints of an earlier run \(checkpoint-1, checkpoint-2\)"
-                                                rf".*--resume_from_checkpoint {re.escape(str(out / 'checkpoint-2'))} "
+                                                rf".*--resume_from_checkpoint {re.escape(str(out / 'checkpoint-2'))},"
                                                 r".*--overwrite_output_dir true .*another --output_dir"):
         tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "second", **again)
     assert {path: path.read_bytes() for path in out.glob("checkpoint-*/*") if path.is_file()} == saved
@@ -1089,6 +1089,9 @@ def test_the_cell2sentence_baseline_refuses_an_output_dir_with_an_earlier_runs_c
         "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"])
     with pytest.raises(OutputExistsError, match=r"earlier run \(checkpoint-4\).*--overwrite_output_dir true"):
         train_cell2sentence(args, training_args)
+    assert (tmp_path / "out" / "checkpoint-4").is_dir()
+    with pytest.raises(FileNotFoundError):  # a run that saves no checkpoint overwrites none: past the check
+        train_cell2sentence(args, dataclasses.replace(training_args, save_strategy="no"))
     assert (tmp_path / "out" / "checkpoint-4").is_dir()
     args.overwrite_output_dir = True
     with pytest.raises(FileNotFoundError):  # past the check: the corpus is read next, and there is none

@@ -251,12 +251,13 @@ def save_merged(
 
 
 def check_output_dir(training_args: Any, overwrite: bool) -> None:
-    """Refuse a new run (no resume_from_checkpoint) in an output_dir holding checkpoints of an earlier one: the new
-    run overwrote them step by step and its save_total_limit deleted the rest, and resume_from_checkpoint=True took
-    the latest of either run. With `overwrite` (--overwrite_output_dir) the saving process deletes them first."""
+    """Refuse a new run (no resume_from_checkpoint) that saves checkpoints into an output_dir holding checkpoints of
+    an earlier one: the new run overwrote them step by step and its save_total_limit deleted the rest, and
+    resume_from_checkpoint=True took the latest of either run. With `overwrite` (--overwrite_output_dir) the saving
+    process deletes them first."""
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    if training_args.resume_from_checkpoint:
+    if training_args.resume_from_checkpoint or training_args.save_strategy == "no":  # nothing to overwrite or delete
         return
     earlier = sorted((folder for folder in Path(training_args.output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
                       if folder.is_dir() and re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", folder.name)),
@@ -267,9 +268,8 @@ def check_output_dir(training_args: Any, overwrite: bool) -> None:
     if not overwrite:
         raise OutputExistsError(
             f"--output_dir {training_args.output_dir} holds checkpoints of an earlier run ({names}), which a new run "
-            f"would overwrite or delete: continue that run with --resume_from_checkpoint {earlier[-1]} (true: the "
-            "last one), pass --overwrite_output_dir true to delete them and start anew there, or choose another "
-            "--output_dir.")
+            f"would overwrite or delete: continue that run with --resume_from_checkpoint {earlier[-1]}, pass "
+            "--overwrite_output_dir true to delete them and start anew there, or choose another --output_dir.")
     if training_args.should_save:  # once, by the process that saves the checkpoints
         logger.warning("--overwrite_output_dir: deleting the earlier run's %s in %s", names, training_args.output_dir)
         for folder in earlier:
