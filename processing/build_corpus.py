@@ -449,6 +449,8 @@ def build_corpus(source: Any, out_dir: str | Path, options: BuildOptions | None 
     staging = _staging_dir(out, options.overwrite)
     try:
         summary = _build(source, staging, options)
+        # Without a repo (not published yet) the card loads the corpus from the folder it is moved to.
+        write_dataset_card(staging, options.repo_id, folder=out.name)
         publish_folder(staging, out, options.overwrite,
                        fix="pass --overwrite (BuildOptions(overwrite=True)) to replace the corpus there")
     finally:
@@ -545,7 +547,6 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
     if sum(summary["splits"].values()) + len(rejects) != source.n_cells:
         raise RuntimeError("internal error: kept + rejected cells do not add up to the input")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_dataset_card(out, options.repo_id or f"cell2text/{Path(str(summary['name'])).stem}")
     return summary
 
 
