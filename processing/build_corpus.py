@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from hub_cards.publish import publish_corpus
 from hub_cards.render import write_dataset_card
-from modeling_cell2text.argument_types import positive_int, refused_input_as_one_line
+from modeling_cell2text.argument_types import as_command_line, positive_int, refused_input_as_one_line
 from modeling_cell2text.description_schema import LABEL_FIELD_NAMES, ONTOLOGY_FIELDS
 from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
 from modeling_cell2text.output_files import Terminated, publish_folder, sigterm_as_exception
@@ -670,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("modeling_cell2text").setLevel(logging.WARNING)
     args = parse_args(argv)
-    with refused_input_as_one_line("build_corpus"):
+    with refused_input_as_one_line("build_corpus", as_command_line):
         return run(args)
 
 

@@ -326,6 +326,28 @@ def test_cli_refusals_are_one_line_errors(tmp_path):
               "--feature-extractor", str(tmp_path / "corpus")])
 
 
+def test_cli_refusals_of_the_input_name_the_options(tmp_path):
+    """A missing --layer ended with a KeyError traceback; the values' refusals named Python keywords
+    (input_values='counts'), not the options."""
+    adata = _tiny_adata()
+    adata.layers["spliced"] = adata.X.copy()
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    command = ["--h5ad", str(path), "--gmt", "none", "--no-progress"]
+    with pytest.raises(SystemExit, match=r"^build_corpus: error: --layer counts is not in adata.layers \(its layers: "
+                                         r"\['spliced'\]\); pass --layer NAME naming the one that holds the counts"):
+        main([*command, "--layer", "counts", "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match=r"^build_corpus: error: --obs-map names columns not in obs: \['author'\]"):
+        main([*command, "--obs-map", "author=cell_type", "--out", str(tmp_path / "b")])
+    adata.X = adata.X.multiply(0.5).tocsr()  # not counts
+    adata.write_h5ad(path)
+    with pytest.raises(SystemExit, match=r"^build_corpus: error: --input-values counts but .* pass --input-values "
+                                         r"normalized") as refused:
+        main([*command, "--out", str(tmp_path / "c")])
+    assert "input_values=" not in str(refused.value)
+    assert list(tmp_path.iterdir()) == [path]
+
+
 def test_non_primary_cells_are_rejected_unless_kept(tmp_path):
     """The h5ad path kept cells whose is_primary_data is False (published again elsewhere): joined corpora could then
     hold the same cell in train and test; the Census filter leaves them out."""
