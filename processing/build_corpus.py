@@ -553,9 +553,10 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
 # ----------------------------------------------------------------------------------- CLI
 
 
-def _parse_obs_map(items: Sequence[str]) -> dict[str, str]:
+def parse_obs_map(items: Sequence[str] | None) -> dict[str, str]:
+    """The --obs-map OLD=NEW items as the source's obs_map (old column name -> new)."""
     mapping = {}
-    for item in items:
+    for item in items or []:
         old, sep, new = item.partition("=")
         if not sep or not old or not new:
             raise SystemExit(f"--obs-map expects old=new, got {item!r}")
@@ -579,7 +580,7 @@ def make_source(args: argparse.Namespace, stack: contextlib.ExitStack) -> Any:
     """
     from processing import presets, sources
 
-    obs_map = _parse_obs_map(args.obs_map or [])
+    obs_map = parse_obs_map(args.obs_map)
     if args.preset:
         return presets.PRESETS[args.preset]()
     if args.h5ad:
@@ -619,7 +620,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--use-raw", action="store_true",
                         help="read adata.raw.X and its genes (adata.raw.var): CELLxGENE's layout for raw counts")
     parser.add_argument("--input-values", choices=("counts", "normalized", "log1p"), default="counts")
-    parser.add_argument("--obs-map", nargs="*", metavar="OLD=NEW", help="rename obs columns to CELLxGENE names")
+    parser.add_argument("--obs-map", nargs="*", action="extend", metavar="OLD=NEW",
+                        help="rename obs columns to CELLxGENE names (repeatable)")
     parser.add_argument("--census-version", default=sources.DEFAULT_CENSUS_VERSION,
                         help="Census release to build from with --soma census (recorded in the summary and card)")
     parser.add_argument("--census-organism", default="homo_sapiens", help="Census organism with --soma census")

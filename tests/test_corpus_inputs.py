@@ -314,6 +314,13 @@ def test_good_shard_parses():
     assert parse_args(["--preset", "pbmc68k_reduced", "--out", "x", "--shard", "1/4"]).shard == (1, 4)
 
 
+def test_obs_map_is_repeatable():
+    """A second --obs-map replaced the first."""
+    args = parse_args(["--preset", "pbmc68k_reduced", "--out", "x", "--obs-map", "a=donor_id", "b=sex", "--obs-map",
+                       "c=tissue"])
+    assert args.obs_map == ["a=donor_id", "b=sex", "c=tissue"]
+
+
 def test_cli_refusals_are_one_line_errors(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
