@@ -431,12 +431,16 @@ def _label_table(per_split: Mapping[str, Mapping[str, int]], split_order: list[s
     return _table(["Label"] + splits + ["Total"], rows)
 
 
-def render_dataset_card(summary: dict, *, repo_id: str, license: str | None = None) -> DatasetCard:
+def render_dataset_card(summary: dict, *, repo_id: str | None = None, license: str | None = None,
+                        folder: str | None = None) -> DatasetCard:
     """Fill the dataset card from a corpus summary dict (see ``processing``'s corpus builder).
 
+    Its usage loads the corpus from ``repo_id``, the Hub dataset it is published to; without one (not published),
+    from its ``folder`` on disk (the name only: no path of the building machine reaches the card).
     The license comes from ``license``, else ``summary["license"]``, else "unknown": the
     source data's terms decide it, and the card must not guess.
     """
+    folder = public_name(folder or "corpus")
     splits = {name: int(n) for name, n in (summary.get("splits") or {}).items()}
     num_kept = sum(splits.values())
     license = license or summary.get("license") or "unknown"
@@ -444,7 +448,7 @@ def render_dataset_card(summary: dict, *, repo_id: str, license: str | None = No
     card_data = DatasetCardData(
         license=license,
         language=["en"],
-        pretty_name=public_name(summary.get("name")) or repo_id.split("/")[-1],
+        pretty_name=public_name(summary.get("name")) or (repo_id or folder).split("/")[-1],
         task_categories=["text-generation", "tabular-to-text"],
         tags=["biology", "single-cell", "scRNA-seq", "cellxgene", "cell2text"],
         size_categories=[size_category(num_kept)],
@@ -456,6 +460,7 @@ def render_dataset_card(summary: dict, *, repo_id: str, license: str | None = No
         card_data,
         template_path=str(DATASET_CARD_TEMPLATE),
         repo_id=repo_id,
+        folder=folder,
         source=source or NO_VALUE,
         license=license,
         num_cells_in=summary.get("num_cells_in", NO_VALUE),
@@ -480,10 +485,12 @@ def render_dataset_card(summary: dict, *, repo_id: str, license: str | None = No
 DATASETS_METADATA_KEYS = ("dataset_info", "configs")
 
 
-def write_dataset_card(corpus_dir: str | Path, repo_id: str) -> DatasetCard:
-    """Render the card of a built corpus (from its summary.json) for `repo_id` and save it as its README.md."""
+def write_dataset_card(corpus_dir: str | Path, repo_id: str | None = None, folder: str | None = None) -> DatasetCard:
+    """Render the card of a built corpus (from its summary.json) and save it as its README.md: for `repo_id`, the
+    Hub dataset it is published to, or (None) for loading it from its `folder` (default: `corpus_dir`'s name)."""
     corpus_dir = Path(corpus_dir)
-    card = render_dataset_card(json.loads((corpus_dir / "summary.json").read_text()), repo_id=repo_id)
+    card = render_dataset_card(json.loads((corpus_dir / "summary.json").read_text()), repo_id=repo_id,
+                               folder=folder or corpus_dir.resolve().name)
     card.save(str(corpus_dir / "README.md"))
     return card
 

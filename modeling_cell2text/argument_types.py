@@ -4,8 +4,30 @@ argparse types and how refused input ends a command."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+# The library's messages name its Python keywords; a command line's user reads its options (the same names in
+# `cell2text` and the corpus builder).
+_OPTION_NAMES = (
+    (re.compile(r"\binput_values='(counts|normalized|log1p)'"), r"--input-values \1"),
+    (re.compile(r"\bconstrained=False"), "--free"),
+    (re.compile(r"\bskip_empty_cells=True"), "--skip-empty-cells"),
+    (re.compile(r"\buse_raw=True"), "--use-raw"),
+    (re.compile(r"\bleave use_raw out\b"), "leave --use-raw out"),
+    (re.compile(r"\blayer='([^']*)'"), r"--layer \1"),
+    (re.compile(r"\blayer=\.\.\."), "--layer NAME"),
+    (re.compile(r"\bbatch_size must\b"), "--batch-size must"),
+    (re.compile(r"\bobs_map\b"), "--obs-map"),
+)
+
+
+def as_command_line(message: str) -> str:
+    """`message` with the library's keyword names written as the command line's options."""
+    for pattern, option in _OPTION_NAMES:
+        message = pattern.sub(option, message)
+    return message
 
 
 def positive_int(text: str) -> int:
@@ -20,11 +42,12 @@ def positive_int(text: str) -> int:
 
 
 @contextmanager
-def refused_input_as_one_line(prog: str) -> Iterator[None]:
+def refused_input_as_one_line(prog: str, wording: Callable[[str], str] = str) -> Iterator[None]:
     """End a command whose input is refused (`ValueError`, `OSError`: a missing file, an existing output, a corpus
     that does not fit the model; their messages name the fix) with one line and exit status 1, as argparse's errors
-    end, instead of a traceback. Other exceptions keep their traceback: they are bugs."""
+    end, instead of a traceback. Other exceptions keep their traceback: they are bugs. `wording` rewrites the
+    message (`as_command_line`: the library's keywords as the command's options)."""
     try:
         yield
     except (ValueError, OSError) as error:
-        raise SystemExit(f"{prog}: error: {' '.join(str(error).split())}") from None
+        raise SystemExit(f"{prog}: error: {wording(' '.join(str(error).split()))}") from None

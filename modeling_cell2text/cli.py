@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import shutil
 import signal
 import sys
@@ -31,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .argument_types import positive_int
+from .argument_types import as_command_line, positive_int
 from .package_info import package_version
 from .output_files import Terminated, publish_file, sigterm_as_exception
 
@@ -90,26 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
     embed = commands.add_parser("embed", help="Write per-cell embeddings (the gene encoder's) into obsm.")
     _add_common_arguments(embed, "X_cell2text", 64)
     return parser
-
-
-# The library's messages name its Python keywords; a command line's user reads its options.
-_OPTION_NAMES = (
-    (re.compile(r"\binput_values='(counts|normalized|log1p)'"), r"--input-values \1"),
-    (re.compile(r"\bconstrained=False"), "--free"),
-    (re.compile(r"\bskip_empty_cells=True"), "--skip-empty-cells"),
-    (re.compile(r"\buse_raw=True"), "--use-raw"),
-    (re.compile(r"\bleave use_raw out\b"), "leave --use-raw out"),
-    (re.compile(r"\blayer='([^']*)'"), r"--layer \1"),
-    (re.compile(r"\blayer=\.\.\."), "--layer NAME"),
-    (re.compile(r"\bbatch_size must\b"), "--batch-size must"),
-)
-
-
-def as_command_line(message: str) -> str:
-    """`message` with the library's keyword names written as this command's options."""
-    for pattern, option in _OPTION_NAMES:
-        message = pattern.sub(option, message)
-    return message
 
 
 class _CommandLineNames(logging.Filter):

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from hub_cards.publish import publish_corpus
 from hub_cards.render import write_dataset_card
-from modeling_cell2text.argument_types import positive_int, refused_input_as_one_line
+from modeling_cell2text.argument_types import as_command_line, positive_int, refused_input_as_one_line
 from modeling_cell2text.description_schema import LABEL_FIELD_NAMES, ONTOLOGY_FIELDS
 from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
 from modeling_cell2text.output_files import Terminated, publish_folder, sigterm_as_exception
@@ -449,6 +449,8 @@ def build_corpus(source: Any, out_dir: str | Path, options: BuildOptions | None 
     staging = _staging_dir(out, options.overwrite)
     try:
         summary = _build(source, staging, options)
+        # Without a repo (not published yet) the card loads the corpus from the folder it is moved to.
+        write_dataset_card(staging, options.repo_id, folder=out.name)
         publish_folder(staging, out, options.overwrite,
                        fix="pass --overwrite (BuildOptions(overwrite=True)) to replace the corpus there")
     finally:
@@ -545,16 +547,16 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
     if sum(summary["splits"].values()) + len(rejects) != source.n_cells:
         raise RuntimeError("internal error: kept + rejected cells do not add up to the input")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_dataset_card(out, options.repo_id or f"cell2text/{Path(str(summary['name'])).stem}")
     return summary
 
 
 # ----------------------------------------------------------------------------------- CLI
 
 
-def _parse_obs_map(items: Sequence[str]) -> dict[str, str]:
+def parse_obs_map(items: Sequence[str] | None) -> dict[str, str]:
+    """The --obs-map OLD=NEW items as the source's obs_map (old column name -> new)."""
     mapping = {}
-    for item in items:
+    for item in items or []:
         old, sep, new = item.partition("=")
         if not sep or not old or not new:
             raise SystemExit(f"--obs-map expects old=new, got {item!r}")
@@ -578,7 +580,7 @@ def make_source(args: argparse.Namespace, stack: contextlib.ExitStack) -> Any:
     """
     from processing import presets, sources
 
-    obs_map = _parse_obs_map(args.obs_map or [])
+    obs_map = parse_obs_map(args.obs_map)
     if args.preset:
         return presets.PRESETS[args.preset]()
     if args.h5ad:
@@ -618,7 +620,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--use-raw", action="store_true",
                         help="read adata.raw.X and its genes (adata.raw.var): CELLxGENE's layout for raw counts")
     parser.add_argument("--input-values", choices=("counts", "normalized", "log1p"), default="counts")
-    parser.add_argument("--obs-map", nargs="*", metavar="OLD=NEW", help="rename obs columns to CELLxGENE names")
+    parser.add_argument("--obs-map", nargs="*", action="extend", metavar="OLD=NEW",
+                        help="rename obs columns to CELLxGENE names (repeatable)")
     parser.add_argument("--census-version", default=sources.DEFAULT_CENSUS_VERSION,
                         help="Census release to build from with --soma census (recorded in the summary and card)")
     parser.add_argument("--census-organism", default="homo_sapiens", help="Census organism with --soma census")
@@ -669,7 +672,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("modeling_cell2text").setLevel(logging.WARNING)
     args = parse_args(argv)
-    with refused_input_as_one_line("build_corpus"):
+    with refused_input_as_one_line("build_corpus", as_command_line):
         return run(args)
 
 

@@ -69,7 +69,7 @@ def standardize_obs(obs: pd.DataFrame, obs_map: Mapping[str, str] | None = None)
     obs_map = dict(obs_map or {})
     missing = [old for old in obs_map if old not in obs.columns]
     if missing:
-        raise KeyError(f"obs_map names columns not in obs: {missing}; available: {list(obs.columns)}")
+        raise ValueError(f"obs_map names columns not in obs: {missing}; available: {list(obs.columns)}")
     unread = [new for new in obs_map.values() if new not in SCHEMA_COLUMNS]
     if unread:  # a misspelt target ("tissue_ontology_term") dropped the column it should have filled, silently
         raise ValueError(f"obs_map maps onto {unread}, which the builder does not read; map onto the CELLxGENE "
@@ -111,13 +111,15 @@ class AnnDataSource:
         obs_map: Mapping[str, str] | None = None,
         dataset_id: str | None = None,
     ) -> None:
+        # Refused input: ValueErrors, which the command lines end with one line naming their options (as_command_line)
         if layer is not None and layer not in adata.layers:
-            raise KeyError(f"layer {layer!r} not in adata.layers (available: {list(adata.layers.keys())}); the "
-                           "counts of adata.raw are read with --use-raw (use_raw=True)")
+            raise ValueError(f"layer={layer!r} is not in adata.layers (its layers: {list(adata.layers.keys())}); "
+                             "pass layer=... naming the one that holds the counts, or leave it out to read X "
+                             "(use_raw=True reads adata.raw)")
         if use_raw and (layer is not None or adata.raw is None):
-            raise ValueError("--use-raw (use_raw=True) reads adata.raw.X: it cannot be combined with --layer"
-                             if layer is not None else "--use-raw (use_raw=True) but adata.raw is None; read X or a "
-                             "--layer instead")
+            raise ValueError(f"use_raw=True reads adata.raw.X: it cannot be combined with layer={layer!r}"
+                             if layer is not None else
+                             "use_raw=True but adata.raw is None; read X (leave use_raw out) or pass layer=...")
         self.adata, self.layer, self.use_raw, self.name = adata, layer, use_raw, name
         self.input_values = input_values
         self.obs = standardize_obs(adata.obs, obs_map)

@@ -57,6 +57,15 @@ def test_pbmc68k_corpus_layout_and_split_sizes(pbmc_corpus):
     assert (out / "README.md").read_text().count("560") >= 1
 
 
+def test_the_card_of_a_corpus_not_published_loads_it_from_its_folder(pbmc_corpus):
+    """The card named a Hub repo that does not exist, cell2text/scanpy.datasets (the name cut by Path.stem)."""
+    out, _, _ = pbmc_corpus
+    card = (out / "README.md").read_text()
+    assert f'load_from_disk("{out.name}")' in card and str(out.parent) not in card
+    assert "load_dataset(" not in card and "cell2text/" not in card
+    assert datasets.load_from_disk(str(out.parent / out.name))["train"].num_rows > 0  # as the card says
+
+
 def test_tokens_match_the_saved_feature_extractor(pbmc_corpus):
     out, _, corpus = pbmc_corpus
     extractor = Cell2TextFeatureExtractor.from_pretrained(str(out / "feature_extractor"))

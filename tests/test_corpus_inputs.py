@@ -314,6 +314,13 @@ def test_good_shard_parses():
     assert parse_args(["--preset", "pbmc68k_reduced", "--out", "x", "--shard", "1/4"]).shard == (1, 4)
 
 
+def test_obs_map_is_repeatable():
+    """A second --obs-map replaced the first."""
+    args = parse_args(["--preset", "pbmc68k_reduced", "--out", "x", "--obs-map", "a=donor_id", "b=sex", "--obs-map",
+                       "c=tissue"])
+    assert args.obs_map == ["a=donor_id", "b=sex", "c=tissue"]
+
+
 def test_cli_refusals_are_one_line_errors(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
@@ -324,6 +331,28 @@ def test_cli_refusals_are_one_line_errors(tmp_path):
                                          r"pass its feature extractor, --feature-extractor .*corpus/feature_extractor"):
         main(["--preset", "pbmc68k_reduced", "--gmt", "none", "--out", str(tmp_path / "new"), "--no-progress",
               "--feature-extractor", str(tmp_path / "corpus")])
+
+
+def test_cli_refusals_of_the_input_name_the_options(tmp_path):
+    """A missing --layer ended with a KeyError traceback; the values' refusals named Python keywords
+    (input_values='counts'), not the options."""
+    adata = _tiny_adata()
+    adata.layers["spliced"] = adata.X.copy()
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    command = ["--h5ad", str(path), "--gmt", "none", "--no-progress"]
+    with pytest.raises(SystemExit, match=r"^build_corpus: error: --layer counts is not in adata.layers \(its layers: "
+                                         r"\['spliced'\]\); pass --layer NAME naming the one that holds the counts"):
+        main([*command, "--layer", "counts", "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match=r"^build_corpus: error: --obs-map names columns not in obs: \['author'\]"):
+        main([*command, "--obs-map", "author=cell_type", "--out", str(tmp_path / "b")])
+    adata.X = adata.X.multiply(0.5).tocsr()  # not counts
+    adata.write_h5ad(path)
+    with pytest.raises(SystemExit, match=r"^build_corpus: error: --input-values counts but .* pass --input-values "
+                                         r"normalized") as refused:
+        main([*command, "--out", str(tmp_path / "c")])
+    assert "input_values=" not in str(refused.value)
+    assert list(tmp_path.iterdir()) == [path]
 
 
 def test_non_primary_cells_are_rejected_unless_kept(tmp_path):

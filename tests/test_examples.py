@@ -14,13 +14,36 @@ from tiny_parts import encoder_for_vocabulary, save_tiny_parts
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_example(name: str, *args: str, cwd: Path) -> str:
+def example_process(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("PYTHONPATH", None)
-    result = subprocess.run([sys.executable, str(REPO / "examples" / f"{name}.py"), *args], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, str(REPO / "examples" / f"{name}.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def run_example(name: str, *args: str, cwd: Path) -> str:
+    result = example_process(name, *args, cwd=cwd)
     assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
     return result.stdout
+
+
+def test_the_corpus_example_renames_columns_and_replaces_its_corpus_only_with_overwrite(tmp_path):
+    """Run twice, the example ended with a traceback saying to pass --overwrite, which it did not have; a file whose
+    columns need renaming could not be read (no --obs-map)."""
+    import anndata
+
+    corpus = tmp_path / "corpus"
+    run_example("build_corpus_from_h5ad", "--out", str(corpus), cwd=tmp_path)
+    adata = anndata.read_h5ad(tmp_path / "corpus.stand-in.h5ad")
+    adata.obs = adata.obs.rename(columns={"donor_id": "patient"})
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    command = ["--h5ad", "cells.h5ad", "--input-values", "log1p", "--out", str(corpus)]
+    refused = example_process("build_corpus_from_h5ad", *command, cwd=tmp_path)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        f"build_corpus_from_h5ad: error: --out {corpus} is not empty; pass --overwrite")
+    run_example("build_corpus_from_h5ad", *command, "--obs-map", "patient=donor_id", "--overwrite", cwd=tmp_path)
+    assert json.loads((corpus / "summary.json").read_text())["split_by"] == "donor"  # the renamed column was read
 
 
 def test_examples_build_finetune_and_describe(tmp_path):

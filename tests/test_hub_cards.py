@@ -168,6 +168,12 @@ def test_dataset_card_round_trips_with_counts_and_label_tables(summary, tmp_path
     assert "the test splits of folds 0 to 4 partition the cells" in text
 
 
+def test_a_dataset_card_without_a_repo_loads_the_corpus_from_its_folder(summary, tmp_path):
+    text = render_dataset_card(summary, repo_id=None, folder=str(tmp_path / "pbmc-corpus")).text
+    assert 'from datasets import load_from_disk\n\ncorpus = load_from_disk("pbmc-corpus")' in text
+    assert "load_dataset(" not in text and str(tmp_path) not in text
+
+
 def test_dataset_card_license_defaults_to_unknown_and_long_label_tails_are_summed(tmp_path):
     counts = {f"type {i:02d}": 100 - i for i in range(45)}
     summary = {"name": "big", "splits": {"train": sum(counts.values())}, "label_counts": {"cell_type": {"train": counts}}}

@@ -148,15 +148,21 @@ def test_validation_chooses_the_encoder_input_and_the_model_reads_what_it_chose(
     assert set(by_probe) <= train_labels and set(by_projector) <= train_labels
 
 
-def test_value_aware_encoder_needs_a_value_aware_corpus(parts_and_corpus, tmp_path):
-    lm_dir, corpus_dir = parts_and_corpus
+def test_value_aware_encoder_needs_a_value_aware_corpus(parts_and_corpus, tmp_path, monkeypatch):
+    import training.gene_encoder as gene_encoder
+
+    lm_dir, corpus_dir = parts_and_corpus  # built without expression bins
+    trained = []
+    monkeypatch.setattr(gene_encoder, "train_candidate", lambda candidate, *a, **k: trained.append(candidate))
     args = Cell2TextArguments(
         corpus_dir=str(corpus_dir), text_model_name_or_path=str(lm_dir), num_cell_tokens=8, projector_hidden_size=16,
-        encoder_hidden_size=16, encoder_epochs=1, encoder_candidate_layers=[1], encoder_candidate_inputs=["value_aware"],
+        encoder_hidden_size=16, encoder_epochs=1, encoder_candidate_layers=[1],
+        encoder_candidate_inputs=["rank", "value_aware"],  # as demo.yaml: refused before the rank candidate trains
     )
     config = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, eval_strategy="no", report_to="none", use_cpu=True)
-    with pytest.raises(ValueError, match="--expression-bins"):
+    with pytest.raises(ValueError, match="--expression-bins B .*, or pass --encoder_candidate_inputs rank"):
         main(args, config)
+    assert trained == []
     args.encoder_candidate_inputs = ["binned"]
     with pytest.raises(ValueError, match="encoder_candidate_inputs"):
         main(args, config)

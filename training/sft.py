@@ -441,6 +441,16 @@ def encoder_candidates(args: Cell2TextArguments) -> list[EncoderCandidate]:
     ]
 
 
+def check_value_aware_corpus(args: Cell2TextArguments, feature_extractor) -> None:
+    """Refuse value-aware encoder candidates on a corpus without expression bins before any candidate trains (the
+    rank-value candidates trained for minutes first)."""
+    if "value_aware" in args.encoder_candidate_inputs and not feature_extractor.num_expression_bins:
+        raise ValueError(
+            f"encoder_candidate_inputs {list(args.encoder_candidate_inputs)} include value_aware, but the corpus "
+            f"{args.corpus_dir} has no expression bins: build it with --expression-bins B (python -m "
+            "processing.build_corpus), or pass --encoder_candidate_inputs rank.")
+
+
 def encoder_preparation(args: Cell2TextArguments, training_args: SFTConfig, corpus: DatasetDict,
                         summary: dict) -> dict:
     """What an encoder prepared on the corpus is prepared for (`EncoderSelection.prepared_for`): the corpus content
@@ -468,6 +478,7 @@ def gene_encoder_path(args: Cell2TextArguments, training_args: SFTConfig, corpus
         return args.gene_encoder_name_or_path
     out_dir = Path(training_args.output_dir) / PREPARED_ENCODER_DIR
     candidates = encoder_candidates(args)
+    check_value_aware_corpus(args, processor.feature_extractor)
     prepared_for = encoder_preparation(args, training_args, corpus, summary)
     with training_args.main_process_first(desc="preparing the gene encoder on the corpus"):
         previous = EncoderSelection.load(out_dir)
