@@ -8,8 +8,9 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-# The library's messages name its Python keywords; a command line's user reads its options (the same names in
-# `cell2text` and the corpus builder).
+# The library's messages name its Python keywords; a command line's user reads its options. Each pattern matches
+# the message's own wording only (never a path, a column or a value that happens to hold the word); the options are
+# those of `cell2text` and of the corpus builder (`--obs-map` is the builder's only).
 _OPTION_NAMES = (
     (re.compile(r"\binput_values='(counts|normalized|log1p)'"), r"--input-values \1"),
     (re.compile(r"\bconstrained=False"), "--free"),
@@ -19,7 +20,7 @@ _OPTION_NAMES = (
     (re.compile(r"\blayer='([^']*)'"), r"--layer \1"),
     (re.compile(r"\blayer=\.\.\."), "--layer NAME"),
     (re.compile(r"\bbatch_size must\b"), "--batch-size must"),
-    (re.compile(r"\bobs_map\b"), "--obs-map"),
+    (re.compile(r"^obs_map (?=names |maps )"), "--obs-map "),
 )
 
 

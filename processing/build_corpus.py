@@ -559,7 +559,7 @@ def parse_obs_map(items: Sequence[str] | None) -> dict[str, str]:
     for item in items or []:
         old, sep, new = item.partition("=")
         if not sep or not old or not new:
-            raise SystemExit(f"--obs-map expects old=new, got {item!r}")
+            raise ValueError(f"--obs-map expects OLD=NEW (an obs column and its CELLxGENE name), got {item!r}")
         mapping[old] = new
     return mapping
 

@@ -460,3 +460,14 @@ def test_errors_name_the_commands_options(model_dir, tmp_path, capsys):
         "--use-raw but adata.raw is None; read X (leave --use-raw out) or pass --layer NAME"
     message = "Expected input batch_size (4) to match target batch_size (8)"  # torch's words stay as they are
     assert as_command_line(message) == message
+    assert as_command_line("obs_map names columns not in obs: ['x']") == "--obs-map names columns not in obs: ['x']"
+
+
+@pytest.mark.parametrize("word", ["obs_map", "use_raw", "layer", "input_values", "batch_size"])
+def test_a_path_or_column_holding_an_option_word_is_named_as_it_is(word):
+    """A second reader's finding: a folder called obs_map was named "/tmp/--obs-map/cells.h5ad" in every error."""
+    from modeling_cell2text.argument_types import as_command_line
+
+    for message in (f"input file /tmp/{word}/cells.h5ad does not exist",
+                    f"obs has no column {word!r}; available: ['{word}', '{word}.1']"):
+        assert as_command_line(message) == message

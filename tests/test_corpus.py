@@ -292,10 +292,12 @@ def test_an_empty_split_is_saved_so_that_the_corpus_loads(tmp_path):
     assert loaded["train"][0]["gene_input_ids"] == [5, 6]
 
 
-def test_publish_corpus_pushes_splits_then_its_card_for_the_repo_then_its_files(pbmc_corpus, monkeypatch):
+def test_publish_corpus_pushes_splits_then_its_card_for_the_repo_then_its_files(pbmc_corpus, monkeypatch, tmp_path):
+    import shutil
+
     from hub_cards import publish
 
-    out, _, _ = pbmc_corpus
+    out = Path(shutil.copytree(pbmc_corpus[0], tmp_path / "pbmc"))  # publishing rewrites the card: not the shared one
     calls = []
 
     class FakeHub:

@@ -218,8 +218,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "outputs" / "demo"), help="Where everything is written.")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-steps", type=int, default=None, help="Cap Cell2Text's and Cell2Sentence's training steps (a smoke run of every stage; the encoder "
-                        "preparation, temperature fits and evaluation still run in full: about 20 minutes on 2 cores).")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="Cap Cell2Text's and Cell2Sentence's training steps: a smoke run of every stage, "
+                        "not a quick one (the encoder preparation, temperature fits and evaluation still run "
+                        "in full; a barely trained model decodes slowly).")
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--skip-cell2sentence", action="store_true", help="Leave the Cell2Sentence baseline out.")
     parser.add_argument("--reuse-models", action="store_true",
