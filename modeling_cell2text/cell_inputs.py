@@ -66,10 +66,16 @@ def resolve_input(
         if other:
             raise ValueError(f"DataFrame columns that are not expression values: {other[:5]}; pass the genes' "
                              "columns only (e.g. frame.select_dtypes('number'))")
-        # pandas' nullable dtypes (Int64, Float64) give an object array with pd.NA: read as floats, NA as NaN,
-        # which the value checks refuse by name
+        # pandas' nullable and sparse dtypes (Int64, Float32, Sparse[float32]) give an object array with pd.NA: read
+        # as floats, NA as NaN (which the value checks refuse by name), in float32 where every column's values are
+        # float32, so that they rank as the same cells in an AnnData do (float32 normalises in float32)
         extension = any(not isinstance(dtype, np.dtype) for dtype in cells.dtypes)
-        matrix = cells.to_numpy(dtype=np.float64, na_value=np.nan) if extension else cells.to_numpy()
+        if extension:
+            values = np.result_type(*(getattr(d, "numpy_dtype", None) or getattr(d, "subtype", None) or d
+                                      for d in cells.dtypes))
+            matrix = cells.to_numpy(dtype=np.float32 if values == np.float32 else np.float64, na_value=np.nan)
+        else:
+            matrix = cells.to_numpy()
         if gene_ids is None:
             gene_ids = [str(column) for column in cells.columns]
         obs_names = cells.index.astype(str)

@@ -788,3 +788,16 @@ def test_a_binarised_matrix_is_refused(extractor, counts, make):
     """Boolean input was ranked as counts of 1: every cell ordered by its genes' medians alone."""
     with pytest.raises(ValueError, match="booleans .*binarised.*pass the counts"):
         extractor.tokenize(make(counts), INPUT_GENES)
+
+
+def test_a_dataframe_of_float32_extension_columns_ranks_as_float32_cells(extractor):
+    """A reviewer's finding: Sparse[float32] and Float32 columns were read as float64, so exact ties broke by another
+    rounding than the same float32 cells in an AnnData or array (where float32 normalises in float32)."""
+    rng = np.random.default_rng(3)
+    dense = (rng.integers(1, 40, size=(300, len(INPUT_GENES))) * (rng.random((300, len(INPUT_GENES))) < 0.5))
+    dense[:, 0] = np.maximum(dense[:, 0], 1)
+    as_float32 = as_lists(extractor.tokenize(dense.astype(np.float32), INPUT_GENES))
+    assert as_float32 != as_lists(extractor.tokenize(dense.astype(np.float64), INPUT_GENES))  # the case is real
+    frame = pd.DataFrame(dense.astype(np.float32), columns=INPUT_GENES)
+    for dtype in (pd.SparseDtype(np.float32, 0.0), "Float32"):
+        assert as_lists(extractor.tokenize(frame.astype(dtype))) == as_float32, dtype
