@@ -54,6 +54,13 @@ def is_repo_id(name: str | None) -> bool:
     return bool(name) and bool(_REPO_ID.match(name)) and not Path(name).expanduser().exists()
 
 
+def names_hub_repo(name: str | Path) -> bool:
+    """Whether a path-or-id argument names a Hub repository ("org/name") rather than a local folder: shaped like a
+    repo id, and neither it nor its first component is a local path (so a mistyped "outputs/corpus" gets the local
+    error, not a Hub lookup)."""
+    return is_repo_id(str(name)) and not Path(str(name).split("/", 1)[0]).exists()
+
+
 def is_local_path(name: str) -> bool:
     """True for strings that name a file or folder on some machine rather than a Hub id or a plain name."""
     text = str(name)

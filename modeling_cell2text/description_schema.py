@@ -182,7 +182,8 @@ _DESCRIPTION_RE = re.compile(
     r"(?:\s+Cell Ontology definition: (?P<definition>.+?)\.(?=\s+It originates from|\s+This cell is associated|\s*$))?"
     r")?"
     r"(?:\s*It originates from (?:the (?P<tissue>" + _ORIGIN_LABEL + r") of |)an? (?P<healthy>healthy )?"
-    r"(?:(?P<sex>female|male) )?donor(?: with (?P<disease>" + _ORIGIN_LABEL + r"))?(?: during (?P<age>" + _AGE_ALTERNATION + r"))?\."
+    r"(?:(?P<sex>female|male) )?donor(?: with (?P<disease>" + _ORIGIN_LABEL + r"))?"
+    r"(?: during (?P<age>" + _AGE_ALTERNATION + r"))?\."
     r"(?=\s+This cell is associated|\s*$))?"
     r'(?P<pathways>(?:\s*(?:This cell is associated with|Additionally, it involves) the pathway "[^"]+"\.)*)'
     r"\s*$",

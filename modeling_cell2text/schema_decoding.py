@@ -941,8 +941,9 @@ def schema_results(processor, described: SchemaDescriptions) -> list[dict]:
             label = fields.get(name)
             fields[f"{name}_ontology_term_id"] = processor.ontology_term_ids.get(name, {}).get(label) if label else None
         result = {"description": text, "parsed": parsed, "exact_choice": not unproven, **fields}
-        for name in SCORED_FIELDS[:-1]:
-            result[f"{name}_score"] = scores.get(name)
+        for name in SCORED_FIELDS:
+            if name != "pathways":  # the product of its two labels', below
+                result[f"{name}_score"] = scores.get(name)
         pathway_scores = [scores[k] for k in ("pathway_1", "pathway_2") if k in scores]
         result["pathways_score"] = float(torch.tensor(pathway_scores).prod()) if pathway_scores else None
         results.append(result)

@@ -355,8 +355,9 @@ def annotation_columns(results: Sequence[dict | None], key_added: str, constrain
 
     With no cell described (an empty AnnData, or every cell skipped) the columns a described cell would have had are
     still written, empty or missing: those of a constrained run's results (`constrained`, with every `_score` and
-    `exact_choice`) or of a free run's. A NUL character (which a model can decode, but HDF5 strings cannot hold) is written as U+FFFD, so one odd
-    generation cannot make the whole h5ad unwritable; such a description does not parse (`parsed` is False).
+    `exact_choice`) or of a free run's. A NUL character (which a model can decode, but HDF5 strings cannot hold) is
+    written as U+FFFD, so one odd generation cannot make the whole h5ad unwritable; such a description does not parse
+    (`parsed` is False).
     """
     import pandas as pd
 
@@ -367,7 +368,7 @@ def annotation_columns(results: Sequence[dict | None], key_added: str, constrain
         keys = ["description", "parsed", *CellDescription().to_dict(),
                 *(f"{name}_ontology_term_id" for name in ONTOLOGY_FIELDS), "cell_type_score"]
         if constrained:
-            keys += ["exact_choice", *(f"{name}_score" for name in SCORED_FIELDS[1:])]
+            keys += ["exact_choice", *(f"{name}_score" for name in SCORED_FIELDS if name != "cell_type")]
     columns: dict[str, Any] = {}
     for key in keys:
         values = [None if result is None else result.get(key) for result in results]

@@ -71,11 +71,10 @@ SUMMARY_FILE = "summary.json"
 
 
 def is_hub_corpus(corpus: str | Path) -> bool:
-    """Whether `corpus` names a Hub dataset ("org/name") rather than a local folder: shaped like a repo id, and
-    neither it nor its first component is a local path (so a mistyped "outputs/corpus" gets the local error)."""
-    from hub_cards.render import is_repo_id
+    """Whether `corpus` names a Hub dataset ("org/name") rather than a local folder (`names_hub_repo`)."""
+    from hub_cards.render import names_hub_repo
 
-    return is_repo_id(str(corpus)) and not Path(str(corpus).split("/", 1)[0]).exists()
+    return names_hub_repo(corpus)
 
 
 def _corpus_files(corpus: str | Path) -> Path:

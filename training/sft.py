@@ -521,7 +521,7 @@ PARTS_SETTINGS = ("text_model_name_or_path", "gene_encoder_name_or_path", "encod
 def check_init_from(init_from: str) -> None:
     """Refuse an `init_from` that is no saved model, before anything loads: a Trainer checkpoint (LoRA adapters and
     optimizer state, not the model they adapt) or a local folder that does not exist gave a Hub lookup's traceback."""
-    from hub_cards.render import is_repo_id
+    from hub_cards.render import names_hub_repo
 
     path = Path(init_from).expanduser()
     if (path / "config.json").is_file():
@@ -533,7 +533,7 @@ def check_init_from(init_from: str) -> None:
     if path.exists():
         raise FileNotFoundError(f"init_from {init_from} holds no saved model (no config.json): set it to a saved "
                                 f"Cell2Text folder (<output_dir>/{FINAL_DIR}) or a Hub id (org/name).")
-    if not is_repo_id(init_from) or Path(init_from.split("/", 1)[0]).exists():  # as processing.corpus.is_hub_corpus
+    if not names_hub_repo(init_from):
         raise FileNotFoundError(f"init_from {init_from} does not exist (nor is it a Hub id, org/name): set it to a "
                                 f"saved Cell2Text folder (<output_dir>/{FINAL_DIR}).")
 
