@@ -38,6 +38,19 @@ def is_dataframe(obj: Any) -> bool:
     return pandas is not None and isinstance(obj, pandas.DataFrame)
 
 
+def anndata_matrix(adata: Any, layer: str | None = None, raw: bool = False) -> Any:
+    """``adata.X``, ``adata.layers[layer]`` or ``adata.raw.X`` (``raw``). A view of a backed AnnData is read from its
+    file here, where anndata fails on a reversed slice with its own words (a reshape, a step): this names the fix."""
+    try:
+        return adata.raw.X if raw else adata.X if layer is None else adata.layers[layer]
+    except ValueError as error:
+        if not (adata.is_view and adata.isbacked):
+            raise
+        raise ValueError(f"anndata could not read these cells of the backed file ({error}): it cannot read a "
+                         "reversed (negative-step) slice of one; pass rows in increasing order, or "
+                         "adata.to_memory()[rows]") from error
+
+
 def resolve_input(
     cells: Any, gene_ids: Sequence[Any] | None, layer: str | None, symbol_to_gene: Mapping[str, str]
 ) -> tuple[Any, Sequence[Any], Sequence[str] | None]:
@@ -48,12 +61,9 @@ def resolve_input(
     """
     obs_names = None
     if is_anndata(cells):
-        if layer is not None:
-            if layer not in cells.layers:
-                raise KeyError(f"layer {layer!r} not in adata.layers (available: {list(cells.layers.keys())})")
-            matrix = cells.layers[layer]
-        else:
-            matrix = cells.X
+        if layer is not None and layer not in cells.layers:
+            raise KeyError(f"layer {layer!r} not in adata.layers (available: {list(cells.layers.keys())})")
+        matrix = anndata_matrix(cells, layer)
         if matrix is None:
             raise ValueError("adata.X is None; pass layer=... naming the layer that holds the counts")
         if gene_ids is None:
@@ -119,4 +129,4 @@ def empty_cells_error(
     )
 
 
-__all__ = ["empty_cells_error", "format_cells", "is_anndata", "resolve_input"]
+__all__ = ["anndata_matrix", "empty_cells_error", "format_cells", "is_anndata", "resolve_input"]

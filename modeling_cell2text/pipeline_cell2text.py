@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, Pipeline
 
-from .cell_inputs import empty_cells_error, format_cells
+from .cell_inputs import anndata_matrix, empty_cells_error, format_cells
 from .compatibility import (check_model_and_processor, gene_ranking_sha256, gene_vocabulary_sha256,
                             recorded_gene_vocabulary_sha256, saved_file)
 from .label_scoring import constrains, constrains_by_default
@@ -341,7 +341,7 @@ def resolve_cells(
             raise ValueError("use_raw=True but adata.raw is None; read X (leave use_raw out) or pass layer=...")
         if gene_ids is None:
             gene_ids = feature_extractor.var_gene_ids(cells.raw.var)
-        matrix, gene_ids, _ = feature_extractor.resolve_input(cells.raw.X, gene_ids, None)
+        matrix, gene_ids, _ = feature_extractor.resolve_input(anndata_matrix(cells, raw=True), gene_ids, None)
         obs_names = cells.obs_names
     else:
         matrix, gene_ids, obs_names = feature_extractor.resolve_input(cells, gene_ids, layer)

@@ -281,6 +281,11 @@ def test_a_run_resumed_in_a_later_epoch_with_cell_type_balance_ends_with_the_sam
     resumed_weights = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
     for name, tensor in full_weights.items():
         torch.testing.assert_close(resumed_weights[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+    # a checkpoint past max_steps: its run trained longer than this one asks
+    with pytest.raises(ValueError, match=r"trained for 2 steps, more than --max_steps 1: resume with --max_steps 2"):
+        tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "shorter", resume_from_checkpoint=str(out / "checkpoint-2"),
+                    **{**settings, "max_steps": 1})
+    assert not (tmp_path / "shorter").exists()
 
 
 def test_an_existing_final_model_is_refused_before_training(parts_and_corpus, tmp_path):
@@ -972,6 +977,17 @@ def test_sft_settings_the_recipe_does_not_use_are_refused(tmp_path, monkeypatch,
     assert not (tmp_path / "out").exists()  # refused before anything was prepared
 
 
+def test_help_says_which_sft_settings_the_recipe_refuses():
+    """--help showed TRL's description of the settings the recipe refuses, as if they applied."""
+    from training.sft import UNUSED_SFT_SETTINGS, make_parser
+
+    text = " ".join(make_parser().format_help().split())
+    assert "--max_length MAX_LENGTH, --max-length MAX_LENGTH Refused by this recipe: nothing is truncated" in text
+    assert "--packing [PACKING] Refused by this recipe: the recipe pads soft-token prompts itself" in text
+    assert text.count("Refused by this recipe: ") == len(UNUSED_SFT_SETTINGS)
+    assert re.search(r"--learning_rate LEARNING_RATE, --learning-rate LEARNING_RATE (?!Refused)", text)
+
+
 @pytest.mark.parametrize("config_file", sorted((REPO / "training" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_the_shipped_configs_and_what_the_recipe_does_anyway_pass_the_sft_settings_check(config_file):
     from training.adapters import parse_training_arguments
@@ -1103,3 +1119,25 @@ def test_the_cell2sentence_baseline_refuses_an_output_dir_with_an_earlier_runs_c
     with pytest.raises(FileNotFoundError):  # past the check: the corpus is read next, and there is none
         train_cell2sentence(args, training_args)
     assert not (tmp_path / "out" / "checkpoint-4").exists()
+
+
+def test_a_run_resumed_from_its_checkpoint_at_max_steps_trains_no_further_step(parts_and_corpus, tmp_path):
+    """A run stopped after its last checkpoint (at max_steps) but before its final model was saved, resumed from that
+    checkpoint, ends with the uninterrupted run's weights: transformers trained one step past max_steps."""
+    lm_dir, corpus_dir = parts_and_corpus
+    out = tmp_path / "out"
+    settings = {"max_steps": 2, "save_strategy": "steps", "save_steps": 1, "temperature_fit_cells": 0}
+    first = tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "first", **settings)
+    resumed = tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "resumed",
+                          resume_from_checkpoint=str(out / "checkpoint-2"), **settings)
+    assert json.loads((resumed / "training_state.json").read_text())["global_step"] == 2
+    assert not (out / "checkpoint-3").exists()
+    first_weights, resumed_weights = load_file(first / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert first_weights.keys() == resumed_weights.keys()
+    for name, tensor in first_weights.items():
+        torch.testing.assert_close(resumed_weights[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+    # a checkpoint past max_steps: its run trained longer than this one asks
+    with pytest.raises(ValueError, match=r"trained for 2 steps, more than --max_steps 1: resume with --max_steps 2"):
+        tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "shorter", resume_from_checkpoint=str(out / "checkpoint-2"),
+                    **{**settings, "max_steps": 1})
+    assert not (tmp_path / "shorter").exists()

@@ -86,6 +86,22 @@ class MultiProcessTrainingMixin:
         super().save_model(output_dir, _internal_call)
 
 
+class NoStepPastMaxStepsMixin:
+    """Resumed from a checkpoint already at `max_steps` (a run stopped after its last checkpoint, before its final
+    model was saved), train no further step: transformers' loop trained one, so the final model was not the
+    uninterrupted run's. A checkpoint past `max_steps` is refused: its run trained longer than this one asks."""
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        done, wanted = self.state.global_step, self.state.max_steps
+        if done > wanted:
+            raise ValueError(f"the resumed checkpoint was trained for {done} steps, more than --max_steps {wanted}: "
+                             f"resume with --max_steps {done} or more, or start a new run in another --output_dir.")
+        if done == wanted:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+
 # The attribute of a model that holds the dtypes of its state dict before training (`record_dtypes`): the dtypes the
 # merged model is saved in.
 DTYPES_BEFORE_SHARDING = "_cell2text_dtypes_before_sharding"

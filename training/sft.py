@@ -55,6 +55,7 @@ from training.adapters import (
     OVERWRITE_OUTPUT_DIR_HELP,
     LoraArguments,
     MultiProcessTrainingMixin,
+    NoStepPastMaxStepsMixin,
     check_output_dir,
     leave_process_group,
     merge_adapters,
@@ -205,7 +206,8 @@ class CellTypeBalancedSampler(torch.utils.data.Sampler):
         yield from torch.multinomial(self.weights, len(self.weights), replacement=True, generator=generator).tolist()
 
 
-class Cell2TextSFTTrainer(MultiProcessTrainingMixin, LabelledPositionsLossMixin, SFTTrainer):
+class Cell2TextSFTTrainer(NoStepPastMaxStepsMixin, MultiProcessTrainingMixin, LabelledPositionsLossMixin,
+                          SFTTrainer):
     """`SFTTrainer` with one learning rate per part (projector, gene encoder, LoRA adapters) and the LM head run
     at labelled positions only (`training/loss.py`)."""
 
@@ -805,7 +807,13 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
 
 
 def make_parser() -> TrlParser:
-    return TrlParser((Cell2TextArguments, SFTConfig))
+    """The recipe's command line: `Cell2TextArguments` and TRL's `SFTConfig`, whose settings the recipe refuses
+    (`UNUSED_SFT_SETTINGS`) say so in --help instead of TRL's description."""
+    parser = TrlParser((Cell2TextArguments, SFTConfig))
+    for action in parser._actions:
+        if action.dest in UNUSED_SFT_SETTINGS:
+            action.help = f"Refused by this recipe: {UNUSED_SFT_SETTINGS[action.dest][1]}."
+    return parser
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from training.adapters import (
     OVERWRITE_OUTPUT_DIR_HELP,
     LoraArguments,
     MultiProcessTrainingMixin,
+    NoStepPastMaxStepsMixin,
     check_output_dir,
     leave_process_group,
     merge_adapters,
@@ -119,7 +120,8 @@ def load_corpus(corpus_dir: str | Path) -> tuple[DatasetDict, Cell2TextFeatureEx
     return open_corpus(corpus_dir), corpus_feature_extractor(corpus_dir)
 
 
-class Cell2SentenceSFTTrainer(MultiProcessTrainingMixin, LabelledPositionsLossMixin, SFTTrainer):
+class Cell2SentenceSFTTrainer(NoStepPastMaxStepsMixin, MultiProcessTrainingMixin, LabelledPositionsLossMixin,
+                              SFTTrainer):
     """`SFTTrainer` with the same loss computation as Cell2Text's (`training/loss.py`), so budgets compare."""
 
 
