@@ -168,8 +168,7 @@ def ontology_graph(name: str) -> nx.DiGraph:
 #: The paper's age buckets, youngest first; the description schema owns the list.
 AGE_BUCKETS = AGE_GROUPS
 
-#: Lower age bound in years (inclusive) of each postnatal bucket. A stage's age is the
-#: midpoint of the range its label names ("60-79 year-old" -> 69.5, "third decade" -> 24.5).
+#: Lower age bound in years (inclusive) of each postnatal bucket.
 #:   infancy          0  <= age < 2   (newborn, months, the 1-year-old stage)
 #:   early childhood  2  <= age < 6
 #:   childhood        6  <= age < 13
@@ -181,6 +180,8 @@ AGE_BUCKETS = AGE_GROUPS
 #:   advanced elderly 80 <= age
 #: Prenatal: HsapDv "embryonic stage" (Carnegie stages, weeks 1-8 post-fertilization) ->
 #: "early embryonic"; "fetal stage" (week 9 to birth) -> "late embryonic".
+#: A stage names a bucket only where every age it covers lies in that bucket: "60-79 year-old", "fifth decade"
+#: (40-49) or "adult stage" span two or more, and give None rather than one stated with confidence.
 POSTNATAL_BUCKET_STARTS = (
     (80.0, "advanced elderly"),
     (65.0, "elderly"),
@@ -193,32 +194,20 @@ POSTNATAL_BUCKET_STARTS = (
     (0.0, "infancy"),
 )
 
-#: Stages whose label gives no single age: bucket by label (current and deprecated labels).
-#: Stages spanning the whole life ("life cycle", "postnatal stage", "prenatal stage") are
-#: deliberately absent and give None.
+#: Stages whose label gives no age, within one bucket by their HsapDv definition (current and deprecated labels).
+#: Absent, so None: stages spanning several buckets by their definition ("child stage (1-4 yo)", "pediatric
+#: stage", "juvenile stage (5-14 yo)", "young adult stage" (under 40), "adult stage", "prime adult stage", "middle
+#: aged stage" (40-60), "late adult stage" (over 60), "aged stage" (over 65)...) and the whole life ("life cycle",
+#: "postnatal stage", "prenatal stage").
 _STAGE_LABEL_BUCKETS = {
     "embryonic stage": "early embryonic",
     "fetal stage": "late embryonic",
     "newborn stage": "infancy",
     "newborn stage (0-28 days)": "infancy",
     "nursing stage (0-11 months)": "infancy",
-    "infant stage": "infancy",
+    "infant stage": "infancy",  # current: 28 days to 12 months; deprecated: to 24 months
     "under-1-year-old stage": "infancy",
-    "child stage (1-4 yo)": "early childhood",
-    "child stage": "childhood",
-    "pediatric stage": "childhood",
-    "juvenile stage (5-14 yo)": "childhood",
-    "immature stage": "childhood",
-    "adolescent stage": "adolescence",
-    "young adult stage": "young adulthood",
-    "early adulthood stage": "young adulthood",
-    "adult stage": "adulthood",
-    "prime adult stage": "adulthood",
-    "mature stage": "adulthood",
-    "middle aged stage": "middle age",
-    "late adult stage": "elderly",
-    "late adulthood stage": "elderly",
-    "aged stage": "elderly",
+    "adolescent stage": "adolescence",  # deprecated: over 13 and under 19
     "centenarian stage": "advanced elderly",
 }
 
@@ -228,17 +217,17 @@ _ORDINALS = {
 }
 
 
-def _age_in_years(label: str) -> float | None:
-    """Age (years) a postnatal HsapDv label names, or None when it names none."""
+def _ages_in_years(label: str) -> tuple[float, float] | None:
+    """The ages [from, to) in years a postnatal HsapDv label names, or None when it names none."""
     if m := re.fullmatch(r"(\d+)-month-old stage", label):
-        return int(m.group(1)) / 12.0
+        return int(m.group(1)) / 12.0, (int(m.group(1)) + 1) / 12.0
     if m := re.fullmatch(r"(\d+)-(\d+) year-old(?: child)?(?: stage)?", label):
-        return (int(m.group(1)) + int(m.group(2))) / 2.0
-    if m := re.fullmatch(r"(\d+)[- ]year-old(?: and over)? stage", label):
-        return float(m.group(1))
+        return float(m.group(1)), int(m.group(2)) + 1.0
+    if m := re.fullmatch(r"(\d+)[- ]year-old( and over)? stage", label):
+        return float(m.group(1)), float("inf") if m.group(2) else int(m.group(1)) + 1.0
     if m := re.fullmatch(r"(\w+) decade stage", label):
         if m.group(1) in _ORDINALS:
-            return 10.0 * (_ORDINALS[m.group(1)] - 1) + 4.5
+            return 10.0 * (_ORDINALS[m.group(1)] - 1), 10.0 * _ORDINALS[m.group(1)]
     return None
 
 
@@ -250,20 +239,22 @@ def age_to_bucket(age_years: float) -> str:
 
 
 def _bucket_of_label(label: str) -> str | None:
-    """Bucket named by one stage label, by age or by the coarse-stage table."""
-    age = _age_in_years(label)
-    if age is not None:
-        return age_to_bucket(age)
-    return _STAGE_LABEL_BUCKETS.get(label)
+    """Bucket named by one stage label, by its ages or by the coarse-stage table."""
+    ages = _ages_in_years(label)
+    if ages is None:
+        return _STAGE_LABEL_BUCKETS.get(label)
+    first, last = age_to_bucket(ages[0]), age_to_bucket(min(ages[1], 1000.0) - 1e-6)
+    return first if first == last else None
 
 
 def development_stage_to_age_bucket(hsapdv_term_id: str) -> str | None:
     """The paper's age bucket (one of AGE_BUCKETS) for a human development stage term.
 
-    Returns None for "unknown"/"na" and for stages too coarse to name one bucket
-    (life cycle, prenatal, postnatal). Deprecated terms follow ``replaced_by``; without a
-    replacement their label is still used. A stage without an age in its own label takes
-    the bucket of its nearest ancestor that has one (e.g. Carnegie stage 12 -> embryonic).
+    Returns None for "unknown"/"na" and for stages whose ages span several buckets (adult
+    stage, 60-79 year-old, fifth decade; life cycle, postnatal). Deprecated terms follow
+    ``replaced_by``; without a replacement their label is still used. A stage without a bucket
+    of its own takes the bucket of its nearest ancestor that has one (e.g. Carnegie stage 12 ->
+    embryonic): an ancestor's ages hold the stage's, so that bucket holds them too.
     """
     if hsapdv_term_id in NON_TERMS:
         return None

@@ -82,9 +82,19 @@ def test_graph_only_for_graph_ontologies():
         ("HsapDv:0000144", "middle age"),  # 50-year-old stage
         ("HsapDv:0000164", "elderly"),  # 70-year-old stage
         ("HsapDv:0000211", "advanced elderly"),  # 85-year-old stage
-        ("HsapDv:0000272", "elderly"),  # 60-79 year-old stage (midpoint 69.5)
-        ("HsapDv:0000258", "adulthood"),  # adult stage
-        ("HsapDv:0000087", "adulthood"),  # deprecated "adult stage", no replacement
+        ("HsapDv:0000272", None),  # 60-79 year-old stage: middle age (60-64) and elderly
+        ("HsapDv:0000258", None),  # adult stage: any sexually mature human
+        ("HsapDv:0000087", None),  # deprecated "adult stage" (over 19), no replacement
+        ("HsapDv:0000226", None),  # prime adult stage
+        ("HsapDv:0000227", None),  # late adult stage: over 60
+        ("HsapDv:0000266", None),  # young adult stage: under 40
+        ("HsapDv:0000264", None),  # pediatric stage: newborn to 14
+        ("HsapDv:0000265", None),  # child stage (1-4 yo): infancy and early childhood
+        ("HsapDv:0000239", None),  # fifth decade stage (40-49): adulthood and middle age
+        ("HsapDv:0000241", None),  # seventh decade stage (60-69): middle age and elderly
+        ("HsapDv:0000237", "young adulthood"),  # third decade stage (20-29)
+        ("HsapDv:0000261", "infancy"),  # infant stage
+        ("HsapDv:0000247", "advanced elderly"),  # centenarian stage
         ("HsapDv:0000004", "early embryonic"),  # deprecated cleavage stage -> Carnegie stage 02
     ],
 )
