@@ -103,6 +103,29 @@ def gene_ranking_sha256(feature_extractor: Any) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
+# What each part of `processor_sha256` covers, as a mismatch names it.
+PROCESSOR_PARTS = {
+    "text_vocabulary": "the tokenizer's vocabulary (text token ids: the model would read and write other words)",
+    "prompt": "the chat template, system or user prompt, or definitions_in_model_text (the prompt and text the model "
+              "was trained on)",
+    "gene_symbols": "the gene symbol table (symbols in var_names would be read as other genes)",
+}
+
+
+def processor_sha256(processor: Any) -> dict[str, str]:
+    """Checksums of what a processor gives the model besides its gene vocabulary, gene ranking and labels (labels
+    may change: a subset of cell types to choose among), one per `PROCESSOR_PARTS` entry. Two models trained from
+    one base LLM on one gene vocabulary agree on the gene checksums, so those alone let a processor of the other
+    model through: its tokenizer or prompt changed every description without a word."""
+    parts = {
+        "text_vocabulary": sorted(processor.tokenizer.get_vocab().items()),
+        "prompt": [processor.chat_template, processor.system_prompt, processor.user_prompt,
+                   bool(processor.definitions_in_model_text)],
+        "gene_symbols": sorted(processor.feature_extractor.symbol_to_gene.items()),
+    }
+    return {name: hashlib.sha256(json.dumps(content).encode()).hexdigest() for name, content in parts.items()}
+
+
 class ModelProcessorMismatchError(ValueError):
     """The processor would feed the model token ids or placeholders it was not built for."""
 
@@ -132,8 +155,9 @@ def check_model_and_processor(config: Any, processor: Any, model_name: str = "th
     """Raise `ModelProcessorMismatchError` listing every way `processor` does not fit the model of `config`.
 
     First fits the processor's tokens per cell to the encoder's positions (`fit_tokens_to_encoder`). Checked: the
-    gene vocabulary's checksum and the gene ranking's (`gene_ranking_sha256`: medians and special
-    tokens), where the model records them, the gene vocabulary's size against the
+    gene vocabulary's checksum, the gene ranking's (`gene_ranking_sha256`: medians and special
+    tokens) and the processor's text side and symbols (`processor_sha256`), where the model records them
+    (a warning where it records no gene checksum), the gene vocabulary's size against the
     encoder's embedding, the expression bins, the cell placeholder's token id, the number of cell tokens per cell,
     and the tokenizer's size against the language model's embedding.
     """
@@ -150,6 +174,15 @@ def check_model_and_processor(config: Any, processor: Any, model_name: str = "th
         problems.append(f"gene ranking checksum: model {saved_with}, processor {ranking} (other gene medians or "
                         "special tokens than the processor saved with the model: every cell's genes would be "
                         "ranked in another order)")
+    if recorded is None and not saved_with:
+        logger.warning("%s records no checksum of the processor it was saved with (gene_vocabulary_sha256, "
+                       "gene_ranking_sha256 in config.json): a processor of another model cannot be told apart. Use "
+                       "the processor saved with the model.", model_name)
+    saved_parts, parts = getattr(config, "processor_sha256", None) or {}, processor_sha256(processor)
+    for name in sorted(set(saved_parts) & set(parts)):
+        if saved_parts[name] != parts[name]:
+            problems.append(f"{name} checksum: model {saved_parts[name]}, processor {parts[name]} (another "
+                            f"{PROCESSOR_PARTS[name]})")
     encoder_vocab_size = config.gene_encoder_config.vocab_size
     if feature_extractor.vocab_size != encoder_vocab_size:
         problems.append(f"gene token ids: the processor's run to {feature_extractor.vocab_size - 1}, the gene "

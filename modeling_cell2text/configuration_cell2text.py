@@ -7,6 +7,8 @@ import math
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .compatibility import PREPARED_ENCODER_KEY
+
 # Geneformer V2-316M (arXiv 2509.24840): the architecture of the encoder used by the paper.
 GENEFORMER_V2_316M = {
     "hidden_size": 1152,
@@ -23,6 +25,11 @@ GENEFORMER_V2_316M = {
 # The schema-constrained choices with a temperature of their own in `field_temperatures` (the cell type has
 # `cell_type_temperature`).
 FIELD_TEMPERATURE_CHOICES = ("tissue", "donor", "pathway_1", "pathway_2")
+
+
+def hidden_state_index(layer: int, num_layers: int) -> int:
+    """A `gene_encoder_layer` as a non-negative index into hidden_states (embeddings + one entry per layer)."""
+    return layer % (num_layers + 1)
 
 
 class Cell2TextConfig(PreTrainedConfig):
@@ -71,6 +78,10 @@ class Cell2TextConfig(PreTrainedConfig):
         gene_ranking_sha256 (`str`, *optional*):
             Checksum of how the processor the model was saved with ranks genes (`compatibility.gene_ranking_sha256`:
             gene medians, special tokens; `save_model_folder` records it): a processor ranking otherwise is refused.
+        processor_sha256 (`dict`, *optional*):
+            Checksums of the processor the model was saved with besides genes and labels
+            (`compatibility.processor_sha256`: its tokenizer's vocabulary, its prompt, its gene symbol table;
+            `save_model_folder` records them): a processor differing in any is refused.
         training_corpus_fingerprints (`dict`, *optional*):
             The fingerprints of the corpus splits the model was trained on (`training.sft` records them): evaluating
             on another build of a corpus (another seed or fold: its test cells may be training cells) is refused
@@ -96,6 +107,7 @@ class Cell2TextConfig(PreTrainedConfig):
     field_temperatures: dict | None = None
     gene_vocabulary_sha256: str | None = None
     gene_ranking_sha256: str | None = None
+    processor_sha256: dict | None = None
     training_corpus_fingerprints: dict | None = None
     tie_word_embeddings: bool = False
 
@@ -160,6 +172,14 @@ class Cell2TextConfig(PreTrainedConfig):
                 f"gene_encoder_layer={self.gene_encoder_layer} is outside the encoder's hidden states "
                 f"(valid: {-(num_layers + 1)}..{num_layers} for {num_layers} layers)."
             )
+        prepared = getattr(self.gene_encoder_config, PREPARED_ENCODER_KEY, None) or {}
+        trained = prepared.get("feature_layer")
+        if trained is not None and hidden_state_index(self.gene_encoder_layer, num_layers) != hidden_state_index(
+                trained, num_layers):  # from_pretrained_parts refuses it; an edited config.json gave other states
+            raise ValueError(
+                f"gene_encoder_layer={self.gene_encoder_layer}, but the gene encoder was prepared to be read at hidden "
+                f"state {trained} (gene_encoder_config.{PREPARED_ENCODER_KEY}.feature_layer): the projector would "
+                f"read states it was not trained on. Set gene_encoder_layer to {trained} in config.json.")
         if not 0 <= self.cell_token_id:
             raise ValueError(f"cell_token_id must be a non-negative token id, got {self.cell_token_id}.")
         if not 0 < self.cell_type_temperature < math.inf:  # infinity made every score 1 / (number of labels)

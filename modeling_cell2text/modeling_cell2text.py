@@ -27,7 +27,7 @@ from transformers.utils import (CONFIG_NAME, GENERATION_CONFIG_NAME, can_return_
 from .cell_inputs import CELL_INPUT_NAMES, CELL_ROW_KEYS
 from .compatibility import (PREPARED_ENCODER_KEY, check_gene_vocabulary, gene_vocabulary_sha256, hub_kwargs,
                             saved_file)
-from .configuration_cell2text import Cell2TextConfig
+from .configuration_cell2text import Cell2TextConfig, hidden_state_index
 
 logger = logging.get_logger(__name__)
 
@@ -46,11 +46,6 @@ def foreign_weight_files(folder: str | os.PathLike) -> list[str]:
 # New tokens a description may take (the demo's run to about 150): `generate`'s and the pipeline's default where
 # nothing sets a length (transformers' default of 20 cut descriptions short).
 DESCRIPTION_MAX_NEW_TOKENS = 160
-
-
-def _hidden_state_index(layer: int, num_layers: int) -> int:
-    """A `gene_encoder_layer` as a non-negative index into hidden_states (embeddings + one entry per layer)."""
-    return layer % (num_layers + 1)
 
 
 def _encoder_states(encoder: nn.Module, read: int, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
@@ -316,7 +311,7 @@ class Cell2TextModel(Cell2TextPreTrainedModel):
                 "skip_empty_cells=True does)."
             )
         frozen = self.config.freeze_gene_encoder
-        read = _hidden_state_index(self.config.gene_encoder_layer, self.config.gene_encoder_config.num_hidden_layers)
+        read = hidden_state_index(self.config.gene_encoder_layer, self.config.gene_encoder_config.num_hidden_layers)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             gene_states = _encoder_states(self.gene_encoder, read, gene_input_ids, gene_attention_mask, gene_value_ids)
         return gene_states, is_gene
@@ -666,7 +661,7 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
             return config_kwargs
         trained = prepared["feature_layer"]
         num_layers = encoder_config.num_hidden_layers
-        if requested is not None and _hidden_state_index(requested, num_layers) != _hidden_state_index(
+        if requested is not None and hidden_state_index(requested, num_layers) != hidden_state_index(
             trained, num_layers
         ):
             raise ValueError(

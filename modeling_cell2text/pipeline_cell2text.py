@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin
 
 from .cell_inputs import anndata_matrix, empty_cells_error, format_cells
 from .compatibility import (check_model_and_processor, gene_ranking_sha256, gene_vocabulary_sha256,
-                            recorded_gene_vocabulary_sha256, saved_file)
+                            processor_sha256, recorded_gene_vocabulary_sha256, saved_file)
 from .label_scoring import constrains, constrains_by_default
 from .modeling_cell2text import DESCRIPTION_MAX_NEW_TOKENS, foreign_weight_files
 from .rank_value import as_csr
@@ -295,8 +295,9 @@ class Cell2TextPipeline(Pipeline):
         """Save the model (with its code), its processor and this pipeline's code with its `custom_pipelines` entry:
         a complete Cell2Text folder, which `pipeline("cell-to-text", model=folder, trust_remote_code=True)` loads
         where this package is not installed, also when this pipeline itself was loaded as remote code. A model that
-        records no gene vocabulary or gene ranking checksum gets its processor's, so the folder refuses a processor
-        that ranks genes otherwise later (labels may be changed: a subset of cell types to choose among)."""
+        records no gene vocabulary, gene ranking or processor checksum gets its processor's, so the folder refuses a
+        processor that ranks genes or writes text otherwise later (labels may be changed: a subset of cell types to
+        choose among)."""
         from transformers.dynamic_module_utils import custom_object_save
 
         if kwargs.get("push_to_hub"):
@@ -315,6 +316,8 @@ class Cell2TextPipeline(Pipeline):
                 self.processor.feature_extractor.gene_token_ids)
         if getattr(self.model.config, "gene_ranking_sha256", None) is None:
             self.model.config.gene_ranking_sha256 = gene_ranking_sha256(self.processor.feature_extractor)
+        if getattr(self.model.config, "processor_sha256", None) is None:
+            self.model.config.processor_sha256 = processor_sha256(self.processor)
         os.makedirs(save_directory, exist_ok=True)
         self.model.save_pretrained(save_directory, **kwargs)
         if kwargs.get("is_main_process", True):

@@ -212,3 +212,67 @@ def test_pipeline_of_a_folder_names_why_its_processor_does_not_fit(composed_dir,
     folder = edited_copy(composed_dir, tmp_path / "permuted", swap_two_genes)
     with pytest.raises(ModelProcessorMismatchError, match="gene vocabulary checksum"):
         pipeline("cell-to-text", model=str(folder), device="cpu")
+
+
+def test_a_saved_config_reading_another_layer_than_its_prepared_encoder_is_refused(composed_dir, tmp_path):
+    """from_pretrained_parts refused another gene_encoder_layer than the prepared encoder's, but a saved folder whose
+    config.json named another layer loaded and fed the projector states it was not trained on."""
+    layers = json.loads((composed_dir / "config.json").read_text())["gene_encoder_config"]["num_hidden_layers"]
+
+    def reading(layer: int):
+        def edit(content: dict) -> None:  # an encoder prepared to be read at hidden state 1, read at `layer`
+            content["gene_encoder_config"]["cell2text_prepared_encoder"]["feature_layer"] = 1
+            content["gene_encoder_layer"] = layer
+        return edit
+
+    edited = edited_copy(composed_dir, tmp_path / "other-layer", edit_config=reading(0))
+    with pytest.raises(ValueError, match=r"gene_encoder_layer=0, but the gene encoder was prepared to be read at "
+                                         r"hidden state 1 .*Set gene_encoder_layer to 1 in config.json"):
+        Cell2TextForConditionalGeneration.from_pretrained(edited)
+    for layer in (1, 1 - layers - 1):  # the same state, also counted from the end
+        Cell2TextForConditionalGeneration.from_pretrained(
+            edited_copy(composed_dir, tmp_path / f"layer{layer}", edit_config=reading(layer)))
+
+
+def test_a_processor_writing_other_text_or_reading_symbols_otherwise_is_refused(tmp_path, caplog):
+    """The QA finding: models trained from one base LLM on one gene vocabulary agree on every gene checksum, so a
+    processor of the other model, or one whose tokenizer.json had two token ids swapped ("B cell" read as "T cell",
+    score 1.0), or whose symbol table was edited, was accepted. Labels stay free (a subset to choose among)."""
+    encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
+    processor = tiny_processor(lm_dir)
+    model = Cell2TextForConditionalGeneration.from_pretrained_parts(
+        encoder_dir, lm_dir, cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16)
+    save_model_folder(model, processor, tmp_path / "model")
+    assert Cell2TextProcessor.from_pretrained(tmp_path / "model")  # its own processor fits
+
+    def swap_two_symbols(config: dict) -> None:
+        symbols = config["feature_extractor"]["symbol_to_gene"]
+        first, second = list(symbols)[:2]
+        symbols[first], symbols[second] = symbols[second], symbols[first]
+
+    for name, edit, part in (
+            ("prompt", lambda config: config.update(system_prompt="You are a pathologist."), "prompt"),
+            ("definitions", lambda config: config.update(definitions_in_model_text=False), "prompt"),
+            ("symbols", swap_two_symbols, "gene_symbols")):
+        with pytest.raises(ModelProcessorMismatchError, match=rf"{part} checksum: model \w+, processor \w+ \(another "):
+            Cell2TextProcessor.from_pretrained(edited_copy(tmp_path / "model", tmp_path / name, edit))
+    swapped = edited_copy(tmp_path / "model", tmp_path / "tokens")
+    tokenizer_file = swapped / "tokenizer.json"
+    content = json.loads(tokenizer_file.read_text())
+    vocab = content["model"]["vocab"]
+    first, second = list(vocab)[10:12]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    tokenizer_file.write_text(json.dumps(content))
+    with pytest.raises(ModelProcessorMismatchError, match=r"text_vocabulary checksum: .*the tokenizer's vocabulary"):
+        Cell2TextProcessor.from_pretrained(swapped)
+    # another processor object given beside the model (tl, the pipeline)
+    other = Cell2TextProcessor.from_pretrained(tmp_path / "model")
+    other.system_prompt = "You are a pathologist."
+    with pytest.raises(ModelProcessorMismatchError, match="prompt checksum"):
+        tl.describe(make_adata(2), str(tmp_path / "model"), processor=other, progress=False)
+    # a config whose gene checksums were deleted: accepted, with a warning that nothing could be checked
+    bare = edited_copy(tmp_path / "model", tmp_path / "bare", edit_config=lambda config: [
+        config.pop(key) for key in ("gene_vocabulary_sha256", "gene_ranking_sha256", "processor_sha256")])
+    with caplog.at_level("WARNING", logger="modeling_cell2text.compatibility"):
+        Cell2TextProcessor.from_pretrained(bare)
+    assert "records no checksum of the processor it was saved with" in caplog.text

@@ -66,7 +66,7 @@ from training.adapters import (
 from training.collator import Cell2TextDataCollator
 from training.evaluation.evaluate import fit_cell_type_temperature, fit_field_temperatures
 from modeling_cell2text.description_schema import AGE_GROUPS
-from modeling_cell2text.compatibility import fit_tokens_to_encoder
+from modeling_cell2text.compatibility import fit_tokens_to_encoder, processor_sha256
 from modeling_cell2text.modeling_cell2text import PREPARED_ENCODER_KEY
 from modeling_cell2text.processing_cell2text import check_label_tables
 from training.gene_encoder import (
@@ -758,6 +758,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     if args.init_from is not None:
         check_init_from_settings(args, model.config)
     model.config.training_corpus_fingerprints = summary.get("fingerprints")  # evaluation refuses another build
+    model.config.processor_sha256 = processor_sha256(processor)  # the processor it trains with, not init_from's
     if model.config.num_cell_tokens != processor.num_cell_tokens:
         raise ValueError(
             f"The model takes {model.config.num_cell_tokens} cell tokens but the processor expands "
