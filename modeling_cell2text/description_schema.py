@@ -283,17 +283,23 @@ def definition_text(definition: str) -> str:
 
 
 def tissue_option(tissue: str) -> SchemaOption:
-    return SchemaOption((("tissue", tissue),), f" It originates from the {tissue} of")
+    """The origin sentence up to the donor's article: the article ends the tissue, so that "lamina propria" is not
+    the start of "lamina propria of mucosa of colon" (an option that is the start of another always wins over it:
+    the longer one adds log-probabilities, all negative). The donor clause always starts "a" (`SEXES`, "healthy",
+    "donor")."""
+    return SchemaOption((("tissue", tissue),), f" It originates from the {tissue} of a")
 
 
 def donor_option(sex: str | None, disease: str | None, age_group: str | None, after_tissue: bool) -> SchemaOption:
-    """The rest of the origin sentence ("a healthy female donor during adulthood."); `after_tissue`: it follows
-    `tissue_option`'s text, else it starts the sentence."""
+    """The rest of the origin sentence ("healthy female donor during adulthood." after `tissue_option`'s text, "a
+    healthy female donor during adulthood." where it starts the sentence)."""
     sentence = _origin_sentence(CellDescription(tissue="x" if after_tissue else None, sex=sex, disease=disease,
                                                 age_group=age_group))
-    lead = "It originates from the x of " if after_tissue else "It originates from "
+    lead = "It originates from the x of a " if after_tissue else "It originates from "
+    if not sentence.startswith(lead):
+        raise ValueError(f"the origin sentence {sentence!r} does not start {lead!r}, which tissue_option writes")
     return SchemaOption((("sex", sex), ("disease", disease), ("age_group", age_group)),
-                        " " + sentence[len(lead):] if after_tissue else " " + sentence)
+                        " " + (sentence[len(lead):] if after_tissue else sentence))
 
 
 def pathway_option(pathway: str, position: int) -> SchemaOption:

@@ -93,6 +93,22 @@ def tokens_in_context(tokenizer, context: str, text: str) -> list[int]:
     return together[len(before):]
 
 
+def check_options_apart(choice: str, options: Sequence[SchemaOption], token_lists: Sequence[Sequence[int]]) -> None:
+    """Refuse a choice where one option's tokens are another's, or the start of another's: the search could never
+    choose the longer one (it adds log-probabilities, all negative), nor tell two equal ones apart, so a label
+    would be left out of every description without a word."""
+    ordered = sorted(range(len(token_lists)), key=lambda i: tuple(token_lists[i]))
+    for first, second in zip(ordered, ordered[1:]):  # in sorted order, an option's extensions follow it directly
+        short, long = token_lists[first], token_lists[second]
+        if tuple(long[:len(short)]) == tuple(short):
+            labels = [", ".join(f"{field}={label!r}" for field, label in options[i].labels) for i in (first, second)]
+            raise ValueError(
+                f"The {choice} options {labels[0]} and {labels[1]} are written with the same tokens"
+                f"{'' if len(long) == len(short) else ' up to the end of the first'}, so the schema-constrained "
+                "decoder could never choose the second: rename or remove one of the labels (processor_config.json, "
+                "or the processor's attributes), or describe with constrained=False.")
+
+
 class OptionTree:
     """A prefix tree over the token sequences of a choice's options. Node 0 is the root."""
 
@@ -803,9 +819,10 @@ class SchemaDecoder:
         for choice, options in self.options.items():
             before = context[choice]
             if before is None:  # the donor clause follows the tissue, or opens the origin sentence
-                before = "This sample consists of a cell." + (" It originates from the blood of"
+                before = "This sample consists of a cell." + (" It originates from the blood of a"
                                                               if "tissue" in self.options else "")
             token_lists = [tokens_in_context(tokenizer, before, option.text) for option in options]
+            check_options_apart(choice, options, token_lists)
             shared = 0  # tokens every option starts with, leaving each at least one of its own: written, not chosen
             while shared < min(map(len, token_lists)) - 1 and len({t[shared] for t in token_lists}) == 1:
                 shared += 1

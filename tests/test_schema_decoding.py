@@ -871,3 +871,53 @@ def test_packed_passes_take_turns(random_model_and_processor, monkeypatch):
     monkeypatch.setattr(language_model, "forward", watched)
     SchemaDecoder(processor, max_tree_tokens=0).describe(model, cells(processor, 3))
     assert held and all(held)
+
+
+def test_a_tissue_that_starts_another_tissues_label_stays_apart_from_it(random_model_and_processor):
+    """The QA finding: the tissue option ended at " of", so "lamina propria" was the start of "lamina propria of
+    mucosa of colon": the longer one could never be chosen (it only adds log-probabilities) and the search gave the
+    shorter one half its probability. The donor's article now ends the tissue option."""
+    model, processor = random_model_and_processor
+    saved = processor.ontology_term_ids
+    tissues = {"lamina propria": "UBERON:0000030", "lamina propria of mucosa of colon": "UBERON:0000314"}
+    processor.ontology_term_ids = {**saved, "tissue": tissues}
+    try:
+        inputs = cells(processor, 4)
+        chosen, scores = {}, {}
+        for max_tree_tokens in (0, 10_000):  # search, whole tree (exhaustive)
+            decoder = SchemaDecoder(processor, max_tree_tokens=max_tree_tokens)
+            short, long = decoder.option_tokens["tissue"]
+            assert long[:len(short)] != short
+            described = decoder.describe(model, inputs)
+            chosen[max_tree_tokens] = [cell["tissue"] for cell in described.labels]
+            scores[max_tree_tokens] = [cell["tissue"] for cell in described.scores]
+            for result in schema_results(processor, described):  # the text still reads as the template's
+                assert parse_description(result["description"]).tissue == result["tissue"]
+        assert chosen[0] == chosen[10_000]
+        # the search's score is at most the exhaustive one (unexplored options keep their share), no longer exactly
+        # half of it (the shorter option was counted twice)
+        for searched, exhaustive in zip(scores[0], scores[10_000]):
+            assert 0.5 + 1e-3 < searched <= exhaustive + 1e-9
+    finally:
+        processor.ontology_term_ids = saved
+
+
+def test_options_written_with_the_same_tokens_or_one_starting_another_are_refused(random_model_and_processor):
+    """The QA finding: a pathway listed twice after the processor was built was chosen twice for one cell; a label
+    whose option is the start of another's (in any choice) left the other out of every description."""
+    _, processor = random_model_and_processor
+    saved = processor.pathway_names, processor.ontology_term_ids
+    try:
+        processor.pathway_names = [PATHWAYS[0], PATHWAYS[0], PATHWAYS[1]]
+        with pytest.raises(ValueError, match=r"The pathway_1 options pathway_1='Glycolysis And Gluconeogenesis' and "
+                                             r"pathway_1='Glycolysis And Gluconeogenesis' are written with the same "
+                                             r"tokens, so .* could never choose the second: rename or remove one"):
+            SchemaDecoder(processor)
+        processor.pathway_names = PATHWAYS
+        processor.ontology_term_ids = {**saved[1], "tissue": {"skin": "UBERON:0002097",
+                                                              "skin of a finger": "UBERON:0000001"}}
+        with pytest.raises(ValueError, match=r"The tissue options tissue='skin' and tissue='skin of a finger' are "
+                                             r"written with the same tokens up to the end of the first"):
+            SchemaDecoder(processor)
+    finally:
+        processor.pathway_names, processor.ontology_term_ids = saved
