@@ -46,7 +46,9 @@ from processing import ontologies
 from processing.ontology_versions import ontology_versions
 from processing.corpus import METADATA_FIELDS, SplitWriter, describe, resolve_labels
 from processing.gene_medians import ExactGeneMedians, HistogramGeneMedians, expression_values, normalize_total
-from processing.pathways import DEFAULT_GMT, DEFAULT_SET_SIZES, aucell, display_names, filter_set_sizes, read_gmt
+from processing.pathways import (
+    DEFAULT_GMT, DEFAULT_SET_SIZES, aucell, display_names, filter_set_sizes, read_gmt, top_set_indices,
+)
 from processing.splits import DEFAULT_FRACTIONS, SPLITS, assign_fold_splits, assign_splits
 
 logger = logging.getLogger(__name__)
@@ -149,13 +151,6 @@ def _median_accumulator(options: BuildOptions, n_cells: int, n_genes: int) -> Ex
     raise ValueError(f"medians must be 'exact', 'histogram' or 'auto', got {options.medians!r}")
 
 
-def _top_sets(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k best gene sets per cell (ties: earlier set first); -1 where the score is 0."""
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    best = np.take_along_axis(scores, order, axis=1)
-    return np.where(best > 0, order, -1).astype(np.int32)
-
-
 def _invalid_cells(chunk: sp.csr_matrix, input_values: str) -> np.ndarray:
     """Per cell of a chunk: holds a NaN, infinite or negative value (also after undoing log1p)."""
     data = np.asarray(chunk.data)
@@ -212,7 +207,7 @@ def _first_pass(source, reasons, genes, medians, gene_sets, options):
             sub.data = np.log1p(sub.data)
             scores = aucell(sub, genes.symbols, gene_sets, chunk_size=512, min_genes=options.min_pathway_genes,
                             normalize=options.pathway_ranking == "normalized")
-            top[rows[kept]] = _top_sets(scores, n_sets)
+            top[rows[kept]] = top_set_indices(scores, n_sets)
         bar.update(chunk.shape[0])
     bar.close()
     return top, set_names

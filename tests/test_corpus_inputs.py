@@ -386,3 +386,17 @@ def test_every_cell_rejected_for_a_wrong_ontology_required_field_names_the_colum
     adata.obs["sex"] = "COVID-19"
     with pytest.raises(ValueError, match=r"wrong_ontology_sex_term: .*ids of another ontology.*--obs-map"):
         build_corpus(_source(adata), tmp_path / "out", BuildOptions(**OPTIONS, required_fields=("cell_type", "sex")))
+
+
+def test_a_library_of_one_gene_set_names_it_at_most_once(tmp_path):
+    """With fewer sets than pathways per cell (one set, two pathways) the builder broadcast the set's index over both
+    places: every description named the one set twice."""
+    import datasets
+
+    source = _source(_tiny_adata())
+    gmt = tmp_path / "one.gmt"
+    gmt.write_text("Only Set (GO:0000001)\t\t" + "\t".join(s for s in source.gene_symbols[:20] if s) + "\n")
+    build_corpus(source, tmp_path / "out", BuildOptions(progress=False, gmt=gmt, pathway_set_sizes=None))
+    rows = [row for split in datasets.load_from_disk(str(tmp_path / "out")).values() for row in split]
+    assert {tuple(row["pathways"]) for row in rows} <= {(), ("Only Set",)} and any(row["pathways"] for row in rows)
+    assert all(row["description"].count('"Only Set"') == len(row["pathways"]) for row in rows)
