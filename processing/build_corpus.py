@@ -254,6 +254,12 @@ def _reject_fix(reason: str) -> str:
                 "them (--obs-map)")
     if reason.startswith("obsolete_"):
         return "a field listed in --required-fields holds obsolete terms without a replacement: update them"
+    if reason.startswith("tissue_type_"):
+        return ("the cells are no donor's tissue (obs tissue_type: organoid, cell culture or cell line), so their "
+                "tissue is not stated: leave tissue out of --required-fields")
+    if reason == "sex_not_female_or_male":
+        return ("the description states female or male only: give sex_ontology_term_id PATO:0000383 / PATO:0000384 "
+                "where the labels mean those, or leave sex out of --required-fields")
     return "a field listed in --required-fields is missing"
 
 
@@ -337,6 +343,13 @@ def _label_counts(labels: pd.DataFrame, kept: np.ndarray, split_of: np.ndarray) 
             counted = Counter(v for v in values if v is not None and v == v)
             counts[column][split] = dict(sorted(counted.items(), key=lambda kv: (-kv[1], kv[0])))
     return counts
+
+
+def _left_out_counts(labels: pd.DataFrame, kept: np.ndarray) -> dict[str, int]:
+    """Kept cells per reason a field's value was left out of their record and text (`resolve_labels`)."""
+    counted = Counter(v for field in METADATA_FIELDS if f"{field}_left_out" in labels.columns
+                      for v in labels[f"{field}_left_out"].to_numpy(dtype=object)[kept] if v is not None)
+    return dict(sorted(counted.items()))
 
 
 def _ontology_ids(labels: pd.DataFrame, kept: np.ndarray) -> tuple[dict, dict]:
@@ -517,6 +530,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
         "num_cells_in": int(source.n_cells),
         "splits": dict(writer.counts),
         "rejected": dict(sorted(Counter(rejects["reason"]).items())),
+        "left_out": _left_out_counts(labels, kept),
         "label_counts": _label_counts(labels, kept, split_of),
         "gene_vocabulary_size": len(extractor.gene_medians),
         "pathway_library": Path(options.gmt).name if options.gmt else None,
