@@ -88,6 +88,12 @@ class DescriptionParseError(ValueError):
     """A text does not follow the Cell2Text description template."""
 
 
+def stored_definition(definition: str) -> str:
+    """A cell type's definition as a description holds it: without its final period (the template adds it back)
+    and the spaces or periods before it, so that it reads back the same ("... (D-cells) ." in two CL definitions)."""
+    return re.sub(r"[\s.]+$", "", definition.strip())
+
+
 @dataclass(frozen=True)
 class CellDescription:
     """The structured fields of one cell's description (labels, not ontology IDs)."""
@@ -111,8 +117,7 @@ class CellDescription:
                     )
         object.__setattr__(self, "pathways", tuple(self.pathways))
         if self.cell_type_definition is not None:
-            # Stored without its final period; the template adds it back.
-            object.__setattr__(self, "cell_type_definition", self.cell_type_definition.strip().rstrip("."))
+            object.__setattr__(self, "cell_type_definition", stored_definition(self.cell_type_definition))
             if self.cell_type is None:
                 raise ValueError("CellDescription has a cell_type_definition but no cell_type.")
         if self.sex is not None and self.sex not in SEXES:
@@ -223,7 +228,7 @@ def set_definition(text: str, definition: str | None) -> str:
     model trained without the definitions reads and writes, and its description for the reader. A text without a
     cell type comes back unchanged. Raises `DescriptionParseError` for text that does not follow the template."""
     description = parse_description(text)
-    definition = definition.strip().rstrip(".") if definition else None  # as CellDescription stores it
+    definition = stored_definition(definition) if definition else None
     if description.cell_type is None or description.cell_type_definition == definition:
         return text
     return render_description(replace(description, cell_type_definition=definition))
@@ -279,7 +284,7 @@ def cell_type_option(label: str) -> SchemaOption:
 
 def definition_text(definition: str) -> str:
     """The definition sentence that follows the cell type, as `render_description` writes it."""
-    return f" Cell Ontology definition: {definition.strip().rstrip('.')}."
+    return f" Cell Ontology definition: {stored_definition(definition)}."
 
 
 def tissue_option(tissue: str) -> SchemaOption:

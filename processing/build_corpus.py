@@ -46,7 +46,9 @@ from processing import ontologies
 from processing.ontology_versions import ontology_versions
 from processing.corpus import METADATA_FIELDS, SplitWriter, describe, resolve_labels
 from processing.gene_medians import ExactGeneMedians, HistogramGeneMedians, expression_values, normalize_total
-from processing.pathways import DEFAULT_GMT, DEFAULT_SET_SIZES, aucell, display_names, filter_set_sizes, read_gmt
+from processing.pathways import (
+    DEFAULT_GMT, DEFAULT_SET_SIZES, aucell, display_names, filter_set_sizes, read_gmt, top_set_indices,
+)
 from processing.splits import DEFAULT_FRACTIONS, SPLITS, assign_fold_splits, assign_splits
 
 logger = logging.getLogger(__name__)
@@ -149,13 +151,6 @@ def _median_accumulator(options: BuildOptions, n_cells: int, n_genes: int) -> Ex
     raise ValueError(f"medians must be 'exact', 'histogram' or 'auto', got {options.medians!r}")
 
 
-def _top_sets(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k best gene sets per cell (ties: earlier set first); -1 where the score is 0."""
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    best = np.take_along_axis(scores, order, axis=1)
-    return np.where(best > 0, order, -1).astype(np.int32)
-
-
 def _invalid_cells(chunk: sp.csr_matrix, input_values: str) -> np.ndarray:
     """Per cell of a chunk: holds a NaN, infinite or negative value (also after undoing log1p)."""
     data = np.asarray(chunk.data)
@@ -212,7 +207,7 @@ def _first_pass(source, reasons, genes, medians, gene_sets, options):
             sub.data = np.log1p(sub.data)
             scores = aucell(sub, genes.symbols, gene_sets, chunk_size=512, min_genes=options.min_pathway_genes,
                             normalize=options.pathway_ranking == "normalized")
-            top[rows[kept]] = _top_sets(scores, n_sets)
+            top[rows[kept]] = top_set_indices(scores, n_sets)
         bar.update(chunk.shape[0])
     bar.close()
     return top, set_names
@@ -259,6 +254,12 @@ def _reject_fix(reason: str) -> str:
                 "them (--obs-map)")
     if reason.startswith("obsolete_"):
         return "a field listed in --required-fields holds obsolete terms without a replacement: update them"
+    if reason.startswith("tissue_type_"):
+        return ("the cells are no donor's tissue (obs tissue_type: organoid, cell culture or cell line), so their "
+                "tissue is not stated: leave tissue out of --required-fields")
+    if reason == "sex_not_female_or_male":
+        return ("the description states female or male only: give sex_ontology_term_id PATO:0000383 / PATO:0000384 "
+                "where the labels mean those, or leave sex out of --required-fields")
     return "a field listed in --required-fields is missing"
 
 
@@ -342,6 +343,13 @@ def _label_counts(labels: pd.DataFrame, kept: np.ndarray, split_of: np.ndarray) 
             counted = Counter(v for v in values if v is not None and v == v)
             counts[column][split] = dict(sorted(counted.items(), key=lambda kv: (-kv[1], kv[0])))
     return counts
+
+
+def _left_out_counts(labels: pd.DataFrame, kept: np.ndarray) -> dict[str, int]:
+    """Kept cells per reason a field's value was left out of their record and text (`resolve_labels`)."""
+    counted = Counter(v for field in METADATA_FIELDS if f"{field}_left_out" in labels.columns
+                      for v in labels[f"{field}_left_out"].to_numpy(dtype=object)[kept] if v is not None)
+    return dict(sorted(counted.items()))
 
 
 def _ontology_ids(labels: pd.DataFrame, kept: np.ndarray) -> tuple[dict, dict]:
@@ -522,6 +530,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
         "num_cells_in": int(source.n_cells),
         "splits": dict(writer.counts),
         "rejected": dict(sorted(Counter(rejects["reason"]).items())),
+        "left_out": _left_out_counts(labels, kept),
         "label_counts": _label_counts(labels, kept, split_of),
         "gene_vocabulary_size": len(extractor.gene_medians),
         "pathway_library": Path(options.gmt).name if options.gmt else None,

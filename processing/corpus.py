@@ -12,7 +12,13 @@ out of the description. Cells that cannot be described get a reject reason inste
   missing from its mapping table);
 * ``unknown_cell_type_term``: an id that is not a term of the bundled Cell Ontology;
 * ``obsolete_cell_type_term``: a CL term marked obsolete without a replacement (its label reads "obsolete ...");
-* ``missing_<field>``: a field listed as required (``required_fields``) is missing.
+* ``missing_<field>``: a field listed as required (``required_fields``) is missing, or its value is left out (below).
+
+A field's value that cannot be stated is left out of the text and of the corpus columns (which evaluation reads as
+the truth, so they never say more than the text), and named per cell in ``<field>_left_out``: an id of another
+ontology or an obsolete one, a sex neither female nor male, or a tissue that is no donor's (an organoid, cell culture
+or cell line; CELLxGENE's obs ``tissue_type``). A sex or healthy label given without an id is read as its term
+("F", "Male", "healthy"); other labels without an id are stated as given, with a warning.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -198,8 +205,9 @@ def _cell_type_reason(term_id: str | None, label: str | None, known: bool) -> st
 
 # The ids each field takes in the CELLxGENE schema (7): an id of another ontology means a mis-mapped column, and its
 # label would be stated as the field's ("a donor with female", "sex: COVID-19"). Tissues: UBERON, CL (cell culture),
-# Cellosaurus (cell line), and the zebrafish, fly and worm anatomies; stages: human, mouse, those organisms' and
-# UBERON (other organisms); sex: female, male, hermaphrodite.
+# Cellosaurus (cell line), and the zebrafish, fly and worm anatomies (a CL or Cellosaurus id is no donor's tissue:
+# `_not_donor_tissue` leaves it out); stages: human, mouse, those organisms' and UBERON (other organisms); sex:
+# female, male, hermaphrodite (which the template does not state).
 FIELD_TERM_PREFIXES = {
     "tissue": ("UBERON:", "CL:", "CVCL_", "ZFA:", "FBbt:", "WBbt:"),
     "disease": ("MONDO:", "PATO:0000461"),
@@ -208,33 +216,106 @@ FIELD_TERM_PREFIXES = {
 }
 
 
-def _term_problem(field: str, term_id: str | None, known: bool) -> str | None:
-    """Why a resolved (non-cell-type) term cannot be stated as `field`: "wrong_ontology" or "obsolete" (no
-    replacement: its label reads "obsolete ..."; a stage is stated only as its age group, which an obsolete stage's
-    label still gives), or None."""
-    if term_id is None:
-        return None
-    if not term_id.startswith(FIELD_TERM_PREFIXES[field]):
-        return "wrong_ontology"
-    if known and field != "development_stage" and ontologies.is_deprecated(term_id):  # no replacement (resolve_term)
-        return "obsolete"
+# Labels given without an id that name a term, compared in lower case: sex and health as authors write them ("F",
+# "Male", "Healthy"), so that they are stated, and as the ontology's label (one column value per term).
+TERMS_OF_LABELS = {
+    "sex": {"female": "PATO:0000383", "f": "PATO:0000383", "male": "PATO:0000384", "m": "PATO:0000384"},
+    "disease": {"normal": "PATO:0000461", "healthy": "PATO:0000461"},
+}
+# Fields whose label is stated as given where it comes without an id, and the ontology whose ids name them.
+_FREE_LABEL_ONTOLOGIES = {"tissue": "UBERON", "disease": "MONDO (PATO:0000461 for healthy donors)"}
+
+
+def _term_of_label(field: str, term_id: str | None, label: str | None) -> tuple[str | None, str | None]:
+    """The (id, label) pair with the id of a label given without one that `TERMS_OF_LABELS` names."""
+    if term_id is None and label is not None:
+        return TERMS_OF_LABELS.get(field, {}).get(label.lower()), label
+    return term_id, label
+
+
+def _term_problem(field: str, term_id: str | None, label: str | None, known: bool) -> str | None:
+    """Why a resolved (non-cell-type) term cannot be stated as `field`, as the reason a required field gives:
+    "wrong_ontology_<field>_term", "obsolete_<field>_term" (no replacement: its label reads "obsolete ..."; a stage
+    is stated only as its age group, which an obsolete stage's label still gives), "sex_not_female_or_male" (the
+    template states only those), or None."""
+    if term_id is not None and not term_id.startswith(FIELD_TERM_PREFIXES[field]):
+        return f"wrong_ontology_{field}_term"
+    if term_id is not None and known and field != "development_stage" and ontologies.is_deprecated(term_id):
+        return f"obsolete_{field}_term"  # without a replacement (resolve_term followed any)
+    if field == "sex" and label is not None and label not in SEXES:
+        return "sex_not_female_or_male"
     return None
 
 
-def _leave_out_unstatable(field: str, codes: np.ndarray, pairs: list, resolved: list) -> tuple[list, list]:
-    """`resolved` with the terms `field` cannot state (`_term_problem`) made missing, and each pair's problem; the
-    cells they leave out are warned about with examples, so a mis-mapped column is not silently dropped."""
-    problems = [_term_problem(field, term, known) for term, _, known in resolved]
+def _unstatable(field: str, codes: np.ndarray, pairs: list, resolved: list) -> list[str | None]:
+    """Each resolved pair's reason `field` cannot state it (`_term_problem`), or None; the cells so left out are
+    warned about with examples, so that a mis-mapped column is not silently dropped."""
+    problems = [_term_problem(field, term, label, known) for term, label, known in resolved]
     cells = np.bincount(codes[codes >= 0], minlength=len(pairs))
-    for problem, what in (("wrong_ontology", f"ids that are not {' / '.join(FIELD_TERM_PREFIXES[field])}"),
-                          ("obsolete", "obsolete terms without a replacement")):
+    for problem, what, fix in (
+        (f"wrong_ontology_{field}_term", f"ids that are not {' / '.join(FIELD_TERM_PREFIXES[field])}",
+         f"check which obs column holds the {field} ids (--obs-map)"),
+        (f"obsolete_{field}_term", "obsolete terms without a replacement", "update the terms"),
+        ("sex_not_female_or_male", "neither female nor male, the sexes the description states",
+         "where they mean those, give the ids PATO:0000383 (female) / PATO:0000384 (male) in sex_ontology_term_id"),
+    ):
         hit = sorted((i for i, p in enumerate(problems) if p == problem), key=lambda i: -cells[i])
         if hit:
             logger.warning(
-                "%d cells' %s are %s, so their descriptions leave the %s out (examples: %s); check which obs "
-                "column holds the %s ids (--obs-map) or update the terms", sum(cells[i] for i in hit), field,
-                what, field, "; ".join(f"{resolved[i][0]} {resolved[i][1]!r}" for i in hit[:3]), field)
-    return [(None, None, False) if p else r for p, r in zip(problems, resolved)], problems
+                "%d cells' %s are %s, so their descriptions and corpus columns leave the %s out (examples: %s); %s",
+                sum(cells[i] for i in hit), field, what, field,
+                "; ".join(f"{resolved[i][0]} {resolved[i][1]!r}" for i in hit[:3]), fix)
+    return problems
+
+
+# CELLxGENE schema 5+ obs `tissue_type`: "tissue" is a donor's tissue; an "organoid" (tissue: what it models), a
+# "cell culture" (tissue: a CL id) or a "cell line" (a Cellosaurus id) is not. Schema 4 marked the first two with a
+# suffix of the tissue id; without either, a CL or Cellosaurus id still says which, and any other id is a tissue.
+_TISSUE_ID_SUFFIXES = {" (organoid)": "organoid", " (cell culture)": "cell culture"}
+_TISSUE_ID_PREFIXES = {"CL:": "cell culture", "CVCL_": "cell line"}
+
+
+def _tissue_type(term_id: str | None, given: str | None) -> str:
+    """What a cell's tissue id names: obs `tissue_type` (lower case) where it says other than "tissue", else what
+    the id says (a schema 4 suffix, a CL or Cellosaurus id), else "tissue"."""
+    if given is not None and given.lower() != "tissue":
+        return given.lower()
+    for suffix, kind in _TISSUE_ID_SUFFIXES.items():
+        if term_id is not None and term_id.endswith(suffix):
+            return kind
+    return next((kind for prefix, kind in _TISSUE_ID_PREFIXES.items() if (term_id or "").startswith(prefix)), "tissue")
+
+
+def _not_donor_tissue(obs: pd.DataFrame) -> np.ndarray:
+    """Per cell, "tissue_type_<type>" where its tissue is no donor's (`_tissue_type`), else None; warned about,
+    so that an organoid or a cell culture is not described as the donor's tissue ("the epithelial cell of a
+    donor"). A missing `tissue_type` column means tissues (CELLxGENE before schema 5)."""
+    given = obs["tissue_type"] if "tissue_type" in obs.columns else pd.Series(None, index=obs.index, dtype=object)
+    codes, pairs = _distinct_pairs(obs["tissue_ontology_term_id"], given)
+    kinds = [_tissue_type(term, kind) for term, kind in pairs]
+    names = np.array([None if k == "tissue" else "tissue_type_" + k.replace(" ", "_") for k in kinds], dtype=object)
+    cells = Counter()
+    for kind, count in zip(kinds, np.bincount(codes, minlength=len(pairs)).tolist()):
+        cells[kind] += count
+    cells.pop("tissue", None)
+    if cells:
+        logger.warning("%d cells are no donor's tissue (obs tissue_type or their tissue id: %s), so their descriptions "
+                       "and corpus columns leave the tissue out rather than state it as the donor's; summary.json "
+                       "counts them under left_out", sum(cells.values()),
+                       ", ".join(f"{kind} {n}" for kind, n in sorted(cells.items())))
+    return names[codes]
+
+
+def _warn_free_labels(field: str, labels: np.ndarray, ids: np.ndarray) -> None:
+    """Say once which labels of `field` are stated as given, without an ontology id (nor one `TERMS_OF_LABELS`
+    gives): the corpus cannot map them to terms, and a label such as "control" reads as a disease."""
+    free = pd.Series(labels[pd.isna(ids) & ~pd.isna(labels)], dtype=object)
+    if len(free):
+        counts = free.value_counts()
+        logger.warning("%d cells' %s labels have no ontology id and are stated as given (%s); put %s ids in "
+                       "%s_ontology_term_id (--obs-map YOUR_ID_COLUMN=%s_ontology_term_id)", len(free), field,
+                       "; ".join(f"{label!r} {n} cells" for label, n in counts.head(5).items()),
+                       _FREE_LABEL_ONTOLOGIES[field], field, field)
 
 
 def _warn_relabelled(field: str, codes: np.ndarray, pairs: list, resolved: list) -> None:
@@ -264,7 +345,8 @@ def _distinct_pairs(ids: pd.Series, labels: pd.Series) -> tuple[np.ndarray, list
 
 
 def resolve_labels(obs: pd.DataFrame, required_fields: Sequence[str] = ("cell_type",)) -> tuple[pd.DataFrame, np.ndarray]:
-    """Labels per cell (output column names) and a reject reason per cell (None: kept).
+    """Labels per cell (output column names, and `<field>_left_out`: why a value obs gives is left out, else None)
+    and a reject reason per cell (None: kept).
 
     Work is done once per distinct (id, label) pair, so it is cheap for millions of cells.
     """
@@ -275,21 +357,29 @@ def resolve_labels(obs: pd.DataFrame, required_fields: Sequence[str] = ("cell_ty
     reasons = np.full(len(obs), None, dtype=object)
     for field in METADATA_FIELDS:
         codes, pairs = _distinct_pairs(obs[f"{field}_ontology_term_id"], obs[field])
+        pairs = [_term_of_label(field, *pair) for pair in pairs]
         resolved = [resolve_term(*pair) for pair in pairs]
         _warn_relabelled(field, codes, pairs, resolved)
-        problems = [None] * len(pairs)
-        if field != "cell_type":
-            resolved, problems = _leave_out_unstatable(field, codes, pairs, resolved)
-        labels[f"{field}_ontology_term_id"] = np.array([r[0] for r in resolved], dtype=object)[codes]
-        labels[field] = np.array([r[1] for r in resolved], dtype=object)[codes]
+        ids = np.array([r[0] for r in resolved], dtype=object)[codes]
+        values = np.array([r[1] for r in resolved], dtype=object)[codes]
         if field == "cell_type":
+            labels[f"{field}_ontology_term_id"], labels[field] = ids, values
             reason = np.array([_cell_type_reason(*r) for r in resolved], dtype=object)[codes]
-        elif field in required_fields:
-            named = np.array([f"{p}_{field}_term" if p else f"missing_{field}" for p in problems], dtype=object)
-            reason = np.where(labels[field].isna().to_numpy(), named[codes], None)
-        else:
+            reasons = np.where(pd.isna(reasons), reason, reasons)
             continue
-        reasons = np.where(pd.isna(reasons), reason, reasons)
+        left_out = np.array(_unstatable(field, codes, pairs, resolved), dtype=object)[codes]
+        if field == "tissue":
+            not_tissue = _not_donor_tissue(obs)
+            left_out = np.where(pd.isna(not_tissue), left_out, not_tissue)
+        stated = pd.isna(left_out)
+        labels[f"{field}_ontology_term_id"] = np.where(stated, ids, None)
+        labels[field] = np.where(stated, values, None)
+        labels[f"{field}_left_out"] = left_out
+        if field in _FREE_LABEL_ONTOLOGIES:
+            _warn_free_labels(field, labels[field].to_numpy(), labels[f"{field}_ontology_term_id"].to_numpy())
+        if field in required_fields:
+            reason = np.where(labels[field].isna().to_numpy(), np.where(stated, f"missing_{field}", left_out), None)
+            reasons = np.where(pd.isna(reasons), reason, reasons)
     labels["age_group"] = labels["development_stage_ontology_term_id"].map(age_group_of)
     labels["donor_id"] = obs["donor_id"].map(clean)
     labels["dataset_id"] = obs["dataset_id"].map(clean)
@@ -309,13 +399,13 @@ def description_fields(
     cell_type: str, cell_type_id: str, tissue: str | None, sex: str | None, disease: str | None,
     age_group: str | None, pathways: tuple[str, ...],
 ) -> CellDescription:
-    """The schema fields a cell's description is rendered from (sex only when female/male)."""
+    """The schema fields a cell's description is rendered from (`resolve_labels` gives only labels it states)."""
     definition = ontologies.term_definition(cell_type_id)
     return CellDescription(
         cell_type=cell_type,
         cell_type_definition=clean(definition),
         tissue=tissue,
-        sex=sex if sex in SEXES else None,
+        sex=sex,
         disease=disease,
         age_group=age_group,
         pathways=pathways,

@@ -239,12 +239,22 @@ def aucell(
     return scores
 
 
+def top_set_indices(scores: np.ndarray, k: int = 2) -> np.ndarray:
+    """Indices of the ``k`` best sets per cell, best first (ties: earlier set first), -1 where a set scores 0 or
+    there are fewer than ``k`` sets: a set none of whose genes ranks in the cell's top is not the cell's pathway.
+    The rule the corpus builder names pathways by (``top_pathways`` gives the names)."""
+    scores = np.asarray(scores)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    best = np.take_along_axis(scores, order, axis=1)
+    top = np.full((scores.shape[0], k), -1, dtype=np.int32)
+    top[:, : order.shape[1]] = np.where(best > 0, order, -1)
+    return top
+
+
 def top_pathways(scores: np.ndarray, set_names: Sequence[str], k: int = 2) -> list[list[str]]:
-    """Names of the ``k`` highest-scoring sets per cell, best first (ties: earlier set first)."""
+    """Names of the ``k`` highest-scoring sets per cell, best first (ties: earlier set first); a set scoring 0 is
+    not named (``top_set_indices``)."""
     scores = np.asarray(scores)
     if scores.ndim != 2 or scores.shape[1] != len(set_names):
         raise ValueError(f"scores must be cells x {len(set_names)} sets, got shape {scores.shape}.")
-    k = min(k, len(set_names))
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    names = np.asarray(set_names, dtype=object)
-    return names[order].tolist()
+    return [[set_names[j] for j in row if j >= 0] for row in top_set_indices(scores, k).tolist()]

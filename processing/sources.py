@@ -27,9 +27,10 @@ from modeling_cell2text.rank_value import as_csr
 
 logger = logging.getLogger(__name__)
 
-#: CELLxGENE schema obs columns the builder reads (label and ontology term id pairs, ids).
+#: CELLxGENE schema obs columns the builder reads (label and ontology term id pairs, ids; `tissue_type`: whether the
+#: tissue is a donor's, or an organoid, cell culture or cell line, schema 5+).
 SCHEMA_COLUMNS = (
-    "cell_type", "cell_type_ontology_term_id", "tissue", "tissue_ontology_term_id",
+    "cell_type", "cell_type_ontology_term_id", "tissue", "tissue_ontology_term_id", "tissue_type",
     "disease", "disease_ontology_term_id", "sex", "sex_ontology_term_id",
     "development_stage", "development_stage_ontology_term_id", "donor_id", "dataset_id", "assay", "is_primary_data",
 )

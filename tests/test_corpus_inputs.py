@@ -386,3 +386,104 @@ def test_every_cell_rejected_for_a_wrong_ontology_required_field_names_the_colum
     adata.obs["sex"] = "COVID-19"
     with pytest.raises(ValueError, match=r"wrong_ontology_sex_term: .*ids of another ontology.*--obs-map"):
         build_corpus(_source(adata), tmp_path / "out", BuildOptions(**OPTIONS, required_fields=("cell_type", "sex")))
+
+
+def test_a_library_of_one_gene_set_names_it_at_most_once(tmp_path):
+    """With fewer sets than pathways per cell (one set, two pathways) the builder broadcast the set's index over both
+    places: every description named the one set twice."""
+    import datasets
+
+    source = _source(_tiny_adata())
+    gmt = tmp_path / "one.gmt"
+    gmt.write_text("Only Set (GO:0000001)\t\t" + "\t".join(s for s in source.gene_symbols[:20] if s) + "\n")
+    build_corpus(source, tmp_path / "out", BuildOptions(progress=False, gmt=gmt, pathway_set_sizes=None))
+    rows = [row for split in datasets.load_from_disk(str(tmp_path / "out")).values() for row in split]
+    assert {tuple(row["pathways"]) for row in rows} <= {(), ("Only Set",)} and any(row["pathways"] for row in rows)
+    assert all(row["description"].count('"Only Set"') == len(row["pathways"]) for row in rows)
+
+
+def _corpus_rows(out) -> list[dict]:
+    import datasets
+
+    return [row for split in datasets.load_from_disk(str(out)).values() for row in split]
+
+
+def _column_says_what_the_text_says(rows: list[dict]) -> None:
+    """Evaluation reads the corpus columns as the truth: they must state what the description states, no more."""
+    from modeling_cell2text.description_schema import parse_description
+
+    for row in rows:
+        text = parse_description(row["description"])
+        assert (row["tissue"], row["sex"], row["disease"]) == (text.tissue, text.sex, text.disease), row["cell_id"]
+
+
+def test_organoids_and_cell_cultures_are_not_described_as_a_donors_tissue(tmp_path, caplog):
+    """CELLxGENE schema 5 marks organoids and cell cultures in obs tissue_type (a culture's tissue is a CL id); the
+    builder dropped the column and wrote "It originates from the lung of a donor" for an organoid and "from the
+    epithelial cell of a donor" for a culture."""
+    adata = _tiny_adata()
+    kinds = ["tissue", "organoid", "cell culture", "tissue"] * 6
+    adata.obs["sample_kind"] = kinds  # mapped onto tissue_type, as --obs-map sample_kind=tissue_type does
+    adata.obs["tissue_ontology_term_id"] = ["CL:0000066" if k == "cell culture" else "UBERON:0002048" for k in kinds]
+    adata.obs["tissue"] = ["epithelial cell" if k == "cell culture" else "lung" for k in kinds]
+    adata.obs.loc["cell03", ["tissue_ontology_term_id", "tissue"]] = ["UBERON:0002048 (organoid)", "lung"]  # schema 4
+    source = _source(adata, obs_map={"sample_kind": "tissue_type"})
+    with caplog.at_level("WARNING", logger="processing.corpus"):
+        summary = build_corpus(source, tmp_path / "out", BuildOptions(**OPTIONS))
+    rows = {row["cell_id"]: row for row in _corpus_rows(tmp_path / "out")}
+    donor_tissue = {f"cell{i:02d}" for i, k in enumerate(kinds) if k == "tissue"} - {"cell03"}
+    assert {c for c, row in rows.items() if row["tissue"] is not None} == donor_tissue
+    assert all(rows[c]["tissue"] == "lung" and "from the lung of a healthy donor" in rows[c]["description"]
+               for c in donor_tissue)
+    others = [row for c, row in rows.items() if c not in donor_tissue]
+    assert all(row["tissue_ontology_term_id"] is None and "It originates from a healthy donor." in row["description"]
+               for row in others)
+    assert summary["left_out"] == {"tissue_type_cell_culture": 6, "tissue_type_organoid": 7}
+    assert "| tissue_type_organoid | 7 |" in (tmp_path / "out" / "README.md").read_text()  # the card says so too
+    assert summary["ontology_term_ids"]["tissue"] == {"lung": "UBERON:0002048"}
+    assert "13 cells are no donor's tissue (obs tissue_type or their tissue id: cell culture 6, organoid 7)" in \
+        caplog.text
+    _column_says_what_the_text_says(rows.values())
+    # without a tissue_type column (CELLxGENE before schema 5) a tissue id is a tissue, but a CL id never is
+    plain = _tiny_adata()
+    plain.obs.loc["cell00", ["tissue_ontology_term_id", "tissue"]] = ["CL:0000066", "epithelial cell"]
+    summary = build_corpus(_source(plain), tmp_path / "plain", BuildOptions(**OPTIONS))
+    assert summary["left_out"] == {"tissue_type_cell_culture": 1}
+    assert sum(summary["label_counts"]["tissue"][s].get("blood", 0) for s in summary["splits"]) == N_CELLS - 1
+    # a required tissue rejects such cells, naming why
+    summary = build_corpus(source, tmp_path / "required",
+                           BuildOptions(**OPTIONS, required_fields=("cell_type", "tissue")))
+    assert summary["rejected"] == {"tissue_type_cell_culture": 6, "tissue_type_organoid": 7}
+
+
+def test_sex_and_health_labels_without_ids_are_read_and_the_columns_say_what_the_text_says(tmp_path, caplog):
+    """User labels mapped with --obs-map condition=disease gender=sex: "Healthy" and "Normal" were written as
+    diseases ("a donor with Healthy"), and "Female", "M" or "F" left the text but stayed in the corpus sex column,
+    which evaluation reads as the truth."""
+    adata = _tiny_adata()
+    adata.obs = adata.obs.drop(columns=["disease", "disease_ontology_term_id"])
+    conditions = ["control", "Healthy", "Normal", "normal", "COVID-19", "HEALTHY"] * 4
+    genders = ["Female", "M", "female", "male", "F", "other"] * 4
+    adata.obs["condition"], adata.obs["gender"] = conditions, genders
+    with caplog.at_level("WARNING", logger="processing.corpus"):
+        summary = build_corpus(_source(adata, obs_map={"condition": "disease", "gender": "sex"}), tmp_path / "out",
+                               BuildOptions(**OPTIONS))
+    rows = _corpus_rows(tmp_path / "out")
+    _column_says_what_the_text_says(rows)
+    given = {f"cell{i:02d}": (c, g) for i, (c, g) in enumerate(zip(conditions, genders))}
+    for row in rows:
+        condition, gender = given[row["cell_id"]]
+        healthy = condition.lower() in ("normal", "healthy")
+        assert row["disease"] == ("normal" if healthy else condition)
+        assert row["disease_ontology_term_id"] == ("PATO:0000461" if healthy else None)
+        assert ("healthy" in row["description"].split()) == healthy
+        sex = {"f": "female", "female": "female", "m": "male", "male": "male"}.get(gender.lower())
+        assert row["sex"] == sex and row["sex_ontology_term_id"] == {"female": "PATO:0000383", "male": "PATO:0000384",
+                                                                      None: None}[sex]
+    assert summary["ontology_term_ids"]["sex"] == {"female": "PATO:0000383", "male": "PATO:0000384"}
+    assert summary["ontology_term_ids"]["disease"] == {"normal": "PATO:0000461"}
+    assert summary["left_out"] == {"sex_not_female_or_male": 4}
+    warned = [r.getMessage() for r in caplog.records if "stated as given" in r.getMessage()]
+    assert len(warned) == 1 and "'control' 4 cells" in warned[0] and "'COVID-19' 4 cells" in warned[0]
+    assert "MONDO" in warned[0] and "disease_ontology_term_id" in warned[0]
+    assert "4 cells' sex are neither female nor male" in caplog.text and "PATO:0000383" in caplog.text

@@ -144,3 +144,19 @@ def test_parsing_long_adversarial_text_stays_fast():
     with pytest.raises(DescriptionParseError):
         parse_description(text)
     assert time.perf_counter() - start < 2.0  # 3.4 s with any period followed by a character allowed in a label
+
+
+def test_every_cell_ontology_definition_reads_back_as_the_corpus_stores_it():
+    """Two CL definitions end in " ." (CL:0002486, CL:1001598): the stored definition kept the space, the text read
+    back without it, so parse(render(d)) != d and the decoder's definition sentence differed from the training text."""
+    from modeling_cell2text.description_schema import definition_text
+    from processing.corpus import description_fields
+    from processing.ontologies import _terms
+
+    terms = {term_id: t for term_id, t in _terms("CL").items() if t.get("description") and not t.get("deprecated")}
+    assert {"CL:0002486", "CL:1001598"} <= set(terms) and len(terms) > 2000
+    for term_id, term in terms.items():
+        d = description_fields(term["label"], term_id, "blood", "female", "normal", None, ("Apoptosis",))
+        text = render_description(d)
+        assert parse_description(text) == d, term_id
+        assert definition_text(d.cell_type_definition) in text, term_id

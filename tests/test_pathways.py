@@ -129,6 +129,13 @@ def test_top_pathways_orders_best_first():
         top_pathways(scores, ["a", "b"])
 
 
+def test_a_set_scoring_zero_is_not_named():
+    """top_pathways named sets scoring 0 (an all-zero row gave ['a', 'b']) where the builder names none: a set none of
+    whose genes ranks in the cell's top is not its pathway (docs/corpus.md)."""
+    scores = np.array([[0.0, 0.0, 0.0], [0.4, 0.0, 0.0], [0.0, 0.2, 0.3]], dtype=np.float32)
+    assert top_pathways(scores, ["a", "b", "c"], k=2) == [[], ["a"], ["c", "b"]]
+
+
 def test_read_gmt(tmp_path):
     text = "SET_A\tdesc\tTP53\tEGFR\tTP53\t\nSET_B\t\tCD19\r\n\nSET_C\thttp://x\tMS4A1\n"
     path = tmp_path / "lib.gmt"
