@@ -66,7 +66,7 @@ def test_an_obsolete_cell_type_without_replacement_is_rejected_and_an_unknown_st
     with a KeyError (now: that cell gets no age group, with a warning)."""
     adata = _tiny_adata()
     adata.obs.loc["cell22", "cell_type_ontology_term_id"] = "CL:0000013"
-    adata.obs["development_stage_ontology_term_id"] = "HsapDv:0000087"
+    adata.obs["development_stage_ontology_term_id"] = "HsapDv:0000126"  # 32-year-old stage
     adata.obs.loc["cell23", "development_stage_ontology_term_id"] = "HsapDv:9999999"
     summary = build_corpus(_source(adata), tmp_path / "out", BuildOptions(**OPTIONS))
     assert summary["rejected"] == {"obsolete_cell_type_term": 1}
