@@ -82,6 +82,16 @@ LABEL_FIELDS: tuple[LabelField, ...] = (
 LABEL_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in LABEL_FIELDS)
 # Fields whose labels map to ontology term ids (the processor's `ontology_term_ids` tables).
 ONTOLOGY_FIELDS: tuple[str, ...] = tuple(f.name for f in LABEL_FIELDS if f.term_id_column)
+# The ids each of them takes in the CELLxGENE schema (7): an id of another ontology means a mis-mapped column or an
+# edited table, and its label would be stated as the field's ("a donor with female", "sex: COVID-19"). Tissues:
+# UBERON, CL (cell culture), Cellosaurus (cell line), and the zebrafish, fly and worm anatomies; sex: female, male,
+# hermaphrodite (which the template does not state).
+TERM_ID_PREFIXES: dict[str, tuple[str, ...]] = {
+    "cell_type": ("CL:",),
+    "tissue": ("UBERON:", "CL:", "CVCL_", "ZFA:", "FBbt:", "WBbt:"),
+    "disease": ("MONDO:", "PATO:0000461"),
+    "sex": ("PATO:0000383", "PATO:0000384", "PATO:0001340"),
+}
 
 
 class DescriptionParseError(ValueError):

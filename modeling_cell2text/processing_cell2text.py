@@ -9,8 +9,8 @@ from transformers import BatchFeature, ProcessorMixin
 
 from .compatibility import check_model_and_processor, hub_kwargs, saved_file
 from .text_padding import pad_token_rows, text_pad_token_id
-from .description_schema import (ONTOLOGY_FIELDS, CellDescription, DescriptionParseError, parse_description,
-                                 parse_or_none, set_definition)
+from .description_schema import (ONTOLOGY_FIELDS, TERM_ID_PREFIXES, CellDescription, DescriptionParseError,
+                                 parse_description, parse_or_none, set_definition)
 
 DEFAULT_SYSTEM_PROMPT = "You are a single-cell biologist. Describe the cell concisely and professionally."
 DEFAULT_USER_PROMPT = "Gene expression embeddings: "
@@ -35,9 +35,9 @@ def check_label_tables(
                              f"{ONTOLOGY_FIELDS}; {_LABEL_FIX}")
         for label, term_id in table.items():
             _check_label(f"ontology_term_ids[{field!r}]", field, label)
-            if not isinstance(term_id, str) or not term_id.strip():
-                raise ValueError(f"ontology_term_ids[{field!r}][{label!r}] = {term_id!r} is not a term id; "
-                                 f"{_LABEL_FIX}")
+            if not isinstance(term_id, str) or not term_id.startswith(TERM_ID_PREFIXES[field]):
+                raise ValueError(f"ontology_term_ids[{field!r}][{label!r}] = {term_id!r} is not a {field} term id "
+                                 f"({' / '.join(TERM_ID_PREFIXES[field])}...); {_LABEL_FIX}")
         shared = sorted(term for term, count in Counter(table.values()).items() if count > 1)
         if shared:
             raise ValueError(f"ontology_term_ids[{field!r}] gives the ids {shared} to several labels; {_LABEL_FIX}")

@@ -41,6 +41,7 @@ from modeling_cell2text.description_schema import (
     MISSING_VALUES,
     ONTOLOGY_FIELDS,
     SEXES,
+    TERM_ID_PREFIXES,
     CellDescription,
     render_description,
 )
@@ -203,15 +204,11 @@ def _cell_type_reason(term_id: str | None, label: str | None, known: bool) -> st
     return None
 
 
-# The ids each field takes in the CELLxGENE schema (7): an id of another ontology means a mis-mapped column, and its
-# label would be stated as the field's ("a donor with female", "sex: COVID-19"). Tissues: UBERON, CL (cell culture),
-# Cellosaurus (cell line), and the zebrafish, fly and worm anatomies (a CL or Cellosaurus id is no donor's tissue:
-# `_not_donor_tissue` leaves it out); stages: human, mouse, those organisms' and UBERON (other organisms); sex:
-# female, male, hermaphrodite (which the template does not state).
+# The ids each field takes in the CELLxGENE schema (7), `TERM_ID_PREFIXES` (a CL or Cellosaurus tissue id is no
+# donor's tissue: `_not_donor_tissue` leaves it out), and the development stage's: human, mouse, the zebrafish, fly
+# and worm stages and UBERON (other organisms).
 FIELD_TERM_PREFIXES = {
-    "tissue": ("UBERON:", "CL:", "CVCL_", "ZFA:", "FBbt:", "WBbt:"),
-    "disease": ("MONDO:", "PATO:0000461"),
-    "sex": ("PATO:0000383", "PATO:0000384", "PATO:0001340"),
+    **{field: TERM_ID_PREFIXES[field] for field in ("tissue", "disease", "sex")},
     "development_stage": ("HsapDv:", "MmusDv:", "ZFS:", "FBdv:", "WBls:", "UBERON:"),
 }
 

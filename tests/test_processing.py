@@ -180,7 +180,12 @@ def test_unknown_processor_settings_are_refused_not_dropped(processor):
     (dict(ontology_term_ids={"cell_type": {" B cell": "CL:0000236"}}), ValueError, "leading or trailing whitespace"),
     (dict(ontology_term_ids={"cell_type": {"unknown": "CL:0000236"}}), ValueError, "is not a usable label"),
     (dict(ontology_term_ids={"sex": {"M": "PATO:0000384"}}), ValueError, "expected one of"),
-    (dict(ontology_term_ids={"cell_type": {"B cell": None}}), ValueError, "is not a term id"),
+    (dict(ontology_term_ids={"cell_type": {"B cell": None}}), ValueError, "None is not a cell_type term id"),
+    # an id of another ontology (an edited or mis-mapped table): stated as the field's id, exit 0
+    (dict(ontology_term_ids={"cell_type": {"B cell": "UBERON:0000178"}}), ValueError,
+     r"\['B cell'\] = 'UBERON:0000178' is not a cell_type term id \(CL:...\)"),
+    (dict(ontology_term_ids={"disease": {"COVID-19": "CL:0000236"}}), ValueError,
+     r"'CL:0000236' is not a disease term id \(MONDO: / PATO:0000461...\)"),
     (dict(ontology_term_ids={"cell_type": {"B cell": "CL:0000236", "B-cell": "CL:0000236"}}), ValueError,
      r"gives the ids \['CL:0000236'\] to several labels"),
     (dict(ontology_term_ids={"cell_type": ["B cell"]}), ValueError, "must be a mapping label -> term id"),
