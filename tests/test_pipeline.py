@@ -448,3 +448,15 @@ def test_a_rows_first_stop_token_tells_whether_it_ended_at_end_of_text():
     assert ended_at_end_of_text(rows, None, None).tolist() == [True] * 4  # nothing to tell by
     assert ended_at_end_of_text(rows[:, :0], eos, None).tolist() == [False] * 4
 
+
+def test_gene_ids_with_a_dataframe_must_be_its_columns(random_pipeline):
+    """The reviewer's finding: gene_ids given with a DataFrame were used instead of its columns, so the values of
+    one gene were read as another's."""
+    counts = counts_of_varied_prompts()
+    frame = pd.DataFrame(counts, columns=GENES)
+    expected = [r["description"] for r in random_pipeline(frame, max_new_tokens=4)]
+    assert [r["description"] for r in random_pipeline(frame, GENES, max_new_tokens=4)] == expected  # its columns
+    with pytest.raises(ValueError, match=r"DataFrame.*Rename the columns.*frame\.to_numpy\(\) with gene_ids"):
+        random_pipeline(frame, GENES[::-1], max_new_tokens=4)
+    with pytest.raises(ValueError, match="Rename the columns"):
+        random_pipeline(frame.iloc[:, :10], gene_ids=GENES[:9], max_new_tokens=4)
