@@ -1,9 +1,10 @@
 """The cell inputs a feature extractor accepts, resolved to one row-chunkable matrix and its gene IDs.
 
 AnnData (``X`` or a layer; in memory or backed; gene IDs from ``var`` by ``gene_ids.var_gene_ids``), a pandas
-DataFrame of cells x genes (gene IDs or symbols from its columns, cell names from its index), a scipy sparse matrix
-or array, or a 2-D numpy array (with one gene ID per column). AnnData objects are recognised
-without importing anndata, so this file travels as remote code: it imports only numpy, scipy and its siblings.
+DataFrame of cells x genes (gene IDs or symbols from its columns, cell names from its index; ``gene_ids`` given
+with it must equal its columns), a scipy sparse matrix or array, or a 2-D numpy array (with one gene ID per
+column). AnnData objects are recognised without importing anndata, so this file travels as remote code: it imports
+only numpy, scipy and its siblings.
 """
 
 from __future__ import annotations
@@ -86,8 +87,14 @@ def resolve_input(
             matrix = cells.to_numpy(dtype=np.float32 if values == np.float32 else np.float64, na_value=np.nan)
         else:
             matrix = cells.to_numpy()
-        if gene_ids is None:
-            gene_ids = [str(column) for column in cells.columns]
+        columns = [str(column) for column in cells.columns]
+        if gene_ids is not None and [str(gene) for gene in gene_ids] != columns:
+            raise ValueError(
+                "gene_ids were given with a DataFrame whose columns name other genes (or the same in another order): "
+                "a DataFrame's genes are its columns. Rename the columns (frame.columns = gene_ids) and leave "
+                "gene_ids out, or pass frame.to_numpy() with gene_ids."
+            )
+        gene_ids = columns
         obs_names = cells.index.astype(str)
     else:
         matrix = cells

@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     describe = commands.add_parser("describe", help="Write a description and parsed fields per cell into obs.")
     _add_common_arguments(describe, "cell2text", 16)
     describe.add_argument("--max-new-tokens", type=positive_int, default=None,
-                          help="longest free description in tokens (default 160)")
+                          help="longest free description in tokens (default 160); one cut there keeps its text "
+                               "with <key>_parsed False and no fields")
     describe.add_argument("--free", "--free-cell-type", action="store_true", dest="free",
                           help="let the model write the whole description freely (default: every field chosen among "
                                "the training corpus's labels, with its probability in <key>_<field>_score)")
@@ -115,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cell2text: stopped by SIGINT (Ctrl-C); nothing was written", file=sys.stderr)
         return 128 + signal.SIGINT
-    except (CLIError, ValueError, OSError) as error:  # bad input: one line; anything else is a bug: its traceback
+    # bad input, or a model that overflows (FloatingPointError, naming --dtype): one line; anything else is a bug
+    except (CLIError, ValueError, OSError, FloatingPointError) as error:
         print(f"cell2text: error: {as_command_line(' '.join(str(error).split()))}", file=sys.stderr)
         return 1
     return 0
@@ -187,7 +189,10 @@ def run(args: argparse.Namespace) -> None:
             write_annotated_copy(args.input, args.out, obs=adata.obs, uns={args.key_added: adata.uns[args.key_added]},
                                  overwrite=args.overwrite)
             described = int(adata.obs[f"{args.key_added}_description"].astype(bool).sum()) if new_obs else 0
-            print(f"Described {described} of {adata.n_obs} cells; wrote {args.out}")
+            parsed = int(adata.obs[f"{args.key_added}_parsed"].sum()) if new_obs else 0
+            unparsed = (f" ({described - parsed} of them not parsed into fields: {args.key_added}_parsed is False)"
+                        if parsed < described else "")
+            print(f"Described {described} of {adata.n_obs} cells{unparsed}; wrote {args.out}")
         else:
             tl.embed(adata, model, key_added=args.key_added, processor=processor,
                      trust_remote_code=args.trust_remote_code, **common)

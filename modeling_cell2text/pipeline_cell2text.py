@@ -23,15 +23,17 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, Pipeline
+from transformers import (AutoModelForCausalLM, GenerationConfig, GenerationMixin, LogitsProcessor,
+                          LogitsProcessorList, Pipeline)
 
 from .cell_inputs import anndata_matrix, empty_cells_error, format_cells
 from .compatibility import (check_model_and_processor, gene_ranking_sha256, gene_vocabulary_sha256,
                             processor_sha256, recorded_gene_vocabulary_sha256, saved_file)
+from .description_schema import ONTOLOGY_FIELDS, CellDescription
 from .label_scoring import constrains, constrains_by_default
 from .modeling_cell2text import DESCRIPTION_MAX_NEW_TOKENS, foreign_weight_files
 from .rank_value import as_csr
-from .schema_decoding import DEFAULT_NUM_BEAMS, SchemaDecoder, known_labels, schema_results
+from .schema_decoding import DEFAULT_NUM_BEAMS, SchemaDecoder, known_labels, nan_logits_error, schema_results
 from .text_padding import check_outputs_line_up, text_pad_token_id
 
 logger = logging.getLogger(__name__)
@@ -70,10 +72,10 @@ class DescribeOptions:
     `layer` / `use_raw`: where the counts are (a layer, `adata.raw`; default X); `input_values`: what they are
     (counts, normalized, log1p); `batch_size`: cells generated together; `constrained`: every field chosen among the
     corpus's labels (default: wherever the processor knows cell-type labels) or, False, the description written
-    freely (greedy, `max_new_tokens`, `generate_kwargs`); `skip_empty_cells`: leave cells without vocabulary genes
-    out instead of stopping; `sort_by_length`: batch cells of similar length (less padding; float32 scores move in
-    their last digits); `compile`: static KV cache and torch.compile for free decoding on a CUDA GPU (no effect
-    elsewhere); `progress`: a tqdm bar.
+    freely (greedy, `generate_kwargs`; `max_new_tokens`: a description cut there gets parsed=False and no fields);
+    `skip_empty_cells`: leave cells without vocabulary genes out instead of stopping; `sort_by_length`: batch cells
+    of similar length (less padding; float32 scores move in their last digits); `compile`: static KV cache and
+    torch.compile for free decoding on a CUDA GPU (no effect elsewhere); `progress`: a tqdm bar.
     """
 
     layer: str | None = None
@@ -124,7 +126,10 @@ class Cell2TextPipeline(Pipeline):
     `<field>_score` is each chosen label's probability and `exact_choice` whether every label is proven the most
     likely of its options (False only where a search over a large label set was cut to a beam).
     `constrained=False` lets the model write the whole description freely (scores None); `num_beams` (default 2)
-    sets the constrained search's width (partial options extended per cell and model call).
+    sets the constrained search's width (partial options extended per cell and model call). A free description
+    that stops before the model ends it (cut at `max_new_tokens`, or at an `eos_token_id` or `stop_strings` other
+    than the tokenizer's end of text) gets `parsed=False` and no fields (its text is kept), with one logged warning
+    per call; NaN logits (an overflowing float16 model, NaN weights) raise FloatingPointError, as constrained.
 
     Cells are rank-value encoded a block at a time (vectorised) and generated `batch_size` cells at a time.
     Generation is greedy with `max_new_tokens=160` unless the model's generation config, the pipeline's or the
@@ -211,13 +216,24 @@ class Cell2TextPipeline(Pipeline):
         skip_empty = preprocess_params.pop("skip_empty_cells", False)
         matrix, gene_ids, obs_names = resolve_cells(self.processor.feature_extractor, cells, gene_ids, layer, use_raw)
         results: list[dict | None] = [None] * matrix.shape[0]
+        cut, max_new_tokens = 0, None
         with tqdm(total=matrix.shape[0], unit="cell", disable=not progress, desc="Describing cells") as bar:
             for batch in cell_batches(self.processor.feature_extractor, matrix, gene_ids, obs_names, batch_size,
                                       skip_empty, preprocess_params, sort_by_length, bar):
-                outputs = self.postprocess(self.forward(self.preprocess(batch.tokens, batch.bins), **forward_params))
-                for row, output in zip(batch.rows, outputs, strict=True):
+                model_outputs = self.forward(self.preprocess(batch.tokens, batch.bins), **forward_params)
+                if "ended" in model_outputs:
+                    cut += int((~model_outputs["ended"]).sum())
+                    max_new_tokens = model_outputs["max_new_tokens"]
+                for row, output in zip(batch.rows, self.postprocess(model_outputs), strict=True):
                     results[row] = output
                 bar.update(len(batch.rows))
+        if cut:
+            limit = "max_length" if max_new_tokens is None else f"max_new_tokens={max_new_tokens}"
+            logger.warning(
+                "%d of %d free descriptions were cut before the model ended them (at %s, or at an eos_token_id or "
+                "stop_strings set for generation): they are returned with parsed=False and no fields. To get them "
+                "whole, pass a larger max_new_tokens.", cut, sum(r is not None for r in results), limit,
+            )
         return results
 
     def _check_one_sequence_per_cell(self, generate_kwargs: dict | None) -> None:
@@ -260,11 +276,25 @@ class Cell2TextPipeline(Pipeline):
             return {"schema": decoder.describe(self.model, model_inputs)}
         generate_kwargs = self._prepare_generate_kwargs(dict(generate_kwargs or {}))
         generate_kwargs.setdefault("tokenizer", self.processor.tokenizer)  # for stop_strings, as text generation
-        generated = self.model.generate(**model_inputs, **generate_kwargs)
+        nan_check = NaNLogitsFlag()
+        generate_kwargs["logits_processor"] = LogitsProcessorList([*(generate_kwargs.get("logits_processor") or []),
+                                                                   nan_check])
+        try:
+            generated = self.model.generate(**model_inputs, **generate_kwargs)
+        except RuntimeError as error:  # sampling from NaN probabilities fails inside generate (torch.multinomial)
+            if nan_check.seen():
+                raise nan_logits_error("the free description (constrained=False) cannot be written") from error
+            raise
+        if nan_check.seen():
+            raise nan_logits_error("the free description (constrained=False) cannot be written")
         if not torch.is_tensor(generated):  # return_dict_in_generate: the sequences are the descriptions
             generated = generated.sequences
         check_outputs_line_up(model_inputs["input_ids"], generated)
-        return {"generated_ids": generated, "prompt_length": prompt_length}
+        settings = self._get_set_generation_params(generate_kwargs)
+        ended = ended_at_end_of_text(generated[:, prompt_length:], self.processor.tokenizer.eos_token_id,
+                                     settings.get("eos_token_id"))
+        return {"generated_ids": generated, "prompt_length": prompt_length, "ended": ended,
+                "max_new_tokens": settings.get("max_new_tokens")}
 
     def _constrains(self, constrained: bool | None) -> bool:
         """Whether to describe with the schema decoder: by default where the processor knows cell-type labels; asked
@@ -289,7 +319,14 @@ class Cell2TextPipeline(Pipeline):
         if "schema" in model_outputs:
             return schema_results(self.processor, model_outputs["schema"])
         texts = self.processor.post_process_generation(model_outputs["generated_ids"], model_outputs["prompt_length"])
-        return [{**result, "cell_type_score": None} for result in self.processor.parse_descriptions(texts)]
+        results = self.processor.parse_descriptions(texts)
+        ended = model_outputs.get("ended")
+        if ended is not None:  # a text cut short may still parse, its later fields missing: none is given then
+            no_fields = {**CellDescription().to_dict(),
+                         **{f"{name}_ontology_term_id": None for name in ONTOLOGY_FIELDS}}
+            results = [result if bool(end) else {**result, **no_fields, "parsed": False}
+                       for result, end in zip(results, ended, strict=True)]
+        return [{**result, "cell_type_score": None} for result in results]
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """Save the model (with its code), its processor and this pipeline's code with its `custom_pipelines` entry:
@@ -327,6 +364,41 @@ class Cell2TextPipeline(Pipeline):
             config_file.write_text(json.dumps({**config, "custom_pipelines": custom_pipelines_entry()}, indent=2,
                                               sort_keys=True) + "\n")
             self.processor.save_pretrained(save_directory)
+
+
+class NaNLogitsFlag(LogitsProcessor):
+    """Records whether any generation step's scores held NaN (or +inf, which makes NaN probabilities): greedy
+    decoding takes a NaN row's argmax as a token, so an overflowing model wrote an empty or garbage description for
+    every cell. The flag stays on the scores' device (no host sync per step); `seen()` reads it once at the end."""
+
+    def __init__(self) -> None:
+        self.flag: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bad = (scores.isnan() | scores.isposinf()).any()
+        self.flag = bad if self.flag is None else self.flag | bad
+        return scores
+
+    def seen(self) -> bool:
+        return self.flag is not None and bool(self.flag)
+
+
+def ended_at_end_of_text(new_tokens: torch.Tensor, eos_token_id: int | None, stop_ids: Any) -> torch.Tensor:
+    """Per row of generated tokens (prompt removed), whether generation stopped at the tokenizer's end of text, the
+    token a description is trained to end with (`Cell2TextProcessor._target_ids`), rather than at max_new_tokens or
+    at another stop id (`stop_ids`: the generation settings' eos_token_id). A row's first stop token decides, since
+    rows that stopped are padded, possibly with the end-of-text id. On the CPU; all True where the tokenizer has no
+    end-of-text token (nothing to tell by). A stop at `stop_strings` is told only where the padding is not the
+    end-of-text id (a tokenizer with a pad token)."""
+    rows = new_tokens.shape[0]
+    if eos_token_id is None:
+        return torch.ones(rows, dtype=torch.bool)
+    if new_tokens.shape[1] == 0:
+        return torch.zeros(rows, dtype=torch.bool)
+    stops = {int(eos_token_id)} | set(torch.as_tensor([] if stop_ids is None else stop_ids).flatten().tolist())
+    is_stop = torch.isin(new_tokens, torch.tensor(sorted(stops), device=new_tokens.device))
+    first = is_stop.int().argmax(dim=1, keepdim=True)  # 0 in a row without any: is_stop.any is False there
+    return (is_stop.any(dim=1) & (new_tokens.gather(1, first)[:, 0] == eos_token_id)).cpu()
 
 
 def resolve_cells(
@@ -488,6 +560,7 @@ def register_cell2text_pipeline() -> None:
 
 
 __all__ = [
-    "Cell2TextPipeline", "CellBatch", "DescribeOptions", "cell_batches", "cells_per_block", "check_outputs_line_up", "length_order", "rank_block", "resolve_cells",
+    "Cell2TextPipeline", "CellBatch", "DescribeOptions", "NaNLogitsFlag", "cell_batches", "cells_per_block",
+    "check_outputs_line_up", "ended_at_end_of_text", "length_order", "rank_block", "resolve_cells",
     "register_cell2text_pipeline", "custom_pipelines_entry", "save_model_folder",
 ]

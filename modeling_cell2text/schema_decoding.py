@@ -256,13 +256,19 @@ def next_token_log_probs(logits: torch.Tensor) -> torch.Tensor:
     would silently get no label and an empty description."""
     log_probs = logits.float().log_softmax(dim=-1)
     if bool(log_probs.isnan().any()):
-        raise FloatingPointError(
-            "The language model returned NaN logits, so no option of the description can be scored. Its weights may "
-            "hold NaN, or its dtype may overflow (float16): load it in float32 or bfloat16 (dtype=...). A float64 "
-            "model with attn_implementation='eager' gets NaN at left-padded prompt positions (transformers' eager "
-            "softmax runs in float32): use 'sdpa'."
-        )
+        raise nan_logits_error("no option of the description can be scored")
     return log_probs
+
+
+def nan_logits_error(consequence: str) -> FloatingPointError:
+    """The one error for NaN logits, constrained (`next_token_log_probs`) or free describing (the pipeline): what
+    they stop (`consequence`), their likely causes and the fix."""
+    return FloatingPointError(
+        f"The language model returned NaN logits, so {consequence}. Its weights may hold NaN, or its dtype may "
+        "overflow (float16): load it in float32 or bfloat16 (dtype=...). A float64 model with "
+        "attn_implementation='eager' gets NaN at left-padded prompt positions (transformers' eager softmax runs in "
+        "float32): use 'sdpa'."
+    )
 
 
 def shared_prompt_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, cell_token_id: int | None) -> int:
@@ -967,5 +973,5 @@ def schema_results(processor, described: SchemaDescriptions) -> list[dict]:
     return results
 
 
-__all__ = ["SCORED_FIELDS", "OptionTree", "SchemaDecoder", "SchemaDescriptions", "known_labels", "schema_results",
-           "tokens_in_context"]
+__all__ = ["SCORED_FIELDS", "OptionTree", "SchemaDecoder", "SchemaDescriptions", "known_labels", "nan_logits_error",
+           "schema_results", "tokens_in_context"]

@@ -471,3 +471,40 @@ def test_a_path_or_column_holding_an_option_word_is_named_as_it_is(word):
     for message in (f"input file /tmp/{word}/cells.h5ad does not exist",
                     f"obs has no column {word!r}; available: ['{word}', '{word}.1']"):
         assert as_command_line(message) == message
+
+
+def test_nan_logits_are_one_line_naming_the_dtype_option(model_dir, h5ad, tmp_path, capsys, monkeypatch):
+    """The reviewer's finding: the FloatingPointError of NaN logits (an overflowing float16 model) ended the command
+    with a traceback, where its message names the fix."""
+    import modeling_cell2text.tl as tl
+    from modeling_cell2text.schema_decoding import nan_logits_error
+
+    def overflowing(*args, **kwargs):
+        raise nan_logits_error("the free description (constrained=False) cannot be written")
+
+    monkeypatch.setattr(tl, "describe_cells", overflowing)
+    out = tmp_path / "out.h5ad"
+    code, err = run_cli([*describe_args(h5ad, model_dir, out), "--free"], capsys)
+    assert_one_line_error(code, err, "NaN logits", "the free description (--free)", "bfloat16 (--dtype NAME)")
+    assert code == 1 and not out.exists()
+
+
+def test_free_descriptions_cut_by_max_new_tokens_are_counted_as_not_parsed(model_dir, h5ad, tmp_path, capsys,
+                                                                             caplog):
+    """The reviewer's finding: `--free --max-new-tokens 14` cut every description after its first sentence, which
+    parsed (tissue and disease missing): "Described 3 of 3 cells", exit 0, nothing said the texts were cut."""
+    from modeling_cell2text.argument_types import as_command_line
+
+    out = tmp_path / "out.h5ad"
+    assert main(describe_args(h5ad, model_dir, out, "--free", "--max-new-tokens", "14")) == 0  # the last one counts
+    assert "Described 5 of 5 cells (5 of them not parsed into fields: cell2text_parsed is False)" in \
+        capsys.readouterr().out
+    obs = ad.read_h5ad(out).obs
+    assert not obs["cell2text_parsed"].any() and obs["cell2text_cell_type"].isna().all()
+    warning = as_command_line(caplog.text)
+    assert "5 of 5 free descriptions were cut" in warning and "--max-new-tokens 14" in warning
+    assert "pass a larger --max-new-tokens." in warning
+    whole = tmp_path / "whole.h5ad"
+    assert main(describe_args(h5ad, model_dir, whole, "--free")) == 0  # 40 tokens: whole
+    assert "Described 5 of 5 cells; wrote" in capsys.readouterr().out
+    assert ad.read_h5ad(whole).obs["cell2text_parsed"].all()

@@ -391,3 +391,72 @@ def test_a_value_error_names_the_cells_rows_in_the_whole_input(random_dir):
     counts[580, :] = np.nan
     with pytest.raises(ValueError, match="NaN.*chunk starting at cell 512"):
         describe(counts, gene_ids=GENES, max_new_tokens=2)
+
+
+# -- free describing: NaN logits, descriptions cut short, a DataFrame's genes (reviewer's findings) -----------------
+
+
+@pytest.mark.parametrize("sampling", [{}, {"do_sample": True}])
+def test_nan_logits_stop_free_describing_as_they_stop_constrained(trained_dir, sampling):
+    """The reviewer's finding: NaN logits (an overflowing float16 model) gave every cell an empty description with
+    parsed=False and no error in free describing, where constrained describing raised FloatingPointError."""
+    describe = local_pipeline(trained_dir)
+    with torch.no_grad():
+        describe.model.model.language_model.norm.weight[0] = float("nan")
+    counts = random_counts(3)
+    fix = r"\. Its weights may hold NaN.* float32 or bfloat16 \(dtype=\.\.\.\)"
+    with pytest.raises(FloatingPointError, match=r"NaN logits, so the free description \(constrained=False\) cannot "
+                                                 r"be written" + fix):
+        describe(counts, gene_ids=GENES, constrained=False, max_new_tokens=6, **sampling)
+    if not sampling:
+        with pytest.raises(FloatingPointError, match=r"NaN logits, so no option of the description can be scored"
+                                                     + fix):
+            describe(counts, gene_ids=GENES)
+
+
+def test_a_free_description_cut_short_is_not_parsed_and_says_why(trained_dir, caplog):
+    """The reviewer's finding: a free description cut by max_new_tokens (or a stop id) at a sentence boundary
+    parsed, its later fields silently missing. Only one that ends at the tokenizer's end of text parses now."""
+    describe = local_pipeline(trained_dir)
+    counts = random_counts(3)
+    whole = describe(counts, gene_ids=GENES, constrained=False)
+    assert all(r["description"] == DESCRIPTION and r["parsed"] and r["tissue"] == "blood" for r in whole)
+    assert "were cut" not in caplog.text
+    cut = describe(counts, gene_ids=GENES, constrained=False, max_new_tokens=14)
+    for result in cut:
+        assert DESCRIPTION.startswith(result["description"]) and result["description"].endswith(".")
+        assert not result["parsed"] and result["cell_type"] is None and result["cell_type_ontology_term_id"] is None
+    assert "3 of 3 free descriptions were cut" in caplog.text and "max_new_tokens=14" in caplog.text
+    full_stop = describe.processor.tokenizer.convert_tokens_to_ids(".")
+    stopped = describe(counts, gene_ids=GENES, constrained=False, eos_token_id=full_stop)  # a stop id of the user's
+    assert all(not r["parsed"] and r["description"].endswith(".") for r in stopped)
+    caplog.clear()
+    constrained = describe(counts, gene_ids=GENES, max_new_tokens=14)  # the schema decoder has no token limit
+    assert all(r["parsed"] and r["tissue"] == "blood" for r in constrained) and "were cut" not in caplog.text
+
+
+def test_a_rows_first_stop_token_tells_whether_it_ended_at_end_of_text():
+    """Rows that stopped are padded, here with the end-of-text id itself (a tokenizer without a pad token): a row
+    stopped at another stop id (5) is cut though end-of-text follows it; a row without any stop was cut by the
+    token limit."""
+    from modeling_cell2text.pipeline_cell2text import ended_at_end_of_text
+
+    eos, other_stop = 9, 5
+    rows = torch.tensor([[1, 2, 9, 9], [1, 5, 9, 9], [1, 2, 3, 4], [9, 9, 9, 9]])
+    assert ended_at_end_of_text(rows, eos, [other_stop, eos]).tolist() == [True, False, False, True]
+    assert ended_at_end_of_text(rows, eos, eos).tolist() == [True, True, False, True]  # 5 is text then
+    assert ended_at_end_of_text(rows, None, None).tolist() == [True] * 4  # nothing to tell by
+    assert ended_at_end_of_text(rows[:, :0], eos, None).tolist() == [False] * 4
+
+
+def test_gene_ids_with_a_dataframe_must_be_its_columns(random_pipeline):
+    """The reviewer's finding: gene_ids given with a DataFrame were used instead of its columns, so the values of
+    one gene were read as another's."""
+    counts = counts_of_varied_prompts()
+    frame = pd.DataFrame(counts, columns=GENES)
+    expected = [r["description"] for r in random_pipeline(frame, max_new_tokens=4)]
+    assert [r["description"] for r in random_pipeline(frame, GENES, max_new_tokens=4)] == expected  # its columns
+    with pytest.raises(ValueError, match=r"DataFrame.*Rename the columns.*frame\.to_numpy\(\) with gene_ids"):
+        random_pipeline(frame, GENES[::-1], max_new_tokens=4)
+    with pytest.raises(ValueError, match="Rename the columns"):
+        random_pipeline(frame.iloc[:, :10], gene_ids=GENES[:9], max_new_tokens=4)
