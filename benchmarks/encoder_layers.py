@@ -28,15 +28,15 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import BertConfig, BertModel
 
-    from modeling_cell2text.configuration_cell2text import GENEFORMER_V2_316M
-    from modeling_cell2text.modeling_cell2text import _encoder_states, _hidden_state_index
+    from modeling_cell2text.configuration_cell2text import GENEFORMER_V2_316M, hidden_state_index
+    from modeling_cell2text.modeling_cell2text import _encoder_states
 
     torch.manual_seed(0)
     config = BertConfig(**GENEFORMER_V2_316M)
     encoder = BertModel(config, add_pooling_layer=False).eval()
     ids = torch.randint(4, config.vocab_size, (args.cells, args.genes))
     mask = torch.ones_like(ids)
-    read = _hidden_state_index(-2, config.num_hidden_layers)
+    read = hidden_state_index(-2, config.num_hidden_layers)
     times = {"skipped": [], "full": []}
     with torch.no_grad():
         for _ in range(args.repeats):

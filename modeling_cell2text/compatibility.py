@@ -105,10 +105,9 @@ def gene_ranking_sha256(feature_extractor: Any) -> str:
 
 # What each part of `processor_sha256` covers, as a mismatch names it.
 PROCESSOR_PARTS = {
-    "text_vocabulary": "the tokenizer's vocabulary (text token ids: the model would read and write other words)",
-    "prompt": "the chat template, system or user prompt, or definitions_in_model_text (the prompt and text the model "
-              "was trained on)",
-    "gene_symbols": "the gene symbol table (symbols in var_names would be read as other genes)",
+    "text_vocabulary": "tokenizer vocabulary (text token ids: the model would read and write other words)",
+    "prompt": "chat template, system or user prompt, or definitions_in_model_text than the model was trained on",
+    "gene_symbols": "gene symbol table (symbols in var_names would be read as other genes)",
 }
 
 
@@ -151,15 +150,15 @@ def recorded_gene_vocabulary_sha256(config: Any) -> str | None:
     return prepared.get("gene_vocabulary_sha256")
 
 
-def check_model_and_processor(config: Any, processor: Any, model_name: str = "the model") -> None:
+def check_model_and_processor(config: Any, processor: Any, model_name: str = "the model", saved: bool = True) -> None:
     """Raise `ModelProcessorMismatchError` listing every way `processor` does not fit the model of `config`.
 
     First fits the processor's tokens per cell to the encoder's positions (`fit_tokens_to_encoder`). Checked: the
-    gene vocabulary's checksum, the gene ranking's (`gene_ranking_sha256`: medians and special
-    tokens) and the processor's text side and symbols (`processor_sha256`), where the model records them
-    (a warning where it records no gene checksum), the gene vocabulary's size against the
-    encoder's embedding, the expression bins, the cell placeholder's token id, the number of cell tokens per cell,
-    and the tokenizer's size against the language model's embedding.
+    gene vocabulary's checksum, the gene ranking's (`gene_ranking_sha256`: medians and special tokens) and the
+    processor's text side and symbols (`processor_sha256`), where the model records them (a warning where a model
+    loaded from a folder or repo, `saved`, records none), the gene vocabulary's size against the encoder's
+    embedding, the expression bins, the cell placeholder's token id, the number of cell tokens per cell, and the
+    tokenizer's size against the language model's embedding.
     """
     feature_extractor = processor.feature_extractor
     fit_tokens_to_encoder(config.gene_encoder_config, feature_extractor)  # not a mismatch: cells are truncated
@@ -174,15 +173,15 @@ def check_model_and_processor(config: Any, processor: Any, model_name: str = "th
         problems.append(f"gene ranking checksum: model {saved_with}, processor {ranking} (other gene medians or "
                         "special tokens than the processor saved with the model: every cell's genes would be "
                         "ranked in another order)")
-    if recorded is None and not saved_with:
-        logger.warning("%s records no checksum of the processor it was saved with (gene_vocabulary_sha256, "
-                       "gene_ranking_sha256 in config.json): a processor of another model cannot be told apart. Use "
-                       "the processor saved with the model.", model_name)
     saved_parts, parts = getattr(config, "processor_sha256", None) or {}, processor_sha256(processor)
+    if saved and recorded is None and not saved_with and not saved_parts:
+        logger.warning("%s records no checksum of the processor it was saved with (gene_vocabulary_sha256, "
+                       "gene_ranking_sha256, processor_sha256 in config.json): a processor of another model cannot "
+                       "be told apart. Use the processor saved with the model.", model_name)
     for name in sorted(set(saved_parts) & set(parts)):
         if saved_parts[name] != parts[name]:
-            problems.append(f"{name} checksum: model {saved_parts[name]}, processor {parts[name]} (another "
-                            f"{PROCESSOR_PARTS[name]})")
+            problems.append(f"{name} checksum: model {saved_parts[name]}, processor {parts[name]} (the processor "
+                            f"has another {PROCESSOR_PARTS[name]})")
     encoder_vocab_size = config.gene_encoder_config.vocab_size
     if feature_extractor.vocab_size != encoder_vocab_size:
         problems.append(f"gene token ids: the processor's run to {feature_extractor.vocab_size - 1}, the gene "

@@ -177,9 +177,11 @@ class Cell2TextConfig(PreTrainedConfig):
         if trained is not None and hidden_state_index(self.gene_encoder_layer, num_layers) != hidden_state_index(
                 trained, num_layers):  # from_pretrained_parts refuses it; an edited config.json gave other states
             raise ValueError(
-                f"gene_encoder_layer={self.gene_encoder_layer}, but the gene encoder was prepared to be read at hidden "
-                f"state {trained} (gene_encoder_config.{PREPARED_ENCODER_KEY}.feature_layer): the projector would "
-                f"read states it was not trained on. Set gene_encoder_layer to {trained} in config.json.")
+                f"gene_encoder_layer={self.gene_encoder_layer}, but the gene encoder was prepared on a corpus and "
+                f"trained to be read at hidden state {trained} of its {num_layers} layer(s) (gene_encoder_config."
+                f"{PREPARED_ENCODER_KEY}.feature_layer): the projector would read states it was not trained on. Leave "
+                f"gene_encoder_layer unset when composing the model (from_pretrained_parts), or set it to {trained} "
+                "in config.json.")
         if not 0 <= self.cell_token_id:
             raise ValueError(f"cell_token_id must be a non-negative token id, got {self.cell_token_id}.")
         if not 0 < self.cell_type_temperature < math.inf:  # infinity made every score 1 / (number of labels)

@@ -648,7 +648,8 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
 
     @staticmethod
     def _layer_of_prepared_encoder(encoder_config: Any, encoder_name: str, config_kwargs: dict) -> dict:
-        """`config_kwargs` with `gene_encoder_layer` set to the layer a corpus-prepared encoder was trained at.
+        """`config_kwargs` with `gene_encoder_layer` set to the layer a corpus-prepared encoder was trained at, where
+        it is not given.
 
         `gene_encoder_layer=None` means unset (the config's default for a pretrained encoder).
         """
@@ -659,17 +660,10 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
             if requested is not None:
                 config_kwargs["gene_encoder_layer"] = requested
             return config_kwargs
-        trained = prepared["feature_layer"]
-        num_layers = encoder_config.num_hidden_layers
-        if requested is not None and hidden_state_index(requested, num_layers) != hidden_state_index(
-            trained, num_layers
-        ):
-            raise ValueError(
-                f"The gene encoder {encoder_name} was prepared on a corpus and trained to be read at hidden state "
-                f"{trained} (of {num_layers} layer(s)); gene_encoder_layer={requested} would feed the projector "
-                "states it was not trained for. Leave gene_encoder_layer unset."
-            )
-        config_kwargs["gene_encoder_layer"] = trained
+        trained, num_layers = prepared["feature_layer"], encoder_config.num_hidden_layers
+        same = requested is None or hidden_state_index(requested, num_layers) == hidden_state_index(trained, num_layers)
+        # another layer is refused by the config (`Cell2TextConfig.validate_cell2text`), as in a saved config.json
+        config_kwargs["gene_encoder_layer"] = trained if same else requested
         return config_kwargs
 
 

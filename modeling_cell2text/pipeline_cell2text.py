@@ -150,7 +150,8 @@ class Cell2TextPipeline(Pipeline):
         if kwargs.get("processor") is None:
             _raise_why_no_processor(kwargs.get("model"))
         super().__init__(*args, **kwargs)
-        check_model_and_processor(self.model.config, self.processor, getattr(self.model, "name_or_path", "the model"))
+        loaded_from = getattr(self.model, "name_or_path", "")
+        check_model_and_processor(self.model.config, self.processor, loaded_from or "the model", saved=bool(loaded_from))
         self._generation_defaults.setdefault("pad_token_id", text_pad_token_id(self.processor.tokenizer))
 
     def _sanitize_parameters(

@@ -142,7 +142,8 @@ def load(
             model = model.to(target)
         if dtype != "auto":
             model = model.to(resolve_dtype(dtype, target))
-        check_model_and_processor(model.config, processor, getattr(model, "name_or_path", "") or "the model")
+        loaded_from = getattr(model, "name_or_path", "")
+        check_model_and_processor(model.config, processor, loaded_from or "the model", saved=bool(loaded_from))
         return model.eval(), processor
     check_model_path(model)
     if processor is None:

@@ -15,7 +15,8 @@ out of the description. Cells that cannot be described get a reject reason inste
 * ``missing_<field>``: a field listed as required (``required_fields``) is missing, or its value is left out (below).
 
 A field's value that cannot be stated is left out of the text and of the corpus columns (which evaluation reads as
-the truth, so they never say more than the text), and named per cell in ``<field>_left_out``: an id of another
+the truth, so they never say more than the text), with its reason per cell in ``resolve_labels``' output column
+``<field>_left_out`` (counted per reason in summary.json's ``left_out``; not a corpus column): an id of another
 ontology or an obsolete one, a sex neither female nor male, or a tissue that is no donor's (an organoid, cell culture
 or cell line; CELLxGENE's obs ``tissue_type``). A sex or healthy label given without an id is read as its term
 ("F", "Male", "healthy"); other labels without an id are stated as given, with a warning.
@@ -270,12 +271,16 @@ def _unstatable(field: str, codes: np.ndarray, pairs: list, resolved: list) -> l
 # suffix of the tissue id; without either, a CL or Cellosaurus id still says which, and any other id is a tissue.
 _TISSUE_ID_SUFFIXES = {" (organoid)": "organoid", " (cell culture)": "cell culture"}
 _TISSUE_ID_PREFIXES = {"CL:": "cell culture", "CVCL_": "cell line"}
+NOT_DONOR_TISSUE_TYPES = ("organoid", "cell culture", "cell line")
 
 
 def _tissue_type(term_id: str | None, given: str | None) -> str:
-    """What a cell's tissue id names: obs `tissue_type` (lower case) where it says other than "tissue", else what
-    the id says (a schema 4 suffix, a CL or Cellosaurus id), else "tissue"."""
-    if given is not None and given.lower() != "tissue":
+    """What a cell's tissue id names: obs `tissue_type` (lower case) where it is one of CELLxGENE's kinds other than
+    "tissue", else what the id says (a schema 4 suffix, a CL or Cellosaurus id), else "tissue". A cell without a
+    tissue id has nothing to leave out: "tissue"."""
+    if term_id is None or term_id in MISSING_VALUES:
+        return "tissue"
+    if given is not None and given.lower() in NOT_DONOR_TISSUE_TYPES:
         return given.lower()
     for suffix, kind in _TISSUE_ID_SUFFIXES.items():
         if term_id is not None and term_id.endswith(suffix):
@@ -289,6 +294,11 @@ def _not_donor_tissue(obs: pd.DataFrame) -> np.ndarray:
     donor"). A missing `tissue_type` column means tissues (CELLxGENE before schema 5)."""
     given = obs["tissue_type"] if "tissue_type" in obs.columns else pd.Series(None, index=obs.index, dtype=object)
     codes, pairs = _distinct_pairs(obs["tissue_ontology_term_id"], given)
+    other = sorted({kind for _, kind in pairs if kind is not None
+                    and kind.lower() not in ("tissue", *NOT_DONOR_TISSUE_TYPES)})
+    if other:  # another dataset's column of that name ("Tumor" / "Normal"): its cells' tissues are kept
+        logger.warning("obs tissue_type holds values other than CELLxGENE's (tissue, %s): %s; their cells' tissues "
+                       "are read as a donor's tissues", ", ".join(NOT_DONOR_TISSUE_TYPES), other[:5])
     kinds = [_tissue_type(term, kind) for term, kind in pairs]
     names = np.array([None if k == "tissue" else "tissue_type_" + k.replace(" ", "_") for k in kinds], dtype=object)
     cells = Counter()

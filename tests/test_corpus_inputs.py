@@ -456,6 +456,23 @@ def test_organoids_and_cell_cultures_are_not_described_as_a_donors_tissue(tmp_pa
     assert summary["rejected"] == {"tissue_type_cell_culture": 6, "tissue_type_organoid": 7}
 
 
+def test_another_datasets_tissue_type_column_keeps_the_tissues(tmp_path, caplog):
+    """The second reader's finding: an h5ad whose tissue_type column means something else ("Tumor" / "Normal")
+    lost every cell's tissue; a cell without a tissue id was counted as an organoid's tissue left out."""
+    adata = _tiny_adata()
+    adata.obs["tissue_type"] = ["Tumor", "Normal"] * (N_CELLS // 2)
+    adata.obs.loc["cell01", "tissue_type"] = "organoid"
+    adata.obs.loc["cell01", ["tissue_ontology_term_id", "tissue"]] = ["unknown", "unknown"]
+    with caplog.at_level("WARNING", logger="processing.corpus"):
+        summary = build_corpus(_source(adata), tmp_path / "out", BuildOptions(**OPTIONS))
+    assert summary["left_out"] == {}
+    rows = {row["cell_id"]: row for row in _corpus_rows(tmp_path / "out")}
+    assert all(row["tissue"] == "blood" for cell, row in rows.items() if cell != "cell01")
+    assert rows["cell01"]["tissue"] is None
+    assert "obs tissue_type holds values other than CELLxGENE's (tissue, organoid, cell culture, cell line): " \
+           "['Normal', 'Tumor']; their cells' tissues are read as a donor's tissues" in caplog.text
+
+
 def test_sex_and_health_labels_without_ids_are_read_and_the_columns_say_what_the_text_says(tmp_path, caplog):
     """User labels mapped with --obs-map condition=disease gender=sex: "Healthy" and "Normal" were written as
     diseases ("a donor with Healthy"), and "Female", "M" or "F" left the text but stayed in the corpus sex column,

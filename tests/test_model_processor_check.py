@@ -226,8 +226,8 @@ def test_a_saved_config_reading_another_layer_than_its_prepared_encoder_is_refus
         return edit
 
     edited = edited_copy(composed_dir, tmp_path / "other-layer", edit_config=reading(0))
-    with pytest.raises(ValueError, match=r"gene_encoder_layer=0, but the gene encoder was prepared to be read at "
-                                         r"hidden state 1 .*Set gene_encoder_layer to 1 in config.json"):
+    with pytest.raises(ValueError, match=r"gene_encoder_layer=0, but the gene encoder was prepared on a corpus and "
+                                         r"trained to be read at hidden state 1 .*or set it to 1 in config.json"):
         Cell2TextForConditionalGeneration.from_pretrained(edited)
     for layer in (1, 1 - layers - 1):  # the same state, also counted from the end
         Cell2TextForConditionalGeneration.from_pretrained(
@@ -254,7 +254,7 @@ def test_a_processor_writing_other_text_or_reading_symbols_otherwise_is_refused(
             ("prompt", lambda config: config.update(system_prompt="You are a pathologist."), "prompt"),
             ("definitions", lambda config: config.update(definitions_in_model_text=False), "prompt"),
             ("symbols", swap_two_symbols, "gene_symbols")):
-        with pytest.raises(ModelProcessorMismatchError, match=rf"{part} checksum: model \w+, processor \w+ \(another "):
+        with pytest.raises(ModelProcessorMismatchError, match=rf"{part} checksum: model \w+, processor \w+ \(the processor has another "):
             Cell2TextProcessor.from_pretrained(edited_copy(tmp_path / "model", tmp_path / name, edit))
     swapped = edited_copy(tmp_path / "model", tmp_path / "tokens")
     tokenizer_file = swapped / "tokenizer.json"
@@ -263,7 +263,7 @@ def test_a_processor_writing_other_text_or_reading_symbols_otherwise_is_refused(
     first, second = list(vocab)[10:12]
     vocab[first], vocab[second] = vocab[second], vocab[first]
     tokenizer_file.write_text(json.dumps(content))
-    with pytest.raises(ModelProcessorMismatchError, match=r"text_vocabulary checksum: .*the tokenizer's vocabulary"):
+    with pytest.raises(ModelProcessorMismatchError, match=r"text_vocabulary checksum: .*another tokenizer vocabulary"):
         Cell2TextProcessor.from_pretrained(swapped)
     # another processor object given beside the model (tl, the pipeline)
     other = Cell2TextProcessor.from_pretrained(tmp_path / "model")

@@ -94,8 +94,9 @@ class NoStepPastMaxStepsMixin:
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
         done, wanted = self.state.global_step, self.state.max_steps
         if done > wanted:
-            raise ValueError(f"the resumed checkpoint was trained for {done} steps, more than --max_steps {wanted}: "
-                             f"resume with --max_steps {done} or more, or start a new run in another --output_dir.")
+            raise ValueError(f"the resumed checkpoint was trained for {done} steps, more than this run's {wanted} "
+                             f"(--max_steps, or --num_train_epochs times the steps per epoch): resume with --max_steps "
+                             f"{done} or more, or start a new run in another --output_dir.")
         if done == wanted:
             self.control.should_training_stop = True
             return None

@@ -758,7 +758,6 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     if args.init_from is not None:
         check_init_from_settings(args, model.config)
     model.config.training_corpus_fingerprints = summary.get("fingerprints")  # evaluation refuses another build
-    model.config.processor_sha256 = processor_sha256(processor)  # the processor it trains with, not init_from's
     if model.config.num_cell_tokens != processor.num_cell_tokens:
         raise ValueError(
             f"The model takes {model.config.num_cell_tokens} cell tokens but the processor expands "
@@ -801,6 +800,8 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     # 4. LoRA merged into the language model (weights sharded by FSDP or ZeRO-3 gathered first), its calibration on
     # validation cells, then the Hub-ready folder with the processor and pipeline.
     merged = merge_adapters(trainer)
+    if merged is not None:  # the processor it was trained with (TRL's chat_template_path sets its template), not
+        merged.config.processor_sha256 = processor_sha256(processor)  # init_from's
     fitted = calibrate(merged, processor, args, training_args, corpus.get("validation"))
     return save_merged(trainer, merged, final_dir, processor, {
         **stage_record, "train_runtime": train_output.metrics.get("train_runtime"), **fitted,
