@@ -609,7 +609,7 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
                 "from_pretrained_parts without feature_extractor: the gene vocabulary is not checked against the gene "
                 "encoder %s; pass the processor's feature extractor.", gene_encoder_path
             )
-        config_kwargs = cls._layer_of_prepared_encoder(encoder_config, str(gene_encoder_path), config_kwargs)
+        config_kwargs = cls._layer_of_prepared_encoder(encoder_config, config_kwargs)
         gene_encoder = AutoModel.from_pretrained(
             gene_encoder_path, add_pooling_layer=False, dtype=dtype, trust_remote_code=trust_remote_code
         )
@@ -647,7 +647,7 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
         return model
 
     @staticmethod
-    def _layer_of_prepared_encoder(encoder_config: Any, encoder_name: str, config_kwargs: dict) -> dict:
+    def _layer_of_prepared_encoder(encoder_config: Any, config_kwargs: dict) -> dict:
         """`config_kwargs` with `gene_encoder_layer` set to the layer a corpus-prepared encoder was trained at, where
         it is not given.
 
