@@ -226,6 +226,8 @@ class SchemaDescriptions:
     texts: list[str]
     labels: list[dict[str, str | None]]
     scores: list[dict[str, float | None]] = field(default_factory=list)
+    # per cell and choice: each completed option's text -> its log-likelihood; a choice of one option is not run
+    # through the model (nothing to choose), so its one option reads 0.0 (probability 1 among the options)
     log_likelihoods: list[dict[str, dict[str, float]]] = field(default_factory=list)
     # per cell and choice: the partial options the search left unexplored, (tree node, log-likelihood) (`ChoiceResult`)
     unexplored: list[dict[str, list[tuple[int, float]]]] = field(default_factory=list)
