@@ -156,7 +156,7 @@ def check_model_and_processor(config: Any, processor: Any, model_name: str = "th
     First fits the processor's tokens per cell to the encoder's positions (`fit_tokens_to_encoder`). Checked: the
     gene vocabulary's checksum, the gene ranking's (`gene_ranking_sha256`: medians and special tokens) and the
     processor's text side and symbols (`processor_sha256`), where the model records them (a warning where a model
-    loaded from a folder or repo, `saved`, records none), the gene vocabulary's size against the encoder's
+    loaded from a folder or repo, `saved`, records no gene checksum), the gene vocabulary's size against the encoder's
     embedding, the expression bins, the cell placeholder's token id, the number of cell tokens per cell, and the
     tokenizer's size against the language model's embedding.
     """
@@ -174,10 +174,10 @@ def check_model_and_processor(config: Any, processor: Any, model_name: str = "th
                         "special tokens than the processor saved with the model: every cell's genes would be "
                         "ranked in another order)")
     saved_parts, parts = getattr(config, "processor_sha256", None) or {}, processor_sha256(processor)
-    if saved and recorded is None and not saved_with and not saved_parts:
-        logger.warning("%s records no checksum of the processor it was saved with (gene_vocabulary_sha256, "
-                       "gene_ranking_sha256, processor_sha256 in config.json): a processor of another model cannot "
-                       "be told apart. Use the processor saved with the model.", model_name)
+    if saved and recorded is None and not saved_with:
+        logger.warning("%s records no checksum of the gene vocabulary and ranking of the processor it was saved with "
+                       "(gene_vocabulary_sha256, gene_ranking_sha256 in config.json): a processor of another model "
+                       "cannot be told apart. Use the processor saved with the model.", model_name)
     for name in sorted(set(saved_parts) & set(parts)):
         if saved_parts[name] != parts[name]:
             problems.append(f"{name} checksum: model {saved_parts[name]}, processor {parts[name]} (the processor "

@@ -32,6 +32,21 @@ def hidden_state_index(layer: int, num_layers: int) -> int:
     return layer % (num_layers + 1)
 
 
+def check_prepared_encoder_layer(gene_encoder_layer: int, gene_encoder_config) -> None:
+    """Refuse reading an encoder prepared on a corpus (`PREPARED_ENCODER_KEY`) at another hidden state than the one
+    it was trained to be read at: the projector would read states it was not trained on. Checked where a model is
+    composed (before its parts load) and wherever a config is built, so an edited config.json is refused too."""
+    prepared = getattr(gene_encoder_config, PREPARED_ENCODER_KEY, None) or {}
+    trained, num_layers = prepared.get("feature_layer"), gene_encoder_config.num_hidden_layers
+    if trained is not None and hidden_state_index(gene_encoder_layer, num_layers) != hidden_state_index(
+            trained, num_layers):
+        raise ValueError(
+            f"gene_encoder_layer={gene_encoder_layer}, but the gene encoder was prepared on a corpus and trained to be "
+            f"read at hidden state {trained} of its {num_layers} layer(s) (gene_encoder_config.{PREPARED_ENCODER_KEY}"
+            ".feature_layer): the projector would read states it was not trained on. Leave gene_encoder_layer (the "
+            f"recipe's --gene_encoder_layer) unset when composing the model, or set it to {trained} in config.json.")
+
+
 class Cell2TextConfig(PreTrainedConfig):
     r"""
     Configuration of a [`Cell2TextForConditionalGeneration`].
@@ -172,16 +187,7 @@ class Cell2TextConfig(PreTrainedConfig):
                 f"gene_encoder_layer={self.gene_encoder_layer} is outside the encoder's hidden states "
                 f"(valid: {-(num_layers + 1)}..{num_layers} for {num_layers} layers)."
             )
-        prepared = getattr(self.gene_encoder_config, PREPARED_ENCODER_KEY, None) or {}
-        trained = prepared.get("feature_layer")
-        if trained is not None and hidden_state_index(self.gene_encoder_layer, num_layers) != hidden_state_index(
-                trained, num_layers):  # from_pretrained_parts refuses it; an edited config.json gave other states
-            raise ValueError(
-                f"gene_encoder_layer={self.gene_encoder_layer}, but the gene encoder was prepared on a corpus and "
-                f"trained to be read at hidden state {trained} of its {num_layers} layer(s) (gene_encoder_config."
-                f"{PREPARED_ENCODER_KEY}.feature_layer): the projector would read states it was not trained on. Leave "
-                f"gene_encoder_layer unset when composing the model (from_pretrained_parts), or set it to {trained} "
-                "in config.json.")
+        check_prepared_encoder_layer(self.gene_encoder_layer, self.gene_encoder_config)
         if not 0 <= self.cell_token_id:
             raise ValueError(f"cell_token_id must be a non-negative token id, got {self.cell_token_id}.")
         if not 0 < self.cell_type_temperature < math.inf:  # infinity made every score 1 / (number of labels)

@@ -27,7 +27,7 @@ from transformers.utils import (CONFIG_NAME, GENERATION_CONFIG_NAME, can_return_
 from .cell_inputs import CELL_INPUT_NAMES, CELL_ROW_KEYS
 from .compatibility import (PREPARED_ENCODER_KEY, check_gene_vocabulary, gene_vocabulary_sha256, hub_kwargs,
                             saved_file)
-from .configuration_cell2text import Cell2TextConfig, hidden_state_index
+from .configuration_cell2text import Cell2TextConfig, check_prepared_encoder_layer, hidden_state_index
 
 logger = logging.get_logger(__name__)
 
@@ -660,10 +660,11 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
             if requested is not None:
                 config_kwargs["gene_encoder_layer"] = requested
             return config_kwargs
-        trained, num_layers = prepared["feature_layer"], encoder_config.num_hidden_layers
-        same = requested is None or hidden_state_index(requested, num_layers) == hidden_state_index(trained, num_layers)
-        # another layer is refused by the config (`Cell2TextConfig.validate_cell2text`), as in a saved config.json
-        config_kwargs["gene_encoder_layer"] = trained if same else requested
+        if requested is not None:  # refused here, before the parts' weights load, as the config would
+            check_prepared_encoder_layer(requested, encoder_config)
+        num_layers = encoder_config.num_hidden_layers
+        in_range = requested is None or -(num_layers + 1) <= requested <= num_layers  # else the config refuses it
+        config_kwargs["gene_encoder_layer"] = prepared["feature_layer"] if in_range else requested
         return config_kwargs
 
 

@@ -271,15 +271,13 @@ def _unstatable(field: str, codes: np.ndarray, pairs: list, resolved: list) -> l
 # suffix of the tissue id; without either, a CL or Cellosaurus id still says which, and any other id is a tissue.
 _TISSUE_ID_SUFFIXES = {" (organoid)": "organoid", " (cell culture)": "cell culture"}
 _TISSUE_ID_PREFIXES = {"CL:": "cell culture", "CVCL_": "cell line"}
-NOT_DONOR_TISSUE_TYPES = ("organoid", "cell culture", "cell line")
+# CELLxGENE's tissue_type values other than "tissue" (schema 5 "cell culture", schema 6+ "primary cell culture").
+NOT_DONOR_TISSUE_TYPES = ("organoid", "primary cell culture", "cell culture", "cell line")
 
 
 def _tissue_type(term_id: str | None, given: str | None) -> str:
     """What a cell's tissue id names: obs `tissue_type` (lower case) where it is one of CELLxGENE's kinds other than
-    "tissue", else what the id says (a schema 4 suffix, a CL or Cellosaurus id), else "tissue". A cell without a
-    tissue id has nothing to leave out: "tissue"."""
-    if term_id is None or term_id in MISSING_VALUES:
-        return "tissue"
+    "tissue", else what the id says (a schema 4 suffix, a CL or Cellosaurus id), else "tissue"."""
     if given is not None and given.lower() in NOT_DONOR_TISSUE_TYPES:
         return given.lower()
     for suffix, kind in _TISSUE_ID_SUFFIXES.items():
@@ -301,16 +299,18 @@ def _not_donor_tissue(obs: pd.DataFrame) -> np.ndarray:
                        "are read as a donor's tissues", ", ".join(NOT_DONOR_TISSUE_TYPES), other[:5])
     kinds = [_tissue_type(term, kind) for term, kind in pairs]
     names = np.array([None if k == "tissue" else "tissue_type_" + k.replace(" ", "_") for k in kinds], dtype=object)
-    cells = Counter()
-    for kind, count in zip(kinds, np.bincount(codes, minlength=len(pairs)).tolist()):
-        cells[kind] += count
-    cells.pop("tissue", None)
+    names = names[codes]
+    labels = obs["tissue"] if "tissue" in obs.columns else pd.Series(None, index=obs.index, dtype=object)
+    no_tissue = (obs["tissue_ontology_term_id"].map(clean).isna() & labels.map(clean).isna()).to_numpy()
+    names[no_tissue] = None  # neither an id nor a label: nothing to leave out
+    cells = Counter(pd.Series(names).dropna().str.removeprefix("tissue_type_").str.replace("_", " ").value_counts()
+                    .to_dict())
     if cells:
         logger.warning("%d cells are no donor's tissue (obs tissue_type or their tissue id: %s), so their descriptions "
                        "and corpus columns leave the tissue out rather than state it as the donor's; summary.json "
                        "counts them under left_out", sum(cells.values()),
                        ", ".join(f"{kind} {n}" for kind, n in sorted(cells.items())))
-    return names[codes]
+    return names
 
 
 def _warn_free_labels(field: str, labels: np.ndarray, ids: np.ndarray) -> None:

@@ -461,16 +461,21 @@ def test_another_datasets_tissue_type_column_keeps_the_tissues(tmp_path, caplog)
     lost every cell's tissue; a cell without a tissue id was counted as an organoid's tissue left out."""
     adata = _tiny_adata()
     adata.obs["tissue_type"] = ["Tumor", "Normal"] * (N_CELLS // 2)
-    adata.obs.loc["cell01", "tissue_type"] = "organoid"
-    adata.obs.loc["cell01", ["tissue_ontology_term_id", "tissue"]] = ["unknown", "unknown"]
+    adata.obs["tissue_type"] = adata.obs["tissue_type"].astype(object)
+    adata.obs.loc[["cell01", "cell02"], "tissue_type"] = "organoid"
+    adata.obs.loc["cell01", ["tissue_ontology_term_id", "tissue"]] = ["unknown", "unknown"]  # nothing to leave out
+    adata.obs.loc["cell02", "tissue_ontology_term_id"] = "unknown"  # a label without its id is left out too
+    adata.obs.loc["cell04", "tissue_type"] = "primary cell culture"  # schema 6's name
     with caplog.at_level("WARNING", logger="processing.corpus"):
         summary = build_corpus(_source(adata), tmp_path / "out", BuildOptions(**OPTIONS))
-    assert summary["left_out"] == {}
+    assert summary["left_out"] == {"tissue_type_organoid": 1, "tissue_type_primary_cell_culture": 1}
     rows = {row["cell_id"]: row for row in _corpus_rows(tmp_path / "out")}
-    assert all(row["tissue"] == "blood" for cell, row in rows.items() if cell != "cell01")
-    assert rows["cell01"]["tissue"] is None
-    assert "obs tissue_type holds values other than CELLxGENE's (tissue, organoid, cell culture, cell line): " \
-           "['Normal', 'Tumor']; their cells' tissues are read as a donor's tissues" in caplog.text
+    assert all(row["tissue"] == "blood" for cell, row in rows.items() if cell not in ("cell01", "cell02", "cell04"))
+    assert rows["cell01"]["tissue"] is rows["cell02"]["tissue"] is rows["cell04"]["tissue"] is None
+    assert "obs tissue_type holds values other than CELLxGENE's (tissue, organoid, primary cell culture, cell " \
+           "culture, cell line): ['Normal', 'Tumor']; their cells' tissues are read as a donor's tissues" in caplog.text
+    assert "2 cells are no donor's tissue (obs tissue_type or their tissue id: organoid 1, primary cell culture 1)" \
+        in caplog.text
 
 
 def test_sex_and_health_labels_without_ids_are_read_and_the_columns_say_what_the_text_says(tmp_path, caplog):

@@ -371,8 +371,10 @@ def test_an_encoder_prepared_on_a_corpus_takes_that_vocabulary_only_and_is_read_
     selected = batch["gene_token_mask"].bool() & (batch["gene_token_mask"].cumsum(1) <= 8)
     assert torch.allclose(features, model.model.multi_modal_projector(last[selected]))
     assert compose(encoder_dir, lm_dir, corpus_vocabulary, gene_encoder_layer=2).config.gene_encoder_layer == -1
-    with pytest.raises(ValueError, match="trained to be read at hidden state -1.*Leave gene_encoder_layer unset"):
+    with pytest.raises(ValueError, match="trained to be read at hidden state -1.*Leave gene_encoder_layer .*unset"):
         compose(encoder_dir, lm_dir, corpus_vocabulary, gene_encoder_layer=-2)
+    with pytest.raises(ValueError, match="gene_encoder_layer=5 is outside the encoder's hidden states"):
+        compose(encoder_dir, lm_dir, corpus_vocabulary, gene_encoder_layer=5)  # the same state modulo 3: was taken
     # another corpus's vocabulary of the same size, or a Geneformer one, would index the wrong embeddings
     other = tiny_vocabulary(60, kind="corpus", corpus="other")
     other.gene_token_ids = {**other.gene_token_ids, "ENSG00000000001": 5, "ENSG00000000002": 4}
