@@ -29,7 +29,6 @@ from transformers import (AutoModelForCausalLM, GenerationConfig, GenerationMixi
 from .cell_inputs import anndata_matrix, empty_cells_error, format_cells
 from .compatibility import (check_model_and_processor, gene_ranking_sha256, gene_vocabulary_sha256,
                             processor_sha256, recorded_gene_vocabulary_sha256, saved_file)
-from .description_schema import ONTOLOGY_FIELDS, CellDescription
 from .label_scoring import constrains, constrains_by_default
 from .modeling_cell2text import DESCRIPTION_MAX_NEW_TOKENS, foreign_weight_files
 from .rank_value import as_csr
@@ -320,13 +319,8 @@ class Cell2TextPipeline(Pipeline):
         if "schema" in model_outputs:
             return schema_results(self.processor, model_outputs["schema"])
         texts = self.processor.post_process_generation(model_outputs["generated_ids"], model_outputs["prompt_length"])
-        results = self.processor.parse_descriptions(texts)
         ended = model_outputs.get("ended")
-        if ended is not None:  # a text cut short may still parse, its later fields missing: none is given then
-            no_fields = {**CellDescription().to_dict(),
-                         **{f"{name}_ontology_term_id": None for name in ONTOLOGY_FIELDS}}
-            results = [result if bool(end) else {**result, **no_fields, "parsed": False}
-                       for result, end in zip(results, ended, strict=True)]
+        results = self.processor.parse_descriptions(texts, None if ended is None else ended.tolist())
         return [{**result, "cell_type_score": None} for result in results]
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:

@@ -315,14 +315,18 @@ class Cell2TextProcessor(ProcessorMixin):
         texts = self.tokenizer.batch_decode(generated_ids[:, prompt_length:], skip_special_tokens=True)
         return [self.reader_text(t.strip()) for t in texts]
 
-    def parse_descriptions(self, texts: Sequence[str]) -> list[dict]:
+    def parse_descriptions(self, texts: Sequence[str], whole: Sequence[bool] | None = None) -> list[dict]:
         """Parse generated descriptions into fields plus their ontology term IDs (None where unknown).
 
         Each result has `parsed` (False where the text does not follow the template, all fields None then).
+        `whole` (per text): False where generation stopped before the model ended the text (cut at max_new_tokens):
+        such a text is not parsed either, since a cut at a sentence's end would parse with its later fields missing.
         """
         results = []
-        for text in texts:
+        for text, complete in zip(texts, [True] * len(texts) if whole is None else whole, strict=True):
             try:
+                if not complete:
+                    raise DescriptionParseError("cut before its end")
                 fields = parse_description(text).to_dict()
                 parsed = True
             except DescriptionParseError:
