@@ -255,8 +255,8 @@ def _reject_fix(reason: str) -> str:
     if reason.startswith("obsolete_"):
         return "a field listed in --required-fields holds obsolete terms without a replacement: update them"
     if reason.startswith("tissue_type_"):
-        return ("the cells are no donor's tissue (obs tissue_type: organoid, cell culture or cell line), so their "
-                "tissue is not stated: leave tissue out of --required-fields")
+        return ("the cells are no donor's tissue (obs tissue_type: an organoid, a cell culture or a cell line), so "
+                "their tissue is not stated: leave tissue out of --required-fields")
     if reason == "sex_not_female_or_male":
         return ("the description states female or male only: give sex_ontology_term_id PATO:0000383 / PATO:0000384 "
                 "where the labels mean those, or leave sex out of --required-fields")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -297,19 +296,19 @@ def _not_donor_tissue(obs: pd.DataFrame) -> np.ndarray:
     if other:  # another dataset's column of that name ("Tumor" / "Normal"): its cells' tissues are kept
         logger.warning("obs tissue_type holds values other than CELLxGENE's (tissue, %s): %s; their cells' tissues "
                        "are read as a donor's tissues", ", ".join(NOT_DONOR_TISSUE_TYPES), other[:5])
-    kinds = [_tissue_type(term, kind) for term, kind in pairs]
-    names = np.array([None if k == "tissue" else "tissue_type_" + k.replace(" ", "_") for k in kinds], dtype=object)
-    names = names[codes]
+    kinds = np.array([_tissue_type(term, kind) for term, kind in pairs], dtype=object)[codes]
     labels = obs["tissue"] if "tissue" in obs.columns else pd.Series(None, index=obs.index, dtype=object)
     no_tissue = (obs["tissue_ontology_term_id"].map(clean).isna() & labels.map(clean).isna()).to_numpy()
-    names[no_tissue] = None  # neither an id nor a label: nothing to leave out
-    cells = Counter(pd.Series(names).dropna().str.removeprefix("tissue_type_").str.replace("_", " ").value_counts()
-                    .to_dict())
-    if cells:
+    kinds[no_tissue] = "tissue"  # neither an id nor a label: nothing to leave out
+    cells = pd.Series(kinds[kinds != "tissue"], dtype=object).value_counts().sort_index()
+    if len(cells):
         logger.warning("%d cells are no donor's tissue (obs tissue_type or their tissue id: %s), so their descriptions "
                        "and corpus columns leave the tissue out rather than state it as the donor's; summary.json "
-                       "counts them under left_out", sum(cells.values()),
-                       ", ".join(f"{kind} {n}" for kind, n in sorted(cells.items())))
+                       "counts them under left_out", cells.sum(),
+                       ", ".join(f"{kind} {n}" for kind, n in cells.items()))
+    names = np.full(len(kinds), None, dtype=object)
+    other = kinds != "tissue"
+    names[other] = ("tissue_type_" + pd.Series(kinds[other], dtype=object).str.replace(" ", "_")).to_numpy(dtype=object)
     return names
 
 
