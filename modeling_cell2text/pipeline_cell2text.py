@@ -291,8 +291,9 @@ class Cell2TextPipeline(Pipeline):
             generated = generated.sequences
         check_outputs_line_up(model_inputs["input_ids"], generated)
         settings = self._get_set_generation_params(generate_kwargs)
-        ended = ended_at_end_of_text(generated[:, prompt_length:], self.processor.tokenizer.eos_token_id,
-                                     settings.get("eos_token_id"))
+        tokenizer = self.processor.tokenizer
+        ended = ended_at_end_of_text(generated[:, prompt_length:], tokenizer.eos_token_id, settings.get("eos_token_id"))
+        ended &= ~ends_at_a_stop_string(generated[:, prompt_length:], tokenizer, settings.get("stop_strings"))
         return {"generated_ids": generated, "prompt_length": prompt_length, "ended": ended,
                 "max_new_tokens": settings.get("max_new_tokens")}
 
@@ -383,8 +384,8 @@ def ended_at_end_of_text(new_tokens: torch.Tensor, eos_token_id: int | None, sto
     token a description is trained to end with (`Cell2TextProcessor._target_ids`), rather than at max_new_tokens or
     at another stop id (`stop_ids`: the generation settings' eos_token_id). A row's first stop token decides, since
     rows that stopped are padded, possibly with the end-of-text id. On the CPU; all True where the tokenizer has no
-    end-of-text token (nothing to tell by). A stop at `stop_strings` is told only where the padding is not the
-    end-of-text id (a tokenizer with a pad token)."""
+    end-of-text token (nothing to tell by). A stop at `stop_strings` padded with the end-of-text id reads as ended
+    here: `ends_at_a_stop_string` tells it."""
     rows = new_tokens.shape[0]
     if eos_token_id is None:
         return torch.ones(rows, dtype=torch.bool)
@@ -394,6 +395,25 @@ def ended_at_end_of_text(new_tokens: torch.Tensor, eos_token_id: int | None, sto
     is_stop = torch.isin(new_tokens, torch.tensor(sorted(stops), device=new_tokens.device))
     first = is_stop.int().argmax(dim=1, keepdim=True)  # 0 in a row without any: is_stop.any is False there
     return (is_stop.any(dim=1) & (new_tokens.gather(1, first)[:, 0] == eos_token_id)).cpu()
+
+
+def ends_at_a_stop_string(new_tokens: torch.Tensor, tokenizer: Any, stop_strings: str | Sequence[str] | None
+                          ) -> torch.Tensor:
+    """Per row of generated tokens (prompt removed), whether its text, up to its first end-of-text token, ends with
+    one of `stop_strings`: generation stopped it there (a row stops at the step that completes a stop string, so no
+    model-ended text ends with one). Rows that stopped are padded, with the end-of-text id where the tokenizer has
+    no pad token, so `ended_at_end_of_text` alone reads such a row as ended. On the CPU."""
+    rows = new_tokens.shape[0]
+    if not stop_strings:
+        return torch.zeros(rows, dtype=torch.bool)
+    stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+    eos = tokenizer.eos_token_id
+    stopped = []
+    for row in new_tokens.tolist():
+        text = tokenizer.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=False,
+                                clean_up_tokenization_spaces=False)
+        stopped.append(any(text.endswith(stop) for stop in stop_strings))
+    return torch.tensor(stopped, dtype=torch.bool)
 
 
 def resolve_cells(
@@ -556,6 +576,6 @@ def register_cell2text_pipeline() -> None:
 
 __all__ = [
     "Cell2TextPipeline", "CellBatch", "DescribeOptions", "NaNLogitsFlag", "cell_batches", "cells_per_block",
-    "check_outputs_line_up", "ended_at_end_of_text", "length_order", "rank_block", "resolve_cells",
+    "check_outputs_line_up", "ended_at_end_of_text", "ends_at_a_stop_string", "length_order", "rank_block", "resolve_cells",
     "register_cell2text_pipeline", "custom_pipelines_entry", "save_model_folder",
 ]

@@ -449,6 +449,42 @@ def test_a_rows_first_stop_token_tells_whether_it_ended_at_end_of_text():
     assert ended_at_end_of_text(rows[:, :0], eos, None).tolist() == [False] * 4
 
 
+def test_a_row_stopped_at_a_stop_string_is_cut_though_end_of_text_pads_it(trained_dir):
+    """The finding left at stop 40: with a tokenizer whose pad token is its end of text, a row stopped by
+    `stop_strings` while others went on was padded with end-of-text and read as ended, so a description cut at a
+    sentence boundary parsed with its later fields missing."""
+    from modeling_cell2text.pipeline_cell2text import ended_at_end_of_text, ends_at_a_stop_string
+
+    describe = local_pipeline(trained_dir)
+    tokenizer = describe.processor.tokenizer
+    eos = tokenizer.eos_token_id
+    first_sentence = DESCRIPTION.split(" It ")[0]
+    cut = tokenizer(first_sentence, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(DESCRIPTION, add_special_tokens=False)["input_ids"]
+    rows = torch.tensor([cut + [eos] * (len(whole) + 1 - len(cut)), whole + [eos]])
+    assert describe.processor.parse_descriptions([first_sentence])[0]["parsed"]  # what the stop would give
+    assert ended_at_end_of_text(rows, eos, eos).tolist() == [True, True]  # the end-of-text padding misleads
+    assert ends_at_a_stop_string(rows, tokenizer, ["cell."]).tolist() == [True, False]
+    assert ends_at_a_stop_string(rows, tokenizer, "cell.").tolist() == [True, False]
+    assert ends_at_a_stop_string(rows, tokenizer, None).tolist() == [False, False]
+    assert ends_at_a_stop_string(rows, tokenizer, ["blood"]).tolist() == [False, False]
+
+    # Through the pipeline: generate as it returns a batch where only the first row met the stop string.
+    real_generate = describe.model.generate
+
+    def first_row_stopped(**kwargs):
+        kwargs.pop("stop_strings")
+        generated = real_generate(**kwargs)
+        prompt = kwargs["input_ids"].shape[1]
+        generated[0, prompt + len(cut):] = eos
+        return generated
+
+    describe.model.generate = first_row_stopped
+    results = describe(random_counts(2), gene_ids=GENES, constrained=False, stop_strings=["cell."])
+    assert [r["description"] for r in results] == [first_sentence, DESCRIPTION]
+    assert [r["parsed"] for r in results] == [False, True] and results[0]["cell_type"] is None
+
+
 def test_gene_ids_with_a_dataframe_must_be_its_columns(random_pipeline):
     """The reviewer's finding: gene_ids given with a DataFrame were used instead of its columns, so the values of
     one gene were read as another's."""
