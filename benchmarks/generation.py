@@ -11,7 +11,7 @@ Targets (issue #5): batch 16 >= 4x the cells/s of batch 1; outside-generate shar
 `--sort-by-length` gives the cells between a tenth of `--genes-per-cell` and all of it expressed genes and times
 each batch size in the given order and longest first (the pipeline's `sort_by_length`), alternating, twice.
 `--label-scaling` times, on the same cells at batch 16: free generation (`--new-tokens` at most), the former
-constrained describe (every cell-type label scored, the rest written freely: `label_scoring.generate_with_cell_type`)
+constrained describe (every cell-type label scored, the rest written freely: `former_describe.py`)
 and the schema-constrained decoder (the default) with the processor's cell-type labels replaced by 10, 100 and 700
 real Cell Ontology labels (the model's own labels first): cells/s, model calls and text tokens run per batch, and
 how many cells get the same cell type as exhaustive scoring. Targets (issue 18): the decoder >= 3x the former
@@ -179,7 +179,8 @@ def label_scaling(describe, cells, vocabulary, new_tokens: int, batch_size: int 
     """The decoders side by side on the same cells (see the module doc)."""
     import torch
 
-    from modeling_cell2text.label_scoring import generate_with_cell_type, score_cell_types
+    from benchmarks.former_describe import generate_with_cell_type
+    from modeling_cell2text.label_scoring import score_cell_types
     from modeling_cell2text.schema_decoding import SchemaDecoder
 
     processor, model = describe.processor, describe.model

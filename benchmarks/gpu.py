@@ -395,14 +395,13 @@ FORMER = "former constrained describe"
 
 def former_describe(describe, cells: sp.csr_matrix, genes: list[str], new_tokens: int) -> list[str]:
     """The describe path the schema decoder replaced (issue 18's baseline): every known cell-type label scored
-    (`label_scoring.score_cell_types`), the best one's sentence written, the rest generated freely (`new_tokens`)."""
-    from modeling_cell2text.label_scoring import generate_with_cell_type
+    (`former_describe.py`), the best one's sentence written, the rest generated freely (`new_tokens`)."""
+    from benchmarks.former_describe import generate_with_cell_type
 
     tokenized = describe.processor.feature_extractor.tokenize(cells, genes)
     inputs = {name: value.to(describe.model.device) for name, value in describe.preprocess(tokenized).items()}
-    generated = generate_with_cell_type(describe.model, describe.processor, inputs, max_new_tokens=new_tokens,
-                                        min_new_tokens=new_tokens, do_sample=False)
-    return generated.texts
+    return generate_with_cell_type(describe.model, describe.processor, inputs, max_new_tokens=new_tokens,
+                                   min_new_tokens=new_tokens, do_sample=False)
 
 
 @contextmanager

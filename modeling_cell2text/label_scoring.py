@@ -2,14 +2,13 @@
 
 A description's first sentence names the cell type ("This sample consists of a {cell_type}.", rendered by
 `description_schema`, the one owner of the template). `score_cell_types` scores every candidate label by the
-log-likelihood the model gives that sentence after the prompt; `generate_with_cell_type` writes the chosen
-sentence and lets the model write the rest of the description after it. The candidates are the cell-type labels
+log-likelihood the model gives that sentence after the prompt. The candidates are the cell-type labels
 the processor learnt from its training corpus (`processor.ontology_term_ids["cell_type"]`), so every predicted
 cell type has its Cell Ontology id.
 
 Describing uses the schema-constrained decoder (`schema_decoding.py`); here `score_cell_types` is the exhaustive
-reference it is tested against and what fits `cell_type_temperature`, and `generate_with_cell_type` the former
-describe path, kept for the benchmarks' comparison.
+reference it is tested against and what fits `cell_type_temperature` (the former describe path built on it is the
+benchmarks' baseline, `benchmarks/former_describe.py`).
 
 This file travels as remote code with a saved model: it imports only torch and its sibling modules.
 """
@@ -24,7 +23,6 @@ import torch
 
 from .description_schema import CellDescription, DescriptionParseError, parse_description, render_description
 from .cell_inputs import CELL_INPUT_NAMES
-from .text_padding import check_outputs_line_up, pad_token_rows, text_pad_token_id
 
 # Rows (cells x candidates) of one scoring forward pass: bounds the logits held at once (rows x span x vocabulary).
 DEFAULT_MAX_ROWS = 64
@@ -229,73 +227,12 @@ def fit_temperature(log_likelihoods: torch.Tensor, targets: torch.Tensor, bounds
     return 2.0 / (low + high)
 
 
-@dataclass
-class ConstrainedGeneration:
-    """Descriptions whose first sentence is the chosen candidate label, with the scores behind the choice."""
-
-    texts: list[str]
-    scores: CellTypeScores
-
-
-@torch.no_grad()
-def generate_with_cell_type(
-    model,
-    processor,
-    inputs: Mapping[str, torch.Tensor],
-    candidates: Sequence[str] | None = None,
-    max_rows: int = DEFAULT_MAX_ROWS,
-    **generate_kwargs,
-) -> ConstrainedGeneration:
-    """Describe each cell of `inputs` with its cell type restricted to `candidates` (default: the processor's labels).
-
-    The most likely candidate (`score_cell_types`) is written as the first sentence; the model then writes the
-    rest of the description after it (`model.generate`, greedy unless `generate_kwargs` say otherwise;
-    `max_new_tokens` counts the tokens after the first sentence). The gene encoder runs once for scoring and once
-    in generation's prefill.
-    """
-    scores = score_cell_types(model, processor, inputs, candidates, max_rows)
-    tokenizer = processor.tokenizer
-    pad_id = text_pad_token_id(tokenizer)
-    rows = []
-    forced = []
-    for i, label in enumerate(scores.labels):
-        prompt = inputs["input_ids"][i][inputs["attention_mask"][i].bool()].tolist()
-        forced.append(tokenizer(cell_type_sentence(label), add_special_tokens=False)["input_ids"])
-        rows.append(prompt + forced[-1])
-    device = inputs["input_ids"].device
-    padded = {name: torch.tensor(value, device=device) for name, value in pad_token_rows(rows, pad_id).items()}
-    cell_inputs = {k: inputs[k] for k in CELL_INPUT_NAMES if inputs.get(k) is not None}
-    generate_kwargs.setdefault("pad_token_id", pad_id)
-    generated = model.generate(**padded, **cell_inputs, **generate_kwargs)
-    check_outputs_line_up(padded["input_ids"], generated)
-    width = padded["input_ids"].shape[1]
-    texts = [  # with the definition written in where the model does not write it
-        processor.reader_text(tokenizer.decode(first + generated[i, width:].tolist(), skip_special_tokens=True).strip())
-        for i, first in enumerate(forced)
-    ]
-    return ConstrainedGeneration(texts, scores)
-
-
-def constrained_results(processor, generation: ConstrainedGeneration) -> list[dict]:
-    """The processor's parsed fields of each description, with the cell type (and its ontology id) from the scoring
-    and its probability as `cell_type_score`. The cell type is the chosen label even where the rest of the text
-    does not parse (`parsed` is then False)."""
-    results = processor.parse_descriptions(generation.texts)
-    term_ids = processor.ontology_term_ids.get("cell_type", {})
-    for result, label, score in zip(results, generation.scores.labels, generation.scores.scores):
-        result.update(cell_type=label, cell_type_ontology_term_id=term_ids.get(label), cell_type_score=score)
-    return results
-
-
 __all__ = [
     "CellTypeScores",
-    "ConstrainedGeneration",
     "cell_type_candidates",
     "cell_type_sentence",
-    "constrained_results",
     "fit_temperature",
     "constrains_by_default",
-    "generate_with_cell_type",
     "cache_rows",
     "candidate_sentence_tokens",
     "score_cell_types",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -17,9 +20,7 @@ from modeling_cell2text import (
 from modeling_cell2text.label_scoring import (
     cell_type_candidates,
     cell_type_sentence,
-    constrained_results,
     fit_temperature,
-    generate_with_cell_type,
     score_cell_types,
 )
 
@@ -96,23 +97,26 @@ def test_confidence_equals_a_direct_log_likelihood_and_sums_to_one(model_and_pro
                                scores.log_likelihoods, atol=1e-4, rtol=1e-4)
 
 
-def test_constrained_descriptions_name_only_known_labels(model_and_processor):
+def test_the_benchmarks_former_describe_writes_the_best_label_first(model_and_processor):
+    """benchmarks/former_describe.py (the baseline the schema decoder is timed against): each text starts with its
+    cell's most likely known label, and the model writes on after it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.former_describe import generate_with_cell_type
+
     model, processor = model_and_processor
     inputs = processor(counts(6, seed=2), GENES)
     free = processor.parse_descriptions(processor.post_process_generation(
         model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id),
         inputs["input_ids"].shape[1]))
     assert not any(r["cell_type"] in CELL_TYPES for r in free), "a random model writes no known label freely"
-    generation = generate_with_cell_type(model, processor, inputs, max_new_tokens=6, do_sample=False)
-    results = constrained_results(processor, generation)
-    assert len(results) == 6
-    for text, label, result in zip(generation.texts, generation.scores.labels, results):
-        assert label in CELL_TYPES
+    texts = generate_with_cell_type(model, processor, inputs, max_new_tokens=6, do_sample=False)
+    labels = score_cell_types(model, processor, inputs).labels
+    assert len(texts) == 6 and all(label in CELL_TYPES for label in labels)
+    for text, label in zip(texts, labels):
         assert text.startswith(cell_type_sentence(label))
         assert len(text) > len(cell_type_sentence(label)), "the model writes on after the forced sentence"
-        assert result["cell_type"] == label and result["cell_type_ontology_term_id"] == CELL_TYPES[label]
-        assert 0 < result["cell_type_score"] <= 1
-    assert [r["cell_type_score"] for r in results] == pytest.approx(generation.scores.scores)
+    with pytest.raises(RuntimeError, match="wrong cells.*num_return_sequences=1"):
+        generate_with_cell_type(model, processor, inputs, max_new_tokens=2, num_beams=2, num_return_sequences=2)
 
 
 def test_score_of_labels_outside_the_candidates_is_none(model_and_processor):
@@ -131,13 +135,6 @@ def test_candidates_need_known_labels(model_and_processor):
     model, _ = model_and_processor
     with pytest.raises(ValueError, match="remove it from the candidates"):
         score_cell_types(model, processor, processor(counts(1), GENES), candidates=["B cell", "cell type. 2"])
-
-
-def test_several_sequences_per_cell_are_refused(model_and_processor):
-    model, processor = model_and_processor
-    inputs = processor(counts(2), GENES)
-    with pytest.raises(RuntimeError, match="wrong cells.*num_return_sequences=1"):
-        generate_with_cell_type(model, processor, inputs, max_new_tokens=2, num_beams=2, num_return_sequences=2)
 
 
 def test_a_label_sentence_tokenizes_as_it_starts_a_training_description(model_and_processor):
