@@ -88,10 +88,13 @@ def generate_descriptions(
 
 
 def free_cell_type(text: str) -> str | None:
-    """The cell type a description's first sentence names, or None where that sentence does not parse."""
-
+    """The cell type a description's first sentence names, or None where that sentence does not parse or has no
+    period (cut by the token limit: its label may be cut too, and would count as invented)."""
+    sentence = first_sentence(text)
+    if not text.strip().startswith(sentence):
+        return None
     try:
-        return parse_description(first_sentence(text)).cell_type
+        return parse_description(sentence).cell_type
     except DescriptionParseError:
         return None
 
