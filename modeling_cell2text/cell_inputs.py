@@ -52,6 +52,22 @@ def anndata_matrix(adata: Any, layer: str | None = None, raw: bool = False) -> A
                          "adata.to_memory()[rows]") from error
 
 
+def check_gene_ids_in_var_order(gene_ids: Sequence[Any], var: Any, where: str) -> None:
+    """Refuse `gene_ids` given with an AnnData that name its genes (its var index or a text column of var) in
+    another order: the values of one gene would be read as another's. (Other names, such as Ensembl ids for a var
+    of symbols, cannot be checked and are taken in var's order.)"""
+    given = [str(gene) for gene in gene_ids]
+    named = {"index": [str(name) for name in var.index]}
+    named.update({column: [str(name) for name in var[column].values] for column in var.columns
+                  if var[column].dtype == object or str(var[column].dtype) in ("category", "string", "str")})
+    for column, names in named.items():
+        if given != names and sorted(given) == sorted(names):
+            raise ValueError(
+                f"gene_ids name the genes of {where} ({column}) in another order: the values of one gene would be "
+                "read as another's. Leave gene_ids out (the genes are read from var), or pass them in var's order."
+            )
+
+
 def resolve_input(
     cells: Any, gene_ids: Sequence[Any] | None, layer: str | None, symbol_to_gene: Mapping[str, str]
 ) -> tuple[Any, Sequence[Any], Sequence[str] | None]:
@@ -69,6 +85,8 @@ def resolve_input(
             raise ValueError("adata.X is None; pass layer=... naming the layer that holds the counts")
         if gene_ids is None:
             gene_ids = var_gene_ids(cells.var, symbol_to_gene)
+        else:
+            check_gene_ids_in_var_order(gene_ids, cells.var, "adata.var")
         obs_names = cells.obs_names  # indexed only to name cells in messages
     elif layer is not None:
         raise ValueError("layer= applies to AnnData input only")
@@ -136,4 +154,5 @@ def empty_cells_error(
     )
 
 
-__all__ = ["anndata_matrix", "empty_cells_error", "format_cells", "is_anndata", "resolve_input"]
+__all__ = ["anndata_matrix", "check_gene_ids_in_var_order", "empty_cells_error", "format_cells", "is_anndata",
+           "resolve_input"]

@@ -153,6 +153,10 @@ def run(args: argparse.Namespace) -> None:
     main_process = state is None or state.is_main_process
     adata = open_h5ad(args.input)
     try:
+        try:
+            tl.check_key_free(adata, args.key_added, args.command)
+        except ValueError as error:
+            raise CLIError(str(error).replace("key_added", "--key-added")) from error
         check_counts_source(adata, args.layer, args.use_raw, has_x=h5ad_has_x(args.input))
         processor = load_processor_quietly(args.model, args.trust_remote_code)
         report_genes_matched(processor.feature_extractor, adata.raw.var if args.use_raw else adata.var,

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import (AutoModelForCausalLM, GenerationConfig, GenerationMixin, LogitsProcessor,
                           LogitsProcessorList, Pipeline)
 
-from .cell_inputs import anndata_matrix, empty_cells_error, format_cells
+from .cell_inputs import anndata_matrix, check_gene_ids_in_var_order, empty_cells_error, format_cells
 from .compatibility import (check_model_and_processor, gene_ranking_sha256, gene_vocabulary_sha256,
                             processor_sha256, recorded_gene_vocabulary_sha256, saved_file)
 from .label_scoring import constrains, constrains_by_default
@@ -102,7 +102,8 @@ class DescribeOptions:
         """The parameters recorded in `uns` with the results (what was used, defaults resolved)."""
         return {
             "layer": self.layer or ("raw" if self.use_raw else "X"), "input_values": self.input_values,
-            "batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens, "constrained": constrained,
+            "batch_size": self.batch_size, "constrained": constrained,
+            "max_new_tokens": (self.generate_kwargs or {}).get("max_new_tokens", self.max_new_tokens),  # as it ran
             "skip_empty_cells": self.skip_empty_cells, "sort_by_length": self.sort_by_length, "compile": compiled,
             "dtype": str(model.dtype), "generate_kwargs": json.dumps(self.generate_kwargs or {}, default=str),
         }
@@ -431,6 +432,8 @@ def resolve_cells(
             raise ValueError("use_raw=True but adata.raw is None; read X (leave use_raw out) or pass layer=...")
         if gene_ids is None:
             gene_ids = feature_extractor.var_gene_ids(cells.raw.var)
+        else:
+            check_gene_ids_in_var_order(gene_ids, cells.raw.var, "adata.raw.var")
         matrix, gene_ids, _ = feature_extractor.resolve_input(anndata_matrix(cells, raw=True), gene_ids, None)
         obs_names = cells.obs_names
     else:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .compatibility import check_model_and_processor, gene_vocabulary_sha256
+from .compatibility import check_model_and_processor, gene_vocabulary_sha256, processor_sha256
 from .description_schema import ONTOLOGY_FIELDS, CellDescription
 from .label_scoring import constrains
 from .modeling_cell2text import PICKLED_WEIGHTS, Cell2TextForConditionalGeneration
@@ -182,7 +182,8 @@ def remote_class(model: str | os.PathLike, config_file: str, auto_class: str) ->
 
 def model_provenance(model: torch.nn.Module) -> dict[str, str]:
     """Where the model came from: its path or repo id and a revision (the Hub commit, or the sha256 of a local
-    folder's safetensors files)."""
+    folder's safetensors files as they are now), and `weights_sha256`, the checksum of the weights that run (in
+    memory: a model changed after loading, or a folder saved again since, moves one and not the other)."""
     source = str(getattr(model, "name_or_path", "") or "")
     revision = getattr(model.config, "_commit_hash", None)
     folder = Path(source) if source else None
@@ -194,16 +195,40 @@ def model_provenance(model: torch.nn.Module) -> dict[str, str]:
                 for chunk in iter(lambda: handle.read(1 << 24), b""):
                     digest.update(chunk)
         revision = "sha256:" + digest.hexdigest()
-    return {"model": source or "unsaved model", "revision": revision or "unknown"}
+    return {"model": source or "unsaved model", "revision": revision or "unknown", "weights_sha256": weights_sha256(model)}
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 of the model's parameters and buffers as they are in memory: names, dtypes, shapes and bytes, in name
+    order (the same on every device)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def check_key_added(key_added: Any) -> None:
     """`key_added` names obs columns, an obsm entry and a uns entry: a plain, non-empty name without "/" (which h5ad
     would store as a nested group, so the uns record would not be found under the name again), and not "." or ".."
     (HDF5 path components: writing the h5ad failed after every cell was described)."""
-    if not isinstance(key_added, str) or not key_added or "/" in key_added or key_added in (".", ".."):
-        raise ValueError(f"key_added {key_added!r} must be a non-empty name without '/', not '.' or '..' (e.g. "
-                         "'cell2text')")
+    if (not isinstance(key_added, str) or not key_added or "/" in key_added or "\x00" in key_added
+            or key_added in (".", "..")):
+        raise ValueError(f"key_added {key_added!r} must be a non-empty name without '/' or NUL, not '.' or '..' "
+                         "(e.g. 'cell2text')")
+
+
+def check_key_free(adata: Any, key_added: str, function: str) -> None:
+    """Refuse a `key_added` whose uns record is another function's (`tl.describe`'s or `tl.embed`'s): this run's
+    record would replace it, leaving that run's obs columns or obsm entry without theirs."""
+    record = adata.uns.get(key_added) if hasattr(adata, "uns") else None
+    if not isinstance(record, dict) or "model" not in record:
+        return
+    written_by = record.get("function") or ("embed" if "pooling" in record.get("params", {}) else "describe")
+    if written_by != function:
+        raise ValueError(f"key_added {key_added!r}: adata.uns[{key_added!r}] records a run of {written_by}, whose "
+                         f"record this run of {function} would replace. Pass another key_added (the defaults: "
+                         "'cell2text' for describe, 'X_cell2text' for embed).")
 
 
 def _check_writable(adata: Any, attribute: str) -> None:
@@ -218,10 +243,13 @@ def _check_writable(adata: Any, attribute: str) -> None:
         )
 
 
-def _record(adata: Any, key_added: str, model: torch.nn.Module, processor: Any, params: dict[str, Any]) -> None:
+def _record(adata: Any, key_added: str, function: str, model: torch.nn.Module, processor: Any,
+            params: dict[str, Any]) -> None:
     adata.uns[key_added] = {
+        "function": function,
         **model_provenance(model),
         "gene_vocabulary_sha256": gene_vocabulary_sha256(processor.feature_extractor.gene_token_ids),
+        "processor_sha256": processor_sha256(processor),
         "package_version": package_version(),
         "params": {name: value for name, value in params.items() if value is not None},
     }
@@ -249,8 +277,10 @@ def describe(
     cell was skipped), plus `{key_added}_<field>_score` (float) for each field the constrained decoder chose and
     `{key_added}_exact_choice` (nullable bool: every label proven the most likely of its options, `schema_results`;
     missing for a skipped cell).
-    `adata.uns[key_added]` records the model (path or repo id), its revision (Hub commit or sha256 of the weights),
-    the processor's gene vocabulary checksum (`gene_vocabulary_sha256`), the package version and the parameters.
+    `adata.uns[key_added]` records the function ("describe"), the model (path or repo id), its revision (Hub commit
+    or sha256 of the folder's weight files), `weights_sha256` (of the weights that ran, in memory), the processor's
+    checksums (`gene_vocabulary_sha256`, `processor_sha256`), the package version and the parameters. A key_added
+    whose record is tl.embed's is refused (its record would be replaced).
 
     `options` are `DescribeOptions`' (`layer`, `use_raw`, `input_values`, `batch_size`, `max_new_tokens`,
     `constrained`, `skip_empty_cells`, `sort_by_length`, `compile`, `generate_kwargs`, `progress`). Counts are read
@@ -265,6 +295,7 @@ def describe(
     """
     _check_writable(adata, "obs")
     check_key_added(key_added)
+    check_key_free(adata, key_added, "describe")
     settings = DescribeOptions.from_keywords(**options)
     model, processor = load(model, processor, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     results, params = describe_cells(adata, model, processor, settings)
@@ -334,6 +365,7 @@ def write_descriptions(
 ) -> None:
     """Write `describe_cells`' results for all cells of `adata` into its obs and the record into its uns."""
     check_key_added(key_added)
+    check_key_free(adata, key_added, "describe")
     if len(results) != adata.n_obs:
         raise ValueError(f"{len(results)} results for the {adata.n_obs} cells of adata: pass one per cell, in order")
     # A column an earlier run wrote under this key and this one does not (a free run after a constrained one has no
@@ -341,7 +373,7 @@ def write_descriptions(
     adata.obs.drop(columns=[name for name in described_columns(key_added) if name in adata.obs], inplace=True)
     for name, values in annotation_columns(results, key_added, constrained=bool(params.get("constrained"))).items():
         adata.obs[name] = values
-    _record(adata, key_added, model, processor, params)
+    _record(adata, key_added, "describe", model, processor, params)
 
 
 def described_columns(key_added: str) -> list[str]:
@@ -415,12 +447,13 @@ def embed(
     excluded), of the encoder's hidden states at layer `model.config.gene_encoder_layer`: the layer whose states the
     projector reads. Shape (n_cells, encoder hidden size), float32, rows in obs order; NaN rows for cells skipped
     with `skip_empty_cells=True`. Use it as `sc.pp.neighbors(adata, use_rep=key_added)`.
-    `adata.uns[key_added]` records the model, its revision, the processor's gene vocabulary checksum, the package
-    version and the parameters.
+    `adata.uns[key_added]` records what `describe` records (with function "embed"); a key_added whose record is
+    tl.describe's is refused.
     Views and backed AnnData behave as in `describe`.
     """
     _check_writable(adata, "obsm")
     check_key_added(key_added)
+    check_key_free(adata, key_added, "embed")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1 (cells encoded together), got {batch_size!r}")
     model, processor = load(model, processor, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -438,7 +471,7 @@ def embed(
             embeddings[batch.rows] = pooled.float().cpu().numpy()
             bar.update(len(batch.rows))
     adata.obsm[key_added] = embeddings
-    _record(adata, key_added, model, processor, {
+    _record(adata, key_added, "embed", model, processor, {
         "layer": layer or ("raw" if use_raw else "X"), "input_values": input_values, "batch_size": batch_size,
         "skip_empty_cells": skip_empty_cells, "dtype": str(model.dtype), "trust_remote_code": trust_remote_code,
         "encoder_layer": int(layer_index), "pooling": "mean over gene positions",
@@ -446,7 +479,7 @@ def embed(
 
 
 __all__ = [
-    "DescribeOptions", "annotation_columns", "check_key_added", "compiled_decoding_kwargs", "describe",
+    "DescribeOptions", "annotation_columns", "check_key_added", "check_key_free", "compiled_decoding_kwargs", "describe",
     "described_columns", "describe_cells", "embed", "load", "load_processor",
     "model_provenance", "package_version", "remote_class", "resolve_device", "resolve_dtype", "write_descriptions",
 ]

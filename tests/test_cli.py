@@ -380,6 +380,12 @@ def test_embed_and_key_added(model_dir, h5ad, tmp_path, capsys):
     described = ad.read_h5ad(out)
     assert (described.obs["mine_description"] == DESCRIPTION).all()
     assert described.uns["mine"]["model"] == str(model_dir)
+    # describing the embedded file under the embedding's key would replace its record: refused before any work
+    capsys.readouterr()
+    code, err = run_cli([*describe_args(tmp_path / "embedded.h5ad", model_dir, tmp_path / "again.h5ad"),
+                         "--key-added", "X_c2t"], capsys)
+    assert_one_line_error(code, err, "--key-added 'X_c2t'", "records a run of embed", "another --key-added")
+    assert not (tmp_path / "again.h5ad").exists()
 
 
 def test_version(capsys):

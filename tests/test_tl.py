@@ -280,3 +280,62 @@ def test_constrained_asked_of_a_processor_without_labels_records_and_writes_a_fr
     assert sorted(c for c in skipped.obs if c.startswith("cell2text_")) == sorted(
         c for c in described.obs if c.startswith("cell2text_"))
     assert "cell2text_exact_choice" not in described.obs
+
+
+# -- the uns record and key_added (reviewer's findings, stop 41) ----------------------------------------------------
+
+
+def test_the_record_holds_the_max_new_tokens_that_ran_and_the_weights_that_ran(model_dirs):
+    """The reviewer's findings: generate_kwargs' max_new_tokens ran but the record said the option's 160; the
+    revision hashed the folder's files, so a model changed in memory after loading recorded the same revision."""
+    from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor
+    from modeling_cell2text.compatibility import processor_sha256
+
+    adata = make_adata(2)
+    model = Cell2TextForConditionalGeneration.from_pretrained(model_dirs["random"])
+    tl.describe(adata, model, constrained=False, generate_kwargs={"max_new_tokens": 2}, progress=False)
+    first = adata.uns["cell2text"]
+    assert first["params"]["max_new_tokens"] == 2
+    assert first["function"] == "describe"
+    assert first["processor_sha256"] == processor_sha256(Cell2TextProcessor.from_pretrained(model_dirs["random"]))
+    with torch.no_grad():
+        next(model.parameters()).mul_(0.5)
+    tl.describe(adata, model, constrained=False, max_new_tokens=3, progress=False)
+    second = adata.uns["cell2text"]
+    assert second["params"]["max_new_tokens"] == 3 and second["revision"] == first["revision"]  # the same folder
+    assert second["weights_sha256"] != first["weights_sha256"]  # other weights ran
+    assert len(second["weights_sha256"]) == 64
+
+
+def test_key_added_of_the_other_function_or_with_nul_is_refused_before_any_work(model_dirs, monkeypatch):
+    """The reviewer's findings: describe and embed under one key_added replaced each other's uns record; a NUL in
+    key_added failed at writing the h5ad, after every cell was described."""
+    adata = make_adata(2)
+    tl.embed(adata, model_dirs["random"], key_added="shared", progress=False)
+    monkeypatch.setattr(tl, "load", lambda *a, **k: pytest.fail("the refusal comes before loading the model"))
+    with pytest.raises(ValueError, match=r"uns\['shared'\] records a run of embed.*Pass another key_added"):
+        describe(adata, model_dirs["random"], key_added="shared")
+    with pytest.raises(ValueError, match="without '/' or NUL"):
+        describe(adata, model_dirs["random"], key_added="a\x00b")
+    monkeypatch.undo()
+    describe(adata, model_dirs["random"], key_added="mine")
+    with pytest.raises(ValueError, match=r"uns\['mine'\] records a run of describe"):
+        tl.embed(adata, model_dirs["random"], key_added="mine", progress=False)
+    describe(adata, model_dirs["random"], key_added="mine")  # describing again under its own key is fine
+
+
+def test_gene_ids_naming_var_in_another_order_are_refused(model_dirs):
+    """The reviewer's finding: gene_ids given with an AnnData were taken in any order (as a DataFrame's were),
+    so the values of one gene were read as another's."""
+    adata = make_adata(2)
+    adata.var["symbol"] = [f"S{i}" for i in range(adata.n_vars)]
+    describe_pipeline = local_pipeline(model_dirs["random"])
+    expected = [r["description"] for r in describe_pipeline(adata, constrained=False, max_new_tokens=4)]
+    same = describe_pipeline(adata, GENES, constrained=False, max_new_tokens=4)  # var's own order: taken
+    assert [r["description"] for r in same] == expected
+    for reordered, column in ((GENES[::-1], "index"), (list(adata.var["symbol"])[::-1], "symbol")):
+        with pytest.raises(ValueError, match=rf"adata\.var \({column}\) in another order"):
+            describe_pipeline(adata, reordered, constrained=False, max_new_tokens=4)
+    adata.raw = adata
+    with pytest.raises(ValueError, match=r"adata\.raw\.var \(index\) in another order"):
+        describe_pipeline(adata, GENES[::-1], use_raw=True, constrained=False, max_new_tokens=4)
