@@ -196,7 +196,7 @@ _DESCRIPTION_RE = re.compile(
     r"(?:This sample consists of an? (?P<cell_type>" + _CELL_TYPE_CHARS + r"+?)\."
     r"(?:\s+Cell Ontology definition: (?P<definition>.+?)\.(?=\s+It originates from|\s+This cell is associated|\s*$))?"
     r")?"
-    r"(?:\s*It originates from (?:the (?P<tissue>" + _ORIGIN_LABEL + r") of |)an? (?P<healthy>healthy )?"
+    r"(?:\s*It originates from (?:the (?P<tissue>" + _ORIGIN_LABEL + r") of |)an? (?:(?P<healthy>healthy) )?"
     r"(?:(?P<sex>female|male) )?donor(?: with (?P<disease>" + _ORIGIN_LABEL + r"))?"
     r"(?: during (?P<age>" + _AGE_ALTERNATION + r"))?\."
     r"(?=\s+This cell is associated|\s*$))?"

@@ -136,6 +136,30 @@ def test_first_sentence_weights_cover_the_cell_type_sentence(trainer):
         assert tokenizer.decode(row[labelled]).startswith(heavy)  # the heavy tokens lead the target
 
 
+def test_a_one_sentence_description_weighs_its_end_of_turn_one(trainer):
+    """The reviewer's finding: where the first sentence is the whole description (a description naming only the
+    cell type, or the first training stage's), its end-of-turn token took the cell type's weight too."""
+    trainer, _ = trainer
+    tokenizer = trainer.processing_class.tokenizer
+    sentence = tokenizer("This sample consists of a B cell.", add_special_tokens=False)["input_ids"]
+    longer = tokenizer("This sample consists of a B cell. It originates from the blood of a healthy donor.",
+                       add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    targets = torch.full((2, len(longer) + 2), -100)
+    targets[0, 1:len(sentence) + 2] = torch.tensor(sentence + [eos])
+    targets[1, 1:len(longer) + 2] = torch.tensor(longer + [eos])
+    trainer.cell_type_loss_weight = 4.0
+    try:
+        weights = trainer.target_weights(targets)
+    finally:
+        trainer.cell_type_loss_weight = 1.0
+    assert weights[0, 1:len(sentence) + 1].tolist() == [4.0] * len(sentence)
+    assert weights[0, len(sentence) + 1] == 1.0  # the end of turn
+    assert weights[1, 1:len(sentence) + 1].tolist() == [4.0] * len(sentence)
+    assert weights[1, len(sentence) + 1:len(longer) + 2].tolist() == [1.0] * (len(longer) + 1 - len(sentence))
+    assert weights[0, 0] == 0 and weights[0, len(sentence) + 2:].eq(0).all()
+
+
 def test_weighted_loss_is_the_weighted_token_mean(trainer):
     trainer, batch = trainer
     model = trainer.model.eval()  # no dropout: the two passes see the same model

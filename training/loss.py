@@ -70,8 +70,11 @@ class LabelledPositionsLossMixin:
     """For `SFTTrainer` subclasses: the training loss from logits at labelled positions only.
 
     The loss equals TRL's (negative log-likelihood summed over labelled tokens, divided by `num_items_in_batch`
-    or by the batch's labelled tokens). TRL's own path is kept for evaluation (`return_outputs=True`) and for the
-    settings this mixin does not cover (label smoothing, custom loss functions, DFT, MoE auxiliary losses).
+    or by the batch's labelled tokens), with each target token weighted (`target_weights`). Evaluation asks for the
+    loss alone, so `eval_loss` (by which the best checkpoint is chosen) is this weighted loss too: it compares runs
+    of one `cell_type_loss_weight` only. TRL's own path is kept where outputs are asked for
+    (`return_outputs=True`) and for the settings this mixin does not cover (label smoothing, custom loss functions,
+    DFT, MoE auxiliary losses).
     """
 
     def __init__(self, *args, cell_type_loss_weight: float = 1.0, cell_type_head_loss_weight: float = 0.0,
@@ -104,8 +107,12 @@ class LabelledPositionsLossMixin:
         self._ending_period_ids = torch.tensor(sorted(i for i, text in texts.items()
                                                       if re.search(r"\.\s", text)) or [-1])
         raw = tokenizer.convert_ids_to_tokens(list(texts))  # SentencePiece decodes a lone "▁Cell" without its space
+        # special tokens count as space-led: the end of turn after a description's last period ends its sentence
+        special = set(tokenizer.all_special_ids) | {i for i, added in tokenizer.added_tokens_decoder.items()
+                                                    if added.special}
         self._space_led_ids = torch.tensor(sorted(i for (i, text), token in zip(texts.items(), raw)
-                                                  if text[:1].isspace() or (token or "")[:1] in ("Ġ", "▁", "Ċ", "ĉ"))
+                                                  if text[:1].isspace() or (token or "")[:1] in ("Ġ", "▁", "Ċ", "ĉ")
+                                                  or i in special)
                                            or [-1])
         self._token_accuracy: dict[str, list[float]] = {"train": [], "eval": []}
 
@@ -113,7 +120,9 @@ class LabelledPositionsLossMixin:
         """Per-target-token loss weights: `cell_type_loss_weight` on each row's first sentence, then 1.
 
         `targets` are the labels of consecutive positions. The first sentence ends at the row's first labelled period
-        followed by a space (in its token or the next, or by the row's end or an unlabelled position) or at its first unlabelled position after a labelled one, whichever comes first: with `loss_on_labels_only`
+        followed by a space (in its token or the next, or by a special token such as the end of turn, the row's end
+        or an unlabelled position) or at its first unlabelled position after a labelled one, whichever comes first
+        (a description of one sentence weighs its end of turn 1): with `loss_on_labels_only`
         the period is unlabelled, and the first run of labelled tokens is the cell-type label."""
         labelled = targets != -100
         if self.cell_type_loss_weight == 1.0:
