@@ -757,6 +757,36 @@ def test_log1p_of_fractions_passes(decimals):
         extractor.tokenize(cells[row:row + 1], INPUT_GENES, input_values="log1p")
 
 
+@pytest.mark.parametrize("target", [5, 10])
+def test_linear_values_declared_log1p_are_refused(target):
+    """The reviewer's finding: normalised values at a scale that keeps them <= 20 (normalize_total to 10 or 100)
+    declared log1p passed and were ranked through expm1: another gene order in every cell (top-50 overlap 0.93 at
+    100 over 1,000 genes)."""
+    rng = np.random.default_rng(8)
+    counts = rng.negative_binomial(0.3, 0.1, size=(64, len(INPUT_GENES))).astype(np.float64)
+    counts[:, 0] += 1
+    linear = sp.csr_matrix(counts / counts.sum(axis=1, keepdims=True) * target)
+    extractor = Cell2TextFeatureExtractor.from_gene_medians({gene: 1.0 + i % 3 for i, gene in enumerate(INPUT_GENES)})
+    with pytest.raises(ValueError, match=r"'log1p' but the values look linear.*input_values='normalized'"):
+        extractor.tokenize(linear, INPUT_GENES, input_values="log1p")
+    assert len(extractor.tokenize(linear, INPUT_GENES, input_values="normalized")) == 64
+    assert len(extractor.tokenize(linear.log1p(), INPUT_GENES, input_values="log1p")) == 64
+
+
+def test_log1p_values_rounded_to_two_decimals_declared_normalized_are_refused():
+    """The reviewer's finding: log1p of CP10k rounded to 2 decimals, declared normalized, passed (the rounding
+    moves each cell's total of expm1(values) by about 0.05%, past the 0.1% range over 256 cells the rule allowed)
+    and was ranked as linear values (top-50 overlap 0.66)."""
+    rng = np.random.default_rng(8)
+    counts = rng.negative_binomial(0.3, 0.1, size=(256, len(INPUT_GENES))).astype(np.float64)
+    counts[:, 0] += 1
+    rounded = np.round(np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4), 2)
+    extractor = Cell2TextFeatureExtractor.from_gene_medians({gene: 1.0 for gene in INPUT_GENES})
+    with pytest.raises(ValueError, match=r"look log1p-scaled.*totals of expm1\(values\) agree"):
+        extractor.tokenize(sp.csr_matrix(rounded), INPUT_GENES, input_values="normalized")
+    assert len(extractor.tokenize(sp.csr_matrix(rounded), INPUT_GENES, input_values="log1p")) == 256
+
+
 @pytest.mark.parametrize("n_empty_after", [1, 3])
 def test_a_cell_followed_by_empty_cells_keeps_its_total(n_empty_after):
     """A reviewer's finding: the per-cell totals lost the last stored count of a cell followed by empty cells at the
