@@ -206,7 +206,7 @@ def _first_pass(source, reasons, genes, medians, gene_sets, options):
         if set_names and len(kept):
             sub.data = np.log1p(sub.data)
             scores = aucell(sub, genes.symbols, gene_sets, chunk_size=512, min_genes=options.min_pathway_genes,
-                            normalize=options.pathway_ranking == "normalized")
+                            normalize=options.pathway_ranking == "normalized", expressed_sets_only=True)
             top[rows[kept]] = top_set_indices(scores, n_sets)
         bar.update(chunk.shape[0])
     bar.close()

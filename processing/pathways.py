@@ -16,8 +16,10 @@ scores span [0, 1] and sets of different sizes can be ranked against each other.
 Ties: pySCENIC breaks ties at random. Here a gene in a block of tied values (in particular
 the block of all zero-expressed genes at the bottom) gets the mean of ``max(c - r, 0)``
 over the ranks ``r`` that block occupies: exactly the expected AUC under random tie
-breaking, deterministic, and independent of gene order. (Values closer than about 1e-12
-relative to their magnitude count as tied.)
+breaking, deterministic, and independent of gene order and of the other cells. In a cell
+expressing fewer than ``max_rank`` genes the zero block reaches the top ranks, so a set none of
+whose genes the cell expresses scores above 0 from that credit alone: ``expressed_sets_only=True``
+(the corpus builder's choice, which names a cell's top sets) scores such a set 0.
 
 Cost: one sort of each chunk's non-zeros plus a sparse product with a genes x sets 0/1
 matrix; about 5,000 cells/s for 20k genes, 2k non-zeros per cell and 800 sets on one busy
@@ -117,13 +119,18 @@ def default_max_rank(n_genes: int, fraction: float = 0.05) -> int:
 def membership_matrix(
     gene_names: Sequence[str], gene_sets: Mapping[str, Sequence[str]]
 ) -> tuple[sp.csr_matrix, np.ndarray]:
-    """Sparse genes x sets 0/1 matrix and the number of each set's genes found in ``gene_names``."""
-    position = {}
+    """Sparse genes x sets 0/1 matrix and the number of each set's genes found in ``gene_names``. A set's gene
+    not found as written is looked up ignoring case: Enrichr's libraries write open reading frames upper-case
+    ("C9ORF78"), GENCODE and CELLxGENE "C9orf78"."""
+    position: dict[str, int] = {}
+    position_ignoring_case: dict[str, int] = {}
     for i, gene in enumerate(gene_names):
         position.setdefault(gene, i)
+        position_ignoring_case.setdefault(str(gene).upper(), i)
     rows, cols = [], []
     for j, genes in enumerate(gene_sets.values()):
-        found = {position[g] for g in genes if g in position}
+        found = {position[g] if g in position else position_ignoring_case[str(g).upper()] for g in genes
+                 if g in position or str(g).upper() in position_ignoring_case}
         rows.extend(found)
         cols.extend([j] * len(found))
     data = np.ones(len(rows), dtype=np.float64)
@@ -147,17 +154,16 @@ def _credits(chunk: sp.csr_matrix, n_genes: int, cutoff: int) -> tuple[sp.csr_ma
     n_cells = chunk.shape[0]
     nnz_per_row = np.diff(chunk.indptr)
     row = np.repeat(np.arange(n_cells), nnz_per_row)
-    # Sort each row's values descending in one pass with the key row * span - value: rows
-    # stay blocks in their order (span > every value) and equal values give equal keys.
+    # Each row's values descending: all values by value, then (stable) by row, so rows stay blocks in their order
+    # and no cell's values are compared at another cell's scale.
     values = chunk.data.astype(np.float64)
-    span = float(values.max(initial=0.0)) + 1.0
-    key = row * span - values
-    order = np.argsort(key, kind="stable")
-    sorted_key = key[order]
+    by_value = np.argsort(-values, kind="stable")
+    order = by_value[np.argsort(row[by_value], kind="stable")]
+    sorted_values = values[order]
     rank = np.arange(len(order)) - np.repeat(chunk.indptr[:-1], nnz_per_row)
-    # Tie blocks: runs of equal keys; each member gets the mean credit of the run's ranks.
+    # Tie blocks: runs of equal values within a row; each member gets the mean credit of the run's ranks.
     starts = np.ones(len(order), dtype=bool)
-    np.not_equal(sorted_key[1:], sorted_key[:-1], out=starts[1:])
+    starts[1:] = (sorted_values[1:] != sorted_values[:-1]) | (row[1:] != row[:-1])
     block = np.cumsum(starts) - 1
     block_first = rank[starts]
     block_row = row[starts]  # sorting keeps rows in place, so row[i] is the row of sorted entry i
@@ -189,6 +195,7 @@ def aucell(
     chunk_size: int = 1024,
     min_genes: int = 1,
     normalize: bool = False,
+    expressed_sets_only: bool = False,
 ) -> np.ndarray:
     """AUCell scores (cells x sets, float32, in [0, 1]) of every gene set in every cell.
 
@@ -201,6 +208,8 @@ def aucell(
         max_rank: number of top-ranked genes the AUC looks at; default 5% of the genes.
         chunk_size: cells processed at once (bounds memory).
         min_genes: sets with fewer genes present score 0 (and are logged).
+        expressed_sets_only: in a cell, a set none of whose genes the cell expresses scores 0 (not the credit of
+            the tied zero block, which reaches the top ranks in a cell expressing fewer than ``max_rank`` genes).
         normalize: divide by each set's best possible AUC (R AUCell's ``normAUC``, decoupler) instead
             of ctxcore's ``(max_rank) * genes present``, so that sets of any size can reach 1.
     """
@@ -235,13 +244,19 @@ def aucell(
             )
         credit, zero_credit = _credits(chunk, n_genes, cutoff)
         auc = (credit @ membership).toarray() + zero_credit[:, None] * sizes[None, :]
+        shallow = np.flatnonzero(zero_credit > 0) if expressed_sets_only else []  # unexpressed genes in the top
+        if len(shallow):
+            expressed = chunk[shallow]
+            expressed.data = np.ones_like(expressed.data)
+            auc[shallow] *= (expressed @ membership).toarray() > 0  # a set with no expressed gene: 0
         scores[start : start + chunk.shape[0]] = auc / denominator
     return scores
 
 
 def top_set_indices(scores: np.ndarray, k: int = 2) -> np.ndarray:
     """Indices of the ``k`` best sets per cell, best first (ties: earlier set first), -1 where a set scores 0 or
-    there are fewer than ``k`` sets: a set none of whose genes ranks in the cell's top is not the cell's pathway.
+    there are fewer than ``k`` sets: a set none of whose genes ranks in the cell's top (or, scored with
+    ``aucell(..., expressed_sets_only=True)``, none of whose genes the cell expresses) is not the cell's pathway.
     The rule the corpus builder names pathways by (``top_pathways`` gives the names)."""
     scores = np.asarray(scores)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]

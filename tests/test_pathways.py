@@ -8,7 +8,7 @@ import scipy.sparse as sp
 
 from processing.pathways import (
     DEFAULT_GMT, DEFAULT_SET_SIZES, GO_BIOLOGICAL_PROCESS_GMT, WIKIPATHWAYS_GMT, aucell, default_max_rank,
-    display_names, filter_set_sizes, max_auc, read_gmt, top_pathways,
+    display_names, filter_set_sizes, max_auc, membership_matrix, read_gmt, top_pathways,
 )
 
 
@@ -258,3 +258,46 @@ def test_display_names_drop_term_ids_but_stay_unique():
     for path in (GO_BIOLOGICAL_PROCESS_GMT, WIKIPATHWAYS_GMT):
         shown = display_names(list(read_gmt(path)))
         assert len(set(shown)) == len(shown)
+
+
+# -- reviewer's findings (stop 41) ----------------------------------------------------------------------------------
+
+
+def test_a_set_the_cell_does_not_express_is_not_named_in_a_shallow_cell():
+    """A cell expressing fewer genes than max_rank: its zero block reaches the top ranks, so an unexpressed set
+    scored above 0 from its tie credit (the larger the set, the more, normalised) and was named second."""
+    genes = [f"G{i}" for i in range(1000)]
+    cell = np.zeros((1, 1000))
+    cell[0, :10] = np.arange(10, 0, -1)
+    sets = {"expressed": genes[5:7] + genes[500:503], "unexpressed_big": genes[600:700],
+            "unexpressed_small": genes[700:715]}
+    reference = aucell(cell, genes, sets, max_rank=50, normalize=True, min_genes=5)
+    assert (reference > 0).all()  # AUCell itself: the expected credit under random tie breaking
+    named = aucell(cell, genes, sets, max_rank=50, normalize=True, min_genes=5, expressed_sets_only=True)
+    assert named[0, 0] == reference[0, 0] and (named[0, 1:] == 0).all()
+    assert top_pathways(named, list(sets)) == [["expressed"]]
+    deep = np.arange(1000, 0, -1.0)[None, :]  # every gene expressed: nothing changes
+    assert np.array_equal(aucell(deep, genes, sets, max_rank=50, expressed_sets_only=True),
+                          aucell(deep, genes, sets, max_rank=50))
+
+
+def test_library_genes_written_in_another_case_are_found():
+    """Enrichr's libraries write open reading frames upper-case ("C9ORF78"), GENCODE and CELLxGENE "C9orf78": the
+    gene was silently left out of every set holding it."""
+    genes = ["C9orf78", "CD3E", "MS4A1"]
+    matrix, sizes = membership_matrix(genes, {"orf": ["C9ORF78", "CD3E"], "exact": ["CD3E", "MS4A1"]})
+    assert sizes.tolist() == [2, 2] and matrix[0, 0] == 1
+
+
+def test_a_cells_scores_do_not_depend_on_the_other_cells_in_its_chunk():
+    """The sort key row * span - value compared a cell's values at the scale of the chunk's largest value and row
+    count: two genes 1e-8 apart tied after 1,000 cells holding 1e6."""
+    genes = [f"G{i}" for i in range(20)]
+    cell = np.zeros((1, 20))
+    cell[0, 10], cell[0, 11] = 1 + 1e-8, 1.0
+    sets = {"ten": [genes[10]], "eleven": [genes[11]]}
+    alone = aucell(cell, genes, sets, max_rank=2)
+    others = np.zeros((1000, 20))
+    others[:, 0] = 1e6
+    together = aucell(np.vstack([others, cell]), genes, sets, max_rank=2, chunk_size=1024)
+    assert alone[0].tolist() == together[-1].tolist() and alone[0, 0] > alone[0, 1]
