@@ -60,8 +60,10 @@ def check_gene_ids_in_var_order(gene_ids: Sequence[Any], var: Any, where: str) -
     named = {"index": [str(name) for name in var.index]}
     named.update({column: [str(name) for name in var[column].values] for column in var.columns
                   if var[column].dtype == object or str(var[column].dtype) in ("category", "string", "str")})
+    if any(given == names for names in named.values()):
+        return
     for column, names in named.items():
-        if given != names and sorted(given) == sorted(names):
+        if sorted(given) == sorted(names):
             raise ValueError(
                 f"gene_ids name the genes of {where} ({column}) in another order: the values of one gene would be "
                 "read as another's. Leave gene_ids out (the genes are read from var), or pass them in var's order."

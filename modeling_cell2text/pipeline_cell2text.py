@@ -24,7 +24,7 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 from transformers import (AutoModelForCausalLM, GenerationConfig, GenerationMixin, LogitsProcessor,
-                          LogitsProcessorList, Pipeline)
+                          LogitsProcessorList, Pipeline, StopStringCriteria)
 
 from .cell_inputs import anndata_matrix, check_gene_ids_in_var_order, empty_cells_error, format_cells
 from .compatibility import (check_model_and_processor, gene_ranking_sha256, gene_vocabulary_sha256,
@@ -400,20 +400,19 @@ def ended_at_end_of_text(new_tokens: torch.Tensor, eos_token_id: int | None, sto
 
 def ends_at_a_stop_string(new_tokens: torch.Tensor, tokenizer: Any, stop_strings: str | Sequence[str] | None
                           ) -> torch.Tensor:
-    """Per row of generated tokens (prompt removed), whether its text, up to its first end-of-text token, ends with
-    one of `stop_strings`: generation stopped it there (a row stops at the step that completes a stop string, so no
-    model-ended text ends with one). Rows that stopped are padded, with the end-of-text id where the tokenizer has
-    no pad token, so `ended_at_end_of_text` alone reads such a row as ended. On the CPU."""
+    """Per row of generated tokens (prompt removed), whether generation's `StopStringCriteria` stops it at its last
+    token before its first end-of-text (a row stops at the step that completes a stop string, also where that
+    token runs past it, so no model-ended text meets one). Rows that stopped are padded, with the end-of-text id
+    where the tokenizer has no pad token, so `ended_at_end_of_text` alone reads such a row as ended. On the CPU."""
     rows = new_tokens.shape[0]
     if not stop_strings:
         return torch.zeros(rows, dtype=torch.bool)
-    stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+    criteria = StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)
     eos = tokenizer.eos_token_id
     stopped = []
-    for row in new_tokens.tolist():
-        text = tokenizer.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=False,
-                                clean_up_tokenization_spaces=False)
-        stopped.append(any(text.endswith(stop) for stop in stop_strings))
+    for row in new_tokens.cpu().tolist():
+        text = row[:row.index(eos)] if eos in row else row
+        stopped.append(bool(text) and bool(criteria(torch.tensor([text]), None)[0]))
     return torch.tensor(stopped, dtype=torch.bool)
 
 

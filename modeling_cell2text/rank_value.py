@@ -402,7 +402,8 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
             f"input_values='normalized' but a value is {float(largest):.6g} ({where}): normalised expression is far "
             "below 2**31 (CPM is at most 10**6); pass the normalised matrix, or input_values='counts' for raw counts"
         )
-    if not integral and _share_of_count_multiples(data, indptr) < 0.5:
+    linear = integral or _share_of_count_multiples(data, indptr) >= 0.5  # counts times a per-cell scale
+    if not linear:
         if _share_of_count_multiples(np.expm1(np.minimum(data, MAX_LOG1P), dtype=np.float64), indptr) >= 0.5:
             raise ValueError(
                 f"input_values='normalized' but the values look log1p-scaled ({where}): in most cells expm1(values) "
@@ -421,12 +422,12 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
             f"input_values='normalized' but every value is an integer and the cells' totals differ ({where}): "
             "these look like raw counts; pass input_values='counts'"
         )
-    if largest <= MAX_LOG1P and not integral and _spread(totals) > 0.01:
+    if largest <= MAX_LOG1P and not linear and _spread(totals) > 0.01:
         unlogged = _row_sums(np.expm1(data, dtype=np.float64), indptr)
         unlogged = unlogged[unlogged > 0]
-        # a coefficient of variation, not the range (which grows with the cells): log1p values rounded to 2
-        # decimals keep their totals within 0.06% (0.3% range over 256 cells)
-        if unlogged.std() < 0.002 * unlogged.mean():
+        # With 8 cells or more a coefficient of variation, not the range (which grows with the cells): log1p values
+        # rounded to 2 decimals keep their totals within 0.06% (0.3% range over 256 cells). Fewer cells: the range.
+        if (unlogged.std() < 0.002 * unlogged.mean()) if len(unlogged) >= 8 else _spread(unlogged) < 0.001:
             raise ValueError(
                 f"input_values='normalized' but the values look log1p-scaled ({where}): the cells' totals of "
                 f"expm1(values) agree (about {float(unlogged.mean()):.6g}) while their totals differ; pass "

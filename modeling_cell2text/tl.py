@@ -182,8 +182,9 @@ def remote_class(model: str | os.PathLike, config_file: str, auto_class: str) ->
 
 def model_provenance(model: torch.nn.Module) -> dict[str, str]:
     """Where the model came from: its path or repo id and a revision (the Hub commit, or the sha256 of a local
-    folder's safetensors files as they are now), and `weights_sha256`, the checksum of the weights that run (in
-    memory: a model changed after loading, or a folder saved again since, moves one and not the other)."""
+    folder's safetensors files as they are now, as evaluation's and the model card's `weights_sha256`), and
+    `state_dict_sha256`, the checksum of the weights that run (in memory: a model changed after loading, or a
+    folder saved again since, moves one and not the other)."""
     source = str(getattr(model, "name_or_path", "") or "")
     revision = getattr(model.config, "_commit_hash", None)
     folder = Path(source) if source else None
@@ -195,10 +196,11 @@ def model_provenance(model: torch.nn.Module) -> dict[str, str]:
                 for chunk in iter(lambda: handle.read(1 << 24), b""):
                     digest.update(chunk)
         revision = "sha256:" + digest.hexdigest()
-    return {"model": source or "unsaved model", "revision": revision or "unknown", "weights_sha256": weights_sha256(model)}
+    return {"model": source or "unsaved model", "revision": revision or "unknown",
+            "state_dict_sha256": state_dict_sha256(model)}
 
 
-def weights_sha256(model: torch.nn.Module) -> str:
+def state_dict_sha256(model: torch.nn.Module) -> str:
     """sha256 of the model's parameters and buffers as they are in memory: names, dtypes, shapes and bytes, in name
     order (the same on every device)."""
     digest = hashlib.sha256()
@@ -278,7 +280,7 @@ def describe(
     `{key_added}_exact_choice` (nullable bool: every label proven the most likely of its options, `schema_results`;
     missing for a skipped cell).
     `adata.uns[key_added]` records the function ("describe"), the model (path or repo id), its revision (Hub commit
-    or sha256 of the folder's weight files), `weights_sha256` (of the weights that ran, in memory), the processor's
+    or sha256 of the folder's weight files), `state_dict_sha256` (of the weights that ran, in memory), the processor's
     checksums (`gene_vocabulary_sha256`, `processor_sha256`), the package version and the parameters. A key_added
     whose record is tl.embed's is refused (its record would be replaced).
 

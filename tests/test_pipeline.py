@@ -468,6 +468,12 @@ def test_a_row_stopped_at_a_stop_string_is_cut_though_end_of_text_pads_it(traine
     assert ends_at_a_stop_string(rows, tokenizer, "cell.").tolist() == [True, False]
     assert ends_at_a_stop_string(rows, tokenizer, None).tolist() == [False, False]
     assert ends_at_a_stop_string(rows, tokenizer, ["blood"]).tolist() == [False, False]
+    # generation also stops where the stop string's last token runs past it (the second reader's finding)
+    past = tokenizer("This sample consists of a B cell", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(past[-1:]).endswith("cell")
+    past_rows = torch.tensor([past + [eos], whole[:len(past) + 1]])
+    assert ends_at_a_stop_string(past_rows, tokenizer, ["B ce"]).tolist() == [True, False]
+    assert ends_at_a_stop_string(rows[:, :0], tokenizer, ["."]).tolist() == [False, False]
 
     # Through the pipeline: generate as it returns a batch where only the first row met the stop string.
     real_generate = describe.model.generate

@@ -303,8 +303,8 @@ def test_the_record_holds_the_max_new_tokens_that_ran_and_the_weights_that_ran(m
     tl.describe(adata, model, constrained=False, max_new_tokens=3, progress=False)
     second = adata.uns["cell2text"]
     assert second["params"]["max_new_tokens"] == 3 and second["revision"] == first["revision"]  # the same folder
-    assert second["weights_sha256"] != first["weights_sha256"]  # other weights ran
-    assert len(second["weights_sha256"]) == 64
+    assert second["state_dict_sha256"] != first["state_dict_sha256"]  # other weights ran
+    assert len(second["state_dict_sha256"]) == 64
 
 
 def test_key_added_of_the_other_function_or_with_nul_is_refused_before_any_work(model_dirs, monkeypatch):
@@ -336,6 +336,8 @@ def test_gene_ids_naming_var_in_another_order_are_refused(model_dirs):
     for reordered, column in ((GENES[::-1], "index"), (list(adata.var["symbol"])[::-1], "symbol")):
         with pytest.raises(ValueError, match=rf"adata\.var \({column}\) in another order"):
             describe_pipeline(adata, reordered, constrained=False, max_new_tokens=4)
+    adata.var["alias"] = GENES[::-1]  # another column naming the genes in another order: var's own order is taken
+    assert [r["description"] for r in describe_pipeline(adata, GENES, constrained=False, max_new_tokens=4)] == expected
     adata.raw = adata
     with pytest.raises(ValueError, match=r"adata\.raw\.var \(index\) in another order"):
-        describe_pipeline(adata, GENES[::-1], use_raw=True, constrained=False, max_new_tokens=4)
+        describe_pipeline(adata, GENES[1:] + GENES[:1], use_raw=True, constrained=False, max_new_tokens=4)
