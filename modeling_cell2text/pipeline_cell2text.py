@@ -578,6 +578,6 @@ def register_cell2text_pipeline() -> None:
 
 __all__ = [
     "Cell2TextPipeline", "CellBatch", "DescribeOptions", "NaNLogitsFlag", "cell_batches", "cells_per_block",
-    "check_outputs_line_up", "ended_at_end_of_text", "ends_at_a_stop_string", "length_order", "rank_block", "resolve_cells",
-    "register_cell2text_pipeline", "custom_pipelines_entry", "save_model_folder",
+    "check_outputs_line_up", "ended_at_end_of_text", "ends_at_a_stop_string", "length_order", "rank_block",
+    "resolve_cells", "register_cell2text_pipeline", "custom_pipelines_entry", "save_model_folder",
 ]

@@ -481,7 +481,7 @@ def embed(
 
 
 __all__ = [
-    "DescribeOptions", "annotation_columns", "check_key_added", "check_key_free", "compiled_decoding_kwargs", "describe",
-    "described_columns", "describe_cells", "embed", "load", "load_processor",
+    "DescribeOptions", "annotation_columns", "check_key_added", "check_key_free", "compiled_decoding_kwargs",
+    "describe", "described_columns", "describe_cells", "embed", "load", "load_processor",
     "model_provenance", "package_version", "remote_class", "resolve_device", "resolve_dtype", "write_descriptions",
 ]

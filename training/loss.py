@@ -110,8 +110,9 @@ class LabelledPositionsLossMixin:
         # special tokens count as space-led: the end of turn after a description's last period ends its sentence
         special = set(tokenizer.all_special_ids) | {i for i, added in tokenizer.added_tokens_decoder.items()
                                                     if added.special}
+        space_led = ("Ġ", "▁", "Ċ", "ĉ")
         self._space_led_ids = torch.tensor(sorted(i for (i, text), token in zip(texts.items(), raw)
-                                                  if text[:1].isspace() or (token or "")[:1] in ("Ġ", "▁", "Ċ", "ĉ")
+                                                  if text[:1].isspace() or (token or "")[:1] in space_led
                                                   or i in special)
                                            or [-1])
         self._token_accuracy: dict[str, list[float]] = {"train": [], "eval": []}
