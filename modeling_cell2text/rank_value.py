@@ -335,7 +335,8 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
     the values, are whole multiples of the cell's smallest one, as counts times a scale are: log1p of normalised
     counts, also on a subset of genes or shallow cells; or all values <= 20 and the cells' totals of expm1(values)
     agree (coefficient of variation below 0.2%: also log1p values rounded to 2 decimals) while their totals of the
-    values differ by more than 1%). "log1p": at most 20 (log1p of CP10k
+    values differ by more than 1%, unless most cells with two different values hold whole multiples of their
+    smallest one, which shows the values linear). "log1p": at most 20 (log1p of CP10k
     is at most 9.2), not all integers (raw counts), not linear (values above 1, and in most cells the values, not their
     expm1, are whole multiples of the cell's smallest one: normalised counts at a scale that keeps them <= 20).
     The totals rules need two cells with values in the chunk.
@@ -402,7 +403,10 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
             f"input_values='normalized' but a value is {float(largest):.6g} ({where}): normalised expression is far "
             "below 2**31 (CPM is at most 10**6); pass the normalised matrix, or input_values='counts' for raw counts"
         )
-    linear = integral or _share_of_count_multiples(data, indptr) >= 0.5  # counts times a per-cell scale
+    # counts times a per-cell scale (for the totals rule: among the cells that can tell, with two different values;
+    # a cell of equal values, such as a shallow cell of ones, is a multiple in log1p too)
+    linear = integral or _share_of_count_multiples(data, indptr) >= 0.5
+    shown_linear = integral or _share_of_count_multiples(data, indptr, telling_only=True) >= 0.5
     if not linear:
         if _share_of_count_multiples(np.expm1(np.minimum(data, MAX_LOG1P), dtype=np.float64), indptr) >= 0.5:
             raise ValueError(
@@ -422,12 +426,12 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
             f"input_values='normalized' but every value is an integer and the cells' totals differ ({where}): "
             "these look like raw counts; pass input_values='counts'"
         )
-    if largest <= MAX_LOG1P and not linear and _spread(totals) > 0.01:
+    if largest <= MAX_LOG1P and not shown_linear and _spread(totals) > 0.01:
         unlogged = _row_sums(np.expm1(data, dtype=np.float64), indptr)
         unlogged = unlogged[unlogged > 0]
-        # With 8 cells or more a coefficient of variation, not the range (which grows with the cells): log1p values
-        # rounded to 2 decimals keep their totals within 0.06% (0.3% range over 256 cells). Fewer cells: the range.
-        if (unlogged.std() < 0.002 * unlogged.mean()) if len(unlogged) >= 8 else _spread(unlogged) < 0.001:
+        # a coefficient of variation, not the range (which grows with the cells): log1p values rounded to 2
+        # decimals keep their totals within 0.06% (0.3% range over 256 cells)
+        if unlogged.std() < 0.002 * unlogged.mean():
             raise ValueError(
                 f"input_values='normalized' but the values look log1p-scaled ({where}): the cells' totals of "
                 f"expm1(values) agree (about {float(unlogged.mean()):.6g}) while their totals differ; pass "
@@ -480,22 +484,29 @@ def _other_log_base(data: np.ndarray, indptr: np.ndarray, tolerance: float = 1e-
     return None
 
 
-def _share_of_count_multiples(values: np.ndarray, indptr: np.ndarray, tolerance: float = 1e-3) -> float:
+def _share_of_count_multiples(values: np.ndarray, indptr: np.ndarray, tolerance: float = 1e-3,
+                              telling_only: bool = False) -> float:
     """The share of cells whose positive values are all whole multiples (within `tolerance`, relative) of the cell's
     smallest one: normalised counts are (counts x a per-cell scale), so linear normalised data has it and log1p data
     has it after expm1, whatever the depth or the genes kept (the totals rule needs whole cells). A value too large
-    for expm1 (infinite) is no multiple."""
+    for expm1 (infinite) is no multiple. `telling_only`: the share among the cells with two different positive
+    values (equal values are multiples in any scale), 0 where no cell has them."""
     rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
     positive = values > 0
     values, rows = np.asarray(values[positive], dtype=np.float64), rows[positive]
     if not len(values):
-        return 1.0
+        return 0.0 if telling_only else 1.0
     starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # each cell's first positive value (CSR order)
     smallest = np.minimum.reduceat(values, starts)
     with np.errstate(invalid="ignore", over="ignore"):
         ratios = values / np.repeat(smallest, np.diff(np.r_[starts, len(values)]))
         off = ~(np.abs(ratios - np.rint(ratios)) <= tolerance * np.maximum(ratios, 1.0))
-    return float(1.0 - (np.add.reduceat(off, starts) > 0).mean())
+    off_cells = np.add.reduceat(off, starts) > 0
+    if telling_only:
+        smallest_entries = np.repeat(smallest, np.diff(np.r_[starts, len(values)]))
+        telling = np.add.reduceat(values != smallest_entries, starts) > 0
+        return float((~off_cells[telling]).mean()) if telling.any() else 0.0
+    return float(1.0 - off_cells.mean())
 
 
 def rank_values(

@@ -784,6 +784,9 @@ def test_log1p_values_rounded_to_two_decimals_declared_normalized_are_refused():
     extractor = Cell2TextFeatureExtractor.from_gene_medians({gene: 1.0 for gene in INPUT_GENES})
     with pytest.raises(ValueError, match=r"look log1p-scaled.*totals of expm1\(values\) agree"):
         extractor.tokenize(sp.csr_matrix(rounded), INPUT_GENES, input_values="normalized")
+    for n_cells in (3, 5, 7):  # a few cells too (a range rule below 8 cells let these pass: the third reader)
+        with pytest.raises(ValueError, match="look log1p-scaled"):
+            extractor.tokenize(sp.csr_matrix(rounded[:n_cells]), INPUT_GENES, input_values="normalized")
     assert len(extractor.tokenize(sp.csr_matrix(rounded), INPUT_GENES, input_values="log1p")) == 256
 
 
@@ -796,6 +799,20 @@ def test_linear_values_of_two_cells_whose_expm1_totals_nearly_agree_pass_as_norm
     assert abs(np.expm1(cells).sum(axis=1).std() / np.expm1(cells).sum(axis=1).mean()) < 0.002
     extractor = Cell2TextFeatureExtractor.from_gene_medians({gene: 1.0 for gene in genes})
     assert len(extractor.tokenize(sp.csr_matrix(cells), genes, input_values="normalized")) == 2
+
+
+def test_log1p_of_shallow_cells_of_ones_declared_normalized_is_still_refused():
+    """The third reader's finding on the fix above: cells whose values are all equal (every count 1) are whole
+    multiples in log1p too; counted as showing the values linear, they switched the totals rule off, and a deeper
+    cell beside them was ranked as linear values."""
+    genes = [f"ENSG{i:011d}" for i in range(1, 11)]
+    counts = np.array([[1, 1, 1, 1, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1, 0, 0, 0, 0], [3, 1, 2, 0, 0, 0, 5, 1, 0, 0]],
+                      dtype=np.float64)
+    logged = np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4).astype(np.float32)
+    extractor = Cell2TextFeatureExtractor.from_gene_medians({gene: 1.0 + i for i, gene in enumerate(genes)})
+    with pytest.raises(ValueError, match=r"look log1p-scaled.*totals of expm1\(values\) agree"):
+        extractor.tokenize(sp.csr_matrix(logged), genes, input_values="normalized")
+    assert len(extractor.tokenize(sp.csr_matrix(logged), genes, input_values="log1p")) == 3
 
 
 @pytest.mark.parametrize("n_empty_after", [1, 3])
