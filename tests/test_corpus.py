@@ -274,9 +274,21 @@ def test_pathways_are_the_normalised_top_two_never_repeated_and_tabled_per_cell_
     assert "## Top pathways per cell type" in card and "| natural killer cell | 31 | Natural Killer Cell Mediated Immunity" in card
 
 
-def test_raw_pathway_ranking_is_the_papers_option(tmp_path):
+def test_raw_pathway_ranking_is_the_papers_option(tmp_path, monkeypatch):
+    import processing.build_corpus
+
+    calls = []
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs)
+        return aucell(*args, **kwargs)
+
+    aucell = processing.build_corpus.aucell
+    monkeypatch.setattr(processing.build_corpus, "aucell", recorded)
     summary = build_corpus(pbmc68k_reduced(), tmp_path / "raw", BuildOptions(progress=False, pathway_ranking="raw"))
     assert summary["pathway_ranking"] == "AUCell, raw"
+    # a set the cell does not express is never named (its tie credit in a shallow cell): the reviewer's finding
+    assert calls and all(call["expressed_sets_only"] and not call["normalize"] for call in calls)
     with pytest.raises(ValueError, match="pathway_ranking"):
         build_corpus(pbmc68k_reduced(), tmp_path / "bad", BuildOptions(progress=False, pathway_ranking="zscore"))
 
