@@ -1,7 +1,8 @@
 """The one owner of gene-ID rules, used by the corpus builder and by the feature extractor at inference.
 
 * An **Ensembl gene ID** is ``ENS`` + optional species letters + ``G`` + digits, with an optional ``.version``
-  suffix that is stripped (``ENSG00000141510.17`` -> ``ENSG00000141510``; ``ENSMUSG...`` too). Anything else
+  suffix that is stripped (``ENSG00000141510.17`` -> ``ENSG00000141510``; ``ENSMUSG...`` too), in any case
+  (``ensg00000141510`` -> ``ENSG00000141510``, as Geneformer upper-cases them). Anything else
   (transcript IDs ``ENST...``, ``..._PAR_Y`` copies, symbols) is not an Ensembl gene ID.
 * A **gene symbol** names the one gene that carries it. A symbol carried by several genes names the only
   protein-coding gene among them; with several protein-coding genes, or several genes and none protein-coding,
@@ -32,8 +33,9 @@ _SAMPLE = 2000
 
 
 def ensembl_gene_id(value: Any) -> str | None:
-    """Unversioned Ensembl gene ID of ``value`` (surrounding spaces ignored), or None if it is not one."""
-    match = ENSEMBL_GENE_PATTERN.match(str(value).strip())
+    """Unversioned, upper-case Ensembl gene ID of ``value`` (surrounding spaces ignored), or None if it is not
+    one."""
+    match = ENSEMBL_GENE_PATTERN.match(str(value).strip().upper())
     return match.group(1) if match else None
 
 

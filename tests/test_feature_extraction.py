@@ -306,6 +306,9 @@ def test_from_gene_medians_builds_sorted_vocabulary_with_packaged_symbols():
     assert extractor.gene_symbols == {"ENSG00000141510": "TP53", "ENSG00000198851": "CD3E"}
     assert extractor.vocab_size == 6 and extractor.cls_token_id == 2 and extractor.eos_token_id == 3
     assert extractor(np.array([[1, 5]]), ["TP53", "CD3E"])["gene_input_ids"].tolist() == [[2, 5, 4, 3]]
+    # lower-case Ensembl ids, as Geneformer upper-cases them (a reviewer's finding: they matched no gene)
+    lower = ["ensg00000141510.3", "ensg00000198851"]
+    assert extractor(np.array([[1, 5]]), lower)["gene_input_ids"].tolist() == [[2, 5, 4, 3]]
 
 
 # ----------------------------------------------------------------------------- restricted unpickler
