@@ -47,7 +47,8 @@ from processing.ontology_versions import ontology_versions
 from processing.corpus import METADATA_FIELDS, SplitWriter, describe, resolve_labels
 from processing.gene_medians import ExactGeneMedians, HistogramGeneMedians, expression_values, normalize_total
 from processing.pathways import (
-    DEFAULT_GMT, DEFAULT_SET_SIZES, aucell, display_names, filter_set_sizes, read_gmt, top_set_indices,
+    DEFAULT_GMT, DEFAULT_SET_SIZES, aucell, default_max_rank, display_names, filter_set_sizes, read_gmt,
+    top_set_indices,
 )
 from processing.splits import DEFAULT_FRACTIONS, SPLITS, assign_fold_splits, assign_splits
 
@@ -80,6 +81,9 @@ class BuildOptions:
     # Gene sets with fewer of their genes in the data score 0: on small panels (pbmc68k has 765 genes) sets with
     # one or two genes present otherwise dominate AUCell's top ranks.
     min_pathway_genes: int = 5
+    # AUCell's top ranks per cell; None: 5% of the genes (R AUCell's and pySCENIC's default). Keep it below the genes
+    # most cells express (a warning says where it is not: Census-wide data has 60k columns, so 5% is 3,000).
+    pathway_max_rank: int | None = None
     medians: str = "auto"  # "exact", "histogram" or "auto" (exact up to EXACT_MEDIANS_MAX_CELLS cells)
     bins_per_decade: int = 100
     model_input_size: int = 4096
@@ -173,6 +177,15 @@ def _check_integer_counts(chunk: sp.csr_matrix, valid: np.ndarray, cell_ids: np.
         )
 
 
+def pathway_max_rank(options: BuildOptions, n_genes: int) -> int:
+    """AUCell's number of top ranks: `options.pathway_max_rank`, else 5% of the `n_genes` columns."""
+    max_rank = default_max_rank(n_genes) if options.pathway_max_rank is None else options.pathway_max_rank
+    if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or not 1 <= max_rank <= n_genes:
+        raise ValueError(f"pathway_max_rank must be an integer between 1 and the number of genes ({n_genes}), got "
+                         f"{max_rank!r}")
+    return int(max_rank)
+
+
 def _first_pass(source, reasons, genes, medians, gene_sets, options):
     """Pass 1: reject cells with invalid values / without counts / vocabulary genes, medians, pathways."""
     n_sets = options.n_pathways
@@ -180,6 +193,8 @@ def _first_pass(source, reasons, genes, medians, gene_sets, options):
     set_names = display_names(list(gene_sets)) if gene_sets else []
     cell_ids = source.obs.index.to_numpy(dtype=object)
     bar = tqdm(total=source.n_cells, unit="cells", desc="pass 1/2: medians, pathways", disable=not options.progress)
+    max_rank = pathway_max_rank(options, len(genes.symbols))
+    warned = False
     for start, chunk in source.iter_chunks(options.chunk_size):
         rows = np.arange(start, start + chunk.shape[0])
         pending = pd.isna(reasons[rows])
@@ -205,8 +220,17 @@ def _first_pass(source, reasons, genes, medians, gene_sets, options):
         medians.update(sub.indices[use], sub.data[use])
         if set_names and len(kept):
             sub.data = np.log1p(sub.data)
-            scores = aucell(sub, genes.symbols, gene_sets, chunk_size=512, min_genes=options.min_pathway_genes,
-                            normalize=options.pathway_ranking == "normalized", expressed_sets_only=True)
+            genes_expressed = np.median(np.diff(sub.indptr))
+            if genes_expressed < max_rank and not warned:
+                logger.warning(
+                    "AUCell looks at each cell's top %d genes, but the median cell here expresses %d: the tied block "
+                    "of its unexpressed genes fills the rest of those ranks and gives partly expressed sets credit. "
+                    "Pass --pathway-max-rank below %d (R AUCell's advice: under the genes most cells express).",
+                    max_rank, genes_expressed, genes_expressed)
+                warned = True
+            scores = aucell(sub, genes.symbols, gene_sets, max_rank=max_rank, chunk_size=512,
+                            min_genes=options.min_pathway_genes, normalize=options.pathway_ranking == "normalized",
+                            expressed_sets_only=True)
             top[rows[kept]] = top_set_indices(scores, n_sets)
         bar.update(chunk.shape[0])
     bar.close()
@@ -535,6 +559,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
         "gene_vocabulary_size": len(extractor.gene_medians),
         "pathway_library": Path(options.gmt).name if options.gmt else None,
         **({"pathway_ranking": f"AUCell, {options.pathway_ranking}", "pathway_set_sizes": options.pathway_set_sizes,
+            "pathway_max_rank": pathway_max_rank(options, len(genes.symbols)),
             "pathway_sets": len(set_names),
             "top_pathways_by_cell_type": _top_pathways_by_cell_type(labels, kept, top, set_names)} if set_names else {}),
         "seed": options.seed,
@@ -643,6 +668,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pathway-set-sizes", type=positive_int, nargs=2, metavar=("MIN", "MAX"),
                         default=list(DEFAULT_SET_SIZES), help="keep library sets of MIN to MAX genes")
     parser.add_argument("--min-pathway-genes", type=int, default=5, help="gene sets with fewer genes present score 0")
+    parser.add_argument("--pathway-max-rank", type=int, default=None,
+                        help="AUCell's top ranks per cell (default: 5%% of the genes); keep it below the genes most "
+                             "cells express")
     parser.add_argument("--token-dictionary", help="Geneformer token dictionary (.pkl), with --gene-median-file")
     parser.add_argument("--gene-median-file", help="Geneformer gene median dictionary (.pkl)")
     parser.add_argument("--feature-extractor", help="directory of a saved Cell2TextFeatureExtractor to use as given")
@@ -698,7 +726,8 @@ def run(args: argparse.Namespace) -> dict:
         extractor = Cell2TextFeatureExtractor.from_pretrained(args.feature_extractor)
     options = BuildOptions(
         seed=args.seed, fold=args.fold, chunk_size=args.chunk_size, gmt=None if args.gmt == "none" else args.gmt,
-        min_pathway_genes=args.min_pathway_genes, pathway_ranking=args.pathway_ranking,
+        min_pathway_genes=args.min_pathway_genes, pathway_max_rank=args.pathway_max_rank,
+        pathway_ranking=args.pathway_ranking,
         pathway_set_sizes=tuple(args.pathway_set_sizes),
         medians=args.medians, model_input_size=args.model_input_size, expression_bins=args.expression_bins,
         feature_extractor=extractor,

@@ -293,6 +293,20 @@ def test_raw_pathway_ranking_is_the_papers_option(tmp_path, monkeypatch):
         build_corpus(pbmc68k_reduced(), tmp_path / "bad", BuildOptions(progress=False, pathway_ranking="zscore"))
 
 
+def test_pathway_max_rank_is_an_option_and_a_warning_names_it_where_cells_express_fewer_genes(tmp_path, caplog):
+    """A reviewer's finding: AUCell's top ranks default to 5% of the columns (3,000 of Census's 60k), above the genes
+    most cells express, where unexpressed genes fill the top ranks; nothing said so and nothing could change it."""
+    summary = build_corpus(pbmc68k_reduced(), tmp_path / "default", BuildOptions(progress=False))
+    assert summary["pathway_max_rank"] == 38  # 5% of pbmc68k_reduced's 765 genes
+    assert "--pathway-max-rank" not in caplog.text
+    summary = build_corpus(pbmc68k_reduced(), tmp_path / "wide", BuildOptions(progress=False, pathway_max_rank=700))
+    assert summary["pathway_max_rank"] == 700
+    assert "AUCell looks at each cell's top 700 genes, but the median cell here expresses" in caplog.text
+    assert "Pass --pathway-max-rank below" in caplog.text
+    with pytest.raises(ValueError, match="pathway_max_rank must be an integer between 1 and the number of genes"):
+        build_corpus(pbmc68k_reduced(), tmp_path / "bad", BuildOptions(progress=False, pathway_max_rank=0))
+
+
 def test_an_empty_split_is_saved_so_that_the_corpus_loads(tmp_path):
     """Too few donors leave a split empty; datasets writes no shard for it and load_from_disk failed (IndexError)."""
     (tmp_path / "staging").mkdir()
