@@ -220,7 +220,8 @@ def _first_pass(source, reasons, genes, medians, gene_sets, options):
         medians.update(sub.indices[use], sub.data[use])
         if set_names and len(kept):
             sub.data = np.log1p(sub.data)
-            genes_expressed = np.median(np.diff(sub.indptr))
+            rows_of_entries = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))
+            genes_expressed = np.median(np.bincount(rows_of_entries[sub.data > 0], minlength=sub.shape[0]))
             if genes_expressed < max_rank and not warned:
                 logger.warning(
                     "AUCell looks at each cell's top %d genes, but the median cell here expresses %d: the tied block "
