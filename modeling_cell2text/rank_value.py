@@ -336,9 +336,9 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
     counts, also on a subset of genes or shallow cells; or all values <= 20 and the cells' totals of expm1(values)
     agree (coefficient of variation below 0.2%: also log1p values rounded to 2 decimals) while their totals of the
     values differ by more than 1%, unless most cells with two different values hold whole multiples of their
-    smallest one, which shows the values linear). "log1p": at most 20 (log1p of CP10k
-    is at most 9.2), not all integers (raw counts), not linear (values above 1, and in most cells the values, not their
-    expm1, are whole multiples of the cell's smallest one: normalised counts at a scale that keeps them <= 20).
+    smallest one, which shows the values linear). "log1p": at most 20 (log1p of CP10k is at most 9.2), not all
+    integers (raw counts), not linear (values above 1, and in most cells the values, not their expm1, are whole
+    multiples of the cell's smallest one: normalised counts at a scale that keeps them <= 20).
     The totals rules need two cells with values in the chunk.
     """
     where = f"chunk starting at cell {first_row}"
@@ -403,11 +403,7 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
             f"input_values='normalized' but a value is {float(largest):.6g} ({where}): normalised expression is far "
             "below 2**31 (CPM is at most 10**6); pass the normalised matrix, or input_values='counts' for raw counts"
         )
-    # counts times a per-cell scale (for the totals rule: among the cells that can tell, with two different values;
-    # a cell of equal values, such as a shallow cell of ones, is a multiple in log1p too)
-    linear = integral or _share_of_count_multiples(data, indptr) >= 0.5
-    shown_linear = integral or _share_of_count_multiples(data, indptr, telling_only=True) >= 0.5
-    if not linear:
+    if not integral and _share_of_count_multiples(data, indptr) < 0.5:  # not counts times a per-cell scale
         if _share_of_count_multiples(np.expm1(np.minimum(data, MAX_LOG1P), dtype=np.float64), indptr) >= 0.5:
             raise ValueError(
                 f"input_values='normalized' but the values look log1p-scaled ({where}): in most cells expm1(values) "
@@ -426,7 +422,10 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
             f"input_values='normalized' but every value is an integer and the cells' totals differ ({where}): "
             "these look like raw counts; pass input_values='counts'"
         )
-    if largest <= MAX_LOG1P and not shown_linear and _spread(totals) > 0.01:
+    # Values shown linear (counts times a per-cell scale, among the cells with two different values: a cell of equal
+    # values, such as a shallow cell of ones, is a multiple in log1p too) are left alone.
+    if (largest <= MAX_LOG1P and not integral and _spread(totals) > 0.01
+            and _share_of_count_multiples(data, indptr, telling_only=True) < 0.5):
         unlogged = _row_sums(np.expm1(data, dtype=np.float64), indptr)
         unlogged = unlogged[unlogged > 0]
         # a coefficient of variation, not the range (which grows with the cells): log1p values rounded to 2

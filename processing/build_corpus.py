@@ -510,6 +510,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
         )
     if options.pathway_ranking not in ("normalized", "raw"):
         raise ValueError(f"pathway_ranking must be 'normalized' or 'raw', got {options.pathway_ranking!r}")
+    pathway_max_rank(options, len(genes.symbols))  # refused before a pass over the data
     gene_sets = read_gmt(options.gmt) if options.gmt else None
     if gene_sets and options.pathway_set_sizes:
         gene_sets = filter_set_sizes(gene_sets, *options.pathway_set_sizes)

@@ -129,8 +129,7 @@ def membership_matrix(
         position_ignoring_case.setdefault(str(gene).upper(), i)
     rows, cols = [], []
     for j, genes in enumerate(gene_sets.values()):
-        found = {position[g] if g in position else position_ignoring_case[str(g).upper()] for g in genes
-                 if g in position or str(g).upper() in position_ignoring_case}
+        found = {position.get(g, position_ignoring_case.get(str(g).upper())) for g in genes} - {None}
         rows.extend(found)
         cols.extend([j] * len(found))
     data = np.ones(len(rows), dtype=np.float64)
