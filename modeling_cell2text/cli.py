@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> None:
             new_obs = [c for c in adata.obs.columns if c.startswith(f"{args.key_added}_")]
             write_annotated_copy(args.input, args.out, obs=adata.obs, uns={args.key_added: adata.uns[args.key_added]},
                                  overwrite=args.overwrite)
-            described = int(adata.obs[f"{args.key_added}_description"].astype(bool).sum()) if new_obs else 0
+            described = int(adata.obs[f"{args.key_added}_description"].notna().sum()) if new_obs else 0
             parsed = int(adata.obs[f"{args.key_added}_parsed"].sum()) if new_obs else 0
             unparsed = (f" ({described - parsed} of them not parsed into fields: {args.key_added}_parsed is False)"
                         if parsed < described else "")

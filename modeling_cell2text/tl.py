@@ -273,9 +273,9 @@ def describe(
 ) -> None:
     """Describe every cell of `adata` and write the results into `adata.obs`, in place.
 
-    Columns, by position (so duplicated obs_names are fine): `{key_added}_description` (str), `{key_added}_parsed`
-    (bool), `{key_added}_<field>` for cell_type, cell_type_definition, tissue, sex, disease, age_group and pathways
-    ("; "-joined) and `{key_added}_<field>_ontology_term_id`, as categoricals (missing where a field is absent or a
+    Columns, by position (so duplicated obs_names are fine): `{key_added}_description` (categorical of str; missing
+    for a cell skipped with `skip_empty_cells`, "" where the model wrote nothing), `{key_added}_parsed` (bool),
+    `{key_added}_<field>` for cell_type, cell_type_definition, tissue, sex, disease, age_group and pathways ("; "-joined) and `{key_added}_<field>_ontology_term_id`, as categoricals (missing where a field is absent or a
     cell was skipped), plus `{key_added}_<field>_score` (float) for each field the constrained decoder chose and
     `{key_added}_exact_choice` (nullable bool: every label proven the most likely of its options, `schema_results`;
     missing for a skipped cell).
@@ -387,7 +387,8 @@ def described_columns(key_added: str) -> list[str]:
 
 
 def annotation_columns(results: Sequence[dict | None], key_added: str, constrained: bool = False) -> dict[str, Any]:
-    """obs columns (one value per cell, in the cells' order) from pipeline results; None marks a skipped cell.
+    """obs columns (one value per cell, in the cells' order) from pipeline results; None marks a skipped cell, whose
+    description is missing (`isna()`), as its fields, scores and `exact_choice` are, and `parsed` False.
 
     With no cell described (an empty AnnData, or every cell skipped) the columns a described cell would have had are
     still written, empty or missing: those of a constrained run's results (`constrained`, with every `_score` and
@@ -408,9 +409,9 @@ def annotation_columns(results: Sequence[dict | None], key_added: str, constrain
     columns: dict[str, Any] = {}
     for key in keys:
         values = [None if result is None else result.get(key) for result in results]
-        if key == "description":
-            columns[f"{key_added}_{key}"] = np.array(["" if v is None else v.replace("\x00", "\ufffd")
-                                                       for v in values], dtype=object)
+        if key == "description":  # missing (not "") for a skipped cell: a model can write an empty description
+            columns[f"{key_added}_{key}"] = pd.Categorical([None if v is None else v.replace("\x00", "\ufffd")
+                                                             for v in values])
         elif key == "parsed":
             columns[f"{key_added}_{key}"] = np.array([bool(v) for v in values])
         elif key == "exact_choice":  # missing (not False) for a skipped cell

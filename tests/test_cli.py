@@ -514,3 +514,32 @@ def test_free_descriptions_cut_by_max_new_tokens_are_counted_as_not_parsed(model
     assert main(describe_args(h5ad, model_dir, whole, "--free")) == 0  # 40 tokens: whole
     assert "Described 5 of 5 cells; wrote" in capsys.readouterr().out
     assert ad.read_h5ad(whole).obs["cell2text_parsed"].all()
+
+
+def test_skipped_cells_and_empty_descriptions_are_told_apart(model_dir, tmp_path, capsys, monkeypatch):
+    """A skipped cell (--skip-empty-cells) was written as "" like a description the model left empty, and the summary
+    counted cells by non-empty text: an empty description was called not described. Skipped now reads missing."""
+    from modeling_cell2text import tl
+
+    adata = make_adata(3)
+    counts = adata.X.toarray()
+    counts[1] = 0  # expresses none of the model's genes: skipped
+    adata.layers["counts"] = counts
+    h5ad = tmp_path / "cells.h5ad"
+    adata.write_h5ad(h5ad)
+    out = tmp_path / "out.h5ad"
+    assert main(describe_args(h5ad, model_dir, out, "--skip-empty-cells")) == 0
+    assert "Described 2 of 3 cells; wrote" in capsys.readouterr().out
+    descriptions = ad.read_h5ad(out).obs["cell2text_description"]
+    assert list(descriptions.isna()) == [False, True, False]
+
+    def empty_texts(cells, model, processor, options=None, **keywords):
+        results, params = describe_cells(cells, model, processor, options, **keywords)
+        return [None if r is None else {"description": "", "parsed": False} for r in results], params
+
+    describe_cells = tl.describe_cells
+    monkeypatch.setattr(tl, "describe_cells", empty_texts)
+    empty = tmp_path / "empty.h5ad"
+    assert main(describe_args(h5ad, model_dir, empty, "--skip-empty-cells")) == 0
+    assert "Described 2 of 3 cells (2 of them not parsed into fields" in capsys.readouterr().out
+    assert list(ad.read_h5ad(empty).obs["cell2text_description"].isna()) == [False, True, False]

@@ -216,11 +216,12 @@ def test_annotation_columns_types_and_skipped_cells():
         {"description": "d0", "parsed": True, "cell_type": "B cell", "cell_type_score": 0.9, "pathways": ["P1", "P2"],
          "exact_choice": True},
         None,  # a skipped cell
-        {"description": "d2", "parsed": False, "cell_type": None, "cell_type_score": None, "pathways": [],
-         "exact_choice": False},
+        {"description": "", "parsed": False, "cell_type": None, "cell_type_score": None, "pathways": [],
+         "exact_choice": False},  # the model wrote nothing: not to be told from a skipped cell before
     ]
     columns = tl.annotation_columns(results, "k")
-    assert list(columns["k_description"]) == ["d0", "", "d2"]
+    assert list(columns["k_description"].astype(object)) == ["d0", np.nan, ""]
+    assert list(pd.Series(columns["k_description"]).isna()) == [False, True, False]
     assert list(columns["k_parsed"]) == [True, False, False]
     assert columns["k_exact_choice"].dtype == "boolean"  # a skipped cell's is missing, not False
     assert [None if v is pd.NA else bool(v) for v in columns["k_exact_choice"]] == [True, None, False]
@@ -236,7 +237,7 @@ def test_a_misspelt_option_is_named_with_the_known_ones(model_dirs):
 
 
 @pytest.mark.parametrize("n_cells", [0, 3])
-def test_no_cell_described_still_writes_the_columns(model_dirs, n_cells):
+def test_no_cell_described_still_writes_the_columns(model_dirs, n_cells, tmp_path):
     """An empty AnnData (or one whose every cell is skipped) wrote the uns record and no obs column, so a notebook's
     next `adata.obs["cell2text_cell_type"]` failed with a KeyError."""
     adata = make_adata(3)[:n_cells].copy()
@@ -245,6 +246,8 @@ def test_no_cell_described_still_writes_the_columns(model_dirs, n_cells):
     for column in FIELD_COLUMNS:
         assert f"cell2text_{column}" in adata.obs, column
     assert not adata.obs["cell2text_parsed"].any() and adata.obs["cell2text_cell_type"].isna().all()
+    assert adata.obs["cell2text_description"].isna().all()  # skipped, not described as ""
+    adata.write_h5ad(Path(tmp_path) / "skipped.h5ad")  # every description missing: still writable
     assert "cell2text" in adata.uns
 
 
