@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1150,3 +1151,41 @@ def test_a_chat_template_given_to_trl_is_the_saved_models(parts_and_corpus, tmp_
     final = tiny_recipe(lm_dir, corpus_dir, tmp_path / "out", tmp_path / "final", max_steps=1,
                         temperature_fit_cells=0, chat_template_path=str(template))
     assert AutoProcessor.from_pretrained(final).chat_template == template.read_text()
+
+
+def test_earlier_checkpoints_deleted_by_two_nodes_at_once(tmp_path, monkeypatch):
+    """With save_on_each_node on a shared file system, every node's saving process deletes the earlier run's
+    checkpoints (--overwrite_output_dir); the one that came second stopped with a FileNotFoundError."""
+    from training import adapters
+
+    def earlier_checkpoint(step: int) -> Path:
+        folder = tmp_path / f"checkpoint-{step}"
+        (folder / "nested").mkdir(parents=True)
+        for name in ("a.bin", "b.bin", "nested/c.bin"):
+            (folder / name).write_bytes(b"x")
+        return folder
+
+    unlink = os.unlink
+
+    def other_node_first(path, *args, **kwargs):  # the other node removes every file of the folder just before
+        for file in sorted(first.rglob("*.bin")):
+            unlink(file)
+        return unlink(path, *args, **kwargs)
+
+    first = earlier_checkpoint(1)
+    monkeypatch.setattr(os, "unlink", other_node_first)
+    adapters.remove_folder(first)
+    assert not first.exists()
+
+    second = earlier_checkpoint(2)
+    monkeypatch.setattr(os, "unlink", unlink)
+    shutil.rmtree(second)  # the other node got there first
+    adapters.remove_folder(second)
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    third = earlier_checkpoint(3)
+    monkeypatch.setattr(os, "unlink", refused)
+    with pytest.raises(PermissionError):  # any other error is raised
+        adapters.remove_folder(third)

@@ -287,10 +287,24 @@ def check_output_dir(training_args: Any, overwrite: bool) -> None:
             f"--output_dir {training_args.output_dir} holds checkpoints of an earlier run ({names}), which a new run "
             f"would overwrite or delete: continue that run with --resume_from_checkpoint {earlier[-1]}, pass "
             "--overwrite_output_dir true to delete them and start anew there, or choose another --output_dir.")
-    if training_args.should_save:  # once, by the process that saves the checkpoints
+    if training_args.should_save:  # by the process that saves the checkpoints (each node's, with save_on_each_node)
         logger.warning("--overwrite_output_dir: deleting the earlier run's %s in %s", names, training_args.output_dir)
         for folder in earlier:
-            shutil.rmtree(folder)
+            remove_folder(folder)
+
+
+def remove_folder(folder: Path) -> None:
+    """`shutil.rmtree`, where files another process removes meanwhile are not an error: with save_on_each_node on a
+    shared file system, every node's saving process deletes the same earlier checkpoints, and the one that came
+    second stopped with a FileNotFoundError. Any other error is raised."""
+    def already_gone(function, path, error) -> None:
+        if not isinstance(error, FileNotFoundError):
+            raise error
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(folder, onexc=already_gone)
+    else:
+        shutil.rmtree(folder, onerror=lambda function, path, info: already_gone(function, path, info[1]))
 
 
 def parse_training_arguments(parser: Any, argv: Sequence[str] | None = None) -> tuple:
