@@ -16,3 +16,11 @@ def test_calibration_report_hand_computed():
     assert calibration_report([0.5, 0.5], [True, False], num_bins=2)["ece"] == 0.0
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         calibration_report([1.5], [True])
+
+
+def test_calibration_report_refuses_correct_values_that_are_not_bools():
+    """None or NaN made the ECE NaN and a 2 an ECE of 1.1, silently."""
+    for value in (None, float("nan"), 2, "True"):
+        with pytest.raises(ValueError, match="one bool per cell"):
+            calibration_report([0.5, 0.9], [True, value])
+    assert calibration_report([0.5, 0.9], [1, 0])["accuracy"] == 0.5
