@@ -24,3 +24,15 @@ def test_calibration_report_refuses_correct_values_that_are_not_bools():
         with pytest.raises(ValueError, match="one bool per cell"):
             calibration_report([0.5, 0.9], [True, value])
     assert calibration_report([0.5, 0.9], [1, 0])["accuracy"] == 0.5
+
+
+def test_each_confidence_lies_within_its_bins_stated_edges():
+    """conf * num_bins rounded the float just below 0.9 (and 5/6 for 6 bins) up into the bin above."""
+    import numpy as np
+
+    for num_bins in range(1, 41):
+        edges = [b / num_bins for b in range(num_bins + 1)]
+        values = [float(v) for e in edges for v in (np.nextafter(e, -1), e, np.nextafter(e, 2)) if 0 <= v <= 1]
+        for value in values:
+            (b,) = [b for b in calibration_report([value], [True], num_bins)["bins"] if b["count"]]
+            assert b["lower"] <= value and (value < b["upper"] or value == b["upper"] == 1.0), (num_bins, value, b)

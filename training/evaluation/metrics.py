@@ -164,7 +164,8 @@ def calibration_report(confidences: Sequence[float], correct: Sequence[bool], nu
     if wrong:  # None or NaN made the ECE NaN, and a 2 an ECE above 1, without a word
         raise ValueError(f"correct must be one bool per cell (True where the prediction is right), got {wrong[0]!r}.")
     hits = np.asarray(correct, dtype=np.float64)
-    index = np.minimum((conf * num_bins).astype(int), num_bins - 1)
+    # by the edges the bins state: conf * num_bins rounds 0.8999999999999999 up into [0.9, 1.0]
+    index = np.minimum(np.searchsorted(np.arange(num_bins + 1) / num_bins, conf, side="right") - 1, num_bins - 1)
     bins, ece = [], 0.0
     for b in range(num_bins):
         members = index == b
