@@ -89,6 +89,22 @@ def test_an_unparsed_pathway_prediction_is_wrong_also_where_the_truth_is_empty()
     assert (right["subset_accuracy"], right["jaccard"], right["f1"], right["f1_samples"]) == (1, 1, 1, 1)
 
 
+def test_pathway_metrics_refuse_a_string_for_a_list_of_names_and_a_missing_truth():
+    """A string was read as a set of its letters ("Glycolysis" against "Hypoxia": Jaccard 3/11), a None truth as a cell
+    without pathways, silently."""
+    from training.evaluation.metrics import most_frequent_pathways
+
+    with pytest.raises(ValueError, match="list of names"):
+        pathway_report([["Glycolysis"]], ["Hypoxia"])
+    with pytest.raises(ValueError, match="list of names"):
+        pathway_report(["Glycolysis"], [["Glycolysis"]])
+    with pytest.raises(ValueError, match="list of names"):
+        most_frequent_pathways(["Glycolysis", "Hypoxia"])
+    with pytest.raises(ValueError, match="contain None"):
+        pathway_report([None], [["Glycolysis"]])
+    assert pathway_report([[], ("a",)], [None, iter(["a"])])["num_missing"] == 1
+
+
 def test_the_pathway_baseline_is_the_most_frequent_names_as_many_as_cells_most_often_have():
     from training.evaluation.metrics import most_frequent_pathways
 

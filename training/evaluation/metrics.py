@@ -90,8 +90,15 @@ def ontology_similarity_scores(
     return [0.0 if p is None else float(similarity.score(t, p)) for t, p in zip(true_ids, pred_ids)]
 
 
+def _names(items: Iterable[str]) -> Iterable[str]:
+    """A cell's pathway names; a bare string refused (its letters would be taken for names and scored)."""
+    if isinstance(items, str):
+        raise ValueError(f"A cell's pathways must be a list of names, got the string {items!r}: wrap it, [{items!r}].")
+    return items
+
+
 def _as_set(items: Iterable[str] | None) -> set[str]:
-    return set() if items is None else set(items)
+    return set() if items is None else set(_names(items))
 
 
 def _set_f1(true: set[str], pred: set[str]) -> float:
@@ -115,6 +122,9 @@ def pathway_report(
     are false negatives, and where there are none it is one false positive.
     """
     _check_lengths(true_sets, pred_sets)
+    if any(t is None for t in true_sets):
+        raise ValueError("true_sets contain None: drop cells without ground-truth pathways first (an empty list is "
+                         "a cell with none).")
     trues = [_as_set(t) for t in true_sets]
     preds = [_as_set(p) for p in pred_sets]
     given = [p is not None for p in pred_sets]
@@ -138,7 +148,7 @@ def pathway_report(
 def most_frequent_pathways(pathway_sets: Sequence[Iterable[str]]) -> list[str]:
     """The baseline a pathway prediction must beat: the names most often among ``pathway_sets`` (a training split's),
     as many as its cells most often have (ties by name)."""
-    sets = [list(dict.fromkeys(names)) for names in pathway_sets]
+    sets = [list(dict.fromkeys(_names(names))) for names in pathway_sets]
     sizes = Counter(len(names) for names in sets if names)
     if not sizes:
         return []
