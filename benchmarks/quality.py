@@ -77,6 +77,17 @@ def wilson_interval(correct: int, total: int) -> list[float]:
     return [float(interval.low), float(interval.high)]
 
 
+def fold_record(fold: dict, key: str, method: str) -> list | None:
+    """A fold's per-cell `key` record of `method` (None where it kept none); refuses one not of one entry per test
+    cell (concatenated over the folds, it would pair the next folds' cells with other cells' truth)."""
+    values = fold["cells"].get(key, {}).get(method)
+    if values is not None and len(values) != len(fold["cells"]["cell_id"]):
+        raise ValueError(f"fold {fold['fold']}: {len(values)} {key} of {method} for its "
+                         f"{len(fold['cells']['cell_id'])} test cells; run the fold again (or --rescore from its "
+                         "folder).")
+    return values
+
+
 def pooled_figures(folds: Sequence[dict]) -> dict[str, dict[str, float]]:
     """Per method, over the test cells of all folds, from the figures per cell where the folds kept them (not the
     Cell2Sentence-style baseline's): accuracy with its 95% interval, weighted F1, ontology similarity, and for
@@ -88,7 +99,7 @@ def pooled_figures(folds: Sequence[dict]) -> dict[str, dict[str, float]]:
     truth = [label for fold in folds for label in fold["cells"]["cell_type_true"]]
 
     def pooled(key: str, method: str) -> list | None:  # a per-cell record of every fold, concatenated
-        kept = [fold["cells"].get(key, {}).get(method) for fold in folds]
+        kept = [fold_record(fold, key, method) for fold in folds]
         return None if any(values is None for values in kept) else [v for values in kept for v in values]
 
     pooled_methods: dict[str, dict[str, float]] = {}
@@ -226,7 +237,7 @@ def paired_summary(folds: Sequence[dict]) -> dict[str, dict]:
     truth = [t for fold in folds for t in fold["cells"]["cell_type_true"]]
 
     def correct(method: str) -> list[bool]:
-        return [p == t for p, t in zip((p for f in folds for p in f["cells"]["predictions"][method]), truth)]
+        return [p == t for p, t in zip((p for f in folds for p in fold_record(f, "predictions", method)), truth)]
 
     cell2text = correct("cell2text")
     summary = {}

@@ -246,3 +246,16 @@ def test_rescore_pools_again_from_the_fold_folders_and_refuses_other_predictions
     monkeypatch.setattr(quality, "fold_cells", other_predictions)
     with pytest.raises(SystemExit, match="its predictions are not those"):
         quality.main(["--out", str(tmp_path), "--rescore"])
+
+
+def test_a_fold_without_one_prediction_per_test_cell_is_refused():
+    """One fold's record a cell short and the next's a cell long paired every later prediction with another cell's
+    truth, silently (the totals agreed)."""
+    folds = [{"fold": fold, "methods": quality.method_figures(fake_results(fold)), "cells": fake_cells(fold)}
+             for fold in range(2)]
+    folds[0]["cells"]["predictions"]["majority"] = ["B cell"] * 3
+    folds[1]["cells"]["predictions"]["majority"] = ["B cell"] * 5
+    with pytest.raises(ValueError, match="fold 0: 3 predictions of majority for its 4 test cells"):
+        quality.pooled_figures(folds)
+    with pytest.raises(ValueError, match="fold 0: 3 predictions of majority"):
+        quality.paired_summary(folds)
