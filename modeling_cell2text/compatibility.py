@@ -108,21 +108,35 @@ PROCESSOR_PARTS = {
     "text_vocabulary": "tokenizer vocabulary (text token ids: the model would read and write other words)",
     "prompt": "chat template, system or user prompt, or definitions_in_model_text than the model was trained on",
     "gene_symbols": "gene symbol table (symbols in var_names would be read as other genes)",
+    "labels": ("set of labels (cell types, tissues, ... with their ontology ids and definitions, pathways, age "
+               "groups): a processor of another model offers labels this model did not learn to write; to choose "
+               "among a subset of the model's labels, use processor.keep_labels(...)"),
 }
 
 
+def label_tables_sha256(processor: Any) -> str:
+    """Checksum of a processor's label tables: ontology ids, cell-type definitions, pathway names and age groups."""
+    content = {"ontology_term_ids": sorted((field, sorted(table.items()))
+                                           for field, table in processor.ontology_term_ids.items() if table),
+               "cell_type_definitions": sorted(processor.cell_type_definitions.items()),
+               "pathway_names": sorted(processor.pathway_names), "age_groups": sorted(processor.age_groups)}
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()
+
+
 def processor_sha256(processor: Any) -> dict[str, str]:
-    """Checksums of what a processor gives the model besides its gene vocabulary, gene ranking and labels (labels
-    may change: a subset of cell types to choose among), one per `PROCESSOR_PARTS` entry. Two models trained from
-    one base LLM on one gene vocabulary agree on the gene checksums, so those alone let a processor of the other
-    model through: its tokenizer or prompt changed every description without a word."""
+    """Checksums of what a processor gives the model besides its gene vocabulary and gene ranking, one per
+    `PROCESSOR_PARTS` entry. Two models trained from one base LLM on one gene vocabulary (a pretrained Geneformer's)
+    agree on the gene checksums, so those alone let a processor of the other model through: its tokenizer, prompt or
+    labels changed every description without a word. "labels" is the checksum of the tables a subset was chosen
+    from (`Cell2TextProcessor.keep_labels`), where one was."""
     parts = {
         "text_vocabulary": sorted(processor.tokenizer.get_vocab().items()),
         "prompt": [processor.chat_template, processor.system_prompt, processor.user_prompt,
                    bool(processor.definitions_in_model_text)],
         "gene_symbols": sorted(processor.feature_extractor.symbol_to_gene.items()),
     }
-    return {name: hashlib.sha256(json.dumps(content).encode()).hexdigest() for name, content in parts.items()}
+    checksums = {name: hashlib.sha256(json.dumps(content).encode()).hexdigest() for name, content in parts.items()}
+    return {**checksums, "labels": getattr(processor, "labels_kept_from", None) or label_tables_sha256(processor)}
 
 
 class ModelProcessorMismatchError(ValueError):

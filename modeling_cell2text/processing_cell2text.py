@@ -17,7 +17,9 @@ DEFAULT_USER_PROMPT = "Gene expression embeddings: "
 CELL_TOKEN = "<cell>"
 # The processor's own settings (saved in processor_config.json beside its feature extractor and tokenizer).
 SETTINGS = ("chat_template", "num_cell_tokens", "system_prompt", "user_prompt", "ontology_term_ids",
-            "cell_type_definitions", "pathway_names", "age_groups", "definitions_in_model_text")
+            "cell_type_definitions", "pathway_names", "age_groups", "definitions_in_model_text", "labels_kept_from")
+# `keep_labels`' fields: the ontology fields' tables, and these.
+LIST_LABEL_FIELDS = {"pathways": "pathway_names", "age_group": "age_groups"}
 
 
 def check_label_tables(
@@ -88,6 +90,8 @@ class Cell2TextProcessor(ProcessorMixin):
             model, what free generation writes) and the processor writes it into each description from
             `cell_type_definitions`, so the model reads fewer tokens (43 a cell on pbmc68k); the descriptions read the
             same.
+        labels_kept_from (`str`, *optional*): set by `keep_labels` (not by hand): the checksum of the label tables
+            this processor's were chosen from, which is what a model checks them against.
     """
 
     def __init__(
@@ -103,6 +107,7 @@ class Cell2TextProcessor(ProcessorMixin):
         pathway_names: Sequence[str] | None = None,
         age_groups: Sequence[str] | None = None,
         definitions_in_model_text: bool = True,
+        labels_kept_from: str | None = None,
         **kwargs,
     ):
         if kwargs:
@@ -132,6 +137,9 @@ class Cell2TextProcessor(ProcessorMixin):
         if not isinstance(definitions_in_model_text, bool):
             raise TypeError(f"definitions_in_model_text must be True or False, got {definitions_in_model_text!r}.")
         self.definitions_in_model_text = definitions_in_model_text
+        if labels_kept_from is not None and not isinstance(labels_kept_from, str):
+            raise TypeError(f"labels_kept_from must be a checksum string, got {labels_kept_from!r}; {_LABEL_FIX}")
+        self.labels_kept_from = labels_kept_from
         super().__init__(feature_extractor, tokenizer, chat_template=chat_template)
 
     @classmethod
@@ -149,6 +157,36 @@ class Cell2TextProcessor(ProcessorMixin):
         if model_config is not None:
             check_model_and_processor(model_config, processor, f"the model in {pretrained_model_name_or_path}")
         return processor
+
+    def keep_labels(self, **labels: Sequence[str]) -> None:
+        """Choose among a subset of the labels, in place: `keep_labels(cell_type=["B cell", "T cell"])` (fields:
+        the ontology fields, "pathways", "age_group"; a field not named keeps all its labels). A model checks a
+        processor's label tables against those it was saved with (`compatibility.processor_sha256`), so that a
+        processor of another model (other labels than the model learnt to write) is refused; a subset chosen here
+        keeps the checksum of the tables it came from (`labels_kept_from`) and is accepted. Labels the processor does
+        not hold are refused: the model never learnt them."""
+        from .compatibility import label_tables_sha256
+
+        tables = {**{field: self.ontology_term_ids.get(field, {}) for field in ONTOLOGY_FIELDS},
+                  **{field: getattr(self, name) for field, name in LIST_LABEL_FIELDS.items()}}
+        for field, kept in labels.items():
+            if field not in tables:
+                raise ValueError(f"keep_labels: unknown field {field!r}; the fields are {sorted(tables)}.")
+            if isinstance(kept, (str, bytes)) or not isinstance(kept, Sequence):
+                raise TypeError(f"keep_labels({field}=...) takes a list of labels, got {kept!r}.")
+            unknown = sorted(set(kept) - set(tables[field]))
+            if unknown:
+                raise ValueError(f"keep_labels: {unknown} are not among the processor's {field} labels (the model "
+                                 f"never learnt them); it holds {len(tables[field])}, e.g. {sorted(tables[field])[:5]}.")
+        self.labels_kept_from = self.labels_kept_from or label_tables_sha256(self)
+        for field, kept in labels.items():
+            if field in LIST_LABEL_FIELDS:
+                setattr(self, LIST_LABEL_FIELDS[field], [label for label in tables[field] if label in set(kept)])
+            else:
+                self.ontology_term_ids = {**self.ontology_term_ids, field: {
+                    label: term for label, term in tables[field].items() if label in set(kept)}}
+        self.cell_type_definitions = {label: definition for label, definition in self.cell_type_definitions.items()
+                                      if label in self.ontology_term_ids.get("cell_type", {})}
 
     @property
     def cell_token_id(self) -> int:

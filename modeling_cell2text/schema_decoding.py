@@ -770,8 +770,10 @@ class _DecodingState:
 
 
 def known_labels(processor) -> dict[str, list[str]]:
-    """Each field's labels the processor learnt from its training corpus ("pathways": the pathway names)."""
-    labels = {name: sorted(values) for name, values in processor.ontology_term_ids.items()}
+    """Each field's labels the processor learnt from its training corpus ("pathways": the pathway names), the fields
+    in the schema's order (not the saved table's)."""
+    labels = {name: sorted(processor.ontology_term_ids[name]) for name in ONTOLOGY_FIELDS
+              if name in processor.ontology_term_ids}
     labels["age_group"] = list(getattr(processor, "age_groups", None) or [])
     labels["pathways"] = sorted(getattr(processor, "pathway_names", None) or [])
     return labels

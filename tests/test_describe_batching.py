@@ -24,11 +24,8 @@ CELL_TYPES = {"B cell": "CL:0000236", "T cell": "CL:0000084", "monocyte": "CL:00
 def save_scoring_model(root: Path) -> Path:
     """The random tiny model (descriptions differ from cell to cell) with four cell-type labels, so that
     `cell_type_score` varies too; the token that decodes to a NUL character is suppressed (h5ad cannot store it)."""
-    model_dir = save_tiny_model_folder(root, trained=False)
-    processor = Cell2TextProcessor.from_pretrained(model_dir)
-    processor.ontology_term_ids = {"cell_type": CELL_TYPES}
-    processor.save_pretrained(model_dir)
-    tokenizer = processor.tokenizer
+    model_dir = save_tiny_model_folder(root, trained=False, labels={"ontology_term_ids": {"cell_type": CELL_TYPES}})
+    tokenizer = Cell2TextProcessor.from_pretrained(model_dir).tokenizer
     generation_config = GenerationConfig.from_pretrained(model_dir)
     generation_config.suppress_tokens = [i for i in range(len(tokenizer)) if "\x00" in tokenizer.decode([i])]
     generation_config.save_pretrained(model_dir)

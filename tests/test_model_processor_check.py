@@ -184,10 +184,9 @@ def test_saving_into_a_folder_holding_adapter_or_pickle_files_is_refused(compose
     assert not (tmp_path / "model" / "config.json").exists()
 
 
-def test_a_processor_ranking_genes_otherwise_is_refused_but_other_labels_are_not(tmp_path):
+def test_a_processor_ranking_genes_otherwise_is_refused(tmp_path):
     """The QA finding: another processor with the same gene vocabulary but other gene medians (or no <cls>/<eos>)
-    was accepted, every cell's genes ranked in another order. Other labels stay allowed: choosing among a subset of
-    the cell types is a use."""
+    was accepted, every cell's genes ranked in another order."""
     encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
     processor = tiny_processor(lm_dir)
     model = Cell2TextForConditionalGeneration.from_pretrained_parts(
@@ -202,9 +201,52 @@ def test_a_processor_ranking_genes_otherwise_is_refused_but_other_labels_are_not
                        ("specials", lambda config: config["feature_extractor"].update(special_tokens=False))):
         with pytest.raises(ModelProcessorMismatchError, match="gene ranking checksum: model .* ranked in another"):
             Cell2TextProcessor.from_pretrained(edited_copy(tmp_path / "model", tmp_path / name, edit))
-    fewer_labels = edited_copy(tmp_path / "model", tmp_path / "labels", lambda config: config["ontology_term_ids"].update(
-        cell_type=dict(list(config["ontology_term_ids"]["cell_type"].items())[:1])))
-    assert len(Cell2TextProcessor.from_pretrained(fewer_labels).ontology_term_ids["cell_type"]) == 1
+
+
+def test_a_processor_of_another_model_with_other_labels_is_refused_a_kept_subset_is_not(tmp_path):
+    """The label tables were not bound to the model: two models trained from one base LLM on a pretrained
+    Geneformer's vocabulary agree on every other checksum, so the processor of a model trained on other cells
+    (other cell types, tissues, pathways) was accepted and the decoder chose among labels the model never learnt to
+    write, exit 0. A subset of the model's own labels, chosen with keep_labels, stays a use."""
+    encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
+    processor = tiny_processor(lm_dir)
+    cell_types = {"B cell": "CL:0000236", "T cell": "CL:0000084"}
+    processor.ontology_term_ids = {**processor.ontology_term_ids, "cell_type": cell_types}
+    model = Cell2TextForConditionalGeneration.from_pretrained_parts(
+        encoder_dir, lm_dir, cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16)
+    save_model_folder(model, processor, tmp_path / "model")
+
+    def other_cell_type(config: dict) -> None:  # another model's tables: a label this model never learnt
+        config["ontology_term_ids"]["cell_type"] = {**config["ontology_term_ids"]["cell_type"], "hepatocyte": "CL:0000182"}
+
+    for name, edit in (("other", other_cell_type),
+                       ("fewer-by-hand", lambda config: config["ontology_term_ids"].update(
+                           cell_type=dict(list(config["ontology_term_ids"]["cell_type"].items())[:1]))),
+                       ("pathways", lambda config: config.update(pathway_names=["Glycolysis"]))):
+        with pytest.raises(ModelProcessorMismatchError, match=r"labels checksum: .*another set of labels .*keep_labels"):
+            Cell2TextProcessor.from_pretrained(edited_copy(tmp_path / "model", tmp_path / name, edit))
+    given = Cell2TextProcessor.from_pretrained(tmp_path / "model")
+    given.ontology_term_ids = {**given.ontology_term_ids, "cell_type": {**cell_types, "hepatocyte": "CL:0000182"}}
+    with pytest.raises(ModelProcessorMismatchError, match="labels checksum"):  # given beside the model
+        tl.describe(make_adata(2), str(tmp_path / "model"), processor=given, progress=False)
+
+    kept = Cell2TextProcessor.from_pretrained(tmp_path / "model")
+    first = sorted(cell_types)[0]
+    kept.keep_labels(cell_type=[first])
+    assert kept.ontology_term_ids["cell_type"] == {first: cell_types[first]}
+    assert set(kept.cell_type_definitions) <= {first}
+    adata = make_adata(2)
+    tl.describe(adata, str(tmp_path / "model"), processor=kept, progress=False)
+    assert set(adata.obs["cell2text_cell_type"]) == {first}
+    kept.save_pretrained(tmp_path / "kept")  # saved and loaded again: still the model's subset
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tmp_path / "model" / name, tmp_path / "kept" / name)
+    assert Cell2TextProcessor.from_pretrained(tmp_path / "kept").ontology_term_ids["cell_type"] == {
+        first: cell_types[first]}
+    with pytest.raises(ValueError, match=r"keep_labels: \['hepatocyte'\] are not among the processor's cell_type"):
+        Cell2TextProcessor.from_pretrained(tmp_path / "model").keep_labels(cell_type=["hepatocyte"])
+    with pytest.raises(ValueError, match="keep_labels: unknown field 'cell_types'"):
+        kept.keep_labels(cell_types=[first])
 
 
 def test_pipeline_of_a_folder_names_why_its_processor_does_not_fit(composed_dir, tmp_path):

@@ -62,15 +62,19 @@ def tiny_processor(lm_dir: Path) -> Cell2TextProcessor:
     )
 
 
-def save_tiny_model_folder(root: Path, trained: bool = True, seed: int = 0) -> Path:
+def save_tiny_model_folder(root: Path, trained: bool = True, seed: int = 0, labels: dict | None = None) -> Path:
     """Save a tiny Cell2Text model + processor folder, as training does (model and processor saved separately).
 
     trained=True: a few optimizer steps teach it one description, so generations parse into fields with ontology
-    IDs. trained=False: random weights with a large init, so generations differ from cell to cell.
+    IDs. trained=False: random weights with a large init, so generations differ from cell to cell. `labels`: the
+    processor's label tables (attribute -> value, e.g. {"ontology_term_ids": ...}) the model is saved with (a model
+    checks its processor's labels against them).
     """
     root = Path(root)
     encoder_dir, lm_dir = save_tiny_parts(root / "parts", seed=seed)
     processor = tiny_processor(lm_dir)
+    for name, value in (labels or {}).items():
+        setattr(processor, name, value)
     torch.manual_seed(seed)
     if trained:
         model = Cell2TextForConditionalGeneration.from_pretrained_parts(

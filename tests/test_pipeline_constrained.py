@@ -11,7 +11,6 @@ import scipy.sparse as sp
 from test_pipeline import GENES, ONTOLOGY_IDS, random_counts, save_tiny_model_folder
 from transformers import pipeline
 
-from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor, save_model_folder
 from modeling_cell2text.label_scoring import cell_type_sentence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,12 +20,8 @@ CELL_TYPES = {**ONTOLOGY_IDS["cell_type"], "T cell": "CL:0000084", "monocyte": "
 @pytest.fixture(scope="module")
 def random_dir(tmp_path_factory):
     """A random model whose processor knows three cell types."""
-    model_dir = save_tiny_model_folder(tmp_path_factory.mktemp("constrained"), trained=False)
-    processor = Cell2TextProcessor.from_pretrained(model_dir)
-    processor.ontology_term_ids = {**processor.ontology_term_ids, "cell_type": CELL_TYPES}
-    labelled = model_dir.parent / "three-cell-types"
-    save_model_folder(Cell2TextForConditionalGeneration.from_pretrained(model_dir), processor, labelled)
-    return labelled
+    return save_tiny_model_folder(tmp_path_factory.mktemp("constrained"), trained=False,
+                                  labels={"ontology_term_ids": {**ONTOLOGY_IDS, "cell_type": CELL_TYPES}})
 
 
 def test_pipeline_constrains_the_cell_type_by_default_with_a_score(random_dir):

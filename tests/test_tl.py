@@ -272,7 +272,7 @@ def test_constrained_asked_of_a_processor_without_labels_records_and_writes_a_fr
     """constrained=True where the processor knows no cell-type labels runs free (with a warning): uns recorded
     constrained True, and with every cell skipped the columns of a constrained run were written."""
     model, processor = tl.load(model_dirs["trained"], None, device="cpu", dtype="auto", trust_remote_code=False)
-    processor.ontology_term_ids["cell_type"] = {}
+    processor.keep_labels(cell_type=[])
     described = make_adata(2)
     describe(described, model, processor=processor, constrained=True)
     skipped = make_adata(2)
