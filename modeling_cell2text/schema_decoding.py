@@ -29,8 +29,9 @@ MLP runs on padding.
 
 The score of a field is its chosen label's probability: its share of the softmax over the options scored and the
 partial options the search left unexplored, each standing for the options under it (its log-likelihood is that of
-its prefix, at least theirs; it counts for a label where every option under it states that label), so the
-probabilities sum to 1 over the field's labels; each choice with its fitted
+its prefix, at least theirs). An unexplored partial option under which every option states the chosen label is left
+out (its prefix would overstate the label), so that before temperature scaling the score is a lower bound of
+exhaustive scoring's probability of the label, and a label every option states scores 1; each choice with its fitted
 temperature (the cell type's `cell_type_temperature`, fitted on exhaustive scoring; the others'
 `field_temperatures`, fitted on this distribution). A whole tree is exhaustive scoring, distribution included.
 
@@ -908,9 +909,10 @@ class SchemaDecoder:
                 ) -> tuple[list[dict], list[dict]]:
         """Each field's probability: the chosen label's share of the softmax over the completed options and the
         partial options a search left unexplored (each standing for the options under it), summed over the options
-        stating the same label, for the donor clause's three fields, and over the unexplored partial options under
-        which every option states it (one label's options only: a disease shared by every option scored 0.567
-        against the whole tree's 1.0)."""
+        stating the same label, for the donor clause's three fields; an unexplored partial option under which every
+        option states the chosen label is left out (a lower bound, and 1 for a label every option states: a disease
+        shared by every option scored 0.567 against the whole tree's 1.0 when its mass counted against it, and a sex
+        0.719 against exhaustive scoring's 0.547 when its prefix counted for it)."""
         scores = [{} for _ in labels]
         likelihoods = [{} for _ in labels]
         for choice, result in results.items():
@@ -920,19 +922,23 @@ class SchemaDecoder:
                     continue
                 indices = list(done)
                 unexplored = result.unexplored[row] if result.unexplored is not None else []
-                values = torch.tensor([done[i] for i in indices] + [ll for _, ll in unexplored], dtype=torch.float64)
                 # each choice's temperature, fitted on validation by the recipe (1.0 where none was)
-                probabilities = (values / float(temperatures.get(choice, 1.0))).softmax(dim=0).tolist()
+                temperature = float(temperatures.get(choice, 1.0))
+                under = self.labels_under[choice]
                 for name in CHOICE_FIELDS[choice]:
                     chosen = labels[row].get(name)
                     if chosen is None:  # a field without known labels, left out of the description
                         continue
-                    # an unexplored partial option counts for the label when every option under it states it
-                    under = self.labels_under[choice]
+                    # An unexplored partial option under which every option states the chosen label is left out of
+                    # the softmax: its prefix's probability bounds those options from above, so counting it for the
+                    # label would overstate it (a sex scored 0.719 where exhaustive scoring gives 0.547), and what is
+                    # left (the label's completed options against every other option's bound) is a lower bound of
+                    # exhaustive scoring's share; a label every option states scores 1.
+                    others = [ll for node, ll in unexplored if under[node].get(name, _MIXED) != chosen]
+                    values = torch.tensor([done[i] for i in indices] + others, dtype=torch.float64)
+                    probabilities = (values / temperature).softmax(dim=0).tolist()
                     scores[row][name] = min(1.0, sum(p for i, p in zip(indices, probabilities)
-                                                      if dict(options[i].labels).get(name) == chosen)
-                                            + sum(p for (node, _), p in zip(unexplored, probabilities[len(indices):])
-                                                  if under[node].get(name, _MIXED) == chosen))
+                                                      if dict(options[i].labels).get(name) == chosen))
                 likelihoods[row][choice] = {options[i].text: done[i] for i in indices}
         return scores, likelihoods
 
