@@ -167,9 +167,6 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
                                                 ontology_term_ids.get("cell_type", {}))
                   for name, predicted in predictions.items()}
     baselines = baseline_reports(truth, predictions, similarity_scores=similarity)
-    # Every baseline's prediction per test cell, for the paired comparison of benchmarks/quality.py.
-    (out_dir / BASELINE_PREDICTIONS).write_text(json.dumps(
-        {"cell_id": list(corpus["test"]["cell_id"]), "cell_type_true": truth, "predictions": predictions}))
     lap("baselines")
     if not skip_cell2sentence:
         from training.baselines.cell2sentence import generate_cell2sentence, train_cell2sentence
@@ -187,10 +184,15 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
         feature_extractor = corpus_feature_extractor(corpus_dir)
         texts = generate_cell2sentence(c2s_dir, corpus["test"], feature_extractor, cell2text_args.num_cell_tokens,
                                        batch_size=GENERATION_BATCH_SIZE, max_new_tokens=max_new_tokens)
-        c2s_results, _ = score_descriptions(corpus["test"], texts, ontology_term_ids)
+        c2s_results, c2s_cells = score_descriptions(corpus["test"], texts, ontology_term_ids)
         baselines["cell2sentence"] = c2s_results["fields"]  # its unparsed texts show as "Missing"
+        by_cell = dict(zip(c2s_cells["cell_id"], c2s_cells["cell_type_pred"]))
+        predictions["cell2sentence"] = [by_cell.get(cell) for cell in corpus["test"]["cell_id"]]
         results["cell2sentence_parse_rate"] = c2s_results["parse_rate"]
         lap("evaluate_cell2sentence")
+    # Every baseline's prediction per test cell, for the paired comparison of benchmarks/quality.py.
+    (out_dir / BASELINE_PREDICTIONS).write_text(json.dumps(
+        {"cell_id": list(corpus["test"]["cell_id"]), "cell_type_true": truth, "predictions": predictions}))
     results["baselines"] = baselines
     results["timings_s"] = timings
     if QUALITY_BENCHMARK.exists():
