@@ -90,8 +90,8 @@ def fold_record(fold: dict, key: str, method: str) -> list | None:
 
 def pooled_figures(folds: Sequence[dict]) -> dict[str, dict[str, float]]:
     """Per method, over the test cells of all folds, from the figures per cell where the folds kept them (every
-    method's since 2026-12-06; folds measured before kept none for the Cell2Sentence-style baseline): accuracy with its 95% interval, weighted F1, ontology similarity, and for
-    Cell2Text the expected calibration error of its `cell_type_score`s (the ECE of the pooled cells: a mean of the
+    method's since 2026-12-06; folds measured before kept none for the Cell2Sentence-style baseline): accuracy with
+    its 95% interval, weighted F1, ontology similarity, and for Cell2Text the expected calibration error of its `cell_type_score`s (the ECE of the pooled cells: a mean of the
     folds' ECEs is not one, as few cells per bin bias each upward); counts (`COUNT_METRICS`) as their total; the
     other metrics as the mean of the folds weighted by their cells."""
     from training.evaluation.metrics import calibration_report, classification_report

@@ -123,12 +123,19 @@ def label_tables_sha256(processor: Any) -> str:
     return hashlib.sha256(json.dumps(content).encode()).hexdigest()
 
 
+def processor_labels_sha256(processor: Any) -> str:
+    """The checksum a model checks a processor's labels against: that of the tables a subset was chosen from
+    (`Cell2TextProcessor.keep_labels`) while the processor holds that subset unchanged, else its own tables'."""
+    own = label_tables_sha256(processor)
+    kept = getattr(processor, "kept_labels", None) or {}
+    return kept["from"] if kept.get("kept") == own else own
+
+
 def processor_sha256(processor: Any) -> dict[str, str]:
     """Checksums of what a processor gives the model besides its gene vocabulary and gene ranking, one per
     `PROCESSOR_PARTS` entry. Two models trained from one base LLM on one gene vocabulary (a pretrained Geneformer's)
     agree on the gene checksums, so those alone let a processor of the other model through: its tokenizer, prompt or
-    labels changed every description without a word. "labels" is the checksum of the tables a subset was chosen
-    from (`Cell2TextProcessor.keep_labels`), where one was."""
+    labels changed every description without a word. "labels" is `processor_labels_sha256`."""
     parts = {
         "text_vocabulary": sorted(processor.tokenizer.get_vocab().items()),
         "prompt": [processor.chat_template, processor.system_prompt, processor.user_prompt,
@@ -136,7 +143,7 @@ def processor_sha256(processor: Any) -> dict[str, str]:
         "gene_symbols": sorted(processor.feature_extractor.symbol_to_gene.items()),
     }
     checksums = {name: hashlib.sha256(json.dumps(content).encode()).hexdigest() for name, content in parts.items()}
-    return {**checksums, "labels": getattr(processor, "labels_kept_from", None) or label_tables_sha256(processor)}
+    return {**checksums, "labels": processor_labels_sha256(processor)}
 
 
 class ModelProcessorMismatchError(ValueError):
@@ -169,8 +176,8 @@ def check_model_and_processor(config: Any, processor: Any, model_name: str = "th
 
     First fits the processor's tokens per cell to the encoder's positions (`fit_tokens_to_encoder`). Checked: the
     gene vocabulary's checksum, the gene ranking's (`gene_ranking_sha256`: medians and special tokens) and the
-    processor's text side and symbols (`processor_sha256`), where the model records them (a warning where a model
-    loaded from a folder or repo, `saved`, records no gene checksum), the gene vocabulary's size against the encoder's
+    processor's text side, symbols and labels (`processor_sha256`), where the model records them (a warning where a
+    model loaded from a folder or repo, `saved`, records no gene checksum, or no label checksum), the gene vocabulary's size against the encoder's
     embedding, the expression bins, the cell placeholder's token id, the number of cell tokens per cell, and the
     tokenizer's size against the language model's embedding.
     """
@@ -192,6 +199,10 @@ def check_model_and_processor(config: Any, processor: Any, model_name: str = "th
         logger.warning("%s records no checksum of the gene vocabulary and ranking of the processor it was saved with "
                        "(gene_vocabulary_sha256, gene_ranking_sha256 in config.json): a processor of another model "
                        "cannot be told apart. Use the processor saved with the model.", model_name)
+    elif saved and saved_parts and "labels" not in saved_parts:
+        logger.warning("%s records no checksum of its processor's labels (saved before they were checked): a "
+                       "processor of another model with other labels cannot be told apart. Use the processor saved "
+                       "with the model; save_model_folder(model, processor, folder) records them.", model_name)
     for name in sorted(set(saved_parts) & set(parts)):
         if saved_parts[name] != parts[name]:
             problems.append(f"{name} checksum: model {saved_parts[name]}, processor {parts[name]} (the processor "

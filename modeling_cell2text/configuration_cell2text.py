@@ -94,9 +94,10 @@ class Cell2TextConfig(PreTrainedConfig):
             Checksum of how the processor the model was saved with ranks genes (`compatibility.gene_ranking_sha256`:
             gene medians, special tokens; `save_model_folder` records it): a processor ranking otherwise is refused.
         processor_sha256 (`dict`, *optional*):
-            Checksums of the processor the model was saved with besides genes and labels
-            (`compatibility.processor_sha256`: its tokenizer's vocabulary, its prompt, its gene symbol table;
-            `save_model_folder` records them): a processor differing in any is refused.
+            Checksums of the processor the model was saved with besides its genes (`compatibility.processor_sha256`:
+            its tokenizer's vocabulary, its prompt, its gene symbol table, its labels; `save_model_folder` records
+            them): a processor differing in any is refused (a subset of the labels chosen with
+            `Cell2TextProcessor.keep_labels` is not).
         training_corpus_fingerprints (`dict`, *optional*):
             The fingerprints of the corpus splits the model was trained on (`training.sft` records them): evaluating
             on another build of a corpus (another seed or fold: its test cells may be training cells) is refused

@@ -329,9 +329,9 @@ class Cell2TextPipeline(Pipeline):
         """Save the model (with its code), its processor and this pipeline's code with its `custom_pipelines` entry:
         a complete Cell2Text folder, which `pipeline("cell-to-text", model=folder, trust_remote_code=True)` loads
         where this package is not installed, also when this pipeline itself was loaded as remote code. A model that
-        records no gene vocabulary, gene ranking or processor checksum gets its processor's, so the folder refuses a
-        processor that ranks genes or writes text otherwise later (labels may be changed: a subset of cell types to
-        choose among)."""
+        records no gene vocabulary, gene ranking or processor checksum (or no label checksum, saved before labels were
+        checked) gets its processor's, so the folder refuses a processor that ranks genes, writes text or offers
+        labels otherwise later (a subset of the labels chosen with `Cell2TextProcessor.keep_labels` fits)."""
         from transformers.dynamic_module_utils import custom_object_save
 
         if kwargs.get("push_to_hub"):
@@ -352,6 +352,9 @@ class Cell2TextPipeline(Pipeline):
             self.model.config.gene_ranking_sha256 = gene_ranking_sha256(self.processor.feature_extractor)
         if getattr(self.model.config, "processor_sha256", None) is None:
             self.model.config.processor_sha256 = processor_sha256(self.processor)
+        elif "labels" not in self.model.config.processor_sha256:  # saved before labels were checked
+            self.model.config.processor_sha256 = {**self.model.config.processor_sha256,
+                                                  "labels": processor_sha256(self.processor)["labels"]}
         os.makedirs(save_directory, exist_ok=True)
         self.model.save_pretrained(save_directory, **kwargs)
         if kwargs.get("is_main_process", True):

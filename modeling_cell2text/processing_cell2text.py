@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from transformers import BatchFeature, ProcessorMixin
 
@@ -17,7 +17,7 @@ DEFAULT_USER_PROMPT = "Gene expression embeddings: "
 CELL_TOKEN = "<cell>"
 # The processor's own settings (saved in processor_config.json beside its feature extractor and tokenizer).
 SETTINGS = ("chat_template", "num_cell_tokens", "system_prompt", "user_prompt", "ontology_term_ids",
-            "cell_type_definitions", "pathway_names", "age_groups", "definitions_in_model_text", "labels_kept_from")
+            "cell_type_definitions", "pathway_names", "age_groups", "definitions_in_model_text", "kept_labels")
 # `keep_labels`' fields: the ontology fields' tables, and these.
 LIST_LABEL_FIELDS = {"pathways": "pathway_names", "age_group": "age_groups"}
 
@@ -90,8 +90,9 @@ class Cell2TextProcessor(ProcessorMixin):
             model, what free generation writes) and the processor writes it into each description from
             `cell_type_definitions`, so the model reads fewer tokens (43 a cell on pbmc68k); the descriptions read the
             same.
-        labels_kept_from (`str`, *optional*): set by `keep_labels` (not by hand): the checksum of the label tables
-            this processor's were chosen from, which is what a model checks them against.
+        kept_labels (`dict`, *optional*): set by `keep_labels` (not by hand): the checksums of the label tables this
+            processor's were chosen from (`"from"`, what a model checks them against) and of the subset kept
+            (`"kept"`: tables changed since are checked as they are).
     """
 
     def __init__(
@@ -107,7 +108,7 @@ class Cell2TextProcessor(ProcessorMixin):
         pathway_names: Sequence[str] | None = None,
         age_groups: Sequence[str] | None = None,
         definitions_in_model_text: bool = True,
-        labels_kept_from: str | None = None,
+        kept_labels: dict[str, str] | None = None,
         **kwargs,
     ):
         if kwargs:
@@ -137,9 +138,11 @@ class Cell2TextProcessor(ProcessorMixin):
         if not isinstance(definitions_in_model_text, bool):
             raise TypeError(f"definitions_in_model_text must be True or False, got {definitions_in_model_text!r}.")
         self.definitions_in_model_text = definitions_in_model_text
-        if labels_kept_from is not None and not isinstance(labels_kept_from, str):
-            raise TypeError(f"labels_kept_from must be a checksum string, got {labels_kept_from!r}; {_LABEL_FIX}")
-        self.labels_kept_from = labels_kept_from
+        if kept_labels is not None and (not isinstance(kept_labels, Mapping) or set(kept_labels) != {"from", "kept"}
+                                        or not all(isinstance(value, str) for value in kept_labels.values())):
+            raise TypeError(f"kept_labels must be keep_labels' checksums {{'from': ..., 'kept': ...}}, got "
+                            f"{kept_labels!r}; {_LABEL_FIX}")
+        self.kept_labels = dict(kept_labels) if kept_labels is not None else None
         super().__init__(feature_extractor, tokenizer, chat_template=chat_template)
 
     @classmethod
@@ -158,35 +161,38 @@ class Cell2TextProcessor(ProcessorMixin):
             check_model_and_processor(model_config, processor, f"the model in {pretrained_model_name_or_path}")
         return processor
 
-    def keep_labels(self, **labels: Sequence[str]) -> None:
+    def keep_labels(self, **labels: Iterable[str]) -> None:
         """Choose among a subset of the labels, in place: `keep_labels(cell_type=["B cell", "T cell"])` (fields:
         the ontology fields, "pathways", "age_group"; a field not named keeps all its labels). A model checks a
         processor's label tables against those it was saved with (`compatibility.processor_sha256`), so that a
         processor of another model (other labels than the model learnt to write) is refused; a subset chosen here
-        keeps the checksum of the tables it came from (`labels_kept_from`) and is accepted. Labels the processor does
-        not hold are refused: the model never learnt them."""
-        from .compatibility import label_tables_sha256
+        records the checksum of the tables it came from (`kept_labels`) and is accepted, as long as its tables are
+        not changed otherwise. Labels the processor does not hold are refused."""
+        from .compatibility import label_tables_sha256, processor_labels_sha256
 
         tables = {**{field: self.ontology_term_ids.get(field, {}) for field in ONTOLOGY_FIELDS},
                   **{field: getattr(self, name) for field, name in LIST_LABEL_FIELDS.items()}}
         for field, kept in labels.items():
             if field not in tables:
                 raise ValueError(f"keep_labels: unknown field {field!r}; the fields are {sorted(tables)}.")
-            if isinstance(kept, (str, bytes)) or not isinstance(kept, Sequence):
+            if isinstance(kept, (str, bytes)) or not isinstance(kept, Iterable):
                 raise TypeError(f"keep_labels({field}=...) takes a list of labels, got {kept!r}.")
-            unknown = sorted(set(kept) - set(tables[field]))
+            labels[field] = kept = set(kept)
+            unknown = sorted(kept - set(tables[field]), key=str)
             if unknown:
-                raise ValueError(f"keep_labels: {unknown} are not among the processor's {field} labels (the model "
-                                 f"never learnt them); it holds {len(tables[field])}, e.g. {sorted(tables[field])[:5]}.")
-        self.labels_kept_from = self.labels_kept_from or label_tables_sha256(self)
+                raise ValueError(f"keep_labels: {unknown} are not among this processor's {len(tables[field])} {field} "
+                                 f"labels (not the model's, or left out by an earlier keep_labels), e.g. "
+                                 f"{sorted(tables[field])[:5]}.")
+        origin = processor_labels_sha256(self)  # the model's tables, or those an earlier subset came from
         for field, kept in labels.items():
             if field in LIST_LABEL_FIELDS:
-                setattr(self, LIST_LABEL_FIELDS[field], [label for label in tables[field] if label in set(kept)])
+                setattr(self, LIST_LABEL_FIELDS[field], [label for label in tables[field] if label in kept])
             else:
                 self.ontology_term_ids = {**self.ontology_term_ids, field: {
-                    label: term for label, term in tables[field].items() if label in set(kept)}}
+                    label: term for label, term in tables[field].items() if label in kept}}
         self.cell_type_definitions = {label: definition for label, definition in self.cell_type_definitions.items()
                                       if label in self.ontology_term_ids.get("cell_type", {})}
+        self.kept_labels = {"from": origin, "kept": label_tables_sha256(self)}
 
     @property
     def cell_token_id(self) -> int:

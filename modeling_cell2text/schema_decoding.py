@@ -33,7 +33,8 @@ its prefix, at least theirs). An unexplored partial option under which every opt
 out (its prefix would overstate the label), so that before temperature scaling the score is a lower bound of
 exhaustive scoring's probability of the label, and a label every option states scores 1; each choice with its fitted
 temperature (the cell type's `cell_type_temperature`, fitted on exhaustive scoring; the others'
-`field_temperatures`, fitted on this distribution). A whole tree is exhaustive scoring, distribution included.
+`field_temperatures`, fitted on the options' distribution the search gives, completed and unexplored, before the
+donor fields' options are summed per label). A whole tree is exhaustive scoring, distribution included.
 
 This file travels as remote code with a saved model: it imports only torch, transformers' cache layer and attention
 registry, and its sibling modules.

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .compatibility import check_model_and_processor, gene_vocabulary_sha256, processor_sha256
+from .compatibility import check_model_and_processor, gene_vocabulary_sha256, label_tables_sha256, processor_sha256
 from .description_schema import ONTOLOGY_FIELDS, CellDescription
 from .label_scoring import constrains
 from .modeling_cell2text import PICKLED_WEIGHTS, Cell2TextForConditionalGeneration
@@ -252,6 +252,7 @@ def _record(adata: Any, key_added: str, function: str, model: torch.nn.Module, p
         **model_provenance(model),
         "gene_vocabulary_sha256": gene_vocabulary_sha256(processor.feature_extractor.gene_token_ids),
         "processor_sha256": processor_sha256(processor),
+        "label_tables_sha256": label_tables_sha256(processor),  # the labels that ran (a subset's own, where kept)
         "package_version": package_version(),
         "params": {name: value for name, value in params.items() if value is not None},
     }
@@ -275,14 +276,16 @@ def describe(
 
     Columns, by position (so duplicated obs_names are fine): `{key_added}_description` (categorical of str; missing
     for a cell skipped with `skip_empty_cells`, "" where the model wrote nothing), `{key_added}_parsed` (bool),
-    `{key_added}_<field>` for cell_type, cell_type_definition, tissue, sex, disease, age_group and pathways ("; "-joined) and `{key_added}_<field>_ontology_term_id`, as categoricals (missing where a field is absent or a
+    `{key_added}_<field>` for cell_type, cell_type_definition, tissue, sex, disease, age_group and pathways
+    ("; "-joined) and `{key_added}_<field>_ontology_term_id`, as categoricals (missing where a field is absent or a
     cell was skipped), plus `{key_added}_<field>_score` (float) for each field the constrained decoder chose and
     `{key_added}_exact_choice` (nullable bool: every label proven the most likely of its options, `schema_results`;
     missing for a skipped cell).
     `adata.uns[key_added]` records the function ("describe"), the model (path or repo id), its revision (Hub commit
     or sha256 of the folder's weight files), `state_dict_sha256` (of the weights that ran, in memory), the processor's
-    checksums (`gene_vocabulary_sha256`, `processor_sha256`), the package version and the parameters. A key_added
-    whose record is tl.embed's is refused (its record would be replaced).
+    checksums (`gene_vocabulary_sha256`, `processor_sha256`, `label_tables_sha256` of the labels it chose among), the
+    package version and the parameters. A key_added whose record is tl.embed's is refused (its record would be
+    replaced).
 
     `options` are `DescribeOptions`' (`layer`, `use_raw`, `input_values`, `batch_size`, `max_new_tokens`,
     `constrained`, `skip_empty_cells`, `sort_by_length`, `compile`, `generate_kwargs`, `progress`). Counts are read

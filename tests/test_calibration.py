@@ -20,7 +20,9 @@ def test_calibration_report_hand_computed():
 
 def test_calibration_report_refuses_correct_values_that_are_not_bools():
     """None or NaN made the ECE NaN and a 2 an ECE of 1.1, silently."""
-    for value in (None, float("nan"), 2, "True"):
+    import pandas as pd
+
+    for value in (None, float("nan"), 2, "True", pd.NA):
         with pytest.raises(ValueError, match="one bool per cell"):
             calibration_report([0.5, 0.9], [True, value])
     assert calibration_report([0.5, 0.9], [1, 0])["accuracy"] == 0.5

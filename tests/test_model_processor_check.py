@@ -14,7 +14,8 @@ from tiny_parts import encoder_for_vocabulary, save_tiny_parts
 from transformers import pipeline
 
 from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor, save_model_folder, tl
-from modeling_cell2text.compatibility import ModelProcessorMismatchError, gene_vocabulary_sha256
+from modeling_cell2text.compatibility import (ModelProcessorMismatchError, check_model_and_processor,
+                                            gene_vocabulary_sha256)
 from modeling_cell2text.cli import main as cli_main
 
 
@@ -217,13 +218,13 @@ def test_a_processor_of_another_model_with_other_labels_is_refused_a_kept_subset
     save_model_folder(model, processor, tmp_path / "model")
 
     def other_cell_type(config: dict) -> None:  # another model's tables: a label this model never learnt
-        config["ontology_term_ids"]["cell_type"] = {**config["ontology_term_ids"]["cell_type"], "hepatocyte": "CL:0000182"}
+        config["ontology_term_ids"]["cell_type"]["hepatocyte"] = "CL:0000182"
 
     for name, edit in (("other", other_cell_type),
                        ("fewer-by-hand", lambda config: config["ontology_term_ids"].update(
                            cell_type=dict(list(config["ontology_term_ids"]["cell_type"].items())[:1]))),
                        ("pathways", lambda config: config.update(pathway_names=["Glycolysis"]))):
-        with pytest.raises(ModelProcessorMismatchError, match=r"labels checksum: .*another set of labels .*keep_labels"):
+        with pytest.raises(ModelProcessorMismatchError, match=r"labels checksum: .*another set of labels .*keep_"):
             Cell2TextProcessor.from_pretrained(edited_copy(tmp_path / "model", tmp_path / name, edit))
     given = Cell2TextProcessor.from_pretrained(tmp_path / "model")
     given.ontology_term_ids = {**given.ontology_term_ids, "cell_type": {**cell_types, "hepatocyte": "CL:0000182"}}
@@ -243,10 +244,62 @@ def test_a_processor_of_another_model_with_other_labels_is_refused_a_kept_subset
         shutil.copy(tmp_path / "model" / name, tmp_path / "kept" / name)
     assert Cell2TextProcessor.from_pretrained(tmp_path / "kept").ontology_term_ids["cell_type"] == {
         first: cell_types[first]}
-    with pytest.raises(ValueError, match=r"keep_labels: \['hepatocyte'\] are not among the processor's cell_type"):
+    with pytest.raises(ValueError, match=r"keep_labels: \['hepatocyte'\] are not among this processor's 2 cell_type"):
         Cell2TextProcessor.from_pretrained(tmp_path / "model").keep_labels(cell_type=["hepatocyte"])
     with pytest.raises(ValueError, match="keep_labels: unknown field 'cell_types'"):
         kept.keep_labels(cell_types=[first])
+    with pytest.raises(ValueError, match=r"\['T cell'\] are not among this processor's 1 cell_type labels \(not the "
+                                         r"model's, or left out by an earlier keep_labels\)"):
+        kept.keep_labels(cell_type=["T cell"])
+
+
+def test_a_kept_subset_changed_afterwards_is_checked_as_it_is(tmp_path, caplog):
+    """The second reader's findings: once keep_labels had run, any later change to the tables was accepted (a label
+    added after keeping a subset, or the tables replaced after keep_labels()); the uns record could not tell a subset
+    run from a full one; a model saved before labels were checked accepted any labels without a word."""
+    encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
+    processor = tiny_processor(lm_dir)
+    cell_types = {"B cell": "CL:0000236", "T cell": "CL:0000084", "monocyte": "CL:0000576"}
+    processor.ontology_term_ids = {**processor.ontology_term_ids, "cell_type": cell_types}
+    model = Cell2TextForConditionalGeneration.from_pretrained_parts(
+        encoder_dir, lm_dir, cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16)
+    save_model_folder(model, processor, tmp_path / "model")
+    config = Cell2TextForConditionalGeneration.from_pretrained(tmp_path / "model").config
+
+    kept = Cell2TextProcessor.from_pretrained(tmp_path / "model")
+    kept.keep_labels(cell_type=np.array(["B cell", "T cell"]))  # any collection of labels
+    kept.keep_labels(cell_type={"B cell"})  # a subset of a subset
+    check_model_and_processor(config, kept)
+    kept.ontology_term_ids["cell_type"]["hepatocyte"] = "CL:0000182"  # changed after keeping
+    with pytest.raises(ModelProcessorMismatchError, match="labels checksum"):
+        check_model_and_processor(config, kept)
+    replaced = Cell2TextProcessor.from_pretrained(tmp_path / "model")
+    replaced.keep_labels()
+    replaced.ontology_term_ids = {**replaced.ontology_term_ids, "cell_type": {"hepatocyte": "CL:0000182"}}
+    with pytest.raises(ModelProcessorMismatchError, match="labels checksum"):
+        check_model_and_processor(config, replaced)
+
+    records = []
+    for keep in (None, ["T cell"]):
+        adata, given = make_adata(2), Cell2TextProcessor.from_pretrained(tmp_path / "model")
+        if keep:
+            given.keep_labels(cell_type=keep)
+        tl.describe(adata, str(tmp_path / "model"), processor=given, progress=False)
+        records.append(adata.uns["cell2text"])
+    assert records[0]["processor_sha256"] == records[1]["processor_sha256"]  # both fit the model
+    assert records[0]["label_tables_sha256"] != records[1]["label_tables_sha256"]  # the labels that ran differ
+
+    old = edited_copy(tmp_path / "model", tmp_path / "old", edit_config=lambda content: content[
+        "processor_sha256"].pop("labels"))
+    other = Cell2TextProcessor.from_pretrained(tmp_path / "model")
+    other.ontology_term_ids = {**other.ontology_term_ids, "cell_type": {"hepatocyte": "CL:0000182"}}
+    with caplog.at_level("WARNING", logger="modeling_cell2text.compatibility"):
+        tl.describe(make_adata(2), str(old), processor=other, progress=False)  # cannot be told apart: warned
+    assert "records no checksum of its processor's labels" in caplog.text
+    save_model_folder(Cell2TextForConditionalGeneration.from_pretrained(old),
+                      Cell2TextProcessor.from_pretrained(old), tmp_path / "resaved")  # records them
+    with pytest.raises(ModelProcessorMismatchError, match="labels checksum"):
+        tl.describe(make_adata(2), str(tmp_path / "resaved"), processor=other, progress=False)
 
 
 def test_pipeline_of_a_folder_names_why_its_processor_does_not_fit(composed_dir, tmp_path):

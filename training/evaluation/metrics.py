@@ -170,7 +170,8 @@ def calibration_report(confidences: Sequence[float], correct: Sequence[bool], nu
     conf = np.asarray(confidences, dtype=np.float64)
     if ((conf < 0) | (conf > 1) | np.isnan(conf)).any():
         raise ValueError("Confidences must be probabilities in [0, 1].")
-    wrong = [c for c in correct if not isinstance(c, (bool, np.bool_)) and c not in (0, 1)]
+    wrong = [c for c in correct if not isinstance(c, (bool, np.bool_)) and not (
+        isinstance(c, (int, float, np.integer, np.floating)) and c in (0, 1))]
     if wrong:  # None or NaN made the ECE NaN, and a 2 an ECE above 1, without a word
         raise ValueError(f"correct must be one bool per cell (True where the prediction is right), got {wrong[0]!r}.")
     hits = np.asarray(correct, dtype=np.float64)
