@@ -89,11 +89,12 @@ def fold_record(fold: dict, key: str, method: str) -> list | None:
 
 
 def pooled_figures(folds: Sequence[dict]) -> dict[str, dict[str, float]]:
-    """Per method, over the test cells of all folds, from the figures per cell where the folds kept them (every
-    method's since 2026-12-06; folds measured before kept none for the Cell2Sentence-style baseline): accuracy with
-    its 95% interval, weighted F1, ontology similarity, and for Cell2Text the expected calibration error of its `cell_type_score`s (the ECE of the pooled cells: a mean of the
-    folds' ECEs is not one, as few cells per bin bias each upward); counts (`COUNT_METRICS`) as their total; the
-    other metrics as the mean of the folds weighted by their cells."""
+    """Per method, over the test cells of all folds, from the figures per cell where the folds kept them (every method's
+    since 2026-12-06; folds measured before kept none for the Cell2Sentence-style baseline): accuracy with its 95%
+    interval, weighted F1, ontology similarity, and for Cell2Text the expected calibration error of its
+    `cell_type_score`s (the ECE of the pooled cells: a mean of the folds' ECEs is not one, as few cells per bin bias
+    each upward); counts (`COUNT_METRICS`) as their total; the other metrics as the mean of the folds weighted by
+    their cells."""
     from training.evaluation.metrics import calibration_report, classification_report
 
     truth = [label for fold in folds for label in fold["cells"]["cell_type_true"]]
@@ -242,8 +243,8 @@ def paired_summary(folds: Sequence[dict]) -> dict[str, dict]:
     cell2text = correct("cell2text")
     summary = {}
     for name in folds[0]["cells"]["predictions"]:
-        if name == "cell2text":
-            continue
+        if name == "cell2text" or any(fold_record(fold, "predictions", name) is None for fold in folds):
+            continue  # a method some folds kept no predictions of is not compared cell by cell
         pairs = list(zip(cell2text, correct(name)))
         counts = {"both": pairs.count((True, True)), "cell2text_only": pairs.count((True, False)),
                   "baseline_only": pairs.count((False, True)), "neither": pairs.count((False, False))}

@@ -150,6 +150,18 @@ class ModelProcessorMismatchError(ValueError):
     """The processor would feed the model token ids or placeholders it was not built for."""
 
 
+def check_labels(config: Any, processor: Any, model_name: str = "the model") -> None:
+    """Raise `ModelProcessorMismatchError` where the processor's labels are not those the model records: the part of
+    `check_model_and_processor` a processor can change after the two met (a pipeline's processor whose tables were
+    edited afterwards made the decoder choose among labels the model never learnt)."""
+    recorded = (getattr(config, "processor_sha256", None) or {}).get("labels")
+    actual = processor_labels_sha256(processor)
+    if recorded is not None and recorded != actual:
+        raise ModelProcessorMismatchError(
+            f"The processor's labels do not fit {model_name}: labels checksum: model {recorded}, processor {actual} "
+            f"(the processor has another {PROCESSOR_PARTS['labels']}). Use the labels saved with this model.")
+
+
 def fit_tokens_to_encoder(gene_encoder_config: Any, feature_extractor: Any) -> None:
     """Keep at most as many tokens per cell as the gene encoder has positions: a cell with more (its genes beyond
     the encoder's 512 positions, say, with model_input_size 4096, as processors saved before the recipe fitted
@@ -171,14 +183,15 @@ def recorded_gene_vocabulary_sha256(config: Any) -> str | None:
     return prepared.get("gene_vocabulary_sha256")
 
 
-def check_model_and_processor(config: Any, processor: Any, model_name: str = "the model", saved: bool = True) -> None:
+def check_model_and_processor(config: Any, processor: Any, model_name: str = "the model",
+                              saved: bool = True) -> None:
     """Raise `ModelProcessorMismatchError` listing every way `processor` does not fit the model of `config`.
 
     First fits the processor's tokens per cell to the encoder's positions (`fit_tokens_to_encoder`). Checked: the
     gene vocabulary's checksum, the gene ranking's (`gene_ranking_sha256`: medians and special tokens) and the
     processor's text side, symbols and labels (`processor_sha256`), where the model records them (a warning where a
-    model loaded from a folder or repo, `saved`, records no gene checksum, or no label checksum), the gene vocabulary's size against the encoder's
-    embedding, the expression bins, the cell placeholder's token id, the number of cell tokens per cell, and the
+    model loaded from a folder or repo, `saved`, records no gene checksum, or no label checksum), the gene
+    vocabulary's size against the encoder's embedding, the expression bins, the cell placeholder's token id, the number of cell tokens per cell, and the
     tokenizer's size against the language model's embedding.
     """
     feature_extractor = processor.feature_extractor
@@ -199,10 +212,10 @@ def check_model_and_processor(config: Any, processor: Any, model_name: str = "th
         logger.warning("%s records no checksum of the gene vocabulary and ranking of the processor it was saved with "
                        "(gene_vocabulary_sha256, gene_ranking_sha256 in config.json): a processor of another model "
                        "cannot be told apart. Use the processor saved with the model.", model_name)
-    elif saved and saved_parts and "labels" not in saved_parts:
+    elif saved and "labels" not in saved_parts:
         logger.warning("%s records no checksum of its processor's labels (saved before they were checked): a "
                        "processor of another model with other labels cannot be told apart. Use the processor saved "
-                       "with the model; save_model_folder(model, processor, folder) records them.", model_name)
+                       "with the model.", model_name)
     for name in sorted(set(saved_parts) & set(parts)):
         if saved_parts[name] != parts[name]:
             problems.append(f"{name} checksum: model {saved_parts[name]}, processor {parts[name]} (the processor "

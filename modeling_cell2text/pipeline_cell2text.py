@@ -27,7 +27,7 @@ from transformers import (AutoModelForCausalLM, GenerationConfig, GenerationMixi
                           LogitsProcessorList, Pipeline, StopStringCriteria)
 
 from .cell_inputs import anndata_matrix, check_gene_ids_in_var_order, empty_cells_error, format_cells
-from .compatibility import (check_model_and_processor, gene_ranking_sha256, gene_vocabulary_sha256,
+from .compatibility import (check_labels, check_model_and_processor, gene_ranking_sha256, gene_vocabulary_sha256,
                             processor_sha256, recorded_gene_vocabulary_sha256, saved_file)
 from .label_scoring import constrains, constrains_by_default
 from .modeling_cell2text import DESCRIPTION_MAX_NEW_TOKENS, foreign_weight_files
@@ -151,7 +151,8 @@ class Cell2TextPipeline(Pipeline):
             _raise_why_no_processor(kwargs.get("model"))
         super().__init__(*args, **kwargs)
         loaded_from = getattr(self.model, "name_or_path", "")
-        check_model_and_processor(self.model.config, self.processor, loaded_from or "the model", saved=bool(loaded_from))
+        self._model_name = loaded_from or "the model"
+        check_model_and_processor(self.model.config, self.processor, self._model_name, saved=bool(loaded_from))
         self._generation_defaults.setdefault("pad_token_id", text_pad_token_id(self.processor.tokenizer))
 
     def _sanitize_parameters(
@@ -212,6 +213,7 @@ class Cell2TextPipeline(Pipeline):
         preprocess_params = {**self._preprocess_params, **preprocess_params}
         forward_params = {**self._forward_params, **forward_params}
         self._check_one_sequence_per_cell(forward_params.get("generate_kwargs"))
+        check_labels(self.model.config, self.processor, self._model_name)  # its tables may have changed since
         layer = preprocess_params.pop("layer", None)
         use_raw = preprocess_params.pop("use_raw", False)
         skip_empty = preprocess_params.pop("skip_empty_cells", False)
@@ -329,9 +331,10 @@ class Cell2TextPipeline(Pipeline):
         """Save the model (with its code), its processor and this pipeline's code with its `custom_pipelines` entry:
         a complete Cell2Text folder, which `pipeline("cell-to-text", model=folder, trust_remote_code=True)` loads
         where this package is not installed, also when this pipeline itself was loaded as remote code. A model that
-        records no gene vocabulary, gene ranking or processor checksum (or no label checksum, saved before labels were
-        checked) gets its processor's, so the folder refuses a processor that ranks genes, writes text or offers
-        labels otherwise later (a subset of the labels chosen with `Cell2TextProcessor.keep_labels` fits)."""
+        records no gene vocabulary, gene ranking or processor checksum gets its processor's, so the folder refuses a
+        processor that ranks genes, writes text or offers labels otherwise later (a subset of the labels chosen with
+        `Cell2TextProcessor.keep_labels` fits). One saved before labels were checked (a processor checksum without
+        them) is left so: the processor given may not be the one it was trained with."""
         from transformers.dynamic_module_utils import custom_object_save
 
         if kwargs.get("push_to_hub"):
@@ -352,9 +355,6 @@ class Cell2TextPipeline(Pipeline):
             self.model.config.gene_ranking_sha256 = gene_ranking_sha256(self.processor.feature_extractor)
         if getattr(self.model.config, "processor_sha256", None) is None:
             self.model.config.processor_sha256 = processor_sha256(self.processor)
-        elif "labels" not in self.model.config.processor_sha256:  # saved before labels were checked
-            self.model.config.processor_sha256 = {**self.model.config.processor_sha256,
-                                                  "labels": processor_sha256(self.processor)["labels"]}
         os.makedirs(save_directory, exist_ok=True)
         self.model.save_pretrained(save_directory, **kwargs)
         if kwargs.get("is_main_process", True):

@@ -177,6 +177,13 @@ class Cell2TextProcessor(ProcessorMixin):
                 raise ValueError(f"keep_labels: unknown field {field!r}; the fields are {sorted(tables)}.")
             if isinstance(kept, (str, bytes)) or not isinstance(kept, Iterable):
                 raise TypeError(f"keep_labels({field}=...) takes a list of labels, got {kept!r}.")
+            kept = list(kept)
+            if not all(isinstance(label, str) for label in kept):
+                raise TypeError(f"keep_labels({field}=...) takes label strings, got {kept!r}.")
+            if field == "cell_type" and not kept:
+                raise ValueError("keep_labels(cell_type=[]) leaves no cell type to choose among, and describing would "
+                                 "write free text naming any cell type: keep at least one, or describe with "
+                                 "constrained=False for free text.")
             labels[field] = kept = set(kept)
             unknown = sorted(kept - set(tables[field]), key=str)
             if unknown:

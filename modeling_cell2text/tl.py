@@ -283,7 +283,7 @@ def describe(
     missing for a skipped cell).
     `adata.uns[key_added]` records the function ("describe"), the model (path or repo id), its revision (Hub commit
     or sha256 of the folder's weight files), `state_dict_sha256` (of the weights that ran, in memory), the processor's
-    checksums (`gene_vocabulary_sha256`, `processor_sha256`, `label_tables_sha256` of the labels it chose among), the
+    checksums (`gene_vocabulary_sha256`, `processor_sha256`, `label_tables_sha256` of its labels as they ran), the
     package version and the parameters. A key_added whose record is tl.embed's is refused (its record would be
     replaced).
 

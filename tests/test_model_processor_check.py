@@ -13,7 +13,8 @@ from test_pipeline import GENES, make_adata, tiny_processor
 from tiny_parts import encoder_for_vocabulary, save_tiny_parts
 from transformers import pipeline
 
-from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor, save_model_folder, tl
+from modeling_cell2text import (Cell2TextForConditionalGeneration, Cell2TextPipeline, Cell2TextProcessor,
+                                save_model_folder, tl)
 from modeling_cell2text.compatibility import (ModelProcessorMismatchError, check_model_and_processor,
                                             gene_vocabulary_sha256)
 from modeling_cell2text.cli import main as cli_main
@@ -254,9 +255,11 @@ def test_a_processor_of_another_model_with_other_labels_is_refused_a_kept_subset
 
 
 def test_a_kept_subset_changed_afterwards_is_checked_as_it_is(tmp_path, caplog):
-    """The second reader's findings: once keep_labels had run, any later change to the tables was accepted (a label
-    added after keeping a subset, or the tables replaced after keep_labels()); the uns record could not tell a subset
-    run from a full one; a model saved before labels were checked accepted any labels without a word."""
+    """The second readers' findings: once keep_labels had run, any later change to the tables was accepted (a label
+    added after keeping a subset, or the tables replaced after keep_labels()), as was a change to a pipeline's
+    processor after the pipeline was built; the uns record could not tell a subset run from a full one; a model saved
+    before labels were checked accepted any labels without a word; keep_labels(cell_type=[]) switched describing to
+    free text."""
     encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
     processor = tiny_processor(lm_dir)
     cell_types = {"B cell": "CL:0000236", "T cell": "CL:0000084", "monocyte": "CL:0000576"}
@@ -289,17 +292,28 @@ def test_a_kept_subset_changed_afterwards_is_checked_as_it_is(tmp_path, caplog):
     assert records[0]["processor_sha256"] == records[1]["processor_sha256"]  # both fit the model
     assert records[0]["label_tables_sha256"] != records[1]["label_tables_sha256"]  # the labels that ran differ
 
-    old = edited_copy(tmp_path / "model", tmp_path / "old", edit_config=lambda content: content[
-        "processor_sha256"].pop("labels"))
     other = Cell2TextProcessor.from_pretrained(tmp_path / "model")
     other.ontology_term_ids = {**other.ontology_term_ids, "cell_type": {"hepatocyte": "CL:0000182"}}
-    with caplog.at_level("WARNING", logger="modeling_cell2text.compatibility"):
-        tl.describe(make_adata(2), str(old), processor=other, progress=False)  # cannot be told apart: warned
-    assert "records no checksum of its processor's labels" in caplog.text
-    save_model_folder(Cell2TextForConditionalGeneration.from_pretrained(old),
-                      Cell2TextProcessor.from_pretrained(old), tmp_path / "resaved")  # records them
-    with pytest.raises(ModelProcessorMismatchError, match="labels checksum"):
-        tl.describe(make_adata(2), str(tmp_path / "resaved"), processor=other, progress=False)
+    for name, edit in (("old", lambda content: content["processor_sha256"].pop("labels")),  # saved before the check
+                       ("older", lambda content: content.pop("processor_sha256"))):  # before processor checksums
+        old = edited_copy(tmp_path / "model", tmp_path / name, edit_config=edit)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="modeling_cell2text.compatibility"):
+            tl.describe(make_adata(2), str(old), processor=other, progress=False)  # cannot be told apart: warned
+        assert "records no checksum of its processor's labels" in caplog.text, name
+    # saving it again with a processor records no labels: that processor may not be the one it was trained with
+    save_model_folder(Cell2TextForConditionalGeneration.from_pretrained(tmp_path / "old"), other, tmp_path / "resaved")
+    assert "labels" not in json.loads((tmp_path / "resaved" / "config.json").read_text())["processor_sha256"]
+
+    pipe = Cell2TextPipeline(model=Cell2TextForConditionalGeneration.from_pretrained(tmp_path / "model"),
+                             processor=Cell2TextProcessor.from_pretrained(tmp_path / "model"))  # its own: fits
+    pipe.processor.ontology_term_ids = {**pipe.processor.ontology_term_ids, "cell_type": {"hepatocyte": "CL:0000182"}}
+    with pytest.raises(ModelProcessorMismatchError, match="The processor's labels do not fit .*labels checksum"):
+        pipe(make_adata(2))  # its tables changed after the pipeline was built
+    with pytest.raises(ValueError, match=r"keep_labels\(cell_type=\[\]\) leaves no cell type to choose among"):
+        Cell2TextProcessor.from_pretrained(tmp_path / "model").keep_labels(cell_type=[])
+    with pytest.raises(TypeError, match="takes label strings"):
+        Cell2TextProcessor.from_pretrained(tmp_path / "model").keep_labels(cell_type=[["B cell"]])
 
 
 def test_pipeline_of_a_folder_names_why_its_processor_does_not_fit(composed_dir, tmp_path):
