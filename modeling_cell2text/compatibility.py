@@ -146,14 +146,19 @@ def processor_sha256(processor: Any) -> dict[str, str]:
     return {**checksums, "labels": processor_labels_sha256(processor)}
 
 
+_WARNED_NO_LABELS: set[str] = set()  # the models `check_model_and_processor` warned about, by name
+
+
 class ModelProcessorMismatchError(ValueError):
     """The processor would feed the model token ids or placeholders it was not built for."""
 
 
 def check_labels(config: Any, processor: Any, model_name: str = "the model") -> None:
-    """Raise `ModelProcessorMismatchError` where the processor's labels are not those the model records: the part of
-    `check_model_and_processor` a processor can change after the two met (a pipeline's processor whose tables were
-    edited afterwards made the decoder choose among labels the model never learnt)."""
+    """Raise `ModelProcessorMismatchError` where the processor's labels are not those the model records. A pipeline
+    runs it at every call, besides `check_model_and_processor` where model and processor meet: its decoder follows
+    the processor's labels as they are at the call (a subset kept later is used), so tables edited after the
+    pipeline was built made it choose among labels the model never learnt. The processor's other settings are not
+    checked again."""
     recorded = (getattr(config, "processor_sha256", None) or {}).get("labels")
     actual = processor_labels_sha256(processor)
     if recorded is not None and recorded != actual:
@@ -212,7 +217,9 @@ def check_model_and_processor(config: Any, processor: Any, model_name: str = "th
         logger.warning("%s records no checksum of the gene vocabulary and ranking of the processor it was saved with "
                        "(gene_vocabulary_sha256, gene_ranking_sha256 in config.json): a processor of another model "
                        "cannot be told apart. Use the processor saved with the model.", model_name)
-    elif saved and "labels" not in saved_parts:
+    elif saved and "labels" not in saved_parts and (getattr(config, "_name_or_path", "") or model_name) not in (
+            _WARNED_NO_LABELS):  # once per model: it is loaded and checked in several places
+        _WARNED_NO_LABELS.add(getattr(config, "_name_or_path", "") or model_name)
         logger.warning("%s records no checksum of its processor's labels (saved before they were checked): a "
                        "processor of another model with other labels cannot be told apart. Use the processor saved "
                        "with the model.", model_name)

@@ -333,8 +333,9 @@ class Cell2TextPipeline(Pipeline):
         where this package is not installed, also when this pipeline itself was loaded as remote code. A model that
         records no gene vocabulary, gene ranking or processor checksum gets its processor's, so the folder refuses a
         processor that ranks genes, writes text or offers labels otherwise later (a subset of the labels chosen with
-        `Cell2TextProcessor.keep_labels` fits). One saved before labels were checked (a processor checksum without
-        them) is left so: the processor given may not be the one it was trained with."""
+        `Cell2TextProcessor.keep_labels` fits). The labels are recorded only for a model composed in memory: a model
+        loaded from a folder saved before they were checked is left without (the processor given may not be the one
+        it was trained with)."""
         from transformers.dynamic_module_utils import custom_object_save
 
         if kwargs.get("push_to_hub"):
@@ -353,8 +354,11 @@ class Cell2TextPipeline(Pipeline):
                 self.processor.feature_extractor.gene_token_ids)
         if getattr(self.model.config, "gene_ranking_sha256", None) is None:
             self.model.config.gene_ranking_sha256 = gene_ranking_sha256(self.processor.feature_extractor)
-        if getattr(self.model.config, "processor_sha256", None) is None:
-            self.model.config.processor_sha256 = processor_sha256(self.processor)
+        if getattr(self.model.config, "processor_sha256", None) is None:  # labels only for a model composed here
+            checksums = processor_sha256(self.processor)
+            if getattr(self.model, "name_or_path", ""):  # loaded, from a folder that recorded none of them
+                checksums.pop("labels")
+            self.model.config.processor_sha256 = checksums
         os.makedirs(save_directory, exist_ok=True)
         self.model.save_pretrained(save_directory, **kwargs)
         if kwargs.get("is_main_process", True):

@@ -167,7 +167,9 @@ class Cell2TextProcessor(ProcessorMixin):
         processor's label tables against those it was saved with (`compatibility.processor_sha256`), so that a
         processor of another model (other labels than the model learnt to write) is refused; a subset chosen here
         records the checksum of the tables it came from (`kept_labels`) and is accepted, as long as its tables are
-        not changed otherwise. Labels the processor does not hold are refused."""
+        not changed otherwise. Labels the processor does not hold, labels that are not strings, and an empty cell-type
+        subset (describing would write free text) are refused; another field kept empty is left out of the
+        descriptions."""
         from .compatibility import label_tables_sha256, processor_labels_sha256
 
         tables = {**{field: self.ontology_term_ids.get(field, {}) for field in ONTOLOGY_FIELDS},
@@ -178,8 +180,10 @@ class Cell2TextProcessor(ProcessorMixin):
             if isinstance(kept, (str, bytes)) or not isinstance(kept, Iterable):
                 raise TypeError(f"keep_labels({field}=...) takes a list of labels, got {kept!r}.")
             kept = list(kept)
-            if not all(isinstance(label, str) for label in kept):
-                raise TypeError(f"keep_labels({field}=...) takes label strings, got {kept!r}.")
+            other = [label for label in kept if not isinstance(label, str)]
+            if other:
+                raise TypeError(f"keep_labels({field}=...) takes label strings, got {len(other)} others, e.g. "
+                                f"{other[:3]!r}.")
             if field == "cell_type" and not kept:
                 raise ValueError("keep_labels(cell_type=[]) leaves no cell type to choose among, and describing would "
                                  "write free text naming any cell type: keep at least one, or describe with "

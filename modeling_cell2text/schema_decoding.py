@@ -818,9 +818,9 @@ class SchemaDecoder:
             )
         unknown = [name for name, labels in known_labels(processor).items() if not labels]
         if unknown:  # one rule for every field: stated with a known label, or left out
-            logger.warning("The processor knows no labels for %s (its training corpus stated none): the schema-"
-                           "constrained descriptions leave these fields out. Describe with constrained=False to let "
-                           "the model write every field freely.", ", ".join(unknown))
+            logger.warning("The processor knows no labels for %s (its training corpus stated none, or keep_labels "
+                           "kept none): the schema-constrained descriptions leave these fields out. Describe with "
+                           "constrained=False to let the model write every field freely.", ", ".join(unknown))
         tokenizer = processor.tokenizer
         context = {"cell_type": "", "tissue": "This sample consists of a cell.", "donor": None,
                    "pathway_1": "This sample consists of a cell.", "pathway_2": 'This cell is associated with the '

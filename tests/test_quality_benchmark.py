@@ -259,3 +259,14 @@ def test_a_fold_without_one_prediction_per_test_cell_is_refused():
         quality.pooled_figures(folds)
     with pytest.raises(ValueError, match="fold 0: 3 predictions of majority"):
         quality.paired_summary(folds)
+
+
+def test_a_method_some_folds_kept_no_predictions_of_is_left_out_of_the_paired_tests():
+    """Folds measured before the main job wrote the Cell2Sentence baseline's predictions kept none of them: beside a
+    fold that did, the paired tests stopped with a bare TypeError."""
+    folds = [{"fold": f, "methods": {}, "cells": fake_cells(f)} for f in range(2)]
+    folds[1]["cells"]["predictions"]["cell2sentence"] = TRUTH
+    assert "cell2sentence" not in quality.paired_summary(folds)
+    folds[0]["cells"]["predictions"]["cell2sentence"] = ["B cell"] * 4
+    paired = quality.paired_summary(folds)["cell2sentence"]
+    assert paired["num_cells"] == 8 and paired["baseline_only"] == 1 + 2  # fold 0: its cell 2; fold 1: cells 2, 3
