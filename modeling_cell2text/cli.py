@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("--sort-by-length", action="store_true",
                           help="batch cells of similar gene counts together (less padding, faster; float32 can change "
                                "the last digits of <key>_cell_type_score)")
+    describe.add_argument("--cell-types", nargs="+", metavar="LABEL", default=None,
+                          help="choose the cell type among these of the model's labels only (cells known to be of a "
+                               "few types); quote labels with spaces or commas: --cell-types 'B cell' 'T cell'")
     describe.add_argument("--compile", action="store_true",
                           help="static KV cache and torch.compile for decoding on a CUDA GPU (no effect elsewhere)")
     embed = commands.add_parser("embed", help="Write per-cell embeddings (the gene encoder's) into obsm.")
@@ -172,7 +175,7 @@ def run(args: argparse.Namespace) -> None:
             if args.max_new_tokens is not None:
                 common["max_new_tokens"] = args.max_new_tokens
             options = tl.DescribeOptions(constrained=False if args.free else None, sort_by_length=args.sort_by_length,
-                                         compile=args.compile, **common)
+                                         compile=args.compile, cell_types=args.cell_types, **common)
             try:
                 if state is None:
                     results, params = tl.describe_cells(adata, model, processor, options)

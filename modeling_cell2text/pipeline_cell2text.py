@@ -74,7 +74,8 @@ class DescribeOptions:
     freely (greedy, `generate_kwargs`; `max_new_tokens`: a description cut there gets parsed=False and no fields);
     `skip_empty_cells`: leave cells without vocabulary genes out instead of stopping; `sort_by_length`: batch cells
     of similar length (less padding; float32 scores move in their last digits); `compile`: static KV cache and
-    torch.compile for free decoding on a CUDA GPU (no effect elsewhere); `progress`: a tqdm bar.
+    torch.compile for free decoding on a CUDA GPU (no effect elsewhere); `progress`: a tqdm bar; `cell_types`: choose
+    the cell type among these of the model's labels only (cells known to be of a few types; `keep_labels`).
     """
 
     layer: str | None = None
@@ -88,6 +89,7 @@ class DescribeOptions:
     compile: bool = False
     generate_kwargs: dict | None = None
     progress: bool = True
+    cell_types: Sequence[str] | None = None
 
     @classmethod
     def from_keywords(cls, **keywords: Any) -> "DescribeOptions":
@@ -101,6 +103,7 @@ class DescribeOptions:
     def record(self, model: Any, constrained: bool, compiled: bool) -> dict[str, Any]:
         """The parameters recorded in `uns` with the results (what was used, defaults resolved)."""
         return {
+            "cell_types": None if self.cell_types is None else sorted(self.cell_types),
             "layer": self.layer or ("raw" if self.use_raw else "X"), "input_values": self.input_values,
             "batch_size": self.batch_size, "constrained": constrained,
             "max_new_tokens": (self.generate_kwargs or {}).get("max_new_tokens", self.max_new_tokens),  # as it ran

@@ -12,6 +12,7 @@ This module (like the CLI) does not travel to the Hub with a saved model: no mod
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -252,7 +253,6 @@ def _record(adata: Any, key_added: str, function: str, model: torch.nn.Module, p
         **model_provenance(model),
         "gene_vocabulary_sha256": gene_vocabulary_sha256(processor.feature_extractor.gene_token_ids),
         "processor_sha256": processor_sha256(processor),
-        "label_tables_sha256": label_tables_sha256(processor),  # the labels that ran (a subset's own, where kept)
         "package_version": package_version(),
         "params": {name: value for name, value in params.items() if value is not None},
     }
@@ -283,8 +283,8 @@ def describe(
     missing for a skipped cell).
     `adata.uns[key_added]` records the function ("describe"), the model (path or repo id), its revision (Hub commit
     or sha256 of the folder's weight files), `state_dict_sha256` (of the weights that ran, in memory), the processor's
-    checksums (`gene_vocabulary_sha256`, `processor_sha256`, `label_tables_sha256` of its labels as they ran), the
-    package version and the parameters. A key_added whose record is tl.embed's is refused (its record would be
+    checksums (`gene_vocabulary_sha256`, `processor_sha256`), the package version and the parameters (with
+    `label_tables_sha256`, of the labels as they ran). A key_added whose record is tl.embed's is refused (its record would be
     replaced).
 
     `options` are `DescribeOptions`' (`layer`, `use_raw`, `input_values`, `batch_size`, `max_new_tokens`,
@@ -333,6 +333,12 @@ def describe_cells(
     elif keywords:
         raise ValueError("Pass describe options either as a DescribeOptions or as keywords, not both.")
     constrained = constrains(processor, options.constrained)  # as the pipeline decides it (it warns where it differs)
+    if options.cell_types is not None:  # a processor choosing among these cell types only; the caller's is unchanged
+        if options.constrained is False:
+            raise ValueError("cell_types chooses the cell type among labels, which free describing does not: leave "
+                             "constrained=False out, or cell_types.")
+        processor = copy.copy(processor)  # keep_labels replaces the tables it narrows, never edits them
+        processor.keep_labels(cell_type=options.cell_types)
     compiled = compiled_decoding_kwargs(model.device) if options.compile else {}
     pipe = Cell2TextPipeline(model=model, processor=processor, device=model.device)
     results = pipe(
@@ -343,7 +349,8 @@ def describe_cells(
     )
     if len(results) != cells.n_obs:
         raise RuntimeError(f"the pipeline returned {len(results)} results for {cells.n_obs} cells")
-    return results, options.record(model, constrained, bool(compiled))
+    return results, {**options.record(model, constrained, bool(compiled)),
+                     "label_tables_sha256": label_tables_sha256(processor)}  # the labels that ran (a subset's own)
 
 
 def compiled_decoding_kwargs(device: torch.device) -> dict[str, Any]:

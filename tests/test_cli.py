@@ -543,3 +543,28 @@ def test_skipped_cells_and_empty_descriptions_are_told_apart(model_dir, tmp_path
     assert main(describe_args(h5ad, model_dir, empty, "--skip-empty-cells")) == 0
     assert "Described 2 of 3 cells (2 of them not parsed into fields" in capsys.readouterr().out
     assert list(ad.read_h5ad(empty).obs["cell2text_description"].isna()) == [False, True, False]
+
+
+def test_cell_types_chooses_among_those_labels_only(tmp_path, capsys):
+    """Cells known to be of a few types (sorted populations): --cell-types narrows the model's labels to them;
+    another label, or with --free, is a one-line error before any cell is described."""
+    from test_pipeline import ONTOLOGY_IDS
+
+    cell_types = {"B cell": "CL:0000236", "T cell": "CL:0000084", "monocyte": "CL:0000576"}
+    model = save_tiny_model_folder(tmp_path / "model", trained=False,
+                                   labels={"ontology_term_ids": {**ONTOLOGY_IDS, "cell_type": cell_types}})
+    h5ad = tmp_path / "cells.h5ad"
+    adata = make_adata(3)
+    adata.layers["counts"] = adata.X.copy()
+    adata.write_h5ad(h5ad)
+    out = tmp_path / "out.h5ad"
+    assert main(describe_args(h5ad, model, out, "--cell-types", "monocyte", "T cell")) == 0
+    written = ad.read_h5ad(out)
+    assert set(written.obs["cell2text_cell_type"]) <= {"monocyte", "T cell"}
+    assert sorted(written.uns["cell2text"]["params"]["cell_types"]) == ["T cell", "monocyte"]
+    capsys.readouterr()
+    for extra, words in ((["--cell-types", "hepatocyte"], ("--cell-types: ['hepatocyte'] are not among",)),
+                         (["--cell-types", "T cell", "--free"], ("leave --free out, or --cell-types",))):
+        code, err = run_cli(describe_args(h5ad, model, tmp_path / "refused.h5ad", *extra), capsys)
+        assert_one_line_error(code, err, *words)
+        assert not (tmp_path / "refused.h5ad").exists()

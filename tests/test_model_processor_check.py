@@ -290,7 +290,7 @@ def test_a_kept_subset_changed_afterwards_is_checked_as_it_is(tmp_path, caplog):
         tl.describe(adata, str(tmp_path / "model"), processor=given, progress=False)
         records.append(adata.uns["cell2text"])
     assert records[0]["processor_sha256"] == records[1]["processor_sha256"]  # both fit the model
-    assert records[0]["label_tables_sha256"] != records[1]["label_tables_sha256"]  # the labels that ran differ
+    assert records[0]["params"]["label_tables_sha256"] != records[1]["params"]["label_tables_sha256"]  # as they ran
 
     other = Cell2TextProcessor.from_pretrained(tmp_path / "model")
     other.ontology_term_ids = {**other.ontology_term_ids, "cell_type": {"hepatocyte": "CL:0000182"}}

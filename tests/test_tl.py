@@ -344,3 +344,24 @@ def test_gene_ids_naming_var_in_another_order_are_refused(model_dirs):
     adata.raw = adata
     with pytest.raises(ValueError, match=r"adata\.raw\.var \(index\) in another order"):
         describe_pipeline(adata, GENES[1:] + GENES[:1], use_raw=True, constrained=False, max_new_tokens=4)
+
+
+def test_cell_types_narrow_the_labels_of_this_call_only(tmp_path):
+    from test_pipeline import ONTOLOGY_IDS
+
+    cell_types = {"B cell": "CL:0000236", "T cell": "CL:0000084", "monocyte": "CL:0000576"}
+    folder = save_tiny_model_folder(tmp_path, trained=False,
+                                    labels={"ontology_term_ids": {**ONTOLOGY_IDS, "cell_type": cell_types}})
+    model, processor = tl.load(folder, None, device="cpu", dtype="auto", trust_remote_code=False)
+    everything, narrowed = make_adata(4), make_adata(4)
+    tl.describe(everything, model, processor=processor, progress=False)
+    tl.describe(narrowed, model, processor=processor, cell_types=("monocyte",), progress=False)
+    assert set(narrowed.obs["cell2text_cell_type"]) == {"monocyte"}
+    assert set(narrowed.obs["cell2text_cell_type_ontology_term_id"]) == {"CL:0000576"}
+    assert (narrowed.obs["cell2text_cell_type_score"] == 1.0).all()  # the only option
+    assert processor.ontology_term_ids["cell_type"] == cell_types  # the caller's processor is unchanged
+    records = [adata.uns["cell2text"]["params"] for adata in (everything, narrowed)]
+    assert "cell_types" not in records[0] and records[1]["cell_types"] == ["monocyte"]
+    assert records[0]["label_tables_sha256"] != records[1]["label_tables_sha256"]
+    with pytest.raises(ValueError, match="cell_types chooses the cell type among labels"):
+        tl.describe(make_adata(2), model, processor=processor, cell_types=["monocyte"], constrained=False)
