@@ -15,6 +15,7 @@ _OPTION_NAMES = (
     (re.compile(r"\binput_values='(counts|normalized|log1p)'"), r"--input-values \1"),
     (re.compile(r"\bleave constrained=False out, or cell_types\b"), "leave --free out, or --cell-types"),
     (re.compile(r"^keep_labels: "), "--cell-types: "),
+    (re.compile(r"^cell_types\b"), "--cell-types"),
     (re.compile(r"\bconstrained=False"), "--free"),
     (re.compile(r"\bskip_empty_cells=True"), "--skip-empty-cells"),
     (re.compile(r"\buse_raw=True"), "--use-raw"),

@@ -85,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("--sort-by-length", action="store_true",
                           help="batch cells of similar gene counts together (less padding, faster; float32 can change "
                                "the last digits of <key>_cell_type_score)")
-    describe.add_argument("--cell-types", nargs="+", metavar="LABEL", default=None,
+    describe.add_argument("--cell-types", nargs="+", action="extend", metavar="LABEL", default=None,
                           help="choose the cell type among these of the model's labels only (cells known to be of a "
-                               "few types); quote labels with spaces or commas: --cell-types 'B cell' 'T cell'")
+                               "few types); after the input file, each label quoted: --cell-types 'B cell' 'T cell'")
     describe.add_argument("--compile", action="store_true",
                           help="static KV cache and torch.compile for decoding on a CUDA GPU (no effect elsewhere)")
     embed = commands.add_parser("embed", help="Write per-cell embeddings (the gene encoder's) into obsm.")
@@ -137,6 +137,8 @@ def run(args: argparse.Namespace) -> None:
     from . import distributed, tl
 
     check_paths(args.input, args.out, args.overwrite)
+    if args.command == "describe" and args.cell_types is not None:  # before anything is loaded
+        tl.DescribeOptions(constrained=False if args.free else None, cell_types=args.cell_types)
     try:  # their messages start with "device ..." / "model ..." / "key_added ...": the options' names
         device = tl.resolve_device(args.device)
         tl.check_model_path(args.model)
@@ -162,6 +164,8 @@ def run(args: argparse.Namespace) -> None:
             raise CLIError(str(error).replace("key_added", "--key-added")) from error
         check_counts_source(adata, args.layer, args.use_raw, has_x=h5ad_has_x(args.input))
         processor = load_processor_quietly(args.model, args.trust_remote_code)
+        if args.command == "describe" and args.cell_types is not None:
+            tl.with_cell_types(processor, args.cell_types)  # labels the model does not hold: before loading it
         report_genes_matched(processor.feature_extractor, adata.raw.var if args.use_raw else adata.var,
                              show=main_process)
         model, processor = tl.load(

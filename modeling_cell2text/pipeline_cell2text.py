@@ -75,7 +75,8 @@ class DescribeOptions:
     `skip_empty_cells`: leave cells without vocabulary genes out instead of stopping; `sort_by_length`: batch cells
     of similar length (less padding; float32 scores move in their last digits); `compile`: static KV cache and
     torch.compile for free decoding on a CUDA GPU (no effect elsewhere); `progress`: a tqdm bar; `cell_types`: choose
-    the cell type among these of the model's labels only (cells known to be of a few types; `keep_labels`).
+    the cell type among these of the model's labels only (cells known to be of a few types; `keep_labels`), so
+    `cell_type_score` is a probability among them (1.0 for one).
     """
 
     layer: str | None = None
@@ -91,6 +92,21 @@ class DescribeOptions:
     progress: bool = True
     cell_types: Sequence[str] | None = None
 
+    def __post_init__(self) -> None:
+        """`cell_types` checked and kept as a tuple of distinct strings (what ran is what is recorded)."""
+        if self.cell_types is None:
+            return
+        if isinstance(self.cell_types, (str, bytes)):
+            raise ValueError(f"cell_types takes a list of cell-type labels, got the string {self.cell_types!r}: wrap "
+                             "it, [label].")
+        kept = tuple(dict.fromkeys(str(label) if isinstance(label, np.str_) else label for label in self.cell_types))
+        if not kept:
+            raise ValueError("cell_types is empty: name at least one of the model's cell-type labels, or leave it out.")
+        if self.constrained is False:
+            raise ValueError("cell_types chooses the cell type among labels, which free describing does not: leave "
+                             "constrained=False out, or cell_types.")
+        object.__setattr__(self, "cell_types", kept)
+
     @classmethod
     def from_keywords(cls, **keywords: Any) -> "DescribeOptions":
         """The options named by `keywords`; an unknown name is a ValueError listing the known ones."""
@@ -103,7 +119,7 @@ class DescribeOptions:
     def record(self, model: Any, constrained: bool, compiled: bool) -> dict[str, Any]:
         """The parameters recorded in `uns` with the results (what was used, defaults resolved)."""
         return {
-            "cell_types": None if self.cell_types is None else sorted(self.cell_types),
+            "cell_types": None if self.cell_types is None else sorted(self.cell_types, key=str),
             "layer": self.layer or ("raw" if self.use_raw else "X"), "input_values": self.input_values,
             "batch_size": self.batch_size, "constrained": constrained,
             "max_new_tokens": (self.generate_kwargs or {}).get("max_new_tokens", self.max_new_tokens),  # as it ran

@@ -288,7 +288,7 @@ def describe(
     replaced).
 
     `options` are `DescribeOptions`' (`layer`, `use_raw`, `input_values`, `batch_size`, `max_new_tokens`,
-    `constrained`, `skip_empty_cells`, `sort_by_length`, `compile`, `generate_kwargs`, `progress`). Counts are read
+    `constrained`, `skip_empty_cells`, `sort_by_length`, `compile`, `generate_kwargs`, `progress`, `cell_types`). Counts are read
     from `X`, `layers[layer]` or `adata.raw` (`use_raw=True`). A backed AnnData works (only obs changes, in memory:
     write it with `adata.write_h5ad(...)`). A view is made an actual AnnData by anndata when obs is written, as in
     scanpy (the parent is not modified); a view of a backed AnnData is refused. One description per cell.
@@ -306,6 +306,15 @@ def describe(
     results, params = describe_cells(adata, model, processor, settings)
     write_descriptions(adata, results, key_added, model, processor,
                        {**params, "trust_remote_code": trust_remote_code})
+
+
+def with_cell_types(processor: Cell2TextProcessor, cell_types: Sequence[str]) -> Cell2TextProcessor:
+    """A copy of `processor` choosing the cell type among `cell_types` of its labels only (`keep_labels`; the
+    caller's processor is unchanged: keep_labels replaces the tables it narrows, never edits them). Called through
+    the installed class, so a processor loaded as a folder's older remote code gets it too."""
+    narrowed = copy.copy(processor)
+    Cell2TextProcessor.keep_labels(narrowed, cell_type=list(cell_types))
+    return narrowed
 
 
 def describe_cells(
@@ -333,12 +342,8 @@ def describe_cells(
     elif keywords:
         raise ValueError("Pass describe options either as a DescribeOptions or as keywords, not both.")
     constrained = constrains(processor, options.constrained)  # as the pipeline decides it (it warns where it differs)
-    if options.cell_types is not None:  # a processor choosing among these cell types only; the caller's is unchanged
-        if options.constrained is False:
-            raise ValueError("cell_types chooses the cell type among labels, which free describing does not: leave "
-                             "constrained=False out, or cell_types.")
-        processor = copy.copy(processor)  # keep_labels replaces the tables it narrows, never edits them
-        processor.keep_labels(cell_type=options.cell_types)
+    if options.cell_types is not None:
+        processor = with_cell_types(processor, options.cell_types)
     compiled = compiled_decoding_kwargs(model.device) if options.compile else {}
     pipe = Cell2TextPipeline(model=model, processor=processor, device=model.device)
     results = pipe(

@@ -545,7 +545,7 @@ def test_skipped_cells_and_empty_descriptions_are_told_apart(model_dir, tmp_path
     assert list(ad.read_h5ad(empty).obs["cell2text_description"].isna()) == [False, True, False]
 
 
-def test_cell_types_chooses_among_those_labels_only(tmp_path, capsys):
+def test_cell_types_chooses_among_those_labels_only(tmp_path, capsys, monkeypatch):
     """Cells known to be of a few types (sorted populations): --cell-types narrows the model's labels to them;
     another label, or with --free, is a one-line error before any cell is described."""
     from test_pipeline import ONTOLOGY_IDS
@@ -562,9 +562,16 @@ def test_cell_types_chooses_among_those_labels_only(tmp_path, capsys):
     written = ad.read_h5ad(out)
     assert set(written.obs["cell2text_cell_type"]) <= {"monocyte", "T cell"}
     assert sorted(written.uns["cell2text"]["params"]["cell_types"]) == ["T cell", "monocyte"]
+    again = tmp_path / "again.h5ad"  # the option given twice: both lists (argparse kept the last one only)
+    assert main(describe_args(h5ad, model, again, "--cell-types", "monocyte", "--cell-types", "T cell")) == 0
+    assert list(ad.read_h5ad(again).uns["cell2text"]["params"]["cell_types"]) == ["T cell", "monocyte"]
     capsys.readouterr()
+    from modeling_cell2text import tl
+
+    monkeypatch.setattr(tl, "load", fail_if_called)  # refused before the model is loaded
     for extra, words in ((["--cell-types", "hepatocyte"], ("--cell-types: ['hepatocyte'] are not among",)),
-                         (["--cell-types", "T cell", "--free"], ("leave --free out, or --cell-types",))):
+                         (["--cell-types", "T cell", "--free"], ("--cell-types chooses", "leave --free out, or "
+                                                                  "--cell-types"))):
         code, err = run_cli(describe_args(h5ad, model, tmp_path / "refused.h5ad", *extra), capsys)
         assert_one_line_error(code, err, *words)
         assert not (tmp_path / "refused.h5ad").exists()

@@ -365,3 +365,11 @@ def test_cell_types_narrow_the_labels_of_this_call_only(tmp_path):
     assert records[0]["label_tables_sha256"] != records[1]["label_tables_sha256"]
     with pytest.raises(ValueError, match="cell_types chooses the cell type among labels"):
         tl.describe(make_adata(2), model, processor=processor, cell_types=["monocyte"], constrained=False)
+    # the second reader's findings: what ran is what is recorded, and a bad value names cell_types
+    once = make_adata(2)
+    tl.describe(once, model, processor=processor, cell_types=(label for label in ["monocyte", "monocyte"]),
+                progress=False)
+    assert once.uns["cell2text"]["params"]["cell_types"] == ["monocyte"]  # a generator, used once; duplicates once
+    for value, message in (("monocyte", "cell_types takes a list"), ([], "cell_types is empty")):
+        with pytest.raises(ValueError, match=message):
+            tl.describe(make_adata(2), model, processor=processor, cell_types=value)
