@@ -174,6 +174,7 @@ class Cell2TextProcessor(ProcessorMixin):
 
         tables = {**{field: self.ontology_term_ids.get(field, {}) for field in ONTOLOGY_FIELDS},
                   **{field: getattr(self, name) for field, name in LIST_LABEL_FIELDS.items()}}
+        narrowed: dict[str, set[str]] = {}
         for field, kept in labels.items():
             if field not in tables:
                 raise ValueError(f"keep_labels: unknown field {field!r}; the fields are {sorted(tables)}.")
@@ -188,14 +189,14 @@ class Cell2TextProcessor(ProcessorMixin):
                 raise ValueError("keep_labels(cell_type=[]) leaves no cell type to choose among, and describing would "
                                  "write free text naming any cell type: keep at least one, or describe with "
                                  "constrained=False for free text.")
-            labels[field] = kept = set(kept)
-            unknown = sorted(kept - set(tables[field]), key=str)
+            narrowed[field] = set(kept)
+            unknown = sorted(narrowed[field] - set(tables[field]))
             if unknown:
                 raise ValueError(f"keep_labels: {unknown} are not among this processor's {len(tables[field])} {field} "
                                  f"labels (not the model's, or left out by an earlier keep_labels), e.g. "
                                  f"{sorted(tables[field])[:5]}.")
         origin = processor_labels_sha256(self)  # the model's tables, or those an earlier subset came from
-        for field, kept in labels.items():
+        for field, kept in narrowed.items():
             if field in LIST_LABEL_FIELDS:
                 setattr(self, LIST_LABEL_FIELDS[field], [label for label in tables[field] if label in kept])
             else:

@@ -284,14 +284,15 @@ def describe(
     `adata.uns[key_added]` records the function ("describe"), the model (path or repo id), its revision (Hub commit
     or sha256 of the folder's weight files), `state_dict_sha256` (of the weights that ran, in memory), the processor's
     checksums (`gene_vocabulary_sha256`, `processor_sha256`), the package version and the parameters (with
-    `label_tables_sha256`, of the labels as they ran). A key_added whose record is tl.embed's is refused (its record would be
-    replaced).
+    `label_tables_sha256`, of the labels as they ran). A key_added whose record is tl.embed's is refused (its record
+    would be replaced).
 
     `options` are `DescribeOptions`' (`layer`, `use_raw`, `input_values`, `batch_size`, `max_new_tokens`,
-    `constrained`, `skip_empty_cells`, `sort_by_length`, `compile`, `generate_kwargs`, `progress`, `cell_types`). Counts are read
-    from `X`, `layers[layer]` or `adata.raw` (`use_raw=True`). A backed AnnData works (only obs changes, in memory:
-    write it with `adata.write_h5ad(...)`). A view is made an actual AnnData by anndata when obs is written, as in
-    scanpy (the parent is not modified); a view of a backed AnnData is refused. One description per cell.
+    `constrained`, `skip_empty_cells`, `sort_by_length`, `compile`, `generate_kwargs`, `progress`, `cell_types`).
+    Counts are read from `X`, `layers[layer]` or `adata.raw` (`use_raw=True`). A backed AnnData works (only obs
+    changes, in memory: write it with `adata.write_h5ad(...)`). A view is made an actual AnnData by anndata when obs
+    is written, as in scanpy (the parent is not modified); a view of a backed AnnData is refused. One description per
+    cell.
     `constrained` (default: on where the processor knows the training corpus's cell-type labels) chooses every field
     among the corpus's labels (`schema_decoding.py`), with `{key_added}_<field>_score` the probability of each;
     False lets the model write the description freely (greedy; `max_new_tokens` and `generate_kwargs` apply to free
