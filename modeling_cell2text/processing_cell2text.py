@@ -37,10 +37,12 @@ def check_label_tables(
                              f"{ONTOLOGY_FIELDS}; {_LABEL_FIX}")
         for label, term_id in table.items():
             _check_label(f"ontology_term_ids[{field!r}]", field, label)
+            if term_id is None and field != "cell_type":
+                continue  # a label the training corpus stated without a known id (a cell type always has one)
             if not isinstance(term_id, str) or not term_id.startswith(TERM_ID_PREFIXES[field]):
                 raise ValueError(f"ontology_term_ids[{field!r}][{label!r}] = {term_id!r} is not a {field} term id "
                                  f"({' / '.join(TERM_ID_PREFIXES[field])}...); {_LABEL_FIX}")
-        shared = sorted(term for term, count in Counter(table.values()).items() if count > 1)
+        shared = sorted(term for term, count in Counter(table.values()).items() if count > 1 and term is not None)
         if shared:
             raise ValueError(f"ontology_term_ids[{field!r}] gives the ids {shared} to several labels; {_LABEL_FIX}")
     for name, values, field in (("pathway_names", pathway_names, "pathways"), ("age_groups", age_groups, "age_group")):

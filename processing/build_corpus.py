@@ -380,7 +380,10 @@ def _left_out_counts(labels: pd.DataFrame, kept: np.ndarray) -> dict[str, int]:
 def _ontology_ids(labels: pd.DataFrame, kept: np.ndarray) -> tuple[dict, dict]:
     """(field -> {label: id} of known ontology terms, field -> {unknown id: cells}) over the kept cells.
 
-    Unknown ids never enter the label -> id table (one bad id must not relabel a whole corpus).
+    Unknown ids never enter the label -> id table (one bad id must not relabel a whole corpus). A label the kept
+    cells state without a known id (given without one, or with an unknown one) enters it with the id None: the
+    descriptions state it, so the decoder must be able to choose it (it never was: "COVID-19" given without an id
+    was trained on and then described as a healthy donor).
     A label naming two known terms is ambiguous (the text could not be mapped back to one id):
     a ValueError names the terms and example cells.
     """
@@ -400,7 +403,9 @@ def _ontology_ids(labels: pd.DataFrame, kept: np.ndarray) -> tuple[dict, dict]:
                 f"{name} label {label!r} names {len(terms)} known terms {terms} (cells e.g. {examples}); one label "
                 f"must name one term: correct the {name}_ontology_term_id of those cells or drop them."
             )
-        table[name] = dict(sorted(zip(distinct[name], distinct[f"{name}_ontology_term_id"])))
+        named = dict(zip(distinct[name], distinct[f"{name}_ontology_term_id"]))
+        stated = labels.loc[kept, name].dropna().unique()
+        table[name] = dict(sorted({**{label: None for label in stated}, **named}.items()))
         if unknown[name]:
             logger.warning("%d cells have %s ids unknown to the bundled ontologies %s; they are left out of the "
                            "label -> id table", sum(unknown[name].values()), name, list(unknown[name])[:5])

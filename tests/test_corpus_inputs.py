@@ -60,6 +60,17 @@ def test_one_unknown_tissue_id_does_not_relabel_the_corpus(tmp_path):
     assert saved["ontology_term_ids"]["tissue"] == {"blood": "UBERON:0000178"}
 
 
+def test_a_label_only_an_unknown_id_names_is_a_label_without_id(tmp_path):
+    """Its cells' descriptions state it, so the decoder must be able to choose it; its unknown id stays out."""
+    adata = _tiny_adata()
+    lung = adata.obs_names[:6]
+    adata.obs["tissue"] = adata.obs["tissue"].astype(object)
+    adata.obs.loc[lung, "tissue"], adata.obs.loc[lung, "tissue_ontology_term_id"] = "lung", "UBERON:9999999"
+    summary = build_corpus(_source(adata), tmp_path / "out", BuildOptions(**OPTIONS))
+    assert summary["ontology_term_ids"]["tissue"] == {"blood": "UBERON:0000178", "lung": None}
+    assert summary["unknown_ontology_term_ids"] == {"tissue": {"UBERON:9999999": 6}}
+
+
 def test_an_obsolete_cell_type_without_replacement_is_rejected_and_an_unknown_stage_is_counted(tmp_path):
     """The QA findings: CL:0000013 (obsolete, no replacement) was kept, its text reading "an obsolete dentine
     secreting cell" and the label entering the model's label table; one unknown HsapDv id stopped the whole build
@@ -503,7 +514,9 @@ def test_sex_and_health_labels_without_ids_are_read_and_the_columns_say_what_the
         assert row["sex"] == sex and row["sex_ontology_term_id"] == {"female": "PATO:0000383", "male": "PATO:0000384",
                                                                       None: None}[sex]
     assert summary["ontology_term_ids"]["sex"] == {"female": "PATO:0000383", "male": "PATO:0000384"}
-    assert summary["ontology_term_ids"]["disease"] == {"normal": "PATO:0000461"}
+    # labels stated without an id are in the label table too (id None), so the decoder can choose them: "COVID-19"
+    # was trained on and then never a candidate (its cells described as healthy donors)
+    assert summary["ontology_term_ids"]["disease"] == {"COVID-19": None, "control": None, "normal": "PATO:0000461"}
     assert summary["left_out"] == {"sex_not_female_or_male": 4}
     warned = [r.getMessage() for r in caplog.records if "stated as given" in r.getMessage()]
     assert len(warned) == 1 and "'control' 4 cells" in warned[0] and "'COVID-19' 4 cells" in warned[0]

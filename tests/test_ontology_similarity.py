@@ -124,3 +124,17 @@ def test_predicted_labels_outside_the_training_vocabulary_are_scored_as_their_on
     # an invented label names no term: None, which scores 0
     invented = predicted_term_id("CD14-positive, alpha-beta T cell", training_ids, "CL")
     assert invented is None and cl.score("CL:0001204", invented) == 0.0
+
+
+def test_a_true_label_without_a_graded_id_is_scored_by_its_label():
+    """The QA findings: a true disease stated without an id (None) stopped the evaluation after every cell was
+    generated; the right tissue label scored 0 against its unknown id (its label names another term)."""
+    from training.evaluation.evaluate import label_similarity_scores
+
+    scores = label_similarity_scores([None, None, "UBERON:9999999", "UBERON:9999999"],
+                                     ["COVID-19", "normal", "blood", "lung"], {"normal": "PATO:0000461"}, "UBERON",
+                                     true_labels=["COVID-19", "COVID-19", "blood", "blood"])
+    assert scores == [1.0, 0.0, 1.0, 0.0]
+    assert label_similarity_scores([None], ["COVID-19"], {}, "MONDO") == [0.0]  # no true label: ids compared
+    with pytest.raises(ValueError, match="1 true labels for 2 predicted labels"):
+        label_similarity_scores(["UBERON:0000178"] * 2, ["blood"] * 2, {}, "UBERON", true_labels=["blood"])

@@ -199,6 +199,37 @@ def test_label_tables_the_schema_cannot_write_are_refused_when_built(processor, 
     assert "processor_config.json" in str(caught.value)
 
 
+def test_labels_stated_without_an_id_are_candidates_that_round_trip(processor, tmp_path):
+    """A corpus states a tissue or disease given without a known id as given; its label table now holds it with
+    the id None (it was left out, so a trained model could never choose it), and the processor keeps it."""
+    tables = {"cell_type": {"B cell": "CL:0000236"}, "disease": {"COVID-19": None, "normal": "PATO:0000461"},
+              "tissue": {"blood": None, "lung": None}}
+    built = Cell2TextProcessor(processor.feature_extractor, processor.tokenizer, num_cell_tokens=8,
+                               ontology_term_ids=tables)
+    built.save_pretrained(tmp_path)
+    assert Cell2TextProcessor.from_pretrained(tmp_path).ontology_term_ids == tables
+
+
+def test_learn_new_labels_gives_a_label_stated_without_an_id_the_id_another_corpus_gives():
+    from types import SimpleNamespace
+
+    from training.sft import learn_new_labels
+
+    processor = SimpleNamespace(ontology_term_ids={"disease": {"COVID-19": None, "normal": "PATO:0000461"}},
+                                pathway_names=[], age_groups=[], cell_type_definitions={})
+    vocabulary = {"ontology_term_ids": {"disease": {"COVID-19": "MONDO:0100096", "control": None}},
+                  "pathway_names": [], "age_groups": [], "cell_type_definitions": {}}
+    learn_new_labels(processor, vocabulary)
+    assert processor.ontology_term_ids["disease"] == {"COVID-19": "MONDO:0100096", "control": None,
+                                                      "normal": "PATO:0000461"}
+    vocabulary["ontology_term_ids"]["disease"] = {"COVID-19": None}  # an id is never lost to a corpus without it
+    learn_new_labels(processor, vocabulary)
+    assert processor.ontology_term_ids["disease"]["COVID-19"] == "MONDO:0100096"
+    vocabulary["ontology_term_ids"]["disease"] = {"COVID-19": "MONDO:0005015"}  # another id: refused
+    with pytest.raises(ValueError, match="have other ids or labels"):
+        learn_new_labels(processor, vocabulary)
+
+
 def test_zero_cells_are_a_clear_error(processor):
     with pytest.raises(ValueError, match="Got 0 cells"):
         processor(sp.csr_matrix((0, len(GENES)), dtype=np.float32), GENES)

@@ -398,14 +398,16 @@ def build_processor(
 def learn_new_labels(processor: Cell2TextProcessor, vocabulary: dict) -> None:
     """Add to a trained model's processor the labels of the corpus it is fine-tuned on (`init_from`): it kept only
     its first corpus's, so a new cell type was never a candidate (every cell described as an old type, accuracy
-    0, without a word). A label the two corpora give different ids is refused."""
+    0, without a word). A label the two corpora give different ids is refused; a label one of them states without
+    an id (None) takes the other's."""
     tables = {field: dict(table) for field, table in processor.ontology_term_ids.items()}
     for field, table in vocabulary["ontology_term_ids"].items():
         known = tables.setdefault(field, {})
-        label_of = {term: label for label, term in known.items()}
-        clashes = {label: (known[label], term) for label, term in table.items() if known.get(label, term) != term}
+        label_of = {term: label for label, term in known.items() if term is not None}
+        clashes = {label: (known[label], term) for label, term in table.items()
+                   if None not in (known.get(label), term) and known.get(label, term) != term}
         clashes.update({label: (label_of[term], term) for label, term in table.items()
-                        if label_of.get(term, label) != label})  # one id under another label (a renamed term)
+                        if term is not None and label_of.get(term, label) != label})  # one id under another label
         if clashes:
             raise ValueError(f"the {field} labels {clashes} have other ids or labels in the model's processor than "
                              "in the corpus (model's, corpus's id): build the corpus with the ontology versions the "
@@ -413,7 +415,7 @@ def learn_new_labels(processor: Cell2TextProcessor, vocabulary: dict) -> None:
         added = sorted(set(table) - set(known))
         if added:
             logger.info("%d %s label(s) new to the model, now candidates: %s", len(added), field, added[:10])
-        known.update(table)
+        known.update({label: term if term is not None else known.get(label) for label, term in table.items()})
     pathways = processor.pathway_names + [p for p in vocabulary["pathway_names"] if p not in processor.pathway_names]
     ages = [group for group in AGE_GROUPS if group in {*processor.age_groups, *vocabulary["age_groups"]}]
     definitions = {**processor.cell_type_definitions, **vocabulary["cell_type_definitions"]}

@@ -297,8 +297,12 @@ class _ExactOrOntology:
         self.similarity = OntologySimilarity(ontology)
         self.prefix = ontology + ":"
 
-    def score(self, true_id: str, predicted_id: str) -> float:
-        if not true_id.startswith(self.prefix) or not self.similarity.contains(true_id):
+    def graded(self, true_id: str | None) -> bool:
+        """Whether a true term is in the ontology's graph (graded similarity), rather than scored by exact match."""
+        return true_id is not None and true_id.startswith(self.prefix) and self.similarity.contains(true_id)
+
+    def score(self, true_id: str | None, predicted_id: str) -> float:
+        if not self.graded(true_id):
             return float(true_id == predicted_id)
         return self.similarity.score(true_id, predicted_id)
 
@@ -314,12 +318,24 @@ def predicted_term_id(label: str | None, training_ids: dict[str, str], ontology:
 
 
 def label_similarity_scores(
-    true_ids: Sequence[str], labels: Sequence[str | None], training_ids: dict[str, str], ontology: str = "CL"
+    true_ids: Sequence[str | None], labels: Sequence[str | None], training_ids: dict[str, str | None],
+    ontology: str = "CL", true_labels: Sequence[str] | None = None,
 ) -> list[float]:
     """Per cell, the ontology similarity of the predicted `labels` to the true terms (`predicted_term_id`; 0 for a
-    label without a term or no prediction): the one scoring of Cell2Text's and every baseline's labels."""
+    label without a term or no prediction): the one scoring of Cell2Text's and every baseline's labels.
+
+    A true term outside the ontology's graph (no id: a label the corpus states as given; or an id unknown to the
+    graph) is scored by exact match: of the labels, given `true_labels` (the right label scored 0 against its
+    unknown id, and a true id None stopped the evaluation after every cell was generated), else of the ids."""
+    scorer = _ExactOrOntology(ontology)
     pred_ids = [predicted_term_id(label, training_ids, ontology) for label in labels]
-    return ontology_similarity_scores(list(true_ids), pred_ids, _ExactOrOntology(ontology))
+    scores = ontology_similarity_scores(list(true_ids), pred_ids, scorer)
+    if true_labels is None:
+        return scores
+    if len(true_labels) != len(labels):
+        raise ValueError(f"{len(true_labels)} true labels for {len(labels)} predicted labels: pass one per cell")
+    return [score if scorer.graded(true_id) else float(label is not None and label == truth)
+            for score, true_id, label, truth in zip(scores, true_ids, labels, true_labels)]
 
 
 def score_descriptions(
@@ -355,7 +371,7 @@ def score_descriptions(
         report = classification_report(true, pred)
         if ontology is not None and id_column in split.column_names:
             true_ids = [split[id_column][i] for i in known]
-            scores = label_similarity_scores(true_ids, pred, ontology_term_ids.get(field, {}), ontology)
+            scores = label_similarity_scores(true_ids, pred, ontology_term_ids.get(field, {}), ontology, true)
             report["ontology_similarity"] = sum(scores) / len(scores)
             if field == "cell_type":
                 per_cell["ontology_similarity"] = scores
