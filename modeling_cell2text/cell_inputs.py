@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .gene_ids import var_gene_ids
+from .gene_ids import ensembl_gene_id, var_gene_ids
 
 # The cell inputs a processor gives the model (gene tokens, their masks, and expression bins for a value-aware
 # model): the feature extractor's model_input_names; the model reads them in generation's prefill only.
@@ -52,13 +52,22 @@ def anndata_matrix(adata: Any, layer: str | None = None, raw: bool = False) -> A
                          "adata.to_memory()[rows]") from error
 
 
-def check_gene_ids_in_var_order(gene_ids: Sequence[Any], var: Any, where: str) -> None:
+def check_gene_ids_in_var_order(
+    gene_ids: Sequence[Any], var: Any, where: str, symbol_to_gene: Mapping[str, str] | None = None
+) -> None:
     """Refuse `gene_ids` given with an AnnData that name its genes (its var index or a text column of var) in
-    another order: the values of one gene would be read as another's. (Other names, such as Ensembl ids for a var
-    of symbols, cannot be checked and are taken in var's order.)"""
-    given = [str(gene) for gene in gene_ids]
-    named = {"index": [str(name) for name in var.index]}
-    named.update({column: [str(name) for name in var[column].values] for column in var.columns
+    another order: the values of one gene would be read as another's. Names are compared as the genes they name
+    (as `match_genes` reads them: Ensembl ids without version or case, symbols through `symbol_to_gene`), so ids
+    with a version suffix, in lower case, or symbols for a var of Ensembl ids are checked too (they were taken in
+    any order). Names that name no known gene in either list cannot be checked and are taken in var's order."""
+    symbol_to_gene = symbol_to_gene or {}
+
+    def genes(names: Sequence[Any]) -> list[str]:
+        return [ensembl_gene_id(name) or symbol_to_gene.get(str(name).strip()) or str(name).strip() for name in names]
+
+    given = genes(gene_ids)
+    named = {"index": genes(var.index)}
+    named.update({column: genes(var[column].values) for column in var.columns
                   if var[column].dtype == object or str(var[column].dtype) in ("category", "string", "str")})
     if any(given == names for names in named.values()):
         return
@@ -88,7 +97,7 @@ def resolve_input(
         if gene_ids is None:
             gene_ids = var_gene_ids(cells.var, symbol_to_gene)
         else:
-            check_gene_ids_in_var_order(gene_ids, cells.var, "adata.var")
+            check_gene_ids_in_var_order(gene_ids, cells.var, "adata.var", symbol_to_gene)
         obs_names = cells.obs_names  # indexed only to name cells in messages
     elif layer is not None:
         raise ValueError("layer= applies to AnnData input only")

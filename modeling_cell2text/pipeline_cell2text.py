@@ -458,7 +458,7 @@ def resolve_cells(
         if gene_ids is None:
             gene_ids = feature_extractor.var_gene_ids(cells.raw.var)
         else:
-            check_gene_ids_in_var_order(gene_ids, cells.raw.var, "adata.raw.var")
+            check_gene_ids_in_var_order(gene_ids, cells.raw.var, "adata.raw.var", feature_extractor.symbol_to_gene)
         matrix, gene_ids, _ = feature_extractor.resolve_input(anndata_matrix(cells, raw=True), gene_ids, None)
         obs_names = cells.obs_names
     else:

@@ -339,11 +339,29 @@ def test_gene_ids_naming_var_in_another_order_are_refused(model_dirs):
     for reordered, column in ((GENES[::-1], "index"), (list(adata.var["symbol"])[::-1], "symbol")):
         with pytest.raises(ValueError, match=rf"adata\.var \({column}\) in another order"):
             describe_pipeline(adata, reordered, constrained=False, max_new_tokens=4)
+    # the same genes named as match_genes reads them (versioned, lower case): they were taken in any order
+    for renamed in ([g + ".1" for g in GENES[::-1]], [g.lower() for g in GENES[::-1]]):
+        with pytest.raises(ValueError, match=r"adata\.var \(index\) in another order"):
+            describe_pipeline(adata, renamed, constrained=False, max_new_tokens=4)
+    versioned = describe_pipeline(adata, [g + ".7" for g in GENES], constrained=False, max_new_tokens=4)
+    assert [r["description"] for r in versioned] == expected
     adata.var["alias"] = GENES[::-1]  # another column naming the genes in another order: var's own order is taken
     assert [r["description"] for r in describe_pipeline(adata, GENES, constrained=False, max_new_tokens=4)] == expected
     adata.raw = adata
     with pytest.raises(ValueError, match=r"adata\.raw\.var \(index\) in another order"):
         describe_pipeline(adata, GENES[1:] + GENES[:1], use_raw=True, constrained=False, max_new_tokens=4)
+
+
+def test_symbols_naming_a_var_of_ensembl_ids_in_another_order_are_refused():
+    import pandas as pd
+
+    from modeling_cell2text.cell_inputs import check_gene_ids_in_var_order
+
+    var = pd.DataFrame(index=["ENSG00000010610", "ENSG00000153563", "ENSG00000177455"])
+    symbols = {"CD4": "ENSG00000010610", "CD8A": "ENSG00000153563", "CD19": "ENSG00000177455"}
+    check_gene_ids_in_var_order(["CD4", "CD8A", "CD19"], var, "adata.var", symbols)  # var's order: taken
+    with pytest.raises(ValueError, match=r"adata\.var \(index\) in another order"):
+        check_gene_ids_in_var_order(["CD8A", "CD4", "CD19"], var, "adata.var", symbols)
 
 
 def test_cell_types_narrow_the_labels_of_this_call_only(tmp_path):
