@@ -233,7 +233,7 @@ def check_paths(input_path: Path, out_path: Path, overwrite: bool = False) -> No
         raise CLIError(f"the folder of --out {out_path} does not exist")
     if not os.access(out_path.parent.resolve(), os.W_OK):
         raise CLIError(f"the folder of --out {out_path} is not writable")
-    if out_path.exists() and not overwrite:
+    if (out_path.exists() or out_path.is_symlink()) and not overwrite:  # a dangling link too: found after describing
         raise CLIError(f"--out {out_path} exists; pass --overwrite to replace it, or choose a new path")
 
 

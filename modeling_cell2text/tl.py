@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -223,9 +223,23 @@ def check_key_added(key_added: Any) -> None:
 
 def check_key_free(adata: Any, key_added: str, function: str) -> None:
     """Refuse a `key_added` whose uns record is another function's (`tl.describe`'s or `tl.embed`'s): this run's
-    record would replace it, leaving that run's obs columns or obsm entry without theirs."""
-    record = adata.uns.get(key_added) if hasattr(adata, "uns") else None
-    if not isinstance(record, dict) or "model" not in record:
+    record would replace it, leaving that run's obs columns or obsm entry without theirs. Also refuse one naming
+    what no Cell2Text run wrote: a uns entry that is no Cell2Text record (`key_added="neighbors"` replaced scanpy's
+    neighbours graph), or, without a record, the obsm entry (`tl.embed`) or obs columns (`tl.describe`) this run
+    would write (another tool's results, replaced without a word)."""
+    if not hasattr(adata, "uns"):
+        return
+    record = adata.uns.get(key_added)
+    if record is None or not isinstance(record, Mapping) or "model" not in record:
+        held = ([f"adata.uns[{key_added!r}]"] if key_added in adata.uns else []) + (
+            [f"adata.obsm[{key_added!r}]"] if function == "embed" and key_added in adata.obsm else []) + (
+            [f"adata.obs[{name!r}]" for name in described_columns(key_added) if name in adata.obs]
+            if function == "describe" else [])
+        if held:
+            raise ValueError(f"key_added {key_added!r}: {', '.join(held[:3])}{' ...' if len(held) > 3 else ''} "
+                             f"holds what no Cell2Text run wrote, which this run of {function} would replace. Pass "
+                             "another key_added (the defaults: 'cell2text' for describe, 'X_cell2text' for embed), "
+                             "or delete those entries first.")
         return
     written_by = record.get("function") or ("embed" if "pooling" in record.get("params", {}) else "describe")
     if written_by != function:

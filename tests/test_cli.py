@@ -204,6 +204,15 @@ def test_existing_out_needs_overwrite(model_dir, h5ad, tmp_path, capsys, monkeyp
     assert (ad.read_h5ad(out).obs["cell2text_description"] == DESCRIPTION).all()
 
 
+def test_a_dangling_link_as_out_is_refused_before_loading(model_dir, h5ad, tmp_path, capsys, monkeypatch):
+    """The reviewer's finding: it passed the check (exists() follows the link) and stopped after every cell."""
+    out = tmp_path / "link.h5ad"
+    out.symlink_to(tmp_path / "nowhere.h5ad")
+    monkeypatch.setattr("modeling_cell2text.tl.load", fail_if_called)
+    code, err = run_cli(describe_args(h5ad, model_dir, out), capsys)
+    assert_one_line_error(code, err, "exists", "--overwrite")
+
+
 def fail_if_called(*args, **kwargs):
     raise AssertionError("the model was loaded before the paths were checked")
 

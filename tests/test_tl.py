@@ -327,6 +327,22 @@ def test_key_added_of_the_other_function_or_with_nul_is_refused_before_any_work(
     describe(adata, model_dirs["random"], key_added="mine")  # describing again under its own key is fine
 
 
+def test_key_added_naming_another_tools_results_is_refused(model_dirs, monkeypatch):
+    """The reviewer's finding: key_added="neighbors" replaced scanpy's graph record (sc.tl.umap then failed); an
+    obsm entry or obs columns without a Cell2Text record were replaced the same way."""
+    adata = make_adata(2)
+    adata.uns["neighbors"] = {"params": {"method": "umap"}}
+    adata.obsm["X_pca"] = np.zeros((2, 3))
+    adata.obs["mine_cell_type"] = ["a", "b"]
+    monkeypatch.setattr(tl, "load", lambda *a, **k: pytest.fail("the refusal comes before loading the model"))
+    for function, key, held in ((describe, "neighbors", r"adata\.uns\['neighbors'\]"),
+                                (tl.embed, "X_pca", r"adata\.obsm\['X_pca'\]"),
+                                (describe, "mine", r"adata\.obs\['mine_cell_type'\]")):
+        with pytest.raises(ValueError, match=held + " holds what no Cell2Text run wrote"):
+            function(adata, model_dirs["random"], key_added=key)
+    assert adata.uns["neighbors"] == {"params": {"method": "umap"}} and not adata.obsm["X_pca"].any()
+
+
 def test_gene_ids_naming_var_in_another_order_are_refused(model_dirs):
     """The reviewer's finding: gene_ids given with an AnnData were taken in any order (as a DataFrame's were),
     so the values of one gene were read as another's."""
