@@ -398,6 +398,30 @@ def test_a_resume_with_another_encoder_or_lora_settings_is_refused_and_keeps_the
                     encoder_epochs=3)
     assert (out / "gene_encoder" / "model.safetensors").read_bytes() == encoder
     assert not (tmp_path / "final-2").exists()
+    recorded = json.loads((out / "checkpoint-2" / "cell2text_trained_with.json").read_text())
+    assert set(recorded["corpus_fingerprints"]) == {"train", "validation", "test"}
+    assert recorded["max_train_samples"] is None
+
+
+def test_a_resume_on_another_corpus_is_refused(tmp_path):
+    """The reviewer's finding: a checkpoint of corpus A resumed on corpus B (a pretrained encoder, so nothing was
+    prepared on either) trained on, and the model recorded only B: evaluation's check that the test cells are not
+    training cells then passed on B rebuilt from A's cells."""
+    from training.sft import TRAINED_WITH_FILE, check_resume
+
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    record = {"gene_encoder_sha256": "e", "lora_r": 8, "corpus_fingerprints": {"train": "aaaa"},
+              "max_train_samples": None}
+    (checkpoint / TRAINED_WITH_FILE).write_text(json.dumps(record))
+    check_resume(str(checkpoint), record, str(tmp_path))
+    with pytest.raises(ValueError, match=r"trained with another corpus_fingerprints than this run's"):
+        check_resume(str(checkpoint), {**record, "corpus_fingerprints": {"train": "bbbb"}}, str(tmp_path))
+    with pytest.raises(ValueError, match=r"trained with another max_train_samples"):
+        check_resume(str(checkpoint), {**record, "max_train_samples": 10}, str(tmp_path))
+    del record["corpus_fingerprints"], record["max_train_samples"]  # saved before they were recorded: not checked
+    (checkpoint / TRAINED_WITH_FILE).write_text(json.dumps(record))
+    check_resume(str(checkpoint), {**record, "corpus_fingerprints": {"train": "bbbb"}}, str(tmp_path))
 
 
 def test_value_aware_extractor_needs_the_corpus_bins_column(parts_and_corpus):
