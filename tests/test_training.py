@@ -403,6 +403,34 @@ def test_a_resume_with_another_encoder_or_lora_settings_is_refused_and_keeps_the
     assert recorded["max_train_samples"] is None
 
 
+@pytest.mark.parametrize("cap", ["max_train_samples", "max_eval_samples"])
+def test_a_cap_below_one_cell_is_refused_naming_it(parts_and_corpus, cap):
+    """The reviewer's finding: 0 failed inside scipy's svds ("'A' must not be empty"), or named a missing
+    validation split the corpus has."""
+    from training.sft import load_corpus
+
+    _, corpus_dir = parts_and_corpus
+    for value in (0, -1):
+        with pytest.raises(ValueError, match=rf"--{cap} {value}: a split capped below 1 cell is empty"):
+            load_corpus(corpus_dir, Cell2TextArguments(corpus_dir=str(corpus_dir), **{cap: value}))
+
+
+def test_a_corpus_without_label_tables_is_refused(parts_and_corpus, tmp_path):
+    """The reviewer's finding: a corpus without summary.json (shards joined by hand) trained a model that knew no
+    labels, so it could not describe constrained, with no warning."""
+    import shutil
+
+    from training.sft import load_corpus
+
+    _, corpus_dir = parts_and_corpus
+    copy = tmp_path / "corpus"
+    shutil.copytree(corpus_dir, copy)
+    load_corpus(copy, Cell2TextArguments(corpus_dir=str(copy)))
+    (copy / "summary.json").unlink()
+    with pytest.raises(ValueError, match="has no summary.json with label tables.*docs/corpus.md"):
+        load_corpus(copy, Cell2TextArguments(corpus_dir=str(copy)))
+
+
 def test_a_resume_on_another_corpus_is_refused(tmp_path):
     """The reviewer's finding: a checkpoint of corpus A resumed on corpus B (a pretrained encoder, so nothing was
     prepared on either) trained on, and the model recorded only B: evaluation's check that the test cells are not

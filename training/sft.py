@@ -324,12 +324,27 @@ def language_model_lora_targets(model: Cell2TextForConditionalGeneration) -> str
 
 
 def load_corpus(corpus_dir: str | Path, args: Cell2TextArguments) -> tuple[DatasetDict, dict]:
-    """The corpus splits (capped by max_train_samples / max_eval_samples) and the build's summary."""
+    """The corpus splits (capped by max_train_samples / max_eval_samples) and the build's summary.
+
+    A cap below 1 is refused (0 failed inside scipy, or as a corpus without validation cells), as is a corpus
+    whose summary gives no label tables (none, or joined shards without one): the model learnt no labels to choose
+    among and was saved unable to describe constrained, without a word."""
+    for name, limit in (("max_train_samples", args.max_train_samples), ("max_eval_samples", args.max_eval_samples)):
+        if limit is not None and limit < 1:
+            raise ValueError(f"--{name} {limit}: a split capped below 1 cell is empty; leave --{name} out to use "
+                             "every cell, or give a positive number")
     corpus = open_corpus(corpus_dir)
     for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
         if limit is not None and split in corpus and len(corpus[split]) > limit:
             corpus[split] = corpus[split].select(range(limit))
-    return corpus, corpus_summary(corpus_dir)
+    summary = corpus_summary(corpus_dir)
+    if not (summary.get("ontology_term_ids") or {}).get("cell_type"):
+        raise ValueError(
+            f"The corpus {corpus_dir} has no summary.json with label tables (its ontology_term_ids), so the model "
+            "would learn no labels to choose among (tl.describe's constrained decoding needs them). Build the corpus "
+            "with python -m processing.build_corpus; for shards joined by hand, write the joined summary.json as "
+            "docs/corpus.md shows.")
+    return corpus, summary
 
 
 def check_validation_split(corpus: DatasetDict, args: Cell2TextArguments, training_args: SFTConfig) -> None:
