@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -173,18 +175,35 @@ def merge_histogram_files(paths: list[str | Path]) -> dict[str, float]:
     return {g: float(m) for g, m in zip(genes, medians) if np.isfinite(m)}
 
 
+EXTRACTOR_FILE = "preprocessor_config.json"  # what a saved feature extractor folder holds
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI: merge shard histograms into the corpus feature extractor."""
     parser = argparse.ArgumentParser(description="Merge per-shard gene-median histograms into a feature extractor.")
     parser.add_argument("histograms", nargs="+", help="median_histogram.npz files written by build_corpus shards")
-    parser.add_argument("--out", required=True, help="directory for the merged feature extractor")
+    parser.add_argument("--out", required=True, help="directory for the merged feature extractor (new or empty)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a feature extractor folder at --out (never a folder holding anything else)")
     parser.add_argument("--model-input-size", type=int, default=4096)
     args = parser.parse_args(argv)
     from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
+    from modeling_cell2text.output_files import OutputExistsError, check_new_output, publish_folder
 
+    out = Path(args.out)
+    try:  # before the merge: a merged extractor (or a corpus folder) at --out was replaced without a word
+        check_new_output(out, args.overwrite, holds=EXTRACTOR_FILE)
+    except OutputExistsError as error:
+        parser.error(str(error))
     medians = merge_histogram_files(args.histograms)
     extractor = Cell2TextFeatureExtractor.from_gene_medians(medians, model_input_size=args.model_input_size)
-    extractor.save_pretrained(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        extractor.save_pretrained(staging)
+        publish_folder(staging, out, args.overwrite, holds=EXTRACTOR_FILE)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"merged {len(args.histograms)} histograms: {len(medians)} genes -> {args.out}")
 
 

@@ -67,3 +67,30 @@ def test_normalize_total_scales_cells_to_10k_and_undoes_log1p():
     logged = counts.copy()
     logged.data = np.log1p(logged.data)
     np.testing.assert_allclose(normalize_total(logged, "log1p")[0].toarray(), normalized.toarray())
+
+
+def test_the_merge_cli_never_replaces_an_output_unasked(tmp_path, capsys):
+    """The reviewer's finding: `python -m processing.gene_medians ... --out fe` replaced a merged extractor there,
+    and scattered its files into a corpus folder, exit 0."""
+    from processing.gene_medians import main
+
+    genes, values = _random_entries(3)
+    histogram = HistogramGeneMedians(40)
+    histogram.update(genes, values)
+    histogram.save(tmp_path / "s0.npz", [f"ENSG{i:011d}" for i in range(40)])
+    out = tmp_path / "fe"
+    main([str(tmp_path / "s0.npz"), "--out", str(out)])
+    saved = (out / "preprocessor_config.json").read_bytes()
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "s0.npz"), "--out", str(out), "--model-input-size", "8"])
+    assert "--overwrite" in capsys.readouterr().err and (out / "preprocessor_config.json").read_bytes() == saved
+    main([str(tmp_path / "s0.npz"), "--out", str(out), "--model-input-size", "8", "--overwrite"])
+    assert (out / "preprocessor_config.json").read_bytes() != saved
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "summary.json").write_text("{}")
+    for flags in ([], ["--overwrite"]):  # a folder of something else is never replaced
+        with pytest.raises((SystemExit, FileExistsError)):
+            main([str(tmp_path / "s0.npz"), "--out", str(corpus), *flags])
+    assert sorted(p.name for p in corpus.iterdir()) == ["summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "fe", "s0.npz"]  # no staging folder left
