@@ -579,8 +579,11 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
         **({"census_version": source.census_version} if getattr(source, "census_version", None) else {}),
         "expression_bins": extractor.num_expression_bins,
         "unmapped_genes": len(genes.unmapped),
-        "median_method": type(medians).__name__,
-        "median_relative_error_bound": medians.relative_error_bound,
+        # the medians the tokens were ranked with: the given feature extractor's (its vocabulary source), not the
+        # ones this build accumulated (they were recorded as exact, bound 0, for a histogram-merged extractor)
+        **({"median_method": "given feature extractor", "median_relative_error_bound": None,
+            "vocabulary_source": extractor.vocabulary_source} if options.feature_extractor is not None else
+           {"median_method": type(medians).__name__, "median_relative_error_bound": medians.relative_error_bound}),
         "fingerprints": fingerprints,
         "ontology_versions": ontology_versions(),
         **options.extra_summary,

@@ -158,6 +158,9 @@ def test_given_vocabulary_is_used_as_is(tmp_path, pbmc_corpus):
     rebuilt = datasets.load_from_disk(str(tmp_path))
     assert rebuilt["validation"]["gene_input_ids"] == corpus["validation"]["gene_input_ids"]
     assert summary["gene_vocabulary_size"] == len(extractor.gene_medians)
+    # the record names the medians the tokens were ranked with (it said this build's exact ones, bound 0)
+    assert summary["median_method"] == "given feature extractor" and summary["median_relative_error_bound"] is None
+    assert summary["vocabulary_source"] == extractor.vocabulary_source
 
 
 def test_value_aware_corpus_stores_the_bins_its_feature_extractor_gives(tmp_path, pbmc_corpus):
