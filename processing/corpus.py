@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -192,6 +193,20 @@ def age_group_of(stage_id: str | None) -> str | None:
         return None
     bucket = ontologies.development_stage_to_age_bucket(stage_id)
     return bucket if bucket in AGE_GROUPS else None
+
+
+def _warn_unknown_cell_type_ids(codes: np.ndarray, pairs: list, per_pair: list) -> None:
+    """Name the cell-type ids rejected as unknown, with their cells: rejects.csv gives only the reason, so a
+    mistyped id ("CL:000084") or one of a newer Cell Ontology dropped a whole cell type without naming it."""
+    cells = np.bincount(codes[codes >= 0], minlength=len(pairs))
+    rejected = Counter()
+    for (term, _), reason, n in zip(pairs, per_pair, cells):
+        if reason == "unknown_cell_type_term" and n:
+            rejected[term] += int(n)
+    if rejected:
+        logger.warning("%d cells are rejected for cell-type ids unknown to the bundled Cell Ontology (%s): correct "
+                       "the ids, or map the cells to known CL terms", sum(rejected.values()),
+                       "; ".join(f"{term} {n} cells" for term, n in rejected.most_common(10)))
 
 
 def _cell_type_reason(term_id: str | None, label: str | None, known: bool) -> str | None:
@@ -370,7 +385,9 @@ def resolve_labels(obs: pd.DataFrame, required_fields: Sequence[str] = ("cell_ty
         values = np.array([r[1] for r in resolved], dtype=object)[codes]
         if field == "cell_type":
             labels[f"{field}_ontology_term_id"], labels[field] = ids, values
-            reason = np.array([_cell_type_reason(*r) for r in resolved], dtype=object)[codes]
+            per_pair = [_cell_type_reason(*r) for r in resolved]
+            _warn_unknown_cell_type_ids(codes, pairs, per_pair)
+            reason = np.array(per_pair, dtype=object)[codes]
             reasons = np.where(pd.isna(reasons), reason, reasons)
             continue
         left_out = np.array(_unstatable(field, codes, pairs, resolved), dtype=object)[codes]

@@ -71,6 +71,19 @@ def test_a_label_only_an_unknown_id_names_is_a_label_without_id(tmp_path):
     assert summary["unknown_ontology_term_ids"] == {"tissue": {"UBERON:9999999": 6}}
 
 
+def test_unknown_cell_type_ids_are_named_with_their_cells(tmp_path, caplog):
+    """The reviewer's finding: a mistyped id dropped a whole cell type, exit 0, naming no id (rejects.csv gives
+    only the reason)."""
+    adata = _tiny_adata()
+    t_cells = adata.obs["cell_type"] == "T cell"
+    adata.obs["cell_type_ontology_term_id"] = adata.obs["cell_type_ontology_term_id"].astype(object)
+    adata.obs.loc[t_cells, "cell_type_ontology_term_id"] = "CL:000084"
+    with caplog.at_level("WARNING", logger="processing.corpus"):
+        build_corpus(_source(adata), tmp_path / "out", BuildOptions(**OPTIONS))
+    assert "12 cells are rejected for cell-type ids unknown to the bundled Cell Ontology (CL:000084 12 cells)" in \
+        caplog.text
+
+
 def test_an_obsolete_cell_type_without_replacement_is_rejected_and_an_unknown_stage_is_counted(tmp_path):
     """The QA findings: CL:0000013 (obsolete, no replacement) was kept, its text reading "an obsolete dentine
     secreting cell" and the label entering the model's label table; one unknown HsapDv id stopped the whole build
