@@ -360,6 +360,13 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
         return
     largest = data.max()
     integral = data.dtype.kind in "iu" or bool((np.rint(data) == data).all())
+    precision = _stored_precision(data)  # the multiples rules allow for it (rounded or float16 values)
+
+    def linear(values: np.ndarray) -> np.ndarray:  # relative uncertainty of stored values
+        return precision(values) / values
+
+    def unlogged(expm1_values: np.ndarray) -> np.ndarray:  # relative uncertainty of expm1(stored values)
+        return precision(np.log1p(expm1_values)) * (1 + 1 / expm1_values)
     if input_values == "counts":
         if not integral:
             example = data[np.flatnonzero(np.rint(data) != data)[0]]
@@ -386,9 +393,9 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
                 f"input_values='log1p' but every value is an integer ({where}): these look like raw counts; pass "
                 "input_values='counts'"
             )
-        if _share_of_count_multiples(np.expm1(data, dtype=np.float64), indptr) < 0.5:
+        if _share_of_count_multiples(np.expm1(data, dtype=np.float64), indptr, uncertainty=unlogged) < 0.5:
             # (below 1, log1p is nearly linear: either reading ranks alike, and log1p of fractions looks linear)
-            if largest > 1 and _share_of_count_multiples(data, indptr) >= 0.5:
+            if largest > 1 and _share_of_count_multiples(data, indptr, uncertainty=linear) >= 0.5:
                 raise ValueError(
                     f"input_values='log1p' but the values look linear, not log1p-scaled ({where}): in most cells the "
                     "values are whole multiples of the cell's smallest one (counts times a scale), expm1(values) are "
@@ -403,8 +410,9 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
             f"input_values='normalized' but a value is {float(largest):.6g} ({where}): normalised expression is far "
             "below 2**31 (CPM is at most 10**6); pass the normalised matrix, or input_values='counts' for raw counts"
         )
-    if not integral and _share_of_count_multiples(data, indptr) < 0.5:  # not counts times a per-cell scale
-        if _share_of_count_multiples(np.expm1(np.minimum(data, MAX_LOG1P), dtype=np.float64), indptr) >= 0.5:
+    if not integral and _share_of_count_multiples(data, indptr, uncertainty=linear) < 0.5:  # not counts x a scale
+        if _share_of_count_multiples(np.expm1(np.minimum(data, MAX_LOG1P), dtype=np.float64), indptr,
+                                     uncertainty=unlogged) >= 0.5:
             raise ValueError(
                 f"input_values='normalized' but the values look log1p-scaled ({where}): in most cells expm1(values) "
                 "are whole multiples of the cell's smallest one (counts times a scale), the values themselves are "
@@ -425,7 +433,7 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
     # Values shown linear (counts times a per-cell scale, among the cells with two different values: a cell of equal
     # values, such as a shallow cell of ones, is a multiple in log1p too) are left alone.
     if (largest <= MAX_LOG1P and not integral and _spread(totals) > 0.01
-            and _share_of_count_multiples(data, indptr, telling_only=True) < 0.5):
+            and _share_of_count_multiples(data, indptr, telling_only=True, uncertainty=linear) < 0.5):
         unlogged = _row_sums(np.expm1(data, dtype=np.float64), indptr)
         unlogged = unlogged[unlogged > 0]
         # a coefficient of variation, not the range (which grows with the cells): log1p values rounded to 2
@@ -483,13 +491,43 @@ def _other_log_base(data: np.ndarray, indptr: np.ndarray, tolerance: float = 1e-
     return None
 
 
+# A cell whose smallest value is stored less precisely than this (relative) cannot tell multiples from others.
+_TELLING_PRECISION = 0.01
+
+
+def _stored_precision(data: np.ndarray):
+    """How far each stored value may lie from the value it stands for, as a function of the values: half its
+    float spacing in the stored dtype (float16 keeps 3 significant digits), plus half a unit of the last decimal
+    where every value is rounded to 1-4 decimals (scanpy's pbmc68k_reduced keeps 3). Integers: exact."""
+    if data.dtype.kind != "f":
+        return lambda values: np.zeros(np.shape(values))
+    dtype = data.dtype
+    rounding = 0.0
+    if dtype != np.float16:  # float16's own spacing is already about a third decimal's
+        sample = np.asarray(data[:100_000], dtype=np.float64)
+        sample = sample[sample > 0]
+        slack = np.spacing(sample.astype(dtype)).astype(np.float64)
+        for decimals in range(1, 5):
+            scaled = sample * 10.0**decimals
+            if len(sample) and np.all(np.abs(scaled - np.rint(scaled)) <= 10.0**decimals * slack + 1e-9):
+                rounding = 0.5 * 10.0**-decimals
+                break
+    return lambda values: np.spacing(np.asarray(values).astype(dtype)).astype(np.float64) / 2 + rounding
+
+
 def _share_of_count_multiples(values: np.ndarray, indptr: np.ndarray, tolerance: float = 1e-3,
-                              telling_only: bool = False) -> float:
+                              telling_only: bool = False, uncertainty=None) -> float:
     """The share of cells whose positive values are all whole multiples (within `tolerance`, relative) of the cell's
     smallest one: normalised counts are (counts x a per-cell scale), so linear normalised data has it and log1p data
     has it after expm1, whatever the depth or the genes kept (the totals rule needs whole cells). A value too large
     for expm1 (infinite) is no multiple. `telling_only`: the share among the cells with two different positive
-    values (equal values are multiples in any scale), 0 where no cell has them."""
+    values (equal values are multiples in any scale), 0 where no cell has them.
+
+    `uncertainty` (a function of `values`: each one's relative uncertainty from the stored precision) widens the
+    tolerance by a value's and its cell's smallest one's, and leaves out the cells whose smallest value is known
+    to less than 1% (they cannot tell): log1p values rounded to 3 decimals or stored as float16 drift off whole
+    multiples after expm1 (2.001, 7.007), so log1p data declared normalized was taken as linear, most of all a
+    cell described alone. NaN where no cell can tell (every comparison with NaN is False: nothing is refused)."""
     rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
     positive = values > 0
     values, rows = np.asarray(values[positive], dtype=np.float64), rows[positive]
@@ -497,15 +535,25 @@ def _share_of_count_multiples(values: np.ndarray, indptr: np.ndarray, tolerance:
         return 0.0 if telling_only else 1.0
     starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # each cell's first positive value (CSR order)
     smallest = np.minimum.reduceat(values, starts)
+    lengths = np.diff(np.r_[starts, len(values)])
+    allowed = np.full(len(values), tolerance)
+    can_tell = np.ones(len(starts), dtype=bool)
+    if uncertainty is not None:
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            smallest_uncertainty = uncertainty(smallest)
+            allowed += uncertainty(values) + np.repeat(smallest_uncertainty, lengths)
+        can_tell = smallest_uncertainty <= _TELLING_PRECISION
     with np.errstate(invalid="ignore", over="ignore"):
-        ratios = values / np.repeat(smallest, np.diff(np.r_[starts, len(values)]))
-        off = ~(np.abs(ratios - np.rint(ratios)) <= tolerance * np.maximum(ratios, 1.0))
+        ratios = values / np.repeat(smallest, lengths)
+        off = ~(np.abs(ratios - np.rint(ratios)) <= allowed * np.maximum(ratios, 1.0))
     off_cells = np.add.reduceat(off, starts) > 0
     if telling_only:
-        smallest_entries = np.repeat(smallest, np.diff(np.r_[starts, len(values)]))
-        telling = np.add.reduceat(values != smallest_entries, starts) > 0
+        smallest_entries = np.repeat(smallest, lengths)
+        telling = (np.add.reduceat(values != smallest_entries, starts) > 0) & can_tell
         return float((~off_cells[telling]).mean()) if telling.any() else 0.0
-    return float(1.0 - off_cells.mean())
+    if not can_tell.any():
+        return float("nan")
+    return float(1.0 - off_cells[can_tell].mean())
 
 
 def rank_values(

@@ -785,12 +785,40 @@ def test_log1p_values_rounded_to_two_decimals_declared_normalized_are_refused():
     counts[:, 0] += 1
     rounded = np.round(np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4), 2)
     extractor = Cell2TextFeatureExtractor.from_gene_medians({gene: 1.0 for gene in INPUT_GENES})
-    with pytest.raises(ValueError, match=r"look log1p-scaled.*totals of expm1\(values\) agree"):
+    with pytest.raises(ValueError, match=r"look log1p-scaled"):  # the multiples rule, allowing for the rounding
         extractor.tokenize(sp.csr_matrix(rounded), INPUT_GENES, input_values="normalized")
-    for n_cells in (3, 5, 7):  # a few cells too (a range rule below 8 cells let these pass: the third reader)
+    for n_cells in (1, 3, 5, 7):  # a few cells too (a range rule below 8 cells let these pass: the third reader)
         with pytest.raises(ValueError, match="look log1p-scaled"):
             extractor.tokenize(sp.csr_matrix(rounded[:n_cells]), INPUT_GENES, input_values="normalized")
     assert len(extractor.tokenize(sp.csr_matrix(rounded), INPUT_GENES, input_values="log1p")) == 256
+
+
+def test_rounded_or_float16_log1p_values_declared_normalized_are_refused_cell_by_cell():
+    """The reviewer's finding: pbmc68k_reduced's raw values (log1p of CP10k kept to 3 decimals) stored as float16
+    passed as normalized for all 700 cells (each ranked wrongly), and 121 of its float32 cells described alone
+    (the rounding moves expm1(values) off whole multiples: 2.001, 7.007); rounded linear values still pass."""
+    import scanpy as sc
+
+    from modeling_cell2text.rank_value import check_values
+
+    raw = sc.datasets.pbmc68k_reduced().raw.X.toarray()[:60]
+
+    def refused(rows: np.ndarray, dtype, declared: str) -> bool:
+        matrix = sp.csr_matrix(rows.astype(np.float64))
+        try:
+            check_values(matrix.data.astype(dtype), matrix.indptr, declared, 0)
+        except ValueError as error:
+            assert "input_values=" in str(error)
+            return True
+        return False
+
+    for dtype in (np.float32, np.float16):
+        assert refused(raw, dtype, "normalized")
+        assert all(refused(raw[[i]], dtype, "normalized") for i in range(len(raw)))
+        assert not any(refused(raw[[i]], dtype, "log1p") for i in range(len(raw)))
+    linear = np.round(np.expm1(raw.astype(np.float64)), 3)  # CP10k rounded to 3 decimals: linear, not log1p
+    for dtype in (np.float32, np.float16):
+        assert not any(refused(linear[[i]], dtype, "normalized") for i in range(len(raw)))
 
 
 def test_linear_values_of_two_cells_whose_expm1_totals_nearly_agree_pass_as_normalized():
