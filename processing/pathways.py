@@ -57,7 +57,7 @@ def read_gmt(path: str | Path) -> dict[str, list[str]]:
     """Read a GMT file (``name<TAB>description<TAB>gene...`` per line; ``.gz`` allowed).
 
     Genes keep their first-seen order; duplicates and empty fields are dropped. Raises
-    ValueError naming the line for a line without genes or a repeated set name.
+    ValueError naming the line for a line without genes, a repeated set name, or a name with a double quote.
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
@@ -77,6 +77,9 @@ def read_gmt(path: str | Path) -> dict[str, list[str]]:
                 )
             if name in gene_sets:
                 raise ValueError(f"{path}:{line_number}: gene set {name!r} appears twice; names must be unique.")
+            if '"' in name:  # refused here, not after the pass over the data that scores the sets
+                raise ValueError(f"{path}:{line_number}: gene set name {name!r} contains a double quote, which "
+                                 "descriptions use around pathway names; rename the set in the file.")
             gene_sets[name] = genes
     if not gene_sets:
         raise ValueError(f"{path} holds no gene sets.")

@@ -151,6 +151,8 @@ def test_read_gmt(tmp_path):
     ("SET_A\tdesc\n", ":1: a GMT line needs"),
     ("SET_A\tdesc\tTP53\nSET_A\tdesc\tEGFR\n", ":2: gene set 'SET_A' appears twice"),
     ("\n\n", "no gene sets"),
+    # found after the pass over the data, naming no file or line (the reviewer's finding)
+    ('SET_A\tdesc\tTP53\nSet "one"\tdesc\tEGFR\n', r":2: gene set name 'Set \"one\"' contains a double quote.*rename"),
 ])
 def test_read_gmt_rejects_malformed(tmp_path, text, message):
     path = tmp_path / "bad.gmt"
