@@ -479,7 +479,9 @@ def build_corpus(source: Any, out_dir: str | Path, options: BuildOptions | None 
     if given is not None and options.expression_bins and options.expression_bins != given.num_expression_bins:
         raise ValueError(
             f"expression_bins={options.expression_bins} but the given feature extractor has num_expression_bins="
-            f"{given.num_expression_bins}; a given extractor decides the bins, so leave expression_bins at 0."
+            f"{given.num_expression_bins}; a given extractor decides the bins, so leave expression_bins at 0 (for "
+            "sharded value-aware corpora, merge the histograms with python -m processing.gene_medians "
+            "--expression-bins N)."
         )
     _check_source(source)
     out = Path(out_dir).absolute()

@@ -186,7 +186,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a feature extractor folder at --out (never a folder holding anything else)")
     parser.add_argument("--model-input-size", type=int, default=4096)
+    parser.add_argument("--expression-bins", type=int, default=0,
+                        help="expression bins per cell for a value-aware encoder (as build_corpus --expression-bins; "
+                             "0: rank only). The shards rebuilt with this extractor take its bins")
     args = parser.parse_args(argv)
+    if args.expression_bins < 0:
+        parser.error(f"--expression-bins must be >= 0, got {args.expression_bins}")
     from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
     from modeling_cell2text.output_files import OutputExistsError, check_new_output, publish_folder
 
@@ -196,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     except OutputExistsError as error:
         parser.error(str(error))
     medians = merge_histogram_files(args.histograms)
-    extractor = Cell2TextFeatureExtractor.from_gene_medians(medians, model_input_size=args.model_input_size)
+    extractor = Cell2TextFeatureExtractor.from_gene_medians(medians, model_input_size=args.model_input_size,
+                                                            num_expression_bins=args.expression_bins)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:

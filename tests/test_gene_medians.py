@@ -84,8 +84,12 @@ def test_the_merge_cli_never_replaces_an_output_unasked(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "s0.npz"), "--out", str(out), "--model-input-size", "8"])
     assert "--overwrite" in capsys.readouterr().err and (out / "preprocessor_config.json").read_bytes() == saved
-    main([str(tmp_path / "s0.npz"), "--out", str(out), "--model-input-size", "8", "--overwrite"])
+    main([str(tmp_path / "s0.npz"), "--out", str(out), "--model-input-size", "8", "--overwrite",
+          "--expression-bins", "4"])  # for a sharded value-aware corpus (the reviewer's finding: no way to make one)
     assert (out / "preprocessor_config.json").read_bytes() != saved
+    from modeling_cell2text import Cell2TextFeatureExtractor
+
+    assert Cell2TextFeatureExtractor.from_pretrained(out).num_expression_bins == 4
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "summary.json").write_text("{}")
