@@ -102,7 +102,8 @@ def resolve_input(
     elif layer is not None:
         raise ValueError("layer= applies to AnnData input only")
     elif is_dataframe(cells):  # cells x genes, as scanpy's adata.to_df() gives: genes from the columns
-        other = [str(c) for c, kind in zip(cells.columns, (d.kind for d in cells.dtypes)) if kind not in "biuf"]
+        # bool columns too (a flag such as is_doublet; beside numbers it made every value an object)
+        other = [str(c) for c, kind in zip(cells.columns, (d.kind for d in cells.dtypes)) if kind not in "iuf"]
         if other:
             raise ValueError(f"DataFrame columns that are not expression values: {other[:5]}; pass the genes' "
                              "columns only (e.g. frame.select_dtypes('number'))")

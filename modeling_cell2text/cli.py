@@ -42,6 +42,17 @@ class CLIError(Exception):
     """A problem with the command's input: reported as one line, without a traceback."""
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser: a missing input file after --cell-types (which takes every value after it, the input's
+    path too) says so."""
+
+    def error(self, message: str):
+        if "required: input" in message and any(a.dest == "cell_types" for a in self._actions):
+            message += (" (--cell-types takes every value after it, the input file's too: give the input file "
+                        "before --cell-types, or --cell-types last)")
+        super().error(message)
+
+
 def _add_common_arguments(command: argparse.ArgumentParser, key: str, batch_size: int) -> None:
     command.add_argument("input", type=Path, help="input .h5ad (never modified)")
     command.add_argument("--model", required=True, help="model folder or Hub repo (model + processor)")
@@ -73,7 +84,7 @@ def _add_common_arguments(command: argparse.ArgumentParser, key: str, batch_size
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cell2text", description="Describe single cells with a Cell2Text model.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     describe = commands.add_parser("describe", help="Write a description and parsed fields per cell into obs.")
     _add_common_arguments(describe, "cell2text", 16)
     describe.add_argument("--max-new-tokens", type=positive_int, default=None,

@@ -154,6 +154,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         self._symbol_to_gene = {s: g for s, g in self.symbol_to_gene.items() if g in self._gene_to_token}
         vocabulary_symbols = {self.gene_symbols[g] for g in self._gene_to_token if g in self.gene_symbols}
         self._unresolved_symbols = vocabulary_symbols - self._symbol_to_gene.keys()
+        self._warned_low_match: set[str] = set()  # each gene list's low match rate is said once, not per block
         self._is_special = np.zeros(size, dtype=bool)
         special_ids = self.special_token_ids
         self._is_special[special_ids] = True
@@ -300,7 +301,9 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
                 "ENSG00000141510) or gene symbols of the vocabulary's species as gene_ids / var."
             )
         if n_matched < self.min_gene_match_rate * n_input:
-            logger.warning("Low gene match rate: %s", summary)
+            if summary not in self._warned_low_match:  # a describe matches the genes per block of 512 cells
+                self._warned_low_match.add(summary)
+                logger.warning("Low gene match rate: %s", summary)
         else:
             logger.info(summary)
         medians = np.ones(len(gene_ids), dtype=np.float64)

@@ -584,3 +584,15 @@ def test_cell_types_chooses_among_those_labels_only(tmp_path, capsys, monkeypatc
         code, err = run_cli(describe_args(h5ad, model, tmp_path / "refused.h5ad", *extra), capsys)
         assert_one_line_error(code, err, *words)
         assert not (tmp_path / "refused.h5ad").exists()
+
+
+def test_cell_types_before_the_input_file_says_it_took_the_input(capsys):
+    """The reviewer's finding: --cell-types takes every value after it, the input's path too, and argparse said only
+    that the input was missing."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["describe", "--cell-types", "T cell", "in.h5ad", "--model", "m", "--out", "o.h5ad"])
+    assert stopped.value.code == 2
+    assert "required: input (--cell-types takes every value after it" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["embed", "--model", "m", "--out", "o.h5ad"])  # embed has no --cell-types: argparse's own message
+    assert "--cell-types" not in capsys.readouterr().err.splitlines()[-1]

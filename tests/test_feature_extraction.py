@@ -215,6 +215,10 @@ def test_low_match_rate_warns_with_numbers(extractor, caplog):
     with caplog.at_level(logging.WARNING):
         extractor(np.ones((1, 10)), genes)
     assert "2 of 10 input genes" in caplog.text
+    with caplog.at_level(logging.WARNING):  # said once per gene list, not once per block of cells
+        for _ in range(3):
+            extractor(np.ones((1, 10)), genes)
+    assert caplog.text.count("Low gene match rate") == 1
 
 
 def test_empty_cells_raise_naming_them_or_are_skipped_and_reported(extractor, counts, caplog):
@@ -507,6 +511,8 @@ def test_dataframe_input_takes_genes_from_its_columns(extractor, counts):
         extractor.tokenize(dense_of(counts))
     with pytest.raises(ValueError, match=r"not expression values: \['cell_type'\].*select_dtypes"):
         extractor.tokenize(frame.assign(cell_type="B cell"))  # was scipy's "does not support dtype object"
+    with pytest.raises(ValueError, match=r"not expression values: \['is_doublet'\]"):
+        extractor.tokenize(frame.assign(is_doublet=False))  # was "must be numeric, got dtype object", naming none
     with pytest.raises(ValueError, match="expression values must be numeric, got dtype <U1"):
         extractor.tokenize(np.full((2, len(INPUT_GENES)), "1"), INPUT_GENES)
 
