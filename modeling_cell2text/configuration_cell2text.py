@@ -102,6 +102,9 @@ class Cell2TextConfig(PreTrainedConfig):
             The fingerprints of the corpus splits the model was trained on (`training.sft` records them): evaluating
             on another build of a corpus (another seed or fold: its test cells may be training cells) is refused
             unless asked for (`training.evaluation.evaluate --other-corpus`).
+        earlier_training_corpus_fingerprints (`list`, *optional*):
+            Those of the corpora a model fine-tuned with `init_from` was trained on before (its parents'), so that the
+            record says every corpus it learnt from; evaluation warns that their cells may be in the test split.
     """
 
     model_type = "cell2text"
@@ -125,6 +128,7 @@ class Cell2TextConfig(PreTrainedConfig):
     gene_ranking_sha256: str | None = None
     processor_sha256: dict | None = None
     training_corpus_fingerprints: dict | None = None
+    earlier_training_corpus_fingerprints: list | None = None
     tie_word_embeddings: bool = False
 
     @classmethod

@@ -125,6 +125,33 @@ def test_another_build_of_the_corpus_is_refused_unless_asked_for(model_and_corpu
     check_corpus_fits_model(rebuilt, model.config, processor, other_corpus=True)  # the user's word: new cells
 
 
+def test_a_model_fine_tuned_with_init_from_records_every_corpus_it_trained_on(model_and_corpus, tmp_path, caplog):
+    """The reviewer's finding: fine-tuning on corpus B (init_from) overwrote the record of corpus A, so evaluation
+    on B, rebuilt from A's cells with another seed, passed without a word."""
+    from training.evaluation.evaluate import check_corpus_fits_model
+    from training.sft import record_training_corpus
+
+    model_dir, corpus_dir = model_and_corpus
+    model, processor = load_model(model_dir, device="cpu")
+    first, second, third = ({"train": name} for name in ("aaaa", "bbbb", "cccc"))
+    model.config.training_corpus_fingerprints, model.config.earlier_training_corpus_fingerprints = None, None
+    record_training_corpus(model.config, first)
+    assert model.config.earlier_training_corpus_fingerprints is None
+    record_training_corpus(model.config, first)  # trained again on the same corpus: nothing earlier
+    assert model.config.earlier_training_corpus_fingerprints is None
+    record_training_corpus(model.config, second)
+    record_training_corpus(model.config, third)
+    assert model.config.training_corpus_fingerprints == third
+    assert model.config.earlier_training_corpus_fingerprints == [first, second]
+    last = _corpus_copy(corpus_dir, tmp_path / "last", summary=lambda s: s.update(fingerprints=third))
+    with caplog.at_level("WARNING", logger="training.evaluation.evaluate"):
+        check_corpus_fits_model(last, model.config, processor)
+    assert "trained on 2 other corpora before this one" in caplog.text
+    earlier = _corpus_copy(corpus_dir, tmp_path / "earlier", summary=lambda s: s.update(fingerprints=first))
+    with pytest.raises(ValueError, match="trained on it before being fine-tuned on that one"):
+        check_corpus_fits_model(earlier, model.config, processor)
+
+
 def test_a_corpus_ranked_with_other_gene_medians_is_refused(model_and_corpus, tmp_path):
     """The QA finding: the same gene ids with other medians (a corpus built without --feature-extractor) passed,
     and every test cell's gene order differed from the model's processor's."""

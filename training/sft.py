@@ -410,6 +410,18 @@ def build_processor(
     )
 
 
+def record_training_corpus(config, fingerprints: dict | None) -> None:
+    """Record the corpus the model trains on; a model fine-tuned from another (`init_from`) keeps the corpora it was
+    trained on before in `earlier_training_corpus_fingerprints` (they were overwritten, so the record named only the
+    last corpus, and evaluation's leak check passed on a rebuild of the first one's cells)."""
+    earlier = list(getattr(config, "earlier_training_corpus_fingerprints", None) or [])
+    parent = getattr(config, "training_corpus_fingerprints", None)
+    if parent and parent != fingerprints and parent not in earlier:
+        earlier.append(parent)
+    config.earlier_training_corpus_fingerprints = [f for f in earlier if f != fingerprints] or None
+    config.training_corpus_fingerprints = fingerprints
+
+
 def learn_new_labels(processor: Cell2TextProcessor, vocabulary: dict) -> None:
     """Add to a trained model's processor the labels of the corpus it is fine-tuned on (`init_from`): it kept only
     its first corpus's, so a new cell type was never a candidate (every cell described as an old type, accuracy
@@ -783,7 +795,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     model = build_model(args, encoder_path, processor, trust_remote_code)
     if args.init_from is not None:
         check_init_from_settings(args, model.config)
-    model.config.training_corpus_fingerprints = summary.get("fingerprints")  # evaluation refuses another build
+    record_training_corpus(model.config, summary.get("fingerprints"))  # evaluation refuses another build
     if model.config.num_cell_tokens != processor.num_cell_tokens:
         raise ValueError(
             f"The model takes {model.config.num_cell_tokens} cell tokens but the processor expands "

@@ -406,13 +406,20 @@ def check_corpus_fits_model(corpus_dir: str | Path, model_config, processor, oth
             "corpus_fingerprints")
         source = "its gene encoder was prepared on (for a model fine-tuned since with init_from, the first corpus)"
     fingerprints = corpus_summary(corpus_dir).get("fingerprints")
+    earlier = getattr(model_config, "earlier_training_corpus_fingerprints", None) or []
     if trained_on and fingerprints != trained_on and not other_corpus:
         raise ValueError(
             f"The corpus {corpus_dir} (split fingerprints {fingerprints}) is not the build the model was trained on "
-            f"({trained_on}, the corpus {source}): rebuilt with another seed or fold, its test cells may be the "
-            "model's training cells. Evaluate on the corpus the model was trained on; if this corpus's cells are "
-            "known to be new to the model (another dataset), pass --other-corpus (other_corpus=True)."
+            f"last ({trained_on}, the corpus {source}): "
+            + ("the model was trained on it before being fine-tuned on that one (init_from), whose training cells "
+               "may be its test cells. " if fingerprints in earlier else
+               "rebuilt with another seed or fold, its test cells may be the model's training cells. ")
+            + "Evaluate on the corpus the model was trained on last; if this corpus's cells are known to be new to "
+            "the model (another dataset), pass --other-corpus (other_corpus=True)."
         )
+    if earlier and not other_corpus:
+        logger.warning("The model was trained on %d other corpora before this one (init_from: %s); where they share "
+                       "cells with it, its test cells may be training cells.", len(earlier), earlier[:3])
     return vocabulary_sha256
 
 
