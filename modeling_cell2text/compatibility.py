@@ -108,6 +108,11 @@ PROCESSOR_PARTS = {
     "text_vocabulary": "tokenizer vocabulary (text token ids: the model would read and write other words)",
     "prompt": "chat template, system or user prompt, or definitions_in_model_text than the model was trained on",
     "gene_symbols": "gene symbol table (symbols in var_names would be read as other genes)",
+    "text_tokenization": ("way of splitting text into tokens (the tokenizer's merges, normalizer or pre-tokenizer; "
+                          "the vocabulary alone can be the same): the prompt and labels would be read as other "
+                          "tokens"),
+    "gene_tokens_per_cell": ("number of gene tokens per cell (feature extractor model_input_size, up to the gene "
+                             "encoder's positions): cells would keep another number of their top-ranked genes"),
     "labels": ("set of labels (cell types, tissues, ... with their ontology ids and definitions, pathways, age "
                "groups): a processor of another model offers labels this model did not learn to write; to choose "
                "among a subset of the model's labels, use processor.keep_labels(...)"),
@@ -131,6 +136,17 @@ def processor_labels_sha256(processor: Any) -> str:
     return kept["from"] if kept.get("kept") == own else own
 
 
+# Text whose tokens show how a tokenizer splits text (capitals, digits, hyphens, commas, quotes and the
+# description template's words), independent of a processor's labels (a subset kept with `keep_labels` tokenizes
+# the same): a tokenizer.json with other merges or a lowercasing normalizer keeps `get_vocab()` unchanged.
+TOKENIZATION_PROBE = (
+    'This is a CD14-positive, CD16-negative classical monocyte (CL:0000860), found in the blood of a 45-year-old '
+    'female donor with COVID-19. Its most active pathways are "Antigen Processing And Presentation Of Peptide '
+    'Antigen Via MHC Class II" and "Regulation Of T Cell Activation". Natural killer cell; B cell, CD19-positive; '
+    'alpha-beta T cell. Healthy adult male; 3 Hypoxia 10x Genomics ÀÉ üñ.'
+)
+
+
 def processor_sha256(processor: Any) -> dict[str, str]:
     """Checksums of what a processor gives the model besides its gene vocabulary and gene ranking, one per
     `PROCESSOR_PARTS` entry. Two models trained from one base LLM on one gene vocabulary (a pretrained Geneformer's)
@@ -141,6 +157,11 @@ def processor_sha256(processor: Any) -> dict[str, str]:
         "prompt": [processor.chat_template, processor.system_prompt, processor.user_prompt,
                    bool(processor.definitions_in_model_text)],
         "gene_symbols": sorted(processor.feature_extractor.symbol_to_gene.items()),
+        "text_tokenization": [processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+                              for text in (TOKENIZATION_PROBE, processor.system_prompt or "",
+                                                  processor.user_prompt or "")],
+        # as fitted to the gene encoder's positions (`fit_tokens_to_encoder`, run before any checksum is taken)
+        "gene_tokens_per_cell": int(processor.feature_extractor.model_input_size),
     }
     checksums = {name: hashlib.sha256(json.dumps(content).encode()).hexdigest() for name, content in parts.items()}
     return {**checksums, "labels": processor_labels_sha256(processor)}
@@ -213,8 +234,8 @@ def check_model_and_processor(config: Any, processor: Any, model_name: str = "th
                         "special tokens than the processor saved with the model: every cell's genes would be "
                         "ranked in another order)")
     saved_parts, parts = getattr(config, "processor_sha256", None) or {}, processor_sha256(processor)
-    if saved and recorded is None and not saved_with:
-        logger.warning("%s records no checksum of the gene vocabulary and ranking of the processor it was saved with "
+    if saved and (recorded is None or not saved_with):  # either missing: that part is not checked
+        logger.warning("%s records no checksum of the gene vocabulary or ranking of the processor it was saved with "
                        "(gene_vocabulary_sha256, gene_ranking_sha256 in config.json): a processor of another model "
                        "cannot be told apart. Use the processor saved with the model.", model_name)
     elif saved and "labels" not in saved_parts and (getattr(config, "_name_or_path", "") or model_name) not in (

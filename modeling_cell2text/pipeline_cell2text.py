@@ -27,8 +27,8 @@ from transformers import (AutoModelForCausalLM, GenerationConfig, GenerationMixi
                           LogitsProcessorList, Pipeline, StopStringCriteria)
 
 from .cell_inputs import anndata_matrix, check_gene_ids_in_var_order, empty_cells_error, format_cells
-from .compatibility import (check_labels, check_model_and_processor, gene_ranking_sha256, gene_vocabulary_sha256,
-                            processor_sha256, recorded_gene_vocabulary_sha256, saved_file)
+from .compatibility import (check_labels, check_model_and_processor, fit_tokens_to_encoder, gene_ranking_sha256,
+                            gene_vocabulary_sha256, processor_sha256, recorded_gene_vocabulary_sha256, saved_file)
 from .label_scoring import constrains, constrains_by_default
 from .modeling_cell2text import DESCRIPTION_MAX_NEW_TOKENS, foreign_weight_files
 from .rank_value import as_csr
@@ -374,6 +374,7 @@ class Cell2TextPipeline(Pipeline):
         if getattr(self.model.config, "gene_ranking_sha256", None) is None:
             self.model.config.gene_ranking_sha256 = gene_ranking_sha256(self.processor.feature_extractor)
         if getattr(self.model.config, "processor_sha256", None) is None:  # labels only for a model composed here
+            fit_tokens_to_encoder(self.model.config.gene_encoder_config, self.processor.feature_extractor)
             checksums = processor_sha256(self.processor)
             if getattr(self.model, "name_or_path", ""):  # loaded, from a folder that recorded none of them
                 checksums.pop("labels")

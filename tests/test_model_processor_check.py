@@ -389,4 +389,45 @@ def test_a_processor_writing_other_text_or_reading_symbols_otherwise_is_refused(
         config.pop(key) for key in ("gene_vocabulary_sha256", "gene_ranking_sha256", "processor_sha256")])
     with caplog.at_level("WARNING", logger="modeling_cell2text.compatibility"):
         Cell2TextProcessor.from_pretrained(bare)
-    assert "the model in " + str(bare) + " records no checksum of the gene vocabulary and ranking" in caplog.text
+    assert "the model in " + str(bare) + " records no checksum of the gene vocabulary or ranking" in caplog.text
+    caplog.clear()  # only the vocabulary checksum deleted (and two genes swapped): it was accepted without a word
+    no_vocabulary = edited_copy(tmp_path / "model", tmp_path / "no-vocabulary",
+                                edit_config=lambda config: config.pop("gene_vocabulary_sha256"))
+    with caplog.at_level("WARNING", logger="modeling_cell2text.compatibility"):
+        Cell2TextProcessor.from_pretrained(no_vocabulary)
+    assert "records no checksum of the gene vocabulary or ranking" in caplog.text
+
+
+def test_a_tokenizer_splitting_text_otherwise_or_other_tokens_per_cell_are_refused(tmp_path):
+    """The reviewer's findings: a tokenizer.json with a lowercasing normalizer or fewer merges keeps the vocabulary
+    (every cell then described as one type), and a processor whose model_input_size was edited (130 -> 512) kept
+    other numbers of genes per cell (3 of 16 demo cells changed type), each with exit 0."""
+    encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
+    processor = tiny_processor(lm_dir)
+    model = Cell2TextForConditionalGeneration.from_pretrained_parts(
+        encoder_dir, lm_dir, cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16)
+    save_model_folder(model, processor, tmp_path / "model")
+
+    def lowercasing(folder: Path) -> None:
+        content = json.loads((folder / "tokenizer.json").read_text())
+        content["normalizer"] = {"type": "Lowercase"}
+        (folder / "tokenizer.json").write_text(json.dumps(content))
+
+    def fewer_merges(folder: Path) -> None:
+        content = json.loads((folder / "tokenizer.json").read_text())
+        content["model"]["merges"] = content["model"]["merges"][: len(content["model"]["merges"]) // 3]
+        (folder / "tokenizer.json").write_text(json.dumps(content))
+
+    for name, edit in (("lower", lowercasing), ("merges", fewer_merges)):
+        edited = edited_copy(tmp_path / "model", tmp_path / name)
+        edit(edited)
+        with pytest.raises(ModelProcessorMismatchError, match=r"text_tokenization checksum: .*way of splitting text"):
+            Cell2TextProcessor.from_pretrained(edited)
+    fewer = edited_copy(tmp_path / "model", tmp_path / "fewer-genes", edit_processor=lambda config: config[
+        "feature_extractor"].update(model_input_size=config["feature_extractor"]["model_input_size"] - 3))
+    with pytest.raises(ModelProcessorMismatchError, match=r"gene_tokens_per_cell checksum: .*number of gene tokens"):
+        Cell2TextProcessor.from_pretrained(fewer)
+    more = edited_copy(tmp_path / "model", tmp_path / "more-genes", edit_processor=lambda config: config[
+        "feature_extractor"].update(model_input_size=100_000))  # fitted back to the encoder's positions: the same
+    assert Cell2TextProcessor.from_pretrained(more).feature_extractor.model_input_size == \
+        Cell2TextProcessor.from_pretrained(tmp_path / "model").feature_extractor.model_input_size
