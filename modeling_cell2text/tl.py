@@ -129,8 +129,9 @@ def load(
 
     A path or repo id is loaded with this package's classes, so no code from the folder runs, unless
     `trust_remote_code=True` (then the folder's `auto_map` code is used, as in transformers). An already loaded
-    model stays on its device and dtype when `device`/`dtype` are "auto", and is moved when they are named; its
-    processor is loaded from `model.name_or_path` unless given.
+    model stays on its device and dtype when `device`/`dtype` are "auto", and is moved to a named device (a named
+    dtype other than its own is refused: converting it would change the caller's weights); its processor is
+    loaded from `model.name_or_path` unless given.
     """
     target = resolve_device(device)
     if isinstance(model, torch.nn.Module):
@@ -141,8 +142,11 @@ def load(
             processor = load_processor(source, trust_remote_code)
         if device != "auto":
             model = model.to(target)
-        if dtype != "auto":
-            model = model.to(resolve_dtype(dtype, target))
+        if dtype != "auto" and resolve_dtype(dtype, target) != model.dtype:
+            # `.to` converts the caller's model in place: its float32 weights were lost to the next call and to
+            # a later save, without a word
+            raise ValueError(f"dtype={dtype!r} would convert the model you passed in place (it is {model.dtype}); "
+                             f"convert it yourself (model.to(torch.bfloat16), say), or pass its folder with dtype=")
         loaded_from = getattr(model, "name_or_path", "")
         check_model_and_processor(model.config, processor, loaded_from or "the model", saved=bool(loaded_from))
         return model.eval(), processor

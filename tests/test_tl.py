@@ -172,6 +172,20 @@ def test_device_and_dtype_auto(monkeypatch):
         tl.resolve_dtype("float8", torch.device("cpu"))
 
 
+def test_a_dtype_other_than_a_given_models_is_refused_not_converted_in_place(model_dirs):
+    """The reviewer's finding: tl.describe(adata, model, dtype="bfloat16") converted the caller's model in place
+    (the next call ran in bfloat16, its float32 weights lost to a later save)."""
+    from modeling_cell2text import Cell2TextForConditionalGeneration
+
+    model = Cell2TextForConditionalGeneration.from_pretrained(model_dirs["random"])
+    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"dtype='bfloat16' would convert the model you passed in place"):
+        describe(make_adata(2), model, dtype="bfloat16")
+    assert model.dtype == torch.float32 and all(torch.equal(weights[n], t) for n, t in model.state_dict().items())
+    describe(make_adata(2), model, dtype="float32")  # its own dtype: fine
+    describe(make_adata(2), model_dirs["random"], dtype="bfloat16")  # a folder is loaded in that dtype
+
+
 def test_folder_code_runs_only_with_trust_remote_code(model_dirs, tmp_path, monkeypatch):
     planted = tmp_path / "planted"
     shutil.copytree(model_dirs["trained"], planted)
