@@ -361,6 +361,11 @@ class Cell2TextPipeline(Pipeline):
             raise ValueError("save the folder locally, then upload it whole (python -m hub_cards.publish --model "
                              "FOLDER --repo ID, or huggingface_hub's upload_folder): push_to_hub here would push the "
                              "model before its processor and pipeline code are written.")
+        if getattr(self.model, "peft_config", None) or getattr(self.model, "_hf_peft_config_loaded", False):
+            # checked before anything is written: the adapter files and code were written, then config.json failed
+            raise ValueError("the model carries PEFT adapters, which a Cell2Text folder does not hold beside its "
+                             "weights: merge them first (a PeftModel: model = model.merge_and_unload()), or save "
+                             "the adapter alone with model.save_pretrained(...) and load it on this model's folder.")
         leftovers = foreign_weight_files(save_directory)
         if leftovers:
             raise FileExistsError(

@@ -431,3 +431,20 @@ def test_a_tokenizer_splitting_text_otherwise_or_other_tokens_per_cell_are_refus
         "feature_extractor"].update(model_input_size=100_000))  # fitted back to the encoder's positions: the same
     assert Cell2TextProcessor.from_pretrained(more).feature_extractor.model_input_size == \
         Cell2TextProcessor.from_pretrained(tmp_path / "model").feature_extractor.model_input_size
+
+
+def test_saving_a_model_with_peft_adapters_is_refused_before_writing(tmp_path):
+    """The reviewer's finding: save_model_folder on a PeftModel wrote the adapter files and the code, then failed
+    for want of config.json, leaving a partial folder."""
+    from peft import LoraConfig, get_peft_model
+
+    encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
+    processor = tiny_processor(lm_dir)
+    model = Cell2TextForConditionalGeneration.from_pretrained_parts(
+        encoder_dir, lm_dir, cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16)
+    adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"carries PEFT adapters.*merge_and_unload"):
+        save_model_folder(adapted, processor, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    save_model_folder(adapted.merge_and_unload(), processor, tmp_path / "merged")
+    assert (tmp_path / "merged" / "config.json").is_file()
