@@ -93,7 +93,13 @@ class DescribeOptions:
     cell_types: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
-        """`cell_types` checked and kept as a tuple of distinct strings (what ran is what is recorded)."""
+        """`constrained` checked (0 ran free while the cell_types check saw no False, "false" ran constrained) and
+        `cell_types` kept as a tuple of distinct strings (what ran is what is recorded)."""
+        if self.constrained is not None and not isinstance(self.constrained, (bool, np.bool_)):
+            raise ValueError(f"constrained must be True, False or None (the default: wherever the processor knows "
+                             f"cell-type labels), got {self.constrained!r}")
+        if self.constrained is not None:
+            object.__setattr__(self, "constrained", bool(self.constrained))
         if self.cell_types is None:
             return
         if isinstance(self.cell_types, (str, bytes)):

@@ -369,7 +369,10 @@ def describe_cells(
         cells, batch_size=options.batch_size, layer=options.layer, use_raw=options.use_raw,
         input_values=options.input_values, skip_empty_cells=options.skip_empty_cells,
         sort_by_length=options.sort_by_length, progress=options.progress, constrained=options.constrained,
-        generate_kwargs={"max_new_tokens": options.max_new_tokens, **compiled, **(options.generate_kwargs or {})},
+        # greedy as documented and recorded, whatever the folder's generation_config.json says (a do_sample there
+        # sampled while the record said greedy); the call's generate_kwargs may still ask to sample
+        generate_kwargs={"max_new_tokens": options.max_new_tokens, "do_sample": False, **compiled,
+                         **(options.generate_kwargs or {})},
     )
     if len(results) != cells.n_obs:
         raise RuntimeError(f"the pipeline returned {len(results)} results for {cells.n_obs} cells")

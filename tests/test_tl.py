@@ -186,6 +186,36 @@ def test_a_dtype_other_than_a_given_models_is_refused_not_converted_in_place(mod
     describe(make_adata(2), model_dirs["random"], dtype="bfloat16")  # a folder is loaded in that dtype
 
 
+def test_free_describing_is_greedy_whatever_the_folders_generation_config(model_dirs, tmp_path):
+    """The reviewer's finding: a generation_config.json with do_sample=true made tl.describe sample (two runs
+    differed) while its record said generate_kwargs {} (greedy, as documented)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "sampling"
+    shutil.copytree(model_dirs["random"], folder)
+    config_file = folder / "generation_config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    config_file.write_text(json.dumps({**config, "do_sample": True, "temperature": 1.5}))
+    runs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        adata = make_adata(3)
+        describe(adata, str(folder))
+        runs.append(list(adata.obs["cell2text_description"]))
+    assert runs[0] == runs[1]
+    adata = make_adata(3)
+    describe(adata, model_dirs["random"])
+    assert list(adata.obs["cell2text_description"]) == runs[0]  # as the folder without sampling
+
+
+@pytest.mark.parametrize("value", [0, 1, "false", "True"])
+def test_constrained_takes_true_false_or_none_only(model_dirs, value):
+    """The reviewer's finding: constrained=0 ran free (the cell_types check saw no False), "false" ran constrained."""
+    with pytest.raises(ValueError, match="constrained must be True, False or None"):
+        describe(make_adata(2), model_dirs["random"], constrained=value)
+
+
 def test_folder_code_runs_only_with_trust_remote_code(model_dirs, tmp_path, monkeypatch):
     planted = tmp_path / "planted"
     shutil.copytree(model_dirs["trained"], planted)
