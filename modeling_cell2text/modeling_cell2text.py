@@ -214,6 +214,18 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
                 f"The weights of {pretrained_model_name_or_path!s} could not be read: the safetensors file is "
                 f"truncated or corrupt ({err}). Download or save the model again."
             ) from err
+        except RuntimeError as err:  # a size in config.json (vocab_size, hidden_size) that the weights do not have
+            if "mismatched_sizes" not in str(err):
+                raise
+            _, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                              **{**kwargs, "ignore_mismatched_sizes": True})  # to name them
+            mismatched = [f"{key} {tuple(saved)} in the weights, {tuple(expected)} by config.json"
+                          for key, saved, expected in info.get("mismatched_keys", [])]
+            raise OSError(
+                f"The weights of {pretrained_model_name_or_path!s} do not match the sizes its config.json gives "
+                f"({len(mismatched)} tensors, e.g. {'; '.join(mismatched[:2])}). Restore the config.json saved with "
+                "these weights, or download or save the model again."
+            ) from err
         except OSError as err:
             pickled = [name for name in PICKLED_WEIGHTS if (Path(pretrained_model_name_or_path) / name).is_file()]
             if not (kwargs["use_safetensors"] and pickled):

@@ -215,6 +215,22 @@ def test_a_folder_with_a_peft_adapter_beside_the_weights_is_refused(tmp_path):
         Cell2TextForConditionalGeneration.from_pretrained(tmp_path / "model")
 
 
+def test_a_config_size_the_weights_do_not_have_is_one_error_naming_the_tensors(tmp_path):
+    """The reviewer's finding: text_config.vocab_size edited in config.json gave transformers' RuntimeError about
+    ignore_mismatched_sizes (a 31-line traceback in the CLI) naming no tensor and no fix."""
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "model")
+    config_file = tmp_path / "model" / "config.json"
+    config = json.loads(config_file.read_text())
+    rows = config["text_config"]["vocab_size"]
+    config["text_config"]["vocab_size"] = rows + 7
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(OSError, match=rf"do not match the sizes its config.json gives \(1 tensors, e.g. "
+                                      rf"model.language_model.embed_tokens.weight \({rows}, \d+\) in the weights, "
+                                      rf"\({rows + 7}, \d+\) by config.json\)"):
+        Cell2TextForConditionalGeneration.from_pretrained(tmp_path / "model")
+
+
 def test_from_pretrained_parts_loads_the_saved_weights(tmp_path):
     encoder_dir, lm_dir = save_tiny_parts(tmp_path, gene_vocab_size=64)
     model = Cell2TextForConditionalGeneration.from_pretrained_parts(
