@@ -266,8 +266,12 @@ class Cell2TextPipeline(Pipeline):
 
     def _check_one_sequence_per_cell(self, generate_kwargs: dict | None) -> None:
         """Refuse generation settings that return several sequences per cell (they would be zipped onto other
-        cells), whether they come from the call, the pipeline or the model's generation_config.json."""
+        cells), whether they come from the call, the pipeline or the model's generation_config.json, and a
+        `num_beams` that is no integer >= 1 (free describing failed on it deep in generate: 0 a ZeroDivisionError)."""
         settings = self._get_set_generation_params(self._prepare_generate_kwargs(dict(generate_kwargs or {})))
+        beams = settings.get("num_beams")
+        if beams is not None and (isinstance(beams, bool) or not isinstance(beams, (int, np.integer)) or beams < 1):
+            raise ValueError(f"num_beams must be an integer >= 1, got {beams!r}")
         sequences = settings.get("num_return_sequences")
         if sequences not in (None, 1):
             raise ValueError(
@@ -300,7 +304,7 @@ class Cell2TextPipeline(Pipeline):
                 raise ValueError("Schema-constrained describing chooses each label by its likelihood and does not "
                                  "sample: pass do_sample=False, or constrained=False to sample free text.")
             beams = settings.get("num_beams")  # checked by the decoder: an integer >= 1
-            decoder = self.schema_decoder(DEFAULT_NUM_BEAMS if beams is None else beams)
+            decoder = self.schema_decoder(DEFAULT_NUM_BEAMS if beams is None else int(beams))  # checked in __call__
             return {"schema": decoder.describe(self.model, model_inputs)}
         generate_kwargs = self._prepare_generate_kwargs(dict(generate_kwargs or {}))
         generate_kwargs.setdefault("tokenizer", self.processor.tokenizer)  # for stop_strings, as text generation

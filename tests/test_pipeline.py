@@ -244,6 +244,18 @@ def random_pipeline(random_dir) -> Cell2TextPipeline:
     return local_pipeline(random_dir)
 
 
+@pytest.mark.parametrize("constrained", [False, True])
+def test_num_beams_is_checked_in_both_modes(random_pipeline, constrained):
+    """The reviewer's finding: free describing took num_beams=0 to a ZeroDivisionError inside generate, and 2.0 to
+    a torch TypeError; constrained refused numpy's integers, which batch_size takes."""
+    counts = counts_of_varied_prompts()
+    for beams in (0, -1, 2.0, True, "2"):
+        with pytest.raises(ValueError, match=rf"num_beams must be an integer >= 1, got {re.escape(repr(beams))}"):
+            random_pipeline(counts, gene_ids=GENES, max_new_tokens=2, num_beams=beams, constrained=constrained)
+    assert len(random_pipeline(counts, gene_ids=GENES, max_new_tokens=2, num_beams=np.int64(2),
+                               constrained=constrained)) == len(counts)
+
+
 def test_several_sequences_per_cell_are_refused(random_pipeline, random_dir):
     counts = counts_of_varied_prompts()
     with pytest.raises(ValueError, match=r"num_return_sequences=2 .*one description per cell"):
