@@ -375,7 +375,7 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
                 "input_values='normalized' for normalised data or input_values='log1p' for log1p of normalised data "
                 "(e.g. scanpy's normalize_total + log1p), or round counts with float noise"
             )
-        if largest >= MAX_COUNT:
+        if float(largest) >= MAX_COUNT:
             raise ValueError(
                 f"input_values='counts' but a value is {float(largest):.6g} ({where}): no gene has 2**31 or more counts "
                 "in one cell; pass the raw count matrix (e.g. adata.raw or a counts layer)"
@@ -405,7 +405,7 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
             if base is not None:
                 raise ValueError(_OTHER_BASE_ERROR.format(declared="log1p", base=base, where=where))
         return
-    if largest >= MAX_COUNT:
+    if float(largest) >= MAX_COUNT:
         raise ValueError(
             f"input_values='normalized' but a value is {float(largest):.6g} ({where}): normalised expression is far "
             "below 2**31 (CPM is at most 10**6); pass the normalised matrix, or input_values='counts' for raw counts"
