@@ -10,6 +10,7 @@ only numpy, scipy and its siblings.
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,8 +59,10 @@ def check_gene_ids_in_var_order(
     """Refuse `gene_ids` given with an AnnData that name its genes (its var index or a text column of var) in
     another order: the values of one gene would be read as another's. Names are compared as the genes they name
     (as `match_genes` reads them: Ensembl ids without version or case, symbols through `symbol_to_gene`), so ids
-    with a version suffix, in lower case, or symbols for a var of Ensembl ids are checked too (they were taken in
-    any order). Names that name no known gene in either list cannot be checked and are taken in var's order."""
+    with a version suffix, in lower case, or symbols for a var of Ensembl ids are checked too, and a naming is
+    checked on the genes both name (one gene without a mapping let a whole reordered list through). A naming that
+    holds fewer than half of the given genes (another text column) is not one of them; gene ids that follow any
+    naming's order are taken."""
     symbol_to_gene = symbol_to_gene or {}
 
     def genes(names: Sequence[Any]) -> list[str]:
@@ -69,14 +72,23 @@ def check_gene_ids_in_var_order(
     named = {"index": genes(var.index)}
     named.update({column: genes(var[column].values) for column in var.columns
                   if var[column].dtype == object or str(var[column].dtype) in ("category", "string", "str")})
-    if any(given == names for names in named.values()):
-        return
+    reordered = []
     for column, names in named.items():
-        if sorted(given) == sorted(names):
-            raise ValueError(
-                f"gene_ids name the genes of {where} ({column}) in another order: the values of one gene would be "
-                "read as another's. Leave gene_ids out (the genes are read from var), or pass them in var's order."
-            )
+        if len(names) != len(given):
+            continue
+        counts = Counter(names)
+        position = {name: j for j, name in enumerate(names) if counts[name] == 1}
+        shared = [(i, position[gene]) for i, gene in enumerate(given) if gene in position]
+        if 2 * len(shared) < len(given):
+            continue
+        if all(i == j for i, j in shared):
+            return  # in this naming's order
+        reordered.append(column)
+    if reordered:
+        raise ValueError(
+            f"gene_ids name the genes of {where} ({reordered[0]}) in another order: the values of one gene would be "
+            "read as another's. Leave gene_ids out (the genes are read from var), or pass them in var's order."
+        )
 
 
 def resolve_input(

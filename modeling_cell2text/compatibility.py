@@ -136,15 +136,28 @@ def processor_labels_sha256(processor: Any) -> str:
     return kept["from"] if kept.get("kept") == own else own
 
 
-# Text whose tokens show how a tokenizer splits text (capitals, digits, hyphens, commas, quotes and the
-# description template's words), independent of a processor's labels (a subset kept with `keep_labels` tokenizes
-# the same): a tokenizer.json with other merges or a lowercasing normalizer keeps `get_vocab()` unchanged.
+# Text whose tokens show how a tokenizer splits text (capitals, digits, hyphens, commas, quotes; with
+# `tokenization_probes`, a description rendered by the template), independent of a processor's labels (a subset
+# kept with `keep_labels` tokenizes the same): a tokenizer.json with other merges or a lowercasing normalizer keeps
+# `get_vocab()` unchanged.
 TOKENIZATION_PROBE = (
     'This is a CD14-positive, CD16-negative classical monocyte (CL:0000860), found in the blood of a 45-year-old '
     'female donor with COVID-19. Its most active pathways are "Antigen Processing And Presentation Of Peptide '
     'Antigen Via MHC Class II" and "Regulation Of T Cell Activation". Natural killer cell; B cell, CD19-positive; '
     'alpha-beta T cell. Healthy adult male; 3 Hypoxia 10x Genomics ÀÉ üñ.'
 )
+
+
+def tokenization_probes(processor: Any) -> list[str]:
+    """The texts whose token ids `processor_sha256` records: `TOKENIZATION_PROBE`, a description the template
+    renders (its words: one removed merge changed "consists" and passed the probe alone), and the prompts."""
+    from .description_schema import AGE_GROUPS, CellDescription, render_description
+
+    rendered = render_description(CellDescription(
+        cell_type="CD14-positive monocyte", cell_type_definition="A monocyte that expresses CD14 and is CD16-negative.",
+        tissue="blood", sex="female", disease="COVID-19", age_group=AGE_GROUPS[-1],
+        pathways=("Antigen Processing And Presentation", "Regulation Of T Cell Activation")))
+    return [TOKENIZATION_PROBE, rendered, processor.system_prompt or "", processor.user_prompt or ""]
 
 
 def processor_sha256(processor: Any) -> dict[str, str]:
@@ -158,8 +171,7 @@ def processor_sha256(processor: Any) -> dict[str, str]:
                    bool(processor.definitions_in_model_text)],
         "gene_symbols": sorted(processor.feature_extractor.symbol_to_gene.items()),
         "text_tokenization": [processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-                              for text in (TOKENIZATION_PROBE, processor.system_prompt or "",
-                                                  processor.user_prompt or "")],
+                              for text in tokenization_probes(processor)],
         # as fitted to the gene encoder's positions (`fit_tokens_to_encoder`, run before any checksum is taken)
         "gene_tokens_per_cell": int(processor.feature_extractor.model_input_size),
     }

@@ -422,6 +422,13 @@ def test_symbols_naming_a_var_of_ensembl_ids_in_another_order_are_refused():
     check_gene_ids_in_var_order(["CD4", "CD8A", "CD19"], var, "adata.var", symbols)  # var's order: taken
     with pytest.raises(ValueError, match=r"adata\.var \(index\) in another order"):
         check_gene_ids_in_var_order(["CD8A", "CD4", "CD19"], var, "adata.var", symbols)
+    # one gene without a mapping (the second reader's finding: it let the whole reordered list through)
+    var = pd.DataFrame(index=["ENSG00000010610", "ENSG00000153563", "ENSG00000177455", "ENSG00000230368"])
+    check_gene_ids_in_var_order(["CD4", "CD8A", "CD19", "FAM41C"], var, "adata.var", symbols)
+    with pytest.raises(ValueError, match=r"adata\.var \(index\) in another order"):
+        check_gene_ids_in_var_order(["CD8A", "CD4", "CD19", "FAM41C"], var, "adata.var", symbols)
+    var["feature_type"] = ["Gene Expression"] * 4  # a text column naming no gene: not a naming of them
+    check_gene_ids_in_var_order(["CD4", "CD8A", "CD19", "FAM41C"], var, "adata.var", symbols)
 
 
 def test_cell_types_narrow_the_labels_of_this_call_only(tmp_path):
