@@ -241,9 +241,10 @@ def check_key_free(adata: Any, key_added: str, function: str) -> None:
             if function == "describe" else [])
         if held:
             raise ValueError(f"key_added {key_added!r}: {', '.join(held[:3])}{' ...' if len(held) > 3 else ''} "
-                             f"holds what no Cell2Text run wrote, which this run of {function} would replace. Pass "
-                             "another key_added (the defaults: 'cell2text' for describe, 'X_cell2text' for embed), "
-                             "or delete those entries first.")
+                             f"holds results without a Cell2Text record in adata.uns[{key_added!r}] (another "
+                             f"tool's, or a record dropped, as ad.concat drops uns), which this run of {function} "
+                             "would replace. Pass another key_added (the defaults: 'cell2text' for describe, "
+                             "'X_cell2text' for embed), or delete those entries first.")
         return
     written_by = record.get("function") or ("embed" if "pooling" in record.get("params", {}) else "describe")
     if written_by != function:

@@ -150,6 +150,10 @@ def test_a_model_fine_tuned_with_init_from_records_every_corpus_it_trained_on(mo
     earlier = _corpus_copy(corpus_dir, tmp_path / "earlier", summary=lambda s: s.update(fingerprints=first))
     with pytest.raises(ValueError, match="trained on it before being fine-tuned on that one"):
         check_corpus_fits_model(earlier, model.config, processor)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="training.evaluation.evaluate"):
+        check_corpus_fits_model(earlier, model.config, processor, other_corpus=True)
+    assert "other_corpus (--other-corpus) was given, but the model was trained on the corpus" in caplog.text
 
 
 def test_a_corpus_ranked_with_other_gene_medians_is_refused(model_and_corpus, tmp_path):

@@ -382,7 +382,7 @@ def test_key_added_naming_another_tools_results_is_refused(model_dirs, monkeypat
     for function, key, held in ((describe, "neighbors", r"adata\.uns\['neighbors'\]"),
                                 (tl.embed, "X_pca", r"adata\.obsm\['X_pca'\]"),
                                 (describe, "mine", r"adata\.obs\['mine_cell_type'\]")):
-        with pytest.raises(ValueError, match=held + " holds what no Cell2Text run wrote"):
+        with pytest.raises(ValueError, match=held + r" holds results without a Cell2Text record in adata\.uns"):
             function(adata, model_dirs["random"], key_added=key)
     assert adata.uns["neighbors"] == {"params": {"method": "umap"}} and not adata.obsm["X_pca"].any()
 
