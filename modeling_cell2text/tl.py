@@ -98,7 +98,11 @@ def check_model_path(model: str | os.PathLike) -> None:
         return
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"model {model}: no config.json; point it at a saved Cell2Text model folder")
+        adapter = (folder / "adapter_config.json").is_file()
+        raise ValueError(f"model {model}: no config.json; point it at a saved Cell2Text model folder" + (
+            " (this is a PEFT adapter: load its base model, model.load_adapter(folder) or peft's "
+            "PeftModel.from_pretrained(model, folder), merge it with merge_and_unload(), and pass the model with its "
+            "processor)" if adapter else ""))
     try:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:

@@ -216,6 +216,17 @@ def test_constrained_takes_true_false_or_none_only(model_dirs, value):
         describe(make_adata(2), model_dirs["random"], constrained=value)
 
 
+def test_an_adapter_folder_given_as_the_model_says_how_to_load_it(tmp_path):
+    """The reviewer's finding: it said only "no config.json"."""
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"no config.json.*this is a PEFT adapter: load its base model"):
+        tl.check_model_path(tmp_path / "adapter")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"no config.json; point it at a saved Cell2Text model folder$"):
+        tl.check_model_path(tmp_path / "empty")
+
+
 def test_folder_code_runs_only_with_trust_remote_code(model_dirs, tmp_path, monkeypatch):
     planted = tmp_path / "planted"
     shutil.copytree(model_dirs["trained"], planted)
