@@ -59,36 +59,39 @@ def check_gene_ids_in_var_order(
     """Refuse `gene_ids` given with an AnnData that name its genes (its var index or a text column of var) in
     another order: the values of one gene would be read as another's. Names are compared as the genes they name
     (as `match_genes` reads them: Ensembl ids without version or case, symbols through `symbol_to_gene`), so ids
-    with a version suffix, in lower case, or symbols for a var of Ensembl ids are checked too, and a naming is
-    checked on the genes both name (one gene without a mapping let a whole reordered list through). A naming that
-    holds fewer than half of the given genes (another text column) is not one of them; gene ids that follow any
-    naming's order are taken."""
+    with a version suffix, in lower case, or symbols for a var of Ensembl ids are checked too.
+
+    Taken: gene ids equal to one naming at every position. Refused: any naming that holds at least half of the
+    given genes that name a gene (another text column holds few) with one of them at another position. So one gene
+    without a mapping, a column with gaps agreeing on the genes it names, or a vocabulary smaller than var (half of
+    var's symbols unmapped) no longer let a reordered list through. Names naming no known gene are compared as
+    written."""
     symbol_to_gene = symbol_to_gene or {}
 
-    def genes(names: Sequence[Any]) -> list[str]:
-        return [ensembl_gene_id(name) or symbol_to_gene.get(str(name).strip()) or str(name).strip() for name in names]
+    def gene(name: Any) -> tuple[str, bool]:  # (the gene a name names, whether it names a known gene)
+        text = str(name).strip()
+        known = ensembl_gene_id(text) or symbol_to_gene.get(text)
+        return (known, True) if known else (text, False)
 
-    given = genes(gene_ids)
-    named = {"index": genes(var.index)}
-    named.update({column: genes(var[column].values) for column in var.columns
+    given = [gene(name) for name in gene_ids]
+    named = {"index": [gene(name)[0] for name in var.index]}
+    named.update({column: [gene(name)[0] for name in var[column].values] for column in var.columns
                   if var[column].dtype == object or str(var[column].dtype) in ("category", "string", "str")})
-    reordered = []
+    genes = [name for name, _ in given]
+    if any(genes == names for names in named.values()):
+        return  # in one naming's order
+    resolved = sum(known for _, known in given) or len(given)
     for column, names in named.items():
-        if len(names) != len(given):
+        if len(names) != len(genes):
             continue
         counts = Counter(names)
         position = {name: j for j, name in enumerate(names) if counts[name] == 1}
-        shared = [(i, position[gene]) for i, gene in enumerate(given) if gene in position]
-        if 2 * len(shared) < len(given):
-            continue
-        if all(i == j for i, j in shared):
-            return  # in this naming's order
-        reordered.append(column)
-    if reordered:
-        raise ValueError(
-            f"gene_ids name the genes of {where} ({reordered[0]}) in another order: the values of one gene would be "
-            "read as another's. Leave gene_ids out (the genes are read from var), or pass them in var's order."
-        )
+        shared = [(i, position[name]) for i, name in enumerate(genes) if name in position]
+        if 2 * len(shared) >= resolved and any(i != j for i, j in shared):
+            raise ValueError(
+                f"gene_ids name the genes of {where} ({column}) in another order: the values of one gene would be "
+                "read as another's. Leave gene_ids out (the genes are read from var), or pass them in var's order."
+            )
 
 
 def resolve_input(

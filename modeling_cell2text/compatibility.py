@@ -111,6 +111,8 @@ PROCESSOR_PARTS = {
     "text_tokenization": ("way of splitting text into tokens (the tokenizer's merges, normalizer or pre-tokenizer; "
                           "the vocabulary alone can be the same): the prompt and labels would be read as other "
                           "tokens"),
+    "description_tokenization": ("tokens of a description the template writes (the tokenizer splits its words "
+                                 "otherwise, or the description template changed since the model was saved)"),
     "gene_tokens_per_cell": ("number of gene tokens per cell (feature extractor model_input_size, up to the gene "
                              "encoder's positions): cells would keep another number of their top-ranked genes"),
     "labels": ("set of labels (cell types, tissues, ... with their ontology ids and definitions, pathways, age "
@@ -137,9 +139,9 @@ def processor_labels_sha256(processor: Any) -> str:
 
 
 # Text whose tokens show how a tokenizer splits text (capitals, digits, hyphens, commas, quotes; with
-# `tokenization_probes`, a description rendered by the template), independent of a processor's labels (a subset
-# kept with `keep_labels` tokenizes the same): a tokenizer.json with other merges or a lowercasing normalizer keeps
-# `get_vocab()` unchanged.
+# `probe_description`, the template's words), independent of a processor's labels (a subset kept with
+# `keep_labels` tokenizes the same): a tokenizer.json with other merges or a lowercasing normalizer keeps
+# `get_vocab()` unchanged. Merges only a label's words use are not covered.
 TOKENIZATION_PROBE = (
     'This is a CD14-positive, CD16-negative classical monocyte (CL:0000860), found in the blood of a 45-year-old '
     'female donor with COVID-19. Its most active pathways are "Antigen Processing And Presentation Of Peptide '
@@ -148,16 +150,15 @@ TOKENIZATION_PROBE = (
 )
 
 
-def tokenization_probes(processor: Any) -> list[str]:
-    """The texts whose token ids `processor_sha256` records: `TOKENIZATION_PROBE`, a description the template
-    renders (its words: one removed merge changed "consists" and passed the probe alone), and the prompts."""
+def probe_description() -> str:
+    """A description the template renders, whose token ids `processor_sha256` records (`description_tokenization`):
+    its words ("consists", "originates") are in no probe text (one removed merge passed the probe alone)."""
     from .description_schema import AGE_GROUPS, CellDescription, render_description
 
-    rendered = render_description(CellDescription(
+    return render_description(CellDescription(
         cell_type="CD14-positive monocyte", cell_type_definition="A monocyte that expresses CD14 and is CD16-negative.",
         tissue="blood", sex="female", disease="COVID-19", age_group=AGE_GROUPS[-1],
         pathways=("Antigen Processing And Presentation", "Regulation Of T Cell Activation")))
-    return [TOKENIZATION_PROBE, rendered, processor.system_prompt or "", processor.user_prompt or ""]
 
 
 def processor_sha256(processor: Any) -> dict[str, str]:
@@ -171,7 +172,10 @@ def processor_sha256(processor: Any) -> dict[str, str]:
                    bool(processor.definitions_in_model_text)],
         "gene_symbols": sorted(processor.feature_extractor.symbol_to_gene.items()),
         "text_tokenization": [processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-                              for text in tokenization_probes(processor)],
+                              for text in (TOKENIZATION_PROBE, processor.system_prompt or "",
+                                           processor.user_prompt or "")],
+        # a part of its own: folders saved with text_tokenization alone keep loading
+        "description_tokenization": processor.tokenizer(probe_description(), add_special_tokens=False)["input_ids"],
         # as fitted to the gene encoder's positions (`fit_tokens_to_encoder`, run before any checksum is taken)
         "gene_tokens_per_cell": int(processor.feature_extractor.model_input_size),
     }

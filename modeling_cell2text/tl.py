@@ -244,7 +244,9 @@ def check_key_free(adata: Any, key_added: str, function: str) -> None:
             [f"adata.obs[{name!r}]" for name in described_columns(key_added) if name in adata.obs]
             if function == "describe" else [])
         if held:
-            raise ValueError(f"key_added {key_added!r}: {', '.join(held[:3])}{' ...' if len(held) > 3 else ''} "
+            listed = ", ".join(held[:3]) + (f" (and {len(held) - 3} more obs columns starting with '{key_added}_')"
+                                            if len(held) > 3 else "")
+            raise ValueError(f"key_added {key_added!r}: {listed} "
                              f"holds results without a Cell2Text record in adata.uns[{key_added!r}] (another "
                              f"tool's, or a record dropped, as ad.concat drops uns), which this run of {function} "
                              "would replace. Pass another key_added (the defaults: 'cell2text' for describe, "

@@ -154,6 +154,10 @@ def test_a_model_fine_tuned_with_init_from_records_every_corpus_it_trained_on(mo
     with caplog.at_level("WARNING", logger="training.evaluation.evaluate"):
         check_corpus_fits_model(earlier, model.config, processor, other_corpus=True)
     assert "other_corpus (--other-corpus) was given, but the model was trained on the corpus" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="training.evaluation.evaluate"):
+        check_corpus_fits_model(last, model.config, processor, other_corpus=True)  # the last one: nothing to say
+    assert "other_corpus" not in caplog.text
 
 
 def test_a_corpus_ranked_with_other_gene_medians_is_refused(model_and_corpus, tmp_path):

@@ -423,6 +423,10 @@ def test_a_tokenizer_splitting_text_otherwise_or_other_tokens_per_cell_are_refus
         edit(edited)
         with pytest.raises(ModelProcessorMismatchError, match=r"text_tokenization checksum: .*way of splitting text"):
             Cell2TextProcessor.from_pretrained(edited)
+    # a folder saved before description_tokenization was recorded: its other parts are checked, it loads
+    older = edited_copy(tmp_path / "model", tmp_path / "older", edit_config=lambda config: config[
+        "processor_sha256"].pop("description_tokenization"))
+    assert Cell2TextProcessor.from_pretrained(older)
     fewer = edited_copy(tmp_path / "model", tmp_path / "fewer-genes", edit_processor=lambda config: config[
         "feature_extractor"].update(model_input_size=config["feature_extractor"]["model_input_size"] - 3))
     with pytest.raises(ModelProcessorMismatchError, match=r"gene_tokens_per_cell checksum: .*number of gene tokens"):

@@ -440,6 +440,18 @@ def test_symbols_naming_a_var_of_ensembl_ids_in_another_order_are_refused():
         check_gene_ids_in_var_order(["CD8A", "CD4", "CD19", "FAM41C"], var, "adata.var", symbols)
     var["feature_type"] = ["Gene Expression"] * 4  # a text column naming no gene: not a naming of them
     check_gene_ids_in_var_order(["CD4", "CD8A", "CD19", "FAM41C"], var, "adata.var", symbols)
+    # the third reader's findings: a column with gaps at the moved genes agreed with the reordered list, and a
+    # vocabulary naming under half of var's genes (symbols of the others unmapped) turned the check off
+    var["feature_name"] = [None, None, "CD19", "FAM41C"]
+    with pytest.raises(ValueError, match=r"adata\.var \(index\) in another order"):
+        check_gene_ids_in_var_order(["CD8A", "CD4", "CD19", "FAM41C"], var, "adata.var", symbols)
+    ids = [f"ENSG{i:011d}" for i in range(1, 11)]
+    var = pd.DataFrame(index=ids)
+    few = {f"S{i}": ids[i] for i in range(4)}  # 4 of 10 genes in the vocabulary
+    names = [f"S{i}" for i in range(10)]
+    check_gene_ids_in_var_order(names, var, "adata.var", few)
+    with pytest.raises(ValueError, match=r"adata\.var \(index\) in another order"):
+        check_gene_ids_in_var_order(names[::-1], var, "adata.var", few)
 
 
 def test_cell_types_narrow_the_labels_of_this_call_only(tmp_path):

@@ -417,9 +417,10 @@ def check_corpus_fits_model(corpus_dir: str | Path, model_config, processor, oth
             + "Evaluate on the corpus the model was trained on last; if this corpus's cells are known to be new to "
             "the model (another dataset), pass --other-corpus (other_corpus=True)."
         )
-    if other_corpus and fingerprints is not None and (fingerprints == trained_on or fingerprints in earlier):
-        logger.warning("other_corpus (--other-corpus) was given, but the model was trained on the corpus %s: its "
-                       "test cells are new to the model only if no later training corpus holds them.", corpus_dir)
+    if other_corpus and fingerprints is not None and fingerprints != trained_on and fingerprints in earlier:
+        logger.warning("other_corpus (--other-corpus) was given, but the model was trained on the corpus %s before "
+                       "being fine-tuned on another (init_from): its test cells are new to the model only if that "
+                       "later corpus does not hold them.", corpus_dir)
     elif earlier and not other_corpus:
         logger.warning("The model was trained on %d other corpora before this one (init_from: %s); where they share "
                        "cells with it, its test cells may be training cells.", len(earlier), earlier[:3])
