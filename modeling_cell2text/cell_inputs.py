@@ -62,16 +62,17 @@ def check_gene_ids_in_var_order(
     with a version suffix, in lower case, or symbols for a var of Ensembl ids are checked too.
 
     Taken: gene ids equal to one naming at every position. Refused: any naming that holds at least half of the
-    given genes that name a gene (another text column holds few) with one of them at another position. So one gene
-    without a mapping, a column with gaps agreeing on the genes it names, or a vocabulary smaller than var (half of
-    var's symbols unmapped) no longer let a reordered list through. Names naming no known gene are compared as
-    written."""
+    given genes that name a vocabulary gene (another text column holds few) with one of them at another position.
+    So one gene without a mapping, a column with gaps agreeing on the genes it names, or a vocabulary smaller than
+    var (its symbols mostly unmapped) no longer let a reordered list through. Names naming no known gene are
+    compared as written; a name given twice (10x features with repeated symbols) places no gene."""
     symbol_to_gene = symbol_to_gene or {}
+    vocabulary = set(symbol_to_gene.values())
 
-    def gene(name: Any) -> tuple[str, bool]:  # (the gene a name names, whether it names a known gene)
+    def gene(name: Any) -> tuple[str, bool]:  # (the gene a name names, whether it names a vocabulary gene)
         text = str(name).strip()
         known = ensembl_gene_id(text) or symbol_to_gene.get(text)
-        return (known, True) if known else (text, False)
+        return (known, known in vocabulary or not vocabulary) if known else (text, False)
 
     given = [gene(name) for name in gene_ids]
     named = {"index": [gene(name)[0] for name in var.index]}
@@ -81,12 +82,14 @@ def check_gene_ids_in_var_order(
     if any(genes == names for names in named.values()):
         return  # in one naming's order
     resolved = sum(known for _, known in given) or len(given)
+    given_counts = Counter(genes)
     for column, names in named.items():
         if len(names) != len(genes):
             continue
         counts = Counter(names)
         position = {name: j for j, name in enumerate(names) if counts[name] == 1}
-        shared = [(i, position[name]) for i, name in enumerate(genes) if name in position]
+        shared = [(i, position[name]) for i, name in enumerate(genes)
+                  if name in position and given_counts[name] == 1]  # a name given twice (10x symbols) places none
         if 2 * len(shared) >= resolved and any(i != j for i, j in shared):
             raise ValueError(
                 f"gene_ids name the genes of {where} ({column}) in another order: the values of one gene would be "

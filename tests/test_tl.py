@@ -452,6 +452,14 @@ def test_symbols_naming_a_var_of_ensembl_ids_in_another_order_are_refused():
     check_gene_ids_in_var_order(names, var, "adata.var", few)
     with pytest.raises(ValueError, match=r"adata\.var \(index\) in another order"):
         check_gene_ids_in_var_order(names[::-1], var, "adata.var", few)
+    # the fourth reader's: Ensembl ids given for a var of symbols, a vocabulary naming under half of them
+    symbol_var = pd.DataFrame(index=names)
+    check_gene_ids_in_var_order(ids, symbol_var, "adata.var", few)
+    with pytest.raises(ValueError, match=r"adata\.var \(index\) in another order"):
+        check_gene_ids_in_var_order(ids[1:2] + ids[:1] + ids[2:], symbol_var, "adata.var", few)
+    # 10x features: a symbol given twice, var's index made unique; in var's order, taken
+    tenx = pd.DataFrame({"gene_ids": ids}, index=names[:8] + ["Y_RNA", "Y_RNA-1"])
+    check_gene_ids_in_var_order(names[:8] + ["Y_RNA", "Y_RNA"], tenx, "adata.var", few)
 
 
 def test_cell_types_narrow_the_labels_of_this_call_only(tmp_path):
