@@ -50,6 +50,15 @@ def edited_copy(folder: Path, target: Path, edit_processor=None, edit_config=Non
     return target
 
 
+def composed_model(tmp_path: Path) -> tuple[Cell2TextForConditionalGeneration, Cell2TextProcessor]:
+    """A tiny model composed from its parts in memory, with its processor (not saved)."""
+    encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
+    processor = tiny_processor(lm_dir)
+    model = Cell2TextForConditionalGeneration.from_pretrained_parts(
+        encoder_dir, lm_dir, cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16)
+    return model, processor
+
+
 def gene_token_ids(processor_config: dict) -> dict:
     return processor_config["feature_extractor"]["gene_token_ids"]
 
@@ -189,10 +198,7 @@ def test_saving_into_a_folder_holding_adapter_or_pickle_files_is_refused(compose
 def test_a_processor_ranking_genes_otherwise_is_refused(tmp_path):
     """The QA finding: another processor with the same gene vocabulary but other gene medians (or no <cls>/<eos>)
     was accepted, every cell's genes ranked in another order."""
-    encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
-    processor = tiny_processor(lm_dir)
-    model = Cell2TextForConditionalGeneration.from_pretrained_parts(
-        encoder_dir, lm_dir, cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16)
+    model, processor = composed_model(tmp_path)
     save_model_folder(model, processor, tmp_path / "model")
 
     def double_a_median(processor_config: dict) -> None:
@@ -402,10 +408,7 @@ def test_a_tokenizer_splitting_text_otherwise_or_other_tokens_per_cell_are_refus
     """The reviewer's findings: a tokenizer.json with a lowercasing normalizer or fewer merges keeps the vocabulary
     (every cell then described as one type), and a processor whose model_input_size was edited (130 -> 512) kept
     other numbers of genes per cell (3 of 16 demo cells changed type), each with exit 0."""
-    encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
-    processor = tiny_processor(lm_dir)
-    model = Cell2TextForConditionalGeneration.from_pretrained_parts(
-        encoder_dir, lm_dir, cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16)
+    model, processor = composed_model(tmp_path)
     save_model_folder(model, processor, tmp_path / "model")
 
     def lowercasing(folder: Path) -> None:
@@ -442,10 +445,7 @@ def test_saving_a_model_with_peft_adapters_is_refused_before_writing(tmp_path):
     for want of config.json, leaving a partial folder."""
     from peft import LoraConfig, get_peft_model
 
-    encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
-    processor = tiny_processor(lm_dir)
-    model = Cell2TextForConditionalGeneration.from_pretrained_parts(
-        encoder_dir, lm_dir, cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16)
+    model, processor = composed_model(tmp_path)
     adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"carries PEFT adapters.*merge_and_unload"):
         save_model_folder(adapted, processor, tmp_path / "out")
