@@ -482,13 +482,9 @@ def check_value_aware_corpus(args: Cell2TextArguments, feature_extractor) -> Non
             "processing.build_corpus), or pass --encoder_candidate_inputs rank.")
 
 
-def corpus_record(args: Cell2TextArguments, corpus: DatasetDict, summary: dict) -> dict:
-    """Which cells a run trains on: the corpus content (the build's fingerprints, else datasets' fingerprints of the
-    splits) and the caps on its splits, where set."""
-    caps = {name: value for name, value in (("max_train_samples", args.max_train_samples),
-                                             ("max_eval_samples", args.max_eval_samples)) if value is not None}
-    return {"corpus_fingerprints": summary.get("fingerprints") or {split: corpus[split]._fingerprint for split in corpus},
-            **caps}
+def corpus_fingerprints(corpus: DatasetDict, summary: dict) -> dict:
+    """Which cells a run trains on: the build's fingerprints, else datasets' fingerprints of the splits."""
+    return summary.get("fingerprints") or {split: corpus[split]._fingerprint for split in corpus}
 
 
 def encoder_preparation(args: Cell2TextArguments, training_args: SFTConfig, corpus: DatasetDict,
@@ -496,8 +492,11 @@ def encoder_preparation(args: Cell2TextArguments, training_args: SFTConfig, corp
     """What an encoder prepared on the corpus is prepared for (`EncoderSelection.prepared_for`): the corpus content
     (the build's fingerprints, else datasets' fingerprints of the splits), the caps on its splits and the settings;
     an encoder prepared for anything else is prepared again, not reused."""
+    caps = {name: value for name, value in (("max_train_samples", args.max_train_samples),
+                                             ("max_eval_samples", args.max_eval_samples)) if value is not None}
     return {
-        **corpus_record(args, corpus, summary),  # caps only where set: an encoder prepared before they were recorded
+        "corpus_fingerprints": corpus_fingerprints(corpus, summary),
+        **caps,  # only where set: an encoder prepared without caps before they were recorded is still reused
         "candidates": [asdict(c) for c in encoder_candidates(args)],
         "epochs": args.encoder_epochs, "num_cell_tokens": args.num_cell_tokens, "seed": training_args.seed,
         "feature_layer": FEATURE_LAYER,  # an encoder prepared before its config recorded this is prepared again
@@ -665,7 +664,7 @@ def resumed_checkpoint(checkpoint: str | bool | None, output_dir: str) -> Path |
 def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -> None:
     """Refuse to resume from a checkpoint trained with another gene encoder or LoRA settings (`trained_with`): its
     projector and adapters fit those, and would silently train on, or fail to load into, others; or on another
-    corpus or caps (`corpus_record`): the final model would record only the second corpus, so evaluation's check
+    corpus or max_train_samples (`corpus_fingerprints`): the final model would record only the second corpus, so evaluation's check
     that the test cells are not its training cells passed on a corpus it had partly trained on. A setting the
     checkpoint does not record (saved before it was recorded) is not checked. `checkpoint` True is the Trainer's:
     the last checkpoint in `output_dir`."""
@@ -804,7 +803,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     modules_to_save = ["multi_modal_projector"] + ([] if model.config.freeze_gene_encoder else ["gene_encoder"])
     peft_config = args.lora_config(language_model_lora_targets(model), modules_to_save)
     record = {**trained_with(model, peft_config), "max_train_samples": args.max_train_samples,  # None too
-              "corpus_fingerprints": corpus_record(args, corpus, summary)["corpus_fingerprints"]}
+              "corpus_fingerprints": corpus_fingerprints(corpus, summary)}
     check_resume(training_args.resume_from_checkpoint, record, training_args.output_dir)
     part_settings = {
         "projector_learning_rate": args.projector_learning_rate,
