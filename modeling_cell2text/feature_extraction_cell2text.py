@@ -13,7 +13,9 @@ are recognised without importing anndata.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -55,6 +57,15 @@ class _GeneMatch:
     unmatched_examples: list[str]
 
 
+def unknown_settings_error(kind: str, unknown: set[str], known: Sequence[str]) -> TypeError:
+    """The error for settings a saved config or a caller gives that `kind` does not have (transformers would keep
+    them as unused attributes or drop them, so a misspelt setting would leave its default in force)."""
+    hints = [f"{name!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, known, n=1))
+             else repr(name) for name in sorted(unknown)]
+    return TypeError(f"{kind} has no setting {', '.join(hints)}; its settings are {sorted(known)}. Fix the "
+                     "name in the saved config (or the call).")
+
+
 class Cell2TextFeatureExtractor(FeatureExtractionMixin):
     """Turns expression matrices into Geneformer gene-token inputs (rank-value encoding).
 
@@ -92,6 +103,9 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         vocabulary_source: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        unknown = set(kwargs) - _MIXIN_KEYS
+        if unknown:
+            raise unknown_settings_error("Cell2TextFeatureExtractor", unknown, _SETTINGS)
         kwargs.pop("feature_extractor_type", None)
         super().__init__(**kwargs)
         if gene_token_ids is None:
@@ -468,6 +482,12 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         if len(flat) and (flat.min() < 0 or flat.max() > self.num_expression_bins):
             raise ValueError(f"expression bins must lie in [0, {self.num_expression_bins}] (num_expression_bins)")
         return flat
+
+
+# What a saved feature extractor config may hold: the settings above, and the keys transformers writes.
+_SETTINGS = tuple(name for name in inspect.signature(Cell2TextFeatureExtractor.__init__).parameters
+                  if name not in ("self", "kwargs"))
+_MIXIN_KEYS = {"feature_extractor_type", "processor_class", "auto_map"}
 
 
 __all__ = [

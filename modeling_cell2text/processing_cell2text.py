@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from transformers import BatchFeature, ProcessorMixin
 
 from .compatibility import check_model_and_processor, hub_kwargs, saved_file
+from .feature_extraction_cell2text import unknown_settings_error
 from .text_padding import pad_token_rows, text_pad_token_id
 from .description_schema import (ONTOLOGY_FIELDS, TERM_ID_PREFIXES, CellDescription, DescriptionParseError,
                                  parse_description, parse_or_none, set_definition)
@@ -114,8 +115,7 @@ class Cell2TextProcessor(ProcessorMixin):
         **kwargs,
     ):
         if kwargs:
-            raise TypeError(f"Cell2TextProcessor got unknown arguments {sorted(kwargs)}; its settings are "
-                            f"{sorted(SETTINGS)}.")
+            raise unknown_settings_error("Cell2TextProcessor", set(kwargs), SETTINGS)
         if tokenizer is None or feature_extractor is None:
             raise ValueError("Cell2TextProcessor needs both a feature_extractor and a tokenizer.")
         if CELL_TOKEN not in tokenizer.get_vocab():
@@ -162,6 +162,15 @@ class Cell2TextProcessor(ProcessorMixin):
         if model_config is not None:
             check_model_and_processor(model_config, processor, f"the model in {pretrained_model_name_or_path}")
         return processor
+
+    @classmethod
+    def from_dict(cls, processor_dict: dict, **kwargs) -> "Cell2TextProcessor":
+        """`ProcessorMixin.from_dict`, refusing keys of processor_config.json that are no setting of the processor
+        (transformers drops them, so a misspelt setting left its default in force)."""
+        unknown = set(processor_dict) - set(SETTINGS) - set(cls.get_attributes()) - {"auto_map", "processor_class"}
+        if unknown:
+            raise unknown_settings_error("Cell2TextProcessor", unknown, SETTINGS)
+        return super().from_dict(processor_dict, **kwargs)
 
     def keep_labels(self, **labels: Iterable[str]) -> None:
         """Choose among a subset of the labels, in place: `keep_labels(cell_type=["B cell", "T cell"])` (fields:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -169,8 +171,26 @@ def test_a_definitions_setting_that_is_not_a_bool_is_refused_not_read_as_true(pr
 
 def test_unknown_processor_settings_are_refused_not_dropped(processor):
     # A misspelt setting was silently dropped: the processor then used 256 cell tokens instead of 8.
-    with pytest.raises(TypeError, match=r"unknown arguments \['num_cel_tokens'\]"):
+    with pytest.raises(TypeError, match=r"no setting 'num_cel_tokens' \(did you mean 'num_cell_tokens'\?\)"):
         Cell2TextProcessor(processor.feature_extractor, processor.tokenizer, num_cel_tokens=8)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    # transformers dropped the processor's unknown keys: definitions went on being written, exit 0
+    (lambda saved: saved.update(definition_in_model_text=False),
+     r"Cell2TextProcessor has no setting 'definition_in_model_text' \(did you mean 'definitions_in_model_text'"),
+    # and kept the feature extractor's as attributes: cells went on being cut to the default 4096 genes
+    (lambda saved: saved["feature_extractor"].update(model_input_sise=3),
+     r"Cell2TextFeatureExtractor has no setting 'model_input_sise' \(did you mean 'model_input_size'"),
+])
+def test_misspelt_settings_in_a_saved_processor_config_are_refused(processor, tmp_path, edit, message):
+    processor.save_pretrained(tmp_path)
+    config_file = tmp_path / "processor_config.json"
+    saved = json.loads(config_file.read_text())
+    edit(saved)
+    config_file.write_text(json.dumps(saved))
+    with pytest.raises(TypeError, match=message):
+        Cell2TextProcessor.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize(("tables", "error", "message"), [
