@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -142,6 +144,15 @@ class Cell2TextConfig(PreTrainedConfig):
                 "parts with random weights instead of the saved model. Restore the field from the model's original "
                 "config.json, or save the model again with save_pretrained."
             )
+        settings = [field.name for field in dataclasses.fields(cls)]
+        misspelt = {key: close[0] for key in config_dict if key not in settings
+                    and (close := difflib.get_close_matches(key, settings, n=1, cutoff=0.85))
+                    and close[0] not in config_dict}
+        if misspelt:  # the setting meant is absent, so its default would be in force
+            raise ValueError(
+                "This config.json names " + ", ".join(f"{key!r} (did you mean {meant!r}?)" for key, meant in
+                                                      misspelt.items()) + ", which no Cell2Text setting is, and "
+                "lacks the setting it resembles: its default would be in force. Fix the name in config.json.")
         return super().from_dict(config_dict, **kwargs)
 
     def to_dict(self) -> dict:

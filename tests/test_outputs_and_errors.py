@@ -209,6 +209,20 @@ def test_a_config_without_text_config_is_refused_not_built_full_size(model_dir, 
     assert "has no text_config" in err
 
 
+def test_a_misspelt_setting_in_config_json_is_refused_not_left_at_its_default(model_dir, tmp_path):
+    # transformers kept "cell_type_temprature" as an unused attribute: scores used the default 1.0, exit 0
+    folder = tmp_path / "misspelt"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["cell_type_temprature"] = config.pop("cell_type_temperature")
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"'cell_type_temprature' \(did you mean 'cell_type_temperature'\?\)"):
+        Cell2TextConfig.from_pretrained(folder)
+    config["cell_type_temperature"] = 2.0  # a key of the user's own beside every setting is theirs to keep
+    (folder / "config.json").write_text(json.dumps(config))
+    assert Cell2TextConfig.from_pretrained(folder).cell_type_temperature == 2.0
+
+
 @pytest.mark.parametrize(("field", "value"), [("num_cell_tokens", "8"), ("projector_dropout", "0.1"),
                                                ("num_cell_tokens", 8.0)])
 def test_config_fields_of_the_wrong_type_are_refused_by_name(model_dir, field, value):
