@@ -13,6 +13,7 @@ from modeling_cell2text import (
     Cell2TextFeatureExtractor,
     Cell2TextForConditionalGeneration,
     Cell2TextProcessor,
+    save_model_folder,
 )
 from training.evaluation.evaluate import evaluate_model, free_cell_type, load_model
 from training.evaluation.report import write_report
@@ -48,6 +49,25 @@ def test_load_model_runs_no_folder_code_by_default(model_and_corpus):
     assert type(processor).__module__ == "modeling_cell2text.processing_cell2text"
 
 
+def test_load_model_runs_the_folder_code_when_trusted(model_and_corpus, tmp_path, monkeypatch):
+    # the Auto classes picked this package's registered classes even with trust_remote_code=True: the README's
+    # "runs the code saved with it" did not hold, and nothing said so
+    model_dir, _ = model_and_corpus
+    model, processor = load_model(model_dir, device="cpu")
+    folder = tmp_path / "with-code"
+    save_model_folder(model, processor, folder)
+    marker = tmp_path / "marker"
+    for code in ("modeling_cell2text.py", "processing_cell2text.py"):
+        (folder / code).write_text((folder / code).read_text() + f"\nopen({str(marker)!r}, 'a').write('ran')\n")
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    load_model(folder, device="cpu")
+    assert not marker.exists()
+    model, processor = load_model(folder, trust_remote_code=True, device="cpu")
+    assert marker.exists()
+    assert type(model).__module__.startswith("transformers_modules.")
+    assert type(processor).__module__.startswith("transformers_modules.")
+
+
 def test_constrained_evaluation_predicts_known_labels_with_confidence(model_and_corpus, tmp_path):
     model_dir, corpus_dir = model_and_corpus
     results, per_cell, texts = evaluate_model(model_dir, corpus_dir, "test", batch_size=3, max_new_tokens=4,
@@ -57,6 +77,7 @@ def test_constrained_evaluation_predicts_known_labels_with_confidence(model_and_
     from hub_cards.render import weights_sha256
 
     assert results["weights_sha256"] == weights_sha256(model_dir) is not None  # which weights the figures are of
+    assert results["trust_remote_code"] is False  # which code ran
     from datasets import load_from_disk
 
     assert per_cell["cell_id"] == list(load_from_disk(str(corpus_dir))["test"]["cell_id"])  # which cell is which

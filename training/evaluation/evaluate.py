@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from modeling_cell2text import tl
 from modeling_cell2text.compatibility import PREPARED_ENCODER_KEY
 from modeling_cell2text.description_schema import (LABEL_FIELDS, DescriptionParseError, first_sentence,
                                                     parse_description, parse_or_none)
@@ -428,18 +429,14 @@ def check_corpus_fits_model(corpus_dir: str | Path, model_config, processor, oth
 
 
 def load_model(model_dir: str | Path, trust_remote_code: bool = False, device: str = "auto"):
-    """The model (in eval mode, on `device`: "auto" is the GPU when there is one) and its processor.
+    """The model (in float32, eval mode, on `device`: "auto" is the GPU when there is one) and its processor,
+    checked against each other (`tl.load`).
 
     With `trust_remote_code=False` (default) the folder is loaded with this project's classes and none of its
-    own code runs; `True` runs the code saved in the folder (a model trained with another version of this code)."""
-    import modeling_cell2text  # noqa: F401  (registers the Cell2Text classes with the Auto classes)
-    from transformers import AutoModelForCausalLM, AutoProcessor
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    return model.to(device).eval(), processor
+    own code runs; `True` runs the model and processor code saved in the folder (a model trained with another
+    version of this code; transformers' Auto classes would pick this package's registered classes even then). The
+    decoding and the metrics are this project's either way."""
+    return tl.load(model_dir, device=device, dtype="float32", trust_remote_code=trust_remote_code)
 
 
 def evaluate_model(
@@ -494,7 +491,8 @@ def evaluate_model(
     if "pathways" in results and "train" in corpus and split != "train" and any(corpus["train"]["pathways"]):
         results["pathway_baseline"] = pathway_baseline(corpus["train"], cells)
     results.update(model=str(model_dir), dataset=str(corpus_dir), split=split,
-                   constrained=constrained, gene_vocabulary_sha256=vocabulary_sha256,
+                   constrained=constrained, trust_remote_code=trust_remote_code,
+                   gene_vocabulary_sha256=vocabulary_sha256,
                    weights_sha256=weights_sha256(model_dir))
     per_cell["generated"] = texts
     return results, per_cell, texts
