@@ -149,10 +149,11 @@ def _check_card_is_of_this_model(model_dir: Path, config: dict) -> None:
                          f"folder holds: {fix}")
 
 
-def check_hub_ready(model_dir: str | Path) -> None:
+def check_hub_ready(model_dir: str | Path, card: ModelCard | None = None) -> None:
     """Raise `FileNotFoundError`/`ValueError`/`OSError` naming what a Hub-ready Cell2Text folder lacks or holds
     wrongly: its files, remote code (present, and the installed package's), the card's evaluation (of these weights
-    and gene vocabulary) and metadata, then the model and processor loaded and checked together."""
+    and gene vocabulary) and metadata (of ``card``, the card rendered to replace README.md, where given), then the
+    model and processor loaded and checked together."""
     model_dir = Path(model_dir)
     missing = [name for name in REQUIRED_FILES if not (model_dir / name).exists()]
     if not (model_dir / "model.safetensors").exists() and list(model_dir.glob("model-*.safetensors")):
@@ -192,7 +193,7 @@ def check_hub_ready(model_dir: str | Path) -> None:
     if foreign:
         raise ValueError(f"{model_dir} holds {foreign} beside its merged weights, which would be uploaded with them "
                          "(and an adapter applied on top of them when loaded): remove them first.")
-    if (model_dir / "README.md").exists():
+    if card is None and (model_dir / "README.md").exists():
         ModelCard.load(model_dir / "README.md")  # raises on malformed metadata
     # Loaded as a user would (the installed classes, no remote code): weights that do not match config.json and a
     # processor that does not fit the model are refused here rather than on the Hub.
@@ -209,20 +210,36 @@ def ensure_repo(api: HfApi, repo_id: str, repo_type: str, private: bool) -> str:
     return str(url)
 
 
-def publish_model(model_dir: str | Path, repo_id: str, private: bool = False, api: HfApi | None = None, *,
-                  dataset_id: str | None = None, refresh_code: bool = False) -> str:
-    """Re-render the card for ``repo_id`` (where its inputs are saved; naming ``dataset_id``, the corpus published
-    with it, where given), check and upload the folder; returns the URL. ``refresh_code`` first brings a folder
-    saved by an earlier version up to date (`refresh_remote_code`)."""
+def prepare_model_folder(model_dir: str | Path, repo_id: str, *, dataset_id: str | None = None,
+                         refresh_code: bool = False) -> None:
+    """Check the folder for upload to ``repo_id`` (`check_hub_ready`), then write its card re-rendered for that
+    repo (where its inputs are saved; naming ``dataset_id``, the corpus published with it, where given): a refused
+    folder keeps its card. ``refresh_code`` first brings a folder saved by an earlier version up to date
+    (`refresh_remote_code`)."""
     if refresh_code:
         refresh_remote_code(model_dir)
-    rerender_model_card(model_dir, repo_id, dataset_id=dataset_id)
-    check_hub_ready(model_dir)
+    card = rerender_model_card(model_dir, repo_id, dataset_id=dataset_id, save=False)
+    check_hub_ready(model_dir, card)
+    if card is not None:
+        card.save(Path(model_dir) / "README.md")
+
+
+def upload_model_folder(model_dir: str | Path, repo_id: str, private: bool = False,
+                        api: HfApi | None = None) -> str:
+    """Create the model repo where needed and upload a prepared folder (`prepare_model_folder`); returns the URL."""
     api = api or HfApi()
     url = ensure_repo(api, repo_id, "model", private)
     api.upload_folder(folder_path=str(model_dir), repo_id=repo_id, repo_type="model",
                       ignore_patterns=list(NOT_UPLOADED), commit_message="Upload Cell2Text")
     return url
+
+
+def publish_model(model_dir: str | Path, repo_id: str, private: bool = False, api: HfApi | None = None, *,
+                  dataset_id: str | None = None, refresh_code: bool = False) -> str:
+    """`prepare_model_folder`, then `upload_model_folder`: nothing is written or created on the Hub for a folder
+    that is refused."""
+    prepare_model_folder(model_dir, repo_id, dataset_id=dataset_id, refresh_code=refresh_code)
+    return upload_model_folder(model_dir, repo_id, private, api)
 
 
 CORPUS_FILES = ("summary.json", "rejects.csv", "unmapped_genes.txt")
@@ -237,6 +254,15 @@ def check_corpus_is_the_models(model_dir: str | Path, corpus_dir: str | Path) ->
                          f"{trained_on} against {built}): publish the corpus it was trained on, or the model alone.")
 
 
+def corpus_files_to_upload(corpus_dir: str | Path) -> dict[str, bytes]:
+    """The build's record files as uploaded beside the splits: summary.json without paths of this machine (a
+    corpus built from local files names them, `without_machine_paths`), the others as they are."""
+    files = {name: (Path(corpus_dir) / name).read_bytes() for name in CORPUS_FILES}
+    summary = without_machine_paths(json.loads(files["summary.json"]))
+    files["summary.json"] = (json.dumps(summary, indent=2) + "\n").encode()
+    return files
+
+
 def publish_corpus(corpus_dir: str | Path, repo_id: str, private: bool = False, api: HfApi | None = None) -> str:
     """Push a built corpus to a Hub dataset repo: the splits (by `datasets`), then its card re-rendered for
     `repo_id`, the feature extractor it was tokenized with and the build's summary and rejects; returns the URL."""
@@ -249,9 +275,8 @@ def publish_corpus(corpus_dir: str | Path, repo_id: str, private: bool = False, 
     push_dataset_card(write_dataset_card(corpus_dir, repo_id), repo_id)  # after the data: keeps datasets' metadata
     api.upload_folder(folder_path=str(corpus_dir / "feature_extractor"), path_in_repo="feature_extractor",
                       repo_id=repo_id, repo_type="dataset")
-    for name in CORPUS_FILES:
-        api.upload_file(path_or_fileobj=str(corpus_dir / name), path_in_repo=name, repo_id=repo_id,
-                        repo_type="dataset")
+    for name, content in corpus_files_to_upload(corpus_dir).items():
+        api.upload_file(path_or_fileobj=content, path_in_repo=name, repo_id=repo_id, repo_type="dataset")
     return f"https://huggingface.co/datasets/{repo_id}"
 
 
@@ -270,11 +295,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--corpus and --dataset-repo go together")
     api = HfApi()
     with refused_input_as_one_line("publish"):
-        if args.corpus:  # checked, and its repo made, before the model is uploaded
+        if args.corpus:
             check_corpus_is_the_models(args.model, args.corpus)
+        prepare_model_folder(args.model, args.repo, dataset_id=args.dataset_repo, refresh_code=args.refresh_code)
+        if args.corpus:  # its repo made (a public one refused for --private) before the model is uploaded
             ensure_repo(api, args.dataset_repo, "dataset", args.private)
-        url = publish_model(args.model, args.repo, args.private, api, dataset_id=args.dataset_repo,
-                            refresh_code=args.refresh_code)
+        url = upload_model_folder(args.model, args.repo, args.private, api)
         print(f"model: {url}")
         if args.corpus:
             print(f"corpus: {publish_corpus(args.corpus, args.dataset_repo, args.private, api)}")

@@ -336,9 +336,10 @@ def save_model_card(model_dir: str | Path, results: dict, *, repo_id: str, **inp
     return card
 
 
-def rerender_model_card(model_dir: str | Path, repo_id: str, dataset_id: str | None = None) -> ModelCard | None:
+def rerender_model_card(model_dir: str | Path, repo_id: str, dataset_id: str | None = None,
+                        save: bool = True) -> ModelCard | None:
     """Re-render ``model_dir/README.md`` for ``repo_id`` from the files :func:`save_model_card` wrote, naming
-    ``dataset_id`` (the corpus's Hub repo, published with it) where given.
+    ``dataset_id`` (the corpus's Hub repo, published with it) where given; written there unless ``save=False``.
 
     Returns the card, or None (card left as it is) where the folder lacks either file.
     """
@@ -350,7 +351,8 @@ def rerender_model_card(model_dir: str | Path, repo_id: str, dataset_id: str | N
     if dataset_id is not None:
         inputs["dataset_id"] = dataset_id
     card = render_model_card(json.loads(results_file.read_text()), repo_id=repo_id, **inputs)
-    card.save(model_dir / "README.md")
+    if save:
+        card.save(model_dir / "README.md")
     return card
 
 

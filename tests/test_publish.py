@@ -139,8 +139,11 @@ def test_a_card_evaluating_a_model_with_another_gene_vocabulary_is_refused(model
     save_model_card(model_dir, {"split": "test", "num_cells": 8, "gene_vocabulary_sha256": "0" * 64,
                                 "fields": {"cell_type": {"accuracy": 0.97}}},
                     repo_id="org/old", base_model="b", encoder="e", dataset_id="org/old-corpus", training_config={})
+    card = (model_dir / "README.md").read_text()
+    hub = FakeHub()
     with pytest.raises(ValueError, match="another gene vocabulary"):
-        publish_model(model_dir, "org/x", api=FakeHub())
+        publish_model(model_dir, "org/x", api=hub)
+    assert (model_dir / "README.md").read_text() == card and hub.calls == []  # was re-rendered for org/x
     config = json.loads((model_dir / "config.json").read_text())
     results = json.loads((model_dir / "evaluation_results.json").read_text())
     results["gene_vocabulary_sha256"] = config["gene_vocabulary_sha256"]  # this model's evaluation
@@ -257,3 +260,33 @@ def test_paths_of_this_machine_in_uploaded_files_are_refused_unless_refreshed(mo
         "model": "cell2text-demo", "fields": {"cell_type": {"T/NK cell": 1}}, "tokens": ["/", "~", "local"]}
     assert (model_dir / "tokenizer.json").read_bytes() == tokenizer  # a tokenizer's merges hold "/" as text
     assert not any("/home/someone" in path.read_text() for path in model_dir.glob("*.json"))
+
+
+def test_a_refused_model_creates_no_dataset_repo(model_dir, tmp_path, monkeypatch):
+    # `publish --corpus` made the (public by default) dataset repo, then refused the model
+    from hub_cards import publish
+    from hub_cards.render import save_model_card
+
+    save_model_card(model_dir, {"split": "test", "num_cells": 8, "weights_sha256": "0" * 64, "fields": {}},
+                    repo_id="org/old", base_model="b", encoder="e", dataset_id="org/old-corpus", training_config={})
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "summary.json").write_text("{}")
+    hub = FakeHub()
+    monkeypatch.setattr(publish, "HfApi", lambda: hub)
+    with pytest.raises(SystemExit):
+        publish.main(["--model", str(model_dir), "--repo", "org/x", "--corpus", str(corpus),
+                      "--dataset-repo", "org/x-corpus"])
+    assert hub.calls == []
+
+
+def test_the_corpus_summary_is_uploaded_without_paths_of_this_machine(tmp_path):
+    from hub_cards.publish import corpus_files_to_upload
+
+    (tmp_path / "summary.json").write_text(json.dumps({"source": "/home/me/census_like", "name": "/home/me/census_like",
+                                                       "n_cells": 3}))
+    (tmp_path / "rejects.csv").write_text("cell,reason\n")
+    (tmp_path / "unmapped_genes.txt").write_text("")
+    files = corpus_files_to_upload(tmp_path)
+    assert json.loads(files["summary.json"]) == {"source": "census_like", "name": "census_like", "n_cells": 3}
+    assert files["rejects.csv"] == b"cell,reason\n"
