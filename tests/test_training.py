@@ -393,6 +393,13 @@ def test_a_resume_with_another_encoder_or_lora_settings_is_refused_and_keeps_the
         tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint, lora_alpha=64)
     with pytest.raises(ValueError, match=r"checkpoint-2 was trained with another lora_alpha"):  # True: the last one
         tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=True, lora_alpha=64)
+    # another batch over processes x accumulation steps skipped other cells than were trained on, exit 0
+    with pytest.raises(ValueError, match=r"another global_batch_size than this run's \(global_batch_size: (\d+) "
+                                         r"there, (\d+) now\)"):
+        tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint,
+                    gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match=r"another data_seed than this run's"):  # another sampler order
+        tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint, data_seed=5)
     with pytest.raises(ValueError, match=r"prepared in .* for another epochs; .* would overwrite it.*--output_dir"):
         tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint,
                     encoder_epochs=3)

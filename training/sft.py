@@ -636,6 +636,16 @@ def trained_with(model: Cell2TextForConditionalGeneration, lora_config) -> dict:
     }
 
 
+def data_order(training_args: SFTConfig, cell_type_balance: float) -> dict:
+    """What decides which cells each step trains on: the batch over all processes and accumulation steps (a resume
+    skips the steps' cells by it: a checkpoint of 2 processes resumed on 1 skipped half the cells it had trained
+    on), the sampler's seeds and cell-type balance, and whether the last short batch is dropped."""
+    return {"global_batch_size": training_args.per_device_train_batch_size * training_args.world_size
+            * training_args.gradient_accumulation_steps,
+            "seed": training_args.seed, "data_seed": training_args.data_seed,
+            "cell_type_balance": cell_type_balance, "dataloader_drop_last": training_args.dataloader_drop_last}
+
+
 class RecordTrainedWith(TrainerCallback):
     """Writes `trained_with`'s record, and what the cell-type stage before it did (`cell_type_stage_record`), into
     each checkpoint (main process)."""
@@ -664,8 +674,10 @@ def resumed_checkpoint(checkpoint: str | bool | None, output_dir: str) -> Path |
 def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -> None:
     """Refuse to resume from a checkpoint trained with another gene encoder or LoRA settings (`trained_with`): its
     projector and adapters fit those, and would silently train on, or fail to load into, others; or on another
-    corpus or max_train_samples (`corpus_fingerprints`): the final model would record only the second corpus, so evaluation's check
-    that the test cells are not its training cells passed on a corpus it had partly trained on. A setting the
+    corpus or max_train_samples (`corpus_fingerprints`): the final model would record only the second corpus, so
+    evaluation's check that the test cells are not its training cells passed on a corpus it had partly trained on;
+    or with another batch or data order (`data_order`) or training texts (definitions, loss on labels only): the
+    resumed run skips other cells than it trained on, exit 0 with the step count of a whole run. A setting the
     checkpoint does not record (saved before it was recorded) is not checked. `checkpoint` True is the Trainer's:
     the last checkpoint in `output_dir`."""
     checkpoint = resumed_checkpoint(checkpoint, output_dir)
@@ -679,9 +691,16 @@ def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -
     saved = json.loads(path.read_text())
     changed = sorted(k for k in {*saved, *record} if saved.get(k, record.get(k)) != record.get(k))
     if changed:
-        raise ValueError(f"{checkpoint} was trained with another {', '.join(changed)} than this run's; resume with "
-                         "the corpus, encoder and LoRA settings it was trained with, or train anew in a new "
-                         "--output_dir.")
+        differences = "; ".join(f"{k}: {_shown(saved.get(k))} there, {_shown(record.get(k))} now" for k in changed)
+        raise ValueError(f"{checkpoint} was trained with another {', '.join(changed)} than this run's ({differences}); "
+                         "resume with the corpus, encoder, LoRA, batch (per-device size x processes x accumulation "
+                         "steps) and data settings it was trained with, or train anew in a new --output_dir.")
+
+
+def _shown(value: Any) -> str:
+    """A recorded setting in an error message: checksums cut short."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass
@@ -803,7 +822,10 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     modules_to_save = ["multi_modal_projector"] + ([] if model.config.freeze_gene_encoder else ["gene_encoder"])
     peft_config = args.lora_config(language_model_lora_targets(model), modules_to_save)
     record = {**trained_with(model, peft_config), "max_train_samples": args.max_train_samples,  # None too
-              "corpus_fingerprints": corpus_fingerprints(corpus, summary)}
+              "corpus_fingerprints": corpus_fingerprints(corpus, summary),
+              **data_order(training_args, args.cell_type_balance),
+              "definitions_in_model_text": processor.definitions_in_model_text,
+              "loss_on_labels_only": args.loss_on_labels_only}
     check_resume(training_args.resume_from_checkpoint, record, training_args.output_dir)
     part_settings = {
         "projector_learning_rate": args.projector_learning_rate,
