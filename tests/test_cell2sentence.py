@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from trl import SFTConfig
 
 from modeling_cell2text import Cell2TextFeatureExtractor
+from training.adapters import LoraArguments
 from training.baselines.cell2sentence import (
     SYSTEM_PROMPT,
     USER_PREFIX,
@@ -82,6 +83,24 @@ def test_loss_mask_covers_only_the_completion(parts_and_corpus, tmp_path):
         kept = batch["attention_mask"][i].bool()
         assert batch["labels"][i][kept].equal(torch.tensor(row["labels"]))
         assert batch["labels"][i][~kept].eq(-100).all()
+
+def test_a_resume_with_other_settings_is_refused(parts_and_corpus, tmp_path):
+    # a checkpoint of 8-gene sentences resumed with 16 trained on, and the final folder recorded num_genes 16
+    lm_dir, corpus_dir = parts_and_corpus
+    out = tmp_path / "c2s"
+    train_cell2sentence(corpus_dir, lm_dir, out, num_genes=8, training_args=tiny_config(out, save_steps=2))
+    checkpoint = str(out / "checkpoint-2")
+    for other, setting in ((dict(num_genes=16), "num_genes"), (dict(lora=LoraArguments(lora_r=4)), "lora_r")):
+        with pytest.raises(ValueError, match=rf"checkpoint-2 was trained with another {setting} than this run's"):
+            train_cell2sentence(corpus_dir, lm_dir, out, **{"num_genes": 8, **other}, overwrite=True,
+                                training_args=tiny_config(out, save_steps=2, resume_from_checkpoint=checkpoint))
+    with pytest.raises(ValueError, match=r"another global_batch_size than this run's"):
+        train_cell2sentence(corpus_dir, lm_dir, out, num_genes=8, overwrite=True, training_args=tiny_config(
+            out, save_steps=2, resume_from_checkpoint=checkpoint, gradient_accumulation_steps=2))
+    final = train_cell2sentence(corpus_dir, lm_dir, out, num_genes=8, overwrite=True,
+                                training_args=tiny_config(out, save_steps=2, resume_from_checkpoint=checkpoint))
+    assert json.loads((final / "training_state.json").read_text())["global_step"] == 4
+
 
 def test_train_merge_and_generate_one_text_per_cell(parts_and_corpus, tmp_path):
     lm_dir, corpus_dir = parts_and_corpus

@@ -442,7 +442,7 @@ def test_a_resume_on_another_corpus_is_refused(tmp_path):
     """The reviewer's finding: a checkpoint of corpus A resumed on corpus B (a pretrained encoder, so nothing was
     prepared on either) trained on, and the model recorded only B: evaluation's check that the test cells are not
     training cells then passed on B rebuilt from A's cells."""
-    from training.sft import TRAINED_WITH_FILE, check_resume
+    from training.adapters import TRAINED_WITH_FILE, check_resume
 
     checkpoint = tmp_path / "checkpoint-2"
     checkpoint.mkdir()

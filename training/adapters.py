@@ -1,5 +1,6 @@
-"""LoRA settings and the merged, Hub-ready save: shared by the Cell2Text recipe and the Cell2Sentence baseline, so
-both train the same adapters on the same language model and save the same way."""
+"""LoRA settings, the record a resume is checked against, and the merged, Hub-ready save: shared by the Cell2Text
+recipe and the Cell2Sentence baseline, so both train the same adapters on the same language model, resume under the
+same checks and save the same way."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from peft import LoraConfig
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from modeling_cell2text.output_files import OutputExistsError, Terminated, publish_folder, sigterm_as_exception
 
@@ -106,6 +109,88 @@ class NoStepPastMaxStepsMixin:
 # The attribute of a model that holds the dtypes of its state dict before training (`record_dtypes`): the dtypes the
 # merged model is saved in.
 DTYPES_BEFORE_SHARDING = "_cell2text_dtypes_before_sharding"
+
+
+TRAINED_WITH_FILE = "cell2text_trained_with.json"
+
+
+def lora_record(lora_config: LoraConfig) -> dict:
+    """The LoRA adapters' settings, as a checkpoint records them (`check_resume`): its adapters fit those."""
+    targets = lora_config.target_modules
+    return {"lora_r": lora_config.r, "lora_alpha": lora_config.lora_alpha,
+            "lora_target_modules": targets if isinstance(targets, str) else sorted(targets),
+            "modules_to_save": sorted(lora_config.modules_to_save or [])}
+
+
+def corpus_fingerprints(corpus: Any, summary: dict) -> dict:
+    """Which cells a run trains on: the build's fingerprints, else datasets' fingerprints of the splits."""
+    return summary.get("fingerprints") or {split: corpus[split]._fingerprint for split in corpus}
+
+
+def data_order(training_args: Any, cell_type_balance: float) -> dict:
+    """What decides which cells each step trains on: the batch over all processes and accumulation steps (a resume
+    skips the steps' cells by it: a checkpoint of 2 processes resumed on 1 skipped half the cells it had trained
+    on), the sampler's seeds and cell-type balance, and whether the last short batch is dropped."""
+    return {"global_batch_size": training_args.per_device_train_batch_size * training_args.world_size
+            * training_args.gradient_accumulation_steps,
+            "seed": training_args.seed, "data_seed": training_args.data_seed,
+            "cell_type_balance": cell_type_balance, "dataloader_drop_last": training_args.dataloader_drop_last}
+
+
+class RecordTrainedWith(TrainerCallback):
+    """Writes the run's record (what `check_resume` compares) into each checkpoint, and `extra` (file name -> JSON
+    content: the recipe's cell-type stage) beside it (main process)."""
+
+    def __init__(self, record: dict, extra: dict[str, dict] | None = None) -> None:
+        self.record, self.extra = record, extra or {}
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            for name, content in {TRAINED_WITH_FILE: self.record, **self.extra}.items():
+                (folder / name).write_text(json.dumps(content, indent=2))
+
+
+def resumed_checkpoint(checkpoint: str | bool | None, output_dir: str) -> Path | None:
+    """The checkpoint a run resumes from (None: none): `checkpoint` True is the Trainer's, the last one in
+    `output_dir`."""
+    if checkpoint is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        checkpoint = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    return Path(checkpoint) if isinstance(checkpoint, (str, Path)) else None
+
+
+def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -> None:
+    """Refuse to resume from a checkpoint trained with another gene encoder or LoRA settings (`trained_with`): its
+    projector and adapters fit those, and would silently train on, or fail to load into, others; or on another
+    corpus or max_train_samples (`corpus_fingerprints`): the final model would record only the second corpus, so
+    evaluation's check that the test cells are not its training cells passed on a corpus it had partly trained on;
+    or with another batch or data order (`data_order`) or training texts (definitions, loss on labels only): the
+    resumed run skips other cells than it trained on, exit 0 with the step count of a whole run. A setting the
+    checkpoint does not record (saved before it was recorded) is not checked. `checkpoint` True is the Trainer's:
+    the last checkpoint in `output_dir`."""
+    checkpoint = resumed_checkpoint(checkpoint, output_dir)
+    if checkpoint is None:
+        return
+    path = checkpoint / TRAINED_WITH_FILE
+    if not path.is_file():
+        logger.warning("%s records no gene encoder or LoRA settings (%s): the resume is not checked.", checkpoint,
+                       TRAINED_WITH_FILE)
+        return
+    saved = json.loads(path.read_text())
+    changed = sorted(k for k in {*saved, *record} if saved.get(k, record.get(k)) != record.get(k))
+    if changed:
+        differences = "; ".join(f"{k}: {_shown(saved.get(k))} there, {_shown(record.get(k))} now" for k in changed)
+        raise ValueError(f"{checkpoint} was trained with another {', '.join(changed)} than this run's ({differences}); "
+                         "resume with the corpus, encoder, LoRA, batch (per-device size x processes x accumulation "
+                         "steps) and data settings it was trained with, or train anew in a new --output_dir.")
+
+
+def _shown(value: Any) -> str:
+    """A recorded setting in an error message: checksums cut short."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def record_dtypes(model: Any) -> None:

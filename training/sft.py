@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 from datasets import DatasetDict
-from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, TrainerCallback, set_seed
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, enable_full_determinism
 from trl import SFTConfig, SFTTrainer, TrlParser
 
@@ -56,10 +56,16 @@ from training.adapters import (
     LoraArguments,
     MultiProcessTrainingMixin,
     NoStepPastMaxStepsMixin,
+    RecordTrainedWith,
     check_output_dir,
+    check_resume,
+    corpus_fingerprints,
+    data_order,
     leave_process_group,
+    lora_record,
     merge_adapters,
     parse_training_arguments,
+    resumed_checkpoint,
     save_merged,
     stopped_cleanly,
 )
@@ -482,11 +488,6 @@ def check_value_aware_corpus(args: Cell2TextArguments, feature_extractor) -> Non
             "processing.build_corpus), or pass --encoder_candidate_inputs rank.")
 
 
-def corpus_fingerprints(corpus: DatasetDict, summary: dict) -> dict:
-    """Which cells a run trains on: the build's fingerprints, else datasets' fingerprints of the splits."""
-    return summary.get("fingerprints") or {split: corpus[split]._fingerprint for split in corpus}
-
-
 def encoder_preparation(args: Cell2TextArguments, training_args: SFTConfig, corpus: DatasetDict,
                         summary: dict) -> dict:
     """What an encoder prepared on the corpus is prepared for (`EncoderSelection.prepared_for`): the corpus content
@@ -615,7 +616,6 @@ def build_model(
     )
 
 
-TRAINED_WITH_FILE = "cell2text_trained_with.json"
 CELL_TYPE_STAGE_FILE = "cell2text_cell_type_stage.json"  # the stage before a checkpoint's training, for a resume
 
 
@@ -627,80 +627,7 @@ def trained_with(model: Cell2TextForConditionalGeneration, lora_config) -> dict:
     for name, tensor in sorted(model.model.gene_encoder.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    targets = lora_config.target_modules
-    return {
-        "gene_encoder_sha256": digest.hexdigest(),
-        "lora_r": lora_config.r, "lora_alpha": lora_config.lora_alpha,
-        "lora_target_modules": targets if isinstance(targets, str) else sorted(targets),
-        "modules_to_save": sorted(lora_config.modules_to_save or []),
-    }
-
-
-def data_order(training_args: SFTConfig, cell_type_balance: float) -> dict:
-    """What decides which cells each step trains on: the batch over all processes and accumulation steps (a resume
-    skips the steps' cells by it: a checkpoint of 2 processes resumed on 1 skipped half the cells it had trained
-    on), the sampler's seeds and cell-type balance, and whether the last short batch is dropped."""
-    return {"global_batch_size": training_args.per_device_train_batch_size * training_args.world_size
-            * training_args.gradient_accumulation_steps,
-            "seed": training_args.seed, "data_seed": training_args.data_seed,
-            "cell_type_balance": cell_type_balance, "dataloader_drop_last": training_args.dataloader_drop_last}
-
-
-class RecordTrainedWith(TrainerCallback):
-    """Writes `trained_with`'s record, and what the cell-type stage before it did (`cell_type_stage_record`), into
-    each checkpoint (main process)."""
-
-    def __init__(self, record: dict, cell_type_stage: dict | None = None) -> None:
-        self.record, self.cell_type_stage = record, cell_type_stage
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if state.is_world_process_zero and folder.is_dir():
-            (folder / TRAINED_WITH_FILE).write_text(json.dumps(self.record, indent=2))
-            if self.cell_type_stage is not None:
-                (folder / CELL_TYPE_STAGE_FILE).write_text(json.dumps(self.cell_type_stage, indent=2))
-
-
-def resumed_checkpoint(checkpoint: str | bool | None, output_dir: str) -> Path | None:
-    """The checkpoint a run resumes from (None: none): `checkpoint` True is the Trainer's, the last one in
-    `output_dir`."""
-    if checkpoint is True:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        checkpoint = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-    return Path(checkpoint) if isinstance(checkpoint, (str, Path)) else None
-
-
-def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -> None:
-    """Refuse to resume from a checkpoint trained with another gene encoder or LoRA settings (`trained_with`): its
-    projector and adapters fit those, and would silently train on, or fail to load into, others; or on another
-    corpus or max_train_samples (`corpus_fingerprints`): the final model would record only the second corpus, so
-    evaluation's check that the test cells are not its training cells passed on a corpus it had partly trained on;
-    or with another batch or data order (`data_order`) or training texts (definitions, loss on labels only): the
-    resumed run skips other cells than it trained on, exit 0 with the step count of a whole run. A setting the
-    checkpoint does not record (saved before it was recorded) is not checked. `checkpoint` True is the Trainer's:
-    the last checkpoint in `output_dir`."""
-    checkpoint = resumed_checkpoint(checkpoint, output_dir)
-    if checkpoint is None:
-        return
-    path = checkpoint / TRAINED_WITH_FILE
-    if not path.is_file():
-        logger.warning("%s records no gene encoder or LoRA settings (%s): the resume is not checked.", checkpoint,
-                       TRAINED_WITH_FILE)
-        return
-    saved = json.loads(path.read_text())
-    changed = sorted(k for k in {*saved, *record} if saved.get(k, record.get(k)) != record.get(k))
-    if changed:
-        differences = "; ".join(f"{k}: {_shown(saved.get(k))} there, {_shown(record.get(k))} now" for k in changed)
-        raise ValueError(f"{checkpoint} was trained with another {', '.join(changed)} than this run's ({differences}); "
-                         "resume with the corpus, encoder, LoRA, batch (per-device size x processes x accumulation "
-                         "steps) and data settings it was trained with, or train anew in a new --output_dir.")
-
-
-def _shown(value: Any) -> str:
-    """A recorded setting in an error message: checksums cut short."""
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return {"gene_encoder_sha256": digest.hexdigest(), **lora_record(lora_config)}
 
 
 @dataclass
@@ -852,7 +779,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         eval_dataset=corpus["validation"] if training_args.eval_strategy != "no" else None,
         processing_class=processor,
         peft_config=peft_config,
-        callbacks=[RecordTrainedWith(record, stage_record)],
+        callbacks=[RecordTrainedWith(record, {CELL_TYPE_STAGE_FILE: stage_record} if stage_record else None)],
         **part_settings,
     )
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

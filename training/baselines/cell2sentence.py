@@ -34,7 +34,7 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from modeling_cell2text import Cell2TextFeatureExtractor
 from modeling_cell2text.feature_extraction_cell2text import SPECIAL_TOKENS
 from modeling_cell2text.processing_cell2text import DEFAULT_SYSTEM_PROMPT
-from processing.corpus import corpus_feature_extractor, open_corpus
+from processing.corpus import corpus_feature_extractor, corpus_summary, open_corpus
 from modeling_cell2text.output_files import check_new_output
 from training.adapters import (
     FINAL_DIR,
@@ -43,8 +43,13 @@ from training.adapters import (
     LoraArguments,
     MultiProcessTrainingMixin,
     NoStepPastMaxStepsMixin,
+    RecordTrainedWith,
     check_output_dir,
+    check_resume,
+    corpus_fingerprints,
+    data_order,
     leave_process_group,
+    lora_record,
     merge_adapters,
     parse_training_arguments,
     save_merged,
@@ -135,9 +140,15 @@ def build_trainer(
     lora: LoraArguments | None = None,
     cell_type_loss_weight: float = 1.0,
 ) -> SFTTrainer:
-    """The `SFTTrainer` for the baseline: LoRA on every linear layer of the LM, prompt-completion data."""
+    """The `SFTTrainer` for the baseline: LoRA on every linear layer of the LM, prompt-completion data. A resume
+    is checked against what its checkpoint was trained with (`adapters.check_resume`), as the recipe's is."""
     corpus, feature_extractor = load_corpus(corpus_dir)
     training_args.output_dir = str(output_dir)
+    peft_config = (lora or LoraArguments()).lora_config("all-linear")
+    record = {**lora_record(peft_config), "num_genes": num_genes,
+              "corpus_fingerprints": corpus_fingerprints(corpus, corpus_summary(corpus_dir)),
+              **data_order(training_args, cell_type_balance=0.0)}
+    check_resume(training_args.resume_from_checkpoint, record, str(output_dir))
     # A config shared with the Cell2Text run may skip TRL's dataset preparation; here TRL must tokenize the chats.
     training_args.dataset_kwargs = {
         k: v for k, v in (training_args.dataset_kwargs or {}).items() if k != "skip_prepare_dataset"
@@ -146,7 +157,6 @@ def build_trainer(
     if tokenizer.chat_template is None:
         raise ValueError(f"{text_model_name_or_path} has no chat template; use an instruction-tuned LLM.")
     model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, dtype=torch.float32)
-    peft_config = (lora or LoraArguments()).lora_config("all-linear")
     eval_dataset = None
     if training_args.eval_strategy != "no":
         eval_dataset = prompt_completion_dataset(corpus["validation"], feature_extractor, num_genes)
@@ -158,6 +168,7 @@ def build_trainer(
         processing_class=tokenizer,
         peft_config=peft_config,
         cell_type_loss_weight=cell_type_loss_weight,
+        callbacks=[RecordTrainedWith(record)],
     )
 
 
