@@ -143,11 +143,13 @@ class HistogramGeneMedians:
         result[n == 0] = np.nan
         return result
 
-    def save(self, path: str | Path, gene_ids: list[str]) -> None:
-        """Write the histogram and its gene IDs (``.npz``) so shards can be merged later."""
+    def save(self, path: str | Path, gene_ids: list[str], source: str = "", shard: tuple[int, int] = (0, 1)) -> None:
+        """Write the histogram and its gene IDs (``.npz``) so shards can be merged later, with the input's name and
+        which shard of it the histogram counts (``(index, count)``; ``(0, 1)``: all of it), which the merge checks."""
         np.savez_compressed(
             path, counts=self.counts, gene_ids=np.asarray(gene_ids, dtype=str),
             binning=np.array([self.bins_per_decade, self.min_value, self.max_value], dtype=np.float64),
+            source=np.asarray(source, dtype=str), shard=np.asarray(shard, dtype=np.int64),
         )
 
     @classmethod
@@ -160,8 +162,58 @@ class HistogramGeneMedians:
             return hist, data["gene_ids"].tolist()
 
 
+def histogram_shard(path: str | Path) -> tuple[str, int, int] | None:
+    """(input name, shard index, shard count) a histogram file records (`HistogramGeneMedians.save`); None for a
+    file written before they were recorded."""
+    with np.load(path, allow_pickle=False) as data:
+        if "shard" not in data:
+            return None
+        index, count = data["shard"].tolist()
+        return str(data["source"]), index, count
+
+
+def check_shards(paths: list[str | Path]) -> None:
+    """Refuse histograms that do not add up to whole inputs: one given twice (the same counts, or the same shard of
+    an input), or an input whose shards are not all given (`--shard i/N` for every i of one N). Counted twice or
+    left out, cells weigh on the medians as they do not in the corpus, and every gene order built from them moves."""
+    contents: dict[bytes, str] = {}
+    for path in paths:
+        with np.load(path, allow_pickle=False) as data:
+            key = data["counts"].tobytes() + "\0".join(data["gene_ids"].tolist()).encode()
+        if key in contents:
+            raise ValueError(f"{path} and {contents[key]} hold the same histogram: give each shard once.")
+        contents[key] = str(path)
+    tags = {str(path): histogram_shard(path) for path in paths}
+    untagged = [path for path, tag in tags.items() if tag is None]
+    if untagged:
+        logger.warning("%s record no shard (written by an earlier version): whether every shard is given once is "
+                       "not checked", untagged)
+    by_source: dict[str, dict[tuple[int, int], str]] = {}
+    for path, tag in tags.items():
+        if tag is None:
+            continue
+        source, index, count = tag
+        shards = by_source.setdefault(source, {})
+        if (index, count) in shards:
+            raise ValueError(f"{path} and {shards[index, count]} both count shard {index}/{count} of {source!r} "
+                             "(inputs are told apart by name): give each shard once.")
+        shards[index, count] = path
+    for source, shards in by_source.items():
+        counts = {count for _, count in shards}
+        if len(counts) > 1:
+            raise ValueError(f"the histograms of {source!r} are shards of different splits ({sorted(shards)}): give "
+                             "the shards of one --shard i/N build.")
+        count = counts.pop()
+        missing = sorted(set(range(count)) - {index for index, _ in shards})
+        if missing:
+            raise ValueError(f"the histograms of {source!r} lack its shards {', '.join(f'{i}/{count}' for i in missing)}"
+                             ": give every shard's median_histogram.npz.")
+
+
 def merge_histogram_files(paths: list[str | Path]) -> dict[str, float]:
-    """Merge shard histograms (genes aligned by ID) into gene -> median for genes seen non-zero."""
+    """Merge shard histograms (genes aligned by ID) into gene -> median for genes seen non-zero; the shards are
+    checked to add up to whole inputs first (`check_shards`)."""
+    check_shards(paths)
     loaded = [HistogramGeneMedians.load(p) for p in paths]
     genes = sorted(set().union(*(ids for _, ids in loaded)))
     position = {g: i for i, g in enumerate(genes)}

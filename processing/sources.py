@@ -101,6 +101,8 @@ class AnnDataSource:
     """An AnnData object (in memory or backed) read in row chunks from ``X``, a layer, or ``adata.raw``
     (``use_raw=True``: CELLxGENE's layout, raw counts in ``raw.X`` with their genes in ``raw.var``)."""
 
+    shard: tuple[int, int] | None = None  # (index, count) where select_shard kept one shard
+
     def __init__(
         self,
         adata: Any,
@@ -136,6 +138,7 @@ class AnnDataSource:
     def select_shard(self, index: int, count: int) -> None:
         """Keep only shard ``index`` of ``count`` contiguous, near-equal row ranges (``--shard i/n``)."""
         self.rows = shard_range(self.adata.n_obs, index, count)
+        self.shard = (index, count)
         self.obs = self.obs.iloc[self.rows.start : self.rows.stop]
 
     def iter_chunks(self, chunk_size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
@@ -173,6 +176,8 @@ class SomaSource:
     the obs and var columns the builder uses are read; X is read in blocks of cells through an
     axis query. ``census_version`` is recorded in the corpus summary and card.
     """
+
+    shard: tuple[int, int] | None = None  # (index, count) where select_shard kept one shard
 
     def __init__(
         self,
@@ -231,6 +236,7 @@ class SomaSource:
     def select_shard(self, index: int, count: int) -> None:
         """Keep only shard ``index`` of ``count`` contiguous ranges of the filtered cells."""
         rows = shard_range(len(self.joinids), index, count)
+        self.shard = (index, count)
         self.joinids = self.joinids[rows.start : rows.stop]
         self.obs = self.obs.iloc[rows.start : rows.stop]
 

@@ -53,10 +53,35 @@ def test_histogram_shards_merge_to_the_full_histogram(tmp_path):
         order = np.arange(40)[::-1] if k else np.arange(40)
         permuted = HistogramGeneMedians(40)
         permuted.counts[:] = shard.counts[order]
-        permuted.save(tmp_path / f"s{k}.npz", [ids[i] for i in order])
+        permuted.save(tmp_path / f"s{k}.npz", [ids[i] for i in order], "cells.h5ad", (k, 2))
     merged = merge_histogram_files([tmp_path / "s0.npz", tmp_path / "s1.npz"])
     expected = full.medians()
     assert merged == {ids[g]: float(expected[g]) for g in range(39)}
+
+
+def test_histograms_that_do_not_add_up_to_whole_inputs_are_refused(tmp_path):
+    # a shard given twice, or one left out, merged without a word: 336 of pbmc68k's 700 medians moved
+    genes, values = _random_entries(2)
+    ids = [f"ENSG{i:011d}" for i in range(40)]
+    for k, part in enumerate(np.array_split(np.arange(len(genes)), 3)):
+        shard = HistogramGeneMedians(40)
+        shard.update(genes[part], values[part])
+        shard.save(tmp_path / f"s{k}.npz", ids, "cells.h5ad", (k, 3))
+    shards = [tmp_path / f"s{k}.npz" for k in range(3)]
+    with pytest.raises(ValueError, match=r"s0.npz and .*s0.npz hold the same histogram"):
+        merge_histogram_files([*shards, shards[0]])
+    with pytest.raises(ValueError, match=r"of 'cells.h5ad' lack its shards 2/3: give every shard"):
+        merge_histogram_files(shards[:2])
+    copy = HistogramGeneMedians.load(shards[0])[0]
+    copy.counts[0, 0] += 1  # another build of the same shard
+    copy.save(tmp_path / "again.npz", ids, "cells.h5ad", (0, 3))
+    with pytest.raises(ValueError, match=r"both count shard 0/3 of 'cells.h5ad'"):
+        merge_histogram_files([*shards, tmp_path / "again.npz"])
+    copy.save(tmp_path / "other.npz", ids, "cells.h5ad", (1, 2))
+    with pytest.raises(ValueError, match=r"shards of different splits"):
+        merge_histogram_files([*shards, tmp_path / "other.npz"])
+    copy.save(tmp_path / "other.npz", ids, "other.h5ad")  # another input, whole: joined
+    assert merge_histogram_files([*shards, tmp_path / "other.npz"])
 
 
 def test_normalize_total_scales_cells_to_10k_and_undoes_log1p():
