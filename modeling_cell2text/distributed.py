@@ -119,32 +119,38 @@ def describe_shared(
     run = broadcast_object_list([uuid.uuid4().hex[:12] if state.is_main_process else None])[0]
     unit = cells_per_block(options.batch_size)
     start, stop = shard_bounds(adata.n_obs, rank, world, unit)
-    path = shard_path(Path(out), rank, world, run)
-    error: Exception | None = None
-    params: dict[str, Any] = {}
+    paths = [shard_path(Path(out), other, world, run) for other in range(world)]
+    handed_over = False  # this process's shard, once the main process is to read and remove it
     try:
-        results, params = tl.describe_cells(adata[start:stop], model, processor, options)
-        write_shard(path, results)
-    except Exception as caught:  # noqa: BLE001 (re-raised below, once the other processes know not to wait for it)
-        error = caught
-    failed = [r for r, ok in enumerate(gather_object([error is None])) if not ok]
-    if failed:
-        path.unlink(missing_ok=True)
-        if error is not None:
-            raise error
-        raise ProcessFailed(f"process(es) {failed} of {world} failed (see their error); nothing was written")
-    if not state.is_main_process:
-        return None, params  # the main process reads this shard and removes it
-    try:
+        error: Exception | None = None
+        params: dict[str, Any] = {}
+        try:
+            results, params = tl.describe_cells(adata[start:stop], model, processor, options)
+            write_shard(paths[rank], results)
+        except Exception as caught:  # noqa: BLE001 (re-raised below, once the other processes know not to wait)
+            error = caught
+        failed = [r for r, ok in enumerate(gather_object([error is None])) if not ok]
+        if failed:
+            if error is not None:
+                raise error
+            raise ProcessFailed(f"process(es) {failed} of {world} failed (see their error); nothing was written")
+        if not state.is_main_process:
+            handed_over = True
+            return None, params
         merged: list[dict | None] = []
         for other in range(world):
             other_start, other_stop = shard_bounds(adata.n_obs, other, world, unit)
-            merged += read_shard(shard_path(Path(out), other, world, run), other_stop - other_start)
+            merged += read_shard(paths[other], other_stop - other_start)
+        return merged, params
     finally:
-        for other in range(world):
-            shard_path(Path(out), other, world, run).unlink(missing_ok=True)
-    return merged, params
-
+        # Also when stopped (SIGTERM, Ctrl-C: no Exception) or when another process failed: a finished process's
+        # shard was left beside the output. The main process removes every shard, the others their own.
+        if state.is_main_process:
+            leftovers = paths
+        else:
+            leftovers = [] if handed_over else [paths[rank]]
+        for path in leftovers:
+            path.unlink(missing_ok=True)
 
 __all__ = [
     "ProcessFailed", "describe_shared", "launched_processes", "process_state", "read_shard", "shard_bounds", "shard_path",

@@ -106,6 +106,30 @@ def test_another_runs_shards_beside_the_same_out_are_never_read(model_dir, tmp_p
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(path.name for path in other_runs)  # own removed
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_process_stopped_after_writing_its_shard_leaves_none(model_dir, tmp_path, monkeypatch, rank):
+    """The reviewer's finding: SIGTERM or Ctrl-C (no Exception) while a process that had written its shard waited
+    for the others left the shard beside --out (530 cells' results)."""
+    from types import SimpleNamespace
+
+    from modeling_cell2text import tl
+    from modeling_cell2text.distributed import describe_shared
+
+    def stopped(_):
+        assert any(tmp_path.iterdir())  # this process's shard is written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("modeling_cell2text.distributed.cells_per_block", lambda batch_size: 4)  # 2 shares of 6
+    monkeypatch.setattr("accelerate.utils.broadcast_object_list", lambda objects: ["0123456789ab"])
+    monkeypatch.setattr("accelerate.utils.gather_object", stopped)
+    model, processor = tl.load(model_dir, device="cpu")
+    state = SimpleNamespace(process_index=rank, num_processes=2, is_main_process=rank == 0)
+    with pytest.raises(KeyboardInterrupt):
+        describe_shared(mixed_adata(6), model, processor, state, tmp_path / "out.h5ad",
+                        tl.DescribeOptions(max_new_tokens=3, batch_size=4))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_failing_process_leaves_no_output_and_no_shard(model_dir, tmp_path):
     adata = mixed_adata(N_CELLS)
     adata.X[0] = 0  # the first process's first cell expresses no gene: it fails; the second one's share is fine
