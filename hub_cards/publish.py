@@ -18,6 +18,7 @@ keeps the metadata `datasets` writes (`hub_cards.render.push_dataset_card`).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -87,6 +88,21 @@ def _remote_code_files(model_dir: Path, config: dict) -> list[str]:
     return files
 
 
+def code_sha256(model_dir: str | Path, code_dir: str | Path | None = None) -> str | None:
+    """A checksum of the code files a trust_remote_code load of the folder reads (`_remote_code_files`), as they are
+    in ``code_dir`` (default: the folder; the installed package's folder for a run that used its classes): which
+    code an evaluation, and the card's figures, came from. None where the folder names no code (no auto_map)."""
+    model_dir = Path(model_dir)
+    code_dir = Path(code_dir or model_dir)
+    names = sorted(_remote_code_files(model_dir, json.loads((model_dir / "config.json").read_text())))
+    if not names:
+        return None
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode() + b"\0" + ((code_dir / name).read_bytes() if (code_dir / name).is_file() else b""))
+    return digest.hexdigest()
+
+
 def stale_code_files(model_dir: Path, config: dict) -> list[str]:
     """The remote code files of a folder that differ from the installed package's files of the same name."""
     return [name for name in _remote_code_files(model_dir, config)
@@ -131,7 +147,7 @@ def refresh_remote_code(model_dir: str | Path) -> list[str]:
 
 
 def _check_card_is_of_this_model(model_dir: Path, config: dict) -> None:
-    """Refuse a saved evaluation (the card's figures) of other weights or of another gene vocabulary."""
+    """Refuse a saved evaluation (the card's figures) of other weights, another gene vocabulary or other code."""
     results_file = model_dir / EVALUATION_RESULTS
     if not results_file.is_file():
         return
@@ -147,6 +163,10 @@ def _check_card_is_of_this_model(model_dir: Path, config: dict) -> None:
     if evaluated is not None and evaluated != weights_sha256(model_dir):
         raise ValueError(f"{model_dir}/{EVALUATION_RESULTS} (the card's figures) evaluated other weights than the "
                          f"folder holds: {fix}")
+    evaluated = results.get("code_sha256")
+    if evaluated is not None and evaluated != code_sha256(model_dir):
+        raise ValueError(f"{model_dir}/{EVALUATION_RESULTS} (the card's figures) was measured with other model code "
+                         f"than the folder holds (--refresh-code, or another version of Cell2Text): {fix}")
 
 
 def check_hub_ready(model_dir: str | Path, card: ModelCard | None = None) -> None:

@@ -199,7 +199,8 @@ def _limitations(results: Mapping[str, Any], encoder: str, extra: list[str]) -> 
     num_cells = results.get("num_cells")
     if isinstance(num_cells, int) and num_cells < 1000:
         items.append(f"Demo scale: evaluated on {num_cells} cells only, so the numbers below are noisy.")
-    if not is_repo_id(encoder):
+    prepared = results.get("gene_encoder_prepared_on_corpus")  # the evaluated model's record; else from the name
+    if prepared or (prepared is None and not is_repo_id(encoder)):
         items.append(
             f"The gene encoder ({public_name(encoder)}) was not initialised from pretrained Geneformer weights; "
             "it learned from the fine-tuning corpus alone."

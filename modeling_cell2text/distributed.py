@@ -125,7 +125,9 @@ def describe_shared(
         error: Exception | None = None
         params: dict[str, Any] = {}
         try:
-            results, params = tl.describe_cells(adata[start:stop], model, processor, options)
+            # rows of the whole input, not a view of it: a view of a backed file was read into memory, and errors
+            # named rows counted within the share
+            results, params = tl.describe_cells(adata, model, processor, options, rows=range(start, stop))
             write_shard(paths[rank], results)
         except Exception as caught:  # noqa: BLE001 (re-raised below, once the other processes know not to wait)
             error = caught

@@ -217,9 +217,12 @@ class Cell2TextPipeline(Pipeline):
         batch_size: int | None = None,
         sort_by_length: bool = False,
         progress: bool = False,
+        rows: range | None = None,
         **kwargs: Any,
     ) -> list[dict | None]:
-        """Describe every cell of `cells`; see the class docstring. `progress=True` shows a tqdm bar.
+        """Describe every cell of `cells`; see the class docstring. `progress=True` shows a tqdm bar. `rows` (a
+        range of rows, step 1) describes those cells only, one result each, reading no other rows (a process's share
+        of a backed file stays streamed; a view of it was read into memory) and naming the input's rows in errors.
 
         This replaces `Pipeline.__call__`, which takes a list of items and batches them itself: here the input is
         one cells x genes matrix (or AnnData) whose rows are rank-value encoded a block at a time (`cell_batches`);
@@ -243,11 +246,12 @@ class Cell2TextPipeline(Pipeline):
         use_raw = preprocess_params.pop("use_raw", False)
         skip_empty = preprocess_params.pop("skip_empty_cells", False)
         matrix, gene_ids, obs_names = resolve_cells(self.processor.feature_extractor, cells, gene_ids, layer, use_raw)
-        results: list[dict | None] = [None] * matrix.shape[0]
+        rows = checked_rows(rows, matrix.shape[0])
+        results: list[dict | None] = [None] * len(rows)
         cut, max_new_tokens = 0, None
-        with tqdm(total=matrix.shape[0], unit="cell", disable=not progress, desc="Describing cells") as bar:
+        with tqdm(total=len(rows), unit="cell", disable=not progress, desc="Describing cells") as bar:
             for batch in cell_batches(self.processor.feature_extractor, matrix, gene_ids, obs_names, batch_size,
-                                      skip_empty, preprocess_params, sort_by_length, bar):
+                                      skip_empty, preprocess_params, sort_by_length, bar, rows):
                 model_outputs = self.forward(self.preprocess(batch.tokens, batch.bins), **forward_params)
                 if "ended" in model_outputs:
                     cut += int((~model_outputs["ended"]).sum())
@@ -522,22 +526,26 @@ def cell_batches(
     rank_params: dict | None = None,
     sort_by_length: bool = False,
     bar: Any = None,
+    rows: range | None = None,
 ) -> Iterator[CellBatch]:
     """The one loop over an input's cells in batches, for describing (the pipeline, tl, the CLI, the distributed
     describe) and embedding: rows are rank-value encoded a block at a time (`cells_per_block`), so memory stays
     bounded at any number of cells; cells without vocabulary genes raise unless `skip_empty` (they are then left out
-    and counted on `bar`). `sort_by_length` takes each block's cells longest first."""
-    n_cells = matrix.shape[0]
+    and counted on `bar`). `sort_by_length` takes each block's cells longest first. `rows` (default: all) are the
+    rows read; batches' rows count from its first, errors name the input's."""
+    rows = checked_rows(rows, matrix.shape[0])
+    first_row, n_cells = rows.start, len(rows)
     block_cells = cells_per_block(batch_size)
-    empty = cells_without_vocabulary_genes(feature_extractor, matrix, gene_ids, block_cells)
+    empty = cells_without_vocabulary_genes(feature_extractor, matrix, gene_ids, block_cells, rows)
+    whole = n_cells if n_cells == matrix.shape[0] else None  # "(of N)" where N is every cell of the input
     if len(empty) and not skip_empty:
-        raise empty_cells_error(empty, n_cells, obs_names)
+        raise empty_cells_error(empty, whole, obs_names, first_row)
     if len(empty):
         logger.warning("Skipping %d of %d cells that express no vocabulary gene: %s", len(empty), n_cells,
-                       format_cells(empty, obs_names))
+                       format_cells(empty, obs_names, first_row))
     for start in range(0, n_cells, block_cells):
-        ranked = rank_block(feature_extractor, matrix, gene_ids, start, min(start + block_cells, n_cells), obs_names,
-                            skip_empty, rank_params or {})
+        ranked = rank_block(feature_extractor, matrix, gene_ids, first_row + start,
+                            first_row + min(start + block_cells, n_cells), obs_names, skip_empty, rank_params or {})
         if bar is not None:
             bar.update(len(ranked.skipped_cells))
         order = length_order(ranked.lengths) if sort_by_length else np.arange(len(ranked))
@@ -551,17 +559,28 @@ def cell_batches(
 
 
 def cells_without_vocabulary_genes(feature_extractor: Any, matrix: Any, gene_ids: Sequence[str],
-                                   block_cells: int) -> np.ndarray:
-    """Rows with no non-zero value in a gene of the vocabulary, in one cheap pass over the input before any cell is
-    described: the ranking finds them a block at a time, after the blocks before had been generated (hours on an
-    atlas) and, in an error, naming only that block's."""
+                                   block_cells: int, rows: range | None = None) -> np.ndarray:
+    """Rows (of `rows`, counted from its first; default all) with no non-zero value in a gene of the vocabulary, in
+    one cheap pass over the input before any cell is described: the ranking finds them a block at a time, after the
+    blocks before had been generated (hours on an atlas) and, in an error, naming only that block's."""
+    rows = checked_rows(rows, matrix.shape[0])
     columns = np.flatnonzero(feature_extractor.match_genes(gene_ids).column_tokens >= 0)
     empty = []
-    for start in range(0, matrix.shape[0], block_cells):
-        block = as_csr(matrix[start:start + block_cells])[:, columns]  # a copy: zeros may be dropped
+    for start in range(rows.start, rows.stop, block_cells):
+        block = as_csr(matrix[start:min(start + block_cells, rows.stop)])[:, columns]  # a copy: zeros may be dropped
         block.eliminate_zeros()  # any other value (NaN, negative) is left for the value checks to name
-        empty.append(start + np.flatnonzero(block.getnnz(axis=1) == 0))
+        empty.append(start - rows.start + np.flatnonzero(block.getnnz(axis=1) == 0))
     return np.concatenate(empty) if empty else np.zeros(0, dtype=np.int64)
+
+
+def checked_rows(rows: range | None, n_cells: int) -> range:
+    """`rows` (None: every row of an input of `n_cells`), refused unless a range of step 1 within the input."""
+    if rows is None:
+        return range(n_cells)
+    if not isinstance(rows, range) or rows.step != 1 or not 0 <= rows.start <= rows.stop <= n_cells:
+        raise ValueError(f"rows must be a range(start, stop) of step 1 within the input's {n_cells} cells, got "
+                         f"{rows!r}")
+    return rows
 
 
 def cells_per_block(batch_size: int) -> int:
@@ -586,7 +605,7 @@ def _refuse_unknown_generation_options(options: dict, model: Any) -> None:
     if unknown:
         raise TypeError(
             f"unknown option(s) {unknown}: the cell-to-text pipeline takes gene_ids, layer, use_raw, input_values, "
-            "skip_empty_cells, constrained, batch_size, sort_by_length, progress, generate_kwargs and generation "
+            "skip_empty_cells, constrained, batch_size, sort_by_length, progress, rows, generate_kwargs and generation "
             "settings (GenerationConfig's, e.g. max_new_tokens, num_beams, do_sample)"
         )
 

@@ -348,13 +348,16 @@ def describe_cells(
     model: torch.nn.Module,
     processor: Cell2TextProcessor,
     options: DescribeOptions | None = None,
+    *,
+    rows: range | None = None,
     **keywords: Any,
 ) -> tuple[list[dict | None], dict[str, Any]]:
     """(one pipeline result per cell of `cells`, in order, None for a skipped cell; the parameters to record).
 
     `describe` without the writing, so that several processes can each describe a share of the cells
-    (`distributed.describe_shared`) and one writes them all. `cells` is an AnnData or a slice of one (backed too);
-    `model` and `processor` are loaded (`load`); `options` (or their `keywords`) are `DescribeOptions`.
+    (`distributed.describe_shared`: `rows`, a range of them; default all) and one writes them all. `cells` is an
+    AnnData or a slice of one (backed too); `model` and `processor` are loaded (`load`); `options` (or their
+    `keywords`) are `DescribeOptions`.
 
     `sort_by_length=True` generates the cells of each block of 512 longest first, so that a batch pads little (faster
     on cells of mixed gene counts); the results keep the cells' order. Off by default: a cell's batch neighbours
@@ -375,14 +378,15 @@ def describe_cells(
     results = pipe(
         cells, batch_size=options.batch_size, layer=options.layer, use_raw=options.use_raw,
         input_values=options.input_values, skip_empty_cells=options.skip_empty_cells,
-        sort_by_length=options.sort_by_length, progress=options.progress, constrained=options.constrained,
+        sort_by_length=options.sort_by_length, progress=options.progress, constrained=options.constrained, rows=rows,
         # greedy as documented and recorded, whatever the folder's generation_config.json says (a do_sample there
         # sampled while the record said greedy); the call's generate_kwargs may still ask to sample
         generate_kwargs={"max_new_tokens": options.max_new_tokens, "do_sample": False, **compiled,
                          **(options.generate_kwargs or {})},
     )
-    if len(results) != cells.n_obs:
-        raise RuntimeError(f"the pipeline returned {len(results)} results for {cells.n_obs} cells")
+    expected = cells.n_obs if rows is None else len(rows)
+    if len(results) != expected:
+        raise RuntimeError(f"the pipeline returned {len(results)} results for {expected} cells")
     return results, {**options.record(model, constrained, bool(compiled)),
                      "label_tables_sha256": label_tables_sha256(processor)}  # the labels that ran (a subset's own)
 

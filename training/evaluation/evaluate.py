@@ -46,6 +46,7 @@ from modeling_cell2text.label_scoring import (
     score_cell_types,
     cell_type_sentence,
 )
+from hub_cards.publish import PACKAGE_CODE_DIR, code_sha256
 from hub_cards.render import weights_sha256
 from processing.corpus import split_value_lists
 from training.evaluation.metrics import (
@@ -492,10 +493,21 @@ def evaluate_model(
         results["pathway_baseline"] = pathway_baseline(corpus["train"], cells)
     results.update(model=str(model_dir), dataset=str(corpus_dir), split=split,
                    constrained=constrained, trust_remote_code=trust_remote_code,
+                   gene_encoder_prepared_on_corpus=bool(
+                       getattr(model.config.gene_encoder_config, PREPARED_ENCODER_KEY, None)),
                    gene_vocabulary_sha256=vocabulary_sha256,
-                   weights_sha256=weights_sha256(model_dir))
+                   weights_sha256=weights_sha256(model_dir), code_sha256=evaluated_code_sha256(model_dir,
+                                                                                            trust_remote_code))
     per_cell["generated"] = texts
     return results, per_cell, texts
+
+
+def evaluated_code_sha256(model_dir: str | Path, trust_remote_code: bool) -> str | None:
+    """`code_sha256` of the model code that ran: the folder's with `trust_remote_code`, else the installed
+    package's copies of the files the folder names. None for a Hub id or a folder naming no code."""
+    if not (Path(model_dir) / "config.json").is_file():
+        return None
+    return code_sha256(model_dir, None if trust_remote_code else PACKAGE_CODE_DIR)
 
 
 def pathway_baseline(train, cells) -> dict:
