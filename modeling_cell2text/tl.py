@@ -95,6 +95,7 @@ def check_model_path(model: str | os.PathLike) -> None:
     if not folder.exists():
         if str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
             raise ValueError(f"model {model}: no such folder (nor a Hub repo id of the form owner/name)")
+        _check_repo_reachable(str(model))
         return
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -119,6 +120,17 @@ def check_model_path(model: str | os.PathLike) -> None:
         raise ValueError(f"model {model}: config.json says model_type {model_type!r}, not a Cell2Text model")
     if not (folder / PROCESSOR_FILE).is_file():
         raise ValueError(f"model {model}: the folder holds no processor ({PROCESSOR_FILE}). {MISSING_PROCESSOR}")
+
+
+def _check_repo_reachable(repo_id: str) -> None:
+    """Offline (HF_HUB_OFFLINE=1), a repo id must be in the Hugging Face cache: transformers' error named another
+    file (preprocessor_config.json) and neither the cache nor offline mode."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        raise OSError(f"model {repo_id}: not a local folder, and not in the Hugging Face cache "
+                      f"({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE=1: download it first where there is network "
+                      f"(hf download {repo_id}), point at a local folder, or unset HF_HUB_OFFLINE")
 
 
 def load(

@@ -115,3 +115,13 @@ def test_a_repos_commit_is_recorded_as_the_models_revision(composed_dir, hub_cac
     assert {key: provenance[key] for key in ("model", "revision")} == {"model": "org/cell2text", "revision": COMMIT}
     assert tl.model_provenance(Cell2TextForConditionalGeneration.from_pretrained(composed_dir))["revision"] \
         .startswith("sha256:")  # a folder: the checksum of its weights
+
+
+def test_a_repo_in_the_cache_passes_the_offline_check(composed_dir, hub_cache, monkeypatch):  # noqa: F811
+    from modeling_cell2text import tl
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match="not in the Hugging Face cache"):
+        tl.check_model_path("org/cell2text")
+    cache_as_repo(composed_dir, hub_cache, "org/cell2text")
+    tl.check_model_path("org/cell2text")

@@ -241,6 +241,17 @@ def test_folder_code_runs_only_with_trust_remote_code(model_dirs, tmp_path, monk
     assert (adata.obs["cell2text_description"] == DESCRIPTION).all()
 
 
+def test_a_repo_id_missing_from_the_cache_offline_names_the_cache(monkeypatch, tmp_path):
+    # transformers' error named preprocessor_config.json, and neither the cache nor offline mode
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(OSError, match=r"org/missing: not a local folder, and not in the Hugging Face cache .* while "
+                                      r"HF_HUB_OFFLINE=1: download it first"):
+        tl.describe(make_adata(2), "org/missing", progress=False)
+
+
 def test_corrupted_weights_are_one_short_line(model_dirs, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(model_dirs["random"], broken)
