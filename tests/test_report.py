@@ -165,6 +165,11 @@ def test_report_shows_the_cross_validated_benchmark_beside_this_split(tmp_path):
     results["quality_benchmark"].update(num_folds=5, complete=False)
     text = write_report(results, {}, tmp_path, overwrite=True).read_text()
     assert "5-fold cross-validation (incomplete: folds 0, 1 of 5)" in text
+    # A fold run of the benchmark, capped for a smoke test, says so (it read "one split, seed 0", "the same recipe")
+    results.update(fold={"fold": 1, "num_folds": 5}, max_steps=2)
+    text = write_report(results, {}, tmp_path, overwrite=True).read_text()
+    assert "| This run (fold 1 of 5), 2 training steps only |" in text
+    assert "the recipe (this run capped its training steps) in 5-fold" in text and "the same recipe" not in text
 
 
 def test_report_constraint_section_and_reliability_diagram(tmp_path):

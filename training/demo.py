@@ -153,6 +153,8 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     results["split_seed"] = seed
     if fold is not None:
         results["fold"] = {"fold": fold[0], "num_folds": fold[1]}
+    if max_steps:
+        results["max_steps"] = max_steps  # a smoke run: not the benchmark's recipe
     lap("evaluate_cell2text")
 
     from modeling_cell2text import Cell2TextProcessor

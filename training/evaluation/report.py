@@ -239,16 +239,22 @@ def _benchmark_section(results: dict) -> list[str]:
     interrupted = (f" (incomplete: folds {', '.join(map(str, folds))} of {benchmark['num_folds']})"
                    if not benchmark.get("complete") else "")
     num_cells = max(figures.get("num_cells", 0) for figures in pooled.values())
+    recipe = "the recipe (this run capped its training steps)" if results.get("max_steps") else "the same recipe"
     lines = [
         "## This split beside the cross-validated benchmark", "",
-        f"`benchmarks/quality.py`: the same recipe in {benchmark['num_folds']}-fold cross-validation{interrupted}, "
+        f"`benchmarks/quality.py`: {recipe} in {benchmark['num_folds']}-fold cross-validation{interrupted}, "
         f"every one of its {num_cells} test cells tested once, measured {benchmark['date']} at commit "
         f"{benchmark['commit'][:10]} ({benchmark.get('device', 'device not recorded')}). Pooled over the folds' "
         "test cells; accuracy with its 95% interval. This run is one split.",
         "",
     ]
-    seed = results.get("split_seed")
-    run_label = "This run" + (f" (one split, seed {seed})" if seed is not None else " (one split)")
+    seed, fold = results.get("split_seed"), results.get("fold")
+    if fold:  # one of the benchmark's own folds: its split is no seed's
+        run_label = f"This run (fold {fold['fold']} of {fold['num_folds']})"
+    else:
+        run_label = "This run" + (f" (one split, seed {seed})" if seed is not None else " (one split)")
+    if results.get("max_steps"):
+        run_label += f", {results['max_steps']} training steps only"
     rows = []
     for name, title in METHOD_NAMES.items():
         for metric, metric_title in BENCHMARK_METRICS.items():
