@@ -1246,3 +1246,14 @@ def test_earlier_checkpoints_deleted_by_two_nodes_at_once(tmp_path, monkeypatch)
     monkeypatch.setattr(os, "unlink", refused)
     with pytest.raises(PermissionError):  # any other error is raised
         adapters.remove_folder(third)
+
+
+@pytest.mark.parametrize("loss", ["cell_type_head_loss_weight", "cell_type_choice_loss_weight"])
+def test_a_one_process_loss_under_several_processes_is_refused_before_any_work(parts_and_corpus, tmp_path,
+                                                                               monkeypatch, loss):
+    """The reviewer's finding: refused only when the trainer was built, after the encoder had been prepared."""
+    lm_dir, corpus_dir = parts_and_corpus
+    monkeypatch.setattr(SFTConfig, "world_size", property(lambda self: 2))
+    monkeypatch.setattr("training.sft.load_corpus", lambda *args: pytest.fail("read the corpus first"))
+    with pytest.raises(ValueError, match=rf"{loss} > 0 is implemented for one process only"):
+        tiny_recipe(lm_dir, corpus_dir, tmp_path / "out", tmp_path / "final", **{loss: 1.0})

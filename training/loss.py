@@ -66,6 +66,22 @@ class LabelEmbeddingHead(torch.nn.Module):
         return self.scale * F.normalize(features.float(), dim=-1) @ self.labels.T
 
 
+# The losses implemented for one process only, and why.
+ONE_PROCESS_LOSSES = {
+    "cell_type_head_loss_weight": "the head is not part of the model, so DDP would not average its gradients",
+    "cell_type_choice_loss_weight": "it runs the model twice a step, which DDP does not allow",
+}
+
+
+def check_one_process_losses(world_size: int, **weights: float) -> None:
+    """Refuse a one-process loss (`ONE_PROCESS_LOSSES`) with a weight > 0 under several processes; the recipe checks
+    before it prepares the encoder and loads the model, the trainer again when it builds the loss."""
+    for option, weight in weights.items():
+        if option in ONE_PROCESS_LOSSES and weight > 0 and world_size > 1:
+            raise ValueError(f"{option} > 0 is implemented for one process only ({ONE_PROCESS_LOSSES[option]}); set "
+                             "it to 0.")
+
+
 class LabelledPositionsLossMixin:
     """For `SFTTrainer` subclasses: the training loss from logits at labelled positions only.
 
@@ -138,11 +154,10 @@ class LabelledPositionsLossMixin:
         in_first_sentence = labelled & ~after_period & ~after_gap
         return labelled.float() + in_first_sentence.float() * (self.cell_type_loss_weight - 1.0)
 
-    def _single_process_cell_type_labels(self, option: str, why_one_process: str) -> list[str]:
+    def _single_process_cell_type_labels(self, option: str) -> list[str]:
         """The processor's cell-type labels in `cell_type_index` order, for a loss `option` that needs at least two of
         them and one process."""
-        if self.args.world_size > 1:
-            raise ValueError(f"{option} > 0 is implemented for one process only ({why_one_process}); set it to 0.")
+        check_one_process_losses(self.args.world_size, **{option: 1.0})
         labels = cell_type_label_order(self.processing_class) if hasattr(self.processing_class,
                                                                           "ontology_term_ids") else []
         if len(labels) < 2:
@@ -152,8 +167,7 @@ class LabelledPositionsLossMixin:
 
     def _new_cell_type_head(self) -> torch.nn.Module:
         """The auxiliary head: text width -> the processor's cell-type labels (the collator's `cell_type_index`)."""
-        labels = self._single_process_cell_type_labels("cell_type_head_loss_weight", "the head is not part of the "
-                                                       "model, so DDP would not average its gradients")
+        labels = self._single_process_cell_type_labels("cell_type_head_loss_weight")
         model = self.accelerator.unwrap_model(self.model)
         device = next(model.parameters()).device
         if self.cell_type_head_kind == "linear":
@@ -171,8 +185,7 @@ class LabelledPositionsLossMixin:
         if getattr(self.args, "activation_checkpointing", None) or self.args.gradient_checkpointing:
             raise ValueError("cell_type_choice_loss_weight > 0 reads the training forward's KV cache, which gradient "
                              "checkpointing turns off; set gradient_checkpointing=False or the weight to 0.")
-        labels = self._single_process_cell_type_labels("cell_type_choice_loss_weight", "it runs the model twice a "
-                                                       "step, which DDP does not allow")
+        labels = self._single_process_cell_type_labels("cell_type_choice_loss_weight")
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         shared, own = candidate_sentence_tokens(tokenizer, labels)
         tree = OptionTree(own)

@@ -83,7 +83,7 @@ from training.gene_encoder import (
     EncoderSelection,
     prepare_gene_encoder,
 )
-from training.loss import LabelledPositionsLossMixin
+from training.loss import LabelledPositionsLossMixin, check_one_process_losses
 
 logger = logging.getLogger(__name__)
 
@@ -708,6 +708,8 @@ def calibrate(model, processor, args: Cell2TextArguments, training_args: SFTConf
 def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     """Train and save; returns the folder of the merged, Hub-ready model."""
     check_sft_settings(training_args)  # as given: dataset_kwargs gets skip_prepare_dataset below
+    check_one_process_losses(training_args.world_size, cell_type_head_loss_weight=args.cell_type_head_loss_weight,
+                             cell_type_choice_loss_weight=args.cell_type_choice_loss_weight)
     # The collator reads the corpus columns itself: keep them, and skip TRL's text preparation.
     training_args = dataclasses.replace(
         training_args, remove_unused_columns=False,
