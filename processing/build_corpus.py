@@ -527,7 +527,8 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
     _require_kept_cells(reasons)  # values
     extractor = options.feature_extractor or _build_extractor(genes, medians, options)
     if isinstance(medians, HistogramGeneMedians):
-        medians.save(out / "median_histogram.npz", genes.token_ids, source.name, source.shard or (0, 1))
+        medians.save(out / "median_histogram.npz", genes.token_ids, source.name, source.shard or (0, 1),
+                     source.input_sha256)
     kept = pd.isna(reasons)
     split_of = np.full(source.n_cells, -1, dtype=np.int8)
     cell_ids = source.obs.index.astype(str)

@@ -143,13 +143,16 @@ class HistogramGeneMedians:
         result[n == 0] = np.nan
         return result
 
-    def save(self, path: str | Path, gene_ids: list[str], source: str = "", shard: tuple[int, int] = (0, 1)) -> None:
-        """Write the histogram and its gene IDs (``.npz``) so shards can be merged later, with the input's name and
-        which shard of it the histogram counts (``(index, count)``; ``(0, 1)``: all of it), which the merge checks."""
+    def save(self, path: str | Path, gene_ids: list[str], source: str = "", shard: tuple[int, int] = (0, 1),
+             input_sha256: str = "") -> None:
+        """Write the histogram and its gene IDs (``.npz``) so shards can be merged later, with the input it counts
+        (its name, and ``input_sha256``: which input, `sources.cells_sha256` of all its cells; "": by the name) and
+        which shard of it (``(index, count)``; ``(0, 1)``: all of it), which the merge checks."""
         np.savez_compressed(
             path, counts=self.counts, gene_ids=np.asarray(gene_ids, dtype=str),
             binning=np.array([self.bins_per_decade, self.min_value, self.max_value], dtype=np.float64),
             source=np.asarray(source, dtype=str), shard=np.asarray(shard, dtype=np.int64),
+            input_sha256=np.asarray(input_sha256, dtype=str),
         )
 
     @classmethod
@@ -162,14 +165,16 @@ class HistogramGeneMedians:
             return hist, data["gene_ids"].tolist()
 
 
-def histogram_shard(path: str | Path) -> tuple[str, int, int] | None:
-    """(input name, shard index, shard count) a histogram file records (`HistogramGeneMedians.save`); None for a
-    file written before they were recorded."""
+def histogram_shard(path: str | Path) -> tuple[str, str, int, int] | None:
+    """(which input: its checksum, else its name; its name; shard index; shard count) a histogram file records
+    (`HistogramGeneMedians.save`); None for a file written before they were recorded."""
     with np.load(path, allow_pickle=False) as data:
         if "shard" not in data:
             return None
         index, count = data["shard"].tolist()
-        return str(data["source"]), index, count
+        name = str(data["source"])
+        identity = str(data["input_sha256"]) if "input_sha256" in data else ""
+        return identity or name, name, index, count
 
 
 def check_shards(paths: list[str | Path]) -> None:
@@ -188,17 +193,19 @@ def check_shards(paths: list[str | Path]) -> None:
     if untagged:
         logger.warning("%s record no shard (written by an earlier version): whether every shard is given once is "
                        "not checked", untagged)
-    by_source: dict[str, dict[tuple[int, int], str]] = {}
+    by_input: dict[str, dict[tuple[int, int], str]] = {}
+    names: dict[str, str] = {}
     for path, tag in tags.items():
         if tag is None:
             continue
-        source, index, count = tag
-        shards = by_source.setdefault(source, {})
+        identity, names[identity], index, count = tag
+        shards = by_input.setdefault(identity, {})
         if (index, count) in shards:
-            raise ValueError(f"{path} and {shards[index, count]} both count shard {index}/{count} of {source!r} "
-                             "(inputs are told apart by name): give each shard once.")
+            raise ValueError(f"{path} and {shards[index, count]} both count shard {index}/{count} of the same input "
+                             f"({names[identity]!r}, the same cells): give each shard once.")
         shards[index, count] = path
-    for source, shards in by_source.items():
+    for identity, shards in by_input.items():
+        source = names[identity]
         counts = {count for _, count in shards}
         if len(counts) > 1:
             raise ValueError(f"the histograms of {source!r} are shards of different splits ({sorted(shards)}): give "
@@ -245,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.expression_bins < 0:
         parser.error(f"--expression-bins must be >= 0, got {args.expression_bins}")
     from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
+    from modeling_cell2text.argument_types import refused_input_as_one_line
     from modeling_cell2text.output_files import OutputExistsError, check_new_output, publish_folder
 
     out = Path(args.out)
@@ -252,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
         check_new_output(out, args.overwrite, holds=EXTRACTOR_FILE)
     except OutputExistsError as error:
         parser.error(str(error))
-    medians = merge_histogram_files(args.histograms)
+    with refused_input_as_one_line("gene_medians"):
+        medians = merge_histogram_files(args.histograms)
     extractor = Cell2TextFeatureExtractor.from_gene_medians(medians, model_input_size=args.model_input_size,
                                                             num_expression_bins=args.expression_bins)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,9 @@ A source exposes the same four things whatever it reads:
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,15 @@ def standardize_obs(obs: pd.DataFrame, obs_map: Mapping[str, str] | None = None)
     return out
 
 
+def cells_sha256(cell_ids: Iterable[Any]) -> str:
+    """A checksum of an input's cell ids in order: tells inputs apart where their names are alike (two files named
+    cells.h5ad, one Census release under two obs filters)."""
+    digest = hashlib.sha256()
+    for cell_id in cell_ids:
+        digest.update(str(cell_id).encode() + b"\n")
+    return digest.hexdigest()
+
+
 def shard_range(n_rows: int, index: int, count: int) -> range:
     """Rows of shard ``index`` (0-based) of ``count`` near-equal contiguous ranges."""
     if not 0 <= index < count:
@@ -102,6 +112,7 @@ class AnnDataSource:
     (``use_raw=True``: CELLxGENE's layout, raw counts in ``raw.X`` with their genes in ``raw.var``)."""
 
     shard: tuple[int, int] | None = None  # (index, count) where select_shard kept one shard
+    input_sha256: str  # which input, whatever its name: its cells (`cells_sha256`) before any shard is kept
 
     def __init__(
         self,
@@ -130,6 +141,7 @@ class AnnDataSource:
             self.obs["dataset_id"] = self.obs["dataset_id"].where(self.obs["dataset_id"].notna(), dataset_id)
         self.gene_ids, self.gene_symbols = resolve_genes(adata.raw.var if use_raw else adata.var)
         self.rows = range(adata.n_obs)
+        self.input_sha256 = cells_sha256(self.obs.index)
 
     @property
     def n_cells(self) -> int:
@@ -178,6 +190,7 @@ class SomaSource:
     """
 
     shard: tuple[int, int] | None = None  # (index, count) where select_shard kept one shard
+    input_sha256: str  # which input, whatever its name: its cells (`cells_sha256`) before any shard is kept
 
     def __init__(
         self,
@@ -216,6 +229,7 @@ class SomaSource:
             ids = obs["dataset_id"].astype(str) + "/" + ids  # unique within a dataset, not across datasets
         obs.index = pd.Index(ids.to_numpy(), name=None)
         self.obs = standardize_obs(obs, obs_map)
+        self.input_sha256 = cells_sha256(self.obs.index)
         var_schema = set(experiment.ms[measurement].var.schema.names)
         var_used = [c for c in ("soma_joinid", "var_id", *ENSEMBL_VAR_COLUMNS, *SYMBOL_VAR_COLUMNS) if c in var_schema]
         var = experiment.ms[measurement].var.read(column_names=var_used).concat().to_pandas()

@@ -198,7 +198,7 @@ def test_cli_builds_pbmc68k_offline(tmp_path):
 
 
 def test_shards_cover_the_input_and_their_histograms_merge(tmp_path):
-    from processing.gene_medians import HistogramGeneMedians, merge_histogram_files
+    from processing.gene_medians import HistogramGeneMedians, histogram_shard, merge_histogram_files
 
     options = BuildOptions(progress=False, medians="histogram", gmt=None)
     cells = []
@@ -210,6 +210,9 @@ def test_shards_cover_the_input_and_their_histograms_merge(tmp_path):
         cells += [c for s in datasets.load_from_disk(str(tmp_path / f"shard{i}")).values() for c in s["cell_id"]]
     assert sorted(cells) == sorted(pbmc68k_reduced().obs.index)
     merged = merge_histogram_files([tmp_path / f"shard{i}" / "median_histogram.npz" for i in range(2)])
+    tags = [histogram_shard(tmp_path / f"shard{i}" / "median_histogram.npz") for i in range(2)]
+    source = pbmc68k_reduced()
+    assert tags == [(source.input_sha256, source.name, i, 2) for i in range(2)]  # one input's
     build_corpus(pbmc68k_reduced(), tmp_path / "full", options)
     full, ids = HistogramGeneMedians.load(tmp_path / "full" / "median_histogram.npz")
     expected = {g: float(m) for g, m in zip(ids, full.medians()) if np.isfinite(m)}

@@ -75,13 +75,27 @@ def test_histograms_that_do_not_add_up_to_whole_inputs_are_refused(tmp_path):
     copy = HistogramGeneMedians.load(shards[0])[0]
     copy.counts[0, 0] += 1  # another build of the same shard
     copy.save(tmp_path / "again.npz", ids, "cells.h5ad", (0, 3))
-    with pytest.raises(ValueError, match=r"both count shard 0/3 of 'cells.h5ad'"):
+    with pytest.raises(ValueError, match=r"both count shard 0/3 of the same input \('cells.h5ad', the same cells\)"):
         merge_histogram_files([*shards, tmp_path / "again.npz"])
     copy.save(tmp_path / "other.npz", ids, "cells.h5ad", (1, 2))
     with pytest.raises(ValueError, match=r"shards of different splits"):
         merge_histogram_files([*shards, tmp_path / "other.npz"])
     copy.save(tmp_path / "other.npz", ids, "other.h5ad")  # another input, whole: joined
     assert merge_histogram_files([*shards, tmp_path / "other.npz"])
+
+
+def test_inputs_are_told_apart_by_their_cells_not_their_names(tmp_path):
+    # the second reader's finding: two datasets each in a file named cells.h5ad were refused as one shard given twice
+    # (and the Census, named by release, under two obs filters), while shards 0/2 of one and 1/2 of the other passed
+    genes, values = _random_entries(2)
+    ids = [f"ENSG{i:011d}" for i in range(40)]
+    for k, (cells, shard) in enumerate((("a", (0, 1)), ("b", (0, 1)), ("a", (0, 2)), ("b", (1, 2)))):
+        histogram = HistogramGeneMedians(40)
+        histogram.update(genes[k::4], values[k::4])
+        histogram.save(tmp_path / f"h{k}.npz", ids, "cells.h5ad", shard, input_sha256=cells * 64)
+    assert merge_histogram_files([tmp_path / "h0.npz", tmp_path / "h1.npz"])  # two whole inputs
+    with pytest.raises(ValueError, match=r"lack its shards 1/2"):
+        merge_histogram_files([tmp_path / "h2.npz", tmp_path / "h3.npz"])
 
 
 def test_normalize_total_scales_cells_to_10k_and_undoes_log1p():
