@@ -66,13 +66,14 @@ def _auto_map_references(settings: Any) -> list[str]:
     return found
 
 
-def _remote_code_files(model_dir: Path, config: dict) -> list[str]:
-    """The code files a trust_remote_code load of this folder reads: the modules the configs' `auto_map`s and the
-    `cell-to-text` pipeline name, and every module they import relatively, recursively."""
+def _remote_code_files(model_dir: Path, config: dict, pipeline: bool = True) -> list[str]:
+    """The code files a trust_remote_code load of this folder reads: the modules the configs' `auto_map`s and (with
+    `pipeline`) the `cell-to-text` pipeline name, and every module they import relatively, recursively."""
     from transformers.dynamic_module_utils import get_relative_imports
 
     references = _auto_map_references(config)
-    references += [entry.get("impl") or "" for entry in config.get("custom_pipelines", {}).values()]
+    if pipeline:
+        references += [entry.get("impl") or "" for entry in config.get("custom_pipelines", {}).values()]
     for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
         if (model_dir / name).exists():
             references += _auto_map_references(json.loads((model_dir / name).read_text()))
@@ -88,18 +89,23 @@ def _remote_code_files(model_dir: Path, config: dict) -> list[str]:
     return files
 
 
-def code_sha256(model_dir: str | Path, code_dir: str | Path | None = None) -> str | None:
-    """A checksum of the code files a trust_remote_code load of the folder reads (`_remote_code_files`), as they are
-    in ``code_dir`` (default: the folder; the installed package's folder for a run that used its classes): which
-    code an evaluation, and the card's figures, came from. None where the folder names no code (no auto_map)."""
+def code_sha256(model_dir: str | Path, from_folder: str = "all") -> str | None:
+    """A checksum of the code files a trust_remote_code load of the folder reads (`_remote_code_files`): which code
+    an evaluation, and the card's figures, came from. ``from_folder`` says which files ran as the folder holds them,
+    the others as the installed package does: "all" (what the folder ships), "model" (a run that loaded the
+    model and processor classes from the folder and decoded with the package's code) or "none" (the package's
+    classes). None where the folder names no code (no auto_map)."""
     model_dir = Path(model_dir)
-    code_dir = Path(code_dir or model_dir)
-    names = sorted(_remote_code_files(model_dir, json.loads((model_dir / "config.json").read_text())))
+    config = json.loads((model_dir / "config.json").read_text())
+    names = sorted(_remote_code_files(model_dir, config))
     if not names:
         return None
+    folder_files = {"all": set(names), "model": set(_remote_code_files(model_dir, config, pipeline=False)),
+                    "none": set()}[from_folder]
     digest = hashlib.sha256()
     for name in names:
-        digest.update(name.encode() + b"\0" + ((code_dir / name).read_bytes() if (code_dir / name).is_file() else b""))
+        path = (model_dir if name in folder_files else PACKAGE_CODE_DIR) / name
+        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b""))
     return digest.hexdigest()
 
 

@@ -49,6 +49,15 @@ def test_load_model_runs_no_folder_code_by_default(model_and_corpus):
     assert type(processor).__module__ == "modeling_cell2text.processing_cell2text"
 
 
+def test_load_model_keeps_the_saved_dtype(model_and_corpus, tmp_path):
+    # the second reader's finding: loading through tl in float32 doubled a bf16 model's memory and moved its figures
+    model_dir, _ = model_and_corpus
+    model, processor = load_model(model_dir, device="cpu")
+    assert model.dtype == torch.float32
+    save_model_folder(model.to(torch.bfloat16), processor, tmp_path / "bf16")
+    assert load_model(tmp_path / "bf16", device="cpu")[0].dtype == torch.bfloat16
+
+
 def test_load_model_runs_the_folder_code_when_trusted(model_and_corpus, tmp_path, monkeypatch):
     # the Auto classes picked this package's registered classes even with trust_remote_code=True: the README's
     # "runs the code saved with it" did not hold, and nothing said so
@@ -77,7 +86,7 @@ def test_constrained_evaluation_predicts_known_labels_with_confidence(model_and_
     from hub_cards.render import weights_sha256
 
     assert results["weights_sha256"] == weights_sha256(model_dir) is not None  # which weights the figures are of
-    assert results["trust_remote_code"] is False  # which code ran
+    assert results["trust_remote_code"] is False and results["dtype"] == "torch.float32"  # which code ran, how
     assert results["gene_encoder_prepared_on_corpus"] is False  # what the card says of the encoder
     from datasets import load_from_disk
 

@@ -227,25 +227,32 @@ def test_a_card_evaluating_other_weights_is_refused(model_dir):
 
 
 def test_a_card_measured_with_other_code_is_refused(model_dir):
-    """The reviewer's finding: after --refresh-code the card kept figures an earlier version's decoder measured,
+    """The reviewer's finding: after --refresh-code the card kept figures that an earlier version's code measured,
     and nothing recorded which code they came from."""
-    from hub_cards.publish import PACKAGE_CODE_DIR, code_sha256
+    from hub_cards.publish import code_sha256
     from hub_cards.render import save_model_card
     from training.evaluation.evaluate import evaluated_code_sha256
 
-    assert evaluated_code_sha256(model_dir, False) == code_sha256(model_dir, PACKAGE_CODE_DIR) == code_sha256(model_dir)
-    results = {"split": "test", "num_cells": 8, "code_sha256": code_sha256(model_dir), "fields": {}}
-    save_model_card(model_dir, results, repo_id="org/old", base_model="b", encoder="e", dataset_id="org/corpus",
-                    training_config={})
+    def card_measured_with(code):
+        save_model_card(model_dir, {"split": "test", "num_cells": 8, "code_sha256": code, "fields": {}},
+                        repo_id="org/old", base_model="b", encoder="e", dataset_id="org/corpus", training_config={})
+
+    assert evaluated_code_sha256(model_dir, False) == evaluated_code_sha256(model_dir, True) == code_sha256(model_dir)
+    card_measured_with(evaluated_code_sha256(model_dir, False))
     publish_model(model_dir, "org/x", api=FakeHub())
-    decoder = model_dir / "schema_decoding.py"
-    decoder.write_text(decoder.read_text().replace("DEFAULT_NUM_BEAMS = ", "DEFAULT_NUM_BEAMS = 1 or "))
-    assert evaluated_code_sha256(model_dir, True) != code_sha256(model_dir, PACKAGE_CODE_DIR)
-    results["code_sha256"] = code_sha256(model_dir)  # measured with that older decoder
-    save_model_card(model_dir, results, repo_id="org/old", base_model="b", encoder="e", dataset_id="org/corpus",
-                    training_config={})
+    # A folder of an earlier version, evaluated with its own model code (trust_remote_code): refreshed, its card's
+    # figures are of other code than it then ships
+    modeling = model_dir / "modeling_cell2text.py"
+    modeling.write_text(modeling.read_text() + "\n# an earlier version\n")
+    card_measured_with(evaluated_code_sha256(model_dir, True))
     with pytest.raises(ValueError, match="measured with other model code than the folder holds"):
         publish_model(model_dir, "org/x", api=FakeHub(), refresh_code=True)
+    # The second reader's finding: evaluation decodes with the installed decoder even with trust_remote_code, so an
+    # earlier decoder in the folder did not make the figures (they were refused after --refresh-code)
+    decoder = model_dir / "schema_decoding.py"
+    decoder.write_text(decoder.read_text() + "\n# an earlier version\n")
+    card_measured_with(evaluated_code_sha256(model_dir, True))
+    publish_model(model_dir, "org/x", api=FakeHub(), refresh_code=True)
 
 
 def test_refreshing_an_old_folders_code_copies_the_modules_it_now_imports(model_dir):

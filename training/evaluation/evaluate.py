@@ -26,6 +26,7 @@ The model folder is loaded with this project's classes; `--trust-remote-code` ru
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -46,7 +47,7 @@ from modeling_cell2text.label_scoring import (
     score_cell_types,
     cell_type_sentence,
 )
-from hub_cards.publish import PACKAGE_CODE_DIR, code_sha256
+from hub_cards.publish import code_sha256
 from hub_cards.render import weights_sha256
 from processing.corpus import split_value_lists
 from training.evaluation.metrics import (
@@ -430,14 +431,21 @@ def check_corpus_fits_model(corpus_dir: str | Path, model_config, processor, oth
 
 
 def load_model(model_dir: str | Path, trust_remote_code: bool = False, device: str = "auto"):
-    """The model (in float32, eval mode, on `device`: "auto" is the GPU when there is one) and its processor,
-    checked against each other (`tl.load`).
+    """The model (in the dtype it was saved in, as transformers loads it; eval mode, on `device`: "auto" is the GPU
+    when there is one) and its processor, checked against each other (`tl.load`).
 
     With `trust_remote_code=False` (default) the folder is loaded with this project's classes and none of its
     own code runs; `True` runs the model and processor code saved in the folder (a model trained with another
     version of this code; transformers' Auto classes would pick this package's registered classes even then). The
     decoding and the metrics are this project's either way."""
-    return tl.load(model_dir, device=device, dtype="float32", trust_remote_code=trust_remote_code)
+    return tl.load(model_dir, device=device, dtype=saved_dtype(model_dir), trust_remote_code=trust_remote_code)
+
+
+def saved_dtype(model_dir: str | Path) -> str:
+    """The dtype a local model folder's config.json records (float32 where it records none or another)."""
+    config_file = Path(model_dir) / "config.json"
+    saved = json.loads(config_file.read_text()).get("dtype") if config_file.is_file() else None
+    return saved if saved in tl.DTYPES else "float32"
 
 
 def evaluate_model(
@@ -492,7 +500,7 @@ def evaluate_model(
     if "pathways" in results and "train" in corpus and split != "train" and any(corpus["train"]["pathways"]):
         results["pathway_baseline"] = pathway_baseline(corpus["train"], cells)
     results.update(model=str(model_dir), dataset=str(corpus_dir), split=split,
-                   constrained=constrained, trust_remote_code=trust_remote_code,
+                   constrained=constrained, trust_remote_code=trust_remote_code, dtype=str(model.dtype),
                    gene_encoder_prepared_on_corpus=bool(
                        getattr(model.config.gene_encoder_config, PREPARED_ENCODER_KEY, None)),
                    gene_vocabulary_sha256=vocabulary_sha256,
@@ -503,11 +511,12 @@ def evaluate_model(
 
 
 def evaluated_code_sha256(model_dir: str | Path, trust_remote_code: bool) -> str | None:
-    """`code_sha256` of the model code that ran: the folder's with `trust_remote_code`, else the installed
-    package's copies of the files the folder names. None for a Hub id or a folder naming no code."""
+    """`code_sha256` of the code that ran: with `trust_remote_code` the folder's model and processor modules (and
+    what they import) and the installed decoder, else the installed package's copies of every file the folder
+    names. None for a Hub id or a folder naming no code."""
     if not (Path(model_dir) / "config.json").is_file():
         return None
-    return code_sha256(model_dir, None if trust_remote_code else PACKAGE_CODE_DIR)
+    return code_sha256(model_dir, "model" if trust_remote_code else "none")
 
 
 def pathway_baseline(train, cells) -> dict:
