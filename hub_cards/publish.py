@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import RepositoryNotFoundError
 
 import modeling_cell2text
 from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor
@@ -219,16 +220,32 @@ def check_hub_ready(model_dir: str | Path, card: ModelCard | None = None) -> Non
     if foreign:
         raise ValueError(f"{model_dir} holds {foreign} beside its merged weights, which would be uploaded with them "
                          "(and an adapter applied on top of them when loaded): remove them first.")
-    if card is None and (model_dir / "README.md").exists():
-        ModelCard.load(model_dir / "README.md")  # raises on malformed metadata
+    if card is not None:
+        ModelCard(str(card))  # raises on malformed metadata
+    elif (model_dir / "README.md").exists():
+        ModelCard.load(model_dir / "README.md")
     # Loaded as a user would (the installed classes, no remote code): weights that do not match config.json and a
     # processor that does not fit the model are refused here rather than on the Hub.
     check_model_and_processor(Cell2TextForConditionalGeneration.from_pretrained(model_dir, dtype="auto").config,
                               Cell2TextProcessor.from_pretrained(model_dir))
 
 
+def check_private(api: HfApi, repo_id: str, repo_type: str, private: bool) -> None:
+    """Refuse `private` for a repo that exists and is public: checked before any repo is made or file written."""
+    if not private:
+        return
+    try:
+        public = not api.repo_info(repo_id, repo_type=repo_type).private
+    except RepositoryNotFoundError:
+        return
+    if public:
+        raise ValueError(f"The {repo_type} repo {repo_id} exists and is public, and --private was asked: make it "
+                         "private in its settings on the Hub first, or publish without --private.")
+
+
 def ensure_repo(api: HfApi, repo_id: str, repo_type: str, private: bool) -> str:
-    """Create the repo where it does not exist; refuse a public one where `private` was asked. Returns its URL."""
+    """Create the repo where it does not exist; refuse a public one where `private` was asked (again after
+    creating: it may have been made meanwhile). Returns its URL."""
     url = api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
     if private and not api.repo_info(repo_id, repo_type=repo_type).private:
         raise ValueError(f"The {repo_type} repo {repo_id} exists and is public, and --private was asked: make it "
@@ -237,24 +254,26 @@ def ensure_repo(api: HfApi, repo_id: str, repo_type: str, private: bool) -> str:
 
 
 def prepare_model_folder(model_dir: str | Path, repo_id: str, *, dataset_id: str | None = None,
-                         refresh_code: bool = False) -> None:
-    """Check the folder for upload to ``repo_id`` (`check_hub_ready`), then write its card re-rendered for that
-    repo (where its inputs are saved; naming ``dataset_id``, the corpus published with it, where given): a refused
-    folder keeps its card. ``refresh_code`` first brings a folder saved by an earlier version up to date
-    (`refresh_remote_code`)."""
+                         refresh_code: bool = False) -> ModelCard | None:
+    """Check the folder for upload to ``repo_id`` (`check_hub_ready`) with its card re-rendered for that repo
+    (where its inputs are saved; naming ``dataset_id``, the corpus published with it, where given), and return that
+    card (None: the folder's card stays as it is), which `upload_model_folder` writes: a refused folder keeps its
+    card. ``refresh_code`` first brings a folder saved by an earlier version up to date (`refresh_remote_code`)."""
     if refresh_code:
         refresh_remote_code(model_dir)
     card = rerender_model_card(model_dir, repo_id, dataset_id=dataset_id, save=False)
     check_hub_ready(model_dir, card)
-    if card is not None:
-        card.save(Path(model_dir) / "README.md")
+    return card
 
 
-def upload_model_folder(model_dir: str | Path, repo_id: str, private: bool = False,
-                        api: HfApi | None = None) -> str:
-    """Create the model repo where needed and upload a prepared folder (`prepare_model_folder`); returns the URL."""
+def upload_model_folder(model_dir: str | Path, repo_id: str, private: bool = False, api: HfApi | None = None,
+                        card: ModelCard | None = None) -> str:
+    """Create the model repo where needed, write ``card`` (`prepare_model_folder`'s) into the folder and upload
+    it; returns the URL."""
     api = api or HfApi()
     url = ensure_repo(api, repo_id, "model", private)
+    if card is not None:
+        card.save(Path(model_dir) / "README.md")
     api.upload_folder(folder_path=str(model_dir), repo_id=repo_id, repo_type="model",
                       ignore_patterns=list(NOT_UPLOADED), commit_message="Upload Cell2Text")
     return url
@@ -262,10 +281,12 @@ def upload_model_folder(model_dir: str | Path, repo_id: str, private: bool = Fal
 
 def publish_model(model_dir: str | Path, repo_id: str, private: bool = False, api: HfApi | None = None, *,
                   dataset_id: str | None = None, refresh_code: bool = False) -> str:
-    """`prepare_model_folder`, then `upload_model_folder`: nothing is written or created on the Hub for a folder
-    that is refused."""
-    prepare_model_folder(model_dir, repo_id, dataset_id=dataset_id, refresh_code=refresh_code)
-    return upload_model_folder(model_dir, repo_id, private, api)
+    """`prepare_model_folder`, `check_private`, then `upload_model_folder`: nothing is written (but what
+    ``refresh_code`` asks for) or created on the Hub for a folder that is refused."""
+    card = prepare_model_folder(model_dir, repo_id, dataset_id=dataset_id, refresh_code=refresh_code)
+    api = api or HfApi()
+    check_private(api, repo_id, "model", private)
+    return upload_model_folder(model_dir, repo_id, private, api, card)
 
 
 CORPUS_FILES = ("summary.json", "rejects.csv", "unmapped_genes.txt")
@@ -323,10 +344,13 @@ def main(argv: list[str] | None = None) -> None:
     with refused_input_as_one_line("publish"):
         if args.corpus:
             check_corpus_is_the_models(args.model, args.corpus)
-        prepare_model_folder(args.model, args.repo, dataset_id=args.dataset_repo, refresh_code=args.refresh_code)
-        if args.corpus:  # its repo made (a public one refused for --private) before the model is uploaded
-            ensure_repo(api, args.dataset_repo, "dataset", args.private)
-        url = upload_model_folder(args.model, args.repo, args.private, api)
+        card = prepare_model_folder(args.model, args.repo, dataset_id=args.dataset_repo,
+                                    refresh_code=args.refresh_code)
+        check_private(api, args.repo, "model", args.private)
+        if args.corpus:
+            check_private(api, args.dataset_repo, "dataset", args.private)
+            ensure_repo(api, args.dataset_repo, "dataset", args.private)  # before the model is uploaded
+        url = upload_model_folder(args.model, args.repo, args.private, api, card)
         print(f"model: {url}")
         if args.corpus:
             print(f"corpus: {publish_corpus(args.corpus, args.dataset_repo, args.private, api)}")

@@ -114,11 +114,27 @@ def test_adapter_or_pickle_files_in_the_folder_are_refused_before_upload(model_d
         check_hub_ready(model_dir)
 
 
-def test_private_is_refused_for_an_existing_public_repo_before_upload(model_dir):
+def test_private_is_refused_for_an_existing_public_repo_before_anything_is_made_or_written(model_dir, tmp_path,
+                                                                                           monkeypatch):
+    # the second reader's finding: the card was re-rendered for the repo, then --private was refused
+    from hub_cards import publish
+    from hub_cards.render import save_model_card
+
+    save_model_card(model_dir, {"split": "test", "num_cells": 8, "fields": {}}, repo_id="org/old", base_model="b",
+                    encoder="e", dataset_id="org/old-corpus", training_config={})
+    card = (model_dir / "README.md").read_text()
     hub = FakeHub(existing_public=True)
     with pytest.raises(ValueError, match="exists and is public"):
         publish_model(model_dir, "org/x", private=True, api=hub)
-    assert [call[0] for call in hub.calls] == ["create_repo"]
+    assert hub.calls == [] and (model_dir / "README.md").read_text() == card
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "summary.json").write_text("{}")
+    monkeypatch.setattr(publish, "HfApi", lambda: hub)
+    with pytest.raises(SystemExit, match="exists and is public"):
+        publish.main(["--model", str(model_dir), "--repo", "org/x", "--private", "--corpus", str(corpus),
+                      "--dataset-repo", "org/x-corpus"])
+    assert hub.calls == [] and (model_dir / "README.md").read_text() == card
 
 
 def test_code_files_that_differ_from_the_installed_package_are_refused_unless_refreshed(model_dir):
