@@ -8,6 +8,7 @@ Follows transformers' LLaVA layout (v5): `Cell2TextModel` holds `gene_encoder`, 
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from pathlib import Path
 from dataclasses import dataclass
@@ -542,6 +543,13 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
         `generate(**processor(...))` works with it."""
         for key in CELL_ROW_KEYS:
             kwargs.pop(key, None)
+        if len(args) > 1:  # generate(inputs, generation_config, ...) as transformers orders them: read them by name
+            names = [name for name in inspect.signature(GenerationMixin.generate).parameters if name != "self"]
+            for name, value in zip(names[1:], args[1:]):
+                if name in kwargs:
+                    raise TypeError(f"generate() got multiple values for argument {name!r}")
+                kwargs[name] = value
+            args = args[:1]
         given = kwargs.get("generation_config")
 
         def in_effect(name: str) -> Any:  # as transformers merges them: the call, its config, the model's config

@@ -163,14 +163,21 @@ def test_a_callers_generation_config_is_honoured_and_the_placeholder_still_never
     banned = int(first[0])
     config = GenerationConfig(max_new_tokens=5, do_sample=False, suppress_tokens=[banned],
                               pad_token_id=processor.tokenizer.eos_token_id, eos_token_id=None)
-    with torch.no_grad():
-        generated = model.generate(**inputs, generation_config=config)
-    new_tokens = generated[:, inputs["input_ids"].shape[1]:]
-    assert new_tokens.shape == (3, 5)  # the caller's max_new_tokens, no early stop (eos_token_id None)
-    assert not (new_tokens == banned).any()  # the caller's suppressed token
-    assert not (new_tokens == model.config.cell_token_id).any()  # and the placeholder
-    assert config.suppress_tokens == [banned]  # the caller's object is left as given
-    assert not [message for message in warned if "generation-related" in message], warned
+    others = {name: value for name, value in inputs.items() if name != "input_ids"}
+    # by name, and second as transformers orders generate's arguments (the reviewer's finding: given so, the
+    # placeholder's loose settings overrode it: 160 tokens, the banned one first)
+    for generate in (lambda: model.generate(**inputs, generation_config=config),
+                     lambda: model.generate(inputs["input_ids"], config, **others)):
+        with torch.no_grad():
+            generated = generate()
+        new_tokens = generated[:, inputs["input_ids"].shape[1]:]
+        assert new_tokens.shape == (3, 5)  # the caller's max_new_tokens, no early stop (eos_token_id None)
+        assert not (new_tokens == banned).any()  # the caller's suppressed token
+        assert not (new_tokens == model.config.cell_token_id).any()  # and the placeholder
+        assert config.suppress_tokens == [banned]  # the caller's object is left as given
+        assert not [message for message in warned if "generation-related" in message], warned
+    with pytest.raises(TypeError, match="multiple values for argument 'generation_config'"):
+        model.generate(inputs["input_ids"], config, generation_config=config, **others)
 
 
 def test_generate_takes_the_processors_output_with_skipped_cells(model_and_processor):
