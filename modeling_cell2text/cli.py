@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     describe = commands.add_parser("describe", help="Write a description and parsed fields per cell into obs.")
     _add_common_arguments(describe, "cell2text", 16)
     describe.add_argument("--max-new-tokens", type=positive_int, default=None,
-                          help="longest free description in tokens (default 160); one cut there keeps its text "
-                               "with <key>_parsed False and no fields")
+                          help="longest free description (--free) in tokens (default 160); one cut there keeps its "
+                               "text with <key>_parsed False and no fields")
     describe.add_argument("--free", "--free-cell-type", action="store_true", dest="free",
                           help="let the model write the whole description freely (default: every field chosen among "
                                "the training corpus's labels, with its probability in <key>_<field>_score)")
@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="choose the cell type among these of the model's labels only (cells known to be of a "
                                "few types); after the input file, each label quoted: --cell-types 'B cell' 'T cell'")
     describe.add_argument("--compile", action="store_true",
-                          help="static KV cache and torch.compile for decoding on a CUDA GPU (no effect elsewhere)")
+                          help="static KV cache and torch.compile for free decoding (--free) on a CUDA GPU (no effect "
+                               "elsewhere)")
     embed = commands.add_parser("embed", help="Write per-cell embeddings (the gene encoder's) into obsm.")
     _add_common_arguments(embed, "X_cell2text", 64)
     return parser

@@ -10,6 +10,7 @@ imports only numpy, scipy, transformers (tqdm comes with transformers) and its s
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import logging
@@ -71,7 +72,9 @@ class DescribeOptions:
     `layer` / `use_raw`: where the counts are (a layer, `adata.raw`; default X); `input_values`: what they are
     (counts, normalized, log1p); `batch_size`: cells generated together; `constrained`: every field chosen among the
     corpus's labels (default: wherever the processor knows cell-type labels) or, False, the description written
-    freely (greedy, `generate_kwargs`; `max_new_tokens`: a description cut there gets parsed=False and no fields);
+    freely (greedy, `generate_kwargs`; `max_new_tokens`, default 160: a description cut there gets parsed=False and
+    no fields; constrained describing writes each description whole and takes no generation setting but
+    `num_beams`);
     `skip_empty_cells`: leave cells without vocabulary genes out instead of stopping; `sort_by_length`: batch cells
     of similar length (less padding; float32 scores move in their last digits); `compile`: static KV cache and
     torch.compile for free decoding on a CUDA GPU (no effect elsewhere); `progress`: a tqdm bar; `cell_types`: choose
@@ -83,7 +86,7 @@ class DescribeOptions:
     use_raw: bool = False
     input_values: str = "counts"
     batch_size: int = 16
-    max_new_tokens: int = DESCRIPTION_MAX_NEW_TOKENS
+    max_new_tokens: int | None = None
     constrained: bool | None = None
     skip_empty_cells: bool = False
     sort_by_length: bool = False
@@ -122,16 +125,48 @@ class DescribeOptions:
             raise ValueError(f"Unknown describe option(s) {unknown}; the options are {sorted(known)}.")
         return cls(**keywords)
 
-    def record(self, model: Any, constrained: bool, compiled: bool) -> dict[str, Any]:
-        """The parameters recorded in `uns` with the results (what was used, defaults resolved)."""
+    def pipeline_generate_kwargs(self, constrained: bool, compiled: dict[str, Any]) -> dict[str, Any]:
+        """The `generate_kwargs` a describe passes to the pipeline. Constrained: the caller's alone (the pipeline
+        refuses the settings its decoder does not use; `max_new_tokens` bounds free text only). Free: greedy (whatever the
+        folder's generation_config.json says), `max_new_tokens` (160 unless a length is set) and `compiled`'s static
+        cache, each where the caller's settings, loose or in a `generation_config` (a copy of it then takes them),
+        leave it unset: loose ones overrode a given config (160 tokens ran where it said 3, greedy where it sampled)."""
+        given = dict(self.generate_kwargs or {})
+        if constrained:
+            return given
+        config = given.get("generation_config")
+        set_by_caller = set(given) | (set(config.to_diff_dict()) if config is not None else set())
+        defaults = {"do_sample": False, **compiled}
+        if self.max_new_tokens is not None:
+            defaults["max_new_tokens"] = self.max_new_tokens
+        elif not {"max_new_tokens", "max_length"} & set_by_caller:
+            defaults["max_new_tokens"] = DESCRIPTION_MAX_NEW_TOKENS
+        defaults = {name: value for name, value in defaults.items() if name not in set_by_caller}
+        if config is None:
+            return {**given, **defaults}
+        config = copy.deepcopy(config)
+        config.update(**defaults)
+        return {**given, "generation_config": config}
+
+    def record(self, model: Any, constrained: bool, compiled: bool, generate_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The parameters recorded in `uns` with the results (what was used, defaults resolved): `generate_kwargs`
+        are those that ran (`pipeline_generate_kwargs`)."""
+        config = generate_kwargs.get("generation_config")
+        ran = {**(config.to_diff_dict() if config is not None else {}), **generate_kwargs}
         return {
             "cell_types": None if self.cell_types is None else sorted(self.cell_types, key=str),
             "layer": self.layer or ("raw" if self.use_raw else "X"), "input_values": self.input_values,
             "batch_size": self.batch_size, "constrained": constrained,
-            "max_new_tokens": (self.generate_kwargs or {}).get("max_new_tokens", self.max_new_tokens),  # as it ran
+            "max_new_tokens": None if constrained else ran.get("max_new_tokens"),  # as it ran (None: max_length's)
             "skip_empty_cells": self.skip_empty_cells, "sort_by_length": self.sort_by_length, "compile": compiled,
             "dtype": str(model.dtype), "generate_kwargs": json.dumps(self.generate_kwargs or {}, default=str),
         }
+
+
+# The generation settings schema-constrained describing takes: what its decoder reads, what does not bear on it, the
+# length bounds of free descriptions (a constrained one is written whole), and settings at the values it runs with.
+CONSTRAINED_SETTINGS = {"num_beams", "pad_token_id", "transformers_version", "max_new_tokens", "max_length"}
+CONSTRAINED_VALUES = {"do_sample": False, "num_return_sequences": 1}
 
 
 class Cell2TextPipeline(Pipeline):
@@ -151,13 +186,15 @@ class Cell2TextPipeline(Pipeline):
     `<field>_score` is each chosen label's probability and `exact_choice` whether every label is proven the most
     likely of its options (False only where a search over a large label set was cut to a beam).
     `constrained=False` lets the model write the whole description freely (scores None); `num_beams` (default 2)
-    sets the constrained search's width (partial options extended per cell and model call). A free description
+    sets the constrained search's width (partial options extended per cell and model call), the one generation
+    setting constrained describing reads (others are refused, naming `constrained=False`, but the length bounds of
+    free text, `max_new_tokens` and `max_length`: a constrained description is written whole). A free description
     that stops before the model ends it (cut at `max_new_tokens`, or at an `eos_token_id` or `stop_strings` other
     than the tokenizer's end of text) gets `parsed=False` and no fields (its text is kept), with one logged warning
     per call; NaN logits (an overflowing float16 model, NaN weights) raise FloatingPointError, as constrained.
 
-    Cells are rank-value encoded a block at a time (vectorised) and generated `batch_size` cells at a time.
-    Generation is greedy with `max_new_tokens=160` unless the model's generation config, the pipeline's or the
+    Cells are rank-value encoded a block at a time (vectorised) and generated `batch_size` cells at a time. Free
+    generation is greedy with `max_new_tokens=160` unless the model's generation config, the pipeline's or the
     call's keyword arguments (or `generate_kwargs={...}`) say otherwise. One description per cell: a
     `num_return_sequences` other than 1 (from any of those) is refused, and every generated batch is checked to
     hold one sequence per cell, each starting with its own cell's prompt, before any text is returned.
@@ -307,6 +344,13 @@ class Cell2TextPipeline(Pipeline):
             if settings.get("do_sample"):
                 raise ValueError("Schema-constrained describing chooses each label by its likelihood and does not "
                                  "sample: pass do_sample=False, or constrained=False to sample free text.")
+            unused = sorted(name for name, value in settings.items() if name not in CONSTRAINED_SETTINGS
+                            and not (name in CONSTRAINED_VALUES and value == CONSTRAINED_VALUES[name]))
+            if unused:  # they were accepted and did nothing (max_new_tokens=3 gave the same whole descriptions)
+                raise ValueError(
+                    f"{unused}: generation settings that schema-constrained describing does not use (it writes each "
+                    "description whole, choosing every label by its likelihood; num_beams sets the search width). "
+                    "Leave them out, or pass constrained=False to generate freely with them.")
             beams = settings.get("num_beams")  # checked by the decoder: an integer >= 1
             decoder = self.schema_decoder(DEFAULT_NUM_BEAMS if beams is None else int(beams))  # checked in __call__
             return {"schema": decoder.describe(self.model, model_inputs)}

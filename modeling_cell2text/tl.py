@@ -385,21 +385,22 @@ def describe_cells(
     constrained = constrains(processor, options.constrained)  # as the pipeline decides it (it warns where it differs)
     if options.cell_types is not None:
         processor = with_cell_types(processor, options.cell_types)
-    compiled = compiled_decoding_kwargs(model.device) if options.compile else {}
+    if options.compile and constrained:
+        logger.warning("compile=True applies to free describing (constrained=False): the schema-constrained decoder "
+                       "runs as usual.")
+    compiled = compiled_decoding_kwargs(model.device) if options.compile and not constrained else {}
+    generate_kwargs = options.pipeline_generate_kwargs(constrained, compiled)
     pipe = Cell2TextPipeline(model=model, processor=processor, device=model.device)
     results = pipe(
         cells, batch_size=options.batch_size, layer=options.layer, use_raw=options.use_raw,
         input_values=options.input_values, skip_empty_cells=options.skip_empty_cells,
         sort_by_length=options.sort_by_length, progress=options.progress, constrained=options.constrained, rows=rows,
-        # greedy as documented and recorded, whatever the folder's generation_config.json says (a do_sample there
-        # sampled while the record said greedy); the call's generate_kwargs may still ask to sample
-        generate_kwargs={"max_new_tokens": options.max_new_tokens, "do_sample": False, **compiled,
-                         **(options.generate_kwargs or {})},
+        generate_kwargs=generate_kwargs,
     )
     expected = cells.n_obs if rows is None else len(rows)
     if len(results) != expected:
         raise RuntimeError(f"the pipeline returned {len(results)} results for {expected} cells")
-    return results, {**options.record(model, constrained, bool(compiled)),
+    return results, {**options.record(model, constrained, bool(compiled), generate_kwargs),
                      "label_tables_sha256": label_tables_sha256(processor)}  # the labels that ran (a subset's own)
 
 

@@ -49,7 +49,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def described(model_dir: Path, adata: ad.AnnData, **kwargs) -> pd.DataFrame:
-    tl.describe(adata, model_dir, device="cpu", max_new_tokens=6, batch_size=4, progress=False, **kwargs)
+    tl.describe(adata, model_dir, **{"device": "cpu", "max_new_tokens": 6, "batch_size": 4, "progress": False, **kwargs})
     return adata.obs
 
 
@@ -89,14 +89,16 @@ def test_sorted_batches_pad_less(model_dir, monkeypatch):
     assert adata.uns["cell2text"]["params"]["sort_by_length"] is True
 
 
-def test_compile_on_the_cpu_changes_nothing_and_says_so(model_dir, caplog):
-    plain = described(model_dir, mixed_adata(8))
+@pytest.mark.parametrize(("constrained", "notice"), [(False, "needs a CUDA GPU"),
+                                                     (True, "applies to free describing")])
+def test_compile_on_the_cpu_changes_nothing_and_says_so(model_dir, caplog, constrained, notice):
+    plain = described(model_dir, mixed_adata(8), constrained=constrained)
     adata = mixed_adata(8)
     with caplog.at_level(logging.WARNING, logger="modeling_cell2text.tl"):
-        compiled = described(model_dir, adata, compile=True)
+        compiled = described(model_dir, adata, compile=True, constrained=constrained)
     pd.testing.assert_frame_equal(plain, compiled, check_exact=True)
     notices = [record.getMessage() for record in caplog.records if "compile" in record.getMessage()]
-    assert len(notices) == 1 and "needs a CUDA GPU" in notices[0] and "cpu" in notices[0]
+    assert len(notices) == 1 and notice in notices[0]
     assert adata.uns["cell2text"]["params"]["compile"] is False  # what ran, not what was asked
 
 
@@ -104,9 +106,28 @@ def test_the_gpu_settings_are_a_static_cache_and_compile_config_and_give_the_sam
     settings = tl.compiled_decoding_kwargs(torch.device("cuda"))
     assert settings["cache_implementation"] == "static"
     assert isinstance(settings["compile_config"], CompileConfig)
-    # the static cache itself runs on the CPU (transformers compiles only on a GPU): same obs as the dynamic cache,
-    # for the constrained cell type (first sentence forced) and for free generation
-    for constrain in (True, False):
-        plain = described(model_dir, mixed_adata(8), constrained=constrain)
-        static = described(model_dir, mixed_adata(8), constrained=constrain, generate_kwargs=settings)
-        pd.testing.assert_frame_equal(plain, static, check_exact=True)
+    # the static cache itself runs on the CPU (transformers compiles only on a GPU): same obs as the dynamic cache
+    plain = described(model_dir, mixed_adata(8), constrained=False)
+    static = described(model_dir, mixed_adata(8), constrained=False, generate_kwargs=settings)
+    pd.testing.assert_frame_equal(plain, static, check_exact=True)
+    # the schema-constrained decoder does not use them: refused (they were accepted and ignored)
+    with pytest.raises(ValueError, match=r"\['cache_implementation', 'compile_config'\]: generation settings that "
+                                         r"schema-constrained describing does not use"):
+        described(model_dir, mixed_adata(8), constrained=True, generate_kwargs=settings)
+
+
+def test_a_generation_config_given_to_tl_is_honoured_and_recorded(model_dir):
+    """The reviewer's finding: tl's loose max_new_tokens=160 and do_sample=False overrode a generation_config in
+    generate_kwargs (160 tokens ran where it said 3), and the record said 160."""
+    from transformers import GenerationConfig
+
+    adata = mixed_adata(4)
+    obs = described(model_dir, adata, constrained=False,  # and tl's max_new_tokens=6 (`described`)
+                    generate_kwargs={"generation_config": GenerationConfig(max_new_tokens=3, do_sample=False)})
+    assert adata.uns["cell2text"]["params"]["max_new_tokens"] == 3
+    three, six = (described(model_dir, mixed_adata(4), constrained=False, max_new_tokens=n) for n in (3, 6))
+    assert list(obs["cell2text_description"]) == list(three["cell2text_description"])
+    assert list(obs["cell2text_description"]) != list(six["cell2text_description"])
+    # a max_length of the caller's bounds the text, not tl's default of 160 new tokens
+    options = tl.DescribeOptions(constrained=False, generate_kwargs={"max_length": 50})
+    assert options.pipeline_generate_kwargs(False, {}) == {"max_length": 50, "do_sample": False}

@@ -43,3 +43,18 @@ def test_pipeline_constrains_the_cell_type_by_default_with_a_score(random_dir):
     free = describe(counts, gene_ids=GENES, max_new_tokens=4, constrained=False)
     assert all(r["cell_type_score"] is None for r in free)
     assert [r["description"] for r in free] != [r["description"] for r in results]
+
+
+@pytest.mark.parametrize("setting", [dict(repetition_penalty=50.0), dict(eos_token_id=3), dict(streamer=object()),
+                                     dict(logits_processor=[lambda ids, scores: 1 / 0]),
+                                     dict(generate_kwargs={"stop_strings": ["."]})])
+def test_settings_the_constrained_decoder_does_not_use_are_refused(random_dir, setting):
+    # the reviewer's finding: they were accepted, did nothing, and tl recorded them as run
+    describe = pipeline("cell-to-text", model=str(random_dir), trust_remote_code=True, device="cpu")
+    counts = random_counts(2, seed=3)
+    name = next(iter(setting.get("generate_kwargs", setting)))
+    with pytest.raises(ValueError, match=rf"\['{name}'\]: generation settings that schema-constrained describing "
+                                         r"does not use .* or pass constrained=False"):
+        describe(counts, gene_ids=GENES, **setting)
+    # what it takes: its search width, and free text's settings at the values it runs with or its length bounds
+    describe(counts, gene_ids=GENES, num_beams=1, do_sample=False, num_return_sequences=1, max_new_tokens=3)
