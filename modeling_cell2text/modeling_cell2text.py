@@ -360,18 +360,22 @@ class Cell2TextModel(Cell2TextPreTrainedModel):
         genes = is_gene.unsqueeze(-1).to(gene_states.dtype)
         return (gene_states * genes).sum(dim=1) / genes.sum(dim=1)
 
+    def placeholder_positions(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Where the cell placeholders are: in `input_ids`, or, without them, as the placeholder's embedding in
+        `inputs_embeds`."""
+        if input_ids is not None:
+            return input_ids == self.config.cell_token_id
+        placeholder = self.get_input_embeddings()(
+            torch.tensor(self.config.cell_token_id, dtype=torch.long, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == placeholder).all(dim=-1)
+
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, cell_token_counts: torch.Tensor
     ) -> torch.Tensor:
-        """Mask of the cell placeholder positions, found in `input_ids` or, without them, as the placeholder's
-        embedding in `inputs_embeds`; checks that every prompt has as many as its cell has features."""
-        if input_ids is None:
-            placeholder = self.get_input_embeddings()(
-                torch.tensor(self.config.cell_token_id, dtype=torch.long, device=inputs_embeds.device)
-            )
-            placeholder_mask = (inputs_embeds == placeholder).all(dim=-1)
-        else:
-            placeholder_mask = input_ids == self.config.cell_token_id
+        """Mask of the cell placeholder positions (`placeholder_positions`); checks that every prompt has as many as
+        its cell has features."""
+        placeholder_mask = self.placeholder_positions(input_ids, inputs_embeds)
         placeholders_per_row = placeholder_mask.sum(dim=1)
         # One host sync per prefill (never in decoding steps, which carry no cells). Not `torch_compilable_check`:
         # TRANSFORMERS_DISABLE_TORCH_CHECK=1 turns that off, and this check keeps descriptions off the wrong cells.
@@ -415,10 +419,12 @@ class Cell2TextModel(Cell2TextPreTrainedModel):
             placeholder_mask = self.get_placeholder_mask(input_ids, inputs_embeds, counts)
             cell_features = cell_features.to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(placeholder_mask.unsqueeze(-1), cell_features)
-        elif input_ids is not None and (input_ids == self.config.cell_token_id).any():
+        elif self.placeholder_positions(input_ids, inputs_embeds).any():  # the bare placeholder would be read as a cell
+            given = "input_ids hold cell placeholder tokens" if input_ids is not None else \
+                "inputs_embeds hold the cell placeholder's embedding"
             raise ValueError(
-                f"input_ids hold cell placeholder tokens (id {self.config.cell_token_id}) but no gene_input_ids were "
-                "given: pass the processor's gene_input_ids, gene_attention_mask and gene_token_mask."
+                f"{given} (id {self.config.cell_token_id}) but no gene_input_ids were given: pass the processor's "
+                "gene_input_ids, gene_attention_mask and gene_token_mask."
             )
 
         outputs = self.language_model(

@@ -90,6 +90,10 @@ def test_placeholders_without_cells_is_an_error():
     batch = cell_batch()
     with pytest.raises(ValueError, match="no gene_input_ids"):
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    # the reviewer's finding: as embeddings, the bare placeholder was read as a cell, exit 0
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    with pytest.raises(ValueError, match="inputs_embeds hold the cell placeholder's embedding .* no gene_input_ids"):
+        model.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], max_new_tokens=2)
 
 
 def test_generate_with_cache_equals_without_and_encodes_once():
