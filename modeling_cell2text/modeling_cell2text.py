@@ -22,8 +22,8 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, Generatio
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import (CONFIG_NAME, GENERATION_CONFIG_NAME, can_return_tuple, find_adapter_config_file,
-                                logging)
+from transformers.utils import (CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME,
+                                can_return_tuple, find_adapter_config_file, logging)
 
 from .cell_inputs import CELL_INPUT_NAMES, CELL_ROW_KEYS
 from .compatibility import (PREPARED_ENCODER_KEY, check_gene_vocabulary, gene_vocabulary_sha256, hub_kwargs,
@@ -106,6 +106,20 @@ def _refuse_adapter_files(pretrained_model_name_or_path: Any, kwargs: dict) -> N
             "weights only (training.sft saves them merged): remove adapter_config.json and adapter_model.* from "
             "it, or, to apply an adapter on purpose, load a folder without them and call model.load_adapter(...)."
         )
+
+
+def _refuse_two_weight_layouts(pretrained_model_name_or_path: Any, kwargs: dict) -> None:
+    """Refuse a folder or repo holding its weights both whole (model.safetensors) and sharded (an index): saved
+    twice in two layouts, transformers loads the whole file, which may be the earlier save (exit 0)."""
+    if pretrained_model_name_or_path is None:
+        return
+    hub = hub_kwargs(kwargs)
+    if all(saved_file(pretrained_model_name_or_path, name, hub) is not None
+           for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)):
+        raise OSError(
+            f"{pretrained_model_name_or_path!s} holds its weights twice, whole ({SAFE_WEIGHTS_NAME}) and sharded "
+            f"({SAFE_WEIGHTS_INDEX_NAME} and its shards): one is left from an earlier save, and transformers would "
+            f"load {SAFE_WEIGHTS_NAME} whichever it is. Remove the stale ones, or save the model again to a new folder.")
 
 
 def _refuse_unreadable_generation_config(pretrained_model_name_or_path: Any, kwargs: dict) -> None:
@@ -205,6 +219,7 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
         info instead of refusing, for whoever wants to inspect a mismatched checkpoint."""
         kwargs.setdefault("use_safetensors", True)
         _refuse_adapter_files(pretrained_model_name_or_path, kwargs)
+        _refuse_two_weight_layouts(pretrained_model_name_or_path, kwargs)
         wants_loading_info = kwargs.pop("output_loading_info", False)
         try:
             model, loading_info = super().from_pretrained(

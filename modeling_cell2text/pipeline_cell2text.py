@@ -31,7 +31,8 @@ from .cell_inputs import anndata_matrix, check_gene_ids_in_var_order, empty_cell
 from .compatibility import (check_labels, check_model_and_processor, fit_tokens_to_encoder, gene_ranking_sha256,
                             gene_vocabulary_sha256, processor_sha256, recorded_gene_vocabulary_sha256, saved_file)
 from .label_scoring import constrains, constrains_by_default
-from .modeling_cell2text import DESCRIPTION_MAX_NEW_TOKENS, foreign_weight_files
+from .modeling_cell2text import (DESCRIPTION_MAX_NEW_TOKENS, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME,
+                                 foreign_weight_files)
 from .rank_value import as_csr
 from .schema_decoding import DEFAULT_NUM_BEAMS, SchemaDecoder, known_labels, nan_logits_error, schema_results
 from .text_padding import check_outputs_line_up, text_pad_token_id
@@ -443,7 +444,10 @@ class Cell2TextPipeline(Pipeline):
                 checksums.pop("labels")
             self.model.config.processor_sha256 = checksums
         os.makedirs(save_directory, exist_ok=True)
+        earlier = _weights_layout(save_directory)
         self.model.save_pretrained(save_directory, **kwargs)
+        if earlier is not None and _weights_layout(save_directory) is None:  # both layouts now: remove the earlier
+            _remove_weights(save_directory, earlier)  # (it was left beside the new one, and loaded instead)
         if kwargs.get("is_main_process", True):
             custom_object_save(self, save_directory)
             config_file = Path(save_directory) / "config.json"
@@ -451,6 +455,25 @@ class Cell2TextPipeline(Pipeline):
             config_file.write_text(json.dumps({**config, "custom_pipelines": custom_pipelines_entry()}, indent=2,
                                               sort_keys=True) + "\n")
             self.processor.save_pretrained(save_directory)
+
+
+def _weights_layout(folder: str | os.PathLike) -> str | None:
+    """How a folder holds its safetensors weights: "whole" (model.safetensors), "sharded" (an index and its shards),
+    "none", or None where it holds both (one left by an earlier save)."""
+    whole, sharded = ((Path(folder) / name).is_file() for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME))
+    return None if whole and sharded else "whole" if whole else "sharded" if sharded else "none"
+
+
+def _remove_weights(folder: str | os.PathLike, layout: str) -> None:
+    """Remove a folder's weights of `layout`: model.safetensors, or the index and the shards it names."""
+    folder = Path(folder)
+    if layout == "whole":
+        (folder / SAFE_WEIGHTS_NAME).unlink()
+    elif layout == "sharded":
+        index = folder / SAFE_WEIGHTS_INDEX_NAME
+        for shard in set(json.loads(index.read_text()).get("weight_map", {}).values()):
+            (folder / shard).unlink(missing_ok=True)
+        index.unlink()
 
 
 class NaNLogitsFlag(LogitsProcessor):

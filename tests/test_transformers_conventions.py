@@ -219,3 +219,35 @@ def test_generate_writes_whole_descriptions_unless_a_length_is_set(model_and_pro
             assert model.generate(**inputs, generation_config=GenerationConfig(**settings)).shape[1] == prompt + 5
         finally:
             model.generation_config.max_new_tokens = None
+
+
+def test_saving_again_in_the_other_weights_layout_leaves_one_and_a_folder_with_both_is_refused(model_and_processor,
+                                                                                             tmp_path):
+    """The reviewer's finding: saved whole, then sharded into the same folder, the earlier model.safetensors stayed
+    and from_pretrained loaded it (another model's weights, exit 0)."""
+    import shutil
+
+    from modeling_cell2text import save_model_folder
+
+    model, processor = model_and_processor
+    other = Cell2TextForConditionalGeneration.from_pretrained(
+        save_tiny_model_folder(tmp_path / "other", trained=False, seed=1))
+    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+    def loads_this_model(folder):
+        loaded = Cell2TextForConditionalGeneration.from_pretrained(folder).state_dict()
+        return all(torch.equal(loaded[name], tensor) for name, tensor in weights.items())
+
+    for first, then in (({}, {"max_shard_size": "20KB"}), ({"max_shard_size": "20KB"}, {})):
+        out = tmp_path / f"saved-{bool(first)}"
+        save_model_folder(other, processor, out, **first)
+        save_model_folder(model, processor, out, **then)
+        assert loads_this_model(out)
+        assert (out / "model.safetensors").exists() != (out / "model.safetensors.index.json").exists()
+    assert (tmp_path / "saved-False" / "model.safetensors.index.json").exists()  # whole, then sharded
+    both = tmp_path / "both"
+    shutil.copytree(tmp_path / "saved-False", both)
+    save_model_folder(other, processor, tmp_path / "whole")
+    shutil.copy(tmp_path / "whole" / "model.safetensors", both)
+    with pytest.raises(OSError, match="holds its weights twice, whole .* and sharded"):
+        Cell2TextForConditionalGeneration.from_pretrained(both)
