@@ -579,6 +579,9 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
                     return source[name]
             return None
 
+        if in_effect("prefill_chunk_size") and any(kwargs.get(name) is not None for name in CELL_INPUT_NAMES):
+            raise ValueError("prefill_chunk_size splits the prompt, and the cells' features are read into their "
+                             "placeholders in one prefill: leave prefill_chunk_size out when generating with cells.")
         settings = {"suppress_tokens": list(in_effect("suppress_tokens") or [])}
         if self.config.cell_token_id not in settings["suppress_tokens"]:
             settings["suppress_tokens"].append(self.config.cell_token_id)

@@ -168,6 +168,8 @@ class DescribeOptions:
 # length bounds of free descriptions (a constrained one is written whole), and settings at the values it runs with.
 CONSTRAINED_SETTINGS = {"num_beams", "pad_token_id", "transformers_version", "max_new_tokens", "max_length"}
 CONSTRAINED_VALUES = {"do_sample": False, "num_return_sequences": 1}
+# The pipeline's options of a call (`Cell2TextPipeline.__call__`'s own), which building the pipeline does not take.
+CALL_OPTIONS = {"gene_ids", "sort_by_length", "progress", "rows"}
 
 
 class Cell2TextPipeline(Pipeline):
@@ -669,6 +671,10 @@ def _refuse_unknown_generation_options(options: dict, model: Any) -> None:
     known = (set(GenerationConfig().to_dict()) | set(inspect.signature(GenerationMixin.generate).parameters)
              | {"tokenizer", "assistant_tokenizer"} | set(inspect.signature(model.forward).parameters))
     unknown = sorted(set(options) - known)
+    given_too_early = sorted(set(unknown) & CALL_OPTIONS)
+    if given_too_early:
+        raise TypeError(f"{given_too_early}: options of a call, not of the pipeline: pass them when calling it "
+                        "(describe(cells, sort_by_length=True)).")
     if unknown:
         raise TypeError(
             f"unknown option(s) {unknown}: the cell-to-text pipeline takes gene_ids, layer, use_raw, input_values, "

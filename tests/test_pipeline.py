@@ -518,3 +518,10 @@ def test_gene_ids_with_a_dataframe_must_be_its_columns(random_pipeline):
         random_pipeline(frame, GENES[::-1], max_new_tokens=4)
     with pytest.raises(ValueError, match="Rename the columns"):
         random_pipeline(frame.iloc[:, :10], gene_ids=GENES[:9], max_new_tokens=4)
+
+
+def test_options_of_a_call_given_when_building_the_pipeline_are_named_as_such(random_dir):
+    # the reviewer's finding: "unknown option(s) ['sort_by_length']: the pipeline takes ..., sort_by_length, ..."
+    with pytest.raises(TypeError, match=r"\['progress', 'sort_by_length'\]: options of a call, not of the pipeline"):
+        pipeline("cell-to-text", model=str(random_dir), pipeline_class=Cell2TextPipeline, sort_by_length=True,
+                 progress=True)

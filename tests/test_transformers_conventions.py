@@ -251,3 +251,10 @@ def test_saving_again_in_the_other_weights_layout_leaves_one_and_a_folder_with_b
     shutil.copy(tmp_path / "whole" / "model.safetensors", both)
     with pytest.raises(OSError, match="holds its weights twice, whole .* and sharded"):
         Cell2TextForConditionalGeneration.from_pretrained(both)
+
+
+def test_chunked_prefill_with_cells_is_refused_naming_it(model_and_processor, inputs):
+    # the reviewer's finding: it failed saying the processor expanded the cells wrongly
+    model, _ = model_and_processor
+    with pytest.raises(ValueError, match="prefill_chunk_size splits the prompt"):
+        model.generate(**inputs, max_new_tokens=3, prefill_chunk_size=16)
