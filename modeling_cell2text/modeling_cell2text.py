@@ -108,18 +108,28 @@ def _refuse_adapter_files(pretrained_model_name_or_path: Any, kwargs: dict) -> N
         )
 
 
+def weights_file_names(variant: str | None = None) -> tuple[str, str]:
+    """(the whole weights file, the sharded weights' index) of a safetensors save, as transformers names them for
+    `variant` (model.safetensors and model.safetensors.index.json without one)."""
+    def with_variant(name: str) -> str:
+        stem, extension = name.rsplit(".", 1)
+        return f"{stem}.{variant}.{extension}" if variant else name
+
+    return with_variant(SAFE_WEIGHTS_NAME), with_variant(SAFE_WEIGHTS_INDEX_NAME)
+
+
 def _refuse_two_weight_layouts(pretrained_model_name_or_path: Any, kwargs: dict) -> None:
     """Refuse a folder or repo holding its weights both whole (model.safetensors) and sharded (an index): saved
     twice in two layouts, transformers loads the whole file, which may be the earlier save (exit 0)."""
     if pretrained_model_name_or_path is None:
         return
     hub = hub_kwargs(kwargs)
-    if all(saved_file(pretrained_model_name_or_path, name, hub) is not None
-           for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)):
+    whole, index = weights_file_names(kwargs.get("variant"))
+    if all(saved_file(pretrained_model_name_or_path, name, hub) is not None for name in (whole, index)):
         raise OSError(
-            f"{pretrained_model_name_or_path!s} holds its weights twice, whole ({SAFE_WEIGHTS_NAME}) and sharded "
-            f"({SAFE_WEIGHTS_INDEX_NAME} and its shards): one is left from an earlier save, and transformers would "
-            f"load {SAFE_WEIGHTS_NAME} whichever it is. Remove the stale ones, or save the model again to a new folder.")
+            f"{pretrained_model_name_or_path!s} holds its weights twice, whole ({whole}) and sharded ({index} and "
+            f"its shards): one is left from an earlier save, and transformers would load {whole} whichever it is. "
+            "Remove the stale ones (from a Hub repo too), or save the model again to a new folder.")
 
 
 def _refuse_unreadable_generation_config(pretrained_model_name_or_path: Any, kwargs: dict) -> None:

@@ -31,8 +31,7 @@ from .cell_inputs import anndata_matrix, check_gene_ids_in_var_order, empty_cell
 from .compatibility import (check_labels, check_model_and_processor, fit_tokens_to_encoder, gene_ranking_sha256,
                             gene_vocabulary_sha256, processor_sha256, recorded_gene_vocabulary_sha256, saved_file)
 from .label_scoring import constrains, constrains_by_default
-from .modeling_cell2text import (DESCRIPTION_MAX_NEW_TOKENS, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME,
-                                 foreign_weight_files)
+from .modeling_cell2text import DESCRIPTION_MAX_NEW_TOKENS, foreign_weight_files, weights_file_names
 from .rank_value import as_csr
 from .schema_decoding import DEFAULT_NUM_BEAMS, SchemaDecoder, known_labels, nan_logits_error, schema_results
 from .text_padding import check_outputs_line_up, text_pad_token_id
@@ -347,8 +346,11 @@ class Cell2TextPipeline(Pipeline):
             if settings.get("do_sample"):
                 raise ValueError("Schema-constrained describing chooses each label by its likelihood and does not "
                                  "sample: pass do_sample=False, or constrained=False to sample free text.")
+            model_settings = self.model.generation_config.to_dict()  # a copy of it, edited, is the usual way
             unused = sorted(name for name, value in settings.items() if name not in CONSTRAINED_SETTINGS
-                            and not (name in CONSTRAINED_VALUES and value == CONSTRAINED_VALUES[name]))
+                            and not name.startswith("_")
+                            and not (name in CONSTRAINED_VALUES and value == CONSTRAINED_VALUES[name])
+                            and not (name in model_settings and value == model_settings[name]))
             if unused:  # they were accepted and did nothing (max_new_tokens=3 gave the same whole descriptions)
                 raise ValueError(
                     f"{unused}: generation settings that schema-constrained describing does not use (it writes each "
@@ -446,10 +448,11 @@ class Cell2TextPipeline(Pipeline):
                 checksums.pop("labels")
             self.model.config.processor_sha256 = checksums
         os.makedirs(save_directory, exist_ok=True)
-        earlier = _weights_layout(save_directory)
+        names = weights_file_names(kwargs.get("variant"))
+        earlier = _weights_layout(save_directory, names)
         self.model.save_pretrained(save_directory, **kwargs)
-        if earlier is not None and _weights_layout(save_directory) is None:  # both layouts now: remove the earlier
-            _remove_weights(save_directory, earlier)  # (it was left beside the new one, and loaded instead)
+        if kwargs.get("is_main_process", True) and earlier is not None and _weights_layout(save_directory, names) is None:
+            _remove_weights(save_directory, earlier, names)  # the earlier layout was left beside, and loaded instead
         if kwargs.get("is_main_process", True):
             custom_object_save(self, save_directory)
             config_file = Path(save_directory) / "config.json"
@@ -459,23 +462,23 @@ class Cell2TextPipeline(Pipeline):
             self.processor.save_pretrained(save_directory)
 
 
-def _weights_layout(folder: str | os.PathLike) -> str | None:
-    """How a folder holds its safetensors weights: "whole" (model.safetensors), "sharded" (an index and its shards),
-    "none", or None where it holds both (one left by an earlier save)."""
-    whole, sharded = ((Path(folder) / name).is_file() for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME))
+def _weights_layout(folder: str | os.PathLike, names: tuple[str, str]) -> str | None:
+    """How a folder holds its safetensors weights (`names`: `weights_file_names`' of the save's variant): "whole",
+    "sharded" (an index and its shards), "none", or None where it holds both (one left by an earlier save)."""
+    whole, sharded = ((Path(folder) / name).is_file() for name in names)
     return None if whole and sharded else "whole" if whole else "sharded" if sharded else "none"
 
 
-def _remove_weights(folder: str | os.PathLike, layout: str) -> None:
-    """Remove a folder's weights of `layout`: model.safetensors, or the index and the shards it names."""
+def _remove_weights(folder: str | os.PathLike, layout: str, names: tuple[str, str]) -> None:
+    """Remove a folder's weights of `layout`: the whole file, or the index and the shards it names."""
     folder = Path(folder)
     if layout == "whole":
-        (folder / SAFE_WEIGHTS_NAME).unlink()
+        (folder / names[0]).unlink(missing_ok=True)
     elif layout == "sharded":
-        index = folder / SAFE_WEIGHTS_INDEX_NAME
+        index = folder / names[1]
         for shard in set(json.loads(index.read_text()).get("weight_map", {}).values()):
             (folder / shard).unlink(missing_ok=True)
-        index.unlink()
+        index.unlink(missing_ok=True)
 
 
 class NaNLogitsFlag(LogitsProcessor):

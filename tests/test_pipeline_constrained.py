@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -58,3 +59,7 @@ def test_settings_the_constrained_decoder_does_not_use_are_refused(random_dir, s
         describe(counts, gene_ids=GENES, **setting)
     # what it takes: its search width, and free text's settings at the values it runs with or its length bounds
     describe(counts, gene_ids=GENES, num_beams=1, do_sample=False, num_return_sequences=1, max_new_tokens=3)
+    # and a copy of the model's own generation config with its search width set (the second reader's finding)
+    config = copy.deepcopy(describe.model.generation_config)
+    config.num_beams, config.use_cache = 3, True
+    describe(counts, gene_ids=GENES, generation_config=config, eos_token_id=describe.model.generation_config.eos_token_id)

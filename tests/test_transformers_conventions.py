@@ -234,16 +234,19 @@ def test_saving_again_in_the_other_weights_layout_leaves_one_and_a_folder_with_b
         save_tiny_model_folder(tmp_path / "other", trained=False, seed=1))
     weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
-    def loads_this_model(folder):
-        loaded = Cell2TextForConditionalGeneration.from_pretrained(folder).state_dict()
+    def loads_this_model(folder, **variant):
+        loaded = Cell2TextForConditionalGeneration.from_pretrained(folder, **variant).state_dict()
         return all(torch.equal(loaded[name], tensor) for name, tensor in weights.items())
 
-    for first, then in (({}, {"max_shard_size": "20KB"}), ({"max_shard_size": "20KB"}, {})):
-        out = tmp_path / f"saved-{bool(first)}"
-        save_model_folder(other, processor, out, **first)
-        save_model_folder(model, processor, out, **then)
-        assert loads_this_model(out)
-        assert (out / "model.safetensors").exists() != (out / "model.safetensors.index.json").exists()
+    for variant in ({}, {"variant": "v2"}):  # the second reader's finding: a variant's files were not looked at
+        for first, then in (({}, {"max_shard_size": "20KB"}), ({"max_shard_size": "20KB"}, {})):
+            out = tmp_path / f"saved-{bool(first)}{variant.get('variant', '')}"
+            save_model_folder(other, processor, out, **first, **variant)
+            save_model_folder(model, processor, out, **then, **variant)
+            assert loads_this_model(out, **variant)
+            whole = "model.v2.safetensors" if variant else "model.safetensors"
+            index = "model.safetensors.index.v2.json" if variant else "model.safetensors.index.json"
+            assert (out / whole).exists() != (out / index).exists()
     assert (tmp_path / "saved-False" / "model.safetensors.index.json").exists()  # whole, then sharded
     both = tmp_path / "both"
     shutil.copytree(tmp_path / "saved-False", both)
