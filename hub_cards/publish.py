@@ -50,6 +50,9 @@ PACKAGE_CODE_DIR = Path(modeling_cell2text.__file__).parent
 REQUIRED_FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer_config.json")
 # Files of a model folder that are not uploaded: the trainer's state and what the card is rendered from.
 NOT_UPLOADED = ("training_state.json", MODEL_CARD_INPUTS)
+# The weights files of a repo (whole or sharded, any variant): those an upload does not hold are deleted with it, so
+# a model republished in the other layout leaves no stale weights for from_pretrained to load (or refuse).
+WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index*.json")
 
 
 def _auto_map_references(settings: Any) -> list[str]:
@@ -275,7 +278,8 @@ def upload_model_folder(model_dir: str | Path, repo_id: str, private: bool = Fal
     if card is not None:
         card.save(Path(model_dir) / "README.md")
     api.upload_folder(folder_path=str(model_dir), repo_id=repo_id, repo_type="model",
-                      ignore_patterns=list(NOT_UPLOADED), commit_message="Upload Cell2Text")
+                      ignore_patterns=list(NOT_UPLOADED), delete_patterns=list(WEIGHT_FILES),
+                      commit_message="Upload Cell2Text")
     return url
 
 

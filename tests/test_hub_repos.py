@@ -125,3 +125,15 @@ def test_a_repo_in_the_cache_passes_the_offline_check(composed_dir, hub_cache, m
         tl.check_model_path("org/cell2text")
     cache_as_repo(composed_dir, hub_cache, "org/cell2text")
     tl.check_model_path("org/cell2text")
+
+
+def test_evaluation_reads_a_cached_repos_saved_dtype(composed_dir, hub_cache, tmp_path):  # noqa: F811
+    # the second reader's finding: a repo id was taken as float32 whatever its config.json said
+    from training.evaluation.evaluate import saved_dtype
+
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(composed_dir, bf16)
+    config = json.loads((bf16 / "config.json").read_text())
+    (bf16 / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    cache_as_repo(bf16, hub_cache, "org/cell2text-bf16")
+    assert saved_dtype("org/cell2text-bf16") == "bfloat16"

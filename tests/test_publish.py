@@ -54,6 +54,9 @@ def test_a_saved_model_folder_is_hub_ready_and_uploads_whole(model_dir):
     assert url.endswith("org/cell2text-tiny")
     (_, _, create), (_, repo, upload) = hub.calls
     assert repo == "org/cell2text-tiny" and upload["folder_path"] == str(model_dir)
+    # weights of an earlier upload in the other layout (whole, sharded) are deleted with it (a second reader's
+    # finding: the repo then held both, and from_pretrained refused it)
+    assert {"model*.safetensors", "model.safetensors.index*.json"} <= set(upload["delete_patterns"])
 
 
 def test_a_folder_without_the_processor_is_refused(model_dir):

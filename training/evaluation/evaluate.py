@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from modeling_cell2text import tl
-from modeling_cell2text.compatibility import PREPARED_ENCODER_KEY
+from modeling_cell2text.compatibility import PREPARED_ENCODER_KEY, saved_file
 from modeling_cell2text.description_schema import (LABEL_FIELDS, DescriptionParseError, first_sentence,
                                                     parse_description, parse_or_none)
 from modeling_cell2text.schema_decoding import SchemaDecoder
@@ -442,9 +442,9 @@ def load_model(model_dir: str | Path, trust_remote_code: bool = False, device: s
 
 
 def saved_dtype(model_dir: str | Path) -> str:
-    """The dtype a local model folder's config.json records (float32 where it records none or another)."""
-    config_file = Path(model_dir) / "config.json"
-    saved = json.loads(config_file.read_text()).get("dtype") if config_file.is_file() else None
+    """The dtype a model folder's or repo's config.json records (float32 where it records none or another)."""
+    config_file = saved_file(model_dir, "config.json", {})
+    saved = json.loads(Path(config_file).read_text()).get("dtype") if config_file is not None else None
     return saved if saved in tl.DTYPES else "float32"
 
 
