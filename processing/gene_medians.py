@@ -146,7 +146,7 @@ class HistogramGeneMedians:
     def save(self, path: str | Path, gene_ids: list[str], source: str = "", shard: tuple[int, int] = (0, 1),
              input_sha256: str = "") -> None:
         """Write the histogram and its gene IDs (``.npz``) so shards can be merged later, with the input it counts
-        (its name, and ``input_sha256``: which input, `sources.cells_sha256` of all its cells; "": by the name) and
+        (its name, and ``input_sha256``: which input, `sources.input_sha256` of its cells and genes; "": by the name) and
         which shard of it (``(index, count)``; ``(0, 1)``: all of it), which the merge checks."""
         np.savez_compressed(
             path, counts=self.counts, gene_ids=np.asarray(gene_ids, dtype=str),
@@ -202,8 +202,12 @@ def check_shards(paths: list[str | Path]) -> None:
         shards = by_input.setdefault(identity, {})
         if (index, count) in shards:
             raise ValueError(f"{path} and {shards[index, count]} both count shard {index}/{count} of the same input "
-                             f"({names[identity]!r}, the same cells): give each shard once.")
+                             f"({names[identity]!r}: the same cells and genes): give each shard once.")
         shards[index, count] = path
+    mixed = sorted({name for identity, name in names.items() if identity != name} & set(by_input))
+    if mixed:  # a name standing for an input only where a file records no checksum: shards of two versions
+        raise ValueError(f"the histograms of {mixed} were written by two versions of the corpus builder (some record "
+                         "no input checksum): rebuild the older shards.")
     for identity, shards in by_input.items():
         source = names[identity]
         counts = {count for _, count in shards}

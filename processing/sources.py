@@ -91,12 +91,16 @@ def standardize_obs(obs: pd.DataFrame, obs_map: Mapping[str, str] | None = None)
     return out
 
 
-def cells_sha256(cell_ids: Iterable[Any]) -> str:
-    """A checksum of an input's cell ids in order: tells inputs apart where their names are alike (two files named
-    cells.h5ad, one Census release under two obs filters)."""
-    digest = hashlib.sha256()
-    for cell_id in cell_ids:
-        digest.update(str(cell_id).encode() + b"\n")
+def input_sha256(obs: pd.DataFrame, gene_ids: Iterable[Any], first_rows: sp.csr_matrix | None = None) -> str:
+    """A checksum of an input's cells (obs: ids and every column, as text), genes and, where given, the values of
+    its first rows: tells inputs apart where their names are alike (two files named cells.h5ad, one Census release
+    under two obs filters) or their obs are (AnnData built from arrays numbers its cells 0, 1, ...)."""
+    digest = hashlib.sha256(pd.util.hash_pandas_object(obs.astype(str), index=True).to_numpy().tobytes())
+    for gene in gene_ids:
+        digest.update(str(gene).encode() + b"\n")
+    if first_rows is not None:
+        for part in (first_rows.indptr, first_rows.indices, first_rows.data):
+            digest.update(np.ascontiguousarray(part).tobytes())
     return digest.hexdigest()
 
 
@@ -112,7 +116,7 @@ class AnnDataSource:
     (``use_raw=True``: CELLxGENE's layout, raw counts in ``raw.X`` with their genes in ``raw.var``)."""
 
     shard: tuple[int, int] | None = None  # (index, count) where select_shard kept one shard
-    input_sha256: str  # which input, whatever its name: its cells (`cells_sha256`) before any shard is kept
+    input_sha256: str  # which input, whatever its name: its cells and genes (`input_sha256`) before any shard
 
     def __init__(
         self,
@@ -141,7 +145,7 @@ class AnnDataSource:
             self.obs["dataset_id"] = self.obs["dataset_id"].where(self.obs["dataset_id"].notna(), dataset_id)
         self.gene_ids, self.gene_symbols = resolve_genes(adata.raw.var if use_raw else adata.var)
         self.rows = range(adata.n_obs)
-        self.input_sha256 = cells_sha256(self.obs.index)
+        self.input_sha256 = input_sha256(self.obs, self.gene_ids, next(self.iter_chunks(64))[1] if adata.n_obs else None)
 
     @property
     def n_cells(self) -> int:
@@ -190,7 +194,7 @@ class SomaSource:
     """
 
     shard: tuple[int, int] | None = None  # (index, count) where select_shard kept one shard
-    input_sha256: str  # which input, whatever its name: its cells (`cells_sha256`) before any shard is kept
+    input_sha256: str  # which input, whatever its name: its cells and genes (`input_sha256`) before any shard
 
     def __init__(
         self,
@@ -229,7 +233,6 @@ class SomaSource:
             ids = obs["dataset_id"].astype(str) + "/" + ids  # unique within a dataset, not across datasets
         obs.index = pd.Index(ids.to_numpy(), name=None)
         self.obs = standardize_obs(obs, obs_map)
-        self.input_sha256 = cells_sha256(self.obs.index)
         var_schema = set(experiment.ms[measurement].var.schema.names)
         var_used = [c for c in ("soma_joinid", "var_id", *ENSEMBL_VAR_COLUMNS, *SYMBOL_VAR_COLUMNS) if c in var_schema]
         var = experiment.ms[measurement].var.read(column_names=var_used).concat().to_pandas()
@@ -241,6 +244,7 @@ class SomaSource:
         var = var.drop(columns="soma_joinid")
         self.n_genes = len(var)
         self.gene_ids, self.gene_symbols = resolve_genes(var)
+        self.input_sha256 = input_sha256(self.obs, self.gene_ids)
         logger.info("SOMA source %s: %d cells pass the obs filter %r", self.name, len(self.joinids), obs_value_filter)
 
     @property

@@ -1,6 +1,7 @@
 """Gene medians: exact accumulator vs numpy, histogram within its stated bound, shard merging."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 
@@ -75,7 +76,7 @@ def test_histograms_that_do_not_add_up_to_whole_inputs_are_refused(tmp_path):
     copy = HistogramGeneMedians.load(shards[0])[0]
     copy.counts[0, 0] += 1  # another build of the same shard
     copy.save(tmp_path / "again.npz", ids, "cells.h5ad", (0, 3))
-    with pytest.raises(ValueError, match=r"both count shard 0/3 of the same input \('cells.h5ad', the same cells\)"):
+    with pytest.raises(ValueError, match=r"both count shard 0/3 of the same input \('cells.h5ad': the same cells and genes\)"):
         merge_histogram_files([*shards, tmp_path / "again.npz"])
     copy.save(tmp_path / "other.npz", ids, "cells.h5ad", (1, 2))
     with pytest.raises(ValueError, match=r"shards of different splits"):
@@ -96,6 +97,28 @@ def test_inputs_are_told_apart_by_their_cells_not_their_names(tmp_path):
     assert merge_histogram_files([tmp_path / "h0.npz", tmp_path / "h1.npz"])  # two whole inputs
     with pytest.raises(ValueError, match=r"lack its shards 1/2"):
         merge_histogram_files([tmp_path / "h2.npz", tmp_path / "h3.npz"])
+    histogram = HistogramGeneMedians(40)
+    histogram.save(tmp_path / "old.npz", ids, "cells.h5ad", (1, 2))  # an earlier version's: no checksum
+    with pytest.raises(ValueError, match=r"\['cells.h5ad'\] were written by two versions"):
+        merge_histogram_files([tmp_path / "h2.npz", tmp_path / "old.npz"])
+
+
+def test_sources_of_alike_names_or_cell_ids_are_told_apart(tmp_path):
+    # the second reader's findings: AnnData built from arrays numbers its cells 0, 1, ...: two datasets of one size
+    # had one checksum (shards of both merged as one input's)
+    import anndata as ad
+
+    from processing.sources import AnnDataSource
+
+    counts = sp.random(20, 30, density=0.3, format="csr", random_state=0)
+    genes = pd.DataFrame(index=[f"ENSG{i:011d}" for i in range(30)])
+    one, other = (AnnDataSource(ad.AnnData(counts * k, obs=pd.DataFrame(index=[str(i) for i in range(20)]),
+                                           var=genes), name="cells.h5ad") for k in (1, 2))
+    assert one.input_sha256 != other.input_sha256  # one name, one obs, other counts
+    again = AnnDataSource(ad.AnnData(counts, obs=pd.DataFrame(index=[str(i) for i in range(20)]), var=genes),
+                          name="x.h5ad")
+    again.select_shard(1, 2)
+    assert again.input_sha256 == one.input_sha256  # the same cells under another name, whatever shard is kept
 
 
 def test_normalize_total_scales_cells_to_10k_and_undoes_log1p():
