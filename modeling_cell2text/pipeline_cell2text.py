@@ -127,10 +127,11 @@ class DescribeOptions:
 
     def pipeline_generate_kwargs(self, constrained: bool, compiled: dict[str, Any]) -> dict[str, Any]:
         """The `generate_kwargs` a describe passes to the pipeline. Constrained: the caller's alone (the pipeline
-        refuses the settings its decoder does not use; `max_new_tokens` bounds free text only). Free: greedy (whatever the
-        folder's generation_config.json says), `max_new_tokens` (160 unless a length is set) and `compiled`'s static
-        cache, each where the caller's settings, loose or in a `generation_config` (a copy of it then takes them),
-        leave it unset: loose ones overrode a given config (160 tokens ran where it said 3, greedy where it sampled)."""
+        refuses the settings its decoder does not use; `max_new_tokens` bounds free text only). Free: greedy
+        (whatever the folder's generation_config.json says), `max_new_tokens` (160 unless a length is set) and
+        `compiled`'s static cache, each where the caller's settings, loose or in a `generation_config` (a copy of it
+        then takes them), leave it unset: loose ones overrode a given config (160 tokens ran where it said 3, greedy
+        where it sampled)."""
         given = dict(self.generate_kwargs or {})
         if constrained:
             return given
@@ -451,7 +452,8 @@ class Cell2TextPipeline(Pipeline):
         names = weights_file_names(kwargs.get("variant"))
         earlier = _weights_layout(save_directory, names)
         self.model.save_pretrained(save_directory, **kwargs)
-        if kwargs.get("is_main_process", True) and earlier is not None and _weights_layout(save_directory, names) is None:
+        main_process = kwargs.get("is_main_process", True)
+        if main_process and earlier is not None and _weights_layout(save_directory, names) is None:
             _remove_weights(save_directory, earlier, names)  # the earlier layout was left beside, and loaded instead
         if kwargs.get("is_main_process", True):
             custom_object_save(self, save_directory)

@@ -217,8 +217,9 @@ def check_shards(paths: list[str | Path]) -> None:
         count = counts.pop()
         missing = sorted(set(range(count)) - {index for index, _ in shards})
         if missing:
-            raise ValueError(f"the histograms of {source!r} lack its shards {', '.join(f'{i}/{count}' for i in missing)}"
-                             ": give every shard's median_histogram.npz.")
+            shown = ", ".join(f"{i}/{count}" for i in missing)
+            raise ValueError(f"the histograms of {source!r} lack its shards {shown}: give every shard's "
+                             "median_histogram.npz.")
 
 
 def merge_histogram_files(paths: list[str | Path]) -> dict[str, float]:

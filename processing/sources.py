@@ -145,7 +145,8 @@ class AnnDataSource:
             self.obs["dataset_id"] = self.obs["dataset_id"].where(self.obs["dataset_id"].notna(), dataset_id)
         self.gene_ids, self.gene_symbols = resolve_genes(adata.raw.var if use_raw else adata.var)
         self.rows = range(adata.n_obs)
-        self.input_sha256 = input_sha256(self.obs, self.gene_ids, next(self.iter_chunks(64))[1] if adata.n_obs else None)
+        first_rows = next(self.iter_chunks(64))[1] if adata.n_obs else None
+        self.input_sha256 = input_sha256(self.obs, self.gene_ids, first_rows)
 
     @property
     def n_cells(self) -> int:
