@@ -454,6 +454,17 @@ def test_a_resume_on_another_corpus_is_refused(tmp_path):
         check_resume(str(checkpoint), {**record, "corpus_fingerprints": {"train": "bbbb"}}, str(tmp_path))
     with pytest.raises(ValueError, match=r"trained with another max_train_samples"):
         check_resume(str(checkpoint), {**record, "max_train_samples": 10}, str(tmp_path))
+    # a run stopped between a checkpoint's weights and its record (the suite's SIGTERM test found it): the record
+    # of the run's other checkpoints is checked; one cut short is named
+    later = tmp_path / "checkpoint-4"
+    later.mkdir()
+    with pytest.raises(ValueError, match=r"trained with another max_train_samples"):
+        check_resume(str(later), {**record, "max_train_samples": 10}, str(tmp_path))
+    (later / TRAINED_WITH_FILE).write_text("")
+    with pytest.raises(ValueError, match=r"checkpoint-4/cell2text_trained_with.json does not read .* stopped while "
+                                         r"writing it"):
+        check_resume(str(later), record, str(tmp_path))
+    (later / TRAINED_WITH_FILE).unlink()
     del record["corpus_fingerprints"], record["max_train_samples"]  # saved before they were recorded: not checked
     (checkpoint / TRAINED_WITH_FILE).write_text(json.dumps(record))
     check_resume(str(checkpoint), {**record, "corpus_fingerprints": {"train": "bbbb"}}, str(tmp_path))

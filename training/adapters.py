@@ -148,7 +148,14 @@ class RecordTrainedWith(TrainerCallback):
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
             for name, content in {TRAINED_WITH_FILE: self.record, **self.extra}.items():
-                (folder / name).write_text(json.dumps(content, indent=2))
+                # whole or not at all: a run stopped while writing left an empty record, which no resume could read
+                handle, partial = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+                try:
+                    with os.fdopen(handle, "w") as file:
+                        json.dump(content, file, indent=2)
+                    os.replace(partial, folder / name)
+                finally:
+                    Path(partial).unlink(missing_ok=True)
 
 
 def resumed_checkpoint(checkpoint: str | bool | None, output_dir: str) -> Path | None:
@@ -173,12 +180,20 @@ def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -
     checkpoint = resumed_checkpoint(checkpoint, output_dir)
     if checkpoint is None:
         return
-    path = checkpoint / TRAINED_WITH_FILE
-    if not path.is_file():
+    # A run stopped between a checkpoint's weights and its record leaves it without one: its run's other
+    # checkpoints (one run per output_dir, `check_output_dir`) record the same settings.
+    records = [checkpoint / TRAINED_WITH_FILE,
+               *sorted(checkpoint.parent.glob(f"{PREFIX_CHECKPOINT_DIR}-*/{TRAINED_WITH_FILE}"), reverse=True)]
+    path = next((record_file for record_file in records if record_file.is_file()), None)
+    if path is None:
         logger.warning("%s records no gene encoder or LoRA settings (%s): the resume is not checked.", checkpoint,
                        TRAINED_WITH_FILE)
         return
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} does not read ({error}): a run stopped while writing it; resume from an earlier "
+                         "checkpoint, or delete the file to resume without the check.") from error
     changed = sorted(k for k in {*saved, *record} if saved.get(k, record.get(k)) != record.get(k))
     if changed:
         differences = "; ".join(f"{k}: {_shown(saved.get(k))} there, {_shown(record.get(k))} now" for k in changed)
