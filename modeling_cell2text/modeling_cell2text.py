@@ -264,6 +264,7 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
             ) from err
         _refuse_unreadable_generation_config(pretrained_model_name_or_path, kwargs)
         model.config._commit_hash = _loaded_commit(pretrained_model_name_or_path, kwargs)
+        _name_subfolder(model, pretrained_model_name_or_path, kwargs.get("subfolder"))
         if wants_loading_info:
             return model, loading_info
         _refuse_unloaded_weights(pretrained_model_name_or_path, loading_info)
@@ -277,6 +278,17 @@ def _loaded_commit(source: Any, kwargs: dict) -> str | None:
     from transformers.utils.hub import extract_commit_hash
 
     return extract_commit_hash(saved_file(source, CONFIG_NAME, hub_kwargs(kwargs)), None)
+
+
+def _name_subfolder(model: PreTrainedModel, source: Any, subfolder: str | None) -> None:
+    """Make a model loaded with `subfolder=` name where it came from: transformers names the folder or repo above
+    it, so its processor was loaded from there and `tl`'s record named that folder and the checksum of its weights,
+    not of those that ran. A local folder's `name_or_path` becomes the subfolder's path; a Hub repo keeps its id
+    and `loaded_subfolder` names the subfolder (for the processor and the record)."""
+    model.loaded_subfolder = subfolder or None
+    if subfolder and Path(source, subfolder).is_dir():
+        model.name_or_path = model.config.name_or_path = str(Path(source, subfolder))
+        model.loaded_subfolder = None
 
 
 class Cell2TextModel(Cell2TextPreTrainedModel):

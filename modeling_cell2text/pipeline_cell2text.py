@@ -54,7 +54,8 @@ def _raise_why_no_processor(model: Any) -> None:
     source = getattr(model, "name_or_path", None)
     # a repo loaded at another revision: its commit, which transformers records on the config (None for a folder)
     commit = getattr(getattr(model, "config", None), "_commit_hash", None)
-    hub = {"revision": commit} if commit else {}
+    subfolder = getattr(model, "loaded_subfolder", None)  # of a Hub repo (`modeling_cell2text._name_subfolder`)
+    hub = {**({"revision": commit} if commit else {}), **({"subfolder": subfolder} if subfolder else {})}
     if source and saved_file(source, "processor_config.json", hub) is not None:
         from .processing_cell2text import Cell2TextProcessor
 

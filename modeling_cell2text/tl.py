@@ -155,7 +155,7 @@ def load(
             source = getattr(model, "name_or_path", "")
             if not source:
                 raise ValueError("the model was not loaded from a folder or repo: pass processor=...")
-            processor = load_processor(source, trust_remote_code)
+            processor = load_processor(source, trust_remote_code, getattr(model, "loaded_subfolder", None))
         if device != "auto":
             model = model.to(target)
         if dtype != "auto" and resolve_dtype(dtype, target) != model.dtype:
@@ -177,10 +177,13 @@ def load(
     return loaded.to(target).eval(), processor
 
 
-def load_processor(model: str | os.PathLike, trust_remote_code: bool = False) -> Cell2TextProcessor:
-    """The processor saved with a model, with this package's class unless `trust_remote_code=True`."""
+def load_processor(model: str | os.PathLike, trust_remote_code: bool = False,
+                   subfolder: str | None = None) -> Cell2TextProcessor:
+    """The processor saved with a model (in its `subfolder` of a Hub repo), with this package's class unless
+    `trust_remote_code=True`."""
     processor_class = remote_class(model, PROCESSOR_FILE, "AutoProcessor") if trust_remote_code else None
-    return (processor_class or Cell2TextProcessor).from_pretrained(model)
+    where = {"subfolder": subfolder} if subfolder else {}
+    return (processor_class or Cell2TextProcessor).from_pretrained(model, **where)
 
 
 def remote_class(model: str | os.PathLike, config_file: str, auto_class: str) -> type:
@@ -205,7 +208,7 @@ def model_provenance(model: torch.nn.Module) -> dict[str, str]:
     """Where the model came from: its path or repo id and a revision (the Hub commit, or the sha256 of a local
     folder's safetensors files as they are now, as evaluation's and the model card's `weights_sha256`), and
     `state_dict_sha256`, the checksum of the weights that run (in memory: a model changed after loading, or a
-    folder saved again since, moves one and not the other)."""
+    folder saved again since, moves one and not the other); `subfolder` where it was loaded from one of a Hub repo."""
     source = str(getattr(model, "name_or_path", "") or "")
     revision = getattr(model.config, "_commit_hash", None)
     folder = Path(source) if source else None
@@ -217,8 +220,9 @@ def model_provenance(model: torch.nn.Module) -> dict[str, str]:
                 for chunk in iter(lambda: handle.read(1 << 24), b""):
                     digest.update(chunk)
         revision = "sha256:" + digest.hexdigest()
-    return {"model": source or "unsaved model", "revision": revision or "unknown",
-            "state_dict_sha256": state_dict_sha256(model)}
+    subfolder = getattr(model, "loaded_subfolder", None)
+    return {"model": source or "unsaved model", **({"subfolder": subfolder} if subfolder else {}),
+            "revision": revision or "unknown", "state_dict_sha256": state_dict_sha256(model)}
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:

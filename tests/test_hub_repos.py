@@ -117,6 +117,20 @@ def test_a_repos_commit_is_recorded_as_the_models_revision(composed_dir, hub_cac
         .startswith("sha256:")  # a folder: the checksum of its weights
 
 
+def test_a_model_in_a_repos_subfolder_describes_with_that_subfolders_processor(composed_dir, hub_cache):  # noqa: F811
+    """transformers names the repo without the subfolder: the processor was looked for at the repo's root (none
+    there: an error naming the wrong place) and the record did not say which model of the repo ran."""
+    from modeling_cell2text import tl
+    from test_pipeline import make_adata
+
+    cache_as_repo(composed_dir.parent, hub_cache, "org/models")
+    model = Cell2TextForConditionalGeneration.from_pretrained("org/models", subfolder=composed_dir.name)
+    adata = make_adata(2)
+    tl.describe(adata, model, max_new_tokens=4, constrained=False, progress=False)
+    record = adata.uns["cell2text"]
+    assert (record["model"], record["subfolder"], record["revision"]) == ("org/models", composed_dir.name, COMMIT)
+
+
 def test_a_repo_in_the_cache_passes_the_offline_check(composed_dir, hub_cache, monkeypatch):  # noqa: F811
     from modeling_cell2text import tl
 

@@ -158,6 +158,21 @@ def test_an_already_loaded_model(model_dirs):
     assert adata.uns["cell2text"]["model"] == str(model_dirs["trained"])
 
 
+def test_a_model_loaded_from_a_subfolder_is_recorded_as_that_folder(model_dirs, tmp_path):
+    """transformers names the folder above a subfolder: the record named that folder and the checksum of its
+    weights (another model's), and its processor was the one loaded."""
+    root = tmp_path / "root"
+    shutil.copytree(model_dirs["trained"], root)
+    shutil.copytree(model_dirs["random"], root / "v2")
+    model = Cell2TextForConditionalGeneration.from_pretrained(root, subfolder="v2")
+    adata = make_adata(2)
+    tl.describe(adata, model, max_new_tokens=4, constrained=False, progress=False)
+    expected = tl.model_provenance(Cell2TextForConditionalGeneration.from_pretrained(root / "v2"))
+    assert {key: adata.uns["cell2text"][key] for key in ("model", "revision")} == {
+        "model": str(root / "v2"), "revision": expected["revision"]}
+    assert "subfolder" not in adata.uns["cell2text"]  # a local one is in the path
+
+
 def test_device_and_dtype_auto(monkeypatch):
     assert tl.resolve_device("auto").type in ("cpu", "cuda", "mps")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
