@@ -44,7 +44,7 @@ from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtr
 from modeling_cell2text.output_files import Terminated, publish_folder, sigterm_as_exception
 from processing import ontologies
 from processing.ontology_versions import ontology_versions
-from processing.corpus import METADATA_FIELDS, SplitWriter, describe, resolve_labels
+from processing.corpus import METADATA_FIELDS, SplitWriter, describe, resolve_labels, top_pathways_by_cell_type
 from processing.gene_medians import ExactGeneMedians, HistogramGeneMedians, expression_values, normalize_total
 from processing.pathways import (
     DEFAULT_GMT, DEFAULT_SET_SIZES, aucell, default_max_rank, display_names, filter_set_sizes, read_gmt,
@@ -412,20 +412,12 @@ def _ontology_ids(labels: pd.DataFrame, kept: np.ndarray) -> tuple[dict, dict]:
     return table, {k: v for k, v in unknown.items() if v}
 
 
-def _top_pathways_by_cell_type(labels: pd.DataFrame, kept: np.ndarray, top: np.ndarray, set_names: list[str],
-                               n: int = 3) -> dict:
-    """Per cell type: its kept cells and the ``n`` sets most often among their top pathways (share of cells)."""
-    result = {}
-    cell_types = labels["cell_type"].to_numpy(dtype=object)
-    for cell_type in sorted({c for c in cell_types[kept]}):
-        rows = kept & (cell_types == cell_type)
-        chosen = top[rows]
-        counts = np.bincount(chosen[chosen >= 0], minlength=len(set_names))
-        best = [int(i) for i in np.argsort(-counts, kind="stable")[:n] if counts[i] > 0]
-        result[cell_type] = {"cells": int(rows.sum()),
-                             "pathways": [{"name": set_names[i], "share": round(float(counts[i] / rows.sum()), 4)}
-                                          for i in best]}
-    return result
+def _top_pathways_by_cell_type(labels: pd.DataFrame, kept: np.ndarray, top: np.ndarray,
+                               set_names: list[str]) -> dict:
+    """`corpus.top_pathways_by_cell_type` of the kept cells (`top`: indices into `set_names`, -1 for none)."""
+    names = np.array([*set_names, ""], dtype=object)
+    return top_pathways_by_cell_type(labels["cell_type"].to_numpy(dtype=object)[kept],
+                                     (tuple(name for name in names[row] if name) for row in top[kept]))
 
 
 def _check_source(source: Any) -> None:
@@ -589,6 +581,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
            {"median_method": type(medians).__name__, "median_relative_error_bound": medians.relative_error_bound}),
         "fingerprints": fingerprints,
         "ontology_versions": ontology_versions(),
+        "input_sha256": source.input_sha256,  # which input (its cells and genes), for joining shards
         **options.extra_summary,
     }
     if sum(summary["splits"].values()) + len(rejects) != source.n_cells:

@@ -28,7 +28,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -490,12 +490,32 @@ class SplitWriter:
         into shards streams through file-backed pages rather than holding the corpus in memory.
         The content fingerprints are recorded in ``summary.json`` (``close``'s return value).
         """
-        splits = {s: datasets.Dataset.from_file(str(path), split=s) for s, path in self.paths.items()}
-        datasets.DatasetDict(splits).save_to_disk(str(out), max_shard_size=max_shard_size)
-        # datasets writes no shard for an empty split (load_from_disk then fails on it): save it again as one shard.
-        for name, split in splits.items():
-            if split.num_rows == 0:
-                split.save_to_disk(str(out / name), num_shards=1)
+        save_splits({s: datasets.Dataset.from_file(str(path), split=s) for s, path in self.paths.items()}, out,
+                    max_shard_size)
+
+
+def save_splits(splits: dict[str, datasets.Dataset], out: Path, max_shard_size: str | int = "500MB") -> None:
+    """Save a corpus's splits at ``out`` (``DatasetDict.save_to_disk``, files of at most ``max_shard_size``)."""
+    datasets.DatasetDict(splits).save_to_disk(str(out), max_shard_size=max_shard_size)
+    # datasets writes no shard for an empty split (load_from_disk then fails on it): save it again as one shard.
+    for name, split in splits.items():
+        if split.num_rows == 0:
+            split.save_to_disk(str(out / name), num_shards=1)
+
+
+def top_pathways_by_cell_type(cell_types: Iterable[str], pathways: Iterable[Sequence[str]], n: int = 3) -> dict:
+    """Per cell type (in name order): its cells and the `n` pathways most often among their top pathways, with the
+    share of its cells naming each (ties in name order): the summary's and dataset card's table, computed alike by
+    the builder and by `join_corpus` from the corpus's cell_type and pathways columns."""
+    cells: Counter = Counter()
+    named: dict[str, Counter] = {}
+    for cell_type, names in zip(cell_types, pathways):
+        cells[cell_type] += 1
+        named.setdefault(cell_type, Counter()).update(names)
+    return {cell_type: {"cells": cells[cell_type],
+                        "pathways": [{"name": name, "share": round(count / cells[cell_type], 4)} for name, count in
+                                     sorted(named[cell_type].items(), key=lambda item: (-item[1], item[0]))[:n]]}
+            for cell_type in sorted(cells)}
 
 
 def description_vocabulary(split: datasets.Dataset, ontology_term_ids: dict | None = None) -> dict:

@@ -434,7 +434,7 @@ def test_a_corpus_without_label_tables_is_refused(parts_and_corpus, tmp_path):
     shutil.copytree(corpus_dir, copy)
     load_corpus(copy, Cell2TextArguments(corpus_dir=str(copy)))
     (copy / "summary.json").unlink()
-    with pytest.raises(ValueError, match="has no summary.json with label tables.*docs/corpus.md"):
+    with pytest.raises(ValueError, match="has no summary.json with label tables.*python -m processing.join_corpus"):
         load_corpus(copy, Cell2TextArguments(corpus_dir=str(copy)))
 
 

@@ -348,8 +348,7 @@ def load_corpus(corpus_dir: str | Path, args: Cell2TextArguments) -> tuple[Datas
         raise ValueError(
             f"The corpus {corpus_dir} has no summary.json with label tables (its ontology_term_ids), so the model "
             "would learn no labels to choose among (tl.describe's constrained decoding needs them). Build the corpus "
-            "with python -m processing.build_corpus; for shards joined by hand, write the joined summary.json as "
-            "docs/corpus.md shows.")
+            "with python -m processing.build_corpus, and join shards with python -m processing.join_corpus.")
     return corpus, summary
 
 

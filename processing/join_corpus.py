@@ -1,0 +1,289 @@
+"""Join corpus shards built on several machines into one corpus (docs/corpus.md, "Millions of cells across machines").
+
+    python -m processing.join_corpus shard_0 shard_1 ... --out corpus
+
+Each shard is a corpus folder of `python -m processing.build_corpus`, every one tokenized with the same feature
+extractor (`--feature-extractor fe/`, made from the shards' merged median histograms). The joined corpus holds each
+split's rows shard after shard, in the order given, that feature extractor, and the summary.json one build of all
+the shards' cells writes: counts summed, label -> id tables joined, the card's pathway table recomputed, and the
+split fingerprints of the join (a checksum of the shards', in order; `joined_from` lists each shard's record).
+
+Refused, naming the fix, where the joined corpus would train or evaluate on something other than it says: shards
+tokenized by different feature extractors (other token ids or gene orders), built with other pathway, expression-bin
+or ontology settings, a shard given twice, an input whose `--shard i/N` shards are not all given, a donor whose cells
+are in two splits (shards split on their own cells, without `--hashed-splits`), a label with two ontology ids, and
+cross-validation fold builds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import pandas as pd
+
+from hub_cards.render import write_dataset_card
+from modeling_cell2text.output_files import publish_folder
+from processing.build_corpus import _is_corpus_folder, _staging_dir
+from processing.corpus import FEATURE_EXTRACTOR_DIR, SUMMARY_FILE, save_splits, top_pathways_by_cell_type
+from processing.splits import SPLITS
+
+logger = logging.getLogger(__name__)
+
+EXTRACTOR_FILE = "preprocessor_config.json"
+# Settings every shard must share: another value gives the joined corpus descriptions or tokens of two kinds.
+SHARED_SETTINGS = ("pathway_library", "pathway_ranking", "pathway_set_sizes", "expression_bins",
+                   "gene_vocabulary_size", "census_version", "ontology_versions")
+# Settings that may differ by input (AUCell's depth is 5% of an input's genes): one value, else their sorted values.
+PER_INPUT_SETTINGS = ("pathway_max_rank", "pathway_sets", "input_values", "seed")
+
+
+@dataclass
+class Shard:
+    path: Path
+    summary: dict
+    extractor_config: dict  # the feature extractor's preprocessor_config.json
+
+
+def read_shard(path: str | Path) -> Shard:
+    """A corpus folder's summary and feature extractor settings; a folder that is no built corpus is refused."""
+    path = Path(path)
+    extractor_file = path / FEATURE_EXTRACTOR_DIR / EXTRACTOR_FILE
+    if not _is_corpus_folder(path) or not extractor_file.is_file():
+        raise ValueError(f"{path} is not a corpus folder (summary.json, dataset_dict.json and "
+                         f"{FEATURE_EXTRACTOR_DIR}/{EXTRACTOR_FILE}): give folders built by "
+                         "python -m processing.build_corpus.")
+    return Shard(path, json.loads((path / SUMMARY_FILE).read_text()), json.loads(extractor_file.read_text()))
+
+
+def check_joinable(shards: Sequence[Shard]) -> None:
+    """Refuse shards whose join would not be one corpus (see the module docstring): before anything is written."""
+    first = shards[0]
+    for shard in shards:
+        if "fold" in shard.summary:
+            raise ValueError(f"{shard.path} is a cross-validation fold build (--fold): folds are dealt from one "
+                             "whole input; build shards without --fold to join them.")
+        if shard.extractor_config != first.extractor_config:
+            differ = sorted(key for key in {*shard.extractor_config, *first.extractor_config}
+                            if shard.extractor_config.get(key) != first.extractor_config.get(key))
+            raise ValueError(f"{shard.path} and {first.path} were tokenized by different feature extractors "
+                             f"(they differ in {differ}), so one token id or gene order would mean two things in "
+                             "the joined corpus: merge the shards' median histograms (python -m "
+                             "processing.gene_medians shard*/median_histogram.npz --out fe/) and rebuild every "
+                             "shard with --feature-extractor fe/.")
+        for key in SHARED_SETTINGS:
+            if shard.summary.get(key) != first.summary.get(key):
+                raise ValueError(f"{shard.path} was built with {key} {shard.summary.get(key)!r} and {first.path} "
+                                 f"with {first.summary.get(key)!r}: rebuild the shards with the same settings (and "
+                                 "the same version of the package, for ontology_versions).")
+    seen: dict[str, Path] = {}
+    for shard in shards:
+        key = json.dumps(shard.summary.get("fingerprints"), sort_keys=True)
+        if key in seen:
+            raise ValueError(f"{shard.path} and {seen[key]} hold the same cells (equal split fingerprints): give "
+                             "each shard once.")
+        seen[key] = shard.path
+    _check_complete_inputs(shards)
+
+
+def _check_complete_inputs(shards: Sequence[Shard]) -> None:
+    """Every `--shard i/N` of an input once, for one N (as the median merge checks its histograms)."""
+    by_input: dict[str, dict[str, Path]] = {}
+    for shard in shards:
+        part = shard.summary.get("shard")
+        if part is None:
+            continue
+        identity = shard.summary.get("input_sha256") or shard.summary.get("source")
+        parts = by_input.setdefault(identity, {})
+        if part in parts:
+            raise ValueError(f"{shard.path} and {parts[part]} are both shard {part} of the same input "
+                             f"({shard.summary.get('source')!r}): give each shard once.")
+        parts[part] = shard.path
+    for identity, parts in by_input.items():
+        counts = {part.split("/")[1] for part in parts}
+        source = next(read for read in shards if read.path in parts.values()).summary.get("source")
+        if len(counts) > 1:
+            raise ValueError(f"the shards of {source!r} come from different --shard splits ({sorted(parts)}): give "
+                             "the shards of one --shard i/N build.")
+        count = int(counts.pop())
+        missing = [f"{i}/{count}" for i in range(count) if f"{i}/{count}" not in parts]
+        if missing:
+            raise ValueError(f"the shards of {source!r} lack {', '.join(missing)}: give every shard (a joined corpus "
+                             "missing some would say it holds the whole input).")
+
+
+def check_donor_splits(corpus: datasets.DatasetDict) -> None:
+    """Refuse a donor whose cells are in two splits: shards split on their own cells put one donor's cells in
+    train and test, and the test figures read optimistic. Shards built with --hashed-splits and one --seed agree."""
+    splits_of: dict[str, set[str]] = {}
+    for split, rows in corpus.items():
+        for donor in rows.unique("donor_id"):
+            if donor is not None:
+                splits_of.setdefault(donor, set()).add(split)
+    shared = sorted(donor for donor, splits in splits_of.items() if len(splits) > 1)
+    if shared:
+        examples = {donor: sorted(splits_of[donor]) for donor in shared[:3]}
+        raise ValueError(f"{len(shared)} donors have cells in two splits of the joined corpus (e.g. {examples}): "
+                         "rebuild every shard with --hashed-splits and one --seed, so that each donor's split "
+                         "follows from its id alone. If one id names different donors in different datasets, "
+                         "make the ids unique (e.g. prefix the dataset) before building.")
+
+
+def join_summaries(shards: Sequence[Shard], corpus: datasets.DatasetDict, name: str | None) -> dict:
+    """The joined corpus's summary.json, as one build of the shards' cells writes it, plus `joined_from`."""
+    summaries = [shard.summary for shard in shards]
+    first = summaries[0]
+
+    def one_or_all(key: str) -> object:
+        values = [summary.get(key) for summary in summaries]
+        distinct = sorted({json.dumps(value) for value in values})
+        return values[0] if len(distinct) == 1 else [json.loads(value) for value in distinct]
+
+    def summed(key: str) -> dict:
+        total: Counter = Counter()
+        for summary in summaries:
+            total.update(summary.get(key) or {})
+        return dict(sorted(total.items()))
+
+    label_counts: dict = {}
+    for summary in summaries:
+        for field, per_split in (summary.get("label_counts") or {}).items():
+            for split, counts in per_split.items():
+                label_counts.setdefault(field, {}).setdefault(split, Counter()).update(counts)
+    label_counts = {field: {split: dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+                            for split, counts in per_split.items()} for field, per_split in label_counts.items()}
+    unknown: dict = {}
+    for summary in summaries:
+        for field, counts in (summary.get("unknown_ontology_term_ids") or {}).items():
+            unknown.setdefault(field, Counter()).update(counts)
+    names = list(dict.fromkeys(summary.get("name") for summary in summaries))
+    median = ({key: first.get(key) for key in ("median_method", "median_relative_error_bound", "vocabulary_source")
+               if key in first}
+              if len({summary.get("median_method") for summary in summaries}) == 1 else
+              {"median_method": "given feature extractor", "median_relative_error_bound": None,
+               "vocabulary_source": shards[0].extractor_config.get("vocabulary_source")})
+    inputs = {summary.get("input_sha256") for summary in summaries}
+    pathways = {}
+    if "pathway_ranking" in first:
+        pathways = {"pathway_ranking": first["pathway_ranking"], "pathway_set_sizes": first.get("pathway_set_sizes"),
+                    "pathway_max_rank": one_or_all("pathway_max_rank"), "pathway_sets": one_or_all("pathway_sets"),
+                    "top_pathways_by_cell_type": top_pathways_by_cell_type(
+                        (label for split in corpus.values() for label in split["cell_type"]),
+                        (cell for split in corpus.values() for cell in split["pathways"]))}
+    return {
+        "name": name or (names[0] if len(names) == 1 else " + ".join(map(str, names))),
+        "source": "; ".join(dict.fromkeys(str(summary.get("source")) for summary in summaries)),
+        "num_cells_in": sum(summary.get("num_cells_in", 0) for summary in summaries),
+        "splits": {split: len(corpus[split]) for split in SPLITS},
+        "rejected": summed("rejected"),
+        "left_out": summed("left_out"),
+        "label_counts": label_counts,
+        "gene_vocabulary_size": first.get("gene_vocabulary_size"),
+        "pathway_library": first.get("pathway_library"),
+        **pathways,
+        "seed": one_or_all("seed"),
+        "split_by": "donor" if any(summary.get("split_by") == "donor" for summary in summaries) else "cell",
+        "hashed_splits": all(summary.get("hashed_splits") for summary in summaries),
+        "ontology_term_ids": join_label_tables(shards),
+        "unknown_ontology_term_ids": {field: dict(sorted(counts.items())) for field, counts in unknown.items()},
+        "input_values": one_or_all("input_values"),
+        **({"census_version": first["census_version"]} if "census_version" in first else {}),
+        "expression_bins": first.get("expression_bins"),
+        "unmapped_genes": len(_unmapped_genes(shards)),
+        **median,
+        "fingerprints": {split: hashlib.sha256("|".join(summary["fingerprints"][split] for summary in summaries)
+                                               .encode()).hexdigest()[:16] for split in SPLITS},
+        "ontology_versions": first.get("ontology_versions"),
+        **({"input_sha256": inputs.pop()} if len(inputs) == 1 and None not in inputs else {}),
+        "joined_from": [{"name": summary.get("name"), "source": summary.get("source"), "shard": summary.get("shard"),
+                         "input_sha256": summary.get("input_sha256"), "splits": summary.get("splits"),
+                         "fingerprints": summary.get("fingerprints")} for summary in summaries],
+    }
+
+
+def join_label_tables(shards: Sequence[Shard]) -> dict:
+    """Each field's label -> ontology id table over the shards (a label one shard states without an id takes the
+    other's, as one build does); a label the shards give two ids is refused, as the builder refuses one in a shard."""
+    tables: dict[str, dict[str, str | None]] = {}
+    for shard in shards:
+        for field, table in (shard.summary.get("ontology_term_ids") or {}).items():
+            joined = tables.setdefault(field, {})
+            for label, term in table.items():
+                if None not in (joined.get(label), term) and joined[label] != term:
+                    raise ValueError(f"{field} label {label!r} names {joined[label]} in one shard and {term} in "
+                                     f"{shard.path}; one label must name one term: correct the "
+                                     f"{field}_ontology_term_id of those cells and rebuild the shard.")
+                if joined.get(label) is None:
+                    joined[label] = term
+    return {field: dict(sorted(table.items())) for field, table in tables.items()}
+
+
+def _unmapped_genes(shards: Sequence[Shard]) -> list[str]:
+    genes: dict[str, None] = {}
+    for shard in shards:
+        file = shard.path / "unmapped_genes.txt"
+        if file.is_file():
+            genes.update(dict.fromkeys(file.read_text().splitlines()))
+    return list(genes)
+
+
+def join_corpus(shard_dirs: Sequence[str | Path], out_dir: str | Path, name: str | None = None,
+                overwrite: bool = False, max_shard_size: str | int = "500MB") -> dict:
+    """Join the corpus folders `shard_dirs` into `out_dir` (see the module docstring); returns the summary.
+
+    Written to a staging folder next to `out_dir` and moved into place when complete, as a build is: a failed join
+    leaves nothing, and a non-empty `out_dir` is replaced only with `overwrite` (and only when it holds a corpus)."""
+    if not shard_dirs:
+        raise ValueError("give the corpus folders to join")
+    shards = [read_shard(path) for path in shard_dirs]
+    check_joinable(shards)
+    corpus = datasets.DatasetDict({split: datasets.concatenate_datasets(
+        [datasets.load_from_disk(str(shard.path))[split] for shard in shards]) for split in SPLITS})
+    check_donor_splits(corpus)
+    summary = join_summaries(shards, corpus, name)
+    out = Path(out_dir).absolute()
+    if any(out == shard.path.absolute() for shard in shards):
+        raise ValueError(f"--out {out} is one of the shards: choose a new folder.")
+    staging = _staging_dir(out, overwrite)
+    try:
+        save_splits(dict(corpus), staging, max_shard_size)
+        shutil.copytree(shards[0].path / FEATURE_EXTRACTOR_DIR, staging / FEATURE_EXTRACTOR_DIR)
+        pd.concat([pd.read_csv(shard.path / "rejects.csv", dtype=str, keep_default_na=False) for shard in shards]
+                  ).to_csv(staging / "rejects.csv", index=False)
+        (staging / "unmapped_genes.txt").write_text("".join(f"{gene}\n" for gene in _unmapped_genes(shards)))
+        (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        write_dataset_card(staging, None, folder=out.name)
+        publish_folder(staging, out, overwrite, fix="pass --overwrite to replace the corpus there")
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    logger.info("joined %d shards into %s: splits %s", len(shards), out, summary["splits"])
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m processing.join_corpus", description=__doc__.split("\n\n")[0])
+    parser.add_argument("shards", nargs="+", help="corpus folders built by python -m processing.build_corpus")
+    parser.add_argument("--out", required=True, help="the joined corpus's folder (new or empty)")
+    parser.add_argument("--name", default=None, help="the joined corpus's name (default: the shards' names)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a corpus already at --out")
+    parser.add_argument("--max-shard-size", default="500MB", help="largest Arrow file of a split (default 500MB)")
+    args = parser.parse_args(argv)
+    try:
+        summary = join_corpus(args.shards, args.out, args.name, args.overwrite, args.max_shard_size)
+    except (ValueError, FileExistsError, NotADirectoryError) as error:
+        raise SystemExit(f"join_corpus: {error}") from None
+    print(f"joined {len(args.shards)} shards: {summary['splits']}; out: {args.out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

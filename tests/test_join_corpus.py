@@ -1,0 +1,118 @@
+"""`python -m processing.join_corpus`: shards built apart join into the corpus one build of their cells gives, and
+shards that would not make one corpus are refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import datasets
+import pandas as pd
+import pytest
+
+from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
+from processing.build_corpus import BuildOptions, build_corpus
+from processing.join_corpus import check_donor_splits, join_corpus, main
+from processing.presets import pbmc68k_reduced
+
+SHARD_ONLY = ("fingerprints", "joined_from")  # what a join records otherwise than one build
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict[str, Path]:
+    """pbmc68k_reduced built whole and as 2 shards, all with one feature extractor and hashed splits."""
+    root = tmp_path_factory.mktemp("join")
+    build_corpus(pbmc68k_reduced(), root / "first", BuildOptions(progress=False, gmt=None))
+    extractor = Cell2TextFeatureExtractor.from_pretrained(str(root / "first" / "feature_extractor"))
+    options = BuildOptions(progress=False, feature_extractor=extractor, hashed_splits=True, seed=3)
+    build_corpus(pbmc68k_reduced(), root / "whole", options)
+    for index in range(2):
+        source = pbmc68k_reduced()
+        source.select_shard(index, 2)
+        build_corpus(source, root / f"shard{index}", BuildOptions(**{**options.__dict__,
+                                                                     "extra_summary": {"shard": f"{index}/2"}}))
+    return {"root": root, "whole": root / "whole", "shards": [root / "shard0", root / "shard1"]}
+
+
+def test_joined_shards_are_the_corpus_of_one_build(built, tmp_path):
+    summary = join_corpus(built["shards"], tmp_path / "joined")
+    joined, whole = (datasets.load_from_disk(str(path)) for path in (tmp_path / "joined", built["whole"]))
+    for split in ("train", "validation", "test"):  # shards are contiguous row ranges: the same rows in the same order
+        assert joined[split].to_list() == whole[split].to_list()
+        assert len(joined[split]) > 0
+    expected = json.loads((built["whole"] / "summary.json").read_text())
+    assert {k: v for k, v in summary.items() if k not in SHARD_ONLY} == {
+        k: v for k, v in expected.items() if k not in SHARD_ONLY}
+    assert summary["top_pathways_by_cell_type"] and summary["input_sha256"] == expected["input_sha256"]
+    assert json.loads((tmp_path / "joined" / "summary.json").read_text()) == summary
+    assert [entry["shard"] for entry in summary["joined_from"]] == ["0/2", "1/2"]
+    assert (tmp_path / "joined" / "feature_extractor" / "preprocessor_config.json").read_text() == (
+        built["whole"] / "feature_extractor" / "preprocessor_config.json").read_text()
+    assert (tmp_path / "joined" / "README.md").is_file()
+    assert len(pd.read_csv(tmp_path / "joined" / "rejects.csv")) == len(pd.read_csv(built["whole"] / "rejects.csv"))
+
+
+def test_a_join_is_fingerprinted_by_its_shards_in_order(built, tmp_path):
+    forward = join_corpus(built["shards"], tmp_path / "a")["fingerprints"]
+    backward = join_corpus(built["shards"][::-1], tmp_path / "b")["fingerprints"]
+    assert forward != backward  # other row order: another build for the leak check and the resume record
+    assert forward == join_corpus(built["shards"], tmp_path / "c")["fingerprints"]
+
+
+def edited(shard: Path, to: Path, file: str, edit) -> Path:
+    shutil.copytree(shard, to)
+    path = to / file
+    content = json.loads(path.read_text())
+    edit(content)
+    path.write_text(json.dumps(content))
+    return to
+
+
+@pytest.mark.parametrize("case, message", [
+    ("twice", "hold the same cells"),
+    ("missing", "lack 1/2: give every shard"),
+    ("extractor", r"different feature extractors \(they differ in \['gene_medians'\]\).*--feature-extractor fe/"),
+    ("library", "was built with pathway_library 'other.gmt'"),
+    ("label", "label 'CD14-positive monocyte' names CL:0001054 in one shard and CL:0000576"),
+    ("fold", "is a cross-validation fold build"),
+    ("not a corpus", "is not a corpus folder"),
+])
+def test_shards_that_make_no_one_corpus_are_refused_before_writing(built, tmp_path, case, message):
+    first, second = built["shards"]
+    copy = tmp_path / "s"
+    shards = {
+        "twice": lambda: [first, second, first],
+        "missing": lambda: [first],
+        "extractor": lambda: [first, edited(second, copy, "feature_extractor/preprocessor_config.json",
+                                            lambda c: c["gene_medians"].update({next(iter(c["gene_medians"])): 1.5}))],
+        "library": lambda: [first, edited(second, copy, "summary.json", lambda c: c.update(pathway_library="other.gmt"))],
+        "label": lambda: [first, edited(second, copy, "summary.json", lambda c: c["ontology_term_ids"]["cell_type"]
+                                        .update({"CD14-positive monocyte": "CL:0000576"}))],
+        "fold": lambda: [first, edited(second, copy, "summary.json", lambda c: c.update(fold={"fold": 0}))],
+        "not a corpus": lambda: [first, tmp_path],
+    }[case]()
+    with pytest.raises(ValueError, match=message):
+        join_corpus(shards, tmp_path / "joined")
+    assert not (tmp_path / "joined").exists()
+    with pytest.raises(SystemExit, match=f"join_corpus: .*{message}"):
+        main([*map(str, shards), "--out", str(tmp_path / "joined")])
+
+
+def test_a_donor_in_two_splits_is_refused():
+    """Shards split on their own cells (no --hashed-splits) put one donor's cells in train and test."""
+    corpus = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"donor_id": ["d1", "d2", None]}),
+                                   "test": datasets.Dataset.from_dict({"donor_id": ["d3", None]})})
+    check_donor_splits(corpus)
+    corpus["test"] = datasets.Dataset.from_dict({"donor_id": ["d3", "d1"]})
+    with pytest.raises(ValueError, match=r"1 donors have cells in two splits .*'d1': \['test', 'train'\].*"
+                                         "--hashed-splits and one --seed"):
+        check_donor_splits(corpus)
+
+
+def test_an_existing_corpus_is_replaced_only_with_overwrite(built, tmp_path):
+    join_corpus(built["shards"], tmp_path / "joined")
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        join_corpus(built["shards"], tmp_path / "joined")
+    join_corpus(built["shards"], tmp_path / "joined", overwrite=True, name="pbmc joined")
+    assert json.loads((tmp_path / "joined" / "summary.json").read_text())["name"] == "pbmc joined"
