@@ -233,6 +233,14 @@ def parse_description(text: str) -> CellDescription:
         raise DescriptionParseError(f"Description holds an invalid field ({err}): {text[:200]!r}") from err
 
 
+def with_term_ids(fields: dict, ontology_term_ids: dict) -> dict:
+    """`fields` (`CellDescription.to_dict()`) with `<field>_ontology_term_id` for every `ONTOLOGY_FIELDS` field:
+    its label's id in `ontology_term_ids` (field -> label -> id), None where the label is missing or unknown."""
+    ids = {f"{name}_ontology_term_id": ontology_term_ids.get(name, {}).get(fields.get(name)) if fields.get(name)
+           else None for name in ONTOLOGY_FIELDS}
+    return {**fields, **ids}
+
+
 def set_definition(text: str, definition: str | None) -> str:
     """`text` with its cell type's definition sentence removed (`definition` None) or set to `definition`: what a
     model trained without the definitions reads and writes, and its description for the reader. A text without a
@@ -273,10 +281,6 @@ def label_spans(text: str) -> list[tuple[int, int]]:
 
 
 # ----------------------------------------------------------------------------- the template as choices
-
-# Fields the schema-constrained decoder chooses, in the text's order. "donor" chooses sex, disease and age group
-# together: they share one clause ("a healthy female donor during adulthood") whose article depends on its first word.
-SCHEMA_CHOICES: tuple[str, ...] = ("cell_type", "tissue", "donor", "pathway_1", "pathway_2")
 
 
 @dataclass(frozen=True)

@@ -49,10 +49,16 @@ def candidate_sentence_tokens(tokenizer, candidates: Sequence[str]) -> tuple[lis
     of a"), leaving each candidate at least one token of its own, and each candidate's own tokens after them (its
     label and the terminating period). Scoring a candidate is scoring its own tokens after the shared ones."""
     sentences = [tokenizer(cell_type_sentence(c), add_special_tokens=False)["input_ids"] for c in candidates]
-    shared = 0
-    while shared < min(map(len, sentences)) - 1 and len({s[shared] for s in sentences}) == 1:
-        shared += 1
+    shared = shared_prefix_length(sentences)
     return sentences[0][:shared], [s[shared:] for s in sentences]
+
+
+def shared_prefix_length(token_lists: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every list shares, leaving each list at least one token of its own."""
+    shared = 0
+    while shared < min(map(len, token_lists)) - 1 and len({tokens[shared] for tokens in token_lists}) == 1:
+        shared += 1
+    return shared
 
 
 def constrains_by_default(processor) -> bool:
@@ -130,7 +136,7 @@ def cache_rows(cache, rows: torch.Tensor):
     return selected
 
 
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions of left-padded rows, as `generate` computes them (padding at position 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
@@ -166,8 +172,8 @@ def score_cell_types(
     input_ids = torch.cat([inputs["input_ids"], prefix], dim=1)
     attention_mask = torch.cat([inputs["attention_mask"], torch.ones_like(prefix)], dim=1)
     cell_inputs = {k: inputs[k] for k in CELL_INPUT_NAMES if inputs.get(k) is not None}
-    prefill = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask),
-                    use_cache=True, logits_to_keep=1, **cell_inputs)
+    prefill = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=left_padded_positions(attention_mask), use_cache=True, logits_to_keep=1, **cell_inputs)
     first_log_probs = prefill.logits[:, -1].float().log_softmax(dim=-1)  # (cells, vocabulary)
 
     # Each candidate's first own token is scored by the prefill; the rest by running all but its last token on the

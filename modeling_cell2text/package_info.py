@@ -1,5 +1,4 @@
-"""The installed distribution's version: one owner for `uns` records (tl) and `cell2text --version` (which must
-not import torch)."""
+"""The installed distribution's version: one owner for `uns` records (tl) and `cell2text --version`."""
 
 from __future__ import annotations
 

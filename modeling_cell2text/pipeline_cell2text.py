@@ -189,8 +189,8 @@ class Cell2TextPipeline(Pipeline):
     the template words and the cell type's definition are written by the code, and every description parses;
     `<field>_score` is each chosen label's probability and `exact_choice` whether every label is proven the most
     likely of its options (False only where a search over a large label set was cut to a beam).
-    `constrained=False` lets the model write the whole description freely (scores None); `num_beams` (default 2)
-    sets the constrained search's width (partial options extended per cell and model call), the one generation
+    `constrained=False` lets the model write the whole description freely (`cell_type_score` None); `num_beams`
+    (default 2) sets the constrained search's width (partial options extended per cell and model call), the one generation
     setting constrained describing reads (others are refused, naming `constrained=False`, but the length bounds of
     free text, `max_new_tokens` and `max_length`: a constrained description is written whole). A free description
     that stops before the model ends it (cut at `max_new_tokens`, or at an `eos_token_id` or `stop_strings` other
@@ -358,8 +358,8 @@ class Cell2TextPipeline(Pipeline):
                     f"{unused}: generation settings that schema-constrained describing does not use (it writes each "
                     "description whole, choosing every label by its likelihood; num_beams sets the search width). "
                     "Leave them out, or pass constrained=False to generate freely with them.")
-            beams = settings.get("num_beams")  # checked by the decoder: an integer >= 1
-            decoder = self.schema_decoder(DEFAULT_NUM_BEAMS if beams is None else int(beams))  # checked in __call__
+            beams = settings.get("num_beams")  # an integer >= 1: checked in __call__ (`_check_one_sequence_per_cell`)
+            decoder = self.schema_decoder(DEFAULT_NUM_BEAMS if beams is None else int(beams))
             return {"schema": decoder.describe(self.model, model_inputs)}
         generate_kwargs = self._prepare_generate_kwargs(dict(generate_kwargs or {}))
         generate_kwargs.setdefault("tokenizer", self.processor.tokenizer)  # for stop_strings, as text generation

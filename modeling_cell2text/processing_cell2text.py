@@ -11,7 +11,7 @@ from .compatibility import check_model_and_processor, hub_kwargs, saved_file
 from .feature_extraction_cell2text import unknown_settings_error
 from .text_padding import pad_token_rows, text_pad_token_id
 from .description_schema import (ONTOLOGY_FIELDS, TERM_ID_PREFIXES, CellDescription, DescriptionParseError,
-                                 parse_description, parse_or_none, set_definition)
+                                 parse_description, parse_or_none, set_definition, with_term_ids)
 
 DEFAULT_SYSTEM_PROMPT = "You are a single-cell biologist. Describe the cell concisely and professionally."
 DEFAULT_USER_PROMPT = "Gene expression embeddings: "
@@ -399,10 +399,7 @@ class Cell2TextProcessor(ProcessorMixin):
             except DescriptionParseError:
                 fields = CellDescription().to_dict()
                 parsed = False
-            for name in ONTOLOGY_FIELDS:
-                label = fields.get(name)
-                fields[f"{name}_ontology_term_id"] = self.ontology_term_ids.get(name, {}).get(label) if label else None
-            results.append({"description": text, "parsed": parsed, **fields})
+            results.append({"description": text, "parsed": parsed, **with_term_ids(fields, self.ontology_term_ids)})
         return results
 
 

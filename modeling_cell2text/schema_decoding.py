@@ -62,9 +62,10 @@ from .description_schema import (
     definition_text,
     parse_or_none,
     schema_options,
+    with_term_ids,
 )
 from .cell_inputs import CELL_INPUT_NAMES
-from .label_scoring import cache_rows
+from .label_scoring import cache_rows, left_padded_positions, shared_prefix_length
 
 logger = logging.getLogger(__name__)
 
@@ -447,8 +448,7 @@ def growing_cache(cache):
 
 
 # What one more forward pass costs, in token slots run (its fixed cost: about 40 ms for a batch of 16 on the demo
-# model on 2 CPU cores, where a token slot costs about 1.2 ms). Read at each write, so that a benchmark can set it
-# (benchmarks/gpu.py times a GPU with writes never split, as a very large value gives).
+# model on 2 CPU cores, where a token slot costs about 1.2 ms). A packed write (`_packable`) never splits.
 PASS_COST_IN_TOKENS = 32
 
 
@@ -479,7 +479,7 @@ class _DecodingState:
             after = after[None].expand(len(input_ids), -1)
             input_ids = torch.cat([input_ids, after], dim=1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(after, dtype=attention_mask.dtype)], dim=1)
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = left_padded_positions(attention_mask)
         cell_inputs = {k: inputs[k] for k in CELL_INPUT_NAMES if inputs.get(k) is not None}
         self.calls = 0  # model calls, and text tokens run after the prompt: what the benchmark reports
         self.tokens = len(opening) * len(input_ids)
@@ -835,9 +835,7 @@ class SchemaDecoder:
                                                               if "tissue" in self.options else "")
             token_lists = [tokens_in_context(tokenizer, before, option.text) for option in options]
             check_options_apart(choice, options, token_lists)
-            shared = 0  # tokens every option starts with, leaving each at least one of its own: written, not chosen
-            while shared < min(map(len, token_lists)) - 1 and len({t[shared] for t in token_lists}) == 1:
-                shared += 1
+            shared = shared_prefix_length(token_lists)  # tokens every option starts with: written, not chosen
             self.shared_tokens[choice] = token_lists[0][:shared]
             self.option_tokens[choice] = [tokens[shared:] for tokens in token_lists]
             self.trees[choice] = OptionTree(self.option_tokens[choice])
@@ -970,10 +968,7 @@ def schema_results(processor, described: SchemaDescriptions) -> list[dict]:
             pathways=tuple(p for p in (labels.get("pathway_1"), labels.get("pathway_2")) if p is not None),
         )
         parsed = parse_or_none(text) == chosen
-        fields = chosen.to_dict()
-        for name in ONTOLOGY_FIELDS:
-            label = fields.get(name)
-            fields[f"{name}_ontology_term_id"] = processor.ontology_term_ids.get(name, {}).get(label) if label else None
+        fields = with_term_ids(chosen.to_dict(), processor.ontology_term_ids)
         result = {"description": text, "parsed": parsed, "exact_choice": not unproven, **fields}
         for name in SCORED_FIELDS:
             if name != "pathways":  # the product of its two labels', below

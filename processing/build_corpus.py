@@ -50,7 +50,7 @@ from processing.pathways import (
     DEFAULT_GMT, DEFAULT_SET_SIZES, aucell, default_max_rank, display_names, filter_set_sizes, read_gmt,
     top_set_indices,
 )
-from processing.splits import DEFAULT_FRACTIONS, SPLITS, assign_fold_splits, assign_splits
+from processing.splits import DEFAULT_FRACTIONS, SPLITS, assign_fold_splits, assign_splits, check_fold
 
 logger = logging.getLogger(__name__)
 
@@ -458,6 +458,17 @@ def _staging_dir(out: Path, overwrite: bool) -> Path:
     return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
 
 
+def _check_options(options: BuildOptions) -> None:
+    """Refuse settings that contradict each other or are out of range, before the source is read."""
+    if options.pathway_ranking not in ("normalized", "raw"):
+        raise ValueError(f"pathway_ranking must be 'normalized' or 'raw', got {options.pathway_ranking!r}")
+    if options.fold is not None:
+        if options.hashed_splits:
+            raise ValueError("BuildOptions: hashed_splits and fold exclude each other (folds are dealt from the "
+                             "whole input).")
+        check_fold(*options.fold)
+
+
 def build_corpus(source: Any, out_dir: str | Path, options: BuildOptions | None = None) -> dict:
     """Build the corpus of ``source`` into ``out_dir``; returns the summary (also in summary.json).
 
@@ -467,6 +478,7 @@ def build_corpus(source: Any, out_dir: str | Path, options: BuildOptions | None 
     published there while this one ran (`output_files.publish_folder`).
     """
     options = options or BuildOptions()
+    _check_options(options)  # before any pass over the data (a Census build's first pass takes hours)
     given = options.feature_extractor
     if given is not None and options.expression_bins and options.expression_bins != given.num_expression_bins:
         raise ValueError(
@@ -507,8 +519,6 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
             f"none of the {len(genes.token_ids)} genes has an Ensembl ID{' in the given vocabulary' if options.feature_extractor else ''} "
             "(see the gene names in var); pass Ensembl IDs or HGNC symbols (var index or feature_id / feature_name)."
         )
-    if options.pathway_ranking not in ("normalized", "raw"):
-        raise ValueError(f"pathway_ranking must be 'normalized' or 'raw', got {options.pathway_ranking!r}")
     pathway_max_rank(options, len(genes.symbols))  # refused before a pass over the data
     gene_sets = read_gmt(options.gmt) if options.gmt else None
     if gene_sets and options.pathway_set_sizes:
@@ -526,9 +536,6 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
     cell_ids = source.obs.index.astype(str)
     kept_labels = labels["cell_type"].to_numpy(dtype=object)[kept]
     kept_donors = labels["donor_id"].to_numpy(dtype=object)[kept]
-    if options.fold is not None and options.hashed_splits:
-        raise ValueError("BuildOptions: hashed_splits and fold exclude each other (folds are dealt from the whole "
-                         "input).")
     if options.fold is None:
         split_of[kept] = assign_splits(kept_labels, kept_donors, options.fractions, options.seed, cell_ids[kept],
                                        hashed=options.hashed_splits)

@@ -173,6 +173,12 @@ def fold_of_cells(labels: Sequence[str], units: Sequence[str] | None, num_folds:
     return fold_of_unit[unit_of_cell]
 
 
+def check_fold(fold: int, num_folds: int) -> None:
+    """Refuse a fold outside 0 .. num_folds - 1."""
+    if not 0 <= fold < num_folds:
+        raise ValueError(f"fold must be in 0 .. {num_folds - 1}, got {fold}.")
+
+
 def assign_fold_splits(
     labels: Sequence[str],
     donors: Sequence[str | None],
@@ -187,8 +193,7 @@ def assign_fold_splits(
 
     The same seed gives the same folds for every `fold`, so the test splits of folds 0 .. num_folds - 1
     partition the cells."""
-    if not 0 <= fold < num_folds:
-        raise ValueError(f"fold must be in 0 .. {num_folds - 1}, got {fold}.")
+    check_fold(fold, num_folds)
     labels = np.asarray(labels, dtype=object).astype(str)
     units = _units(donors, cell_ids)
     is_test = fold_of_cells(labels, units, num_folds, seed) == fold

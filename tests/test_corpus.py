@@ -422,3 +422,17 @@ def test_shards_built_with_hashed_splits_agree_and_sharding_without_them_warns(t
         build_main(["--preset", "pbmc68k_reduced", "--out", str(tmp_path / "s1"), "--no-progress", "--gmt", "none",
                     "--shard", "1/2"])
     assert "--shard without --hashed-splits" in caplog.text
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"fold": (0, 5), "hashed_splits": True}, "hashed_splits and fold exclude each other"),
+    ({"fold": (7, 5)}, "fold must be in 0 .. 4, got 7"),
+    ({"pathway_ranking": "ranked"}, "pathway_ranking must be 'normalized' or 'raw'"),
+])
+def test_contradicting_options_are_refused_before_the_data_is_read(tmp_path, settings, message):
+    """Through the Python API these were refused after the first pass over the data (hours for a Census build)."""
+    source = pbmc68k_reduced()
+    source.iter_chunks = lambda chunk_size: pytest.fail("the data was read")
+    with pytest.raises(ValueError, match=message):
+        build_corpus(source, tmp_path / "out", BuildOptions(progress=False, **settings))
+    assert not (tmp_path / "out").exists()

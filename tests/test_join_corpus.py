@@ -86,7 +86,8 @@ def test_shards_that_make_no_one_corpus_are_refused_before_writing(built, tmp_pa
         "missing": lambda: [first],
         "extractor": lambda: [first, edited(second, copy, "feature_extractor/preprocessor_config.json",
                                             lambda c: c["gene_medians"].update({next(iter(c["gene_medians"])): 1.5}))],
-        "library": lambda: [first, edited(second, copy, "summary.json", lambda c: c.update(pathway_library="other.gmt"))],
+        "library": lambda: [first, edited(second, copy, "summary.json",
+                                          lambda c: c.update(pathway_library="other.gmt"))],
         "label": lambda: [first, edited(second, copy, "summary.json", lambda c: c["ontology_term_ids"]["cell_type"]
                                         .update({"CD14-positive monocyte": "CL:0000576"}))],
         "fold": lambda: [first, edited(second, copy, "summary.json", lambda c: c.update(fold={"fold": 0}))],

@@ -117,7 +117,7 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     from hub_cards.render import save_model_card
     from processing.corpus import corpus_feature_extractor, corpus_summary
     from training.evaluation.evaluate import evaluate_model, score_descriptions
-    from training.prepare_demo_llm import DEMO_LLM_ORIGIN, prepare_demo_llm
+    from training.prepare_demo_llm import DEMO_LLM_ORIGIN, SOURCE_MODEL, prepare_demo_llm
     from training.evaluation.report import write_report
     from training.adapters import FINAL_DIR
     from training.gene_encoder import PREPARED_ENCODER_DIR, EncoderSelection
@@ -208,7 +208,7 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
         model_dir,
         results,
         repo_id="cell2text/cell2text-demo-pbmc68k",
-        base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        base_model=SOURCE_MODEL,
         limitations=[DEMO_LLM_ORIGIN],
         encoder=str(encoder_dir),
         dataset_id="pbmc68k_reduced (scanpy)",

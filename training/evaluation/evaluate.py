@@ -36,9 +36,9 @@ from tqdm.auto import tqdm
 
 from modeling_cell2text import tl
 from modeling_cell2text.compatibility import PREPARED_ENCODER_KEY, saved_file
-from modeling_cell2text.description_schema import (LABEL_FIELDS, DescriptionParseError, first_sentence,
-                                                    parse_description, parse_or_none)
-from modeling_cell2text.schema_decoding import SchemaDecoder
+from modeling_cell2text.description_schema import (LABEL_FIELD_NAMES, LABEL_FIELDS, DescriptionParseError,
+                                                    first_sentence, parse_description, parse_or_none)
+from modeling_cell2text.schema_decoding import SCORED_FIELDS, SchemaDecoder
 from modeling_cell2text.text_padding import text_pad_token_id
 from modeling_cell2text.label_scoring import (
     cell_type_candidates,
@@ -169,8 +169,9 @@ def fit_cell_type_temperature(model, processor, split, batch_size: int = 16) -> 
             "nll_after": nll(temperature)}
 
 
-# The labelled fields whose chosen label comes with a probability (`<field>_score`), calibrated and reported.
-CALIBRATED_FIELDS = ("cell_type", "tissue", "disease", "sex", "age_group")
+# The labelled fields whose chosen label comes with a probability (`<field>_score`), calibrated and reported: the
+# decoder's scored fields that are labelled fields (not the pathways), in the schema's field order.
+CALIBRATED_FIELDS = tuple(name for name in LABEL_FIELD_NAMES if name in SCORED_FIELDS)
 
 
 def field_calibration(cells, described: dict, processor) -> dict:
