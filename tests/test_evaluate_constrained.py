@@ -91,6 +91,7 @@ def test_constrained_evaluation_predicts_known_labels_with_confidence(model_and_
     from datasets import load_from_disk
 
     assert per_cell["cell_id"] == list(load_from_disk(str(corpus_dir))["test"]["cell_id"])  # which cell is which
+    assert per_cell["cell_type_row"] == list(range(8))  # the split's rows (every test cell has a known type)
     assert all(0.5 <= s <= 1 for s in per_cell["cell_type_score"])  # the chosen one of two labels
     constraint = results["cell_type_constraint"]
     assert constraint["num_candidates"] == 2

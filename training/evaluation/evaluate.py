@@ -381,6 +381,7 @@ def score_descriptions(
                 per_cell["ontology_similarity"] = scores
         if field == "cell_type":
             per_cell["cell_type_true"], per_cell["cell_type_pred"] = true, pred
+            per_cell["cell_type_row"] = known  # the split's rows these entries are (cells with a known type)
             if "cell_id" in split.column_names:  # which cell each entry is, for comparisons with other methods
                 per_cell["cell_id"] = [split["cell_id"][i] for i in known]
         results["fields"][field] = report
@@ -491,7 +492,7 @@ def evaluate_model(
                                          values)
         texts = described["texts"]
         results, per_cell = score_descriptions(cells, texts, processor.ontology_term_ids, described["labels"])
-        known = [i for i, label in enumerate(cells["cell_type"]) if label is not None]  # as in score_descriptions
+        known = per_cell["cell_type_row"]
         described_known = {**described, **{k: [described[k][i] for i in known]
                                             for k in ("labels", "scores", "free_labels")}}
         results["cell_type_constraint"] = constraint_report(per_cell["cell_type_true"], described_known)

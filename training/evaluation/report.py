@@ -11,7 +11,8 @@ never printed as nan::
          "cell_type": {"accuracy", "weighted_f1", "macro_precision", "macro_recall",
                        "num_missing", "ontology_similarity" (optional)},
          "tissue": {...}, "disease": {...}, "sex": {...}, "age_group": {...}},  # in LABEL_FIELDS order
-     "pathways": {"subset_accuracy", "jaccard", "f1"},
+     "pathways": {"subset_accuracy", "jaccard", "f1", "num_distinct_predicted"},
+     "pathway_baseline": {"pathways", ...},  # the training split's most frequent pathways for every cell, scored alike
      "text": {"bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL", "meteor",
               "embedding_similarity"},
      "baselines": {                  # any subset, evaluated on the same cells
@@ -22,17 +23,21 @@ never printed as nan::
          "free_accuracy", "constrained_accuracy",
          "calibration": {"ece", "mean_confidence", "accuracy", "bins": [{"lower", "upper", "count",
                                                                           "mean_confidence", "accuracy"}]}},
-     "split_seed": int,              # the corpus split this run evaluated
+     "field_calibration": {field: {...}},  # per scored field (evaluate.field_calibration)
+     "cell2sentence_parse_rate": float, "gene_encoder_selection": {...}, "gene_vocabulary_sha256": str,
+     "split_seed": int, "fold": {...}, "max_steps": int,  # the corpus split or fold this run evaluated, its step cap
      "quality_benchmark": {...}}     # benchmarks/quality.py's JSON (docs/quality_benchmark.json), shown beside
 
 ``training.evaluation.metrics.classification_report``, ``pathway_report``,
 ``training.evaluation.text_metrics.text_report`` and ``training.baselines.expression.baseline_reports`` return
 these inner dicts.
 
-Per-cell arrays (all optional, one entry per evaluated cell) for the plots::
+Per-cell arrays (all optional; one entry per evaluated cell of a known type, except ``generated``, one per cell),
+the plots' inputs::
 
-    {"cell_type_true": list[str], "cell_type_pred": list[str | None],
-     "ontology_similarity": list[float]}
+    {"cell_type_true": list[str], "cell_type_pred": list[str | None], "cell_type_row": list[int],
+     "cell_id": list[str], "ontology_similarity": list[float], "cell_type_score": list[float],
+     "cell_type_free": list[str | None], "generated": list[str]}
 
 ``write_report`` writes ``report.md``, ``results.json`` (the results dict as given),
 ``per_cell.json`` and, when their per-cell arrays are present, ``confusion_matrix.png``,
