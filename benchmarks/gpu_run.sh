@@ -3,7 +3,10 @@
 # the git-ignored .gpu/ folder that benchmarks/gpu_prepare.sh made here carried along.
 #   bash benchmarks/gpu_run.sh [paper|smoke] [more gpu.py options]
 # paper: the full measurement (under 6 minutes on one H200 when it timed 3 steps a setting and 4 generation modes; now
-# 5 steps and 5 modes: leave 8 minutes, not measured yet); smoke: the same shapes, fewer steps (about 2 minutes).
+# 5 steps and 6 modes within gpu.py's --time-budget of 420 s from its start: leave 9 minutes, not measured yet; the
+# compiled mode is the one a budget cut drops). Run it on an H200 (the device tool's kind nvidia-h200): 32 x 1
+# without checkpointing needs about 112 GB and is skipped on a smaller GPU. smoke: the same shapes, fewer steps
+# (about 2 minutes).
 # Writes gpu_<size>.log, gpu_<size>.json and smi.csv (time, GPU utilisation and memory every second:
 # each generation mode's start time is in the JSON) into $OUT.
 set -uo pipefail

@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 import re
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
-from cellxgene_ontology_guide.ontology_parser import OntologyParser
 
 from modeling_cell2text.description_schema import AGE_GROUPS
 from processing.ontology_versions import ontology_parser
+
+if TYPE_CHECKING:  # the package is imported where a parser is made (`ontology_versions.ontology_parser`)
+    from cellxgene_ontology_guide.ontology_parser import OntologyParser
 
 logger = logging.getLogger(__name__)
 

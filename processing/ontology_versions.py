@@ -9,9 +9,11 @@ corpora and cards record :func:`ontology_versions`.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-from cellxgene_ontology_guide.ontology_parser import OntologyParser
-from cellxgene_ontology_guide.supported_versions import CXGSchema
+if TYPE_CHECKING:  # imported where used: a GPU machine's benchmark imports this module without the package
+    from cellxgene_ontology_guide.ontology_parser import OntologyParser
+    from cellxgene_ontology_guide.supported_versions import CXGSchema
 
 #: CELLxGENE schema version whose ontology releases are read (shipped by cellxgene-ontology-guide 1.11).
 CELLXGENE_SCHEMA_VERSION = "7.1.0"
@@ -20,6 +22,8 @@ USED_ONTOLOGIES = ("CL", "UBERON", "MONDO", "HsapDv", "PATO")
 
 
 def _schema() -> CXGSchema:
+    from cellxgene_ontology_guide.supported_versions import CXGSchema
+
     try:
         return CXGSchema(version=CELLXGENE_SCHEMA_VERSION)
     except ValueError as error:
@@ -32,6 +36,8 @@ def _schema() -> CXGSchema:
 @lru_cache(maxsize=1)
 def ontology_parser() -> OntologyParser:
     """An ``OntologyParser`` pinned to :data:`CELLXGENE_SCHEMA_VERSION` (bundled data, no network)."""
+    from cellxgene_ontology_guide.ontology_parser import OntologyParser
+
     _schema()  # a precise error where the installed package lacks the schema
     return OntologyParser(schema_version=CELLXGENE_SCHEMA_VERSION)
 

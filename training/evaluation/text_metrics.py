@@ -26,9 +26,6 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
-from nltk.stem.porter import PorterStemmer
-from nltk.translate.meteor_score import meteor_score
-from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
 
 logger = logging.getLogger(__name__)
@@ -80,6 +77,8 @@ def bleu_scores(references: Sequence[str], predictions: Sequence[str]) -> dict[s
 
 def rouge_scores(references: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
     """Mean ROUGE-1, ROUGE-2 and ROUGE-L F-measures over pairs (Porter stemming)."""
+    from rouge_score import rouge_scorer  # here: the GPU benchmark imports this module where it is not installed
+
     _check_pairs(references, predictions)
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     pair_scores = [scorer.score(r, p) for r, p in zip(references, predictions)]
@@ -91,6 +90,9 @@ def rouge_scores(references: Sequence[str], predictions: Sequence[str]) -> dict[
 
 def meteor(references: Sequence[str], predictions: Sequence[str]) -> float:
     """Mean sentence METEOR with exact + stem matching (no WordNet synonyms, see module doc)."""
+    from nltk.stem.porter import PorterStemmer  # here, as rouge_score above
+    from nltk.translate.meteor_score import meteor_score
+
     _check_pairs(references, predictions)
     stemmer, wordnet = PorterStemmer(), _NoWordNet()
     return float(
