@@ -30,7 +30,7 @@ from pathlib import Path
 import datasets
 import pandas as pd
 
-from hub_cards.render import write_dataset_card
+from hub_cards.render import public_name, write_dataset_card
 from modeling_cell2text.output_files import publish_folder
 from processing.build_corpus import _is_corpus_folder, _staging_dir
 from processing.corpus import FEATURE_EXTRACTOR_DIR, SUMMARY_FILE, save_splits, top_pathways_by_cell_type
@@ -165,6 +165,7 @@ def join_summaries(shards: Sequence[Shard], corpus: datasets.DatasetDict, name: 
         for field, counts in (summary.get("unknown_ontology_term_ids") or {}).items():
             unknown.setdefault(field, Counter()).update(counts)
     names = list(dict.fromkeys(summary.get("name") for summary in summaries))
+    sources = list(dict.fromkeys(str(summary.get("source")) for summary in summaries))
     median = ({key: first.get(key) for key in ("median_method", "median_relative_error_bound", "vocabulary_source")
                if key in first}
               if len({summary.get("median_method") for summary in summaries}) == 1 else
@@ -180,7 +181,9 @@ def join_summaries(shards: Sequence[Shard], corpus: datasets.DatasetDict, name: 
                         (cell for split in corpus.values() for cell in split["pathways"]))}
     return {
         "name": name or (names[0] if len(names) == 1 else " + ".join(map(str, names))),
-        "source": "; ".join(dict.fromkeys(str(summary.get("source")) for summary in summaries)),
+        # several: their names (a path's last component: a joined string of paths read as one path where the card
+        # and the upload drop machine paths); `joined_from` keeps each shard's own
+        "source": sources[0] if len(sources) == 1 else "; ".join(str(public_name(source)) for source in sources),
         "num_cells_in": sum(summary.get("num_cells_in", 0) for summary in summaries),
         "splits": {split: len(corpus[split]) for split in SPLITS},
         "rejected": summed("rejected"),

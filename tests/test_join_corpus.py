@@ -117,3 +117,13 @@ def test_an_existing_corpus_is_replaced_only_with_overwrite(built, tmp_path):
         join_corpus(built["shards"], tmp_path / "joined")
     join_corpus(built["shards"], tmp_path / "joined", overwrite=True, name="pbmc joined")
     assert json.loads((tmp_path / "joined" / "summary.json").read_text())["name"] == "pbmc joined"
+
+
+def test_shards_of_several_files_are_named_by_their_files(built, tmp_path):
+    """Their paths joined in one string read as one path where the card and the upload drop machine paths."""
+    first, second = (edited(shard, tmp_path / f"s{i}", "summary.json",
+                            lambda c, i=i: c.update(source=f"/data/part{i}.h5ad"))
+                     for i, shard in enumerate(built["shards"]))
+    summary = join_corpus([first, second], tmp_path / "joined")
+    assert summary["source"] == "part0.h5ad; part1.h5ad"
+    assert [entry["source"] for entry in summary["joined_from"]] == ["/data/part0.h5ad", "/data/part1.h5ad"]
