@@ -589,6 +589,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
         "fingerprints": fingerprints,
         "ontology_versions": ontology_versions(),
         "input_sha256": source.input_sha256,  # which input (its cells and genes), for joining shards
+        **({"shard": "/".join(map(str, source.shard))} if getattr(source, "shard", None) else {}),  # --shard i/N
         **options.extra_summary,
     }
     if sum(summary["splits"].values()) + len(rejects) != source.n_cells:
@@ -756,7 +757,6 @@ def run(args: argparse.Namespace) -> dict:
         source = make_source(args, stack)
         if args.shard:
             source.select_shard(*args.shard)
-            options.extra_summary["shard"] = "/".join(map(str, args.shard))
         try:
             with sigterm_as_exception():
                 summary = build_corpus(source, args.out, options)

@@ -30,8 +30,7 @@ def built(tmp_path_factory) -> dict[str, Path]:
     for index in range(2):
         source = pbmc68k_reduced()
         source.select_shard(index, 2)
-        build_corpus(source, root / f"shard{index}", BuildOptions(**{**options.__dict__,
-                                                                     "extra_summary": {"shard": f"{index}/2"}}))
+        build_corpus(source, root / f"shard{index}", options)  # records its shard, as --shard does
     return {"root": root, "whole": root / "whole", "shards": [root / "shard0", root / "shard1"]}
 
 
