@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,6 @@ class BuildOptions:
     progress: bool = True
     max_shard_size: str | int = "500MB"  # Arrow shards of each split (datasets' save_to_disk)
     overwrite: bool = False  # replace an existing, non-empty corpus folder at out_dir
-    extra_summary: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -590,7 +589,6 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
         "ontology_versions": ontology_versions(),
         "input_sha256": source.input_sha256,  # which input (its cells and genes), for joining shards
         **({"shard": "/".join(map(str, source.shard))} if getattr(source, "shard", None) else {}),  # --shard i/N
-        **options.extra_summary,
     }
     if sum(summary["splits"].values()) + len(rejects) != source.n_cells:
         raise RuntimeError("internal error: kept + rejected cells do not add up to the input")

@@ -29,6 +29,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from modeling_cell2text.rank_value import INPUT_VALUES, TARGET_SUM
+from processing.sources import check_whole_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -193,33 +194,13 @@ def check_shards(paths: list[str | Path]) -> None:
     if untagged:
         logger.warning("%s record no shard (written by an earlier version): whether every shard is given once is "
                        "not checked", untagged)
-    by_input: dict[str, dict[tuple[int, int], str]] = {}
-    names: dict[str, str] = {}
-    for path, tag in tags.items():
-        if tag is None:
-            continue
-        identity, names[identity], index, count = tag
-        shards = by_input.setdefault(identity, {})
-        if (index, count) in shards:
-            raise ValueError(f"{path} and {shards[index, count]} both count shard {index}/{count} of the same input "
-                             f"({names[identity]!r}: the same cells and genes): give each shard once.")
-        shards[index, count] = path
-    mixed = sorted({name for identity, name in names.items() if identity != name} & set(by_input))
+    names = {tag[0]: tag[1] for tag in tags.values() if tag is not None}
+    mixed = sorted({name for identity, name in names.items() if identity != name} & set(names))
     if mixed:  # a name standing for an input only where a file records no checksum: shards of two versions
         raise ValueError(f"the histograms of {mixed} were written by two versions of the corpus builder (some record "
                          "no input checksum): rebuild the older shards.")
-    for identity, shards in by_input.items():
-        source = names[identity]
-        counts = {count for _, count in shards}
-        if len(counts) > 1:
-            raise ValueError(f"the histograms of {source!r} are shards of different splits ({sorted(shards)}): give "
-                             "the shards of one --shard i/N build.")
-        count = counts.pop()
-        missing = sorted(set(range(count)) - {index for index, _ in shards})
-        if missing:
-            shown = ", ".join(f"{i}/{count}" for i in missing)
-            raise ValueError(f"the histograms of {source!r} lack its shards {shown}: give every shard's "
-                             "median_histogram.npz.")
+    check_whole_inputs({path: tag for path, tag in tags.items() if tag is not None}, "histograms",
+                       "give every shard's median_histogram.npz")
 
 
 def merge_histogram_files(paths: list[str | Path]) -> dict[str, float]:

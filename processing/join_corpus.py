@@ -34,6 +34,7 @@ from hub_cards.render import public_name, write_dataset_card
 from modeling_cell2text.output_files import publish_folder
 from processing.build_corpus import _is_corpus_folder, _staging_dir
 from processing.corpus import FEATURE_EXTRACTOR_DIR, SUMMARY_FILE, save_splits, top_pathways_by_cell_type
+from processing.sources import check_whole_inputs
 from processing.splits import SPLITS
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,6 @@ EXTRACTOR_FILE = "preprocessor_config.json"
 # Settings every shard must share: another value gives the joined corpus descriptions or tokens of two kinds.
 SHARED_SETTINGS = ("pathway_library", "pathway_ranking", "pathway_set_sizes", "expression_bins",
                    "gene_vocabulary_size", "census_version", "ontology_versions")
-# Settings that may differ by input (AUCell's depth is 5% of an input's genes): one value, else their sorted values.
-PER_INPUT_SETTINGS = ("pathway_max_rank", "pathway_sets", "input_values", "seed")
 
 
 @dataclass
@@ -95,29 +94,16 @@ def check_joinable(shards: Sequence[Shard]) -> None:
 
 
 def _check_complete_inputs(shards: Sequence[Shard]) -> None:
-    """Every `--shard i/N` of an input once, for one N (as the median merge checks its histograms)."""
-    by_input: dict[str, dict[str, Path]] = {}
+    """Every `--shard i/N` of an input once, for one N, as the median merge checks its histograms."""
+    parts = {}
     for shard in shards:
         part = shard.summary.get("shard")
-        if part is None:
-            continue
-        identity = shard.summary.get("input_sha256") or shard.summary.get("source")
-        parts = by_input.setdefault(identity, {})
-        if part in parts:
-            raise ValueError(f"{shard.path} and {parts[part]} are both shard {part} of the same input "
-                             f"({shard.summary.get('source')!r}): give each shard once.")
-        parts[part] = shard.path
-    for identity, parts in by_input.items():
-        counts = {part.split("/")[1] for part in parts}
-        source = next(read for read in shards if read.path in parts.values()).summary.get("source")
-        if len(counts) > 1:
-            raise ValueError(f"the shards of {source!r} come from different --shard splits ({sorted(parts)}): give "
-                             "the shards of one --shard i/N build.")
-        count = int(counts.pop())
-        missing = [f"{i}/{count}" for i in range(count) if f"{i}/{count}" not in parts]
-        if missing:
-            raise ValueError(f"the shards of {source!r} lack {', '.join(missing)}: give every shard (a joined corpus "
-                             "missing some would say it holds the whole input).")
+        if part is not None:
+            index, count = map(int, part.split("/"))
+            source = shard.summary.get("source")
+            parts[str(shard.path)] = (shard.summary.get("input_sha256") or source, source, index, count)
+    check_whole_inputs(parts, "corpus shards", "give every shard (a joined corpus missing some would say it holds "
+                                               "the whole input)")
 
 
 def check_donor_splits(corpus: datasets.DatasetDict) -> None:
@@ -142,7 +128,7 @@ def join_summaries(shards: Sequence[Shard], corpus: datasets.DatasetDict, name: 
     summaries = [shard.summary for shard in shards]
     first = summaries[0]
 
-    def one_or_all(key: str) -> object:
+    def one_or_all(key: str) -> object:  # a setting that may differ by input (AUCell's depth: 5% of its genes)
         values = [summary.get(key) for summary in summaries]
         distinct = sorted({json.dumps(value) for value in values})
         return values[0] if len(distinct) == 1 else [json.loads(value) for value in distinct]

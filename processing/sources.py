@@ -111,6 +111,31 @@ def shard_range(n_rows: int, index: int, count: int) -> range:
     return range(n_rows * index // count, n_rows * (index + 1) // count)
 
 
+def check_whole_inputs(parts: Mapping[str, tuple[str, str, int, int]], what: str, fix: str) -> None:
+    """Refuse `parts` (a file -> (its input's identity, the input's name, shard index, shard count)) that do not add
+    up to whole inputs: one shard of an input given twice, shards of two `--shard i/N` splits of it, or one missing.
+    `what` names the files ("histograms", "corpus shards"); `fix` says what to give for a missing shard. Counted
+    twice or left out, cells weigh on medians, or stand in a corpus, as they do not in their input."""
+    by_input: dict[str, dict[tuple[int, int], str]] = {}
+    names: dict[str, str] = {}
+    for path, (identity, names[identity], index, count) in parts.items():
+        shards = by_input.setdefault(identity, {})
+        if (index, count) in shards:
+            raise ValueError(f"{path} and {shards[index, count]} both count shard {index}/{count} of the same input "
+                             f"({names[identity]!r}: the same cells and genes): give each shard once.")
+        shards[index, count] = path
+    for identity, shards in by_input.items():
+        counts = {count for _, count in shards}
+        if len(counts) > 1:
+            raise ValueError(f"the {what} of {names[identity]!r} are shards of different splits ({sorted(shards)}): "
+                             "give the shards of one --shard i/N build.")
+        count = counts.pop()
+        missing = sorted(set(range(count)) - {index for index, _ in shards})
+        if missing:
+            shown = ", ".join(f"{i}/{count}" for i in missing)
+            raise ValueError(f"the {what} of {names[identity]!r} lack its shards {shown}: {fix}.")
+
+
 class AnnDataSource:
     """An AnnData object (in memory or backed) read in row chunks from ``X``, a layer, or ``adata.raw``
     (``use_raw=True``: CELLxGENE's layout, raw counts in ``raw.X`` with their genes in ``raw.var``)."""

@@ -70,7 +70,7 @@ def edited(shard: Path, to: Path, file: str, edit) -> Path:
 
 @pytest.mark.parametrize("case, message", [
     ("twice", "hold the same cells"),
-    ("missing", "lack 1/2: give every shard"),
+    ("missing", "corpus shards of .scanpy.datasets.pbmc68k_reduced. lack its shards 1/2: give every shard"),
     ("extractor", r"different feature extractors \(they differ in \['gene_medians'\]\).*--feature-extractor fe/"),
     ("library", "was built with pathway_library 'other.gmt'"),
     ("label", "label 'CD14-positive monocyte' names CL:0001054 in one shard and CL:0000576"),
@@ -108,6 +108,19 @@ def test_a_donor_in_two_splits_is_refused():
     with pytest.raises(ValueError, match=r"1 donors have cells in two splits .*'d1': \['test', 'train'\].*"
                                          "--hashed-splits and one --seed"):
         check_donor_splits(corpus)
+
+
+def test_a_join_whose_donor_is_in_two_splits_is_refused(built, tmp_path):
+    """Through the join: shards split on their own cells put one donor's cells in train and test."""
+    first = tmp_path / "donor"
+    shutil.copytree(built["shards"][0], first)
+    rows = datasets.load_from_disk(str(built["shards"][0])).map(lambda row: {"donor_id": "d1"})
+    for split in rows:
+        shutil.rmtree(first / split)
+    rows.save_to_disk(str(first))
+    with pytest.raises(ValueError, match=r"1 donors have cells in two splits .*'d1': \['test', 'train', 'validation'\]"):
+        join_corpus([first, built["shards"][1]], tmp_path / "joined")
+    assert not (tmp_path / "joined").exists()
 
 
 def test_an_existing_corpus_is_replaced_only_with_overwrite(built, tmp_path):
