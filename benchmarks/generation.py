@@ -255,7 +255,7 @@ def label_scaling(describe, cells, vocabulary, new_tokens: int, batch_size: int 
                              for r in results)
                     return f"{ok} of {len(results)} cell types a known label with its CL id"
 
-                rates[f"pipeline {n_labels}"] = timed(f"  the same through pipeline('cell-to-text')", through_pipeline)
+                rates[f"pipeline {n_labels}"] = timed("  the same through pipeline('cell-to-text')", through_pipeline)
                 exhaustive = [label for inputs in batches for label in score_cell_types(model, processor, inputs).labels]
                 same = sum(a == b for a, b in zip(chosen, exhaustive))
                 print(f"{'':<44} cell type as exhaustive scoring's for {same} of {n_cells} cells")

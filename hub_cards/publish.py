@@ -32,14 +32,15 @@ from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProce
 from modeling_cell2text.argument_types import refused_input_as_one_line
 from modeling_cell2text.compatibility import check_model_and_processor
 from modeling_cell2text.modeling_cell2text import foreign_weight_files
+from modeling_cell2text.tl import weights_sha256
 
 from .render import (
     EVALUATION_RESULTS,
     MODEL_CARD_INPUTS,
+    dataset_url,
     machine_paths,
     push_dataset_card,
     rerender_model_card,
-    weights_sha256,
     without_machine_paths,
     write_dataset_card,
 )
@@ -284,13 +285,26 @@ def upload_model_folder(model_dir: str | Path, repo_id: str, private: bool = Fal
 
 
 def publish_model(model_dir: str | Path, repo_id: str, private: bool = False, api: HfApi | None = None, *,
-                  dataset_id: str | None = None, refresh_code: bool = False) -> str:
-    """`prepare_model_folder`, `check_private`, then `upload_model_folder`: nothing is written (but what
-    ``refresh_code`` asks for) or created on the Hub for a folder that is refused."""
+                  dataset_id: str | None = None, refresh_code: bool = False,
+                  corpus_dir: str | Path | None = None) -> str:
+    """`prepare_model_folder`, `check_private`, then `upload_model_folder`; returns the model's URL. With
+    ``corpus_dir``, the corpus the model was trained on is pushed after it to the dataset repo ``dataset_id``
+    (`publish_corpus`). Nothing is written (but what ``refresh_code`` asks for) or created on the Hub for a folder
+    or corpus that is refused, and both repos are checked before the model is uploaded."""
+    if corpus_dir is not None:
+        if dataset_id is None:
+            raise ValueError("corpus_dir needs dataset_id, the dataset repo to push the corpus to")
+        check_corpus_is_the_models(model_dir, corpus_dir)
     card = prepare_model_folder(model_dir, repo_id, dataset_id=dataset_id, refresh_code=refresh_code)
     api = api or HfApi()
     check_private(api, repo_id, "model", private)
-    return upload_model_folder(model_dir, repo_id, private, api, card)
+    if corpus_dir is not None:
+        check_private(api, dataset_id, "dataset", private)
+        ensure_repo(api, dataset_id, "dataset", private)  # before the model is uploaded
+    url = upload_model_folder(model_dir, repo_id, private, api, card)
+    if corpus_dir is not None:
+        publish_corpus(corpus_dir, dataset_id, private, api)
+    return url
 
 
 CORPUS_FILES = ("summary.json", "rejects.csv", "unmapped_genes.txt")
@@ -328,7 +342,7 @@ def publish_corpus(corpus_dir: str | Path, repo_id: str, private: bool = False, 
                       repo_id=repo_id, repo_type="dataset")
     for name, content in corpus_files_to_upload(corpus_dir).items():
         api.upload_file(path_or_fileobj=content, path_in_repo=name, repo_id=repo_id, repo_type="dataset")
-    return f"https://huggingface.co/datasets/{repo_id}"
+    return dataset_url(repo_id)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -344,20 +358,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if bool(args.corpus) != bool(args.dataset_repo):
         parser.error("--corpus and --dataset-repo go together")
-    api = HfApi()
     with refused_input_as_one_line("publish"):
-        if args.corpus:
-            check_corpus_is_the_models(args.model, args.corpus)
-        card = prepare_model_folder(args.model, args.repo, dataset_id=args.dataset_repo,
-                                    refresh_code=args.refresh_code)
-        check_private(api, args.repo, "model", args.private)
-        if args.corpus:
-            check_private(api, args.dataset_repo, "dataset", args.private)
-            ensure_repo(api, args.dataset_repo, "dataset", args.private)  # before the model is uploaded
-        url = upload_model_folder(args.model, args.repo, args.private, api, card)
-        print(f"model: {url}")
-        if args.corpus:
-            print(f"corpus: {publish_corpus(args.corpus, args.dataset_repo, args.private, api)}")
+        url = publish_model(args.model, args.repo, args.private, HfApi(), dataset_id=args.dataset_repo,
+                            refresh_code=args.refresh_code, corpus_dir=args.corpus)
+    print(f"model: {url}")
+    if args.corpus:
+        print(f"corpus: {dataset_url(args.dataset_repo)}")
 
 
 if __name__ == "__main__":

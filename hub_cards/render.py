@@ -8,7 +8,6 @@ and corpus-building code; a value that is absent or not finite is left out of th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -47,6 +46,11 @@ DEFAULT_TAGS = (
 )
 MAX_LABEL_ROWS = 40
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def dataset_url(repo_id: str) -> str:
+    """A Hub dataset repo's page."""
+    return f"https://huggingface.co/datasets/{repo_id}"
 
 
 def is_repo_id(name: str | None) -> bool:
@@ -278,7 +282,7 @@ def render_model_card(
         base_model=f"`{public_name(base_model)}`",
         encoder=f"`{public_name(encoder)}`",
         dataset_id=public_name(dataset_id),
-        dataset_url=f"https://huggingface.co/datasets/{dataset_id}" if is_repo_id(dataset_id) else None,
+        dataset_url=dataset_url(dataset_id) if is_repo_id(dataset_id) else None,
         license=license,
         limitations=_limitations(results, encoder, limitations or []),
         split=results.get("split", "test"),
@@ -302,22 +306,6 @@ def render_model_card(
 MODEL_CARD_INPUTS = "model_card_inputs.json"
 #: The evaluation results a saved card was rendered from.
 EVALUATION_RESULTS = "evaluation_results.json"
-
-
-def weights_sha256(model_dir: str | Path) -> str | None:
-    """A checksum of a model folder's weight files (its safetensors, in name order): which weights an evaluation,
-    and the card's figures, are of. None where `model_dir` is not a local folder holding weights (a Hub id)."""
-    folder = Path(model_dir)
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for weights in files:
-        digest.update(weights.name.encode())
-        with weights.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def save_model_card(model_dir: str | Path, results: dict, *, repo_id: str, **inputs: Any) -> ModelCard:

@@ -8,6 +8,9 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+# The weight dtypes a user may name (`tl.describe(dtype=...)`, `cell2text --dtype`), besides "auto".
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
 # The library's messages name its Python keywords; a command line's user reads its options. Each pattern matches
 # the message's own wording only (never a path, a column or a value that happens to hold the word); the options are
 # those of `cell2text` and of the corpus builder (`--obs-map` is the builder's only).

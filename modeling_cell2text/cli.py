@@ -30,11 +30,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .argument_types import as_command_line, positive_int
+from .argument_types import DTYPE_NAMES, as_command_line, positive_int
 from .package_info import package_version
 from .output_files import Terminated, publish_file, sigterm_as_exception
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 logger = logging.getLogger("cell2text")
 
 
@@ -62,7 +61,7 @@ def _add_common_arguments(command: argparse.ArgumentParser, key: str, batch_size
     command.add_argument("--batch-size", type=positive_int, default=batch_size,
                          help=f"cells processed together (default {batch_size})")
     command.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N or mps")
-    command.add_argument("--dtype", choices=DTYPES, default="auto",
+    command.add_argument("--dtype", choices=("auto", *DTYPE_NAMES), default="auto",
                          help="model weights' dtype (auto: bfloat16 on a GPU that supports it, else float32)")
     source = command.add_mutually_exclusive_group()
     source.add_argument("--layer", default=None, help="AnnData layer holding the expression (default: X)")

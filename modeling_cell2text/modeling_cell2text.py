@@ -34,6 +34,16 @@ logger = logging.get_logger(__name__)
 
 # Weight files a model folder may hold that only pickle can read.
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def pickled_weights_message(source: Any, pickled_file: str) -> str:
+    """Why a folder with pickled weights only is refused, and the one-off conversion."""
+    return (
+        f"{source!s} holds pickled weights ({pickled_file}) and no .safetensors file: Cell2Text loads safetensors "
+        "only, since unpickling can run code. If you trust the file, convert it once: "
+        "save_model_folder(Cell2TextForConditionalGeneration.from_pretrained(folder, use_safetensors=False), "
+        "Cell2TextProcessor.from_pretrained(folder), new_folder) (from modeling_cell2text)."
+    )
 # Files (glob patterns) that do not belong in a Cell2Text folder of merged safetensors weights.
 FOREIGN_WEIGHTS = ("adapter_config.json", "adapter_model.*", *PICKLED_WEIGHTS)
 
@@ -256,12 +266,7 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
             pickled = [name for name in PICKLED_WEIGHTS if (Path(pretrained_model_name_or_path) / name).is_file()]
             if not (kwargs["use_safetensors"] and pickled):
                 raise
-            raise OSError(
-                f"{pretrained_model_name_or_path!s} holds pickled weights ({pickled[0]}) and no model.safetensors: "
-                "Cell2Text loads safetensors only, since unpickling can run code. If you trust the file, convert it "
-                "once: save_model_folder(Cell2TextForConditionalGeneration.from_pretrained(folder, use_safetensors=False), "
-                "Cell2TextProcessor.from_pretrained(folder), new_folder) (from modeling_cell2text)."
-            ) from err
+            raise OSError(pickled_weights_message(pretrained_model_name_or_path, pickled[0])) from err
         _refuse_unreadable_generation_config(pretrained_model_name_or_path, kwargs)
         model.config._commit_hash = _loaded_commit(pretrained_model_name_or_path, kwargs)
         _name_subfolder(model, pretrained_model_name_or_path, kwargs.get("subfolder"))

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .argument_types import DTYPE_NAMES
 from .compatibility import check_model_and_processor, gene_vocabulary_sha256, label_tables_sha256, processor_sha256
 from .description_schema import ONTOLOGY_FIELDS, CellDescription
 from .label_scoring import constrains
-from .modeling_cell2text import PICKLED_WEIGHTS, Cell2TextForConditionalGeneration
+from .modeling_cell2text import PICKLED_WEIGHTS, Cell2TextForConditionalGeneration, pickled_weights_message
 from .package_info import package_version
 from .pipeline_cell2text import (
     MISSING_PROCESSOR,
@@ -41,7 +42,7 @@ from .pipeline_cell2text import (
 from .processing_cell2text import Cell2TextProcessor
 from .schema_decoding import SCORED_FIELDS
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 PROCESSOR_FILE = "processor_config.json"
 MODEL_TYPE = "cell2text"
 logger = logging.getLogger(__name__)
@@ -109,13 +110,9 @@ def check_model_path(model: str | os.PathLike) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
         raise ValueError(f"model {model}: {config_file} is not a valid JSON object ({error}); restore the file from "
                          "the model's source or save the model again") from error
-    if not any(folder.glob("*.safetensors")) and any((folder / name).is_file() for name in PICKLED_WEIGHTS):
-        raise ValueError(
-            f"model {model}: the folder holds pickled weights (pytorch_model.bin) and no .safetensors file; Cell2Text "
-            "loads safetensors only, since unpickling can run code. If you trust the file, convert it once: "
-            "save_model_folder(Cell2TextForConditionalGeneration.from_pretrained(folder, use_safetensors=False), "
-            "Cell2TextProcessor.from_pretrained(folder), new_folder) (from modeling_cell2text)"
-        )
+    pickled = [name for name in PICKLED_WEIGHTS if (folder / name).is_file()]
+    if pickled and not any(folder.glob("*.safetensors")):
+        raise ValueError(pickled_weights_message(f"model {model}", pickled[0]))
     if model_type != MODEL_TYPE:
         raise ValueError(f"model {model}: config.json says model_type {model_type!r}, not a Cell2Text model")
     if not (folder / PROCESSOR_FILE).is_file():
@@ -212,17 +209,27 @@ def model_provenance(model: torch.nn.Module) -> dict[str, str]:
     source = str(getattr(model, "name_or_path", "") or "")
     revision = getattr(model.config, "_commit_hash", None)
     folder = Path(source) if source else None
-    if revision is None and folder is not None and folder.is_dir():
-        digest = hashlib.sha256()
-        for weights in sorted(folder.glob("*.safetensors")):
-            digest.update(weights.name.encode())
-            with weights.open("rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 24), b""):
-                    digest.update(chunk)
-        revision = "sha256:" + digest.hexdigest()
+    if revision is None and folder is not None and (checksum := weights_sha256(folder)) is not None:
+        revision = "sha256:" + checksum
     subfolder = getattr(model, "loaded_subfolder", None)
     return {"model": source or "unsaved model", **({"subfolder": subfolder} if subfolder else {}),
             "revision": revision or "unknown", "state_dict_sha256": state_dict_sha256(model)}
+
+
+def weights_sha256(model_dir: str | Path) -> str | None:
+    """A checksum of a model folder's weight files (its safetensors, in name order): which weights an evaluation,
+    and the card's figures, are of. None where `model_dir` is not a local folder holding weights (a Hub id)."""
+    folder = Path(model_dir)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for weights in files:
+        digest.update(weights.name.encode())
+        with weights.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:

@@ -83,7 +83,7 @@ def test_constrained_evaluation_predicts_known_labels_with_confidence(model_and_
                                               device="cpu")
     known = {"B cell", "T cell"}
     assert len(texts) == 8 and set(per_cell["cell_type_pred"]) <= known
-    from hub_cards.render import weights_sha256
+    from modeling_cell2text.tl import weights_sha256
 
     assert results["weights_sha256"] == weights_sha256(model_dir) is not None  # which weights the figures are of
     assert results["trust_remote_code"] is False and results["dtype"] == "torch.float32"  # which code ran, how

@@ -230,7 +230,8 @@ def test_a_card_evaluating_other_weights_is_refused(model_dir):
     after (same gene vocabulary, so the vocabulary check passes) does not publish the old figures."""
     from safetensors.torch import load_file, save_file
 
-    from hub_cards.render import save_model_card, weights_sha256
+    from hub_cards.render import save_model_card
+    from modeling_cell2text.tl import weights_sha256
 
     config = json.loads((model_dir / "config.json").read_text())
     save_model_card(model_dir, {"split": "test", "num_cells": 8, "gene_vocabulary_sha256": config["gene_vocabulary_sha256"],
@@ -338,3 +339,29 @@ def test_the_corpus_summary_is_uploaded_without_paths_of_this_machine(tmp_path):
     files = corpus_files_to_upload(tmp_path)
     assert json.loads(files["summary.json"]) == {"source": "census_like", "name": "census_like", "n_cells": 3}
     assert files["rejects.csv"] == b"cell,reason\n"
+
+
+def test_publish_model_with_its_corpus_makes_both_repos_then_pushes_the_model_then_the_corpus(model_dir, tmp_path,
+                                                                                              monkeypatch, capsys):
+    # one owner for the order (the command line had its own copy of publish_model's steps)
+    from hub_cards import publish
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "summary.json").write_text("{}")
+    with pytest.raises(ValueError, match="corpus_dir needs dataset_id"):
+        publish_model(model_dir, "org/x", api=FakeHub(), corpus_dir=corpus)
+    hub = FakeHub()
+    monkeypatch.setattr(publish, "publish_corpus",
+                        lambda folder, repo, private, api: api.calls.append(("publish_corpus", repo, folder)))
+    publish_model(model_dir, "org/x", api=hub, dataset_id="org/x-corpus", corpus_dir=corpus)
+    assert [(call, repo) for call, repo, _ in hub.calls] == [
+        ("create_repo", "org/x-corpus"), ("create_repo", "org/x"), ("upload_folder", "org/x"),
+        ("publish_corpus", "org/x-corpus")]
+    hub.calls.clear()
+    monkeypatch.setattr(publish, "HfApi", lambda: hub)
+    publish.main(["--model", str(model_dir), "--repo", "org/x", "--corpus", str(corpus),
+                  "--dataset-repo", "org/x-corpus"])
+    assert hub.calls[-1] == ("publish_corpus", "org/x-corpus", str(corpus))
+    assert capsys.readouterr().out.splitlines() == ["model: https://huggingface.co/org/x",
+                                                    "corpus: https://huggingface.co/datasets/org/x-corpus"]

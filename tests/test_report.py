@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 
 from training.evaluation.report import _collapse_labels, write_report
 

@@ -629,7 +629,6 @@ def test_nan_logits_stop_the_decoder_instead_of_leaving_a_cell_without_labels(ra
     """A NaN log-likelihood never beats another option: before this check a cell whose logits were NaN got an empty
     description and no labels, silently (seen with a float64 model under eager attention, whose left-padded prompt
     positions turn NaN). Now the decoder refuses, naming the causes."""
-    import copy
 
     model, processor = random_model_and_processor
     broken = copy.deepcopy(model)
@@ -675,7 +674,6 @@ def test_the_growing_cache_layer_holds_what_a_dynamic_layer_holds():
     """The decoder's cache layer writes in place instead of concatenating; after appending, cropping, selecting rows
     and appending to some rows it holds exactly what `DynamicLayer` holds, and a row-selected copy (a search step of
     some cells) writes into buffers of its own, never into the layer it was copied from."""
-    import copy
 
     from transformers.cache_utils import DynamicLayer
 

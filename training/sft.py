@@ -432,21 +432,21 @@ def learn_new_labels(processor: Cell2TextProcessor, vocabulary: dict) -> None:
     its first corpus's, so a new cell type was never a candidate (every cell described as an old type, accuracy
     0, without a word). A label the two corpora give different ids is refused; a label one of them states without
     an id (None) takes the other's."""
-    tables = {field: dict(table) for field, table in processor.ontology_term_ids.items()}
-    for field, table in vocabulary["ontology_term_ids"].items():
-        known = tables.setdefault(field, {})
+    tables = {name: dict(table) for name, table in processor.ontology_term_ids.items()}
+    for name, table in vocabulary["ontology_term_ids"].items():
+        known = tables.setdefault(name, {})
         label_of = {term: label for label, term in known.items() if term is not None}
         clashes = {label: (known[label], term) for label, term in table.items()
                    if None not in (known.get(label), term) and known.get(label, term) != term}
         clashes.update({label: (label_of[term], term) for label, term in table.items()
                         if term is not None and label_of.get(term, label) != label})  # one id under another label
         if clashes:
-            raise ValueError(f"the {field} labels {clashes} have other ids or labels in the model's processor than "
+            raise ValueError(f"the {name} labels {clashes} have other ids or labels in the model's processor than "
                              "in the corpus (model's, corpus's id): build the corpus with the ontology versions the "
                              "model's corpus was built with")
         added = sorted(set(table) - set(known))
         if added:
-            logger.info("%d %s label(s) new to the model, now candidates: %s", len(added), field, added[:10])
+            logger.info("%d %s label(s) new to the model, now candidates: %s", len(added), name, added[:10])
         known.update({label: term if term is not None else known.get(label) for label, term in table.items()})
     pathways = processor.pathway_names + [p for p in vocabulary["pathway_names"] if p not in processor.pathway_names]
     ages = [group for group in AGE_GROUPS if group in {*processor.age_groups, *vocabulary["age_groups"]}]

@@ -48,7 +48,6 @@ from modeling_cell2text.label_scoring import (
     cell_type_sentence,
 )
 from hub_cards.publish import code_sha256
-from hub_cards.render import weights_sha256
 from processing.corpus import split_value_lists
 from training.evaluation.metrics import (
     calibration_report,
@@ -506,7 +505,7 @@ def evaluate_model(
                    gene_encoder_prepared_on_corpus=bool(
                        getattr(model.config.gene_encoder_config, PREPARED_ENCODER_KEY, None)),
                    gene_vocabulary_sha256=vocabulary_sha256,
-                   weights_sha256=weights_sha256(model_dir), code_sha256=evaluated_code_sha256(model_dir,
+                   weights_sha256=tl.weights_sha256(model_dir), code_sha256=evaluated_code_sha256(model_dir,
                                                                                             trust_remote_code))
     per_cell["generated"] = texts
     return results, per_cell, texts
