@@ -348,6 +348,28 @@ def test_prepared_encoder_is_reused_only_for_the_same_corpus_and_settings(parts_
     assert prepare({"fingerprints": {"train": "b"}}, encoder_epochs=2) == 3  # the settings changed
 
 
+def test_encoder_candidates_of_one_hidden_size_share_one_decomposition(parts_and_corpus, tmp_path, monkeypatch):
+    """The gene embeddings' SVD (minutes at Census scale) ran once per candidate; the candidates differ in depth and
+    input, not in the matrix or the size, so the decompositions were the same."""
+    import training.gene_encoder as gene_encoder
+    import training.sft as sft_module
+
+    lm_dir, corpus_dir = parts_and_corpus
+    args = Cell2TextArguments(corpus_dir=str(corpus_dir), text_model_name_or_path=str(lm_dir), num_cell_tokens=8)
+    corpus, summary = sft_module.load_corpus(corpus_dir, args)
+    processor = sft_module.build_processor(args, corpus_dir, summary)
+    sizes = []
+    real_svd = gene_encoder.svd_gene_embeddings
+    monkeypatch.setattr(gene_encoder, "svd_gene_embeddings",
+                        lambda matrix, dim, seed=0: sizes.append(dim) or real_svd(matrix, dim, seed))
+    candidates = [gene_encoder.EncoderCandidate(num_hidden_layers=n, hidden_size=16, num_attention_heads=heads)
+                  for n, heads in ((1, 4), (2, 4), (1, 2))]
+    candidates.append(gene_encoder.EncoderCandidate(num_hidden_layers=1, hidden_size=8, num_attention_heads=2))
+    selection = gene_encoder.prepare_gene_encoder(corpus, processor.feature_extractor, tmp_path / "encoder", candidates,
+                                                  num_cell_tokens=8, epochs=1)
+    assert sizes == [16, 8] and len(selection.validation_accuracy) == 4
+
+
 def test_prepared_encoder_is_prepared_again_for_other_caps_or_another_corpus_without_fingerprints(
         parts_and_corpus, tmp_path, monkeypatch):
     """max_train_samples / max_eval_samples change what the encoder is trained and chosen on; a corpus whose build
