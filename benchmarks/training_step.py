@@ -90,8 +90,9 @@ def main() -> None:
         collate_times: list[float] = []
         losses: dict[str, list[float]] = {name: [] for name in paths}
         for _ in range(args.rounds):
-            for batch in batches:
-                for name, loss_of in paths.items():
+            for step, batch in enumerate(batches):
+                order = list(paths.items())
+                for name, loss_of in (order if step % 2 == 0 else order[::-1]):  # neither path always first
                     model.zero_grad()
                     start = time.perf_counter()
                     with torch.autocast("cpu", dtype=torch.bfloat16):
