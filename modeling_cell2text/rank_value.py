@@ -59,6 +59,8 @@ TARGET_SUM = 10_000
 MAX_LOG1P = 20.0
 #: Counts of one gene in one cell at or above this are not counts.
 MAX_COUNT = 2**31
+#: The relative uncertainty of each of some values, as stored (the multiples rules allow for it).
+Uncertainty = Callable[[np.ndarray], np.ndarray]
 _PAD_BASE = np.uint64(0xFFF0 << 48)  # padding keys start here: above the key of any normal positive float64
 _TINY = np.finfo(np.float64).tiny
 _LOW_BITS = np.uint64(0xFFFFFFFF)
@@ -342,6 +344,27 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
     The totals rules need two cells with values in the chunk.
     """
     where = f"chunk starting at cell {first_row}"
+    _check_finite_non_negative(data, where)
+    if not len(data):
+        return
+    integral = data.dtype.kind in "iu" or bool((np.rint(data) == data).all())
+    precision = _stored_precision(data)  # the multiples rules allow for it (rounded or float16 values)
+
+    def linear(values: np.ndarray) -> np.ndarray:  # relative uncertainty of stored values
+        return precision(values) / values
+
+    def unlogged(expm1_values: np.ndarray) -> np.ndarray:  # relative uncertainty of expm1(stored values)
+        return precision(np.log1p(expm1_values)) * (1 + 1 / expm1_values)
+
+    if input_values == "counts":
+        _check_counts(data, integral, where)
+    elif input_values == "log1p":
+        _check_log1p(data, indptr, integral, where, linear, unlogged)
+    else:
+        _check_normalized(data, indptr, integral, where, linear, unlogged)
+
+
+def _check_finite_non_negative(data: np.ndarray, where: str) -> None:
     require_numeric(data.dtype)
     if data.dtype.kind == "f":
         finite = np.isfinite(data)
@@ -356,55 +379,54 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
             f"input holds negative values (minimum {data.min()}, {where}); pass raw "
             "counts or non-negative normalised values, not scaled/centred data (e.g. adata.raw or a counts layer)"
         )
-    if not len(data):
-        return
+
+
+def _check_counts(data: np.ndarray, integral: bool, where: str) -> None:
+    if not integral:
+        example = data[np.flatnonzero(np.rint(data) != data)[0]]
+        raise ValueError(
+            f"input_values='counts' but the values are not integer counts (e.g. {example}, {where}); pass "
+            "input_values='normalized' for normalised data or input_values='log1p' for log1p of normalised data "
+            "(e.g. scanpy's normalize_total + log1p), or round counts with float noise"
+        )
     largest = data.max()
-    integral = data.dtype.kind in "iu" or bool((np.rint(data) == data).all())
-    precision = _stored_precision(data)  # the multiples rules allow for it (rounded or float16 values)
+    if float(largest) >= MAX_COUNT:
+        raise ValueError(
+            f"input_values='counts' but a value is {float(largest):.6g} ({where}): no gene has 2**31 or more counts "
+            "in one cell; pass the raw count matrix (e.g. adata.raw or a counts layer)"
+        )
 
-    def linear(values: np.ndarray) -> np.ndarray:  # relative uncertainty of stored values
-        return precision(values) / values
 
-    def unlogged(expm1_values: np.ndarray) -> np.ndarray:  # relative uncertainty of expm1(stored values)
-        return precision(np.log1p(expm1_values)) * (1 + 1 / expm1_values)
-    if input_values == "counts":
-        if not integral:
-            example = data[np.flatnonzero(np.rint(data) != data)[0]]
+def _check_log1p(data: np.ndarray, indptr: np.ndarray, integral: bool, where: str, linear: Uncertainty,
+                 unlogged: Uncertainty) -> None:
+    largest = data.max()
+    if largest > MAX_LOG1P:
+        raise ValueError(
+            f"input_values='log1p' but values reach {float(largest):.6g} ({where}), above {MAX_LOG1P:g} (log1p "
+            "of CP10k data is at most 9.2): these are not log1p of normalised values; pass "
+            "input_values='counts' for raw counts or input_values='normalized' for normalised values"
+        )
+    if integral and largest > 0:
+        raise ValueError(
+            f"input_values='log1p' but every value is an integer ({where}): these look like raw counts; pass "
+            "input_values='counts'"
+        )
+    if _share_of_count_multiples(np.expm1(data, dtype=np.float64), indptr, uncertainty=unlogged) < 0.5:
+        # (below 1, log1p is nearly linear: either reading ranks alike, and log1p of fractions looks linear)
+        if largest > 1 and _share_of_count_multiples(data, indptr, uncertainty=linear) >= 0.5:
             raise ValueError(
-                f"input_values='counts' but the values are not integer counts (e.g. {example}, {where}); pass "
-                "input_values='normalized' for normalised data or input_values='log1p' for log1p of normalised data "
-                "(e.g. scanpy's normalize_total + log1p), or round counts with float noise"
+                f"input_values='log1p' but the values look linear, not log1p-scaled ({where}): in most cells the "
+                "values are whole multiples of the cell's smallest one (counts times a scale), expm1(values) are "
+                "not; pass input_values='normalized' for normalised values"
             )
-        if float(largest) >= MAX_COUNT:
-            raise ValueError(
-                f"input_values='counts' but a value is {float(largest):.6g} ({where}): no gene has 2**31 or more counts "
-                "in one cell; pass the raw count matrix (e.g. adata.raw or a counts layer)"
-            )
-        return
-    if input_values == "log1p":
-        if largest > MAX_LOG1P:
-            raise ValueError(
-                f"input_values='log1p' but values reach {float(largest):.6g} ({where}), above {MAX_LOG1P:g} (log1p "
-                "of CP10k data is at most 9.2): these are not log1p of normalised values; pass "
-                "input_values='counts' for raw counts or input_values='normalized' for normalised values"
-            )
-        if integral and largest > 0:
-            raise ValueError(
-                f"input_values='log1p' but every value is an integer ({where}): these look like raw counts; pass "
-                "input_values='counts'"
-            )
-        if _share_of_count_multiples(np.expm1(data, dtype=np.float64), indptr, uncertainty=unlogged) < 0.5:
-            # (below 1, log1p is nearly linear: either reading ranks alike, and log1p of fractions looks linear)
-            if largest > 1 and _share_of_count_multiples(data, indptr, uncertainty=linear) >= 0.5:
-                raise ValueError(
-                    f"input_values='log1p' but the values look linear, not log1p-scaled ({where}): in most cells the "
-                    "values are whole multiples of the cell's smallest one (counts times a scale), expm1(values) are "
-                    "not; pass input_values='normalized' for normalised values"
-                )
-            base = _other_log_base(data, indptr)
-            if base is not None:
-                raise ValueError(_OTHER_BASE_ERROR.format(declared="log1p", base=base, where=where))
-        return
+        base = _other_log_base(data, indptr)
+        if base is not None:
+            raise ValueError(_OTHER_BASE_ERROR.format(declared="log1p", base=base, where=where))
+
+
+def _check_normalized(data: np.ndarray, indptr: np.ndarray, integral: bool, where: str, linear: Uncertainty,
+                      unlogged: Uncertainty) -> None:
+    largest = data.max()
     if float(largest) >= MAX_COUNT:
         raise ValueError(
             f"input_values='normalized' but a value is {float(largest):.6g} ({where}): normalised expression is far "
@@ -434,14 +456,14 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
     # values, such as a shallow cell of ones, is a multiple in log1p too) are left alone.
     if (largest <= MAX_LOG1P and not integral and _spread(totals) > 0.01
             and _share_of_count_multiples(data, indptr, telling_only=True, uncertainty=linear) < 0.5):
-        unlogged = _row_sums(np.expm1(data, dtype=np.float64), indptr)
-        unlogged = unlogged[unlogged > 0]
+        unlogged_totals = _row_sums(np.expm1(data, dtype=np.float64), indptr)
+        unlogged_totals = unlogged_totals[unlogged_totals > 0]
         # a coefficient of variation, not the range (which grows with the cells): log1p values rounded to 2
         # decimals keep their totals within 0.06% (0.3% range over 256 cells)
-        if unlogged.std() < 0.002 * unlogged.mean():
+        if unlogged_totals.std() < 0.002 * unlogged_totals.mean():
             raise ValueError(
                 f"input_values='normalized' but the values look log1p-scaled ({where}): the cells' totals of "
-                f"expm1(values) agree (about {float(unlogged.mean()):.6g}) while their totals differ; pass "
+                f"expm1(values) agree (about {float(unlogged_totals.mean()):.6g}) while their totals differ; pass "
                 "input_values='log1p'"
             )
 
