@@ -664,6 +664,37 @@ class _DecodingState:
         picks = [max(done, key=done.get) if done else None for done in completed]
         return ChoiceResult(picks, completed)
 
+    def _expansion_inputs(
+        self, tree: OptionTree, plans: list[list[tuple]], width: int, tree_tokens: int, pad_id: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]:
+        """One `choose` step's forward inputs: per cell, each planned expansion's tokens side by side (`width`
+        slots, padded), each seeing the cache, its parent's path in the tree tokens already appended
+        (`tree_tokens` of them) and the tokens of its own chain before it. Returns the token ids, the attention
+        (cache + tree tokens + these slots), the positions, which slots are real, and each expansion's first
+        slot."""
+        n = len(plans)
+        ids = torch.full((n, width), pad_id, dtype=torch.long, device=self.device)
+        real = torch.zeros((n, width), dtype=torch.bool, device=self.device)
+        sees_tree = torch.zeros((n, width, tree_tokens + width), dtype=torch.bool, device=self.device)
+        positions = torch.zeros((n, width), dtype=torch.long, device=self.device)
+        first_slots: list[list[int]] = []
+        for row, row_plans in enumerate(plans):
+            slot, firsts = 0, []
+            for parent, tokens, nodes, _, fed in row_plans:
+                firsts.append(slot)
+                for k in range(fed):
+                    ids[row, slot] = tokens[k]
+                    real[row, slot] = True
+                    positions[row, slot] = self.next_position[row] + tree.depth[nodes[k]] - 1
+                    sees_tree[row, slot, list(parent.path)] = True
+                    sees_tree[row, slot, tree_tokens + firsts[-1] : tree_tokens + slot + 1] = True  # its chain
+                    slot += 1
+            for pad in range(slot, width):
+                sees_tree[row, pad, tree_tokens + pad] = True  # a padding token sees itself
+            first_slots.append(firsts)
+        allowed = torch.cat([self.visible[:, None, :].expand(n, width, -1), sees_tree], dim=2)
+        return ids, allowed, positions, real, first_slots
+
     def choose(self, tree: OptionTree, width: int, excluded: Sequence[int | None], pad_id: int) -> ChoiceResult:
         """Exact best-first search of `tree` for each cell (see the module doc); the cache is left as it was.
 
@@ -726,26 +757,8 @@ class _DecodingState:
             width_now = max(sum(plan[4] for plan in row_plans) for row_plans in plans)
             if width_now == 0:
                 break
-            ids = torch.full((n, width_now), pad_id, dtype=torch.long, device=self.device)
-            real = torch.zeros((n, width_now), dtype=torch.bool, device=self.device)
-            sees_tree = torch.zeros((n, width_now, tree_tokens + width_now), dtype=torch.bool, device=self.device)
-            positions = torch.zeros((n, width_now), dtype=torch.long, device=self.device)
-            first_slots: list[list[int]] = []
-            for row, row_plans in enumerate(plans):
-                slot, firsts = 0, []
-                for parent, tokens, nodes, _, fed in row_plans:
-                    firsts.append(slot)
-                    for k in range(fed):
-                        ids[row, slot] = tokens[k]
-                        real[row, slot] = True
-                        positions[row, slot] = self.next_position[row] + tree.depth[nodes[k]] - 1
-                        sees_tree[row, slot, list(parent.path)] = True
-                        sees_tree[row, slot, tree_tokens + firsts[-1] : tree_tokens + slot + 1] = True  # its chain
-                        slot += 1
-                for pad in range(slot, width_now):
-                    sees_tree[row, pad, tree_tokens + pad] = True  # a padding token sees itself
-                first_slots.append(firsts)
-            allowed = torch.cat([self.visible[:, None, :].expand(n, width_now, -1), sees_tree], dim=2)
+            ids, allowed, positions, real, first_slots = self._expansion_inputs(tree, plans, width_now, tree_tokens,
+                                                                                pad_id)
             log_probs = self._step(ids, allowed, positions, real, real)
             for row, row_plans in enumerate(plans):
                 for (parent, tokens, nodes, ll, fed), first in zip(row_plans, first_slots[row]):
