@@ -14,6 +14,7 @@ import scipy.sparse as sp
 
 from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor, RankedCells
 from modeling_cell2text.gene_table import ensembl_to_symbol, symbol_to_ensembl
+from modeling_cell2text.rank_value import _order_near_ties
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -896,3 +897,32 @@ def test_a_dataframe_of_float32_extension_columns_ranks_as_float32_cells(extract
     frame = pd.DataFrame(dense.astype(np.float32), columns=INPUT_GENES)
     for dtype in (pd.SparseDtype(np.float32, 0.0), "Float32"):
         assert as_lists(extractor.tokenize(frame.astype(dtype))) == as_float32, dtype
+
+
+def test_duplicate_csr_entries_are_summed_before_ranking():
+    """A CSR matrix holding one (cell, gene) entry twice (non-canonical: scipy keeps both until summed) is the
+    matrix with their sum: the gene is ranked once, by its total, as the dense matrix ranks it. Unsummed, the gene
+    was ranked twice in the cell (a duplicate token) at half its count each."""
+    extractor = make_extractor()
+    genes = VOCAB_GENES[:6]
+    # cell 0: gene 0 stored twice (4 + 4 = 8 counts), gene 1 has 5, gene 2 has 1
+    duplicated = sp.csr_matrix((np.array([4.0, 4.0, 5.0, 1.0], dtype=np.float32), np.array([0, 0, 1, 2]),
+                                np.array([0, 4])), shape=(1, len(genes)))
+    assert not duplicated.has_canonical_format
+    dense = np.array([[8.0, 5.0, 1.0, 0, 0, 0]], dtype=np.float32)
+    tokens = extractor.tokenize(duplicated, genes)[0].tolist()
+    assert tokens == extractor.tokenize(dense, genes)[0].tolist()
+    assert tokens.count(extractor.gene_token_ids[genes[0]]) == 1
+
+
+def test_near_ties_beyond_one_sort_key_keep_descending_value_then_token_order():
+    """`_order_near_ties` falls back to a lexsort when the run, low-bit and token fields do not fit one 64-bit key.
+    The fallback must order exactly as the one-key path: by exact value descending, then token ascending."""
+    values = np.array([1.0, np.nextafter(1.0, 2.0), 1.0], dtype=np.float64)  # entry 1 is the largest, 0 and 2 tie
+    tokens = np.array([9, 7, 5], dtype=np.int32)
+    source = np.array([[0, 1, 2]], dtype=np.int64)  # the rank order before the run is sorted
+    for low_bits in (8, 60):  # 60: run (1 bit) + 60 + token bits (4) > 64, the lexsort path
+        high = np.zeros((1, 3), dtype=np.uint64)  # one run: keys equal above the low bits
+        sorted_tokens = tokens[source].copy()
+        _order_near_ties(high, source, values, tokens, low_bits, sorted_tokens, None)
+        assert sorted_tokens.tolist() == [[7, 5, 9]], low_bits

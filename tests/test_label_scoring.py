@@ -22,6 +22,7 @@ from modeling_cell2text.label_scoring import (
     cell_type_sentence,
     fit_temperature,
     score_cell_types,
+    shared_prefix_length,
 )
 
 GENES = [f"ENSG{i:011d}" for i in range(1, 61)]
@@ -182,3 +183,11 @@ def test_a_temperature_that_is_not_finite_and_positive_is_refused(temperature):
     with pytest.raises(ValueError, match="expected a finite number > 0"):
         Cell2TextConfig(gene_encoder_config=tiny_bert_config(64), text_config=tiny_llama_config(64),
                         field_temperatures={"tissue": temperature})
+
+
+def test_shared_prefix_leaves_each_list_a_token_of_its_own():
+    """A single candidate (a processor kept to one cell type) keeps its last token to score: shared tokens stop one
+    short of the shortest list."""
+    assert shared_prefix_length([[5, 6, 7]]) == 2
+    assert shared_prefix_length([[1, 2], [1, 2, 3]]) == 1
+    assert shared_prefix_length([[1, 2, 3], [1, 4, 3]]) == 1

@@ -940,3 +940,106 @@ def test_a_donor_fields_search_score_is_a_lower_bound_of_exhaustive_scorings_at_
              for name in ("sex", "disease", "age_group") if searched.labels[row][name] == whole.labels[row][name]}
     assert len(above) >= 40
     assert max(above.values()) < 1e-4, max(above.items(), key=lambda item: item[1])  # log-probabilities: float32
+
+
+def test_the_search_never_completes_the_excluded_option_even_as_the_most_likely_leaf():
+    """pathway_2 may not repeat pathway_1, also where the excluded option is one token, a leaf under the root that
+    the search completes on its first look: the best other option is chosen, and the excluded one is not among the
+    completed options (it would be chosen: it is the most likely)."""
+    tree = OptionTree([[1], [2, 3], [4, 5]])  # option 0 (excluded) is the single token 1
+    scripted = _ScriptedState(after={2: {3: -0.1}, 4: {5: -0.1}}, first={1: -0.01, 2: -1.0, 4: -2.0})
+    result = scripted.state.choose(tree, 2, [0], pad_id=0)
+    assert result.chosen == [1]
+    assert 0 not in result.completed[0]
+    assert result.completed[0][1] == pytest.approx(-1.1)
+
+
+def test_the_pathways_score_is_the_product_of_its_two_labels_scores():
+    """`pathways_score` is the probability of the pair: pathway_1's score times pathway_2's (each a probability of
+    its own choice), documented as their product; the cell's fields are the chosen labels with their ids."""
+    from types import SimpleNamespace
+
+    processor = SimpleNamespace(cell_type_definitions={}, ontology_term_ids={"cell_type": {"B cell": "CL:0000236"}})
+    text = 'This sample consists of a B cell. This cell is associated with the pathway "P1". Additionally, it ' \
+           'involves the pathway "P2".'
+    described = SchemaDescriptions(
+        texts=[text], labels=[{"cell_type": "B cell", "pathway_1": "P1", "pathway_2": "P2"}],
+        scores=[{"cell_type": 0.9, "pathway_1": 0.5, "pathway_2": 0.4}], not_exact=[[]])
+    (result,) = schema_results(processor, described)
+    assert result["pathways_score"] == pytest.approx(0.2)
+    assert result["cell_type_score"] == 0.9 and result["pathways"] == ["P1", "P2"]
+    assert result["cell_type_ontology_term_id"] == "CL:0000236" and result["parsed"] and result["exact_choice"]
+
+
+def test_an_unexplored_option_whose_options_state_different_labels_counts_against_the_chosen_one():
+    """The score leaves out an unexplored partial option only where every option under it states the chosen label.
+    One whose options state different labels (here male, then female) stands for options of another label too, so
+    its mass counts against the chosen label: male's score is softmax([-1.0, -0.5])[0], not 1."""
+    import math
+
+    from modeling_cell2text.description_schema import SchemaOption
+    from modeling_cell2text.schema_decoding import ChoiceResult, _labels_under
+
+    def donor(sex):
+        return SchemaOption((("sex", sex), ("disease", None), ("age_group", None)), f" a {sex} donor.")
+
+    options = [donor("male"), donor("female"), donor("male")]
+    tree = OptionTree([[1, 2], [1, 3], [4]])  # options 0 (male) and 1 (female) share token 1
+    decoder = object.__new__(SchemaDecoder)
+    decoder.options = {"donor": options}
+    decoder.labels_under = {"donor": _labels_under(tree, options, CHOICE_FIELDS["donor"])}
+    mixed = tree.children[0][1]
+    result = ChoiceResult(chosen=[2], completed=[{2: -1.0}], exact=[True], unexplored=[[(mixed, -0.5)]])
+    labels = [{"sex": "male", "disease": None, "age_group": None}]
+    scores, _ = decoder._scores({"donor": result}, labels, {})
+    expected = math.exp(-1.0) / (math.exp(-1.0) + math.exp(-0.5))
+    assert scores[0]["sex"] == pytest.approx(expected)
+
+
+def test_each_options_log_likelihood_is_that_of_its_tokens_after_the_whole_text_before_it(random_model_and_processor):
+    """Exhaustive scoring of the tissue and donor choices by plain forward passes of the prompt and the whole text
+    (template words, definition and earlier labels): each option's log-likelihood in the decoder is the sum of its
+    own tokens' log-probabilities there. The template words every option shares are written (fed), not left out."""
+    model, processor = random_model_and_processor
+    inputs = processor(sp.csr_matrix(random_counts(1, seed=4)), GENES)
+    decoder = SchemaDecoder(processor, max_tree_tokens=10_000)
+    described = decoder.describe(model, inputs)
+    text, chosen_labels = described.texts[0], described.labels[0]
+    tokenizer = processor.tokenizer
+    checked = 0
+    for choice in ("tissue", "donor"):
+        options = decoder.options[choice]
+        chosen = next(o for o in options if all(chosen_labels.get(f) == v for f, v in o.labels))
+        before = text[: text.index(chosen.text)]
+        for option, own in zip(options, decoder.option_tokens[choice]):
+            tokens = tokenizer(before + option.text, add_special_tokens=False)["input_ids"]
+            input_ids = torch.cat([inputs["input_ids"], torch.tensor([tokens])], dim=1)
+            with torch.no_grad():
+                logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                               gene_input_ids=inputs["gene_input_ids"],
+                               gene_attention_mask=inputs["gene_attention_mask"],
+                               gene_token_mask=inputs["gene_token_mask"]).logits[0]
+            log_probs = logits.double().log_softmax(-1)
+            end = input_ids.shape[1]
+            expected = sum(float(log_probs[p - 1, input_ids[0, p]]) for p in range(end - len(own), end))
+            # the decoder's log-softmax is float32
+            assert described.log_likelihoods[0][choice][option.text] == pytest.approx(expected, abs=1e-4), option
+            checked += 1
+    assert checked == 2 + 8
+
+
+def test_a_write_advances_each_cells_position_by_its_own_tokens(random_model_and_processor):
+    """Cells of a batch write texts of different lengths (cell types of different lengths, a definition or none):
+    each cell's next position id grows by its own tokens, not by the pass's width (padding is no position: a gap
+    moves the rotary positions of everything the cell reads next), and only its real tokens become visible."""
+    from modeling_cell2text.schema_decoding import _DecodingState
+    from modeling_cell2text.text_padding import text_pad_token_id
+
+    model, processor = random_model_and_processor
+    inputs = processor(sp.csr_matrix(random_counts(3, seed=5)), GENES)
+    state = _DecodingState(model, inputs)
+    positions, visible = state.next_position.clone(), state.visible.clone()
+    state.write([[5, 6, 7, 8], [9], [10, 11]], text_pad_token_id(processor.tokenizer))
+    assert (state.next_position - positions).tolist() == [4, 1, 2]
+    assert state.visible[:, visible.shape[1]:].sum(dim=1).tolist() == [4, 1, 2]
+    assert torch.equal(state.next_position, state.visible.long().sum(dim=1))  # left-padded positions, as generate's

@@ -515,3 +515,20 @@ def test_cell_types_narrow_the_labels_of_this_call_only(tmp_path):
     for value, message in (("monocyte", "cell_types takes a list"), ([], "cell_types is empty")):
         with pytest.raises(ValueError, match=message):
             tl.describe(make_adata(2), model, processor=processor, cell_types=value)
+
+
+def test_embed_skipping_empty_cells_puts_each_embedding_on_its_own_row(tmp_path):
+    """`tl.embed(..., skip_empty_cells=True)`: a skipped cell's row is NaN and every other cell's row is its own
+    embedding (as when the empty cells are not there at all), not shifted onto the skipped cell's row."""
+    folder = save_tiny_model_folder(tmp_path, trained=False)
+    adata = make_adata(5, seed=2)
+    adata.X = adata.X.toarray()
+    adata.X[[1, 3]] = 0  # cells 1 and 3 express no gene
+    kept = adata[[0, 2, 4]].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        tl.embed(adata, folder, batch_size=2, skip_empty_cells=True, progress=False)
+        tl.embed(kept, folder, batch_size=2, progress=False)
+    embeddings = adata.obsm["X_cell2text"]
+    assert np.isnan(embeddings[[1, 3]]).all()
+    assert np.allclose(embeddings[[0, 2, 4]], kept.obsm["X_cell2text"], atol=1e-6)
