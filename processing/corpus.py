@@ -439,6 +439,9 @@ def _nullable(values: np.ndarray) -> list[str | None]:
     return [None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in values]
 
 
+_ROW_LENGTHS = "gene_input_ids lengths"  # a split's digests: one per column, and the cells' token counts
+
+
 class SplitWriter:
     """Streams corpus rows into one Arrow file per split and hashes their content (fingerprints)."""
 
@@ -447,7 +450,8 @@ class SplitWriter:
         self.schema = self.features.arrow_schema
         self.paths = {s: Path(directory) / f"{s}.arrow" for s in splits}
         self._writers = {s: pa.ipc.new_stream(str(p), self.schema) for s, p in self.paths.items()}
-        self._hashes = {s: hashlib.sha256(str(self.features).encode()) for s in splits}
+        # one digest per split and column, fed row by row: the rows, not how they were batched, give the fingerprint
+        self._hashes = {s: {name: hashlib.sha256() for name in [*self.features, _ROW_LENGTHS]} for s in splits}
         self.counts = dict.fromkeys(splits, 0)
 
     def write(
@@ -467,21 +471,28 @@ class SplitWriter:
             arrays["gene_value_ids"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(value_bins))
         batch = pa.RecordBatch.from_arrays([arrays[name] for name in self.features], schema=self.schema)
         self._writers[split].write_batch(batch)
-        digest = self._hashes[split]
-        digest.update(tokens.tobytes())
-        digest.update(offsets.tobytes())
+        digests = self._hashes[split]
+        digests["gene_input_ids"].update(tokens.tobytes())
+        digests[_ROW_LENGTHS].update(np.diff(offsets).astype(np.int32).tobytes())
         if value_bins is not None:
-            digest.update(value_bins.tobytes())
+            digests["gene_value_ids"].update(value_bins.tobytes())
         for name in _STRING_COLUMNS:
-            digest.update("\x1f".join("\x00" if v is None else v for v in arrays[name].to_pylist()).encode())
-        digest.update(repr([list(p) for p in columns["pathways"]]).encode())
+            digests[name].update("".join(("\x00" if v is None else v) + "\x1f"
+                                         for v in arrays[name].to_pylist()).encode())
+        digests["pathways"].update("".join(repr(list(p)) + "\x1f" for p in columns["pathways"]).encode())
         self.counts[split] += batch.num_rows
 
     def close(self) -> dict[str, str]:
         """Close the files; returns the content fingerprint of each split."""
         for writer in self._writers.values():
             writer.close()
-        return {s: h.hexdigest()[:16] for s, h in self._hashes.items()}
+        fingerprints = {}
+        for split, digests in self._hashes.items():
+            digest = hashlib.sha256(str(self.features).encode())
+            for name, column_digest in digests.items():
+                digest.update(name.encode() + b"\0" + column_digest.digest())
+            fingerprints[split] = digest.hexdigest()[:16]
+        return fingerprints
 
     def save(self, out: Path, max_shard_size: str | int = "500MB") -> None:
         """Save the closed splits at ``out`` with ``DatasetDict.save_to_disk`` (shards of at most ``max_shard_size``).

@@ -151,6 +151,37 @@ def test_same_inputs_and_seed_give_same_fingerprints(tmp_path, pbmc_corpus):
     assert other["fingerprints"]["train"] != summary["fingerprints"]["train"]
 
 
+def test_a_build_read_in_chunks_writes_the_same_rows_and_fingerprints(tmp_path, pbmc_corpus):
+    """Mutation testing's findings: every cell past the first chunk took the pathways of a first-chunk cell (a
+    one-character change no test saw: every build read one chunk), and the fingerprints hashed each written batch
+    on its own, so the same rows built with another chunk size had other fingerprints (evaluation then refused the
+    model's own corpus as another build)."""
+    _, summary, corpus = pbmc_corpus
+    chunked = build_corpus(pbmc68k_reduced(), tmp_path / "chunked", BuildOptions(progress=False, chunk_size=96))
+    reloaded = datasets.load_from_disk(str(tmp_path / "chunked"))
+    assert len({tuple(row["pathways"]) for row in corpus["train"]}) > 5  # cells differ in pathways
+    assert all(reloaded[s].to_pandas().equals(corpus[s].to_pandas()) for s in corpus)
+    assert chunked["fingerprints"] == summary["fingerprints"]
+
+
+def test_split_fingerprints_are_of_the_rows_not_of_how_they_were_written(tmp_path):
+    def columns(ids):
+        values = {name: [None] * len(ids) for name in _STRING_COLUMNS}
+        values.update(cell_id=ids, description=[f"text of {i}" for i in ids], pathways=[("P1", "P2")] * len(ids))
+        return values
+
+    fingerprints = []
+    for name, batches in (("one", [(["a", "b"], [5, 6, 7], [0, 2, 3])]),
+                          ("two", [(["a"], [5, 6], [0, 2]), (["b"], [7], [0, 1])]),
+                          ("other", [(["a", "b"], [5, 6, 7], [0, 1, 3])])):  # the same tokens, other cells
+        (tmp_path / name).mkdir()
+        writer = SplitWriter(tmp_path / name, ["train"])
+        for ids, tokens, offsets in batches:
+            writer.write("train", columns(ids), np.array(tokens), np.array(offsets))
+        fingerprints.append(writer.close()["train"])
+    assert fingerprints[0] == fingerprints[1] != fingerprints[2]
+
+
 def test_given_vocabulary_is_used_as_is(tmp_path, pbmc_corpus):
     out, _, corpus = pbmc_corpus
     extractor = Cell2TextFeatureExtractor.from_pretrained(str(out / "feature_extractor"))
