@@ -13,7 +13,7 @@ import pytest
 
 from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
 from processing.build_corpus import BuildOptions, build_corpus
-from processing.join_corpus import check_donor_splits, join_corpus, main
+from processing.join_corpus import Shard, check_donor_splits, join_corpus, join_label_tables, main
 from processing.presets import pbmc68k_reduced
 
 SHARD_ONLY = ("fingerprints", "joined_from")  # what a join records otherwise than one build
@@ -139,3 +139,17 @@ def test_shards_of_several_files_are_named_by_their_files(built, tmp_path):
     summary = join_corpus([first, second], tmp_path / "joined")
     assert summary["source"] == "part0.h5ad; part1.h5ad"
     assert [entry["source"] for entry in summary["joined_from"]] == ["/data/part0.h5ad", "/data/part1.h5ad"]
+
+
+def test_joined_label_table_gives_a_label_stated_without_an_id_the_id_another_shard_gives(tmp_path):
+    """A label one shard states without an id (None) takes the id a later shard gives it (it kept None: mutation
+    testing's finding), as one build of all the cells would; the joined processor then writes its ontology id."""
+    fields = set(Shard.__dataclass_fields__)
+
+    def shard(name, table):
+        values = {"path": tmp_path / name, "summary": {"ontology_term_ids": {"tissue": table}}}
+        return Shard(**{key: values.get(key) for key in fields})
+
+    joined = join_label_tables([shard("a", {"blood": None, "lung": "UBERON:0002048"}),
+                                shard("b", {"blood": "UBERON:0000178"})])
+    assert joined == {"tissue": {"blood": "UBERON:0000178", "lung": "UBERON:0002048"}}

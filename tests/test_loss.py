@@ -291,3 +291,24 @@ def test_a_period_inside_the_cell_type_label_does_not_end_the_first_sentence(tra
         trainer_.cell_type_loss_weight = 1.0
     heavy = tokenizer.decode(targets[0][weights[0] == 5.0])
     assert heavy == "This sample consists of a NK1.1-positive natural killer cell."
+
+
+def test_the_cell_type_head_reads_the_mean_of_each_cells_own_projected_tokens():
+    """The auxiliary head reads the mean of each cell's projected tokens (2 and 4 here), not their sum (the suite
+    compared the head's loss only with itself)."""
+    from types import SimpleNamespace
+
+    from torch.nn import functional as F
+
+    cell = 7
+    input_ids = torch.tensor([[1, cell, cell, 2, 0], [cell, cell, cell, cell, 3]])  # 2 and 4 cell tokens
+    features = torch.arange(12, dtype=torch.float32).reshape(6, 2)  # rows 0-1: cell 0; rows 2-5: cell 1
+    head = torch.nn.Linear(2, 3)
+    model = SimpleNamespace(config=SimpleNamespace(cell_token_id=cell))
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m: model), model=model,
+                              cell_type_head=head)
+    targets = torch.tensor([2, 0])
+    loss = LabelledPositionsLossMixin.cell_type_head_loss(trainer, SimpleNamespace(cell_features=features),
+                                                          input_ids, targets)
+    means = torch.stack([features[:2].mean(0), features[2:].mean(0)])
+    torch.testing.assert_close(loss, F.cross_entropy(head(means), targets))

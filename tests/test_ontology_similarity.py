@@ -138,3 +138,29 @@ def test_a_true_label_without_a_graded_id_is_scored_by_its_label():
     assert label_similarity_scores([None], ["COVID-19"], {}, "MONDO") == [0.0]  # no true label: ids compared
     with pytest.raises(ValueError, match="1 true labels for 2 predicted labels"):
         label_similarity_scores(["UBERON:0000178"] * 2, ["blood"] * 2, {}, "UBERON", true_labels=["blood"])
+
+
+def test_tissue_similarity_compares_each_cell_with_its_own_true_tissue():
+    """score_descriptions, where some cells have no tissue (left out of their description): each cell's tissue is
+    scored against its own true id (mutation testing: with the true ids shifted by a row, no test failed)."""
+    import datasets
+
+    from modeling_cell2text.description_schema import CellDescription, render_description
+    from training.evaluation.evaluate import score_descriptions
+
+    tissues = [(None, None), ("blood", "UBERON:0000178"), ("lung", "UBERON:0002048"), ("lung", "UBERON:0002048")]
+    rows = {"cell_id": [], "description": [], "cell_type": [], "cell_type_ontology_term_id": [], "tissue": [],
+            "tissue_ontology_term_id": [], "pathways": []}
+    for i, (tissue, term) in enumerate(tissues):
+        rows["cell_id"].append(f"c{i}")
+        rows["description"].append(render_description(CellDescription(cell_type="B cell", tissue=tissue)))
+        rows["cell_type"].append("B cell")
+        rows["cell_type_ontology_term_id"].append("CL:0000236")
+        rows["tissue"].append(tissue)
+        rows["tissue_ontology_term_id"].append(term)
+        rows["pathways"].append([])
+    split = datasets.Dataset.from_dict(rows)
+    ids = {"cell_type": {"B cell": "CL:0000236"}, "tissue": {"blood": "UBERON:0000178", "lung": "UBERON:0002048"}}
+    results, _ = score_descriptions(split, list(split["description"]), ids)  # every text states its own truth
+    assert results["fields"]["tissue"]["accuracy"] == 1.0
+    assert results["fields"]["tissue"]["ontology_similarity"] == pytest.approx(1.0)

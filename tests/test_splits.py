@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from processing.splits import assign_splits, donor_split, stratified_split
+from processing.splits import assign_fold_splits, assign_splits, donor_split, stratified_split
 
 
 def _donor_data(seed=0, n=3000, n_donors=30):
@@ -51,8 +51,6 @@ def test_assign_splits_chooses_by_donor_presence():
 
 
 def test_kfold_test_splits_partition_the_cells_and_never_train_or_validate_on_them():
-    from processing.splits import assign_fold_splits
-
     rng = np.random.default_rng(3)
     labels = rng.choice(["B", "T", "NK", "mono", "rare"], size=700, p=[0.2, 0.4, 0.2, 0.19, 0.01]).tolist()
     donors = [None] * 700
@@ -72,8 +70,6 @@ def test_kfold_test_splits_partition_the_cells_and_never_train_or_validate_on_th
 
 
 def test_kfold_by_donor_keeps_each_donor_in_one_fold_and_refuses_too_few_donors():
-    from processing.splits import assign_fold_splits
-
     labels = ["B", "T"] * 30
     donors = [f"d{i % 6}" for i in range(60)]
     splits = [assign_fold_splits(labels, donors, fold, 3, seed=0) for fold in range(3)]
@@ -89,8 +85,6 @@ def test_kfold_by_donor_keeps_each_donor_in_one_fold_and_refuses_too_few_donors(
 
 
 def test_kfold_refuses_folds_it_cannot_fill():
-    from processing.splits import assign_fold_splits
-
     with pytest.raises(ValueError, match="num_folds must be between 2 and the number of cells \\(3\\)"):
         assign_fold_splits(["B", "T", "B"], [None] * 3, 0, 4)
     with pytest.raises(ValueError, match="num_folds must be between 2"):
@@ -123,3 +117,33 @@ def test_hashed_splits_put_a_donor_in_the_same_split_in_every_shard():
     alone = assign_splits(["x"] * 3, [None] * 3, seed=3, cell_ids=["a", "b", "c"], hashed=True)
     assert (assign_splits(["x"] * 3, [None] * 3, seed=3, cell_ids=["c", "b", "a"], hashed=True) == alone[::-1]).all()
     assert len(set(map(str, balanced))) == 3  # the default stays the balanced split
+
+
+def test_donor_split_puts_a_rare_cell_types_only_donor_in_train():
+    """Without the first loop of donor_split (one carrier of each label to train), a small donor carrying
+    the only cells of a cell type is placed last, into the split furthest below its share (validation or test),
+    so that cell type is in no training cell and is no candidate label of the trained model."""
+    donors = [f"d{i}" for i in range(7) for _ in range(10)] + ["rare_donor"] * 5
+    labels = ["T cell"] * 70 + ["plasma cell"] * 5
+    split = donor_split(donors, labels, seed=0)
+    assert split[-1] == 0  # the rare label's only donor trains
+    assert set(np.asarray(labels)[split == 0]) == {"T cell", "plasma cell"}
+    for donor in set(donors):
+        assert len(set(split[np.asarray(donors) == donor])) == 1
+
+
+def test_stratified_split_keeps_one_training_cell_where_rounding_takes_them_all():
+    """A label whose rounded validation and test shares add up to all its cells still keeps one in train (the
+    docstring: the rest, at least one, to train)."""
+    split = stratified_split(["a", "a", "b", "b", "b", "b", "b"], fractions=(0.2, 0.4, 0.4), seed=0)
+    assert (split[:2] == 0).sum() == 1 and sorted(split[:2].tolist()) == [0, 1]  # a: 2 cells, round(0.8) = 1 each
+
+
+def test_kfold_by_donor_balances_the_folds():
+    """Mutation testing: with `np.argmax(filled)` for `np.argmin(filled)` every donor went to fold 0, so folds
+    1 .. k-1 tested no cell (and fold 0 trained on none) while every check of the suite (each cell tested once,
+    each donor in one split) still held."""
+    labels = ["B", "T"] * 30
+    donors = [f"d{i % 6}" for i in range(60)]  # 6 donors of 10 cells
+    tested = [int((assign_fold_splits(labels, donors, fold, 3, seed=0) == 2).sum()) for fold in range(3)]
+    assert tested == [20, 20, 20]

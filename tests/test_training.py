@@ -1290,3 +1290,33 @@ def test_a_one_process_loss_under_several_processes_is_refused_before_any_work(p
     monkeypatch.setattr("training.sft.load_corpus", lambda *args: pytest.fail("read the corpus first"))
     with pytest.raises(ValueError, match=rf"{loss} > 0 is implemented for one process only"):
         tiny_recipe(lm_dir, corpus_dir, tmp_path / "out", tmp_path / "final", **{loss: 1.0})
+
+
+def test_an_unfrozen_gene_encoder_is_trained_and_saved_with_the_adapters(tmp_path, monkeypatch):
+    """The LoRA config's modules_to_save hold the gene encoder unless it is frozen: without it PEFT freezes the
+    encoder, so freeze_gene_encoder=False trained and saved the encoder as given, without a word (the suite's
+    optimizer test builds its own LoRA config). The recipe is stopped at the LoRA config it builds."""
+    from processing.corpus import corpus_feature_extractor
+
+    encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
+    corpus_dir = save_tiny_corpus(tmp_path / "corpus")
+    encoder = encoder_for_vocabulary(encoder_dir, corpus_feature_extractor(corpus_dir), tmp_path / "enc")
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def lora_config(self, target_modules, modules_to_save=None):
+        seen["modules_to_save"] = modules_to_save
+        raise Stop
+
+    monkeypatch.setattr(Cell2TextArguments, "lora_config", lora_config)
+    config = SFTConfig(output_dir=str(tmp_path / "out"), bf16=False, use_cpu=True, report_to="none",
+                       gradient_checkpointing=False)
+    for frozen, expected in ((False, ["multi_modal_projector", "gene_encoder"]), (True, ["multi_modal_projector"])):
+        args = Cell2TextArguments(corpus_dir=str(corpus_dir), text_model_name_or_path=str(lm_dir),
+                                      gene_encoder_name_or_path=str(encoder), num_cell_tokens=8,
+                                      projector_hidden_size=16, freeze_gene_encoder=frozen)
+        with pytest.raises(Stop):
+            main(args, config)
+        assert sorted(seen["modules_to_save"]) == sorted(expected)
