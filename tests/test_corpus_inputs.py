@@ -535,3 +535,24 @@ def test_sex_and_health_labels_without_ids_are_read_and_the_columns_say_what_the
     assert len(warned) == 1 and "'control' 4 cells" in warned[0] and "'COVID-19' 4 cells" in warned[0]
     assert "MONDO" in warned[0] and "disease_ontology_term_id" in warned[0]
     assert "4 cells' sex are neither female nor male" in caplog.text and "PATO:0000383" in caplog.text
+
+
+def test_a_duplicated_gene_id_gives_tokens_from_its_first_column_only(tmp_path):
+    """Two columns with one Ensembl id (a version suffix stripped, say): the first gives the gene's token, the
+    second is reported as a duplicate and gives none, so no cell holds the gene twice (mutation testing: nothing
+    tested a duplicated id). Its counts still count in the cell's total, as every column's do."""
+    from datasets import load_from_disk
+
+    adata = _tiny_adata()
+    ids = _gene_ids()
+    adata.var_names = ids[:-1] + [ids[0] + ".2"]  # the last column is the first gene again
+    adata.X = adata.X.toarray()
+    adata.X[:, -1] = 50  # the duplicate's counts would rank it first in every cell
+    build_corpus(_source(adata), tmp_path / "dup", BuildOptions(**OPTIONS))
+    without = _tiny_adata()[:, :-1].copy()
+    build_corpus(_source(without), tmp_path / "first", BuildOptions(**OPTIONS))
+    assert f"duplicate of {ids[0]}" in (tmp_path / "dup" / "unmapped_genes.txt").read_text()
+    duplicated, first = load_from_disk(str(tmp_path / "dup")), load_from_disk(str(tmp_path / "first"))
+    for split in first:  # the same genes (their order moves a little: the duplicate's counts are in each total)
+        for cell, same_genes in zip(duplicated[split]["gene_input_ids"], first[split]["gene_input_ids"]):
+            assert len(set(cell)) == len(cell) and set(cell) == set(same_genes)
