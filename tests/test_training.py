@@ -169,7 +169,7 @@ def test_value_aware_encoder_needs_a_value_aware_corpus(parts_and_corpus, tmp_pa
         main(args, config)
 
 
-def test_optimizer_has_one_learning_rate_per_part(parts_and_corpus, tmp_path):
+def test_optimizer_has_one_learning_rate_per_part_and_no_decay_on_biases_and_norms(parts_and_corpus, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from training.sft import build_model, build_processor, load_corpus
@@ -188,19 +188,24 @@ def test_optimizer_has_one_learning_rate_per_part(parts_and_corpus, tmp_path):
     assert lora_names and all("language_model" in n for n in lora_names)
     trainer = Cell2TextSFTTrainer(
         model=peft_model, args=SFTConfig(output_dir=str(tmp_path), learning_rate=1e-4, bf16=False, use_cpu=True,
-                                         report_to="none", remove_unused_columns=False,
+                                         report_to="none", remove_unused_columns=False, weight_decay=0.1,
                                          dataset_kwargs={"skip_prepare_dataset": True}),
         train_dataset=corpus["train"], processing_class=processor, projector_learning_rate=1e-3,
         gene_encoder_learning_rate=1e-5, data_collator=lambda x: x,
     )
     optimizer = trainer.create_optimizer()
-    rates = {}
+    rates, decay = {}, {}
     for group in optimizer.param_groups:
         ids = {id(p) for p in group["params"]}
         for name, p in peft_model.named_parameters():
             if id(p) in ids:
                 rates.setdefault(Cell2TextSFTTrainer.part_of(name), set()).add(group["lr"])
+                decay[name] = group["weight_decay"]
     assert rates == {"projector": {1e-3}, "gene_encoder": {1e-5}, "language_model": {1e-4}}
+    # transformers' rule within each part: weight decay on weights, none on biases and norms
+    decayed = set(trainer.get_decay_parameter_names(peft_model))
+    assert decayed and {name for name, value in decay.items() if value == 0.1} == decayed & set(decay)
+    assert any(value == 0.0 for value in decay.values())
 
 
 def test_training_under_accelerate_with_two_cpu_processes(parts_and_corpus, tmp_path):
