@@ -89,6 +89,15 @@ def test_an_unparsed_pathway_prediction_is_wrong_also_where_the_truth_is_empty()
     assert (right["subset_accuracy"], right["jaccard"], right["f1"], right["f1_samples"]) == (1, 1, 1, 1)
 
 
+def test_the_pathway_baseline_has_the_most_common_set_size_and_breaks_ties_by_size_then_name():
+    from training.evaluation.metrics import most_frequent_pathways
+
+    # sizes 1 and 2 are each most common twice: the smaller size; "b" and "c" tie at 2 each: by name
+    assert most_frequent_pathways([["b", "c"], ["c", "b"], ["a"], ["d"], []]) == ["b"]
+    assert most_frequent_pathways([["b", "c"], ["c", "d"], ["c"]]) == ["c", "b"]
+    assert most_frequent_pathways([[], []]) == []
+
+
 def test_pathway_metrics_refuse_a_string_for_a_list_of_names_and_a_missing_truth():
     """A string was read as a set of its letters ("Glycolysis" against "Hypoxia": Jaccard 3/11), a None truth as a cell
     without pathways, silently."""
