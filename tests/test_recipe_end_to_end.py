@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from datasets import load_from_disk
 from tiny_parts import save_tiny_parts
 from trl import SFTConfig
@@ -65,3 +66,14 @@ def _parses(text: str) -> bool:
     except DescriptionParseError:
         return False
     return True
+
+
+def test_the_demo_reuses_only_a_model_trained_on_the_corpus_it_built(tmp_path):
+    """`python -m training.demo --reuse-models` after the corpus changed (another --seed, or a build by another
+    version): evaluation's refusal told the user to pass --other-corpus, which the demo has not; the demo says the fix."""
+    from training.demo import check_trained_on
+
+    (tmp_path / "config.json").write_text(json.dumps({"training_corpus_fingerprints": {"train": "a", "test": "b"}}))
+    check_trained_on(tmp_path, {"train": "a", "test": "b"})
+    with pytest.raises(ValueError, match="trained on another build of the corpus.*run without --reuse-models"):
+        check_trained_on(tmp_path, {"train": "a", "test": "c"})

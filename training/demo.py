@@ -110,6 +110,18 @@ def expression_baselines(corpus, split: str = "test") -> dict:
     return baseline_reports(list(corpus[split]["cell_type"]), expression_predictions(corpus, split))
 
 
+def check_trained_on(model_dir: Path, fingerprints: dict) -> None:
+    """--reuse-models: the model must have been trained on the corpus this run built (evaluation refuses another
+    build, whose test cells may be its training cells; here the fix is another flag)."""
+    trained_on = json.loads((model_dir / "config.json").read_text()).get("training_corpus_fingerprints")
+    if trained_on != fingerprints:
+        raise ValueError(
+            f"--reuse-models: the model in {model_dir} was trained on another build of the corpus (split "
+            f"fingerprints {trained_on}, this run's {fingerprints}: another --seed or fold, or a build by an earlier "
+            "version of the project); run without --reuse-models to train it again on this one"
+        )
+
+
 def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, skip_cell2sentence: bool,
         reuse_models: bool = False, trust_remote_code: bool = False, fold: tuple[int, int] | None = None) -> Path:
     from datasets import load_from_disk
@@ -144,7 +156,9 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
          "--overwrite_final_model_dir", "true", "--overwrite_output_dir", "true", *common]
     )
     model_dir = Path(cell2text_args.final_model_dir)
-    if not (reuse_models and (model_dir / "model.safetensors").exists()):
+    if reuse_models and (model_dir / "model.safetensors").exists():
+        check_trained_on(model_dir, corpus_summary(corpus_dir)["fingerprints"])
+    else:
         model_dir = train_cell2text(cell2text_args, sft_config)
     lap("train_cell2text")
 
