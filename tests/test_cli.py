@@ -11,6 +11,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 from test_pipeline import DESCRIPTION, GENES, make_adata, save_tiny_model_folder
 
@@ -596,3 +597,38 @@ def test_cell_types_before_the_input_file_says_it_took_the_input(capsys):
     with pytest.raises(SystemExit):
         main(["embed", "--model", "m", "--out", "o.h5ad"])  # embed has no --cell-types: argparse's own message
     assert "--cell-types" not in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_genes_matched_reports_the_share_of_the_models_vocabulary(capsys):
+    from modeling_cell2text import Cell2TextFeatureExtractor
+    from modeling_cell2text.cli import report_genes_matched
+
+    extractor = Cell2TextFeatureExtractor.from_gene_medians({gene: 1.0 for gene in GENES})
+    report_genes_matched(extractor, pd.DataFrame(index=GENES[:30] + ["ENSG99999999999"]))
+    assert ("Genes matched: 30 of 31 genes in the file (97%) are in the model's gene vocabulary; they are 50% of its "
+            "60 genes") in capsys.readouterr().out
+
+
+def test_embed_reads_log1p_values_as_declared(tmp_path):
+    """--input-values reaches the feature extractor: log1p values declared so embed as their counts do (counts
+    chosen without ties in count / median, so float rounding of expm1 cannot reorder genes)."""
+    import scipy.sparse as sp
+
+    folder = save_tiny_model_folder(tmp_path / "model", trained=False)
+    rng = np.random.default_rng(0)
+    medians = np.array([1.0 + (i % 4) for i in range(len(GENES))])  # tiny_processor's gene medians
+    counts = np.zeros((4, len(GENES)), dtype=np.float32)
+    for row in range(4):
+        genes = rng.choice(len(GENES), 12, replace=False)
+        counts[row, genes] = (rng.permutation(12) + 1) * medians[genes]  # count / median: 1..12, all distinct
+    adata = make_adata(4)
+    adata.X = sp.csr_matrix(np.log1p(counts))
+    adata.layers["counts"] = sp.csr_matrix(counts)
+    cells = tmp_path / "cells.h5ad"
+    adata.write_h5ad(cells)
+    common = ["--model", str(folder), "--device", "cpu", "--dtype", "float32"]
+    assert main(["embed", str(cells), "--out", str(tmp_path / "counts.h5ad"), "--layer", "counts", *common]) == 0
+    assert main(["embed", str(cells), "--out", str(tmp_path / "log1p.h5ad"), "--input-values", "log1p", *common]) == 0
+    from_counts = ad.read_h5ad(tmp_path / "counts.h5ad").obsm["X_cell2text"]
+    from_log1p = ad.read_h5ad(tmp_path / "log1p.h5ad").obsm["X_cell2text"]
+    assert np.allclose(from_counts, from_log1p, atol=1e-5)

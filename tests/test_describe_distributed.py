@@ -171,3 +171,13 @@ def test_embed_under_a_launcher_is_refused_before_loading(model_dir, tmp_path, m
     monkeypatch.setattr("modeling_cell2text.tl.load", lambda *args, **kwargs: pytest.fail("must not load the model"))
     assert main(["embed", str(cells), "--model", str(model_dir), "--out", str(tmp_path / "out.h5ad")]) == 1
     assert "embed runs in one process" in capsys.readouterr().err
+
+
+def test_a_short_shard_is_an_error_not_shifted_cells(tmp_path):
+    from modeling_cell2text.distributed import read_shard, write_shard
+
+    path = tmp_path / "shard.json"
+    write_shard(path, [{"description": "a"}, None])
+    assert read_shard(path, 2) == [{"description": "a"}, None]
+    with pytest.raises(RuntimeError, match="holds 2 results for its 3 cells"):
+        read_shard(path, 3)

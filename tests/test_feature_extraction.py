@@ -13,6 +13,7 @@ import pytest
 import scipy.sparse as sp
 
 from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor, RankedCells
+from modeling_cell2text.gene_ids import var_gene_ids
 from modeling_cell2text.gene_table import ensembl_to_symbol, symbol_to_ensembl
 from modeling_cell2text.rank_value import _order_near_ties
 
@@ -926,3 +927,29 @@ def test_near_ties_beyond_one_sort_key_keep_descending_value_then_token_order():
         sorted_tokens = tokens[source].copy()
         _order_near_ties(high, source, values, tokens, low_bits, sorted_tokens, None)
         assert sorted_tokens.tolist() == [[7, 5, 9]], low_bits
+
+
+def test_an_index_of_symbols_with_a_few_ensembl_ids_is_not_read_as_ensembl_ids():
+    """Cell Ranger names a gene without a symbol by its Ensembl id, so a symbol index holds a few: the index is read
+    as Ensembl ids only where most are, else the var column of Ensembl ids is (an ambiguous symbol, CD99, maps to no
+    gene; its id does)."""
+    var = pd.DataFrame({"gene_ids": ["ENSG00000002586", "ENSG00000141510", "ENSG00000105501", "ENSG00000198851"]},
+                       index=["CD99", "TP53", "ENSG00000105501", "CD3E"])
+    assert var_gene_ids(var, {"TP53": "ENSG00000141510", "CD3E": "ENSG00000198851"}) == list(var["gene_ids"])
+
+
+def test_the_known_ensembl_columns_are_tried_first():
+    """feature_id (CELLxGENE) is read before another column that also holds Ensembl ids (here another gene's
+    each, as a column of orthologs or of an older release would)."""
+    var = pd.DataFrame({"previous_ids": ["ENSG00000000001", "ENSG00000000002"],
+                        "feature_id": ["ENSG00000141510", "ENSG00000198851"],
+                        "ortholog_ids": ["ENSG00000000003", "ENSG00000000004"]}, index=["a", "b"])
+    assert var_gene_ids(var, {}) == ["ENSG00000141510", "ENSG00000198851"]
+
+
+def test_symbols_are_read_from_any_symbol_column_with_the_index_winning_ties():
+    symbol_to_gene = {"TP53": "ENSG00000141510", "CD3E": "ENSG00000198851"}
+    var = pd.DataFrame({"gene_name": ["TP53", "CD3E", "x"]}, index=["0", "1", "2"])
+    assert var_gene_ids(var, symbol_to_gene) == ["TP53", "CD3E", "x"]
+    tie = pd.DataFrame({"feature_name": ["TP53", "y"]}, index=["CD3E", "z"])
+    assert var_gene_ids(tie, symbol_to_gene) == ["CD3E", "z"]

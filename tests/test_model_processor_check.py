@@ -13,8 +13,8 @@ from test_pipeline import GENES, make_adata, tiny_processor
 from tiny_parts import encoder_for_vocabulary, save_tiny_parts
 from transformers import pipeline
 
-from modeling_cell2text import (Cell2TextForConditionalGeneration, Cell2TextPipeline, Cell2TextProcessor,
-                                save_model_folder, tl)
+from modeling_cell2text import (Cell2TextConfig, Cell2TextForConditionalGeneration, Cell2TextPipeline,
+                                Cell2TextProcessor, save_model_folder, tl)
 from modeling_cell2text.compatibility import (ModelProcessorMismatchError, check_model_and_processor,
                                             gene_vocabulary_sha256)
 from modeling_cell2text.cli import main as cli_main
@@ -452,3 +452,38 @@ def test_saving_a_model_with_peft_adapters_is_refused_before_writing(tmp_path):
     assert not (tmp_path / "out").exists()
     save_model_folder(adapted.merge_and_unload(), processor, tmp_path / "merged")
     assert (tmp_path / "merged" / "config.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def saved_with_definitions(tmp_path_factory):
+    """A tiny model saved with a processor that holds a cell-type definition (its checksums recorded)."""
+    root = tmp_path_factory.mktemp("definitions")
+    encoder_dir, lm_dir = save_tiny_parts(root / "parts")
+    processor = tiny_processor(lm_dir)
+    processor.cell_type_definitions = {"B cell": "A lymphocyte of B lineage."}
+    torch.manual_seed(0)
+    model = Cell2TextForConditionalGeneration.from_pretrained_parts(
+        encoder_dir, lm_dir, cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16)
+    save_model_folder(model, processor, root / "model")
+    return root / "model"
+
+
+def test_a_processor_with_another_cell_type_definition_is_refused(saved_with_definitions):
+    """The definitions are written into every description (and read by the model with definitions_in_model_text):
+    a processor whose definitions were edited must not pass as the model's."""
+    config = Cell2TextConfig.from_pretrained(saved_with_definitions)
+    processor = Cell2TextProcessor.from_pretrained(saved_with_definitions)
+    check_model_and_processor(config, processor)  # its own processor fits
+    processor.cell_type_definitions = {"B cell": "A lymphocyte of T lineage."}
+    with pytest.raises(ModelProcessorMismatchError, match="labels checksum"):
+        check_model_and_processor(config, processor)
+
+
+def test_a_processor_binning_expression_otherwise_is_refused(saved_with_definitions):
+    """The model reads expression bins as token types: a processor with another number of bins gives each gene
+    another bin (or bins to a model that reads none)."""
+    config = Cell2TextConfig.from_pretrained(saved_with_definitions)
+    processor = Cell2TextProcessor.from_pretrained(saved_with_definitions)
+    processor.feature_extractor.num_expression_bins = 2
+    with pytest.raises(ModelProcessorMismatchError, match="expression bins: processor 2, model 0"):
+        check_model_and_processor(config, processor)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny_parts import save_tiny_parts, tiny_bert_config, tiny_llama_config
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, BertConfig, LlamaConfig
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, BertConfig, GenerationConfig, LlamaConfig
 
 from modeling_cell2text import Cell2TextConfig, Cell2TextForConditionalGeneration
 from modeling_cell2text.modeling_cell2text import Cell2TextModel
@@ -444,3 +444,82 @@ def test_an_encoder_with_a_replaced_forward_is_read_at_its_layer(hooked):
                          output_hidden_states=True).hidden_states
     assert not torch.equal(hidden[read], hidden[-1])
     torch.testing.assert_close(states, hidden[read], rtol=0, atol=0)
+
+
+def test_without_a_gene_token_mask_every_attended_position_and_no_padding_is_a_gene():
+    """Documented default of get_gene_states: padding is not a gene. Treating it as one moved the second cell's
+    embedding (its mean took in 3 padding positions), exit 0."""
+    model = tiny_model().eval()
+    batch = cell_batch()
+    genes, attention = batch["gene_input_ids"], batch["gene_attention_mask"]
+    with torch.no_grad():
+        _, is_gene = model.model.get_gene_states(genes, attention)
+        default = model.model.get_cell_embeddings(genes, attention)
+        explicit = model.model.get_cell_embeddings(genes, attention, attention)
+    assert is_gene.tolist() == attention.bool().tolist()
+    torch.testing.assert_close(default, explicit, rtol=0, atol=0)
+
+
+def test_a_text_embedding_sharing_one_coordinate_with_the_placeholder_is_not_a_placeholder():
+    """From inputs_embeds, a placeholder is a position equal to the placeholder's embedding in every coordinate:
+    one equal coordinate (a zero, a clipped value) is not enough, or the cell's features go to the wrong positions."""
+    model = tiny_model().eval()
+    batch = cell_batch()
+    embeds = model.get_input_embeddings()(batch["input_ids"]).detach().clone()
+    placeholder = model.get_input_embeddings().weight[CELL].detach()
+    embeds[0, 0, 0] = placeholder[0]  # a text token agreeing with the placeholder in one coordinate
+    positions = model.model.placeholder_positions(None, embeds)
+    assert positions.tolist() == (batch["input_ids"] == CELL).tolist()
+    inputs = {k: v for k, v in batch.items() if k != "input_ids"}
+    with torch.no_grad():
+        out = model(inputs_embeds=embeds, **inputs)  # 4 and 2 placeholders for 4 and 2 cell tokens
+    assert out.logits.shape == (2, 7, 100)
+
+
+def test_a_callers_generation_config_suppresses_its_tokens_over_the_models_own():
+    """generate reads settings as transformers merges them: the call, then the caller's generation_config, then the
+    model's. Reading the model's before the caller's dropped the caller's suppressed tokens, exit 0."""
+    model = tiny_model().eval()
+    banned, models_own = 42, 7
+    model.lm_head = torch.nn.Linear(32, 100, bias=True)  # a head that always prefers `banned`
+    with torch.no_grad():
+        model.lm_head.bias[banned] = 1e4
+    model.generation_config.suppress_tokens = [models_own]
+    config = GenerationConfig(max_new_tokens=3, do_sample=False, suppress_tokens=[banned], pad_token_id=0,
+                              eos_token_id=None)
+    with torch.no_grad():
+        generated = model.generate(**cell_batch(), generation_config=config)
+    new_tokens = generated[:, 7:]
+    assert new_tokens.shape == (2, 3)
+    assert not (new_tokens == banned).any()
+    assert not (new_tokens == CELL).any()
+
+
+def bert(**overrides) -> BertConfig:
+    return BertConfig(**{**tiny_bert_config(50).to_dict(), **overrides})
+
+
+def test_every_hidden_state_of_the_encoder_can_be_read():
+    """hidden_states has num_layers + 1 entries: -(n + 1)..n are all valid (the last layer is n, the embeddings
+    -(n + 1)); an off-by-one refused reading the last layer by its positive index."""
+    for layer in (2, -3, 0, -1):
+        config = Cell2TextConfig(gene_encoder_config=tiny_bert_config(50), text_config=tiny_llama_config(100),
+                                 gene_encoder_layer=layer)
+        assert config.gene_encoder_layer == layer
+
+
+def test_expression_bins_need_a_token_type_for_every_bin_and_for_none():
+    """Bins 1..B enter as BERT token types, 0 for special tokens: type_vocab_size must be at least B + 1, else the
+    highest bin indexes past the token-type embeddings."""
+    with pytest.raises(ValueError, match="type_vocab_size >= 4"):
+        Cell2TextConfig(gene_encoder_config=bert(type_vocab_size=3), text_config=tiny_llama_config(100),
+                        num_expression_bins=3)
+    Cell2TextConfig(gene_encoder_config=bert(type_vocab_size=4), text_config=tiny_llama_config(100),
+                    num_expression_bins=3)
+
+
+def test_a_projector_dropout_of_one_is_refused():
+    """Dropout 1.0 zeroes every projected feature in training: the LM would learn from no cell at all."""
+    with pytest.raises(ValueError, match=r"projector_dropout must be in \[0, 1\)"):
+        Cell2TextConfig(gene_encoder_config=tiny_bert_config(50), text_config=tiny_llama_config(100),
+                        projector_dropout=1.0)
