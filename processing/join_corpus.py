@@ -10,8 +10,8 @@ split fingerprints of the join (a checksum of the shards', in order; `joined_fro
 
 Refused, naming the fix, where the joined corpus would train or evaluate on something other than it says: shards
 tokenized by different feature extractors (other token ids or gene orders), built with other pathway, expression-bin
-or ontology settings, a shard given twice, an input whose `--shard i/N` shards are not all given, a donor whose cells
-are in two splits (shards split on their own cells, without `--hashed-splits`), a label with two ontology ids, and
+or ontology settings, a shard given twice, an input whose `--shard i/N` shards are not all given, a cell id two
+shards hold (cells of several files with the same barcodes), a donor whose cells are in two splits (shards split on their own cells, without `--hashed-splits`), a label with two ontology ids, and
 cross-validation fold builds.
 """
 
@@ -29,6 +29,8 @@ from pathlib import Path
 
 import datasets
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from hub_cards.render import public_name, write_dataset_card
 from modeling_cell2text.output_files import publish_folder
@@ -121,6 +123,21 @@ def check_donor_splits(corpus: datasets.DatasetDict) -> None:
                          "rebuild every shard with --hashed-splits and one --seed, so that each donor's split "
                          "follows from its id alone. If one id names different donors in different datasets, "
                          "make the ids unique (e.g. prefix the dataset) before building.")
+
+
+def check_unique_cell_ids(corpus: datasets.DatasetDict) -> None:
+    """Refuse a cell id that two rows of the joined corpus hold: a build refuses repeated ids, and shards of several
+    files (10x barcodes such as "AAACCTGAGAAGGCCT-1" repeat across samples) would otherwise join into a corpus whose
+    per-cell results (evaluation's `cell_id`) cannot be told apart or are matched to the wrong cell."""
+    ids = pa.chunked_array([chunk for split in corpus.values() for chunk in split.data.column("cell_id").chunks],
+                           type=pa.string())
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+    if len(repeated):
+        raise ValueError(f"{len(repeated)} cell ids are in more than one shard of the joined corpus (e.g. "
+                         f"{repeated[:5].to_pylist()}); each cell needs a unique id: make the cell ids unique across "
+                         "the input files (e.g. prefix each file's name: adata.obs_names = 'part0_' + "
+                         "adata.obs_names) and rebuild the shards.")
 
 
 def join_summaries(shards: Sequence[Shard], corpus: datasets.DatasetDict, name: str | None) -> dict:
@@ -236,6 +253,7 @@ def join_corpus(shard_dirs: Sequence[str | Path], out_dir: str | Path, name: str
     check_joinable(shards)
     corpus = datasets.DatasetDict({split: datasets.concatenate_datasets(
         [datasets.load_from_disk(str(shard.path))[split] for shard in shards]) for split in SPLITS})
+    check_unique_cell_ids(corpus)
     check_donor_splits(corpus)
     summary = join_summaries(shards, corpus, name)
     out = Path(out_dir).absolute()

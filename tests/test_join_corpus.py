@@ -123,6 +123,25 @@ def test_a_join_whose_donor_is_in_two_splits_is_refused(built, tmp_path):
     assert not (tmp_path / "joined").exists()
 
 
+def test_a_cell_id_two_shards_hold_is_refused(built, tmp_path):
+    """Shards of several files (one build per file) whose cells share ids, as 10x barcodes do across samples, joined
+    into a corpus with repeated cell ids (exit 0), which a build refuses: per-cell results matched by id (the demo's
+    baseline predictions) then went to the wrong cell."""
+    second = tmp_path / "second"
+    shutil.copytree(built["shards"][1], second)
+    taken = datasets.load_from_disk(str(built["shards"][0]))["test"]["cell_id"][0]
+    rows = datasets.load_from_disk(str(built["shards"][1])).map(
+        lambda row, i: {"cell_id": taken if i == 0 else row["cell_id"]},
+        with_indices=True)
+    for split in rows:
+        shutil.rmtree(second / split)
+    rows.save_to_disk(str(second))
+    with pytest.raises(ValueError, match=rf"1 cell ids are in more than one shard .*'{taken}'.*unique across the "
+                                         "input files"):
+        join_corpus([built["shards"][0], second], tmp_path / "joined")
+    assert not (tmp_path / "joined").exists()
+
+
 def test_an_existing_corpus_is_replaced_only_with_overwrite(built, tmp_path):
     join_corpus(built["shards"], tmp_path / "joined")
     with pytest.raises(FileExistsError, match="pass --overwrite"):
