@@ -653,9 +653,15 @@ def require_numeric(dtype: np.dtype) -> None:
 
 def as_csr(block: Any) -> sp.csr_matrix:
     """A CSR matrix of a sparse or dense block of cells (a numpy array, an h5py dataset's rows): float16, which
-    scipy.sparse cannot hold, becomes float32, which holds every float16 value exactly."""
+    scipy.sparse cannot hold, becomes float32, which holds every float16 value exactly. A sparse block comes back
+    canonical: entries repeated for one cell and gene are summed (scipy's reading of them), as every reader of its
+    entries (the corpus builder's medians, AUCell) takes one entry per gene."""
     if sp.issparse(block):
-        return sp.csr_matrix(block)
+        matrix = sp.csr_matrix(block)
+        if not matrix.has_canonical_format:
+            matrix = matrix.copy()  # csr_matrix(block) shares a CSR block's arrays: the caller's matrix stays as is
+            matrix.sum_duplicates()
+        return matrix
     block = np.asarray(block)
     require_numeric(block.dtype)
     return sp.csr_matrix(block.astype(np.float32) if block.dtype == np.float16 else block)

@@ -159,6 +159,24 @@ def test_dense_float16_counts_build_the_float32_corpus(tmp_path):
     assert summary["fingerprints"] == expected["fingerprints"]
 
 
+def test_counts_split_over_repeated_entries_build_the_corpus_of_their_sums(tmp_path):
+    """A CSR matrix holding one cell and gene's count in two entries (not canonical: scipy, scanpy and toarray()
+    read their sum) gave every cell another gene order, exit 0: the medians took each entry as a value of its own."""
+    adata = _tiny_adata()
+    counts = adata.X.toarray()
+    expected = build_corpus(_source(adata), tmp_path / "canonical", BuildOptions(**OPTIONS))
+    entries = adata.X.tocoo()
+    low = np.floor(entries.data / 2)
+    row, col, data = np.r_[entries.row, entries.row], np.r_[entries.col, entries.col], np.r_[entries.data - low, low]
+    order = np.argsort(row, kind="stable")
+    indptr = np.r_[0, np.cumsum(np.bincount(row, minlength=N_CELLS))]
+    adata.X = sp.csr_matrix((data[order], col[order], indptr), shape=adata.shape)
+    assert not adata.X.has_canonical_format and (adata.X.toarray() == counts).all()
+    summary = build_corpus(_source(adata), tmp_path / "repeated", BuildOptions(**OPTIONS))
+    assert summary["fingerprints"] == expected["fingerprints"]
+    assert adata.X.nnz == 2 * entries.nnz  # the caller's matrix is left as it was
+
+
 def test_an_empty_split_is_named_with_the_fix(tmp_path, caplog):
     # two donors fill two donor-disjoint splits: the third was empty without a word
     adata = _tiny_adata()
