@@ -1212,6 +1212,28 @@ def test_the_cell2sentence_baseline_refuses_an_output_dir_with_an_earlier_runs_c
     assert not (tmp_path / "out" / "checkpoint-4").exists()
 
 
+def test_an_output_dir_holding_a_readme_no_trainer_wrote_is_refused(tmp_path):
+    """TRL writes its draft model card to <output_dir>/README.md at every checkpoint: a corpus's dataset card (or a
+    project's README) in the folder given as --output_dir was replaced, exit 0."""
+    from modeling_cell2text.output_files import OutputExistsError
+    from training.sft import make_parser
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("---\nlicense: cc-by-4.0\n---\n# My corpus\n")
+    args, training_args = make_parser().parse_args_and_config([
+        "--corpus_dir", str(tmp_path / "no-corpus"), "--text_model_name_or_path", str(tmp_path / "no-llm"),
+        "--output_dir", str(out), "--use_cpu", "true"])
+    with pytest.raises(OutputExistsError, match=r"holds a README.md that no trainer wrote.*another --output_dir"):
+        main(args, training_args)
+    assert (out / "README.md").read_text().endswith("# My corpus\n")
+    with pytest.raises(FileNotFoundError):  # past the check: the corpus is read next, and there is none
+        main(args, dataclasses.replace(training_args, save_strategy="no"))  # no checkpoint, no card
+    (out / "README.md").write_text("---\ntags:\n- generated_from_trainer\n- trl\n---\n")  # an earlier run's card
+    with pytest.raises(FileNotFoundError):
+        main(args, training_args)
+
+
 def test_a_run_resumed_from_its_checkpoint_at_max_steps_trains_no_further_step(parts_and_corpus, tmp_path):
     """A run stopped after its last checkpoint (at max_steps) but before its final model was saved, resumed from that
     checkpoint, ends with the uninterrupted run's weights: transformers trained one step past max_steps."""

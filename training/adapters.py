@@ -367,13 +367,25 @@ def save_merged(
     return final_dir
 
 
+#: The tag of the draft model card transformers' and TRL's trainers write into output_dir (README.md).
+TRAINER_CARD_TAG = "generated_from_trainer"
+
+
 def check_output_dir(training_args: Any, overwrite: bool) -> None:
     """Refuse a new run (no resume_from_checkpoint) that saves checkpoints into an output_dir holding checkpoints of
     an earlier one: the new run overwrote them step by step and its save_total_limit deleted the rest, and
     resume_from_checkpoint=True took the latest of either run. With `overwrite` (--overwrite_output_dir) the saving
-    process deletes them first."""
+    process deletes them first. Also refused, with or without it: an output_dir holding a README.md no trainer wrote
+    (a corpus's card, a project's notes), which the trainer's draft model card would replace."""
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+    card = Path(training_args.output_dir) / "README.md"
+    if training_args.save_strategy != "no" and card.is_file() and TRAINER_CARD_TAG not in card.read_text(
+            errors="replace"):  # TRL writes its draft model card there at every checkpoint: a corpus's card was lost
+        raise OutputExistsError(
+            f"--output_dir {training_args.output_dir} holds a README.md that no trainer wrote, which the trainer would "
+            "replace with its draft model card at the first checkpoint: choose another --output_dir (a folder for "
+            "this run's checkpoints), or move the README.md.")
     if training_args.resume_from_checkpoint or training_args.save_strategy == "no":  # nothing to overwrite or delete
         return
     earlier = sorted((folder for folder in Path(training_args.output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
