@@ -458,7 +458,21 @@ def _staging_dir(out: Path, overwrite: bool) -> Path:
 
 
 def _check_options(options: BuildOptions) -> None:
-    """Refuse settings that contradict each other or are out of range, before the source is read."""
+    """Refuse settings that contradict each other or are out of range, before the source is read (a seed or shard
+    size that numpy or datasets refuse stopped a build after its passes over the data)."""
+    from datasets.utils.py_utils import convert_file_size_to_int
+
+    if isinstance(options.seed, bool) or not isinstance(options.seed, (int, np.integer)) or options.seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {options.seed!r}")
+    if not isinstance(options.chunk_size, (int, np.integer)) or options.chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {options.chunk_size!r}")
+    try:
+        shard_bytes = convert_file_size_to_int(options.max_shard_size)
+    except ValueError:
+        shard_bytes = 0
+    if shard_bytes <= 0:
+        raise ValueError(f"max_shard_size must be a size such as 500MB or 2GB (or a number of bytes > 0), got "
+                         f"{options.max_shard_size!r}")
     if options.pathway_ranking not in ("normalized", "raw"):
         raise ValueError(f"pathway_ranking must be 'normalized' or 'raw', got {options.pathway_ranking!r}")
     if options.fold is not None:

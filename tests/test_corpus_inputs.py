@@ -343,6 +343,19 @@ def test_no_genes_or_no_usable_genes_is_a_clear_error(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("setting, value", [("seed", -1), ("max_shard_size", "500XB"), ("max_shard_size", 0),
+                                            ("chunk_size", 0)])
+def test_a_seed_shard_size_or_chunk_size_numpy_or_datasets_refuse_is_refused_before_the_passes(tmp_path, setting,
+                                                                                              value):
+    """--seed -1 or --max-shard-size 500XB stopped the build with numpy's or datasets' words after both passes over
+    the data (hours for a Census build)."""
+    source = _source(_tiny_adata())
+    source.iter_chunks = None  # a pass over the data would call it
+    with pytest.raises(ValueError, match=rf"{setting} must be .*got {value!r}"):
+        build_corpus(source, tmp_path / "out", BuildOptions(**OPTIONS, **{setting: value}))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("flags", [["--chunk-size", "0"], ["--chunk-size", "-3"], ["--shard", "2/2"],
                                    ["--shard", "1"], ["--shard", "a/b"], ["--shard=-1/2"]])
 def test_bad_chunk_size_and_shard_are_argparse_errors(flags, capsys):
