@@ -312,6 +312,19 @@ def test_a_published_folder_and_its_files_are_readable_as_new_files_are(tmp_path
     assert {p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()} == {0o666 & ~mask}
 
 
+@pytest.mark.parametrize("flag", ["--batch-size", "--max-new-tokens", "--max-cells"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_evaluate_refuses_a_count_below_one_before_loading_the_model(tmp_path, capsys, flag, value):
+    """--batch-size 0 ended the evaluation with "range() arg 3 must not be zero" and -1 with "0 descriptions for 8
+    cells", after the model was loaded."""
+    from training.evaluation.evaluate import main as evaluate
+
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate(["--model", str(tmp_path / "no-model"), "--corpus", str(tmp_path / "no-corpus"), "--out",
+                  str(tmp_path / "report"), flag, value])
+    assert exit_info.value.code == 2 and f"{flag}: expected an integer >= 1, got" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", [
     ["-m", "processing.build_corpus", "--h5ad", "missing.h5ad", "--out", "corpus"],
     ["-m", "training.evaluation.evaluate", "--model", "missing-model", "--corpus", "missing-corpus", "--out", "r"],

@@ -529,7 +529,7 @@ def pathway_baseline(train, cells) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    from modeling_cell2text.argument_types import refused_input_as_one_line
+    from modeling_cell2text.argument_types import positive_int, refused_input_as_one_line
     from modeling_cell2text.output_files import check_new_output
     from training.evaluation.report import RESULTS_FILE, write_report
 
@@ -538,9 +538,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--corpus", required=True, help="The corpus folder (python -m processing.build_corpus).")
     parser.add_argument("--split", default="test")
     parser.add_argument("--out", required=True, help="Report folder.")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=160)
-    parser.add_argument("--max-cells", type=int, default=None)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=160)
+    parser.add_argument("--max-cells", type=positive_int, default=None)
     parser.add_argument("--free", action="store_true",
                         help="Free generation: the cell type as the model writes it (default: a known label).")
     parser.add_argument("--trust-remote-code", action="store_true",
