@@ -47,8 +47,8 @@ from processing.ontology_versions import ontology_versions
 from processing.corpus import METADATA_FIELDS, SplitWriter, describe, resolve_labels, top_pathways_by_cell_type
 from processing.gene_medians import ExactGeneMedians, HistogramGeneMedians, expression_values, normalize_total
 from processing.pathways import (
-    DEFAULT_GMT, DEFAULT_SET_SIZES, aucell, default_max_rank, display_names, filter_set_sizes, read_gmt,
-    top_set_indices,
+    DEFAULT_GMT, DEFAULT_SET_SIZES, aucell, default_max_rank, display_names, filter_set_sizes, membership_matrix,
+    read_gmt, top_set_indices,
 )
 from processing.splits import DEFAULT_FRACTIONS, SPLITS, assign_fold_splits, assign_splits, check_fold
 
@@ -183,6 +183,19 @@ def pathway_max_rank(options: BuildOptions, n_genes: int) -> int:
         raise ValueError(f"pathway_max_rank must be an integer between 1 and the number of genes ({n_genes}), got "
                          f"{max_rank!r}")
     return int(max_rank)
+
+
+def _require_scorable_gene_sets(symbols: list[str], gene_sets: dict[str, list[str]], options: BuildOptions) -> None:
+    """Refuse a library none of whose sets has `min_pathway_genes` of its genes among the data's gene symbols (a GMT
+    of Entrez or Ensembl ids): every set scores 0, and the corpus, whose summary and card name the library, named no
+    pathway in any cell (a warning per chunk said the sets were small)."""
+    needed = max(options.min_pathway_genes, 1)
+    if not (membership_matrix(symbols, gene_sets)[1] >= needed).any():
+        library = [gene for genes in list(gene_sets.values())[:3] for gene in genes[:2]]
+        raise ValueError(
+            f"no gene set of {Path(str(options.gmt)).name} has {needed} of its genes among the data's gene symbols "
+            f"(library genes e.g. {library}; the data's e.g. {symbols[:4]}), so no cell would name a pathway: pass "
+            "a GMT of gene symbols (not Entrez or Ensembl ids) with --gmt, or --gmt none to build without pathways.")
 
 
 def _first_pass(source, reasons, genes, medians, gene_sets, options):
@@ -536,6 +549,8 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
     gene_sets = read_gmt(options.gmt) if options.gmt else None
     if gene_sets and options.pathway_set_sizes:
         gene_sets = filter_set_sizes(gene_sets, *options.pathway_set_sizes)
+    if gene_sets:
+        _require_scorable_gene_sets(genes.symbols, gene_sets, options)
     medians = _median_accumulator(options, source.n_cells, len(genes.token_ids))
     _require_kept_cells(reasons)  # labels: before a pass over the data
     top, set_names = _first_pass(source, reasons, genes, medians, gene_sets, options)

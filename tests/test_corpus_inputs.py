@@ -443,6 +443,19 @@ def test_every_cell_rejected_for_a_wrong_ontology_required_field_names_the_colum
         build_corpus(_source(adata), tmp_path / "out", BuildOptions(**OPTIONS, required_fields=("cell_type", "sex")))
 
 
+def test_a_gene_set_library_of_ids_the_data_does_not_name_is_refused_before_the_passes(tmp_path):
+    """A GMT of Ensembl (or Entrez) ids against the data's symbols: every set scored 0, exit 0, and the corpus, whose
+    summary and card name the library, named no pathway in any cell."""
+    gmt = tmp_path / "ensembl.gmt"
+    gmt.write_text("".join(f"SET_{k}\tids\t" + "\t".join(_gene_ids()[k * 10:(k + 1) * 10]) + "\n" for k in range(4)))
+    source = _source(_tiny_adata())
+    source.iter_chunks = None  # a pass over the data would call it
+    with pytest.raises(ValueError, match=r"no gene set of ensembl.gmt has 5 of its genes among the data's gene "
+                                         r"symbols .*'ENSG.*a GMT of gene symbols .*--gmt none"):
+        build_corpus(source, tmp_path / "out", BuildOptions(**{**OPTIONS, "gmt": gmt, "pathway_set_sizes": None}))
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_library_of_one_gene_set_names_it_at_most_once(tmp_path):
     """With fewer sets than pathways per cell (one set, two pathways) the builder broadcast the set's index over both
     places: every description named the one set twice."""
