@@ -102,6 +102,9 @@ def open_corpus(corpus: str | Path) -> datasets.DatasetDict:
     if is_hub_corpus(corpus):
         return datasets.load_dataset(str(corpus))
     corpus_dir = Path(corpus)
+    if not (corpus_dir / "dataset_dict.json").exists() and (corpus_dir.parent / "dataset_dict.json").exists():
+        raise FileNotFoundError(f"{corpus_dir} is a split of the corpus {corpus_dir.parent}: pass the corpus folder, "
+                                f"{corpus_dir.parent} (the split is chosen by name).")
     if not (corpus_dir / "dataset_dict.json").exists():
         raise FileNotFoundError(
             f"{corpus_dir} is not a corpus folder (no dataset_dict.json) nor a Hub dataset id (org/name); build one "

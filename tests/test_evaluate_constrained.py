@@ -226,6 +226,19 @@ def test_a_misspelt_split_or_no_cells_is_named_before_the_model_loads(model_and_
         evaluate_model(model_dir, corpus_dir, split, max_cells=max_cells, device="cpu")
 
 
+def test_a_split_folder_given_as_the_corpus_is_named_with_the_corpus_folder(model_and_corpus, monkeypatch):
+    """`--corpus corpus/test` (the split's folder) ended with a TypeError traceback ("'<' not supported between
+    instances of 'dict' and 'dict'"); a folder of no corpus with datasets' words, not the fix."""
+    import training.evaluation.evaluate as evaluate
+
+    model_dir, corpus_dir = model_and_corpus
+    monkeypatch.setattr(evaluate, "load_model", lambda *args: pytest.fail("the model loaded first"))
+    with pytest.raises(FileNotFoundError, match=rf"is a split of the corpus {corpus_dir}: pass the corpus folder"):
+        evaluate_model(model_dir, corpus_dir / "test", "test", device="cpu")
+    with pytest.raises(FileNotFoundError, match=r"is not a corpus folder \(no dataset_dict.json\)"):
+        evaluate_model(model_dir, model_dir, "test", device="cpu")
+
+
 def test_the_pathway_baseline_names_the_training_splits_most_frequent_pathways_for_every_cell():
     from datasets import Dataset
 

@@ -467,9 +467,9 @@ def evaluate_model(
 
     With `constrained` the cell type is one of the processor's known labels, with its probability
     (`per_cell["cell_type_score"]`) and `results["cell_type_constraint"]` (invented labels, calibration)."""
-    from datasets import load_from_disk
+    from processing.corpus import open_corpus
 
-    corpus = load_from_disk(str(corpus_dir))  # the split checked before the model loads and generates
+    corpus = open_corpus(corpus_dir)  # the split checked before the model loads and generates
     if split not in corpus:
         raise ValueError(f"the corpus {corpus_dir} has no split {split!r}; its splits: {sorted(corpus)}")
     if max_cells is not None and (isinstance(max_cells, bool) or not isinstance(max_cells, int) or max_cells < 1):
