@@ -681,6 +681,15 @@ def make_source(args: argparse.Namespace, stack: contextlib.ExitStack) -> Any:
                               name=name, census_version=census_version)
 
 
+#: The options each source reads (the others are refused with it, not ignored): a preset is fixed.
+SOURCE_OPTIONS = {
+    "preset": (),
+    "h5ad": ("backed", "layer", "use_raw", "input_values", "obs_map"),
+    "soma": ("input_values", "obs_map", "obs_filter", "census_version", "census_organism", "soma_measurement",
+             "soma_x"),
+}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     from processing import presets, sources
 
@@ -739,6 +748,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--push-to-hub", metavar="REPO", help="push the corpus and its card to this dataset repo")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    source = next(kind for kind in SOURCE_OPTIONS if getattr(args, kind))
+    flag = lambda dest: "--" + dest.replace("_", "-")  # noqa: E731
+    ignored = [flag(dest) for dest in dict.fromkeys(d for options in SOURCE_OPTIONS.values() for d in options)
+               if dest not in SOURCE_OPTIONS[source] and getattr(args, dest) != parser.get_default(dest)]
+    if ignored:  # `--h5ad ... --obs-filter "tissue == 'lung'"` built a corpus of every cell, exit 0
+        reads = ", ".join(map(flag, SOURCE_OPTIONS[source])) or "no source option (it is built as it ships)"
+        parser.error(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to --{source}, which "
+                     f"reads {reads}"
+                     + ("; filter the AnnData first (adata[adata.obs.tissue == 'lung'].write_h5ad(...)) and build "
+                        "from that file" if "--obs-filter" in ignored and source == "h5ad" else ""))
     if args.hashed_splits and args.fold:
         parser.error("--hashed-splits and --fold exclude each other (folds are dealt from the whole input)")
     if bool(args.token_dictionary) != bool(args.gene_median_file):

@@ -365,13 +365,31 @@ def test_bad_chunk_size_and_shard_are_argparse_errors(flags, capsys):
     assert exit_info.value.code == 2 and ("expected an integer >= 1" in err or "expected I/N" in err)
 
 
+@pytest.mark.parametrize("flags, ignored", [
+    (["--h5ad", "cells.h5ad", "--obs-filter", "tissue == 'lung'"], "--obs-filter does not apply to --h5ad"),
+    (["--preset", "pbmc68k_reduced", "--obs-map", "louvain=donor_id"], "--obs-map does not apply to --preset"),
+    (["--preset", "pbmc68k_reduced", "--input-values", "normalized", "--layer", "counts"],
+     "--layer, --input-values do not apply to --preset"),
+    (["--soma", "census", "--use-raw", "--backed"], "--backed, --use-raw do not apply to --soma"),
+])
+def test_a_source_option_the_source_does_not_read_is_an_argparse_error(flags, ignored, capsys):
+    """`--h5ad cells.h5ad --obs-filter "tissue == 'lung'"` built a corpus of every cell (the filter is SOMA's), and
+    --preset ignored --obs-map and the other source options, exit 0."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([*flags, "--out", "x"])
+    assert exit_info.value.code == 2 and ignored in capsys.readouterr().err
+    args = parse_args(["--h5ad", "cells.h5ad", "--out", "x", "--backed", "--layer", "counts", "--input-values",
+                       "log1p", "--obs-map", "patient=donor_id"])  # what an h5ad source reads
+    assert args.layer == "counts" and args.obs_map == ["patient=donor_id"]
+
+
 def test_good_shard_parses():
     assert parse_args(["--preset", "pbmc68k_reduced", "--out", "x", "--shard", "1/4"]).shard == (1, 4)
 
 
 def test_obs_map_is_repeatable():
     """A second --obs-map replaced the first."""
-    args = parse_args(["--preset", "pbmc68k_reduced", "--out", "x", "--obs-map", "a=donor_id", "b=sex", "--obs-map",
+    args = parse_args(["--h5ad", "cells.h5ad", "--out", "x", "--obs-map", "a=donor_id", "b=sex", "--obs-map",
                        "c=tissue"])
     assert args.obs_map == ["a=donor_id", "b=sex", "c=tissue"]
 
