@@ -242,8 +242,12 @@ _FREE_LABEL_ONTOLOGIES = {"tissue": "UBERON", "disease": "MONDO (PATO:0000461 fo
 
 
 def _term_of_label(field: str, term_id: str | None, label: str | None) -> tuple[str | None, str | None]:
-    """The (id, label) pair with the id of a label given without one that `TERMS_OF_LABELS` names."""
+    """The (id, label) pair with the id of a label given without one: a label that is itself a known term id (an id
+    column mapped onto the label, `--obs-map organ_id=tissue`: it was stated as given, "from the UBERON:0002048 of a
+    donor") is that term, with the ontology's label; else the id `TERMS_OF_LABELS` names, if any."""
     if term_id is None and label is not None:
+        if ontologies.is_known_term(label):
+            return label, None
         return TERMS_OF_LABELS.get(field, {}).get(label.lower()), label
     return term_id, label
 

@@ -599,6 +599,23 @@ def test_sex_and_health_labels_without_ids_are_read_and_the_columns_say_what_the
     assert "4 cells' sex are neither female nor male" in caplog.text and "PATO:0000383" in caplog.text
 
 
+def test_ontology_ids_in_a_label_column_are_read_as_their_terms(tmp_path):
+    """An id column mapped onto the label (`--obs-map organ_id=tissue`) was stated as given, exit 0: "It originates
+    from the UBERON:0002048 of a healthy donor", a label without an id; cell type ids in the cell_type column were
+    rejected as cell types without ids."""
+    adata = _tiny_adata()
+    adata.obs = adata.obs.drop(columns=["tissue", "tissue_ontology_term_id", "cell_type"])
+    adata.obs["organ_id"] = "UBERON:0002048"
+    adata.obs["celltype_id"] = adata.obs.pop("cell_type_ontology_term_id")
+    source = _source(adata, obs_map={"organ_id": "tissue", "celltype_id": "cell_type"})
+    summary = build_corpus(source, tmp_path / "out", BuildOptions(**OPTIONS))
+    assert summary["ontology_term_ids"]["tissue"] == {"lung": "UBERON:0002048"}
+    assert summary["ontology_term_ids"]["cell_type"] == {"B cell": "CL:0000236", "T cell": "CL:0000084"}
+    rows = _corpus_rows(tmp_path / "out")
+    assert len(rows) == N_CELLS and all("from the lung of a healthy donor" in row["description"] for row in rows)
+    assert {row["tissue_ontology_term_id"] for row in rows} == {"UBERON:0002048"}
+
+
 def test_a_duplicated_gene_id_gives_tokens_from_its_first_column_only(tmp_path):
     """Two columns with one Ensembl id (a version suffix stripped, say): the first gives the gene's token, the
     second is reported as a duplicate and gives none, so no cell holds the gene twice (mutation testing: nothing
