@@ -56,13 +56,14 @@ _TERM_ID_SUFFIX = re.compile(r"\s+(\(GO:\d+\)|WP\d+)$")
 def read_gmt(path: str | Path) -> dict[str, list[str]]:
     """Read a GMT file (``name<TAB>description<TAB>gene...`` per line; ``.gz`` allowed).
 
-    Genes keep their first-seen order; duplicates and empty fields are dropped. Raises
+    Genes keep their first-seen order; duplicates and empty fields are dropped; a byte-order mark is read as none
+    (it began the first set's name, and so every description naming that set). Raises
     ValueError naming the line for a line without genes, a repeated set name, or a name with a double quote.
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     gene_sets: dict[str, list[str]] = {}
-    with opener(path, "rt", encoding="utf-8") as handle:
+    with opener(path, "rt", encoding="utf-8-sig") as handle:  # -sig: a BOM (a file saved on Windows) is no name
         for line_number, line in enumerate(handle, start=1):
             line = line.rstrip("\r\n")
             if not line.strip():

@@ -145,6 +145,8 @@ def test_read_gmt(tmp_path):
     gz = tmp_path / "lib.gmt.gz"
     gz.write_bytes(gzip.compress(text.encode()))
     assert read_gmt(gz) == expected
+    path.write_text(text, encoding="utf-8-sig")  # saved with a byte-order mark: it began SET_A's name
+    assert read_gmt(path) == expected
 
 
 @pytest.mark.parametrize("text, message", [
