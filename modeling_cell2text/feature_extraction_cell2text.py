@@ -40,6 +40,8 @@ SPECIAL_TOKENS = (PAD, MASK, CLS, EOS)
 _EXAMPLES = 5
 #: Token ids must lie in [0, MAX_VOCAB_SIZE): lookup arrays are sized by the largest id (Geneformer: ~20,000-25,000).
 MAX_VOCAB_SIZE = 2**22
+#: Gene tokens per cell, special tokens included (Geneformer V2's input size).
+DEFAULT_MODEL_INPUT_SIZE = 4096
 
 
 class NoGeneMatchedError(ValueError):
@@ -95,7 +97,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         gene_token_ids: dict[str, int] | None = None,
         gene_medians: dict[str, float] | None = None,
         gene_symbols: dict[str, str] | None = None,
-        model_input_size: int = 4096,
+        model_input_size: int = DEFAULT_MODEL_INPUT_SIZE,
         special_tokens: bool = True,
         min_gene_match_rate: float = 0.5,
         num_expression_bins: int = 0,

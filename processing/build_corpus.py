@@ -40,7 +40,7 @@ from hub_cards.publish import publish_corpus
 from hub_cards.render import write_dataset_card
 from modeling_cell2text.argument_types import as_command_line, positive_int, refused_input_as_one_line
 from modeling_cell2text.description_schema import LABEL_FIELD_NAMES, ONTOLOGY_FIELDS
-from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
+from modeling_cell2text.feature_extraction_cell2text import DEFAULT_MODEL_INPUT_SIZE, Cell2TextFeatureExtractor
 from modeling_cell2text.output_files import Terminated, publish_folder, sigterm_as_exception
 from processing import ontologies
 from processing.ontology_versions import ontology_versions
@@ -86,7 +86,9 @@ class BuildOptions:
     pathway_max_rank: int | None = None
     medians: str = "auto"  # "exact", "histogram" or "auto" (exact up to EXACT_MEDIANS_MAX_CELLS cells)
     bins_per_decade: int = 100
-    model_input_size: int = 4096
+    # Tokens per cell of the vocabulary built here (None: DEFAULT_MODEL_INPUT_SIZE); a given feature extractor has its
+    # own, which a different value here contradicts (refused: it was ignored).
+    model_input_size: int | None = None
     # > 0: value-aware corpus, each token also gets its per-cell expression bin (column gene_value_ids)
     expression_bins: int = 0
     feature_extractor: Cell2TextFeatureExtractor | None = None  # given vocabulary (e.g. Geneformer's)
@@ -328,7 +330,7 @@ def _build_extractor(genes: _Genes, medians, options: BuildOptions) -> Cell2Text
     if not found:
         raise ValueError("no gene is expressed in any kept cell; nothing to build a vocabulary from")
     return Cell2TextFeatureExtractor.from_gene_medians(
-        found, model_input_size=options.model_input_size, num_expression_bins=options.expression_bins
+        found, model_input_size=options.model_input_size or DEFAULT_MODEL_INPUT_SIZE, num_expression_bins=options.expression_bins
     )
 
 
@@ -512,6 +514,12 @@ def build_corpus(source: Any, out_dir: str | Path, options: BuildOptions | None 
             f"{given.num_expression_bins}; a given extractor decides the bins, so leave expression_bins at 0 (for "
             "sharded value-aware corpora, merge the histograms with python -m processing.gene_medians "
             "--expression-bins N)."
+        )
+    if given is not None and options.model_input_size not in (None, given.model_input_size):
+        raise ValueError(  # it was ignored: the corpus was tokenized with the given extractor's
+            f"model_input_size={options.model_input_size} but the given feature extractor has model_input_size="
+            f"{given.model_input_size}; a given extractor decides the tokens per cell: leave model_input_size out (or "
+            "save the extractor with the size you want: extractor.model_input_size = N; extractor.save_pretrained(...))."
         )
     _check_source(source)
     out = Path(out_dir).absolute()
@@ -725,7 +733,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gene-median-file", help="Geneformer gene median dictionary (.pkl)")
     parser.add_argument("--feature-extractor", help="directory of a saved Cell2TextFeatureExtractor to use as given")
     parser.add_argument("--medians", choices=("auto", "exact", "histogram"), default="auto")
-    parser.add_argument("--model-input-size", type=int, default=4096)
+    parser.add_argument("--model-input-size", type=int, default=None,
+                        help=f"gene tokens per cell (default {DEFAULT_MODEL_INPUT_SIZE}; with --feature-extractor or "
+                             "--token-dictionary: theirs)")
     parser.add_argument("--expression-bins", type=int, default=0, metavar="B",
                         help="value-aware corpus: also store each gene's per-cell expression bin (1..B); 0: rank only")
     parser.add_argument("--required-fields", nargs="*", default=["cell_type"], choices=METADATA_FIELDS)

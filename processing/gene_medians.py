@@ -225,19 +225,19 @@ EXTRACTOR_FILE = "preprocessor_config.json"  # what a saved feature extractor fo
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: merge shard histograms into the corpus feature extractor."""
+    from modeling_cell2text.feature_extraction_cell2text import DEFAULT_MODEL_INPUT_SIZE, Cell2TextFeatureExtractor
     parser = argparse.ArgumentParser(description="Merge per-shard gene-median histograms into a feature extractor.")
     parser.add_argument("histograms", nargs="+", help="median_histogram.npz files written by build_corpus shards")
     parser.add_argument("--out", required=True, help="directory for the merged feature extractor (new or empty)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a feature extractor folder at --out (never a folder holding anything else)")
-    parser.add_argument("--model-input-size", type=int, default=4096)
+    parser.add_argument("--model-input-size", type=int, default=DEFAULT_MODEL_INPUT_SIZE)
     parser.add_argument("--expression-bins", type=int, default=0,
                         help="expression bins per cell for a value-aware encoder (as build_corpus --expression-bins; "
                              "0: rank only). The shards rebuilt with this extractor take its bins")
     args = parser.parse_args(argv)
     if args.expression_bins < 0:
         parser.error(f"--expression-bins must be >= 0, got {args.expression_bins}")
-    from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
     from modeling_cell2text.argument_types import refused_input_as_one_line
     from modeling_cell2text.output_files import OutputExistsError, check_new_output, publish_folder
 

@@ -194,6 +194,18 @@ def test_given_vocabulary_is_used_as_is(tmp_path, pbmc_corpus):
     assert summary["vocabulary_source"] == extractor.vocabulary_source
 
 
+def test_a_model_input_size_other_than_the_given_vocabularys_is_refused(tmp_path, pbmc_corpus):
+    """`--feature-extractor DIR --model-input-size 512` built a corpus of the extractor's size, exit 0."""
+    out, _, _ = pbmc_corpus
+    extractor = Cell2TextFeatureExtractor.from_pretrained(str(out / "feature_extractor"))
+    other = extractor.model_input_size + 8
+    with pytest.raises(ValueError, match=f"model_input_size={other} but the given feature extractor has "
+                                         f"model_input_size={extractor.model_input_size}.*leave model_input_size out"):
+        build_corpus(pbmc68k_reduced(), tmp_path / "c", BuildOptions(progress=False, feature_extractor=extractor,
+                                                                    model_input_size=other))
+    assert not (tmp_path / "c").exists()
+
+
 def test_value_aware_corpus_stores_the_bins_its_feature_extractor_gives(tmp_path, pbmc_corpus):
     _, _, rank_corpus = pbmc_corpus
     summary = build_corpus(pbmc68k_reduced(), tmp_path, BuildOptions(progress=False, expression_bins=8,
