@@ -10,7 +10,7 @@ split fingerprints of the join (a checksum of the shards', in order; `joined_fro
 
 Refused, naming the fix, where the joined corpus would train or evaluate on something other than it says: shards
 tokenized by different feature extractors (other token ids or gene orders), built with other pathway, expression-bin
-or ontology settings, a shard given twice, an input whose `--shard i/N` shards are not all given, a cell id two
+or ontology settings or rejection rules (`--required-fields`, `--keep-non-primary`), a shard given twice, an input whose `--shard i/N` shards are not all given, a cell id two
 shards hold (cells of several files with the same barcodes), a donor whose cells are in two splits (shards split on their own cells, without `--hashed-splits`), a label with two ontology ids, and
 cross-validation fold builds.
 """
@@ -43,8 +43,9 @@ logger = logging.getLogger(__name__)
 
 EXTRACTOR_FILE = "preprocessor_config.json"
 # Settings every shard must share: another value gives the joined corpus descriptions or tokens of two kinds.
-SHARED_SETTINGS = ("pathway_library", "pathway_ranking", "pathway_set_sizes", "expression_bins",
-                   "gene_vocabulary_size", "census_version", "ontology_versions")
+SHARED_SETTINGS = ("pathway_library", "pathway_ranking", "pathway_set_sizes", "min_pathway_genes", "expression_bins",
+                   "gene_vocabulary_size", "census_version", "ontology_versions", "required_fields",
+                   "keep_non_primary")
 
 
 @dataclass
@@ -178,6 +179,7 @@ def join_summaries(shards: Sequence[Shard], corpus: datasets.DatasetDict, name: 
     pathways = {}
     if "pathway_ranking" in first:
         pathways = {"pathway_ranking": first["pathway_ranking"], "pathway_set_sizes": first.get("pathway_set_sizes"),
+                    "min_pathway_genes": first.get("min_pathway_genes"),
                     "pathway_max_rank": one_or_all("pathway_max_rank"), "pathway_sets": one_or_all("pathway_sets"),
                     "top_pathways_by_cell_type": top_pathways_by_cell_type(
                         (label for split in corpus.values() for label in split["cell_type"]),
@@ -190,6 +192,8 @@ def join_summaries(shards: Sequence[Shard], corpus: datasets.DatasetDict, name: 
         "num_cells_in": sum(summary.get("num_cells_in", 0) for summary in summaries),
         "splits": {split: len(corpus[split]) for split in SPLITS},
         "rejected": summed("rejected"),
+        "required_fields": first.get("required_fields"),
+        "keep_non_primary": first.get("keep_non_primary"),
         "left_out": summed("left_out"),
         "label_counts": label_counts,
         "gene_vocabulary_size": first.get("gene_vocabulary_size"),

@@ -75,6 +75,7 @@ def edited(shard: Path, to: Path, file: str, edit) -> Path:
     ("library", "was built with pathway_library 'other.gmt'"),
     ("label", "label 'CD14-positive monocyte' names CL:0001054 in one shard and CL:0000576"),
     ("fold", "is a cross-validation fold build"),
+    ("rules", "was built with keep_non_primary True"),  # one shard kept cells the other rejected
     ("not a corpus", "is not a corpus folder"),
 ])
 def test_shards_that_make_no_one_corpus_are_refused_before_writing(built, tmp_path, case, message):
@@ -90,6 +91,7 @@ def test_shards_that_make_no_one_corpus_are_refused_before_writing(built, tmp_pa
         "label": lambda: [first, edited(second, copy, "summary.json", lambda c: c["ontology_term_ids"]["cell_type"]
                                         .update({"CD14-positive monocyte": "CL:0000576"}))],
         "fold": lambda: [first, edited(second, copy, "summary.json", lambda c: c.update(fold={"fold": 0}))],
+        "rules": lambda: [first, edited(second, copy, "summary.json", lambda c: c.update(keep_non_primary=True))],
         "not a corpus": lambda: [first, tmp_path],
     }[case]()
     with pytest.raises(ValueError, match=message):
