@@ -381,6 +381,7 @@ class Cell2TextPipeline(Pipeline):
         tokenizer = self.processor.tokenizer
         ended = ended_at_end_of_text(generated[:, prompt_length:], tokenizer.eos_token_id, settings.get("eos_token_id"))
         ended &= ~ends_at_a_stop_string(generated[:, prompt_length:], tokenizer, settings.get("stop_strings"))
+        ended &= ~ended_by_forced_eos(generated[:, prompt_length:], tokenizer.eos_token_id, settings, prompt_length)
         return {"generated_ids": generated, "prompt_length": prompt_length, "ended": ended,
                 "max_new_tokens": settings.get("max_new_tokens")}
 
@@ -517,6 +518,22 @@ def ended_at_end_of_text(new_tokens: torch.Tensor, eos_token_id: int | None, sto
     is_stop = torch.isin(new_tokens, torch.tensor(sorted(stops), device=new_tokens.device))
     first = is_stop.int().argmax(dim=1, keepdim=True)  # 0 in a row without any: is_stop.any is False there
     return (is_stop.any(dim=1) & (new_tokens.gather(1, first)[:, 0] == eos_token_id)).cpu()
+
+
+def ended_by_forced_eos(new_tokens: torch.Tensor, eos_token_id: int | None, settings: dict, prompt_length: int
+                        ) -> torch.Tensor:
+    """Per row of generated tokens (prompt removed), whether its end of text is the one `forced_eos_token_id` (a
+    generation setting, from the call or a generation_config.json) writes on the last token the length limit allows:
+    the description was cut there, not ended by the model (read as ended, one cut at a sentence's end parsed with its
+    later fields missing). On the CPU."""
+    rows, width = new_tokens.shape
+    limit = settings.get("max_new_tokens")
+    if limit is None and settings.get("max_length") is not None:
+        limit = settings["max_length"] - prompt_length
+    if settings.get("forced_eos_token_id") is None or eos_token_id is None or width == 0 or width != limit:
+        return torch.zeros(rows, dtype=torch.bool)
+    is_eos = new_tokens == eos_token_id
+    return (is_eos[:, -1] & (is_eos.int().argmax(dim=1) == width - 1)).cpu()
 
 
 def ends_at_a_stop_string(new_tokens: torch.Tensor, tokenizer: Any, stop_strings: str | Sequence[str] | None
@@ -718,6 +735,7 @@ def register_cell2text_pipeline() -> None:
 
 __all__ = [
     "Cell2TextPipeline", "CellBatch", "DescribeOptions", "NaNLogitsFlag", "cell_batches", "cells_per_block",
-    "check_outputs_line_up", "ended_at_end_of_text", "ends_at_a_stop_string", "length_order", "rank_block",
+    "check_outputs_line_up", "ended_at_end_of_text", "ended_by_forced_eos", "ends_at_a_stop_string", "length_order",
+    "rank_block",
     "resolve_cells", "register_cell2text_pipeline", "custom_pipelines_entry", "save_model_folder",
 ]

@@ -451,6 +451,28 @@ def test_a_free_description_cut_short_is_not_parsed_and_says_why(trained_dir, ca
     assert all(r["parsed"] and r["tissue"] == "blood" for r in constrained) and "were cut" not in caplog.text
 
 
+def test_an_end_of_text_forced_at_the_token_limit_is_a_cut(trained_dir, caplog):
+    """A bad-input hunt's finding: `forced_eos_token_id` (a generation setting, from the call or a hand-edited
+    generation_config.json) writes the end of text on the last token the limit allows, so a description cut there
+    at a sentence's end read as ended and parsed, its tissue and disease silently missing, without a warning."""
+    describe = local_pipeline(trained_dir)
+    eos = describe.processor.tokenizer.eos_token_id
+    counts = random_counts(3)
+    prompt_length = describe.processor(counts, GENES)["input_ids"].shape[1]
+    from_the_call = dict(max_new_tokens=14, forced_eos_token_id=eos)
+    from_the_folder = dict(max_length=prompt_length + 14)  # the model's generation config, a limit as max_length
+    for settings in (from_the_call, from_the_folder):
+        if settings is from_the_folder:
+            describe.model.generation_config.forced_eos_token_id = eos
+        caplog.clear()
+        for result in describe(counts, gene_ids=GENES, constrained=False, **settings):
+            assert DESCRIPTION.startswith(result["description"]) and result["description"].endswith(".")
+            assert not result["parsed"] and result["tissue"] is None and result["cell_type"] is None
+        assert "3 of 3 free descriptions were cut" in caplog.text
+    whole = describe(counts, gene_ids=GENES, constrained=False)  # ended by the model before the limit: parsed
+    assert all(r["description"] == DESCRIPTION and r["parsed"] and r["tissue"] == "blood" for r in whole)
+
+
 def test_a_rows_first_stop_token_tells_whether_it_ended_at_end_of_text():
     """Rows that stopped are padded, here with the end-of-text id itself (a tokenizer without a pad token): a row
     stopped at another stop id (5) is cut though end-of-text follows it; a row without any stop was cut by the
