@@ -113,6 +113,8 @@ PROCESSOR_PARTS = {
                           "tokens"),
     "description_tokenization": ("tokens of a description the template writes (the tokenizer splits its words "
                                  "otherwise, or the description template changed since the model was saved)"),
+    "end_of_text": ("end-of-text token (the tokenizer's eos_token, which ends every description the model learnt "
+                    "to write: free descriptions ended by the model's read as cut, all unparsed)"),
     "gene_tokens_per_cell": ("number of gene tokens per cell (feature extractor model_input_size, up to the gene "
                              "encoder's positions): cells would keep another number of their top-ranked genes"),
     "labels": ("set of labels (cell types, tissues, ... with their ontology ids and definitions, pathways, age "
@@ -176,6 +178,8 @@ def processor_sha256(processor: Any) -> dict[str, str]:
                                            processor.user_prompt or "")],
         # a part of its own: folders saved with text_tokenization alone keep loading
         "description_tokenization": processor.tokenizer(probe_description(), add_special_tokens=False)["input_ids"],
+        # a part of its own too: folders saved before it was recorded keep loading
+        "end_of_text": processor.tokenizer.eos_token_id,
         # as fitted to the gene encoder's positions (`fit_tokens_to_encoder`, run before any checksum is taken)
         "gene_tokens_per_cell": int(processor.feature_extractor.model_input_size),
     }

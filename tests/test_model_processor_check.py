@@ -440,6 +440,25 @@ def test_a_tokenizer_splitting_text_otherwise_or_other_tokens_per_cell_are_refus
         Cell2TextProcessor.from_pretrained(tmp_path / "model").feature_extractor.model_input_size
 
 
+def test_a_tokenizer_ending_text_with_another_token_is_refused(tmp_path):
+    """A bad-input hunt's finding: a tokenizer_config.json whose eos_token was edited (<|im_end|> to <|endoftext|>,
+    both in the vocabulary, so no other checksum moved) loaded; every free description the model ended read as cut,
+    unparsed, with a warning to raise max_new_tokens, which could not help."""
+    model, processor = composed_model(tmp_path)
+    save_model_folder(model, processor, tmp_path / "model")
+    edited = edited_copy(tmp_path / "model", tmp_path / "edited")
+    tokenizer_config = edited / "tokenizer_config.json"
+    content = json.loads(tokenizer_config.read_text())
+    assert content["eos_token"] == "<|im_end|>"
+    tokenizer_config.write_text(json.dumps({**content, "eos_token": "<|endoftext|>"}))
+    with pytest.raises(ModelProcessorMismatchError, match=r"end_of_text checksum: .*another end-of-text token"):
+        Cell2TextProcessor.from_pretrained(edited)
+    # a folder saved before end_of_text was recorded: its other parts are checked, it loads
+    older = edited_copy(tmp_path / "model", tmp_path / "older", edit_config=lambda config: config[
+        "processor_sha256"].pop("end_of_text"))
+    assert Cell2TextProcessor.from_pretrained(older)
+
+
 def test_saving_a_model_with_peft_adapters_is_refused_before_writing(tmp_path):
     """The reviewer's finding: save_model_folder on a PeftModel wrote the adapter files and the code, then failed
     for want of config.json, leaving a partial folder."""
