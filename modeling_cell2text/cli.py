@@ -30,6 +30,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .argument_types import DTYPE_NAMES, as_command_line, positive_int
 from .package_info import package_version
 from .output_files import Terminated, publish_file, sigterm_as_exception
@@ -223,8 +225,11 @@ def run(args: argparse.Namespace) -> None:
                 args.input, args.out, obsm={args.key_added: embeddings}, uns={args.key_added: adata.uns[args.key_added]},
                 overwrite=args.overwrite,
             )
-            print(f"Embedded {adata.n_obs} cells ({embeddings.shape[1]} dimensions) into obsm[{args.key_added!r}]; "
-                  f"wrote {args.out}")
+            embedded = int(np.isfinite(embeddings).all(axis=1).sum())  # a skipped cell's row is NaN
+            skipped = (f" ({adata.n_obs - embedded} skipped with --skip-empty-cells: their rows are NaN)"
+                       if embedded < adata.n_obs else "")
+            print(f"Embedded {embedded} of {adata.n_obs} cells{skipped} ({embeddings.shape[1]} dimensions) into "
+                  f"obsm[{args.key_added!r}]; wrote {args.out}")
     finally:
         adata.file.close()
 

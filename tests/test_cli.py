@@ -380,7 +380,7 @@ def test_embed_and_key_added(model_dir, h5ad, tmp_path, capsys):
     out = tmp_path / "embedded.h5ad"
     assert main(["embed", str(h5ad), "--model", str(model_dir), "--out", str(out), "--layer", "counts",
                  "--key-added", "X_c2t", "--batch-size", "2"]) == 0
-    assert "Embedded 5 cells (32 dimensions)" in capsys.readouterr().out
+    assert "Embedded 5 of 5 cells (32 dimensions)" in capsys.readouterr().out
     embedded = ad.read_h5ad(out)
     assert embedded.obsm["X_c2t"].shape == (5, 32) and np.isfinite(embedded.obsm["X_c2t"]).all()
     assert embedded.uns["X_c2t"]["params"]["pooling"] == "mean over gene positions"
@@ -553,6 +553,12 @@ def test_skipped_cells_and_empty_descriptions_are_told_apart(model_dir, tmp_path
     assert main(describe_args(h5ad, model_dir, empty, "--skip-empty-cells")) == 0
     assert "Described 2 of 3 cells (2 of them not parsed into fields" in capsys.readouterr().out
     assert list(ad.read_h5ad(empty).obs["cell2text_description"].isna()) == [False, True, False]
+    # embed: a skipped cell's row is NaN, and the summary said "Embedded 3 cells" (also where every cell was skipped)
+    embedded = tmp_path / "embedded.h5ad"
+    assert main(["embed", str(h5ad), "--model", str(model_dir), "--out", str(embedded), "--layer", "counts",
+                 "--skip-empty-cells"]) == 0
+    assert "Embedded 2 of 3 cells (1 skipped with --skip-empty-cells: their rows are NaN)" in capsys.readouterr().out
+    assert list(np.isnan(ad.read_h5ad(embedded).obsm["X_cell2text"]).all(axis=1)) == [False, True, False]
 
 
 def test_cell_types_chooses_among_those_labels_only(tmp_path, capsys, monkeypatch):
