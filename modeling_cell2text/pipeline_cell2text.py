@@ -65,6 +65,14 @@ def _raise_why_no_processor(model: Any) -> None:
     raise ValueError(MISSING_PROCESSOR)
 
 
+def check_switches(**switches: Any) -> None:
+    """Refuse an on/off option that is not True or False: a string such as "false" is true, so use_raw="false" read
+    adata.raw instead of X, without a word."""
+    for name, value in switches.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 @dataclass(frozen=True)
 class DescribeOptions:
     """How `tl.describe`, `tl.describe_cells`, several-process describing and `cell2text describe` describe cells:
@@ -97,11 +105,17 @@ class DescribeOptions:
     cell_types: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
-        """`constrained` checked (0 ran free while the cell_types check saw no False, "false" ran constrained) and
+        """`constrained` checked (0 ran free while the cell_types check saw no False, "false" ran constrained), as
+        are the other switches ("false" read adata.raw, skipped empty cells) and `max_new_tokens` (2.5 ran), and
         `cell_types` kept as a tuple of distinct strings (what ran is what is recorded)."""
         if self.constrained is not None and not isinstance(self.constrained, (bool, np.bool_)):
             raise ValueError(f"constrained must be True, False or None (the default: wherever the processor knows "
                              f"cell-type labels), got {self.constrained!r}")
+        check_switches(use_raw=self.use_raw, skip_empty_cells=self.skip_empty_cells,
+                       sort_by_length=self.sort_by_length, compile=self.compile, progress=self.progress)
+        tokens = self.max_new_tokens
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or tokens < 1):
+            raise ValueError(f"max_new_tokens must be an integer >= 1 (or None: 160), got {tokens!r}")
         if self.constrained is not None:
             object.__setattr__(self, "constrained", bool(self.constrained))
         if self.cell_types is None:
@@ -286,6 +300,7 @@ class Cell2TextPipeline(Pipeline):
         layer = preprocess_params.pop("layer", None)
         use_raw = preprocess_params.pop("use_raw", False)
         skip_empty = preprocess_params.pop("skip_empty_cells", False)
+        check_switches(use_raw=use_raw, skip_empty_cells=skip_empty, sort_by_length=sort_by_length, progress=progress)
         matrix, gene_ids, obs_names = resolve_cells(self.processor.feature_extractor, cells, gene_ids, layer, use_raw)
         rows = checked_rows(rows, matrix.shape[0])
         results: list[dict | None] = [None] * len(rows)

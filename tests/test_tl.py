@@ -231,6 +231,22 @@ def test_constrained_takes_true_false_or_none_only(model_dirs, value):
         describe(make_adata(2), model_dirs["random"], constrained=value)
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("use_raw", "false", "use_raw must be True or False"), ("skip_empty_cells", "no", "skip_empty_cells must be"),
+    ("sort_by_length", 1, "sort_by_length must be"), ("max_new_tokens", 2.5, "max_new_tokens must be an integer"),
+    ("max_new_tokens", "10", "max_new_tokens must be an integer")])
+def test_switches_take_true_or_false_and_max_new_tokens_an_integer(model_dirs, option, value, message):
+    """A bad-input hunt's finding: use_raw="false" is true, so adata.raw was read instead of X (skip_empty_cells="no"
+    skipped cells); max_new_tokens=2.5 ran, "10" failed in a comparison."""
+    adata = make_adata(2)
+    adata.raw = make_adata(2, seed=5)
+    with pytest.raises(ValueError, match=message):
+        tl.describe(adata, model_dirs["random"], progress=False, constrained=False, **{option: value})
+    if option != "max_new_tokens":  # the pipeline's own options too
+        with pytest.raises(ValueError, match=message):
+            local_pipeline(model_dirs["random"])(adata, **{option: value})
+
+
 def test_an_adapter_folder_given_as_the_model_says_how_to_load_it(tmp_path):
     """The reviewer's finding: it said only "no config.json"."""
     (tmp_path / "adapter").mkdir()
