@@ -37,6 +37,7 @@ from .pipeline_cell2text import (
     Cell2TextPipeline,
     DescribeOptions,
     cell_batches,
+    check_switches,
     resolve_cells,
 )
 from .processing_cell2text import Cell2TextProcessor
@@ -531,6 +532,7 @@ def embed(
     check_key_free(adata, key_added, "embed")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1 (cells encoded together), got {batch_size!r}")
+    check_switches(use_raw=use_raw, skip_empty_cells=skip_empty_cells, progress=progress)
     model, processor = load(model, processor, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     feature_extractor = processor.feature_extractor
     base = getattr(model, "model", model)  # Cell2TextModel

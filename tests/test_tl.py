@@ -242,9 +242,12 @@ def test_switches_take_true_or_false_and_max_new_tokens_an_integer(model_dirs, o
     adata.raw = make_adata(2, seed=5)
     with pytest.raises(ValueError, match=message):
         tl.describe(adata, model_dirs["random"], progress=False, constrained=False, **{option: value})
-    if option != "max_new_tokens":  # the pipeline's own options too
+    if option != "max_new_tokens":  # the pipeline's own options too, and embed's
         with pytest.raises(ValueError, match=message):
             local_pipeline(model_dirs["random"])(adata, **{option: value})
+    if option in ("use_raw", "skip_empty_cells"):
+        with pytest.raises(ValueError, match=message):
+            tl.embed(adata, model_dirs["random"], progress=False, **{option: value})
 
 
 def test_an_adapter_folder_given_as_the_model_says_how_to_load_it(tmp_path):
