@@ -65,23 +65,28 @@ def check_gene_ids_in_var_order(
     given genes that name a vocabulary gene (another text column holds few) with one of them at another position.
     So one gene without a mapping, a column with gaps agreeing on the genes it names, or a vocabulary smaller than
     var (its symbols mostly unmapped) no longer let a reordered list through. Names naming no known gene are
-    compared as written; a name given twice (10x features with repeated symbols) places no gene."""
+    compared as written; a name given twice (10x features with repeated symbols) places no gene. Also refused:
+    other genes altogether (another dataset's list of as many genes), where every naming of var disagrees with
+    them at more than half of the positions where it names a vocabulary gene (a list correcting a few of var's names
+    is taken)."""
     symbol_to_gene = symbol_to_gene or {}
     vocabulary = set(symbol_to_gene.values())
 
-    def gene(name: Any) -> tuple[str, bool]:  # (the gene a name names, whether it names a vocabulary gene)
+    def gene(name: Any) -> tuple[str, bool, bool]:
+        """(the gene a name names, whether it names a vocabulary gene, whether it names a gene at all)"""
         text = str(name).strip()
         known = ensembl_gene_id(text) or symbol_to_gene.get(text)
-        return (known, known in vocabulary or not vocabulary) if known else (text, False)
+        return (known, known in vocabulary or not vocabulary, True) if known else (text, False, False)
 
     given = [gene(name) for name in gene_ids]
-    named = {"index": [gene(name)[0] for name in var.index]}
-    named.update({column: [gene(name)[0] for name in var[column].values] for column in var.columns
-                  if var[column].dtype == object or str(var[column].dtype) in ("category", "string", "str")})
-    genes = [name for name, _ in given]
+    namings = {"index": [gene(name) for name in var.index]}
+    namings.update({column: [gene(name) for name in var[column].values] for column in var.columns
+                    if var[column].dtype == object or str(var[column].dtype) in ("category", "string", "str")})
+    named = {column: [name for name, _, _ in names] for column, names in namings.items()}
+    genes = [name for name, _, _ in given]
     if any(genes == names for names in named.values()):
         return  # in one naming's order
-    resolved = sum(known for _, known in given) or len(given)
+    resolved = sum(known for _, known, _ in given) or len(given)
     given_counts = Counter(genes)
     for column, names in named.items():
         if len(names) != len(genes):
@@ -95,6 +100,19 @@ def check_gene_ids_in_var_order(
                 f"gene_ids name the genes of {where} ({column}) in another order: the values of one gene would be "
                 "read as another's. Leave gene_ids out (the genes are read from var), or pass them in var's order."
             )
+    # Other genes altogether (another dataset's gene list of the same length): refused where every naming of var's
+    # genes disagrees with them at most positions where var names a vocabulary gene and gene_ids a gene (a list
+    # correcting a few names agrees; var's ids of another species, given with their human orthologs, name none)
+    votes = {column: [g == n for (g, _, g_gene), (n, n_known, _) in zip(given, names) if g_gene and n_known]
+             for column, names in namings.items() if len(names) == len(given)}
+    votes = {column: vote for column, vote in votes.items() if vote}
+    if votes and all(2 * sum(vote) < len(vote) for vote in votes.values()):
+        column, vote = next(iter(votes.items()))
+        raise ValueError(
+            f"gene_ids name other genes than {where} ({column}) at {len(vote) - sum(vote)} of the {len(vote)} "
+            "positions where it names one of the model's genes: the values of one gene would be read as another's. "
+            "Leave gene_ids out (the genes are read from var), or pass the genes of these cells, in var's order."
+        )
 
 
 def resolve_input(

@@ -507,6 +507,29 @@ def test_symbols_naming_a_var_of_ensembl_ids_in_another_order_are_refused():
     check_gene_ids_in_var_order(names[:8] + ["Y_RNA", "Y_RNA"], tenx, "adata.var", few)
 
 
+def test_gene_ids_naming_other_genes_than_var_are_refused():
+    """A bad-input hunt's finding: gene_ids of another dataset (as many genes, few of them var's) were taken, since
+    no shared gene stood at another position: the values of var's genes were read as those other genes'."""
+    import pandas as pd
+
+    from modeling_cell2text.cell_inputs import check_gene_ids_in_var_order
+
+    ids = [f"ENSG{i:011d}" for i in range(1, 21)]
+    symbols = {f"S{i}": gene for i, gene in enumerate(ids)}
+    var = pd.DataFrame(index=ids[:10])
+    with pytest.raises(ValueError, match=r"other genes than adata\.var \(index\) at 10 of the 10 positions"):
+        check_gene_ids_in_var_order(ids[10:], var, "adata.var", symbols)
+    with pytest.raises(ValueError, match=r"other genes than adata\.var \(index\) at 7 of the 10 positions"):
+        check_gene_ids_in_var_order(ids[:3] + ids[13:], var, "adata.var", symbols)  # 3 shared, in place
+    check_gene_ids_in_var_order(ids[:8] + ids[18:], var, "adata.var", symbols)  # correcting a few names: taken
+    mouse = pd.DataFrame(index=[f"ENSMUSG{i:011d}" for i in range(10)])  # var's genes not the model's: orthologs
+    check_gene_ids_in_var_order(ids[10:], mouse, "adata.var", symbols)
+    unnamed = pd.DataFrame(index=[str(i) for i in range(10)])  # var names no gene
+    check_gene_ids_in_var_order(ids[10:], unnamed, "adata.var", symbols)
+    var["feature_name"] = [f"S{i}" for i in range(10, 20)]  # a naming that agrees with them: taken
+    check_gene_ids_in_var_order(ids[10:], var, "adata.var", symbols)
+
+
 def test_cell_types_narrow_the_labels_of_this_call_only(tmp_path):
     from test_pipeline import ONTOLOGY_IDS
 
