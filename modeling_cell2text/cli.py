@@ -148,6 +148,7 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from . import distributed, tl
+    from .rank_value import NotCountsError
 
     check_paths(args.input, args.out, args.overwrite)
     if args.command == "describe" and args.cell_types is not None:  # before anything is loaded
@@ -230,6 +231,11 @@ def run(args: argparse.Namespace) -> None:
                        if embedded < adata.n_obs else "")
             print(f"Embedded {embedded} of {adata.n_obs} cells{skipped} ({embeddings.shape[1]} dimensions) into "
                   f"obsm[{args.key_added!r}]; wrote {args.out}")
+    except NotCountsError as error:  # X of a CELLxGENE file: normalised, its counts in adata.raw
+        if args.use_raw or args.layer is not None or adata.raw is None:
+            raise
+        raise CLIError(f"{error}. The file has adata.raw, where CELLxGENE files keep the counts: "
+                       "--use-raw reads them") from error
     finally:
         adata.file.close()
 

@@ -381,10 +381,15 @@ def _check_finite_non_negative(data: np.ndarray, where: str) -> None:
         )
 
 
+class NotCountsError(ValueError):
+    """input_values='counts' but the values are not integers (normalised or log1p values, such as CELLxGENE's X,
+    whose counts are in adata.raw): a caller that knows where counts are kept can name it."""
+
+
 def _check_counts(data: np.ndarray, integral: bool, where: str) -> None:
     if not integral:
         example = data[np.flatnonzero(np.rint(data) != data)[0]]
-        raise ValueError(
+        raise NotCountsError(
             f"input_values='counts' but the values are not integer counts (e.g. {example}, {where}); pass "
             "input_values='normalized' for normalised data or input_values='log1p' for log1p of normalised data "
             "(e.g. scanpy's normalize_total + log1p), or round counts with float noise"
@@ -693,6 +698,7 @@ __all__ = [
     "INPUT_VALUES",
     "MAX_COUNT",
     "MAX_LOG1P",
+    "NotCountsError",
     "TARGET_SUM",
     "RankedCells",
     "as_csr",

@@ -338,6 +338,12 @@ def test_counts_in_raw(model_dir, tmp_path, capsys):
     code, err = run_cli(["describe", str(path), "--model", str(model_dir), "--out", str(out), "--layer", "raw"],
                         capsys)
     assert_one_line_error(code, err, "'raw'", "--use-raw")
+    # X read as counts (the default): the error named --input-values log1p, not the counts the file keeps in raw
+    for command in ("describe", "embed"):
+        code, err = run_cli([command, str(path), "--model", str(model_dir), "--out", str(out)], capsys)
+        last = err.strip().splitlines()[-1]  # after the progress bar: the cells' values are checked as they are read
+        assert code == 1 and last.startswith("cell2text: error: --input-values counts but the values are not"), err
+        assert last.endswith("The file has adata.raw, where CELLxGENE files keep the counts: --use-raw reads them")
     assert main(["describe", str(path), "--model", str(model_dir), "--out", str(out), "--use-raw",
                  "--max-new-tokens", "40"]) == 0
     annotated = ad.read_h5ad(out)
