@@ -1092,6 +1092,31 @@ def test_the_shipped_configs_and_what_the_recipe_does_anyway_pass_the_sft_settin
                                            dataset_kwargs={"skip_prepare_dataset": True}))
 
 
+@pytest.mark.parametrize("yaml_text, message", [
+    ("num_cell_tokens: 8.5\n", r"num_cell_tokens must be an integer, got 8\.5 \(float\)"),
+    ("per_device_train_batch_size: 2.5\n", r"per_device_train_batch_size must be an integer, got 2\.5"),
+    ("max_train_samples: 1500.0\n", r"max_train_samples must be an integer \(or null\), got 1500\.0"),
+    ("encoder_candidate_layers: [1, 2.0]\n", r"encoder_candidate_layers must be a list of integers, got 2\.0 "
+                                               r"\(float in the list\)"),
+    ("learning_rate: 3e-4\n", None),  # PyYAML reads it as a string, which argparse converts: accepted
+    ("learning_rate: 0.0003\nnum_cell_tokens: 8\ninit_from: null\n", None),
+])
+def test_a_config_value_of_another_type_is_refused_when_parsed(tmp_path, yaml_text, message):
+    """A --config YAML's values are argparse defaults, taken as they are: `num_cell_tokens: 8.5` ran until the model's
+    config refused it ("fix config.json"), `per_device_train_batch_size: 2.5` until the data loader did."""
+    from training.adapters import parse_training_arguments
+    from training.sft import make_parser
+
+    (tmp_path / "settings.yaml").write_text(yaml_text)
+    argv = ["--config", str(tmp_path / "settings.yaml"), "--corpus_dir", "corpus", "--output_dir", str(tmp_path)]
+    if message is None:
+        args, config = parse_training_arguments(make_parser(), argv)
+        assert isinstance(args.num_cell_tokens, int) and isinstance(config.learning_rate, float)
+    else:
+        with pytest.raises(ValueError, match=message + ".*fix it in the --config YAML"):
+            parse_training_arguments(make_parser(), argv)
+
+
 def test_init_from_a_trainer_checkpoint_or_a_missing_folder_names_the_fix(parts_and_corpus, tmp_path, monkeypatch):
     """A checkpoint-N folder (adapters and optimizer state, no model) or a mistyped local path gave a 30-55 line
     Hub lookup traceback."""

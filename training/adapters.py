@@ -431,7 +431,46 @@ def parse_training_arguments(parser: Any, argv: Sequence[str] | None = None) -> 
                    or torch.backends.mps.is_available())
     if not accelerator and not any(a == "--use_cpu" or a.startswith("--use_cpu=") for a in argv):
         argv += ["--use_cpu", "true"]
-    return parser.parse_args_and_config(argv)
+    parsed = parser.parse_args_and_config(argv)
+    check_argument_types(parsed)
+    return parsed
+
+
+_TYPE_WORDS = {int: ("an integer", "integers"), float: ("a number", "numbers"),  # (one, a list's)
+               bool: ("true or false", "true or false values")}
+
+
+def check_argument_types(parsed: Sequence[Any]) -> None:
+    """Refuse a setting of a plain int, float or bool field (or a list of them, or one of them or None) whose value
+    has another type. argparse converts what the command line gives, but a `--config` YAML's values are defaults,
+    which it takes as they are: `num_cell_tokens: 8.5` ran until the model's config refused it ("fix config.json"),
+    `per_device_train_batch_size: 2.5` until the data loader did, after the models had loaded."""
+    import dataclasses
+    import types
+    import typing
+
+    for arguments in parsed:
+        if not dataclasses.is_dataclass(arguments):
+            continue
+        hints = typing.get_type_hints(type(arguments))
+        for field in dataclasses.fields(arguments):
+            hint, value = hints.get(field.name), getattr(arguments, field.name)
+            args = typing.get_args(hint)
+            optional = isinstance(hint, types.UnionType) and len(args) == 2 and type(None) in args
+            kind = next(a for a in args if a is not type(None)) if optional else hint
+            if (optional and value is None) or not isinstance(kind, type | types.GenericAlias):
+                continue
+            listed = typing.get_origin(kind) is list and len(typing.get_args(kind)) == 1 and isinstance(value, list)
+            kind, values = (typing.get_args(kind)[0], value) if listed else (kind, [value])
+            if kind not in _TYPE_WORDS:
+                continue
+            for item in values:
+                fits = (isinstance(item, bool) if kind is bool else
+                        not isinstance(item, bool) and isinstance(item, int if kind is int else (int, float)))
+                if not fits:
+                    raise ValueError(f"{field.name} must be {'a list of ' if listed else ''}{_TYPE_WORDS[kind][listed]}"
+                                     f"{' (or null)' if optional else ''}, got {item!r} ({type(item).__name__}"
+                                     f"{' in the list' if listed else ''}): fix it in the --config YAML")
 
 
 def repeated_training_cells(num_cells: int, per_device_batch: int, num_processes: int) -> int:
