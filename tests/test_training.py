@@ -1092,6 +1092,28 @@ def test_the_shipped_configs_and_what_the_recipe_does_anyway_pass_the_sft_settin
                                            dataset_kwargs={"skip_prepare_dataset": True}))
 
 
+@pytest.mark.parametrize("setting, message", [
+    ({"temperature_fit_cells": -5}, r"temperature_fit_cells must be >= 0 \(0: off\), got -5"),
+    ({"cell_type_stage_steps": -1}, r"cell_type_stage_steps must be >= 0 \(0: off\), got -1"),
+    ({"encoder_epochs": 0}, r"encoder_epochs must be >= 1, got 0"),
+    ({"num_cell_tokens": 0}, r"num_cell_tokens must be >= 1, got 0"),
+    ({"projector_dropout": 1.0}, r"projector_dropout must be in \[0, 1\), got 1\.0"),
+    ({"lora_r": 0}, r"LoRA settings out of range: lora_r 0 \(>= 1\)"),
+    ({"lora_dropout": -0.1}, r"LoRA settings out of range: .*lora_dropout -0\.1 \(in \[0, 1\)\)"),
+])
+def test_settings_out_of_range_are_refused_when_the_arguments_are_made(setting, message):
+    """A negative temperature_fit_cells or cell_type_stage_steps meant "off" without a word; lora_r 0 and the sizes
+    failed after the encoder was prepared, inside PEFT or torch."""
+    from training.baselines.cell2sentence import Cell2SentenceArguments
+
+    with pytest.raises(ValueError, match=message):
+        Cell2TextArguments(corpus_dir="corpus", **setting)
+    if set(setting) <= {"lora_r", "lora_dropout"}:  # the baseline trains the same adapters
+        with pytest.raises(ValueError, match=message):
+            Cell2SentenceArguments(corpus_dir="corpus", text_model_name_or_path="lm", **setting)
+    Cell2TextArguments(corpus_dir="corpus", temperature_fit_cells=0, cell_type_stage_steps=0, projector_dropout=0.0)
+
+
 @pytest.mark.parametrize("yaml_text, message", [
     ("num_cell_tokens: 8.5\n", r"num_cell_tokens must be an integer, got 8\.5 \(float\)"),
     ("per_device_train_batch_size: 2.5\n", r"per_device_train_batch_size must be an integer, got 2\.5"),

@@ -44,6 +44,13 @@ class LoraArguments:
     lora_alpha: int = 32
     lora_dropout: float = 0.1
 
+    def __post_init__(self) -> None:
+        """Refuse LoRA settings PEFT would refuse or misread, when the arguments are made (not after the encoder is
+        prepared)."""
+        if self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"LoRA settings out of range: lora_r {self.lora_r!r} (>= 1), lora_alpha {self.lora_alpha!r} "
+                             f"(> 0), lora_dropout {self.lora_dropout!r} (in [0, 1))")
+
     def lora_config(self, target_modules: str, modules_to_save: list[str] | None = None) -> LoraConfig:
         """PEFT's config for these settings on `target_modules`, training `modules_to_save` fully."""
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,

@@ -190,6 +190,18 @@ class Cell2TextArguments(LoraArguments):
         default=False, metadata={"help": OVERWRITE_OUTPUT_DIR_HELP}
     )
 
+    def __post_init__(self) -> None:
+        """Refuse counts out of range when the arguments are made: a negative cell_type_stage_steps or
+        temperature_fit_cells meant "off" without a word, and the sizes failed minutes later, inside torch."""
+        super().__post_init__()
+        for name, minimum in (("encoder_hidden_size", 1), ("encoder_epochs", 1), ("num_cell_tokens", 1),
+                              ("projector_hidden_size", 1), ("cell_type_stage_steps", 0), ("temperature_fit_cells", 0)):
+            if getattr(self, name) < minimum:
+                raise ValueError(f"{name} must be >= {minimum}{' (0: off)' if minimum == 0 else ''}, got "
+                                 f"{getattr(self, name)!r}")
+        if not 0 <= self.projector_dropout < 1:
+            raise ValueError(f"projector_dropout must be in [0, 1), got {self.projector_dropout!r}")
+
 
 class CellTypeBalancedSampler(torch.utils.data.Sampler):
     """Draws as many cells as there are, with replacement, each with probability proportional to its cell type's
