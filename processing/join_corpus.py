@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 EXTRACTOR_FILE = "preprocessor_config.json"
 # Settings every shard must share: another value gives the joined corpus descriptions or tokens of two kinds.
+REJECTS_FILE = "rejects.csv"  # a build's rejected cells and why, which a join concatenates
 SHARED_SETTINGS = ("pathway_library", "pathway_ranking", "pathway_set_sizes", "min_pathway_genes", "expression_bins",
                    "gene_vocabulary_size", "census_version", "ontology_versions", "required_fields",
                    "keep_non_primary")
@@ -63,6 +64,9 @@ def read_shard(path: str | Path) -> Shard:
         raise ValueError(f"{path} is not a corpus folder (summary.json, dataset_dict.json and "
                          f"{FEATURE_EXTRACTOR_DIR}/{EXTRACTOR_FILE}): give folders built by "
                          "python -m processing.build_corpus.")
+    if not (path / REJECTS_FILE).is_file():  # the join lists every shard's rejected cells (a traceback before)
+        raise ValueError(f"{path} has no {REJECTS_FILE}, which every build writes (its rejected cells): give the "
+                         "shard's folder as build_corpus wrote it, or build it again.")
     return Shard(path, json.loads((path / SUMMARY_FILE).read_text()), json.loads(extractor_file.read_text()))
 
 
@@ -267,8 +271,8 @@ def join_corpus(shard_dirs: Sequence[str | Path], out_dir: str | Path, name: str
     try:
         save_splits(dict(corpus), staging, max_shard_size)
         shutil.copytree(shards[0].path / FEATURE_EXTRACTOR_DIR, staging / FEATURE_EXTRACTOR_DIR)
-        pd.concat([pd.read_csv(shard.path / "rejects.csv", dtype=str, keep_default_na=False) for shard in shards]
-                  ).to_csv(staging / "rejects.csv", index=False)
+        pd.concat([pd.read_csv(shard.path / REJECTS_FILE, dtype=str, keep_default_na=False) for shard in shards]
+                  ).to_csv(staging / REJECTS_FILE, index=False)
         (staging / "unmapped_genes.txt").write_text("".join(f"{gene}\n" for gene in _unmapped_genes(shards)))
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         write_dataset_card(staging, None, folder=out.name)

@@ -60,8 +60,12 @@ def test_a_join_is_fingerprinted_by_its_shards_in_order(built, tmp_path):
 
 
 def edited(shard: Path, to: Path, file: str, edit) -> Path:
+    """A copy of `shard` with its JSON `file` edited in place by `edit`, or removed where `edit` is None."""
     shutil.copytree(shard, to)
     path = to / file
+    if edit is None:
+        path.unlink()
+        return to
     content = json.loads(path.read_text())
     edit(content)
     path.write_text(json.dumps(content))
@@ -77,6 +81,7 @@ def edited(shard: Path, to: Path, file: str, edit) -> Path:
     ("fold", "is a cross-validation fold build"),
     ("rules", "was built with keep_non_primary True"),  # one shard kept cells the other rejected
     ("not a corpus", "is not a corpus folder"),
+    ("no rejects", "has no rejects.csv, which every build writes"),
 ])
 def test_shards_that_make_no_one_corpus_are_refused_before_writing(built, tmp_path, case, message):
     first, second = built["shards"]
@@ -93,6 +98,7 @@ def test_shards_that_make_no_one_corpus_are_refused_before_writing(built, tmp_pa
         "fold": lambda: [first, edited(second, copy, "summary.json", lambda c: c.update(fold={"fold": 0}))],
         "rules": lambda: [first, edited(second, copy, "summary.json", lambda c: c.update(keep_non_primary=True))],
         "not a corpus": lambda: [first, tmp_path],
+        "no rejects": lambda: [first, edited(second, copy, "rejects.csv", None)],
     }[case]()
     with pytest.raises(ValueError, match=message):
         join_corpus(shards, tmp_path / "joined")
