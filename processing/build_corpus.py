@@ -55,6 +55,7 @@ from processing.splits import DEFAULT_FRACTIONS, SPLITS, assign_fold_splits, ass
 logger = logging.getLogger(__name__)
 
 EXACT_MEDIANS_MAX_CELLS = 20_000
+REJECTS_FILE = "rejects.csv"  # each rejected input cell and why (a join concatenates the shards')
 
 
 @dataclass
@@ -198,6 +199,17 @@ def _require_scorable_gene_sets(symbols: list[str], gene_sets: dict[str, list[st
             f"no gene set of {Path(str(options.gmt)).name} has {needed} of its genes among the data's gene symbols "
             f"(library genes e.g. {library}; the data's e.g. {symbols[:4]}), so no cell would name a pathway: pass "
             "a GMT of gene symbols (not Entrez or Ensembl ids) with --gmt, or --gmt none to build without pathways.")
+
+
+def _gene_sets(genes: _Genes, options: BuildOptions) -> dict[str, list[str]] | None:
+    """The pathway library's sets of the sizes asked for, checked against the data's genes before a pass over it."""
+    pathway_max_rank(options, len(genes.symbols))
+    gene_sets = read_gmt(options.gmt) if options.gmt else None
+    if gene_sets and options.pathway_set_sizes:
+        gene_sets = filter_set_sizes(gene_sets, *options.pathway_set_sizes)
+    if gene_sets:
+        _require_scorable_gene_sets(genes.symbols, gene_sets, options)
+    return gene_sets
 
 
 def _first_pass(source, reasons, genes, medians, gene_sets, options):
@@ -371,6 +383,27 @@ def _second_pass(source, plan: _CellPlan, genes: _Genes, extractor, writer, opti
                 writer.write(split, {c: [v[m] for m in members] if isinstance(v, list) else v[members]
                                      for c, v in columns.items()}, ranked.tokens[take], offsets, bins)
     bar.close()
+
+
+def _assign_corpus_splits(labels: pd.DataFrame, kept: np.ndarray, cell_ids: pd.Index, options: BuildOptions
+                          ) -> tuple[np.ndarray, str]:
+    """Each input cell's split (its index in SPLITS; -1 for rejected cells) and what the split went by ("donor", or
+    "cell" where no kept cell names its donor, with a warning)."""
+    split_of = np.full(len(kept), -1, dtype=np.int8)
+    kept_labels = labels["cell_type"].to_numpy(dtype=object)[kept]
+    kept_donors = labels["donor_id"].to_numpy(dtype=object)[kept]
+    if options.fold is None:
+        split_of[kept] = assign_splits(kept_labels, kept_donors, options.fractions, options.seed, cell_ids[kept],
+                                       hashed=options.hashed_splits)
+    else:
+        split_of[kept] = assign_fold_splits(kept_labels, kept_donors, *options.fold, options.seed, cell_ids[kept])
+    _warn_empty_splits(split_of, kept_donors, options.fold is not None)
+    split_by = "donor" if any(d is not None for d in kept_donors) else "cell"
+    if split_by == "cell":
+        logger.warning("no cell has a donor_id: cells are split one by one (stratified by cell type), so one donor's "
+                       "cells can be in train and test and test figures read optimistic; if a column names the donor, "
+                       "pass --obs-map YOUR_COLUMN=donor_id")
+    return split_of, split_by
 
 
 def _label_counts(labels: pd.DataFrame, kept: np.ndarray, split_of: np.ndarray) -> dict:
@@ -553,12 +586,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
             f"none of the {len(genes.token_ids)} genes has an Ensembl ID{' in the given vocabulary' if options.feature_extractor else ''} "
             "(see the gene names in var); pass Ensembl IDs or HGNC symbols (var index or feature_id / feature_name)."
         )
-    pathway_max_rank(options, len(genes.symbols))  # refused before a pass over the data
-    gene_sets = read_gmt(options.gmt) if options.gmt else None
-    if gene_sets and options.pathway_set_sizes:
-        gene_sets = filter_set_sizes(gene_sets, *options.pathway_set_sizes)
-    if gene_sets:
-        _require_scorable_gene_sets(genes.symbols, gene_sets, options)
+    gene_sets = _gene_sets(genes, options)
     medians = _median_accumulator(options, source.n_cells, len(genes.token_ids))
     _require_kept_cells(reasons)  # labels: before a pass over the data
     top, set_names = _first_pass(source, reasons, genes, medians, gene_sets, options)
@@ -568,21 +596,8 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
         medians.save(out / "median_histogram.npz", genes.token_ids, source.name, source.shard or (0, 1),
                      source.input_sha256)
     kept = pd.isna(reasons)
-    split_of = np.full(source.n_cells, -1, dtype=np.int8)
     cell_ids = source.obs.index.astype(str)
-    kept_labels = labels["cell_type"].to_numpy(dtype=object)[kept]
-    kept_donors = labels["donor_id"].to_numpy(dtype=object)[kept]
-    if options.fold is None:
-        split_of[kept] = assign_splits(kept_labels, kept_donors, options.fractions, options.seed, cell_ids[kept],
-                                       hashed=options.hashed_splits)
-    else:
-        split_of[kept] = assign_fold_splits(kept_labels, kept_donors, *options.fold, options.seed, cell_ids[kept])
-    _warn_empty_splits(split_of, kept_donors, options.fold is not None)
-    split_by = "donor" if any(d is not None for d in kept_donors) else "cell"
-    if split_by == "cell":
-        logger.warning("no cell has a donor_id: cells are split one by one (stratified by cell type), so one donor's "
-                       "cells can be in train and test and test figures read optimistic; if a column names the donor, "
-                       "pass --obs-map YOUR_COLUMN=donor_id")
+    split_of, split_by = _assign_corpus_splits(labels, kept, cell_ids, options)
     ontology_term_ids, unknown_terms = _ontology_ids(labels, kept)
     with tempfile.TemporaryDirectory(dir=out, prefix=".build-") as tmp:
         writer = SplitWriter(Path(tmp), SPLITS, value_aware=extractor.num_expression_bins > 0)
@@ -591,7 +606,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
         writer.save(out, options.max_shard_size)
     extractor.save_pretrained(str(out / "feature_extractor"))
     rejects = pd.DataFrame({"cell_id": cell_ids[~kept], "reason": reasons[~kept]})
-    rejects.to_csv(out / "rejects.csv", index=False)
+    rejects.to_csv(out / REJECTS_FILE, index=False)
     (out / "unmapped_genes.txt").write_text("".join(f"{line}\n" for line in genes.unmapped))
     summary = {
         "name": options.name or source.name,

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 
 from hub_cards.render import public_name, write_dataset_card
 from modeling_cell2text.output_files import publish_folder
-from processing.build_corpus import _is_corpus_folder, _staging_dir
+from processing.build_corpus import REJECTS_FILE, _is_corpus_folder, _staging_dir
 from processing.corpus import FEATURE_EXTRACTOR_DIR, SUMMARY_FILE, save_splits, top_pathways_by_cell_type
 from processing.sources import check_whole_inputs
 from processing.splits import SPLITS
@@ -43,7 +43,6 @@ logger = logging.getLogger(__name__)
 
 EXTRACTOR_FILE = "preprocessor_config.json"
 # Settings every shard must share: another value gives the joined corpus descriptions or tokens of two kinds.
-REJECTS_FILE = "rejects.csv"  # a build's rejected cells and why, which a join concatenates
 SHARED_SETTINGS = ("pathway_library", "pathway_ranking", "pathway_set_sizes", "min_pathway_genes", "expression_bins",
                    "gene_vocabulary_size", "census_version", "ontology_versions", "required_fields",
                    "keep_non_primary")
