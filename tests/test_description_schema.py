@@ -52,7 +52,12 @@ def test_missing_value_words_are_refused(bad):
 @pytest.mark.parametrize(
     "text",
     ["", "A cell.", "This sample consists of a B cell. It originates from the blood of a purple donor.",
-     'This sample consists of a B cell. Additionally, it involves the pathway "x".'],
+     'This sample consists of a B cell. Additionally, it involves the pathway "x".',
+     # healthy and a disease at once: reading it as healthy would score a sick donor's cell as healthy
+     "This sample consists of a B cell. It originates from the blood of a healthy donor with COVID-19.",
+     # two first-pathway sentences: the template opens only the first with "This cell is associated with"
+     'This sample consists of a B cell. This cell is associated with the pathway "x". '
+     'This cell is associated with the pathway "y".'],
 )
 def test_text_off_the_template_is_a_parse_error(text):
     with pytest.raises(DescriptionParseError):
@@ -61,6 +66,16 @@ def test_text_off_the_template_is_a_parse_error(text):
 
 def test_article_follows_the_label():
     assert render_description(CellDescription(cell_type="erythrocyte")) == "This sample consists of an erythrocyte."
+    # the article reads the sound, not the case: CL labels can open with a capital vowel
+    assert render_description(CellDescription(cell_type="IgA plasma cell")) == (
+        "This sample consists of an IgA plasma cell.")
+
+
+@pytest.mark.parametrize("name", ["cell_type", "tissue", "disease"])
+def test_free_text_labels_with_outer_whitespace_are_refused(name):
+    # "COVID-19 " would never equal the reference label "COVID-19": a silent miss in every exact-match score
+    with pytest.raises(ValueError, match="leading or trailing whitespace"):
+        CellDescription(**{"cell_type": "B cell", name: "COVID-19 "})
 
 
 def test_label_spans_cover_exactly_the_labels():
