@@ -48,6 +48,11 @@ def test_deprecated_term_follows_replacement():
     assert onto.resolve_term("CL:0000236") == "CL:0000236"
 
 
+def test_label_lookup_prefers_the_current_term_over_a_deprecated_one():
+    # "1-month-old stage" labels the deprecated HsapDv:0000174 and the current HsapDv:0000273
+    assert onto.term_id_of_label("HsapDv", "1-month-old stage") == "HsapDv:0000273"
+
+
 def test_cell_ontology_graph_edges_child_to_parent():
     graph = onto.ontology_graph("CL")
     assert graph is onto.ontology_graph("CL")  # cached
@@ -96,6 +101,7 @@ def test_graph_only_for_graph_ontologies():
         ("HsapDv:0000261", "infancy"),  # infant stage
         ("HsapDv:0000247", "advanced elderly"),  # centenarian stage
         ("HsapDv:0000004", "early embryonic"),  # deprecated cleavage stage -> Carnegie stage 02
+        ("HsapDv:0000086", "adolescence"),  # deprecated adolescent stage (13-19), no replacement
     ],
 )
 def test_development_stage_buckets(term_id, bucket):
