@@ -936,6 +936,8 @@ def test_an_index_of_symbols_with_a_few_ensembl_ids_is_not_read_as_ensembl_ids()
     var = pd.DataFrame({"gene_ids": ["ENSG00000002586", "ENSG00000141510", "ENSG00000105501", "ENSG00000198851"]},
                        index=["CD99", "TP53", "ENSG00000105501", "CD3E"])
     assert var_gene_ids(var, {"TP53": "ENSG00000141510", "CD3E": "ENSG00000198851"}) == list(var["gene_ids"])
+    half = var.set_axis(["CD99", "TP53", "ENSG00000105501", "ENSG00000198851"])  # half are ids: not most
+    assert var_gene_ids(half, {"TP53": "ENSG00000141510"}) == list(var["gene_ids"])
 
 
 def test_the_known_ensembl_columns_are_tried_first():
