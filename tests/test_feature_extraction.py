@@ -341,16 +341,35 @@ class Sneaky:
         return (os.getcwd, ())
 
 
+class LongScalar:
+    """A numpy float64 whose pickled bytes hold two numbers: a tampered file, not one number."""
+
+    def __reduce__(self):
+        rebuild, (dtype, data) = np.float64(1.25).__reduce__()
+        return rebuild, (dtype, data + data)
+
+
 @pytest.mark.parametrize(
     "payload",
     [{"ENSG00000141510": Sneaky()}, {"ENSG00000141510": os.getcwd}, {"ENSG00000141510": "1.0"},
-     {1: 1.0}, [("ENSG00000141510", 1.0)], {"ENSG00000141510": np.array([1.0])}],
-    ids=["reduce", "function", "str-value", "int-key", "list", "ndarray"],
+     {1: 1.0}, [("ENSG00000141510", 1.0)], {"ENSG00000141510": np.array([1.0])},
+     {"ENSG00000141510": True}, {"ENSG00000141510": LongScalar()}],
+    ids=["reduce", "function", "str-value", "int-key", "list", "ndarray", "bool-value", "long-scalar"],
 )
 def test_geneformer_dictionaries_reject_anything_else(tmp_path, payload):
     tokens = write_pickle(tmp_path / "tokens.pkl", {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3})
     medians = write_pickle(tmp_path / "medians.pkl", payload)
     with pytest.raises(ValueError, match="medians.pkl"):
+        Cell2TextFeatureExtractor.from_geneformer_dictionaries(tokens, medians)
+
+
+@pytest.mark.parametrize("token_id", [4.7, True], ids=["float", "bool"])
+def test_geneformer_token_ids_must_be_integers(tmp_path, token_id):
+    # int(4.7) or int(True) would give the gene another gene's token without a word
+    tokens = write_pickle(tmp_path / "tokens.pkl", {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3,
+                                                    "ENSG00000141510": token_id})
+    medians = write_pickle(tmp_path / "medians.pkl", {"ENSG00000141510": 1.25})
+    with pytest.raises(ValueError, match="tokens.pkl.*str -> int"):
         Cell2TextFeatureExtractor.from_geneformer_dictionaries(tokens, medians)
 
 
