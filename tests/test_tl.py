@@ -502,6 +502,10 @@ def test_symbols_naming_a_var_of_ensembl_ids_in_another_order_are_refused():
     check_gene_ids_in_var_order(ids, symbol_var, "adata.var", few)
     with pytest.raises(ValueError, match=r"adata\.var \(index\) in another order"):
         check_gene_ids_in_var_order(ids[1:2] + ids[:1] + ids[2:], symbol_var, "adata.var", few)
+    # exactly half of the given vocabulary genes placed by var, two of them swapped: "at least half" refuses it
+    half_var = pd.DataFrame(index=[ids[1], ids[0], ids[8], ids[9]])
+    with pytest.raises(ValueError, match=r"adata\.var \(index\) in another order"):
+        check_gene_ids_in_var_order(["S0", "S1", "S2", "S3"], half_var, "adata.var", few)
     # 10x features: a symbol given twice, var's index made unique; in var's order, taken
     tenx = pd.DataFrame({"gene_ids": ids}, index=names[:8] + ["Y_RNA", "Y_RNA-1"])
     check_gene_ids_in_var_order(names[:8] + ["Y_RNA", "Y_RNA"], tenx, "adata.var", few)
