@@ -108,6 +108,11 @@ def test_overwrite_replaces_only_an_output_of_the_same_kind(tmp_path):
         write_report({"num_cells": 1}, {}, model, overwrite=True)
     with pytest.raises(OutputExistsError, match="holds files but no results.json"):
         check_new_output(model, overwrite=True, holds="results.json")
+    with pytest.raises(OutputExistsError, match="exists; pass --overwrite"):  # up front, not after hours of work
+        check_new_output(model, overwrite=False)
+    check_new_output(tmp_path / "empty", overwrite=False)  # missing, or (below) an empty folder: free
+    (tmp_path / "empty").mkdir()
+    check_new_output(tmp_path / "empty", overwrite=True, holds="results.json")
     staging = tmp_path / ".staging"
     staging.mkdir()
     with pytest.raises(OutputExistsError, match="holds files but no config.json"):
