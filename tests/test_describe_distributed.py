@@ -181,3 +181,5 @@ def test_a_short_shard_is_an_error_not_shifted_cells(tmp_path):
     assert read_shard(path, 2) == [{"description": "a"}, None]
     with pytest.raises(RuntimeError, match="holds 2 results for its 3 cells"):
         read_shard(path, 3)
+    with pytest.raises(RuntimeError, match="holds 2 results for its 1 cells"):  # a long one shifts the next shard's
+        read_shard(path, 1)
