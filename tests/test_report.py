@@ -89,6 +89,18 @@ def test_the_pathway_table_shows_the_baseline_beside_the_model(tmp_path):
     assert "names Ribosome Biogenesis, TCA Cycle for every cell" in text
 
 
+def test_confusion_matrix_is_normalised_per_true_class(tmp_path, monkeypatch):
+    """Each row (a true class) sums to 1: a column-normalised matrix draws the same picture for other numbers."""
+    from matplotlib.axes import Axes
+
+    from training.evaluation.report import plot_confusion_matrix
+
+    shown, imshow = [], Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda self, data, *a, **k: shown.append(data) or imshow(self, data, *a, **k))
+    plot_confusion_matrix(["a", "a", "a", "b"], ["a", "a", "b", "b"], tmp_path / "confusion.png")
+    assert [[round(x, 6) for x in row] for row in shown[0].tolist()] == [[0.666667, 0.333333], [0.0, 1.0]]
+
+
 def test_confusion_labels_collapse_rare_classes_and_missing():
     true = ["a", "a", "a", "b", "b", "c"]
     pred = ["a", None, "c", "b", "z", "a"]
