@@ -45,3 +45,14 @@ def test_perfect_validation_still_needs_one_cell_of_margin_and_bad_input_is_refu
     assert select_candidate([0.98, 1.0], 100) == 1
     with pytest.raises(ValueError, match="at least one accuracy"):
         select_candidate([], 70)
+
+
+def test_rank_weights_are_one_over_log2_of_rank_plus_two_skipping_special_tokens():
+    """The SVD initialisation's cells x genes matrix: the top gene weighs 1, the next 1/log2(3), ...; special tokens
+    (here <cls> = 2) hold no rank."""
+    from training.gene_encoder import rank_weight_matrix
+
+    matrix = rank_weight_matrix([[2, 7, 5, 9], [6]], vocab_size=10, special_ids=[0, 1, 2]).toarray()
+    assert matrix.shape == (2, 10) and matrix[0, 2] == 0
+    assert matrix[0, [7, 5, 9]] == pytest.approx([1.0, 1 / math.log2(3), 0.5])
+    assert matrix[1, 6] == 1.0 and matrix.sum() == pytest.approx(1.0 + 1 / math.log2(3) + 0.5 + 1.0)
