@@ -96,6 +96,26 @@ def test_a_folder_published_meanwhile_is_kept_unless_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
 
 
+def test_a_replacement_that_fails_to_move_in_puts_the_old_output_back(tmp_path, monkeypatch):
+    """With --overwrite the old folder is set aside first; where the new one then fails to move in (a full disk, a
+    signal), the old one is put back, not lost with the new."""
+    from modeling_cell2text import output_files
+
+    target, staging = tmp_path / "corpus", tmp_path / ".staging"
+    for folder, text in ((target, "old"), (staging, "new")):
+        folder.mkdir()
+        (folder / "summary.json").write_text(text)
+
+    def failing_rename(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(output_files, "_rename_no_replace", failing_rename)
+    with pytest.raises(OSError, match="No space left"):
+        publish_folder(staging, target, overwrite=True, holds="summary.json")
+    assert (target / "summary.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".staging", "corpus"]  # nothing set aside is left
+
+
 def test_overwrite_replaces_only_an_output_of_the_same_kind(tmp_path):
     """The QA finding: the evaluation report with --overwrite pointed at a folder holding a model and a corpus
     deleted them and left only the report."""
