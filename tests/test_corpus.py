@@ -57,6 +57,28 @@ def test_pbmc68k_corpus_layout_and_split_sizes(pbmc_corpus):
     assert (out / "README.md").read_text().count("560") >= 1
 
 
+def test_a_build_does_not_depend_on_how_the_matrix_stores_its_entries(tmp_path, pbmc_corpus):
+    """pbmc68k_reduced's raw X (log1p) is a CSR with unsorted column indices. Each cell's normalisation sums its
+    entries in the order they are stored, so the gene medians of its sorted copy, the same cells, differed in their
+    last bits, and 6 of the 560 training cells got another gene order (two near-tied genes swapped). Both are now read
+    in canonical order (`as_csr`)."""
+    import anndata
+
+    from processing.sources import AnnDataSource
+
+    out, _, corpus = pbmc_corpus
+    shipped = pbmc68k_reduced()
+    assert not shipped.adata.X.has_sorted_indices  # the storage this test is about
+    adata = anndata.AnnData(X=shipped.adata.X.sorted_indices(), obs=shipped.adata.obs, var=shipped.adata.var)
+    build_corpus(AnnDataSource(adata, name=shipped.name, input_values="log1p"), tmp_path / "sorted",
+                 BuildOptions(progress=False))
+    sorted_extractor = Cell2TextFeatureExtractor.from_pretrained(str(tmp_path / "sorted" / "feature_extractor"))
+    assert sorted_extractor.gene_medians == Cell2TextFeatureExtractor.from_pretrained(
+        str(out / "feature_extractor")).gene_medians
+    rebuilt = datasets.load_from_disk(str(tmp_path / "sorted"))
+    assert rebuilt["train"]["gene_input_ids"] == corpus["train"]["gene_input_ids"]
+
+
 def test_the_card_of_a_corpus_not_published_loads_it_from_its_folder(pbmc_corpus):
     """The card named a Hub repo that does not exist, cell2text/scanpy.datasets (the name cut by Path.stem)."""
     out, _, _ = pbmc_corpus

@@ -64,7 +64,6 @@ def test_per_class_accuracy_and_ontology_scores():
 
     assert ontology_similarity_scores(["x", "y", "z"], ["x", "q", None], Exact()) == [1.0, 0.25, 0.0]
 
-
     class Directed:  # the PageRank score is not symmetric: it restarts at (and normalises over) the true term
         def score(self, true_id, predicted_id):
             return {("child", "parent"): 0.75, ("parent", "child"): 0.5}[(true_id, predicted_id)]
