@@ -8,6 +8,8 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import numpy as np
+
 # The weight dtypes a user may name (`tl.describe(dtype=...)`, `cell2text --dtype`), besides "auto".
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -38,6 +40,12 @@ def as_command_line(message: str) -> str:
     for pattern, option in _OPTION_NAMES:
         message = pattern.sub(option, message)
     return message
+
+
+def is_integer_at_least(value: object, least: int) -> bool:
+    """Whether a setting given in Python or YAML is an integer (numpy's too, not a bool: True is 1) of at least
+    `least`: 2.5 or "10" ran, or failed deep in numpy, torch or datasets."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= least
 
 
 def positive_int(text: str) -> int:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import (AutoModelForCausalLM, GenerationConfig, GenerationMixin, LogitsProcessor,
                           LogitsProcessorList, Pipeline, StopStringCriteria)
 
+from .argument_types import is_integer_at_least
 from .cell_inputs import anndata_matrix, check_gene_ids_in_var_order, empty_cells_error, format_cells
 from .compatibility import (check_labels, check_model_and_processor, fit_tokens_to_encoder, gene_ranking_sha256,
                             gene_vocabulary_sha256, processor_sha256, recorded_gene_vocabulary_sha256, saved_file)
@@ -114,7 +115,7 @@ class DescribeOptions:
         check_switches(use_raw=self.use_raw, skip_empty_cells=self.skip_empty_cells,
                        sort_by_length=self.sort_by_length, compile=self.compile, progress=self.progress)
         tokens = self.max_new_tokens
-        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or tokens < 1):
+        if tokens is not None and not is_integer_at_least(tokens, 1):
             raise ValueError(f"max_new_tokens must be an integer >= 1 (or None: 160), got {tokens!r}")
         if self.constrained is not None:
             object.__setattr__(self, "constrained", bool(self.constrained))
@@ -290,7 +291,7 @@ class Cell2TextPipeline(Pipeline):
         """
         if batch_size is None:
             batch_size = 8 if self._batch_size is None else self._batch_size
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        if not is_integer_at_least(batch_size, 1):
             raise ValueError(f"batch_size must be an integer >= 1 (cells generated together), got {batch_size!r}")
         preprocess_params, forward_params, _ = self._sanitize_parameters(**kwargs)
         preprocess_params = {**self._preprocess_params, **preprocess_params}
@@ -330,7 +331,7 @@ class Cell2TextPipeline(Pipeline):
         `num_beams` that is no integer >= 1 (free describing failed on it deep in generate: 0 a ZeroDivisionError)."""
         settings = self._get_set_generation_params(self._prepare_generate_kwargs(dict(generate_kwargs or {})))
         beams = settings.get("num_beams")
-        if beams is not None and (isinstance(beams, bool) or not isinstance(beams, (int, np.integer)) or beams < 1):
+        if beams is not None and not is_integer_at_least(beams, 1):
             raise ValueError(f"num_beams must be an integer >= 1, got {beams!r}")
         sequences = settings.get("num_return_sequences")
         if sequences not in (None, 1):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .argument_types import DTYPE_NAMES
+from .argument_types import DTYPE_NAMES, is_integer_at_least
 from .compatibility import check_model_and_processor, gene_vocabulary_sha256, label_tables_sha256, processor_sha256
 from .description_schema import ONTOLOGY_FIELDS, CellDescription
 from .label_scoring import constrains
@@ -530,7 +530,7 @@ def embed(
     _check_writable(adata, "obsm")
     check_key_added(key_added)
     check_key_free(adata, key_added, "embed")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if not is_integer_at_least(batch_size, 1):
         raise ValueError(f"batch_size must be an integer >= 1 (cells encoded together), got {batch_size!r}")
     check_switches(use_raw=use_raw, skip_empty_cells=skip_empty_cells, progress=progress)
     model, processor = load(model, processor, device=device, dtype=dtype, trust_remote_code=trust_remote_code)

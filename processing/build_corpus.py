@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 
 from hub_cards.publish import publish_corpus
 from hub_cards.render import write_dataset_card
-from modeling_cell2text.argument_types import as_command_line, positive_int, refused_input_as_one_line
+from modeling_cell2text.argument_types import (as_command_line, is_integer_at_least, positive_int,
+                                               refused_input_as_one_line)
 from modeling_cell2text.description_schema import LABEL_FIELD_NAMES, ONTOLOGY_FIELDS
 from modeling_cell2text.feature_extraction_cell2text import DEFAULT_MODEL_INPUT_SIZE, Cell2TextFeatureExtractor
 from modeling_cell2text.output_files import Terminated, publish_folder, sigterm_as_exception
@@ -182,7 +183,7 @@ def _check_integer_counts(chunk: sp.csr_matrix, valid: np.ndarray, cell_ids: np.
 def pathway_max_rank(options: BuildOptions, n_genes: int) -> int:
     """AUCell's number of top ranks: `options.pathway_max_rank`, else 5% of the `n_genes` columns."""
     max_rank = default_max_rank(n_genes) if options.pathway_max_rank is None else options.pathway_max_rank
-    if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or not 1 <= max_rank <= n_genes:
+    if not is_integer_at_least(max_rank, 1) or max_rank > n_genes:
         raise ValueError(f"pathway_max_rank must be an integer between 1 and the number of genes ({n_genes}), got "
                          f"{max_rank!r}")
     return int(max_rank)
@@ -510,9 +511,9 @@ def _check_options(options: BuildOptions) -> None:
     size that numpy or datasets refuse stopped a build after its passes over the data)."""
     from datasets.utils.py_utils import convert_file_size_to_int
 
-    if isinstance(options.seed, bool) or not isinstance(options.seed, (int, np.integer)) or options.seed < 0:
+    if not is_integer_at_least(options.seed, 0):
         raise ValueError(f"seed must be an integer >= 0, got {options.seed!r}")
-    if not isinstance(options.chunk_size, (int, np.integer)) or options.chunk_size < 1:
+    if not is_integer_at_least(options.chunk_size, 1):
         raise ValueError(f"chunk_size must be an integer >= 1, got {options.chunk_size!r}")
     try:
         shard_bytes = convert_file_size_to_int(options.max_shard_size)
@@ -716,6 +717,23 @@ SOURCE_OPTIONS = {
 }
 
 
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _refuse_unread_source_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """An argparse error for a source option the chosen source does not read (`SOURCE_OPTIONS`): it was ignored."""
+    source = next(kind for kind in SOURCE_OPTIONS if getattr(args, kind))
+    ignored = [_flag(dest) for dest in dict.fromkeys(d for options in SOURCE_OPTIONS.values() for d in options)
+               if dest not in SOURCE_OPTIONS[source] and getattr(args, dest) != parser.get_default(dest)]
+    if ignored:  # `--h5ad ... --obs-filter "tissue == 'lung'"` built a corpus of every cell, exit 0
+        reads = ", ".join(map(_flag, SOURCE_OPTIONS[source])) or "no source option (it is built as it ships)"
+        parser.error(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to --{source}, which "
+                     f"reads {reads}"
+                     + ("; filter the AnnData first (adata[adata.obs.tissue == 'lung'].write_h5ad(...)) and build "
+                        "from that file" if "--obs-filter" in ignored and source == "h5ad" else ""))
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     from processing import presets, sources
 
@@ -776,16 +794,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--push-to-hub", metavar="REPO", help="push the corpus and its card to this dataset repo")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    source = next(kind for kind in SOURCE_OPTIONS if getattr(args, kind))
-    flag = lambda dest: "--" + dest.replace("_", "-")  # noqa: E731
-    ignored = [flag(dest) for dest in dict.fromkeys(d for options in SOURCE_OPTIONS.values() for d in options)
-               if dest not in SOURCE_OPTIONS[source] and getattr(args, dest) != parser.get_default(dest)]
-    if ignored:  # `--h5ad ... --obs-filter "tissue == 'lung'"` built a corpus of every cell, exit 0
-        reads = ", ".join(map(flag, SOURCE_OPTIONS[source])) or "no source option (it is built as it ships)"
-        parser.error(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to --{source}, which "
-                     f"reads {reads}"
-                     + ("; filter the AnnData first (adata[adata.obs.tissue == 'lung'].write_h5ad(...)) and build "
-                        "from that file" if "--obs-filter" in ignored and source == "h5ad" else ""))
+    _refuse_unread_source_options(parser, args)
     if args.hashed_splits and args.fold:
         parser.error("--hashed-splits and --fold exclude each other (folds are dealt from the whole input)")
     if bool(args.token_dictionary) != bool(args.gene_median_file):

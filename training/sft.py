@@ -48,6 +48,7 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor, save_model_folder
 from processing.corpus import (check_corpus_tokenized_as, corpus_feature_extractor, corpus_summary,
                                description_vocabulary, open_corpus)
+from modeling_cell2text.argument_types import is_integer_at_least
 from modeling_cell2text.output_files import check_new_output
 from training.adapters import (
     FINAL_DIR,
@@ -471,8 +472,7 @@ def learn_new_labels(processor: Cell2TextProcessor, vocabulary: dict) -> None:
 def encoder_candidates(args: Cell2TextArguments) -> list[EncoderCandidate]:
     """The encoders validation chooses among: each input kind x each depth of the arguments."""
     layers = args.encoder_candidate_layers
-    if not isinstance(layers, (list, tuple)) or not layers or any(
-            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in layers):
+    if not isinstance(layers, (list, tuple)) or not layers or not all(is_integer_at_least(n, 1) for n in layers):
         raise ValueError(f"encoder_candidate_layers must be a non-empty list of layer counts >= 1 (YAML: [1, 2]), got "
                          f"{layers!r}.")
     if isinstance(args.encoder_candidate_inputs, str):

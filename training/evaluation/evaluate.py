@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from modeling_cell2text import tl
+from modeling_cell2text.argument_types import is_integer_at_least
 from modeling_cell2text.compatibility import PREPARED_ENCODER_KEY, saved_file
 from modeling_cell2text.description_schema import (LABEL_FIELD_NAMES, LABEL_FIELDS, DescriptionParseError,
                                                     first_sentence, parse_description, parse_or_none)
@@ -472,7 +473,7 @@ def evaluate_model(
     corpus = open_corpus(corpus_dir)  # the split checked before the model loads and generates
     if split not in corpus:
         raise ValueError(f"the corpus {corpus_dir} has no split {split!r}; its splits: {sorted(corpus)}")
-    if max_cells is not None and (isinstance(max_cells, bool) or not isinstance(max_cells, int) or max_cells < 1):
+    if max_cells is not None and not is_integer_at_least(max_cells, 1):
         raise ValueError(f"max_cells must be an integer >= 1 (or None for every cell), got {max_cells!r}")
     cells = corpus[split]
     if max_cells is not None:
