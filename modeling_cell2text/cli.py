@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     describe = commands.add_parser("describe", help="Write a description and parsed fields per cell into obs.")
     _add_common_arguments(describe, "cell2text", 16)
     describe.add_argument("--max-new-tokens", type=positive_int, default=None,
-                          help="longest free description (--free) in tokens (default 160); one cut there keeps its "
+                          help="longest free description (--free) in tokens (default: the model folder's "
+                               "generation_config.json, else 160); one cut there keeps its "
                                "text with <key>_parsed False and no fields")
     describe.add_argument("--free", "--free-cell-type", action="store_true", dest="free",
                           help="let the model write the whole description freely (default: every field chosen among "

@@ -82,9 +82,9 @@ class DescribeOptions:
     `layer` / `use_raw`: where the counts are (a layer, `adata.raw`; default X); `input_values`: what they are
     (counts, normalized, log1p); `batch_size`: cells generated together; `constrained`: every field chosen among the
     corpus's labels (default: wherever the processor knows cell-type labels) or, False, the description written
-    freely (greedy, `generate_kwargs`; `max_new_tokens`, default 160: a description cut there gets parsed=False and
-    no fields; constrained describing writes each description whole and takes no generation setting but
-    `num_beams`);
+    freely (greedy, `generate_kwargs`; `max_new_tokens`, default the model folder's generation config's, else 160: a
+    description cut there gets parsed=False and no fields; constrained describing writes each description whole and
+    takes no generation setting but `num_beams`);
     `skip_empty_cells`: leave cells without vocabulary genes out instead of stopping; `sort_by_length`: batch cells
     of similar length (less padding; float32 scores move in their last digits); `compile`: static KV cache and
     torch.compile for free decoding on a CUDA GPU (no effect elsewhere); `progress`: a tqdm bar; `cell_types`: choose
@@ -141,22 +141,27 @@ class DescribeOptions:
             raise ValueError(f"Unknown describe option(s) {unknown}; the options are {sorted(known)}.")
         return cls(**keywords)
 
-    def pipeline_generate_kwargs(self, constrained: bool, compiled: dict[str, Any]) -> dict[str, Any]:
+    def pipeline_generate_kwargs(
+        self, constrained: bool, compiled: dict[str, Any], model_config: GenerationConfig | None = None
+    ) -> dict[str, Any]:
         """The `generate_kwargs` a describe passes to the pipeline. Constrained: the caller's alone (the pipeline
         refuses the settings its decoder does not use; `max_new_tokens` bounds free text only). Free: greedy
-        (whatever the folder's generation_config.json says), `max_new_tokens` (160 unless a length is set) and
+        (whatever the folder's generation_config.json says), `max_new_tokens` (160 unless a length is set, by the
+        caller or by `model_config`, the model folder's generation config, as the pipeline reads it) and
         `compiled`'s static cache, each where the caller's settings, loose or in a `generation_config` (a copy of it
         then takes them), leave it unset: loose ones overrode a given config (160 tokens ran where it said 3, greedy
-        where it sampled)."""
+        where it sampled), and 160 overrode a folder's 400."""
         given = dict(self.generate_kwargs or {})
         if constrained:
             return given
         config = given.get("generation_config")
         set_by_caller = set(given) | (set(config.to_diff_dict()) if config is not None else set())
+        lengths = {"max_new_tokens", "max_length"}
+        set_by_folder = lengths & set(model_config.to_diff_dict()) if model_config is not None else set()
         defaults = {"do_sample": False, **compiled}
         if self.max_new_tokens is not None:
             defaults["max_new_tokens"] = self.max_new_tokens
-        elif not {"max_new_tokens", "max_length"} & set_by_caller:
+        elif not lengths & (set_by_caller | set_by_folder):
             defaults["max_new_tokens"] = DESCRIPTION_MAX_NEW_TOKENS
         defaults = {name: value for name, value in defaults.items() if name not in set_by_caller}
         if config is None:
@@ -169,7 +174,8 @@ class DescribeOptions:
         """The parameters recorded in `uns` with the results (what was used, defaults resolved): `generate_kwargs`
         are those that ran (`pipeline_generate_kwargs`)."""
         config = generate_kwargs.get("generation_config")
-        ran = {**(config.to_diff_dict() if config is not None else {}), **generate_kwargs}
+        ran = {**model.generation_config.to_diff_dict(), **(config.to_diff_dict() if config is not None else {}),
+               **generate_kwargs}
         return {
             "cell_types": None if self.cell_types is None else sorted(self.cell_types, key=str),
             "layer": self.layer or ("raw" if self.use_raw else "X"), "input_values": self.input_values,

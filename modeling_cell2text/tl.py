@@ -344,8 +344,8 @@ def describe(
     cell.
     `constrained` (default: on where the processor knows the training corpus's cell-type labels) chooses every field
     among the corpus's labels (`schema_decoding.py`), with `{key_added}_<field>_score` the probability of each;
-    False lets the model write the description freely (greedy; `max_new_tokens` and `generate_kwargs` apply to free
-    generation; a description cut there, before the model ended it, keeps its text with `{key_added}_parsed` False
+    False lets the model write the description freely (greedy; `max_new_tokens` (default: the model folder's
+    generation_config.json, else 160) and `generate_kwargs` apply to free generation; a description cut there, before the model ended it, keeps its text with `{key_added}_parsed` False
     and no fields, and a warning says how many).
     """
     _check_writable(adata, "obs")
@@ -401,7 +401,7 @@ def describe_cells(
         logger.warning("compile=True applies to free describing (constrained=False): the schema-constrained decoder "
                        "runs as usual.")
     compiled = compiled_decoding_kwargs(model.device) if options.compile and not constrained else {}
-    generate_kwargs = options.pipeline_generate_kwargs(constrained, compiled)
+    generate_kwargs = options.pipeline_generate_kwargs(constrained, compiled, model.generation_config)
     pipe = Cell2TextPipeline(model=model, processor=processor, device=model.device)
     results = pipe(
         cells, batch_size=options.batch_size, layer=options.layer, use_raw=options.use_raw,

@@ -131,3 +131,29 @@ def test_a_generation_config_given_to_tl_is_honoured_and_recorded(model_dir):
     # a max_length of the caller's bounds the text, not tl's default of 160 new tokens
     options = tl.DescribeOptions(constrained=False, generate_kwargs={"max_length": 50})
     assert options.pipeline_generate_kwargs(False, {}) == {"max_length": 50, "do_sample": False}
+
+
+def test_free_describing_follows_the_folders_generation_length(model_dir, tmp_path):
+    """A folder's generation_config.json that sets the length of a description (3 new tokens here) bounds tl's free
+    descriptions as it bounds the pipeline's; tl wrote 160 over it, and recorded 160."""
+    import shutil
+
+    folder = shutil.copytree(model_dir, tmp_path / "model")
+    config = GenerationConfig.from_pretrained(folder)
+    config.max_new_tokens = 3
+    config.save_pretrained(folder)
+    obs = described(folder, mixed_adata(4), constrained=False, max_new_tokens=None)
+    three = described(model_dir, mixed_adata(4), constrained=False, max_new_tokens=3)
+    assert list(obs["cell2text_description"]) == list(three["cell2text_description"])
+    from transformers import pipeline
+
+    pipe = pipeline("cell-to-text", model=str(folder), trust_remote_code=True, device="cpu")
+    texts = [r["description"] for r in pipe(mixed_adata(4), constrained=False, batch_size=4, progress=False)]
+    assert texts == list(three["cell2text_description"])
+    adata = mixed_adata(4)
+    tl.describe(adata, folder, device="cpu", constrained=False, progress=False)
+    assert adata.uns["cell2text"]["params"]["max_new_tokens"] == 3
+    options = tl.DescribeOptions(constrained=False)
+    assert options.pipeline_generate_kwargs(False, {}, config) == {"do_sample": False}
+    assert options.pipeline_generate_kwargs(False, {}, GenerationConfig()) == {"do_sample": False,
+                                                                                "max_new_tokens": 160}
