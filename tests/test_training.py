@@ -969,9 +969,35 @@ def test_recipe_command_line_runs_on_the_cpu_without_use_cpu(tmp_path):
     config = str(Path(__file__).resolve().parents[1] / "training" / "configs" / "demo.yaml")
     required = ["--output_dir", str(tmp_path), "--corpus_dir", "corpus", "--text_model_name_or_path", "llm"]
     args, training_args = parse_training_arguments(make_parser(), ["--config", config, *required])
-    assert training_args.use_cpu and training_args.bf16 and args.num_cell_tokens == 16
+    assert training_args.use_cpu and args.num_cell_tokens == 16
     _, c2s_args = parse_training_arguments(cell2sentence_parser(), required)
     assert c2s_args.use_cpu
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU default applies where torch sees no accelerator")
+def test_recipe_trains_in_float32_on_a_cpu_without_native_bf16(tmp_path, monkeypatch, caplog):
+    """demo.yaml's bf16 autocast on an AVX2-only CPU made every training step about 30x slower (147 s instead of
+    about 5: the main job would take hours): there the config's bf16 is turned off, with a warning, unless the
+    command line asks for it."""
+    import logging
+
+    from training import adapters
+    from training.adapters import parse_training_arguments
+    from training.sft import make_parser
+
+    config = str(Path(__file__).resolve().parents[1] / "training" / "configs" / "demo.yaml")
+    argv = ["--config", config, "--output_dir", str(tmp_path), "--corpus_dir", "corpus", "--text_model_name_or_path",
+            "llm"]
+    monkeypatch.setattr(adapters, "cpu_bf16_is_fast", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="training.adapters"):
+        _, training_args = parse_training_arguments(make_parser(), argv)
+    assert training_args.use_cpu and not training_args.bf16
+    assert "trains in float32" in caplog.text
+    _, training_args = parse_training_arguments(make_parser(), [*argv, "--bf16", "true"])
+    assert training_args.bf16
+    monkeypatch.setattr(adapters, "cpu_bf16_is_fast", lambda: True)
+    _, training_args = parse_training_arguments(make_parser(), argv)
+    assert training_args.bf16
 
 
 def test_cells_repeated_to_fill_the_last_batch_of_several_processes_are_counted():
