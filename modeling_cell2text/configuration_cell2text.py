@@ -135,8 +135,15 @@ class Cell2TextConfig(PreTrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs) -> "Cell2TextConfig":
-        """`PreTrainedConfig.from_dict`, refusing a saved config without its parts' configs: the defaults would
-        build full-size parts (a 7B Llama, Geneformer V2-316M) with random weights instead of the saved model."""
+        """`PreTrainedConfig.from_dict`, refusing a saved config of another model_type (or none), and one without
+        its parts' configs: the defaults would build full-size parts (a 7B Llama, Geneformer V2-316M) with random
+        weights instead of the saved model."""
+        if config_dict.get("model_type") != cls.model_type:  # transformers only warns, and loads it as Cell2Text's
+            raise ValueError(
+                f"This config.json says model_type {config_dict.get('model_type')!r}, not {cls.model_type!r}: it is "
+                "not a Cell2Text config, or its model_type was edited (transformers' Auto classes and pipeline() "
+                "would read it as that model's). Restore \"model_type\": \"cell2text\" in config.json, or load the "
+                "folder with that model's classes.")
         missing = [name for name in cls.sub_configs_defaults if not config_dict.get(name)]
         if missing:
             raise ValueError(
@@ -192,6 +199,10 @@ class Cell2TextConfig(PreTrainedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__}); fix config.json.")
+        if not isinstance(self.freeze_gene_encoder, bool):  # "false" froze the encoder: a non-empty string is true
+            raise ValueError(f"freeze_gene_encoder must be true or false, got {self.freeze_gene_encoder!r} "
+                             f"({type(self.freeze_gene_encoder).__name__}); fix config.json.")
+        self._validate_records()
         if self.projector_hidden_size < 1:
             raise ValueError(f"projector_hidden_size must be >= 1, got {self.projector_hidden_size}.")
         if self.num_cell_tokens < 1:
@@ -208,6 +219,9 @@ class Cell2TextConfig(PreTrainedConfig):
             raise ValueError(f"cell_token_id must be a non-negative token id, got {self.cell_token_id}.")
         if not 0 < self.cell_type_temperature < math.inf:  # infinity made every score 1 / (number of labels)
             raise ValueError(f"cell_type_temperature must be a finite number > 0, got {self.cell_type_temperature}.")
+        if not isinstance(self.field_temperatures or {}, dict):
+            raise ValueError(f"field_temperatures must be a mapping choice -> temperature, got "
+                             f"{self.field_temperatures!r}; fix config.json.")
         for choice, temperature in (self.field_temperatures or {}).items():
             if choice not in FIELD_TEMPERATURE_CHOICES or isinstance(temperature, bool) or not isinstance(
                     temperature, (int, float)) or not 0 < temperature < math.inf:
@@ -222,6 +236,22 @@ class Cell2TextConfig(PreTrainedConfig):
                 f"{self.num_expression_bins + 1} (bins enter as token types); this encoder has {type_vocab_size}. "
                 "Use num_expression_bins=0 (rank-value tokens) with a pretrained Geneformer."
             )
+
+    def _validate_records(self) -> None:
+        """Refuse checksums of the processor the model was saved with that are not checksums (strings): a
+        `processor_sha256` edited into a string was read as no parts at all (the processor went unchecked) and
+        failed later with an AttributeError."""
+        for name in ("gene_vocabulary_sha256", "gene_ranking_sha256"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a checksum string or null, got {value!r}; restore config.json "
+                                 "saved with the model (save_model_folder records it).")
+        parts = self.processor_sha256
+        if parts is not None and (not isinstance(parts, dict) or not all(
+                isinstance(key, str) and isinstance(value, str) for key, value in parts.items())):
+            raise ValueError(f"processor_sha256 must be a mapping of each processor part to its checksum string, got "
+                             f"{parts!r}; "
+                             "restore config.json saved with the model (save_model_folder records it).")
 
 
 __all__ = ["Cell2TextConfig"]

@@ -249,12 +249,32 @@ def test_a_misspelt_setting_in_config_json_is_refused_not_left_at_its_default(mo
 
 
 @pytest.mark.parametrize(("field", "value"), [("num_cell_tokens", "8"), ("projector_dropout", "0.1"),
-                                               ("num_cell_tokens", 8.0)])
+                                               ("num_cell_tokens", 8.0),
+                                               # "false" froze the encoder (a non-empty string is true)
+                                               ("freeze_gene_encoder", "false"),
+                                               # an AttributeError mid-load
+                                               ("field_temperatures", [1.0]),
+                                               # read as no recorded parts: the processor went unchecked
+                                               ("processor_sha256", "abc"), ("processor_sha256", {"labels": None}),
+                                               ("gene_vocabulary_sha256", 5)])
 def test_config_fields_of_the_wrong_type_are_refused_by_name(model_dir, field, value):
     config = Cell2TextConfig.from_pretrained(model_dir).to_dict()
     config[field] = value
     with pytest.raises(ValueError, match=f"{field} must be"):
         Cell2TextConfig.from_dict(config)
+
+
+@pytest.mark.parametrize("model_type", ["llava", None])
+def test_a_config_json_of_another_model_type_is_refused_not_loaded_as_cell2text(model_dir, tmp_path, model_type):
+    """transformers only warned and loaded it (exit 0), while tl, AutoConfig and pipeline() read it as another
+    model's (or none), so publishing passed a folder that transformers' pipeline could not load."""
+    folder = tmp_path / "other-type"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = model_type
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    with pytest.raises(ValueError, match=f"model_type {model_type!r}, not 'cell2text'.*Restore"):
+        Cell2TextForConditionalGeneration.from_pretrained(folder)
 
 
 def test_a_malformed_config_json_is_named(model_dir, tmp_path, h5ad, capsys):
