@@ -71,18 +71,24 @@ def _auto_map_references(settings: Any) -> list[str]:
     return found
 
 
-def _remote_code_files(model_dir: Path, config: dict, pipeline: bool = True) -> list[str]:
-    """The code files a trust_remote_code load of this folder reads: the modules the configs' `auto_map`s and (with
-    `pipeline`) the `cell-to-text` pipeline name, and every module they import relatively, recursively."""
-    from transformers.dynamic_module_utils import get_relative_imports
-
+def _code_references(model_dir: Path, config: dict, pipeline: bool = True) -> list[str]:
+    """Every "module.Class" a trust_remote_code load of the folder starts from: its configs' `auto_map`s and (with
+    `pipeline`) the `cell-to-text` pipeline's `impl`."""
     references = _auto_map_references(config)
     if pipeline:
         references += [entry.get("impl") or "" for entry in config.get("custom_pipelines", {}).values()]
     for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
         if (model_dir / name).exists():
             references += _auto_map_references(json.loads((model_dir / name).read_text()))
-    queue = sorted({f"{ref.split('.')[0]}.py" for ref in references if ref})
+    return [ref for ref in references if ref]
+
+
+def _remote_code_files(model_dir: Path, config: dict, pipeline: bool = True) -> list[str]:
+    """The code files a trust_remote_code load of this folder reads: the modules `_code_references` names and every
+    module they import relatively, recursively."""
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    queue = sorted({f"{ref.split('.')[0]}.py" for ref in _code_references(model_dir, config, pipeline)})
     files: list[str] = []
     while queue:
         name = queue.pop(0)
@@ -112,6 +118,22 @@ def code_sha256(model_dir: str | Path, from_folder: str = "all") -> str | None:
         path = (model_dir if name in folder_files else PACKAGE_CODE_DIR) / name
         digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b""))
     return digest.hexdigest()
+
+
+def foreign_code_references(model_dir: Path, config: dict) -> list[str]:
+    """The "module.Class" references of a folder (`_code_references`) that name no class of the installed package's
+    modules: a renamed or added module (its own copy of the code) would run for a user with trust_remote_code, while
+    the checks here load the installed classes and compare only the files the package also has."""
+    import importlib
+
+    foreign = []
+    for reference in _code_references(model_dir, config):
+        module, _, name = reference.rpartition(".")
+        known = (PACKAGE_CODE_DIR / f"{module}.py").is_file() and hasattr(
+            importlib.import_module(f"{modeling_cell2text.__name__}.{module}"), name)
+        if not known:
+            foreign.append(reference)
+    return sorted(set(foreign))
 
 
 def stale_code_files(model_dir: Path, config: dict) -> list[str]:
@@ -200,6 +222,14 @@ def check_hub_ready(model_dir: str | Path, card: ModelCard | None = None) -> Non
     if "cell-to-text" not in config.get("custom_pipelines", {}):
         raise ValueError(f"{model_dir}/config.json has no custom_pipelines entry for 'cell-to-text': save the folder "
                          "with modeling_cell2text.save_model_folder(model, processor, dir), which saves the pipeline.")
+    foreign = foreign_code_references(model_dir, config)
+    if foreign:
+        raise ValueError(
+            f"{model_dir}'s auto_map or custom_pipelines name {foreign}, which are no classes of the installed "
+            "Cell2Text's modules (a renamed or added copy of its code, or a misspelt name): a user with "
+            "trust_remote_code would run that code, not the code this check loads. Save the folder again with "
+            "modeling_cell2text.save_model_folder(model, processor, dir), which names the package's own modules."
+        )
     missing_code = [name for name in _remote_code_files(model_dir, config) if not (model_dir / name).exists()]
     if missing_code:
         raise FileNotFoundError(

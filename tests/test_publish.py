@@ -152,6 +152,28 @@ def test_code_files_that_differ_from_the_installed_package_are_refused_unless_re
     assert (model_dir / "rank_value.py").read_bytes() == (PACKAGE_CODE_DIR / "rank_value.py").read_bytes()
 
 
+@pytest.mark.parametrize(("entry", "reference"), [
+    ("auto_map", "my_modeling.Cell2TextForConditionalGeneration"),  # an edited copy under another name
+    ("custom_pipelines", "my_pipeline.Cell2TextPipeline"),
+    ("auto_map", "modeling_cell2text.Cell2TextForConditionalGenration"),  # misspelt: fails on the user's load
+])
+def test_code_references_to_modules_or_classes_the_package_lacks_are_refused(model_dir, entry, reference):
+    """Only files the package also has were compared, so a folder whose auto_map named its own renamed copy of the
+    code passed the check (which loads the installed classes) and a user with trust_remote_code ran the copy."""
+    config = json.loads((model_dir / "config.json").read_text())
+    module = reference.split(".")[0]
+    if module.startswith("my_"):
+        original = "pipeline_cell2text.py" if entry == "custom_pipelines" else "modeling_cell2text.py"
+        (model_dir / f"{module}.py").write_text((model_dir / original).read_text() + "\n# edited\n")
+    if entry == "auto_map":
+        config["auto_map"]["AutoModelForCausalLM"] = reference
+    else:
+        config["custom_pipelines"]["cell-to-text"]["impl"] = reference
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"{reference}.*no classes of the installed Cell2Text"):
+        check_hub_ready(model_dir)
+
+
 def test_a_card_evaluating_a_model_with_another_gene_vocabulary_is_refused(model_dir):
     from hub_cards.render import save_model_card
 
