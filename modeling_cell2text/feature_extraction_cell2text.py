@@ -116,6 +116,9 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         self.gene_medians = {str(k): float(v) for k, v in (gene_medians or {}).items()}
         self.gene_symbols = {str(k): str(v) for k, v in (gene_symbols or {}).items()}
         self.model_input_size = int(model_input_size)
+        if not isinstance(special_tokens, (bool, np.bool_)):  # bool("false") is True: <cls>/<eos> were kept
+            raise TypeError(f"special_tokens must be True or False, got {special_tokens!r}; fix the saved config "
+                            "(or the call).")
         self.special_tokens = bool(special_tokens)
         self.min_gene_match_rate = float(min_gene_match_rate)
         self.num_expression_bins = int(num_expression_bins)

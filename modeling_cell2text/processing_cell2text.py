@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from transformers import BatchFeature, ProcessorMixin
 
+from .argument_types import is_integer_at_least
 from .compatibility import check_model_and_processor, hub_kwargs, saved_file
 from .feature_extraction_cell2text import unknown_settings_error
 from .text_padding import pad_token_rows, text_pad_token_id
@@ -57,6 +58,7 @@ def check_label_tables(
 
 
 _LABEL_FIX = "fix processor_config.json, or build the processor from the training corpus again"
+_SETTING_FIX = "fix processor_config.json (or the call)"
 
 
 def _check_label(where: str, field: str, label) -> None:
@@ -127,8 +129,11 @@ class Cell2TextProcessor(ProcessorMixin):
                 "The tokenizer has no chat template: pass chat_template= (a Jinja template, e.g. the instruct "
                 "model's) to Cell2TextProcessor."
             )
-        if num_cell_tokens < 1:
-            raise ValueError(f"num_cell_tokens must be >= 1, got {num_cell_tokens}.")
+        if not is_integer_at_least(num_cell_tokens, 1):  # "8" failed on a comparison, 8.0 when the prompt was built
+            raise ValueError(f"num_cell_tokens must be an integer >= 1, got {num_cell_tokens!r}; {_SETTING_FIX}")
+        for name, prompt in (("system_prompt", system_prompt), ("user_prompt", user_prompt)):
+            if not isinstance(prompt, str):  # the tokenizer failed on it with a message about batches of text
+                raise TypeError(f"{name} must be a string, got {prompt!r}; {_SETTING_FIX}")
         self.num_cell_tokens = num_cell_tokens
         self.system_prompt = system_prompt
         self.user_prompt = user_prompt

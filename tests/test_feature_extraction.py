@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -169,6 +170,19 @@ def test_v1_mode_has_no_special_tokens(counts):
     ranked = extractor.tokenize(counts, INPUT_GENES)
     assert as_lists(ranked) == reference_tokens(extractor, dense_of(counts), INPUT_GENES)
     assert not any(set(cell.tolist()) & {0, 1, 2, 3} for cell in ranked)
+
+
+@pytest.mark.parametrize("value", ["false", "False", 0])
+def test_a_special_tokens_setting_that_is_not_a_bool_is_refused(tmp_path, value):
+    """bool("false") is True: a saved config (or a YAML setting) saying "false" kept <cls>/<eos>, without a word."""
+    extractor = make_extractor(special_tokens=False)
+    extractor.save_pretrained(tmp_path)
+    config_file = tmp_path / "preprocessor_config.json"
+    config = json.loads(config_file.read_text())
+    config["special_tokens"] = value
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(TypeError, match=f"special_tokens must be True or False, got {value!r}"):
+        Cell2TextFeatureExtractor.from_pretrained(tmp_path)
 
 
 def test_call_returns_padded_inputs_and_masks(extractor, counts):

@@ -169,6 +169,23 @@ def test_a_definitions_setting_that_is_not_a_bool_is_refused_not_read_as_true(pr
         Cell2TextProcessor.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize(("setting", "value", "message"), [
+    ("num_cell_tokens", "8", r"num_cell_tokens must be an integer >= 1, got '8'"),  # a TypeError on a comparison
+    ("num_cell_tokens", 8.0, r"num_cell_tokens must be an integer >= 1, got 8\.0"),
+    ("system_prompt", 5, "system_prompt must be a string, got 5"),  # the tokenizer's error about batches of text
+    ("user_prompt", None, "user_prompt must be a string, got None"),
+])
+def test_processor_settings_of_the_wrong_type_in_a_saved_config_are_named(processor, tmp_path, setting, value,
+                                                                           message):
+    processor.save_pretrained(tmp_path)
+    config_file = tmp_path / "processor_config.json"
+    saved = json.loads(config_file.read_text())
+    saved[setting] = value
+    config_file.write_text(json.dumps(saved))
+    with pytest.raises((TypeError, ValueError), match=message):
+        Cell2TextProcessor.from_pretrained(tmp_path)
+
+
 def test_unknown_processor_settings_are_refused_not_dropped(processor):
     # A misspelt setting was silently dropped: the processor then used 256 cell tokens instead of 8.
     with pytest.raises(TypeError, match=r"no setting 'num_cel_tokens' \(did you mean 'num_cell_tokens'\?\)"):
