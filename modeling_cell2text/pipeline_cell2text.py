@@ -29,8 +29,9 @@ from transformers import (AutoModelForCausalLM, GenerationConfig, GenerationMixi
 
 from .argument_types import is_integer_at_least
 from .cell_inputs import anndata_matrix, check_gene_ids_in_var_order, empty_cells_error, format_cells
-from .compatibility import (check_labels, check_model_and_processor, fit_tokens_to_encoder, gene_ranking_sha256,
-                            gene_vocabulary_sha256, processor_sha256, recorded_gene_vocabulary_sha256, saved_file)
+from .compatibility import (ModelProcessorMismatchError, check_labels, check_model_and_processor,
+                            fit_tokens_to_encoder, gene_ranking_sha256, gene_vocabulary_sha256, processor_sha256,
+                            recorded_gene_vocabulary_sha256, saved_file)
 from .label_scoring import constrains, constrains_by_default
 from .modeling_cell2text import DESCRIPTION_MAX_NEW_TOKENS, foreign_weight_files, weights_file_names
 from .rank_value import as_csr
@@ -40,6 +41,11 @@ from .text_padding import check_outputs_line_up, text_pad_token_id
 logger = logging.getLogger(__name__)
 
 TASK = "cell-to-text"
+# What loading a processor again from this module needs: its own copy runs as a folder's remote code only where the
+# user trusted that code.
+TRUSTED = {"trust_remote_code": True} if __name__.startswith("transformers_modules.") else {}
+# Tokenizer and processor files of earlier transformers versions, which a save now writes none of but loading reads.
+EARLIER_SAVE_FILES = ("special_tokens_map.json", "added_tokens.json", "chat_template.json")
 # Cells ranked together: gene matching runs once per block, and a block of tokens stays small in memory.
 MIN_BLOCK_CELLS = 512
 MISSING_PROCESSOR = (
@@ -60,9 +66,7 @@ def _raise_why_no_processor(model: Any) -> None:
     if source and saved_file(source, "processor_config.json", hub) is not None:
         from .processing_cell2text import Cell2TextProcessor
 
-        # this module's own copy runs as a folder's remote code only where the user trusted that code
-        trusted = {"trust_remote_code": True} if __name__.startswith("transformers_modules.") else {}
-        Cell2TextProcessor.from_pretrained(source, **hub, **trusted)  # raises what transformers' loader swallowed
+        Cell2TextProcessor.from_pretrained(source, **hub, **TRUSTED)  # raises what transformers' loader swallowed
     raise ValueError(MISSING_PROCESSOR)
 
 
@@ -486,6 +490,22 @@ class Cell2TextPipeline(Pipeline):
             config_file.write_text(json.dumps({**config, "custom_pipelines": custom_pipelines_entry()}, indent=2,
                                               sort_keys=True) + "\n")
             self.processor.save_pretrained(save_directory)
+            self._check_processor_reads_back(save_directory)
+
+    def _check_processor_reads_back(self, save_directory: str | os.PathLike) -> None:
+        """Load the processor just saved, as a user will, and raise `OSError` where it does not fit the model: a
+        folder saved over keeps files of the earlier save that transformers still reads beside the new ones (an
+        eos token in special_tokens_map.json, tokens in added_tokens.json, a template in chat_template.json), so
+        the save ended with exit 0 and every later load was refused as "another processor"."""
+        try:
+            type(self.processor).from_pretrained(save_directory, **TRUSTED)
+        except ModelProcessorMismatchError as error:
+            present = [name for name in EARLIER_SAVE_FILES if (Path(save_directory) / name).is_file()]
+            leftovers = f"{present}, which an earlier save left" if present else "a file an earlier save left"
+            raise OSError(
+                f"The processor saved in {save_directory!s} does not read back as the one saved: the folder holds "
+                f"{leftovers}, and transformers reads it beside the new files. Remove it and save again, or save to "
+                f"a new folder. ({error})") from error
 
 
 def _weights_layout(folder: str | os.PathLike, names: tuple[str, str]) -> str | None:

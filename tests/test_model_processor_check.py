@@ -195,6 +195,26 @@ def test_saving_into_a_folder_holding_adapter_or_pickle_files_is_refused(compose
     assert not (tmp_path / "model" / "config.json").exists()
 
 
+@pytest.mark.parametrize(("leftover", "content"), [
+    ("special_tokens_map.json", {"eos_token": "<|endoftext|>"}),  # an eos token of the earlier tokenizer
+    ("added_tokens.json", {"<extra>": 401}),
+    ("chat_template.json", {"chat_template": "{{ 'another template' }}"}),
+])
+def test_saving_over_a_folder_whose_earlier_tokenizer_files_change_the_processor_is_refused(composed_dir, tmp_path,
+                                                                                             leftover, content):
+    """Files of an earlier save (by transformers 4) that a save now never writes are still read when loading: the
+    save ended with exit 0, and every load of the folder was then refused as "another processor"."""
+    model = Cell2TextForConditionalGeneration.from_pretrained(composed_dir)
+    processor = Cell2TextProcessor.from_pretrained(composed_dir)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / leftover).write_text(json.dumps(content))
+    with pytest.raises(OSError, match=f"does not read back as the one saved: the folder holds \\['{leftover}'\\]"):
+        save_model_folder(model, processor, tmp_path / "model")
+    (tmp_path / "model" / leftover).unlink()
+    save_model_folder(model, processor, tmp_path / "model")  # the fix the error names
+    Cell2TextProcessor.from_pretrained(tmp_path / "model")
+
+
 def test_a_processor_ranking_genes_otherwise_is_refused(tmp_path):
     """The QA finding: another processor with the same gene vocabulary but other gene medians (or no <cls>/<eos>)
     was accepted, every cell's genes ranked in another order."""
