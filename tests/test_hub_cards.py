@@ -182,6 +182,14 @@ def test_dataset_card_round_trips_with_counts_and_label_tables(summary, tmp_path
     assert "the test splits of folds 0 to 4 partition the cells" in text
 
 
+def test_the_dataset_card_records_the_values_the_corpus_was_read_as(summary):
+    """docs/corpus.md says the card records `input_values` (pbmc68k_reduced is read as log1p, not counts): it did
+    not."""
+    text = render_dataset_card({**summary, "input_values": "log1p"}, repo_id=DATASET).text
+    assert "- **Expression values read as:** `log1p`" in text
+    assert "Expression values" not in render_dataset_card(summary, repo_id=DATASET).text  # a summary without it
+
+
 def test_a_dataset_card_without_a_repo_loads_the_corpus_from_its_folder(summary, tmp_path):
     text = render_dataset_card(summary, repo_id=None, folder=str(tmp_path / "pbmc-corpus")).text
     assert 'from datasets import load_from_disk\n\ncorpus = load_from_disk("pbmc-corpus")' in text
