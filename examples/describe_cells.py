@@ -2,6 +2,7 @@
 
     python examples/describe_cells.py                                  # the demo model on 8 pbmc68k cells
     python examples/describe_cells.py --model DIR_OR_REPO --h5ad cells.h5ad --input-values counts
+    python examples/describe_cells.py --free --max-new-tokens 80      # the description as the model writes it
 
 Run `bash scripts/main.sh` first to train the demo model (outputs/demo/cell2text-demo). The same through the
 pipeline: `pipeline("cell-to-text", model=..., trust_remote_code=True)(adata)`, one dict per cell.
@@ -19,8 +20,13 @@ parser.add_argument("--model", default="outputs/demo/cell2text-demo")
 parser.add_argument("--h5ad", help="your cells (default: scanpy's pbmc68k_reduced, log1p-normalised .raw)")
 parser.add_argument("--input-values", default=None, choices=["counts", "normalized", "log1p"])
 parser.add_argument("--cells", type=int, default=8)
-parser.add_argument("--max-new-tokens", type=int, default=160)
+parser.add_argument("--free", action="store_true",
+                    help="let the model write the whole description (default: every field chosen among its labels)")
+parser.add_argument("--max-new-tokens", type=int, default=None,
+                    help="longest free description in tokens (with --free; default 160)")
 args = parser.parse_args()
+if args.max_new_tokens is not None and not args.free:  # a constrained description is written whole: it was ignored
+    parser.error("--max-new-tokens bounds free descriptions: add --free")
 
 if args.h5ad:
     adata, use_raw = ad.read_h5ad(args.h5ad), False
@@ -31,7 +37,7 @@ else:
 
 adata = adata[: args.cells].copy()
 tl.describe(adata, args.model, use_raw=use_raw, input_values=input_values, batch_size=8,
-            max_new_tokens=args.max_new_tokens)
+            constrained=False if args.free else None, max_new_tokens=args.max_new_tokens)
 for name, row in adata.obs.iterrows():
     print(f"{name}: {row['cell2text_cell_type']} ({row['cell2text_cell_type_ontology_term_id']})")
     print(f"    {row['cell2text_description']}")

@@ -69,7 +69,20 @@ def test_examples_build_finetune_and_describe(tmp_path):
                       "--out", str(tmp_path / "again"), "--max-steps", "2", cwd=tmp_path)
     assert "fine-tuned model saved" in out
 
-    out = run_example("describe_cells", "--model", str(tmp_path / "again" / "final"), "--cells", "3",
-                      "--max-new-tokens", "8", cwd=tmp_path)
+    out = run_example("describe_cells", "--model", str(tmp_path / "again" / "final"), "--cells", "3", cwd=tmp_path)
     descriptions = [line for line in out.splitlines() if line.startswith("    ")]
     assert len(descriptions) == 3  # one description per cell, under its "name: cell type (term)" line
+
+
+def test_the_describe_example_bounds_free_descriptions_only(tmp_path):
+    """Its --max-new-tokens (default 160) went to constrained describing, which writes each description whole: the
+    option did nothing. It goes with --free now, and alone it is refused."""
+    from test_pipeline import make_adata, save_tiny_model_folder
+
+    model_dir = save_tiny_model_folder(tmp_path / "model")
+    make_adata(3).write_h5ad(tmp_path / "cells.h5ad")
+    command = ["--model", str(model_dir), "--h5ad", "cells.h5ad", "--max-new-tokens", "3"]
+    refused = example_process("describe_cells", *command, cwd=tmp_path)
+    assert refused.returncode == 2 and "--max-new-tokens bounds free descriptions: add --free" in refused.stderr
+    out = run_example("describe_cells", *command, "--free", cwd=tmp_path)
+    assert "'constrained': False" in out and "'max_new_tokens': 3" in out
