@@ -708,12 +708,14 @@ def make_source(args: argparse.Namespace, stack: contextlib.ExitStack) -> Any:
                               name=name, census_version=census_version)
 
 
-#: The options each source reads (the others are refused with it, not ignored): a preset is fixed.
+_SOMA_OPTIONS = ("input_values", "obs_map", "obs_filter", "soma_measurement", "soma_x")
+#: The options each source reads (the others are refused with it, not ignored): a preset is fixed; the Census
+#: release and organism apply to `--soma census` only (another experiment is opened as it is).
 SOURCE_OPTIONS = {
     "preset": (),
     "h5ad": ("backed", "layer", "use_raw", "input_values", "obs_map"),
-    "soma": ("input_values", "obs_map", "obs_filter", "census_version", "census_organism", "soma_measurement",
-             "soma_x"),
+    "soma": _SOMA_OPTIONS,
+    "soma census": (*_SOMA_OPTIONS, "census_version", "census_organism"),
 }
 
 
@@ -723,7 +725,9 @@ def _flag(dest: str) -> str:
 
 def _refuse_unread_source_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """An argparse error for a source option the chosen source does not read (`SOURCE_OPTIONS`): it was ignored."""
-    source = next(kind for kind in SOURCE_OPTIONS if getattr(args, kind))
+    source = next(kind for kind in ("preset", "h5ad", "soma") if getattr(args, kind))
+    if source == "soma" and args.soma == "census":
+        source = "soma census"
     ignored = [_flag(dest) for dest in dict.fromkeys(d for options in SOURCE_OPTIONS.values() for d in options)
                if dest not in SOURCE_OPTIONS[source] and getattr(args, dest) != parser.get_default(dest)]
     if ignored:  # `--h5ad ... --obs-filter "tissue == 'lung'"` built a corpus of every cell, exit 0
@@ -799,6 +803,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--hashed-splits and --fold exclude each other (folds are dealt from the whole input)")
     if bool(args.token_dictionary) != bool(args.gene_median_file):
         parser.error("--token-dictionary and --gene-median-file go together")
+    if args.token_dictionary and args.feature_extractor:  # the dictionaries were used, the extractor ignored
+        parser.error("--feature-extractor and --token-dictionary/--gene-median-file each give the vocabulary: pass "
+                     "one of them")
     return args
 
 

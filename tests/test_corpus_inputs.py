@@ -371,6 +371,9 @@ def test_bad_chunk_size_and_shard_are_argparse_errors(flags, capsys):
     (["--preset", "pbmc68k_reduced", "--input-values", "normalized", "--layer", "counts"],
      "--layer, --input-values do not apply to --preset"),
     (["--soma", "census", "--use-raw", "--backed"], "--backed, --use-raw do not apply to --soma"),
+    # the release is Census's: another experiment was opened as it is, the release recorded nowhere
+    (["--soma", "s3://bucket/experiment", "--census-version", "2024-07-01"],
+     "--census-version does not apply to --soma, which reads --input-values"),
 ])
 def test_a_source_option_the_source_does_not_read_is_an_argparse_error(flags, ignored, capsys):
     """`--h5ad cells.h5ad --obs-filter "tissue == 'lung'"` built a corpus of every cell (the filter is SOMA's), and
@@ -381,6 +384,16 @@ def test_a_source_option_the_source_does_not_read_is_an_argparse_error(flags, ig
     args = parse_args(["--h5ad", "cells.h5ad", "--out", "x", "--backed", "--layer", "counts", "--input-values",
                        "log1p", "--obs-map", "patient=donor_id"])  # what an h5ad source reads
     assert args.layer == "counts" and args.obs_map == ["patient=donor_id"]
+
+
+def test_a_feature_extractor_with_geneformer_dictionaries_is_an_argparse_error(capsys):
+    """Both give the vocabulary: the dictionaries were used and --feature-extractor ignored, exit 0."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--preset", "pbmc68k_reduced", "--out", "x", "--token-dictionary", "t.pkl", "--gene-median-file",
+                    "m.pkl", "--feature-extractor", "fe"])
+    assert exit_info.value.code == 2 and "--feature-extractor and --token-dictionary" in capsys.readouterr().err
+    assert parse_args(["--soma", "census", "--census-version", "2024-07-01", "--out", "x"]).census_version == \
+        "2024-07-01"  # what --soma census reads
 
 
 def test_good_shard_parses():
