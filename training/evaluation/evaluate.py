@@ -108,7 +108,6 @@ def describe_constrained(
     processor,
     token_lists: Sequence[Sequence[int]],
     batch_size: int = 16,
-    max_new_tokens: int = 160,
     value_lists: Sequence[Sequence[int]] | None = None,
 ) -> dict:
     """Constrained descriptions of tokenized cells, with each cell's chosen label, its probability among the known
@@ -467,7 +466,8 @@ def evaluate_model(
     The corpus must be the one the model was trained on, unless `other_corpus` (`check_corpus_fits_model`).
 
     With `constrained` the cell type is one of the processor's known labels, with its probability
-    (`per_cell["cell_type_score"]`) and `results["cell_type_constraint"]` (invented labels, calibration)."""
+    (`per_cell["cell_type_score"]`) and `results["cell_type_constraint"]` (invented labels, calibration); each
+    description is written whole, so `max_new_tokens` bounds free descriptions only."""
     from processing.corpus import open_corpus
 
     corpus = open_corpus(corpus_dir)  # the split checked before the model loads and generates
@@ -488,8 +488,7 @@ def evaluate_model(
         texts = generate_descriptions(model, processor, cells["gene_input_ids"], batch_size, max_new_tokens, values)
         results, per_cell = score_descriptions(cells, texts, processor.ontology_term_ids)
     else:
-        described = describe_constrained(model, processor, cells["gene_input_ids"], batch_size, max_new_tokens,
-                                         values)
+        described = describe_constrained(model, processor, cells["gene_input_ids"], batch_size, values)
         texts = described["texts"]
         results, per_cell = score_descriptions(cells, texts, processor.ontology_term_ids, described["labels"])
         known = per_cell["cell_type_row"]
@@ -540,7 +539,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--split", default="test")
     parser.add_argument("--out", required=True, help="Report folder.")
     parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--max-new-tokens", type=positive_int, default=160)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=160,
+                        help="Longest description with --free (the default, constrained, writes each one whole).")
     parser.add_argument("--max-cells", type=positive_int, default=None)
     parser.add_argument("--free", action="store_true",
                         help="Free generation: the cell type as the model writes it (default: a known label).")
