@@ -30,18 +30,20 @@ parser.add_argument("--gene-encoder", help="a pretrained Geneformer folder (with
 parser.add_argument("--text-model", help="an instruction-tuned causal LM folder or Hub id")
 parser.add_argument("--out", default="outputs/example_finetune")
 parser.add_argument("--max-steps", type=int, default=20)
-parser.add_argument("--num-cell-tokens", type=int, default=32, help="with --text-model (init_from keeps its own)")
+parser.add_argument("--num-cell-tokens", type=int, default=None,
+                    help="soft tokens per cell of a composed model (default 32); --init-from keeps its model's")
 args = parser.parse_args()
 if not args.init_from and not args.text_model:
     parser.error("pass --init-from, or --text-model (and optionally --gene-encoder)")
+# init_from keeps its model's; a value given with it other than the model's is refused (this script dropped it)
+num_cell_tokens = 32 if args.num_cell_tokens is None and not args.init_from else args.num_cell_tokens
 
 cell2text_args = Cell2TextArguments(
     corpus_dir=args.corpus,
     init_from=args.init_from,
     text_model_name_or_path=args.text_model,
     gene_encoder_name_or_path=args.gene_encoder,
-    # composing only: init_from keeps its model's (a value other than the model's is refused)
-    **({} if args.init_from else {"num_cell_tokens": args.num_cell_tokens}),
+    **({} if num_cell_tokens is None else {"num_cell_tokens": num_cell_tokens}),
 )
 training_args = SFTConfig(
     output_dir=args.out,

@@ -86,3 +86,21 @@ def test_the_describe_example_bounds_free_descriptions_only(tmp_path):
     assert refused.returncode == 2 and "--max-new-tokens bounds free descriptions: add --free" in refused.stderr
     out = run_example("describe_cells", *command, "--free", cwd=tmp_path)
     assert "'constrained': False" in out and "'max_new_tokens': 3" in out
+
+
+def test_the_finetune_example_passes_num_cell_tokens_with_init_from(tmp_path):
+    """With --init-from it dropped --num-cell-tokens without a word (the run kept the model's); now the recipe refuses
+    a value other than the model's, as it does from the command line."""
+    import shutil
+
+    from test_pipeline import save_tiny_model_folder
+    from tiny_parts import save_tiny_corpus
+
+    model_dir = save_tiny_model_folder(tmp_path / "model")
+    corpus = save_tiny_corpus(tmp_path / "corpus")
+    shutil.rmtree(corpus / "feature_extractor")  # tokenized as the model reads cells
+    Cell2TextFeatureExtractor.from_pretrained(model_dir).save_pretrained(corpus / "feature_extractor")
+    refused = example_process("finetune_cell2text", "--corpus", str(corpus), "--init-from", str(model_dir),
+                              "--num-cell-tokens", "64", "--out", str(tmp_path / "out"), "--max-steps", "1",
+                              cwd=tmp_path)
+    assert refused.returncode == 1 and "num_cell_tokens=64 (the model's: 8) would be ignored" in refused.stderr
