@@ -515,6 +515,8 @@ def _check_options(options: BuildOptions) -> None:
         raise ValueError(f"seed must be an integer >= 0, got {options.seed!r}")
     if not is_integer_at_least(options.chunk_size, 1):
         raise ValueError(f"chunk_size must be an integer >= 1, got {options.chunk_size!r}")
+    if not is_integer_at_least(options.min_pathway_genes, 1):  # -2 built as 1 did and was recorded as -2
+        raise ValueError(f"min_pathway_genes must be an integer >= 1, got {options.min_pathway_genes!r}")
     try:
         shard_bytes = convert_file_size_to_int(options.max_shard_size)
     except ValueError:
@@ -765,7 +767,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="rank sets by AUC / best possible AUC (default) or by raw AUCell AUC (the paper's)")
     parser.add_argument("--pathway-set-sizes", type=positive_int, nargs=2, metavar=("MIN", "MAX"),
                         default=list(DEFAULT_SET_SIZES), help="keep library sets of MIN to MAX genes")
-    parser.add_argument("--min-pathway-genes", type=int, default=5, help="gene sets with fewer genes present score 0")
+    parser.add_argument("--min-pathway-genes", type=positive_int, default=5,
+                        help="gene sets with fewer genes present score 0")
     parser.add_argument("--pathway-max-rank", type=int, default=None,
                         help="AUCell's top ranks per cell (default: 5%% of the genes); keep it below the genes most "
                              "cells express")

@@ -344,7 +344,7 @@ def test_no_genes_or_no_usable_genes_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("setting, value", [("seed", -1), ("max_shard_size", "500XB"), ("max_shard_size", 0),
-                                            ("chunk_size", 0)])
+                                            ("chunk_size", 0), ("min_pathway_genes", -2)])
 def test_a_seed_shard_size_or_chunk_size_numpy_or_datasets_refuse_is_refused_before_the_passes(tmp_path, setting,
                                                                                               value):
     """--seed -1 or --max-shard-size 500XB stopped the build with numpy's or datasets' words after both passes over
@@ -356,7 +356,8 @@ def test_a_seed_shard_size_or_chunk_size_numpy_or_datasets_refuse_is_refused_bef
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("flags", [["--chunk-size", "0"], ["--chunk-size", "-3"], ["--shard", "2/2"],
+@pytest.mark.parametrize("flags", [["--chunk-size", "0"], ["--chunk-size", "-3"], ["--min-pathway-genes", "-2"],
+                                   ["--shard", "2/2"],
                                    ["--shard", "1"], ["--shard", "a/b"], ["--shard=-1/2"]])
 def test_bad_chunk_size_and_shard_are_argparse_errors(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
