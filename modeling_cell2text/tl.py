@@ -345,8 +345,9 @@ def describe(
     `constrained` (default: on where the processor knows the training corpus's cell-type labels) chooses every field
     among the corpus's labels (`schema_decoding.py`), with `{key_added}_<field>_score` the probability of each;
     False lets the model write the description freely (greedy; `max_new_tokens` (default: the model folder's
-    generation_config.json, else 160) and `generate_kwargs` apply to free generation; a description cut there, before the model ended it, keeps its text with `{key_added}_parsed` False
-    and no fields, and a warning says how many).
+    generation_config.json, else 160) and `generate_kwargs` apply to free generation; a description cut there,
+    before the model ended it, keeps its text with `{key_added}_parsed` False and no fields, and a warning says how
+    many).
     """
     _check_writable(adata, "obs")
     check_key_added(key_added)
