@@ -976,8 +976,8 @@ def test_recipe_command_line_runs_on_the_cpu_without_use_cpu(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU default applies where torch sees no accelerator")
 def test_recipe_trains_in_float32_on_a_cpu_without_native_bf16(tmp_path, monkeypatch, caplog):
-    """demo.yaml's bf16 autocast on an AVX2-only CPU made every training step about 30x slower (147 s instead of
-    about 5: the main job would take hours): there the config's bf16 is turned off, with a warning, unless the
+    """demo.yaml's bf16 autocast on an AVX2-only CPU made every training step about 20x slower (148 s instead of 7 on
+    one thread: the main job would take hours): there the config's bf16 is turned off, with a warning, unless the
     command line asks for it."""
     import logging
 
