@@ -162,7 +162,7 @@ def device_name() -> str:
 
 def environment() -> dict:
     """The CPU and the package versions the figures came from. The same seed trains other weights on a CPU with
-    other bf16 kernels or with another release of the libraries, and at 490 training cells that moves a fold's
+    other bf16 kernels (or none: then in float32) or with another release of the libraries, and at 490 training cells that moves a fold's
     accuracy by several cells (docs/results.md), so a figure is its machine's."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -176,7 +176,10 @@ def environment() -> dict:
             packages[name] = version(name)
         except PackageNotFoundError:
             packages[name] = None
+    from training.adapters import cpu_bf16_is_fast
+
     return {"cpu": model, "cpu_bf16": sorted(set(flags) & {"avx512_bf16", "amx_bf16"}),
+            "cpu_bf16_kernels": cpu_bf16_is_fast(),  # False: the recipe trained in float32 on the CPU
             "python": platform.python_version(), "packages": packages}
 
 

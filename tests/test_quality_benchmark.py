@@ -78,6 +78,8 @@ def test_every_fold_runs_once_and_the_pooled_figures_count_every_cell(tmp_path, 
     assert saved["num_folds"] == 3 and saved["commit"] == "0" * 40 and saved["complete"]
     import torch  # the machine the figures are from: the same seed trains other weights elsewhere
     assert saved["environment"]["packages"]["torch"] == torch.__version__ and saved["environment"]["cpu"]
+    from training.adapters import cpu_bf16_is_fast  # whether the recipe trained in bf16 autocast or float32 here
+    assert saved["environment"]["cpu_bf16_kernels"] is cpu_bf16_is_fast()
     # Cell2Text: 1 + 2 + 3 of 12 cells right; its interval is the Wilson interval of 6/12.
     pooled = saved["pooled"]["cell2text"]
     assert pooled["accuracy"] == 0.5 and pooled["num_cells"] == 12
