@@ -92,6 +92,27 @@ TERM_ID_PREFIXES: dict[str, tuple[str, ...]] = {
     "disease": ("MONDO:", "PATO:0000461"),
     "sex": ("PATO:0000383", "PATO:0000384", "PATO:0001340"),
 }
+# The form of an id of each ontology a field or a development stage takes (the local id's digits; Cellosaurus: four
+# letters or digits), so that an edited table's "UBERON:lung" or "CL:banana" is not stated as an id.
+TERM_ID_FORMS: dict[str, str] = {
+    **dict.fromkeys(("CL:", "UBERON:", "MONDO:", "PATO:", "ZFA:", "WBbt:", "HsapDv:", "MmusDv:", "ZFS:", "WBls:"),
+                    r"\d{7}"),
+    **dict.fromkeys(("FBbt:", "FBdv:"), r"\d{8}"),
+    "CVCL_": r"[0-9A-Z]{4}",
+}
+_TERM_ID = re.compile("|".join(f"{re.escape(prefix)}{form}" for prefix, form in TERM_ID_FORMS.items()))
+
+
+#: How CELLxGENE (schema 5+) joins the ids of several terms in one value (a donor's diseases).
+TERM_ID_SEPARATOR = " || "
+
+
+def is_term_id_of(term_id: object, prefixes: tuple[str, ...]) -> bool:
+    """Whether `term_id` is an id of the form its ontology gives (`TERM_ID_FORMS`) starting with one of `prefixes`
+    (an ontology's prefix, or a whole id where a field takes only some terms, `TERM_ID_PREFIXES`), or several such
+    ids joined by `TERM_ID_SEPARATOR`."""
+    return isinstance(term_id, str) and all(
+        part.startswith(prefixes) and _TERM_ID.fullmatch(part) is not None for part in term_id.split(TERM_ID_SEPARATOR))
 
 
 class DescriptionParseError(ValueError):

@@ -44,6 +44,7 @@ from modeling_cell2text.description_schema import (
     SEXES,
     TERM_ID_PREFIXES,
     CellDescription,
+    is_term_id_of,
     render_description,
 )
 from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
@@ -254,10 +255,10 @@ def _term_of_label(field: str, term_id: str | None, label: str | None) -> tuple[
 
 def _term_problem(field: str, term_id: str | None, label: str | None, known: bool) -> str | None:
     """Why a resolved (non-cell-type) term cannot be stated as `field`, as the reason a required field gives:
-    "wrong_ontology_<field>_term", "obsolete_<field>_term" (no replacement: its label reads "obsolete ..."; a stage
-    is stated only as its age group, which an obsolete stage's label still gives), "sex_not_female_or_male" (the
-    template states only those), or None."""
-    if term_id is not None and not term_id.startswith(FIELD_TERM_PREFIXES[field]):
+    "wrong_ontology_<field>_term" (also an id not in its ontology's form, "UBERON:lung"), "obsolete_<field>_term"
+    (no replacement: its label reads "obsolete ..."; a stage is stated only as its age group, which an obsolete
+    stage's label still gives), "sex_not_female_or_male" (the template states only those), or None."""
+    if term_id is not None and not is_term_id_of(term_id, FIELD_TERM_PREFIXES[field]):
         return f"wrong_ontology_{field}_term"
     if term_id is not None and known and field != "development_stage" and ontologies.is_deprecated(term_id):
         return f"obsolete_{field}_term"  # without a replacement (resolve_term followed any)
@@ -272,7 +273,7 @@ def _unstatable(field: str, codes: np.ndarray, pairs: list, resolved: list) -> l
     problems = [_term_problem(field, term, label, known) for term, label, known in resolved]
     cells = np.bincount(codes[codes >= 0], minlength=len(pairs))
     for problem, what, fix in (
-        (f"wrong_ontology_{field}_term", f"ids that are not {' / '.join(FIELD_TERM_PREFIXES[field])}",
+        (f"wrong_ontology_{field}_term", f"ids that are not {' / '.join(FIELD_TERM_PREFIXES[field])} (in their ontology's form)",
          f"check which obs column holds the {field} ids (--obs-map)"),
         (f"obsolete_{field}_term", "obsolete terms without a replacement", "update the terms"),
         ("sex_not_female_or_male", "neither female nor male, the sexes the description states",

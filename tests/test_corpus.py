@@ -463,6 +463,11 @@ def test_ids_of_another_ontology_or_obsolete_terms_are_left_out_of_the_text_with
     other[["disease", "disease_ontology_term_id"]] = ["COVID-19 || lung disease", "MONDO:0100096 || MONDO:0005275"]
     kept, _ = resolve_labels(other)
     assert kept["disease_ontology_term_id"][0] == "MONDO:0100096 || MONDO:0005275"
+    # an id not in its ontology's form (a hand-edited h5ad) is left out too: it was stated as the tissue's id
+    other[["tissue", "tissue_ontology_term_id"]] = ["lung", "UBERON:lung"]
+    malformed, _ = resolve_labels(other)
+    assert malformed.loc[0, ["tissue", "tissue_ontology_term_id"]].isna().all()
+    assert malformed["tissue_left_out"][0] == "wrong_ontology_tissue_term"
     assert kept.loc[0, ["sex", "sex_ontology_term_id", "tissue", "tissue_ontology_term_id"]].isna().all()
     assert (kept["sex_left_out"][0], kept["tissue_left_out"][0]) == ("sex_not_female_or_male", "tissue_type_cell_line")
     # a required field so left out rejects the cell with the reason

@@ -220,9 +220,15 @@ def test_misspelt_settings_in_a_saved_processor_config_are_refused(processor, tm
     (dict(ontology_term_ids={"cell_type": {"B cell": None}}), ValueError, "None is not a cell_type term id"),
     # an id of another ontology (an edited or mis-mapped table): stated as the field's id, exit 0
     (dict(ontology_term_ids={"cell_type": {"B cell": "UBERON:0000178"}}), ValueError,
-     r"\['B cell'\] = 'UBERON:0000178' is not a cell_type term id \(CL:...\)"),
+     r"\['B cell'\] = 'UBERON:0000178' is not a cell_type term id \(CL:\.\.\. "),
     (dict(ontology_term_ids={"disease": {"COVID-19": "CL:0000236"}}), ValueError,
-     r"'CL:0000236' is not a disease term id \(MONDO: / PATO:0000461...\)"),
+     r"'CL:0000236' is not a disease term id \(MONDO: / PATO:0000461\.\.\. "),
+    # an id not in its ontology's form (an edited table): stated as the cell's id, exit 0
+    (dict(ontology_term_ids={"cell_type": {"B cell": "CL:banana"}}), ValueError,
+     r"'CL:banana' is not a cell_type term id \(CL:\.\.\. and the ontology's digits"),
+    (dict(ontology_term_ids={"tissue": {"lung": "UBERON:lung"}}), ValueError, "'UBERON:lung' is not a tissue term id"),
+    (dict(ontology_term_ids={"disease": {"COVID-19": "MONDO:0100096 || MONDO:01"}}), ValueError,
+     "is not a disease term id"),
     (dict(ontology_term_ids={"cell_type": {"B cell": "CL:0000236", "B-cell": "CL:0000236"}}), ValueError,
      r"gives the ids \['CL:0000236'\] to several labels"),
     (dict(ontology_term_ids={"cell_type": ["B cell"]}), ValueError, "must be a mapping label -> term id"),
