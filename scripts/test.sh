@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python -m pytest -q "$@"
+# --durations: the slowest tests, so that a suite growing past its 15-minute budget shows where
+python -m pytest -q --durations=15 "$@"
