@@ -8,7 +8,8 @@ python -m hub_cards.publish --model outputs/demo/cell2text-demo --repo your-org/
 The model folder is checked before anything is uploaded: safetensors weights, the processor (gene vocabulary,
 tokenizer, prompt), the remote code files with `auto_map` (the installed package's files, byte for byte), the
 `cell-to-text` pipeline entry, a model card whose metadata parses and whose evaluation was of these weights and
-gene vocabulary; a corpus published with it must be the build it was trained on. Where the folder holds the files
+gene vocabulary, and no file a Cell2Text folder is not made of (the folder is uploaded whole); a corpus published
+with it must be the build it was trained on. Where the folder holds the files
 `hub_cards.render.save_model_card` writes beside the card (`evaluation_results.json`, `model_card_inputs.json`;
 the demo writes both), the card is re-rendered from them
 for the repo it is published to, so its usage lines name that repo. The corpus card is pushed after the data and
@@ -26,12 +27,17 @@ from typing import Any
 
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import RepositoryNotFoundError
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+from transformers.tokenization_utils_base import TOKENIZER_CONFIG_FILE
+from transformers.utils import (CHAT_TEMPLATE_DIR, CHAT_TEMPLATE_FILE, CONFIG_NAME, FEATURE_EXTRACTOR_NAME,
+                                GENERATION_CONFIG_NAME, PROCESSOR_NAME)
 
 import modeling_cell2text
 from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor
 from modeling_cell2text.argument_types import refused_input_as_one_line
 from modeling_cell2text.compatibility import check_model_and_processor
-from modeling_cell2text.modeling_cell2text import foreign_weight_files
+from modeling_cell2text.modeling_cell2text import foreign_weight_files, weights_file_names
+from modeling_cell2text.pipeline_cell2text import EARLIER_SAVE_FILES
 from modeling_cell2text.tl import weights_sha256
 
 from .render import (
@@ -141,6 +147,37 @@ def stale_code_files(model_dir: Path, config: dict) -> list[str]:
     return [name for name in _remote_code_files(model_dir, config)
             if (model_dir / name).is_file() and (PACKAGE_CODE_DIR / name).is_file()
             and _differs_from_package(model_dir, name)]
+
+
+def uploaded_files(folder: Path, ignored: tuple[str, ...] = ()) -> list[str]:
+    """The files (paths relative to `folder`, at any depth, hidden ones too) that `HfApi.upload_folder` uploads of
+    `folder` with `ignored` as its ignore patterns: all but those and huggingface_hub's own (.git/, .cache/)."""
+    names = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+    return list(filter_repo_objects(names, ignore_patterns=[*ignored, *DEFAULT_IGNORE_PATTERNS]))
+
+
+def model_folder_files(model_dir: Path, config: dict, processor: Any) -> set[str]:
+    """The files a Cell2Text model folder is made of: what `save_model_folder` writes (the configs, the safetensors
+    weights whole or sharded, the processor's and its tokenizer's files, the remote code that a trust_remote_code
+    load reaches), the files of earlier saves that loading still reads (`EARLIER_SAVE_FILES`), and the card with
+    its saved evaluation. ``processor`` (the folder's, loaded) names its tokenizer's vocabulary files."""
+    whole, index = weights_file_names()
+    shards = set(json.loads((model_dir / index).read_text()).get("weight_map", {}).values()) if (
+        model_dir / index).is_file() else set()
+    templates = {f"{CHAT_TEMPLATE_DIR}/{path.name}" for path in (model_dir / CHAT_TEMPLATE_DIR).glob("*.jinja")}
+    return {CONFIG_NAME, GENERATION_CONFIG_NAME, whole, index, *shards, PROCESSOR_NAME, TOKENIZER_CONFIG_FILE,
+            CHAT_TEMPLATE_FILE, *templates, *processor.tokenizer.vocab_files_names.values(), *EARLIER_SAVE_FILES,
+            *_remote_code_files(model_dir, config), "README.md", EVALUATION_RESULTS}
+
+
+def _refuse_files_not_of(folder: Path, expected: set[str], what: str, ignored: tuple[str, ...] = ()) -> None:
+    """Raise `ValueError` naming the files of `folder` that would be uploaded (`uploaded_files`) but are no part of
+    `what` (a stray copy of the weights, a notebook's checkpoints, a script): refused, not skipped, so the repo
+    holds what the folder was checked as."""
+    stray = [name for name in uploaded_files(folder, ignored) if name not in expected]
+    if stray:
+        raise ValueError(f"{folder} holds {stray}, which are no part of {what} (no load reads them) and would be "
+                         "uploaded with it: move them out of the folder first.")
 
 
 def _path_holding_files(model_dir: Path) -> list[Path]:
@@ -260,8 +297,11 @@ def check_hub_ready(model_dir: str | Path, card: ModelCard | None = None) -> Non
         ModelCard.load(model_dir / "README.md")
     # Loaded as a user would (the installed classes, no remote code): weights that do not match config.json and a
     # processor that does not fit the model are refused here rather than on the Hub.
-    check_model_and_processor(Cell2TextForConditionalGeneration.from_pretrained(model_dir, dtype="auto").config,
-                              Cell2TextProcessor.from_pretrained(model_dir))
+    model_config = Cell2TextForConditionalGeneration.from_pretrained(model_dir, dtype="auto").config
+    processor = Cell2TextProcessor.from_pretrained(model_dir)
+    check_model_and_processor(model_config, processor)
+    _refuse_files_not_of(model_dir, model_folder_files(model_dir, config, processor), "a Cell2Text model folder",
+                         NOT_UPLOADED)
 
 
 def check_private(api: HfApi, repo_id: str, repo_type: str, private: bool) -> None:
@@ -325,6 +365,7 @@ def publish_model(model_dir: str | Path, repo_id: str, private: bool = False, ap
         if dataset_id is None:
             raise ValueError("corpus_dir needs dataset_id, the dataset repo to push the corpus to")
         check_corpus_is_the_models(model_dir, corpus_dir)
+        check_corpus_files(corpus_dir)
     card = prepare_model_folder(model_dir, repo_id, dataset_id=dataset_id, refresh_code=refresh_code)
     api = api or HfApi()
     check_private(api, repo_id, "model", private)
@@ -349,6 +390,14 @@ def check_corpus_is_the_models(model_dir: str | Path, corpus_dir: str | Path) ->
                          f"{trained_on} against {built}): publish the corpus it was trained on, or the model alone.")
 
 
+def check_corpus_files(corpus_dir: str | Path) -> None:
+    """Refuse a corpus whose feature_extractor folder (uploaded whole) holds files that are no part of a saved
+    feature extractor: its preprocessor_config.json and the remote code its auto_map reaches."""
+    folder = Path(corpus_dir) / "feature_extractor"
+    _refuse_files_not_of(folder, {FEATURE_EXTRACTOR_NAME, *_remote_code_files(folder, {}, pipeline=False)},
+                         "a saved feature extractor")
+
+
 def corpus_files_to_upload(corpus_dir: str | Path) -> dict[str, bytes]:
     """The build's record files as uploaded beside the splits: summary.json without paths of this machine (a
     corpus built from local files names them, `without_machine_paths`), the others as they are."""
@@ -364,6 +413,7 @@ def publish_corpus(corpus_dir: str | Path, repo_id: str, private: bool = False, 
     import datasets
 
     corpus_dir = Path(corpus_dir)
+    check_corpus_files(corpus_dir)
     api = api or HfApi()
     ensure_repo(api, repo_id, "dataset", private)
     datasets.load_from_disk(str(corpus_dir)).push_to_hub(repo_id, private=private)

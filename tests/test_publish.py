@@ -117,6 +117,41 @@ def test_adapter_or_pickle_files_in_the_folder_are_refused_before_upload(model_d
         check_hub_ready(model_dir)
 
 
+@pytest.mark.parametrize("stray", ["model-old.safetensors", "pytorch_model-00001-of-00002.bin", "scratch.py",
+                                   ".ipynb_checkpoints/config-checkpoint.json", "notes/run.txt"])
+def test_files_no_cell2text_folder_is_made_of_are_refused_by_name_before_upload(model_dir, stray):
+    """The whole folder was uploaded: a stray copy of the weights, a script or a notebook's checkpoints went to the
+    Hub with the model. Only huggingface_hub's own ignored folders (.git/) and the files not uploaded may be there."""
+    (model_dir / stray).parent.mkdir(exist_ok=True)
+    (model_dir / stray).write_text("{}")
+    hub = FakeHub()
+    with pytest.raises(ValueError, match=rf"holds \['{stray}'\], which are no part of a Cell2Text model folder.*"
+                                         "move them out"):
+        publish_model(model_dir, "org/x", api=hub)
+    assert hub.calls == []
+    (model_dir / stray).unlink()
+    (model_dir / ".git").mkdir()
+    (model_dir / ".git" / "config").write_text("[core]\n")  # a clone of the repo: huggingface_hub skips .git/
+    (model_dir / "training_state.json").write_text("{}")
+    publish_model(model_dir, "org/x", api=hub)
+
+
+def test_a_corpus_whose_feature_extractor_folder_holds_other_files_is_refused_before_anything_is_made(
+        model_dir, tmp_path):
+    """The corpus's feature_extractor folder is uploaded whole, so the same check applies to it."""
+    from hub_cards.publish import check_corpus_files
+
+    corpus = tmp_path / "corpus"
+    Cell2TextProcessor.from_pretrained(model_dir).feature_extractor.save_pretrained(corpus / "feature_extractor")
+    (corpus / "summary.json").write_text("{}")
+    check_corpus_files(corpus)
+    (corpus / "feature_extractor" / "medians-old.json").write_text("{}")
+    hub = FakeHub()
+    with pytest.raises(ValueError, match=r"holds \['medians-old.json'\], which are no part of a saved feature"):
+        publish_model(model_dir, "org/x", api=hub, dataset_id="org/x-corpus", corpus_dir=corpus)
+    assert hub.calls == []
+
+
 def test_private_is_refused_for_an_existing_public_repo_before_anything_is_made_or_written(model_dir, tmp_path,
                                                                                            monkeypatch):
     # the second reader's finding: the card was re-rendered for the repo, then --private was refused
