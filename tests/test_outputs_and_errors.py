@@ -374,6 +374,12 @@ def test_evaluate_refuses_a_count_below_one_before_loading_the_model(tmp_path, c
     ["-m", "processing.build_corpus", "--h5ad", "missing.h5ad", "--out", "corpus"],
     ["-m", "training.evaluation.evaluate", "--model", "missing-model", "--corpus", "missing-corpus", "--out", "r"],
     ["-m", "hub_cards.publish", "--model", "missing-model", "--repo", "org/x"],
+    # the recipes ended a missing corpus and a refused setting with a traceback
+    ["-m", "training.sft", "--corpus_dir", "missing-corpus", "--text_model_name_or_path", "llm", "--output_dir", "o"],
+    ["-m", "training.sft", "--corpus_dir", "c", "--text_model_name_or_path", "llm", "--output_dir", "o",
+     "--num_cell_tokens", "0"],
+    ["-m", "training.baselines.cell2sentence", "--corpus_dir", "missing-corpus", "--text_model_name_or_path", "llm",
+     "--output_dir", "o"],
 ])
 def test_commands_end_refused_input_with_one_line(tmp_path, command):
     """The reviewer's finding: a missing input file or folder ended these commands with a traceback (the message
@@ -389,3 +395,17 @@ def test_commands_end_refused_input_with_one_line(tmp_path, command):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].split(": error: ")[1].strip(), result.stderr
+
+
+def test_the_demo_ends_refused_input_with_one_line(monkeypatch, tmp_path):
+    """`python -m training.demo` ended a refusal (--reuse-models of a model trained on another corpus build, an --out
+    that is a file) with a traceback; its refusals come minutes in, so `run` stands in for them here."""
+    from training import demo
+
+    def refused(*args, **kwargs):
+        raise ValueError("--reuse-models: the model was trained on another build of the corpus; run without "
+                         "--reuse-models")
+
+    monkeypatch.setattr(demo, "run", refused)
+    with pytest.raises(SystemExit, match=r"^demo: error: --reuse-models: the model was trained"):
+        demo.main(["--out", str(tmp_path), "--reuse-models"])

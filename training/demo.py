@@ -234,6 +234,8 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
 
 
 def main(argv: list[str] | None = None) -> Path:
+    from modeling_cell2text.argument_types import refused_input_as_one_line
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "outputs" / "demo"), help="Where everything is written.")
     parser.add_argument("--seed", type=int, default=0)
@@ -250,8 +252,9 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     np.random.seed(args.seed)
-    report = run(Path(args.out), args.seed, args.max_steps, args.max_new_tokens, args.skip_cell2sentence,
-                 args.reuse_models, args.trust_remote_code)
+    with refused_input_as_one_line("demo"):
+        report = run(Path(args.out), args.seed, args.max_steps, args.max_new_tokens, args.skip_cell2sentence,
+                     args.reuse_models, args.trust_remote_code)
     print(f"\nReport: {report}\nModel (Hub-ready): {Path(args.out) / 'cell2text-demo'}")
     return report
 

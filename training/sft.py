@@ -48,7 +48,7 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor, save_model_folder
 from processing.corpus import (check_corpus_tokenized_as, corpus_feature_extractor, corpus_summary,
                                description_vocabulary, open_corpus)
-from modeling_cell2text.argument_types import is_integer_at_least
+from modeling_cell2text.argument_types import is_integer_at_least, refused_input_as_one_line
 from modeling_cell2text.output_files import check_new_output
 from training.adapters import (
     FINAL_DIR,
@@ -821,7 +821,8 @@ def make_parser() -> TrlParser:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cell2text_args, sft_config = parse_training_arguments(make_parser())
-    with stopped_cleanly():
-        main(cell2text_args, sft_config)
+    with refused_input_as_one_line("sft"):  # a bad setting or a missing corpus: one line, no traceback
+        cell2text_args, sft_config = parse_training_arguments(make_parser())
+        with stopped_cleanly():
+            main(cell2text_args, sft_config)
     leave_process_group()

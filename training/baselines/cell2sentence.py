@@ -35,6 +35,7 @@ from modeling_cell2text import Cell2TextFeatureExtractor
 from modeling_cell2text.feature_extraction_cell2text import SPECIAL_TOKENS
 from modeling_cell2text.processing_cell2text import DEFAULT_SYSTEM_PROMPT
 from processing.corpus import corpus_feature_extractor, corpus_summary, open_corpus
+from modeling_cell2text.argument_types import refused_input_as_one_line
 from modeling_cell2text.output_files import check_new_output
 from training.adapters import (
     FINAL_DIR,
@@ -278,6 +279,7 @@ def main(args: Cell2SentenceArguments, training_args: SFTConfig) -> Path:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with stopped_cleanly():
-        main(*parse_training_arguments(make_parser()))
+    with refused_input_as_one_line("cell2sentence"):
+        with stopped_cleanly():
+            main(*parse_training_arguments(make_parser()))
     leave_process_group()
