@@ -3,8 +3,10 @@
     python benchmarks/training_step.py [--corpus outputs/demo/corpus] [--llm ~/.cache/cell2text/SmolLM2-135M-Instruct]
 
 Builds the demo's Cell2Text (a freshly initialised 2-layer encoder, the real SmolLM2-135M-Instruct with LoRA as in
-`training/configs/demo.yaml`) and times forward + backward of the same corpus batches under bf16 autocast with
-both loss computations, alternating, so machine noise hits both alike. Prints each path's median step time and
+`training/configs/demo.yaml`) and times forward + backward of the same corpus batches with both loss computations,
+alternating, so machine noise hits both alike, in the recipe's precision for this machine
+(`training.adapters.parse_training_arguments`: bf16 autocast, or float32 on a CPU without native bf16 kernels, where
+bf16 is tens of times slower; `--bf16` forces bf16), which it prints. Prints each path's median step time and
 the ratio, checks the two losses agree, and times the collator on the same rows (corpus examples -> padded tensors
 with labels) to print its share of a step (target < 5%; `benchmarks/gpu.py` measures it on a GPU). Needs the demo corpus and the converted LLM (the main job makes both).
 """
@@ -31,6 +33,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true",
+                        help="Time under bf16 autocast even where the recipe trains in float32 (a CPU without native "
+                             "bf16 kernels).")
     return parser.parse_args()
 
 
@@ -47,6 +52,7 @@ def build_trainer(args: argparse.Namespace, out_dir: Path):
         "--corpus_dir", str(args.corpus), "--text_model_name_or_path", str(args.llm), "--output_dir", str(out_dir),
         "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
         "--projector_dropout", "0",  # no dropout anywhere, so both paths compute the same loss
+        *(["--bf16", "true"] if args.bf16 else []),  # else the recipe's choice for this machine
     ])
     config.remove_unused_columns = False
     config.dataset_kwargs = {"skip_prepare_dataset": True}
@@ -71,7 +77,7 @@ def build_trainer(args: argparse.Namespace, out_dir: Path):
     )
     examples = [[corpus["train"][i] for i in range(b * args.batch_size, (b + 1) * args.batch_size)]
                 for b in range(args.batches)]
-    return trainer, [collator(batch) for batch in examples], collator, examples
+    return trainer, [collator(batch) for batch in examples], collator, examples, config.bf16
 
 
 def main() -> None:
@@ -82,7 +88,7 @@ def main() -> None:
     from trl import SFTTrainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, batches, collator, examples = build_trainer(args, Path(tmp))
+        trainer, batches, collator, examples, bf16 = build_trainer(args, Path(tmp))
         model = trainer.model.train()
         paths = {"TRL fused LM head": lambda b: SFTTrainer.compute_loss(trainer, model, b),
                  "labelled positions": lambda b: trainer.compute_loss(model, b)}
@@ -95,7 +101,7 @@ def main() -> None:
                 for name, loss_of in (order if step % 2 == 0 else order[::-1]):  # neither path always first
                     model.zero_grad()
                     start = time.perf_counter()
-                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                         loss = loss_of(dict(batch))
                     loss.backward()
                     times[name].append(time.perf_counter() - start)
@@ -106,7 +112,9 @@ def main() -> None:
                 collate_times.append(time.perf_counter() - start)
     shape = tuple(batches[0]["input_ids"].shape)
     labelled = float((batches[0]["labels"] != -100).float().mean())
-    print(f"batch {shape} (input_ids), {labelled:.0%} of positions labelled, {torch.get_num_threads()} threads")
+    precision = "bf16 autocast" if bf16 else "float32"
+    print(f"batch {shape} (input_ids), {labelled:.0%} of positions labelled, {torch.get_num_threads()} threads, "
+          f"{precision}")
     for name in paths:
         print(f"{name:>20}: median {statistics.median(times[name]):.2f} s/step over {len(times[name])} steps")
     ratio = statistics.median(times["TRL fused LM head"]) / statistics.median(times["labelled positions"])
@@ -115,7 +123,7 @@ def main() -> None:
     share = collate / (collate + statistics.median(times["labelled positions"]))
     print(f"{'collator':>20}: median {collate:.3f} s/batch = {share:.2%} of a step with it (target < 5%)")
     worst = max(abs(a - b) for a, b in zip(*losses.values()))
-    print(f"largest loss difference between the paths (bf16 autocast): {worst:.2e}")
+    print(f"largest loss difference between the paths ({precision}): {worst:.2e}")
 
 
 if __name__ == "__main__":
