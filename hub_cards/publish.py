@@ -60,6 +60,10 @@ NOT_UPLOADED = ("training_state.json", MODEL_CARD_INPUTS)
 # The weights files of a repo (whole or sharded, any variant): those an upload does not hold are deleted with it, so
 # a model republished in the other layout leaves no stale weights for from_pretrained to load (or refuse).
 WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index*.json")
+# The files of a repo that loading reads and an upload that does not hold them deletes: the weights (above), and an
+# earlier save's tokenizer and template files, which transformers reads beside the new ones (every user's load of
+# the processor was refused as another processor's, `Cell2TextPipeline._check_processor_reads_back`).
+DELETED_UNLESS_UPLOADED = (*WEIGHT_FILES, *EARLIER_SAVE_FILES, f"{CHAT_TEMPLATE_DIR}/*")
 
 
 def _auto_map_references(settings: Any) -> list[str]:
@@ -349,7 +353,7 @@ def upload_model_folder(model_dir: str | Path, repo_id: str, private: bool = Fal
     if card is not None:
         card.save(Path(model_dir) / "README.md")
     api.upload_folder(folder_path=str(model_dir), repo_id=repo_id, repo_type="model",
-                      ignore_patterns=list(NOT_UPLOADED), delete_patterns=list(WEIGHT_FILES),
+                      ignore_patterns=list(NOT_UPLOADED), delete_patterns=list(DELETED_UNLESS_UPLOADED),
                       commit_message="Upload Cell2Text")
     return url
 

@@ -59,6 +59,30 @@ def test_a_saved_model_folder_is_hub_ready_and_uploads_whole(model_dir):
     assert {"model*.safetensors", "model.safetensors.index*.json"} <= set(upload["delete_patterns"])
 
 
+def test_an_earlier_uploads_tokenizer_and_template_files_are_deleted_with_a_new_upload(model_dir):
+    """An earlier save's chat_template.json (special_tokens_map.json, added_tokens.json) stayed in the repo beside
+    the new upload, and transformers reads it beside the new files: every user's load of the processor was refused
+    as another processor's. What the repo holds but loading does not read (a licence someone added) stays."""
+    import shutil
+
+    from huggingface_hub.utils import filter_repo_objects
+
+    hub = FakeHub()
+    publish_model(model_dir, "org/x", api=hub)
+    delete_patterns = hub.calls[-1][2]["delete_patterns"]
+    in_repo = ["chat_template.json", "special_tokens_map.json", "added_tokens.json", "additional_chat_templates/t.jinja",
+               "model-00001-of-00002.safetensors", "LICENSE", "notes.md", ".gitattributes"]
+    assert sorted(filter_repo_objects(in_repo, allow_patterns=delete_patterns)) == [
+        "added_tokens.json", "additional_chat_templates/t.jinja", "chat_template.json",
+        "model-00001-of-00002.safetensors", "special_tokens_map.json"]
+    # what loading reads of the repo after the upload: the new files and a stale template, refused
+    stale = model_dir.parent / "repo"
+    shutil.copytree(model_dir, stale)
+    (stale / "chat_template.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }} OLD"}))
+    with pytest.raises(ValueError, match="does not fit the model"):
+        Cell2TextProcessor.from_pretrained(stale)
+
+
 def test_a_folder_without_the_processor_is_refused(model_dir):
     (model_dir / "processor_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="processor_config.json"):
