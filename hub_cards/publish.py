@@ -395,9 +395,15 @@ def check_corpus_is_the_models(model_dir: str | Path, corpus_dir: str | Path) ->
 
 
 def check_corpus_files(corpus_dir: str | Path) -> None:
-    """Refuse a corpus whose feature_extractor folder (uploaded whole) holds files that are no part of a saved
-    feature extractor: its preprocessor_config.json and the remote code its auto_map reaches."""
+    """Refuse a corpus that lacks a file publishing uploads (found missing only after the model and the splits were
+    pushed), or whose feature_extractor folder (uploaded whole) holds files that are no part of a saved feature
+    extractor: its preprocessor_config.json and the remote code its auto_map reaches."""
     folder = Path(corpus_dir) / "feature_extractor"
+    missing = [name for name in ("dataset_dict.json", *CORPUS_FILES, f"{folder.name}/{FEATURE_EXTRACTOR_NAME}")
+               if not (Path(corpus_dir) / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{corpus_dir} lacks {missing}, which publishing uploads: publish a corpus folder as "
+                                "python -m processing.build_corpus (or processing.join_corpus) wrote it.")
     _refuse_files_not_of(folder, {FEATURE_EXTRACTOR_NAME, *_remote_code_files(folder, {}, pipeline=False)},
                          "a saved feature extractor")
 

@@ -34,6 +34,15 @@ class FakeHub:
         self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
 
 
+def corpus_folder(folder, summary=None):
+    """The files of a built corpus that publishing reads or uploads beside its splits."""
+    (folder / "feature_extractor").mkdir(parents=True)
+    for name in ("dataset_dict.json", "feature_extractor/preprocessor_config.json", "rejects.csv", "unmapped_genes.txt"):
+        (folder / name).write_text("{}" if name.endswith(".json") else "")
+    (folder / "summary.json").write_text(json.dumps(summary or {}))
+    return folder
+
+
 @pytest.fixture()
 def model_dir(tmp_path):
     encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
@@ -165,13 +174,24 @@ def test_a_corpus_whose_feature_extractor_folder_holds_other_files_is_refused_be
     """The corpus's feature_extractor folder is uploaded whole, so the same check applies to it."""
     from hub_cards.publish import check_corpus_files
 
-    corpus = tmp_path / "corpus"
+    corpus = corpus_folder(tmp_path / "corpus")
     Cell2TextProcessor.from_pretrained(model_dir).feature_extractor.save_pretrained(corpus / "feature_extractor")
-    (corpus / "summary.json").write_text("{}")
     check_corpus_files(corpus)
     (corpus / "feature_extractor" / "medians-old.json").write_text("{}")
     hub = FakeHub()
     with pytest.raises(ValueError, match=r"holds \['medians-old.json'\], which are no part of a saved feature"):
+        publish_model(model_dir, "org/x", api=hub, dataset_id="org/x-corpus", corpus_dir=corpus)
+    assert hub.calls == []
+
+
+@pytest.mark.parametrize("name", ["rejects.csv", "unmapped_genes.txt", "feature_extractor/preprocessor_config.json"])
+def test_a_corpus_lacking_a_file_publishing_uploads_is_refused_before_anything_is_made(model_dir, tmp_path, name):
+    """The corpus's files were read only after the model was uploaded and the splits pushed: a corpus without its
+    rejects.csv left a dataset repo without the build's files, and the command ended with a FileNotFoundError."""
+    corpus = corpus_folder(tmp_path / "corpus")
+    (corpus / name).unlink()
+    hub = FakeHub()
+    with pytest.raises(FileNotFoundError, match=rf"lacks \['{name}'\], which publishing uploads"):
         publish_model(model_dir, "org/x", api=hub, dataset_id="org/x-corpus", corpus_dir=corpus)
     assert hub.calls == []
 
@@ -189,9 +209,7 @@ def test_private_is_refused_for_an_existing_public_repo_before_anything_is_made_
     with pytest.raises(ValueError, match="exists and is public"):
         publish_model(model_dir, "org/x", private=True, api=hub)
     assert hub.calls == [] and (model_dir / "README.md").read_text() == card
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    (corpus / "summary.json").write_text("{}")
+    corpus = corpus_folder(tmp_path / "corpus")
     monkeypatch.setattr(publish, "HfApi", lambda: hub)
     with pytest.raises(SystemExit, match="exists and is public"):
         publish.main(["--model", str(model_dir), "--repo", "org/x", "--private", "--corpus", str(corpus),
@@ -399,9 +417,7 @@ def test_a_refused_model_creates_no_dataset_repo(model_dir, tmp_path, monkeypatc
 
     save_model_card(model_dir, {"split": "test", "num_cells": 8, "weights_sha256": "0" * 64, "fields": {}},
                     repo_id="org/old", base_model="b", encoder="e", dataset_id="org/old-corpus", training_config={})
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    (corpus / "summary.json").write_text("{}")
+    corpus = corpus_folder(tmp_path / "corpus")
     hub = FakeHub()
     monkeypatch.setattr(publish, "HfApi", lambda: hub)
     with pytest.raises(SystemExit):
@@ -427,9 +443,7 @@ def test_publish_model_with_its_corpus_makes_both_repos_then_pushes_the_model_th
     # one owner for the order (the command line had its own copy of publish_model's steps)
     from hub_cards import publish
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    (corpus / "summary.json").write_text("{}")
+    corpus = corpus_folder(tmp_path / "corpus")
     with pytest.raises(ValueError, match="corpus_dir needs dataset_id"):
         publish_model(model_dir, "org/x", api=FakeHub(), corpus_dir=corpus)
     hub = FakeHub()
