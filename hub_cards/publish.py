@@ -368,8 +368,8 @@ def publish_model(model_dir: str | Path, repo_id: str, private: bool = False, ap
     if corpus_dir is not None:
         if dataset_id is None:
             raise ValueError("corpus_dir needs dataset_id, the dataset repo to push the corpus to")
-        check_corpus_is_the_models(model_dir, corpus_dir)
         check_corpus_files(corpus_dir)
+        check_corpus_is_the_models(model_dir, corpus_dir)
     card = prepare_model_folder(model_dir, repo_id, dataset_id=dataset_id, refresh_code=refresh_code)
     api = api or HfApi()
     check_private(api, repo_id, "model", private)

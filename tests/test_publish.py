@@ -184,7 +184,8 @@ def test_a_corpus_whose_feature_extractor_folder_holds_other_files_is_refused_be
     assert hub.calls == []
 
 
-@pytest.mark.parametrize("name", ["rejects.csv", "unmapped_genes.txt", "feature_extractor/preprocessor_config.json"])
+@pytest.mark.parametrize("name", ["summary.json", "rejects.csv", "unmapped_genes.txt",
+                                  "feature_extractor/preprocessor_config.json"])
 def test_a_corpus_lacking_a_file_publishing_uploads_is_refused_before_anything_is_made(model_dir, tmp_path, name):
     """The corpus's files were read only after the model was uploaded and the splits pushed: a corpus without its
     rejects.csv left a dataset repo without the build's files, and the command ended with a FileNotFoundError."""
