@@ -37,7 +37,8 @@ class FakeHub:
 def corpus_folder(folder, summary=None):
     """The files of a built corpus that publishing reads or uploads beside its splits."""
     (folder / "feature_extractor").mkdir(parents=True)
-    for name in ("dataset_dict.json", "feature_extractor/preprocessor_config.json", "rejects.csv", "unmapped_genes.txt"):
+    for name in ("dataset_dict.json", "feature_extractor/preprocessor_config.json", "rejects.csv",
+                 "unmapped_genes.txt"):
         (folder / name).write_text("{}" if name.endswith(".json") else "")
     (folder / "summary.json").write_text(json.dumps(summary or {}))
     return folder
@@ -79,8 +80,9 @@ def test_an_earlier_uploads_tokenizer_and_template_files_are_deleted_with_a_new_
     hub = FakeHub()
     publish_model(model_dir, "org/x", api=hub)
     delete_patterns = hub.calls[-1][2]["delete_patterns"]
-    in_repo = ["chat_template.json", "special_tokens_map.json", "added_tokens.json", "additional_chat_templates/t.jinja",
-               "model-00001-of-00002.safetensors", "LICENSE", "notes.md", ".gitattributes"]
+    in_repo = ["chat_template.json", "special_tokens_map.json", "added_tokens.json",
+               "additional_chat_templates/t.jinja", "model-00001-of-00002.safetensors", "LICENSE", "notes.md",
+               ".gitattributes"]
     assert sorted(filter_repo_objects(in_repo, allow_patterns=delete_patterns)) == [
         "added_tokens.json", "additional_chat_templates/t.jinja", "chat_template.json",
         "model-00001-of-00002.safetensors", "special_tokens_map.json"]
