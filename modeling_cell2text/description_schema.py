@@ -93,11 +93,13 @@ TERM_ID_PREFIXES: dict[str, tuple[str, ...]] = {
     "sex": ("PATO:0000383", "PATO:0000384", "PATO:0001340"),
 }
 # The form of an id of each ontology a field or a development stage takes (the local id's digits; Cellosaurus: four
-# letters or digits), so that an edited table's "UBERON:lung" or "CL:banana" is not stated as an id.
+# letters or digits), so that an edited table's "UBERON:lung" or "CL:banana" is not stated as an id. FBdv has both 8
+# and 7 digits (FBdv:0010001 "day 61 of adulthood" to FBdv:0010010).
 TERM_ID_FORMS: dict[str, str] = {
     **dict.fromkeys(("CL:", "UBERON:", "MONDO:", "PATO:", "ZFA:", "WBbt:", "HsapDv:", "MmusDv:", "ZFS:", "WBls:"),
                     r"\d{7}"),
-    **dict.fromkeys(("FBbt:", "FBdv:"), r"\d{8}"),
+    "FBbt:": r"\d{8}",
+    "FBdv:": r"\d{7,8}",
     "CVCL_": r"[0-9A-Z]{4}",
 }
 _TERM_ID = re.compile("|".join(f"{re.escape(prefix)}{form}" for prefix, form in TERM_ID_FORMS.items()))

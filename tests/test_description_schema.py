@@ -176,3 +176,19 @@ def test_every_cell_ontology_definition_reads_back_as_the_corpus_stores_it():
         text = render_description(d)
         assert parse_description(text) == d, term_id
         assert definition_text(d.cell_type_definition) in text, term_id
+
+
+def test_every_current_id_of_the_bundled_ontologies_is_in_its_form():
+    """The fields' ids are checked against their ontology's form (`TERM_ID_FORMS`): FBdv's 7-digit ids (FBdv:0010001
+    "day 61 of adulthood" ...) were left out of fly cells' records as "wrong_ontology_development_stage_term", and
+    their cells rejected where the stage is required. Obsolete terms may be of other forms (UBERON:60005380)."""
+    from modeling_cell2text.description_schema import TERM_ID_FORMS, is_term_id_of
+    from processing.ontologies import _terms
+
+    ontologies = {prefix: "ZFA" if prefix == "ZFS:" else prefix.rstrip(":_") for prefix in TERM_ID_FORMS}
+    for prefix, name in ontologies.items():
+        ids = [term_id for term_id, term in _terms(name).items() if term_id.startswith(prefix)
+               and not term.get("deprecated") and not term.get("label", "").startswith("obsolete")]
+        assert len(ids) > 40, prefix
+        assert [term_id for term_id in ids if not is_term_id_of(term_id, (prefix,))] == [], prefix
+    assert is_term_id_of("FBdv:0010001", ("FBdv:",)) and not is_term_id_of("UBERON:lung", ("UBERON:",))
