@@ -257,7 +257,10 @@ def _term_problem(field: str, term_id: str | None, label: str | None, known: boo
     """Why a resolved (non-cell-type) term cannot be stated as `field`, as the reason a required field gives:
     "wrong_ontology_<field>_term" (also an id not in its ontology's form, "UBERON:lung"), "obsolete_<field>_term"
     (no replacement: its label reads "obsolete ..."; a stage is stated only as its age group, which an obsolete
-    stage's label still gives), "sex_not_female_or_male" (the template states only those), or None."""
+    stage's label still gives), "sex_not_female_or_male" (the template states only those), or None. A tissue id's
+    schema 4 suffix (" (organoid)") is no other form: it says what the id names (`_tissue_type`)."""
+    if field == "tissue" and term_id is not None:
+        term_id = next((term_id.removesuffix(s) for s in _TISSUE_ID_SUFFIXES if term_id.endswith(s)), term_id)
     if term_id is not None and not is_term_id_of(term_id, FIELD_TERM_PREFIXES[field]):
         return f"wrong_ontology_{field}_term"
     if term_id is not None and known and field != "development_stage" and ontologies.is_deprecated(term_id):
@@ -273,7 +276,8 @@ def _unstatable(field: str, codes: np.ndarray, pairs: list, resolved: list) -> l
     problems = [_term_problem(field, term, label, known) for term, label, known in resolved]
     cells = np.bincount(codes[codes >= 0], minlength=len(pairs))
     for problem, what, fix in (
-        (f"wrong_ontology_{field}_term", f"ids that are not {' / '.join(FIELD_TERM_PREFIXES[field])} (in their ontology's form)",
+        (f"wrong_ontology_{field}_term",
+         f"ids that are not {' / '.join(FIELD_TERM_PREFIXES[field])} (in their ontology's form)",
          f"check which obs column holds the {field} ids (--obs-map)"),
         (f"obsolete_{field}_term", "obsolete terms without a replacement", "update the terms"),
         ("sex_not_female_or_male", "neither female nor male, the sexes the description states",

@@ -475,6 +475,26 @@ def test_ids_of_another_ontology_or_obsolete_terms_are_left_out_of_the_text_with
     assert list(reasons) == [None, "obsolete_tissue_term", "wrong_ontology_sex_term", None]
 
 
+
+def test_a_schema_4_tissue_suffix_is_not_warned_about_as_an_id_of_another_form(caplog):
+    """CELLxGENE schema 4 marked organoids and cell cultures with a suffix of the tissue id: the form check warned
+    "ids that are not UBERON: / CL: / ... check which obs column holds the tissue ids (--obs-map)" of a valid file."""
+    from processing.corpus import resolve_labels
+
+    obs = pd.DataFrame({
+        "cell_type": ["B cell"] * 2, "cell_type_ontology_term_id": ["CL:0000236"] * 2,
+        "tissue": ["lung", "B cell"],
+        "tissue_ontology_term_id": ["UBERON:0002048 (organoid)", "CL:0000236 (cell culture)"],
+        "sex": ["female"] * 2, "sex_ontology_term_id": ["PATO:0000383"] * 2,
+        "disease": ["normal"] * 2, "disease_ontology_term_id": ["PATO:0000461"] * 2,
+        "development_stage": ["adult stage"] * 2, "development_stage_ontology_term_id": ["HsapDv:0000258"] * 2,
+        "donor_id": ["d"] * 2, "dataset_id": ["x"] * 2,
+    })
+    with caplog.at_level("WARNING", logger="processing.corpus"):
+        labels, _ = resolve_labels(obs)
+    assert list(labels["tissue_left_out"]) == ["tissue_type_organoid", "tissue_type_cell_culture"]
+    assert "are ids that are not" not in caplog.text and "2 cells are no donor's tissue" in caplog.text
+
 def test_shards_built_with_hashed_splits_agree_and_sharding_without_them_warns(tmp_path, caplog):
     from processing.build_corpus import main as build_main
     from processing.splits import hashed_split
