@@ -167,8 +167,10 @@ def test_files_no_cell2text_folder_is_made_of_are_refused_by_name_before_upload(
     (model_dir / stray).unlink()
     (model_dir / ".git").mkdir()
     (model_dir / ".git" / "config").write_text("[core]\n")  # a clone of the repo: huggingface_hub skips .git/
+    (model_dir / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")  # was refused
     (model_dir / "training_state.json").write_text("{}")
     publish_model(model_dir, "org/x", api=hub)
+    assert ".gitattributes" in hub.calls[-1][2]["ignore_patterns"]  # the repo keeps its own
 
 
 def test_a_corpus_whose_feature_extractor_folder_holds_other_files_is_refused_before_anything_is_made(
