@@ -69,6 +69,17 @@ def test_a_saved_model_folder_is_hub_ready_and_uploads_whole(model_dir):
     assert {"model*.safetensors", "model.safetensors.index*.json"} <= set(upload["delete_patterns"])
 
 
+
+def test_a_sharded_save_with_an_earlier_saves_files_is_not_refused_as_stray(model_dir, tmp_path):
+    """What a real save writes passes the stray-file check: sharded weights and their index, and the tokenizer files
+    of an earlier transformers that loading still reads (`EARLIER_SAVE_FILES`, checked for reading back)."""
+    model = Cell2TextForConditionalGeneration.from_pretrained(model_dir)
+    sharded = tmp_path / "sharded"
+    save_model_folder(model, Cell2TextProcessor.from_pretrained(model_dir), sharded, max_shard_size="20KB")
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 1
+    (sharded / "special_tokens_map.json").write_text("{}")
+    check_hub_ready(sharded)
+
 def test_an_earlier_uploads_tokenizer_and_template_files_are_deleted_with_a_new_upload(model_dir):
     """An earlier save's chat_template.json (special_tokens_map.json, added_tokens.json) stayed in the repo beside
     the new upload, and transformers reads it beside the new files: every user's load of the processor was refused
