@@ -43,8 +43,8 @@ def check_label_tables(
                 continue  # a label the training corpus stated without a known id (a cell type always has one)
             if not is_term_id_of(term_id, TERM_ID_PREFIXES[field]):
                 raise ValueError(f"ontology_term_ids[{field!r}][{label!r}] = {term_id!r} is not a {field} term id "
-                                 f"({' / '.join(TERM_ID_PREFIXES[field])}... and the ontology's digits, e.g. CL:0000236); "
-                                 f"{_LABEL_FIX}")
+                                 f"({' / '.join(TERM_ID_PREFIXES[field])}... and the ontology's digits, e.g. "
+                                 f"CL:0000236); {_LABEL_FIX}")
         shared = sorted(term for term, count in Counter(table.values()).items() if count > 1 and term is not None)
         if shared:
             raise ValueError(f"ontology_term_ids[{field!r}] gives the ids {shared} to several labels; {_LABEL_FIX}")

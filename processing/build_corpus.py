@@ -302,8 +302,8 @@ def _reject_fix(reason: str) -> str:
     if reason in _REJECT_FIXES:
         return _REJECT_FIXES[reason]
     if reason.startswith("wrong_ontology_"):
-        return ("a field listed in --required-fields holds ids of another ontology (or not in its form, e.g. UBERON:0002048): check which obs column holds "
-                "them (--obs-map)")
+        return ("a field listed in --required-fields holds ids of another ontology (or not in its form, e.g. "
+                "UBERON:0002048): check which obs column holds them (--obs-map)")
     if reason.startswith("obsolete_"):
         return "a field listed in --required-fields holds obsolete terms without a replacement: update them"
     if reason.startswith("tissue_type_"):
