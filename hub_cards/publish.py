@@ -55,8 +55,9 @@ from .render import (
 PACKAGE_CODE_DIR = Path(modeling_cell2text.__file__).parent
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer_config.json")
-# Files of a model folder that are not uploaded: the trainer's state, what the card is rendered from, and a clone of
-# the repo's .gitattributes (the repo keeps its own; huggingface_hub skips the clone's .git/ itself).
+# Files of a model folder that are not uploaded: the trainer's state, what the card is rendered from, and the
+# .gitattributes of a clone or `hf download --local-dir` copy of the repo (the repo keeps its own; huggingface_hub
+# skips .git/ and .cache/huggingface/ itself).
 NOT_UPLOADED = ("training_state.json", MODEL_CARD_INPUTS, ".gitattributes")
 # The weights files of a repo (whole or sharded, any variant): those an upload does not hold are deleted with it, so
 # a model republished in the other layout leaves no stale weights for from_pretrained to load (or refuse).
