@@ -302,12 +302,13 @@ def check_hub_ready(model_dir: str | Path, card: ModelCard | None = None) -> Non
     elif (model_dir / "README.md").exists():
         ModelCard.load(model_dir / "README.md")
     # Loaded as a user would (the installed classes, no remote code): weights that do not match config.json and a
-    # processor that does not fit the model are refused here rather than on the Hub.
-    model_config = Cell2TextForConditionalGeneration.from_pretrained(model_dir, dtype="auto").config
+    # processor that does not fit the model are refused here rather than on the Hub. The processor (quick to load)
+    # names its tokenizer's files, so stray files are refused before the model is loaded (minutes for a large one).
     processor = Cell2TextProcessor.from_pretrained(model_dir)
-    check_model_and_processor(model_config, processor)
     _refuse_files_not_of(model_dir, model_folder_files(model_dir, config, processor), "a Cell2Text model folder",
                          NOT_UPLOADED)
+    model_config = Cell2TextForConditionalGeneration.from_pretrained(model_dir, dtype="auto").config
+    check_model_and_processor(model_config, processor)
 
 
 def check_private(api: HfApi, repo_id: str, repo_type: str, private: bool) -> None:

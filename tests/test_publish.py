@@ -165,15 +165,19 @@ def test_adapter_or_pickle_files_in_the_folder_are_refused_before_upload(model_d
 
 @pytest.mark.parametrize("stray", ["model-old.safetensors", "pytorch_model-00001-of-00002.bin", "scratch.py",
                                    ".ipynb_checkpoints/config-checkpoint.json", "notes/run.txt"])
-def test_files_no_cell2text_folder_is_made_of_are_refused_by_name_before_upload(model_dir, stray):
+def test_files_no_cell2text_folder_is_made_of_are_refused_by_name_before_upload(model_dir, stray, monkeypatch):
     """The whole folder was uploaded: a stray copy of the weights, a script or a notebook's checkpoints went to the
-    Hub with the model. Only huggingface_hub's own ignored folders (.git/) and the files not uploaded may be there."""
+    Hub with the model. Only huggingface_hub's own ignored folders (.git/) and the files not uploaded may be there.
+    Refused before the model is loaded (minutes for a large one)."""
     (model_dir / stray).parent.mkdir(exist_ok=True)
     (model_dir / stray).write_text("{}")
     hub = FakeHub()
-    with pytest.raises(ValueError, match=rf"holds \['{stray}'\], which are no part of a Cell2Text model folder.*"
-                                         "move them out"):
-        publish_model(model_dir, "org/x", api=hub)
+    with monkeypatch.context() as patch:
+        patch.setattr(Cell2TextForConditionalGeneration, "from_pretrained",
+                      lambda *args, **kwargs: pytest.fail("the model was loaded before the stray file was refused"))
+        with pytest.raises(ValueError, match=rf"holds \['{stray}'\], which are no part of a Cell2Text model "
+                                             "folder.*move them out"):
+            publish_model(model_dir, "org/x", api=hub)
     assert hub.calls == []
     (model_dir / stray).unlink()
     (model_dir / ".git").mkdir()
