@@ -28,7 +28,7 @@ from typing import Any
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
-from transformers.tokenization_utils_base import TOKENIZER_CONFIG_FILE
+from transformers.tokenization_utils_base import FULL_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE
 from transformers.utils import (CHAT_TEMPLATE_DIR, CHAT_TEMPLATE_FILE, CONFIG_NAME, FEATURE_EXTRACTOR_NAME,
                                 GENERATION_CONFIG_NAME, PROCESSOR_NAME)
 
@@ -166,12 +166,13 @@ def model_folder_files(model_dir: Path, config: dict, processor: Any) -> set[str
     """The files a Cell2Text model folder is made of: what `save_model_folder` writes (the configs, the safetensors
     weights whole or sharded, the processor's and its tokenizer's files, the remote code that a trust_remote_code
     load reaches), the files of earlier saves that loading still reads (`EARLIER_SAVE_FILES`), and the card with
-    its saved evaluation. ``processor`` (the folder's, loaded) names its tokenizer's vocabulary files."""
+    its saved evaluation. ``processor`` (the folder's, loaded) names its tokenizer's vocabulary files; tokenizer.json
+    is always one (a GPT2Tokenizer, as SmolLM2's on the Hub, names only vocab.json and merges.txt, yet saves it)."""
     whole, index = weights_file_names()
     shards = set(json.loads((model_dir / index).read_text()).get("weight_map", {}).values()) if (
         model_dir / index).is_file() else set()
     templates = {f"{CHAT_TEMPLATE_DIR}/{path.name}" for path in (model_dir / CHAT_TEMPLATE_DIR).glob("*.jinja")}
-    return {CONFIG_NAME, GENERATION_CONFIG_NAME, whole, index, *shards, PROCESSOR_NAME, TOKENIZER_CONFIG_FILE,
+    return {CONFIG_NAME, GENERATION_CONFIG_NAME, whole, index, *shards, PROCESSOR_NAME, TOKENIZER_CONFIG_FILE, FULL_TOKENIZER_FILE,
             CHAT_TEMPLATE_FILE, *templates, *processor.tokenizer.vocab_files_names.values(), *EARLIER_SAVE_FILES,
             *_remote_code_files(model_dir, config), "README.md", EVALUATION_RESULTS}
 

@@ -80,6 +80,19 @@ def test_a_sharded_save_with_an_earlier_saves_files_is_not_refused_as_stray(mode
     (sharded / "special_tokens_map.json").write_text("{}")
     check_hub_ready(sharded)
 
+
+def test_a_folder_whose_tokenizer_is_a_gpt2_tokenizer_is_not_refused_as_stray(model_dir, tmp_path):
+    """GPT2Tokenizer (the tokenizer class of SmolLM2 on the Hub, OPT, ...) names vocab.json and merges.txt as its
+    files but saves tokenizer.json: the folder was refused with "move them out" of the tokenizer loading reads."""
+    from transformers import GPT2Tokenizer
+
+    processor = Cell2TextProcessor.from_pretrained(model_dir)
+    processor.tokenizer = GPT2Tokenizer.from_pretrained(model_dir)
+    saved = tmp_path / "gpt2"
+    save_model_folder(Cell2TextForConditionalGeneration.from_pretrained(model_dir), processor, saved)
+    assert "tokenizer.json" not in type(Cell2TextProcessor.from_pretrained(saved).tokenizer).vocab_files_names.values()
+    check_hub_ready(saved)
+
 def test_an_earlier_uploads_tokenizer_and_template_files_are_deleted_with_a_new_upload(model_dir):
     """An earlier save's chat_template.json (special_tokens_map.json, added_tokens.json) stayed in the repo beside
     the new upload, and transformers reads it beside the new files: every user's load of the processor was refused
