@@ -109,12 +109,18 @@ _TERM_ID = re.compile("|".join(f"{re.escape(prefix)}{form}" for prefix, form in 
 TERM_ID_SEPARATOR = " || "
 
 
-def is_term_id_of(term_id: object, prefixes: tuple[str, ...]) -> bool:
+#: The fields whose value may name several terms (CELLxGENE: a donor's diseases).
+JOINED_TERM_FIELDS = ("disease",)
+
+
+def is_term_id_of(term_id: object, prefixes: tuple[str, ...], joined: bool = False) -> bool:
     """Whether `term_id` is an id of the form its ontology gives (`TERM_ID_FORMS`) starting with one of `prefixes`
-    (an ontology's prefix, or a whole id where a field takes only some terms, `TERM_ID_PREFIXES`), or several such
-    ids joined by `TERM_ID_SEPARATOR`."""
-    return isinstance(term_id, str) and all(
-        part.startswith(prefixes) and _TERM_ID.fullmatch(part) is not None for part in term_id.split(TERM_ID_SEPARATOR))
+    (an ontology's prefix, or a whole id where a field takes only some terms, `TERM_ID_PREFIXES`), or, where
+    `joined` (a field of `JOINED_TERM_FIELDS`), several such ids joined by `TERM_ID_SEPARATOR`."""
+    if not isinstance(term_id, str):
+        return False
+    parts = term_id.split(TERM_ID_SEPARATOR) if joined else [term_id]
+    return all(part.startswith(prefixes) and _TERM_ID.fullmatch(part) is not None for part in parts)
 
 
 class DescriptionParseError(ValueError):

@@ -11,8 +11,8 @@ from .argument_types import is_integer_at_least
 from .compatibility import check_model_and_processor, hub_kwargs, saved_file
 from .feature_extraction_cell2text import unknown_settings_error
 from .text_padding import pad_token_rows, text_pad_token_id
-from .description_schema import (ONTOLOGY_FIELDS, TERM_ID_PREFIXES, CellDescription, DescriptionParseError,
-                                 is_term_id_of, parse_description, parse_or_none, set_definition, with_term_ids)
+from .description_schema import (JOINED_TERM_FIELDS, ONTOLOGY_FIELDS, TERM_ID_PREFIXES, CellDescription,
+                                 DescriptionParseError, is_term_id_of, parse_description, parse_or_none, set_definition, with_term_ids)
 
 DEFAULT_SYSTEM_PROMPT = "You are a single-cell biologist. Describe the cell concisely and professionally."
 DEFAULT_USER_PROMPT = "Gene expression embeddings: "
@@ -41,10 +41,9 @@ def check_label_tables(
             _check_label(f"ontology_term_ids[{field!r}]", field, label)
             if term_id is None and field != "cell_type":
                 continue  # a label the training corpus stated without a known id (a cell type always has one)
-            if not is_term_id_of(term_id, TERM_ID_PREFIXES[field]):
+            if not is_term_id_of(term_id, TERM_ID_PREFIXES[field], joined=field in JOINED_TERM_FIELDS):
                 raise ValueError(f"ontology_term_ids[{field!r}][{label!r}] = {term_id!r} is not a {field} term id "
-                                 f"({' / '.join(TERM_ID_PREFIXES[field])}... and the ontology's digits, e.g. "
-                                 f"CL:0000236); {_LABEL_FIX}")
+                                 f"({' / '.join(TERM_ID_PREFIXES[field])}... and the ontology's digits); {_LABEL_FIX}")
         shared = sorted(term for term, count in Counter(table.values()).items() if count > 1 and term is not None)
         if shared:
             raise ValueError(f"ontology_term_ids[{field!r}] gives the ids {shared} to several labels; {_LABEL_FIX}")

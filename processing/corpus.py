@@ -41,6 +41,7 @@ from modeling_cell2text.description_schema import (
     AGE_GROUPS,
     MISSING_VALUES,
     ONTOLOGY_FIELDS,
+    JOINED_TERM_FIELDS,
     SEXES,
     TERM_ID_PREFIXES,
     CellDescription,
@@ -261,7 +262,8 @@ def _term_problem(field: str, term_id: str | None, label: str | None, known: boo
     schema 4 suffix (" (organoid)") is no other form: it says what the id names (`_tissue_type`)."""
     if field == "tissue" and term_id is not None:
         term_id = next((term_id.removesuffix(s) for s in _TISSUE_ID_SUFFIXES if term_id.endswith(s)), term_id)
-    if term_id is not None and not is_term_id_of(term_id, FIELD_TERM_PREFIXES[field]):
+    joined = field in JOINED_TERM_FIELDS
+    if term_id is not None and not is_term_id_of(term_id, FIELD_TERM_PREFIXES[field], joined=joined):
         return f"wrong_ontology_{field}_term"
     if term_id is not None and known and field != "development_stage" and ontologies.is_deprecated(term_id):
         return f"obsolete_{field}_term"  # without a replacement (resolve_term followed any)

@@ -226,6 +226,9 @@ def test_misspelt_settings_in_a_saved_processor_config_are_refused(processor, tm
     # an id not in its ontology's form (an edited table): stated as the cell's id, exit 0
     (dict(ontology_term_ids={"cell_type": {"B cell": "CL:banana"}}), ValueError,
      r"'CL:banana' is not a cell_type term id \(CL:\.\.\. and the ontology's digits"),
+    # several ids joined as CELLxGENE joins diseases, in a field that names one term
+    (dict(ontology_term_ids={"cell_type": {"B cell": "CL:0000236 || CL:0000084"}}), ValueError,
+     "is not a cell_type term id"),
     (dict(ontology_term_ids={"tissue": {"lung": "UBERON:lung"}}), ValueError, "'UBERON:lung' is not a tissue term id"),
     (dict(ontology_term_ids={"disease": {"COVID-19": "MONDO:0100096 || MONDO:01"}}), ValueError,
      "is not a disease term id"),
