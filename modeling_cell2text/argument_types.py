@@ -64,8 +64,26 @@ def refused_input_as_one_line(prog: str, wording: Callable[[str], str] = str) ->
     """End a command whose input is refused (`ValueError`, `OSError`: a missing file, an existing output, a corpus
     that does not fit the model; their messages name the fix) with one line and exit status 1, as argparse's errors
     end, instead of a traceback. Other exceptions keep their traceback: they are bugs. `wording` rewrites the
-    message (`as_command_line`: the library's keywords as the command's options)."""
+    message (`as_command_line`: the library's keywords as the command's options). A `ValueError` raised in another
+    library's code (a shape mismatch in torch, a JSON file that does not parse) keeps its traceback too: it was
+    not this project's refusal, and one line would hide where it came from."""
     try:
         yield
     except (ValueError, OSError) as error:
+        if isinstance(error, ValueError) and not raised_by_this_project(error):
+            raise
         raise SystemExit(f"{prog}: error: {wording(' '.join(str(error).split()))}") from None
+
+
+# The project's top-level packages (and a command's own module, run with `python -m`), whose refusals name the fix.
+_PROJECT_PACKAGES = ("modeling_cell2text", "processing", "training", "hub_cards", "__main__")
+
+
+def raised_by_this_project(error: BaseException) -> bool:
+    """Whether the innermost Python frame of `error`'s traceback (where it was raised, or the caller of the builtin
+    that raised it) is this project's code."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    module = frame.tb_frame.f_globals.get("__name__", "") if frame is not None else ""
+    return module.split(".")[0] in _PROJECT_PACKAGES

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .argument_types import DTYPE_NAMES, as_command_line, positive_int
+from .argument_types import DTYPE_NAMES, as_command_line, positive_int, raised_by_this_project
 from .package_info import package_version
 from .output_files import Terminated, publish_file, sigterm_as_exception
 
@@ -135,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signal.SIGINT
     # bad input, or a model that overflows (FloatingPointError, naming --dtype): one line; anything else is a bug
     except (CLIError, ValueError, OSError, FloatingPointError) as error:
+        if isinstance(error, ValueError) and not raised_by_this_project(error):
+            raise  # another library's: where it came from is what a report of it needs
         print(f"cell2text: error: {as_command_line(' '.join(str(error).split()))}", file=sys.stderr)
         return 1
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 from test_pipeline import DESCRIPTION, GENES, make_adata, save_tiny_model_folder
 
 from modeling_cell2text.cli import main
+from modeling_cell2text.pipeline_cell2text import check_switches
 
 NEW_COLUMNS = (
     "cell2text_description", "cell2text_parsed", "cell2text_cell_type", "cell2text_cell_type_ontology_term_id",
@@ -430,13 +432,19 @@ def test_bad_input_is_one_line_but_a_bug_keeps_its_traceback(monkeypatch, capsys
 
     h5ad_path, out = tmp_path / "in.h5ad", tmp_path / "out.h5ad"
 
-    def bad_input(args):
-        raise ValueError("model x: no config.json;\n point it at a saved Cell2Text model folder")
+    def bad_input(args):  # a refusal of the package's own (its message names the fix)
+        check_switches(use_raw="false")
 
     monkeypatch.setattr(cli, "run", bad_input)
     assert main(["describe", str(h5ad_path), "--model", "x", "--out", str(out)]) == 1
-    assert capsys.readouterr().err == ("cell2text: error: model x: no config.json; point it at a saved Cell2Text "
-                                       "model folder\n")
+    assert capsys.readouterr().err == "cell2text: error: use_raw must be True or False, got 'false'\n"
+
+    def foreign_value_error(args):  # another library's ValueError was one line, without where it came from
+        json.loads("{not json")  # json.JSONDecodeError, raised in the json module
+
+    monkeypatch.setattr(cli, "run", foreign_value_error)
+    with pytest.raises(json.JSONDecodeError):
+        main(["describe", str(h5ad_path), "--model", "x", "--out", str(out)])
 
     def bug(args):  # a KeyError, TypeError or RuntimeError inside describing is a bug, not a message
         raise KeyError("cell_type_score")

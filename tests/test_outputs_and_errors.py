@@ -400,12 +400,22 @@ def test_commands_end_refused_input_with_one_line(tmp_path, command):
 def test_the_demo_ends_refused_input_with_one_line(monkeypatch, tmp_path):
     """`python -m training.demo` ended a refusal (--reuse-models of a model trained on another corpus build, an --out
     that is a file) with a traceback; its refusals come minutes in, so `run` stands in for them here."""
+    import json
+
     from training import demo
 
-    def refused(*args, **kwargs):
-        raise ValueError("--reuse-models: the model was trained on another build of the corpus; run without "
-                         "--reuse-models")
+    (tmp_path / "config.json").write_text(json.dumps({"training_corpus_fingerprints": {"train": "a"}}))
+
+    def refused(*args, **kwargs):  # the demo's own refusal
+        demo.check_trained_on(tmp_path, {"train": "b"})
 
     monkeypatch.setattr(demo, "run", refused)
-    with pytest.raises(SystemExit, match=r"^demo: error: --reuse-models: the model was trained"):
+    with pytest.raises(SystemExit, match=r"^demo: error: --reuse-models: the model in .* was trained on another"):
+        demo.main(["--out", str(tmp_path), "--reuse-models"])
+
+    def bug(*args, **kwargs):  # another library's ValueError inside the run keeps its traceback: it is no refusal
+        json.loads("{not json")
+
+    monkeypatch.setattr(demo, "run", bug)
+    with pytest.raises(json.JSONDecodeError):
         demo.main(["--out", str(tmp_path), "--reuse-models"])
