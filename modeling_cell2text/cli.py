@@ -57,7 +57,7 @@ class _CommandParser(argparse.ArgumentParser):
 def _add_common_arguments(command: argparse.ArgumentParser, key: str, batch_size: int) -> None:
     command.add_argument("input", type=Path, help="input .h5ad (never modified)")
     command.add_argument("--model", required=True, help="model folder or Hub repo (model + processor)")
-    command.add_argument("--out", required=True, type=Path, help="output .h5ad (a new file, not the input)")
+    command.add_argument("--out", required=True, type=Path, help="output .h5ad (a new file, not the input; named *.h5ad)")
     command.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     command.add_argument("--key-added", default=key, help=f"name of the new annotations (default {key})")
     command.add_argument("--batch-size", type=positive_int, default=batch_size,
@@ -254,6 +254,10 @@ def check_paths(input_path: Path, out_path: Path, overwrite: bool = False) -> No
         raise CLIError(f"--out {out_path} is the input file; choose a new path (the input is never modified)")
     if out_path.is_dir():
         raise CLIError(f"--out {out_path} is a folder; give the path of the .h5ad file to write")
+    if out_path.suffix.lower() != ".h5ad":  # out.csv was written as an HDF5 file under that name, exit 0
+        raise CLIError(f"--out {out_path}: cell2text writes an .h5ad file (a copy of the input with the results in "
+                       "obs or obsm), whatever the name says; name it *.h5ad (for a table, read it back: "
+                       "anndata.read_h5ad(out).obs.to_csv(...))")
     if not out_path.parent.resolve().is_dir():
         raise CLIError(f"the folder of --out {out_path} does not exist")
     if not os.access(out_path.parent.resolve(), os.W_OK):

@@ -230,6 +230,16 @@ def test_out_folder_or_missing_parent_is_refused_before_loading(model_dir, h5ad,
     assert_one_line_error(code, err, "does not exist")
 
 
+@pytest.mark.parametrize("name", ["annotated.csv", "annotated.jsonl", "annotated.zarr", "annotated"])
+def test_out_named_as_another_format_is_refused_before_loading(model_dir, h5ad, tmp_path, capsys, monkeypatch, name):
+    """The finding: --out annotated.csv wrote an HDF5 file under that name and exited 0."""
+    monkeypatch.setattr("modeling_cell2text.tl.load", fail_if_called)
+    for command in ("describe", "embed"):
+        code, err = run_cli([command, str(h5ad), "--model", str(model_dir), "--out", str(tmp_path / name)], capsys)
+        assert_one_line_error(code, err, "writes an .h5ad file", "*.h5ad", ".obs.to_csv")
+        assert not (tmp_path / name).exists()
+
+
 def leftovers(folder: Path, *keep: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p not in keep)
 
