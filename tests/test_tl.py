@@ -388,6 +388,21 @@ def test_constrained_asked_of_a_processor_without_labels_records_and_writes_a_fr
 # -- the uns record and key_added (reviewer's findings, stop 41) ----------------------------------------------------
 
 
+def test_max_new_tokens_in_constrained_describing_says_it_has_no_effect(model_dirs, caplog):
+    """The finding: `cell2text describe --max-new-tokens 3` (no --free) described every cell whole without a word,
+    as the example script's option had before it was refused there."""
+    def notices(**options) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="modeling_cell2text.tl"):
+            tl.describe(make_adata(2), model_dirs["trained"], progress=False, **options)
+        return [record.getMessage() for record in caplog.records if "max_new_tokens" in record.getMessage()]
+
+    assert notices(max_new_tokens=3) == ["max_new_tokens=3 bounds free descriptions (constrained=False) only: the "
+                                         "schema-constrained decoder writes each description whole, so it has no "
+                                         "effect here."]
+    assert notices() == [] and notices(max_new_tokens=40, constrained=False) == []
+
+
 def test_the_record_holds_the_max_new_tokens_that_ran_and_the_weights_that_ran(model_dirs):
     """The reviewer's findings: generate_kwargs' max_new_tokens ran but the record said the option's 160; the
     revision hashed the folder's files, so a model changed in memory after loading recorded the same revision."""
