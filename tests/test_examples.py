@@ -88,6 +88,26 @@ def test_the_describe_example_bounds_free_descriptions_only(tmp_path):
     assert "'constrained': False" in out and "'max_new_tokens': 3" in out
 
 
+def test_the_describe_example_reads_counts_in_raw_and_refuses_other_values_in_one_line(tmp_path):
+    """The finding: a CELLxGENE-layout file (normalised X, counts in adata.raw) could not be described (no --use-raw),
+    and the refusal of its X as counts ended in a multi-KB traceback."""
+    import numpy as np
+    from test_pipeline import make_adata, save_tiny_model_folder
+
+    model_dir = save_tiny_model_folder(tmp_path / "model")
+    adata = make_adata(3)
+    adata.raw = adata.copy()
+    adata.X = np.log1p(adata.X.toarray())
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    command = ["--model", str(model_dir), "--h5ad", "cells.h5ad"]
+    refused = example_process("describe_cells", *command, cwd=tmp_path)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        "describe_cells: error: --input-values counts but the values are not integer counts")
+    out = run_example("describe_cells", *command, "--use-raw", cwd=tmp_path)
+    assert out.count("B cell (CL:0000236)") == 3 and "'layer': 'raw'" in out
+
+
 def test_the_finetune_example_passes_num_cell_tokens_with_init_from(tmp_path):
     """With --init-from it dropped --num-cell-tokens without a word (the run kept the model's); now the recipe refuses
     a value other than the model's, as it does from the command line."""
