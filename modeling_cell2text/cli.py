@@ -57,7 +57,8 @@ class _CommandParser(argparse.ArgumentParser):
 def _add_common_arguments(command: argparse.ArgumentParser, key: str, batch_size: int) -> None:
     command.add_argument("input", type=Path, help="input .h5ad (never modified)")
     command.add_argument("--model", required=True, help="model folder or Hub repo (model + processor)")
-    command.add_argument("--out", required=True, type=Path, help="output .h5ad (a new file, not the input; named *.h5ad)")
+    command.add_argument("--out", required=True, type=Path,
+                         help="output .h5ad (a new file, not the input; named *.h5ad)")
     command.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     command.add_argument("--key-added", default=key, help=f"name of the new annotations (default {key})")
     command.add_argument("--batch-size", type=positive_int, default=batch_size,
