@@ -8,7 +8,9 @@ Follows transformers' LLaVA layout (v5): `Cell2TextModel` holds `gene_encoder`, 
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
+import json
 import os
 from pathlib import Path
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import (CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME,
                                 can_return_tuple, find_adapter_config_file, logging)
 
+from .argument_types import is_integer_at_least
 from .cell_inputs import CELL_INPUT_NAMES, CELL_ROW_KEYS
 from .compatibility import (PREPARED_ENCODER_KEY, check_gene_vocabulary, gene_vocabulary_sha256, hub_kwargs,
                             saved_file)
@@ -142,15 +145,67 @@ def _refuse_two_weight_layouts(pretrained_model_name_or_path: Any, kwargs: dict)
             "Remove the stale ones (from a Hub repo too), or save the model again to a new folder.")
 
 
+# Generation settings by the type they take (None: unset; integers with their least value), checked by name where a
+# wrong type ran silently (do_sample "false" sampled: a non-empty string is true; max_new_tokens true wrote one token)
+# or failed late and unclearly.
+INTEGER_SETTINGS = {"num_beams": 1, "num_return_sequences": 1, **dict.fromkeys((
+    "max_length", "max_new_tokens", "min_length", "min_new_tokens", "top_k", "no_repeat_ngram_size", "pad_token_id",
+    "bos_token_id", "forced_bos_token_id"), 0)}
+SWITCH_SETTINGS = ("do_sample", "use_cache", "renormalize_logits", "remove_invalid_values", "output_scores",
+                   "output_logits", "output_attentions", "output_hidden_states", "return_dict_in_generate")
+NUMBER_SETTINGS = ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty", "length_penalty", "max_time")
+
+
+def generation_setting_names() -> set[str]:
+    """The settings a generation config holds (`GenerationConfig`'s attributes, the bookkeeping keys a saved
+    generation_config.json holds among them): the one list that the model folder's and the pipeline's checks of
+    setting names read."""
+    return set(GenerationConfig().to_dict())
+
+
+def check_generation_settings(settings: dict, where: str) -> None:
+    """Refuse a setting of `settings` (a generation_config.json's, a call's) whose value has the wrong type
+    (`INTEGER_SETTINGS`, `SWITCH_SETTINGS`, `NUMBER_SETTINGS`), naming it and `where` it was set."""
+    for name, value in settings.items():
+        if value is None:
+            continue
+        if name in INTEGER_SETTINGS and not is_integer_at_least(value, INTEGER_SETTINGS[name]):
+            expected = f"an integer >= {INTEGER_SETTINGS[name]}"
+        elif name in SWITCH_SETTINGS and not isinstance(value, bool):
+            expected = "true or false"
+        elif name in NUMBER_SETTINGS and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            expected = "a number"
+        else:
+            continue
+        raise ValueError(f"{name} must be {expected}, got {value!r} ({type(value).__name__}) {where}: fix it there.")
+
+
 def _refuse_unreadable_generation_config(pretrained_model_name_or_path: Any, kwargs: dict) -> None:
-    """Raise transformers' own error for a model folder's or repo's generation_config.json that does not read:
-    transformers falls back to a default generation config with only a log line (the folder's settings, e.g. its
-    eos token and max_new_tokens, silently dropped)."""
+    """Refuse a model folder's or repo's generation_config.json that does not read (transformers' own error:
+    transformers falls back to a default generation config with only a log line, the folder's settings, e.g. its eos
+    token and max_new_tokens, silently dropped), that names a key no generation setting is (transformers keeps it, or
+    with `_from_model_config` drops it, and generation runs without it: `max_new_token` left the default length), or
+    that gives a setting a value of the wrong type (`check_generation_settings`)."""
     if pretrained_model_name_or_path is None:
         return
     hub = hub_kwargs(kwargs)
-    if saved_file(pretrained_model_name_or_path, GENERATION_CONFIG_NAME, hub) is not None:
-        GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+    path = saved_file(pretrained_model_name_or_path, GENERATION_CONFIG_NAME, hub)
+    if path is None:
+        return
+    try:
+        settings = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        settings = None  # transformers' own error names it below
+    if isinstance(settings, dict):
+        where = f"in the {GENERATION_CONFIG_NAME} of {pretrained_model_name_or_path!s}"
+        known = generation_setting_names() | {"_commit_hash"}  # a key earlier transformers versions saved
+        unknown = [f"{key!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(
+            key, known, n=1)) else "") for key in settings if key not in known]
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)} {where}: no generation setting, so generation would run without "
+                             "it. Fix the name there (the settings are GenerationConfig's), or remove it.")
+        check_generation_settings(settings, where)
+    GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub)
 
 
 def _refuse_unloaded_weights(pretrained_model_name_or_path: Any, loading_info: dict) -> None:
@@ -234,12 +289,16 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
         weights and for a truncated or corrupt weights file (`SafetensorError`: a bad header, a short file).
 
         Stricter than transformers where it would give a silently different model: weights missing from the file
-        or left over by the config (transformers initialises or drops them with a log line) and a PEFT adapter
-        beside the weights (transformers applies it) are refused. `output_loading_info=True` returns the loading
-        info instead of refusing, for whoever wants to inspect a mismatched checkpoint."""
+        or left over by the config (transformers initialises or drops them with a log line), a PEFT adapter
+        beside the weights (transformers applies it) and a generation_config.json naming an unknown setting or giving
+        one a value of the wrong type (generation ran without it, or with "false" read as true) are refused.
+        `output_loading_info=True` returns the loading info instead of refusing the weights, for whoever wants to
+        inspect a mismatched checkpoint."""
         kwargs.setdefault("use_safetensors", True)
         _refuse_adapter_files(pretrained_model_name_or_path, kwargs)
         _refuse_two_weight_layouts(pretrained_model_name_or_path, kwargs)
+        # before transformers' load, which fails on some settings unclearly (max_new_tokens "abc": a TypeError)
+        _refuse_unreadable_generation_config(pretrained_model_name_or_path, kwargs)
         wants_loading_info = kwargs.pop("output_loading_info", False)
         try:
             model, loading_info = super().from_pretrained(
@@ -267,7 +326,6 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
             if not (kwargs["use_safetensors"] and pickled):
                 raise
             raise OSError(pickled_weights_message(pretrained_model_name_or_path, pickled[0])) from err
-        _refuse_unreadable_generation_config(pretrained_model_name_or_path, kwargs)
         model.config._commit_hash = _loaded_commit(pretrained_model_name_or_path, kwargs)
         _name_subfolder(model, pretrained_model_name_or_path, kwargs.get("subfolder"))
         if wants_loading_info:
@@ -591,6 +649,7 @@ class Cell2TextForConditionalGeneration(Cell2TextPreTrainedModel, GenerationMixi
         `generate(**processor(...))` works with it."""
         for key in CELL_ROW_KEYS:
             kwargs.pop(key, None)
+        check_generation_settings(kwargs, "in the call to generate")
         if len(args) > 1:  # generate(inputs, generation_config, ...) as transformers orders them: read them by name
             names = [name for name in inspect.signature(GenerationMixin.generate).parameters if name != "self"]
             for name, value in zip(names[1:], args[1:]):

@@ -33,7 +33,8 @@ from .compatibility import (ModelProcessorMismatchError, check_labels, check_mod
                             fit_tokens_to_encoder, gene_ranking_sha256, gene_vocabulary_sha256, processor_sha256,
                             recorded_gene_vocabulary_sha256, saved_file)
 from .label_scoring import constrains, constrains_by_default
-from .modeling_cell2text import DESCRIPTION_MAX_NEW_TOKENS, foreign_weight_files, weights_file_names
+from .modeling_cell2text import (DESCRIPTION_MAX_NEW_TOKENS, check_generation_settings, foreign_weight_files,
+                                 generation_setting_names, weights_file_names)
 from .rank_value import as_csr
 from .schema_decoding import DEFAULT_NUM_BEAMS, SchemaDecoder, known_labels, nan_logits_error, schema_results
 from .text_padding import check_outputs_line_up, text_pad_token_id
@@ -732,8 +733,9 @@ def _refuse_unknown_generation_options(options: dict, model: Any) -> None:
     """Refuse keywords that are neither a pipeline option nor something `generate` takes (a generation setting, one
     of its arguments, the tokenizer `stop_strings` needs, a model input): the constrained decoder reads only the
     settings it uses, so a misspelt option (`layers=`, `raw=`, `constrain=`) was ignored, and the cells described
-    from X, exit 0."""
-    known = (set(GenerationConfig().to_dict()) | set(inspect.signature(GenerationMixin.generate).parameters)
+    from X, exit 0. Settings of the wrong type are refused too (`check_generation_settings`: do_sample="false"
+    sampled)."""
+    known = (generation_setting_names() | set(inspect.signature(GenerationMixin.generate).parameters)
              | {"tokenizer", "assistant_tokenizer"} | set(inspect.signature(model.forward).parameters))
     unknown = sorted(set(options) - known)
     given_too_early = sorted(set(unknown) & CALL_OPTIONS)
@@ -746,6 +748,9 @@ def _refuse_unknown_generation_options(options: dict, model: Any) -> None:
             "skip_empty_cells, constrained, batch_size, sort_by_length, progress, rows, generate_kwargs and generation "
             "settings (GenerationConfig's, e.g. max_new_tokens, num_beams, do_sample)"
         )
+    check_generation_settings(options, "in the call")
+    if isinstance(options.get("generation_config"), GenerationConfig):
+        check_generation_settings(options["generation_config"].to_diff_dict(), "in the generation_config passed")
 
 
 def save_model_folder(model: Any, processor: Any, save_directory: str | os.PathLike, **kwargs: Any) -> None:

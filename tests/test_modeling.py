@@ -196,6 +196,28 @@ def test_a_generation_config_that_does_not_read_is_refused_not_dropped(tmp_path)
         Cell2TextForConditionalGeneration.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize(("setting", "message"), [
+    # transformers kept (or, with _from_model_config, dropped) the key: descriptions ran at the default length
+    ({"max_new_token": 5}, r"'max_new_token' \(did you mean 'max_new_tokens'\?\) in the generation_config.json"),
+    ({"num_beam": 3}, r"'num_beam' \(did you mean 'num_beams'\?\)"),
+    ({"max_new_tokens": "abc"}, r"max_new_tokens must be an integer >= 0, got 'abc' \(str\)"),  # a TypeError
+    ({"max_new_tokens": True}, "max_new_tokens must be an integer"),  # one token written
+    ({"num_beams": 2.5}, "num_beams must be an integer"),
+    ({"do_sample": "false"}, "do_sample must be true or false, got 'false'"),  # sampled
+])
+def test_a_generation_config_with_an_unknown_or_mistyped_setting_is_refused_by_name(tmp_path, setting, message):
+    tiny_model().save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps({**saved, **setting}))
+    with pytest.raises(ValueError, match=message):
+        Cell2TextForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_generate_refuses_a_setting_of_the_wrong_type():
+    with pytest.raises(ValueError, match="do_sample must be true or false, got 'false' .* in the call to generate"):
+        tiny_model().generate(**cell_batch(), do_sample="false", max_new_tokens=2)
+
+
 def test_a_model_and_its_base_model_load_from_each_others_folders(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path / "full")

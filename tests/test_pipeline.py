@@ -354,6 +354,16 @@ def test_a_misspelt_option_is_refused_not_ignored(random_dir, typo):
         describe(make_adata(2), generate_kwargs=typo)
 
 
+def test_a_generation_setting_of_the_wrong_type_is_refused_not_read_as_true(random_pipeline):
+    """do_sample="false" sampled (a non-empty string is true), exit 0."""
+    with pytest.raises(ValueError, match="do_sample must be true or false, got 'false' .* in the call"):
+        random_pipeline(make_adata(2), constrained=False, do_sample="false")
+    config = GenerationConfig(max_new_tokens=4)
+    config.do_sample = "false"
+    with pytest.raises(ValueError, match="do_sample must be true or false, got 'false' .* in the generation_config"):
+        random_pipeline(make_adata(2), constrained=False, generation_config=config)
+
+
 def test_generate_arguments_outside_generation_config_pass_the_option_check(random_dir):
     """A reviewer's finding: `tokenizer=` (which `stop_strings` needs) was refused as an unknown option."""
     describe = pipeline("cell-to-text", model=str(random_dir), trust_remote_code=True, device="cpu")
