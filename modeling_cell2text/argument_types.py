@@ -29,7 +29,7 @@ _OPTION_NAMES = (
     (re.compile(r"\blayer=\.\.\."), "--layer NAME"),
     (re.compile(r"\bbatch_size must\b"), "--batch-size must"),
     (re.compile(r"\bmax_new_tokens=(\d+)"), r"--max-new-tokens \1"),
-    (re.compile(r"\bpass a larger max_new_tokens\b"), "pass a larger --max-new-tokens"),
+    (re.compile(r"\bpass a (larger|smaller) max_new_tokens\b"), r"pass a \1 --max-new-tokens"),
     (re.compile(r"\bbfloat16 \(dtype=\.\.\.\)"), "bfloat16 (--dtype NAME)"),
     (re.compile(r"^obs_map (?=names |maps )"), "--obs-map "),
 )

@@ -308,6 +308,7 @@ class Cell2TextPipeline(Pipeline):
         preprocess_params = {**self._preprocess_params, **preprocess_params}
         forward_params = {**self._forward_params, **forward_params}
         self._check_one_sequence_per_cell(forward_params.get("generate_kwargs"))
+        self._check_positions(forward_params.get("generate_kwargs"), forward_params.get("constrained"))
         check_labels(self.model.config, self.processor, self._model_name)  # its tables may have changed since
         layer = preprocess_params.pop("layer", None)
         use_raw = preprocess_params.pop("use_raw", False)
@@ -352,6 +353,39 @@ class Cell2TextPipeline(Pipeline):
                 "descriptions of the same cells, call the pipeline several times with do_sample=True."
             )
 
+    def _check_positions(self, generate_kwargs: dict | None, constrained: bool | None) -> None:
+        """Refuse a call whose longest prompt (the chat template with `num_cell_tokens` placeholders) and description
+        (`max_new_tokens`, `max_length`; constrained: its longest, `SchemaDecoder.longest_description_tokens`) need
+        more positions than the language model has (`text_config.max_position_embeddings`): past them a model with
+        rotary positions wrote on at positions it was never trained at, exit 0, and one with learned positions failed
+        with an index error. Once per call."""
+        limit = getattr(self.model.config.text_config, "max_position_embeddings", None)
+        if not isinstance(limit, int):
+            return
+        cells = self.processor.num_cell_tokens
+        prompt = len(self.processor._prompt_ids(cells))
+        if self._constrains(constrained):
+            settings = self._constrained_settings(generate_kwargs)
+            beams = settings.get("num_beams")
+            written = self.schema_decoder(DEFAULT_NUM_BEAMS if beams is None else int(beams)).longest_description_tokens()
+            need, description = prompt + written, f"the longest schema-constrained description (about {written} tokens)"
+            fix = "use a model with fewer cell tokens (num_cell_tokens) or an LLM with more positions"
+        else:
+            settings = self._get_set_generation_params(self._prepare_generate_kwargs(dict(generate_kwargs or {})))
+            if settings.get("max_new_tokens") is not None:
+                need, description = prompt + settings["max_new_tokens"], f"max_new_tokens={settings['max_new_tokens']}"
+            elif settings.get("max_length") is not None:  # prompt included
+                need, description = settings["max_length"], f"the description up to max_length={settings['max_length']}"
+            else:
+                return
+            fix = ("pass a smaller max_new_tokens, or use a model with fewer cell tokens (num_cell_tokens) or an LLM "
+                   "with more positions")
+        if need > limit:
+            raise ValueError(
+                f"The prompt ({prompt} tokens: the chat template and {cells} cell tokens) and {description} need "
+                f"{need} positions, but the language model has {limit} (text_config.max_position_embeddings), and "
+                f"past them it writes at positions it was not trained at: {fix}.")
+
     def preprocess(
         self, cell_tokens: Sequence[np.ndarray], cell_bins: Sequence[np.ndarray] | None = None, **kwargs: Any
     ) -> dict:
@@ -367,11 +401,7 @@ class Cell2TextPipeline(Pipeline):
                  constrained: bool | None = None) -> dict:
         prompt_length = model_inputs["input_ids"].shape[1]
         if self._constrains(constrained):
-            # What the caller asked for (the model's generation config is written for free generation).
-            settings = {**(getattr(self, "_generate_kwargs", None) or {}), **(generate_kwargs or {})}
-            given = settings.pop("generation_config", None)  # its settings count as if passed one by one
-            if given is not None:
-                settings = {**given.to_diff_dict(), **settings}
+            settings = self._constrained_settings(generate_kwargs)
             if settings.get("do_sample"):
                 raise ValueError("Schema-constrained describing chooses each label by its likelihood and does not "
                                  "sample: pass do_sample=False, or constrained=False to sample free text.")
@@ -411,6 +441,13 @@ class Cell2TextPipeline(Pipeline):
         ended &= ~ended_by_forced_eos(generated[:, prompt_length:], tokenizer.eos_token_id, settings, prompt_length)
         return {"generated_ids": generated, "prompt_length": prompt_length, "ended": ended,
                 "max_new_tokens": settings.get("max_new_tokens")}
+
+    def _constrained_settings(self, generate_kwargs: dict | None) -> dict:
+        """The generation settings the caller asked for (the pipeline's and the call's; the model's generation config
+        is written for free generation), those of a `generation_config` among them as if passed one by one."""
+        settings = {**(getattr(self, "_generate_kwargs", None) or {}), **(generate_kwargs or {})}
+        given = settings.pop("generation_config", None)
+        return settings if given is None else {**given.to_diff_dict(), **settings}
 
     def _constrains(self, constrained: bool | None) -> bool:
         """Whether to describe with the schema decoder: by default where the processor knows cell-type labels; asked

@@ -861,6 +861,18 @@ class SchemaDecoder:
     def options_labels(self, choice: str) -> list[str]:
         return [option.labels[0][1] for option in self.options.get(choice, [])]
 
+    def longest_description_tokens(self) -> int:
+        """The most tokens a description feeds the model after its prompt, give or take a token where tokenizing a
+        definition after its cell type differs (the positions it needs): every choice's shared tokens and its longest
+        option, and the longest definition where the model reads them."""
+        length = sum(len(self.shared_tokens[choice]) + max(map(len, self.option_tokens[choice]))
+                     for choice in self.options)
+        if self.processor.definitions_in_model_text and self.definitions:
+            tokenizer = self.processor.tokenizer
+            length += max(len(tokens_in_context(tokenizer, "This sample consists of a cell.", definition_text(text)))
+                          for text in self.definitions.values())
+        return length
+
     @torch.no_grad()
     def describe(self, model, inputs: Mapping[str, torch.Tensor]) -> SchemaDescriptions:
         """Describe each cell of `inputs` (a generation batch from the processor)."""

@@ -501,6 +501,8 @@ def test_errors_name_the_commands_options(model_dir, tmp_path, capsys):
     message = "Expected input batch_size (4) to match target batch_size (8)"  # torch's words stay as they are
     assert as_command_line(message) == message
     assert as_command_line("obs_map names columns not in obs: ['x']") == "--obs-map names columns not in obs: ['x']"
+    assert as_command_line("max_new_tokens=30 need 69 positions: pass a smaller max_new_tokens, or") == \
+        "--max-new-tokens 30 need 69 positions: pass a smaller --max-new-tokens, or"
 
 
 @pytest.mark.parametrize("word", ["obs_map", "use_raw", "layer", "input_values", "batch_size"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import anndata as ad
@@ -286,6 +287,24 @@ def test_outputs_that_do_not_line_up_with_the_cells_are_never_returned(random_pi
     with pytest.raises(RuntimeError, match="wrong cells"):
         random_pipeline(counts_of_varied_prompts(), gene_ids=GENES, batch_size=4, max_new_tokens=2,
                         constrained=False)
+
+
+def test_a_prompt_and_description_past_the_llms_positions_are_refused_before_any_cell(random_dir, tmp_path):
+    """An LLM of fewer positions than the prompt and description need wrote on past them (rotary positions it was
+    never trained at), exit 0, in both modes."""
+    folder = tmp_path / "few-positions"
+    shutil.copytree(random_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 60
+    (folder / "config.json").write_text(json.dumps(config))
+    describe = local_pipeline(folder)
+    prompt = len(describe.processor._prompt_ids(8))
+    with pytest.raises(ValueError, match=rf"The prompt \({prompt} tokens: the chat template and 8 cell tokens\) and "
+                                         rf"max_new_tokens=30 need {prompt + 30} positions, but the language model has 60"):
+        describe(make_adata(2), constrained=False, max_new_tokens=30)
+    with pytest.raises(ValueError, match=r"the longest schema-constrained description \(about \d+ tokens\) need .* has 60"):
+        describe(make_adata(2))
+    assert len(describe(make_adata(2), constrained=False, max_new_tokens=60 - prompt)) == 2
 
 
 def test_batch_size_zero_is_an_error(random_pipeline):
