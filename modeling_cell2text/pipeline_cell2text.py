@@ -357,8 +357,8 @@ class Cell2TextPipeline(Pipeline):
         """Refuse a call whose longest prompt (the chat template with `num_cell_tokens` placeholders) and description
         (`max_new_tokens`, `max_length`; constrained: its longest, `SchemaDecoder.longest_description_tokens`) need
         more positions than the language model has (`text_config.max_position_embeddings`): past them a model with
-        rotary positions wrote on at positions it was never trained at, exit 0, and one with learned positions failed
-        with an index error. Once per call."""
+        rotary positions wrote on at positions it was never trained at, exit 0 (learned positions have no embedding
+        there). Once per call."""
         limit = getattr(self.model.config.text_config, "max_position_embeddings", None)
         if not isinstance(limit, int):
             return
