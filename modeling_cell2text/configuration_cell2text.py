@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import math
 
+import torch
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -47,6 +48,16 @@ def check_prepared_encoder_layer(gene_encoder_layer: int, gene_encoder_config) -
             f"read at hidden state {trained} of its {num_layers} layer(s) (gene_encoder_config.{PREPARED_ENCODER_KEY}"
             ".feature_layer): the projector would read states it was not trained on. Leave gene_encoder_layer (the "
             f"recipe's --gene_encoder_layer) unset when composing the model, or set it to {trained} in config.json.")
+
+
+def check_dtype_name(value, where: str, auto: bool = False) -> None:
+    """Refuse a dtype given by a name that is no torch dtype (nor "auto", where `auto`); `where`: the setting and
+    where it was set. transformers failed on it with an AttributeError ("module 'torch' has no attribute 'bfloat'")
+    or a message naming no valid name."""
+    if isinstance(value, str) and not (auto and value == "auto") and not isinstance(getattr(torch, value, None),
+                                                                                     torch.dtype):
+        raise ValueError(f"{where} is {value!r}, which names no torch dtype: use float32, bfloat16 or float16"
+                         + (" (or 'auto': the dtype saved with the weights)." if auto else "."))
 
 
 class Cell2TextConfig(PreTrainedConfig):
@@ -181,6 +192,11 @@ class Cell2TextConfig(PreTrainedConfig):
         return output
 
     def __post_init__(self, **kwargs):
+        check_dtype_name(self.dtype, "dtype in config.json")
+        for name in self.sub_configs_defaults:  # a part's dtype, read as its config is built
+            part = getattr(self, name)
+            for key in ("dtype", "torch_dtype"):
+                check_dtype_name(part.get(key) if isinstance(part, dict) else None, f"{name}.{key} in config.json")
         super().__post_init__(**kwargs)
         if self.cell_token_id is None:
             self.cell_token_id = self.text_config.vocab_size - 1

@@ -31,7 +31,8 @@ from .argument_types import is_integer_at_least
 from .cell_inputs import CELL_INPUT_NAMES, CELL_ROW_KEYS
 from .compatibility import (PREPARED_ENCODER_KEY, check_gene_vocabulary, gene_vocabulary_sha256, hub_kwargs,
                             saved_file)
-from .configuration_cell2text import Cell2TextConfig, check_prepared_encoder_layer, hidden_state_index
+from .configuration_cell2text import (Cell2TextConfig, check_dtype_name, check_prepared_encoder_layer,
+                                     hidden_state_index)
 
 logger = logging.get_logger(__name__)
 
@@ -295,6 +296,8 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
         `output_loading_info=True` returns the loading info instead of refusing the weights, for whoever wants to
         inspect a mismatched checkpoint."""
         kwargs.setdefault("use_safetensors", True)
+        for key in ("dtype", "torch_dtype"):
+            check_dtype_name(kwargs.get(key), f"{key} passed to from_pretrained", auto=True)
         _refuse_adapter_files(pretrained_model_name_or_path, kwargs)
         _refuse_two_weight_layouts(pretrained_model_name_or_path, kwargs)
         # before transformers' load, which fails on some settings unclearly (max_new_tokens "abc": a TypeError)

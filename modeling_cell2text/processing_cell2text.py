@@ -162,8 +162,10 @@ class Cell2TextProcessor(ProcessorMixin):
         torch dtype (after the model's weights were written) or wrote `"dtype": "auto"` into tokenizer_config.json."""
         for name in ("dtype", "torch_dtype", "device_map"):
             kwargs.pop(name, None)
-        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        # read first: transformers' tokenizer loader reads config.json too, and fails on some fields unclearly (a dtype
+        # that names no torch dtype: an AttributeError), where Cell2TextConfig names them
         model_config = _cell2text_config_beside(pretrained_model_name_or_path, kwargs)
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if model_config is not None:
             check_model_and_processor(model_config, processor, f"the model in {pretrained_model_name_or_path}")
         return processor

@@ -213,6 +213,15 @@ def test_a_generation_config_with_an_unknown_or_mistyped_setting_is_refused_by_n
         Cell2TextForConditionalGeneration.from_pretrained(tmp_path)
 
 
+def test_a_dtype_name_that_is_no_torch_dtype_is_refused_naming_the_valid_ones(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    for key in ("dtype", "torch_dtype"):
+        with pytest.raises(ValueError, match=f"{key} passed to from_pretrained is 'bfloat', which names no torch dtype: "
+                                             "use float32, bfloat16 or float16 \\(or 'auto'"):
+            Cell2TextForConditionalGeneration.from_pretrained(tmp_path, **{key: "bfloat"})
+    assert Cell2TextForConditionalGeneration.from_pretrained(tmp_path, dtype="bfloat16").dtype == torch.bfloat16
+
+
 def test_generate_refuses_a_setting_of_the_wrong_type():
     with pytest.raises(ValueError, match="do_sample must be true or false, got 'false' .* in the call to generate"):
         tiny_model().generate(**cell_batch(), do_sample="false", max_new_tokens=2)

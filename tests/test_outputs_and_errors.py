@@ -264,6 +264,25 @@ def test_config_fields_of_the_wrong_type_are_refused_by_name(model_dir, field, v
         Cell2TextConfig.from_dict(config)
 
 
+@pytest.mark.parametrize(("part", "key"), [(None, "dtype"), ("text_config", "dtype"),
+                                           ("gene_encoder_config", "torch_dtype")])
+def test_a_dtype_in_config_json_that_names_no_torch_dtype_is_refused_by_name(model_dir, tmp_path, h5ad, capsys, part,
+                                                                            key):
+    """transformers failed with "AttributeError: module 'torch' has no attribute 'bfloat'" (a traceback in the CLI)."""
+    folder = tmp_path / "bad-dtype"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (config if part is None else config[part])[key] = "bfloat"
+    (folder / "config.json").write_text(json.dumps(config))
+    where = key if part is None else f"{part}.{key}"
+    with pytest.raises(ValueError, match=rf"^{where} in config.json is 'bfloat', which names no torch dtype: use "
+                                         "float32, bfloat16 or float16.$"):
+        Cell2TextConfig.from_pretrained(folder)
+    code, err = run_cli(describe_args(h5ad, folder, tmp_path / "out.h5ad"), capsys)
+    assert_one_line_error(code, err)
+    assert f"{where} in config.json is 'bfloat'" in err
+
+
 @pytest.mark.parametrize("model_type", ["llava", None])
 def test_a_config_json_of_another_model_type_is_refused_not_loaded_as_cell2text(model_dir, tmp_path, model_type):
     """transformers only warned and loaded it (exit 0), while tl, AutoConfig and pipeline() read it as another
