@@ -195,6 +195,9 @@ class DescribeOptions:
 # length bounds of free descriptions (a constrained one is written whole), and settings at the values it runs with.
 CONSTRAINED_SETTINGS = {"num_beams", "pad_token_id", "transformers_version", "max_new_tokens", "max_length"}
 CONSTRAINED_VALUES = {"do_sample": False, "num_return_sequences": 1}
+# Generation settings that forbid or favour the end of text by length: refused in free describing (`_check_free_ending`),
+# but a minimum at the length bound.
+END_OF_TEXT_SETTINGS = ("min_new_tokens", "min_length", "exponential_decay_length_penalty")
 # The pipeline's options of a call (`Cell2TextPipeline.__call__`'s own), which building the pipeline does not take.
 CALL_OPTIONS = {"gene_ids", "sort_by_length", "progress", "rows"}
 
@@ -309,6 +312,7 @@ class Cell2TextPipeline(Pipeline):
         forward_params = {**self._forward_params, **forward_params}
         self._check_one_sequence_per_cell(forward_params.get("generate_kwargs"))
         self._check_positions(forward_params.get("generate_kwargs"), forward_params.get("constrained"))
+        self._check_free_ending(forward_params.get("generate_kwargs"), forward_params.get("constrained"))
         check_labels(self.model.config, self.processor, self._model_name)  # its tables may have changed since
         layer = preprocess_params.pop("layer", None)
         use_raw = preprocess_params.pop("use_raw", False)
@@ -337,11 +341,43 @@ class Cell2TextPipeline(Pipeline):
             )
         return results
 
+    def _free_settings(self, generate_kwargs: dict | None) -> dict:
+        """The generation settings free describing runs with (the call's, the pipeline's, the model's
+        generation_config.json's and the pipeline's defaults, as `generate` will merge them)."""
+        return self._get_set_generation_params(self._prepare_generate_kwargs(dict(generate_kwargs or {})))
+
+    def _check_free_ending(self, generate_kwargs: dict | None, constrained: bool | None) -> None:
+        """Refuse free-describing settings that move the end of text (`END_OF_TEXT_SETTINGS`, a `sequence_bias` on an
+        end-of-text token), from the call, the pipeline or the model's generation_config.json: a description ran on
+        past its end and parsed with what followed in its last field (min_new_tokens=60: the tissue "blood of a healthy
+        donor. It or.......... It or.. consists from the blood", exit 0) or ended before its later fields. Constrained
+        describing refuses them as settings it does not use."""
+        if self._constrains(constrained):
+            return
+        settings = self._free_settings(generate_kwargs)
+        bounds = {"min_new_tokens": settings.get("max_new_tokens"), "min_length": settings.get("max_length")}
+        # a minimum at the length bound is taken: no description ends at the end of text then, each is cut (unparsed)
+        moved = [name for name in END_OF_TEXT_SETTINGS if settings.get(name)
+                 and not (bounds.get(name) is not None and settings[name] >= bounds[name])]
+        stop_ids = settings.get("eos_token_id")
+        ends = {self.processor.tokenizer.eos_token_id, *([stop_ids] if isinstance(stop_ids, int) else stop_ids or [])}
+        bias = settings.get("sequence_bias") or {}
+        if any(value and ends & set(list(sequence)[-1:])
+               for sequence, value in (bias.items() if isinstance(bias, dict) else bias)):
+            moved.append("sequence_bias (on the end of text)")
+        if moved:
+            raise ValueError(
+                f"{moved}: generation settings that move where a free description ends, so it could run on past its "
+                "end or stop before its later fields and parse with fields the model did not write so. Leave them out "
+                "(where the model's generation_config.json sets one, pass it as None); max_new_tokens bounds the "
+                "length, and a description cut there is returned unparsed (as every one is with min_new_tokens equal "
+                "to max_new_tokens, which is taken, for timing).")
+
     def _check_one_sequence_per_cell(self, generate_kwargs: dict | None) -> None:
         """Refuse generation settings that return several sequences per cell (they would be zipped onto other
         cells), whether they come from the call, the pipeline or the model's generation_config.json, and a
         `num_beams` that is no integer >= 1 (free describing failed on it deep in generate: 0 a ZeroDivisionError)."""
-        settings = self._get_set_generation_params(self._prepare_generate_kwargs(dict(generate_kwargs or {})))
+        settings = self._free_settings(generate_kwargs)
         beams = settings.get("num_beams")
         if beams is not None and not is_integer_at_least(beams, 1):
             raise ValueError(f"num_beams must be an integer >= 1, got {beams!r}")
@@ -371,7 +407,7 @@ class Cell2TextPipeline(Pipeline):
             need, description = prompt + written, f"the longest schema-constrained description (about {written} tokens)"
             fix = "use a model with fewer cell tokens (num_cell_tokens) or an LLM with more positions"
         else:
-            settings = self._get_set_generation_params(self._prepare_generate_kwargs(dict(generate_kwargs or {})))
+            settings = self._free_settings(generate_kwargs)
             if settings.get("max_new_tokens") is not None:
                 need, description = prompt + settings["max_new_tokens"], f"max_new_tokens={settings['max_new_tokens']}"
             elif settings.get("max_length") is not None:  # prompt included

@@ -502,6 +502,30 @@ def test_an_end_of_text_forced_at_the_token_limit_is_a_cut(trained_dir, caplog):
     assert all(r["description"] == DESCRIPTION and r["parsed"] and r["tissue"] == "blood" for r in whole)
 
 
+def test_settings_that_move_where_a_free_description_ends_are_refused(trained_dir, tmp_path):
+    """min_new_tokens=60 (a call's or a folder's) made the model write on past its description's end, and the run-on
+    text parsed into its last field: tissue "blood of a healthy donor. It or.......... It or.. consists from the
+    blood", exit 0."""
+    describe = local_pipeline(trained_dir)
+    eos = describe.processor.tokenizer.eos_token_id
+    for setting in ({"min_new_tokens": 60}, {"min_length": 80}, {"exponential_decay_length_penalty": (10, 3.0)},
+                    {"sequence_bias": {(eos,): 4.0}}, {"sequence_bias": [[[5, eos], -8.0]]}):
+        with pytest.raises(ValueError, match="move where a free description ends"):
+            describe(make_adata(1), constrained=False, **setting)
+    assert len(describe(make_adata(1), constrained=False, sequence_bias={(5,): 1.0})) == 1  # not on the end of text
+    timed = describe(make_adata(1), constrained=False, min_new_tokens=30, max_new_tokens=30)  # benchmarks' fixed length
+    assert not timed[0]["parsed"]  # never ended at the end of text: cut, so unparsed
+    folder = tmp_path / "min-new-tokens"
+    shutil.copytree(trained_dir, folder)
+    saved = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**saved, "min_new_tokens": 60}))
+    describe = local_pipeline(folder)
+    with pytest.raises(ValueError, match=re.escape("['min_new_tokens']: generation settings that move where")):
+        describe(make_adata(1), constrained=False)
+    result = describe(make_adata(1), constrained=False, min_new_tokens=None)[0]  # the folder's setting overridden
+    assert result["parsed"] and result["tissue"] == "blood"
+
+
 def test_a_rows_first_stop_token_tells_whether_it_ended_at_end_of_text():
     """Rows that stopped are padded, here with the end-of-text id itself (a tokenizer without a pad token): a row
     stopped at another stop id (5) is cut though end-of-text follows it; a row without any stop was cut by the
