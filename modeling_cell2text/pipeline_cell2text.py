@@ -403,7 +403,7 @@ class Cell2TextPipeline(Pipeline):
         if self._constrains(constrained):
             settings = self._constrained_settings(generate_kwargs)
             beams = settings.get("num_beams")
-            written = self.schema_decoder(DEFAULT_NUM_BEAMS if beams is None else int(beams)).longest_description_tokens()
+            written = self.schema_decoder(DEFAULT_NUM_BEAMS if beams is None else int(beams)).longest_description_tokens
             need, description = prompt + written, f"the longest schema-constrained description (about {written} tokens)"
             fix = "use a model with fewer cell tokens (num_cell_tokens) or an LLM with more positions"
         else:

@@ -42,6 +42,7 @@ registry, and its sibling modules.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -861,10 +862,11 @@ class SchemaDecoder:
     def options_labels(self, choice: str) -> list[str]:
         return [option.labels[0][1] for option in self.options.get(choice, [])]
 
+    @functools.cached_property
     def longest_description_tokens(self) -> int:
         """The most tokens a description feeds the model after its prompt, give or take a token where tokenizing a
         definition after its cell type differs (the positions it needs): every choice's shared tokens and its longest
-        option, and the longest definition where the model reads them."""
+        option, and the longest definition where the model reads them. Computed once per decoder."""
         length = sum(len(self.shared_tokens[choice]) + max(map(len, self.option_tokens[choice]))
                      for choice in self.options)
         if self.processor.definitions_in_model_text and self.definitions:
