@@ -369,9 +369,9 @@ class Cell2TextPipeline(Pipeline):
             raise ValueError(
                 f"{moved}: generation settings that move where a free description ends, so it could run on past its "
                 "end or stop before its later fields and parse with fields the model did not write so. Leave them out "
-                "(where the model's generation_config.json sets one, pass it as None); max_new_tokens bounds the "
-                "length, and a description cut there is returned unparsed (as every one is with min_new_tokens equal "
-                "to max_new_tokens, which is taken, for timing).")
+                "(one the model's generation_config.json sets: remove it there, or pass it as None); max_new_tokens "
+                "bounds the length, and a description cut there is returned unparsed (as every one is with "
+                "min_new_tokens equal to max_new_tokens, which is taken, for timing).")
 
     def _check_one_sequence_per_cell(self, generate_kwargs: dict | None) -> None:
         """Refuse generation settings that return several sequences per cell (they would be zipped onto other
