@@ -150,8 +150,7 @@ def _refuse_two_weight_layouts(pretrained_model_name_or_path: Any, kwargs: dict)
 # wrong type ran silently (do_sample "false" sampled: a non-empty string is true; max_new_tokens true wrote one token)
 # or failed late and unclearly.
 INTEGER_SETTINGS = {"num_beams": 1, "num_return_sequences": 1, **dict.fromkeys((
-    "max_length", "max_new_tokens", "min_length", "min_new_tokens", "top_k", "no_repeat_ngram_size", "pad_token_id",
-    "bos_token_id", "forced_bos_token_id"), 0)}
+    "max_length", "max_new_tokens", "min_length", "min_new_tokens", "top_k", "no_repeat_ngram_size"), 0)}
 SWITCH_SETTINGS = ("do_sample", "use_cache", "renormalize_logits", "remove_invalid_values", "output_scores",
                    "output_logits", "output_attentions", "output_hidden_states", "return_dict_in_generate")
 NUMBER_SETTINGS = ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty", "length_penalty", "max_time")
