@@ -399,6 +399,13 @@ def test_evaluate_refuses_a_count_below_one_before_loading_the_model(tmp_path, c
      "--num_cell_tokens", "0"],
     ["-m", "training.baselines.cell2sentence", "--corpus_dir", "missing-corpus", "--text_model_name_or_path", "llm",
      "--output_dir", "o"],
+    # TRL's and transformers' refusals of the command line (a misspelt option, options that contradict each other)
+    ["-m", "training.sft", "--corpus_dir", "c", "--text_model_name_or_path", "llm", "--output_dir", "o",
+     "--num_cel_tokens", "8"],
+    ["-m", "training.sft", "--corpus_dir", "c", "--text_model_name_or_path", "llm", "--output_dir", "o",
+     "--load_best_model_at_end", "true"],
+    ["-m", "training.baselines.cell2sentence", "--corpus_dir", "c", "--text_model_name_or_path", "llm",
+     "--output_dir", "o", "--num_cel_tokens", "8"],
 ])
 def test_commands_end_refused_input_with_one_line(tmp_path, command):
     """The reviewer's finding: a missing input file or folder ended these commands with a traceback (the message

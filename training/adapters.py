@@ -449,16 +449,27 @@ def parse_training_arguments(parser: Any, argv: Sequence[str] | None = None) -> 
                    or torch.backends.mps.is_available())
     if not accelerator and not _given(argv, "--use_cpu"):
         argv += ["--use_cpu", "true"]
-    parsed = parser.parse_args_and_config(argv)
+    parsed = _parsed(parser, argv)
     training_args = next((arguments for arguments in parsed if hasattr(arguments, "use_cpu")), None)
     on_cpu = training_args is not None and (training_args.use_cpu or not accelerator)
     if on_cpu and training_args.bf16 and not _given(argv, "--bf16") and not cpu_bf16_is_fast():
         logger.warning("This CPU has no native bf16 kernels (AVX-512 or AMX): bf16 autocast would make every "
                        "training step tens of times slower, so this run trains in float32. Pass --bf16 true to "
                        "keep bf16.")
-        parsed = parser.parse_args_and_config([*argv, "--bf16", "false"])
+        parsed = _parsed(parser, [*argv, "--bf16", "false"])
     check_argument_types(parsed)
     return parsed
+
+
+def _parsed(parser: Any, argv: Sequence[str]) -> tuple:
+    """`parser.parse_args_and_config(argv)`, with the `ValueError`s by which TRL and transformers refuse a command
+    line or config (an unknown option or YAML key, `--load_best_model_at_end` with another save than eval strategy)
+    raised again as this project's: a command ends them in one line (`refused_input_as_one_line`), as it did before
+    it kept other libraries' tracebacks."""
+    try:
+        return parser.parse_args_and_config(argv)
+    except ValueError as error:
+        raise ValueError(str(error)) from error
 
 
 def _given(argv: Sequence[str], option: str) -> bool:
