@@ -45,7 +45,8 @@ from modeling_cell2text.feature_extraction_cell2text import DEFAULT_MODEL_INPUT_
 from modeling_cell2text.output_files import Terminated, publish_folder, sigterm_as_exception
 from processing import ontologies
 from processing.ontology_versions import ontology_versions
-from processing.corpus import METADATA_FIELDS, SplitWriter, describe, resolve_labels, top_pathways_by_cell_type
+from processing.corpus import (METADATA_FIELDS, SplitWriter, check_max_shard_size, describe, resolve_labels,
+                               top_pathways_by_cell_type)
 from processing.gene_medians import ExactGeneMedians, HistogramGeneMedians, expression_values, normalize_total
 from processing.pathways import (
     DEFAULT_GMT, DEFAULT_SET_SIZES, aucell, default_max_rank, display_names, filter_set_sizes, membership_matrix,
@@ -509,21 +510,13 @@ def _staging_dir(out: Path, overwrite: bool) -> Path:
 def _check_options(options: BuildOptions) -> None:
     """Refuse settings that contradict each other or are out of range, before the source is read (a seed or shard
     size that numpy or datasets refuse stopped a build after its passes over the data)."""
-    from datasets.utils.py_utils import convert_file_size_to_int
-
     if not is_integer_at_least(options.seed, 0):
         raise ValueError(f"seed must be an integer >= 0, got {options.seed!r}")
     if not is_integer_at_least(options.chunk_size, 1):
         raise ValueError(f"chunk_size must be an integer >= 1, got {options.chunk_size!r}")
     if not is_integer_at_least(options.min_pathway_genes, 1):  # -2 built as 1 did and was recorded as -2
         raise ValueError(f"min_pathway_genes must be an integer >= 1, got {options.min_pathway_genes!r}")
-    try:
-        shard_bytes = convert_file_size_to_int(options.max_shard_size)
-    except ValueError:
-        shard_bytes = 0
-    if shard_bytes <= 0:
-        raise ValueError(f"max_shard_size must be a size such as 500MB or 2GB (or a number of bytes > 0), got "
-                         f"{options.max_shard_size!r}")
+    check_max_shard_size(options.max_shard_size)
     if options.pathway_ranking not in ("normalized", "raw"):
         raise ValueError(f"pathway_ranking must be 'normalized' or 'raw', got {options.pathway_ranking!r}")
     if options.fold is not None:

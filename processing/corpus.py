@@ -519,6 +519,19 @@ class SplitWriter:
                     max_shard_size)
 
 
+def check_max_shard_size(max_shard_size: str | int) -> None:
+    """Refuse a shard size that `save_splits` (datasets) would refuse or divide by (0), before the work it ends."""
+    from datasets.utils.py_utils import convert_file_size_to_int
+
+    try:
+        shard_bytes = convert_file_size_to_int(max_shard_size)
+    except ValueError:
+        shard_bytes = 0
+    if shard_bytes <= 0:
+        raise ValueError(f"max_shard_size must be a size such as 500MB or 2GB (or a number of bytes > 0), got "
+                         f"{max_shard_size!r}")
+
+
 def save_splits(splits: dict[str, datasets.Dataset], out: Path, max_shard_size: str | int = "500MB") -> None:
     """Save a corpus's splits at ``out`` (``DatasetDict.save_to_disk``, files of at most ``max_shard_size``)."""
     datasets.DatasetDict(splits).save_to_disk(str(out), max_shard_size=max_shard_size)

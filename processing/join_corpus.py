@@ -36,7 +36,8 @@ from hub_cards.render import public_name, write_dataset_card
 from modeling_cell2text.argument_types import refused_input_as_one_line
 from modeling_cell2text.output_files import publish_folder
 from processing.build_corpus import REJECTS_FILE, _is_corpus_folder, _staging_dir
-from processing.corpus import FEATURE_EXTRACTOR_DIR, SUMMARY_FILE, save_splits, top_pathways_by_cell_type
+from processing.corpus import (FEATURE_EXTRACTOR_DIR, SUMMARY_FILE, check_max_shard_size, save_splits,
+                               top_pathways_by_cell_type)
 from processing.sources import check_whole_inputs
 from processing.splits import SPLITS
 
@@ -257,6 +258,7 @@ def join_corpus(shard_dirs: Sequence[str | Path], out_dir: str | Path, name: str
     leaves nothing, and a non-empty `out_dir` is replaced only with `overwrite` (and only when it holds a corpus)."""
     if not shard_dirs:
         raise ValueError("give the corpus folders to join")
+    check_max_shard_size(max_shard_size)  # datasets refused it (0: divided by it) after the shards were joined
     shards = [read_shard(path) for path in shard_dirs]
     check_joinable(shards)
     corpus = datasets.DatasetDict({split: datasets.concatenate_datasets(

@@ -150,6 +150,16 @@ def test_a_cell_id_two_shards_hold_is_refused(built, tmp_path):
     assert not (tmp_path / "joined").exists()
 
 
+@pytest.mark.parametrize("size", ["500XB", "0"])
+def test_a_shard_size_datasets_refuses_is_refused_before_the_join(built, tmp_path, monkeypatch, size):
+    """--max-shard-size 500XB ended in datasets' traceback, 0 in a ZeroDivisionError, after the shards were read and
+    concatenated; the corpus builder refused both before its work already."""
+    monkeypatch.setattr(datasets, "load_from_disk", None)  # reading a shard would call it
+    with pytest.raises(SystemExit, match=f"^join_corpus: error: max_shard_size must be a size .*got '{size}'"):
+        main([*map(str, built["shards"]), "--out", str(tmp_path / "joined"), "--max-shard-size", size])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_existing_corpus_is_replaced_only_with_overwrite(built, tmp_path):
     join_corpus(built["shards"], tmp_path / "joined")
     with pytest.raises(FileExistsError, match="pass --overwrite"):
