@@ -159,17 +159,36 @@ class HistogramGeneMedians:
     @classmethod
     def load(cls, path: str | Path) -> tuple[HistogramGeneMedians, list[str]]:
         """Read a histogram written by :meth:`save`; returns it and its gene IDs."""
-        with np.load(path, allow_pickle=False) as data:
+        with open_histogram(path) as data:
             bins_per_decade, min_value, max_value = data["binning"].tolist()
             hist = cls(len(data["gene_ids"]), int(bins_per_decade), min_value, max_value)
             hist.counts[:] = data["counts"]
             return hist, data["gene_ids"].tolist()
 
 
+#: The arrays every histogram file holds (`HistogramGeneMedians.save`; earlier versions wrote no shard or source).
+HISTOGRAM_ARRAYS = ("counts", "gene_ids", "binning")
+
+
+def open_histogram(path: str | Path) -> np.lib.npyio.NpzFile:
+    """A histogram file (`HistogramGeneMedians.save`) opened for reading (close it: `with`). Another file is refused
+    naming it: numpy's words spoke of pickled data, or the merge stopped on a missing array."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except ValueError:  # no .npy or .npz file: "Cannot load file containing pickled data when allow_pickle=False"
+        data = None
+    if isinstance(data, np.lib.npyio.NpzFile):
+        if all(name in data for name in HISTOGRAM_ARRAYS):
+            return data
+        data.close()
+    raise ValueError(f"{path} is no gene-median histogram: give the median_histogram.npz that build_corpus wrote "
+                     "into each shard's corpus folder.")
+
+
 def histogram_shard(path: str | Path) -> tuple[str, str, int, int] | None:
     """(which input: its checksum, else its name; its name; shard index; shard count) a histogram file records
     (`HistogramGeneMedians.save`); None for a file written before they were recorded."""
-    with np.load(path, allow_pickle=False) as data:
+    with open_histogram(path) as data:
         if "shard" not in data:
             return None
         index, count = data["shard"].tolist()
@@ -184,7 +203,7 @@ def check_shards(paths: list[str | Path]) -> None:
     left out, cells weigh on the medians as they do not in the corpus, and every gene order built from them moves."""
     contents: dict[bytes, str] = {}
     for path in paths:
-        with np.load(path, allow_pickle=False) as data:
+        with open_histogram(path) as data:
             key = data["counts"].tobytes() + "\0".join(data["gene_ids"].tolist()).encode()
         if key in contents:
             raise ValueError(f"{path} and {contents[key]} hold the same histogram: give each shard once.")

@@ -160,3 +160,21 @@ def test_the_merge_cli_never_replaces_an_output_unasked(tmp_path, capsys):
             main([str(tmp_path / "s0.npz"), "--out", str(corpus), *flags])
     assert sorted(p.name for p in corpus.iterdir()) == ["summary.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "fe", "s0.npz"]  # no staging folder left
+
+
+@pytest.mark.parametrize("name", ["summary.json", "medians.npy", "other.npz"])
+def test_the_merge_cli_refuses_a_file_that_is_no_histogram_in_one_line(tmp_path, name):
+    """A file other than a shard's median_histogram.npz ended in numpy's traceback ("Cannot load file containing
+    pickled data"), an AttributeError or a KeyError."""
+    from processing.gene_medians import main
+
+    histogram = HistogramGeneMedians(40)
+    histogram.update(*_random_entries(3))
+    histogram.save(tmp_path / "s0.npz", [f"ENSG{i:011d}" for i in range(40)])
+    given = tmp_path / name
+    {"summary.json": lambda: given.write_text("{}"), "medians.npy": lambda: np.save(given, np.ones(3)),
+     "other.npz": lambda: np.savez(given, values=np.ones(3))}[name]()
+    with pytest.raises(SystemExit, match=rf"^gene_medians: error: {given} is no gene-median histogram: give the "
+                                         "median_histogram.npz"):
+        main([str(tmp_path / "s0.npz"), str(given), "--out", str(tmp_path / "fe")])
+    assert not (tmp_path / "fe").exists()
