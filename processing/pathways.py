@@ -58,30 +58,36 @@ def read_gmt(path: str | Path) -> dict[str, list[str]]:
 
     Genes keep their first-seen order; duplicates and empty fields are dropped; a byte-order mark is read as none
     (it began the first set's name, and so every description naming that set). Raises
-    ValueError naming the line for a line without genes, a repeated set name, or a name with a double quote.
+    ValueError naming the line for a line without genes, a repeated set name, or a name with a double quote, and
+    naming the file for one that is no UTF-8 text.
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     gene_sets: dict[str, list[str]] = {}
-    with opener(path, "rt", encoding="utf-8-sig") as handle:  # -sig: a BOM (a file saved on Windows) is no name
-        for line_number, line in enumerate(handle, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            fields = line.split("\t")
-            name = fields[0].strip()
-            genes = list(dict.fromkeys(g.strip() for g in fields[2:] if g.strip()))
-            if not name or not genes:
-                raise ValueError(
-                    f"{path}:{line_number}: a GMT line needs a set name, a description field "
-                    "and at least one gene, separated by tabs."
-                )
-            if name in gene_sets:
-                raise ValueError(f"{path}:{line_number}: gene set {name!r} appears twice; names must be unique.")
-            if '"' in name:  # refused here, not after the pass over the data that scores the sets
-                raise ValueError(f"{path}:{line_number}: gene set name {name!r} contains a double quote, which "
-                                 "descriptions use around pathway names; rename the set in the file.")
-            gene_sets[name] = genes
+    try:
+        with opener(path, "rt", encoding="utf-8-sig") as handle:  # -sig: a BOM (a file saved on Windows) is no name
+            lines = handle.readlines()
+    except UnicodeDecodeError as error:  # a binary file (a .zip, a .pkl) or another encoding: codecs' words only
+        raise ValueError(f"{path} is no GMT text file (UTF-8, or gzipped as .gz): {error}; give a gene-set library "
+                         "in the GMT format, or build without pathways (--gmt none).") from error
+    for line_number, line in enumerate(lines, start=1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        name = fields[0].strip()
+        genes = list(dict.fromkeys(g.strip() for g in fields[2:] if g.strip()))
+        if not name or not genes:
+            raise ValueError(
+                f"{path}:{line_number}: a GMT line needs a set name, a description field "
+                "and at least one gene, separated by tabs."
+            )
+        if name in gene_sets:
+            raise ValueError(f"{path}:{line_number}: gene set {name!r} appears twice; names must be unique.")
+        if '"' in name:  # refused here, not after the pass over the data that scores the sets
+            raise ValueError(f"{path}:{line_number}: gene set name {name!r} contains a double quote, which "
+                             "descriptions use around pathway names; rename the set in the file.")
+        gene_sets[name] = genes
     if not gene_sets:
         raise ValueError(f"{path} holds no gene sets.")
     return gene_sets

@@ -163,6 +163,20 @@ def test_read_gmt_rejects_malformed(tmp_path, text, message):
         read_gmt(path)
 
 
+@pytest.mark.parametrize("name", ["library.gmt", "library.gmt.gz"])
+def test_read_gmt_refuses_a_file_that_is_no_text_naming_it(tmp_path, name):
+    """`build_corpus --gmt` given a binary file ended in codecs' traceback ("'utf-8' codec can't decode byte 0xff"),
+    which named neither the file nor --gmt."""
+    from modeling_cell2text.argument_types import raised_by_this_project
+
+    path = tmp_path / name
+    content = b"SET_A\tdesc\tTP53\n\xff\xfe binary"
+    path.write_bytes(gzip.compress(content) if name.endswith(".gz") else content)
+    with pytest.raises(ValueError, match=rf"^{path} is no GMT text file .*--gmt none") as refused:
+        read_gmt(path)
+    assert raised_by_this_project(refused.value)  # a command ends it in one line
+
+
 def test_wikipathways_library_ships():
     gene_sets = read_gmt(WIKIPATHWAYS_GMT)
     assert len(gene_sets) == 801
