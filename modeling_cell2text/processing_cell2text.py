@@ -12,7 +12,8 @@ from .compatibility import check_model_and_processor, hub_kwargs, saved_file
 from .feature_extraction_cell2text import unknown_settings_error
 from .text_padding import pad_token_rows, text_pad_token_id
 from .description_schema import (JOINED_TERM_FIELDS, ONTOLOGY_FIELDS, TERM_ID_PREFIXES, CellDescription,
-                                 DescriptionParseError, is_term_id_of, parse_description, parse_or_none, set_definition, with_term_ids)
+                                 DescriptionParseError, is_term_id_of, parse_description, parse_or_none,
+                                 set_definition, with_term_ids)
 
 DEFAULT_SYSTEM_PROMPT = "You are a single-cell biologist. Describe the cell concisely and professionally."
 DEFAULT_USER_PROMPT = "Gene expression embeddings: "
