@@ -7,6 +7,7 @@ import argparse
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
@@ -77,13 +78,18 @@ def refused_input_as_one_line(prog: str, wording: Callable[[str], str] = str) ->
 
 # The project's top-level packages (and a command's own module, run with `python -m`), whose refusals name the fix.
 _PROJECT_PACKAGES = ("modeling_cell2text", "processing", "training", "hub_cards", "__main__")
+# Where transformers imports a model folder's code (trust_remote_code): this package's modules, saved with the model.
+_REMOTE_CODE_PACKAGE = "transformers_modules"
 
 
 def raised_by_this_project(error: BaseException) -> bool:
     """Whether the innermost Python frame of `error`'s traceback (where it was raised, or the caller of the builtin
-    that raised it) is this project's code."""
+    that raised it) is this project's code: one of its packages, or a module of this package that a model folder
+    holds, run with trust_remote_code (its config check refused `num_cell_tokens: 0` with a traceback)."""
     frame = error.__traceback__
     while frame is not None and frame.tb_next is not None:
         frame = frame.tb_next
     module = frame.tb_frame.f_globals.get("__name__", "") if frame is not None else ""
+    if module.startswith(f"{_REMOTE_CODE_PACKAGE}."):
+        return (Path(__file__).parent / f"{module.rsplit('.', 1)[-1]}.py").is_file()
     return module.split(".")[0] in _PROJECT_PACKAGES

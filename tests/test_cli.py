@@ -195,6 +195,20 @@ def test_model_folder_code_runs_only_with_trust_remote_code(model_dir, h5ad, tmp
     assert marker.exists()  # the opt-in does run it
 
 
+def test_a_refusal_by_the_model_folders_own_code_is_one_line(model_dir, h5ad, tmp_path, capsys):
+    """With --trust-remote-code the folder's copy of this package refuses a bad config.json (transformers imports it
+    as transformers_modules...): that refusal ended in a traceback, as another library's ValueError does."""
+    import json
+
+    folder = shutil.copytree(model_dir, tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_cell_tokens": 0}))
+    for trusted in ([], ["--trust-remote-code"]):
+        code, err = run_cli(["describe", str(h5ad), "--model", str(folder), "--out", str(tmp_path / "out.h5ad"),
+                             *trusted], capsys)
+        assert_one_line_error(code, err, "num_cell_tokens must be >= 1, got 0")
+
+
 def test_existing_out_needs_overwrite(model_dir, h5ad, tmp_path, capsys, monkeypatch):
     out = tmp_path / "annotated.h5ad"
     out.write_bytes(b"precious")
