@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 from transformers import BatchFeature, ProcessorMixin
 
@@ -166,7 +168,12 @@ class Cell2TextProcessor(ProcessorMixin):
         # read first: transformers' tokenizer loader reads config.json too, and fails on some fields unclearly (a dtype
         # that names no torch dtype: an AttributeError), where Cell2TextConfig names them
         model_config = _cell2text_config_beside(pretrained_model_name_or_path, kwargs)
-        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        try:
+            processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except json.JSONDecodeError as error:  # a tokenizer file: transformers names the file of a config only
+            unparsable = _unparsable_json_files(pretrained_model_name_or_path)
+            raise ValueError(f"{pretrained_model_name_or_path}: {unparsable} does not parse as JSON ({error}); restore "
+                             "the file from the model's source or save the model again") from error
         if model_config is not None:
             check_model_and_processor(model_config, processor, f"the model in {pretrained_model_name_or_path}")
         return processor
@@ -409,6 +416,18 @@ class Cell2TextProcessor(ProcessorMixin):
                 parsed = False
             results.append({"description": text, "parsed": parsed, **with_term_ids(fields, self.ontology_term_ids)})
         return results
+
+
+def _unparsable_json_files(source) -> str:
+    """The JSON files of the folder `source` that do not parse, as a message names them (a Hub repo's are in the
+    cache: "a JSON file")."""
+    names = []
+    for path in sorted(Path(source).glob("*.json")) if Path(source).is_dir() else []:
+        try:
+            json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            names.append(path.name)
+    return " and ".join(names) or "a JSON file"
 
 
 def _cell2text_config_beside(source, kwargs: dict):

@@ -210,6 +210,17 @@ def test_misspelt_settings_in_a_saved_processor_config_are_refused(processor, tm
         Cell2TextProcessor.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_a_tokenizer_file_that_does_not_parse_is_named(processor, tmp_path, name):
+    """json's words only ("Expecting property name enclosed in double quotes: line 1 column 2"), naming no file:
+    a command showed them as a traceback (transformers names a config file that does not parse; not these)."""
+    processor.save_pretrained(tmp_path)
+    (tmp_path / name).write_text("{not json")
+    with pytest.raises(ValueError, match=rf"^{tmp_path}: {name} does not parse as JSON \(Expecting .*save the model "
+                                         "again$"):
+        Cell2TextProcessor.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize(("tables", "error", "message"), [
     (dict(pathway_names="TCA Cycle"), TypeError, "pathway_names must be a list of names"),  # was split into letters
     (dict(pathway_names=["TCA", "TCA"]), ValueError, r"lists \['TCA'\] more than once"),  # was chosen twice
