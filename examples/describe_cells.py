@@ -15,7 +15,7 @@ import anndata as ad
 import scanpy as sc
 
 from modeling_cell2text import tl
-from modeling_cell2text.argument_types import as_command_line, refused_input_as_one_line
+from modeling_cell2text.argument_types import as_command_line, positive_int, refused_input_as_one_line
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default="outputs/demo/cell2text-demo")
@@ -24,7 +24,8 @@ parser.add_argument("--input-values", default=None, choices=["counts", "normaliz
 parser.add_argument("--layer", default=None, help="the layer of --h5ad holding the expression (default X)")
 parser.add_argument("--use-raw", action="store_true",
                     help="read adata.raw of --h5ad (CELLxGENE's layout: normalised X, counts in raw)")
-parser.add_argument("--cells", type=int, default=8)
+parser.add_argument("--cells", type=positive_int, default=8,
+                    help="how many of the first cells to describe (default 8)")
 parser.add_argument("--free", action="store_true",
                     help="let the model write the whole description (default: every field chosen among its labels)")
 parser.add_argument("--max-new-tokens", type=int, default=None,

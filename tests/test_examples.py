@@ -108,6 +108,14 @@ def test_the_describe_example_reads_counts_in_raw_and_refuses_other_values_in_on
     assert out.count("B cell (CL:0000236)") == 3 and "'layer': 'raw'" in out
 
 
+def test_the_describe_example_refuses_a_cell_count_below_one(tmp_path):
+    """--cells -1 described every cell but the last (adata[:-1]), exit 0; --cells 0 none."""
+    for count in ("-1", "0"):
+        refused = example_process("describe_cells", "--cells", count, cwd=tmp_path)
+        assert refused.returncode == 2 and "argument --cells: expected an integer >= 1" in refused.stderr, (
+            refused.stderr[-3000:])
+
+
 def test_the_finetune_example_passes_num_cell_tokens_with_init_from(tmp_path):
     """With --init-from it dropped --num-cell-tokens without a word (the run kept the model's); now the recipe refuses
     a value other than the model's, as it does from the command line."""
