@@ -36,16 +36,16 @@ if (args.layer is not None or args.use_raw) and not args.h5ad:  # the stand-in's
 if args.max_new_tokens is not None and not args.free:  # a constrained description is written whole: it was ignored
     parser.error("--max-new-tokens bounds free descriptions: add --free")
 
-if args.h5ad:
-    adata, use_raw = ad.read_h5ad(args.h5ad), args.use_raw
-    input_values = args.input_values or "counts"
-else:
-    adata, use_raw = sc.datasets.pbmc68k_reduced(), True  # .raw: log1p of normalised counts, gene symbols
-    input_values = args.input_values or "log1p"
-
-adata = adata[: args.cells].copy()
-# Refused input (values that are not what --input-values says, a model folder that is not one) ends with one line.
+# Refused input (an --h5ad that cannot be read, values that are not what --input-values says, a model folder that is
+# not one) ends with one line.
 with refused_input_as_one_line("describe_cells", as_command_line):
+    if args.h5ad:
+        adata, use_raw = ad.read_h5ad(args.h5ad), args.use_raw
+        input_values = args.input_values or "counts"
+    else:
+        adata, use_raw = sc.datasets.pbmc68k_reduced(), True  # .raw: log1p of normalised counts, gene symbols
+        input_values = args.input_values or "log1p"
+    adata = adata[: args.cells].copy()
     tl.describe(adata, args.model, layer=args.layer, use_raw=use_raw, input_values=input_values, batch_size=8,
                 constrained=False if args.free else None, max_new_tokens=args.max_new_tokens)
 for name, row in adata.obs.iterrows():

@@ -108,12 +108,17 @@ def test_the_describe_example_reads_counts_in_raw_and_refuses_other_values_in_on
     assert out.count("B cell (CL:0000236)") == 3 and "'layer': 'raw'" in out
 
 
-def test_the_describe_example_refuses_a_cell_count_below_one(tmp_path):
-    """--cells -1 described every cell but the last (adata[:-1]), exit 0; --cells 0 none."""
+def test_the_describe_example_refuses_a_cell_count_below_one_and_a_missing_file_in_one_line(tmp_path):
+    """--cells -1 described every cell but the last (adata[:-1]), exit 0; --cells 0 none; a mistyped --h5ad ended
+    in a traceback."""
     for count in ("-1", "0"):
         refused = example_process("describe_cells", "--cells", count, cwd=tmp_path)
         assert refused.returncode == 2 and "argument --cells: expected an integer >= 1" in refused.stderr, (
             refused.stderr[-3000:])
+    missing = example_process("describe_cells", "--h5ad", "mistyped.h5ad", cwd=tmp_path)  # was a traceback
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr, missing.stderr[-3000:]
+    assert missing.stderr.strip().splitlines()[-1].startswith("describe_cells: error: ") and (
+        "mistyped.h5ad" in missing.stderr)
 
 
 def test_the_finetune_example_passes_num_cell_tokens_with_init_from(tmp_path):
