@@ -312,6 +312,18 @@ def check_hub_ready(model_dir: str | Path, card: ModelCard | None = None) -> Non
     check_model_and_processor(model_config, processor)
 
 
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a repo id the Hub refuses (`huggingface_hub`'s check, which stopped publishing after the folder's
+    checks, and a corpus build after its hours, with its traceback): before anything is built or uploaded."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"{repo_id!r} is not a Hub repo id: {error}".removesuffix(
+            " Use `repo_type` argument if needed.") + " Give it as owner/name.") from error
+
+
 def check_private(api: HfApi, repo_id: str, repo_type: str, private: bool) -> None:
     """Refuse `private` for a repo that exists and is public: checked before any repo is made or file written."""
     if not private:
@@ -369,6 +381,9 @@ def publish_model(model_dir: str | Path, repo_id: str, private: bool = False, ap
     ``corpus_dir``, the corpus the model was trained on is pushed after it to the dataset repo ``dataset_id``
     (`publish_corpus`). Nothing is written (but what ``refresh_code`` asks for) or created on the Hub for a folder
     or corpus that is refused, and both repos are checked before the model is uploaded."""
+    for repo in (repo_id, dataset_id):
+        if repo is not None:
+            check_repo_id(repo)
     if corpus_dir is not None:
         if dataset_id is None:
             raise ValueError("corpus_dir needs dataset_id, the dataset repo to push the corpus to")

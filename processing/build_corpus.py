@@ -36,7 +36,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from hub_cards.publish import publish_corpus
+from hub_cards.publish import check_repo_id, publish_corpus
 from hub_cards.render import write_dataset_card
 from modeling_cell2text.argument_types import (as_command_line, is_integer_at_least, positive_int,
                                                refused_input_as_one_line)
@@ -517,6 +517,8 @@ def _check_options(options: BuildOptions) -> None:
     if not is_integer_at_least(options.min_pathway_genes, 1):  # -2 built as 1 did and was recorded as -2
         raise ValueError(f"min_pathway_genes must be an integer >= 1, got {options.min_pathway_genes!r}")
     check_max_shard_size(options.max_shard_size)
+    if options.repo_id is not None:  # pushed after the build: refused by the Hub hours in
+        check_repo_id(options.repo_id)
     if options.pathway_ranking not in ("normalized", "raw"):
         raise ValueError(f"pathway_ranking must be 'normalized' or 'raw', got {options.pathway_ranking!r}")
     if options.fold is not None:

@@ -356,6 +356,15 @@ def test_a_seed_shard_size_or_chunk_size_numpy_or_datasets_refuse_is_refused_bef
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_repo_id_the_hub_refuses_is_refused_before_the_passes(tmp_path):
+    """--push-to-hub 'org/x/y' was refused by huggingface_hub after the build (hours for a Census build)."""
+    source = _source(_tiny_adata())
+    source.iter_chunks = None  # a pass over the data would call it
+    with pytest.raises(ValueError, match=r"^'org/x/y' is not a Hub repo id: .*owner/name"):
+        build_corpus(source, tmp_path / "out", BuildOptions(**OPTIONS, repo_id="org/x/y"))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("flags", [["--chunk-size", "0"], ["--chunk-size", "-3"], ["--min-pathway-genes", "-2"],
                                    ["--shard", "2/2"],
                                    ["--shard", "1"], ["--shard", "a/b"], ["--shard=-1/2"]])

@@ -459,6 +459,20 @@ def test_a_refused_model_creates_no_dataset_repo(model_dir, tmp_path, monkeypatc
     assert hub.calls == []
 
 
+@pytest.mark.parametrize("repos", [["--repo", "org/x/y"], ["--repo", "org/x", "--dataset-repo", "my corpus"]])
+def test_a_repo_id_the_hub_refuses_is_refused_before_anything_in_one_line(model_dir, tmp_path, monkeypatch, repos):
+    """huggingface_hub's HFValidationError came after the folder's checks, as another library's traceback."""
+    from hub_cards import publish
+
+    hub = FakeHub()
+    monkeypatch.setattr(publish, "HfApi", lambda: hub)
+    corpus = ["--corpus", str(corpus_folder(tmp_path / "corpus"))] if "--dataset-repo" in repos else []
+    with pytest.raises(SystemExit, match=r"^publish: error: '(org/x/y|my corpus)' is not a Hub repo id: .*Give it as "
+                                         "owner/name.$"):
+        publish.main(["--model", str(model_dir), *repos, *corpus])
+    assert hub.calls == []
+
+
 def test_the_corpus_summary_is_uploaded_without_paths_of_this_machine(tmp_path):
     from hub_cards.publish import corpus_files_to_upload
 
