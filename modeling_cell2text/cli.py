@@ -268,13 +268,10 @@ def check_paths(input_path: Path, out_path: Path, overwrite: bool = False) -> No
 
 
 def open_h5ad(path: Path) -> Any:
-    """The input opened backed read-only; a file that is not a readable h5ad is an error naming it."""
-    import anndata as ad
+    """The input opened backed read-only; a file that is not a readable h5ad is an error naming it (`tl.read_h5ad`)."""
+    from . import tl
 
-    try:
-        return ad.read_h5ad(path, backed="r")
-    except (OSError, KeyError, ValueError, TypeError) as error:
-        raise CLIError(f"cannot read {path} as an .h5ad file (truncated, or another format?): {error}") from error
+    return tl.read_h5ad(path, backed="r")
 
 
 def h5ad_has_x(path: Path) -> bool:

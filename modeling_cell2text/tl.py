@@ -559,8 +559,23 @@ def embed(
     })
 
 
+def read_h5ad(path: str | os.PathLike, backed: str | None = None) -> Any:
+    """`anndata.read_h5ad(path, backed=...)`; a file that is no readable h5ad (another format, truncated, an HDF5
+    file without AnnData's groups: h5py's KeyError, anndata's TypeError) is refused naming it. A missing file keeps
+    its FileNotFoundError."""
+    import anndata as ad
+
+    try:
+        return ad.read_h5ad(path, backed=backed)
+    except FileNotFoundError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as error:
+        raise ValueError(f"cannot read {path} as an .h5ad file (truncated, or another format?): {error}") from error
+
+
 __all__ = [
     "DescribeOptions", "annotation_columns", "check_key_added", "check_key_free", "compiled_decoding_kwargs",
     "describe", "described_columns", "describe_cells", "embed", "load", "load_processor",
-    "model_provenance", "package_version", "remote_class", "resolve_device", "resolve_dtype", "write_descriptions",
+    "model_provenance", "package_version", "read_h5ad", "remote_class", "resolve_device", "resolve_dtype",
+    "write_descriptions",
 ]

@@ -193,10 +193,11 @@ class AnnDataSource:
 
 
 def h5ad_source(path: str | Path, *, backed: bool = False, **kwargs: Any) -> AnnDataSource:
-    """An h5ad file, read into memory or opened backed (``backed=True``: read in row chunks)."""
-    import anndata
+    """An h5ad file, read into memory or opened backed (``backed=True``: read in row chunks); a file that is no
+    readable h5ad is refused naming it (`tl.read_h5ad`)."""
+    from modeling_cell2text import tl
 
-    adata = anndata.read_h5ad(path, backed="r" if backed else None)
+    adata = tl.read_h5ad(path, backed="r" if backed else None)
     kwargs.setdefault("name", Path(path).name)
     kwargs.setdefault("dataset_id", Path(path).stem)
     return AnnDataSource(adata, **kwargs)

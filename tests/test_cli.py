@@ -195,6 +195,16 @@ def test_model_folder_code_runs_only_with_trust_remote_code(model_dir, h5ad, tmp
     assert marker.exists()  # the opt-in does run it
 
 
+def test_an_input_that_is_no_h5ad_is_one_line_naming_it(model_dir, tmp_path, capsys):
+    import h5py
+
+    path = tmp_path / "other.h5ad"
+    with h5py.File(path, "w") as file:
+        file.create_dataset("values", data=np.ones(3))
+    code, err = run_cli(["describe", str(path), "--model", str(model_dir), "--out", str(tmp_path / "o.h5ad")], capsys)
+    assert_one_line_error(code, err, f"cannot read {path} as an .h5ad file (truncated, or another format?)")
+
+
 def test_a_refusal_by_the_model_folders_own_code_is_one_line(model_dir, h5ad, tmp_path, capsys):
     """With --trust-remote-code the folder's copy of this package refuses a bad config.json (transformers imports it
     as transformers_modules...): that refusal ended in a traceback, as another library's ValueError does."""

@@ -356,6 +356,23 @@ def test_a_seed_shard_size_or_chunk_size_numpy_or_datasets_refuse_is_refused_bef
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("backed", [False, True])
+def test_an_hdf5_file_that_is_no_anndata_is_refused_naming_it(tmp_path, backed):
+    """An HDF5 file without AnnData's groups ended build_corpus in anndata's TypeError or h5py's KeyError (a
+    traceback); `cell2text` named the file already."""
+    import h5py
+
+    from processing.sources import h5ad_source
+
+    path = tmp_path / "other.h5ad"
+    with h5py.File(path, "w") as file:
+        file.create_dataset("values", data=np.ones(3))
+    with pytest.raises(ValueError, match=rf"^cannot read {path} as an .h5ad file \(truncated, or another format\?\)"):
+        h5ad_source(path, backed=backed)
+    with pytest.raises(FileNotFoundError):  # its own words name the file and the error
+        h5ad_source(tmp_path / "missing.h5ad", backed=backed)
+
+
 def test_a_repo_id_the_hub_refuses_is_refused_before_the_passes(tmp_path):
     """--push-to-hub 'org/x/y' was refused by huggingface_hub after the build (hours for a Census build)."""
     source = _source(_tiny_adata())
