@@ -393,6 +393,8 @@ def test_evaluate_refuses_a_count_below_one_before_loading_the_model(tmp_path, c
     ["-m", "processing.build_corpus", "--h5ad", "missing.h5ad", "--out", "corpus"],
     ["-m", "training.evaluation.evaluate", "--model", "missing-model", "--corpus", "missing-corpus", "--out", "r"],
     ["-m", "hub_cards.publish", "--model", "missing-model", "--repo", "org/x"],
+    # raised in the module run with -m (its __name__ is __main__): this project's refusal all the same
+    ["-m", "hub_cards.publish", "--model", "missing-model", "--repo", "org/x/y"],
     # the recipes ended a missing corpus and a refused setting with a traceback
     ["-m", "training.sft", "--corpus_dir", "missing-corpus", "--text_model_name_or_path", "llm", "--output_dir", "o"],
     ["-m", "training.sft", "--corpus_dir", "c", "--text_model_name_or_path", "llm", "--output_dir", "o",
