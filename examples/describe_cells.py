@@ -11,7 +11,6 @@ pipeline: `pipeline("cell-to-text", model=..., trust_remote_code=True)(adata)`, 
 
 import argparse
 
-import anndata as ad
 import scanpy as sc
 
 from modeling_cell2text import tl
@@ -40,7 +39,7 @@ if args.max_new_tokens is not None and not args.free:  # a constrained descripti
 # not one) ends with one line.
 with refused_input_as_one_line("describe_cells", as_command_line):
     if args.h5ad:
-        adata, use_raw = ad.read_h5ad(args.h5ad), args.use_raw
+        adata, use_raw = tl.read_h5ad(args.h5ad), args.use_raw
         input_values = args.input_values or "counts"
     else:
         adata, use_raw = sc.datasets.pbmc68k_reduced(), True  # .raw: log1p of normalised counts, gene symbols

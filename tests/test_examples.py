@@ -15,8 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def example_process(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("PYTHONPATH", None)
+    # the checkout's package, the one under test (what an editable install of it gives; a venv shared by several
+    # checkouts would otherwise run another checkout's package)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, str(REPO / "examples" / f"{name}.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -119,6 +120,13 @@ def test_the_describe_example_refuses_a_cell_count_below_one_and_a_missing_file_
     assert missing.returncode == 1 and "Traceback" not in missing.stderr, missing.stderr[-3000:]
     assert missing.stderr.strip().splitlines()[-1].startswith("describe_cells: error: ") and (
         "mistyped.h5ad" in missing.stderr)
+    import h5py
+
+    with h5py.File(tmp_path / "other.h5ad", "w") as other:  # HDF5, but no AnnData: anndata's or h5py's traceback
+        other["values"] = [1, 2, 3]
+    foreign = example_process("describe_cells", "--h5ad", "other.h5ad", cwd=tmp_path)
+    assert foreign.returncode == 1 and "Traceback" not in foreign.stderr, foreign.stderr[-3000:]
+    assert "cannot read other.h5ad as an .h5ad file" in foreign.stderr.strip().splitlines()[-1]
 
 
 def test_the_finetune_example_passes_num_cell_tokens_with_init_from(tmp_path):
