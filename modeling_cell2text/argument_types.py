@@ -33,6 +33,7 @@ _OPTION_NAMES = (
     (re.compile(r"\bpass a (larger|smaller) max_new_tokens\b"), r"pass a \1 --max-new-tokens"),
     (re.compile(r"\bbfloat16 \(dtype=\.\.\.\)"), "bfloat16 (--dtype NAME)"),
     (re.compile(r"^obs_map (?=names |maps )"), "--obs-map "),
+    (re.compile(r"^max_shard_size must\b"), "--max-shard-size must"),
 )
 
 

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hub_cards.render import public_name, write_dataset_card
-from modeling_cell2text.argument_types import refused_input_as_one_line
+from modeling_cell2text.argument_types import as_command_line, refused_input_as_one_line
 from modeling_cell2text.output_files import publish_folder
 from processing.build_corpus import REJECTS_FILE, _is_corpus_folder, _staging_dir
 from processing.corpus import (FEATURE_EXTRACTOR_DIR, SUMMARY_FILE, check_max_shard_size, save_splits,
@@ -294,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--overwrite", action="store_true", help="replace a corpus already at --out")
     parser.add_argument("--max-shard-size", default="500MB", help="largest Arrow file of a split (default 500MB)")
     args = parser.parse_args(argv)
-    with refused_input_as_one_line("join_corpus"):
+    with refused_input_as_one_line("join_corpus", as_command_line):
         summary = join_corpus(args.shards, args.out, args.name, args.overwrite, args.max_shard_size)
     print(f"joined {len(args.shards)} shards: {summary['splits']}; out: {args.out}")
     return summary

@@ -155,7 +155,7 @@ def test_a_shard_size_datasets_refuses_is_refused_before_the_join(built, tmp_pat
     """--max-shard-size 500XB ended in datasets' traceback, 0 in a ZeroDivisionError, after the shards were read and
     concatenated; the corpus builder refused both before its work already."""
     monkeypatch.setattr(datasets, "load_from_disk", None)  # reading a shard would call it
-    with pytest.raises(SystemExit, match=f"^join_corpus: error: max_shard_size must be a size .*got '{size}'"):
+    with pytest.raises(SystemExit, match=f"^join_corpus: error: --max-shard-size must be a size .*got '{size}'"):
         main([*map(str, built["shards"]), "--out", str(tmp_path / "joined"), "--max-shard-size", size])
     assert list(tmp_path.iterdir()) == []
 
