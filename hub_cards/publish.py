@@ -172,8 +172,8 @@ def model_folder_files(model_dir: Path, config: dict, processor: Any) -> set[str
     shards = set(json.loads((model_dir / index).read_text()).get("weight_map", {}).values()) if (
         model_dir / index).is_file() else set()
     templates = {f"{CHAT_TEMPLATE_DIR}/{path.name}" for path in (model_dir / CHAT_TEMPLATE_DIR).glob("*.jinja")}
-    return {CONFIG_NAME, GENERATION_CONFIG_NAME, whole, index, *shards, PROCESSOR_NAME, TOKENIZER_CONFIG_FILE, FULL_TOKENIZER_FILE,
-            CHAT_TEMPLATE_FILE, *templates, *processor.tokenizer.vocab_files_names.values(), *EARLIER_SAVE_FILES,
+    return {CONFIG_NAME, GENERATION_CONFIG_NAME, whole, index, *shards, PROCESSOR_NAME, TOKENIZER_CONFIG_FILE,
+            FULL_TOKENIZER_FILE, CHAT_TEMPLATE_FILE, *templates, *processor.tokenizer.vocab_files_names.values(), *EARLIER_SAVE_FILES,
             *_remote_code_files(model_dir, config), "README.md", EVALUATION_RESULTS}
 
 

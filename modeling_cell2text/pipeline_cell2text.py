@@ -195,8 +195,8 @@ class DescribeOptions:
 # length bounds of free descriptions (a constrained one is written whole), and settings at the values it runs with.
 CONSTRAINED_SETTINGS = {"num_beams", "pad_token_id", "transformers_version", "max_new_tokens", "max_length"}
 CONSTRAINED_VALUES = {"do_sample": False, "num_return_sequences": 1}
-# Generation settings that forbid or favour the end of text by length: refused in free describing (`_check_free_ending`),
-# but a minimum at the length bound.
+# Generation settings that forbid or favour the end of text by length: refused in free describing
+# (`_check_free_ending`), but a minimum at the length bound.
 END_OF_TEXT_SETTINGS = ("min_new_tokens", "min_length", "exponential_decay_length_penalty")
 # The pipeline's options of a call (`Cell2TextPipeline.__call__`'s own), which building the pipeline does not take.
 CALL_OPTIONS = {"gene_ids", "sort_by_length", "progress", "rows"}
