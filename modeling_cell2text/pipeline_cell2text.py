@@ -183,7 +183,7 @@ class DescribeOptions:
                **generate_kwargs}
         return {
             "cell_types": None if self.cell_types is None else sorted(self.cell_types, key=str),
-            "layer": self.layer or ("raw" if self.use_raw else "X"), "input_values": self.input_values,
+            "layer": self.layer, "use_raw": self.use_raw, "input_values": self.input_values,
             "batch_size": self.batch_size, "constrained": constrained,
             "max_new_tokens": None if constrained else ran.get("max_new_tokens"),  # as it ran (None: max_length's)
             "skip_empty_cells": self.skip_empty_cells, "sort_by_length": self.sort_by_length, "compile": compiled,

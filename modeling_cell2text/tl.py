@@ -333,7 +333,8 @@ def describe(
     `adata.uns[key_added]` records the function ("describe"), the model (path or repo id), its revision (Hub commit
     or sha256 of the folder's weight files), `state_dict_sha256` (of the weights that ran, in memory), the processor's
     checksums (`gene_vocabulary_sha256`, `processor_sha256`), the package version and the parameters (with
-    `label_tables_sha256`, of the labels as they ran). A key_added whose record is tl.embed's is refused (its record
+    `label_tables_sha256`, of the labels as they ran; `layer` and `use_raw` as passed, so `adata.raw` is not read
+    as a layer named "raw"). A key_added whose record is tl.embed's is refused (its record
     would be replaced).
 
     `options` are `DescribeOptions`' (`layer`, `use_raw`, `input_values`, `batch_size`, `max_new_tokens`,
@@ -553,7 +554,7 @@ def embed(
             bar.update(len(batch.rows))
     adata.obsm[key_added] = embeddings
     _record(adata, key_added, "embed", model, processor, {
-        "layer": layer or ("raw" if use_raw else "X"), "input_values": input_values, "batch_size": batch_size,
+        "layer": layer, "use_raw": use_raw, "input_values": input_values, "batch_size": batch_size,
         "skip_empty_cells": skip_empty_cells, "dtype": str(model.dtype), "trust_remote_code": trust_remote_code,
         "encoder_layer": int(layer_index), "pooling": "mean over gene positions",
     })

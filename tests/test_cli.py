@@ -384,7 +384,8 @@ def test_counts_in_raw(model_dir, tmp_path, capsys):
                  "--max-new-tokens", "40"]) == 0
     annotated = ad.read_h5ad(out)
     assert (annotated.obs["cell2text_description"] == DESCRIPTION).all()
-    assert annotated.uns["cell2text"]["params"]["layer"] == "raw"
+    params = annotated.uns["cell2text"]["params"]
+    assert params["use_raw"] and "layer" not in params  # .raw, not a layer named "raw"
 
 
 def test_file_without_x_points_to_layer(model_dir, tmp_path, capsys):

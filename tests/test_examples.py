@@ -106,7 +106,7 @@ def test_the_describe_example_reads_counts_in_raw_and_refuses_other_values_in_on
     assert refused.stderr.strip().splitlines()[-1].startswith(
         "describe_cells: error: --input-values counts but the values are not integer counts")
     out = run_example("describe_cells", *command, "--use-raw", cwd=tmp_path)
-    assert out.count("B cell (CL:0000236)") == 3 and "'layer': 'raw'" in out
+    assert out.count("B cell (CL:0000236)") == 3 and "'use_raw': True" in out
 
 
 def test_the_describe_example_refuses_a_cell_count_below_one_and_a_missing_file_in_one_line(tmp_path):

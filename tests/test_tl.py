@@ -58,7 +58,8 @@ def test_describe_writes_fields_with_ontology_ids_for_every_cell(model_dirs):
     assert record["model"] == str(model_dirs["trained"])
     assert record["revision"].startswith("sha256:") and len(record["revision"]) == 7 + 64
     assert record["package_version"] == tl.package_version()
-    assert "max_new_tokens" not in record["params"] and record["params"]["layer"] == "X"  # constrained: whole
+    assert "max_new_tokens" not in record["params"]  # constrained: whole
+    assert not record["params"]["use_raw"] and "layer" not in record["params"]  # counts from X
     assert record["params"]["trust_remote_code"] is False
     assert record["params"]["constrained"] is True  # the processor knows the corpus's cell-type labels
     scores = adata.obs["cell2text_cell_type_score"]
@@ -124,6 +125,20 @@ def test_describe_and_embed_a_view_makes_it_an_actual_anndata(model_dirs, expect
     assert list(view.obs["cell2text_description"]) == expected[2:5]
     assert view.obsm["X_cell2text"].shape == (3, 32)
     assert "cell2text_description" not in parent.obs and "X_cell2text" not in parent.obsm  # parent untouched
+
+
+def test_the_record_tells_adata_raw_from_a_layer_named_raw(model_dirs):
+    """The counts' source is recorded as the call's arguments: a record of `"layer": "raw"` read alike for
+    `adata.raw` and for `adata.layers["raw"]`, so repeating the call from it could read other counts."""
+    adata = make_adata(2)
+    adata.raw = adata.copy()
+    adata.layers["raw"] = adata.X
+    records = {}
+    for name, source in {"use_raw": {"use_raw": True}, "layer": {"layer": "raw"}}.items():
+        tl.embed(adata, model_dirs["random"], progress=False, **source)
+        records[name] = adata.uns["X_cell2text"]["params"]
+    assert records["use_raw"]["use_raw"] is True and "layer" not in records["use_raw"]
+    assert records["layer"]["use_raw"] is False and records["layer"]["layer"] == "raw"
 
 
 def test_embed_is_the_mean_of_the_encoder_layer_over_gene_positions(model_dirs):
