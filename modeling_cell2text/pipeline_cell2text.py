@@ -347,11 +347,13 @@ class Cell2TextPipeline(Pipeline):
         return self._get_set_generation_params(self._prepare_generate_kwargs(dict(generate_kwargs or {})))
 
     def _check_free_ending(self, generate_kwargs: dict | None, constrained: bool | None) -> None:
-        """Refuse free-describing settings that move the end of text (`END_OF_TEXT_SETTINGS`, a `sequence_bias` on an
-        end-of-text token), from the call, the pipeline or the model's generation_config.json: a description ran on
-        past its end and parsed with what followed in its last field (min_new_tokens=60: the tissue "blood of a healthy
-        donor. It or.......... It or.. consists from the blood", exit 0) or ended before its later fields. Constrained
-        describing refuses them as settings it does not use."""
+        """Refuse free-describing settings that move the end of text (`END_OF_TEXT_SETTINGS`; a `sequence_bias` or
+        `bad_words_ids` sequence ending in, or `suppress_tokens` / `begin_suppress_tokens` holding, an end-of-text
+        token: the tokenizer's or a generation eos_token_id), from the call, the pipeline or the model's
+        generation_config.json: a description ran on past its end and parsed with what followed in its last field
+        (min_new_tokens=60: the tissue "blood of a healthy donor. It or.......... It or.. consists from the blood",
+        exit 0), or never ended and was reported as cut, asking for a larger max_new_tokens (suppress_tokens), or ended
+        before its later fields. Constrained describing refuses them as settings it does not use."""
         if self._constrains(constrained):
             return
         settings = self._free_settings(generate_kwargs)
@@ -365,6 +367,10 @@ class Cell2TextPipeline(Pipeline):
         if any(value and ends & set(list(sequence)[-1:])
                for sequence, value in (bias.items() if isinstance(bias, dict) else bias)):
             moved.append("sequence_bias (on the end of text)")
+        if any(ends & set(list(sequence)[-1:]) for sequence in settings.get("bad_words_ids") or []):
+            moved.append("bad_words_ids (ending in the end of text)")
+        moved += [f"{name} (the end of text)" for name in ("suppress_tokens", "begin_suppress_tokens")
+                  if ends & set(settings.get(name) or [])]
         if moved:
             raise ValueError(
                 f"{moved}: generation settings that move where a free description ends, so it could run on past its "

@@ -513,6 +513,16 @@ def test_settings_that_move_where_a_free_description_ends_are_refused(trained_di
         with pytest.raises(ValueError, match="move where a free description ends"):
             describe(make_adata(1), constrained=False, **setting)
     assert len(describe(make_adata(1), constrained=False, sequence_bias={(5,): 1.0})) == 1  # not on the end of text
+    # suppress_tokens=[eos] let no description end: each ran to max_new_tokens, reported as cut, asking for a larger
+    # max_new_tokens; the end of text may be the tokenizer's or a generation eos_token_id (one or a list)
+    full_stop = describe.processor.tokenizer.convert_tokens_to_ids(".")
+    for setting in ({"suppress_tokens": [eos]}, {"begin_suppress_tokens": [eos]}, {"bad_words_ids": [[5, eos]]},
+                    {"suppress_tokens": [full_stop], "eos_token_id": [eos, full_stop]},
+                    {"bad_words_ids": [[full_stop]], "eos_token_id": full_stop}):
+        with pytest.raises(ValueError, match=r"\['(begin_)?(suppress_tokens|bad_words_ids) \(.*the end of text\)'\]: "
+                                             "generation settings that move where a free description ends"):
+            describe(make_adata(1), constrained=False, **setting)
+    assert describe(make_adata(1), constrained=False, suppress_tokens=[5], bad_words_ids=[[5, 6]])[0]["parsed"]
     timed = describe(make_adata(1), constrained=False, min_new_tokens=30, max_new_tokens=30)  # benchmarks' fixed length
     assert not timed[0]["parsed"]  # never ended at the end of text: cut, so unparsed
     folder = tmp_path / "min-new-tokens"
