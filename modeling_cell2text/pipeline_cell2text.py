@@ -222,9 +222,10 @@ class Cell2TextPipeline(Pipeline):
     (default 2) sets the constrained search's width (partial options extended per cell and model call), the one generation
     setting constrained describing reads (others are refused, naming `constrained=False`, but the length bounds of
     free text, `max_new_tokens` and `max_length`: a constrained description is written whole). A free description
-    that stops before the model ends it (cut at `max_new_tokens`, or at an `eos_token_id` or `stop_strings` other
-    than the tokenizer's end of text) gets `parsed=False` and no fields (its text is kept), with one logged warning
-    per call; NaN logits (an overflowing float16 model, NaN weights) raise FloatingPointError, as constrained.
+    that stops before the model ends it (cut at `max_new_tokens` or `max_time`, or at an `eos_token_id` or
+    `stop_strings` other than the tokenizer's end of text) gets `parsed=False` and no fields (its text is kept), with
+    one logged warning per call; NaN logits (an overflowing float16 model, NaN weights) raise FloatingPointError, as
+    constrained.
 
     Cells are rank-value encoded a block at a time (vectorised) and generated `batch_size` cells at a time. Free
     generation is greedy with `max_new_tokens=160` unless the model's generation config, the pipeline's or the
@@ -321,23 +322,25 @@ class Cell2TextPipeline(Pipeline):
         matrix, gene_ids, obs_names = resolve_cells(self.processor.feature_extractor, cells, gene_ids, layer, use_raw)
         rows = checked_rows(rows, matrix.shape[0])
         results: list[dict | None] = [None] * len(rows)
-        cut, max_new_tokens = 0, None
+        cut, max_new_tokens, max_time = 0, None, None
         with tqdm(total=len(rows), unit="cell", disable=not progress, desc="Describing cells") as bar:
             for batch in cell_batches(self.processor.feature_extractor, matrix, gene_ids, obs_names, batch_size,
                                       skip_empty, preprocess_params, sort_by_length, bar, rows):
                 model_outputs = self.forward(self.preprocess(batch.tokens, batch.bins), **forward_params)
                 if "ended" in model_outputs:
                     cut += int((~model_outputs["ended"]).sum())
-                    max_new_tokens = model_outputs["max_new_tokens"]
+                    max_new_tokens, max_time = model_outputs["max_new_tokens"], model_outputs["max_time"]
                 for row, output in zip(batch.rows, self.postprocess(model_outputs), strict=True):
                     results[row] = output
                 bar.update(len(batch.rows))
         if cut:
             limit = "max_length" if max_new_tokens is None else f"max_new_tokens={max_new_tokens}"
+            # max_time stops every row of a batch still writing, which reads as a cut at the length limit otherwise
+            timed = ("", "") if max_time is None else (f" or max_time={max_time}s (a batch's)", " (or max_time)")
             logger.warning(
-                "%d of %d free descriptions were cut before the model ended them (at %s, or at an eos_token_id or "
+                "%d of %d free descriptions were cut before the model ended them (at %s%s, or at an eos_token_id or "
                 "stop_strings set for generation): they are returned with parsed=False and no fields. To get them "
-                "whole, pass a larger max_new_tokens.", cut, sum(r is not None for r in results), limit,
+                "whole, pass a larger max_new_tokens%s.", cut, sum(r is not None for r in results), limit, *timed,
             )
         return results
 
@@ -482,7 +485,7 @@ class Cell2TextPipeline(Pipeline):
         ended &= ~ends_at_a_stop_string(generated[:, prompt_length:], tokenizer, settings.get("stop_strings"))
         ended &= ~ended_by_forced_eos(generated[:, prompt_length:], tokenizer.eos_token_id, settings, prompt_length)
         return {"generated_ids": generated, "prompt_length": prompt_length, "ended": ended,
-                "max_new_tokens": settings.get("max_new_tokens")}
+                "max_new_tokens": settings.get("max_new_tokens"), "max_time": settings.get("max_time")}
 
     def _constrained_settings(self, generate_kwargs: dict | None) -> dict:
         """The generation settings the caller asked for (the pipeline's and the call's; the model's generation config

@@ -476,6 +476,15 @@ def test_a_free_description_cut_short_is_not_parsed_and_says_why(trained_dir, ca
     stopped = describe(counts, gene_ids=GENES, constrained=False, eos_token_id=full_stop)  # a stop id of the user's
     assert all(not r["parsed"] and r["description"].endswith(".") for r in stopped)
     caplog.clear()
+    # max_time stops every description still being written: cut, and the warning named max_new_tokens alone
+    timed = describe(counts, gene_ids=GENES, constrained=False, max_time=1e-6)
+    assert all(not r["parsed"] and r["cell_type"] is None and DESCRIPTION.startswith(r["description"]) for r in timed)
+    assert "3 of 3 free descriptions were cut" in caplog.text and "max_time=1e-06s" in caplog.text
+    assert "pass a larger max_new_tokens (or max_time)." in caplog.text
+    with pytest.raises(ValueError, match=r"\['max_time'\]: generation settings that schema-constrained describing "
+                                         "does not use"):  # it cannot stop a description halfway: never partial
+        describe(counts, gene_ids=GENES, max_time=1e-6)
+    caplog.clear()
     constrained = describe(counts, gene_ids=GENES, max_new_tokens=14)  # the schema decoder has no token limit
     assert all(r["parsed"] and r["tissue"] == "blood" for r in constrained) and "were cut" not in caplog.text
 
