@@ -149,16 +149,16 @@ class DescribeOptions:
     def pipeline_generate_kwargs(
         self, constrained: bool, compiled: dict[str, Any], model_config: GenerationConfig | None = None
     ) -> dict[str, Any]:
-        """The `generate_kwargs` a describe passes to the pipeline. Constrained: the caller's alone (the pipeline
-        refuses the settings its decoder does not use; `max_new_tokens` bounds free text only). Free: greedy
-        (whatever the folder's generation_config.json says), `max_new_tokens` (160 unless a length is set, by the
+        """The `generate_kwargs` a describe passes to the pipeline. Constrained: the caller's and `max_new_tokens`
+        (the pipeline refuses the settings its decoder does not use, and says a length bound has no effect). Free:
+        greedy (whatever the folder's generation_config.json says), `max_new_tokens` (160 unless a length is set, by the
         caller or by `model_config`, the model folder's generation config, as the pipeline reads it) and
         `compiled`'s static cache, each where the caller's settings, loose or in a `generation_config` (a copy of it
         then takes them), leave it unset: loose ones overrode a given config (160 tokens ran where it said 3, greedy
         where it sampled), and 160 overrode a folder's 400."""
         given = dict(self.generate_kwargs or {})
-        if constrained:
-            return given
+        if constrained:  # max_new_tokens passed on where set, for the pipeline to say it has no effect
+            return given if self.max_new_tokens is None else {"max_new_tokens": self.max_new_tokens, **given}
         config = given.get("generation_config")
         set_by_caller = set(given) | (set(config.to_diff_dict()) if config is not None else set())
         lengths = {"max_new_tokens", "max_length"}
@@ -314,6 +314,7 @@ class Cell2TextPipeline(Pipeline):
         self._check_one_sequence_per_cell(forward_params.get("generate_kwargs"))
         self._check_positions(forward_params.get("generate_kwargs"), forward_params.get("constrained"))
         self._check_free_ending(forward_params.get("generate_kwargs"), forward_params.get("constrained"))
+        self._warn_unused_length(forward_params.get("generate_kwargs"), forward_params.get("constrained"))
         check_labels(self.model.config, self.processor, self._model_name)  # its tables may have changed since
         layer = preprocess_params.pop("layer", None)
         use_raw = preprocess_params.pop("use_raw", False)
@@ -381,6 +382,19 @@ class Cell2TextPipeline(Pipeline):
                 "(one the model's generation_config.json sets: remove it there, or pass it as None); max_new_tokens "
                 "bounds the length, and a description cut there is returned unparsed (as every one is with "
                 "min_new_tokens equal to max_new_tokens, which is taken, for timing).")
+
+    def _warn_unused_length(self, generate_kwargs: dict | None, constrained: bool | None) -> None:
+        """Say, once per call, that a length bound the caller set (`max_new_tokens`, `max_length`: the pipeline's, the
+        call's or its `generation_config`'s) has no effect on schema-constrained describing, which writes each
+        description whole: `max_new_tokens=3` gave the same whole descriptions without a word. The one owner of this
+        warning, which `tl` and the CLI reach through `DescribeOptions.pipeline_generate_kwargs`."""
+        if not self._constrains(constrained):
+            return
+        settings = self._constrained_settings(generate_kwargs)
+        bounds = [f"{name}={settings[name]}" for name in ("max_new_tokens", "max_length") if name in settings]
+        if bounds:
+            logger.warning("%s bounds free descriptions (constrained=False) only: the schema-constrained decoder "
+                           "writes each description whole, so it has no effect here.", " and ".join(bounds))
 
     def _check_one_sequence_per_cell(self, generate_kwargs: dict | None) -> None:
         """Refuse generation settings that return several sequences per cell (they would be zipped onto other

@@ -402,9 +402,6 @@ def describe_cells(
     if options.compile and constrained:
         logger.warning("compile=True applies to free describing (constrained=False): the schema-constrained decoder "
                        "runs as usual.")
-    if options.max_new_tokens is not None and constrained:  # it was accepted and did nothing, without a word
-        logger.warning("max_new_tokens=%d bounds free descriptions (constrained=False) only: the schema-constrained "
-                       "decoder writes each description whole, so it has no effect here.", options.max_new_tokens)
     compiled = compiled_decoding_kwargs(model.device) if options.compile and not constrained else {}
     generate_kwargs = options.pipeline_generate_kwargs(constrained, compiled, model.generation_config)
     pipe = Cell2TextPipeline(model=model, processor=processor, device=model.device)

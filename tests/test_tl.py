@@ -405,17 +405,26 @@ def test_constrained_asked_of_a_processor_without_labels_records_and_writes_a_fr
 
 def test_max_new_tokens_in_constrained_describing_says_it_has_no_effect(model_dirs, caplog):
     """The finding: `cell2text describe --max-new-tokens 3` (no --free) described every cell whole without a word,
-    as the example script's option had before it was refused there."""
-    def notices(**options) -> list[str]:
+    as the example script's option had before it was refused there; given in generate_kwargs (tl) or to the
+    pipeline's call it still was. One warning, the pipeline's, whichever way it came."""
+    def notices(call=None, **options) -> list[str]:
         caplog.clear()
-        with caplog.at_level("WARNING", logger="modeling_cell2text.tl"):
-            tl.describe(make_adata(2), model_dirs["trained"], progress=False, **options)
-        return [record.getMessage() for record in caplog.records if "max_new_tokens" in record.getMessage()]
+        with caplog.at_level("WARNING"):
+            if call is None:
+                tl.describe(make_adata(2), model_dirs["trained"], progress=False, **options)
+            else:
+                call(make_adata(2), **options)
+        return [record.getMessage() for record in caplog.records if "max_" in record.getMessage()]
 
-    assert notices(max_new_tokens=3) == ["max_new_tokens=3 bounds free descriptions (constrained=False) only: the "
-                                         "schema-constrained decoder writes each description whole, so it has no "
-                                         "effect here."]
+    no_effect = ("bounds free descriptions (constrained=False) only: the schema-constrained decoder writes each "
+                 "description whole, so it has no effect here.")
+    assert notices(max_new_tokens=3) == [f"max_new_tokens=3 {no_effect}"]
+    assert notices(generate_kwargs={"max_new_tokens": 4}) == [f"max_new_tokens=4 {no_effect}"]
     assert notices() == [] and notices(max_new_tokens=40, constrained=False) == []
+    describe = local_pipeline(model_dirs["trained"])
+    assert notices(describe, max_new_tokens=5) == [f"max_new_tokens=5 {no_effect}"]
+    assert notices(describe, generate_kwargs={"max_length": 90}) == [f"max_length=90 {no_effect}"]
+    assert notices(describe) == [] and notices(describe, max_new_tokens=40, constrained=False) == []
 
 
 def test_the_record_holds_the_max_new_tokens_that_ran_and_the_weights_that_ran(model_dirs):
