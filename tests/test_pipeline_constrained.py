@@ -45,7 +45,8 @@ def test_pipeline_constrains_the_cell_type_by_default_with_a_score(random_dir):
     assert [r["description"] for r in free] != [r["description"] for r in results]
 
 
-@pytest.mark.parametrize("setting", [dict(repetition_penalty=50.0), dict(eos_token_id=3), dict(streamer=object()),
+@pytest.mark.parametrize("setting", [dict(repetition_penalty=50.0), dict(no_repeat_ngram_size=2),
+                                     dict(temperature=0.5), dict(eos_token_id=3), dict(streamer=object()),
                                      dict(logits_processor=[lambda ids, scores: 1 / 0]),
                                      dict(generate_kwargs={"stop_strings": ["."]})])
 def test_settings_the_constrained_decoder_does_not_use_are_refused(random_dir, setting):
