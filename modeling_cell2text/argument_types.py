@@ -4,8 +4,9 @@ argparse types and how refused input ends a command."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,6 +43,14 @@ def as_command_line(message: str) -> str:
     for pattern, option in _OPTION_NAMES:
         message = pattern.sub(option, message)
     return message
+
+
+def with_close_match(name: str, known: Iterable[str], cutoff: float = 0.6) -> str:
+    """`name` quoted, with the closest of `known` where one is close (difflib's ratio, ignoring case, at least
+    `cutoff`): "'num_beam' (did you mean 'num_beams'?)", for refusing a misspelt setting or label with its fix."""
+    by_folded = {str(other).casefold(): other for other in known}
+    close = difflib.get_close_matches(name.casefold(), list(by_folded), n=1, cutoff=cutoff)
+    return f"{name!r} (did you mean {by_folded[close[0]]!r}?)" if close else repr(name)
 
 
 def is_integer_at_least(value: object, least: int) -> bool:

@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "the last digits of <key>_cell_type_score)")
     describe.add_argument("--cell-types", nargs="+", action="extend", metavar="LABEL", default=None,
                           help="choose the cell type among these of the model's labels only (cells known to be of a "
-                               "few types); after the input file, each label quoted: --cell-types 'B cell' 'T cell'")
+                               "few types); after the input file, each label quoted or given by its Cell Ontology "
+                               "id: --cell-types 'B cell' CL:0000084")
     describe.add_argument("--compile", action="store_true",
                           help="static KV cache and torch.compile for free decoding (--free) on a CUDA GPU (no effect "
                                "elsewhere)")

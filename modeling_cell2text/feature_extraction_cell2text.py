@@ -13,7 +13,6 @@ are recognised without importing anndata.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import inspect
 import json
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 from transformers import BatchFeature, FeatureExtractionMixin
 
+from .argument_types import with_close_match
 from .cell_inputs import (CELL_INPUT_NAMES, CELL_ROW_KEYS, empty_cells_error, format_cells,
                           resolve_input)
 from .gene_ids import ensembl_gene_id, resolve_symbols, var_gene_ids
@@ -62,8 +62,7 @@ class _GeneMatch:
 def unknown_settings_error(kind: str, unknown: set[str], known: Sequence[str]) -> TypeError:
     """The error for settings a saved config or a caller gives that `kind` does not have (transformers would keep
     them as unused attributes or drop them, so a misspelt setting would leave its default in force)."""
-    hints = [f"{name!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, known, n=1))
-             else repr(name) for name in sorted(unknown)]
+    hints = [with_close_match(name, known) for name in sorted(unknown)]
     return TypeError(f"{kind} has no setting {', '.join(hints)}; its settings are {sorted(known)}. Fix the "
                      "name in the saved config (or the call).")
 

@@ -8,7 +8,6 @@ Follows transformers' LLaVA layout (v5): `Cell2TextModel` holds `gene_encoder`, 
 from __future__ import annotations
 
 import copy
-import difflib
 import inspect
 import json
 import os
@@ -27,7 +26,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import (CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME,
                                 can_return_tuple, find_adapter_config_file, logging)
 
-from .argument_types import is_integer_at_least
+from .argument_types import is_integer_at_least, with_close_match
 from .cell_inputs import CELL_INPUT_NAMES, CELL_ROW_KEYS
 from .compatibility import (PREPARED_ENCODER_KEY, check_gene_vocabulary, gene_vocabulary_sha256, hub_kwargs,
                             saved_file)
@@ -199,8 +198,7 @@ def _refuse_unreadable_generation_config(pretrained_model_name_or_path: Any, kwa
     if isinstance(settings, dict):
         where = f"in the {GENERATION_CONFIG_NAME} of {pretrained_model_name_or_path!s}"
         known = generation_setting_names() | {"_commit_hash"}  # a key earlier transformers versions saved
-        unknown = [f"{key!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(
-            key, known, n=1)) else "") for key in settings if key not in known]
+        unknown = [with_close_match(key, known) for key in settings if key not in known]
         if unknown:
             raise ValueError(f"{', '.join(unknown)} {where}: no generation setting, so generation would run without "
                              "it. Fix the name there (the settings are GenerationConfig's), or remove it.")

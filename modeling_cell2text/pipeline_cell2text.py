@@ -93,8 +93,8 @@ class DescribeOptions:
     `skip_empty_cells`: leave cells without vocabulary genes out instead of stopping; `sort_by_length`: batch cells
     of similar length (less padding; float32 scores move in their last digits); `compile`: static KV cache and
     torch.compile for free decoding on a CUDA GPU (no effect elsewhere); `progress`: a tqdm bar; `cell_types`: choose
-    the cell type among these of the model's labels only (cells known to be of a few types; `keep_labels`), so
-    `cell_type_score` is a probability among them (1.0 for one).
+    the cell type among these of the model's labels (or their Cell Ontology ids) only (cells known to be of a few
+    types; `keep_labels`), so `cell_type_score` is a probability among them (1.0 for one).
     """
 
     layer: str | None = None

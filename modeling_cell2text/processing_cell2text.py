@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transformers import BatchFeature, ProcessorMixin
 
-from .argument_types import is_integer_at_least
+from .argument_types import is_integer_at_least, with_close_match
 from .compatibility import check_model_and_processor, hub_kwargs, saved_file
 from .feature_extraction_cell2text import unknown_settings_error
 from .text_padding import pad_token_rows, text_pad_token_id
@@ -195,7 +195,8 @@ class Cell2TextProcessor(ProcessorMixin):
         records the checksum of the tables it came from (`kept_labels`) and is accepted, as long as its tables are
         not changed otherwise. Labels the processor does not hold, labels that are not strings, and an empty cell-type
         subset (describing would write free text) are refused; another field kept empty is left out of the
-        descriptions."""
+        descriptions. In an ontology field an ontology id stands for the labels that carry it (`CL:0000236` for
+        "B cell"); a value that is neither is refused with the closest label or id."""
         from .compatibility import label_tables_sha256, processor_labels_sha256
 
         tables = {**{field: self.ontology_term_ids.get(field, {}) for field in ONTOLOGY_FIELDS},
@@ -215,11 +216,18 @@ class Cell2TextProcessor(ProcessorMixin):
                 raise ValueError("keep_labels(cell_type=[]) leaves no cell type to choose among, and describing would "
                                  "write free text naming any cell type: keep at least one, or describe with "
                                  "constrained=False for free text.")
-            narrowed[field] = set(kept)
+            labels_of: dict[str, list[str]] = {}  # an ontology id -> the labels carrying it
+            for label, term in (tables[field].items() if field in ONTOLOGY_FIELDS else ()):
+                labels_of.setdefault(term, []).append(label)
+            named = [[value] if value in tables[field] else labels_of.get(value, [value]) for value in kept]
+            narrowed[field] = {label for labels in named for label in labels}
             unknown = sorted(narrowed[field] - set(tables[field]))
             if unknown:
-                raise ValueError(f"keep_labels: {unknown} are not among this processor's {len(tables[field])} {field} "
-                                 f"labels (not the model's, or left out by an earlier keep_labels), e.g. "
+                ids = " or their ontology ids" if labels_of else ""
+                # near only: short labels differ by a letter ("T cell" is no misspelt "B cell")
+                hints = ", ".join(with_close_match(value, [*tables[field], *labels_of], 0.85) for value in unknown)
+                raise ValueError(f"keep_labels: {hints} {'is' if len(unknown) == 1 else 'are'} not among this processor's {len(tables[field])} {field} "
+                                 f"labels{ids} (not the model's, or left out by an earlier keep_labels), e.g. "
                                  f"{sorted(tables[field])[:5]}.")
         origin = processor_labels_sha256(self)  # the model's tables, or those an earlier subset came from
         for field, kept in narrowed.items():

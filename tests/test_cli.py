@@ -632,11 +632,15 @@ def test_cell_types_chooses_among_those_labels_only(tmp_path, capsys, monkeypatc
     again = tmp_path / "again.h5ad"  # the option given twice: both lists (argparse kept the last one only)
     assert main(describe_args(h5ad, model, again, "--cell-types", "monocyte", "--cell-types", "T cell")) == 0
     assert list(ad.read_h5ad(again).uns["cell2text"]["params"]["cell_types"]) == ["T cell", "monocyte"]
+    by_id = tmp_path / "by_id.h5ad"  # Cell Ontology ids stand for their labels (refused as no label before)
+    assert main(describe_args(h5ad, model, by_id, "--cell-types", "CL:0000576", "T cell")) == 0
+    assert list(ad.read_h5ad(by_id).obs["cell2text_cell_type"]) == list(written.obs["cell2text_cell_type"])
     capsys.readouterr()
     from modeling_cell2text import tl
 
     monkeypatch.setattr(tl, "load", fail_if_called)  # refused before the model is loaded
-    for extra, words in ((["--cell-types", "hepatocyte"], ("--cell-types: ['hepatocyte'] are not among",)),
+    for extra, words in ((["--cell-types", "hepatocyte"], ("--cell-types: 'hepatocyte' is not among",)),
+                         (["--cell-types", "CL:0000577"], ("--cell-types: 'CL:0000577' (did you mean 'CL:0000576'?)",)),
                          (["--cell-types", "T cell", "--free"], ("--cell-types chooses", "leave --free out, or "
                                                                   "--cell-types"))):
         code, err = run_cli(describe_args(h5ad, model, tmp_path / "refused.h5ad", *extra), capsys)

@@ -271,11 +271,20 @@ def test_a_processor_of_another_model_with_other_labels_is_refused_a_kept_subset
         shutil.copy(tmp_path / "model" / name, tmp_path / "kept" / name)
     assert Cell2TextProcessor.from_pretrained(tmp_path / "kept").ontology_term_ids["cell_type"] == {
         first: cell_types[first]}
-    with pytest.raises(ValueError, match=r"keep_labels: \['hepatocyte'\] are not among this processor's 2 cell_type"):
+    with pytest.raises(ValueError, match=r"keep_labels: 'hepatocyte' is not among this processor's 2 cell_type "
+                                         r"labels or their ontology ids"):
         Cell2TextProcessor.from_pretrained(tmp_path / "model").keep_labels(cell_type=["hepatocyte"])
+    # a Cell Ontology id stands for its label (it was refused as no label); a near miss is named with its fix
+    by_id = Cell2TextProcessor.from_pretrained(tmp_path / "model")
+    by_id.keep_labels(cell_type=["CL:0000084"])
+    assert by_id.ontology_term_ids["cell_type"] == {"T cell": "CL:0000084"}
+    for near, meant in (("CL:0000085", "CL:0000084"), ("b cell", "B cell"), ("T cells", "T cell")):
+        with pytest.raises(ValueError, match=rf"keep_labels: '{near}' \(did you mean '{meant}'\?\) is not among"):
+            Cell2TextProcessor.from_pretrained(tmp_path / "model").keep_labels(cell_type=[near])
     with pytest.raises(ValueError, match="keep_labels: unknown field 'cell_types'"):
         kept.keep_labels(cell_types=[first])
-    with pytest.raises(ValueError, match=r"\['T cell'\] are not among this processor's 1 cell_type labels \(not the "
+    with pytest.raises(ValueError, match=r"'T cell' is not among this processor's 1 cell_type labels or their "
+                                         r"ontology ids \(not the "
                                          r"model's, or left out by an earlier keep_labels\)"):
         kept.keep_labels(cell_type=["T cell"])
 
