@@ -400,9 +400,14 @@ class Cell2TextProcessor(ProcessorMixin):
         return self.tokenizer.decode(*args, **kwargs)
 
     def post_process_generation(self, generated_ids, prompt_length: int) -> list[str]:
-        """The generated descriptions: the tokens after the (left-padded) prompt, decoded without special tokens
-        (`reader_text`: with the definition written in where the model does not write it)."""
-        texts = self.tokenizer.batch_decode(generated_ids[:, prompt_length:], skip_special_tokens=True)
+        """The generated descriptions: the tokens after the (left-padded) prompt up to the first end of text (the
+        tokenizer's `eos_token`, which a description is trained to end with), decoded without special tokens
+        (`reader_text`: with the definition written in where the model does not write it). Generation that went on
+        past it (`eos_token_id=None`, or another stop id) wrote on after the description's end, and the run-on text
+        parsed into its last field (tissue "blood of a healthy donor. It or. It or. consists from the blood")."""
+        eos = self.tokenizer.eos_token_id
+        rows = [row[:row.index(eos)] if eos in row else row for row in generated_ids[:, prompt_length:].tolist()]
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         return [self.reader_text(t.strip()) for t in texts]
 
     def parse_descriptions(self, texts: Sequence[str], whole: Sequence[bool] | None = None) -> list[dict]:

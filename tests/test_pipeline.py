@@ -475,6 +475,11 @@ def test_a_free_description_cut_short_is_not_parsed_and_says_why(trained_dir, ca
     full_stop = describe.processor.tokenizer.convert_tokens_to_ids(".")
     stopped = describe(counts, gene_ids=GENES, constrained=False, eos_token_id=full_stop)  # a stop id of the user's
     assert all(not r["parsed"] and r["description"].endswith(".") for r in stopped)
+    # without a stop at the end of text the model writes on past it: the description is what came before it (the
+    # run-on text parsed into the tissue: "blood of a healthy donor. It or. It or. consists from the blood")
+    for stops in (None, 7):
+        run_on = describe(counts, gene_ids=GENES, constrained=False, max_new_tokens=75, eos_token_id=stops)
+        assert all(r["description"] == DESCRIPTION and r["parsed"] and r["tissue"] == "blood" for r in run_on)
     caplog.clear()
     # max_time stops every description still being written: cut, and the warning named max_new_tokens alone
     timed = describe(counts, gene_ids=GENES, constrained=False, max_time=1e-6)

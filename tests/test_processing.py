@@ -154,6 +154,22 @@ def test_a_processor_without_definitions_in_the_model_text_trains_without_them_a
     assert processor.tokenizer.decode(labels[labels != -100][:-1]) == description
 
 
+def test_a_generated_description_ends_at_its_first_end_of_text(processor):
+    """A bad-input hunt's finding: free describing with `eos_token_id=None` (or another stop id) wrote on past the
+    model's end of text, and the run-on text after it parsed into the last field, exit 0 (tissue "blood of a healthy
+    donor. It or. It or. consists from the blood"). The description is what comes before the first end of text."""
+    description = render_description(CellDescription(cell_type="B cell", tissue="blood", disease="normal"))
+    tokenizer = processor.tokenizer
+    written = tokenizer(" " + description, add_special_tokens=False)["input_ids"]
+    run_on = tokenizer(" It or. consists from the blood of a healthy donor.", add_special_tokens=False)["input_ids"]
+    prompt = [7, 8, 9]
+    rows = torch.tensor([prompt + written + [tokenizer.eos_token_id] + run_on,
+                         prompt + written + [tokenizer.eos_token_id] * (len(run_on) + 1)])
+    texts = processor.post_process_generation(rows, len(prompt))
+    assert texts == [description, description]
+    assert processor.parse_descriptions(texts)[0]["tissue"] == "blood"
+
+
 def test_a_definitions_setting_that_is_not_a_bool_is_refused_not_read_as_true(processor, tmp_path):
     """A processor_config.json saying "definitions_in_model_text": "false" (a string, truthy) would feed the model
     text it was never trained on: refused on load."""
