@@ -575,6 +575,9 @@ def test_free_descriptions_cut_by_max_new_tokens_are_counted_as_not_parsed(model
     assert main(describe_args(h5ad, model_dir, whole, "--free")) == 0  # 40 tokens: whole
     assert "Described 5 of 5 cells; wrote" in capsys.readouterr().out
     assert ad.read_h5ad(whole).obs["cell2text_parsed"].all()
+    caplog.clear()  # without --free the option has no effect, and the pipeline (the one owner of that warning) says so
+    assert main(describe_args(h5ad, model_dir, tmp_path / "constrained.h5ad", "--max-new-tokens", "14")) == 0
+    assert "--max-new-tokens 14 bounds free descriptions (--free) only" in as_command_line(caplog.text)
 
 
 def test_skipped_cells_and_empty_descriptions_are_told_apart(model_dir, tmp_path, capsys, monkeypatch):
