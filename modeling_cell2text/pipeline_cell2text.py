@@ -365,16 +365,16 @@ class Cell2TextPipeline(Pipeline):
         # a minimum at the length bound is taken: no description ends at the end of text then, each is cut (unparsed)
         moved = [name for name in END_OF_TEXT_SETTINGS if settings.get(name)
                  and not (bounds.get(name) is not None and settings[name] >= bounds[name])]
-        stop_ids = settings.get("eos_token_id")
-        ends = {self.processor.tokenizer.eos_token_id, *([stop_ids] if isinstance(stop_ids, int) else stop_ids or [])}
+        ends = {self.processor.tokenizer.eos_token_id, *token_ids(settings.get("eos_token_id"))}
         bias = settings.get("sequence_bias") or {}
-        if any(value and ends & set(list(sequence)[-1:])
+        if any(value and ends & token_ids(list(sequence)[-1:])
                for sequence, value in (bias.items() if isinstance(bias, dict) else bias)):
             moved.append("sequence_bias (on the end of text)")
-        if any(ends & set(list(sequence)[-1:]) for sequence in settings.get("bad_words_ids") or []):
+        bad_words = settings.get("bad_words_ids")
+        if any(ends & token_ids(list(sequence)[-1:]) for sequence in ([] if bad_words is None else bad_words)):
             moved.append("bad_words_ids (ending in the end of text)")
         moved += [f"{name} (the end of text)" for name in ("suppress_tokens", "begin_suppress_tokens")
-                  if ends & set(settings.get(name) or [])]
+                  if ends & token_ids(settings.get(name))]
         if moved:
             raise ValueError(
                 f"{moved}: generation settings that move where a free description ends, so it could run on past its "
@@ -641,6 +641,12 @@ class NaNLogitsFlag(LogitsProcessor):
         return self.flag is not None and bool(self.flag)
 
 
+def token_ids(value: Any) -> set[int]:
+    """Token ids given as generation settings take them (None, an int, a list, a numpy array or a tensor) as a set
+    of ints: a tensor's elements hash by identity, so a suppressed end of text given as a tensor went unseen."""
+    return set() if value is None else set(torch.as_tensor(value).flatten().tolist())
+
+
 def ended_at_end_of_text(new_tokens: torch.Tensor, eos_token_id: int | None, stop_ids: Any) -> torch.Tensor:
     """Per row of generated tokens (prompt removed), whether generation stopped at the tokenizer's end of text, the
     token a description is trained to end with (`Cell2TextProcessor._target_ids`), rather than at max_new_tokens or
@@ -653,7 +659,7 @@ def ended_at_end_of_text(new_tokens: torch.Tensor, eos_token_id: int | None, sto
         return torch.ones(rows, dtype=torch.bool)
     if new_tokens.shape[1] == 0:
         return torch.zeros(rows, dtype=torch.bool)
-    stops = {int(eos_token_id)} | set(torch.as_tensor([] if stop_ids is None else stop_ids).flatten().tolist())
+    stops = {int(eos_token_id)} | token_ids(stop_ids)
     is_stop = torch.isin(new_tokens, torch.tensor(sorted(stops), device=new_tokens.device))
     first = is_stop.int().argmax(dim=1, keepdim=True)  # 0 in a row without any: is_stop.any is False there
     return (is_stop.any(dim=1) & (new_tokens.gather(1, first)[:, 0] == eos_token_id)).cpu()

@@ -532,7 +532,8 @@ def test_settings_that_move_where_a_free_description_ends_are_refused(trained_di
     full_stop = describe.processor.tokenizer.convert_tokens_to_ids(".")
     for setting in ({"suppress_tokens": [eos]}, {"begin_suppress_tokens": [eos]}, {"bad_words_ids": [[5, eos]]},
                     {"suppress_tokens": [full_stop], "eos_token_id": [eos, full_stop]},
-                    {"bad_words_ids": [[full_stop]], "eos_token_id": full_stop}):
+                    {"bad_words_ids": [[full_stop]], "eos_token_id": full_stop},
+                    {"suppress_tokens": torch.tensor([eos])}):  # a tensor's elements were not seen as token ids
         with pytest.raises(ValueError, match=r"\['(begin_)?(suppress_tokens|bad_words_ids) \(.*the end of text\)'\]: "
                                              "generation settings that move where a free description ends"):
             describe(make_adata(1), constrained=False, **setting)
