@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import KeysView, Mapping, Sequence, Set, Sized
 from typing import Any
 
 import numpy as np
@@ -115,6 +115,22 @@ def check_gene_ids_in_var_order(
         )
 
 
+def check_gene_ids_ordered(gene_ids: Any) -> None:
+    """Refuse `gene_ids` that are not one gene per column in the columns' order: a set (its order is Python's hash
+    order, which changes from run to run, so each column's values were read as another gene's, exit 0), a single
+    string, or an iterator (no length to check against the columns)."""
+    if isinstance(gene_ids, (str, bytes)):
+        raise TypeError(f"gene_ids must be a list of gene IDs, one per column, got the string {gene_ids!r}: wrap it "
+                        "in a list for a single gene.")
+    if isinstance(gene_ids, Set) and not isinstance(gene_ids, KeysView):
+        raise TypeError(f"gene_ids must list one gene ID per column in the columns' order, got a "
+                        f"{type(gene_ids).__name__}, whose order is not the columns': pass a list (e.g. "
+                        "list(adata.var_names)).")
+    if not isinstance(gene_ids, Sized):
+        raise TypeError(f"gene_ids must list one gene ID per column, got a {type(gene_ids).__name__} without a "
+                        "length: pass a list (list(gene_ids)).")
+
+
 def resolve_input(
     cells: Any, gene_ids: Sequence[Any] | None, layer: str | None, symbol_to_gene: Mapping[str, str]
 ) -> tuple[Any, Sequence[Any], Sequence[str] | None]:
@@ -124,6 +140,8 @@ def resolve_input(
     ``gene_ids`` are not given. CSC input is converted to CSR once (slicing CSC rows per chunk is slow).
     """
     obs_names = None
+    if gene_ids is not None:
+        check_gene_ids_ordered(gene_ids)
     if is_anndata(cells):
         if layer is not None and layer not in cells.layers:
             raise KeyError(f"layer {layer!r} not in adata.layers (available: {list(cells.layers.keys())})")

@@ -293,6 +293,21 @@ def test_wrong_gene_count_and_missing_layer(extractor, counts):
         extractor(adata, layer="counts")
 
 
+
+def test_gene_ids_in_no_column_order_are_refused(extractor, counts):
+    """A set of gene ids was taken in Python's hash order, which changes from run to run: each column's values were
+    read as another gene's, exit 0. A string or an iterator is refused as clearly."""
+    with pytest.raises(TypeError, match="got a set, whose order is not the columns'"):
+        extractor(counts, set(INPUT_GENES))
+    with pytest.raises(TypeError, match="got a frozenset"):
+        extractor(counts, frozenset(INPUT_GENES))
+    with pytest.raises(TypeError, match="without a length"):
+        extractor(counts, iter(INPUT_GENES))
+    with pytest.raises(TypeError, match="got the string"):
+        extractor(counts[:, :1], INPUT_GENES[0])
+    ordered = as_lists(extractor.tokenize(counts, INPUT_GENES))
+    assert as_lists(extractor.tokenize(counts, dict.fromkeys(INPUT_GENES).keys())) == ordered  # ordered: taken
+
 # ----------------------------------------------------------------------------- gene identifiers
 
 
