@@ -180,6 +180,28 @@ def test_weighted_loss_is_the_weighted_token_mean(trainer):
                                 gene_encoder_learning_rate=1e-5)
 
 
+
+@pytest.mark.parametrize("setting", ["label_smoothing", "dft"])
+def test_a_cell_type_loss_weight_with_a_loss_only_trl_computes_is_refused_not_ignored(trainer, setting):
+    """TRL's loss path (label smoothing, loss_type dft) knows no cell_type_loss_weight: 4 trained with the unweighted
+    loss, exit 0."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    trainer, batch = trainer
+    model = trainer.model.train()
+    trainer.cell_type_loss_weight = 4.0
+    if setting == "dft":
+        trainer.args.loss_type = "dft"
+    else:
+        trainer.label_smoother = LabelSmoother(epsilon=0.1)
+    try:
+        with pytest.raises(ValueError, match="cell_type_loss_weight other than 1.*needs this loss"):
+            trainer.compute_loss(model, dict(batch))
+        trainer.cell_type_loss_weight = 1.0
+        assert torch.isfinite(trainer.compute_loss(model, dict(batch)))  # TRL's loss, which the weight 1 is
+    finally:
+        trainer.cell_type_loss_weight, trainer.args.loss_type, trainer.label_smoother = 1.0, "nll", None
+
 def test_labels_only_weighs_the_cell_type_label_alone(trainer):
     """With loss_on_labels_only the first sentence's period carries no loss: cell_type_loss_weight weighs the cell
     type's tokens, not every label's (it weighed them all), also in a one-row batch whose logits skip the gaps."""

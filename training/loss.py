@@ -90,7 +90,8 @@ class LabelledPositionsLossMixin:
     loss alone, so `eval_loss` (by which the best checkpoint is chosen) is this weighted loss too: it compares runs
     of one `cell_type_loss_weight` only. TRL's own path is kept where outputs are asked for
     (`return_outputs=True`) and for the settings this mixin does not cover (label smoothing, custom loss functions,
-    DFT, MoE auxiliary losses).
+    DFT, MoE auxiliary losses), which training refuses beside a `cell_type_loss_weight` other than 1 or an auxiliary
+    loss (TRL's loss would ignore them).
     """
 
     def __init__(self, *args, cell_type_loss_weight: float = 1.0, cell_type_head_loss_weight: float = 0.0,
@@ -291,10 +292,13 @@ class LabelledPositionsLossMixin:
             or self.args.loss_type != "nll"
             or getattr(self, "aux_loss_enabled", False)
         ):
-            if (self.cell_type_head is not None or self._choice_tree is not None) and model.training \
-                    and not return_outputs:
-                raise ValueError("cell_type_head_loss_weight or cell_type_choice_loss_weight > 0 needs this loss (no "
-                                 "label smoothing, custom loss function or other loss_type); set it to 0 or drop those "
+            # TRL's loss knows none of these settings: they were silently ignored (cell_type_loss_weight 4 with
+            # label smoothing or loss_type dft gave the unweighted loss)
+            if (self.cell_type_head is not None or self._choice_tree is not None or self.cell_type_loss_weight != 1.0) \
+                    and model.training and not return_outputs:
+                raise ValueError("cell_type_loss_weight other than 1, cell_type_head_loss_weight or "
+                                 "cell_type_choice_loss_weight > 0 needs this loss (no label smoothing, custom loss "
+                                 "function or other loss_type); set it to 1 (0 for the other two) or drop those "
                                  "settings.")
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
