@@ -437,6 +437,11 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
             flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
             if len(flat) and (flat.min() < 0 or flat.max() >= self.vocab_size):
                 raise ValueError(f"token ids must lie in [0, {self.vocab_size}) (this extractor's vocabulary)")
+            if (flat == self.pad_token_id).any():  # a padded batch's rows: the encoder attended to the padding
+                raise ValueError(
+                    f"token lists hold the padding token (id {self.pad_token_id}), which no cell's tokens hold: pass "
+                    "each cell's tokens unpadded (a corpus's gene_input_ids column; from a padded batch, "
+                    "row[gene_attention_mask.bool()]), else the gene encoder reads the padding as part of the cell.")
         if value_lists is not None:
             flat_bins = self._check_value_lists(value_lists, lengths)
         if self.num_expression_bins and flat_bins is None:

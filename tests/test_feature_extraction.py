@@ -423,6 +423,17 @@ def test_pad_v1_lists_and_rejects_unknown_ids():
         extractor.pad([[5, 10_000]])
 
 
+def test_padded_token_lists_are_refused_not_read_as_cells(extractor, counts):
+    """A padded batch's gene_input_ids given back (processor(gene_input_ids=inputs["gene_input_ids"])) were taken
+    with the padding attended as part of each cell: other gene states and logits, exit 0."""
+    padded = extractor(counts, INPUT_GENES, return_tensors="np")
+    assert (padded["gene_attention_mask"] == 0).any()
+    with pytest.raises(ValueError, match=r"padding token \(id 0\).*unpadded.*gene_attention_mask"):
+        extractor.pad(padded["gene_input_ids"])
+    rows = [row[mask.astype(bool)] for row, mask in zip(padded["gene_input_ids"], padded["gene_attention_mask"])]
+    assert (extractor.pad(rows)["gene_input_ids"] == padded["gene_input_ids"]).all()
+
+
 # ----------------------------------------------------------------------------- value-aware tokens
 
 
