@@ -410,12 +410,23 @@ class Cell2TextProcessor(ProcessorMixin):
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         return [self.reader_text(t.strip()) for t in texts]
 
+    def descriptions_ended(self, generated_ids, prompt_length: int, eos_token_id=None) -> list[bool]:
+        """Per generated row, whether the model ended its description with the tokenizer's end of text, the token
+        it was trained to end with, rather than being cut at `max_new_tokens` or stopped at another of the
+        generation config's `eos_token_id` (pass `model.generation_config.eos_token_id`): `parse_descriptions`'
+        `whole`, so that a description cut at a sentence's end is not parsed with its later fields missing."""
+        from .pipeline_cell2text import ended_at_end_of_text  # the pipeline's rule: one owner
+
+        return ended_at_end_of_text(generated_ids[:, prompt_length:], self.tokenizer.eos_token_id,
+                                    eos_token_id).tolist()
+
     def parse_descriptions(self, texts: Sequence[str], whole: Sequence[bool] | None = None) -> list[dict]:
         """Parse generated descriptions into fields plus their ontology term IDs (None where unknown).
 
         Each result has `parsed` (False where the text does not follow the template, all fields None then).
-        `whole` (per text): False where generation stopped before the model ended the text (cut at max_new_tokens):
-        such a text is not parsed either, since a cut at a sentence's end would parse with its later fields missing.
+        `whole` (per text): False where generation stopped before the model ended the text (cut at max_new_tokens;
+        `descriptions_ended` tells): such a text is not parsed either, since a cut at a sentence's end would parse
+        with its later fields missing. Left out, every text is taken as whole.
         """
         results = []
         for text, complete in zip(texts, [True] * len(texts) if whole is None else whole, strict=True):

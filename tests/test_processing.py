@@ -108,6 +108,22 @@ def test_parse_descriptions_gives_fields_and_ontology_ids(processor):
     assert not bad["parsed"] and bad["cell_type"] is None
 
 
+
+def test_a_description_cut_at_max_new_tokens_is_told_from_an_ended_one_and_not_parsed(processor):
+    """README's plain-transformers path parsed a description cut at max_new_tokens at a sentence's end as whole:
+    parsed True, its later fields silently None."""
+    text = render_description(CellDescription(cell_type="B cell", tissue="blood", disease="normal"))
+    first = text[:text.index(".") + 1]  # "This sample consists of a B cell."
+    eos, prompt = processor.tokenizer.eos_token_id, [7, 7]
+    tokens = processor.tokenizer(first, add_special_tokens=False)["input_ids"]
+    cut, ended = torch.tensor([[*prompt, *tokens]]), torch.tensor([[*prompt, *tokens, eos, eos]])
+    assert processor.descriptions_ended(cut, 2) == [False] and processor.descriptions_ended(ended, 2) == [True]
+    other_stop = torch.tensor([[*prompt, *tokens, 5, eos]])  # stopped at another stop id, padded with the eos
+    assert processor.descriptions_ended(other_stop, 2, eos_token_id=[5, eos]) == [False]
+    texts = processor.post_process_generation(cut, 2)
+    assert processor.parse_descriptions(texts)[0]["parsed"]  # taken as whole it parses, tissue and disease missing
+    assert not processor.parse_descriptions(texts, processor.descriptions_ended(cut, 2))[0]["parsed"]
+
 def test_processor_needs_a_chat_template():
     tokenizer = make_tiny_tokenizer()
     tokenizer.chat_template = None
