@@ -84,6 +84,19 @@ def test_loss_mask_covers_only_the_completion(parts_and_corpus, tmp_path):
         assert batch["labels"][i][kept].equal(torch.tensor(row["labels"]))
         assert batch["labels"][i][~kept].eq(-100).all()
 
+def test_a_max_length_that_cuts_examples_is_refused_before_training(parts_and_corpus, tmp_path):
+    """TRL cut each example at max_length and dropped those whose prompt alone filled it: at 200 the baseline trained
+    on 9 of the 32 training cells, each description cut, exit 0."""
+    lm_dir, corpus_dir = parts_and_corpus
+    with pytest.raises(ValueError, match=r"--max_length 200 cuts the cell sentence and description of 32 of the 32 "
+                                         r"train cells \(23 left out.*larger --max_length"):
+        build_trainer(corpus_dir, lm_dir, tmp_path / "out", num_genes=8,
+                      training_args=tiny_config(tmp_path, max_length=200))
+    trainer = build_trainer(corpus_dir, lm_dir, tmp_path / "out", num_genes=8,
+                            training_args=tiny_config(tmp_path, max_length=None))
+    assert len(trainer.train_dataset) == len(load_from_disk(str(corpus_dir))["train"])
+
+
 def test_a_resume_with_other_settings_is_refused(parts_and_corpus, tmp_path):
     # a checkpoint of 8-gene sentences resumed with 16 trained on, and the final folder recorded num_genes 16
     lm_dir, corpus_dir = parts_and_corpus
