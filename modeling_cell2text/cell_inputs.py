@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from collections.abc import KeysView, Mapping, Sequence, Set, Sized
+from collections.abc import Iterator, KeysView, Mapping, Sequence, Set, Sized
 from typing import Any
 
 import numpy as np
@@ -131,6 +131,18 @@ def check_gene_ids_ordered(gene_ids: Any) -> None:
                         "length: pass a list (list(gene_ids)).")
 
 
+def check_not_records(cells: Any) -> None:
+    """Refuse cells given as records (a dict of gene -> value per cell, or a list of them) or as an iterator of
+    rows: they were read as a 1-D or 0-D matrix, and the error named its shape or asked for gene_ids."""
+    first = cells[0] if isinstance(cells, Sequence) and not isinstance(cells, (str, bytes)) and len(cells) else None
+    if isinstance(cells, Mapping) or isinstance(first, Mapping):
+        raise TypeError("cells given as records (gene -> value per cell): pass pandas.DataFrame(records) (or "
+                        "pandas.DataFrame([record]) for one cell), whose columns name the genes.")
+    if isinstance(cells, Iterator):
+        raise TypeError(f"cells given as a {type(cells).__name__} of rows: pass a cells x genes matrix "
+                        "(numpy.stack(list(rows))) with gene_ids, or a pandas DataFrame.")
+
+
 def resolve_input(
     cells: Any, gene_ids: Sequence[Any] | None, layer: str | None, symbol_to_gene: Mapping[str, str]
 ) -> tuple[Any, Sequence[Any], Sequence[str] | None]:
@@ -181,6 +193,7 @@ def resolve_input(
         gene_ids = columns
         obs_names = cells.index.astype(str)
     else:
+        check_not_records(cells)
         matrix = cells
         if gene_ids is None:
             raise ValueError("gene_ids is required for matrix input (one Ensembl ID or symbol per column); a pandas "

@@ -578,6 +578,19 @@ def test_dataframe_input_takes_genes_from_its_columns(extractor, counts):
         extractor.tokenize(np.full((2, len(INPUT_GENES)), "1"), INPUT_GENES)
 
 
+
+def test_cells_as_records_or_an_iterator_of_rows_name_the_input_to_pass(extractor, counts):
+    """A list of dicts (gene -> value) was asked for gene_ids, a generator of rows refused as "shape ()"."""
+    dense = dense_of(counts)
+    records = [dict(zip(INPUT_GENES, row)) for row in dense]
+    with pytest.raises(TypeError, match=r"records .*pandas.DataFrame\(records\)"):
+        extractor.tokenize(records)
+    with pytest.raises(TypeError, match=r"records .*pandas.DataFrame\(\[record\]\)"):
+        extractor.tokenize(records[0])
+    with pytest.raises(TypeError, match=r"generator of rows.*numpy.stack\(list\(rows\)\)"):
+        extractor.tokenize((row for row in dense), INPUT_GENES)
+    assert as_lists(extractor.tokenize(pd.DataFrame(records))) == as_lists(extractor.tokenize(counts, INPUT_GENES))
+
 def test_a_dataframe_of_nullable_integers_reads_as_its_values(extractor, counts):
     """The QA finding: pandas' nullable Int64 columns were refused as "expression values must be numeric, got
     dtype object"."""
