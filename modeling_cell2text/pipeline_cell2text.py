@@ -37,7 +37,7 @@ from .modeling_cell2text import (DESCRIPTION_MAX_NEW_TOKENS, check_generation_se
                                  generation_setting_names, weights_file_names)
 from .rank_value import as_csr
 from .schema_decoding import DEFAULT_NUM_BEAMS, SchemaDecoder, known_labels, nan_logits_error, schema_results
-from .text_padding import check_outputs_line_up, text_pad_token_id
+from .text_padding import check_outputs_line_up, ended_at_end_of_text, text_pad_token_id, token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -639,30 +639,6 @@ class NaNLogitsFlag(LogitsProcessor):
 
     def seen(self) -> bool:
         return self.flag is not None and bool(self.flag)
-
-
-def token_ids(value: Any) -> set[int]:
-    """Token ids given as generation settings take them (None, an int, a list, a numpy array or a tensor) as a set
-    of ints: a tensor's elements hash by identity, so a suppressed end of text given as a tensor went unseen."""
-    return set() if value is None else set(torch.as_tensor(value).flatten().tolist())
-
-
-def ended_at_end_of_text(new_tokens: torch.Tensor, eos_token_id: int | None, stop_ids: Any) -> torch.Tensor:
-    """Per row of generated tokens (prompt removed), whether generation stopped at the tokenizer's end of text, the
-    token a description is trained to end with (`Cell2TextProcessor._target_ids`), rather than at max_new_tokens or
-    at another stop id (`stop_ids`: the generation settings' eos_token_id). A row's first stop token decides, since
-    rows that stopped are padded, possibly with the end-of-text id. On the CPU; all True where the tokenizer has no
-    end-of-text token (nothing to tell by). A stop at `stop_strings` padded with the end-of-text id reads as ended
-    here: `ends_at_a_stop_string` tells it."""
-    rows = new_tokens.shape[0]
-    if eos_token_id is None:
-        return torch.ones(rows, dtype=torch.bool)
-    if new_tokens.shape[1] == 0:
-        return torch.zeros(rows, dtype=torch.bool)
-    stops = {int(eos_token_id)} | token_ids(stop_ids)
-    is_stop = torch.isin(new_tokens, torch.tensor(sorted(stops), device=new_tokens.device))
-    first = is_stop.int().argmax(dim=1, keepdim=True)  # 0 in a row without any: is_stop.any is False there
-    return (is_stop.any(dim=1) & (new_tokens.gather(1, first)[:, 0] == eos_token_id)).cpu()
 
 
 def ended_by_forced_eos(new_tokens: torch.Tensor, eos_token_id: int | None, settings: dict, prompt_length: int

@@ -12,7 +12,7 @@ from transformers import BatchFeature, ProcessorMixin
 from .argument_types import is_integer_at_least, with_close_match
 from .compatibility import check_model_and_processor, hub_kwargs, saved_file
 from .feature_extraction_cell2text import unknown_settings_error
-from .text_padding import pad_token_rows, text_pad_token_id
+from .text_padding import ended_at_end_of_text, pad_token_rows, text_pad_token_id
 from .description_schema import (JOINED_TERM_FIELDS, ONTOLOGY_FIELDS, TERM_ID_PREFIXES, CellDescription,
                                  DescriptionParseError, is_term_id_of, parse_description, parse_or_none,
                                  set_definition, with_term_ids)
@@ -415,8 +415,6 @@ class Cell2TextProcessor(ProcessorMixin):
         it was trained to end with, rather than being cut at `max_new_tokens` or stopped at another of the
         generation config's `eos_token_id` (pass `model.generation_config.eos_token_id`): `parse_descriptions`'
         `whole`, so that a description cut at a sentence's end is not parsed with its later fields missing."""
-        from .pipeline_cell2text import ended_at_end_of_text  # the pipeline's rule: one owner
-
         return ended_at_end_of_text(generated_ids[:, prompt_length:], self.tokenizer.eos_token_id,
                                     eos_token_id).tolist()
 

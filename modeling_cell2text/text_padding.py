@@ -1,5 +1,5 @@
-"""Rows of text token ids: which id pads them, how they are padded, and the check that generated rows continue their
-own prompts.
+"""Rows of text token ids: which id pads them, how they are padded, the check that generated rows continue their
+own prompts, and whether each ended at the end of text.
 
 The pad id is the tokenizer's pad token, else its end-of-sequence token: causal LMs often have no pad token, and
 padding with EOS is safe there because padded positions are masked out. This file travels as remote code with a
@@ -61,4 +61,33 @@ def check_outputs_line_up(input_ids: Any, generated: Any) -> None:
         )
 
 
-__all__ = ["check_outputs_line_up", "pad_token_rows", "text_pad_token_id"]
+def token_ids(value: Any) -> set[int]:
+    """Token ids as generation settings take them (None, an int, a list, nested lists, a numpy array or a tensor) as
+    a set of ints: a tensor's elements hash by identity, so a suppressed end of text given as a tensor went unseen."""
+    value = value.tolist() if hasattr(value, "tolist") else value
+    if value is None:
+        return set()
+    if isinstance(value, int):
+        return {value}
+    return {token for item in value for token in token_ids(item)}
+
+
+def ended_at_end_of_text(new_tokens: Any, eos_token_id: int | None, stop_ids: Any) -> Any:
+    """Per row of generated tokens (a tensor, prompt removed), whether generation stopped at the tokenizer's end of
+    text, the token a description is trained to end with (`Cell2TextProcessor._target_ids`), rather than at
+    max_new_tokens or at another stop id (`stop_ids`: the generation settings' eos_token_id). A row's first stop token
+    decides, since rows that stopped are padded, possibly with the end-of-text id. A bool tensor on the CPU; all True
+    where the tokenizer has no end-of-text token (nothing to tell by). A stop at `stop_strings` padded with the
+    end-of-text id reads as ended here: the pipeline's `ends_at_a_stop_string` tells it."""
+    rows = new_tokens.shape[0]
+    if eos_token_id is None:
+        return new_tokens.new_ones(rows).bool().cpu()
+    if new_tokens.shape[1] == 0:
+        return new_tokens.new_zeros(rows).bool().cpu()
+    stops = {int(eos_token_id)} | token_ids(stop_ids)
+    is_stop = (new_tokens[..., None] == new_tokens.new_tensor(sorted(stops))).any(dim=-1)
+    first = is_stop.int().argmax(dim=1, keepdim=True)  # 0 in a row without any: is_stop.any is False there
+    return (is_stop.any(dim=1) & (new_tokens.gather(1, first)[:, 0] == eos_token_id)).cpu()
+
+
+__all__ = ["check_outputs_line_up", "ended_at_end_of_text", "pad_token_rows", "text_pad_token_id", "token_ids"]
