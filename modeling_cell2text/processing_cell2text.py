@@ -273,7 +273,9 @@ class Cell2TextProcessor(ProcessorMixin):
         expression bins `gene_value_ids` for a value-aware feature extractor). With
         `descriptions` (training) each prompt is followed by its description (`model_text`) and EOS, `labels` hold the
         description tokens only (prompt, placeholders and padding are -100) and padding is on the right; without
-        (generation) the prompt ends with the assistant turn's opening and padding is on the left.
+        (generation) the prompt ends with the assistant turn's opening and padding is on the left. `descriptions` are
+        one per input cell (`skip_empty_cells=True` leaves out those of the cells it skips; one per cell kept is taken
+        too).
 
         `text` (what `apply_chat_template(..., tokenize=True)` passes) tokenizes text-only prompts with the tokenizer
         (`text_kwargs` go to it); text that holds the cell placeholder needs cells, which this processor places
@@ -307,8 +309,13 @@ class Cell2TextProcessor(ProcessorMixin):
                 "Got 0 cells: pass at least one cell (an AnnData or cells x genes matrix with one row or more, "
                 "or one tokenized cell in gene_input_ids)."
             )
+        skipped = len(cell_inputs.get("skipped_cell_indices", []))
+        if descriptions is not None and skipped and len(descriptions) == len(num_genes) + skipped:
+            descriptions = [descriptions[int(row)] for row in cell_inputs["cell_indices"]]  # one per input cell
         if descriptions is not None and len(descriptions) != len(num_genes):
-            raise ValueError(f"Got {len(descriptions)} descriptions for {len(num_genes)} cells.")
+            kept = f" ({skipped} of the input cells skipped as empty)" if skipped else ""
+            raise ValueError(f"Got {len(descriptions)} descriptions for {len(num_genes)} cells{kept}: pass one "
+                             "description per input cell (or per cell kept).")
 
         rows, labels = [], []
         for i, n_genes in enumerate(num_genes):

@@ -329,6 +329,22 @@ def test_zero_cells_are_a_clear_error(processor):
         processor(empty, GENES, skip_empty_cells=True)
 
 
+
+def test_descriptions_of_the_input_cells_follow_the_cells_kept_by_skip_empty_cells(processor):
+    """One description per input cell with skip_empty_cells=True was refused as "Got 3 descriptions for 2 cells";
+    the skipped cell's description is left out, each kept cell keeps its own."""
+    counts = counts_with_genes([5, 0, 7]).toarray()
+    texts = [render_description(CellDescription(cell_type=label, tissue="blood", disease="normal"))
+             for label in ("B cell", "T cell", "monocyte")]
+    batch = processor(sp.csr_matrix(counts), GENES, skip_empty_cells=True, descriptions=texts)
+    expected = processor(sp.csr_matrix(counts[[0, 2]]), GENES, descriptions=[texts[0], texts[2]])
+    assert batch["skipped_cell_indices"].tolist() == [1]
+    assert torch.equal(batch["labels"], expected["labels"]) and torch.equal(batch["input_ids"], expected["input_ids"])
+    kept_only = processor(sp.csr_matrix(counts), GENES, skip_empty_cells=True, descriptions=[texts[0], texts[2]])
+    assert torch.equal(kept_only["labels"], expected["labels"])
+    with pytest.raises(ValueError, match=r"Got 1 descriptions for 2 cells \(1 of the input cells skipped"):
+        processor(sp.csr_matrix(counts), GENES, skip_empty_cells=True, descriptions=texts[:1])
+
 def test_a_huge_token_id_in_a_processor_config_is_refused_before_any_allocation(processor, tmp_path):
     import json
 
