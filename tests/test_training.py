@@ -1080,6 +1080,7 @@ def test_init_from_refuses_composition_settings_it_would_ignore():
     (["--max_length", "256"], r"max_length=256 does not apply .*nothing is truncated"),
     (["--completion_only_loss", "false"], r"completion_only_loss=False does not apply .*the description"),
     (["--dataset_text_field", "sentence"], r"dataset_text_field='sentence' does not apply .*description columns"),
+    (["--push_to_hub", "true"], r"push_to_hub=True does not apply .*LoRA adapters, not the model.*hub_cards.publish"),
     (["--config", "settings.yaml"], r"padding_free=True does not apply .*; leave it unset"),
 ])
 def test_sft_settings_the_recipe_does_not_use_are_refused(tmp_path, monkeypatch, given, named):

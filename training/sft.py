@@ -279,7 +279,9 @@ class Cell2TextSFTTrainer(NoStepPastMaxStepsMixin, MultiProcessTrainingMixin, La
 
 # SFTConfig's settings of TRL's own data path, which the recipe replaces: its collator builds, pads and masks the
 # soft-token prompts of the corpus's tokenized cells (the processor), and TRL prepares no dataset. A value other than
-# TRL's default or one that says what the recipe does anyway was silently ignored. Name -> (those values, why).
+# TRL's default or one that says what the recipe does anyway was silently ignored. Also the Trainer's push_to_hub,
+# which pushed each checkpoint's LoRA adapters (not the merged, Hub-ready folder) as if they were the model.
+# Name -> (those values, why).
 _PACKING = ("the recipe pads soft-token prompts itself, in Cell2TextDataCollator, and cannot pack or train "
             "padding-free")
 _TRUNCATION = ("nothing is truncated: the prompt is num_cell_tokens soft tokens and each description is trained "
@@ -304,6 +306,9 @@ UNUSED_SFT_SETTINGS: dict[str, tuple[tuple, str]] = {
     "completion_only_loss": ((True,), _LOSS_MASK),
     "assistant_only_loss": ((), _LOSS_MASK),
     "model_init_kwargs": ((), "the recipe loads the model itself, from its parts or from init_from"),
+    "push_to_hub": ((), "the Trainer would push each checkpoint's LoRA adapters, not the model; publish the merged "
+                        "model folder the run saves (final_model_dir) with python -m hub_cards.publish --model FOLDER "
+                        "--repo ID"),
 }
 
 
