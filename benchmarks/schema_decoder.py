@@ -66,8 +66,8 @@ def main() -> None:
     print(f"exhaustive scoring of every cell-type label: {exhaustive_s:.1f} s, accuracy "
           f"{accuracy(exhaustive_labels, true_types):.3f}")
 
-    def summary(name: str, texts: list[str], seconds: float) -> None:
-        parsed = [parse_or_none(text) for text in texts]
+    def summary(name: str, texts: list[str], seconds: float, whole: list[bool] | None = None) -> None:
+        parsed = [parse_or_none(text) if whole is None or whole[i] else None for i, text in enumerate(texts)]
         invented = sum(
             1 for d in parsed if d is not None and any(
                 value is not None and value not in known.get(field, {value})
@@ -119,8 +119,8 @@ def main() -> None:
     from training.evaluation.evaluate import generate_descriptions
 
     start = time.perf_counter()
-    free = generate_descriptions(model, processor, cells["gene_input_ids"], args.batch_size, 160, values)
-    summary("free generation (160 new tokens)", free, time.perf_counter() - start)
+    free, whole = generate_descriptions(model, processor, cells["gene_input_ids"], args.batch_size, 160, values)
+    summary("free generation (160 new tokens)", free, time.perf_counter() - start, whole)
 
 
 def accuracy(predicted, true) -> float:

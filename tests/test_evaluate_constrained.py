@@ -113,6 +113,34 @@ def test_constrained_evaluation_predicts_known_labels_with_confidence(model_and_
     assert "](reliability_diagram.png)" in text
 
 
+
+def test_a_free_description_cut_at_max_new_tokens_counts_as_unparsed(model_and_corpus):
+    """evaluate --free parsed a description cut at a sentence's end as whole: parse rate 1.0 with its later fields
+    missing; the pipeline returns such a text unparsed, and the evaluation now scores it so."""
+    import datasets
+
+    from modeling_cell2text import CellDescription, render_description
+    from training.evaluation.evaluate import generate_descriptions, score_descriptions
+
+    text = render_description(CellDescription(cell_type="B cell", tissue="blood", disease="normal"))
+    split = datasets.Dataset.from_dict({"cell_id": ["c0", "c1"], "description": [text] * 2,
+                                        "cell_type": ["B cell"] * 2, "cell_type_ontology_term_id": ["CL:0000236"] * 2,
+                                        "tissue": ["blood"] * 2, "tissue_ontology_term_id": ["UBERON:0000178"] * 2,
+                                        "pathways": [[], []]})
+    first = text[:text.index(".") + 1]  # cut after the cell-type sentence: parses, tissue missing
+    ids = {"cell_type": {"B cell": "CL:0000236"}, "tissue": {"blood": "UBERON:0000178"}}
+    results, _ = score_descriptions(split, [text, first], ids, whole=[True, False])
+    assert results["parse_rate"] == 0.5 and results["fields"]["cell_type"]["accuracy"] == 0.5
+    assert score_descriptions(split, [text, first], ids)[0]["parse_rate"] == 1.0  # as before: every text whole
+
+    model_dir, corpus_dir = model_and_corpus
+    model, processor = load_model(model_dir, device="cpu")
+    cells = datasets.load_from_disk(str(corpus_dir))["test"]["gene_input_ids"][:2]
+    texts, whole = generate_descriptions(model, processor, cells, batch_size=2, max_new_tokens=3)
+    assert len(texts) == 2 and whole == processor.descriptions_ended(
+        model.generate(**processor(gene_input_ids=cells), max_new_tokens=3, do_sample=False),
+        processor(gene_input_ids=cells)["input_ids"].shape[1], model.generation_config.eos_token_id)
+
 def test_free_cell_type_reads_the_first_sentence_only():
     assert free_cell_type("This sample consists of a B cell. It orig") == "B cell"
     label = "Dx5-negative, NK1.1-positive immature natural killer cell, mouse"  # it read "Dx5-negative, NK1"

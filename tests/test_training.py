@@ -133,7 +133,8 @@ def test_validation_chooses_the_encoder_input_and_the_model_reads_what_it_chose(
 
     test = load_from_disk(str(corpus_dir))["test"]
     values = test["gene_value_ids"][:3] if bins else None
-    assert len(generate_descriptions(model, processor, test["gene_input_ids"][:3], 2, 4, values)) == 3
+    texts, whole = generate_descriptions(model, processor, test["gene_input_ids"][:3], 2, 4, values)
+    assert len(texts) == len(whole) == 3
 
     # The heads on the same encoder (the evaluation's baselines) read what the model reads: the chosen encoder's
     # own probe head, and logistic regression on the soft tokens.

@@ -79,15 +79,19 @@ def generate_descriptions(
     batch_size: int = 16,
     max_new_tokens: int = 160,
     value_lists: Sequence[Sequence[int]] | None = None,
-) -> list[str]:
+) -> tuple[list[str], list[bool]]:
     """Greedy descriptions for tokenized cells (and their expression bins for a value-aware model), in batches
-    (left padded; the encoder runs once per batch)."""
+    (left padded; the encoder runs once per batch), and whether the model ended each (False: cut at
+    `max_new_tokens`, which `score_descriptions` counts as unparsed, as the pipeline does)."""
     model.eval()
     texts: list[str] = []
+    whole: list[bool] = []
     for inputs in batched_inputs(model, processor, token_lists, value_lists, batch_size, "generating descriptions"):
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        texts.extend(processor.post_process_generation(generated, inputs["input_ids"].shape[1]))
-    return texts
+        prompt_length = inputs["input_ids"].shape[1]
+        texts.extend(processor.post_process_generation(generated, prompt_length))
+        whole.extend(processor.descriptions_ended(generated, prompt_length, model.generation_config.eos_token_id))
+    return texts, whole
 
 
 def free_cell_type(text: str) -> str | None:
@@ -346,15 +350,19 @@ def score_descriptions(
     texts: Sequence[str],
     ontology_term_ids: dict[str, dict[str, str]],
     cell_types: Sequence[str | None] | None = None,
+    whole: Sequence[bool] | None = None,
 ) -> tuple[dict, dict]:
     """Metrics of generated `texts` against a corpus split; returns the results dict and per-cell arrays.
 
     `cell_types` (constrained decoding) are the predicted cell types, used instead of the parsed ones (they are
-    the texts' first sentences, and stay the prediction where the rest of a text does not parse)."""
+    the texts' first sentences, and stay the prediction where the rest of a text does not parse). `whole` (per text,
+    `generate_descriptions`'): False where generation cut the text before the model ended it; such a text counts as
+    unparsed (a cut at a sentence's end parsed, its later fields missing, and raised the parse rate)."""
 
-    if len(texts) != len(split) or (cell_types is not None and len(cell_types) != len(split)):
+    if len(texts) != len(split) or (cell_types is not None and len(cell_types) != len(split)) or (
+            whole is not None and len(whole) != len(split)):
         raise ValueError(f"{len(texts)} descriptions (and cell types) for {len(split)} cells: pass one per cell.")
-    parsed = [parse_or_none(text) for text in texts]
+    parsed = [parse_or_none(text) if whole is None or whole[i] else None for i, text in enumerate(texts)]
     num_unparsed = sum(p is None for p in parsed)
     results: dict = {"num_cells": len(texts), "parse_rate": 1 - num_unparsed / max(len(texts), 1),
                      "num_unparsed": num_unparsed, "fields": {}}
@@ -485,8 +493,9 @@ def evaluate_model(
     vocabulary_sha256 = check_corpus_fits_model(corpus_dir, model.config, processor, other_corpus)
     values = split_value_lists(cells, processor.feature_extractor)
     if not constrained:
-        texts = generate_descriptions(model, processor, cells["gene_input_ids"], batch_size, max_new_tokens, values)
-        results, per_cell = score_descriptions(cells, texts, processor.ontology_term_ids)
+        texts, whole = generate_descriptions(model, processor, cells["gene_input_ids"], batch_size, max_new_tokens,
+                                             values)
+        results, per_cell = score_descriptions(cells, texts, processor.ontology_term_ids, whole=whole)
     else:
         described = describe_constrained(model, processor, cells["gene_input_ids"], batch_size, values)
         texts = described["texts"]
