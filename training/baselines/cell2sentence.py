@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset, DatasetDict
 from tqdm.auto import tqdm
@@ -188,7 +189,8 @@ def check_whole_examples(trainer: SFTTrainer, cells: dict[str, int]) -> None:
         if not isinstance(dataset, Dataset):
             continue
         dropped = cells[split] - len(dataset)
-        cut = dropped + sum(len(ids) >= max_length for ids in dataset["input_ids"])
+        lengths = pc.list_value_length(dataset.with_format("arrow")["input_ids"])  # not read into Python lists
+        cut = dropped + (pc.sum(pc.greater_equal(lengths, max_length)).as_py() or 0)
         if cut:
             raise ValueError(
                 f"--max_length {max_length} cuts the cell sentence and description of {cut} of the {cells[split]} "
