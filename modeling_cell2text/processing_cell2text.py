@@ -218,7 +218,8 @@ class Cell2TextProcessor(ProcessorMixin):
                                  "constrained=False for free text.")
             labels_of: dict[str, list[str]] = {}  # an ontology id -> the labels carrying it
             for label, term in (tables[field].items() if field in ONTOLOGY_FIELDS else ()):
-                labels_of.setdefault(term, []).append(label)
+                if term is not None:  # a label the corpus stated without a known id
+                    labels_of.setdefault(term, []).append(label)
             named = [[value] if value in tables[field] else labels_of.get(value, [value]) for value in kept]
             narrowed[field] = {label for labels in named for label in labels}
             unknown = sorted(narrowed[field] - set(tables[field]))
@@ -226,8 +227,9 @@ class Cell2TextProcessor(ProcessorMixin):
                 ids = " or their ontology ids" if labels_of else ""
                 # near only: short labels differ by a letter ("T cell" is no misspelt "B cell")
                 hints = ", ".join(with_close_match(value, [*tables[field], *labels_of], 0.85) for value in unknown)
-                raise ValueError(f"keep_labels: {hints} {'is' if len(unknown) == 1 else 'are'} not among this processor's {len(tables[field])} {field} "
-                                 f"labels{ids} (not the model's, or left out by an earlier keep_labels), e.g. "
+                verb = "is" if len(unknown) == 1 else "are"
+                raise ValueError(f"keep_labels: {hints} {verb} not among this processor's {len(tables[field])} "
+                                 f"{field} labels{ids} (not the model's, or left out by an earlier keep_labels), e.g. "
                                  f"{sorted(tables[field])[:5]}.")
         origin = processor_labels_sha256(self)  # the model's tables, or those an earlier subset came from
         for field, kept in narrowed.items():
