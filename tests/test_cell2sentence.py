@@ -144,11 +144,16 @@ def test_train_merge_and_generate_one_text_per_cell(parts_and_corpus, tmp_path):
     generation_config = GenerationConfig.from_pretrained(final_dir)
     generation_config.suppress_tokens = [i for i in range(len(tokenizer)) if not tokenizer.decode([i]).strip()]
     generation_config.save_pretrained(final_dir)
-    texts = generate_cell2sentence(final_dir, test, feature_extractor, 8, batch_size=3, max_new_tokens=4)
+    texts, whole = generate_cell2sentence(final_dir, test, feature_extractor, 8, batch_size=3, max_new_tokens=4)
     assert len(texts) == len(test) == 8
     assert all(texts) and len(set(texts)) > 1
+    assert whole == [False] * 8  # cut at 4 tokens (the scaled model writes no end of text): counted as unparsed
     # each text is its own cell's: batches of 3 (left-padded) give what one cell at a time gives
-    assert texts == generate_cell2sentence(final_dir, test, feature_extractor, 8, batch_size=1, max_new_tokens=4)
+    assert (texts, whole) == generate_cell2sentence(final_dir, test, feature_extractor, 8, batch_size=1,
+                                                    max_new_tokens=4)
+    generation_config.suppress_tokens = [i for i in range(len(tokenizer)) if i != tokenizer.eos_token_id]
+    generation_config.save_pretrained(final_dir)  # now each writes the end of text first: ended, not cut
+    assert generate_cell2sentence(final_dir, test, feature_extractor, 8, max_new_tokens=4) == ([""] * 8, [True] * 8)
     with pytest.raises(ValueError, match="num_genes=8"):
         generate_cell2sentence(final_dir, test, feature_extractor, 16)
 

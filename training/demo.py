@@ -198,9 +198,10 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
                                           overwrite=True, overwrite_output_dir=True)
         lap("train_cell2sentence")
         feature_extractor = corpus_feature_extractor(corpus_dir)
-        texts = generate_cell2sentence(c2s_dir, corpus["test"], feature_extractor, cell2text_args.num_cell_tokens,
-                                       batch_size=GENERATION_BATCH_SIZE, max_new_tokens=max_new_tokens)
-        c2s_results, c2s_cells = score_descriptions(corpus["test"], texts, ontology_term_ids)
+        texts, whole = generate_cell2sentence(c2s_dir, corpus["test"], feature_extractor,
+                                              cell2text_args.num_cell_tokens, batch_size=GENERATION_BATCH_SIZE,
+                                              max_new_tokens=max_new_tokens)
+        c2s_results, c2s_cells = score_descriptions(corpus["test"], texts, ontology_term_ids, whole=whole)
         baselines["cell2sentence"] = c2s_results["fields"]  # its unparsed texts show as "Missing"
         by_cell = dict(zip(c2s_cells["cell_id"], c2s_cells["cell_type_pred"]))
         predictions["cell2sentence"] = [by_cell.get(cell) for cell in corpus["test"]["cell_id"]]

@@ -35,6 +35,7 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from modeling_cell2text import Cell2TextFeatureExtractor
 from modeling_cell2text.feature_extraction_cell2text import SPECIAL_TOKENS
 from modeling_cell2text.processing_cell2text import DEFAULT_SYSTEM_PROMPT
+from modeling_cell2text.text_padding import ended_at_end_of_text
 from processing.corpus import corpus_feature_extractor, corpus_summary, open_corpus
 from modeling_cell2text.argument_types import refused_input_as_one_line
 from modeling_cell2text.output_files import check_new_output
@@ -244,8 +245,11 @@ def generate_cell2sentence(
     num_genes: int,
     batch_size: int = 16,
     max_new_tokens: int = 160,
-) -> list[str]:
-    """Greedy descriptions, one per cell of ``corpus_split``, from a model saved by `train_cell2sentence`."""
+) -> tuple[list[str], list[bool]]:
+    """Greedy descriptions, one per cell of ``corpus_split``, from a model saved by `train_cell2sentence`, and
+    whether the model ended each (False: cut at `max_new_tokens` or stopped at another stop id), which
+    `score_descriptions` counts as unparsed, as it does Cell2Text's: a text cut at a sentence's end parsed with its
+    later fields missing, and raised the baseline's parse rate."""
     model_dir = Path(model_dir)
     _check_num_genes(model_dir, num_genes)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
@@ -257,6 +261,7 @@ def generate_cell2sentence(
     eos_ids = sorted({*eos_ids, tokenizer.eos_token_id})
     token_lists = corpus_split["gene_input_ids"]
     texts: list[str] = []
+    whole: list[bool] = []
     for start in tqdm(range(0, len(token_lists), batch_size), desc="generating cell2sentence descriptions"):
         chats = [cell_prompt(ids, feature_extractor, num_genes) for ids in token_lists[start : start + batch_size]]
         inputs = tokenizer.apply_chat_template(
@@ -268,7 +273,8 @@ def generate_cell2sentence(
         )
         new_tokens = generated[:, inputs["input_ids"].shape[1] :]
         texts.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    return texts
+        whole.extend(ended_at_end_of_text(new_tokens, tokenizer.eos_token_id, eos_ids).tolist())
+    return texts, whole
 
 
 @dataclass(kw_only=True)
