@@ -196,7 +196,7 @@ class Cell2TextProcessor(ProcessorMixin):
         not changed otherwise. Labels the processor does not hold, labels that are not strings, and an empty cell-type
         subset (describing would write free text) are refused; another field kept empty is left out of the
         descriptions. In an ontology field an ontology id stands for the labels that carry it (`CL:0000236` for
-        "B cell"); a value that is neither is refused with the closest label or id."""
+        "B cell"); a value that is neither is refused, naming a close label or id where there is one."""
         from .compatibility import label_tables_sha256, processor_labels_sha256
 
         tables = {**{field: self.ontology_term_ids.get(field, {}) for field in ONTOLOGY_FIELDS},
