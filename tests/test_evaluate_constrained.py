@@ -141,6 +141,22 @@ def test_a_free_description_cut_at_max_new_tokens_counts_as_unparsed(model_and_c
         model.generate(**processor(gene_input_ids=cells), max_new_tokens=3, do_sample=False),
         processor(gene_input_ids=cells)["input_ids"].shape[1], model.generation_config.eos_token_id)
 
+def test_evaluate_free_passes_whether_each_description_ended_to_its_scoring(model_and_corpus, monkeypatch):
+    """evaluate_model(constrained=False) scores with generate_descriptions' `whole`: a description cut at a sentence's
+    end is unparsed there too (the tests above call the two functions, not the evaluation that joins them)."""
+    from modeling_cell2text import CellDescription, render_description
+    from training.evaluation import evaluate
+
+    text = render_description(CellDescription(cell_type="B cell", tissue="blood", disease="normal"))
+    first = text[:text.index(".") + 1]  # parses, its later fields missing
+    model_dir, corpus_dir = model_and_corpus
+    for ended, parse_rate in ((True, 1.0), (False, 0.0)):
+        monkeypatch.setattr(evaluate, "generate_descriptions",
+                            lambda model, processor, cells, *args: ([first] * len(cells), [ended] * len(cells)))
+        results, _, _ = evaluate_model(model_dir, corpus_dir, "test", constrained=False, device="cpu")
+        assert results["parse_rate"] == parse_rate
+
+
 def test_free_cell_type_reads_the_first_sentence_only():
     assert free_cell_type("This sample consists of a B cell. It orig") == "B cell"
     label = "Dx5-negative, NK1.1-positive immature natural killer cell, mouse"  # it read "Dx5-negative, NK1"
