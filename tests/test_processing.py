@@ -124,6 +124,17 @@ def test_a_description_cut_at_max_new_tokens_is_told_from_an_ended_one_and_not_p
     assert processor.parse_descriptions(texts)[0]["parsed"]  # taken as whole it parses, tissue and disease missing
     assert not processor.parse_descriptions(texts, processor.descriptions_ended(cut, 2))[0]["parsed"]
 
+def test_keep_labels_of_a_corpus_without_ontology_ids_names_no_id(processor):
+    """A corpus may state labels without a known ontology id (None): such a label is kept by its name, and None is
+    no id to keep it by or to offer as the closest ("'none' (did you mean None?) ... labels or their ontology ids")."""
+    processor.ontology_term_ids = {"cell_type": {"B cell": None, "T cell": None, "monocyte": "CL:0000576"}}
+    processor.keep_labels(cell_type=["B cell", "CL:0000576"])
+    assert processor.ontology_term_ids["cell_type"] == {"B cell": None, "monocyte": "CL:0000576"}
+    processor.ontology_term_ids = {"cell_type": {"B cell": None, "T cell": None}}
+    with pytest.raises(ValueError, match=r"keep_labels: 'none' is not among this processor's 2 cell_type labels \(not"):
+        processor.keep_labels(cell_type=["none"])
+
+
 def test_processor_needs_a_chat_template():
     tokenizer = make_tiny_tokenizer()
     tokenizer.chat_template = None
