@@ -367,11 +367,11 @@ class Cell2TextPipeline(Pipeline):
                  and not (bounds.get(name) is not None and settings[name] >= bounds[name])]
         ends = {self.processor.tokenizer.eos_token_id, *token_ids(settings.get("eos_token_id"))}
         bias = settings.get("sequence_bias") or {}
-        if any(value and ends & token_ids(list(sequence)[-1:])
+        if any(value and ends & last_token_id(sequence)
                for sequence, value in (bias.items() if isinstance(bias, dict) else bias)):
             moved.append("sequence_bias (on the end of text)")
         bad_words = settings.get("bad_words_ids")
-        if any(ends & token_ids(list(sequence)[-1:]) for sequence in ([] if bad_words is None else bad_words)):
+        if any(ends & last_token_id(sequence) for sequence in ([] if bad_words is None else bad_words)):
             moved.append("bad_words_ids (ending in the end of text)")
         moved += [f"{name} (the end of text)" for name in ("suppress_tokens", "begin_suppress_tokens")
                   if ends & token_ids(settings.get(name))]
@@ -641,6 +641,14 @@ class NaNLogitsFlag(LogitsProcessor):
         return self.flag is not None and bool(self.flag)
 
 
+def last_token_id(sequence: Any) -> set[int]:
+    """The last token id of a token sequence (a bad word, a biased sequence) as a set (`token_ids`); none for a value
+    that is no sequence (`bad_words_ids=[eos]`, a list of ids), which generate then refuses naming the form it takes
+    (this check failed first, on "'int' object is not iterable")."""
+    sequence = sequence.tolist() if hasattr(sequence, "tolist") else sequence
+    return token_ids(sequence[-1:]) if isinstance(sequence, (list, tuple)) else set()
+
+
 def ended_by_forced_eos(new_tokens: torch.Tensor, eos_token_id: int | None, settings: dict, prompt_length: int
                         ) -> torch.Tensor:
     """Per row of generated tokens (prompt removed), whether its end of text is the one `forced_eos_token_id` (a
@@ -860,7 +868,7 @@ def register_cell2text_pipeline() -> None:
 
 __all__ = [
     "Cell2TextPipeline", "CellBatch", "DescribeOptions", "NaNLogitsFlag", "cell_batches", "cells_per_block",
-    "check_outputs_line_up", "ended_at_end_of_text", "ended_by_forced_eos", "ends_at_a_stop_string", "length_order",
-    "rank_block",
+    "check_outputs_line_up", "ended_at_end_of_text", "ended_by_forced_eos", "ends_at_a_stop_string", "last_token_id",
+    "length_order", "rank_block",
     "resolve_cells", "register_cell2text_pipeline", "custom_pipelines_entry", "save_model_folder",
 ]

@@ -63,13 +63,15 @@ def check_outputs_line_up(input_ids: Any, generated: Any) -> None:
 
 def token_ids(value: Any) -> set[int]:
     """Token ids as generation settings take them (None, an int, a list, nested lists, a numpy array or a tensor) as
-    a set of ints: a tensor's elements hash by identity, so a suppressed end of text given as a tensor went unseen."""
+    a set of ints: a tensor's elements hash by identity, so a suppressed end of text given as a tensor went unseen.
+    A value that is no token id (a string in a malformed setting) gives none: generate's own check names its form
+    (a string recursed without end here)."""
     value = value.tolist() if hasattr(value, "tolist") else value
-    if value is None:
-        return set()
     if isinstance(value, int):
         return {value}
-    return {token for item in value for token in token_ids(item)}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return {token for item in value for token in token_ids(item)}
+    return set()
 
 
 def ended_at_end_of_text(new_tokens: Any, eos_token_id: int | None, stop_ids: Any) -> Any:

@@ -538,6 +538,14 @@ def test_settings_that_move_where_a_free_description_ends_are_refused(trained_di
                                              "generation settings that move where a free description ends"):
             describe(make_adata(1), constrained=False, **setting)
     assert describe(make_adata(1), constrained=False, suppress_tokens=[5], bad_words_ids=[[5, 6]])[0]["parsed"]
+    # a malformed setting is left to generate's own check, which names its form: this check failed first on
+    # "'int' object is not iterable" (a list of ids as bad_words_ids, an id as a sequence_bias key), or recursed
+    # without end on a string
+    for setting, named in (({"bad_words_ids": [eos]}, "`bad_words_ids` has to be a list of lists"),
+                           ({"bad_words_ids": [["x"]]}, "Each list in `bad_words_ids` has to be a list of positive"),
+                           ({"sequence_bias": {eos: -1.0}}, "`sequence_bias` has to be a dict with tuples as keys")):
+        with pytest.raises(ValueError, match=re.escape(named)):
+            describe(make_adata(1), constrained=False, **setting)
     timed = describe(make_adata(1), constrained=False, min_new_tokens=30, max_new_tokens=30)  # benchmarks' fixed length
     assert not timed[0]["parsed"]  # never ended at the end of text: cut, so unparsed
     folder = tmp_path / "min-new-tokens"
