@@ -37,7 +37,8 @@ from .modeling_cell2text import (DESCRIPTION_MAX_NEW_TOKENS, check_generation_se
                                  generation_setting_names, weights_file_names)
 from .rank_value import as_csr
 from .schema_decoding import DEFAULT_NUM_BEAMS, SchemaDecoder, known_labels, nan_logits_error, schema_results
-from .text_padding import check_outputs_line_up, ended_at_end_of_text, text_pad_token_id, token_ids
+from .text_padding import (before_end_of_text, check_outputs_line_up, ended_at_end_of_text, text_pad_token_id,
+                           token_ids)
 
 logger = logging.getLogger(__name__)
 
@@ -678,7 +679,7 @@ def ends_at_a_stop_string(new_tokens: torch.Tensor, tokenizer: Any, stop_strings
     eos = tokenizer.eos_token_id
     stopped = []
     for row in new_tokens.cpu().tolist():
-        text = row[:row.index(eos)] if eos in row else row
+        text = before_end_of_text(row, eos)
         stopped.append(bool(text) and bool(criteria(torch.tensor([text]), None)[0]))
     return torch.tensor(stopped, dtype=torch.bool)
 

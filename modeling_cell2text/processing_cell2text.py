@@ -12,7 +12,7 @@ from transformers import BatchFeature, ProcessorMixin
 from .argument_types import is_integer_at_least, with_close_match
 from .compatibility import check_model_and_processor, hub_kwargs, saved_file
 from .feature_extraction_cell2text import unknown_settings_error
-from .text_padding import ended_at_end_of_text, pad_token_rows, text_pad_token_id
+from .text_padding import before_end_of_text, ended_at_end_of_text, pad_token_rows, text_pad_token_id
 from .description_schema import (JOINED_TERM_FIELDS, ONTOLOGY_FIELDS, TERM_ID_PREFIXES, CellDescription,
                                  DescriptionParseError, is_term_id_of, parse_description, parse_or_none,
                                  set_definition, with_term_ids)
@@ -415,7 +415,7 @@ class Cell2TextProcessor(ProcessorMixin):
         past it (`eos_token_id=None`, or another stop id) wrote on after the description's end, and the run-on text
         parsed into its last field (tissue "blood of a healthy donor. It or. It or. consists from the blood")."""
         eos = self.tokenizer.eos_token_id
-        rows = [row[:row.index(eos)] if eos in row else row for row in generated_ids[:, prompt_length:].tolist()]
+        rows = [before_end_of_text(row, eos) for row in generated_ids[:, prompt_length:].tolist()]
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         return [self.reader_text(t.strip()) for t in texts]
 

@@ -74,6 +74,12 @@ def token_ids(value: Any) -> set[int]:
     return set()
 
 
+def before_end_of_text(row: list[int], eos_token_id: int | None) -> list[int]:
+    """A generated row's tokens (prompt removed) before its first end of text, all of them where it has none: what
+    generation wrote after it (padding, or text past the end where the end of text was no stop) is no description."""
+    return row[:row.index(eos_token_id)] if eos_token_id in row else row
+
+
 def ended_at_end_of_text(new_tokens: Any, eos_token_id: int | None, stop_ids: Any) -> Any:
     """Per row of generated tokens (a tensor, prompt removed), whether generation stopped at the tokenizer's end of
     text, the token a description is trained to end with (`Cell2TextProcessor._target_ids`), rather than at
@@ -92,4 +98,5 @@ def ended_at_end_of_text(new_tokens: Any, eos_token_id: int | None, stop_ids: An
     return (is_stop.any(dim=1) & (new_tokens.gather(1, first)[:, 0] == eos_token_id)).cpu()
 
 
-__all__ = ["check_outputs_line_up", "ended_at_end_of_text", "pad_token_rows", "text_pad_token_id", "token_ids"]
+__all__ = ["before_end_of_text", "check_outputs_line_up", "ended_at_end_of_text", "pad_token_rows", "text_pad_token_id",
+           "token_ids"]

@@ -34,3 +34,10 @@ def test_rows_are_padded_on_the_side_asked_for_with_labels_masked():
     assert right["input_ids"] == [[5, 6, 7], [8, 0, 0]] and right["labels"] == [[-100, 6, 7], [8, -100, -100]]
     with pytest.raises(ValueError, match="padding_side must be 'left' or 'right'"):
         pad_token_rows([[1]], 0, "middle")
+
+
+def test_a_generated_row_is_read_up_to_its_first_end_of_text():
+    from modeling_cell2text.text_padding import before_end_of_text
+
+    assert before_end_of_text([5, 6, 2, 7, 2], 2) == [5, 6]  # what follows (run-on text, padding) is no description
+    assert before_end_of_text([5, 6], 2) == [5, 6] and before_end_of_text([5, 6], None) == [5, 6]
