@@ -419,7 +419,8 @@ class Cell2TextProcessor(ProcessorMixin):
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         return [self.reader_text(t.strip()) for t in texts]
 
-    def descriptions_ended(self, generated_ids, prompt_length: int, eos_token_id=None) -> list[bool]:
+    def descriptions_ended(self, generated_ids, prompt_length: int, eos_token_id: int | Sequence[int] | None = None
+                           ) -> list[bool]:
         """Per generated row, whether the model ended its description with the tokenizer's end of text, the token
         it was trained to end with, rather than being cut at `max_new_tokens` or stopped at another of the
         generation config's `eos_token_id` (pass `model.generation_config.eos_token_id`): `parse_descriptions`'
