@@ -353,8 +353,9 @@ class Cell2TextPipeline(Pipeline):
 
     def _check_free_ending(self, generate_kwargs: dict | None, constrained: bool | None) -> None:
         """Refuse free-describing settings that move the end of text (`END_OF_TEXT_SETTINGS`; a `sequence_bias` or
-        `bad_words_ids` sequence ending in, or `suppress_tokens` / `begin_suppress_tokens` holding, an end-of-text
-        token: the tokenizer's or a generation eos_token_id), from the call, the pipeline or the model's
+        `bad_words_ids` sequence ending in, or `suppress_tokens` / `begin_suppress_tokens` holding, the tokenizer's
+        end of text, which a description is trained to end with; another stop id moved is no harm, as a description
+        stopped there is returned unparsed), from the call, the pipeline or the model's
         generation_config.json: a description ran on past its end and parsed with what followed in its last field
         (min_new_tokens=60: the tissue "blood of a healthy donor. It or.......... It or.. consists from the blood",
         exit 0), or never ended and was reported as cut, asking for a larger max_new_tokens (suppress_tokens), or ended
@@ -366,7 +367,7 @@ class Cell2TextPipeline(Pipeline):
         # a minimum at the length bound is taken: no description ends at the end of text then, each is cut (unparsed)
         moved = [name for name in END_OF_TEXT_SETTINGS if settings.get(name)
                  and not (bounds.get(name) is not None and settings[name] >= bounds[name])]
-        ends = {self.processor.tokenizer.eos_token_id, *token_ids(settings.get("eos_token_id"))}
+        ends = {self.processor.tokenizer.eos_token_id}
         bias = settings.get("sequence_bias") or {}
         if any(value and ends & last_token_id(sequence)
                for sequence, value in (bias.items() if isinstance(bias, dict) else bias)):

@@ -528,16 +528,15 @@ def test_settings_that_move_where_a_free_description_ends_are_refused(trained_di
             describe(make_adata(1), constrained=False, **setting)
     assert len(describe(make_adata(1), constrained=False, sequence_bias={(5,): 1.0})) == 1  # not on the end of text
     # suppress_tokens=[eos] let no description end: each ran to max_new_tokens, reported as cut, asking for a larger
-    # max_new_tokens; the end of text may be the tokenizer's or a generation eos_token_id (one or a list)
-    full_stop = describe.processor.tokenizer.convert_tokens_to_ids(".")
+    # max_new_tokens
     for setting in ({"suppress_tokens": [eos]}, {"begin_suppress_tokens": [eos]}, {"bad_words_ids": [[5, eos]]},
-                    {"suppress_tokens": [full_stop], "eos_token_id": [eos, full_stop]},
-                    {"bad_words_ids": [[full_stop]], "eos_token_id": full_stop},
                     {"suppress_tokens": torch.tensor([eos])}):  # a tensor's elements were not seen as token ids
         with pytest.raises(ValueError, match=r"\['(begin_)?(suppress_tokens|bad_words_ids) \(.*the end of text\)'\]: "
                                              "generation settings that move where a free description ends"):
             describe(make_adata(1), constrained=False, **setting)
     assert describe(make_adata(1), constrained=False, suppress_tokens=[5], bad_words_ids=[[5, 6]])[0]["parsed"]
+    # another stop id suppressed (Llama-3's eos list holds several) is no harm: a description ends at the end of text
+    assert describe(make_adata(1), constrained=False, suppress_tokens=[5], eos_token_id=[eos, 5])[0]["parsed"]
     # a malformed setting is left to generate's own check, which names its form: this check failed first on
     # "'int' object is not iterable" (a list of ids as bad_words_ids, an id as a sequence_bias key), or recursed
     # without end on a string
