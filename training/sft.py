@@ -307,8 +307,8 @@ UNUSED_SFT_SETTINGS: dict[str, tuple[tuple, str]] = {
     "assistant_only_loss": ((), _LOSS_MASK),
     "model_init_kwargs": ((), "the recipe loads the model itself, from its parts or from init_from"),
     "push_to_hub": ((), "the Trainer would push each checkpoint's LoRA adapters, not the model; publish the merged "
-                        "model folder the run saves (--final_model_dir, default <output_dir>/final) with python -m hub_cards.publish --model FOLDER "
-                        "--repo ID"),
+                        "model folder the run saves (--final_model_dir, default <output_dir>/final) with "
+                        "python -m hub_cards.publish --model FOLDER --repo ID"),
 }
 
 
