@@ -406,8 +406,10 @@ CORPUS_FILES = ("summary.json", "rejects.csv", "unmapped_genes.txt")
 
 def check_corpus_is_the_models(model_dir: str | Path, corpus_dir: str | Path) -> None:
     """Refuse to publish a corpus with a model that was trained on another build (the card would name it)."""
+    from processing.corpus import read_summary
+
     trained_on = json.loads((Path(model_dir) / "config.json").read_text()).get("training_corpus_fingerprints")
-    built = json.loads((Path(corpus_dir) / "summary.json").read_text()).get("fingerprints")
+    built = read_summary(Path(corpus_dir) / "summary.json").get("fingerprints")
     if trained_on and built and trained_on != built:
         raise ValueError(f"{model_dir} was trained on another corpus build than {corpus_dir} (split fingerprints "
                          f"{trained_on} against {built}): publish the corpus it was trained on, or the model alone.")
@@ -415,14 +417,19 @@ def check_corpus_is_the_models(model_dir: str | Path, corpus_dir: str | Path) ->
 
 def check_corpus_files(corpus_dir: str | Path) -> None:
     """Refuse a corpus that lacks a file publishing uploads (found missing only after the model and the splits were
-    pushed), or whose feature_extractor folder (uploaded whole) holds files that are no part of a saved feature
-    extractor: its preprocessor_config.json and the remote code its auto_map reaches."""
+    pushed), whose summary.json or rejects.csv is corrupt (`read_summary`, `read_rejects`: found after the model was
+    pushed, or uploaded as it was), or whose feature_extractor folder (uploaded whole) holds files that are no part
+    of a saved feature extractor: its preprocessor_config.json and the remote code its auto_map reaches."""
+    from processing.corpus import read_rejects, read_summary
+
     folder = Path(corpus_dir) / "feature_extractor"
     missing = [name for name in ("dataset_dict.json", *CORPUS_FILES, f"{folder.name}/{FEATURE_EXTRACTOR_NAME}")
                if not (Path(corpus_dir) / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{corpus_dir} lacks {missing}, which publishing uploads: publish a corpus folder as "
                                 "python -m processing.build_corpus (or processing.join_corpus) wrote it.")
+    read_summary(Path(corpus_dir) / "summary.json")
+    read_rejects(corpus_dir)
     _refuse_files_not_of(folder, {FEATURE_EXTRACTOR_NAME, *_remote_code_files(folder, {}, pipeline=False)},
                          "a saved feature extractor")
 
@@ -430,8 +437,10 @@ def check_corpus_files(corpus_dir: str | Path) -> None:
 def corpus_files_to_upload(corpus_dir: str | Path) -> dict[str, bytes]:
     """The build's record files as uploaded beside the splits: summary.json without paths of this machine (a
     corpus built from local files names them, `without_machine_paths`), the others as they are."""
+    from processing.corpus import read_summary
+
     files = {name: (Path(corpus_dir) / name).read_bytes() for name in CORPUS_FILES}
-    summary = without_machine_paths(json.loads(files["summary.json"]))
+    summary = without_machine_paths(read_summary(Path(corpus_dir) / "summary.json"))
     files["summary.json"] = (json.dumps(summary, indent=2) + "\n").encode()
     return files
 

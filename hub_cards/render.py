@@ -486,8 +486,10 @@ DATASETS_METADATA_KEYS = ("dataset_info", "configs")
 def write_dataset_card(corpus_dir: str | Path, repo_id: str | None = None, folder: str | None = None) -> DatasetCard:
     """Render the card of a built corpus (from its summary.json) and save it as its README.md: for `repo_id`, the
     Hub dataset it is published to, or (None) for loading it from its `folder` (default: `corpus_dir`'s name)."""
+    from processing.corpus import read_summary
+
     corpus_dir = Path(corpus_dir)
-    card = render_dataset_card(json.loads((corpus_dir / "summary.json").read_text()), repo_id=repo_id,
+    card = render_dataset_card(read_summary(corpus_dir / "summary.json"), repo_id=repo_id,
                                folder=folder or corpus_dir.resolve().name)
     card.save(str(corpus_dir / "README.md"))
     return card

@@ -27,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+import reprlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
@@ -79,6 +81,25 @@ VALUE_FEATURES = datasets.Features({**FEATURES, "gene_value_ids": datasets.List(
 # same two beside the splits `datasets` pushed.
 FEATURE_EXTRACTOR_DIR = "feature_extractor"
 SUMMARY_FILE = "summary.json"
+REJECTS_FILE = "rejects.csv"  # each rejected input cell and why (a join concatenates the shards')
+REJECTS_COLUMNS = ["cell_id", "reason"]
+
+# The JSON shape of summary.json's entries that its readers index (a join, training, evaluation, the card,
+# publishing): a dict keyed by `str` is an object whose every value has that shape, a dict of names an object with
+# those entries, a tuple the shapes a value may take (None: null), a pattern a string it matches in full. Entries
+# a build may leave out (an earlier version's) are checked only where present.
+_COUNTS = {str: int}
+SPLIT_FINGERPRINTS = {"train": str, "validation": str, "test": str}
+SUMMARY_SHAPES = {
+    "splits": _COUNTS, "rejected": _COUNTS, "left_out": _COUNTS, "num_cells_in": int,
+    "label_counts": {str: {str: _COUNTS}},
+    "ontology_term_ids": {str: {str: (str, None)}},
+    "unknown_ontology_term_ids": {str: _COUNTS},
+    "fingerprints": {str: str},
+    "ontology_versions": ({str: str}, None),
+    "fold": _COUNTS,
+    "shard": re.compile(r"\d+/\d+"),
+}
 
 
 def is_hub_corpus(corpus: str | Path) -> bool:
@@ -150,7 +171,75 @@ def check_corpus_tokenized_as(corpus: str | Path, feature_extractor: Cell2TextFe
 def corpus_summary(corpus: str | Path) -> dict:
     """The build's summary.json of a corpus (folder or Hub dataset id); {} for a corpus without one."""
     path = _corpus_files(corpus) / SUMMARY_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_summary(path) if path.exists() else {}
+
+
+def read_summary(path: str | Path, required: dict | None = None) -> dict:
+    """A corpus's summary.json, refused (ValueError naming the file) where it is no JSON object or an entry a
+    reader indexes has another shape (`SUMMARY_SHAPES`; `required`: entries that must be there, with their shapes):
+    a corrupt file ended a join, training or publishing in a JSONDecodeError or AttributeError."""
+    path = Path(path)
+    try:
+        summary = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        problem = f"not JSON ({error})"
+    else:
+        shapes = {**SUMMARY_SHAPES, **(required or {})}
+        present = {key: shape for key, shape in shapes.items() if key in summary or key in (required or {})}
+        problem = _shape_error(summary, present, "it")  # present: the entries checked, required ones among them
+    if problem:
+        raise ValueError(f"{path} is not a corpus summary as python -m processing.build_corpus writes it: {problem}. "
+                         "Build the corpus again (or restore the file).")
+    return summary
+
+
+def _shape_error(value: object, shape: object, where: str) -> str | None:
+    """How `value` departs from `shape` (see SUMMARY_SHAPES), or None; `where` names the value in the message."""
+    if isinstance(shape, tuple):
+        fits = any(_shape_error(value, kind, where) is None for kind in shape)
+    elif isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"{where} is {reprlib.repr(value)}, not a JSON object"
+        missing = [key for key in shape if key is not str and key not in value]
+        if missing:
+            return f"{where} has no {missing[0]}"
+        entries = [(key, shape[str]) for key in value] if str in shape else list(shape.items())
+        return next((error for key, item in entries
+                     if (error := _shape_error(value[key], item, key if where == "it" else f"{where}[{key!r}]"))),
+                    None)
+    elif isinstance(shape, re.Pattern):
+        fits = isinstance(value, str) and shape.fullmatch(value) is not None
+    else:
+        fits = value is None if shape is None else isinstance(value, shape) and not (
+            shape is int and isinstance(value, bool))
+    return None if fits else f"{where} is {reprlib.repr(value)}, not {_shape_name(shape)}"
+
+
+def _shape_name(shape: object) -> str:
+    """A shape (see SUMMARY_SHAPES) in words."""
+    if isinstance(shape, tuple):
+        return " or ".join(map(_shape_name, shape))
+    if isinstance(shape, re.Pattern):
+        return f"a string of the form {shape.pattern}"
+    return "a JSON object" if isinstance(shape, dict) else {None: "null", str: "a string", int: "an integer"}[shape]
+
+
+def read_rejects(folder: str | Path) -> pd.DataFrame:
+    """A corpus's rejects.csv (columns REJECTS_COLUMNS, as strings), refused (ValueError naming the file) where it
+    is no CSV of those columns: a binary or empty file ended a join in pandas' traceback, another header was joined
+    into a rejects.csv of the union of the columns."""
+    path = Path(folder) / REJECTS_FILE
+    try:
+        rejects = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        problem = f"not CSV ({' '.join(str(error).split())})"
+    else:
+        problem = None if list(rejects.columns) == REJECTS_COLUMNS else \
+            f"its columns are {list(rejects.columns)}, not {REJECTS_COLUMNS}"
+    if problem:
+        raise ValueError(f"{path} is not the rejected cells as python -m processing.build_corpus writes them: "
+                         f"{problem}. Build the corpus again (or restore the file).")
+    return rejects
 
 
 def split_value_lists(split: datasets.Dataset, feature_extractor: Cell2TextFeatureExtractor) -> list | None:

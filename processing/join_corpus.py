@@ -35,8 +35,9 @@ import pyarrow.compute as pc
 from hub_cards.render import public_name, write_dataset_card
 from modeling_cell2text.argument_types import as_command_line, refused_input_as_one_line
 from modeling_cell2text.output_files import publish_folder
-from processing.build_corpus import REJECTS_FILE, _is_corpus_folder, _staging_dir
-from processing.corpus import (FEATURE_EXTRACTOR_DIR, SUMMARY_FILE, check_max_shard_size, save_splits,
+from processing.build_corpus import _is_corpus_folder, _staging_dir
+from processing.corpus import (FEATURE_EXTRACTOR_DIR, REJECTS_FILE, SPLIT_FINGERPRINTS, SUMMARY_FILE,
+                               check_max_shard_size, read_rejects, read_summary, save_splits,
                                top_pathways_by_cell_type)
 from processing.sources import check_whole_inputs
 from processing.splits import SPLITS
@@ -68,7 +69,9 @@ def read_shard(path: str | Path) -> Shard:
     if not (path / REJECTS_FILE).is_file():  # the join lists every shard's rejected cells (a traceback before)
         raise ValueError(f"{path} has no {REJECTS_FILE}, which every build writes (its rejected cells): give the "
                          "shard's folder as build_corpus wrote it, or build it again.")
-    return Shard(path, json.loads((path / SUMMARY_FILE).read_text()), json.loads(extractor_file.read_text()))
+    read_rejects(path)  # a corrupt one, before anything is joined
+    return Shard(path, read_summary(path / SUMMARY_FILE, {"fingerprints": SPLIT_FINGERPRINTS}),
+                 json.loads(extractor_file.read_text()))
 
 
 def check_joinable(shards: Sequence[Shard]) -> None:
@@ -273,8 +276,7 @@ def join_corpus(shard_dirs: Sequence[str | Path], out_dir: str | Path, name: str
     try:
         save_splits(dict(corpus), staging, max_shard_size)
         shutil.copytree(shards[0].path / FEATURE_EXTRACTOR_DIR, staging / FEATURE_EXTRACTOR_DIR)
-        pd.concat([pd.read_csv(shard.path / REJECTS_FILE, dtype=str, keep_default_na=False) for shard in shards]
-                  ).to_csv(staging / REJECTS_FILE, index=False)
+        pd.concat([read_rejects(shard.path) for shard in shards]).to_csv(staging / REJECTS_FILE, index=False)
         (staging / "unmapped_genes.txt").write_text("".join(f"{gene}\n" for gene in _unmapped_genes(shards)))
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         write_dataset_card(staging, None, folder=out.name)

@@ -88,6 +88,28 @@ def test_the_card_of_a_corpus_not_published_loads_it_from_its_folder(pbmc_corpus
     assert datasets.load_from_disk(str(out.parent / out.name))["train"].num_rows > 0  # as the card says
 
 
+@pytest.mark.parametrize("content, problem", [
+    (b"{oops", r"not JSON \(Expecting property name"),
+    (b"\xd0\xff", r"not JSON \("),
+    (b"[1, 2]", r"it is \[1, 2\], not a JSON object"),
+    (b'{"ontology_term_ids": ["B cell"]}', r"ontology_term_ids is \['B cell'\], not a JSON object"),
+    (b'{"ontology_term_ids": {"cell_type": {"B cell": 7}}}',
+     r"ontology_term_ids\['cell_type'\]\['B cell'\] is 7, not a string or null"),
+    (b'{"fingerprints": "abc"}', "fingerprints is 'abc', not a JSON object"),
+    (b'{"splits": {"train": "5"}}', r"splits\['train'\] is '5', not an integer"),
+    (b'{"shard": "1of2"}', r"shard is '1of2', not a string of the form"),
+])
+def test_a_corrupt_summary_is_refused_naming_the_file(tmp_path, content, problem):
+    """summary.json's readers (training, evaluation, a join, the card, publishing) ended in a JSONDecodeError or,
+    for JSON of another shape, an AttributeError or TypeError far from the file."""
+    from processing.corpus import corpus_summary
+
+    (tmp_path / "summary.json").write_bytes(content)
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'summary.json'} is not a corpus summary as python -m "
+                                         f"processing.build_corpus writes it: {problem}.*Build the corpus again"):
+        corpus_summary(tmp_path)
+
+
 def test_tokens_match_the_saved_feature_extractor(pbmc_corpus):
     out, _, corpus = pbmc_corpus
     extractor = Cell2TextFeatureExtractor.from_pretrained(str(out / "feature_extractor"))

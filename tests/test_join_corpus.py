@@ -72,6 +72,13 @@ def edited(shard: Path, to: Path, file: str, edit) -> Path:
     return to
 
 
+def replaced(shard: Path, to: Path, file: str, content: bytes) -> Path:
+    """A copy of `shard` whose `file` holds `content`."""
+    shutil.copytree(shard, to)
+    (to / file).write_bytes(content)
+    return to
+
+
 @pytest.mark.parametrize("case, message", [
     ("twice", "hold the same cells"),
     ("missing", "corpus shards of .scanpy.datasets.pbmc68k_reduced. lack its shards 1/2: give every shard"),
@@ -82,6 +89,13 @@ def edited(shard: Path, to: Path, file: str, edit) -> Path:
     ("rules", "was built with keep_non_primary True"),  # one shard kept cells the other rejected
     ("not a corpus", "is not a corpus folder"),
     ("no rejects", "has no rejects.csv, which every build writes"),
+    ("summary not JSON", r"s/summary.json is not a corpus summary as .*: not JSON \(Expecting .*Build the corpus again"),
+    ("summary a list", r"s/summary.json is not a corpus summary .*: it is \[1, 2\], not a JSON object"),
+    ("summary without fingerprints", "s/summary.json is not a corpus summary .*: it has no fingerprints"),
+    ("label table a list", r"s/summary.json .*: ontology_term_ids\['cell_type'\] is \['B cell'\], not a JSON object"),
+    ("rejects of another header", r"s/rejects.csv is not the rejected cells .*: its columns are \['a', 'b'\], not "),
+    ("rejects not text", r"s/rejects.csv is not the rejected cells .*: not CSV \('utf-8' codec can't decode"),
+    ("rejects empty", r"s/rejects.csv is not the rejected cells .*: not CSV \(No columns to parse"),
 ])
 def test_shards_that_make_no_one_corpus_are_refused_before_writing(built, tmp_path, case, message):
     first, second = built["shards"]
@@ -99,6 +113,17 @@ def test_shards_that_make_no_one_corpus_are_refused_before_writing(built, tmp_pa
         "rules": lambda: [first, edited(second, copy, "summary.json", lambda c: c.update(keep_non_primary=True))],
         "not a corpus": lambda: [first, tmp_path],
         "no rejects": lambda: [first, edited(second, copy, "rejects.csv", None)],
+        # corrupt files ended the join in a JSONDecodeError, AttributeError or pandas' traceback; rejects.csv of
+        # another header was joined into one of the union of the columns, exit 0
+        "summary not JSON": lambda: [first, replaced(second, copy, "summary.json", b"{oops")],
+        "summary a list": lambda: [first, replaced(second, copy, "summary.json", b"[1, 2]")],
+        "summary without fingerprints": lambda: [first, edited(second, copy, "summary.json",
+                                                               lambda c: c.pop("fingerprints"))],
+        "label table a list": lambda: [first, edited(second, copy, "summary.json",
+                                                     lambda c: c["ontology_term_ids"].update(cell_type=["B cell"]))],
+        "rejects of another header": lambda: [first, replaced(second, copy, "rejects.csv", b"a,b\n1,2\n")],
+        "rejects not text": lambda: [first, replaced(second, copy, "rejects.csv", b"cell_id,reason\n\xd0\xff,x\n")],
+        "rejects empty": lambda: [first, replaced(second, copy, "rejects.csv", b"")],
     }[case]()
     with pytest.raises(ValueError, match=message):
         join_corpus(shards, tmp_path / "joined")

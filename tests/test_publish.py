@@ -37,9 +37,9 @@ class FakeHub:
 def corpus_folder(folder, summary=None):
     """The files of a built corpus that publishing reads or uploads beside its splits."""
     (folder / "feature_extractor").mkdir(parents=True)
-    for name in ("dataset_dict.json", "feature_extractor/preprocessor_config.json", "rejects.csv",
-                 "unmapped_genes.txt"):
+    for name in ("dataset_dict.json", "feature_extractor/preprocessor_config.json", "unmapped_genes.txt"):
         (folder / name).write_text("{}" if name.endswith(".json") else "")
+    (folder / "rejects.csv").write_text("cell_id,reason\n")
     (folder / "summary.json").write_text(json.dumps(summary or {}))
     return folder
 
@@ -225,6 +225,24 @@ def test_a_corpus_lacking_a_file_publishing_uploads_is_refused_before_anything_i
     (corpus / name).unlink()
     hub = FakeHub()
     with pytest.raises(FileNotFoundError, match=rf"lacks \['{name}'\], which publishing uploads"):
+        publish_model(model_dir, "org/x", api=hub, dataset_id="org/x-corpus", corpus_dir=corpus)
+    assert hub.calls == []
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("summary.json", b"{oops", "summary.json is not a corpus summary as .*: not JSON"),
+    ("summary.json", b"[]", r"summary.json is not a corpus summary as .*: it is \[\], not a JSON object"),
+    ("rejects.csv", b"a,b\n", r"rejects.csv is not the rejected cells as .*: its columns are \['a', 'b'\]"),
+    ("rejects.csv", b"", r"rejects.csv is not the rejected cells as .*: not CSV"),
+])
+def test_a_corpus_with_a_corrupt_file_is_refused_before_anything_is_made(model_dir, tmp_path, name, content,
+                                                                         message):
+    """A corrupt summary.json ended publishing in a JSONDecodeError or AttributeError; a corrupt rejects.csv was
+    uploaded as it was, after the model."""
+    corpus = corpus_folder(tmp_path / "corpus")
+    (corpus / name).write_bytes(content)
+    hub = FakeHub()
+    with pytest.raises(ValueError, match=message):
         publish_model(model_dir, "org/x", api=hub, dataset_id="org/x-corpus", corpus_dir=corpus)
     assert hub.calls == []
 

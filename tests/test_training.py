@@ -464,6 +464,9 @@ def test_a_corpus_without_label_tables_is_refused(parts_and_corpus, tmp_path):
     (copy / "summary.json").unlink()
     with pytest.raises(ValueError, match="has no summary.json with label tables.*python -m processing.join_corpus"):
         load_corpus(copy, Cell2TextArguments(corpus_dir=str(copy)))
+    (copy / "summary.json").write_text('{"ontology_term_ids": ["B cell"]}')  # an AttributeError before
+    with pytest.raises(ValueError, match=r"summary.json is not a corpus summary .*: ontology_term_ids is \['B cell'\]"):
+        load_corpus(copy, Cell2TextArguments(corpus_dir=str(copy)))
 
 
 def test_a_resume_on_another_corpus_is_refused(tmp_path):
