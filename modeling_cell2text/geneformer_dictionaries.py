@@ -58,24 +58,40 @@ def _numeric_scalar(dtype: Any, data: Any) -> float | int:
     return np.frombuffer(data, dtype=dtype)[0].item()
 
 
-def load_numeric_dict(path: str | os.PathLike, value_type: type) -> dict[str, Any]:
-    """Load a pickled dict of str -> int (``value_type=int``) or str -> float safely."""
+# What unpickling a file that is no pickle (empty, text, truncated, corrupt) raises besides UnpicklingError: a
+# corrupt length field asks for more memory than the file holds (MemoryError), a corrupt opcode argument is of
+# another type or value.
+_CORRUPT_PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+                          KeyError, OverflowError, MemoryError)
+TOKEN_DICTIONARY = "Geneformer token dictionary (token_dictionary.pkl)"
+GENE_MEDIAN_DICTIONARY = "Geneformer gene median dictionary (gene_median_dictionary.pkl)"
+
+
+def load_numeric_dict(path: str | os.PathLike, value_type: type, what: str = "dictionary") -> dict[str, Any]:
+    """Load a pickled dict of str -> int (``value_type=int``) or str -> float safely; a file that is none, or an
+    empty one, is refused with a ValueError naming it and `what` it should be."""
     with open(path, "rb") as handle:
         raw = handle.read()
     try:
         obj = _NumericDictUnpickler(io.BytesIO(raw)).load()
-    except pickle.UnpicklingError as error:
-        raise ValueError(f"{path}: {error}") from error
+    except _CORRUPT_PICKLE_ERRORS as error:
+        raise _not_a(path, what, value_type, str(error) or type(error).__name__) from error
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a pickled dict of str -> {value_type.__name__}, got {type(obj).__name__}")
+        raise _not_a(path, what, value_type, f"it holds a {type(obj).__name__}")
+    if not obj:
+        raise _not_a(path, what, value_type, "it is empty")
     allowed = (int,) if value_type is int else (int, float)
     for key, value in obj.items():
         if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, allowed):
-            raise ValueError(
-                f"{path}: expected a dict of str -> {value_type.__name__}, found entry {key!r}: {value!r} "
-                f"({type(key).__name__} -> {type(value).__name__})"
-            )
+            raise _not_a(path, what, value_type, f"found entry {key!r}: {value!r} "
+                                                 f"({type(key).__name__} -> {type(value).__name__})")
     return {key: value_type(value) for key, value in obj.items()}
+
+
+def _not_a(path: str | os.PathLike, what: str, value_type: type, problem: str) -> ValueError:
+    """The refusal of a file that is no `what` (a pickled dict of str -> `value_type`)."""
+    return ValueError(f"{path} is no {what}, a pickled dict of str -> {value_type.__name__}: {problem}. Give that "
+                      "file as Geneformer ships it.")
 
 
 def sha256_of_file(path: str | os.PathLike) -> str:
@@ -92,8 +108,12 @@ def load_geneformer_dictionaries(
     The source is ``{"kind": "geneformer", ...}`` with both files' SHA-256 and names, so a model can tell which
     dictionaries its gene tokens were made with.
     """
-    token_ids = load_numeric_dict(token_dictionary_file, int)
-    medians = load_numeric_dict(gene_median_file, float)
+    token_ids = load_numeric_dict(token_dictionary_file, int, TOKEN_DICTIONARY)
+    medians = load_numeric_dict(gene_median_file, float, GENE_MEDIAN_DICTIONARY)
+    special = [key for key in medians if key.startswith("<") and key.endswith(">")]
+    if special:  # the token dictionary given as both: refused later for its <pad> median 0, naming no file
+        raise _not_a(gene_median_file, GENE_MEDIAN_DICTIONARY, float,
+                     f"it holds the special token {special[0]!r}, as a token dictionary does")
     source = {
         "kind": "geneformer",
         "token_dictionary_sha256": sha256_of_file(token_dictionary_file),

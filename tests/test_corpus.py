@@ -536,6 +536,18 @@ def test_shards_built_with_hashed_splits_agree_and_sharding_without_them_warns(t
     assert "--shard without --hashed-splits" in caplog.text
 
 
+def test_an_empty_token_dictionary_ends_the_command_in_one_line_naming_it(tmp_path):
+    """An empty (or truncated) --token-dictionary ended build_corpus in an EOFError traceback."""
+    from processing.build_corpus import main
+
+    (tmp_path / "empty.pkl").write_bytes(b"")
+    with pytest.raises(SystemExit, match=f"^build_corpus: error: {tmp_path / 'empty.pkl'} is no Geneformer token "
+                                         "dictionary .*: Ran out of input"):
+        main(["--preset", "pbmc68k_reduced", "--out", str(tmp_path / "out"), "--token-dictionary",
+              str(tmp_path / "empty.pkl"), "--gene-median-file", str(tmp_path / "empty.pkl")])
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"fold": (0, 5), "hashed_splits": True}, "hashed_splits and fold exclude each other"),
     ({"fold": (7, 5)}, "fold must be in 0 .. 4, got 7"),

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pickle
+import re
 
 import anndata as ad
 import numpy as np
@@ -390,6 +391,25 @@ def test_geneformer_dictionaries_reject_anything_else(tmp_path, payload):
     medians = write_pickle(tmp_path / "medians.pkl", payload)
     with pytest.raises(ValueError, match="medians.pkl"):
         Cell2TextFeatureExtractor.from_geneformer_dictionaries(tokens, medians)
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"", "Ran out of input"),  # an EOFError traceback before
+    (b"ENSG00000141510\t1.25\n", ""),
+    (pickle.dumps({"ENSG00000141510": 1.25})[:-3], ""),
+    (pickle.dumps({}), "it is empty"),  # "the vocabulary holds no gene with a median", naming no file
+    (pickle.dumps({"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3, "ENSG00000141510": 4}),
+     "it holds the special token '<pad>', as a token dictionary does"),  # "gene medians must be ... > 0"
+], ids=["empty file", "text", "truncated", "empty dict", "token dictionary"])
+def test_a_median_file_that_is_no_geneformer_median_dictionary_is_refused_naming_it(tmp_path, content, problem):
+    tokens = write_pickle(tmp_path / "tokens.pkl", {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3,
+                                                    "ENSG00000141510": 4})
+    medians = tmp_path / "medians.pkl"
+    medians.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"^{medians} is no Geneformer gene median dictionary "
+                                         rf"\(gene_median_dictionary.pkl\), a pickled dict of str -> float: "
+                                         rf"{re.escape(problem)}.*Give that file as Geneformer ships it"):
+        Cell2TextFeatureExtractor.from_geneformer_dictionaries(tokens, str(medians))
 
 
 @pytest.mark.parametrize("token_id", [4.7, True], ids=["float", "bool"])
