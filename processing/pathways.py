@@ -31,6 +31,7 @@ from __future__ import annotations
 import gzip
 import logging
 import re
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def read_gmt(path: str | Path) -> dict[str, list[str]]:
     Genes keep their first-seen order; duplicates and empty fields are dropped; a byte-order mark is read as none
     (it began the first set's name, and so every description naming that set). Raises
     ValueError naming the line for a line without genes, a repeated set name, or a name with a double quote, and
-    naming the file for one that is no UTF-8 text.
+    naming the file for one that is no UTF-8 text (a .gz file: no intact gzip of one).
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
@@ -67,7 +68,9 @@ def read_gmt(path: str | Path) -> dict[str, list[str]]:
     try:
         with opener(path, "rt", encoding="utf-8-sig") as handle:  # -sig: a BOM (a file saved on Windows) is no name
             lines = handle.readlines()
-    except UnicodeDecodeError as error:  # a binary file (a .zip, a .pkl) or another encoding: codecs' words only
+    # a binary file (a .zip, a .pkl) or another encoding: codecs' words only; a .gz file that is no gzip, truncated
+    # or corrupt: gzip's and zlib's words only (no file named), or an EOFError traceback
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error) as error:
         raise ValueError(f"{path} is no GMT text file (UTF-8, or gzipped as .gz): {error}; give a gene-set library "
                          "in the GMT format, or build without pathways (--gmt none).") from error
     for line_number, line in enumerate(lines, start=1):

@@ -177,6 +177,23 @@ def test_read_gmt_refuses_a_file_that_is_no_text_naming_it(tmp_path, name):
     assert raised_by_this_project(refused.value)  # a command ends it in one line
 
 
+@pytest.mark.parametrize("case", ["plain text", "truncated", "corrupt"])
+def test_read_gmt_refuses_a_gz_file_that_is_no_intact_gzip_naming_it(tmp_path, case):
+    """`--gmt x.gmt.gz` not gzipped ended in one line naming no file ("Not a gzipped file (b'SE')"), a truncated one
+    in an EOFError traceback, a corrupt one in gzip's or zlib's words only."""
+    from modeling_cell2text.argument_types import raised_by_this_project
+
+    text = b"SET_A\tdesc\tTP53\tCD19\n" * 50
+    packed = bytearray(gzip.compress(text))
+    packed[len(packed) // 2] ^= 0xFF
+    path = tmp_path / "library.gmt.gz"
+    path.write_bytes({"plain text": text, "truncated": gzip.compress(text)[:30], "corrupt": bytes(packed)}[case])
+    with pytest.raises(ValueError, match=rf"^{path} is no GMT text file \(UTF-8, or gzipped as .gz\): .*--gmt none") \
+            as refused:
+        read_gmt(path)
+    assert raised_by_this_project(refused.value)
+
+
 def test_wikipathways_library_ships():
     gene_sets = read_gmt(WIKIPATHWAYS_GMT)
     assert len(gene_sets) == 801
