@@ -67,6 +67,31 @@ def unknown_settings_error(kind: str, unknown: set[str], known: Sequence[str]) -
                      "name in the saved config (or the call).")
 
 
+def _is_integer(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value: object) -> bool:
+    return _is_integer(value) or isinstance(value, (float, np.floating))
+
+
+def _is_string(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _checked_mapping(name: str, value: object, kind: str, fits) -> dict:
+    """`value`, a setting that maps genes (or symbols) to `kind`; another shape is refused naming the setting: a
+    list ended in an AttributeError, a token id 4.7 was read as 4 (another gene's token)."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must map genes to {kind}, got {type(value).__name__}; fix the saved config (or the "
+                         "call).")
+    wrong = next(((key, item) for key, item in value.items() if not fits(item)), None)
+    if wrong is not None:
+        raise ValueError(f"{name} must map genes to {kind}, found {wrong[0]!r}: {wrong[1]!r}; fix the saved config "
+                         "(or the call).")
+    return value
+
+
 class Cell2TextFeatureExtractor(FeatureExtractionMixin):
     """Turns expression matrices into Geneformer gene-token inputs (rank-value encoding).
 
@@ -111,20 +136,30 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         super().__init__(**kwargs)
         if gene_token_ids is None:
             gene_token_ids = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-        self.gene_token_ids = {str(k): int(v) for k, v in gene_token_ids.items()}
-        self.gene_medians = {str(k): float(v) for k, v in (gene_medians or {}).items()}
-        self.gene_symbols = {str(k): str(v) for k, v in (gene_symbols or {}).items()}
+        self.gene_token_ids = {str(k): int(v) for k, v in _checked_mapping("gene_token_ids", gene_token_ids,
+                                                                          "token ids", _is_integer).items()}
+        self.gene_medians = {str(k): float(v) for k, v in _checked_mapping("gene_medians", gene_medians or {},
+                                                                          "numbers", _is_number).items()}
+        self.gene_symbols = {str(k): str(v) for k, v in _checked_mapping("gene_symbols", gene_symbols or {},
+                                                                        "strings", _is_string).items()}
+        if not _is_integer(model_input_size):  # int(2048.9) ran as 2048
+            raise ValueError(f"model_input_size must be an integer, got {model_input_size!r}; fix the saved config "
+                             "(or the call).")
         self.model_input_size = int(model_input_size)
         if not isinstance(special_tokens, (bool, np.bool_)):  # bool("false") is True: <cls>/<eos> were kept
             raise TypeError(f"special_tokens must be True or False, got {special_tokens!r}; fix the saved config "
                             "(or the call).")
         self.special_tokens = bool(special_tokens)
         self.min_gene_match_rate = float(min_gene_match_rate)
+        if not _is_integer(num_expression_bins):
+            raise ValueError(f"num_expression_bins must be an integer, got {num_expression_bins!r}; fix the saved "
+                             "config (or the call).")
         self.num_expression_bins = int(num_expression_bins)
         self.vocabulary_source = checked_vocabulary_source(vocabulary_source)
         if symbol_to_gene is None:
             symbol_to_gene = resolve_symbols((gene, symbol, False) for gene, symbol in self.gene_symbols.items())
-        self.symbol_to_gene = {str(k): str(v) for k, v in symbol_to_gene.items()}
+        self.symbol_to_gene = {str(k): str(v) for k, v in _checked_mapping("symbol_to_gene", symbol_to_gene,
+                                                                          "strings", _is_string).items()}
         self._validate_config()
         self._build_lookups()
 
@@ -180,6 +215,17 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         unranked = sum(1 for g in self.gene_token_ids if g not in SPECIAL_TOKENS and g not in self.gene_medians)
         if unranked:
             logger.info("%d vocabulary genes have no median and are never ranked", unranked)
+
+    @classmethod
+    def get_feature_extractor_dict(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> tuple[dict, dict]:
+        """transformers' reading of a saved config, refusing one that is no JSON object (a list ended in a
+        TypeError from `cls(**config)`)."""
+        config, kwargs = super().get_feature_extractor_dict(pretrained_model_name_or_path, **kwargs)
+        if not isinstance(config, dict):
+            raise ValueError(f"the feature extractor config of {pretrained_model_name_or_path} is a "
+                             f"{type(config).__name__}, not a JSON object: restore the file, or save the feature "
+                             "extractor again.")
+        return config, kwargs
 
     @classmethod
     def from_gene_medians(

@@ -37,8 +37,8 @@ from modeling_cell2text.argument_types import as_command_line, refused_input_as_
 from modeling_cell2text.output_files import publish_folder
 from processing.build_corpus import _is_corpus_folder, _staging_dir
 from processing.corpus import (FEATURE_EXTRACTOR_DIR, REJECTS_FILE, SPLIT_FINGERPRINTS, SUMMARY_FILE,
-                               check_max_shard_size, read_rejects, read_summary, save_splits,
-                               top_pathways_by_cell_type)
+                               check_max_shard_size, corpus_feature_extractor, read_rejects, read_summary,
+                               save_splits, top_pathways_by_cell_type)
 from processing.sources import check_whole_inputs
 from processing.splits import SPLITS
 
@@ -55,7 +55,7 @@ SHARED_SETTINGS = ("pathway_library", "pathway_ranking", "pathway_set_sizes", "m
 class Shard:
     path: Path
     summary: dict
-    extractor_config: dict  # the feature extractor's preprocessor_config.json
+    extractor_config: dict  # the feature extractor's settings (its preprocessor_config.json, as loaded)
 
 
 def read_shard(path: str | Path) -> Shard:
@@ -71,7 +71,7 @@ def read_shard(path: str | Path) -> Shard:
                          "shard's folder as build_corpus wrote it, or build it again.")
     read_rejects(path)  # a corrupt one, before anything is joined
     return Shard(path, read_summary(path / SUMMARY_FILE, {"fingerprints": SPLIT_FINGERPRINTS}),
-                 json.loads(extractor_file.read_text()))
+                 corpus_feature_extractor(path).to_dict())  # its reader refuses a corrupt config, naming it
 
 
 def check_joinable(shards: Sequence[Shard]) -> None:

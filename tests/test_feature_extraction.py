@@ -434,6 +434,31 @@ def test_save_and_reload_round_trip(extractor, counts, tmp_path):
     assert not any(key.startswith("_") for key in reloaded.to_dict())
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["gene_token_ids"].update({VOCAB_GENES[0]: 4.7}),  # read as token 4: another gene's
+     rf"gene_token_ids must map genes to token ids, found '{VOCAB_GENES[0]}': 4.7; fix the saved config"),
+    (lambda c: c.update(gene_medians=[1.0]), "gene_medians must map genes to numbers, got list"),  # AttributeError
+    (lambda c: c["gene_medians"].update({VOCAB_GENES[0]: True}), "gene_medians must map genes to numbers"),
+    (lambda c: c.update(gene_symbols=None, symbol_to_gene=["TP53"]), "symbol_to_gene must map genes to strings"),
+    (lambda c: c.update(model_input_size=2048.5), "model_input_size must be an integer, got 2048.5"),  # ran as 2048
+    (lambda c: c.update(num_expression_bins="4"), "num_expression_bins must be an integer, got '4'"),
+])
+def test_a_saved_config_of_another_shape_is_refused_naming_the_setting(extractor, tmp_path, edit, message):
+    extractor.save_pretrained(tmp_path)
+    path = tmp_path / "preprocessor_config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        Cell2TextFeatureExtractor.from_pretrained(tmp_path)
+
+
+def test_a_saved_config_that_is_no_json_object_is_refused_naming_it(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text("[1, 2]")  # a TypeError from cls(**config) before
+    with pytest.raises(ValueError, match=f"the feature extractor config of {tmp_path} is a list, not a JSON object"):
+        Cell2TextFeatureExtractor.from_pretrained(tmp_path)
+
+
 def test_pad_v1_lists_and_rejects_unknown_ids():
     extractor = make_extractor(special_tokens=False)
     batch = extractor.pad([[7, 5, 9], [6]])

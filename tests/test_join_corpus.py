@@ -96,6 +96,8 @@ def replaced(shard: Path, to: Path, file: str, content: bytes) -> Path:
     ("rejects of another header", r"s/rejects.csv is not the rejected cells .*: its columns are \['a', 'b'\], not "),
     ("rejects not text", r"s/rejects.csv is not the rejected cells .*: not CSV \('utf-8' codec can't decode"),
     ("rejects empty", r"s/rejects.csv is not the rejected cells .*: not CSV \(No columns to parse"),
+    ("extractor not JSON", "config file at '.*s/feature_extractor/preprocessor_config.json' is not a valid JSON"),
+    ("extractor a list", "the feature extractor config of .*s/feature_extractor is a list, not a JSON object"),
 ])
 def test_shards_that_make_no_one_corpus_are_refused_before_writing(built, tmp_path, case, message):
     first, second = built["shards"]
@@ -124,8 +126,12 @@ def test_shards_that_make_no_one_corpus_are_refused_before_writing(built, tmp_pa
         "rejects of another header": lambda: [first, replaced(second, copy, "rejects.csv", b"a,b\n1,2\n")],
         "rejects not text": lambda: [first, replaced(second, copy, "rejects.csv", b"cell_id,reason\n\xd0\xff,x\n")],
         "rejects empty": lambda: [first, replaced(second, copy, "rejects.csv", b"")],
+        "extractor not JSON": lambda: [first, replaced(second, copy, "feature_extractor/preprocessor_config.json",
+                                                       b"{oops")],  # JSONDecodeError traceback
+        "extractor a list": lambda: [first, replaced(second, copy, "feature_extractor/preprocessor_config.json",
+                                                     b"[1]")],  # the join's AttributeError, others' TypeError
     }[case]()
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, OSError), match=message):  # OSError: transformers' for a config not JSON
         join_corpus(shards, tmp_path / "joined")
     assert not (tmp_path / "joined").exists()
     with pytest.raises(SystemExit, match=f"join_corpus: .*{message}"):
