@@ -23,6 +23,8 @@ import logging
 import math
 import shutil
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -172,17 +174,44 @@ HISTOGRAM_ARRAYS = ("counts", "gene_ids", "binning")
 
 def open_histogram(path: str | Path) -> np.lib.npyio.NpzFile:
     """A histogram file (`HistogramGeneMedians.save`) opened for reading (close it: `with`). Another file is refused
-    naming it: numpy's words spoke of pickled data, or the merge stopped on a missing array."""
+    naming it: numpy's words spoke of pickled data, a truncated or empty file ended in a BadZipFile or EOFError
+    traceback, arrays of another shape in numpy's broadcast error, and negative counts were merged."""
+    problem = None
     try:
         data = np.load(path, allow_pickle=False)
-    except ValueError:  # no .npy or .npz file: "Cannot load file containing pickled data when allow_pickle=False"
+    except (ValueError, EOFError, zipfile.BadZipFile):  # "Cannot load file containing pickled data ...", no data
         data = None
     if isinstance(data, np.lib.npyio.NpzFile):
-        if all(name in data for name in HISTOGRAM_ARRAYS):
+        try:
+            problem = _histogram_problem(data)
+        except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:  # a member that does not read
+            problem = f"it does not read ({error})"
+        if problem is None:
             return data
         data.close()
-    raise ValueError(f"{path} is no gene-median histogram: give the median_histogram.npz that build_corpus wrote "
-                     "into each shard's corpus folder.")
+    raise ValueError(f"{path} is no gene-median histogram{f' ({problem})' if problem else ''}: give the "
+                     "median_histogram.npz that build_corpus wrote into each shard's corpus folder.")
+
+
+def _histogram_problem(data: np.lib.npyio.NpzFile) -> str | None:
+    """What keeps the opened file `data` from being a histogram `HistogramGeneMedians.save` wrote, or None."""
+    missing = [name for name in HISTOGRAM_ARRAYS if name not in data]
+    if missing:
+        return f"no {missing[0]} array"
+    counts, genes, binning = data["counts"], data["gene_ids"], data["binning"]
+    if binning.shape != (3,) or not np.issubdtype(binning.dtype, np.number):
+        return f"binning of shape {binning.shape}, not 3 numbers"
+    try:
+        bins = HistogramGeneMedians(0, int(binning[0]), float(binning[1]), float(binning[2])).n_bins
+    except (ValueError, OverflowError) as error:
+        return f"binning {binning.tolist()}: {error}"
+    if genes.ndim != 1 or counts.shape != (len(genes), bins):
+        return f"counts of shape {counts.shape} for {genes.shape} gene ids and {bins} bins"
+    if not np.issubdtype(counts.dtype, np.integer) or (counts < 0).any():
+        return "counts that are no non-negative integers"
+    if "shard" in data and data["shard"].shape != (2,):
+        return f"a shard of shape {data['shard'].shape}, not (index, count)"
+    return None
 
 
 def histogram_shard(path: str | Path) -> tuple[str, str, int, int] | None:

@@ -162,8 +162,22 @@ def test_the_merge_cli_never_replaces_an_output_unasked(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "fe", "s0.npz"]  # no staging folder left
 
 
-@pytest.mark.parametrize("name", ["summary.json", "medians.npy", "other.npz"])
-def test_the_merge_cli_refuses_a_file_that_is_no_histogram_in_one_line(tmp_path, name):
+def _edited_histogram(source, target, **arrays) -> None:
+    """A copy of the histogram file `source` at `target` with `arrays` replaced."""
+    with np.load(source) as data:
+        np.savez(target, **{**dict(data), **arrays})
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("summary.json", ""), ("medians.npy", ""), ("other.npz", r" \(no counts array\)"),
+    # these ended in a BadZipFile or EOFError traceback, or in numpy's words naming no file, or were merged
+    ("truncated.npz", ""), ("empty.npz", ""),
+    ("narrow.npz", r" \(counts of shape \(40, 5\) for \(40,\) gene ids and 1100 bins\)"),
+    ("binning.npz", r" \(binning of shape \(1,\), not 3 numbers\)"),
+    ("shard.npz", r" \(a shard of shape \(1,\), not \(index, count\)\)"),
+    ("negative.npz", r" \(counts that are no non-negative integers\)"),  # merged: medians of negative counts
+])
+def test_the_merge_cli_refuses_a_file_that_is_no_histogram_in_one_line(tmp_path, name, problem):
     """A file other than a shard's median_histogram.npz ended in numpy's traceback ("Cannot load file containing
     pickled data"), an AttributeError or a KeyError."""
     from processing.gene_medians import main
@@ -171,10 +185,15 @@ def test_the_merge_cli_refuses_a_file_that_is_no_histogram_in_one_line(tmp_path,
     histogram = HistogramGeneMedians(40)
     histogram.update(*_random_entries(3))
     histogram.save(tmp_path / "s0.npz", [f"ENSG{i:011d}" for i in range(40)])
-    given = tmp_path / name
+    given, first = tmp_path / name, tmp_path / "s0.npz"
     {"summary.json": lambda: given.write_text("{}"), "medians.npy": lambda: np.save(given, np.ones(3)),
-     "other.npz": lambda: np.savez(given, values=np.ones(3))}[name]()
-    with pytest.raises(SystemExit, match=rf"^gene_medians: error: {given} is no gene-median histogram: give the "
-                                         "median_histogram.npz"):
+     "other.npz": lambda: np.savez(given, values=np.ones(3)),
+     "truncated.npz": lambda: given.write_bytes(first.read_bytes()[:200]), "empty.npz": lambda: given.write_bytes(b""),
+     "narrow.npz": lambda: _edited_histogram(first, given, counts=histogram.counts[:, :5]),
+     "binning.npz": lambda: _edited_histogram(first, given, binning=np.ones(1)),
+     "shard.npz": lambda: _edited_histogram(first, given, shard=np.ones(1, dtype=np.int64)),
+     "negative.npz": lambda: _edited_histogram(first, given, counts=-1 - histogram.counts)}[name]()
+    with pytest.raises(SystemExit, match=rf"^gene_medians: error: {given} is no gene-median histogram{problem}: give "
+                                         "the median_histogram.npz"):
         main([str(tmp_path / "s0.npz"), str(given), "--out", str(tmp_path / "fe")])
     assert not (tmp_path / "fe").exists()
