@@ -46,6 +46,7 @@ from .render import (
     dataset_url,
     machine_paths,
     push_dataset_card,
+    read_folder_json,
     rerender_model_card,
     without_machine_paths,
     write_dataset_card,
@@ -91,7 +92,7 @@ def _code_references(model_dir: Path, config: dict, pipeline: bool = True) -> li
         references += [entry.get("impl") or "" for entry in config.get("custom_pipelines", {}).values()]
     for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
         if (model_dir / name).exists():
-            references += _auto_map_references(json.loads((model_dir / name).read_text()))
+            references += _auto_map_references(read_folder_json(model_dir / name))
     return [ref for ref in references if ref]
 
 
@@ -119,7 +120,7 @@ def code_sha256(model_dir: str | Path, from_folder: str = "all") -> str | None:
     model and processor classes from the folder and decoded with the package's code) or "none" (the package's
     classes). None where the folder names no code (no auto_map)."""
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_folder_json(model_dir / "config.json")
     names = sorted(_remote_code_files(model_dir, config))
     if not names:
         return None
@@ -169,7 +170,7 @@ def model_folder_files(model_dir: Path, config: dict, processor: Any) -> set[str
     its saved evaluation. ``processor`` (the folder's, loaded) names its tokenizer's vocabulary files; tokenizer.json
     is always one (a GPT2Tokenizer, as SmolLM2's on the Hub, names only vocab.json and merges.txt, yet saves it)."""
     whole, index = weights_file_names()
-    shards = set(json.loads((model_dir / index).read_text()).get("weight_map", {}).values()) if (
+    shards = set(read_folder_json(model_dir / index).get("weight_map", {}).values()) if (
         model_dir / index).is_file() else set()
     templates = {f"{CHAT_TEMPLATE_DIR}/{path.name}" for path in (model_dir / CHAT_TEMPLATE_DIR).glob("*.jinja")}
     return {CONFIG_NAME, GENERATION_CONFIG_NAME, whole, index, *shards, PROCESSOR_NAME, TOKENIZER_CONFIG_FILE,
@@ -205,7 +206,7 @@ def refresh_remote_code(model_dir: str | Path) -> list[str]:
     and config.json and the saved evaluation without paths of the machine that wrote them (`without_machine_paths`:
     earlier versions kept the parts' folders and absolute paths there). Returns the names of the files changed."""
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_folder_json(model_dir / "config.json")
     changed: list[str] = []
     while True:
         outdated = [name for name in _remote_code_files(model_dir, config)
@@ -216,7 +217,7 @@ def refresh_remote_code(model_dir: str | Path) -> list[str]:
             shutil.copyfile(PACKAGE_CODE_DIR / name, model_dir / name)
         changed += outdated
     for path in _path_holding_files(model_dir):
-        content = json.loads(path.read_text())
+        content = read_folder_json(path)
         if machine_paths(content):
             path.write_text(json.dumps(without_machine_paths(content), indent=2, sort_keys=False) + "\n")
             changed.append(path.name)
@@ -228,7 +229,7 @@ def _check_card_is_of_this_model(model_dir: Path, config: dict) -> None:
     results_file = model_dir / EVALUATION_RESULTS
     if not results_file.is_file():
         return
-    results = json.loads(results_file.read_text())
+    results = read_folder_json(results_file)
     fix = (f"evaluate this model (python -m training.evaluation.evaluate), or remove README.md, {EVALUATION_RESULTS} "
            f"and {MODEL_CARD_INPUTS}.")
     evaluated = results.get("gene_vocabulary_sha256")
@@ -260,7 +261,7 @@ def check_hub_ready(model_dir: str | Path, card: ModelCard | None = None) -> Non
             f"{model_dir} is not a complete Cell2Text folder; missing {missing}. Save it with "
             "modeling_cell2text.save_model_folder(model, processor, dir) (training.sft does)."
         )
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_folder_json(model_dir / "config.json")
     if "AutoModelForCausalLM" not in config.get("auto_map", {}):
         raise ValueError(f"{model_dir}/config.json has no auto_map: it would not load with trust_remote_code.")
     if "cell-to-text" not in config.get("custom_pipelines", {}):
@@ -289,7 +290,7 @@ def check_hub_ready(model_dir: str | Path, card: ModelCard | None = None) -> Non
             "folder (or save it again with modeling_cell2text.save_model_folder)."
         )
     for path in _path_holding_files(model_dir):
-        paths = machine_paths(json.loads(path.read_text()))
+        paths = machine_paths(read_folder_json(path))
         if paths:
             raise ValueError(f"{path} holds paths of this machine (e.g. {paths[0]}), which would be uploaded: pass "
                              "--refresh-code to rewrite it without them (a folder saved by an earlier version).")
@@ -408,7 +409,7 @@ def check_corpus_is_the_models(model_dir: str | Path, corpus_dir: str | Path) ->
     """Refuse to publish a corpus with a model that was trained on another build (the card would name it)."""
     from processing.corpus import read_summary
 
-    trained_on = json.loads((Path(model_dir) / "config.json").read_text()).get("training_corpus_fingerprints")
+    trained_on = read_folder_json(Path(model_dir) / "config.json").get("training_corpus_fingerprints")
     built = read_summary(Path(corpus_dir) / "summary.json").get("fingerprints")
     if trained_on and built and trained_on != built:
         raise ValueError(f"{model_dir} was trained on another corpus build than {corpus_dir} (split fingerprints "

@@ -325,6 +325,21 @@ def save_model_card(model_dir: str | Path, results: dict, *, repo_id: str, **inp
     return card
 
 
+def read_folder_json(path: str | Path) -> dict:
+    """A JSON object file of a model folder (config.json, the saved evaluation, ...); one that does not parse or
+    holds another JSON value is refused naming it (publishing ended in a JSONDecodeError or AttributeError)."""
+    try:
+        content = json.loads(Path(path).read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        problem = f"does not parse ({error})"
+    else:
+        problem = None if isinstance(content, dict) else f"holds a JSON {type(content).__name__}, not an object"
+    if problem:
+        raise ValueError(f"{path} {problem}: restore the file, or save the model folder again "
+                         "(modeling_cell2text.save_model_folder; training.sft and the evaluation write it).")
+    return content
+
+
 def rerender_model_card(model_dir: str | Path, repo_id: str, dataset_id: str | None = None,
                         save: bool = True) -> ModelCard | None:
     """Re-render ``model_dir/README.md`` for ``repo_id`` from the files :func:`save_model_card` wrote, naming
@@ -336,10 +351,10 @@ def rerender_model_card(model_dir: str | Path, repo_id: str, dataset_id: str | N
     results_file, inputs_file = model_dir / EVALUATION_RESULTS, model_dir / MODEL_CARD_INPUTS
     if not (results_file.is_file() and inputs_file.is_file()):
         return None
-    inputs = json.loads(inputs_file.read_text())
+    inputs = read_folder_json(inputs_file)
     if dataset_id is not None:
         inputs["dataset_id"] = dataset_id
-    card = render_model_card(json.loads(results_file.read_text()), repo_id=repo_id, **inputs)
+    card = render_model_card(read_folder_json(results_file), repo_id=repo_id, **inputs)
     if save:
         card.save(model_dir / "README.md")
     return card

@@ -247,6 +247,20 @@ def test_a_corpus_with_a_corrupt_file_is_refused_before_anything_is_made(model_d
     assert hub.calls == []
 
 
+@pytest.mark.parametrize("name", ["config.json", "processor_config.json", "tokenizer_config.json",
+                                  "evaluation_results.json"])
+@pytest.mark.parametrize("content, problem", [(b"{oops", r"does not parse \(Expecting"),
+                                              (b"[1]", "holds a JSON list, not an object")])
+def test_a_model_folder_json_file_that_is_corrupt_is_refused_naming_it(model_dir, name, content, problem):
+    """publish ended in a JSONDecodeError or an AttributeError ('list' object has no attribute 'get')."""
+    (model_dir / name).write_bytes(content)
+    hub = FakeHub()
+    with pytest.raises(ValueError, match=f"^{model_dir / name} {problem}.*: restore the file, or save the model "
+                                         "folder again"):
+        publish_model(model_dir, "org/x", api=hub)
+    assert hub.calls == []
+
+
 def test_private_is_refused_for_an_existing_public_repo_before_anything_is_made_or_written(model_dir, tmp_path,
                                                                                            monkeypatch):
     # the second reader's finding: the card was re-rendered for the repo, then --private was refused
