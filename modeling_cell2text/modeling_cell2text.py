@@ -203,6 +203,10 @@ def _refuse_unreadable_generation_config(pretrained_model_name_or_path: Any, kwa
             raise ValueError(f"{', '.join(unknown)} {where}: no generation setting, so generation would run without "
                              "it. Fix the name there (the settings are GenerationConfig's), or remove it.")
         check_generation_settings(settings, where)
+    elif settings is not None:  # a JSON list: transformers' "'list' object is not a mapping" traceback
+        raise ValueError(f"the {GENERATION_CONFIG_NAME} of {pretrained_model_name_or_path!s} holds a JSON "
+                         f"{type(settings).__name__}, not an object: restore the file from the model's source or save "
+                         "the model again.")
     GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub)
 
 

@@ -174,6 +174,12 @@ class Cell2TextProcessor(ProcessorMixin):
             unparsable = _unparsable_json_files(pretrained_model_name_or_path)
             raise ValueError(f"{pretrained_model_name_or_path}: {unparsable} does not parse as JSON ({error}); restore "
                              "the file from the model's source or save the model again") from error
+        except (AttributeError, TypeError) as error:  # a JSON list: "'list' object has no attribute 'get'"
+            not_objects = _unparsable_json_files(pretrained_model_name_or_path, objects=True)
+            if not not_objects:
+                raise
+            raise ValueError(f"{pretrained_model_name_or_path}: {not_objects} holds no JSON object ({error}); restore "
+                             "the file from the model's source or save the model again") from error
         if model_config is not None:
             check_model_and_processor(model_config, processor, f"the model in {pretrained_model_name_or_path}")
         return processor
@@ -450,16 +456,19 @@ class Cell2TextProcessor(ProcessorMixin):
         return results
 
 
-def _unparsable_json_files(source) -> str:
-    """The JSON files of the folder `source` that do not parse, as a message names them (a Hub repo's are in the
-    cache: "a JSON file")."""
+def _unparsable_json_files(source, objects: bool = False) -> str:
+    """The JSON files of the folder `source` that do not parse (with `objects`: that hold no JSON object), as a
+    message names them (a Hub repo's are in the cache: "a JSON file"; none found with `objects`: "")."""
     names = []
     for path in sorted(Path(source).glob("*.json")) if Path(source).is_dir() else []:
         try:
-            json.loads(path.read_text())
+            content = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             names.append(path.name)
-    return " and ".join(names) or "a JSON file"
+        else:
+            if objects and not isinstance(content, dict):
+                names.append(path.name)
+    return " and ".join(names) or ("" if objects else "a JSON file")
 
 
 def _cell2text_config_beside(source, kwargs: dict):

@@ -264,6 +264,16 @@ def test_a_tokenizer_file_that_does_not_parse_is_named(processor, tmp_path, name
         Cell2TextProcessor.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("name", ["processor_config.json", "tokenizer_config.json", "tokenizer.json"])
+def test_a_json_file_that_holds_no_object_is_named(processor, tmp_path, name):
+    """A JSON list ended loading in an AttributeError ('list' object has no attribute 'get') or TypeError traceback
+    inside transformers."""
+    processor.save_pretrained(tmp_path)
+    (tmp_path / name).write_text("[1]")
+    with pytest.raises(ValueError, match=rf"^{tmp_path}: {name} holds no JSON object \(.*save the model again$"):
+        Cell2TextProcessor.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize(("tables", "error", "message"), [
     (dict(pathway_names="TCA Cycle"), TypeError, "pathway_names must be a list of names"),  # was split into letters
     (dict(pathway_names=["TCA", "TCA"]), ValueError, r"lists \['TCA'\] more than once"),  # was chosen twice
