@@ -148,7 +148,10 @@ class Cell2TextConfig(PreTrainedConfig):
     def from_dict(cls, config_dict: dict, **kwargs) -> "Cell2TextConfig":
         """`PreTrainedConfig.from_dict`, refusing a saved config of another model_type (or none), and one without
         its parts' configs: the defaults would build full-size parts (a 7B Llama, Geneformer V2-316M) with random
-        weights instead of the saved model."""
+        weights instead of the saved model; one that holds no JSON object (a list ended in an AttributeError)."""
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"This config.json holds a JSON {type(config_dict).__name__}, not an object: restore it "
+                             "from the model's source, or save the model again with save_pretrained.")
         if config_dict.get("model_type") != cls.model_type:  # transformers only warns, and loads it as Cell2Text's
             raise ValueError(
                 f"This config.json says model_type {config_dict.get('model_type')!r}, not {cls.model_type!r}: it is "

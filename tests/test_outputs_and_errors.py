@@ -296,6 +296,15 @@ def test_a_config_json_of_another_model_type_is_refused_not_loaded_as_cell2text(
         Cell2TextForConditionalGeneration.from_pretrained(folder)
 
 
+def test_a_config_json_that_holds_no_object_is_refused(model_dir, tmp_path):
+    """A JSON list ended from_pretrained (training's --init_from, evaluation, pipeline()) in an AttributeError."""
+    folder = tmp_path / "list"
+    shutil.copytree(model_dir, folder)
+    (folder / "config.json").write_text("[1]")
+    with pytest.raises(ValueError, match="This config.json holds a JSON list, not an object: restore it"):
+        Cell2TextForConditionalGeneration.from_pretrained(folder)
+
+
 def test_a_malformed_config_json_is_named(model_dir, tmp_path, h5ad, capsys):
     folder = tmp_path / "bad-json"
     shutil.copytree(model_dir, folder)
