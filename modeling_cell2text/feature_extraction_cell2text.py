@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from transformers import BatchFeature, FeatureExtractionMixin
 
-from .argument_types import with_close_match
+from .argument_types import is_integer_at_least, with_close_match
 from .cell_inputs import (CELL_INPUT_NAMES, CELL_ROW_KEYS, empty_cells_error, format_cells,
                           resolve_input)
 from .gene_ids import ensembl_gene_id, resolve_symbols, var_gene_ids
@@ -68,7 +68,7 @@ def unknown_settings_error(kind: str, unknown: set[str], known: Sequence[str]) -
 
 
 def _is_integer(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    return is_integer_at_least(value, -math.inf)
 
 
 def _is_number(value: object) -> bool:
