@@ -45,6 +45,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from hub_cards.names import METHOD_NAMES  # noqa: E402
+from modeling_cell2text.argument_types import positive_int  # noqa: E402
 from training.evaluation.report import BENCHMARK_METRICS, method_figures, paired_lines  # noqa: E402
 
 EXTRA_METRICS = ("free_accuracy", "ece", "num_invented")
@@ -308,7 +309,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(REPO / "outputs" / "quality"), help="One folder per fold, and the JSON.")
     parser.add_argument("--with-cell2sentence", action="store_true",
                         help="Also train and score the Cell2Sentence-style baseline (about twice the time).")
-    parser.add_argument("--max-steps", type=int, default=None, help="Cap training steps (a smoke run, not the recipe).")
+    # positive: the main job reads 0 as no cap and the trainer -1, so either trained the whole recipe for hours while
+    # the JSON recorded a smoke run
+    parser.add_argument("--max-steps", type=positive_int, default=None,
+                        help="Cap training steps (a smoke run, not the recipe).")
     parser.add_argument("--resume", action="store_true",
                         help="Reuse the folds of <out>/quality_benchmark.json measured at this commit and settings.")
     parser.add_argument("--rescore", action="store_true",

@@ -106,6 +106,14 @@ def test_bad_fold_arguments_are_refused(tmp_path):
             quality.main([*argv, "--out", str(tmp_path)])
 
 
+def test_a_max_steps_that_caps_nothing_is_refused_before_a_fold_trains(tmp_path, stubbed):
+    # 0 was read as no cap and -1 is the trainer's: the whole recipe trained, recorded as a smoke run
+    for steps in ("0", "-1"):
+        with pytest.raises(SystemExit):
+            quality.main(["--folds", "2", "--max-steps", steps, "--out", str(tmp_path / steps)])
+    assert stubbed == []
+
+
 def test_a_cell_tested_in_two_folds_is_refused(tmp_path, stubbed, monkeypatch):
     monkeypatch.setattr(quality, "fold_cells", lambda fold_dir: fake_cells(0))  # every fold: the same cells
     with pytest.raises(ValueError, match="tested in more than one fold"):
