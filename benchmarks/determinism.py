@@ -24,6 +24,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.repeats < 2:  # one run per setting is compared with nothing: "bitwise equal: True" would say nothing
+        parser.error(f"--repeats must be at least 2 (runs of one setting are compared with each other), got "
+                     f"{args.repeats}")
     import torch
     from safetensors.torch import load_file
     from tiny_parts import save_tiny_corpus, save_tiny_parts

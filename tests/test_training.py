@@ -580,6 +580,16 @@ def test_same_seed_gives_the_same_weights(parts_and_corpus, tmp_path, monkeypatc
     assert all(torch.equal(first[name], second[name]) for name in first), "weights differ between runs"
 
 
+def test_the_determinism_benchmark_refuses_one_run_per_setting():
+    """benchmarks/determinism.py --repeats 1 trained once per setting and printed "runs bitwise equal: True" for
+    runs compared with nothing."""
+    for option in (["--repeats", "1"], ["--steps", "0"]):
+        result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "determinism.py"), "--steps", "1", *option],
+                                env=run_env(), capture_output=True, text=True, timeout=600)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and option[0] in lines[-1] and "Traceback" not in result.stderr, result.stderr
+
+
 def test_a_bf16_llms_projector_trains_in_float32_and_is_saved_in_bf16(parts_and_corpus, tmp_path, monkeypatch):
     """The projector of a bf16 LLM trained in bf16, where updates below its rounding are lost (its first LayerNorm's
     gain stayed unchanged): it trains in float32, as LoRA does, and the merged model is saved in bf16."""
