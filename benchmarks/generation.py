@@ -10,7 +10,7 @@ parsing. These two modes time free generation (`constrained=False`); `--label-sc
 Targets (issue #5): batch 16 >= 4x the cells/s of batch 1; outside-generate share < 10%.
 `--sort-by-length` gives the cells between a tenth of `--genes-per-cell` and all of it expressed genes and times
 each batch size in the given order and longest first (the pipeline's `sort_by_length`), alternating, twice.
-`--label-scaling` times, on the same cells at batch 16: free generation (`--new-tokens` at most), the former
+`--label-scaling` times, on the same cells at one batch size (`--batch-sizes`, default 16): free generation (`--new-tokens` at most), the former
 constrained describe (every cell-type label scored, the rest written freely: `former_describe.py`)
 and the schema-constrained decoder (the default) with the processor's cell-type labels replaced by 10, 100 and 700
 real Cell Ontology labels (the model's own labels first): cells/s, model calls and text tokens run per batch, and
@@ -41,19 +41,32 @@ DEFAULT_MODEL = REPO / "outputs" / "demo" / "cell2text-demo"
 ENSEMBL = re.compile(r"^ENS[A-Z]*G\d+$")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options; contradictions and sizes below 1 are refused in one line before the model loads."""
+    from modeling_cell2text.argument_types import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="saved model + processor folder")
-    parser.add_argument("--cells", type=int, default=256)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per cell (fixed)")
-    parser.add_argument("--genes-per-cell", type=int, default=1500, help="expressed genes per synthetic cell")
+    parser.add_argument("--cells", type=positive_int, default=256)
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=None,
+                        help="default: 1 16; with --label-scaling one size, default 16")
+    parser.add_argument("--new-tokens", type=positive_int, default=32, help="new tokens per cell (fixed)")
+    parser.add_argument("--genes-per-cell", type=positive_int, default=1500,
+                        help="expressed genes per synthetic cell")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sort-by-length", action="store_true",
                         help="cells of mixed sizes; compare the given order with sort_by_length=True")
     parser.add_argument("--label-scaling", action="store_true",
                         help="free vs former constrained vs schema decoder with 10, 100, 700 cell-type labels")
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    # each mode returns before the others: a second one asked for was left out without a word
+    if args.label_scaling and args.sort_by_length:
+        parser.error("--label-scaling and --sort-by-length are separate runs: pass one of them")
+    if args.batch_sizes is None:
+        args.batch_sizes = [16] if args.label_scaling else [1, 16]
+    elif args.label_scaling and len(args.batch_sizes) != 1:
+        parser.error(f"--label-scaling times one batch size, got --batch-sizes {' '.join(map(str, args.batch_sizes))}")
+    return args
 
 
 def model_folder(requested: Path) -> tuple[Path, str]:
@@ -124,7 +137,7 @@ def main() -> None:
         compare_orders(describe, cells, vocabulary, args.batch_sizes, generation)
         return
     if args.label_scaling:
-        label_scaling(describe, cells, vocabulary, args.new_tokens)
+        label_scaling(describe, cells, vocabulary, args.new_tokens, args.batch_sizes[0])
         return
     rates = {}
     for batch_size in args.batch_sizes:
@@ -175,8 +188,8 @@ def cell_ontology_labels(first: list[str], n: int) -> dict[str, str]:
     return labels
 
 
-def label_scaling(describe, cells, vocabulary, new_tokens: int, batch_size: int = 16) -> None:
-    """The decoders side by side on the same cells (see the module doc)."""
+def label_scaling(describe, cells, vocabulary, new_tokens: int, batch_size: int) -> None:
+    """The decoders side by side on the same cells, at `batch_size` (see the module doc)."""
     import torch
 
     from benchmarks.former_describe import generate_with_cell_type
@@ -190,6 +203,7 @@ def label_scaling(describe, cells, vocabulary, new_tokens: int, batch_size: int 
                                     for j in range(min(batch_size, cells.shape[0] - i))])
                for i in range(0, cells.shape[0], batch_size)]
     n_cells = cells.shape[0]
+    print(f"batch size {batch_size} for every decoder")
 
     def timed(name: str, run) -> float:
         start = time.perf_counter()

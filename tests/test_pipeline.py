@@ -632,3 +632,24 @@ def test_options_of_a_call_given_when_building_the_pipeline_are_named_as_such(ra
     with pytest.raises(TypeError, match=r"\['progress', 'sort_by_length'\]: options of a call, not of the pipeline"):
         pipeline("cell-to-text", model=str(random_dir), pipeline_class=Cell2TextPipeline, sort_by_length=True,
                  progress=True)
+
+
+def test_the_generation_benchmark_refuses_two_modes_and_batch_sizes_label_scaling_would_not_use(capsys):
+    """benchmarks/generation.py ran --sort-by-length alone when --label-scaling was asked for too, and timed
+    --label-scaling at batch 16 whatever --batch-sizes said."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "generation_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "generation.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    for argv, words in ((["--label-scaling", "--sort-by-length"], "separate runs"),
+                        (["--label-scaling", "--batch-sizes", "1", "16"], "one batch size"),
+                        (["--cells", "0"], "--cells")):
+        with pytest.raises(SystemExit) as exit_info:
+            benchmark.parse_args(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and words in err[-1], err
+    assert benchmark.parse_args(["--label-scaling", "--batch-sizes", "4"]).batch_sizes == [4]
+    assert benchmark.parse_args(["--label-scaling"]).batch_sizes == [16]
+    assert benchmark.parse_args([]).batch_sizes == [1, 16]
