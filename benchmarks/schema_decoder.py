@@ -24,16 +24,37 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def main() -> None:
+def search_setting(text: str) -> tuple[int, int]:
+    """argparse type of a `--searches` value, WIDTH:MAX_TREE_TOKENS (num_beams >= 1, max_tree_tokens >= 0): a
+    malformed one failed with a traceback after the model loaded and every label was scored."""
+    width, colon, tree_tokens = text.partition(":")
+    try:
+        setting = int(width), int(tree_tokens)
+    except ValueError:
+        setting = None
+    if not colon or setting is None or setting[0] < 1 or setting[1] < 0:
+        raise argparse.ArgumentTypeError(f"expected WIDTH:MAX_TREE_TOKENS, integers >= 1 and >= 0 (e.g. 4:128), "
+                                         f"got {text!r}")
+    return setting
+
+
+def main(argv: list[str] | None = None) -> None:
+    from modeling_cell2text.argument_types import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=REPO / "outputs" / "demo" / "cell2text-demo")
     parser.add_argument("--corpus", type=Path, default=REPO / "outputs" / "demo" / "corpus")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--searches", nargs="+", default=["4:128", "2:16"], metavar="WIDTH:MAX_TREE_TOKENS",
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--searches", nargs="+", type=search_setting, default=[(4, 128), (2, 16)],
+                        metavar="WIDTH:MAX_TREE_TOKENS",
                         help="decoder settings to compare (num_beams:max_tree_tokens)")
     parser.add_argument("--skip-free", action="store_true", help="leave out free generation")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for path, option in ((args.model, "--model"), (args.corpus, "--corpus")):
+        if not path.exists():  # tl.load named a missing folder as a malformed Hub repo id
+            parser.error(f"{option} {path} not found: run the main job (bash scripts/main.sh) first, or pass "
+                         f"{option} of a trained model and its corpus")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
@@ -80,8 +101,7 @@ def main() -> None:
               f"{sum(d is not None for d in parsed) / n:.3f}, descriptions with an invented label {invented}, with a "
               f"repeated pathway {repeated}, pathway Jaccard {pathways['jaccard']:.3f}, F1 {pathways['f1']:.3f}")
 
-    for setting in args.searches:
-        beams, tree_tokens = (int(part) for part in setting.split(":"))
+    for beams, tree_tokens in args.searches:
         decoder = SchemaDecoder(processor, num_beams=beams, max_tree_tokens=tree_tokens)
         texts, labels, scores, calls, tokens, not_proven = [], [], [], [], 0, 0
         start = time.perf_counter()

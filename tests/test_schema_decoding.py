@@ -1043,3 +1043,30 @@ def test_a_write_advances_each_cells_position_by_its_own_tokens(random_model_and
     assert (state.next_position - positions).tolist() == [4, 1, 2]
     assert state.visible[:, visible.shape[1]:].sum(dim=1).tolist() == [4, 1, 2]
     assert torch.equal(state.next_position, state.visible.long().sum(dim=1))  # left-padded positions, as generate's
+
+
+def test_the_decoder_benchmark_refuses_a_malformed_search_or_a_missing_model_before_loading_it(tmp_path, capsys, monkeypatch):
+    """benchmarks/schema_decoder.py --searches 4 (or 0:16) failed with a traceback after the model loaded and every
+    label was scored, and a missing model folder with a Hub error: now both are refused in one line, before anything
+    loads."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "schema_decoder_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "schema_decoder.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    for setting in ("4", "0:16", "4:-1", "4:x"):
+        monkeypatch.setattr(sys, "argv", ["schema_decoder.py", "--model", str(tmp_path / "no-model"), "--searches",
+                                          "2:16", setting])
+        with pytest.raises(SystemExit) as exit_info:
+            benchmark.main()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and "--searches" in err[-1] and repr(setting) in err[-1], err
+    assert benchmark.search_setting("4:128") == (4, 128)
+    monkeypatch.setattr(sys, "argv", ["schema_decoder.py", "--model", str(tmp_path / "no-model")])
+    with pytest.raises(SystemExit) as exit_info:  # was a Hub error: "Repo id must be in the form 'repo_name'"
+        benchmark.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "no-model not found: run the main job" in err[-1], err
