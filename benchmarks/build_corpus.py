@@ -3,7 +3,8 @@
 Each file: N cells x 20,000 real human genes (Ensembl IDs in var, symbols in
 var["feature_name"], the default gene-set library's genes first), about 2,000 non-zero integer counts per
 cell, CELLxGENE obs columns with 8 donors and real CL / UBERON / MONDO / HsapDv ids. Files are
-written chunk by chunk (200k cells take about 3 GB) and kept in --workdir for reruns. Each size
+written chunk by chunk (200k cells take about 3 GB) and kept in --workdir for reruns (under their name once
+whole: an interrupted write leaves only a ``.partial`` file, written again by the next run). Each size
 is built in its own subprocess (``--backed``, pathway scoring on, histogram medians) so peak
 RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) is per size.
 
@@ -121,13 +122,15 @@ def run_one(path: Path, out: Path) -> dict:
             "cells_per_s": round(cells / seconds), "peak_rss_mb": round(peak_mb)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    from modeling_cell2text.argument_types import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[50_000, 200_000])
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[50_000, 200_000])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/cell2text_bench"))
     parser.add_argument("--run", type=Path, help=argparse.SUPPRESS)  # internal: build one file
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.run:
         print(json.dumps(run_one(args.run, args.out)))
         return
@@ -137,7 +140,10 @@ def main() -> None:
         path = args.workdir / f"synthetic_{size}.h5ad"
         if not path.exists():
             start = time.perf_counter()
-            write_synthetic_h5ad(path, size)
+            # an interrupted write left a file under the final name, read by every later run as the whole one
+            partial = path.with_name(f"{path.name}.partial")
+            write_synthetic_h5ad(partial, size)
+            partial.replace(path)
             print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - start:.0f} s")
         out = args.workdir / f"corpus_{size}"
         proc = subprocess.run([sys.executable, __file__, "--run", str(path), "--out", str(out)],
