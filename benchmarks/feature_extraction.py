@@ -16,6 +16,7 @@ import time
 import numpy as np
 import scipy.sparse as sp
 
+from modeling_cell2text.argument_types import positive_int
 from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
 
 
@@ -37,13 +38,17 @@ def random_counts(n_cells: int, n_genes: int, nnz_per_cell: int, seed: int = 0) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cells", type=int, default=10_000)
-    parser.add_argument("--genes", type=int, default=20_000)
-    parser.add_argument("--nnz", type=int, default=2_000)
-    parser.add_argument("--input-size", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="default: available cores, at most 4")
-    parser.add_argument("--chunk-size", type=int, default=128, help="rows ranked together (tokenize's chunk_size)")
+    parser.add_argument("--cells", type=positive_int, default=10_000)
+    parser.add_argument("--genes", type=positive_int, default=20_000)
+    parser.add_argument("--nnz", type=positive_int, default=2_000)
+    parser.add_argument("--input-size", type=positive_int, default=4096)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    # __call__ takes neither setting: it ranks at tokenize's defaults, which its printed line says
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="tokenize's num_threads (default: available cores, at most 4); __call__ runs at the "
+                             "default")
+    parser.add_argument("--chunk-size", type=positive_int, default=128,
+                        help="rows ranked together (tokenize's chunk_size); __call__ runs at the default, 128")
     args = parser.parse_args()
 
     rng = np.random.default_rng(1)
@@ -56,9 +61,9 @@ def main() -> None:
     print(f"{args.cells} cells x {args.genes} genes, {counts.nnz / args.cells:.0f} non-zero per cell, "
           f"model input size {args.input_size}")
     for name, run in [
-        ("tokenize (ragged token ids)", lambda: extractor.tokenize(counts, genes, num_threads=args.threads,
-                                                                     chunk_size=args.chunk_size)),
-        ("__call__ (padded model inputs)", lambda: extractor(counts, genes)),
+        (f"tokenize (ragged token ids, threads {args.threads or 'default'}, chunk size {args.chunk_size})",
+         lambda: extractor.tokenize(counts, genes, num_threads=args.threads, chunk_size=args.chunk_size)),
+        ("__call__ (padded model inputs, default threads and chunk size)", lambda: extractor(counts, genes)),
     ]:
         best, best_cpu = float("inf"), float("inf")
         for _ in range(args.repeats):
