@@ -96,14 +96,19 @@ def processor_for_benchmark(num_cell_tokens: int):
 
 
 def main() -> None:
+    from modeling_cell2text.argument_types import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cells", type=int, default=200_000)
-    parser.add_argument("--genes-per-cell", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--batches", type=int, default=2000)
-    parser.add_argument("--num-cell-tokens", type=int, default=256)
+    parser.add_argument("--cells", type=positive_int, default=200_000)
+    parser.add_argument("--genes-per-cell", type=positive_int, default=2048)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--batches", type=positive_int, default=2000)
+    parser.add_argument("--num-cell-tokens", type=positive_int, default=256)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     args = parser.parse_args()
+    if args.genes_per_cell < 3 or args.workers < 0:  # a cell is <cls>, its genes and <eos>
+        parser.error(f"--genes-per-cell must be at least 3 and --workers at least 0, got {args.genes_per_cell} and "
+                     f"{args.workers}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 

@@ -21,10 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
+    from modeling_cell2text.argument_types import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cells", type=int, default=8)
-    parser.add_argument("--genes", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cells", type=positive_int, default=8)
+    parser.add_argument("--genes", type=positive_int, default=256)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     args = parser.parse_args()
     from transformers import BertConfig, BertModel
 

@@ -557,3 +557,20 @@ def test_a_projector_dropout_of_one_is_refused():
     with pytest.raises(ValueError, match=r"projector_dropout must be in \[0, 1\)"):
         Cell2TextConfig(gene_encoder_config=tiny_bert_config(50), text_config=tiny_llama_config(100),
                         projector_dropout=1.0)
+
+
+def test_the_encoder_layers_benchmark_refuses_zero_repeats_in_one_line(monkeypatch, capsys):
+    """benchmarks/encoder_layers.py --repeats 0 built the 316M-parameter encoder, then ended in a KeyError."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "encoder_layers_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "encoder_layers.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    monkeypatch.setattr(sys, "argv", ["encoder_layers.py", "--repeats", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "--repeats" in err[-1], err

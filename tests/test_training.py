@@ -1435,3 +1435,13 @@ def test_an_unfrozen_gene_encoder_is_trained_and_saved_with_the_adapters(tmp_pat
         with pytest.raises(Stop):
             main(args, config)
         assert sorted(seen["modules_to_save"]) == sorted(expected)
+
+
+def test_the_streaming_benchmark_refuses_cells_without_genes_in_one_line():
+    """benchmarks/corpus_streaming.py --genes-per-cell 2 (a cell of <cls> and <eos> only) or --batches 0 started
+    writing the corpus and ended in a traceback."""
+    for option in (["--genes-per-cell", "2"], ["--batches", "0"]):
+        result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "corpus_streaming.py"), "--cells", "4",
+                                 *option], env=run_env(), capture_output=True, text=True, timeout=600)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and option[0] in lines[-1] and "Traceback" not in result.stderr, result.stderr
