@@ -10,12 +10,12 @@ parsing. These two modes time free generation (`constrained=False`); `--label-sc
 Targets (issue #5): batch 16 >= 4x the cells/s of batch 1; outside-generate share < 10%.
 `--sort-by-length` gives the cells between a tenth of `--genes-per-cell` and all of it expressed genes and times
 each batch size in the given order and longest first (the pipeline's `sort_by_length`), alternating, twice.
-`--label-scaling` times, on the same cells at one batch size (`--batch-sizes`, default 16): free generation (`--new-tokens` at most), the former
-constrained describe (every cell-type label scored, the rest written freely: `former_describe.py`)
-and the schema-constrained decoder (the default) with the processor's cell-type labels replaced by 10, 100 and 700
-real Cell Ontology labels (the model's own labels first): cells/s, model calls and text tokens run per batch, and
-how many cells get the same cell type as exhaustive scoring. Targets (issue 18): the decoder >= 3x the former
-constrained describe at 10 labels, and within 1.5x of that at 700.
+`--label-scaling` times, on the same cells at one batch size (`--batch-sizes`, default 16): free generation
+(`--new-tokens` at most), the former constrained describe (every cell-type label scored, the rest written freely:
+`former_describe.py`) and the schema-constrained decoder (the default) with the processor's cell-type labels replaced
+by 10, 100 and 700 real Cell Ontology labels (the model's own labels first): cells/s, model calls and text tokens
+run per batch, and how many cells get the same cell type as exhaustive scoring. Targets (issue 18): the decoder
+>= 3x the former constrained describe at 10 labels, and within 1.5x of that at 700.
 Without the demo model folder (made by the main job) a tiny random model is built, and the output says so. The
 model is loaded with this checkout's classes (`tl.load`), never with the code saved in its folder, so the figures
 are those of the code at hand.

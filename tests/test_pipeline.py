@@ -634,10 +634,11 @@ def test_options_of_a_call_given_when_building_the_pipeline_are_named_as_such(ra
                  progress=True)
 
 
-def test_the_generation_benchmark_refuses_two_modes_and_batch_sizes_label_scaling_would_not_use(capsys):
+def test_the_generation_benchmark_refuses_two_modes_and_batch_sizes_label_scaling_would_not_use(capsys, monkeypatch):
     """benchmarks/generation.py ran --sort-by-length alone when --label-scaling was asked for too, and timed
     --label-scaling at batch 16 whatever --batch-sizes said."""
     import importlib.util
+    import sys
 
     spec = importlib.util.spec_from_file_location(
         "generation_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "generation.py")
@@ -646,8 +647,10 @@ def test_the_generation_benchmark_refuses_two_modes_and_batch_sizes_label_scalin
     for argv, words in ((["--label-scaling", "--sort-by-length"], "separate runs"),
                         (["--label-scaling", "--batch-sizes", "1", "16"], "one batch size"),
                         (["--cells", "0"], "--cells")):
+        small = ["--cells", "2", "--new-tokens", "1", "--genes-per-cell", "8"]  # a short run where not refused
+        monkeypatch.setattr(sys, "argv", ["generation.py", *small, *argv])
         with pytest.raises(SystemExit) as exit_info:
-            benchmark.parse_args(argv)
+            benchmark.main()
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and words in err[-1], err
     assert benchmark.parse_args(["--label-scaling", "--batch-sizes", "4"]).batch_sizes == [4]

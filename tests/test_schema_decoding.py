@@ -1045,7 +1045,8 @@ def test_a_write_advances_each_cells_position_by_its_own_tokens(random_model_and
     assert torch.equal(state.next_position, state.visible.long().sum(dim=1))  # left-padded positions, as generate's
 
 
-def test_the_decoder_benchmark_refuses_a_malformed_search_or_a_missing_model_before_loading_it(tmp_path, capsys, monkeypatch):
+def test_the_decoder_benchmark_refuses_a_malformed_search_or_a_missing_model_before_loading_it(tmp_path, capsys,
+                                                                                                 monkeypatch):
     """benchmarks/schema_decoder.py --searches 4 (or 0:16) failed with a traceback after the model loaded and every
     label was scored, and a missing model folder with a Hub error: now both are refused in one line, before anything
     loads."""
