@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "encoder_probe")
     parser.add_argument("--overwrite", action="store_true", help="Replace what an earlier run left in --out.")
     args = parser.parse_args(argv)
+    for option, values in (("--seeds", args.seeds), ("--input-sizes", args.input_sizes)):
+        if len(set(values)) != len(values):  # one split twice made a "mean of 2" of one split
+            parser.error(f"{option} names a value twice: {' '.join(map(str, values))}")
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         raise SystemExit(f"{args.out} is not empty (an earlier run's corpora, encoders and figures); pass "
                          "--overwrite to replace them, or another --out.")

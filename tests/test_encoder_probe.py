@@ -37,6 +37,15 @@ def test_encoder_probe_prints_each_split_and_the_means(tmp_path, monkeypatch, ca
     assert encoder_probe.main(["--seeds", "3", "--out", str(tmp_path), "--overwrite"])[0]["seed"] == 3
 
 
+def test_a_split_named_twice_is_refused_before_it_is_probed(tmp_path, monkeypatch, capsys):
+    """--seeds 0 0 probed one split twice and printed its figures as the "mean of 2" splits."""
+    monkeypatch.setattr(encoder_probe, "probe_split", lambda *args: pytest.fail("probed"))
+    for argv in (["--seeds", "0", "0"], ["--input-sizes", "130", "130"]):
+        with pytest.raises(SystemExit) as exit_info:
+            encoder_probe.main([*argv, "--out", str(tmp_path)])
+        assert exit_info.value.code == 2 and f"{argv[0]} names a value twice" in capsys.readouterr().err
+
+
 def test_candidates_are_each_input_kind_at_each_depth():
     from training.demo import sft_arguments
     from training.sft import encoder_candidates
