@@ -37,6 +37,8 @@ sys.path.insert(0, str(REPO))
 
 
 def parse_args() -> argparse.Namespace:
+    from modeling_cell2text.argument_types import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folds-dir", type=Path, default=REPO / "outputs" / "quality",
                         help="the --out folder of benchmarks/quality.py (its fold-* folders)")
@@ -48,7 +50,8 @@ def parse_args() -> argparse.Namespace:
                          "variant (nothing is trained)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume", action="store_true", help="keep the variant models already trained in --out")
-    parser.add_argument("--batch-size", type=int, default=16)
+    # used first after a fold's variant has trained (minutes): refused before anything runs
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     return parser.parse_args()
 
 

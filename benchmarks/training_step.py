@@ -27,12 +27,14 @@ sys.path.insert(0, str(REPO))
 
 
 def parse_args() -> argparse.Namespace:
+    from modeling_cell2text.argument_types import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, default=REPO / "outputs" / "demo" / "corpus")
     parser.add_argument("--llm", type=Path, default=Path.home() / ".cache" / "cell2text" / "SmolLM2-135M-Instruct")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--batches", type=positive_int, default=4)
+    parser.add_argument("--rounds", type=positive_int, default=2)
     parser.add_argument("--bf16", action="store_true",
                         help="Time under bf16 autocast even where the recipe trains in float32 (a CPU without native "
                              "bf16 kernels).")

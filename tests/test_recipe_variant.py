@@ -42,6 +42,18 @@ def test_set_takes_name_value_pairs():
         variant.recipe_overrides(["num_train_epochs"])
 
 
+def test_a_batch_size_below_one_is_refused_before_a_fold_trains(tmp_path, monkeypatch, capsys):
+    """--batch-size 0 was first used to score the validation cells, after a fold's variant had trained."""
+    import sys
+
+    variant = _recipe_variant()
+    monkeypatch.setattr(sys, "argv", ["recipe_variant.py", "--set", "num_train_epochs=2", "--out", str(tmp_path),
+                                      "--folds-dir", str(tmp_path / "folds"), "--batch-size", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        variant.main()
+    assert exit_info.value.code == 2 and "--batch-size" in capsys.readouterr().err
+
+
 def test_a_change_that_would_prepare_another_encoder_is_refused(tmp_path):
     """The variant must reuse the fold's prepared encoder: a --set that changes what the encoder is prepared for
     (num_cell_tokens here) would make the recipe prepare and select its own, so it is refused before training, naming
