@@ -69,15 +69,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def model_folder(requested: Path) -> tuple[Path, str]:
-    """The requested folder, or a tiny random model when it does not exist (said in the returned label)."""
+def model_folder(requested: Path, scratch: Path) -> tuple[Path, str]:
+    """The requested folder, or a tiny random model saved in `scratch` when it does not exist (said in the returned
+    label)."""
     if (requested / "config.json").exists():
         return requested, f"model {requested}"
     sys.path.insert(0, str(REPO / "tests"))
     from test_pipeline import save_tiny_model_folder
 
-    folder = save_tiny_model_folder(Path(tempfile.mkdtemp(prefix="cell2text-bench-")), trained=False)
-    return folder, f"FALLBACK: {requested} not found; a tiny random model (2-layer, hidden 32) at {folder}"
+    folder = save_tiny_model_folder(scratch, trained=False)
+    return folder, f"FALLBACK: {requested} not found; a tiny random model (2-layer, hidden 32), deleted after the run"
 
 
 def synthetic_cells(gene_ids: list[str], n_cells: int, genes_per_cell: int, seed: int = 0,
@@ -111,6 +112,13 @@ class GenerateTimer:
 
 def main() -> None:
     args = parse_args()
+    # the fallback model's folder: every run left one in /tmp
+    with tempfile.TemporaryDirectory(prefix="cell2text-bench-") as scratch:
+        run(args, Path(scratch))
+
+
+def run(args: argparse.Namespace, scratch: Path) -> None:
+    """The benchmark of the module doc, with `scratch` for the fallback model."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as transformers_logging
 
@@ -118,7 +126,7 @@ def main() -> None:
     from modeling_cell2text.tl import load
 
     transformers_logging.disable_progress_bar()
-    folder, label = model_folder(args.model)
+    folder, label = model_folder(args.model, scratch)
     # This checkout's classes, not the code saved in the folder (an older commit's): the figures are this commit's.
     model, processor = load(folder, device=args.device, dtype="float32")
     describe = Cell2TextPipeline(model=model, processor=processor, device=model.device)

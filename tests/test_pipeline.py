@@ -656,3 +656,21 @@ def test_the_generation_benchmark_refuses_two_modes_and_batch_sizes_label_scalin
     assert benchmark.parse_args(["--label-scaling", "--batch-sizes", "4"]).batch_sizes == [4]
     assert benchmark.parse_args(["--label-scaling"]).batch_sizes == [16]
     assert benchmark.parse_args([]).batch_sizes == [1, 16]
+
+
+def test_the_generation_benchmark_leaves_no_fallback_model_behind(tmp_path, monkeypatch, capsys):
+    """Without the main job's model, benchmarks/generation.py saves a tiny random one: every run left it in /tmp."""
+    import importlib.util
+    import sys
+    import tempfile
+
+    spec = importlib.util.spec_from_file_location(
+        "generation_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "generation.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["generation.py", "--model", str(tmp_path / "no-model"), "--cells", "2",
+                                      "--new-tokens", "1", "--genes-per-cell", "8", "--batch-sizes", "2"])
+    benchmark.main()
+    assert "FALLBACK" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
