@@ -266,9 +266,11 @@ def label_scaling(describe, cells, vocabulary, new_tokens: int, batch_size: int)
                 rates[n_labels] = timed(f"schema decoder, {n_labels} cell-type labels", schema)
 
                 start = time.perf_counter()
-                describe(cells[:2], gene_ids=vocabulary, batch_size=2)  # builds and caches the pipeline's decoder
-                print(f"{'':<44} the pipeline's decoder for {n_labels} labels built in "
-                      f"{time.perf_counter() - start:.2f} s (once per pipeline and label set)")
+                describe.schema_decoder()  # builds and caches the decoder the pipeline describes with
+                built = time.perf_counter() - start
+                describe(cells[:2], gene_ids=vocabulary, batch_size=2)  # warm-up, not in the build time (it was)
+                print(f"{'':<44} the pipeline's decoder for {n_labels} labels built in {built:.2f} s (once per "
+                      "pipeline and label set)")
 
                 def through_pipeline():
                     results = describe(cells, gene_ids=vocabulary, batch_size=batch_size)
