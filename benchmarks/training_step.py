@@ -118,7 +118,8 @@ def main() -> None:
     print(f"batch {shape} (input_ids), {labelled:.0%} of positions labelled, {torch.get_num_threads()} threads, "
           f"{precision}")
     for name in paths:
-        print(f"{name:>20}: median {statistics.median(times[name]):.2f} s/step over {len(times[name])} steps")
+        print(f"{name:>20}: median {statistics.median(times[name]):.2f} s/step (forward + backward, no optimizer "
+              f"update) over {len(times[name])} steps")
     ratio = statistics.median(times["TRL fused LM head"]) / statistics.median(times["labelled positions"])
     print(f"speed-up: {ratio:.2f}x")
     collate = statistics.median(collate_times)
