@@ -456,3 +456,14 @@ def test_the_demo_ends_refused_input_with_one_line(monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "run", bug)
     with pytest.raises(json.JSONDecodeError):
         demo.main(["--out", str(tmp_path), "--reuse-models"])
+
+
+@pytest.mark.parametrize("option", ["--max-steps", "--max-new-tokens"])
+def test_the_demo_refuses_a_size_below_one_before_it_runs(monkeypatch, capsys, tmp_path, option):
+    """`--max-steps 0` read as no cap: the whole recipe trained for its hours where a smoke run was asked for."""
+    from training import demo
+
+    monkeypatch.setattr(demo, "run", lambda *args, **kwargs: pytest.fail("the demo ran"))
+    with pytest.raises(SystemExit) as refused:
+        demo.main(["--out", str(tmp_path), option, "0"])
+    assert refused.value.code == 2 and f"{option}: " in capsys.readouterr().err

@@ -235,16 +235,16 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from modeling_cell2text.argument_types import refused_input_as_one_line
+    from modeling_cell2text.argument_types import positive_int, refused_input_as_one_line
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "outputs" / "demo"), help="Where everything is written.")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-steps", type=int, default=None,
+    parser.add_argument("--max-steps", type=positive_int, default=None,
                         help="Cap Cell2Text's and Cell2Sentence's training steps: a smoke run of every stage, "
                         "not a quick one (the encoder preparation, temperature fits and evaluation still run "
-                        "in full; a barely trained model decodes slowly).")
-    parser.add_argument("--max-new-tokens", type=int, default=160)
+                        "in full; a barely trained model decodes slowly; 0 would be no cap).")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=160)
     parser.add_argument("--skip-cell2sentence", action="store_true", help="Leave the Cell2Sentence baseline out.")
     parser.add_argument("--reuse-models", action="store_true",
                         help="Evaluate the models an earlier run trained in --out instead of training again.")
