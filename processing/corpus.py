@@ -185,7 +185,8 @@ def read_summary(path: str | Path, required: dict | None = None) -> dict:
         problem = f"not JSON ({error})"
     else:
         shapes = {**SUMMARY_SHAPES, **(required or {})}
-        present = {key: shape for key, shape in shapes.items() if key in summary or key in (required or {})}
+        present = {key: shape for key, shape in shapes.items()  # `in` of a JSON number or null: a TypeError
+                   if key in (required or {}) or (isinstance(summary, dict) and key in summary)}
         problem = _shape_error(summary, present, "it")  # present: the entries checked, required ones among them
     if problem:
         raise ValueError(f"{path} is not a corpus summary as python -m processing.build_corpus writes it: {problem}. "

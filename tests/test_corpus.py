@@ -92,6 +92,8 @@ def test_the_card_of_a_corpus_not_published_loads_it_from_its_folder(pbmc_corpus
     (b"{oops", r"not JSON \(Expecting property name"),
     (b"\xd0\xff", r"not JSON \("),
     (b"[1, 2]", r"it is \[1, 2\], not a JSON object"),
+    (b"5", "it is 5, not a JSON object"),
+    (b"null", "it is None, not a JSON object"),
     (b'{"ontology_term_ids": ["B cell"]}', r"ontology_term_ids is \['B cell'\], not a JSON object"),
     (b'{"ontology_term_ids": {"cell_type": {"B cell": 7}}}',
      r"ontology_term_ids\['cell_type'\]\['B cell'\] is 7, not a string or null"),
