@@ -89,7 +89,8 @@ def replaced(shard: Path, to: Path, file: str, content: bytes) -> Path:
     ("rules", "was built with keep_non_primary True"),  # one shard kept cells the other rejected
     ("not a corpus", "is not a corpus folder"),
     ("no rejects", "has no rejects.csv, which every build writes"),
-    ("summary not JSON", r"s/summary.json is not a corpus summary as .*: not JSON \(Expecting .*Build the corpus again"),
+    ("summary not JSON",
+     r"s/summary.json is not a corpus summary as .*: not JSON \(Expecting .*Build the corpus again"),
     ("summary a list", r"s/summary.json is not a corpus summary .*: it is \[1, 2\], not a JSON object"),
     ("summary without fingerprints", "s/summary.json is not a corpus summary .*: it has no fingerprints"),
     ("label table a list", r"s/summary.json .*: ontology_term_ids\['cell_type'\] is \['B cell'\], not a JSON object"),
