@@ -154,6 +154,12 @@ def test_train_merge_and_generate_one_text_per_cell(parts_and_corpus, tmp_path):
     generation_config.suppress_tokens = [i for i in range(len(tokenizer)) if i != tokenizer.eos_token_id]
     generation_config.save_pretrained(final_dir)  # now each writes the end of text first: ended, not cut
     assert generate_cell2sentence(final_dir, test, feature_extractor, 8, max_new_tokens=4) == ([""] * 8, [True] * 8)
+    # a tokenizer whose eos_token is not its chat template's turn end (Gemma's <eos> and <end_of_turn>): the turn
+    # end the baseline is trained to write still ends a description (every one read as cut before)
+    AutoTokenizer.from_pretrained(final_dir, eos_token="<|endoftext|>").save_pretrained(final_dir)
+    generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    generation_config.save_pretrained(final_dir)
+    assert generate_cell2sentence(final_dir, test, feature_extractor, 8, max_new_tokens=4) == ([""] * 8, [True] * 8)
     with pytest.raises(ValueError, match="num_genes=8"):
         generate_cell2sentence(final_dir, test, feature_extractor, 16)
 

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset, DatasetDict
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from modeling_cell2text import Cell2TextFeatureExtractor
@@ -247,9 +247,9 @@ def generate_cell2sentence(
     max_new_tokens: int = 160,
 ) -> tuple[list[str], list[bool]]:
     """Greedy descriptions, one per cell of ``corpus_split``, from a model saved by `train_cell2sentence`, and
-    whether the model ended each (False: cut at `max_new_tokens` or stopped at another stop id), which
-    `score_descriptions` counts as unparsed, as it does Cell2Text's: a text cut at a sentence's end parsed with its
-    later fields missing, and raised the baseline's parse rate."""
+    whether the model ended each (False: cut at `max_new_tokens` or stopped at a stop id other than its chat
+    template's turn end, `turn_end_id`), which `score_descriptions` counts as unparsed, as it does Cell2Text's: a
+    text cut at a sentence's end parsed with its later fields missing, and raised the baseline's parse rate."""
     model_dir = Path(model_dir)
     _check_num_genes(model_dir, num_genes)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
@@ -259,6 +259,7 @@ def generate_cell2sentence(
     eos_ids = model.generation_config.eos_token_id
     eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
     eos_ids = sorted({*eos_ids, tokenizer.eos_token_id})
+    turn_end = turn_end_id(tokenizer, eos_ids)
     token_lists = corpus_split["gene_input_ids"]
     texts: list[str] = []
     whole: list[bool] = []
@@ -273,8 +274,21 @@ def generate_cell2sentence(
         )
         new_tokens = generated[:, inputs["input_ids"].shape[1] :]
         texts.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-        whole.extend(ended_at_end_of_text(new_tokens, tokenizer.eos_token_id, eos_ids).tolist())
+        whole.extend(ended_at_end_of_text(new_tokens, turn_end, eos_ids).tolist())
     return texts, whole
+
+
+def turn_end_id(tokenizer: PreTrainedTokenizerBase, stop_ids: Sequence[int]) -> int | None:
+    """The stop id the chat template ends an assistant's message with, which the baseline is trained to write: not
+    always the tokenizer's eos_token (Gemma's turn ends at <end_of_turn>, its eos_token is <eos>; counted as the end
+    of text, every description read as cut). The tokenizer's eos_token where the template's end is no stop id."""
+    chat = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": USER_PREFIX}]
+    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    whole = tokenizer.apply_chat_template([*chat, {"role": "assistant", "content": "A cell."}], tokenize=False)
+    if not whole.startswith(prompt):
+        return tokenizer.eos_token_id
+    completion = tokenizer(whole[len(prompt):], add_special_tokens=False)["input_ids"]
+    return next((token for token in completion if token in stop_ids), tokenizer.eos_token_id)
 
 
 @dataclass(kw_only=True)
