@@ -194,7 +194,7 @@ def _refuse_unreadable_generation_config(pretrained_model_name_or_path: Any, kwa
     try:
         settings = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
-        settings = None  # transformers' own error names it below
+        settings = {}  # transformers' own error names it below
     if isinstance(settings, dict):
         where = f"in the {GENERATION_CONFIG_NAME} of {pretrained_model_name_or_path!s}"
         known = generation_setting_names() | {"_commit_hash"}  # a key earlier transformers versions saved
@@ -203,10 +203,10 @@ def _refuse_unreadable_generation_config(pretrained_model_name_or_path: Any, kwa
             raise ValueError(f"{', '.join(unknown)} {where}: no generation setting, so generation would run without "
                              "it. Fix the name there (the settings are GenerationConfig's), or remove it.")
         check_generation_settings(settings, where)
-    elif settings is not None:  # a JSON list: transformers' "'list' object is not a mapping" traceback
-        raise ValueError(f"the {GENERATION_CONFIG_NAME} of {pretrained_model_name_or_path!s} holds a JSON "
-                         f"{type(settings).__name__}, not an object: restore the file from the model's source or save "
-                         "the model again.")
+    else:  # a JSON list or null: transformers' "'list' object is not a mapping" traceback
+        kind = "null" if settings is None else type(settings).__name__
+        raise ValueError(f"the {GENERATION_CONFIG_NAME} of {pretrained_model_name_or_path!s} holds a JSON {kind}, "
+                         "not an object: restore the file from the model's source or save the model again.")
     GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub)
 
 

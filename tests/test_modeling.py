@@ -194,9 +194,10 @@ def test_a_generation_config_that_does_not_read_is_refused_not_dropped(tmp_path)
     (tmp_path / "generation_config.json").write_text("{not json")
     with pytest.raises(OSError, match="generation_config.json' is not a valid JSON file"):
         Cell2TextForConditionalGeneration.from_pretrained(tmp_path)
-    (tmp_path / "generation_config.json").write_text("[7]")  # a TypeError traceback ("is not a mapping")
-    with pytest.raises(ValueError, match=f"the generation_config.json of {tmp_path} holds a JSON list, not an object"):
-        Cell2TextForConditionalGeneration.from_pretrained(tmp_path)
+    for content, kind in (("[7]", "list"), ("null", "null")):  # a TypeError traceback ("is not a mapping")
+        (tmp_path / "generation_config.json").write_text(content)
+        with pytest.raises(ValueError, match=f"the generation_config.json of {tmp_path} holds a JSON {kind}, not an"):
+            Cell2TextForConditionalGeneration.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize(("setting", "message"), [
