@@ -241,9 +241,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", default=str(REPO / "outputs" / "demo"), help="Where everything is written.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=positive_int, default=None,
-                        help="Cap Cell2Text's and Cell2Sentence's training steps: a smoke run of every stage, "
-                        "not a quick one (the encoder preparation, temperature fits and evaluation still run "
-                        "in full; a barely trained model decodes slowly; 0 would be no cap).")
+                        help="Cap Cell2Text's and Cell2Sentence's training steps (at least 1): a smoke run of "
+                        "every stage, not a quick one (the encoder preparation, temperature fits and evaluation "
+                        "still run in full; a barely trained model decodes slowly).")
     parser.add_argument("--max-new-tokens", type=positive_int, default=160)
     parser.add_argument("--skip-cell2sentence", action="store_true", help="Leave the Cell2Sentence baseline out.")
     parser.add_argument("--reuse-models", action="store_true",
