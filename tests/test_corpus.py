@@ -567,12 +567,9 @@ def test_contradicting_options_are_refused_before_the_data_is_read(tmp_path, set
 def test_the_build_benchmark_never_keeps_a_synthetic_file_it_did_not_finish(tmp_path, monkeypatch):
     """benchmarks/build_corpus.py keeps its synthetic h5ad files for reruns: one whose write was interrupted was kept
     under its final name, and every later run built from that partial file (a traceback, or figures of other data)."""
-    import importlib.util
+    from tiny_parts import load_benchmark
 
-    spec = importlib.util.spec_from_file_location(
-        "build_corpus_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "build_corpus.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("build_corpus")
 
     def interrupted(path, n_cells):
         Path(path).write_bytes(b"half a file")

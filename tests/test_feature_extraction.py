@@ -1077,14 +1077,10 @@ def test_symbols_are_read_from_any_symbol_column_with_the_index_winning_ties():
 def test_the_extraction_benchmark_refuses_sizes_below_one_in_one_line(monkeypatch, capsys):
     """benchmarks/feature_extraction.py --repeats 0 printed "0 cells/s (best of 0: inf s wall)" with exit 0, and
     --cells 0 ended in a traceback after building the extractor."""
-    import importlib.util
     import sys
-    from pathlib import Path
+    from tiny_parts import load_benchmark
 
-    spec = importlib.util.spec_from_file_location(
-        "feature_extraction_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "feature_extraction.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("feature_extraction")
     for option in ("--cells", "--repeats", "--threads"):
         monkeypatch.setattr(sys, "argv", ["feature_extraction.py", "--genes", "50", "--nnz", "5", option, "0"])
         with pytest.raises(SystemExit) as exit_info:

@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
 
 import torch
+from tiny_parts import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _gpu_benchmark(monkeypatch):
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", REPO / "benchmarks" / "gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_without_a_gpu_it_skips_with_a_message(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert _gpu_benchmark(monkeypatch).main([]) == {"skipped": "no CUDA GPU"}
+    assert load_benchmark("gpu", monkeypatch).main([]) == {"skipped": "no CUDA GPU"}
     assert "skipped, no CUDA GPU" in capsys.readouterr().out
 
 

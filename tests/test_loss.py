@@ -339,14 +339,10 @@ def test_the_cell_type_head_reads_the_mean_of_each_cells_own_projected_tokens():
 def test_the_training_step_benchmark_refuses_zero_batches_before_building_the_model(tmp_path, monkeypatch, capsys):
     """benchmarks/training_step.py --batches 0 (or --rounds 0) built the demo model, then ended in a traceback
     (the median of no steps)."""
-    import importlib.util
     import sys
-    from pathlib import Path
+    from tiny_parts import load_benchmark
 
-    spec = importlib.util.spec_from_file_location(
-        "training_step_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "training_step.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("training_step")
     for option in ("--batches", "--rounds"):
         monkeypatch.setattr(sys, "argv", ["training_step.py", "--corpus", str(tmp_path), "--llm", str(tmp_path),
                                           option, "0"])

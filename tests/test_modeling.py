@@ -562,14 +562,10 @@ def test_a_projector_dropout_of_one_is_refused():
 
 def test_the_encoder_layers_benchmark_refuses_zero_repeats_in_one_line(monkeypatch, capsys):
     """benchmarks/encoder_layers.py --repeats 0 built the 316M-parameter encoder, then ended in a KeyError."""
-    import importlib.util
     import sys
-    from pathlib import Path
+    from tiny_parts import load_benchmark
 
-    spec = importlib.util.spec_from_file_location(
-        "encoder_layers_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "encoder_layers.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("encoder_layers")
     monkeypatch.setattr(sys, "argv", ["encoder_layers.py", "--repeats", "0"])
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main()

@@ -637,13 +637,10 @@ def test_options_of_a_call_given_when_building_the_pipeline_are_named_as_such(ra
 def test_the_generation_benchmark_refuses_two_modes_and_batch_sizes_label_scaling_would_not_use(capsys, monkeypatch):
     """benchmarks/generation.py ran --sort-by-length alone when --label-scaling was asked for too, and timed
     --label-scaling at batch 16 whatever --batch-sizes said."""
-    import importlib.util
     import sys
+    from tiny_parts import load_benchmark
 
-    spec = importlib.util.spec_from_file_location(
-        "generation_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "generation.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("generation")
     for argv, words in ((["--label-scaling", "--sort-by-length"], "separate runs"),
                         (["--label-scaling", "--batch-sizes", "1", "16"], "one batch size"),
                         (["--cells", "0"], "--cells")):
@@ -660,14 +657,11 @@ def test_the_generation_benchmark_refuses_two_modes_and_batch_sizes_label_scalin
 
 def test_the_generation_benchmark_leaves_no_fallback_model_behind(tmp_path, monkeypatch, capsys):
     """Without the main job's model, benchmarks/generation.py saves a tiny random one: every run left it in /tmp."""
-    import importlib.util
     import sys
     import tempfile
+    from tiny_parts import load_benchmark
 
-    spec = importlib.util.spec_from_file_location(
-        "generation_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "generation.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("generation")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(sys, "argv", ["generation.py", "--model", str(tmp_path / "no-model"), "--cells", "2",
                                       "--new-tokens", "1", "--genes-per-cell", "8", "--batch-sizes", "2"])

@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _recipe_variant():
-    spec = importlib.util.spec_from_file_location("recipe_variant", REPO / "benchmarks" / "recipe_variant.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tiny_parts import load_benchmark
 
 
 def test_resume_reuses_models_only_of_the_same_change_and_folds(tmp_path):
-    variant = _recipe_variant()
+    variant = load_benchmark("recipe_variant")
     result = tmp_path / "recipe_variant.json"
     folds = tmp_path / "folds"
     args = argparse.Namespace(overrides=["num_train_epochs=2"], folds_dir=folds, resume=False, variant_folds_dir=None)
@@ -36,7 +26,7 @@ def test_resume_reuses_models_only_of_the_same_change_and_folds(tmp_path):
 
 
 def test_set_takes_name_value_pairs():
-    variant = _recipe_variant()
+    variant = load_benchmark("recipe_variant")
     assert variant.recipe_overrides(["a=1", "b=x=y"]) == ["--a", "1", "--b", "x=y"]
     with pytest.raises(SystemExit, match="NAME=VALUE"):
         variant.recipe_overrides(["num_train_epochs"])
@@ -46,7 +36,7 @@ def test_a_batch_size_below_one_is_refused_before_a_fold_trains(tmp_path, monkey
     """--batch-size 0 was first used to score the validation cells, after a fold's variant had trained."""
     import sys
 
-    variant = _recipe_variant()
+    variant = load_benchmark("recipe_variant")
     monkeypatch.setattr(sys, "argv", ["recipe_variant.py", "--set", "num_train_epochs=2", "--out", str(tmp_path),
                                       "--folds-dir", str(tmp_path / "folds"), "--batch-size", "0"])
     with pytest.raises(SystemExit) as exit_info:
@@ -66,7 +56,7 @@ def test_a_change_that_would_prepare_another_encoder_is_refused(tmp_path):
     from training.gene_encoder import PREPARED_ENCODER_DIR, SELECTION_FILE, EncoderSelection
     from training.sft import encoder_preparation, load_corpus
 
-    variant = _recipe_variant()
+    variant = load_benchmark("recipe_variant")
     fold = tmp_path / "fold-0"
     corpus_dir = save_tiny_corpus(fold / "corpus")
 
@@ -92,7 +82,7 @@ def test_a_second_quality_run_is_paired_only_on_the_same_cells_and_encoder(tmp_p
 
     from training.gene_encoder import PREPARED_ENCODER_DIR
 
-    variant = _recipe_variant()
+    variant = load_benchmark("recipe_variant")
     folds = {name: tmp_path / name / "fold-0" for name in ("reference", "variant")}
     for fold in folds.values():
         save_tiny_corpus(fold / "corpus")

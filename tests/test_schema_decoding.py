@@ -1050,14 +1050,10 @@ def test_the_decoder_benchmark_refuses_a_malformed_search_or_a_missing_model_bef
     """benchmarks/schema_decoder.py --searches 4 (or 0:16) failed with a traceback after the model loaded and every
     label was scored, and a missing model folder with a Hub error: now both are refused in one line, before anything
     loads."""
-    import importlib.util
     import sys
-    from pathlib import Path
+    from tiny_parts import load_benchmark
 
-    spec = importlib.util.spec_from_file_location(
-        "schema_decoder_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "schema_decoder.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("schema_decoder")
     for setting in ("4", "0:16", "4:-1", "4:x"):
         monkeypatch.setattr(sys, "argv", ["schema_decoder.py", "--model", str(tmp_path / "no-model"), "--searches",
                                           "2:16", setting])

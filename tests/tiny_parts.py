@@ -6,7 +6,10 @@ Everything is built offline in seconds; the saved folders have the same layout a
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -16,6 +19,7 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+REPO = Path(__file__).resolve().parents[1]
 _TRAINING_TEXT = [
     "This sample consists of a B cell. Cell Ontology definition: A lymphocyte of B lineage.",
     "It originates from the blood of a healthy female donor during adulthood.",
@@ -148,3 +152,14 @@ def encoder_for_vocabulary(encoder_dir: Path, feature_extractor, out_dir: Path) 
     record_preparation(encoder.config, feature_extractor, feature_layer=None)
     encoder.save_pretrained(out_dir)
     return out_dir
+
+
+def load_benchmark(name: str, monkeypatch=None) -> ModuleType:
+    """`benchmarks/<name>.py` as a module (benchmarks/ is no package), registered in sys.modules for the test where
+    `monkeypatch` is given (dataclasses look their module up there)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    if monkeypatch is not None:
+        monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
