@@ -32,6 +32,7 @@ from .compatibility import (PREPARED_ENCODER_KEY, check_gene_vocabulary, gene_vo
                             saved_file)
 from .configuration_cell2text import (Cell2TextConfig, check_dtype_name, check_prepared_encoder_layer,
                                      hidden_state_index)
+from .text_padding import token_ids
 
 logger = logging.get_logger(__name__)
 
@@ -177,6 +178,18 @@ def check_generation_settings(settings: dict, where: str) -> None:
         else:
             continue
         raise ValueError(f"{name} must be {expected}, got {value!r} ({type(value).__name__}) {where}: fix it there.")
+
+
+def stop_at_end_of_text(model: PreTrainedModel, end_of_text_id: int | None) -> None:
+    """Add the tokenizer's end of text (`end_of_text_id`, the token `Cell2TextProcessor._target_ids` ends every
+    description with) to the ids `model` stops generating at (`generation_config.eos_token_id`). A composed model
+    takes them from the LLM's config, which may name another token: free descriptions then ran past their end to the
+    length limit. Composing for training (`training.sft.build_model`) and saving a model folder call it."""
+    if end_of_text_id is None or int(end_of_text_id) in token_ids(model.generation_config.eos_token_id):
+        return
+    stops = model.generation_config.eos_token_id
+    listed = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
+    model.generation_config.eos_token_id = [*listed, int(end_of_text_id)] if listed else int(end_of_text_id)
 
 
 def _refuse_unreadable_generation_config(pretrained_model_name_or_path: Any, kwargs: dict) -> None:

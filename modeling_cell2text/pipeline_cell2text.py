@@ -34,7 +34,7 @@ from .compatibility import (ModelProcessorMismatchError, check_labels, check_mod
                             recorded_gene_vocabulary_sha256, saved_file)
 from .label_scoring import constrains, constrains_by_default
 from .modeling_cell2text import (DESCRIPTION_MAX_NEW_TOKENS, check_generation_settings, foreign_weight_files,
-                                 generation_setting_names, weights_file_names)
+                                 generation_setting_names, stop_at_end_of_text, weights_file_names)
 from .rank_value import as_csr
 from .schema_decoding import DEFAULT_NUM_BEAMS, SchemaDecoder, known_labels, nan_logits_error, schema_results
 from .text_padding import (before_end_of_text, check_outputs_line_up, ended_at_end_of_text, text_pad_token_id,
@@ -545,7 +545,7 @@ class Cell2TextPipeline(Pipeline):
         processor that ranks genes, writes text or offers labels otherwise later (a subset of the labels chosen with
         `Cell2TextProcessor.keep_labels` fits). The labels are recorded only for a model composed in memory: a model
         loaded from a folder saved before they were checked is left without (the processor given may not be the one
-        it was trained with)."""
+        it was trained with). Its generation config stops at the processor's end of text (`stop_at_end_of_text`)."""
         from transformers.dynamic_module_utils import custom_object_save
 
         if kwargs.get("push_to_hub"):
@@ -575,6 +575,7 @@ class Cell2TextPipeline(Pipeline):
             if getattr(self.model, "name_or_path", ""):  # loaded, from a folder that recorded none of them
                 checksums.pop("labels")
             self.model.config.processor_sha256 = checksums
+        stop_at_end_of_text(self.model, self.processor.tokenizer.eos_token_id)
         os.makedirs(save_directory, exist_ok=True)
         names = weights_file_names(kwargs.get("variant"))
         earlier = _weights_layout(save_directory, names)

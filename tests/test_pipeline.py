@@ -415,6 +415,25 @@ def test_a_pipeline_loaded_in_another_dtype_saves_a_complete_folder(tmp_path, dt
     assert again.processor.to_dict() == Cell2TextProcessor.from_pretrained(folder).to_dict()
 
 
+def test_a_saved_folder_stops_at_the_tokenizers_end_of_text_where_the_llms_config_names_another(tmp_path):
+    """The reviewer's finding: a composed model stops at the LLM config's eos_token_id, which may not be the
+    tokenizer's end of text every description is trained to end with; the saved folder then ran each free description
+    past its end to the length limit (generate wrote 80 tokens where the description ended at 35). Saving adds it."""
+    from tiny_parts import tiny_bert_config, tiny_llama_config
+
+    _, lm_dir = save_tiny_parts(tmp_path / "parts")
+    processor = tiny_processor(lm_dir)
+    text_config = tiny_llama_config(len(processor.tokenizer))
+    text_config.eos_token_id = processor.tokenizer.pad_token_id  # another token than the tokenizer's eos
+    model = Cell2TextForConditionalGeneration(Cell2TextConfig(
+        gene_encoder_config=tiny_bert_config(len(GENES) + 4), text_config=text_config,
+        cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16))
+    assert model.generation_config.eos_token_id == processor.tokenizer.pad_token_id
+    save_model_folder(model, processor, tmp_path / "model")
+    stops = GenerationConfig.from_pretrained(tmp_path / "model").eos_token_id
+    assert stops == [processor.tokenizer.pad_token_id, processor.tokenizer.eos_token_id]  # the LLM's own is kept
+
+
 def test_free_describing_takes_generates_stop_strings_and_dict_output(tmp_path):
     """The reviewer's findings: stop_strings passed the option check but generate found no tokenizer;
     return_dict_in_generate=True gave an AttributeError. Both now describe as generate does."""

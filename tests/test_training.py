@@ -209,6 +209,25 @@ def test_optimizer_has_one_learning_rate_per_part_and_no_decay_on_biases_and_nor
     assert any(value == 0.0 for value in decay.values())
 
 
+def test_a_model_composed_for_training_stops_at_the_tokenizers_end_of_text(parts_and_corpus, tmp_path):
+    """The reviewer's finding: the composed model stopped only at the LLM config's eos_token_id, which may not be the
+    tokenizer's end of text the descriptions are trained to end with, so evaluation's free descriptions ran on to the
+    length limit. The LLM's own stop id is kept."""
+    from training.sft import build_model, build_processor, load_corpus
+
+    lm_dir, corpus_dir = parts_and_corpus
+    other_lm = shutil.copytree(lm_dir, tmp_path / "lm")
+    config = json.loads((other_lm / "config.json").read_text())
+    (other_lm / "config.json").write_text(json.dumps({**config, "eos_token_id": 0}))
+    args = Cell2TextArguments(corpus_dir=str(corpus_dir), text_model_name_or_path=str(other_lm), num_cell_tokens=8,
+                              projector_hidden_size=16)
+    processor = build_processor(args, Path(corpus_dir), load_corpus(corpus_dir, args)[1])
+    encoder_dir = encoder_for_vocabulary(Path(lm_dir).parent / "encoder", processor.feature_extractor, tmp_path / "enc")
+    assert processor.tokenizer.eos_token_id != 0
+    model = build_model(args, str(encoder_dir), processor)
+    assert model.generation_config.eos_token_id == [0, processor.tokenizer.eos_token_id]
+
+
 def test_training_under_accelerate_with_two_cpu_processes(parts_and_corpus, tmp_path):
     lm_dir, corpus_dir = parts_and_corpus
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",

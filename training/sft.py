@@ -74,7 +74,7 @@ from training.collator import Cell2TextDataCollator
 from training.evaluation.evaluate import fit_cell_type_temperature, fit_field_temperatures
 from modeling_cell2text.description_schema import AGE_GROUPS
 from modeling_cell2text.compatibility import fit_tokens_to_encoder, processor_sha256
-from modeling_cell2text.modeling_cell2text import PREPARED_ENCODER_KEY
+from modeling_cell2text.modeling_cell2text import PREPARED_ENCODER_KEY, stop_at_end_of_text
 from modeling_cell2text.processing_cell2text import check_label_tables
 from training.gene_encoder import (
     FEATURE_LAYER,
@@ -617,7 +617,7 @@ def build_model(
             return AutoModelForCausalLM.from_pretrained(args.init_from, trust_remote_code=True)
         return Cell2TextForConditionalGeneration.from_pretrained(args.init_from)
     # The vocabulary is checked against the encoder; a corpus-prepared encoder is read at the layer it was trained at.
-    return Cell2TextForConditionalGeneration.from_pretrained_parts(
+    model = Cell2TextForConditionalGeneration.from_pretrained_parts(
         encoder_path,
         args.text_model_name_or_path,
         cell_token_id=processor.cell_token_id,
@@ -630,6 +630,8 @@ def build_model(
         freeze_gene_encoder=args.freeze_gene_encoder,
         num_expression_bins=processor.feature_extractor.num_expression_bins,
     )
+    stop_at_end_of_text(model, processor.tokenizer.eos_token_id)  # the LLM's config may stop at another token
+    return model
 
 
 CELL_TYPE_STAGE_FILE = "cell2text_cell_type_stage.json"  # the stage before a checkpoint's training, for a resume
