@@ -787,6 +787,29 @@ def test_cell_type_stage_trains_on_the_first_sentence_then_on_full_descriptions(
     assert full.model is stage.model  # stage 2 goes on with the adapters and projector stage 1 trained
 
 
+def test_the_cell_type_stage_puts_the_loss_on_the_labels_only_where_asked(parts_and_corpus, tmp_path, monkeypatch):
+    """The reviewer's finding: with --loss_on_labels_only the cell-type stage's collator was not told, so the stage
+    trained on the whole first sentence ("This sample consists of a B cell." and EOS) where the label was asked."""
+    import training.sft as sft_module
+    from training.collator import Cell2TextDataCollator
+
+    targets = []  # (stage, target text) of every collated batch
+
+    class RecordingCollator(Cell2TextDataCollator):
+        def __call__(self, examples):
+            batch = super().__call__(examples)
+            for ids, labels in zip(batch["input_ids"], batch["labels"]):
+                targets.append((self.cell_type_only, self.processor.tokenizer.decode(ids[labels != -100])))
+            return batch
+
+    monkeypatch.setattr(sft_module, "Cell2TextDataCollator", RecordingCollator)
+    lm_dir, corpus_dir = parts_and_corpus
+    tiny_recipe(lm_dir, corpus_dir, tmp_path / "out", tmp_path / "final", max_steps=1, cell_type_stage_steps=1,
+                loss_on_labels_only=True)
+    stage_one = {text.strip() for cell_type_only, text in targets if cell_type_only}
+    assert stage_one and stage_one <= {"B cell", "T cell"}
+
+
 def test_recipe_reads_a_corpus_published_to_the_hub(parts_and_corpus, tmp_path, monkeypatch):
     """corpus_dir may be the Hub dataset id hub_cards.publish pushed to: the splits as `datasets` pushed them
     (parquet), the feature extractor and summary beside them (the Hub is a local folder here)."""

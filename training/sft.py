@@ -681,8 +681,8 @@ def needs_cell_type_index(part_settings: dict) -> bool:
 def train_cell_type_stage(args: Cell2TextArguments, training_args: SFTConfig, model, processor, train_dataset,
                           peft_config, part_settings: dict) -> CellTypeStage | None:
     """Stage 1 (LLaVA-style): the projector and LoRA learn to name the cell type from the cell tokens, on the
-    description's first sentence alone. Stage 2 goes on with the same adapters; checkpoints are of stage 2, so a
-    resumed run skips stage 1 (None: no stage)."""
+    description's first sentence alone (its cell-type label alone with `loss_on_labels_only`). Stage 2 goes on with
+    the same adapters; checkpoints are of stage 2, so a resumed run skips stage 1 (None: no stage)."""
     if args.cell_type_stage_steps <= 0 or training_args.resume_from_checkpoint:
         return None
     stage_args = dataclasses.replace(
@@ -692,7 +692,7 @@ def train_cell_type_stage(args: Cell2TextArguments, training_args: SFTConfig, mo
     )
     stage = Cell2TextSFTTrainer(
         model=model, args=stage_args,
-        data_collator=Cell2TextDataCollator(processor, cell_type_only=True,
+        data_collator=Cell2TextDataCollator(processor, cell_type_only=True, labels_only=args.loss_on_labels_only,
                                             cell_type_index=needs_cell_type_index(part_settings)),
         train_dataset=train_dataset, processing_class=processor, peft_config=peft_config, **part_settings,
     )
