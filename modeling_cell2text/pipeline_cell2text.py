@@ -247,6 +247,8 @@ class Cell2TextPipeline(Pipeline):
         if kwargs.get("processor") is None:
             _raise_why_no_processor(kwargs.get("model"))
         super().__init__(*args, **kwargs)
+        if self._num_workers is not None:  # Pipeline keeps it for a DataLoader this pipeline never builds: unused
+            _refuse_unknown_generation_options({"num_workers": self._num_workers}, self.model)
         loaded_from = getattr(self.model, "name_or_path", "")
         self._model_name = loaded_from or "the model"
         check_model_and_processor(self.model.config, self.processor, self._model_name, saved=bool(loaded_from))

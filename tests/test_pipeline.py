@@ -653,6 +653,16 @@ def test_options_of_a_call_given_when_building_the_pipeline_are_named_as_such(ra
                  progress=True)
 
 
+def test_num_workers_is_refused_when_building_the_pipeline_as_in_a_call(random_dir):
+    # the reviewer's finding: pipeline(..., num_workers=4) was kept by transformers' Pipeline and never used, exit 0
+    for where in ("build", "call"):
+        with pytest.raises(TypeError, match=r"unknown option\(s\) \['num_workers'\]: the cell-to-text pipeline takes"):
+            if where == "build":
+                pipeline("cell-to-text", model=str(random_dir), pipeline_class=Cell2TextPipeline, num_workers=4)
+            else:
+                local_pipeline(random_dir)(random_counts(2), gene_ids=GENES, num_workers=4)
+
+
 def test_the_generation_benchmark_refuses_two_modes_and_batch_sizes_label_scaling_would_not_use(capsys, monkeypatch):
     """benchmarks/generation.py ran --sort-by-length alone when --label-scaling was asked for too, and timed
     --label-scaling at batch 16 whatever --batch-sizes said."""
