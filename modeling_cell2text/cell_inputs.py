@@ -34,6 +34,12 @@ def is_anndata(obj: Any) -> bool:
     return anndata is not None and isinstance(obj, anndata.AnnData)
 
 
+def is_series(obj: Any) -> bool:
+    """Whether ``obj`` is a pandas Series (only when pandas is already imported: a Series needs it)."""
+    pandas = sys.modules.get("pandas")
+    return pandas is not None and isinstance(obj, pandas.Series)
+
+
 def is_dataframe(obj: Any) -> bool:
     """Whether ``obj`` is a pandas DataFrame (only when pandas is already imported: a DataFrame needs it)."""
     pandas = sys.modules.get("pandas")
@@ -132,8 +138,15 @@ def check_gene_ids_ordered(gene_ids: Any) -> None:
 
 
 def check_not_records(cells: Any) -> None:
-    """Refuse cells given as records (a dict of gene -> value per cell, or a list of them) or as an iterator of
-    rows: they were read as a 1-D or 0-D matrix, and the error named its shape or asked for gene_ids."""
+    """Refuse cells given as records (a dict of gene -> value per cell, or a list of them), as tokenized inputs (a
+    dict of `CELL_INPUT_NAMES`, which were called records) or as an iterator of rows: they were read as a 1-D or 0-D
+    matrix, and the error named its shape or asked for gene_ids."""
+    tokenized = sorted(set(cells) & set(CELL_INPUT_NAMES)) if isinstance(cells, Mapping) else []
+    if tokenized:
+        raise TypeError(f"cells given as tokenized inputs ({', '.join(tokenized)}): expression is taken here (a cells "
+                        "x genes matrix with gene_ids, a pandas DataFrame or an AnnData). Pass the counts, or give the "
+                        "tokenized cells to the processor, processor(gene_input_ids=...), and its output to "
+                        "model.generate.")
     first = cells[0] if isinstance(cells, Sequence) and not isinstance(cells, (str, bytes)) and len(cells) else None
     if isinstance(cells, Mapping) or isinstance(first, Mapping):
         raise TypeError("cells given as records (gene -> value per cell): pass pandas.DataFrame(records) (or "
@@ -195,6 +208,9 @@ def resolve_input(
     else:
         check_not_records(cells)
         matrix = cells
+        if gene_ids is None and is_series(cells):
+            raise ValueError("one cell given as a pandas Series: pass series.to_frame().T, a one-row DataFrame whose "
+                             "columns name the genes (the Series' index)")
         if gene_ids is None:
             raise ValueError("gene_ids is required for matrix input (one Ensembl ID or symbol per column); a pandas "
                              "DataFrame or an AnnData carries its own")

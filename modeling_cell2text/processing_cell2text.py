@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import torch
 from transformers import BatchFeature, ProcessorMixin
 
 from .argument_types import is_integer_at_least, with_close_match
@@ -430,8 +431,9 @@ class Cell2TextProcessor(ProcessorMixin):
         """Per generated row, whether the model ended its description with the tokenizer's end of text, the token
         it was trained to end with, rather than being cut at `max_new_tokens` or stopped at another of the
         generation config's `eos_token_id` (pass `model.generation_config.eos_token_id`): `parse_descriptions`'
-        `whole`, so that a description cut at a sentence's end is not parsed with its later fields missing."""
-        return ended_at_end_of_text(generated_ids[:, prompt_length:], self.tokenizer.eos_token_id,
+        `whole`, so that a description cut at a sentence's end is not parsed with its later fields missing. Takes what
+        `post_process_generation` takes: a tensor or a numpy array (which failed on tensor methods)."""
+        return ended_at_end_of_text(torch.as_tensor(generated_ids)[:, prompt_length:], self.tokenizer.eos_token_id,
                                     eos_token_id).tolist()
 
     def parse_descriptions(self, texts: Sequence[str], whole: Sequence[bool] | None = None) -> list[dict]:

@@ -636,6 +636,19 @@ def test_cells_as_records_or_an_iterator_of_rows_name_the_input_to_pass(extracto
         extractor.tokenize((row for row in dense), INPUT_GENES)
     assert as_lists(extractor.tokenize(pd.DataFrame(records))) == as_lists(extractor.tokenize(counts, INPUT_GENES))
 
+def test_tokenized_inputs_and_a_series_given_as_cells_name_the_input_to_pass(extractor, counts):
+    """The reviewer's findings: a dict of tokenized inputs was refused as "records" (gene -> value), and one cell as
+    a pandas Series was asked for gene_ids, where its index names the genes."""
+    tokenized = dict(extractor(counts, INPUT_GENES))  # gene_input_ids, gene_attention_mask, gene_token_mask
+    for cells in (tokenized, {"gene_input_ids": tokenized["gene_input_ids"]}):
+        with pytest.raises(TypeError, match=r"tokenized inputs \(.*gene_input_ids.*processor\(gene_input_ids=\.\.\.\)"):
+            extractor.tokenize(cells)
+    series = pd.DataFrame(dense_of(counts), columns=INPUT_GENES).iloc[0]
+    with pytest.raises(ValueError, match=r"pandas Series: pass series.to_frame\(\).T"):
+        extractor.tokenize(series)
+    assert as_lists(extractor.tokenize(series.to_frame().T)) == as_lists(extractor.tokenize(counts[:1], INPUT_GENES))
+
+
 def test_a_dataframe_of_nullable_integers_reads_as_its_values(extractor, counts):
     """The QA finding: pandas' nullable Int64 columns were refused as "expression values must be numeric, got
     dtype object"."""

@@ -120,6 +120,9 @@ def test_a_description_cut_at_max_new_tokens_is_told_from_an_ended_one_and_not_p
     assert processor.descriptions_ended(cut, 2) == [False] and processor.descriptions_ended(ended, 2) == [True]
     other_stop = torch.tensor([[*prompt, *tokens, 5, eos]])  # stopped at another stop id, padded with the eos
     assert processor.descriptions_ended(other_stop, 2, eos_token_id=[5, eos]) == [False]
+    # a numpy array, as post_process_generation takes (an AttributeError: no new_tensor)
+    assert processor.descriptions_ended(ended.numpy(), 2) == [True]
+    assert processor.descriptions_ended(cut.numpy(), 2) == [False]
     texts = processor.post_process_generation(cut, 2)
     assert processor.parse_descriptions(texts)[0]["parsed"]  # taken as whole it parses, tissue and disease missing
     assert not processor.parse_descriptions(texts, processor.descriptions_ended(cut, 2))[0]["parsed"]
