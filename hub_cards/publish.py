@@ -418,10 +418,11 @@ def check_corpus_is_the_models(model_dir: str | Path, corpus_dir: str | Path) ->
 
 def check_corpus_files(corpus_dir: str | Path) -> None:
     """Refuse a corpus that lacks a file publishing uploads (found missing only after the model and the splits were
-    pushed), whose summary.json or rejects.csv is corrupt (`read_summary`, `read_rejects`: found after the model was
-    pushed, or uploaded as it was), or whose feature_extractor folder (uploaded whole) holds files that are no part
-    of a saved feature extractor: its preprocessor_config.json and the remote code its auto_map reaches."""
-    from processing.corpus import read_rejects, read_summary
+    pushed), whose summary.json, rejects.csv or unmapped_genes.txt is corrupt (`read_summary`, `read_rejects`,
+    `read_unmapped_genes`: found after the model was pushed, or uploaded as it was), or whose feature_extractor
+    folder (uploaded whole) holds files that are no part of a saved feature extractor: its preprocessor_config.json
+    and the remote code its auto_map reaches."""
+    from processing.corpus import read_rejects, read_summary, read_unmapped_genes
 
     folder = Path(corpus_dir) / "feature_extractor"
     missing = [name for name in ("dataset_dict.json", *CORPUS_FILES, f"{folder.name}/{FEATURE_EXTRACTOR_NAME}")
@@ -431,6 +432,7 @@ def check_corpus_files(corpus_dir: str | Path) -> None:
                                 "python -m processing.build_corpus (or processing.join_corpus) wrote it.")
     read_summary(Path(corpus_dir) / "summary.json")
     read_rejects(corpus_dir)
+    read_unmapped_genes(corpus_dir)
     _refuse_files_not_of(folder, {FEATURE_EXTRACTOR_NAME, *_remote_code_files(folder, {}, pipeline=False)},
                          "a saved feature extractor")
 

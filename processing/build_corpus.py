@@ -45,8 +45,8 @@ from modeling_cell2text.feature_extraction_cell2text import DEFAULT_MODEL_INPUT_
 from modeling_cell2text.output_files import Terminated, publish_folder, sigterm_as_exception
 from processing import ontologies
 from processing.ontology_versions import ontology_versions
-from processing.corpus import (METADATA_FIELDS, REJECTS_COLUMNS, REJECTS_FILE, SplitWriter, check_max_shard_size,
-                               describe, resolve_labels, top_pathways_by_cell_type)
+from processing.corpus import (METADATA_FIELDS, REJECTS_COLUMNS, REJECTS_FILE, UNMAPPED_GENES_FILE, SplitWriter,
+                               check_max_shard_size, describe, resolve_labels, top_pathways_by_cell_type)
 from processing.gene_medians import ExactGeneMedians, HistogramGeneMedians, expression_values, normalize_total
 from processing.pathways import (
     DEFAULT_GMT, DEFAULT_SET_SIZES, aucell, default_max_rank, display_names, filter_set_sizes, membership_matrix,
@@ -604,7 +604,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
     extractor.save_pretrained(str(out / "feature_extractor"))
     rejects = pd.DataFrame(dict(zip(REJECTS_COLUMNS, (cell_ids[~kept], reasons[~kept]))))
     rejects.to_csv(out / REJECTS_FILE, index=False)
-    (out / "unmapped_genes.txt").write_text("".join(f"{line}\n" for line in genes.unmapped))
+    (out / UNMAPPED_GENES_FILE).write_text("".join(f"{line}\n" for line in genes.unmapped), encoding="utf-8")
     summary = {
         "name": options.name or source.name,
         "source": source.name,

@@ -83,6 +83,7 @@ FEATURE_EXTRACTOR_DIR = "feature_extractor"
 SUMMARY_FILE = "summary.json"
 REJECTS_FILE = "rejects.csv"  # each rejected input cell and why (a join concatenates the shards')
 REJECTS_COLUMNS = ["cell_id", "reason"]
+UNMAPPED_GENES_FILE = "unmapped_genes.txt"  # the input genes without a usable Ensembl ID, one a line (a join: union)
 
 # The JSON shape of summary.json's entries that its readers index (a join, training, evaluation, the card,
 # publishing): a dict keyed by `str` is an object whose every value has that shape, a dict of names an object with
@@ -241,6 +242,25 @@ def read_rejects(folder: str | Path) -> pd.DataFrame:
         raise ValueError(f"{path} is not the rejected cells as python -m processing.build_corpus writes them: "
                          f"{problem}. Build the corpus again (or restore the file).")
     return rejects
+
+
+def read_unmapped_genes(folder: str | Path) -> list[str]:
+    """A corpus's unmapped_genes.txt, one gene a line (none where the file is absent), refused (ValueError naming
+    the file) where it is no UTF-8 text: a binary one ended a join in a UnicodeDecodeError that named no file, and
+    publishing uploaded it as it was."""
+    path = Path(folder) / UNMAPPED_GENES_FILE
+    if not path.is_file():
+        return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        problem = f"not UTF-8 text ({error})"
+    else:
+        problem = "it holds NUL bytes, as a binary file does" if "\x00" in text else None
+    if problem:
+        raise ValueError(f"{path} is not the unmapped genes as python -m processing.build_corpus writes them (one a "
+                         f"line): {problem}. Build the corpus again (or restore the file).")
+    return text.splitlines()
 
 
 def split_value_lists(split: datasets.Dataset, feature_extractor: Cell2TextFeatureExtractor) -> list | None:

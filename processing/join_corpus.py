@@ -37,8 +37,8 @@ from modeling_cell2text.argument_types import as_command_line, refused_input_as_
 from modeling_cell2text.output_files import publish_folder
 from processing.build_corpus import _is_corpus_folder, _staging_dir
 from processing.corpus import (FEATURE_EXTRACTOR_DIR, REJECTS_FILE, SPLIT_FINGERPRINTS, SUMMARY_FILE,
-                               check_max_shard_size, corpus_feature_extractor, read_rejects, read_summary,
-                               save_splits, top_pathways_by_cell_type)
+                               UNMAPPED_GENES_FILE, check_max_shard_size, corpus_feature_extractor, read_rejects,
+                               read_summary, read_unmapped_genes, save_splits, top_pathways_by_cell_type)
 from processing.sources import check_whole_inputs
 from processing.splits import SPLITS
 
@@ -70,6 +70,7 @@ def read_shard(path: str | Path) -> Shard:
         raise ValueError(f"{path} has no {REJECTS_FILE}, which every build writes (its rejected cells): give the "
                          "shard's folder as build_corpus wrote it, or build it again.")
     read_rejects(path)  # a corrupt one, before anything is joined
+    read_unmapped_genes(path)
     return Shard(path, read_summary(path / SUMMARY_FILE, {"fingerprints": SPLIT_FINGERPRINTS}),
                  corpus_feature_extractor(path).to_dict())  # its reader refuses a corrupt config, naming it
 
@@ -247,9 +248,7 @@ def join_label_tables(shards: Sequence[Shard]) -> dict:
 def _unmapped_genes(shards: Sequence[Shard]) -> list[str]:
     genes: dict[str, None] = {}
     for shard in shards:
-        file = shard.path / "unmapped_genes.txt"
-        if file.is_file():
-            genes.update(dict.fromkeys(file.read_text().splitlines()))
+        genes.update(dict.fromkeys(read_unmapped_genes(shard.path)))
     return list(genes)
 
 
@@ -277,7 +276,8 @@ def join_corpus(shard_dirs: Sequence[str | Path], out_dir: str | Path, name: str
         save_splits(dict(corpus), staging, max_shard_size)
         shutil.copytree(shards[0].path / FEATURE_EXTRACTOR_DIR, staging / FEATURE_EXTRACTOR_DIR)
         pd.concat([read_rejects(shard.path) for shard in shards]).to_csv(staging / REJECTS_FILE, index=False)
-        (staging / "unmapped_genes.txt").write_text("".join(f"{gene}\n" for gene in _unmapped_genes(shards)))
+        (staging / UNMAPPED_GENES_FILE).write_text("".join(f"{gene}\n" for gene in _unmapped_genes(shards)),
+                                                   encoding="utf-8")
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         write_dataset_card(staging, None, folder=out.name)
         publish_folder(staging, out, overwrite, fix="pass --overwrite to replace the corpus there")

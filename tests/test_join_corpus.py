@@ -97,6 +97,7 @@ def replaced(shard: Path, to: Path, file: str, content: bytes) -> Path:
     ("rejects of another header", r"s/rejects.csv is not the rejected cells .*: its columns are \['a', 'b'\], not "),
     ("rejects not text", r"s/rejects.csv is not the rejected cells .*: not CSV \('utf-8' codec can't decode"),
     ("rejects empty", r"s/rejects.csv is not the rejected cells .*: not CSV \(No columns to parse"),
+    ("unmapped genes not text", r"s/unmapped_genes.txt is not the unmapped genes as .*: not UTF-8 text"),
     ("extractor not JSON", "config file at '.*s/feature_extractor/preprocessor_config.json' is not a valid JSON"),
     ("extractor a list", "the feature extractor config of .*s/feature_extractor is a list, not a JSON object"),
 ])
@@ -127,6 +128,8 @@ def test_shards_that_make_no_one_corpus_are_refused_before_writing(built, tmp_pa
         "rejects of another header": lambda: [first, replaced(second, copy, "rejects.csv", b"a,b\n1,2\n")],
         "rejects not text": lambda: [first, replaced(second, copy, "rejects.csv", b"cell_id,reason\n\xd0\xff,x\n")],
         "rejects empty": lambda: [first, replaced(second, copy, "rejects.csv", b"")],
+        # a binary unmapped_genes.txt ended the join in a UnicodeDecodeError that named no file
+        "unmapped genes not text": lambda: [first, replaced(second, copy, "unmapped_genes.txt", b"GENE1\n\xd0\xff\n")],
         "extractor not JSON": lambda: [first, replaced(second, copy, "feature_extractor/preprocessor_config.json",
                                                        b"{oops")],  # JSONDecodeError traceback
         "extractor a list": lambda: [first, replaced(second, copy, "feature_extractor/preprocessor_config.json",

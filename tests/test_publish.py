@@ -234,11 +234,12 @@ def test_a_corpus_lacking_a_file_publishing_uploads_is_refused_before_anything_i
     ("summary.json", b"[]", r"summary.json is not a corpus summary as .*: it is \[\], not a JSON object"),
     ("rejects.csv", b"a,b\n", r"rejects.csv is not the rejected cells as .*: its columns are \['a', 'b'\]"),
     ("rejects.csv", b"", r"rejects.csv is not the rejected cells as .*: not CSV"),
+    ("unmapped_genes.txt", b"\x89PNG\r\n\x1a\n\xff", r"unmapped_genes.txt is not the unmapped genes as .*: not UTF-8"),
 ])
 def test_a_corpus_with_a_corrupt_file_is_refused_before_anything_is_made(model_dir, tmp_path, name, content,
                                                                          message):
-    """A corrupt summary.json ended publishing in a JSONDecodeError or AttributeError; a corrupt rejects.csv was
-    uploaded as it was, after the model."""
+    """A corrupt summary.json ended publishing in a JSONDecodeError or AttributeError; a corrupt rejects.csv or
+    unmapped_genes.txt was uploaded as it was, after the model."""
     corpus = corpus_folder(tmp_path / "corpus")
     (corpus / name).write_bytes(content)
     hub = FakeHub()
