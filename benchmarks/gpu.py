@@ -113,7 +113,7 @@ PAPER_SETTINGS = (
     ("paper_large_gpu.yaml: 16 x 2, checkpointing on", "paper_large_gpu.yaml", []),
     ("32 x 1, checkpointing off", "paper.yaml",
      ["--per_device_train_batch_size", "32", "--gradient_accumulation_steps", "1",
-      "--gradient_checkpointing", "false"]),
+      "--activation_checkpointing", "false"]),
 )
 # GPU memory a setting needs (GiB): 32 x 1 without checkpointing took 112 GB on an H200; skipped on a smaller GPU
 SETTING_MIN_GIB = {"32 x 1, checkpointing off": 120}
@@ -134,7 +134,7 @@ SIZES = {
              ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"]),
             ("8 x 1, checkpointing off", "paper.yaml",
              ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
-              "--gradient_checkpointing", "false"]),
+              "--activation_checkpointing", "false"]),
         ),
         generation_batch=8, new_tokens=8,
         generation_modes=("dynamic", "static", "former constrained describe", "schema-constrained",
@@ -371,7 +371,7 @@ def train_setting(name: str, config: str, overrides: list[str], size: Size, corp
     result = {
         "setting": name, "micro_batch": training_args.per_device_train_batch_size,
         "accumulation": training_args.gradient_accumulation_steps,
-        "checkpointing": bool(training_args.gradient_checkpointing), "cells_per_step": cells_per_step,
+        "checkpointing": bool(training_args.activation_checkpointing), "cells_per_step": cells_per_step,
         "s_per_step": s_per_step, "cells_per_s": cells_per_step / s_per_step,
         "tokens_per_s": float(tokens.sum() / steps.sum()), "peak_gib": peak,
         "collator_share": collate_seconds / s_per_step, "dataloader_workers": training_args.dataloader_num_workers,

@@ -54,7 +54,7 @@ training_args = SFTConfig(
     save_steps=args.max_steps,
     logging_steps=5,
     bf16=False,
-    gradient_checkpointing=False,
+    activation_checkpointing=False,
     report_to="none",
 )
 final_dir = main(cell2text_args, training_args)

@@ -39,7 +39,7 @@ def parts_and_corpus(tmp_path_factory):
 def tiny_config(out_dir, **overrides) -> SFTConfig:
     settings = dict(
         output_dir=str(out_dir), max_steps=4, per_device_train_batch_size=4, per_device_eval_batch_size=4,
-        learning_rate=1e-3, bf16=False, gradient_checkpointing=False, report_to="none", use_cpu=True,
+        learning_rate=1e-3, bf16=False, activation_checkpointing=False, report_to="none", use_cpu=True,
         logging_steps=1, seed=0,
     )
     return SFTConfig(**{**settings, **overrides})

@@ -31,7 +31,7 @@ def test_build_train_reload_evaluate(tmp_path):
                               definitions_in_model_text=False)  # the option's path, end to end
     config = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=8,
                        eval_strategy="steps", eval_steps=3, save_steps=3, load_best_model_at_end=True,
-                       metric_for_best_model="eval_loss", bf16=False, gradient_checkpointing=False,
+                       metric_for_best_model="eval_loss", bf16=False, activation_checkpointing=False,
                        report_to="none", use_cpu=True)
     model_dir = main(args, config)
     saved_config = json.loads((model_dir / "config.json").read_text())

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_ARGS = [
     "--num_cell_tokens", "8", "--projector_hidden_size", "16", "--encoder_hidden_size", "16",
     "--encoder_epochs", "2", "--encoder_candidate_layers", "1", "--per_device_train_batch_size", "4",
-    "--bf16", "false", "--gradient_checkpointing", "false", "--report_to", "none", "--logging_steps", "1",
+    "--bf16", "false", "--activation_checkpointing", "false", "--report_to", "none", "--logging_steps", "1",
     "--use_cpu", "true", "--seed", "0",
 ]
 
@@ -62,7 +62,7 @@ def test_recipe_trains_lora_and_projector_and_saves_a_loadable_model(parts_and_c
     config = SFTConfig(
         output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3,
         eval_strategy="steps", eval_steps=3, save_steps=3, load_best_model_at_end=True,
-        metric_for_best_model="eval_loss", bf16=False, gradient_checkpointing=False, report_to="none",
+        metric_for_best_model="eval_loss", bf16=False, activation_checkpointing=False, report_to="none",
         use_cpu=True, logging_steps=1,
     )
     final_dir = main(args, config)
@@ -842,7 +842,7 @@ def test_recipe_reads_a_corpus_published_to_the_hub(parts_and_corpus, tmp_path, 
                               num_cell_tokens=8, projector_hidden_size=16, encoder_hidden_size=16, encoder_epochs=1,
                               encoder_candidate_layers=[1])
     config = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, bf16=False,
-                       gradient_checkpointing=False, report_to="none", use_cpu=True, eval_strategy="no",
+                       activation_checkpointing=False, report_to="none", use_cpu=True, eval_strategy="no",
                        save_strategy="no")
     final_dir = main(args, config)
 
@@ -882,7 +882,7 @@ def peft_model_and_trainer_settings(parts_and_corpus, tmp_path):
                                             modules_to_save=["multi_modal_projector"]))
     settings = SFTConfig(output_dir=str(tmp_path), learning_rate=1e-4, bf16=False, use_cpu=True, report_to="none",
                          remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
-                         gradient_checkpointing=False)
+                         activation_checkpointing=False)
     common = dict(model=model, args=settings, train_dataset=corpus["train"], processing_class=processor,
                   projector_learning_rate=1e-3, gene_encoder_learning_rate=1e-5, data_collator=lambda x: x)
     return model, processor, corpus, common
@@ -1008,9 +1008,8 @@ def test_the_choice_loss_scores_every_known_label_as_the_decoder_does(parts_and_
     with pytest.raises(ValueError, match="a row has none"):
         trainer.compute_loss(model, no_target)
     assert float(trainer.cell_type_choice_loss(expected, torch.full((4,), -100))) == 0.0
-    with pytest.raises(ValueError, match="gradient checkpointing"):  # it would turn the cache off
-        Cell2TextSFTTrainer(**{**common, "args": dataclasses.replace(settings, gradient_checkpointing=True,
-                                                                   activation_checkpointing=True)},
+    with pytest.raises(ValueError, match="activation checkpointing"):  # it would turn the cache off
+        Cell2TextSFTTrainer(**{**common, "args": dataclasses.replace(settings, activation_checkpointing=True)},
                             cell_type_choice_loss_weight=0.5)
 
 
@@ -1028,6 +1027,24 @@ def test_recipe_command_line_runs_on_the_cpu_without_use_cpu(tmp_path):
     assert training_args.use_cpu and args.num_cell_tokens == 16
     _, c2s_args = parse_training_arguments(cell2sentence_parser(), required)
     assert c2s_args.use_cpu
+
+
+def test_the_deprecated_checkpointing_option_overrides_the_config(tmp_path):
+    """transformers reads `gradient_checkpointing` only where `activation_checkpointing` is unset, and the configs set
+    it: `--gradient_checkpointing true` on the command line was overridden by demo.yaml's false without a word."""
+    from training.adapters import parse_training_arguments
+    from training.sft import make_parser
+
+    config = str(Path(__file__).resolve().parents[1] / "training" / "configs" / "demo.yaml")
+    argv = ["--config", config, "--output_dir", str(tmp_path), "--corpus_dir", "corpus", "--text_model_name_or_path",
+            "llm"]
+    _, training_args = parse_training_arguments(make_parser(), argv)
+    assert not training_args.activation_checkpointing
+    for given in (["--gradient_checkpointing", "true"], ["--gradient_checkpointing=true"]):
+        _, training_args = parse_training_arguments(make_parser(), [*argv, *given,
+                                                                    "--gradient_checkpointing_kwargs", '{"a": 1}'])
+        assert training_args.activation_checkpointing and training_args.gradient_checkpointing
+        assert training_args.activation_checkpointing_kwargs == {"a": 1}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU default applies where torch sees no accelerator")
@@ -1469,7 +1486,7 @@ def test_an_unfrozen_gene_encoder_is_trained_and_saved_with_the_adapters(tmp_pat
 
     monkeypatch.setattr(Cell2TextArguments, "lora_config", lora_config)
     config = SFTConfig(output_dir=str(tmp_path / "out"), bf16=False, use_cpu=True, report_to="none",
-                       gradient_checkpointing=False)
+                       activation_checkpointing=False)
     for frozen, expected in ((False, ["multi_modal_projector", "gene_encoder"]), (True, ["multi_modal_projector"])):
         args = Cell2TextArguments(corpus_dir=str(corpus_dir), text_model_name_or_path=str(lm_dir),
                                       gene_encoder_name_or_path=str(encoder), num_cell_tokens=8,

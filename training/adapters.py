@@ -444,7 +444,7 @@ def parse_training_arguments(parser: Any, argv: Sequence[str] | None = None) -> 
     import torch
     from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [_current_name(argument) for argument in (sys.argv[1:] if argv is None else argv)]
     accelerator = (torch.cuda.is_available() or is_torch_bf16_gpu_available() or is_torch_xla_available()
                    or torch.backends.mps.is_available())
     if not accelerator and not _given(argv, "--use_cpu"):
@@ -470,6 +470,18 @@ def _parsed(parser: Any, argv: Sequence[str]) -> tuple:
         return parser.parse_args_and_config(argv)
     except ValueError as error:
         raise ValueError(str(error)) from error
+
+
+_RENAMED_OPTIONS = {"--gradient_checkpointing": "--activation_checkpointing",
+                    "--gradient_checkpointing_kwargs": "--activation_checkpointing_kwargs"}
+
+
+def _current_name(argument: str) -> str:
+    """A command-line option under transformers' current name: `gradient_checkpointing(_kwargs)` is read only where
+    `activation_checkpointing(_kwargs)` is unset, and the recipe's configs set it, so `--gradient_checkpointing true`
+    was overridden by the config without a word."""
+    option, equals, value = argument.partition("=")
+    return _RENAMED_OPTIONS.get(option, option) + equals + value if option in _RENAMED_OPTIONS else argument
 
 
 def _given(argv: Sequence[str], option: str) -> bool:

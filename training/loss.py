@@ -183,9 +183,9 @@ class LabelledPositionsLossMixin:
     def _cell_type_choice_tree(self) -> dict:
         """The known labels' sentences (in `cell_type_label_order`, the classes of `cell_type_index`): the tokens they
         share, a prefix tree over each label's own tokens, and the tree node where each label ends."""
-        if getattr(self.args, "activation_checkpointing", None) or self.args.gradient_checkpointing:
-            raise ValueError("cell_type_choice_loss_weight > 0 reads the training forward's KV cache, which gradient "
-                             "checkpointing turns off; set gradient_checkpointing=False or the weight to 0.")
+        if self.args.activation_checkpointing:
+            raise ValueError("cell_type_choice_loss_weight > 0 reads the training forward's KV cache, which activation "
+                             "checkpointing turns off; set activation_checkpointing=False or the weight to 0.")
         labels = self._single_process_cell_type_labels("cell_type_choice_loss_weight")
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         shared, own = candidate_sentence_tokens(tokenizer, labels)
