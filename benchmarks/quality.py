@@ -191,7 +191,7 @@ def fold_cells(fold_dir: Path) -> dict:
 
     from processing.corpus import corpus_summary
     from training.demo import BASELINE_PREDICTIONS
-    from training.evaluation.evaluate import label_similarity_scores
+    from training.evaluation.evaluate import cell_type_similarity_scores
 
     corpus = load_from_disk(str(fold_dir / "corpus"))
     test_ids = list(corpus["test"]["cell_id"])
@@ -208,10 +208,8 @@ def fold_cells(fold_dir: Path) -> dict:
     predictions = {"cell2text": per_cell["cell_type_pred"], **baselines["predictions"]}
     # the corpus's label -> term table (the model's is its training labels' part of it)
     table = corpus_summary(fold_dir / "corpus").get("ontology_term_ids", {}).get("cell_type", {})
-    true_ids = corpus["test"]["cell_type_ontology_term_id"]
     return {"cell_id": test_ids, "cell_type_true": truth, "predictions": predictions,
-            "ontology_similarity": {name: label_similarity_scores(true_ids, predicted, table)
-                                    for name, predicted in predictions.items()},
+            "ontology_similarity": cell_type_similarity_scores(corpus["test"], predictions, table),
             "cell_type_score": {"cell2text": per_cell["cell_type_score"]}}
 
 

@@ -205,6 +205,32 @@ def test_fold_cells_read_each_method_on_the_folds_test_cells_and_refuse_a_mismat
         quality.fold_cells(tmp_path)
 
 
+def test_fold_cells_score_a_true_type_without_a_graded_id_by_its_label_as_the_evaluation_does(tmp_path):
+    """The folds' per-cell similarity (and the main job's baselines') compared ids only: a right label whose true type
+    has no id, or one unknown to the Cell Ontology, scored 0 there and 1 in Cell2Text's own evaluation."""
+    from datasets import Dataset, DatasetDict
+
+    from training.demo import BASELINE_PREDICTIONS
+    from training.evaluation.evaluate import label_similarity_scores
+
+    ids, truth, true_ids = ["a", "b", "c"], ["my cell", "their cell", "B cell"], [None, "CL:9999999", "CL:0000236"]
+    DatasetDict({
+        "train": Dataset.from_dict({"cell_type": ["B cell"], "cell_id": ["e"]}),
+        "validation": Dataset.from_dict({"cell_type": ["B cell"], "cell_id": ["f"]}),
+        "test": Dataset.from_dict({"cell_type": truth, "cell_id": ids, "cell_type_ontology_term_id": true_ids}),
+    }).save_to_disk(str(tmp_path / "corpus"))
+    (tmp_path / "report").mkdir()
+    per_cell = {"cell_id": ids, "cell_type_true": truth, "cell_type_pred": truth, "cell_type_score": [0.9] * 3}
+    (tmp_path / "report" / "per_cell.json").write_text(json.dumps(per_cell))
+    wrong = ["their cell", "my cell", "B cell"]
+    (tmp_path / BASELINE_PREDICTIONS).write_text(json.dumps(
+        {"cell_id": ids, "cell_type_true": truth, "predictions": {"knn": wrong}}))
+    similarity = quality.fold_cells(tmp_path)["ontology_similarity"]
+    assert similarity["cell2text"] == [1.0, 1.0, 1.0]
+    assert similarity["knn"] == [0.0, 0.0, 1.0]
+    assert similarity["cell2text"] == label_similarity_scores(true_ids, truth, {}, "CL", truth)
+
+
 def test_pooled_ece_and_similarity_are_those_of_the_pooled_cells():
     """The pooled ECE was the folds' ECEs averaged (0.076 for the checked-in run), not the pooled cells' (0.049);
     the baselines had no ontology similarity."""

@@ -173,15 +173,13 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
 
     from modeling_cell2text import Cell2TextProcessor
     from training.baselines.expression import baseline_reports
-    from training.evaluation.evaluate import label_similarity_scores
+    from training.evaluation.evaluate import cell_type_similarity_scores
 
     encoder_dir = out_dir / "sft" / PREPARED_ENCODER_DIR
     predictions = {**expression_predictions(corpus), **head_predictions(corpus_dir, encoder_dir, model_dir)}
     truth = list(corpus["test"]["cell_type"])
     ontology_term_ids = Cell2TextProcessor.from_pretrained(model_dir).ontology_term_ids  # as Cell2Text's labels
-    similarity = {name: label_similarity_scores(corpus["test"]["cell_type_ontology_term_id"], predicted,
-                                                ontology_term_ids.get("cell_type", {}))
-                  for name, predicted in predictions.items()}
+    similarity = cell_type_similarity_scores(corpus["test"], predictions, ontology_term_ids.get("cell_type", {}))
     baselines = baseline_reports(truth, predictions, similarity_scores=similarity)
     lap("baselines")
     if not skip_cell2sentence:

@@ -345,6 +345,16 @@ def label_similarity_scores(
             for score, true_id, label, truth in zip(scores, true_ids, labels, true_labels)]
 
 
+def cell_type_similarity_scores(cells, predictions: dict[str, Sequence[str | None]],
+                                training_ids: dict[str, str | None]) -> dict[str, list[float]]:
+    """Per method, each of `cells`' (a corpus split's) Cell Ontology similarity of its predicted cell type, scored
+    as Cell2Text's is in `score_descriptions`: with the true labels, so a true type without a graded id is scored by
+    its label (given only the ids, a right label scored 0 there)."""
+    true_ids, truth = list(cells["cell_type_ontology_term_id"]), list(cells["cell_type"])
+    return {name: label_similarity_scores(true_ids, predicted, training_ids, "CL", truth)
+            for name, predicted in predictions.items()}
+
+
 def score_descriptions(
     split,
     texts: Sequence[str],
