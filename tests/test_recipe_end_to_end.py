@@ -77,3 +77,32 @@ def test_the_demo_reuses_only_a_model_trained_on_the_corpus_it_built(tmp_path):
     check_trained_on(tmp_path, {"train": "a", "test": "b"})
     with pytest.raises(ValueError, match="trained on another build of the corpus.*run without --reuse-models"):
         check_trained_on(tmp_path, {"train": "a", "test": "c"})
+
+
+def test_the_main_job_runs_every_stage_on_tiny_parts(tmp_path, monkeypatch):
+    """`python -m training.demo`'s own code (`training.demo.run`: the corpus, Cell2Text, the heads and expression
+    baselines, Cell2Sentence, the report and the model card) on the real pbmc68k corpus, with a tiny LLM in place of
+    SmolLM2 and one training step each: every other test calls its parts, not the job that wires them."""
+    import training.demo as demo
+    import training.prepare_demo_llm as prepare_demo_llm
+
+    _, lm_dir = save_tiny_parts(tmp_path / "parts")
+    monkeypatch.setattr(prepare_demo_llm, "prepare_demo_llm", lambda: lm_dir)
+    tiny = ["--encoder_hidden_size", "16", "--encoder_epochs", "1", "--encoder_candidate_layers", "1",
+            "--encoder_candidate_inputs", "rank", "--num_cell_tokens", "8", "--projector_hidden_size", "16",
+            "--per_device_train_batch_size", "8", "--eval_steps", "1", "--save_steps", "1", "--bf16", "false"]
+    demo_arguments = demo.sft_arguments
+    monkeypatch.setattr(demo, "sft_arguments", lambda overrides: demo_arguments([*overrides, *tiny]))
+    out = tmp_path / "out"
+    report = demo.run(out, seed=0, max_steps=1, max_new_tokens=8, skip_cell2sentence=False)
+
+    results = json.loads((report.parent / "results.json").read_text())
+    assert results["max_steps"] == 1 and results["split_seed"] == 0
+    methods = {"majority", "logistic_regression", "knn", "encoder_head", "projector_head", "cell2sentence"}
+    assert methods <= set(results["baselines"])
+    test_cells = list(load_from_disk(str(out / "corpus"))["test"]["cell_id"])
+    predictions = json.loads((out / "baseline_predictions.json").read_text())
+    assert predictions["cell_id"] == test_cells and len(test_cells) == 70
+    assert set(predictions["predictions"]) == methods
+    assert all(len(predicted) == 70 for predicted in predictions["predictions"].values())
+    assert "cell2text-demo-pbmc68k" in (out / "cell2text-demo" / "README.md").read_text()
