@@ -1,12 +1,22 @@
-"""The examples run as a newcomer runs them (`python examples/X.py`), here on tiny random models."""
+"""The examples run as a newcomer runs them (`python examples/X.py`), here on tiny random models.
+
+test_examples_build_finetune_and_describe runs each example as its own process; the tests of one option or refusal
+run the script in this process (`example_in_process`: the same script, argv, working directory, exit status and
+output), as a process each would pay ~6 s of imports and check nothing more.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import runpy
+import shutil
 import subprocess
 import sys
+import traceback
 from pathlib import Path
+
+import pytest
 
 from modeling_cell2text import Cell2TextFeatureExtractor
 from tiny_parts import encoder_for_vocabulary, save_tiny_parts
@@ -28,31 +38,80 @@ def run_example(name: str, *args: str, cwd: Path) -> str:
     return result.stdout
 
 
-def test_the_corpus_example_renames_columns_and_replaces_its_corpus_only_with_overwrite(tmp_path):
+@pytest.fixture
+def example_in_process(monkeypatch, capsys):
+    """`example_process` in this process: runs examples/<name>.py as `__main__` with its argv in `cwd` and ends as
+    the interpreter ends a script (SystemExit's code as the status, its message or an exception's traceback on
+    stderr, status 1), so a test asserts on it as on a process."""
+
+    def run(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+        script = REPO / "examples" / f"{name}.py"
+        capsys.readouterr()  # this run's output only
+        with monkeypatch.context() as patch:
+            patch.chdir(cwd)
+            patch.setattr(sys, "argv", [str(script), *args])
+            patch.setattr(sys, "path", list(sys.path))  # the examples put the checkout first
+            try:
+                runpy.run_path(str(script), run_name="__main__")
+                status = 0
+            except SystemExit as exit_:
+                status = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
+                if status == 1 and not isinstance(exit_.code, int):
+                    print(exit_.code, file=sys.stderr)
+            except Exception:  # noqa: BLE001 - what the interpreter prints for an uncaught exception
+                traceback.print_exc(file=sys.stderr)
+                status = 1
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([sys.executable, str(script), *args], status, out, err)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def stand_in_corpus(tmp_path_factory) -> tuple[Path, str]:
+    """The corpus example run as is (no --h5ad: it writes scanpy's pbmc68k as a stand-in file), once, beside a
+    user's own corpus.h5ad; (its working directory, its stdout). The tests copy what they change."""
+    cwd = tmp_path_factory.mktemp("stand_in")
+    (cwd / "corpus.h5ad").write_text("the user's own file")  # the stand-in data was written over it
+    return cwd, run_example("build_corpus_from_h5ad", "--out", str(cwd / "corpus"), cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny trained model folder, for the tests that only read it."""
+    from test_pipeline import save_tiny_model_folder
+
+    return save_tiny_model_folder(tmp_path_factory.mktemp("model"))
+
+
+def test_the_corpus_example_renames_columns_and_replaces_its_corpus_only_with_overwrite(
+        tmp_path, stand_in_corpus, example_in_process):
     """Run twice, the example ended with a traceback saying to pass --overwrite, which it did not have; a file whose
     columns need renaming could not be read (no --obs-map)."""
     import anndata
 
+    stand_in_dir, _ = stand_in_corpus
     corpus = tmp_path / "corpus"
-    run_example("build_corpus_from_h5ad", "--out", str(corpus), cwd=tmp_path)
-    adata = anndata.read_h5ad(tmp_path / "corpus.stand-in.h5ad")
+    shutil.copytree(stand_in_dir / "corpus", corpus)  # the example's first run
+    adata = anndata.read_h5ad(stand_in_dir / "corpus.stand-in.h5ad")
     adata.obs = adata.obs.rename(columns={"donor_id": "patient"})
     adata.write_h5ad(tmp_path / "cells.h5ad")
     command = ["--h5ad", "cells.h5ad", "--input-values", "log1p", "--out", str(corpus)]
-    refused = example_process("build_corpus_from_h5ad", *command, cwd=tmp_path)
+    refused = example_in_process("build_corpus_from_h5ad", *command, cwd=tmp_path)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     assert refused.stderr.strip().splitlines()[-1].startswith(
         f"build_corpus_from_h5ad: error: --out {corpus} is not empty; pass --overwrite")
-    run_example("build_corpus_from_h5ad", *command, "--obs-map", "patient=donor_id", "--overwrite", cwd=tmp_path)
+    replaced = example_in_process("build_corpus_from_h5ad", *command, "--obs-map", "patient=donor_id", "--overwrite",
+                                  cwd=tmp_path)
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert json.loads((corpus / "summary.json").read_text())["split_by"] == "donor"  # the renamed column was read
 
 
-def test_examples_build_finetune_and_describe(tmp_path):
-    corpus = tmp_path / "corpus"
-    (tmp_path / "corpus.h5ad").write_text("the user's own file")  # the stand-in data was written over it
-    out = run_example("build_corpus_from_h5ad", "--out", str(corpus), cwd=tmp_path)
+def test_examples_build_finetune_and_describe(tmp_path, stand_in_corpus):
+    stand_in_dir, out = stand_in_corpus
+    corpus = stand_in_dir / "corpus"
     assert '"num_cells_in": 700' in out and (corpus / "dataset_dict.json").exists()
-    assert (tmp_path / "corpus.h5ad").read_text() == "the user's own file"
+    assert (stand_in_dir / "corpus.h5ad").read_text() == "the user's own file"
     splits = json.loads(out[: out.index("corpus written")])["splits"]
     assert set(splits) == {"train", "validation", "test"} and all(splits.values()), splits  # none left empty
 
@@ -75,48 +134,50 @@ def test_examples_build_finetune_and_describe(tmp_path):
     assert len(descriptions) == 3  # one description per cell, under its "name: cell type (term)" line
 
 
-def test_the_describe_example_bounds_free_descriptions_only(tmp_path):
+def test_the_describe_example_bounds_free_descriptions_only(tmp_path, tiny_model_dir, example_in_process):
     """Its --max-new-tokens (default 160) went to constrained describing, which writes each description whole: the
     option did nothing. It goes with --free now, and alone it is refused."""
-    from test_pipeline import make_adata, save_tiny_model_folder
+    from test_pipeline import make_adata
 
-    model_dir = save_tiny_model_folder(tmp_path / "model")
     make_adata(3).write_h5ad(tmp_path / "cells.h5ad")
-    command = ["--model", str(model_dir), "--h5ad", "cells.h5ad", "--max-new-tokens", "3"]
-    refused = example_process("describe_cells", *command, cwd=tmp_path)
+    command = ["--model", str(tiny_model_dir), "--h5ad", "cells.h5ad", "--max-new-tokens", "3"]
+    refused = example_in_process("describe_cells", *command, cwd=tmp_path)
     assert refused.returncode == 2 and "--max-new-tokens bounds free descriptions: add --free" in refused.stderr
-    out = run_example("describe_cells", *command, "--free", cwd=tmp_path)
-    assert "'constrained': False" in out and "'max_new_tokens': 3" in out
+    described = example_in_process("describe_cells", *command, "--free", cwd=tmp_path)
+    assert described.returncode == 0, described.stderr[-3000:]
+    assert "'constrained': False" in described.stdout and "'max_new_tokens': 3" in described.stdout
 
 
-def test_the_describe_example_reads_counts_in_raw_and_refuses_other_values_in_one_line(tmp_path):
+def test_the_describe_example_reads_counts_in_raw_and_refuses_other_values_in_one_line(
+        tmp_path, tiny_model_dir, example_in_process):
     """The finding: a CELLxGENE-layout file (normalised X, counts in adata.raw) could not be described (no --use-raw),
     and the refusal of its X as counts ended in a multi-KB traceback."""
     import numpy as np
-    from test_pipeline import make_adata, save_tiny_model_folder
+    from test_pipeline import make_adata
 
-    model_dir = save_tiny_model_folder(tmp_path / "model")
     adata = make_adata(3)
     adata.raw = adata.copy()
     adata.X = np.log1p(adata.X.toarray())
     adata.write_h5ad(tmp_path / "cells.h5ad")
-    command = ["--model", str(model_dir), "--h5ad", "cells.h5ad"]
-    refused = example_process("describe_cells", *command, cwd=tmp_path)
+    command = ["--model", str(tiny_model_dir), "--h5ad", "cells.h5ad"]
+    refused = example_in_process("describe_cells", *command, cwd=tmp_path)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     assert refused.stderr.strip().splitlines()[-1].startswith(
         "describe_cells: error: --input-values counts but the values are not integer counts")
-    out = run_example("describe_cells", *command, "--use-raw", cwd=tmp_path)
-    assert out.count("B cell (CL:0000236)") == 3 and "'use_raw': True" in out
+    described = example_in_process("describe_cells", *command, "--use-raw", cwd=tmp_path)
+    assert described.returncode == 0, described.stderr[-3000:]
+    assert described.stdout.count("B cell (CL:0000236)") == 3 and "'use_raw': True" in described.stdout
 
 
-def test_the_describe_example_refuses_a_cell_count_below_one_and_a_missing_file_in_one_line(tmp_path):
+def test_the_describe_example_refuses_a_cell_count_below_one_and_a_missing_file_in_one_line(
+        tmp_path, example_in_process):
     """--cells -1 described every cell but the last (adata[:-1]), exit 0; --cells 0 none; a mistyped --h5ad ended
     in a traceback."""
     for count in ("-1", "0"):
-        refused = example_process("describe_cells", "--cells", count, cwd=tmp_path)
+        refused = example_in_process("describe_cells", "--cells", count, cwd=tmp_path)
         assert refused.returncode == 2 and "argument --cells: expected an integer >= 1" in refused.stderr, (
             refused.stderr[-3000:])
-    missing = example_process("describe_cells", "--h5ad", "mistyped.h5ad", cwd=tmp_path)  # was a traceback
+    missing = example_in_process("describe_cells", "--h5ad", "mistyped.h5ad", cwd=tmp_path)  # was a traceback
     assert missing.returncode == 1 and "Traceback" not in missing.stderr, missing.stderr[-3000:]
     assert missing.stderr.strip().splitlines()[-1].startswith("describe_cells: error: ") and (
         "mistyped.h5ad" in missing.stderr)
@@ -124,24 +185,20 @@ def test_the_describe_example_refuses_a_cell_count_below_one_and_a_missing_file_
 
     with h5py.File(tmp_path / "other.h5ad", "w") as other:  # HDF5, but no AnnData: anndata's or h5py's traceback
         other["values"] = [1, 2, 3]
-    foreign = example_process("describe_cells", "--h5ad", "other.h5ad", cwd=tmp_path)
+    foreign = example_in_process("describe_cells", "--h5ad", "other.h5ad", cwd=tmp_path)
     assert foreign.returncode == 1 and "Traceback" not in foreign.stderr, foreign.stderr[-3000:]
     assert "cannot read other.h5ad as an .h5ad file" in foreign.stderr.strip().splitlines()[-1]
 
 
-def test_the_finetune_example_passes_num_cell_tokens_with_init_from(tmp_path):
+def test_the_finetune_example_passes_num_cell_tokens_with_init_from(tmp_path, tiny_model_dir, example_in_process):
     """With --init-from it dropped --num-cell-tokens without a word (the run kept the model's); now the recipe refuses
     a value other than the model's, as it does from the command line."""
-    import shutil
-
-    from test_pipeline import save_tiny_model_folder
     from tiny_parts import save_tiny_corpus
 
-    model_dir = save_tiny_model_folder(tmp_path / "model")
     corpus = save_tiny_corpus(tmp_path / "corpus")
     shutil.rmtree(corpus / "feature_extractor")  # tokenized as the model reads cells
-    Cell2TextFeatureExtractor.from_pretrained(model_dir).save_pretrained(corpus / "feature_extractor")
-    refused = example_process("finetune_cell2text", "--corpus", str(corpus), "--init-from", str(model_dir),
-                              "--num-cell-tokens", "64", "--out", str(tmp_path / "out"), "--max-steps", "1",
-                              cwd=tmp_path)
+    Cell2TextFeatureExtractor.from_pretrained(tiny_model_dir).save_pretrained(corpus / "feature_extractor")
+    refused = example_in_process("finetune_cell2text", "--corpus", str(corpus), "--init-from", str(tiny_model_dir),
+                                 "--num-cell-tokens", "64", "--out", str(tmp_path / "out"), "--max-steps", "1",
+                                 cwd=tmp_path)
     assert refused.returncode == 1 and "num_cell_tokens=64 (the model's: 8) would be ignored" in refused.stderr
