@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import shutil
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
 
 from modeling_cell2text import Cell2TextFeatureExtractor
-from tiny_parts import encoder_for_vocabulary, save_tiny_parts
+from tiny_parts import encoder_for_vocabulary, run_as_command, save_tiny_parts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,29 +38,10 @@ def run_example(name: str, *args: str, cwd: Path) -> str:
 
 @pytest.fixture
 def example_in_process(monkeypatch, capsys):
-    """`example_process` in this process: runs examples/<name>.py as `__main__` with its argv in `cwd` and ends as
-    the interpreter ends a script (SystemExit's code as the status, its message or an exception's traceback on
-    stderr, status 1), so a test asserts on it as on a process."""
+    """`example_process` in this process (`tiny_parts.run_as_command`), asserted on as on a process."""
 
     def run(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-        script = REPO / "examples" / f"{name}.py"
-        capsys.readouterr()  # this run's output only
-        with monkeypatch.context() as patch:
-            patch.chdir(cwd)
-            patch.setattr(sys, "argv", [str(script), *args])
-            patch.setattr(sys, "path", list(sys.path))  # the examples put the checkout first
-            try:
-                runpy.run_path(str(script), run_name="__main__")
-                status = 0
-            except SystemExit as exit_:
-                status = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
-                if status == 1 and not isinstance(exit_.code, int):
-                    print(exit_.code, file=sys.stderr)
-            except Exception:  # noqa: BLE001 - what the interpreter prints for an uncaught exception
-                traceback.print_exc(file=sys.stderr)
-                status = 1
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess([sys.executable, str(script), *args], status, out, err)
+        return run_as_command([str(REPO / "examples" / f"{name}.py"), *args], cwd, monkeypatch, capsys)
 
     return run
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from test_cli import NEW_COLUMNS, assert_one_line_error, describe_args, run_cli
 from test_pipeline import make_adata, save_tiny_model_folder
+from tiny_parts import run_as_command
 
 from modeling_cell2text import Cell2TextConfig, Cell2TextForConditionalGeneration, Cell2TextProcessor, tl
 from modeling_cell2text.output_files import OutputExistsError, check_new_output, publish_file, publish_folder
@@ -418,17 +419,11 @@ def test_evaluate_refuses_a_count_below_one_before_loading_the_model(tmp_path, c
     ["-m", "training.baselines.cell2sentence", "--corpus_dir", "c", "--text_model_name_or_path", "llm",
      "--output_dir", "o", "--num_cel_tokens", "8"],
 ])
-def test_commands_end_refused_input_with_one_line(tmp_path, command):
+def test_commands_end_refused_input_with_one_line(tmp_path, monkeypatch, capsys, command):
     """The reviewer's finding: a missing input file or folder ended these commands with a traceback (the message
-    was there, at its end); the cell2text command already ended with one line."""
-    import os
-    import subprocess
-    import sys
-
-    repo = Path(__file__).resolve().parents[1]  # processing/, training/ and hub_cards/ run from the checkout
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
-    result = subprocess.run([sys.executable, *command], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
+    was there, at its end); the cell2text command already ended with one line. Run as `python -m` runs them, in
+    this process (`run_as_command`)."""
+    result = run_as_command(command, tmp_path, monkeypatch, capsys)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].split(": error: ")[1].strip(), result.stderr

@@ -7,7 +7,12 @@ Everything is built offline in seconds; the saved folders have the same layout a
 from __future__ import annotations
 
 import importlib.util
+import logging
+import runpy
+import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -163,3 +168,38 @@ def load_benchmark(name: str, monkeypatch=None) -> ModuleType:
         monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
     return module
+
+
+def run_as_command(argv: list[str], cwd: Path, monkeypatch, capsys) -> subprocess.CompletedProcess:
+    """`python *argv` (a script's path or `-m module`, then its arguments) in this process, for the tests of a
+    command's refusals and options: a process would add ~6 s of imports and check nothing more. It runs as the
+    interpreter runs it (as `__main__`, with its sys.argv, in `cwd`) and ends as it ends (SystemExit's code as the
+    status, its message or an uncaught exception's traceback on stderr, status 1); the root logger is restored.
+    Keep a process where the test is about one (a fresh import, several processes, remote code)."""
+    module = argv[1] if argv[0] == "-m" else None
+    capsys.readouterr()  # this run's output only
+    root_level, root_handlers = logging.root.level, list(logging.root.handlers)
+    with monkeypatch.context() as patch, warnings.catch_warnings():
+        # runpy's note that the module was imported before (by another test): it runs afresh as __main__ all the same
+        warnings.filterwarnings("ignore", message=".*found in sys.modules", category=RuntimeWarning)
+        patch.chdir(cwd)
+        patch.setattr(sys, "argv", [module or argv[0], *argv[2 if module else 1:]])
+        patch.setattr(sys, "path", list(sys.path))  # the examples put the checkout first
+        try:
+            if module:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(argv[0], run_name="__main__")
+            status = 0
+        except SystemExit as exit_:
+            status = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
+            if not isinstance(exit_.code, (int, type(None))):
+                print(exit_.code, file=sys.stderr)
+        except Exception:  # noqa: BLE001 - what the interpreter prints for an uncaught exception
+            traceback.print_exc(file=sys.stderr)
+            status = 1
+        finally:
+            logging.root.handlers[:] = root_handlers
+            logging.root.setLevel(root_level)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess([sys.executable, *argv], status, out, err)
