@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_parts import encoder_for_vocabulary, save_tiny_corpus, save_tiny_parts
+from tiny_parts import encoder_for_vocabulary, run_as_command, save_tiny_corpus, save_tiny_parts
 from transformers import AutoModelForCausalLM, AutoProcessor
 from datasets import load_from_disk
 from trl import SFTConfig
@@ -599,12 +599,12 @@ def test_same_seed_gives_the_same_weights(parts_and_corpus, tmp_path, monkeypatc
     assert all(torch.equal(first[name], second[name]) for name in first), "weights differ between runs"
 
 
-def test_the_determinism_benchmark_refuses_one_run_per_setting():
+def test_the_determinism_benchmark_refuses_one_run_per_setting(tmp_path, monkeypatch, capsys):
     """benchmarks/determinism.py --repeats 1 trained once per setting and printed "runs bitwise equal: True" for
     runs compared with nothing."""
     for option in (["--repeats", "1"], ["--steps", "0"]):
-        result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "determinism.py"), "--steps", "1", *option],
-                                env=run_env(), capture_output=True, text=True, timeout=600)
+        result = run_as_command([str(REPO / "benchmarks" / "determinism.py"), "--steps", "1", *option], tmp_path,
+                                monkeypatch, capsys)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and option[0] in lines[-1] and "Traceback" not in result.stderr, result.stderr
 
@@ -1496,11 +1496,11 @@ def test_an_unfrozen_gene_encoder_is_trained_and_saved_with_the_adapters(tmp_pat
         assert sorted(seen["modules_to_save"]) == sorted(expected)
 
 
-def test_the_streaming_benchmark_refuses_cells_without_genes_in_one_line():
+def test_the_streaming_benchmark_refuses_cells_without_genes_in_one_line(tmp_path, monkeypatch, capsys):
     """benchmarks/corpus_streaming.py --genes-per-cell 2 (a cell of <cls> and <eos> only) or --batches 0 started
     writing the corpus and ended in a traceback."""
     for option in (["--genes-per-cell", "2"], ["--batches", "0"]):
-        result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "corpus_streaming.py"), "--cells", "4",
-                                 *option], env=run_env(), capture_output=True, text=True, timeout=600)
+        result = run_as_command([str(REPO / "benchmarks" / "corpus_streaming.py"), "--cells", "4", *option], tmp_path,
+                                monkeypatch, capsys)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and option[0] in lines[-1] and "Traceback" not in result.stderr, result.stderr
