@@ -449,6 +449,23 @@ def test_the_record_holds_the_max_new_tokens_that_ran_and_the_weights_that_ran(m
     assert len(second["state_dict_sha256"]) == 64
 
 
+def test_the_folders_max_new_tokens_runs_and_is_recorded_where_none_is_given(model_dirs, tmp_path):
+    """A model folder's generation_config.json length (here 2) is what free describing runs with where the caller
+    sets none: 160 overrode it (a setting silently ignored), and the record read only the call's settings."""
+    import json
+
+    folder = tmp_path / "folder-length"
+    shutil.copytree(model_dirs["random"], folder)
+    config_file = folder / "generation_config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    config_file.write_text(json.dumps({**config, "max_new_tokens": 2}))
+    adata = make_adata(2)
+    tl.describe(adata, str(folder), constrained=False, progress=False)
+    assert adata.uns["cell2text"]["params"]["max_new_tokens"] == 2
+    two_tokens = local_pipeline(model_dirs["random"])(make_adata(2), constrained=False, max_new_tokens=2)
+    assert list(adata.obs["cell2text_description"]) == [r["description"].replace("\x00", "\ufffd") for r in two_tokens]
+
+
 def test_key_added_of_the_other_function_or_with_nul_is_refused_before_any_work(model_dirs, monkeypatch):
     """The reviewer's findings: describe and embed under one key_added replaced each other's uns record; a NUL in
     key_added failed at writing the h5ad, after every cell was described."""
