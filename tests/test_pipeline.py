@@ -305,6 +305,11 @@ def test_a_prompt_and_description_past_the_llms_positions_are_refused_before_any
     with pytest.raises(ValueError, match=r"the longest schema-constrained description \(about \d+ tokens\) need .* has 60"):
         describe(make_adata(2))
     assert len(describe(make_adata(2), constrained=False, max_new_tokens=60 - prompt)) == 2
+    # max_length counts the prompt: past the positions it is refused, up to them it runs
+    with pytest.raises(ValueError, match=r"and the description up to max_length=61 need 61 positions, but the "
+                                         r"language model has 60"):
+        describe(make_adata(2), constrained=False, max_length=61)
+    assert len(describe(make_adata(2), constrained=False, max_length=60)) == 2
 
 
 def test_batch_size_zero_is_an_error(random_pipeline):
@@ -545,7 +550,8 @@ def test_settings_that_move_where_a_free_description_ends_are_refused(trained_di
                     {"sequence_bias": {(eos,): 4.0}}, {"sequence_bias": [[[5, eos], -8.0]]}):
         with pytest.raises(ValueError, match="move where a free description ends"):
             describe(make_adata(1), constrained=False, **setting)
-    assert len(describe(make_adata(1), constrained=False, sequence_bias={(5,): 1.0})) == 1  # not on the end of text
+    # a bias not on the end of text, or of 0 on it, moves no end
+    assert len(describe(make_adata(1), constrained=False, sequence_bias={(5,): 1.0, (eos,): 0.0})) == 1
     # suppress_tokens=[eos] let no description end: each ran to max_new_tokens, reported as cut, asking for a larger
     # max_new_tokens
     for setting in ({"suppress_tokens": [eos]}, {"begin_suppress_tokens": [eos]}, {"bad_words_ids": [[5, eos]]},
