@@ -63,3 +63,14 @@ def test_settings_the_constrained_decoder_does_not_use_are_refused(random_dir, s
     config = copy.deepcopy(describe.model.generation_config)
     config.num_beams, config.use_cache = 3, True
     describe(counts, gene_ids=GENES, generation_config=config, eos_token_id=describe.model.generation_config.eos_token_id)
+
+
+def test_a_generation_configs_settings_count_in_constrained_describing_as_if_passed_one_by_one(random_dir):
+    """The settings of a `generation_config` passed to a constrained call are read as loose ones: one the decoder
+    does not use is refused as it is loose (taken from the config alone, it would be ignored, exit 0)."""
+    from transformers import GenerationConfig
+
+    describe = pipeline("cell-to-text", model=str(random_dir), trust_remote_code=True, device="cpu")
+    with pytest.raises(ValueError, match=r"\['repetition_penalty'\]: generation settings that schema-constrained "
+                                         "describing does not use"):
+        describe(random_counts(1, seed=3), gene_ids=GENES, generation_config=GenerationConfig(repetition_penalty=50.0))
