@@ -100,6 +100,7 @@ def test_the_card_of_a_corpus_not_published_loads_it_from_its_folder(pbmc_corpus
     (b'{"fingerprints": "abc"}', "fingerprints is 'abc', not a JSON object"),
     (b'{"splits": {"train": "5"}}', r"splits\['train'\] is '5', not an integer"),
     (b'{"shard": "1of2"}', r"shard is '1of2', not a string of the form"),
+    (b'{"splits": {"train": true}}', r"splits\['train'\] is True, not an integer"),  # JSON's true is no count
 ])
 def test_a_corrupt_summary_is_refused_naming_the_file(tmp_path, content, problem):
     """summary.json's readers (training, evaluation, a join, the card, publishing) ended in a JSONDecodeError or,
@@ -110,6 +111,22 @@ def test_a_corrupt_summary_is_refused_naming_the_file(tmp_path, content, problem
     with pytest.raises(ValueError, match=f"^{tmp_path / 'summary.json'} is not a corpus summary as python -m "
                                          f"processing.build_corpus writes it: {problem}.*Build the corpus again"):
         corpus_summary(tmp_path)
+
+
+def test_the_rejects_and_unmapped_genes_readers_take_only_what_a_build_writes(tmp_path):
+    """Refused: a rejects.csv with a column more (a join would write rejects of the union of the headers) and an
+    unmapped_genes.txt saved as UTF-16 (valid UTF-8 with a NUL after each letter, read as genes otherwise); a corpus
+    without unmapped_genes.txt (an earlier build's) has none."""
+    from processing.corpus import read_rejects, read_unmapped_genes
+
+    assert read_unmapped_genes(tmp_path) == []
+    (tmp_path / "unmapped_genes.txt").write_bytes("GENE1\n".encode("utf-16-le"))
+    with pytest.raises(ValueError, match=r"unmapped_genes.txt is not the unmapped genes .*: it holds NUL bytes"):
+        read_unmapped_genes(tmp_path)
+    (tmp_path / "rejects.csv").write_text("cell_id,reason,note\nc1,empty,x\n")
+    with pytest.raises(ValueError, match=r"rejects.csv is not the rejected cells .*: its columns are \['cell_id', "
+                                         r"'reason', 'note'\], not \['cell_id', 'reason'\]"):
+        read_rejects(tmp_path)
 
 
 def test_tokens_match_the_saved_feature_extractor(pbmc_corpus):
