@@ -41,3 +41,17 @@ def test_a_generated_row_is_read_up_to_its_first_end_of_text():
 
     assert before_end_of_text([5, 6, 2, 7, 2], 2) == [5, 6]  # what follows (run-on text, padding) is no description
     assert before_end_of_text([5, 6], 2) == [5, 6] and before_end_of_text([5, 6], None) == [5, 6]
+
+
+def test_token_ids_reads_every_form_generation_settings_take():
+    """`token_ids` sees the ids of a setting however it is given (a tensor's elements hash by identity, a set's
+    are ids too), so a suppressed end of text is found in any of them; a string is no id."""
+    import numpy as np
+    import torch
+
+    from modeling_cell2text.text_padding import token_ids
+
+    assert token_ids(None) == set() and token_ids(7) == {7} and token_ids("7") == set()
+    for value in ([7, [8, 9]], (7, 8, 9), {7, 8, 9}, frozenset({7, 8, 9}), torch.tensor([[7, 8], [9, 9]]),
+                  np.array([7, 8, 9])):
+        assert token_ids(value) == {7, 8, 9}, value
