@@ -368,6 +368,8 @@ def test_descriptions_of_the_input_cells_follow_the_cells_kept_by_skip_empty_cel
     assert torch.equal(kept_only["labels"], expected["labels"])
     with pytest.raises(ValueError, match=r"Got 1 descriptions for 2 cells \(1 of the input cells skipped"):
         processor(sp.csr_matrix(counts), GENES, skip_empty_cells=True, descriptions=texts[:1])
+    with pytest.raises(ValueError, match=r"Got 4 descriptions for 2 cells \(1 of the input cells skipped"):
+        processor(sp.csr_matrix(counts), GENES, skip_empty_cells=True, descriptions=[*texts, texts[0]])
 
 def test_a_huge_token_id_in_a_processor_config_is_refused_before_any_allocation(processor, tmp_path):
     import json
