@@ -92,9 +92,33 @@ def test_a_max_length_that_cuts_examples_is_refused_before_training(parts_and_co
                                          r"train cells \(23 left out.*larger --max_length"):
         build_trainer(corpus_dir, lm_dir, tmp_path / "out", num_genes=8,
                       training_args=tiny_config(tmp_path, max_length=200))
+    # packing chunks the examples at max_length by design (every packed row is max_length long): not a cut
+    build_trainer(corpus_dir, lm_dir, tmp_path / "out", num_genes=8,
+                  training_args=tiny_config(tmp_path, max_length=200, packing=True))
     trainer = build_trainer(corpus_dir, lm_dir, tmp_path / "out", num_genes=8,
                             training_args=tiny_config(tmp_path, max_length=None))
     assert len(trainer.train_dataset) == len(load_from_disk(str(corpus_dir))["train"])
+
+
+def test_validation_examples_cut_at_max_length_are_refused_as_training_ones_are():
+    """A max_length that every training example fits but a validation example fills would have the eval loss (and
+    the best checkpoint chosen by it) measured on cut descriptions; a validation cell dropped counts too."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from training.baselines.cell2sentence import check_whole_examples
+
+    def trainer(validation_lengths):
+        rows = lambda lengths: Dataset.from_dict({"input_ids": [[1] * n for n in lengths]})  # noqa: E731
+        return SimpleNamespace(args=SimpleNamespace(max_length=6, packing=False), train_dataset=rows([3, 5]),
+                               eval_dataset=rows(validation_lengths))
+
+    check_whole_examples(trainer([4]), {"train": 2, "validation": 1})
+    for lengths, cut, left_out in (([6, 4], 1, 0), ([6], 2, 1)):
+        with pytest.raises(ValueError, match=rf"--max_length 6 cuts the cell sentence and description of {cut} of "
+                                             rf"the 2 validation cells \({left_out} left out"):
+            check_whole_examples(trainer(lengths), {"train": 2, "validation": 2})
 
 
 def test_a_resume_with_other_settings_is_refused(parts_and_corpus, tmp_path):
