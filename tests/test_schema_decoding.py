@@ -1067,3 +1067,31 @@ def test_the_decoder_benchmark_refuses_a_malformed_search_or_a_missing_model_bef
         benchmark.main()
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and "no-model not found: run the main job" in err[-1], err
+
+
+def test_the_longest_description_bounds_every_description_the_labels_render(random_model_and_processor):
+    """`longest_description_tokens` (the positions the pipeline checks a constrained call against) is at least, give or
+    take a token, the longest description any of the processor's labels render with their definition (it adds each
+    choice's longest option and the longest definition, so it may exceed it): shorter, a model of too few positions
+    would write past them, exit 0. Checked with every label, and with a defined cell type alone."""
+    import itertools
+
+    _, processor = random_model_and_processor
+
+    def longest_rendered(processor) -> int:
+        tables, definitions = processor.ontology_term_ids, processor.cell_type_definitions
+        longest = 0
+        for cell_type, tissue, disease, sex, age_group, pathways in itertools.product(
+                tables["cell_type"], tables["tissue"], tables["disease"], tables["sex"], processor.age_groups,
+                itertools.permutations(processor.pathway_names, 2)):
+            description = CellDescription(cell_type=cell_type, cell_type_definition=definitions.get(cell_type),
+                                          tissue=tissue, disease=disease, sex=sex, age_group=age_group,
+                                          pathways=pathways)
+            text = processor.model_text(render_description(description))
+            longest = max(longest, len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]))
+        return longest
+
+    assert SchemaDecoder(processor, 2).longest_description_tokens >= longest_rendered(processor) - 1
+    defined = copy.deepcopy(processor)
+    defined.keep_labels(cell_type=["B cell"])
+    assert SchemaDecoder(defined, 2).longest_description_tokens >= longest_rendered(defined) - 1
