@@ -249,7 +249,8 @@ def test_constrained_takes_true_false_or_none_only(model_dirs, value):
 @pytest.mark.parametrize("option, value, message", [
     ("use_raw", "false", "use_raw must be True or False"), ("skip_empty_cells", "no", "skip_empty_cells must be"),
     ("sort_by_length", 1, "sort_by_length must be"), ("max_new_tokens", 2.5, "max_new_tokens must be an integer"),
-    ("max_new_tokens", "10", "max_new_tokens must be an integer")])
+    ("max_new_tokens", "10", "max_new_tokens must be an integer"),
+    ("max_new_tokens", 0, r"max_new_tokens must be an integer >= 1")])
 def test_switches_take_true_or_false_and_max_new_tokens_an_integer(model_dirs, option, value, message):
     """A bad-input hunt's finding: use_raw="false" is true, so adata.raw was read instead of X (skip_empty_cells="no"
     skipped cells); max_new_tokens=2.5 ran, "10" failed in a comparison."""
