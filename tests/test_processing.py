@@ -267,12 +267,13 @@ def test_a_tokenizer_file_that_does_not_parse_is_named(processor, tmp_path, name
         Cell2TextProcessor.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("content", ["[1]", "5"])
 @pytest.mark.parametrize("name", ["processor_config.json", "tokenizer_config.json", "tokenizer.json"])
-def test_a_json_file_that_holds_no_object_is_named(processor, tmp_path, name):
-    """A JSON list ended loading in an AttributeError ('list' object has no attribute 'get') or TypeError traceback
-    inside transformers."""
+def test_a_json_file_that_holds_no_object_is_named(processor, tmp_path, name, content):
+    """A JSON list (or number) ended loading in an AttributeError ('list' object has no attribute 'get') or TypeError
+    traceback inside transformers."""
     processor.save_pretrained(tmp_path)
-    (tmp_path / name).write_text("[1]")
+    (tmp_path / name).write_text(content)
     with pytest.raises(ValueError, match=rf"^{tmp_path}: {name} holds no JSON object \(.*save the model again$"):
         Cell2TextProcessor.from_pretrained(tmp_path)
 
