@@ -1045,6 +1045,9 @@ def test_the_deprecated_checkpointing_option_overrides_the_config(tmp_path):
                                                                     "--gradient_checkpointing_kwargs", '{"a": 1}'])
         assert training_args.activation_checkpointing and training_args.gradient_checkpointing
         assert training_args.activation_checkpointing_kwargs == {"a": 1}
+    paper = ["--config", str(Path(config).with_name("paper.yaml")), *argv[2:]]  # checkpointing on, turned off
+    _, training_args = parse_training_arguments(make_parser(), [*paper, "--no_gradient_checkpointing"])
+    assert not training_args.activation_checkpointing and not training_args.gradient_checkpointing
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU default applies where torch sees no accelerator")

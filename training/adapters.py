@@ -473,13 +473,15 @@ def _parsed(parser: Any, argv: Sequence[str]) -> tuple:
 
 
 _RENAMED_OPTIONS = {"--gradient_checkpointing": "--activation_checkpointing",
-                    "--gradient_checkpointing_kwargs": "--activation_checkpointing_kwargs"}
+                    "--gradient_checkpointing_kwargs": "--activation_checkpointing_kwargs",
+                    # TRL's default of True gives the old name a negation, which the new one (default None) lacks
+                    "--no_gradient_checkpointing": "--activation_checkpointing=false"}
 
 
 def _current_name(argument: str) -> str:
     """A command-line option under transformers' current name: `gradient_checkpointing(_kwargs)` is read only where
     `activation_checkpointing(_kwargs)` is unset, and the recipe's configs set it, so `--gradient_checkpointing true`
-    was overridden by the config without a word."""
+    (or `--no_gradient_checkpointing` with paper.yaml) was overridden by the config without a word."""
     option, equals, value = argument.partition("=")
     return _RENAMED_OPTIONS.get(option, option) + equals + value if option in _RENAMED_OPTIONS else argument
 
