@@ -423,7 +423,12 @@ def test_commands_end_refused_input_with_one_line(tmp_path, monkeypatch, capsys,
     """The reviewer's finding: a missing input file or folder ended these commands with a traceback (the message
     was there, at its end); the cell2text command already ended with one line. Run as `python -m` runs them, in
     this process (`run_as_command`)."""
+    import logging
+
+    levels = {name: logging.getLogger(name).level for name in ("modeling_cell2text", "processing", "training")}
     result = run_as_command(command, tmp_path, monkeypatch, capsys)
+    # as after a process: build_corpus's level for modeling_cell2text stayed set for the rest of the session
+    assert {name: logging.getLogger(name).level for name in levels} == levels
     assert result.returncode == 1
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].split(": error: ")[1].strip(), result.stderr
