@@ -30,8 +30,8 @@ FSDP_CONFIG = REPO / "training" / "configs" / "accelerate" / "fsdp.yaml"
 # best checkpoint by validation loss, with the higher loss taken as the better: the loss falls, so the best is step 2,
 # not the last, and the final weights show whether it was loaded.
 RECIPE_ARGS = [
-    "--num_cell_tokens", "8", "--projector_hidden_size", "16", "--encoder_hidden_size", "16",
-    "--encoder_epochs", "2", "--encoder_candidate_layers", "1", "--bf16", "false", "--activation_checkpointing", "false",
+    "--num_cell_tokens", "8", "--projector_hidden_size", "16", "--encoder_hidden_size", "16", "--encoder_epochs", "2",
+    "--encoder_candidate_layers", "1", "--bf16", "false", "--activation_checkpointing", "false",
     "--report_to", "none", "--logging_steps", "1", "--use_cpu", "true", "--seed", "0", "--max_steps", "4",
     "--save_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2", "--load_best_model_at_end", "true",
     "--metric_for_best_model", "eval_loss", "--greater_is_better", "true", "--lora_dropout", "0",
