@@ -100,9 +100,18 @@ def test_the_main_job_runs_every_stage_on_tiny_parts(tmp_path, monkeypatch):
     assert results["max_steps"] == 1 and results["split_seed"] == 0
     methods = {"majority", "logistic_regression", "knn", "encoder_head", "projector_head", "cell2sentence"}
     assert methods <= set(results["baselines"])
-    test_cells = list(load_from_disk(str(out / "corpus"))["test"]["cell_id"])
+    test = load_from_disk(str(out / "corpus"))["test"]
+    test_cells, truth = list(test["cell_id"]), list(test["cell_type"])
     predictions = json.loads((out / "baseline_predictions.json").read_text())
-    assert predictions["cell_id"] == test_cells and len(test_cells) == 70
+    assert predictions["cell_id"] == test_cells and predictions["cell_type_true"] == truth and len(test_cells) == 70
     assert set(predictions["predictions"]) == methods
-    assert all(len(predicted) == 70 for predicted in predictions["predictions"].values())
+    for name, predicted in predictions["predictions"].items():  # the report's figures are of these cells' labels
+        assert len(predicted) == 70
+        right = sum(label == true for label, true in zip(predicted, truth)) / 70
+        assert results["baselines"][name]["cell_type"]["accuracy"] == pytest.approx(right), name
+    majority = results["baselines"]["majority"]["cell_type"]  # graded: a wrong blood cell is near the right one
+    assert majority["accuracy"] < majority["ontology_similarity"] < 1
+    per_cell = json.loads((report.parent / "per_cell.json").read_text())
+    assert per_cell["cell_id"] == test_cells and results["fields"]["cell_type"]["num_cells"] == 70  # Cell2Text's own
+    assert "ontology_similarity" in results["fields"]["cell_type"]
     assert "cell2text-demo-pbmc68k" in (out / "cell2text-demo" / "README.md").read_text()
