@@ -1048,6 +1048,10 @@ def test_the_deprecated_checkpointing_option_overrides_the_config(tmp_path):
     paper = ["--config", str(Path(config).with_name("paper.yaml")), *argv[2:]]  # checkpointing on, turned off
     _, training_args = parse_training_arguments(make_parser(), [*paper, "--no_gradient_checkpointing"])
     assert not training_args.activation_checkpointing and not training_args.gradient_checkpointing
+    both = tmp_path / "both.yaml"  # the old name added to a copy of a config: ignored, as the new one is set
+    both.write_text(Path(config).read_text() + "gradient_checkpointing: true\n")
+    with pytest.raises(ValueError, match="gradient_checkpointing is the deprecated name of activation_checkpointing"):
+        parse_training_arguments(make_parser(), ["--config", str(both), *argv[2:]])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU default applies where torch sees no accelerator")
