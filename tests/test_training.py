@@ -888,6 +888,27 @@ def peft_model_and_trainer_settings(parts_and_corpus, tmp_path):
     return model, processor, corpus, common
 
 
+def test_trls_checkpointing_settings_reach_the_trainer(parts_and_corpus, tmp_path, monkeypatch):
+    """TRL's SFTTrainer sets reentrant checkpointing for PEFT under DeepSpeed ZeRO-3 in `gradient_checkpointing_kwargs`
+    (a new dict where none was given), which transformers' Trainer no longer reads: it checkpointed non-reentrantly,
+    with which TRL says PEFT under ZeRO-3 does not train correctly. No DeepSpeed here: the setting is made as TRL
+    makes it."""
+    from trl import SFTTrainer
+
+    sft_init = SFTTrainer.__init__
+
+    def as_under_zero3(self, *args, **kwargs):
+        sft_init(self, *args, **kwargs)
+        self.args.gradient_checkpointing_kwargs = self.args.gradient_checkpointing_kwargs or {}  # TRL's own lines
+        self.args.gradient_checkpointing_kwargs["use_reentrant"] = True
+
+    monkeypatch.setattr(SFTTrainer, "__init__", as_under_zero3)
+    _, _, _, common = peft_model_and_trainer_settings(parts_and_corpus, tmp_path)
+    trainer = Cell2TextSFTTrainer(**{**common, "args": dataclasses.replace(common["args"],
+                                                                          activation_checkpointing=True)})
+    assert trainer.args.activation_checkpointing_kwargs == {"use_reentrant": True}
+
+
 def test_the_auxiliary_cell_type_head_adds_its_loss_and_trains_with_the_projector(parts_and_corpus, tmp_path):
     """cell_type_head_loss_weight: the loss is the text loss plus the weighted cross-entropy of a linear head on each
     cell's mean projected token; the head is in the optimizer at the projector's learning rate."""

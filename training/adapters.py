@@ -73,10 +73,15 @@ class MultiProcessTrainingMixin:
       trainable tensors in float32), so the merged model is saved in the dtypes a 1-process run saves.
     - Trainable half-precision tensors (the fully trained modules, PEFT's `modules_to_save`, of a bf16 LLM) train
       in float32 (`train_in_float32`), as PEFT keeps LoRA's: in bf16, updates below its rounding were lost. The merged
-      model gets the recorded dtypes back (`merge_adapters`)."""
+      model gets the recorded dtypes back (`merge_adapters`).
+    - TRL's checkpointing settings reach transformers' Trainer: TRL writes them under the deprecated name
+      `gradient_checkpointing_kwargs` (reentrant checkpointing for PEFT under ZeRO-3, in a new dict where none was
+      given), which the Trainer (5.x) no longer reads, so it checkpointed non-reentrantly there."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.args.gradient_checkpointing_kwargs != self.args.activation_checkpointing_kwargs:
+            self.args.activation_checkpointing_kwargs = self.args.gradient_checkpointing_kwargs
         check_weights_can_be_gathered(self.accelerator)
         record_dtypes(self.model)
         train_in_float32(self.model)
