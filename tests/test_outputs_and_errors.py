@@ -434,6 +434,18 @@ def test_commands_end_refused_input_with_one_line(tmp_path, monkeypatch, capsys,
     assert result.stderr.strip().splitlines()[-1].split(": error: ")[1].strip(), result.stderr
 
 
+def test_a_command_run_in_process_logs_to_stderr_as_a_process_does(tmp_path, monkeypatch, capsys):
+    """`run_as_command` in a pytest test: the command's `logging.basicConfig` did nothing (pytest's handlers were on
+    the root logger), so what it logged, a traceback included, was not on the stderr the tests assert on."""
+    script = tmp_path / "command.py"
+    script.write_text("import logging, sys\nlogging.basicConfig()\n"
+                      "logging.getLogger('command').warning('a warning', exc_info=ValueError('logged'))\n"
+                      "sys.exit('command: error: refused')\n")
+    result = run_as_command([str(script)], tmp_path, monkeypatch, capsys)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == "command: error: refused"
+    assert "WARNING:command:a warning" in result.stderr and "ValueError: logged" in result.stderr
+
+
 def test_the_demo_ends_refused_input_with_one_line(monkeypatch, tmp_path):
     """`python -m training.demo` ended a refusal (--reuse-models of a model trained on another corpus build, an --out
     that is a file) with a traceback; its refusals come minutes in, so `run` stands in for them here."""

@@ -174,14 +174,17 @@ def run_as_command(argv: list[str], cwd: Path, monkeypatch, capsys) -> subproces
     """`python *argv` (a script's path or `-m module`, then its arguments) in this process, for the tests of a
     command's refusals and options: a process would add ~6 s of imports and check nothing more. It runs as the
     interpreter runs it (as `__main__`, with its sys.argv, in `cwd`) and ends as it ends (SystemExit's code as the
-    status, its message or an uncaught exception's traceback on stderr, status 1); the root logger's handlers and
-    the levels the loggers had are restored (processing.build_corpus set modeling_cell2text's for the session).
+    status, its message or an uncaught exception's traceback on stderr, status 1). Its root logger starts without
+    handlers, as in a process (pytest's made the commands' `logging.basicConfig` a no-op: their logs, tracebacks
+    included, were not on stderr); the root's handlers and the levels the loggers had are restored after it
+    (processing.build_corpus set modeling_cell2text's for the session).
     Keep a process where the test is about one (a fresh import, several processes, remote code)."""
     module = argv[1] if argv[0] == "-m" else None
     capsys.readouterr()  # this run's output only
     root_level, root_handlers = logging.root.level, list(logging.root.handlers)
     levels = {name: logger.level for name, logger in logging.root.manager.loggerDict.items()
               if isinstance(logger, logging.Logger)}
+    logging.root.handlers[:] = []
     with monkeypatch.context() as patch, warnings.catch_warnings():
         # runpy's note that the module was imported before (by another test): it runs afresh as __main__ all the same
         warnings.filterwarnings("ignore", message=".*found in sys.modules", category=RuntimeWarning)
