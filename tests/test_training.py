@@ -1050,29 +1050,27 @@ def test_recipe_command_line_runs_on_the_cpu_without_use_cpu(tmp_path):
     assert c2s_args.use_cpu
 
 
-def test_the_deprecated_checkpointing_option_overrides_the_config(tmp_path):
-    """transformers reads `gradient_checkpointing` only where `activation_checkpointing` is unset, and the configs set
-    it: `--gradient_checkpointing true` on the command line was overridden by demo.yaml's false without a word."""
+def test_both_names_of_checkpointing_on_the_command_line_override_the_config(tmp_path):
+    """transformers 5 reads `gradient_checkpointing` (its deprecated name) only where `activation_checkpointing` is
+    unset: the configs set the old name, so that either name on the command line overrides them (a config setting the
+    new name ignored `--gradient_checkpointing true` and TRL's `--no_gradient_checkpointing` without a word)."""
     from training.adapters import parse_training_arguments
     from training.sft import make_parser
 
-    config = str(Path(__file__).resolve().parents[1] / "training" / "configs" / "demo.yaml")
-    argv = ["--config", config, "--output_dir", str(tmp_path), "--corpus_dir", "corpus", "--text_model_name_or_path",
-            "llm"]
-    _, training_args = parse_training_arguments(make_parser(), argv)
-    assert not training_args.activation_checkpointing
-    for given in (["--gradient_checkpointing", "true"], ["--gradient_checkpointing=true"]):
-        _, training_args = parse_training_arguments(make_parser(), [*argv, *given,
-                                                                    "--gradient_checkpointing_kwargs", '{"a": 1}'])
-        assert training_args.activation_checkpointing and training_args.gradient_checkpointing
-        assert training_args.activation_checkpointing_kwargs == {"a": 1}
-    paper = ["--config", str(Path(config).with_name("paper.yaml")), *argv[2:]]  # checkpointing on, turned off
-    _, training_args = parse_training_arguments(make_parser(), [*paper, "--no_gradient_checkpointing"])
-    assert not training_args.activation_checkpointing and not training_args.gradient_checkpointing
-    both = tmp_path / "both.yaml"  # the old name added to a copy of a config: ignored, as the new one is set
-    both.write_text(Path(config).read_text() + "gradient_checkpointing: true\n")
-    with pytest.raises(ValueError, match="gradient_checkpointing is the deprecated name of activation_checkpointing"):
-        parse_training_arguments(make_parser(), ["--config", str(both), *argv[2:]])
+    configs = Path(__file__).resolve().parents[1] / "training" / "configs"
+    required = ["--output_dir", str(tmp_path), "--corpus_dir", "corpus", "--text_model_name_or_path", "llm"]
+    for config, given, checkpointing in [
+        ("demo.yaml", [], False), ("demo.yaml", ["--gradient_checkpointing", "true"], True),
+        ("demo.yaml", ["--gradient_checkpointing=true"], True), ("demo.yaml", ["--activation_checkpointing"], True),
+        ("paper.yaml", [], True), ("paper.yaml", ["--no_gradient_checkpointing"], False),
+        ("paper.yaml", ["--activation_checkpointing", "false"], False),
+    ]:
+        _, training_args = parse_training_arguments(make_parser(), ["--config", str(configs / config), *required,
+                                                                    *given])
+        assert training_args.activation_checkpointing == training_args.gradient_checkpointing == checkpointing, given
+    _, training_args = parse_training_arguments(make_parser(), ["--config", str(configs / "demo.yaml"), *required,
+                                                                "--gradient_checkpointing_kwargs", '{"a": 1}'])
+    assert training_args.activation_checkpointing_kwargs == {"a": 1}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU default applies where torch sees no accelerator")

@@ -449,12 +449,11 @@ def parse_training_arguments(parser: Any, argv: Sequence[str] | None = None) -> 
     import torch
     from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
-    argv = [_current_name(argument) for argument in (sys.argv[1:] if argv is None else argv)]
+    argv = list(sys.argv[1:] if argv is None else argv)
     accelerator = (torch.cuda.is_available() or is_torch_bf16_gpu_available() or is_torch_xla_available()
                    or torch.backends.mps.is_available())
     if not accelerator and not _given(argv, "--use_cpu"):
         argv += ["--use_cpu", "true"]
-    _check_renamed_settings(argv)
     parsed = _parsed(parser, argv)
     training_args = next((arguments for arguments in parsed if hasattr(arguments, "use_cpu")), None)
     on_cpu = training_args is not None and (training_args.use_cpu or not accelerator)
@@ -476,40 +475,6 @@ def _parsed(parser: Any, argv: Sequence[str]) -> tuple:
         return parser.parse_args_and_config(argv)
     except ValueError as error:
         raise ValueError(str(error)) from error
-
-
-# transformers' deprecated names of settings and their current names
-_RENAMED_SETTINGS = {"gradient_checkpointing": "activation_checkpointing",
-                     "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
-_RENAMED_OPTIONS = {f"--{old}": f"--{new}" for old, new in _RENAMED_SETTINGS.items()} | {
-    # TRL's default of True gives the old name a negation, which the new one (default None) lacks
-    "--no_gradient_checkpointing": "--activation_checkpointing=false"}
-
-
-def _current_name(argument: str) -> str:
-    """A command-line option under transformers' current name: `gradient_checkpointing(_kwargs)` is read only where
-    `activation_checkpointing(_kwargs)` is unset, and the recipe's configs set it, so `--gradient_checkpointing true`
-    (or `--no_gradient_checkpointing` with paper.yaml) was overridden by the config without a word."""
-    option, equals, value = argument.partition("=")
-    return _RENAMED_OPTIONS.get(option, option) + equals + value if option in _RENAMED_OPTIONS else argument
-
-
-def _check_renamed_settings(argv: Sequence[str]) -> None:
-    """Refuse a `--config` YAML that sets a deprecated name (`gradient_checkpointing(_kwargs)`) and its current name
-    to different values: transformers reads the old name only where the new one is unset, so `gradient_checkpointing:
-    false` added to a copy of paper.yaml left checkpointing on without a word."""
-    import yaml
-
-    if "--config" not in argv[:-1] or not Path(argv[argv.index("--config") + 1]).is_file():
-        return  # TRL reads `--config PATH` alone, and refuses a missing file
-    path = argv[argv.index("--config") + 1]
-    config = yaml.safe_load(Path(path).read_text())
-    if not isinstance(config, dict):
-        return  # TRL refuses it
-    for old, new in _RENAMED_SETTINGS.items():
-        if old in config and new in config and config[old] != config[new]:
-            raise ValueError(f"--config {path} sets {old}: {config[old]} and {new}: {config[new]}; {old} is the "
-                             f"deprecated name of {new}, which wins: keep {new} alone, with the value you mean.")
 
 
 def _given(argv: Sequence[str], option: str) -> bool:
