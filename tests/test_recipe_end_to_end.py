@@ -9,7 +9,7 @@ from datasets import load_from_disk
 from tiny_parts import save_tiny_parts
 from trl import SFTConfig
 
-from modeling_cell2text import Cell2TextProcessor
+from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor
 from modeling_cell2text.description_schema import DescriptionParseError, parse_description
 from processing.build_corpus import BuildOptions, build_corpus
 from processing.presets import pbmc68k_reduced
@@ -113,5 +113,9 @@ def test_the_main_job_runs_every_stage_on_tiny_parts(tmp_path, monkeypatch):
     assert majority["accuracy"] < majority["ontology_similarity"] < 1
     per_cell = json.loads((report.parent / "per_cell.json").read_text())
     assert per_cell["cell_id"] == test_cells and results["fields"]["cell_type"]["num_cells"] == 70  # Cell2Text's own
+    accuracy = results["fields"]["cell_type"]["accuracy"]
+    assert accuracy == pytest.approx(sum(p == t for p, t in zip(per_cell["cell_type_pred"], truth)) / 70)
     assert "ontology_similarity" in results["fields"]["cell_type"]
-    assert "cell2text-demo-pbmc68k" in (out / "cell2text-demo" / "README.md").read_text()
+    card = (out / "cell2text-demo" / "README.md").read_text()  # Hub-ready: the card states this run's figure, and
+    assert "cell2text-demo-pbmc68k" in card and f"| Cell type | {accuracy:.3f} |" in card  # the folder loads
+    assert Cell2TextForConditionalGeneration.from_pretrained(out / "cell2text-demo").config.num_cell_tokens == 8
