@@ -153,23 +153,33 @@ def test_an_interrupted_benchmark_keeps_its_folds_and_resumes_from_them(tmp_path
         quality.main(["--folds", "3", "--out", str(tmp_path), "--resume"])
 
 
+def save_fold(root: Path, ids: list, truth: list, true_ids: list, per_cell: dict, baselines: dict) -> None:
+    """A main job's --out folder as `quality.fold_cells` reads it: the corpus (test cells `ids`), Cell2Text's per-cell
+    report and the baselines' predictions."""
+    from datasets import Dataset, DatasetDict
+
+    from training.demo import BASELINE_PREDICTIONS
+
+    DatasetDict({
+        "train": Dataset.from_dict({"cell_type": ["B cell"], "cell_id": ["e"]}),
+        "validation": Dataset.from_dict({"cell_type": ["T cell"], "cell_id": ["f"]}),
+        "test": Dataset.from_dict({"cell_type": truth, "cell_id": ids, "cell_type_ontology_term_id": true_ids}),
+    }).save_to_disk(str(root / "corpus"))
+    (root / "report").mkdir()
+    (root / "report" / "per_cell.json").write_text(json.dumps(per_cell))
+    (root / BASELINE_PREDICTIONS).write_text(json.dumps(baselines))
+
+
 def test_fold_cells_read_each_method_on_the_folds_test_cells_and_refuse_a_mismatch(tmp_path):
     from datasets import Dataset, DatasetDict
 
     from training.demo import BASELINE_PREDICTIONS
 
     ids = ["a", "b", "c", "d"]
-    DatasetDict({
-        "train": Dataset.from_dict({"cell_type": ["B cell"], "cell_id": ["e"]}),
-        "validation": Dataset.from_dict({"cell_type": ["T cell"], "cell_id": ["f"]}),
-        "test": Dataset.from_dict({"cell_type": TRUTH, "cell_id": ids, "cell_type_ontology_term_id": TRUTH_IDS}),
-    }).save_to_disk(str(tmp_path / "corpus"))
-    (tmp_path / "report").mkdir()
     per_cell = {"cell_id": ids, "cell_type_true": TRUTH, "cell_type_pred": ["B cell", "T cell", "T cell", None],
                 "cell_type_score": [0.9, 0.8, 0.6, 0.3]}
-    (tmp_path / "report" / "per_cell.json").write_text(json.dumps(per_cell))
     baselines = {"cell_id": ids, "cell_type_true": TRUTH, "predictions": {"knn": ["B cell"] * 4}}
-    (tmp_path / BASELINE_PREDICTIONS).write_text(json.dumps(baselines))
+    save_fold(tmp_path, ids, TRUTH, TRUTH_IDS, per_cell, baselines)
     cells = quality.fold_cells(tmp_path)
     assert cells["predictions"] == {"cell2text": per_cell["cell_type_pred"], "knn": ["B cell"] * 4}
     assert cells["cell_id"] == ids
@@ -208,23 +218,13 @@ def test_fold_cells_read_each_method_on_the_folds_test_cells_and_refuse_a_mismat
 def test_fold_cells_score_a_true_type_without_a_graded_id_by_its_label_as_the_evaluation_does(tmp_path):
     """The folds' per-cell similarity (and the main job's baselines') compared ids only: a right label whose true type
     has no id, or one unknown to the Cell Ontology, scored 0 there and 1 in Cell2Text's own evaluation."""
-    from datasets import Dataset, DatasetDict
-
-    from training.demo import BASELINE_PREDICTIONS
     from training.evaluation.evaluate import label_similarity_scores
 
     ids, truth, true_ids = ["a", "b", "c"], ["my cell", "their cell", "B cell"], [None, "CL:9999999", "CL:0000236"]
-    DatasetDict({
-        "train": Dataset.from_dict({"cell_type": ["B cell"], "cell_id": ["e"]}),
-        "validation": Dataset.from_dict({"cell_type": ["B cell"], "cell_id": ["f"]}),
-        "test": Dataset.from_dict({"cell_type": truth, "cell_id": ids, "cell_type_ontology_term_id": true_ids}),
-    }).save_to_disk(str(tmp_path / "corpus"))
-    (tmp_path / "report").mkdir()
     per_cell = {"cell_id": ids, "cell_type_true": truth, "cell_type_pred": truth, "cell_type_score": [0.9] * 3}
-    (tmp_path / "report" / "per_cell.json").write_text(json.dumps(per_cell))
     wrong = ["their cell", "my cell", "B cell"]
-    (tmp_path / BASELINE_PREDICTIONS).write_text(json.dumps(
-        {"cell_id": ids, "cell_type_true": truth, "predictions": {"knn": wrong}}))
+    save_fold(tmp_path, ids, truth, true_ids, per_cell,
+              {"cell_id": ids, "cell_type_true": truth, "predictions": {"knn": wrong}})
     similarity = quality.fold_cells(tmp_path)["ontology_similarity"]
     assert similarity["cell2text"] == [1.0, 1.0, 1.0]
     assert similarity["knn"] == [0.0, 0.0, 1.0]
