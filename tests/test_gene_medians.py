@@ -1,5 +1,8 @@
 """Gene medians: exact accumulator vs numpy, histogram within its stated bound, shard merging."""
 
+import struct
+import zipfile
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -168,6 +171,18 @@ def _edited_histogram(source, target, **arrays) -> None:
         np.savez(target, **{**dict(data), **arrays})
 
 
+def _corrupt_member(source, target, member: str) -> None:
+    """A copy of the histogram file `source` at `target` whose `member`'s compressed data starts with a reserved
+    deflate block type, so that reading it raises zlib.error (the zip's directory still reads)."""
+    with zipfile.ZipFile(source) as archive:
+        offset = archive.getinfo(member).header_offset
+    data = bytearray(source.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[offset + 26: offset + 30])
+    start = offset + 30 + name_length + extra_length
+    data[start: start + 4] = b"\xff" * 4
+    target.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize("name, problem", [
     ("summary.json", ""), ("medians.npy", ""), ("other.npz", r" \(no counts array\)"),
     # these ended in a BadZipFile or EOFError traceback, or in numpy's words naming no file, or were merged
@@ -176,6 +191,9 @@ def _edited_histogram(source, target, **arrays) -> None:
     ("binning.npz", r" \(binning of shape \(1,\), not 3 numbers\)"),
     ("shard.npz", r" \(a shard of shape \(1,\), not \(index, count\)\)"),
     ("negative.npz", r" \(counts that are no non-negative integers\)"),  # merged: medians of negative counts
+    # gene ids of another shape, and a member whose data does not inflate (zlib's error, a traceback)
+    ("genes2d.npz", r" \(counts of shape \(40, 1100\) for \(40, 1\) gene ids and 1100 bins\)"),
+    ("inflate.npz", r" \(it does not read \(Error -3 while decompressing data: invalid block type\)\)"),
 ])
 def test_the_merge_cli_refuses_a_file_that_is_no_histogram_in_one_line(tmp_path, name, problem):
     """A file other than a shard's median_histogram.npz ended in numpy's traceback ("Cannot load file containing
@@ -184,7 +202,8 @@ def test_the_merge_cli_refuses_a_file_that_is_no_histogram_in_one_line(tmp_path,
 
     histogram = HistogramGeneMedians(40)
     histogram.update(*_random_entries(3))
-    histogram.save(tmp_path / "s0.npz", [f"ENSG{i:011d}" for i in range(40)])
+    genes = [f"ENSG{i:011d}" for i in range(40)]
+    histogram.save(tmp_path / "s0.npz", genes)
     given, first = tmp_path / name, tmp_path / "s0.npz"
     {"summary.json": lambda: given.write_text("{}"), "medians.npy": lambda: np.save(given, np.ones(3)),
      "other.npz": lambda: np.savez(given, values=np.ones(3)),
@@ -192,7 +211,9 @@ def test_the_merge_cli_refuses_a_file_that_is_no_histogram_in_one_line(tmp_path,
      "narrow.npz": lambda: _edited_histogram(first, given, counts=histogram.counts[:, :5]),
      "binning.npz": lambda: _edited_histogram(first, given, binning=np.ones(1)),
      "shard.npz": lambda: _edited_histogram(first, given, shard=np.ones(1, dtype=np.int64)),
-     "negative.npz": lambda: _edited_histogram(first, given, counts=-1 - histogram.counts)}[name]()
+     "negative.npz": lambda: _edited_histogram(first, given, counts=-1 - histogram.counts),
+     "genes2d.npz": lambda: _edited_histogram(first, given, gene_ids=np.array(genes)[:, None]),
+     "inflate.npz": lambda: _corrupt_member(first, given, "counts.npy")}[name]()
     with pytest.raises(SystemExit, match=rf"^gene_medians: error: {given} is no gene-median histogram{problem}: give "
                                          "the median_histogram.npz"):
         main([str(tmp_path / "s0.npz"), str(given), "--out", str(tmp_path / "fe")])
