@@ -219,6 +219,22 @@ def test_a_refusal_by_the_model_folders_own_code_is_one_line(model_dir, h5ad, tm
         assert_one_line_error(code, err, "num_cell_tokens must be >= 1, got 0")
 
 
+def test_a_value_error_from_another_models_remote_code_is_not_taken_for_this_projects():
+    """Under transformers_modules only this package's modules (a model folder's copy) are this project's: a
+    ValueError raised by another model's remote code keeps its traceback, as another library's does."""
+    from modeling_cell2text.argument_types import raised_by_this_project
+
+    def raised_in(module: str) -> ValueError:
+        namespace = {"__name__": module}
+        exec("def refuse():\n    raise ValueError('refused')", namespace)
+        with pytest.raises(ValueError) as raised:
+            namespace["refuse"]()
+        return raised.value
+
+    assert raised_by_this_project(raised_in("transformers_modules.model.configuration_cell2text"))
+    assert not raised_by_this_project(raised_in("transformers_modules.other.modeling_other"))
+
+
 def test_existing_out_needs_overwrite(model_dir, h5ad, tmp_path, capsys, monkeypatch):
     out = tmp_path / "annotated.h5ad"
     out.write_bytes(b"precious")

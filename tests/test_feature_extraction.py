@@ -440,6 +440,7 @@ def test_save_and_reload_round_trip(extractor, counts, tmp_path):
     (lambda c: c.update(gene_medians=[1.0]), "gene_medians must map genes to numbers, got list"),  # AttributeError
     (lambda c: c["gene_medians"].update({VOCAB_GENES[0]: True}), "gene_medians must map genes to numbers"),
     (lambda c: c.update(gene_symbols=None, symbol_to_gene=["TP53"]), "symbol_to_gene must map genes to strings"),
+    (lambda c: c["gene_symbols"].update({VOCAB_GENES[0]: 7157}), "gene_symbols must map genes to strings"),
     (lambda c: c.update(model_input_size=2048.5), "model_input_size must be an integer, got 2048.5"),  # ran as 2048
     (lambda c: c.update(num_expression_bins="4"), "num_expression_bins must be an integer, got '4'"),
 ])

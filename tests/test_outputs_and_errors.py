@@ -257,7 +257,7 @@ def test_a_misspelt_setting_in_config_json_is_refused_not_left_at_its_default(mo
                                                ("field_temperatures", [1.0]),
                                                # read as no recorded parts: the processor went unchecked
                                                ("processor_sha256", "abc"), ("processor_sha256", {"labels": None}),
-                                               ("gene_vocabulary_sha256", 5)])
+                                               ("gene_vocabulary_sha256", 5), ("gene_ranking_sha256", 5)])
 def test_config_fields_of_the_wrong_type_are_refused_by_name(model_dir, field, value):
     config = Cell2TextConfig.from_pretrained(model_dir).to_dict()
     config[field] = value
