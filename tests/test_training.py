@@ -1092,8 +1092,9 @@ def test_recipe_trains_in_float32_on_a_cpu_without_native_bf16(tmp_path, monkeyp
         _, training_args = parse_training_arguments(make_parser(), argv)
     assert training_args.use_cpu and not training_args.bf16
     assert "trains in float32" in caplog.text
-    _, training_args = parse_training_arguments(make_parser(), [*argv, "--bf16", "true"])
-    assert training_args.bf16
+    for keep in (["--bf16", "true"], ["--bf16=true"]):  # either form of the option is the command line's
+        _, training_args = parse_training_arguments(make_parser(), [*argv, *keep])
+        assert training_args.bf16, keep
     monkeypatch.setattr(adapters, "cpu_bf16_is_fast", lambda: True)
     _, training_args = parse_training_arguments(make_parser(), argv)
     assert training_args.bf16
@@ -1520,6 +1521,15 @@ def test_an_unfrozen_gene_encoder_is_trained_and_saved_with_the_adapters(tmp_pat
         with pytest.raises(Stop):
             main(args, config)
         assert sorted(seen["modules_to_save"]) == sorted(expected)
+
+
+def test_the_determinism_benchmark_refuses_runs_it_cannot_compare_in_one_line(tmp_path, monkeypatch, capsys):
+    """benchmarks/determinism.py --repeats 1 compares each setting's run with nothing ("bitwise equal: True" says
+    nothing), and --steps 0 trains nothing: both are refused before anything trains."""
+    for option in (["--repeats", "1"], ["--steps", "0"]):
+        result = run_as_command([str(REPO / "benchmarks" / "determinism.py"), *option], tmp_path, monkeypatch, capsys)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and option[0] in lines[-1] and "Traceback" not in result.stderr, result.stderr
 
 
 def test_the_streaming_benchmark_refuses_cells_without_genes_in_one_line(tmp_path, monkeypatch, capsys):
