@@ -72,3 +72,15 @@ def test_baseline_reports_hold_the_ontology_similarity_as_cell2texts_do():
     assert reports["knn"]["cell_type"]["ontology_similarity"] == 1.0  # "T cell" found in the ontology by its label
     assert 0.5 < reports["majority"]["cell_type"]["ontology_similarity"] < 1.0
     assert "ontology_similarity" not in baseline_reports(truth, predictions)["knn"]["cell_type"]
+
+
+def test_baselines_are_scored_by_label_where_the_true_cell_type_has_no_graded_id():
+    """demo.py and the quality benchmark score the baselines with `cell_type_similarity_scores`, as Cell2Text's
+    labels are scored: a true cell type without an id the ontology grades is scored by its label (given only the
+    ids, the right label scored 0)."""
+    from training.evaluation.evaluate import cell_type_similarity_scores
+
+    cells = {"cell_type": ["B cell", "tuft-like cell"], "cell_type_ontology_term_id": ["CL:0000236", None]}
+    predictions = {"knn": ["B cell", "tuft-like cell"], "majority": ["B cell", "B cell"]}
+    scores = cell_type_similarity_scores(cells, predictions, {"B cell": "CL:0000236", "tuft-like cell": None})
+    assert scores == {"knn": [1.0, 1.0], "majority": [1.0, 0.0]}

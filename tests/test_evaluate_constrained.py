@@ -132,6 +132,9 @@ def test_a_free_description_cut_at_max_new_tokens_counts_as_unparsed(model_and_c
     results, _ = score_descriptions(split, [text, first], ids, whole=[True, False])
     assert results["parse_rate"] == 0.5 and results["fields"]["cell_type"]["accuracy"] == 0.5
     assert score_descriptions(split, [text, first], ids)[0]["parse_rate"] == 1.0  # as before: every text whole
+    for whole in ([True], [True, True, False]):  # one flag per text: another count was misread or ignored
+        with pytest.raises(ValueError, match="pass one per cell"):
+            score_descriptions(split, [text, first], ids, whole=whole)
 
     model_dir, corpus_dir = model_and_corpus
     model, processor = load_model(model_dir, device="cpu")
