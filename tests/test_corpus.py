@@ -417,6 +417,11 @@ def test_pathway_max_rank_is_an_option_and_a_warning_names_it_where_cells_expres
     assert "Pass --pathway-max-rank below" in caplog.text
     with pytest.raises(ValueError, match="pathway_max_rank must be an integer between 1 and the number of genes"):
         build_corpus(pbmc68k_reduced(), tmp_path / "bad", BuildOptions(progress=False, pathway_max_rank=0))
+    from processing.build_corpus import pathway_max_rank
+
+    assert pathway_max_rank(BuildOptions(pathway_max_rank=765), 765) == 765  # every gene: the most there is
+    with pytest.raises(ValueError, match=r"the number of genes \(765\), got 766"):
+        pathway_max_rank(BuildOptions(pathway_max_rank=766), 765)
 
 
 def test_an_empty_split_is_saved_so_that_the_corpus_loads(tmp_path):

@@ -101,7 +101,7 @@ def replaced(shard: Path, to: Path, file: str, content: bytes) -> Path:
     ("extractor not JSON", "config file at '.*s/feature_extractor/preprocessor_config.json' is not a valid JSON"),
     ("extractor a list", "the feature extractor config of .*s/feature_extractor is a list, not a JSON object"),
 ])
-def test_shards_that_make_no_one_corpus_are_refused_before_writing(built, tmp_path, case, message):
+def test_shards_that_make_no_one_corpus_are_refused_before_writing(built, tmp_path, monkeypatch, case, message):
     first, second = built["shards"]
     copy = tmp_path / "s"
     shards = {
@@ -135,6 +135,11 @@ def test_shards_that_make_no_one_corpus_are_refused_before_writing(built, tmp_pa
         "extractor a list": lambda: [first, replaced(second, copy, "feature_extractor/preprocessor_config.json",
                                                      b"[1]")],  # the join's AttributeError, others' TypeError
     }[case]()
+
+    def joined(*args, **kwargs):  # a corrupt shard file is refused before the splits are joined and written
+        raise AssertionError("the splits were joined before every shard was checked")
+
+    monkeypatch.setattr("processing.join_corpus.save_splits", joined)
     with pytest.raises((ValueError, OSError), match=message):  # OSError: transformers' for a config not JSON
         join_corpus(shards, tmp_path / "joined")
     assert not (tmp_path / "joined").exists()
