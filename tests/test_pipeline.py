@@ -690,6 +690,21 @@ def test_the_generation_benchmark_refuses_two_modes_and_batch_sizes_label_scalin
     assert benchmark.parse_args([]).batch_sizes == [1, 16]
 
 
+def test_the_generation_benchmark_times_label_scaling_at_the_batch_size_asked_for(tmp_path, monkeypatch, capsys):
+    """--label-scaling timed every decoder at batch 16 whatever --batch-sizes said."""
+    import sys
+    from tiny_parts import load_benchmark
+
+    benchmark = load_benchmark("generation")
+    sizes = []
+    monkeypatch.setattr(benchmark, "label_scaling", lambda *args: sizes.append(args[-1]))
+    monkeypatch.setattr(sys, "argv", ["generation.py", "--model", str(tmp_path / "no-model"), "--cells", "2",
+                                      "--new-tokens", "1", "--genes-per-cell", "8", "--label-scaling",
+                                      "--batch-sizes", "4"])
+    benchmark.main()
+    assert sizes == [4]
+
+
 def test_the_generation_benchmark_leaves_no_fallback_model_behind(tmp_path, monkeypatch, capsys):
     """Without the main job's model, benchmarks/generation.py saves a tiny random one: every run left it in /tmp."""
     import sys

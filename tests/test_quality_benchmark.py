@@ -100,10 +100,11 @@ def test_every_fold_runs_once_and_the_pooled_figures_count_every_cell(tmp_path, 
     assert "- Cell2Text - Head on the same encoder (probe): +0.000 accuracy on 12 cells" in printed
 
 
-def test_bad_fold_arguments_are_refused(tmp_path):
+def test_bad_fold_arguments_are_refused(tmp_path, stubbed):
     for argv in (["--folds", "1"], ["--folds", "3", "--only-folds", "3"], ["--only-folds", "0", "0"]):
         with pytest.raises(SystemExit):
             quality.main([*argv, "--out", str(tmp_path)])
+    assert stubbed == []  # refused before a fold trains (an accepted one ran the whole recipe here)
 
 
 def test_a_max_steps_that_caps_nothing_is_refused_before_a_fold_trains(tmp_path, stubbed):
