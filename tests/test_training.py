@@ -1122,7 +1122,8 @@ def test_the_recipes_trainers_warn_where_several_processes_repeat_training_cells
     class Base:  # what the mixin reads of a transformers Trainer
         def __init__(self, cells: int, processes: int):
             self.accelerator = SimpleNamespace(num_processes=processes, distributed_type=DistributedType.MULTI_GPU)
-            self.args = SimpleNamespace(per_device_train_batch_size=4)
+            self.args = SimpleNamespace(per_device_train_batch_size=4, gradient_checkpointing_kwargs=None,
+                                        activation_checkpointing_kwargs=None)
             self.train_dataset, self.model = list(range(cells)), torch.nn.Linear(2, 2)
 
     class Trainer(MultiProcessTrainingMixin, Base):
