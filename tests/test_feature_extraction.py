@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from tiny_parts import edit_json
 
 from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor, RankedCells
 from modeling_cell2text.gene_ids import var_gene_ids
@@ -446,10 +447,7 @@ def test_save_and_reload_round_trip(extractor, counts, tmp_path):
 ])
 def test_a_saved_config_of_another_shape_is_refused_naming_the_setting(extractor, tmp_path, edit, message):
     extractor.save_pretrained(tmp_path)
-    path = tmp_path / "preprocessor_config.json"
-    config = json.loads(path.read_text())
-    edit(config)
-    path.write_text(json.dumps(config))
+    edit_json(tmp_path / "preprocessor_config.json", edit)
     with pytest.raises(ValueError, match=message):
         Cell2TextFeatureExtractor.from_pretrained(tmp_path)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from tiny_parts import make_tiny_tokenizer, tiny_bert_config, tiny_llama_config
+from tiny_parts import edit_json, make_tiny_tokenizer, tiny_bert_config, tiny_llama_config
 
 from modeling_cell2text import (
     Cell2TextConfig,
@@ -248,10 +248,7 @@ def test_unknown_processor_settings_are_refused_not_dropped(processor):
 ])
 def test_misspelt_settings_in_a_saved_processor_config_are_refused(processor, tmp_path, edit, message):
     processor.save_pretrained(tmp_path)
-    config_file = tmp_path / "processor_config.json"
-    saved = json.loads(config_file.read_text())
-    edit(saved)
-    config_file.write_text(json.dumps(saved))
+    edit_json(tmp_path / "processor_config.json", edit)
     with pytest.raises(TypeError, match=message):
         Cell2TextProcessor.from_pretrained(tmp_path)
 

@@ -159,6 +159,16 @@ def encoder_for_vocabulary(encoder_dir: Path, feature_extractor, out_dir: Path) 
     return out_dir
 
 
+def edit_json(path: Path, edit) -> None:
+    """Rewrite the JSON file `path` with `edit` (a function changing the loaded object in place): a saved config made
+    malformed, for the tests of its refusal."""
+    import json
+
+    loaded = json.loads(Path(path).read_text())
+    edit(loaded)
+    Path(path).write_text(json.dumps(loaded))
+
+
 def load_benchmark(name: str, monkeypatch=None) -> ModuleType:
     """`benchmarks/<name>.py` as a module (benchmarks/ is no package), registered in sys.modules for the test where
     `monkeypatch` is given (dataclasses look their module up there)."""
