@@ -922,8 +922,8 @@ def test_a_donor_fields_search_score_is_a_lower_bound_of_exhaustive_scorings_at_
         random_model_and_processor):
     """Review finding: an unexplored partial option under which every option states the chosen sex counted its whole
     prefix probability for that sex, which bounds those options from above, so the search's score could lie far
-    above exhaustive scoring's (0.719 against 0.547 for a sex at temperature 1); the README promises a lower bound
-    before temperature scaling."""
+    above exhaustive scoring's (0.719 against 0.547 for a sex at temperature 1); docs/describing.md promises a lower
+    bound before temperature scaling."""
     model, processor = random_model_and_processor
     saved = processor.ontology_term_ids, processor.age_groups
     processor.ontology_term_ids = {**saved[0], "disease": {
