@@ -24,8 +24,8 @@ class _NumericDictUnpickler(pickle.Unpickler):
     """Unpickler for Geneformer's dictionaries: plain dicts of str -> int/float only.
 
     No class or function can be loaded, except numpy's numeric scalar reconstruction (a median
-    dictionary written with numpy float values pickles them that way); those are restricted to
-    numeric dtypes and checked again after loading.
+    dictionary written with numpy float values pickles them that way) and, for pickle protocol 2, the latin-1
+    encoding of a scalar's bytes; those are restricted to numeric dtypes and checked again after loading.
     """
 
     def find_class(self, module: str, name: str) -> Any:
@@ -33,6 +33,8 @@ class _NumericDictUnpickler(pickle.Unpickler):
             return _numeric_scalar
         if module == "numpy" and name == "dtype":
             return _numeric_dtype
+        if module == "_codecs" and name == "encode":  # protocol 2 (Python 2's) writes a scalar's bytes this way
+            return _latin1_bytes
         raise pickle.UnpicklingError(
             f"refusing to load {module}.{name}: a Geneformer dictionary must hold only a plain dict of "
             "str -> int/float (no classes or functions)"
@@ -47,6 +49,13 @@ def _numeric_dtype(spec: Any, *args: Any) -> np.dtype:
     if dtype.kind not in "iuf":
         raise pickle.UnpicklingError(f"refusing non-numeric numpy dtype {dtype}")
     return dtype
+
+
+def _latin1_bytes(text: Any, encoding: Any = None) -> bytes:
+    """codecs.encode restricted to what pickle protocol 2 writes for bytes: a str encoded as latin-1."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise pickle.UnpicklingError("refusing a codecs call that is not protocol 2's bytes (str, 'latin1')")
+    return text.encode("latin-1")
 
 
 def _numeric_scalar(dtype: Any, data: Any) -> float | int:

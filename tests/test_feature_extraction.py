@@ -367,6 +367,30 @@ def test_geneformer_dictionaries_load_plain_dicts(tmp_path):
     assert extractor.gene_symbols == {"ENSG00000141510": "TP53"}
 
 
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_geneformer_dictionaries_load_every_pickle_protocol_of_numpy_medians(tmp_path, protocol):
+    """Protocol 2 (Python 2's, or pickle.dump(..., protocol=2)) writes a numpy scalar's bytes through
+    codecs.encode: such a median dictionary was refused as holding a function."""
+    tokens = write_pickle(tmp_path / "tokens.pkl", {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3,
+                                                    "ENSG00000141510": 4, "ENSG00000012048": 5})
+    medians = tmp_path / "medians.pkl"
+    medians.write_bytes(pickle.dumps({"ENSG00000141510": np.float64(1.25), "ENSG00000012048": np.float32(0.5)},
+                                     protocol=protocol))
+    extractor = Cell2TextFeatureExtractor.from_geneformer_dictionaries(tokens, str(medians))
+    assert extractor.gene_medians == {"ENSG00000141510": 1.25, "ENSG00000012048": 0.5}
+
+
+class CodecsCall:
+    """A pickle calling codecs.encode with other arguments than protocol 2's bytes."""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __reduce__(self):
+        import _codecs
+        return _codecs.encode, self.args
+
+
 class Sneaky:
     def __reduce__(self):
         return (os.getcwd, ())
@@ -384,8 +408,10 @@ class LongScalar:
     "payload",
     [{"ENSG00000141510": Sneaky()}, {"ENSG00000141510": os.getcwd}, {"ENSG00000141510": "1.0"},
      {1: 1.0}, [("ENSG00000141510", 1.0)], {"ENSG00000141510": np.array([1.0])},
-     {"ENSG00000141510": True}, {"ENSG00000141510": LongScalar()}],
-    ids=["reduce", "function", "str-value", "int-key", "list", "ndarray", "bool-value", "long-scalar"],
+     {"ENSG00000141510": True}, {"ENSG00000141510": LongScalar()},
+     {"ENSG00000141510": CodecsCall("1.0", "rot13")}, {"ENSG00000141510": CodecsCall(b"1.0", "latin1")}],
+    ids=["reduce", "function", "str-value", "int-key", "list", "ndarray", "bool-value", "long-scalar",
+         "codecs-other-encoding", "codecs-bytes-value"],
 )
 def test_geneformer_dictionaries_reject_anything_else(tmp_path, payload):
     tokens = write_pickle(tmp_path / "tokens.pkl", {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3})
