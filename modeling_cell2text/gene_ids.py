@@ -6,8 +6,9 @@
   (transcript IDs ``ENST...``, ``..._PAR_Y`` copies, symbols) is not an Ensembl gene ID.
 * A **gene symbol** names the one gene that carries it. A symbol carried by several genes names the only
   protein-coding gene among them; with several protein-coding genes, or several genes and none protein-coding,
-  it is ambiguous and names no gene (it is reported as unmatched, never guessed). Matching is exact
-  (case-sensitive), as HGNC symbols are.
+  it is ambiguous and names no gene (it is reported as unmatched, never guessed). A symbol no gene carries now
+  names the gene HGNC renamed from it, where it was the previous symbol of one gene only (``IGJ`` -> JCHAIN;
+  ``gene_table``). Matching is exact (case-sensitive), as HGNC symbols are.
 * An AnnData's gene IDs are read from ``var``: its index or the first column (``ENSEMBL_VAR_COLUMNS`` first) that
   holds Ensembl IDs, else the symbol source (index or ``SYMBOL_VAR_COLUMNS``) that names the most vocabulary genes.
 

