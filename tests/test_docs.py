@@ -1,5 +1,6 @@
-"""README and docs/ stay true to the repository: their links resolve, their Python parses, and the commands they
-show name modules, scripts and config files that exist."""
+"""README and docs/ stay true to the repository: their links resolve, their Python parses and imports names this
+project and transformers define, and the commands they show (in blocks and inline) name modules, scripts and config
+files that exist."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+INLINE_COMMAND = re.compile(r"`((?:python|bash|accelerate launch|torchrun) [^`]+)`")
+MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+#: Packages whose names a page's Python imports are checked against (other imports need optional extras).
+CHECKED_PACKAGES = {"modeling_cell2text", "processing", "training", "hub_cards", "transformers"}
 
 
 def heading_anchors(text: str) -> set[str]:
@@ -37,14 +42,32 @@ def code_blocks(page: Path, language: str) -> list[str]:
 
 
 def command_lines(page: Path) -> list[list[str]]:
-    """The bash blocks' commands as argument lists, continuation lines joined and comments dropped."""
-    commands = []
+    """The commands of the bash blocks (continuation lines joined, comments dropped) and of inline code in the text
+    (`python -m ...`, `bash x.sh`, ...), as argument lists."""
+    lines = []
     for block in code_blocks(page, "bash"):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.split(" #")[0].strip()
-            if line and not line.startswith("#"):
-                commands.append(shlex.split(line.replace("[", "").replace("]", "")))
-    return commands
+        lines += [line.split(" #")[0].strip() for line in block.replace("\\\n", " ").splitlines()]
+    lines += INLINE_COMMAND.findall(FENCE.sub("", page.read_text()))
+    return [words(line.replace("[", "").replace("]", "")) for line in lines if line and not line.startswith("#")]
+
+
+def words(line: str) -> list[str]:
+    """A command's arguments as the shell splits them; by whitespace where its text does not quote (`<the model's>`)."""
+    try:
+        return shlex.split(line)
+    except ValueError:
+        return line.split()
+
+
+def imported_names(block: str) -> list[tuple[str, str | None]]:
+    """(module, name) for each `from module import name` and (module, None) for each `import module` of a block."""
+    names = []
+    for node in ast.walk(ast.parse(block)):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names += [(node.module, alias.name) for alias in node.names]
+        elif isinstance(node, ast.Import):
+            names += [(alias.name, None) for alias in node.names]
+    return names
 
 
 def test_the_pages_are_found():
@@ -73,11 +96,26 @@ def test_every_python_block_parses(page):
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_every_python_block_imports_names_that_exist(page):
+    missing = []
+    for block in code_blocks(page, "python"):
+        for module, name in imported_names(block):
+            if module.partition(".")[0] not in CHECKED_PACKAGES:
+                continue
+            if importlib.util.find_spec(module) is None:
+                missing.append(module)
+            elif name is not None and not hasattr(importlib.import_module(module), name) \
+                    and importlib.util.find_spec(f"{module}.{name}") is None:
+                missing.append(f"{module}.{name}")
+    assert missing == []
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
 def test_the_commands_shown_name_modules_scripts_and_configs_that_exist(page):
     missing = []
     for words in command_lines(page):
         for flag, value in zip(words, words[1:]):
-            if flag == "-m" and importlib.util.find_spec(value) is None:
+            if flag == "-m" and MODULE.fullmatch(value) and importlib.util.find_spec(value) is None:
                 missing.append(value)
             if flag in ("--config", "--config_file") and not (ROOT / value).is_file():
                 missing.append(value)
@@ -94,3 +132,14 @@ def test_the_link_check_finds_a_broken_link_and_anchor(tmp_path):
                     "[d](https://example.org/x.md)\n```bash\n[e](inside-a-block.md)\n```\n")
     assert relative_links(page) == ["other.md#its-section-the-details", "missing.md", "other.md#no-such"]
     assert heading_anchors((tmp_path / "other.md").read_text()) == {"other-page", "its-section-the-details"}
+
+
+def test_the_command_and_import_checks_read_what_a_page_shows(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("Run `python -m training.nonexistent --x 1` or `bash scripts/none.sh`; `python -m ...`.\n"
+                    "```bash\npython -m processing.build_corpus \\\n    --out DIR   # a comment\n```\n")
+    assert command_lines(page) == [["python", "-m", "processing.build_corpus", "--out", "DIR"],
+                                   ["python", "-m", "training.nonexistent", "--x", "1"], ["bash", "scripts/none.sh"],
+                                   ["python", "-m", "..."]]
+    assert imported_names("import anndata as ad\nfrom modeling_cell2text import tl, no_such\n") == [
+        ("anndata", None), ("modeling_cell2text", "tl"), ("modeling_cell2text", "no_such")]
