@@ -23,9 +23,10 @@ CHECKED_PACKAGES = {"modeling_cell2text", "processing", "training", "hub_cards",
 
 
 def heading_anchors(text: str) -> set[str]:
-    """GitHub's anchors of a page's headings: lower case, punctuation but '-' and '_' dropped, spaces to '-'."""
+    """GitHub's anchors of a page's headings: lower case, punctuation but '-' and '_' dropped, spaces to '-'. A `#`
+    line inside a code block (a shell comment) is no heading."""
     anchors = set()
-    for line in text.splitlines():
+    for line in FENCE.sub("", text).splitlines():
         if line.startswith("#"):
             title = line.lstrip("#").strip().lower()
             anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
@@ -127,7 +128,7 @@ def test_the_commands_shown_name_modules_scripts_and_configs_that_exist(page):
 
 def test_the_link_check_finds_a_broken_link_and_anchor(tmp_path):
     page = tmp_path / "page.md"
-    (tmp_path / "other.md").write_text("# Other page\n\n## Its section: the details\n")
+    (tmp_path / "other.md").write_text("# Other page\n\n## Its section: the details\n```bash\n# no heading\n```\n")
     page.write_text("[a](other.md#its-section-the-details) [b](missing.md) [c](other.md#no-such) "
                     "[d](https://example.org/x.md)\n```bash\n[e](inside-a-block.md)\n```\n")
     assert relative_links(page) == ["other.md#its-section-the-details", "missing.md", "other.md#no-such"]
