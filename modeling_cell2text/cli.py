@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from . import distributed, tl
-    from .rank_value import NotCountsError
+    from .rank_value import NotCountsError, ScaledValuesError
 
     check_paths(args.input, args.out, args.overwrite)
     if args.command == "describe" and args.cell_types is not None:  # before anything is loaded
@@ -236,11 +236,16 @@ def run(args: argparse.Namespace) -> None:
                        if embedded < adata.n_obs else "")
             print(f"Embedded {embedded} of {adata.n_obs} cells{skipped} ({embeddings.shape[1]} dimensions) into "
                   f"obsm[{args.key_added!r}]; wrote {args.out}")
-    except NotCountsError as error:  # X of a CELLxGENE file: normalised, its counts in adata.raw
-        if args.use_raw or args.layer is not None or adata.raw is None:
+    except (NotCountsError, ScaledValuesError) as error:  # X normalised or scaled, the counts kept elsewhere
+        if args.use_raw or args.layer is not None:
             raise
-        raise CLIError(f"{error}. The file has adata.raw, where CELLxGENE files keep the counts: "
-                       "--use-raw reads them") from error
+        if adata.raw is not None:
+            raise CLIError(f"{error}. The file has adata.raw, where CELLxGENE files keep the counts: "
+                           "--use-raw reads them") from error
+        if len(adata.layers):
+            raise CLIError(f"{error}. The file's layers: {', '.join(adata.layers.keys())}: --layer NAME reads the "
+                           "one holding the counts") from error
+        raise
     finally:
         adata.file.close()
 

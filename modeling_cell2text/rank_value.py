@@ -375,10 +375,15 @@ def _check_finite_non_negative(data: np.ndarray, where: str) -> None:
                 "encoding needs finite, non-negative expression values"
             )
     if data.dtype.kind in "if" and len(data) and data.min() < 0:
-        raise ValueError(
+        raise ScaledValuesError(
             f"input holds negative values (minimum {data.min()}, {where}); pass raw "
             "counts or non-negative normalised values, not scaled/centred data (e.g. adata.raw or a counts layer)"
         )
+
+
+class ScaledValuesError(ValueError):
+    """Negative values: scaled or centred data (scanpy's sc.pp.scale), whatever input_values says; a caller that
+    knows where counts are kept can name it."""
 
 
 class NotCountsError(ValueError):
@@ -699,6 +704,7 @@ __all__ = [
     "MAX_COUNT",
     "MAX_LOG1P",
     "NotCountsError",
+    "ScaledValuesError",
     "TARGET_SUM",
     "RankedCells",
     "as_csr",

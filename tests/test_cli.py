@@ -404,6 +404,26 @@ def test_counts_in_raw(model_dir, tmp_path, capsys):
     assert params["use_raw"] and "layer" not in params  # .raw, not a layer named "raw"
 
 
+def test_scaled_x_names_the_option_that_reads_the_counts(model_dir, tmp_path, capsys):
+    """X scaled by sc.pp.scale (negative values) was refused naming 'adata.raw or a counts layer', not the CLI's
+    --use-raw / --layer, nor the layers the file holds."""
+    adata = make_adata(4)
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = adata.X.toarray() - 1.0
+    path = tmp_path / "scaled.h5ad"
+    adata.write_h5ad(path)
+    out = tmp_path / "out.h5ad"
+    code, err = run_cli(["describe", str(path), "--model", str(model_dir), "--out", str(out)], capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("cell2text: error: input holds negative values"), err
+    assert last.endswith("The file's layers: counts: --layer NAME reads the one holding the counts")
+    adata.raw = ad.AnnData(adata.layers["counts"], var=adata.var)
+    adata.write_h5ad(path)
+    code, err = run_cli(["embed", str(path), "--model", str(model_dir), "--out", str(out)], capsys)
+    assert code == 1 and err.strip().endswith("--use-raw reads them"), err
+    assert main(["embed", str(path), "--model", str(model_dir), "--out", str(out), "--layer", "counts"]) == 0
+
+
 def test_file_without_x_points_to_layer(model_dir, tmp_path, capsys):
     adata = make_adata(3)
     adata.layers["counts"] = adata.X
