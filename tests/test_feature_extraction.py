@@ -342,12 +342,14 @@ def test_pbmc68k_symbols_map():
 
 
 def test_a_renamed_genes_previous_symbol_names_it_and_a_current_symbol_always_wins():
-    mapped = symbol_to_ensembl(["IGJ", "JCHAIN", "SEPT7", "AK3", "ADCY3", "ACSM2", "FACD"])
+    mapped = symbol_to_ensembl(["IGJ", "JCHAIN", "SEPT7", "AK3", "ADCY3", "ACSM2", "FACD", "EPB41L4A-AS2", "USP12P3"])
     assert mapped == {
         "IGJ": "ENSG00000132465", "JCHAIN": "ENSG00000132465", "SEPT7": "ENSG00000122545",  # SEPTIN7 now
         # current symbols of other genes than the one HGNC renamed from them (AK4 was AK3, ADCY8 was ADCY3)
         "AK3": "ENSG00000147853", "ADCY3": "ENSG00000138031",
-    }  # ACSM2 (ACSM2A and ACSM2B) and FACD (BRCA2 and FANCD2) were previous symbols of two genes each: none
+    }  # ACSM2 (ACSM2A and ACSM2B) and FACD (BRCA2 and FANCD2) were previous symbols of two genes each: none.
+    # EPB41L4A-AS2 and USP12P3 were EPB41L4A-DT's and USP12PY's previous symbols, and are HGNC's current symbols of
+    # other genes (GENCODE v48 labels one by its ID, the other it lacks): they named EPB41L4A-DT and USP12PY
 
 
 def test_a_cell_named_by_previous_symbols_gets_the_tokens_of_the_same_cell_named_by_current_ones():
@@ -382,8 +384,11 @@ def test_the_previous_symbols_table_keeps_symbols_of_one_gene_that_no_gene_carri
                      "AK4\tAK3|AK3L1\tENSG00000162433\n"  # AK3 is AK3's (another gene's) symbol now
                      "AK3\tAK3L1|AK6\tENSG00000147853\n"  # AK3L1: two genes' previous symbol
                      "NEWGENE\tOLDNAME\t\n"  # no Ensembl ID
-                     "OTHER\tOLDER\tENSG99999999999\n")  # an ID GENCODE does not hold
-    genes = [("ENSG00000132465", "JCHAIN", "1"), ("ENSG00000162433", "AK4", "1"), ("ENSG00000147853", "AK3", "1")]
+                     "OTHER\tOLDER\tENSG99999999999\n"  # an ID GENCODE does not hold
+                     "EPB41L4A-DT\tEPB41L4A-AS2\tENSG00000278921\n"  # EPB41L4A-AS2: HGNC's symbol of another gene,
+                     "EPB41L4A-AS2\t\tENSG00000251187\n")  # which GENCODE labels by its ID
+    genes = [("ENSG00000132465", "JCHAIN", "1"), ("ENSG00000162433", "AK4", "1"), ("ENSG00000147853", "AK3", "1"),
+             ("ENSG00000278921", "EPB41L4A-DT", "0")]
     assert script.read_previous_symbols(hgnc, genes) == [("AK6", "ENSG00000147853"), ("IGJ", "ENSG00000132465")]
 
 
