@@ -28,7 +28,7 @@ from transformers import BatchFeature, FeatureExtractionMixin
 from .argument_types import is_integer_at_least, with_close_match
 from .cell_inputs import (CELL_INPUT_NAMES, CELL_ROW_KEYS, empty_cells_error, format_cells,
                           resolve_input)
-from .gene_ids import ensembl_gene_id, resolve_symbols, var_gene_ids
+from .gene_ids import ensembl_gene_id, resolve_symbols, superseded_symbols, var_gene_ids
 from .gene_table import vocabulary_symbols
 from .geneformer_dictionaries import checked_vocabulary_source, load_geneformer_dictionaries, load_numeric_dict
 from .rank_value import RankedCells, rank_matrix
@@ -317,8 +317,9 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
     def match_genes(self, gene_ids: Sequence[Any]) -> _GeneMatch:
         """Map input genes (Ensembl IDs, versioned or not, or symbols) to token ids.
 
-        Raises ValueError when no gene matches or when two input genes map to the same gene;
-        logs a warning when fewer than ``min_gene_match_rate`` of them match.
+        Raises ValueError when no gene matches or when two input genes map to the same gene (a previous symbol beside
+        its gene's current symbol names none: ``gene_ids.superseded_symbols``); logs a warning when fewer than
+        ``min_gene_match_rate`` of them match.
         """
         if not self._gene_to_token:
             raise ValueError(
@@ -330,14 +331,15 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         duplicates: list[str] = []
         unmatched: list[str] = []
         n_ambiguous = 0
-        for column, raw in enumerate(gene_ids):
-            name = str(raw).strip()
+        names = [str(raw).strip() for raw in gene_ids]
+        superseded = superseded_symbols(names, self._symbol_to_gene, self.gene_symbols)  # IGJ beside JCHAIN
+        for column, name in enumerate(names):
             token = self._gene_to_token.get(name)  # fast path: an unversioned vocabulary ID
             if token is not None:
                 gene = name
             else:
                 gene = ensembl_gene_id(name)
-                if gene is None:
+                if gene is None and name not in superseded:
                     gene = self._symbol_to_gene.get(name)
                     n_ambiguous += gene is None and name in self._unresolved_symbols
                 token = self._gene_to_token.get(gene) if gene is not None else None

@@ -8,7 +8,8 @@
   protein-coding gene among them; with several protein-coding genes, or several genes and none protein-coding,
   it is ambiguous and names no gene (it is reported as unmatched, never guessed). A symbol no gene carries now
   names the gene HGNC renamed from it, where it was the previous symbol of one gene only (``IGJ`` -> JCHAIN;
-  ``gene_table``). Matching is exact (case-sensitive), as HGNC symbols are.
+  ``gene_table``), except in an input that names that gene by its current symbol too (``superseded_symbols``).
+  Matching is exact (case-sensitive), as HGNC symbols are.
 * An AnnData's gene IDs are read from ``var``: its index or the first column (``ENSEMBL_VAR_COLUMNS`` first) that
   holds Ensembl IDs, else the symbol source (index or ``SYMBOL_VAR_COLUMNS``) that names the most vocabulary genes.
 
@@ -63,6 +64,19 @@ def resolve_symbols(genes: Iterable[tuple[str, str, bool]]) -> dict[str, str]:
         if len(coding_ids) == 1:
             resolved[symbol] = coding_ids[0]
     return resolved
+
+
+def superseded_symbols(
+    names: Iterable[str], symbol_to_gene: Mapping[str, str], gene_symbols: Mapping[str, str]
+) -> set[str]:
+    """The ``names`` that are a previous symbol of a gene (``symbol_to_gene`` maps them to a gene whose symbol in
+    ``gene_symbols`` is another) that ``names`` also hold the current symbol of. They name no gene: an input with both
+    IGJ and JCHAIN (two files joined) reads JCHAIN's column, whatever the columns' order, in the corpus builder and at
+    inference alike, as it did before previous symbols were read (the first of the two was read, or both refused)."""
+    names = set(names)
+    return {name for name in names if (gene := symbol_to_gene.get(name)) is not None
+            and gene_symbols.get(gene, name) != name and gene_symbols[gene] in names
+            and symbol_to_gene.get(gene_symbols[gene]) == gene}
 
 
 def var_gene_ids(var: Any, symbol_to_gene: Mapping[str, str]) -> list[str]:

@@ -22,7 +22,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from modeling_cell2text.gene_ids import ENSEMBL_VAR_COLUMNS, SYMBOL_VAR_COLUMNS, ensembl_gene_id, looks_ensembl
+from modeling_cell2text.gene_ids import (
+    ENSEMBL_VAR_COLUMNS,
+    SYMBOL_VAR_COLUMNS,
+    ensembl_gene_id,
+    looks_ensembl,
+    superseded_symbols,
+)
 from modeling_cell2text.gene_table import ensembl_to_symbol, symbol_to_ensembl
 from modeling_cell2text.rank_value import as_csr
 
@@ -62,8 +68,13 @@ def resolve_genes(var: pd.DataFrame) -> tuple[list[str | None], list[str | None]
             symbol_source = [table.get(i) if i else None for i in ids]
         return ids, list(symbol_source)
     symbols = symbol_source if symbol_source is not None else index
-    mapping = symbol_to_ensembl(s.strip() for s in symbols)
-    return [mapping.get(s.strip()) for s in symbols], list(symbols)
+    stripped = [s.strip() for s in symbols]
+    mapping = symbol_to_ensembl(stripped)
+    superseded = superseded_symbols(stripped, mapping, ensembl_to_symbol(mapping.values()))
+    if superseded:
+        logger.warning("%d symbols are previous symbols of genes the input also names by their current symbol, and "
+                       "are not read (e.g. %s)", len(superseded), sorted(superseded)[:5])
+    return [None if s in superseded else mapping.get(s) for s in stripped], list(symbols)
 
 
 def standardize_obs(obs: pd.DataFrame, obs_map: Mapping[str, str] | None = None) -> pd.DataFrame:

@@ -362,6 +362,29 @@ def test_a_cell_named_by_previous_symbols_gets_the_tokens_of_the_same_cell_named
     assert extractor.gene_symbols["ENSG00000132465"] == "JCHAIN"  # shown by the current symbol
 
 
+def test_a_previous_symbol_beside_its_genes_current_symbol_names_no_gene_in_the_corpus_and_at_inference(caplog):
+    """An input holding IGJ and JCHAIN (two files joined): the corpus builder read whichever came first (IGJ's values
+    as JCHAIN's, JCHAIN's column reported as a duplicate) and inference refused both as duplicates; the current
+    symbol's column is read in both, in either order, as before previous symbols were read."""
+    from processing.sources import resolve_genes
+
+    extractor = Cell2TextFeatureExtractor.from_gene_medians({"ENSG00000132465": 1.0, "ENSG00000141510": 0.5})
+    token = extractor.gene_token_ids
+    for names in (["IGJ", "TP53", "JCHAIN"], ["JCHAIN", "TP53", " IGJ"]):
+        jchain = names.index("JCHAIN")
+        with caplog.at_level(logging.WARNING, logger="processing.sources"):
+            corpus_ids, _ = resolve_genes(pd.DataFrame(index=names))
+        assert corpus_ids[jchain] == "ENSG00000132465" and corpus_ids.count("ENSG00000132465") == 1
+        assert "previous symbols of genes the input also names by their current symbol" in caplog.text
+        expected = [token["ENSG00000141510"] if n == "TP53" else token["ENSG00000132465"] if n == "JCHAIN" else -1
+                    for n in names]
+        assert extractor.match_genes(names).column_tokens.tolist() == expected
+    # alone, or beside another gene's symbol, a previous symbol names its gene
+    assert extractor.match_genes(["IGJ", "TP53"]).column_tokens.tolist() == [token["ENSG00000132465"],
+                                                                              token["ENSG00000141510"]]
+    assert resolve_genes(pd.DataFrame(index=["IGJ", "TP53"]))[0] == ["ENSG00000132465", "ENSG00000141510"]
+
+
 def test_the_packaged_previous_symbols_name_genes_of_the_table_and_none_a_gene_carries_now():
     from modeling_cell2text.gene_table import load_gene_table, load_previous_symbols
 
