@@ -28,7 +28,7 @@ from transformers import BatchFeature, FeatureExtractionMixin
 from .argument_types import is_integer_at_least, with_close_match
 from .cell_inputs import (CELL_INPUT_NAMES, CELL_ROW_KEYS, empty_cells_error, format_cells,
                           resolve_input)
-from .gene_ids import ensembl_gene_id, resolve_symbols, superseded_symbols, var_gene_ids
+from .gene_ids import SUPERSEDED_WARNING, ensembl_gene_id, resolve_symbols, superseded_symbols, var_gene_ids
 from .gene_table import vocabulary_symbols
 from .geneformer_dictionaries import checked_vocabulary_source, load_geneformer_dictionaries, load_numeric_dict
 from .rank_value import RankedCells, rank_matrix
@@ -207,7 +207,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         self._symbol_to_gene = {s: g for s, g in self.symbol_to_gene.items() if g in self._gene_to_token}
         vocabulary_symbols = {self.gene_symbols[g] for g in self._gene_to_token if g in self.gene_symbols}
         self._unresolved_symbols = vocabulary_symbols - self._symbol_to_gene.keys()
-        self._warned_low_match: set[str] = set()  # each gene list's low match rate is said once, not per block
+        self._warned: set[str] = set()  # a gene list's warnings are said once, not per block
         self._is_special = np.zeros(size, dtype=bool)
         special_ids = self.special_token_ids
         self._is_special[special_ids] = True
@@ -333,6 +333,9 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         n_ambiguous = 0
         names = [str(raw).strip() for raw in gene_ids]
         superseded = superseded_symbols(names, self._symbol_to_gene, self.gene_symbols)  # IGJ beside JCHAIN
+        if superseded and (said := SUPERSEDED_WARNING % (len(superseded), sorted(superseded)[:5])) not in self._warned:
+            self._warned.add(said)
+            logger.warning(said)
         for column, name in enumerate(names):
             token = self._gene_to_token.get(name)  # fast path: an unversioned vocabulary ID
             if token is not None:
@@ -367,8 +370,8 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
                 "ENSG00000141510) or gene symbols of the vocabulary's species as gene_ids / var."
             )
         if n_matched < self.min_gene_match_rate * n_input:
-            if summary not in self._warned_low_match:  # a describe matches the genes per block of 512 cells
-                self._warned_low_match.add(summary)
+            if summary not in self._warned:  # a describe matches the genes per block of 512 cells
+                self._warned.add(summary)
                 logger.warning("Low gene match rate: %s", summary)
         else:
             logger.info(summary)

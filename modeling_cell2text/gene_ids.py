@@ -66,6 +66,13 @@ def resolve_symbols(genes: Iterable[tuple[str, str, bool]]) -> dict[str, str]:
     return resolved
 
 
+#: The warning (``%d`` count, ``%s`` examples) where ``superseded_symbols`` leaves columns unread, in the corpus builder
+#: and at inference alike.
+SUPERSEDED_WARNING = ("%d symbols are previous symbols of genes the input also names by their current symbol, and are "
+                      "not read (e.g. %s); where joined files split a gene between its two names, add such a column "
+                      "into the current symbol's")
+
+
 def superseded_symbols(
     names: Iterable[str], symbol_to_gene: Mapping[str, str], gene_symbols: Mapping[str, str]
 ) -> set[str]:

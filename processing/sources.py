@@ -24,6 +24,7 @@ import scipy.sparse as sp
 
 from modeling_cell2text.gene_ids import (
     ENSEMBL_VAR_COLUMNS,
+    SUPERSEDED_WARNING,
     SYMBOL_VAR_COLUMNS,
     ensembl_gene_id,
     looks_ensembl,
@@ -72,8 +73,7 @@ def resolve_genes(var: pd.DataFrame) -> tuple[list[str | None], list[str | None]
     mapping = symbol_to_ensembl(stripped)
     superseded = superseded_symbols(stripped, mapping, ensembl_to_symbol(mapping.values()))
     if superseded:
-        logger.warning("%d symbols are previous symbols of genes the input also names by their current symbol, and "
-                       "are not read (e.g. %s)", len(superseded), sorted(superseded)[:5])
+        logger.warning(SUPERSEDED_WARNING, len(superseded), sorted(superseded)[:5])
     return [None if s in superseded else mapping.get(s) for s in stripped], list(symbols)
 
 

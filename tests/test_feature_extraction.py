@@ -368,17 +368,21 @@ def test_a_previous_symbol_beside_its_genes_current_symbol_names_no_gene_in_the_
     symbol's column is read in both, in either order, as before previous symbols were read."""
     from processing.sources import resolve_genes
 
-    extractor = Cell2TextFeatureExtractor.from_gene_medians({"ENSG00000132465": 1.0, "ENSG00000141510": 0.5})
-    token = extractor.gene_token_ids
+    said = "1 symbols are previous symbols of genes the input also names by their current symbol, and are not read"
     for names in (["IGJ", "TP53", "JCHAIN"], ["JCHAIN", "TP53", " IGJ"]):
+        extractor = Cell2TextFeatureExtractor.from_gene_medians({"ENSG00000132465": 1.0, "ENSG00000141510": 0.5})
+        token = extractor.gene_token_ids
         jchain = names.index("JCHAIN")
-        with caplog.at_level(logging.WARNING, logger="processing.sources"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
             corpus_ids, _ = resolve_genes(pd.DataFrame(index=names))
-        assert corpus_ids[jchain] == "ENSG00000132465" and corpus_ids.count("ENSG00000132465") == 1
-        assert "previous symbols of genes the input also names by their current symbol" in caplog.text
-        expected = [token["ENSG00000141510"] if n == "TP53" else token["ENSG00000132465"] if n == "JCHAIN" else -1
-                    for n in names]
-        assert extractor.match_genes(names).column_tokens.tolist() == expected
+            assert corpus_ids[jchain] == "ENSG00000132465" and corpus_ids.count("ENSG00000132465") == 1
+            expected = [token["ENSG00000141510"] if n == "TP53" else token["ENSG00000132465"] if n == "JCHAIN" else -1
+                        for n in names]
+            for _ in range(2):  # once per gene list, not per block of cells
+                assert extractor.match_genes(names).column_tokens.tolist() == expected
+        assert [record.name for record in caplog.records if said in record.getMessage()] == [
+            "processing.sources", "modeling_cell2text.feature_extraction_cell2text"]
     # alone, or beside another gene's symbol, a previous symbol names its gene
     assert extractor.match_genes(["IGJ", "TP53"]).column_tokens.tolist() == [token["ENSG00000132465"],
                                                                               token["ENSG00000141510"]]
