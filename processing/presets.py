@@ -11,7 +11,7 @@
   (PATO:0000461); sex and development stage are unknown, so the descriptions leave them out;
 * no donors: the splits are stratified by cell type instead of donor-disjoint;
 * gene symbols only: mapped to Ensembl IDs with the packaged GENCODE table and HGNC's previous symbols of renamed
-  genes (750 of 765 map, 51 of them by a previous symbol; the others are reported as unmapped and not used for
+  genes (750 of 765 map, 50 of them by a previous symbol; the others are reported as unmapped and not used for
   tokens).
 """
 
