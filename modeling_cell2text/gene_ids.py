@@ -79,7 +79,8 @@ def superseded_symbols(
     """The ``names`` that are a previous symbol of a gene (``symbol_to_gene`` maps them to a gene whose symbol in
     ``gene_symbols`` is another) that ``names`` also hold the current symbol of. They name no gene: an input with both
     IGJ and JCHAIN (two files joined) reads JCHAIN's column, whatever the columns' order, in the corpus builder and at
-    inference alike, as it did before previous symbols were read (the first of the two was read, or both refused)."""
+    inference alike, as before previous symbols were read (since, the corpus builder read the first of the two and
+    inference refused the pair)."""
     names = set(names)
     return {name for name in names if (gene := symbol_to_gene.get(name)) is not None
             and gene_symbols.get(gene, name) != name and gene_symbols[gene] in names
