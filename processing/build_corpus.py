@@ -49,8 +49,8 @@ from processing.corpus import (METADATA_FIELDS, REJECTS_COLUMNS, REJECTS_FILE, U
                                check_max_shard_size, describe, resolve_labels, top_pathways_by_cell_type)
 from processing.gene_medians import ExactGeneMedians, HistogramGeneMedians, expression_values, normalize_total
 from processing.pathways import (
-    DEFAULT_GMT, DEFAULT_SET_SIZES, aucell, default_max_rank, display_names, filter_set_sizes, membership_matrix,
-    read_gmt, top_set_indices,
+    DEFAULT_GMT, DEFAULT_SET_SIZES, PATHWAY_GENE_MATCHING, aucell, default_max_rank, display_names, filter_set_sizes,
+    membership_matrix, read_gmt, sets_in_data_symbols, top_set_indices,
 )
 from processing.splits import DEFAULT_FRACTIONS, SPLITS, assign_fold_splits, assign_splits, check_fold
 
@@ -208,7 +208,8 @@ def _gene_sets(genes: _Genes, options: BuildOptions) -> dict[str, list[str]] | N
     gene_sets = read_gmt(options.gmt) if options.gmt else None
     if gene_sets and options.pathway_set_sizes:
         gene_sets = filter_set_sizes(gene_sets, *options.pathway_set_sizes)
-    if gene_sets:
+    if gene_sets:  # written as the data names their genes: a renamed gene counts under either symbol
+        gene_sets = sets_in_data_symbols(gene_sets, genes.token_ids, genes.symbols)
         _require_scorable_gene_sets(genes.symbols, gene_sets, options)
     return gene_sets
 
@@ -619,7 +620,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
         "pathway_library": Path(options.gmt).name if options.gmt else None,
         **({"pathway_ranking": f"AUCell, {options.pathway_ranking}", "pathway_set_sizes": options.pathway_set_sizes,
             "pathway_max_rank": pathway_max_rank(options, len(genes.symbols)),
-            "min_pathway_genes": options.min_pathway_genes,
+            "min_pathway_genes": options.min_pathway_genes, "pathway_gene_matching": PATHWAY_GENE_MATCHING,
             "pathway_sets": len(set_names),
             "top_pathways_by_cell_type": _top_pathways_by_cell_type(labels, kept, top, set_names)} if set_names else {}),
         "seed": options.seed,

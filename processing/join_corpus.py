@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 
 EXTRACTOR_FILE = "preprocessor_config.json"
 # Settings every shard must share: another value gives the joined corpus descriptions or tokens of two kinds.
-SHARED_SETTINGS = ("pathway_library", "pathway_ranking", "pathway_set_sizes", "min_pathway_genes", "expression_bins",
+SHARED_SETTINGS = ("pathway_library", "pathway_ranking", "pathway_set_sizes", "min_pathway_genes",
+                   "pathway_gene_matching", "expression_bins",
                    "gene_vocabulary_size", "census_version", "ontology_versions", "required_fields",
                    "keep_non_primary")
 
@@ -189,6 +190,7 @@ def join_summaries(shards: Sequence[Shard], corpus: datasets.DatasetDict, name: 
     if "pathway_ranking" in first:
         pathways = {"pathway_ranking": first["pathway_ranking"], "pathway_set_sizes": first.get("pathway_set_sizes"),
                     "min_pathway_genes": first.get("min_pathway_genes"),
+                    "pathway_gene_matching": first.get("pathway_gene_matching"),
                     "pathway_max_rank": one_or_all("pathway_max_rank"), "pathway_sets": one_or_all("pathway_sets"),
                     "top_pathways_by_cell_type": top_pathways_by_cell_type(
                         (label for split in corpus.values() for label in split["cell_type"]),

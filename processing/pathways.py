@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from modeling_cell2text.gene_table import symbol_to_ensembl
 from modeling_cell2text.rank_value import as_csr
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,30 @@ def filter_set_sizes(gene_sets: Mapping[str, Sequence[str]], min_size: int, max_
     if not kept:
         raise ValueError(f"no gene set has {min_size} to {max_size} genes; widen the bounds (--pathway-set-sizes).")
     return kept
+
+
+#: How the corpus builder matches a library's genes to the data's, as its summary records it (shards to join share it:
+#: before, matched as written, a renamed gene counted in none of its sets).
+PATHWAY_GENE_MATCHING = "Ensembl ID, then symbol"
+
+
+def sets_in_data_symbols(gene_sets: Mapping[str, Sequence[str]], gene_ids: Sequence[str | None],
+                         symbols: Sequence[str]) -> dict[str, list[str]]:
+    """The sets with each library gene written as the data names it, matched by gene rather than by spelling.
+
+    A library symbol that names a gene (``gene_table.symbol_to_ensembl``: current symbols, and the previous symbol
+    of a renamed gene) whose Ensembl ID is a column's in ``gene_ids`` is written as that column's symbol (the
+    first such column's). Data and library written years apart name a renamed gene differently (pbmc68k_reduced's
+    IGJ is GO 2023's JCHAIN); matched as written, such a gene counted in none of its sets. Other library genes
+    stay as written, for ``membership_matrix`` to match by spelling.
+    """
+    column_symbol: dict[str, str] = {}
+    for gene_id, symbol in zip(gene_ids, symbols):
+        if gene_id is not None:
+            column_symbol.setdefault(gene_id, symbol)
+    library_ids = symbol_to_ensembl({gene for genes in gene_sets.values() for gene in genes})
+    as_data = {gene: column_symbol[gene_id] for gene, gene_id in library_ids.items() if gene_id in column_symbol}
+    return {name: list(dict.fromkeys(as_data.get(gene, gene) for gene in genes)) for name, genes in gene_sets.items()}
 
 
 def display_names(set_names: Sequence[str]) -> list[str]:

@@ -353,14 +353,19 @@ def test_splits_are_saved_through_datasets_in_bounded_shards(tmp_path, pbmc_corp
 
 def test_pathways_are_the_normalised_top_two_never_repeated_and_tabled_per_cell_type(pbmc_corpus):
     from processing.gene_medians import normalize_total
-    from processing.pathways import DEFAULT_GMT, aucell, display_names, filter_set_sizes, read_gmt
+    from processing.pathways import (PATHWAY_GENE_MATCHING, DEFAULT_GMT, aucell, display_names, filter_set_sizes,
+                                     read_gmt, sets_in_data_symbols)
 
     out, summary, corpus = pbmc_corpus
     assert summary["pathway_library"] == DEFAULT_GMT.name and summary["pathway_ranking"] == "AUCell, normalized"
     assert summary["pathway_set_sizes"] == [15, 500] or summary["pathway_set_sizes"] == (15, 500)
     # the corpus's pathways are the two best sets by AUC / best possible AUC, computed directly
     source = pbmc68k_reduced()
-    gene_sets = filter_set_sizes(read_gmt(DEFAULT_GMT), 15, 500)
+    assert summary["pathway_gene_matching"] == PATHWAY_GENE_MATCHING
+    # matched by gene: 36 of the 50 genes pbmc68k_reduced names by a previous symbol (IGJ) are in GO's sets, as JCHAIN
+    gene_sets = sets_in_data_symbols(filter_set_sizes(read_gmt(DEFAULT_GMT), 15, 500), source.gene_ids,
+                                     source.gene_symbols)
+    assert sum("IGJ" in genes for genes in gene_sets.values()) > 0
     normalized, _ = normalize_total(sp.csr_matrix(source.adata.X), "log1p")
     normalized.data = np.log1p(normalized.data)
     scores = aucell(normalized, source.gene_symbols, gene_sets, min_genes=5, normalize=True)

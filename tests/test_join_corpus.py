@@ -84,6 +84,7 @@ def replaced(shard: Path, to: Path, file: str, content: bytes) -> Path:
     ("missing", "corpus shards of .scanpy.datasets.pbmc68k_reduced. lack its shards 1/2: give every shard"),
     ("extractor", r"different feature extractors \(they differ in \['gene_medians'\]\).*--feature-extractor fe/"),
     ("library", "was built with pathway_library 'other.gmt'"),
+    ("pathway genes matched as written", "was built with pathway_gene_matching None and .* with 'Ensembl ID, then"),
     ("label", "label 'CD14-positive monocyte' names CL:0001054 in one shard and CL:0000576"),
     ("fold", "is a cross-validation fold build"),
     ("rules", "was built with keep_non_primary True"),  # one shard kept cells the other rejected
@@ -111,6 +112,9 @@ def test_shards_that_make_no_one_corpus_are_refused_before_writing(built, tmp_pa
                                             lambda c: c["gene_medians"].update({next(iter(c["gene_medians"])): 1.5}))],
         "library": lambda: [first, edited(second, copy, "summary.json",
                                           lambda c: c.update(pathway_library="other.gmt"))],
+        # a shard built before library genes were matched by Ensembl ID: its renamed genes counted in no set
+        "pathway genes matched as written": lambda: [first, edited(second, copy, "summary.json",
+                                                                   lambda c: c.pop("pathway_gene_matching"))],
         "label": lambda: [first, edited(second, copy, "summary.json", lambda c: c["ontology_term_ids"]["cell_type"]
                                         .update({"CD14-positive monocyte": "CL:0000576"}))],
         "fold": lambda: [first, edited(second, copy, "summary.json", lambda c: c.update(fold={"fold": 0}))],

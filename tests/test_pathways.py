@@ -3,13 +3,15 @@
 import gzip
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 
 from processing.pathways import (
     DEFAULT_GMT, DEFAULT_SET_SIZES, GO_BIOLOGICAL_PROCESS_GMT, WIKIPATHWAYS_GMT, aucell, default_max_rank,
-    display_names, filter_set_sizes, max_auc, membership_matrix, read_gmt, top_pathways,
+    display_names, filter_set_sizes, max_auc, membership_matrix, read_gmt, sets_in_data_symbols, top_pathways,
 )
+from processing.sources import resolve_genes
 
 
 def reference_aucell(dense, gene_names, gene_sets, max_rank):
@@ -336,3 +338,29 @@ def test_a_cells_scores_do_not_depend_on_the_other_cells_in_its_chunk():
     others[:, 0] = 1e6
     together = aucell(np.vstack([others, cell]), genes, sets, max_rank=2, chunk_size=1024)
     assert alone[0].tolist() == together[-1].tolist() and alone[0, 0] > alone[0, 1]
+
+
+@pytest.mark.parametrize("data_names, library_names", [
+    (["IGJ", "TP53", "CD19"], ["JCHAIN", "TP53", "MYC"]),  # older data (pbmc68k_reduced), a newer library
+    (["JCHAIN", "TP53", "CD19"], ["IGJ", "TP53", "MYC"]),  # newer data, an older library
+    (["ENSG00000132465", "ENSG00000141510", "ENSG00000177455"], ["JCHAIN", "TP53", "MYC"]),  # Ensembl IDs only
+])
+def test_a_renamed_gene_counts_in_its_sets_whichever_symbol_data_and_library_use(data_names, library_names):
+    """Data and library written years apart name a renamed gene differently; matched as written, IGJ counted in no
+    set of GO 2023 (which has JCHAIN), so a plasma cell's top pathways left out its strongest gene."""
+    gene_ids, symbols = resolve_genes(pd.DataFrame(index=data_names))
+    gene_sets = {"immunoglobulin": library_names, "other": ["MYC", "TP53"]}
+    in_data = sets_in_data_symbols(gene_sets, gene_ids, symbols)
+    assert in_data == {"immunoglobulin": [symbols[0], "TP53", "MYC"], "other": ["MYC", "TP53"]}
+    counts = np.array([[50.0, 1.0, 2.0], [0.0, 3.0, 1.0]], dtype=np.float32)
+    as_current = aucell(counts, ["JCHAIN", "TP53", "CD19"], {"immunoglobulin": ["JCHAIN", "TP53", "MYC"],
+                                                             "other": ["MYC", "TP53"]}, max_rank=2)
+    np.testing.assert_array_equal(aucell(counts, symbols, in_data, max_rank=2), as_current)
+
+
+def test_library_genes_keep_their_spelling_where_no_column_holds_their_gene():
+    """Unknown symbols, genes the data lacks, and data columns without an Ensembl ID are left as written, for
+    membership_matrix's matching by spelling (any case); one gene named twice in a set is kept once."""
+    gene_sets = {"s": ["C9ORF78", "NOT_A_GENE", "TP53", "P53_OLD", "TP53"]}
+    assert sets_in_data_symbols(gene_sets, [None, "ENSG00000141510"], ["C9orf78", "TP53"]) == {
+        "s": ["C9ORF78", "NOT_A_GENE", "TP53", "P53_OLD"]}
