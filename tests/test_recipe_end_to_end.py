@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from datasets import load_from_disk
@@ -98,6 +99,11 @@ def test_the_main_job_runs_every_stage_on_tiny_parts(tmp_path, monkeypatch):
 
     results = json.loads((report.parent / "results.json").read_text())
     assert results["max_steps"] == 1 and results["split_seed"] == 0
+    if demo.training_threads_each() is not None:  # 2 or more cores (CI's): the baseline trained in a second process
+        assert "train_cell2sentence_beyond_cell2text" in results["timings_s"]
+        assert "train_cell2sentence" not in results["timings_s"]
+        log = (out / demo.CELL2SENTENCE_LOG).read_text()  # its output went there, not to the main job's terminal
+        assert "'train_runtime'" in log and "Writing model shards" in log
     methods = {"majority", "logistic_regression", "knn", "encoder_head", "projector_head", "cell2sentence"}
     assert methods <= set(results["baselines"])
     test = load_from_disk(str(out / "corpus"))["test"]
@@ -119,3 +125,39 @@ def test_the_main_job_runs_every_stage_on_tiny_parts(tmp_path, monkeypatch):
     card = (out / "cell2text-demo" / "README.md").read_text()  # Hub-ready: the card states this run's figure, and
     assert "cell2text-demo-pbmc68k" in card and f"| Cell type | {accuracy:.3f} |" in card  # the folder loads
     assert Cell2TextForConditionalGeneration.from_pretrained(out / "cell2text-demo").config.num_cell_tokens == 8
+
+
+def test_a_failed_baseline_training_in_the_second_process_names_its_log_and_the_ways_round(tmp_path):
+    """The Cell2Sentence baseline trains beside Cell2Text in a spawned process: its failure comes back as an error
+    naming the log its output went to, with the second process's traceback chained."""
+    from types import SimpleNamespace
+
+    import training.demo as demo
+
+    log = tmp_path / demo.CELL2SENTENCE_LOG
+    args = SimpleNamespace(num_cell_tokens=8, cell_type_loss_weight=1.0)
+    config = SFTConfig(output_dir=str(tmp_path / "c2s"), report_to="none", bf16=False)
+    with demo.second_process() as pool:
+        job = pool.apply_async(demo.train_cell2sentence_baseline, (tmp_path / "no corpus", tmp_path, tmp_path / "c2s",
+                                                                   args, config, 1, log))
+        with pytest.raises(RuntimeError, match=r"baseline's training failed \(.*no corpus.*its log: "
+                           f".*{demo.CELL2SENTENCE_LOG}. --skip-cell2sentence .*--one-training-at-a-time") as error:
+            demo.cell2sentence_result(job, log)
+    assert "Traceback" in str(error.value.__cause__.__cause__)  # multiprocessing's RemoteTraceback
+    assert log.exists()
+
+
+def test_the_second_process_stops_when_the_main_jobs_work_fails():
+    """Where Cell2Text's training fails or is interrupted, the baseline's training beside it is stopped, not left
+    running for half an hour."""
+    import time
+
+    import training.demo as demo
+
+    with pytest.raises(KeyboardInterrupt):
+        with demo.second_process() as pool:
+            pid = pool.apply(os.getpid)
+            pool.apply_async(time.sleep, (300,))
+            raise KeyboardInterrupt
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

@@ -10,7 +10,9 @@ bash scripts/main.sh            # installs, then runs: python -m training.demo
 3. Train Cell2Text with TRL + LoRA (`training/configs/demo.yaml`). No pretrained Geneformer exists offline, so
    the recipe prepares the encoder on the corpus and the validation split picks its depth and its input
    (rank-value or value-aware tokens).
-4. Train the Cell2Sentence-style baseline on the same LLM with the same budget.
+4. Train the Cell2Sentence-style baseline on the same LLM with the same budget: beside Cell2Text in a second
+   process, half the threads each, where this process may use 2 or more cores (one training thread is about as fast
+   as two on CPUs without native bf16 kernels); its log goes to `cell2sentence_training.log` in `--out`.
 5. On the test split: Cell2Text (every field chosen among the corpus's labels, with its confidence and the
    cell-type labels free generation would have invented), Cell2Sentence, the heads on Cell2Text's own encoder
    (its probe head, and logistic regression on the soft tokens) and expression baselines (majority, logistic
@@ -24,10 +26,14 @@ The trained model is loaded back with this project's classes (`--trust-remote-co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from dataclasses import asdict
 import logging
+import multiprocessing
+import os
 import time
+from dataclasses import asdict
+from multiprocessing.pool import AsyncResult
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +52,9 @@ QUALITY_BENCHMARK = REPO / "docs" / "quality_benchmark.json"
 BASELINE_PREDICTIONS = "baseline_predictions.json"
 # The 70 test cells in two generation batches: on CPU a bigger batch costs little more per decoding step.
 GENERATION_BATCH_SIZE = 35
+# The log of the Cell2Sentence baseline's training where it trains beside Cell2Text, in the main job's --out folder.
+CELL2SENTENCE_LOG = "cell2sentence_training.log"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 logger = logging.getLogger("training.demo")
 
 
@@ -110,6 +119,74 @@ def expression_baselines(corpus, split: str = "test") -> dict:
     return baseline_reports(list(corpus[split]["cell_type"]), expression_predictions(corpus, split))
 
 
+def training_threads_each() -> int | None:
+    """Threads for each of two trainings side by side: half of torch's (at least 1), or None where this process may
+    run on fewer than 2 cores, so the two train one after the other."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, torch.get_num_threads() // 2) if cores >= 2 else None
+
+
+def train_cell2sentence_baseline(corpus_dir: Path, llm_dir: Path, out_dir: Path, cell2text_args, c2s_config,
+                                 threads: int | None = None, log: Path | None = None) -> Path:
+    """Train the Cell2Sentence baseline with Cell2Text's LoRA settings, gene count and cell-type loss weight; return
+    its model folder. In a process of its own (`threads`, `log` given), it runs on `threads` threads and writes its
+    output (logs, progress bar) to `log` instead of the main job's terminal."""
+    import torch
+
+    from training.baselines.cell2sentence import train_cell2sentence
+
+    if log is not None:  # this process only trains: its file descriptors 1 and 2 go to the log
+        with open(log, "w", encoding="utf-8") as handle:
+            os.dup2(handle.fileno(), 1)
+            os.dup2(handle.fileno(), 2)
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)  # as main() does in the main job's process
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return train_cell2sentence(corpus_dir, llm_dir, out_dir, num_genes=cell2text_args.num_cell_tokens,
+                               training_args=c2s_config, lora=cell2text_args,  # the same LoRA settings
+                               cell_type_loss_weight=cell2text_args.cell_type_loss_weight,
+                               overwrite=True, overwrite_output_dir=True)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """torch's thread count set to `threads` inside the block (None: left as it is), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def second_process():
+    """A spawned process (multiprocessing's pool of one) for work beside this process's, terminated on leaving the
+    block: that work stops where this process's failed or was interrupted. Spawned, not forked: a fork would copy
+    this process's threads and torch state."""
+    pool = multiprocessing.get_context("spawn").Pool(1)
+    try:
+        yield pool
+    finally:
+        pool.terminate()
+
+
+def cell2sentence_result(job: AsyncResult, log: Path) -> Path:
+    """The model folder of the Cell2Sentence baseline trained in a second process; RuntimeError naming its log and
+    the ways round where that training failed (its traceback chained as the cause)."""
+    try:
+        return job.get()
+    except Exception as error:
+        raise RuntimeError(f"the Cell2Sentence baseline's training failed ({type(error).__name__}: {error}); its log: "
+                           f"{log}. --skip-cell2sentence leaves the baseline out, --one-training-at-a-time trains it "
+                           "in this process.") from error
+
+
 def check_trained_on(model_dir: Path, fingerprints: dict) -> None:
     """--reuse-models: the model must have been trained on the corpus this run built (evaluation refuses another
     build, whose test cells may be its training cells; here the fix is another flag)."""
@@ -123,7 +200,8 @@ def check_trained_on(model_dir: Path, fingerprints: dict) -> None:
 
 
 def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, skip_cell2sentence: bool,
-        reuse_models: bool = False, trust_remote_code: bool = False, fold: tuple[int, int] | None = None) -> Path:
+        reuse_models: bool = False, trust_remote_code: bool = False, fold: tuple[int, int] | None = None,
+        one_training_at_a_time: bool = False) -> Path:
     from datasets import load_from_disk
 
     from hub_cards.render import save_model_card
@@ -156,11 +234,28 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
          "--overwrite_final_model_dir", "true", "--overwrite_output_dir", "true", *common]
     )
     model_dir = Path(cell2text_args.final_model_dir)
-    if reuse_models and (model_dir / "model.safetensors").exists():
-        check_trained_on(model_dir, corpus_summary(corpus_dir)["fingerprints"])
-    else:
-        model_dir = train_cell2text(cell2text_args, sft_config)
-    lap("train_cell2text")
+    c2s_dir = out_dir / "c2s" / FINAL_DIR
+    train_c2s = not skip_cell2sentence and not (reuse_models and (c2s_dir / "model.safetensors").exists())
+    if train_c2s:
+        _, c2s_config = sft_arguments(["--corpus_dir", str(corpus_dir), "--output_dir", str(out_dir / "c2s"),
+                                       *common])
+    threads = None if one_training_at_a_time or not train_c2s else training_threads_each()
+    with second_process() if threads is not None else contextlib.nullcontext() as beside:
+        if beside is not None:
+            log = out_dir / CELL2SENTENCE_LOG
+            c2s_job = beside.apply_async(train_cell2sentence_baseline, (corpus_dir, llm_dir, out_dir / "c2s",
+                                                                        cell2text_args, c2s_config, threads, log))
+            logger.info("The Cell2Sentence baseline trains beside Cell2Text in a second process, %d threads each; "
+                        "its log: %s", threads, log)
+        if reuse_models and (model_dir / "model.safetensors").exists():
+            check_trained_on(model_dir, corpus_summary(corpus_dir)["fingerprints"])
+        else:
+            with torch_threads(threads):
+                model_dir = train_cell2text(cell2text_args, sft_config)
+        lap("train_cell2text")
+        if beside is not None:
+            c2s_dir, train_c2s = cell2sentence_result(c2s_job, log), False
+            lap("train_cell2sentence_beyond_cell2text")  # the wait after Cell2Text's own training ended
 
     results, per_cell, _ = evaluate_model(model_dir, corpus_dir, "test", batch_size=GENERATION_BATCH_SIZE,
                                           max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code)
@@ -183,18 +278,11 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     baselines = baseline_reports(truth, predictions, similarity_scores=similarity)
     lap("baselines")
     if not skip_cell2sentence:
-        from training.baselines.cell2sentence import generate_cell2sentence, train_cell2sentence
+        from training.baselines.cell2sentence import generate_cell2sentence
 
-        _, c2s_config = sft_arguments(["--corpus_dir", str(corpus_dir), "--output_dir", str(out_dir / "c2s"),
-                                       *common])
-        c2s_dir = out_dir / "c2s" / FINAL_DIR
-        if not (reuse_models and (c2s_dir / "model.safetensors").exists()):
-            c2s_dir = train_cell2sentence(corpus_dir, llm_dir, out_dir / "c2s",
-                                          num_genes=cell2text_args.num_cell_tokens, training_args=c2s_config,
-                                          lora=cell2text_args,  # the same LoRA settings
-                                          cell_type_loss_weight=cell2text_args.cell_type_loss_weight,
-                                          overwrite=True, overwrite_output_dir=True)
-        lap("train_cell2sentence")
+        if train_c2s:  # one training at a time
+            c2s_dir = train_cell2sentence_baseline(corpus_dir, llm_dir, out_dir / "c2s", cell2text_args, c2s_config)
+            lap("train_cell2sentence")
         feature_extractor = corpus_feature_extractor(corpus_dir)
         texts, whole = generate_cell2sentence(c2s_dir, corpus["test"], feature_extractor,
                                               cell2text_args.num_cell_tokens, batch_size=GENERATION_BATCH_SIZE,
@@ -244,16 +332,19 @@ def main(argv: list[str] | None = None) -> Path:
                         "still run in full; a barely trained model decodes slowly).")
     parser.add_argument("--max-new-tokens", type=positive_int, default=160)
     parser.add_argument("--skip-cell2sentence", action="store_true", help="Leave the Cell2Sentence baseline out.")
+    parser.add_argument("--one-training-at-a-time", action="store_true",
+                        help="Train the Cell2Sentence baseline after Cell2Text, with all threads, rather than beside "
+                        "it in a second process (half the peak memory; about 1.7x the training time on 2 cores).")
     parser.add_argument("--reuse-models", action="store_true",
                         help="Evaluate the models an earlier run trained in --out instead of training again.")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="Load the trained model with its folder's saved code (default: this project's classes).")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     np.random.seed(args.seed)
     with refused_input_as_one_line("demo"):
         report = run(Path(args.out), args.seed, args.max_steps, args.max_new_tokens, args.skip_cell2sentence,
-                     args.reuse_models, args.trust_remote_code)
+                     args.reuse_models, args.trust_remote_code, one_training_at_a_time=args.one_training_at_a_time)
     print(f"\nReport: {report}\nModel (Hub-ready): {Path(args.out) / 'cell2text-demo'}")
     return report
 
