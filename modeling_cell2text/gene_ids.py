@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -87,25 +87,33 @@ def superseded_symbols(
             and symbol_to_gene.get(gene_symbols[gene]) == gene}
 
 
-def var_gene_ids(var: Any, symbol_to_gene: Mapping[str, str]) -> list[str]:
-    """The gene IDs of an AnnData ``var`` (a pandas DataFrame), one per column of the matrix.
+def var_gene_source(var: Any, symbol_to_gene: Container[str]) -> tuple[str, list[str], bool]:
+    """Where an AnnData ``var`` (a pandas DataFrame) names its genes: (``"index"`` or the column's name, its values
+    as strings, one per column of the matrix, whether they are Ensembl IDs). The corpus builder and inference both
+    read ``var`` through this, so one file gives one gene per column in training and in use.
 
     Ensembl IDs are preferred: the index, else the first string column that holds them (``ENSEMBL_VAR_COLUMNS``
-    first). Else symbols: the index or a ``SYMBOL_VAR_COLUMNS`` column, whichever has most keys of
+    first). Else symbols: the index or a ``SYMBOL_VAR_COLUMNS`` column, whichever holds most of
     ``symbol_to_gene`` (the index on ties).
     """
     if looks_ensembl([str(v) for v in var.index[:_SAMPLE]]):
-        return [str(v) for v in var.index]
+        return "index", [str(v) for v in var.index], True
     columns = [c for c in var.columns if var[c].dtype == object or str(var[c].dtype) in ("category", "string", "str")]
     ordered = [c for c in ENSEMBL_VAR_COLUMNS if c in columns] + [c for c in columns if c not in ENSEMBL_VAR_COLUMNS]
     for column in ordered:
         if looks_ensembl(var[column].astype(str).values[:_SAMPLE]):
             logger.info("Reading Ensembl gene IDs from var[%r]", column)
-            return [str(v) for v in var[column].values]
+            return column, [str(v) for v in var[column].values], True
     candidates = {"index": [str(v) for v in var.index]}
     for column in [c for c in SYMBOL_VAR_COLUMNS if c in columns]:
         candidates[column] = [str(v) for v in var[column].values]
     hits = {name: sum(v in symbol_to_gene for v in values) for name, values in candidates.items()}
     best = max(hits, key=lambda name: hits[name])  # first best wins: the index on ties
-    logger.info("Reading gene symbols from var %s (%d map to the vocabulary)", best, hits[best])
-    return candidates[best]
+    logger.info("Reading gene symbols from var %s (%d of them name genes)", best, hits[best])
+    return best, candidates[best], False
+
+
+def var_gene_ids(var: Any, symbol_to_gene: Container[str]) -> list[str]:
+    """The gene IDs of an AnnData ``var``, one per column of the matrix: Ensembl IDs or symbols, as
+    ``var_gene_source`` chooses them."""
+    return var_gene_source(var, symbol_to_gene)[1]

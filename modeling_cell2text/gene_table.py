@@ -61,7 +61,7 @@ def ensembl_to_symbol(gene_ids: Iterable[str] | None = None) -> dict[str, str]:
 
 
 @functools.lru_cache(maxsize=1)
-def _symbol_index() -> dict[str, str]:
+def symbol_index() -> dict[str, str]:
     """Symbol -> Ensembl ID over the whole table, by the one rule of :func:`gene_ids.resolve_symbols`, plus the
     renamed genes' previous symbols (the table holds none that a GENCODE gene carries now, so a current symbol always
     wins, also an ambiguous one)."""
@@ -76,7 +76,7 @@ def symbol_to_ensembl(symbols: Iterable[str]) -> dict[str, str]:
     :func:`gene_ids.resolve_symbols`'s (the only protein-coding one, else none). A symbol no gene carries now
     names the gene HGNC renamed from it, where that is one gene (``IGJ``: JCHAIN's ID).
     """
-    index = _symbol_index()
+    index = symbol_index()
     return {symbol: index[symbol] for symbol in symbols if symbol in index}
 
 
@@ -89,7 +89,7 @@ def vocabulary_symbols(genes: Sequence[str]) -> tuple[dict[str, str], dict[str, 
     """
     try:
         symbols = ensembl_to_symbol(genes)
-        index = _symbol_index()
+        index = symbol_index()
     except FileNotFoundError as error:
         logger.warning("%s Symbol input will not be mapped.", error)
         return {}, {}

@@ -27,10 +27,10 @@ from modeling_cell2text.gene_ids import (
     SUPERSEDED_WARNING,
     SYMBOL_VAR_COLUMNS,
     ensembl_gene_id,
-    looks_ensembl,
     superseded_symbols,
+    var_gene_source,
 )
-from modeling_cell2text.gene_table import ensembl_to_symbol, symbol_to_ensembl
+from modeling_cell2text.gene_table import ensembl_to_symbol, symbol_index, symbol_to_ensembl
 from modeling_cell2text.rank_value import as_csr
 
 logger = logging.getLogger(__name__)
@@ -52,23 +52,20 @@ DEFAULT_SOMA_FILTER = (
 def resolve_genes(var: pd.DataFrame) -> tuple[list[str | None], list[str | None]]:
     """(Ensembl ID or None, symbol or None) per var row; symbols map through the GENCODE table.
 
-    Ensembl IDs come from the index or a ``feature_id``-like column; otherwise symbols (index or
-    ``feature_name``-like column) are mapped with ``symbol_to_ensembl``. Both follow the rules of
-    ``modeling_cell2text.gene_ids``, the feature extractor's too. Unmapped genes stay None and are
-    reported by the caller.
+    The gene IDs are read where inference reads them (``gene_ids.var_gene_source``: Ensembl IDs from the index or a
+    column, else the symbol source naming the most genes), and mapped by the rules of ``modeling_cell2text.gene_ids``,
+    the feature extractor's too. With Ensembl IDs, the symbols (for gene-set scoring) are a ``feature_name``-like
+    column's, else the table's. Unmapped genes stay None and are reported by the caller.
     """
-    index = [str(v) for v in var.index]
-    columns = {c: [str(v) for v in var[c]] for c in var.columns if c in ENSEMBL_VAR_COLUMNS + SYMBOL_VAR_COLUMNS}
-    ensembl_source = next((vals for vals in [index] + [columns[c] for c in ENSEMBL_VAR_COLUMNS if c in columns]
-                           if looks_ensembl(vals)), None)
-    symbol_source = next((columns[c] for c in SYMBOL_VAR_COLUMNS if c in columns), None)
-    if ensembl_source is not None:
-        ids = [ensembl_gene_id(v) for v in ensembl_source]
-        if symbol_source is None:
-            table = ensembl_to_symbol([i for i in ids if i])
-            symbol_source = [table.get(i) if i else None for i in ids]
-        return ids, list(symbol_source)
-    symbols = symbol_source if symbol_source is not None else index
+    _, values, are_ensembl = var_gene_source(var, symbol_index())
+    if are_ensembl:
+        ids = [ensembl_gene_id(v) for v in values]
+        symbol_column = next((c for c in SYMBOL_VAR_COLUMNS if c in var.columns), None)
+        if symbol_column is not None:
+            return ids, [str(v) for v in var[symbol_column]]
+        table = ensembl_to_symbol([i for i in ids if i])
+        return ids, [table.get(i) if i else None for i in ids]
+    symbols = values
     stripped = [s.strip() for s in symbols]
     mapping = symbol_to_ensembl(stripped)
     superseded = superseded_symbols(stripped, mapping, ensembl_to_symbol(mapping.values()))

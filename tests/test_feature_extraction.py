@@ -945,6 +945,26 @@ def test_corpus_and_inference_map_the_same_symbols_to_the_same_genes_ambiguous_o
     assert extractor.match_genes(ids).column_tokens.tolist()[:4] == [token["ENSG00000141510"], -1, -1, -1]
 
 
+@pytest.mark.parametrize("var", [
+    # symbols in the index, a feature_name-like column that names no gene: the corpus builder read the column
+    pd.DataFrame({"gene_name": ["tp53", "cd3e", "jchain"]}, index=["TP53", "CD3E", "JCHAIN"]),
+    # Ensembl IDs in a column of another name, row numbers in the index: the corpus builder read no gene
+    pd.DataFrame({"ensembl": ["ENSG00000141510", "ENSG00000198851", "ENSG00000132465"]}, index=["0", "1", "2"]),
+])
+def test_the_corpus_builder_reads_a_files_genes_where_inference_reads_them(var):
+    """One file, one gene per column in training and in use: the corpus builder chose its symbol source by name,
+    inference by the genes it names, so such a file trained on no genes and was described by three."""
+    from processing.sources import resolve_genes
+
+    extractor = Cell2TextFeatureExtractor.from_gene_medians(
+        {"ENSG00000141510": 1.0, "ENSG00000198851": 2.0, "ENSG00000132465": 3.0})
+    corpus_ids, _ = resolve_genes(var)
+    assert corpus_ids == ["ENSG00000141510", "ENSG00000198851", "ENSG00000132465"]
+    assert (extractor.match_genes(extractor.var_gene_ids(var)).column_tokens.tolist()
+            == extractor.match_genes(corpus_ids).column_tokens.tolist()
+            == [extractor.gene_token_ids[gene] for gene in corpus_ids])
+
+
 def test_names_other_code_imports_stay_importable_from_the_feature_extraction_module():
     """The extractor's parts live in their own modules; the names callers import from here still resolve there."""
     from modeling_cell2text import cell_inputs, feature_extraction_cell2text, geneformer_dictionaries, rank_value
