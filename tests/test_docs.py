@@ -1,10 +1,11 @@
 """README and docs/ stay true to the repository: their links resolve, their Python parses and imports names this
 project and transformers define, and the commands they show (in blocks and inline) name modules, scripts and config
-files that exist."""
+files that exist, with options their command lines take."""
 
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import re
 import shlex
@@ -58,6 +59,37 @@ def words(line: str) -> list[str]:
         return shlex.split(line)
     except ValueError:
         return line.split()
+
+
+def program_and_options(words: list[str]) -> tuple[Path | None, list[str]]:
+    """The project file whose command line takes a command's options (a `-m` module's, a script's, the `cell2text`
+    CLI's; None for other programs), and the `--options` after it (an `=value` dropped)."""
+    for i, word in enumerate(words):
+        path = None
+        if word == "-m" and i + 1 < len(words) and MODULE.fullmatch(words[i + 1]):
+            module = ROOT.joinpath(*words[i + 1].split("."))  # found without importing its package
+            path = next((p for p in (module.with_suffix(".py"), module / "__main__.py") if p.is_file()), None)
+            rest = words[i + 2:]
+        elif word.endswith(".py"):
+            path, rest = ROOT / word, words[i + 1:]
+        elif word == "cell2text" and i == 0:
+            path, rest = ROOT / "modeling_cell2text" / "cli.py", words[1:]
+        if path is not None and path.is_file():
+            return path, [w.split("=")[0] for w in rest if w.startswith("--")]
+    return None, []
+
+
+@functools.lru_cache
+def known_options(path: Path) -> set[str]:
+    """The options a project file's command line takes: `--help`, the `--name` literals of its source (argparse's
+    add_argument), and for the recipe (training/sft.py, TRL's parser of dataclasses) its parser's option strings and
+    TRL's `--config`."""
+    options = {"--help", *re.findall(r"""["'](--[a-z][\w-]*)["']""", path.read_text())}
+    if path == ROOT / "training" / "sft.py":
+        from training.sft import make_parser
+
+        options |= {"--config", *make_parser()._option_string_actions}
+    return options
 
 
 def imported_names(block: str) -> list[tuple[str, str | None]]:
@@ -126,6 +158,16 @@ def test_the_commands_shown_name_modules_scripts_and_configs_that_exist(page):
     assert missing == []
 
 
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_the_commands_shown_take_the_options_they_are_given(page):
+    unknown = []
+    for words in command_lines(page):
+        path, options = program_and_options(words)
+        if path is not None:
+            unknown += [f"{path.relative_to(ROOT)} {option}" for option in options if option not in known_options(path)]
+    assert unknown == []
+
+
 def test_the_link_check_finds_a_broken_link_and_anchor(tmp_path):
     page = tmp_path / "page.md"
     (tmp_path / "other.md").write_text("# Other page\n\n## Its section: the details\n```bash\n# no heading\n```\n")
@@ -142,5 +184,13 @@ def test_the_command_and_import_checks_read_what_a_page_shows(tmp_path):
     assert command_lines(page) == [["python", "-m", "processing.build_corpus", "--out", "DIR"],
                                    ["python", "-m", "training.nonexistent", "--x", "1"], ["bash", "scripts/none.sh"],
                                    ["python", "-m", "..."]]
+    assert program_and_options(["accelerate", "launch", "--num_processes", "2", "-m", "training.demo", "--seed=1",
+                                "--out", "x"]) == (ROOT / "training" / "demo.py", ["--seed", "--out"])
+    assert program_and_options(["cell2text", "describe", "--model", "m"]) == (ROOT / "modeling_cell2text" / "cli.py",
+                                                                              ["--model"])
+    assert program_and_options(["pip", "install", "--no-deps", "x"]) == (None, [])
+    assert "--reuse-models" in known_options(ROOT / "training" / "demo.py")
+    assert {"--corpus_dir", "--learning_rate"} <= known_options(ROOT / "training" / "sft.py")
+    assert "--no-such-option" not in known_options(ROOT / "training" / "demo.py")
     assert imported_names("import anndata as ad\nfrom modeling_cell2text import tl, no_such\n") == [
         ("anndata", None), ("modeling_cell2text", "tl"), ("modeling_cell2text", "no_such")]
