@@ -148,7 +148,10 @@ def test_train_merge_and_generate_one_text_per_cell(parts_and_corpus, tmp_path):
     final_dir = train_cell2sentence(corpus_dir, lm_dir, tmp_path / "c2s", num_genes=8, training_args=config)
 
     assert final_dir == tmp_path / "c2s" / "final"
-    assert json.loads((final_dir / "cell2sentence.json").read_text())["num_genes"] == 8
+    record = json.loads((final_dir / "cell2sentence.json").read_text())
+    assert record["num_genes"] == 8  # and the cells it trained on, which the main job's --reuse-models checks
+    corpus = load_from_disk(str(corpus_dir))  # no summary.json: datasets' fingerprints of its splits
+    assert record["training_corpus_fingerprints"] == {split: corpus[split]._fingerprint for split in corpus}
     state = json.loads((final_dir / "training_state.json").read_text())
     assert state["global_step"] == 4 and state["best_model_checkpoint"] is not None
     model = AutoModelForCausalLM.from_pretrained(final_dir)

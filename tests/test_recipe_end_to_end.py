@@ -161,3 +161,27 @@ def test_the_second_process_stops_when_the_main_jobs_work_fails():
             raise KeyboardInterrupt
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_the_demo_reuses_no_cell2sentence_baseline_trained_on_another_build(tmp_path, monkeypatch):
+    """`--reuse-models` reused a Cell2Sentence model left by a run on another build (another --seed; beside Cell2Text
+    it may finish where Cell2Text's training then fails) and scored it on test cells it may have trained on, exit 0:
+    it is refused before any training, as Cell2Text's model is."""
+    import training.demo as demo
+    import training.prepare_demo_llm as prepare_demo_llm
+    import training.sft as sft
+
+    _, lm_dir = save_tiny_parts(tmp_path / "parts")
+    monkeypatch.setattr(prepare_demo_llm, "prepare_demo_llm", lambda: lm_dir)
+
+    def trained(*args, **kwargs):
+        raise AssertionError("trained before the reused baseline was checked")
+
+    monkeypatch.setattr(sft, "main", trained)
+    c2s = tmp_path / "out" / "c2s" / "final"
+    c2s.mkdir(parents=True)
+    (c2s / "model.safetensors").write_bytes(b"")
+    (c2s / "cell2sentence.json").write_text(json.dumps({"num_genes": 8, "training_corpus_fingerprints": {"a": "b"}}))
+    with pytest.raises(ValueError, match=r"--reuse-models: the model in .*c2s.final was trained on another build"):
+        demo.run(tmp_path / "out", seed=0, max_steps=1, max_new_tokens=8, skip_cell2sentence=False,
+                 reuse_models=True)

@@ -187,10 +187,11 @@ def cell2sentence_result(job: AsyncResult, log: Path) -> Path:
                            "in this process.") from error
 
 
-def check_trained_on(model_dir: Path, fingerprints: dict) -> None:
+def check_trained_on(model_dir: Path, fingerprints: dict, record: str = "config.json") -> None:
     """--reuse-models: the model must have been trained on the corpus this run built (evaluation refuses another
-    build, whose test cells may be its training cells; here the fix is another flag)."""
-    trained_on = json.loads((model_dir / "config.json").read_text()).get("training_corpus_fingerprints")
+    build, whose test cells may be its training cells; here the fix is another flag). `record`: the file of
+    `model_dir` that records its training corpus (the Cell2Sentence baseline's: cell2sentence.json)."""
+    trained_on = json.loads((model_dir / record).read_text()).get("training_corpus_fingerprints")
     if trained_on != fingerprints:
         raise ValueError(
             f"--reuse-models: the model in {model_dir} was trained on another build of the corpus (split "
@@ -210,6 +211,7 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     from training.prepare_demo_llm import DEMO_LLM_ORIGIN, SOURCE_MODEL, prepare_demo_llm
     from training.evaluation.report import write_report
     from training.adapters import FINAL_DIR
+    from training.baselines.cell2sentence import CONFIG_FILENAME as C2S_CONFIG_FILENAME
     from training.gene_encoder import PREPARED_ENCODER_DIR, EncoderSelection
     from training.sft import main as train_cell2text
 
@@ -235,7 +237,12 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     )
     model_dir = Path(cell2text_args.final_model_dir)
     c2s_dir = out_dir / "c2s" / FINAL_DIR
+    reuse_cell2text = reuse_models and (model_dir / "model.safetensors").exists()
     train_c2s = not skip_cell2sentence and not (reuse_models and (c2s_dir / "model.safetensors").exists())
+    if reuse_cell2text:  # both checked before any training: either model may be left from a run on another build
+        check_trained_on(model_dir, corpus_summary(corpus_dir)["fingerprints"])
+    if not skip_cell2sentence and not train_c2s:
+        check_trained_on(c2s_dir, corpus_summary(corpus_dir)["fingerprints"], record=C2S_CONFIG_FILENAME)
     if train_c2s:
         _, c2s_config = sft_arguments(["--corpus_dir", str(corpus_dir), "--output_dir", str(out_dir / "c2s"),
                                        *common])
@@ -247,9 +254,7 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
                                                                         cell2text_args, c2s_config, threads, log))
             logger.info("The Cell2Sentence baseline trains beside Cell2Text in a second process, %d threads each; "
                         "its log: %s", threads, log)
-        if reuse_models and (model_dir / "model.safetensors").exists():
-            check_trained_on(model_dir, corpus_summary(corpus_dir)["fingerprints"])
-        else:
+        if not reuse_cell2text:
             with torch_threads(threads):
                 model_dir = train_cell2text(cell2text_args, sft_config)
         lap("train_cell2text")

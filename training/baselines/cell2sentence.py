@@ -224,7 +224,10 @@ def train_cell2sentence(
     final_dir = Path(output_dir) / FINAL_DIR
     check_new_output(final_dir, overwrite, OVERWRITE_FINAL_FIX, holds="config.json")  # before training, not after
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    generation_config = {"num_genes": num_genes, "system_prompt": SYSTEM_PROMPT, "user_prefix": USER_PREFIX}
+    # the cells it trained on, as Cell2Text's config records them: a reuse is checked against the corpus evaluated
+    generation_config = {"num_genes": num_genes, "system_prompt": SYSTEM_PROMPT, "user_prefix": USER_PREFIX,
+                         "training_corpus_fingerprints": corpus_fingerprints(open_corpus(corpus_dir),
+                                                                             corpus_summary(corpus_dir))}
     return save_merged(trainer, merge_adapters(trainer), final_dir, trainer.processing_class, {}, overwrite=overwrite,
                        extra_files={CONFIG_FILENAME: json.dumps(generation_config, indent=2)})
 
