@@ -120,11 +120,16 @@ def sets_in_data_symbols(gene_sets: Mapping[str, Sequence[str]], gene_ids: Seque
     of a renamed gene) whose Ensembl ID is a column's in ``gene_ids`` is written as that column's symbol (the
     first such column's). Data and library written years apart name a renamed gene differently (pbmc68k_reduced's
     IGJ is GO 2023's JCHAIN); matched as written, such a gene counted in none of its sets. Other library genes
-    stay as written, for ``membership_matrix`` to match by spelling.
+    stay as written, for ``membership_matrix`` to match by spelling; so do those whose column's symbol an earlier
+    column carries too (names missing in var, read as "nan"): ``membership_matrix`` finds a symbol at its first
+    column, another gene.
     """
+    first_column: dict[str, int] = {}
+    for column, symbol in enumerate(symbols):
+        first_column.setdefault(symbol, column)
     column_symbol: dict[str, str] = {}
-    for gene_id, symbol in zip(gene_ids, symbols):
-        if gene_id is not None:
+    for column, (gene_id, symbol) in enumerate(zip(gene_ids, symbols)):
+        if gene_id is not None and first_column[symbol] == column:
             column_symbol.setdefault(gene_id, symbol)
     library_ids = symbol_to_ensembl({gene for genes in gene_sets.values() for gene in genes})
     as_data = {gene: column_symbol[gene_id] for gene, gene_id in library_ids.items() if gene_id in column_symbol}

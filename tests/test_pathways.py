@@ -364,3 +364,15 @@ def test_library_genes_keep_their_spelling_where_no_column_holds_their_gene():
     gene_sets = {"s": ["C9ORF78", "NOT_A_GENE", "TP53", "P53_OLD", "TP53"]}
     assert sets_in_data_symbols(gene_sets, [None, "ENSG00000141510"], ["C9orf78", "TP53"]) == {
         "s": ["C9ORF78", "NOT_A_GENE", "TP53", "P53_OLD"]}
+
+
+def test_a_library_gene_is_not_written_as_a_symbol_an_earlier_column_carries():
+    """Ensembl IDs with a feature_name-like column that misses some names (read as "nan"): JCHAIN's column was
+    named "nan", so GO's JCHAIN was written "nan" and counted the first "nan" column, another gene (exit 0); it now
+    stays as written and counts no column, as before genes were matched by ID."""
+    var = pd.DataFrame({"gene_name": [np.nan, "TP53", np.nan]},
+                       index=["ENSG00000230368", "ENSG00000141510", "ENSG00000132465"])  # FAM41C, TP53, JCHAIN
+    gene_ids, symbols = resolve_genes(var)
+    in_data = sets_in_data_symbols({"s": ["JCHAIN", "TP53"]}, gene_ids, symbols)
+    assert in_data == {"s": ["JCHAIN", "TP53"]}
+    assert membership_matrix(symbols, in_data)[0].toarray().ravel().tolist() == [0, 1, 0]
