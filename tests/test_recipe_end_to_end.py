@@ -138,8 +138,8 @@ def test_a_failed_baseline_training_in_the_second_process_names_its_log_and_the_
     args = SimpleNamespace(num_cell_tokens=8, cell_type_loss_weight=1.0)
     config = SFTConfig(output_dir=str(tmp_path / "c2s"), report_to="none", bf16=False)
     with demo.second_process() as pool:
-        job = pool.apply_async(demo.train_cell2sentence_baseline, (tmp_path / "no corpus", tmp_path, tmp_path / "c2s",
-                                                                   args, config, 1, log))
+        job = pool.submit(demo.train_cell2sentence_baseline, tmp_path / "no corpus", tmp_path, tmp_path / "c2s",
+                          args, config, 1, log)
         with pytest.raises(RuntimeError, match=r"baseline's training failed \(.*no corpus.*its log: "
                            f".*{demo.CELL2SENTENCE_LOG}. --skip-cell2sentence .*--one-training-at-a-time") as error:
             demo.cell2sentence_result(job, log)
@@ -156,8 +156,8 @@ def test_the_second_process_stops_when_the_main_jobs_work_fails():
 
     with pytest.raises(KeyboardInterrupt):
         with demo.second_process() as pool:
-            pid = pool.apply(os.getpid)
-            pool.apply_async(time.sleep, (300,))
+            pid = pool.submit(os.getpid).result()
+            pool.submit(time.sleep, 300)
             raise KeyboardInterrupt
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
@@ -185,3 +185,29 @@ def test_the_demo_reuses_no_cell2sentence_baseline_trained_on_another_build(tmp_
     with pytest.raises(ValueError, match=r"--reuse-models: the model in .*c2s.final was trained on another build"):
         demo.run(tmp_path / "out", seed=0, max_steps=1, max_new_tokens=8, skip_cell2sentence=False,
                  reuse_models=True)
+
+
+def test_a_baseline_training_process_that_dies_ends_in_an_error_not_a_wait_forever(tmp_path):
+    """Two trainings side by side need about twice one's memory: where the second process was killed (for memory),
+    multiprocessing's Pool started another and the result never came, so the main job waited forever after
+    Cell2Text's training. Its death is an error naming the log and the ways round (one training at a time)."""
+    import threading
+
+    import training.demo as demo
+
+    log = tmp_path / demo.CELL2SENTENCE_LOG
+    errors = []
+
+    def wait_for_the_result(job):
+        try:
+            demo.cell2sentence_result(job, log)
+        except RuntimeError as error:
+            errors.append(error)
+
+    with demo.second_process() as pool:
+        job = pool.submit(os.abort)  # the process dies at once, as one the kernel killed for memory
+        waiting = threading.Thread(target=wait_for_the_result, args=(job,), daemon=True)
+        waiting.start()
+        waiting.join(timeout=60)
+    assert not waiting.is_alive(), "still waiting for the result of a process that died"
+    assert len(errors) == 1 and "--one-training-at-a-time" in str(errors[0]) and str(log) in str(errors[0])

@@ -33,7 +33,7 @@ import multiprocessing
 import os
 import time
 from dataclasses import asdict
-from multiprocessing.pool import AsyncResult
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -166,21 +166,27 @@ def torch_threads(threads: int | None):
 
 @contextlib.contextmanager
 def second_process():
-    """A spawned process (multiprocessing's pool of one) for work beside this process's, terminated on leaving the
-    block: that work stops where this process's failed or was interrupted. Spawned, not forked: a fork would copy
-    this process's threads and torch state."""
-    pool = multiprocessing.get_context("spawn").Pool(1)
+    """A spawned process (a process pool of one) for work beside this process's, terminated on leaving the block:
+    that work stops where this process's failed or was interrupted. Where the process dies (killed for memory: two
+    trainings side by side need about twice one's), its work's result raises BrokenProcessPool; multiprocessing's
+    Pool started another process and the result never came, so the main job waited forever. Spawned, not forked: a
+    fork would copy this process's threads and torch state."""
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     try:
         yield pool
     finally:
-        pool.terminate()
+        processes = list((pool._processes or {}).values())  # Python < 3.14 has no public way to stop running work
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+            process.join()
 
 
-def cell2sentence_result(job: AsyncResult, log: Path) -> Path:
+def cell2sentence_result(job: Future, log: Path) -> Path:
     """The model folder of the Cell2Sentence baseline trained in a second process; RuntimeError naming its log and
     the ways round where that training failed (its traceback chained as the cause)."""
     try:
-        return job.get()
+        return job.result()
     except Exception as error:
         raise RuntimeError(f"the Cell2Sentence baseline's training failed ({type(error).__name__}: {error}); its log: "
                            f"{log}. --skip-cell2sentence leaves the baseline out, --one-training-at-a-time trains it "
@@ -250,8 +256,8 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     with second_process() if threads is not None else contextlib.nullcontext() as beside:
         if beside is not None:
             log = out_dir / CELL2SENTENCE_LOG
-            c2s_job = beside.apply_async(train_cell2sentence_baseline, (corpus_dir, llm_dir, out_dir / "c2s",
-                                                                        cell2text_args, c2s_config, threads, log))
+            c2s_job = beside.submit(train_cell2sentence_baseline, corpus_dir, llm_dir, out_dir / "c2s",
+                                    cell2text_args, c2s_config, threads, log)
             logger.info("The Cell2Sentence baseline trains beside Cell2Text in a second process, %d threads each; "
                         "its log: %s", threads, log)
         if not reuse_cell2text:
