@@ -211,3 +211,41 @@ def test_a_baseline_training_process_that_dies_ends_in_an_error_not_a_wait_forev
         waiting.join(timeout=60)
     assert not waiting.is_alive(), "still waiting for the result of a process that died"
     assert len(errors) == 1 and "--one-training-at-a-time" in str(errors[0]) and str(log) in str(errors[0])
+
+
+def test_beside_a_reused_cell2text_the_baseline_trains_with_every_thread(tmp_path, monkeypatch):
+    """`--reuse-models` where only the baseline is missing (its training failed): it trained in a second process on
+    half the threads while this one waited, about 1.7x its time; now it trains in this process after the evaluation
+    of Cell2Text, as with --one-training-at-a-time, on all of them."""
+    import training.demo as demo
+    import training.evaluation.evaluate as evaluate
+    import training.prepare_demo_llm as prepare_demo_llm
+
+    _, lm_dir = save_tiny_parts(tmp_path / "parts")
+    monkeypatch.setattr(prepare_demo_llm, "prepare_demo_llm", lambda: lm_dir)
+    build = demo.build_demo_corpus
+
+    def build_beside_a_trained_model(corpus_dir, seed, fold=None):
+        summary = build(corpus_dir, seed, fold=fold)
+        model = corpus_dir.parent / "cell2text-demo"
+        model.mkdir()
+        (model / "model.safetensors").write_bytes(b"")
+        (model / "config.json").write_text(json.dumps({"training_corpus_fingerprints": summary["fingerprints"]}))
+        return summary
+
+    class Evaluated(Exception):
+        pass
+
+    def beside():
+        raise AssertionError("the baseline trains beside a reused model, on half the threads")
+
+    def evaluated(*args, **kwargs):
+        raise Evaluated
+
+    monkeypatch.setattr(demo, "build_demo_corpus", build_beside_a_trained_model)
+    monkeypatch.setattr(demo, "training_threads_each", lambda: 1)  # as on 2 or more cores
+    monkeypatch.setattr(demo, "second_process", beside)
+    monkeypatch.setattr(evaluate, "evaluate_model", evaluated)
+    with pytest.raises(Evaluated):
+        demo.run(tmp_path / "out", seed=0, max_steps=1, max_new_tokens=8, skip_cell2sentence=False,
+                 reuse_models=True)

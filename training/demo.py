@@ -252,7 +252,8 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     if train_c2s:
         _, c2s_config = sft_arguments(["--corpus_dir", str(corpus_dir), "--output_dir", str(out_dir / "c2s"),
                                        *common])
-    threads = None if one_training_at_a_time or not train_c2s else training_threads_each()
+    # side by side only where both train: beside a reused Cell2Text the baseline would train on half the threads
+    threads = None if one_training_at_a_time or not train_c2s or reuse_cell2text else training_threads_each()
     with second_process() if threads is not None else contextlib.nullcontext() as beside:
         if beside is not None:
             log = out_dir / CELL2SENTENCE_LOG
