@@ -190,7 +190,7 @@ def cell2sentence_result(job: Future, log: Path) -> Path:
     except Exception as error:
         raise RuntimeError(f"the Cell2Sentence baseline's training failed ({type(error).__name__}: {error}); its log: "
                            f"{log}. --skip-cell2sentence leaves the baseline out, --one-training-at-a-time trains it "
-                           "in this process.") from error
+                           "in this process; add --reuse-models to keep the Cell2Text model this run trained.") from error
 
 
 def check_trained_on(model_dir: Path, fingerprints: dict, record: str = "config.json") -> None:
