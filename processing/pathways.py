@@ -121,8 +121,8 @@ def sets_in_data_symbols(gene_sets: Mapping[str, Sequence[str]], gene_ids: Seque
     first such column's). Data and library written years apart name a renamed gene differently (pbmc68k_reduced's
     IGJ is GO 2023's JCHAIN); matched as written, such a gene counted in none of its sets. Other library genes
     stay as written, for ``membership_matrix`` to match by spelling; so do those whose column's symbol an earlier
-    column carries too (names missing in var, read as "nan"): ``membership_matrix`` finds a symbol at its first
-    column, another gene.
+    column carries too (a file naming two genes alike): ``membership_matrix`` finds a symbol at its first column,
+    another gene.
     """
     first_column: dict[str, int] = {}
     for column, symbol in enumerate(symbols):

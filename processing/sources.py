@@ -55,16 +55,18 @@ def resolve_genes(var: pd.DataFrame) -> tuple[list[str | None], list[str | None]
     The gene IDs are read where inference reads them (``gene_ids.var_gene_source``: Ensembl IDs from the index or a
     column, else the symbol source naming the most genes), and mapped by the rules of ``modeling_cell2text.gene_ids``,
     the feature extractor's too. With Ensembl IDs, the symbols (for gene-set scoring) are a ``feature_name``-like
-    column's, else the table's. Unmapped genes stay None and are reported by the caller.
+    column's, else (no such column, or a name missing in it) the table's. Unmapped genes stay None and are reported
+    by the caller.
     """
     _, values, are_ensembl = var_gene_source(var, symbol_index())
     if are_ensembl:
         ids = [ensembl_gene_id(v) for v in values]
-        symbol_column = next((c for c in SYMBOL_VAR_COLUMNS if c in var.columns), None)
-        if symbol_column is not None:
-            return ids, [str(v) for v in var[symbol_column]]
         table = ensembl_to_symbol([i for i in ids if i])
-        return ids, [table.get(i) if i else None for i in ids]
+        symbol_column = next((c for c in SYMBOL_VAR_COLUMNS if c in var.columns), None)
+        given = var[symbol_column] if symbol_column is not None else [None] * len(ids)
+        # a missing name read "nan", a name no library gene has: the gene counted in none of its sets
+        return ids, [str(name) if pd.notna(name) and str(name).strip() else table.get(gene_id)
+                     for name, gene_id in zip(given, ids)]
     symbols = values
     stripped = [s.strip() for s in symbols]
     mapping = symbol_to_ensembl(stripped)

@@ -367,12 +367,22 @@ def test_library_genes_keep_their_spelling_where_no_column_holds_their_gene():
 
 
 def test_a_library_gene_is_not_written_as_a_symbol_an_earlier_column_carries():
-    """Ensembl IDs with a feature_name-like column that misses some names (read as "nan"): JCHAIN's column was
-    named "nan", so GO's JCHAIN was written "nan" and counted the first "nan" column, another gene (exit 0); it now
-    stays as written and counts no column, as before genes were matched by ID."""
-    var = pd.DataFrame({"gene_name": [np.nan, "TP53", np.nan]},
-                       index=["ENSG00000230368", "ENSG00000141510", "ENSG00000132465"])  # FAM41C, TP53, JCHAIN
-    gene_ids, symbols = resolve_genes(var)
+    """Data naming two genes alike (names missing in var read "nan" before, as resolve_genes filled none in): JCHAIN's
+    column was named "nan", so GO's JCHAIN was written "nan" and counted the first "nan" column, another gene (exit
+    0); it now stays as written and counts no column, as before genes were matched by ID."""
+    gene_ids = ["ENSG00000230368", "ENSG00000141510", "ENSG00000132465"]  # FAM41C, TP53, JCHAIN
+    symbols = ["nan", "TP53", "nan"]
     in_data = sets_in_data_symbols({"s": ["JCHAIN", "TP53"]}, gene_ids, symbols)
     assert in_data == {"s": ["JCHAIN", "TP53"]}
     assert membership_matrix(symbols, in_data)[0].toarray().ravel().tolist() == [0, 1, 0]
+
+
+def test_a_name_missing_beside_an_ensembl_id_is_the_tables_symbol_and_counts_in_its_sets():
+    """Ensembl IDs with a feature_name-like column that misses some names: they were read as "nan", so those genes
+    counted in none of their sets (or, matched by ID, as another "nan" column); the table names them."""
+    var = pd.DataFrame({"gene_name": pd.Categorical([np.nan, "TP53", np.nan])},
+                       index=["ENSG00000230368", "ENSG00000141510", "ENSG00000132465"])
+    gene_ids, symbols = resolve_genes(var)
+    assert symbols == ["FAM41C", "TP53", "JCHAIN"]
+    in_data = sets_in_data_symbols({"s": ["JCHAIN", "TP53"]}, gene_ids, symbols)
+    assert membership_matrix(symbols, in_data)[0].toarray().ravel().tolist() == [0, 1, 1]
