@@ -245,10 +245,11 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     c2s_dir = out_dir / "c2s" / FINAL_DIR
     reuse_cell2text = reuse_models and (model_dir / "model.safetensors").exists()
     train_c2s = not skip_cell2sentence and not (reuse_models and (c2s_dir / "model.safetensors").exists())
-    if reuse_cell2text:  # both checked before any training: either model may be left from a run on another build
-        check_trained_on(model_dir, corpus_summary(corpus_dir)["fingerprints"])
+    fingerprints = corpus_summary(corpus_dir)["fingerprints"]  # both checked before any training: either model
+    if reuse_cell2text:  # may be left by a run on another build
+        check_trained_on(model_dir, fingerprints)
     if not skip_cell2sentence and not train_c2s:
-        check_trained_on(c2s_dir, corpus_summary(corpus_dir)["fingerprints"], record=C2S_CONFIG_FILENAME)
+        check_trained_on(c2s_dir, fingerprints, record=C2S_CONFIG_FILENAME)
     if train_c2s:
         _, c2s_config = sft_arguments(["--corpus_dir", str(corpus_dir), "--output_dir", str(out_dir / "c2s"),
                                        *common])
