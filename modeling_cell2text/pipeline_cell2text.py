@@ -123,6 +123,12 @@ class DescribeOptions:
         tokens = self.max_new_tokens
         if tokens is not None and not is_integer_at_least(tokens, 1):
             raise ValueError(f"max_new_tokens must be an integer >= 1 (or None: 160), got {tokens!r}")
+        if tokens is not None and self.generate_kwargs:  # the generate_kwargs' one ran, the other was dropped unsaid
+            config = self.generate_kwargs.get("generation_config")
+            given = {**(config.to_diff_dict() if config is not None else {}), **self.generate_kwargs}
+            if "max_new_tokens" in given:
+                raise ValueError(f"max_new_tokens is given twice, as max_new_tokens={tokens!r} and in generate_kwargs "
+                                 f"({given['max_new_tokens']!r}): give it once.")
         if self.constrained is not None:
             object.__setattr__(self, "constrained", bool(self.constrained))
         if self.cell_types is None:

@@ -246,6 +246,20 @@ def test_constrained_takes_true_false_or_none_only(model_dirs, value):
         describe(make_adata(2), model_dirs["random"], constrained=value)
 
 
+@pytest.mark.parametrize("generate_kwargs", [{"max_new_tokens": 3}, "config"])
+def test_max_new_tokens_given_twice_is_refused(model_dirs, generate_kwargs):
+    """max_new_tokens=5 beside generate_kwargs' 3 (loose or in a generation_config): the 3 ran and the 5 was dropped
+    without a word, while the record said which ran."""
+    from transformers import GenerationConfig
+
+    if generate_kwargs == "config":
+        generate_kwargs = {"generation_config": GenerationConfig(max_new_tokens=3)}
+    with pytest.raises(ValueError, match=r"max_new_tokens is given twice, as max_new_tokens=5 and in generate_kwargs "
+                                         r"\(3\): give it once"):
+        tl.describe(make_adata(2), model_dirs["random"], progress=False, constrained=False, max_new_tokens=5,
+                    generate_kwargs=generate_kwargs)
+
+
 @pytest.mark.parametrize("option, value, message", [
     ("use_raw", "false", "use_raw must be True or False"), ("skip_empty_cells", "no", "skip_empty_cells must be"),
     ("sort_by_length", 1, "sort_by_length must be"), ("max_new_tokens", 2.5, "max_new_tokens must be an integer"),
