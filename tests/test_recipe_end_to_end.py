@@ -148,6 +148,22 @@ def test_a_failed_baseline_training_in_the_second_process_names_its_log_and_the_
     assert log.exists()
 
 
+def test_a_failed_baseline_training_is_logged_when_it_ends_not_only_after_cell2texts(tmp_path, caplog):
+    """The failure is raised once Cell2Text's training is done, up to half an hour on; the log says so at once."""
+    from concurrent.futures import Future
+
+    import training.demo as demo
+
+    failed, done = Future(), Future()
+    failed.set_exception(FileNotFoundError("no corpus at x"))
+    done.set_result(tmp_path)
+    with caplog.at_level("ERROR", logger="training.demo"):
+        demo.report_failure_now(done, log=tmp_path / "c2s.log")
+        assert caplog.records == []
+        demo.report_failure_now(failed, log=tmp_path / "c2s.log")
+    assert "baseline's training failed (FileNotFoundError: no corpus at x; its log: " in caplog.text
+
+
 def test_the_second_process_stops_when_the_main_jobs_work_fails():
     """Where Cell2Text's training fails or is interrupted, the baseline's training beside it is stopped, not left
     running for half an hour."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import multiprocessing
@@ -182,6 +183,14 @@ def second_process():
             process.join()
 
 
+def report_failure_now(job: Future, log: Path) -> None:
+    """Log a failed baseline training as soon as it ends (the error is raised only once Cell2Text's training is
+    done, which may be half an hour later: the user may stop the job and rerun it)."""
+    if not job.cancelled() and job.exception() is not None:
+        logger.error("The Cell2Sentence baseline's training failed (%s: %s; its log: %s): the job ends with that "
+                     "error once Cell2Text's training is done.", type(job.exception()).__name__, job.exception(), log)
+
+
 def cell2sentence_result(job: Future, log: Path) -> Path:
     """The model folder of the Cell2Sentence baseline trained in a second process; RuntimeError naming its log and
     the ways round where that training failed (its traceback chained as the cause)."""
@@ -262,6 +271,7 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
                                     cell2text_args, c2s_config, threads, log)
             logger.info("The Cell2Sentence baseline trains beside Cell2Text in a second process, %d threads each; "
                         "its log: %s", threads, log)
+            c2s_job.add_done_callback(functools.partial(report_failure_now, log=log))
         if not reuse_cell2text:
             with torch_threads(threads):
                 model_dir = train_cell2text(cell2text_args, sft_config)
