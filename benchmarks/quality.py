@@ -221,7 +221,7 @@ def run_fold(out_dir: Path, fold: int, num_folds: int, seed: int, with_cell2sent
     report = run(out_dir, seed, max_steps, 160, not with_cell2sentence, fold=(fold, num_folds))
     results = json.loads((report.parent / "results.json").read_text())
     return {"fold": fold, "methods": method_figures(results), "cells": fold_cells(out_dir),
-            "timings_s": results.get("timings_s")}
+            "timings_s": results.get("timings_s"), "training_threads": results.get("training_threads")}
 
 
 def check_partition(folds: Sequence[dict]) -> None:
@@ -306,7 +306,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="Seeds the folds and the training.")
     parser.add_argument("--out", default=str(REPO / "outputs" / "quality"), help="One folder per fold, and the JSON.")
     parser.add_argument("--with-cell2sentence", action="store_true",
-                        help="Also train and score the Cell2Sentence-style baseline (about twice the time).")
+                        help="Also train and score the Cell2Sentence-style baseline (beside Cell2Text, half the "
+                        "threads each, where 2 or more cores are usable: Cell2Text's figures then come from another "
+                        "thread count than without it).")
     # positive: the main job reads 0 as no cap and the trainer -1, so either trained the whole recipe for hours while
     # the JSON recorded a smoke run
     parser.add_argument("--max-steps", type=positive_int, default=None,

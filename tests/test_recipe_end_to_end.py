@@ -102,6 +102,8 @@ def test_the_main_job_runs_every_stage_on_tiny_parts(tmp_path, monkeypatch):
     if demo.training_threads_each() is not None:  # 2 or more cores (CI's): the baseline trained in a second process
         assert "train_cell2sentence_beyond_cell2text" in results["timings_s"]
         assert "train_cell2sentence" not in results["timings_s"]
+        each = demo.training_threads_each()
+        assert results["training_threads"] == {"cell2text": each, "cell2sentence": each}  # their figures depend on it
         log = (out / demo.CELL2SENTENCE_LOG).read_text()  # its output went there, not to the main job's terminal
         assert "'train_runtime'" in log and "Writing model shards" in log
     methods = {"majority", "logistic_regression", "knn", "encoder_head", "projector_head", "cell2sentence"}

@@ -151,6 +151,13 @@ def train_cell2sentence_baseline(corpus_dir: Path, llm_dir: Path, out_dir: Path,
                                overwrite=True, overwrite_output_dir=True)
 
 
+def torch_thread_count() -> int:
+    """torch's thread count in this process (its trainings' when no other count is set)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 @contextlib.contextmanager
 def torch_threads(threads: int | None):
     """torch's thread count set to `threads` inside the block (None: left as it is), restored after."""
@@ -264,6 +271,8 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
                                        *common])
     # side by side only where both train: beside a reused Cell2Text the baseline would train on half the threads
     threads = None if one_training_at_a_time or not train_c2s or reuse_cell2text else training_threads_each()
+    # a training's float sums, and so its weights and figures, depend on its thread count: recorded with the results
+    training_threads = {"cell2text": None if reuse_cell2text else threads or torch_thread_count()}
     with second_process() if threads is not None else contextlib.nullcontext() as beside:
         if beside is not None:
             log = out_dir / CELL2SENTENCE_LOG
@@ -306,6 +315,9 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
         if train_c2s:  # one training at a time
             c2s_dir = train_cell2sentence_baseline(corpus_dir, llm_dir, out_dir / "c2s", cell2text_args, c2s_config)
             lap("train_cell2sentence")
+            training_threads["cell2sentence"] = torch_thread_count()
+        else:  # trained beside Cell2Text, or reused
+            training_threads["cell2sentence"] = threads
         feature_extractor = corpus_feature_extractor(corpus_dir)
         texts, whole = generate_cell2sentence(c2s_dir, corpus["test"], feature_extractor,
                                               cell2text_args.num_cell_tokens, batch_size=GENERATION_BATCH_SIZE,
@@ -321,6 +333,7 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
         {"cell_id": list(corpus["test"]["cell_id"]), "cell_type_true": truth, "predictions": predictions}))
     results["baselines"] = baselines
     results["timings_s"] = timings
+    results["training_threads"] = training_threads  # None: a model reused from an earlier run
     if QUALITY_BENCHMARK.exists():
         results["quality_benchmark"] = json.loads(QUALITY_BENCHMARK.read_text())
     selection = EncoderSelection.load(encoder_dir)
