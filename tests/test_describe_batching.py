@@ -122,7 +122,7 @@ def test_a_generation_config_given_to_tl_is_honoured_and_recorded(model_dir):
     from transformers import GenerationConfig
 
     adata = mixed_adata(4)
-    obs = described(model_dir, adata, constrained=False,  # and tl's max_new_tokens=6 (`described`)
+    obs = described(model_dir, adata, constrained=False, max_new_tokens=None,  # given twice is refused (test_tl)
                     generate_kwargs={"generation_config": GenerationConfig(max_new_tokens=3, do_sample=False)})
     assert adata.uns["cell2text"]["params"]["max_new_tokens"] == 3
     three, six = (described(model_dir, mixed_adata(4), constrained=False, max_new_tokens=n) for n in (3, 6))
