@@ -186,8 +186,10 @@ def second_process():
         processes = list((pool._processes or {}).values())  # Python < 3.14 has no public way to stop running work
         pool.shutdown(wait=False, cancel_futures=True)
         for process in processes:
-            process.terminate()
-            process.join()
+            process.join(timeout=10)  # an idle one exits on shutdown: terminating it leaked a semaphore, with a warning
+            if process.is_alive():
+                process.terminate()
+                process.join()
 
 
 def report_failure_now(job: Future, log: Path) -> None:
