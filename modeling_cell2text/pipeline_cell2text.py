@@ -123,8 +123,13 @@ class DescribeOptions:
         tokens = self.max_new_tokens
         if tokens is not None and not is_integer_at_least(tokens, 1):
             raise ValueError(f"max_new_tokens must be an integer >= 1 (or None: 160), got {tokens!r}")
+        if self.generate_kwargs is not None and not isinstance(self.generate_kwargs, dict):
+            raise ValueError(f"generate_kwargs takes a dict of generation settings, got {self.generate_kwargs!r}")
+        config = (self.generate_kwargs or {}).get("generation_config")
+        if config is not None and not isinstance(config, GenerationConfig):  # a dict ended in an AttributeError
+            raise ValueError(f"generate_kwargs' generation_config must be a transformers GenerationConfig, got "
+                             f"{type(config).__name__}: pass GenerationConfig(**settings), or the settings loose.")
         if tokens is not None and self.generate_kwargs:  # the generate_kwargs' one ran, the other was dropped unsaid
-            config = self.generate_kwargs.get("generation_config")
             given = {**(config.to_diff_dict() if config is not None else {}), **self.generate_kwargs}
             if "max_new_tokens" in given:
                 raise ValueError(f"max_new_tokens is given twice, as max_new_tokens={tokens!r} and in generate_kwargs "

@@ -246,6 +246,17 @@ def test_constrained_takes_true_false_or_none_only(model_dirs, value):
         describe(make_adata(2), model_dirs["random"], constrained=value)
 
 
+@pytest.mark.parametrize("generate_kwargs, message", [
+    ({"generation_config": {"max_new_tokens": 3}}, "generation_config must be a transformers GenerationConfig, got "
+                                                   r"dict: pass GenerationConfig\(\*\*settings\)"),
+    ("max_new_tokens=3", "generate_kwargs takes a dict of generation settings, got 'max_new_tokens=3'")])
+def test_generate_kwargs_of_another_type_are_refused_naming_the_fix(model_dirs, generate_kwargs, message):
+    """A dict for generation_config, or a string for generate_kwargs, ended in an AttributeError from inside."""
+    with pytest.raises(ValueError, match=message):
+        tl.describe(make_adata(2), model_dirs["random"], progress=False, constrained=False,
+                    generate_kwargs=generate_kwargs)
+
+
 @pytest.mark.parametrize("generate_kwargs", [{"max_new_tokens": 3}, "config"])
 def test_max_new_tokens_given_twice_is_refused(model_dirs, generate_kwargs):
     """max_new_tokens=5 beside generate_kwargs' 3 (loose or in a generation_config): the 3 ran and the 5 was dropped
