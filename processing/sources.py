@@ -53,27 +53,29 @@ def resolve_genes(var: pd.DataFrame) -> tuple[list[str | None], list[str | None]
     """(Ensembl ID or None, symbol or None) per var row; symbols map through the GENCODE table.
 
     The gene IDs are read where inference reads them (``gene_ids.var_gene_source``: Ensembl IDs from the index or a
-    column, else the symbol source naming the most genes), and mapped by the rules of ``modeling_cell2text.gene_ids``,
-    the feature extractor's too. With Ensembl IDs, the symbols (for gene-set scoring) are a ``feature_name``-like
-    column's, else (no such column, or a name missing in it) the table's. Unmapped genes stay None and are reported
-    by the caller.
+    column, else the symbol source naming the most genes), and mapped name by name by the feature extractor's rule
+    (``match_genes``): an Ensembl ID is read as one, any other name as a symbol (``modeling_cell2text.gene_ids``), so
+    a symbol among Ensembl IDs, or an Ensembl ID among symbols (CELLxGENE names an unnamed gene by its ID), gives the
+    gene inference gives it. With Ensembl IDs, the symbols (for gene-set scoring) are a ``feature_name``-like
+    column's, else (no such column, or a name missing in it) the table's, else the name as given. Unmapped genes stay
+    None and are reported by the caller.
     """
     _, values, are_ensembl = var_gene_source(var, symbol_index())
-    if are_ensembl:
-        ids = [ensembl_gene_id(v) for v in values]
-        table = ensembl_to_symbol([i for i in ids if i])
-        symbol_column = next((c for c in SYMBOL_VAR_COLUMNS if c in var.columns), None)
-        given = var[symbol_column] if symbol_column is not None else [None] * len(ids)
-        # a missing name read "nan", a name no library gene has: the gene counted in none of its sets
-        return ids, [str(name) if pd.notna(name) and str(name).strip() else table.get(gene_id)
-                     for name, gene_id in zip(given, ids)]
-    symbols = values
-    stripped = [s.strip() for s in symbols]
-    mapping = symbol_to_ensembl(stripped)
-    superseded = superseded_symbols(stripped, mapping, ensembl_to_symbol(mapping.values()))
+    names = [value.strip() for value in values]
+    mapping = symbol_to_ensembl([name for name in names if ensembl_gene_id(name) is None])
+    superseded = superseded_symbols(names, mapping, ensembl_to_symbol(mapping.values()))
     if superseded:
         logger.warning(SUPERSEDED_WARNING, len(superseded), sorted(superseded)[:5])
-    return [None if s in superseded else mapping.get(s) for s in stripped], list(symbols)
+    ids = [ensembl_gene_id(name) or (None if name in superseded else mapping.get(name)) for name in names]
+    if not are_ensembl:
+        return ids, list(values)
+    table = ensembl_to_symbol([gene_id for gene_id in ids if gene_id])
+    symbol_column = next((c for c in SYMBOL_VAR_COLUMNS if c in var.columns), None)
+    given = var[symbol_column] if symbol_column is not None else [None] * len(ids)
+    # a missing name read "nan", a name no library gene has: the gene counted in none of its sets
+    return ids, [str(given_name) if pd.notna(given_name) and str(given_name).strip()
+                 else table.get(gene_id) or (name if ensembl_gene_id(name) is None else None)
+                 for given_name, gene_id, name in zip(given, ids, names)]
 
 
 def standardize_obs(obs: pd.DataFrame, obs_map: Mapping[str, str] | None = None) -> pd.DataFrame:

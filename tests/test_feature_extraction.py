@@ -950,6 +950,10 @@ def test_corpus_and_inference_map_the_same_symbols_to_the_same_genes_ambiguous_o
     pd.DataFrame({"gene_name": ["tp53", "cd3e", "jchain"]}, index=["TP53", "CD3E", "JCHAIN"]),
     # Ensembl IDs in a column of another name, row numbers in the index: the corpus builder read no gene
     pd.DataFrame({"ensembl": ["ENSG00000141510", "ENSG00000198851", "ENSG00000132465"]}, index=["0", "1", "2"]),
+    # Ensembl IDs with one symbol among them: the corpus builder read no gene there, inference JCHAIN
+    pd.DataFrame(index=["ENSG00000141510", "ENSG00000198851", "JCHAIN"]),
+    # symbols with one Ensembl ID among them (CELLxGENE names an unnamed gene by its ID): the same, the other way
+    pd.DataFrame(index=["TP53", "CD3E", "ENSG00000132465.12"]),
 ])
 def test_the_corpus_builder_reads_a_files_genes_where_inference_reads_them(var):
     """One file, one gene per column in training and in use: the corpus builder chose its symbol source by name,
