@@ -50,7 +50,7 @@ from processing.corpus import (METADATA_FIELDS, REJECTS_COLUMNS, REJECTS_FILE, U
 from processing.gene_medians import ExactGeneMedians, HistogramGeneMedians, expression_values, normalize_total
 from processing.pathways import (
     DEFAULT_GMT, DEFAULT_SET_SIZES, PATHWAY_GENE_MATCHING, aucell, default_max_rank, display_names, filter_set_sizes,
-    membership_matrix, read_gmt, sets_in_data_symbols, top_set_indices,
+    membership_matrix, read_gmt, sets_in_data_symbols, top_set_indices, unique_gene_names,
 )
 from processing.splits import DEFAULT_FRACTIONS, SPLITS, assign_fold_splits, assign_splits, check_fold
 
@@ -108,7 +108,7 @@ class _Genes:
 
     token_ids: list[str]
     usable: np.ndarray  # column may give tokens (mapped, first of duplicates, in a given vocabulary)
-    symbols: list[str]
+    symbols: list[str]  # one name per column, for gene-set scoring (unique_gene_names)
     unmapped: list[str]
 
 
@@ -140,7 +140,7 @@ def _genes(source: Any, extractor: Cell2TextFeatureExtractor | None) -> _Genes:
     usable = np.array(usable, dtype=bool)
     if extractor is not None:
         usable &= extractor.match_genes(token_ids).column_tokens >= 0
-    symbols = [s if s else f"unmapped:{i}" for i, s in enumerate(source.gene_symbols)]
+    symbols = unique_gene_names([s if s else f"unmapped:{i}" for i, s in enumerate(source.gene_symbols)])
     if unmapped:
         logger.warning("%d of %d genes have no usable Ensembl ID and give no tokens (see unmapped_genes.txt)",
                        len(unmapped), len(token_ids))

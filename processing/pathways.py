@@ -108,31 +108,45 @@ def filter_set_sizes(gene_sets: Mapping[str, Sequence[str]], min_size: int, max_
 
 
 #: How the corpus builder matches a library's genes to the data's, as its summary records it (shards to join share it:
-#: before, matched as written, a renamed gene counted in none of its sets).
-PATHWAY_GENE_MATCHING = "Ensembl ID, then symbol"
+#: matched as written, a renamed gene counted in none of its sets; matched by Ensembl ID under a symbol two columns
+#: carried, at the first of them, another gene).
+PATHWAY_GENE_MATCHING = "Ensembl ID at its own column, then symbol"
+
+
+def unique_gene_names(symbols: Sequence[str]) -> list[str]:
+    """The columns' names for gene-set scoring: each column's symbol, or, where an earlier column carries that symbol
+    too (two genes of a file named alike, as GENCODE names some), the symbol with its column ("MALL (column 7)"), so
+    that ``sets_in_data_symbols`` can write a library gene matched by Ensembl ID as its own column's name: under a
+    shared name, ``membership_matrix`` found it at the first column so named, another gene."""
+    names: list[str] = []
+    taken: set[str] = set()
+    for column, symbol in enumerate(symbols):
+        name = symbol if symbol not in taken else f"{symbol} (column {column})"
+        names.append(name)
+        taken.add(name)
+    return names
 
 
 def sets_in_data_symbols(gene_sets: Mapping[str, Sequence[str]], gene_ids: Sequence[str | None],
-                         symbols: Sequence[str]) -> dict[str, list[str]]:
+                         names: Sequence[str]) -> dict[str, list[str]]:
     """The sets with each library gene written as the data names it, matched by gene rather than by spelling.
 
     A library symbol that names a gene (``gene_table.symbol_to_ensembl``: current symbols, and the previous symbol
-    of a renamed gene) whose Ensembl ID is a column's in ``gene_ids`` is written as that column's symbol (the
-    first such column's). Data and library written years apart name a renamed gene differently (pbmc68k_reduced's
-    IGJ is GO 2023's JCHAIN); matched as written, such a gene counted in none of its sets. Other library genes
-    stay as written, for ``membership_matrix`` to match by spelling; so do those whose column's symbol an earlier
-    column carries too (a file naming two genes alike): ``membership_matrix`` finds a symbol at its first column,
-    another gene.
+    of a renamed gene) whose Ensembl ID is a column's in ``gene_ids`` is written as that column's name in ``names``
+    (the first such column's). Data and library written years apart name a renamed gene differently (pbmc68k_reduced's
+    IGJ is GO 2023's JCHAIN); matched as written, such a gene counted in none of its sets. Other library genes stay as
+    written, for ``membership_matrix`` to match by spelling. ``names`` must name each column once
+    (``unique_gene_names``).
     """
-    first_column: dict[str, int] = {}
-    for column, symbol in enumerate(symbols):
-        first_column.setdefault(symbol, column)
-    column_symbol: dict[str, str] = {}
-    for column, (gene_id, symbol) in enumerate(zip(gene_ids, symbols)):
-        if gene_id is not None and first_column[symbol] == column:
-            column_symbol.setdefault(gene_id, symbol)
+    if len(set(names)) != len(names):
+        raise ValueError("names holds a name twice, so a library gene could count at another gene's column; pass "
+                         "unique_gene_names(symbols)")
+    column_name: dict[str, str] = {}
+    for gene_id, name in zip(gene_ids, names):
+        if gene_id is not None:
+            column_name.setdefault(gene_id, name)
     library_ids = symbol_to_ensembl({gene for genes in gene_sets.values() for gene in genes})
-    as_data = {gene: column_symbol[gene_id] for gene, gene_id in library_ids.items() if gene_id in column_symbol}
+    as_data = {gene: column_name[gene_id] for gene, gene_id in library_ids.items() if gene_id in column_name}
     return {name: list(dict.fromkeys(as_data.get(gene, gene) for gene in genes)) for name, genes in gene_sets.items()}
 
 

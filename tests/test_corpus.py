@@ -410,6 +410,26 @@ def test_raw_pathway_ranking_is_the_papers_option(tmp_path, monkeypatch):
         build_corpus(pbmc68k_reduced(), tmp_path / "bad", BuildOptions(progress=False, pathway_ranking="zscore"))
 
 
+def test_a_source_naming_two_genes_alike_scores_pathways_by_one_name_per_column(tmp_path, monkeypatch):
+    """GENCODE names some genes alike (two MALL genes in CELLxGENE's feature_name): a library gene matched by
+    Ensembl ID to the second counted at the first column, another gene. The builder names each column once."""
+    import processing.build_corpus
+
+    names_scored = []
+
+    def recorded(X, gene_names, *args, **kwargs):
+        names_scored.append(list(gene_names))
+        return aucell(X, gene_names, *args, **kwargs)
+
+    aucell = processing.build_corpus.aucell
+    monkeypatch.setattr(processing.build_corpus, "aucell", recorded)
+    source = pbmc68k_reduced()
+    source.gene_symbols = [source.gene_symbols[0], *source.gene_symbols[:-1]]  # the first name twice
+    build_corpus(source, tmp_path / "corpus", BuildOptions(progress=False))
+    assert names_scored and all(len(set(names)) == len(names) for names in names_scored)
+    assert names_scored[0][:2] == [source.gene_symbols[0], f"{source.gene_symbols[0]} (column 1)"]
+
+
 def test_pathway_max_rank_is_an_option_and_a_warning_names_it_where_cells_express_fewer_genes(tmp_path, caplog):
     """A reviewer's finding: AUCell's top ranks default to 5% of the columns (3,000 of Census's 60k), above the genes
     most cells express, where unexpressed genes fill the top ranks; nothing said so and nothing could change it."""

@@ -10,6 +10,7 @@ import scipy.sparse as sp
 from processing.pathways import (
     DEFAULT_GMT, DEFAULT_SET_SIZES, GO_BIOLOGICAL_PROCESS_GMT, WIKIPATHWAYS_GMT, aucell, default_max_rank,
     display_names, filter_set_sizes, max_auc, membership_matrix, read_gmt, sets_in_data_symbols, top_pathways,
+    unique_gene_names,
 )
 from processing.sources import resolve_genes
 
@@ -366,15 +367,24 @@ def test_library_genes_keep_their_spelling_where_no_column_holds_their_gene():
         "s": ["C9ORF78", "NOT_A_GENE", "TP53", "P53_OLD"]}
 
 
-def test_a_library_gene_is_not_written_as_a_symbol_an_earlier_column_carries():
-    """Data naming two genes alike (names missing in var read "nan" before, as resolve_genes filled none in): JCHAIN's
-    column was named "nan", so GO's JCHAIN was written "nan" and counted the first "nan" column, another gene (exit
-    0); it now stays as written and counts no column, as before genes were matched by ID."""
+def test_a_library_gene_counts_at_its_own_column_where_two_genes_share_a_name():
+    """Data naming two genes alike: GENCODE's two MALL genes (CELLxGENE's feature_name), or names missing in var
+    read "nan". GO's gene, matched by Ensembl ID to the second column, was written as the shared name and counted at
+    the first column, another gene (exit 0); each column now has its own name, and the gene counts at its column."""
+    mall = pd.DataFrame({"feature_name": ["MALL", "TP53", "MALL"]},
+                        index=["ENSG00000282304", "ENSG00000141510", "ENSG00000144063"])  # non-coding, TP53, coding
+    gene_ids, symbols = resolve_genes(mall)
+    names = unique_gene_names(symbols)
+    assert names == ["MALL", "TP53", "MALL (column 2)"]
+    in_data = sets_in_data_symbols({"s": ["MALL", "TP53"]}, gene_ids, names)
+    assert in_data == {"s": ["MALL (column 2)", "TP53"]}
+    assert membership_matrix(names, in_data)[0].toarray().ravel().tolist() == [0, 1, 1]
     gene_ids = ["ENSG00000230368", "ENSG00000141510", "ENSG00000132465"]  # FAM41C, TP53, JCHAIN
-    symbols = ["nan", "TP53", "nan"]
-    in_data = sets_in_data_symbols({"s": ["JCHAIN", "TP53"]}, gene_ids, symbols)
-    assert in_data == {"s": ["JCHAIN", "TP53"]}
-    assert membership_matrix(symbols, in_data)[0].toarray().ravel().tolist() == [0, 1, 0]
+    names = unique_gene_names(["nan", "TP53", "nan"])
+    in_data = sets_in_data_symbols({"s": ["JCHAIN", "TP53"]}, gene_ids, names)
+    assert membership_matrix(names, in_data)[0].toarray().ravel().tolist() == [0, 1, 1]
+    with pytest.raises(ValueError, match=r"names holds a name twice.*unique_gene_names\(symbols\)"):
+        sets_in_data_symbols({"s": ["JCHAIN"]}, gene_ids, ["nan", "TP53", "nan"])
 
 
 def test_a_name_missing_beside_an_ensembl_id_is_the_tables_symbol_and_counts_in_its_sets():
