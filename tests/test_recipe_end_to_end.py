@@ -235,7 +235,7 @@ def test_a_baseline_training_process_that_dies_ends_in_an_error_not_a_wait_forev
 def test_beside_a_reused_cell2text_the_baseline_trains_with_every_thread(tmp_path, monkeypatch):
     """`--reuse-models` where only the baseline is missing (its training failed): it trained in a second process on
     half the threads while this one waited, about 1.7x its time; now it trains in this process after the evaluation
-    of Cell2Text, as with --one-training-at-a-time, on all of them."""
+    of Cell2Text, as with --one-training-at-a-time, on all of them; the log of a baseline trained beside is removed."""
     import training.demo as demo
     import training.evaluation.evaluate as evaluate
     import training.prepare_demo_llm as prepare_demo_llm
@@ -265,6 +265,10 @@ def test_beside_a_reused_cell2text_the_baseline_trains_with_every_thread(tmp_pat
     monkeypatch.setattr(demo, "training_threads_each", lambda: 1)  # as on 2 or more cores
     monkeypatch.setattr(demo, "second_process", beside)
     monkeypatch.setattr(evaluate, "evaluate_model", evaluated)
+    stale = tmp_path / "out" / demo.CELL2SENTENCE_LOG  # left by a run that trained the baseline beside Cell2Text
+    stale.parent.mkdir()
+    stale.write_text("the log of a baseline this run replaces")
     with pytest.raises(Evaluated):
         demo.run(tmp_path / "out", seed=0, max_steps=1, max_new_tokens=8, skip_cell2sentence=False,
                  reuse_models=True)
+    assert not stale.exists()  # its output goes to the terminal: the old log told of another model

@@ -267,6 +267,8 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
                                        *common])
     # side by side only where both train: beside a reused Cell2Text the baseline would train on half the threads
     threads = None if one_training_at_a_time or not train_c2s or reuse_cell2text else training_threads_each()
+    if train_c2s and threads is None:  # trained in this process, its output on the terminal: a log left by a run
+        (out_dir / CELL2SENTENCE_LOG).unlink(missing_ok=True)  # beside Cell2Text told of the model this one replaces
     # a training's float sums, and so its weights and figures, depend on its thread count: recorded with the results
     training_threads = {"cell2text": None if reuse_cell2text else threads or torch.get_num_threads()}
     with second_process() if threads is not None else contextlib.nullcontext() as beside:
