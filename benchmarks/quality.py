@@ -3,6 +3,7 @@
 ```bash
 python benchmarks/quality.py                          # 5 folds, seed 0, out outputs/quality
 python benchmarks/quality.py --with-cell2sentence     # also the Cell2Sentence-style baseline (twice the time)
+python benchmarks/quality.py --with-cell2sentence --one-training-at-a-time  # ... with Cell2Text on every thread
 python benchmarks/quality.py --resume                 # after an interruption: keeps the folds already measured
 python benchmarks/quality.py --rescore                # pooled figures again from the fold folders (no training)
 cp outputs/quality/quality_benchmark.json docs/       # the main job's report then shows it beside its split
@@ -214,11 +215,12 @@ def fold_cells(fold_dir: Path) -> dict:
 
 
 def run_fold(out_dir: Path, fold: int, num_folds: int, seed: int, with_cell2sentence: bool,
-             max_steps: int | None) -> dict:
+             max_steps: int | None, one_training_at_a_time: bool = False) -> dict:
     """The main job's recipe with fold `fold` as its test split; per-method figures and predictions per cell."""
     from training.demo import run
 
-    report = run(out_dir, seed, max_steps, 160, not with_cell2sentence, fold=(fold, num_folds))
+    report = run(out_dir, seed, max_steps, 160, not with_cell2sentence, fold=(fold, num_folds),
+                 one_training_at_a_time=one_training_at_a_time)
     results = json.loads((report.parent / "results.json").read_text())
     return {"fold": fold, "methods": method_figures(results), "cells": fold_cells(out_dir),
             "timings_s": results.get("timings_s"), "training_threads": results.get("training_threads")}
@@ -260,6 +262,10 @@ def paired_summary(folds: Sequence[dict]) -> dict[str, dict]:
     return summary
 
 
+#: Settings a benchmark records that earlier versions did not, with the value those versions ran with.
+SETTINGS_ADDED_LATER = {"one_training_at_a_time": False}
+
+
 def reusable_folds(path: Path, settings: dict) -> dict[int, dict]:
     """The folds of an earlier (possibly interrupted) run at `path`, by index, if it ran with the same settings."""
     if not path.exists():
@@ -268,6 +274,7 @@ def reusable_folds(path: Path, settings: dict) -> dict[int, dict]:
         raise SystemExit("The checkout has uncommitted changes, so folds measured before cannot be shown to come from "
                          "the same code; commit them (or pass another --out) before --resume.")
     earlier = json.loads(path.read_text())
+    earlier = {**SETTINGS_ADDED_LATER, **earlier}
     mismatched = {k: (earlier.get(k), v) for k, v in settings.items() if earlier.get(k) != v}
     if mismatched:
         raise SystemExit(f"{path} was measured with other settings ({mismatched}: earlier, now); it cannot be "
@@ -308,7 +315,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--with-cell2sentence", action="store_true",
                         help="Also train and score the Cell2Sentence-style baseline (beside Cell2Text, half the "
                         "threads each, where 2 or more cores are usable: Cell2Text's figures then come from another "
-                        "thread count than without it).")
+                        "thread count than without it; --one-training-at-a-time keeps it).")
+    parser.add_argument("--one-training-at-a-time", action="store_true",
+                        help="With --with-cell2sentence: train the baseline after Cell2Text, each on every thread, "
+                             "so that Cell2Text's figures are those of a run without the baseline (as the main "
+                             "job's option of that name; the main job took twice as long that way on 2 AVX2-only cores).")
     # positive: the main job reads 0 as no cap and the trainer -1, so either trained the whole recipe for hours while
     # the JSON recorded a smoke run
     parser.add_argument("--max-steps", type=positive_int, default=None,
@@ -331,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     path = out / "quality_benchmark.json"
     started = datetime.now(timezone.utc)
     settings = {"commit": git_commit(), "num_folds": args.folds, "seed": args.seed, "max_steps": args.max_steps,
-                "with_cell2sentence": args.with_cell2sentence}
+                "with_cell2sentence": args.with_cell2sentence, "one_training_at_a_time": args.one_training_at_a_time}
     done = reusable_folds(path, settings) if args.resume else {}
     if path.exists() and not args.resume:
         raise SystemExit(f"{path} exists; pass --resume to reuse its folds, or another --out.")
@@ -342,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             print(f"\nFold {index}: reused from {path}", flush=True)
         else:
             folds.append(run_fold(out / f"fold-{index}", index, args.folds, args.seed, args.with_cell2sentence,
-                                  args.max_steps))
+                                  args.max_steps, args.one_training_at_a_time))
             print(f"\nFold {index}:\n{format_table(folds[-1:], pooled_figures(folds[-1:]))}", flush=True)
         folds.sort(key=lambda f: f["fold"])
         check_partition(folds)

@@ -47,10 +47,10 @@ def fake_cells(fold: int) -> dict:
 
 
 def fake_main_job(calls: list, fail_at: int | None = None):
-    def run(out_dir, seed, max_steps, max_new_tokens, skip_cell2sentence, fold):
+    def run(out_dir, seed, max_steps, max_new_tokens, skip_cell2sentence, fold, one_training_at_a_time):
         if fold[0] == fail_at:
             raise KeyboardInterrupt  # the session ends mid-fold
-        calls.append((Path(out_dir).name, seed, fold, max_steps, skip_cell2sentence))
+        calls.append((Path(out_dir).name, seed, fold, max_steps, skip_cell2sentence, one_training_at_a_time))
         report = Path(out_dir) / "report" / "report.md"
         report.parent.mkdir(parents=True)
         (report.parent / "results.json").write_text(json.dumps(fake_results(fold[0])))
@@ -72,7 +72,7 @@ def stubbed(monkeypatch):
 
 def test_every_fold_runs_once_and_the_pooled_figures_count_every_cell(tmp_path, stubbed, capsys):
     benchmark = quality.main(["--folds", "3", "--out", str(tmp_path)])
-    assert stubbed == [(f"fold-{f}", 0, (f, 3), None, True) for f in range(3)]
+    assert stubbed == [(f"fold-{f}", 0, (f, 3), None, True, False) for f in range(3)]
     saved = json.loads((tmp_path / "quality_benchmark.json").read_text())
     assert saved == json.loads(json.dumps(benchmark))
     assert saved["num_folds"] == 3 and saved["commit"] == "0" * 40 and saved["complete"]
@@ -98,6 +98,23 @@ def test_every_fold_runs_once_and_the_pooled_figures_count_every_cell(tmp_path, 
     printed = capsys.readouterr().out
     assert "| Cell2Text | Cell-type accuracy | 0.250 | 0.500 | 0.750 | 0.500 [0.254, 0.746] |" in printed
     assert "- Cell2Text - Head on the same encoder (probe): +0.000 accuracy on 12 cells" in printed
+
+
+def test_one_training_at_a_time_reaches_every_fold_and_is_a_setting_of_the_benchmark(tmp_path, stubbed):
+    """With --with-cell2sentence the two trainings run side by side on half the threads each, so Cell2Text's figures
+    differ from a run without the baseline; the main job's --one-training-at-a-time keeps them, and the benchmark
+    could not pass it. Folds measured one way do not resume the other."""
+    argv = ["--folds", "2", "--with-cell2sentence", "--out", str(tmp_path)]
+    benchmark = quality.main([*argv, "--one-training-at-a-time"])
+    assert stubbed == [(f"fold-{f}", 0, (f, 2), None, False, True) for f in range(2)]
+    assert benchmark["one_training_at_a_time"] is True
+    with pytest.raises(SystemExit, match="other settings"):
+        quality.main([*argv, "--resume"])
+    earlier = json.loads((tmp_path / "quality_benchmark.json").read_text())  # measured before the option existed
+    del earlier["one_training_at_a_time"]
+    (tmp_path / "quality_benchmark.json").write_text(json.dumps(earlier))
+    stubbed.clear()
+    assert quality.main([*argv, "--resume"])["one_training_at_a_time"] is False and stubbed == []
 
 
 def test_bad_fold_arguments_are_refused(tmp_path, stubbed):
