@@ -239,13 +239,13 @@ def run(args: argparse.Namespace) -> None:
     except (NotCountsError, ScaledValuesError) as error:  # X normalised or scaled, the counts kept elsewhere
         if args.use_raw or args.layer is not None:
             raise
-        if adata.raw is not None:
-            raise CLIError(f"{error}. The file has adata.raw, where CELLxGENE files keep the counts: "
-                           "--use-raw reads them") from error
-        if len(adata.layers):
-            raise CLIError(f"{error}. The file's layers: {', '.join(adata.layers.keys())}: --layer NAME reads the "
-                           "one holding the counts") from error
-        raise
+        ways = ([f"The file's layers: {', '.join(adata.layers.keys())}: --layer NAME reads the one holding the "
+                 "counts"] if len(adata.layers) else [])
+        if adata.raw is not None:  # both where both are there: the counts may be in either
+            ways.insert(0, "The file has adata.raw, where CELLxGENE files keep the counts: --use-raw reads them")
+        if not ways:
+            raise
+        raise CLIError(f"{error}. {'. '.join(ways)}") from error
     finally:
         adata.file.close()
 

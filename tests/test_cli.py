@@ -420,7 +420,8 @@ def test_scaled_x_names_the_option_that_reads_the_counts(model_dir, tmp_path, ca
     adata.raw = ad.AnnData(adata.layers["counts"], var=adata.var)
     adata.write_h5ad(path)
     code, err = run_cli(["embed", str(path), "--model", str(model_dir), "--out", str(out)], capsys)
-    assert code == 1 and err.strip().endswith("--use-raw reads them"), err
+    assert code == 1 and err.strip().endswith("--use-raw reads them. The file's layers: counts: --layer NAME reads "
+                                              "the one holding the counts"), err  # it named only --use-raw
     assert main(["embed", str(path), "--model", str(model_dir), "--out", str(out), "--layer", "counts"]) == 0
 
 
