@@ -396,3 +396,21 @@ def test_a_name_missing_beside_an_ensembl_id_is_the_tables_symbol_and_counts_in_
     assert symbols == ["FAM41C", "TP53", "JCHAIN"]
     in_data = sets_in_data_symbols({"s": ["JCHAIN", "TP53"]}, gene_ids, symbols)
     assert membership_matrix(symbols, in_data)[0].toarray().ravel().tolist() == [0, 1, 1]
+
+
+def test_a_library_gene_two_columns_hold_is_written_as_the_first_columns_symbol():
+    """Two columns of one gene under two names (two previous symbols of JCHAIN): GO's JCHAIN is written as the first
+    column's name, the column membership_matrix finds for it, as sets_in_data_symbols documents."""
+    gene_ids = ["ENSG00000132465", "ENSG00000141510", "ENSG00000132465"]
+    in_data = sets_in_data_symbols({"s": ["JCHAIN", "TP53"]}, gene_ids, ["IGJ", "TP53", "IGCJ"])
+    assert in_data == {"s": ["IGJ", "TP53"]}
+
+
+def test_the_files_own_gene_names_beside_ensembl_ids_are_the_symbols_an_empty_one_the_tables():
+    """With Ensembl IDs, a feature_name-like column names the genes for gene-set scoring: a gene the packaged table
+    lacks keeps its sets by the file's name; an empty or blank name is a missing one, as NaN is (kept as "", the gene
+    counted in none of its sets)."""
+    var = pd.DataFrame({"gene_name": ["TP53", "MYGENE", "", " "]},
+                       index=["ENSG00000141510", "ENSG00000999999", "ENSG00000132465", "ENSG00000198851"])
+    gene_ids, symbols = resolve_genes(var)
+    assert gene_ids == list(var.index) and symbols == ["TP53", "MYGENE", "JCHAIN", "CD3E"]
