@@ -361,6 +361,8 @@ def test_a_cell_named_by_previous_symbols_gets_the_tokens_of_the_same_cell_named
     current = as_lists(extractor.tokenize(counts, ["JCHAIN", "JAML", "TP53"]))
     assert as_lists(extractor.tokenize(counts, ["IGJ", "AMICA1", "TP53"])) == current
     assert extractor.symbol_to_gene["IGJ"] == "ENSG00000132465"  # saved with the extractor: remote code maps it too
+    # of the vocabulary's genes only (not the table's 100,000 symbols, in every saved preprocessor_config.json)
+    assert set(extractor.symbol_to_gene.values()) == {"ENSG00000132465", "ENSG00000160593", "ENSG00000141510"}
     assert extractor.gene_symbols["ENSG00000132465"] == "JCHAIN"  # shown by the current symbol
 
 
@@ -389,6 +391,14 @@ def test_a_previous_symbol_beside_its_genes_current_symbol_names_no_gene_in_the_
     assert extractor.match_genes(["IGJ", "TP53"]).column_tokens.tolist() == [token["ENSG00000132465"],
                                                                               token["ENSG00000141510"]]
     assert resolve_genes(pd.DataFrame(index=["IGJ", "TP53"]))[0] == ["ENSG00000132465", "ENSG00000141510"]
+    # beside a current symbol that names no gene (ZBED1: two protein-coding genes), a previous symbol (ALTE, of one
+    # of them) names its gene: nothing else reads that gene
+    zbed1 = "ENSG00000214717"
+    extractor = Cell2TextFeatureExtractor.from_gene_medians({zbed1: 1.0, "ENSG00000141510": 0.5})
+    names = ["ALTE", "ZBED1", "TP53"]
+    assert extractor.match_genes(names).column_tokens.tolist() == [extractor.gene_token_ids[zbed1], -1,
+                                                                   extractor.gene_token_ids["ENSG00000141510"]]
+    assert resolve_genes(pd.DataFrame(index=names))[0] == [zbed1, None, "ENSG00000141510"]
 
 
 def test_the_packaged_previous_symbols_name_genes_of_the_table_and_none_a_gene_carries_now():
@@ -489,14 +499,23 @@ class LongScalar:
         return rebuild, (dtype, data + data)
 
 
+class ScalarThroughCodecs:
+    """A numpy float64 whose bytes come from a codecs.encode call of another encoding than protocol 2's latin-1."""
+
+    def __reduce__(self):
+        rebuild, (dtype, data) = np.float64(1.25).__reduce__()
+        return rebuild, (dtype, CodecsCall(data.decode("latin-1"), "utf-8"))
+
+
 @pytest.mark.parametrize(
     "payload",
     [{"ENSG00000141510": Sneaky()}, {"ENSG00000141510": os.getcwd}, {"ENSG00000141510": "1.0"},
      {1: 1.0}, [("ENSG00000141510", 1.0)], {"ENSG00000141510": np.array([1.0])},
      {"ENSG00000141510": True}, {"ENSG00000141510": LongScalar()},
-     {"ENSG00000141510": CodecsCall("1.0", "rot13")}, {"ENSG00000141510": CodecsCall(b"1.0", "latin1")}],
+     {"ENSG00000141510": CodecsCall("1.0", "rot13")}, {"ENSG00000141510": CodecsCall(b"1.0", "latin1")},
+     {"ENSG00000141510": ScalarThroughCodecs()}],
     ids=["reduce", "function", "str-value", "int-key", "list", "ndarray", "bool-value", "long-scalar",
-         "codecs-other-encoding", "codecs-bytes-value"],
+         "codecs-other-encoding", "codecs-bytes-value", "codecs-other-encoding-in-a-scalar"],
 )
 def test_geneformer_dictionaries_reject_anything_else(tmp_path, payload):
     tokens = write_pickle(tmp_path / "tokens.pkl", {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3})
@@ -954,6 +973,8 @@ def test_corpus_and_inference_map_the_same_symbols_to_the_same_genes_ambiguous_o
     pd.DataFrame(index=["ENSG00000141510", "ENSG00000198851", "JCHAIN"]),
     # symbols with one Ensembl ID among them (CELLxGENE names an unnamed gene by its ID): the same, the other way
     pd.DataFrame(index=["TP53", "CD3E", "ENSG00000132465.12"]),
+    # symbols in a feature_name-like column, row numbers in the index: the column names the genes
+    pd.DataFrame({"gene_name": ["TP53", "CD3E", "IGJ"]}, index=["0", "1", "2"]),
 ])
 def test_the_corpus_builder_reads_a_files_genes_where_inference_reads_them(var):
     """One file, one gene per column in training and in use: the corpus builder chose its symbol source by name,
