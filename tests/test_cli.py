@@ -423,6 +423,14 @@ def test_scaled_x_names_the_option_that_reads_the_counts(model_dir, tmp_path, ca
     assert code == 1 and err.strip().endswith("--use-raw reads them. The file's layers: counts: --layer NAME reads "
                                               "the one holding the counts"), err  # it named only --use-raw
     assert main(["embed", str(path), "--model", str(model_dir), "--out", str(out), "--layer", "counts"]) == 0
+    # the scaled values read from a layer the command named: the error is the values', naming no other source
+    adata.layers["scaled"] = adata.X
+    adata.write_h5ad(path)
+    code, err = run_cli(["embed", str(path), "--model", str(model_dir), "--out", str(tmp_path / "new.h5ad"), "--layer",
+                         "scaled"], capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("cell2text: error: input holds negative values"), err
+    assert "--use-raw" not in last and "--layer NAME" not in last
 
 
 def test_file_without_x_points_to_layer(model_dir, tmp_path, capsys):
