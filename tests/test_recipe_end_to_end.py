@@ -159,8 +159,11 @@ def test_a_failed_baseline_training_is_logged_when_it_ends_not_only_after_cell2t
     failed, done = Future(), Future()
     failed.set_exception(FileNotFoundError("no corpus at x"))
     done.set_result(tmp_path)
+    cancelled = Future()  # stopped before it started (Cell2Text's training failed at once): no error of its own
+    cancelled.cancel()
     with caplog.at_level("ERROR", logger="training.demo"):
         demo.report_failure_now(done, log=tmp_path / "c2s.log")
+        demo.report_failure_now(cancelled, log=tmp_path / "c2s.log")
         assert caplog.records == []
         demo.report_failure_now(failed, log=tmp_path / "c2s.log")
     assert "baseline's training failed (FileNotFoundError: no corpus at x; its log: " in caplog.text
@@ -272,3 +275,65 @@ def test_beside_a_reused_cell2text_the_baseline_trains_with_every_thread(tmp_pat
         demo.run(tmp_path / "out", seed=0, max_steps=1, max_new_tokens=8, skip_cell2sentence=False,
                  reuse_models=True)
     assert not stale.exists()  # its output goes to the terminal: the old log told of another model
+
+
+def test_one_training_at_a_time_trains_cell2text_in_this_process_on_every_thread(tmp_path, monkeypatch):
+    """`--one-training-at-a-time` (half the peak memory): Cell2Text trains on all of torch's threads and no second
+    process starts, on 2 or more cores too; the command line's flag reaches `run`."""
+    import torch
+
+    import training.demo as demo
+    import training.prepare_demo_llm as prepare_demo_llm
+    import training.sft as sft
+
+    _, lm_dir = save_tiny_parts(tmp_path / "parts")
+    monkeypatch.setattr(prepare_demo_llm, "prepare_demo_llm", lambda: lm_dir)
+
+    class Trained(Exception):
+        pass
+
+    def beside():
+        raise AssertionError("a second process started with --one-training-at-a-time")
+
+    def trained(*args, **kwargs):
+        raise Trained(torch.get_num_threads())
+
+    monkeypatch.setattr(demo, "training_threads_each", lambda: 1)  # as on 2 or more cores
+    monkeypatch.setattr(demo, "second_process", beside)
+    monkeypatch.setattr(sft, "main", trained)
+    with demo.torch_threads(2), pytest.raises(Trained) as error:
+        demo.run(tmp_path / "out", seed=0, max_steps=1, max_new_tokens=8, skip_cell2sentence=False,
+                 one_training_at_a_time=True)
+    assert error.value.args == (2,)
+    given = {}
+    monkeypatch.setattr(demo, "run", lambda *args, **kwargs: given.update(kwargs) or tmp_path / "report.md")
+    demo.main(["--out", str(tmp_path / "out"), "--one-training-at-a-time"])
+    assert given["one_training_at_a_time"] is True
+
+
+def test_two_trainings_side_by_side_take_half_the_threads_each_and_none_on_one_core(monkeypatch):
+    """Side by side only where this process may use 2 or more cores (on one, the two would share it, with twice the
+    memory, for no time saved); the second process trains on the threads it is given."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import training.baselines.cell2sentence as cell2sentence
+    import training.demo as demo
+
+    for cores, threads, each in [({0}, 4, None), ({0, 1}, 4, 2), ({0, 1}, 1, 1)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: cores, raising=False)
+        with demo.torch_threads(threads):
+            assert demo.training_threads_each() == each, (cores, threads)
+    monkeypatch.setattr(cell2sentence, "train_cell2sentence", lambda *args, **kwargs: torch.get_num_threads())
+    args = SimpleNamespace(num_cell_tokens=8, cell_type_loss_weight=1.0)
+    with demo.torch_threads(2):
+        assert demo.train_cell2sentence_baseline("corpus", "llm", "out", args, None, threads=1) == 1
+    before = torch.get_num_threads()
+    try:  # Cell2Text's training beside it on half the threads: the evaluation after it gets all of them back
+        torch.set_num_threads(2)
+        with demo.torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
