@@ -29,6 +29,7 @@ def fake_results(fold: int) -> dict:
             "encoder_head": {"cell_type": {"accuracy": 0.5, "weighted_f1": 0.4}},
             "majority": {"cell_type": {"accuracy": 0.5, "weighted_f1": 0.33}},
         },
+        "training_threads": {"cell2text": 1, "cell2sentence": None},
     }
 
 
@@ -76,6 +77,8 @@ def test_every_fold_runs_once_and_the_pooled_figures_count_every_cell(tmp_path, 
     saved = json.loads((tmp_path / "quality_benchmark.json").read_text())
     assert saved == json.loads(json.dumps(benchmark))
     assert saved["num_folds"] == 3 and saved["commit"] == "0" * 40 and saved["complete"]
+    # each fold's training thread count, on which its weights and figures depend
+    assert [fold["training_threads"] for fold in saved["folds"]] == [{"cell2text": 1, "cell2sentence": None}] * 3
     import torch  # the machine the figures are from: the same seed trains other weights elsewhere
     assert saved["environment"]["packages"]["torch"] == torch.__version__ and saved["environment"]["cpu"]
     from training.adapters import cpu_bf16_is_fast  # whether the recipe trained in bf16 autocast or float32 here
@@ -247,6 +250,18 @@ def test_fold_cells_score_a_true_type_without_a_graded_id_by_its_label_as_the_ev
     assert similarity["cell2text"] == [1.0, 1.0, 1.0]
     assert similarity["knn"] == [0.0, 0.0, 1.0]
     assert similarity["cell2text"] == label_similarity_scores(true_ids, truth, {}, "CL", truth)
+
+
+def test_fold_cells_read_a_label_by_the_corpus_label_table(tmp_path):
+    """A corpus label other than its term's ontology label names its term through the corpus's label -> term table,
+    as in Cell2Text's own evaluation: read without the table, a right prediction of it scored 0."""
+    ids, truth, true_ids = ["a", "b"], ["B lymphocyte (ours)", "T cell"], ["CL:0000236", "CL:0000084"]
+    per_cell = {"cell_id": ids, "cell_type_true": truth, "cell_type_pred": truth, "cell_type_score": [0.9] * 2}
+    save_fold(tmp_path, ids, truth, true_ids, per_cell,
+              {"cell_id": ids, "cell_type_true": truth, "predictions": {"knn": truth}})
+    (tmp_path / "corpus" / "summary.json").write_text(json.dumps(
+        {"ontology_term_ids": {"cell_type": {"B lymphocyte (ours)": "CL:0000236", "T cell": "CL:0000084"}}}))
+    assert quality.fold_cells(tmp_path)["ontology_similarity"] == {"cell2text": [1.0, 1.0], "knn": [1.0, 1.0]}
 
 
 def test_pooled_ece_and_similarity_are_those_of_the_pooled_cells():
