@@ -277,9 +277,13 @@ def test_beside_a_reused_cell2text_the_baseline_trains_with_every_thread(tmp_pat
     assert not stale.exists()  # its output goes to the terminal: the old log told of another model
 
 
-def test_one_training_at_a_time_trains_cell2text_in_this_process_on_every_thread(tmp_path, monkeypatch):
-    """`--one-training-at-a-time` (half the peak memory): Cell2Text trains on all of torch's threads and no second
-    process starts, on 2 or more cores too; the command line's flag reaches `run`."""
+@pytest.mark.parametrize("one_training_at_a_time, skip_cell2sentence", [(True, False), (False, True)])
+def test_one_training_at_a_time_trains_cell2text_in_this_process_on_every_thread(tmp_path, monkeypatch,
+                                                                                 one_training_at_a_time,
+                                                                                 skip_cell2sentence):
+    """`--one-training-at-a-time` (half the peak memory), or no baseline (`--skip-cell2sentence`, the quality
+    benchmark's default): Cell2Text trains on all of torch's threads and no second process starts, on 2 or more cores
+    too; the command line's flags reach `run`."""
     import torch
 
     import training.demo as demo
@@ -302,13 +306,15 @@ def test_one_training_at_a_time_trains_cell2text_in_this_process_on_every_thread
     monkeypatch.setattr(demo, "second_process", beside)
     monkeypatch.setattr(sft, "main", trained)
     with demo.torch_threads(2), pytest.raises(Trained) as error:
-        demo.run(tmp_path / "out", seed=0, max_steps=1, max_new_tokens=8, skip_cell2sentence=False,
-                 one_training_at_a_time=True)
+        demo.run(tmp_path / "out", seed=0, max_steps=1, max_new_tokens=8, skip_cell2sentence=skip_cell2sentence,
+                 one_training_at_a_time=one_training_at_a_time)
     assert error.value.args == (2,)
-    given = {}
-    monkeypatch.setattr(demo, "run", lambda *args, **kwargs: given.update(kwargs) or tmp_path / "report.md")
-    demo.main(["--out", str(tmp_path / "out"), "--one-training-at-a-time"])
-    assert given["one_training_at_a_time"] is True
+    given = []
+    monkeypatch.setattr(demo, "run", lambda *args, **kwargs: given.append((args, kwargs)) or tmp_path / "report.md")
+    demo.main(["--out", str(tmp_path / "out"), "--one-training-at-a-time" if one_training_at_a_time else
+               "--skip-cell2sentence"])
+    (args, kwargs), = given
+    assert (kwargs["one_training_at_a_time"], args[4]) == (one_training_at_a_time, skip_cell2sentence)
 
 
 def test_two_trainings_side_by_side_take_half_the_threads_each_and_none_on_one_core(monkeypatch):
