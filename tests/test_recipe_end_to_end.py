@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -277,13 +278,17 @@ def test_beside_a_reused_cell2text_the_baseline_trains_with_every_thread(tmp_pat
     assert not stale.exists()  # its output goes to the terminal: the old log told of another model
 
 
-@pytest.mark.parametrize("one_training_at_a_time, skip_cell2sentence", [(True, False), (False, True)])
-def test_one_training_at_a_time_trains_cell2text_in_this_process_on_every_thread(tmp_path, monkeypatch,
-                                                                                 one_training_at_a_time,
-                                                                                 skip_cell2sentence):
+@pytest.mark.parametrize("one_training_at_a_time, skip_cell2sentence, threads",
+                         [(True, False, 2), (False, True, 2), (False, False, 1)])
+def test_cell2text_trains_on_every_thread_unless_the_baseline_trains_beside_it(tmp_path, monkeypatch,
+                                                                               one_training_at_a_time,
+                                                                               skip_cell2sentence, threads):
     """`--one-training-at-a-time` (half the peak memory), or no baseline (`--skip-cell2sentence`, the quality
     benchmark's default): Cell2Text trains on all of torch's threads and no second process starts, on 2 or more cores
-    too; the command line's flags reach `run`."""
+    too. Else the baseline goes to the second process and both train on half the threads, as results.json records.
+    The command line's flags reach `run`."""
+    from concurrent.futures import Future
+
     import torch
 
     import training.demo as demo
@@ -292,12 +297,19 @@ def test_one_training_at_a_time_trains_cell2text_in_this_process_on_every_thread
 
     _, lm_dir = save_tiny_parts(tmp_path / "parts")
     monkeypatch.setattr(prepare_demo_llm, "prepare_demo_llm", lambda: lm_dir)
+    submitted = []
 
     class Trained(Exception):
         pass
 
+    class Pool:
+        def submit(self, function, *args):
+            submitted.append((function, args))
+            return Future()
+
+    @contextlib.contextmanager
     def beside():
-        raise AssertionError("a second process started with --one-training-at-a-time")
+        yield Pool()
 
     def trained(*args, **kwargs):
         raise Trained(torch.get_num_threads())
@@ -308,11 +320,13 @@ def test_one_training_at_a_time_trains_cell2text_in_this_process_on_every_thread
     with demo.torch_threads(2), pytest.raises(Trained) as error:
         demo.run(tmp_path / "out", seed=0, max_steps=1, max_new_tokens=8, skip_cell2sentence=skip_cell2sentence,
                  one_training_at_a_time=one_training_at_a_time)
-    assert error.value.args == (2,)
+    assert error.value.args == (threads,)
+    assert [(function, args[-2]) for function, args in submitted] == (
+        [(demo.train_cell2sentence_baseline, 1)] if threads == 1 else [])
     given = []
     monkeypatch.setattr(demo, "run", lambda *args, **kwargs: given.append((args, kwargs)) or tmp_path / "report.md")
-    demo.main(["--out", str(tmp_path / "out"), "--one-training-at-a-time" if one_training_at_a_time else
-               "--skip-cell2sentence"])
+    demo.main(["--out", str(tmp_path / "out"), *(["--one-training-at-a-time"] if one_training_at_a_time else []),
+               *(["--skip-cell2sentence"] if skip_cell2sentence else [])])
     (args, kwargs), = given
     assert (kwargs["one_training_at_a_time"], args[4]) == (one_training_at_a_time, skip_cell2sentence)
 
