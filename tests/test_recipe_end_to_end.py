@@ -280,13 +280,13 @@ def test_beside_a_reused_cell2text_the_baseline_trains_with_every_thread(tmp_pat
 
 @pytest.mark.parametrize("one_training_at_a_time, skip_cell2sentence, threads",
                          [(True, False, 2), (False, True, 2), (False, False, 1)])
-def test_cell2text_trains_on_every_thread_unless_the_baseline_trains_beside_it(tmp_path, monkeypatch,
+def test_cell2text_trains_on_every_thread_unless_the_baseline_trains_beside_it(tmp_path, monkeypatch, caplog,
                                                                                one_training_at_a_time,
                                                                                skip_cell2sentence, threads):
     """`--one-training-at-a-time` (half the peak memory), or no baseline (`--skip-cell2sentence`, the quality
     benchmark's default): Cell2Text trains on all of torch's threads and no second process starts, on 2 or more cores
     too. Else the baseline goes to the second process and both train on half the threads, as results.json records.
-    The command line's flags reach `run`."""
+    The baseline's failure there is logged when it ends. The command line's flags reach `run`."""
     from concurrent.futures import Future
 
     import torch
@@ -297,7 +297,7 @@ def test_cell2text_trains_on_every_thread_unless_the_baseline_trains_beside_it(t
 
     _, lm_dir = save_tiny_parts(tmp_path / "parts")
     monkeypatch.setattr(prepare_demo_llm, "prepare_demo_llm", lambda: lm_dir)
-    submitted = []
+    submitted, jobs = [], []
 
     class Trained(Exception):
         pass
@@ -305,7 +305,8 @@ def test_cell2text_trains_on_every_thread_unless_the_baseline_trains_beside_it(t
     class Pool:
         def submit(self, function, *args):
             submitted.append((function, args))
-            return Future()
+            jobs.append(Future())
+            return jobs[-1]
 
     @contextlib.contextmanager
     def beside():
@@ -323,6 +324,10 @@ def test_cell2text_trains_on_every_thread_unless_the_baseline_trains_beside_it(t
     assert error.value.args == (threads,)
     assert [(function, args[-2]) for function, args in submitted] == (
         [(demo.train_cell2sentence_baseline, 1)] if threads == 1 else [])
+    with caplog.at_level("ERROR", logger="training.demo"):
+        for job in jobs:
+            job.set_exception(MemoryError("killed"))
+    assert ("baseline's training failed (MemoryError: killed" in caplog.text) == (threads == 1)
     given = []
     monkeypatch.setattr(demo, "run", lambda *args, **kwargs: given.append((args, kwargs)) or tmp_path / "report.md")
     demo.main(["--out", str(tmp_path / "out"), *(["--one-training-at-a-time"] if one_training_at_a_time else []),
