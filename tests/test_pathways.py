@@ -399,10 +399,11 @@ def test_a_name_missing_beside_an_ensembl_id_is_the_tables_symbol_and_counts_in_
 
 
 def test_a_library_gene_two_columns_hold_is_written_as_the_first_columns_symbol():
-    """Two columns of one gene under two names (two previous symbols of JCHAIN): GO's JCHAIN is written as the first
-    column's name, the column membership_matrix finds for it, as sets_in_data_symbols documents."""
+    """Two columns of one gene under two names (two versions of its Ensembl ID, named by two releases): GO's JCHAIN
+    is written as the first column's name, the column membership_matrix finds for it, as sets_in_data_symbols
+    documents."""
     gene_ids = ["ENSG00000132465", "ENSG00000141510", "ENSG00000132465"]
-    in_data = sets_in_data_symbols({"s": ["JCHAIN", "TP53"]}, gene_ids, ["IGJ", "TP53", "IGCJ"])
+    in_data = sets_in_data_symbols({"s": ["JCHAIN", "TP53"]}, gene_ids, ["IGJ", "TP53", "JCHAIN"])
     assert in_data == {"s": ["IGJ", "TP53"]}
 
 
