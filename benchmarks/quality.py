@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -262,6 +263,27 @@ def paired_summary(folds: Sequence[dict]) -> dict[str, dict]:
     return summary
 
 
+def write_benchmark(path: Path, benchmark: dict) -> None:
+    """Write the JSON whole or not at all (a new file renamed over the old): it is rewritten after every fold of a
+    run of hours, and one cut off mid-write lost every fold measured before."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(benchmark, indent=2))
+    os.replace(partial, path)
+
+
+def read_benchmark(path: Path) -> dict:
+    """The benchmark JSON at `path`; one that does not read is refused naming it (a traceback before)."""
+    try:
+        benchmark = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SystemExit(f"{path} is not a benchmark this script wrote ({error}); pass another --out, or remove it "
+                         "to start over.") from None
+    if not isinstance(benchmark, dict) or not isinstance(benchmark.get("folds"), list):
+        raise SystemExit(f"{path} is not a benchmark this script wrote (no list of folds); pass another --out, or "
+                         "remove it to start over.")
+    return benchmark
+
+
 #: Settings a benchmark records that earlier versions did not, with the value those versions ran with.
 SETTINGS_ADDED_LATER = {"one_training_at_a_time": False}
 
@@ -273,8 +295,7 @@ def reusable_folds(path: Path, settings: dict) -> dict[int, dict]:
     if settings["commit"].endswith("+dirty"):
         raise SystemExit("The checkout has uncommitted changes, so folds measured before cannot be shown to come from "
                          "the same code; commit them (or pass another --out) before --resume.")
-    earlier = json.loads(path.read_text())
-    earlier = {**SETTINGS_ADDED_LATER, **earlier}
+    earlier = {**SETTINGS_ADDED_LATER, **read_benchmark(path)}
     mismatched = {k: (earlier.get(k), v) for k, v in settings.items() if earlier.get(k) != v}
     if mismatched:
         raise SystemExit(f"{path} was measured with other settings ({mismatched}: earlier, now); it cannot be "
@@ -286,7 +307,7 @@ def rescore(path: Path) -> dict:
     """The benchmark at `path` with its pooled figures and paired tests computed again from its fold folders beside
     it (`fold_cells`), e.g. after the pooling changed: nothing is trained or generated again. Refuses a fold folder
     whose cells or predictions are not those the benchmark recorded."""
-    benchmark = json.loads(path.read_text())
+    benchmark = read_benchmark(path)
     for fold in benchmark["folds"]:
         fold_dir = path.parent / f"fold-{fold['fold']}"
         cells = fold_cells(fold_dir)
@@ -299,7 +320,7 @@ def rescore(path: Path) -> dict:
     benchmark.update(pooled=pooled_figures(benchmark["folds"]), paired=paired_summary(benchmark["folds"]),
                      summary=summarise(benchmark["folds"]),
                      rescored={"commit": git_commit(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")})
-    path.write_text(json.dumps(benchmark, indent=2))
+    write_benchmark(path, benchmark)
     return benchmark
 
 
@@ -371,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "folds": folds,
         }
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(benchmark, indent=2))
+        write_benchmark(path, benchmark)
     paired = "\n".join(paired_lines(benchmark["paired"]))
     print(f"\nAll folds ({len(folds)} of {args.folds}; pooled over "
           f"{benchmark['paired']['majority']['num_cells']} test cells):\n"

@@ -53,7 +53,7 @@ def fake_main_job(calls: list, fail_at: int | None = None):
             raise KeyboardInterrupt  # the session ends mid-fold
         calls.append((Path(out_dir).name, seed, fold, max_steps, skip_cell2sentence, one_training_at_a_time))
         report = Path(out_dir) / "report" / "report.md"
-        report.parent.mkdir(parents=True)
+        report.parent.mkdir(parents=True, exist_ok=True)  # a rerun's too, as the main job's --out
         (report.parent / "results.json").write_text(json.dumps(fake_results(fold[0])))
         return report
 
@@ -172,6 +172,33 @@ def test_an_interrupted_benchmark_keeps_its_folds_and_resumes_from_them(tmp_path
     monkeypatch.setattr(quality, "git_commit", lambda: "0" * 40 + "+dirty")
     with pytest.raises(SystemExit, match="uncommitted changes"):
         quality.main(["--folds", "3", "--out", str(tmp_path), "--resume"])
+
+
+def test_a_benchmark_cut_off_while_written_keeps_the_folds_written_before(tmp_path, stubbed, monkeypatch):
+    """The JSON is rewritten after every fold of a run of hours: one cut off mid-write (a session's time limit) was
+    left half written, every fold lost, and --resume ended in a JSONDecodeError traceback."""
+    quality.main(["--folds", "2", "--only-folds", "0", "--out", str(tmp_path)])
+    path = tmp_path / "quality_benchmark.json"
+    before = path.read_text()
+
+    real_write_text = Path.write_text
+
+    def written_in_part(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", written_in_part)
+    with pytest.raises(KeyboardInterrupt):
+        quality.main(["--folds", "2", "--only-folds", "1", "--out", str(tmp_path), "--resume"])
+    monkeypatch.setattr(Path, "write_text", real_write_text)
+    assert path.read_text() == before
+    resumed = quality.main(["--folds", "2", "--out", str(tmp_path), "--resume"])
+    assert [fold["fold"] for fold in resumed["folds"]] == [0, 1]
+    for content in ("{\"folds\": [", "[]"):
+        path.write_text(content)
+        for argv in (["--folds", "2", "--resume"], ["--rescore"]):
+            with pytest.raises(SystemExit, match="quality_benchmark.json is not a benchmark this script wrote"):
+                quality.main([*argv, "--out", str(tmp_path)])
 
 
 def save_fold(root: Path, ids: list, truth: list, true_ids: list, per_cell: dict, baselines: dict) -> None:
