@@ -134,6 +134,9 @@ def test_a_resume_with_other_settings_is_refused(parts_and_corpus, tmp_path):
     with pytest.raises(ValueError, match=r"another global_batch_size than this run's"):
         train_cell2sentence(corpus_dir, lm_dir, out, num_genes=8, overwrite=True, training_args=tiny_config(
             out, save_steps=2, resume_from_checkpoint=checkpoint, gradient_accumulation_steps=2))
+    with pytest.raises(ValueError, match=r"another learning_rate than this run's"):  # the checkpoint's was kept, exit 0
+        train_cell2sentence(corpus_dir, lm_dir, out, num_genes=8, overwrite=True, training_args=tiny_config(
+            out, save_steps=2, resume_from_checkpoint=checkpoint, learning_rate=1.0))
     final = train_cell2sentence(corpus_dir, lm_dir, out, num_genes=8, overwrite=True,
                                 training_args=tiny_config(out, save_steps=2, resume_from_checkpoint=checkpoint))
     assert json.loads((final / "training_state.json").read_text())["global_step"] == 4

@@ -447,6 +447,14 @@ def test_a_resume_with_another_encoder_or_lora_settings_is_refused_and_keeps_the
                     gradient_accumulation_steps=2)
     with pytest.raises(ValueError, match=r"another data_seed than this run's"):  # another sampler order
         tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint, data_seed=5)
+    # the checkpoint's optimizer state replaced the learning rates given: a resume at 10x trained at 1x, exit 0
+    with pytest.raises(ValueError, match=r"another learning_rate, projector_learning_rate than this run's "
+                                         r"\(learning_rate: 0.001 there, 0.01 now; projector_learning_rate"):
+        tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint,
+                    learning_rate=1e-2, projector_learning_rate=1e-2)
+    with pytest.raises(ValueError, match=r"another weight_decay than this run's"):
+        tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint,
+                    weight_decay=0.1)
     with pytest.raises(ValueError, match=r"prepared in .* for another epochs; .* would overwrite it.*--output_dir"):
         tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint,
                     encoder_epochs=3)
@@ -455,6 +463,7 @@ def test_a_resume_with_another_encoder_or_lora_settings_is_refused_and_keeps_the
     recorded = json.loads((out / "checkpoint-2" / "cell2text_trained_with.json").read_text())
     assert set(recorded["corpus_fingerprints"]) == {"train", "validation", "test"}
     assert recorded["max_train_samples"] is None
+    assert recorded["learning_rate"] == 1e-3 and recorded["optim"] == "adamw_torch_fused"
 
 
 @pytest.mark.parametrize("cap", ["max_train_samples", "max_eval_samples"])

@@ -149,6 +149,16 @@ def data_order(training_args: Any, cell_type_balance: float) -> dict:
             "cell_type_balance": cell_type_balance, "dataloader_drop_last": training_args.dataloader_drop_last}
 
 
+def optimizer_settings(training_args: Any, **part_learning_rates: float) -> dict:
+    """The optimizer's settings (with the recipe's per-part learning rates): a resume loads the checkpoint's optimizer
+    and scheduler state, whose learning rates, weight decay and betas then replace the ones given, exit 0 (a resume
+    at 10x the learning rate trained at the checkpoint's)."""
+    optim = getattr(training_args.optim, "value", training_args.optim)  # OptimizerNames, a str enum
+    return {"optim": optim, "learning_rate": training_args.learning_rate, **part_learning_rates,
+            "weight_decay": training_args.weight_decay, "adam_beta1": training_args.adam_beta1,
+            "adam_beta2": training_args.adam_beta2, "adam_epsilon": training_args.adam_epsilon}
+
+
 class RecordTrainedWith(TrainerCallback):
     """Writes the run's record (what `check_resume` compares) into each checkpoint, and `extra` (file name -> JSON
     content: the recipe's cell-type stage) beside it (main process)."""
@@ -186,7 +196,8 @@ def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -
     corpus or max_train_samples (`corpus_fingerprints`): the final model would record only the second corpus, so
     evaluation's check that the test cells are not its training cells passed on a corpus it had partly trained on;
     or with another batch or data order (`data_order`) or training texts (definitions, loss on labels only): the
-    resumed run skips other cells than it trained on, exit 0 with the step count of a whole run. A setting the
+    resumed run skips other cells than it trained on, exit 0 with the step count of a whole run; or with other
+    optimizer settings (`optimizer_settings`), which the checkpoint's optimizer state silently replaces. A setting the
     checkpoint does not record (saved before it was recorded) is not checked. `checkpoint` True is the Trainer's:
     the last checkpoint in `output_dir`."""
     checkpoint = resumed_checkpoint(checkpoint, output_dir)
@@ -211,7 +222,8 @@ def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -
         differences = "; ".join(f"{k}: {_shown(saved.get(k))} there, {_shown(record.get(k))} now" for k in changed)
         raise ValueError(f"{checkpoint} was trained with another {', '.join(changed)} than this run's ({differences}); "
                          "resume with the corpus, encoder, LoRA, batch (per-device size x processes x accumulation "
-                         "steps) and data settings it was trained with, or train anew in a new --output_dir.")
+                         "steps), data and optimizer settings it was trained with, or train anew in a new "
+                         "--output_dir.")
 
 
 def _shown(value: Any) -> str:

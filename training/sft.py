@@ -65,6 +65,7 @@ from training.adapters import (
     leave_process_group,
     lora_record,
     merge_adapters,
+    optimizer_settings,
     parse_training_arguments,
     resumed_checkpoint,
     save_merged,
@@ -771,6 +772,8 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     record = {**trained_with(model, peft_config), "max_train_samples": args.max_train_samples,  # None too
               "corpus_fingerprints": corpus_fingerprints(corpus, summary),
               **data_order(training_args, args.cell_type_balance),
+              **optimizer_settings(training_args, projector_learning_rate=args.projector_learning_rate,
+                                   gene_encoder_learning_rate=args.gene_encoder_learning_rate),
               "definitions_in_model_text": processor.definitions_in_model_text,
               "loss_on_labels_only": args.loss_on_labels_only}
     check_resume(training_args.resume_from_checkpoint, record, training_args.output_dir)

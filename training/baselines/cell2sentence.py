@@ -54,6 +54,7 @@ from training.adapters import (
     leave_process_group,
     lora_record,
     merge_adapters,
+    optimizer_settings,
     parse_training_arguments,
     save_merged,
     stopped_cleanly,
@@ -150,7 +151,7 @@ def build_trainer(
     peft_config = (lora or LoraArguments()).lora_config("all-linear")
     record = {**lora_record(peft_config), "num_genes": num_genes,
               "corpus_fingerprints": corpus_fingerprints(corpus, corpus_summary(corpus_dir)),
-              **data_order(training_args, cell_type_balance=0.0)}
+              **data_order(training_args, cell_type_balance=0.0), **optimizer_settings(training_args)}
     check_resume(training_args.resume_from_checkpoint, record, str(output_dir))
     # A config shared with the Cell2Text run may skip TRL's dataset preparation; here TRL must tokenize the chats.
     training_args.dataset_kwargs = {
