@@ -280,6 +280,18 @@ def test_cell_type_balance_draws_rare_cell_types_more_often(trainer):
     finally:
         trainer_.cell_type_balance = 0.0
     assert isinstance(sampler, sft.CellTypeBalancedSampler) and len(list(sampler)) == len(trainer_.train_dataset)
+    assert sampler.seed == trainer_.args.seed
+
+
+def test_cell_type_balance_draws_with_the_data_seed(trainer):
+    """--data_seed orders TRL's sampler; the balanced one drew with --seed whatever data_seed said, exit 0."""
+    trainer_, _ = trainer
+    saved = trainer_.cell_type_balance, trainer_.args.data_seed
+    trainer_.cell_type_balance, trainer_.args.data_seed = 1.0, trainer_.args.seed + 5
+    try:
+        assert trainer_._get_train_sampler().seed == trainer_.args.seed + 5
+    finally:
+        trainer_.cell_type_balance, trainer_.args.data_seed = saved
 
 
 def test_cell_type_balance_draws_each_epoch_anew_and_a_fresh_sampler_the_same():

@@ -144,7 +144,8 @@ class Cell2TextArguments(LoraArguments):
         default=0.0,
         metadata={"help": "Draw training cells with probability proportional to their cell type's count to the power "
                   "-cell_type_balance (with replacement, as many draws as cells): 0 draws every cell once (TRL's "
-                  "sampler), 0.5 gives a type 4x rarer twice the draws per cell, 1 draws every type equally often."},
+                  "sampler), 0.5 gives a type 4x rarer twice the draws per cell, 1 draws every type equally often; "
+                  "the draws follow --data_seed, else --seed."},
     )
     cell_type_head_loss_weight: float = field(
         default=0.0,
@@ -243,7 +244,8 @@ class Cell2TextSFTTrainer(NoStepPastMaxStepsMixin, MultiProcessTrainingMixin, La
         if not self.cell_type_balance:
             return super()._get_train_sampler(train_dataset)
         dataset = self.train_dataset if train_dataset is None else train_dataset
-        return CellTypeBalancedSampler(dataset["cell_type"], self.cell_type_balance, self.args.seed)
+        seed = self.args.seed if self.args.data_seed is None else self.args.data_seed  # as TRL's sampler takes it
+        return CellTypeBalancedSampler(dataset["cell_type"], self.cell_type_balance, seed)
 
     @staticmethod
     def part_of(parameter_name: str) -> str:
