@@ -281,9 +281,13 @@ def corpus_features(value_aware: bool) -> datasets.Features:
 
 
 def clean(value: object) -> str | None:
-    """A metadata value as a stripped string, or None when CELLxGENE would call it missing."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    """A metadata value as a stripped string, or None when CELLxGENE would call it missing. pandas' nullable columns
+    give pd.NA (read as the id "<NA>") and map integers to floats: a whole float is written as the integer, so donor
+    7 of an int column and of a column with gaps (float, or Int64) is one donor in every shard, not "7" and "7.0"."""
+    if value is None or value is pd.NA or (isinstance(value, (float, np.floating)) and np.isnan(value)):
         return None
+    if isinstance(value, (float, np.floating)) and value.is_integer():
+        value = int(value)
     text = str(value).strip()
     return None if text.lower() in MISSING_VALUES else text
 

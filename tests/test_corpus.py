@@ -627,3 +627,27 @@ def test_the_build_benchmark_never_keeps_a_synthetic_file_it_did_not_finish(tmp_
     with pytest.raises(KeyboardInterrupt):
         benchmark.main()
     assert not (tmp_path / "synthetic_10.h5ad").exists()
+
+
+def test_nullable_and_float_obs_columns_read_as_the_plain_ones():
+    """pandas' nullable columns: pd.NA was read as the id "<NA>" (a tissue given by label only was left out, as an id
+    of the wrong form), and Int64 or float donor ids (a column with gaps) as "7.0": one donor's cells in a shard of
+    an int column and a shard of a column with gaps were two donors, so hashed splits and the join's donor check
+    could put them in train and test."""
+    from processing.corpus import resolve_labels
+
+    nullable = lambda values: pd.array(values, dtype="string")  # noqa: E731
+    obs = pd.DataFrame({
+        "cell_type": ["B cell"] * 3, "cell_type_ontology_term_id": ["CL:0000236"] * 3,
+        "tissue": nullable(["lung", None, "lung"]), "tissue_ontology_term_id": nullable([None, None, None]),
+        "sex": ["female"] * 3, "sex_ontology_term_id": ["PATO:0000383"] * 3,
+        "disease": ["normal"] * 3, "disease_ontology_term_id": ["PATO:0000461"] * 3,
+        "development_stage": ["adult stage"] * 3, "development_stage_ontology_term_id": ["HsapDv:0000258"] * 3,
+        "donor_id": pd.array([7, None, 8], dtype="Int64"), "dataset_id": ["x"] * 3,
+    })
+    labels, _ = resolve_labels(obs)
+    assert list(labels["tissue"]) == ["lung", None, "lung"] and list(labels["tissue_left_out"]) == [None] * 3
+    assert list(labels["donor_id"]) == ["7", None, "8"]
+    labels, _ = resolve_labels(obs.assign(donor_id=np.array([7.0, np.nan, 8.5])))
+    assert list(labels["donor_id"]) == ["7", None, "8.5"]
+    assert list(resolve_labels(obs.assign(donor_id=[7, 7, 8]))[0]["donor_id"]) == ["7", "7", "8"]
