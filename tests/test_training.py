@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_parts import encoder_for_vocabulary, run_as_command, save_tiny_corpus, save_tiny_parts
+from tiny_parts import edit_json, encoder_for_vocabulary, run_as_command, save_tiny_corpus, save_tiny_parts
 from transformers import AutoModelForCausalLM, AutoProcessor
 from datasets import load_from_disk
 from trl import SFTConfig
@@ -527,6 +527,27 @@ def test_a_resume_on_another_corpus_is_refused(tmp_path):
     del record["corpus_fingerprints"], record["max_train_samples"]  # saved before they were recorded: not checked
     (checkpoint / TRAINED_WITH_FILE).write_text(json.dumps(record))
     check_resume(str(checkpoint), {**record, "corpus_fingerprints": {"train": "bbbb"}}, str(tmp_path))
+
+
+def test_a_resume_with_another_validation_cap_is_refused_with_a_pretrained_encoder(parts_and_corpus, tmp_path):
+    """With a pretrained encoder nothing is prepared on the corpus (whose record refused another cap): a resume with
+    another --max_eval_samples went on, and the best checkpoint was chosen among losses on other validation cells."""
+    from processing.corpus import corpus_feature_extractor
+
+    lm_dir, tiny_corpus = parts_and_corpus
+    corpus_dir = tmp_path / "corpus"  # with a build's fingerprints, which a cap does not change (datasets' does)
+    shutil.copytree(tiny_corpus, corpus_dir)
+    edit_json(corpus_dir / "summary.json", lambda summary: summary.update(
+        fingerprints={"train": "a", "validation": "b", "test": "c"}))
+    geneformer = str(encoder_for_vocabulary(Path(lm_dir).parent / "encoder", corpus_feature_extractor(corpus_dir),
+                                            tmp_path / "encoder"))
+    out, settings = tmp_path / "out", dict(gene_encoder_name_or_path=geneformer, save_strategy="steps", save_steps=2,
+                                           temperature_fit_cells=0)
+    tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final", max_steps=2, **settings)
+    with pytest.raises(ValueError, match=r"another max_eval_samples than this run's \(max_eval_samples: null there, "
+                                         r"2 now\)"):
+        tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", max_steps=4, max_eval_samples=2,
+                    resume_from_checkpoint=str(out / "checkpoint-2"), **settings)
 
 
 def test_value_aware_extractor_needs_the_corpus_bins_column(parts_and_corpus):

@@ -195,6 +195,7 @@ def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -
     projector and adapters fit those, and would silently train on, or fail to load into, others; or on another
     corpus or max_train_samples (`corpus_fingerprints`): the final model would record only the second corpus, so
     evaluation's check that the test cells are not its training cells passed on a corpus it had partly trained on;
+    or another max_eval_samples: the best checkpoint would be chosen among validation losses on other cells;
     or with another batch or data order (`data_order`) or training texts (definitions, loss on labels only): the
     resumed run skips other cells than it trained on, exit 0 with the step count of a whole run; or with other
     optimizer settings (`optimizer_settings`), which the checkpoint's optimizer state silently replaces. A setting the

@@ -772,6 +772,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     modules_to_save = ["multi_modal_projector"] + ([] if model.config.freeze_gene_encoder else ["gene_encoder"])
     peft_config = args.lora_config(language_model_lora_targets(model), modules_to_save)
     record = {**trained_with(model, peft_config), "max_train_samples": args.max_train_samples,  # None too
+              "max_eval_samples": args.max_eval_samples,  # the best checkpoint's validation cells
               "corpus_fingerprints": corpus_fingerprints(corpus, summary),
               **data_order(training_args, args.cell_type_balance),
               **optimizer_settings(training_args, projector_learning_rate=args.projector_learning_rate,
