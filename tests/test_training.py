@@ -455,6 +455,13 @@ def test_a_resume_with_another_encoder_or_lora_settings_is_refused_and_keeps_the
     with pytest.raises(ValueError, match=r"another weight_decay than this run's"):
         tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint,
                     weight_decay=0.1)
+    # another projector or auxiliary head failed in torch's loading of the state dict or optimizer, naming no fix
+    for setting, value, named in (("projector_hidden_size", 32, "projector_hidden_size: 16 there, 32 now"),
+                                  ("cell_type_head_loss_weight", 0.5, 'cell_type_head: null there, "linear" now')):
+        with pytest.raises(ValueError, match=rf"another {setting.replace('_loss_weight', '')} than this run's "
+                                             rf"\({named}\); resume with the corpus, encoder, projector"):
+            tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint,
+                        **{setting: value})
     with pytest.raises(ValueError, match=r"prepared in .* for another epochs; .* would overwrite it.*--output_dir"):
         tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint,
                     encoder_epochs=3)

@@ -640,15 +640,19 @@ def build_model(
 CELL_TYPE_STAGE_FILE = "cell2text_cell_type_stage.json"  # the stage before a checkpoint's training, for a resume
 
 
-def trained_with(model: Cell2TextForConditionalGeneration, lora_config) -> dict:
+def trained_with(model: Cell2TextForConditionalGeneration, lora_config, cell_type_head: str | None) -> dict:
     """What a checkpoint's weights fit, written into each checkpoint (`RecordTrainedWith`) and checked on resuming
-    (`check_resume`): the gene encoder they were trained on (its weights' checksum, before training) and the LoRA
-    adapters' settings."""
+    (`check_resume`): the gene encoder they were trained on (its weights' checksum, before training), the LoRA
+    adapters' settings, the projector's composition and the auxiliary head trained with it (None: off); another
+    projector_hidden_size or head failed on resuming in torch's state-dict or optimizer loading, naming no fix."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.model.gene_encoder.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return {"gene_encoder_sha256": digest.hexdigest(), **lora_record(lora_config)}
+    composition = {name: getattr(model.config, name) for name in ("num_cell_tokens", "gene_encoder_layer",
+                                                                   "projector_hidden_size")}
+    return {"gene_encoder_sha256": digest.hexdigest(), **lora_record(lora_config), **composition,
+            "cell_type_head": cell_type_head}
 
 
 @dataclass
@@ -771,7 +775,8 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         )
     modules_to_save = ["multi_modal_projector"] + ([] if model.config.freeze_gene_encoder else ["gene_encoder"])
     peft_config = args.lora_config(language_model_lora_targets(model), modules_to_save)
-    record = {**trained_with(model, peft_config), "max_train_samples": args.max_train_samples,  # None too
+    head = args.cell_type_head if args.cell_type_head_loss_weight > 0 else None
+    record = {**trained_with(model, peft_config, head), "max_train_samples": args.max_train_samples,  # None too
               "max_eval_samples": args.max_eval_samples,  # the best checkpoint's validation cells
               "corpus_fingerprints": corpus_fingerprints(corpus, summary),
               **data_order(training_args, args.cell_type_balance),
