@@ -995,6 +995,40 @@ def test_the_auxiliary_cell_type_head_adds_its_loss_and_trains_with_the_projecto
         Cell2TextSFTTrainer(**common, cell_type_head="tied")
 
 
+def test_the_auxiliary_heads_gradients_are_zeroed_each_step_and_a_resume_goes_on_with_the_trained_head(
+        parts_and_corpus, tmp_path):
+    """The head is no part of the model: the Trainer's model.zero_grad() left its gradients summing over every step,
+    and a checkpoint did not hold it, so a resumed run went on from a new head to other weights, exit 0."""
+    from training.loss import CELL_TYPE_HEAD_FILE
+
+    lm_dir, corpus_dir = parts_and_corpus
+    from training.collator import Cell2TextDataCollator
+
+    model, processor, corpus, common = peft_model_and_trainer_settings(parts_and_corpus, tmp_path)
+    trainer = Cell2TextSFTTrainer(**{**common, "data_collator": Cell2TextDataCollator(processor, cell_type_index=True),
+                                     "args": dataclasses.replace(common["args"], max_steps=2, save_strategy="no",
+                                                                 per_device_train_batch_size=4)},
+                                  cell_type_head_loss_weight=0.5)
+    trainer.train()
+    assert trainer.state.global_step >= 2 and all(p.grad is None for p in trainer.cell_type_head.parameters())
+
+    head = dict(cell_type_head_loss_weight=0.5, max_steps=4, save_strategy="steps", save_steps=2,
+                temperature_fit_cells=0)
+    full = tiny_recipe(lm_dir, corpus_dir, tmp_path / "full", tmp_path / "full-final", **head)
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full", resumed_dir, ignore=shutil.ignore_patterns("checkpoint-4", "final*"))
+    assert (resumed_dir / "checkpoint-2" / CELL_TYPE_HEAD_FILE).is_file()
+    resumed = tiny_recipe(lm_dir, corpus_dir, resumed_dir, tmp_path / "resumed-final",
+                          resume_from_checkpoint=str(resumed_dir / "checkpoint-2"), **head)
+    full_weights, resumed_weights = (load_file(folder / "model.safetensors") for folder in (full, resumed))
+    for name, tensor in full_weights.items():
+        torch.testing.assert_close(resumed_weights[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+    (resumed_dir / "checkpoint-2" / CELL_TYPE_HEAD_FILE).unlink()  # a checkpoint saved before it was kept
+    with pytest.raises(ValueError, match=r"holds no auxiliary cell-type head .* train anew in a new --output_dir"):
+        tiny_recipe(lm_dir, corpus_dir, resumed_dir, tmp_path / "again",
+                    resume_from_checkpoint=str(resumed_dir / "checkpoint-2"), **head)
+
+
 def test_the_choice_loss_scores_every_known_label_as_the_decoder_does(parts_and_corpus, tmp_path):
     """cell_type_choice_loss_weight: the loss adds the cross-entropy of the softmax over the known labels' sentence
     log-likelihoods, which equal `score_cell_types`' (the decoder's exhaustive reference) on the same cells, rows of

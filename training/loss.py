@@ -19,7 +19,8 @@ must be read from the cell are a small share of the loss; weighting them puts th
 `cell_type_head_loss_weight` (default 0: off) adds an auxiliary loss on the projector: a linear classifier of the
 cell type on the mean of each cell's projected tokens (the soft tokens the LLM reads), cross-entropy over the
 processor's known cell-type labels, weighted and added to the text loss. The head is the trainer's, trained with
-the projector's learning rate, and not saved: it only shapes what the projector gives the LLM. With
+the projector's learning rate, and not saved with the model: it only shapes what the projector gives the LLM (each
+checkpoint keeps it, `CELL_TYPE_HEAD_FILE`, so a resumed run goes on with the trained head). With
 `cell_type_head="label_embeddings"` the head is not learnt: its logits are the cosine similarities (times a learnt
 scale) between the mean projected token and each label name's mean input embedding in the LLM, so the projector is
 pushed to hand the LLM a cell that looks like its label's words, which the LLM then only has to copy.
@@ -36,9 +37,12 @@ tree's tokens more (88 tokens for the demo's 10 labels).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from modeling_cell2text.label_scoring import candidate_sentence_tokens
 from modeling_cell2text.schema_decoding import OptionTree
@@ -80,6 +84,10 @@ def check_one_process_losses(world_size: int, **weights: float) -> None:
         if option in ONE_PROCESS_LOSSES and weight > 0 and world_size > 1:
             raise ValueError(f"{option} > 0 is implemented for one process only ({ONE_PROCESS_LOSSES[option]}); set "
                              "it to 0.")
+
+
+# The auxiliary head's weights in a checkpoint: no part of the model, so the Trainer's checkpoint would not hold them.
+CELL_TYPE_HEAD_FILE = "cell2text_cell_type_head.safetensors"
 
 
 class LabelledPositionsLossMixin:
@@ -337,6 +345,27 @@ class LabelledPositionsLossMixin:
             counts = self.accelerator.gather(torch.stack([correct, mask.sum()])).view(-1, 2).sum(0)
         self._token_accuracy["train" if model.training else "eval"].append((counts[0] / counts[1].clamp(min=1)).item())
         return loss
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, and the auxiliary head's weights beside it (a resume went on from a new head, so
+        the projector ended other than the uninterrupted run's, exit 0)."""
+        super()._save_checkpoint(model, trial)
+        if self.cell_type_head is not None and self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            save_file({name: tensor.detach().contiguous() for name, tensor in self.cell_type_head.state_dict().items()},
+                      folder / CELL_TYPE_HEAD_FILE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """The checkpoint's model weights, and its auxiliary head's (see `_save_checkpoint`)."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.cell_type_head is None:
+            return
+        path = Path(resume_from_checkpoint) / CELL_TYPE_HEAD_FILE
+        if not path.is_file():
+            raise ValueError(f"{resume_from_checkpoint} holds no auxiliary cell-type head ({CELL_TYPE_HEAD_FILE}: "
+                             "saved before checkpoints kept it, or trained without it), so the resumed run would go "
+                             "on from a new head, not the one trained: train anew in a new --output_dir.")
+        self.cell_type_head.load_state_dict(load_file(path, device=str(self.cell_type_head.weight.device)))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the mean token accuracy since the last log (as TRL names it) to the logged values."""
