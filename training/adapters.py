@@ -192,15 +192,15 @@ def resumed_checkpoint(checkpoint: str | bool | None, output_dir: str) -> Path |
 
 def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -> None:
     """Refuse to resume from a checkpoint trained with another gene encoder, projector or LoRA settings
-    (`trained_with`): its projector and adapters fit those, and would silently train on, or fail to load into, others; or on another
-    corpus or max_train_samples (`corpus_fingerprints`): the final model would record only the second corpus, so
-    evaluation's check that the test cells are not its training cells passed on a corpus it had partly trained on;
-    or another max_eval_samples: the best checkpoint would be chosen among validation losses on other cells;
-    or with another batch or data order (`data_order`) or training texts (definitions, loss on labels only): the
-    resumed run skips other cells than it trained on, exit 0 with the step count of a whole run; or with other
-    optimizer settings (`optimizer_settings`), which the checkpoint's optimizer state silently replaces. A setting the
-    checkpoint does not record (saved before it was recorded) is not checked. `checkpoint` True is the Trainer's:
-    the last checkpoint in `output_dir`."""
+    (`trained_with`): its projector and adapters fit those, and would silently train on, or fail to load into,
+    others; or on another corpus or max_train_samples (`corpus_fingerprints`): the final model would record only
+    the second corpus, so evaluation's check that the test cells are not its training cells passed on a corpus it
+    had partly trained on; or with another max_eval_samples: the best checkpoint would be chosen among validation
+    losses on other cells; or with another batch or data order (`data_order`) or training texts (definitions, loss
+    on labels only): the resumed run skips other cells than it trained on, exit 0 with the step count of a whole
+    run; or with other optimizer settings (`optimizer_settings`), which the checkpoint's optimizer state silently
+    replaces. A setting the checkpoint does not record (saved before it was recorded) is not checked. `checkpoint`
+    True is the Trainer's: the last checkpoint in `output_dir`."""
     checkpoint = resumed_checkpoint(checkpoint, output_dir)
     if checkpoint is None:
         return
@@ -222,9 +222,9 @@ def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -
     if changed:
         differences = "; ".join(f"{k}: {_shown(saved.get(k))} there, {_shown(record.get(k))} now" for k in changed)
         raise ValueError(f"{checkpoint} was trained with another {', '.join(changed)} than this run's ({differences}); "
-                         "resume with the corpus, encoder, projector, LoRA, batch (per-device size x processes x accumulation "
-                         "steps), data and optimizer settings it was trained with, or train anew in a new "
-                         "--output_dir.")
+                         "resume with the corpus, encoder, projector, LoRA, batch (per-device size x processes x "
+                         "accumulation steps), data and optimizer settings it was trained with, or train anew in a "
+                         "new --output_dir.")
 
 
 def _shown(value: Any) -> str:
