@@ -11,8 +11,8 @@ split fingerprints of the join (a checksum of the shards', in order; `joined_fro
 Refused, naming the fix, where the joined corpus would train or evaluate on something other than it says: shards
 tokenized by different feature extractors (other token ids or gene orders), built with other pathway, expression-bin
 or ontology settings or rejection rules (`--required-fields`, `--keep-non-primary`), a shard given twice, an input whose `--shard i/N` shards are not all given, a cell id two
-shards hold (cells of several files with the same barcodes), a donor whose cells are in two splits (shards split on their own cells, without `--hashed-splits`), a label with two ontology ids, and
-cross-validation fold builds.
+shards hold (cells of several files with the same barcodes), a donor whose cells are in two splits (shards split on their own cells, without `--hashed-splits`), a label with two ontology ids,
+cross-validation fold builds, and a shard folder whose splits do not load (a copy cut short).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class Shard:
     path: Path
     summary: dict
     extractor_config: dict  # the feature extractor's settings (its preprocessor_config.json, as loaded)
+    splits: datasets.DatasetDict | None = None  # its rows, memory-mapped
 
 
 def read_shard(path: str | Path) -> Shard:
@@ -72,8 +73,18 @@ def read_shard(path: str | Path) -> Shard:
                          "shard's folder as build_corpus wrote it, or build it again.")
     read_rejects(path)  # a corrupt one, before anything is joined
     read_unmapped_genes(path)
+    try:
+        splits = datasets.load_from_disk(str(path))
+        missing = [split for split in SPLITS if split not in splits]
+    except (OSError, ValueError) as error:  # datasets' message named a file, not the fix
+        raise ValueError(f"{path}'s splits do not load ({error}): the folder is incomplete, a copy cut short or "
+                         "files removed; copy it again, or build the shard again.") from error
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(missing)} split, which every build writes (empty or not): copy "
+                         "the folder again, or build the shard again.")
     return Shard(path, read_summary(path / SUMMARY_FILE, {"fingerprints": SPLIT_FINGERPRINTS}),
-                 corpus_feature_extractor(path).to_dict())  # its reader refuses a corrupt config, naming it
+                 corpus_feature_extractor(path).to_dict(),  # its reader refuses a corrupt config, naming it
+                 splits)
 
 
 def check_joinable(shards: Sequence[Shard]) -> None:
@@ -265,8 +276,8 @@ def join_corpus(shard_dirs: Sequence[str | Path], out_dir: str | Path, name: str
     check_max_shard_size(max_shard_size)  # datasets refused it (0: divided by it) after the shards were joined
     shards = [read_shard(path) for path in shard_dirs]
     check_joinable(shards)
-    corpus = datasets.DatasetDict({split: datasets.concatenate_datasets(
-        [datasets.load_from_disk(str(shard.path))[split] for shard in shards]) for split in SPLITS})
+    corpus = datasets.DatasetDict({split: datasets.concatenate_datasets([shard.splits[split] for shard in shards])
+                                   for split in SPLITS})
     check_unique_cell_ids(corpus)
     check_donor_splits(corpus)
     summary = join_summaries(shards, corpus, name)

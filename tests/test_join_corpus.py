@@ -60,11 +60,12 @@ def test_a_join_is_fingerprinted_by_its_shards_in_order(built, tmp_path):
 
 
 def edited(shard: Path, to: Path, file: str, edit) -> Path:
-    """A copy of `shard` with its JSON `file` edited in place by `edit`, or removed where `edit` is None."""
+    """A copy of `shard` with its JSON `file` edited in place by `edit`, or removed (a folder too) where `edit` is
+    None."""
     shutil.copytree(shard, to)
     path = to / file
     if edit is None:
-        path.unlink()
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
         return to
     content = json.loads(path.read_text())
     edit(content)
@@ -90,6 +91,11 @@ def replaced(shard: Path, to: Path, file: str, content: bytes) -> Path:
     ("rules", "was built with keep_non_primary True"),  # one shard kept cells the other rejected
     ("not a corpus", "is not a corpus folder"),
     ("no rejects", "has no rejects.csv, which every build writes"),
+    # a copy cut short: datasets' FileNotFoundError named a file, not the fix
+    ("a split folder missing", r"s's splits do not load \(.*test/.*\): the folder is incomplete.*build the shard "
+                               "again"),
+    ("a split's rows missing", r"s's splits do not load \(.*data-00000-of-00001.arrow.*\): the folder is incomplete"),
+    ("a split not listed", "s has no test split, which every build writes"),
     ("summary not JSON",
      r"s/summary.json is not a corpus summary as .*: not JSON \(Expecting .*Build the corpus again"),
     ("summary a list", r"s/summary.json is not a corpus summary .*: it is \[1, 2\], not a JSON object"),
@@ -121,6 +127,10 @@ def test_shards_that_make_no_one_corpus_are_refused_before_writing(built, tmp_pa
         "rules": lambda: [first, edited(second, copy, "summary.json", lambda c: c.update(keep_non_primary=True))],
         "not a corpus": lambda: [first, tmp_path],
         "no rejects": lambda: [first, edited(second, copy, "rejects.csv", None)],
+        "a split folder missing": lambda: [first, edited(second, copy, "test", None)],
+        "a split's rows missing": lambda: [first, edited(second, copy, "train/data-00000-of-00001.arrow", None)],
+        "a split not listed": lambda: [first, edited(second, copy, "dataset_dict.json",
+                                                     lambda c: c.update(splits=["train", "validation"]))],
         # corrupt files ended the join in a JSONDecodeError, AttributeError or pandas' traceback; rejects.csv of
         # another header was joined into one of the union of the columns, exit 0
         "summary not JSON": lambda: [first, replaced(second, copy, "summary.json", b"{oops")],
