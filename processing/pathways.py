@@ -117,11 +117,14 @@ def unique_gene_names(symbols: Sequence[str]) -> list[str]:
     """The columns' names for gene-set scoring: each column's symbol, or, where an earlier column carries that symbol
     too (two genes of a file named alike, as GENCODE names some), the symbol with its column ("MALL (column 7)"), so
     that ``sets_in_data_symbols`` can write a library gene matched by Ensembl ID as its own column's name: under a
-    shared name, ``membership_matrix`` found it at the first column so named, another gene."""
+    shared name, ``membership_matrix`` found it at the first column so named, another gene. A name the file already
+    gives ("MALL (column 2)") gets the column again, so that no two columns share a name."""
     names: list[str] = []
     taken: set[str] = set()
     for column, symbol in enumerate(symbols):
-        name = symbol if symbol not in taken else f"{symbol} (column {column})"
+        name = symbol
+        while name in taken:
+            name = f"{name} (column {column})"
         names.append(name)
         taken.add(name)
     return names

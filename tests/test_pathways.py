@@ -387,6 +387,16 @@ def test_a_library_gene_counts_at_its_own_column_where_two_genes_share_a_name():
         sets_in_data_symbols({"s": ["JCHAIN"]}, gene_ids, ["nan", "TP53", "nan"])
 
 
+def test_unique_gene_names_are_unique_where_the_file_already_gives_a_name_with_a_column():
+    """A file naming a column "MALL (column 2)" beside two MALL columns: the second MALL was named "MALL (column 2)"
+    too, and the builder's sets_in_data_symbols then refused the names with a fix no user can apply."""
+    gene_ids = ["ENSG00000282304", "ENSG00000141510", "ENSG00000144063"]  # non-coding MALL, TP53, coding MALL
+    names = unique_gene_names(["MALL", "MALL (column 2)", "MALL"])
+    assert names == ["MALL", "MALL (column 2)", "MALL (column 2) (column 2)"]
+    in_data = sets_in_data_symbols({"s": ["MALL"]}, gene_ids, names)
+    assert membership_matrix(names, in_data)[0].toarray().ravel().tolist() == [0, 0, 1]
+
+
 def test_a_name_missing_beside_an_ensembl_id_is_the_tables_symbol_and_counts_in_its_sets():
     """Ensembl IDs with a feature_name-like column that misses some names: they were read as "nan", so those genes
     counted in none of their sets (or, matched by ID, as another "nan" column); the table names them."""
