@@ -355,6 +355,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return rescore(Path(args.out) / "quality_benchmark.json")
     if args.folds < 2:
         parser.error("--folds must be at least 2.")
+    if args.one_training_at_a_time and not args.with_cell2sentence:  # recorded as a setting it did not change
+        parser.error("--one-training-at-a-time orders the two trainings of --with-cell2sentence; pass both, or "
+                     "neither.")
     wanted = args.only_folds if args.only_folds is not None else list(range(args.folds))
     if len(set(wanted)) != len(wanted) or not all(0 <= f < args.folds for f in wanted):
         parser.error(f"--only-folds must name distinct folds in 0 .. {args.folds - 1}.")

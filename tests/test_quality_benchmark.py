@@ -118,6 +118,10 @@ def test_one_training_at_a_time_reaches_every_fold_and_is_a_setting_of_the_bench
     (tmp_path / "quality_benchmark.json").write_text(json.dumps(earlier))
     stubbed.clear()
     assert quality.main([*argv, "--resume"])["one_training_at_a_time"] is False and stubbed == []
+    # without the baseline there is one training: the option changed nothing, yet the JSON recorded it
+    with pytest.raises(SystemExit):
+        quality.main(["--folds", "2", "--out", str(tmp_path / "alone"), "--one-training-at-a-time"])
+    assert not (tmp_path / "alone").exists()
 
 
 def test_bad_fold_arguments_are_refused(tmp_path, stubbed):
