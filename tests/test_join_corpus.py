@@ -4,6 +4,7 @@ shards that would not make one corpus are refused before anything is written."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
 from processing.build_corpus import BuildOptions, build_corpus
 from processing.join_corpus import Shard, check_donor_splits, join_corpus, join_label_tables, main
+from processing.pathways import PATHWAY_GENE_MATCHING
 from processing.presets import pbmc68k_reduced
 
 SHARD_ONLY = ("fingerprints", "joined_from")  # what a join records otherwise than one build
@@ -85,7 +87,8 @@ def replaced(shard: Path, to: Path, file: str, content: bytes) -> Path:
     ("missing", "corpus shards of .scanpy.datasets.pbmc68k_reduced. lack its shards 1/2: give every shard"),
     ("extractor", r"different feature extractors \(they differ in \['gene_medians'\]\).*--feature-extractor fe/"),
     ("library", "was built with pathway_library 'other.gmt'"),
-    ("pathway genes matched as written", "was built with pathway_gene_matching None and .* with 'Ensembl ID, then"),
+    ("pathway genes matched as written",
+     f"was built with pathway_gene_matching None and .* with {re.escape(repr(PATHWAY_GENE_MATCHING))}"),
     ("label", "label 'CD14-positive monocyte' names CL:0001054 in one shard and CL:0000576"),
     ("fold", "is a cross-validation fold build"),
     ("rules", "was built with keep_non_primary True"),  # one shard kept cells the other rejected
