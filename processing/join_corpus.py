@@ -12,7 +12,8 @@ Refused, naming the fix, where the joined corpus would train or evaluate on some
 tokenized by different feature extractors (other token ids or gene orders), built with other pathway, expression-bin
 or ontology settings or rejection rules (`--required-fields`, `--keep-non-primary`), a shard given twice, an input whose `--shard i/N` shards are not all given, a cell id two
 shards hold (cells of several files with the same barcodes), a donor whose cells are in two splits (shards split on their own cells, without `--hashed-splits`), a label with two ontology ids,
-cross-validation fold builds, and a shard folder whose splits do not load (a copy cut short).
+cross-validation fold builds, and a shard folder whose splits do not load or hold other numbers of cells than its
+summary records (a copy cut short).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def read_shard(path: str | Path) -> Shard:
                          "shard's folder as build_corpus wrote it, or build it again.")
     read_rejects(path)  # a corrupt one, before anything is joined
     read_unmapped_genes(path)
+    summary = read_summary(path / SUMMARY_FILE, {"fingerprints": SPLIT_FINGERPRINTS})
     try:
         splits = datasets.load_from_disk(str(path))
         missing = [split for split in SPLITS if split not in splits]
@@ -82,8 +84,15 @@ def read_shard(path: str | Path) -> Shard:
     if missing:
         raise ValueError(f"{path} has no {', '.join(missing)} split, which every build writes (empty or not): copy "
                          "the folder again, or build the shard again.")
-    return Shard(path, read_summary(path / SUMMARY_FILE, {"fingerprints": SPLIT_FINGERPRINTS}),
-                 corpus_feature_extractor(path).to_dict(),  # its reader refuses a corrupt config, naming it
+    # an Arrow file cut at a batch boundary loads, with fewer rows: the join lost cells, exit 0
+    recorded = summary.get("splits") or {}
+    short = {split: (len(splits[split]), recorded[split]) for split in SPLITS
+             if split in recorded and len(splits[split]) != recorded[split]}
+    if short:
+        raise ValueError(f"{path}'s splits hold other numbers of cells than its {SUMMARY_FILE} records ("
+                         f"{'; '.join(f'{split}: {rows} rows, {cells} recorded' for split, (rows, cells) in short.items())}"
+                         "): a copy cut short or files replaced; copy the folder again, or build the shard again.")
+    return Shard(path, summary, corpus_feature_extractor(path).to_dict(),  # its reader refuses a corrupt config
                  splits)
 
 

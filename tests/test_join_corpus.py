@@ -10,6 +10,7 @@ from pathlib import Path
 
 import datasets
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
@@ -82,6 +83,17 @@ def replaced(shard: Path, to: Path, file: str, content: bytes) -> Path:
     return to
 
 
+def cut_short(arrow_file: Path) -> bytes:
+    """The Arrow stream file as a copy cut at a record-batch boundary leaves it: its first rows, read without an
+    error."""
+    with pa.memory_map(str(arrow_file)) as source:
+        table = pa.ipc.open_stream(source).read_all()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table.slice(0, table.num_rows // 2))
+    return sink.getvalue().to_pybytes()
+
+
 @pytest.mark.parametrize("case, message", [
     ("twice", "hold the same cells"),
     ("missing", "corpus shards of .scanpy.datasets.pbmc68k_reduced. lack its shards 1/2: give every shard"),
@@ -99,6 +111,9 @@ def replaced(shard: Path, to: Path, file: str, content: bytes) -> Path:
                                "again"),
     ("a split's rows missing", r"s's splits do not load \(.*data-00000-of-00001.arrow.*\): the folder is incomplete"),
     ("a split not listed", "s has no test split, which every build writes"),
+    # a copy cut at a batch boundary loaded, with fewer rows: the join lost cells, exit 0
+    ("a split's rows cut short", r"s's splits hold other numbers of cells than its summary.json records \(train: "
+                                 r"\d+ rows, \d+ recorded\): a copy cut short"),
     ("summary not JSON",
      r"s/summary.json is not a corpus summary as .*: not JSON \(Expecting .*Build the corpus again"),
     ("summary a list", r"s/summary.json is not a corpus summary .*: it is \[1, 2\], not a JSON object"),
@@ -134,6 +149,8 @@ def test_shards_that_make_no_one_corpus_are_refused_before_writing(built, tmp_pa
         "a split's rows missing": lambda: [first, edited(second, copy, "train/data-00000-of-00001.arrow", None)],
         "a split not listed": lambda: [first, edited(second, copy, "dataset_dict.json",
                                                      lambda c: c.update(splits=["train", "validation"]))],
+        "a split's rows cut short": lambda: [first, replaced(second, copy, "train/data-00000-of-00001.arrow",
+                                                             cut_short(second / "train/data-00000-of-00001.arrow"))],
         # corrupt files ended the join in a JSONDecodeError, AttributeError or pandas' traceback; rejects.csv of
         # another header was joined into one of the union of the columns, exit 0
         "summary not JSON": lambda: [first, replaced(second, copy, "summary.json", b"{oops")],
