@@ -87,6 +87,10 @@ def superseded_symbols(
             and symbol_to_gene.get(gene_symbols[gene]) == gene}
 
 
+#: 10x's ``var`` column of each feature's kind (scanpy's ``read_10x_h5``): only its ``GENE_EXPRESSION`` rows are genes.
+FEATURE_TYPES_COLUMN, GENE_EXPRESSION = "feature_types", "Gene Expression"
+
+
 def var_gene_source(var: Any, symbol_to_gene: Container[str]) -> tuple[str, list[str], bool]:
     """Where an AnnData ``var`` (a pandas DataFrame) names its genes: (``"index"`` or the column's name, its values
     as strings, one per column of the matrix, whether they are Ensembl IDs). The corpus builder and inference both
@@ -94,8 +98,24 @@ def var_gene_source(var: Any, symbol_to_gene: Container[str]) -> tuple[str, list
 
     Ensembl IDs are preferred: the index, else the first string column that holds them (``ENSEMBL_VAR_COLUMNS``
     first). Else symbols: the index or a ``SYMBOL_VAR_COLUMNS`` column, whichever holds most of
-    ``symbol_to_gene`` (the index on ties).
+    ``symbol_to_gene`` (the index on ties). A 10x feature other than gene expression (``FEATURE_TYPES_COLUMN``: an
+    antibody "CD4" or "CD19" of CITE-seq, a CRISPR guide) is given as "", which names no gene: read as a symbol
+    among Ensembl IDs, its counts were that gene's expression.
     """
+    source, values, are_ensembl = _named_genes(var, symbol_to_gene)
+    if FEATURE_TYPES_COLUMN in getattr(var, "columns", ()):
+        kinds = [str(kind) for kind in var[FEATURE_TYPES_COLUMN].values]
+        other = sum(kind != GENE_EXPRESSION for kind in kinds)
+        if other:
+            logger.info("%d var rows are features other than %r (var[%r]) and name no gene", other, GENE_EXPRESSION,
+                        FEATURE_TYPES_COLUMN)
+            values = [value if kind == GENE_EXPRESSION else "" for value, kind in zip(values, kinds)]
+    return source, values, are_ensembl
+
+
+def _named_genes(var: Any, symbol_to_gene: Container[str]) -> tuple[str, list[str], bool]:
+    """``var_gene_source``'s choice of the index or column naming the genes, before other 10x features are left
+    out."""
     if looks_ensembl([str(v) for v in var.index[:_SAMPLE]]):
         return "index", [str(v) for v in var.index], True
     columns = [c for c in var.columns if var[c].dtype == object or str(var[c].dtype) in ("category", "string", "str")]

@@ -990,6 +990,21 @@ def test_the_corpus_builder_reads_a_files_genes_where_inference_reads_them(var):
             == [extractor.gene_token_ids[gene] for gene in corpus_ids])
 
 
+def test_10x_features_other_than_gene_expression_name_no_gene_in_the_corpus_builder_or_at_inference():
+    """A CITE-seq file read by scanpy: antibodies named like genes ("CD19", "CD4") among the Ensembl IDs of var's
+    gene_ids. Read as symbols, their protein counts were those genes' expression, in training and in use, exit 0."""
+    from processing.sources import resolve_genes
+
+    genes = ["ENSG00000141510", "ENSG00000198851", "ENSG00000177455", "ENSG00000010610"]  # TP53, CD3E, CD19, CD4
+    var = pd.DataFrame({"gene_ids": [*genes[:2], "CD19", "CD4"],
+                        "feature_types": ["Gene Expression"] * 2 + ["Antibody Capture"] * 2},
+                       index=["TP53", "CD3E", "CD19", "CD4"])
+    extractor = Cell2TextFeatureExtractor.from_gene_medians(dict.fromkeys(genes, 1.0))
+    assert resolve_genes(var)[0] == [*genes[:2], None, None]
+    assert extractor.match_genes(extractor.var_gene_ids(var)).column_tokens.tolist() == [
+        extractor.gene_token_ids[genes[0]], extractor.gene_token_ids[genes[1]], -1, -1]
+
+
 def test_names_other_code_imports_stay_importable_from_the_feature_extraction_module():
     """The extractor's parts live in their own modules; the names callers import from here still resolve there."""
     from modeling_cell2text import cell_inputs, feature_extraction_cell2text, geneformer_dictionaries, rank_value
