@@ -336,6 +336,16 @@ def test_cell2text_trains_on_every_thread_unless_the_baseline_trains_beside_it(t
     assert (kwargs["one_training_at_a_time"], args[4]) == (one_training_at_a_time, skip_cell2sentence)
 
 
+def test_one_training_at_a_time_without_the_baseline_is_refused(tmp_path, monkeypatch, capsys):
+    """Nothing to order with --skip-cell2sentence: the flag was accepted without a word."""
+    import training.demo as demo
+
+    monkeypatch.setattr(demo, "run", lambda *args, **kwargs: pytest.fail("ran with a flag that changes nothing"))
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(tmp_path / "out"), "--one-training-at-a-time", "--skip-cell2sentence"])
+    assert "--skip-cell2sentence leaves out; pass one of them" in capsys.readouterr().err
+
+
 def test_two_trainings_side_by_side_take_half_the_threads_each_and_none_on_one_core(monkeypatch):
     """Side by side only where this process may use 2 or more cores (on one, the two would share it, with twice the
     memory, for no time saved); the second process trains on the threads it is given."""

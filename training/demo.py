@@ -375,6 +375,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="Load the trained model with its folder's saved code (default: this project's classes).")
     args = parser.parse_args(argv)
+    if args.one_training_at_a_time and args.skip_cell2sentence:  # one training: nothing to order
+        parser.error("--one-training-at-a-time orders Cell2Text's training and the Cell2Sentence baseline's, which "
+                     "--skip-cell2sentence leaves out; pass one of them.")
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     np.random.seed(args.seed)
     with refused_input_as_one_line("demo"):
