@@ -149,7 +149,7 @@ def data_order(training_args: Any, cell_type_balance: float) -> dict:
             "cell_type_balance": cell_type_balance, "dataloader_drop_last": training_args.dataloader_drop_last}
 
 
-def optimizer_settings(training_args: Any, **part_learning_rates: float) -> dict:
+def optimizer_settings(training_args: Any, **part_learning_rates: float | None) -> dict:
     """The optimizer's settings (with the recipe's per-part learning rates): a resume loads the checkpoint's optimizer
     and scheduler state, whose learning rates, weight decay and betas then replace the ones given, exit 0 (a resume
     at 10x the learning rate trained at the checkpoint's)."""
