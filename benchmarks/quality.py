@@ -275,6 +275,9 @@ def read_benchmark(path: Path) -> dict:
     """The benchmark JSON at `path`; one that does not read is refused naming it (a traceback before)."""
     try:
         benchmark = json.loads(path.read_text())
+    except OSError as error:  # --rescore of an --out without a benchmark: a traceback before
+        raise SystemExit(f"{path} does not read ({error.strerror}); pass the --out of a benchmarks/quality.py "
+                         "run.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SystemExit(f"{path} is not a benchmark this script wrote ({error}); pass another --out, or remove it "
                          "to start over.") from None

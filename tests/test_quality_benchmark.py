@@ -198,6 +198,8 @@ def test_a_benchmark_cut_off_while_written_keeps_the_folds_written_before(tmp_pa
     assert path.read_text() == before
     resumed = quality.main(["--folds", "2", "--out", str(tmp_path), "--resume"])
     assert [fold["fold"] for fold in resumed["folds"]] == [0, 1]
+    with pytest.raises(SystemExit, match=r"benchmark.json does not read \(No such file or directory\); pass the --out"):
+        quality.main(["--rescore", "--out", str(tmp_path / "elsewhere")])
     for content in ("{\"folds\": [", "[]"):
         path.write_text(content)
         for argv in (["--folds", "2", "--resume"], ["--rescore"]):
