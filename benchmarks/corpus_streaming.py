@@ -3,7 +3,8 @@
     python benchmarks/corpus_streaming.py [--cells 200000] [--genes-per-cell 2048] [--batch-size 32] [--batches 2000]
 
 Writes a synthetic census-like corpus of `--cells` cells (`--genes-per-cell` gene tokens each, drawn from
-Geneformer V2's 20,275-token vocabulary; descriptions rendered by the schema from CELLxGENE-like labels) to a
+Geneformer V2's 20,275-token vocabulary; descriptions rendered by the schema from CELLxGENE-like labels; every
+column a build writes, as the recipe reads whole rows) to a
 temporary folder with `datasets` (written batch by batch from a generator, never held in memory), then reads it as
 the recipe does: memory-mapped Arrow, shuffled, through `training.collator.Cell2TextDataCollator` in a
 `torch.utils.data.DataLoader` at `--batch-size`, for `--batches` batches. Prints the corpus's size on disk,
@@ -43,9 +44,12 @@ def rss_mb(kind: str = "RssAnon") -> float:
 
 
 def write_corpus(folder: Path, n_cells: int, genes_per_cell: int, seed: int = 0):
-    from datasets import Dataset, Features, List, Value
+    """A corpus with every column a build writes (`processing.corpus.FEATURES`: the recipe reads whole rows,
+    `remove_unused_columns=False`), the metadata columns holding CELLxGENE-like labels and ids."""
+    from datasets import Dataset
 
     from modeling_cell2text import CellDescription, render_description
+    from processing.corpus import FEATURES
 
     labels = [("B cell", "A lymphocyte of B lineage"), ("T cell", "A type of lymphocyte"),
               ("classical monocyte", "A monocyte that has high expression of CD14"),
@@ -58,18 +62,25 @@ def write_corpus(folder: Path, n_cells: int, genes_per_cell: int, seed: int = 0)
         for i in range(n_cells):
             cell_type, definition = labels[i % len(labels)]
             first, second = rng.choice(len(pathways), 2, replace=False)
+            labels_of_cell = {"cell_type": cell_type, "cell_type_ontology_term_id": f"CL:{i % 4:07d}",
+                              "tissue": tissues[i % 4], "tissue_ontology_term_id": f"UBERON:{i % 4:07d}",
+                              "disease": diseases[i % 3], "disease_ontology_term_id": f"MONDO:{i % 3:07d}",
+                              "sex": ("female", "male")[i % 2], "sex_ontology_term_id": f"PATO:{383 + i % 2:07d}",
+                              "development_stage": "third decade stage",
+                              "development_stage_ontology_term_id": "HsapDv:0000237", "age_group": "adulthood",
+                              "donor_id": f"donor_{i // 1000}", "dataset_id": f"dataset_{i // 20000}"}
             yield {
                 "cell_id": f"cell_{i}",
                 "gene_input_ids": [2, *rng.integers(4, VOCAB_SIZE, genes_per_cell - 2).tolist(), 3],
                 "description": render_description(CellDescription(
-                    cell_type=cell_type, cell_type_definition=definition, tissue=tissues[i % 4],
-                    disease=diseases[i % 3], sex=("female", "male")[i % 2], age_group="adulthood",
+                    cell_type=cell_type, cell_type_definition=definition, tissue=labels_of_cell["tissue"],
+                    disease=labels_of_cell["disease"], sex=labels_of_cell["sex"], age_group="adulthood",
                     pathways=(pathways[first], pathways[second]))),
+                "pathways": [pathways[first], pathways[second]],
+                **labels_of_cell,
             }
 
-    features = Features({"cell_id": Value("string"), "gene_input_ids": List(Value("int32")),
-                         "description": Value("string")})
-    dataset = Dataset.from_generator(rows, features=features, cache_dir=str(folder / "cache"))
+    dataset = Dataset.from_generator(rows, features=FEATURES, cache_dir=str(folder / "cache"))
     dataset.save_to_disk(str(folder / "train"))
     del dataset
     from datasets import load_from_disk
