@@ -106,7 +106,7 @@ def var_gene_source(var: Any, symbol_to_gene: Container[str]) -> tuple[str, list
     if FEATURE_TYPES_COLUMN in getattr(var, "columns", ()):
         kinds = [str(kind) for kind in var[FEATURE_TYPES_COLUMN].values]
         other = sum(kind != GENE_EXPRESSION for kind in kinds)
-        if other:
+        if other and GENE_EXPRESSION in kinds:  # 10x's words: a column of other words says nothing of genes
             logger.info("%d var rows are features other than %r (var[%r]) and name no gene", other, GENE_EXPRESSION,
                         FEATURE_TYPES_COLUMN)
             values = [value if kind == GENE_EXPRESSION else "" for value, kind in zip(values, kinds)]
