@@ -72,8 +72,9 @@ def resolve_genes(var: pd.DataFrame) -> tuple[list[str | None], list[str | None]
     table = ensembl_to_symbol([gene_id for gene_id in ids if gene_id])
     symbol_column = next((c for c in SYMBOL_VAR_COLUMNS if c in var.columns), None)
     given = var[symbol_column] if symbol_column is not None else [None] * len(ids)
-    # a missing name read "nan", a name no library gene has: the gene counted in none of its sets
-    return ids, [str(given_name) if pd.notna(given_name) and str(given_name).strip()
+    # a missing name read "nan", a name no library gene has: the gene counted in none of its sets; a row that names
+    # no gene ("": a 10x antibody "CD4") has no symbol either, else it counted in CD4's sets where that gene is absent
+    return ids, [None if not name else str(given_name) if pd.notna(given_name) and str(given_name).strip()
                  else table.get(gene_id) or (name if ensembl_gene_id(name) is None else None)
                  for given_name, gene_id, name in zip(given, ids, names)]
 

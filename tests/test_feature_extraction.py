@@ -1003,6 +1003,11 @@ def test_10x_features_other_than_gene_expression_name_no_gene_in_the_corpus_buil
     assert resolve_genes(var)[0] == [*genes[:2], None, None]
     assert extractor.match_genes(extractor.var_gene_ids(var)).column_tokens.tolist() == [
         extractor.gene_token_ids[genes[0]], extractor.gene_token_ids[genes[1]], -1, -1]
+    # nor do they count in gene sets by their name (CD4's sets where the CD4 gene is not in the file)
+    cellxgene_like = pd.DataFrame({"feature_name": ["TP53", "CD3E", "CD19", "CD4"],
+                                   "feature_types": ["Gene Expression"] * 3 + ["Antibody Capture"]},
+                                  index=[*genes[:3], "CD4"])
+    assert resolve_genes(cellxgene_like) == ([*genes[:3], None], ["TP53", "CD3E", "CD19", None])
     # a feature_types column in words other than 10x's names its genes as they are (not every gene left out)
     other_words = pd.DataFrame({"gene_ids": genes, "feature_types": ["gene"] * 4}, index=["TP53", "CD3E", "CD19", "CD4"])
     assert resolve_genes(other_words)[0] == genes == extractor.var_gene_ids(other_words)
