@@ -28,7 +28,7 @@ from transformers import BatchFeature, FeatureExtractionMixin
 from .argument_types import is_integer_at_least, with_close_match
 from .cell_inputs import (CELL_INPUT_NAMES, CELL_ROW_KEYS, empty_cells_error, format_cells,
                           resolve_input)
-from .gene_ids import SUPERSEDED_WARNING, ensembl_gene_id, resolve_symbols, superseded_symbols, var_gene_ids
+from .gene_ids import SUPERSEDED_WARNING, ensembl_gene_id, resolve_symbols, superseded_symbols, var_gene_source
 from .gene_table import vocabulary_symbols
 from .geneformer_dictionaries import checked_vocabulary_source, load_geneformer_dictionaries, load_numeric_dict
 from .rank_value import RankedCells, rank_matrix
@@ -379,10 +379,15 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         medians[tokens >= 0] = self._token_medians[tokens[tokens >= 0]]
         return _GeneMatch(tokens, medians, n_input, n_matched, unmatched[:_EXAMPLES])
 
+    def var_gene_source(self, var: Any) -> tuple[str, list[str], bool]:
+        """Where an AnnData ``var`` names its genes, as this extractor reads it: Ensembl IDs where it has them, else
+        the symbols that name the most vocabulary genes (``gene_ids.var_gene_source``). A corpus built with this
+        extractor reads its files' genes by it too, so a file gives one gene per column in training and in use."""
+        return var_gene_source(var, self._symbol_to_gene)
+
     def var_gene_ids(self, var: Any) -> list[str]:
-        """The gene IDs of an AnnData ``var``: Ensembl IDs where it has them, else its symbols that name the most
-        vocabulary genes (``gene_ids.var_gene_ids``)."""
-        return var_gene_ids(var, self._symbol_to_gene)
+        """The gene IDs of an AnnData ``var``, one per column (``var_gene_source``)."""
+        return self.var_gene_source(var)[1]
 
     # -- ranking ------------------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ from processing.pathways import (
     DEFAULT_GMT, DEFAULT_SET_SIZES, PATHWAY_GENE_MATCHING, aucell, default_max_rank, display_names, filter_set_sizes,
     membership_matrix, read_gmt, sets_in_data_symbols, top_set_indices, unique_gene_names,
 )
+from processing.sources import resolve_genes
 from processing.splits import DEFAULT_FRACTIONS, SPLITS, assign_fold_splits, assign_splits, check_fold
 
 logger = logging.getLogger(__name__)
@@ -125,10 +126,13 @@ class _CellPlan:
 
 
 def _genes(source: Any, extractor: Cell2TextFeatureExtractor | None) -> _Genes:
-    """Map columns to Ensembl IDs; duplicates and unmapped genes are reported, not silently lost."""
+    """Map columns to Ensembl IDs; duplicates and unmapped genes are reported, not silently lost. A given
+    ``extractor`` reads the source's var as it reads the same file at inference (``sources.resolve_genes``)."""
+    gene_ids, gene_symbols = (resolve_genes(source.var, extractor) if extractor is not None and hasattr(source, "var")
+                              else (source.gene_ids, source.gene_symbols))
     seen: set[str] = set()
     token_ids, usable, unmapped = [], [], []
-    for i, (gene, symbol) in enumerate(zip(source.gene_ids, source.gene_symbols)):
+    for i, (gene, symbol) in enumerate(zip(gene_ids, gene_symbols)):
         if gene is None or gene in seen:
             unmapped.append(f"{symbol or i}\t{'duplicate of ' + gene if gene else 'no Ensembl ID'}")
             token_ids.append(f"unmapped:{i}")
@@ -140,7 +144,7 @@ def _genes(source: Any, extractor: Cell2TextFeatureExtractor | None) -> _Genes:
     usable = np.array(usable, dtype=bool)
     if extractor is not None:
         usable &= extractor.match_genes(token_ids).column_tokens >= 0
-    symbols = unique_gene_names([s if s else f"unmapped:{i}" for i, s in enumerate(source.gene_symbols)])
+    symbols = unique_gene_names([s if s else f"unmapped:{i}" for i, s in enumerate(gene_symbols)])
     if unmapped:
         logger.warning("%d of %d genes have no usable Ensembl ID and give no tokens (see unmapped_genes.txt)",
                        len(unmapped), len(token_ids))

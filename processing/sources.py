@@ -7,7 +7,10 @@ A source exposes the same four things whatever it reads:
 * ``gene_ids`` (unversioned Ensembl ID per column, None where a gene has none) and
   ``gene_symbols`` (symbol per column, for gene-set scoring);
 * ``input_values``: what the matrix holds ("counts", "normalized" or "log1p");
-* ``iter_chunks(chunk_size)``: ``(first_row, CSR chunk)`` pairs covering every row once.
+* ``iter_chunks(chunk_size)``: ``(first_row, CSR chunk)`` pairs covering every row once;
+
+and ``var``, the gene table the gene IDs were read from, which a build tokenized by a given feature extractor reads
+again by that extractor's vocabulary (``resolve_genes``), as inference reads the same file.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import hashlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -30,8 +33,11 @@ from modeling_cell2text.gene_ids import (
     superseded_symbols,
     var_gene_source,
 )
-from modeling_cell2text.gene_table import ensembl_to_symbol, symbol_index, symbol_to_ensembl
+from modeling_cell2text.gene_table import ensembl_to_symbol, symbol_index
 from modeling_cell2text.rank_value import as_csr
+
+if TYPE_CHECKING:
+    from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +55,11 @@ DEFAULT_SOMA_FILTER = (
 )
 
 
-def resolve_genes(var: pd.DataFrame) -> tuple[list[str | None], list[str | None]]:
-    """(Ensembl ID or None, symbol or None) per var row; symbols map through the GENCODE table.
+def resolve_genes(
+    var: pd.DataFrame, feature_extractor: Cell2TextFeatureExtractor | None = None
+) -> tuple[list[str | None], list[str | None]]:
+    """(Ensembl ID or None, symbol or None) per var row; symbols map through the GENCODE table, or through
+    ``feature_extractor``'s tables where the corpus is tokenized by a given one.
 
     The gene IDs are read where inference reads them (``gene_ids.var_gene_source``: Ensembl IDs from the index or a
     column, else the symbol source naming the most genes), and mapped name by name by the feature extractor's rule
@@ -59,11 +68,22 @@ def resolve_genes(var: pd.DataFrame) -> tuple[list[str | None], list[str | None]
     gene inference gives it. With Ensembl IDs, the symbols (for gene-set scoring) are a ``feature_name``-like
     column's, else (no such column, or a name missing in it) the table's, else the name as given. Unmapped genes stay
     None and are reported by the caller.
+
+    With a ``feature_extractor`` (``--feature-extractor``: Geneformer's vocabulary, or shards' merged medians), var's
+    symbol source is the one naming the most of its vocabulary genes and symbols map by its table, as that extractor
+    reads the same file at inference; by the whole GENCODE table, an index of pseudogene symbols could be read beside
+    a ``feature_name`` column of the vocabulary's genes, which inference reads.
     """
-    _, values, are_ensembl = var_gene_source(var, symbol_index())
+    if feature_extractor is None:
+        _, values, are_ensembl = var_gene_source(var, symbol_index())
+        symbol_to_gene, gene_symbols = symbol_index(), None
+    else:
+        _, values, are_ensembl = feature_extractor.var_gene_source(var)
+        symbol_to_gene, gene_symbols = feature_extractor.symbol_to_gene, feature_extractor.gene_symbols
     names = [value.strip() for value in values]
-    mapping = symbol_to_ensembl([name for name in names if ensembl_gene_id(name) is None])
-    superseded = superseded_symbols(names, mapping, ensembl_to_symbol(mapping.values()))
+    mapping = {name: symbol_to_gene[name] for name in names
+               if ensembl_gene_id(name) is None and name in symbol_to_gene}
+    superseded = superseded_symbols(names, mapping, gene_symbols or ensembl_to_symbol(mapping.values()))
     if superseded:
         logger.warning(SUPERSEDED_WARNING, len(superseded), sorted(superseded)[:5])
     ids = [ensembl_gene_id(name) or (None if name in superseded else mapping.get(name)) for name in names]
@@ -181,7 +201,8 @@ class AnnDataSource:
         self.obs = standardize_obs(adata.obs, obs_map)
         if dataset_id is not None:
             self.obs["dataset_id"] = self.obs["dataset_id"].where(self.obs["dataset_id"].notna(), dataset_id)
-        self.gene_ids, self.gene_symbols = resolve_genes(adata.raw.var if use_raw else adata.var)
+        self.var = adata.raw.var if use_raw else adata.var
+        self.gene_ids, self.gene_symbols = resolve_genes(self.var)
         self.rows = range(adata.n_obs)
         first_rows = next(self.iter_chunks(64))[1] if adata.n_obs else None
         self.input_sha256 = input_sha256(self.obs, self.gene_ids, first_rows)
@@ -283,6 +304,7 @@ class SomaSource:
             var = var.rename(columns={"var_id": "feature_id"})
         var = var.drop(columns="soma_joinid")
         self.n_genes = len(var)
+        self.var = var
         self.gene_ids, self.gene_symbols = resolve_genes(var)
         self.input_sha256 = input_sha256(self.obs, self.gene_ids)
         logger.info("SOMA source %s: %d cells pass the obs filter %r", self.name, len(self.joinids), obs_value_filter)

@@ -257,6 +257,28 @@ def test_given_vocabulary_is_used_as_is(tmp_path, pbmc_corpus):
     assert summary["vocabulary_source"] == extractor.vocabulary_source
 
 
+def test_a_given_vocabulary_reads_a_files_genes_where_inference_reads_them(tmp_path, pbmc_corpus):
+    """Symbols in the index and a feature_name column that disagree on two rows, which the index names by pseudogenes
+    the vocabulary lacks: the builder chose the index by the whole gene table (a tie, 765 names each), inference the
+    column by the vocabulary, so the corpus trained without two genes that inference reads in those columns."""
+    out, _, _ = pbmc_corpus
+    extractor = Cell2TextFeatureExtractor.from_pretrained(str(out / "feature_extractor"))
+    shipped = pbmc68k_reduced().adata
+    columns = np.argsort(-np.asarray((shipped.X > 0).sum(axis=0)).ravel())[:2]  # the two most often expressed
+    symbols = [str(name) for name in shipped.var_names]
+    assert not {"RPL13AP5", "MTND1P23"} & set(symbols) and symbols[columns[0]] in extractor.symbol_to_gene
+    index = list(symbols)
+    index[columns[0]], index[columns[1]] = "RPL13AP5", "MTND1P23"  # GENCODE pseudogenes, not in the vocabulary
+    adata = anndata.AnnData(X=shipped.X, obs=shipped.obs, var=pd.DataFrame({"feature_name": symbols}, index=index))
+    build_corpus(AnnDataSource(adata, input_values="log1p"), tmp_path,
+                 BuildOptions(progress=False, feature_extractor=extractor))
+    corpus = datasets.load_from_disk(str(tmp_path))
+    ranked = extractor.tokenize(adata, input_values="log1p")
+    row_of = {cell_id: i for i, cell_id in enumerate(adata.obs_names)}
+    for row in corpus["validation"]:
+        assert row["gene_input_ids"] == ranked[row_of[row["cell_id"]]].tolist()
+
+
 def test_a_model_input_size_other_than_the_given_vocabularys_is_refused(tmp_path, pbmc_corpus):
     """`--feature-extractor DIR --model-input-size 512` built a corpus of the extractor's size, exit 0."""
     out, _, _ = pbmc_corpus
