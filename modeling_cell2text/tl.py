@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .argument_types import DTYPE_NAMES, is_integer_at_least
+from .cell_inputs import format_cells
 from .compatibility import check_model_and_processor, gene_vocabulary_sha256, label_tables_sha256, processor_sha256
 from .description_schema import ONTOLOGY_FIELDS, CellDescription
 from .label_scoring import constrains
@@ -524,7 +525,8 @@ def embed(
     The embedding of a cell is the mean, over its gene positions (the `<cls>` and `<eos>` tokens and padding
     excluded), of the encoder's hidden states at layer `model.config.gene_encoder_layer`: the layer whose states the
     projector reads. Shape (n_cells, encoder hidden size), float32, rows in obs order; NaN rows for cells skipped
-    with `skip_empty_cells=True`. Use it as `sc.pp.neighbors(adata, use_rep=key_added)`.
+    with `skip_empty_cells=True`. Use it as `sc.pp.neighbors(adata, use_rep=key_added)`. NaN or infinite encoder
+    states (NaN weights, float16 overflow) raise FloatingPointError naming the cells, before anything is written.
     `adata.uns[key_added]` records what `describe` records (with function "embed"); a key_added whose record is
     tl.describe's is refused.
     Views and backed AnnData behave as in `describe`.
@@ -547,6 +549,7 @@ def embed(
                                   {"input_values": input_values}, bar=bar):
             inputs = feature_extractor.pad(batch.tokens, batch.bins, return_tensors="pt")
             pooled = base.get_cell_embeddings(**{name: tensor.to(model.device) for name, tensor in inputs.items()})
+            check_finite_embeddings(pooled, batch.rows, obs_names)
             embeddings[batch.rows] = pooled.float().cpu().numpy()
             bar.update(len(batch.rows))
     adata.obsm[key_added] = embeddings
@@ -555,6 +558,18 @@ def embed(
         "skip_empty_cells": skip_empty_cells, "dtype": str(model.dtype), "trust_remote_code": trust_remote_code,
         "encoder_layer": int(layer_index), "pooling": "mean over gene positions",
     })
+
+
+def check_finite_embeddings(pooled: torch.Tensor, rows: Sequence[int], obs_names: Sequence[str] | None) -> None:
+    """Refuse NaN or infinite embeddings (NaN weights, or an encoder overflowing in float16): written to obsm, they
+    read as cells skipped with skip_empty_cells, and the CLI counted them so, exit 0."""
+    bad = (~torch.isfinite(pooled).all(dim=1)).nonzero().flatten().tolist()
+    if bad:
+        raise FloatingPointError(
+            f"The gene encoder returned NaN or infinite states for {len(bad)} of the {len(rows)} cells of a batch "
+            f"(cells {format_cells(np.asarray(rows)[bad], obs_names)}), so they cannot be embedded. Its weights may "
+            "hold NaN, or its dtype may overflow (float16): load it in float32 or bfloat16 (dtype=...)."
+        )
 
 
 def read_h5ad(path: str | os.PathLike, backed: str | None = None) -> Any:

@@ -601,6 +601,26 @@ def test_nan_logits_are_one_line_naming_the_dtype_option(model_dir, h5ad, tmp_pa
     assert code == 1 and not out.exists()
 
 
+
+def test_nan_embeddings_are_refused_not_written_as_skipped_cells(model_dir, h5ad, tmp_path, capsys):
+    """An encoder weight that overflowed (inf) made every embedding NaN: embed wrote them, exit 0, and said "Embedded 0
+    of 5 cells (5 skipped with --skip-empty-cells: their rows are NaN)" without that option."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(model_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    name = next(key for key in weights if key.startswith("model.gene_encoder.") and key.endswith("dense.weight"))
+    weights[name][0, 0] = float("inf")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "embedded.h5ad"
+    code = main(["embed", str(h5ad), "--model", str(broken), "--out", str(out), "--layer", "counts", "--device", "cpu"])
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("cell2text: error:")]
+    assert code == 1 and len(errors) == 1 and "Traceback" not in captured.err, captured.err
+    assert "NaN or infinite states for 5 of the 5 cells" in errors[0] and "bfloat16 (--dtype NAME)" in errors[0]
+    assert "Embedded" not in captured.out and not out.exists()
+
 def test_free_descriptions_cut_by_max_new_tokens_are_counted_as_not_parsed(model_dir, h5ad, tmp_path, capsys,
                                                                              caplog):
     """The reviewer's finding: `--free --max-new-tokens 14` cut every description after its first sentence, which
