@@ -48,29 +48,27 @@ def is_dataframe(obj: Any) -> bool:
 
 def anndata_matrix(adata: Any, layer: str | None = None, raw: bool = False) -> Any:
     """``adata.X``, ``adata.layers[layer]`` or ``adata.raw.X`` (``raw``). A view of a backed AnnData is read from its
-    file here. A reversed (negative-step) slice of one is refused before reading: anndata fails on most with its own
-    words (a reshape, a step), and reads some in the file's order while the view's obs or var names are reversed
-    (``backed[:, :-(n + 1):-1]`` of a CSR file, ``backed[:-(n + 1):-1]`` of a CSC one): each cell's or gene's values
-    were another's, exit 0. This names the fix."""
+    file here. A slice of one with a negative start, stop or step is refused before reading: anndata reads some
+    wrongly, exit 0 (``backed[-5:-2]`` of a CSR file: the counts of the cells after the ones named, the view's names
+    unchanged; a reversed slice of a CSR file's genes or a CSC file's cells: in the file's order, under reversed
+    names), and fails on others with its own words (a reshape, an index pointer size). This names the fix."""
     if adata.is_view and adata.isbacked:
         axes = [("cells", getattr(adata, "_oidx", None))] + ([] if raw else [("genes", getattr(adata, "_vidx", None))])
-        reversed_axes = [name for name, index in axes if isinstance(index, slice) and (index.step or 1) < 0]
-        if reversed_axes:
-            raise reversed_backed_slice_error(" and ".join(reversed_axes))
+        negative = [name for name, index in axes if isinstance(index, slice)
+                    and any(bound is not None and bound < 0 for bound in (index.start, index.stop, index.step))]
+        if negative:
+            raise ValueError(
+                f"anndata could not read these {' and '.join(negative)} of the backed file: it reads a slice with a "
+                "negative start, stop or step of one wrongly (backed[-5:-2] of a CSR file gave the counts of the "
+                "cells after the ones named) or not at all. Slice it with non-negative bounds in increasing order "
+                "(backed[n - 5 : n - 2] with n = backed.n_obs), or pass adata.to_memory()[rows]")
     try:
         return adata.raw.X if raw else adata.X if layer is None else adata.layers[layer]
     except ValueError as error:
         if not (adata.is_view and adata.isbacked):
             raise
-        raise reversed_backed_slice_error("cells", error) from error
-
-
-def reversed_backed_slice_error(what: str, error: Exception | None = None) -> ValueError:
-    """The one error for a view of a backed AnnData that anndata cannot read right (`anndata_matrix`)."""
-    why = f" ({error})" if error is not None else ""
-    return ValueError(f"anndata could not read these {what} of the backed file{why}: it cannot read a reversed "
-                      "(negative-step) slice of one (some it reads in the file's order, unlike the view's names); "
-                      "pass rows and genes in increasing order, or adata.to_memory()[rows]")
+        raise ValueError(f"anndata could not read these cells of the backed file ({error}): pass "
+                         "adata.to_memory()[rows]") from error
 
 
 def check_gene_ids_in_var_order(

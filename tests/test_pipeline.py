@@ -351,7 +351,7 @@ def test_counts_in_adata_raw(random_pipeline, tmp_path):
     assert [r["description"] for r in random_pipeline(backed[1:3], use_raw=True, max_new_tokens=4)] == expected[1:3]
     # a reversed slice of a backed file, which anndata cannot read: its words (a reshape) named no fix
     for view, kwargs in ((backed[::-1], {"use_raw": True}), (ad.read_h5ad(tmp_path / "raw.h5ad", backed="r")[::-1], {})):
-        with pytest.raises(ValueError, match=r"could not read these cells of the backed file.*reversed.* increasing"):
+        with pytest.raises(ValueError, match=r"could not read these cells of the backed file.*negative.*increasing"):
             random_pipeline(view, max_new_tokens=4, **kwargs)
     with pytest.raises(ValueError, match="adata.raw is None"):
         random_pipeline(adata, use_raw=True)
@@ -360,20 +360,27 @@ def test_counts_in_adata_raw(random_pipeline, tmp_path):
 
 
 
+
 @pytest.mark.parametrize("to_format", ["tocsr", "tocsc"])
-def test_a_reversed_slice_of_a_backed_file_that_anndata_reads_forward_is_refused(random_pipeline, tmp_path, to_format):
-    """anndata reads a reversed slice reaching the first row or gene, spelt with a stop before it (`:-(n + 1):-1`),
-    of a backed sparse file in the file's order while the view's names are reversed: of a CSR file the genes (each
-    column's values read as another gene's), of a CSC file the cells (each cell described with another's counts),
-    exit 0."""
+def test_a_slice_of_a_backed_file_that_anndata_reads_wrongly_is_refused(random_pipeline, tmp_path, to_format):
+    """anndata reads slices with a negative bound of a backed sparse file wrongly, exit 0: `backed[-3:-1]` of a CSR
+    file the counts of the cells after the ones named (each cell described with its neighbour's counts), and a
+    reversed slice reaching the first gene or cell, spelt with a stop before it (`:-(n + 1):-1`), in the file's order
+    under the view's reversed names (a CSR file's genes, a CSC file's cells)."""
     adata = make_adata(4)
     adata.X = getattr(adata.X, to_format)()
     adata.write_h5ad(tmp_path / "cells.h5ad")
     backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
-    genes_reversed, cells_reversed = backed[:, : -(backed.n_vars + 1) : -1], backed[: -(backed.n_obs + 1) : -1]
-    for view, what in ((genes_reversed, "genes"), (cells_reversed, "cells")):
-        with pytest.raises(ValueError, match=rf"could not read these {what} of the backed file.*reversed.*increasing"):
-            random_pipeline(view, max_new_tokens=4)
+    views = {"cells": [backed[-3:-1], backed[: -(backed.n_obs + 1) : -1]], "genes": [backed[:, : -(backed.n_vars + 1) : -1]]}
+    for what, sliced in views.items():
+        for view in sliced:
+            with pytest.raises(ValueError, match=rf"could not read these {what} of the backed file.*negative start, "
+                                                 r"stop or step.*backed\[n - 5 : n - 2\]"):
+                random_pipeline(view, constrained=False, max_new_tokens=4)
+    # the same cells sliced with non-negative bounds are read as the cells named (free text tells cells apart)
+    expected = [r["description"] for r in random_pipeline(adata, constrained=False, max_new_tokens=4)]
+    assert len(set(expected)) == 4
+    assert [r["description"] for r in random_pipeline(backed[1:3], constrained=False, max_new_tokens=4)] == expected[1:3]
 
 def test_saving_refuses_push_to_hub_which_would_upload_half_a_folder(trained_dir, tmp_path):
     model = Cell2TextForConditionalGeneration.from_pretrained(trained_dir)
