@@ -47,12 +47,14 @@ def is_dataframe(obj: Any) -> bool:
 
 
 def anndata_matrix(adata: Any, layer: str | None = None, raw: bool = False) -> Any:
-    """``adata.X``, ``adata.layers[layer]`` or ``adata.raw.X`` (``raw``). A view of a backed AnnData is read from its
-    file here. A slice of one with a negative start, stop or step is refused before reading: anndata reads some
-    wrongly, exit 0 (``backed[-5:-2]`` of a CSR file: the counts of the cells after the ones named, the view's names
-    unchanged; a reversed slice of a CSR file's genes or a CSC file's cells: in the file's order, under reversed
-    names), and fails on others with its own words (a reshape, an index pointer size). This names the fix."""
-    if adata.is_view and adata.isbacked:
+    """``adata.X``, ``adata.layers[layer]`` or ``adata.raw.X`` (``raw``). A view of a backed AnnData (or of one whose
+    matrix is read from its file, ``AnnData(X=anndata.io.sparse_dataset(...))``) is read from the file here. A slice
+    of one with a negative start, stop or step is refused before reading: anndata reads some wrongly, exit 0
+    (``backed[-5:-2]`` of a CSR file: the counts of the cells after the ones named, the view's names unchanged; a
+    reversed slice of a CSR file's genes or a CSC file's cells: in the file's order, under reversed names), and fails
+    on others with its own words (a reshape, an index pointer size). This names the fix."""
+    lazy = adata.is_view and _read_from_file(adata, layer, raw)
+    if lazy:
         axes = [("cells", getattr(adata, "_oidx", None))] + ([] if raw else [("genes", getattr(adata, "_vidx", None))])
         negative = [name for name, index in axes if isinstance(index, slice)
                     and any(bound is not None and bound < 0 for bound in (index.start, index.stop, index.step))]
@@ -65,10 +67,23 @@ def anndata_matrix(adata: Any, layer: str | None = None, raw: bool = False) -> A
     try:
         return adata.raw.X if raw else adata.X if layer is None else adata.layers[layer]
     except ValueError as error:
-        if not (adata.is_view and adata.isbacked):
+        if not lazy:
             raise
         raise ValueError(f"anndata could not read these cells of the backed file ({error}): pass "
                          "adata.to_memory()[rows]") from error
+
+
+def _read_from_file(view: Any, layer: str | None, raw: bool) -> bool:
+    """Whether a view's matrix is read from a file (a backed AnnData, or a parent whose matrix is no numpy or scipy
+    matrix in memory but a dataset of a file), where anndata slices it itself."""
+    if view.isbacked:
+        return True
+    parent = getattr(view, "_adata_ref", None)
+    try:
+        source = parent.raw.X if raw else parent.X if layer is None else parent.layers[layer]
+    except (AttributeError, KeyError):
+        return False
+    return source is not None and not isinstance(source, (np.ndarray, sp.spmatrix, sp.sparray))
 
 
 def check_gene_ids_in_var_order(

@@ -363,20 +363,26 @@ def test_counts_in_adata_raw(random_pipeline, tmp_path):
 
 @pytest.mark.parametrize("to_format", ["tocsr", "tocsc"])
 def test_a_slice_of_a_backed_file_that_anndata_reads_wrongly_is_refused(random_pipeline, tmp_path, to_format):
-    """anndata reads slices with a negative bound of a backed sparse file wrongly, exit 0: `backed[-3:-1]` of a CSR
-    file the counts of the cells after the ones named (each cell described with its neighbour's counts), and a
-    reversed slice reaching the first gene or cell, spelt with a stop before it (`:-(n + 1):-1`), in the file's order
-    under the view's reversed names (a CSR file's genes, a CSC file's cells)."""
+    """anndata reads slices with a negative bound of a backed sparse file (or of an AnnData whose X is a dataset of a
+    file) wrongly, exit 0: `backed[-3:-1]` of a CSR file the counts of the cells after the ones named (each cell
+    described with its neighbour's counts), and a reversed slice reaching the first gene or cell, spelt with a stop
+    before it (`:-(n + 1):-1`), in the file's order under the view's reversed names (a CSR file's genes, a CSC file's
+    cells)."""
+    import h5py
+
     adata = make_adata(4)
     adata.X = getattr(adata.X, to_format)()
     adata.write_h5ad(tmp_path / "cells.h5ad")
     backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
-    views = {"cells": [backed[-3:-1], backed[: -(backed.n_obs + 1) : -1]], "genes": [backed[:, : -(backed.n_vars + 1) : -1]]}
-    for what, sliced in views.items():
-        for view in sliced:
-            with pytest.raises(ValueError, match=rf"could not read these {what} of the backed file.*negative start, "
-                                                 r"stop or step.*backed\[n - 5 : n - 2\]"):
-                random_pipeline(view, constrained=False, max_new_tokens=4)
+    with h5py.File(tmp_path / "cells.h5ad", "r") as file:  # an AnnData whose X is read from the file, not backed
+        from_file = ad.AnnData(X=ad.io.sparse_dataset(file["X"]), obs=adata.obs, var=adata.var)
+        views = {"cells": [backed[-3:-1], backed[: -(backed.n_obs + 1) : -1], from_file[-3:-1]],
+                 "genes": [backed[:, : -(backed.n_vars + 1) : -1]]}
+        for what, sliced in views.items():
+            for view in sliced:
+                with pytest.raises(ValueError, match=rf"could not read these {what} of the backed file.*negative "
+                                                     r"start, stop or step.*backed\[n - 5 : n - 2\]"):
+                    random_pipeline(view, constrained=False, max_new_tokens=4)
     # the same cells sliced with non-negative bounds are read as the cells named (free text tells cells apart)
     expected = [r["description"] for r in random_pipeline(adata, constrained=False, max_new_tokens=4)]
     assert len(set(expected)) == 4
