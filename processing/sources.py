@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from modeling_cell2text.cell_inputs import anndata_matrix
 from modeling_cell2text.gene_ids import (
     ENSEMBL_VAR_COLUMNS,
     SUPERSEDED_WARNING,
@@ -219,7 +220,7 @@ class AnnDataSource:
 
     def iter_chunks(self, chunk_size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
         """Yield ``(first_row, CSR rows)`` over the cells (backed files are read chunk by chunk)."""
-        matrix = self.adata.raw.X if self.use_raw else self.adata.layers[self.layer] if self.layer else self.adata.X
+        matrix = anndata_matrix(self.adata, self.layer, self.use_raw)  # refuses slices anndata reads wrongly
         for start in range(0, self.n_cells, chunk_size):
             first = self.rows.start + start
             block = matrix[first : min(first + chunk_size, self.rows.stop)]

@@ -675,3 +675,16 @@ def test_a_duplicated_gene_id_gives_tokens_from_its_first_column_only(tmp_path):
     for split in first:  # the same genes (their order moves a little: the duplicate's counts are in each total)
         for cell, same_genes in zip(duplicated[split]["gene_input_ids"], first[split]["gene_input_ids"]):
             assert len(set(cell)) == len(cell) and set(cell) == set(same_genes)
+
+
+def test_a_negative_slice_of_a_backed_file_is_refused_by_the_corpus_builder_too(tmp_path):
+    """anndata reads backed[-5:-2] of a CSR file as the cells after the ones named, under their names: the builder
+    gave cells c5-c7 the counts of c6-c8, exit 0 (inference refuses such a view: `cell_inputs.anndata_matrix`)."""
+    counts = sp.csr_matrix(np.arange(1, 41, dtype=np.float32).reshape(10, 4))
+    anndata.AnnData(X=counts, obs=pd.DataFrame(index=[f"c{i}" for i in range(10)]),
+                    var=pd.DataFrame(index=["TP53", "CD3E", "CD19", "CD4"])).write_h5ad(tmp_path / "cells.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    read = next(AnnDataSource(backed[5:8]).iter_chunks(64))[1]
+    assert read.toarray().tolist() == counts[5:8].toarray().tolist()
+    with pytest.raises(ValueError, match=r"negative start, stop or step.*backed\[n - 5 : n - 2\]"):
+        AnnDataSource(backed[-5:-2])
