@@ -342,14 +342,22 @@ def _warn_empty_splits(split_of: np.ndarray, kept_donors: np.ndarray, folds: boo
                    " has" if len(empty) == 1 else "s have", why, fix, "donors" if donors else "cells")
 
 
-def _build_extractor(genes: _Genes, medians, options: BuildOptions) -> Cell2TextFeatureExtractor:
+def _shard_record(source: Any) -> dict[str, str]:
+    """{"shard": "i/N"} for a source of which `--shard i/N` kept one shard, else {} (all of it)."""
+    return {"shard": "/".join(map(str, source.shard))} if getattr(source, "shard", None) else {}
+
+
+def _build_extractor(source: Any, genes: _Genes, medians, options: BuildOptions) -> Cell2TextFeatureExtractor:
+    """The extractor of this build's own medians; it records their input (`vocabulary_source["median_inputs"]`, as
+    the histogram merge does), so that a join of shards tokenized with it refuses the cells of other inputs."""
     values = medians.medians()
     found = {genes.token_ids[i]: float(values[i]) for i in np.flatnonzero(genes.usable & np.isfinite(values))}
     if not found:
         raise ValueError("no gene is expressed in any kept cell; nothing to build a vocabulary from")
+    median_input = {"source": source.name, "input_sha256": source.input_sha256, **_shard_record(source)}
     return Cell2TextFeatureExtractor.from_gene_medians(
-        found, model_input_size=options.model_input_size or DEFAULT_MODEL_INPUT_SIZE, num_expression_bins=options.expression_bins
-    )
+        found, model_input_size=options.model_input_size or DEFAULT_MODEL_INPUT_SIZE,
+        num_expression_bins=options.expression_bins, source_details={"median_inputs": [median_input]})
 
 
 def _second_pass(source, plan: _CellPlan, genes: _Genes, extractor, writer, options: BuildOptions) -> None:
@@ -593,7 +601,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
     _require_kept_cells(reasons)  # labels: before a pass over the data
     top, set_names = _first_pass(source, reasons, genes, medians, gene_sets, options)
     _require_kept_cells(reasons)  # values
-    extractor = options.feature_extractor or _build_extractor(genes, medians, options)
+    extractor = options.feature_extractor or _build_extractor(source, genes, medians, options)
     if isinstance(medians, HistogramGeneMedians):
         medians.save(out / "median_histogram.npz", genes.token_ids, source.name, source.shard or (0, 1),
                      source.input_sha256)
@@ -645,7 +653,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
         "fingerprints": fingerprints,
         "ontology_versions": ontology_versions(),
         "input_sha256": source.input_sha256,  # which input (its cells and genes), for joining shards
-        **({"shard": "/".join(map(str, source.shard))} if getattr(source, "shard", None) else {}),  # --shard i/N
+        **_shard_record(source),
     }
     if sum(summary["splits"].values()) + len(rejects) != source.n_cells:
         raise RuntimeError("internal error: kept + rejected cells do not add up to the input")

@@ -251,6 +251,22 @@ def check_shards(paths: list[str | Path]) -> None:
                        "give every shard's median_histogram.npz")
 
 
+def histogram_inputs(paths: list[str | Path]) -> list[dict[str, str]] | None:
+    """The inputs whose cells the histograms `paths` count, once each, as the corpus summary names its input
+    (``{"source": name, "input_sha256": checksum}``, "" where a file records none): the merged feature extractor
+    records them (``vocabulary_source["median_inputs"]``) so that the join can refuse shards whose cells are not
+    those of its medians (a shard built without ``--medians histogram`` writes no file, and a shell glob skips it).
+    Whole inputs (`check_shards` refuses others); None where a file records no input (an earlier version's)."""
+    inputs: dict[str, dict[str, str]] = {}
+    for path in paths:
+        tag = histogram_shard(path)
+        if tag is None:
+            return None
+        identity, name, _, _ = tag
+        inputs.setdefault(identity, {"source": name, "input_sha256": "" if identity == name else identity})
+    return list(inputs.values())
+
+
 def merge_histogram_files(paths: list[str | Path]) -> dict[str, float]:
     """Merge shard histograms (genes aligned by ID) into gene -> median for genes seen non-zero; the shards are
     checked to add up to whole inputs first (`check_shards`)."""
@@ -296,8 +312,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     with refused_input_as_one_line("gene_medians"):
         medians = merge_histogram_files(args.histograms)
-    extractor = Cell2TextFeatureExtractor.from_gene_medians(medians, model_input_size=args.model_input_size,
-                                                            num_expression_bins=args.expression_bins)
+    inputs = histogram_inputs(args.histograms)
+    extractor = Cell2TextFeatureExtractor.from_gene_medians(
+        medians, model_input_size=args.model_input_size, num_expression_bins=args.expression_bins,
+        source_details=None if inputs is None else {"median_inputs": inputs})
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:

@@ -10,7 +10,8 @@ split fingerprints of the join (a checksum of the shards', in order; `joined_fro
 
 Refused, naming the fix, where the joined corpus would train or evaluate on something other than it says: shards
 tokenized by different feature extractors (other token ids or gene orders), built with other pathway, expression-bin
-or ontology settings or rejection rules (`--required-fields`, `--keep-non-primary`), a shard given twice, an input whose `--shard i/N` shards are not all given, a cell id two
+or ontology settings or rejection rules (`--required-fields`, `--keep-non-primary`), a shard given twice, an input whose `--shard i/N` shards are not all given,
+shards whose cells are not those their feature extractor's medians count (`vocabulary_source["median_inputs"]`), a cell id two
 shards hold (cells of several files with the same barcodes), a donor whose cells are in two splits (shards split on their own cells, without `--hashed-splits`), a label with two ontology ids,
 cross-validation fold builds, and a shard folder whose splits do not load or hold other numbers of cells than its
 summary records (a copy cut short).
@@ -124,6 +125,12 @@ def check_joinable(shards: Sequence[Shard]) -> None:
                              "each shard once.")
         seen[key] = shard.path
     _check_complete_inputs(shards)
+    _check_median_inputs(shards)
+
+
+def _input_identity(record: dict) -> str:
+    """Which input a summary (or a `median_inputs` entry) names: its checksum, else (an earlier version's) its name."""
+    return record.get("input_sha256") or str(record.get("source"))
 
 
 def _check_complete_inputs(shards: Sequence[Shard]) -> None:
@@ -133,10 +140,48 @@ def _check_complete_inputs(shards: Sequence[Shard]) -> None:
         part = shard.summary.get("shard")
         if part is not None:
             index, count = map(int, part.split("/"))
-            source = shard.summary.get("source")
-            parts[str(shard.path)] = (shard.summary.get("input_sha256") or source, source, index, count)
+            parts[str(shard.path)] = (_input_identity(shard.summary), shard.summary.get("source"), index, count)
     check_whole_inputs(parts, "corpus shards", "give every shard (a joined corpus missing some would say it holds "
                                                "the whole input)")
+
+
+def _check_median_inputs(shards: Sequence[Shard]) -> None:
+    """Refuse shards whose cells are not those the medians of their feature extractor count (its
+    `vocabulary_source["median_inputs"]`, which the histogram merge and a build's own medians record): one build of
+    all the cells ranks their genes by the medians of all of them. A shard built without `--medians histogram`
+    writes no histogram, which `shard*/median_histogram.npz` then skips, and a shard left out of the join after the
+    merge is missing from the corpus; both joined exit 0. A vocabulary of other cells (Geneformer's) is not checked."""
+    source = shards[0].extractor_config.get("vocabulary_source") or {}
+    if source.get("kind") != "corpus":
+        return
+    inputs = source.get("median_inputs")
+    if inputs is None:
+        logger.warning("the shards' feature extractor records no median_inputs (merged by an earlier version): "
+                       "whether its medians count the cells of every shard, and only theirs, is not checked")
+        return
+
+    def holds(entry: dict, summary: dict) -> bool:  # an entry without "shard" counts all of its input
+        return (_input_identity(entry) == _input_identity(summary)
+                and entry.get("shard") in (None, summary.get("shard")))
+
+    def named(record: dict) -> str:
+        part = record.get("shard")
+        return repr(record.get("source")) + (f" shard {part}" if part else "")
+
+    for shard in shards:
+        if not any(holds(entry, shard.summary) for entry in inputs):
+            raise ValueError(
+                f"{shard.path} holds cells of {named(shard.summary)}, which the medians of the feature extractor it "
+                f"was tokenized with do not count (they count {', '.join(map(named, inputs))}): build that shard "
+                "with --medians histogram (a shard without it writes no median_histogram.npz, and the merge's glob "
+                "skips it), merge every shard's histogram (python -m processing.gene_medians "
+                "shard*/median_histogram.npz --out fe/) and rebuild every shard with --feature-extractor fe/.")
+    for entry in inputs:
+        if not any(holds(entry, shard.summary) for shard in shards):
+            raise ValueError(
+                f"the medians of the shards' feature extractor count the cells of {named(entry)}, which no shard "
+                "given holds: give its shard too (a shard left out of the join is missing from the corpus), or merge "
+                "the histograms of only the shards you join and rebuild them with that feature extractor.")
 
 
 def check_donor_splits(corpus: datasets.DatasetDict) -> None:

@@ -264,3 +264,81 @@ def test_joined_label_table_gives_a_label_stated_without_an_id_the_id_another_sh
     joined = join_label_tables([shard("a", {"blood": None, "lung": "UBERON:0002048"}),
                                 shard("b", {"blood": "UBERON:0000178"})])
     assert joined == {"tissue": {"blood": "UBERON:0000178", "lung": "UBERON:0002048"}}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """pbmc68k_reduced as two files (one build per file), each built once with --medians histogram."""
+    from processing.sources import AnnDataSource
+
+    root = tmp_path_factory.mktemp("files")
+    adata = pbmc68k_reduced().adata
+
+    def part(i):
+        return AnnDataSource(adata[i * 350:(i + 1) * 350].copy(), name=f"part{i}.h5ad", input_values="log1p")
+
+    for i in range(2):
+        build_corpus(part(i), root / f"first{i}", BuildOptions(progress=False, gmt=None, medians="histogram"))
+    return {"root": root, "part": part}
+
+
+def _tokenized(files, histograms: list[int], parts: list[int], to: Path) -> list[Path]:
+    """The shards `parts` rebuilt with the feature extractor the merge CLI makes of the histograms of `histograms`."""
+    from processing.gene_medians import main as merge
+
+    merge([*(str(files["root"] / f"first{i}" / "median_histogram.npz") for i in histograms), "--out", str(to / "fe")])
+    options = BuildOptions(progress=False, gmt=None, hashed_splits=True,
+                           feature_extractor=Cell2TextFeatureExtractor.from_pretrained(str(to / "fe")))
+    for i in parts:
+        build_corpus(files["part"](i), to / f"shard{i}", options)
+    return [to / f"shard{i}" for i in parts]
+
+
+def test_a_shard_whose_cells_the_medians_do_not_count_is_refused(files, tmp_path):
+    """A shard built without --medians histogram writes no median_histogram.npz, so the merge of
+    shard*/median_histogram.npz skipped it: the shards joined into a corpus whose genes were ranked by the medians of
+    the other shard's cells only, exit 0."""
+    shards = _tokenized(files, [0], [0, 1], tmp_path)
+    with pytest.raises(ValueError, match=r"shard1 holds cells of 'part1.h5ad', which the medians of the feature "
+                                         r"extractor .* do not count \(they count 'part0.h5ad'\): build that shard "
+                                         "with --medians histogram"):
+        join_corpus(shards, tmp_path / "joined")
+    assert not (tmp_path / "joined").exists()
+
+
+def test_an_input_the_medians_count_and_no_shard_holds_is_refused(files, tmp_path):
+    """A file's shard left out of the join (its rebuild failed, a glob missed it) was missing from the corpus, exit
+    0: the merged feature extractor records which inputs its medians count."""
+    shards = _tokenized(files, [0, 1], [0, 1], tmp_path)
+    with pytest.raises(ValueError, match="the medians of the shards' feature extractor count the cells of "
+                                         "'part1.h5ad', which no shard given holds: give its shard too"):
+        join_corpus(shards[:1], tmp_path / "joined")
+    assert join_corpus(shards, tmp_path / "joined")["num_cells_in"] == 700
+
+
+def test_shards_tokenized_with_one_shards_own_medians_are_refused(built, tmp_path):
+    """A shard's own feature extractor (its medians: its cells only) given to the other shards: a build records the
+    cells its medians count, as the merge does."""
+    first = pbmc68k_reduced()
+    first.select_shard(0, 2)
+    build_corpus(first, tmp_path / "own0", BuildOptions(progress=False, gmt=None))
+    options = BuildOptions(progress=False, gmt=None, hashed_splits=True, feature_extractor=(
+        Cell2TextFeatureExtractor.from_pretrained(str(tmp_path / "own0" / "feature_extractor"))))
+    for index in range(2):
+        source = pbmc68k_reduced()
+        source.select_shard(index, 2)
+        build_corpus(source, tmp_path / f"shard{index}", options)
+    with pytest.raises(ValueError, match=r"shard1 holds cells of 'scanpy.datasets.pbmc68k_reduced' shard 1/2, which "
+                                         r"the medians .* \(they count 'scanpy.datasets.pbmc68k_reduced' shard 0/2\)"):
+        join_corpus([tmp_path / "shard0", tmp_path / "shard1"], tmp_path / "joined")
+
+
+def test_shards_of_an_extractor_that_records_no_median_inputs_join_with_a_warning(built, tmp_path, caplog):
+    """A feature extractor merged by an earlier version records no median_inputs: nothing to check, said so."""
+    def drop(config):
+        config["vocabulary_source"].pop("median_inputs")
+
+    shards = [edited(shard, tmp_path / f"s{i}", "feature_extractor/preprocessor_config.json", drop)
+              for i, shard in enumerate(built["shards"])]
+    join_corpus(shards, tmp_path / "joined")
+    assert "records no median_inputs (merged by an earlier version)" in caplog.text
