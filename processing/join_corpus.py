@@ -12,7 +12,7 @@ Refused, naming the fix, where the joined corpus would train or evaluate on some
 tokenized by different feature extractors (other token ids or gene orders), built with other pathway, expression-bin
 or ontology settings or rejection rules (`--required-fields`, `--keep-non-primary`), a shard given twice, an input whose `--shard i/N` shards are not all given,
 shards whose cells are not those their feature extractor's medians count (`vocabulary_source["median_inputs"]`), a cell id two
-shards hold (cells of several files with the same barcodes), a donor whose cells are in two splits (shards split on their own cells, without `--hashed-splits`), a label with two ontology ids,
+shards hold, kept or rejected (cells of several files with the same barcodes), a donor whose cells are in two splits (shards split on their own cells, without `--hashed-splits`), a label with two ontology ids,
 cross-validation fold builds, and a shard folder whose splits do not load or hold other numbers of cells than its
 summary records (a copy cut short).
 """
@@ -201,18 +201,19 @@ def check_donor_splits(corpus: datasets.DatasetDict) -> None:
                          "make the ids unique (e.g. prefix the dataset) before building.")
 
 
-def check_unique_cell_ids(corpus: datasets.DatasetDict) -> None:
-    """Refuse a cell id that two rows of the joined corpus hold: a build refuses repeated ids, and shards of several
-    files (10x barcodes such as "AAACCTGAGAAGGCCT-1" repeat across samples) would otherwise join into a corpus whose
-    per-cell results (evaluation's `cell_id`) cannot be told apart or are matched to the wrong cell."""
-    ids = pa.chunked_array([chunk for split in corpus.values() for chunk in split.data.column("cell_id").chunks],
-                           type=pa.string())
+def check_unique_cell_ids(corpus: datasets.DatasetDict, rejected: Sequence[str] = ()) -> None:
+    """Refuse a cell id that two cells of the joined corpus hold, kept (rows) or `rejected` (its rejects.csv's ids):
+    a build refuses repeated ids, and shards of several files (10x barcodes such as "AAACCTGAGAAGGCCT-1" repeat
+    across samples) would otherwise join into a corpus whose per-cell results (evaluation's `cell_id`) cannot be
+    told apart or are matched to the wrong cell, or whose rejects.csv lists a kept cell's id as rejected."""
+    chunks = [chunk for split in corpus.values() for chunk in split.data.column("cell_id").chunks]
+    ids = pa.chunked_array([*chunks, pa.array(list(rejected), type=pa.string())], type=pa.string())
     counts = pc.value_counts(ids)
     repeated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
     if len(repeated):
-        raise ValueError(f"{len(repeated)} cell ids are in more than one shard of the joined corpus (e.g. "
-                         f"{repeated[:5].to_pylist()}); each cell needs a unique id: make the cell ids unique across "
-                         "the input files (e.g. prefix each file's name: adata.obs_names = 'part0_' + "
+        raise ValueError(f"{len(repeated)} cell ids are in more than one shard of the joined corpus, kept or rejected "
+                         f"(e.g. {repeated[:5].to_pylist()}); each cell needs a unique id: make the cell ids unique "
+                         "across the input files (e.g. prefix each file's name: adata.obs_names = 'part0_' + "
                          "adata.obs_names) and rebuild the shards.")
 
 
@@ -332,7 +333,8 @@ def join_corpus(shard_dirs: Sequence[str | Path], out_dir: str | Path, name: str
     check_joinable(shards)
     corpus = datasets.DatasetDict({split: datasets.concatenate_datasets([shard.splits[split] for shard in shards])
                                    for split in SPLITS})
-    check_unique_cell_ids(corpus)
+    rejects = pd.concat([read_rejects(shard.path) for shard in shards])
+    check_unique_cell_ids(corpus, rejects["cell_id"])
     check_donor_splits(corpus)
     summary = join_summaries(shards, corpus, name)
     out = Path(out_dir).absolute()
@@ -342,7 +344,7 @@ def join_corpus(shard_dirs: Sequence[str | Path], out_dir: str | Path, name: str
     try:
         save_splits(dict(corpus), staging, max_shard_size)
         shutil.copytree(shards[0].path / FEATURE_EXTRACTOR_DIR, staging / FEATURE_EXTRACTOR_DIR)
-        pd.concat([read_rejects(shard.path) for shard in shards]).to_csv(staging / REJECTS_FILE, index=False)
+        rejects.to_csv(staging / REJECTS_FILE, index=False)
         (staging / UNMAPPED_GENES_FILE).write_text("".join(f"{gene}\n" for gene in _unmapped_genes(shards)),
                                                    encoding="utf-8")
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")

@@ -224,6 +224,21 @@ def test_a_cell_id_two_shards_hold_is_refused(built, tmp_path):
     assert not (tmp_path / "joined").exists()
 
 
+def test_a_cell_id_one_shard_keeps_and_another_rejects_is_refused(built, tmp_path):
+    """Two files' cells of one barcode, kept in one shard and rejected in the other (no cell type id): the join
+    held the kept cell and its rejects.csv listed the same id as rejected, exit 0; one build refuses repeated ids."""
+    second = tmp_path / "second"
+    shutil.copytree(built["shards"][1], second)
+    kept = datasets.load_from_disk(str(built["shards"][0]))["train"]["cell_id"][0]
+    rejects = pd.read_csv(second / "rejects.csv", dtype=str)
+    pd.concat([rejects, pd.DataFrame({"cell_id": [kept], "reason": ["unmapped_cell_type"]})]).to_csv(
+        second / "rejects.csv", index=False)
+    with pytest.raises(ValueError, match=rf"1 cell ids are in more than one shard of the joined corpus, kept or "
+                                         rf"rejected \(e.g. \['{kept}'\]\)"):
+        join_corpus([built["shards"][0], second], tmp_path / "joined")
+    assert not (tmp_path / "joined").exists()
+
+
 @pytest.mark.parametrize("size", ["500XB", "0"])
 def test_a_shard_size_datasets_refuses_is_refused_before_the_join(built, tmp_path, monkeypatch, size):
     """--max-shard-size 500XB ended in datasets' traceback, 0 in a ZeroDivisionError, after the shards were read and
