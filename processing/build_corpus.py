@@ -45,8 +45,9 @@ from modeling_cell2text.feature_extraction_cell2text import DEFAULT_MODEL_INPUT_
 from modeling_cell2text.output_files import Terminated, publish_folder, sigterm_as_exception
 from processing import ontologies
 from processing.ontology_versions import ontology_versions
-from processing.corpus import (METADATA_FIELDS, REJECTS_COLUMNS, REJECTS_FILE, UNMAPPED_GENES_FILE, SplitWriter,
-                               check_max_shard_size, describe, resolve_labels, top_pathways_by_cell_type)
+from processing.corpus import (METADATA_FIELDS, OBS_CLEANING, REJECTS_COLUMNS, REJECTS_FILE, UNMAPPED_GENES_FILE,
+                               SplitWriter, check_max_shard_size, describe, resolve_labels,
+                               top_pathways_by_cell_type)
 from processing.gene_medians import ExactGeneMedians, HistogramGeneMedians, expression_values, normalize_total
 from processing.pathways import (
     DEFAULT_GMT, DEFAULT_SET_SIZES, PATHWAY_GENE_MATCHING, aucell, default_max_rank, display_names, filter_set_sizes,
@@ -626,6 +627,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
         "rejected": dict(sorted(Counter(rejects["reason"]).items())),
         "required_fields": list(options.required_fields),  # the rejection rules: shards to join must share them
         "keep_non_primary": options.keep_non_primary,
+        "obs_cleaning": OBS_CLEANING,  # how obs values were read (donor ids): shards to join must share it
         "left_out": _left_out_counts(labels, kept),
         "label_counts": _label_counts(labels, kept, split_of),
         "gene_vocabulary_size": len(extractor.gene_medians),

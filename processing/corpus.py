@@ -280,6 +280,12 @@ def corpus_features(value_aware: bool) -> datasets.Features:
     return VALUE_FEATURES if value_aware else FEATURES
 
 
+#: How `clean` reads an obs value, recorded in summary.json as `obs_cleaning`: shards built with another rule are
+#: not joined (builds before it wrote donor 7 of a float column as "7.0", another donor, hashed into another split,
+#: than a new build's "7"). Change it with `clean`.
+OBS_CLEANING = "stripped text; None, NaN, pandas' NA and CELLxGENE's missing words missing; a whole float as the integer"
+
+
 def clean(value: object) -> str | None:
     """A metadata value as a stripped string, or None when CELLxGENE would call it missing. pandas' nullable columns
     give pd.NA (read as the id "<NA>") and map integers to floats: a whole float is written as the integer, so donor

@@ -10,7 +10,8 @@ split fingerprints of the join (a checksum of the shards', in order; `joined_fro
 
 Refused, naming the fix, where the joined corpus would train or evaluate on something other than it says: shards
 tokenized by different feature extractors (other token ids or gene orders), built with other pathway, expression-bin
-or ontology settings or rejection rules (`--required-fields`, `--keep-non-primary`), a shard given twice, an input whose `--shard i/N` shards are not all given,
+or ontology settings, rejection rules (`--required-fields`, `--keep-non-primary`) or rule reading obs values
+(`obs_cleaning`: rebuild a shard of an earlier version), a shard given twice, an input whose `--shard i/N` shards are not all given,
 shards whose cells are not those their feature extractor's medians count (`vocabulary_source["median_inputs"]`), a cell id two
 shards hold, kept or rejected (cells of several files with the same barcodes), a donor whose cells are in two splits (shards split on their own cells, without `--hashed-splits`), a label with two ontology ids,
 cross-validation fold builds, and a shard folder whose splits do not load or hold other numbers of cells than its
@@ -51,7 +52,7 @@ EXTRACTOR_FILE = "preprocessor_config.json"
 SHARED_SETTINGS = ("pathway_library", "pathway_ranking", "pathway_set_sizes", "min_pathway_genes",
                    "pathway_gene_matching", "expression_bins",
                    "gene_vocabulary_size", "census_version", "ontology_versions", "required_fields",
-                   "keep_non_primary")
+                   "keep_non_primary", "obs_cleaning")
 
 
 @dataclass
@@ -114,9 +115,15 @@ def check_joinable(shards: Sequence[Shard]) -> None:
                              "shard with --feature-extractor fe/.")
         for key in SHARED_SETTINGS:
             if shard.summary.get(key) != first.summary.get(key):
+                # every build writes these (the pathway ones where it scores pathways: pathway_library differs
+                # first), only a Census build census_version: a summary without one is an earlier version's
+                older = [other.path for other in (shard, first) if key not in other.summary and key != "census_version"]
                 raise ValueError(f"{shard.path} was built with {key} {shard.summary.get(key)!r} and {first.path} "
-                                 f"with {first.summary.get(key)!r}: rebuild the shards with the same settings (and "
-                                 "the same version of the package, for ontology_versions).")
+                                 f"with {first.summary.get(key)!r}: " + (
+                                     f"{older[0]} records no {key}, so an earlier version of build_corpus built it: "
+                                     "rebuild it with this version." if older else
+                                     "rebuild the shards with the same settings (and the same version of the "
+                                     "package, for ontology_versions)."))
     seen: dict[str, Path] = {}
     for shard in shards:
         key = json.dumps(shard.summary.get("fingerprints"), sort_keys=True)
@@ -271,6 +278,7 @@ def join_summaries(shards: Sequence[Shard], corpus: datasets.DatasetDict, name: 
         "rejected": summed("rejected"),
         "required_fields": first.get("required_fields"),
         "keep_non_primary": first.get("keep_non_primary"),
+        "obs_cleaning": first.get("obs_cleaning"),
         "left_out": summed("left_out"),
         "label_counts": label_counts,
         "gene_vocabulary_size": first.get("gene_vocabulary_size"),
