@@ -37,7 +37,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from hub_cards.publish import check_repo_id, publish_corpus
-from hub_cards.render import write_dataset_card
+from hub_cards.render import public_name, write_dataset_card
 from modeling_cell2text.argument_types import (as_command_line, is_integer_at_least, positive_int,
                                                refused_input_as_one_line)
 from modeling_cell2text.description_schema import LABEL_FIELD_NAMES, ONTOLOGY_FIELDS
@@ -355,7 +355,7 @@ def _build_extractor(source: Any, genes: _Genes, medians, options: BuildOptions)
     found = {genes.token_ids[i]: float(values[i]) for i in np.flatnonzero(genes.usable & np.isfinite(values))}
     if not found:
         raise ValueError("no gene is expressed in any kept cell; nothing to build a vocabulary from")
-    median_input = {"source": source.name, "input_sha256": source.input_sha256, **_shard_record(source)}
+    median_input = {"input_sha256": source.input_sha256, "source": public_name(source.name), **_shard_record(source)}
     return Cell2TextFeatureExtractor.from_gene_medians(
         found, model_input_size=options.model_input_size or DEFAULT_MODEL_INPUT_SIZE,
         num_expression_bins=options.expression_bins, source_details={"median_inputs": [median_input]})

@@ -252,18 +252,19 @@ def check_shards(paths: list[str | Path]) -> None:
 
 
 def histogram_inputs(paths: list[str | Path]) -> list[dict[str, str]] | None:
-    """The inputs whose cells the histograms `paths` count, once each, as the corpus summary names its input
-    (``{"source": name, "input_sha256": checksum}``, "" where a file records none): the merged feature extractor
-    records them (``vocabulary_source["median_inputs"]``) so that the join can refuse shards whose cells are not
-    those of its medians (a shard built without ``--medians histogram`` writes no file, and a shell glob skips it).
-    Whole inputs (`check_shards` refuses others); None where a file records no input (an earlier version's)."""
+    """The inputs whose cells the histograms `paths` count, once each (``{"input_sha256": checksum, "source": its
+    name as a card shows it, never a machine path}``): the merged feature extractor records them
+    (``vocabulary_source["median_inputs"]``) so that the join can refuse shards whose cells are not those of its
+    medians (a shard built without ``--medians histogram`` writes no file, and a shell glob skips it). Whole inputs
+    (`check_shards` refuses others); None where a file records no input checksum (an earlier version's)."""
+    from hub_cards.render import public_name
+
     inputs: dict[str, dict[str, str]] = {}
     for path in paths:
         tag = histogram_shard(path)
-        if tag is None:
+        if tag is None or tag[0] == tag[1]:  # no checksum: the input is known by its name only
             return None
-        identity, name, _, _ = tag
-        inputs.setdefault(identity, {"source": name, "input_sha256": "" if identity == name else identity})
+        inputs.setdefault(tag[0], {"input_sha256": tag[0], "source": public_name(tag[1])})
     return list(inputs.values())
 
 

@@ -135,11 +135,6 @@ def check_joinable(shards: Sequence[Shard]) -> None:
     _check_median_inputs(shards)
 
 
-def _input_identity(record: dict) -> str:
-    """Which input a summary (or a `median_inputs` entry) names: its checksum, else (an earlier version's) its name."""
-    return record.get("input_sha256") or str(record.get("source"))
-
-
 def _check_complete_inputs(shards: Sequence[Shard]) -> None:
     """Every `--shard i/N` of an input once, for one N, as the median merge checks its histograms."""
     parts = {}
@@ -147,33 +142,36 @@ def _check_complete_inputs(shards: Sequence[Shard]) -> None:
         part = shard.summary.get("shard")
         if part is not None:
             index, count = map(int, part.split("/"))
-            parts[str(shard.path)] = (_input_identity(shard.summary), shard.summary.get("source"), index, count)
+            source = shard.summary.get("source")
+            parts[str(shard.path)] = (shard.summary.get("input_sha256") or source, source, index, count)
     check_whole_inputs(parts, "corpus shards", "give every shard (a joined corpus missing some would say it holds "
                                                "the whole input)")
 
 
 def _check_median_inputs(shards: Sequence[Shard]) -> None:
     """Refuse shards whose cells are not those the medians of their feature extractor count (its
-    `vocabulary_source["median_inputs"]`, which the histogram merge and a build's own medians record): one build of
-    all the cells ranks their genes by the medians of all of them. A shard built without `--medians histogram`
-    writes no histogram, which `shard*/median_histogram.npz` then skips, and a shard left out of the join after the
-    merge is missing from the corpus; both joined exit 0. A vocabulary of other cells (Geneformer's) is not checked."""
+    `vocabulary_source["median_inputs"]`: the inputs' checksums and shards, which the histogram merge and a build's
+    own medians record): one build of all the cells ranks their genes by the medians of all of them. A shard built
+    without `--medians histogram` writes no histogram, which `shard*/median_histogram.npz` then skips, and a shard
+    left out of the join after the merge is missing from the corpus; both joined exit 0. A vocabulary of other
+    cells (Geneformer's) is not checked."""
     source = shards[0].extractor_config.get("vocabulary_source") or {}
     if source.get("kind") != "corpus":
         return
     inputs = source.get("median_inputs")
     if inputs is None:
-        logger.warning("the shards' feature extractor records no median_inputs (merged by an earlier version): "
-                       "whether its medians count the cells of every shard, and only theirs, is not checked")
+        logger.warning("the shards' feature extractor records no median_inputs (merged by an earlier version, or "
+                       "from histograms that record no input checksum): whether its medians count the cells of every "
+                       "shard, and only theirs, is not checked")
         return
 
     def holds(entry: dict, summary: dict) -> bool:  # an entry without "shard" counts all of its input
-        return (_input_identity(entry) == _input_identity(summary)
+        return (entry.get("input_sha256") == summary.get("input_sha256")
                 and entry.get("shard") in (None, summary.get("shard")))
 
     def named(record: dict) -> str:
         part = record.get("shard")
-        return repr(record.get("source")) + (f" shard {part}" if part else "")
+        return repr(public_name(record.get("source"))) + (f" shard {part}" if part else "")
 
     for shard in shards:
         if not any(holds(entry, shard.summary) for entry in inputs):

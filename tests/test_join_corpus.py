@@ -296,7 +296,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     adata = pbmc68k_reduced().adata
 
     def part(i):
-        return AnnDataSource(adata[i * 350:(i + 1) * 350].copy(), name=f"part{i}.h5ad", input_values="log1p")
+        return AnnDataSource(adata[i * 350:(i + 1) * 350].copy(), name=f"/data/part{i}.h5ad", input_values="log1p")
 
     for i in range(2):
         build_corpus(part(i), root / f"first{i}", BuildOptions(progress=False, gmt=None, medians="histogram"))
@@ -335,6 +335,11 @@ def test_an_input_the_medians_count_and_no_shard_holds_is_refused(files, tmp_pat
                                          "'part1.h5ad', which no shard given holds: give its shard too"):
         join_corpus(shards[:1], tmp_path / "joined")
     assert join_corpus(shards, tmp_path / "joined")["num_cells_in"] == 700
+    # the feature extractor ships with the model: its record names the inputs as a card does, never a machine path
+    for extractor in (tmp_path / "fe", files["root"] / "first0" / "feature_extractor"):
+        inputs = Cell2TextFeatureExtractor.from_pretrained(str(extractor)).vocabulary_source["median_inputs"]
+        assert {entry["source"] for entry in inputs} <= {"part0.h5ad", "part1.h5ad"}
+        assert "/data/" not in (extractor / "preprocessor_config.json").read_text()
 
 
 def test_shards_tokenized_with_one_shards_own_medians_are_refused(built, tmp_path):
@@ -362,4 +367,4 @@ def test_shards_of_an_extractor_that_records_no_median_inputs_join_with_a_warnin
     shards = [edited(shard, tmp_path / f"s{i}", "feature_extractor/preprocessor_config.json", drop)
               for i, shard in enumerate(built["shards"])]
     join_corpus(shards, tmp_path / "joined")
-    assert "records no median_inputs (merged by an earlier version)" in caplog.text
+    assert "records no median_inputs (merged by an earlier version" in caplog.text
