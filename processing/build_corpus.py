@@ -635,7 +635,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
         **({"pathway_ranking": f"AUCell, {options.pathway_ranking}", "pathway_set_sizes": options.pathway_set_sizes,
             "pathway_max_rank": pathway_max_rank(options, len(genes.symbols)),
             "min_pathway_genes": options.min_pathway_genes, "pathway_gene_matching": PATHWAY_GENE_MATCHING,
-            "pathway_sets": len(set_names),
+            "pathways_per_cell": options.n_pathways, "pathway_sets": len(set_names),
             "top_pathways_by_cell_type": _top_pathways_by_cell_type(labels, kept, top, set_names)} if set_names else {}),
         "seed": options.seed,
         "split_by": split_by,

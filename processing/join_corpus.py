@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 EXTRACTOR_FILE = "preprocessor_config.json"
 # Settings every shard must share: another value gives the joined corpus descriptions or tokens of two kinds.
 SHARED_SETTINGS = ("pathway_library", "pathway_ranking", "pathway_set_sizes", "min_pathway_genes",
-                   "pathway_gene_matching", "expression_bins",
+                   "pathway_gene_matching", "pathways_per_cell", "expression_bins",
                    "gene_vocabulary_size", "census_version", "ontology_versions", "required_fields",
                    "keep_non_primary", "obs_cleaning")
 
@@ -262,6 +262,7 @@ def join_summaries(shards: Sequence[Shard], corpus: datasets.DatasetDict, name: 
         pathways = {"pathway_ranking": first["pathway_ranking"], "pathway_set_sizes": first.get("pathway_set_sizes"),
                     "min_pathway_genes": first.get("min_pathway_genes"),
                     "pathway_gene_matching": first.get("pathway_gene_matching"),
+                    "pathways_per_cell": first.get("pathways_per_cell"),
                     "pathway_max_rank": one_or_all("pathway_max_rank"), "pathway_sets": one_or_all("pathway_sets"),
                     "top_pathways_by_cell_type": top_pathways_by_cell_type(
                         (label for split in corpus.values() for label in split["cell_type"]),

@@ -101,6 +101,8 @@ def cut_short(arrow_file: Path) -> bytes:
     ("library", "was built with pathway_library 'other.gmt'"),
     ("pathway genes matched as written",
      f"was built with pathway_gene_matching None and .* with {re.escape(repr(PATHWAY_GENE_MATCHING))}"),
+    # BuildOptions(n_pathways=3): its descriptions name three pathways, the other shard's two
+    ("pathways per cell", "was built with pathways_per_cell 3 and .* with 2"),
     # a shard built before a whole float was read as the integer: its donor "7.0" was hashed into another split
     # than the other shard's donor "7", and the join's donor check saw two donors
     ("obs values read as before", "was built with obs_cleaning None and .*: .*s records no obs_cleaning, so an "
@@ -143,6 +145,8 @@ def test_shards_that_make_no_one_corpus_are_refused_before_writing(built, tmp_pa
         # a shard built before library genes were matched by Ensembl ID: its renamed genes counted in no set
         "pathway genes matched as written": lambda: [first, edited(second, copy, "summary.json",
                                                                    lambda c: c.pop("pathway_gene_matching"))],
+        "pathways per cell": lambda: [first, edited(second, copy, "summary.json",
+                                                    lambda c: c.update(pathways_per_cell=3))],
         "obs values read as before": lambda: [first, edited(second, copy, "summary.json",
                                                             lambda c: c.pop("obs_cleaning"))],
         "label": lambda: [first, edited(second, copy, "summary.json", lambda c: c["ontology_term_ids"]["cell_type"]
