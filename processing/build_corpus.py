@@ -348,6 +348,12 @@ def _shard_record(source: Any) -> dict[str, str]:
     return {"shard": "/".join(map(str, source.shard))} if getattr(source, "shard", None) else {}
 
 
+def _kept_by(options: BuildOptions) -> dict:
+    """The rejection rules of a build that choose its cells (and so the cells its medians count), as summary.json
+    records them: `required_fields`, `keep_non_primary`."""
+    return {"required_fields": list(options.required_fields), "keep_non_primary": options.keep_non_primary}
+
+
 def _build_extractor(source: Any, genes: _Genes, medians, options: BuildOptions) -> Cell2TextFeatureExtractor:
     """The extractor of this build's own medians; it records their input (`vocabulary_source["median_inputs"]`, as
     the histogram merge does), so that a join of shards tokenized with it refuses the cells of other inputs."""
@@ -355,7 +361,8 @@ def _build_extractor(source: Any, genes: _Genes, medians, options: BuildOptions)
     found = {genes.token_ids[i]: float(values[i]) for i in np.flatnonzero(genes.usable & np.isfinite(values))}
     if not found:
         raise ValueError("no gene is expressed in any kept cell; nothing to build a vocabulary from")
-    median_input = {"input_sha256": source.input_sha256, "source": public_name(source.name), **_shard_record(source)}
+    median_input = {"input_sha256": source.input_sha256, "source": public_name(source.name), **_shard_record(source),
+                    **_kept_by(options)}
     return Cell2TextFeatureExtractor.from_gene_medians(
         found, model_input_size=options.model_input_size or DEFAULT_MODEL_INPUT_SIZE,
         num_expression_bins=options.expression_bins, source_details={"median_inputs": [median_input]})
@@ -605,7 +612,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
     extractor = options.feature_extractor or _build_extractor(source, genes, medians, options)
     if isinstance(medians, HistogramGeneMedians):
         medians.save(out / "median_histogram.npz", genes.token_ids, source.name, source.shard or (0, 1),
-                     source.input_sha256)
+                     source.input_sha256, _kept_by(options))
     kept = pd.isna(reasons)
     cell_ids = source.obs.index.astype(str)
     split_of, split_by = _assign_corpus_splits(labels, kept, cell_ids, options)
@@ -625,8 +632,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
         "num_cells_in": int(source.n_cells),
         "splits": dict(writer.counts),
         "rejected": dict(sorted(Counter(rejects["reason"]).items())),
-        "required_fields": list(options.required_fields),  # the rejection rules: shards to join must share them
-        "keep_non_primary": options.keep_non_primary,
+        **_kept_by(options),  # the rejection rules: shards to join must share them
         "obs_cleaning": OBS_CLEANING,  # how obs values were read (donor ids): shards to join must share it
         "left_out": _left_out_counts(labels, kept),
         "label_counts": _label_counts(labels, kept, split_of),

@@ -19,6 +19,7 @@ chunk:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import shutil
@@ -147,15 +148,18 @@ class HistogramGeneMedians:
         return result
 
     def save(self, path: str | Path, gene_ids: list[str], source: str = "", shard: tuple[int, int] = (0, 1),
-             input_sha256: str = "") -> None:
+             input_sha256: str = "", kept_by: dict | None = None) -> None:
         """Write the histogram and its gene IDs (``.npz``) so shards can be merged later, with the input it counts
         (its name, and ``input_sha256``: which input, `sources.input_sha256` of its cells and genes; "": by the name) and
-        which shard of it (``(index, count)``; ``(0, 1)``: all of it), which the merge checks."""
+        which shard of it (``(index, count)``; ``(0, 1)``: all of it), which the merge checks, and ``kept_by``: the
+        rules that chose the cells it counts (the build's ``required_fields`` and ``keep_non_primary``), which the
+        merged feature extractor records for the join."""
         np.savez_compressed(
             path, counts=self.counts, gene_ids=np.asarray(gene_ids, dtype=str),
             binning=np.array([self.bins_per_decade, self.min_value, self.max_value], dtype=np.float64),
             source=np.asarray(source, dtype=str), shard=np.asarray(shard, dtype=np.int64),
             input_sha256=np.asarray(input_sha256, dtype=str),
+            **({"kept_by": np.asarray(json.dumps(kept_by, sort_keys=True), dtype=str)} if kept_by is not None else {}),
         )
 
     @classmethod
@@ -251,20 +255,24 @@ def check_shards(paths: list[str | Path]) -> None:
                        "give every shard's median_histogram.npz")
 
 
-def histogram_inputs(paths: list[str | Path]) -> list[dict[str, str]] | None:
+def histogram_inputs(paths: list[str | Path]) -> list[dict] | None:
     """The inputs whose cells the histograms `paths` count, once each (``{"input_sha256": checksum, "source": its
-    name as a card shows it, never a machine path}``): the merged feature extractor records them
-    (``vocabulary_source["median_inputs"]``) so that the join can refuse shards whose cells are not those of its
-    medians (a shard built without ``--medians histogram`` writes no file, and a shell glob skips it). Whole inputs
-    (`check_shards` refuses others); None where a file records no input checksum (an earlier version's)."""
+    name as a card names it, never a machine path, and the rules that chose the cells: "required_fields",
+    "keep_non_primary"}``): the merged feature extractor records them (``vocabulary_source["median_inputs"]``) so
+    that the join can refuse shards whose cells are not those of its medians (a shard built without ``--medians
+    histogram`` writes no file, and a shell glob skips it; a first pass that rejected other cells). Whole inputs
+    (`check_shards` refuses others); None where a file records no input checksum or rules (an earlier version's)."""
     from hub_cards.render import public_name
 
-    inputs: dict[str, dict[str, str]] = {}
+    inputs: dict[str, dict] = {}
     for path in paths:
         tag = histogram_shard(path)
-        if tag is None or tag[0] == tag[1]:  # no checksum: the input is known by its name only
+        with open_histogram(path) as data:
+            kept_by = json.loads(str(data["kept_by"])) if "kept_by" in data else None
+        if tag is None or tag[0] == tag[1] or kept_by is None:  # an input known by its name, cells by no rule
             return None
-        inputs.setdefault(tag[0], {"input_sha256": tag[0], "source": public_name(tag[1])})
+        entry = {"input_sha256": tag[0], "source": public_name(tag[1]), **kept_by}
+        inputs.setdefault(json.dumps(entry, sort_keys=True), entry)
     return list(inputs.values())
 
 

@@ -150,11 +150,12 @@ def _check_complete_inputs(shards: Sequence[Shard]) -> None:
 
 def _check_median_inputs(shards: Sequence[Shard]) -> None:
     """Refuse shards whose cells are not those the medians of their feature extractor count (its
-    `vocabulary_source["median_inputs"]`: the inputs' checksums and shards, which the histogram merge and a build's
-    own medians record): one build of all the cells ranks their genes by the medians of all of them. A shard built
-    without `--medians histogram` writes no histogram, which `shard*/median_histogram.npz` then skips, and a shard
-    left out of the join after the merge is missing from the corpus; both joined exit 0. A vocabulary of other
-    cells (Geneformer's) is not checked."""
+    `vocabulary_source["median_inputs"]`, which the histogram merge and a build's own medians record: each input's
+    checksum, shard where one, and the rules that chose its cells, `build_corpus._kept_by`): one build of all the
+    cells ranks their genes by the medians of all of them. A shard built without `--medians histogram` writes no
+    histogram, which `shard*/median_histogram.npz` then skips; a shard left out of the join after the merge is
+    missing from the corpus; a first pass with other rejection rules counted other cells: all joined exit 0.
+    A vocabulary of other cells (Geneformer's) is not checked."""
     source = shards[0].extractor_config.get("vocabulary_source") or {}
     if source.get("kind") != "corpus":
         return
@@ -164,23 +165,27 @@ def _check_median_inputs(shards: Sequence[Shard]) -> None:
                        "from histograms that record no input checksum): whether its medians count the cells of every "
                        "shard, and only theirs, is not checked")
         return
+    rules = sorted({key for entry in inputs for key in entry} - {"input_sha256", "source", "shard"})
 
     def holds(entry: dict, summary: dict) -> bool:  # an entry without "shard" counts all of its input
         return (entry.get("input_sha256") == summary.get("input_sha256")
-                and entry.get("shard") in (None, summary.get("shard")))
+                and entry.get("shard") in (None, summary.get("shard"))
+                and all(entry.get(rule) == summary.get(rule) for rule in rules))
 
     def named(record: dict) -> str:
         part = record.get("shard")
-        return repr(public_name(record.get("source"))) + (f" shard {part}" if part else "")
+        return (repr(public_name(record.get("source"))) + (f" shard {part}" if part else "")
+                + "".join(f", {rule} {record.get(rule)!r}" for rule in rules))
 
     for shard in shards:
         if not any(holds(entry, shard.summary) for entry in inputs):
             raise ValueError(
-                f"{shard.path} holds cells of {named(shard.summary)}, which the medians of the feature extractor it "
-                f"was tokenized with do not count (they count {', '.join(map(named, inputs))}): build that shard "
+                f"{shard.path} holds the cells of {named(shard.summary)}, which the medians of the feature extractor "
+                f"it was tokenized with do not count (they count {'; '.join(map(named, inputs))}): build that shard "
                 "with --medians histogram (a shard without it writes no median_histogram.npz, and the merge's glob "
-                "skips it), merge every shard's histogram (python -m processing.gene_medians "
-                "shard*/median_histogram.npz --out fe/) and rebuild every shard with --feature-extractor fe/.")
+                "skips it) and the rejection rules of its tokens (--required-fields, --keep-non-primary), merge every "
+                "shard's histogram (python -m processing.gene_medians shard*/median_histogram.npz --out fe/) and "
+                "rebuild every shard with --feature-extractor fe/.")
     for entry in inputs:
         if not any(holds(entry, shard.summary) for shard in shards):
             raise ValueError(

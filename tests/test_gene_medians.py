@@ -222,15 +222,17 @@ def test_the_merge_cli_refuses_a_file_that_is_no_histogram_in_one_line(tmp_path,
 
 def test_histogram_inputs_name_each_input_once_by_its_checksum(tmp_path):
     """What the merged feature extractor records of its medians' cells (for the join): each input once, named as a
-    card names it (never a machine path); nothing where a histogram records no checksum (the join then warns)."""
+    card names it (never a machine path), with the rules that chose its cells; nothing where a histogram records
+    no checksum or rules (the join then warns)."""
     from processing.gene_medians import histogram_inputs
 
     histogram = HistogramGeneMedians(3)
     histogram.update(np.array([0, 1]), np.array([1.0, 2.0]))
     genes = ["ENSG00000000001", "ENSG00000000002", "ENSG00000000003"]
+    rules = {"required_fields": ["cell_type"], "keep_non_primary": False}
     for i in range(2):
-        histogram.save(tmp_path / f"s{i}.npz", genes, "/data/cells.h5ad", (i, 2), "abc")
-    histogram.save(tmp_path / "old.npz", genes, "/data/other.h5ad")
+        histogram.save(tmp_path / f"s{i}.npz", genes, "/data/cells.h5ad", (i, 2), "abc", rules)
+    histogram.save(tmp_path / "old.npz", genes, "/data/other.h5ad", (0, 1), "def")  # no rules: an earlier version's
     assert histogram_inputs([tmp_path / "s0.npz", tmp_path / "s1.npz"]) == [
-        {"input_sha256": "abc", "source": "cells.h5ad"}]
+        {"input_sha256": "abc", "source": "cells.h5ad", **rules}]
     assert histogram_inputs([tmp_path / "s0.npz", tmp_path / "s1.npz", tmp_path / "old.npz"]) is None

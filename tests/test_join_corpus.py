@@ -307,12 +307,12 @@ def files(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "part": part}
 
 
-def _tokenized(files, histograms: list[int], parts: list[int], to: Path) -> list[Path]:
+def _tokenized(files, histograms: list[int], parts: list[int], to: Path, **options) -> list[Path]:
     """The shards `parts` rebuilt with the feature extractor the merge CLI makes of the histograms of `histograms`."""
     from processing.gene_medians import main as merge
 
     merge([*(str(files["root"] / f"first{i}" / "median_histogram.npz") for i in histograms), "--out", str(to / "fe")])
-    options = BuildOptions(progress=False, gmt=None, hashed_splits=True,
+    options = BuildOptions(progress=False, gmt=None, hashed_splits=True, **options,
                            feature_extractor=Cell2TextFeatureExtractor.from_pretrained(str(to / "fe")))
     for i in parts:
         build_corpus(files["part"](i), to / f"shard{i}", options)
@@ -324,9 +324,9 @@ def test_a_shard_whose_cells_the_medians_do_not_count_is_refused(files, tmp_path
     shard*/median_histogram.npz skipped it: the shards joined into a corpus whose genes were ranked by the medians of
     the other shard's cells only, exit 0."""
     shards = _tokenized(files, [0], [0, 1], tmp_path)
-    with pytest.raises(ValueError, match=r"shard1 holds cells of 'part1.h5ad', which the medians of the feature "
-                                         r"extractor .* do not count \(they count 'part0.h5ad'\): build that shard "
-                                         "with --medians histogram"):
+    with pytest.raises(ValueError, match=r"shard1 holds the cells of 'part1.h5ad', .*which the medians of the "
+                                         r"feature extractor .* do not count \(they count 'part0.h5ad'[^;]*\): build "
+                                         "that shard with --medians histogram"):
         join_corpus(shards, tmp_path / "joined")
     assert not (tmp_path / "joined").exists()
 
@@ -336,7 +336,7 @@ def test_an_input_the_medians_count_and_no_shard_holds_is_refused(files, tmp_pat
     0: the merged feature extractor records which inputs its medians count."""
     shards = _tokenized(files, [0, 1], [0, 1], tmp_path)
     with pytest.raises(ValueError, match="the medians of the shards' feature extractor count the cells of "
-                                         "'part1.h5ad', which no shard given holds: give its shard too"):
+                                         "'part1.h5ad', .*which no shard given holds: give its shard too"):
         join_corpus(shards[:1], tmp_path / "joined")
     assert join_corpus(shards, tmp_path / "joined")["num_cells_in"] == 700
     # the feature extractor ships with the model: its record names the inputs as a card does, never a machine path
@@ -344,6 +344,16 @@ def test_an_input_the_medians_count_and_no_shard_holds_is_refused(files, tmp_pat
         inputs = Cell2TextFeatureExtractor.from_pretrained(str(extractor)).vocabulary_source["median_inputs"]
         assert {entry["source"] for entry in inputs} <= {"part0.h5ad", "part1.h5ad"}
         assert "/data/" not in (extractor / "preprocessor_config.json").read_text()
+
+
+def test_shards_whose_medians_counted_cells_kept_by_other_rules_are_refused(files, tmp_path):
+    """A first pass (the histograms) that rejected non-primary cells, and shards rebuilt with --keep-non-primary:
+    the corpus held cells its medians did not count, exit 0."""
+    shards = _tokenized(files, [0, 1], [0, 1], tmp_path, keep_non_primary=True)
+    with pytest.raises(ValueError, match=r"shard0 holds the cells of 'part0.h5ad', keep_non_primary True, .*which the "
+                                         r"medians .* \(they count 'part0.h5ad', keep_non_primary False.*the "
+                                         r"rejection rules of its tokens \(--required-fields, --keep-non-primary\)"):
+        join_corpus(shards, tmp_path / "joined")
 
 
 def test_shards_tokenized_with_one_shards_own_medians_are_refused(built, tmp_path):
@@ -358,8 +368,9 @@ def test_shards_tokenized_with_one_shards_own_medians_are_refused(built, tmp_pat
         source = pbmc68k_reduced()
         source.select_shard(index, 2)
         build_corpus(source, tmp_path / f"shard{index}", options)
-    with pytest.raises(ValueError, match=r"shard1 holds cells of 'scanpy.datasets.pbmc68k_reduced' shard 1/2, which "
-                                         r"the medians .* \(they count 'scanpy.datasets.pbmc68k_reduced' shard 0/2\)"):
+    with pytest.raises(ValueError, match=r"shard1 holds the cells of 'scanpy.datasets.pbmc68k_reduced' shard 1/2, "
+                                         r".*the medians .* \(they count 'scanpy.datasets.pbmc68k_reduced' shard "
+                                         r"0/2, [^;]*\)"):
         join_corpus([tmp_path / "shard0", tmp_path / "shard1"], tmp_path / "joined")
 
 
