@@ -215,6 +215,13 @@ def _histogram_problem(data: np.lib.npyio.NpzFile) -> str | None:
         return "counts that are no non-negative integers"
     if "shard" in data and data["shard"].shape != (2,):
         return f"a shard of shape {data['shard'].shape}, not (index, count)"
+    if "kept_by" in data:
+        try:
+            kept_by = json.loads(str(data["kept_by"]))
+        except ValueError:
+            kept_by = None
+        if not isinstance(kept_by, dict):
+            return f"kept_by {str(data['kept_by'])[:80]!r}, not the rejection rules as a JSON object"
     return None
 
 

@@ -191,6 +191,7 @@ def _corrupt_member(source, target, member: str) -> None:
     ("binning.npz", r" \(binning of shape \(1,\), not 3 numbers\)"),
     ("shard.npz", r" \(a shard of shape \(1,\), not \(index, count\)\)"),
     ("negative.npz", r" \(counts that are no non-negative integers\)"),  # merged: medians of negative counts
+    ("kept_by.npz", r" \(kept_by '\[1\]', not the rejection rules as a JSON object\)"),  # a traceback in the merge
     # gene ids of another shape, and a member whose data does not inflate (zlib's error, a traceback)
     ("genes2d.npz", r" \(counts of shape \(40, 1100\) for \(40, 1\) gene ids and 1100 bins\)"),
     ("inflate.npz", r" \(it does not read \(Error -3 while decompressing data: invalid block type\)\)"),
@@ -212,6 +213,7 @@ def test_the_merge_cli_refuses_a_file_that_is_no_histogram_in_one_line(tmp_path,
      "binning.npz": lambda: _edited_histogram(first, given, binning=np.ones(1)),
      "shard.npz": lambda: _edited_histogram(first, given, shard=np.ones(1, dtype=np.int64)),
      "negative.npz": lambda: _edited_histogram(first, given, counts=-1 - histogram.counts),
+     "kept_by.npz": lambda: _edited_histogram(first, given, kept_by=np.asarray("[1]")),
      "genes2d.npz": lambda: _edited_histogram(first, given, gene_ids=np.array(genes)[:, None]),
      "inflate.npz": lambda: _corrupt_member(first, given, "counts.npy")}[name]()
     with pytest.raises(SystemExit, match=rf"^gene_medians: error: {given} is no gene-median histogram{problem}: give "
