@@ -11,11 +11,12 @@ split fingerprints of the join (a checksum of the shards', in order; `joined_fro
 Refused, naming the fix, where the joined corpus would train or evaluate on something other than it says: shards
 tokenized by different feature extractors (other token ids or gene orders), built with other pathway, expression-bin
 or ontology settings, rejection rules (`--required-fields`, `--keep-non-primary`) or rule reading obs values
-(`obs_cleaning`: rebuild a shard of an earlier version), a shard given twice, an input whose `--shard i/N` shards are not all given,
-shards whose cells are not those their feature extractor's medians count (`vocabulary_source["median_inputs"]`), a cell id two
-shards hold, kept or rejected (cells of several files with the same barcodes), a donor whose cells are in two splits (shards split on their own cells, without `--hashed-splits`), a label with two ontology ids,
-cross-validation fold builds, and a shard folder whose splits do not load or hold other numbers of cells than its
-summary records (a copy cut short).
+(`obs_cleaning`: rebuild a shard of an earlier version), a shard given twice, an input whose `--shard i/N` shards
+are not all given, shards whose cells are not those their feature extractor's medians count
+(`vocabulary_source["median_inputs"]`), a cell id two shards hold, kept or rejected (cells of several files with the
+same barcodes), a donor whose cells are in two splits (shards split on their own cells, without `--hashed-splits`),
+a label with two ontology ids, cross-validation fold builds, and a shard folder whose splits do not load or hold
+other numbers of cells than its summary records (a copy cut short).
 """
 
 from __future__ import annotations
@@ -181,7 +182,8 @@ def _check_median_inputs(shards: Sequence[Shard]) -> None:
         if not any(holds(entry, shard.summary) for entry in inputs):
             raise ValueError(
                 f"{shard.path} holds the cells of {named(shard.summary)}, which the medians of the feature extractor "
-                f"it was tokenized with do not count (they count {'; '.join(map(named, inputs))}): build that shard "
+                f"it was tokenized with do not count (they count {'; '.join(map(named, inputs[:3]))}"
+                f"{f'; and {len(inputs) - 3} more inputs' if len(inputs) > 3 else ''}): build that shard "
                 "with --medians histogram (a shard without it writes no median_histogram.npz, and the merge's glob "
                 "skips it) and the rejection rules of its tokens (--required-fields, --keep-non-primary), merge every "
                 "shard's histogram (python -m processing.gene_medians shard*/median_histogram.npz --out fe/) and "

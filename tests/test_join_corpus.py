@@ -383,3 +383,15 @@ def test_shards_of_an_extractor_that_records_no_median_inputs_join_with_a_warnin
               for i, shard in enumerate(built["shards"])]
     join_corpus(shards, tmp_path / "joined")
     assert "records no median_inputs (merged by an earlier version" in caplog.text
+
+
+def test_the_median_inputs_refusal_names_three_inputs_at_most(tmp_path):
+    """A Census-wide merge counts hundreds of inputs: the message names three and counts the others."""
+    from processing.join_corpus import check_joinable
+
+    inputs = [{"input_sha256": f"sha{i}", "source": f"dataset{i}", "required_fields": ["cell_type"],
+               "keep_non_primary": False} for i in range(5)]
+    shard = Shard(tmp_path / "s", {"input_sha256": "other", "source": "other", "fingerprints": {}},
+                  {"vocabulary_source": {"kind": "corpus", "median_inputs": inputs}})
+    with pytest.raises(ValueError, match=r"\(they count 'dataset0', .*; 'dataset2', [^;]*; and 2 more inputs\)"):
+        check_joinable([shard])
