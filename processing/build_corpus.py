@@ -349,9 +349,17 @@ def _shard_record(source: Any) -> dict[str, str]:
 
 
 def _kept_by(options: BuildOptions) -> dict:
-    """The rejection rules of a build that choose its cells (and so the cells its medians count), as summary.json
-    records them: `required_fields`, `keep_non_primary`."""
+    """The rejection rules of a build that choose its cells, as summary.json records them: `required_fields`,
+    `keep_non_primary`."""
     return {"required_fields": list(options.required_fields), "keep_non_primary": options.keep_non_primary}
+
+
+def _median_cells(options: BuildOptions) -> dict:
+    """What chose the cells a build's medians count, as summary.json records each: its rejection rules, the
+    ontologies that knew their cell types (an unknown or obsolete term is rejected) and how obs values were read.
+    The histogram and a build's own feature extractor record it, so that the join can refuse shards whose cells
+    other rules chose (a first pass with other --required-fields, or another version of the package)."""
+    return {**_kept_by(options), "ontology_versions": ontology_versions(), "obs_cleaning": OBS_CLEANING}
 
 
 def _build_extractor(source: Any, genes: _Genes, medians, options: BuildOptions) -> Cell2TextFeatureExtractor:
@@ -362,7 +370,7 @@ def _build_extractor(source: Any, genes: _Genes, medians, options: BuildOptions)
     if not found:
         raise ValueError("no gene is expressed in any kept cell; nothing to build a vocabulary from")
     median_input = {"input_sha256": source.input_sha256, "source": public_name(source.name), **_shard_record(source),
-                    **_kept_by(options)}
+                    **_median_cells(options)}
     return Cell2TextFeatureExtractor.from_gene_medians(
         found, model_input_size=options.model_input_size or DEFAULT_MODEL_INPUT_SIZE,
         num_expression_bins=options.expression_bins, source_details={"median_inputs": [median_input]})
@@ -612,7 +620,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
     extractor = options.feature_extractor or _build_extractor(source, genes, medians, options)
     if isinstance(medians, HistogramGeneMedians):
         medians.save(out / "median_histogram.npz", genes.token_ids, source.name, source.shard or (0, 1),
-                     source.input_sha256, _kept_by(options))
+                     source.input_sha256, _median_cells(options))
     kept = pd.isna(reasons)
     cell_ids = source.obs.index.astype(str)
     split_of, split_by = _assign_corpus_splits(labels, kept, cell_ids, options)

@@ -151,9 +151,9 @@ class HistogramGeneMedians:
              input_sha256: str = "", kept_by: dict | None = None) -> None:
         """Write the histogram and its gene IDs (``.npz``) so shards can be merged later, with the input it counts
         (its name, and ``input_sha256``: which input, `sources.input_sha256` of its cells and genes; "": by the name) and
-        which shard of it (``(index, count)``; ``(0, 1)``: all of it), which the merge checks, and ``kept_by``: the
-        rules that chose the cells it counts (the build's ``required_fields`` and ``keep_non_primary``), which the
-        merged feature extractor records for the join."""
+        which shard of it (``(index, count)``; ``(0, 1)``: all of it), which the merge checks, and ``kept_by``: what
+        chose the cells it counts (`build_corpus._median_cells`: the rejection rules, ontology versions and obs
+        reading, named as summary.json names them), which the merged feature extractor records for the join."""
         np.savez_compressed(
             path, counts=self.counts, gene_ids=np.asarray(gene_ids, dtype=str),
             binning=np.array([self.bins_per_decade, self.min_value, self.max_value], dtype=np.float64),
@@ -264,8 +264,8 @@ def check_shards(paths: list[str | Path]) -> None:
 
 def histogram_inputs(paths: list[str | Path]) -> list[dict] | None:
     """The inputs whose cells the histograms `paths` count, once each (``{"input_sha256": checksum, "source": its
-    name as a card names it, never a machine path, and the rules that chose the cells: "required_fields",
-    "keep_non_primary"}``): the merged feature extractor records them (``vocabulary_source["median_inputs"]``) so
+    name as a card names it, never a machine path, and what chose the cells (their ``kept_by``: "required_fields",
+    "keep_non_primary", "ontology_versions", "obs_cleaning")}``): the merged feature extractor records them (``vocabulary_source["median_inputs"]``) so
     that the join can refuse shards whose cells are not those of its medians (a shard built without ``--medians
     histogram`` writes no file, and a shell glob skips it; a first pass that rejected other cells). Whole inputs
     (`check_shards` refuses others); None where a file records no input checksum or rules (an earlier version's)."""

@@ -152,7 +152,7 @@ def _check_complete_inputs(shards: Sequence[Shard]) -> None:
 def _check_median_inputs(shards: Sequence[Shard]) -> None:
     """Refuse shards whose cells are not those the medians of their feature extractor count (its
     `vocabulary_source["median_inputs"]`, which the histogram merge and a build's own medians record: each input's
-    checksum, shard where one, and the rules that chose its cells, `build_corpus._kept_by`): one build of all the
+    checksum, shard where one, and what chose its cells, `build_corpus._median_cells`): one build of all the
     cells ranks their genes by the medians of all of them. A shard built without `--medians histogram` writes no
     histogram, which `shard*/median_histogram.npz` then skips; a shard left out of the join after the merge is
     missing from the corpus; a first pass with other rejection rules counted other cells: all joined exit 0.
@@ -167,6 +167,9 @@ def _check_median_inputs(shards: Sequence[Shard]) -> None:
                        "shard, and only theirs, is not checked")
         return
     rules = sorted({key for entry in inputs for key in entry} - {"input_sha256", "source", "shard"})
+    differ = [rule for rule in rules  # the ones the message shows
+              if len({json.dumps(record.get(rule), sort_keys=True)
+                      for record in (*inputs, *(shard.summary for shard in shards))}) > 1]
 
     def holds(entry: dict, summary: dict) -> bool:  # an entry without "shard" counts all of its input
         return (entry.get("input_sha256") == summary.get("input_sha256")
@@ -176,7 +179,7 @@ def _check_median_inputs(shards: Sequence[Shard]) -> None:
     def named(record: dict) -> str:
         part = record.get("shard")
         return (repr(public_name(record.get("source"))) + (f" shard {part}" if part else "")
-                + "".join(f", {rule} {record.get(rule)!r}" for rule in rules))
+                + "".join(f", {rule} {record.get(rule)!r}" for rule in differ))
 
     for shard in shards:
         if not any(holds(entry, shard.summary) for entry in inputs):
@@ -185,9 +188,9 @@ def _check_median_inputs(shards: Sequence[Shard]) -> None:
                 f"it was tokenized with do not count (they count {'; '.join(map(named, inputs[:3]))}"
                 f"{f'; and {len(inputs) - 3} more inputs' if len(inputs) > 3 else ''}): build that shard "
                 "with --medians histogram (a shard without it writes no median_histogram.npz, and the merge's glob "
-                "skips it) and the rejection rules of its tokens (--required-fields, --keep-non-primary), merge every "
-                "shard's histogram (python -m processing.gene_medians shard*/median_histogram.npz --out fe/) and "
-                "rebuild every shard with --feature-extractor fe/.")
+                "skips it), the rejection rules of its tokens (--required-fields, --keep-non-primary) and this "
+                "version of the package, merge every shard's histogram (python -m processing.gene_medians "
+                "shard*/median_histogram.npz --out fe/) and rebuild every shard with --feature-extractor fe/.")
     for entry in inputs:
         if not any(holds(entry, shard.summary) for shard in shards):
             raise ValueError(
