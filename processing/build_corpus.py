@@ -350,8 +350,9 @@ def _shard_record(source: Any) -> dict[str, str]:
 
 def _kept_by(options: BuildOptions) -> dict:
     """The rejection rules of a build that choose its cells, as summary.json records them: `required_fields`,
-    `keep_non_primary`."""
-    return {"required_fields": list(options.required_fields), "keep_non_primary": options.keep_non_primary}
+    `keep_non_primary`. The fields are sorted: given in another order they choose the same cells (a join compares
+    them)."""
+    return {"required_fields": sorted(set(options.required_fields)), "keep_non_primary": options.keep_non_primary}
 
 
 def _median_cells(options: BuildOptions) -> dict:

@@ -356,6 +356,22 @@ def test_shards_whose_medians_counted_cells_kept_by_other_rules_are_refused(file
         join_corpus(shards, tmp_path / "joined")
 
 
+def test_required_fields_in_another_order_choose_the_same_cells(files, tmp_path):
+    """--required-fields tissue cell_type and cell_type tissue keep the same cells, but were recorded as given, so
+    the join refused shards (and histograms) of the two orders as built by other rules."""
+    from processing.gene_medians import main as merge
+
+    for i, order in enumerate([("tissue", "cell_type"), ("cell_type", "tissue")]):
+        build_corpus(files["part"](i), tmp_path / f"first{i}", BuildOptions(progress=False, gmt=None,
+                                                                            medians="histogram", required_fields=order))
+    merge([str(tmp_path / f"first{i}" / "median_histogram.npz") for i in range(2)] + ["--out", str(tmp_path / "fe")])
+    extractor = Cell2TextFeatureExtractor.from_pretrained(str(tmp_path / "fe"))
+    for i, order in enumerate([("cell_type", "tissue"), ("tissue", "cell_type")]):
+        build_corpus(files["part"](i), tmp_path / f"shard{i}", BuildOptions(
+            progress=False, gmt=None, hashed_splits=True, required_fields=order, feature_extractor=extractor))
+    assert join_corpus([tmp_path / "shard0", tmp_path / "shard1"], tmp_path / "joined")["num_cells_in"] == 700
+
+
 def test_shards_rebuilt_by_another_version_than_their_histograms_are_refused(files, tmp_path, monkeypatch):
     """Histograms of one version of the package, shards rebuilt by another whose ontologies know other cell types
     (an unknown or obsolete term is rejected): the medians counted other cells than the corpus holds."""
