@@ -48,7 +48,8 @@ def is_dataframe(obj: Any) -> bool:
 
 def anndata_matrix(adata: Any, layer: str | None = None, raw: bool = False) -> Any:
     """``adata.X``, ``adata.layers[layer]`` or ``adata.raw.X`` (``raw``). A view of a backed AnnData (or of one whose
-    matrix is read from its file, ``AnnData(X=anndata.io.sparse_dataset(...))``) is read from the file here. A slice
+    matrix is read from its file, ``AnnData(X=anndata.io.sparse_dataset(...))``) is read from the file here (a backed
+    AnnData's layers are held in memory, and read as any view's: a negative slice of them is taken). A slice
     of one with a negative start, stop or step is refused before reading: anndata reads some wrongly, exit 0
     (``backed[-5:-2]`` of a CSR file: the counts of the cells after the ones named, the view's names unchanged; a
     reversed slice of a CSR file's genes or a CSC file's cells: in the file's order, under reversed names), and fails
@@ -74,10 +75,9 @@ def anndata_matrix(adata: Any, layer: str | None = None, raw: bool = False) -> A
 
 
 def _read_from_file(view: Any, layer: str | None, raw: bool) -> bool:
-    """Whether a view's matrix is read from a file (a backed AnnData, or a parent whose matrix is no numpy or scipy
-    matrix in memory but a dataset of a file), where anndata slices it itself."""
-    if view.isbacked:
-        return True
+    """Whether a view's matrix is read from a file (a backed AnnData's X or raw.X, or any parent matrix that is no
+    numpy or scipy matrix in memory but a dataset of a file), where anndata slices it itself. Told by the matrix,
+    not by ``isbacked``: a backed AnnData's layers are in memory, and anndata reads a negative slice of them right."""
     parent = getattr(view, "_adata_ref", None)
     try:
         source = parent.raw.X if raw else parent.X if layer is None else parent.layers[layer]

@@ -688,3 +688,23 @@ def test_a_negative_slice_of_a_backed_file_is_refused_by_the_corpus_builder_too(
     assert read.toarray().tolist() == counts[5:8].toarray().tolist()
     with pytest.raises(ValueError, match=r"negative start, stop or step.*backed\[n - 5 : n - 2\]"):
         AnnDataSource(backed[-5:-2])
+
+
+def test_a_negative_slice_of_a_backed_files_layer_is_read_not_refused(tmp_path):
+    """A backed AnnData holds its layers in memory, where anndata reads backed[-5:-2] right: the refusal of negative
+    slices (meant for X and raw.X, read from the file) refused this valid view's layer too, in the builder and at
+    inference. X and raw.X of the same view are still refused."""
+    from modeling_cell2text.cell_inputs import anndata_matrix
+
+    counts = sp.csr_matrix(np.arange(1, 41, dtype=np.float32).reshape(10, 4))
+    adata = anndata.AnnData(X=counts, obs=pd.DataFrame(index=[f"c{i}" for i in range(10)]),
+                            var=pd.DataFrame(index=["TP53", "CD3E", "CD19", "CD4"]), layers={"counts": counts.copy()})
+    adata.raw = adata.copy()
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    view = anndata.read_h5ad(tmp_path / "cells.h5ad", backed="r")[-5:-2]
+    read = next(AnnDataSource(view, layer="counts").iter_chunks(64))[1]
+    assert read.toarray().tolist() == counts[5:8].toarray().tolist()
+    assert anndata_matrix(view, layer="counts").toarray().tolist() == counts[5:8].toarray().tolist()
+    for kwargs in ({}, {"raw": True}):
+        with pytest.raises(ValueError, match="negative start, stop or step"):
+            anndata_matrix(view, **kwargs)
