@@ -42,6 +42,7 @@ from modeling_cell2text.argument_types import (as_command_line, is_integer_at_le
                                                refused_input_as_one_line)
 from modeling_cell2text.description_schema import LABEL_FIELD_NAMES, ONTOLOGY_FIELDS
 from modeling_cell2text.feature_extraction_cell2text import DEFAULT_MODEL_INPUT_SIZE, Cell2TextFeatureExtractor
+from modeling_cell2text.gene_table import symbol_to_ensembl
 from modeling_cell2text.output_files import Terminated, publish_folder, sigterm_as_exception
 from processing import ontologies
 from processing.ontology_versions import ontology_versions
@@ -131,10 +132,19 @@ def _genes(source: Any, extractor: Cell2TextFeatureExtractor | None) -> _Genes:
     ``extractor`` reads the source's var as it reads the same file at inference (``sources.resolve_genes``)."""
     gene_ids, gene_symbols = (resolve_genes(source.var, extractor) if extractor is not None and hasattr(source, "var")
                               else (source.gene_ids, source.gene_symbols))
+    # A symbol the given vocabulary's table lacks and the gene table maps names a gene outside that vocabulary: it
+    # gives no tokens and is not listed as unmapped, as an Ensembl ID outside the vocabulary is not (listed, 450 of
+    # pbmc68k's genes read "no Ensembl ID" for a vocabulary of 300).
+    outside = set() if extractor is None else set(symbol_to_ensembl(
+        name for gene, symbol in zip(gene_ids, gene_symbols)
+        if gene is None and symbol and (name := str(symbol).strip()) not in extractor.symbol_to_gene))
     seen: set[str] = set()
     token_ids, usable, unmapped = [], [], []
     for i, (gene, symbol) in enumerate(zip(gene_ids, gene_symbols)):
-        if gene is None or gene in seen:
+        if gene is None and symbol and str(symbol).strip() in outside:
+            token_ids.append(f"unmapped:{i}")
+            usable.append(False)
+        elif gene is None or gene in seen:
             unmapped.append(f"{symbol or i}\t{'duplicate of ' + gene if gene else 'no Ensembl ID'}")
             token_ids.append(f"unmapped:{i}")
             usable.append(False)

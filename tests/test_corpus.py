@@ -279,6 +279,23 @@ def test_a_given_vocabulary_reads_a_files_genes_where_inference_reads_them(tmp_p
         assert row["gene_input_ids"] == ranked[row_of[row["cell_id"]]].tolist()
 
 
+def test_genes_outside_a_given_vocabulary_are_not_listed_as_having_no_ensembl_id(tmp_path, pbmc_corpus):
+    """A given vocabulary maps symbols by its own table, which lacks the genes outside it: unmapped_genes.txt (shipped
+    with the corpus) and summary.json said 450 of pbmc68k's genes had "no Ensembl ID" for a vocabulary of 300 of them.
+    They give no tokens and are not listed, as before and as Ensembl IDs outside a vocabulary; the file lists the 15
+    names that map to no gene, as a build without a given vocabulary does."""
+    from modeling_cell2text.gene_table import symbol_to_ensembl
+
+    out, summary, _ = pbmc_corpus
+    source = pbmc68k_reduced()
+    genes = sorted(set(symbol_to_ensembl(str(name) for name in source.adata.var_names).values()))[:300]
+    extractor = Cell2TextFeatureExtractor.from_gene_medians({gene: 1.0 for gene in genes})
+    given = build_corpus(source, tmp_path, BuildOptions(progress=False, gmt=None, feature_extractor=extractor))
+    listed = (tmp_path / "unmapped_genes.txt").read_text().splitlines()
+    assert listed == (out / "unmapped_genes.txt").read_text().splitlines() and len(listed) == 15
+    assert given["unmapped_genes"] == summary["unmapped_genes"] == 15
+
+
 def test_a_model_input_size_other_than_the_given_vocabularys_is_refused(tmp_path, pbmc_corpus):
     """`--feature-extractor DIR --model-input-size 512` built a corpus of the extractor's size, exit 0."""
     out, _, _ = pbmc_corpus
