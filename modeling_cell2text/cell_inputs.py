@@ -60,11 +60,13 @@ def anndata_matrix(adata: Any, layer: str | None = None, raw: bool = False) -> A
         negative = [name for name, index in axes if isinstance(index, slice)
                     and any(bound is not None and bound < 0 for bound in (index.start, index.stop, index.step))]
         if negative:
+            examples = {"cells": "backed[n - 5 : n - 2] with n = backed.n_obs",
+                        "genes": "backed[:, m - 5 : m - 2] with m = backed.n_vars"}
             raise ValueError(
                 f"anndata could not read these {' and '.join(negative)} of the backed file: it reads a slice with a "
                 "negative start, stop or step of one wrongly (backed[-5:-2] of a CSR file gave the counts of the "
                 "cells after the ones named) or not at all. Slice it with non-negative bounds in increasing order "
-                "(backed[n - 5 : n - 2] with n = backed.n_obs), or pass adata.to_memory()[rows]")
+                f"({'; '.join(examples[name] for name in negative)}), or pass adata.to_memory()[rows]")
     try:
         return adata.raw.X if raw else adata.X if layer is None else adata.layers[layer]
     except ValueError as error:

@@ -708,3 +708,18 @@ def test_a_negative_slice_of_a_backed_files_layer_is_read_not_refused(tmp_path):
     for kwargs in ({}, {"raw": True}):
         with pytest.raises(ValueError, match="negative start, stop or step"):
             anndata_matrix(view, **kwargs)
+
+
+def test_a_negative_slice_of_a_backed_files_genes_is_refused_naming_the_genes_fix(tmp_path):
+    """The refusal of backed[:, -3:] said "backed[n - 5 : n - 2] with n = backed.n_obs": a slice of the cells, for
+    a view whose cells were not sliced. It names the genes' slice (n_vars), and both where both are negative."""
+    from modeling_cell2text.cell_inputs import anndata_matrix
+
+    anndata.AnnData(X=sp.csr_matrix(np.ones((10, 4), dtype=np.float32)),
+                    var=pd.DataFrame(index=["TP53", "CD3E", "CD19", "CD4"])).write_h5ad(tmp_path / "cells.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    with pytest.raises(ValueError, match=r"these genes .*\(backed\[:, m - 5 : m - 2\] with m = backed.n_vars\), or "):
+        anndata_matrix(backed[:, -3:])
+    with pytest.raises(ValueError, match=r"these cells and genes .*\(backed\[n - 5 : n - 2\] with n = backed.n_obs; "
+                                         r"backed\[:, m - 5 : m - 2\] with m = backed.n_vars\), or "):
+        anndata_matrix(backed[-5:-2, -3:])

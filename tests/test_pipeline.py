@@ -381,10 +381,12 @@ def test_a_slice_of_a_backed_file_that_anndata_reads_wrongly_is_refused(random_p
         from_file = ad.AnnData(X=ad.io.sparse_dataset(file["X"]), obs=adata.obs, var=adata.var)
         views = {"cells": [backed[-3:-1], backed[: -(backed.n_obs + 1) : -1], from_file[-3:-1]],
                  "genes": [backed[:, : -(backed.n_vars + 1) : -1]]}
+        fixes = {"cells": r"backed\[n - 5 : n - 2\] with n = backed.n_obs\)",
+                 "genes": r"backed\[:, m - 5 : m - 2\] with m = backed.n_vars\)"}
         for what, sliced in views.items():
             for view in sliced:
                 with pytest.raises(ValueError, match=rf"could not read these {what} of the backed file.*negative "
-                                                     r"start, stop or step.*backed\[n - 5 : n - 2\]"):
+                                                     rf"start, stop or step.*\({fixes[what]}"):
                     random_pipeline(view, constrained=False, max_new_tokens=4)
     # the same cells sliced with non-negative bounds are read as the cells named (free text tells cells apart)
     expected = [r["description"] for r in random_pipeline(adata, constrained=False, max_new_tokens=4)]
