@@ -163,8 +163,9 @@ def _check_median_inputs(shards: Sequence[Shard]) -> None:
     inputs = source.get("median_inputs")
     if inputs is None:
         logger.warning("the shards' feature extractor records no median_inputs (merged by an earlier version, or "
-                       "from histograms that record no input checksum): whether its medians count the cells of every "
-                       "shard, and only theirs, is not checked")
+                       "from histograms an earlier version wrote, which record no input checksum or no rejection "
+                       "rules, kept_by): whether its medians count the cells of every shard, and only theirs, is not "
+                       "checked; histograms and a merge of this version record them")
         return
     rules = sorted({key for entry in inputs for key in entry} - {"input_sha256", "source", "shard"})
     differ = [rule for rule in rules  # the ones the message shows

@@ -412,6 +412,8 @@ def test_shards_of_an_extractor_that_records_no_median_inputs_join_with_a_warnin
               for i, shard in enumerate(built["shards"])]
     join_corpus(shards, tmp_path / "joined")
     assert "records no median_inputs (merged by an earlier version" in caplog.text
+    # histograms of the version before kept_by record a checksum: the warning blamed a checksum they have
+    assert "which record no input checksum or no rejection rules, kept_by" in caplog.text
 
 
 def test_the_median_inputs_refusal_names_three_inputs_at_most(tmp_path):
