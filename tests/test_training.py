@@ -1029,6 +1029,42 @@ def test_the_auxiliary_heads_gradients_are_zeroed_each_step_and_a_resume_goes_on
                     resume_from_checkpoint=str(resumed_dir / "checkpoint-2"), **head)
 
 
+def test_the_auxiliary_heads_gradients_are_clipped_with_the_models_as_one_norm(parts_and_corpus, tmp_path):
+    """max_grad_norm clips every trained parameter as one vector, the head's too (no part of the model): the Trainer
+    clipped the model's alone, so the head's gradients stayed 16x the limit while the model's were cut to it."""
+    from transformers import TrainerCallback
+
+    from training.collator import Cell2TextDataCollator
+
+    model, processor, corpus, common = peft_model_and_trainer_settings(parts_and_corpus, tmp_path)
+    norms = []
+
+    def norm(parameters) -> float:
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None])))
+
+    class ClippedNorms(TrainerCallback):  # after clipping, before the optimizer's step
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            norms.append((norm(model.parameters()), norm(trainer.cell_type_head.parameters()),
+                          norm([*model.parameters(), *trainer.cell_type_head.parameters()])))
+
+    trainer = Cell2TextSFTTrainer(**{**common, "data_collator": Cell2TextDataCollator(processor, cell_type_index=True),
+                                     "args": dataclasses.replace(common["args"], max_steps=2, save_strategy="no",
+                                                                 per_device_train_batch_size=4, max_grad_norm=0.01)},
+                                  cell_type_head_loss_weight=0.5, callbacks=[ClippedNorms()])
+    trainer.train()
+    assert len(norms) == 2
+    for model_norm, head_norm, total in norms:
+        assert model_norm > 0 and head_norm > 0
+        assert total == pytest.approx(0.01, rel=1e-3)  # the head's share counted in the one norm, and clipped
+    # the logged norm (also without clipping) is of both
+    trainer.model.train()
+    batch = Cell2TextDataCollator(processor, cell_type_index=True)([corpus["train"][i] for i in range(4)])
+    trainer.compute_loss(model, dict(batch)).backward()
+    expected = norm([*model.parameters(), *trainer.cell_type_head.parameters()])
+    assert float(trainer._get_grad_norm(model)) == pytest.approx(expected, rel=1e-5)
+    assert expected > norm(model.parameters())
+
+
 def test_the_choice_loss_scores_every_known_label_as_the_decoder_does(parts_and_corpus, tmp_path):
     """cell_type_choice_loss_weight: the loss adds the cross-entropy of the softmax over the known labels' sentence
     log-likelihoods, which equal `score_cell_types`' (the decoder's exhaustive reference) on the same cells, rows of

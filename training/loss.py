@@ -19,11 +19,12 @@ must be read from the cell are a small share of the loss; weighting them puts th
 `cell_type_head_loss_weight` (default 0: off) adds an auxiliary loss on the projector: a linear classifier of the
 cell type on the mean of each cell's projected tokens (the soft tokens the LLM reads), cross-entropy over the
 processor's known cell-type labels, weighted and added to the text loss. The head is the trainer's, trained with
-the projector's learning rate, and not saved with the model: it only shapes what the projector gives the LLM (each
-checkpoint keeps it, `CELL_TYPE_HEAD_FILE`, so a resumed run goes on with the trained head). With
-`cell_type_head="label_embeddings"` the head is not learnt: its logits are the cosine similarities (times a learnt
-scale) between the mean projected token and each label name's mean input embedding in the LLM, so the projector is
-pushed to hand the LLM a cell that looks like its label's words, which the LLM then only has to copy.
+the projector's learning rate, its gradients clipped with the model's as one norm (`max_grad_norm`), and not saved
+with the model: it only shapes what the projector gives the LLM (each checkpoint keeps it, `CELL_TYPE_HEAD_FILE`,
+so a resumed run goes on with the trained head). With `cell_type_head="label_embeddings"` the head is not learnt:
+its logits are the cosine similarities (times a learnt scale) between the mean projected token and each label name's
+mean input embedding in the LLM, so the projector is pushed to hand the LLM a cell that looks like its label's
+words, which the LLM then only has to copy.
 
 `cell_type_choice_loss_weight` (default 0: off) adds the loss of the choice the decoder makes: the cross-entropy of
 the softmax over the known labels' cell-type sentences, each scored by its total log-likelihood after the cell's
@@ -345,6 +346,24 @@ class LabelledPositionsLossMixin:
             counts = self.accelerator.gather(torch.stack([correct, mask.sum()])).view(-1, 2).sum(0)
         self._token_accuracy["train" if model.training else "eval"].append((counts[0] / counts[1].clamp(min=1)).item())
         return loss
+
+    def _trained_parameters(self, model) -> list:
+        """The parameters the optimizer trains: the model's and the auxiliary head's (no part of the model)."""
+        return [*model.parameters(), *(self.cell_type_head.parameters() if self.cell_type_head is not None else ())]
+
+    def _clip_grad_norm(self, model):
+        """Clip the gradients of the model and the auxiliary head as one vector to `max_grad_norm`, as if the head
+        were part of the model (the Trainer clipped the model's alone: the head's gradients went unclipped, larger
+        than the limit); the norm before clipping, of both."""
+        if self.cell_type_head is None:
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_(self._trained_parameters(model), self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The logged gradient norm, the head's gradients included (see `_clip_grad_norm`)."""
+        if grad_norm is None and self.cell_type_head is not None:
+            grad_norm = self.accelerator.clip_grad_norm_(self._trained_parameters(model), float("inf"))
+        return super()._get_grad_norm(model, grad_norm)
 
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, and the auxiliary head's weights beside it (a resume went on from a new head, so
