@@ -536,6 +536,38 @@ def test_a_resume_on_another_corpus_is_refused(tmp_path):
     check_resume(str(checkpoint), {**record, "corpus_fingerprints": {"train": "bbbb"}}, str(tmp_path))
 
 
+def test_a_resume_with_other_schedule_or_clipping_settings_is_refused_and_older_records_still_resume(tmp_path):
+    """The scheduler's state holds its step only: a resume with another lr_scheduler_kwargs (cosine_with_min_lr's
+    min_lr 1e-4 -> 5e-4: the fourth step at 5.7e-4 instead of 2.3e-4), scheduler, warmup, max_grad_norm or
+    optim_args trained on with those, exit 0. A record written before they were recorded resumes unchecked."""
+    from training.adapters import TRAINED_WITH_FILE, check_resume, optimizer_settings
+
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    settings = dict(output_dir=str(tmp_path), lr_scheduler_type="cosine_with_min_lr",
+                    lr_scheduler_kwargs={"min_lr": 1e-4}, optim_args="foreach=False", use_cpu=True)
+    record = optimizer_settings(SFTConfig(**settings), projector_learning_rate=1e-3)
+    (checkpoint / TRAINED_WITH_FILE).write_text(json.dumps(record))
+    check_resume(str(checkpoint), optimizer_settings(SFTConfig(**settings), projector_learning_rate=1e-3),
+                 str(tmp_path))
+    for changed, named in (({"lr_scheduler_kwargs": '{"min_lr": 5e-4}'},  # as the command line gives it
+                            r'lr_scheduler_kwargs: \{"min_lr": 0.0001\} there, \{"min_lr": 0.0005\} now'),
+                           ({"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": None},
+                            r"lr_scheduler_kwargs, lr_scheduler_type than this run's"),
+                           ({"warmup_steps": 0.1}, r"warmup_steps: 0 there, 0.1 now"),
+                           ({"max_grad_norm": 0.5}, r"max_grad_norm: 1.0 there, 0.5 now"),
+                           ({"optim_args": None}, r'optim_args: "foreach=False" there, null now')):
+        with pytest.raises(ValueError, match=rf"checkpoint-2 was trained with another .*{named}.*; resume "
+                                             r"with .* schedule and clipping settings"):
+            check_resume(str(checkpoint), optimizer_settings(SFTConfig(**{**settings, **changed}),
+                                                             projector_learning_rate=1e-3), str(tmp_path))
+    older = {k: v for k, v in record.items() if k not in ("optim_args", "lr_scheduler_type", "lr_scheduler_kwargs",
+                                                          "warmup_steps", "max_grad_norm")}
+    (checkpoint / TRAINED_WITH_FILE).write_text(json.dumps(older))
+    check_resume(str(checkpoint), optimizer_settings(SFTConfig(**{**settings, "max_grad_norm": 0.5}),
+                                                     projector_learning_rate=1e-3), str(tmp_path))
+
+
 def test_a_resume_with_another_validation_cap_is_refused_with_a_pretrained_encoder(parts_and_corpus, tmp_path):
     """With a pretrained encoder nothing is prepared on the corpus (whose record refused another cap): a resume with
     another --max_eval_samples went on, and the best checkpoint was chosen among losses on other validation cells."""

@@ -150,13 +150,20 @@ def data_order(training_args: Any, cell_type_balance: float) -> dict:
 
 
 def optimizer_settings(training_args: Any, **part_learning_rates: float | None) -> dict:
-    """The optimizer's settings (with the recipe's per-part learning rates): a resume loads the checkpoint's optimizer
-    and scheduler state, whose learning rates, weight decay and betas then replace the ones given, exit 0 (a resume
-    at 10x the learning rate trained at the checkpoint's)."""
+    """The optimizer's settings (with the recipe's per-part learning rates), its schedule and gradient clipping: a
+    resume loads the checkpoint's optimizer and scheduler state, whose learning rates, weight decay and betas then
+    replace the ones given, exit 0 (a resume at 10x the learning rate trained at the checkpoint's); the scheduler's
+    state holds its step only, so another `lr_scheduler_type`, `lr_scheduler_kwargs` (cosine_with_min_lr's min_lr)
+    or `warmup_steps` changed the learning rates of the steps left, and another `max_grad_norm` or `optim_args` the
+    updates, exit 0, unlike the uninterrupted run's."""
     optim = getattr(training_args.optim, "value", training_args.optim)  # OptimizerNames, a str enum
-    return {"optim": optim, "learning_rate": training_args.learning_rate, **part_learning_rates,
+    scheduler = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)  # SchedulerType
+    return {"optim": optim, "optim_args": training_args.optim_args or None,
+            "learning_rate": training_args.learning_rate, **part_learning_rates,
             "weight_decay": training_args.weight_decay, "adam_beta1": training_args.adam_beta1,
-            "adam_beta2": training_args.adam_beta2, "adam_epsilon": training_args.adam_epsilon}
+            "adam_beta2": training_args.adam_beta2, "adam_epsilon": training_args.adam_epsilon,
+            "lr_scheduler_type": scheduler, "lr_scheduler_kwargs": training_args.lr_scheduler_kwargs or {},
+            "warmup_steps": training_args.warmup_steps, "max_grad_norm": training_args.max_grad_norm}
 
 
 class RecordTrainedWith(TrainerCallback):
@@ -198,9 +205,10 @@ def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -
     had partly trained on; or with another max_eval_samples: the best checkpoint would be chosen among validation
     losses on other cells; or with another batch or data order (`data_order`) or training texts (definitions, loss
     on labels only): the resumed run skips other cells than it trained on, exit 0 with the step count of a whole
-    run; or with other optimizer settings (`optimizer_settings`), which the checkpoint's optimizer state silently
-    replaces. A setting the checkpoint does not record (saved before it was recorded) is not checked. `checkpoint`
-    True is the Trainer's: the last checkpoint in `output_dir`."""
+    run; or with other optimizer, schedule or clipping settings (`optimizer_settings`), which the checkpoint's
+    optimizer state silently replaces, or which silently change the steps left. A setting the checkpoint does not
+    record (saved before it was recorded) is not checked. `checkpoint` True is the Trainer's: the last checkpoint in
+    `output_dir`."""
     checkpoint = resumed_checkpoint(checkpoint, output_dir)
     if checkpoint is None:
         return
@@ -223,8 +231,8 @@ def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -
         differences = "; ".join(f"{k}: {_shown(saved.get(k))} there, {_shown(record.get(k))} now" for k in changed)
         raise ValueError(f"{checkpoint} was trained with another {', '.join(changed)} than this run's ({differences}); "
                          "resume with the corpus, encoder, projector, LoRA, batch (per-device size x processes x "
-                         "accumulation steps), data and optimizer settings it was trained with, or train anew in a "
-                         "new --output_dir.")
+                         "accumulation steps), data, optimizer, schedule and clipping settings it was trained "
+                         "with, or train anew in a new --output_dir.")
 
 
 def _shown(value: Any) -> str:
