@@ -134,6 +134,10 @@ def test_a_resume_with_other_settings_is_refused(parts_and_corpus, tmp_path):
     with pytest.raises(ValueError, match=r"another global_batch_size than this run's"):
         train_cell2sentence(corpus_dir, lm_dir, out, num_genes=8, overwrite=True, training_args=tiny_config(
             out, save_steps=2, resume_from_checkpoint=checkpoint, gradient_accumulation_steps=2))
+    _, other_lm = save_tiny_parts(tmp_path / "other-parts", seed=1)  # the adapters trained on another LLM, exit 0
+    with pytest.raises(ValueError, match=r"another language_model_sha256 than this run's"):
+        train_cell2sentence(corpus_dir, other_lm, out, num_genes=8, overwrite=True,
+                            training_args=tiny_config(out, save_steps=2, resume_from_checkpoint=checkpoint))
     with pytest.raises(ValueError, match=r"another learning_rate than this run's"):  # the checkpoint's was kept, exit 0
         train_cell2sentence(corpus_dir, lm_dir, out, num_genes=8, overwrite=True, training_args=tiny_config(
             out, save_steps=2, resume_from_checkpoint=checkpoint, learning_rate=1.0))

@@ -447,6 +447,11 @@ def test_a_resume_with_another_encoder_or_lora_settings_is_refused_and_keeps_the
                     gradient_accumulation_steps=2)
     with pytest.raises(ValueError, match=r"another data_seed than this run's"):  # another sampler order
         tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint, data_seed=5)
+    # another LLM of the same shape (another text_model_name_or_path or init_from) took the checkpoint's adapters
+    # and projector and trained on, exit 0
+    _, other_lm = save_tiny_parts(tmp_path / "other-parts", seed=1)
+    with pytest.raises(ValueError, match=r"another language_model_sha256 than this run's"):
+        tiny_recipe(other_lm, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint)
     # the checkpoint's optimizer state replaced the learning rates given: a resume at 10x trained at 1x, exit 0
     with pytest.raises(ValueError, match=r"another learning_rate, projector_learning_rate than this run's "
                                          r"\(learning_rate: 0.001 there, 0.01 now; projector_learning_rate"):

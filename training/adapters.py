@@ -134,6 +134,20 @@ def lora_record(lora_config: LoraConfig) -> dict:
             "modules_to_save": sorted(lora_config.modules_to_save or [])}
 
 
+def weights_sha256(state_dict: dict) -> str:
+    """A checksum of `state_dict`'s names and tensors' bytes, as a checkpoint records the pretrained weights its
+    trained ones fit (`check_resume`): the gene encoder's, the language model's."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state_dict.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def corpus_fingerprints(corpus: Any, summary: dict) -> dict:
     """Which cells a run trains on: the build's fingerprints, else datasets' fingerprints of the splits."""
     return summary.get("fingerprints") or {split: corpus[split]._fingerprint for split in corpus}
@@ -198,9 +212,9 @@ def resumed_checkpoint(checkpoint: str | bool | None, output_dir: str) -> Path |
 
 
 def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -> None:
-    """Refuse to resume from a checkpoint trained with another gene encoder, projector or LoRA settings
-    (`trained_with`): its projector and adapters fit those, and would silently train on, or fail to load into,
-    others; or on another corpus or max_train_samples (`corpus_fingerprints`): the final model would record only
+    """Refuse to resume from a checkpoint trained with another gene encoder, language model (its weights' checksum:
+    `text_model_name_or_path` or `init_from`), projector or LoRA settings (`trained_with`): its projector and
+    adapters fit those, and would silently train on, or fail to load into, others; or on another corpus or max_train_samples (`corpus_fingerprints`): the final model would record only
     the second corpus, so evaluation's check that the test cells are not its training cells passed on a corpus it
     had partly trained on; or with another max_eval_samples: the best checkpoint would be chosen among validation
     losses on other cells; or with another batch or data order (`data_order`) or training texts (definitions, loss

@@ -29,7 +29,6 @@ The recipe, top to bottom:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import re
@@ -70,6 +69,7 @@ from training.adapters import (
     resumed_checkpoint,
     save_merged,
     stopped_cleanly,
+    weights_sha256,
 )
 from training.collator import Cell2TextDataCollator
 from training.evaluation.evaluate import fit_cell_type_temperature, fit_field_temperatures
@@ -645,17 +645,32 @@ CELL_TYPE_STAGE_FILE = "cell2text_cell_type_stage.json"  # the stage before a ch
 
 def trained_with(model: Cell2TextForConditionalGeneration, lora_config, cell_type_head: str | None) -> dict:
     """What a checkpoint's weights fit, written into each checkpoint (`RecordTrainedWith`) and checked on resuming
-    (`check_resume`): the gene encoder they were trained on (its weights' checksum, before training), the LoRA
-    adapters' settings, the projector's composition and the auxiliary head trained with it (None: off); another
-    projector_hidden_size or head failed on resuming in torch's state-dict or optimizer loading, naming no fix."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.model.gene_encoder.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    (`check_resume`): the gene encoder and the language model they were trained on (their weights' checksums, before
+    training: a checkpoint resumed on another LLM of the same shape loaded its adapters into it and trained on, exit
+    0), the LoRA adapters' settings, the projector's composition and the auxiliary head trained with it (None: off);
+    another projector_hidden_size or head failed on resuming in torch's state-dict or optimizer loading, naming no
+    fix."""
     composition = {name: getattr(model.config, name) for name in ("num_cell_tokens", "gene_encoder_layer",
                                                                    "projector_hidden_size")}
-    return {"gene_encoder_sha256": digest.hexdigest(), **lora_record(lora_config), **composition,
-            "cell_type_head": cell_type_head}
+    return {"gene_encoder_sha256": weights_sha256(model.model.gene_encoder.state_dict()),
+            "language_model_sha256": language_model_sha256(model),
+            **lora_record(lora_config), **composition, "cell_type_head": cell_type_head}
+
+
+def language_model_sha256(model: Cell2TextForConditionalGeneration) -> str:
+    """The checksum of the language model's weights and LM head, but for the cell placeholder's rows of the
+    embeddings: composing a model draws that new token's row at random after the projector (another
+    projector_hidden_size changed the draw), so it follows from the seed and the composition, which the record checks
+    besides."""
+    cell = model.config.cell_token_id
+    embeddings = {model.get_input_embeddings().weight.data_ptr(), model.lm_head.weight.data_ptr()}
+    state = {}
+    for prefix, module in (("model.language_model.", model.model.language_model), ("lm_head.", model.lm_head)):
+        for name, tensor in module.state_dict().items():
+            if tensor.data_ptr() in embeddings and tensor.dim() == 2 and tensor.shape[0] > cell:
+                tensor = torch.cat([tensor[:cell], tensor[cell + 1:]])
+            state[prefix + name] = tensor
+    return weights_sha256(state)
 
 
 @dataclass

@@ -58,6 +58,7 @@ from training.adapters import (
     parse_training_arguments,
     save_merged,
     stopped_cleanly,
+    weights_sha256,
 )
 from training.loss import LabelledPositionsLossMixin
 
@@ -149,10 +150,6 @@ def build_trainer(
     corpus, feature_extractor = load_corpus(corpus_dir)
     training_args.output_dir = str(output_dir)
     peft_config = (lora or LoraArguments()).lora_config("all-linear")
-    record = {**lora_record(peft_config), "num_genes": num_genes,
-              "corpus_fingerprints": corpus_fingerprints(corpus, corpus_summary(corpus_dir)),
-              **data_order(training_args, cell_type_balance=0.0), **optimizer_settings(training_args)}
-    check_resume(training_args.resume_from_checkpoint, record, str(output_dir))
     # A config shared with the Cell2Text run may skip TRL's dataset preparation; here TRL must tokenize the chats.
     training_args.dataset_kwargs = {
         k: v for k, v in (training_args.dataset_kwargs or {}).items() if k != "skip_prepare_dataset"
@@ -161,6 +158,10 @@ def build_trainer(
     if tokenizer.chat_template is None:
         raise ValueError(f"{text_model_name_or_path} has no chat template; use an instruction-tuned LLM.")
     model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, dtype=torch.float32)
+    record = {**lora_record(peft_config), "language_model_sha256": weights_sha256(model.state_dict()), "num_genes": num_genes,
+              "corpus_fingerprints": corpus_fingerprints(corpus, corpus_summary(corpus_dir)),
+              **data_order(training_args, cell_type_balance=0.0), **optimizer_settings(training_args)}
+    check_resume(training_args.resume_from_checkpoint, record, str(output_dir))
     eval_dataset = None
     if training_args.eval_strategy != "no":
         eval_dataset = prompt_completion_dataset(corpus["validation"], feature_extractor, num_genes)
