@@ -127,7 +127,9 @@ def test_a_resume_with_other_settings_is_refused(parts_and_corpus, tmp_path):
     out = tmp_path / "c2s"
     train_cell2sentence(corpus_dir, lm_dir, out, num_genes=8, training_args=tiny_config(out, save_steps=2))
     checkpoint = str(out / "checkpoint-2")
-    for other, setting in ((dict(num_genes=16), "num_genes"), (dict(lora=LoraArguments(lora_r=4)), "lora_r")):
+    for other, setting in ((dict(num_genes=16), "num_genes"), (dict(lora=LoraArguments(lora_r=4)), "lora_r"),
+                           (dict(lora=LoraArguments(lora_dropout=0.2)), "lora_dropout"),
+                           (dict(cell_type_loss_weight=4.0), "cell_type_loss_weight")):
         with pytest.raises(ValueError, match=rf"checkpoint-2 was trained with another {setting} than this run's"):
             train_cell2sentence(corpus_dir, lm_dir, out, **{"num_genes": 8, **other}, overwrite=True,
                                 training_args=tiny_config(out, save_steps=2, resume_from_checkpoint=checkpoint))

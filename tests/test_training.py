@@ -460,10 +460,19 @@ def test_a_resume_with_another_encoder_or_lora_settings_is_refused_and_keeps_the
     with pytest.raises(ValueError, match=r"another weight_decay than this run's"):
         tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint,
                     weight_decay=0.1)
+    # the loss, dropout and cell-type stage are no part of a checkpoint: the steps left trained with the ones given
+    # (the stage was skipped), exit 0
+    for setting, value in (("cell_type_loss_weight", 4.0), ("label_smoothing_factor", 0.1), ("lora_dropout", 0.2),
+                           ("projector_dropout", 0.2), ("cell_type_stage_steps", 1)):
+        with pytest.raises(ValueError, match=rf"another {setting} than this run's .* data, loss, optimizer"):
+            tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint,
+                        **{setting: value})
     # another projector or auxiliary head failed in torch's loading of the state dict or optimizer, naming no fix
-    for setting, value, named in (("projector_hidden_size", 32, "projector_hidden_size: 16 there, 32 now"),
-                                  ("cell_type_head_loss_weight", 0.5, 'cell_type_head: null there, "linear" now')):
-        with pytest.raises(ValueError, match=rf"another {setting.replace('_loss_weight', '')} than this run's "
+    for setting, value, names, named in (
+            ("projector_hidden_size", 32, "projector_hidden_size", "projector_hidden_size: 16 there, 32 now"),
+            ("cell_type_head_loss_weight", 0.5, "cell_type_head, cell_type_head_loss_weight",
+             'cell_type_head: null there, "linear" now; cell_type_head_loss_weight: 0.0 there, 0.5 now')):
+        with pytest.raises(ValueError, match=rf"another {names} than this run's "
                                              rf"\({named}\); resume with the corpus, encoder, projector"):
             tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint,
                         **{setting: value})

@@ -129,7 +129,7 @@ TRAINED_WITH_FILE = "cell2text_trained_with.json"
 def lora_record(lora_config: LoraConfig) -> dict:
     """The LoRA adapters' settings, as a checkpoint records them (`check_resume`): its adapters fit those."""
     targets = lora_config.target_modules
-    return {"lora_r": lora_config.r, "lora_alpha": lora_config.lora_alpha,
+    return {"lora_r": lora_config.r, "lora_alpha": lora_config.lora_alpha, "lora_dropout": lora_config.lora_dropout,
             "lora_target_modules": targets if isinstance(targets, str) else sorted(targets),
             "modules_to_save": sorted(lora_config.modules_to_save or [])}
 
@@ -180,6 +180,14 @@ def optimizer_settings(training_args: Any, **part_learning_rates: float | None) 
             "warmup_steps": training_args.warmup_steps, "max_grad_norm": training_args.max_grad_norm}
 
 
+def loss_settings(training_args: Any, **recipe_losses: float) -> dict:
+    """What the loss is (with the recipe's own weights, `recipe_losses`): the checkpoint does not hold it, so a resume
+    with another loss (a cell_type_loss_weight of 4 instead of 1, label smoothing, NEFTune's noise) trained the steps
+    left on it, exit 0, unlike the uninterrupted run."""
+    return {"loss_type": training_args.loss_type, "label_smoothing_factor": training_args.label_smoothing_factor,
+            "neftune_noise_alpha": training_args.neftune_noise_alpha, **recipe_losses}
+
+
 class RecordTrainedWith(TrainerCallback):
     """Writes the run's record (what `check_resume` compares) into each checkpoint, and `extra` (file name -> JSON
     content: the recipe's cell-type stage) beside it (main process)."""
@@ -220,7 +228,8 @@ def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -
     losses on other cells; or with another batch or data order (`data_order`) or training texts (definitions, loss
     on labels only): the resumed run skips other cells than it trained on, exit 0 with the step count of a whole
     run; or with other optimizer, schedule or clipping settings (`optimizer_settings`), which the checkpoint's
-    optimizer state silently replaces, or which silently change the steps left. A setting the checkpoint does not
+    optimizer state silently replaces, or which silently change the steps left; or with another loss
+    (`loss_settings`) or dropout (LoRA's, the projector's). A setting the checkpoint does not
     record (saved before it was recorded) is not checked. `checkpoint` True is the Trainer's: the last checkpoint in
     `output_dir`."""
     checkpoint = resumed_checkpoint(checkpoint, output_dir)
@@ -245,8 +254,8 @@ def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -
         differences = "; ".join(f"{k}: {_shown(saved.get(k))} there, {_shown(record.get(k))} now" for k in changed)
         raise ValueError(f"{checkpoint} was trained with another {', '.join(changed)} than this run's ({differences}); "
                          "resume with the corpus, encoder, projector, LoRA, batch (per-device size x processes x "
-                         "accumulation steps), data, optimizer, schedule and clipping settings it was trained "
-                         "with, or train anew in a new --output_dir.")
+                         "accumulation steps), data, loss, optimizer, schedule and clipping settings it was "
+                         "trained with, or train anew in a new --output_dir.")
 
 
 def _shown(value: Any) -> str:

@@ -63,6 +63,7 @@ from training.adapters import (
     data_order,
     leave_process_group,
     lora_record,
+    loss_settings,
     merge_adapters,
     optimizer_settings,
     parse_training_arguments,
@@ -647,11 +648,12 @@ def trained_with(model: Cell2TextForConditionalGeneration, lora_config, cell_typ
     """What a checkpoint's weights fit, written into each checkpoint (`RecordTrainedWith`) and checked on resuming
     (`check_resume`): the gene encoder and the language model they were trained on (their weights' checksums, before
     training: a checkpoint resumed on another LLM of the same shape loaded its adapters into it and trained on, exit
-    0), the LoRA adapters' settings, the projector's composition and the auxiliary head trained with it (None: off);
+    0), the LoRA adapters' settings, the projector's composition (and dropout) and the auxiliary head trained with it
+    (None: off);
     another projector_hidden_size or head failed on resuming in torch's state-dict or optimizer loading, naming no
     fix."""
     composition = {name: getattr(model.config, name) for name in ("num_cell_tokens", "gene_encoder_layer",
-                                                                   "projector_hidden_size")}
+                                                                   "projector_hidden_size", "projector_dropout")}
     return {"gene_encoder_sha256": weights_sha256(model.model.gene_encoder.state_dict()),
             "language_model_sha256": language_model_sha256(model),
             **lora_record(lora_config), **composition, "cell_type_head": cell_type_head}
@@ -801,7 +803,11 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
               **optimizer_settings(training_args, projector_learning_rate=args.projector_learning_rate,
                                    gene_encoder_learning_rate=args.gene_encoder_learning_rate),
               "definitions_in_model_text": processor.definitions_in_model_text,
-              "loss_on_labels_only": args.loss_on_labels_only}
+              "loss_on_labels_only": args.loss_on_labels_only,
+              **loss_settings(training_args, cell_type_loss_weight=args.cell_type_loss_weight,
+                              cell_type_head_loss_weight=args.cell_type_head_loss_weight,
+                              cell_type_choice_loss_weight=args.cell_type_choice_loss_weight),
+              "cell_type_stage_steps": args.cell_type_stage_steps}  # a resume skips it: another was ignored
     check_resume(training_args.resume_from_checkpoint, record, training_args.output_dir)
     part_settings = {
         "projector_learning_rate": args.projector_learning_rate,

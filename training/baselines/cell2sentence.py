@@ -53,6 +53,7 @@ from training.adapters import (
     data_order,
     leave_process_group,
     lora_record,
+    loss_settings,
     merge_adapters,
     optimizer_settings,
     parse_training_arguments,
@@ -158,9 +159,11 @@ def build_trainer(
     if tokenizer.chat_template is None:
         raise ValueError(f"{text_model_name_or_path} has no chat template; use an instruction-tuned LLM.")
     model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, dtype=torch.float32)
-    record = {**lora_record(peft_config), "language_model_sha256": weights_sha256(model.state_dict()), "num_genes": num_genes,
+    record = {**lora_record(peft_config), "language_model_sha256": weights_sha256(model.state_dict()),
+              "num_genes": num_genes,
               "corpus_fingerprints": corpus_fingerprints(corpus, corpus_summary(corpus_dir)),
-              **data_order(training_args, cell_type_balance=0.0), **optimizer_settings(training_args)}
+              **data_order(training_args, cell_type_balance=0.0), **optimizer_settings(training_args),
+              **loss_settings(training_args, cell_type_loss_weight=cell_type_loss_weight)}
     check_resume(training_args.resume_from_checkpoint, record, str(output_dir))
     eval_dataset = None
     if training_args.eval_strategy != "no":
