@@ -467,6 +467,9 @@ def test_a_resume_with_another_encoder_or_lora_settings_is_refused_and_keeps_the
         with pytest.raises(ValueError, match=rf"another {setting} than this run's .* data, loss, optimizer"):
             tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint,
                         **{setting: value})
+    with pytest.raises(ValueError, match=r"another greater_is_better, metric_for_best_model than this run's"):
+        tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint,
+                    metric_for_best_model="eval_mean_token_accuracy", greater_is_better=True)
     # another projector or auxiliary head failed in torch's loading of the state dict or optimizer, naming no fix
     for setting, value, names, named in (
             ("projector_hidden_size", 32, "projector_hidden_size", "projector_hidden_size: 16 there, 32 now"),
@@ -580,6 +583,26 @@ def test_a_resume_with_other_schedule_or_clipping_settings_is_refused_and_older_
     (checkpoint / TRAINED_WITH_FILE).write_text(json.dumps(older))
     check_resume(str(checkpoint), optimizer_settings(SFTConfig(**{**settings, "max_grad_norm": 0.5}),
                                                      projector_learning_rate=1e-3), str(tmp_path))
+
+
+def test_a_resume_that_chooses_the_best_checkpoint_otherwise_is_refused(tmp_path):
+    """The checkpoint's trainer state holds its best value so far: resumed with metric_for_best_model
+    eval_mean_token_accuracy (greater is better) instead of eval_loss, the accuracies (0 to 1) were compared with its
+    eval_loss of 5.97, and the checkpoint best by loss was loaded at the end, exit 0."""
+    from training.adapters import TRAINED_WITH_FILE, best_checkpoint_choice, check_resume
+
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    settings = dict(output_dir=str(tmp_path), eval_strategy="steps", save_strategy="steps", load_best_model_at_end=True,
+                    metric_for_best_model="eval_loss", use_cpu=True)
+    (checkpoint / TRAINED_WITH_FILE).write_text(json.dumps(best_checkpoint_choice(SFTConfig(**settings))))
+    check_resume(str(checkpoint), best_checkpoint_choice(SFTConfig(**{**settings, "metric_for_best_model": "loss"})),
+                 str(tmp_path))  # the Trainer's name for it
+    accuracy = SFTConfig(**{**settings, "metric_for_best_model": "eval_mean_token_accuracy"})
+    with pytest.raises(ValueError, match=r"another greater_is_better, metric_for_best_model than this run's "
+                                         r"\(greater_is_better: false there, true now; metric_for_best_model: "
+                                         r'"eval_loss" there, "eval_mean_token_accuracy" now\).* best-checkpoint'):
+        check_resume(str(checkpoint), best_checkpoint_choice(accuracy), str(tmp_path))
 
 
 def test_a_resume_with_another_validation_cap_is_refused_with_a_pretrained_encoder(parts_and_corpus, tmp_path):

@@ -57,6 +57,7 @@ from training.adapters import (
     MultiProcessTrainingMixin,
     NoStepPastMaxStepsMixin,
     RecordTrainedWith,
+    best_checkpoint_choice,
     check_output_dir,
     check_resume,
     corpus_fingerprints,
@@ -807,7 +808,8 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
               **loss_settings(training_args, cell_type_loss_weight=args.cell_type_loss_weight,
                               cell_type_head_loss_weight=args.cell_type_head_loss_weight,
                               cell_type_choice_loss_weight=args.cell_type_choice_loss_weight),
-              "cell_type_stage_steps": args.cell_type_stage_steps}  # a resume skips it: another was ignored
+              "cell_type_stage_steps": args.cell_type_stage_steps,  # a resume skips it: another was ignored
+              **best_checkpoint_choice(training_args)}
     check_resume(training_args.resume_from_checkpoint, record, training_args.output_dir)
     part_settings = {
         "projector_learning_rate": args.projector_learning_rate,

@@ -47,6 +47,7 @@ from training.adapters import (
     MultiProcessTrainingMixin,
     NoStepPastMaxStepsMixin,
     RecordTrainedWith,
+    best_checkpoint_choice,
     check_output_dir,
     check_resume,
     corpus_fingerprints,
@@ -163,7 +164,8 @@ def build_trainer(
               "num_genes": num_genes,
               "corpus_fingerprints": corpus_fingerprints(corpus, corpus_summary(corpus_dir)),
               **data_order(training_args, cell_type_balance=0.0), **optimizer_settings(training_args),
-              **loss_settings(training_args, cell_type_loss_weight=cell_type_loss_weight)}
+              **loss_settings(training_args, cell_type_loss_weight=cell_type_loss_weight),
+              **best_checkpoint_choice(training_args)}
     check_resume(training_args.resume_from_checkpoint, record, str(output_dir))
     eval_dataset = None
     if training_args.eval_strategy != "no":
