@@ -134,7 +134,7 @@ def lora_record(lora_config: LoraConfig) -> dict:
             "modules_to_save": sorted(lora_config.modules_to_save or [])}
 
 
-def weights_sha256(state_dict: dict) -> str:
+def state_dict_sha256(state_dict: dict) -> str:
     """A checksum of `state_dict`'s names and tensors' bytes, as a checkpoint records the pretrained weights its
     trained ones fit (`check_resume`): the gene encoder's, the language model's."""
     import hashlib

@@ -70,8 +70,8 @@ from training.adapters import (
     parse_training_arguments,
     resumed_checkpoint,
     save_merged,
+    state_dict_sha256,
     stopped_cleanly,
-    weights_sha256,
 )
 from training.collator import Cell2TextDataCollator
 from training.evaluation.evaluate import fit_cell_type_temperature, fit_field_temperatures
@@ -655,7 +655,7 @@ def trained_with(model: Cell2TextForConditionalGeneration, lora_config, cell_typ
     fix."""
     composition = {name: getattr(model.config, name) for name in ("num_cell_tokens", "gene_encoder_layer",
                                                                    "projector_hidden_size", "projector_dropout")}
-    return {"gene_encoder_sha256": weights_sha256(model.model.gene_encoder.state_dict()),
+    return {"gene_encoder_sha256": state_dict_sha256(model.model.gene_encoder.state_dict()),
             "language_model_sha256": language_model_sha256(model),
             **lora_record(lora_config), **composition, "cell_type_head": cell_type_head}
 
@@ -673,7 +673,7 @@ def language_model_sha256(model: Cell2TextForConditionalGeneration) -> str:
             if tensor.data_ptr() in embeddings and tensor.dim() == 2 and tensor.shape[0] > cell:
                 tensor = torch.cat([tensor[:cell], tensor[cell + 1:]])
             state[prefix + name] = tensor
-    return weights_sha256(state)
+    return state_dict_sha256(state)
 
 
 @dataclass

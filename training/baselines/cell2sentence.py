@@ -59,8 +59,8 @@ from training.adapters import (
     optimizer_settings,
     parse_training_arguments,
     save_merged,
+    state_dict_sha256,
     stopped_cleanly,
-    weights_sha256,
 )
 from training.loss import LabelledPositionsLossMixin
 
@@ -160,7 +160,7 @@ def build_trainer(
     if tokenizer.chat_template is None:
         raise ValueError(f"{text_model_name_or_path} has no chat template; use an instruction-tuned LLM.")
     model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, dtype=torch.float32)
-    record = {**lora_record(peft_config), "language_model_sha256": weights_sha256(model.state_dict()),
+    record = {**lora_record(peft_config), "language_model_sha256": state_dict_sha256(model.state_dict()),
               "num_genes": num_genes,
               "corpus_fingerprints": corpus_fingerprints(corpus, corpus_summary(corpus_dir)),
               **data_order(training_args, cell_type_balance=0.0), **optimizer_settings(training_args),
