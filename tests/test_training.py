@@ -575,7 +575,7 @@ def test_a_resume_with_other_schedule_or_clipping_settings_is_refused_and_older_
                            ({"max_grad_norm": 0.5}, r"max_grad_norm: 1.0 there, 0.5 now"),
                            ({"optim_args": None}, r'optim_args: "foreach=False" there, null now')):
         with pytest.raises(ValueError, match=rf"checkpoint-2 was trained with another .*{named}.*; resume "
-                                             r"with .* schedule and clipping settings"):
+                                             r"with .* optimizer, schedule, clipping"):
             check_resume(str(checkpoint), optimizer_settings(SFTConfig(**{**settings, **changed}),
                                                              projector_learning_rate=1e-3), str(tmp_path))
     older = {k: v for k, v in record.items() if k not in ("optim_args", "lr_scheduler_type", "lr_scheduler_kwargs",
@@ -603,6 +603,22 @@ def test_a_resume_that_chooses_the_best_checkpoint_otherwise_is_refused(tmp_path
                                          r"\(greater_is_better: false there, true now; metric_for_best_model: "
                                          r'"eval_loss" there, "eval_mean_token_accuracy" now\).* best-checkpoint'):
         check_resume(str(checkpoint), best_checkpoint_choice(accuracy), str(tmp_path))
+
+
+def test_a_checkpoint_of_the_weights_alone_is_refused(parts_and_corpus, tmp_path):
+    """A checkpoint saved with save_only_model holds no optimizer, scheduler or random state: the Trainer resumed from
+    it with Adam's moments and the schedule restarted (info-level logs only), and the final weights differed from
+    the uninterrupted run's by 3e-3, exit 0."""
+    lm_dir, corpus_dir = parts_and_corpus
+    out = tmp_path / "out"
+    steps = dict(max_steps=2, save_strategy="steps", save_steps=2, temperature_fit_cells=0, save_only_model=True)
+    tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final", **steps)
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    with pytest.raises(ValueError, match=r"checkpoint-2 holds the weights only, no optimizer, scheduler or random "
+                                         r"state \(saved with --save_only_model true\).*--save_only_model false"):
+        tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=str(out / "checkpoint-2"),
+                    **{**steps, "max_steps": 4})
+    assert not (tmp_path / "final-2").exists()
 
 
 def test_a_resume_with_another_validation_cap_is_refused_with_a_pretrained_encoder(parts_and_corpus, tmp_path):

@@ -231,21 +231,30 @@ def resumed_checkpoint(checkpoint: str | bool | None, output_dir: str) -> Path |
 
 
 def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -> None:
-    """Refuse to resume from a checkpoint trained with another gene encoder, language model (its weights' checksum:
-    `text_model_name_or_path` or `init_from`), projector or LoRA settings (`trained_with`): its projector and
-    adapters fit those, and would silently train on, or fail to load into, others; or on another corpus or max_train_samples (`corpus_fingerprints`): the final model would record only
-    the second corpus, so evaluation's check that the test cells are not its training cells passed on a corpus it
-    had partly trained on; or with another max_eval_samples: the best checkpoint would be chosen among validation
-    losses on other cells; or with another batch or data order (`data_order`) or training texts (definitions, loss
-    on labels only): the resumed run skips other cells than it trained on, exit 0 with the step count of a whole
-    run; or with other optimizer, schedule or clipping settings (`optimizer_settings`), which the checkpoint's
-    optimizer state silently replaces, or which silently change the steps left; or with another loss
-    (`loss_settings`), dropout (LoRA's, the projector's) or choice of the best checkpoint (`best_checkpoint_choice`). A setting the checkpoint does not
-    record (saved before it was recorded) is not checked. `checkpoint` True is the Trainer's: the last checkpoint in
-    `output_dir`."""
+    """Refuse to resume from a checkpoint trained with another gene encoder, language model (its weights'
+    checksum: `text_model_name_or_path` or `init_from`), projector or LoRA settings (`trained_with`): its
+    projector and adapters fit those, and would silently train on, or fail to load into, others; or on another
+    corpus or max_train_samples (`corpus_fingerprints`): the final model would record only the second corpus, so
+    evaluation's check that the test cells are not its training cells passed on a corpus it had partly trained
+    on; or with another max_eval_samples: the best checkpoint would be chosen among validation losses on other
+    cells; or with another batch or data order (`data_order`) or training texts (definitions, loss on labels
+    only): the resumed run skips other cells than it trained on, exit 0 with the step count of a whole run; or
+    with other optimizer, schedule or clipping settings (`optimizer_settings`), which the checkpoint's optimizer
+    state silently replaces, or which silently change the steps left; or with another loss (`loss_settings`),
+    dropout (LoRA's, the projector's) or choice of the best checkpoint (`best_checkpoint_choice`). Also refused:
+    a checkpoint of the weights alone (`save_only_model`), which the Trainer resumed from with a new optimizer
+    and schedule. A setting the checkpoint does not record (saved before it was recorded) is not checked.
+    `checkpoint` True is the Trainer's: the last checkpoint in `output_dir`."""
     checkpoint = resumed_checkpoint(checkpoint, output_dir)
     if checkpoint is None:
         return
+    if (checkpoint / "trainer_state.json").is_file() and not any(checkpoint.glob("rng_state*.pth")):
+        # the Trainer saves the optimizer's, scheduler's and random states, then its own state (all but the last not
+        # with save_only_model), and resumes without the first three, logging at info level only
+        raise ValueError(f"{checkpoint} holds the weights only, no optimizer, scheduler or random state (saved with "
+                         "--save_only_model true), so a resumed run would restart Adam's moments and the learning-rate "
+                         "schedule and end other than the uninterrupted run: train anew in a new --output_dir, with "
+                         "--save_only_model false to be able to resume.")
     # A run stopped between a checkpoint's weights and its record leaves it without one: its run's other
     # checkpoints (one run per output_dir, `check_output_dir`) record the same settings.
     records = [checkpoint / TRAINED_WITH_FILE,
