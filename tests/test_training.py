@@ -450,7 +450,8 @@ def test_a_resume_with_another_encoder_or_lora_settings_is_refused_and_keeps_the
     # another LLM of the same shape (another text_model_name_or_path or init_from) took the checkpoint's adapters
     # and projector and trained on, exit 0
     _, other_lm = save_tiny_parts(tmp_path / "other-parts", seed=1)
-    with pytest.raises(ValueError, match=r"another language_model_sha256 than this run's"):
+    with pytest.raises(ValueError, match=r"another language_model_sha256 than this run's .*; resume with the corpus, "
+                                         r"encoder, language model \(text_model_name_or_path or init_from\)"):
         tiny_recipe(other_lm, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint)
     # the checkpoint's optimizer state replaced the learning rates given: a resume at 10x trained at 1x, exit 0
     with pytest.raises(ValueError, match=r"another learning_rate, projector_learning_rate than this run's "
@@ -475,8 +476,8 @@ def test_a_resume_with_another_encoder_or_lora_settings_is_refused_and_keeps_the
             ("projector_hidden_size", 32, "projector_hidden_size", "projector_hidden_size: 16 there, 32 now"),
             ("cell_type_head_loss_weight", 0.5, "cell_type_head, cell_type_head_loss_weight",
              'cell_type_head: null there, "linear" now; cell_type_head_loss_weight: 0.0 there, 0.5 now')):
-        with pytest.raises(ValueError, match=rf"another {names} than this run's "
-                                             rf"\({named}\); resume with the corpus, encoder, projector"):
+        with pytest.raises(ValueError, match=rf"another {names} than this run's \({named}\); resume with the "
+                                             r"corpus, encoder, language model .*, projector"):
             tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final-2", resume_from_checkpoint=checkpoint,
                         **{setting: value})
     with pytest.raises(ValueError, match=r"prepared in .* for another epochs; .* would overwrite it.*--output_dir"):

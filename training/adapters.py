@@ -273,9 +273,10 @@ def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -
     if changed:
         differences = "; ".join(f"{k}: {_shown(saved.get(k))} there, {_shown(record.get(k))} now" for k in changed)
         raise ValueError(f"{checkpoint} was trained with another {', '.join(changed)} than this run's ({differences}); "
-                         "resume with the corpus, encoder, projector, LoRA, batch (per-device size x processes x "
-                         "accumulation steps), data, loss, optimizer, schedule, clipping and best-checkpoint "
-                         "settings it was trained with, or train anew in a new --output_dir.")
+                         "resume with the corpus, encoder, language model (text_model_name_or_path or init_from), "
+                         "projector, LoRA, batch (per-device size x processes x accumulation steps), data, loss, "
+                         "optimizer, schedule, clipping and best-checkpoint settings it was trained with, or train "
+                         "anew in a new --output_dir.")
 
 
 def _shown(value: Any) -> str:
