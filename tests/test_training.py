@@ -554,6 +554,23 @@ def test_a_resume_on_another_corpus_is_refused(tmp_path):
     check_resume(str(checkpoint), {**record, "corpus_fingerprints": {"train": "bbbb"}}, str(tmp_path))
 
 
+def test_the_weights_checksum_is_of_the_names_and_bytes_as_checkpoints_recorded_it():
+    """`state_dict_sha256` hashes the tensors' memory without copying it (a copy of each tensor doubled its time), and
+    gives the checksum checkpoints recorded before: of each name and the tensor's bytes, in name order (slices,
+    transposes, bf16 and scalars too)."""
+    import hashlib
+
+    from training.adapters import state_dict_sha256
+
+    weights = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    state = {"b": weights[1:], "a": weights.t(), "c": weights.to(torch.bfloat16), "d": torch.tensor(3.5)}
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    assert state_dict_sha256(state) == digest.hexdigest()
+
+
 def test_a_resume_with_other_schedule_or_clipping_settings_is_refused_and_older_records_still_resume(tmp_path):
     """The scheduler's state holds its step only: a resume with another lr_scheduler_kwargs (cosine_with_min_lr's
     min_lr 1e-4 -> 5e-4: the fourth step at 5.7e-4 instead of 2.3e-4), scheduler, warmup, max_grad_norm or

@@ -144,7 +144,7 @@ def state_dict_sha256(state_dict: dict) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(state_dict.items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy
     return digest.hexdigest()
 
 
