@@ -1132,6 +1132,40 @@ def test_the_auxiliary_heads_gradients_are_zeroed_each_step_and_a_resume_goes_on
                     resume_from_checkpoint=str(resumed_dir / "checkpoint-2"), **head)
 
 
+def test_the_auxiliary_heads_gradients_are_zeroed_after_a_skipped_optimizer_step(parts_and_corpus, tmp_path):
+    """fp16's gradient scaler skips the optimizer's step on an overflow (often the first steps): the head's gradients
+    were zeroed only by the optimizer's step, so its inf gradients stayed, every later step overflowed and was
+    skipped too, and the run ended untrained, exit 0. Here the overflow is made by hand, on the CPU."""
+    from transformers import TrainerCallback
+
+    from training.collator import Cell2TextDataCollator
+
+    model, processor, corpus, common = peft_model_and_trainer_settings(parts_and_corpus, tmp_path)
+    finite = []
+
+    class OverflowOnTheFirstStep(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            head = list(trainer.cell_type_head.parameters())
+            if state.global_step == 0:  # inf gradients, and no step (nor its hooks), as the scaler does
+                for parameter in [*model.parameters(), *head]:
+                    if parameter.grad is not None:
+                        parameter.grad.fill_(float("inf"))
+                trainer.optimizer.optimizer.step = lambda *args, **kwargs: None
+            else:
+                finite.append(all(bool(torch.isfinite(p.grad).all()) for p in head if p.grad is not None))
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            vars(trainer.optimizer.optimizer).pop("step", None)  # the optimizer's own step again
+
+    trainer = Cell2TextSFTTrainer(**{**common, "data_collator": Cell2TextDataCollator(processor, cell_type_index=True),
+                                     "args": dataclasses.replace(common["args"], max_steps=2, save_strategy="no",
+                                                                 per_device_train_batch_size=4)},
+                                  cell_type_head_loss_weight=0.5, callbacks=[OverflowOnTheFirstStep()])
+    trainer.train()
+    assert finite == [True]
+    assert all(bool(torch.isfinite(p).all()) for p in trainer.cell_type_head.parameters())
+
+
 def test_the_auxiliary_heads_gradients_are_clipped_with_the_models_as_one_norm(parts_and_corpus, tmp_path):
     """max_grad_norm clips every trained parameter as one vector, the head's too (no part of the model): the Trainer
     clipped the model's alone, so the head's gradients stayed 16x the limit while the model's were cut to it."""

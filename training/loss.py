@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from modeling_cell2text.label_scoring import candidate_sentence_tokens
@@ -91,6 +92,18 @@ def check_one_process_losses(world_size: int, **weights: float) -> None:
 CELL_TYPE_HEAD_FILE = "cell2text_cell_type_head.safetensors"
 
 
+class HeadGradientsZeroed(TrainerCallback):
+    """Zeroes the auxiliary head's gradients after each optimizer step, skipped or not, as the Trainer zeroes the
+    model's (`model.zero_grad()`; the head is no part of the model): unzeroed they summed every step's, and where fp16's
+    gradient scaler skipped a step on an overflow, the head's inf gradients stayed and every later step was skipped."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        self.head = head
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.head.zero_grad(set_to_none=True)
+
+
 class LabelledPositionsLossMixin:
     """For `SFTTrainer` subclasses: the training loss from logits at labelled positions only.
 
@@ -122,6 +135,7 @@ class LabelledPositionsLossMixin:
         super().__init__(*args, **kwargs)
         if self.cell_type_head_loss_weight > 0:
             self.cell_type_head = self._new_cell_type_head()
+            self.add_callback(HeadGradientsZeroed(self.cell_type_head))
         if self.cell_type_choice_loss_weight > 0:
             self._choice_tree = self._cell_type_choice_tree()
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)

@@ -278,10 +278,7 @@ class Cell2TextSFTTrainer(NoStepPastMaxStepsMixin, MultiProcessTrainingMixin, La
         ]
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         optimizer_kwargs.pop("lr", None)
-        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
-        if self.cell_type_head is not None:  # the Trainer zeroes the model's gradients only: the head's summed every
-            head = self.cell_type_head       # step's since the first
-            self.optimizer.register_step_post_hook(lambda *_: head.zero_grad(set_to_none=True))
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)  # the head's gradients: HeadGradientsZeroed
         return self.optimizer
 
 
