@@ -1677,17 +1677,34 @@ def test_a_run_resumed_from_its_checkpoint_at_max_steps_trains_no_further_step(p
     assert not (tmp_path / "shorter").exists()
 
 
-def test_a_chat_template_given_to_trl_is_the_saved_models(parts_and_corpus, tmp_path):
+def test_a_chat_template_given_to_trl_is_the_saved_models_and_the_resumes(parts_and_corpus, tmp_path):
     """The second reader's finding: TRL's --chat_template_path sets the processor's template inside SFTTrainer, after
-    the processor's checksum was taken, so the final save refused the processor the model had trained with."""
+    the processor's checksum was taken, so the final save refused the processor the model had trained with. A resume
+    must train on with the same template."""
     from tiny_parts import CHATML_TEMPLATE
 
     lm_dir, corpus_dir = parts_and_corpus
     template = tmp_path / "template.jinja"
     template.write_text(CHATML_TEMPLATE.replace("message['content']", "(message['content'] | trim)"))
-    final = tiny_recipe(lm_dir, corpus_dir, tmp_path / "out", tmp_path / "final", max_steps=1,
-                        temperature_fit_cells=0, chat_template_path=str(template))
+    out, settings = tmp_path / "out", {"max_steps": 2, "save_strategy": "steps", "save_steps": 1,
+                                       "temperature_fit_cells": 0}
+    final = tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final", chat_template_path=str(template), **settings)
     assert AutoProcessor.from_pretrained(final).chat_template == template.read_text()
+    # TRL set it inside the trainer, after the run's record was taken: a resume with the tokenizer's own template
+    # trained its steps left on other texts, exit 0
+    with pytest.raises(ValueError, match=r"checkpoint-1 was trained with another processor_prompt than this run's.*"
+                                         r"resume with .*processor \(tokenizer, --chat_template_path, prompts\)"):
+        tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "other", resume_from_checkpoint=str(out / "checkpoint-1"),
+                    **settings)
+    assert not (tmp_path / "other").exists()
+    resumed = tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "resumed", chat_template_path=str(template),
+                          resume_from_checkpoint=str(out / "checkpoint-1"), **settings)
+    assert AutoProcessor.from_pretrained(resumed).chat_template == template.read_text()
+    # TRL's other form clones a tokenizer's template and resizes the LLM: it failed inside the trainer, after the
+    # encoder's preparation
+    with pytest.raises(ValueError, match=r"chat_template_path .* is not a .jinja or .j2 file.*pass that file"):
+        tiny_recipe(lm_dir, corpus_dir, tmp_path / "clone", tmp_path / "cloned", chat_template_path=str(lm_dir))
+    assert not (tmp_path / "clone").exists()
 
 
 def test_earlier_checkpoints_deleted_by_two_nodes_at_once(tmp_path, monkeypatch):

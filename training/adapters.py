@@ -241,7 +241,9 @@ def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -
     only): the resumed run skips other cells than it trained on, exit 0 with the step count of a whole run; or
     with other optimizer, schedule or clipping settings (`optimizer_settings`), which the checkpoint's optimizer
     state silently replaces, or which silently change the steps left; or with another loss (`loss_settings`),
-    dropout (LoRA's, the projector's) or choice of the best checkpoint (`best_checkpoint_choice`). Also refused:
+    dropout (LoRA's, the projector's) or choice of the best checkpoint (`best_checkpoint_choice`); or with another
+    processor (its checksums, `processor_sha256`: tokenizer, chat template, prompts, labels), whose texts the steps
+    left would train on. Also refused:
     a checkpoint of the weights alone (`save_only_model`), which the Trainer resumed from with a new optimizer
     and schedule. A setting the checkpoint does not record (saved before it was recorded) is not checked.
     `checkpoint` True is the Trainer's: the last checkpoint in `output_dir`."""
@@ -274,7 +276,8 @@ def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -
         differences = "; ".join(f"{k}: {_shown(saved.get(k))} there, {_shown(record.get(k))} now" for k in changed)
         raise ValueError(f"{checkpoint} was trained with another {', '.join(changed)} than this run's ({differences}); "
                          "resume with the corpus, encoder, language model (text_model_name_or_path or init_from), "
-                         "projector, LoRA, batch (per-device size x processes x accumulation steps), data, loss, "
+                         "projector, LoRA, processor (tokenizer, --chat_template_path, prompts), batch (per-device "
+                         "size x processes x accumulation steps), data, loss, "
                          "optimizer, schedule, clipping and best-checkpoint settings it was trained with, or train "
                          "anew in a new --output_dir.")
 

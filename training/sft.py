@@ -612,6 +612,22 @@ def check_init_from_settings(args: Cell2TextArguments, config: Any) -> None:
                          "to change them.")
 
 
+def read_chat_template(path: str | None) -> str | None:
+    """The chat template of TRL's `--chat_template_path` (None: the processor's own), which the recipe sets on the
+    processor itself, before the run's record is taken (`check_resume`): set by TRL inside the trainer, a resume
+    with another template trained the steps left on other texts, exit 0. TRL's other form, a tokenizer to clone the
+    template from, is refused: it adds that tokenizer's special tokens and resizes the language model's embeddings,
+    which the processor is not (it failed inside the trainer, after the encoder's preparation)."""
+    if path is None:
+        return None
+    if not (Path(path).is_file() and path.endswith((".jinja", ".j2"))):
+        raise ValueError(f"--chat_template_path {path} is not a .jinja or .j2 file: the recipe reads a Jinja chat "
+                         "template from a file, and does not clone one from another tokenizer (that adds its special "
+                         "tokens to the language model). Save the template to a file, e.g. "
+                         "Path('template.jinja').write_text(tokenizer.chat_template), and pass that file.")
+    return Path(path).read_text(encoding="utf-8")
+
+
 def build_model(
     args: Cell2TextArguments, encoder_path: str | None, processor, trust_remote_code: bool = False
 ) -> Cell2TextForConditionalGeneration:
@@ -751,11 +767,12 @@ def calibrate(model, processor, args: Cell2TextArguments, training_args: SFTConf
 def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     """Train and save; returns the folder of the merged, Hub-ready model."""
     check_sft_settings(training_args)  # as given: dataset_kwargs gets skip_prepare_dataset below
+    chat_template = read_chat_template(training_args.chat_template_path)  # set here, not by TRL (see its docstring)
     check_one_process_losses(training_args.world_size, cell_type_head_loss_weight=args.cell_type_head_loss_weight,
                              cell_type_choice_loss_weight=args.cell_type_choice_loss_weight)
     # The collator reads the corpus columns itself: keep them, and skip TRL's text preparation.
     training_args = dataclasses.replace(
-        training_args, remove_unused_columns=False,
+        training_args, remove_unused_columns=False, chat_template_path=None,
         dataset_kwargs={**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True},
     )
     final_dir = Path(args.final_model_dir or Path(training_args.output_dir) / FINAL_DIR)
@@ -775,6 +792,8 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     check_validation_split(corpus, args, training_args)
     trust_remote_code = training_args.trust_remote_code  # off: no code shipped in a model folder runs
     processor = build_processor(args, args.corpus_dir, summary, trust_remote_code, corpus["train"])
+    if chat_template is not None:
+        processor.chat_template = chat_template
     encoder_path = None if args.init_from else gene_encoder_path(args, training_args, corpus, processor, summary)
     if encoder_path is not None:
         fit_processor_to_encoder(processor, encoder_path, trust_remote_code)
@@ -806,6 +825,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
                               cell_type_head_loss_weight=args.cell_type_head_loss_weight,
                               cell_type_choice_loss_weight=args.cell_type_choice_loss_weight),
               "cell_type_stage_steps": args.cell_type_stage_steps,  # a resume skips it: another was ignored
+              **{f"processor_{part}": checksum for part, checksum in processor_sha256(processor).items()},
               **best_checkpoint_choice(training_args)}
     check_resume(training_args.resume_from_checkpoint, record, training_args.output_dir)
     part_settings = {
