@@ -246,6 +246,44 @@ def test_zero3_merge_gathers_through_the_engine_and_builds_the_model_whole(tmp_p
         torch.testing.assert_close(merged_state[name], tensor, atol=0, rtol=0, msg=name)
 
 
+def test_the_recipe_builds_its_model_whole_under_a_live_zero3_config(parts_and_corpus, tmp_path, monkeypatch):
+    """Under accelerate's DeepSpeed ZeRO-3, transformers loads every model partitioned (`deepspeed.zero.Init`, here
+    whatever `zero3_init_flag`), so the resume record's checksums of the gene encoder's and the language model's
+    weights hashed empty partitions: any same-named LLM passed. The recipe builds the encoder and the model whole
+    (DeepSpeed partitions them when training starts). DeepSpeed is not installed here: loading under zero.Init
+    would fail to import it."""
+    from accelerate.utils.deepspeed import HfDeepSpeedConfig
+    from transformers.integrations import is_deepspeed_zero3_enabled, set_hf_deepspeed_config, \
+        unset_hf_deepspeed_config
+
+    from test_training import tiny_recipe
+    from training import sft
+
+    records = []
+
+    class TrainerReached(Exception):
+        pass
+
+    def stop_at_the_trainer(*args, model, callbacks, **kwargs):
+        assert all(parameter.numel() > 0 for parameter in model.parameters())
+        records.append(callbacks[0].record)
+        raise TrainerReached
+
+    monkeypatch.setattr(sft, "Cell2TextSFTTrainer", stop_at_the_trainer)
+    lm_dir, corpus_dir = parts_and_corpus
+    with pytest.raises(TrainerReached):
+        tiny_recipe(lm_dir, corpus_dir, tmp_path / "plain", tmp_path / "plain_final")
+    live_config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    set_hf_deepspeed_config(live_config)
+    try:
+        with pytest.raises(TrainerReached):
+            tiny_recipe(lm_dir, corpus_dir, tmp_path / "zero3", tmp_path / "zero3_final")
+        assert is_deepspeed_zero3_enabled()  # the live config is back for the trainer
+    finally:
+        unset_hf_deepspeed_config()
+    assert records[1] == records[0]  # the weights' checksums of the same parts
+
+
 def test_the_cell2sentence_baseline_under_fsdp_saves_the_one_process_model(parts_and_corpus, two_processes, tmp_path):
     lm_dir, corpus_dir = parts_and_corpus
     baseline_args = ["--num_genes", "8", "--lora_dropout", "0", "--bf16", "false", "--report_to", "none",

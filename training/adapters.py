@@ -376,7 +376,7 @@ def _merged_unsharded_copy(peft_model: Any, full_state: dict) -> Any:
                          f"{sorted(full_state.keys() - dtypes.keys())[:5]}.")
     base = peft_model.get_base_model()
     base_class = type(base).__bases__[1] if isinstance(base, FSDPModule) else type(base)  # FSDP2 subclasses it
-    with _without_zero3_init():
+    with without_zero3_init():
         with torch.device("cpu"), no_init_weights():
             base_copy = base_class(base.config)
         base_copy.tie_weights()  # no_init_weights skips the tying too
@@ -390,9 +390,11 @@ def _merged_unsharded_copy(peft_model: Any, full_state: dict) -> Any:
 
 
 @contextmanager
-def _without_zero3_init() -> Iterator[None]:
-    """Build and merge a model whole on one process while a DeepSpeed ZeRO-3 config is live: transformers otherwise
-    partitions every model it constructs (`deepspeed.zero.Init`, which needs every process), and PEFT gathers."""
+def without_zero3_init() -> Iterator[None]:
+    """Build a model whole while a DeepSpeed ZeRO-3 config is live: transformers otherwise partitions every model it
+    loads (`deepspeed.zero.Init`, which needs every process; PEFT gathers), whatever accelerate's `zero3_init_flag`.
+    The recipe builds its model whole on every process (DeepSpeed partitions it when training starts: the weights'
+    checksums of the resume record hashed empty partitions), and merges it whole on one."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
     if not hf_deepspeed.is_deepspeed_zero3_enabled():

@@ -72,6 +72,7 @@ from training.adapters import (
     save_merged,
     state_dict_sha256,
     stopped_cleanly,
+    without_zero3_init,
 )
 from training.collator import Cell2TextDataCollator
 from training.evaluation.evaluate import fit_cell_type_temperature, fit_field_temperatures
@@ -794,14 +795,16 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     processor = build_processor(args, args.corpus_dir, summary, trust_remote_code, corpus["train"])
     if chat_template is not None:
         processor.chat_template = chat_template
-    encoder_path = None if args.init_from else gene_encoder_path(args, training_args, corpus, processor, summary)
+    with without_zero3_init():  # built whole on every process, also under ZeRO-3 (`without_zero3_init`)
+        encoder_path = None if args.init_from else gene_encoder_path(args, training_args, corpus, processor, summary)
     if encoder_path is not None:
         fit_processor_to_encoder(processor, encoder_path, trust_remote_code)
 
     # 2. The model; the new weights (projector, then LoRA in the trainer) start from the seed whether the encoder
     # was prepared now or reused.
     set_training_seed(training_args)
-    model = build_model(args, encoder_path, processor, trust_remote_code)
+    with without_zero3_init():
+        model = build_model(args, encoder_path, processor, trust_remote_code)
     if args.init_from is not None:
         check_init_from_settings(args, model.config)
     record_training_corpus(model.config, summary.get("fingerprints"))  # evaluation refuses another build
