@@ -133,6 +133,12 @@ def test_a_resume_with_other_settings_is_refused(parts_and_corpus, tmp_path):
         with pytest.raises(ValueError, match=rf"checkpoint-2 was trained with another {setting} than this run's"):
             train_cell2sentence(corpus_dir, lm_dir, out, **{"num_genes": 8, **other}, overwrite=True,
                                 training_args=tiny_config(out, save_steps=2, resume_from_checkpoint=checkpoint))
+    template = tmp_path / "template.jinja"  # TRL sets it inside the trainer: the steps left trained on other texts
+    template.write_text(AutoTokenizer.from_pretrained(lm_dir).chat_template.replace("message['content']",
+                                                                                   "(message['content'] | trim)"))
+    with pytest.raises(ValueError, match=r"another tokenizer_sha256 than this run's"):
+        train_cell2sentence(corpus_dir, lm_dir, out, num_genes=8, overwrite=True, training_args=tiny_config(
+            out, save_steps=2, resume_from_checkpoint=checkpoint, chat_template_path=str(template)))
     with pytest.raises(ValueError, match=r"another global_batch_size than this run's"):
         train_cell2sentence(corpus_dir, lm_dir, out, num_genes=8, overwrite=True, training_args=tiny_config(
             out, save_steps=2, resume_from_checkpoint=checkpoint, gradient_accumulation_steps=2))

@@ -148,6 +148,20 @@ def state_dict_sha256(state_dict: dict) -> str:
     return digest.hexdigest()
 
 
+def tokenizer_sha256(tokenizer: Any, chat_template_path: str | None) -> str:
+    """A checksum of the texts' tokens a TRL trainer trains on: the tokenizer's vocabulary and the chat template it
+    applies, TRL's `chat_template_path` (a Jinja file's text, or by name the tokenizer TRL clones it from) or the
+    tokenizer's own (a resume with another template trained the steps left on other texts, exit 0)."""
+    import hashlib
+
+    template = tokenizer.chat_template
+    if chat_template_path is not None:
+        path = Path(chat_template_path)
+        template = path.read_text(encoding="utf-8") if path.is_file() else f"cloned from {chat_template_path}"
+    content = json.dumps([sorted(tokenizer.get_vocab().items()), template])
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
 def corpus_fingerprints(corpus: Any, summary: dict) -> dict:
     """Which cells a run trains on: the build's fingerprints, else datasets' fingerprints of the splits."""
     return summary.get("fingerprints") or {split: corpus[split]._fingerprint for split in corpus}

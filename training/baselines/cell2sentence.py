@@ -60,6 +60,7 @@ from training.adapters import (
     parse_training_arguments,
     save_merged,
     state_dict_sha256,
+    tokenizer_sha256,
     stopped_cleanly,
 )
 from training.loss import LabelledPositionsLossMixin
@@ -161,6 +162,7 @@ def build_trainer(
         raise ValueError(f"{text_model_name_or_path} has no chat template; use an instruction-tuned LLM.")
     model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, dtype=torch.float32)
     record = {**lora_record(peft_config), "language_model_sha256": state_dict_sha256(model.state_dict()),
+              "tokenizer_sha256": tokenizer_sha256(tokenizer, training_args.chat_template_path),
               "num_genes": num_genes,
               "corpus_fingerprints": corpus_fingerprints(corpus, corpus_summary(corpus_dir)),
               **data_order(training_args, cell_type_balance=0.0), **optimizer_settings(training_args),
