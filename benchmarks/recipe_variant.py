@@ -10,6 +10,8 @@ encoder (copied, so nothing is re-selected: a change of what the encoder is prep
 is refused before training), without the temperature fit; then the fold's model (the reference) and
 the variant each choose every validation cell's cell type among the known labels (exhaustive scoring, what the
 schema-constrained decoder chooses). The test folds are never read: an idea is kept or dropped on validation only.
+Each model must have been trained on its fold's corpus (a variant of `--variant-folds-dir` on its own fold's, and
+read the reference's cells as its own), else it is refused: a model of folds built since is not scored.
 
 With `--variant-folds-dir` instead of `--set`, nothing is trained: the variant is the fold models of a second
 `benchmarks/quality.py` run, e.g. at a commit that changes the recipe's default (its folds must have the same
@@ -125,16 +127,31 @@ def check_same_folds(reference: Path, variant: Path) -> None:
                              "than the recipe (another seed, fold count or encoder), so their models cannot be paired.")
 
 
-def validation_cell_types(model_dir: Path, corpus, batch_size: int) -> list[str]:
-    """The cell type each validation cell gets by exhaustive scoring of the model's known labels."""
+def validation_cell_types(model_dir: Path, corpus_dir: Path, batch_size: int, trained_on: Path | None = None
+                          ) -> list[str]:
+    """The cell type each validation cell of the corpus at `corpus_dir` gets by exhaustive scoring of the model's
+    known labels. The model must have been trained on that corpus (`evaluate.check_corpus_fits_model`), or, with
+    `trained_on` (a variant of another quality run), on the corpus there, and read this one's cells as its own: a
+    model left by a run on folds built since (another seed or commit; `--resume`) was scored on cells it may have
+    trained on, or on tokens of another gene vocabulary, exit 0."""
     import torch
+
+    from datasets import load_from_disk
 
     from modeling_cell2text.label_scoring import score_cell_types
     from processing.corpus import split_value_lists
-    from training.evaluation.evaluate import batched_inputs, load_model
+    from training.evaluation.evaluate import batched_inputs, check_corpus_fits_model, load_model
 
     model, processor = load_model(model_dir, device="cpu")
-    cells = corpus["validation"]
+    try:
+        if trained_on is not None:
+            check_corpus_fits_model(trained_on, model.config, processor)
+        check_corpus_fits_model(corpus_dir, model.config, processor, other_corpus=trained_on is not None)
+    except ValueError as error:
+        raise SystemExit(f"{model_dir} cannot be scored on the validation cells of {corpus_dir}: {error}\nA variant "
+                         "trained on folds built since: run without --resume (or in another --out); a fold's own "
+                         "model: run benchmarks/quality.py for that fold again.") from None
+    cells = load_from_disk(str(corpus_dir))["validation"]
     with torch.no_grad():
         return [label for inputs in batched_inputs(model, processor, cells["gene_input_ids"],
                                                    split_value_lists(cells, processor.feature_extractor), batch_size,
@@ -200,8 +217,9 @@ def main() -> None:
             train_cell2text(cell2text_args, sft_config)
         corpus = load_from_disk(str(corpus_dir))
         truth = list(corpus["validation"]["cell_type"])
-        predictions = {"reference": validation_cell_types(fold_dir / "cell2text-demo", corpus, args.batch_size),
-                       "variant": validation_cell_types(model_dir, corpus, args.batch_size)}
+        variant_corpus = args.variant_folds_dir / fold_dir.name / "corpus" if args.variant_folds_dir else None
+        predictions = {"reference": validation_cell_types(fold_dir / "cell2text-demo", corpus_dir, args.batch_size),
+                       "variant": validation_cell_types(model_dir, corpus_dir, args.batch_size, variant_corpus)}
         correct = {name: [p == t for p, t in zip(labels, truth)] for name, labels in predictions.items()}
         figures = paired(correct["reference"], correct["variant"])
         folds.append({"fold": fold_dir.name, "cell_id": list(corpus["validation"]["cell_id"]),

@@ -6,15 +6,9 @@ import json
 
 import pytest
 import torch
-from tiny_parts import make_tiny_tokenizer, save_tiny_corpus, tiny_bert_config, tiny_llama_config
+from tiny_parts import save_tiny_corpus, save_tiny_model
 
-from modeling_cell2text import (
-    Cell2TextConfig,
-    Cell2TextFeatureExtractor,
-    Cell2TextForConditionalGeneration,
-    Cell2TextProcessor,
-    save_model_folder,
-)
+from modeling_cell2text import save_model_folder
 from training.evaluation.evaluate import evaluate_model, free_cell_type, load_model
 from training.evaluation.report import write_report
 
@@ -25,21 +19,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def model_and_corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("constrained")
     corpus_dir = save_tiny_corpus(root / "corpus")
-    ontology_ids = json.loads((corpus_dir / "summary.json").read_text())["ontology_term_ids"]
-    feature_extractor = Cell2TextFeatureExtractor.from_pretrained(corpus_dir / "feature_extractor")
-    processor = Cell2TextProcessor(feature_extractor, make_tiny_tokenizer(), num_cell_tokens=8,
-                                   system_prompt="Describe the cell.", user_prompt="Cell: ",
-                                   ontology_term_ids=ontology_ids)
-    torch.manual_seed(0)
-    config = Cell2TextConfig(
-        gene_encoder_config=tiny_bert_config(feature_extractor.vocab_size),
-        text_config=tiny_llama_config(len(processor.tokenizer), initializer_range=0.5),
-        cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16,
-    )
-    model_dir = root / "model"
-    Cell2TextForConditionalGeneration(config).eval().save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
-    return model_dir, corpus_dir
+    return save_tiny_model(root / "model", corpus_dir), corpus_dir
 
 
 def test_load_model_runs_no_folder_code_by_default(model_and_corpus):

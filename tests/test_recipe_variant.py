@@ -99,3 +99,30 @@ def test_a_second_quality_run_is_paired_only_on_the_same_cells_and_encoder(tmp_p
     corpus.save_to_disk(str(tmp_path / "other" / "corpus"))  # checked before the encoder: none is needed here
     with pytest.raises(SystemExit, match="in its validation cells"):
         variant.check_same_folds(folds["reference"], tmp_path / "other")
+
+
+def test_a_model_trained_on_another_build_of_the_folds_is_refused(tmp_path):
+    """A variant model kept by --resume (or a fold's model) trained on another build of the fold's corpus (folds
+    rebuilt since with another seed or commit) was scored on the validation cells with exit 0: cells it may have
+    trained on, or tokens of another gene vocabulary. A variant of a second quality run is checked against its own
+    fold's corpus, and must read the reference's cells as its own."""
+    import shutil
+
+    from tiny_parts import edit_json, save_tiny_corpus, save_tiny_model
+
+    variant = load_benchmark("recipe_variant")
+    corpus_dir = save_tiny_corpus(tmp_path / "fold-0" / "corpus")
+    edit_json(corpus_dir / "summary.json", lambda s: s.update(fingerprints={"train": "a", "validation": "b"}))
+    model_dir = save_tiny_model(tmp_path / "model", corpus_dir,
+                                training_corpus_fingerprints={"train": "a", "validation": "b"})
+    assert len(variant.validation_cell_types(model_dir, corpus_dir, 4)) == 8  # its own build: scored
+    rebuilt = tmp_path / "rebuilt" / "fold-0" / "corpus"
+    shutil.copytree(corpus_dir, rebuilt)
+    edit_json(rebuilt / "summary.json", lambda s: s.update(fingerprints={"train": "c", "validation": "d"}))
+    with pytest.raises(SystemExit, match="cannot be scored on the validation cells .* not the build the model was "
+                                         "trained on"):
+        variant.validation_cell_types(model_dir, rebuilt, 4)
+    # a variant of a second quality run: trained on its own fold's build, scored on the reference's cells
+    assert len(variant.validation_cell_types(model_dir, rebuilt, 4, trained_on=corpus_dir)) == 8
+    with pytest.raises(SystemExit, match="not the build the model was trained on"):
+        variant.validation_cell_types(model_dir, corpus_dir, 4, trained_on=rebuilt)

@@ -147,6 +147,31 @@ def save_tiny_corpus(root: Path, n_train: int = 32, seed: int = 0, expression_bi
     return out
 
 
+def save_tiny_model(model_dir: Path, corpus_dir: Path, **config) -> Path:
+    """A tiny random Cell2Text model folder (8 cell tokens) with a processor for the corpus at `corpus_dir` (its
+    feature extractor and label -> term table); `config`: further Cell2TextConfig attributes, e.g. the
+    training_corpus_fingerprints training.sft records."""
+    import json
+
+    from modeling_cell2text import (Cell2TextConfig, Cell2TextFeatureExtractor, Cell2TextForConditionalGeneration,
+                                    Cell2TextProcessor)
+
+    ontology_ids = json.loads((Path(corpus_dir) / "summary.json").read_text())["ontology_term_ids"]
+    feature_extractor = Cell2TextFeatureExtractor.from_pretrained(Path(corpus_dir) / "feature_extractor")
+    processor = Cell2TextProcessor(feature_extractor, make_tiny_tokenizer(), num_cell_tokens=8,
+                                   system_prompt="Describe the cell.", user_prompt="Cell: ",
+                                   ontology_term_ids=ontology_ids)
+    torch.manual_seed(0)
+    model_config = Cell2TextConfig(
+        gene_encoder_config=tiny_bert_config(feature_extractor.vocab_size),
+        text_config=tiny_llama_config(len(processor.tokenizer), initializer_range=0.5),
+        cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16, **config,
+    )
+    Cell2TextForConditionalGeneration(model_config).eval().save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    return Path(model_dir)
+
+
 def encoder_for_vocabulary(encoder_dir: Path, feature_extractor, out_dir: Path) -> Path:
     """A copy of the tiny random encoder recorded as built for this gene vocabulary (as a corpus-prepared one is)."""
     from transformers import AutoModel
