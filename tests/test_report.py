@@ -181,6 +181,13 @@ def test_report_shows_the_cross_validated_benchmark_beside_this_split(tmp_path):
     text = write_report(results, {}, tmp_path, overwrite=True).read_text()
     assert "| This run (fold 1 of 5), 2 training steps only |" in text
     assert "the recipe (this run capped its training steps) in 5-fold" in text and "the same recipe" not in text
+    # A benchmark measured with --max-steps (a smoke run) beside a run of the whole recipe read "the same recipe"
+    # and its figures as the recipe's cross-validated ones.
+    results.pop("max_steps")
+    results["quality_benchmark"]["max_steps"] = 2
+    text = write_report(results, {}, tmp_path, overwrite=True).read_text()
+    assert "the recipe (the benchmark's folds capped at 2 training steps) in 5-fold" in text
+    assert "the same recipe" not in text and "| Cross-validated (pooled), 2 training steps only |" in text
 
 
 def test_report_constraint_section_and_reliability_diagram(tmp_path):

@@ -244,7 +244,10 @@ def _benchmark_section(results: dict) -> list[str]:
     interrupted = (f" (incomplete: folds {', '.join(map(str, folds))} of {benchmark['num_folds']})"
                    if not benchmark.get("complete") else "")
     num_cells = max(figures.get("num_cells", 0) for figures in pooled.values())
-    recipe = "the recipe (this run capped its training steps)" if results.get("max_steps") else "the same recipe"
+    capped = benchmark.get("max_steps")  # a smoke run of the benchmark (--max-steps): not the recipe's figures
+    caps = ["this run capped its training steps" if results.get("max_steps") else None,
+            f"the benchmark's folds capped at {capped} training steps" if capped else None]
+    recipe = f"the recipe ({'; '.join(c for c in caps if c)})" if any(caps) else "the same recipe"
     lines = [
         "## This split beside the cross-validated benchmark", "",
         f"`benchmarks/quality.py`: {recipe} in {benchmark['num_folds']}-fold cross-validation{interrupted}, "
@@ -269,7 +272,8 @@ def _benchmark_section(results: dict) -> list[str]:
             interval = pooled[name].get(f"{metric}_ci95")
             shown = f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
             rows.append([title, metric_title, format_value(this_run.get(name, {}).get(metric)), shown])
-    lines += _table(["Method", "Metric", run_label, "Cross-validated (pooled)"], rows)
+    pooled_label = "Cross-validated (pooled)" + (f", {capped} training steps only" if capped else "")
+    lines += _table(["Method", "Metric", run_label, pooled_label], rows)
     paired = benchmark.get("paired") or {}
     if paired:
         lines += ["Paired on the same test cells, pooled over the folds:", "", *paired_lines(paired), ""]
