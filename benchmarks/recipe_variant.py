@@ -7,7 +7,9 @@ Needs the folds of `benchmarks/quality.py` (`--folds-dir`, default outputs/quali
 its corpus, its prepared gene encoder and its model, and its quality_benchmark.json). For each fold the recipe is trained again on the fold's
 training split with the `--set` overrides (TRL / Cell2Text argument names), from the same seed and the same prepared
 encoder (copied, so nothing is re-selected: a change of what the encoder is prepared for, such as num_cell_tokens,
-is refused before training), without the temperature fit; then the fold's model (the reference) and
+is refused before training), on the thread count the fold's model trained on (where quality.py recorded it) and in
+its precision (a CPU without the folds' CPU's native bf16 kernels, or with them where the folds' had none, is
+refused unless --set names bf16), without the temperature fit; then the fold's model (the reference) and
 the variant each choose every validation cell's cell type among the known labels (exhaustive scoring, what the
 schema-constrained decoder chooses). The test folds are never read: an idea is kept or dropped on validation only.
 Each model must have been trained on its fold's corpus (a variant of `--variant-folds-dir` on its own fold's, and
@@ -127,6 +129,41 @@ def check_same_folds(reference: Path, variant: Path) -> None:
                              "than the recipe (another seed, fold count or encoder), so their models cannot be paired.")
 
 
+def check_same_machine_precision(benchmark: dict, pairs: list[str]) -> None:
+    """Refuse to train a variant on a CPU that trains the recipe in another precision than the folds' machine did:
+    where a CPU lacks native bf16 kernels the recipe turns demo.yaml's bf16 autocast off (`parse_training_arguments`),
+    so float32 against bf16 would be reported as the --set change. A --set naming bf16 or fp16 chooses it; a
+    benchmark that did not record its CPU's kernels, or ran on a GPU, is not checked."""
+    import torch
+
+    from training.adapters import cpu_bf16_is_fast
+
+    if any(pair.partition("=")[0] in ("bf16", "fp16") for pair in pairs) or torch.cuda.is_available():
+        return
+    recorded = (benchmark.get("environment") or {}).get("cpu_bf16_kernels")
+    if recorded is None or str(benchmark.get("device", "")).startswith("GPU"):
+        return
+    here = cpu_bf16_is_fast()
+    if recorded != here:
+        def precision(fast: bool) -> str:
+            return "bf16 autocast" if fast else "float32"
+
+        raise SystemExit(
+            f"The folds were trained on a CPU {'with' if recorded else 'without'} native bf16 kernels "
+            f"({precision(recorded)}), this one has {'them' if here else 'none'} ({precision(here)}): the variant "
+            "would differ from the reference by its precision too. Run on a machine like the folds', or name the "
+            f"precision in --set (bf16={str(recorded).lower()} trains as the folds did).")
+
+
+def reference_training_threads(benchmark: dict, fold_name: str) -> int | None:
+    """The thread count the fold's model trained on (quality.py records it per fold; None where it does not): a
+    training's float sums, and so its weights, depend on it, so the variant trains on as many."""
+    for fold in benchmark.get("folds") or []:
+        if f"fold-{fold.get('fold')}" == fold_name:
+            return (fold.get("training_threads") or {}).get("cell2text")
+    return None
+
+
 def validation_cell_types(model_dir: Path, corpus_dir: Path, batch_size: int, trained_on: Path | None = None
                           ) -> list[str]:
     """The cell type each validation cell of the corpus at `corpus_dir` gets by exhaustive scoring of the model's
@@ -175,7 +212,7 @@ def main() -> None:
     args = parse_args()
     from datasets import load_from_disk
 
-    from training.demo import sft_arguments
+    from training.demo import sft_arguments, torch_threads
     from training.gene_encoder import PREPARED_ENCODER_DIR
     from training.prepare_demo_llm import prepare_demo_llm
     from training.sft import main as train_cell2text
@@ -192,6 +229,8 @@ def main() -> None:
     seed = str(benchmark["seed"])  # the folds' recipe seed, so the variant differs from the reference only by --set
     if benchmark.get("max_steps"):
         overrides = ["--max_steps", str(benchmark["max_steps"]), *overrides]
+    if args.variant_folds_dir is None:
+        check_same_machine_precision(benchmark, args.overrides)
     llm_dir = prepare_demo_llm()
     folds = []
     for fold_dir in fold_dirs:
@@ -214,7 +253,8 @@ def main() -> None:
                 "--overwrite_final_model_dir", "true", "--overwrite_output_dir", "true", "--temperature_fit_cells", "0",
                 "--seed", seed, *overrides])
             check_encoder_reused(fold_dir, cell2text_args, sft_config, args.overrides)
-            train_cell2text(cell2text_args, sft_config)
+            with torch_threads(reference_training_threads(benchmark, fold_dir.name)):
+                train_cell2text(cell2text_args, sft_config)
         corpus = load_from_disk(str(corpus_dir))
         truth = list(corpus["validation"]["cell_type"])
         variant_corpus = args.variant_folds_dir / fold_dir.name / "corpus" if args.variant_folds_dir else None

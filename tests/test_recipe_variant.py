@@ -126,3 +126,55 @@ def test_a_model_trained_on_another_build_of_the_folds_is_refused(tmp_path):
     assert len(variant.validation_cell_types(model_dir, rebuilt, 4, trained_on=corpus_dir)) == 8
     with pytest.raises(SystemExit, match="not the build the model was trained on"):
         variant.validation_cell_types(model_dir, corpus_dir, 4, trained_on=rebuilt)
+
+
+def test_the_variant_trains_on_the_folds_thread_count_and_precision(tmp_path, monkeypatch, capsys):
+    """The variant trained on the process's threads while the fold's model had trained on those quality.py records
+    (a training's weights depend on its thread count), and on a CPU whose lack of bf16 kernels turned the recipe's
+    bf16 autocast off (float32 against the folds' bf16): both differences were reported as the --set change."""
+    import sys
+
+    import torch
+    from tiny_parts import save_tiny_corpus
+
+    import training.prepare_demo_llm
+    import training.sft
+    from training.adapters import cpu_bf16_is_fast
+    from training.gene_encoder import PREPARED_ENCODER_DIR
+
+    variant = load_benchmark("recipe_variant", monkeypatch)
+    folds = tmp_path / "folds"
+    save_tiny_corpus(folds / "fold-0" / "corpus")
+    (folds / "fold-0" / "sft" / PREPARED_ENCODER_DIR).mkdir(parents=True)
+    (folds / "fold-0" / "cell2text-demo").mkdir()
+    (folds / "fold-0" / "cell2text-demo" / "config.json").write_text("{}")
+    benchmark = {"seed": 0, "max_steps": None, "device": "CPU only (1 threads)",
+                 "environment": {"cpu_bf16_kernels": cpu_bf16_is_fast()},
+                 "folds": [{"fold": 0, "training_threads": {"cell2text": 1}}]}
+    (folds / "quality_benchmark.json").write_text(json.dumps(benchmark))
+    threads = []
+    monkeypatch.setattr(training.sft, "main", lambda *args: threads.append(torch.get_num_threads()))
+    monkeypatch.setattr(training.prepare_demo_llm, "prepare_demo_llm", lambda: tmp_path / "llm")
+    monkeypatch.setattr(variant, "check_encoder_reused", lambda *args: None)
+    monkeypatch.setattr(variant, "validation_cell_types", lambda model_dir, corpus_dir, *rest: ["B cell"] * 4)
+    argv = ["recipe_variant.py", "--set", "num_train_epochs=2", "--folds-dir", str(folds)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path / "out")])
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        variant.main()
+        assert threads == [1] and torch.get_num_threads() == 3  # the fold's count, then the process's again
+    finally:
+        torch.set_num_threads(before)
+    # folds trained where the recipe chose the other precision: refused, unless --set names it
+    benchmark["environment"]["cpu_bf16_kernels"] = not cpu_bf16_is_fast()
+    (folds / "quality_benchmark.json").write_text(json.dumps(benchmark))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine, as the folds'
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path / "other")])
+    with pytest.raises(SystemExit, match="differ from the reference by its precision too"):
+        variant.main()
+    assert threads == [1]  # refused before training
+    monkeypatch.setattr(sys, "argv", [*argv[:3], f"bf16={str(not cpu_bf16_is_fast()).lower()}", *argv[3:],
+                                      "--out", str(tmp_path / "named")])
+    variant.main()
+    assert len(threads) == 2
