@@ -24,7 +24,7 @@ every baseline on the same cells: the accuracy difference, the cells only one of
 McNemar p-value. Written: `<out>/quality_benchmark.json` (per-fold figures and predictions per cell, pooled
 figures, date, commit, device), rewritten after every fold with `"complete": false` until the last, so an
 interrupted run keeps what it measured; `--resume` reuses the folds measured at the same commit with the same
-settings. Uses the GPU when there is one. About 10 minutes per fold on 2 CPU cores (50 min for the 5 folds,
+settings in the same environment (each fold records its CPU, bf16 kernels, GPU and package versions). Uses the GPU when there is one. About 10 minutes per fold on 2 CPU cores (50 min for the 5 folds,
 measured 2026-12-05); not part of CI. It imports the project's modules as it goes, so run it from a checkout
 nobody edits meanwhile (`git worktree add ../quality-run HEAD`; `--out` may point anywhere).
 """
@@ -181,8 +181,11 @@ def environment() -> dict:
             packages[name] = None
     from training.adapters import cpu_bf16_is_fast
 
+    import torch
+
     return {"cpu": model, "cpu_bf16": sorted(set(flags) & {"avx512_bf16", "amx_bf16"}),
             "cpu_bf16_kernels": cpu_bf16_is_fast(),  # False: the recipe trained in float32 on the CPU
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": platform.python_version(), "packages": packages}
 
 
@@ -224,7 +227,8 @@ def run_fold(out_dir: Path, fold: int, num_folds: int, seed: int, with_cell2sent
                  one_training_at_a_time=one_training_at_a_time)
     results = json.loads((report.parent / "results.json").read_text())
     return {"fold": fold, "methods": method_figures(results), "cells": fold_cells(out_dir),
-            "timings_s": results.get("timings_s"), "training_threads": results.get("training_threads")}
+            "timings_s": results.get("timings_s"), "training_threads": results.get("training_threads"),
+            "environment": environment()}
 
 
 def check_partition(folds: Sequence[dict]) -> None:
@@ -303,6 +307,15 @@ def reusable_folds(path: Path, settings: dict) -> dict[int, dict]:
     if mismatched:
         raise SystemExit(f"{path} was measured with other settings ({mismatched}: earlier, now); it cannot be "
                          "resumed. Pass another --out, or remove it to start over.")
+    here = environment()
+    for fold in earlier["folds"]:  # a fold measured before folds were recorded each: the run's machine
+        measured = fold.get("environment", earlier.get("environment"))
+        if measured != here:
+            differ = sorted(k for k in {*here, *(measured or {})} if (measured or {}).get(k) != here.get(k))
+            raise SystemExit(f"Fold {fold['fold']} of {path} was measured on another machine or with other packages "
+                             f"({', '.join(differ)} differ): its figures are that environment's (another precision, "
+                             "other kernels or library releases train other weights), so it cannot be pooled with "
+                             "folds measured here. Resume on that machine, or pass another --out.")
     return {fold["fold"]: fold for fold in earlier["folds"]}
 
 
@@ -349,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--max-steps", type=positive_int, default=None,
                         help="Cap training steps (a smoke run, not the recipe).")
     parser.add_argument("--resume", action="store_true",
-                        help="Reuse the folds of <out>/quality_benchmark.json measured at this commit and settings.")
+                        help="Reuse the folds of <out>/quality_benchmark.json measured at this commit and settings, "
+                             "on a machine like this one (CPU, bf16 kernels, GPU, package versions).")
     parser.add_argument("--rescore", action="store_true",
                         help="Compute the pooled figures and paired tests of <out>/quality_benchmark.json again from "
                              "its fold folders (nothing is trained), e.g. after the pooling changed.")

@@ -178,6 +178,23 @@ def test_an_interrupted_benchmark_keeps_its_folds_and_resumes_from_them(tmp_path
         quality.main(["--folds", "3", "--out", str(tmp_path), "--resume"])
 
 
+def test_folds_measured_in_another_environment_are_not_resumed(tmp_path, stubbed, monkeypatch):
+    """Folds are merged with --resume from several processes; one measured on another machine (bf16 kernels there,
+    float32 here) or with other library releases was pooled with the others, and the JSON recorded only the last
+    process's environment. Each fold records its own, and a fold of another is refused."""
+    quality.main(["--folds", "2", "--only-folds", "0", "--out", str(tmp_path)])
+    here = quality.environment()
+    saved = json.loads((tmp_path / "quality_benchmark.json").read_text())
+    assert saved["folds"][0]["environment"] == here == saved["environment"]
+    monkeypatch.setattr(quality, "environment", lambda: {**here, "cpu_bf16_kernels": not here["cpu_bf16_kernels"]})
+    with pytest.raises(SystemExit, match=r"Fold 0 of .* another machine or with other packages \(cpu_bf16_kernels "
+                                         "differ\)"):
+        quality.main(["--folds", "2", "--only-folds", "1", "--out", str(tmp_path), "--resume"])
+    monkeypatch.setattr(quality, "environment", lambda: here)
+    assert [fold["fold"] for fold in quality.main(["--folds", "2", "--out", str(tmp_path), "--resume"])["folds"]] \
+        == [0, 1]
+
+
 def test_a_benchmark_cut_off_while_written_keeps_the_folds_written_before(tmp_path, stubbed, monkeypatch):
     """The JSON is rewritten after every fold of a run of hours: one cut off mid-write (a session's time limit) was
     left half written, every fold lost, and --resume ended in a JSONDecodeError traceback."""
