@@ -178,3 +178,9 @@ def test_the_variant_trains_on_the_folds_thread_count_and_precision(tmp_path, mo
                                       "--out", str(tmp_path / "named")])
     variant.main()
     assert len(threads) == 2
+    # folds trained on a GPU, the variant here on a CPU: refused, whatever --set says
+    (folds / "quality_benchmark.json").write_text(json.dumps({**benchmark, "device": "GPU: NVIDIA H100"}))
+    monkeypatch.setattr(sys, "argv", [*sys.argv[:-1], str(tmp_path / "gpu")])
+    with pytest.raises(SystemExit, match="trained on GPU: NVIDIA H100, this machine has none"):
+        variant.main()
+    assert len(threads) == 2
