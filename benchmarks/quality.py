@@ -322,13 +322,16 @@ def reusable_folds(path: Path, settings: dict) -> dict[int, dict]:
 def rescore(path: Path) -> dict:
     """The benchmark at `path` with its pooled figures and paired tests computed again from its fold folders beside
     it (`fold_cells`), e.g. after the pooling changed: nothing is trained or generated again. Refuses a fold folder
-    whose cells or predictions are not those the benchmark recorded."""
+    whose cells, predictions or (where recorded) Cell2Text's cell-type probabilities are not those the benchmark
+    recorded."""
     benchmark = read_benchmark(path)
     for fold in benchmark["folds"]:
         fold_dir = path.parent / f"fold-{fold['fold']}"
         cells = fold_cells(fold_dir)
-        for key in ("cell_id", "cell_type_true", "predictions"):
-            if cells[key] != fold["cells"][key]:
+        # the scores too where recorded: a fold folder evaluated again (its predictions unchanged) gave the ECE of
+        # another evaluation's probabilities
+        for key in ("cell_id", "cell_type_true", "predictions", "cell_type_score"):
+            if (key in fold["cells"] or key != "cell_type_score") and cells[key] != fold["cells"][key]:
                 raise SystemExit(f"{fold_dir}: its {key} are not those {path} recorded; it cannot be rescored.")
         fold["cells"] = cells
         for method, scores in cells["ontology_similarity"].items():  # a fold's figure where its run kept none

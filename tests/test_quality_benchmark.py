@@ -366,6 +366,15 @@ def test_rescore_pools_again_from_the_fold_folders_and_refuses_other_predictions
     with pytest.raises(SystemExit, match="its predictions are not those"):
         quality.main(["--out", str(tmp_path), "--rescore"])
 
+    def other_scores(fold_dir):  # the fold folder evaluated again: the same labels, other probabilities
+        cells = cells_with_scores(fold_dir)
+        cells["cell_type_score"] = {"cell2text": [0.95, 0.95, 0.05, 0.05]}
+        return cells
+
+    monkeypatch.setattr(quality, "fold_cells", other_scores)
+    with pytest.raises(SystemExit, match="its cell_type_score are not those"):  # its ECE was that evaluation's
+        quality.main(["--out", str(tmp_path), "--rescore"])
+
 
 def test_a_fold_without_one_prediction_per_test_cell_is_refused():
     """One fold's record a cell short and the next's a cell long paired every later prediction with another cell's
