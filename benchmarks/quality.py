@@ -24,8 +24,9 @@ every baseline on the same cells: the accuracy difference, the cells only one of
 McNemar p-value. Written: `<out>/quality_benchmark.json` (per-fold figures and predictions per cell, pooled
 figures, date, commit, device), rewritten after every fold with `"complete": false` until the last, so an
 interrupted run keeps what it measured; `--resume` reuses the folds measured at the same commit with the same
-settings in the same environment (each fold records its CPU, bf16 kernels, GPU and package versions). Uses the GPU when there is one. About 10 minutes per fold on 2 CPU cores (50 min for the 5 folds,
-measured 2026-12-05); not part of CI. It imports the project's modules as it goes, so run it from a checkout
+settings in the same environment (each fold records its CPU, bf16 kernels, GPU and package versions). Uses the GPU
+when there is one. About 10 minutes per fold on 2 CPU cores (50 min for the 5 folds, measured 2026-12-05); not part
+of CI. It imports the project's modules as it goes, so run it from a checkout
 nobody edits meanwhile (`git worktree add ../quality-run HEAD`; `--out` may point anywhere).
 """
 
@@ -309,9 +310,9 @@ def reusable_folds(path: Path, settings: dict) -> dict[int, dict]:
                          "resumed. Pass another --out, or remove it to start over.")
     here = environment()
     for fold in earlier["folds"]:  # a fold measured before folds were recorded each: the run's machine
-        measured = fold.get("environment", earlier.get("environment"))
-        if measured != here:
-            differ = sorted(k for k in {*here, *(measured or {})} if (measured or {}).get(k) != here.get(k))
+        measured = fold.get("environment", earlier.get("environment")) or {}
+        differ = sorted(k for k in {*here, *measured} if measured.get(k) != here.get(k))  # a key recorded since: None
+        if differ:
             raise SystemExit(f"Fold {fold['fold']} of {path} was measured on another machine or with other packages "
                              f"({', '.join(differ)} differ): its figures are that environment's (another precision, "
                              "other kernels or library releases train other weights), so it cannot be pooled with "

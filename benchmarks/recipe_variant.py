@@ -11,7 +11,8 @@ is refused before training), on the thread count the fold's model trained on (wh
 its precision (a GPU where the folds trained on a CPU or the reverse is refused, and a CPU without the folds' CPU's
 native bf16 kernels, or with them where the folds' had none, unless --set names bf16), without the temperature fit;
 then the fold's model (the reference) and the variant each choose every validation cell's cell type among the known
-labels (exhaustive scoring, what the schema-constrained decoder chooses). The test folds are never read: an idea is kept or dropped on validation only.
+labels (exhaustive scoring, what the schema-constrained decoder chooses). The test folds are never read: an idea is
+kept or dropped on validation only.
 Each model must have been trained on its fold's corpus (a variant of `--variant-folds-dir` on its own fold's, and
 read the reference's cells as its own), else it is refused: a model of folds built since is not scored.
 

@@ -191,6 +191,9 @@ def test_folds_measured_in_another_environment_are_not_resumed(tmp_path, stubbed
                                          "differ\)"):
         quality.main(["--folds", "2", "--only-folds", "1", "--out", str(tmp_path), "--resume"])
     monkeypatch.setattr(quality, "environment", lambda: here)
+    before_gpu = {k: v for k, v in here.items() if k != "gpu"}  # a fold recorded before the GPU was: none then
+    saved["folds"][0]["environment"] = saved["environment"] = before_gpu
+    (tmp_path / "quality_benchmark.json").write_text(json.dumps(saved))
     assert [fold["fold"] for fold in quality.main(["--folds", "2", "--out", str(tmp_path), "--resume"])["folds"]] \
         == [0, 1]
 
