@@ -49,7 +49,8 @@ from processing.ontology_versions import ontology_versions
 from processing.corpus import (METADATA_FIELDS, OBS_CLEANING, REJECTS_COLUMNS, REJECTS_FILE, UNMAPPED_GENES_FILE,
                                SplitWriter, check_max_shard_size, describe, resolve_labels,
                                top_pathways_by_cell_type)
-from processing.gene_medians import ExactGeneMedians, HistogramGeneMedians, expression_values, normalize_total
+from processing.gene_medians import (ExactGeneMedians, HistogramGeneMedians, expression_values, median_inputs_record,
+                                     normalize_total)
 from processing.pathways import (
     DEFAULT_GMT, DEFAULT_SET_SIZES, PATHWAY_GENE_MATCHING, aucell, default_max_rank, display_names, filter_set_sizes,
     membership_matrix, read_gmt, sets_in_data_symbols, top_set_indices, unique_gene_names,
@@ -365,12 +366,15 @@ def _kept_by(options: BuildOptions) -> dict:
     return {"required_fields": sorted(set(options.required_fields)), "keep_non_primary": options.keep_non_primary}
 
 
-def _median_cells(options: BuildOptions) -> dict:
-    """What chose the cells a build's medians count, as summary.json records each: its rejection rules, the
-    ontologies that knew their cell types (an unknown or obsolete term is rejected) and how obs values were read.
-    The histogram and a build's own feature extractor record it, so that the join can refuse shards whose cells
-    other rules chose (a first pass with other --required-fields, or another version of the package)."""
-    return {**_kept_by(options), "ontology_versions": ontology_versions(), "obs_cleaning": OBS_CLEANING}
+def _median_cells(options: BuildOptions, source: Any) -> dict:
+    """What chose the cells a build's medians count and read their values, as summary.json records each: its
+    rejection rules, the ontologies that knew their cell types (an unknown or obsolete term is rejected), how obs
+    values were read, and what the matrix holds (`input_values`: log1p values are counted after expm1). The histogram
+    and a build's own feature extractor record it, so that the join can refuse shards whose cells other rules chose
+    or whose values were read otherwise (a first pass with other --required-fields or --input-values, or another
+    version of the package)."""
+    return {**_kept_by(options), "ontology_versions": ontology_versions(), "obs_cleaning": OBS_CLEANING,
+            "input_values": source.input_values}
 
 
 def _build_extractor(source: Any, genes: _Genes, medians, options: BuildOptions) -> Cell2TextFeatureExtractor:
@@ -381,10 +385,11 @@ def _build_extractor(source: Any, genes: _Genes, medians, options: BuildOptions)
     if not found:
         raise ValueError("no gene is expressed in any kept cell; nothing to build a vocabulary from")
     median_input = {"input_sha256": source.input_sha256, "source": public_name(source.name), **_shard_record(source),
-                    **_median_cells(options)}
+                    **_median_cells(options, source)}
     return Cell2TextFeatureExtractor.from_gene_medians(
         found, model_input_size=options.model_input_size or DEFAULT_MODEL_INPUT_SIZE,
-        num_expression_bins=options.expression_bins, source_details={"median_inputs": [median_input]})
+        num_expression_bins=options.expression_bins,
+        source_details={"median_inputs": median_inputs_record([median_input])})
 
 
 def _second_pass(source, plan: _CellPlan, genes: _Genes, extractor, writer, options: BuildOptions) -> None:
@@ -631,7 +636,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
     extractor = options.feature_extractor or _build_extractor(source, genes, medians, options)
     if isinstance(medians, HistogramGeneMedians):
         medians.save(out / "median_histogram.npz", genes.token_ids, source.name, source.shard or (0, 1),
-                     source.input_sha256, _median_cells(options))
+                     source.input_sha256, _median_cells(options, source))
     kept = pd.isna(reasons)
     cell_ids = source.obs.index.astype(str)
     split_of, split_by = _assign_corpus_splits(labels, kept, cell_ids, options)

@@ -152,8 +152,9 @@ class HistogramGeneMedians:
         """Write the histogram and its gene IDs (``.npz``) so shards can be merged later, with the input it counts
         (its name, and ``input_sha256``: which input, `sources.input_sha256` of its cells and genes; "": by the name) and
         which shard of it (``(index, count)``; ``(0, 1)``: all of it), which the merge checks, and ``kept_by``: what
-        chose the cells it counts (`build_corpus._median_cells`: the rejection rules, ontology versions and obs
-        reading, named as summary.json names them), which the merged feature extractor records for the join."""
+        chose the cells it counts and read their values (`build_corpus._median_cells`: the rejection rules, ontology
+        versions, obs reading and input_values, named as summary.json names them), which the merged feature extractor
+        records for the join."""
         np.savez_compressed(
             path, counts=self.counts, gene_ids=np.asarray(gene_ids, dtype=str),
             binning=np.array([self.bins_per_decade, self.min_value, self.max_value], dtype=np.float64),
@@ -264,11 +265,13 @@ def check_shards(paths: list[str | Path]) -> None:
 
 def histogram_inputs(paths: list[str | Path]) -> list[dict] | None:
     """The inputs whose cells the histograms `paths` count, once each (``{"input_sha256": checksum, "source": its
-    name as a card names it, never a machine path, and what chose the cells (their ``kept_by``: "required_fields",
-    "keep_non_primary", "ontology_versions", "obs_cleaning")}``): the merged feature extractor records them (``vocabulary_source["median_inputs"]``) so
-    that the join can refuse shards whose cells are not those of its medians (a shard built without ``--medians
-    histogram`` writes no file, and a shell glob skips it; a first pass that rejected other cells). Whole inputs
-    (`check_shards` refuses others); None where a file records no input checksum or rules (an earlier version's)."""
+    name as a card names it, never a machine path, and what chose the cells and read their values (their ``kept_by``:
+    "required_fields", "keep_non_primary", "ontology_versions", "obs_cleaning", "input_values")}``): the merged feature
+    extractor records them (``vocabulary_source["median_inputs"]``, `median_inputs_record`) so that the join can
+    refuse shards whose cells are not those of its medians (a shard built without ``--medians histogram`` writes no
+    file, and a shell glob skips it; a first pass that rejected other cells or read the values as another kind).
+    Whole inputs (`check_shards` refuses others); None where a file records no input checksum or rules (an earlier
+    version's)."""
     from hub_cards.render import public_name
 
     inputs: dict[str, dict] = {}
@@ -281,6 +284,55 @@ def histogram_inputs(paths: list[str | Path]) -> list[dict] | None:
         entry = {"input_sha256": tag[0], "source": public_name(tag[1]), **kept_by}
         inputs.setdefault(json.dumps(entry, sort_keys=True), entry)
     return list(inputs.values())
+
+
+#: The keys of a `median_inputs_record` entry that name its input; the others say what chose its cells and read its
+#: values (`build_corpus._median_cells`), each compared with the same key of a shard's summary.json by the join.
+MEDIAN_INPUT_NAMES = ("input_sha256", "source", "shard")
+
+
+def median_inputs_record(entries: list[dict]) -> dict:
+    """``vocabulary_source["median_inputs"]`` of the inputs `entries` (`histogram_inputs`' form): the rules every
+    entry shares, once (``"rules"``), and each input's names and any rule it does not share (``"inputs"``). A
+    Census-wide merge of 500 inputs repeated the same rules 500 times in the shipped preprocessor_config.json
+    (313 KB); `read_median_inputs` reads both forms back as entries."""
+    shared = {key: value for key, value in entries[0].items()
+              if key not in MEDIAN_INPUT_NAMES and all(key in entry and entry[key] == value for entry in entries)}
+    return {"rules": shared, "inputs": [{key: value for key, value in entry.items() if key not in shared}
+                                        for entry in entries]}
+
+
+def read_median_inputs(record: object, where: str) -> list[dict] | None:
+    """The entries (`histogram_inputs`' form: names and rules of each input) of a ``vocabulary_source
+    ["median_inputs"]`` record: `median_inputs_record`'s, or the list of entries an earlier version wrote; None for
+    none. A malformed record (a hand edit) is refused naming `where` (the feature extractor) and the fix: it ended
+    in an AttributeError."""
+    if record is None:
+        return None
+    problem = _median_inputs_problem(record)
+    if problem is not None:
+        raise ValueError(f"{where}'s vocabulary_source['median_inputs'] is malformed ({problem}): restore its "
+                         "preprocessor_config.json, or merge the shards' histograms again (python -m "
+                         "processing.gene_medians shard*/median_histogram.npz --out fe/) and rebuild the shards with "
+                         "--feature-extractor fe/.")
+    rules, inputs = (record["rules"], record["inputs"]) if isinstance(record, dict) else ({}, record)
+    return [{**rules, **entry} for entry in inputs]
+
+
+def _median_inputs_problem(record: object) -> str | None:
+    """What keeps `record` from being a ``median_inputs`` record (`read_median_inputs`), or None."""
+    if isinstance(record, dict):
+        if set(record) != {"rules", "inputs"}:
+            return f"an object of {sorted(record)[:5]}, not of rules and inputs"
+        if not isinstance(record["rules"], dict):
+            return f"rules {str(record['rules'])[:80]!r}, not an object"
+        record = record["inputs"]
+    if not isinstance(record, list) or not record:
+        return f"inputs {str(record)[:80]!r}, not a list of them"
+    for entry in record:
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(key), str) for key in MEDIAN_INPUT_NAMES[:2]):
+            return f"an input {str(entry)[:80]!r}, not an object with a text input_sha256 and source"
+    return None
 
 
 def merge_histogram_files(paths: list[str | Path]) -> dict[str, float]:
@@ -331,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     inputs = histogram_inputs(args.histograms)
     extractor = Cell2TextFeatureExtractor.from_gene_medians(
         medians, model_input_size=args.model_input_size, num_expression_bins=args.expression_bins,
-        source_details=None if inputs is None else {"median_inputs": inputs})
+        source_details=None if inputs is None else {"median_inputs": median_inputs_record(inputs)})
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:

@@ -12,8 +12,8 @@ Refused, naming the fix, where the joined corpus would train or evaluate on some
 tokenized by different feature extractors (other token ids or gene orders), built with other pathway, expression-bin
 or ontology settings, rejection rules (`--required-fields`, `--keep-non-primary`) or rule reading obs values
 (`obs_cleaning`: rebuild a shard of an earlier version), a shard given twice, an input whose `--shard i/N` shards
-are not all given, shards whose cells are not those their feature extractor's medians count
-(`vocabulary_source["median_inputs"]`), a cell id two shards hold, kept or rejected (cells of several files with the
+are not all given, shards whose cells are not those their feature extractor's medians count, or whose values were
+read as another kind (`--input-values`; `vocabulary_source["median_inputs"]`), a malformed such record, a cell id two shards hold, kept or rejected (cells of several files with the
 same barcodes), a donor whose cells are in two splits (shards split on their own cells, without `--hashed-splits`),
 a label with two ontology ids, cross-validation fold builds, and a shard folder whose splits do not load or hold
 other numbers of cells than its summary records (a copy cut short).
@@ -43,6 +43,7 @@ from processing.build_corpus import _is_corpus_folder, _staging_dir
 from processing.corpus import (FEATURE_EXTRACTOR_DIR, REJECTS_FILE, SPLIT_FINGERPRINTS, SUMMARY_FILE,
                                UNMAPPED_GENES_FILE, check_max_shard_size, corpus_feature_extractor, read_rejects,
                                read_summary, read_unmapped_genes, save_splits, top_pathways_by_cell_type)
+from processing.gene_medians import MEDIAN_INPUT_NAMES, read_median_inputs
 from processing.sources import check_whole_inputs
 from processing.splits import SPLITS
 
@@ -152,30 +153,32 @@ def _check_complete_inputs(shards: Sequence[Shard]) -> None:
 def _check_median_inputs(shards: Sequence[Shard]) -> None:
     """Refuse shards whose cells are not those the medians of their feature extractor count (its
     `vocabulary_source["median_inputs"]`, which the histogram merge and a build's own medians record: each input's
-    checksum, shard where one, and what chose its cells, `build_corpus._median_cells`): one build of all the
-    cells ranks their genes by the medians of all of them. A shard built without `--medians histogram` writes no
-    histogram, which `shard*/median_histogram.npz` then skips; a shard left out of the join after the merge is
-    missing from the corpus; a first pass with other rejection rules counted other cells: all joined exit 0.
+    checksum, shard where one, and what chose its cells and read their values, `build_corpus._median_cells`): one
+    build of all the cells ranks their genes by the medians of all of them. A shard built without `--medians
+    histogram` writes no histogram, which `shard*/median_histogram.npz` then skips; a shard left out of the join
+    after the merge is missing from the corpus; a first pass with other rejection rules counted other cells, one
+    with other --input-values other values: all joined exit 0.
     A vocabulary of other cells (Geneformer's) is not checked."""
     source = shards[0].extractor_config.get("vocabulary_source") or {}
     if source.get("kind") != "corpus":
         return
-    inputs = source.get("median_inputs")
+    inputs = read_median_inputs(source.get("median_inputs"), f"the feature extractor of {shards[0].path}")
     if inputs is None:
         logger.warning("the shards' feature extractor records no median_inputs (merged by an earlier version, or "
                        "from histograms an earlier version wrote, which record no input checksum or no rejection "
                        "rules, kept_by): whether its medians count the cells of every shard, and only theirs, is not "
                        "checked; histograms and a merge of this version record them")
         return
-    rules = sorted({key for entry in inputs for key in entry} - {"input_sha256", "source", "shard"})
+    rules = sorted({key for entry in inputs for key in entry} - set(MEDIAN_INPUT_NAMES))
     differ = [rule for rule in rules  # the ones the message shows
               if len({json.dumps(record.get(rule), sort_keys=True)
                       for record in (*inputs, *(shard.summary for shard in shards))}) > 1]
 
-    def holds(entry: dict, summary: dict) -> bool:  # an entry without "shard" counts all of its input
+    def holds(entry: dict, summary: dict) -> bool:  # an entry without "shard" counts all of its input; a rule an
+        # entry does not record (input_values, before it was recorded) is not compared
         return (entry.get("input_sha256") == summary.get("input_sha256")
                 and entry.get("shard") in (None, summary.get("shard"))
-                and all(entry.get(rule) == summary.get(rule) for rule in rules))
+                and all(value == summary.get(rule) for rule, value in entry.items() if rule not in MEDIAN_INPUT_NAMES))
 
     def named(record: dict) -> str:
         part = record.get("shard")

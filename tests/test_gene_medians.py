@@ -1,5 +1,6 @@
 """Gene medians: exact accumulator vs numpy, histogram within its stated bound, shard merging."""
 
+import json
 import struct
 import zipfile
 
@@ -238,3 +239,24 @@ def test_histogram_inputs_name_each_input_once_by_its_checksum(tmp_path):
     assert histogram_inputs([tmp_path / "s0.npz", tmp_path / "s1.npz"]) == [
         {"input_sha256": "abc", "source": "cells.h5ad", **rules}]
     assert histogram_inputs([tmp_path / "s0.npz", tmp_path / "s1.npz", tmp_path / "old.npz"]) is None
+
+
+def test_median_inputs_record_names_shared_rules_once_and_reads_back(tmp_path):
+    """A Census-wide merge of 500 inputs repeated the same rules for each in the shipped preprocessor_config.json
+    (313 KB): they are written once, and the record (and an earlier version's list of entries) reads back as entries."""
+    from processing.build_corpus import BuildOptions, _median_cells
+    from processing.gene_medians import median_inputs_record, read_median_inputs
+
+    class Source:
+        input_values = "counts"
+
+    rules = _median_cells(BuildOptions(), Source())
+    entries = [{"input_sha256": f"{i:064x}", "source": f"dataset {i}", **rules} for i in range(500)]
+    entries[7] = {**entries[7], "input_values": "log1p"}  # a rule one input does not share stays with it
+    record = median_inputs_record(entries)
+    assert record["rules"] == {key: value for key, value in rules.items() if key != "input_values"}
+    assert record["inputs"][7] == {"input_sha256": f"{7:064x}", "source": "dataset 7", "input_values": "log1p"}
+    assert read_median_inputs(record, "fe") == entries
+    assert read_median_inputs(entries, "fe") == entries  # an earlier version's record
+    assert read_median_inputs(None, "fe") is None
+    assert len(json.dumps({"median_inputs": record}, indent=2)) < 120_000  # 313 KB repeating the rules

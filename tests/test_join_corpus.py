@@ -15,6 +15,7 @@ import pytest
 
 from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
 from processing.build_corpus import BuildOptions, build_corpus
+from processing.gene_medians import read_median_inputs
 from processing.join_corpus import Shard, check_donor_splits, join_corpus, join_label_tables, main
 from processing.pathways import PATHWAY_GENE_MATCHING
 from processing.presets import pbmc68k_reduced
@@ -341,7 +342,8 @@ def test_an_input_the_medians_count_and_no_shard_holds_is_refused(files, tmp_pat
     assert join_corpus(shards, tmp_path / "joined")["num_cells_in"] == 700
     # the feature extractor ships with the model: its record names the inputs as a card does, never a machine path
     for extractor in (tmp_path / "fe", files["root"] / "first0" / "feature_extractor"):
-        inputs = Cell2TextFeatureExtractor.from_pretrained(str(extractor)).vocabulary_source["median_inputs"]
+        inputs = read_median_inputs(
+            Cell2TextFeatureExtractor.from_pretrained(str(extractor)).vocabulary_source["median_inputs"], "fe")
         assert {entry["source"] for entry in inputs} <= {"part0.h5ad", "part1.h5ad"}
         assert "/data/" not in (extractor / "preprocessor_config.json").read_text()
 
@@ -426,3 +428,51 @@ def test_the_median_inputs_refusal_names_three_inputs_at_most(tmp_path):
                   {"vocabulary_source": {"kind": "corpus", "median_inputs": inputs}})
     with pytest.raises(ValueError, match=r"\(they count 'dataset0', .*; 'dataset2', [^;]*; and 2 more inputs\)"):
         check_joinable([shard])
+
+
+def test_shards_rebuilt_with_other_input_values_than_their_histograms_are_refused(tmp_path):
+    """A first pass that read the values as normalized ones (--input-values normalized: medians of the stored values)
+    and shards rebuilt with --input-values log1p (tokens of expm1 of them): values both readings take (fractional,
+    no counts behind them, at most 20), the same cells and checksum, so the corpus joined, its genes ranked by
+    medians of other values, exit 0."""
+    import numpy as np
+
+    from processing.gene_medians import main as merge
+    from processing.sources import AnnDataSource
+
+    adata = pbmc68k_reduced().adata
+    adata.X.data = adata.X.data * np.random.default_rng(0).uniform(0.8, 1.2, adata.X.nnz).astype(adata.X.dtype)
+
+    def part(i, input_values):
+        return AnnDataSource(adata[i * 350:(i + 1) * 350].copy(), name=f"part{i}.h5ad", input_values=input_values)
+
+    for i in range(2):
+        build_corpus(part(i, "normalized"), tmp_path / f"first{i}",
+                     BuildOptions(progress=False, gmt=None, medians="histogram"))
+    merge([str(tmp_path / f"first{i}" / "median_histogram.npz") for i in range(2)] + ["--out", str(tmp_path / "fe")])
+    options = BuildOptions(progress=False, gmt=None, hashed_splits=True,
+                           feature_extractor=Cell2TextFeatureExtractor.from_pretrained(str(tmp_path / "fe")))
+    for i in range(2):
+        build_corpus(part(i, "log1p"), tmp_path / f"shard{i}", options)
+    with pytest.raises(ValueError, match=r"shard0 holds the cells of 'part0.h5ad', input_values 'log1p', .*which the "
+                                         r"medians .* \(they count 'part0.h5ad', input_values 'normalized'"):
+        join_corpus([tmp_path / "shard0", tmp_path / "shard1"], tmp_path / "joined")
+
+
+@pytest.mark.parametrize("record, problem", [
+    ({"rules": {}, "inputs": "part0.h5ad"}, "inputs 'part0.h5ad', not a list of them"),
+    (["part0.h5ad"], "an input 'part0.h5ad', not an object with a text input_sha256 and source"),
+    ({"inputs": []}, r"an object of \['inputs'\], not of rules and inputs"),
+    ({"rules": ["cell_type"], "inputs": [{"input_sha256": "a", "source": "b"}]}, "rules .*, not an object"),
+])
+def test_a_malformed_median_inputs_record_is_refused_naming_the_fix(built, tmp_path, record, problem):
+    """A hand-edited median_inputs (a list of names, a string) ended in an AttributeError ('str' object has no
+    attribute 'get')."""
+    def edit(config):
+        config["vocabulary_source"]["median_inputs"] = record
+
+    shards = [edited(shard, tmp_path / f"s{i}", "feature_extractor/preprocessor_config.json", edit)
+              for i, shard in enumerate(built["shards"])]
+    with pytest.raises(ValueError, match=r"the feature extractor of .*s0's vocabulary_source\['median_inputs'\] is "
+                                         rf"malformed \({problem}\): restore its preprocessor_config.json, or merge"):
+        join_corpus(shards, tmp_path / "joined")
