@@ -50,12 +50,12 @@ from processing.corpus import (METADATA_FIELDS, OBS_CLEANING, REJECTS_COLUMNS, R
                                SplitWriter, check_max_shard_size, describe, resolve_labels,
                                top_pathways_by_cell_type)
 from processing.gene_medians import (ExactGeneMedians, HistogramGeneMedians, expression_values, median_inputs_record,
-                                     normalize_total)
+                                     normalize_total, read_median_inputs)
 from processing.pathways import (
     DEFAULT_GMT, DEFAULT_SET_SIZES, PATHWAY_GENE_MATCHING, aucell, default_max_rank, display_names, filter_set_sizes,
     membership_matrix, read_gmt, sets_in_data_symbols, top_set_indices, unique_gene_names,
 )
-from processing.sources import resolve_genes
+from processing.sources import check_one_gene_reading, resolve_genes
 from processing.splits import DEFAULT_FRACTIONS, SPLITS, assign_fold_splits, assign_splits, check_fold
 
 logger = logging.getLogger(__name__)
@@ -130,9 +130,13 @@ class _CellPlan:
 
 def _genes(source: Any, extractor: Cell2TextFeatureExtractor | None) -> _Genes:
     """Map columns to Ensembl IDs; duplicates and unmapped genes are reported, not silently lost. A given
-    ``extractor`` reads the source's var as it reads the same file at inference (``sources.resolve_genes``)."""
+    ``extractor`` reads the source's var as it reads the same file at inference (``sources.resolve_genes``); where
+    its medians counted this input, read without it, a var both readings take as other genes is refused
+    (``sources.check_one_gene_reading``)."""
     gene_ids, gene_symbols = (resolve_genes(source.var, extractor) if extractor is not None and hasattr(source, "var")
                               else (source.gene_ids, source.gene_symbols))
+    if extractor is not None and hasattr(source, "var") and _medians_count(extractor, source):
+        check_one_gene_reading(source.var, extractor, source.gene_ids, gene_ids, public_name(source.name))
     # A symbol the given vocabulary's table lacks and the gene table maps names a gene outside that vocabulary: it
     # gives no tokens and is not listed as unmapped, as an Ensembl ID outside the vocabulary is not (listed, 450 of
     # pbmc68k's genes read "no Ensembl ID" for a vocabulary of 300).
@@ -161,6 +165,13 @@ def _genes(source: Any, extractor: Cell2TextFeatureExtractor | None) -> _Genes:
         logger.warning("%d of %d genes have no usable Ensembl ID and give no tokens (see unmapped_genes.txt)",
                        len(unmapped), len(token_ids))
     return _Genes(token_ids, usable, symbols, unmapped)
+
+
+def _medians_count(extractor: Cell2TextFeatureExtractor, source: Any) -> bool:
+    """Whether the medians of `extractor` count cells of `source` (its ``median_inputs`` name the input): read by a
+    pass without a feature extractor, whose reading of var the tokens must match (`sources.check_one_gene_reading`)."""
+    inputs = read_median_inputs(extractor.vocabulary_source.get("median_inputs"), "the given feature extractor")
+    return any(entry["input_sha256"] == source.input_sha256 for entry in inputs or ())
 
 
 def _median_accumulator(options: BuildOptions, n_cells: int, n_genes: int) -> ExactGeneMedians | HistogramGeneMedians:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,7 +73,9 @@ def resolve_genes(
     With a ``feature_extractor`` (``--feature-extractor``: Geneformer's vocabulary, or shards' merged medians), var's
     symbol source is the one naming the most of its vocabulary genes and symbols map by its table, as that extractor
     reads the same file at inference; by the whole GENCODE table, an index of pseudogene symbols could be read beside
-    a ``feature_name`` column of the vocabulary's genes, which inference reads.
+    a ``feature_name`` column of the vocabulary's genes, which inference reads. Where that extractor's medians counted
+    this input, read without it, and the two readings name other genes, the build refuses
+    (``check_one_gene_reading``).
     """
     if feature_extractor is None:
         _, values, are_ensembl = var_gene_source(var, symbol_index())
@@ -98,6 +100,35 @@ def resolve_genes(
     return ids, [None if not name else str(given_name) if pd.notna(given_name) and str(given_name).strip()
                  else table.get(gene_id) or (name if ensembl_gene_id(name) is None else None)
                  for given_name, gene_id, name in zip(given, ids, names)]
+
+
+def check_one_gene_reading(var: pd.DataFrame, feature_extractor: Cell2TextFeatureExtractor,
+                           counted: Sequence[str | None], tokenized: Sequence[str | None], name: str) -> None:
+    """Refuse a ``var`` whose genes a pass without a feature extractor (the medians' pass, ``--medians histogram``)
+    read as ``counted`` and a rebuild with ``feature_extractor``, whose medians it counted, reads as ``tokenized``,
+    where the two chose other symbol sources of var (`resolve_genes`: the one naming the most genes of the whole
+    GENCODE table, and the one naming the most vocabulary genes) that name other genes: the medians counted a
+    column's values as one gene and the tokens rank them as another (an index of unexpressed symbols beside a
+    ``feature_name`` column naming vocabulary genes in another order), exit 0."""
+    counted_source = var_gene_source(var, symbol_index())[0]
+    tokenized_source = feature_extractor.var_gene_source(var)[0]
+    if counted_source == tokenized_source:
+        return
+    differ = [j for j, (was, gene) in enumerate(zip(counted, tokenized))
+              if gene is not None and gene != was and gene in feature_extractor.gene_medians]
+    if differ:
+        names = {source: var.index if source == "index" else var[source]
+                 for source in (counted_source, tokenized_source)}
+        examples = "; ".join(f"column {j}: {str(names[counted_source][j])!r} = {counted[j]} counted, "
+                             f"{str(names[tokenized_source][j])!r} = {tokenized[j]} tokenized" for j in differ[:3])
+        raise ValueError(
+            f"var of {name} names its genes in two ways that disagree: the medians' pass, without a feature extractor, "
+            f"read them from var {counted_source} (by the whole gene table), this build with the feature extractor "
+            f"of those medians, as inference does, from var {tokenized_source} (by its vocabulary), and {len(differ)} "
+            f"columns are other genes in the two (e.g. {examples}): the medians counted other genes than the tokens "
+            "rank. Give var one naming of its genes (e.g. adata.var_names = adata.var['feature_name'], or drop the "
+            "column that names other genes), then build the medians' pass again (--medians histogram), merge the "
+            "histograms and rebuild.")
 
 
 def standardize_obs(obs: pd.DataFrame, obs_map: Mapping[str, str] | None = None) -> pd.DataFrame:

@@ -476,3 +476,45 @@ def test_a_malformed_median_inputs_record_is_refused_naming_the_fix(built, tmp_p
     with pytest.raises(ValueError, match=r"the feature extractor of .*s0's vocabulary_source\['median_inputs'\] is "
                                          rf"malformed \({problem}\): restore its preprocessor_config.json, or merge"):
         join_corpus(shards, tmp_path / "joined")
+
+
+def test_a_var_the_medians_pass_and_the_rebuild_read_as_other_genes_is_refused(tmp_path):
+    """The medians' pass (no feature extractor) chooses var's symbol source by the whole gene table, the rebuild with
+    the merged extractor by its vocabulary: an index of symbols, those past column 400 unexpressed, beside a
+    feature_name column naming vocabulary genes in another order: the histogram counted the index's genes, the
+    rebuild tokenized 699 columns as other genes, exit 0."""
+    import numpy as np
+
+    from modeling_cell2text.gene_table import symbol_index
+    from processing.gene_medians import main as merge
+    from processing.sources import AnnDataSource
+
+    adata = pbmc68k_reduced().adata
+    symbols, table = list(adata.var_names), symbol_index()
+    others = [name for name in sorted(table) if name not in set(symbols)][:len(symbols)]
+    shuffled = np.random.default_rng(0).permutation([name for name in symbols if name in table])
+    second = adata[350:].copy()
+    counts = second.X.tocsc()
+    counts[:, 400:] = 0
+    counts.eliminate_zeros()
+    second.X = counts.tocsr()
+    second.var = pd.DataFrame({"feature_name": [shuffled[j] if j < 700 else f"NOGENE{j}" for j in range(len(symbols))]},
+                              index=[name if j < 400 else others[j] for j, name in enumerate(symbols)])
+    parts = {"a.h5ad": adata[:350].copy(), "b.h5ad": second}
+    for name, part in parts.items():
+        build_corpus(AnnDataSource(part.copy(), name=name, input_values="log1p"), tmp_path / f"first_{name}",
+                     BuildOptions(progress=False, gmt=None, medians="histogram"))
+    merge([str(tmp_path / f"first_{name}" / "median_histogram.npz") for name in parts] + ["--out", str(tmp_path / "fe")])
+    options = BuildOptions(progress=False, gmt=None, feature_extractor=Cell2TextFeatureExtractor.from_pretrained(
+        str(tmp_path / "fe")))
+    with pytest.raises(ValueError, match=r"var of b.h5ad names its genes in two ways that disagree: the medians' pass, "
+                                         r"without a feature extractor, read them from var index .* from var "
+                                         r"feature_name .* and \d+ columns are other genes in the two \(e.g. column 0: "
+                                         r"'HES4' = ENSG00000188290 counted, .*Give var one naming of its genes"):
+        build_corpus(AnnDataSource(second, name="b.h5ad", input_values="log1p"), tmp_path / "shard_b", options)
+    # the other input reads alike in both passes, and a vocabulary that did not count b's cells (a's own) reads b as
+    # inference does
+    build_corpus(AnnDataSource(parts["a.h5ad"], name="a.h5ad", input_values="log1p"), tmp_path / "shard_a", options)
+    build_corpus(AnnDataSource(second, name="b.h5ad", input_values="log1p"), tmp_path / "b_by_a", BuildOptions(
+        progress=False, gmt=None, feature_extractor=Cell2TextFeatureExtractor.from_pretrained(
+            str(tmp_path / "first_a.h5ad" / "feature_extractor"))))
