@@ -72,8 +72,12 @@ def anndata_matrix(adata: Any, layer: str | None = None, raw: bool = False) -> A
     except ValueError as error:
         if not lazy:
             raise
-        raise ValueError(f"anndata could not read these cells of the backed file ({error}): pass "
-                         "adata.to_memory()[rows]") from error
+        # the axes the view selects (a view of genes was said to be of "these cells", with a fix selecting rows)
+        selected = [name for name, index in axes if not (isinstance(index, slice) and index == slice(None))]
+        fix = {("cells",): "rows", ("genes",): ":, genes", ("cells", "genes"): "rows, genes"}.get(tuple(selected),
+                                                                                                  "rows")
+        raise ValueError(f"anndata could not read these {' and '.join(selected) or 'cells'} of the backed file "
+                         f"({error}): pass adata.to_memory()[{fix}]") from error
 
 
 def _read_from_file(view: Any, layer: str | None, raw: bool) -> bool:

@@ -133,7 +133,10 @@ def _genes(source: Any, extractor: Cell2TextFeatureExtractor | None) -> _Genes:
     ``extractor`` reads the source's var as it reads the same file at inference (``sources.resolve_genes``); where
     its medians counted this input, read without it, a var both readings take as other genes is refused
     (``sources.check_one_gene_reading``)."""
-    gene_ids, gene_symbols = (resolve_genes(source.var, extractor) if extractor is not None and hasattr(source, "var")
+    # the source's own reading said which previous symbols are left unread; the extractor's leaves those of its
+    # vocabulary's genes unread, the others give no tokens (said by both, a build logged it twice)
+    gene_ids, gene_symbols = (resolve_genes(source.var, extractor, warn=False)
+                              if extractor is not None and hasattr(source, "var")
                               else (source.gene_ids, source.gene_symbols))
     if extractor is not None and hasattr(source, "var") and _medians_count(extractor, source):
         check_one_gene_reading(source.var, extractor, source.gene_ids, gene_ids, public_name(source.name))

@@ -57,7 +57,7 @@ DEFAULT_SOMA_FILTER = (
 
 
 def resolve_genes(
-    var: pd.DataFrame, feature_extractor: Cell2TextFeatureExtractor | None = None
+    var: pd.DataFrame, feature_extractor: Cell2TextFeatureExtractor | None = None, *, warn: bool = True
 ) -> tuple[list[str | None], list[str | None]]:
     """(Ensembl ID or None, symbol or None) per var row; symbols map through the GENCODE table, or through
     ``feature_extractor``'s tables where the corpus is tokenized by a given one.
@@ -68,7 +68,8 @@ def resolve_genes(
     a symbol among Ensembl IDs, or an Ensembl ID among symbols (CELLxGENE names an unnamed gene by its ID), gives the
     gene inference gives it. With Ensembl IDs, the symbols (for gene-set scoring) are a ``feature_name``-like
     column's, else (no such column, or a name missing in it) the table's, else the name as given. Unmapped genes stay
-    None and are reported by the caller.
+    None and are reported by the caller; previous symbols left unread (``gene_ids.superseded_symbols``) are logged
+    unless ``warn`` is False.
 
     With a ``feature_extractor`` (``--feature-extractor``: Geneformer's vocabulary, or shards' merged medians), var's
     symbol source is the one naming the most of its vocabulary genes and symbols map by its table, as that extractor
@@ -87,7 +88,7 @@ def resolve_genes(
     mapping = {name: symbol_to_gene[name] for name in names
                if ensembl_gene_id(name) is None and name in symbol_to_gene}
     superseded = superseded_symbols(names, mapping, gene_symbols or ensembl_to_symbol(mapping.values()))
-    if superseded:
+    if superseded and warn:
         logger.warning(SUPERSEDED_WARNING, len(superseded), sorted(superseded)[:5])
     ids = [ensembl_gene_id(name) or (None if name in superseded else mapping.get(name)) for name in names]
     if not are_ensembl:

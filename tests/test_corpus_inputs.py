@@ -723,3 +723,19 @@ def test_a_negative_slice_of_a_backed_files_genes_is_refused_naming_the_genes_fi
     with pytest.raises(ValueError, match=r"these cells and genes .*\(backed\[n - 5 : n - 2\] with n = backed.n_obs; "
                                          r"backed\[:, m - 5 : m - 2\] with m = backed.n_vars\), or "):
         anndata_matrix(backed[-5:-2, -3:])
+
+
+def test_previous_symbols_left_unread_are_said_once_in_a_build_with_a_feature_extractor(tmp_path, caplog):
+    """A var holding IGJ beside JCHAIN: a build with a given feature extractor said so twice (the source's reading of
+    var, then the extractor's)."""
+    from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
+
+    adata = pbmc68k_reduced().adata
+    adata.var_names = ["IGJ", "JCHAIN", *adata.var_names[2:]]
+    build_corpus(AnnDataSource(adata.copy(), input_values="log1p"), tmp_path / "own",
+                 BuildOptions(progress=False, gmt=None))
+    extractor = Cell2TextFeatureExtractor.from_pretrained(str(tmp_path / "own" / "feature_extractor"))
+    caplog.clear()
+    build_corpus(AnnDataSource(adata, input_values="log1p"), tmp_path / "given",
+                 BuildOptions(progress=False, gmt=None, feature_extractor=extractor))
+    assert caplog.text.count("1 symbols are previous symbols of genes the input also names") == 1

@@ -1278,3 +1278,25 @@ def test_the_extraction_benchmark_refuses_sizes_below_one_in_one_line(monkeypatc
             benchmark.main()
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and option in err[-1], err
+
+
+@pytest.mark.parametrize("cells, genes, said", [
+    (slice(None), np.array([1, 3]), r"these genes of the backed file \(no read\): pass adata.to_memory\(\)\[:, genes\]"),
+    (slice(0, 2), slice(None), r"these cells of the backed file \(no read\): pass adata.to_memory\(\)\[rows\]"),
+    (np.array([0, 2]), np.array([1]), r"these cells and genes .*adata.to_memory\(\)\[rows, genes\]"),
+])
+def test_a_view_anndata_cannot_read_is_refused_naming_what_it_selects(cells, genes, said):
+    """anndata failing to read a backed file's view with its own ValueError: a view of genes was said to be of
+    "these cells", with a fix that selects rows."""
+    from modeling_cell2text.cell_inputs import anndata_matrix
+
+    class View:  # a view of a backed AnnData whose reading fails (no such view of anndata 0.12 is known)
+        is_view, _oidx, _vidx = True, cells, genes
+        _adata_ref = type("Backed", (), {"X": object()})()
+
+        @property
+        def X(self):
+            raise ValueError("no read")
+
+    with pytest.raises(ValueError, match=said):
+        anndata_matrix(View())
