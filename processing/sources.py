@@ -118,7 +118,7 @@ def check_one_gene_reading(var: pd.DataFrame, feature_extractor: Cell2TextFeatur
     differ = [j for j, (was, gene) in enumerate(zip(counted, tokenized))
               if gene is not None and gene != was and gene in feature_extractor.gene_medians]
     if differ:
-        names = {source: var.index if source == "index" else var[source]
+        names = {source: list(var.index if source == "index" else var[source])
                  for source in (counted_source, tokenized_source)}
         examples = "; ".join(f"column {j}: {str(names[counted_source][j])!r} = {counted[j]} counted, "
                              f"{str(names[tokenized_source][j])!r} = {tokenized[j]} tokenized" for j in differ[:3])
