@@ -55,7 +55,7 @@ from processing.pathways import (
     DEFAULT_GMT, DEFAULT_SET_SIZES, PATHWAY_GENE_MATCHING, aucell, default_max_rank, display_names, filter_set_sizes,
     membership_matrix, read_gmt, sets_in_data_symbols, top_set_indices, unique_gene_names,
 )
-from processing.sources import check_one_gene_reading, resolve_genes
+from processing.sources import check_one_gene_reading, resolve_genes, var_sources
 from processing.splits import DEFAULT_FRACTIONS, SPLITS, assign_fold_splits, assign_splits, check_fold
 
 logger = logging.getLogger(__name__)
@@ -133,13 +133,14 @@ def _genes(source: Any, extractor: Cell2TextFeatureExtractor | None) -> _Genes:
     ``extractor`` reads the source's var as it reads the same file at inference (``sources.resolve_genes``); where
     its medians counted this input, read without it, a var both readings take as other genes is refused
     (``sources.check_one_gene_reading``)."""
-    # the source's own reading said which previous symbols are left unread; the extractor's leaves those of its
-    # vocabulary's genes unread, the others give no tokens (said by both, a build logged it twice)
-    gene_ids, gene_symbols = (resolve_genes(source.var, extractor, warn=False)
-                              if extractor is not None and hasattr(source, "var")
-                              else (source.gene_ids, source.gene_symbols))
-    if extractor is not None and hasattr(source, "var") and _medians_count(extractor, source):
-        check_one_gene_reading(source.var, extractor, source.gene_ids, gene_ids, public_name(source.name))
+    gene_ids, gene_symbols = source.gene_ids, source.gene_symbols
+    if extractor is not None and hasattr(source, "var"):
+        # the source's reading of the same names said which previous symbols are left unread (the extractor's leaves
+        # those of its vocabulary's genes unread, the others give no tokens): said by both, a build logged it twice
+        read_alike = len(set(var_sources(source.var, extractor))) == 1
+        gene_ids, gene_symbols = resolve_genes(source.var, extractor, warn=not read_alike)
+        if _medians_count(extractor, source):
+            check_one_gene_reading(source.var, extractor, source.gene_ids, gene_ids, public_name(source.name))
     # A symbol the given vocabulary's table lacks and the gene table maps names a gene outside that vocabulary: it
     # gives no tokens and is not listed as unmapped, as an Ensembl ID outside the vocabulary is not (listed, 450 of
     # pbmc68k's genes read "no Ensembl ID" for a vocabulary of 300).

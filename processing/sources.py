@@ -103,6 +103,12 @@ def resolve_genes(
                  for given_name, gene_id, name in zip(given, ids, names)]
 
 
+def var_sources(var: pd.DataFrame, feature_extractor: Cell2TextFeatureExtractor) -> tuple[str, str]:
+    """Where var's genes are read (``"index"`` or a column) without `feature_extractor` (the source's reading, by the
+    whole GENCODE table) and with it (by its vocabulary), as `resolve_genes` chooses them."""
+    return var_gene_source(var, symbol_index())[0], feature_extractor.var_gene_source(var)[0]
+
+
 def check_one_gene_reading(var: pd.DataFrame, feature_extractor: Cell2TextFeatureExtractor,
                            counted: Sequence[str | None], tokenized: Sequence[str | None], name: str) -> None:
     """Refuse a ``var`` whose genes a pass without a feature extractor (the medians' pass, ``--medians histogram``)
@@ -111,8 +117,7 @@ def check_one_gene_reading(var: pd.DataFrame, feature_extractor: Cell2TextFeatur
     GENCODE table, and the one naming the most vocabulary genes) that name other genes: the medians counted a
     column's values as one gene and the tokens rank them as another (an index of unexpressed symbols beside a
     ``feature_name`` column naming vocabulary genes in another order), exit 0."""
-    counted_source = var_gene_source(var, symbol_index())[0]
-    tokenized_source = feature_extractor.var_gene_source(var)[0]
+    counted_source, tokenized_source = var_sources(var, feature_extractor)
     if counted_source == tokenized_source:
         return
     differ = [j for j, (was, gene) in enumerate(zip(counted, tokenized))
