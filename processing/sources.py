@@ -162,16 +162,21 @@ def standardize_obs(obs: pd.DataFrame, obs_map: Mapping[str, str] | None = None)
     return out
 
 
-def input_sha256(obs: pd.DataFrame, gene_ids: Iterable[Any], first_rows: sp.csr_matrix | None = None) -> str:
+def input_sha256(obs: pd.DataFrame, gene_ids: Iterable[Any], first_rows: sp.csr_matrix | None = None,
+                 matrix: str = "") -> str:
     """A checksum of an input's cells (obs: ids and every column, as text), genes and, where given, the values of
-    its first rows: tells inputs apart where their names are alike (two files named cells.h5ad, one Census release
-    under two obs filters) or their obs are (AnnData built from arrays numbers its cells 0, 1, ...)."""
+    its first rows, else the name of the `matrix` they are read from: tells inputs apart where their names are alike
+    (two files named cells.h5ad, one Census release under two obs filters), their obs are (AnnData built from arrays
+    numbers its cells 0, 1, ...) or their matrices differ (a SOMA experiment's X layers "raw" and "normalized", whose
+    values it does not read: the medians of one joined shards tokenized from the other, exit 0)."""
     digest = hashlib.sha256(pd.util.hash_pandas_object(obs.astype(str), index=True).to_numpy().tobytes())
     for gene in gene_ids:
         digest.update(str(gene).encode() + b"\n")
     if first_rows is not None:
         for part in (first_rows.indptr, first_rows.indices, first_rows.data):
             digest.update(np.ascontiguousarray(part).tobytes())
+    if matrix:
+        digest.update(b"matrix\0" + matrix.encode())
     return digest.hexdigest()
 
 
@@ -344,7 +349,7 @@ class SomaSource:
         self.n_genes = len(var)
         self.var = var
         self.gene_ids, self.gene_symbols = resolve_genes(var)
-        self.input_sha256 = input_sha256(self.obs, self.gene_ids)
+        self.input_sha256 = input_sha256(self.obs, self.gene_ids, matrix=f"{measurement}/X/{x_name}")
         logger.info("SOMA source %s: %d cells pass the obs filter %r", self.name, len(self.joinids), obs_value_filter)
 
     @property

@@ -739,3 +739,30 @@ def test_previous_symbols_left_unread_are_said_once_in_a_build_with_a_feature_ex
     build_corpus(AnnDataSource(adata, input_values="log1p"), tmp_path / "given",
                  BuildOptions(progress=False, gmt=None, feature_extractor=extractor))
     assert caplog.text.count("1 symbols are previous symbols of genes the input also names") == 1
+
+
+def test_a_soma_experiments_x_layers_are_other_inputs(monkeypatch):
+    """A SOMA source's checksum reads no values: shards of the same cells tokenized from X "normalized" and medians
+    counted from X "raw" (both read as --input-values normalized) were one input, so the join took them, exit 0."""
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    from processing.sources import SomaSource
+
+    class Frame:  # a SOMA dataframe, read whole
+        def __init__(self, frame):
+            self.frame, self.schema = frame, SimpleNamespace(names=list(frame.columns))
+
+        def read(self, value_filter=None, column_names=None):
+            return SimpleNamespace(concat=lambda: SimpleNamespace(to_pandas=lambda: self.frame[column_names].copy()))
+
+    obs = pd.DataFrame({"soma_joinid": [0, 1, 2], "obs_id": ["a", "b", "c"], "cell_type": ["T cell"] * 3})
+    var = pd.DataFrame({"soma_joinid": [0, 1], "feature_id": ["ENSG00000141510", "ENSG00000132465"]})
+    experiment = SimpleNamespace(obs=Frame(obs), ms={"RNA": SimpleNamespace(var=Frame(var))})
+    monkeypatch.setitem(sys.modules, "tiledbsoma", types.ModuleType("tiledbsoma"))
+
+    def checksum(x_name):
+        return SomaSource(experiment=experiment, x_name=x_name, obs_value_filter=None).input_sha256
+
+    assert checksum("raw") == checksum("raw") != checksum("normalized")
