@@ -295,7 +295,7 @@ def median_inputs_record(entries: list[dict]) -> dict:
     """``vocabulary_source["median_inputs"]`` of the inputs `entries` (`histogram_inputs`' form): the rules every
     entry shares, once (``"rules"``), and each input's names and any rule it does not share (``"inputs"``). A
     Census-wide merge of 500 inputs repeated the same rules 500 times in the shipped preprocessor_config.json
-    (313 KB); `read_median_inputs` reads both forms back as entries."""
+    (329 KB; 92 KB with the rules once); `read_median_inputs` reads both forms back as entries."""
     shared = {key: value for key, value in entries[0].items()
               if key not in MEDIAN_INPUT_NAMES and all(key in entry and entry[key] == value for entry in entries)}
     return {"rules": shared, "inputs": [{key: value for key, value in entry.items() if key not in shared}
