@@ -13,10 +13,11 @@ tokenized by different feature extractors (other token ids or gene orders), buil
 or ontology settings, rejection rules (`--required-fields`, `--keep-non-primary`) or rule reading obs values
 (`obs_cleaning`: rebuild a shard of an earlier version), a shard given twice, an input whose `--shard i/N` shards
 are not all given, shards whose cells are not those their feature extractor's medians count, or whose values were
-read as another kind (`--input-values`; `vocabulary_source["median_inputs"]`), a malformed such record, a cell id two shards hold, kept or rejected (cells of several files with the
-same barcodes), a donor whose cells are in two splits (shards split on their own cells, without `--hashed-splits`),
-a label with two ontology ids, cross-validation fold builds, and a shard folder whose splits do not load or hold
-other numbers of cells than its summary records (a copy cut short).
+read as another kind (`--input-values`; `vocabulary_source["median_inputs"]`), a malformed such record, a cell id
+two shards hold, kept or rejected (cells of several files with the same barcodes), a donor whose cells are in two
+splits (shards split on their own cells, without `--hashed-splits`), a label with two ontology ids, cross-validation
+fold builds, and a shard folder whose splits do not load or hold other numbers of cells than its summary records (a
+copy cut short).
 """
 
 from __future__ import annotations
@@ -174,11 +175,10 @@ def _check_median_inputs(shards: Sequence[Shard]) -> None:
               if len({json.dumps(record.get(rule), sort_keys=True)
                       for record in (*inputs, *(shard.summary for shard in shards))}) > 1]
 
-    def holds(entry: dict, summary: dict) -> bool:  # an entry without "shard" counts all of its input; a rule an
-        # entry does not record (input_values, before it was recorded) is not compared
+    def holds(entry: dict, summary: dict) -> bool:  # an entry without "shard" counts all of its input
         return (entry.get("input_sha256") == summary.get("input_sha256")
                 and entry.get("shard") in (None, summary.get("shard"))
-                and all(value == summary.get(rule) for rule, value in entry.items() if rule not in MEDIAN_INPUT_NAMES))
+                and all(entry.get(rule) == summary.get(rule) for rule in rules))
 
     def named(record: dict) -> str:
         part = record.get("shard")
