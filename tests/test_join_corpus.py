@@ -476,6 +476,11 @@ def test_a_malformed_median_inputs_record_is_refused_naming_the_fix(built, tmp_p
     with pytest.raises(ValueError, match=r"the feature extractor of .*s0's vocabulary_source\['median_inputs'\] is "
                                          rf"malformed \({problem}\): restore its preprocessor_config.json, or merge"):
         join_corpus(shards, tmp_path / "joined")
+    # a build given that feature extractor reads the record too (whether its medians count the input), before a pass
+    extractor = Cell2TextFeatureExtractor.from_pretrained(str(shards[0] / "feature_extractor"))
+    with pytest.raises(ValueError, match=rf"the given feature extractor's vocabulary_source\['median_inputs'\] is "
+                                         rf"malformed \({problem}\)"):
+        build_corpus(pbmc68k_reduced(), tmp_path / "rebuilt", BuildOptions(progress=False, feature_extractor=extractor))
 
 
 def test_a_var_the_medians_pass_and_the_rebuild_read_as_other_genes_is_refused(tmp_path):
