@@ -358,7 +358,8 @@ def pathway_option(pathway: str, position: int) -> SchemaOption:
 def schema_options(labels: dict[str, list[str]]) -> dict[str, list[SchemaOption]]:
     """The options of each choice of the template, from each field's known labels (`labels[field]`, "pathways" for
     pathway names). One rule for every field: a field is stated with one of its known labels, and a field without
-    known labels is left out of the description. A choice whose fields are all unknown is absent from the result."""
+    known labels is left out of the description. A choice whose fields are all unknown is absent from the result,
+    but for the donor clause after a known tissue: the origin sentence still ends "of a donor." (its one option)."""
     known = {name: [label for label in labels.get(name) or []] for name in (*LABEL_FIELD_NAMES, "pathways")}
     options: dict[str, list[SchemaOption]] = {}
     if known["cell_type"]:
@@ -366,7 +367,7 @@ def schema_options(labels: dict[str, list[str]]) -> dict[str, list[SchemaOption]
     if known["tissue"]:
         options["tissue"] = [tissue_option(label) for label in known["tissue"]]
     donor_fields = [known["sex"] or [None], known["disease"] or [None], known["age_group"] or [None]]
-    if known["sex"] or known["disease"] or known["age_group"]:
+    if known["tissue"] or known["sex"] or known["disease"] or known["age_group"]:
         options["donor"] = [donor_option(sex, disease, age, bool(known["tissue"]))
                             for sex in donor_fields[0] for disease in donor_fields[1] for age in donor_fields[2]]
     if known["pathways"]:

@@ -228,6 +228,28 @@ def test_a_field_without_known_labels_is_left_out_with_a_warning(random_model_an
         processor.ontology_term_ids = saved
 
 
+@pytest.mark.parametrize("pathways", [False, True], ids=["no pathways", "pathways"])
+def test_a_tissue_without_donor_labels_ends_its_sentence_with_the_donor(random_model_and_processor, pathways):
+    """A processor knowing tissues but no sex, disease or age group (a corpus without them, or keep_labels keeping
+    none) wrote "It originates from the blood of a This cell is associated with ...": the tissue option ends at the
+    donor's article and no donor clause followed, so the text was off the template (parsed False, exit 0) and the
+    pathways were chosen after it. Every description is the template's text of its chosen fields."""
+    model, processor = random_model_and_processor
+    saved = processor.ontology_term_ids, processor.age_groups, processor.pathway_names
+    processor.ontology_term_ids = {name: saved[0][name] for name in ("cell_type", "tissue")}
+    processor.age_groups, processor.pathway_names = [], saved[2] if pathways else []
+    try:
+        results = schema_results(processor, SchemaDecoder(processor).describe(model, cells(processor, 3)))
+    finally:
+        processor.ontology_term_ids, processor.age_groups, processor.pathway_names = saved
+    for result in results:
+        chosen = CellDescription(cell_type=result["cell_type"], cell_type_definition=result["cell_type_definition"],
+                                 tissue=result["tissue"], pathways=tuple(result["pathways"]))
+        assert result["description"] == render_description(chosen) and result["parsed"]
+        assert "of a donor." in result["description"] and result["sex"] is None and result["sex_score"] is None
+        assert len(result["pathways"]) == (2 if pathways else 0)
+
+
 def test_sampling_is_refused_when_constrained(random_model_and_processor):
     from transformers import pipeline
 
