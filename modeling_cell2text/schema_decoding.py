@@ -356,6 +356,24 @@ def packed_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
 # with SDPA and the cache's layers grow in place; False: padded rows (`_DecodingState._forward_rows`).
 PACK_TOKENS = True
 
+# The attention implementations that take the decoder's 4D masks (tree attention: each partial option's tokens see
+# only their cell's text and their own ancestors); the packed passes' own (`packed_attention`) is SDPA's.
+TREE_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", PACKED_ATTENTION)
+
+
+def check_tree_attention(model) -> None:
+    """Refuse a language model attending with an implementation outside `TREE_ATTENTION_IMPLEMENTATIONS`: flash
+    attention takes a 2D padding mask only, and with flex attention the decoder's first masked pass aborted the process
+    on the CPU ("free(): invalid next size"): neither scores the options as the model reads their text."""
+    language_model = getattr(getattr(model, "model", None), "language_model", None)
+    implementation = getattr((language_model or model).config, "_attn_implementation", None)
+    if implementation is not None and implementation not in TREE_ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"The language model attends with attn_implementation={implementation!r}, which does not take the "
+            "schema-constrained decoder's 4D attention masks (each option's tokens may see only their cell's text and "
+            "their own ancestors). Describe with SDPA (model.set_attn_implementation('sdpa'), or load the model with "
+            "attn_implementation='sdpa'), or with constrained=False.")
+
 
 class _GrowingLayer(DynamicLayer):
     """A KV cache layer whose keys and values are views of buffers with room to grow, so that a forward pass writes
@@ -882,6 +900,7 @@ class SchemaDecoder:
 
         if hasattr(model, "get_base_model"):  # a PEFT model (the recipe's, during calibration): its LoRA layers are
             model = model.get_base_model()    # in place in the base model, which is called directly
+        check_tree_attention(model)
         model.eval()
         tokenizer = self.processor.tokenizer
         pad_id = text_pad_token_id(tokenizer)

@@ -250,6 +250,23 @@ def test_a_tissue_without_donor_labels_ends_its_sentence_with_the_donor(random_m
         assert len(result["pathways"]) == (2 if pathways else 0)
 
 
+def test_an_attention_implementation_without_4d_masks_is_refused_with_the_fix(random_model_and_processor):
+    """The decoder's passes take 4D masks (tree attention): a float32 model loaded with attn_implementation=
+    "flex_attention" aborted the whole process on the CPU at the first masked pass ("free(): invalid next size"; this
+    float64 one failed inside torch's compiler); flash attention takes a 2D padding mask only. Refused before any
+    pass, and SDPA, as the message says, describes as before."""
+    model, processor = random_model_and_processor
+    inputs = cells(processor, 2)
+    expected = SchemaDecoder(processor).describe(model, inputs)
+    other = copy.deepcopy(model)
+    other.set_attn_implementation("flex_attention")
+    with pytest.raises(ValueError, match=r"attn_implementation='flex_attention', which does not take the "
+                                         r"schema-constrained decoder's 4D attention masks .*set_attn_implementation"):
+        SchemaDecoder(processor).describe(other, inputs)
+    other.set_attn_implementation("sdpa")
+    assert SchemaDecoder(processor).describe(other, inputs).labels == expected.labels
+
+
 def test_sampling_is_refused_when_constrained(random_model_and_processor):
     from transformers import pipeline
 
