@@ -284,6 +284,46 @@ def test_the_recipe_builds_its_model_whole_under_a_live_zero3_config(parts_and_c
     assert records[1] == records[0]  # the weights' checksums of the same parts
 
 
+def test_the_baseline_loads_its_language_model_whole_under_a_live_zero3_config(parts_and_corpus, tmp_path,
+                                                                               monkeypatch):
+    """The Cell2Sentence baseline's resume record holds a checksum of its language model's weights: loaded under a
+    live ZeRO-3 config (`deepspeed.zero.Init`), it hashed empty partitions, so a resume on another LLM of the same
+    architecture passed. Loaded whole, as the recipe's model is (DeepSpeed is not installed here: loading under
+    zero.Init would fail to import it)."""
+    from accelerate.utils.deepspeed import HfDeepSpeedConfig
+    from test_cell2sentence import tiny_config
+    from transformers.integrations import is_deepspeed_zero3_enabled, set_hf_deepspeed_config, \
+        unset_hf_deepspeed_config
+
+    from training.baselines import cell2sentence
+
+    records = []
+
+    class TrainerReached(Exception):
+        pass
+
+    def stop_at_the_trainer(*args, model, callbacks, **kwargs):
+        assert all(parameter.numel() > 0 for parameter in model.parameters())
+        records.append(callbacks[0].record)
+        raise TrainerReached
+
+    monkeypatch.setattr(cell2sentence, "Cell2SentenceSFTTrainer", stop_at_the_trainer)
+    lm_dir, corpus_dir = parts_and_corpus
+    live_config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    for name in ("plain", "zero3"):
+        training_args = tiny_config(tmp_path / name)
+        if name == "zero3":
+            set_hf_deepspeed_config(live_config)  # transformers keeps a weak reference to it
+        try:
+            with pytest.raises(TrainerReached):
+                cell2sentence.build_trainer(corpus_dir, lm_dir, tmp_path / name, num_genes=8,
+                                            training_args=training_args)
+            assert is_deepspeed_zero3_enabled() == (name == "zero3")  # the live config is back for the trainer
+        finally:
+            unset_hf_deepspeed_config()
+    assert records[1] == records[0]  # the weights' checksum of the same LLM
+
+
 def test_the_cell2sentence_baseline_under_fsdp_saves_the_one_process_model(parts_and_corpus, two_processes, tmp_path):
     lm_dir, corpus_dir = parts_and_corpus
     baseline_args = ["--num_genes", "8", "--lora_dropout", "0", "--bf16", "false", "--report_to", "none",

@@ -407,8 +407,9 @@ def _merged_unsharded_copy(peft_model: Any, full_state: dict) -> Any:
 def without_zero3_init() -> Iterator[None]:
     """Build a model whole while a DeepSpeed ZeRO-3 config is live: transformers otherwise partitions every model it
     loads (`deepspeed.zero.Init`, which needs every process; PEFT gathers), whatever accelerate's `zero3_init_flag`.
-    The recipe builds its model whole on every process (DeepSpeed partitions it when training starts: the weights'
-    checksums of the resume record hashed empty partitions), and merges it whole on one."""
+    The recipe builds its model whole on every process, as the Cell2Sentence baseline its language model (DeepSpeed
+    partitions it when training starts: the weights' checksums of the resume record hashed empty partitions), and
+    merges it whole on one."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
     if not hf_deepspeed.is_deepspeed_zero3_enabled():

@@ -864,7 +864,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     # 4. LoRA merged into the language model (weights sharded by FSDP or ZeRO-3 gathered first), its calibration on
     # validation cells, then the Hub-ready folder with the processor and pipeline.
     merged = merge_adapters(trainer)
-    if merged is not None:  # the processor it was trained with (TRL's chat_template_path sets its template), not
+    if merged is not None:  # the processor it was trained with (--chat_template_path's template, set by the recipe), not
         fit_tokens_to_encoder(merged.config.gene_encoder_config, processor.feature_extractor)
         merged.config.processor_sha256 = processor_sha256(processor)  # init_from's
     fitted = calibrate(merged, processor, args, training_args, corpus.get("validation"))

@@ -60,8 +60,9 @@ from training.adapters import (
     parse_training_arguments,
     save_merged,
     state_dict_sha256,
-    tokenizer_sha256,
     stopped_cleanly,
+    tokenizer_sha256,
+    without_zero3_init,
 )
 from training.loss import LabelledPositionsLossMixin
 
@@ -160,7 +161,8 @@ def build_trainer(
     tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path)
     if tokenizer.chat_template is None:
         raise ValueError(f"{text_model_name_or_path} has no chat template; use an instruction-tuned LLM.")
-    model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, dtype=torch.float32)
+    with without_zero3_init():  # whole, as the recipe's: partitioned, its checksum below hashed empty partitions
+        model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, dtype=torch.float32)
     record = {**lora_record(peft_config), "language_model_sha256": state_dict_sha256(model.state_dict()),
               "tokenizer_sha256": tokenizer_sha256(tokenizer, training_args.chat_template_path),
               "num_genes": num_genes,
