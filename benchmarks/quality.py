@@ -24,10 +24,10 @@ every baseline on the same cells: the accuracy difference, the cells only one of
 McNemar p-value. Written: `<out>/quality_benchmark.json` (per-fold figures and predictions per cell, pooled
 figures, date, commit, device), rewritten after every fold with `"complete": false` until the last, so an
 interrupted run keeps what it measured; `--resume` reuses the folds measured at the same commit with the same
-settings in the same environment (each fold records its CPU, bf16 kernels, GPU and package versions). Uses the GPU
-when there is one. About 10 minutes per fold on 2 CPU cores (50 min for the 5 folds, measured 2026-12-05); not part
-of CI. It imports the project's modules as it goes, so run it from a checkout
-nobody edits meanwhile (`git worktree add ../quality-run HEAD`; `--out` may point anywhere).
+settings in the same environment (each fold records its CPU, bf16 kernels, thread count on a CPU, GPU and package
+versions). Uses the GPU when there is one. About 10 minutes per fold on 2 CPU cores (50 min for the 5 folds, measured
+2026-12-05); not part of CI. It imports the project's modules as it goes, so run it from a checkout nobody edits
+meanwhile (`git worktree add ../quality-run HEAD`; `--out` may point anywhere).
 """
 
 from __future__ import annotations
@@ -165,9 +165,10 @@ def device_name() -> str:
 
 
 def environment() -> dict:
-    """The CPU and the package versions the figures came from. The same seed trains other weights on a CPU with
-    other bf16 kernels (or none: then in float32) or with another release of the libraries, and at 490 training cells that moves a fold's
-    accuracy by several cells (docs/results.md), so a figure is its machine's."""
+    """The CPU (on a CPU, torch's thread count), the GPU and the package versions the figures came from. The same
+    seed trains other weights on a CPU with other bf16 kernels (or none: then in float32) or another thread count,
+    or with another release of the libraries, and at 490 training cells that moves a fold's accuracy by several cells
+    (docs/results.md), so a figure is its machine's."""
     from importlib.metadata import PackageNotFoundError, version
 
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
@@ -184,10 +185,12 @@ def environment() -> dict:
 
     import torch
 
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": model, "cpu_bf16": sorted(set(flags) & {"avx512_bf16", "amx_bf16"}),
             "cpu_bf16_kernels": cpu_bf16_is_fast(),  # False: the recipe trained in float32 on the CPU
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "packages": packages}
+            # the threads a CPU training's float sums are split over (`training.demo` trains on them or half of them)
+            "cpu_threads": None if gpu else torch.get_num_threads(),
+            "gpu": gpu, "python": platform.python_version(), "packages": packages}
 
 
 def fold_cells(fold_dir: Path) -> dict:
@@ -367,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="Cap training steps (a smoke run, not the recipe).")
     parser.add_argument("--resume", action="store_true",
                         help="Reuse the folds of <out>/quality_benchmark.json measured at this commit and settings, "
-                             "on a machine like this one (CPU, bf16 kernels, GPU, package versions).")
+                             "on a machine like this one (CPU, bf16 kernels, CPU threads, GPU, package versions).")
     parser.add_argument("--rescore", action="store_true",
                         help="Compute the pooled figures and paired tests of <out>/quality_benchmark.json again from "
                              "its fold folders (nothing is trained), e.g. after the pooling changed.")

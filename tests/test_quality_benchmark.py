@@ -198,6 +198,27 @@ def test_folds_measured_in_another_environment_are_not_resumed(tmp_path, stubbed
         == [0, 1]
 
 
+def test_folds_measured_on_another_thread_count_are_not_resumed(tmp_path, stubbed, monkeypatch):
+    """A fold's training threads are torch's thread count of its process (or half of it, `training.demo`), and its
+    weights depend on them: a fold measured with 1 thread resumed by a process of 2 on the same CPU (another VM size,
+    OMP_NUM_THREADS) was pooled with folds trained on 2, exit 0."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # on a GPU the CPU's threads do not train
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        quality.main(["--folds", "2", "--only-folds", "0", "--out", str(tmp_path)])
+        torch.set_num_threads(2)
+        with pytest.raises(SystemExit, match=r"Fold 0 of .* \(cpu_threads differ\)"):
+            quality.main(["--folds", "2", "--only-folds", "1", "--out", str(tmp_path), "--resume"])
+        torch.set_num_threads(1)
+        assert [f["fold"] for f in quality.main(["--folds", "2", "--out", str(tmp_path), "--resume"])["folds"]] \
+            == [0, 1]
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_benchmark_cut_off_while_written_keeps_the_folds_written_before(tmp_path, stubbed, monkeypatch):
     """The JSON is rewritten after every fold of a run of hours: one cut off mid-write (a session's time limit) was
     left half written, every fold lost, and --resume ended in a JSONDecodeError traceback."""
