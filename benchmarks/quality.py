@@ -193,6 +193,11 @@ def environment() -> dict:
             "gpu": gpu, "python": platform.python_version(), "packages": packages}
 
 
+def environment_differences(measured: dict, here: dict) -> list[str]:
+    """The keys of two `environment` records whose values differ (a key one of them lacks, recorded since: None)."""
+    return sorted(key for key in {*here, *measured} if measured.get(key) != here.get(key))
+
+
 def fold_cells(fold_dir: Path) -> dict:
     """The test cells of one fold's main-job folder and every method's prediction for each, in the corpus's order;
     refuses a fold whose test cells also train or validate, or whose report is not on those cells."""
@@ -313,8 +318,7 @@ def reusable_folds(path: Path, settings: dict) -> dict[int, dict]:
                          "resumed. Pass another --out, or remove it to start over.")
     here = environment()
     for fold in earlier["folds"]:  # a fold measured before folds were recorded each: the run's machine
-        measured = fold.get("environment", earlier.get("environment")) or {}
-        differ = sorted(k for k in {*here, *measured} if measured.get(k) != here.get(k))  # a key recorded since: None
+        differ = environment_differences(fold.get("environment", earlier.get("environment")) or {}, here)
         if differ:
             raise SystemExit(f"Fold {fold['fold']} of {path} was measured on another machine or with other packages "
                              f"({', '.join(differ)} differ): its figures are that environment's (another precision, "

@@ -18,7 +18,8 @@ read the reference's cells as its own), else it is refused: a model of folds bui
 
 With `--variant-folds-dir` instead of `--set`, nothing is trained: the variant is the fold models of a second
 `benchmarks/quality.py` run, e.g. at a commit that changes the recipe's default (its folds must have the same
-validation cells and the same prepared encoder as the reference's, else it is refused):
+validation cells and the same prepared encoder as the reference's, and have been measured in the same environment,
+else it is refused):
 
     python benchmarks/recipe_variant.py --variant-folds-dir outputs/quality-new --out outputs/variant-new
 
@@ -160,6 +161,21 @@ def check_same_machine_precision(benchmark: dict, pairs: list[str]) -> None:
             f"precision in --set (bf16={str(recorded).lower()} trains as the folds did).")
 
 
+def check_same_environment(reference: Path, variant: Path) -> None:
+    """Refuse the folds of a second quality run (`--variant-folds-dir`) measured in another environment than the
+    reference's (`quality.environment`: CPU, bf16 kernels, CPU threads, GPU, package versions): their models would
+    differ by their machine's precision, kernels or thread count too, reported as the recipe's change. Runs that do
+    not both record one (an earlier version's) are not checked."""
+    from benchmarks.quality import environment_differences, read_benchmark
+
+    measured = [read_benchmark(folds / "quality_benchmark.json").get("environment") for folds in (reference, variant)]
+    differ = environment_differences(*measured) if None not in measured else []
+    if differ:
+        raise SystemExit(f"The folds of {variant} were measured in another environment than those of {reference} "
+                         f"({', '.join(differ)} differ): their models would differ by more than the recipe. Run the "
+                         f"second benchmarks/quality.py where the first ran.")
+
+
 def reference_training_threads(benchmark: dict, fold_name: str) -> int | None:
     """The thread count the fold's model trained on (quality.py records it per fold; None where it does not): a
     training's float sums, and so its weights, depend on it, so the variant trains on as many."""
@@ -236,6 +252,8 @@ def main() -> None:
         overrides = ["--max_steps", str(benchmark["max_steps"]), *overrides]
     if args.variant_folds_dir is None:
         check_same_machine_precision(benchmark, args.overrides)
+    else:
+        check_same_environment(args.folds_dir, args.variant_folds_dir)
     llm_dir = prepare_demo_llm()
     folds = []
     for fold_dir in fold_dirs:

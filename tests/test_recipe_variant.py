@@ -184,3 +184,39 @@ def test_the_variant_trains_on_the_folds_thread_count_and_precision(tmp_path, mo
     with pytest.raises(SystemExit, match="trained on GPU: NVIDIA H100, this machine has none"):
         variant.main()
     assert len(threads) == 2
+
+
+def test_variant_folds_measured_in_another_environment_are_refused(tmp_path, monkeypatch):
+    """A --variant-folds-dir run (nothing trained) paired the fold models of two quality runs whatever machines they
+    trained on: folds of a GPU, or of a CPU without bf16 kernels (float32) or on other threads, against the
+    reference's, and that difference was reported as the recipe's, exit 0."""
+    import sys
+
+    from tiny_parts import save_tiny_corpus
+
+    import training.prepare_demo_llm
+
+    variant = load_benchmark("recipe_variant", monkeypatch)
+    environment = {"cpu": "a CPU", "cpu_bf16_kernels": True, "cpu_threads": 2, "gpu": None, "packages": {"torch": "2"}}
+    for run in ("reference", "variant"):
+        save_tiny_corpus(tmp_path / run / "fold-0" / "corpus")
+        (tmp_path / run / "fold-0" / "cell2text-demo").mkdir()
+        (tmp_path / run / "fold-0" / "cell2text-demo" / "config.json").write_text("{}")
+        (tmp_path / run / "quality_benchmark.json").write_text(json.dumps(
+            {"seed": 0, "max_steps": None, "device": "CPU only (2 threads)", "environment": environment,
+             "folds": [{"fold": 0, "training_threads": {"cell2text": 2}}]}))
+    monkeypatch.setattr(training.prepare_demo_llm, "prepare_demo_llm", lambda: tmp_path / "llm")
+    monkeypatch.setattr(variant, "check_same_folds", lambda *args: None)
+    monkeypatch.setattr(variant, "validation_cell_types", lambda model_dir, corpus_dir, *rest: ["B cell"] * 4)
+    argv = ["recipe_variant.py", "--folds-dir", str(tmp_path / "reference"), "--variant-folds-dir",
+            str(tmp_path / "variant")]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path / "same")])
+    variant.main()  # the same environment: paired
+    path = tmp_path / "variant" / "quality_benchmark.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "environment": {
+        **environment, "cpu_bf16_kernels": False, "cpu_threads": 1}}))
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path / "other")])
+    with pytest.raises(SystemExit, match=r"measured in another environment than .*reference \(cpu_bf16_kernels, "
+                                         r"cpu_threads differ\)"):
+        variant.main()
+    assert not (tmp_path / "other" / "recipe_variant.json").exists()
