@@ -192,8 +192,8 @@ def _check_median_inputs(shards: Sequence[Shard]) -> None:
                 f"it was tokenized with do not count (they count {'; '.join(map(named, inputs[:3]))}"
                 f"{f'; and {len(inputs) - 3} more inputs' if len(inputs) > 3 else ''}): build that shard "
                 "with --medians histogram (a shard without it writes no median_histogram.npz, and the merge's glob "
-                "skips it), the rejection rules of its tokens (--required-fields, --keep-non-primary) and this "
-                "version of the package, merge every shard's histogram (python -m processing.gene_medians "
+                "skips it), the rejection rules and --input-values of its tokens (--required-fields, "
+                "--keep-non-primary) and this version of the package, merge every shard's histogram (python -m processing.gene_medians "
                 "shard*/median_histogram.npz --out fe/) and rebuild every shard with --feature-extractor fe/.")
     for entry in inputs:
         if not any(holds(entry, shard.summary) for shard in shards):

@@ -354,7 +354,8 @@ def test_shards_whose_medians_counted_cells_kept_by_other_rules_are_refused(file
     shards = _tokenized(files, [0, 1], [0, 1], tmp_path, keep_non_primary=True)
     with pytest.raises(ValueError, match=r"shard0 holds the cells of 'part0.h5ad', keep_non_primary True, .*which the "
                                          r"medians .* \(they count 'part0.h5ad', keep_non_primary False.*the "
-                                         r"rejection rules of its tokens \(--required-fields, --keep-non-primary\)"):
+                                         r"rejection rules and --input-values of its tokens \(--required-fields, "
+                                         r"--keep-non-primary\)"):
         join_corpus(shards, tmp_path / "joined")
 
 
@@ -455,7 +456,8 @@ def test_shards_rebuilt_with_other_input_values_than_their_histograms_are_refuse
     for i in range(2):
         build_corpus(part(i, "log1p"), tmp_path / f"shard{i}", options)
     with pytest.raises(ValueError, match=r"shard0 holds the cells of 'part0.h5ad', input_values 'log1p', .*which the "
-                                         r"medians .* \(they count 'part0.h5ad', input_values 'normalized'"):
+                                         r"medians .* \(they count 'part0.h5ad', input_values 'normalized'.*the "
+                                         r"rejection rules and --input-values of its tokens"):  # the fix names it
         join_corpus([tmp_path / "shard0", tmp_path / "shard1"], tmp_path / "joined")
 
 
