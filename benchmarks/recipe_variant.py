@@ -8,10 +8,10 @@ its corpus, its prepared gene encoder and its model, and its quality_benchmark.j
 training split with the `--set` overrides (TRL / Cell2Text argument names), from the same seed and the same prepared
 encoder (copied, so nothing is re-selected: a change of what the encoder is prepared for, such as num_cell_tokens,
 is refused before training), on the thread count the fold's model trained on (where quality.py recorded it) and in
-its precision (a GPU where the folds trained on a CPU or the reverse is refused, and a CPU without the folds' CPU's
-native bf16 kernels, or with them where the folds' had none, unless --set names bf16), without the temperature fit;
-then the fold's model (the reference) and the variant each choose every validation cell's cell type among the known
-labels (exhaustive scoring, what the schema-constrained decoder chooses). The test folds are never read: an idea is
+its precision (a GPU where the folds trained on a CPU or another GPU, or the reverse, is refused, and a CPU without
+the folds' CPU's native bf16 kernels, or with them where the folds' had none, unless --set names bf16), without the
+temperature fit; then the fold's model (the reference) and the variant each choose every validation cell's cell type
+among the known labels (exhaustive scoring, what the schema-constrained decoder chooses). The test folds are never read: an idea is
 kept or dropped on validation only.
 Each model must have been trained on its fold's corpus (a variant of `--variant-folds-dir` on its own fold's, and
 read the reference's cells as its own), else it is refused: a model of folds built since is not scored.
@@ -133,19 +133,21 @@ def check_same_folds(reference: Path, variant: Path) -> None:
 
 def check_same_machine_precision(benchmark: dict, pairs: list[str]) -> None:
     """Refuse to train a variant where the recipe trains otherwise than on the folds' machine: on a GPU where the
-    folds trained on a CPU or the reverse, or on a CPU whose native bf16 kernels differ from the folds' CPU's (without
-    them the recipe turns demo.yaml's bf16 autocast off, `parse_training_arguments`): float32 against bf16, or another
-    device's kernels, would be reported as the --set change. On CPUs, a --set naming bf16 or fp16 chooses the
-    precision; a benchmark that did not record its CPU's kernels is not checked there."""
+    folds trained on a CPU or on another GPU (`quality.device_name`) or the reverse, or on a CPU whose native bf16
+    kernels differ from the folds' CPU's (without them the recipe turns demo.yaml's bf16 autocast off,
+    `parse_training_arguments`): float32 against bf16, or another device's kernels, would be reported as the --set
+    change. On CPUs, a --set naming bf16 or fp16 chooses the precision; a benchmark that did not record its CPU's
+    kernels is not checked there."""
     import torch
 
+    from benchmarks.quality import device_name
     from training.adapters import cpu_bf16_is_fast
 
     folds_on_gpu, here_on_gpu = str(benchmark.get("device", "")).startswith("GPU"), torch.cuda.is_available()
-    if folds_on_gpu != here_on_gpu:
+    if (folds_on_gpu or here_on_gpu) and benchmark.get("device") != device_name():
         raise SystemExit(f"The folds were trained on {benchmark.get('device')}, this machine has "
-                         f"{'a GPU' if here_on_gpu else 'none'}: the variant would differ from the reference by its "
-                         "device's kernels and precision too. Run where the folds were trained.")
+                         f"{device_name() if here_on_gpu else 'none'}: the variant would differ from the reference by "
+                         "its device's kernels and precision too. Run where the folds were trained.")
     if here_on_gpu or any(pair.partition("=")[0] in ("bf16", "fp16") for pair in pairs):
         return
     recorded = (benchmark.get("environment") or {}).get("cpu_bf16_kernels")

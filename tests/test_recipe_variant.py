@@ -220,3 +220,18 @@ def test_variant_folds_measured_in_another_environment_are_refused(tmp_path, mon
                                          r"cpu_threads differ\)"):
         variant.main()
     assert not (tmp_path / "other" / "recipe_variant.json").exists()
+
+
+def test_a_variant_is_not_trained_on_another_gpu_than_the_folds(monkeypatch):
+    """Folds trained on one GPU model and the variant on another (an H100's kernels against an A100's): only a CPU
+    against a GPU was refused, so the other GPU's kernels were reported as the --set change, exit 0."""
+    import torch
+
+    variant = load_benchmark("recipe_variant")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "NVIDIA A100")
+    with pytest.raises(SystemExit, match="trained on GPU: NVIDIA H100, this machine has GPU: NVIDIA A100"):
+        variant.check_same_machine_precision({"device": "GPU: NVIDIA H100"}, ["num_train_epochs=2"])
+    variant.check_same_machine_precision({"device": "GPU: NVIDIA A100"}, ["num_train_epochs=2"])  # the same GPU
+    with pytest.raises(SystemExit, match="trained on CPU only .*, this machine has GPU: NVIDIA A100"):
+        variant.check_same_machine_precision({"device": "CPU only (2 threads)"}, ["num_train_epochs=2"])
