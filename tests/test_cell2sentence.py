@@ -154,6 +154,23 @@ def test_a_resume_with_other_settings_is_refused(parts_and_corpus, tmp_path):
     assert json.loads((final / "training_state.json").read_text())["global_step"] == 4
 
 
+def test_the_record_of_a_template_cloned_from_a_tokenizer_follows_that_tokenizer(parts_and_corpus, tmp_path):
+    """TRL's other --chat_template_path form clones the template (and special tokens) of a tokenizer: recorded by its
+    name alone, a resume after that tokenizer's template changed trained on other texts, exit 0."""
+    from training.adapters import tokenizer_sha256
+
+    lm_dir, _ = parts_and_corpus
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    source = tmp_path / "template-source"
+    tokenizer.save_pretrained(source)
+    before = tokenizer_sha256(tokenizer, str(source))
+    assert tokenizer_sha256(tokenizer, str(source)) == before
+    changed = AutoTokenizer.from_pretrained(source)
+    changed.chat_template = tokenizer.chat_template.replace("message['content']", "(message['content'] | trim)")
+    changed.save_pretrained(source)
+    assert tokenizer_sha256(tokenizer, str(source)) != before
+
+
 def test_train_merge_and_generate_one_text_per_cell(parts_and_corpus, tmp_path):
     lm_dir, corpus_dir = parts_and_corpus
     config = tiny_config(

@@ -150,14 +150,21 @@ def state_dict_sha256(state_dict: dict) -> str:
 
 def tokenizer_sha256(tokenizer: Any, chat_template_path: str | None) -> str:
     """A checksum of the texts' tokens a TRL trainer trains on: the tokenizer's vocabulary and the chat template it
-    applies, TRL's `chat_template_path` (a Jinja file's text, or by name the tokenizer TRL clones it from) or the
-    tokenizer's own (a resume with another template trained the steps left on other texts, exit 0)."""
+    applies, TRL's `chat_template_path` (a Jinja file's text, or the template, vocabulary and end-of-text token of
+    the tokenizer TRL clones them from: by its name alone, that tokenizer changed went unseen) or the tokenizer's own
+    (a resume with another template trained the steps left on other texts, exit 0)."""
     import hashlib
 
-    template = tokenizer.chat_template
+    template: Any = tokenizer.chat_template
     if chat_template_path is not None:
         path = Path(chat_template_path)
-        template = path.read_text(encoding="utf-8") if path.is_file() else f"cloned from {chat_template_path}"
+        if path.is_file():
+            template = path.read_text(encoding="utf-8")
+        else:
+            from transformers import AutoTokenizer
+
+            source = AutoTokenizer.from_pretrained(chat_template_path)
+            template = [source.get_chat_template(), sorted(source.get_vocab().items()), source.eos_token]
     content = json.dumps([sorted(tokenizer.get_vocab().items()), template])
     return hashlib.sha256(content.encode()).hexdigest()
 
