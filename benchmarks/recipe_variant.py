@@ -187,8 +187,8 @@ def reference_training_threads(benchmark: dict, fold_name: str) -> int | None:
     return None
 
 
-def validation_cell_types(model_dir: Path, corpus_dir: Path, batch_size: int, trained_on: Path | None = None
-                          ) -> list[str]:
+def validation_cell_types(model_dir: Path, corpus_dir: Path, batch_size: int, fix: str,
+                          trained_on: Path | None = None) -> list[str]:
     """The cell type each validation cell of the corpus at `corpus_dir` gets by exhaustive scoring of the model's
     known labels. The model must have been trained on that corpus (`evaluate.check_corpus_fits_model`), or, with
     `trained_on` (a variant of another quality run), on the corpus there, and read this one's cells as its own: a
@@ -208,9 +208,8 @@ def validation_cell_types(model_dir: Path, corpus_dir: Path, batch_size: int, tr
             check_corpus_fits_model(trained_on, model.config, processor)
         check_corpus_fits_model(corpus_dir, model.config, processor, other_corpus=trained_on is not None)
     except ValueError as error:
-        raise SystemExit(f"{model_dir} cannot be scored on the validation cells of {corpus_dir}: {error}\nA variant "
-                         "trained on folds built since: run without --resume (or in another --out); a fold's own "
-                         "model: run benchmarks/quality.py for that fold again.") from None
+        raise SystemExit(f"{model_dir} cannot be scored on the validation cells of {corpus_dir}: {error}\n"
+                         f"{fix}") from None
     cells = load_from_disk(str(corpus_dir))["validation"]
     with torch.no_grad():
         return [label for inputs in batched_inputs(model, processor, cells["gene_input_ids"],
@@ -283,8 +282,13 @@ def main() -> None:
         corpus = load_from_disk(str(corpus_dir))
         truth = list(corpus["validation"]["cell_type"])
         variant_corpus = args.variant_folds_dir / fold_dir.name / "corpus" if args.variant_folds_dir else None
-        predictions = {"reference": validation_cell_types(fold_dir / "cell2text-demo", corpus_dir, args.batch_size),
-                       "variant": validation_cell_types(model_dir, corpus_dir, args.batch_size, variant_corpus)}
+        variant_fix = ("Pair two quality runs of the same folds: run benchmarks/quality.py for this fold again in "
+                       "--variant-folds-dir." if variant_corpus else "A variant trained on folds built since: run "
+                       "without --resume (or in another --out).")
+        predictions = {"reference": validation_cell_types(fold_dir / "cell2text-demo", corpus_dir, args.batch_size,
+                                                          "Run benchmarks/quality.py for this fold again."),
+                       "variant": validation_cell_types(model_dir, corpus_dir, args.batch_size, variant_fix,
+                                                        variant_corpus)}
         correct = {name: [p == t for p, t in zip(labels, truth)] for name, labels in predictions.items()}
         figures = paired(correct["reference"], correct["variant"])
         folds.append({"fold": fold_dir.name, "cell_id": list(corpus["validation"]["cell_id"]),

@@ -115,17 +115,17 @@ def test_a_model_trained_on_another_build_of_the_folds_is_refused(tmp_path):
     edit_json(corpus_dir / "summary.json", lambda s: s.update(fingerprints={"train": "a", "validation": "b"}))
     model_dir = save_tiny_model(tmp_path / "model", corpus_dir,
                                 training_corpus_fingerprints={"train": "a", "validation": "b"})
-    assert len(variant.validation_cell_types(model_dir, corpus_dir, 4)) == 8  # its own build: scored
+    assert len(variant.validation_cell_types(model_dir, corpus_dir, 4, "fix")) == 8  # its own build: scored
     rebuilt = tmp_path / "rebuilt" / "fold-0" / "corpus"
     shutil.copytree(corpus_dir, rebuilt)
     edit_json(rebuilt / "summary.json", lambda s: s.update(fingerprints={"train": "c", "validation": "d"}))
     with pytest.raises(SystemExit, match="cannot be scored on the validation cells .* not the build the model was "
-                                         "trained on"):
-        variant.validation_cell_types(model_dir, rebuilt, 4)
+                                         "trained on.*\nRun this again"):
+        variant.validation_cell_types(model_dir, rebuilt, 4, "Run this again")
     # a variant of a second quality run: trained on its own fold's build, scored on the reference's cells
-    assert len(variant.validation_cell_types(model_dir, rebuilt, 4, trained_on=corpus_dir)) == 8
+    assert len(variant.validation_cell_types(model_dir, rebuilt, 4, "fix", trained_on=corpus_dir)) == 8
     with pytest.raises(SystemExit, match="not the build the model was trained on"):
-        variant.validation_cell_types(model_dir, corpus_dir, 4, trained_on=rebuilt)
+        variant.validation_cell_types(model_dir, corpus_dir, 4, "fix", trained_on=rebuilt)
 
 
 def test_the_variant_trains_on_the_folds_thread_count_and_precision(tmp_path, monkeypatch, capsys):
