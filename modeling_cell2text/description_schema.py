@@ -168,11 +168,25 @@ class CellDescription:
             if value is not None and value != value.strip():
                 raise ValueError(f"CellDescription.{name}={value!r} has leading or trailing whitespace.")
         for p in self.pathways:
-            if '"' in p:
-                raise ValueError(f"Pathway name {p!r} contains a double quote, which the template uses as delimiter.")
+            if (problem := pathway_name_problem(p)) is not None:
+                raise ValueError(f"Pathway name {p!r} {problem}.")
 
     def to_dict(self) -> dict:
         return {f.name: (list(getattr(self, f.name)) if f.name == "pathways" else getattr(self, f.name)) for f in fields(self)}
+
+
+#: What joins a cell's pathways in one AnnData obs column (`tl.describe`'s `<key>_pathways`).
+PATHWAY_SEPARATOR = "; "
+
+
+def pathway_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a pathway name (None: it can): the template quotes each name, and `tl.describe` joins a
+    cell's names with `PATHWAY_SEPARATOR` (a name holding it read back as two pathways)."""
+    if '"' in name:
+        return "contains a double quote, which descriptions use around pathway names"
+    if PATHWAY_SEPARATOR in name:
+        return f"contains {PATHWAY_SEPARATOR!r}, which joins a cell's pathways in AnnData obs"
+    return None
 
 
 def _article(word: str) -> str:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .argument_types import DTYPE_NAMES, is_integer_at_least
 from .cell_inputs import format_cells
 from .compatibility import check_model_and_processor, gene_vocabulary_sha256, label_tables_sha256, processor_sha256
-from .description_schema import ONTOLOGY_FIELDS, CellDescription
+from .description_schema import ONTOLOGY_FIELDS, PATHWAY_SEPARATOR, CellDescription
 from .label_scoring import constrains
 from .modeling_cell2text import PICKLED_WEIGHTS, Cell2TextForConditionalGeneration, pickled_weights_message
 from .package_info import package_version
@@ -495,7 +495,7 @@ def annotation_columns(results: Sequence[dict | None], key_added: str, constrain
         elif key.endswith("_score"):
             columns[f"{key_added}_{key}"] = np.array([np.nan if v is None else float(v) for v in values])
         else:
-            joined = ["; ".join(v) or None if isinstance(v, list) else v for v in values]
+            joined = [PATHWAY_SEPARATOR.join(v) or None if isinstance(v, list) else v for v in values]
             columns[f"{key_added}_{key}"] = pd.Categorical(joined)  # None -> missing; labels stored once
     return columns
 

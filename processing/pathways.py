@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from modeling_cell2text.description_schema import pathway_name_problem
 from modeling_cell2text.gene_table import symbol_to_ensembl
 from modeling_cell2text.rank_value import as_csr
 
@@ -60,7 +61,8 @@ def read_gmt(path: str | Path) -> dict[str, list[str]]:
 
     Genes keep their first-seen order; duplicates and empty fields are dropped; a byte-order mark is read as none
     (it began the first set's name, and so every description naming that set). Raises
-    ValueError naming the line for a line without genes, a repeated set name, or a name with a double quote, and
+    ValueError naming the line for a line without genes, a repeated set name, or a name with a double quote or "; "
+    (`description_schema.pathway_name_problem`), and
     naming the file for one that is no UTF-8 text (a .gz file: no intact gzip of one).
     """
     path = Path(path)
@@ -88,9 +90,8 @@ def read_gmt(path: str | Path) -> dict[str, list[str]]:
             )
         if name in gene_sets:
             raise ValueError(f"{path}:{line_number}: gene set {name!r} appears twice; names must be unique.")
-        if '"' in name:  # refused here, not after the pass over the data that scores the sets
-            raise ValueError(f"{path}:{line_number}: gene set name {name!r} contains a double quote, which "
-                             "descriptions use around pathway names; rename the set in the file.")
+        if (problem := pathway_name_problem(name)) is not None:  # here, not after the pass that scores the sets
+            raise ValueError(f"{path}:{line_number}: gene set name {name!r} {problem}; rename the set in the file.")
         gene_sets[name] = genes
     if not gene_sets:
         raise ValueError(f"{path} holds no gene sets.")

@@ -158,6 +158,9 @@ def test_read_gmt(tmp_path):
     ("\n\n", "no gene sets"),
     # found after the pass over the data, naming no file or line (the reviewer's finding)
     ('SET_A\tdesc\tTP53\nSet "one"\tdesc\tEGFR\n', r":2: gene set name 'Set \"one\"' contains a double quote.*rename"),
+    # tl.describe joins a cell's pathways with "; ": read back as two pathways
+    ("SET_A\tdesc\tTP53\nGlycolysis; TCA\tdesc\tEGFR\n", r":2: gene set name 'Glycolysis; TCA' contains '; ', which "
+                                                    r"joins a cell's pathways in AnnData obs; rename"),
 ])
 def test_read_gmt_rejects_malformed(tmp_path, text, message):
     path = tmp_path / "bad.gmt"
