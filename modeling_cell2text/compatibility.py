@@ -113,6 +113,9 @@ PROCESSOR_PARTS = {
                           "tokens"),
     "description_tokenization": ("tokens of a description the template writes (the tokenizer splits its words "
                                  "otherwise, or the description template changed since the model was saved)"),
+    "prompt_tokenization": ("way of splitting the prompt into tokens (the chat template with its special tokens and "
+                            "cell placeholders: an added token's lstrip or rstrip flag in tokenizer.json moves them, "
+                            "the vocabulary and the template unchanged): the model would read another prompt"),
     "end_of_text": ("end-of-text token (the tokenizer's eos_token, which ends every description the model learnt "
                     "to write: free descriptions ended by the model's read as cut, all unparsed)"),
     "gene_tokens_per_cell": ("number of gene tokens per cell (feature extractor model_input_size, up to the gene "
@@ -168,6 +171,10 @@ def processor_sha256(processor: Any) -> dict[str, str]:
     `PROCESSOR_PARTS` entry. Two models trained from one base LLM on one gene vocabulary (a pretrained Geneformer's)
     agree on the gene checksums, so those alone let a processor of the other model through: its tokenizer, prompt or
     labels changed every description without a word. "labels" is `processor_labels_sha256`."""
+    try:
+        prompt_ids = processor._prompt_ids(processor.num_cell_tokens)
+    except ValueError as error:  # a template that loses the cell placeholders: no prompt, a mismatch to name
+        prompt_ids = str(error)
     parts = {
         "text_vocabulary": sorted(processor.tokenizer.get_vocab().items()),
         "prompt": [processor.chat_template, processor.system_prompt, processor.user_prompt,
@@ -180,6 +187,8 @@ def processor_sha256(processor: Any) -> dict[str, str]:
         "description_tokenization": processor.tokenizer(probe_description(), add_special_tokens=False)["input_ids"],
         # a part of its own too: folders saved before it was recorded keep loading
         "end_of_text": processor.tokenizer.eos_token_id,
+        # the whole prompt's ids, as the model reads them (another part, for the folders saved without it)
+        "prompt_tokenization": prompt_ids,
         # as fitted to the gene encoder's positions (`fit_tokens_to_encoder`, run before any checksum is taken)
         "gene_tokens_per_cell": int(processor.feature_extractor.model_input_size),
     }

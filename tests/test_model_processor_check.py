@@ -488,6 +488,27 @@ def test_a_tokenizer_ending_text_with_another_token_is_refused(tmp_path):
     assert Cell2TextProcessor.from_pretrained(older)
 
 
+def test_a_tokenizer_splitting_the_prompt_otherwise_is_refused(tmp_path):
+    """A model-folder hunt's finding: a tokenizer.json whose <|im_end|> was marked rstrip (the newline after it in the
+    chat template then eaten) kept the vocabulary, the template and the tokens of every probe text, so it loaded;
+    every prompt the model read had other token ids, and the scores and free descriptions changed, exit 0."""
+    model, processor = composed_model(tmp_path)
+    save_model_folder(model, processor, tmp_path / "model")
+    edited = edited_copy(tmp_path / "model", tmp_path / "edited")
+    content = json.loads((edited / "tokenizer.json").read_text())
+    for token in content["added_tokens"]:
+        if token["content"] == "<|im_end|>":
+            token["rstrip"] = True
+    (edited / "tokenizer.json").write_text(json.dumps(content))
+    assert _processor_without_check(edited)._prompt_ids(8) != processor._prompt_ids(8)  # the newlines are gone
+    with pytest.raises(ModelProcessorMismatchError, match=r"prompt_tokenization checksum: .*splitting the prompt"):
+        Cell2TextProcessor.from_pretrained(edited)
+    # a folder saved before prompt_tokenization was recorded: its other parts are checked, it loads
+    older = edited_copy(tmp_path / "model", tmp_path / "older", edit_config=lambda config: config[
+        "processor_sha256"].pop("prompt_tokenization"))
+    assert Cell2TextProcessor.from_pretrained(older)
+
+
 def test_saving_a_model_with_peft_adapters_is_refused_before_writing(tmp_path):
     """The reviewer's finding: save_model_folder on a PeftModel wrote the adapter files and the code, then failed
     for want of config.json, leaving a partial folder."""
