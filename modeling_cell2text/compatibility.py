@@ -108,6 +108,8 @@ PROCESSOR_PARTS = {
     "text_vocabulary": "tokenizer vocabulary (text token ids: the model would read and write other words)",
     "prompt": "chat template, system or user prompt, or definitions_in_model_text than the model was trained on",
     "gene_symbols": "gene symbol table (symbols in var_names would be read as other genes)",
+    "current_gene_symbols": ("current symbol of each gene (feature extractor gene_symbols: of an input naming a gene "
+                             "by its current and a previous symbol, the other column would be read)"),
     "text_tokenization": ("way of splitting text into tokens (the tokenizer's merges, normalizer or pre-tokenizer; "
                           "the vocabulary alone can be the same): the prompt and labels would be read as other "
                           "tokens"),
@@ -180,6 +182,8 @@ def processor_sha256(processor: Any) -> dict[str, str]:
         "prompt": [processor.chat_template, processor.system_prompt, processor.user_prompt,
                    bool(processor.definitions_in_model_text)],
         "gene_symbols": sorted(processor.feature_extractor.symbol_to_gene.items()),
+        # a part of its own (`gene_ids.superseded_symbols` reads it): folders saved before it keep loading
+        "current_gene_symbols": sorted(processor.feature_extractor.gene_symbols.items()),
         "text_tokenization": [processor.tokenizer(text, add_special_tokens=False)["input_ids"]
                               for text in (TOKENIZATION_PROBE, processor.system_prompt or "",
                                            processor.user_prompt or "")],

@@ -509,6 +509,26 @@ def test_a_tokenizer_splitting_the_prompt_otherwise_is_refused(tmp_path):
     assert Cell2TextProcessor.from_pretrained(older)
 
 
+def test_a_processor_with_other_current_symbols_is_refused(tmp_path):
+    """A model-folder hunt's finding: a processor whose gene_symbols named a gene's previous symbol as its current one
+    (symbol_to_gene unchanged, so every checksum matched) read, of an input naming that gene by both symbols, the
+    other column: cells whose top gene it was changed type, with a warning that named the symbol not read, exit 0."""
+    model, processor = composed_model(tmp_path)
+    save_model_folder(model, processor, tmp_path / "model")
+    gene = processor.feature_extractor.symbol_to_gene["TM4SF6"]  # TSPAN6's previous symbol
+    assert processor.feature_extractor.gene_symbols[gene] == "TSPAN6"
+    edited = edited_copy(tmp_path / "model", tmp_path / "edited", edit_processor=lambda config: config[
+        "feature_extractor"]["gene_symbols"].update({gene: "TM4SF6"}))
+    both = _processor_without_check(edited).feature_extractor.match_genes(["TSPAN6", "TM4SF6"]).column_tokens
+    assert list(both >= 0) == [False, True]  # the previous symbol's column read, the current one's left out
+    with pytest.raises(ModelProcessorMismatchError, match=r"current_gene_symbols checksum: .*current symbol"):
+        Cell2TextProcessor.from_pretrained(edited)
+    # a folder saved before current_gene_symbols was recorded: its other parts are checked, it loads
+    older = edited_copy(tmp_path / "model", tmp_path / "older", edit_config=lambda config: config[
+        "processor_sha256"].pop("current_gene_symbols"))
+    assert Cell2TextProcessor.from_pretrained(older)
+
+
 def test_saving_a_model_with_peft_adapters_is_refused_before_writing(tmp_path):
     """The reviewer's finding: save_model_folder on a PeftModel wrote the adapter files and the code, then failed
     for want of config.json, leaving a partial folder."""
