@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig, GenerationMixin,
                           PreTrainedModel)
@@ -223,6 +223,37 @@ def _refuse_unreadable_generation_config(pretrained_model_name_or_path: Any, kwa
     GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub)
 
 
+# The safetensors dtypes of floating-point numbers: a Cell2Text checkpoint holds no other tensor.
+FLOAT_WEIGHT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def _refuse_non_float_weights(pretrained_model_name_or_path: Any, kwargs: dict) -> None:
+    """Refuse a safetensors weights file (whole, or the shards its index names) holding a tensor that is no
+    floating-point number (an integer or bool tensor: a corrupt conversion, or quantized weights without their
+    quantization_config): transformers cast it into the model's floating-point parameter without a word, and every
+    score moved, exit 0. Another floating-point dtype (float16 weights of a float32 model) holds the same numbers
+    and loads. Run after the load, which resolved (and downloaded) the files."""
+    hub = hub_kwargs(kwargs)
+    whole, index = weights_file_names(kwargs.get("variant"))
+    files = [saved_file(pretrained_model_name_or_path, whole, hub)]
+    if files[0] is None:
+        index_file = saved_file(pretrained_model_name_or_path, index, hub)
+        shards = json.loads(Path(index_file).read_text()).get("weight_map", {}).values() if index_file else ()
+        files = [saved_file(pretrained_model_name_or_path, shard, hub) for shard in sorted(set(shards))]
+    found = {}
+    for file in filter(None, files):
+        with safe_open(file, framework="pt") as weights:
+            found.update({name: dtype for name in weights.keys()
+                          if (dtype := weights.get_slice(name).get_dtype()) not in FLOAT_WEIGHT_DTYPES})
+    if found:
+        examples = ", ".join(f"{name} ({dtype})" for name, dtype in sorted(found.items())[:3])
+        raise OSError(
+            f"The weights of {pretrained_model_name_or_path!s} hold {len(found)} tensors that are no floating-point "
+            f"numbers, e.g. {examples}: they would be cast into the model's weights as if they were. Download or "
+            "save the model again (save_model_folder); quantized weights need the quantization_config they were "
+            "saved with in config.json.")
+
+
 def _refuse_unloaded_weights(pretrained_model_name_or_path: Any, loading_info: dict) -> None:
     """Refuse weights the checkpoint lacks (they would be random) or holds but the config has no place for (they
     would be dropped): a renamed tensor, a wrong `num_hidden_layers` or `tie_word_embeddings` in config.json."""
@@ -304,7 +335,8 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
         weights and for a truncated or corrupt weights file (`SafetensorError`: a bad header, a short file).
 
         Stricter than transformers where it would give a silently different model: weights missing from the file
-        or left over by the config (transformers initialises or drops them with a log line), a PEFT adapter
+        or left over by the config (transformers initialises or drops them with a log line), weights that are no
+        floating-point numbers (transformers casts them into the parameters), a PEFT adapter
         beside the weights (transformers applies it) and a generation_config.json naming an unknown setting or giving
         one a value of the wrong type (generation ran without it, or with "false" read as true) are refused.
         `output_loading_info=True` returns the loading info instead of refusing the weights, for whoever wants to
@@ -343,6 +375,9 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
             if not (kwargs["use_safetensors"] and pickled):
                 raise
             raise OSError(pickled_weights_message(pretrained_model_name_or_path, pickled[0])) from err
+        if pretrained_model_name_or_path is not None and kwargs["use_safetensors"] and getattr(
+                model.config, "quantization_config", None) is None:
+            _refuse_non_float_weights(pretrained_model_name_or_path, kwargs)
         model.config._commit_hash = _loaded_commit(pretrained_model_name_or_path, kwargs)
         _name_subfolder(model, pretrained_model_name_or_path, kwargs.get("subfolder"))
         if wants_loading_info:

@@ -184,6 +184,28 @@ def test_weights_that_do_not_match_the_config_are_refused_not_random(tmp_path, e
     assert isinstance(model, Cell2TextForConditionalGeneration) and (info["missing_keys"] or info["unexpected_keys"])
 
 
+@pytest.mark.parametrize("sharded", [False, True])
+def test_weights_that_are_no_floating_point_numbers_are_refused_not_cast(tmp_path, sharded):
+    """A model-folder hunt's finding: a weights file whose projector weight was stored as int32 (the same names and
+    shapes) loaded, transformers casting the integers into the float parameter, and every score moved, exit 0.
+    float16 weights of a float32 model hold the same numbers and load as before."""
+    model = tiny_model()
+    model.save_pretrained(tmp_path, **({"max_shard_size": "100KB"} if sharded else {}))
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert (len(files) > 1) == sharded
+    name = "model.multi_modal_projector.linear_1.weight"
+    holder = next(path for path in files if name in load_file(path))
+    tensors = load_file(holder)
+    tensors[name] = tensors[name].half()  # another floating-point dtype: the same numbers
+    save_file(tensors, holder, metadata={"format": "pt"})
+    reloaded = Cell2TextForConditionalGeneration.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.state_dict()[name], tensors[name].float())
+    tensors[name] = (tensors[name] * 100).to(torch.int32)
+    save_file(tensors, holder, metadata={"format": "pt"})
+    with pytest.raises(OSError, match=rf"hold 1 tensors that are no floating-point numbers, e.g. {name} \(I32\)"):
+        Cell2TextForConditionalGeneration.from_pretrained(tmp_path)
+
+
 def test_a_generation_config_that_does_not_read_is_refused_not_dropped(tmp_path):
     """The QA finding: a malformed generation_config.json was replaced by defaults with a log line (the folder's
     max_new_tokens, eos token and other settings dropped)."""
