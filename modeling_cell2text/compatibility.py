@@ -145,6 +145,22 @@ def processor_labels_sha256(processor: Any) -> str:
     return kept["from"] if kept.get("kept") == own else own
 
 
+def holds_kept_subset(processor: Any) -> bool:
+    """Whether the processor holds a subset of its labels kept with `Cell2TextProcessor.keep_labels` (unchanged since,
+    and other tables than those it came from): a choice for describing some cells, not the model's labels. Tables
+    changed after keeping (labels a fine-tuning added) are checked as they are (`processor_labels_sha256`)."""
+    kept = getattr(processor, "kept_labels", None) or {}
+    own = label_tables_sha256(processor)
+    return kept.get("kept") == own and kept.get("from") != own
+
+
+# What keeping a subset is for, and where to do it, as the refusals and warning about a model folder's subset say.
+KEPT_SUBSET_FIX = ("a model folder holds the processor with the model's labels: save or upload the processor loaded "
+                   "from the model's own folder, and choose among a subset where cells are described "
+                   "(tl.describe(..., cell_types=[...]), cell2text describe --cell-types, or processor.keep_labels "
+                   "after loading)")
+
+
 # Text whose tokens show how a tokenizer splits text (capitals, digits, hyphens, commas, quotes; with
 # `probe_description`, the template's words), independent of a processor's labels (a subset kept with
 # `keep_labels` tokenizes the same): a tokenizer.json with other merges or a lowercasing normalizer keeps

@@ -29,9 +29,9 @@ from transformers import (AutoModelForCausalLM, GenerationConfig, GenerationMixi
 
 from .argument_types import is_integer_at_least
 from .cell_inputs import anndata_matrix, check_gene_ids_in_var_order, empty_cells_error, format_cells
-from .compatibility import (ModelProcessorMismatchError, check_labels, check_model_and_processor,
-                            fit_tokens_to_encoder, gene_ranking_sha256, gene_vocabulary_sha256, processor_sha256,
-                            recorded_gene_vocabulary_sha256, saved_file)
+from .compatibility import (KEPT_SUBSET_FIX, ModelProcessorMismatchError, check_labels, check_model_and_processor,
+                            fit_tokens_to_encoder, gene_ranking_sha256, gene_vocabulary_sha256, holds_kept_subset,
+                            processor_sha256, recorded_gene_vocabulary_sha256, saved_file)
 from .label_scoring import constrains, constrains_by_default
 from .modeling_cell2text import (DESCRIPTION_MAX_NEW_TOKENS, check_generation_settings, foreign_weight_files,
                                  generation_setting_names, stop_at_end_of_text, weights_file_names)
@@ -556,7 +556,8 @@ class Cell2TextPipeline(Pipeline):
         where this package is not installed, also when this pipeline itself was loaded as remote code. A model that
         records no gene vocabulary, gene ranking or processor checksum gets its processor's, so the folder refuses a
         processor that ranks genes, writes text or offers labels otherwise later (a subset of the labels chosen with
-        `Cell2TextProcessor.keep_labels` fits). The labels are recorded only for a model composed in memory: a model
+        `Cell2TextProcessor.keep_labels` fits; saving one is refused, as every user of the folder would describe
+        cells among it). The labels are recorded only for a model composed in memory: a model
         loaded from a folder saved before they were checked is left without (the processor given may not be the one
         it was trained with). Its generation config stops at the processor's end of text (`stop_at_end_of_text`)."""
         from transformers.dynamic_module_utils import custom_object_save
@@ -570,6 +571,11 @@ class Cell2TextPipeline(Pipeline):
             raise ValueError("the model carries PEFT adapters, which a Cell2Text folder does not hold beside its "
                              "weights: merge them first (a PeftModel: model = model.merge_and_unload()), or save "
                              "the adapter alone with model.save_pretrained(...) and load it on this model's folder.")
+        if holds_kept_subset(self.processor):  # every user of the folder would describe cells among the subset
+            cell_types = len(self.processor.ontology_term_ids.get("cell_type", {}))
+            raise ValueError(f"the processor holds a subset of the model's labels ({cell_types} cell types), kept with "
+                             f"keep_labels: every user of the folder would describe cells among those only. "
+                             f"{KEPT_SUBSET_FIX[0].upper()}{KEPT_SUBSET_FIX[1:]}.")
         leftovers = foreign_weight_files(save_directory)
         if leftovers:
             raise FileExistsError(

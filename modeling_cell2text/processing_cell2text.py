@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -11,12 +12,14 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 
 from .argument_types import is_integer_at_least, with_close_match
-from .compatibility import check_model_and_processor, hub_kwargs, saved_file
+from .compatibility import KEPT_SUBSET_FIX, check_model_and_processor, holds_kept_subset, hub_kwargs, saved_file
 from .feature_extraction_cell2text import unknown_settings_error
 from .text_padding import before_end_of_text, ended_at_end_of_text, pad_token_rows, text_pad_token_id
 from .description_schema import (JOINED_TERM_FIELDS, ONTOLOGY_FIELDS, TERM_ID_PREFIXES, CellDescription,
                                  DescriptionParseError, is_term_id_of, parse_description, parse_or_none,
                                  set_definition, with_term_ids)
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM_PROMPT = "You are a single-cell biologist. Describe the cell concisely and professionally."
 DEFAULT_USER_PROMPT = "Gene expression embeddings: "
@@ -159,7 +162,8 @@ class Cell2TextProcessor(ProcessorMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "Cell2TextProcessor":
         """`ProcessorMixin.from_pretrained`; where the folder or repo also holds a Cell2Text model's config.json,
-        the processor is checked against that model (`check_model_and_processor`) before it is returned.
+        the processor is checked against that model (`check_model_and_processor`) before it is returned, with a
+        warning where it holds a subset of the model's labels (kept with `keep_labels` and saved so).
 
         The model's loading settings that `pipeline(..., dtype=...)` passes on to the processor too (`dtype`,
         `torch_dtype`, `device_map`) are left out: the tokenizer kept them as settings, and saving it failed on a
@@ -183,6 +187,11 @@ class Cell2TextProcessor(ProcessorMixin):
                              "the file from the model's source or save the model again") from error
         if model_config is not None:
             check_model_and_processor(model_config, processor, f"the model in {pretrained_model_name_or_path}")
+            if holds_kept_subset(processor):
+                logger.warning("The processor of the model in %s holds a subset of the model's labels (%d cell types), "
+                               "kept with keep_labels: cells are described among those only. Where that is not meant, "
+                               "%s.", pretrained_model_name_or_path,
+                               len(processor.ontology_term_ids.get("cell_type", {})), KEPT_SUBSET_FIX)
         return processor
 
     @classmethod

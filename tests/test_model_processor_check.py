@@ -16,7 +16,7 @@ from transformers import pipeline
 from modeling_cell2text import (Cell2TextConfig, Cell2TextForConditionalGeneration, Cell2TextPipeline,
                                 Cell2TextProcessor, save_model_folder, tl)
 from modeling_cell2text.compatibility import (ModelProcessorMismatchError, check_model_and_processor,
-                                            gene_vocabulary_sha256)
+                                            gene_vocabulary_sha256, holds_kept_subset)
 from modeling_cell2text.cli import main as cli_main
 
 
@@ -287,6 +287,43 @@ def test_a_processor_of_another_model_with_other_labels_is_refused_a_kept_subset
                                          r"ontology ids \(not the "
                                          r"model's, or left out by an earlier keep_labels\)"):
         kept.keep_labels(cell_type=["T cell"])
+
+
+def test_a_kept_subset_is_not_saved_or_published_as_the_models_labels(tmp_path, caplog):
+    """A model-folder hunt's finding: save_model_folder with a processor that had kept one cell type wrote a folder
+    that loaded, and was ready to publish, without a word: every user of it described every cell as that type, score
+    1.0, exit 0 (the model's own processor named another type for each)."""
+    from hub_cards.publish import check_hub_ready
+
+    encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
+    processor = tiny_processor(lm_dir)
+    processor.ontology_term_ids = {**processor.ontology_term_ids,
+                                   "cell_type": {"B cell": "CL:0000236", "T cell": "CL:0000084"}}
+    model = Cell2TextForConditionalGeneration.from_pretrained_parts(
+        encoder_dir, lm_dir, cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16)
+    save_model_folder(model, processor, tmp_path / "model")
+    kept = Cell2TextProcessor.from_pretrained(tmp_path / "model")
+    kept.keep_labels(cell_type=["B cell"])
+    with pytest.raises(ValueError, match=r"the processor holds a subset of the model's labels \(1 cell types\), kept "
+                                         r"with keep_labels.*tl.describe\(..., cell_types="):
+        save_model_folder(model, kept, tmp_path / "kept")
+    assert not (tmp_path / "kept").exists()
+    everything = Cell2TextProcessor.from_pretrained(tmp_path / "model")
+    everything.keep_labels(cell_type=["B cell", "T cell"])  # all of them: the model's labels, saved as they are
+    save_model_folder(model, everything, tmp_path / "all")
+    check_hub_ready(tmp_path / "all")
+    kept.save_pretrained(tmp_path / "all")  # the processor alone saved over a model folder
+    with caplog.at_level("WARNING", logger="modeling_cell2text.processing_cell2text"):
+        assert Cell2TextProcessor.from_pretrained(tmp_path / "all").ontology_term_ids["cell_type"] == {
+            "B cell": "CL:0000236"}  # still a use: loaded, with a warning
+    assert "holds a subset of the model's labels (1 cell types)" in caplog.text
+    with pytest.raises(ValueError, match="processor holds a subset of the model's labels, kept with keep_labels"):
+        check_hub_ready(tmp_path / "all")
+    grown = Cell2TextProcessor.from_pretrained(tmp_path / "model")
+    grown.keep_labels(cell_type=["B cell"])
+    grown.ontology_term_ids = {**grown.ontology_term_ids, "cell_type": {
+        **grown.ontology_term_ids["cell_type"], "monocyte": "CL:0000576"}}  # as a fine-tuning adds its corpus's labels
+    assert not holds_kept_subset(grown)  # the fine-tuned model's own labels: saved (training.sft saves them)
 
 
 def test_a_kept_subset_changed_afterwards_is_checked_as_it_is(tmp_path, caplog):
