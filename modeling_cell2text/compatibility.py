@@ -117,7 +117,9 @@ PROCESSOR_PARTS = {
                                  "otherwise, or the description template changed since the model was saved)"),
     "prompt_tokenization": ("way of splitting the prompt into tokens (the chat template with its special tokens and "
                             "cell placeholders: an added token's lstrip or rstrip flag in tokenizer.json moves them, "
-                            "the vocabulary and the template unchanged): the model would read another prompt"),
+                            "the vocabulary and the template unchanged), or number of cell placeholders "
+                            "(num_cell_tokens, edited in config.json and processor_config.json alike): the model "
+                            "would read another prompt"),
     "end_of_text": ("end-of-text token (the tokenizer's eos_token, which ends every description the model learnt "
                     "to write: free descriptions ended by the model's read as cut, all unparsed)"),
     "gene_tokens_per_cell": ("number of gene tokens per cell (feature extractor model_input_size, up to the gene "

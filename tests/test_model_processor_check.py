@@ -540,6 +540,11 @@ def test_a_tokenizer_splitting_the_prompt_otherwise_is_refused(tmp_path):
     assert _processor_without_check(edited)._prompt_ids(8) != processor._prompt_ids(8)  # the newlines are gone
     with pytest.raises(ModelProcessorMismatchError, match=r"prompt_tokenization checksum: .*splitting the prompt"):
         Cell2TextProcessor.from_pretrained(edited)
+    # num_cell_tokens edited in both config files: the two agree, but the model learnt to read 8 cell tokens
+    fewer = edited_copy(tmp_path / "model", tmp_path / "fewer", edit_processor=lambda config: config.update(
+        num_cell_tokens=4), edit_config=lambda config: config.update(num_cell_tokens=4))
+    with pytest.raises(ModelProcessorMismatchError, match=r"prompt_tokenization checksum: .*num_cell_tokens"):
+        Cell2TextProcessor.from_pretrained(fewer)
     # a folder saved before prompt_tokenization was recorded: its other parts are checked, it loads
     older = edited_copy(tmp_path / "model", tmp_path / "older", edit_config=lambda config: config[
         "processor_sha256"].pop("prompt_tokenization"))
