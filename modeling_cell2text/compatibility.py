@@ -115,9 +115,9 @@ PROCESSOR_PARTS = {
                           "tokens"),
     "description_tokenization": ("tokens of a description the template writes (the tokenizer splits its words "
                                  "otherwise, or the description template changed since the model was saved)"),
-    "prompt_tokenization": ("way of splitting the prompt into tokens (the chat template with its special tokens and "
-                            "cell placeholders: an added token's lstrip or rstrip flag in tokenizer.json moves them, "
-                            "the vocabulary and the template unchanged), or number of cell placeholders "
+    "prompt_tokenization": ("handling of the prompt's special tokens (an added token's lstrip, rstrip, normalized or "
+                            "special flag in tokenizer.json, or split_special_tokens: the newline after <|im_end|> "
+                            "eaten, the vocabulary and the template unchanged), or number of cell placeholders "
                             "(num_cell_tokens, edited in config.json and processor_config.json alike): the model "
                             "would read another prompt"),
     "end_of_text": ("end-of-text token (the tokenizer's eos_token, which ends every description the model learnt "
@@ -191,10 +191,7 @@ def processor_sha256(processor: Any) -> dict[str, str]:
     `PROCESSOR_PARTS` entry. Two models trained from one base LLM on one gene vocabulary (a pretrained Geneformer's)
     agree on the gene checksums, so those alone let a processor of the other model through: its tokenizer, prompt or
     labels changed every description without a word. "labels" is `processor_labels_sha256`."""
-    try:
-        prompt_ids = processor._prompt_ids(processor.num_cell_tokens)
-    except ValueError as error:  # a template that loses the cell placeholders: no prompt, a mismatch to name
-        prompt_ids = str(error)
+    tokenizer = processor.tokenizer
     parts = {
         "text_vocabulary": sorted(processor.tokenizer.get_vocab().items()),
         "prompt": [processor.chat_template, processor.system_prompt, processor.user_prompt,
@@ -209,8 +206,13 @@ def processor_sha256(processor: Any) -> dict[str, str]:
         "description_tokenization": processor.tokenizer(probe_description(), add_special_tokens=False)["input_ids"],
         # a part of its own too: folders saved before it was recorded keep loading
         "end_of_text": processor.tokenizer.eos_token_id,
-        # the whole prompt's ids, as the model reads them (another part, for the folders saved without it)
-        "prompt_tokenization": prompt_ids,
+        # what splits the prompt besides its template and vocabulary (another part, for the folders saved without it);
+        # not the rendered prompt's ids, which hold today's date where a template writes it (Llama 3's)
+        "prompt_tokenization": [[(int(token_id), token.content, token.lstrip, token.rstrip, token.normalized,
+                                  token.single_word, token.special)
+                                 for token_id, token in sorted(tokenizer.added_tokens_decoder.items())],
+                                bool(getattr(tokenizer, "split_special_tokens", False)),
+                                int(processor.num_cell_tokens)],
         # as fitted to the gene encoder's positions (`fit_tokens_to_encoder`, run before any checksum is taken)
         "gene_tokens_per_cell": int(processor.feature_extractor.model_input_size),
     }

@@ -538,7 +538,7 @@ def test_a_tokenizer_splitting_the_prompt_otherwise_is_refused(tmp_path):
             token["rstrip"] = True
     (edited / "tokenizer.json").write_text(json.dumps(content))
     assert _processor_without_check(edited)._prompt_ids(8) != processor._prompt_ids(8)  # the newlines are gone
-    with pytest.raises(ModelProcessorMismatchError, match=r"prompt_tokenization checksum: .*splitting the prompt"):
+    with pytest.raises(ModelProcessorMismatchError, match=r"prompt_tokenization checksum: .*the prompt's special tokens"):
         Cell2TextProcessor.from_pretrained(edited)
     # num_cell_tokens edited in both config files: the two agree, but the model learnt to read 8 cell tokens
     fewer = edited_copy(tmp_path / "model", tmp_path / "fewer", edit_processor=lambda config: config.update(
@@ -549,6 +549,31 @@ def test_a_tokenizer_splitting_the_prompt_otherwise_is_refused(tmp_path):
     older = edited_copy(tmp_path / "model", tmp_path / "older", edit_config=lambda config: config[
         "processor_sha256"].pop("prompt_tokenization"))
     assert Cell2TextProcessor.from_pretrained(older)
+
+
+def test_a_chat_template_writing_todays_date_loads_on_another_day(tmp_path, monkeypatch):
+    """The processor checksum holds nothing that changes with the day: a checksum of the rendered prompt (an earlier
+    form of prompt_tokenization) refused a model's own processor the day after it was saved, where its chat template
+    writes today's date (Llama 3's do)."""
+    import datetime
+
+    from transformers.utils import chat_template_utils
+
+    from tiny_parts import CHATML_TEMPLATE
+
+    model, processor = composed_model(tmp_path)
+    processor.chat_template = "{{ 'Today Date: ' + strftime_now('%d %b %Y') + '\\n' }}" + CHATML_TEMPLATE
+    save_model_folder(model, processor, tmp_path / "model")
+
+    class Tomorrow(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime.now(tz) + datetime.timedelta(days=1)
+
+    today = processor._prompt_ids(8)
+    monkeypatch.setattr(chat_template_utils, "datetime", Tomorrow)
+    assert processor._prompt_ids(8) != today  # the template writes the day
+    assert Cell2TextProcessor.from_pretrained(tmp_path / "model")
 
 
 def test_a_processor_with_other_current_symbols_is_refused(tmp_path):
