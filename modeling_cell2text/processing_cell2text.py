@@ -25,6 +25,10 @@ DEFAULT_SYSTEM_PROMPT = "You are a single-cell biologist. Describe the cell conc
 DEFAULT_USER_PROMPT = "Gene expression embeddings: "
 CELL_TOKEN = "<cell>"
 # The processor's own settings (saved in processor_config.json beside its feature extractor and tokenizer).
+#: The date a chat template that states one writes into every prompt (Llama 3's "Today Date:", from `date_string`,
+#: else today's): today's made a model's prompts, and so its descriptions, change from one day to the next. Llama 3.1's
+#: own default.
+PROMPT_DATE = "26 Jul 2024"
 SETTINGS = ("chat_template", "num_cell_tokens", "system_prompt", "user_prompt", "ontology_term_ids",
             "cell_type_definitions", "pathway_names", "age_groups", "definitions_in_model_text", "kept_labels")
 # `keep_labels`' fields: the ontology fields' tables, and these.
@@ -372,7 +376,8 @@ class Cell2TextProcessor(ProcessorMixin):
             {"role": "user", "content": self.user_prompt + CELL_TOKEN * num_placeholders},
         ]
         prompt = self.tokenizer.apply_chat_template(
-            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True,
+            date_string=PROMPT_DATE,
         )
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         found = sum(1 for t in ids if t == self.cell_token_id)

@@ -576,6 +576,31 @@ def test_a_chat_template_writing_todays_date_loads_on_another_day(tmp_path, monk
     assert Cell2TextProcessor.from_pretrained(tmp_path / "model")
 
 
+def test_a_chat_template_stating_the_date_writes_the_same_prompt_every_day(tmp_path, monkeypatch):
+    """Llama 3's chat templates write "Today Date:" from `date_string`, else from today's date: the model's prompts, and
+    so its descriptions and scores, changed from one day to the next. The processor passes a fixed date."""
+    import datetime
+
+    from transformers.utils import chat_template_utils
+
+    from modeling_cell2text.processing_cell2text import PROMPT_DATE
+    from tiny_parts import CHATML_TEMPLATE
+
+    _, processor = composed_model(tmp_path)
+    processor.chat_template = ("{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"
+                               "{%- endif %}{{ 'Today Date: ' + date_string + '\\n' }}" + CHATML_TEMPLATE)
+
+    class Tomorrow(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime.now(tz) + datetime.timedelta(days=1)
+
+    today = processor._prompt_ids(8)
+    assert processor.tokenizer.decode(today).startswith(f"Today Date: {PROMPT_DATE}")
+    monkeypatch.setattr(chat_template_utils, "datetime", Tomorrow)
+    assert processor._prompt_ids(8) == today
+
+
 def test_a_processor_with_other_current_symbols_is_refused(tmp_path):
     """A model-folder hunt's finding: a processor whose gene_symbols named a gene's previous symbol as its current one
     (symbol_to_gene unchanged, so every checksum matched) read, of an input naming that gene by both symbols, the
