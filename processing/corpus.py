@@ -434,12 +434,14 @@ def _tissue_type(term_id: str | None, given: str | None) -> str:
     return next((kind for prefix, kind in _TISSUE_ID_PREFIXES.items() if (term_id or "").startswith(prefix)), "tissue")
 
 
-def _not_donor_tissue(obs: pd.DataFrame) -> np.ndarray:
+def _not_donor_tissue(obs: pd.DataFrame, term_ids: np.ndarray) -> np.ndarray:
     """Per cell, "tissue_type_<type>" where its tissue is no donor's (`_tissue_type`), else None; warned about,
     so that an organoid or a cell culture is not described as the donor's tissue ("the epithelial cell of a
-    donor"). A missing `tissue_type` column means tissues (CELLxGENE before schema 5)."""
+    donor"). A missing `tissue_type` column means tissues (CELLxGENE before schema 5). `term_ids`: each cell's
+    tissue id as `resolve_labels` reads it, not obs's: an id given in the label column, or an obsolete UBERON term
+    replaced by a CL term ("obsolete B cell"), is a cell type too, which was stated as "the B cell of a donor"."""
     given = obs["tissue_type"] if "tissue_type" in obs.columns else pd.Series(None, index=obs.index, dtype=object)
-    codes, pairs = _distinct_pairs(obs["tissue_ontology_term_id"], given)
+    codes, pairs = _distinct_pairs(pd.Series(term_ids, index=obs.index, dtype=object), given)
     other = sorted({kind for _, kind in pairs if kind is not None
                     and kind.lower() not in ("tissue", *NOT_DONOR_TISSUE_TYPES)})
     if other:  # another dataset's column of that name ("Tumor" / "Normal"): its cells' tissues are kept
@@ -447,7 +449,7 @@ def _not_donor_tissue(obs: pd.DataFrame) -> np.ndarray:
                        "are read as a donor's tissues", ", ".join(NOT_DONOR_TISSUE_TYPES), other[:5])
     kinds = np.array([_tissue_type(term, kind) for term, kind in pairs], dtype=object)[codes]
     labels = obs["tissue"] if "tissue" in obs.columns else pd.Series(None, index=obs.index, dtype=object)
-    no_tissue = (obs["tissue_ontology_term_id"].map(clean).isna() & labels.map(clean).isna()).to_numpy()
+    no_tissue = (pd.isna(term_ids) & labels.map(clean).isna().to_numpy())
     kinds[no_tissue] = "tissue"  # neither an id nor a label: nothing to leave out
     cells = pd.Series(kinds[kinds != "tissue"], dtype=object).value_counts().sort_index()
     if len(cells):
@@ -526,7 +528,7 @@ def resolve_labels(obs: pd.DataFrame, required_fields: Sequence[str] = ("cell_ty
             continue
         left_out = np.array(_unstatable(field, codes, pairs, resolved), dtype=object)[codes]
         if field == "tissue":
-            not_tissue = _not_donor_tissue(obs)
+            not_tissue = _not_donor_tissue(obs, ids)
             left_out = np.where(pd.isna(not_tissue), left_out, not_tissue)
         stated = pd.isna(left_out)
         labels[f"{field}_ontology_term_id"] = np.where(stated, ids, None)

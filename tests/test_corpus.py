@@ -605,6 +605,28 @@ def test_a_schema_4_tissue_suffix_is_not_warned_about_as_an_id_of_another_form(c
     assert list(labels["tissue_left_out"]) == ["tissue_type_organoid", "tissue_type_cell_culture"]
     assert "are ids that are not" not in caplog.text and "2 cells are no donor's tissue" in caplog.text
 
+
+def test_a_cell_type_read_as_the_tissue_from_the_label_column_or_a_replacement_is_not_the_donors_tissue():
+    """The tissue kind was read from obs's id column alone: a CL id given in the tissue label column (--obs-map
+    organ_id=tissue) and an obsolete UBERON term replaced by a CL term (UBERON:3010309 "obsolete B cell") were both
+    read as CL:0000236 and stated as "It originates from the B cell of a donor", exit 0 and no warning."""
+    from processing.corpus import describe, resolve_labels
+
+    obs = pd.DataFrame({
+        "cell_type": ["B cell"] * 3, "cell_type_ontology_term_id": ["CL:0000236"] * 3,
+        "tissue": ["CL:0000236", "B cell", "blood"], "tissue_ontology_term_id": [None, "UBERON:3010309", "UBERON:0000178"],
+        "sex": ["female"] * 3, "sex_ontology_term_id": ["PATO:0000383"] * 3,
+        "disease": ["normal"] * 3, "disease_ontology_term_id": ["PATO:0000461"] * 3,
+        "development_stage": ["adult stage"] * 3, "development_stage_ontology_term_id": ["HsapDv:0000258"] * 3,
+        "donor_id": ["d"] * 3, "dataset_id": ["x"] * 3,
+    })
+    labels, reasons = resolve_labels(obs)
+    assert list(reasons) == [None] * 3
+    assert list(labels["tissue"]) == [None, None, "blood"]
+    assert list(labels["tissue_ontology_term_id"]) == [None, None, "UBERON:0000178"]
+    assert list(labels["tissue_left_out"]) == ["tissue_type_cell_culture"] * 2 + [None]
+    assert "originates" not in describe("B cell", "CL:0000236", labels["tissue"][1], None, None, None, ())
+
 def test_shards_built_with_hashed_splits_agree_and_sharding_without_them_warns(tmp_path, caplog):
     from processing.build_corpus import main as build_main
     from processing.splits import hashed_split
