@@ -44,10 +44,9 @@ from modeling_cell2text.description_schema import LABEL_FIELD_NAMES, ONTOLOGY_FI
 from modeling_cell2text.feature_extraction_cell2text import DEFAULT_MODEL_INPUT_SIZE, Cell2TextFeatureExtractor
 from modeling_cell2text.gene_table import symbol_to_ensembl
 from modeling_cell2text.output_files import Terminated, publish_folder, sigterm_as_exception
-from processing import ontologies
 from processing.ontology_versions import ontology_versions
 from processing.corpus import (METADATA_FIELDS, OBS_CLEANING, REJECTS_COLUMNS, REJECTS_FILE, UNMAPPED_GENES_FILE,
-                               SplitWriter, check_max_shard_size, describe, resolve_labels,
+                               SplitWriter, check_max_shard_size, describe, is_known_term_of, resolve_labels,
                                top_pathways_by_cell_type)
 from processing.gene_medians import (ExactGeneMedians, HistogramGeneMedians, expression_values, median_inputs_record,
                                      normalize_total, read_median_inputs)
@@ -499,7 +498,7 @@ def _ontology_ids(labels: pd.DataFrame, kept: np.ndarray) -> tuple[dict, dict]:
     for name in ONTOLOGY_FIELDS:
         pairs = labels.loc[kept, [name, f"{name}_ontology_term_id"]].dropna()
         ids = pairs[f"{name}_ontology_term_id"]
-        known = ids.isin([i for i in ids.unique() if ontologies.is_known_term(i)])  # per distinct id
+        known = ids.isin([i for i in ids.unique() if is_known_term_of(name, i)])  # per distinct id
         unknown[name] = {str(k): int(v) for k, v in ids[~known].value_counts().sort_index().items()}
         distinct = pairs[known].drop_duplicates()
         clashes = distinct[distinct[name].duplicated(keep=False)]

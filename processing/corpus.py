@@ -44,6 +44,7 @@ from modeling_cell2text.description_schema import (
     MISSING_VALUES,
     ONTOLOGY_FIELDS,
     JOINED_TERM_FIELDS,
+    TERM_ID_SEPARATOR,
     SEXES,
     TERM_ID_PREFIXES,
     CellDescription,
@@ -298,12 +299,24 @@ def clean(value: object) -> str | None:
     return None if text.lower() in MISSING_VALUES else text
 
 
+def term_id_parts(field: str, term_id: str) -> list[str]:
+    """The ids `term_id` joins where `field` takes several (`JOINED_TERM_FIELDS`: a donor's diseases), else itself."""
+    return term_id.split(TERM_ID_SEPARATOR) if field in JOINED_TERM_FIELDS else [term_id]
+
+
+def is_known_term_of(field: str, term_id: str) -> bool:
+    """Whether every id `term_id` names in `field` (`term_id_parts`) is a term of the bundled ontologies."""
+    return all(ontologies.is_known_term(part) for part in term_id_parts(field, term_id))
+
+
 @lru_cache(maxsize=None)
-def resolve_term(term_id: str | None, label: str | None) -> tuple[str | None, str | None, bool]:
-    """(term id, label, known) for one obs value pair; known terms take the ontology's label."""
-    if term_id is not None and ontologies.is_known_term(term_id):
-        current = ontologies.resolve_term(term_id)
-        return current, ontologies.term_label(current), True
+def resolve_term(field: str, term_id: str | None, label: str | None) -> tuple[str | None, str | None, bool]:
+    """(term id, label, known) for one obs value pair of `field`; known terms take the ontology's label. Joined ids
+    (`term_id_parts`) are known where each is, and take their terms' labels joined in the ids' order: the label
+    given beside them was stated as given ("normal" beside two MONDO ids wrote "a healthy donor")."""
+    if term_id is not None and is_known_term_of(field, term_id):
+        current = [ontologies.resolve_term(part) for part in term_id_parts(field, term_id)]
+        return (TERM_ID_SEPARATOR.join(current), TERM_ID_SEPARATOR.join(map(ontologies.term_label, current)), True)
     return term_id, label, False
 
 
@@ -364,11 +377,12 @@ _FREE_LABEL_ONTOLOGIES = {"tissue": "UBERON", "disease": "MONDO (PATO:0000461 fo
 
 
 def _term_of_label(field: str, term_id: str | None, label: str | None) -> tuple[str | None, str | None]:
-    """The (id, label) pair with the id of a label given without one: a label that is itself a known term id (an id
-    column mapped onto the label, `--obs-map organ_id=tissue`: it was stated as given, "from the UBERON:0002048 of a
-    donor") is that term, with the ontology's label; else the id `TERMS_OF_LABELS` names, if any."""
+    """The (id, label) pair with the id of a label given without one: a label that is itself a known term id
+    (`is_known_term_of`: a donor's diseases joined too; an id column mapped onto the label, `--obs-map
+    organ_id=tissue`: it was stated as given, "from the UBERON:0002048 of a donor") is that term, with the ontology's
+    label; else the id `TERMS_OF_LABELS` names, if any."""
     if term_id is None and label is not None:
-        if ontologies.is_known_term(label):
+        if is_known_term_of(field, label):
             return label, None
         return TERMS_OF_LABELS.get(field, {}).get(label.lower()), label
     return term_id, label
@@ -385,7 +399,8 @@ def _term_problem(field: str, term_id: str | None, label: str | None, known: boo
     joined = field in JOINED_TERM_FIELDS
     if term_id is not None and not is_term_id_of(term_id, FIELD_TERM_PREFIXES[field], joined=joined):
         return f"wrong_ontology_{field}_term"
-    if term_id is not None and known and field != "development_stage" and ontologies.is_deprecated(term_id):
+    if term_id is not None and known and field != "development_stage" and any(
+            ontologies.is_deprecated(part) for part in term_id_parts(field, term_id)):
         return f"obsolete_{field}_term"  # without a replacement (resolve_term followed any)
     if field == "sex" and label is not None and label not in SEXES:
         return "sex_not_female_or_male"
@@ -515,7 +530,7 @@ def resolve_labels(obs: pd.DataFrame, required_fields: Sequence[str] = ("cell_ty
     for field in METADATA_FIELDS:
         codes, pairs = _distinct_pairs(obs[f"{field}_ontology_term_id"], obs[field])
         pairs = [_term_of_label(field, *pair) for pair in pairs]
-        resolved = [resolve_term(*pair) for pair in pairs]
+        resolved = [resolve_term(field, *pair) for pair in pairs]
         _warn_relabelled(field, codes, pairs, resolved)
         ids = np.array([r[0] for r in resolved], dtype=object)[codes]
         values = np.array([r[1] for r in resolved], dtype=object)[codes]

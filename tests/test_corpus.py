@@ -627,6 +627,40 @@ def test_a_cell_type_read_as_the_tissue_from_the_label_column_or_a_replacement_i
     assert list(labels["tissue_left_out"]) == ["tissue_type_cell_culture"] * 2 + [None]
     assert "originates" not in describe("B cell", "CL:0000236", labels["tissue"][1], None, None, None, ())
 
+
+def test_a_donors_joined_disease_ids_are_read_as_their_terms_not_the_label_given_beside_them():
+    """Joined disease ids ("MONDO:... || MONDO:...", CELLxGENE schema 5+) were not looked up: the label given beside
+    them was stated as given, so "normal" beside COVID-19 and a lung disorder wrote "a healthy donor" (the label ->
+    id table: "normal" -> the two MONDO ids), and an obsolete term among them was stated, exit 0 and no warning; a
+    single id's term wins over its label."""
+    from processing.build_corpus import _ontology_ids
+    from processing.corpus import describe, resolve_labels
+
+    diseases = {"MONDO:0100096 || MONDO:0005275": "normal",  # COVID-19 and lung disorder
+                "MONDO:0000010 || MONDO:0100096": "COVID-19 || cerebrooculofacioskeletal syndrome",  # replaced term
+                "MONDO:0100096 || MONDO:0000003": "COVID-19 || deficiency"}  # obsolete, no replacement
+    obs = pd.DataFrame({
+        "cell_type": ["B cell"] * 3, "cell_type_ontology_term_id": ["CL:0000236"] * 3,
+        "tissue": ["blood"] * 3, "tissue_ontology_term_id": ["UBERON:0000178"] * 3,
+        "sex": ["female"] * 3, "sex_ontology_term_id": ["PATO:0000383"] * 3,
+        "disease": list(diseases.values()), "disease_ontology_term_id": list(diseases),
+        "development_stage": ["adult stage"] * 3, "development_stage_ontology_term_id": ["HsapDv:0000258"] * 3,
+        "donor_id": ["d"] * 3, "dataset_id": ["x"] * 3,
+    })
+    labels, _ = resolve_labels(obs)
+    assert list(labels["disease"]) == ["COVID-19 || lung disorder", "COFS syndrome || COVID-19", None]
+    assert list(labels["disease_ontology_term_id"]) == ["MONDO:0100096 || MONDO:0005275",
+                                                        "MONDO:0008926 || MONDO:0100096", None]
+    assert labels["disease_left_out"][2] == "obsolete_disease_term"
+    assert "healthy" not in describe("B cell", "CL:0000236", "blood", None, labels["disease"][0], None, ())
+    table, unknown = _ontology_ids(labels, np.ones(3, dtype=bool))
+    assert table["disease"] == {"COVID-19 || lung disorder": "MONDO:0100096 || MONDO:0005275",
+                                "COFS syndrome || COVID-19": "MONDO:0008926 || MONDO:0100096"}
+    assert "disease" not in unknown
+    # the ids given in the label column (--obs-map disease_ids=disease) were stated as the text "a donor with MONDO:..."
+    by_label, _ = resolve_labels(obs.assign(disease_ontology_term_id=None, disease=list(diseases)))
+    assert list(by_label["disease"])[:2] == ["COVID-19 || lung disorder", "COFS syndrome || COVID-19"]
+
 def test_shards_built_with_hashed_splits_agree_and_sharding_without_them_warns(tmp_path, caplog):
     from processing.build_corpus import main as build_main
     from processing.splits import hashed_split
