@@ -390,7 +390,8 @@ def _term_of_label(field: str, term_id: str | None, label: str | None) -> tuple[
 
 def _term_problem(field: str, term_id: str | None, label: str | None, known: bool) -> str | None:
     """Why a resolved (non-cell-type) term cannot be stated as `field`, as the reason a required field gives:
-    "wrong_ontology_<field>_term" (also an id not in its ontology's form, "UBERON:lung"), "obsolete_<field>_term"
+    "wrong_ontology_<field>_term" (also an id not in its ontology's form, "UBERON:lung", and a UBERON term of the
+    other kind, `_UBERON_KINDS`), "obsolete_<field>_term"
     (no replacement: its label reads "obsolete ..."; a stage is stated only as its age group, which an obsolete
     stage's label still gives), "sex_not_female_or_male" (the template states only those), or None. A tissue id's
     schema 4 suffix (" (organoid)") is no other form: it says what the id names (`_tissue_type`)."""
@@ -399,12 +400,19 @@ def _term_problem(field: str, term_id: str | None, label: str | None, known: boo
     joined = field in JOINED_TERM_FIELDS
     if term_id is not None and not is_term_id_of(term_id, FIELD_TERM_PREFIXES[field], joined=joined):
         return f"wrong_ontology_{field}_term"
+    if known and field in _UBERON_KINDS and term_id.startswith("UBERON:") and not ontologies.is_deprecated(term_id) \
+            and ontologies.is_life_cycle_stage(term_id) != (field == "development_stage"):
+        return f"wrong_ontology_{field}_term"  # a stage as the tissue ("the adult stage of a donor"), or the reverse
     if term_id is not None and known and field != "development_stage" and any(
             ontologies.is_deprecated(part) for part in term_id_parts(field, term_id)):
         return f"obsolete_{field}_term"  # without a replacement (resolve_term followed any)
     if field == "sex" and label is not None and label not in SEXES:
         return "sex_not_female_or_male"
     return None
+
+
+# The fields whose UBERON ids are of one kind (a tissue's no life cycle stage, a stage's one), and the others in words.
+_UBERON_KINDS = {"tissue": "UBERON life cycle stages", "development_stage": "UBERON terms that are no life cycle stage"}
 
 
 def _unstatable(field: str, codes: np.ndarray, pairs: list, resolved: list) -> list[str | None]:
@@ -414,7 +422,8 @@ def _unstatable(field: str, codes: np.ndarray, pairs: list, resolved: list) -> l
     cells = np.bincount(codes[codes >= 0], minlength=len(pairs))
     for problem, what, fix in (
         (f"wrong_ontology_{field}_term",
-         f"ids that are not {' / '.join(FIELD_TERM_PREFIXES[field])} (in their ontology's form)",
+         f"ids that are not {' / '.join(FIELD_TERM_PREFIXES[field])} (in their ontology's form)"
+         + (f", or {_UBERON_KINDS[field]}" if field in _UBERON_KINDS else ""),
          f"check which obs column holds the {field} ids (--obs-map)"),
         (f"obsolete_{field}_term", "obsolete terms without a replacement", "update the terms"),
         ("sex_not_female_or_male", "neither female nor male, the sexes the description states",

@@ -137,6 +137,16 @@ def term_parents(term_id: str) -> list[str]:
     return [a for a, distance in _record(term_id)["ancestors"].items() if distance == 1]
 
 
+#: UBERON's root of life cycle stages (the development stage ids of organisms without a stage ontology of their own);
+#: UBERON's other terms are anatomical entities (tissue ids).
+UBERON_LIFE_CYCLE_STAGE = "UBERON:0000105"
+
+
+def is_life_cycle_stage(term_id: str) -> bool:
+    """Whether a UBERON term is a life cycle stage (UBERON:0000105 or below it) rather than an anatomical entity."""
+    return term_id == UBERON_LIFE_CYCLE_STAGE or UBERON_LIFE_CYCLE_STAGE in _record(term_id)["ancestors"]
+
+
 def term_ancestors(term_id: str) -> dict[str, int]:
     """All ancestors of a term with their distance (1 = direct parent)."""
     return dict(_record(term_id)["ancestors"])

@@ -661,6 +661,31 @@ def test_a_donors_joined_disease_ids_are_read_as_their_terms_not_the_label_given
     by_label, _ = resolve_labels(obs.assign(disease_ontology_term_id=None, disease=list(diseases)))
     assert list(by_label["disease"])[:2] == ["COVID-19 || lung disorder", "COFS syndrome || COVID-19"]
 
+
+def test_a_uberon_stage_as_the_tissue_or_a_uberon_tissue_as_the_stage_is_left_out(caplog):
+    """UBERON holds both anatomy (tissue ids) and life cycle stages (the stage ids of organisms without a stage
+    ontology): a stage id in the tissue column was stated as "It originates from the post-juvenile adult stage of
+    a donor", and a tissue id in the stage column filled the corpus's development_stage with "blood", exit 0."""
+    from processing.corpus import resolve_labels
+
+    obs = pd.DataFrame({
+        "cell_type": ["B cell"] * 3, "cell_type_ontology_term_id": ["CL:0000236"] * 3,
+        "tissue": ["adult", "blood", "blood"], "tissue_ontology_term_id": ["UBERON:0000113", "UBERON:0000178",
+                                                                          "UBERON:0000178"],
+        "sex": ["female"] * 3, "sex_ontology_term_id": ["PATO:0000383"] * 3,
+        "disease": ["normal"] * 3, "disease_ontology_term_id": ["PATO:0000461"] * 3,
+        "development_stage": ["adult stage", "blood", "adult"],
+        "development_stage_ontology_term_id": ["HsapDv:0000258", "UBERON:0000178", "UBERON:0000113"],
+        "donor_id": ["d"] * 3, "dataset_id": ["x"] * 3,
+    })
+    with caplog.at_level("WARNING", logger="processing.corpus"):
+        labels, _ = resolve_labels(obs)
+    assert list(labels["tissue"]) == [None, "blood", "blood"]
+    assert list(labels["development_stage"]) == ["adult stage", None, "post-juvenile adult stage"]
+    assert (labels["tissue_left_out"][0], labels["development_stage_left_out"][1]) == (
+        "wrong_ontology_tissue_term", "wrong_ontology_development_stage_term")
+    assert "or UBERON life cycle stages" in caplog.text and "UBERON:0000113" in caplog.text
+
 def test_shards_built_with_hashed_splits_agree_and_sharding_without_them_warns(tmp_path, caplog):
     from processing.build_corpus import main as build_main
     from processing.splits import hashed_split
