@@ -281,10 +281,13 @@ def corpus_features(value_aware: bool) -> datasets.Features:
     return VALUE_FEATURES if value_aware else FEATURES
 
 
-#: How `clean` reads an obs value, recorded in summary.json as `obs_cleaning`: shards built with another rule are
-#: not joined (builds before it wrote donor 7 of a float column as "7.0", another donor, hashed into another split,
-#: than a new build's "7"). Change it with `clean`.
-OBS_CLEANING = "stripped text; None, NaN, pandas' NA and CELLxGENE's missing words missing; a whole float as the integer"
+#: How `clean` reads an obs value and `resolve_labels` its ids, recorded in summary.json as `obs_cleaning`: shards
+#: built with another rule are not joined (builds before it wrote donor 7 of a float column as "7.0", another donor,
+#: hashed into another split, than a new build's "7"; and stated "a healthy donor" beside a donor's joined disease
+#: ids "MONDO:0100096 || MONDO:0005275", a UBERON stage as the tissue). Change it with either.
+OBS_CLEANING = ("stripped text; None, NaN, pandas' NA and CELLxGENE's missing words missing; a whole float as the "
+                "integer; joined disease ids read as their terms; UBERON stages and tissues kept apart; a tissue "
+                "judged by its resolved id")
 
 
 def clean(value: object) -> str | None:

@@ -108,6 +108,9 @@ def cut_short(arrow_file: Path) -> bytes:
     # than the other shard's donor "7", and the join's donor check saw two donors
     ("obs values read as before", "was built with obs_cleaning None and .*: .*s records no obs_cleaning, so an "
                                   "earlier version of build_corpus built it: rebuild it with this version"),
+    # a shard built before a donor's joined disease ids were read as their terms: "a healthy donor" for COVID-19
+    ("obs labels read as before", r"was built with obs_cleaning .*a whole float as the integer. and .* with .*joined "
+                                  r"disease ids read as their terms.*rebuild the shards with the same settings"),
     ("label", "label 'CD14-positive monocyte' names CL:0001054 in one shard and CL:0000576"),
     ("fold", "is a cross-validation fold build"),
     ("rules", "was built with keep_non_primary True"),  # one shard kept cells the other rejected
@@ -150,6 +153,9 @@ def test_shards_that_make_no_one_corpus_are_refused_before_writing(built, tmp_pa
                                                     lambda c: c.update(pathways_per_cell=3))],
         "obs values read as before": lambda: [first, edited(second, copy, "summary.json",
                                                             lambda c: c.pop("obs_cleaning"))],
+        "obs labels read as before": lambda: [first, edited(second, copy, "summary.json", lambda c: c.update(
+            obs_cleaning="stripped text; None, NaN, pandas' NA and CELLxGENE's missing words missing; a whole float "
+                         "as the integer"))],
         "label": lambda: [first, edited(second, copy, "summary.json", lambda c: c["ontology_term_ids"]["cell_type"]
                                         .update({"CD14-positive monocyte": "CL:0000576"}))],
         "fold": lambda: [first, edited(second, copy, "summary.json", lambda c: c.update(fold={"fold": 0}))],
