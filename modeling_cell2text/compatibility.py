@@ -117,9 +117,10 @@ PROCESSOR_PARTS = {
                                  "otherwise, or the description template changed since the model was saved)"),
     "prompt_tokenization": ("handling of the prompt's special tokens (an added token's lstrip, rstrip, normalized or "
                             "special flag in tokenizer.json, or split_special_tokens: the newline after <|im_end|> "
-                            "eaten, the vocabulary and the template unchanged), or number of cell placeholders "
-                            "(num_cell_tokens, edited in config.json and processor_config.json alike): the model "
-                            "would read another prompt"),
+                            "eaten, the vocabulary and the template unchanged), way of splitting the template's own "
+                            "text (its newlines or role names: a normalizer, pre-tokenizer or merge in tokenizer.json), "
+                            "or number of cell placeholders (num_cell_tokens, edited in config.json and "
+                            "processor_config.json alike): the model would read another prompt"),
     "end_of_text": ("end-of-text token (the tokenizer's eos_token, which ends every description the model learnt "
                     "to write: free descriptions ended by the model's read as cut, all unparsed)"),
     "gene_tokens_per_cell": ("number of gene tokens per cell (feature extractor model_input_size, up to the gene "
@@ -174,6 +175,11 @@ TOKENIZATION_PROBE = (
     'alpha-beta T cell. Healthy adult male; 3 Hypoxia 10x Genomics ÀÉ üñ.'
 )
 
+# Text chat templates write around the messages (role names, newlines, Llama 3's header), whose tokens
+# `processor_sha256` records (`prompt_tokenization`): a normalizer that changed only newlines passed every other probe,
+# and the model read other prompt ids.
+CHAT_TEMPLATE_PROBE = "system\nuser\nassistant\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+
 
 def probe_description() -> str:
     """A description the template renders, whose token ids `processor_sha256` records (`description_tokenization`):
@@ -207,12 +213,14 @@ def processor_sha256(processor: Any) -> dict[str, str]:
         # a part of its own too: folders saved before it was recorded keep loading
         "end_of_text": processor.tokenizer.eos_token_id,
         # what splits the prompt besides its template and vocabulary (another part, for the folders saved without it);
-        # not the rendered prompt's ids, which hold today's date where a template writes it (Llama 3's)
+        # not the rendered prompt's ids, which hold today's date where a template writes it (Llama 3's), but the
+        # tokens of the text chat templates write between their special tokens, which no other probe holds
         "prompt_tokenization": [[(int(token_id), token.content, token.lstrip, token.rstrip, token.normalized,
                                   token.single_word, token.special)
                                  for token_id, token in sorted(tokenizer.added_tokens_decoder.items())],
                                 bool(getattr(tokenizer, "split_special_tokens", False)),
-                                int(processor.num_cell_tokens)],
+                                int(processor.num_cell_tokens),
+                                tokenizer(CHAT_TEMPLATE_PROBE, add_special_tokens=False)["input_ids"]],
         # as fitted to the gene encoder's positions (`fit_tokens_to_encoder`, run before any checksum is taken)
         "gene_tokens_per_cell": int(processor.feature_extractor.model_input_size),
     }

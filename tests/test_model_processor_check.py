@@ -540,6 +540,15 @@ def test_a_tokenizer_splitting_the_prompt_otherwise_is_refused(tmp_path):
     assert _processor_without_check(edited)._prompt_ids(8) != processor._prompt_ids(8)  # the newlines are gone
     with pytest.raises(ModelProcessorMismatchError, match=r"prompt_tokenization checksum: .*the prompt's special tokens"):
         Cell2TextProcessor.from_pretrained(edited)
+    # a normalizer that changes only newlines, which no probe text holds but the chat template writes between its
+    # special tokens: every other check passed, and the model read other prompt ids
+    newlines = edited_copy(tmp_path / "model", tmp_path / "newlines")
+    content = json.loads((newlines / "tokenizer.json").read_text())
+    content["normalizer"] = {"type": "Replace", "pattern": {"String": "\n"}, "content": " \n"}
+    (newlines / "tokenizer.json").write_text(json.dumps(content))
+    assert _processor_without_check(newlines)._prompt_ids(8) != processor._prompt_ids(8)
+    with pytest.raises(ModelProcessorMismatchError, match=r"prompt_tokenization checksum: .*template's own text"):
+        Cell2TextProcessor.from_pretrained(newlines)
     # num_cell_tokens edited in both config files: the two agree, but the model learnt to read 8 cell tokens
     fewer = edited_copy(tmp_path / "model", tmp_path / "fewer", edit_processor=lambda config: config.update(
         num_cell_tokens=4), edit_config=lambda config: config.update(num_cell_tokens=4))
