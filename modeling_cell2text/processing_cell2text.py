@@ -24,11 +24,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_SYSTEM_PROMPT = "You are a single-cell biologist. Describe the cell concisely and professionally."
 DEFAULT_USER_PROMPT = "Gene expression embeddings: "
 CELL_TOKEN = "<cell>"
-# The processor's own settings (saved in processor_config.json beside its feature extractor and tokenizer).
 #: The date a chat template that states one writes into every prompt (Llama 3's "Today Date:", from `date_string`,
 #: else today's): today's made a model's prompts, and so its descriptions, change from one day to the next. Llama 3.1's
-#: own default.
+#: own default. A template that writes today's date itself (`strftime_now`) is refused (`_prompt_ids`).
 PROMPT_DATE = "26 Jul 2024"
+# The processor's own settings (saved in processor_config.json beside its feature extractor and tokenizer).
 SETTINGS = ("chat_template", "num_cell_tokens", "system_prompt", "user_prompt", "ontology_term_ids",
             "cell_type_definitions", "pathway_names", "age_groups", "definitions_in_model_text", "kept_labels")
 # `keep_labels`' fields: the ontology fields' tables, and these.
@@ -375,10 +375,18 @@ class Cell2TextProcessor(ProcessorMixin):
             {"role": "system", "content": self.system_prompt},
             {"role": "user", "content": self.user_prompt + CELL_TOKEN * num_placeholders},
         ]
-        prompt = self.tokenizer.apply_chat_template(
-            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True,
-            date_string=PROMPT_DATE,
-        )
+        render = dict(chat_template=self.chat_template, tokenize=False, add_generation_prompt=True,
+                      date_string=PROMPT_DATE)
+        try:  # strftime_now=None hides transformers' today from the template, so that a call of it fails
+            prompt = self.tokenizer.apply_chat_template(messages, strftime_now=None, **render)
+        except TypeError:
+            self.tokenizer.apply_chat_template(messages, **render)  # a template failing otherwise fails alike
+            raise ValueError(
+                "The chat template writes today's date itself (strftime_now(...), not date_string, which the "
+                f"processor sets to {PROMPT_DATE!r}): every prompt, and so every description and score, would change "
+                "from one day to the next. Write a fixed date in the template (--chat_template_path for training), "
+                "or take it from date_string as Llama 3's templates do."
+            ) from None
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         found = sum(1 for t in ids if t == self.cell_token_id)
         if found != num_placeholders:
