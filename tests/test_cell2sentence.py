@@ -19,6 +19,7 @@ from training.baselines.cell2sentence import (
     build_trainer,
     cell_sentence,
     generate_cell2sentence,
+    load_corpus,
     make_parser,
     train_cell2sentence,
 )
@@ -169,6 +170,35 @@ def test_the_record_of_a_template_cloned_from_a_tokenizer_follows_that_tokenizer
     changed.chat_template = tokenizer.chat_template.replace("message['content']", "(message['content'] | trim)")
     changed.save_pretrained(source)
     assert tokenizer_sha256(tokenizer, str(source)) != before
+
+
+def test_a_template_stating_the_date_trains_and_generates_on_the_fixed_date(parts_and_corpus, tmp_path, monkeypatch):
+    """Llama 3's chat templates write "Today Date:" from `date_string`, else today's: the baseline trained on the day
+    of its run and described cells on the day of its evaluation, other prompts than it learnt (and than the day
+    before), exit 0. Both state Cell2Text's fixed date (`PROMPT_DATE`)."""
+    import transformers.tokenization_utils_base as tokenization
+
+    from modeling_cell2text.processing_cell2text import PROMPT_DATE
+    from tiny_parts import CHATML_TEMPLATE
+
+    lm_dir, corpus_dir = parts_and_corpus
+    dated = tmp_path / "dated"
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    tokenizer.chat_template = ("{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"
+                               "{%- endif %}{{ 'Today Date: ' + date_string + '\\n' }}" + CHATML_TEMPLATE)
+    tokenizer.save_pretrained(dated)
+    AutoModelForCausalLM.from_pretrained(lm_dir).save_pretrained(dated)
+    trainer = build_trainer(corpus_dir, dated, tmp_path / "out", num_genes=8, training_args=tiny_config(tmp_path))
+    trained = trainer.processing_class.decode(trainer.train_dataset[0]["input_ids"])
+    assert trained.startswith(f"Today Date: {PROMPT_DATE}")
+    rendered = []
+    render = tokenization.render_jinja_template
+    monkeypatch.setattr(tokenization, "render_jinja_template",
+                        lambda *args, **kwargs: rendered.append(render(*args, **kwargs)) or rendered[-1])
+    corpus, feature_extractor = load_corpus(corpus_dir)
+    generate_cell2sentence(dated, corpus["test"].select(range(2)), feature_extractor, num_genes=8, max_new_tokens=1)
+    chats = [chat for texts, _ in rendered for chat in texts]
+    assert chats and all(chat.startswith(f"Today Date: {PROMPT_DATE}") for chat in chats)
 
 
 def test_train_merge_and_generate_one_text_per_cell(parts_and_corpus, tmp_path):

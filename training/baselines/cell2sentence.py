@@ -34,7 +34,7 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 
 from modeling_cell2text import Cell2TextFeatureExtractor
 from modeling_cell2text.feature_extraction_cell2text import SPECIAL_TOKENS
-from modeling_cell2text.processing_cell2text import DEFAULT_SYSTEM_PROMPT
+from modeling_cell2text.processing_cell2text import DEFAULT_SYSTEM_PROMPT, PROMPT_DATE
 from modeling_cell2text.text_padding import ended_at_end_of_text
 from processing.corpus import corpus_feature_extractor, corpus_summary, open_corpus
 from modeling_cell2text.argument_types import refused_input_as_one_line
@@ -108,6 +108,12 @@ def cell_sentence(token_ids: Sequence[int], feature_extractor: Cell2TextFeatureE
     return " ".join(genes)
 
 
+# What the chat template reads besides the messages, in training (TRL's `chat_template_kwargs` column) and generation
+# alike: the fixed date Cell2Text's prompts state (`PROMPT_DATE`), for a template that states one (Llama 3's "Today
+# Date:"), which otherwise wrote the day of each run: the baseline described cells on another prompt than it learnt.
+CHAT_TEMPLATE_KWARGS = {"date_string": PROMPT_DATE}
+
+
 def cell_prompt(token_ids: Sequence[int], feature_extractor: Cell2TextFeatureExtractor, num_genes: int) -> list[dict]:
     """The chat messages that ask the LLM to describe one cell from its cell sentence."""
     return [
@@ -119,13 +125,15 @@ def cell_prompt(token_ids: Sequence[int], feature_extractor: Cell2TextFeatureExt
 def prompt_completion_dataset(
     corpus_split: Dataset, feature_extractor: Cell2TextFeatureExtractor, num_genes: int
 ) -> Dataset:
-    """A conversational prompt-completion dataset for TRL: prompt = system + cell sentence, completion = description."""
+    """A conversational prompt-completion dataset for TRL: prompt = system + cell sentence, completion = description
+    (and the chat template's `CHAT_TEMPLATE_KWARGS`, the fixed date)."""
     missing = {"gene_input_ids", "description"} - set(corpus_split.column_names)
     if missing:
         raise ValueError(f"The corpus split lacks the columns {sorted(missing)}; build it with processing.build_corpus.")
     return Dataset.from_dict({
         "prompt": [cell_prompt(ids, feature_extractor, num_genes) for ids in corpus_split["gene_input_ids"]],
         "completion": [[{"role": "assistant", "content": text}] for text in corpus_split["description"]],
+        "chat_template_kwargs": [CHAT_TEMPLATE_KWARGS] * len(corpus_split),
     })
 
 
@@ -280,7 +288,8 @@ def generate_cell2sentence(
     for start in tqdm(range(0, len(token_lists), batch_size), desc="generating cell2sentence descriptions"):
         chats = [cell_prompt(ids, feature_extractor, num_genes) for ids in token_lists[start : start + batch_size]]
         inputs = tokenizer.apply_chat_template(
-            chats, add_generation_prompt=True, tokenize=True, padding=True, return_dict=True, return_tensors="pt"
+            chats, add_generation_prompt=True, tokenize=True, padding=True, return_dict=True, return_tensors="pt",
+            **CHAT_TEMPLATE_KWARGS,
         ).to(model.device)
         generated = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
@@ -297,8 +306,9 @@ def turn_end_id(tokenizer: PreTrainedTokenizerBase, stop_ids: Sequence[int]) -> 
     always the tokenizer's eos_token (Gemma's turn ends at <end_of_turn>, its eos_token is <eos>; counted as the end
     of text, every description read as cut). The tokenizer's eos_token where the template's end is no stop id."""
     chat = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": USER_PREFIX}]
-    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-    whole = tokenizer.apply_chat_template([*chat, {"role": "assistant", "content": "A cell."}], tokenize=False)
+    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False, **CHAT_TEMPLATE_KWARGS)
+    whole = tokenizer.apply_chat_template([*chat, {"role": "assistant", "content": "A cell."}], tokenize=False,
+                                          **CHAT_TEMPLATE_KWARGS)
     if not whole.startswith(prompt):
         return tokenizer.eos_token_id
     completion = tokenizer(whole[len(prompt):], add_special_tokens=False)["input_ids"]
