@@ -1705,6 +1705,12 @@ def test_a_chat_template_given_to_trl_is_the_saved_models_and_the_resumes(parts_
     with pytest.raises(ValueError, match=r"chat_template_path .* is not a .jinja or .j2 file.*pass that file"):
         tiny_recipe(lm_dir, corpus_dir, tmp_path / "clone", tmp_path / "cloned", chat_template_path=str(lm_dir))
     assert not (tmp_path / "clone").exists()
+    # a template writing today's date itself is refused before the encoder's preparation, not at the first batch
+    dated = tmp_path / "dated.jinja"
+    dated.write_text("{{ 'Today Date: ' + strftime_now('%d %b %Y') + '\\n' }}" + CHATML_TEMPLATE)
+    with pytest.raises(ValueError, match=r"The chat template writes today's date itself"):
+        tiny_recipe(lm_dir, corpus_dir, tmp_path / "dated", tmp_path / "dated_final", chat_template_path=str(dated))
+    assert not (tmp_path / "dated").exists()
 
 
 def test_earlier_checkpoints_deleted_by_two_nodes_at_once(tmp_path, monkeypatch):

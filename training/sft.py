@@ -795,6 +795,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     processor = build_processor(args, args.corpus_dir, summary, trust_remote_code, corpus["train"])
     if chat_template is not None:
         processor.chat_template = chat_template
+    processor._prompt_ids(processor.num_cell_tokens)  # a prompt it refuses (a dated template), before the encoder
     with without_zero3_init():  # built whole on every process, also under ZeRO-3 (`without_zero3_init`)
         encoder_path = None if args.init_from else gene_encoder_path(args, training_args, corpus, processor, summary)
     if encoder_path is not None:
