@@ -142,14 +142,10 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
                                                                           "numbers", _is_number).items()}
         self.gene_symbols = {str(k): str(v) for k, v in _checked_mapping("gene_symbols", gene_symbols or {},
                                                                         "strings", _is_string).items()}
-        if not _is_integer(model_input_size):  # int(2048.9) ran as 2048
-            raise ValueError(f"model_input_size must be an integer, got {model_input_size!r}; fix the saved config "
-                             "(or the call).")
-        self.model_input_size = int(model_input_size)
-        if not isinstance(special_tokens, (bool, np.bool_)):  # bool("false") is True: <cls>/<eos> were kept
-            raise TypeError(f"special_tokens must be True or False, got {special_tokens!r}; fix the saved config "
-                            "(or the call).")
-        self.special_tokens = bool(special_tokens)
+        self.model_input_size = model_input_size
+        self.special_tokens = special_tokens
+        self._check_layout()
+        self.model_input_size, self.special_tokens = int(model_input_size), bool(special_tokens)
         self.min_gene_match_rate = float(min_gene_match_rate)
         if not _is_integer(num_expression_bins):
             raise ValueError(f"num_expression_bins must be an integer, got {num_expression_bins!r}; fix the saved "
@@ -165,7 +161,16 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
 
     # -- construction -------------------------------------------------------------------------
 
-    def _validate_config(self) -> None:
+    def _check_layout(self) -> None:
+        """Refuse a ``model_input_size`` or ``special_tokens`` that cannot lay out a cell's tokens, when built and
+        again when cells are tokenized or padded (``extractor.model_input_size = N`` after loading is how a size is
+        changed): set to 2 with special tokens (0 without), every cell kept no gene and was skipped as empty, exit
+        0 with ``skip_empty_cells=True``; ``special_tokens = "false"`` kept ``<cls>``/``<eos>``."""
+        fix = "fix the saved config (or the call, or the value set on the feature extractor)"
+        if not _is_integer(self.model_input_size):  # int(2048.9) ran as 2048
+            raise ValueError(f"model_input_size must be an integer, got {self.model_input_size!r}; {fix}.")
+        if not isinstance(self.special_tokens, (bool, np.bool_)):  # bool("false") is True: <cls>/<eos> were kept
+            raise TypeError(f"special_tokens must be True or False, got {self.special_tokens!r}; {fix}.")
         required = (PAD, CLS, EOS) if self.special_tokens else (PAD,)
         missing = [t for t in required if t not in self.gene_token_ids]
         if missing:
@@ -173,6 +178,13 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
                 f"gene_token_ids lacks the special tokens {missing}; add them (Geneformer V2: <pad>=0, <mask>=1, "
                 "<cls>=2, <eos>=3) or pass special_tokens=False for a V1 vocabulary"
             )
+        minimum = 3 if self.special_tokens else 1
+        if self.model_input_size < minimum:
+            raise ValueError(f"model_input_size must be >= {minimum} (one gene token"
+                             f"{' besides <cls> and <eos>' if self.special_tokens else ''}), got "
+                             f"{self.model_input_size}; {fix}.")
+
+    def _validate_config(self) -> None:
         ids = list(self.gene_token_ids.values())
         if min(ids) < 0 or max(ids) >= MAX_VOCAB_SIZE:
             worst = next((t, i) for t, i in self.gene_token_ids.items() if not 0 <= i < MAX_VOCAB_SIZE)
@@ -185,9 +197,6 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         bad = [(g, m) for g, m in self.gene_medians.items() if not (math.isfinite(m) and m > 0)]
         if bad:
             raise ValueError(f"gene medians must be finite and > 0; {len(bad)} are not, e.g. {bad[:_EXAMPLES]}")
-        minimum = 3 if self.special_tokens else 1
-        if self.model_input_size < minimum:
-            raise ValueError(f"model_input_size must be >= {minimum}, got {self.model_input_size}")
         if not 0 <= self.num_expression_bins <= 255:
             raise ValueError(
                 f"num_expression_bins must be in 0..255 (0: rank-value tokens only), got {self.num_expression_bins}"
@@ -419,6 +428,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         name the input's rows (cells without vocabulary genes are named by their rows in ``cells``, with their obs
         names).
         """
+        self._check_layout()
         matrix, gene_ids, obs_names = self.resolve_input(cells, gene_ids, layer)
         match = self.match_genes(gene_ids)
         special_ids = (self.cls_token_id, self.eos_token_id) if self.special_tokens else None
@@ -483,6 +493,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         Value-aware extractors also need each cell's expression bins: in ``token_lists`` (cells from
         ``tokenize``) or as ``value_lists`` (e.g. the corpus column ``gene_value_ids``).
         """
+        self._check_layout()
         flat_bins = None
         if isinstance(token_lists, RankedCells):  # made by tokenize: ids already valid
             lengths, flat = token_lists.lengths, token_lists.tokens

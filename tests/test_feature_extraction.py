@@ -188,6 +188,30 @@ def test_a_special_tokens_setting_that_is_not_a_bool_is_refused(tmp_path, value)
         Cell2TextFeatureExtractor.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("special_tokens, setting, value, error, message", [
+    (True, "model_input_size", 2, ValueError, "model_input_size must be >= 3"),  # every cell was skipped as empty
+    (False, "model_input_size", 0, ValueError, "model_input_size must be >= 1"),
+    (True, "model_input_size", 5.0, ValueError, "model_input_size must be an integer, got 5.0"),
+    (True, "special_tokens", "false", TypeError, "special_tokens must be True or False"),  # <cls>/<eos> were kept
+    (False, "special_tokens", True, ValueError, r"lacks the special tokens \['<cls>', '<eos>'\]"),
+])
+def test_settings_changed_after_loading_are_checked_when_cells_are_tokenized_or_padded(
+        counts, special_tokens, setting, value, error, message):
+    """`extractor.model_input_size = N` after loading is how a size is changed: N = 2 with special tokens (0
+    without) left every cell without a gene, skipped as empty, exit 0 with skip_empty_cells=True."""
+    vocabulary = make_extractor(special_tokens=True).gene_token_ids
+    if not special_tokens:  # a V1 vocabulary: no <cls>/<eos>
+        vocabulary = {token: i for token, i in vocabulary.items() if token not in ("<cls>", "<eos>")}
+    extractor = Cell2TextFeatureExtractor(vocabulary, make_extractor().gene_medians, SYMBOLS,
+                                          special_tokens=special_tokens)
+    cells = as_lists(extractor.tokenize(counts, INPUT_GENES))
+    setattr(extractor, setting, value)
+    for call in (lambda: extractor.tokenize(counts, INPUT_GENES, skip_empty_cells=True),
+                 lambda: extractor(counts, INPUT_GENES, skip_empty_cells=True), lambda: extractor.pad(cells)):
+        with pytest.raises(error, match=message):
+            call()
+
+
 def test_call_returns_padded_inputs_and_masks(extractor, counts):
     batch = extractor(counts, INPUT_GENES, return_tensors="pt")
     expected = reference_tokens(extractor, dense_of(counts), INPUT_GENES)
