@@ -488,7 +488,9 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         value_lists: Sequence[Sequence[int]] | None = None,
         return_tensors: str | None = None,
     ) -> BatchFeature:
-        """Pad per-cell token lists (e.g. stored in a corpus) into the model inputs.
+        """Pad per-cell token lists (e.g. stored in a corpus) into the model inputs. The lists must be laid out as
+        this extractor's ``tokenize`` gives them (with ``special_tokens``: ``<cls>``, the genes, ``<eos>``; without:
+        the genes only); lists of the other layout are refused.
 
         Value-aware extractors also need each cell's expression bins: in ``token_lists`` (cells from
         ``tokenize``) or as ``value_lists`` (e.g. the corpus column ``gene_value_ids``).
@@ -509,6 +511,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
                     f"token lists hold the padding token (id {self.pad_token_id}), which no cell's tokens hold: pass "
                     "each cell's tokens unpadded (a corpus's gene_input_ids column; from a padded batch, "
                     "row[gene_attention_mask.bool()]), else the gene encoder reads the padding as part of the cell.")
+            self._check_special_layout(flat, lengths)
         if value_lists is not None:
             flat_bins = self._check_value_lists(value_lists, lengths)
         if self.num_expression_bins and flat_bins is None:
@@ -539,6 +542,29 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
             value_ids[real] = flat_bins
             data["gene_value_ids"] = value_ids
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def _check_special_layout(self, flat: np.ndarray, lengths: np.ndarray) -> None:
+        """Refuse token lists not laid out as ``tokenize`` lays out this extractor's cells: with special tokens
+        ``<cls>`` first, ``<eos>`` last and no special token between; without, no special token at all. Lists of
+        the other setting (a corpus tokenized by a V1 extractor given to a V2 one, or the reverse) were padded as
+        they came: the gene encoder read cells without ``<cls>``, or ``<cls>``/``<eos>`` among the genes, exit 0."""
+        special = self._is_special[flat]
+        if self.special_tokens:
+            ends = np.cumsum(lengths)
+            laid_out = bool((lengths >= 2).all()) and int(special.sum()) == 2 * len(lengths)
+            if laid_out and len(lengths):
+                laid_out = bool((flat[ends - lengths] == self.cls_token_id).all()
+                                and (flat[ends - 1] == self.eos_token_id).all())
+            fix = (f"each cell's tokens must be <cls> (id {self.cls_token_id}), its genes, then <eos> (id "
+                   f"{self.eos_token_id}), as this extractor's tokenize gives them")
+        else:
+            laid_out = not special.any()
+            fix = "each cell's tokens must be its genes only (no special token), as this extractor's tokenize gives them"
+        if not laid_out:
+            raise ValueError(
+                f"token lists are not laid out for this feature extractor (special_tokens={self.special_tokens}): "
+                f"{fix}. Tokenize the cells again with this extractor (or use the extractor the tokens were made with)."
+            )
 
     def _check_value_lists(self, value_lists: Sequence[Sequence[int]], lengths: np.ndarray) -> np.ndarray:
         """Flat expression bins, checked against this extractor and the cells' token counts."""

@@ -621,6 +621,23 @@ def test_pad_v1_lists_and_rejects_unknown_ids():
         extractor.pad([[5, 10_000]])
 
 
+def test_token_lists_of_the_other_special_tokens_setting_are_refused(counts):
+    """A corpus tokenized by a V1 extractor (genes only) given to a V2 one, or the reverse, was padded as it came:
+    the gene encoder read cells without <cls>, or <cls>/<eos> counted as genes of a V1 cell, exit 0."""
+    v2, v1 = make_extractor(), make_extractor(special_tokens=False)
+    v2_cells, v1_cells = as_lists(v2.tokenize(counts, INPUT_GENES)), as_lists(v1.tokenize(counts, INPUT_GENES))
+    assert v2.pad(v2_cells)["gene_input_ids"].shape[0] == v1.pad(v1_cells)["gene_input_ids"].shape[0] == len(v2_cells)
+    assert v2.pad([[2, 3]])["gene_token_mask"].tolist() == [[0, 0]]  # no gene: the model refuses it by name
+    mask = v2.mask_token_id
+    for cells in (v1_cells, [v2_cells[0][:-1]], [v2_cells[0][1:]], [v2_cells[0][:2] + [mask] + v2_cells[0][2:]],
+                  [v2_cells[0] + v2_cells[1]], [[]]):
+        with pytest.raises(ValueError, match=r"not laid out for this feature extractor \(special_tokens=True\)"):
+            v2.pad(cells)
+    for cells in (v2_cells, [v1_cells[0] + [mask]]):
+        with pytest.raises(ValueError, match=r"not laid out for this feature extractor \(special_tokens=False\)"):
+            v1.pad(cells)
+
+
 def test_padded_token_lists_are_refused_not_read_as_cells(extractor, counts):
     """A padded batch's gene_input_ids given back (processor(gene_input_ids=inputs["gene_input_ids"])) were taken
     with the padding attended as part of each cell: other gene states and logits, exit 0."""
