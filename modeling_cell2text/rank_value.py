@@ -333,14 +333,15 @@ def check_values(data: np.ndarray, indptr: np.ndarray, input_values: str, first_
     """Refuse values that cannot be expression of the declared kind (on stored entries, per chunk of cells).
 
     Always: numeric, finite, non-negative. "counts": integers below 2**31. "normalized": below 2**31, not raw
-    counts (all values integers while the cells' totals differ), not log1p-scaled (in most cells expm1(values), not
-    the values, are whole multiples of the cell's smallest one, as counts times a scale are: log1p of normalised
-    counts, also on a subset of genes or shallow cells; or all values <= 20 and the cells' totals of expm1(values)
-    agree (coefficient of variation below 0.2%: also log1p values rounded to 2 decimals) while their totals of the
-    values differ by more than 1%, unless most cells with two different values hold whole multiples of their
-    smallest one, which shows the values linear). "log1p": at most 20 (log1p of CP10k is at most 9.2), not all
-    integers (raw counts), not linear (values above 1, and in most cells the values, not their expm1, are whole
-    multiples of the cell's smallest one: normalised counts at a scale that keeps them <= 20).
+    counts (all values integers while the cells' totals differ), not log1p-scaled (all values <= 20 and in most
+    cells expm1(values), not the values, are whole multiples of the cell's smallest one, as counts times a scale
+    are: log1p of normalised counts, also on a subset of genes or shallow cells; or all values <= 20 and the
+    cells' totals of expm1(values) agree (coefficient of variation below 0.2%: also log1p values rounded to 2
+    decimals) while their totals of the values differ by more than 1%, unless most cells with two different values
+    hold whole multiples of their smallest one, which shows the values linear). "log1p": at most 20 (log1p of
+    CP10k is at most 9.2), not all integers (raw counts), not linear (values above 1, and in most cells the values,
+    not their expm1, are whole multiples of the cell's smallest one: normalised counts at a scale that keeps them
+    <= 20).
     The totals rules need two cells with values in the chunk.
     """
     where = f"chunk starting at cell {first_row}"
@@ -443,8 +444,10 @@ def _check_normalized(data: np.ndarray, indptr: np.ndarray, integral: bool, wher
             "below 2**31 (CPM is at most 10**6); pass the normalised matrix, or input_values='counts' for raw counts"
         )
     if not integral and _share_of_count_multiples(data, indptr, uncertainty=linear) < 0.5:  # not counts x a scale
-        if _share_of_count_multiples(np.expm1(np.minimum(data, MAX_LOG1P), dtype=np.float64), indptr,
-                                     uncertainty=unlogged) >= 0.5:
+        # (values above MAX_LOG1P are no log1p values, which the "log1p" rules refuse: clipped to it, they were all
+        # equal, so whole multiples, and normalised cells whose smallest count is 2 or more were told to pass log1p)
+        if largest <= MAX_LOG1P and _share_of_count_multiples(np.expm1(data, dtype=np.float64), indptr,
+                                                              uncertainty=unlogged) >= 0.5:
             raise ValueError(
                 f"input_values='normalized' but the values look log1p-scaled ({where}): in most cells expm1(values) "
                 "are whole multiples of the cell's smallest one (counts times a scale), the values themselves are "

@@ -909,6 +909,19 @@ def test_shallow_cells_normalised_to_their_median_total_are_accepted(extractor):
         extractor.tokenize(shallow.log1p(), INPUT_GENES, input_values="normalized")
 
 
+@pytest.mark.parametrize("cells", [[[2, 2, 3]], [[2, 0, 3], [4, 5, 0]], [[3, 7, 5, 2]]])
+def test_normalised_cells_whose_smallest_count_is_not_one_are_accepted(extractor, cells):
+    """CP10k values of cells (or a gene panel) whose smallest count is 2 or more are no whole multiples of their
+    smallest value; above 20 they were clipped to 20 for the log1p rule, all equal, so whole multiples: refused as
+    log1p-scaled, naming input_values='log1p', which the log1p rules refuse (values above 20)."""
+    genes = INPUT_GENES[: len(cells[0])]
+    counts = np.array(cells, dtype=np.float64)
+    normalised = (counts / counts.sum(axis=1, keepdims=True) * 1e4).astype(np.float32)
+    assert normalised.max() > 20
+    ranked = extractor.tokenize(normalised, genes, input_values="normalized")
+    assert as_lists(ranked) == reference_tokens(extractor, normalised, genes, "normalized")
+
+
 def test_plausible_values_of_each_kind_are_accepted(extractor, counts):
     normalised = sp.csr_matrix(counts.multiply(1e4 / counts.sum(axis=1)))
     assert len(extractor.tokenize(normalised, INPUT_GENES, input_values="normalized")) == counts.shape[0]
