@@ -628,13 +628,23 @@ def rank_values(
 # ----------------------------------------------------------------------------- row chunks and threads
 
 
+def _canonical_csr(matrix: Any) -> sp.csr_matrix:
+    """A canonical CSR matrix of a scipy sparse matrix or array (the caller's arrays stay as they are): entries
+    repeated for one cell and gene are summed (scipy's reading of them), integers narrower than 64 bits widened
+    first, as scipy sums in the stored dtype and wraps (uint8 200 + 100 gave 44: another gene ranked first, exit 0)."""
+    dtype = matrix.dtype
+    if not getattr(matrix, "has_canonical_format", True) and dtype.kind in "iu" and dtype.itemsize < 8:
+        matrix = matrix.astype(np.int64 if dtype.kind == "i" else np.uint64)  # COO sums as it converts to CSR
+    matrix = sp.csr_matrix(matrix)
+    if not matrix.has_canonical_format:
+        matrix = matrix.copy()  # csr_matrix(matrix) shares a CSR matrix's arrays
+        matrix.sum_duplicates()
+    return matrix
+
+
 def _csr_parts(matrix: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(indptr, indices, data) of a canonical CSR version of a scipy sparse matrix or array."""
-    if matrix.format != "csr":
-        matrix = matrix.tocsr()
-    if not matrix.has_canonical_format:
-        matrix = matrix.copy()
-        matrix.sum_duplicates()
+    matrix = _canonical_csr(matrix)
     return matrix.indptr, matrix.indices, matrix.data
 
 
@@ -667,14 +677,11 @@ def require_numeric(dtype: np.dtype) -> None:
 def as_csr(block: Any) -> sp.csr_matrix:
     """A CSR matrix of a sparse or dense block of cells (a numpy array, an h5py dataset's rows): float16, which
     scipy.sparse cannot hold, becomes float32, which holds every float16 value exactly. A sparse block comes back
-    canonical: entries repeated for one cell and gene are summed (scipy's reading of them), as every reader of its
-    entries (the corpus builder's medians, AUCell) takes one entry per gene."""
+    canonical: entries repeated for one cell and gene are summed (scipy's reading of them, without its wrapping of
+    narrow integers: ``_canonical_csr``), as every reader of its entries (the corpus builder's medians, AUCell) takes
+    one entry per gene."""
     if sp.issparse(block):
-        matrix = sp.csr_matrix(block)
-        if not matrix.has_canonical_format:
-            matrix = matrix.copy()  # csr_matrix(block) shares a CSR block's arrays: the caller's matrix stays as is
-            matrix.sum_duplicates()
-        return matrix
+        return _canonical_csr(block)
     block = np.asarray(block)
     require_numeric(block.dtype)
     return sp.csr_matrix(block.astype(np.float32) if block.dtype == np.float16 else block)

@@ -1278,6 +1278,25 @@ def test_duplicate_csr_entries_are_summed_before_ranking():
     assert tokens.count(extractor.gene_token_ids[genes[0]]) == 1
 
 
+@pytest.mark.parametrize("dtype, stored, other", [
+    (np.uint8, [200, 100], 250), (np.int8, [100, 100], 120), (np.uint16, [40_000, 30_000], 60_000),
+    (np.int16, [20_000] * 2, 30_000)])
+@pytest.mark.parametrize("form", ["coo", "csr", "csc", "coo_array"])
+def test_entries_repeated_in_narrow_integers_are_summed_without_wrapping(dtype, stored, other, form):
+    """scipy sums repeated entries in the stored dtype: uint8 200 + 100 gave 44 (int8 100 + 100 gave -56, refused as
+    scaled data), so the gene with 300 counts ranked below one with 250, exit 0."""
+    extractor = make_extractor(model_input_size=8)
+    genes = VOCAB_GENES[:3]
+    rows, columns = np.zeros(3, dtype=np.int64), np.array([0, 0, 1])
+    coo = sp.coo_matrix((np.array([*stored, other], dtype=dtype), (rows, columns)), shape=(1, 3))
+    matrix = {"coo": coo, "csr": sp.csr_matrix((coo.data, columns, np.array([0, 3])), shape=(1, 3)),
+              "csc": sp.csc_matrix((coo.data, rows, np.array([0, 2, 3, 3])), shape=(1, 3)),
+              "coo_array": sp.coo_array(coo)}[form]
+    dense = np.array([[sum(stored), other, 0]], dtype=np.int64)
+    assert as_lists(extractor.tokenize(matrix, genes)) == reference_tokens(extractor, dense, genes)
+    assert matrix.dtype == dtype and matrix.data.tolist() == [*stored, other]  # the caller's matrix as it was
+
+
 def test_near_ties_beyond_one_sort_key_keep_descending_value_then_token_order():
     """`_order_near_ties` falls back to a lexsort when the run, low-bit and token fields do not fit one 64-bit key.
     The fallback must order exactly as the one-key path: by exact value descending, then token ascending."""
