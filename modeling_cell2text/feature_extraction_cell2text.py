@@ -92,6 +92,17 @@ def _checked_mapping(name: str, value: object, kind: str, fits) -> dict:
     return value
 
 
+#: Each vocabulary mapping's values: what they are (for messages), the check, the conversion.
+_VOCABULARY_RULES = {"gene_token_ids": ("token ids", _is_integer, int), "gene_medians": ("numbers", _is_number, float),
+                     "gene_symbols": ("strings", _is_string, str), "symbol_to_gene": ("strings", _is_string, str)}
+
+
+def _checked_vocabulary(name: str, value: object) -> dict:
+    """The vocabulary mapping `name` (a key of `_VOCABULARY_RULES`), checked, with str keys and converted values."""
+    kind, fits, convert = _VOCABULARY_RULES[name]
+    return {str(k): convert(v) for k, v in _checked_mapping(name, value, kind, fits).items()}
+
+
 class Cell2TextFeatureExtractor(FeatureExtractionMixin):
     """Turns expression matrices into Geneformer gene-token inputs (rank-value encoding).
 
@@ -136,12 +147,9 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         super().__init__(**kwargs)
         if gene_token_ids is None:
             gene_token_ids = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-        self.gene_token_ids = {str(k): int(v) for k, v in _checked_mapping("gene_token_ids", gene_token_ids,
-                                                                          "token ids", _is_integer).items()}
-        self.gene_medians = {str(k): float(v) for k, v in _checked_mapping("gene_medians", gene_medians or {},
-                                                                          "numbers", _is_number).items()}
-        self.gene_symbols = {str(k): str(v) for k, v in _checked_mapping("gene_symbols", gene_symbols or {},
-                                                                        "strings", _is_string).items()}
+        self.gene_token_ids = _checked_vocabulary("gene_token_ids", gene_token_ids)
+        self.gene_medians = _checked_vocabulary("gene_medians", gene_medians or {})
+        self.gene_symbols = _checked_vocabulary("gene_symbols", gene_symbols or {})
         self.model_input_size = model_input_size
         self.special_tokens = special_tokens
         self._check_layout()
@@ -154,10 +162,26 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         self.vocabulary_source = checked_vocabulary_source(vocabulary_source)
         if symbol_to_gene is None:
             symbol_to_gene = resolve_symbols((gene, symbol, False) for gene, symbol in self.gene_symbols.items())
-        self.symbol_to_gene = {str(k): str(v) for k, v in _checked_mapping("symbol_to_gene", symbol_to_gene,
-                                                                          "strings", _is_string).items()}
+        self.symbol_to_gene = _checked_vocabulary("symbol_to_gene", symbol_to_gene)
         self._validate_config()
         self._build_lookups()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A vocabulary mapping (``gene_token_ids``, ``gene_medians``, ``gene_symbols``, ``symbol_to_gene``) set after
+        construction is checked and the lookups are built again: ``extractor.gene_medians = new`` ranked by the old
+        medians while ``save_pretrained`` wrote the new ones, exit 0. Editing a mapping in place is not seen: set a
+        new one."""
+        if name in _VOCABULARY_RULES and "_token_medians" in self.__dict__:  # after construction
+            before = getattr(self, name)
+            super().__setattr__(name, _checked_vocabulary(name, value))
+            try:
+                self._validate_config()
+            except ValueError:
+                super().__setattr__(name, before)  # refused: the extractor stays as it was
+                raise
+            self._build_lookups()
+            return
+        super().__setattr__(name, value)
 
     # -- construction -------------------------------------------------------------------------
 

@@ -212,6 +212,29 @@ def test_settings_changed_after_loading_are_checked_when_cells_are_tokenized_or_
             call()
 
 
+def test_a_vocabulary_mapping_set_after_loading_is_what_cells_are_ranked_by(counts, tmp_path):
+    """`extractor.gene_medians = new` ranked cells by the old medians while save_pretrained wrote the new ones: the
+    corpus built in memory and the extractor shipped beside the model tokenized the same cells differently, exit 0."""
+    extractor = make_extractor()
+    new_medians = {gene: median * (7.0 if i % 3 else 1.0) for i, (gene, median) in
+                   enumerate(extractor.gene_medians.items())}
+    symbols_to_genes = {symbol: gene for gene, symbol in SYMBOLS.items()}
+    extractor.gene_medians = new_medians
+    fresh = Cell2TextFeatureExtractor(extractor.gene_token_ids, new_medians, SYMBOLS)
+    expected = reference_tokens(fresh, dense_of(counts), INPUT_GENES)
+    assert expected != reference_tokens(make_extractor(), dense_of(counts), INPUT_GENES)
+    assert as_lists(extractor.tokenize(counts, INPUT_GENES)) == expected
+    extractor.save_pretrained(tmp_path)
+    assert as_lists(Cell2TextFeatureExtractor.from_pretrained(tmp_path).tokenize(counts, INPUT_GENES)) == expected
+    extractor.symbol_to_gene = {symbol: gene for symbol, gene in symbols_to_genes.items() if symbol != "GENE0"}
+    assert extractor.match_genes(["GENE0", "GENE1"]).column_tokens.tolist() == [
+        -1, extractor.gene_token_ids[VOCAB_GENES[1]]]
+    with pytest.raises(ValueError, match="gene medians must be finite and > 0"):
+        extractor.gene_medians = {**new_medians, VOCAB_GENES[0]: 0.0}
+    assert extractor.gene_medians == new_medians  # refused: the extractor stays as it was
+    assert as_lists(extractor.tokenize(counts, INPUT_GENES)) == expected
+
+
 def test_call_returns_padded_inputs_and_masks(extractor, counts):
     batch = extractor(counts, INPUT_GENES, return_tensors="pt")
     expected = reference_tokens(extractor, dense_of(counts), INPUT_GENES)
