@@ -152,13 +152,11 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         self.gene_symbols = _checked_vocabulary("gene_symbols", gene_symbols or {})
         self.model_input_size = model_input_size
         self.special_tokens = special_tokens
+        self.num_expression_bins = num_expression_bins
         self._check_layout()
         self.model_input_size, self.special_tokens = int(model_input_size), bool(special_tokens)
-        self.min_gene_match_rate = float(min_gene_match_rate)
-        if not _is_integer(num_expression_bins):
-            raise ValueError(f"num_expression_bins must be an integer, got {num_expression_bins!r}; fix the saved "
-                             "config (or the call).")
         self.num_expression_bins = int(num_expression_bins)
+        self.min_gene_match_rate = float(min_gene_match_rate)
         self.vocabulary_source = checked_vocabulary_source(vocabulary_source)
         if symbol_to_gene is None:
             symbol_to_gene = resolve_symbols((gene, symbol, False) for gene, symbol in self.gene_symbols.items())
@@ -175,8 +173,9 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
             before = getattr(self, name)
             super().__setattr__(name, _checked_vocabulary(name, value))
             try:
+                self._check_layout()
                 self._validate_config()
-            except ValueError:
+            except (TypeError, ValueError):
                 super().__setattr__(name, before)  # refused: the extractor stays as it was
                 raise
             self._build_lookups()
@@ -186,10 +185,11 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
     # -- construction -------------------------------------------------------------------------
 
     def _check_layout(self) -> None:
-        """Refuse a ``model_input_size`` or ``special_tokens`` that cannot lay out a cell's tokens, when built and
-        again when cells are tokenized or padded (``extractor.model_input_size = N`` after loading is how a size is
-        changed): set to 2 with special tokens (0 without), every cell kept no gene and was skipped as empty, exit
-        0 with ``skip_empty_cells=True``; ``special_tokens = "false"`` kept ``<cls>``/``<eos>``."""
+        """Refuse a ``model_input_size``, ``special_tokens`` or ``num_expression_bins`` that cannot lay out a cell's
+        tokens (and bins), when built and again when cells are tokenized or padded (``extractor.model_input_size = N``
+        after loading is how a size is changed): set to 2 with special tokens (0 without), every cell kept no gene
+        and was skipped as empty, exit 0 with ``skip_empty_cells=True``; ``special_tokens = "false"`` kept
+        ``<cls>``/``<eos>``; 300 expression bins (uint8) wrapped to 0..44."""
         fix = "fix the saved config (or the call, or the value set on the feature extractor)"
         if not _is_integer(self.model_input_size):  # int(2048.9) ran as 2048
             raise ValueError(f"model_input_size must be an integer, got {self.model_input_size!r}; {fix}.")
@@ -202,6 +202,11 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
                 f"gene_token_ids lacks the special tokens {missing}; add them (Geneformer V2: <pad>=0, <mask>=1, "
                 "<cls>=2, <eos>=3) or pass special_tokens=False for a V1 vocabulary"
             )
+        if not _is_integer(self.num_expression_bins):
+            raise ValueError(f"num_expression_bins must be an integer, got {self.num_expression_bins!r}; {fix}.")
+        if not 0 <= self.num_expression_bins <= 255:
+            raise ValueError(f"num_expression_bins must be in 0..255 (0: rank-value tokens only), got "
+                             f"{self.num_expression_bins}; {fix}.")
         minimum = 3 if self.special_tokens else 1
         if self.model_input_size < minimum:
             raise ValueError(f"model_input_size must be >= {minimum} (one gene token"
@@ -221,10 +226,6 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         bad = [(g, m) for g, m in self.gene_medians.items() if not (math.isfinite(m) and m > 0)]
         if bad:
             raise ValueError(f"gene medians must be finite and > 0; {len(bad)} are not, e.g. {bad[:_EXAMPLES]}")
-        if not 0 <= self.num_expression_bins <= 255:
-            raise ValueError(
-                f"num_expression_bins must be in 0..255 (0: rank-value tokens only), got {self.num_expression_bins}"
-            )
 
     def _build_lookups(self) -> None:
         """Private lookup tables (not saved): gene -> token, token -> median, symbol -> gene."""

@@ -194,6 +194,8 @@ def test_a_special_tokens_setting_that_is_not_a_bool_is_refused(tmp_path, value)
     (True, "model_input_size", 5.0, ValueError, "model_input_size must be an integer, got 5.0"),
     (True, "special_tokens", "false", TypeError, "special_tokens must be True or False"),  # <cls>/<eos> were kept
     (False, "special_tokens", True, ValueError, r"lacks the special tokens \['<cls>', '<eos>'\]"),
+    (True, "num_expression_bins", 300, ValueError, "num_expression_bins must be in 0..255"),  # uint8 bins wrapped
+    (True, "num_expression_bins", 4.0, ValueError, "num_expression_bins must be an integer"),
 ])
 def test_settings_changed_after_loading_are_checked_when_cells_are_tokenized_or_padded(
         counts, special_tokens, setting, value, error, message):
