@@ -536,7 +536,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
                     f"token lists hold the padding token (id {self.pad_token_id}), which no cell's tokens hold: pass "
                     "each cell's tokens unpadded (a corpus's gene_input_ids column; from a padded batch, "
                     "row[gene_attention_mask.bool()]), else the gene encoder reads the padding as part of the cell.")
-            self._check_special_layout(flat, lengths)
+        self._check_special_layout(flat, lengths)  # also cells tokenized before special_tokens was set otherwise
         if value_lists is not None:
             flat_bins = self._check_value_lists(value_lists, lengths)
         if self.num_expression_bins and flat_bins is None:

@@ -661,6 +661,10 @@ def test_token_lists_of_the_other_special_tokens_setting_are_refused(counts):
     for cells in (v2_cells, [v1_cells[0] + [mask]]):
         with pytest.raises(ValueError, match=r"not laid out for this feature extractor \(special_tokens=False\)"):
             v1.pad(cells)
+    ranked = v2.tokenize(counts, INPUT_GENES)
+    v2.special_tokens = False  # cells tokenized before the setting changed
+    with pytest.raises(ValueError, match=r"not laid out for this feature extractor \(special_tokens=False\)"):
+        v2.pad(ranked)
 
 
 def test_padded_token_lists_are_refused_not_read_as_cells(extractor, counts):
