@@ -246,18 +246,12 @@ def test_zero3_merge_gathers_through_the_engine_and_builds_the_model_whole(tmp_p
         torch.testing.assert_close(merged_state[name], tensor, atol=0, rtol=0, msg=name)
 
 
-def test_the_recipe_builds_its_model_whole_under_a_live_zero3_config(parts_and_corpus, tmp_path, monkeypatch):
-    """Under accelerate's DeepSpeed ZeRO-3, transformers loads every model partitioned (`deepspeed.zero.Init`, here
-    whatever `zero3_init_flag`), so the resume record's checksums of the gene encoder's and the language model's
-    weights hashed empty partitions: any same-named LLM passed. The recipe builds the encoder and the model whole
-    (DeepSpeed partitions them when training starts). DeepSpeed is not installed here: loading under zero.Init
-    would fail to import it."""
+def records_built_plainly_and_under_zero3(monkeypatch, module, trainer_name: str, run) -> list[dict]:
+    """The resume records a run (`run(name)`, stopped where it makes `module.<trainer_name>`) takes without and with
+    a live ZeRO-3 config, each of a model built whole (no partitioned parameter)."""
     from accelerate.utils.deepspeed import HfDeepSpeedConfig
     from transformers.integrations import is_deepspeed_zero3_enabled, set_hf_deepspeed_config, \
         unset_hf_deepspeed_config
-
-    from test_training import tiny_recipe
-    from training import sft
 
     records = []
 
@@ -269,19 +263,34 @@ def test_the_recipe_builds_its_model_whole_under_a_live_zero3_config(parts_and_c
         records.append(callbacks[0].record)
         raise TrainerReached
 
-    monkeypatch.setattr(sft, "Cell2TextSFTTrainer", stop_at_the_trainer)
-    lm_dir, corpus_dir = parts_and_corpus
+    monkeypatch.setattr(module, trainer_name, stop_at_the_trainer)
     with pytest.raises(TrainerReached):
-        tiny_recipe(lm_dir, corpus_dir, tmp_path / "plain", tmp_path / "plain_final")
+        run("plain")
     live_config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
-    set_hf_deepspeed_config(live_config)
+    set_hf_deepspeed_config(live_config)  # transformers keeps a weak reference to it
     try:
         with pytest.raises(TrainerReached):
-            tiny_recipe(lm_dir, corpus_dir, tmp_path / "zero3", tmp_path / "zero3_final")
+            run("zero3")
         assert is_deepspeed_zero3_enabled()  # the live config is back for the trainer
     finally:
         unset_hf_deepspeed_config()
-    assert records[1] == records[0]  # the weights' checksums of the same parts
+    return records
+
+
+def test_the_recipe_builds_its_model_whole_under_a_live_zero3_config(parts_and_corpus, tmp_path, monkeypatch):
+    """Under accelerate's DeepSpeed ZeRO-3, transformers loads every model partitioned (`deepspeed.zero.Init`, here
+    whatever `zero3_init_flag`), so the resume record's checksums of the gene encoder's and the language model's
+    weights hashed empty partitions: any same-named LLM passed. The recipe builds the encoder and the model whole
+    (DeepSpeed partitions them when training starts). DeepSpeed is not installed here: loading under zero.Init
+    would fail to import it."""
+    from test_training import tiny_recipe
+    from training import sft
+
+    lm_dir, corpus_dir = parts_and_corpus
+    plain, zero3 = records_built_plainly_and_under_zero3(
+        monkeypatch, sft, "Cell2TextSFTTrainer",
+        lambda name: tiny_recipe(lm_dir, corpus_dir, tmp_path / name, tmp_path / f"{name}_final"))
+    assert zero3 == plain  # the weights' checksums of the same parts
 
 
 def test_the_baseline_loads_its_language_model_whole_under_a_live_zero3_config(parts_and_corpus, tmp_path,
@@ -290,38 +299,16 @@ def test_the_baseline_loads_its_language_model_whole_under_a_live_zero3_config(p
     live ZeRO-3 config (`deepspeed.zero.Init`), it hashed empty partitions, so a resume on another LLM of the same
     architecture passed. Loaded whole, as the recipe's model is (DeepSpeed is not installed here: loading under
     zero.Init would fail to import it)."""
-    from accelerate.utils.deepspeed import HfDeepSpeedConfig
     from test_cell2sentence import tiny_config
-    from transformers.integrations import is_deepspeed_zero3_enabled, set_hf_deepspeed_config, \
-        unset_hf_deepspeed_config
 
     from training.baselines import cell2sentence
 
-    records = []
-
-    class TrainerReached(Exception):
-        pass
-
-    def stop_at_the_trainer(*args, model, callbacks, **kwargs):
-        assert all(parameter.numel() > 0 for parameter in model.parameters())
-        records.append(callbacks[0].record)
-        raise TrainerReached
-
-    monkeypatch.setattr(cell2sentence, "Cell2SentenceSFTTrainer", stop_at_the_trainer)
     lm_dir, corpus_dir = parts_and_corpus
-    live_config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
-    for name in ("plain", "zero3"):
-        training_args = tiny_config(tmp_path / name)
-        if name == "zero3":
-            set_hf_deepspeed_config(live_config)  # transformers keeps a weak reference to it
-        try:
-            with pytest.raises(TrainerReached):
-                cell2sentence.build_trainer(corpus_dir, lm_dir, tmp_path / name, num_genes=8,
-                                            training_args=training_args)
-            assert is_deepspeed_zero3_enabled() == (name == "zero3")  # the live config is back for the trainer
-        finally:
-            unset_hf_deepspeed_config()
-    assert records[1] == records[0]  # the weights' checksum of the same LLM
+    plain, zero3 = records_built_plainly_and_under_zero3(
+        monkeypatch, cell2sentence, "Cell2SentenceSFTTrainer",
+        lambda name: cell2sentence.build_trainer(corpus_dir, lm_dir, tmp_path / name, num_genes=8,
+                                                 training_args=tiny_config(tmp_path / name)))
+    assert zero3 == plain  # the weights' checksum of the same LLM
 
 
 def test_the_cell2sentence_baseline_under_fsdp_saves_the_one_process_model(parts_and_corpus, two_processes, tmp_path):
