@@ -340,6 +340,9 @@ def _reject_fix(reason: str) -> str:
     if reason.startswith("tissue_type_"):
         return ("the cells are no donor's tissue (obs tissue_type: an organoid, a cell culture or a cell line), so "
                 "their tissue is not stated: leave tissue out of --required-fields")
+    if reason == "normal_joined_with_disease":
+        return ("a field listed in --required-fields joins PATO:0000461 (normal) with diseases, which the CELLxGENE "
+                "schema forbids: give PATO:0000461 alone for healthy donors, else the diseases' ids only")
     if reason == "sex_not_female_or_male":
         return ("the description states female or male only: give sex_ontology_term_id PATO:0000383 / PATO:0000384 "
                 "where the labels mean those, or leave sex out of --required-fields")

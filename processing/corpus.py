@@ -17,8 +17,8 @@ out of the description. Cells that cannot be described get a reject reason inste
 A field's value that cannot be stated is left out of the text and of the corpus columns (which evaluation reads as
 the truth, so they never say more than the text), with its reason per cell in ``resolve_labels``' output column
 ``<field>_left_out`` (counted per reason in summary.json's ``left_out``; not a corpus column): an id of another
-ontology or an obsolete one, a sex neither female nor male, or a tissue that is no donor's (an organoid, cell culture
-or cell line; CELLxGENE's obs ``tissue_type``). A sex or healthy label given without an id is read as its term
+ontology or an obsolete one, "normal" joined with a disease, a sex neither female nor male, or a tissue that is no
+donor's (an organoid, cell culture or cell line; CELLxGENE's obs ``tissue_type``). A sex or healthy label given without an id is read as its term
 ("F", "Male", "healthy"); other labels without an id are stated as given, with a warning.
 """
 
@@ -287,7 +287,7 @@ def corpus_features(value_aware: bool) -> datasets.Features:
 #: ids "MONDO:0100096 || MONDO:0005275", a UBERON stage as the tissue). Change it with either.
 OBS_CLEANING = ("stripped text; None, NaN, pandas' NA and CELLxGENE's missing words missing; a whole float as the "
                 "integer; joined disease ids read as their terms; UBERON stages and tissues kept apart; a tissue "
-                "judged by its resolved id")
+                "judged by its resolved id; normal joined with a disease left out")
 
 
 def clean(value: object) -> str | None:
@@ -394,7 +394,8 @@ def _term_of_label(field: str, term_id: str | None, label: str | None) -> tuple[
 def _term_problem(field: str, term_id: str | None, label: str | None, known: bool) -> str | None:
     """Why a resolved (non-cell-type) term cannot be stated as `field`, as the reason a required field gives:
     "wrong_ontology_<field>_term" (also an id not in its ontology's form, "UBERON:lung", and a UBERON term of the
-    other kind, `_UBERON_KINDS`), "obsolete_<field>_term"
+    other kind, `_UBERON_KINDS`), "normal_joined_with_disease" (PATO:0000461 joined with diseases' ids, which the
+    CELLxGENE schema forbids: "normal" stands alone), "obsolete_<field>_term"
     (no replacement: its label reads "obsolete ..."; a stage is stated only as its age group, which an obsolete
     stage's label still gives), "sex_not_female_or_male" (the template states only those), or None. A tissue id's
     schema 4 suffix (" (organoid)") is no other form: it says what the id names (`_tissue_type`)."""
@@ -403,6 +404,9 @@ def _term_problem(field: str, term_id: str | None, label: str | None, known: boo
     joined = field in JOINED_TERM_FIELDS
     if term_id is not None and not is_term_id_of(term_id, FIELD_TERM_PREFIXES[field], joined=joined):
         return f"wrong_ontology_{field}_term"
+    if field == "disease" and term_id is not None and len(parts := term_id_parts(field, term_id)) > 1 \
+            and TERMS_OF_LABELS["disease"]["normal"] in parts:
+        return "normal_joined_with_disease"  # the schema's "normal" stands alone: "a donor with COVID-19 || normal"
     if known and field in _UBERON_KINDS and term_id.startswith("UBERON:") and not ontologies.is_deprecated(term_id) \
             and ontologies.is_life_cycle_stage(term_id) != (field == "development_stage"):
         return f"wrong_ontology_{field}_term"  # a stage as the tissue ("the adult stage of a donor"), or the reverse
@@ -428,6 +432,8 @@ def _unstatable(field: str, codes: np.ndarray, pairs: list, resolved: list) -> l
          f"ids that are not {' / '.join(FIELD_TERM_PREFIXES[field])} (in their ontology's form)"
          + (f", or {_UBERON_KINDS[field]}" if field in _UBERON_KINDS else ""),
          f"check which obs column holds the {field} ids (--obs-map)"),
+        ("normal_joined_with_disease", "PATO:0000461 (normal) joined with diseases, which the CELLxGENE schema "
+         "forbids", "give PATO:0000461 alone for healthy donors, else the diseases' ids only"),
         (f"obsolete_{field}_term", "obsolete terms without a replacement", "update the terms"),
         ("sex_not_female_or_male", "neither female nor male, the sexes the description states",
          "where they mean those, give the ids PATO:0000383 (female) / PATO:0000384 (male) in sex_ontology_term_id"),

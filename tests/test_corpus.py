@@ -771,3 +771,33 @@ def test_nullable_and_float_obs_columns_read_as_the_plain_ones():
     labels, _ = resolve_labels(obs.assign(donor_id=np.array([7.0, np.nan, 8.5])))
     assert list(labels["donor_id"]) == ["7", None, "8.5"]
     assert list(resolve_labels(obs.assign(donor_id=[7, 7, 8]))[0]["donor_id"]) == ["7", "7", "8"]
+
+
+def _one_cell_obs(**values) -> pd.DataFrame:
+    obs = {"cell_type": "B cell", "cell_type_ontology_term_id": "CL:0000236", "tissue": "blood",
+           "tissue_ontology_term_id": "UBERON:0000178", "sex": "female", "sex_ontology_term_id": "PATO:0000383",
+           "disease": "normal", "disease_ontology_term_id": "PATO:0000461", "development_stage": "adult stage",
+           "development_stage_ontology_term_id": "HsapDv:0000258", "donor_id": "d", "dataset_id": "x", **values}
+    return pd.DataFrame({key: [value] for key, value in obs.items()})
+
+
+def test_normal_joined_with_a_disease_is_left_out_with_its_reason(caplog):
+    """A donor's disease ids "MONDO:0100096 || PATO:0000461" passed the id check and were stated as "a donor with
+    COVID-19 || normal", exit 0: the CELLxGENE schema's "normal" stands alone."""
+    from processing.build_corpus import _reject_fix
+    from processing.corpus import resolve_labels
+
+    obs = _one_cell_obs(disease="COVID-19 || normal", disease_ontology_term_id="MONDO:0100096 || PATO:0000461")
+    with caplog.at_level("WARNING", logger="processing.corpus"):
+        labels, _ = resolve_labels(obs)
+    assert labels.loc[0, ["disease", "disease_ontology_term_id"]].isna().all()
+    assert labels["disease_left_out"][0] == "normal_joined_with_disease"
+    assert "1 cells' disease are PATO:0000461 (normal) joined with diseases" in caplog.text
+    _, reasons = resolve_labels(obs, required_fields=("cell_type", "disease"))
+    assert list(reasons) == ["normal_joined_with_disease"]
+    assert "PATO:0000461 alone" in _reject_fix("normal_joined_with_disease")
+    # several diseases, and normal alone, are stated
+    for ids in ("MONDO:0100096 || MONDO:0005275", "PATO:0000461"):
+        kept, _ = resolve_labels(_one_cell_obs(disease_ontology_term_id=ids))
+        assert kept["disease_ontology_term_id"][0] == ids and kept["disease_left_out"][0] is None
+
