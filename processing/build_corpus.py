@@ -304,7 +304,7 @@ _REJECT_FIXES = {
     "--obs-map YOUR_COLUMN=cell_type_ontology_term_id for a column that holds them",
     "unknown_cell_type_term": "cell_type_ontology_term_id must hold CL ids of the bundled Cell Ontology (e.g. "
     "CL:0000236)",
-    "obsolete_cell_type_term": "these CL ids are obsolete in the bundled Cell Ontology with no replacement: map "
+    "obsolete_cell_type_term": "these CL ids are obsolete in the bundled Cell Ontology with no CL replacement: map "
     "them to current CL terms (e.g. the nearest current parent type)",
     "invalid_values": "the matrix holds NaN, infinite or negative values: pass raw counts (a counts layer or "
     "adata.raw), not scaled data",

@@ -11,7 +11,8 @@ out of the description. Cells that cannot be described get a reject reason inste
 * ``unmapped_cell_type``: a cell type label without a Cell Ontology id (e.g. a preset label
   missing from its mapping table);
 * ``unknown_cell_type_term``: an id that is not a term of the bundled Cell Ontology;
-* ``obsolete_cell_type_term``: a CL term marked obsolete without a replacement (its label reads "obsolete ...");
+* ``obsolete_cell_type_term``: a CL term marked obsolete without a replacement (its label reads "obsolete ...") or
+  replaced by a term of another ontology (CL:0017505 by a PATO term);
 * ``missing_<field>``: a field listed as required (``required_fields``) is missing, or its value is left out (below).
 
 A field's value that cannot be stated is left out of the text and of the corpus columns (which evaluation reads as
@@ -350,9 +351,14 @@ def _warn_unknown_cell_type_ids(codes: np.ndarray, pairs: list, per_pair: list) 
                        "; ".join(f"{term} {n} cells" for term, n in rejected.most_common(10)))
 
 
-def _cell_type_reason(term_id: str | None, label: str | None, known: bool) -> str | None:
+def _cell_type_reason(given_id: str | None, term_id: str | None, label: str | None, known: bool) -> str | None:
+    """Why a cell type cannot be described, or None: `given_id` is the id obs gives, `term_id` its current term
+    (`resolve_term`). A CL term replaced by another ontology's term (CL:0017505 by a PATO term) is obsolete, not
+    unknown: it was warned about as an id unknown to the bundled Cell Ontology."""
     if term_id is None:
         return "missing_cell_type" if label is None else "unmapped_cell_type"
+    if known and given_id is not None and given_id.startswith("CL:") and not term_id.startswith("CL:"):
+        return "obsolete_cell_type_term"
     if not known or not term_id.startswith("CL:"):
         return "unknown_cell_type_term"
     if ontologies.is_deprecated(term_id):  # resolve_term followed any replacement: there is none
@@ -554,7 +560,7 @@ def resolve_labels(obs: pd.DataFrame, required_fields: Sequence[str] = ("cell_ty
         values = np.array([r[1] for r in resolved], dtype=object)[codes]
         if field == "cell_type":
             labels[f"{field}_ontology_term_id"], labels[field] = ids, values
-            per_pair = [_cell_type_reason(*r) for r in resolved]
+            per_pair = [_cell_type_reason(pair[0], *r) for pair, r in zip(pairs, resolved)]
             _warn_unknown_cell_type_ids(codes, pairs, per_pair)
             reason = np.array(per_pair, dtype=object)[codes]
             reasons = np.where(pd.isna(reasons), reason, reasons)

@@ -801,3 +801,17 @@ def test_normal_joined_with_a_disease_is_left_out_with_its_reason(caplog):
         kept, _ = resolve_labels(_one_cell_obs(disease_ontology_term_id=ids))
         assert kept["disease_ontology_term_id"][0] == ids and kept["disease_left_out"][0] is None
 
+
+
+def test_a_cell_type_replaced_by_another_ontologys_term_is_obsolete_not_unknown(caplog):
+    """CL:0017505 is obsolete, replaced by a PATO term: it was rejected as unknown_cell_type_term and warned about
+    as an id unknown to the bundled Cell Ontology."""
+    from processing.corpus import resolve_labels
+
+    with caplog.at_level("WARNING", logger="processing.corpus"):
+        _, reasons = resolve_labels(_one_cell_obs(cell_type="increased nucleus size",
+                                                  cell_type_ontology_term_id="CL:0017505"))
+    assert list(reasons) == ["obsolete_cell_type_term"]
+    assert "unknown to the bundled Cell Ontology" not in caplog.text
+    _, reasons = resolve_labels(_one_cell_obs(cell_type_ontology_term_id="UBERON:0000178"))
+    assert list(reasons) == ["unknown_cell_type_term"]  # an id of another ontology given as the cell type
