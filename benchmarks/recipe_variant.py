@@ -9,7 +9,8 @@ training split with the `--set` overrides (TRL / Cell2Text argument names), from
 encoder (copied, so nothing is re-selected: a change of what the encoder is prepared for, such as num_cell_tokens,
 is refused before training), on the thread count the fold's model trained on (where quality.py recorded it) and in
 its precision (a GPU where the folds trained on a CPU or another GPU, or the reverse, is refused, and a CPU without
-the folds' CPU's native bf16 kernels, or with them where the folds' had none, unless --set names bf16), without the
+the folds' CPU's native bf16 kernels, or with them where the folds' had none, unless --set names bf16; with --resume
+and every fold's variant already trained, only scoring is left, and any machine scores both models), without the
 temperature fit; then the fold's model (the reference) and the variant each choose every validation cell's cell type
 among the known labels (exhaustive scoring, what the schema-constrained decoder chooses). The test folds are never read: an idea is
 kept or dropped on validation only.
@@ -129,6 +130,11 @@ def check_same_folds(reference: Path, variant: Path) -> None:
         if read(reference) != read(variant):
             raise SystemExit(f"{variant} differs from {reference} in its {what}: the two quality runs differ by more "
                              "than the recipe (another seed, fold count or encoder), so their models cannot be paired.")
+
+
+def kept_variant_model(model_dir: Path, resume: bool) -> bool:
+    """Whether `--resume` keeps the variant model already trained in `model_dir`, so that its fold is only scored."""
+    return resume and (model_dir / "model.safetensors").exists()
 
 
 def check_same_machine_precision(benchmark: dict, pairs: list[str]) -> None:
@@ -252,7 +258,8 @@ def main() -> None:
     if benchmark.get("max_steps"):
         overrides = ["--max_steps", str(benchmark["max_steps"]), *overrides]
     if args.variant_folds_dir is None:
-        check_same_machine_precision(benchmark, args.overrides)
+        if not all(kept_variant_model(args.out / fold_dir.name / "model", args.resume) for fold_dir in fold_dirs):
+            check_same_machine_precision(benchmark, args.overrides)  # only where a variant would be trained here
     else:
         check_same_environment(args.folds_dir, args.variant_folds_dir)
     llm_dir = prepare_demo_llm()
@@ -268,7 +275,7 @@ def main() -> None:
                 raise SystemExit(f"{model_dir} holds no model: run benchmarks/quality.py --out {args.variant_folds_dir}"
                                  " to the end first.")
             check_same_folds(fold_dir, args.variant_folds_dir / fold_dir.name)
-        elif not (args.resume and (model_dir / "model.safetensors").exists()):
+        elif not kept_variant_model(model_dir, args.resume):
             shutil.copytree(fold_dir / "sft" / PREPARED_ENCODER_DIR, out / "sft" / PREPARED_ENCODER_DIR,
                             dirs_exist_ok=True)
             cell2text_args, sft_config = sft_arguments([

@@ -235,3 +235,43 @@ def test_a_variant_is_not_trained_on_another_gpu_than_the_folds(monkeypatch):
     variant.check_same_machine_precision({"device": "GPU: NVIDIA A100"}, ["num_train_epochs=2"])  # the same GPU
     with pytest.raises(SystemExit, match="trained on CPU only .*, this machine has GPU: NVIDIA A100"):
         variant.check_same_machine_precision({"device": "CPU only (2 threads)"}, ["num_train_epochs=2"])
+
+
+def test_resume_with_every_variant_trained_scores_on_another_machine(tmp_path, monkeypatch):
+    """--resume refused to run on another machine than the folds' (a CPU for folds trained on a GPU) even where every
+    fold's variant was already trained and only scoring was left; it still refuses where a fold would be trained."""
+    import sys
+
+    import torch
+    from tiny_parts import save_tiny_corpus
+
+    import training.prepare_demo_llm
+    import training.sft
+    from training.gene_encoder import PREPARED_ENCODER_DIR
+
+    variant = load_benchmark("recipe_variant", monkeypatch)
+    folds = tmp_path / "folds"
+    for fold in ("fold-0", "fold-1"):
+        save_tiny_corpus(folds / fold / "corpus")
+        (folds / fold / "sft" / PREPARED_ENCODER_DIR).mkdir(parents=True)
+        (folds / fold / "cell2text-demo").mkdir()
+        (folds / fold / "cell2text-demo" / "config.json").write_text("{}")
+    (folds / "quality_benchmark.json").write_text(json.dumps({"seed": 0, "max_steps": None,
+                                                              "device": "GPU: NVIDIA H100", "folds": []}))
+    trained = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine, the folds' a GPU
+    monkeypatch.setattr(training.sft, "main", lambda *args: trained.append(args))
+    monkeypatch.setattr(training.prepare_demo_llm, "prepare_demo_llm", lambda: tmp_path / "llm")
+    monkeypatch.setattr(variant, "check_encoder_reused", lambda *args: None)
+    monkeypatch.setattr(variant, "validation_cell_types", lambda model_dir, corpus_dir, *rest: ["B cell"] * 4)
+    out = tmp_path / "out"
+    (out / "fold-0" / "model").mkdir(parents=True)
+    (out / "fold-0" / "model" / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(sys, "argv", ["recipe_variant.py", "--set", "num_train_epochs=2", "--folds-dir", str(folds),
+                                      "--out", str(out), "--resume"])
+    with pytest.raises(SystemExit, match="trained on GPU: NVIDIA H100, this machine has none"):
+        variant.main()  # fold-1's variant would be trained here
+    (out / "fold-1" / "model").mkdir(parents=True)
+    (out / "fold-1" / "model" / "model.safetensors").write_bytes(b"")
+    variant.main()
+    assert trained == [] and json.loads((out / "recipe_variant.json").read_text())["complete"]
