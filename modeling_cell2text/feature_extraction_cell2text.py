@@ -5,7 +5,10 @@ The extractor holds the gene vocabulary (token ids, medians, symbols) and turns 
 ranking, with the choices it documents), ``geneformer_dictionaries`` (reading Geneformer's pickles safely),
 ``cell_inputs`` (AnnData or matrix input) and ``gene_ids`` (which input gene is which vocabulary gene).
 Genes outside the vocabulary are dropped, but counted and reported; a cell without any expressed vocabulary gene
-is an error unless ``skip_empty_cells=True``.
+is an error unless ``skip_empty_cells=True``. Unlike Geneformer's ``TranscriptomeTokenizer``, Ensembl IDs of earlier
+releases are not mapped to the vocabulary's (its ``gene_mapping_file``): they are counted as unmatched; and input
+genes naming one vocabulary gene are refused, not summed (its ``collapse_gene_ids=True``): map the IDs and sum the
+duplicated columns first (docs/model.md, "Rank-value encoding", shows how with AnnData).
 
 This file travels as remote code: it imports only numpy, transformers and its sibling modules; anndata objects
 are recognised without importing anndata.
