@@ -35,7 +35,7 @@ from transformers.utils import (CHAT_TEMPLATE_DIR, CHAT_TEMPLATE_FILE, CONFIG_NA
 import modeling_cell2text
 from modeling_cell2text import Cell2TextForConditionalGeneration, Cell2TextProcessor
 from modeling_cell2text.argument_types import refused_input_as_one_line
-from modeling_cell2text.compatibility import KEPT_SUBSET_FIX, check_model_and_processor, holds_kept_subset
+from modeling_cell2text.compatibility import KEPT_SUBSET_FIX, check_model_and_processor, holds_kept_subset, kept_subset
 from modeling_cell2text.modeling_cell2text import foreign_weight_files, weights_file_names
 from modeling_cell2text.pipeline_cell2text import EARLIER_SAVE_FILES
 from modeling_cell2text.tl import weights_sha256
@@ -309,7 +309,7 @@ def check_hub_ready(model_dir: str | Path, card: ModelCard | None = None) -> Non
     # names its tokenizer's files, so stray files are refused before the model is loaded (minutes for a large one).
     processor = Cell2TextProcessor.from_pretrained(model_dir)
     if holds_kept_subset(processor):
-        raise ValueError(f"{model_dir}'s processor holds a subset of the model's labels, kept with keep_labels: every "
+        raise ValueError(f"{model_dir}'s processor holds {kept_subset(processor)}, kept with keep_labels: every "
                          f"user of the repo would describe cells among those only. {KEPT_SUBSET_FIX[0].upper()}"
                          f"{KEPT_SUBSET_FIX[1:]}.")
     _refuse_files_not_of(model_dir, model_folder_files(model_dir, config, processor), "a Cell2Text model folder",

@@ -157,6 +157,16 @@ def holds_kept_subset(processor: Any) -> bool:
     return kept.get("kept") == own and kept.get("from") != own
 
 
+def kept_subset(processor: Any) -> str:
+    """A subset kept with `Cell2TextProcessor.keep_labels` in words, naming the fields it narrows and the labels each
+    keeps ("a subset of the model's labels (pathways: 3 kept)"), as the refusals and warning about it say: they
+    counted cell types, also where only pathways or age groups were narrowed. A subset kept before keep_labels
+    recorded its fields names none."""
+    fields = ((getattr(processor, "kept_labels", None) or {}).get("fields")) or {}
+    narrowed = "; ".join(f"{field}: {count} kept" for field, count in sorted(fields.items()))
+    return f"a subset of the model's labels ({narrowed})" if narrowed else "a subset of the model's labels"
+
+
 # What keeping a subset is for, and where to do it, as the refusals and warning about a model folder's subset say.
 KEPT_SUBSET_FIX = ("a model folder holds the processor with the model's labels: save or upload the processor loaded "
                    "from the model's own folder, and choose among a subset where cells are described "

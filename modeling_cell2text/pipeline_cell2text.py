@@ -31,7 +31,7 @@ from .argument_types import is_integer_at_least
 from .cell_inputs import anndata_matrix, check_gene_ids_in_var_order, empty_cells_error, format_cells
 from .compatibility import (KEPT_SUBSET_FIX, ModelProcessorMismatchError, check_labels, check_model_and_processor,
                             fit_tokens_to_encoder, gene_ranking_sha256, gene_vocabulary_sha256, holds_kept_subset,
-                            processor_sha256, recorded_gene_vocabulary_sha256, saved_file)
+                            kept_subset, processor_sha256, recorded_gene_vocabulary_sha256, saved_file)
 from .label_scoring import constrains, constrains_by_default
 from .modeling_cell2text import (DESCRIPTION_MAX_NEW_TOKENS, check_generation_settings, foreign_weight_files,
                                  generation_setting_names, stop_at_end_of_text, weights_file_names)
@@ -572,9 +572,8 @@ class Cell2TextPipeline(Pipeline):
                              "weights: merge them first (a PeftModel: model = model.merge_and_unload()), or save "
                              "the adapter alone with model.save_pretrained(...) and load it on this model's folder.")
         if holds_kept_subset(self.processor):  # every user of the folder would describe cells among the subset
-            cell_types = len(self.processor.ontology_term_ids.get("cell_type", {}))
-            raise ValueError(f"the processor holds a subset of the model's labels ({cell_types} cell types), kept with "
-                             f"keep_labels: every user of the folder would describe cells among those only. "
+            raise ValueError(f"the processor holds {kept_subset(self.processor)}, kept with keep_labels: every user "
+                             f"of the folder would describe cells among those only. "
                              f"{KEPT_SUBSET_FIX[0].upper()}{KEPT_SUBSET_FIX[1:]}.")
         leftovers = foreign_weight_files(save_directory)
         if leftovers:

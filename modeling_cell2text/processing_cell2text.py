@@ -12,7 +12,8 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 
 from .argument_types import is_integer_at_least, with_close_match
-from .compatibility import KEPT_SUBSET_FIX, check_model_and_processor, holds_kept_subset, hub_kwargs, saved_file
+from .compatibility import (KEPT_SUBSET_FIX, check_model_and_processor, holds_kept_subset, hub_kwargs, kept_subset,
+                            saved_file)
 from .feature_extraction_cell2text import unknown_settings_error
 from .text_padding import before_end_of_text, ended_at_end_of_text, pad_token_rows, text_pad_token_id
 from .description_schema import (JOINED_TERM_FIELDS, ONTOLOGY_FIELDS, TERM_ID_PREFIXES, CellDescription,
@@ -33,6 +34,17 @@ SETTINGS = ("chat_template", "num_cell_tokens", "system_prompt", "user_prompt", 
             "cell_type_definitions", "pathway_names", "age_groups", "definitions_in_model_text", "kept_labels")
 # `keep_labels`' fields: the ontology fields' tables, and these.
 LIST_LABEL_FIELDS = {"pathways": "pathway_names", "age_group": "age_groups"}
+
+
+def _is_kept_labels_record(record: object) -> bool:
+    """Whether `record` is what `Cell2TextProcessor.keep_labels` writes as `kept_labels` (or wrote before it recorded
+    the fields it narrowed)."""
+    if not isinstance(record, Mapping) or set(record) not in ({"from", "kept"}, {"from", "kept", "fields"}):
+        return False
+    fields = record.get("fields", {})
+    return all(isinstance(record[key], str) for key in ("from", "kept")) and isinstance(fields, Mapping) and all(
+        isinstance(field, str) and isinstance(count, int) and not isinstance(count, bool)
+        for field, count in fields.items())
 
 
 def check_label_tables(
@@ -108,7 +120,9 @@ class Cell2TextProcessor(ProcessorMixin):
             same.
         kept_labels (`dict`, *optional*): set by `keep_labels` (not by hand): the checksums of the label tables this
             processor's were chosen from (`"from"`, what a model checks them against) and of the subset kept
-            (`"kept"`: tables changed since are checked as they are).
+            (`"kept"`: tables changed since are checked as they are), and the fields it narrowed with the number of
+            labels each keeps (`"fields"`, which the warning and refusals about a kept subset name; absent in a
+            record saved before).
     """
 
     def __init__(
@@ -156,10 +170,10 @@ class Cell2TextProcessor(ProcessorMixin):
         if not isinstance(definitions_in_model_text, bool):
             raise TypeError(f"definitions_in_model_text must be True or False, got {definitions_in_model_text!r}.")
         self.definitions_in_model_text = definitions_in_model_text
-        if kept_labels is not None and (not isinstance(kept_labels, Mapping) or set(kept_labels) != {"from", "kept"}
-                                        or not all(isinstance(value, str) for value in kept_labels.values())):
-            raise TypeError(f"kept_labels must be keep_labels' checksums {{'from': ..., 'kept': ...}}, got "
-                            f"{kept_labels!r}; {_LABEL_FIX}")
+        if kept_labels is not None and not _is_kept_labels_record(kept_labels):
+            raise TypeError(f"kept_labels must be keep_labels' checksums {{'from': ..., 'kept': ...}} (and the "
+                            f"fields it narrowed, {{'fields': {{field: labels kept}}}}), got {kept_labels!r}; "
+                            f"{_LABEL_FIX}")
         self.kept_labels = dict(kept_labels) if kept_labels is not None else None
         super().__init__(feature_extractor, tokenizer, chat_template=chat_template)
 
@@ -192,10 +206,9 @@ class Cell2TextProcessor(ProcessorMixin):
         if model_config is not None:
             check_model_and_processor(model_config, processor, f"the model in {pretrained_model_name_or_path}")
             if holds_kept_subset(processor):
-                logger.warning("The processor of the model in %s holds a subset of the model's labels (%d cell types), "
-                               "kept with keep_labels: cells are described among those only. Where that is not meant, "
-                               "%s.", pretrained_model_name_or_path,
-                               len(processor.ontology_term_ids.get("cell_type", {})), KEPT_SUBSET_FIX)
+                logger.warning("The processor of the model in %s holds %s, kept with keep_labels: cells are described "
+                               "among those only. Where that is not meant, %s.", pretrained_model_name_or_path,
+                               kept_subset(processor), KEPT_SUBSET_FIX)
         return processor
 
     @classmethod
@@ -212,7 +225,7 @@ class Cell2TextProcessor(ProcessorMixin):
         the ontology fields, "pathways", "age_group"; a field not named keeps all its labels). A model checks a
         processor's label tables against those it was saved with (`compatibility.processor_sha256`), so that a
         processor of another model (other labels than the model learnt to write) is refused; a subset chosen here
-        records the checksum of the tables it came from (`kept_labels`) and is accepted, as long as its tables are
+        records the checksum of the tables it came from and the fields it narrows (`kept_labels`) and is accepted, as long as its tables are
         not changed otherwise. Labels the processor does not hold, labels that are not strings, and an empty cell-type
         subset (describing would write free text) are refused; another field kept empty is left out of the
         descriptions. In an ontology field an ontology id stands for the labels that carry it (`CL:0000236` for
@@ -252,6 +265,10 @@ class Cell2TextProcessor(ProcessorMixin):
                                  f"{field} labels{ids} (not the model's, or left out by an earlier keep_labels), e.g. "
                                  f"{sorted(tables[field])[:5]}.")
         origin = processor_labels_sha256(self)  # the model's tables, or those an earlier subset came from
+        earlier = self.kept_labels or {}  # the fields an earlier subset narrowed, while it is held unchanged
+        fields = dict(earlier.get("fields") or {}) if earlier.get("kept") == label_tables_sha256(self) else {}
+        fields.update({field: len(kept) for field, kept in narrowed.items()
+                       if len(kept) < len(set(tables[field]))})  # a field named with all its labels is not narrowed
         for field, kept in narrowed.items():
             if field in LIST_LABEL_FIELDS:
                 setattr(self, LIST_LABEL_FIELDS[field], [label for label in tables[field] if label in kept])
@@ -260,7 +277,7 @@ class Cell2TextProcessor(ProcessorMixin):
                     label: term for label, term in tables[field].items() if label in kept}}
         self.cell_type_definitions = {label: definition for label, definition in self.cell_type_definitions.items()
                                       if label in self.ontology_term_ids.get("cell_type", {})}
-        self.kept_labels = {"from": origin, "kept": label_tables_sha256(self)}
+        self.kept_labels = {"from": origin, "kept": label_tables_sha256(self), "fields": fields}
 
     @property
     def cell_token_id(self) -> int:

@@ -304,7 +304,7 @@ def test_a_kept_subset_is_not_saved_or_published_as_the_models_labels(tmp_path, 
     save_model_folder(model, processor, tmp_path / "model")
     kept = Cell2TextProcessor.from_pretrained(tmp_path / "model")
     kept.keep_labels(cell_type=["B cell"])
-    with pytest.raises(ValueError, match=r"the processor holds a subset of the model's labels \(1 cell types\), kept "
+    with pytest.raises(ValueError, match=r"the processor holds a subset of the model's labels \(cell_type: 1 kept\), kept "
                                          r"with keep_labels.*tl.describe\(..., cell_types="):
         save_model_folder(model, kept, tmp_path / "kept")
     assert not (tmp_path / "kept").exists()
@@ -316,14 +316,54 @@ def test_a_kept_subset_is_not_saved_or_published_as_the_models_labels(tmp_path, 
     with caplog.at_level("WARNING", logger="modeling_cell2text.processing_cell2text"):
         assert Cell2TextProcessor.from_pretrained(tmp_path / "all").ontology_term_ids["cell_type"] == {
             "B cell": "CL:0000236"}  # still a use: loaded, with a warning
-    assert "holds a subset of the model's labels (1 cell types)" in caplog.text
-    with pytest.raises(ValueError, match="processor holds a subset of the model's labels, kept with keep_labels"):
+    assert "holds a subset of the model's labels (cell_type: 1 kept)" in caplog.text
+    with pytest.raises(ValueError, match=r"processor holds a subset of the model's labels \(cell_type: 1 kept\), kept "
+                                         "with keep_labels"):
         check_hub_ready(tmp_path / "all")
     grown = Cell2TextProcessor.from_pretrained(tmp_path / "model")
     grown.keep_labels(cell_type=["B cell"])
     grown.ontology_term_ids = {**grown.ontology_term_ids, "cell_type": {
         **grown.ontology_term_ids["cell_type"], "monocyte": "CL:0000576"}}  # as a fine-tuning adds its corpus's labels
     assert not holds_kept_subset(grown)  # the fine-tuned model's own labels: saved (training.sft saves them)
+
+
+def test_a_kept_subset_names_the_fields_it_narrows(tmp_path, caplog):
+    """The warning and refusals about a kept subset counted cell types always: a processor narrowed to some pathways
+    only was said to hold "a subset of the model's labels (2 cell types)", all of them."""
+    from hub_cards.publish import check_hub_ready
+
+    encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
+    processor = tiny_processor(lm_dir)
+    processor.ontology_term_ids = {**processor.ontology_term_ids,
+                                   "cell_type": {"B cell": "CL:0000236", "T cell": "CL:0000084"}}
+    processor.pathway_names, processor.age_groups = ["HALLMARK_A", "HALLMARK_B", "HALLMARK_C"], ["adulthood", "childhood"]
+    model = Cell2TextForConditionalGeneration.from_pretrained_parts(
+        encoder_dir, lm_dir, cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16)
+    save_model_folder(model, processor, tmp_path / "model")
+    kept = Cell2TextProcessor.from_pretrained(tmp_path / "model")
+    kept.keep_labels(cell_type=["B cell", "T cell"], pathways=["HALLMARK_B"])  # all cell types: not narrowed
+    with pytest.raises(ValueError, match=r"holds a subset of the model's labels \(pathways: 1 kept\), kept with"):
+        save_model_folder(model, kept, tmp_path / "kept")
+    kept.keep_labels(age_group=["childhood"])  # a second subset adds its field
+    assert kept.kept_labels["fields"] == {"pathways": 1, "age_group": 1}
+    kept.save_pretrained(tmp_path / "model")  # the processor alone saved over the model folder: the record travels
+    with caplog.at_level("WARNING", logger="modeling_cell2text.processing_cell2text"):
+        Cell2TextProcessor.from_pretrained(tmp_path / "model")
+    assert "holds a subset of the model's labels (age_group: 1 kept; pathways: 1 kept), kept with" in caplog.text
+    with pytest.raises(ValueError, match=r"\(age_group: 1 kept; pathways: 1 kept\), kept with keep_labels"):
+        check_hub_ready(tmp_path / "model")
+    # a record saved before the fields were recorded still loads, and names none
+    config = json.loads((tmp_path / "model" / "processor_config.json").read_text())
+    config["kept_labels"].pop("fields")
+    (tmp_path / "model" / "processor_config.json").write_text(json.dumps(config))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="modeling_cell2text.processing_cell2text"):
+        Cell2TextProcessor.from_pretrained(tmp_path / "model")
+    assert "holds a subset of the model's labels, kept with" in caplog.text
+    config["kept_labels"]["fields"] = {"pathways": "1"}
+    (tmp_path / "model" / "processor_config.json").write_text(json.dumps(config))
+    with pytest.raises(TypeError, match="kept_labels must be keep_labels' checksums"):
+        Cell2TextProcessor.from_pretrained(tmp_path / "model")
 
 
 def test_a_kept_subset_changed_afterwards_is_checked_as_it_is(tmp_path, caplog):
