@@ -225,11 +225,12 @@ class Cell2TextProcessor(ProcessorMixin):
         the ontology fields, "pathways", "age_group"; a field not named keeps all its labels). A model checks a
         processor's label tables against those it was saved with (`compatibility.processor_sha256`), so that a
         processor of another model (other labels than the model learnt to write) is refused; a subset chosen here
-        records the checksum of the tables it came from and the fields it narrows (`kept_labels`) and is accepted, as long as its tables are
-        not changed otherwise. Labels the processor does not hold, labels that are not strings, and an empty cell-type
-        subset (describing would write free text) are refused; another field kept empty is left out of the
-        descriptions. In an ontology field an ontology id stands for the labels that carry it (`CL:0000236` for
-        "B cell"); a value that is neither is refused, naming a close label or id where there is one."""
+        records the checksum of the tables it came from and the fields it narrows (`kept_labels`) and is accepted,
+        as long as its tables are not changed otherwise. Labels the processor does not hold, labels that are not
+        strings, and an empty cell-type subset (describing would write free text) are refused; another field kept
+        empty is left out of the descriptions. In an ontology field an ontology id stands for the labels that carry
+        it (`CL:0000236` for "B cell"); a value that is neither is refused, naming a close label or id where there is
+        one."""
         from .compatibility import label_tables_sha256, processor_labels_sha256
 
         tables = {**{field: self.ontology_term_ids.get(field, {}) for field in ONTOLOGY_FIELDS},

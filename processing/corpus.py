@@ -19,8 +19,9 @@ A field's value that cannot be stated is left out of the text and of the corpus 
 the truth, so they never say more than the text), with its reason per cell in ``resolve_labels``' output column
 ``<field>_left_out`` (counted per reason in summary.json's ``left_out``; not a corpus column): an id of another
 ontology or an obsolete one, "normal" joined with a disease, a sex neither female nor male, or a tissue that is no
-donor's (an organoid, cell culture or cell line; CELLxGENE's obs ``tissue_type``). A sex or healthy label given without an id is read as its term
-("F", "Male", "healthy"); other labels without an id are stated as given, with a warning.
+donor's (an organoid, cell culture or cell line; CELLxGENE's obs ``tissue_type``). A sex or healthy label given
+without an id is read as its term ("F", "Male", "healthy"); other labels without an id are stated as given, with a
+warning.
 """
 
 from __future__ import annotations

@@ -304,8 +304,8 @@ def test_a_kept_subset_is_not_saved_or_published_as_the_models_labels(tmp_path, 
     save_model_folder(model, processor, tmp_path / "model")
     kept = Cell2TextProcessor.from_pretrained(tmp_path / "model")
     kept.keep_labels(cell_type=["B cell"])
-    with pytest.raises(ValueError, match=r"the processor holds a subset of the model's labels \(cell_type: 1 kept\), kept "
-                                         r"with keep_labels.*tl.describe\(..., cell_types="):
+    with pytest.raises(ValueError, match=r"the processor holds a subset of the model's labels \(cell_type: 1 "
+                                         r"kept\), kept with keep_labels.*tl.describe\(..., cell_types="):
         save_model_folder(model, kept, tmp_path / "kept")
     assert not (tmp_path / "kept").exists()
     everything = Cell2TextProcessor.from_pretrained(tmp_path / "model")
@@ -336,7 +336,8 @@ def test_a_kept_subset_names_the_fields_it_narrows(tmp_path, caplog):
     processor = tiny_processor(lm_dir)
     processor.ontology_term_ids = {**processor.ontology_term_ids,
                                    "cell_type": {"B cell": "CL:0000236", "T cell": "CL:0000084"}}
-    processor.pathway_names, processor.age_groups = ["HALLMARK_A", "HALLMARK_B", "HALLMARK_C"], ["adulthood", "childhood"]
+    processor.pathway_names = ["HALLMARK_A", "HALLMARK_B", "HALLMARK_C"]
+    processor.age_groups = ["adulthood", "childhood"]
     model = Cell2TextForConditionalGeneration.from_pretrained_parts(
         encoder_dir, lm_dir, cell_token_id=processor.cell_token_id, num_cell_tokens=8, projector_hidden_size=16)
     save_model_folder(model, processor, tmp_path / "model")
