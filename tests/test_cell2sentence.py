@@ -216,6 +216,7 @@ def test_train_merge_and_generate_one_text_per_cell(parts_and_corpus, tmp_path):
     assert record["training_corpus_fingerprints"] == {split: corpus[split]._fingerprint for split in corpus}
     state = json.loads((final_dir / "training_state.json").read_text())
     assert state["global_step"] == 4 and state["best_model_checkpoint"] is not None
+    assert state["max_steps"] == 4  # the step cap, which the main job's --reuse-models checks
     model = AutoModelForCausalLM.from_pretrained(final_dir)
     assert not any("lora" in name for name, _ in model.named_parameters())
 

@@ -254,6 +254,7 @@ def test_beside_a_reused_cell2text_the_baseline_trains_with_every_thread(tmp_pat
         model.mkdir()
         (model / "model.safetensors").write_bytes(b"")
         (model / "config.json").write_text(json.dumps({"training_corpus_fingerprints": summary["fingerprints"]}))
+        (model / "training_state.json").write_text(json.dumps({"max_steps": 1}))
         return summary
 
     class Evaluated(Exception):
@@ -276,6 +277,59 @@ def test_beside_a_reused_cell2text_the_baseline_trains_with_every_thread(tmp_pat
         demo.run(tmp_path / "out", seed=0, max_steps=1, max_new_tokens=8, skip_cell2sentence=False,
                  reuse_models=True)
     assert not stale.exists()  # its output goes to the terminal: the old log told of another model
+
+
+@pytest.mark.parametrize("trained_with, this_run", [(1, None), (None, 1)])
+def test_the_demo_reuses_only_a_model_trained_with_this_runs_step_cap(tmp_path, monkeypatch, trained_with, this_run):
+    """`--reuse-models` evaluated a model of one --max-steps and the report and card stated this run's: a 1-step
+    smoke model, reused by a run without --max-steps, was reported as the recipe's ("the same recipe" as the
+    benchmark; no step cap in results.json), exit 0. The cap its training_state.json records must be this run's;
+    a folder that records none (an earlier version's) is refused too. Checked for the baseline's model alike."""
+    import training.demo as demo
+    import training.evaluation.evaluate as evaluate
+    import training.prepare_demo_llm as prepare_demo_llm
+
+    _, lm_dir = save_tiny_parts(tmp_path / "parts")
+    monkeypatch.setattr(prepare_demo_llm, "prepare_demo_llm", lambda: lm_dir)
+    build = demo.build_demo_corpus
+    folders, built = {}, []
+
+    def build_beside_trained_models(corpus_dir, seed, fold=None):  # built once: every run here builds the same
+        if not built:
+            built.append(build(corpus_dir, seed, fold=fold))
+            for name, record in (("cell2text", corpus_dir.parent / "cell2text-demo" / "config.json"),
+                                 ("cell2sentence", corpus_dir.parent / "c2s" / "final" / "cell2sentence.json")):
+                record.parent.mkdir(parents=True)
+                (record.parent / "model.safetensors").write_bytes(b"")
+                record.write_text(json.dumps({"training_corpus_fingerprints": built[0]["fingerprints"]}))
+                (record.parent / "training_state.json").write_text(json.dumps({"max_steps": this_run}))
+                folders[name] = record.parent
+        return built[0]
+
+    class Evaluated(Exception):
+        pass
+
+    def evaluated(*args, **kwargs):
+        raise Evaluated
+
+    monkeypatch.setattr(demo, "build_demo_corpus", build_beside_trained_models)
+    monkeypatch.setattr(evaluate, "evaluate_model", evaluated)
+    with pytest.raises(Evaluated):  # both trained with this run's cap: evaluated
+        demo.run(tmp_path / "same", seed=0, max_steps=this_run, max_new_tokens=8, skip_cell2sentence=False,
+                 reuse_models=True)
+    for name in ("cell2text", "cell2sentence"):
+        state = folders[name] / "training_state.json"
+        state.write_text(json.dumps({"max_steps": trained_with}))
+        expected = "--max-steps 1" if trained_with else "no --max-steps"
+        with pytest.raises(ValueError, match=rf"--reuse-models: the model in .*{folders[name].name} was trained with "
+                           rf"{expected}, this run has .*pass {expected} to evaluate it"):
+            demo.run(tmp_path / "same", seed=0, max_steps=this_run, max_new_tokens=8, skip_cell2sentence=False,
+                     reuse_models=True)
+        state.write_text(json.dumps({"global_step": 1}))  # an earlier version's record: no cap recorded
+        with pytest.raises(ValueError, match="does not record the step cap"):
+            demo.run(tmp_path / "same", seed=0, max_steps=this_run, max_new_tokens=8, skip_cell2sentence=False,
+                     reuse_models=True)
+        state.write_text(json.dumps({"max_steps": this_run}))
 
 
 @pytest.mark.parametrize("one_training_at_a_time, skip_cell2sentence, threads",

@@ -74,6 +74,7 @@ def test_recipe_trains_lora_and_projector_and_saves_a_loadable_model(parts_and_c
     assert len(selection["validation_accuracy"]) == 2 and selection["best"] in (0, 1)
     state = json.loads((final_dir / "training_state.json").read_text())
     assert state["global_step"] == 6 and state["best_model_checkpoint"] is not None
+    assert state["max_steps"] == 6  # the step cap, which the main job's --reuse-models checks
     calibration = state["cell_type_calibration"]  # fitted on the validation cells, saved in the model's config
     assert calibration["num_cells"] == len(load_from_disk(str(corpus_dir))["validation"]) > 0
     assert calibration["nll_after"] <= calibration["nll_before"]

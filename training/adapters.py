@@ -442,8 +442,9 @@ def save_merged(
     save_folder: Callable[[Any, Any, Path], None] | None = None,
 ) -> Path:
     """Save the merged model (`merge_adapters`) with its processor (or tokenizer; `save_folder(model, processor,
-    folder)` where a model saves more, as Cell2Text's `save_model_folder`), plus `state` and the trainer's best
-    checkpoint as training_state.json and `extra_files` (name -> text); the main process writes, all wait.
+    folder)` where a model saves more, as Cell2Text's `save_model_folder`), plus `state`, the trainer's steps, its
+    step cap (--max_steps; None: none) and best checkpoint as training_state.json and `extra_files` (name -> text);
+    the main process writes, all wait.
 
     Everything is written into a temporary folder beside `final_dir` and published at the end
     (`output_files.publish_folder`): an interrupted save leaves no half-written model, and a non-empty `final_dir`
@@ -459,6 +460,7 @@ def save_merged(
             else:
                 save_folder(merged, processing_class, staging)
             state = {"global_step": trainer.state.global_step,
+                     "max_steps": trainer.args.max_steps if trainer.args.max_steps > 0 else None,  # None: no cap
                      "best_model_checkpoint": trainer.state.best_model_checkpoint,
                      "best_metric": trainer.state.best_metric, **state}
             (staging / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2))

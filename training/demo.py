@@ -217,6 +217,26 @@ def check_trained_on(model_dir: Path, fingerprints: dict, record: str = "config.
         )
 
 
+def check_step_cap(model_dir: Path, max_steps: int | None) -> None:
+    """--reuse-models: the model must have been trained with this run's step cap (--max-steps; None: the recipe's
+    whole training), which its training_state.json records: the report and card state this run's cap as the
+    model's, so a smoke model of 1 step was reported as the recipe's, or the recipe's model as a smoke run's."""
+    from training.adapters import TRAINING_STATE_FILE
+
+    state_file = model_dir / TRAINING_STATE_FILE
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    if "max_steps" not in state:
+        raise ValueError(f"--reuse-models: {state_file} does not record the step cap the model in {model_dir} was "
+                         "trained with (a model of an earlier version of the project, or no training_state.json): run "
+                         "without --reuse-models to train it again")
+    if state["max_steps"] != max_steps:
+        def cap(steps):
+            return f"--max-steps {steps}" if steps else "no --max-steps"
+        raise ValueError(f"--reuse-models: the model in {model_dir} was trained with {cap(state['max_steps'])}, this "
+                         f"run has {cap(max_steps)}: pass {cap(state['max_steps'])} to evaluate it, or run without "
+                         "--reuse-models to train it again")
+
+
 def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, skip_cell2sentence: bool,
         reuse_models: bool = False, trust_remote_code: bool = False, fold: tuple[int, int] | None = None,
         one_training_at_a_time: bool = False) -> Path:
@@ -258,10 +278,12 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     reuse_cell2text = reuse_models and (model_dir / "model.safetensors").exists()
     train_c2s = not skip_cell2sentence and not (reuse_models and (c2s_dir / "model.safetensors").exists())
     fingerprints = corpus_summary(corpus_dir)["fingerprints"]  # both checked before any training: either model
-    if reuse_cell2text:  # may be left by a run on another build
+    if reuse_cell2text:  # may be left by a run on another build, or with another step cap
         check_trained_on(model_dir, fingerprints)
+        check_step_cap(model_dir, max_steps)
     if not skip_cell2sentence and not train_c2s:
         check_trained_on(c2s_dir, fingerprints, record=C2S_CONFIG_FILENAME)
+        check_step_cap(c2s_dir, max_steps)
     if train_c2s:
         _, c2s_config = sft_arguments(["--corpus_dir", str(corpus_dir), "--output_dir", str(out_dir / "c2s"),
                                        *common])
@@ -371,7 +393,8 @@ def main(argv: list[str] | None = None) -> Path:
                         "it in a second process (about 5.5 instead of 8.6 GB at peak; about twice the training time on 2 cores "
                         "of an AVX2-only CPU).")
     parser.add_argument("--reuse-models", action="store_true",
-                        help="Evaluate the models an earlier run trained in --out instead of training again.")
+                        help="Evaluate the models an earlier run trained in --out instead of training again "
+                        "(trained on this run's corpus build, with its --max-steps).")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="Load the trained model with its folder's saved code (default: this project's classes).")
     args = parser.parse_args(argv)
