@@ -230,8 +230,9 @@ def _check_card_is_of_this_model(model_dir: Path, config: dict) -> None:
     if not results_file.is_file():
         return
     results = read_folder_json(results_file)
-    fix = (f"evaluate this model (python -m training.evaluation.evaluate), or remove README.md, {EVALUATION_RESULTS} "
-           f"and {MODEL_CARD_INPUTS}.")
+    fix = ("render its card from an evaluation of this model (python -m training.evaluation.evaluate, then "
+           "hub_cards.render.save_model_card with its results.json; python -m training.demo --reuse-models does both "
+           f"for the main job's model), or remove README.md, {EVALUATION_RESULTS} and {MODEL_CARD_INPUTS}.")
     evaluated = results.get("gene_vocabulary_sha256")
     if evaluated is not None and evaluated != config.get("gene_vocabulary_sha256"):
         raise ValueError(
