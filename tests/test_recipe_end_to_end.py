@@ -332,6 +332,52 @@ def test_the_demo_reuses_only_a_model_trained_with_this_runs_step_cap(tmp_path, 
         state.write_text(json.dumps({"max_steps": this_run}))
 
 
+def test_the_demo_reuses_no_gene_encoder_prepared_on_another_build(tmp_path, monkeypatch):
+    """`--reuse-models` scored the probe head of the encoder in --out and showed its selection, whichever corpus it
+    was prepared on: a run of another --seed that stopped after preparing its encoder (before its model was saved)
+    left one whose probe head had trained on this split's test cells beside the reused model, exit 0."""
+    import training.demo as demo
+    import training.evaluation.evaluate as evaluate
+    import training.prepare_demo_llm as prepare_demo_llm
+    from training.gene_encoder import PREPARED_ENCODER_DIR, SELECTION_FILE
+
+    _, lm_dir = save_tiny_parts(tmp_path / "parts")
+    monkeypatch.setattr(prepare_demo_llm, "prepare_demo_llm", lambda: lm_dir)
+    build, built = demo.build_demo_corpus, []
+    selection = tmp_path / "out" / "sft" / PREPARED_ENCODER_DIR / SELECTION_FILE
+
+    def build_beside_a_trained_model(corpus_dir, seed, fold=None):  # built once: both runs here build the same
+        if not built:
+            built.append(build(corpus_dir, seed, fold=fold))
+            model = corpus_dir.parent / "cell2text-demo"
+            model.mkdir()
+            (model / "model.safetensors").write_bytes(b"")
+            (model / "config.json").write_text(json.dumps({"training_corpus_fingerprints": built[0]["fingerprints"]}))
+            (model / "training_state.json").write_text(json.dumps({"max_steps": 1}))
+        return built[0]
+
+    class Evaluated(Exception):
+        pass
+
+    def evaluated(*args, **kwargs):
+        raise Evaluated
+
+    monkeypatch.setattr(demo, "build_demo_corpus", build_beside_a_trained_model)
+    monkeypatch.setattr(evaluate, "evaluate_model", evaluated)
+    selection.parent.mkdir(parents=True)
+    other_build = {"train": "x", "validation": "y", "test": "z"}
+    selection.write_text(json.dumps({"candidates": [], "validation_accuracy": [], "best": 0, "path": "p",
+                                     "prepared_for": {"corpus_fingerprints": other_build}}))
+    with pytest.raises(ValueError, match=r"--reuse-models: the gene encoder in .*gene_encoder was prepared on "
+                       "another build of the corpus.*run without --reuse-models"):
+        demo.run(tmp_path / "out", seed=0, max_steps=1, max_new_tokens=8, skip_cell2sentence=True, reuse_models=True)
+    record = json.loads(selection.read_text())
+    record["prepared_for"]["corpus_fingerprints"] = built[0]["fingerprints"]  # the reused model's own encoder
+    selection.write_text(json.dumps(record))
+    with pytest.raises(Evaluated):
+        demo.run(tmp_path / "out", seed=0, max_steps=1, max_new_tokens=8, skip_cell2sentence=True, reuse_models=True)
+
+
 @pytest.mark.parametrize("one_training_at_a_time, skip_cell2sentence, threads",
                          [(True, False, 2), (False, True, 2), (False, False, 1)])
 def test_cell2text_trains_on_every_thread_unless_the_baseline_trains_beside_it(tmp_path, monkeypatch, caplog,

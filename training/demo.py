@@ -217,6 +217,23 @@ def check_trained_on(model_dir: Path, fingerprints: dict, record: str = "config.
         )
 
 
+def check_encoder_prepared_on(encoder_dir: Path, fingerprints: dict) -> None:
+    """--reuse-models: the encoder prepared in --out (whose probe head is a baseline, and whose selection the report
+    shows) must have been prepared on the corpus this run built: a run of another --seed stopped after preparing its
+    own left it beside the reused model, and its probe head was scored on test cells it had trained on, exit 0. None
+    prepared (`EncoderSelection.load`): nothing to check, the head is left out."""
+    from training.gene_encoder import EncoderSelection
+
+    selection = EncoderSelection.load(encoder_dir)
+    prepared_on = (selection.prepared_for or {}).get("corpus_fingerprints") if selection is not None else fingerprints
+    if prepared_on != fingerprints:
+        raise ValueError(
+            f"--reuse-models: the gene encoder in {encoder_dir} was prepared on another build of the corpus (split "
+            f"fingerprints {prepared_on}, this run's {fingerprints}: left by a run of another --seed or fold that "
+            "stopped before its model was saved); run without --reuse-models to train again on this one"
+        )
+
+
 def check_step_cap(model_dir: Path, max_steps: int | None) -> None:
     """--reuse-models: the model must have been trained with this run's step cap (--max-steps; None: the recipe's
     whole training), which its training_state.json records: the report and card state this run's cap as the
@@ -278,9 +295,11 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     reuse_cell2text = reuse_models and (model_dir / "model.safetensors").exists()
     train_c2s = not skip_cell2sentence and not (reuse_models and (c2s_dir / "model.safetensors").exists())
     fingerprints = corpus_summary(corpus_dir)["fingerprints"]  # both checked before any training: either model
+    encoder_dir = out_dir / "sft" / PREPARED_ENCODER_DIR
     if reuse_cell2text:  # may be left by a run on another build, or with another step cap
         check_trained_on(model_dir, fingerprints)
         check_step_cap(model_dir, max_steps)
+        check_encoder_prepared_on(encoder_dir, fingerprints)
     if not skip_cell2sentence and not train_c2s:
         check_trained_on(c2s_dir, fingerprints, record=C2S_CONFIG_FILENAME)
         check_step_cap(c2s_dir, max_steps)
@@ -322,7 +341,6 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     from training.baselines.expression import baseline_reports
     from training.evaluation.evaluate import cell_type_similarity_scores
 
-    encoder_dir = out_dir / "sft" / PREPARED_ENCODER_DIR
     predictions = {**expression_predictions(corpus), **head_predictions(corpus_dir, encoder_dir, model_dir)}
     truth = list(corpus["test"]["cell_type"])
     ontology_term_ids = Cell2TextProcessor.from_pretrained(model_dir).ontology_term_ids  # as Cell2Text's labels
