@@ -200,6 +200,10 @@ def _ontology_table(versions: Mapping[str, str]) -> dict | None:
 def _limitations(results: Mapping[str, Any], encoder: str, extra: list[str]) -> list[str]:
     """Limits stated from the facts in the arguments, then any the caller adds."""
     items = []
+    steps = results.get("max_steps")  # the main job's --max-steps: a smoke run of every stage
+    if isinstance(steps, int) and steps > 0:
+        items.append(f"A smoke run: trained {steps} step{'s' if steps > 1 else ''} only (--max-steps), not the "
+                     "recipe's training; the figures below are not the recipe's.")
     num_cells = results.get("num_cells")
     if isinstance(num_cells, int) and num_cells < 1000:
         items.append(f"Demo scale: evaluated on {num_cells} cells only, so the numbers below are noisy.")

@@ -126,6 +126,15 @@ def test_model_card_body_has_usage_limits_and_tables(results, tmp_path):
     assert "BLEU by sacrebleu (`nrefs:1|case:lc|eff:no|tok:13a|smooth:none|version:2.6.0`)" in card.text
 
 
+def test_the_card_of_a_smoke_run_says_so(results, tmp_path):
+    """The main job's --max-steps (results.json's max_steps): the report said "1 training steps only", the card
+    stated the figures of a model trained one step as the model's, with no word of the cap, exit 0."""
+    _, text = _model_card({**results, "max_steps": 1}, tmp_path)
+    assert "A smoke run: trained 1 step only (--max-steps), not the recipe's training" in text
+    _, text = _model_card(results, tmp_path)
+    assert "smoke run" not in text
+
+
 def test_model_card_with_local_paths_keeps_them_out_of_metadata(results, tmp_path):
     card = render_model_card(
         {"split": "test", "num_cells": 5000, "fields": {"cell_type": {"accuracy": 0.9}}},

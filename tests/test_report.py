@@ -213,3 +213,13 @@ def test_the_header_names_the_dataset_split_and_gene_vocabulary(tmp_path):
     text = write_report(results, {}, tmp_path / "report").read_text()
     assert "- Dataset: outputs/demo/corpus" in text and "- Split: test" in text
     assert f"- Gene vocabulary sha256: {'ab' * 32}" in text
+
+
+def test_the_header_states_a_smoke_runs_step_cap(tmp_path):
+    """The main job's --max-steps (results' max_steps) was stated only beside the benchmark's figures: without
+    docs/quality_benchmark.json the report of a 1-step model read as the recipe's, exit 0."""
+    results = {"model": "m", "split": "test", "num_cells": 3, "max_steps": 1}
+    text = write_report(results, {}, tmp_path / "report").read_text()
+    assert "- Training steps (a smoke run's --max-steps, not the recipe's): 1\n" in text
+    text = write_report({**results, "max_steps": None}, {}, tmp_path / "other").read_text()
+    assert "smoke run" not in text

@@ -323,6 +323,7 @@ def _header(results: dict) -> list[str]:
         ("Cells", results.get("num_cells")),
         ("Parse rate", results.get("parse_rate")),
         ("Unparsed descriptions", results.get("num_unparsed")),
+        ("Training steps (a smoke run's --max-steps, not the recipe's)", results.get("max_steps")),
     ]
     for name, value in facts:
         if isinstance(value, str) and value:
