@@ -100,10 +100,26 @@ _VOCABULARY_RULES = {"gene_token_ids": ("token ids", _is_integer, int), "gene_me
                      "gene_symbols": ("strings", _is_string, str), "symbol_to_gene": ("strings", _is_string, str)}
 
 
-def _checked_vocabulary(name: str, value: object) -> dict:
+class _VocabularyMapping(dict):
+    """A feature extractor's vocabulary mapping, read-only: its lookups are built from it when it is set, so an edit in
+    place (``extractor.gene_medians[gene] = m``) ranked cells by the old values while ``save_pretrained`` wrote the
+    new ones, exit 0. Copies and pickles as a dict does."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a feature extractor's vocabulary mapping (gene_token_ids, gene_medians, gene_symbols, "
+                        "symbol_to_gene) cannot be edited in place: its lookups would keep the old values. Set a new "
+                        "one, e.g. extractor.gene_medians = {**extractor.gene_medians, gene: median}.")
+
+    __setitem__ = __delitem__ = __ior__ = update = pop = popitem = clear = setdefault = _refuse
+
+    def __reduce__(self) -> tuple:
+        return type(self), (dict(self),)
+
+
+def _checked_vocabulary(name: str, value: object) -> _VocabularyMapping:
     """The vocabulary mapping `name` (a key of `_VOCABULARY_RULES`), checked, with str keys and converted values."""
     kind, fits, convert = _VOCABULARY_RULES[name]
-    return {str(k): convert(v) for k, v in _checked_mapping(name, value, kind, fits).items()}
+    return _VocabularyMapping({str(k): convert(v) for k, v in _checked_mapping(name, value, kind, fits).items()})
 
 
 class Cell2TextFeatureExtractor(FeatureExtractionMixin):
@@ -170,8 +186,8 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
     def __setattr__(self, name: str, value: Any) -> None:
         """A vocabulary mapping (``gene_token_ids``, ``gene_medians``, ``gene_symbols``, ``symbol_to_gene``) set after
         construction is checked and the lookups are built again: ``extractor.gene_medians = new`` ranked by the old
-        medians while ``save_pretrained`` wrote the new ones, exit 0. Editing a mapping in place is not seen: set a
-        new one."""
+        medians while ``save_pretrained`` wrote the new ones, exit 0. Editing a mapping in place is refused
+        (``_VocabularyMapping``): set a new one."""
         if name in _VOCABULARY_RULES and "_token_medians" in self.__dict__:  # after construction
             before = getattr(self, name)
             super().__setattr__(name, _checked_vocabulary(name, value))
@@ -304,9 +320,9 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         return cls(gene_token_ids=token_ids, gene_medians=medians, vocabulary_source=source, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        """Saved configuration: vocabulary, medians, symbols and options (no lookup caches)."""
-        output = {k: v for k, v in super().to_dict().items() if not k.startswith("_")}
-        return output
+        """Saved configuration: vocabulary, medians, symbols and options (no lookup caches), as plain dicts."""
+        return {k: dict(v) if isinstance(v, _VocabularyMapping) else v for k, v in super().to_dict().items()
+                if not k.startswith("_")}
 
     def __deepcopy__(self, memo: dict) -> Cell2TextFeatureExtractor:
         return type(self).from_dict(self.to_dict())

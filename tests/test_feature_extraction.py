@@ -237,6 +237,33 @@ def test_a_vocabulary_mapping_set_after_loading_is_what_cells_are_ranked_by(coun
     assert as_lists(extractor.tokenize(counts, INPUT_GENES)) == expected
 
 
+
+def test_a_vocabulary_mapping_edited_in_place_is_refused(counts, tmp_path):
+    """`extractor.gene_medians[gene] = m` (or `.update`, `del`) ranked cells by the old medians while
+    save_pretrained wrote the new ones, exit 0; the extractor still copies, pickles and saves, and its to_dict
+    gives plain dicts."""
+    import copy
+    import pickle
+
+    extractor = make_extractor()
+    before = as_lists(extractor.tokenize(counts, INPUT_GENES))
+    for edit in (lambda m: m.__setitem__(VOCAB_GENES[0], 50.0), lambda m: m.update({VOCAB_GENES[0]: 50.0}),
+                 lambda m: m.pop(VOCAB_GENES[0]), lambda m: m.clear(), lambda m: m.setdefault("ENSG99", 1.0)):
+        with pytest.raises(TypeError, match="cannot be edited in place.*extractor.gene_medians = "):
+            edit(extractor.gene_medians)
+    with pytest.raises(TypeError, match="cannot be edited in place"):
+        del extractor.gene_token_ids[VOCAB_GENES[0]]
+    assert as_lists(extractor.tokenize(counts, INPUT_GENES)) == before
+    for twin in (copy.deepcopy(extractor), copy.copy(extractor), pickle.loads(pickle.dumps(extractor))):
+        assert twin.gene_medians == extractor.gene_medians
+        with pytest.raises(TypeError, match="cannot be edited in place"):
+            twin.gene_medians[VOCAB_GENES[0]] = 50.0
+    config = extractor.to_dict()
+    config["gene_medians"][VOCAB_GENES[0]] = 50.0  # a plain dict: the caller's to edit
+    assert extractor.gene_medians[VOCAB_GENES[0]] != 50.0
+    extractor.save_pretrained(tmp_path)
+    assert as_lists(Cell2TextFeatureExtractor.from_pretrained(tmp_path).tokenize(counts, INPUT_GENES)) == before
+
 def test_call_returns_padded_inputs_and_masks(extractor, counts):
     batch = extractor(counts, INPUT_GENES, return_tensors="pt")
     expected = reference_tokens(extractor, dense_of(counts), INPUT_GENES)
