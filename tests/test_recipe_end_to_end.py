@@ -236,12 +236,33 @@ def test_a_baseline_training_process_that_dies_ends_in_an_error_not_a_wait_forev
     assert len(errors) == 1 and "--one-training-at-a-time" in str(errors[0]) and str(log) in str(errors[0])
 
 
+class Evaluated(Exception):
+    """Raised where the demo would evaluate its models (`stop_at_evaluation`): every check before it passed."""
+
+
+def stop_at_evaluation(monkeypatch) -> None:
+    import training.evaluation.evaluate as evaluate
+
+    def evaluated(*args, **kwargs):
+        raise Evaluated
+
+    monkeypatch.setattr(evaluate, "evaluate_model", evaluated)
+
+
+def fake_trained_model(folder, record: str, fingerprints: dict, max_steps: int | None):
+    """A model folder as `--reuse-models` finds it: trained on `fingerprints` with `max_steps` (weights empty)."""
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / record).write_text(json.dumps({"training_corpus_fingerprints": fingerprints}))
+    (folder / "training_state.json").write_text(json.dumps({"max_steps": max_steps}))
+    return folder
+
+
 def test_beside_a_reused_cell2text_the_baseline_trains_with_every_thread(tmp_path, monkeypatch):
     """`--reuse-models` where only the baseline is missing (its training failed): it trained in a second process on
     half the threads while this one waited, about 1.7x its time; now it trains in this process after the evaluation
     of Cell2Text, as with --one-training-at-a-time, on all of them; the log of a baseline trained beside is removed."""
     import training.demo as demo
-    import training.evaluation.evaluate as evaluate
     import training.prepare_demo_llm as prepare_demo_llm
 
     _, lm_dir = save_tiny_parts(tmp_path / "parts")
@@ -250,26 +271,16 @@ def test_beside_a_reused_cell2text_the_baseline_trains_with_every_thread(tmp_pat
 
     def build_beside_a_trained_model(corpus_dir, seed, fold=None):
         summary = build(corpus_dir, seed, fold=fold)
-        model = corpus_dir.parent / "cell2text-demo"
-        model.mkdir()
-        (model / "model.safetensors").write_bytes(b"")
-        (model / "config.json").write_text(json.dumps({"training_corpus_fingerprints": summary["fingerprints"]}))
-        (model / "training_state.json").write_text(json.dumps({"max_steps": 1}))
+        fake_trained_model(corpus_dir.parent / "cell2text-demo", "config.json", summary["fingerprints"], 1)
         return summary
-
-    class Evaluated(Exception):
-        pass
 
     def beside():
         raise AssertionError("the baseline trains beside a reused model, on half the threads")
 
-    def evaluated(*args, **kwargs):
-        raise Evaluated
-
     monkeypatch.setattr(demo, "build_demo_corpus", build_beside_a_trained_model)
     monkeypatch.setattr(demo, "training_threads_each", lambda: 1)  # as on 2 or more cores
     monkeypatch.setattr(demo, "second_process", beside)
-    monkeypatch.setattr(evaluate, "evaluate_model", evaluated)
+    stop_at_evaluation(monkeypatch)
     stale = tmp_path / "out" / demo.CELL2SENTENCE_LOG  # left by a run that trained the baseline beside Cell2Text
     stale.parent.mkdir()
     stale.write_text("the log of a baseline this run replaces")
@@ -286,7 +297,6 @@ def test_the_demo_reuses_only_a_model_trained_with_this_runs_step_cap(tmp_path, 
     benchmark; no step cap in results.json), exit 0. The cap its training_state.json records must be this run's;
     a folder that records none (an earlier version's) is refused too. Checked for the baseline's model alike."""
     import training.demo as demo
-    import training.evaluation.evaluate as evaluate
     import training.prepare_demo_llm as prepare_demo_llm
 
     _, lm_dir = save_tiny_parts(tmp_path / "parts")
@@ -297,23 +307,13 @@ def test_the_demo_reuses_only_a_model_trained_with_this_runs_step_cap(tmp_path, 
     def build_beside_trained_models(corpus_dir, seed, fold=None):  # built once: every run here builds the same
         if not built:
             built.append(build(corpus_dir, seed, fold=fold))
-            for name, record in (("cell2text", corpus_dir.parent / "cell2text-demo" / "config.json"),
-                                 ("cell2sentence", corpus_dir.parent / "c2s" / "final" / "cell2sentence.json")):
-                record.parent.mkdir(parents=True)
-                (record.parent / "model.safetensors").write_bytes(b"")
-                record.write_text(json.dumps({"training_corpus_fingerprints": built[0]["fingerprints"]}))
-                (record.parent / "training_state.json").write_text(json.dumps({"max_steps": this_run}))
-                folders[name] = record.parent
+            for name, folder, record in (("cell2text", corpus_dir.parent / "cell2text-demo", "config.json"),
+                                         ("cell2sentence", corpus_dir.parent / "c2s" / "final", "cell2sentence.json")):
+                folders[name] = fake_trained_model(folder, record, built[0]["fingerprints"], this_run)
         return built[0]
 
-    class Evaluated(Exception):
-        pass
-
-    def evaluated(*args, **kwargs):
-        raise Evaluated
-
     monkeypatch.setattr(demo, "build_demo_corpus", build_beside_trained_models)
-    monkeypatch.setattr(evaluate, "evaluate_model", evaluated)
+    stop_at_evaluation(monkeypatch)
     with pytest.raises(Evaluated):  # both trained with this run's cap: evaluated
         demo.run(tmp_path / "same", seed=0, max_steps=this_run, max_new_tokens=8, skip_cell2sentence=False,
                  reuse_models=True)
@@ -337,7 +337,6 @@ def test_the_demo_reuses_no_gene_encoder_prepared_on_another_build(tmp_path, mon
     was prepared on: a run of another --seed that stopped after preparing its encoder (before its model was saved)
     left one whose probe head had trained on this split's test cells beside the reused model, exit 0."""
     import training.demo as demo
-    import training.evaluation.evaluate as evaluate
     import training.prepare_demo_llm as prepare_demo_llm
     from training.gene_encoder import PREPARED_ENCODER_DIR, SELECTION_FILE
 
@@ -349,21 +348,11 @@ def test_the_demo_reuses_no_gene_encoder_prepared_on_another_build(tmp_path, mon
     def build_beside_a_trained_model(corpus_dir, seed, fold=None):  # built once: both runs here build the same
         if not built:
             built.append(build(corpus_dir, seed, fold=fold))
-            model = corpus_dir.parent / "cell2text-demo"
-            model.mkdir()
-            (model / "model.safetensors").write_bytes(b"")
-            (model / "config.json").write_text(json.dumps({"training_corpus_fingerprints": built[0]["fingerprints"]}))
-            (model / "training_state.json").write_text(json.dumps({"max_steps": 1}))
+            fake_trained_model(corpus_dir.parent / "cell2text-demo", "config.json", built[0]["fingerprints"], 1)
         return built[0]
 
-    class Evaluated(Exception):
-        pass
-
-    def evaluated(*args, **kwargs):
-        raise Evaluated
-
     monkeypatch.setattr(demo, "build_demo_corpus", build_beside_a_trained_model)
-    monkeypatch.setattr(evaluate, "evaluate_model", evaluated)
+    stop_at_evaluation(monkeypatch)
     selection.parent.mkdir(parents=True)
     other_build = {"train": "x", "validation": "y", "test": "z"}
     selection.write_text(json.dumps({"candidates": [], "validation_accuracy": [], "best": 0, "path": "p",
