@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import anndata as ad
 import numpy as np
@@ -268,6 +269,17 @@ def test_out_folder_or_missing_parent_is_refused_before_loading(model_dir, h5ad,
     assert_one_line_error(code, err, "is a folder")
     code, err = run_cli(describe_args(h5ad, model_dir, tmp_path / "missing" / "out.h5ad"), capsys)
     assert_one_line_error(code, err, "does not exist")
+
+
+def test_an_out_folder_without_room_for_the_copy_is_refused_before_loading(model_dir, h5ad, tmp_path, capsys,
+                                                                           monkeypatch):
+    """The output copies the input: a full disk used to be found only when writing, after describing every cell."""
+    monkeypatch.setattr("modeling_cell2text.tl.load", fail_if_called)
+    size = h5ad.stat().st_size
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=size - 1))
+    code, err = run_cli(describe_args(h5ad, model_dir, tmp_path / "out.h5ad"), capsys)
+    assert_one_line_error(code, err, "free", "needs more than", "another folder")
+    assert not (tmp_path / "out.h5ad").exists()
 
 
 @pytest.mark.parametrize("name", ["annotated.csv", "annotated.jsonl", "annotated.zarr", "annotated"])
