@@ -338,7 +338,9 @@ class Cell2TextPipeline(Pipeline):
         rows = checked_rows(rows, matrix.shape[0])
         results: list[dict | None] = [None] * len(rows)
         cut, max_new_tokens, max_time = 0, None, None
-        with tqdm(total=len(rows), unit="cell", disable=not progress, desc="Describing cells") as bar:
+        # a share of the input (a process's, of several) says so: its bar ending at 512 read as 512 cells in all
+        share = f" {rows.start + 1}-{rows.stop} of {matrix.shape[0]}" if 0 < len(rows) < matrix.shape[0] else ""
+        with tqdm(total=len(rows), unit="cell", disable=not progress, desc=f"Describing cells{share}") as bar:
             for batch in cell_batches(self.processor.feature_extractor, matrix, gene_ids, obs_names, batch_size,
                                       skip_empty, preprocess_params, sort_by_length, bar, rows):
                 model_outputs = self.forward(self.preprocess(batch.tokens, batch.bins), **forward_params)

@@ -151,6 +151,19 @@ def test_a_share_of_rows_is_described_as_a_slice_and_named_by_the_input_rows(mod
         tl.describe_cells(adata, model, processor, options, rows=range(5, 13))
 
 
+def test_the_progress_bar_of_a_share_names_its_cells_among_the_inputs(model_dir, capsys):
+    """The main process's bar, the only one shown, ended at its share's count: 512 of 100,000 cells read as all."""
+    from modeling_cell2text import tl
+
+    adata = mixed_adata(12)
+    model, processor = tl.load(model_dir, device="cpu")
+    options = tl.DescribeOptions(max_new_tokens=3, batch_size=4, progress=True)
+    tl.describe_cells(adata, model, processor, options, rows=range(4, 8))
+    assert "Describing cells 5-8 of 12: 100%" in capsys.readouterr().err
+    tl.describe_cells(adata, model, processor, options)
+    assert "Describing cells: 100%" in capsys.readouterr().err
+
+
 def test_a_failing_process_leaves_no_output_and_no_shard(model_dir, tmp_path):
     adata = mixed_adata(N_CELLS)
     adata.X[0] = 0  # the first process's first cell expresses no gene: it fails; the second one's share is fine
