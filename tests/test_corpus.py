@@ -662,6 +662,22 @@ def test_a_donors_joined_disease_ids_are_read_as_their_terms_not_the_label_given
     assert list(by_label["disease"])[:2] == ["COVID-19 || lung disorder", "COFS syndrome || COVID-19"]
 
 
+def test_a_term_named_twice_among_a_donors_joined_disease_ids_is_stated_once():
+    """Joined disease ids naming one term twice were stated twice: "MONDO:0100096 || MONDO:0100096" wrote "a donor
+    with COVID-19 || COVID-19", an obsolete id beside its replacement "COFS syndrome || COFS syndrome" (another
+    label than "COFS syndrome" for the same disease), exit 0, no warning; "PATO:0000461 || PATO:0000461" was left
+    out as normal joined with a disease, not stated as a healthy donor."""
+    from processing.corpus import describe, resolve_labels
+
+    diseases = ["MONDO:0100096 || MONDO:0100096", "MONDO:0000010 || MONDO:0008926", "PATO:0000461 || PATO:0000461"]
+    labels, _ = resolve_labels(pd.concat([_one_cell_obs(disease="x", disease_ontology_term_id=ids) for ids in diseases],
+                                         ignore_index=True))
+    assert list(labels["disease"]) == ["COVID-19", "COFS syndrome", "normal"]
+    assert list(labels["disease_ontology_term_id"]) == ["MONDO:0100096", "MONDO:0008926", "PATO:0000461"]
+    assert list(labels["disease_left_out"]) == [None] * 3
+    assert "of a healthy donor." in describe("B cell", "CL:0000236", "blood", None, labels["disease"][2], None, ())
+
+
 def test_a_uberon_stage_as_the_tissue_or_a_uberon_tissue_as_the_stage_is_left_out(caplog):
     """UBERON holds both anatomy (tissue ids) and life cycle stages (the stage ids of organisms without a stage
     ontology): a stage id in the tissue column was stated as "It originates from the post-juvenile adult stage of
