@@ -286,11 +286,12 @@ def corpus_features(value_aware: bool) -> datasets.Features:
 #: How `clean` reads an obs value and `resolve_labels` its ids, recorded in summary.json as `obs_cleaning`: shards
 #: built with another rule are not joined (builds before it wrote donor 7 of a float column as "7.0", another donor,
 #: hashed into another split, than a new build's "7"; and stated "a healthy donor" beside a donor's joined disease
-#: ids "MONDO:0100096 || MONDO:0005275", a UBERON stage as the tissue; "COVID-19 || COVID-19"). Change it with
-#: either.
+#: ids "MONDO:0100096 || MONDO:0005275", a UBERON stage as the tissue; "COVID-19 || COVID-19", and "A || B"
+#: beside "B || A"). Change it with either.
 OBS_CLEANING = ("stripped text; None, NaN, pandas' NA and CELLxGENE's missing words missing; a whole float as the "
-                "integer; joined disease ids read as their terms, each once; UBERON stages and "
-                "tissues kept apart; a tissue judged by its resolved id; normal joined with a disease left out")
+                "integer; joined disease ids read as their terms, each once, in their ids' sorted order; UBERON "
+                "stages and tissues kept apart; a tissue judged by its resolved id; normal joined with a disease left "
+                "out")
 
 
 def clean(value: object) -> str | None:
@@ -320,10 +321,11 @@ def resolve_term(field: str, term_id: str | None, label: str | None) -> tuple[st
     """(term id, label, known) for one obs value pair of `field`; known terms take the ontology's label. Joined ids
     (`term_id_parts`) are known where each is, and take their terms' labels: the label given beside them was stated
     as given ("normal" beside two MONDO ids wrote "a healthy donor"). Their current terms are joined once each, in
-    the ids' order (a term named twice, or an obsolete id beside its replacement, was stated twice: "COFS syndrome
-    || COFS syndrome", and "normal || normal" left out as normal joined with a disease)."""
+    their ids' sorted order, so one set of terms is one label whatever the order obs gives (a term named twice, or
+    an obsolete id beside its replacement, was stated twice: "COFS syndrome || COFS syndrome", and "normal ||
+    normal" left out as normal joined with a disease; "A || B" and "B || A" were two labels of one disease set)."""
     if term_id is not None and is_known_term_of(field, term_id):
-        current = list(dict.fromkeys(ontologies.resolve_term(part) for part in term_id_parts(field, term_id)))
+        current = sorted({ontologies.resolve_term(part) for part in term_id_parts(field, term_id)})
         return (TERM_ID_SEPARATOR.join(current), TERM_ID_SEPARATOR.join(map(ontologies.term_label, current)), True)
     return term_id, label, False
 

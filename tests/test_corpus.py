@@ -570,9 +570,9 @@ def test_ids_of_another_ontology_or_obsolete_terms_are_left_out_of_the_text_with
     other = obs.iloc[:1].copy()
     other[["sex", "sex_ontology_term_id"]] = ["hermaphrodite", "PATO:0001340"]
     other[["tissue", "tissue_ontology_term_id"]] = ["HeLa", "CVCL_0030"]
-    other[["disease", "disease_ontology_term_id"]] = ["COVID-19 || lung disease", "MONDO:0100096 || MONDO:0005275"]
+    other[["disease", "disease_ontology_term_id"]] = ["COVID-19 || lung disease", "MONDO:0005275 || MONDO:0100096"]
     kept, _ = resolve_labels(other)
-    assert kept["disease_ontology_term_id"][0] == "MONDO:0100096 || MONDO:0005275"
+    assert kept["disease_ontology_term_id"][0] == "MONDO:0005275 || MONDO:0100096"
     # an id not in its ontology's form (a hand-edited h5ad) is left out too: it was stated as the tissue's id
     other[["tissue", "tissue_ontology_term_id"]] = ["lung", "UBERON:lung"]
     malformed, _ = resolve_labels(other)
@@ -648,18 +648,18 @@ def test_a_donors_joined_disease_ids_are_read_as_their_terms_not_the_label_given
         "donor_id": ["d"] * 3, "dataset_id": ["x"] * 3,
     })
     labels, _ = resolve_labels(obs)
-    assert list(labels["disease"]) == ["COVID-19 || lung disorder", "COFS syndrome || COVID-19", None]
-    assert list(labels["disease_ontology_term_id"]) == ["MONDO:0100096 || MONDO:0005275",
+    assert list(labels["disease"]) == ["lung disorder || COVID-19", "COFS syndrome || COVID-19", None]
+    assert list(labels["disease_ontology_term_id"]) == ["MONDO:0005275 || MONDO:0100096",
                                                         "MONDO:0008926 || MONDO:0100096", None]
     assert labels["disease_left_out"][2] == "obsolete_disease_term"
     assert "healthy" not in describe("B cell", "CL:0000236", "blood", None, labels["disease"][0], None, ())
     table, unknown = _ontology_ids(labels, np.ones(3, dtype=bool))
-    assert table["disease"] == {"COVID-19 || lung disorder": "MONDO:0100096 || MONDO:0005275",
+    assert table["disease"] == {"lung disorder || COVID-19": "MONDO:0005275 || MONDO:0100096",
                                 "COFS syndrome || COVID-19": "MONDO:0008926 || MONDO:0100096"}
     assert "disease" not in unknown
     # the ids given in the label column (--obs-map disease_ids=disease) were stated as the text "a donor with MONDO:..."
     by_label, _ = resolve_labels(obs.assign(disease_ontology_term_id=None, disease=list(diseases)))
-    assert list(by_label["disease"])[:2] == ["COVID-19 || lung disorder", "COFS syndrome || COVID-19"]
+    assert list(by_label["disease"])[:2] == ["lung disorder || COVID-19", "COFS syndrome || COVID-19"]
 
 
 def test_a_term_named_twice_among_a_donors_joined_disease_ids_is_stated_once():
@@ -676,6 +676,25 @@ def test_a_term_named_twice_among_a_donors_joined_disease_ids_is_stated_once():
     assert list(labels["disease_ontology_term_id"]) == ["MONDO:0100096", "MONDO:0008926", "PATO:0000461"]
     assert list(labels["disease_left_out"]) == [None] * 3
     assert "of a healthy donor." in describe("B cell", "CL:0000236", "blood", None, labels["disease"][2], None, ())
+
+
+def test_a_donors_joined_disease_ids_in_another_order_give_the_same_label():
+    """"MONDO:0100096 || MONDO:0005275" wrote "COVID-19 || lung disorder" and "MONDO:0005275 || MONDO:0100096" (the
+    same diseases; an obsolete id for one of them too) "lung disorder || COVID-19": one donor's cells, or two
+    datasets' donors with the same diseases, trained on two labels, and the label -> id table held both, exit 0."""
+    from processing.build_corpus import _ontology_ids
+    from processing.corpus import resolve_labels
+
+    diseases = ["MONDO:0100096 || MONDO:0005275", "MONDO:0005275 || MONDO:0100096", "MONDO:0100096 || MONDO:0000010",
+                "MONDO:0008926 || MONDO:0100096"]  # MONDO:0000010 is replaced by MONDO:0008926 (COFS syndrome)
+    obs = pd.concat([_one_cell_obs(disease="x", disease_ontology_term_id=ids) for ids in diseases], ignore_index=True)
+    labels, _ = resolve_labels(obs)
+    assert list(labels["disease"]) == ["lung disorder || COVID-19"] * 2 + ["COFS syndrome || COVID-19"] * 2
+    assert list(labels["disease_ontology_term_id"]) == (["MONDO:0005275 || MONDO:0100096"] * 2
+                                                        + ["MONDO:0008926 || MONDO:0100096"] * 2)
+    table, _ = _ontology_ids(labels, np.ones(4, dtype=bool))
+    assert table["disease"] == {"lung disorder || COVID-19": "MONDO:0005275 || MONDO:0100096",
+                                "COFS syndrome || COVID-19": "MONDO:0008926 || MONDO:0100096"}
 
 
 def test_a_uberon_stage_as_the_tissue_or_a_uberon_tissue_as_the_stage_is_left_out(caplog):
@@ -813,7 +832,7 @@ def test_normal_joined_with_a_disease_is_left_out_with_its_reason(caplog):
     assert list(reasons) == ["normal_joined_with_disease"]
     assert "PATO:0000461 alone" in _reject_fix("normal_joined_with_disease")
     # several diseases, and normal alone, are stated
-    for ids in ("MONDO:0100096 || MONDO:0005275", "PATO:0000461"):
+    for ids in ("MONDO:0005275 || MONDO:0100096", "PATO:0000461"):
         kept, _ = resolve_labels(_one_cell_obs(disease_ontology_term_id=ids))
         assert kept["disease_ontology_term_id"][0] == ids and kept["disease_left_out"][0] is None
 
