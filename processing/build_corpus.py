@@ -46,7 +46,7 @@ from modeling_cell2text.gene_table import symbol_to_ensembl
 from modeling_cell2text.output_files import Terminated, publish_folder, sigterm_as_exception
 from processing.ontology_versions import ontology_versions
 from processing.corpus import (METADATA_FIELDS, OBS_CLEANING, REJECTS_COLUMNS, REJECTS_FILE, UNMAPPED_GENES_FILE,
-                               SplitWriter, check_max_shard_size, describe, is_known_term_of, resolve_labels,
+                               SplitWriter, check_max_shard_size, clean, describe, is_known_term_of, resolve_labels,
                                top_pathways_by_cell_type)
 from processing.gene_medians import (ExactGeneMedians, HistogramGeneMedians, expression_values, median_inputs_record,
                                      normalize_total, read_median_inputs)
@@ -487,6 +487,21 @@ def _left_out_counts(labels: pd.DataFrame, kept: np.ndarray) -> dict[str, int]:
     return dict(sorted(counted.items()))
 
 
+def _suspension_counts(suspension_types: pd.Series, kept: np.ndarray) -> dict[str, int]:
+    """Kept cells per obs `suspension_type` (CELLxGENE: "cell", or "nucleus" for single-nucleus RNA-seq; "na" and
+    missing values are not counted). Nuclei are described as their cell type, as cells are, and train beside them:
+    warned about, so that they are not mixed in without a word (the column was not read)."""
+    counts = Counter(v for v in suspension_types.map(clean).to_numpy(dtype=object)[kept] if v is not None)
+    if counts.get("nucleus"):
+        logger.warning("%d of the %d kept cells are nuclei (obs suspension_type 'nucleus': single-nucleus RNA-seq); "
+                       "their descriptions state the cell type CELLxGENE annotates, as a cell's do ('This sample "
+                       "consists of a B cell'), and they train beside the cells (summary.json counts them under "
+                       "suspension_types); to keep them apart, build from the cells you want: --obs-filter \"... and "
+                       "suspension_type == 'cell'\" for a SOMA source, a subset of an h5ad", counts["nucleus"],
+                       int(kept.sum()))
+    return dict(sorted(counts.items()))
+
+
 def _ontology_ids(labels: pd.DataFrame, kept: np.ndarray) -> tuple[dict, dict]:
     """(field -> {label: id} of known ontology terms, field -> {unknown id: cells}) over the kept cells.
 
@@ -676,6 +691,7 @@ def _build(source: Any, out: Path, options: BuildOptions) -> dict:
         **_kept_by(options),  # the rejection rules: shards to join must share them
         "obs_cleaning": OBS_CLEANING,  # how obs values were read (donor ids): shards to join must share it
         "left_out": _left_out_counts(labels, kept),
+        "suspension_types": _suspension_counts(source.obs["suspension_type"], kept),
         "label_counts": _label_counts(labels, kept, split_of),
         "gene_vocabulary_size": len(extractor.gene_medians),
         "pathway_library": Path(options.gmt).name if options.gmt else None,

@@ -293,6 +293,7 @@ def join_summaries(shards: Sequence[Shard], corpus: datasets.DatasetDict, name: 
         "keep_non_primary": first.get("keep_non_primary"),
         "obs_cleaning": first.get("obs_cleaning"),
         "left_out": summed("left_out"),
+        "suspension_types": summed("suspension_types"),
         "label_counts": label_counts,
         "gene_vocabulary_size": first.get("gene_vocabulary_size"),
         "pathway_library": first.get("pathway_library"),

@@ -43,11 +43,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: CELLxGENE schema obs columns the builder reads (label and ontology term id pairs, ids; `tissue_type`: whether the
-#: tissue is a donor's, or an organoid, cell culture or cell line, schema 5+).
+#: tissue is a donor's, or an organoid, cell culture or cell line, schema 5+; `suspension_type`: "cell", or "nucleus"
+#: for single-nucleus RNA-seq, counted in summary.json).
 SCHEMA_COLUMNS = (
     "cell_type", "cell_type_ontology_term_id", "tissue", "tissue_ontology_term_id", "tissue_type",
     "disease", "disease_ontology_term_id", "sex", "sex_ontology_term_id",
     "development_stage", "development_stage_ontology_term_id", "donor_id", "dataset_id", "assay", "is_primary_data",
+    "suspension_type",
 )
 #: The paper's Census filter: primary data with a known cell type, tissue and disease.
 DEFAULT_SOMA_FILTER = (

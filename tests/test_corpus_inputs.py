@@ -582,6 +582,31 @@ def test_organoids_and_cell_cultures_are_not_described_as_a_donors_tissue(tmp_pa
     assert summary["rejected"] == {"tissue_type_cell_culture": 6, "tissue_type_organoid": 7}
 
 
+def test_nuclei_mixed_with_cells_are_counted_and_said(tmp_path, caplog):
+    """CELLxGENE's obs suspension_type ("nucleus": single-nucleus RNA-seq) was not read: nuclei were described and
+    trained beside cells with no word in the log, summary.json or the card. They are still described as their cell
+    type (the template has no word for a nucleus), now counted and warned about."""
+    adata = _tiny_adata()
+    adata.obs["suspension_type"] = ["nucleus"] * 5 + ["cell"] * 17 + ["na", "cell"]
+    adata.obs.loc["cell23", "cell_type_ontology_term_id"] = "CL:000084"  # rejected: not counted
+    with caplog.at_level("WARNING", logger="processing.build_corpus"):
+        summary = build_corpus(_source(adata), tmp_path / "out", BuildOptions(**OPTIONS))
+    assert summary["suspension_types"] == {"cell": 17, "nucleus": 5}
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["suspension_types"] == {"cell": 17, "nucleus": 5}
+    assert "5 of the 23 kept cells are nuclei (obs suspension_type 'nucleus'" in caplog.text
+    assert "suspension_type == 'cell'" in caplog.text
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "### Cells and nuclei" in card and "| nucleus | 5 |" in card
+    # cells only: counted, no warning, no card section
+    caplog.clear()
+    cells = _tiny_adata()
+    cells.obs["suspension_type"] = "cell"
+    with caplog.at_level("WARNING", logger="processing.build_corpus"):
+        summary = build_corpus(_source(cells), tmp_path / "cells", BuildOptions(**OPTIONS))
+    assert summary["suspension_types"] == {"cell": N_CELLS} and "nuclei" not in caplog.text
+    assert "Cells and nuclei" not in (tmp_path / "cells" / "README.md").read_text()
+
+
 def test_another_datasets_tissue_type_column_keeps_the_tissues(tmp_path, caplog):
     """The second reader's finding: an h5ad whose tissue_type column means something else ("Tumor" / "Normal")
     lost every cell's tissue; a cell without a tissue id was counted as an organoid's tissue left out."""
