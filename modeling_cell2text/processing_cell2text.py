@@ -27,13 +27,41 @@ DEFAULT_USER_PROMPT = "Gene expression embeddings: "
 CELL_TOKEN = "<cell>"
 #: The date a chat template that states one writes into every prompt (Llama 3's "Today Date:", from `date_string`,
 #: else today's): today's made a model's prompts, and so its descriptions, change from one day to the next. Llama 3.1's
-#: own default. A template that writes today's date itself (`strftime_now`) is refused (`_prompt_ids`).
+#: own default. A template that writes today's date itself (`strftime_now`) is refused (`render_chat`).
 PROMPT_DATE = "26 Jul 2024"
 # The processor's own settings (saved in processor_config.json beside its feature extractor and tokenizer).
 SETTINGS = ("chat_template", "num_cell_tokens", "system_prompt", "user_prompt", "ontology_term_ids",
             "cell_type_definitions", "pathway_names", "age_groups", "definitions_in_model_text", "kept_labels")
 # `keep_labels`' fields: the ontology fields' tables, and these.
 LIST_LABEL_FIELDS = {"pathways": "pathway_names", "age_group": "age_groups"}
+
+
+def render_chat(tokenizer, messages: list, chat_template: str | None = None, **kwargs) -> str:
+    """`tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)` with the fixed date `PROMPT_DATE` as
+    `date_string`: the one rendering of a chat for Cell2Text's prompts and the Cell2Sentence baseline's. Raise a
+    ValueError naming the fix where the template writes today's date itself (`strftime_now`): every prompt, and so
+    every description and score, would change from one day to the next."""
+    render = dict(chat_template=chat_template, tokenize=False, date_string=PROMPT_DATE, **kwargs)
+    try:  # strftime_now=None hides transformers' today from the template, so that a call of it fails
+        return tokenizer.apply_chat_template(messages, strftime_now=None, **render)
+    except TypeError:
+        tokenizer.apply_chat_template(messages, **render)  # a template failing otherwise fails alike
+        raise ValueError(
+            "The chat template writes today's date itself (strftime_now(...), not date_string, which Cell2Text "
+            f"sets to {PROMPT_DATE!r}): every prompt, and so every description and score, would change from one "
+            "day to the next. Write a fixed date in the template (--chat_template_path for training), or take it "
+            "from date_string as Llama 3's templates do."
+        ) from None
+
+
+def prompt_date(tokenizer, chat_template: str | None = None) -> str | None:
+    """The date the template's prompts state: `PROMPT_DATE` where it writes `date_string` (Llama 3's "Today
+    Date:"), None where it states none. Prompts rendered before `PROMPT_DATE` stated the day of their run."""
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    dated = render_chat(tokenizer, chat, chat_template, add_generation_prompt=True)
+    other = tokenizer.apply_chat_template(chat, chat_template=chat_template, tokenize=False,
+                                          add_generation_prompt=True, date_string=PROMPT_DATE + " (another)")
+    return PROMPT_DATE if dated != other else None
 
 
 def _is_kept_labels_record(record: object) -> bool:
@@ -393,18 +421,7 @@ class Cell2TextProcessor(ProcessorMixin):
             {"role": "system", "content": self.system_prompt},
             {"role": "user", "content": self.user_prompt + CELL_TOKEN * num_placeholders},
         ]
-        render = dict(chat_template=self.chat_template, tokenize=False, add_generation_prompt=True,
-                      date_string=PROMPT_DATE)
-        try:  # strftime_now=None hides transformers' today from the template, so that a call of it fails
-            prompt = self.tokenizer.apply_chat_template(messages, strftime_now=None, **render)
-        except TypeError:
-            self.tokenizer.apply_chat_template(messages, **render)  # a template failing otherwise fails alike
-            raise ValueError(
-                "The chat template writes today's date itself (strftime_now(...), not date_string, which the "
-                f"processor sets to {PROMPT_DATE!r}): every prompt, and so every description and score, would change "
-                "from one day to the next. Write a fixed date in the template (--chat_template_path for training), "
-                "or take it from date_string as Llama 3's templates do."
-            ) from None
+        prompt = render_chat(self.tokenizer, messages, self.chat_template, add_generation_prompt=True)
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         found = sum(1 for t in ids if t == self.cell_token_id)
         if found != num_placeholders:

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from trl import SFTConfig
 
 from modeling_cell2text import Cell2TextFeatureExtractor
-from training.adapters import LoraArguments
+from training.adapters import LoraArguments, RecordTrainedWith
 from training.baselines.cell2sentence import (
     SYSTEM_PROMPT,
     USER_PREFIX,
@@ -199,6 +199,36 @@ def test_a_template_stating_the_date_trains_and_generates_on_the_fixed_date(part
     generate_cell2sentence(dated, corpus["test"].select(range(2)), feature_extractor, num_genes=8, max_new_tokens=1)
     chats = [chat for texts, _ in rendered for chat in texts]
     assert chats and all(chat.startswith(f"Today Date: {PROMPT_DATE}") for chat in chats)
+    # the resume record holds the date, so that a checkpoint trained before the fixed date is refused
+    assert next(callback.record for callback in trainer.callback_handler.callbacks
+                if isinstance(callback, RecordTrainedWith))["prompt_date"] == PROMPT_DATE
+
+
+def test_a_template_writing_todays_date_itself_is_refused(parts_and_corpus, tmp_path):
+    """A template calling `strftime_now` itself (not as Llama 3's fallback for `date_string`) is refused by the
+    recipe and the processor; the baseline trained on the day of its run and described cells on the day of its
+    evaluation, exit 0. The same check (`render_chat`) refuses it in training and in generation."""
+    from tiny_parts import CHATML_TEMPLATE
+
+    lm_dir, corpus_dir = parts_and_corpus
+    today = "{{ 'Today Date: ' + strftime_now('%d %b %Y') + '\\n' }}" + CHATML_TEMPLATE
+    template = tmp_path / "today.jinja"
+    template.write_text(today)
+    with pytest.raises(ValueError, match=r"The chat template writes today's date itself \(strftime_now.*Write a "
+                                         r"fixed date"):
+        build_trainer(corpus_dir, lm_dir, tmp_path / "out", num_genes=8,
+                      training_args=tiny_config(tmp_path, chat_template_path=str(template)))
+    dated = tmp_path / "dated"  # a model folder of its own template
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    tokenizer.chat_template = today
+    tokenizer.save_pretrained(dated)
+    AutoModelForCausalLM.from_pretrained(lm_dir).save_pretrained(dated)
+    with pytest.raises(ValueError, match=r"The chat template writes today's date itself"):
+        build_trainer(corpus_dir, dated, tmp_path / "out", num_genes=8, training_args=tiny_config(tmp_path))
+    corpus, feature_extractor = load_corpus(corpus_dir)
+    with pytest.raises(ValueError, match=r"The chat template writes today's date itself"):
+        generate_cell2sentence(dated, corpus["test"].select(range(1)), feature_extractor, num_genes=8,
+                               max_new_tokens=1)
 
 
 def test_train_merge_and_generate_one_text_per_cell(parts_and_corpus, tmp_path):

@@ -1714,6 +1714,32 @@ def test_a_chat_template_given_to_trl_is_the_saved_models_and_the_resumes(parts_
     assert not (tmp_path / "dated").exists()
 
 
+def test_a_resume_from_before_the_fixed_prompt_date_is_refused_where_the_template_states_a_date(parts_and_corpus,
+                                                                                                 tmp_path):
+    """Llama 3's chat templates write "Today Date:" from `date_string`, else today's. A run started before prompts
+    stated the fixed `PROMPT_DATE` trained on the day of its run; its record held the template and the tokenizer,
+    not the date, so a resume after the change was accepted and trained its steps left on other prompts, exit 0."""
+    from tiny_parts import CHATML_TEMPLATE
+    from training.adapters import TRAINED_WITH_FILE
+
+    from modeling_cell2text.processing_cell2text import PROMPT_DATE
+
+    lm_dir, corpus_dir = parts_and_corpus
+    template = tmp_path / "dated.jinja"
+    template.write_text("{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"
+                        "{%- endif %}{{ 'Today Date: ' + date_string + '\\n' }}" + CHATML_TEMPLATE)
+    out, settings = tmp_path / "out", {"max_steps": 2, "save_strategy": "steps", "save_steps": 1,
+                                       "temperature_fit_cells": 0, "chat_template_path": str(template)}
+    tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "final", **settings)
+    record_file = out / "checkpoint-1" / TRAINED_WITH_FILE
+    assert json.loads(record_file.read_text())["prompt_date"] == PROMPT_DATE
+    edit_json(record_file, lambda record: record.pop("prompt_date"))  # as recorded before the fixed date
+    with pytest.raises(ValueError, match=r"checkpoint-1 was trained before prompts stated a fixed date.*Train anew"):
+        tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "resumed", resume_from_checkpoint=str(out / "checkpoint-1"),
+                    **settings)
+    assert not (tmp_path / "resumed").exists()
+
+
 def test_earlier_checkpoints_deleted_by_two_nodes_at_once(tmp_path, monkeypatch):
     """With save_on_each_node on a shared file system, every node's saving process deletes the earlier run's
     checkpoints (--overwrite_output_dir); the one that came second stopped with a FileNotFoundError."""

@@ -155,18 +155,24 @@ def tokenizer_sha256(tokenizer: Any, chat_template_path: str | None) -> str:
     (a resume with another template trained the steps left on other texts, exit 0)."""
     import hashlib
 
-    template: Any = tokenizer.chat_template
-    if chat_template_path is not None:
-        path = Path(chat_template_path)
-        if path.is_file():
-            template = path.read_text(encoding="utf-8")
-        else:
-            from transformers import AutoTokenizer
-
-            source = AutoTokenizer.from_pretrained(chat_template_path)
-            template = [source.get_chat_template(), sorted(source.get_vocab().items()), source.eos_token]
+    template, source = trl_chat_template(tokenizer, chat_template_path)
+    if source is not None:
+        template = [template, sorted(source.get_vocab().items()), source.eos_token]
     content = json.dumps([sorted(tokenizer.get_vocab().items()), template])
     return hashlib.sha256(content.encode()).hexdigest()
+
+
+def trl_chat_template(tokenizer: Any, chat_template_path: str | None) -> tuple[str | None, Any]:
+    """The chat template a TRL trainer applies, and the tokenizer it clones it from (None where it clones none):
+    TRL's `chat_template_path` (a Jinja file's text, or another tokenizer's template) or the tokenizer's own."""
+    if chat_template_path is None:
+        return tokenizer.chat_template, None
+    if Path(chat_template_path).is_file():
+        return Path(chat_template_path).read_text(encoding="utf-8"), None
+    from transformers import AutoTokenizer
+
+    source = AutoTokenizer.from_pretrained(chat_template_path)
+    return source.get_chat_template(), source
 
 
 def corpus_fingerprints(corpus: Any, summary: dict) -> dict:
@@ -264,7 +270,8 @@ def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -
     state silently replaces, or which silently change the steps left; or with another loss (`loss_settings`),
     dropout (LoRA's, the projector's) or choice of the best checkpoint (`best_checkpoint_choice`); or with another
     processor (its checksums, `processor_sha256`: tokenizer, chat template, prompts, labels), whose texts the steps
-    left would train on. Also refused:
+    left would train on; or, where the chat template states a date (Llama 3's "Today Date:"), a checkpoint that does
+    not record `prompt_date`: it was trained on the day of its run, not on `PROMPT_DATE`. Also refused:
     a checkpoint of the weights alone (`save_only_model`), which the Trainer resumed from with a new optimizer
     and schedule. A setting the checkpoint does not record (saved before it was recorded) is not checked.
     `checkpoint` True is the Trainer's: the last checkpoint in `output_dir`."""
@@ -292,6 +299,11 @@ def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} does not read ({error}): a run stopped while writing it; resume from an earlier "
                          "checkpoint, or delete the file to resume without the check.") from error
+    if "prompt_date" not in saved and record.get("prompt_date") is not None:
+        # recorded since prompts state a fixed date: before, a template stating one wrote the day of the run
+        raise ValueError(f"{checkpoint} was trained before prompts stated a fixed date, and the chat template states "
+                         f"one (now {record['prompt_date']}): its steps trained on prompts stating the day they ran, "
+                         "the steps left would train on others. Train anew in a new --output_dir.")
     changed = sorted(k for k in {*saved, *record} if saved.get(k, record.get(k)) != record.get(k))
     if changed:
         differences = "; ".join(f"{k}: {_shown(saved.get(k))} there, {_shown(record.get(k))} now" for k in changed)

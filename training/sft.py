@@ -79,7 +79,7 @@ from training.evaluation.evaluate import fit_cell_type_temperature, fit_field_te
 from modeling_cell2text.description_schema import AGE_GROUPS
 from modeling_cell2text.compatibility import fit_tokens_to_encoder, processor_sha256
 from modeling_cell2text.modeling_cell2text import PREPARED_ENCODER_KEY, stop_at_end_of_text
-from modeling_cell2text.processing_cell2text import check_label_tables
+from modeling_cell2text.processing_cell2text import check_label_tables, prompt_date
 from training.gene_encoder import (
     FEATURE_LAYER,
     PREPARED_ENCODER_DIR,
@@ -830,6 +830,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
                               cell_type_choice_loss_weight=args.cell_type_choice_loss_weight),
               "cell_type_stage_steps": args.cell_type_stage_steps,  # a resume skips it: another was ignored
               **{f"processor_{part}": checksum for part, checksum in processor_sha256(processor).items()},
+              "prompt_date": prompt_date(processor.tokenizer, processor.chat_template),
               **best_checkpoint_choice(training_args)}
     check_resume(training_args.resume_from_checkpoint, record, training_args.output_dir)
     part_settings = {

@@ -34,7 +34,7 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 
 from modeling_cell2text import Cell2TextFeatureExtractor
 from modeling_cell2text.feature_extraction_cell2text import SPECIAL_TOKENS
-from modeling_cell2text.processing_cell2text import DEFAULT_SYSTEM_PROMPT, PROMPT_DATE
+from modeling_cell2text.processing_cell2text import DEFAULT_SYSTEM_PROMPT, PROMPT_DATE, prompt_date, render_chat
 from modeling_cell2text.text_padding import ended_at_end_of_text
 from processing.corpus import corpus_feature_extractor, corpus_summary, open_corpus
 from modeling_cell2text.argument_types import refused_input_as_one_line
@@ -62,6 +62,7 @@ from training.adapters import (
     state_dict_sha256,
     stopped_cleanly,
     tokenizer_sha256,
+    trl_chat_template,
     without_zero3_init,
 )
 from training.loss import LabelledPositionsLossMixin
@@ -169,10 +170,13 @@ def build_trainer(
     tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path)
     if tokenizer.chat_template is None:
         raise ValueError(f"{text_model_name_or_path} has no chat template; use an instruction-tuned LLM.")
+    template, _ = trl_chat_template(tokenizer, training_args.chat_template_path)
+    date = prompt_date(tokenizer, template)  # refuses a template writing today's date (strftime_now), before training
     with without_zero3_init():  # whole, as the recipe's: partitioned, its checksum below hashed empty partitions
         model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, dtype=torch.float32)
     record = {**lora_record(peft_config), "language_model_sha256": state_dict_sha256(model.state_dict()),
               "tokenizer_sha256": tokenizer_sha256(tokenizer, training_args.chat_template_path),
+              "prompt_date": date,
               "num_genes": num_genes,
               "corpus_fingerprints": corpus_fingerprints(corpus, corpus_summary(corpus_dir)),
               **data_order(training_args, cell_type_balance=0.0), **optimizer_settings(training_args),
@@ -306,9 +310,8 @@ def turn_end_id(tokenizer: PreTrainedTokenizerBase, stop_ids: Sequence[int]) -> 
     always the tokenizer's eos_token (Gemma's turn ends at <end_of_turn>, its eos_token is <eos>; counted as the end
     of text, every description read as cut). The tokenizer's eos_token where the template's end is no stop id."""
     chat = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": USER_PREFIX}]
-    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False, **CHAT_TEMPLATE_KWARGS)
-    whole = tokenizer.apply_chat_template([*chat, {"role": "assistant", "content": "A cell."}], tokenize=False,
-                                          **CHAT_TEMPLATE_KWARGS)
+    prompt = render_chat(tokenizer, chat, add_generation_prompt=True)  # refuses a template writing today's date
+    whole = render_chat(tokenizer, [*chat, {"role": "assistant", "content": "A cell."}])
     if not whole.startswith(prompt):
         return tokenizer.eos_token_id
     completion = tokenizer(whole[len(prompt):], add_special_tokens=False)["input_ids"]
