@@ -25,7 +25,8 @@ else it is refused):
     python benchmarks/recipe_variant.py --variant-folds-dir outputs/quality-new --out outputs/variant-new
 
 Printed per fold and pooled over the folds' validation cells: both accuracies, the paired difference and the exact
-McNemar p-value. Written: `<out>/recipe_variant.json` (settings, commit, per-cell predictions), after every fold;
+McNemar p-value. Written: `<out>/recipe_variant.json` (settings, commit, per-cell predictions, and each fold's
+scoring environment, `quality.environment`: the machine that scored, which --resume lets differ), after every fold;
 `--resume` keeps the variant models already trained in `<out>`. About 6 minutes per fold on 2 CPU cores.
 """
 
@@ -240,6 +241,7 @@ def main() -> None:
     args = parse_args()
     from datasets import load_from_disk
 
+    from benchmarks.quality import environment
     from training.demo import sft_arguments, torch_threads
     from training.gene_encoder import PREPARED_ENCODER_DIR
     from training.prepare_demo_llm import prepare_demo_llm
@@ -300,7 +302,7 @@ def main() -> None:
         figures = paired(correct["reference"], correct["variant"])
         folds.append({"fold": fold_dir.name, "cell_id": list(corpus["validation"]["cell_id"]),
                       "cell_type_true": truth, "predictions": predictions, **figures,
-                      "seconds": round(time.perf_counter() - started)})
+                      "seconds": round(time.perf_counter() - started), "scoring_environment": environment()})
         print(f"{fold_dir.name}: validation accuracy reference {figures['reference_accuracy']:.3f}, variant "
               f"{figures['variant_accuracy']:.3f} ({figures['num_cells']} cells, {figures['variant_only']} right "
               f"only with the variant, {figures['reference_only']} only with the reference)", flush=True)

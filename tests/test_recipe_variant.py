@@ -274,4 +274,10 @@ def test_resume_with_every_variant_trained_scores_on_another_machine(tmp_path, m
     (out / "fold-1" / "model").mkdir(parents=True)
     (out / "fold-1" / "model" / "model.safetensors").write_bytes(b"")
     variant.main()
-    assert trained == [] and json.loads((out / "recipe_variant.json").read_text())["complete"]
+    written = json.loads((out / "recipe_variant.json").read_text())
+    assert trained == [] and written["complete"]
+    # the machine that scored, not the folds' (recorded in quality_benchmark.json): it was recorded nowhere
+    from benchmarks.quality import environment
+
+    assert [fold["scoring_environment"] for fold in written["folds"]] == [environment()] * 2
+    assert written["folds"][0]["scoring_environment"]["gpu"] is None
