@@ -128,6 +128,18 @@ def test_the_main_job_runs_every_stage_on_tiny_parts(tmp_path, monkeypatch):
     card = (out / "cell2text-demo" / "README.md").read_text()  # Hub-ready: the card states this run's figure, and
     assert "cell2text-demo-pbmc68k" in card and f"| Cell type | {accuracy:.3f} |" in card  # the folder loads
     assert Cell2TextForConditionalGeneration.from_pretrained(out / "cell2text-demo").config.num_cell_tokens == 8
+    # --reuse-models by a run of other settings: the card stated this run's (demo.yaml and its arguments), and no
+    # precision or thread count, and results.json no thread count; now the model's own record
+    settings = json.loads((out / "cell2text-demo" / "training_state.json").read_text())["training_settings"]
+    threads = results["training_threads"]["cell2text"]
+    assert (settings["lora_r"], settings["precision"], settings["torch_threads"]) == (16, "float32", threads)
+    monkeypatch.setattr(demo, "sft_arguments", lambda overrides: demo_arguments([*overrides, *tiny, "--lora_r", "4"]))
+    with demo.torch_threads(threads + 1):
+        report = demo.run(out, seed=0, max_steps=1, max_new_tokens=8, skip_cell2sentence=True, reuse_models=True)
+    card = (out / "cell2text-demo" / "README.md").read_text()
+    for setting, value in (("lora_r", 16), ("precision", "float32"), ("torch_threads", threads)):
+        assert f"| `{setting}` | `{value}` |" in card, setting
+    assert json.loads((report.parent / "results.json").read_text())["training_threads"]["cell2text"] == threads
 
 
 def test_a_failed_baseline_training_in_the_second_process_names_its_log_and_the_ways_round(tmp_path):
@@ -254,7 +266,8 @@ def fake_trained_model(folder, record: str, fingerprints: dict, max_steps: int |
     folder.mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(b"")
     (folder / record).write_text(json.dumps({"training_corpus_fingerprints": fingerprints}))
-    (folder / "training_state.json").write_text(json.dumps({"max_steps": max_steps}))
+    (folder / "training_state.json").write_text(json.dumps({"max_steps": max_steps,
+                                                            "training_settings": {"max_steps": max_steps, "torch_threads": 1}}))
     return folder
 
 
@@ -329,7 +342,12 @@ def test_the_demo_reuses_only_a_model_trained_with_this_runs_step_cap(tmp_path, 
         with pytest.raises(ValueError, match="does not record the step cap"):
             demo.run(tmp_path / "same", seed=0, max_steps=this_run, max_new_tokens=8, skip_cell2sentence=False,
                      reuse_models=True)
-        state.write_text(json.dumps({"max_steps": this_run}))
+        state.write_text(json.dumps({"max_steps": this_run, "training_settings": {"max_steps": this_run, "torch_threads": 1}}))
+    # a Cell2Text model that does not record what it trained with: its card would state this run's settings
+    (folders["cell2text"] / "training_state.json").write_text(json.dumps({"max_steps": this_run}))
+    with pytest.raises(ValueError, match="does not record the settings the model in .*cell2text-demo was trained with"):
+        demo.run(tmp_path / "same", seed=0, max_steps=this_run, max_new_tokens=8, skip_cell2sentence=False,
+                 reuse_models=True)
 
 
 def test_the_demo_reuses_no_gene_encoder_prepared_on_another_build(tmp_path, monkeypatch):

@@ -254,6 +254,21 @@ def check_step_cap(model_dir: Path, max_steps: int | None) -> None:
                          "--reuse-models to train it again")
 
 
+def recorded_training_settings(model_dir: Path) -> dict:
+    """The settings the model in `model_dir` was trained with, from its training_state.json
+    (`sft.training_settings`), for its card: with --reuse-models the card stated this run's demo.yaml and arguments,
+    not the reused model's, and neither its precision nor its thread count."""
+    from training.adapters import TRAINING_STATE_FILE
+
+    state_file = model_dir / TRAINING_STATE_FILE
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    if "training_settings" not in state:
+        raise ValueError(f"--reuse-models: {state_file} does not record the settings the model in {model_dir} was "
+                         "trained with (a model of an earlier version of the project, or no training_state.json): run "
+                         "without --reuse-models to train it again")
+    return state["training_settings"]
+
+
 def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, skip_cell2sentence: bool,
         reuse_models: bool = False, trust_remote_code: bool = False, fold: tuple[int, int] | None = None,
         one_training_at_a_time: bool = False) -> Path:
@@ -299,6 +314,7 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     if reuse_cell2text:  # may be left by a run on another build, or with another step cap
         check_trained_on(model_dir, fingerprints)
         check_step_cap(model_dir, max_steps)
+        recorded_training_settings(model_dir)  # its card's settings, refused before any training where unrecorded
         check_encoder_prepared_on(encoder_dir, fingerprints)
     if not skip_cell2sentence and not train_c2s:
         check_trained_on(c2s_dir, fingerprints, record=C2S_CONFIG_FILENAME)
@@ -311,7 +327,7 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
     if train_c2s and threads is None:  # trained in this process, its output on the terminal: a log left by a run
         (out_dir / CELL2SENTENCE_LOG).unlink(missing_ok=True)  # beside Cell2Text told of the model this one replaces
     # a training's float sums, and so its weights and figures, depend on its thread count: recorded with the results
-    training_threads = {"cell2text": None if reuse_cell2text else threads or torch.get_num_threads()}
+    training_threads = {}
     with second_process() if threads is not None else contextlib.nullcontext() as beside:
         if beside is not None:
             log = out_dir / CELL2SENTENCE_LOG
@@ -324,6 +340,8 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
             with torch_threads(threads):
                 model_dir = train_cell2text(cell2text_args, sft_config)
         lap("train_cell2text")
+        settings = recorded_training_settings(model_dir)  # trained now or reused: the model's own record
+        training_threads["cell2text"] = settings["torch_threads"]
         if beside is not None:
             c2s_dir, train_c2s = cell2sentence_result(c2s_job, log), False
             lap("train_cell2sentence_beyond_cell2text")  # the wait after Cell2Text's own training ended
@@ -371,7 +389,7 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
         {"cell_id": list(corpus["test"]["cell_id"]), "cell_type_true": truth, "predictions": predictions}))
     results["baselines"] = baselines
     results["timings_s"] = timings
-    results["training_threads"] = training_threads  # None: a model reused from an earlier run
+    results["training_threads"] = training_threads
     if QUALITY_BENCHMARK.exists():
         results["quality_benchmark"] = json.loads(QUALITY_BENCHMARK.read_text())
     selection = EncoderSelection.load(encoder_dir)
@@ -387,7 +405,7 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
         limitations=[DEMO_LLM_ORIGIN],
         encoder=str(encoder_dir),
         dataset_id="pbmc68k_reduced (scanpy)",
-        training_config={k: v for k, v in vars(cell2text_args).items() if v is not None},
+        training_config=settings,  # the model's own, also where reused
         ontology_versions=corpus_summary(corpus_dir).get("ontology_versions"),
     )
     lap("report")

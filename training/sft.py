@@ -742,6 +742,25 @@ def train_cell_type_stage(args: Cell2TextArguments, training_args: SFTConfig, mo
     return CellTypeStage(stage.model, stage.state.global_step, runtime)
 
 
+#: TRL's and transformers' settings `training_settings` records besides the recipe's own arguments.
+RECORDED_SFT_SETTINGS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
+                         "num_train_epochs", "max_steps", "seed")
+
+
+def training_settings(args: Cell2TextArguments, training_args: SFTConfig) -> dict:
+    """What the model was trained with, as training_state.json records it for its model card (`training.demo`): the
+    recipe's arguments that are set, the main optimisation settings, the number of processes, the precision
+    (`--bf16`, which the recipe turns off on a CPU without native bf16 kernels) and torch's thread count (a CPU
+    training's float sums, and so its weights, depend on it). Taken from the run, not its config: a model reused
+    from an earlier run (`--reuse-models`) was carded with the settings of the run reusing it."""
+    import torch
+
+    precision = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "float32"
+    return {**{name: value for name, value in vars(args).items() if value is not None},
+            **{name: getattr(training_args, name) for name in RECORDED_SFT_SETTINGS},
+            "processes": training_args.world_size, "precision": precision, "torch_threads": torch.get_num_threads()}
+
+
 def calibrate(model, processor, args: Cell2TextArguments, training_args: SFTConfig, validation) -> dict:
     """Fit the temperatures of the fields' probabilities of the merged model (`merge_adapters`; None on processes
     other than the main one) on held-out cells (the choices do not change) and write them into its config; what
@@ -872,6 +891,7 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
     fitted = calibrate(merged, processor, args, training_args, corpus.get("validation"))
     return save_merged(trainer, merged, final_dir, processor, {
         **stage_record, "train_runtime": train_output.metrics.get("train_runtime"), **fitted,
+        "training_settings": training_settings(args, training_args),
     }, overwrite=args.overwrite_final_model_dir, save_folder=save_model_folder)
 
 
