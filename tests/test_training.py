@@ -1317,6 +1317,17 @@ def test_both_names_of_checkpointing_on_the_command_line_override_the_config(tmp
     _, training_args = parse_training_arguments(make_parser(), ["--config", str(configs / "demo.yaml"), *required,
                                                                 "--gradient_checkpointing_kwargs", '{"a": 1}'])
     assert training_args.activation_checkpointing_kwargs == {"a": 1}
+    # a config of transformers 5's new name: the old name on the command line (or beside it) was ignored, exit 0
+    for name, value, given in [("activation_checkpointing", "true", ["--no_gradient_checkpointing"]),
+                               ("activation_checkpointing", "false", ["--gradient_checkpointing", "true"]),
+                               ("activation_checkpointing_kwargs", "{use_reentrant: true}",
+                                ["--gradient_checkpointing_kwargs", '{"a": 1}'])]:
+        config = tmp_path / f"{name}.yaml"
+        config.write_text((configs / "paper.yaml").read_text().replace("gradient_checkpointing: true",
+                                                                       f"{name}: {value}"))
+        with pytest.raises(ValueError, match=rf"The --config YAML sets {name}: transformers then ignores "
+                                             rf"--{name.replace('activation', 'gradient')}.*Write it as "):
+            parse_training_arguments(make_parser(), ["--config", str(config), *required, *given])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU default applies where torch sees no accelerator")

@@ -569,7 +569,23 @@ def parse_training_arguments(parser: Any, argv: Sequence[str] | None = None) -> 
                        "keep bf16.")
         parsed = _parsed(parser, [*argv, "--bf16", "false"])
     check_argument_types(parsed)
+    check_checkpointing_names(parser)
     return parsed
+
+
+def check_checkpointing_names(parser: Any) -> None:
+    """Refuse a `--config` YAML that sets transformers 5's `activation_checkpointing(_kwargs)` (TRL's parser makes a
+    config's values the parser's defaults): transformers reads the deprecated `gradient_checkpointing(_kwargs)` only
+    where the new name is unset, so `--gradient_checkpointing`, TRL's `--no_gradient_checkpointing` and a config's
+    old name were ignored without a word. The project's configs set the old name, which either name on the command
+    line overrides."""
+    for name in ("activation_checkpointing", "activation_checkpointing_kwargs"):
+        if parser.get_default(name) is not None:
+            old = name.replace("activation", "gradient")
+            given = f"--{old}" + (" and --no_gradient_checkpointing" if old == "gradient_checkpointing" else "")
+            raise ValueError(f"The --config YAML sets {name}: transformers then ignores {given} on the command line "
+                             f"(and {old} in the config) without a word. Write it as {old} in the config, as "
+                             "training/configs/*.yaml do: either name on the command line then overrides it.")
 
 
 def _parsed(parser: Any, argv: Sequence[str]) -> tuple:
