@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 PAD, MASK, CLS, EOS = "<pad>", "<mask>", "<cls>", "<eos>"
 SPECIAL_TOKENS = (PAD, MASK, CLS, EOS)
+#: Geneformer V2's special token ids (its token dictionary); V1's holds only <pad> 0 and <mask> 1, its genes from 2.
+GENEFORMER_V2_SPECIAL_IDS = {PAD: 0, MASK: 1, CLS: 2, EOS: 3}
 _EXAMPLES = 5
 #: Token ids must lie in [0, MAX_VOCAB_SIZE): lookup arrays are sized by the largest id (Geneformer: ~20,000-25,000).
 MAX_VOCAB_SIZE = 2**22
@@ -534,7 +536,9 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
     ) -> BatchFeature:
         """Pad per-cell token lists (e.g. stored in a corpus) into the model inputs. The lists must be laid out as
         this extractor's ``tokenize`` gives them (with ``special_tokens``: ``<cls>``, the genes, ``<eos>``; without:
-        the genes only); lists of the other layout are refused.
+        the genes only); lists of the other layout are refused, and so are Geneformer V2's lists (``<cls>`` 2 first,
+        ``<eos>`` 3 last in every cell) given to an extractor of a vocabulary without ``<cls>``/``<eos>`` (Geneformer
+        V1's, whose ids 2 and 3 are genes).
 
         Value-aware extractors also need each cell's expression bins: in ``token_lists`` (cells from
         ``tokenize``) or as ``value_lists`` (e.g. the corpus column ``gene_value_ids``).
@@ -604,11 +608,34 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         else:
             laid_out = not special.any()
             fix = "each cell's tokens must be its genes only (no special token), as this extractor's tokenize gives them"
+            if laid_out and self.cls_token_id is None:
+                self._refuse_geneformer_v2_layout(flat, lengths)
         if not laid_out:
             raise ValueError(
                 f"token lists are not laid out for this feature extractor (special_tokens={self.special_tokens}): "
                 f"{fix}. Tokenize the cells again with this extractor (or use the extractor the tokens were made with)."
             )
+
+    def _refuse_geneformer_v2_layout(self, flat: np.ndarray, lengths: np.ndarray) -> None:
+        """Refuse token lists in Geneformer V2's layout given to an extractor whose vocabulary has no ``<cls>`` or
+        ``<eos>`` (a real Geneformer V1 dictionary: ids 2 and 3 are genes there): every cell begins with id 2 and ends
+        with id 3, V2's ``<cls>`` and ``<eos>``. They were padded as genes, and the genes between them, ids of V2's
+        vocabulary, read as other genes of this one, exit 0. A cell of this vocabulary whose first and last genes are
+        ids 2 and 3, in every cell of the batch, is not plausible."""
+        cls_id, eos_id = GENEFORMER_V2_SPECIAL_IDS[CLS], GENEFORMER_V2_SPECIAL_IDS[EOS]
+        if not len(lengths) or not (lengths >= 2).all():
+            return
+        ends = np.cumsum(lengths)
+        if not ((flat[ends - lengths] == cls_id).all() and (flat[ends - 1] == eos_id).all()):
+            return
+        genes = {token: gene for gene, token in self.gene_token_ids.items() if token in (cls_id, eos_id)}
+        raise ValueError(
+            f"token lists are laid out as Geneformer V2 lays out cells (every cell begins with id {cls_id}, V2's "
+            f"<cls>, and ends with id {eos_id}, its <eos>), but this feature extractor's vocabulary has no <cls> or "
+            f"<eos> (Geneformer V1's: ids {cls_id} and {eos_id} are the genes {genes.get(cls_id)} and "
+            f"{genes.get(eos_id)}): the tokens were made with another vocabulary, whose ids name other genes here. "
+            "Tokenize the cells again with this extractor, or use the extractor the tokens were made with (a "
+            "corpus's own is in its feature_extractor folder).")
 
     def _check_value_lists(self, value_lists: Sequence[Sequence[int]], lengths: np.ndarray) -> np.ndarray:
         """Flat expression bins, checked against this extractor and the cells' token counts."""

@@ -694,6 +694,23 @@ def test_token_lists_of_the_other_special_tokens_setting_are_refused(counts):
         v2.pad(ranked)
 
 
+def test_geneformer_v2_token_lists_given_to_a_v1_vocabulary_are_refused(counts):
+    """A real Geneformer V1 vocabulary has no <cls>/<eos> (ids 2 and 3 are genes there): V2 token lists (<cls> 2, the
+    genes, <eos> 3) given to its extractor passed the layout check and were padded as genes, the ids between read as
+    other genes of V1's vocabulary, exit 0."""
+    genes = VOCAB_GENES + [f"ENSG8{i:010d}" for i in range(10)]  # V1's vocabulary is larger than V2's
+    v1 = Cell2TextFeatureExtractor({"<pad>": 0, "<mask>": 1, **{g: i + 2 for i, g in enumerate(genes)}},
+                                   {g: 1.0 for g in genes}, special_tokens=False, model_input_size=2048)
+    v2_cells = as_lists(make_extractor().tokenize(counts, INPUT_GENES))
+    for cells in (v2_cells, v2_cells[:1]):
+        with pytest.raises(ValueError, match=r"laid out as Geneformer V2.*no <cls> or <eos>.*ids 2 and 3 are the genes "
+                                             r"ENSG00000000001 and ENSG00000000002.*Tokenize the cells again"):
+            v1.pad(cells)
+    v1_cells = as_lists(v1.tokenize(counts, INPUT_GENES))
+    assert v1.pad(v1_cells)["gene_input_ids"].shape[0] == len(v1_cells)
+    assert v1.pad([[2, 5, 3], [2, 7]])["gene_token_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]  # genes 2 and 3 of V1
+
+
 def test_padded_token_lists_are_refused_not_read_as_cells(extractor, counts):
     """A padded batch's gene_input_ids given back (processor(gene_input_ids=inputs["gene_input_ids"])) were taken
     with the padding attended as part of each cell: other gene states and logits, exit 0."""
