@@ -267,6 +267,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         special_ids = self.special_token_ids
         self._is_special[special_ids] = True
         self._max_special_id = max(special_ids)
+        self._vocabulary_sha256: str | None = None  # taken when cells are first ranked (`_ranking_fingerprint`)
         unranked = sum(1 for g in self.gene_token_ids if g not in SPECIAL_TOKENS and g not in self.gene_medians)
         if unranked:
             logger.info("%d vocabulary genes have no median and are never ranked", unranked)
@@ -483,6 +484,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
             special_ids=special_ids, num_expression_bins=self.num_expression_bins, chunk_size=chunk_size,
             num_threads=num_threads, first_row=first_row,
         )
+        ranked.made_by = self._ranking_fingerprint()
         empty, n_cells = ranked.skipped_cells, matrix.shape[0]
         if len(empty) and not skip_empty_cells:
             raise empty_cells_error(empty, n_cells, obs_names)
@@ -545,7 +547,8 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         """
         self._check_layout()
         flat_bins = None
-        if isinstance(token_lists, RankedCells):  # made by tokenize: ids already valid
+        if isinstance(token_lists, RankedCells):  # made by this extractor's tokenize (checked): ids already valid
+            self._check_made_here(token_lists)
             lengths, flat = token_lists.lengths, token_lists.tokens
             flat_bins = token_lists.value_bins if value_lists is None else None
         else:
@@ -590,6 +593,34 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
             value_ids[real] = flat_bins
             data["gene_value_ids"] = value_ids
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def _ranking_fingerprint(self) -> tuple:
+        """What cells ranked by this extractor depend on, as ``tokenize`` records it in ``RankedCells.made_by`` and
+        ``pad`` compares it: the vocabulary and medians (their checksum: 40 ms for 20,000 genes, taken when cells are
+        first ranked and again after a mapping is set) and the settings that can be set after loading
+        (``_RANKING_PARTS`` names them)."""
+        if self._vocabulary_sha256 is None:
+            self._vocabulary_sha256 = hashlib.sha256(json.dumps(
+                [sorted(self.gene_token_ids.items()), sorted(self.gene_medians.items())]).encode()).hexdigest()
+        return self._vocabulary_sha256, self.model_input_size, self.special_tokens, self.num_expression_bins
+
+    def _check_made_here(self, ranked: RankedCells) -> None:
+        """Refuse ``RankedCells`` that this extractor's ``tokenize`` did not make as it stands: ``pad`` takes their
+        ids and bins unchecked, and those of another extractor (another vocabulary or medians, another
+        ``model_input_size``, ``special_tokens`` or ``num_expression_bins``) were padded as its own: ids of other
+        genes, another gene order, bins of another scale, exit 0."""
+        if ranked.made_by == self._ranking_fingerprint():
+            return
+        if ranked.made_by is None:
+            raise ValueError("these RankedCells were not made by a feature extractor's tokenize (they record no "
+                             "extractor): pass their cells as token lists (ranked.to_list(), with value_lists= for "
+                             "expression bins), which pad checks, or tokenize the cells with this extractor.")
+        differ = [f"{name} ({then!r} when ranked, {now!r} here)" if name != _RANKING_PARTS[0] else name
+                  for name, then, now in zip(_RANKING_PARTS, ranked.made_by, self._ranking_fingerprint())
+                  if then != now]
+        raise ValueError(f"these RankedCells were made by another feature extractor, or by this one before its "
+                         f"settings changed: {'; '.join(differ)}. Tokenize the cells again with this extractor (or "
+                         "pad them with the extractor that made them).")
 
     def _check_special_layout(self, flat: np.ndarray, lengths: np.ndarray) -> None:
         """Refuse token lists not laid out as ``tokenize`` lays out this extractor's cells: with special tokens
@@ -656,6 +687,9 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
             raise ValueError(f"expression bins must lie in [0, {self.num_expression_bins}] (num_expression_bins)")
         return flat
 
+
+#: The parts of `_ranking_fingerprint`, as a refusal names them.
+_RANKING_PARTS = ("the gene vocabulary or medians", "model_input_size", "special_tokens", "num_expression_bins")
 
 # What a saved feature extractor config may hold: the settings above, and the keys transformers writes.
 _SETTINGS = tuple(name for name in inspect.signature(Cell2TextFeatureExtractor.__init__).parameters

@@ -76,6 +76,9 @@ class RankedCells:
     ``cell_indices`` are the input rows these cells come from; ``skipped_cells`` the input rows
     dropped because no vocabulary gene is expressed (only with ``skip_empty_cells=True``).
     ``value_bins`` (value-aware extractors only) holds each token's expression bin, aligned with ``tokens``.
+    ``made_by``: the fingerprint of the feature extractor whose ``tokenize`` made them (its vocabulary and medians'
+    checksum and its settings), which its ``pad`` checks before taking the ids and bins unchecked (None: made
+    otherwise, refused by ``pad``).
     """
 
     tokens: np.ndarray
@@ -83,6 +86,7 @@ class RankedCells:
     cell_indices: np.ndarray
     skipped_cells: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     value_bins: np.ndarray | None = None
+    made_by: tuple | None = None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

@@ -690,8 +690,10 @@ def test_token_lists_of_the_other_special_tokens_setting_are_refused(counts):
             v1.pad(cells)
     ranked = v2.tokenize(counts, INPUT_GENES)
     v2.special_tokens = False  # cells tokenized before the setting changed
-    with pytest.raises(ValueError, match=r"not laid out for this feature extractor \(special_tokens=False\)"):
+    with pytest.raises(ValueError, match=r"before its settings changed: special_tokens \(True when ranked, False here"):
         v2.pad(ranked)
+    with pytest.raises(ValueError, match=r"not laid out for this feature extractor \(special_tokens=False\)"):
+        v2.pad(ranked.to_list())
 
 
 def test_geneformer_v2_token_lists_given_to_a_v1_vocabulary_are_refused(counts):
@@ -709,6 +711,35 @@ def test_geneformer_v2_token_lists_given_to_a_v1_vocabulary_are_refused(counts):
     v1_cells = as_lists(v1.tokenize(counts, INPUT_GENES))
     assert v1.pad(v1_cells)["gene_input_ids"].shape[0] == len(v1_cells)
     assert v1.pad([[2, 5, 3], [2, 7]])["gene_token_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]  # genes 2 and 3 of V1
+
+
+def test_ranked_cells_of_another_extractor_are_refused_by_pad(counts, tmp_path):
+    """pad takes a RankedCells' ids and bins unchecked: cells ranked by another extractor (other medians: another
+    gene order; more expression bins: bins of another scale; another vocabulary; another size) were padded as its
+    own, exit 0. They record the extractor that made them (`made_by`), which pad compares."""
+    import copy
+
+    extractor = make_extractor(num_expression_bins=5)
+    ranked = extractor.tokenize(counts, INPUT_GENES)
+    expected = extractor.pad(ranked)["gene_input_ids"]
+    extractor.save_pretrained(tmp_path)
+    for same in (copy.deepcopy(extractor), Cell2TextFeatureExtractor.from_pretrained(tmp_path)):
+        assert (same.pad(ranked)["gene_input_ids"] == expected).all()
+    other_medians = make_extractor(num_expression_bins=5)
+    other_medians.gene_medians = {gene: 1.0 for gene in other_medians.gene_medians}
+    other_vocabulary = make_extractor(num_expression_bins=5)
+    other_vocabulary.gene_token_ids = {**other_vocabulary.gene_token_ids, "ENSG00000000999": 60}
+    cases = [(other_medians, "the gene vocabulary or medians"), (other_vocabulary, "the gene vocabulary or medians"),
+             (make_extractor(num_expression_bins=10), r"num_expression_bins \(5 when ranked, 10 here\)"),
+             (make_extractor(num_expression_bins=5, model_input_size=30), r"model_input_size \(4096 when ranked, 30")]
+    for other, differs in cases:
+        with pytest.raises(ValueError, match=f"made by another feature extractor.*{differs}.*Tokenize the cells again"):
+            other.pad(ranked)
+    with pytest.raises(ValueError, match=r"num_expression_bins \(10 when ranked, 5 here\)"):
+        extractor.pad(make_extractor(num_expression_bins=10).tokenize(counts, INPUT_GENES))
+    unrecorded = RankedCells(ranked.tokens, ranked.offsets, ranked.cell_indices, value_bins=ranked.value_bins)
+    with pytest.raises(ValueError, match=r"not made by a feature extractor's tokenize.*ranked.to_list\(\)"):
+        extractor.pad(unrecorded)
 
 
 def test_padded_token_lists_are_refused_not_read_as_cells(extractor, counts):
