@@ -31,7 +31,8 @@ from transformers import BatchFeature, FeatureExtractionMixin
 from .argument_types import is_integer_at_least, with_close_match
 from .cell_inputs import (CELL_INPUT_NAMES, CELL_ROW_KEYS, empty_cells_error, format_cells,
                           resolve_input)
-from .gene_ids import SUPERSEDED_WARNING, ensembl_gene_id, resolve_symbols, superseded_symbols, var_gene_source
+from .gene_ids import (SUPERSEDED_WARNING, check_one_column_per_gene, ensembl_gene_id, resolve_symbols,
+                       superseded_symbols, var_gene_source)
 from .gene_table import vocabulary_symbols
 from .geneformer_dictionaries import checked_vocabulary_source, load_geneformer_dictionaries, load_numeric_dict
 from .rank_value import RankedCells, rank_matrix
@@ -383,8 +384,7 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
                 "from_geneformer_dictionaries(...)"
             )
         tokens = np.full(len(gene_ids), -1, dtype=np.int32)
-        first_seen: dict[str, int] = {}
-        duplicates: list[str] = []
+        column_genes: list[str | None] = []
         unmatched: list[str] = []
         n_ambiguous = 0
         names = [str(raw).strip() for raw in gene_ids]
@@ -402,20 +402,13 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
                     gene = self._symbol_to_gene.get(name)
                     n_ambiguous += gene is None and name in self._unresolved_symbols
                 token = self._gene_to_token.get(gene) if gene is not None else None
+            column_genes.append(None if token is None else gene)
             if token is None:
                 unmatched.append(name)
                 continue
-            if gene in first_seen:
-                duplicates.append(f"{name!r} (column {column}) = {gene} (column {first_seen[gene]})")
-                continue
-            first_seen[gene] = column
             tokens[column] = token
-        if duplicates:
-            raise ValueError(
-                f"{len(duplicates)} input genes duplicate another input gene after ID mapping: "
-                f"{'; '.join(duplicates[:_EXAMPLES])}. Remove or sum the duplicated columns first."
-            )
-        n_input, n_matched = len(gene_ids), len(first_seen)
+        check_one_column_per_gene(names, column_genes, _EXAMPLES)
+        n_input, n_matched = len(gene_ids), int((tokens >= 0).sum())
         summary = (
             f"{n_matched} of {n_input} input genes are in the vocabulary of {len(self._gene_to_token)} genes "
             f"({n_ambiguous} ambiguous symbols, see gene_ids.resolve_symbols); unmatched examples: {unmatched[:_EXAMPLES]}"

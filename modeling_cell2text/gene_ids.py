@@ -87,6 +87,28 @@ def superseded_symbols(
             and symbol_to_gene.get(gene_symbols[gene]) == gene}
 
 
+def check_one_column_per_gene(names: Sequence[str], genes: Sequence[str | None], examples: int = 5) -> None:
+    """Refuse input columns that name one gene after ID mapping (``genes``: each column's gene, None where it gives no
+    tokens; ``names``: the columns' names, for the message): ``ENSG00000000003.14`` beside ``.15``, a symbol beside
+    its gene's ID. Geneformer's tokenizer sums them (``collapse_gene_ids``); one column alone holds part of the gene's
+    counts. The corpus builder and inference follow this one rule (the builder kept the first column, a file that
+    inference refused)."""
+    first_seen: dict[str, int] = {}
+    duplicates = []
+    for column, (name, gene) in enumerate(zip(names, genes)):
+        if gene is None:
+            continue
+        if gene in first_seen:
+            duplicates.append(f"{name!r} (column {column}) = {gene} (column {first_seen[gene]})")
+        else:
+            first_seen[gene] = column
+    if duplicates:
+        raise ValueError(
+            f"{len(duplicates)} input genes duplicate another input gene after ID mapping: "
+            f"{'; '.join(duplicates[:examples])}. Sum the duplicated columns into one (docs/model.md, \"Rank-value "
+            "encoding\", shows how with AnnData), or remove them.")
+
+
 #: 10x's ``var`` column of each feature's kind (scanpy's ``read_10x_h5``): only its ``GENE_EXPRESSION`` rows are genes.
 FEATURE_TYPES_COLUMN, GENE_EXPRESSION = "feature_types", "Gene Expression"
 

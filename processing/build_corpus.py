@@ -42,6 +42,7 @@ from modeling_cell2text.argument_types import (as_command_line, is_integer_at_le
                                                refused_input_as_one_line)
 from modeling_cell2text.description_schema import LABEL_FIELD_NAMES, ONTOLOGY_FIELDS
 from modeling_cell2text.feature_extraction_cell2text import DEFAULT_MODEL_INPUT_SIZE, Cell2TextFeatureExtractor
+from modeling_cell2text.gene_ids import check_one_column_per_gene
 from modeling_cell2text.gene_table import symbol_to_ensembl
 from modeling_cell2text.output_files import Terminated, publish_folder, sigterm_as_exception
 from processing.ontology_versions import ontology_versions
@@ -110,7 +111,7 @@ class _Genes:
     """Per-column gene facts: Ensembl ID for tokens (or a never-matching placeholder), symbols."""
 
     token_ids: list[str]
-    usable: np.ndarray  # column may give tokens (mapped, first of duplicates, in a given vocabulary)
+    usable: np.ndarray  # column may give tokens (mapped, in a given vocabulary)
     symbols: list[str]  # one name per column, for gene-set scoring (unique_gene_names)
     unmapped: list[str]
 
@@ -128,7 +129,8 @@ class _CellPlan:
 
 
 def _genes(source: Any, extractor: Cell2TextFeatureExtractor | None) -> _Genes:
-    """Map columns to Ensembl IDs; duplicates and unmapped genes are reported, not silently lost. A given
+    """Map columns to Ensembl IDs; unmapped genes are reported, not silently lost, and columns naming one gene that
+    gives tokens are refused (``gene_ids.check_one_column_per_gene``, inference's rule: sum them first). A given
     ``extractor`` reads the source's var as it reads the same file at inference (``sources.resolve_genes``); where
     its medians counted this input, read without it, a var both readings take as other genes is refused
     (``sources.check_one_gene_reading``)."""
@@ -146,22 +148,22 @@ def _genes(source: Any, extractor: Cell2TextFeatureExtractor | None) -> _Genes:
     outside = set() if extractor is None else set(symbol_to_ensembl(
         name for gene, symbol in zip(gene_ids, gene_symbols)
         if gene is None and symbol and (name := str(symbol).strip()) not in extractor.symbol_to_gene))
-    seen: set[str] = set()
+    if extractor is None:  # every mapped gene may enter the vocabulary built here
+        check_one_column_per_gene([str(symbol or gene) for gene, symbol in zip(gene_ids, gene_symbols)], gene_ids)
     token_ids, usable, unmapped = [], [], []
     for i, (gene, symbol) in enumerate(zip(gene_ids, gene_symbols)):
         if gene is None and symbol and str(symbol).strip() in outside:
             token_ids.append(f"unmapped:{i}")
             usable.append(False)
-        elif gene is None or gene in seen:
-            unmapped.append(f"{symbol or i}\t{'duplicate of ' + gene if gene else 'no Ensembl ID'}")
+        elif gene is None:
+            unmapped.append(f"{symbol or i}\tno Ensembl ID")
             token_ids.append(f"unmapped:{i}")
             usable.append(False)
         else:
-            seen.add(gene)
             token_ids.append(gene)
             usable.append(True)
     usable = np.array(usable, dtype=bool)
-    if extractor is not None:
+    if extractor is not None:  # refuses columns naming one of its vocabulary's genes, as it does at inference
         usable &= extractor.match_genes(token_ids).column_tokens >= 0
     symbols = unique_gene_names([s if s else f"unmapped:{i}" for i, s in enumerate(gene_symbols)])
     if unmapped:

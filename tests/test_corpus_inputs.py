@@ -681,25 +681,28 @@ def test_ontology_ids_in_a_label_column_are_read_as_their_terms(tmp_path):
     assert {row["tissue_ontology_term_id"] for row in rows} == {"UBERON:0002048"}
 
 
-def test_a_duplicated_gene_id_gives_tokens_from_its_first_column_only(tmp_path):
-    """Two columns with one Ensembl id (a version suffix stripped, say): the first gives the gene's token, the
-    second is reported as a duplicate and gives none, so no cell holds the gene twice (mutation testing: nothing
-    tested a duplicated id). Its counts still count in the cell's total, as every column's do."""
-    from datasets import load_from_disk
+def test_columns_naming_one_gene_are_refused_by_the_corpus_builder_as_at_inference(tmp_path):
+    """Two columns with one Ensembl id (a version suffix stripped, say): the builder kept the first column's counts as
+    the gene's (listed the second in unmapped_genes.txt) and trained on the file, which inference then refused. One
+    rule for both (`gene_ids.check_one_column_per_gene`): refused, naming the fix (sum them, docs/model.md)."""
+    from processing.corpus import corpus_feature_extractor
 
     adata = _tiny_adata()
     ids = _gene_ids()
+    build_corpus(_source(adata), tmp_path / "first", BuildOptions(**OPTIONS))
+    extractor = corpus_feature_extractor(tmp_path / "first")
     adata.var_names = ids[:-1] + [ids[0] + ".2"]  # the last column is the first gene again
-    adata.X = adata.X.toarray()
-    adata.X[:, -1] = 50  # the duplicate's counts would rank it first in every cell
-    build_corpus(_source(adata), tmp_path / "dup", BuildOptions(**OPTIONS))
-    without = _tiny_adata()[:, :-1].copy()
-    build_corpus(_source(without), tmp_path / "first", BuildOptions(**OPTIONS))
-    assert f"duplicate of {ids[0]}" in (tmp_path / "dup" / "unmapped_genes.txt").read_text()
-    duplicated, first = load_from_disk(str(tmp_path / "dup")), load_from_disk(str(tmp_path / "first"))
-    for split in first:  # the same genes (their order moves a little: the duplicate's counts are in each total)
-        for cell, same_genes in zip(duplicated[split]["gene_input_ids"], first[split]["gene_input_ids"]):
-            assert len(set(cell)) == len(cell) and set(cell) == set(same_genes)
+    refused = rf"1 input genes duplicate another input gene after ID mapping: .*= {ids[0]} \(column 0\)\. Sum the "
+    with pytest.raises(ValueError, match=refused + r"duplicated columns into one \(docs/model.md"):
+        build_corpus(_source(adata), tmp_path / "dup", BuildOptions(**OPTIONS))
+    with pytest.raises(ValueError, match=refused):  # a given vocabulary (--feature-extractor) holding the gene
+        build_corpus(_source(adata), tmp_path / "given", BuildOptions(**OPTIONS, feature_extractor=extractor))
+    with pytest.raises(ValueError, match=refused):  # inference, the same rule
+        extractor(adata)
+    assert not (tmp_path / "dup").exists() or not any((tmp_path / "dup").iterdir())
+    adata.var_names = ids[:-2] + ["ENSG00000999999.1", "ENSG00000999999.2"]  # a gene outside the given vocabulary
+    build_corpus(_source(adata), tmp_path / "outside", BuildOptions(**OPTIONS, feature_extractor=extractor))
+    assert extractor(adata)["gene_input_ids"].shape[0] == N_CELLS  # it gives no tokens: accepted by both
 
 
 def test_a_negative_slice_of_a_backed_file_is_refused_by_the_corpus_builder_too(tmp_path):
