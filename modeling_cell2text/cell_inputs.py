@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .gene_ids import ensembl_gene_id, var_gene_ids
+from .gene_ids import ensembl_gene_id, repeated_symbols, var_gene_ids
 
 # The cell inputs a processor gives the model (gene tokens, their masks, and expression bins for a value-aware
 # model): the feature extractor's model_input_names; the model reads them in generation's prefill only.
@@ -104,7 +104,8 @@ def check_gene_ids_in_var_order(
     given genes that name a vocabulary gene (another text column holds few) with one of them at another position.
     So one gene without a mapping, a column with gaps agreeing on the genes it names, or a vocabulary smaller than
     var (its symbols mostly unmapped) no longer let a reordered list through. Names naming no known gene are
-    compared as written; a name given twice (10x features with repeated symbols) places no gene. Also refused:
+    compared as written; a name given twice (10x features with repeated symbols, or a symbol beside its make_unique
+    copy) places no gene. Also refused:
     other genes altogether (another dataset's list of as many genes), where every naming of var disagrees with
     them at more than half of the positions where it names a vocabulary gene (a list correcting a few of var's names
     is taken)."""
@@ -117,9 +118,16 @@ def check_gene_ids_in_var_order(
         known = ensembl_gene_id(text) or symbol_to_gene.get(text)
         return (known, known in vocabulary or not vocabulary, True) if known else (text, False, False)
 
-    given = [gene(name) for name in gene_ids]
-    namings = {"index": [gene(name) for name in var.index]}
-    namings.update({column: [gene(name) for name in var[column].values] for column in var.columns
+    def genes(names: Sequence[Any]) -> list[tuple[str, bool, bool]]:
+        """`gene` of each name; a symbol named twice (GOLGA8M beside its make_unique copy GOLGA8M-1) places no gene,
+        as `match_genes` reads none (`gene_ids.repeated_symbols`)."""
+        texts = [str(name).strip() for name in names]
+        unread = repeated_symbols(texts, symbol_to_gene)
+        return [(text, False, False) if text in unread else gene(text) for text in texts]
+
+    given = genes(gene_ids)
+    namings = {"index": genes(var.index)}
+    namings.update({column: genes(var[column].values) for column in var.columns
                     if var[column].dtype == object or str(var[column].dtype) in ("category", "string", "str")})
     named = {column: [name for name, _, _ in names] for column, names in namings.items()}
     genes = [name for name, _, _ in given]

@@ -31,8 +31,8 @@ from transformers import BatchFeature, FeatureExtractionMixin
 from .argument_types import is_integer_at_least, with_close_match
 from .cell_inputs import (CELL_INPUT_NAMES, CELL_ROW_KEYS, empty_cells_error, format_cells,
                           resolve_input)
-from .gene_ids import (SUPERSEDED_WARNING, check_one_column_per_gene, ensembl_gene_id, resolve_symbols,
-                       superseded_symbols, var_gene_source)
+from .gene_ids import (REPEATED_WARNING, SUPERSEDED_WARNING, check_one_column_per_gene, ensembl_gene_id,
+                       repeated_symbols, resolve_symbols, superseded_symbols, var_gene_source)
 from .gene_table import vocabulary_symbols
 from .geneformer_dictionaries import checked_vocabulary_source, load_geneformer_dictionaries, load_numeric_dict
 from .rank_value import RankedCells, rank_matrix
@@ -389,9 +389,12 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         n_ambiguous = 0
         names = [str(raw).strip() for raw in gene_ids]
         superseded = superseded_symbols(names, self._symbol_to_gene, self.gene_symbols)  # IGJ beside JCHAIN
-        if superseded and (said := SUPERSEDED_WARNING % (len(superseded), sorted(superseded)[:5])) not in self._warned:
-            self._warned.add(said)
-            logger.warning(said)
+        repeated = repeated_symbols(names, self._symbol_to_gene)  # GOLGA8M beside GOLGA8M-1
+        for unread, warning in ((superseded, SUPERSEDED_WARNING), (repeated, REPEATED_WARNING)):
+            if unread and (said := warning % (len(unread), sorted(unread)[:5])) not in self._warned:
+                self._warned.add(said)
+                logger.warning(said)
+        superseded |= repeated
         for column, name in enumerate(names):
             token = self._gene_to_token.get(name)  # fast path: an unversioned vocabulary ID
             if token is not None:

@@ -80,6 +80,12 @@ def symbol_to_ensembl(symbols: Iterable[str]) -> dict[str, str]:
     return {symbol: index[symbol] for symbol in symbols if symbol in index}
 
 
+@functools.lru_cache(maxsize=1)
+def table_symbols() -> frozenset[str]:
+    """Every symbol the table's genes carry now or carried before (previous symbols)."""
+    return frozenset(symbol for _, symbol, _ in load_gene_table()) | {s for s, _ in load_previous_symbols()}
+
+
 def vocabulary_symbols(genes: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
     """(gene -> symbol, symbol -> gene) for the vocabulary ``genes``, for a feature extractor's symbol input.
 

@@ -28,9 +28,11 @@ import scipy.sparse as sp
 from modeling_cell2text.cell_inputs import anndata_matrix
 from modeling_cell2text.gene_ids import (
     ENSEMBL_VAR_COLUMNS,
+    REPEATED_WARNING,
     SUPERSEDED_WARNING,
     SYMBOL_VAR_COLUMNS,
     ensembl_gene_id,
+    repeated_symbols,
     superseded_symbols,
     var_gene_source,
 )
@@ -90,8 +92,11 @@ def resolve_genes(
     mapping = {name: symbol_to_gene[name] for name in names
                if ensembl_gene_id(name) is None and name in symbol_to_gene}
     superseded = superseded_symbols(names, mapping, gene_symbols or ensembl_to_symbol(mapping.values()))
-    if superseded and warn:
-        logger.warning(SUPERSEDED_WARNING, len(superseded), sorted(superseded)[:5])
+    repeated = repeated_symbols(names, mapping)  # GOLGA8M beside GOLGA8M-1: inference reads neither
+    for unread, warning in ((superseded, SUPERSEDED_WARNING), (repeated, REPEATED_WARNING)):
+        if unread and warn:
+            logger.warning(warning, len(unread), sorted(unread)[:5])
+    superseded |= repeated
     ids = [ensembl_gene_id(name) or (None if name in superseded else mapping.get(name)) for name in names]
     if not are_ensembl:
         return ids, list(values)

@@ -705,6 +705,24 @@ def test_columns_naming_one_gene_are_refused_by_the_corpus_builder_as_at_inferen
     assert extractor(adata)["gene_input_ids"].shape[0] == N_CELLS  # it gives no tokens: accepted by both
 
 
+def test_a_symbol_beside_its_make_unique_copy_gives_no_tokens_in_the_corpus_as_at_inference(tmp_path, caplog):
+    """GOLGA8M beside GOLGA8M-1 (two genes carry the symbol; make_unique gave the bare one to the file's first column,
+    whichever gene it holds): the builder read the bare symbol's column as the protein-coding gene's. Neither is read
+    now (`gene_ids.repeated_symbols`), as inference reads neither."""
+    from modeling_cell2text.gene_table import ensembl_to_symbol
+    from processing.corpus import corpus_feature_extractor
+
+    adata = _tiny_adata()
+    symbols = list(ensembl_to_symbol(_gene_ids()).values())
+    assert len(symbols) == N_GENES
+    adata.var_names = symbols[:-2] + ["GOLGA8M", "GOLGA8M-1"]
+    with caplog.at_level("WARNING"):
+        build_corpus(_source(adata), tmp_path / "out", BuildOptions(**OPTIONS))
+    assert "symbols named two or more columns" in caplog.text and "['GOLGA8M']" in caplog.text
+    assert "ENSG00000188626" not in corpus_feature_extractor(tmp_path / "out").gene_token_ids
+    assert "GOLGA8M\tno Ensembl ID" in (tmp_path / "out" / "unmapped_genes.txt").read_text()
+
+
 def test_a_negative_slice_of_a_backed_file_is_refused_by_the_corpus_builder_too(tmp_path):
     """anndata reads backed[-5:-2] of a CSR file as the cells after the ones named, under their names: the builder
     gave cells c5-c7 the counts of c6-c8, exit 0 (inference refuses such a view: `cell_inputs.anndata_matrix`)."""

@@ -402,6 +402,29 @@ def test_symbols_in_var_index_or_feature_name_and_ensembl_column(extractor, coun
     assert as_lists(extractor.tokenize(counts, symbols)) == expected
 
 
+def test_a_symbol_beside_its_make_unique_copy_names_no_gene(caplog):
+    """Two genes carry GOLGA8M (the symbol rule names the protein-coding ENSG00000188626); a file of both named by
+    symbol only gets GOLGA8M and GOLGA8M-1 from anndata's make_unique, the bare symbol on the file's first column,
+    here the other gene: its counts were read as ENSG00000188626's, exit 0, and the correct Ensembl gene_ids were
+    refused as reordered. Neither column is read now (warned); Ensembl IDs read both. IGHV1-69-2 is a gene of its
+    own, no copy of IGHV1-69."""
+    ighv = symbol_to_ensembl(["IGHV1-69", "IGHV1-69-2"])
+    genes = ["ENSG00000261480", "ENSG00000188626", "ENSG00000000003", ighv["IGHV1-69"], ighv["IGHV1-69-2"]]
+    fe = Cell2TextFeatureExtractor.from_gene_medians({g: 1.0 for g in genes})
+    token = fe.gene_token_ids
+    counts = sp.csr_matrix(np.array([[50, 1, 2, 3, 4]], dtype=np.float32))
+    symbols = ["GOLGA8M", "GOLGA8M-1", "TSPAN6", "IGHV1-69", "IGHV1-69-2"]
+    by_symbol = ad.AnnData(counts, var=pd.DataFrame(index=symbols))
+    with caplog.at_level(logging.WARNING):
+        read = fe(by_symbol)["gene_input_ids"][0].tolist()
+    assert read == [2, token[ighv["IGHV1-69-2"]], token[ighv["IGHV1-69"]], token["ENSG00000000003"], 3]
+    assert "1 symbols named two or more columns" in caplog.text and "['GOLGA8M']" in caplog.text
+    expected = [2, token["ENSG00000261480"], *read[1:-1], token["ENSG00000188626"], 3]
+    assert fe(by_symbol, gene_ids=genes)["gene_input_ids"][0].tolist() == expected
+    with_ids = ad.AnnData(counts, var=pd.DataFrame({"gene_ids": genes}, index=symbols))
+    assert fe(with_ids)["gene_input_ids"][0].tolist() == expected
+
+
 def test_packaged_gene_table_maps_symbols():
     assert symbol_to_ensembl(["TP53", "CD3E", "not-a-gene"]) == {"TP53": "ENSG00000141510", "CD3E": "ENSG00000198851"}
     assert ensembl_to_symbol(["ENSG00000141510"]) == {"ENSG00000141510": "TP53"}
