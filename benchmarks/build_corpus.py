@@ -123,7 +123,7 @@ def run_one(path: Path, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from modeling_cell2text.argument_types import positive_int
+    from cell2text_cli import positive_int
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=positive_int, nargs="+", default=[50_000, 200_000])

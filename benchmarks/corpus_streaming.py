@@ -107,7 +107,7 @@ def processor_for_benchmark(num_cell_tokens: int):
 
 
 def main() -> None:
-    from modeling_cell2text.argument_types import positive_int
+    from cell2text_cli import positive_int
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", type=positive_int, default=200_000)

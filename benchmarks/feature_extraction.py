@@ -16,7 +16,7 @@ import time
 import numpy as np
 import scipy.sparse as sp
 
-from modeling_cell2text.argument_types import positive_int
+from cell2text_cli import positive_int
 from modeling_cell2text.feature_extraction_cell2text import Cell2TextFeatureExtractor
 
 

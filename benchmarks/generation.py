@@ -43,7 +43,7 @@ ENSEMBL = re.compile(r"^ENS[A-Z]*G\d+$")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options; contradictions and sizes below 1 are refused in one line before the model loads."""
-    from modeling_cell2text.argument_types import positive_int
+    from cell2text_cli import positive_int
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="saved model + processor folder")

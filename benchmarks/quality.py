@@ -48,7 +48,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from hub_cards.names import METHOD_NAMES  # noqa: E402
-from modeling_cell2text.argument_types import positive_int  # noqa: E402
+from cell2text_cli import positive_int  # noqa: E402
 from training.evaluation.report import BENCHMARK_METRICS, method_figures, paired_lines  # noqa: E402
 
 EXTRA_METRICS = ("free_accuracy", "ece", "num_invented")

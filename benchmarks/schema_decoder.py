@@ -39,7 +39,7 @@ def search_setting(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from modeling_cell2text.argument_types import positive_int
+    from cell2text_cli import positive_int
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=REPO / "outputs" / "demo" / "cell2text-demo")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 
 def parse_args() -> argparse.Namespace:
-    from modeling_cell2text.argument_types import positive_int
+    from cell2text_cli import positive_int
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, default=REPO / "outputs" / "demo" / "corpus")

@@ -13,8 +13,9 @@ import argparse
 
 import scanpy as sc
 
+from cell2text_cli import positive_int
 from modeling_cell2text import tl
-from modeling_cell2text.argument_types import as_command_line, positive_int, refused_input_as_one_line
+from modeling_cell2text.argument_types import as_command_line, refused_input_as_one_line
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default="outputs/demo/cell2text-demo")

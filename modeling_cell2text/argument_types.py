@@ -1,9 +1,9 @@
 """What the command lines share (`cell2text`, `python -m processing.build_corpus`, the evaluation, publishing):
-argparse types and how refused input ends a command."""
+the library's keywords written as options and how refused input ends a command. The argparse type `positive_int` and
+the dtype names are `cell2text_cli`'s, which the `cell2text` command parses with before any of this package loads."""
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -11,9 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-
-# The weight dtypes a user may name (`tl.describe(dtype=...)`, `cell2text --dtype`), besides "auto".
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 # The library's messages name its Python keywords; a command line's user reads its options. Each pattern matches
 # the message's own wording only (never a path, a column or a value that happens to hold the word); the options are
@@ -57,17 +54,6 @@ def is_integer_at_least(value: object, least: int) -> bool:
     """Whether a setting given in Python or YAML is an integer (numpy's too, not a bool: True is 1) of at least
     `least`: 2.5 or "10" ran, or failed deep in numpy, torch or datasets."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= least
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 @contextmanager

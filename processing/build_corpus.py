@@ -36,10 +36,10 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from cell2text_cli import positive_int
 from hub_cards.publish import check_repo_id, publish_corpus
 from hub_cards.render import public_name, write_dataset_card
-from modeling_cell2text.argument_types import (as_command_line, is_integer_at_least, positive_int,
-                                               refused_input_as_one_line)
+from modeling_cell2text.argument_types import as_command_line, is_integer_at_least, refused_input_as_one_line
 from modeling_cell2text.description_schema import LABEL_FIELD_NAMES, ONTOLOGY_FIELDS
 from modeling_cell2text.feature_extraction_cell2text import DEFAULT_MODEL_INPUT_SIZE, Cell2TextFeatureExtractor
 from modeling_cell2text.gene_ids import check_one_column_per_gene

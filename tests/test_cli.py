@@ -507,6 +507,52 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"cell2text {package_version()}"
 
 
+# A fresh interpreter runs the console script's entry point and lists the heavy modules it imported.
+_ENTRY_POINT = """
+import json, sys
+from cell2text_cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as stop:
+    code = stop.code
+heavy = sorted({name.split(".")[0] for name in sys.modules} & {"torch", "transformers", "modeling_cell2text"})
+print(json.dumps({"code": code, "heavy": heavy}))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["describe", "--help"], ["embed", "--help"],
+                                  ["describe", "cells.h5ad", "--model", "m", "--out", "o.h5ad", "--batch-size", "0"]])
+def test_version_help_and_usage_errors_import_neither_torch_nor_transformers(argv):
+    """`cell2text --version` took 5-30 s: the console script imported modeling_cell2text, whose __init__ imports torch
+    and transformers to register the Auto classes. Its parser now answers from cell2text_cli, which imports neither."""
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[1]
+    scripts = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["cell2text"] == "cell2text_cli:main"  # what `pip install` makes the `cell2text` command run
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", _ENTRY_POINT, *argv], capture_output=True, text=True, timeout=120,
+                          env=env, cwd=repo)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["heavy"] == []
+    assert result["code"] == (2 if argv[-1] == "0" else 0)  # --batch-size 0: argparse's usage error, as before
+    if argv == ["--version"]:
+        from modeling_cell2text.tl import package_version
+
+        assert done.stdout.splitlines()[0] == f"cell2text {package_version()}"
+
+
+def test_the_console_script_runs_the_command_as_modeling_cell2text_cli_does(model_dir, h5ad, tmp_path):
+    """cell2text_cli.main parses, then hands the same arguments to modeling_cell2text.cli.main."""
+    from cell2text_cli import main as console_main
+
+    out = tmp_path / "via-console-script.h5ad"
+    assert console_main(["embed", str(h5ad), "--model", str(model_dir), "--out", str(out), "--layer", "counts",
+                         "--device", "cpu"]) == 0
+    assert ad.read_h5ad(out).obsm["X_cell2text"].shape[0] == 5
+
+
 def test_cell_type_score_and_free_cell_type(model_dir, h5ad, tmp_path, capsys):
     out = tmp_path / "constrained.h5ad"
     assert main(describe_args(h5ad, model_dir, out)) == 0

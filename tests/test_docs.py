@@ -73,7 +73,9 @@ def program_and_options(words: list[str]) -> tuple[Path | None, list[str]]:
         elif word.endswith(".py"):
             path, rest = ROOT / word, words[i + 1:]
         elif word == "cell2text" and i == 0:
-            path, rest = ROOT / "modeling_cell2text" / "cli.py", words[1:]
+            path, rest = ROOT / "cell2text_cli.py", words[1:]  # the console script's parser
+        if path == ROOT / "modeling_cell2text" / "cli.py":  # `-m modeling_cell2text.cli`: cell2text_cli's parser
+            path = ROOT / "cell2text_cli.py"
         if path is not None and path.is_file():
             return path, [w.split("=")[0] for w in rest if w.startswith("--")]
     return None, []
@@ -186,8 +188,7 @@ def test_the_command_and_import_checks_read_what_a_page_shows(tmp_path):
                                    ["python", "-m", "..."]]
     assert program_and_options(["accelerate", "launch", "--num_processes", "2", "-m", "training.demo", "--seed=1",
                                 "--out", "x"]) == (ROOT / "training" / "demo.py", ["--seed", "--out"])
-    assert program_and_options(["cell2text", "describe", "--model", "m"]) == (ROOT / "modeling_cell2text" / "cli.py",
-                                                                              ["--model"])
+    assert program_and_options(["cell2text", "describe", "--model", "m"]) == (ROOT / "cell2text_cli.py", ["--model"])
     assert program_and_options(["pip", "install", "--no-deps", "x"]) == (None, [])
     assert "--reuse-models" in known_options(ROOT / "training" / "demo.py")
     assert {"--corpus_dir", "--learning_rate"} <= known_options(ROOT / "training" / "sft.py")

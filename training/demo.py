@@ -413,7 +413,8 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from modeling_cell2text.argument_types import positive_int, refused_input_as_one_line
+    from cell2text_cli import positive_int
+    from modeling_cell2text.argument_types import refused_input_as_one_line
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "outputs" / "demo"), help="Where everything is written.")

@@ -548,7 +548,8 @@ def pathway_baseline(train, cells) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    from modeling_cell2text.argument_types import positive_int, refused_input_as_one_line
+    from cell2text_cli import positive_int
+    from modeling_cell2text.argument_types import refused_input_as_one_line
     from modeling_cell2text.output_files import check_new_output
     from training.evaluation.report import RESULTS_FILE, write_report
 
