@@ -876,6 +876,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     _refuse_unread_source_options(parser, args)
+    pathway_options = [_flag(dest) for dest in ("pathway_ranking", "pathway_set_sizes", "min_pathway_genes",
+                                                "pathway_max_rank") if getattr(args, dest) != parser.get_default(dest)]
+    if args.gmt == "none" and pathway_options:  # no pathways are scored: they were ignored, exit 0
+        parser.error(f"{', '.join(pathway_options)} {'sets' if len(pathway_options) == 1 else 'set'} how pathways are "
+                     "scored, and --gmt none builds without pathways: leave them out, or give a gene-set library with "
+                     "--gmt")
     if args.hashed_splits and args.fold:
         parser.error("--hashed-splits and --fold exclude each other (folds are dealt from the whole input)")
     if bool(args.token_dictionary) != bool(args.gene_median_file):

@@ -413,6 +413,20 @@ def test_a_source_option_the_source_does_not_read_is_an_argparse_error(flags, ig
     assert args.layer == "counts" and args.obs_map == ["patient=donor_id"]
 
 
+@pytest.mark.parametrize("flags, refused", [
+    (["--pathway-set-sizes", "10", "200"], "--pathway-set-sizes sets how pathways are scored"),
+    (["--pathway-ranking", "raw", "--min-pathway-genes", "3", "--pathway-max-rank", "40"],
+     "--pathway-ranking, --min-pathway-genes, --pathway-max-rank set how pathways are scored"),
+])
+def test_a_pathway_option_with_gmt_none_is_an_argparse_error(flags, refused, capsys):
+    """`--gmt none --pathway-set-sizes 10 200` built a corpus without pathways, the sizes ignored, exit 0."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--preset", "pbmc68k_reduced", "--out", "x", "--gmt", "none", *flags])
+    assert exit_info.value.code == 2 and refused in capsys.readouterr().err
+    assert parse_args(["--preset", "pbmc68k_reduced", "--out", "x", *flags]).gmt != "none"  # with a library: read
+    assert parse_args(["--preset", "pbmc68k_reduced", "--out", "x", "--gmt", "none"]).gmt == "none"
+
+
 def test_a_feature_extractor_with_geneformer_dictionaries_is_an_argparse_error(capsys):
     """Both give the vocabulary: the dictionaries were used and --feature-extractor ignored, exit 0."""
     with pytest.raises(SystemExit) as exit_info:
