@@ -26,7 +26,7 @@ def own_imports(path: Path) -> list[tuple[str, str, int]]:
             module = f"{base}.{node.module}" if node.module else base
         else:
             module = node.module or ""
-        if module.split(".")[0] in (*PACKAGES, "benchmarks"):
+        if module.split(".")[0] in (*PACKAGES, "benchmarks", "cell2text_cli"):
             found += [(module, alias.name, node.lineno) for alias in node.names if alias.name != "*"]
     return found
 
