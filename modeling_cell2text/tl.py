@@ -575,10 +575,12 @@ def check_finite_embeddings(pooled: torch.Tensor, rows: Sequence[int], obs_names
 
 def read_h5ad(path: str | os.PathLike, backed: str | None = None) -> Any:
     """`anndata.read_h5ad(path, backed=...)`; a file that is no readable h5ad (another format, truncated, an HDF5
-    file without AnnData's groups: h5py's KeyError, anndata's TypeError) is refused naming it. A missing file keeps
-    its FileNotFoundError."""
+    file without AnnData's groups: h5py's KeyError, anndata's TypeError) is refused naming it, as is a missing file
+    (a FileNotFoundError; h5py's own read "Unable to synchronously open file (unable to open file: name = ...")."""
     import anndata as ad
 
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"input file {path} does not exist")
     try:
         return ad.read_h5ad(path, backed=backed)
     except FileNotFoundError:
