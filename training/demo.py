@@ -418,12 +418,16 @@ def main(argv: list[str] | None = None) -> Path:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "outputs" / "demo"), help="Where everything is written.")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="Seed of the corpus's donor split and of training (default 0; same seed, same machine, "
+                        "same figures)")
     parser.add_argument("--max-steps", type=positive_int, default=None,
                         help="Cap Cell2Text's and Cell2Sentence's training steps (at least 1): a smoke run of "
                         "every stage, not a quick one (the encoder preparation, temperature fits and evaluation "
                         "still run in full; a barely trained model decodes slowly).")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=160)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=160,
+                        help="Longest free description the evaluation generates, in tokens (default 160; "
+                        "schema-constrained descriptions are written whole)")
     parser.add_argument("--skip-cell2sentence", action="store_true", help="Leave the Cell2Sentence baseline out.")
     parser.add_argument("--one-training-at-a-time", action="store_true",
                         help="Train the Cell2Sentence baseline after Cell2Text, with all threads, rather than beside "
