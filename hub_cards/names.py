@@ -30,6 +30,9 @@ FIELD_METRICS: tuple[MetricName, ...] = (
     MetricName("macro_recall", "Macro recall", "recall", {"average": "macro"}),
     MetricName("ontology_similarity", "Ontology similarity", "ontology_similarity"),
     MetricName("num_missing", "Missing"),
+    # cells whose true label is none of the model's (another corpus's, or a type only the test donors have): no
+    # choice of the model's can be right there
+    MetricName("num_labels_unknown_to_model", "Cells of labels the model lacks"),
 )
 PATHWAY_METRICS: tuple[MetricName, ...] = (
     MetricName("subset_accuracy", "Subset accuracy", "accuracy"),

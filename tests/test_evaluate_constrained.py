@@ -94,6 +94,32 @@ def test_constrained_evaluation_predicts_known_labels_with_confidence(model_and_
 
 
 
+def test_cells_of_labels_the_model_lacks_are_counted_per_field():
+    """evaluate --other-corpus gave 0.667 for 6 T and B cells of a model knowing only "B cell", without saying that 2
+    cells carried a label no choice of the model's could match."""
+    import datasets
+
+    from hub_cards.names import FIELD_METRICS
+    from modeling_cell2text import CellDescription, render_description
+    from training.evaluation.evaluate import score_descriptions
+    from training.evaluation.report import _fields_section
+
+    text = render_description(CellDescription(cell_type="B cell", tissue="blood"))
+    types = ["B cell"] * 4 + ["T cell"] * 2
+    split = datasets.Dataset.from_dict({
+        "cell_id": [f"c{i}" for i in range(6)], "description": [text] * 6, "cell_type": types,
+        "cell_type_ontology_term_id": ["CL:0000236" if t == "B cell" else "CL:0000084" for t in types],
+        "tissue": ["blood"] * 6, "tissue_ontology_term_id": ["UBERON:0000178"] * 6, "pathways": [[]] * 6})
+    ids = {"cell_type": {"B cell": "CL:0000236"}, "tissue": {"blood": "UBERON:0000178"}}
+    fields = score_descriptions(split, [text] * 6, ids)[0]["fields"]
+    assert fields["cell_type"]["accuracy"] == pytest.approx(4 / 6)
+    assert fields["cell_type"]["num_labels_unknown_to_model"] == 2
+    assert fields["tissue"]["num_labels_unknown_to_model"] == 0
+    title = next(m.title for m in FIELD_METRICS if m.key == "num_labels_unknown_to_model")
+    table = "\n".join(_fields_section(fields))
+    assert title in table and "| cell_type |" in table
+
+
 def test_a_free_description_cut_at_max_new_tokens_counts_as_unparsed(model_and_corpus):
     """evaluate --free parsed a description cut at a sentence's end as whole: parse rate 1.0 with its later fields
     missing; the pipeline returns such a text unparsed, and the evaluation now scores it so."""

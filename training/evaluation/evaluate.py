@@ -390,6 +390,8 @@ def score_descriptions(
         if field == "cell_type" and cell_types is not None:
             pred = [cell_types[i] for i in known]
         report = classification_report(true, pred)
+        if ontology_term_ids.get(field):  # the model's labels of this field: a true label among none of them
+            report["num_labels_unknown_to_model"] = sum(label not in ontology_term_ids[field] for label in true)
         if ontology is not None and id_column in split.column_names:
             true_ids = [split[id_column][i] for i in known]
             scores = label_similarity_scores(true_ids, pred, ontology_term_ids.get(field, {}), ontology, true)
