@@ -197,6 +197,11 @@ def _ontology_table(versions: Mapping[str, str]) -> dict | None:
     return _table(["Ontology", "Version"], rows)
 
 
+def _suspension_table(counts: Mapping[str, int] | None) -> dict | None:
+    """The training corpus's kept cells per CELLxGENE obs `suspension_type` (its summary.json `suspension_types`)."""
+    return _table(["Suspension type", "Cells"], [[str(kind), str(n)] for kind, n in (counts or {}).items()])
+
+
 def _limitations(results: Mapping[str, Any], encoder: str, extra: list[str]) -> list[str]:
     """Limits stated from the facts in the arguments, then any the caller adds."""
     items = []
@@ -248,6 +253,7 @@ def render_model_card(
     tags: list[str] | None = None,
     ontology_versions: Mapping[str, str] | None = None,
     code_url: str | None = None,
+    suspension_types: Mapping[str, int] | None = None,
 ) -> ModelCard:
     """Fill the model card from an evaluation results dict (see ``training`` evaluation output).
 
@@ -255,7 +261,9 @@ def render_model_card(
     local paths are named in the text by their last component only, so no path of the training machine reaches
     the card. ``limitations`` adds lines to the card's limits section. ``ontology_versions`` (the corpus summary's,
     see ``processing.ontology_versions``; else ``results["ontology_versions"]``) lists the ontology releases the
-    labels come from. ``code_url`` is the project's repository, for the install line.
+    labels come from. ``code_url`` is the project's repository, for the install line. ``suspension_types`` (the
+    corpus summary's: kept cells per obs `suspension_type`, "cell" or "nucleus") says what the model was trained on
+    ({}: a corpus whose obs did not say; None: nothing is said).
     """
     if not is_repo_id(repo_id):
         raise ValueError(f"repo_id must be a Hub repository id of the form 'org/name', got {repo_id!r}.")
@@ -302,6 +310,8 @@ def render_model_card(
         bleu_signature=text_scores.get("bleu_signature"),
         training_table=_training_table(training_config),
         ontology_table=_ontology_table(ontology_versions),
+        suspension_types_known=suspension_types is not None,
+        suspension_table=_suspension_table(suspension_types),
     )
 
 

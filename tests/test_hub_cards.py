@@ -255,6 +255,23 @@ def test_saved_card_inputs_rerender_for_another_repo(results, tmp_path):
     assert rerender_model_card(tmp_path / "missing", "another-org/cell2text") is None
 
 
+def test_the_model_card_says_which_suspension_types_the_model_was_trained_on(results, tmp_path):
+    """A model trained on cells and nuclei (or cells only) said neither: its card named no suspension type, so a
+    reader describing nuclei with a model trained on cells had no word of it. The corpus summary's counts are shown,
+    kept through a re-render for another repo."""
+    from hub_cards.render import rerender_model_card, save_model_card
+
+    inputs = dict(base_model="HuggingFaceTB/SmolLM2-135M-Instruct", encoder="enc", dataset_id=DATASET,
+                  training_config={})
+    save_model_card(tmp_path, results, repo_id=REPO, suspension_types={"cell": 17, "nucleus": 5}, **inputs)
+    for text in ((tmp_path / "README.md").read_text(), rerender_model_card(tmp_path, "another-org/c2t").text):
+        assert "### Cells and nuclei" in text and "| cell | 17 |" in text and "| nucleus | 5 |" in text
+        assert "not seen in\ntraining" in text
+    unrecorded = render_model_card(results, repo_id=REPO, suspension_types={}, **inputs).text
+    assert "does not say whether its profiles are of cells or nuclei" in unrecorded
+    assert "Cells and nuclei" not in render_model_card(results, repo_id=REPO, **inputs).text  # not given
+
+
 def test_dataset_card_pushed_after_the_data_keeps_the_datasets_metadata(summary, monkeypatch):
     from hub_cards import render
 

@@ -397,6 +397,7 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
         results["gene_encoder_selection"] = asdict(selection)
 
     report = write_report(results, per_cell, out_dir / "report", overwrite=True)  # the demo's own --out folder
+    summary = corpus_summary(corpus_dir)
     save_model_card(  # README.md + what it was rendered from, so hub_cards.publish re-renders it for its repo
         model_dir,
         results,
@@ -406,7 +407,8 @@ def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, sk
         encoder=str(encoder_dir),
         dataset_id="pbmc68k_reduced (scanpy)",
         training_config=settings,  # the model's own, also where reused
-        ontology_versions=corpus_summary(corpus_dir).get("ontology_versions"),
+        ontology_versions=summary.get("ontology_versions"),
+        suspension_types=summary.get("suspension_types"),  # what it was trained on: cells, nuclei
     )
     lap("report")
     return report
