@@ -216,6 +216,17 @@ def check_whole_inputs(parts: Mapping[str, tuple[str, str, int, int]], what: str
         missing = sorted(set(range(count)) - {index for index, _ in shards})
         if missing:
             shown = ", ".join(f"{i}/{count}" for i in missing)
+            # the missing shards given, as another input of its name: the input_sha256 of every input changes where
+            # the builder reads other obs columns (suspension_type), so shards of two versions name two inputs
+            alike = sorted(path for other, given in by_input.items() if other != identity
+                           and names[other] == names[identity] for (index, n), path in given.items()
+                           if n == count and index in missing)
+            if alike:
+                raise ValueError(
+                    f"the {what} of {names[identity]!r} lack its shards {shown}; those given ({', '.join(alike)}) "
+                    "are of an input of that name read as other cells or genes: shards built by different "
+                    "versions of the corpus builder (which reads other obs columns), or from another file of that "
+                    "name or another --obs-map or --obs-filter; build every shard from one input with one version.")
             raise ValueError(f"the {what} of {names[identity]!r} lack its shards {shown}: {fix}.")
 
 
