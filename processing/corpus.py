@@ -95,7 +95,7 @@ UNMAPPED_GENES_FILE = "unmapped_genes.txt"  # the input genes without a usable E
 _COUNTS = {str: int}
 SPLIT_FINGERPRINTS = {"train": str, "validation": str, "test": str}
 SUMMARY_SHAPES = {
-    "splits": _COUNTS, "rejected": _COUNTS, "left_out": _COUNTS, "num_cells_in": int,
+    "splits": _COUNTS, "rejected": _COUNTS, "left_out": _COUNTS, "suspension_types": _COUNTS, "num_cells_in": int,
     "label_counts": {str: {str: _COUNTS}},
     "ontology_term_ids": {str: {str: (str, None)}},
     "unknown_ontology_term_ids": {str: _COUNTS},

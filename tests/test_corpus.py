@@ -98,6 +98,9 @@ def test_the_card_of_a_corpus_not_published_loads_it_from_its_folder(pbmc_corpus
     (b'{"ontology_term_ids": {"cell_type": {"B cell": 7}}}',
      r"ontology_term_ids\['cell_type'\]\['B cell'\] is 7, not a string or null"),
     (b'{"fingerprints": "abc"}', "fingerprints is 'abc', not a JSON object"),
+    # a join summed a list's items as counts ({"nucleus": 2}), and the model card ended in an AttributeError
+    (b'{"suspension_types": ["nucleus", "nucleus"]}',
+     r"suspension_types is \['nucleus', 'nucleus'\], not a JSON object"),
     (b'{"splits": {"train": "5"}}', r"splits\['train'\] is '5', not an integer"),
     (b'{"shard": "1of2"}', r"shard is '1of2', not a string of the form"),
     (b'{"splits": {"train": true}}', r"splits\['train'\] is True, not an integer"),  # JSON's true is no count
