@@ -287,11 +287,11 @@ def corpus_features(value_aware: bool) -> datasets.Features:
 #: built with another rule are not joined (builds before it wrote donor 7 of a float column as "7.0", another donor,
 #: hashed into another split, than a new build's "7"; and stated "a healthy donor" beside a donor's joined disease
 #: ids "MONDO:0100096 || MONDO:0005275", a UBERON stage as the tissue; "COVID-19 || COVID-19", and "A || B"
-#: beside "B || A"). Change it with either.
+#: beside "B || A", also with an unknown id among them). Change it with either.
 OBS_CLEANING = ("stripped text; None, NaN, pandas' NA and CELLxGENE's missing words missing; a whole float as the "
-                "integer; joined disease ids read as their terms, each once, in their ids' sorted order; UBERON "
-                "stages and tissues kept apart; a tissue judged by its resolved id; normal joined with a disease left "
-                "out")
+                "integer; joined disease ids read as their terms, each once, in their ids' sorted order (an unknown "
+                "one with the label given beside it); UBERON stages and tissues kept apart; a tissue judged by its "
+                "resolved id; normal joined with a disease left out")
 
 
 def clean(value: object) -> str | None:
@@ -323,10 +323,23 @@ def resolve_term(field: str, term_id: str | None, label: str | None) -> tuple[st
     as given ("normal" beside two MONDO ids wrote "a healthy donor"). Their current terms are joined once each, in
     their ids' sorted order, so one set of terms is one label whatever the order obs gives (a term named twice, or
     an obsolete id beside its replacement, was stated twice: "COFS syndrome || COFS syndrome", and "normal ||
-    normal" left out as normal joined with a disease; "A || B" and "B || A" were two labels of one disease set)."""
+    normal" left out as normal joined with a disease; "A || B" and "B || A" were two labels of one disease set).
+    Joined ids with an unknown one among them (a term newer than the bundled ontology) are so joined too where the
+    label given joins as many: a known id as its current term with its label, an unknown one with the label given
+    beside it; else both are as given."""
     if term_id is not None and is_known_term_of(field, term_id):
         current = sorted({ontologies.resolve_term(part) for part in term_id_parts(field, term_id)})
         return (TERM_ID_SEPARATOR.join(current), TERM_ID_SEPARATOR.join(map(ontologies.term_label, current)), True)
+    parts = term_id_parts(field, term_id) if term_id is not None else []
+    if len(parts) > 1 and label is not None and len(names := label.split(TERM_ID_SEPARATOR)) == len(parts):
+        named = {}
+        for part, name in zip(parts, names):
+            if ontologies.is_known_term(part):  # its current term, with its label, as where every id is known
+                part = ontologies.resolve_term(part)
+                name = ontologies.term_label(part)
+            named[part] = name
+        by_id = dict(sorted(named.items()))
+        return TERM_ID_SEPARATOR.join(by_id), TERM_ID_SEPARATOR.join(by_id.values()), False
     return term_id, label, False
 
 

@@ -700,6 +700,26 @@ def test_a_donors_joined_disease_ids_in_another_order_give_the_same_label():
                                 "COFS syndrome || COVID-19": "MONDO:0008926 || MONDO:0100096"}
 
 
+def test_joined_disease_ids_with_an_unknown_one_give_one_label_whatever_their_order():
+    """An id the bundled MONDO does not know (a newer term) among a donor's joined ids kept the order obs gave:
+    "MONDO:9999999 || MONDO:0100096" ("long covid || COVID-19") and the reverse trained on two labels of one disease
+    set, and "long covid || long covid" was stated twice, exit 0. An unknown id keeps the label given beside it."""
+    from processing.corpus import resolve_labels
+
+    given = [("long covid || COVID-19", "MONDO:9999999 || MONDO:0100096"),
+             ("COVID-19 || long covid", "MONDO:0100096 || MONDO:9999999"),
+             ("long covid || long covid", "MONDO:9999999 || MONDO:9999999"),
+             ("long covid", "MONDO:9999999 || MONDO:0100096"),  # labels that do not pair with the ids: as given
+             # a known id is its current term with its label: an obsolete one beside its replacement is named once
+             ("COFS || long covid || cofs", "MONDO:0000010 || MONDO:9999999 || MONDO:0008926")]
+    labels, _ = resolve_labels(pd.concat([_one_cell_obs(disease=label, disease_ontology_term_id=ids)
+                                          for label, ids in given], ignore_index=True))
+    assert list(labels["disease"]) == ["COVID-19 || long covid"] * 2 + ["long covid"] * 2 + [
+        "COFS syndrome || long covid"]
+    assert list(labels["disease_ontology_term_id"]) == ["MONDO:0100096 || MONDO:9999999"] * 2 + [
+        "MONDO:9999999", "MONDO:9999999 || MONDO:0100096", "MONDO:0008926 || MONDO:9999999"]
+
+
 def test_a_uberon_stage_as_the_tissue_or_a_uberon_tissue_as_the_stage_is_left_out(caplog):
     """UBERON holds both anatomy (tissue ids) and life cycle stages (the stage ids of organisms without a stage
     ontology): a stage id in the tissue column was stated as "It originates from the post-juvenile adult stage of
