@@ -205,7 +205,7 @@ def check_paths(input_path: Path, out_path: Path, overwrite: bool = False) -> No
     if (out_path.exists() or out_path.is_symlink()) and not overwrite:  # a dangling link too: found after describing
         raise CLIError(f"--out {out_path} exists; pass --overwrite to replace it, or choose a new path")
     needed, free = input_path.stat().st_size, shutil.disk_usage(out_path.parent.resolve()).free
-    if free < needed:  # the output is a copy of the input: found after hours of describing otherwise
+    if free <= needed:  # the output is a copy of the input: found after hours of describing otherwise
         raise CLIError(f"the folder of --out {out_path} has {gigabytes(free)} free; the output, a copy of the input "
                        f"with the results added, needs more than {gigabytes(needed)}: free space there or choose "
                        "another folder")
