@@ -30,7 +30,7 @@ from transformers import (AutoModelForCausalLM, GenerationConfig, GenerationMixi
 from .argument_types import is_integer_at_least
 from .cell_inputs import anndata_matrix, check_gene_ids_in_var_order, empty_cells_error, format_cells
 from .compatibility import (KEPT_SUBSET_FIX, ModelProcessorMismatchError, check_labels, check_model_and_processor,
-                            fit_tokens_to_encoder, gene_ranking_sha256, gene_vocabulary_sha256, holds_kept_subset,
+                            gene_ranking_sha256, gene_vocabulary_sha256, holds_kept_subset,
                             kept_subset, processor_sha256, recorded_gene_vocabulary_sha256, saved_file)
 from .label_scoring import constrains, constrains_by_default
 from .modeling_cell2text import (DESCRIPTION_MAX_NEW_TOKENS, check_generation_settings, foreign_weight_files,
@@ -556,12 +556,14 @@ class Cell2TextPipeline(Pipeline):
         """Save the model (with its code), its processor and this pipeline's code with its `custom_pipelines` entry:
         a complete Cell2Text folder, which `pipeline("cell-to-text", model=folder, trust_remote_code=True)` loads
         where this package is not installed, also when this pipeline itself was loaded as remote code. A model that
-        records no gene vocabulary, gene ranking or processor checksum gets its processor's, so the folder refuses a
-        processor that ranks genes, writes text or offers labels otherwise later (a subset of the labels chosen with
+        records no gene vocabulary or gene ranking checksum gets its processor's; the processor checksums
+        (`processor_sha256`) are taken anew from the processor saved, after checking those the model records, so a
+        folder saved before a part was recorded gains it. The folder then refuses a processor that ranks genes,
+        writes text or offers labels otherwise later (a subset of the labels chosen with
         `Cell2TextProcessor.keep_labels` fits; saving one is refused, as every user of the folder would describe
-        cells among it). The labels are recorded only for a model composed in memory: a model
-        loaded from a folder saved before they were checked is left without (the processor given may not be the one
-        it was trained with). Its generation config stops at the processor's end of text (`stop_at_end_of_text`)."""
+        cells among it). The labels are recorded only for a model composed in memory or whose folder recorded them:
+        a model loaded from a folder saved before they were checked is left without (the processor given may not be
+        the one it was trained with). Its generation config stops at the processor's end of text (`stop_at_end_of_text`)."""
         from transformers.dynamic_module_utils import custom_object_save
 
         if kwargs.get("push_to_hub"):
@@ -584,17 +586,19 @@ class Cell2TextPipeline(Pipeline):
                 "weights (an adapter would be applied on top of them when loaded, a pickle uploaded with them): "
                 "remove those files or save to a new folder."
             )
+        # the saver vouches for the pair it holds: the parts recorded are checked (a processor changed since the
+        # pipeline was built), then the record is taken anew, with the parts a folder saved before them lacked
+        check_model_and_processor(self.model.config, self.processor, self._model_name, saved=False)
         if recorded_gene_vocabulary_sha256(self.model.config) is None:  # composed without its processor: record it
             self.model.config.gene_vocabulary_sha256 = gene_vocabulary_sha256(
                 self.processor.feature_extractor.gene_token_ids)
         if getattr(self.model.config, "gene_ranking_sha256", None) is None:
             self.model.config.gene_ranking_sha256 = gene_ranking_sha256(self.processor.feature_extractor)
-        if getattr(self.model.config, "processor_sha256", None) is None:  # labels only for a model composed here
-            fit_tokens_to_encoder(self.model.config.gene_encoder_config, self.processor.feature_extractor)
-            checksums = processor_sha256(self.processor)
-            if getattr(self.model, "name_or_path", ""):  # loaded, from a folder that recorded none of them
-                checksums.pop("labels")
-            self.model.config.processor_sha256 = checksums
+        recorded = getattr(self.model.config, "processor_sha256", None) or {}
+        checksums = processor_sha256(self.processor)
+        if "labels" not in recorded and getattr(self.model, "name_or_path", ""):  # loaded, from a folder without them
+            checksums.pop("labels")
+        self.model.config.processor_sha256 = checksums
         stop_at_end_of_text(self.model, self.processor.tokenizer.eos_token_id)
         os.makedirs(save_directory, exist_ok=True)
         names = weights_file_names(kwargs.get("variant"))

@@ -662,6 +662,28 @@ def test_a_processor_with_other_current_symbols_is_refused(tmp_path):
     assert Cell2TextProcessor.from_pretrained(older)
 
 
+def test_a_folder_saved_before_the_latest_checksum_parts_and_saved_again_records_them(tmp_path):
+    """A folder saved before `prompt_tokenization` and `current_gene_symbols` were recorded, loaded and saved again,
+    kept its older record, so the new folder still let a processor whose tokenizer.json splits the prompt otherwise
+    through, exit 0. Saving takes the record anew from the pair saved (its recorded parts checked first); a folder
+    that recorded no labels still records none."""
+    model, processor = composed_model(tmp_path)
+    save_model_folder(model, processor, tmp_path / "model")
+    older = edited_copy(tmp_path / "model", tmp_path / "older", edit_config=lambda config: [config[
+        "processor_sha256"].pop(name) for name in ("prompt_tokenization", "current_gene_symbols", "labels")])
+    save_model_folder(Cell2TextForConditionalGeneration.from_pretrained(older),
+                      Cell2TextProcessor.from_pretrained(older), tmp_path / "resaved")
+    record = json.loads((tmp_path / "resaved" / "config.json").read_text())["processor_sha256"]
+    full = json.loads((tmp_path / "model" / "config.json").read_text())["processor_sha256"]
+    assert record == {name: value for name, value in full.items() if name != "labels"}
+    # a processor changed after loading, against a part the folder recorded: refused before anything is written
+    loaded, changed = Cell2TextForConditionalGeneration.from_pretrained(older), Cell2TextProcessor.from_pretrained(older)
+    changed.system_prompt = "Describe the cell briefly."
+    with pytest.raises(ModelProcessorMismatchError, match="prompt checksum"):
+        save_model_folder(loaded, changed, tmp_path / "changed")
+    assert not (tmp_path / "changed").exists()
+
+
 def test_saving_a_model_with_peft_adapters_is_refused_before_writing(tmp_path):
     """The reviewer's finding: save_model_folder on a PeftModel wrote the adapter files and the code, then failed
     for want of config.json, leaving a partial folder."""
