@@ -175,16 +175,19 @@ class CellDescription:
         return {f.name: (list(getattr(self, f.name)) if f.name == "pathways" else getattr(self, f.name)) for f in fields(self)}
 
 
-#: What joins a cell's pathways in one AnnData obs column (`tl.describe`'s `<key>_pathways`).
+#: What joins a cell's pathways in one AnnData obs column (`tl.describe`'s `<key>_pathways`), where a name holding
+#: it would read back as two pathways. Descriptions, processors and the pipeline's lists hold such names
+#: unambiguously (a model saved before they were refused loads): `tl.describe` refuses them, and new gene sets are
+#: refused where they are read (`pathway_name_problem(name, joined=True)`).
 PATHWAY_SEPARATOR = "; "
 
 
-def pathway_name_problem(name: str) -> str | None:
-    """Why `name` cannot be a pathway name (None: it can): the template quotes each name, and `tl.describe` joins a
-    cell's names with `PATHWAY_SEPARATOR` (a name holding it read back as two pathways)."""
+def pathway_name_problem(name: str, joined: bool = False) -> str | None:
+    """Why `name` cannot be a pathway name (None: it can): the template quotes each name; `joined`, also where a
+    cell's names are to be joined with `PATHWAY_SEPARATOR` in one obs column (a new corpus's gene sets)."""
     if '"' in name:
         return "contains a double quote, which descriptions use around pathway names"
-    if PATHWAY_SEPARATOR in name:
+    if joined and PATHWAY_SEPARATOR in name:
         return f"contains {PATHWAY_SEPARATOR!r}, which joins a cell's pathways in AnnData obs"
     return None
 

@@ -328,7 +328,7 @@ def describe(
     Columns, by position (so duplicated obs_names are fine): `{key_added}_description` (categorical of str; missing
     for a cell skipped with `skip_empty_cells`, "" where the model wrote nothing), `{key_added}_parsed` (bool),
     `{key_added}_<field>` for cell_type, cell_type_definition, tissue, sex, disease, age_group and pathways
-    ("; "-joined) and `{key_added}_<field>_ontology_term_id`, as categoricals (missing where a field is absent or a
+    ("; "-joined; a pathway name holding "; " is refused, `check_pathways_join`) and `{key_added}_<field>_ontology_term_id`, as categoricals (missing where a field is absent or a
     cell was skipped), plus `{key_added}_<field>_score` (float) for each field the constrained decoder chose and
     `{key_added}_exact_choice` (nullable bool: every label proven the most likely of its options, `schema_results`;
     missing for a skipped cell).
@@ -401,6 +401,7 @@ def describe_cells(
     constrained = constrains(processor, options.constrained)  # as the pipeline decides it (it warns where it differs)
     if options.cell_types is not None:
         processor = with_cell_types(processor, options.cell_types)
+    check_pathways_join(processor.pathway_names, "the processor's pathway names")  # before any cell is described
     if options.compile and constrained:
         logger.warning("compile=True applies to free describing (constrained=False): the schema-constrained decoder "
                        "runs as usual.")
@@ -463,6 +464,20 @@ def described_columns(key_added: str) -> list[str]:
     return [f"{key_added}_{suffix}" for suffix in suffixes]
 
 
+def check_pathways_join(names: Sequence[str], where: str) -> None:
+    """Raise `ValueError` where a pathway name holds `PATHWAY_SEPARATOR`, which joins a cell's pathways in the
+    `<key>_pathways` obs column: such a name read back as two pathways. A model saved before such names were refused
+    loads and describes through the pipeline (its results list each cell's pathways)."""
+    holding = sorted({name for name in names if PATHWAY_SEPARATOR in name})
+    if holding:
+        raise ValueError(
+            f"{where} {holding[:5]} hold {PATHWAY_SEPARATOR!r}, which joins a cell's pathways in one obs column: "
+            f"they would read back as several pathways. Keep the other pathways (processor = "
+            f"Cell2TextProcessor.from_pretrained(model); processor.keep_labels(pathways=[...]); then "
+            f"tl.describe(..., processor=processor)), or describe with pipeline('cell-to-text', model=...), whose "
+            f"results list each cell's pathways.")
+
+
 def annotation_columns(results: Sequence[dict | None], key_added: str, constrained: bool = False) -> dict[str, Any]:
     """obs columns (one value per cell, in the cells' order) from pipeline results; None marks a skipped cell, whose
     description is missing (`isna()`), as its fields, scores and `exact_choice` are, and `parsed` False.
@@ -496,6 +511,8 @@ def annotation_columns(results: Sequence[dict | None], key_added: str, constrain
         elif key.endswith("_score"):
             columns[f"{key_added}_{key}"] = np.array([np.nan if v is None else float(v) for v in values])
         else:
+            if key == "pathways":  # a name written freely, outside the processor's tables
+                check_pathways_join([name for v in values if v for name in v], "pathway names the model wrote")
             joined = [PATHWAY_SEPARATOR.join(v) or None if isinstance(v, list) else v for v in values]
             columns[f"{key_added}_{key}"] = pd.Categorical(joined)  # None -> missing; labels stored once
     return columns

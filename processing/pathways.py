@@ -90,7 +90,7 @@ def read_gmt(path: str | Path) -> dict[str, list[str]]:
             )
         if name in gene_sets:
             raise ValueError(f"{path}:{line_number}: gene set {name!r} appears twice; names must be unique.")
-        if (problem := pathway_name_problem(name)) is not None:  # here, not after the pass that scores the sets
+        if (problem := pathway_name_problem(name, joined=True)) is not None:  # here, not after the scoring pass
             raise ValueError(f"{path}:{line_number}: gene set name {name!r} {problem}; rename the set in the file.")
         gene_sets[name] = genes
     if not gene_sets:

@@ -279,7 +279,6 @@ def test_a_json_file_that_holds_no_object_is_named(processor, tmp_path, name, co
     (dict(pathway_names="TCA Cycle"), TypeError, "pathway_names must be a list of names"),  # was split into letters
     (dict(pathway_names=["TCA", "TCA"]), ValueError, r"lists \['TCA'\] more than once"),  # was chosen twice
     (dict(pathway_names=['A "quoted" name']), ValueError, "contains a double quote"),
-    (dict(pathway_names=["Glycolysis; TCA"]), ValueError, "contains '; ', which joins a cell's pathways in AnnData obs"),
     (dict(ontology_term_ids={"cell_type": {" B cell": "CL:0000236"}}), ValueError, "leading or trailing whitespace"),
     (dict(ontology_term_ids={"cell_type": {"unknown": "CL:0000236"}}), ValueError, "is not a usable label"),
     (dict(ontology_term_ids={"sex": {"M": "PATO:0000384"}}), ValueError, "expected one of"),

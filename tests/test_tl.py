@@ -660,3 +660,39 @@ def test_embed_skipping_empty_cells_puts_each_embedding_on_its_own_row(tmp_path)
     embeddings = adata.obsm["X_cell2text"]
     assert np.isnan(embeddings[[1, 3]]).all()
     assert np.allclose(embeddings[[0, 2, 4]], kept.obsm["X_cell2text"], atol=1e-6)
+
+
+def test_a_folder_saved_with_a_pathway_name_holding_the_separator_loads_and_only_tl_describe_refuses(tmp_path):
+    """A folder saved before pathway names holding "; " were refused no longer loaded at all (its processor's tables
+    were refused), though only tl.describe's obs column, which joins a cell's pathways with "; ", is ambiguous. It
+    loads and describes through the pipeline; tl.describe refuses its names naming the fix, and describes once the
+    other pathways are kept; a name the model writes freely holding "; " is refused where the column is written."""
+    import json
+    from types import SimpleNamespace
+
+    from modeling_cell2text.compatibility import label_tables_sha256
+
+    folder = save_tiny_model_folder(tmp_path, trained=False, labels={"pathway_names": ["Glycolysis, TCA", "Hypoxia"]})
+    # as saved before the refusal: the name and the labels checksum recorded with it
+    processor_file, config_file = folder / "processor_config.json", folder / "config.json"
+    settings = json.loads(processor_file.read_text())
+    settings["pathway_names"] = ["Glycolysis; TCA", "Hypoxia"]
+    processor_file.write_text(json.dumps(settings))
+    config = json.loads(config_file.read_text())
+    config["processor_sha256"]["labels"] = label_tables_sha256(SimpleNamespace(**{
+        name: settings.get(name) or empty for name, empty in (("ontology_term_ids", {}),
+                                                               ("cell_type_definitions", {}),
+                                                               ("pathway_names", []), ("age_groups", []))}))
+    config_file.write_text(json.dumps(config))
+
+    processor = Cell2TextProcessor.from_pretrained(folder)
+    assert processor.pathway_names == ["Glycolysis; TCA", "Hypoxia"]
+    assert len(local_pipeline(folder)(make_adata(2))) == 2
+    with pytest.raises(ValueError, match=r"\['Glycolysis; TCA'\] hold '; '.*keep_labels\(pathways="):
+        tl.describe(make_adata(2), str(folder), progress=False)
+    processor.keep_labels(pathways=["Hypoxia"])
+    adata = make_adata(2)
+    tl.describe(adata, str(folder), processor=processor, progress=False)
+    assert set(adata.obs["cell2text_pathways"].dropna()) <= {"Hypoxia"}
+    with pytest.raises(ValueError, match=r"pathway names the model wrote \['A; B'\]"):
+        tl.annotation_columns([{"pathways": ["A; B"]}, {"pathways": []}], "cell2text")
