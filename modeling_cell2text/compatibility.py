@@ -121,6 +121,8 @@ PROCESSOR_PARTS = {
                             "text (its newlines or role names: a normalizer, pre-tokenizer or merge in tokenizer.json), "
                             "or number of cell placeholders (num_cell_tokens, edited in config.json and "
                             "processor_config.json alike): the model would read another prompt"),
+    "text_decoding": ("way of decoding token ids into text (tokenizer.json's decoder, tokenizer_config.json's "
+                      "clean_up_tokenization_spaces): the descriptions the model writes would read otherwise"),
     "end_of_text": ("end-of-text token (the tokenizer's eos_token, which ends every description the model learnt "
                     "to write: free descriptions ended by the model's read as cut, all unparsed)"),
     "gene_tokens_per_cell": ("number of gene tokens per cell (feature extractor model_input_size, up to the gene "
@@ -191,6 +193,11 @@ TOKENIZATION_PROBE = (
 CHAT_TEMPLATE_PROBE = "system\nuser\nassistant\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
 
 
+# Text whose decoding `processor_sha256` records besides the other probes' (`text_decoding`): the spaces before
+# punctuation and contractions that clean_up_tokenization_spaces takes out, which no other probe holds.
+DECODING_PROBE = "Spaces before punctuation stay , . ? ! n't 'm 's 've 're as written."
+
+
 def probe_description() -> str:
     """A description the template renders, whose token ids `processor_sha256` records (`description_tokenization`):
     its words ("consists", "originates") are in no probe text (one removed merge passed the probe alone)."""
@@ -222,6 +229,11 @@ def processor_sha256(processor: Any) -> dict[str, str]:
         "description_tokenization": processor.tokenizer(probe_description(), add_special_tokens=False)["input_ids"],
         # a part of its own too: folders saved before it was recorded keep loading
         "end_of_text": processor.tokenizer.eos_token_id,
+        # the probes' tokens decoded as `post_process_generation` decodes what the model writes (a part of its own,
+        # for the folders saved without it): a decoder rewriting words, or spaces before punctuation taken out
+        "text_decoding": processor.tokenizer.batch_decode(
+            [processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+             for text in (TOKENIZATION_PROBE, DECODING_PROBE, probe_description())], skip_special_tokens=True),
         # what splits the prompt besides its template and vocabulary (another part, for the folders saved without it);
         # not the rendered prompt's ids, which hold today's date where a template writes it (Llama 3's), but the
         # tokens of the text chat templates write between their special tokens, which no other probe holds

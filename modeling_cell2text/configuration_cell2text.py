@@ -108,8 +108,8 @@ class Cell2TextConfig(PreTrainedConfig):
             gene medians, special tokens; `save_model_folder` records it): a processor ranking otherwise is refused.
         processor_sha256 (`dict`, *optional*):
             Checksums of the processor the model was saved with besides its genes (`compatibility.processor_sha256`:
-            its tokenizer's vocabulary, its prompt, its gene symbol table, its labels; `save_model_folder` records
-            them): a processor differing in any is refused (a subset of the labels chosen with
+            its tokenizer's vocabulary, splitting and decoding, its prompt, its gene symbol table, its labels;
+            `save_model_folder` records them): a processor differing in any is refused (a subset of the labels chosen with
             `Cell2TextProcessor.keep_labels` is not).
         training_corpus_fingerprints (`dict`, *optional*):
             The fingerprints of the corpus splits the model was trained on (`training.sft` records them): evaluating

@@ -601,6 +601,47 @@ def test_a_tokenizer_splitting_the_prompt_otherwise_is_refused(tmp_path):
     assert Cell2TextProcessor.from_pretrained(older)
 
 
+def test_a_tokenizer_decoding_otherwise_is_refused(tmp_path):
+    """A model-folder lead: the tokenizer's decoding (tokenizer.json's "decoder", tokenizer_config.json's
+    clean_up_tokenization_spaces) was in no checksum, so a folder whose decoder rewrote text loaded with every part
+    matching, and each free description the model wrote read otherwise ("B cell" as "T cell"), exit 0."""
+    from modeling_cell2text.description_schema import CellDescription, parse_description, render_description
+
+    model, processor = composed_model(tmp_path)
+    save_model_folder(model, processor, tmp_path / "model")
+    description = render_description(CellDescription(cell_type="B cell", tissue="blood",
+                                                     pathways=("Hypoxia , stress",)))
+    written = torch.tensor([processor.tokenizer(description, add_special_tokens=False)["input_ids"]])
+    assert processor.post_process_generation(written, 0) == [description]
+
+    def rewrite(folder: Path) -> None:
+        path = folder / "tokenizer.json"
+        content = json.loads(path.read_text())
+        content["decoder"] = {"type": "Sequence", "decoders": [content["decoder"], {
+            "type": "Replace", "pattern": {"String": "B cell"}, "content": "T cell"}]}
+        path.write_text(json.dumps(content))
+
+    rewritten = edited_copy(tmp_path / "model", tmp_path / "rewritten")
+    rewrite(rewritten)
+    read = _processor_without_check(rewritten).post_process_generation(written, 0)
+    assert parse_description(read[0]).cell_type == "T cell"  # what the model wrote: a B cell
+    with pytest.raises(ModelProcessorMismatchError, match=r"text_decoding checksum: .*decoder"):
+        Cell2TextProcessor.from_pretrained(rewritten)
+    # spaces before punctuation taken out on decoding ("Hypoxia , stress" read as "Hypoxia, stress"; transformers
+    # does it for a BPE tokenizer where told to, as it does for others with clean_up_tokenization_spaces alone)
+    cleaned = edited_copy(tmp_path / "model", tmp_path / "cleaned")
+    settings_file = cleaned / "tokenizer_config.json"
+    settings_file.write_text(json.dumps({**json.loads(settings_file.read_text()), "clean_up_tokenization_spaces": True,
+                                         "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output": True}))
+    assert _processor_without_check(cleaned).post_process_generation(written, 0) != [description]
+    with pytest.raises(ModelProcessorMismatchError, match=r"text_decoding checksum"):
+        Cell2TextProcessor.from_pretrained(cleaned)
+    # a folder saved before text_decoding was recorded: its other parts are checked, it loads
+    older = edited_copy(tmp_path / "model", tmp_path / "older", edit_config=lambda config: config[
+        "processor_sha256"].pop("text_decoding"))
+    assert Cell2TextProcessor.from_pretrained(older)
+
+
 def test_a_chat_template_writing_todays_date_itself_is_refused(tmp_path):
     """A template that formats today's date itself (transformers' `strftime_now`, called directly rather than as
     Llama 3's fallback for `date_string`) wrote another date into every prompt each day, so the model's descriptions
