@@ -111,6 +111,10 @@ class Cell2TextConfig(PreTrainedConfig):
             its tokenizer's vocabulary, splitting and decoding, its prompt, its gene symbol table, its labels;
             `save_model_folder` records them): a processor differing in any is refused (a subset of the labels chosen with
             `Cell2TextProcessor.keep_labels` is not).
+        weights_id (`str`, *optional*):
+            The id of the save that wrote config.json, which `save_pretrained` writes into each safetensors weight
+            file's header metadata too: `from_pretrained` refuses weight files of another save (another run's
+            weights of the same shapes beside this config and processor). None for a model saved before.
         training_corpus_fingerprints (`dict`, *optional*):
             The fingerprints of the corpus splits the model was trained on (`training.sft` records them): evaluating
             on another build of a corpus (another seed or fold: its test cells may be training cells) is refused
@@ -140,6 +144,7 @@ class Cell2TextConfig(PreTrainedConfig):
     gene_vocabulary_sha256: str | None = None
     gene_ranking_sha256: str | None = None
     processor_sha256: dict | None = None
+    weights_id: str | None = None
     training_corpus_fingerprints: dict | None = None
     earlier_training_corpus_fingerprints: list | None = None
     tie_word_embeddings: bool = False
@@ -260,7 +265,7 @@ class Cell2TextConfig(PreTrainedConfig):
         """Refuse checksums of the processor the model was saved with that are not checksums (strings): a
         `processor_sha256` edited into a string was read as no parts at all (the processor went unchecked) and
         failed later with an AttributeError."""
-        for name in ("gene_vocabulary_sha256", "gene_ranking_sha256"):
+        for name in ("gene_vocabulary_sha256", "gene_ranking_sha256", "weights_id"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{name} must be a checksum string or null, got {value!r}; restore config.json "

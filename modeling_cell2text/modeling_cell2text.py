@@ -11,6 +11,8 @@ import copy
 import inspect
 import json
 import os
+import shutil
+import uuid
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
@@ -227,12 +229,9 @@ def _refuse_unreadable_generation_config(pretrained_model_name_or_path: Any, kwa
 FLOAT_WEIGHT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
-def _refuse_non_float_weights(pretrained_model_name_or_path: Any, kwargs: dict) -> None:
-    """Refuse a safetensors weights file (whole, or the shards its index names) holding a tensor that is no
-    floating-point number (an integer or bool tensor: a corrupt conversion, or quantized weights without their
-    quantization_config): transformers cast it into the model's floating-point parameter without a word, and every
-    score moved, exit 0. Another floating-point dtype (float16 weights of a float32 model) holds the same numbers
-    and loads. Run after the load, which resolved (and downloaded) the files."""
+def saved_weight_files(pretrained_model_name_or_path: Any, kwargs: dict) -> list[str]:
+    """The safetensors weight files of a folder or repo (whole, or the shards its index names), as local paths (a
+    repo's in the Hub cache: run after the load, which downloaded them)."""
     hub = hub_kwargs(kwargs)
     whole, index = weights_file_names(kwargs.get("variant"))
     files = [saved_file(pretrained_model_name_or_path, whole, hub)]
@@ -240,8 +239,62 @@ def _refuse_non_float_weights(pretrained_model_name_or_path: Any, kwargs: dict) 
         index_file = saved_file(pretrained_model_name_or_path, index, hub)
         shards = json.loads(Path(index_file).read_text()).get("weight_map", {}).values() if index_file else ()
         files = [saved_file(pretrained_model_name_or_path, shard, hub) for shard in sorted(set(shards))]
+    return [str(file) for file in files if file is not None]
+
+
+# The safetensors header metadata key holding the `weights_id` of the save that wrote the file (config.json holds it
+# too): transformers writes {"format": "pt"} and reads nothing else there.
+WEIGHTS_ID_KEY = "cell2text_weights_id"
+
+
+def write_weights_id(path: str | os.PathLike, weights_id: str) -> None:
+    """Write `weights_id` into the header metadata of the safetensors file `path` (`WEIGHTS_ID_KEY`): the header is
+    written anew and the tensors' bytes copied after it unchanged (their offsets count from the header's end), into
+    a file beside it that then replaces it."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.writing")
+    with open(path, "rb") as source:
+        length = int.from_bytes(source.read(8), "little")
+        header = json.loads(source.read(length))
+        header["__metadata__"] = {**(header.get("__metadata__") or {}), WEIGHTS_ID_KEY: weights_id}
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the tensors stay 8-byte aligned, as safetensors writes them
+        with open(temporary, "wb") as target:
+            target.write(len(encoded).to_bytes(8, "little") + encoded)
+            shutil.copyfileobj(source, target, 64 << 20)
+    os.replace(temporary, path)
+
+
+def _refuse_weights_of_another_save(pretrained_model_name_or_path: Any, files: list[str], config: Any) -> None:
+    """Refuse weight files written by another save than config.json (`weights_id` there and in each file's header):
+    another run's weights of the same shapes, dropped beside this run's config.json and processor, loaded and
+    described every cell as that run's model, exit 0. A config.json without an id (saved before ids were written)
+    is not checked."""
+    expected = getattr(config, "weights_id", None)
+    if expected is None:
+        return
+    for file in files:
+        with safe_open(file, framework="pt") as weights:
+            found = (weights.metadata() or {}).get(WEIGHTS_ID_KEY)
+        if found != expected:
+            raise OSError(
+                f"The weights of {pretrained_model_name_or_path!s} ({Path(file).name}) were not written by the save "
+                f"that wrote its config.json: weights id {found or 'none'} in the file, {expected} in config.json. "
+                "Weights of another save (another run's, or an earlier save's) were put beside this config.json and "
+                "processor, and would describe cells as that model does, or the file was written otherwise "
+                "(safetensors' save_file drops the id). Copy a saved model folder whole (its config.json, weights "
+                "and processor files together), download the model again, or save edited weights with "
+                "save_model_folder (or model.save_pretrained).")
+
+
+def _refuse_non_float_weights(pretrained_model_name_or_path: Any, files: list[str]) -> None:
+    """Refuse a safetensors weights file (whole, or the shards its index names) holding a tensor that is no
+    floating-point number (an integer or bool tensor: a corrupt conversion, or quantized weights without their
+    quantization_config): transformers cast it into the model's floating-point parameter without a word, and every
+    score moved, exit 0. Another floating-point dtype (float16 weights of a float32 model) holds the same numbers
+    and loads. Run after the load, which resolved (and downloaded) the files."""
     found = {}
-    for file in filter(None, files):
+    for file in files:
         with safe_open(file, framework="pt") as weights:
             found.update({name: dtype for name in weights.keys()
                           if (dtype := weights.get_slice(name).get_dtype()) not in FLOAT_WEIGHT_DTYPES})
@@ -337,7 +390,8 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
         Stricter than transformers where it would give a silently different model: weights missing from the file
         or left over by the config (transformers initialises or drops them with a log line), weights that are no
         floating-point numbers (transformers casts them into the parameters), a PEFT adapter
-        beside the weights (transformers applies it) and a generation_config.json naming an unknown setting or giving
+        beside the weights (transformers applies it), weights written by another save than config.json (`weights_id`,
+        `save_pretrained`) and a generation_config.json naming an unknown setting or giving
         one a value of the wrong type (generation ran without it, or with "false" read as true) are refused.
         `output_loading_info=True` returns the loading info instead of refusing the weights, for whoever wants to
         inspect a mismatched checkpoint."""
@@ -375,15 +429,34 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
             if not (kwargs["use_safetensors"] and pickled):
                 raise
             raise OSError(pickled_weights_message(pretrained_model_name_or_path, pickled[0])) from err
-        if pretrained_model_name_or_path is not None and kwargs["use_safetensors"] and getattr(
-                model.config, "quantization_config", None) is None:
-            _refuse_non_float_weights(pretrained_model_name_or_path, kwargs)
+        if pretrained_model_name_or_path is not None and kwargs["use_safetensors"]:
+            files = saved_weight_files(pretrained_model_name_or_path, kwargs)
+            _refuse_weights_of_another_save(pretrained_model_name_or_path, files, model.config)
+            if getattr(model.config, "quantization_config", None) is None:
+                _refuse_non_float_weights(pretrained_model_name_or_path, files)
         model.config._commit_hash = _loaded_commit(pretrained_model_name_or_path, kwargs)
         _name_subfolder(model, pretrained_model_name_or_path, kwargs.get("subfolder"))
         if wants_loading_info:
             return model, loading_info
         _refuse_unloaded_weights(pretrained_model_name_or_path, loading_info)
         return model
+
+
+    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, binding the weights to config.json: a new `weights_id` goes into
+        config.json and into the header metadata of each safetensors file written (`write_weights_id`), and
+        `from_pretrained` refuses weight files of another save. `push_to_hub=True` is refused (the weights would be
+        uploaded before their id is written): save, then upload the folder (or call `model.push_to_hub(repo_id)`)."""
+        if kwargs.get("push_to_hub"):
+            raise ValueError("save the model locally, then upload the folder (huggingface_hub's upload_folder, or "
+                             "python -m hub_cards.publish for a whole Cell2Text folder), or call "
+                             "model.push_to_hub(repo_id): push_to_hub=True here would upload the weights before "
+                             "their weights_id is written.")
+        self.config.weights_id = uuid.uuid4().hex
+        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        if is_main_process:  # the process that wrote config.json and the weights
+            for file in saved_weight_files(save_directory, {"variant": kwargs.get("variant")}):
+                write_weights_id(file, self.config.weights_id)
 
 
 def _loaded_commit(source: Any, kwargs: dict) -> str | None:

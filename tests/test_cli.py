@@ -663,14 +663,15 @@ def test_nan_logits_are_one_line_naming_the_dtype_option(model_dir, h5ad, tmp_pa
 def test_nan_embeddings_are_refused_not_written_as_skipped_cells(model_dir, h5ad, tmp_path, capsys):
     """An encoder weight that overflowed (inf) made every embedding NaN: embed wrote them, exit 0, and said "Embedded 0
     of 5 cells (5 skipped with --skip-empty-cells: their rows are NaN)" without that option."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+    from tiny_parts import rewrite_weights
 
     broken = tmp_path / "broken-model"
     shutil.copytree(model_dir, broken)
     weights = load_file(broken / "model.safetensors")
     name = next(key for key in weights if key.startswith("model.gene_encoder.") and key.endswith("dense.weight"))
     weights[name][0, 0] = float("inf")
-    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    rewrite_weights(broken / "model.safetensors", weights)
     out = tmp_path / "embedded.h5ad"
     code = main(["embed", str(h5ad), "--model", str(broken), "--out", str(out), "--layer", "counts", "--device", "cpu"])
     captured = capsys.readouterr()

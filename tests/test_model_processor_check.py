@@ -772,3 +772,51 @@ def test_a_processor_binning_expression_otherwise_is_refused(saved_with_definiti
     processor.feature_extractor.num_expression_bins = 2
     with pytest.raises(ModelProcessorMismatchError, match="expression bins: processor 2, model 0"):
         check_model_and_processor(config, processor)
+
+
+def test_weights_of_another_save_beside_a_config_are_refused(tmp_path):
+    """A model-folder lead: another run's weights of the same shapes (same base parts, same labels, so every
+    checksum of the processor matched) copied over a folder's model.safetensors loaded and described every cell as
+    that run's model, exit 0. Each save writes a new weights_id into config.json and into its safetensors files'
+    header metadata; a file of another save is refused, sharded too; a folder saved before ids loads."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from test_pipeline import save_tiny_model_folder
+
+    from modeling_cell2text.modeling_cell2text import WEIGHTS_ID_KEY
+
+    ours, theirs = (save_tiny_model_folder(tmp_path / name, trained=False, seed=seed)
+                    for name, seed in (("ours", 0), ("theirs", 1)))
+    assert (json.loads((ours / "config.json").read_text())["processor_sha256"]
+            == json.loads((theirs / "config.json").read_text())["processor_sha256"])
+    weights_id = json.loads((ours / "config.json").read_text())["weights_id"]
+    with safe_open(ours / "model.safetensors", framework="pt") as weights:
+        assert weights.metadata() == {"format": "pt", WEIGHTS_ID_KEY: weights_id}
+    loaded = Cell2TextForConditionalGeneration.from_pretrained(ours)
+    assert all(torch.equal(tensor, loaded.state_dict()[name])
+               for name, tensor in load_file(ours / "model.safetensors").items())  # the tensors kept as saved
+
+    swapped = edited_copy(ours, tmp_path / "swapped")
+    shutil.copy(theirs / "model.safetensors", swapped / "model.safetensors")
+    with pytest.raises(OSError, match=r"model.safetensors\) were not written by the save that wrote its config.json"):
+        Cell2TextForConditionalGeneration.from_pretrained(swapped)
+    with pytest.raises(ValueError, match="were not written by the save"):  # transformers' pipeline names our error
+        pipeline("cell-to-text", model=str(swapped), trust_remote_code=True)  # the folder's own code
+
+    # sharded: one shard of another save
+    sharded, other = tmp_path / "sharded", tmp_path / "other"
+    for folder in (sharded, other):
+        loaded.save_pretrained(folder, max_shard_size="20KB")
+    shards = sorted(path.name for path in sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    Cell2TextForConditionalGeneration.from_pretrained(sharded)
+    shutil.copy(other / shards[-1], sharded / shards[-1])
+    with pytest.raises(OSError, match=rf"{shards[-1]}\) were not written by the save"):
+        Cell2TextForConditionalGeneration.from_pretrained(sharded)
+
+    # a folder saved before weights ids: neither config.json nor the weights hold one
+    older = edited_copy(ours, tmp_path / "older", edit_config=lambda config: config.pop("weights_id"))
+    save_file(load_file(older / "model.safetensors"), older / "model.safetensors", metadata={"format": "pt"})
+    Cell2TextForConditionalGeneration.from_pretrained(older)
+    with pytest.raises(ValueError, match="push_to_hub=True here would upload the weights before"):
+        loaded.save_pretrained(tmp_path / "pushed", push_to_hub=True)

@@ -35,6 +35,17 @@ _TRAINING_TEXT = [
 ]
 
 
+def rewrite_weights(path: str | Path, tensors: dict) -> None:
+    """Write `tensors` over the safetensors file `path`, keeping its header metadata (the `weights_id` of the save
+    that wrote it): the weights of that save, edited (without it, loading refuses them as another save's)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(path, framework="pt") as weights:
+        metadata = weights.metadata()
+    save_file(tensors, path, metadata=metadata)
+
+
 def make_tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with ChatML specials and a chat template, trained on a few sentences."""
     backend = Tokenizer(models.BPE())
