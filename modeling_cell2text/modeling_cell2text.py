@@ -134,6 +134,25 @@ def weights_file_names(variant: str | None = None) -> tuple[str, str]:
     return with_variant(SAFE_WEIGHTS_NAME), with_variant(SAFE_WEIGHTS_INDEX_NAME)
 
 
+def _weights_layout(folder: str | os.PathLike, names: tuple[str, str]) -> str | None:
+    """How a folder holds its safetensors weights (`names`: `weights_file_names`' of the save's variant): "whole",
+    "sharded" (an index and its shards), "none", or None where it holds both (one left by an earlier save)."""
+    whole, sharded = ((Path(folder) / name).is_file() for name in names)
+    return None if whole and sharded else "whole" if whole else "sharded" if sharded else "none"
+
+
+def _remove_weights(folder: str | os.PathLike, layout: str, names: tuple[str, str]) -> None:
+    """Remove a folder's weights of `layout`: the whole file, or the index and the shards it names."""
+    folder = Path(folder)
+    if layout == "whole":
+        (folder / names[0]).unlink(missing_ok=True)
+    elif layout == "sharded":
+        index = folder / names[1]
+        for shard in set(json.loads(index.read_text()).get("weight_map", {}).values()):
+            (folder / shard).unlink(missing_ok=True)
+        index.unlink(missing_ok=True)
+
+
 def _refuse_two_weight_layouts(pretrained_model_name_or_path: Any, kwargs: dict) -> None:
     """Refuse a folder or repo holding its weights both whole (model.safetensors) and sharded (an index): saved
     twice in two layouts, transformers loads the whole file, which may be the earlier save (exit 0)."""
@@ -445,7 +464,8 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`, binding the weights to config.json: a new `weights_id` goes into
         config.json and into the header metadata of each safetensors file written (`write_weights_id`), and
-        `from_pretrained` refuses weight files of another save. `push_to_hub=True` is refused (the weights would be
+        `from_pretrained` refuses weight files of another save; weights saved earlier in the other layout (whole or
+        sharded), which transformers leaves beside, are removed. `push_to_hub=True` is refused (the weights would be
         uploaded before their id is written): save, then upload the folder (or call `model.push_to_hub(repo_id)`)."""
         if kwargs.get("push_to_hub"):
             raise ValueError("save the model locally, then upload the folder (huggingface_hub's upload_folder, or "
@@ -453,8 +473,13 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
                              "model.push_to_hub(repo_id): push_to_hub=True here would upload the weights before "
                              "their weights_id is written.")
         self.config.weights_id = uuid.uuid4().hex
+        names = weights_file_names(kwargs.get("variant"))
+        earlier = _weights_layout(save_directory, names)
         super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
         if is_main_process:  # the process that wrote config.json and the weights
+            if earlier is not None and _weights_layout(save_directory, names) is None:
+                # saved whole over sharded weights, or the reverse: the earlier layout was left beside, and loaded
+                _remove_weights(save_directory, earlier, names)
             for file in saved_weight_files(save_directory, {"variant": kwargs.get("variant")}):
                 write_weights_id(file, self.config.weights_id)
 

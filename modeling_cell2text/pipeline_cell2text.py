@@ -34,7 +34,7 @@ from .compatibility import (KEPT_SUBSET_FIX, ModelProcessorMismatchError, check_
                             kept_subset, processor_sha256, recorded_gene_vocabulary_sha256, saved_file)
 from .label_scoring import constrains, constrains_by_default
 from .modeling_cell2text import (DESCRIPTION_MAX_NEW_TOKENS, check_generation_settings, foreign_weight_files,
-                                 generation_setting_names, stop_at_end_of_text, weights_file_names)
+                                 generation_setting_names, stop_at_end_of_text)
 from .rank_value import as_csr
 from .schema_decoding import DEFAULT_NUM_BEAMS, SchemaDecoder, known_labels, nan_logits_error, schema_results
 from .text_padding import (before_end_of_text, check_outputs_line_up, ended_at_end_of_text, text_pad_token_id,
@@ -601,12 +601,7 @@ class Cell2TextPipeline(Pipeline):
         self.model.config.processor_sha256 = checksums
         stop_at_end_of_text(self.model, self.processor.tokenizer.eos_token_id)
         os.makedirs(save_directory, exist_ok=True)
-        names = weights_file_names(kwargs.get("variant"))
-        earlier = _weights_layout(save_directory, names)
-        self.model.save_pretrained(save_directory, **kwargs)
-        main_process = kwargs.get("is_main_process", True)
-        if main_process and earlier is not None and _weights_layout(save_directory, names) is None:
-            _remove_weights(save_directory, earlier, names)  # the earlier layout was left beside, and loaded instead
+        self.model.save_pretrained(save_directory, **kwargs)  # leaves no earlier layout of the weights beside
         if kwargs.get("is_main_process", True):
             custom_object_save(self, save_directory)
             config_file = Path(save_directory) / "config.json"
@@ -630,25 +625,6 @@ class Cell2TextPipeline(Pipeline):
                 f"The processor saved in {save_directory!s} does not read back as the one saved: the folder holds "
                 f"{leftovers}, and transformers reads it beside the new files. Remove it and save again, or save to "
                 f"a new folder. ({error})") from error
-
-
-def _weights_layout(folder: str | os.PathLike, names: tuple[str, str]) -> str | None:
-    """How a folder holds its safetensors weights (`names`: `weights_file_names`' of the save's variant): "whole",
-    "sharded" (an index and its shards), "none", or None where it holds both (one left by an earlier save)."""
-    whole, sharded = ((Path(folder) / name).is_file() for name in names)
-    return None if whole and sharded else "whole" if whole else "sharded" if sharded else "none"
-
-
-def _remove_weights(folder: str | os.PathLike, layout: str, names: tuple[str, str]) -> None:
-    """Remove a folder's weights of `layout`: the whole file, or the index and the shards it names."""
-    folder = Path(folder)
-    if layout == "whole":
-        (folder / names[0]).unlink(missing_ok=True)
-    elif layout == "sharded":
-        index = folder / names[1]
-        for shard in set(json.loads(index.read_text()).get("weight_map", {}).values()):
-            (folder / shard).unlink(missing_ok=True)
-        index.unlink(missing_ok=True)
 
 
 class NaNLogitsFlag(LogitsProcessor):
