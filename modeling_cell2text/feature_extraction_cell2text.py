@@ -536,14 +536,16 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         this extractor's ``tokenize`` gives them (with ``special_tokens``: ``<cls>``, the genes, ``<eos>``; without:
         the genes only); lists of the other layout are refused, and so are Geneformer V2's lists (``<cls>`` 2 first,
         ``<eos>`` 3 last in every cell) given to an extractor of a vocabulary without ``<cls>``/``<eos>`` (Geneformer
-        V1's, whose ids 2 and 3 are genes).
+        V1's, whose ids 2 and 3 are genes): V1 lists whose every cell begins with gene id 2 and ends with gene id 3 (one
+        such cell, say) are refused too, as lists tell no more. ``RankedCells`` of this extractor's ``tokenize`` are
+        not judged by their layout (they record the extractor that made them, which is checked).
 
         Value-aware extractors also need each cell's expression bins: in ``token_lists`` (cells from
         ``tokenize``) or as ``value_lists`` (e.g. the corpus column ``gene_value_ids``).
         """
         self._check_layout()
         flat_bins = None
-        if isinstance(token_lists, RankedCells):  # made by this extractor's tokenize (checked): ids already valid
+        if isinstance(token_lists, RankedCells):  # made by this extractor's tokenize (checked): ids and layout valid
             self._check_made_here(token_lists)
             lengths, flat = token_lists.lengths, token_lists.tokens
             flat_bins = token_lists.value_bins if value_lists is None else None
@@ -558,7 +560,8 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
                     f"token lists hold the padding token (id {self.pad_token_id}), which no cell's tokens hold: pass "
                     "each cell's tokens unpadded (a corpus's gene_input_ids column; from a padded batch, "
                     "row[gene_attention_mask.bool()]), else the gene encoder reads the padding as part of the cell.")
-        self._check_special_layout(flat, lengths)  # also cells tokenized before special_tokens was set otherwise
+            # not for RankedCells made here: a V1 cell whose first gene is id 2 and last id 3 is no V2 cell
+            self._check_special_layout(flat, lengths)
         if value_lists is not None:
             flat_bins = self._check_value_lists(value_lists, lengths)
         if self.num_expression_bins and flat_bins is None:

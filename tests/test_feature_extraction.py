@@ -736,6 +736,20 @@ def test_geneformer_v2_token_lists_given_to_a_v1_vocabulary_are_refused(counts):
     assert v1.pad([[2, 5, 3], [2, 7]])["gene_token_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]  # genes 2 and 3 of V1
 
 
+def test_a_v1_cell_beginning_with_gene_id_2_and_ending_with_gene_id_3_is_tokenized_and_padded():
+    """A genuine V1 cell ranking its gene of id 2 first and its gene of id 3 last (one cell: a single-cell AnnData given
+    to the processor) was refused by its own extractor's call as Geneformer V2's layout: the cells of its tokenize
+    record the extractor (checked), and are not judged by their layout. As token lists, they are refused."""
+    genes = [f"ENSG{i:011d}" for i in range(1, 6)]
+    v1 = Cell2TextFeatureExtractor({"<pad>": 0, "<mask>": 1, **{g: i + 2 for i, g in enumerate(genes)}},
+                                   {g: 1.0 for g in genes}, special_tokens=False)
+    cell = sp.csr_matrix(np.array([[9, 1, 5, 0, 0]], dtype=np.float32))  # genes of ids 2 (most), 3 (least), 4
+    assert v1(cell, genes)["gene_input_ids"].tolist() == [[2, 4, 3]]
+    assert v1.pad(v1.tokenize(cell, genes))["gene_input_ids"].tolist() == [[2, 4, 3]]
+    with pytest.raises(ValueError, match="laid out as Geneformer V2"):
+        v1.pad([[2, 4, 3]])
+
+
 def test_ranked_cells_of_another_extractor_are_refused_by_pad(counts, tmp_path):
     """pad takes a RankedCells' ids and bins unchecked: cells ranked by another extractor (other medians: another
     gene order; more expression bins: bins of another scale; another vocabulary; another size) were padded as its
