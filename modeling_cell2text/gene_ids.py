@@ -91,21 +91,26 @@ def superseded_symbols(
 
 #: The warning (``%d`` count, ``%s`` examples) where ``repeated_symbols`` leaves columns unread, in the corpus builder and
 #: at inference alike.
-REPEATED_WARNING = ("%d symbols named two or more columns of the input (their make_unique copies, SYMBOL-1, are there "
-                    "too) and are not read (e.g. %s): which column is the gene a symbol names, the names do not say. "
-                    "Give the genes' Ensembl IDs (var['gene_ids'], as scanpy's read_10x_mtx keeps them)")
+REPEATED_WARNING = ("%d symbols named two or more columns of the input (their make_unique copies, SYMBOL-1 or R's "
+                    "SYMBOL.1, are there too) and are not read (e.g. %s): which column is the gene a symbol names, "
+                    "the names do not say. Give the genes' Ensembl IDs (var['gene_ids'], as scanpy's read_10x_mtx keeps them)")
+
+
+#: How make_unique joins a repeated name and its count: anndata (scanpy) "-", R (Seurat) ".".
+_COPY_SEPARATORS = ("-", ".")
 
 
 def repeated_symbols(names: Iterable[str], symbol_to_gene: Container[str]) -> set[str]:
     """The symbols among ``names`` (those ``symbol_to_gene`` maps) that ``names`` also hold as anndata's make_unique
-    copies (``S-1``, ``S-2``, as scanpy's ``read_10x_mtx`` names a repeated name's later columns: a name of that form
-    that is no gene's symbol). The file named two or more columns S:
+    copies (``S-1``, ``S-2``, as scanpy's ``read_10x_mtx`` names a repeated name's later columns; ``S.1``, as R's
+    ``make.unique`` in Seurat's ``Read10X`` does: a name of that form that is no gene's symbol). The file named two or
+    more columns S:
     two genes carry GOLGA8M, CAST or SIGLEC5, the symbol rule names the protein-coding one, and make_unique gave the
     bare symbol to the file's first column, whichever gene it holds: another gene's counts were read as that gene's,
     exit 0. They name no gene (nor do the copies), in the corpus builder and at inference alike."""
     names = set(names)
-    copies = [(name, base) for name in names
-              if (parts := name.rpartition("-"))[1] and (base := parts[0]) in names and parts[2].isdigit()]
+    copies = [(name, base) for name in names for separator in _COPY_SEPARATORS
+              if (parts := name.rpartition(separator))[1] and (base := parts[0]) in names and parts[2].isdigit()]
     if not copies:
         return set()
     known = _table_symbols()

@@ -425,6 +425,19 @@ def test_a_symbol_beside_its_make_unique_copy_names_no_gene(caplog):
     assert fe(with_ids)["gene_input_ids"][0].tolist() == expected
 
 
+def test_a_symbol_beside_its_seurat_make_unique_copy_names_no_gene(caplog):
+    """R's make.unique (Seurat's Read10X) names a repeated symbol's later column GOLGA8M.1, not GOLGA8M-1: the bare
+    symbol's column, here the other gene that carries GOLGA8M, was read as the protein-coding ENSG00000188626, exit 0,
+    no warning. Neither column is read, as with anndata's copies."""
+    genes = ["ENSG00000261480", "ENSG00000188626", "ENSG00000000003"]
+    fe = Cell2TextFeatureExtractor.from_gene_medians({g: 1.0 for g in genes})
+    counts = sp.csr_matrix(np.array([[50, 1, 2]], dtype=np.float32))
+    with caplog.at_level(logging.WARNING):
+        read = fe(ad.AnnData(counts, var=pd.DataFrame(index=["GOLGA8M", "GOLGA8M.1", "TSPAN6"])))
+    assert read["gene_input_ids"].tolist() == [[2, fe.gene_token_ids["ENSG00000000003"], 3]]
+    assert "1 symbols named two or more columns" in caplog.text and "['GOLGA8M']" in caplog.text
+
+
 def test_packaged_gene_table_maps_symbols():
     assert symbol_to_ensembl(["TP53", "CD3E", "not-a-gene"]) == {"TP53": "ENSG00000141510", "CD3E": "ENSG00000198851"}
     assert ensembl_to_symbol(["ENSG00000141510"]) == {"ENSG00000141510": "TP53"}
