@@ -3,28 +3,35 @@
 `cell2text --version`, `--help` and a mistyped option answer from here at once; a command that runs imports
 `modeling_cell2text.cli` (and with it the package, torch and transformers: 5-30 s) after its arguments parse. This is
 a top-level module, not part of the package, because importing any of `modeling_cell2text`'s modules runs its
-`__init__`, which registers the Auto classes. The facts the parser states (the dtypes, the version, what an integer
-option takes) are owned here and imported by the package and the other command lines.
+`__init__`, which registers the Auto classes. What the parser states of the package (the dtypes, the version) is the
+package's (`modeling_cell2text/package_info.py`, read here without the package's `__init__`); what an integer option
+takes (`positive_int`) is owned here and imported by the other command lines.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-
-# The weight dtypes a user may name (`tl.describe(dtype=...)`, `cell2text --dtype`), besides "auto".
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+from types import ModuleType
 
 
-def package_version() -> str:
-    """The installed `cell2text` distribution's version ("unknown" when the package runs from a plain folder): one
-    owner for `uns` records (tl) and `cell2text --version`."""
-    try:
-        return version("cell2text")
-    except PackageNotFoundError:
-        return "unknown"
+def _package_info() -> ModuleType:
+    """The package's `package_info` module (standard library only), run from its file: `import
+    modeling_cell2text.package_info` would run the package's `__init__` (torch, transformers) first."""
+    package = importlib.util.find_spec("modeling_cell2text")  # locates the package the same import would, runs nothing
+    if package is None or not package.submodule_search_locations:
+        raise ModuleNotFoundError("cell2text: the modeling_cell2text package is not importable; install Cell2Text "
+                                  "(pip install . in its checkout)", name="modeling_cell2text")
+    path = Path(next(iter(package.submodule_search_locations))) / "package_info.py"
+    spec = importlib.util.spec_from_file_location("_cell2text_package_info", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_PACKAGE_INFO = _package_info()
 
 
 def positive_int(text: str) -> int:
@@ -60,7 +67,7 @@ def _add_common_arguments(command: argparse.ArgumentParser, key: str, batch_size
     command.add_argument("--batch-size", type=positive_int, default=batch_size,
                          help=f"cells processed together (default {batch_size})")
     command.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N or mps")
-    command.add_argument("--dtype", choices=("auto", *DTYPE_NAMES), default="auto",
+    command.add_argument("--dtype", choices=("auto", *_PACKAGE_INFO.DTYPE_NAMES), default="auto",
                          help="model weights' dtype (auto: bfloat16 on a GPU that supports it, else float32)")
     source = command.add_mutually_exclusive_group()
     source.add_argument("--layer", default=None, help="AnnData layer holding the expression (default: X)")
@@ -81,7 +88,7 @@ def _add_common_arguments(command: argparse.ArgumentParser, key: str, batch_size
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cell2text", description="Describe single cells with a Cell2Text model.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_PACKAGE_INFO.package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     describe = commands.add_parser("describe", help="Write a description and parsed fields per cell into obs.")
     _add_common_arguments(describe, "cell2text", 16)

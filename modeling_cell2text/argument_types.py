@@ -1,6 +1,7 @@
 """What the command lines share (`cell2text`, `python -m processing.build_corpus`, the evaluation, publishing):
-the library's keywords written as options and how refused input ends a command. The argparse type `positive_int` and
-the dtype names are `cell2text_cli`'s, which the `cell2text` command parses with before any of this package loads."""
+the library's keywords written as options and how refused input ends a command. The argparse type `positive_int` is
+`cell2text_cli`'s, which the `cell2text` command parses with before any of this package loads; the dtype names are
+`package_info`'s."""
 
 from __future__ import annotations
 

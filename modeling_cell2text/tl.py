@@ -26,14 +26,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cell2text_cli import DTYPE_NAMES, package_version
-
 from .argument_types import is_integer_at_least
 from .cell_inputs import format_cells
 from .compatibility import check_model_and_processor, gene_vocabulary_sha256, label_tables_sha256, processor_sha256
 from .description_schema import ONTOLOGY_FIELDS, PATHWAY_SEPARATOR, CellDescription
 from .label_scoring import constrains
 from .modeling_cell2text import PICKLED_WEIGHTS, Cell2TextForConditionalGeneration, pickled_weights_message
+from .package_info import DTYPE_NAMES, package_version
 from .pipeline_cell2text import (
     MISSING_PROCESSOR,
     Cell2TextPipeline,

@@ -543,6 +543,45 @@ def test_version_help_and_usage_errors_import_neither_torch_nor_transformers(arg
         assert done.stdout.splitlines()[0] == f"cell2text {package_version()}"
 
 
+# A fresh interpreter where only the package's own folder is importable (cell2text_cli blocked, whatever an editable
+# install maps): the library imports nothing of the checkout beside it.
+_PACKAGE_ALONE = """
+import importlib.abc, json, sys
+
+class BlockConsoleModule(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "cell2text_cli":
+            raise ImportError("cell2text_cli is blocked in this process")
+        return None
+
+sys.meta_path.insert(0, BlockConsoleModule())
+from modeling_cell2text import tl
+print(json.dumps({"module": tl.__file__, "version": tl.package_version(), "dtypes": sorted(tl.DTYPES)}))
+"""
+
+
+def test_the_library_imports_nothing_outside_its_package_folder(tmp_path):
+    """`from modeling_cell2text import tl` raised ModuleNotFoundError: No module named 'cell2text_cli' where the
+    package's folder alone is on the path (a copy of it, test_pipeline_fresh_venv's base install): tl took the dtype
+    names and the version from the console script's module beside the package. They are package_info's, which
+    cell2text_cli reads without the package's __init__."""
+    source = tmp_path / "source"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "modeling_cell2text", source / "modeling_cell2text",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    elsewhere = tmp_path / "user"
+    elsewhere.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": str(source)}
+    done = subprocess.run([sys.executable, "-c", _PACKAGE_ALONE], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=elsewhere)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["module"].startswith(str(source))
+    assert result["dtypes"] == ["bfloat16", "float16", "float32"]
+    from modeling_cell2text.tl import package_version
+
+    assert result["version"] == package_version()
+
+
 def test_the_console_script_runs_the_command_as_modeling_cell2text_cli_does(model_dir, h5ad, tmp_path):
     """cell2text_cli.main parses, then hands the same arguments to modeling_cell2text.cli.main."""
     from cell2text_cli import main as console_main
