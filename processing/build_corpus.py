@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,9 @@ from processing.splits import DEFAULT_FRACTIONS, SPLITS, assign_fold_splits, ass
 logger = logging.getLogger(__name__)
 
 EXACT_MEDIANS_MAX_CELLS = 20_000
+# BuildOptions' settings of pathway scoring (the builder's options of the same names but n_pathways): without a
+# gene-set library (gmt=None, --gmt none) no pathway is scored, and each of them is refused rather than ignored.
+PATHWAY_OPTIONS = ("pathway_ranking", "pathway_set_sizes", "min_pathway_genes", "pathway_max_rank", "n_pathways")
 
 
 @dataclass
@@ -599,6 +602,15 @@ def _check_options(options: BuildOptions) -> None:
         check_repo_id(options.repo_id)
     if options.pathway_ranking not in ("normalized", "raw"):
         raise ValueError(f"pathway_ranking must be 'normalized' or 'raw', got {options.pathway_ranking!r}")
+    if isinstance(options.gmt, str) and not options.gmt:  # `--gmt "$UNSET"` built without pathways, exit 0
+        raise ValueError("gmt='' names no gene-set library: give a GMT file, or gmt=None (--gmt none) to build "
+                         "without pathways")
+    if options.gmt is None:  # the settings were ignored, exit 0
+        ignored = [field.name for field in fields(options)
+                   if field.name in PATHWAY_OPTIONS and getattr(options, field.name) != field.default]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} {'sets' if len(ignored) == 1 else 'set'} how pathways are scored, "
+                             "and gmt=None builds without pathways: leave them out, or give a gene-set library (gmt)")
     if options.fold is not None:
         if options.hashed_splits:
             raise ValueError("BuildOptions: hashed_splits and fold exclude each other (folds are dealt from the "
@@ -876,8 +888,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     _refuse_unread_source_options(parser, args)
-    pathway_options = [_flag(dest) for dest in ("pathway_ranking", "pathway_set_sizes", "min_pathway_genes",
-                                                "pathway_max_rank") if getattr(args, dest) != parser.get_default(dest)]
+    pathway_options = [_flag(dest) for dest in PATHWAY_OPTIONS
+                       if dest in vars(args) and getattr(args, dest) != parser.get_default(dest)]
     if args.gmt == "none" and pathway_options:  # no pathways are scored: they were ignored, exit 0
         parser.error(f"{', '.join(pathway_options)} {'sets' if len(pathway_options) == 1 else 'set'} how pathways are "
                      "scored, and --gmt none builds without pathways: leave them out, or give a gene-set library with "

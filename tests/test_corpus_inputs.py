@@ -427,6 +427,29 @@ def test_a_pathway_option_with_gmt_none_is_an_argparse_error(flags, refused, cap
     assert parse_args(["--preset", "pbmc68k_reduced", "--out", "x", "--gmt", "none"]).gmt == "none"
 
 
+@pytest.mark.parametrize("settings, refused", [
+    ({"pathway_set_sizes": (10, 200)}, r"^pathway_set_sizes sets how pathways are scored, and gmt=None builds"),
+    ({"n_pathways": 3, "pathway_max_rank": 40}, r"^n_pathways, pathway_max_rank set how pathways are scored"),
+    ({"gmt": ""}, r"^gmt='' names no gene-set library"),
+])
+def test_pathway_settings_without_a_library_are_refused_before_the_data_is_read(tmp_path, settings, refused):
+    """BuildOptions(gmt=None, pathway_set_sizes=(10, 200)) (the Python API; the command line refuses --gmt none with
+    them) built a corpus without pathways, the setting ignored, and gmt='' (`--gmt "$UNSET"`) built one without
+    pathways as gmt=None does: exit 0 both."""
+    source = _source(_tiny_adata())
+    source.iter_chunks = None  # a pass over the data would call it
+    with pytest.raises(ValueError, match=refused):
+        build_corpus(source, tmp_path / "out", BuildOptions(**{**OPTIONS, **settings}))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_gmt_on_the_command_line_ends_in_one_line(tmp_path):
+    """`--gmt "$GMT"` with GMT unset built the pbmc68k corpus without pathways, exit 0."""
+    with pytest.raises(SystemExit, match=r"^build_corpus: error: gmt='' names no gene-set library"):
+        main(["--preset", "pbmc68k_reduced", "--out", str(tmp_path / "out"), "--gmt", "", "--no-progress"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_feature_extractor_with_geneformer_dictionaries_is_an_argparse_error(capsys):
     """Both give the vocabulary: the dictionaries were used and --feature-extractor ignored, exit 0."""
     with pytest.raises(SystemExit) as exit_info:
