@@ -204,6 +204,24 @@ def test_a_template_stating_the_date_trains_and_generates_on_the_fixed_date(part
                 if isinstance(callback, RecordTrainedWith))["prompt_date"] == PROMPT_DATE
 
 
+def test_a_tokenizer_of_named_chat_templates_trains(parts_and_corpus, tmp_path):
+    """A tokenizer of several named templates (a "default" and a "tool_use", as tool-calling models ship) holds them
+    as a dict, which TRL renders by its "default": the check of the date its prompts state passed the dict itself as
+    the template, and the baseline stopped with a TypeError (unhashable type: 'dict') before training."""
+    from tiny_parts import CHATML_TEMPLATE
+
+    lm_dir, corpus_dir = parts_and_corpus
+    named = tmp_path / "named"
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    tokenizer.chat_template = {"default": CHATML_TEMPLATE, "tool_use": CHATML_TEMPLATE}
+    tokenizer.save_pretrained(named)
+    AutoModelForCausalLM.from_pretrained(lm_dir).save_pretrained(named)
+    assert isinstance(AutoTokenizer.from_pretrained(named).chat_template, dict)
+    trainer = build_trainer(corpus_dir, named, tmp_path / "out", num_genes=8, training_args=tiny_config(tmp_path))
+    assert next(callback.record for callback in trainer.callback_handler.callbacks
+                if isinstance(callback, RecordTrainedWith))["prompt_date"] is None
+
+
 def test_a_template_writing_todays_date_itself_is_refused(parts_and_corpus, tmp_path):
     """A template calling `strftime_now` itself (not as Llama 3's fallback for `date_string`) is refused by the
     recipe and the processor; the baseline trained on the day of its run and described cells on the day of its

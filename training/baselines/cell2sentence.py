@@ -170,7 +170,9 @@ def build_trainer(
     tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path)
     if tokenizer.chat_template is None:
         raise ValueError(f"{text_model_name_or_path} has no chat template; use an instruction-tuned LLM.")
-    template, _ = trl_chat_template(tokenizer, training_args.chat_template_path)
+    # None: the tokenizer's own, as it renders it (of several named templates, a dict, its "default")
+    template = trl_chat_template(tokenizer, training_args.chat_template_path)[0] if training_args.chat_template_path \
+        else None
     date = prompt_date(tokenizer, template)  # refuses a template writing today's date (strftime_now), before training
     with without_zero3_init():  # whole, as the recipe's: partitioned, its checksum below hashed empty partitions
         model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, dtype=torch.float32)
