@@ -134,6 +134,13 @@ def test_the_main_job_runs_every_stage_on_tiny_parts(tmp_path, monkeypatch):
     threads = results["training_threads"]["cell2text"]
     assert (settings["lora_r"], settings["precision"], settings["torch_threads"]) == (16, "float32", threads)
     monkeypatch.setattr(demo, "sft_arguments", lambda overrides: demo_arguments([*overrides, *tiny, "--lora_r", "4"]))
+    # its figures are the first run's, not what this checks: evaluating again took nearly all of the run's time
+    import training.evaluation.evaluate as evaluation
+
+    evaluated = (results, per_cell, [])
+    monkeypatch.setattr(evaluation, "evaluate_model", lambda *args, **kwargs: evaluated)
+    monkeypatch.setattr(demo, "expression_predictions", lambda corpus: {})
+    monkeypatch.setattr(demo, "head_predictions", lambda *args: {})
     with demo.torch_threads(threads + 1):
         report = demo.run(out, seed=0, max_steps=1, max_new_tokens=8, skip_cell2sentence=True, reuse_models=True)
     card = (out / "cell2text-demo" / "README.md").read_text()
