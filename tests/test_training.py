@@ -1745,7 +1745,7 @@ def test_a_resume_from_before_the_fixed_prompt_date_is_refused_where_the_templat
     record_file = out / "checkpoint-1" / TRAINED_WITH_FILE
     assert json.loads(record_file.read_text())["prompt_date"] == PROMPT_DATE
     edit_json(record_file, lambda record: record.pop("prompt_date"))  # as recorded before the fixed date
-    with pytest.raises(ValueError, match=r"checkpoint-1 was trained before prompts stated a fixed date.*Train anew"):
+    with pytest.raises(ValueError, match=r"checkpoint-1 was saved before checkpoints recorded the date their prompts state.*Train anew"):
         tiny_recipe(lm_dir, corpus_dir, out, tmp_path / "resumed", resume_from_checkpoint=str(out / "checkpoint-1"),
                     **settings)
     assert not (tmp_path / "resumed").exists()

@@ -301,9 +301,10 @@ def check_resume(checkpoint: str | bool | None, record: dict, output_dir: str) -
                          "checkpoint, or delete the file to resume without the check.") from error
     if "prompt_date" not in saved and record.get("prompt_date") is not None:
         # recorded since prompts state a fixed date: before, a template stating one wrote the day of the run
-        raise ValueError(f"{checkpoint} was trained before prompts stated a fixed date, and the chat template states "
-                         f"one (now {record['prompt_date']}): its steps trained on prompts stating the day they ran, "
-                         "the steps left would train on others. Train anew in a new --output_dir.")
+        raise ValueError(f"{checkpoint} was saved before checkpoints recorded the date their prompts state, and the "
+                         f"chat template states one (now {record['prompt_date']}): if it trained before prompts stated "
+                         "a fixed date, its steps trained on prompts stating the day they ran and the steps left "
+                         "would train on others, which its record cannot tell. Train anew in a new --output_dir.")
     changed = sorted(k for k in {*saved, *record} if saved.get(k, record.get(k)) != record.get(k))
     if changed:
         differences = "; ".join(f"{k}: {_shown(saved.get(k))} there, {_shown(record.get(k))} now" for k in changed)
