@@ -465,8 +465,10 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
         """`PreTrainedModel.save_pretrained`, binding the weights to config.json: a new `weights_id` goes into
         config.json and into the header metadata of each safetensors file written (`write_weights_id`), and
         `from_pretrained` refuses weight files of another save; weights saved earlier in the other layout (whole or
-        sharded), which transformers leaves beside, are removed. `push_to_hub=True` is refused (the weights would be
-        uploaded before their id is written): save, then upload the folder (or call `model.push_to_hub(repo_id)`)."""
+        sharded), which transformers leaves beside, are removed. Only the rank that writes (`should_save_on_this_rank`)
+        writes ids; with `distributed_checkpoint=True`, which writes no safetensors file here, none gets the id (an
+        earlier save's file is refused beside the new config.json). `push_to_hub=True` is refused (the weights would
+        be uploaded before their id is written): save, then upload the folder (or call `model.push_to_hub(repo_id)`)."""
         if kwargs.get("push_to_hub"):
             raise ValueError("save the model locally, then upload the folder (huggingface_hub's upload_folder, or "
                              "python -m hub_cards.publish for a whole Cell2Text folder), or call "
@@ -476,7 +478,11 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
         names = weights_file_names(kwargs.get("variant"))
         earlier = _weights_layout(save_directory, names)
         super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
-        if is_main_process:  # the process that wrote config.json and the weights
+        # the process that wrote config.json and the weights: transformers writes on rank 0 alone where
+        # torch.distributed runs (each rank calling with is_main_process=True wrote its own id into the files)
+        if self.should_save_on_this_rank(is_main_process):
+            if kwargs.get("distributed_checkpoint"):  # its weights are DCP files: those here are an earlier save's
+                return
             if earlier is not None and _weights_layout(save_directory, names) is None:
                 # saved whole over sharded weights, or the reverse: the earlier layout was left beside, and loaded
                 _remove_weights(save_directory, earlier, names)

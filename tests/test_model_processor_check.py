@@ -820,3 +820,35 @@ def test_weights_of_another_save_beside_a_config_are_refused(tmp_path):
     Cell2TextForConditionalGeneration.from_pretrained(older)
     with pytest.raises(ValueError, match="push_to_hub=True here would upload the weights before"):
         loaded.save_pretrained(tmp_path / "pushed", push_to_hub=True)
+
+
+def test_only_the_rank_that_writes_the_weights_writes_their_id(tmp_path, monkeypatch):
+    """A reviewer's finding: where torch.distributed runs, transformers writes a save on rank 0 alone, but every rank
+    that called save_pretrained (is_main_process=True by default) wrote its own new weights_id into the weights rank
+    0 wrote: the folder's config.json held rank 0's id, its model.safetensors another rank's, and it was refused."""
+    import transformers.distributed.mixin as distributed
+    from test_pipeline import save_tiny_model_folder
+
+    model = Cell2TextForConditionalGeneration.from_pretrained(save_tiny_model_folder(tmp_path / "src", trained=False))
+    monkeypatch.setattr(distributed, "_is_torch_distributed_initialized", lambda: True)
+    for rank in (0, 1):  # each rank calls it in turn, as transformers allows
+        monkeypatch.setattr(distributed, "_get_torch_distributed_rank", lambda rank=rank: rank)
+        model.save_pretrained(tmp_path / "saved")
+    monkeypatch.setattr(distributed, "_is_torch_distributed_initialized", lambda: False)
+    Cell2TextForConditionalGeneration.from_pretrained(tmp_path / "saved")
+
+
+def test_a_distributed_checkpoint_leaves_an_earlier_saves_weights_refused(tmp_path, monkeypatch):
+    """A reviewer's finding: save_pretrained(distributed_checkpoint=True) writes config.json and DCP files, no
+    safetensors file, yet the model.safetensors an earlier save left in the folder got the new weights_id: the folder
+    loaded the earlier weights with the new config.json, exit 0. That file is now refused."""
+    from test_pipeline import save_tiny_model_folder
+
+    model = Cell2TextForConditionalGeneration.from_pretrained(save_tiny_model_folder(tmp_path / "src", trained=False))
+    model.save_pretrained(tmp_path / "saved")  # an earlier save
+    with torch.no_grad():
+        model.model.multi_modal_projector.linear_1.weight.add_(1.0)  # trained further
+    monkeypatch.setattr(model, "save_distributed_checkpoint", lambda *args, **kwargs: None)  # its DCP files
+    model.save_pretrained(tmp_path / "saved", distributed_checkpoint=True)
+    with pytest.raises(OSError, match=r"model.safetensors\) were not written by the save that wrote its config.json"):
+        Cell2TextForConditionalGeneration.from_pretrained(tmp_path / "saved")
