@@ -114,7 +114,8 @@ class Cell2TextConfig(PreTrainedConfig):
         weights_id (`str`, *optional*):
             The id of the save that wrote config.json, which `save_pretrained` writes into each safetensors weight
             file's header metadata too: `from_pretrained` refuses weight files of another save (another run's
-            weights of the same shapes beside this config and processor). None for a model saved before.
+            weights of the same shapes beside this config and processor). None for a model saved before, whose
+            weight files hold none either (a file holding one is refused).
         training_corpus_fingerprints (`dict`, *optional*):
             The fingerprints of the corpus splits the model was trained on (`training.sft` records them): evaluating
             on another build of a corpus (another seed or fold: its test cells may be training cells) is refused

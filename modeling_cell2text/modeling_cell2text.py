@@ -287,18 +287,17 @@ def write_weights_id(path: str | os.PathLike, weights_id: str) -> None:
 def _refuse_weights_of_another_save(pretrained_model_name_or_path: Any, files: list[str], config: Any) -> None:
     """Refuse weight files written by another save than config.json (`weights_id` there and in each file's header):
     another run's weights of the same shapes, dropped beside this run's config.json and processor, loaded and
-    described every cell as that run's model, exit 0. A config.json without an id (saved before ids were written)
-    is not checked."""
+    described every cell as that run's model, exit 0. A folder saved before ids were written (none in config.json,
+    none in its files) loads; a file holding an id beside a config.json without one is refused (another run's
+    weights dropped into a folder saved before ids loaded unchecked)."""
     expected = getattr(config, "weights_id", None)
-    if expected is None:
-        return
     for file in files:
         with safe_open(file, framework="pt") as weights:
             found = (weights.metadata() or {}).get(WEIGHTS_ID_KEY)
         if found != expected:
             raise OSError(
                 f"The weights of {pretrained_model_name_or_path!s} ({Path(file).name}) were not written by the save "
-                f"that wrote its config.json: weights id {found or 'none'} in the file, {expected} in config.json. "
+                f"that wrote its config.json: weights id {found or 'none'} in the file, {expected or 'none'} in config.json. "
                 "Weights of another save (another run's, or an earlier save's) were put beside this config.json and "
                 "processor, and would describe cells as that model does, or the file was written otherwise "
                 "(safetensors' save_file drops the id). Copy a saved model folder whole (its config.json, weights "

@@ -818,6 +818,10 @@ def test_weights_of_another_save_beside_a_config_are_refused(tmp_path):
     older = edited_copy(ours, tmp_path / "older", edit_config=lambda config: config.pop("weights_id"))
     save_file(load_file(older / "model.safetensors"), older / "model.safetensors", metadata={"format": "pt"})
     Cell2TextForConditionalGeneration.from_pretrained(older)
+    # another run's weights, saved with an id, dropped into it (a reviewer's finding: loaded unchecked, exit 0)
+    shutil.copy(theirs / "model.safetensors", older / "model.safetensors")
+    with pytest.raises(OSError, match=r"weights id [0-9a-f]{32} in the file, none in config.json"):
+        Cell2TextForConditionalGeneration.from_pretrained(older)
     with pytest.raises(ValueError, match="push_to_hub=True here would upload the weights before"):
         loaded.save_pretrained(tmp_path / "pushed", push_to_hub=True)
 
