@@ -402,7 +402,7 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, reading safetensors weights only unless `use_safetensors=False` is
-        passed (a pickle can run code; the user opts in), with one-line errors for a folder holding only pickled
+        passed (a pickle can run code; the user opts in; None reads safetensors only too), with one-line errors for a folder holding only pickled
         weights and for a truncated or corrupt weights file (`SafetensorError`: a bad header, a short file).
 
         Stricter than transformers where it would give a silently different model: weights missing from the file
@@ -413,7 +413,8 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
         one a value of the wrong type (generation ran without it, or with "false" read as true) are refused.
         `output_loading_info=True` returns the loading info instead of refusing the weights, for whoever wants to
         inspect a mismatched checkpoint."""
-        kwargs.setdefault("use_safetensors", True)
+        if kwargs.get("use_safetensors") is None:  # None (transformers' default) unpickled a lone pytorch_model.bin
+            kwargs["use_safetensors"] = True  # and skipped the weights checks below
         for key in ("dtype", "torch_dtype"):
             check_dtype_name(kwargs.get(key), f"{key} passed to from_pretrained", auto=True)
         _refuse_adapter_files(pretrained_model_name_or_path, kwargs)

@@ -798,8 +798,9 @@ def test_weights_of_another_save_beside_a_config_are_refused(tmp_path):
 
     swapped = edited_copy(ours, tmp_path / "swapped")
     shutil.copy(theirs / "model.safetensors", swapped / "model.safetensors")
-    with pytest.raises(OSError, match=r"model.safetensors\) were not written by the save that wrote its config.json"):
-        Cell2TextForConditionalGeneration.from_pretrained(swapped)
+    for use_safetensors in (True, None):  # None, transformers' default, skipped every check of the weights
+        with pytest.raises(OSError, match=r"model.safetensors\) were not written by the save that wrote its config"):
+            Cell2TextForConditionalGeneration.from_pretrained(swapped, use_safetensors=use_safetensors)
     with pytest.raises(ValueError, match="were not written by the save"):  # transformers' pipeline names our error
         pipeline("cell-to-text", model=str(swapped), trust_remote_code=True)  # the folder's own code
 

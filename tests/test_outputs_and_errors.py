@@ -323,6 +323,8 @@ def test_pickled_weights_are_refused_with_the_conversion(model_dir, tmp_path, h5
     torch.save(weights, folder / "pytorch_model.bin")
     with pytest.raises(OSError, match="loads safetensors only.*use_safetensors=False"):
         Cell2TextForConditionalGeneration.from_pretrained(folder)
+    with pytest.raises(OSError, match="loads safetensors only"):  # None, transformers' default, unpickled it
+        Cell2TextForConditionalGeneration.from_pretrained(folder, use_safetensors=None)
     capsys.readouterr()  # the loading bars above, shown where no earlier command turned them off
     code, err = run_cli(describe_args(h5ad, folder, tmp_path / "out.h5ad"), capsys)
     assert_one_line_error(code, err)
