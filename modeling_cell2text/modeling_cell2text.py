@@ -295,14 +295,17 @@ def _refuse_weights_of_another_save(pretrained_model_name_or_path: Any, files: l
         with safe_open(file, framework="pt") as weights:
             found = (weights.metadata() or {}).get(WEIGHTS_ID_KEY)
         if found != expected:
+            written_otherwise = (
+                " If they are this model's weights, written by a tool that drops the id (safetensors' save_file, "
+                "DeepSpeed's zero_to_fp32.py), load them with from_pretrained(..., weights_id=None) and save them "
+                "with save_model_folder (or model.save_pretrained)." if found is None else "")
             raise OSError(
                 f"The weights of {pretrained_model_name_or_path!s} ({Path(file).name}) were not written by the save "
-                f"that wrote its config.json: weights id {found or 'none'} in the file, {expected or 'none'} in config.json. "
-                "Weights of another save (another run's, or an earlier save's) were put beside this config.json and "
-                "processor, and would describe cells as that model does, or the file was written otherwise "
-                "(safetensors' save_file drops the id). Copy a saved model folder whole (its config.json, weights "
-                "and processor files together), download the model again, or save edited weights with "
-                "save_model_folder (or model.save_pretrained).")
+                f"that wrote its config.json: weights id {found or 'none'} in the file, {expected or 'none'} in "
+                "config.json. Weights of another save (another run's, or an earlier save's) were put beside this "
+                "config.json and processor, and would describe cells as that model does. Copy a saved model folder "
+                "whole (its config.json, weights and processor files together) or download the model again."
+                + written_otherwise)
 
 
 def _refuse_non_float_weights(pretrained_model_name_or_path: Any, files: list[str]) -> None:

@@ -801,6 +801,12 @@ def test_weights_of_another_save_beside_a_config_are_refused(tmp_path):
     for use_safetensors in (True, None):  # None, transformers' default, skipped every check of the weights
         with pytest.raises(OSError, match=r"model.safetensors\) were not written by the save that wrote its config"):
             Cell2TextForConditionalGeneration.from_pretrained(swapped, use_safetensors=use_safetensors)
+    # this model's weights written by a tool that drops the id (zero_to_fp32.py): refused, naming how to load them
+    dropped = edited_copy(ours, tmp_path / "dropped")
+    save_file(load_file(dropped / "model.safetensors"), dropped / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(OSError, match=r"weights id none in the file.*from_pretrained\(\.\.\., weights_id=None\)"):
+        Cell2TextForConditionalGeneration.from_pretrained(dropped)
+    Cell2TextForConditionalGeneration.from_pretrained(dropped, weights_id=None)
     with pytest.raises(ValueError, match="were not written by the save"):  # transformers' pipeline names our error
         pipeline("cell-to-text", model=str(swapped), trust_remote_code=True)  # the folder's own code
 
