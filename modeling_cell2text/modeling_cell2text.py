@@ -142,14 +142,16 @@ def _weights_layout(folder: str | os.PathLike, names: tuple[str, str]) -> str | 
 
 
 def _remove_weights(folder: str | os.PathLike, layout: str, names: tuple[str, str]) -> None:
-    """Remove a folder's weights of `layout`: the whole file, or the index and the shards it names."""
+    """Remove a folder's weights of `layout`: the whole file, or the index and the shards it names in the folder (a
+    name holding a path, "../notes" or "/home/...", was another file, removed)."""
     folder = Path(folder)
     if layout == "whole":
         (folder / names[0]).unlink(missing_ok=True)
     elif layout == "sharded":
         index = folder / names[1]
         for shard in set(json.loads(index.read_text()).get("weight_map", {}).values()):
-            (folder / shard).unlink(missing_ok=True)
+            if Path(shard).name == shard:
+                (folder / shard).unlink(missing_ok=True)
         index.unlink(missing_ok=True)
 
 

@@ -256,6 +256,23 @@ def test_saving_again_in_the_other_weights_layout_leaves_one_and_a_folder_with_b
         Cell2TextForConditionalGeneration.from_pretrained(both)
 
 
+def test_saving_over_an_earlier_index_removes_no_file_outside_the_folder(model_and_processor, tmp_path):
+    """A reviewer's finding: saved whole over a folder holding an index, the shards it named were removed, also a
+    file outside the folder where the index (of a folder downloaded, or edited) named one ("../notes.safetensors")."""
+    import json
+
+    model, _ = model_and_processor
+    outside, folder = tmp_path / "notes.safetensors", tmp_path / "folder"
+    outside.write_text("the user's file beside the folder")
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "../notes.safetensors", "b": str(outside), "c": "model-00001-of-00001.safetensors"}}))
+    (folder / "model-00001-of-00001.safetensors").write_text("an earlier shard")
+    model.save_pretrained(folder)
+    assert outside.exists()
+    assert sorted(path.name for path in folder.glob("model*safetensors*")) == ["model.safetensors"]  # the earlier layout gone
+
+
 def test_chunked_prefill_with_cells_is_refused_naming_it(model_and_processor, inputs):
     # the reviewer's finding: it failed saying the processor expanded the cells wrongly
     model, _ = model_and_processor
