@@ -472,13 +472,16 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
         `from_pretrained` refuses weight files of another save; weights saved earlier in the other layout (whole or
         sharded), which transformers leaves beside, are removed. Only the rank that writes (`should_save_on_this_rank`)
         writes ids; with `distributed_checkpoint=True`, which writes no safetensors file here, none gets the id (an
-        earlier save's file is refused beside the new config.json). `push_to_hub=True` is refused (the weights would
+        earlier save's file is refused beside the new config.json); an adapter (`add_adapter`) is saved alone, without
+        an id. `push_to_hub=True` is refused (the weights would
         be uploaded before their id is written): save, then upload the folder (or call `model.push_to_hub(repo_id)`)."""
         if kwargs.get("push_to_hub"):
             raise ValueError("save the model locally, then upload the folder (huggingface_hub's upload_folder, or "
                              "python -m hub_cards.publish for a whole Cell2Text folder), or call "
                              "model.push_to_hub(repo_id): push_to_hub=True here would upload the weights before "
                              "their weights_id is written.")
+        if getattr(self, "_hf_peft_config_loaded", False):  # transformers writes the adapter alone, no config.json:
+            return super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)  # no id
         self.config.weights_id = uuid.uuid4().hex
         names = weights_file_names(kwargs.get("variant"))
         earlier = _weights_layout(save_directory, names)

@@ -863,3 +863,21 @@ def test_a_distributed_checkpoint_leaves_an_earlier_saves_weights_refused(tmp_pa
     model.save_pretrained(tmp_path / "saved", distributed_checkpoint=True)
     with pytest.raises(OSError, match=r"model.safetensors\) were not written by the save that wrote its config.json"):
         Cell2TextForConditionalGeneration.from_pretrained(tmp_path / "saved")
+
+
+def test_saving_an_adapter_leaves_the_weights_and_their_id_alone(tmp_path):
+    """A reviewer's finding: a model given an adapter (transformers' add_adapter) and saved into its own folder, as
+    transformers saves adapters (no config.json), got a new weights_id written into the folder's model.safetensors:
+    with the adapter files removed, as loading asks, the folder was refused as another save's weights."""
+    from peft import LoraConfig
+    from test_pipeline import save_tiny_model_folder
+
+    folder = save_tiny_model_folder(tmp_path / "model", trained=False)
+    model = Cell2TextForConditionalGeneration.from_pretrained(folder)
+    model.add_adapter(LoraConfig(target_modules=["q_proj"], r=2))
+    model.save_pretrained(folder)
+    with pytest.raises(OSError, match="holds a PEFT adapter"):
+        Cell2TextForConditionalGeneration.from_pretrained(folder)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (folder / name).unlink()
+    Cell2TextForConditionalGeneration.from_pretrained(folder)
