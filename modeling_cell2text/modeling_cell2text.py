@@ -487,8 +487,9 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
         earlier = _weights_layout(save_directory, names)
         super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
         # the process that wrote config.json and the weights: transformers writes on rank 0 alone where
-        # torch.distributed runs (each rank calling with is_main_process=True wrote its own id into the files)
-        if self.should_save_on_this_rank(is_main_process):
+        # torch.distributed runs (each rank calling with is_main_process=True wrote its own id into the files);
+        # a transformers without should_save_on_this_rank wrote wherever is_main_process
+        if getattr(self, "should_save_on_this_rank", lambda main: main)(is_main_process):
             if kwargs.get("distributed_checkpoint"):  # its weights are DCP files: those here are an earlier save's
                 return
             if earlier is not None and _weights_layout(save_directory, names) is None:
