@@ -271,19 +271,24 @@ WEIGHTS_ID_KEY = "cell2text_weights_id"
 def write_weights_id(path: str | os.PathLike, weights_id: str) -> None:
     """Write `weights_id` into the header metadata of the safetensors file `path` (`WEIGHTS_ID_KEY`): the header is
     written anew and the tensors' bytes copied after it unchanged (their offsets count from the header's end), into
-    a file beside it that then replaces it."""
+    a file beside it that then replaces it (removed where writing fails: a full disk left a hidden copy of the
+    weights behind)."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.writing")
-    with open(path, "rb") as source:
-        length = int.from_bytes(source.read(8), "little")
-        header = json.loads(source.read(length))
-        header["__metadata__"] = {**(header.get("__metadata__") or {}), WEIGHTS_ID_KEY: weights_id}
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)  # the tensors stay 8-byte aligned, as safetensors writes them
-        with open(temporary, "wb") as target:
-            target.write(len(encoded).to_bytes(8, "little") + encoded)
-            shutil.copyfileobj(source, target, 64 << 20)
-    os.replace(temporary, path)
+    try:
+        with open(path, "rb") as source:
+            length = int.from_bytes(source.read(8), "little")
+            header = json.loads(source.read(length))
+            header["__metadata__"] = {**(header.get("__metadata__") or {}), WEIGHTS_ID_KEY: weights_id}
+            encoded = json.dumps(header, separators=(",", ":")).encode()
+            encoded += b" " * (-len(encoded) % 8)  # the tensors stay 8-byte aligned, as safetensors writes them
+            with open(temporary, "wb") as target:
+                target.write(len(encoded).to_bytes(8, "little") + encoded)
+                shutil.copyfileobj(source, target, 64 << 20)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def _refuse_weights_of_another_save(pretrained_model_name_or_path: Any, files: list[str], config: Any) -> None:

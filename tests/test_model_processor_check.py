@@ -881,3 +881,24 @@ def test_saving_an_adapter_leaves_the_weights_and_their_id_alone(tmp_path):
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (folder / name).unlink()
     Cell2TextForConditionalGeneration.from_pretrained(folder)
+
+
+def test_a_weights_id_that_fails_to_be_written_leaves_no_copy_of_the_weights(tmp_path, monkeypatch):
+    """A reviewer's finding: writing the weights_id copies each weights file; a full disk failed the save and left
+    the partial copy (.model.safetensors.writing, up to the model's size) hidden in the folder."""
+    import errno
+
+    from test_pipeline import save_tiny_model_folder
+
+    import modeling_cell2text.modeling_cell2text as modeling
+
+    model = Cell2TextForConditionalGeneration.from_pretrained(save_tiny_model_folder(tmp_path / "src", trained=False))
+
+    def disk_full(source, target, length=0):
+        target.write(source.read(100))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(modeling.shutil, "copyfileobj", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(tmp_path / "saved")
+    assert not list((tmp_path / "saved").glob(".*"))
