@@ -478,8 +478,8 @@ class Cell2TextPreTrainedModel(PreTrainedModel):
         sharded), which transformers leaves beside, are removed. Only the rank that writes (`should_save_on_this_rank`)
         writes ids; with `distributed_checkpoint=True`, which writes no safetensors file here, none gets the id (an
         earlier save's file is refused beside the new config.json); an adapter (`add_adapter`) is saved alone, without
-        an id. `push_to_hub=True` is refused (the weights would
-        be uploaded before their id is written): save, then upload the folder (or call `model.push_to_hub(repo_id)`)."""
+        an id. `push_to_hub=True` is refused (the weights would be uploaded before their id is written): save, then
+        upload the folder (or call `model.push_to_hub(repo_id)`)."""
         if kwargs.get("push_to_hub"):
             raise ValueError("save the model locally, then upload the folder (huggingface_hub's upload_folder, or "
                              "python -m hub_cards.publish for a whole Cell2Text folder), or call "
