@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_parts import save_tiny_corpus, save_tiny_parts
 
+from modeling_cell2text.modeling_cell2text import WEIGHTS_ID_KEY
 from training.adapters import FINAL_DIR, TRAINING_STATE_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,8 +110,11 @@ def same_saved_model(final_dir: Path, reference_dir: Path) -> None:
         (reference_dir / "generation_config.json").read_text())  # use_cache among them
     config, reference_config = (json.loads((d / "config.json").read_text()) for d in (final_dir, reference_dir))
     differing = {key for key in config.keys() | reference_config.keys() if config.get(key) != reference_config.get(key)}
-    # the prepared encoder's folder (in each run's output_dir) and the fitted temperature, compared in the caller
-    assert differing <= {"gene_encoder_config", "cell_type_temperature"}, differing
+    # the prepared encoder's folder (in each run's output_dir) and the fitted temperature, compared in the caller;
+    # the id each save writes (weights_id), checked against the weights' own below
+    assert differing <= {"gene_encoder_config", "cell_type_temperature", "weights_id"}, differing
+    with safe_open(final_dir / "model.safetensors", framework="pt") as saved:
+        assert saved.metadata()[WEIGHTS_ID_KEY] == config["weights_id"]
     if "gene_encoder_config" in differing:
         assert ({**config["gene_encoder_config"], "_name_or_path": None}
                 == {**reference_config["gene_encoder_config"], "_name_or_path": None})
