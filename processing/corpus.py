@@ -447,16 +447,43 @@ def _term_problem(field: str, term_id: str | None, label: str | None, known: boo
 _UBERON_KINDS = {"tissue": "UBERON life cycle stages", "development_stage": "UBERON terms that are no life cycle stage"}
 
 
+def _cellxgene_form(field: str, term_id: str) -> str | None:
+    """`term_id` as the CELLxGENE schema writes it, where it differs only in its prefix's case ("mondo:0100096") or,
+    in a field of `JOINED_TERM_FIELDS`, in the spacing of its joins ("A||B", "A  ||  B"); else None. The schema
+    allows neither form, so such ids are left out as of another form; the warning names this one as the fix."""
+    parts = re.split(r"\s*\|\|\s*", term_id) if field in JOINED_TERM_FIELDS else [term_id]
+    prefixes = FIELD_TERM_PREFIXES[field]
+    written = [next((p + part[len(p):] for p in prefixes if part[:len(p)].lower() == p.lower()), part)
+               for part in parts]
+    joined = TERM_ID_SEPARATOR.join(sorted(written))
+    return joined if joined != term_id and is_term_id_of(joined, prefixes, field in JOINED_TERM_FIELDS) else None
+
+
+def _wrong_ontology_fix(field: str, term_ids: list[str]) -> str:
+    """The fix the warning of ids of another form names: CELLxGENE's form where `_cellxgene_form` gives one (the
+    obs column was the right one: "check which obs column holds the disease ids" sent users to --obs-map), else the
+    obs column to check."""
+    written = {term_id: form for term_id in term_ids if (form := _cellxgene_form(field, term_id)) is not None}
+    column = f"check which obs column holds the {field} ids (--obs-map)"
+    if not written:
+        return column
+    joins = f", several joined by {TERM_ID_SEPARATOR!r} in ascending order" if field in JOINED_TERM_FIELDS else ""
+    return (f"write them as the CELLxGENE schema does (prefixes in their ontology's case{joins}), e.g. "
+            + "; ".join(f"{given!r} as {form!r}" for given, form in list(written.items())[:3])
+            + (f"; for the other ids, {column}" if len(written) < len(term_ids) else ""))
+
+
 def _unstatable(field: str, codes: np.ndarray, pairs: list, resolved: list) -> list[str | None]:
     """Each resolved pair's reason `field` cannot state it (`_term_problem`), or None; the cells so left out are
     warned about with examples, so that a mis-mapped column is not silently dropped."""
     problems = [_term_problem(field, term, label, known) for term, label, known in resolved]
     cells = np.bincount(codes[codes >= 0], minlength=len(pairs))
+    wrong_ids = [term for (term, _, _), problem in zip(resolved, problems) if problem == f"wrong_ontology_{field}_term"]
     for problem, what, fix in (
         (f"wrong_ontology_{field}_term",
          f"ids that are not {' / '.join(FIELD_TERM_PREFIXES[field])} (in their ontology's form)"
          + (f", or {_UBERON_KINDS[field]}" if field in _UBERON_KINDS else ""),
-         f"check which obs column holds the {field} ids (--obs-map)"),
+         _wrong_ontology_fix(field, wrong_ids)),
         ("normal_joined_with_disease", "PATO:0000461 (normal) joined with diseases, which the CELLxGENE schema "
          "forbids", "give PATO:0000461 alone for healthy donors, else the diseases' ids only"),
         (f"obsolete_{field}_term", "obsolete terms without a replacement", "update the terms"),

@@ -609,6 +609,32 @@ def test_a_schema_4_tissue_suffix_is_not_warned_about_as_an_id_of_another_form(c
     assert "are ids that are not" not in caplog.text and "2 cells are no donor's tissue" in caplog.text
 
 
+def test_ids_in_another_case_or_joined_otherwise_are_warned_about_naming_cellxgenes_form_not_the_obs_column(caplog):
+    """Disease ids in lower case or joined as "A||B" are outside the CELLxGENE schema and left out; the warning named
+    the wrong fix ("check which obs column holds the disease ids (--obs-map)") for ids read from the right column."""
+    from processing.corpus import resolve_labels
+
+    ids = ["mondo:0100096", "MONDO:0100096||MONDO:0005275", "MONDO:0005275  ||  MONDO:0100096", "uberon:0000178"]
+    obs = pd.DataFrame({
+        "cell_type": ["B cell"] * 4, "cell_type_ontology_term_id": ["CL:0000236"] * 4,
+        "tissue": ["blood"] * 4, "tissue_ontology_term_id": ["UBERON:0000178"] * 4,
+        "sex": ["female"] * 4, "sex_ontology_term_id": ["PATO:0000383"] * 4,
+        "disease": ["COVID-19"] * 4, "disease_ontology_term_id": ids,
+        "development_stage": ["adult stage"] * 4, "development_stage_ontology_term_id": ["HsapDv:0000258"] * 4,
+        "donor_id": ["d"] * 4, "dataset_id": ["x"] * 4,
+    })
+    with caplog.at_level("WARNING", logger="processing.corpus"):
+        labels, _ = resolve_labels(obs)
+    assert list(labels["disease_left_out"]) == ["wrong_ontology_disease_term"] * 4
+    warned = caplog.text
+    assert "4 cells' disease are ids that are not MONDO:" in warned
+    assert "write them as the CELLxGENE schema does" in warned and "joined by ' || ' in ascending order" in warned
+    assert "'mondo:0100096' as 'MONDO:0100096'" in warned
+    assert "'MONDO:0100096||MONDO:0005275' as 'MONDO:0005275 || MONDO:0100096'" in warned
+    # an id of another ontology (a tissue's, in lower case too) still sends the user to the obs column
+    assert "for the other ids, check which obs column holds the disease ids (--obs-map)" in warned
+
+
 def test_a_cell_type_read_as_the_tissue_from_the_label_column_or_a_replacement_is_not_the_donors_tissue():
     """The tissue kind was read from obs's id column alone: a CL id given in the tissue label column (--obs-map
     organ_id=tissue) and an obsolete UBERON term replaced by a CL term (UBERON:3010309 "obsolete B cell") were both
