@@ -492,11 +492,22 @@ def _left_out_counts(labels: pd.DataFrame, kept: np.ndarray) -> dict[str, int]:
     return dict(sorted(counted.items()))
 
 
+#: CELLxGENE's obs `suspension_type` values that `_suspension_counts` counts ("na", its third, is a missing value).
+SUSPENSION_TYPES = ("cell", "nucleus")
+
+
 def _suspension_counts(suspension_types: pd.Series, kept: np.ndarray) -> dict[str, int]:
     """Kept cells per obs `suspension_type` (CELLxGENE: "cell", or "nucleus" for single-nucleus RNA-seq; "na" and
-    missing values are not counted). Nuclei are described as their cell type, as cells are, and train beside them:
-    warned about, so that they are not mixed in without a word (the column was not read)."""
-    counts = Counter(v for v in suspension_types.map(clean).to_numpy(dtype=object)[kept] if v is not None)
+    missing values are not counted), read in lower case as obs `tissue_type` is. Nuclei are described as their cell
+    type, as cells are, and train beside them: warned about, so that they are not mixed in without a word (the
+    column was not read). Values outside CELLxGENE's are counted as given and warned about, naming CELLxGENE's:
+    "nuclei" (and "Nucleus", before it was read in lower case) was counted apart, with no warning nor card section."""
+    counts = Counter(v.lower() for v in suspension_types.map(clean).to_numpy(dtype=object)[kept] if v is not None)
+    if other := sorted(set(counts) - set(SUSPENSION_TYPES)):
+        logger.warning("obs suspension_type holds values other than CELLxGENE's (%s, na): %s; summary.json counts "
+                       "their cells under these values, and nuclei among them are neither warned about nor shown "
+                       "in the dataset card: write %s", ", ".join(SUSPENSION_TYPES), other[:5],
+                       " or ".join(map(repr, SUSPENSION_TYPES)))
     if counts.get("nucleus"):
         logger.warning("%d of the %d kept cells are nuclei (obs suspension_type 'nucleus': single-nucleus RNA-seq); "
                        "their descriptions state the cell type CELLxGENE annotates, as a cell's do ('This sample "

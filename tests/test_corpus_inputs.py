@@ -642,6 +642,17 @@ def test_nuclei_mixed_with_cells_are_counted_and_said(tmp_path, caplog):
         summary = build_corpus(_source(cells), tmp_path / "cells", BuildOptions(**OPTIONS))
     assert summary["suspension_types"] == {"cell": N_CELLS} and "nuclei" not in caplog.text
     assert "Cells and nuclei" not in (tmp_path / "cells" / "README.md").read_text()
+    # values outside CELLxGENE's: read in lower case, as obs tissue_type is; others counted as given and warned
+    # about ("Nucleus" and "nuclei" were counted apart from nuclei, with no warning and no card section)
+    caplog.clear()
+    other = _tiny_adata()
+    other.obs["suspension_type"] = ["Nucleus"] * 5 + ["nuclei"] * 3 + ["Cell"] * (N_CELLS - 8)
+    with caplog.at_level("WARNING", logger="processing.build_corpus"):
+        summary = build_corpus(_source(other), tmp_path / "other", BuildOptions(**OPTIONS))
+    assert summary["suspension_types"] == {"cell": N_CELLS - 8, "nuclei": 3, "nucleus": 5}
+    assert "5 of the 24 kept cells are nuclei" in caplog.text
+    assert "obs suspension_type holds values other than CELLxGENE's (cell, nucleus, na): ['nuclei']" in caplog.text
+    assert "| nucleus | 5 |" in (tmp_path / "other" / "README.md").read_text()
 
 
 def test_another_datasets_tissue_type_column_keeps_the_tissues(tmp_path, caplog):
