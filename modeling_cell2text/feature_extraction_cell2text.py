@@ -659,11 +659,12 @@ class Cell2TextFeatureExtractor(FeatureExtractionMixin):
         if not ((flat[ends - lengths] == cls_id).all() and (flat[ends - 1] == eos_id).all()):
             return
         genes = {token: gene for gene, token in self.gene_token_ids.items() if token in (cls_id, eos_id)}
+        here = " and ".join(f"id {token} is the gene {genes[token]}" if token in genes else f"id {token} names no gene"
+                            for token in (cls_id, eos_id))  # "the genes None and None" of a vocabulary without them
         raise ValueError(
             f"token lists are laid out as Geneformer V2 lays out cells (every cell begins with id {cls_id}, V2's "
             f"<cls>, and ends with id {eos_id}, its <eos>), but this feature extractor's vocabulary has no <cls> or "
-            f"<eos> (Geneformer V1's: ids {cls_id} and {eos_id} are the genes {genes.get(cls_id)} and "
-            f"{genes.get(eos_id)}): the tokens were made with another vocabulary, whose ids name other genes here. "
+            f"<eos> (here {here}): the tokens were made with another vocabulary, whose ids name other genes here. "
             "Tokenize the cells again with this extractor, or use the extractor the tokens were made with (a "
             "corpus's own is in its feature_extractor folder).")
 

@@ -741,9 +741,18 @@ def test_geneformer_v2_token_lists_given_to_a_v1_vocabulary_are_refused(counts):
                                    {g: 1.0 for g in genes}, special_tokens=False, model_input_size=2048)
     v2_cells = as_lists(make_extractor().tokenize(counts, INPUT_GENES))
     for cells in (v2_cells, v2_cells[:1]):
-        with pytest.raises(ValueError, match=r"laid out as Geneformer V2.*no <cls> or <eos>.*ids 2 and 3 are the genes "
-                                             r"ENSG00000000001 and ENSG00000000002.*Tokenize the cells again"):
+        with pytest.raises(ValueError, match=r"laid out as Geneformer V2.*no <cls> or <eos>.*id 2 is the gene "
+                                             r"ENSG00000000001 and id 3 is the gene ENSG00000000002.*Tokenize the "
+                                             r"cells again"):
             v1.pad(cells)
+    # a V1-like vocabulary without ids 2 and 3 (or one of them) names them so: it said "the genes None and None"
+    for first in (3, 4):
+        sparse = Cell2TextFeatureExtractor({"<pad>": 0, "<mask>": 1, **{g: i + first for i, g in enumerate(genes)}},
+                                           {g: 1.0 for g in genes}, special_tokens=False, model_input_size=2048)
+        named = "id 2 names no gene and " + ("id 3 names no gene" if first == 4 else "id 3 is the gene ENSG00000000001")
+        with pytest.raises(ValueError, match=named) as refused:
+            sparse.pad(v2_cells)
+        assert "None" not in str(refused.value)
     v1_cells = as_lists(v1.tokenize(counts, INPUT_GENES))
     assert v1.pad(v1_cells)["gene_input_ids"].shape[0] == len(v1_cells)
     assert v1.pad([[2, 5, 3], [2, 7]])["gene_token_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]  # genes 2 and 3 of V1
