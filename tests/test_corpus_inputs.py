@@ -741,10 +741,15 @@ def test_columns_naming_one_gene_are_refused_by_the_corpus_builder_as_at_inferen
     extractor = corpus_feature_extractor(tmp_path / "first")
     adata.var_names = ids[:-1] + [ids[0] + ".2"]  # the last column is the first gene again
     refused = rf"1 input genes duplicate another input gene after ID mapping: .*= {ids[0]} \(column 0\)\. Sum the "
+    def unread():  # refused before any pass over the matrix (tokenizing refused them too, after both passes)
+        source = _source(adata)
+        source.iter_chunks = lambda chunk_size: pytest.fail("the matrix was read before the columns were refused")
+        return source
+
     with pytest.raises(ValueError, match=refused + r"duplicated columns into one \(docs/model.md"):
-        build_corpus(_source(adata), tmp_path / "dup", BuildOptions(**OPTIONS))
+        build_corpus(unread(), tmp_path / "dup", BuildOptions(**OPTIONS))
     with pytest.raises(ValueError, match=refused):  # a given vocabulary (--feature-extractor) holding the gene
-        build_corpus(_source(adata), tmp_path / "given", BuildOptions(**OPTIONS, feature_extractor=extractor))
+        build_corpus(unread(), tmp_path / "given", BuildOptions(**OPTIONS, feature_extractor=extractor))
     with pytest.raises(ValueError, match=refused):  # inference, the same rule
         extractor(adata)
     assert not (tmp_path / "dup").exists() or not any((tmp_path / "dup").iterdir())
