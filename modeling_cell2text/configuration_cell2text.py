@@ -123,6 +123,11 @@ class Cell2TextConfig(PreTrainedConfig):
         earlier_training_corpus_fingerprints (`list`, *optional*):
             Those of the corpora a model fine-tuned with `init_from` was trained on before (its parents'), so that the
             record says every corpus it learnt from; evaluation warns that their cells may be in the test split.
+        training_suspension_types (`dict`, *optional*):
+            The training corpus's kept cells per CELLxGENE obs `suspension_type` ("cell", "nucleus"; its summary.json
+            `suspension_types`, which `training.sft` records, adding a parent's where fine-tuned with `init_from`):
+            `tl.describe` and the CLI warn where obs holds nuclei and the model saw none, or cells and it saw none.
+            None (or empty) where unknown: a model trained before it was recorded, or on a corpus without the column.
     """
 
     model_type = "cell2text"
@@ -148,6 +153,7 @@ class Cell2TextConfig(PreTrainedConfig):
     weights_id: str | None = None
     training_corpus_fingerprints: dict | None = None
     earlier_training_corpus_fingerprints: list | None = None
+    training_suspension_types: dict | None = None
     tie_word_embeddings: bool = False
 
     @classmethod

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -350,6 +351,8 @@ def describe(
     generation_config.json, else 160) and `generate_kwargs` apply to free generation; a description cut there,
     before the model ended it, keeps its text with `{key_added}_parsed` False and no fields, and a warning says how
     many).
+    Where obs `suspension_type` holds nuclei and the model's training corpus held none (or cells, and it held only
+    nuclei: `Cell2TextConfig.training_suspension_types`), a warning says so (`warn_unseen_suspension_types`).
     """
     _check_writable(adata, "obs")
     check_key_added(key_added)
@@ -401,6 +404,7 @@ def describe_cells(
     if options.cell_types is not None:
         processor = with_cell_types(processor, options.cell_types)
     check_pathways_join(processor.pathway_names, "the processor's pathway names")  # before any cell is described
+    warn_unseen_suspension_types(cells, model.config, rows)
     if options.compile and constrained:
         logger.warning("compile=True applies to free describing (constrained=False): the schema-constrained decoder "
                        "runs as usual.")
@@ -418,6 +422,32 @@ def describe_cells(
         raise RuntimeError(f"the pipeline returned {len(results)} results for {expected} cells")
     return results, {**options.record(model, constrained, bool(compiled), generate_kwargs),
                      "label_tables_sha256": label_tables_sha256(processor)}  # the labels that ran (a subset's own)
+
+
+#: CELLxGENE's obs `suspension_type` values a training corpus counts (`Cell2TextConfig.training_suspension_types`),
+#: and what the warning calls them.
+_SUSPENSION_WORDS = {"nucleus": "nuclei (single-nucleus RNA-seq)", "cell": "cells"}
+
+
+def warn_unseen_suspension_types(cells: Any, config: Any, rows: range | None = None) -> None:
+    """Warn, once per kind, where obs `suspension_type` of `cells` (of `rows`, default all; CELLxGENE: "cell" or
+    "nucleus", read in lower case as the corpus builder reads it) holds a kind the model's training corpus held none
+    of (`config.training_suspension_types`): nuclei described by a model trained on cells only, or the reverse, were
+    described without a word, though the model card says such descriptions are untested. Nothing where the model's
+    record is unknown (None or empty) or obs has no such column."""
+    trained = getattr(config, "training_suspension_types", None)
+    obs = getattr(cells, "obs", None)
+    if not trained or obs is None or "suspension_type" not in obs.columns:
+        return
+    values = obs["suspension_type"].to_numpy(dtype=object)
+    values = values if rows is None else values[rows.start:rows.stop:rows.step]
+    given = Counter(value.strip().lower() for value in values if isinstance(value, str))
+    for kind, words in _SUSPENSION_WORDS.items():
+        if given[kind] and not trained.get(kind):
+            logger.warning(
+                "%d of the %d cells are %s (obs suspension_type %r), but the model's training corpus held none "
+                "(config.json training_suspension_types: %s): their descriptions are untested", given[kind],
+                len(values), words, kind, json.dumps(trained, sort_keys=True))
 
 
 def compiled_decoding_kwargs(device: torch.device) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import warnings
@@ -171,6 +172,27 @@ def test_an_already_loaded_model(model_dirs):
     tl.describe(adata, model, max_new_tokens=40, progress=False)
     assert (adata.obs["cell2text_description"] == DESCRIPTION).all()
     assert adata.uns["cell2text"]["model"] == str(model_dirs["trained"])
+
+
+def test_nuclei_described_by_a_model_trained_on_cells_only_are_warned_about_once(model_dirs, caplog):
+    """The model card says nuclei are untested for a model trained on cells only, but describing them said nothing:
+    the config records the training corpus's suspension types, and describe warns where obs holds a kind it lacks."""
+    model = Cell2TextForConditionalGeneration.from_pretrained(model_dirs["trained"])
+    for trained, warned in (({"cell": 10}, "2 of the 3 cells are nuclei (single-nucleus RNA-seq)"),
+                            ({"nucleus": 10}, "1 of the 3 cells are cells (obs suspension_type 'cell')"),
+                            ({"cell": 10, "nucleus": 2}, None), (None, None), ({}, None)):
+        model.config.training_suspension_types = trained
+        adata = make_adata(3)
+        adata.obs["suspension_type"] = ["Nucleus", "cell", "nucleus"]
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="modeling_cell2text.tl"):
+            tl.describe(adata, model, max_new_tokens=40, progress=False)
+        unseen = [r.getMessage() for r in caplog.records if "training corpus held none" in r.getMessage()]
+        if warned is None:
+            assert unseen == []
+        else:
+            assert len(unseen) == 1 and warned in unseen[0]
+            assert f"training_suspension_types: {json.dumps(trained)}" in unseen[0]
 
 
 def test_a_model_loaded_from_a_subfolder_is_recorded_as_that_folder(model_dirs, tmp_path):

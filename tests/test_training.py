@@ -1838,3 +1838,24 @@ def test_the_streaming_benchmark_refuses_cells_without_genes_in_one_line(tmp_pat
                                 monkeypatch, capsys)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and option[0] in lines[-1] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_the_training_corpus_suspension_types_are_recorded_in_the_config_and_added_to_a_parents(tmp_path):
+    """What `tl.describe` compares obs suspension_type with: the corpus summary's counts, saved in config.json; a
+    model fine-tuned on another corpus (init_from) saw its parent's too, and a parent without a record may have seen
+    nuclei, so the record is then unknown."""
+    from modeling_cell2text import Cell2TextConfig
+    from training.sft import record_training_corpus
+
+    config = Cell2TextConfig(gene_encoder_config={"model_type": "bert"}, text_config={"model_type": "llama"})
+    record_training_corpus(config, {"train": "a"}, {"cell": 5})
+    config.save_pretrained(tmp_path)
+    assert Cell2TextConfig.from_pretrained(tmp_path).training_suspension_types == {"cell": 5}
+    record_training_corpus(config, {"train": "a"}, {"cell": 5})  # trained again on the same corpus
+    assert config.training_suspension_types == {"cell": 5}
+    record_training_corpus(config, {"train": "b"}, {"cell": 1, "nucleus": 2})
+    assert config.training_suspension_types == {"cell": 6, "nucleus": 2}
+    record_training_corpus(config, {"train": "c"}, {})  # a corpus whose obs gave no suspension_type
+    assert config.training_suspension_types is None
+    record_training_corpus(config, {"train": "d"}, {"cell": 3})  # its parent's record is unknown
+    assert config.training_suspension_types is None

@@ -439,12 +439,19 @@ def build_processor(
     )
 
 
-def record_training_corpus(config, fingerprints: dict | None) -> None:
+def record_training_corpus(config, fingerprints: dict | None, suspension_types: dict | None = None) -> None:
     """Record the corpus the model trains on; a model fine-tuned from another (`init_from`) keeps the corpora it was
     trained on before in `earlier_training_corpus_fingerprints` (they were overwritten, so the record named only the
-    last corpus, and evaluation's leak check passed on a rebuild of the first one's cells)."""
+    last corpus, and evaluation's leak check passed on a rebuild of the first one's cells). `suspension_types` (the
+    corpus summary's kept cells per obs suspension_type) go to `training_suspension_types`, added to a parent's
+    trained on another corpus; unknown (None) where either is (a parent recorded none: it may have seen nuclei)."""
     earlier = list(getattr(config, "earlier_training_corpus_fingerprints", None) or [])
     parent = getattr(config, "training_corpus_fingerprints", None)
+    seen = dict(suspension_types or {}) or None
+    if parent and parent != fingerprints:
+        parents = getattr(config, "training_suspension_types", None)
+        seen = dict(Counter(parents) + Counter(seen)) if parents and seen else None
+    config.training_suspension_types = seen
     if parent and parent != fingerprints and parent not in earlier:
         earlier.append(parent)
     config.earlier_training_corpus_fingerprints = [f for f in earlier if f != fingerprints] or None
@@ -827,7 +834,8 @@ def main(args: Cell2TextArguments, training_args: SFTConfig) -> Path:
         model = build_model(args, encoder_path, processor, trust_remote_code)
     if args.init_from is not None:
         check_init_from_settings(args, model.config)
-    record_training_corpus(model.config, summary.get("fingerprints"))  # evaluation refuses another build
+    # evaluation refuses another build; describing warns of nuclei where the corpus held none
+    record_training_corpus(model.config, summary.get("fingerprints"), summary.get("suspension_types"))
     if model.config.num_cell_tokens != processor.num_cell_tokens:
         raise ValueError(
             f"The model takes {model.config.num_cell_tokens} cell tokens but the processor expands "
