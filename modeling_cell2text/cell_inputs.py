@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .gene_ids import ensembl_gene_id, repeated_symbols, var_gene_ids
+from .gene_ids import ensembl_gene_id, var_gene_ids
+from .gene_table import repeated_symbols
 
 # The cell inputs a processor gives the model (gene tokens, their masks, and expression bins for a value-aware
 # model): the feature extractor's model_input_names; the model reads them in generation's prefill only.
@@ -120,7 +121,7 @@ def check_gene_ids_in_var_order(
 
     def genes(names: Sequence[Any]) -> list[tuple[str, bool, bool]]:
         """`gene` of each name; a symbol named twice (GOLGA8M beside its make_unique copy GOLGA8M-1) places no gene,
-        as `match_genes` reads none (`gene_ids.repeated_symbols`)."""
+        as `match_genes` reads none (`gene_table.repeated_symbols`)."""
         texts = [str(name).strip() for name in names]
         unread = repeated_symbols(texts, symbol_to_gene)
         return [(text, False, False) if text in unread else gene(text) for text in texts]

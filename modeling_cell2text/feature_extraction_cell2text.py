@@ -32,8 +32,8 @@ from .argument_types import is_integer_at_least, with_close_match
 from .cell_inputs import (CELL_INPUT_NAMES, CELL_ROW_KEYS, empty_cells_error, format_cells,
                           resolve_input)
 from .gene_ids import (REPEATED_WARNING, SUPERSEDED_WARNING, check_one_column_per_gene, ensembl_gene_id,
-                       repeated_symbols, resolve_symbols, superseded_symbols, var_gene_source)
-from .gene_table import vocabulary_symbols
+                       resolve_symbols, superseded_symbols, var_gene_source)
+from .gene_table import repeated_symbols, vocabulary_symbols
 from .geneformer_dictionaries import checked_vocabulary_source, load_geneformer_dictionaries, load_numeric_dict
 from .rank_value import RankedCells, rank_matrix
 

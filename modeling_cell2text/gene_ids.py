@@ -10,7 +10,7 @@
   names the gene HGNC renamed from it, where it was the previous symbol of one gene only (``IGJ`` -> JCHAIN;
   ``gene_table``), except in an input that names that gene by its current symbol too (``superseded_symbols``). A
   symbol an input also holds as anndata's make_unique copy (``GOLGA8M`` beside ``GOLGA8M-1``) names no gene
-  (``repeated_symbols``).
+  (``gene_table.repeated_symbols``, as it needs the table's symbols).
   Matching is exact (case-sensitive), as HGNC symbols are.
 * An AnnData's gene IDs are read from ``var``: its index or the first column (``ENSEMBL_VAR_COLUMNS`` first) that
   holds Ensembl IDs, else the symbol source (index or ``SYMBOL_VAR_COLUMNS``) that names the most vocabulary genes.
@@ -94,38 +94,6 @@ def superseded_symbols(
 REPEATED_WARNING = ("%d symbols named two or more columns of the input (their make_unique copies, SYMBOL-1 or R's "
                     "SYMBOL.1, are there too) and are not read (e.g. %s): which column is the gene a symbol names, "
                     "the names do not say. Give the genes' Ensembl IDs (var['gene_ids'], as scanpy's read_10x_mtx keeps them)")
-
-
-#: How make_unique joins a repeated name and its count: anndata (scanpy) "-", R (Seurat) ".".
-_COPY_SEPARATORS = ("-", ".")
-
-
-def repeated_symbols(names: Iterable[str], symbol_to_gene: Container[str]) -> set[str]:
-    """The symbols among ``names`` (those ``symbol_to_gene`` maps) that ``names`` also hold as anndata's make_unique
-    copies (``S-1``, ``S-2``, as scanpy's ``read_10x_mtx`` names a repeated name's later columns; ``S.1``, as R's
-    ``make.unique`` in Seurat's ``Read10X`` does: a name of that form that is no gene's symbol). The file named two or
-    more columns S:
-    two genes carry GOLGA8M, CAST or SIGLEC5, the symbol rule names the protein-coding one, and make_unique gave the
-    bare symbol to the file's first column, whichever gene it holds: another gene's counts were read as that gene's,
-    exit 0. They name no gene (nor do the copies), in the corpus builder and at inference alike."""
-    names = set(names)
-    copies = [(name, base) for name in names for separator in _COPY_SEPARATORS
-              if (parts := name.rpartition(separator))[1] and (base := parts[0]) in names and parts[2].isdigit()]
-    if not copies:
-        return set()
-    known = _table_symbols()
-    return {base for name, base in copies if base in symbol_to_gene and name not in symbol_to_gene and name not in known}
-
-
-def _table_symbols() -> frozenset[str]:
-    """Every symbol of the packaged gene table (none where remote code runs without it): ``IGHV1-69-2`` is a gene,
-    no copy of ``IGHV1-69``."""
-    from .gene_table import table_symbols  # gene_table reads its rows with this module's rule
-
-    try:
-        return table_symbols()
-    except FileNotFoundError:
-        return frozenset()
 
 
 def check_one_column_per_gene(names: Sequence[str], genes: Sequence[str | None], examples: int = 5) -> None:

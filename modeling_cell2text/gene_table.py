@@ -14,7 +14,7 @@ import functools
 import gzip
 import importlib.resources
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 
 from .gene_ids import resolve_symbols
 
@@ -101,3 +101,33 @@ def vocabulary_symbols(genes: Sequence[str]) -> tuple[dict[str, str], dict[str, 
         return {}, {}
     vocabulary = set(genes)
     return symbols, {symbol: gene for symbol, gene in index.items() if gene in vocabulary}
+
+
+#: How make_unique joins a repeated name and its count: anndata (scanpy) "-", R (Seurat) ".".
+_COPY_SEPARATORS = ("-", ".")
+
+
+def repeated_symbols(names: Iterable[str], symbol_to_gene: Container[str]) -> set[str]:
+    """The symbols among ``names`` (those ``symbol_to_gene`` maps) that ``names`` also hold as anndata's make_unique
+    copies (``S-1``, ``S-2``, as scanpy's ``read_10x_mtx`` names a repeated name's later columns; ``S.1``, as R's
+    ``make.unique`` in Seurat's ``Read10X`` does: a name of that form that is no gene's symbol). The file named two or
+    more columns S:
+    two genes carry GOLGA8M, CAST or SIGLEC5, the symbol rule names the protein-coding one, and make_unique gave the
+    bare symbol to the file's first column, whichever gene it holds: another gene's counts were read as that gene's,
+    exit 0. They name no gene (nor do the copies), in the corpus builder and at inference alike."""
+    names = set(names)
+    copies = [(name, base) for name in names for separator in _COPY_SEPARATORS
+              if (parts := name.rpartition(separator))[1] and (base := parts[0]) in names and parts[2].isdigit()]
+    if not copies:
+        return set()
+    known = _table_symbols()
+    return {base for name, base in copies if base in symbol_to_gene and name not in symbol_to_gene and name not in known}
+
+
+def _table_symbols() -> frozenset[str]:
+    """Every symbol of the packaged gene table (none where remote code runs without it): ``IGHV1-69-2`` is a gene,
+    no copy of ``IGHV1-69``."""
+    try:
+        return table_symbols()
+    except FileNotFoundError:
+        return frozenset()

@@ -32,11 +32,10 @@ from modeling_cell2text.gene_ids import (
     SUPERSEDED_WARNING,
     SYMBOL_VAR_COLUMNS,
     ensembl_gene_id,
-    repeated_symbols,
     superseded_symbols,
     var_gene_source,
 )
-from modeling_cell2text.gene_table import ensembl_to_symbol, symbol_index
+from modeling_cell2text.gene_table import ensembl_to_symbol, repeated_symbols, symbol_index
 from modeling_cell2text.rank_value import as_csr
 
 if TYPE_CHECKING:

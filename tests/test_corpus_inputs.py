@@ -761,7 +761,7 @@ def test_columns_naming_one_gene_are_refused_by_the_corpus_builder_as_at_inferen
 def test_a_symbol_beside_its_make_unique_copy_gives_no_tokens_in_the_corpus_as_at_inference(tmp_path, caplog):
     """GOLGA8M beside GOLGA8M-1 (two genes carry the symbol; make_unique gave the bare one to the file's first column,
     whichever gene it holds): the builder read the bare symbol's column as the protein-coding gene's. Neither is read
-    now (`gene_ids.repeated_symbols`), as inference reads neither."""
+    now (`gene_table.repeated_symbols`), as inference reads neither."""
     from modeling_cell2text.gene_table import ensembl_to_symbol
     from processing.corpus import corpus_feature_extractor
 
