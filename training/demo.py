@@ -36,6 +36,7 @@ import time
 from dataclasses import asdict
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -238,19 +239,12 @@ def check_step_cap(model_dir: Path, max_steps: int | None) -> None:
     """--reuse-models: the model must have been trained with this run's step cap (--max-steps; None: the recipe's
     whole training), which its training_state.json records: the report and card state this run's cap as the
     model's, so a smoke model of 1 step was reported as the recipe's, or the recipe's model as a smoke run's."""
-    from training.adapters import TRAINING_STATE_FILE
-
-    state_file = model_dir / TRAINING_STATE_FILE
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    if "max_steps" not in state:
-        raise ValueError(f"--reuse-models: {state_file} does not record the step cap the model in {model_dir} was "
-                         "trained with (a model of an earlier version of the project, or no training_state.json): run "
-                         "without --reuse-models to train it again")
-    if state["max_steps"] != max_steps:
+    trained_steps = recorded_training_state(model_dir, "max_steps", "the step cap")
+    if trained_steps != max_steps:
         def cap(steps):
             return f"--max-steps {steps}" if steps else "no --max-steps"
-        raise ValueError(f"--reuse-models: the model in {model_dir} was trained with {cap(state['max_steps'])}, this "
-                         f"run has {cap(max_steps)}: pass {cap(state['max_steps'])} to evaluate it, or run without "
+        raise ValueError(f"--reuse-models: the model in {model_dir} was trained with {cap(trained_steps)}, this "
+                         f"run has {cap(max_steps)}: pass {cap(trained_steps)} to evaluate it, or run without "
                          "--reuse-models to train it again")
 
 
@@ -258,15 +252,21 @@ def recorded_training_settings(model_dir: Path) -> dict:
     """The settings the model in `model_dir` was trained with, from its training_state.json
     (`sft.training_settings`), for its card: with --reuse-models the card stated this run's demo.yaml and arguments,
     not the reused model's, and neither its precision nor its thread count."""
+    return recorded_training_state(model_dir, "training_settings", "the settings")
+
+
+def recorded_training_state(model_dir: Path, key: str, what: str) -> Any:
+    """`key` of the training_state.json the recipe saved with the model in `model_dir` (`what` it records, for the
+    message); a model without it (an earlier version's, or none saved) is trained again."""
     from training.adapters import TRAINING_STATE_FILE
 
     state_file = model_dir / TRAINING_STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    if "training_settings" not in state:
-        raise ValueError(f"--reuse-models: {state_file} does not record the settings the model in {model_dir} was "
+    if key not in state:
+        raise ValueError(f"--reuse-models: {state_file} does not record {what} the model in {model_dir} was "
                          "trained with (a model of an earlier version of the project, or no training_state.json): run "
                          "without --reuse-models to train it again")
-    return state["training_settings"]
+    return state[key]
 
 
 def run(out_dir: Path, seed: int, max_steps: int | None, max_new_tokens: int, skip_cell2sentence: bool,
