@@ -50,6 +50,13 @@ def edited_copy(folder: Path, target: Path, edit_processor=None, edit_config=Non
     return target
 
 
+def assert_a_folder_saved_before_the_part_loads(folder: Path, target: Path, part: str) -> None:
+    """A copy of `folder` whose config records no checksum `part` (as saved before it was recorded) loads: its other
+    parts are checked."""
+    older = edited_copy(folder, target, edit_config=lambda config: config["processor_sha256"].pop(part))
+    assert Cell2TextProcessor.from_pretrained(older)
+
+
 def composed_model(tmp_path: Path) -> tuple[Cell2TextForConditionalGeneration, Cell2TextProcessor]:
     """A tiny model composed from its parts in memory, with its processor (not saved)."""
     encoder_dir, lm_dir = save_tiny_parts(tmp_path / "parts")
@@ -533,10 +540,7 @@ def test_a_tokenizer_splitting_text_otherwise_or_other_tokens_per_cell_are_refus
         edit(edited)
         with pytest.raises(ModelProcessorMismatchError, match=r"text_tokenization checksum: .*way of splitting text"):
             Cell2TextProcessor.from_pretrained(edited)
-    # a folder saved before description_tokenization was recorded: its other parts are checked, it loads
-    older = edited_copy(tmp_path / "model", tmp_path / "older", edit_config=lambda config: config[
-        "processor_sha256"].pop("description_tokenization"))
-    assert Cell2TextProcessor.from_pretrained(older)
+    assert_a_folder_saved_before_the_part_loads(tmp_path / "model", tmp_path / "older", "description_tokenization")
     fewer = edited_copy(tmp_path / "model", tmp_path / "fewer-genes", edit_processor=lambda config: config[
         "feature_extractor"].update(model_input_size=config["feature_extractor"]["model_input_size"] - 3))
     with pytest.raises(ModelProcessorMismatchError, match=r"gene_tokens_per_cell checksum: .*number of gene tokens"):
@@ -560,10 +564,7 @@ def test_a_tokenizer_ending_text_with_another_token_is_refused(tmp_path):
     tokenizer_config.write_text(json.dumps({**content, "eos_token": "<|endoftext|>"}))
     with pytest.raises(ModelProcessorMismatchError, match=r"end_of_text checksum: .*another end-of-text token"):
         Cell2TextProcessor.from_pretrained(edited)
-    # a folder saved before end_of_text was recorded: its other parts are checked, it loads
-    older = edited_copy(tmp_path / "model", tmp_path / "older", edit_config=lambda config: config[
-        "processor_sha256"].pop("end_of_text"))
-    assert Cell2TextProcessor.from_pretrained(older)
+    assert_a_folder_saved_before_the_part_loads(tmp_path / "model", tmp_path / "older", "end_of_text")
 
 
 def test_a_tokenizer_splitting_the_prompt_otherwise_is_refused(tmp_path):
@@ -595,10 +596,7 @@ def test_a_tokenizer_splitting_the_prompt_otherwise_is_refused(tmp_path):
         num_cell_tokens=4), edit_config=lambda config: config.update(num_cell_tokens=4))
     with pytest.raises(ModelProcessorMismatchError, match=r"prompt_tokenization checksum: .*num_cell_tokens"):
         Cell2TextProcessor.from_pretrained(fewer)
-    # a folder saved before prompt_tokenization was recorded: its other parts are checked, it loads
-    older = edited_copy(tmp_path / "model", tmp_path / "older", edit_config=lambda config: config[
-        "processor_sha256"].pop("prompt_tokenization"))
-    assert Cell2TextProcessor.from_pretrained(older)
+    assert_a_folder_saved_before_the_part_loads(tmp_path / "model", tmp_path / "older", "prompt_tokenization")
 
 
 def test_a_tokenizer_decoding_otherwise_is_refused(tmp_path):
@@ -636,10 +634,7 @@ def test_a_tokenizer_decoding_otherwise_is_refused(tmp_path):
     assert _processor_without_check(cleaned).post_process_generation(written, 0) != [description]
     with pytest.raises(ModelProcessorMismatchError, match=r"text_decoding checksum"):
         Cell2TextProcessor.from_pretrained(cleaned)
-    # a folder saved before text_decoding was recorded: its other parts are checked, it loads
-    older = edited_copy(tmp_path / "model", tmp_path / "older", edit_config=lambda config: config[
-        "processor_sha256"].pop("text_decoding"))
-    assert Cell2TextProcessor.from_pretrained(older)
+    assert_a_folder_saved_before_the_part_loads(tmp_path / "model", tmp_path / "older", "text_decoding")
 
 
 def test_a_chat_template_writing_todays_date_itself_is_refused(tmp_path):
@@ -697,10 +692,7 @@ def test_a_processor_with_other_current_symbols_is_refused(tmp_path):
     assert list(both >= 0) == [False, True]  # the previous symbol's column read, the current one's left out
     with pytest.raises(ModelProcessorMismatchError, match=r"current_gene_symbols checksum: .*current symbol"):
         Cell2TextProcessor.from_pretrained(edited)
-    # a folder saved before current_gene_symbols was recorded: its other parts are checked, it loads
-    older = edited_copy(tmp_path / "model", tmp_path / "older", edit_config=lambda config: config[
-        "processor_sha256"].pop("current_gene_symbols"))
-    assert Cell2TextProcessor.from_pretrained(older)
+    assert_a_folder_saved_before_the_part_loads(tmp_path / "model", tmp_path / "older", "current_gene_symbols")
 
 
 def test_a_folder_saved_before_the_latest_checksum_parts_and_saved_again_records_them(tmp_path):
